@@ -1,0 +1,183 @@
+"""open_clip models, checkpoints and zero-shot classification heads.
+
+Everything loads from local files: open_clip architectures by name (ViT-B-32, ViT-L-14, and
+the project's tiny configs in ``harness/model_configs``), pretrained weights from a file or
+from an open_clip tag already in the local cache, fine-tuned image encoders from safetensors
+(or ``torch.load(weights_only=True)``). Nothing here reaches for a hub.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from harness.errors import HarnessError
+
+CONFIG_DIR = Path(__file__).parent / "model_configs"
+_registered = False
+
+
+def register_model_configs() -> None:
+    """Make the project's tiny open_clip configs available by name (idempotent)."""
+    global _registered
+    if not _registered:
+        import open_clip
+
+        open_clip.add_model_config(CONFIG_DIR)
+        _registered = True
+
+
+def available_models() -> list[str]:
+    import open_clip
+
+    register_model_configs()
+    return list(open_clip.list_models())
+
+
+def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Load tensors without unpickling code: safetensors, or torch.load(weights_only=True)."""
+    path = Path(path)
+    if not path.is_file():
+        raise HarnessError(f"{path}: checkpoint file does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as exc:  # safetensors raises its own error types for corrupt files
+            raise HarnessError(f"{path}: not a readable safetensors file ({exc})") from None
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise HarnessError(
+            f"{path}: refused to load: not a plain tensor checkpoint ({type(exc).__name__}). "
+            "Pickled modules (task_vectors layout) must be converted with "
+            "`harness convert --trust-pickle` first"
+        ) from None
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise HarnessError(f"{path}: expected a dict of tensors")
+    return obj
+
+
+def save_state_dict(state: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None) -> None:
+    """Atomic safetensors write (temp file + rename), so a killed writer leaves no half file."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp),
+              metadata={k: str(v) for k, v in (metadata or {}).items()})
+    os.replace(tmp, path)
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """sha256 of a file, memoised next to nothing but (path, size, mtime) in-process."""
+    p = Path(path).resolve()
+    st = p.stat()
+    key = (str(p), st.st_size, st.st_mtime_ns)
+    if key not in _DIGESTS:
+        h = hashlib.sha256()
+        with open(p, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                h.update(chunk)
+        _DIGESTS[key] = h.hexdigest()
+    return _DIGESTS[key]
+
+
+_DIGESTS: dict[tuple, str] = {}
+
+
+def build_clip(arch: str, pretrained: str | None = None, cache_dir: str | None = None) -> nn.Module:
+    """An open_clip CLIP by architecture name, with weights from a file or a cached tag."""
+    import open_clip
+
+    register_model_configs()
+    if arch not in open_clip.list_models():
+        raise HarnessError(f"unknown open_clip architecture {arch!r}")
+    if pretrained and Path(pretrained).suffix in {".safetensors", ".pt", ".pth", ".bin"}:
+        model = open_clip.create_model(arch, pretrained=None)
+        state = load_state_dict(pretrained)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise HarnessError(
+                f"{pretrained}: weights do not match architecture {arch!r}: "
+                f"missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]}"
+            )
+    elif pretrained:
+        old = os.environ.get("HF_HUB_OFFLINE")
+        os.environ["HF_HUB_OFFLINE"] = "1"  # fail in seconds instead of retrying a hub
+        try:
+            model = open_clip.create_model(arch, pretrained=pretrained, cache_dir=cache_dir)
+        except Exception as exc:
+            raise HarnessError(
+                f"pretrained weights {pretrained!r} for {arch!r} are not in the local cache "
+                f"({cache_dir or 'default open_clip/HF cache'}): copy them there or give a file path "
+                f"({type(exc).__name__})"
+            ) from None
+        finally:
+            if old is None:
+                os.environ.pop("HF_HUB_OFFLINE", None)
+            else:
+                os.environ["HF_HUB_OFFLINE"] = old
+    else:
+        model = open_clip.create_model(arch, pretrained=None)
+    model.eval()
+    return model
+
+
+def get_tokenizer(arch: str):
+    import open_clip
+
+    register_model_configs()
+    return open_clip.get_tokenizer(arch)
+
+
+@torch.no_grad()
+def zeroshot_head(clip: nn.Module, tokenizer, prompts: Sequence[Sequence[str]], device: torch.device | str = "cpu") -> torch.Tensor:
+    """The zero-shot head of the task-vectors protocol.
+
+    For each class: encode every filled template, L2-normalise each, average, normalise
+    again; stack the classes and scale by ``logit_scale.exp()``. Returns ``[classes, dim]``.
+    """
+    clip = clip.to(device).eval()
+    rows = []
+    for class_prompts in prompts:
+        tokens = tokenizer(list(class_prompts)).to(device)
+        emb = F.normalize(clip.encode_text(tokens).float(), dim=-1)
+        rows.append(F.normalize(emb.mean(0), dim=-1))
+    head = torch.stack(rows)
+    return (head * clip.logit_scale.exp().float()).cpu()
+
+
+class ImageClassifier(nn.Module):
+    """Image encoder + frozen head: logits = normalize(encoder(x)) @ head.T (no bias)."""
+
+    def __init__(self, encoder: nn.Module, head: torch.Tensor):
+        super().__init__()
+        self.encoder = encoder
+        self.register_buffer("head", head.float(), persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        feats = F.normalize(self.encoder(images).float(), dim=-1)
+        return feats @ self.head.t()
+
+
+def describe_state(state: dict[str, torch.Tensor]) -> str:
+    """A short digest of a state dict, for identities when there is no file."""
+    h = hashlib.sha256()
+    for k in sorted(state):
+        v = state[k].detach().cpu().contiguous()
+        h.update(k.encode())
+        h.update(json.dumps(list(v.shape)).encode())
+        h.update(v.view(torch.uint8).numpy().tobytes() if v.numel() else b"")
+    return h.hexdigest()[:16]

@@ -1,0 +1,175 @@
+"""The one base class every merge method subclasses, and the method registry.
+
+A method is data in, model out: it receives the pretrained image encoder, the fine-tuned
+encoders by task name and a :class:`MergeContext` (heads, unlabeled test batches, device,
+progress) and returns an image encoder. Hyperparameters are pydantic fields on the class,
+so YAML, the CLI and Optuna validate and fill them the same way.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Iterator, Mapping
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+StateDict = dict[str, torch.Tensor]
+
+
+class PruneTrial(Exception):
+    """Raised by a method when its ``report`` callback asks it to stop (a pruned trial)."""
+
+
+@dataclass
+class MergeContext:
+    """Everything a method may use besides the models themselves.
+
+    ``unlabeled[task]()`` returns a fresh iterator of image batches (no labels) from that
+    task's test split: the data test-time-adaptation methods adapt on. ``heads[task]`` is
+    the frozen classification head (a ``[classes, dim]`` weight, logit scale folded in).
+    ``report(step, metrics)`` lets a long method publish intermediate validation results;
+    it returns True when the caller wants the method to stop early (raise PruneTrial).
+    ``validate(model)`` evaluates a candidate encoder on the validation splits.
+    ``workdir`` is a job-private folder for checkpoints a method wants to resume from.
+    """
+
+    heads: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    unlabeled: Mapping[str, Callable[[], Iterator[torch.Tensor]]] = field(default_factory=dict)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    seed: int = 0
+    progress: Callable[..., Any] | None = None
+    report: Callable[[int, dict[str, float]], bool] | None = None
+    validate: Callable[[nn.Module], dict[str, float]] | None = None
+    workdir: str | None = None
+    artifacts: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.heads)
+
+
+class MergeMethod(BaseModel):
+    """Base class of merge methods: typed hyperparameters as fields, one ``merge`` method.
+
+    Subclasses declare hyperparameters as annotated fields (with ``pydantic.Field`` bounds)
+    and register themselves with :func:`register_method`. Instances are immutable: one
+    instance is one hyperparameter setting.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+    #: True for methods that read unlabeled test data (reported as test-time adaptation).
+    uses_test_data: ClassVar[bool] = False
+
+    def merge(
+        self,
+        pretrained: nn.Module,
+        finetuned: Mapping[str, nn.Module],
+        ctx: MergeContext,
+    ) -> nn.Module:
+        raise NotImplementedError
+
+    @classmethod
+    def hyperparameters(cls) -> list[tuple[str, str, Any, str]]:
+        """(name, type, default, description) for every hyperparameter, for ``harness list``."""
+        rows = []
+        for name, info in cls.model_fields.items():
+            ann = info.annotation
+            tname = getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
+            constraints = [str(m) for m in info.metadata]
+            desc = info.description or ""
+            if constraints:
+                desc = (desc + " " if desc else "") + "[" + ", ".join(constraints) + "]"
+            rows.append((name, tname, info.default, desc))
+        return rows
+
+
+_METHODS: dict[str, type[MergeMethod]] = {}
+
+
+def register_method(name: str) -> Callable[[type[MergeMethod]], type[MergeMethod]]:
+    """Class decorator: make a method available in YAML under ``name``."""
+
+    def deco(cls: type[MergeMethod]) -> type[MergeMethod]:
+        if not (isinstance(cls, type) and issubclass(cls, MergeMethod)):
+            raise TypeError(f"{cls!r} is not a MergeMethod subclass")
+        if name in _METHODS and _METHODS[name] is not cls:
+            raise ValueError(f"method name {name!r} is already registered by {_METHODS[name]!r}")
+        _METHODS[name] = cls
+        cls.registered_name = name  # type: ignore[attr-defined]
+        return cls
+
+    return deco
+
+
+def available_methods() -> dict[str, type[MergeMethod]]:
+    import methods  # noqa: F401  (importing the package registers the built-in methods)
+
+    return dict(sorted(_METHODS.items()))
+
+
+def resolve_method(name: str) -> type[MergeMethod]:
+    """A registered name (``ties``) or an import path (``my_pkg.module:MyMethod``)."""
+    if ":" in name:
+        module_name, _, attr = name.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise KeyError(f"cannot import module {module_name!r} ({exc})") from None
+        cls = getattr(module, attr, None)
+        if not (isinstance(cls, type) and issubclass(cls, MergeMethod)):
+            raise KeyError(f"{name!r} is not a MergeMethod subclass")
+        return cls
+    registry = available_methods()
+    if name not in registry:
+        raise KeyError(f"unknown method {name!r}; registered: {', '.join(registry)}")
+    return registry[name]
+
+
+# ---------------------------------------------------------------------------------------
+# State-dict helpers shared by the weight-space methods.
+
+
+def float_state(module: nn.Module) -> StateDict:
+    """The module's floating-point tensors (detached), the ones merges operate on."""
+    return {k: v.detach() for k, v in module.state_dict().items() if v.is_floating_point()}
+
+
+def task_vectors(pretrained: nn.Module, finetuned: Mapping[str, nn.Module]) -> dict[str, StateDict]:
+    """tau_t = theta_t - theta_0 for every floating-point tensor, checked for matching shapes."""
+    base = float_state(pretrained)
+    out: dict[str, StateDict] = {}
+    for task, model in finetuned.items():
+        sd = float_state(model)
+        check_same_keys(base, sd, task)
+        out[task] = {k: sd[k] - base[k] for k in base}
+    return out
+
+
+def check_same_keys(base: StateDict, other: StateDict, name: str) -> None:
+    missing = [k for k in base if k not in other]
+    extra = [k for k in other if k not in base]
+    if missing or extra:
+        raise ValueError(
+            f"checkpoint {name!r} does not match the pretrained model: "
+            f"missing {missing[:3]}, unexpected {extra[:3]}"
+        )
+    for k, v in base.items():
+        if other[k].shape != v.shape:
+            raise ValueError(
+                f"checkpoint {name!r}: tensor {k!r} has shape {tuple(other[k].shape)}, "
+                f"pretrained has {tuple(v.shape)}"
+            )
+
+
+def with_state(template: nn.Module, state: Mapping[str, torch.Tensor]) -> nn.Module:
+    """A deep copy of ``template`` with the given tensors loaded (others kept)."""
+    model = copy.deepcopy(template)
+    current = model.state_dict()
+    current.update({k: v.to(current[k].dtype) for k, v in state.items()})
+    model.load_state_dict(current)
+    return model

@@ -1,0 +1,137 @@
+"""The task interface and registry (lm-evaluation-harness style: tasks by name)."""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from typing import Any, Callable, Sequence
+
+import torch
+from torch.utils.data import Dataset, TensorDataset
+
+SPLITS = ("train", "val", "test")
+
+# CLIP's normalisation; the embedded suite feeds images through the same statistics.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class TaskDataError(ValueError):
+    """A task's data is unusable (missing folder, empty split, class mismatch)."""
+
+
+class Task(ABC):
+    """One classification task: splits, class names and zero-shot text templates.
+
+    ``dataset(split)`` returns a torch Dataset of ``(image, label)`` where ``image`` is a
+    float tensor ``[3, H, W]`` already preprocessed for the model. Small in-memory tasks
+    return a :class:`TensorDataset` so evaluation can slice batches without a DataLoader.
+    """
+
+    name: str
+    classnames: Sequence[str]
+    templates: Sequence[str]  # format strings with one "{}" for the class name
+
+    @abstractmethod
+    def dataset(self, split: str) -> Dataset: ...
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classnames)
+
+    def identity(self) -> dict[str, Any]:
+        """What determines this task's data; part of every cache key that uses it."""
+        return {"name": self.name, "classes": list(self.classnames)}
+
+    def prompts(self) -> list[list[str]]:
+        return [[t.format(c) for t in self.templates] for c in self.classnames]
+
+
+class InMemoryTask(Task):
+    """A task whose splits are uint8 image tensors ``[N, H, W, 3]`` and int labels."""
+
+    def __init__(
+        self,
+        name: str,
+        classnames: Sequence[str],
+        templates: Sequence[str],
+        splits: dict[str, tuple[torch.Tensor, torch.Tensor]],
+        version: str = "",
+    ):
+        self.name = name
+        self.classnames = list(classnames)
+        self.templates = list(templates)
+        self._splits = splits
+        self.version = version
+        for split, (images, labels) in splits.items():
+            if len(images) == 0:
+                raise TaskDataError(f"task {name!r}: split {split!r} is empty")
+            if labels.max().item() >= len(self.classnames) or labels.min().item() < 0:
+                raise TaskDataError(
+                    f"task {name!r}: split {split!r} has label {int(labels.max())} "
+                    f"but only {len(self.classnames)} class names"
+                )
+
+    def raw(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if split not in self._splits:
+            raise TaskDataError(f"task {self.name!r} has no split {split!r}")
+        return self._splits[split]
+
+    def dataset(self, split: str) -> TensorDataset:
+        images, labels = self.raw(split)
+        return TensorDataset(normalize_uint8(images), labels.long())
+
+    def identity(self) -> dict[str, Any]:
+        return {**super().identity(), "version": self.version}
+
+
+def normalize_uint8(images: torch.Tensor) -> torch.Tensor:
+    """uint8 ``[N, H, W, 3]`` -> CLIP-normalised float ``[N, 3, H, W]``."""
+    x = images.permute(0, 3, 1, 2).float().div_(255.0)
+    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+TaskFactory = Callable[..., Task]
+_TASKS: dict[str, tuple[TaskFactory, str]] = {}
+
+
+def register_task(name: str, description: str = "") -> Callable[[TaskFactory], TaskFactory]:
+    """Decorator for a factory ``f(**options) -> Task`` (options come from the YAML)."""
+
+    def deco(factory: TaskFactory) -> TaskFactory:
+        if name in _TASKS and _TASKS[name][0] is not factory:
+            raise ValueError(f"task name {name!r} is already registered")
+        _TASKS[name] = (factory, description or (factory.__doc__ or "").strip().split("\n")[0])
+        return factory
+
+    return deco
+
+
+def available_tasks() -> dict[str, str]:
+    import tasks  # noqa: F401  (importing the package registers the built-in tasks)
+
+    return {k: v[1] for k, v in sorted(_TASKS.items())}
+
+
+def resolve_task(name: str) -> TaskFactory:
+    """A registered task name or an import path ``pkg.module:factory``."""
+    if ":" in name:
+        module_name, _, attr = name.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise KeyError(f"cannot import module {module_name!r} ({exc})") from None
+        factory = getattr(module, attr, None)
+        if factory is None:
+            raise KeyError(f"{name!r} not found")
+        return factory
+    available_tasks()
+    if name not in _TASKS:
+        raise KeyError(f"unknown task {name!r}; registered: {', '.join(sorted(_TASKS))}")
+    return _TASKS[name][0]
+
+
+def build_task(name: str, **options: Any) -> Task:
+    return resolve_task(name)(**options)
