@@ -105,7 +105,7 @@ def build_clip(arch: str, pretrained: str | None = None, cache_dir: str | None =
     if arch not in open_clip.list_models():
         raise HarnessError(f"unknown open_clip architecture {arch!r}")
     if pretrained and Path(pretrained).suffix in {".safetensors", ".pt", ".pth", ".bin"}:
-        model = open_clip.create_model(arch, pretrained=None)
+        model = _create_random(arch)
         state = load_state_dict(pretrained)
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
@@ -130,9 +130,24 @@ def build_clip(arch: str, pretrained: str | None = None, cache_dir: str | None =
             else:
                 os.environ["HF_HUB_OFFLINE"] = old
     else:
-        model = open_clip.create_model(arch, pretrained=None)
+        model = _create_random(arch)
     model.eval()
     return model
+
+
+def _create_random(arch: str) -> nn.Module:
+    """open_clip's model without weights (we load our own; its 'randomly initialized' warning is noise)."""
+    import logging
+
+    import open_clip
+
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        return open_clip.create_model(arch, pretrained=None)
+    finally:
+        root.setLevel(level)
 
 
 def get_tokenizer(arch: str):

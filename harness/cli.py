@@ -1,0 +1,218 @@
+"""Command line: thin click commands that parse, call the core, and print with rich."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from harness.errors import HarnessError
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def fail(message: str, code: int = 2) -> None:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    sys.exit(code)
+
+
+class HarnessGroup(click.Group):
+    """Turns every HarnessError (bad config, missing file) into one line and exit code 2."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except HarnessError as exc:
+            fail(str(exc))
+
+
+@click.group(cls=HarnessGroup)
+@click.version_option(package_name="harness")
+def main() -> None:
+    """Benchmark harness for merging multi-task CLIP models."""
+
+
+def _load(file: str, overrides: tuple[str, ...]):
+    from harness.config import load_config
+
+    return load_config(file, list(overrides))
+
+
+def _print_plan(cfg) -> None:
+    from harness.config import dump_yaml
+    from harness.plan import plan_jobs
+
+    console.rule("resolved config")
+    console.print(dump_yaml(cfg), highlight=False, markup=False)
+    specs = plan_jobs(cfg)
+    table = Table(title=f"job plan: {len(specs)} jobs")
+    for col in ("#", "kind", "method", "task", "params"):
+        table.add_column(col)
+    for i, s in enumerate(specs):
+        table.add_row(str(i), s.kind, s.method or s.label, s.task or "all",
+                      ", ".join(f"{k}={v}" for k, v in s.params.items()))
+    console.print(table)
+    console.print(f"outputs: {cfg.resolved_output_dir()}\ntracking: {cfg.resolved_tracking_uri()}")
+
+
+@main.command()
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.argument("overrides", nargs=-1)
+@click.option("--dry-run", is_flag=True, help="Print the resolved config and job plan; run nothing.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+def sweep(file: str, overrides: tuple[str, ...], dry_run: bool, quiet: bool) -> None:
+    """Run a sweep: FILE is a YAML sweep, OVERRIDES are key.path=value."""
+    cfg = _load(file, overrides)
+    if dry_run:
+        _print_plan(cfg)
+        return
+    from harness.runner import run_sweep
+
+    outcome = run_sweep(cfg, quiet=quiet)
+    if quiet:
+        from harness.results import to_rich
+
+        console.print(to_rich(outcome.rows, cfg.task_names))
+    if outcome.failed:
+        err_console.print(f"[red]{len(outcome.failed)} of {len(outcome.results)} jobs failed:[/]")
+        for r in outcome.failed:
+            name = r.label if r.kind != "individual" else f"individual/{r.task}"
+            err_console.print(f"  {name} {r.params or ''}: {r.error}", highlight=False)
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.argument("overrides", nargs=-1)
+def validate(file: str, overrides: tuple[str, ...]) -> None:
+    """Validate FILE and print the resolved config and job plan (runs nothing)."""
+    cfg = _load(file, overrides)
+    _print_plan(cfg)
+    console.print("[green]valid[/]")
+
+
+@main.command(name="list")
+@click.argument("what", type=click.Choice(["methods", "tasks", "models"]))
+def list_(what: str) -> None:
+    """What is registered: methods (with hyperparameters), tasks, or models."""
+    if what == "methods":
+        from methods.base import available_methods
+
+        table = Table(title="merge methods")
+        for col in ("name", "class", "hyperparameter", "type", "default", "description"):
+            table.add_column(col)
+        for name, cls in available_methods().items():
+            hps = cls.hyperparameters() or [("-", "", "", "")]
+            for i, (hp, typ, default, desc) in enumerate(hps):
+                table.add_row(name if i == 0 else "", cls.__name__ if i == 0 else "", hp, typ,
+                              "" if hp == "-" else repr(default), desc)
+        console.print(table)
+    elif what == "tasks":
+        from tasks.base import available_tasks
+
+        table = Table(title="tasks")
+        table.add_column("name")
+        table.add_column("description")
+        for name, desc in available_tasks().items():
+            table.add_row(name, desc)
+        console.print(table)
+    else:
+        from harness.models import CONFIG_DIR, available_models
+
+        own = {p.stem for p in CONFIG_DIR.glob("*.json")}
+        table = Table(title="open_clip architectures (weights from local files or cached tags)")
+        table.add_column("name")
+        table.add_column("origin")
+        for name in available_models():
+            table.add_row(name, "harness" if name in own else "open_clip")
+        console.print(table)
+
+
+@main.command()
+@click.argument("target", required=False)
+@click.option("--port", default=5000, show_default=True, type=int)
+@click.option("--host", default="127.0.0.1", show_default=True)
+def ui(target: str | None, port: int, host: str) -> None:
+    """Start the MLflow UI on a sweep's tracking store (TARGET: sweep YAML or output dir)."""
+    uri, artifacts = _store(target)
+    exe = shutil.which("mlflow", path=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    if exe is None:
+        fail("the mlflow command is not installed")
+    if uri.startswith("http"):
+        fail(f"{uri} is a tracking server: open it in a browser")
+    args = [exe, "server", "--backend-store-uri", uri, "--host", host, "--port", str(port), "--workers", "1"]
+    if artifacts:
+        args += ["--artifacts-destination", artifacts]
+    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    console.print(f"MLflow UI for {uri} at http://{host}:{port}  (Ctrl-C stops)")
+    sys.exit(subprocess.call(args, env=env))
+
+
+def _store(target: str | None) -> tuple[str, str | None]:
+    """Tracking URI and artifact folder from a sweep YAML, an output folder, or the env."""
+    if target and Path(target).is_file():
+        cfg = _load(target, ())
+        return cfg.resolved_tracking_uri(), str(cfg.resolved_output_dir() / "mlartifacts")
+    if target and Path(target).is_dir():
+        db = Path(target).resolve() / "mlflow.db"
+        if not db.is_file():
+            fail(f"{target}: no mlflow.db in this folder")
+        return f"sqlite:///{db}", str(Path(target).resolve() / "mlartifacts")
+    if target:
+        fail(f"{target}: not a sweep file or an output folder")
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"], None
+    fail("give a sweep YAML or its output folder (or set MLFLOW_TRACKING_URI)")
+    raise AssertionError
+
+
+@main.command()
+@click.argument("file", required=False, type=click.Path(dir_okay=False))
+@click.argument("overrides", nargs=-1)
+@click.option("--from-scratch", is_flag=True, help="Retrain the pretrained model instead of using the shipped one.")
+@click.option("-q", "--quiet", is_flag=True)
+def prepare(file: str | None, overrides: tuple[str, ...], from_scratch: bool, quiet: bool) -> None:
+    """Build the embedded suite's models (pretrained + fine-tuned), cached for reuse."""
+    import time
+
+    from harness.config import SweepConfig, validate_config
+
+    if file:
+        cfg = _load(file, overrides)
+    else:
+        from tasks.embedded import EMBEDDED_TASKS
+
+        cfg = validate_config({"name": "embedded", "tasks": list(EMBEDDED_TASKS)}, "<defaults>")
+    if cfg.model.source != "embedded":
+        fail(f"{file}: model.source is {cfg.model.source!r}; prepare builds the embedded suite only")
+    from tasks.embedded.pipeline import prepare_suite
+
+    t0 = time.perf_counter()
+    art = prepare_suite(cfg.task_names, cfg.resolved_cache_dir(), options=cfg.model.suite,
+                        progress=not quiet, from_scratch=from_scratch)
+    console.print(f"embedded suite ready in {time.perf_counter() - t0:.1f}s: {art.arch}, "
+                  f"{len(art.finetuned)} fine-tuned encoders under {Path(art.pretrained).parent}")
+
+
+@main.command()
+@click.argument("src", type=click.Path())
+@click.argument("dst", type=click.Path())
+@click.option("--trust-pickle", is_flag=True, help="Allow unpickling SRC (runs code from the file: trusted files only).")
+@click.option("--arch", default=None, help="open_clip architecture of the checkpoint (recorded in the sidecar).")
+def convert(src: str, dst: str, trust_pickle: bool, arch: str | None) -> None:
+    """Convert a task_vectors-style checkpoint into a safetensors image-encoder state dict."""
+    from harness.convert import convert_pickled_checkpoint
+
+    path = convert_pickled_checkpoint(src, dst, trust_pickle=trust_pickle, arch=arch)
+    console.print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,379 @@
+"""Sweep configuration: a pydantic schema, YAML loading, dotted overrides, env expansion.
+
+Every error a user can make in a sweep file surfaces as one :class:`ConfigError` line naming
+the file, the dotted field path and the offending value.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from harness.errors import HarnessError
+
+
+class ConfigError(HarnessError):
+    def __init__(self, file: str, path: str, message: str, value: Any = None, show_value: bool = True):
+        self.file, self.path, self.value = file, path, value
+        where = f"{file}: {path}: " if path else f"{file}: "
+        got = f" (got {value!r})" if show_value else ""
+        super().__init__(f"{where}{message}{got}")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def expand_env(value: str) -> str:
+    """Expand ``${VAR}`` and ``${VAR:-default}``; an unset variable without default is an error."""
+
+    def sub(m: re.Match) -> str:
+        name, default = m.group(1), m.group(2)
+        if name in os.environ:
+            return os.environ[name]
+        if default is not None:
+            return default
+        raise ValueError(f"environment variable {name} is not set")
+
+    return os.path.expanduser(_ENV.sub(sub, value))
+
+
+class ModelSpec(Strict):
+    """Where the pretrained model and the fine-tuned image encoders come from."""
+
+    source: Literal["embedded", "files"] = "embedded"
+    arch: str = Field("harness-tiny-vit", description="open_clip architecture name")
+    pretrained: str | None = Field(None, description="weights file or cached open_clip tag")
+    finetuned: dict[str, str] = Field(default_factory=dict, description="task -> image-encoder checkpoint")
+    finetuned_pattern: str | None = Field(None, description="checkpoint path with {task}")
+    heads: dict[str, str] = Field(default_factory=dict, description="task -> stored head [classes, dim]")
+    suite: dict[str, Any] = Field(default_factory=dict, description="options of the embedded suite")
+
+    @field_validator("pretrained", "finetuned_pattern")
+    @classmethod
+    def _env(cls, v: str | None) -> str | None:
+        return expand_env(v) if v else v
+
+    @field_validator("finetuned", "heads")
+    @classmethod
+    def _env_map(cls, v: dict[str, str]) -> dict[str, str]:
+        return {k: expand_env(p) for k, p in v.items()}
+
+    @field_validator("finetuned_pattern")
+    @classmethod
+    def _pattern(cls, v: str | None) -> str | None:
+        if v is not None and "{task}" not in v:
+            raise ValueError("must contain '{task}'")
+        return v
+
+    @model_validator(mode="after")
+    def _files_need_paths(self) -> "ModelSpec":
+        if self.source == "files" and not self.pretrained:
+            raise ValueError("source 'files' needs 'pretrained' (a weights file or open_clip tag)")
+        if self.source == "files" and not (self.finetuned or self.finetuned_pattern):
+            raise ValueError("source 'files' needs 'finetuned' or 'finetuned_pattern'")
+        return self
+
+
+class TaskSpec(Strict):
+    name: str
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class MethodSpec(Strict):
+    """One method entry: fixed params plus an optional grid (cartesian product)."""
+
+    name: str
+    label: str | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+    grid: dict[str, list[Any]] = Field(default_factory=dict)
+
+    @field_validator("grid")
+    @classmethod
+    def _grid_nonempty(cls, v: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        for k, values in v.items():
+            if len(values) == 0:
+                raise ValueError(f"grid for {k!r} is empty")
+        return v
+
+    @model_validator(mode="after")
+    def _no_overlap(self) -> "MethodSpec":
+        both = set(self.params) & set(self.grid)
+        if both:
+            raise ValueError(f"{sorted(both)} given both in params and grid")
+        return self
+
+    @property
+    def display(self) -> str:
+        return self.label or self.name
+
+
+class EvalSpec(Strict):
+    batch_size: int = Field(256, ge=1, le=65536)
+    max_samples: int | None = Field(None, ge=1, description="cap per task and split (quick runs)")
+    select_on: Literal["val"] = Field("val", description="split that picks a grid's best setting")
+
+
+class AdaptSpec(Strict):
+    """Unlabeled test data handed to test-time-adaptation methods."""
+
+    split: Literal["test"] = "test"
+    shuffle_seed: int = 0
+
+
+class ExecutorSpec(Strict):
+    kind: Literal["local"] = "local"
+    workers: int = Field(1, ge=1, le=64, description="processes; 1 runs jobs in-process")
+
+
+class SweepConfig(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    description: str = ""
+    output_dir: str | None = None
+    cache_dir: str | None = None
+    tracking_uri: str | None = None
+    experiment: str | None = None
+    seed: int = Field(0, ge=0)
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
+    threads: int | Literal["auto"] = "auto"
+    data_root: str | None = None
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    tasks: list[TaskSpec] = Field(min_length=1)
+    references: bool = True
+    methods: list[MethodSpec] = Field(default_factory=list)
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+    adapt: AdaptSpec = Field(default_factory=AdaptSpec)
+    executor: ExecutorSpec = Field(default_factory=ExecutorSpec)
+
+    @field_validator("tasks", mode="before")
+    @classmethod
+    def _task_names(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            return [{"name": t} if isinstance(t, str) else t for t in v]
+        return v
+
+    @field_validator("output_dir", "cache_dir", "data_root", "tracking_uri")
+    @classmethod
+    def _env(cls, v: str | None) -> str | None:
+        return expand_env(v) if v else v
+
+    @field_validator("threads")
+    @classmethod
+    def _threads(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and not 1 <= v <= 256:
+            raise ValueError("must be between 1 and 256 or 'auto'")
+        return v
+
+    @model_validator(mode="after")
+    def _unique(self) -> "SweepConfig":
+        names = [t.name for t in self.tasks]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"tasks listed twice: {sorted(dup)}")
+        labels = [m.display for m in self.methods]
+        dup = {n for n in labels if labels.count(n) > 1}
+        if dup:
+            raise ValueError(f"method labels not unique: {sorted(dup)} (give each a 'label')")
+        return self
+
+    # -- derived -------------------------------------------------------------------------
+    @property
+    def task_names(self) -> list[str]:
+        return [t.name for t in self.tasks]
+
+    def resolved_output_dir(self) -> Path:
+        return Path(self.output_dir or f"outputs/{self.name}").resolve()
+
+    def resolved_cache_dir(self) -> Path:
+        base = self.cache_dir or os.environ.get("HARNESS_CACHE") or "~/.cache/harness"
+        return Path(os.path.expanduser(base)).resolve()
+
+    def resolved_tracking_uri(self) -> str:
+        return (
+            self.tracking_uri
+            or os.environ.get("MLFLOW_TRACKING_URI")
+            or f"sqlite:///{self.resolved_output_dir() / 'mlflow.db'}"
+        )
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------
+# Loading
+
+
+def _format_loc(loc: tuple) -> str:
+    parts: list[str] = []
+    for p in loc:
+        if isinstance(p, int):
+            parts.append(str(p))
+        elif p in {"function-after", "function-before", "function-wrap"} or "[" in str(p):
+            continue
+        else:
+            parts.append(str(p))
+    return ".".join(parts)
+
+
+def _value_at(raw: Any, loc: tuple) -> Any:
+    cur = raw
+    for p in loc:
+        if isinstance(cur, dict) and p in cur:
+            cur = cur[p]
+        elif isinstance(cur, list) and isinstance(p, int) and p < len(cur):
+            cur = cur[p]
+        else:
+            return None
+    return cur
+
+
+def validation_error(file: str, exc: ValidationError, raw: Any, prefix: str = "") -> ConfigError:
+    """The first pydantic error as one line: file, dotted path, message, value."""
+    err = exc.errors()[0]
+    loc = tuple(err["loc"])
+    path = _format_loc(loc)
+    if prefix:
+        path = f"{prefix}.{path}" if path else prefix
+    msg = err["msg"]
+    if err["type"] == "extra_forbidden":
+        return ConfigError(file, path, "unknown key", show_value=False)
+    if err["type"] == "missing":
+        return ConfigError(file, path, "required field is missing", show_value=False)
+    value = err.get("input", _value_at(raw, loc))
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+    show = not isinstance(value, dict) or err["type"] not in {"value_error", "assertion_error"}
+    return ConfigError(file, path, msg, value, show_value=show and not isinstance(value, (dict, list)))
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError("<command line>", item, "override must look like key.path=value", show_value=False)
+    key, _, text = item.partition("=")
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError("<command line>", key, "malformed key path", show_value=False)
+    try:
+        value = yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError:
+        value = text
+    return key.split("."), value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply ``a.b.0.c=value`` overrides (values parsed as YAML) to a raw config dict."""
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        parts, value = parse_override(item)
+        cur: Any = raw
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            if isinstance(cur, list):
+                if not part.isdigit() or int(part) >= len(cur):
+                    raise ConfigError("<command line>", ".".join(parts[: i + 1]),
+                                      f"no list item {part} (list has {len(cur)})", show_value=False)
+                if last:
+                    cur[int(part)] = value
+                else:
+                    cur = cur[int(part)]
+            elif isinstance(cur, dict):
+                if last:
+                    cur[part] = value
+                else:
+                    if cur.get(part) is None:
+                        cur[part] = {}
+                    cur = cur[part]
+            else:
+                raise ConfigError("<command line>", ".".join(parts[:i]), "is not a mapping or list", cur)
+    return raw
+
+
+def read_yaml(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(str(path), "", "file does not exist", show_value=False)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(str(path), "", f"malformed YAML: {where}{problem}", show_value=False) from None
+    if not isinstance(raw, dict):
+        raise ConfigError(str(path), "", "top level must be a mapping", raw)
+    return raw
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> SweepConfig:
+    """Read, override, validate, and check method hyperparameters against their classes."""
+    raw = apply_overrides(read_yaml(path), overrides or [])
+    return validate_config(raw, str(path))
+
+
+def validate_config(raw: dict, file: str = "<config>") -> SweepConfig:
+    try:
+        cfg = SweepConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise validation_error(file, exc, raw) from None
+    check_methods(cfg, file)
+    check_tasks(cfg, file)
+    return cfg
+
+
+def check_methods(cfg: SweepConfig, file: str) -> None:
+    from methods.base import resolve_method
+
+    for i, m in enumerate(cfg.methods):
+        try:
+            cls = resolve_method(m.name)
+        except KeyError as exc:
+            raise ConfigError(file, f"methods.{i}.name", str(exc.args[0]), show_value=False) from None
+        fields = set(cls.model_fields)
+        for where in ("params", "grid"):
+            for key in getattr(m, where):
+                if key not in fields:
+                    raise ConfigError(
+                        file, f"methods.{i}.{where}.{key}",
+                        f"method {m.name!r} has no hyperparameter {key!r}; it has {sorted(fields) or 'none'}",
+                        show_value=False,
+                    )
+        for setting in expand_grid(m):
+            try:
+                cls(**setting)
+            except ValidationError as exc:
+                err = exc.errors()[0]
+                key = str(err["loc"][0]) if err["loc"] else ""
+                where = "grid" if key in m.grid else "params"
+                msg = err["msg"].removeprefix("Value error, ")
+                raise ConfigError(file, f"methods.{i}.{where}.{key}", msg, err.get("input")) from None
+
+
+def check_tasks(cfg: SweepConfig, file: str) -> None:
+    from tasks.base import available_tasks
+
+    known = available_tasks()
+    for i, t in enumerate(cfg.tasks):
+        if ":" not in t.name and t.name not in known:
+            raise ConfigError(file, f"tasks.{i}.name", f"unknown task; registered: {', '.join(known)}", t.name)
+
+
+def expand_grid(m: MethodSpec) -> list[dict[str, Any]]:
+    """The cartesian product of the grid, each merged over the fixed params, in YAML order."""
+    settings = [dict(m.params)]
+    for key, values in m.grid.items():
+        settings = [{**s, key: v} for s in settings for v in values]
+    return settings
+
+
+def dump_yaml(cfg: SweepConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,54 @@
+"""Batched top-1 evaluation, no gradients, with a fast path for in-memory tasks."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+
+def iterate_batches(dataset: Dataset, batch_size: int, max_samples: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(images, labels) batches; in-memory tensors are sliced directly (no worker overhead)."""
+    if isinstance(dataset, TensorDataset):
+        images, labels = dataset.tensors[0], dataset.tensors[1]
+        n = len(images) if max_samples is None else min(max_samples, len(images))
+        for i in range(0, n, batch_size):
+            yield images[i : min(i + batch_size, n)], labels[i : min(i + batch_size, n)]
+        return
+    if max_samples is not None and max_samples < len(dataset):
+        dataset = torch.utils.data.Subset(dataset, range(max_samples))
+    yield from DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
+
+
+@torch.no_grad()
+def accuracy(classifier: nn.Module, dataset: Dataset, batch_size: int = 256,
+             device: torch.device | str = "cpu", max_samples: int | None = None) -> float:
+    """Top-1 accuracy in percent."""
+    classifier.eval().to(device)
+    correct = total = 0
+    for images, labels in iterate_batches(dataset, batch_size, max_samples):
+        logits = classifier(images.to(device, non_blocking=True))
+        if not torch.isfinite(logits).all():
+            raise FloatingPointError("non-finite logits during evaluation")
+        correct += (logits.argmax(-1).cpu() == labels).sum().item()
+        total += len(labels)
+    if total == 0:
+        raise ValueError("empty evaluation split")
+    return 100.0 * correct / total
+
+
+def unlabeled_batches(dataset: Dataset, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
+    """An endless shuffled stream of image batches without labels (for test-time adaptation)."""
+    g = torch.Generator().manual_seed(seed)
+    if isinstance(dataset, TensorDataset):
+        images = dataset.tensors[0]
+        while True:
+            perm = torch.randperm(len(images), generator=g)
+            for i in range(0, len(images) - batch_size + 1 if len(images) >= batch_size else 1, batch_size):
+                yield images[perm[i : i + batch_size]]
+    while True:
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=g, drop_last=len(dataset) >= batch_size)
+        for images, _ in loader:
+            yield images

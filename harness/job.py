@@ -1,0 +1,132 @@
+"""Run one job: load models, merge (or not, for reference rows), evaluate, return results.
+
+Jobs never touch MLflow or the result cache; the driver records what they return, so a job
+runs the same in-process, in a worker process or on a cluster node.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from harness.evaluation import accuracy, unlabeled_batches
+from harness.models import ImageClassifier
+from harness.plan import JobSpec
+from harness.workspace import Workspace
+
+EVAL_SPLITS = ("val", "test")
+
+
+@dataclass
+class JobResult:
+    key: str
+    kind: str
+    label: str
+    params: dict[str, Any]
+    task: str | None
+    status: str  # "ok" | "failed"
+    metrics: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+    error_detail: str | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    artifacts: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "JobResult":
+        return cls(**d)
+
+
+def evaluate_encoder(ws: Workspace, encoder: torch.nn.Module, task_names: list[str],
+                     device: torch.device) -> dict[str, float]:
+    """acc/<task> (test) and val/acc/<task> with their averages."""
+    metrics: dict[str, float] = {}
+    encoder = encoder.to(device).eval()
+    for split in EVAL_SPLITS:
+        prefix = "acc" if split == "test" else "val/acc"
+        accs = []
+        for t in task_names:
+            clf = ImageClassifier(encoder, ws.head(t))
+            a = accuracy(clf, ws.task(t).dataset(split), ws.cfg.eval.batch_size, device, ws.cfg.eval.max_samples)
+            metrics[f"{prefix}/{t}"] = a
+            accs.append(a)
+        metrics[f"{prefix}/avg"] = sum(accs) / len(accs)
+    return metrics
+
+
+def run_job(spec: JobSpec, ws: Workspace, device: torch.device, workdir: Path) -> JobResult:
+    """Run a job; failures are returned as a failed result with the reason, never raised."""
+    result = JobResult(spec.key, spec.kind, spec.label, spec.params, spec.task, status="ok")
+    t0 = time.perf_counter()
+    try:
+        if spec.kind == "pretrained":
+            encoder = ws.pretrained_encoder
+            result.timings["load"] = time.perf_counter() - t0
+            result.metrics = evaluate_encoder(ws, encoder, ws.cfg.task_names, device)
+        elif spec.kind == "individual":
+            encoder = ws.finetuned_encoder(spec.task)
+            result.timings["load"] = time.perf_counter() - t0
+            result.metrics = evaluate_encoder(ws, encoder, [spec.task], device)
+        else:
+            merged, artifacts = merge(spec, ws, device, workdir)
+            result.artifacts = artifacts
+            result.timings["merge"] = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            result.metrics = evaluate_encoder(ws, merged, ws.cfg.task_names, device)
+            result.timings["evaluate"] = time.perf_counter() - t1
+        bad = [k for k, v in result.metrics.items() if not math.isfinite(v)]
+        if bad:
+            raise FloatingPointError(f"non-finite metric {bad[0]}")
+    except MemoryError:
+        result.status, result.error = "failed", "out of memory"
+        result.error_detail = traceback.format_exc(limit=-3)
+    except Exception as exc:  # isolation: one bad job must not take the sweep down
+        result.status = "failed"
+        result.error = f"{type(exc).__name__}: {exc}"
+        result.error_detail = traceback.format_exc(limit=-5)
+    result.timings["total"] = time.perf_counter() - t0
+    return result
+
+
+def merge(spec: JobSpec, ws: Workspace, device: torch.device, workdir: Path) -> tuple[torch.nn.Module, dict]:
+    from methods.base import MergeContext, resolve_method
+
+    cls = resolve_method(spec.method)
+    method = cls(**spec.params)
+    tasks = ws.cfg.task_names
+    pretrained = ws.pretrained_encoder
+    finetuned = ws.finetuned_encoders()
+    heads = {t: ws.head(t) for t in tasks}
+    unlabeled = {}
+    if cls.uses_test_data:
+        batch = int(getattr(method, "batch_size", 16))
+        seed = ws.cfg.adapt.shuffle_seed
+        for i, t in enumerate(tasks):
+            ds = ws.task(t).dataset(ws.cfg.adapt.split)
+            unlabeled[t] = (lambda ds=ds, s=seed + i: unlabeled_batches(ds, batch, s))
+
+    def validate(encoder: torch.nn.Module) -> dict[str, float]:
+        was_training = encoder.training
+        out = {}
+        for t in tasks:
+            clf = ImageClassifier(encoder, heads[t])
+            out[f"val/acc/{t}"] = accuracy(clf, ws.task(t).dataset("val"), ws.cfg.eval.batch_size, device,
+                                           ws.cfg.eval.max_samples)
+        out["val/acc/avg"] = sum(out.values()) / len(tasks)
+        encoder.train(was_training)
+        return out
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    ctx = MergeContext(heads=heads, unlabeled=unlabeled, device=device, seed=ws.cfg.seed,
+                       progress=ws.progress, validate=validate, workdir=str(workdir))
+    torch.manual_seed(ws.cfg.seed)
+    merged = method.merge(pretrained, finetuned, ctx)
+    return merged, ctx.artifacts

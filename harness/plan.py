@@ -1,0 +1,90 @@
+"""Expand a sweep into jobs: reference rows, then methods x hyperparameter settings.
+
+A JobSpec is plain data; its ``key`` (a content hash) is the result-cache key and the
+MLflow identity of the job, so a rerun finds and skips what already finished.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from harness.cache import content_key
+from harness.config import SweepConfig, expand_grid
+
+#: Bump when the meaning of a cached result changes.
+RESULT_VERSION = 1
+
+JobKind = Literal["pretrained", "individual", "merge"]
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    kind: JobKind
+    label: str
+    method: str | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    task: str | None = None  # the task of an "individual" reference job
+    key: str = ""
+
+    @property
+    def title(self) -> str:
+        if self.kind == "individual":
+            return f"individual/{self.task}"
+        if self.params:
+            return f"{self.label}(" + ", ".join(f"{k}={v}" for k, v in self.params.items()) + ")"
+        return self.label
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def full_params(method: str, params: dict[str, Any]) -> dict[str, Any]:
+    """Params with the method's defaults filled in: two spellings of one setting share a key."""
+    from methods.base import resolve_method
+
+    return resolve_method(method)(**params).model_dump(mode="json")
+
+
+def method_class_id(method: str) -> str:
+    from methods.base import resolve_method
+
+    cls = resolve_method(method)
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def plan_jobs(cfg: SweepConfig, identity: dict[str, Any] | None = None,
+              task_identity: dict[str, Any] | None = None) -> list[JobSpec]:
+    """All jobs of the sweep; keys are filled when model/task identities are given."""
+    specs: list[JobSpec] = []
+    if cfg.references:
+        specs.append(JobSpec("pretrained", "pretrained"))
+        specs.extend(JobSpec("individual", "individual", task=t) for t in cfg.task_names)
+    for m in cfg.methods:
+        for setting in expand_grid(m):
+            specs.append(JobSpec("merge", m.display, method=m.name, params=setting))
+    if identity is None:
+        return specs
+    keyed = []
+    for s in specs:
+        body = {
+            "v": RESULT_VERSION,
+            "kind": s.kind,
+            "task": s.task,
+            "model": {"arch": identity["arch"], "pretrained": identity["pretrained"],
+                      "heads": identity["heads"]},
+            "eval": {"max_samples": cfg.eval.max_samples},
+            "seed": cfg.seed,
+        }
+        if s.kind == "individual":
+            body["finetuned"] = identity["finetuned"][s.task]
+            body["tasks"] = {s.task: (task_identity or {}).get(s.task)}
+        else:
+            body["tasks"] = task_identity
+        if s.kind == "merge":
+            body["finetuned"] = identity["finetuned"]
+            body["method"] = method_class_id(s.method)
+            body["params"] = full_params(s.method, s.params)
+            body["adapt"] = cfg.adapt.model_dump()
+        keyed.append(JobSpec(s.kind, s.label, s.method, s.params, s.task, key=content_key(body)))
+    return keyed

@@ -1,0 +1,168 @@
+"""The sweep driver: prepare, plan, skip cached jobs, execute, record, tabulate.
+
+Only this module writes results (the per-job cache under ``<output_dir>/results`` and MLflow),
+so workers and cluster jobs stay free of shared-file writes.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+from harness.cache import atomic_write_bytes, atomic_write_json, read_json
+from harness.config import SweepConfig, dump_yaml
+from harness.executors import make_executor
+from harness.job import JobResult
+from harness.plan import JobSpec, plan_jobs
+from harness.results import Row, build_rows, normalized, to_csv, to_markdown, to_rich
+from harness.runtime import configure_threads
+from harness.tracking import Tracker
+from harness.workspace import Workspace
+
+
+@dataclass
+class SweepOutcome:
+    results: list[JobResult]
+    rows: list[Row]
+    output_dir: Path
+    parent_run_id: str | None
+    executed: list[str] = field(default_factory=list)  # keys of jobs run (not from cache)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def failed(self) -> list[JobResult]:
+        return [r for r in self.results if r.status != "ok"]
+
+
+def jsonable(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu().tolist()
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    return obj
+
+
+def job_params(cfg: SweepConfig, spec: JobSpec) -> dict[str, Any]:
+    """What MLflow records as a job's params: the resolved config, flattened, plus the job's own."""
+    conf = cfg.model_dump(mode="json")
+    conf.pop("methods", None)
+    return {"job": {"kind": spec.kind, "label": spec.label, "method": spec.method, "task": spec.task,
+                    "params": spec.params}, "config": conf}
+
+
+def run_sweep(cfg: SweepConfig, console: Console | None = None, quiet: bool = False) -> SweepOutcome:
+    console = console or Console(stderr=True, quiet=quiet)
+    show = not quiet
+    out = cfg.resolved_output_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+
+    t0 = time.perf_counter()
+    ws = Workspace(cfg, progress=show)
+    identity = ws.identity  # builds/loads the model files (embedded suite: prepares them)
+    configure_threads(cfg.threads, sum(p.numel() for p in ws.pretrained_encoder.parameters()))
+    task_identity = ws.task_identity()
+    specs = plan_jobs(cfg, identity, task_identity)
+    timings["prepare"] = time.perf_counter() - t0
+
+    digest = cfg.digest()
+    tracker = Tracker(cfg)
+    parent = tracker.start_sweep(digest, cfg.model_dump(mode="json"))
+    results_dir = out / "results"
+
+    results: dict[str, JobResult] = {}
+    pending: list[JobSpec] = []
+    for s in specs:
+        cached = read_json(results_dir / f"{s.key}.json")
+        if cached and cached.get("status") == "ok":
+            results[s.key] = JobResult.from_dict(cached)
+        else:
+            pending.append(s)
+    executed: list[str] = []
+    if show:
+        console.print(f"[bold]{cfg.name}[/]: {len(specs)} jobs, {len(specs) - len(pending)} cached, "
+                      f"{len(pending)} to run -> {out}")
+
+    executor = make_executor(cfg, ws)
+    refs = [s for s in pending if s.kind != "merge"]
+    merges = [s for s in pending if s.kind == "merge"]
+    t1 = time.perf_counter()
+    with _progress(console, show, len(pending)) as bar:
+        for phase in (refs, merges):  # references first: normalized accuracy needs them
+            for spec, res in executor.run(phase, on_start=lambda s: bar.describe(s.title)):
+                res.artifacts = jsonable(res.artifacts)
+                if res.status == "ok":
+                    atomic_write_json(results_dir / f"{spec.key}.json", res.to_dict())
+                else:
+                    console.print(f"[red]failed[/] {spec.title}: {res.error}")
+                results[spec.key] = res
+                executed.append(spec.key)
+                bar.advance()
+    timings["run"] = time.perf_counter() - t1
+
+    t2 = time.perf_counter()
+    ordered = [results[s.key] for s in specs]
+    indiv = {r.task: r.metrics.get(f"acc/{r.task}") for r in ordered if r.kind == "individual" and r.status == "ok"}
+    for r in ordered:
+        if r.status == "ok" and r.kind != "individual":
+            r.metrics.update(normalized(r.metrics, indiv, cfg.task_names))
+    spec_by_key = {s.key: s for s in specs}
+    for r in ordered:
+        if not tracker.is_logged(r.key):
+            tracker.log_job(r, job_params(cfg, spec_by_key[r.key]), digest)
+
+    rows = build_rows(ordered, cfg.task_names, [m.display for m in cfg.methods])
+    tables = out / "tables"
+    atomic_write_bytes(tables / "results.md", to_markdown(rows, cfg.task_names).encode())
+    atomic_write_bytes(tables / "results.csv", to_csv(rows, cfg.task_names).encode())
+    atomic_write_bytes(out / "resolved.yaml", dump_yaml(cfg).encode())
+    for p in (tables / "results.md", tables / "results.csv"):
+        tracker.log_artifact(p, subdir="tables")
+    tracker.log_artifact(out / "resolved.yaml")
+    summary = {f"{row.method}/acc/avg": row.avg for row in rows}
+    tracker.log_summary_metrics({k.replace(" ", "_"): v for k, v in summary.items()})
+    failed = [r for r in ordered if r.status != "ok"]
+    tracker.finish(ok=not failed)
+    timings["logging"] = time.perf_counter() - t2
+
+    outcome = SweepOutcome(ordered, rows, out, parent, executed, timings)
+    if show:
+        console.print(to_rich(rows, cfg.task_names))
+    return outcome
+
+
+class _progress:
+    """A rich progress bar over jobs, or nothing when quiet."""
+
+    def __init__(self, console: Console, show: bool, total: int):
+        self.console, self.show, self.total = console, show and total > 0, total
+
+    def __enter__(self) -> "_progress":
+        if self.show:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.p = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                              TimeElapsedColumn(), console=self.console, transient=False)
+            self.p.__enter__()
+            self.t = self.p.add_task("jobs", total=self.total)
+        return self
+
+    def describe(self, text: str) -> None:
+        if self.show:
+            self.p.update(self.t, description=text)
+
+    def advance(self) -> None:
+        if self.show:
+            self.p.advance(self.t)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.show:
+            self.p.update(self.t, description="jobs")
+            self.p.__exit__(*exc)

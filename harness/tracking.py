@@ -1,0 +1,129 @@
+"""MLflow: one parent run per sweep, one nested run per job; only the driver writes.
+
+Runs are found again by tags (the sweep's config digest, each job's cache key), so a rerun
+of a sweep continues the same parent run and logs every job exactly once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from harness.config import SweepConfig
+
+SWEEP_TAG = "harness.sweep_digest"
+JOB_TAG = "harness.job_key"
+
+
+def flatten(d: Any, prefix: str = "") -> dict[str, str]:
+    """Nested config -> {'a.b.c': 'value'} (MLflow params are flat strings)."""
+    out: dict[str, str] = {}
+    if isinstance(d, dict):
+        for k, v in d.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+    elif isinstance(d, list) and d and all(isinstance(x, dict) for x in d):
+        for i, v in enumerate(d):
+            out.update(flatten(v, f"{prefix}{i}."))
+    else:
+        out[prefix[:-1]] = str(d)[:6000]
+    return out
+
+
+def git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=Path(__file__).parent).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+class Tracker:
+    def __init__(self, cfg: SweepConfig):
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        from mlflow.tracking import MlflowClient
+
+        for name in ("alembic", "mlflow", "mlflow.store.db.utils"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+        self.cfg = cfg
+        self.uri = cfg.resolved_tracking_uri()
+        out = cfg.resolved_output_dir()
+        out.mkdir(parents=True, exist_ok=True)
+        self.client = MlflowClient(tracking_uri=self.uri)
+        name = cfg.experiment or cfg.name
+        exp = self.client.get_experiment_by_name(name)
+        if exp is None:
+            artifacts = (out / "mlartifacts").resolve()
+            self.experiment_id = self.client.create_experiment(name, artifact_location=artifacts.as_uri())
+        else:
+            self.experiment_id = exp.experiment_id
+        self.parent_id: str | None = None
+        self._logged: set[str] = set()
+
+    def start_sweep(self, digest: str, params: dict[str, Any]) -> str:
+        """Create the sweep's parent run, or reopen the one a previous run of it created."""
+        runs = self.client.search_runs([self.experiment_id], f"tags.`{SWEEP_TAG}` = '{digest}'",
+                                       max_results=1, order_by=["attributes.start_time DESC"])
+        if runs:
+            self.parent_id = runs[0].info.run_id
+            self.client.update_run(self.parent_id, status="RUNNING")
+        else:
+            tags = {SWEEP_TAG: digest, "harness.kind": "sweep", "mlflow.runName": self.cfg.name}
+            commit = git_commit()
+            if commit:
+                tags["mlflow.source.git.commit"] = commit
+            run = self.client.create_run(self.experiment_id, tags=tags)
+            self.parent_id = run.info.run_id
+            self._log_params(self.parent_id, params)
+        children = self.client.search_runs([self.experiment_id], f"tags.`mlflow.parentRunId` = '{self.parent_id}'",
+                                           max_results=50000)
+        self._logged = {r.data.tags.get(JOB_TAG) for r in children}
+        return self.parent_id
+
+    def _log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        flat = [Param(k[:250], v) for k, v in flatten(params).items()]
+        for i in range(0, len(flat), 100):
+            self.client.log_batch(run_id, params=flat[i : i + 100])
+
+    def is_logged(self, key: str) -> bool:
+        return key in self._logged
+
+    def log_job(self, result: Any, params: dict[str, Any], config_digest: str) -> str | None:
+        """A nested run for a finished (or failed) job; skipped if this job is already logged."""
+        from mlflow.entities import Metric
+
+        if result.key in self._logged:
+            return None
+        name = result.label if result.kind != "individual" else f"individual/{result.task}"
+        tags = {"mlflow.parentRunId": self.parent_id, JOB_TAG: result.key, "harness.kind": result.kind,
+                "harness.config_digest": config_digest, "mlflow.runName": name, "harness.label": result.label}
+        if result.task:
+            tags["harness.task"] = result.task
+        if result.error:
+            tags["harness.failure_reason"] = result.error[:5000]
+        run = self.client.create_run(self.experiment_id, tags=tags)
+        rid = run.info.run_id
+        self._log_params(rid, params)
+        metrics = [Metric(k, float(v), 0, 0) for k, v in result.metrics.items()]
+        metrics += [Metric(f"time/{k}", float(v), 0, 0) for k, v in result.timings.items()]
+        for i in range(0, len(metrics), 500):
+            self.client.log_batch(rid, metrics=metrics[i : i + 500])
+        self.client.set_terminated(rid, status="FINISHED" if result.status == "ok" else "FAILED")
+        self._logged.add(result.key)
+        return rid
+
+    def log_artifact(self, path: Path, run_id: str | None = None, subdir: str | None = None) -> None:
+        self.client.log_artifact(run_id or self.parent_id, str(path), subdir)
+
+    def log_summary_metrics(self, metrics: dict[str, float]) -> None:
+        from mlflow.entities import Metric
+
+        self.client.log_batch(self.parent_id, metrics=[Metric(k, float(v), 0, 0) for k, v in metrics.items()])
+
+    def finish(self, ok: bool) -> None:
+        self.client.set_terminated(self.parent_id, status="FINISHED" if ok else "FAILED")

@@ -1,0 +1,161 @@
+"""Lazily loaded, memoised resources of one sweep: models, tasks, heads, identities.
+
+A job gets everything through a Workspace, so a worker process (or a SLURM node) can
+rebuild the same resources from the resolved config alone.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from harness.cache import content_key
+from harness.config import SweepConfig
+from harness.errors import HarnessError
+from harness.models import (
+    build_clip,
+    file_digest,
+    get_tokenizer,
+    load_state_dict,
+    save_state_dict,
+    zeroshot_head,
+)
+from tasks.base import Task, TaskDataError, build_task
+
+
+class Workspace:
+    def __init__(self, cfg: SweepConfig, progress: bool = False):
+        self.cfg = cfg
+        self.progress = progress
+        self._tasks: dict[str, Task] = {}
+        self._heads: dict[str, torch.Tensor] = {}
+        self._finetuned: dict[str, nn.Module] = {}
+
+    # -- model files ---------------------------------------------------------------------
+    @cached_property
+    def sources(self) -> dict[str, Any]:
+        """Resolved checkpoint locations: arch, pretrained, finetuned per task."""
+        m = self.cfg.model
+        names = self.cfg.task_names
+        if m.source == "embedded":
+            from tasks.embedded.pipeline import prepare_suite
+
+            art = prepare_suite(names, self.cfg.resolved_cache_dir(), options=m.suite, progress=self.progress)
+            return {"arch": art.arch, "pretrained": str(art.pretrained),
+                    "finetuned": {t: str(p) for t, p in art.finetuned.items()}, "heads": {}}
+        finetuned = {}
+        for i, t in enumerate(names):
+            path = m.finetuned.get(t) or (m.finetuned_pattern.format(task=t) if m.finetuned_pattern else None)
+            if path is None:
+                raise HarnessError(f"model.finetuned: no checkpoint for task {t!r}")
+            if not Path(path).is_file():
+                raise HarnessError(f"model.finetuned.{t}: checkpoint file does not exist: {path}")
+            finetuned[t] = path
+        pre = m.pretrained
+        if pre and ("/" in pre or Path(pre).suffix) and not Path(pre).is_file():
+            raise HarnessError(f"model.pretrained: weights file does not exist: {pre}")
+        return {"arch": m.arch, "pretrained": pre, "finetuned": finetuned, "heads": dict(m.heads)}
+
+    @cached_property
+    def identity(self) -> dict[str, Any]:
+        """Content identities of every model file: part of every job's cache key."""
+        src = self.sources
+
+        def ident(p: str | None) -> str | None:
+            return file_digest(p)[:16] if p and Path(p).is_file() else p
+
+        return {
+            "arch": src["arch"],
+            "pretrained": ident(src["pretrained"]),
+            "finetuned": {t: ident(p) for t, p in src["finetuned"].items()},
+            "heads": {t: ident(p) for t, p in src["heads"].items()},
+        }
+
+    @cached_property
+    def clip(self) -> nn.Module:
+        return build_clip(self.sources["arch"], self.sources["pretrained"], cache_dir=str(self.cfg.resolved_cache_dir() / "open_clip"))
+
+    @property
+    def pretrained_encoder(self) -> nn.Module:
+        return self.clip.visual
+
+    def finetuned_encoder(self, task: str) -> nn.Module:
+        if task not in self._finetuned:
+            path = self.sources["finetuned"][task]
+            state = load_state_dict(path)
+            enc = copy.deepcopy(self.clip.visual)
+            expected = enc.state_dict()
+            for k, v in expected.items():
+                if k not in state:
+                    raise HarnessError(f"{path}: tensor {k!r} of the pretrained image encoder is missing")
+                if state[k].shape != v.shape:
+                    raise HarnessError(
+                        f"{path}: tensor {k!r} has shape {tuple(state[k].shape)}, "
+                        f"pretrained has {tuple(v.shape)} (different architecture?)"
+                    )
+            extra = [k for k in state if k not in expected]
+            if extra:
+                raise HarnessError(f"{path}: unexpected tensor {extra[0]!r} (not an image encoder of {self.sources['arch']})")
+            enc.load_state_dict(state)
+            enc.eval()
+            self._finetuned[task] = enc
+        return self._finetuned[task]
+
+    def finetuned_encoders(self) -> dict[str, nn.Module]:
+        return {t: self.finetuned_encoder(t) for t in self.cfg.task_names}
+
+    # -- tasks and heads -----------------------------------------------------------------
+    def task(self, name: str) -> Task:
+        if name not in self._tasks:
+            spec = next(t for t in self.cfg.tasks if t.name == name)
+            options = dict(spec.options)
+            from tasks.base import resolve_task
+
+            factory = resolve_task(name)
+            params = inspect.signature(factory).parameters
+            if self.cfg.data_root and "data_root" not in options and ("data_root" in params):
+                options["data_root"] = self.cfg.data_root
+            if self.cfg.model.source == "embedded" and "size" in params and "size" not in options:
+                options["size"] = self.cfg.model.suite.get("size", "full")
+            if "cache_dir" in params and "cache_dir" not in options:
+                options["cache_dir"] = str(self.cfg.resolved_cache_dir())
+            try:
+                self._tasks[name] = factory(**options)
+            except TypeError as exc:
+                raise HarnessError(f"tasks: bad options for task {name!r}: {exc}") from None
+        return self._tasks[name]
+
+    def task_identity(self) -> dict[str, Any]:
+        return {t: self.task(t).identity() for t in self.cfg.task_names}
+
+    def head(self, task: str) -> torch.Tensor:
+        if task not in self._heads:
+            t = self.task(task)
+            stored = self.sources["heads"].get(task)
+            if stored:
+                state = load_state_dict(stored)
+                head = state.get("weight", next(iter(state.values())))
+            else:
+                head = self._zeroshot_head(t)
+            if head.shape[0] != t.num_classes:
+                raise TaskDataError(
+                    f"task {task!r}: head has {head.shape[0]} classes but the dataset has {t.num_classes}"
+                )
+            self._heads[task] = head
+        return self._heads[task]
+
+    def _zeroshot_head(self, task: Task) -> torch.Tensor:
+        key = content_key({"model": self.identity["arch"], "pretrained": self.identity["pretrained"],
+                           "prompts": task.prompts()})
+        path = self.cfg.resolved_cache_dir() / "heads" / f"{task.name}-{key}.safetensors"
+        if path.is_file():
+            return load_state_dict(path)["weight"]
+        head = zeroshot_head(self.clip, get_tokenizer(self.sources["arch"]), task.prompts())
+        save_state_dict({"weight": head}, path)
+        return head
