@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Set up the harness in ./.venv: system data packages (when root), Python packages, editable install.
+# Safe to rerun; every step is skipped when already done.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+DEBIAN_PACKAGES=(dataset-fashion-mnist gimp-data fonts-freefont-ttf)
+if command -v apt-get >/dev/null 2>&1; then
+  missing=()
+  for p in "${DEBIAN_PACKAGES[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+  if [ ${#missing[@]} -gt 0 ]; then
+    if [ "$(id -u)" = 0 ]; then
+      echo "setup: installing Debian data packages: ${missing[*]}"
+      (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null) \
+        || echo "setup: could not install ${missing[*]}; the embedded suite will use its documented fallbacks"
+    else
+      echo "setup: not root; skipping Debian packages ${missing[*]} (the embedded suite uses fallbacks)"
+    fi
+  fi
+fi
+
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+if ! .venv/bin/python -c "import harness, torch, open_clip, mlflow, pytest" >/dev/null 2>&1; then
+  .venv/bin/python -m pip install -q -e '.[dev]'
+fi
+echo "setup: ready (.venv/bin/harness)"

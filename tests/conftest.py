@@ -1,0 +1,61 @@
+"""Shared fixtures: one thread (tiny models), a micro open_clip model with checkpoints on disk."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+TOY_TASKS = ["toy_stripes", "toy_colours"]
+
+
+@pytest.fixture(scope="session")
+def micro_checkpoints(tmp_path_factory):
+    """A micro CLIP (pretrained file) and per-task 'fine-tuned' encoders (random perturbations)."""
+    from harness.models import build_clip, save_state_dict
+
+    root = tmp_path_factory.mktemp("ckpt")
+    torch.manual_seed(0)
+    clip = build_clip("harness-micro-vit")
+    save_state_dict(clip.state_dict(), root / "pretrained.safetensors")
+    for i, task in enumerate(TOY_TASKS):
+        enc = copy.deepcopy(clip.visual)
+        g = torch.Generator().manual_seed(100 + i)
+        with torch.no_grad():
+            for p in enc.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+        save_state_dict(enc.state_dict(), root / f"{task}.safetensors")
+    return root
+
+
+def make_sweep_dict(checkpoints, root) -> dict:
+    """A minimal valid sweep over the toy tasks with file checkpoints."""
+    return {
+        "name": "toy",
+        "output_dir": str(root / "out"),
+        "cache_dir": str(root / "cache"),
+        "model": {
+            "source": "files",
+            "arch": "harness-micro-vit",
+            "pretrained": str(checkpoints / "pretrained.safetensors"),
+            "finetuned_pattern": str(checkpoints / "{task}.safetensors"),
+        },
+        "tasks": list(TOY_TASKS),
+        "methods": [
+            {"name": "weight_averaging"},
+            {"name": "task_arithmetic", "grid": {"scaling": [0.2, 0.6]}},
+        ],
+    }
+
+
+@pytest.fixture
+def sweep_dict(micro_checkpoints, tmp_path):
+    return make_sweep_dict(micro_checkpoints, tmp_path)

@@ -1,0 +1,141 @@
+"""Bad sweep files: each refused with one line naming file, field and value; exit 2; no traceback."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from harness.cli import main
+
+
+def _set(d: dict, path: str, value) -> dict:
+    d = copy.deepcopy(d)
+    parts = path.split(".")
+    cur = d
+    for p in parts[:-1]:
+        cur = cur[int(p)] if isinstance(cur, list) else cur.setdefault(p, {})
+    if value is _DELETE:
+        del cur[parts[-1]]
+    elif isinstance(cur, list):
+        cur[int(parts[-1])] = value
+    else:
+        cur[parts[-1]] = value
+    return d
+
+
+_DELETE = object()
+
+# (id, edit applied to a valid sweep dict: (path, value), expected fragments of the message)
+CASES = [
+    ("missing-tasks", ("tasks", _DELETE), ["tasks: required field is missing"]),
+    ("unknown-top-key", ("methodz", []), ["methodz: unknown key"]),
+    ("unknown-nested-key", ("model.archh", "x"), ["model.archh: unknown key"]),
+    ("seed-type", ("seed", "abc"), ["seed:", "'abc'"]),
+    ("seed-negative", ("seed", -3), ["seed:", "greater than or equal to 0", "-3"]),
+    ("batch-size-zero", ("eval.batch_size", 0), ["eval.batch_size:", "greater than or equal to 1", "(got 0)"]),
+    ("device", ("device", "tpu"), ["device:", "'tpu'"]),
+    ("unknown-method", ("methods.0.name", "nope"), ["methods.0.name: unknown method 'nope'"]),
+    ("unknown-hparam", ("methods.1.params", {"lamda": 0.3}),
+     ["methods.1.params.lamda: method 'task_arithmetic' has no hyperparameter 'lamda'"]),
+    ("hparam-range", ("methods.1", {"name": "task_arithmetic", "params": {"scaling": -1}}), ["methods.1.params.scaling:", "(got -1)"]),
+    ("grid-range", ("methods.1.grid.scaling", [0.2, 50]), ["methods.1.grid.scaling:", "(got 50)"]),
+    ("grid-type", ("methods.1.grid.scaling", [0.2, "big"]), ["methods.1.grid.scaling:", "'big'"]),
+    ("grid-empty", ("methods.1.grid.scaling", []), ["methods.1.grid:", "grid for 'scaling' is empty"]),
+    ("unknown-task", ("tasks", ["toy_stripes", "nope_task"]), ["tasks.1.name: unknown task", "'nope_task'"]),
+    ("duplicate-task", ("tasks", ["toy_stripes", "toy_stripes"]), ["tasks:", "tasks listed twice"]),
+    ("files-without-pretrained", ("model.pretrained", None), ["model:", "needs 'pretrained'"]),
+    ("env-unset", ("model.pretrained", "${HARNESS_TEST_UNSET_VAR}/p.safetensors"),
+     ["model.pretrained:", "environment variable HARNESS_TEST_UNSET_VAR is not set"]),
+    ("pattern-without-task", ("model.finetuned_pattern", "/tmp/x.safetensors"),
+     ["model.finetuned_pattern:", "must contain '{task}'"]),
+    ("workers-zero", ("executor.workers", 0), ["executor.workers:", "(got 0)"]),
+    ("executor-kind", ("executor.kind", "kubernetes"), ["executor.kind:", "'kubernetes'"]),
+    ("name-pattern", ("name", "has space"), ["name:", "'has space'"]),
+    ("threads-zero", ("threads", 0), ["threads:", "between 1 and 256"]),
+    ("method-import-path", ("methods.0.name", "no_such_pkg.mod:Thing"),
+     ["methods.0.name:", "cannot import module 'no_such_pkg.mod'"]),
+    ("param-and-grid", ("methods.1.params", {"scaling": 0.3}), ["methods.1:", "given both in params and grid"]),
+    ("duplicate-label", ("methods.0", {"name": "task_arithmetic"}), ["methods:", "labels not unique"]),
+    ("tasks-not-list", ("tasks", "toy_stripes"), ["tasks:", "valid list"]),
+    ("model-source", ("model.source", "hub"), ["model.source:", "'hub'"]),
+    ("task-options-type", ("tasks", [{"name": "toy_stripes", "options": 3}]), ["tasks.0.options:", "(got 3)"]),
+]
+
+
+def _run(args):
+    result = CliRunner().invoke(main, args)
+    return result.exit_code, result.stdout, result.stderr
+
+
+@pytest.mark.parametrize("case_id,edit,fragments", CASES, ids=[c[0] for c in CASES])
+def test_bad_config_is_one_line_exit_2(case_id, edit, fragments, sweep_dict, tmp_path):
+    path, value = edit
+    bad = _set(sweep_dict, path, value)
+    f = tmp_path / "bad.yaml"
+    f.write_text(yaml.safe_dump(bad))
+    code, out, err = _run(["validate", str(f)])
+    assert code == 2, (out, err)
+    message = " ".join(err.split())
+    assert message.startswith(f"error: {f}:"), message
+    for frag in fragments:
+        assert frag in message, (frag, message)
+    assert "Traceback" not in err + out
+    assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_malformed_yaml(tmp_path):
+    f = tmp_path / "broken.yaml"
+    f.write_text("name: toy\ntasks: [toy_stripes\nmethods: {}\n")
+    code, _, err = _run(["validate", str(f)])
+    assert code == 2 and "malformed YAML: line" in err and str(f) in " ".join(err.split())
+
+
+def test_top_level_not_mapping(tmp_path):
+    f = tmp_path / "list.yaml"
+    f.write_text("- a\n- b\n")
+    code, _, err = _run(["sweep", str(f)])
+    assert code == 2 and "top level must be a mapping" in err
+
+
+def test_missing_file(tmp_path):
+    code, _, err = _run(["sweep", str(tmp_path / "nope.yaml")])
+    assert code == 2 and "file does not exist" in err
+
+
+@pytest.mark.parametrize("override,fragment", [
+    ("seed", "override must look like key.path=value"),
+    ("methods.7.name=x", "methods.7: no list item 7"),
+    ("eval.batch_size=-5", "eval.batch_size:"),
+    ("methods.1.grid.scaling=[0.1, -2]", "methods.1.grid.scaling:"),
+])
+def test_bad_override(override, fragment, sweep_dict, tmp_path):
+    f = tmp_path / "ok.yaml"
+    f.write_text(yaml.safe_dump(sweep_dict))
+    code, _, err = _run(["validate", str(f), override])
+    assert code == 2 and fragment in " ".join(err.split()), err
+
+
+def test_missing_checkpoint_is_one_line(sweep_dict, tmp_path):
+    bad = _set(sweep_dict, "model.finetuned_pattern", str(tmp_path / "none" / "{task}.safetensors"))
+    f = tmp_path / "ck.yaml"
+    f.write_text(yaml.safe_dump(bad))
+    code, out, err = _run(["sweep", "-q", str(f)])
+    assert code == 2, out + err
+    assert "model.finetuned.toy_stripes: checkpoint file does not exist" in " ".join(err.split())
+    assert "Traceback" not in err
+
+
+def test_overrides_apply_and_env_expands(sweep_dict, tmp_path, monkeypatch):
+    from harness.config import load_config
+
+    monkeypatch.setenv("HARNESS_TEST_ROOT", str(tmp_path))
+    d = _set(sweep_dict, "output_dir", "${HARNESS_TEST_ROOT}/runs")
+    f = tmp_path / "ok.yaml"
+    f.write_text(yaml.safe_dump(d))
+    cfg = load_config(f, ["methods.1.grid.scaling=[0.1, 0.9]", "seed=4", "eval.max_samples=10"])
+    assert cfg.methods[1].grid["scaling"] == [0.1, 0.9]
+    assert cfg.seed == 4 and cfg.eval.max_samples == 10
+    assert cfg.output_dir == f"{tmp_path}/runs"

@@ -1,0 +1,42 @@
+"""Zero-shot heads follow the protocol formula (checked against a direct computation)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from harness.models import ImageClassifier, build_clip, get_tokenizer, zeroshot_head
+
+
+def test_zeroshot_head_matches_formula():
+    torch.manual_seed(0)
+    clip = build_clip("harness-micro-vit")
+    tok = get_tokenizer("harness-micro-vit")
+    templates = ["a photo of a {}.", "a drawing of a {}.", "{} again"]
+    classes = ["cat", "dog", "red square"]
+    prompts = [[t.format(c) for t in templates] for c in classes]
+    head = zeroshot_head(clip, tok, prompts)
+    assert head.shape == (3, clip.visual.output_dim)
+    scale = clip.logit_scale.exp().item()
+    with torch.no_grad():
+        for i, c in enumerate(classes):
+            embs = []
+            for t in templates:  # one prompt at a time: independent of batching
+                e = clip.encode_text(tok([t.format(c)]))[0]
+                embs.append(e / e.norm())
+            mean = torch.stack(embs).mean(0)
+            expected = mean / mean.norm() * scale
+            assert torch.allclose(head[i], expected, atol=1e-5)
+    assert torch.allclose(head.norm(dim=-1), torch.full((3,), scale), atol=1e-4)
+
+
+def test_classifier_logits_are_cosine_times_scale():
+    torch.manual_seed(1)
+    clip = build_clip("harness-micro-vit")
+    head = F.normalize(torch.randn(4, clip.visual.output_dim), dim=-1) * 10
+    x = torch.randn(5, 3, 16, 16)
+    logits = ImageClassifier(clip.visual, head)(x)
+    with torch.no_grad():
+        feats = clip.visual(x)
+    expected = F.normalize(feats, dim=-1) @ head.t()
+    assert torch.allclose(logits, expected, atol=1e-5)

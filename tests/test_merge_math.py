@@ -1,0 +1,69 @@
+"""Weight averaging and task arithmetic against hand-computed results on a tiny model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from methods.base import MergeContext, check_same_keys, float_state, task_vectors
+from methods.task_arithmetic import TaskArithmetic
+from methods.weight_averaging import WeightAveraging
+
+
+def tiny(w, b) -> nn.Module:
+    m = nn.Linear(2, 2)
+    with torch.no_grad():
+        m.weight.copy_(torch.tensor(w, dtype=torch.float32))
+        m.bias.copy_(torch.tensor(b, dtype=torch.float32))
+    return m
+
+
+@pytest.fixture
+def models():
+    pre = tiny([[1.0, 2.0], [3.0, 4.0]], [0.0, 1.0])
+    ft = {
+        "a": tiny([[2.0, 2.0], [3.0, 0.0]], [1.0, 1.0]),   # tau_a = [[1,0],[0,-4]], [1,0]
+        "b": tiny([[1.0, 5.0], [1.0, 4.0]], [0.0, -1.0]),  # tau_b = [[0,3],[-2,0]], [0,-2]
+    }
+    return pre, ft
+
+
+def test_weight_averaging_by_hand(models):
+    pre, ft = models
+    out = WeightAveraging().merge(pre, ft, MergeContext())
+    assert torch.equal(out.weight, torch.tensor([[1.5, 3.5], [2.0, 2.0]]))
+    assert torch.equal(out.bias, torch.tensor([0.5, 0.0]))
+    assert torch.equal(pre.weight, torch.tensor([[1.0, 2.0], [3.0, 4.0]]))  # input untouched
+
+
+def test_task_arithmetic_by_hand(models):
+    pre, ft = models
+    out = TaskArithmetic(scaling=0.5).merge(pre, ft, MergeContext())
+    # theta0 + 0.5 * (tau_a + tau_b) = [[1,2],[3,4]] + 0.5*[[1,3],[-2,-4]]
+    assert torch.allclose(out.weight, torch.tensor([[1.5, 3.5], [2.0, 2.0]]))
+    assert torch.allclose(out.bias, torch.tensor([0.5, 0.0]))
+    zero = TaskArithmetic(scaling=0.0).merge(pre, ft, MergeContext())
+    assert torch.equal(zero.weight, pre.weight)
+    one = TaskArithmetic(scaling=1.0).merge(pre, ft, MergeContext())
+    assert torch.allclose(one.weight, torch.tensor([[2.0, 5.0], [1.0, 0.0]]))
+
+
+def test_task_vectors_and_shape_checks(models):
+    pre, ft = models
+    taus = task_vectors(pre, ft)
+    assert torch.equal(taus["b"]["bias"], torch.tensor([0.0, -2.0]))
+    other = nn.Linear(3, 2)
+    with pytest.raises(ValueError, match=r"tensor 'weight' has shape \(2, 3\), pretrained has \(2, 2\)"):
+        check_same_keys(float_state(pre), float_state(other), "c")
+    with pytest.raises(ValueError, match="missing"):
+        check_same_keys(float_state(pre), {"weight": pre.weight.detach()}, "d")
+
+
+def test_hyperparameters_are_validated():
+    with pytest.raises(Exception, match="greater than or equal to 0"):
+        TaskArithmetic(scaling=-0.1)
+    with pytest.raises(Exception, match="Extra inputs are not permitted"):
+        TaskArithmetic(lam=0.3)
+    names = [h[0] for h in TaskArithmetic.hyperparameters()]
+    assert names == ["scaling"]

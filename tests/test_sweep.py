@@ -1,0 +1,130 @@
+"""End-to-end sweeps on the micro model: table, cache reuse, MLflow contents, worker pool."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from harness.config import validate_config
+from harness.runner import run_sweep
+from tests.conftest import TOY_TASKS, make_sweep_dict
+
+
+@pytest.fixture(scope="module")
+def first_run(micro_checkpoints, tmp_path_factory):
+    cfg = validate_config(make_sweep_dict(micro_checkpoints, tmp_path_factory.mktemp("first")))
+    return cfg, run_sweep(cfg, quiet=True)
+
+
+def test_table_rows_and_selection(first_run):
+    cfg, outcome = first_run
+    assert not outcome.failed
+    rows = {r.method: r for r in outcome.rows}
+    assert list(rows) == ["pretrained", "individual", "weight_averaging", "task_arithmetic"]
+    ta = [r for r in outcome.results if r.label == "task_arithmetic"]
+    assert len(ta) == 2
+    best = max(ta, key=lambda r: r.metrics["val/acc/avg"])
+    assert rows["task_arithmetic"].setting == f"scaling={best.params['scaling']}"
+    assert rows["task_arithmetic"].avg == pytest.approx(best.metrics["acc/avg"])
+    indiv = rows["individual"].acc
+    for t in TOY_TASKS:  # normalized accuracy = merged / individual per task, averaged
+        assert indiv[t] == next(r.metrics[f"acc/{t}"] for r in outcome.results if r.task == t)
+    expected_norm = sum(rows["weight_averaging"].acc[t] / indiv[t] * 100 for t in TOY_TASKS) / len(TOY_TASKS)
+    assert rows["weight_averaging"].norm == pytest.approx(expected_norm)
+    md = (outcome.output_dir / "tables" / "results.md").read_text()
+    assert "| task_arithmetic |" in md and "norm avg" in md
+
+
+def test_second_run_uses_cache(first_run, monkeypatch):
+    cfg, outcome = first_run
+    assert len(outcome.executed) == 1 + len(TOY_TASKS) + 3
+
+    def boom(*a, **k):
+        raise AssertionError("a cached job was run again")
+
+    monkeypatch.setattr("harness.executors.local.run_job", boom)
+    again = run_sweep(cfg, quiet=True)
+    assert again.executed == []
+    assert [r.metrics for r in again.results] == [r.metrics for r in outcome.results]
+    client = MlflowClient(cfg.resolved_tracking_uri())
+    exp = client.get_experiment_by_name(cfg.name)
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    assert len(runs) == 1 + len(outcome.results)  # one parent, each job logged exactly once
+
+
+def test_mlflow_contents(first_run):
+    cfg, outcome = first_run
+    client = MlflowClient(cfg.resolved_tracking_uri())
+    exp = client.get_experiment_by_name(cfg.name)
+    parent = client.get_run(outcome.parent_run_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["harness.sweep_digest"] == cfg.digest()
+    children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert len(children) == len(outcome.results)
+    by_key = {r.data.tags["harness.job_key"]: r for r in children}
+    for res in outcome.results:
+        run = by_key[res.key]
+        assert run.info.status == "FINISHED"
+        for k, v in res.metrics.items():
+            assert run.data.metrics[k] == pytest.approx(v)
+    ta = next(r for r in outcome.results if r.label == "task_arithmetic")
+    run = by_key[ta.key]
+    assert run.data.params["job.params.scaling"] == str(ta.params["scaling"])
+    assert run.data.params["config.model.arch"] == "harness-micro-vit"
+    assert "acc/avg" in run.data.metrics and "norm_acc/avg" in run.data.metrics and "val/acc/avg" in run.data.metrics
+    assert run.data.tags["harness.config_digest"] == cfg.digest()
+    arts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert "resolved.yaml" in arts and "tables" in arts
+    tables = {a.path for a in client.list_artifacts(parent.info.run_id, "tables")}
+    assert tables == {"tables/results.csv", "tables/results.md"}
+
+
+def test_individual_beats_pretrained_after_finetuning(tmp_path, sweep_dict):
+    """A known ordering: an encoder fine-tuned on a task beats the untouched one on it."""
+    from harness.finetune import finetune_encoder
+    from harness.models import build_clip, save_state_dict
+    from harness.workspace import Workspace
+
+    cfg = validate_config(sweep_dict)
+    ws = Workspace(cfg)
+    task = ws.task("toy_stripes")
+    enc = finetune_encoder(ws.pretrained_encoder, ws.head("toy_stripes"), task.dataset("train"),
+                           steps=60, lr=3e-3, batch_size=32, warmup=5, seed=0)
+    path = tmp_path / "ft_stripes.safetensors"
+    save_state_dict(enc.state_dict(), path)
+    d = dict(sweep_dict, tasks=["toy_stripes"], methods=[])
+    d["model"] = dict(d["model"], finetuned={"toy_stripes": str(path)}, finetuned_pattern=None)
+    out = run_sweep(validate_config(d), quiet=True)
+    rows = {r.method: r.avg for r in out.rows}
+    assert rows["individual"] > rows["pretrained"] + 20
+
+
+def test_process_pool_matches_in_process(first_run, sweep_dict, tmp_path):
+    cfg, outcome = first_run
+    d = dict(sweep_dict, output_dir=str(tmp_path / "pool"), executor={"kind": "local", "workers": 2})
+    pooled = run_sweep(validate_config(d), quiet=True)
+    assert not pooled.failed
+    a = {r.key: r.metrics for r in outcome.results}
+    b = {r.key: r.metrics for r in pooled.results}
+    assert a.keys() == b.keys()
+    for k in a:
+        for m in a[k]:
+            assert a[k][m] == pytest.approx(b[k][m], abs=1e-9)
+
+
+def test_failed_job_is_isolated(sweep_dict, tmp_path):
+    d = dict(sweep_dict, methods=[{"name": "weight_averaging"},
+                                  {"name": "tests.failing_method:AlwaysFails"}])
+    cfg = validate_config(d)
+    out = run_sweep(cfg, quiet=True)
+    failed = out.failed
+    assert [r.label for r in failed] == ["tests.failing_method:AlwaysFails"]
+    assert "RuntimeError: deliberate failure" in failed[0].error
+    assert any(r.method == "weight_averaging" for r in out.rows)
+    client = MlflowClient(cfg.resolved_tracking_uri())
+    runs = client.search_runs([client.get_experiment_by_name(cfg.name).experiment_id],
+                              "tags.`harness.label` = 'tests.failing_method:AlwaysFails'")
+    assert runs[0].info.status == "FAILED"
+    assert "deliberate failure" in runs[0].data.tags["harness.failure_reason"]
+    assert client.get_run(out.parent_run_id).info.status == "FAILED"
