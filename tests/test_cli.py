@@ -1,0 +1,94 @@
+"""The command line: list, validate / dry run, sweep output, and the MLflow UI server."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import yaml
+from click.testing import CliRunner
+
+from harness.cli import main
+
+
+def test_list_methods_shows_hyperparameters():
+    r = CliRunner().invoke(main, ["list", "methods"], env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    assert "task_arithmetic" in r.output and "weight_averaging" in r.output
+    line = next(line for line in r.output.splitlines() if "scaling" in line and "float" in line)
+    assert "0.3" in line  # the default
+
+
+def test_list_tasks_and_models():
+    r = CliRunner().invoke(main, ["list", "tasks"], env={"COLUMNS": "200"})
+    assert r.exit_code == 0 and "toy_stripes" in r.output
+    r = CliRunner().invoke(main, ["list", "models"], env={"COLUMNS": "200"})
+    assert r.exit_code == 0 and "ViT-B-32" in r.output and "harness-tiny-vit" in r.output
+
+
+def test_validate_and_dry_run_print_plan_and_run_nothing(sweep_dict, tmp_path):
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump(sweep_dict))
+    for args in (["validate", str(f)], ["sweep", "--dry-run", str(f), "methods.1.grid.scaling=[0.1,0.2,0.3]"]):
+        r = CliRunner().invoke(main, args, env={"COLUMNS": "200"})
+        assert r.exit_code == 0, r.output
+        assert "job plan:" in r.output
+        assert "arch: harness-micro-vit" in r.output
+    assert "job plan: 7 jobs" in r.output  # pretrained + 2 individual + WA + 3 TA settings
+    assert not Path(sweep_dict["output_dir"]).exists()
+
+
+def test_sweep_command_prints_table(sweep_dict, tmp_path):
+    f = tmp_path / "s.yaml"
+    sweep_dict["methods"] = [{"name": "task_arithmetic"}]
+    f.write_text(yaml.safe_dump(sweep_dict))
+    r = CliRunner().invoke(main, ["sweep", "-q", str(f)], env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    for word in ("pretrained", "individual", "task_arithmetic", "norm avg", "toy_colours"):
+        assert word in r.stdout
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ui_serves_the_sweep_store(sweep_dict, tmp_path):
+    from harness.config import validate_config
+    from harness.runner import run_sweep
+
+    sweep_dict["methods"] = []
+    cfg = validate_config(sweep_dict)
+    run_sweep(cfg, quiet=True)
+    port = _free_port()
+    env = dict(os.environ)
+    proc = subprocess.Popen([sys.executable, "-m", "harness.cli", "ui", str(cfg.resolved_output_dir()),
+                             "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+                            start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/get-by-name?experiment_name=toy"
+        deadline = time.time() + 90
+        body = None
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                with urllib.request.urlopen(url, timeout=2) as resp:
+                    body = json.loads(resp.read())
+                break
+            except OSError:
+                time.sleep(0.5)
+        assert body is not None, proc.stdout.read().decode() if proc.poll() is not None else "server not ready"
+        assert body["experiment"]["name"] == "toy"
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # the server's own workers too
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)

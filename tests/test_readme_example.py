@@ -1,0 +1,64 @@
+"""The README's custom-method example, extracted verbatim and run in a sweep."""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from harness.config import validate_config
+from harness.runner import run_sweep
+from methods.base import MergeContext
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+@pytest.fixture
+def example_module(tmp_path, monkeypatch):
+    text = README.read_text()
+    block = re.search(r"<!-- example: custom-method -->\n```python\n(.*?)```", text, re.S).group(1)
+    assert block.startswith("# my_methods.py")
+    (tmp_path / "my_methods.py").write_text(block)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("my_methods", None)
+    import my_methods
+
+    yield my_methods
+    sys.modules.pop("my_methods", None)
+    from methods.base import _METHODS
+
+    _METHODS.pop("magnitude_task_arithmetic", None)
+
+
+def test_example_by_hand(example_module):
+    pre = torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        pre.weight.copy_(torch.tensor([[1.0, 1.0], [1.0, 1.0]]))
+        pre.bias.zero_()
+    a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        a.weight.copy_(torch.tensor([[2.0, 1.0], [1.0, 0.5]]))   # tau_a = [[1,0],[0,-0.5]]
+        b.weight.copy_(torch.tensor([[1.0, 1.2], [4.0, 1.0]]))   # tau_b = [[0,.2],[3,0]]
+        a.bias.zero_()
+        b.bias.zero_()
+    method = example_module.MagnitudeTaskArithmetic(scaling=0.5, keep=0.5)
+    out = method.merge(pre, {"a": a, "b": b}, MergeContext())
+    # summed tau = [[1, .2], [3, -.5]]; keep the 2 largest magnitudes (3 and 1)
+    assert torch.allclose(out.weight, torch.tensor([[1.5, 1.0], [2.5, 1.0]]))
+
+
+def test_example_runs_in_a_sweep(example_module, sweep_dict):
+    d = dict(sweep_dict, methods=[{"name": "my_methods:MagnitudeTaskArithmetic",
+                                   "grid": {"keep": [0.2, 0.5], "scaling": [0.3, 0.6]}},
+                                  {"name": "magnitude_task_arithmetic", "label": "by-name",
+                                   "params": {"keep": 1.0, "scaling": 0.3}},
+                                  {"name": "task_arithmetic", "params": {"scaling": 0.3}}])
+    out = run_sweep(validate_config(d), quiet=True)
+    assert not out.failed
+    assert len([r for r in out.results if r.label == "my_methods:MagnitudeTaskArithmetic"]) == 4
+    full = next(r for r in out.results if r.label == "by-name")
+    ta = next(r for r in out.results if r.label == "task_arithmetic")
+    assert full.metrics["acc/avg"] == pytest.approx(ta.metrics["acc/avg"])  # keep=1 is task arithmetic
