@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -83,8 +82,7 @@ def sweep(file: str, overrides: tuple[str, ...], dry_run: bool, quiet: bool) -> 
     if outcome.failed:
         err_console.print(f"[red]{len(outcome.failed)} of {len(outcome.results)} jobs failed:[/]")
         for r in outcome.failed:
-            name = r.label if r.kind != "individual" else f"individual/{r.task}"
-            err_console.print(f"  {name} {r.params or ''}: {r.error}", highlight=False)
+            err_console.print(f"  {r.title} {r.params or ''}: {r.error}", highlight=False)
         sys.exit(1)
 
 
@@ -152,7 +150,8 @@ def ui(target: str | None, port: int, host: str) -> None:
         args += ["--artifacts-destination", artifacts]
     env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
     console.print(f"MLflow UI for {uri} at http://{host}:{port}  (Ctrl-C stops)")
-    sys.exit(subprocess.call(args, env=env))
+    sys.stdout.flush()
+    os.execve(exe, args, env)  # the server takes this process's place: signals reach it directly
 
 
 def _store(target: str | None) -> tuple[str, str | None]:

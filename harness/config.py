@@ -132,6 +132,18 @@ class AdaptSpec(Strict):
     shuffle_seed: int = 0
 
 
+class ReferencesSpec(Strict):
+    """Reference rows: the pretrained model, the individual fine-tuned models, and WeMoE's
+    perfect-routing bound (each task's own fine-tuned MLPs, everything else merged by task
+    arithmetic at ``routing_bound_lambda``: what a router that always picks the right expert
+    would reach)."""
+
+    pretrained: bool = True
+    individual: bool = True
+    perfect_routing: bool = False
+    routing_bound_lambda: float = Field(0.3, ge=0.0, le=10.0)
+
+
 class ExecutorSpec(Strict):
     kind: Literal["local"] = "local"
     workers: int = Field(1, ge=1, le=64, description="processes; 1 runs jobs in-process")
@@ -150,7 +162,7 @@ class SweepConfig(Strict):
     data_root: str | None = None
     model: ModelSpec = Field(default_factory=ModelSpec)
     tasks: list[TaskSpec] = Field(min_length=1)
-    references: bool = True
+    references: ReferencesSpec = Field(default_factory=ReferencesSpec)
     methods: list[MethodSpec] = Field(default_factory=list)
     eval: EvalSpec = Field(default_factory=EvalSpec)
     adapt: AdaptSpec = Field(default_factory=AdaptSpec)
@@ -161,6 +173,13 @@ class SweepConfig(Strict):
     def _task_names(cls, v: Any) -> Any:
         if isinstance(v, list):
             return [{"name": t} if isinstance(t, str) else t for t in v]
+        return v
+
+    @field_validator("references", mode="before")
+    @classmethod
+    def _references_bool(cls, v: Any) -> Any:
+        if isinstance(v, bool):  # references: false turns every reference row off
+            return {"pretrained": v, "individual": v}
         return v
 
     @field_validator("output_dir", "cache_dir", "data_root", "tracking_uri")
@@ -175,17 +194,23 @@ class SweepConfig(Strict):
             raise ValueError("must be between 1 and 256 or 'auto'")
         return v
 
-    @model_validator(mode="after")
-    def _unique(self) -> "SweepConfig":
-        names = [t.name for t in self.tasks]
-        dup = {n for n in names if names.count(n) > 1}
+    @field_validator("tasks")
+    @classmethod
+    def _unique_tasks(cls, v: list[TaskSpec]) -> list[TaskSpec]:
+        names = [t.name for t in v]
+        dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
-            raise ValueError(f"tasks listed twice: {sorted(dup)}")
-        labels = [m.display for m in self.methods]
-        dup = {n for n in labels if labels.count(n) > 1}
+            raise ValueError(f"tasks listed twice: {dup}")
+        return v
+
+    @field_validator("methods")
+    @classmethod
+    def _unique_labels(cls, v: list[MethodSpec]) -> list[MethodSpec]:
+        labels = [m.display for m in v]
+        dup = sorted({n for n in labels if labels.count(n) > 1})
         if dup:
-            raise ValueError(f"method labels not unique: {sorted(dup)} (give each a 'label')")
-        return self
+            raise ValueError(f"method labels not unique: {dup} (give each a 'label')")
+        return v
 
     # -- derived -------------------------------------------------------------------------
     @property

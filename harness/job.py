@@ -40,6 +40,10 @@ class JobResult:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @property
+    def title(self) -> str:
+        return f"{self.kind}/{self.task}" if self.task else self.label
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "JobResult":
         return cls(**d)
@@ -71,6 +75,10 @@ def run_job(spec: JobSpec, ws: Workspace, device: torch.device, workdir: Path) -
             encoder = ws.pretrained_encoder
             result.timings["load"] = time.perf_counter() - t0
             result.metrics = evaluate_encoder(ws, encoder, ws.cfg.task_names, device)
+        elif spec.kind == "perfect_routing":
+            encoder = perfect_routing_encoder(ws, spec.task, spec.params["scaling"])
+            result.timings["load"] = time.perf_counter() - t0
+            result.metrics = evaluate_encoder(ws, encoder, [spec.task], device)
         elif spec.kind == "individual":
             encoder = ws.finetuned_encoder(spec.task)
             result.timings["load"] = time.perf_counter() - t0
@@ -94,6 +102,20 @@ def run_job(spec: JobSpec, ws: Workspace, device: torch.device, workdir: Path) -
         result.error_detail = traceback.format_exc(limit=-5)
     result.timings["total"] = time.perf_counter() - t0
     return result
+
+
+def perfect_routing_encoder(ws: Workspace, task: str, scaling: float) -> torch.nn.Module:
+    """Task arithmetic everywhere except the Transformer MLPs, which are ``task``'s own."""
+    from methods.base import with_state
+    from methods.task_arithmetic import task_arithmetic_state
+
+    state = task_arithmetic_state(ws.pretrained_encoder, ws.finetuned_encoders(), scaling)
+    own = ws.finetuned_encoder(task).state_dict()
+    mlp = [k for k in state if ".mlp." in k]
+    if not mlp:
+        raise ValueError("the image encoder has no Transformer MLPs ('.mlp.' parameters)")
+    state.update({k: own[k] for k in mlp})
+    return with_state(ws.pretrained_encoder, state)
 
 
 def merge(spec: JobSpec, ws: Workspace, device: torch.device, workdir: Path) -> tuple[torch.nn.Module, dict]:

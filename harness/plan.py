@@ -15,7 +15,8 @@ from harness.config import SweepConfig, expand_grid
 #: Bump when the meaning of a cached result changes.
 RESULT_VERSION = 1
 
-JobKind = Literal["pretrained", "individual", "merge"]
+JobKind = Literal["pretrained", "individual", "perfect_routing", "merge"]
+PER_TASK_KINDS = ("individual", "perfect_routing")
 
 
 @dataclass(frozen=True)
@@ -29,8 +30,8 @@ class JobSpec:
 
     @property
     def title(self) -> str:
-        if self.kind == "individual":
-            return f"individual/{self.task}"
+        if self.kind in PER_TASK_KINDS:
+            return f"{self.kind}/{self.task}"
         if self.params:
             return f"{self.label}(" + ", ".join(f"{k}={v}" for k, v in self.params.items()) + ")"
         return self.label
@@ -57,9 +58,14 @@ def plan_jobs(cfg: SweepConfig, identity: dict[str, Any] | None = None,
               task_identity: dict[str, Any] | None = None) -> list[JobSpec]:
     """All jobs of the sweep; keys are filled when model/task identities are given."""
     specs: list[JobSpec] = []
-    if cfg.references:
+    refs = cfg.references
+    if refs.pretrained:
         specs.append(JobSpec("pretrained", "pretrained"))
+    if refs.individual:
         specs.extend(JobSpec("individual", "individual", task=t) for t in cfg.task_names)
+    if refs.perfect_routing:
+        specs.extend(JobSpec("perfect_routing", "perfect routing", params={"scaling": refs.routing_bound_lambda},
+                             task=t) for t in cfg.task_names)
     for m in cfg.methods:
         for setting in expand_grid(m):
             specs.append(JobSpec("merge", m.display, method=m.name, params=setting))
@@ -78,6 +84,10 @@ def plan_jobs(cfg: SweepConfig, identity: dict[str, Any] | None = None,
         }
         if s.kind == "individual":
             body["finetuned"] = identity["finetuned"][s.task]
+            body["tasks"] = {s.task: (task_identity or {}).get(s.task)}
+        elif s.kind == "perfect_routing":
+            body["finetuned"] = identity["finetuned"]
+            body["params"] = s.params
             body["tasks"] = {s.task: (task_identity or {}).get(s.task)}
         else:
             body["tasks"] = task_identity

@@ -57,6 +57,12 @@ def build_rows(results: list[JobResult], tasks: list[str], method_order: list[st
     if len(indiv) == len(tasks):
         avg = sum(indiv.values()) / len(tasks)
         rows.append(Row("individual", "per task", dict(indiv), avg, 100.0))
+    bound = {r.task: r for r in results if r.kind == "perfect_routing" and r.status == "ok"}
+    if len(bound) == len(tasks):
+        acc = {t: bound[t].metrics[f"acc/{t}"] for t in tasks}
+        metrics = {f"acc/{t}": a for t, a in acc.items()}
+        rows.append(Row("perfect routing", setting_text(bound[tasks[0]].params) + " (bound)", acc,
+                        sum(acc.values()) / len(tasks), normalized(metrics, indiv, tasks).get("norm_acc/avg")))
     for label in method_order:
         cands = [r for r in results if r.kind == "merge" and r.label == label and r.status == "ok"]
         if not cands:

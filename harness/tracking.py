@@ -99,7 +99,7 @@ class Tracker:
 
         if result.key in self._logged:
             return None
-        name = result.label if result.kind != "individual" else f"individual/{result.task}"
+        name = result.title
         tags = {"mlflow.parentRunId": self.parent_id, JOB_TAG: result.key, "harness.kind": result.kind,
                 "harness.config_digest": config_digest, "mlflow.runName": name, "harness.label": result.label}
         if result.task:

@@ -128,3 +128,26 @@ def test_failed_job_is_isolated(sweep_dict, tmp_path):
     assert runs[0].info.status == "FAILED"
     assert "deliberate failure" in runs[0].data.tags["harness.failure_reason"]
     assert client.get_run(out.parent_run_id).info.status == "FAILED"
+
+
+def test_perfect_routing_bound_row(sweep_dict):
+    """The bound's encoder has the task's own MLPs and task-arithmetic weights elsewhere."""
+    from harness.job import perfect_routing_encoder
+    from harness.workspace import Workspace
+    from methods.task_arithmetic import task_arithmetic_state
+
+    d = dict(sweep_dict, methods=[], references={"perfect_routing": True, "routing_bound_lambda": 0.4})
+    cfg = validate_config(d)
+    ws = Workspace(cfg)
+    enc = perfect_routing_encoder(ws, "toy_colours", 0.4).state_dict()
+    own = ws.finetuned_encoder("toy_colours").state_dict()
+    ta = task_arithmetic_state(ws.pretrained_encoder, ws.finetuned_encoders(), 0.4)
+    for k, v in enc.items():
+        if not v.is_floating_point():
+            continue
+        expected = own[k] if ".mlp." in k else ta[k]
+        assert torch.allclose(v, expected), k
+    out = run_sweep(cfg, quiet=True)
+    row = next(r for r in out.rows if r.method == "perfect routing")
+    bound = {r.task: r.metrics for r in out.results if r.kind == "perfect_routing"}
+    assert row.acc == {t: bound[t][f"acc/{t}"] for t in TOY_TASKS}

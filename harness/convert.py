@@ -1,0 +1,347 @@
+"""Import task_vectors-style checkpoints into plain tensors (safetensors + a JSON sidecar).
+
+The published task-arithmetic checkpoints (``zeroshot.pt``, ``<Dataset>/finetuned.pt``,
+``head_<Dataset>.pt``) are whole pickled modules: loading them runs whatever code the pickle
+names. This module is the one place that may unpickle, and only when the caller passes
+``trust_pickle=True``; files that already are plain tensor dicts (or safetensors) convert
+without it. The output is what the rest of the harness loads without unpickling:
+
+- an image encoder becomes ``clip.visual.state_dict()`` keys (task_vectors' ``ImageEncoder``
+  keeps the open_clip CLIP under ``model``, so its ``model.visual.*`` keys are re-rooted), checked
+  against an open_clip architecture that is inferred from the tensors (and, for pickled modules,
+  from the activation and head count, so OpenAI-initialised QuickGELU models map to the
+  ``-quickgelu`` configs) or given;
+- a classification head (task_vectors' ``ClassificationHead``, a ``Linear`` with zero bias over
+  normalised features) becomes ``{"head": weight}``, the ``[classes, dim]`` tensor that
+  :class:`harness.models.ImageClassifier` takes.
+
+Next to ``<dst>`` goes ``<dst>.json``: kind, architecture, source path and the source's sha256.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import pickle
+import types
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from harness.errors import HarnessError
+from harness.models import build_clip, describe_state, file_digest, load_state_dict, register_model_configs, save_state_dict
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "harness-checkpoint/1"
+_VIT_KEYS = ("conv1.weight", "class_embedding")
+_PLAIN_VISION_CFG = {"image_size", "layers", "width", "patch_size", "head_width", "mlp_ratio"}
+
+
+def convert_pickled_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, trust_pickle: bool = False, arch: str | None = None) -> Path:
+    """Convert ``src`` into safetensors at ``dst`` (a file, or a folder to put ``<stem>.safetensors``).
+
+    Without ``trust_pickle`` only plain tensor files are read (``torch.load(weights_only=True)``
+    or safetensors); a pickled module raises :class:`HarnessError` before anything is unpickled.
+    Returns the path of the written safetensors file; the sidecar is that path plus ``.json``.
+    """
+    src = Path(src)
+    if not src.is_file():
+        raise HarnessError(f"{src}: checkpoint file does not exist")
+    out = _output_path(Path(dst), src)
+    if out.exists() and out.resolve() == src.resolve():
+        raise HarnessError(f"{src}: destination is the source file itself")
+    digest = file_digest(src)
+    obj, source_format, unresolved = _load(src, trust_pickle)
+    kind, state, info = _extract(obj, src)
+    if kind == "image_encoder":
+        arch = _check_arch(state, arch, info, src)
+    sidecar = {
+        "format": FORMAT,
+        "kind": kind,
+        "arch": arch,
+        **info,
+        "source": str(src.resolve()),
+        "source_sha256": digest,
+        "source_bytes": src.stat().st_size,
+        "source_format": source_format,
+        "unresolved_classes": sorted(unresolved),
+        "tensors": len(state),
+        "parameters": sum(v.numel() for v in state.values()),
+        "dtypes": sorted({str(v.dtype).removeprefix("torch.") for v in state.values()}),
+        "state_digest": describe_state(state),
+    }
+    save_state_dict(state, out, metadata={"format": FORMAT, "kind": kind, "arch": arch or "", "source_sha256": digest})
+    _write_json(out.with_name(out.name + ".json"), sidecar)
+    return out
+
+
+def _output_path(dst: Path, src: Path) -> Path:
+    if dst.is_dir() or str(dst).endswith(("/", os.sep)):
+        return dst / f"{src.stem}.safetensors"
+    return dst
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+
+
+class _Unresolved(nn.Module):
+    """Stand-in for a class a trusted pickle names but this environment lacks.
+
+    task_vectors pickles reference ``src.modeling.ImageEncoder`` (their repository's own
+    module); the tensors inside are all that is needed, so such classes become empty modules
+    that accept the pickled attributes.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__()
+
+    def __setstate__(self, state: Any) -> None:
+        if isinstance(state, tuple) and len(state) == 2 and all(s is None or isinstance(s, dict) for s in state):
+            state = {**(state[0] or {}), **(state[1] or {})}  # (__dict__, __slots__) form
+        if isinstance(state, dict) and "_parameters" in state:
+            super().__setstate__(state)
+        elif isinstance(state, dict):
+            self.__dict__.update(state)
+        else:
+            self.__dict__["_pickled_state"] = state
+
+
+def _lenient_pickle_module(unresolved: set[str]) -> types.SimpleNamespace:
+    """A ``pickle_module`` for ``torch.load`` whose unpickler stubs classes it cannot import."""
+    stubs: dict[str, type] = {}
+
+    class Unpickler(pickle.Unpickler):
+        def find_class(self, module: str, name: str) -> Any:
+            try:
+                return super().find_class(module, name)
+            except (ImportError, AttributeError):
+                key = f"{module}.{name}"
+                unresolved.add(key)
+                if key not in stubs:
+                    stubs[key] = type(name, (_Unresolved,), {"__module__": module, "__qualname__": name})
+                return stubs[key]
+
+    return types.SimpleNamespace(Unpickler=Unpickler, load=pickle.load, __name__="harness_lenient_pickle")
+
+
+def _weights_only_reason(exc: Exception) -> str:
+    """The informative line of torch's weights_only refusal (it names the offending global)."""
+    for line in str(exc).splitlines():
+        if "Unsupported global" in line or "Unsupported operand" in line:
+            return line.strip()
+    return type(exc).__name__
+
+
+def _load(src: Path, trust_pickle: bool) -> tuple[Any, str, set[str]]:
+    if src.suffix == ".safetensors":
+        return load_state_dict(src), "safetensors", set()
+    try:
+        return torch.load(str(src), map_location="cpu", weights_only=True), "tensors", set()
+    except Exception as exc:
+        reason = _weights_only_reason(exc)
+    if not trust_pickle:
+        raise HarnessError(
+            f"{src}: not a plain tensor checkpoint ({reason}); it holds pickled Python objects "
+            "(task_vectors checkpoints are whole pickled modules). Unpickling runs any code the "
+            "file contains, so it was not loaded. If you trust where the file comes from, convert "
+            "it with trust_pickle=True (CLI: `harness convert SRC DST --trust-pickle`)"
+        )
+    logger.warning(
+        "%s: unpickling with torch.load(weights_only=False) because trust_pickle=True; this "
+        "executes code from the file, do it only for files from a source you trust", src,
+    )
+    unresolved: set[str] = set()
+    try:
+        obj = torch.load(str(src), map_location="cpu", weights_only=False, pickle_module=_lenient_pickle_module(unresolved))
+    except Exception as exc:
+        raise HarnessError(f"{src}: could not unpickle ({type(exc).__name__}: {exc})") from None
+    if unresolved:
+        logger.warning("%s: classes not importable here, loaded as plain modules: %s", src, ", ".join(sorted(unresolved)))
+    return obj, "pickle", unresolved
+
+
+# ---------------------------------------------------------------------------------------------
+# What the checkpoint holds
+# ---------------------------------------------------------------------------------------------
+
+
+def _qualname(obj: Any) -> str:
+    cls = type(obj)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _extract(obj: Any, src: Path) -> tuple[str, dict[str, torch.Tensor], dict[str, Any]]:
+    """(kind, output tensors, sidecar facts) for an encoder module/state or a linear head."""
+    info: dict[str, Any] = {"container": _qualname(obj)}
+    module: nn.Module | None = None
+    if isinstance(obj, nn.Module):
+        module = obj
+        sd = obj.state_dict()
+    elif isinstance(obj, Mapping):
+        if isinstance(obj.get("state_dict"), Mapping):
+            obj = obj["state_dict"]
+        bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+        if bad:
+            raise HarnessError(f"{src}: expected a dict of tensors, found {type(obj[bad[0]]).__name__} under {bad[0]!r}")
+        sd = dict(obj)
+    else:
+        raise HarnessError(f"{src}: holds a {_qualname(obj)}, not an nn.Module or a dict of tensors")
+
+    prefixes = sorted(
+        k[: -len(_VIT_KEYS[0])] for k in sd
+        if (k == _VIT_KEYS[0] or k.endswith("." + _VIT_KEYS[0])) and k[: -len(_VIT_KEYS[0])] + _VIT_KEYS[1] in sd
+    )
+    if len(prefixes) > 1:
+        raise HarnessError(f"{src}: holds several ViT image encoders (under {', '.join(repr(p) for p in prefixes)})")
+    if prefixes:
+        prefix = prefixes[0]
+        state = {k[len(prefix):]: v.detach().clone() for k, v in sd.items() if k.startswith(prefix)}
+        info["prefix"] = prefix
+        if module is not None:
+            visual = module.get_submodule(prefix.rstrip(".")) if prefix else module
+            info["activation"], info["heads"] = _activation(visual), _num_heads(visual)
+        return "image_encoder", state, info
+
+    if set(sd) <= {"weight", "bias"} and "weight" in sd and sd["weight"].ndim == 2:
+        weight, bias = sd["weight"], sd.get("bias")
+        state = {"head": weight.detach().clone()}
+        nonzero_bias = bias is not None and bool(bias.abs().max() > 0)
+        if nonzero_bias:
+            state["bias"] = bias.detach().clone()
+            logger.warning("%s: head has a non-zero bias, kept as 'bias'; ImageClassifier ignores it", src)
+        info["head"] = {
+            "classes": int(weight.shape[0]),
+            "dim": int(weight.shape[1]),
+            "normalize": getattr(module, "normalize", None),
+            "bias": "none" if bias is None else ("nonzero" if nonzero_bias else "zero"),
+        }
+        return "head", state, info
+
+    raise HarnessError(
+        f"{src}: neither a ViT image encoder (no '<prefix>conv1.weight' with '<prefix>class_embedding') "
+        f"nor a linear head ('weight' [classes, dim]); keys start {sorted(sd)[:4]}"
+    )
+
+
+def _activation(visual: nn.Module) -> str | None:
+    names = {type(m).__name__ for m in visual.modules()}
+    if "QuickGELU" in names:
+        return "quick_gelu"
+    if "GELU" in names:
+        return "gelu"
+    return None
+
+
+def _num_heads(visual: nn.Module) -> int | None:
+    for m in visual.modules():
+        heads = getattr(m, "num_heads", None)
+        if "Attention" in type(m).__name__ and isinstance(heads, int):
+            return heads
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Architecture
+# ---------------------------------------------------------------------------------------------
+
+
+def _shape_summary(state: dict[str, torch.Tensor], src: Path) -> dict[str, Any]:
+    try:
+        conv = state["conv1.weight"]
+        tokens = state["positional_embedding"].shape[0]
+        width, patch = int(conv.shape[0]), int(conv.shape[-1])
+        layers = len({k.split(".")[2] for k in state if k.startswith("transformer.resblocks.")})
+        hidden = int(state["transformer.resblocks.0.mlp.c_fc.weight"].shape[0])
+    except (KeyError, IndexError) as exc:
+        raise HarnessError(f"{src}: not an open_clip VisionTransformer state (missing {exc})") from None
+    grid = math.isqrt(tokens - 1)
+    return {
+        "image_size": grid * patch, "layers": layers, "width": width, "patch_size": patch,
+        "mlp_hidden": hidden, "embed_dim": int(state["proj"].shape[1]) if "proj" in state else None,
+    }
+
+
+def infer_arch(state: dict[str, torch.Tensor], activation: str | None = None, heads: int | None = None, src: Path | str = "<state>") -> str:
+    """The open_clip architecture whose image tower has these shapes (and activation/heads).
+
+    Configs that differ only in their text tower count as one; if distinct towers remain
+    (e.g. GELU vs QuickGELU from a plain state dict), the caller must name the architecture.
+    """
+    import open_clip
+
+    register_model_configs()
+    want = _shape_summary(state, Path(src))
+    towers: dict[tuple, list[str]] = {}
+    for name in open_clip.list_models():
+        cfg = open_clip.get_model_config(name) or {}
+        vc = cfg.get("vision_cfg") or {}
+        if not vc or set(vc) - _PLAIN_VISION_CFG or (cfg.get("text_cfg") or {}).get("hf_model_name"):
+            continue  # exotic towers, and text towers that would need a hub to build
+        size = vc.get("image_size")
+        if isinstance(size, (list, tuple)):
+            if len(set(size)) != 1:
+                continue
+            size = size[0]
+        width, head_width, ratio = vc.get("width"), vc.get("head_width", 64), vc.get("mlp_ratio", 4.0)
+        have = {
+            "image_size": size, "layers": vc.get("layers"), "width": width, "patch_size": vc.get("patch_size"),
+            "mlp_hidden": int(width * ratio), "embed_dim": cfg.get("embed_dim") if want["embed_dim"] is not None else None,
+        }
+        quick = bool(cfg.get("quick_gelu", False))
+        if have != want:
+            continue
+        if activation is not None and quick != (activation == "quick_gelu"):
+            continue
+        if heads is not None and width // head_width != heads:
+            continue
+        towers.setdefault((head_width, quick), []).append(name)
+    if not towers:
+        raise HarnessError(f"{src}: no known open_clip architecture has an image tower with {want}; pass arch")
+    if len(towers) > 1:
+        names = sorted(n for group in towers.values() for n in group)
+        raise HarnessError(
+            f"{src}: the tensors fit several architectures that compute differently "
+            f"({', '.join(names[:6])}): activation/heads are not recorded in the file; pass arch"
+        )
+    # same image tower, different text towers: prefer the family name (ViT-L-14 over ViT-L-14-worldwide)
+    return min(next(iter(towers.values())), key=lambda n: (not n.startswith(("ViT-", "harness-")), len(n), n))
+
+
+def _check_arch(state: dict[str, torch.Tensor], arch: str | None, info: dict[str, Any], src: Path) -> str:
+    """Infer or verify the architecture by building it and comparing its image tower."""
+    activation, heads = info.get("activation"), info.get("heads")
+    if arch is None:
+        arch = infer_arch(state, activation, heads, src)
+    visual = build_clip(arch).visual
+    ref = visual.state_dict()
+    missing = [k for k in ref if k not in state]
+    unexpected = [k for k in state if k not in ref]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(ref[k].shape)}" for k in ref if k in state and state[k].shape != ref[k].shape]
+    if missing or unexpected or shapes:
+        raise HarnessError(
+            f"{src}: image encoder does not match {arch!r}: missing {missing[:3]}, unexpected "
+            f"{unexpected[:3]}, shape mismatches {shapes[:3]}"
+        )
+    ref_act, ref_heads = _activation(visual), _num_heads(visual)
+    if activation is not None and ref_act is not None and activation != ref_act:
+        raise HarnessError(
+            f"{src}: the encoder uses {activation} but {arch!r} uses {ref_act}; pick the matching "
+            f"config (OpenAI-initialised models need a '-quickgelu' architecture)"
+        )
+    if heads is not None and ref_heads is not None and heads != ref_heads:
+        raise HarnessError(f"{src}: the encoder has {heads} attention heads but {arch!r} has {ref_heads}")
+    return arch
