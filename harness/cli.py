@@ -104,13 +104,16 @@ def list_(what: str) -> None:
         from methods.base import available_methods
 
         table = Table(title="merge methods")
-        for col in ("name", "class", "hyperparameter", "type", "default", "description"):
-            table.add_column(col)
+        for col in ("method", "hyperparameter", "type", "default", "range", "description"):
+            table.add_column(col, overflow="fold")
         for name, cls in available_methods().items():
-            hps = cls.hyperparameters() or [("-", "", "", "")]
-            for i, (hp, typ, default, desc) in enumerate(hps):
-                table.add_row(name if i == 0 else "", cls.__name__ if i == 0 else "", hp, typ,
-                              "" if hp == "-" else repr(default), desc)
+            hps = cls.hyperparameters()
+            if not hps:
+                table.add_row(name, "-", "", "", "", "no hyperparameters")
+            for i, hp in enumerate(hps):
+                table.add_row(name if i == 0 else "", hp["name"], hp["type"], repr(hp["default"]),
+                              hp["range"], hp["description"])
+            table.add_section()
         console.print(table)
     elif what == "tasks":
         from tasks.base import available_tasks

@@ -86,9 +86,10 @@ def run_job(spec: JobSpec, ws: Workspace, device: torch.device, workdir: Path) -
         else:
             merged, artifacts = merge(spec, ws, device, workdir)
             result.artifacts = artifacts
+            result.metrics.update(artifact_metrics(artifacts))
             result.timings["merge"] = time.perf_counter() - t0
             t1 = time.perf_counter()
-            result.metrics = evaluate_encoder(ws, merged, ws.cfg.task_names, device)
+            result.metrics.update(evaluate_encoder(ws, merged, ws.cfg.task_names, device))
             result.timings["evaluate"] = time.perf_counter() - t1
         bad = [k for k, v in result.metrics.items() if not math.isfinite(v)]
         if bad:
@@ -102,6 +103,19 @@ def run_job(spec: JobSpec, ws: Workspace, device: torch.device, workdir: Path) -
         result.error_detail = traceback.format_exc(limit=-5)
     result.timings["total"] = time.perf_counter() - t0
     return result
+
+
+def artifact_metrics(artifacts: dict[str, Any]) -> dict[str, float]:
+    """Scalars a method reports besides accuracy (router task identification per layer)."""
+    out = {}
+    per_layer = (artifacts.get("router_task_id") or {}).get("mean_per_layer") or []
+    for i, v in enumerate(per_layer):
+        out[f"router_task_id/layer{i}"] = 100.0 * float(v)
+    if per_layer:
+        out["router_task_id/avg"] = 100.0 * sum(per_layer) / len(per_layer)
+    if "tta_loss" in artifacts:  # logged as a per-step MLflow metric
+        artifacts.setdefault("curves", {})["tta/loss"] = list(artifacts.pop("tta_loss"))
+    return out
 
 
 def perfect_routing_encoder(ws: Workspace, task: str, scaling: float) -> torch.nn.Module:

@@ -19,6 +19,7 @@ from harness.config import SweepConfig, dump_yaml
 from harness.executors import make_executor
 from harness.job import JobResult
 from harness.plan import JobSpec, plan_jobs
+from harness.plots import job_artifact_files
 from harness.results import Row, build_rows, normalized, to_csv, to_markdown, to_rich
 from harness.runtime import configure_threads
 from harness.tracking import Tracker
@@ -116,7 +117,8 @@ def run_sweep(cfg: SweepConfig, console: Console | None = None, quiet: bool = Fa
     spec_by_key = {s.key: s for s in specs}
     for r in ordered:
         if not tracker.is_logged(r.key):
-            tracker.log_job(r, job_params(cfg, spec_by_key[r.key]), digest)
+            files = job_artifact_files(r.artifacts, out / "artifacts" / r.key) if r.status == "ok" else []
+            tracker.log_job(r, job_params(cfg, spec_by_key[r.key]), digest, files)
 
     rows = build_rows(ordered, cfg.task_names, [m.display for m in cfg.methods])
     tables = out / "tables"

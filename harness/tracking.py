@@ -93,7 +93,8 @@ class Tracker:
     def is_logged(self, key: str) -> bool:
         return key in self._logged
 
-    def log_job(self, result: Any, params: dict[str, Any], config_digest: str) -> str | None:
+    def log_job(self, result: Any, params: dict[str, Any], config_digest: str,
+                files: list[Path] | None = None) -> str | None:
         """A nested run for a finished (or failed) job; skipped if this job is already logged."""
         from mlflow.entities import Metric
 
@@ -111,8 +112,12 @@ class Tracker:
         self._log_params(rid, params)
         metrics = [Metric(k, float(v), 0, 0) for k, v in result.metrics.items()]
         metrics += [Metric(f"time/{k}", float(v), 0, 0) for k, v in result.timings.items()]
+        for name, series in result.artifacts.get("curves", {}).items():  # e.g. adaptation loss per step
+            metrics += [Metric(name, float(v), 0, step) for step, v in enumerate(series)]
         for i in range(0, len(metrics), 500):
             self.client.log_batch(rid, metrics=metrics[i : i + 500])
+        for f in files or []:
+            self.client.log_artifact(rid, str(f))
         self.client.set_terminated(rid, status="FINISHED" if result.status == "ok" else "FAILED")
         self._logged.add(result.key)
         return rid

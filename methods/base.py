@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import importlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Iterator, Mapping
+from typing import Any, Callable, ClassVar, Iterator, Literal, Mapping, get_args, get_origin
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -74,18 +74,34 @@ class MergeMethod(BaseModel):
         raise NotImplementedError
 
     @classmethod
-    def hyperparameters(cls) -> list[tuple[str, str, Any, str]]:
-        """(name, type, default, description) for every hyperparameter, for ``harness list``."""
+    def hyperparameters(cls) -> list[dict[str, Any]]:
+        """name, type, default, range and description of every hyperparameter (``harness list``)."""
         rows = []
         for name, info in cls.model_fields.items():
-            ann = info.annotation
-            tname = getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
-            constraints = [str(m) for m in info.metadata]
-            desc = info.description or ""
-            if constraints:
-                desc = (desc + " " if desc else "") + "[" + ", ".join(constraints) + "]"
-            rows.append((name, tname, info.default, desc))
+            rows.append({"name": name, "type": _type_name(info.annotation), "default": info.default,
+                         "range": _bounds(info.metadata), "description": info.description or ""})
         return rows
+
+
+def _type_name(ann: Any) -> str:
+    if get_origin(ann) is Literal:
+        return "|".join(str(a) for a in get_args(ann))
+    return getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
+
+
+def _bounds(metadata: list[Any]) -> str:
+    lo = hi = None
+    for m in metadata:
+        for attr, side, bracket in (("ge", "lo", "["), ("gt", "lo", "("), ("le", "hi", "]"), ("lt", "hi", ")")):
+            value = getattr(m, attr, None)
+            if value is not None:
+                if side == "lo":
+                    lo = f"{bracket}{value}"
+                else:
+                    hi = f"{value}{bracket}"
+    if lo is None and hi is None:
+        return ""
+    return f"{lo or '(-inf'}, {hi or 'inf)'}"
 
 
 _METHODS: dict[str, type[MergeMethod]] = {}

@@ -65,5 +65,5 @@ def test_hyperparameters_are_validated():
         TaskArithmetic(scaling=-0.1)
     with pytest.raises(Exception, match="Extra inputs are not permitted"):
         TaskArithmetic(lam=0.3)
-    names = [h[0] for h in TaskArithmetic.hyperparameters()]
-    assert names == ["scaling"]
+    (hp,) = TaskArithmetic.hyperparameters()
+    assert (hp["name"], hp["type"], hp["default"], hp["range"]) == ("scaling", "float", 0.3, "[0.0, 10.0]")
