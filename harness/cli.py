@@ -14,6 +14,8 @@ from rich.table import Table
 from harness.errors import HarnessError
 
 console = Console()
+if not console.is_terminal and "COLUMNS" not in os.environ:
+    console = Console(width=160)  # piped or logged output: keep the results table's columns whole
 err_console = Console(stderr=True)
 
 

@@ -352,7 +352,25 @@ def validate_config(raw: dict, file: str = "<config>") -> SweepConfig:
         raise validation_error(file, exc, raw) from None
     check_methods(cfg, file)
     check_tasks(cfg, file)
+    check_suite(cfg, file)
     return cfg
+
+
+def check_suite(cfg: SweepConfig, file: str) -> None:
+    """The embedded suite's options and task names, checked before anything is built."""
+    if cfg.model.source != "embedded":
+        return
+    from tasks.embedded import EMBEDDED_TASKS
+    from tasks.embedded.pipeline import SuiteOptions
+
+    try:
+        SuiteOptions.model_validate(cfg.model.suite)
+    except ValidationError as exc:
+        raise validation_error(file, exc, cfg.model.suite, prefix="model.suite") from None
+    for i, t in enumerate(cfg.tasks):
+        if t.name not in EMBEDDED_TASKS:
+            raise ConfigError(file, f"tasks.{i}.name", "model.source 'embedded' has no fine-tuned model for "
+                              f"this task; embedded tasks: {', '.join(EMBEDDED_TASKS)}", t.name)
 
 
 def check_methods(cfg: SweepConfig, file: str) -> None:

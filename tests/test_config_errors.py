@@ -139,3 +139,19 @@ def test_overrides_apply_and_env_expands(sweep_dict, tmp_path, monkeypatch):
     assert cfg.methods[1].grid["scaling"] == [0.1, 0.9]
     assert cfg.seed == 4 and cfg.eval.max_samples == 10
     assert cfg.output_dir == f"{tmp_path}/runs"
+
+
+@pytest.mark.parametrize("suite,tasks,fragments", [
+    ({"finetune_stepz": 3}, ["emb_mnist"], ["model.suite.finetune_stepz: unknown key"]),
+    ({"finetune_lr": -1}, ["emb_mnist"], ["model.suite.finetune_lr:", "(got -1)"]),
+    ({"size": "huge"}, ["emb_mnist"], ["model.suite.size:", "'huge'"]),
+    ({}, ["emb_mnist", "toy_stripes"], ["tasks.1.name:", "has no fine-tuned model", "'toy_stripes'"]),
+])
+def test_embedded_suite_errors(suite, tasks, fragments, tmp_path):
+    f = tmp_path / "emb.yaml"
+    f.write_text(yaml.safe_dump({"name": "e", "model": {"source": "embedded", "suite": suite}, "tasks": tasks}))
+    code, _, err = _run(["validate", str(f)])
+    message = " ".join(err.split())
+    assert code == 2, message
+    for frag in fragments:
+        assert frag in message, (frag, message)

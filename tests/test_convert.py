@@ -1,0 +1,229 @@
+"""Importing task_vectors-style pickled checkpoints, only behind the trust flag."""
+
+from __future__ import annotations
+
+import builtins
+import hashlib
+import json
+import logging
+import os
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from harness.convert import convert_pickled_checkpoint, infer_arch
+from harness.errors import HarnessError
+from harness.models import ImageClassifier, build_clip, load_state_dict
+
+
+class ImageEncoder(nn.Module):
+    """Shaped like task_vectors' ImageEncoder: the open_clip CLIP under ``model``, text removed."""
+
+    def __init__(self, clip: nn.Module):
+        super().__init__()
+        self.model = clip
+        delattr(self.model, "transformer")
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(images)
+
+
+class ClassificationHead(nn.Linear):
+    """Shaped like task_vectors' ClassificationHead: a Linear over normalised features."""
+
+    def __init__(self, weights: torch.Tensor):
+        super().__init__(weights.shape[1], weights.shape[0])
+        self.normalize = True
+        self.weight = nn.Parameter(weights.clone())
+        self.bias = nn.Parameter(torch.zeros(weights.shape[0]))
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return super().forward(inputs / inputs.norm(dim=-1, keepdim=True))
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def micro_clip() -> nn.Module:
+    torch.manual_seed(0)
+    clip = build_clip("harness-micro-vit")
+    with torch.no_grad():  # move away from the default init so a fresh model cannot pass by chance
+        for p in clip.visual.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return clip
+
+
+@pytest.fixture
+def pickled_encoder(tmp_path: Path, micro_clip: nn.Module) -> tuple[Path, nn.Module]:
+    path = tmp_path / "finetuned.pt"
+    torch.save(ImageEncoder(micro_clip), path)
+    return path, micro_clip.visual
+
+
+def test_pickled_encoder_round_trip(tmp_path: Path, pickled_encoder, caplog) -> None:
+    src, visual = pickled_encoder
+    with caplog.at_level(logging.WARNING, logger="harness.convert"):
+        out = convert_pickled_checkpoint(src, tmp_path / "enc.safetensors", trust_pickle=True)
+    assert any("trust_pickle=True" in r.getMessage() for r in caplog.records)
+    assert out == tmp_path / "enc.safetensors"
+
+    sidecar = json.loads(Path(str(out) + ".json").read_text())
+    assert sidecar["source_sha256"] == sha256(src)
+    assert sidecar["source"] == str(src.resolve())
+    assert sidecar["kind"] == "image_encoder" and sidecar["arch"] == "harness-micro-vit"
+    assert sidecar["prefix"] == "model.visual." and sidecar["activation"] == "gelu"
+    assert sidecar["source_format"] == "pickle"
+
+    state = load_state_dict(out)
+    assert set(state) == set(visual.state_dict())
+    fresh = build_clip("harness-micro-vit").visual
+    fresh.load_state_dict(state, strict=True)
+    images = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(fresh(images), visual(images))
+
+
+def test_refused_without_flag(tmp_path: Path, pickled_encoder) -> None:
+    src, _ = pickled_encoder
+    dst = tmp_path / "enc.safetensors"
+    with pytest.raises(HarnessError) as err:
+        convert_pickled_checkpoint(src, dst)
+    msg = str(err.value)
+    assert str(src) in msg and "trust_pickle=True" in msg and "--trust-pickle" in msg
+    assert not dst.exists() and not Path(str(dst) + ".json").exists()
+
+
+def test_task_vectors_classes_missing_here(tmp_path: Path, micro_clip: nn.Module, monkeypatch) -> None:
+    """Real checkpoints name ``src.modeling.ImageEncoder``, which is not importable here."""
+    fake = types.ModuleType("src.modeling")
+    cls = type("ImageEncoder", (ImageEncoder,), {"__module__": "src.modeling", "__qualname__": "ImageEncoder"})
+    fake.ImageEncoder = cls
+    src = tmp_path / "zeroshot.pt"
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "src", types.ModuleType("src"))
+        m.setitem(sys.modules, "src.modeling", fake)
+        torch.save(cls(micro_clip), src)
+    assert "src.modeling" not in sys.modules
+    out = convert_pickled_checkpoint(src, tmp_path, trust_pickle=True)
+    assert out == tmp_path / "zeroshot.safetensors"
+    sidecar = json.loads(Path(str(out) + ".json").read_text())
+    assert sidecar["unresolved_classes"] == ["src.modeling.ImageEncoder"]
+    state = load_state_dict(out)
+    for k, v in micro_clip.visual.state_dict().items():
+        assert torch.equal(state[k], v)
+
+
+def test_plain_state_dicts_need_no_flag(tmp_path: Path, micro_clip: nn.Module) -> None:
+    full = tmp_path / "clip_state.pt"
+    torch.save(micro_clip.state_dict(), full)  # full CLIP keys: visual.* plus text tower
+    out = convert_pickled_checkpoint(full, tmp_path / "a.safetensors")
+    sidecar = json.loads(Path(str(out) + ".json").read_text())
+    assert sidecar["source_format"] == "tensors" and sidecar["prefix"] == "visual."
+    assert sidecar["arch"] == "harness-micro-vit" and sidecar["source_sha256"] == sha256(full)
+    expected = micro_clip.visual.state_dict()
+    state = load_state_dict(out)
+    assert set(state) == set(expected) and all(torch.equal(state[k], expected[k]) for k in expected)
+
+    # a bare visual state in safetensors converts too (keys unchanged)
+    out2 = convert_pickled_checkpoint(out, tmp_path / "b.safetensors", arch="harness-micro-vit")
+    assert json.loads(Path(str(out2) + ".json").read_text())["prefix"] == ""
+    assert all(torch.equal(load_state_dict(out2)[k], expected[k]) for k in expected)
+
+
+def test_wrong_arch_is_refused(tmp_path: Path, pickled_encoder) -> None:
+    src, _ = pickled_encoder
+    with pytest.raises(HarnessError, match="does not match 'harness-tiny-vit'"):
+        convert_pickled_checkpoint(src, tmp_path / "x.safetensors", trust_pickle=True, arch="harness-tiny-vit")
+
+
+def test_quickgelu_encoder_is_not_mistaken_for_gelu(tmp_path: Path) -> None:
+    """OpenAI-initialised models use QuickGELU; same shapes, different function."""
+    import open_clip
+
+    from harness.models import register_model_configs
+
+    register_model_configs()
+    clip = open_clip.create_model("harness-micro-vit", force_quick_gelu=True)
+    src = tmp_path / "quick.pt"
+    torch.save(ImageEncoder(clip), src)
+    with pytest.raises(HarnessError, match="uses quick_gelu but 'harness-micro-vit' uses gelu"):
+        convert_pickled_checkpoint(src, tmp_path / "q.safetensors", trust_pickle=True, arch="harness-micro-vit")
+    with pytest.raises(HarnessError, match="no known open_clip architecture"):
+        convert_pickled_checkpoint(src, tmp_path / "q.safetensors", trust_pickle=True)
+
+
+def test_infer_arch_for_the_papers_models() -> None:
+    """ViT-B/32 and ViT-L/14 shapes (on the meta device: no memory) map to the right configs."""
+    import open_clip
+
+    for arch, heads in (("ViT-B-32", 12), ("ViT-L-14", 16)):
+        with torch.device("meta"):
+            visual = open_clip.create_model(arch, device="meta").visual
+        state = visual.state_dict()
+        assert infer_arch(state, "gelu", heads) == arch
+        assert infer_arch(state, "quick_gelu", heads) == f"{arch}-quickgelu"
+        with pytest.raises(HarnessError, match="pass arch"):
+            infer_arch(state)  # a bare state dict cannot tell GELU from QuickGELU
+
+
+def test_pickled_head(tmp_path: Path, micro_clip: nn.Module) -> None:
+    weights = F.normalize(torch.randn(5, 32, generator=torch.Generator().manual_seed(2)), dim=-1) * 100.0
+    head = ClassificationHead(weights)
+    src = tmp_path / "head_MNIST.pt"
+    torch.save(head, src)
+    with pytest.raises(HarnessError, match="trust_pickle"):
+        convert_pickled_checkpoint(src, tmp_path / "h.safetensors")
+    out = convert_pickled_checkpoint(src, tmp_path / "h.safetensors", trust_pickle=True)
+    state = load_state_dict(out)
+    assert set(state) == {"head"} and torch.equal(state["head"], weights)
+    sidecar = json.loads(Path(str(out) + ".json").read_text())
+    assert sidecar["kind"] == "head" and sidecar["source_sha256"] == sha256(src)
+    assert sidecar["head"] == {"classes": 5, "dim": 32, "normalize": True, "bias": "zero"}
+    # the converted head reproduces the pickled classifier's logits
+    images = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = head(micro_clip.visual(images))
+        got = ImageClassifier(micro_clip.visual, state["head"])(images)
+    assert torch.allclose(got, expected, atol=1e-5)
+
+
+class _ShellPayload:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch '{self.marker}'",))
+
+
+class _OpenPayload:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (builtins.open, (str(self.marker), "w"))
+
+
+@pytest.mark.parametrize("payload", [_ShellPayload, _OpenPayload])
+def test_malicious_pickle_never_runs(tmp_path: Path, payload) -> None:
+    marker = tmp_path / "pwned"
+    src = tmp_path / "evil.pt"
+    torch.save({"weight": torch.zeros(2, 2), "payload": payload(marker)}, src)
+    assert not marker.exists()
+
+    with pytest.raises(HarnessError, match=r"evil\.pt.*trust_pickle=True"):
+        convert_pickled_checkpoint(src, tmp_path / "out.safetensors")
+    assert not marker.exists()
+    with pytest.raises(HarnessError, match="refused to load"):
+        load_state_dict(src)
+    assert not marker.exists() and not (tmp_path / "out.safetensors").exists()
+
+    # the payload is live: an unguarded load does run it (which is why the guard exists)
+    torch.load(src, weights_only=False)
+    assert marker.exists()

@@ -1,0 +1,348 @@
+"""The eight benchmark tasks read from fake on-disk trees in every supported layout.
+
+Every fake image of canonical class ``i`` is filled with colour ``(i % 256, i // 256, k)``,
+so a loaded sample's pixels say which class the writer meant, independently of the loader's
+folder-to-label mapping.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import tasks.vision8 as v8
+from tasks.base import TaskDataError, build_task
+
+N_TRAIN, N_TEST = 3, 1
+EXPECTED_CLASSES = {"sun397": 397, "cars": 196, "resisc45": 45, "eurosat": 10, "svhn": 10,
+                    "gtsrb": 43, "mnist": 10, "dtd": 47}
+
+
+def raw(image: Image.Image) -> torch.Tensor:
+    """Identity preprocessing: uint8 [3, H, W], so tests can read back the colour code."""
+    return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
+
+
+def colour(label: int, k: int) -> tuple[int, int, int]:
+    return (label % 256, label // 256, k)
+
+
+def decode(image: torch.Tensor) -> int:
+    return int(image[0, 0, 0]) + 256 * int(image[1, 0, 0])
+
+
+def write_image(path: Path, label: int, k: int, size: int = 6, fmt: str | None = None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (size, size), colour(label, k)).save(path, format=fmt)
+
+
+def folder_names(name: str) -> list[str]:
+    """Class-folder names as the usual exports spell them (canonical order)."""
+    spec = v8.SPECS[name]
+    if name == "sun397":
+        return [c[0] + "_" + c.replace(" ", "_") for c in spec.classnames]
+    if name == "eurosat":
+        return list(v8._EUROSAT_FOLDERS)
+    if name == "gtsrb":
+        return [f"{i:05d}" for i in range(43)]
+    return [c.replace(" ", "_").replace("/", "_") for c in spec.classnames]
+
+
+DIRS = {"sun397": "sun397", "cars": "stanford_cars_folder_based", "resisc45": "resisc45",
+        "eurosat": "EuroSAT_splits", "svhn": "svhn", "gtsrb": "GTSRB", "mnist": "mnist", "dtd": "dtd"}
+
+
+def write_imagefolder(root: Path, name: str, folders: list[str] | None = None, test_dir: str = "test") -> None:
+    folders = folders if folders is not None else folder_names(name)
+    base = root / DIRS[name]
+    for label, folder in enumerate(folders):
+        for k in range(N_TRAIN):
+            write_image(base / "train" / folder / f"{k}.png", label, k)
+        for k in range(N_TEST):
+            write_image(base / test_dir / folder / f"t{k}.png", label, 100 + k)
+
+
+@pytest.fixture(scope="module")
+def folder_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("vision8")
+    for name in EXPECTED_CLASSES:
+        # task_vectors' DTD export has train/ and val/ (evaluated as test)
+        write_imagefolder(root, name, test_dir="val" if name == "dtd" else "test")
+    return root
+
+
+def reference_split(n: int, fraction: float = 0.1, cap: int = 5000) -> tuple[list[int], list[int]]:
+    """random_split's definition: one seeded randperm, the first n - v train, the rest val."""
+    n_val = min(int(n * fraction), cap)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(0)).tolist()
+    return perm[: n - n_val], perm[n - n_val:]
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_CLASSES))
+def test_imagefolder_layout(folder_root: Path, name: str) -> None:
+    n_cls = EXPECTED_CLASSES[name]
+    task = build_task(name, data_root=str(folder_root), image_size=32)
+    assert isinstance(task, v8.Vision8Task) and task.num_classes == n_cls
+    n = n_cls * N_TRAIN
+    ref_train, ref_val = reference_split(n)
+    assert task.indices("train") == ref_train and task.indices("val") == ref_val
+    assert set(ref_train).isdisjoint(ref_val) and len(ref_train) + len(ref_val) == n
+    assert len(task.dataset("test")) == n_cls * N_TEST
+    for split in ("train", "val", "test"):
+        labels = task.labels(split)
+        assert 0 <= int(labels.min()) and int(labels.max()) < n_cls
+    image, label = task.dataset("val")[0]
+    assert image.dtype == torch.float32 and image.shape == (3, 32, 32) and isinstance(label, int)
+
+    again = build_task(name, data_root=str(folder_root), image_size=32)
+    assert again.indices("val") == task.indices("val")
+
+    # every sample's label is the class its writer meant (pixel code), in every split
+    exact = v8.Vision8Task(v8.SPECS[name], folder_root, preprocess=raw)
+    for split in ("train", "val", "test"):
+        ds = exact.dataset(split)
+        decoded = [decode(ds[i][0]) for i in range(len(ds))]
+        assert decoded == ds.labels.tolist()
+    if name == "dtd":
+        assert all(int(ds[i][0][2, 0, 0]) >= 100 for i in range(len(ds)))  # test came from val/
+
+
+def test_cars_folders_map_by_name_not_position(folder_root: Path) -> None:
+    """Devkit order is not alphabetical; name matching must keep the devkit labels."""
+    names = folder_names("cars")
+    assert sorted(names) != names
+    task = v8.cars(str(folder_root))
+    idx = v8._CARS.index("Acura Integra Type R 2001")
+    ds = task.dataset("test")
+    pos = [i for i, p in enumerate(ds.source.paths) if "Acura_Integra_Type_R_2001" in p]
+    assert pos and all(int(ds.source.labels[i]) == idx == 5 for i in pos)
+
+
+def test_val_cap_and_fraction(folder_root: Path) -> None:
+    task = v8.sun397(str(folder_root), val_fraction=0.25, val_cap=7)
+    n = 397 * N_TRAIN
+    assert len(task.dataset("val")) == 7 and len(task.dataset("train")) == n - 7
+    assert (task.indices("train"), task.indices("val")) == reference_split(n, 0.25, 7)
+
+
+def test_templates_and_prompts(folder_root: Path) -> None:
+    gtsrb = v8.gtsrb(str(folder_root))
+    assert gtsrb.prompts()[14] == ['a zoomed in photo of a "stop" traffic sign.',
+                                   'a centered photo of a "stop" traffic sign.',
+                                   'a close up photo of a "stop" traffic sign.']
+    assert v8.mnist(str(folder_root)).prompts()[3] == ['a photo of the number: "3".']
+    euro = v8.eurosat(str(folder_root))
+    assert euro.classnames[2] == "brushland or shrubland" and len(euro.templates) == 3
+    assert len(v8.resisc45(str(folder_root)).templates) == 18
+
+
+def test_default_preprocess_matches_open_clip() -> None:
+    import open_clip
+
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (40, 52, 3), dtype=np.uint8))
+    ours = v8.clip_preprocess(32)(image)
+    ref = open_clip.image_transform(32, is_train=False)(image)
+    assert torch.allclose(ours, ref, atol=1e-6)
+
+
+def test_positional_fallback_sorts_numerically(tmp_path: Path) -> None:
+    # GTSRB folders 0..42 without padding: lexicographic order would put "10" before "2"
+    write_imagefolder(tmp_path, "gtsrb", folders=[str(i) for i in range(43)])
+    ds = v8.gtsrb(str(tmp_path), preprocess=raw).dataset("test")
+    assert [decode(ds[i][0]) for i in range(len(ds))] == ds.labels.tolist()
+    # unmatched names: sorted folder names map in order onto the canonical list
+    write_imagefolder(tmp_path, "mnist", folders=[f"class_{c}" for c in "abcdefghij"])
+    ds = v8.mnist(str(tmp_path), preprocess=raw).dataset("test")
+    assert [decode(ds[i][0]) for i in range(len(ds))] == ds.labels.tolist() == list(range(10))
+
+
+# --- native formats ---------------------------------------------------------------------------
+
+
+def write_idx(path: Path, array: np.ndarray, compress: bool = False) -> None:
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + b"".join(struct.pack(">I", d) for d in array.shape)
+    data = header + array.astype(np.uint8).tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(gzip.compress(data) if compress else data)
+
+
+def test_mnist_idx_matches_torchvision(tmp_path: Path) -> None:
+    from torchvision.datasets import MNIST
+
+    rng = np.random.default_rng(1)
+    raw_dir = tmp_path / "MNIST" / "raw"
+    arrays = {}
+    for prefix, n in (("train", 30), ("t10k", 7)):
+        images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        labels = rng.integers(0, 10, n, dtype=np.uint8)
+        write_idx(raw_dir / f"{prefix}-images-idx3-ubyte", images)
+        write_idx(raw_dir / f"{prefix}-labels-idx1-ubyte", labels)
+        arrays[prefix] = (images, labels)
+
+    task = v8.mnist(str(tmp_path), preprocess=raw)
+    assert task.layout.startswith("mnist-idx")
+    for split, train in (("train", True), ("val", True), ("test", False)):
+        ref = MNIST(str(tmp_path), train=train, download=False)
+        ds = task.dataset(split)
+        for i, j in enumerate(ds.indices):
+            image, label = ds[i]
+            assert label == int(ref.targets[j])
+            assert torch.equal(image[0], ref.data[j]) and torch.equal(image[1], ref.data[j])
+
+    # the gzip-compressed files read the same
+    gz = tmp_path / "gz"
+    for prefix, (images, labels) in arrays.items():
+        write_idx(gz / "MNIST" / "raw" / f"{prefix}-images-idx3-ubyte.gz", images, compress=True)
+        write_idx(gz / "MNIST" / "raw" / f"{prefix}-labels-idx1-ubyte.gz", labels, compress=True)
+    task_gz = v8.mnist(str(gz), preprocess=raw)
+    assert task_gz.labels("test").tolist() == arrays["t10k"][1].tolist()
+    assert torch.equal(task_gz.dataset("test")[3][0][0], torch.from_numpy(arrays["t10k"][0][3]))
+
+
+def test_mnist_idx_missing_file_is_named(tmp_path: Path) -> None:
+    write_idx(tmp_path / "MNIST" / "raw" / "train-images-idx3-ubyte", np.zeros((2, 28, 28), np.uint8))
+    with pytest.raises(TaskDataError, match="train-labels-idx1-ubyte"):
+        v8.mnist(str(tmp_path))
+
+
+def test_svhn_mat(tmp_path: Path) -> None:
+    import scipy.io as sio
+
+    rng = np.random.default_rng(2)
+    truth = {}
+    for split, n in (("train", 20), ("test", 5)):
+        x = rng.integers(0, 256, (32, 32, 3, n), dtype=np.uint8)
+        y = rng.integers(1, 11, (n, 1)).astype(np.uint8)  # 1..10, 10 meaning digit 0
+        y[0, 0] = 10
+        (tmp_path / "svhn").mkdir(exist_ok=True)
+        sio.savemat(str(tmp_path / "svhn" / f"{split}_32x32.mat"), {"X": x, "y": y})
+        truth[split] = (x, y[:, 0] % 10)
+    task = v8.svhn(str(tmp_path), preprocess=raw)
+    ds = task.dataset("test")
+    x, y = truth["test"]
+    assert ds.labels.tolist() == y.tolist() and ds.labels[0] == 0
+    for i in range(len(ds)):
+        assert torch.equal(ds[i][0], torch.from_numpy(x[..., i]).permute(2, 0, 1))
+    assert sorted(task.indices("train") + task.indices("val")) == list(range(20))
+
+
+def test_gtsrb_native_matches_torchvision(tmp_path: Path) -> None:
+    from torchvision.datasets import GTSRB
+
+    base = tmp_path / "gtsrb"
+    for c in range(43):
+        for k in range(2):
+            write_image(base / "GTSRB" / "Training" / f"{c:05d}" / f"{c:05d}_{k:05d}.ppm", c, k)
+    rows = [(f"{i:05d}.ppm", (i * 7) % 43) for i in range(6)]
+    for fname, c in rows:
+        write_image(base / "GTSRB" / "Final_Test" / "Images" / fname, c, 200)
+    with open(base / "GT-final_test.csv", "w", newline="") as fh:
+        w = csv.writer(fh, delimiter=";")
+        w.writerow(["Filename", "Width", "Height", "Roi.X1", "Roi.Y1", "Roi.X2", "Roi.Y2", "ClassId"])
+        for fname, c in rows:
+            w.writerow([fname, 6, 6, 0, 0, 5, 5, c])
+
+    task = v8.gtsrb(str(tmp_path), preprocess=raw)
+    assert task.layout.startswith("gtsrb-native")
+    for split, tv_split in (("train", "train"), ("val", "train"), ("test", "test")):
+        ref = GTSRB(str(tmp_path), split=tv_split, download=False)
+        ds = task.dataset(split)
+        for i, j in enumerate(ds.indices):
+            ref_image, ref_label = ref[j]
+            image, label = ds[i]
+            assert label == ref_label == decode(image)
+            assert torch.equal(image, raw(ref_image))
+
+
+def test_cars_devkit(tmp_path: Path) -> None:
+    import scipy.io as sio
+
+    base = tmp_path / "stanford_cars"
+    (base / "devkit").mkdir(parents=True)
+    sio.savemat(str(base / "devkit" / "cars_meta.mat"), {"class_names": np.array(v8._CARS, dtype=object)})
+    rng = np.random.default_rng(3)
+    for split, n, annos in (("train", 20, base / "devkit" / "cars_train_annos.mat"),
+                            ("test", 6, base / "cars_test_annos_withlabels.mat")):
+        records = np.zeros(n, dtype=[("fname", "O"), ("class", "O")])
+        for i in range(n):
+            cls = int(rng.integers(1, 197))
+            records[i] = (f"{i:05d}.png", cls)
+            write_image(base / f"cars_{split}" / f"{i:05d}.png", cls - 1, i)
+        sio.savemat(str(annos), {"annotations": records})
+    task = v8.cars(str(tmp_path), preprocess=raw)
+    assert task.layout.startswith("stanford-cars-devkit")
+    for split in ("train", "val", "test"):
+        ds = task.dataset(split)
+        assert [decode(ds[i][0]) for i in range(len(ds))] == ds.labels.tolist()
+
+
+def test_resisc45_split_lists(tmp_path: Path) -> None:
+    base = tmp_path / "resisc45"
+    listed = {"train": [], "test": []}
+    for c, name in enumerate(v8._RESISC45):
+        folder = name.replace(" ", "_")
+        for k in range(3):
+            fname = f"{folder}_{k:03d}.jpg"
+            write_image(base / "NWPU-RESISC45" / folder / fname, c * 5, 0, fmt="PNG")
+            listed["test" if k == 2 else "train"].append(fname)
+    # the unlisted images (none here for val) must not leak into either split
+    write_image(base / "NWPU-RESISC45" / "airplane" / "airplane_999.jpg", 0, 0, fmt="PNG")
+    for split, names in listed.items():
+        (base / f"resisc45-{split}.txt").write_text("\n".join(names) + "\n")
+    task = v8.resisc45(str(tmp_path), preprocess=raw)
+    assert len(task.dataset("train")) + len(task.dataset("val")) == 90 and len(task.dataset("test")) == 45
+    for split in ("train", "val", "test"):
+        ds = task.dataset(split)
+        assert [decode(ds[i][0]) // 5 for i in range(len(ds))] == ds.labels.tolist()
+
+
+# --- errors -------------------------------------------------------------------------------------
+
+
+def test_missing_root(tmp_path: Path) -> None:
+    missing = tmp_path / "nope"
+    with pytest.raises(TaskDataError, match=r"task 'dtd': data_root .*nope does not exist"):
+        v8.dtd(str(missing))
+
+
+def test_missing_dataset_folder_names_layout(tmp_path: Path) -> None:
+    with pytest.raises(TaskDataError) as err:
+        v8.mnist(str(tmp_path))
+    msg = str(err.value)
+    assert str(tmp_path) in msg and "mnist/{train,test}/<class>" in msg and "MNIST/raw" in msg
+
+
+def test_missing_test_folder(tmp_path: Path) -> None:
+    write_image(tmp_path / "dtd" / "train" / "banded" / "0.png", 0, 0)
+    with pytest.raises(TaskDataError, match=r"neither .*dtd/test nor .*dtd/val"):
+        v8.dtd(str(tmp_path))
+
+
+def test_empty_split(tmp_path: Path) -> None:
+    write_imagefolder(tmp_path, "eurosat")
+    for p in (tmp_path / "EuroSAT_splits" / "test").rglob("*.png"):
+        p.unlink()
+    with pytest.raises(TaskDataError, match=r"task 'eurosat': split 'test' is empty"):
+        v8.eurosat(str(tmp_path))
+
+
+def test_class_count_mismatch(tmp_path: Path) -> None:
+    write_imagefolder(tmp_path, "dtd", folders=["banded", "blotchy", "braided"])
+    with pytest.raises(TaskDataError, match=r"3 class folders but the task has 47 classes"):
+        v8.dtd(str(tmp_path))
+
+
+def test_val_would_be_empty_and_unknown_split(tmp_path: Path) -> None:
+    write_imagefolder(tmp_path, "svhn")  # 30 train images
+    with pytest.raises(TaskDataError, match=r"split 'val' would be empty"):
+        v8.svhn(str(tmp_path), val_fraction=0.02)
+    with pytest.raises(TaskDataError, match=r"has no split 'dev'"):
+        v8.svhn(str(tmp_path)).dataset("dev")
