@@ -123,6 +123,10 @@ class Workspace:
                 options["data_root"] = self.cfg.data_root
             if self.cfg.model.source == "embedded" and "size" in params and "size" not in options:
                 options["size"] = self.cfg.model.suite.get("size", "full")
+            if "image_size" in params and "image_size" not in options:  # real datasets: the model's input size
+                size = getattr(self.clip.visual, "image_size", None)
+                if size is not None:
+                    options["image_size"] = size[0] if isinstance(size, (tuple, list)) else int(size)
             if "cache_dir" in params and "cache_dir" not in options:
                 options["cache_dir"] = str(self.cfg.resolved_cache_dir())
             try:
