@@ -68,7 +68,8 @@ def _print_plan(cfg) -> None:
 @click.argument("overrides", nargs=-1)
 @click.option("--dry-run", is_flag=True, help="Print the resolved config and job plan; run nothing.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
-def sweep(file: str, overrides: tuple[str, ...], dry_run: bool, quiet: bool) -> None:
+@click.option("--detach", is_flag=True, help="SLURM: submit the jobs and return; see `status`, `collect`.")
+def sweep(file: str, overrides: tuple[str, ...], dry_run: bool, quiet: bool, detach: bool) -> None:
     """Run a sweep: FILE is a YAML sweep, OVERRIDES are key.path=value."""
     cfg = _load(file, overrides)
     if dry_run:
@@ -76,11 +77,41 @@ def sweep(file: str, overrides: tuple[str, ...], dry_run: bool, quiet: bool) -> 
         return
     from harness.runner import run_sweep
 
-    outcome = run_sweep(cfg, quiet=quiet)
-    if quiet:
-        from harness.results import to_rich
+    outcome = run_sweep(cfg, quiet=quiet, mode="detach" if detach else "run")
+    if not detach:
+        _report(cfg, outcome, quiet)
 
-        console.print(to_rich(outcome.rows, cfg.task_names))
+
+@main.command()
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.argument("overrides", nargs=-1)
+def status(file: str, overrides: tuple[str, ...]) -> None:
+    """SLURM: the states of a sweep's submitted jobs (pending, running, done, failed) and their logs."""
+    from harness.executors.slurm import status_table
+
+    table, counts = status_table(_load(file, overrides))
+    console.print(table)
+    console.print(", ".join(f"{n} {s}" for s, n in counts.items()), highlight=False)
+
+
+@main.command()
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.argument("overrides", nargs=-1)
+@click.option("-q", "--quiet", is_flag=True, help="No live table.")
+def collect(file: str, overrides: tuple[str, ...], quiet: bool) -> None:
+    """SLURM: wait for a sweep's submitted jobs and record them (results, MLflow, table); submits nothing."""
+    from harness.runner import run_sweep
+
+    cfg = _load(file, overrides)
+    _report(cfg, run_sweep(cfg, quiet=quiet, mode="collect"), quiet)
+
+
+def _report(cfg, outcome, quiet: bool) -> None:
+    """After a sweep: the table when quiet, and a failure summary with exit code 1."""
+    if quiet:
+        from harness.runner import print_tables
+
+        print_tables(console, cfg, outcome.rows)
     if outcome.failed:
         err_console.print(f"[red]{len(outcome.failed)} of {len(outcome.results)} jobs failed:[/]")
         for r in outcome.failed:
@@ -216,6 +247,24 @@ def convert(src: str, dst: str, trust_pickle: bool, arch: str | None) -> None:
 
     path = convert_pickled_checkpoint(src, dst, trust_pickle=trust_pickle, arch=arch)
     console.print(f"wrote {path}")
+
+
+@main.command(name="import")
+@click.argument("src", type=click.Path())
+@click.argument("dst", type=click.Path())
+@click.option("--trust-pickle", is_flag=True, help="Allow unpickling task_vectors files (runs code from them: trusted files only).")
+@click.option("--arch", default=None, help="open_clip architecture to check the checkpoints against (default: inferred).")
+@click.option("--projection", default=None, type=click.Path(),
+              help="HF folder or file with the visual projection, for CLIPVisionModel folders (which have none).")
+@click.option("--full", is_flag=True, help="Keep the text tower of CLIPModel folders (the pretrained model: zero-shot heads need it).")
+@click.option("--verify", is_flag=True, help="Compare HF folders' image features with transformers on random images.")
+def import_(src: str, dst: str, trust_pickle: bool, arch: str | None, projection: str | None, full: bool, verify: bool) -> None:
+    """Import checkpoints: a Hugging Face CLIP folder, a task_vectors/state-dict file, or a folder of them."""
+    from harness.checkpoints import import_checkpoints
+
+    for path in import_checkpoints(src, dst, trust_pickle=trust_pickle, arch=arch, projection=projection,
+                                   full=full, verify=verify):
+        console.print(f"wrote {path}", highlight=False)
 
 
 if __name__ == "__main__":

@@ -144,9 +144,56 @@ class ReferencesSpec(Strict):
     routing_bound_lambda: float = Field(0.3, ge=0.0, le=10.0)
 
 
+class RobustnessSpec(Strict):
+    """Evaluate on ImageNet-C-style corrupted copies of these tasks' test splits."""
+
+    tasks: list[str] = Field(min_length=1)
+    corruptions: list[str] = Field(default_factory=lambda: list(_paper_corruptions()))
+    severity: int = Field(2, ge=1, le=5)
+    seed: int = Field(0, ge=0)
+
+    @field_validator("corruptions")
+    @classmethod
+    def _known(cls, v: list[str]) -> list[str]:
+        from tasks.corruptions import ALL_CORRUPTIONS
+
+        for name in v:
+            if name not in ALL_CORRUPTIONS:
+                raise ValueError(f"unknown corruption {name!r}; known: {', '.join(ALL_CORRUPTIONS)}")
+        return v
+
+
+def _paper_corruptions() -> tuple[str, ...]:
+    from tasks.corruptions import PAPER_CORRUPTIONS
+
+    return PAPER_CORRUPTIONS
+
+
 class ExecutorSpec(Strict):
-    kind: Literal["local"] = "local"
-    workers: int = Field(1, ge=1, le=64, description="processes; 1 runs jobs in-process")
+    """Where jobs run: in this process or a local pool, on SLURM through submitit job arrays, or in
+    submitit's in-process debug executor. The SLURM fields are ignored by the other kinds."""
+
+    kind: Literal["local", "slurm", "debug"] = "local"
+    workers: int = Field(1, ge=1, le=64, description="local: processes; 1 runs jobs in-process")
+    partition: str | None = Field(None, pattern=r"^\S+$", description="SLURM partition (cluster default if unset)")
+    gpus_per_node: int = Field(0, ge=0, le=64)
+    cpus_per_task: int = Field(1, ge=1, le=1024)
+    mem_gb: float | None = Field(None, gt=0, le=65536, description="memory per job (cluster default if unset)")
+    timeout_min: int = Field(60, ge=1, le=60 * 24 * 30, description="time limit per job; long jobs checkpoint and requeue")
+    array_parallelism: int = Field(256, ge=1, le=100_000, description="array tasks running at once")
+    account: str | None = Field(None, pattern=r"^\S+$")
+    qos: str | None = Field(None, pattern=r"^\S+$")
+    constraint: str | None = Field(None, pattern=r"^\S+$")
+    setup: list[str] = Field(default_factory=list, description="shell lines run before each job (module load ...)")
+    poll_s: float = Field(2.0, gt=0, le=600, description="seconds between SLURM state checks while waiting")
+
+    @field_validator("setup")
+    @classmethod
+    def _one_line_each(cls, v: list[str]) -> list[str]:
+        for line in v:
+            if "\n" in line or "\r" in line:
+                raise ValueError("each setup entry must be a single shell line")
+        return v
 
 
 class SweepConfig(Strict):
@@ -162,6 +209,9 @@ class SweepConfig(Strict):
     data_root: str | None = None
     model: ModelSpec = Field(default_factory=ModelSpec)
     tasks: list[TaskSpec] = Field(min_length=1)
+    seen: list[str] | None = Field(None, description="tasks merged (and adapted on); default: all but unseen")
+    unseen: list[str] = Field(default_factory=list, description="tasks only evaluated (zero-shot heads)")
+    robustness: RobustnessSpec | None = None
     references: ReferencesSpec = Field(default_factory=ReferencesSpec)
     methods: list[MethodSpec] = Field(default_factory=list)
     eval: EvalSpec = Field(default_factory=EvalSpec)
@@ -215,7 +265,15 @@ class SweepConfig(Strict):
     # -- derived -------------------------------------------------------------------------
     @property
     def task_names(self) -> list[str]:
+        """Every task evaluated."""
         return [t.name for t in self.tasks]
+
+    @property
+    def merge_tasks(self) -> list[str]:
+        """Tasks whose fine-tuned models are merged (the 'seen' tasks)."""
+        if self.seen is not None:
+            return list(self.seen)
+        return [t for t in self.task_names if t not in self.unseen]
 
     def resolved_output_dir(self) -> Path:
         return Path(self.output_dir or f"outputs/{self.name}").resolve()
@@ -408,6 +466,19 @@ def check_tasks(cfg: SweepConfig, file: str) -> None:
     for i, t in enumerate(cfg.tasks):
         if ":" not in t.name and t.name not in known:
             raise ConfigError(file, f"tasks.{i}.name", f"unknown task; registered: {', '.join(known)}", t.name)
+    names = cfg.task_names
+    subsets = [("seen", cfg.seen or []), ("unseen", cfg.unseen)]
+    if cfg.robustness:
+        subsets.append(("robustness.tasks", cfg.robustness.tasks))
+    for field_name, values in subsets:
+        for i, name in enumerate(values):
+            if name not in names:
+                raise ConfigError(file, f"{field_name}.{i}", "not one of the sweep's tasks", name)
+    both = set(cfg.seen or []) & set(cfg.unseen)
+    if both:
+        raise ConfigError(file, "unseen", f"tasks both seen and unseen: {sorted(both)}", show_value=False)
+    if not cfg.merge_tasks:
+        raise ConfigError(file, "unseen", "every task is unseen: nothing to merge", show_value=False)
 
 
 def expand_grid(m: MethodSpec) -> list[dict[str, Any]]:

@@ -50,20 +50,40 @@ class JobResult:
 
 
 def evaluate_encoder(ws: Workspace, encoder: torch.nn.Module, task_names: list[str],
-                     device: torch.device) -> dict[str, float]:
-    """acc/<task> (test) and val/acc/<task> with their averages."""
+                     device: torch.device, robustness: bool = False) -> dict[str, float]:
+    """acc/<task> (test) and val/acc/<task>; averages over the merged (seen) tasks; unseen and
+    corrupted-split metrics when the sweep asks for them."""
     metrics: dict[str, float] = {}
     encoder = encoder.to(device).eval()
-    for split in EVAL_SPLITS:
-        prefix = "acc" if split == "test" else "val/acc"
-        accs = []
+    seen = [t for t in task_names if t in ws.cfg.merge_tasks] or task_names
+    unseen = [t for t in task_names if t not in seen]
+
+    def acc(task: str, dataset) -> float:
+        clf = ImageClassifier(encoder, ws.head(task))
+        return accuracy(clf, dataset, ws.cfg.eval.batch_size, device, ws.cfg.eval.max_samples)
+
+    for split, prefix in (("val", "val/acc"), ("test", "acc")):
         for t in task_names:
-            clf = ImageClassifier(encoder, ws.head(t))
-            a = accuracy(clf, ws.task(t).dataset(split), ws.cfg.eval.batch_size, device, ws.cfg.eval.max_samples)
-            metrics[f"{prefix}/{t}"] = a
-            accs.append(a)
-        metrics[f"{prefix}/avg"] = sum(accs) / len(accs)
+            metrics[f"{prefix}/{t}"] = acc(t, ws.task(t).dataset(split))
+        metrics[f"{prefix}/avg"] = _mean(metrics[f"{prefix}/{t}"] for t in seen)
+    if unseen:
+        metrics["seen/avg"] = metrics["acc/avg"]
+        for t in unseen:
+            metrics[f"unseen/{t}"] = metrics[f"acc/{t}"]
+        metrics["unseen/avg"] = _mean(metrics[f"acc/{t}"] for t in unseen)
+    rob = ws.cfg.robustness
+    if robustness and rob:
+        metrics["robust/clean/avg"] = _mean(metrics[f"acc/{t}"] for t in rob.tasks)
+        for c in rob.corruptions:
+            for t in rob.tasks:
+                metrics[f"robust/{c}/{t}"] = acc(t, ws.corrupted(t, c))
+            metrics[f"robust/{c}/avg"] = _mean(metrics[f"robust/{c}/{t}"] for t in rob.tasks)
     return metrics
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values)
 
 
 def run_job(spec: JobSpec, ws: Workspace, device: torch.device, workdir: Path) -> JobResult:
@@ -74,7 +94,7 @@ def run_job(spec: JobSpec, ws: Workspace, device: torch.device, workdir: Path) -
         if spec.kind == "pretrained":
             encoder = ws.pretrained_encoder
             result.timings["load"] = time.perf_counter() - t0
-            result.metrics = evaluate_encoder(ws, encoder, ws.cfg.task_names, device)
+            result.metrics = evaluate_encoder(ws, encoder, ws.cfg.task_names, device, robustness=True)
         elif spec.kind == "perfect_routing":
             encoder = perfect_routing_encoder(ws, spec.task, spec.params["scaling"])
             result.timings["load"] = time.perf_counter() - t0
@@ -89,7 +109,7 @@ def run_job(spec: JobSpec, ws: Workspace, device: torch.device, workdir: Path) -
             result.metrics.update(artifact_metrics(artifacts))
             result.timings["merge"] = time.perf_counter() - t0
             t1 = time.perf_counter()
-            result.metrics.update(evaluate_encoder(ws, merged, ws.cfg.task_names, device))
+            result.metrics.update(evaluate_encoder(ws, merged, ws.cfg.task_names, device, robustness=True))
             result.timings["evaluate"] = time.perf_counter() - t1
         bad = [k for k, v in result.metrics.items() if not math.isfinite(v)]
         if bad:
@@ -137,7 +157,7 @@ def merge(spec: JobSpec, ws: Workspace, device: torch.device, workdir: Path) -> 
 
     cls = resolve_method(spec.method)
     method = cls(**spec.params)
-    tasks = ws.cfg.task_names
+    tasks = ws.cfg.merge_tasks  # unseen tasks take no part in merging or adaptation
     pretrained = ws.pretrained_encoder
     finetuned = ws.finetuned_encoders()
     heads = {t: ws.head(t) for t in tasks}

@@ -62,10 +62,11 @@ def plan_jobs(cfg: SweepConfig, identity: dict[str, Any] | None = None,
     if refs.pretrained:
         specs.append(JobSpec("pretrained", "pretrained"))
     if refs.individual:
-        specs.extend(JobSpec("individual", "individual", task=t) for t in cfg.task_names)
+        with_checkpoint = cfg.task_names if identity is None else list(identity["finetuned"])
+        specs.extend(JobSpec("individual", "individual", task=t) for t in cfg.task_names if t in with_checkpoint)
     if refs.perfect_routing:
         specs.extend(JobSpec("perfect_routing", "perfect routing", params={"scaling": refs.routing_bound_lambda},
-                             task=t) for t in cfg.task_names)
+                             task=t) for t in cfg.merge_tasks)
     for m in cfg.methods:
         for setting in expand_grid(m):
             specs.append(JobSpec("merge", m.display, method=m.name, params=setting))
@@ -86,13 +87,16 @@ def plan_jobs(cfg: SweepConfig, identity: dict[str, Any] | None = None,
             body["finetuned"] = identity["finetuned"][s.task]
             body["tasks"] = {s.task: (task_identity or {}).get(s.task)}
         elif s.kind == "perfect_routing":
-            body["finetuned"] = identity["finetuned"]
+            body["finetuned"] = {t: identity["finetuned"][t] for t in cfg.merge_tasks}
             body["params"] = s.params
             body["tasks"] = {s.task: (task_identity or {}).get(s.task)}
         else:
             body["tasks"] = task_identity
+        if s.kind in ("merge", "pretrained"):
+            body["merge_tasks"] = cfg.merge_tasks
+            body["robustness"] = cfg.robustness.model_dump() if cfg.robustness else None
         if s.kind == "merge":
-            body["finetuned"] = identity["finetuned"]
+            body["finetuned"] = {t: identity["finetuned"][t] for t in cfg.merge_tasks}
             body["method"] = method_class_id(s.method)
             body["params"] = full_params(s.method, s.params)
             body["adapt"] = cfg.adapt.model_dump()

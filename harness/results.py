@@ -19,6 +19,7 @@ class Row:
     norm: float | None
     val_avg: float | None = None
     n_settings: int = 1
+    metrics: dict[str, float] = field(default_factory=dict)  # the chosen job's metrics (robust/..., unseen/...)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -46,50 +47,98 @@ def setting_text(params: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in params.items())
 
 
-def build_rows(results: list[JobResult], tasks: list[str], method_order: list[str]) -> list[Row]:
+def build_rows(results: list[JobResult], tasks: list[str], method_order: list[str],
+               seen: list[str] | None = None) -> list[Row]:
+    """Reference rows, then each method's setting with the best validation average.
+
+    ``tasks`` are every evaluated task; averages and normalized accuracy are over ``seen``
+    (the merged tasks; all tasks unless the sweep has unseen ones)."""
+    seen = seen or tasks
     indiv = individual_accuracy(results, tasks)
     rows: list[Row] = []
+
+    def accs(r: JobResult) -> dict[str, float]:
+        return {t: r.metrics[f"acc/{t}"] for t in tasks if f"acc/{t}" in r.metrics}
+
     for r in results:
         if r.kind == "pretrained" and r.status == "ok":
-            acc = {t: r.metrics[f"acc/{t}"] for t in tasks}
-            rows.append(Row("pretrained", "zero-shot", acc, r.metrics["acc/avg"],
-                            normalized(r.metrics, indiv, tasks).get("norm_acc/avg")))
-    if len(indiv) == len(tasks):
-        avg = sum(indiv.values()) / len(tasks)
-        rows.append(Row("individual", "per task", dict(indiv), avg, 100.0))
+            rows.append(Row("pretrained", "zero-shot", accs(r), r.metrics["acc/avg"],
+                            normalized(r.metrics, indiv, seen).get("norm_acc/avg"), metrics=r.metrics))
+    if all(t in indiv for t in seen):
+        rows.append(Row("individual", "per task", dict(indiv), _mean_of(indiv, seen), 100.0))
     bound = {r.task: r for r in results if r.kind == "perfect_routing" and r.status == "ok"}
-    if len(bound) == len(tasks):
-        acc = {t: bound[t].metrics[f"acc/{t}"] for t in tasks}
+    if all(t in bound for t in seen):
+        acc = {t: bound[t].metrics[f"acc/{t}"] for t in seen}
         metrics = {f"acc/{t}": a for t, a in acc.items()}
-        rows.append(Row("perfect routing", setting_text(bound[tasks[0]].params) + " (bound)", acc,
-                        sum(acc.values()) / len(tasks), normalized(metrics, indiv, tasks).get("norm_acc/avg")))
+        rows.append(Row("perfect routing", setting_text(bound[seen[0]].params) + " (bound)", acc,
+                        _mean_of(acc, seen), normalized(metrics, indiv, seen).get("norm_acc/avg")))
     for label in method_order:
         cands = [r for r in results if r.kind == "merge" and r.label == label and r.status == "ok"]
         if not cands:
             continue
         best = max(cands, key=lambda r: r.metrics.get("val/acc/avg", float("-inf")))
-        acc = {t: best.metrics[f"acc/{t}"] for t in tasks}
-        rows.append(Row(label, setting_text(best.params), acc, best.metrics["acc/avg"],
-                        normalized(best.metrics, indiv, tasks).get("norm_acc/avg"),
-                        best.metrics.get("val/acc/avg"), len(cands)))
+        rows.append(Row(label, setting_text(best.params), accs(best), best.metrics["acc/avg"],
+                        normalized(best.metrics, indiv, seen).get("norm_acc/avg"),
+                        best.metrics.get("val/acc/avg"), len(cands), metrics=best.metrics))
     return rows
+
+
+def _mean_of(values: dict[str, float], keys: list[str]) -> float:
+    return sum(values[k] for k in keys) / len(keys)
 
 
 def _fmt(x: float | None) -> str:
     return "-" if x is None else f"{x:.1f}"
 
 
-def table_records(rows: list[Row], tasks: list[str]) -> tuple[list[str], list[list[str]]]:
-    header = ["method", "setting", *tasks, "avg", "norm avg"]
-    body = [[r.method, r.setting, *[_fmt(r.acc.get(t)) for t in tasks], _fmt(r.avg), _fmt(r.norm)] for r in rows]
+def table_records(rows: list[Row], tasks: list[str], seen: list[str] | None = None) -> tuple[list[str], list[list[str]]]:
+    seen = seen or tasks
+    unseen = [t for t in tasks if t not in seen]
+    header = ["method", "setting", *seen, "avg", "norm avg"]
+    if unseen:
+        header += [f"{t} (unseen)" for t in unseen] + ["unseen avg"]
+    body = []
+    for r in rows:
+        line = [r.method, r.setting, *[_fmt(r.acc.get(t)) for t in seen], _fmt(r.avg), _fmt(r.norm)]
+        if unseen:
+            vals = [r.acc.get(t) for t in unseen]
+            line += [_fmt(v) for v in vals]
+            line.append(_fmt(sum(vals) / len(vals)) if all(v is not None for v in vals) else "-")
+        body.append(line)
     return header, body
 
 
-def to_markdown(rows: list[Row], tasks: list[str]) -> str:
-    header, body = table_records(rows, tasks)
+def robustness_records(rows: list[Row], corruptions: list[str]) -> tuple[list[str], list[list[str]]]:
+    """Average accuracy over the robustness tasks: clean and per corruption."""
+    header = ["method", "clean", *corruptions]
+    body = []
+    for r in rows:
+        if "robust/clean/avg" in r.metrics:
+            body.append([r.method, _fmt(r.metrics["robust/clean/avg"]),
+                         *[_fmt(r.metrics.get(f"robust/{c}/avg")) for c in corruptions]])
+    return header, body
+
+
+def markdown_table(header: list[str], body: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in body]
     return "\n".join(lines) + "\n"
+
+
+def rich_table(header: list[str], body: list[list[str]], title: str):
+    from rich.table import Table
+
+    table = Table(title=title)
+    for i, h in enumerate(header):
+        table.add_column(h, justify="left" if h in ("method", "setting") else "right",
+                         style="bold" if h == "avg" else None, no_wrap=i == 0)
+    for r in body:
+        table.add_row(*r)
+    return table
+
+
+def to_markdown(rows: list[Row], tasks: list[str], seen: list[str] | None = None) -> str:
+    return markdown_table(*table_records(rows, tasks, seen))
 
 
 def to_csv(rows: list[Row], tasks: list[str]) -> str:
@@ -98,20 +147,12 @@ def to_csv(rows: list[Row], tasks: list[str]) -> str:
     w = csv.writer(buf)
     w.writerow(header)
     for r in rows:
-        w.writerow([r.method, r.setting, *[f"{r.acc[t]:.4f}" for t in tasks], f"{r.avg:.4f}",
+        w.writerow([r.method, r.setting, *[f"{r.acc[t]:.4f}" if t in r.acc else "" for t in tasks], f"{r.avg:.4f}",
                     "" if r.norm is None else f"{r.norm:.4f}", "" if r.val_avg is None else f"{r.val_avg:.4f}",
                     r.n_settings])
     return buf.getvalue()
 
 
-def to_rich(rows: list[Row], tasks: list[str], title: str = "results (test top-1 %, settings chosen on val)"):
-    from rich.table import Table
-
-    header, body = table_records(rows, tasks)
-    table = Table(title=title)
-    for i, h in enumerate(header):
-        table.add_column(h, justify="left" if i < 2 else "right", style="bold" if h == "avg" else None,
-                         no_wrap=i == 0)
-    for r in body:
-        table.add_row(*r)
-    return table
+def to_rich(rows: list[Row], tasks: list[str], seen: list[str] | None = None,
+            title: str = "results (test top-1 %, settings chosen on val)"):
+    return rich_table(*table_records(rows, tasks, seen), title=title)

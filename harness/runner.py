@@ -9,18 +9,29 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from rich.console import Console
 
 from harness.cache import atomic_write_bytes, atomic_write_json, read_json
 from harness.config import SweepConfig, dump_yaml
+from harness.errors import HarnessError
 from harness.executors import make_executor
 from harness.job import JobResult
 from harness.plan import JobSpec, plan_jobs
 from harness.plots import job_artifact_files
-from harness.results import Row, build_rows, normalized, to_csv, to_markdown, to_rich
+from harness.results import (
+    Row,
+    build_rows,
+    markdown_table,
+    normalized,
+    rich_table,
+    robustness_records,
+    to_csv,
+    to_markdown,
+    to_rich,
+)
 from harness.runtime import configure_threads
 from harness.tracking import Tracker
 from harness.workspace import Workspace
@@ -58,7 +69,10 @@ def job_params(cfg: SweepConfig, spec: JobSpec) -> dict[str, Any]:
                     "params": spec.params}, "config": conf}
 
 
-def run_sweep(cfg: SweepConfig, console: Console | None = None, quiet: bool = False) -> SweepOutcome:
+def run_sweep(cfg: SweepConfig, console: Console | None = None, quiet: bool = False,
+              mode: Literal["run", "detach", "collect"] = "run") -> SweepOutcome:
+    """Run the sweep; ``detach`` submits to SLURM and returns, ``collect`` waits for and records
+    the jobs a detached (or killed) run submitted, submitting nothing."""
     console = console or Console(stderr=True, quiet=quiet)
     show = not quiet
     out = cfg.resolved_output_dir()
@@ -91,12 +105,26 @@ def run_sweep(cfg: SweepConfig, console: Console | None = None, quiet: bool = Fa
         console.print(f"[bold]{cfg.name}[/]: {len(specs)} jobs, {len(specs) - len(pending)} cached, "
                       f"{len(pending)} to run -> {out}")
 
-    executor = make_executor(cfg, ws)
+    executor = make_executor(cfg, ws, progress=show, console=console)
+    if mode != "run" and not hasattr(executor, "known"):
+        raise HarnessError(f"--detach and collect need executor.kind slurm (this sweep uses {cfg.executor.kind!r})")
+    if mode == "detach":
+        message = executor.submit(pending)
+        if show:
+            console.print(message, highlight=False)
+        return SweepOutcome(list(results.values()), [], out, parent, [], timings)
+    if mode == "collect":
+        executor.collect_only = True
+        known = executor.known(pending)
+        if show and len(known) < len(pending):
+            console.print(f"{len(pending) - len(known)} jobs were never submitted (run `harness sweep` for them)")
+        pending = known
     refs = [s for s in pending if s.kind != "merge"]
     merges = [s for s in pending if s.kind == "merge"]
+    phases = (pending,) if getattr(executor, "single_phase", False) else (refs, merges)
     t1 = time.perf_counter()
-    with _progress(console, show, len(pending)) as bar:
-        for phase in (refs, merges):  # references first: normalized accuracy needs them
+    with _progress(console, show and not getattr(executor, "shows_progress", False), len(pending)) as bar:
+        for phase in phases:  # references first: normalized accuracy needs them
             for spec, res in executor.run(phase, on_start=lambda s: bar.describe(s.title)):
                 res.artifacts = jsonable(res.artifacts)
                 if res.status == "ok":
@@ -109,24 +137,27 @@ def run_sweep(cfg: SweepConfig, console: Console | None = None, quiet: bool = Fa
     timings["run"] = time.perf_counter() - t1
 
     t2 = time.perf_counter()
-    ordered = [results[s.key] for s in specs]
+    ordered = [results[s.key] for s in specs if s.key in results]  # collect: unsubmitted jobs are missing
     indiv = {r.task: r.metrics.get(f"acc/{r.task}") for r in ordered if r.kind == "individual" and r.status == "ok"}
     for r in ordered:
         if r.status == "ok" and r.kind != "individual":
-            r.metrics.update(normalized(r.metrics, indiv, cfg.task_names))
+            r.metrics.update(normalized(r.metrics, indiv, cfg.merge_tasks))
     spec_by_key = {s.key: s for s in specs}
     for r in ordered:
         if not tracker.is_logged(r.key):
             files = job_artifact_files(r.artifacts, out / "artifacts" / r.key) if r.status == "ok" else []
             tracker.log_job(r, job_params(cfg, spec_by_key[r.key]), digest, files)
 
-    rows = build_rows(ordered, cfg.task_names, [m.display for m in cfg.methods])
+    rows = build_rows(ordered, cfg.task_names, [m.display for m in cfg.methods], cfg.merge_tasks)
     tables = out / "tables"
-    atomic_write_bytes(tables / "results.md", to_markdown(rows, cfg.task_names).encode())
-    atomic_write_bytes(tables / "results.csv", to_csv(rows, cfg.task_names).encode())
+    written = {"results.md": to_markdown(rows, cfg.task_names, cfg.merge_tasks),
+               "results.csv": to_csv(rows, cfg.task_names)}
+    if cfg.robustness:
+        written["robustness.md"] = markdown_table(*robustness_records(rows, cfg.robustness.corruptions))
     atomic_write_bytes(out / "resolved.yaml", dump_yaml(cfg).encode())
-    for p in (tables / "results.md", tables / "results.csv"):
-        tracker.log_artifact(p, subdir="tables")
+    for name, text in written.items():
+        atomic_write_bytes(tables / name, text.encode())
+        tracker.log_artifact(tables / name, subdir="tables")
     tracker.log_artifact(out / "resolved.yaml")
     summary = {f"{row.method}/acc/avg": row.avg for row in rows}
     tracker.log_summary_metrics({k.replace(" ", "_"): v for k, v in summary.items()})
@@ -136,8 +167,16 @@ def run_sweep(cfg: SweepConfig, console: Console | None = None, quiet: bool = Fa
 
     outcome = SweepOutcome(ordered, rows, out, parent, executed, timings)
     if show:
-        console.print(to_rich(rows, cfg.task_names))
+        print_tables(console, cfg, rows)
     return outcome
+
+
+def print_tables(console: Console, cfg: SweepConfig, rows: list[Row]) -> None:
+    console.print(to_rich(rows, cfg.task_names, cfg.merge_tasks))
+    if cfg.robustness:
+        rob = cfg.robustness
+        console.print(rich_table(*robustness_records(rows, rob.corruptions),
+                                 title=f"robustness: avg test top-1 % on {', '.join(rob.tasks)}, severity {rob.severity}"))
 
 
 class _progress:

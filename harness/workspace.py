@@ -36,6 +36,7 @@ class Workspace:
         self._tasks: dict[str, Task] = {}
         self._heads: dict[str, torch.Tensor] = {}
         self._finetuned: dict[str, nn.Module] = {}
+        self._corrupted: dict[tuple[str, str], Any] = {}
 
     # -- model files ---------------------------------------------------------------------
     @cached_property
@@ -50,12 +51,17 @@ class Workspace:
             return {"arch": art.arch, "pretrained": str(art.pretrained),
                     "finetuned": {t: str(p) for t, p in art.finetuned.items()}, "heads": {}}
         finetuned = {}
-        for i, t in enumerate(names):
+        for t in names:  # required for merged tasks; optional for unseen ones (no individual row then)
             path = m.finetuned.get(t) or (m.finetuned_pattern.format(task=t) if m.finetuned_pattern else None)
+            required = t in self.cfg.merge_tasks
             if path is None:
-                raise HarnessError(f"model.finetuned: no checkpoint for task {t!r}")
+                if required:
+                    raise HarnessError(f"model.finetuned: no checkpoint for task {t!r}")
+                continue
             if not Path(path).is_file():
-                raise HarnessError(f"model.finetuned.{t}: checkpoint file does not exist: {path}")
+                if required or t in m.finetuned:
+                    raise HarnessError(f"model.finetuned.{t}: checkpoint file does not exist: {path}")
+                continue
             finetuned[t] = path
         pre = m.pretrained
         if pre and ("/" in pre or Path(pre).suffix) and not Path(pre).is_file():
@@ -108,7 +114,8 @@ class Workspace:
         return self._finetuned[task]
 
     def finetuned_encoders(self) -> dict[str, nn.Module]:
-        return {t: self.finetuned_encoder(t) for t in self.cfg.task_names}
+        """The encoders that are merged: those of the seen tasks."""
+        return {t: self.finetuned_encoder(t) for t in self.cfg.merge_tasks}
 
     # -- tasks and heads -----------------------------------------------------------------
     def task(self, name: str) -> Task:
@@ -134,6 +141,16 @@ class Workspace:
             except TypeError as exc:
                 raise HarnessError(f"tasks: bad options for task {name!r}: {exc}") from None
         return self._tasks[name]
+
+    def corrupted(self, task: str, corruption: str):
+        """The task's test split under ``corruption`` at the sweep's severity (cached on disk)."""
+        from tasks.corruptions import corrupted_split
+
+        rob = self.cfg.robustness
+        if (task, corruption) not in self._corrupted:
+            self._corrupted[(task, corruption)] = corrupted_split(
+                self.task(task), corruption, rob.severity, self.cfg.resolved_cache_dir(), rob.seed)
+        return self._corrupted[(task, corruption)]
 
     def task_identity(self) -> dict[str, Any]:
         return {t: self.task(t).identity() for t in self.cfg.task_names}

@@ -1,0 +1,234 @@
+"""Bring existing checkpoints into the harness's layout: detect, convert, cache.
+
+Three layouts arrive: Hugging Face ``transformers`` CLIP folders (converted by
+:mod:`harness.hf_convert`, no trust needed), task_vectors pickles (converted by
+:mod:`harness.convert`, only with ``trust_pickle``), and plain state dicts (safetensors or
+tensor-only ``.pt``). :func:`resolve_checkpoint` lets a sweep name any of them directly: the
+conversion is written once into the cache, under a key made of the source's sha256 (and what
+else shapes the output), and reused on the next call, in any process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from harness.convert import FORMAT, convert_pickled_checkpoint
+from harness.errors import HarnessError
+from harness.hf_convert import (
+    Kind,
+    combined_digest,
+    convert_hf_checkpoint,
+    ensure_arch,
+    hf_folder_of,
+    load_projection,
+    read_hf_config,
+    source_digests,
+)
+from harness.models import available_models, file_digest, load_state_dict
+
+Layout = Literal["huggingface", "file", "tree"]
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
+_ENCODER_KEYS = ("conv1.weight", "class_embedding", "proj")
+_CLIP_KEYS = ("visual.conv1.weight", "visual.proj", "token_embedding.weight", "text_projection")
+
+
+def detect_layout(path: str | os.PathLike) -> Layout:
+    """``huggingface`` (a transformers CLIP folder or its weights file), ``file``, or ``tree`` (a folder of checkpoints)."""
+    p = Path(path)
+    if hf_folder_of(p) is not None:
+        return "huggingface"
+    if p.is_file():
+        return "file"
+    if p.is_dir():
+        if (p / "config.json").is_file():
+            return "huggingface"  # a broken or non-CLIP folder: the HF reader names what is wrong
+        return "tree"
+    raise HarnessError(f"{p}: no such file or folder")
+
+
+def import_checkpoints(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    trust_pickle: bool = False,
+    arch: str | None = None,
+    projection: str | os.PathLike | None = None,
+    full: bool = False,
+    verify: bool = False,
+) -> list[Path]:
+    """Convert ``src`` (HF folder, checkpoint file, or a folder of them) under ``dst``; return the written files.
+
+    A tree keeps its relative layout: ``src/SUN397/finetuned.pt`` -> ``dst/SUN397/finetuned.safetensors``,
+    ``src/clip-vit-base-patch32_sun397/`` -> ``dst/clip-vit-base-patch32_sun397.safetensors``.
+    ``full`` keeps the text tower of ``CLIPModel`` folders (the pretrained model: zero-shot
+    heads need it); vision-only folders stay image encoders.
+    """
+    src, dst = Path(src), Path(dst)
+    layout = detect_layout(src)
+    if layout == "huggingface":
+        return [_import_hf(src, dst, arch, projection, full, verify)]
+    if layout == "file":
+        return [convert_pickled_checkpoint(src, dst, trust_pickle=trust_pickle, arch=arch)]
+    if dst.is_file():
+        raise HarnessError(f"{dst}: is a file; a folder of checkpoints converts into a folder")
+    items = _tree_items(src)
+    if not items:
+        raise HarnessError(f"{src}: no Hugging Face CLIP folders or checkpoint files ({', '.join(CHECKPOINT_SUFFIXES)}) inside")
+    written = []
+    for item in items:
+        rel = item.relative_to(src)
+        out = (dst / rel).with_suffix(".safetensors") if item.is_file() else dst / rel.parent / f"{rel.name}.safetensors"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if item.is_dir():
+            written.append(_import_hf(item, out, arch, projection, full, verify))
+        else:
+            written.append(convert_pickled_checkpoint(item, out, trust_pickle=trust_pickle, arch=arch))
+    return written
+
+
+def _import_hf(folder: Path, dst: Path, arch: str | None, projection, full: bool, verify: bool) -> Path:
+    kind: Kind = "clip" if full and _has_text_tower(folder) else "image_encoder"
+    return convert_hf_checkpoint(folder, dst, kind=kind, arch=arch, projection=projection, verify=verify)
+
+
+def _has_text_tower(folder: Path) -> bool:
+    return json.loads((folder / "config.json").read_text()).get("model_type") == "clip"
+
+
+def _tree_items(root: Path) -> list[Path]:
+    """HF folders and checkpoint files below ``root`` (not the files inside an HF folder)."""
+    found: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        here = Path(dirpath)
+        dirnames.sort()
+        if here != root and hf_folder_of(here) is not None:
+            found.append(here)
+            dirnames.clear()
+            continue
+        found.extend(here / f for f in sorted(filenames) if f.endswith(CHECKPOINT_SUFFIXES) and ".tmp" not in f)
+    return found
+
+
+# ---------------------------------------------------------------------------------------------
+# Resolving a sweep's checkpoint
+# ---------------------------------------------------------------------------------------------
+
+
+def resolve_checkpoint(
+    path: str | os.PathLike,
+    cache_dir: str | os.PathLike,
+    kind: Kind = "image_encoder",
+    arch: str | None = None,
+    projection: str | os.PathLike | None = None,
+    trust_pickle: bool = False,
+) -> Path:
+    """A safetensors file in the harness's layout for ``path``, converting into the cache once.
+
+    ``path`` may be an HF CLIP folder (or its weights file), a task_vectors pickle (with
+    ``trust_pickle``), a prefixed or ``.pt`` state dict, or a file already in the layout, which
+    is returned unchanged. Conversions go to ``<cache_dir>/checkpoints/<key>.safetensors``,
+    ``key`` hashing the sources' sha256, ``kind``, ``arch`` and (for a ``CLIPVisionModel``) the
+    projection source's sha256; a present result is reused. ``kind="clip"`` asks for a whole
+    CLIP (the pretrained model), ``"image_encoder"`` for ``clip.visual`` (fine-tuned models).
+    A generated architecture is registered with open_clip before returning, so
+    ``build_clip(checkpoint_arch(result))`` works in this process.
+    """
+    p = Path(path)
+    store = Path(cache_dir) / "checkpoints"
+    layout = detect_layout(p)
+    if layout == "tree":
+        raise HarnessError(f"{p}: a folder that is not a Hugging Face CLIP folder (no config.json); name a checkpoint")
+    if layout == "huggingface":
+        folder = hf_folder_of(p)
+        if folder is None:
+            read_hf_config(p)
+            raise HarnessError(f"{p}: not a Hugging Face CLIP folder")
+        parts = source_digests(folder)
+        proj_digest = None
+        if projection is not None and kind == "image_encoder" and _lacks_projection(folder):
+            proj_digest = load_projection(projection)[1]
+        key = _key({"format": FORMAT, "kind": kind, "arch": arch, "sources": combined_digest(parts),
+                    "projection": proj_digest})
+        out = store / f"{key}.safetensors"
+        if not _complete(out):
+            convert_hf_checkpoint(folder, out, kind=kind, arch=arch, projection=projection if proj_digest else None)
+        checkpoint_arch(out)
+        return out
+    if _in_layout(p, kind):
+        checkpoint_arch(p)
+        return p
+    if kind == "clip":
+        raise HarnessError(
+            f"{p}: not a whole CLIP state dict (needs {', '.join(_CLIP_KEYS)}): the pretrained model's text "
+            "tower builds the zero-shot heads; give a Hugging Face CLIPModel folder, an open_clip CLIP "
+            "state dict, or an open_clip pretrained tag"
+        )
+    key = _key({"format": FORMAT, "kind": kind, "arch": arch, "sources": file_digest(p)})
+    out = store / f"{key}.safetensors"
+    if not _complete(out):
+        convert_pickled_checkpoint(p, out, trust_pickle=trust_pickle, arch=arch)
+    return out
+
+
+def checkpoint_arch(path: str | os.PathLike) -> str | None:
+    """The architecture a converted checkpoint's sidecar records (registering a generated one), else None."""
+    side = Path(f"{path}.json")
+    if not side.is_file():
+        return None
+    try:
+        info: dict[str, Any] = json.loads(side.read_text())
+    except (OSError, ValueError) as exc:
+        raise HarnessError(f"{side}: not readable JSON ({exc})") from None
+    arch, cfg = info.get("arch"), info.get("open_clip_config")
+    if arch and cfg and arch not in available_models():
+        ensure_arch(arch, cfg, Path(path).parent / "model_configs")
+    return arch
+
+
+def _key(parts: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _complete(out: Path) -> bool:
+    """A finished conversion: the sidecar is written last, so its presence marks one."""
+    return out.is_file() and Path(f"{out}.json").is_file()
+
+
+def _lacks_projection(folder: Path) -> bool:
+    from safetensors import safe_open
+
+    from harness.hf_convert import weight_files
+
+    files = [f for f in weight_files(folder) if f.suffix == ".safetensors"]
+    if not files:
+        return True
+    for f in files:
+        try:
+            with safe_open(str(f), "pt") as fh:
+                if any(k.endswith("visual_projection.weight") for k in fh.keys()):
+                    return False
+        except Exception as exc:  # safetensors raises its own error types for corrupt files
+            raise HarnessError(f"{f}: not a readable safetensors file ({' '.join(str(exc).split())})") from None
+    return True
+
+
+def _in_layout(path: Path, kind: Kind) -> bool:
+    """Whether ``path`` already is what a sweep loads (safetensors read by header; .pt weights-only)."""
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), "pt") as fh:
+                keys = set(fh.keys())
+        except Exception:
+            return False  # let the converter report the file
+    else:
+        try:
+            keys = set(load_state_dict(path))
+        except HarnessError:
+            return False
+    need = _CLIP_KEYS if kind == "clip" else _ENCODER_KEYS
+    return all(k in keys for k in need) and (kind == "clip" or not any(k.startswith("visual.") for k in keys))

@@ -1,0 +1,531 @@
+"""SLURM dispatch through submitit: jobs go out as job arrays; the driver waits and records.
+
+A job is a :class:`SweepJob` call on a node: it rebuilds the Workspace from the resolved config,
+runs :func:`harness.job.run_job` and returns the result as a dict. Jobs never write MLflow or
+the result cache; the driver does, as for local jobs.
+
+Every submission is recorded in ``<output_dir>/slurm/submitted.json`` (key -> SLURM job id), so
+a driver that was killed, a ``--detach``ed sweep, ``harness collect`` and ``harness status`` find
+jobs that are still queued, running, or finished but not yet collected, instead of submitting
+them again. Only jobs that died without a usable result are resubmitted.
+
+Long jobs survive time limits and preemption through submitit's checkpoint protocol: SweepJob is
+``Checkpointable``, so on SLURM's warning signal (USR2, ``signal_delay_s`` before the limit, or
+a preemption) submitit requeues it with the same arguments, and the method resumes from the
+checkpoints it keeps in its workdir ``<output_dir>/work/<key>`` (on the shared filesystem).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import os
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import submitit
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from harness.cache import atomic_write_json, read_json
+from harness.config import SweepConfig
+from harness.errors import HarnessError
+from harness.job import JobResult
+from harness.plan import JobSpec
+
+#: SLURM states of a job that may still produce a result.
+ALIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "COMPLETING", "CONFIGURING", "RESIZING", "SUSPENDED",
+                "PREEMPTED", "REQUEUE_HOLD", "REQUEUE_FED", "SIGNALING", "STAGE_OUT", "RESV_DEL_HOLD"}
+RUNNING_STATES = {"RUNNING", "COMPLETING", "SIGNALING", "STAGE_OUT"}
+#: Why a job that left no result ended, by its SLURM state.
+STATE_REASONS = {
+    "OUT_OF_MEMORY": "out of memory",
+    "TIMEOUT": "time limit reached",
+    "CANCELLED": "cancelled",
+    "NODE_FAIL": "node failure",
+    "BOOT_FAIL": "node failed to boot",
+    "DEADLINE": "deadline reached",
+    "PREEMPTED": "preempted and not requeued",
+    "FAILED": "the job process died",
+    "COMPLETED": "the job ended without writing a result",
+}
+#: Seconds to wait for a result file after SLURM says the job ended (shared filesystems lag).
+RESULT_GRACE_S = 15.0
+#: Seconds a job may be unknown to sacct (just submitted) before squeue is asked whether it exists.
+UNKNOWN_GRACE_S = 30.0
+STDERR_TAIL_LINES = 20
+
+
+class SweepJob(submitit.helpers.Checkpointable):
+    """The callable each SLURM job runs: picklable, holding only the resolved config as JSON.
+
+    Being Checkpointable, a timed-out or preempted job is requeued with the same arguments;
+    resuming is the method's business (checkpoints in its workdir).
+    """
+
+    def __init__(self, cfg_json: dict[str, Any]):
+        self.cfg_json = cfg_json
+
+    def __call__(self, spec_dict: dict[str, Any]) -> dict[str, Any]:
+        spec = JobSpec(**spec_dict)
+        try:
+            from harness.job import run_job
+            from harness.runtime import SMALL_MODEL_PARAMS, configure_threads, resolve_device
+            from harness.workspace import Workspace
+
+            cfg = SweepConfig.model_validate(self.cfg_json)
+            ws = Workspace(cfg)
+            n_params = sum(p.numel() for p in ws.pretrained_encoder.parameters())
+            threads: int | str = cfg.threads
+            slurm_cpus = os.environ.get("SLURM_CPUS_PER_TASK")
+            if threads == "auto" and slurm_cpus and not os.environ.get("OMP_NUM_THREADS"):
+                threads = 1 if n_params < SMALL_MODEL_PARAMS else int(slurm_cpus)  # the job's CPUs, not the node's
+            configure_threads(threads, n_params)
+            device = resolve_device(cfg.device)
+            workdir = cfg.resolved_output_dir() / "work" / spec.key
+            return run_job(spec, ws, device, workdir).to_dict()
+        except Exception as exc:  # the workspace itself failed on the node: still a result, not a crash
+            import traceback
+
+            return JobResult(spec.key, spec.kind, spec.label, spec.params, spec.task, status="failed",
+                             error=f"{type(exc).__name__}: {exc}",
+                             error_detail=traceback.format_exc(limit=-5)).to_dict()
+
+
+# ---------------------------------------------------------------------------------------
+# The submission record
+
+
+class SubmissionLog:
+    """``<output_dir>/slurm/submitted.json``: per job key, its current SLURM job id and history.
+
+    Written only by the driver (atomically); jobs never touch it.
+    """
+
+    def __init__(self, folder: Path):
+        self.path = folder / "submitted.json"
+
+    def load(self) -> dict[str, dict[str, Any]]:
+        data = read_json(self.path) or {}
+        return dict(data.get("jobs", {}))
+
+    def record(self, entries: dict[str, dict[str, Any]]) -> None:
+        jobs = self.load()
+        for key, entry in entries.items():
+            old = jobs.get(key, {})
+            history = list(old.get("history", []))
+            history.append(entry["job_id"])
+            jobs[key] = {**entry, "history": history}
+        atomic_write_json(self.path, {"version": 1, "jobs": jobs})
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _tail(path: Path, lines: int = STDERR_TAIL_LINES) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.rstrip().splitlines()[-lines:])
+
+
+def _sacct_details(job_id: str) -> dict[str, str]:
+    """State and exit code of one job from accounting ({} when sacct is unavailable)."""
+    try:
+        out = subprocess.run(["sacct", "-j", job_id, "-X", "-n", "-P", "-o", "JobID,State,ExitCode,Elapsed"],
+                             capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    for line in out.splitlines():
+        parts = line.split("|")
+        if len(parts) == 4 and parts[0] == job_id:
+            return {"State": parts[1].split()[0], "ExitCode": parts[2], "Elapsed": parts[3]}
+    return {}
+
+
+def _in_queue(job_id: str) -> bool:
+    """Whether slurmctld still knows the job as queued or running (sacct may lag or be purged)."""
+    try:
+        out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True,
+                             timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return any(s.strip().upper() in ALIVE_STATES for s in out.splitlines())
+
+
+# ---------------------------------------------------------------------------------------
+# The executor
+
+
+@dataclass
+class _Tracked:
+    spec: JobSpec
+    job: Any  # a submitit Job
+    state: str = "PENDING"
+    started: bool = False
+    ended_at: float | None = None  # when SLURM first said the job ended (its result file may lag)
+    unknown_since: float | None = None
+    outcome: str | None = None  # "done" | "failed" once a result is known
+    show_tail: bool = False
+
+    @property
+    def job_id(self) -> str:
+        return str(self.job.job_id)
+
+    def log_path(self, failed: bool = False) -> Path:
+        return Path(self.job.paths.stderr if failed else self.job.paths.stdout)
+
+
+class SlurmExecutor:
+    """Runs JobSpecs as submitit job arrays (``kind: slurm``) or in-process (``kind: debug``).
+
+    Same interface as :class:`harness.executors.local.LocalExecutor`: ``run`` yields
+    ``(spec, JobResult)`` as jobs finish. ``submit`` (``--detach``) records and returns.
+    """
+
+    shows_progress = True  # its live table replaces the driver's progress bar
+    single_phase = True  # references and merges go out in one array
+
+    def __init__(self, cfg: SweepConfig, workspace: Any = None, progress: bool = False,
+                 console: Console | None = None):
+        self.cfg = cfg
+        self.kind = cfg.executor.kind
+        self.folder = cfg.resolved_output_dir() / "slurm"
+        self.log = SubmissionLog(self.folder)
+        self.progress = progress
+        self.console = console or Console(stderr=True)
+        self.collect_only = False
+        self._executor: Any = None
+
+    # -- submission ----------------------------------------------------------------------
+    def _submitit(self) -> Any:
+        if self._executor is None:
+            if self.kind == "slurm" and shutil.which("sbatch") is None:
+                raise HarnessError("executor.kind slurm: sbatch is not on PATH (not on a SLURM cluster?)")
+            ex = submitit.AutoExecutor(folder=self.folder, cluster=self.kind)
+            ex.update_parameters(**submitit_parameters(self.cfg))
+            self._executor = ex
+        return self._executor
+
+    def _submit(self, specs: list[JobSpec]) -> list[_Tracked]:
+        if not specs:
+            return []
+        jobs = self._submitit().map_array(SweepJob(self.cfg.model_dump(mode="json")), [s.to_dict() for s in specs])
+        if self.kind == "slurm":
+            self.log.record({s.key: {"job_id": str(j.job_id), "title": s.title, "kind": s.kind,
+                                     "submitted_at": _now()} for s, j in zip(specs, jobs)})
+        return [_Tracked(s, j) for s, j in zip(specs, jobs)]
+
+    def _reattach(self, specs: list[JobSpec]) -> tuple[list[_Tracked], list[JobSpec]]:
+        """Split specs into jobs found again (queued, running, or finished with a usable result)
+        and specs to submit (never submitted, or the last attempt died or failed)."""
+        if self.kind != "slurm":
+            return [], list(specs)
+        records = self.log.load()
+        found = {s.key: submitit.SlurmJob(folder=self.folder, job_id=records[s.key]["job_id"])
+                 for s in specs if s.key in records}
+        if found:
+            submitit.SlurmJob.watcher.update()
+        attach, submit = [], []
+        for s in specs:
+            job = found.get(s.key)
+            if job is None:
+                submit.append(s)
+                continue
+            if self.collect_only:
+                attach.append(_Tracked(s, job))
+                continue
+            if job.paths.result_pickle.exists():
+                usable = _usable_result(job)
+            else:
+                state = job.watcher.get_state(job.job_id, mode="cache").split()[0].upper()
+                usable = state in ALIVE_STATES or (state == "UNKNOWN" and _in_queue(job.job_id))
+            (attach if usable else submit).append(_Tracked(s, job) if usable else s)
+        return attach, submit
+
+    def known(self, specs: list[JobSpec]) -> list[JobSpec]:
+        """The specs that have a recorded submission (what ``collect`` can wait for)."""
+        self._require_cluster("collect")
+        records = self.log.load()
+        return [s for s in specs if s.key in records]
+
+    def submit(self, specs: list[JobSpec]) -> str:
+        """Submit without waiting (``--detach``); jobs already queued or running are not resubmitted."""
+        self._require_cluster("--detach")
+        attach, todo = self._reattach(specs)
+        tracked = self._submit(todo)
+        ids = sorted({t.job_id.split("_")[0] for t in tracked})
+        return (f"submitted {len(tracked)} jobs (SLURM {', '.join(ids) or '-'}), {len(attach)} already queued, "
+                f"running or finished; record: {self.log.path}\n"
+                f"check with `harness status`, gather results with `harness collect`")
+
+    def _require_cluster(self, what: str) -> None:
+        if self.kind != "slurm":
+            raise HarnessError(f"{what} needs executor.kind slurm (this sweep uses {self.kind!r}: jobs run in-process)")
+
+    # -- waiting -------------------------------------------------------------------------
+    def run(self, specs: list[JobSpec], on_start: Callable[[JobSpec], None] | None = None
+            ) -> Iterator[tuple[JobSpec, JobResult]]:
+        if not specs:
+            return
+        attach, todo = self._reattach(specs)
+        if self.collect_only:
+            todo = []  # collect never submits; run() only sees recorded specs then
+        tracked = attach + self._submit(todo)
+        if self.kind == "debug":
+            yield from self._run_debug(tracked, on_start)
+            return
+        yield from self._wait(tracked, on_start)
+
+    def _run_debug(self, tracked: list[_Tracked], on_start) -> Iterator[tuple[JobSpec, JobResult]]:
+        """submitit's debug jobs run in this process when their result is asked for."""
+        root = logging.getLogger()
+        root.addFilter(_quiet_debug_notice)
+        with self._live(tracked) as live:
+            for t in tracked:
+                t.state, t.started = "RUNNING", True
+                if on_start:
+                    on_start(t.spec)
+                live.refresh_table()
+                result = JobResult.from_dict(t.job.result())
+                t.state, t.outcome = ("COMPLETED", "done") if result.status == "ok" else ("FAILED", "failed")
+                live.refresh_table()
+                yield t.spec, result
+        root.removeFilter(_quiet_debug_notice)
+
+    def _wait(self, tracked: list[_Tracked], on_start) -> Iterator[tuple[JobSpec, JobResult]]:
+        watcher = submitit.SlurmJob.watcher
+        remaining = list(tracked)
+        poll = self.cfg.executor.poll_s
+        last_update = float("-inf")
+        with self._live(tracked) as live:
+            while remaining:
+                if time.monotonic() - last_update >= poll:
+                    watcher.update()
+                    last_update = time.monotonic()
+                changed = False
+                for t in list(remaining):
+                    state = watcher.get_state(t.job_id, mode="cache").split()[0].upper()
+                    if state != "UNKNOWN" and state != t.state:
+                        t.state, changed = state, True
+                    if not t.started and t.state in RUNNING_STATES:
+                        t.started = True
+                        if on_start:
+                            on_start(t.spec)
+                    result = self._poll(t)
+                    if result is None:
+                        continue
+                    remaining.remove(t)
+                    t.outcome = "done" if result.status == "ok" else "failed"
+                    live.refresh_table()
+                    if t.show_tail and result.error_detail:
+                        self._print_tail(t, result.error_detail)
+                    yield t.spec, result
+                if changed:
+                    live.refresh_table()
+                if remaining:
+                    time.sleep(min(1.0, poll))
+
+    def _poll(self, t: _Tracked) -> JobResult | None:
+        """The job's result if it has one now, a failed result if it ended without, else None."""
+        job, spec = t.job, t.spec
+        if job.paths.result_pickle.exists():
+            try:
+                return JobResult.from_dict(job.result())
+            except (submitit.core.utils.FailedJobError, submitit.core.utils.UncompletedJobError) as exc:
+                t.show_tail = True
+                return _failed(spec, f"SLURM job {t.job_id} raised: {_last_line(str(exc))}",
+                               f"{exc}\n--- stderr tail ({t.log_path(True)}) ---\n{_tail(t.log_path(True))}")
+        now = time.monotonic()
+        if t.state == "UNKNOWN":
+            t.unknown_since = t.unknown_since or now
+            if now - t.unknown_since < UNKNOWN_GRACE_S or _in_queue(t.job_id):
+                return None
+            t.show_tail = True
+            return _failed(spec, f"SLURM job {t.job_id} is unknown to sacct and squeue (is accounting "
+                           "configured?)", f"--- stderr tail ---\n{_tail(t.log_path(True))}")
+        t.unknown_since = None
+        if t.state in ALIVE_STATES:
+            t.ended_at = None
+            return None
+        t.ended_at = t.ended_at or now
+        grace = RESULT_GRACE_S if t.state == "COMPLETED" else min(3.0, RESULT_GRACE_S)
+        if now - t.ended_at < grace:
+            return None  # the result file may still be on its way (shared filesystems lag)
+        details = _sacct_details(t.job_id)
+        state = details.get("State", t.state)
+        reason = STATE_REASONS.get(state, f"ended in state {state}")
+        code = details.get("ExitCode", "")
+        if state == "FAILED" and code:
+            status, _, sig = code.partition(":")
+            reason += f" (killed by signal {sig})" if sig not in ("", "0") else f" (exit code {status})"
+        if state == "TIMEOUT":
+            reason += f" after {self.cfg.executor.timeout_min} min and no requeue"
+        t.show_tail = True
+        stderr = t.log_path(True)
+        return _failed(spec, f"SLURM job {t.job_id} {state}: {reason}; log {stderr}",
+                       f"--- stderr tail ({stderr}) ---\n{_tail(stderr)}")
+
+    def _print_tail(self, t: _Tracked, detail: str) -> None:
+        if self.progress:
+            self.console.print(f"[red]SLURM job {t.job_id}[/] ({t.spec.title}):", highlight=False)
+            self.console.print(detail, highlight=False, markup=False)
+
+    # -- display -------------------------------------------------------------------------
+    def _live(self, tracked: list[_Tracked]) -> "_LiveTable":
+        return _LiveTable(self.console if self.progress else None, tracked, self.kind)
+
+
+class _LiveTable:
+    """A live rich table of job states (pending / running / done / failed, with log paths)."""
+
+    MAX_ROWS = 30
+
+    def __init__(self, console: Console | None, tracked: list[_Tracked], kind: str):
+        self.console, self.tracked, self.kind = console, tracked, kind
+        self.live: Live | None = None
+
+    def __enter__(self) -> "_LiveTable":
+        if self.console is not None:
+            self.live = Live(self.render(), console=self.console, refresh_per_second=2, transient=False)
+            self.live.__enter__()
+        return self
+
+    def refresh_table(self) -> None:
+        if self.live is not None:
+            self.live.update(self.render())
+
+    def render(self) -> Table:
+        return job_table(self.tracked, self.kind)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.live is not None:
+            self.live.update(self.render())
+            self.live.__exit__(*exc)
+
+
+def display_state(t: _Tracked) -> str:
+    if t.outcome:
+        return t.outcome
+    if t.state in RUNNING_STATES or t.state == "COMPLETED":
+        return "running"
+    if t.state in {"REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"}:
+        return "requeued"
+    if t.state in ALIVE_STATES or t.state == "UNKNOWN":
+        return "pending"
+    return "failed"
+
+
+_STYLE = {"pending": "dim", "running": "cyan", "requeued": "yellow", "done": "green", "failed": "red"}
+_ORDER = ("running", "requeued", "failed", "pending", "done")
+
+
+def job_table(tracked: list[_Tracked], kind: str = "slurm", collected: set[str] | None = None) -> Table:
+    """One row per job: title, SLURM id, state, log path (stderr for failed jobs)."""
+    states = [display_state(t) for t in tracked]
+    counts = {s: states.count(s) for s in _ORDER if s in states}
+    title = f"{kind} jobs: " + ", ".join(f"{n} {s}" for s, n in counts.items())
+    table = Table(title=title, title_justify="left")
+    for col in ("job", "id", "state", "log") + (("collected",) if collected is not None else ()):
+        table.add_column(col, overflow="fold")
+    order = list(range(len(tracked)))
+    if len(tracked) > _LiveTable.MAX_ROWS:  # many jobs: the interesting ones first
+        order.sort(key=lambda i: _ORDER.index(states[i]))
+    for i in order[: _LiveTable.MAX_ROWS]:
+        t, s = tracked[i], states[i]
+        row = [t.spec.title, t.job_id, f"[{_STYLE[s]}]{s}[/]", str(t.log_path(failed=s == "failed"))]
+        if collected is not None:
+            row.append("yes" if t.spec.key in collected else "")
+        table.add_row(*row)
+    if len(tracked) > _LiveTable.MAX_ROWS:
+        table.add_row(f"... {len(tracked) - _LiveTable.MAX_ROWS} more", *[""] * (len(table.columns) - 1))
+    return table
+
+
+def _quiet_debug_notice(record: logging.LogRecord) -> bool:
+    """Drops the debug executor's per-job notice about where it copies log records."""
+    return not str(record.msg).startswith("Logging is written both to")
+
+
+def _usable_result(job: Any) -> bool:
+    """A finished job whose result is a success worth collecting (failures are retried)."""
+    try:
+        result = job.result()
+    except Exception:
+        return False
+    return isinstance(result, dict) and result.get("status") == "ok"
+
+
+def _failed(spec: JobSpec, error: str, detail: str) -> JobResult:
+    return JobResult(spec.key, spec.kind, spec.label, spec.params, spec.task, status="failed",
+                     error=error, error_detail=detail)
+
+
+def _last_line(text: str) -> str:
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not set(ln.strip()) <= {"-"}]
+    useful = [ln for ln in lines if not ln.startswith(("You can check", "or at paths", "- /"))]
+    return (useful or lines or [""])[-1][:500]
+
+
+def submitit_parameters(cfg: SweepConfig) -> dict[str, Any]:
+    """AutoExecutor parameters from ``executor:``; setup lines go as a list, never as one shell string."""
+    e = cfg.executor
+    params: dict[str, Any] = {
+        "name": f"harness-{cfg.name}",
+        "timeout_min": e.timeout_min,
+        "cpus_per_task": e.cpus_per_task,
+        "slurm_array_parallelism": e.array_parallelism,
+        # SLURM signals USR2 this long before the time limit: submitit then checkpoints and requeues
+        "slurm_signal_delay_s": min(90, e.timeout_min * 15),
+    }
+    if e.gpus_per_node:
+        params["gpus_per_node"] = e.gpus_per_node
+    if e.mem_gb is not None:
+        params["mem_gb"] = e.mem_gb
+    for key in ("partition", "account", "qos", "constraint"):
+        value = getattr(e, key)
+        if value is not None:
+            params[f"slurm_{key}"] = value
+    if e.setup:
+        params["slurm_setup"] = list(e.setup)
+    return params
+
+
+# ---------------------------------------------------------------------------------------
+# harness status
+
+
+def status_table(cfg: SweepConfig) -> tuple[Table, dict[str, int]]:
+    """The recorded submissions of a sweep: SLURM state, log, and whether the driver collected it."""
+    folder = cfg.resolved_output_dir() / "slurm"
+    records = SubmissionLog(folder).load()
+    if not records:
+        raise HarnessError(f"no SLURM submissions recorded under {folder} (run `harness sweep` with executor.kind slurm)")
+    results = cfg.resolved_output_dir() / "results"
+    tracked, collected = [], set()
+    for key, rec in records.items():
+        spec = JobSpec("merge", rec.get("title", key), key=key)
+        tracked.append(_Tracked(spec, submitit.SlurmJob(folder=folder, job_id=rec["job_id"])))
+        cached = read_json(results / f"{key}.json")
+        if cached and cached.get("status") == "ok":
+            collected.add(key)
+    submitit.SlurmJob.watcher.update()
+    for t in tracked:
+        t.state = t.job.watcher.get_state(t.job_id, mode="cache").split()[0].upper()
+        if t.state == "UNKNOWN" and _in_queue(t.job_id):
+            t.state = "PENDING"
+        if t.job.paths.result_pickle.exists():
+            t.outcome = "done" if _usable_result(t.job) else "failed"
+        elif t.state not in ALIVE_STATES and t.state != "UNKNOWN":
+            t.outcome = "failed"
+    states = [display_state(t) for t in tracked]
+    counts = {s: states.count(s) for s in _ORDER}
+    counts["collected"] = len(collected)
+    return job_table(tracked, collected=collected), counts

@@ -1,0 +1,141 @@
+"""Corrupted splits (determinism, caching, severity) and seen/unseen generalization sweeps."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from harness.config import validate_config
+from harness.runner import run_sweep
+from tasks.corruptions import PAPER_CORRUPTIONS, corrupt_image, corrupt_images, corrupted_split
+from tasks.synthetic import make_toy_task
+
+
+@pytest.fixture(scope="module")
+def image():
+    rng = np.random.RandomState(0)
+    img = np.zeros((32, 32, 3), np.uint8)
+    img[8:24, 8:24] = (200, 40, 90)
+    return np.clip(img + rng.randint(0, 30, img.shape), 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("name", PAPER_CORRUPTIONS)
+def test_each_corruption_is_deterministic_and_changes_the_image(name, image):
+    a = corrupt_image(image, name, 3, seed=11)
+    b = corrupt_image(image, name, 3, seed=11)
+    assert a.dtype == np.uint8 and a.shape == image.shape
+    assert np.array_equal(a, b)
+    assert np.abs(a.astype(int) - image).mean() > 0.5
+    assert not np.array_equal(corrupt_image(image, name, 1, 11), corrupt_image(image, name, 5, 11))
+
+
+def test_unknown_corruption_and_severity(image):
+    with pytest.raises(ValueError, match="unknown corruption 'fogg'"):
+        corrupt_image(image, "fogg", 2, 0)
+    with pytest.raises(ValueError, match="severity must be 1..5"):
+        corrupt_image(image, "contrast", 6, 0)
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    from tasks.embedded import load_task
+
+    return load_task("emb_mnist", size="tiny", cache_dir=str(tmp_path_factory.mktemp("emb")))
+
+
+def test_every_corruption_grows_with_severity(digits):
+    x = digits.raw("test")[0].numpy()[:40]
+    for name in PAPER_CORRUPTIONS:
+        dist = [np.abs(corrupt_images(x, name, s, 0).astype(float) - x).mean() for s in (1, 5)]
+        assert dist[1] > dist[0], (name, dist)
+
+
+@pytest.mark.parametrize("name", ["motion_blur", "contrast"])
+def test_accuracy_does_not_increase_with_severity(name, digits):
+    """A fixed model (logistic regression on clean pixels) loses accuracy as severity grows.
+
+    Tolerance: 2 points between neighbouring severities (sampling noise on 100 test images)."""
+    from sklearn.linear_model import LogisticRegression
+
+    tx, ty = digits.raw("train")
+    vx, vy = digits.raw("test")
+    clf = LogisticRegression(max_iter=3000).fit(tx.reshape(len(tx), -1).numpy() / 255.0, ty.numpy())
+
+    def acc(images: np.ndarray) -> float:
+        return 100 * clf.score(images.reshape(len(images), -1) / 255.0, vy.numpy())
+
+    accs = [acc(vx.numpy())] + [acc(corrupt_images(vx.numpy(), name, s, 0)) for s in range(1, 6)]
+    assert all(b <= a + 2.0 for a, b in zip(accs, accs[1:])), accs
+    assert accs[-1] < accs[0] - 20, accs
+
+
+def test_corrupted_split_is_cached(tmp_path, monkeypatch):
+    task = make_toy_task("toy_stripes", n_test=40)
+    first = corrupted_split(task, "spatter", 2, tmp_path, seed=3)
+    files = list((tmp_path / "corrupted").glob("*.npy"))
+    assert len(files) == 1
+
+    def boom(*a, **k):
+        raise AssertionError("recomputed a cached corrupted split")
+
+    monkeypatch.setattr("tasks.corruptions.corrupt_images", boom)
+    again = corrupted_split(task, "spatter", 2, tmp_path, seed=3)
+    assert torch.equal(first.tensors[0], again.tensors[0])
+    files[0].write_bytes(b"truncated")  # a damaged cache entry is rebuilt, never read as valid
+    monkeypatch.undo()
+    rebuilt = corrupted_split(task, "spatter", 2, tmp_path, seed=3)
+    assert torch.equal(first.tensors[0], rebuilt.tensors[0])
+
+
+def test_robustness_and_generalization_sweep(sweep_dict):
+    from harness.job import evaluate_encoder
+    from harness.workspace import Workspace
+    from methods.base import MergeContext
+    from methods.task_arithmetic import TaskArithmetic
+
+    d = dict(sweep_dict, unseen=["toy_colours"],
+             robustness={"tasks": ["toy_stripes", "toy_colours"], "corruptions": ["contrast", "gaussian_noise"]},
+             methods=[{"name": "task_arithmetic", "params": {"scaling": 0.5}}])
+    cfg = validate_config(d)
+    out = run_sweep(cfg, quiet=True)
+    assert not out.failed
+    ta = next(r for r in out.results if r.kind == "merge")
+    # the merge used the seen task only: recompute it independently
+    ws = Workspace(cfg)
+    merged = TaskArithmetic(scaling=0.5).merge(ws.pretrained_encoder, {"toy_stripes": ws.finetuned_encoder("toy_stripes")},
+                                              MergeContext())
+    ref = evaluate_encoder(ws, merged, cfg.task_names, torch.device("cpu"), robustness=True)
+    for k, v in ref.items():
+        assert ta.metrics[k] == pytest.approx(v), k
+    assert ta.metrics["unseen/toy_colours"] == ta.metrics["acc/toy_colours"]
+    assert ta.metrics["seen/avg"] == ta.metrics["acc/toy_stripes"] == ta.metrics["acc/avg"]
+    assert ta.metrics["robust/clean/avg"] == pytest.approx((ta.metrics["acc/toy_stripes"] + ta.metrics["acc/toy_colours"]) / 2)
+    client = MlflowClient(cfg.resolved_tracking_uri())
+    run = client.search_runs([client.get_experiment_by_name(cfg.name).experiment_id],
+                             f"tags.`harness.job_key` = '{ta.key}'")[0]
+    for c in ("contrast", "gaussian_noise"):
+        assert run.data.metrics[f"robust/{c}/avg"] == pytest.approx(ta.metrics[f"robust/{c}/avg"])
+        assert f"robust/{c}/toy_colours" in run.data.metrics
+    assert "unseen/avg" in run.data.metrics
+    md = (out.output_dir / "tables" / "robustness.md").read_text()
+    assert "| task_arithmetic |" in md and "gaussian_noise" in md
+    main = (out.output_dir / "tables" / "results.md").read_text()
+    assert "toy_colours (unseen)" in main
+
+
+@pytest.mark.parametrize("edit,fragment", [
+    ({"unseen": ["nope"]}, "unseen.0: not one of the sweep's tasks (got 'nope')"),
+    ({"seen": ["toy_stripes"], "unseen": ["toy_stripes"]}, "unseen: tasks both seen and unseen"),
+    ({"unseen": ["toy_stripes", "toy_colours"]}, "unseen: every task is unseen"),
+    ({"robustness": {"tasks": ["toy_stripes"], "corruptions": ["fogg"]}}, "robustness.corruptions: unknown corruption 'fogg'"),
+    ({"robustness": {"tasks": ["toy_stripes"], "severity": 9}}, "robustness.severity:"),
+    ({"robustness": {"tasks": ["toy_x"]}}, "robustness.tasks.0: not one of the sweep's tasks"),
+])
+def test_generalization_and_robustness_config_errors(edit, fragment, sweep_dict):
+    from harness.config import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        validate_config(dict(sweep_dict, **edit), "s.yaml")
+    assert fragment in str(e.value)
