@@ -209,6 +209,34 @@ def _store(target: str | None) -> tuple[str, str | None]:
 
 
 @main.command()
+@click.argument("target")
+@click.option("--tracking-uri", default=None, help="Store holding TARGET when it is a run id (default: MLFLOW_TRACKING_URI).")
+@click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False), help="Where to write the report.")
+def report(target: str, tracking_uri: str | None, out_dir: str | None) -> None:
+    """Build the paper's tables (md, csv, tex) and plots from MLflow.
+
+    TARGET is a sweep's output folder (its latest sweep run) or a sweep's parent run id."""
+    from harness.report import best_routing, build_report, load_sweep_from_mlflow
+    from harness.results import rich_table
+
+    if Path(target).is_dir():
+        db = Path(target).resolve() / "mlflow.db"
+        if not db.is_file():
+            fail(f"{target}: no mlflow.db in this folder")
+        uri, run_id, default_out = f"sqlite:///{db}", None, Path(target) / "report"
+    else:
+        uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+        if not uri:
+            fail(f"{target}: not a folder; for a run id give --tracking-uri or set MLFLOW_TRACKING_URI")
+        run_id, default_out = target, Path(f"report-{target[:8]}")
+    cfg, results, parent = load_sweep_from_mlflow(uri, run_id)
+    rep = build_report(cfg, results, Path(out_dir) if out_dir else default_out, best_routing(cfg, results))
+    for name, (header, body) in rep.tables.items():
+        console.print(rich_table(header, body, title=f"{name} ({cfg.name}, run {parent.info.run_id[:8]})"))
+    console.print(f"wrote {len(rep.files)} files to {Path(rep.files[0]).parent}")
+
+
+@main.command()
 @click.argument("file", required=False, type=click.Path(dir_okay=False))
 @click.argument("overrides", nargs=-1)
 @click.option("--from-scratch", is_flag=True, help="Retrain the pretrained model instead of using the shipped one.")
@@ -260,11 +288,17 @@ def convert(src: str, dst: str, trust_pickle: bool, arch: str | None) -> None:
 @click.option("--verify", is_flag=True, help="Compare HF folders' image features with transformers on random images.")
 def import_(src: str, dst: str, trust_pickle: bool, arch: str | None, projection: str | None, full: bool, verify: bool) -> None:
     """Import checkpoints: a Hugging Face CLIP folder, a task_vectors/state-dict file, or a folder of them."""
+    from rich.markup import escape
+
     from harness.checkpoints import import_checkpoints
 
-    for path in import_checkpoints(src, dst, trust_pickle=trust_pickle, arch=arch, projection=projection,
-                                   full=full, verify=verify):
-        console.print(f"wrote {path}", highlight=False)
+    try:
+        written = import_checkpoints(src, dst, trust_pickle=trust_pickle, arch=arch, projection=projection,
+                                     full=full, verify=verify)
+    except HarnessError as exc:  # messages hold literal brackets ('.[hf]', '[width, embed_dim]')
+        fail(escape(str(exc)))
+    for path in written:
+        console.print(f"wrote {path}", highlight=False, markup=False)
 
 
 if __name__ == "__main__":

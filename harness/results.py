@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -135,22 +133,6 @@ def rich_table(header: list[str], body: list[list[str]], title: str):
     for r in body:
         table.add_row(*r)
     return table
-
-
-def to_markdown(rows: list[Row], tasks: list[str], seen: list[str] | None = None) -> str:
-    return markdown_table(*table_records(rows, tasks, seen))
-
-
-def to_csv(rows: list[Row], tasks: list[str]) -> str:
-    header = ["method", "setting", *tasks, "avg", "norm_avg", "val_avg", "n_settings"]
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(header)
-    for r in rows:
-        w.writerow([r.method, r.setting, *[f"{r.acc[t]:.4f}" if t in r.acc else "" for t in tasks], f"{r.avg:.4f}",
-                    "" if r.norm is None else f"{r.norm:.4f}", "" if r.val_avg is None else f"{r.val_avg:.4f}",
-                    r.n_settings])
-    return buf.getvalue()
 
 
 def to_rich(rows: list[Row], tasks: list[str], seen: list[str] | None = None,

@@ -21,17 +21,8 @@ from harness.executors import make_executor
 from harness.job import JobResult
 from harness.plan import JobSpec, plan_jobs
 from harness.plots import job_artifact_files
-from harness.results import (
-    Row,
-    build_rows,
-    markdown_table,
-    normalized,
-    rich_table,
-    robustness_records,
-    to_csv,
-    to_markdown,
-    to_rich,
-)
+from harness.report import best_routing, build_report
+from harness.results import Row, build_rows, normalized, rich_table, robustness_records, to_rich
 from harness.runtime import configure_threads
 from harness.tracking import Tracker
 from harness.workspace import Workspace
@@ -149,16 +140,11 @@ def run_sweep(cfg: SweepConfig, console: Console | None = None, quiet: bool = Fa
             tracker.log_job(r, job_params(cfg, spec_by_key[r.key]), digest, files)
 
     rows = build_rows(ordered, cfg.task_names, [m.display for m in cfg.methods], cfg.merge_tasks)
-    tables = out / "tables"
-    written = {"results.md": to_markdown(rows, cfg.task_names, cfg.merge_tasks),
-               "results.csv": to_csv(rows, cfg.task_names)}
-    if cfg.robustness:
-        written["robustness.md"] = markdown_table(*robustness_records(rows, cfg.robustness.corruptions))
+    report = build_report(cfg, ordered, out / "report", best_routing(cfg, ordered))
     atomic_write_bytes(out / "resolved.yaml", dump_yaml(cfg).encode())
-    for name, text in written.items():
-        atomic_write_bytes(tables / name, text.encode())
-        tracker.log_artifact(tables / name, subdir="tables")
     tracker.log_artifact(out / "resolved.yaml")
+    for path in report.files:
+        tracker.log_artifact(path, subdir="report")
     summary = {f"{row.method}/acc/avg": row.avg for row in rows}
     tracker.log_summary_metrics({k.replace(" ", "_"): v for k, v in summary.items()})
     failed = [r for r in ordered if r.status != "ok"]

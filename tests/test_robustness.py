@@ -119,9 +119,9 @@ def test_robustness_and_generalization_sweep(sweep_dict):
         assert run.data.metrics[f"robust/{c}/avg"] == pytest.approx(ta.metrics[f"robust/{c}/avg"])
         assert f"robust/{c}/toy_colours" in run.data.metrics
     assert "unseen/avg" in run.data.metrics
-    md = (out.output_dir / "tables" / "robustness.md").read_text()
+    md = (out.output_dir / "report" / "robustness.md").read_text()
     assert "| task_arithmetic |" in md and "gaussian_noise" in md
-    main = (out.output_dir / "tables" / "results.md").read_text()
+    main = (out.output_dir / "report" / "main.md").read_text()
     assert "toy_colours (unseen)" in main
 
 
@@ -139,3 +139,31 @@ def test_generalization_and_robustness_config_errors(edit, fragment, sweep_dict)
     with pytest.raises(ConfigError) as e:
         validate_config(dict(sweep_dict, **edit), "s.yaml")
     assert fragment in str(e.value)
+
+
+def test_report_from_mlflow_matches_the_sweep(sweep_dict, tmp_path):
+    """`harness report` rebuilds, from MLflow alone, the tables the sweep printed."""
+    from click.testing import CliRunner
+
+    from harness.cli import main
+    from harness.report import load_sweep_from_mlflow
+    from harness.results import build_rows, table_records
+
+    d = dict(sweep_dict, unseen=["toy_colours"],
+             robustness={"tasks": ["toy_stripes"], "corruptions": ["contrast"]},
+             methods=[{"name": "task_arithmetic", "grid": {"scaling": [0.3, 0.7]}}, {"name": "weight_averaging"}])
+    cfg = validate_config(d)
+    out = run_sweep(cfg, quiet=True)
+    cfg2, results, parent = load_sweep_from_mlflow(cfg.resolved_tracking_uri())
+    assert parent.info.run_id == out.parent_run_id and cfg2 == cfg
+    rows = build_rows(results, cfg.task_names, [m.display for m in cfg.methods], cfg.merge_tasks)
+    assert table_records(rows, cfg.task_names, cfg.merge_tasks) == table_records(out.rows, cfg.task_names, cfg.merge_tasks)
+    r = CliRunner().invoke(main, ["report", str(out.output_dir), "--out", str(tmp_path / "rep")], env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    files = {p.name for p in (tmp_path / "rep").iterdir()}
+    assert {"main.md", "main.csv", "main.tex", "generalization.md", "robustness.tex", "accuracy.png",
+            "robustness.png"} <= files
+    tex = (tmp_path / "rep" / "main.tex").read_text()
+    assert "\\begin{tabular}" in tex and "task\\_arithmetic" in tex
+    gen = (tmp_path / "rep" / "generalization.csv").read_text().splitlines()
+    assert gen[0] == "method,seen avg,toy_colours,unseen avg"

@@ -32,7 +32,7 @@ def test_table_rows_and_selection(first_run):
         assert indiv[t] == next(r.metrics[f"acc/{t}"] for r in outcome.results if r.task == t)
     expected_norm = sum(rows["weight_averaging"].acc[t] / indiv[t] * 100 for t in TOY_TASKS) / len(TOY_TASKS)
     assert rows["weight_averaging"].norm == pytest.approx(expected_norm)
-    md = (outcome.output_dir / "tables" / "results.md").read_text()
+    md = (outcome.output_dir / "report" / "main.md").read_text()
     assert "| task_arithmetic |" in md and "norm avg" in md
 
 
@@ -75,9 +75,9 @@ def test_mlflow_contents(first_run):
     assert "acc/avg" in run.data.metrics and "norm_acc/avg" in run.data.metrics and "val/acc/avg" in run.data.metrics
     assert run.data.tags["harness.config_digest"] == cfg.digest()
     arts = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert "resolved.yaml" in arts and "tables" in arts
-    tables = {a.path for a in client.list_artifacts(parent.info.run_id, "tables")}
-    assert tables == {"tables/results.csv", "tables/results.md"}
+    assert "resolved.yaml" in arts and "report" in arts
+    report = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert {"report/main.md", "report/main.csv", "report/main.tex", "report/accuracy.png"} <= report
 
 
 def test_individual_beats_pretrained_after_finetuning(tmp_path, sweep_dict):

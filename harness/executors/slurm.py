@@ -21,6 +21,7 @@ import datetime as _dt
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import time
 from dataclasses import dataclass
@@ -137,17 +138,24 @@ def _tail(path: Path, lines: int = STDERR_TAIL_LINES) -> str:
 
 
 def _sacct_details(job_id: str) -> dict[str, str]:
-    """State and exit code of one job from accounting ({} when sacct is unavailable)."""
+    """State, exit code and killing signal of one job from accounting ({} without sacct)."""
     try:
-        out = subprocess.run(["sacct", "-j", job_id, "-X", "-n", "-P", "-o", "JobID,State,ExitCode,Elapsed"],
+        out = subprocess.run(["sacct", "-j", job_id, "-n", "-P", "-o", "JobID,State,ExitCode"],
                              capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError):
         return {}
+    details: dict[str, str] = {}
     for line in out.splitlines():
         parts = line.split("|")
-        if len(parts) == 4 and parts[0] == job_id:
-            return {"State": parts[1].split()[0], "ExitCode": parts[2], "Elapsed": parts[3]}
-    return {}
+        if len(parts) != 3:
+            continue
+        jid, state, code = parts
+        status, _, sig = code.partition(":")
+        if jid == job_id:
+            details.update(State=state.split()[0] if state else "UNKNOWN", ExitCode=status)
+        elif jid.startswith(job_id + ".") and sig not in ("", "0"):
+            details.setdefault("Signal", sig)  # the job's process (a step) was killed by this signal
+    return details
 
 
 def _in_queue(job_id: str) -> bool:
@@ -362,10 +370,12 @@ class SlurmExecutor:
         details = _sacct_details(t.job_id)
         state = details.get("State", t.state)
         reason = STATE_REASONS.get(state, f"ended in state {state}")
-        code = details.get("ExitCode", "")
-        if state == "FAILED" and code:
-            status, _, sig = code.partition(":")
-            reason += f" (killed by signal {sig})" if sig not in ("", "0") else f" (exit code {status})"
+        if details.get("Signal"):
+            sig = details["Signal"]
+            name = signal.Signals(int(sig)).name if sig.isdigit() and int(sig) in signal.valid_signals() else sig
+            reason += f" (killed by signal {sig}, {name})"
+        elif state == "FAILED" and details.get("ExitCode"):
+            reason += f" (exit code {details['ExitCode']})"
         if state == "TIMEOUT":
             reason += f" after {self.cfg.executor.timeout_min} min and no requeue"
         t.show_tail = True

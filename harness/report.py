@@ -1,0 +1,230 @@
+"""Paper-style reports: main, generalization and robustness tables (Markdown, CSV, LaTeX) and
+plots, built from a sweep's MLflow runs (or from the results a sweep just produced)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from harness.config import SweepConfig
+from harness.errors import HarnessError
+from harness.job import JobResult
+from harness.results import Row, build_rows, markdown_table, robustness_records, table_records
+
+
+@dataclass
+class Report:
+    tables: dict[str, tuple[list[str], list[list[str]]]]
+    files: list[Path] = field(default_factory=list)
+
+
+def generalization_records(rows: list[Row], seen: list[str], unseen: list[str]) -> tuple[list[str], list[list[str]]]:
+    header = ["method", "seen avg", *unseen, "unseen avg"]
+    body = []
+    for r in rows:
+        vals = [r.acc.get(t) for t in unseen]
+        if any(v is None for v in vals):
+            continue
+        body.append([r.method, f"{r.avg:.1f}", *[f"{v:.1f}" for v in vals], f"{sum(vals) / len(vals):.1f}"])
+    return header, body
+
+
+def latex_table(header: list[str], body: list[list[str]], caption: str) -> str:
+    """A booktabs tabular, via pandas (escaping included)."""
+    import pandas as pd
+
+    frame = pd.DataFrame(body, columns=header)
+    return frame.to_latex(index=False, caption=caption, escape=True, column_format="l" * 2 + "r" * (len(header) - 2))
+
+
+def csv_table(header: list[str], body: list[list[str]]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(header)
+    writer.writerows(body)
+    return buf.getvalue()
+
+
+def build_report(cfg: SweepConfig, results: list[JobResult], out: Path,
+                 routing: dict[str, Any] | None = None) -> Report:
+    """Write every table in three formats and the plots into ``out``; return what was written."""
+    out.mkdir(parents=True, exist_ok=True)
+    seen, tasks = cfg.merge_tasks, cfg.task_names
+    unseen = [t for t in tasks if t not in seen]
+    rows = build_rows(results, tasks, [m.display for m in cfg.methods], seen)
+    tables = {"main": table_records(rows, tasks, seen)}
+    captions = {"main": f"{cfg.name}: test top-1 accuracy (%), settings chosen on validation"}
+    if unseen:
+        tables["generalization"] = generalization_records(rows, seen, unseen)
+        captions["generalization"] = f"{cfg.name}: merged on {', '.join(seen)}; unseen {', '.join(unseen)}"
+    if cfg.robustness:
+        tables["robustness"] = robustness_records(rows, cfg.robustness.corruptions)
+        captions["robustness"] = (f"{cfg.name}: average accuracy on {', '.join(cfg.robustness.tasks)} "
+                                  f"under corruptions (severity {cfg.robustness.severity})")
+    report = Report(tables)
+    for name, (header, body) in tables.items():
+        for ext, text in (("md", markdown_table(header, body)), ("csv", csv_table(header, body)),
+                          ("tex", latex_table(header, body, captions[name]))):
+            path = out / f"{name}.{ext}"
+            path.write_text(text)
+            report.files.append(path)
+    report.files.append(plot_accuracy(rows, seen, out / "accuracy.png"))
+    if cfg.robustness:
+        report.files.append(plot_robustness(rows, cfg.robustness.corruptions, out / "robustness.png"))
+    if routing:
+        from harness.plots import routing_heatmap
+
+        report.files.append(routing_heatmap(routing, out / "routing.png"))
+    return report
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_accuracy(rows: list[Row], tasks: list[str], path: Path) -> Path:
+    """Grouped bars: per-task test accuracy of each method (and the references)."""
+    import numpy as np
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * (len(tasks) + 1)), 3.6))
+    labels = [*tasks, "avg"]
+    width = 0.8 / max(1, len(rows))
+    x = np.arange(len(labels))
+    for i, r in enumerate(rows):
+        vals = [r.acc.get(t, np.nan) for t in tasks] + [r.avg]
+        ax.bar(x + i * width - 0.4 + width / 2, vals, width, label=r.method)
+    ax.set_xticks(x, labels, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("test top-1 (%)")
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.3))
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def plot_robustness(rows: list[Row], corruptions: list[str], path: Path) -> Path:
+    import numpy as np
+
+    plt = _pyplot()
+    cols = ["clean", *corruptions]
+    fig, ax = plt.subplots(figsize=(max(6, 1.0 * len(cols)), 3.6))
+    rob = [r for r in rows if "robust/clean/avg" in r.metrics]
+    width = 0.8 / max(1, len(rob))
+    x = np.arange(len(cols))
+    for i, r in enumerate(rob):
+        ax.bar(x + i * width - 0.4 + width / 2, [r.metrics.get(f"robust/{c}/avg", np.nan) for c in cols], width,
+               label=r.method)
+    ax.set_xticks(x, cols, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("avg test top-1 (%)")
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=7, ncol=3)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def best_routing(cfg: SweepConfig, results: list[JobResult]) -> dict[str, Any] | None:
+    """Routing statistics of the val-selected setting of the first method that has them."""
+    for m in cfg.methods:
+        cands = [r for r in results if r.label == m.display and r.status == "ok" and r.artifacts.get("routing")]
+        if cands:
+            return max(cands, key=lambda r: r.metrics.get("val/acc/avg", float("-inf"))).artifacts["routing"]
+    return None
+
+
+# ---------------------------------------------------------------------------------------
+# Reading a sweep back from MLflow
+
+
+def _parse(value: str) -> Any:
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError:
+        return value
+
+
+def load_sweep_from_mlflow(tracking_uri: str, run_id: str | None = None) -> tuple[SweepConfig, list[JobResult], Any]:
+    """The sweep's resolved config and its jobs' results, from its parent run and nested runs.
+
+    Without ``run_id`` the most recent sweep parent run in the store is used."""
+    import tempfile
+
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    client = MlflowClient(tracking_uri)
+    try:
+        if run_id is None:
+            exps = client.search_experiments()
+            runs = client.search_runs([e.experiment_id for e in exps], "tags.`harness.kind` = 'sweep'",
+                                      max_results=1, order_by=["attributes.start_time DESC"])
+            if not runs:
+                raise HarnessError(f"{tracking_uri}: no sweep runs found")
+            parent = runs[0]
+        else:
+            parent = client.get_run(run_id)
+    except MlflowException as exc:
+        raise HarnessError(f"{tracking_uri}: {exc.message}") from None
+    with tempfile.TemporaryDirectory() as tmp:
+        local = client.download_artifacts(parent.info.run_id, "resolved.yaml", tmp)
+        cfg = SweepConfig.model_validate(yaml.safe_load(Path(local).read_text()))
+    children = client.search_runs([parent.info.experiment_id],
+                                  f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'", max_results=50000)
+    results = []
+    for run in children:
+        tags, params = run.data.tags, run.data.params
+        job_params = {k[len("job.params."):]: _parse(v) for k, v in params.items() if k.startswith("job.params.")}
+        artifacts: dict[str, Any] = {}
+        if tags.get("harness.kind") == "merge" and any(a.path == "routing.csv" for a in client.list_artifacts(run.info.run_id)):
+            with tempfile.TemporaryDirectory() as tmp:
+                artifacts["routing"] = read_routing_csv(Path(client.download_artifacts(run.info.run_id, "routing.csv", tmp)))
+        results.append(JobResult(
+            key=tags.get("harness.job_key", ""), kind=tags.get("harness.kind", "merge"),
+            label=tags.get("harness.label", run.info.run_name), params=job_params, task=tags.get("harness.task"),
+            status="ok" if run.info.status == "FINISHED" else "failed", metrics=dict(run.data.metrics),
+            error=tags.get("harness.failure_reason"), artifacts=artifacts))
+    return cfg, plan_order(cfg, results), parent
+
+
+def plan_order(cfg: SweepConfig, results: list[JobResult]) -> list[JobResult]:
+    """Results in the order the sweep planned them (ties in validation accuracy resolve alike)."""
+    from harness.config import expand_grid
+
+    kinds = {"pretrained": 0, "individual": 1, "perfect_routing": 2, "merge": 3}
+    labels = {m.display: i for i, m in enumerate(cfg.methods)}
+    grids = {m.display: expand_grid(m) for m in cfg.methods}
+    tasks = {t: i for i, t in enumerate(cfg.task_names)}
+
+    def key(r: JobResult) -> tuple:
+        grid = grids.get(r.label, [])
+        setting = grid.index(r.params) if r.params in grid else len(grid)
+        return kinds.get(r.kind, 9), tasks.get(r.task, -1), labels.get(r.label, -1), setting
+
+    return sorted(results, key=key)
+
+
+def read_routing_csv(path: Path) -> dict[str, Any]:
+    """Inverse of :func:`harness.plots.routing_csv`."""
+    experts: list[str] = []
+    weights: dict[str, dict[int, dict[str, float]]] = {}
+    with open(path) as fh:
+        for row in csv.DictReader(fh):
+            if row["expert"] not in experts:
+                experts.append(row["expert"])
+            weights.setdefault(row["data_task"], {}).setdefault(int(row["layer"]), {})[row["expert"]] = float(row["mean_weight"])
+    mean = {t: [[layers[li][e] for e in experts] for li in sorted(layers)] for t, layers in weights.items()}
+    n_layers = len(next(iter(mean.values()))) if mean else 0
+    return {"experts": experts, "layers": n_layers, "mean_weight": mean}
