@@ -95,7 +95,10 @@ def _import_hf(folder: Path, dst: Path, arch: str | None, projection, full: bool
 
 
 def _has_text_tower(folder: Path) -> bool:
-    return json.loads((folder / "config.json").read_text()).get("model_type") == "clip"
+    try:
+        return json.loads((folder / "config.json").read_text()).get("model_type") == "clip"
+    except (OSError, ValueError, AttributeError):
+        return False  # the converter reports what is wrong with the file
 
 
 def _tree_items(root: Path) -> list[Path]:
@@ -181,7 +184,7 @@ def checkpoint_arch(path: str | os.PathLike) -> str | None:
     try:
         info: dict[str, Any] = json.loads(side.read_text())
     except (OSError, ValueError) as exc:
-        raise HarnessError(f"{side}: not readable JSON ({exc})") from None
+        raise HarnessError(f"{side}: not readable JSON ({' '.join(str(exc).split())})") from None
     arch, cfg = info.get("arch"), info.get("open_clip_config")
     if arch and cfg and arch not in available_models():
         ensure_arch(arch, cfg, Path(path).parent / "model_configs")

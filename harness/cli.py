@@ -20,7 +20,9 @@ err_console = Console(stderr=True)
 
 
 def fail(message: str, code: int = 2) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    from rich.markup import escape
+
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     sys.exit(code)
 
 
@@ -117,6 +119,35 @@ def _report(cfg, outcome, quiet: bool) -> None:
         for r in outcome.failed:
             err_console.print(f"  {r.title} {r.params or ''}: {r.error}", highlight=False)
         sys.exit(1)
+
+
+@main.command()
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.argument("overrides", nargs=-1)
+@click.option("--method", "label", required=True, help="The method's label (or name) in the sweep.")
+@click.option("--trials", type=int, default=None, help="Override tune.n_trials.")
+@click.option("-q", "--quiet", is_flag=True)
+def tune(file: str, overrides: tuple[str, ...], label: str, trials: int | None, quiet: bool) -> None:
+    """Tune one method of FILE (its `tune:` block) without the rest of the sweep."""
+    from harness.config import validate_config
+
+    cfg = _load(file, overrides)
+    index = next((i for i, m in enumerate(cfg.methods) if m.display == label), None)
+    if index is None:
+        fail(f"{file}: no method labelled {label!r}; methods: {', '.join(m.display for m in cfg.methods)}")
+    if cfg.methods[index].tune is None:
+        fail(f"{file}: methods.{index}.tune: method {label!r} has no tune block")
+    raw = cfg.model_dump(mode="json")
+    raw["methods"] = [raw["methods"][index]]
+    if trials is not None:
+        raw["methods"][0]["tune"]["n_trials"] = trials
+    cfg = validate_config(raw, file)
+    from harness.runner import print_tables, run_sweep
+
+    outcome = run_sweep(cfg, quiet=quiet)
+    if quiet:
+        print_tables(console, cfg, outcome.rows)
+    sys.exit(1 if outcome.failed else 0)
 
 
 @main.command()

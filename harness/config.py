@@ -91,13 +91,80 @@ class TaskSpec(Strict):
     options: dict[str, Any] = Field(default_factory=dict)
 
 
+class ParamSpace(Strict):
+    """One tuned hyperparameter: float/int in [low, high] (optionally log or stepped), or categorical."""
+
+    type: Literal["float", "int", "categorical"]
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = Field(None, gt=0)
+    choices: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def _shape(self) -> "ParamSpace":
+        if self.type == "categorical":
+            if not self.choices:
+                raise ValueError("categorical needs non-empty 'choices'")
+        else:
+            if self.low is None or self.high is None:
+                raise ValueError(f"{self.type} needs 'low' and 'high'")
+            if self.low >= self.high:
+                raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+            if self.log and self.low <= 0:
+                raise ValueError("log scale needs low > 0")
+            if self.log and self.step is not None:
+                raise ValueError("'step' and 'log' cannot be combined")
+        return self
+
+    def grid_values(self) -> list[Any]:
+        """The values a grid sampler enumerates (categorical choices, or low..high by step)."""
+        if self.type == "categorical":
+            return list(self.choices or [])
+        if self.step is None:
+            raise ValueError("grid sampling needs 'step' for numeric parameters")
+        n = int(round((self.high - self.low) / self.step))
+        values = [self.low + i * self.step for i in range(n + 1)]
+        return [int(round(v)) for v in values] if self.type == "int" else [round(v, 12) for v in values]
+
+
+class TuneSpec(Strict):
+    """Optuna search over some hyperparameters; always on a validation metric."""
+
+    n_trials: int = Field(20, ge=1, le=100000)
+    n_parallel: int | None = Field(None, ge=1, le=1024, description="trials in flight (default: executor workers)")
+    sampler: Literal["tpe", "cmaes", "random", "grid"] = "tpe"
+    pruner: Literal["none", "median", "hyperband"] = "none"
+    objective: str = Field("val/acc/avg", description="maximised; must be a validation metric")
+    space: dict[str, ParamSpace] = Field(min_length=1)
+    storage: str | None = Field(None, description="Optuna storage URL; default a journal file in the outputs")
+    study_name: str | None = None
+    seed: int | None = Field(None, ge=0, description="sampler seed (default: the sweep seed)")
+
+    @field_validator("objective")
+    @classmethod
+    def _val_only(cls, v: str) -> str:
+        if not v.startswith("val/"):
+            raise ValueError("must be a validation metric ('val/...'): test metrics never choose hyperparameters")
+        return v
+
+    @model_validator(mode="after")
+    def _grid(self) -> "TuneSpec":
+        if self.sampler == "grid":
+            for name, p in self.space.items():
+                if p.type != "categorical" and p.step is None:
+                    raise ValueError(f"sampler 'grid' needs 'step' (or categorical choices) for {name!r}")
+        return self
+
+
 class MethodSpec(Strict):
-    """One method entry: fixed params plus an optional grid (cartesian product)."""
+    """One method entry: fixed params plus an optional grid (cartesian product) or tuning."""
 
     name: str
     label: str | None = None
     params: dict[str, Any] = Field(default_factory=dict)
     grid: dict[str, list[Any]] = Field(default_factory=dict)
+    tune: TuneSpec | None = None
 
     @field_validator("grid")
     @classmethod
@@ -112,6 +179,10 @@ class MethodSpec(Strict):
         both = set(self.params) & set(self.grid)
         if both:
             raise ValueError(f"{sorted(both)} given both in params and grid")
+        if self.tune and self.grid:
+            raise ValueError("give either 'grid' or 'tune', not both")
+        if self.tune and set(self.params) & set(self.tune.space):
+            raise ValueError(f"{sorted(set(self.params) & set(self.tune.space))} given both in params and tune.space")
         return self
 
     @property
@@ -440,6 +511,8 @@ def check_methods(cfg: SweepConfig, file: str) -> None:
         except KeyError as exc:
             raise ConfigError(file, f"methods.{i}.name", str(exc.args[0]), show_value=False) from None
         fields = set(cls.model_fields)
+        if m.tune:
+            check_space(cls, m, i, file)
         for where in ("params", "grid"):
             for key in getattr(m, where):
                 if key not in fields:
@@ -457,6 +530,25 @@ def check_methods(cfg: SweepConfig, file: str) -> None:
                 where = "grid" if key in m.grid else "params"
                 msg = err["msg"].removeprefix("Value error, ")
                 raise ConfigError(file, f"methods.{i}.{where}.{key}", msg, err.get("input")) from None
+
+
+def check_space(cls: Any, m: MethodSpec, i: int, file: str) -> None:
+    """Every tuned name is a hyperparameter of the method, and the space's ends are valid values."""
+    for name, p in m.tune.space.items():
+        where = f"methods.{i}.tune.space.{name}"
+        if name not in cls.model_fields:
+            raise ConfigError(file, where, f"method {m.name!r} has no hyperparameter {name!r}; "
+                              f"it has {sorted(cls.model_fields) or 'none'}", show_value=False)
+        ends = p.choices if p.type == "categorical" else [p.low, p.high]
+        for value in ends:
+            if p.type == "int":
+                value = int(value)
+            try:
+                cls(**{**m.params, name: value})
+            except ValidationError as exc:
+                err = exc.errors()[0]
+                if err["loc"] and err["loc"][0] == name:
+                    raise ConfigError(file, where, err["msg"], value) from None
 
 
 def check_tasks(cfg: SweepConfig, file: str) -> None:

@@ -43,10 +43,10 @@ from typing import Any, Literal
 
 import torch
 
+from harness.convert import FORMAT
 from harness.errors import HarnessError
 from harness.models import file_digest, load_state_dict, register_model_configs, save_state_dict
 
-FORMAT = "harness-checkpoint/1"
 Kind = Literal["image_encoder", "clip"]
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
@@ -212,11 +212,11 @@ def _checked(cfg: dict[str, Any], defaults: dict[str, Any], derived: dict[str, i
     return full
 
 
-def _tower_cfg(width: int, layers: int, heads: int, inter: int) -> tuple[dict[str, Any], int]:
+def _tower_cfg(width: int, layers: int, inter: int) -> dict[str, Any]:
     cfg: dict[str, Any] = {"layers": layers, "width": width}
     if inter != 4 * width:
         cfg["mlp_ratio"] = inter / width
-    return cfg, heads
+    return cfg
 
 
 def hf_to_open_clip(
@@ -273,8 +273,9 @@ def hf_to_open_clip(
         )
     embed_dim = int(visual["proj"].shape[1])
     quick = _ACTIVATIONS[vcfg["hidden_act"]]
-    vision_cfg, v_heads = _tower_cfg(width, layers, int(vcfg["num_attention_heads"]), v_inter)
-    vision_cfg.update({"image_size": grid * patch, "patch_size": patch, "head_width": width // v_heads})
+    vision_cfg = _tower_cfg(width, layers, v_inter)
+    vision_cfg.update({"image_size": grid * patch, "patch_size": patch,
+                       "head_width": width // int(vcfg["num_attention_heads"])})
     oc_cfg: dict[str, Any] = {"embed_dim": embed_dim, "vision_cfg": vision_cfg, "text_cfg": dict(_PLACEHOLDER_TEXT)}
 
     tp = _prefix_of(state, "embeddings.token_embedding.weight", src)
@@ -304,8 +305,9 @@ def hf_to_open_clip(
                     "logit_scale": _take(state, outer + "logit_scale", used, src).reshape(())})
         out.update(tblocks)
         out.update(_ln(state, tp + "final_layer_norm", "ln_final", used, src))
-        text_cfg, t_heads = _tower_cfg(t_width, tlayers, int(tcfg["num_attention_heads"]), t_inter)
-        text_cfg.update({"context_length": int(tpos.shape[0]), "vocab_size": int(tok.shape[0]), "heads": t_heads})
+        text_cfg = _tower_cfg(t_width, tlayers, t_inter)
+        text_cfg.update({"context_length": int(tpos.shape[0]), "vocab_size": int(tok.shape[0]),
+                         "heads": int(tcfg["num_attention_heads"])})
         oc_cfg["text_cfg"] = text_cfg
     else:
         raise HarnessError(f"unknown checkpoint kind {kind!r} (image_encoder or clip)")
@@ -462,6 +464,8 @@ def convert_hf_checkpoint(
         proj_tensor, proj_digest = load_projection(projection)
     out_state, oc_cfg = hf_to_open_clip(state, config, kind, proj_tensor, folder)
     out = _output_path(Path(dst), folder)
+    if out.resolve() in {f.resolve() for f in weight_files(folder)}:
+        raise HarnessError(f"{out}: the destination is one of the source files")
     if arch is None:
         arch = match_arch(oc_cfg, kind)
         if arch is None:

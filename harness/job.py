@@ -19,6 +19,7 @@ from harness.evaluation import accuracy, unlabeled_batches
 from harness.models import ImageClassifier
 from harness.plan import JobSpec
 from harness.workspace import Workspace
+from methods.base import PruneTrial
 
 EVAL_SPLITS = ("val", "test")
 
@@ -30,7 +31,7 @@ class JobResult:
     label: str
     params: dict[str, Any]
     task: str | None
-    status: str  # "ok" | "failed"
+    status: str  # "ok" | "failed" | "pruned" (an Optuna trial stopped early)
     metrics: dict[str, float] = field(default_factory=dict)
     error: str | None = None
     error_detail: str | None = None
@@ -50,7 +51,7 @@ class JobResult:
 
 
 def evaluate_encoder(ws: Workspace, encoder: torch.nn.Module, task_names: list[str],
-                     device: torch.device, robustness: bool = False) -> dict[str, float]:
+                     device: torch.device, robustness: bool = False, test: bool = True) -> dict[str, float]:
     """acc/<task> (test) and val/acc/<task>; averages over the merged (seen) tasks; unseen and
     corrupted-split metrics when the sweep asks for them."""
     metrics: dict[str, float] = {}
@@ -62,10 +63,13 @@ def evaluate_encoder(ws: Workspace, encoder: torch.nn.Module, task_names: list[s
         clf = ImageClassifier(encoder, ws.head(task))
         return accuracy(clf, dataset, ws.cfg.eval.batch_size, device, ws.cfg.eval.max_samples)
 
-    for split, prefix in (("val", "val/acc"), ("test", "acc")):
+    splits = (("val", "val/acc"), ("test", "acc")) if test else (("val", "val/acc"),)
+    for split, prefix in splits:
         for t in task_names:
             metrics[f"{prefix}/{t}"] = acc(t, ws.task(t).dataset(split))
         metrics[f"{prefix}/avg"] = _mean(metrics[f"{prefix}/{t}"] for t in seen)
+    if not test:  # a tuning trial: validation only, test labels stay unseen
+        return metrics
     if unseen:
         metrics["seen/avg"] = metrics["acc/avg"]
         for t in unseen:
@@ -109,11 +113,14 @@ def run_job(spec: JobSpec, ws: Workspace, device: torch.device, workdir: Path) -
             result.metrics.update(artifact_metrics(artifacts))
             result.timings["merge"] = time.perf_counter() - t0
             t1 = time.perf_counter()
-            result.metrics.update(evaluate_encoder(ws, merged, ws.cfg.task_names, device, robustness=True))
+            final = spec.kind == "merge"
+            result.metrics.update(evaluate_encoder(ws, merged, ws.cfg.task_names, device, robustness=final, test=final))
             result.timings["evaluate"] = time.perf_counter() - t1
         bad = [k for k, v in result.metrics.items() if not math.isfinite(v)]
         if bad:
             raise FloatingPointError(f"non-finite metric {bad[0]}")
+    except PruneTrial as exc:
+        result.status, result.error = "pruned", str(exc) or "pruned"
     except MemoryError:
         result.status, result.error = "failed", "out of memory"
         result.error_detail = traceback.format_exc(limit=-3)
@@ -152,6 +159,28 @@ def perfect_routing_encoder(ws: Workspace, task: str, scaling: float) -> torch.n
     return with_state(ws.pretrained_encoder, state)
 
 
+def trial_reporter(handle: dict[str, Any]):
+    """ctx.report for an Optuna trial: intermediate objective values, and the pruner's verdict.
+
+    The trial is reopened from its storage, so this works in any process that can reach it."""
+    import optuna
+
+    from harness.tuning import make_pruner, open_storage
+
+    study = optuna.load_study(study_name=handle["study_name"], storage=open_storage(handle["storage"]),
+                              pruner=make_pruner(handle.get("pruner", "none")))
+    trial = optuna.trial.Trial(study, handle["trial_id"])
+    objective = handle["objective"]
+
+    def report(step: int, metrics: dict[str, float]) -> bool:
+        if objective in metrics:
+            trial.report(float(metrics[objective]), step)
+            return trial.should_prune()
+        return False
+
+    return report
+
+
 def merge(spec: JobSpec, ws: Workspace, device: torch.device, workdir: Path) -> tuple[torch.nn.Module, dict]:
     from methods.base import MergeContext, resolve_method
 
@@ -181,8 +210,9 @@ def merge(spec: JobSpec, ws: Workspace, device: torch.device, workdir: Path) -> 
         return out
 
     workdir.mkdir(parents=True, exist_ok=True)
+    report = trial_reporter(spec.trial) if spec.trial else None
     ctx = MergeContext(heads=heads, unlabeled=unlabeled, device=device, seed=ws.cfg.seed,
-                       progress=ws.progress, validate=validate, workdir=str(workdir))
+                       progress=ws.progress, validate=validate, workdir=str(workdir), report=report)
     torch.manual_seed(ws.cfg.seed)
     merged = method.merge(pretrained, finetuned, ctx)
     return merged, ctx.artifacts

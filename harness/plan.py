@@ -15,7 +15,7 @@ from harness.config import SweepConfig, expand_grid
 #: Bump when the meaning of a cached result changes.
 RESULT_VERSION = 1
 
-JobKind = Literal["pretrained", "individual", "perfect_routing", "merge"]
+JobKind = Literal["pretrained", "individual", "perfect_routing", "merge", "trial"]
 PER_TASK_KINDS = ("individual", "perfect_routing")
 
 
@@ -27,6 +27,7 @@ class JobSpec:
     params: dict[str, Any] = field(default_factory=dict)
     task: str | None = None  # the task of an "individual" reference job
     key: str = ""
+    trial: dict[str, Any] | None = None  # Optuna trial handle (storage, study, trial id, objective)
 
     @property
     def title(self) -> str:
@@ -68,37 +69,44 @@ def plan_jobs(cfg: SweepConfig, identity: dict[str, Any] | None = None,
         specs.extend(JobSpec("perfect_routing", "perfect routing", params={"scaling": refs.routing_bound_lambda},
                              task=t) for t in cfg.merge_tasks)
     for m in cfg.methods:
+        if m.tune:
+            continue  # tuned methods get their jobs from the study (harness.tuning)
         for setting in expand_grid(m):
             specs.append(JobSpec("merge", m.display, method=m.name, params=setting))
     if identity is None:
         return specs
-    keyed = []
-    for s in specs:
-        body = {
-            "v": RESULT_VERSION,
-            "kind": s.kind,
-            "task": s.task,
-            "model": {"arch": identity["arch"], "pretrained": identity["pretrained"],
-                      "heads": identity["heads"]},
-            "eval": {"max_samples": cfg.eval.max_samples},
-            "seed": cfg.seed,
-        }
-        if s.kind == "individual":
-            body["finetuned"] = identity["finetuned"][s.task]
-            body["tasks"] = {s.task: (task_identity or {}).get(s.task)}
-        elif s.kind == "perfect_routing":
-            body["finetuned"] = {t: identity["finetuned"][t] for t in cfg.merge_tasks}
-            body["params"] = s.params
-            body["tasks"] = {s.task: (task_identity or {}).get(s.task)}
-        else:
-            body["tasks"] = task_identity
-        if s.kind in ("merge", "pretrained"):
-            body["merge_tasks"] = cfg.merge_tasks
-            body["robustness"] = cfg.robustness.model_dump() if cfg.robustness else None
-        if s.kind == "merge":
-            body["finetuned"] = {t: identity["finetuned"][t] for t in cfg.merge_tasks}
-            body["method"] = method_class_id(s.method)
-            body["params"] = full_params(s.method, s.params)
-            body["adapt"] = cfg.adapt.model_dump()
-        keyed.append(JobSpec(s.kind, s.label, s.method, s.params, s.task, key=content_key(body)))
-    return keyed
+    return [with_key(cfg, s, identity, task_identity) for s in specs]
+
+
+def with_key(cfg: SweepConfig, s: JobSpec, identity: dict[str, Any],
+             task_identity: dict[str, Any] | None) -> JobSpec:
+    """The spec with its content key: everything that determines its result, nothing else."""
+    body = {
+        "v": RESULT_VERSION,
+        "kind": s.kind,
+        "task": s.task,
+        "model": {"arch": identity["arch"], "pretrained": identity["pretrained"],
+                  "heads": identity["heads"]},
+        "eval": {"max_samples": cfg.eval.max_samples},
+        "seed": cfg.seed,
+    }
+    if s.kind == "individual":
+        body["finetuned"] = identity["finetuned"][s.task]
+        body["tasks"] = {s.task: (task_identity or {}).get(s.task)}
+    elif s.kind == "perfect_routing":
+        body["finetuned"] = {t: identity["finetuned"][t] for t in cfg.merge_tasks}
+        body["params"] = s.params
+        body["tasks"] = {s.task: (task_identity or {}).get(s.task)}
+    else:
+        body["tasks"] = task_identity
+    if s.kind in ("merge", "pretrained", "trial"):
+        body["merge_tasks"] = cfg.merge_tasks
+        body["robustness"] = cfg.robustness.model_dump() if cfg.robustness and s.kind != "trial" else None
+    if s.kind in ("merge", "trial"):
+        body["finetuned"] = {t: identity["finetuned"][t] for t in cfg.merge_tasks}
+        body["method"] = method_class_id(s.method)
+        body["params"] = full_params(s.method, s.params)
+        body["adapt"] = cfg.adapt.model_dump()
+    if s.kind == "trial":  # a trial's result depends on its study (pruning decisions) too
+        body["study"] = {k: s.trial[k] for k in ("study_name", "number")}
+    return JobSpec(s.kind, s.label, s.method, s.params, s.task, key=content_key(body), trial=s.trial)

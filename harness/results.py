@@ -42,7 +42,7 @@ def normalized(metrics: dict[str, float], individual: dict[str, float], tasks: l
 
 
 def setting_text(params: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={v}" for k, v in params.items())
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
 
 
 def build_rows(results: list[JobResult], tasks: list[str], method_order: list[str],

@@ -114,17 +114,36 @@ def run_sweep(cfg: SweepConfig, console: Console | None = None, quiet: bool = Fa
     merges = [s for s in pending if s.kind == "merge"]
     phases = (pending,) if getattr(executor, "single_phase", False) else (refs, merges)
     t1 = time.perf_counter()
-    with _progress(console, show and not getattr(executor, "shows_progress", False), len(pending)) as bar:
-        for phase in phases:  # references first: normalized accuracy needs them
-            for spec, res in executor.run(phase, on_start=lambda s: bar.describe(s.title)):
+    tuned = [m for m in cfg.methods if m.tune] if mode == "run" else []
+    with _progress(console, show and not getattr(executor, "shows_progress", False), len(pending),
+                   always=bool(tuned)) as bar:
+
+        def execute(batch: list[JobSpec]) -> list[tuple[JobSpec, JobResult]]:
+            done = []
+            for spec, res in executor.run(batch, on_start=lambda s: bar.describe(s.title)):
                 res.artifacts = jsonable(res.artifacts)
-                if res.status == "ok":
+                if res.status in ("ok", "pruned"):
                     atomic_write_json(results_dir / f"{spec.key}.json", res.to_dict())
                 else:
                     console.print(f"[red]failed[/] {spec.title}: {res.error}")
                 results[spec.key] = res
                 executed.append(spec.key)
                 bar.advance()
+                done.append((spec, res))
+            return done
+
+        for phase in phases:  # references first: normalized accuracy needs them
+            execute(phase)
+        for m in tuned:  # each study runs its trials, then its best setting once on test
+            final = run_study(cfg, m, identity, task_identity, results_dir, tracker, execute, bar, out)
+            specs.append(final)
+            if final.key not in results:
+                cached = read_json(results_dir / f"{final.key}.json")
+                if cached and cached.get("status") == "ok":
+                    results[final.key] = JobResult.from_dict(cached)
+                else:
+                    bar.add(1)
+                    execute([final])
     timings["run"] = time.perf_counter() - t1
 
     t2 = time.perf_counter()
@@ -157,6 +176,36 @@ def run_sweep(cfg: SweepConfig, console: Console | None = None, quiet: bool = Fa
     return outcome
 
 
+def run_study(cfg: SweepConfig, m, identity: dict, task_identity: dict, results_dir: Path, tracker: Tracker,
+              execute, bar: "_progress", out: Path) -> JobSpec:
+    """Tune one method; trials are logged as runs nested under the method's tuning run."""
+    from harness.plan import with_key
+    from harness.tuning import StudyRunner, save_study_plots
+
+    runner = StudyRunner(cfg, m, identity, task_identity, cfg.executor.workers, results_dir)
+    tune_run = tracker.tuning_run(runner.name, m.display, m.tune.model_dump(mode="json"))
+
+    def run_batch(batch: list[JobSpec]) -> list[tuple[JobSpec, JobResult]]:
+        todo, done = [], []
+        for spec in batch:  # a trial whose job already finished (killed driver) is not rerun
+            cached = read_json(results_dir / f"{spec.key}.json")
+            if cached:
+                done.append((spec, JobResult.from_dict(cached)))
+            else:
+                todo.append(spec)
+        bar.add(len(todo))
+        return done + execute(todo)
+
+    def record(spec: JobSpec, result: JobResult, state: str) -> None:
+        tracker.log_trial(tune_run, runner.name, spec.trial["number"], spec.params, result, state,
+                          m.tune.objective)
+
+    best = runner.run(run_batch, record)
+    files = save_study_plots(runner.study, out / "optuna" / m.display)
+    tracker.finish_tuning_run(tune_run, best, runner.study.best_value, files)
+    return with_key(cfg, JobSpec("merge", m.display, method=m.name, params=best), identity, task_identity)
+
+
 def print_tables(console: Console, cfg: SweepConfig, rows: list[Row]) -> None:
     console.print(to_rich(rows, cfg.task_names, cfg.merge_tasks))
     if cfg.robustness:
@@ -168,8 +217,8 @@ def print_tables(console: Console, cfg: SweepConfig, rows: list[Row]) -> None:
 class _progress:
     """A rich progress bar over jobs, or nothing when quiet."""
 
-    def __init__(self, console: Console, show: bool, total: int):
-        self.console, self.show, self.total = console, show and total > 0, total
+    def __init__(self, console: Console, show: bool, total: int, always: bool = False):
+        self.console, self.show, self.total = console, show and (total > 0 or always), total
 
     def __enter__(self) -> "_progress":
         if self.show:
@@ -188,6 +237,12 @@ class _progress:
     def advance(self) -> None:
         if self.show:
             self.p.advance(self.t)
+
+    def add(self, n: int) -> None:
+        """More jobs than planned (tuning trials are asked as the study goes)."""
+        self.total += n
+        if self.show:
+            self.p.update(self.t, total=self.total)
 
     def __exit__(self, *exc: Any) -> None:
         if self.show:

@@ -122,6 +122,55 @@ class Tracker:
         self._logged.add(result.key)
         return rid
 
+    def _find_or_create(self, key: str, tags: dict[str, str]) -> tuple[str, bool]:
+        """A run identified by ``harness.run_key`` (reused on rerun), and whether it is new."""
+        runs = self.client.search_runs([self.experiment_id], f"tags.`harness.run_key` = '{key}'", max_results=1)
+        if runs:
+            return runs[0].info.run_id, False
+        run = self.client.create_run(self.experiment_id, tags={**tags, "harness.run_key": key})
+        return run.info.run_id, True
+
+    def tuning_run(self, study: str, label: str, tune: dict[str, Any]) -> str:
+        """The method's tuning run (child of the sweep run); trials nest under it."""
+        rid, new = self._find_or_create(f"tune:{study}", {
+            "mlflow.parentRunId": self.parent_id, "harness.kind": "tune", "harness.label": label,
+            "harness.study": study, "mlflow.runName": f"tune/{label}"})
+        if new:
+            self._log_params(rid, {"tune": tune})
+        else:
+            self.client.update_run(rid, status="RUNNING")
+        return rid
+
+    def log_trial(self, tune_run: str, study: str, number: int, params: dict[str, Any], result: Any,
+                  state: str, objective: str) -> None:
+        """One run per trial, logged once (a resumed study skips trials already logged)."""
+        from mlflow.entities import Metric
+
+        rid, new = self._find_or_create(f"trial:{study}#{number}", {
+            "mlflow.parentRunId": tune_run, "harness.kind": "trial", "harness.trial_number": str(number),
+            "harness.trial_state": state, "mlflow.runName": f"trial {number}"})
+        if not new:
+            return
+        self._log_params(rid, {"trial": params})
+        metrics = [Metric(k, float(v), 0, 0) for k, v in result.metrics.items()]
+        if state == "COMPLETE":
+            metrics.append(Metric("objective", float(result.metrics[objective]), 0, 0))
+        if metrics:
+            self.client.log_batch(rid, metrics=metrics)
+        if result.error:
+            self.client.set_tag(rid, "harness.failure_reason", result.error[:5000])
+        self.client.set_terminated(rid, status="FAILED" if state == "FAIL" else "FINISHED")
+
+    def finish_tuning_run(self, rid: str, best: dict[str, Any], best_value: float, files: list[Path]) -> None:
+        from mlflow.entities import Metric, RunTag
+
+        # tags, not params: a resumed study with more trials may find a better setting
+        tags = [RunTag(f"best.{k}", str(v)) for k, v in best.items()]
+        self.client.log_batch(rid, metrics=[Metric("best_objective", float(best_value), 0, 0)], tags=tags)
+        for f in files:
+            self.client.log_artifact(rid, str(f), "optuna")
+        self.client.set_terminated(rid, status="FINISHED")
+
     def log_artifact(self, path: Path, run_id: str | None = None, subdir: str | None = None) -> None:
         self.client.log_artifact(run_id or self.parent_id, str(path), subdir)
 

@@ -59,3 +59,27 @@ def make_sweep_dict(checkpoints, root) -> dict:
 @pytest.fixture
 def sweep_dict(micro_checkpoints, tmp_path):
     return make_sweep_dict(micro_checkpoints, tmp_path)
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoints(tmp_path_factory):
+    """Micro CLIP encoders really fine-tuned on three toy tasks: merges have a landscape."""
+    from harness.finetune import finetune_encoder
+    from harness.models import ImageClassifier, build_clip, get_tokenizer, save_state_dict, zeroshot_head
+    from tasks.synthetic import make_toy_task
+
+    root = tmp_path_factory.mktemp("trained")
+    torch.manual_seed(0)
+    clip = build_clip("harness-micro-vit")
+    save_state_dict(clip.state_dict(), root / "pretrained.safetensors")
+    tok = get_tokenizer("harness-micro-vit")
+    for task_name in TRAINED_TASKS:
+        task = make_toy_task(task_name)
+        head = zeroshot_head(clip, tok, task.prompts())
+        enc = finetune_encoder(clip.visual, head, task.dataset("train"), steps=80, lr=3e-3, batch_size=32,
+                               warmup=5, seed=0)
+        save_state_dict(enc.state_dict(), root / f"{task_name}.safetensors")
+    return root
+
+
+TRAINED_TASKS = ["toy_stripes", "toy_colours", "toy_checks"]

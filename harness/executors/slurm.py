@@ -139,21 +139,21 @@ def _tail(path: Path, lines: int = STDERR_TAIL_LINES) -> str:
 
 def _sacct_details(job_id: str) -> dict[str, str]:
     """State, exit code and killing signal of one job from accounting ({} without sacct)."""
+    from submitit.slurm.slurm import SlurmInfoWatcher
+
     try:
-        out = subprocess.run(["sacct", "-j", job_id, "-n", "-P", "-o", "JobID,State,ExitCode"],
+        out = subprocess.run(["sacct", "-j", job_id.split("_")[0], "-P", "-o", "JobID,State,ExitCode"],
                              capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError):
         return {}
-    details: dict[str, str] = {}
-    for line in out.splitlines():
-        parts = line.split("|")
-        if len(parts) != 3:
-            continue
-        jid, state, code = parts
-        status, _, sig = code.partition(":")
-        if jid == job_id:
-            details.update(State=state.split()[0] if state else "UNKNOWN", ExitCode=status)
-        elif jid.startswith(job_id + ".") and sig not in ("", "0"):
+    info = SlurmInfoWatcher().read_info(out).get(job_id)  # also expands never-started array ranges
+    if not info:
+        return {}
+    details = {"State": (info.get("State") or "UNKNOWN").split()[0], "ExitCode": info.get("ExitCode", "")}
+    for line in out.splitlines()[1:]:
+        jid, _, code = (line.split("|") + ["", ""])[:3]
+        sig = code.partition(":")[2]
+        if jid.startswith(job_id + ".") and sig not in ("", "0"):
             details.setdefault("Signal", sig)  # the job's process (a step) was killed by this signal
     return details
 
@@ -375,7 +375,7 @@ class SlurmExecutor:
             name = signal.Signals(int(sig)).name if sig.isdigit() and int(sig) in signal.valid_signals() else sig
             reason += f" (killed by signal {sig}, {name})"
         elif state == "FAILED" and details.get("ExitCode"):
-            reason += f" (exit code {details['ExitCode']})"
+            reason += f" (exit code {details['ExitCode'].partition(':')[0]})"
         if state == "TIMEOUT":
             reason += f" after {self.cfg.executor.timeout_min} min and no requeue"
         t.show_tail = True

@@ -1,0 +1,221 @@
+"""Optuna tuning of a method's hyperparameters through the sweep's executor.
+
+The driver owns the study: it asks for ``n_parallel`` trials, runs them as jobs through the
+same executor as every other job (local processes or SLURM), and tells their validation
+objective back. Jobs reopen their trial from the storage only to report intermediate values
+and ask the pruner. The default storage is an Optuna journal file in the sweep's output
+folder (safe on shared cluster filesystems); rerunning a sweep resumes its studies: finished
+trials are kept, trials a killed driver left RUNNING are re-asked with the same parameters.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+from harness.cache import read_json
+from harness.config import MethodSpec, SweepConfig, TuneSpec
+from harness.job import JobResult
+from harness.plan import JobSpec, with_key
+
+if TYPE_CHECKING:
+    import optuna
+
+
+def open_storage(spec: str):
+    """An Optuna storage from its spec: ``journal:<path>`` or any RDB URL (``sqlite:///...``)."""
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    if spec.startswith("journal:"):
+        path = Path(spec[len("journal:"):])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return JournalStorage(JournalFileBackend(str(path)))
+    return optuna.storages.RDBStorage(spec)
+
+
+def make_sampler(tune: TuneSpec, seed: int) -> "optuna.samplers.BaseSampler":
+    import optuna
+
+    if tune.sampler == "tpe":
+        return optuna.samplers.TPESampler(seed=seed)
+    if tune.sampler == "cmaes":
+        return optuna.samplers.CmaEsSampler(seed=seed)
+    if tune.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.GridSampler({k: p.grid_values() for k, p in tune.space.items()}, seed=seed)
+
+
+def make_pruner(name: str) -> "optuna.pruners.BasePruner":
+    import optuna
+
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=0)
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner()
+    return optuna.pruners.NopPruner()
+
+
+def distributions(tune: TuneSpec) -> dict[str, Any]:
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    out: dict[str, Any] = {}
+    for name, p in tune.space.items():
+        if p.type == "categorical":
+            out[name] = CategoricalDistribution(p.choices)
+        elif p.type == "int":
+            out[name] = IntDistribution(int(p.low), int(p.high), log=p.log, step=int(p.step or 1))
+        else:
+            out[name] = FloatDistribution(p.low, p.high, log=p.log, step=p.step)
+    return out
+
+
+def storage_spec(cfg: SweepConfig, tune: TuneSpec) -> str:
+    return tune.storage or f"journal:{cfg.resolved_output_dir() / 'optuna' / 'journal.log'}"
+
+
+def study_name(cfg: SweepConfig, m: MethodSpec) -> str:
+    return m.tune.study_name or f"{cfg.name}.{m.display}"
+
+
+def n_trials_possible(tune: TuneSpec) -> int:
+    if tune.sampler != "grid":
+        return tune.n_trials
+    size = 1
+    for p in tune.space.values():
+        size *= len(p.grid_values())
+    return min(tune.n_trials, size)
+
+
+class StudyRunner:
+    """Drives one method's study to ``n_trials`` finished (complete or pruned) trials."""
+
+    def __init__(self, cfg: SweepConfig, m: MethodSpec, identity: dict, task_identity: dict,
+                 workers: int, results_dir: Path):
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        self.cfg, self.m, self.tune = cfg, m, m.tune
+        self.identity, self.task_identity, self.results_dir = identity, task_identity, results_dir
+        self.n_parallel = self.tune.n_parallel or workers
+        self.storage = storage_spec(cfg, self.tune)
+        self.name = study_name(cfg, m)
+        self.study = optuna.create_study(study_name=self.name, storage=open_storage(self.storage),
+                                         sampler=make_sampler(self.tune, self.tune.seed if self.tune.seed is not None else cfg.seed),
+                                         pruner=make_pruner(self.tune.pruner), direction="maximize",
+                                         load_if_exists=True)
+        self.dists = distributions(self.tune)
+
+    def finished(self) -> int:
+        from optuna.trial import TrialState
+
+        return len(self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+
+    def spec(self, trial_id: int, number: int, params: dict[str, Any]) -> JobSpec:
+        handle = {"storage": self.storage, "study_name": self.name, "trial_id": trial_id, "number": number,
+                  "objective": self.tune.objective, "pruner": self.tune.pruner}
+        base = JobSpec("trial", self.m.display, method=self.m.name, params={**self.m.params, **params}, trial=handle)
+        return with_key(self.cfg, base, self.identity, self.task_identity)
+
+    def recover(self) -> list[tuple[JobSpec, JobResult | None]]:
+        """Trials left RUNNING by a killed driver: tell cached results, re-ask the rest."""
+        from optuna.trial import TrialState
+
+        pending = []
+        for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            spec = self.spec(t._trial_id, t.number, t.params)
+            cached = read_json(self.results_dir / f"{spec.key}.json")
+            pending.append((spec, JobResult.from_dict(cached) if cached else None))
+        return pending
+
+    def relog(self, record: Callable[[JobSpec, JobResult, str], None]) -> None:
+        """Finished trials whose MLflow run a killed driver did not write (record skips logged ones)."""
+        from optuna.trial import TrialState
+
+        for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
+            spec = self.spec(t._trial_id, t.number, t.params)
+            cached = read_json(self.results_dir / f"{spec.key}.json")
+            if cached:
+                record(spec, JobResult.from_dict(cached), t.state.name)
+
+    def ask(self, k: int) -> list[JobSpec]:
+        specs = []
+        for _ in range(k):
+            trial = self.study.ask(self.dists)
+            specs.append(self.spec(trial._trial_id, trial.number, trial.params))
+        return specs
+
+    def tell(self, spec: JobSpec, result: JobResult) -> str:
+        from optuna.trial import TrialState
+
+        number = spec.trial["number"]
+        if result.status == "ok" and self.tune.objective in result.metrics:
+            self.study.tell(number, result.metrics[self.tune.objective])
+            return "COMPLETE"
+        if result.status == "pruned":
+            self.study.tell(number, state=TrialState.PRUNED)
+            return "PRUNED"
+        if result.status == "ok":
+            result.status = "failed"
+            result.error = f"objective {self.tune.objective!r} not among the job's metrics"
+        self.study.tell(number, state=TrialState.FAIL)
+        return "FAIL"
+
+    def run(self, execute: Callable[[list[JobSpec]], list[tuple[JobSpec, JobResult]]],
+            record: Callable[[JobSpec, JobResult, str], None]) -> dict[str, Any]:
+        """Run trials until ``n_trials`` are finished; return the best parameters."""
+        from optuna.trial import TrialState
+
+        target = n_trials_possible(self.tune)
+        self.relog(record)
+        stale = self.recover()
+        for spec, cached in stale:
+            if cached is not None:
+                record(spec, cached, self.tell(spec, cached))
+            else:  # the killed run never finished it: same parameters again, as a new trial
+                self.study.tell(spec.trial["number"], state=TrialState.FAIL)
+                self.study.enqueue_trial({k: v for k, v in spec.params.items() if k in self.dists})
+        failures = 0
+        while self.finished() < target:
+            batch = self.ask(min(self.n_parallel, target - self.finished()))
+            for spec, result in execute(batch):
+                state = self.tell(spec, result)
+                failures += state == "FAIL"
+                record(spec, result, state)
+            if failures > max(3, target):
+                raise RuntimeError(f"study {self.name!r}: {failures} trials failed; see their MLflow runs")
+        best = {k: v for k, v in self.study.best_params.items()}
+        return {**self.m.params, **best}
+
+
+def save_study_plots(study: "optuna.Study", folder: Path) -> list[Path]:
+    """Optuna's optimization history, parameter importances and contour plots as PNG files."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from optuna.visualization import matplotlib as ovm
+
+    folder.mkdir(parents=True, exist_ok=True)
+    files = []
+    n_params = len(study.best_params) if study.best_trials else 0
+    plots = [("optimization_history", ovm.plot_optimization_history), ("param_importances", ovm.plot_param_importances)]
+    if n_params >= 2:
+        plots.append(("contour", ovm.plot_contour))
+    for name, fn in plots:
+        try:
+            with warnings.catch_warnings():  # optuna marks its matplotlib plots experimental
+                warnings.simplefilter("ignore")
+                ax = fn(study)
+        except (ValueError, RuntimeError, ZeroDivisionError) as exc:  # too few trials for this plot
+            logging.getLogger(__name__).info("skipped %s plot: %s", name, exc)
+            continue
+        fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
+        path = folder / f"{name}.png"
+        fig.savefig(path, dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        files.append(path)
+    return files

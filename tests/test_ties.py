@@ -1,0 +1,303 @@
+"""TIES-merging: hand-computed cases, the streaming implementation against the dense
+reference, exact thresholds, and the method end to end on a micro ViT."""
+
+from __future__ import annotations
+
+import copy
+
+import pydantic
+import pytest
+import torch
+
+import methods.ties as ties
+from methods.base import MergeContext, float_state, task_vectors
+from methods.ties import TiesMerging, keep_count, ties_merge_dense, ties_merge_streaming, trim_thresholds
+
+torch.set_num_threads(1)
+
+
+def tv(**tensors) -> dict[str, torch.Tensor]:
+    return {k: torch.tensor(v, dtype=torch.float32) for k, v in tensors.items()}
+
+
+# Streaming variants that exercise every selection path: sampled bracket, no sample
+# (histograms from the full range), a tiny sample that usually misses; and chunk borders.
+STREAMING = [
+    dict(),
+    dict(sample_size=0, chunk_size=64),
+    dict(sample_size=3, chunk_size=37),
+]
+TINY = STREAMING + [dict(sample_size=2, chunk_size=1)]
+
+
+def both(task_vecs, k, merge_function):
+    yield "dense", ties_merge_dense(task_vecs, k, merge_function)
+    for options in TINY if sum(v.numel() for v in task_vecs[0].values()) < 100 else STREAMING:
+        yield f"streaming{options}", ties_merge_streaming(task_vecs, k, merge_function, **options)
+
+
+def assert_close(result: dict, expected: dict, atol: float = 1e-6) -> None:
+    assert result.keys() == expected.keys()
+    for key in expected:
+        assert result[key].shape == expected[key].shape, key
+        assert torch.allclose(result[key], expected[key], rtol=0, atol=atol), (key, result[key], expected[key])
+
+
+# ---------------------------------------------------------------------------------------
+# Hand-computed cases.
+
+# P = 7 entries over two tensors, k = 50 -> keep floor(3.5) = 3 per task.
+HAND_TASKS = [
+    # |.| sorted: 5 4 3 2 1 0 0 -> threshold 3 -> keeps 5, 3, -4
+    tv(a=[[5, -1], [0, 3]], b=[-4, 2, 0]),
+    # |.| sorted: 9 6 2 2 2 2 0 -> threshold 2, tied four times -> keeps six entries
+    tv(a=[[-2, -6], [2, 2]], b=[2, -9, 0]),
+    # all negative; |.| sorted: 8 7 3 2 1 1 1 -> threshold 3 -> keeps -3, -7, -8
+    tv(a=[[-3, -1], [-7, -1]], b=[-1, -8, -2]),
+]
+# Trimmed (t1, t2, t3) per entry, mass, elected sign, kept values:
+#   a00 ( 5, -2, -3) mass  0 -> model-wide vote decides (below: -1) -> -2, -3
+#   a01 ( 0, -6,  0) mass -6 -> -6
+#   a10 ( 0,  2, -7) mass -5 -> -7            (task 2 dropped by the election)
+#   a11 ( 3,  2,  0) mass  5 -> 3, 2
+#   b0  (-4,  2,  0) mass -2 -> -4            (task 2 dropped)
+#   b1  ( 0, -9, -8) mass -17 -> -9, -8
+#   b2  ( 0,  0,  0) -> nothing kept -> 0
+# Vote: signs (0, -, -, +, -, -, 0) sum to -3 -> a00 elects negative.
+HAND_MEAN = tv(a=[[-2.5, -6], [-7, 2.5]], b=[-4, -8.5, 0])
+HAND_SUM = tv(a=[[-5, -6], [-7, 5]], b=[-4, -17, 0])
+
+
+def test_keep_count():
+    assert keep_count(7, 50) == 3
+    assert keep_count(10, 20) == 2
+    assert keep_count(10, 100) == 10
+    assert keep_count(10, 0.01) == 1  # at least one entry
+    with pytest.raises(ValueError):
+        keep_count(10, 0)
+
+
+def test_hand_thresholds():
+    assert ties.trim_thresholds(HAND_TASKS, 50) == [3.0, 2.0, 3.0]
+    assert ties.trim_thresholds(HAND_TASKS, 50, sample_size=0) == [3.0, 2.0, 3.0]
+
+
+@pytest.mark.parametrize("merge_function, expected", [("mean", HAND_MEAN), ("sum", HAND_SUM)])
+def test_hand_computed(merge_function, expected):
+    for name, result in both(HAND_TASKS, 50, merge_function):
+        assert_close(result, expected)
+
+
+def test_zero_threshold_keeps_everything():
+    # P = 6, k = 50 -> keep 3. Task 1 has two non-zero entries, so its third largest
+    # magnitude is 0 and every entry passes |x| >= 0 (the zeros contribute nothing).
+    tasks = [tv(w=[0, 3, 0, -1, 0, 0]), tv(w=[2, 4, 1, 5, 0, -3])]
+    assert trim_thresholds(tasks, 50) == [0.0, 3.0]
+    # trimmed task 2: [0, 4, 0, 5, 0, -3]; entry 3: (-1, 5) -> positive, task 1 dropped
+    for name, result in both(tasks, 50, "mean"):
+        assert_close(result, tv(w=[0, 3.5, 0, 5, 0, -3]))
+    for name, result in both(tasks, 50, "sum"):
+        assert_close(result, tv(w=[0, 7, 0, 5, 0, -3]))
+
+
+def test_zero_mass_takes_majority_sign():
+    # masses (0, 3): the vote is +1, so the zero-mass entry keeps the positive value
+    tasks = [tv(w=[3, 1]), tv(w=[-3, 2])]
+    for name, result in both(tasks, 100, "mean"):
+        assert_close(result, tv(w=[3, 1.5]))
+    for name, result in both(tasks, 100, "sum"):
+        assert_close(result, tv(w=[3, 3]))
+
+
+def test_tied_vote_selects_negative():
+    # masses (0, 3, -5): the vote ties at 0 and the zero-mass entry selects negatives
+    tasks = [tv(w=[3, 1, -5]), tv(w=[-3, 2, 0])]
+    for name, result in both(tasks, 100, "mean"):
+        assert_close(result, tv(w=[-3, 1.5, -5]))
+    for name, result in both(tasks, 100, "sum"):
+        assert_close(result, tv(w=[-3, 3, -5]))
+
+
+# ---------------------------------------------------------------------------------------
+# k = 100 against task arithmetic.
+
+
+def random_tasks(num_tasks, shapes, generator, quantized=False):
+    out = []
+    for _ in range(num_tasks):
+        sd = {}
+        for i, shape in enumerate(shapes):
+            if quantized:  # many exact ties, zeros and zero masses
+                sd[f"p{i}"] = torch.randint(-3, 4, shape, generator=generator).float()
+            else:
+                sd[f"p{i}"] = torch.randn(shape, generator=generator) * (0.01 * (i + 1))
+        out.append(sd)
+    return out
+
+
+def test_k100_sum_is_task_arithmetic_minus_minority():
+    """k = 100 keeps every entry, so with s = sign(sum_t tau_t) the disjoint sum is
+    sum_t tau_t - sum_t tau_t [sign(tau_t) = -s]: task arithmetic's sum of task vectors
+    without the contributions of minority sign. Where no task disagrees it is exactly
+    the task-arithmetic sum, and where all are non-zero and agree the mean is sum / T."""
+    g = torch.Generator().manual_seed(1)
+    tasks = random_tasks(4, [(30, 20), (17,)], g)
+    for key in tasks[0]:
+        stack = torch.stack([t[key] for t in tasks])
+        total = stack.sum(0)
+        s = torch.sign(total)
+        minority = (stack * (torch.sign(stack) == -s)).sum(0)
+        agree = (torch.sign(stack) == s).all(0)
+        assert 0 < int(agree.sum()) < agree.numel()  # both kinds of entries are present
+        for name, result in both(tasks, 100, "sum"):
+            assert torch.allclose(result[key], total - minority, atol=1e-6), name
+            assert torch.allclose(result[key][agree], total[agree], atol=1e-6), name
+        for name, result in both(tasks, 100, "mean"):
+            assert torch.allclose(result[key][agree], total[agree] / 4, atol=1e-6), name
+    flat = torch.cat([tasks[0][key].reshape(-1) for key in tasks[0]])
+    assert trim_thresholds(tasks[:1], 100) == [flat.abs().min().item()]
+
+
+# ---------------------------------------------------------------------------------------
+# Streaming == dense.
+
+
+@pytest.mark.parametrize(
+    "num_tasks, shapes, quantized",
+    [
+        (1, [(10,)], False),
+        (3, [(5,), (4, 3)], False),
+        (8, [(40, 7), (33,), (1, 1), (16, 16)], False),
+        (5, [(50, 20), (9,)], True),
+        (4, [(3, 4, 5), (2,)], True),
+    ],
+)
+def test_streaming_matches_dense(num_tasks, shapes, quantized):
+    g = torch.Generator().manual_seed(num_tasks * 31 + len(shapes))
+    tasks = random_tasks(num_tasks, shapes, g, quantized)
+    for k in [0.5, 5, 20, 50, 99.9, 100]:
+        for merge_function in ["mean", "sum"]:
+            dense = ties_merge_dense(tasks, k, merge_function)
+            for options in STREAMING:
+                fast = ties_merge_streaming(tasks, k, merge_function, **options)
+                diff = max(float((dense[key] - fast[key]).abs().max()) for key in dense)
+                assert diff <= 1e-6, (k, merge_function, options, diff)
+
+
+def test_streaming_from_finetuned_states_matches_dense():
+    g = torch.Generator().manual_seed(7)
+    base = {"w": torch.randn(20, 10, generator=g), "b": torch.randn(10, generator=g)}
+    finetuned = [{k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()} for _ in range(3)]
+    taus = [{k: ft[k] - base[k] for k in base} for ft in finetuned]
+    for merge_function in ["mean", "sum"]:
+        dense = ties_merge_dense(taus, 20, merge_function)
+        fast = ties_merge_streaming(finetuned, 20, merge_function, base=base, chunk_size=7)
+        assert_close(fast, dense)
+    # half-precision states: differences are formed in float32
+    half_base = {k: v.half() for k, v in base.items()}
+    half_ft = [{k: v.half() for k, v in ft.items()} for ft in finetuned]
+    half_taus = [{k: ft[k].float() - half_base[k].float() for k in base} for ft in half_ft]
+    assert_close(ties_merge_streaming(half_ft, 20, base=half_base), ties_merge_dense(half_taus, 20))
+
+
+def kth_largest(task: dict, k: float) -> float:
+    flat = torch.cat([v.reshape(-1).float() for v in task.values()]).abs()
+    return flat.kthvalue(flat.numel() - keep_count(flat.numel(), k) + 1).values.item()
+
+
+@pytest.mark.parametrize("cap", [None, 4])
+def test_thresholds_exact(monkeypatch, cap):
+    """Thresholds equal kthvalue exactly on every path, including histogram rounds that
+    narrow the range when too many candidates fall in a bracket (forced by a tiny cap)."""
+    if cap is not None:
+        monkeypatch.setattr(ties, "_COLLECT_CAP", cap)
+    g = torch.Generator().manual_seed(3)
+    cases = [
+        random_tasks(3, [(64, 9), (5,)], g),
+        random_tasks(2, [(30, 30)], g, quantized=True),
+        [{"w": torch.full((50,), 0.25)}],  # all tied
+        [{"w": torch.tensor([0.0] * 40 + [1e-30, 3e30])}],  # zeros and extreme magnitudes
+    ]
+    for tasks in cases:
+        for k in [1, 20, 50, 100] if cap is None else [20, 100]:
+            expected = [kth_largest(t, k) for t in tasks]
+            for options in STREAMING:
+                assert trim_thresholds(tasks, k, **options) == expected, (k, options)
+
+
+@pytest.mark.parametrize("cap", [None, 2])
+@pytest.mark.parametrize("bracket", [(0.0, 1e-6), (0.5, 1e3)])
+def test_thresholds_exact_when_the_sample_bracket_misses(monkeypatch, cap, bracket):
+    """A bracket that misses the threshold (too low, too high; with or without too many
+    candidates to hold) only costs extra passes: the result stays exact."""
+    g = torch.Generator().manual_seed(11)
+    tasks = []
+    for _ in range(2):
+        x = 0.3 * torch.randn(600, generator=g)
+        x[torch.rand(600, generator=g) < 0.3] = 0.0
+        tasks.append({"w": x})
+    bits = [ties._bits_of(torch.tensor(v)) for v in bracket]
+    monkeypatch.setattr(ties, "_sample_brackets", lambda *args: [tuple(bits)] * len(tasks))
+    if cap is not None:
+        monkeypatch.setattr(ties, "_COLLECT_CAP", cap)
+    expected = [kth_largest(t, 20) for t in tasks]
+    assert all(not bracket[0] <= e <= bracket[1] for e in expected)
+    assert trim_thresholds(tasks, 20) == expected
+
+
+def test_input_validation():
+    with pytest.raises(ValueError):
+        ties_merge_streaming([], 20)
+    with pytest.raises(ValueError):
+        ties_merge_dense([tv(w=[1.0]), tv(v=[1.0])], 20)
+    with pytest.raises(ValueError):
+        ties_merge_streaming([tv(w=[1.0, 2.0]), tv(w=[1.0])], 20)
+    with pytest.raises(ValueError):
+        ties_merge_streaming([tv(w=[1.0])], 20, "max")  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------------------
+# The method.
+
+
+def test_hyperparameters():
+    method = TiesMerging()
+    assert (method.k, method.scaling, method.merge_function) == (20.0, 1.0, "mean")
+    assert TiesMerging.registered_name == "ties"  # type: ignore[attr-defined]
+    for bad in [dict(k=0), dict(k=101), dict(scaling=-0.1), dict(scaling=10.5), dict(merge_function="max")]:
+        with pytest.raises(pydantic.ValidationError):
+            TiesMerging(**bad)
+    assert TiesMerging(k=100, merge_function="sum").k == 100
+
+
+@pytest.mark.parametrize("merge_function", ["mean", "sum"])
+def test_method_end_to_end(merge_function):
+    from harness.models import build_clip
+
+    torch.manual_seed(0)
+    pretrained = build_clip("harness-micro-vit").visual.eval()
+    before = {k: v.clone() for k, v in float_state(pretrained).items()}
+    g = torch.Generator().manual_seed(5)
+    finetuned = {}
+    for task in ["a", "b", "c"]:
+        model = copy.deepcopy(pretrained)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.02 * torch.randn(p.shape, generator=g))
+        finetuned[task] = model
+
+    method = TiesMerging(k=30, scaling=0.6, merge_function=merge_function)
+    merged = method.merge(pretrained, finetuned, MergeContext())
+
+    reference = ties_merge_dense(list(task_vectors(pretrained, finetuned).values()), 30, merge_function)
+    state = float_state(merged)
+    assert state.keys() == before.keys()
+    for key, value in state.items():
+        expected = before[key] + 0.6 * reference[key]
+        assert torch.allclose(value, expected, rtol=0, atol=1e-6), key
+    for key, value in float_state(pretrained).items():  # the inputs are untouched
+        assert torch.equal(value, before[key]), key
+    assert all(p.data_ptr() != q.data_ptr() for p, q in zip(merged.parameters(), pretrained.parameters()))
+    with torch.no_grad():
+        out = merged(torch.randn(2, 3, 16, 16))
+    assert out.shape == pretrained(torch.randn(2, 3, 16, 16)).shape

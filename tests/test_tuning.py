@@ -1,0 +1,174 @@
+"""Optuna tuning: recovers the grid's best lambda, resumes after a kill, prunes, stays on val."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from harness.config import ConfigError, validate_config
+from harness.runner import run_sweep
+from tests.conftest import TRAINED_TASKS, make_sweep_dict
+
+GRID = [round(0.05 * i, 2) for i in range(21)]
+
+
+def trained_sweep(ckpt: Path, root: Path, methods: list[dict]) -> dict:
+    d = make_sweep_dict(ckpt, root)
+    d["tasks"] = list(TRAINED_TASKS)
+    d["methods"] = methods
+    return d
+
+
+def tune_block(**kw) -> dict:
+    block = {"n_trials": 12, "sampler": "tpe", "space": {"scaling": {"type": "float", "low": 0.0, "high": 1.0}}}
+    block.update(kw)
+    return block
+
+
+def test_tuning_recovers_grid_best(trained_checkpoints, tmp_path):
+    d = trained_sweep(trained_checkpoints, tmp_path, [
+        {"name": "task_arithmetic", "label": "grid", "grid": {"scaling": GRID}},
+        {"name": "task_arithmetic", "label": "tuned", "tune": tune_block()},
+    ])
+    cfg = validate_config(d)
+    out = run_sweep(cfg, quiet=True)
+    assert not out.failed
+    grid = {r.params["scaling"]: r.metrics["val/acc/avg"] for r in out.results if r.label == "grid"}
+    top = max(grid.values())
+    argmax = [lam for lam, v in grid.items() if v == top]
+    tuned = next(r for r in out.results if r.label == "tuned" and r.kind == "merge")
+    lam = tuned.params["scaling"]
+    assert min(abs(lam - a) for a in argmax) <= 0.1 + 1e-9, (lam, argmax, grid)
+    row = next(r for r in out.rows if r.method == "tuned")
+    assert row.setting == f"scaling={lam:.4g}"  # the table shows the chosen hyperparameters
+    # MLflow: a tuning run with one nested run per trial and the best params; plots as artifacts
+    client = MlflowClient(cfg.resolved_tracking_uri())
+    exp = client.get_experiment_by_name(cfg.name).experiment_id
+    tune_run = client.search_runs([exp], "tags.`harness.kind` = 'tune'")[0]
+    trials = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{tune_run.info.run_id}'")
+    assert len(trials) == 12
+    assert {t.data.tags["harness.trial_state"] for t in trials} == {"COMPLETE"}
+    assert float(tune_run.data.tags["best.scaling"]) == pytest.approx(lam)
+    assert tune_run.data.metrics["best_objective"] == pytest.approx(max(t.data.metrics["objective"] for t in trials))
+    arts = {a.path for a in client.list_artifacts(tune_run.info.run_id, "optuna")}
+    assert "optuna/optimization_history.png" in arts
+    # test/val separation: trials never saw test labels
+    for t in trials:
+        assert "val/acc/avg" in t.data.metrics
+        assert not any(k.startswith("acc/") for k in t.data.metrics), t.data.metrics
+
+
+def test_pruning(trained_checkpoints, tmp_path):
+    space = {"quality": {"type": "float", "low": 0.0, "high": 100.0}}
+    d = trained_sweep(trained_checkpoints, tmp_path, [{
+        "name": "tests.tuning_methods:ReportingTaskArithmetic", "label": "rep",
+        "tune": {"n_trials": 10, "sampler": "random", "pruner": "median", "space": space}}])
+    d["references"] = False
+    cfg = validate_config(d)
+    out = run_sweep(cfg, quiet=True)
+    assert not out.failed
+    client = MlflowClient(cfg.resolved_tracking_uri())
+    exp = client.get_experiment_by_name(cfg.name).experiment_id
+    trials = client.search_runs([exp], "tags.`harness.kind` = 'trial'")
+    states = [t.data.tags["harness.trial_state"] for t in trials]
+    assert len(states) == 10 and "PRUNED" in states and "COMPLETE" in states
+    from harness.tuning import open_storage, storage_spec
+    import optuna
+
+    study = optuna.load_study(study_name=f"{cfg.name}.rep", storage=open_storage(storage_spec(cfg, cfg.methods[0].tune)))
+    pruned = [t for t in study.trials if t.state.name == "PRUNED"]
+    complete = [t for t in study.trials if t.state.name == "COMPLETE"]
+    assert pruned and max(t.params["quality"] for t in pruned) < max(t.params["quality"] for t in complete)
+
+
+def test_resume_after_kill(trained_checkpoints, tmp_path):
+    d = trained_sweep(trained_checkpoints, tmp_path, [
+        {"name": "task_arithmetic", "tune": tune_block(n_trials=8, n_parallel=1)}])
+    d["references"] = False
+    cfg_file = tmp_path / "tune.yaml"
+    cfg_file.write_text(yaml.safe_dump(d))
+    results = tmp_path / "out" / "results"
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    proc = subprocess.Popen([sys.executable, "-m", "harness.cli", "sweep", "-q", str(cfg_file)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        done = [p for p in results.glob("*.json")] if results.exists() else []
+        if sum('"kind": "trial"' in p.read_text() for p in done) >= 3:  # three trial jobs finished
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the study finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    r = subprocess.run([sys.executable, "-m", "harness.cli", "sweep", "-q", str(cfg_file)], env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    cfg = validate_config(d)
+    import optuna
+
+    from harness.tuning import open_storage, storage_spec
+
+    study = optuna.load_study(study_name=f"{cfg.name}.task_arithmetic",
+                              storage=open_storage(storage_spec(cfg, cfg.methods[0].tune)))
+    finished = [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]
+    assert len(finished) == 8
+    client = MlflowClient(cfg.resolved_tracking_uri())
+    exp = client.get_experiment_by_name(cfg.name).experiment_id
+    trials = client.search_runs([exp], "tags.`harness.kind` = 'trial'")
+    numbers = [t.data.tags["harness.trial_number"] for t in trials]
+    assert len(numbers) == len(set(numbers)) == 8
+    assert {int(n) for n in numbers} == {t.number for t in finished}
+    assert len(client.search_runs([exp], "tags.`harness.kind` = 'tune'")) == 1
+
+
+@pytest.mark.parametrize("tune,fragment", [
+    ({"space": {"lamda": {"type": "float", "low": 0, "high": 1}}},
+     "methods.0.tune.space.lamda: method 'task_arithmetic' has no hyperparameter 'lamda'"),
+    ({"space": {"scaling": {"type": "float", "low": -1, "high": 1}}}, "methods.0.tune.space.scaling:"),
+    ({"space": {"scaling": {"type": "float", "low": 1, "high": 0.5}}}, "low (1.0) must be below high (0.5)"),
+    ({"objective": "acc/avg", "space": {"scaling": {"type": "float", "low": 0, "high": 1}}},
+     "methods.0.tune.objective: must be a validation metric"),
+    ({"sampler": "grid", "space": {"scaling": {"type": "float", "low": 0, "high": 1}}}, "needs 'step'"),
+    ({"space": {"scaling": {"type": "categorical"}}}, "categorical needs non-empty 'choices'"),
+    ({"space": {"scaling": {"type": "float", "low": 0, "high": 1, "log": True}}}, "log scale needs low > 0"),
+    ({"space": {}}, "methods.0.tune.space:"),
+    ({"sampler": "bayes", "space": {"scaling": {"type": "float", "low": 0, "high": 1}}}, "methods.0.tune.sampler:"),
+])
+def test_search_space_errors(tune, fragment, sweep_dict):
+    d = dict(sweep_dict, methods=[{"name": "task_arithmetic", "tune": tune}])
+    with pytest.raises(ConfigError) as e:
+        validate_config(d, "s.yaml")
+    assert fragment in str(e.value), str(e.value)
+
+
+def test_tune_and_grid_together_refused(sweep_dict):
+    d = dict(sweep_dict, methods=[{"name": "task_arithmetic", "grid": {"scaling": [0.1]},
+                                   "tune": tune_block()}])
+    with pytest.raises(ConfigError, match="either 'grid' or 'tune'"):
+        validate_config(d, "s.yaml")
+
+
+def test_tune_command_runs_one_method(trained_checkpoints, tmp_path):
+    from click.testing import CliRunner
+
+    from harness.cli import main
+
+    d = trained_sweep(trained_checkpoints, tmp_path, [
+        {"name": "weight_averaging"},
+        {"name": "task_arithmetic", "label": "ta", "tune": tune_block(n_trials=50)}])
+    d["references"] = False
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump(d))
+    r = CliRunner().invoke(main, ["tune", str(f), "--method", "ta", "--trials", "3", "-q"], env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    assert "ta" in r.stdout and "weight_averaging" not in r.stdout
+    r = CliRunner().invoke(main, ["tune", str(f), "--method", "nope"])
+    assert r.exit_code == 2 and "no method labelled 'nope'" in r.stderr
