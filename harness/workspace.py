@@ -58,15 +58,33 @@ class Workspace:
                 if required:
                     raise HarnessError(f"model.finetuned: no checkpoint for task {t!r}")
                 continue
-            if not Path(path).is_file():
+            if not Path(path).exists():
                 if required or t in m.finetuned:
-                    raise HarnessError(f"model.finetuned.{t}: checkpoint file does not exist: {path}")
+                    raise HarnessError(f"model.finetuned.{t}: checkpoint does not exist: {path}")
                 continue
             finetuned[t] = path
-        pre = m.pretrained
-        if pre and ("/" in pre or Path(pre).suffix) and not Path(pre).is_file():
+        pre, arch = m.pretrained, m.arch
+        local_pre = bool(pre) and Path(pre).exists()
+        if pre and ("/" in pre or Path(pre).suffix) and not local_pre:
             raise HarnessError(f"model.pretrained: weights file does not exist: {pre}")
-        return {"arch": m.arch, "pretrained": pre, "finetuned": finetuned, "heads": dict(m.heads)}
+        if local_pre and self._foreign(pre):  # e.g. a Hugging Face CLIPModel folder: convert once, cached
+            from harness.checkpoints import checkpoint_arch, resolve_checkpoint
+
+            pre = str(resolve_checkpoint(pre, self.cfg.resolved_cache_dir(), kind="clip", arch=m.arch))
+            arch = checkpoint_arch(pre) or arch
+        for t, path in finetuned.items():
+            if self._foreign(path):
+                from harness.checkpoints import resolve_checkpoint
+
+                finetuned[t] = str(resolve_checkpoint(path, self.cfg.resolved_cache_dir(), arch=arch,
+                                                      projection=m.pretrained if local_pre else None))
+        return {"arch": arch, "pretrained": pre, "finetuned": finetuned, "heads": dict(m.heads)}
+
+    @staticmethod
+    def _foreign(path: str) -> bool:
+        """Not already in the harness's layout (a folder, or a file that is not safetensors)."""
+        p = Path(path)
+        return p.is_dir() or p.suffix != ".safetensors"
 
     @cached_property
     def identity(self) -> dict[str, Any]:

@@ -438,3 +438,25 @@ def test_sweep_inputs_from_hf_folders(tmp_path: Path) -> None:
             assert (enc(x) - ref).abs().max() <= 1e-5
     head = zeroshot_head(clip, get_tokenizer(arch), [["a photo of a cat"], ["a photo of a dog"]])
     assert head.shape == (2, 16) and torch.isfinite(head).all()
+
+
+def test_a_sweep_reads_hf_folders_directly(micro_checkpoints, tmp_path: Path) -> None:
+    """Fine-tuned checkpoints given as HF folders: converted once into the cache, same results."""
+    from harness.config import validate_config
+    from harness.models import load_state_dict
+    from harness.runner import run_sweep
+    from tests.conftest import TOY_TASKS, make_sweep_dict
+
+    base = make_sweep_dict(micro_checkpoints, tmp_path / "plain")
+    base["methods"] = [{"name": "task_arithmetic"}]
+    hf = dict(base, output_dir=str(tmp_path / "hf" / "out"), cache_dir=str(tmp_path / "hf" / "cache"))
+    hf["model"] = dict(base["model"], finetuned_pattern=None, finetuned={})
+    for t in TOY_TASKS:
+        enc = build_clip("harness-micro-vit").visual
+        enc.load_state_dict(load_state_dict(micro_checkpoints / f"{t}.safetensors"))
+        hf["model"]["finetuned"][t] = str(write_hf_folder(tmp_path / "hf-folders" / t, enc, "gelu"))
+    plain = run_sweep(validate_config(base), quiet=True)
+    folders = run_sweep(validate_config(hf), quiet=True)
+    assert not folders.failed, [r.error for r in folders.failed]
+    assert [r.metrics for r in folders.results] == [r.metrics for r in plain.results]
+    assert len(list((tmp_path / "hf" / "cache" / "checkpoints").glob("*.safetensors"))) == len(TOY_TASKS)
