@@ -68,6 +68,35 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return obj
 
 
+def tensor_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of a checkpoint's tensors; for safetensors from the header alone."""
+    path = Path(path)
+    if path.suffix == ".safetensors" and path.is_file():
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                return {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
+        except Exception as exc:
+            raise HarnessError(f"{path}: not a readable safetensors file ({exc})") from None
+    return {k: tuple(v.shape) for k, v in load_state_dict(path).items()}
+
+
+def check_encoder_shapes(path: str | os.PathLike, found: dict[str, tuple[int, ...]],
+                         expected: dict[str, tuple[int, ...]], arch: str) -> None:
+    """A fine-tuned checkpoint must hold exactly the pretrained image encoder's tensors."""
+    for k, shape in expected.items():
+        if k not in found:
+            raise HarnessError(f"{path}: tensor {k!r} of the pretrained image encoder is missing "
+                               f"(keys do not match {arch}'s image encoder)")
+        if tuple(found[k]) != tuple(shape):
+            raise HarnessError(f"{path}: tensor {k!r} has shape {tuple(found[k])}, pretrained has "
+                               f"{tuple(shape)} (different architecture?)")
+    extra = [k for k in found if k not in expected]
+    if extra:
+        raise HarnessError(f"{path}: unexpected tensor {extra[0]!r} (not an image encoder of {arch})")
+
+
 def save_state_dict(state: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None) -> None:
     """Atomic safetensors write (temp file + rename), so a killed writer leaves no half file."""
     from safetensors.torch import save_file

@@ -67,12 +67,13 @@ def run_sweep(cfg: SweepConfig, console: Console | None = None, quiet: bool = Fa
     console = console or Console(stderr=True, quiet=quiet)
     show = not quiet
     out = cfg.resolved_output_dir()
-    out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
 
     t0 = time.perf_counter()
     ws = Workspace(cfg, progress=show)
     identity = ws.identity  # builds/loads the model files (embedded suite: prepares them)
+    ws.preflight()  # bad checkpoints, data or heads: one error now, before anything is written
+    out.mkdir(parents=True, exist_ok=True)
     configure_threads(cfg.threads, sum(p.numel() for p in ws.pretrained_encoder.parameters()))
     task_identity = ws.task_identity()
     specs = plan_jobs(cfg, identity, task_identity)

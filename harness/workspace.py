@@ -20,6 +20,8 @@ from harness.config import SweepConfig
 from harness.errors import HarnessError
 from harness.models import (
     build_clip,
+    check_encoder_shapes,
+    tensor_shapes,
     file_digest,
     get_tokenizer,
     load_state_dict,
@@ -114,22 +116,24 @@ class Workspace:
             path = self.sources["finetuned"][task]
             state = load_state_dict(path)
             enc = copy.deepcopy(self.clip.visual)
-            expected = enc.state_dict()
-            for k, v in expected.items():
-                if k not in state:
-                    raise HarnessError(f"{path}: tensor {k!r} of the pretrained image encoder is missing")
-                if state[k].shape != v.shape:
-                    raise HarnessError(
-                        f"{path}: tensor {k!r} has shape {tuple(state[k].shape)}, "
-                        f"pretrained has {tuple(v.shape)} (different architecture?)"
-                    )
-            extra = [k for k in state if k not in expected]
-            if extra:
-                raise HarnessError(f"{path}: unexpected tensor {extra[0]!r} (not an image encoder of {self.sources['arch']})")
+            check_encoder_shapes(path, {k: tuple(v.shape) for k, v in state.items()}, self._encoder_shapes,
+                                 self.sources["arch"])
             enc.load_state_dict(state)
             enc.eval()
             self._finetuned[task] = enc
         return self._finetuned[task]
+
+    @cached_property
+    def _encoder_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: tuple(v.shape) for k, v in self.clip.visual.state_dict().items()}
+
+    def preflight(self) -> None:
+        """Check every input before anything runs or is written: checkpoint headers against the
+        pretrained encoder, each task's data, each head's class count. Raises HarnessError."""
+        for path in self.sources["finetuned"].values():
+            check_encoder_shapes(path, tensor_shapes(path), self._encoder_shapes, self.sources["arch"])
+        for t in self.cfg.task_names:
+            self.head(t)
 
     def finetuned_encoders(self) -> dict[str, nn.Module]:
         """The encoders that are merged: those of the seen tasks."""
@@ -179,7 +183,7 @@ class Workspace:
             stored = self.sources["heads"].get(task)
             if stored:
                 state = load_state_dict(stored)
-                head = state.get("weight", next(iter(state.values())))
+                head = state.get("weight", state.get("head", next(iter(state.values()))))
             else:
                 head = self._zeroshot_head(t)
             if head.shape[0] != t.num_classes:

@@ -9,6 +9,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
+from harness.errors import HarnessError
+
 SPLITS = ("train", "val", "test")
 
 # CLIP's normalisation; the embedded suite feeds images through the same statistics.
@@ -16,7 +18,7 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-class TaskDataError(ValueError):
+class TaskDataError(HarnessError, ValueError):
     """A task's data is unusable (missing folder, empty split, class mismatch)."""
 
 

@@ -1,0 +1,173 @@
+"""Bad checkpoints and data: one line naming the file and tensor or field, exit 2, nothing written.
+
+Together with tests/test_config_errors.py (bad sweep files) this is the bad-input corpus."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+
+from harness.cli import main
+from harness.models import build_clip, save_state_dict
+
+
+def _write(tmp_path, d) -> str:
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump(d))
+    return str(f)
+
+
+def _run_sweep(tmp_path, d):
+    r = CliRunner().invoke(main, ["sweep", "-q", _write(tmp_path, d)])
+    return r.exit_code, " ".join(r.stderr.split()), r.stdout
+
+
+def _with_ckpt(d, task, path):
+    d = copy.deepcopy(d)
+    d["model"]["finetuned"] = {task: str(path)}
+    return d
+
+
+class Evil:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("touch /tmp/harness-evil-marker",))
+
+
+def _encoder_state():
+    torch.manual_seed(0)
+    return build_clip("harness-micro-vit").visual.state_dict()
+
+
+def case_truncated(tmp_path, micro):
+    p = tmp_path / "trunc.safetensors"
+    p.write_bytes((micro / "toy_stripes.safetensors").read_bytes()[:200])
+    return p, ["trunc.safetensors", "not a readable safetensors file"]
+
+
+def case_garbage(tmp_path, micro):
+    p = tmp_path / "garbage.safetensors"
+    p.write_bytes(b"\x00" * 64)
+    return p, ["garbage.safetensors", "not a readable safetensors file"]
+
+
+def case_other_arch(tmp_path, micro):
+    p = tmp_path / "tiny.safetensors"
+    save_state_dict(build_clip("harness-tiny-vit").visual.state_dict(), p)
+    return p, ["tiny.safetensors: tensor 'class_embedding' has shape (128,), pretrained has (32,)"]
+
+
+def case_missing_key(tmp_path, micro):
+    state = _encoder_state()
+    state.pop("proj")
+    p = tmp_path / "nokey.safetensors"
+    save_state_dict(state, p)
+    return p, ["nokey.safetensors: tensor 'proj' of the pretrained image encoder is missing"]
+
+
+def case_prefixed_keys(tmp_path, micro):
+    state = {f"model.visual.{k}": v for k, v in _encoder_state().items()}
+    p = tmp_path / "prefixed.safetensors"
+    save_state_dict(state, p)
+    return p, ["prefixed.safetensors: tensor", "is missing"]
+
+
+def case_extra_key(tmp_path, micro):
+    state = _encoder_state()
+    state["head.weight"] = torch.zeros(3, 3)
+    p = tmp_path / "extra.safetensors"
+    save_state_dict(state, p)
+    return p, ["extra.safetensors: unexpected tensor 'head.weight'"]
+
+
+def case_evil_pickle(tmp_path, micro):
+    p = tmp_path / "evil.pt"
+    p.write_bytes(pickle.dumps(Evil()))
+    return p, ["evil.pt", "--trust-pickle"]
+
+
+def case_pickled_module(tmp_path, micro):
+    p = tmp_path / "module.pt"
+    torch.save(build_clip("harness-micro-vit").visual, p)
+    return p, ["module.pt", "--trust-pickle"]
+
+
+def case_missing_file(tmp_path, micro):
+    return tmp_path / "nope.safetensors", ["model.finetuned.toy_stripes: checkpoint does not exist", "nope.safetensors"]
+
+
+def case_tensor_pt_wrong_shape(tmp_path, micro):
+    state = _encoder_state()
+    state["conv1.weight"] = torch.zeros(1, 3, 8, 8)
+    p = tmp_path / "shape.pt"
+    torch.save(state, p)
+    return p, ["tensor 'conv1.weight' has shape (1, 3, 8, 8), pretrained has (32, 3, 8, 8)"]
+
+
+CASES = [case_truncated, case_garbage, case_other_arch, case_missing_key, case_prefixed_keys, case_extra_key,
+         case_evil_pickle, case_pickled_module, case_missing_file, case_tensor_pt_wrong_shape]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.__name__[5:] for c in CASES])
+def test_bad_checkpoint(case, sweep_dict, micro_checkpoints, tmp_path):
+    import os
+
+    marker = "/tmp/harness-evil-marker"
+    if os.path.exists(marker):
+        os.remove(marker)
+    path, fragments = case(tmp_path, micro_checkpoints)
+    d = _with_ckpt(sweep_dict, "toy_stripes", path)
+    code, err, out = _run_sweep(tmp_path, d)
+    assert code == 2, err + out
+    for f in fragments:
+        assert f in err, (f, err)
+    assert err.startswith("error: ") and "Traceback" not in err
+    assert not os.path.exists(marker)  # the pickle's payload never ran
+    assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_missing_pretrained(sweep_dict, tmp_path):
+    d = copy.deepcopy(sweep_dict)
+    d["model"]["pretrained"] = str(tmp_path / "missing" / "pre.safetensors")
+    code, err, _ = _run_sweep(tmp_path, d)
+    assert code == 2 and "model.pretrained: weights file does not exist" in err
+
+
+def test_head_class_count_mismatch(sweep_dict, tmp_path):
+    head = tmp_path / "head.safetensors"
+    save_state_dict({"weight": torch.randn(7, 32)}, head)
+    d = copy.deepcopy(sweep_dict)
+    d["model"]["heads"] = {"toy_colours": str(head)}
+    code, err, _ = _run_sweep(tmp_path, d)
+    assert code == 2 and "task 'toy_colours': head has 7 classes but the dataset has 4" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_empty_split(sweep_dict, tmp_path):
+    d = copy.deepcopy(sweep_dict)
+    d["tasks"] = [{"name": "toy_stripes", "options": {"n_val": 0}}, "toy_colours"]
+    code, err, _ = _run_sweep(tmp_path, d)
+    assert code == 2 and "task 'toy_stripes': split 'val' is empty" in err
+
+
+def test_bad_task_option(sweep_dict, tmp_path):
+    d = copy.deepcopy(sweep_dict)
+    d["tasks"] = [{"name": "toy_stripes", "options": {"colour": 3}}, "toy_colours"]
+    code, err, _ = _run_sweep(tmp_path, d)
+    assert code == 2 and "bad options for task 'toy_stripes'" in err
+
+
+def test_data_root_missing_for_real_dataset(sweep_dict, tmp_path):
+    d = copy.deepcopy(sweep_dict)
+    d["tasks"] = ["eurosat", "toy_colours"]
+    d["data_root"] = str(tmp_path / "no-data")
+    d["model"]["finetuned"] = {"eurosat": str(tmp_path / "x.safetensors")}
+    save_state_dict(_encoder_state(), tmp_path / "x.safetensors")
+    code, err, _ = _run_sweep(tmp_path, d)
+    assert code == 2 and "no-data" in err, err
