@@ -9,6 +9,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from harness.failpoints import failpoint
+
 
 def content_key(obj: Any, length: int = 20) -> str:
     """A stable hash of JSON-serialisable data (sorted keys)."""
@@ -24,6 +26,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        failpoint("cache_write")
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from harness.evaluation import accuracy, unlabeled_batches
+from harness.failpoints import failpoint
 from harness.models import ImageClassifier
 from harness.plan import JobSpec
 from harness.workspace import Workspace
@@ -67,6 +68,7 @@ def evaluate_encoder(ws: Workspace, encoder: torch.nn.Module, task_names: list[s
     for split, prefix in splits:
         for t in task_names:
             metrics[f"{prefix}/{t}"] = acc(t, ws.task(t).dataset(split))
+            failpoint("evaluate")
         metrics[f"{prefix}/avg"] = _mean(metrics[f"{prefix}/{t}"] for t in seen)
     if not test:  # a tuning trial: validation only, test labels stay unseen
         return metrics
@@ -109,6 +111,7 @@ def run_job(spec: JobSpec, ws: Workspace, device: torch.device, workdir: Path) -
             result.metrics = evaluate_encoder(ws, encoder, [spec.task], device)
         else:
             merged, artifacts = merge(spec, ws, device, workdir)
+            failpoint("merged")
             result.artifacts = artifacts
             result.metrics.update(artifact_metrics(artifacts))
             result.timings["merge"] = time.perf_counter() - t0

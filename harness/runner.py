@@ -18,6 +18,7 @@ from harness.cache import atomic_write_bytes, atomic_write_json, read_json
 from harness.config import SweepConfig, dump_yaml
 from harness.errors import HarnessError
 from harness.executors import make_executor
+from harness.failpoints import failpoint
 from harness.job import JobResult
 from harness.plan import JobSpec, plan_jobs
 from harness.plots import job_artifact_files
@@ -73,6 +74,7 @@ def run_sweep(cfg: SweepConfig, console: Console | None = None, quiet: bool = Fa
     ws = Workspace(cfg, progress=show)
     identity = ws.identity  # builds/loads the model files (embedded suite: prepares them)
     ws.preflight()  # bad checkpoints, data or heads: one error now, before anything is written
+    failpoint("prepare")
     out.mkdir(parents=True, exist_ok=True)
     configure_threads(cfg.threads, sum(p.numel() for p in ws.pretrained_encoder.parameters()))
     task_identity = ws.task_identity()
@@ -83,6 +85,8 @@ def run_sweep(cfg: SweepConfig, console: Console | None = None, quiet: bool = Fa
     tracker = Tracker(cfg)
     parent = tracker.start_sweep(digest, cfg.model_dump(mode="json"))
     results_dir = out / "results"
+    for stale in results_dir.glob(".*.tmp"):  # temp files of writes a killed run never renamed
+        stale.unlink(missing_ok=True)
 
     results: dict[str, JobResult] = {}
     pending: list[JobSpec] = []
@@ -116,6 +120,20 @@ def run_sweep(cfg: SweepConfig, console: Console | None = None, quiet: bool = Fa
     phases = (pending,) if getattr(executor, "single_phase", False) else (refs, merges)
     t1 = time.perf_counter()
     tuned = [m for m in cfg.methods if m.tune] if mode == "run" else []
+    spec_by_key = {s.key: s for s in specs}
+    log_now = False  # references first: normalized accuracy needs the individual results
+
+    def log(r: JobResult) -> None:
+        """Record a job in MLflow (once), with its normalized accuracy."""
+        if tracker.is_logged(r.key):
+            return
+        if r.status == "ok" and r.kind != "individual":
+            indiv = {x.task: x.metrics[f"acc/{x.task}"] for x in results.values()
+                     if x.kind == "individual" and x.status == "ok"}
+            r.metrics.update(normalized(r.metrics, indiv, cfg.merge_tasks))
+        files = job_artifact_files(r.artifacts, out / "artifacts" / r.key) if r.status == "ok" else []
+        tracker.log_job(r, job_params(cfg, spec_by_key[r.key]), digest, files)
+
     with _progress(console, show and not getattr(executor, "shows_progress", False), len(pending),
                    always=bool(tuned)) as bar:
 
@@ -123,21 +141,30 @@ def run_sweep(cfg: SweepConfig, console: Console | None = None, quiet: bool = Fa
             done = []
             for spec, res in executor.run(batch, on_start=lambda s: bar.describe(s.title)):
                 res.artifacts = jsonable(res.artifacts)
+                failpoint("job_done")
                 if res.status in ("ok", "pruned"):
                     atomic_write_json(results_dir / f"{spec.key}.json", res.to_dict())
                 else:
                     console.print(f"[red]failed[/] {spec.title}: {res.error}")
                 results[spec.key] = res
                 executed.append(spec.key)
+                if log_now and spec.kind != "trial":  # trials are logged under their study's run
+                    log(res)
                 bar.advance()
                 done.append((spec, res))
             return done
 
-        for phase in phases:  # references first: normalized accuracy needs them
+        for phase in phases:
             execute(phase)
+            if not log_now:
+                for s in specs:
+                    if s.key in results:
+                        log(results[s.key])
+                log_now = True
         for m in tuned:  # each study runs its trials, then its best setting once on test
             final = run_study(cfg, m, identity, task_identity, results_dir, tracker, execute, bar, out)
             specs.append(final)
+            spec_by_key[final.key] = final
             if final.key not in results:
                 cached = read_json(results_dir / f"{final.key}.json")
                 if cached and cached.get("status") == "ok":
@@ -149,17 +176,11 @@ def run_sweep(cfg: SweepConfig, console: Console | None = None, quiet: bool = Fa
 
     t2 = time.perf_counter()
     ordered = [results[s.key] for s in specs if s.key in results]  # collect: unsubmitted jobs are missing
-    indiv = {r.task: r.metrics.get(f"acc/{r.task}") for r in ordered if r.kind == "individual" and r.status == "ok"}
     for r in ordered:
-        if r.status == "ok" and r.kind != "individual":
-            r.metrics.update(normalized(r.metrics, indiv, cfg.merge_tasks))
-    spec_by_key = {s.key: s for s in specs}
-    for r in ordered:
-        if not tracker.is_logged(r.key):
-            files = job_artifact_files(r.artifacts, out / "artifacts" / r.key) if r.status == "ok" else []
-            tracker.log_job(r, job_params(cfg, spec_by_key[r.key]), digest, files)
+        log(r)
 
     rows = build_rows(ordered, cfg.task_names, [m.display for m in cfg.methods], cfg.merge_tasks)
+    failpoint("report")
     report = build_report(cfg, ordered, out / "report", best_routing(cfg, ordered))
     atomic_write_bytes(out / "resolved.yaml", dump_yaml(cfg).encode())
     tracker.log_artifact(out / "resolved.yaml")

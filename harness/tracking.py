@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.config import SweepConfig
+from harness.failpoints import failpoint
 
 SWEEP_TAG = "harness.sweep_digest"
 JOB_TAG = "harness.job_key"
@@ -80,7 +81,10 @@ class Tracker:
             self._log_params(self.parent_id, params)
         children = self.client.search_runs([self.experiment_id], f"tags.`mlflow.parentRunId` = '{self.parent_id}'",
                                            max_results=50000)
-        self._logged = {r.data.tags.get(JOB_TAG) for r in children}
+        for r in children:  # a job run a killed driver left half-logged is logged again, whole
+            if r.info.status == "RUNNING" and r.data.tags.get(JOB_TAG):
+                self.client.delete_run(r.info.run_id)
+        self._logged = {r.data.tags.get(JOB_TAG) for r in children if r.info.status != "RUNNING"}
         return self.parent_id
 
     def _log_params(self, run_id: str, params: dict[str, Any]) -> None:
@@ -116,15 +120,21 @@ class Tracker:
             metrics += [Metric(name, float(v), 0, step) for step, v in enumerate(series)]
         for i in range(0, len(metrics), 500):
             self.client.log_batch(rid, metrics=metrics[i : i + 500])
+        failpoint("mlflow_log")
         for f in files or []:
             self.client.log_artifact(rid, str(f))
         self.client.set_terminated(rid, status="FINISHED" if result.status == "ok" else "FAILED")
         self._logged.add(result.key)
         return rid
 
-    def _find_or_create(self, key: str, tags: dict[str, str]) -> tuple[str, bool]:
-        """A run identified by ``harness.run_key`` (reused on rerun), and whether it is new."""
+    def _find_or_create(self, key: str, tags: dict[str, str], finished_only: bool = False) -> tuple[str, bool]:
+        """A run identified by ``harness.run_key`` (reused on rerun), and whether it is new.
+
+        With ``finished_only`` a run left RUNNING (its writer was killed) is replaced."""
         runs = self.client.search_runs([self.experiment_id], f"tags.`harness.run_key` = '{key}'", max_results=1)
+        if runs and finished_only and runs[0].info.status == "RUNNING":
+            self.client.delete_run(runs[0].info.run_id)
+            runs = []
         if runs:
             return runs[0].info.run_id, False
         run = self.client.create_run(self.experiment_id, tags={**tags, "harness.run_key": key})
@@ -148,7 +158,7 @@ class Tracker:
 
         rid, new = self._find_or_create(f"trial:{study}#{number}", {
             "mlflow.parentRunId": tune_run, "harness.kind": "trial", "harness.trial_number": str(number),
-            "harness.trial_state": state, "mlflow.runName": f"trial {number}"})
+            "harness.trial_state": state, "mlflow.runName": f"trial {number}"}, finished_only=True)
         if not new:
             return
         self._log_params(rid, {"trial": params})

@@ -57,8 +57,8 @@ STATE_REASONS = {
 }
 #: Seconds to wait for a result file after SLURM says the job ended (shared filesystems lag).
 RESULT_GRACE_S = 15.0
-#: Seconds a job may be unknown to sacct (just submitted) before squeue is asked whether it exists.
-UNKNOWN_GRACE_S = 30.0
+#: Seconds a job may be unknown to SLURM (accounting lags behind submission) before it counts as lost.
+UNKNOWN_GRACE_S = 60.0
 STDERR_TAIL_LINES = 20
 
 
@@ -137,35 +137,65 @@ def _tail(path: Path, lines: int = STDERR_TAIL_LINES) -> str:
     return "\n".join(text.rstrip().splitlines()[-lines:])
 
 
-def _sacct_details(job_id: str) -> dict[str, str]:
-    """State, exit code and killing signal of one job from accounting ({} without sacct)."""
-    from submitit.slurm.slurm import SlurmInfoWatcher
-
+def _run(cmd: list[str]) -> str:
     try:
-        out = subprocess.run(["sacct", "-j", job_id.split("_")[0], "-P", "-o", "JobID,State,ExitCode"],
-                             capture_output=True, text=True, timeout=30).stdout
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.SubprocessError):
+        return ""
+    return r.stdout if r.returncode == 0 else ""
+
+
+def _sacct_records(job_ids: list[str], fields: str = "JobID,State") -> dict[str, list[str]]:
+    """Accounting records by job id ('A' or array task 'A_i'). A record of never-started array
+    tasks names a range ('A_[2-7%8]') that may still include tasks that started since: records
+    of single tasks win over ranges."""
+    bases = sorted({i.split("_")[0] for i in job_ids})
+    if not bases:
         return {}
-    info = SlurmInfoWatcher().read_info(out).get(job_id)  # also expands never-started array ranges
-    if not info:
+    out = _run(["sacct", "-X", "-n", "-P", "-o", fields, "-j", ",".join(bases)])
+    ranged: dict[str, list[str]] = {}
+    single: dict[str, list[str]] = {}
+    for line in out.splitlines():
+        jid, *rest = line.split("|")
+        if "[" in jid:
+            base, _, spec = jid.partition("_[")
+            for part in spec.rstrip("]").split("%")[0].split(","):
+                lo, _, hi = part.partition("-")
+                if lo.isdigit():
+                    for i in range(int(lo), int(hi or lo) + 1):
+                        ranged[f"{base}_{i}"] = rest
+        elif jid:
+            single[jid] = rest
+    return {**ranged, **single}
+
+
+def slurm_states(job_ids: list[str]) -> dict[str, str]:
+    """The current SLURM state of each job: the controller's (squeue) while it holds the job,
+    else accounting's (sacct); "UNKNOWN" when neither knows it."""
+    ids = sorted(set(job_ids))
+    states = {jid: rec[0].split()[0].upper() for jid, rec in _sacct_records(ids).items() if rec and rec[0]}
+    bases = sorted({i.split("_")[0] for i in ids})
+    if bases:
+        for line in _run(["squeue", "-h", "-r", "-o", "%i|%T", "-j", ",".join(bases)]).splitlines():
+            jid, _, state = line.partition("|")
+            if jid and state:
+                states[jid] = state.strip().upper()
+    return {i: states.get(i, "UNKNOWN") for i in ids}
+
+
+def _sacct_details(job_id: str) -> dict[str, str]:
+    """State, exit code and killing signal of one finished job from accounting."""
+    rec = _sacct_records([job_id], "JobID,State,ExitCode").get(job_id)
+    if not rec or len(rec) < 2:
         return {}
-    details = {"State": (info.get("State") or "UNKNOWN").split()[0], "ExitCode": info.get("ExitCode", "")}
-    for line in out.splitlines()[1:]:
-        jid, _, code = (line.split("|") + ["", ""])[:3]
+    details = {"State": rec[0].split()[0].upper() if rec[0] else "UNKNOWN", "ExitCode": rec[1]}
+    out = _run(["sacct", "-n", "-P", "-o", "JobID,ExitCode", "-j", job_id])  # its steps too
+    for line in out.splitlines():
+        jid, _, code = line.partition("|")
         sig = code.partition(":")[2]
         if jid.startswith(job_id + ".") and sig not in ("", "0"):
             details.setdefault("Signal", sig)  # the job's process (a step) was killed by this signal
     return details
-
-
-def _in_queue(job_id: str) -> bool:
-    """Whether slurmctld still knows the job as queued or running (sacct may lag or be purged)."""
-    try:
-        out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True,
-                             timeout=30).stdout
-    except (OSError, subprocess.SubprocessError):
-        return False
-    return any(s.strip().upper() in ALIVE_STATES for s in out.splitlines())
 
 
 # ---------------------------------------------------------------------------------------
@@ -225,7 +255,11 @@ class SlurmExecutor:
     def _submit(self, specs: list[JobSpec]) -> list[_Tracked]:
         if not specs:
             return []
-        jobs = self._submitit().map_array(SweepJob(self.cfg.model_dump(mode="json")), [s.to_dict() for s in specs])
+        try:
+            jobs = self._submitit().map_array(SweepJob(self.cfg.model_dump(mode="json")),
+                                              [s.to_dict() for s in specs])
+        except submitit.core.utils.FailedJobError as exc:  # sbatch refused (bad partition, account, ...)
+            raise HarnessError(f"SLURM refused the jobs: {' '.join(str(exc).split())}") from None
         if self.kind == "slurm":
             self.log.record({s.key: {"job_id": str(j.job_id), "title": s.title, "kind": s.kind,
                                      "submitted_at": _now()} for s, j in zip(specs, jobs)})
@@ -239,8 +273,7 @@ class SlurmExecutor:
         records = self.log.load()
         found = {s.key: submitit.SlurmJob(folder=self.folder, job_id=records[s.key]["job_id"])
                  for s in specs if s.key in records}
-        if found:
-            submitit.SlurmJob.watcher.update()
+        states = slurm_states([str(j.job_id) for j in found.values()])
         attach, submit = [], []
         for s in specs:
             job = found.get(s.key)
@@ -253,8 +286,7 @@ class SlurmExecutor:
             if job.paths.result_pickle.exists():
                 usable = _usable_result(job)
             else:
-                state = job.watcher.get_state(job.job_id, mode="cache").split()[0].upper()
-                usable = state in ALIVE_STATES or (state == "UNKNOWN" and _in_queue(job.job_id))
+                usable = states[str(job.job_id)] in ALIVE_STATES
             (attach if usable else submit).append(_Tracked(s, job) if usable else s)
         return attach, submit
 
@@ -296,31 +328,42 @@ class SlurmExecutor:
         """submitit's debug jobs run in this process when their result is asked for."""
         root = logging.getLogger()
         root.addFilter(_quiet_debug_notice)
-        with self._live(tracked) as live:
-            for t in tracked:
-                t.state, t.started = "RUNNING", True
-                if on_start:
-                    on_start(t.spec)
-                live.refresh_table()
-                result = JobResult.from_dict(t.job.result())
-                t.state, t.outcome = ("COMPLETED", "done") if result.status == "ok" else ("FAILED", "failed")
-                live.refresh_table()
-                yield t.spec, result
-        root.removeFilter(_quiet_debug_notice)
+        try:
+            with self._live(tracked) as live:
+                for t in tracked:
+                    t.state, t.started = "RUNNING", True
+                    if on_start:
+                        on_start(t.spec)
+                    live.refresh_table()
+                    result = JobResult.from_dict(t.job.result())
+                    t.state, t.outcome = ("COMPLETED", "done") if result.status == "ok" else ("FAILED", "failed")
+                    live.refresh_table()
+                    yield t.spec, result
+        finally:
+            root.removeFilter(_quiet_debug_notice)
 
     def _wait(self, tracked: list[_Tracked], on_start) -> Iterator[tuple[JobSpec, JobResult]]:
-        watcher = submitit.SlurmJob.watcher
         remaining = list(tracked)
+        try:
+            yield from self._wait_loop(tracked, remaining, on_start)
+        except KeyboardInterrupt:
+            self.console.print(f"interrupted: {len(remaining)} SLURM jobs keep running; rerun the sweep or "
+                               "`harness collect` to gather them (finished ones are not recomputed)")
+            raise
+
+    def _wait_loop(self, tracked: list[_Tracked], remaining: list[_Tracked], on_start
+                   ) -> Iterator[tuple[JobSpec, JobResult]]:
+        states: dict[str, str] = {}
         poll = self.cfg.executor.poll_s
         last_update = float("-inf")
         with self._live(tracked) as live:
             while remaining:
                 if time.monotonic() - last_update >= poll:
-                    watcher.update()
+                    states = slurm_states([t.job_id for t in remaining])
                     last_update = time.monotonic()
                 changed = False
                 for t in list(remaining):
-                    state = watcher.get_state(t.job_id, mode="cache").split()[0].upper()
+                    state = states.get(t.job_id, "UNKNOWN")
                     if state != "UNKNOWN" and state != t.state:
                         t.state, changed = state, True
                     if not t.started and t.state in RUNNING_STATES:
@@ -354,7 +397,7 @@ class SlurmExecutor:
         now = time.monotonic()
         if t.state == "UNKNOWN":
             t.unknown_since = t.unknown_since or now
-            if now - t.unknown_since < UNKNOWN_GRACE_S or _in_queue(t.job_id):
+            if now - t.unknown_since < UNKNOWN_GRACE_S:
                 return None
             t.show_tail = True
             return _failed(spec, f"SLURM job {t.job_id} is unknown to sacct and squeue (is accounting "
@@ -526,11 +569,9 @@ def status_table(cfg: SweepConfig) -> tuple[Table, dict[str, int]]:
         cached = read_json(results / f"{key}.json")
         if cached and cached.get("status") == "ok":
             collected.add(key)
-    submitit.SlurmJob.watcher.update()
+    states = slurm_states([t.job_id for t in tracked])
     for t in tracked:
-        t.state = t.job.watcher.get_state(t.job_id, mode="cache").split()[0].upper()
-        if t.state == "UNKNOWN" and _in_queue(t.job_id):
-            t.state = "PENDING"
+        t.state = states[t.job_id]
         if t.job.paths.result_pickle.exists():
             t.outcome = "done" if _usable_result(t.job) else "failed"
         elif t.state not in ALIVE_STATES and t.state != "UNKNOWN":

@@ -1,0 +1,269 @@
+"""The embedded suite's data: determinism, split hygiene, caching, fallbacks, the pool."""
+
+from __future__ import annotations
+
+import gzip
+import struct
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import tasks.embedded as emb
+from tasks.base import InMemoryTask, build_task
+from tasks.embedded import data, pool, textures
+from tasks.embedded.data import EmbeddedSourceWarning, image_hashes
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("emb_cache")
+
+
+@pytest.fixture(scope="module")
+def suite(cache):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", EmbeddedSourceWarning)
+        return {name: emb.load_task(name, size="tiny", cache_dir=str(cache)) for name in emb.EMBEDDED_TASKS}
+
+
+def _hashes(x: torch.Tensor) -> set[bytes]:
+    return set(image_hashes(x.numpy()))
+
+
+def test_registry_names_and_factories(suite, cache):
+    assert len(emb.EMBEDDED_TASKS) == 8 and len(set(emb.EMBEDDED_TASKS)) == 8
+    assert all(n.startswith("emb_") for n in emb.EMBEDDED_TASKS)
+    task = build_task("emb_signs", size="tiny", cache_dir=str(cache))
+    assert isinstance(task, InMemoryTask)
+    assert torch.equal(task.raw("test")[0], suite["emb_signs"].raw("test")[0])
+
+
+def test_shapes_dtypes_and_split_sizes(suite):
+    n_pool, n_test = data.SIZES["tiny"]
+    for name, task in suite.items():
+        for split in ("train", "val", "test"):
+            x, y = task.raw(split)
+            assert x.dtype == torch.uint8 and x.shape[1:] == (32, 32, 3), (name, split)
+            assert y.dtype == torch.int64 and len(y) == len(x)
+        n_train, n_val = len(task.raw("train")[1]), len(task.raw("val")[1])
+        assert n_train + n_val == n_pool and n_val == round(0.1 * n_pool), name
+        assert len(task.raw("test")[1]) == n_test, name
+        x, _ = task.dataset("test")[0]
+        assert x.shape == (3, 32, 32) and x.dtype == torch.float32
+
+
+def test_labels_classes_and_templates(suite):
+    for name, task in suite.items():
+        c = len(data.SPECS[name].classnames)
+        assert task.num_classes == c and len(set(task.classnames)) == c
+        assert 2 <= len(task.templates) <= 6 and all(t.count("{}") == 1 for t in task.templates)
+        for split in ("train", "val", "test"):
+            y = task.raw(split)[1]
+            assert int(y.min()) >= 0 and int(y.max()) < c
+        assert set(task.raw("test")[1].tolist()) == set(range(c)), f"{name}: a class is missing from test"
+        assert set(task.raw("train")[1].tolist()) == set(range(c))
+
+
+def test_no_blank_images(suite):
+    """Saturating colour jitter once produced all-white crops; every image must show structure."""
+    for name, task in suite.items():
+        for split in ("train", "val", "test"):
+            x = task.raw(split)[0].reshape(len(task.raw(split)[0]), -1).float()
+            assert float(x.std(dim=1).min()) > 2.0, (name, split)
+
+
+def test_generation_is_deterministic(suite):
+    for name in emb.EMBEDDED_TASKS:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", EmbeddedSourceWarning)
+            fresh = data.build_splits(name, "tiny")
+        for split in ("train", "val", "test"):
+            x, y = suite[name].raw(split)
+            assert fresh[f"{split}_x"].tobytes() == x.numpy().tobytes(), (name, split)
+            assert np.array_equal(fresh[f"{split}_y"], y.numpy())
+
+
+def test_val_is_ten_percent_of_the_train_pool_chosen_with_seed_0(suite):
+    """Rebuild the pool of a generated task image by image from its documented seed stream."""
+    spec, gen = data.SPECS["emb_vehicles"], data._GENERATORS["emb_vehicles"]
+    n_pool = data.SIZES["tiny"][0]
+    perm = np.random.default_rng(0).permutation(n_pool)
+    val_idx = np.sort(perm[: n_pool // 10])
+    c = len(spec.classnames)
+    expected = np.stack([gen(np.random.default_rng([spec.seed, 0, int(i)]), int(i) % c) for i in val_idx])
+    x, y = suite["emb_vehicles"].raw("val")
+    assert np.array_equal(x.numpy(), expected)
+    assert np.array_equal(y.numpy(), val_idx % c)
+
+
+def test_splits_and_pool_are_disjoint(suite):
+    images, captions = emb.pretraining_pool(300, seed=1, size="tiny")
+    pool_h = _hashes(images)
+    assert len(pool_h) == 300, "pool images repeat"
+    for name, task in suite.items():
+        train_h, val_h, test_h = (_hashes(task.raw(s)[0]) for s in ("train", "val", "test"))
+        assert not (val_h & train_h), name
+        assert not (test_h & train_h), name
+        assert not (test_h & val_h), name
+        assert not (pool_h & (train_h | val_h | test_h)), name
+
+
+def test_duplicates_of_train_are_dropped_from_val_and_test(monkeypatch):
+    """A real source may repeat an image; such copies must not reach val or test."""
+    n = 40
+    val_idx = np.sort(np.random.default_rng(0).permutation(n)[: n // 10])
+    train_idx = np.setdiff1d(np.arange(n), val_idx)
+    x = np.zeros((n, 32, 32, 3), np.uint8)
+    x[:, 0, 0, 0] = np.arange(n)  # pool item k is marked k
+    x[val_idx[0]] = x[train_idx[0]]  # one val item repeats a train item
+    xt = np.zeros((6, 32, 32, 3), np.uint8)
+    xt[:, 0, 0, 0] = 100 + np.arange(6)
+    xt[0] = x[train_idx[1]]  # repeats a train item
+    xt[1] = x[val_idx[1]]  # repeats a val item
+    y = np.arange(n) % 10
+
+    def builder(spec_, size, variant):
+        return (x, y), (xt, np.arange(6))
+
+    monkeypatch.setitem(data._BUILDERS, "emb_mnist", builder)
+    arrays = data.build_splits("emb_mnist", "tiny", variant="mnist5k")
+    assert np.array_equal(arrays["train_x"], x[train_idx])
+    assert np.array_equal(arrays["val_x"], x[val_idx[1:]])
+    assert arrays["test_x"][:, 0, 0, 0].tolist() == [102, 103, 104, 105]
+    assert arrays["test_y"].tolist() == [2, 3, 4, 5]
+
+
+def test_cache_is_reused_and_keyed_by_version(tmp_path, monkeypatch):
+    first = emb.load_task("emb_scenes", size="tiny", cache_dir=str(tmp_path))
+    path = data.cache_path("emb_scenes", "tiny", tmp_path)
+    assert path.is_file() and emb.DATA_VERSION in path.name
+    mtime = path.stat().st_mtime_ns
+
+    def no_build(*a, **k):
+        raise AssertionError("regenerated although cached")
+
+    monkeypatch.setattr(data, "build_splits", no_build)
+    second = emb.load_task("emb_scenes", size="tiny", cache_dir=str(tmp_path))
+    assert path.stat().st_mtime_ns == mtime
+    assert torch.equal(first.raw("train")[0], second.raw("train")[0])
+    monkeypatch.setattr(data, "DATA_VERSION", "emb-test-bump")
+    with pytest.raises(AssertionError, match="regenerated"):
+        emb.load_task("emb_scenes", size="tiny", cache_dir=str(tmp_path))
+
+
+def test_corrupt_cache_file_is_regenerated(tmp_path):
+    path = data.cache_path("emb_housenum", "tiny", tmp_path)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"not an npz")
+    task = emb.load_task("emb_housenum", size="tiny", cache_dir=str(tmp_path))
+    assert len(task.raw("test")[1]) == data.SIZES["tiny"][1]
+    assert data._read_cache(path) is not None
+    assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]
+
+
+def _count(records, source_word: str) -> int:
+    return sum(1 for r in records if issubclass(r.category, EmbeddedSourceWarning) and source_word in str(r.message))
+
+
+def test_missing_debian_sources_fall_back_with_one_warning(tmp_path, monkeypatch):
+    monkeypatch.setenv(data.FASHION_DIR_ENV, str(tmp_path / "no-fashion"))
+    monkeypatch.setenv(data.GIMP_DIR_ENV, str(tmp_path / "no-gimp"))
+    monkeypatch.setattr(data, "_WARNED", set())
+    with warnings.catch_warnings(record=True) as records:
+        warnings.simplefilter("always")
+        fashion = emb.load_task("emb_fashion", size="tiny", cache_dir=str(tmp_path))
+        again = emb.load_task("emb_fashion", size="tiny", cache_dir=str(tmp_path))  # from cache
+        tex = emb.load_task("emb_textures", size="tiny", cache_dir=str(tmp_path / "other"))
+    assert _count(records, "Fashion-MNIST") == 1
+    assert _count(records, "GIMP") == 1
+    assert fashion.num_classes == 10 and tex.num_classes == 12
+    assert fashion.version.endswith("/garments") and tex.version.endswith("/procedural")
+    assert torch.equal(fashion.raw("test")[0], again.raw("test")[0])
+    assert set(fashion.raw("test")[1].tolist()) == set(range(10))
+    assert set(tex.raw("test")[1].tolist()) == set(range(12))
+
+
+def test_forced_fallback_env(tmp_path, monkeypatch):
+    monkeypatch.setenv(data.FALLBACK_ENV, "mnist,gimp")
+    monkeypatch.setattr(data, "_WARNED", set())
+    with warnings.catch_warnings(record=True) as records:
+        warnings.simplefilter("always")
+        mnist = emb.load_task("emb_mnist", size="tiny", cache_dir=str(tmp_path))
+        emb.load_task("emb_mnist", size="tiny", cache_dir=str(tmp_path))
+    ours = [str(r.message) for r in records if issubclass(r.category, EmbeddedSourceWarning)]
+    assert len(ours) == 1 and "OptDigits" in ours[0] and "forced" in ours[0]
+    assert mnist.version.endswith("/optdigits") and mnist.num_classes == 10
+    assert set(mnist.raw("test")[1].tolist()) == set(range(10))
+    assert data._forced("gimp") and not data._forced("fashion")
+
+
+def _write_idx(path, arr: np.ndarray) -> None:
+    header = struct.pack(">I", 0x0800 | arr.ndim) + b"".join(struct.pack(">I", d) for d in arr.shape)
+    with gzip.open(path, "wb") as fh:
+        fh.write(header + arr.astype(np.uint8).tobytes())
+
+
+def test_fashion_reader_uses_train_file_for_pool_and_t10k_for_test(tmp_path, monkeypatch):
+    rng = np.random.default_rng(3)
+    y_tr, y_te = np.repeat(np.arange(10), 25), np.repeat(np.arange(10), 12)
+    x_tr = rng.integers(0, 256, (250, 28, 28)).astype(np.uint8)
+    x_te = rng.integers(0, 256, (120, 28, 28)).astype(np.uint8)
+    for name, arr in [("train-images-idx3", x_tr), ("train-labels-idx1", y_tr),
+                      ("t10k-images-idx3", x_te), ("t10k-labels-idx1", y_te)]:
+        _write_idx(tmp_path / f"{name}-ubyte.gz", arr)
+    monkeypatch.setenv(data.FASHION_DIR_ENV, str(tmp_path))
+    task = emb.load_task("emb_fashion", size="tiny", cache_dir=str(tmp_path / "cache"))
+    assert task.version.endswith("/fashion-mnist")
+
+    def lookup(x: torch.Tensor, src: np.ndarray, labels: np.ndarray):
+        table = {im.tobytes(): int(lab) for im, lab in zip(src, labels)}
+        inner = x.numpy()[:, 2:30, 2:30, 0]
+        assert np.all(x.numpy()[..., 0] == x.numpy()[..., 2])
+        return [table.get(np.ascontiguousarray(im).tobytes()) for im in inner]
+
+    x, y = task.raw("test")
+    assert lookup(x, x_te, y_te) == y.tolist()
+    x, y = task.raw("train")
+    assert lookup(x, x_tr, y_tr) == y.tolist()
+
+
+def test_gimp_pattern_reader_round_trip(tmp_path):
+    rgb = np.random.default_rng(0).integers(0, 256, (5, 7, 3)).astype(np.uint8)
+    name = b"Test\0"
+    header_size = 24 + len(name)
+    raw = struct.pack(">5I", header_size, 1, 7, 5, 3) + b"GPAT" + name + rgb.tobytes()
+    (tmp_path / "t.pat").write_bytes(raw)
+    assert np.array_equal(textures.read_gimp_pattern(tmp_path / "t.pat"), rgb)
+    grey = rgb[..., 0]
+    raw = struct.pack(">5I", header_size, 1, 7, 5, 1) + b"GPAT" + name + grey.tobytes()
+    (tmp_path / "g.pat").write_bytes(raw)
+    assert np.array_equal(textures.read_gimp_pattern(tmp_path / "g.pat"), np.repeat(grey[..., None], 3, 2))
+    (tmp_path / "bad.pat").write_bytes(raw.replace(b"GPAT", b"NOPE"))
+    with pytest.raises(textures.PatternFormatError):
+        textures.read_gimp_pattern(tmp_path / "bad.pat")
+
+
+def test_pretraining_pool_is_deterministic_and_prefix_stable():
+    x1, c1 = emb.pretraining_pool(60, seed=1)
+    x2, c2 = emb.pretraining_pool(30, seed=1, size="tiny")
+    assert x1.dtype == torch.uint8 and x1.shape == (60, 32, 32, 3)
+    assert len(c1) == 60 and all(isinstance(c, str) and c for c in c1)
+    assert torch.equal(x1[:30], x2) and c1[:30] == c2
+    x3, _ = emb.pretraining_pool(30, seed=2)
+    assert not _hashes(x3) & _hashes(x1)
+    with pytest.raises(ValueError):
+        emb.pretraining_pool(4, size="huge")
+
+
+def test_pool_captions_speak_every_tasks_vocabulary():
+    """Zero-shot heads need the class names in pretraining captions: every task must have
+    most of its class names appear in a modest pool."""
+    _, captions = emb.pretraining_pool(600, seed=5)
+    text = " ".join(captions)
+    for name, spec in data.SPECS.items():
+        found = [c for c in spec.classnames if c in text]
+        assert len(found) >= 0.7 * len(spec.classnames), (name, sorted(set(spec.classnames) - set(found)))
+    families = {pool.pool_item(5, i)[2] for i in range(600)}
+    assert families == set(pool.FAMILIES)

@@ -1,0 +1,60 @@
+"""Isolation of failing jobs, determinism, and many workers finishing at once."""
+
+from __future__ import annotations
+
+import pytest
+from click.testing import CliRunner
+from mlflow.tracking import MlflowClient
+
+import yaml
+from harness.cli import main
+from harness.config import validate_config
+from harness.runner import run_sweep
+
+
+def test_failures_are_isolated_and_reported(sweep_dict, tmp_path):
+    d = dict(sweep_dict, methods=[
+        {"name": "weight_averaging"},
+        {"name": "tests.faulty_methods:NanWeights", "label": "nan-weights"},
+        {"name": "tests.faulty_methods:OutOfMemory", "label": "oom"},
+        {"name": "tests.faulty_methods:NanLoss", "label": "nan-loss"},
+        {"name": "task_arithmetic"},
+    ])
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump(d))
+    r = CliRunner().invoke(main, ["sweep", "-q", str(f)], env={"COLUMNS": "200"})
+    assert r.exit_code == 1
+    err = " ".join(r.stderr.split())
+    assert "3 of 8 jobs failed" in err
+    assert "nan-weights : FloatingPointError: non-finite logits" in err
+    assert "oom : out of memory" in err
+    assert "nan-loss : FloatingPointError: adaptation loss is NaN" in err
+    assert "weight_averaging" in r.stdout and "task_arithmetic" in r.stdout  # the others finished
+    cfg = validate_config(d)
+    client = MlflowClient(cfg.resolved_tracking_uri())
+    exp = client.get_experiment_by_name(cfg.name).experiment_id
+    for label, reason in (("nan-weights", "non-finite"), ("oom", "out of memory"), ("nan-loss", "NaN")):
+        run = client.search_runs([exp], f"tags.`harness.label` = '{label}'")[0]
+        assert run.info.status == "FAILED" and reason in run.data.tags["harness.failure_reason"]
+    ok = client.search_runs([exp], "tags.`harness.label` = 'task_arithmetic'")[0]
+    assert ok.info.status == "FINISHED"
+
+
+def test_same_seed_same_metrics(sweep_dict, tmp_path):
+    a = run_sweep(validate_config(dict(sweep_dict, output_dir=str(tmp_path / "a"))), quiet=True)
+    b = run_sweep(validate_config(dict(sweep_dict, output_dir=str(tmp_path / "b"))), quiet=True)
+    assert [r.key for r in a.results] == [r.key for r in b.results]
+    assert [r.metrics for r in a.results] == [r.metrics for r in b.results]
+
+
+def test_eight_workers_finishing_together_lose_nothing(sweep_dict, tmp_path):
+    d = dict(sweep_dict, executor={"kind": "local", "workers": 8},
+             methods=[{"name": "task_arithmetic", "grid": {"scaling": [0.1 * i for i in range(1, 9)]}}])
+    cfg = validate_config(d)
+    out = run_sweep(cfg, quiet=True)
+    assert not out.failed and len(out.results) == 1 + 2 + 8
+    assert len(list((out.output_dir / "results").glob("*.json"))) == 11
+    client = MlflowClient(cfg.resolved_tracking_uri())
+    exp = client.get_experiment_by_name(cfg.name).experiment_id
+    children = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{out.parent_run_id}'")
+    assert sorted(c.data.tags["harness.job_key"] for c in children) == sorted(r.key for r in out.results)
