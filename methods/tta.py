@@ -1,0 +1,233 @@
+"""Entropy-minimisation test-time adaptation, shared by AdaMerging and WeMoE.
+
+The loop trains the parameters of ``model`` that require grad so that the summed (over
+tasks) mean Shannon entropy of ``softmax(ImageClassifier(model, ctx.heads[task])(x))`` on
+unlabeled test batches falls. Each step draws one batch per task from
+``ctx.unlabeled[task]()`` (the iterator is re-created when exhausted).
+
+Conventions the callers rely on:
+
+* Progress: ``ctx.progress`` None (or falsy) means silent. A live ``rich.progress.Progress``
+  (anything with ``add_task``/``update``) gets one task added to it; any other callable is a
+  factory called with no arguments that returns such a Progress, used as a context manager;
+  any other truthy value shows a transient rich progress bar of our own. The bar shows the
+  current loss.
+* Checkpoints: every ``checkpoint_every`` steps and at the end, the trainable tensors, the
+  step, the Adam state and the loss history go to ``ctx.workdir/<name>-tta.pt`` (temp file +
+  ``os.replace``; tensors and plain containers only, read back with ``weights_only=True``).
+  A run that finds that file resumes from it and fast-forwards every task's iterator past the
+  batches already consumed, so resuming reproduces an uninterrupted run exactly when the
+  iterator factories are deterministic.
+* Validation: every ``eval_every`` steps, if ``ctx.validate`` is set, it is called on
+  ``export()`` (default: the model itself) under ``torch.no_grad``; the metrics, plus the
+  current entropy loss as ``tta_entropy``, go to ``ctx.report(step, metrics)``; True from it
+  raises :class:`methods.base.PruneTrial`.
+
+``joint_forward=True`` concatenates the tasks' batches into one encoder forward and one
+backward (right for models whose samples do not interact, and cheapest when the forward
+rebuilds weights, as AdaMerging's does). ``joint_forward=False`` runs forward and backward
+per task and accumulates gradients (the same gradient; activation memory bounded by one task,
+which matters for WeMoE's per-sample weights and for ``batch_reduce`` whose routing must
+average over one task's batch only).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from harness.models import ImageClassifier
+from methods.base import MergeContext, PruneTrial
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Mean Shannon entropy (nats) of the softmax of each row of ``logits``."""
+    logp = F.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(-1).mean()
+
+
+def _images(batch: Any) -> torch.Tensor:
+    """A batch may be a tensor or a tuple/list whose first item is the images."""
+    if isinstance(batch, (tuple, list)):
+        batch = batch[0]
+    if not isinstance(batch, torch.Tensor):
+        raise TypeError(f"unlabeled batches must be image tensors, got {type(batch).__name__}")
+    return batch
+
+
+class BatchStream:
+    """An endless stream of image batches from an iterator factory (re-created when exhausted)."""
+
+    def __init__(self, factory: Callable[[], Iterator[Any]], name: str = ""):
+        self.factory = factory
+        self.name = name
+        self._it: Iterator[Any] | None = None
+
+    def __next__(self) -> torch.Tensor:
+        for fresh in (False, True):
+            if self._it is None or fresh:
+                self._it = iter(self.factory())
+            try:
+                return _images(next(self._it))
+            except StopIteration:
+                continue
+        raise ValueError(f"unlabeled data of task {self.name!r} yields no batches")
+
+    def skip(self, n: int) -> None:
+        for _ in range(n):
+            next(self)
+
+
+def checkpoint_path(workdir: str | os.PathLike, name: str) -> Path:
+    return Path(workdir) / f"{name}-tta.pt"
+
+
+def _save_checkpoint(path: Path, params: Mapping[str, nn.Parameter], step: int,
+                     optimizer: torch.optim.Optimizer, losses: Sequence[float]) -> None:
+    state = {
+        "step": step,
+        "params": {k: p.detach().cpu().clone() for k, p in params.items()},
+        "optimizer": optimizer.state_dict(),
+        "losses": torch.tensor(list(losses), dtype=torch.float64),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _load_checkpoint(path: Path, params: Mapping[str, nn.Parameter],
+                     optimizer: torch.optim.Optimizer) -> tuple[int, list[float]]:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    saved = state["params"]
+    if set(saved) != set(params) or any(saved[k].shape != p.shape for k, p in params.items()):
+        raise ValueError(f"{path}: checkpoint does not match the model's trainable parameters")
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(saved[k])
+    optimizer.load_state_dict(state["optimizer"])
+    return int(state["step"]), [float(v) for v in state["losses"]]
+
+
+@contextlib.contextmanager
+def _progress(ctx: MergeContext, description: str, total: int, start: int):
+    """Yields ``update(completed, loss)``; silent when ``ctx.progress`` is falsy."""
+    spec = ctx.progress
+    if not spec:
+        yield lambda completed, loss: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    if hasattr(spec, "add_task") and hasattr(spec, "update"):
+        owner = contextlib.nullcontext(spec)
+    elif callable(spec):
+        owner = spec()
+    else:
+        owner = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                         TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn(), transient=True)
+    with owner as bar:
+        task = bar.add_task(description, total=total, completed=start, loss="-")
+        try:
+            yield lambda completed, loss: bar.update(task, completed=completed, loss=f"{loss:.4f}")
+        finally:
+            if hasattr(bar, "remove_task"):
+                bar.remove_task(task)
+
+
+def run_tta(
+    model: nn.Module,
+    ctx: MergeContext,
+    *,
+    lr: float,
+    steps: int,
+    cosine: bool = False,
+    checkpoint_every: int = 0,
+    eval_every: int = 0,
+    joint_forward: bool = False,
+    export: Callable[[], nn.Module] | None = None,
+    name: str = "tta",
+) -> list[float]:
+    """Adapt ``model``'s trainable parameters in place; returns the loss of every step.
+
+    The tasks are ``ctx.tasks`` (the heads); each needs an ``ctx.unlabeled`` factory.
+    Adam with ``lr``, optionally cosine-annealed to 0 over ``steps``.
+    """
+    tasks = ctx.tasks
+    if steps <= 0:
+        return []
+    if not tasks:
+        raise ValueError("test-time adaptation needs at least one task head in the context")
+    missing = [t for t in tasks if t not in ctx.unlabeled]
+    if missing:
+        raise ValueError(f"no unlabeled data for tasks {missing}")
+    params = {k: p for k, p in model.named_parameters() if p.requires_grad}
+    if not params:
+        raise ValueError("the model has no trainable parameters to adapt")
+    device = ctx.device
+    heads = {t: ctx.heads[t].to(device) for t in tasks}
+    classifiers = {t: ImageClassifier(model, heads[t]) for t in tasks}
+    streams = {t: BatchStream(ctx.unlabeled[t], t) for t in tasks}
+    optimizer = torch.optim.Adam(list(params.values()), lr=lr)
+
+    start, losses = 0, []
+    ckpt = checkpoint_path(ctx.workdir, name) if ctx.workdir else None
+    if ckpt is not None and ckpt.is_file():
+        start, losses = _load_checkpoint(ckpt, params, optimizer)
+        start = min(start, steps)
+        losses = losses[:start]
+        for s in streams.values():
+            s.skip(start)
+
+    was_training = model.training
+    model.eval()
+    try:
+        with _progress(ctx, name, steps, start) as update:
+            for step in range(start, steps):
+                if cosine:
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * step / steps))
+                optimizer.zero_grad(set_to_none=True)
+                batches = {t: next(streams[t]).to(device) for t in tasks}
+                loss = _entropy_step(model, classifiers, heads, batches, joint_forward)
+                optimizer.step()
+                losses.append(loss)
+                done = step + 1
+                update(done, loss)
+                if ckpt is not None and checkpoint_every > 0 and (done % checkpoint_every == 0 or done == steps):
+                    _save_checkpoint(ckpt, params, done, optimizer, losses)
+                if eval_every > 0 and ctx.validate is not None and (done % eval_every == 0 or done == steps):
+                    with torch.no_grad():
+                        metrics = dict(ctx.validate(export() if export else model))
+                    metrics["tta_entropy"] = loss
+                    if ctx.report is not None and ctx.report(done, metrics):
+                        raise PruneTrial(f"{name}: pruned at step {done}")
+    finally:
+        model.train(was_training)
+    return losses
+
+
+def _entropy_step(model: nn.Module, classifiers: Mapping[str, ImageClassifier],
+                  heads: Mapping[str, torch.Tensor], batches: Mapping[str, torch.Tensor],
+                  joint_forward: bool) -> float:
+    """Forward + backward of the summed entropy; returns its value."""
+    if not joint_forward:
+        total = 0.0
+        for t, x in batches.items():
+            loss = entropy(classifiers[t](x))
+            loss.backward()
+            total += float(loss.detach())
+        return total
+    tasks = list(batches)
+    xs = [batches[t] for t in tasks]
+    # One encoder pass; each task's logits then exactly as ImageClassifier computes them.
+    feats = F.normalize(model(torch.cat(xs)).float(), dim=-1)
+    loss = sum(entropy(f @ heads[t].t()) for t, f in zip(tasks, feats.split([len(x) for x in xs])))
+    loss.backward()
+    return float(loss.detach())

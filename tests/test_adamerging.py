@@ -1,0 +1,181 @@
+"""AdaMerging: the functional merged forward against explicit merges, gradients, TTA, shared loop."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import methods.adamerging as adamerging
+from harness.models import build_clip
+from methods.base import MergeContext, float_state, with_state
+from methods.task_arithmetic import task_arithmetic_state
+from methods.tta import BatchStream, entropy
+
+TASKS = ["a", "b", "c"]
+
+
+@pytest.fixture(scope="module")
+def models():
+    torch.manual_seed(0)
+    pre = build_clip("harness-micro-vit").visual.eval()
+    finetuned = {}
+    for t in TASKS:
+        m = copy.deepcopy(pre)
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        finetuned[t] = m
+    return pre, finetuned
+
+
+def images(n: int, seed: int) -> torch.Tensor:
+    return torch.randn(n, 3, 16, 16, generator=torch.Generator().manual_seed(seed))
+
+
+def heads() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return {t: 10 * F.normalize(torch.randn(5, 32, generator=g), dim=-1) for t in TASKS}
+
+
+def fixed_unlabeled() -> dict:
+    data = {t: images(4, i) for i, t in enumerate(TASKS)}
+    return {t: (lambda t=t: iter([data[t]])) for t in TASKS}
+
+
+def manual_merge(pre, ft, coef: dict[str, list[float]] | dict[str, float]) -> torch.nn.Module:
+    """theta_0 + sum_t c_t,j (theta_t - theta_0), written out tensor by tensor."""
+    base = float_state(pre)
+    state = {}
+    for j, k in enumerate(base):
+        state[k] = base[k].clone()
+        for t in TASKS:
+            c = coef[t][j] if isinstance(coef[t], list) else coef[t]
+            state[k] += c * (float_state(ft[t])[k] - base[k])
+    return with_state(pre, state)
+
+
+def total_entropy(model, hd, unlabeled) -> float:
+    with torch.no_grad():
+        return sum(float(entropy(F.normalize(model(next(unlabeled[t]())), dim=-1) @ hd[t].T)) for t in TASKS)
+
+
+@pytest.mark.parametrize("granularity", ["task", "layer"])
+def test_init_equals_task_arithmetic(models, granularity):
+    pre, ft = models
+    x = images(4, 9)
+    reference = with_state(pre, task_arithmetic_state(pre, ft, 0.3))
+    enc = adamerging.AdaMergedEncoder(pre, ft, granularity=granularity, init_lambda=0.3)
+    merged = adamerging.AdaMerging(granularity=granularity, steps=0).merge(pre, ft, MergeContext(heads=heads()))
+    with torch.no_grad():
+        assert float((enc(x) - reference(x)).abs().max()) < 1e-5
+        assert float((merged(x) - reference(x)).abs().max()) < 1e-5
+
+
+def test_layerwise_coefficients_and_clamp(models):
+    pre, ft = models
+    enc = adamerging.AdaMergedEncoder(pre, ft, granularity="layer", clamp=True)
+    names = list(float_state(pre))
+    assert enc.coef.shape == (3, len(names)) and enc.names == names
+    g = torch.Generator().manual_seed(3)
+    raw = torch.rand(3, len(names), generator=g) * 1.6 - 0.3  # some outside [0, 1]
+    with torch.no_grad():
+        enc.coef.copy_(raw)
+    clamped = raw.clamp(0, 1)
+    reference = manual_merge(pre, ft, {t: clamped[i].tolist() for i, t in enumerate(TASKS)})
+    x = images(3, 4)
+    with torch.no_grad():
+        assert float((enc(x) - reference(x)).abs().max()) < 1e-5
+    enc_unclamped = adamerging.AdaMergedEncoder(pre, ft, granularity="task", clamp=False)
+    with torch.no_grad():
+        enc_unclamped.coef.copy_(torch.tensor([1.5, -0.2, 0.3]))
+        reference = manual_merge(pre, ft, {"a": 1.5, "b": -0.2, "c": 0.3})
+        assert float((enc_unclamped(x) - reference(x)).abs().max()) < 1e-5
+
+
+@pytest.mark.parametrize("granularity", ["task", "layer"])
+def test_gradients_reach_coefficients_only(models, granularity):
+    pre, ft = models
+    enc = adamerging.AdaMergedEncoder(pre, ft, granularity=granularity)
+    assert [n for n, p in enc.named_parameters() if p.requires_grad] == ["coef"]
+    hd = heads()
+    loss = entropy(F.normalize(enc(images(4, 0)), dim=-1) @ hd["a"].T)
+    loss.backward()
+    assert enc.coef.grad is not None and enc.coef.grad.shape == enc.coef.shape
+    assert float((enc.coef.grad != 0).float().mean()) > 0.5
+
+
+@pytest.mark.parametrize("granularity", ["task", "layer"])
+def test_tta_lowers_entropy(models, granularity):
+    pre, ft = models
+    hd, unlabeled = heads(), fixed_unlabeled()
+    start = total_entropy(with_state(pre, task_arithmetic_state(pre, ft, 0.3)), hd, unlabeled)
+    ctx = MergeContext(heads=hd, unlabeled=unlabeled)
+    merged = adamerging.AdaMerging(granularity=granularity, steps=15, lr=2e-2, checkpoint_every=0).merge(pre, ft, ctx)
+    end = total_entropy(merged, hd, unlabeled)
+    assert ctx.artifacts["tta_loss"][0] == pytest.approx(start, rel=1e-5)
+    assert end < start - 0.02
+    coefs = torch.tensor(ctx.artifacts["adamerging_coefficients"]["values"])
+    assert coefs.shape == ((3,) if granularity == "task" else (3, len(float_state(pre))))
+    assert float((coefs - 0.3).abs().max()) > 0.05
+    # The returned encoder holds exactly the learned merge.
+    reference = manual_merge(pre, ft, {t: coefs[i].tolist() if coefs.dim() == 2 else float(coefs[i])
+                                       for i, t in enumerate(TASKS)})
+    x = images(2, 5)
+    with torch.no_grad():
+        assert float((merged(x) - reference(x)).abs().max()) < 1e-5
+
+
+def test_joint_and_per_task_forward_give_same_steps(models):
+    """The loop's two gradient paths (one joint batch vs per-task accumulation) agree."""
+    from methods.tta import run_tta
+
+    pre, ft = models
+    results = []
+    for joint in (True, False):
+        enc = adamerging.AdaMergedEncoder(pre, ft, granularity="layer")
+        losses = run_tta(enc, MergeContext(heads=heads(), unlabeled=fixed_unlabeled()), lr=1e-2, steps=3,
+                         joint_forward=joint)
+        results.append((losses, enc.coef.detach().clone()))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-5)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-4, atol=1e-6)
+
+
+def test_batch_stream_recreates_exhausted_iterators():
+    calls = []
+
+    def factory():
+        calls.append(1)
+        return iter([torch.zeros(1), (torch.ones(1), torch.tensor([3]))])
+
+    stream = BatchStream(factory, "t")
+    got = [float(next(stream)[0]) for _ in range(5)]
+    assert got == [0.0, 1.0, 0.0, 1.0, 0.0] and len(calls) == 3
+    with pytest.raises(ValueError):
+        next(BatchStream(lambda: iter([]), "empty"))
+
+
+def test_missing_unlabeled_data_is_an_error(models):
+    pre, ft = models
+    with pytest.raises(ValueError, match="no unlabeled data"):
+        adamerging.AdaMerging(steps=2).merge(pre, ft, MergeContext(heads=heads(), unlabeled={}))
+
+
+@pytest.mark.parametrize("kind", ["flag", "instance", "factory"])
+def test_progress_conventions_do_not_change_the_run(models, kind):
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from methods.tta import run_tta
+
+    pre, ft = models
+    bar = Progress(console=Console(file=open("/dev/null", "w")))
+    progress = {"flag": True, "instance": bar, "factory": lambda: bar}[kind]
+    runs = []
+    for p in (None, progress):
+        enc = adamerging.AdaMergedEncoder(pre, ft)
+        runs.append(run_tta(enc, MergeContext(heads=heads(), unlabeled=fixed_unlabeled(), progress=p),
+                            lr=1e-2, steps=2, joint_forward=True))
+    assert runs[0] == runs[1] and len(runs[0]) == 2

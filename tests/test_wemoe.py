@@ -1,0 +1,328 @@
+"""WeMoE: the vectorised MoE forward against a per-sample loop, routing, TTA, checkpoints, saving."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import methods.wemoe as wemoe
+from harness.models import build_clip
+from methods.base import MergeContext, PruneTrial, with_state
+from methods.task_arithmetic import task_arithmetic_state
+from methods.tta import entropy
+
+TASKS = ["a", "b", "c"]
+CLASSES = 5
+
+
+@pytest.fixture(scope="module")
+def models():
+    torch.manual_seed(0)
+    pre = build_clip("harness-micro-vit").visual.eval()
+    finetuned = {}
+    for t in TASKS:
+        m = copy.deepcopy(pre)
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        finetuned[t] = m
+    return pre, finetuned
+
+
+def images(n: int, seed: int) -> torch.Tensor:
+    return torch.randn(n, 3, 16, 16, generator=torch.Generator().manual_seed(seed))
+
+
+def heads(seed: int = 1) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {t: 10 * F.normalize(torch.randn(CLASSES, 32, generator=g), dim=-1) for t in TASKS}
+
+
+def fixed_unlabeled(n_batches: int = 1, size: int = 4) -> dict:
+    """Deterministic iterator factories: each task cycles through its own fixed batches."""
+    data = {t: [images(size, 100 * i + j) for j in range(n_batches)] for i, t in enumerate(TASKS)}
+    return {t: (lambda t=t: iter(data[t])) for t in TASKS}
+
+
+def randomize_routers(model: nn.Module, seed: int, std: float = 0.5) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".router." in name:
+                p.copy_(torch.randn(p.shape, generator=g) * std + (1.0 if name.endswith("scale") else 0.0))
+
+
+class OracleMLP(nn.Module):
+    """Per-sample loop: routing from the router's raw tensors, W_i built from the checkpoints."""
+
+    def __init__(self, router: wemoe.Router, base: nn.Module, experts: list[nn.Module], batch_reduce: bool):
+        super().__init__()
+        self.router, self.base, self.experts, self.batch_reduce = router, base, experts, batch_reduce
+
+    def routing(self, x: torch.Tensor) -> torch.Tensor:
+        r = self.router
+        rows = []
+        for xi in x:  # xi [N, D]
+            if r.depth == 0:
+                logits = r.const.clone()
+            elif r.depth == 1:
+                logits = (xi @ r.net[0].weight.T + r.net[0].bias).mean(0)
+            else:
+                hidden = torch.relu(xi @ r.net[0].weight.T + r.net[0].bias)
+                logits = (hidden @ r.net[2].weight.T + r.net[2].bias).mean(0)
+            if r.routing == "clamp":
+                logits = logits.clamp(0, 1)
+            elif r.routing == "softmax":
+                logits = r.scale * torch.softmax(logits, 0)
+            rows.append(logits)
+        g = torch.stack(rows)
+        return g.mean(0, keepdim=True).expand_as(g) if self.batch_reduce else g
+
+    def weight(self, layer: str, kind: str, g: torch.Tensor) -> torch.Tensor:
+        w0 = getattr(getattr(self.base, layer), kind)
+        return w0 + sum(g[t] * (getattr(getattr(e, layer), kind) - w0) for t, e in enumerate(self.experts))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = self.routing(x)
+        out = []
+        for i, xi in enumerate(x):
+            h = F.gelu(F.linear(xi, self.weight("c_fc", "weight", g[i]), self.weight("c_fc", "bias", g[i])))
+            out.append(F.linear(h, self.weight("c_proj", "weight", g[i]), self.weight("c_proj", "bias", g[i])))
+        return torch.stack(out)
+
+
+def oracle_encoder(moe: nn.Module, pre: nn.Module, finetuned: dict, init_lambda: float, batch_reduce: bool) -> nn.Module:
+    model = with_state(pre, task_arithmetic_state(pre, finetuned, init_lambda))
+    for i, (block, layer) in enumerate(zip(model.transformer.resblocks, wemoe.moe_layers(moe))):
+        experts = [finetuned[t].transformer.resblocks[i].mlp for t in TASKS]
+        block.mlp = OracleMLP(layer.router, pre.transformer.resblocks[i].mlp, experts, batch_reduce)
+    return model
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.mark.parametrize("depth", [0, 1, 2])
+@pytest.mark.parametrize("routing", ["raw", "clamp", "softmax"])
+@pytest.mark.parametrize("batch_reduce", [False, True])
+def test_forward_matches_per_sample_oracle(models, depth, routing, batch_reduce):
+    pre, ft = models
+    moe = wemoe.build_wemoe(pre, ft, init_lambda=0.4, router_depth=depth, routing=routing, batch_reduce=batch_reduce)
+    randomize_routers(moe, seed=depth)
+    oracle = oracle_encoder(moe, pre, ft, 0.4, batch_reduce)
+    x = images(6, 7)
+    with torch.no_grad():
+        ref = oracle(x)
+        for impl, block_bytes in (("auto", None), ("weights", 0), ("weights", 2048), ("stacked", None)):
+            for m in wemoe.moe_layers(moe):
+                m.implementation, m.block_bytes = impl, block_bytes
+            assert rel_err(moe(x), ref) <= 1e-5, (impl, block_bytes)
+        with wemoe.recording(moe) as layers:
+            moe(x)
+            g = layers[0].last_routing
+    if depth > 0 and not batch_reduce:  # the test exercises genuinely per-sample routing
+        assert (g - g[0]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("impl,block_bytes,batch_reduce", [("weights", 0, False), ("weights", 2048, False),
+                                                          ("stacked", None, False), ("auto", None, True)])
+def test_router_gradients_match_oracle(models, impl, block_bytes, batch_reduce):
+    pre, ft = models
+    moe = wemoe.build_wemoe(pre, ft, router_depth=2, routing="softmax", batch_reduce=batch_reduce)
+    randomize_routers(moe, 11)
+    for m in wemoe.moe_layers(moe):
+        m.implementation, m.block_bytes = impl, block_bytes
+    oracle = oracle_encoder(moe, pre, ft, 0.3, batch_reduce)
+    x, target = images(5, 3), torch.randn(5, 32, generator=torch.Generator().manual_seed(4))
+    grads = []
+    for model in (oracle, moe):
+        moe.zero_grad(set_to_none=True)
+        (model(x) * target).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in moe.named_parameters() if p.requires_grad})
+    for name, ref in grads[0].items():
+        assert rel_err(grads[1][name], ref) <= 1e-4, name
+
+
+@pytest.mark.parametrize("rows", [7, 3, 1])
+def test_per_sample_linear_gradcheck(rows):
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(3, 4, 5, dtype=torch.double, generator=g, requires_grad=True)
+    coef = torch.randn(3, 3, dtype=torch.double, generator=g, requires_grad=True)
+    weight = torch.randn(3, 7, 5, dtype=torch.double, generator=g)
+    bias = torch.randn(3, 7, dtype=torch.double, generator=g)
+    fn = lambda x, c: wemoe.PerSampleLinear.apply(x, c, weight, bias, rows, wemoe.Workspace())  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, coef))
+
+
+def test_batch_first_false_layout(models):
+    pre, ft = models
+    moe = wemoe.build_wemoe(pre, ft, router_depth=2)
+    randomize_routers(moe, 3)
+    layer = wemoe.moe_layers(moe)[0]
+    x = torch.randn(4, 5, 32)
+    with torch.no_grad():
+        expected = layer(x)
+        layer.batch_first = False
+        got = layer(x.transpose(0, 1)).transpose(0, 1)
+    torch.testing.assert_close(got, expected)
+
+
+def test_moe_is_on_forward_path(models):
+    pre, ft = models
+    moe = wemoe.build_wemoe(pre, ft, router_depth=2)
+    layers = wemoe.moe_layers(moe)
+    assert len(layers) == len(pre.transformer.resblocks)
+    assert all(b.mlp is m for b, m in zip(moe.transformer.resblocks, layers))
+    x = images(3, 1)
+    with torch.no_grad():
+        before = moe(x)
+        for m in layers:
+            m.router.net[-1].bias.add_(0.5)
+        after = moe(x)
+    assert (before - after).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_one_hot_routing_equals_task_mlps(models, task):
+    pre, ft = models
+    moe = wemoe.build_wemoe(pre, ft, init_lambda=0.3, router_depth=0)
+    with torch.no_grad():
+        for m in wemoe.moe_layers(moe):
+            m.router.const.copy_(F.one_hot(torch.tensor(TASKS.index(task)), len(TASKS)).float())
+    state = task_arithmetic_state(pre, ft, 0.3)
+    state.update({k: v for k, v in ft[task].state_dict().items() if ".mlp." in k})
+    reference = with_state(pre, state)
+    x = images(4, 2)
+    with torch.no_grad():
+        assert rel_err(moe(x), reference(x)) <= 1e-5
+
+
+@pytest.mark.parametrize("routing", ["raw", "softmax"])
+def test_only_routers_train(models, routing):
+    pre, ft = models
+    moe = wemoe.build_wemoe(pre, ft, routing=routing)
+    trainable = {n for n, p in moe.named_parameters() if p.requires_grad}
+    routers = {n for n, _ in moe.named_parameters() if ".mlp.router." in n}
+    assert trainable == routers and trainable
+    # Init as specified: last bias init_lambda (raw) or 0 with scale init_lambda * T (softmax).
+    r = wemoe.moe_layers(moe)[0].router
+    expected_bias = 0.0 if routing == "softmax" else 0.3
+    torch.testing.assert_close(r.net[-1].bias, torch.full((3,), expected_bias))
+    assert float(r.net[0].bias.detach().abs().max()) == 0.0
+    assert 0.005 < float(r.net[0].weight.detach().std()) < 0.015
+    if routing == "softmax":
+        assert float(r.scale.detach()) == pytest.approx(0.9)
+
+
+def total_entropy(model: nn.Module, hd: dict, unlabeled: dict) -> float:
+    with torch.no_grad():
+        return sum(float(entropy(F.normalize(model(next(unlabeled[t]())), dim=-1) @ hd[t].T)) for t in TASKS)
+
+
+def test_tta_reduces_entropy_and_records_routing(models):
+    pre, ft = models
+    unlabeled = fixed_unlabeled()
+    hd = heads()
+    method = wemoe.WeMoE(steps=12, lr=1e-2, checkpoint_every=0, routing_stats_batches=2)
+    start = total_entropy(method.build(pre, ft), hd, unlabeled)
+    ctx = MergeContext(heads=hd, unlabeled=unlabeled)
+    model = method.merge(pre, ft, ctx)
+    end = total_entropy(model, hd, unlabeled)
+    assert ctx.artifacts["tta_loss"][0] == pytest.approx(start, rel=1e-5)
+    assert end < start - 0.05
+    assert not any(p.requires_grad for p in model.parameters())
+    routing = ctx.artifacts["routing"]
+    assert routing["experts"] == TASKS
+    assert [len(routing["mean_weight"][t]) for t in TASKS] == [2, 2, 2]
+    assert len(routing["mean_weight"]["a"][0]) == 3
+    assert set(ctx.artifacts["router_task_id"]["per_task"]) == set(TASKS)
+
+
+def test_routing_statistics_known_routing(models):
+    pre, ft = models
+    moe = wemoe.build_wemoe(pre, ft, router_depth=0)
+    const = torch.tensor([0.1, 0.7, 0.2])
+    with torch.no_grad():
+        for m in wemoe.moe_layers(moe):
+            m.router.const.copy_(const)
+    routing, task_id = wemoe.routing_statistics(moe, MergeContext(heads=heads(), unlabeled=fixed_unlabeled(2)), 3)
+    for t in TASKS:
+        torch.testing.assert_close(torch.tensor(routing["mean_weight"][t], dtype=torch.float64), const.double().expand(2, 3))
+    assert task_id["per_task"] == {"a": [0.0, 0.0], "b": [1.0, 1.0], "c": [0.0, 0.0]}
+    assert task_id["mean_per_layer"] == pytest.approx([1 / 3, 1 / 3])
+
+
+class Interrupt(Exception):
+    pass
+
+
+def router_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if ".router." in n}
+
+
+def test_checkpoint_resume_matches_uninterrupted(models, tmp_path):
+    pre, ft = models
+    method = wemoe.WeMoE(steps=6, lr=1e-2, cosine=True, checkpoint_every=3, eval_every=3,
+                         router_depth=1, routing_stats_batches=0)
+    full_ctx = MergeContext(heads=heads(), unlabeled=fixed_unlabeled(2), workdir=str(tmp_path / "full"))
+    full = method.merge(pre, ft, full_ctx)
+
+    def stop(model):
+        raise Interrupt
+
+    workdir = str(tmp_path / "resumed")
+    with pytest.raises(Interrupt):
+        method.merge(pre, ft, MergeContext(heads=heads(), unlabeled=fixed_unlabeled(2), workdir=workdir, validate=stop))
+    resumed_ctx = MergeContext(heads=heads(), unlabeled=fixed_unlabeled(2), workdir=workdir)
+    resumed = method.merge(pre, ft, resumed_ctx)
+    a, b = router_state(full), router_state(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed_ctx.artifacts["tta_loss"] == full_ctx.artifacts["tta_loss"]
+    assert len(full_ctx.artifacts["tta_loss"]) == 6
+    init = router_state(method.build(pre, ft))
+    assert any(not torch.equal(init[k], a[k]) for k in a)
+
+
+def test_report_true_prunes(models):
+    pre, ft = models
+    calls = []
+
+    def report(step, metrics):
+        calls.append((step, metrics))
+        return True
+
+    ctx = MergeContext(heads=heads(), unlabeled=fixed_unlabeled(), validate=lambda m: {"acc": 0.5}, report=report)
+    with pytest.raises(PruneTrial):
+        wemoe.WeMoE(steps=5, eval_every=2, checkpoint_every=0).merge(pre, ft, ctx)
+    assert [c[0] for c in calls] == [2]
+    assert calls[0][1]["acc"] == 0.5 and "tta_entropy" in calls[0][1]
+
+
+def test_save_load_round_trip(models, tmp_path):
+    pre, ft = models
+    moe = wemoe.build_wemoe(pre, ft, init_lambda=0.2, router_depth=1, routing="softmax", batch_reduce=True)
+    randomize_routers(moe, 5)
+    path = tmp_path / "routers.safetensors"
+    wemoe.save_wemoe(moe, path, {"checkpoints": ["a.safetensors", "b.safetensors"]})
+    shuffled = {t: ft[t] for t in reversed(TASKS)}  # order restored from the file
+    loaded = wemoe.load_wemoe(path, pre, shuffled)
+    assert loaded.wemoe_meta == {"checkpoints": ["a.safetensors", "b.safetensors"]}
+    assert loaded.wemoe_config == moe.wemoe_config
+    x = images(4, 9)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), moe(x), rtol=0, atol=0)
+    with pytest.raises(ValueError):
+        wemoe.load_wemoe(path, pre, {"a": ft["a"], "b": ft["b"]})
+
+
+def test_hyperparameter_bounds():
+    with pytest.raises(ValueError):
+        wemoe.WeMoE(router_depth=3)
+    with pytest.raises(ValueError):
+        wemoe.WeMoE(routing="topk")
+    assert wemoe.WeMoE.uses_test_data
