@@ -34,7 +34,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write_bytes(path, json.dumps(obj, indent=1, sort_keys=True, default=str).encode())
+    atomic_write_bytes(path, json.dumps(obj, indent=1, default=str).encode())  # key order kept: params read back as written
 
 
 def read_json(path: str | os.PathLike) -> Any | None:

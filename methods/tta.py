@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.models import ImageClassifier
+from harness.failpoints import failpoint
 from methods.base import MergeContext, PruneTrial
 
 
@@ -196,12 +197,15 @@ def run_tta(
                 optimizer.zero_grad(set_to_none=True)
                 batches = {t: next(streams[t]).to(device) for t in tasks}
                 loss = _entropy_step(model, classifiers, heads, batches, joint_forward)
+                if not math.isfinite(loss):  # a diverged adaptation is a failed job, never a result
+                    raise FloatingPointError(f"{name}: adaptation loss is not finite at step {step + 1}")
                 optimizer.step()
                 losses.append(loss)
                 done = step + 1
                 update(done, loss)
                 if ckpt is not None and checkpoint_every > 0 and (done % checkpoint_every == 0 or done == steps):
                     _save_checkpoint(ckpt, params, done, optimizer, losses)
+                failpoint("tta_step")
                 if eval_every > 0 and ctx.validate is not None and (done % eval_every == 0 or done == steps):
                     with torch.no_grad():
                         metrics = dict(ctx.validate(export() if export else model))

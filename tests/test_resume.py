@@ -14,10 +14,10 @@ from tests.conftest import make_sweep_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# (failpoint, hit): preparation, merging, evaluation, result caching and MLflow logging
+# (failpoint, hit): preparation, merging, adaptation, evaluation, result caching and MLflow logging
 KILL_POINTS = [
     "prepare", "merged:1", "evaluate:2", "job_done:1", "cache_write:1", "mlflow_log:1", "merged:1",
-    "evaluate:5", "job_done:2", "cache_write:1", "mlflow_log:2", "report",
+    "evaluate:5", "tta_step:3", "tta_step:2", "job_done:2", "cache_write:1", "mlflow_log:2", "report",
 ]
 
 
@@ -47,7 +47,9 @@ def sweep(ckpt: Path, root: Path) -> dict:
     d = make_sweep_dict(ckpt, root)
     d["methods"] = [{"name": "weight_averaging"},
                     {"name": "task_arithmetic", "grid": {"scaling": [0.1, 0.2, 0.3, 0.5, 0.6, 0.8]}},
-                    {"name": "ties", "params": {"k": 50}, "grid": {"scaling": [0.5, 1.0]}}]
+                    {"name": "ties", "params": {"k": 50}, "grid": {"scaling": [0.5, 1.0]}},
+                    {"name": "adamerging", "params": {"granularity": "layer", "steps": 6, "checkpoint_every": 2,
+                                                      "batch_size": 8}}]
     return d
 
 
