@@ -59,8 +59,11 @@ def _print_plan(cfg) -> None:
     for col in ("#", "kind", "method", "task", "params"):
         table.add_column(col)
     for i, s in enumerate(specs):
-        table.add_row(str(i), s.kind, s.method or s.label, s.task or "all",
-                      ", ".join(f"{k}={v}" for k, v in s.params.items()))
+        table.add_row(str(i), s.kind, s.label, s.task or "all", ", ".join(f"{k}={v}" for k, v in s.params.items()))
+    for m in cfg.methods:
+        if m.tune:
+            table.add_row("-", "tune", m.display, "all",
+                          f"{m.tune.n_trials} trials ({m.tune.sampler}) over {', '.join(m.tune.space)}, then 1 test run")
     console.print(table)
     console.print(f"outputs: {cfg.resolved_output_dir()}\ntracking: {cfg.resolved_tracking_uri()}")
 
@@ -319,15 +322,10 @@ def convert(src: str, dst: str, trust_pickle: bool, arch: str | None) -> None:
 @click.option("--verify", is_flag=True, help="Compare HF folders' image features with transformers on random images.")
 def import_(src: str, dst: str, trust_pickle: bool, arch: str | None, projection: str | None, full: bool, verify: bool) -> None:
     """Import checkpoints: a Hugging Face CLIP folder, a task_vectors/state-dict file, or a folder of them."""
-    from rich.markup import escape
-
     from harness.checkpoints import import_checkpoints
 
-    try:
-        written = import_checkpoints(src, dst, trust_pickle=trust_pickle, arch=arch, projection=projection,
-                                     full=full, verify=verify)
-    except HarnessError as exc:  # messages hold literal brackets ('.[hf]', '[width, embed_dim]')
-        fail(escape(str(exc)))
+    written = import_checkpoints(src, dst, trust_pickle=trust_pickle, arch=arch, projection=projection,
+                                 full=full, verify=verify)
     for path in written:
         console.print(f"wrote {path}", highlight=False, markup=False)
 

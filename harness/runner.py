@@ -125,12 +125,12 @@ def run_sweep(cfg: SweepConfig, console: Console | None = None, quiet: bool = Fa
 
     def log(r: JobResult) -> None:
         """Record a job in MLflow (once), with its normalized accuracy."""
-        if tracker.is_logged(r.key):
-            return
         if r.status == "ok" and r.kind != "individual":
             indiv = {x.task: x.metrics[f"acc/{x.task}"] for x in results.values()
                      if x.kind == "individual" and x.status == "ok"}
             r.metrics.update(normalized(r.metrics, indiv, cfg.merge_tasks))
+        if tracker.is_logged(r.key):
+            return
         files = job_artifact_files(r.artifacts, out / "artifacts" / r.key) if r.status == "ok" else []
         tracker.log_job(r, job_params(cfg, spec_by_key[r.key]), digest, files)
 

@@ -124,7 +124,7 @@ def test_missing_checkpoint_is_one_line(sweep_dict, tmp_path):
     f.write_text(yaml.safe_dump(bad))
     code, out, err = _run(["sweep", "-q", str(f)])
     assert code == 2, out + err
-    assert "model.finetuned.toy_stripes: checkpoint file does not exist" in " ".join(err.split())
+    assert "model.finetuned.toy_stripes: checkpoint does not exist" in " ".join(err.split())
     assert "Traceback" not in err
 
 

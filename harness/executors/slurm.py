@@ -513,7 +513,7 @@ def _usable_result(job: Any) -> bool:
         result = job.result()
     except Exception:
         return False
-    return isinstance(result, dict) and result.get("status") == "ok"
+    return isinstance(result, dict) and result.get("status") in ("ok", "pruned")  # what the driver caches
 
 
 def _failed(spec: JobSpec, error: str, detail: str) -> JobResult:
