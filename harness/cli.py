@@ -279,7 +279,7 @@ def prepare(file: str | None, overrides: tuple[str, ...], from_scratch: bool, qu
     """Build the embedded suite's models (pretrained + fine-tuned), cached for reuse."""
     import time
 
-    from harness.config import SweepConfig, validate_config
+    from harness.config import validate_config
 
     if file:
         cfg = _load(file, overrides)

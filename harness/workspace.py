@@ -28,7 +28,7 @@ from harness.models import (
     save_state_dict,
     zeroshot_head,
 )
-from tasks.base import Task, TaskDataError, build_task
+from tasks.base import Task, TaskDataError
 
 
 class Workspace:

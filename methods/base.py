@@ -9,13 +9,14 @@ so YAML, the CLI and Optuna validate and fill them the same way.
 from __future__ import annotations
 
 import copy
-import importlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterator, Literal, Mapping, get_args, get_origin
 
 import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
+
+from harness.imports import import_object
 
 StateDict = dict[str, torch.Tensor]
 
@@ -131,12 +132,7 @@ def available_methods() -> dict[str, type[MergeMethod]]:
 def resolve_method(name: str) -> type[MergeMethod]:
     """A registered name (``ties``) or an import path (``my_pkg.module:MyMethod``)."""
     if ":" in name:
-        module_name, _, attr = name.partition(":")
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as exc:
-            raise KeyError(f"cannot import module {module_name!r} ({exc})") from None
-        cls = getattr(module, attr, None)
+        cls = import_object(name)
         if not (isinstance(cls, type) and issubclass(cls, MergeMethod)):
             raise KeyError(f"{name!r} is not a MergeMethod subclass")
         return cls

@@ -148,7 +148,7 @@ class PerSampleLinear(torch.autograd.Function):
     def forward(ctx, x, coef, weight, bias, rows, workspace):  # noqa: D102 (autograd API)
         ctx.save_for_backward(x, coef)
         ctx.weight, ctx.bias, ctx.rows, ctx.workspace = weight, bias, rows, workspace
-        n, out = coef.shape[0], weight.shape[1]
+        out = weight.shape[1]
         biases = coef @ bias
         ys = []
         for r0 in range(0, out, rows):

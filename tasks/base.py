@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 from abc import ABC, abstractmethod
 from typing import Any, Callable, Sequence
 
@@ -10,6 +9,7 @@ import torch
 from torch.utils.data import Dataset, TensorDataset
 
 from harness.errors import HarnessError
+from harness.imports import import_object
 
 SPLITS = ("train", "val", "test")
 
@@ -120,15 +120,7 @@ def available_tasks() -> dict[str, str]:
 def resolve_task(name: str) -> TaskFactory:
     """A registered task name or an import path ``pkg.module:factory``."""
     if ":" in name:
-        module_name, _, attr = name.partition(":")
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as exc:
-            raise KeyError(f"cannot import module {module_name!r} ({exc})") from None
-        factory = getattr(module, attr, None)
-        if factory is None:
-            raise KeyError(f"{name!r} not found")
-        return factory
+        return import_object(name)
     available_tasks()
     if name not in _TASKS:
         raise KeyError(f"unknown task {name!r}; registered: {', '.join(sorted(_TASKS))}")

@@ -65,7 +65,7 @@ def sweep_dict(micro_checkpoints, tmp_path):
 def trained_checkpoints(tmp_path_factory):
     """Micro CLIP encoders really fine-tuned on three toy tasks: merges have a landscape."""
     from harness.finetune import finetune_encoder
-    from harness.models import ImageClassifier, build_clip, get_tokenizer, save_state_dict, zeroshot_head
+    from harness.models import build_clip, get_tokenizer, save_state_dict, zeroshot_head
     from tasks.synthetic import make_toy_task
 
     root = tmp_path_factory.mktemp("trained")
@@ -83,3 +83,19 @@ def trained_checkpoints(tmp_path_factory):
 
 
 TRAINED_TASKS = ["toy_stripes", "toy_colours", "toy_checks"]
+
+
+def perturbed_micro_encoders(tasks, scale: float = 0.05, seed: int = 0):
+    """(pretrained micro image encoder, {task: a copy with N(0, scale^2) added to every weight})."""
+    torch.manual_seed(seed)
+    from harness.models import build_clip
+
+    pre = build_clip("harness-micro-vit").visual.eval()
+    finetuned = {}
+    for t in tasks:
+        m = copy.deepcopy(pre)
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(scale * torch.randn_like(p))
+        finetuned[t] = m
+    return pre, finetuned

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 import methods.adamerging as adamerging
-from harness.models import build_clip
+from tests.conftest import perturbed_micro_encoders
 from methods.base import MergeContext, float_state, with_state
 from methods.task_arithmetic import task_arithmetic_state
 from methods.tta import BatchStream, entropy
@@ -19,16 +17,7 @@ TASKS = ["a", "b", "c"]
 
 @pytest.fixture(scope="module")
 def models():
-    torch.manual_seed(0)
-    pre = build_clip("harness-micro-vit").visual.eval()
-    finetuned = {}
-    for t in TASKS:
-        m = copy.deepcopy(pre)
-        with torch.no_grad():
-            for p in m.parameters():
-                p.add_(0.05 * torch.randn_like(p))
-        finetuned[t] = m
-    return pre, finetuned
+    return perturbed_micro_encoders(TASKS)
 
 
 def images(n: int, seed: int) -> torch.Tensor:

@@ -83,7 +83,7 @@ def test_mlflow_contents(first_run):
 def test_individual_beats_pretrained_after_finetuning(tmp_path, sweep_dict):
     """A known ordering: an encoder fine-tuned on a task beats the untouched one on it."""
     from harness.finetune import finetune_encoder
-    from harness.models import build_clip, save_state_dict
+    from harness.models import save_state_dict
     from harness.workspace import Workspace
 
     cfg = validate_config(sweep_dict)

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import methods.wemoe as wemoe
-from harness.models import build_clip
+from tests.conftest import perturbed_micro_encoders
 from methods.base import MergeContext, PruneTrial, with_state
 from methods.task_arithmetic import task_arithmetic_state
 from methods.tta import entropy
@@ -21,16 +19,7 @@ CLASSES = 5
 
 @pytest.fixture(scope="module")
 def models():
-    torch.manual_seed(0)
-    pre = build_clip("harness-micro-vit").visual.eval()
-    finetuned = {}
-    for t in TASKS:
-        m = copy.deepcopy(pre)
-        with torch.no_grad():
-            for p in m.parameters():
-                p.add_(0.05 * torch.randn_like(p))
-        finetuned[t] = m
-    return pre, finetuned
+    return perturbed_micro_encoders(TASKS)
 
 
 def images(n: int, seed: int) -> torch.Tensor:

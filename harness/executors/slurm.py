@@ -560,7 +560,8 @@ def status_table(cfg: SweepConfig) -> tuple[Table, dict[str, int]]:
     folder = cfg.resolved_output_dir() / "slurm"
     records = SubmissionLog(folder).load()
     if not records:
-        raise HarnessError(f"no SLURM submissions recorded under {folder} (run `harness sweep` with executor.kind slurm)")
+        raise HarnessError(f"no SLURM submissions recorded under {folder} "
+                           "(run `harness sweep` with executor.kind slurm)")
     results = cfg.resolved_output_dir() / "results"
     tracked, collected = [], set()
     for key, rec in records.items():

@@ -16,7 +16,7 @@ import string
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from tasks.embedded import objects, scenes, textures
 from tasks.embedded.render import (

@@ -17,7 +17,7 @@ from PIL import Image
 
 from tasks.embedded.render import (
     CANVAS, SIZE, blend, colour_jitter, coords, finish, fractal_noise, jitter, new_canvas,
-    pick, smooth_noise, voronoi,
+    smooth_noise, voronoi,
 )
 
 TEXTURE_CLASSES = (

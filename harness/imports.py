@@ -1,0 +1,19 @@
+"""Objects named by import path (``pkg.module:Name``), as YAML names user methods and tasks."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+
+def import_object(path: str) -> Any:
+    """The attribute ``Name`` of module ``pkg.module``; KeyError with the reason otherwise."""
+    module_name, _, attr = path.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise KeyError(f"cannot import module {module_name!r} ({exc})") from None
+    obj = getattr(module, attr, None)
+    if obj is None:
+        raise KeyError(f"{path!r} not found")
+    return obj
