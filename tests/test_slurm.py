@@ -1,0 +1,401 @@
+"""SLURM dispatch through submitit, against a real cluster.
+
+The cluster tests need SLURM with accounting (``bash scripts/slurm-local.sh start`` sets up a
+single-node one on loopback; ``.ci/run`` does it before the tests). Without ``sinfo`` they skip
+with that hint; with ``sinfo`` but a cluster that does not answer they fail. Config checks and
+the ``debug`` executor (submitit in-process) need no cluster.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import multiprocessing as mp
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+
+from harness.cli import main
+from harness.config import ConfigError, validate_config
+from harness.executors.slurm import slurm_states, submitit_parameters
+from harness.runner import run_sweep
+from tests.conftest import TOY_TASKS, make_sweep_dict
+
+REPO = Path(__file__).resolve().parents[1]
+needs_slurm = pytest.mark.skipif(
+    shutil.which("sinfo") is None,
+    reason="SLURM is not installed (no `sinfo` on PATH); as root, `bash scripts/slurm-local.sh start` "
+           "installs and starts a single-node cluster",
+)
+# every job of these sweeps imports the repository's test methods by path on the node
+SETUP = [f"export PYTHONPATH={REPO}"]
+
+
+# ---------------------------------------------------------------------------------------
+# fixtures
+
+
+@pytest.fixture(scope="module")
+def varied_checkpoints(tmp_path_factory) -> Path:
+    """Micro CLIP checkpoints whose 'fine-tuned' encoders differ enough (noise scaled to each
+    tensor's spread) that every merge method and setting gets different accuracies: equal
+    results across executors then mean the same computation, not the same chance level."""
+    from harness.models import build_clip, save_state_dict
+
+    root = tmp_path_factory.mktemp("varied")
+    torch.manual_seed(0)
+    clip = build_clip("harness-micro-vit")
+    save_state_dict(clip.state_dict(), root / "pretrained.safetensors")
+    for i, task in enumerate(TOY_TASKS):
+        enc = copy.deepcopy(clip.visual)
+        g = torch.Generator().manual_seed(100 + i)
+        with torch.no_grad():
+            for p in enc.parameters():
+                spread = p.std() if p.numel() > 1 else torch.tensor(1.0)
+                p.add_(spread * torch.randn(p.shape, generator=g))
+        save_state_dict(enc.state_dict(), root / f"{task}.safetensors")
+    return root
+
+
+def _sweep(checkpoints: Path, root: Path, name: str, **executor) -> dict:
+    d = make_sweep_dict(checkpoints, root)
+    d["name"] = name
+    d["cache_dir"] = str(root.parent / "cache")  # heads are shared by every sweep of the module
+    d["executor"] = executor
+    return d
+
+
+FAILING = [{"name": "tests.failing_method:AlwaysFails", "label": "raises"},
+           {"name": "tests.slurm_methods:KillsItself", "label": "killed"}]
+
+
+@pytest.fixture(scope="module")
+def local_reference(varied_checkpoints, tmp_path_factory):
+    """The reference, computed once when first asked for: the six regular jobs run in this
+    process by the local executor (the SLURM fixture asks while its cluster jobs run)."""
+    memo = []
+
+    def get():
+        if not memo:
+            root = tmp_path_factory.mktemp("local") / "sweep"
+            cfg = validate_config(_sweep(varied_checkpoints, root, "toy-local", kind="local"))
+            memo.append(run_sweep(cfg, quiet=True))
+        return memo[0]
+
+    return get
+
+
+@pytest.fixture
+def local_outcome(local_reference):
+    return local_reference()
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """The cluster answers and has an idle or mixed node (not skipped: CI has SLURM)."""
+    r = subprocess.run(["sinfo", "-h", "-o", "%a %T"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, f"sinfo failed: {r.stderr.strip()} (is slurmctld running? scripts/slurm-local.sh start)"
+    assert any(s in r.stdout for s in ("idle", "mixed", "allocated")), f"no usable node: {r.stdout!r}"
+    r = subprocess.run(["sacct", "-n", "-X", "-S", "now"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, f"sacct failed ({r.stderr.strip()}): submitit needs accounting (slurmdbd)"
+
+
+def _drive(cfg_dict: dict) -> None:
+    run_sweep(validate_config(cfg_dict), quiet=True)
+
+
+def _squeue(array_id: str) -> dict[str, str]:
+    out = subprocess.run(["squeue", "-r", "-h", "-j", array_id, "-o", "%i|%T"], capture_output=True, text=True,
+                         timeout=30).stdout
+    return dict(line.split("|") for line in out.split())
+
+
+def _wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
+        time.sleep(0.25)
+
+
+@pytest.fixture(scope="module")
+def interrupted_sweep(cluster, varied_checkpoints, tmp_path_factory, local_reference):
+    """Eight jobs through SLURM (six regular, one that raises, one SIGKILLed): the driver is
+    SIGKILLed once it has recorded two results and another job runs; the jobs still queued are
+    then cancelled (lost with the driver), the running one is left alone; a second driver
+    finishes the sweep."""
+    root = tmp_path_factory.mktemp("slurm") / "sweep"
+    d = _sweep(varied_checkpoints, root, "toy-slurm", kind="slurm", mem_gb=1, timeout_min=5, setup=SETUP,
+               poll_s=1)
+    d["methods"] += FAILING
+    out = Path(d["output_dir"])
+    t0 = time.monotonic()
+    driver = mp.get_context("fork").Process(target=_drive, args=(d,))
+    driver.start()
+
+    def recorded() -> set[str]:
+        return {p.stem for p in (out / "results").glob("*.json")}
+
+    def running_unrecorded() -> bool:  # a job runs whose result the driver has not recorded
+        first = json.loads((out / "slurm" / "submitted.json").read_text())["jobs"]
+        queue = _squeue(next(iter(first.values()))["job_id"].split("_")[0])
+        return any(queue.get(rec["job_id"]) == "RUNNING" and k not in recorded() for k, rec in first.items())
+
+    try:
+        local_reference()  # meanwhile
+        _wait_for(lambda: len(recorded()) >= 2 and running_unrecorded(), 300, "two results and a running job")
+    finally:
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.join()
+    at_kill = recorded()
+    first = json.loads((out / "slurm" / "submitted.json").read_text())["jobs"]
+    queue = _squeue(next(iter(first.values()))["job_id"].split("_")[0])
+    pending = {k for k, rec in first.items() if queue.get(rec["job_id"]) == "PENDING"}
+    running = {k for k, rec in first.items() if queue.get(rec["job_id"]) == "RUNNING"} - at_kill
+    for k in pending:
+        subprocess.run(["scancel", first[k]["job_id"]], check=True)
+    _wait_for(lambda: all(v == "CANCELLED" for v in slurm_states([first[k]["job_id"] for k in pending]).values()),
+              60, "SLURM to show the cancelled jobs")
+    outcome = run_sweep(validate_config(d), quiet=True)
+    final = json.loads((out / "slurm" / "submitted.json").read_text())["jobs"]
+    return {"dict": d, "outcome": outcome, "recorded_at_kill": at_kill, "pending": pending, "running": running,
+            "first": first, "final": final, "seconds": time.monotonic() - t0}
+
+
+# ---------------------------------------------------------------------------------------
+# configuration
+
+
+def _executor_error(tmp_path, **executor) -> str:
+    d = make_sweep_dict(Path("/nonexistent"), tmp_path)
+    d["executor"] = executor
+    with pytest.raises(ConfigError) as exc:
+        validate_config(d, "sweep.yaml")
+    return str(exc.value)
+
+
+@pytest.mark.parametrize("executor, expected", [
+    ({"kind": "slurm", "partiton": "gpu"}, "sweep.yaml: executor.partiton: unknown key"),
+    ({"kind": "slurm", "mem_gb": -4}, "sweep.yaml: executor.mem_gb: Input should be greater than 0 (got -4)"),
+    ({"kind": "slurm", "cpus_per_task": 0}, "executor.cpus_per_task: Input should be greater than or equal to 1"),
+    ({"kind": "slurm", "timeout_min": 0}, "executor.timeout_min: Input should be greater than or equal to 1"),
+    ({"kind": "pbs"}, "executor.kind: Input should be 'local', 'slurm' or 'debug' (got 'pbs')"),
+    ({"kind": "slurm", "partition": "gpu --qos=high"}, "executor.partition: String should match pattern"),
+    ({"kind": "slurm", "setup": ["module load cuda\nrm -rf /"]}, "executor.setup: each setup entry must be a single"),
+])
+def test_bad_executor_fields_are_one_line_errors(tmp_path, executor, expected):
+    assert expected in _executor_error(tmp_path, **executor)
+
+
+def test_validate_accepts_the_slurm_executor_block(micro_checkpoints, tmp_path):
+    d = make_sweep_dict(micro_checkpoints, tmp_path)
+    d["executor"] = {"kind": "slurm", "partition": "gpu", "gpus_per_node": 1, "cpus_per_task": 8, "mem_gb": 64,
+                     "timeout_min": 120, "array_parallelism": 32, "account": None, "qos": None,
+                     "constraint": None, "setup": ["module load cuda"]}
+    f = tmp_path / "sweep.yaml"
+    f.write_text(yaml.safe_dump(d))
+    r = CliRunner().invoke(main, ["validate", str(f)], env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    assert "valid" in r.output and "partition: gpu" in r.output
+    r = CliRunner().invoke(main, ["validate", str(f), "executor.kind=local", "executor.mem_gb=-1"])
+    assert r.exit_code == 2 and "executor.mem_gb" in r.output
+
+
+def test_readme_slurm_example_validates(micro_checkpoints, tmp_path):
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("## Running on SLURM"):]
+    block = section[section.index("```yaml") + len("```yaml"): section.index("```", section.index("```yaml") + 7)]
+    d = make_sweep_dict(micro_checkpoints, tmp_path)
+    d.update(yaml.safe_load(block))
+    cfg = validate_config(d, "README.md")
+    assert cfg.executor.kind == "slurm" and cfg.executor.setup == ["module load cuda"]
+
+
+def test_sbatch_file_carries_the_executor_settings_and_setup_lines_verbatim(micro_checkpoints, tmp_path,
+                                                                           monkeypatch):
+    """What submitit writes for sbatch from our settings: each a quoted #SBATCH flag, each setup
+    line on its own line, as given."""
+    import submitit
+    from submitit.slurm.slurm import SlurmExecutor, _make_sbatch_string
+
+    setup = ["module load cuda/12.1", "export DATA='/shared/data sets'"]
+    d = make_sweep_dict(micro_checkpoints, tmp_path)
+    d["executor"] = {"kind": "slurm", "partition": "gpu", "gpus_per_node": 1, "cpus_per_task": 8, "mem_gb": 64,
+                     "timeout_min": 120, "array_parallelism": 32, "account": "proj1", "constraint": "a100&80gb",
+                     "setup": setup}
+    params = submitit_parameters(validate_config(d))
+    assert params["slurm_setup"] == setup
+    monkeypatch.setattr(SlurmExecutor, "affinity", classmethod(lambda cls: 2))  # no srun needed to build it
+    ex = submitit.AutoExecutor(folder=tmp_path / "slurm", cluster="slurm")
+    ex.update_parameters(**params)
+    text = _make_sbatch_string(command="python -m x", folder=tmp_path, map_count=100, **ex._executor.parameters)
+    lines = text.splitlines()
+    for flag in ("--partition=gpu", "--gpus-per-node=1", "--cpus-per-task=8", "--mem=64GB", "--time=120",
+                 "--account=proj1", "--array=0-99%32", "--signal=USR2@90", "--job-name=harness-toy"):
+        assert f"#SBATCH {flag}" in lines, flag
+    assert "#SBATCH --constraint='a100&80gb'" in lines
+    assert lines[lines.index("# setup") + 1: lines.index("# setup") + 3] == setup
+
+
+# ---------------------------------------------------------------------------------------
+# a real cluster
+
+
+@needs_slurm
+def test_slurm_results_equal_the_local_executors(interrupted_sweep, local_outcome):
+    outcome = interrupted_sweep["outcome"]
+    assert len(outcome.results) == 8 and len(local_outcome.results) == 6
+    by_key = {r.key: r for r in outcome.results}
+    for ref in local_outcome.results:
+        got = by_key[ref.key]
+        assert got.status == "ok", (got.title, got.error)
+        assert got.metrics == ref.metrics, ref.title
+    assert len({r.metrics["acc/avg"] for r in local_outcome.results}) > 2  # the comparison can tell jobs apart
+    assert [(r.method, r.avg) for r in outcome.rows] == [(r.method, r.avg) for r in local_outcome.rows]
+
+
+@needs_slurm
+def test_failed_jobs_are_reported_with_reason_and_stderr_tail(interrupted_sweep):
+    outcome = interrupted_sweep["outcome"]
+    failed = {r.label: r for r in outcome.failed}
+    assert set(failed) == {"raises", "killed"}
+    assert failed["raises"].error == "RuntimeError: deliberate failure"
+    assert "deliberate failure" in failed["raises"].error_detail  # the traceback
+    killed = failed["killed"]
+    final = interrupted_sweep["final"][killed.key]["job_id"]
+    assert killed.error.startswith(f"SLURM job {final} FAILED: the job process died")
+    assert "killed by signal 9, SIGKILL" in killed.error
+    assert f"log {Path(interrupted_sweep['dict']['output_dir']) / 'slurm' / final}_0_log.err" in killed.error
+    assert "stderr tail" in killed.error_detail and "Killed" in killed.error_detail
+    results_dir = Path(interrupted_sweep["dict"]["output_dir"]) / "results"
+    assert {p.stem for p in results_dir.glob("*.json")} == {r.key for r in outcome.results if r.status == "ok"}
+
+
+@needs_slurm
+def test_rerun_after_killed_driver_resubmits_only_unfinished_jobs(interrupted_sweep):
+    s = interrupted_sweep
+    first, final, outcome = s["first"], s["final"], s["outcome"]
+    assert len(first) == 8 and s["pending"] and s["running"], "killed with jobs running and queued"
+    resubmitted = {k for k, rec in final.items() if len(rec["history"]) > 1}
+    failing = {r.key for r in outcome.results if r.label in ("raises", "killed")}  # a rerun retries failures
+    assert s["pending"] <= resubmitted <= s["pending"] | failing  # the jobs lost with the driver
+    for k in resubmitted:
+        assert final[k]["history"] == [first[k]["job_id"], final[k]["job_id"]]
+    assert not resubmitted & s["recorded_at_kill"]
+    assert not resubmitted & (s["running"] - failing)  # still running at the kill: found again
+    assert not set(outcome.executed) & s["recorded_at_kill"]  # recorded results were reused, not rerun
+    assert {r.key for r in outcome.results} == set(final)
+    print(f"interrupted SLURM sweep: {s['seconds']:.1f}s; {len(s['recorded_at_kill'])} recorded before the kill, "
+          f"{len(s['running'])} running (found again), {len(s['pending'])} queued (cancelled, resubmitted)")
+
+
+@needs_slurm
+def test_status_and_collect_commands(interrupted_sweep, tmp_path):
+    f = tmp_path / "sweep.yaml"
+    f.write_text(yaml.safe_dump(interrupted_sweep["dict"]))
+    r = CliRunner().invoke(main, ["status", str(f)], env={"COLUMNS": "250"})
+    assert r.exit_code == 0, r.output
+    assert "6 done" in r.output and "2 failed" in r.output and "6 collected" in r.output
+    before = json.loads((Path(interrupted_sweep["dict"]["output_dir"]) / "slurm" / "submitted.json").read_text())
+    r = CliRunner().invoke(main, ["collect", "-q", str(f)], env={"COLUMNS": "250"})
+    assert r.exit_code == 1  # the two failed jobs are still failed: collect never resubmits
+    assert "2 of 8 jobs failed" in r.output and "deliberate failure" in r.output and "SIGKILL" in r.output
+    after = json.loads((Path(interrupted_sweep["dict"]["output_dir"]) / "slurm" / "submitted.json").read_text())
+    assert after == before
+
+
+@needs_slurm
+def test_a_refused_submission_is_one_clear_error(cluster, varied_checkpoints, tmp_path):
+    from harness.errors import HarnessError
+
+    d = _sweep(varied_checkpoints, tmp_path / "sweep", "toy-refused", kind="slurm", partition="no-such-partition")
+    with pytest.raises(HarnessError, match="SLURM refused the jobs: .*invalid partition.*no-such-partition"):
+        run_sweep(validate_config(d), quiet=True)
+
+
+def _steps_log(out: Path) -> list[tuple[int, str, int]]:
+    logs = list((out / "work").glob("*/steps.log"))
+    if not logs:
+        return []
+    return [(int(a), b, int(c)) for a, b, c in (ln.split() for ln in logs[0].read_text().splitlines())]
+
+
+@needs_slurm
+def test_requeued_adaptation_resumes_from_its_checkpoint(cluster, varied_checkpoints, tmp_path):
+    """A WeMoE adaptation submitted with --detach is sent USR2 mid-way (what SLURM sends before the
+    time limit): submitit checkpoints and requeues it, the new process resumes from the last
+    checkpoint in its workdir, and `collect` records the same result as an uninterrupted run."""
+    wemoe = {"steps": 12, "checkpoint_every": 2, "batch_size": 4, "lr": 0.01, "routing_stats_batches": 1}
+    method = {"name": "tests.slurm_methods:RecordedWeMoE", "label": "wemoe"}
+    d = _sweep(varied_checkpoints, tmp_path / "sweep", "toy-requeue", kind="slurm", mem_gb=1, timeout_min=5,
+               setup=SETUP, poll_s=1)
+    d["references"] = False
+    d["methods"] = [{**method, "params": {**wemoe, "step_delay": 0.3}}]
+    cfg = validate_config(d)
+    out = cfg.resolved_output_dir()
+    f = tmp_path / "sweep.yaml"
+    f.write_text(yaml.safe_dump(d))
+    t0 = time.monotonic()
+    r = CliRunner().invoke(main, ["sweep", str(f), "--detach"], env={"COLUMNS": "200"})
+    assert r.exit_code == 0 and "submitted 1 jobs" in r.output, r.output
+    record = json.loads((out / "slurm" / "submitted.json").read_text())["jobs"]
+    (job_id,) = [rec["job_id"] for rec in record.values()]
+    run_sweep(cfg, quiet=True, mode="detach")  # queued or running already: not submitted again
+    again = json.loads((out / "slurm" / "submitted.json").read_text())["jobs"]
+    assert [rec["history"] for rec in again.values()] == [[job_id]]
+
+    _wait_for(lambda: any(kind == "step" and n >= 3 for _, kind, n in _steps_log(out)), 240,
+              "three adaptation steps (a checkpoint at step 2)")
+    subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
+    ref_cfg = copy.deepcopy(d)  # the uninterrupted run, here, while SLURM requeues the job
+    ref_cfg.update(name="toy-requeue-ref", output_dir=str(tmp_path / "ref"), executor={"kind": "local"})
+    ref_cfg["methods"] = [{**method, "params": {**wemoe, "step_delay": 0.0}}]
+    (ref,) = run_sweep(validate_config(ref_cfg), quiet=True).results
+    outcome = run_sweep(cfg, quiet=True, mode="collect")
+    seconds = time.monotonic() - t0
+
+    (result,) = outcome.results
+    assert result.status == "ok", result.error
+    log = _steps_log(out)
+    pids = list(dict.fromkeys(pid for pid, _, _ in log))
+    assert len(pids) == 2, f"expected one requeue, got processes {pids}"
+    first = [n for pid, kind, n in log if pid == pids[0] and kind == "step"]
+    (resume,) = [n for pid, kind, n in log if pid == pids[1] and kind == "start"]
+    second = [n for pid, kind, n in log if pid == pids[1] and kind == "step"]
+    assert first == list(range(1, len(first) + 1)) and len(first) >= 3
+    assert resume >= 2 and resume % 2 == 0 and resume <= first[-1]  # the last checkpoint written
+    assert second == list(range(resume + 1, wemoe["steps"] + 1))  # no step before it is redone
+    assert json.loads((out / "slurm" / "submitted.json").read_text())["jobs"][result.key]["history"] == [job_id]
+
+    assert ref.status == "ok"
+    assert result.metrics == pytest.approx(ref.metrics, rel=1e-6)
+    loss, ref_loss = result.artifacts["curves"]["tta/loss"], ref.artifacts["curves"]["tta/loss"]
+    assert len(loss) == wemoe["steps"] and loss == pytest.approx(ref_loss, rel=1e-6)
+    print(f"requeue: resumed at step {resume} of {wemoe['steps']}, detach->collect {seconds:.1f}s")
+
+
+# ---------------------------------------------------------------------------------------
+# submitit's in-process debug executor (no cluster needed)
+
+
+def test_debug_executor_matches_local(varied_checkpoints, tmp_path, local_outcome):
+    d = _sweep(varied_checkpoints, tmp_path / "sweep", "toy-debug", kind="debug")
+    d["methods"].append(FAILING[0])
+    outcome = run_sweep(validate_config(d), quiet=True)
+    by_key = {r.key: r for r in outcome.results}
+    for ref in local_outcome.results:
+        assert by_key[ref.key].status == "ok"
+        assert by_key[ref.key].metrics == ref.metrics, ref.title
+    (failed,) = outcome.failed
+    assert failed.label == "raises" and "deliberate failure" in failed.error
+    assert len(outcome.results) == len(local_outcome.results) + 1
+    assert not (Path(d["output_dir"]) / "slurm" / "submitted.json").exists()  # nothing to find again
+    with pytest.raises(Exception, match="needs executor.kind slurm"):
+        run_sweep(validate_config(d), quiet=True, mode="detach")
