@@ -62,7 +62,7 @@ class Tracker:
         else:
             self.experiment_id = exp.experiment_id
         self.parent_id: str | None = None
-        self._logged: set[str] = set()
+        self._logged: dict[str, tuple[str, str]] = {}  # job key -> (run id, status)
 
     def start_sweep(self, digest: str, params: dict[str, Any]) -> str:
         """Create the sweep's parent run, or reopen the one a previous run of it created."""
@@ -81,10 +81,12 @@ class Tracker:
             self._log_params(self.parent_id, params)
         children = self.client.search_runs([self.experiment_id], f"tags.`mlflow.parentRunId` = '{self.parent_id}'",
                                            max_results=50000)
+        self._logged = {}
         for r in children:  # a job run a killed driver left half-logged is logged again, whole
             if r.info.status == "RUNNING" and r.data.tags.get(JOB_TAG):
                 self.client.delete_run(r.info.run_id)
-        self._logged = {r.data.tags.get(JOB_TAG) for r in children if r.info.status != "RUNNING"}
+            elif r.data.tags.get(JOB_TAG):
+                self._logged[r.data.tags[JOB_TAG]] = (r.info.run_id, r.info.status)
         return self.parent_id
 
     def _log_params(self, run_id: str, params: dict[str, Any]) -> None:
@@ -95,15 +97,19 @@ class Tracker:
             self.client.log_batch(run_id, params=flat[i : i + 100])
 
     def is_logged(self, key: str) -> bool:
-        return key in self._logged
+        """Logged as finished (a failed attempt is replaced once the job succeeds)."""
+        return self._logged.get(key, (None, None))[1] == "FINISHED"
 
     def log_job(self, result: Any, params: dict[str, Any], config_digest: str,
                 files: list[Path] | None = None) -> str | None:
         """A nested run for a finished (or failed) job; skipped if this job is already logged."""
         from mlflow.entities import Metric
 
-        if result.key in self._logged:
-            return None
+        previous = self._logged.get(result.key)
+        if previous and (previous[1] == "FINISHED" or result.status != "ok"):
+            return None  # logged already (a failure is logged once, not at every retry)
+        if previous:
+            self.client.delete_run(previous[0])  # the failed attempt, now superseded
         name = result.title
         tags = {"mlflow.parentRunId": self.parent_id, JOB_TAG: result.key, "harness.kind": result.kind,
                 "harness.config_digest": config_digest, "mlflow.runName": name, "harness.label": result.label}
@@ -123,8 +129,9 @@ class Tracker:
         failpoint("mlflow_log")
         for f in files or []:
             self.client.log_artifact(rid, str(f))
-        self.client.set_terminated(rid, status="FINISHED" if result.status == "ok" else "FAILED")
-        self._logged.add(result.key)
+        status = "FINISHED" if result.status == "ok" else "FAILED"
+        self.client.set_terminated(rid, status=status)
+        self._logged[result.key] = (rid, status)
         return rid
 
     def _find_or_create(self, key: str, tags: dict[str, str], finished_only: bool = False) -> tuple[str, bool]:

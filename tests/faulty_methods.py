@@ -30,3 +30,17 @@ class NanLoss(MergeMethod):
         if not torch.isfinite(loss):
             raise FloatingPointError("adaptation loss is NaN at step 3")
         return pretrained
+
+
+class FailsOnce(MergeMethod):
+    """Fails the first time (creating ``marker``), works from then on: a transient failure."""
+
+    marker: str
+
+    def merge(self, pretrained: nn.Module, finetuned: Mapping[str, nn.Module], ctx: MergeContext) -> nn.Module:
+        import os
+
+        if not os.path.exists(self.marker):
+            open(self.marker, "w").close()
+            raise RuntimeError("transient failure")
+        return with_state(pretrained, task_arithmetic_state(pretrained, finetuned, 0.3))

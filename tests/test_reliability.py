@@ -57,3 +57,16 @@ def test_eight_workers_finishing_together_lose_nothing(sweep_dict, tmp_path):
     exp = client.get_experiment_by_name(cfg.name).experiment_id
     children = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{out.parent_run_id}'")
     assert sorted(c.data.tags["harness.job_key"] for c in children) == sorted(r.key for r in out.results)
+
+
+def test_a_retried_job_replaces_its_failed_run(sweep_dict, tmp_path):
+    d = dict(sweep_dict, methods=[{"name": "tests.faulty_methods:FailsOnce", "label": "flaky",
+                                   "params": {"marker": str(tmp_path / "marker")}}])
+    cfg = validate_config(d)
+    first = run_sweep(cfg, quiet=True)
+    assert [r.label for r in first.failed] == ["flaky"]
+    second = run_sweep(cfg, quiet=True)
+    assert not second.failed
+    client = MlflowClient(cfg.resolved_tracking_uri())
+    runs = client.search_runs([client.get_experiment_by_name(cfg.name).experiment_id], "tags.`harness.label` = 'flaky'")
+    assert [r.info.status for r in runs] == ["FINISHED"]
