@@ -35,7 +35,7 @@ from harness.cache import atomic_write_bytes
 from tasks.base import InMemoryTask, register_task
 from tasks.embedded import objects, scenes, textures
 
-DATA_VERSION = "emb-v1"
+DATA_VERSION = "emb-v2"
 SIZES: dict[str, tuple[int, int]] = {"full": (3500, 1000), "tiny": (200, 100)}  # (train pool, test)
 VAL_FRACTION = 0.1
 VAL_SEED = 0
