@@ -65,7 +65,10 @@ def run_sweep(cfg: SweepConfig, console: Console | None = None, quiet: bool = Fa
               mode: Literal["run", "detach", "collect"] = "run") -> SweepOutcome:
     """Run the sweep; ``detach`` submits to SLURM and returns, ``collect`` waits for and records
     the jobs a detached (or killed) run submitted, submitting nothing."""
-    console = console or Console(stderr=True, quiet=quiet)
+    if console is None:
+        console = Console(stderr=True, quiet=quiet)
+        if not console.is_terminal:  # logged output: keep the results table's columns whole
+            console = Console(stderr=True, quiet=quiet, width=200)
     show = not quiet
     out = cfg.resolved_output_dir()
     timings: dict[str, float] = {}

@@ -64,6 +64,7 @@ class InMemoryTask(Task):
         self.classnames = list(classnames)
         self.templates = list(templates)
         self._splits = splits
+        self._normalized: dict[str, TensorDataset] = {}
         self.version = version
         for split, (images, labels) in splits.items():
             if len(images) == 0:
@@ -80,8 +81,11 @@ class InMemoryTask(Task):
         return self._splits[split]
 
     def dataset(self, split: str) -> TensorDataset:
-        images, labels = self.raw(split)
-        return TensorDataset(normalize_uint8(images), labels.long())
+        """Normalised once per split and kept: every job of a sweep evaluates the same splits."""
+        if split not in self._normalized:
+            images, labels = self.raw(split)
+            self._normalized[split] = TensorDataset(normalize_uint8(images), labels.long())
+        return self._normalized[split]
 
     def identity(self) -> dict[str, Any]:
         return {**super().identity(), "version": self.version}
