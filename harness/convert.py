@@ -20,7 +20,6 @@ Next to ``<dst>`` goes ``<dst>.json``: kind, architecture, source path and the s
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -33,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from harness.cache import atomic_write_json
 from harness.errors import HarnessError
 from harness.models import build_clip, describe_state, file_digest, load_state_dict, register_model_configs, save_state_dict
 
@@ -53,7 +53,7 @@ def convert_pickled_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, t
     src = Path(src)
     if not src.is_file():
         raise HarnessError(f"{src}: checkpoint file does not exist")
-    out = _output_path(Path(dst), src)
+    out = output_path(Path(dst), src.stem)
     if out.exists() and out.resolve() == src.resolve():
         raise HarnessError(f"{src}: destination is the source file itself")
     digest = file_digest(src)
@@ -77,20 +77,15 @@ def convert_pickled_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, t
         "state_digest": describe_state(state),
     }
     save_state_dict(state, out, metadata={"format": FORMAT, "kind": kind, "arch": arch or "", "source_sha256": digest})
-    _write_json(out.with_name(out.name + ".json"), sidecar)
+    atomic_write_json(out.with_name(out.name + ".json"), sidecar)
     return out
 
 
-def _output_path(dst: Path, src: Path) -> Path:
+def output_path(dst: Path, name: str) -> Path:
+    """``dst`` itself, or ``dst/<name>.safetensors`` when ``dst`` is (or ends like) a folder."""
     if dst.is_dir() or str(dst).endswith(("/", os.sep)):
-        return dst / f"{src.stem}.safetensors"
+        return dst / f"{name}.safetensors"
     return dst
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------

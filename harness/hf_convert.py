@@ -43,7 +43,8 @@ from typing import Any, Literal
 
 import torch
 
-from harness.convert import FORMAT
+from harness.cache import atomic_write_json
+from harness.convert import FORMAT, output_path
 from harness.errors import HarnessError
 from harness.models import file_digest, load_state_dict, register_model_configs, save_state_dict
 
@@ -423,16 +424,7 @@ def load_projection(path: str | os.PathLike) -> tuple[torch.Tensor, str]:
     raise HarnessError(f"{path}: holds no visual projection ('visual_projection.weight', 'visual.proj' or 'proj')")
 
 
-def _output_path(dst: Path, folder: Path) -> Path:
-    if dst.is_dir() or str(dst).endswith(("/", os.sep)):
-        return dst / f"{folder.name}.safetensors"
-    return dst
 
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
 
 
 def convert_hf_checkpoint(
@@ -463,7 +455,7 @@ def convert_hf_checkpoint(
     if projection is not None and _prefix_of(state, "visual_projection.weight", folder) is None:
         proj_tensor, proj_digest = load_projection(projection)
     out_state, oc_cfg = hf_to_open_clip(state, config, kind, proj_tensor, folder)
-    out = _output_path(Path(dst), folder)
+    out = output_path(Path(dst), folder.name)
     if out.resolve() in {f.resolve() for f in weight_files(folder)}:
         raise HarnessError(f"{out}: the destination is one of the source files")
     if arch is None:
@@ -496,7 +488,7 @@ def convert_hf_checkpoint(
     out.parent.mkdir(parents=True, exist_ok=True)
     save_state_dict(out_state, out, metadata={"format": FORMAT, "kind": kind, "arch": arch,
                                               "source_sha256": sidecar["source_sha256"]})
-    _write_json(out.with_name(out.name + ".json"), sidecar)
+    atomic_write_json(out.with_name(out.name + ".json"), sidecar)
     return out
 
 

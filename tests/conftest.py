@@ -20,9 +20,14 @@ TOY_TASKS = ["toy_stripes", "toy_colours"]
 @pytest.fixture(scope="session")
 def micro_checkpoints(tmp_path_factory):
     """A micro CLIP (pretrained file) and per-task 'fine-tuned' encoders (random perturbations)."""
+    return write_micro_checkpoints(tmp_path_factory.mktemp("ckpt"), lambda p: 0.05)
+
+
+def write_micro_checkpoints(root, noise_scale):
+    """pretrained.safetensors (a micro CLIP) and <task>.safetensors encoders with noise of
+    ``noise_scale(param)`` standard deviation added to every weight, for the toy tasks."""
     from harness.models import build_clip, save_state_dict
 
-    root = tmp_path_factory.mktemp("ckpt")
     torch.manual_seed(0)
     clip = build_clip("harness-micro-vit")
     save_state_dict(clip.state_dict(), root / "pretrained.safetensors")
@@ -31,7 +36,7 @@ def micro_checkpoints(tmp_path_factory):
         g = torch.Generator().manual_seed(100 + i)
         with torch.no_grad():
             for p in enc.parameters():
-                p.add_(0.05 * torch.randn(p.shape, generator=g))
+                p.add_(noise_scale(p) * torch.randn(p.shape, generator=g))
         save_state_dict(enc.state_dict(), root / f"{task}.safetensors")
     return root
 

@@ -27,7 +27,7 @@ from harness.cli import main
 from harness.config import ConfigError, validate_config
 from harness.executors.slurm import slurm_states, submitit_parameters
 from harness.runner import run_sweep
-from tests.conftest import TOY_TASKS, make_sweep_dict
+from tests.conftest import make_sweep_dict, write_micro_checkpoints
 
 REPO = Path(__file__).resolve().parents[1]
 needs_slurm = pytest.mark.skipif(
@@ -48,21 +48,8 @@ def varied_checkpoints(tmp_path_factory) -> Path:
     """Micro CLIP checkpoints whose 'fine-tuned' encoders differ enough (noise scaled to each
     tensor's spread) that every merge method and setting gets different accuracies: equal
     results across executors then mean the same computation, not the same chance level."""
-    from harness.models import build_clip, save_state_dict
-
-    root = tmp_path_factory.mktemp("varied")
-    torch.manual_seed(0)
-    clip = build_clip("harness-micro-vit")
-    save_state_dict(clip.state_dict(), root / "pretrained.safetensors")
-    for i, task in enumerate(TOY_TASKS):
-        enc = copy.deepcopy(clip.visual)
-        g = torch.Generator().manual_seed(100 + i)
-        with torch.no_grad():
-            for p in enc.parameters():
-                spread = p.std() if p.numel() > 1 else torch.tensor(1.0)
-                p.add_(spread * torch.randn(p.shape, generator=g))
-        save_state_dict(enc.state_dict(), root / f"{task}.safetensors")
-    return root
+    return write_micro_checkpoints(tmp_path_factory.mktemp("varied"),
+                                   lambda p: p.std() if p.numel() > 1 else torch.tensor(1.0))
 
 
 def _sweep(checkpoints: Path, root: Path, name: str, **executor) -> dict:
