@@ -759,49 +759,26 @@ def _build(name: str, data_root: str, preprocess, image_size: int, val_fraction:
     return Vision8Task(SPECS[name], data_root, preprocess, image_size, val_fraction, val_cap)
 
 
-@register_task("sun397", "SUN397 scenes (397 classes) from a local data_root")
-def sun397(data_root: str, preprocess=None, image_size: int = 224, val_fraction: float = 0.1, val_cap: int = 5000) -> Vision8Task:
-    """SUN397 scenes (397 classes) from a local data_root."""
-    return _build("sun397", data_root, preprocess, image_size, val_fraction, val_cap)
+DESCRIPTIONS = {
+    "sun397": "SUN397 scenes (397 classes)", "cars": "Stanford Cars (196 classes)",
+    "resisc45": "RESISC45 remote sensing scenes (45 classes)", "eurosat": "EuroSAT land use (10 classes)",
+    "svhn": "SVHN house-number digits (10 classes)", "gtsrb": "GTSRB traffic signs (43 classes)",
+    "mnist": "MNIST digits (10 classes)", "dtd": "DTD textures (47 classes)",
+}
 
 
-@register_task("cars", "Stanford Cars (196 classes) from a local data_root")
-def cars(data_root: str, preprocess=None, image_size: int = 224, val_fraction: float = 0.1, val_cap: int = 5000) -> Vision8Task:
-    """Stanford Cars (196 classes) from a local data_root."""
-    return _build("cars", data_root, preprocess, image_size, val_fraction, val_cap)
+def _factory(name: str):
+    """The registered factory of one task (an explicit signature: the Workspace fills data_root
+    and image_size from the sweep)."""
+
+    def factory(data_root: str, preprocess=None, image_size: int = 224, val_fraction: float = 0.1,
+                val_cap: int = 5000) -> Vision8Task:
+        return _build(name, data_root, preprocess, image_size, val_fraction, val_cap)
+
+    factory.__name__ = factory.__qualname__ = name
+    factory.__doc__ = f"{DESCRIPTIONS[name]} from a local data_root."
+    return factory
 
 
-@register_task("resisc45", "RESISC45 remote sensing scenes (45 classes) from a local data_root")
-def resisc45(data_root: str, preprocess=None, image_size: int = 224, val_fraction: float = 0.1, val_cap: int = 5000) -> Vision8Task:
-    """RESISC45 remote sensing scenes (45 classes) from a local data_root."""
-    return _build("resisc45", data_root, preprocess, image_size, val_fraction, val_cap)
-
-
-@register_task("eurosat", "EuroSAT land use (10 classes) from a local data_root")
-def eurosat(data_root: str, preprocess=None, image_size: int = 224, val_fraction: float = 0.1, val_cap: int = 5000) -> Vision8Task:
-    """EuroSAT land use (10 classes) from a local data_root."""
-    return _build("eurosat", data_root, preprocess, image_size, val_fraction, val_cap)
-
-
-@register_task("svhn", "SVHN house-number digits (10 classes) from a local data_root")
-def svhn(data_root: str, preprocess=None, image_size: int = 224, val_fraction: float = 0.1, val_cap: int = 5000) -> Vision8Task:
-    """SVHN house-number digits (10 classes) from a local data_root."""
-    return _build("svhn", data_root, preprocess, image_size, val_fraction, val_cap)
-
-
-@register_task("gtsrb", "GTSRB traffic signs (43 classes) from a local data_root")
-def gtsrb(data_root: str, preprocess=None, image_size: int = 224, val_fraction: float = 0.1, val_cap: int = 5000) -> Vision8Task:
-    """GTSRB traffic signs (43 classes) from a local data_root."""
-    return _build("gtsrb", data_root, preprocess, image_size, val_fraction, val_cap)
-
-
-@register_task("mnist", "MNIST digits (10 classes) from a local data_root")
-def mnist(data_root: str, preprocess=None, image_size: int = 224, val_fraction: float = 0.1, val_cap: int = 5000) -> Vision8Task:
-    """MNIST digits (10 classes) from a local data_root."""
-    return _build("mnist", data_root, preprocess, image_size, val_fraction, val_cap)
-
-
-@register_task("dtd", "DTD textures (47 classes) from a local data_root")
-def dtd(data_root: str, preprocess=None, image_size: int = 224, val_fraction: float = 0.1, val_cap: int = 5000) -> Vision8Task:
-    """DTD textures (47 classes) from a local data_root."""
-    return _build("dtd", data_root, preprocess, image_size, val_fraction, val_cap)
+for _name in SPECS:
+    globals()[_name] = register_task(_name, f"{DESCRIPTIONS[_name]} from a local data_root")(_factory(_name))
