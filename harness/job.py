@@ -203,12 +203,7 @@ def merge(spec: JobSpec, ws: Workspace, device: torch.device, workdir: Path) -> 
 
     def validate(encoder: torch.nn.Module) -> dict[str, float]:
         was_training = encoder.training
-        out = {}
-        for t in tasks:
-            clf = ImageClassifier(encoder, heads[t])
-            out[f"val/acc/{t}"] = accuracy(clf, ws.task(t).dataset("val"), ws.cfg.eval.batch_size, device,
-                                           ws.cfg.eval.max_samples)
-        out["val/acc/avg"] = sum(out.values()) / len(tasks)
+        out = evaluate_encoder(ws, encoder, tasks, device, test=False)
         encoder.train(was_training)
         return out
 

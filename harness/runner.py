@@ -53,6 +53,12 @@ def jsonable(obj: Any) -> Any:
     return obj
 
 
+def finished_result(results_dir: Path, key: str) -> JobResult | None:
+    """A job's cached result when it finished successfully (failed jobs are retried)."""
+    cached = read_json(results_dir / f"{key}.json")
+    return JobResult.from_dict(cached) if cached and cached.get("status") == "ok" else None
+
+
 def job_params(cfg: SweepConfig, spec: JobSpec) -> dict[str, Any]:
     """What MLflow records as a job's params: the resolved config, flattened, plus the job's own."""
     conf = cfg.model_dump(mode="json")
@@ -94,9 +100,9 @@ def run_sweep(cfg: SweepConfig, console: Console | None = None, quiet: bool = Fa
     results: dict[str, JobResult] = {}
     pending: list[JobSpec] = []
     for s in specs:
-        cached = read_json(results_dir / f"{s.key}.json")
-        if cached and cached.get("status") == "ok":
-            results[s.key] = JobResult.from_dict(cached)
+        cached = finished_result(results_dir, s.key)
+        if cached:
+            results[s.key] = cached
         else:
             pending.append(s)
     executed: list[str] = []
@@ -169,9 +175,9 @@ def run_sweep(cfg: SweepConfig, console: Console | None = None, quiet: bool = Fa
             specs.append(final)
             spec_by_key[final.key] = final
             if final.key not in results:
-                cached = read_json(results_dir / f"{final.key}.json")
-                if cached and cached.get("status") == "ok":
-                    results[final.key] = JobResult.from_dict(cached)
+                cached = finished_result(results_dir, final.key)
+                if cached:
+                    results[final.key] = cached
                 else:
                     bar.add(1)
                     execute([final])
