@@ -153,13 +153,18 @@ def run_tta(
     eval_every: int = 0,
     joint_forward: bool = False,
     export: Callable[[], nn.Module] | None = None,
+    aux_loss: Callable[[str], torch.Tensor] | None = None,
     name: str = "tta",
 ) -> list[float]:
     """Adapt ``model``'s trainable parameters in place; returns the loss of every step.
 
     The tasks are ``ctx.tasks`` (the heads); each needs an ``ctx.unlabeled`` factory.
-    Adam with ``lr``, optionally cosine-annealed to 0 over ``steps``.
+    Adam with ``lr``, optionally cosine-annealed to 0 over ``steps``. ``aux_loss(task)``, when
+    given, is called right after the forward of ``task``'s batch and its value is added to the
+    loss (per-task forwards only: ``joint_forward`` must be False).
     """
+    if aux_loss is not None and joint_forward:
+        raise ValueError("aux_loss needs per-task forwards (joint_forward=False)")
     tasks = ctx.tasks
     if steps <= 0:
         return []
@@ -196,7 +201,7 @@ def run_tta(
                         group["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * step / steps))
                 optimizer.zero_grad(set_to_none=True)
                 batches = {t: next(streams[t]).to(device) for t in tasks}
-                loss = _entropy_step(model, classifiers, heads, batches, joint_forward)
+                loss = _entropy_step(model, classifiers, heads, batches, joint_forward, aux_loss)
                 if not math.isfinite(loss):  # a diverged adaptation is a failed job, never a result
                     raise FloatingPointError(f"{name}: adaptation loss is not finite at step {step + 1}")
                 optimizer.step()
@@ -219,12 +224,14 @@ def run_tta(
 
 def _entropy_step(model: nn.Module, classifiers: Mapping[str, ImageClassifier],
                   heads: Mapping[str, torch.Tensor], batches: Mapping[str, torch.Tensor],
-                  joint_forward: bool) -> float:
-    """Forward + backward of the summed entropy; returns its value."""
+                  joint_forward: bool, aux_loss: Callable[[str], torch.Tensor] | None = None) -> float:
+    """Forward + backward of the summed entropy (plus ``aux_loss``); returns its value."""
     if not joint_forward:
         total = 0.0
         for t, x in batches.items():
             loss = entropy(classifiers[t](x))
+            if aux_loss is not None:
+                loss = loss + aux_loss(t)
             loss.backward()
             total += float(loss.detach())
         return total

@@ -315,3 +315,50 @@ def test_hyperparameter_bounds():
     with pytest.raises(ValueError):
         wemoe.WeMoE(routing="topk")
     assert wemoe.WeMoE.uses_test_data
+
+
+def test_task_identification_loss_is_the_mean_layer_cross_entropy(models):
+    pre, ft = models
+    moe = wemoe.build_wemoe(pre, ft, router_depth=0, routing="softmax")
+    consts = [torch.tensor([0.5, -1.0, 2.0]), torch.tensor([0.0, 1.5, -0.5])]
+    with torch.no_grad():
+        for m, c in zip(wemoe.moe_layers(moe), consts):
+            m.router.const.copy_(c)
+    loss = wemoe.task_identification_loss(moe, 2.0)
+    with wemoe.keeping_logits(moe):
+        moe(images(3, 4))
+        got = loss("b")
+    # by hand: -log softmax(c)[1], averaged over the two layers, times the weight
+    expected = 2.0 * sum(float(torch.logsumexp(c, 0) - c[1]) for c in consts) / 2
+    assert got.requires_grad
+    assert float(got.detach()) == pytest.approx(expected, rel=1e-6)
+    with pytest.raises(ValueError, match="no expert"):
+        with wemoe.keeping_logits(moe):
+            moe(images(1, 4))
+            loss("unknown")
+
+
+def separable_unlabeled(size: int = 6) -> dict:
+    """Each task's images carry a task-specific offset, so the task is visible in the input."""
+    offsets = {"a": -2.0, "b": 0.0, "c": 2.0}
+    data = {t: [images(size, 10 * i + j) * 0.5 + offsets[t] for j in range(2)] for i, t in enumerate(TASKS)}
+    return {t: (lambda t=t: iter(data[t])) for t in TASKS}
+
+
+def test_task_identification_loss_teaches_routers_the_task(models):
+    pre, ft = models
+    kwargs = dict(steps=40, lr=2e-2, router_depth=1, routing="softmax", checkpoint_every=0, routing_stats_batches=2)
+    plain_ctx = MergeContext(heads=heads(), unlabeled=separable_unlabeled())
+    wemoe.WeMoE(**kwargs).merge(pre, ft, plain_ctx)
+    ctx = MergeContext(heads=heads(), unlabeled=separable_unlabeled())
+    wemoe.WeMoE(task_id_weight=5.0, **kwargs).merge(pre, ft, ctx)
+    with_loss = ctx.artifacts["router_task_id"]["mean_per_layer"]
+    without = plain_ctx.artifacts["router_task_id"]["mean_per_layer"]
+    assert min(with_loss) == 1.0  # every sample of every task routed mostly to its own expert
+    assert max(without) < 1.0
+
+
+def test_task_identification_loss_needs_softmax_routing():
+    with pytest.raises(ValueError, match="routing: softmax"):
+        wemoe.WeMoE(task_id_weight=1.0, routing="raw")
+    assert wemoe.WeMoE(task_id_weight=1.0, routing="softmax").task_id_weight == 1.0
