@@ -116,7 +116,7 @@ def _report(cfg, outcome, quiet: bool) -> None:
     if quiet:
         from harness.runner import print_tables
 
-        print_tables(console, cfg, outcome.rows)
+        print_tables(console, cfg, outcome.rows, outcome.generalization_rows)
     if outcome.failed:
         err_console.print(f"[red]{len(outcome.failed)} of {len(outcome.results)} jobs failed:[/]")
         for r in outcome.failed:
@@ -149,7 +149,7 @@ def tune(file: str, overrides: tuple[str, ...], label: str, trials: int | None, 
 
     outcome = run_sweep(cfg, quiet=quiet)
     if quiet:
-        print_tables(console, cfg, outcome.rows)
+        print_tables(console, cfg, outcome.rows, outcome.generalization_rows)
     sys.exit(1 if outcome.failed else 0)
 
 

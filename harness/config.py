@@ -20,6 +20,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from harness.errors import HarnessError
 
 
+#: Job protocols: the main table (the sweep's seen tasks merged) and the ``generalization`` block's.
+MAIN, GENERALIZATION = "main", "generalization"
+#: Appended to a method's label for its generalization jobs (MLflow run names, progress, plan).
+GENERALIZATION_SUFFIX = " (gen)"  # not "[gen]": rich would read that as markup and drop it
+
+
 class ConfigError(HarnessError):
     def __init__(self, file: str, path: str, message: str, value: Any = None, show_value: bool = True):
         self.file, self.path, self.value = file, path, value
@@ -234,6 +240,22 @@ class RobustnessSpec(Strict):
         return v
 
 
+class GeneralizationSpec(Strict):
+    """A second protocol in the same sweep: every method row is also merged (and adapted) on the
+    seen tasks alone and evaluated on all, so one sweep gives both the main table (every task
+    merged) and the generalization table. Give ``unseen`` (seen: the rest), ``seen`` (unseen:
+    the rest), or both covering every task."""
+
+    unseen: list[str] | None = Field(None, min_length=1, description="tasks left out of merging and adaptation")
+    seen: list[str] | None = Field(None, min_length=1, description="tasks merged (default: all but unseen)")
+
+    @model_validator(mode="after")
+    def _one_given(self) -> "GeneralizationSpec":
+        if self.unseen is None and self.seen is None:
+            raise ValueError("give 'unseen' (or 'seen')")
+        return self
+
+
 def _paper_corruptions() -> tuple[str, ...]:
     from tasks.corruptions import PAPER_CORRUPTIONS
 
@@ -283,6 +305,7 @@ class SweepConfig(Strict):
     seen: list[str] | None = Field(None, description="tasks merged (and adapted on); default: all but unseen")
     unseen: list[str] = Field(default_factory=list, description="tasks only evaluated (zero-shot heads)")
     robustness: RobustnessSpec | None = None
+    generalization: GeneralizationSpec | None = None
     references: ReferencesSpec = Field(default_factory=ReferencesSpec)
     methods: list[MethodSpec] = Field(default_factory=list)
     eval: EvalSpec = Field(default_factory=EvalSpec)
@@ -345,6 +368,20 @@ class SweepConfig(Strict):
         if self.seen is not None:
             return list(self.seen)
         return [t for t in self.task_names if t not in self.unseen]
+
+    @property
+    def generalization_seen(self) -> list[str]:
+        """The tasks the generalization protocol merges (empty without a ``generalization`` block)."""
+        g = self.generalization
+        if g is None:
+            return []
+        if g.seen is not None:
+            return [t for t in self.task_names if t in g.seen]
+        return [t for t in self.task_names if t not in (g.unseen or [])]
+
+    def seen_tasks(self, protocol: str = MAIN) -> list[str]:
+        """The tasks a job of ``protocol`` merges, adapts on, averages and selects its setting on."""
+        return self.generalization_seen if protocol == GENERALIZATION else self.merge_tasks
 
     def resolved_output_dir(self) -> Path:
         return Path(self.output_dir or f"outputs/{self.name}").resolve()
@@ -571,6 +608,46 @@ def check_tasks(cfg: SweepConfig, file: str) -> None:
         raise ConfigError(file, "unseen", f"tasks both seen and unseen: {sorted(both)}", show_value=False)
     if not cfg.merge_tasks:
         raise ConfigError(file, "unseen", "every task is unseen: nothing to merge", show_value=False)
+    check_generalization(cfg, file)
+
+
+def check_generalization(cfg: SweepConfig, file: str) -> None:
+    """The ``generalization`` block: known tasks, a seen/unseen split of them, no clash with the
+    whole-sweep split or with tuned methods (a study selects on every task's validation)."""
+    g = cfg.generalization
+    if g is None:
+        return
+    if cfg.seen is not None or cfg.unseen:
+        which = "seen" if cfg.seen is not None else "unseen"
+        raise ConfigError(file, "generalization", f"cannot be combined with top-level {which!r}, which already "
+                          "makes the whole sweep a generalization study; keep one of them", show_value=False)
+    names = cfg.task_names
+    for field_name in ("unseen", "seen"):
+        for i, name in enumerate(getattr(g, field_name) or []):
+            if name not in names:
+                raise ConfigError(file, f"generalization.{field_name}.{i}", "not one of the sweep's tasks", name)
+    unseen = set(g.unseen or [])
+    if g.seen is not None:
+        both = set(g.seen) & unseen
+        if both:
+            raise ConfigError(file, "generalization.unseen", f"tasks both seen and unseen: {sorted(both)}",
+                              show_value=False)
+        rest = [t for t in names if t not in g.seen and t not in unseen]
+        if g.unseen is not None and rest:
+            raise ConfigError(file, "generalization.seen", f"tasks neither seen nor unseen: {rest}", show_value=False)
+    if not cfg.generalization_seen:
+        raise ConfigError(file, "generalization.unseen", "every task is unseen: nothing to merge", show_value=False)
+    if len(cfg.generalization_seen) == len(names):
+        raise ConfigError(file, "generalization.seen", "no task is left unseen", show_value=False)
+    for i, m in enumerate(cfg.methods):
+        if m.tune:
+            raise ConfigError(file, f"methods.{i}.tune", "tuned methods cannot be combined with the "
+                              "'generalization' block (a study selects one setting on every task's validation); "
+                              "tune the generalization study as its own sweep with top-level 'unseen'",
+                              show_value=False)
+        if m.display.endswith(GENERALIZATION_SUFFIX):
+            raise ConfigError(file, f"methods.{i}.label", f"labels ending in {GENERALIZATION_SUFFIX!r} are "
+                              "reserved for the generalization block's jobs", m.display)
 
 
 def expand_grid(m: MethodSpec) -> list[dict[str, Any]]:

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from harness.config import MAIN
 from harness.evaluation import accuracy, unlabeled_batches
 from harness.failpoints import failpoint
 from harness.models import ImageClassifier
@@ -38,6 +39,7 @@ class JobResult:
     error_detail: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
     artifacts: dict[str, Any] = field(default_factory=dict)
+    protocol: str = MAIN  # "generalization" for the generalization block's jobs; older cached results read as main
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -52,12 +54,16 @@ class JobResult:
 
 
 def evaluate_encoder(ws: Workspace, encoder: torch.nn.Module, task_names: list[str],
-                     device: torch.device, robustness: bool = False, test: bool = True) -> dict[str, float]:
+                     device: torch.device, robustness: bool = False, test: bool = True,
+                     merged: list[str] | None = None) -> dict[str, float]:
     """acc/<task> (test) and val/acc/<task>; averages over the merged (seen) tasks; unseen and
-    corrupted-split metrics when the sweep asks for them."""
+    corrupted-split metrics when the sweep asks for them.
+
+    ``merged``: the tasks the encoder was merged on (default: the sweep's); the rest are unseen."""
     metrics: dict[str, float] = {}
     encoder = encoder.to(device).eval()
-    seen = [t for t in task_names if t in ws.cfg.merge_tasks] or task_names
+    merged = ws.cfg.merge_tasks if merged is None else merged
+    seen = [t for t in task_names if t in merged] or task_names
     unseen = [t for t in task_names if t not in seen]
 
     def acc(task: str, dataset) -> float:
@@ -94,7 +100,7 @@ def _mean(values) -> float:
 
 def run_job(spec: JobSpec, ws: Workspace, device: torch.device, workdir: Path) -> JobResult:
     """Run a job; failures are returned as a failed result with the reason, never raised."""
-    result = JobResult(spec.key, spec.kind, spec.label, spec.params, spec.task, status="ok")
+    result = JobResult(spec.key, spec.kind, spec.label, spec.params, spec.task, status="ok", protocol=spec.protocol)
     t0 = time.perf_counter()
     try:
         if spec.kind == "pretrained":
@@ -117,7 +123,9 @@ def run_job(spec: JobSpec, ws: Workspace, device: torch.device, workdir: Path) -
             result.timings["merge"] = time.perf_counter() - t0
             t1 = time.perf_counter()
             final = spec.kind == "merge"
-            result.metrics.update(evaluate_encoder(ws, merged, ws.cfg.task_names, device, robustness=final, test=final))
+            result.metrics.update(evaluate_encoder(ws, merged, ws.cfg.task_names, device, test=final,
+                                                   robustness=final and spec.protocol == MAIN,
+                                                   merged=ws.cfg.seen_tasks(spec.protocol)))
             result.timings["evaluate"] = time.perf_counter() - t1
         bad = [k for k, v in result.metrics.items() if not math.isfinite(v)]
         if bad:
@@ -189,9 +197,9 @@ def merge(spec: JobSpec, ws: Workspace, device: torch.device, workdir: Path) -> 
 
     cls = resolve_method(spec.method)
     method = cls(**spec.params)
-    tasks = ws.cfg.merge_tasks  # unseen tasks take no part in merging or adaptation
+    tasks = ws.cfg.seen_tasks(spec.protocol)  # unseen tasks take no part in merging or adaptation
     pretrained = ws.pretrained_encoder
-    finetuned = ws.finetuned_encoders()
+    finetuned = ws.finetuned_encoders(tasks)
     heads = {t: ws.head(t) for t in tasks}
     unlabeled = {}
     if cls.uses_test_data:
@@ -203,7 +211,7 @@ def merge(spec: JobSpec, ws: Workspace, device: torch.device, workdir: Path) -> 
 
     def validate(encoder: torch.nn.Module) -> dict[str, float]:
         was_training = encoder.training
-        out = evaluate_encoder(ws, encoder, tasks, device, test=False)
+        out = evaluate_encoder(ws, encoder, tasks, device, test=False, merged=tasks)
         encoder.train(was_training)
         return out
 

@@ -1,4 +1,5 @@
-"""Expand a sweep into jobs: reference rows, then methods x hyperparameter settings.
+"""Expand a sweep into jobs: reference rows, then methods x hyperparameter settings, and the same
+settings again under the ``generalization`` block's protocol when the sweep has one.
 
 A JobSpec is plain data; its ``key`` (a content hash) is the result-cache key and the
 MLflow identity of the job, so a rerun finds and skips what already finished.
@@ -10,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from harness.cache import content_key
-from harness.config import SweepConfig, expand_grid
+from harness.config import GENERALIZATION, GENERALIZATION_SUFFIX, MAIN, SweepConfig, expand_grid
 
 #: Bump when the meaning of a cached result changes.
 RESULT_VERSION = 1
@@ -28,6 +29,7 @@ class JobSpec:
     task: str | None = None  # the task of an "individual" reference job
     key: str = ""
     trial: dict[str, Any] | None = None  # Optuna trial handle (storage, study, trial id, objective)
+    protocol: str = MAIN  # "generalization": merged and adapted on the generalization block's seen tasks
 
     @property
     def title(self) -> str:
@@ -39,6 +41,16 @@ class JobSpec:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def generalization_label(label: str) -> str:
+    """The label of a method's generalization jobs: its own rows, runs and cache entries."""
+    return label + GENERALIZATION_SUFFIX
+
+
+def base_label(label: str) -> str:
+    """Inverse of :func:`generalization_label` (a main-protocol label is returned as is)."""
+    return label.removesuffix(GENERALIZATION_SUFFIX)
 
 
 def full_params(method: str, params: dict[str, Any]) -> dict[str, Any]:
@@ -73,6 +85,10 @@ def plan_jobs(cfg: SweepConfig, identity: dict[str, Any] | None = None,
             continue  # tuned methods get their jobs from the study (harness.tuning)
         for setting in expand_grid(m):
             specs.append(JobSpec("merge", m.display, method=m.name, params=setting))
+    if cfg.generalization:  # every method row once more, merged on the seen tasks only
+        specs.extend(JobSpec("merge", generalization_label(m.display), method=m.name, params=setting,
+                             protocol=GENERALIZATION)
+                     for m in cfg.methods if not m.tune for setting in expand_grid(m))
     if identity is None:
         return specs
     return [with_key(cfg, s, identity, task_identity) for s in specs]
@@ -99,14 +115,19 @@ def with_key(cfg: SweepConfig, s: JobSpec, identity: dict[str, Any],
         body["tasks"] = {s.task: (task_identity or {}).get(s.task)}
     else:
         body["tasks"] = task_identity
+    seen = cfg.seen_tasks(s.protocol)
     if s.kind in ("merge", "pretrained", "trial"):
-        body["merge_tasks"] = cfg.merge_tasks
-        body["robustness"] = cfg.robustness.model_dump() if cfg.robustness and s.kind != "trial" else None
+        body["merge_tasks"] = seen
+        main = s.kind != "trial" and s.protocol == MAIN  # only main-protocol jobs run the robustness study
+        body["robustness"] = cfg.robustness.model_dump() if cfg.robustness and main else None
+    if s.protocol != MAIN:  # main-protocol keys stay as they were before protocols existed
+        body["protocol"] = s.protocol
     if s.kind in ("merge", "trial"):
-        body["finetuned"] = {t: identity["finetuned"][t] for t in cfg.merge_tasks}
+        body["finetuned"] = {t: identity["finetuned"][t] for t in seen}
         body["method"] = method_class_id(s.method)
         body["params"] = full_params(s.method, s.params)
         body["adapt"] = cfg.adapt.model_dump()
     if s.kind == "trial":  # a trial's result depends on its study (pruning decisions) too
         body["study"] = {k: s.trial[k] for k in ("study_name", "number")}
-    return JobSpec(s.kind, s.label, s.method, s.params, s.task, key=content_key(body), trial=s.trial)
+    return JobSpec(s.kind, s.label, s.method, s.params, s.task, key=content_key(body), trial=s.trial,
+                   protocol=s.protocol)

@@ -12,10 +12,18 @@ from typing import Any
 
 import yaml
 
-from harness.config import SweepConfig
+from harness.config import GENERALIZATION, MAIN, SweepConfig
 from harness.errors import HarnessError
 from harness.job import JobResult
-from harness.results import Row, build_rows, markdown_table, robustness_records, table_records
+from harness.results import (
+    Row,
+    build_rows,
+    generalization_rows,
+    generalization_table_records,
+    markdown_table,
+    robustness_records,
+    table_records,
+)
 
 
 @dataclass
@@ -63,6 +71,13 @@ def build_report(cfg: SweepConfig, results: list[JobResult], out: Path,
     if unseen:
         tables["generalization"] = generalization_records(rows, seen, unseen)
         captions["generalization"] = f"{cfg.name}: merged on {', '.join(seen)}; unseen {', '.join(unseen)}"
+    if cfg.generalization:  # the block's own jobs (the whole-sweep split and the block never coexist)
+        gen_seen = cfg.generalization_seen
+        gen_rows = generalization_rows(results, tasks, [m.display for m in cfg.methods], gen_seen)
+        tables["generalization"] = generalization_table_records(gen_rows, tasks, gen_seen)
+        captions["generalization"] = (f"{cfg.name}: merged and adapted on {', '.join(gen_seen)}; unseen "
+                                      f"{', '.join(t for t in tasks if t not in gen_seen)}; settings chosen on "
+                                      "the seen tasks' validation")
     if cfg.robustness:
         tables["robustness"] = robustness_records(rows, cfg.robustness.corruptions)
         captions["robustness"] = (f"{cfg.name}: average accuracy on {', '.join(cfg.robustness.tasks)} "
@@ -147,6 +162,9 @@ def best_routing(cfg: SweepConfig, results: list[JobResult]) -> dict[str, Any] |
 # ---------------------------------------------------------------------------------------
 # Reading a sweep back from MLflow
 
+#: The tag that tells a generalization-block job's run from a main-protocol one.
+PROTOCOL_TAG = "harness.protocol"
+
 
 def _parse(value: str) -> Any:
     try:
@@ -191,11 +209,12 @@ def load_sweep_from_mlflow(tracking_uri: str, run_id: str | None = None) -> tupl
         if tags.get("harness.kind") == "merge" and any(a.path == "routing.csv" for a in client.list_artifacts(run.info.run_id)):
             with tempfile.TemporaryDirectory() as tmp:
                 artifacts["routing"] = read_routing_csv(Path(client.download_artifacts(run.info.run_id, "routing.csv", tmp)))
+        protocol = tags.get(PROTOCOL_TAG) or params.get("job.protocol") or MAIN
         results.append(JobResult(
             key=tags.get("harness.job_key", ""), kind=tags.get("harness.kind", "merge"),
             label=tags.get("harness.label", run.info.run_name), params=job_params, task=tags.get("harness.task"),
             status="ok" if run.info.status == "FINISHED" else "failed", metrics=dict(run.data.metrics),
-            error=tags.get("harness.failure_reason"), artifacts=artifacts))
+            error=tags.get("harness.failure_reason"), artifacts=artifacts, protocol=protocol))
     return cfg, plan_order(cfg, results), parent
 
 
@@ -203,15 +222,19 @@ def plan_order(cfg: SweepConfig, results: list[JobResult]) -> list[JobResult]:
     """Results in the order the sweep planned them (ties in validation accuracy resolve alike)."""
     from harness.config import expand_grid
 
+    from harness.plan import base_label
+
     kinds = {"pretrained": 0, "individual": 1, "perfect_routing": 2, "merge": 3}
     labels = {m.display: i for i, m in enumerate(cfg.methods)}
     grids = {m.display: expand_grid(m) for m in cfg.methods}
     tasks = {t: i for i, t in enumerate(cfg.task_names)}
 
     def key(r: JobResult) -> tuple:
-        grid = grids.get(r.label, [])
+        label = base_label(r.label) if r.protocol == GENERALIZATION else r.label
+        grid = grids.get(label, [])
         setting = grid.index(r.params) if r.params in grid else len(grid)
-        return kinds.get(r.kind, 9), tasks.get(r.task, -1), labels.get(r.label, -1), setting
+        return (kinds.get(r.kind, 9), r.protocol == GENERALIZATION, tasks.get(r.task, -1), labels.get(label, -1),
+                setting)
 
     return sorted(results, key=key)
 

@@ -1,11 +1,14 @@
-"""The results table: reference rows, each method's val-selected setting, normalized accuracy."""
+"""The results tables: reference rows, each method's val-selected setting, normalized accuracy;
+and the ``generalization`` block's table from its own jobs."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
 
+from harness.config import GENERALIZATION
 from harness.job import JobResult
+from harness.plan import base_label, generalization_label
 
 
 @dataclass
@@ -60,7 +63,9 @@ def build_rows(results: list[JobResult], tasks: list[str], method_order: list[st
 
     for r in results:
         if r.kind == "pretrained" and r.status == "ok":
-            rows.append(Row("pretrained", "zero-shot", accs(r), r.metrics["acc/avg"],
+            acc = accs(r)  # averaged here: one pretrained job serves every protocol's seen tasks
+            avg = _mean_of(acc, seen) if all(t in acc for t in seen) else r.metrics["acc/avg"]
+            rows.append(Row("pretrained", "zero-shot", acc, avg,
                             normalized(r.metrics, indiv, seen).get("norm_acc/avg"), metrics=r.metrics))
     if all(t in indiv for t in seen):
         rows.append(Row("individual", "per task", dict(indiv), _mean_of(indiv, seen), 100.0))
@@ -79,6 +84,34 @@ def build_rows(results: list[JobResult], tasks: list[str], method_order: list[st
                         normalized(best.metrics, indiv, seen).get("norm_acc/avg"),
                         best.metrics.get("val/acc/avg"), len(cands), metrics=best.metrics))
     return rows
+
+
+def generalization_rows(results: list[JobResult], tasks: list[str], method_order: list[str],
+                        seen: list[str]) -> list[Row]:
+    """The ``generalization`` block's rows: the zero-shot pretrained model, then each method's
+    generalization job with the best validation average over ``seen`` (its own jobs' val/acc/avg).
+
+    Rows carry the method's own label; individual and perfect-routing rows are left out (a
+    model fine-tuned on a task has seen it)."""
+    refs = [r for r in results if r.kind in ("pretrained", "individual")]
+    gen = [r for r in results if r.kind == "merge" and r.protocol == GENERALIZATION]
+    rows = build_rows(refs + gen, tasks, [generalization_label(m) for m in method_order], seen)
+    out = []
+    for row in rows:
+        if row.method in ("individual", "perfect routing"):
+            continue
+        row.method = base_label(row.method)
+        out.append(row)
+    return out
+
+
+def generalization_table_records(rows: list[Row], tasks: list[str],
+                                 seen: list[str]) -> tuple[list[str], list[list[str]]]:
+    """The generalization block's table: seen tasks, their average (and normalized average),
+    then the unseen tasks and their average."""
+    header, body = table_records(rows, tasks, seen)
+    header = ["seen avg" if h == "avg" else "seen norm avg" if h == "norm avg" else h for h in header]
+    return header, body
 
 
 def _mean_of(values: dict[str, float], keys: list[str]) -> float:

@@ -22,8 +22,17 @@ from harness.failpoints import failpoint
 from harness.job import JobResult
 from harness.plan import JobSpec, plan_jobs
 from harness.plots import job_artifact_files
-from harness.report import best_routing, build_report
-from harness.results import Row, build_rows, normalized, rich_table, robustness_records, to_rich
+from harness.report import PROTOCOL_TAG, best_routing, build_report
+from harness.results import (
+    Row,
+    build_rows,
+    generalization_rows,
+    generalization_table_records,
+    normalized,
+    rich_table,
+    robustness_records,
+    to_rich,
+)
 from harness.runtime import configure_threads
 from harness.tracking import Tracker
 from harness.workspace import Workspace
@@ -37,6 +46,7 @@ class SweepOutcome:
     parent_run_id: str | None
     executed: list[str] = field(default_factory=list)  # keys of jobs run (not from cache)
     timings: dict[str, float] = field(default_factory=dict)
+    generalization_rows: list[Row] = field(default_factory=list)  # the generalization block's table
 
     @property
     def failed(self) -> list[JobResult]:
@@ -64,7 +74,7 @@ def job_params(cfg: SweepConfig, spec: JobSpec) -> dict[str, Any]:
     conf = cfg.model_dump(mode="json")
     conf.pop("methods", None)
     return {"job": {"kind": spec.kind, "label": spec.label, "method": spec.method, "task": spec.task,
-                    "params": spec.params}, "config": conf}
+                    "protocol": spec.protocol, "params": spec.params}, "config": conf}
 
 
 def run_sweep(cfg: SweepConfig, console: Console | None = None, quiet: bool = False,
@@ -137,11 +147,13 @@ def run_sweep(cfg: SweepConfig, console: Console | None = None, quiet: bool = Fa
         if r.status == "ok" and r.kind != "individual":
             indiv = {x.task: x.metrics[f"acc/{x.task}"] for x in results.values()
                      if x.kind == "individual" and x.status == "ok"}
-            r.metrics.update(normalized(r.metrics, indiv, cfg.merge_tasks))
+            r.metrics.update(normalized(r.metrics, indiv, cfg.seen_tasks(spec_by_key[r.key].protocol)))
         if tracker.is_logged(r.key):
             return
         files = job_artifact_files(r.artifacts, out / "artifacts" / r.key) if r.status == "ok" else []
-        tracker.log_job(r, job_params(cfg, spec_by_key[r.key]), digest, files)
+        rid = tracker.log_job(r, job_params(cfg, spec_by_key[r.key]), digest, files)
+        if rid:  # the report tells the protocols' runs apart by this tag (and the job.protocol param)
+            tracker.client.set_tag(rid, PROTOCOL_TAG, spec_by_key[r.key].protocol)
 
     with _progress(console, show and not getattr(executor, "shows_progress", False), len(pending),
                    always=bool(tuned)) as bar:
@@ -189,6 +201,8 @@ def run_sweep(cfg: SweepConfig, console: Console | None = None, quiet: bool = Fa
         log(r)
 
     rows = build_rows(ordered, cfg.task_names, [m.display for m in cfg.methods], cfg.merge_tasks)
+    gen_rows = (generalization_rows(ordered, cfg.task_names, [m.display for m in cfg.methods], cfg.generalization_seen)
+                if cfg.generalization else [])
     failpoint("report")
     report = build_report(cfg, ordered, out / "report", best_routing(cfg, ordered))
     atomic_write_bytes(out / "resolved.yaml", dump_yaml(cfg).encode())
@@ -196,14 +210,18 @@ def run_sweep(cfg: SweepConfig, console: Console | None = None, quiet: bool = Fa
     for path in report.files:
         tracker.log_artifact(path, subdir="report")
     summary = {f"{row.method}/acc/avg": row.avg for row in rows}
+    for row in gen_rows:
+        summary[f"generalization/{row.method}/seen/avg"] = row.avg
+        if "unseen/avg" in row.metrics:
+            summary[f"generalization/{row.method}/unseen/avg"] = row.metrics["unseen/avg"]
     tracker.log_summary_metrics({k.replace(" ", "_"): v for k, v in summary.items()})
     failed = [r for r in ordered if r.status != "ok"]
     tracker.finish(ok=not failed)
     timings["logging"] = time.perf_counter() - t2
 
-    outcome = SweepOutcome(ordered, rows, out, parent, executed, timings)
+    outcome = SweepOutcome(ordered, rows, out, parent, executed, timings, gen_rows)
     if show:
-        print_tables(console, cfg, rows)
+        print_tables(console, cfg, rows, gen_rows)
     return outcome
 
 
@@ -237,8 +255,15 @@ def run_study(cfg: SweepConfig, m, identity: dict, task_identity: dict, results_
     return with_key(cfg, JobSpec("merge", m.display, method=m.name, params=best), identity, task_identity)
 
 
-def print_tables(console: Console, cfg: SweepConfig, rows: list[Row]) -> None:
+def print_tables(console: Console, cfg: SweepConfig, rows: list[Row],
+                 generalization: list[Row] | None = None) -> None:
+    """The main table, the generalization block's table (given its rows) and the robustness table."""
     console.print(to_rich(rows, cfg.task_names, cfg.merge_tasks))
+    if cfg.generalization and generalization is not None:
+        seen = cfg.generalization_seen
+        console.print(rich_table(*generalization_table_records(generalization, cfg.task_names, seen),
+                                 title=f"generalization: merged on {', '.join(seen)} (test top-1 %, "
+                                       "settings chosen on the seen tasks' val)"))
     if cfg.robustness:
         rob = cfg.robustness
         console.print(rich_table(*robustness_records(rows, rob.corruptions),

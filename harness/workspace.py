@@ -135,9 +135,9 @@ class Workspace:
         for t in self.cfg.task_names:
             self.head(t)
 
-    def finetuned_encoders(self) -> dict[str, nn.Module]:
-        """The encoders that are merged: those of the seen tasks."""
-        return {t: self.finetuned_encoder(t) for t in self.cfg.merge_tasks}
+    def finetuned_encoders(self, tasks: list[str] | None = None) -> dict[str, nn.Module]:
+        """The encoders that are merged: those of ``tasks`` (default: the sweep's seen tasks)."""
+        return {t: self.finetuned_encoder(t) for t in (self.cfg.merge_tasks if tasks is None else tasks)}
 
     # -- tasks and heads -----------------------------------------------------------------
     def task(self, name: str) -> Task:

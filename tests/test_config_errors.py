@@ -62,6 +62,18 @@ CASES = [
     ("tasks-not-list", ("tasks", "toy_stripes"), ["tasks:", "valid list"]),
     ("model-source", ("model.source", "hub"), ["model.source:", "'hub'"]),
     ("task-options-type", ("tasks", [{"name": "toy_stripes", "options": 3}]), ["tasks.0.options:", "(got 3)"]),
+    ("generalization-unknown-task", ("generalization", {"unseen": ["toy_colours", "nope_task"]}),
+     ["generalization.unseen.1: not one of the sweep's tasks", "'nope_task'"]),
+    ("generalization-all-unseen", ("generalization", {"unseen": ["toy_stripes", "toy_colours"]}),
+     ["generalization.unseen: every task is unseen: nothing to merge"]),
+    ("generalization-empty", ("generalization", {}), ["generalization:", "give 'unseen' (or 'seen')"]),
+    ("generalization-unseen-empty", ("generalization", {"unseen": []}), ["generalization.unseen:", "at least 1 item"]),
+    ("generalization-unknown-key", ("generalization", {"unsean": ["toy_colours"]}),
+     ["generalization.unsean: unknown key"]),
+    ("generalization-overlap", ("generalization", {"seen": ["toy_stripes"], "unseen": ["toy_stripes"]}),
+     ["generalization.unseen: tasks both seen and unseen: ['toy_stripes']"]),
+    ("generalization-none-unseen", ("generalization", {"seen": ["toy_stripes", "toy_colours"]}),
+     ["generalization.seen: no task is left unseen"]),
 ]
 
 
@@ -84,6 +96,32 @@ def test_bad_config_is_one_line_exit_2(case_id, edit, fragments, sweep_dict, tmp
         assert frag in message, (frag, message)
     assert "Traceback" not in err + out
     assert not (tmp_path / "out").exists()  # nothing written
+
+
+# Errors that need two edits: the block next to a whole-sweep split, or next to a tuned method.
+GENERALIZATION_CLASHES = [
+    ("top-level-unseen", {"unseen": ["toy_colours"]},
+     ["generalization: cannot be combined with top-level 'unseen'"]),
+    ("top-level-seen", {"seen": ["toy_stripes"]}, ["generalization: cannot be combined with top-level 'seen'"]),
+    ("tuned-method", {"methods": [{"name": "task_arithmetic", "tune": {"n_trials": 2, "space": {
+        "scaling": {"type": "float", "low": 0.1, "high": 0.9}}}}]},
+     ["methods.0.tune: tuned methods cannot be combined with the 'generalization' block"]),
+    ("reserved-label", {"methods": [{"name": "task_arithmetic", "label": "ta (gen)"}]},
+     ["methods.0.label:", "reserved for the generalization block", "'ta (gen)'"]),
+]
+
+
+@pytest.mark.parametrize("case_id,extra,fragments", GENERALIZATION_CLASHES, ids=[c[0] for c in GENERALIZATION_CLASHES])
+def test_generalization_block_clashes(case_id, extra, fragments, sweep_dict, tmp_path):
+    bad = {**sweep_dict, "generalization": {"unseen": ["toy_colours"]}, **extra}
+    f = tmp_path / "bad.yaml"
+    f.write_text(yaml.safe_dump(bad))
+    code, out, err = _run(["validate", str(f)])
+    message = " ".join(err.split())
+    assert code == 2 and message.startswith(f"error: {f}:"), message
+    for frag in fragments:
+        assert frag in message, (frag, message)
+    assert "Traceback" not in err + out
 
 
 def test_malformed_yaml(tmp_path):

@@ -1,0 +1,217 @@
+"""The ``generalization:`` block: one sweep gives the main table (every task merged) and the
+generalization table (merged on the seen tasks only), with separate jobs, keys, runs and tables."""
+
+from __future__ import annotations
+
+import copy
+import csv
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from mlflow.tracking import MlflowClient
+from safetensors.torch import load_file
+
+from harness.config import GENERALIZATION, validate_config
+from harness.runner import run_sweep
+
+TASKS = ["toy_stripes", "toy_colours", "toy_checks"]
+SEEN, UNSEEN = ["toy_stripes", "toy_colours"], ["toy_checks"]
+SCALINGS = [0.2, 0.6]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """A micro CLIP and three 'fine-tuned' encoders (independent random perturbations)."""
+    from harness.models import build_clip, save_state_dict
+
+    root = tmp_path_factory.mktemp("gen_ckpt")
+    torch.manual_seed(0)
+    clip = build_clip("harness-micro-vit")
+    save_state_dict(clip.state_dict(), root / "pretrained.safetensors")
+    for i, task in enumerate(TASKS):
+        enc = copy.deepcopy(clip.visual)
+        g = torch.Generator().manual_seed(200 + i)
+        with torch.no_grad():
+            for p in enc.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+        save_state_dict(enc.state_dict(), root / f"{task}.safetensors")
+    return root
+
+
+def sweep_dict(checkpoints, root, generalization: bool = True) -> dict:
+    d = {
+        "name": "gen",
+        "output_dir": str(root / "out"),
+        "cache_dir": str(root / "cache"),
+        "model": {"source": "files", "arch": "harness-micro-vit",
+                  "pretrained": str(checkpoints / "pretrained.safetensors"),
+                  "finetuned_pattern": str(checkpoints / "{task}.safetensors")},
+        "tasks": list(TASKS),
+        "methods": [{"name": "weight_averaging"}, {"name": "task_arithmetic", "grid": {"scaling": SCALINGS}}],
+    }
+    if generalization:
+        d["generalization"] = {"unseen": list(UNSEEN)}
+    return d
+
+
+@pytest.fixture(scope="module")
+def swept(checkpoints, tmp_path_factory):
+    """The sweep, run in-process with the merged encoders' weights captured per job."""
+    import harness.job
+
+    root = tmp_path_factory.mktemp("gen_sweep")
+    cfg = validate_config(sweep_dict(checkpoints, root))
+    merged_states: dict[tuple, dict[str, torch.Tensor]] = {}
+    real_merge = harness.job.merge
+
+    def capture(spec, ws, device, workdir):
+        merged, artifacts = real_merge(spec, ws, device, workdir)
+        params = tuple(sorted(spec.params.items()))
+        merged_states[(spec.protocol, spec.method, params)] = {k: v.clone() for k, v in merged.state_dict().items()}
+        return merged, artifacts
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(harness.job, "merge", capture)
+        outcome = run_sweep(cfg, quiet=True)
+    return cfg, outcome, merged_states, root
+
+
+def hand_task_arithmetic(checkpoints, tasks: list[str], scaling: float) -> dict[str, torch.Tensor]:
+    """theta_0 + scaling * sum_t (theta_t - theta_0), straight from the checkpoint files."""
+    pre = {k[len("visual."):]: v for k, v in load_file(checkpoints / "pretrained.safetensors").items()
+           if k.startswith("visual.")}
+    fts = [load_file(checkpoints / f"{t}.safetensors") for t in tasks]
+    return {k: v + scaling * sum(ft[k] - v for ft in fts) for k, v in pre.items() if v.is_floating_point()}
+
+
+def test_generalization_jobs_merge_only_the_seen_tasks(swept, checkpoints):
+    cfg, outcome, states, _ = swept
+    assert not outcome.failed
+    assert cfg.generalization_seen == SEEN
+    for s in SCALINGS:
+        for protocol, tasks in ((GENERALIZATION, SEEN), ("main", TASKS)):
+            got = states[(protocol, "task_arithmetic", (("scaling", s),))]
+            for k, v in hand_task_arithmetic(checkpoints, tasks, s).items():
+                assert torch.allclose(got[k], v, atol=1e-6), (protocol, s, k)
+    gen = [r for r in outcome.results if r.protocol == GENERALIZATION]
+    assert sorted(r.label for r in gen) == ["task_arithmetic (gen)"] * 2 + ["weight_averaging (gen)"]
+    for r in gen:  # averages and selection metric over the seen tasks; unseen ones reported apart
+        m = r.metrics
+        assert m["acc/avg"] == m["seen/avg"] == pytest.approx(sum(m[f"acc/{t}"] for t in SEEN) / 2)
+        assert m["val/acc/avg"] == pytest.approx(sum(m[f"val/acc/{t}"] for t in SEEN) / 2)
+        assert m["unseen/toy_checks"] == m["unseen/avg"] == m["acc/toy_checks"]
+    for r in outcome.results:
+        if r.kind == "merge" and r.protocol != GENERALIZATION:
+            assert "unseen/avg" not in r.metrics
+            assert r.metrics["acc/avg"] == pytest.approx(sum(r.metrics[f"acc/{t}"] for t in TASKS) / 3)
+
+
+def test_cache_keys_distinct_and_main_keys_unchanged(swept, checkpoints, tmp_path):
+    from harness.plan import plan_jobs
+    from harness.workspace import Workspace
+
+    cfg, outcome, _, _ = swept
+    keys = [r.key for r in outcome.results]
+    assert len(keys) == len(set(keys)) == 1 + 3 + 3 + 3
+    plain = validate_config(sweep_dict(checkpoints, tmp_path, generalization=False))
+    ws = Workspace(plain)
+    plain_keys = {s.key for s in plan_jobs(plain, ws.identity, ws.task_identity())}
+    main_keys = {r.key for r in outcome.results if r.protocol != GENERALIZATION}
+    assert main_keys == plain_keys  # adding the block leaves every main-protocol result valid
+
+
+def test_main_table_unaffected(swept, checkpoints, monkeypatch):
+    from harness.results import table_records
+
+    cfg, outcome, _, root = swept
+    rows = {r.method: r for r in outcome.rows}
+    assert list(rows) == ["pretrained", "individual", "weight_averaging", "task_arithmetic"]
+    main_ta = [r for r in outcome.results if r.label == "task_arithmetic"]
+    assert rows["task_arithmetic"].n_settings == len(main_ta) == 2
+    best = max(main_ta, key=lambda r: r.metrics["val/acc/avg"])
+    assert rows["task_arithmetic"].avg == best.metrics["acc/avg"]
+    assert "(gen)" not in (outcome.output_dir / "report" / "main.md").read_text()
+
+    def boom(*a, **k):
+        raise AssertionError("a main-protocol job was run again")
+
+    monkeypatch.setattr("harness.executors.local.run_job", boom)
+    plain = validate_config(sweep_dict(checkpoints, root, generalization=False))
+    again = run_sweep(plain, quiet=True)  # the same sweep without the block: all from cache
+    assert again.executed == [] and not again.generalization_rows
+    assert table_records(again.rows, TASKS) == table_records(outcome.rows, TASKS)
+
+
+def _expected_generalization_rows(outcome) -> list[list[str]]:
+    """The generalization table recomputed from the job results: val-selected per method."""
+    indiv = {r.task: r.metrics[f"acc/{r.task}"] for r in outcome.results if r.kind == "individual"}
+
+    def line(method: str, setting: str, m: dict[str, float]) -> list[str]:
+        seen = [m[f"acc/{t}"] for t in SEEN]
+        norm = sum(m[f"acc/{t}"] / indiv[t] * 100 for t in SEEN) / len(SEEN)
+        return [method, setting, *[f"{a:.1f}" for a in seen], f"{sum(seen) / len(seen):.1f}", f"{norm:.1f}",
+                f"{m['acc/toy_checks']:.1f}", f"{m['acc/toy_checks']:.1f}"]
+
+    pre = next(r for r in outcome.results if r.kind == "pretrained")
+    out = [line("pretrained", "zero-shot", pre.metrics)]
+    for label in ("weight_averaging", "task_arithmetic"):
+        cands = [r for r in outcome.results if r.protocol == GENERALIZATION and r.label == f"{label} (gen)"]
+        best = max(cands, key=lambda r: sum(r.metrics[f"val/acc/{t}"] for t in SEEN))
+        out.append(line(label, ", ".join(f"{k}={v}" for k, v in best.params.items()), best.metrics))
+    return out
+
+
+def test_generalization_table_from_mlflow_report(swept, tmp_path):
+    from harness.cli import main
+    from harness.results import generalization_table_records
+
+    cfg, outcome, _, _ = swept
+    expected = _expected_generalization_rows(outcome)
+    header, body = generalization_table_records(outcome.generalization_rows, TASKS, SEEN)
+    assert header == ["method", "setting", *SEEN, "seen avg", "seen norm avg", "toy_checks (unseen)", "unseen avg"]
+    assert body == expected  # the table the sweep printed
+    r = CliRunner().invoke(main, ["report", outcome.parent_run_id, "--tracking-uri", cfg.resolved_tracking_uri(),
+                                  "--out", str(tmp_path / "rep")], env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    with open(tmp_path / "rep" / "generalization.csv") as fh:
+        rows = list(csv.reader(fh))
+    assert rows == [header, *expected]  # rebuilt from MLflow alone
+    with open(tmp_path / "rep" / "main.csv") as fh:
+        main_rows = list(csv.reader(fh))
+    assert [r[0] for r in main_rows[1:]] == ["pretrained", "individual", "weight_averaging", "task_arithmetic"]
+    assert "task\\_arithmetic" in (tmp_path / "rep" / "generalization.tex").read_text()
+
+    client = MlflowClient(cfg.resolved_tracking_uri())
+    children = client.search_runs([client.get_experiment_by_name(cfg.name).experiment_id],
+                                  f"tags.`mlflow.parentRunId` = '{outcome.parent_run_id}'")
+    tagged = {run.data.tags["harness.job_key"]: run.data.tags.get("harness.protocol") for run in children}
+    assert tagged == {res.key: res.protocol for res in outcome.results}
+    names = sorted(run.info.run_name for run in children if run.data.tags["harness.protocol"] == GENERALIZATION)
+    assert names == ["task_arithmetic (gen)"] * 2 + ["weight_averaging (gen)"]
+    arts = {a.path for a in client.list_artifacts(outcome.parent_run_id, "report")}
+    assert {"report/generalization.md", "report/generalization.csv", "report/generalization.tex"} <= arts
+
+
+def test_terminal_tables_and_dry_run(swept, checkpoints, tmp_path):
+    from rich.console import Console
+
+    from harness.cli import main
+    from harness.runner import print_tables
+
+    cfg, outcome, _, root = swept
+    console = Console(record=True, width=200)
+    print_tables(console, cfg, outcome.rows, outcome.generalization_rows)
+    text = console.export_text()
+    assert "generalization: merged on toy_stripes, toy_colours" in text and "toy_checks (unseen)" in text
+
+    f = tmp_path / "gen.yaml"
+    f.write_text(yaml.safe_dump(sweep_dict(checkpoints, tmp_path)))
+    r = CliRunner().invoke(main, ["sweep", str(f), "--dry-run"], env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    assert "job plan: 10 jobs" in r.stdout
+    plan = [line for line in r.stdout.splitlines() if "│ merge" in line]
+    assert sum("task_arithmetic (gen)" in line for line in plan) == 2
+    assert sum("task_arithmetic " in line and "(gen)" not in line for line in plan) == 2
+    assert sum("weight_averaging (gen)" in line for line in plan) == 1
