@@ -81,6 +81,11 @@ SlurmdParameters=config_overrides
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/linux
+# no cgroups here: slurmd samples each job's memory every 2 s and kills a job whose resident
+# memory exceeds its --mem, as a cluster that enforces memory does (NoShared: shared library
+# pages, some 300 MB of torch alone, are not counted against the job)
+JobAcctGatherFrequency=task=2
+JobAcctGatherParams=OverMemoryKill,NoShared
 MpiDefault=none
 SchedulerType=sched/backfill
 SelectType=select/cons_tres

@@ -13,16 +13,21 @@ Long jobs survive time limits and preemption through submitit's checkpoint proto
 ``Checkpointable``, so on SLURM's warning signal (USR2, ``signal_delay_s`` before the limit, or
 a preemption) submitit requeues it with the same arguments, and the method resumes from the
 checkpoints it keeps in its workdir ``<output_dir>/work/<key>`` (on the shared filesystem).
+Near the time limit a job is requeued only once it has saved something there since it started
+(see :func:`requeue_only_with_progress`); one that cannot resume runs on until SLURM stops it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +62,13 @@ STATE_REASONS = {
 }
 #: Seconds to wait for a result file after SLURM says the job ended (shared filesystems lag).
 RESULT_GRACE_S = 15.0
+#: slurmstepd's words in a job's stderr when it killed the job for its memory: over-limit kill by
+#: accounting (``JobAcctGatherParams=OverMemoryKill``), or the cgroup OOM killer.
+MEMORY_KILL = re.compile(r"exceeded (?:job )?memory limit|oom[-_ ]kill event", re.IGNORECASE)
+_MEMORY_NUMBERS = re.compile(r"exceeded memory limit \((\d+) > (\d+)\)")
+#: A warning this much earlier than ``signal_delay_s`` before the limit is still the limit's: SLURM
+#: sends it up to one scheduler pass (30 s) early, and a job's clock starts after its start-up.
+SIGNAL_EARLY_S = 60
 #: Seconds a job may be unknown to SLURM (accounting lags behind submission) before it counts as lost.
 UNKNOWN_GRACE_S = 60.0
 STDERR_TAIL_LINES = 20
@@ -65,8 +77,8 @@ STDERR_TAIL_LINES = 20
 class SweepJob(submitit.helpers.Checkpointable):
     """The callable each SLURM job runs: picklable, holding only the resolved config as JSON.
 
-    Being Checkpointable, a timed-out or preempted job is requeued with the same arguments;
-    resuming is the method's business (checkpoints in its workdir).
+    Being Checkpointable, a preempted job, or a timed-out one that saved a checkpoint in its
+    workdir, is requeued with the same arguments; resuming from it is the method's business.
     """
 
     def __init__(self, cfg_json: dict[str, Any]):
@@ -80,22 +92,95 @@ class SweepJob(submitit.helpers.Checkpointable):
             from harness.workspace import Workspace
 
             cfg = SweepConfig.model_validate(self.cfg_json)
-            ws = Workspace(cfg)
-            n_params = sum(p.numel() for p in ws.pretrained_encoder.parameters())
-            threads: int | str = cfg.threads
-            slurm_cpus = os.environ.get("SLURM_CPUS_PER_TASK")
-            if threads == "auto" and slurm_cpus and not os.environ.get("OMP_NUM_THREADS"):
-                threads = 1 if n_params < SMALL_MODEL_PARAMS else int(slurm_cpus)  # the job's CPUs, not the node's
-            configure_threads(threads, n_params)
-            device = resolve_device(cfg.device)
             workdir = cfg.resolved_output_dir() / "work" / spec.key
-            return run_job(spec, ws, device, workdir).to_dict()
+            with requeue_only_with_progress(workdir, cfg.executor.timeout_min):
+                ws = Workspace(cfg)
+                n_params = sum(p.numel() for p in ws.pretrained_encoder.parameters())
+                threads: int | str = cfg.threads
+                slurm_cpus = os.environ.get("SLURM_CPUS_PER_TASK")
+                if threads == "auto" and slurm_cpus and not os.environ.get("OMP_NUM_THREADS"):
+                    threads = 1 if n_params < SMALL_MODEL_PARAMS else int(slurm_cpus)  # the job's CPUs, not the node's
+                configure_threads(threads, n_params)
+                device = resolve_device(cfg.device)
+                return run_job(spec, ws, device, workdir).to_dict()
         except Exception as exc:  # the workspace itself failed on the node: still a result, not a crash
             import traceback
 
             return JobResult(spec.key, spec.kind, spec.label, spec.params, spec.task, status="failed",
                              error=f"{type(exc).__name__}: {exc}",
                              error_detail=traceback.format_exc(limit=-5)).to_dict()
+
+
+def signal_delay_s(timeout_min: int) -> int:
+    """Seconds before the time limit at which SLURM sends USR2 (submitit then checkpoints)."""
+    return min(90, timeout_min * 15)
+
+
+def _saved_files(workdir: Path) -> dict[str, tuple[int, int]]:
+    """(mtime, size) of each file a method saved in its workdir; temp files of writes in
+    progress (``.name...tmp``, ``name.tmpPID``) are not saved yet."""
+    found: dict[str, tuple[int, int]] = {}
+    for path in workdir.rglob("*") if workdir.is_dir() else ():
+        if path.name.startswith(".") or ".tmp" in path.name:
+            continue
+        try:
+            st = path.stat()
+        except OSError:  # replaced while we looked
+            continue
+        if not path.is_dir():
+            found[str(path.relative_to(workdir))] = (st.st_mtime_ns, st.st_size)
+    return found
+
+
+@contextlib.contextmanager
+def requeue_only_with_progress(workdir: Path, timeout_min: int, poll_s: float = 1.0) -> Iterator[None]:
+    """Wraps submitit's USR2 handler (checkpoint and requeue) for the job running inside.
+
+    A warning near the time limit requeues the job only once it has saved something to resume
+    from in ``workdir`` since it started: a job that saved nothing would start over and be cut
+    at the same point, up to submitit's requeue limit. Until something is saved it keeps
+    running (a watcher requeues it as soon as a checkpoint appears); if nothing is, SLURM stops
+    it at the limit and the driver reports TIMEOUT. A warning earlier than that is a preemption:
+    the job is requeued at once, starting over if it saved nothing. Once the block has ended
+    (done or failed) the warning is ignored. Outside a submitit job (no handler installed) this
+    does nothing.
+    """
+    handler = signal.getsignal(signal.SIGUSR2)
+    if not callable(handler):
+        yield
+        return
+    started = time.monotonic()
+    before = _saved_files(workdir)
+    waiting = threading.Event()  # a time-limit warning came before anything was saved
+    done = threading.Event()
+
+    def on_warning(signum: int, frame: Any) -> None:
+        near_limit = time.monotonic() - started >= timeout_min * 60 - signal_delay_s(timeout_min) - SIGNAL_EARLY_S
+        if not near_limit or _saved_files(workdir) != before:
+            waiting.clear()
+            handler(signum, frame)  # submitit: checkpoint, requeue, exit
+        elif not waiting.is_set():
+            waiting.set()
+            # os.write, not print: the signal may have interrupted a write to stderr
+            os.write(2, f"time limit near: nothing saved in {workdir} since the job started, so a requeue would "
+                        "start over; not requeued unless a checkpoint is saved before the limit\n".encode())
+
+    def watch() -> None:  # once warned, re-sends the warning to this process when something is saved
+        while not done.wait(poll_s):
+            if waiting.is_set() and _saved_files(workdir) != before:
+                os.kill(os.getpid(), signal.SIGUSR2)
+                return
+
+    signal.signal(signal.SIGUSR2, on_warning)
+    watcher = threading.Thread(target=watch, name="requeue-watch", daemon=True)  # not started in a handler
+    watcher.start()
+    try:
+        yield
+    finally:
+        done.set()
+        # the job is over (done, failed, or being requeued): a warning now has nothing to save, and
+        # once Python shuts down it would kill the process after its result is written (FAILED)
+        signal.signal(signal.SIGUSR2, signal.SIG_IGN)
 
 
 # ---------------------------------------------------------------------------------------
@@ -411,20 +496,12 @@ class SlurmExecutor:
         if now - t.ended_at < grace:
             return None  # the result file may still be on its way (shared filesystems lag)
         details = _sacct_details(t.job_id)
-        state = details.get("State", t.state)
-        reason = STATE_REASONS.get(state, f"ended in state {state}")
-        if details.get("Signal"):
-            sig = details["Signal"]
-            name = signal.Signals(int(sig)).name if sig.isdigit() and int(sig) in signal.valid_signals() else sig
-            reason += f" (killed by signal {sig}, {name})"
-        elif state == "FAILED" and details.get("ExitCode"):
-            reason += f" (exit code {details['ExitCode'].partition(':')[0]})"
-        if state == "TIMEOUT":
-            reason += f" after {self.cfg.executor.timeout_min} min and no requeue"
-        t.show_tail = True
         stderr = t.log_path(True)
+        tail = _tail(stderr)
+        state, reason = ended_reason(details.get("State", t.state), details, tail, self.cfg.executor.timeout_min)
+        t.show_tail = True
         return _failed(spec, f"SLURM job {t.job_id} {state}: {reason}; log {stderr}",
-                       f"--- stderr tail ({stderr}) ---\n{_tail(stderr)}")
+                       f"--- stderr tail ({stderr}) ---\n{tail}")
 
     def _print_tail(self, t: _Tracked, detail: str) -> None:
         if self.progress:
@@ -516,6 +593,34 @@ def _usable_result(job: Any) -> bool:
     return isinstance(result, dict) and result.get("status") in ("ok", "pruned")  # what the driver caches
 
 
+def ended_reason(state: str, details: dict[str, str], stderr_tail: str, timeout_min: int) -> tuple[str, str]:
+    """The state and the reason, in words, of a job that ended without a result.
+
+    ``details`` are accounting's (``Signal``, ``ExitCode``). Without cgroups SLURM's memory kill
+    leaves the job FAILED or CANCELLED, so slurmstepd's words in the stderr tail make it
+    OUT_OF_MEMORY, as a cgroup OOM kill is recorded.
+    """
+    if state in ("FAILED", "CANCELLED") and MEMORY_KILL.search(stderr_tail):
+        state = "OUT_OF_MEMORY"
+    reason = STATE_REASONS.get(state, f"ended in state {state}")
+    if state == "OUT_OF_MEMORY":
+        numbers = _MEMORY_NUMBERS.search(stderr_tail)
+        if numbers:
+            used, limit = (int(x) / 2**30 for x in numbers.groups())
+            reason += f": used {used:.2f} GiB of its {limit:.2f} GiB"
+        return state, reason + " (raise executor.mem_gb)"
+    if state == "TIMEOUT":
+        return state, (f"{reason} ({timeout_min} min) and not requeued: raise executor.timeout_min, "
+                       "or have the method checkpoint in its workdir")
+    sig = details.get("Signal")
+    if sig:
+        name = signal.Signals(int(sig)).name if sig.isdigit() and int(sig) in signal.valid_signals() else sig
+        reason += f" (killed by signal {sig}, {name})"
+    elif state == "FAILED" and details.get("ExitCode"):
+        reason += f" (exit code {details['ExitCode'].partition(':')[0]})"
+    return state, reason
+
+
 def _failed(spec: JobSpec, error: str, detail: str) -> JobResult:
     return JobResult(spec.key, spec.kind, spec.label, spec.params, spec.task, status="failed",
                      error=error, error_detail=detail)
@@ -536,7 +641,7 @@ def submitit_parameters(cfg: SweepConfig) -> dict[str, Any]:
         "cpus_per_task": e.cpus_per_task,
         "slurm_array_parallelism": e.array_parallelism,
         # SLURM signals USR2 this long before the time limit: submitit then checkpoints and requeues
-        "slurm_signal_delay_s": min(90, e.timeout_min * 15),
+        "slurm_signal_delay_s": signal_delay_s(e.timeout_min),
     }
     if e.gpus_per_node:
         params["gpus_per_node"] = e.gpus_per_node
