@@ -1,17 +1,28 @@
-"""Benchmark: TIES-merging, dense reference vs the streaming implementation.
+"""Benchmark: TIES-merging and task arithmetic, ours against a literal dense TIES and FusionBench.
 
 Builds random task vectors of an open_clip image encoder offline (the architecture only,
 random weights; fine-tuned = pretrained + per-tensor-scaled Gaussian noise), then runs each
-implementation end to end (inputs -> merged encoder) in its own subprocess so that peak RSS
-(``ru_maxrss`` of that process) is per implementation. Prints wall time, peak RSS, input
-size, the ratios, and the largest absolute difference between the two merged encoders.
+implementation end to end (inputs -> merged encoder) in its own subprocess, on identical
+inputs, so that peak RSS (``ru_maxrss`` of that process) is per implementation:
+
+- TIES (k, disjoint mean or sum): ``streaming`` (ours, :class:`methods.ties.TiesMerging`),
+  ``dense`` (:func:`methods.ties.ties_merge_dense`, the common reference code written out)
+  and ``fusionbench`` (FusionBench's ``TiesMergingAlgorithm``);
+- task arithmetic: ``ta`` (ours, :class:`methods.task_arithmetic.TaskArithmetic`) and
+  ``fusionbench-ta`` (FusionBench's ``TaskArithmeticAlgorithm``).
+
+Prints the machine, wall and CPU time, peak RSS against the input size, the ratios, and the
+largest absolute difference of every merged encoder from ours. The FusionBench rows need
+``pip install -e '.[bench]'``; without it they are skipped with a note.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_ties.py            # ViT-B-32, 8 tasks
+    OMP_NUM_THREADS=1 python benchmarks/bench_ties.py --tasks 4
     OMP_NUM_THREADS=1 python benchmarks/bench_ties.py --small    # harness-tiny-vit, 4 tasks
-    OMP_NUM_THREADS=1 python benchmarks/bench_ties.py --tasks 4 --only streaming
+    OMP_NUM_THREADS=1 python benchmarks/bench_ties.py --only streaming fusionbench
 
-The dense reference needs roughly 6x the input size in RAM (about 20 GB for eight ViT-B/32
-encoders): check ``free -g`` first.
+The dense TIES and FusionBench's peak at about 7x and 9x the input size (measured with four
+ViT-B/32 encoders: 12 and 16 GB; eight would need about 22 and 27 GB). An implementation whose estimated peak exceeds the available
+memory is skipped with a note (``--force`` runs it anyway).
 """
 
 from __future__ import annotations
@@ -28,8 +39,20 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for path in (ROOT, Path(__file__).resolve().parent):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+
+import fusionbench_ref  # noqa: E402
+
+TIES_IMPLS = ["streaming", "dense", "fusionbench"]
+TA_IMPLS = ["ta", "fusionbench-ta"]
+LABELS = {
+    "streaming": "TIES ours (streaming)", "dense": "TIES literal dense", "fusionbench": "TIES FusionBench",
+    "ta": "TA ours", "fusionbench-ta": "TA FusionBench",
+}
+#: (peak - baseline RSS) / input bytes, measured with ViT-B-32 at 4 tasks; used to skip what cannot fit.
+PEAK_FACTOR = {"streaming": 1.4, "dense": 7.2, "fusionbench": 9.1, "ta": 2.2, "fusionbench-ta": 1.7}
 
 
 def _rss_bytes() -> int:
@@ -42,6 +65,14 @@ def _rss_bytes() -> int:
 
 def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def _available_bytes() -> int:
+    with open("/proc/meminfo") as fh:
+        for line in fh:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 0
 
 
 def build_inputs(model: str, tasks: int, seed: int):
@@ -71,35 +102,72 @@ def run_child(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
     from harness.models import save_state_dict
     from methods.base import MergeContext, float_state, task_vectors, with_state
+    from methods.task_arithmetic import TaskArithmetic
     from methods.ties import TiesMerging, ties_merge_dense
+
+    impl = args.child
+    if impl.startswith("fusionbench"):
+        fusionbench_ref.preload()
+    device = torch.device(args.device)
+    # The streaming TIES reads CPU-resident checkpoints chunk by chunk: it runs on the CPU.
+    on_device = device if impl != "streaming" else torch.device("cpu")
+    base_rss = _rss_bytes()
 
     t0 = time.perf_counter()
     pretrained, finetuned = build_inputs(args.model, args.tasks, args.seed)
+    pretrained = pretrained.to(on_device)
+    finetuned = {name: m.to(on_device) for name, m in finetuned.items()}
     build_s = time.perf_counter() - t0
     input_bytes = sum(
         v.numel() * v.element_size() for m in [pretrained, *finetuned.values()] for v in float_state(m).values()
     )
     rss_before = _rss_bytes()
-    peak_before = _peak_rss_bytes()
 
+    def sync() -> None:
+        if on_device.type == "cuda":
+            torch.cuda.synchronize(on_device)
+
+    if on_device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(on_device)
+    sync()
     t0, c0 = time.perf_counter(), time.process_time()
-    if args.child == "dense":
+    if impl == "dense":
         taus = task_vectors(pretrained, finetuned)
         merged = ties_merge_dense(list(taus.values()), args.k, args.merge_function)
         del taus
         base = float_state(pretrained)
         result = with_state(pretrained, {key: base[key] + args.scaling * value for key, value in merged.items()})
-    else:
+    elif impl == "streaming":
         method = TiesMerging(k=args.k, scaling=args.scaling, merge_function=args.merge_function)
         result = method.merge(pretrained, finetuned, MergeContext())
+    elif impl == "fusionbench":
+        result = fusionbench_ref.ties_merging(pretrained, finetuned, args.k, args.scaling, args.merge_function)
+    elif impl == "ta":
+        result = TaskArithmetic(scaling=args.ta_scaling).merge(pretrained, finetuned, MergeContext(device=on_device))
+    else:
+        result = fusionbench_ref.task_arithmetic(pretrained, finetuned, args.ta_scaling)
+    sync()
     merge_s, merge_cpu_s = time.perf_counter() - t0, time.process_time() - c0
     peak = _peak_rss_bytes()
+    gpu_peak = torch.cuda.max_memory_allocated(on_device) if on_device.type == "cuda" else None
 
-    save_state_dict(float_state(result), args.out)
+    save_state_dict({k: v.cpu() for k, v in float_state(result).items()}, args.out)
     print(json.dumps({
-        "impl": args.child, "build_s": build_s, "merge_s": merge_s, "merge_cpu_s": merge_cpu_s, "input_bytes": input_bytes,
-        "rss_before": rss_before, "peak_before": peak_before, "peak": peak,
+        "impl": impl, "device": str(on_device), "build_s": build_s, "merge_s": merge_s, "merge_cpu_s": merge_cpu_s,
+        "input_bytes": input_bytes, "base_rss": base_rss, "rss_before": rss_before, "peak": peak,
+        "gpu_peak": gpu_peak, "machine": fusionbench_ref.describe_machine(device),
     }))
+
+
+def _compare(path_a: str, path_b: str) -> tuple[float, int]:
+    """Largest |a - b| and the number of entries that differ, over all tensors."""
+    from harness.models import load_state_dict
+
+    a, b = load_state_dict(path_a), load_state_dict(path_b)
+    if set(a) != set(b):
+        raise ValueError(f"merged encoders differ in keys: {sorted(set(a) ^ set(b))[:3]}")
+    diffs = [(a[key].float() - b[key].float()).abs() for key in a]
+    return max(float(d.max()) for d in diffs), sum(int((d != 0).sum()) for d in diffs)
 
 
 def main() -> None:
@@ -107,54 +175,91 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="open_clip architecture (default ViT-B-32)")
     parser.add_argument("--tasks", type=int, default=None, help="number of fine-tuned encoders (default 8)")
     parser.add_argument("--small", action="store_true", help="quick run: harness-tiny-vit, 4 tasks")
-    parser.add_argument("--k", type=float, default=20.0)
-    parser.add_argument("--scaling", type=float, default=1.0)
+    parser.add_argument("--k", type=float, default=20.0, help="TIES: percent kept per task vector")
+    parser.add_argument("--scaling", type=float, default=1.0, help="TIES: lambda")
     parser.add_argument("--merge-function", choices=["mean", "sum"], default="mean")
-    parser.add_argument("--only", choices=["dense", "streaming"], default=None, help="run one implementation")
+    parser.add_argument("--ta-scaling", type=float, default=0.3, help="task arithmetic: lambda")
+    parser.add_argument("--only", nargs="+", choices=TIES_IMPLS + TA_IMPLS, default=None,
+                        help="run only these implementations")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (the streaming TIES always runs on the CPU)")
+    parser.add_argument("--force", action="store_true", help="run implementations even when they look too big for RAM")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--child", choices=["dense", "streaming"], help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=TIES_IMPLS + TA_IMPLS, help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.model = args.model or ("harness-tiny-vit" if args.small else "ViT-B-32")
     args.tasks = args.tasks or (4 if args.small else 8)
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            parser.error("--device cuda: CUDA is not available here")
     if args.child:
         run_child(args)
         return
 
-    impls = [args.only] if args.only else ["dense", "streaming"]
+    impls = list(args.only or TIES_IMPLS + TA_IMPLS)
+    notes = []
+    if not fusionbench_ref.available():
+        impls = [i for i in impls if not i.startswith("fusionbench")]
+        notes.append(fusionbench_ref.INSTALL_HINT)
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    results = {}
+    results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
+        input_bytes = None
         for impl in impls:
+            if input_bytes and not args.force and args.device == "cpu":
+                need = PEAK_FACTOR[impl] * input_bytes + 1024**3
+                if need > _available_bytes():
+                    notes.append(f"{LABELS[impl]} skipped: needs about {need / 1024**3:.1f} GiB, "
+                                 f"{_available_bytes() / 1024**3:.1f} GiB available (--force runs it)")
+                    continue
             out = os.path.join(tmp, f"{impl}.safetensors")
             cmd = [sys.executable, __file__, "--child", impl, "--out", out, "--model", args.model,
                    "--tasks", str(args.tasks), "--k", str(args.k), "--scaling", str(args.scaling),
-                   "--merge-function", args.merge_function, "--seed", str(args.seed)]
+                   "--merge-function", args.merge_function, "--ta-scaling", str(args.ta_scaling),
+                   "--seed", str(args.seed), "--device", args.device]
+            print(f"running {LABELS[impl]} ...", file=sys.stderr, flush=True)
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
             if proc.returncode != 0:
                 sys.exit(f"{impl} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
             results[impl] = json.loads(proc.stdout.strip().splitlines()[-1])
             results[impl]["path"] = out
-        diff = None
-        if len(results) == 2:
-            from harness.models import load_state_dict
-
-            a = load_state_dict(results["dense"]["path"])
-            b = load_state_dict(results["streaming"]["path"])
-            diff = max(float((a[key].float() - b[key].float()).abs().max()) for key in a)
+            input_bytes = results[impl]["input_bytes"]
+        if not results:
+            sys.exit("nothing ran:\n" + "\n".join(notes))
+        for group, ours in (("ties", "streaming"), ("ta", "ta")):
+            for impl in results:
+                if impl != ours and ours in results and (impl in TIES_IMPLS) == (group == "ties"):
+                    results[impl]["diff"] = _compare(results[ours]["path"], results[impl]["path"])
 
     gib = 1024**3
-    input_bytes = next(iter(results.values()))["input_bytes"]
-    print(f"model {args.model}, {args.tasks} tasks, k={args.k}, merge={args.merge_function}, "
-          f"input {input_bytes / gib:.2f} GiB (pretrained + {args.tasks} fine-tuned float tensors), 1 thread")
-    print(f"{'impl':<10} {'merge s':>8} {'cpu s':>7} {'RSS before':>11} {'peak RSS':>9} {'peak/input':>10} {'(peak-before)/input':>20}")
+    first = next(iter(results.values()))
+    print(f"machine: {first['machine']}")
+    print(f"model {args.model}, {args.tasks} tasks, TIES k={args.k} merge={args.merge_function} lambda={args.scaling}, "
+          f"TA lambda={args.ta_scaling}, device {args.device}, 1 thread per process; "
+          f"input {input_bytes / gib:.2f} GiB (pretrained + {args.tasks} fine-tuned float tensors)")
+    gpu = any(r["gpu_peak"] is not None for r in results.values())
+    header = (f"{'implementation':<22} {'wall s':>8} {'cpu s':>8} {'base RSS':>9} {'peak RSS':>9} {'peak/input':>10} "
+              f"{'(peak-base)/input':>17} {'max |diff| vs ours':>19} {'#entries differ':>16}")
+    print(header + (f" {'GPU peak':>9}" if gpu else ""))
     for impl, r in results.items():
-        print(f"{impl:<10} {r['merge_s']:>8.2f} {r['merge_cpu_s']:>7.2f} {r['rss_before'] / gib:>9.2f}Gi {r['peak'] / gib:>7.2f}Gi "
-              f"{r['peak'] / input_bytes:>10.2f} {(r['peak'] - r['rss_before']) / input_bytes:>20.2f}")
-    if len(results) == 2:
-        d, s = results["dense"], results["streaming"]
-        print(f"speed-up {d['merge_s'] / s['merge_s']:.1f}x wall, {d['merge_cpu_s'] / s['merge_cpu_s']:.1f}x cpu, peak RSS ratio dense/streaming "
-              f"{d['peak'] / s['peak']:.1f}x, max |dense - streaming| = {diff:.3g}")
+        diff, count = r.get("diff", (None, None))
+        line = (f"{LABELS[impl]:<22} {r['merge_s']:>8.2f} {r['merge_cpu_s']:>8.2f} {r['base_rss'] / gib:>7.2f}Gi "
+                f"{r['peak'] / gib:>7.2f}Gi {r['peak'] / input_bytes:>10.2f} {(r['peak'] - r['base_rss']) / input_bytes:>17.2f} "
+                f"{'' if diff is None else f'{diff:.3g}':>19} {'' if count is None else count:>16}")
+        if gpu:
+            cell = "" if r["gpu_peak"] is None else f"{r['gpu_peak'] / gib:.2f}Gi"
+            line += f" {cell:>9}"
+        print(line)
+    for ours, others in (("streaming", ["dense", "fusionbench"]), ("ta", ["fusionbench-ta"])):
+        for other in others:
+            if ours in results and other in results:
+                o, r = results[ours], results[other]
+                print(f"time {LABELS[other]} / {LABELS[ours]}: {r['merge_s'] / o['merge_s']:.1f}x wall, "
+                      f"{r['merge_cpu_s'] / o['merge_cpu_s']:.1f}x cpu; peak RSS ours / theirs {o['peak'] / r['peak']:.2f}")
+    for note in notes:
+        print(note)
 
 
 if __name__ == "__main__":

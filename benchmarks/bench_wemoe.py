@@ -1,12 +1,22 @@
-"""Forward time of the WeMoE vision tower against the dense merged tower and a per-sample loop.
+"""Forward and adaptation-step time of the WeMoE vision tower against dense, a loop and FusionBench.
 
 Builds an open_clip vision tower (random weights; speed does not depend on them), T perturbed
 copies as the fine-tuned experts, a task-arithmetic dense tower and WeMoE towers (depth-2
-routers with random weights, so every sample gets its own routing). Prints absolute times,
-ratios to dense, and the largest relative difference of each WeMoE kernel from the naive
-per-sample loop (which builds each W_i and runs the MLP sample by sample).
+routers with random weights, so every sample gets its own routing). When FusionBench is
+installed (``pip install -e '.[bench]'``) it also builds the same tower with FusionBench's
+``WeightEnsemblingMoE`` in every block (same experts, our router weights copied into its
+gates) and times its per-sample and batch-reduced forwards next to ours.
 
+Table 1 (forward): absolute times, ratios to dense, FusionBench's time over ours, and the
+largest relative difference of each per-sample kernel from the naive per-sample loop (which
+builds each W_i and runs the MLP sample by sample; FusionBench's batch-reduced variant is
+compared with ours). Table 2 (one test-time-adaptation step: forward, entropy loss of a
+random zero-shot head, backward into the routers): ours against FusionBench, with the
+relative differences of the loss and of the router gradients.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_wemoe.py
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_wemoe.py --arch ViT-B-32 --batch 16
+    python benchmarks/bench_wemoe.py --device cuda
 """
 
 from __future__ import annotations
@@ -14,17 +24,29 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import sys
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.models import build_clip
-from methods.base import with_state
-from methods.task_arithmetic import task_arithmetic_state
-from methods.wemoe import WeightEnsemblingMLP, build_wemoe, moe_layers
+ROOT = Path(__file__).resolve().parents[1]
+for path in (ROOT, Path(__file__).resolve().parent):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+
+import fusionbench_ref  # noqa: E402
+from harness.models import ImageClassifier, build_clip  # noqa: E402
+from methods.base import with_state  # noqa: E402
+from methods.task_arithmetic import task_arithmetic_state  # noqa: E402
+from methods.tta import entropy  # noqa: E402
+from methods.wemoe import WeightEnsemblingMLP, build_wemoe, moe_layers  # noqa: E402
+
+FB_PER_SAMPLE = "fusionbench per-sample"
+FB_REDUCE = "fusionbench batch_reduce"
 
 
 class NaiveMLP(nn.Module):
@@ -75,40 +97,64 @@ def naive_mode(moe: nn.Module):
             block.mlp = layer
 
 
-@torch.no_grad()
-def interleaved(variants: dict[str, Callable[[], torch.Tensor]], repeats: int,
-                clock: Callable[[], float] = time.perf_counter) -> tuple[dict, dict]:
+def interleaved(variants: dict[str, Callable[[], object]], repeats: int,
+                clock: Callable[[], float] = time.perf_counter, grad: bool = False) -> tuple[dict, dict]:
     """Min time of each variant over ``repeats`` rounds, variants alternating within a round.
 
     Alternating and taking the minimum keeps the ratios meaningful on a machine whose other
-    load comes and goes.
+    load comes and goes. Autograd is off unless ``grad``.
     """
-    outputs = {name: fn() for name, fn in variants.items()}  # warm-up and outputs
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(repeats):
-        for name, fn in variants.items():
-            t0 = clock()
-            fn()
-            times[name].append(clock() - t0)
+    with torch.set_grad_enabled(grad):
+        outputs = {name: fn() for name, fn in variants.items()}  # warm-up and outputs
+        times: dict[str, list[float]] = {name: [] for name in variants}
+        for _ in range(repeats):
+            for name, fn in variants.items():
+                t0 = clock()
+                fn()
+                times[name].append(clock() - t0)
     return {k: min(v) for k, v in times.items()}, outputs
 
 
-def bench(arch: str, batches: list[int], tasks: int, repeats: int, skip: set[str],
-          clock: Callable[[], float] = time.perf_counter) -> list[dict]:
-    torch.manual_seed(0)
-    pre = build_clip(arch).visual.eval()
-    finetuned = {f"t{i}": perturbed(pre, i) for i in range(tasks)}
-    dense = with_state(pre, task_arithmetic_state(pre, finetuned, 0.3)).eval()
-    moe = build_wemoe(pre, finetuned, router_depth=2)
-    del finetuned
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in moe.named_parameters():
-            if ".router." in name:
-                p.normal_(0.0, 0.05, generator=g)
-    size = pre.image_size if isinstance(pre.image_size, int) else pre.image_size[0]
+def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((a.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-30))
 
-    def run_moe(x: torch.Tensor, impl: str, batch_reduce: bool = False, block_bytes: int | None = None) -> torch.Tensor:
+
+class Towers:
+    """Dense, WeMoE and (optionally) FusionBench towers over the same pretrained and experts."""
+
+    def __init__(self, arch: str, tasks: int, device: torch.device, fusionbench: bool):
+        torch.manual_seed(0)
+        pre = build_clip(arch).visual.eval()
+        finetuned = {f"t{i}": perturbed(pre, i) for i in range(tasks)}
+        self.dense = with_state(pre, task_arithmetic_state(pre, finetuned, 0.3)).eval().requires_grad_(False)
+        self.moe = build_wemoe(pre, finetuned, router_depth=2)
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for name, p in self.moe.named_parameters():
+                if ".router." in name:
+                    p.normal_(0.0, 0.05, generator=g)
+        self.fb = None
+        if fusionbench:
+            routers = [m.router for m in moe_layers(self.moe)]
+            self.fb = fusionbench_ref.wemoe_tower(self.dense, pre, list(finetuned.values()), routers).eval()
+            self.fb.to(device)
+        del finetuned
+        self.dense.to(device)
+        self.moe.to(device)
+        self.size = pre.image_size if isinstance(pre.image_size, int) else pre.image_size[0]
+        self.dim = pre.output_dim
+        self.device = device
+
+    def images(self, batch: int) -> torch.Tensor:
+        x = torch.randn(batch, 3, self.size, self.size, generator=torch.Generator().manual_seed(batch))
+        return x.to(self.device)
+
+
+def forward_rows(t: Towers, arch: str, batches: list[int], repeats: int, skip: set[str],
+                 clock: Callable[[], float], sync: Callable[[], None]) -> list[dict]:
+    moe, fb = t.moe, t.fb
+
+    def run_moe(x: torch.Tensor, impl: str, batch_reduce: bool = False, block_bytes: int | None = None):
         with_impl(moe, impl, batch_reduce, block_bytes)
         return moe(x)
 
@@ -116,27 +162,107 @@ def bench(arch: str, batches: list[int], tasks: int, repeats: int, skip: set[str
         with naive_mode(moe):
             return moe(x)
 
+    def run_fb(x: torch.Tensor, batch_reduce: bool) -> torch.Tensor:
+        fusionbench_ref.set_batch_reduce(fb, batch_reduce)
+        return fb(x)
+
+    def synced(fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+        def call() -> torch.Tensor:
+            out = fn()
+            sync()
+            return out
+        return call
+
     rows = []
     for batch in batches:
-        x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(batch))
-        variants = {"dense (TA)": lambda: dense(x)}
+        x = t.images(batch)
+        variants = {"dense (TA)": lambda: t.dense(x)}
         if "naive" not in skip:
             variants["naive loop"] = lambda: run_naive(x)
-        if "weights" not in skip:
-            variants["wemoe weights"] = lambda: run_moe(x, "weights")
+        variants["wemoe weights"] = lambda: run_moe(x, "weights")
+        if "blocks" not in skip:
             variants["wemoe weights 8MB-blk"] = lambda: run_moe(x, "weights", block_bytes=8 << 20)
         if "stacked" not in skip:
             variants["wemoe stacked"] = lambda: run_moe(x, "stacked")
         if "reduce" not in skip:
             variants["wemoe batch_reduce"] = lambda: run_moe(x, "auto", True)
-        times, outputs = interleaved(variants, repeats, clock)
+        if fb is not None:
+            variants[FB_PER_SAMPLE] = lambda: run_fb(x, False)
+            if "reduce" not in skip:
+                variants[FB_REDUCE] = lambda: run_fb(x, True)
+        times, outputs = interleaved({k: synced(v) for k, v in variants.items()}, repeats, clock)
         with_impl(moe, "auto")
-        ref = outputs.get("naive loop")
-        for name, t in times.items():
-            err = None
-            if ref is not None and "reduce" not in name and name != "dense (TA)":
-                err = float((outputs[name] - ref).abs().max() / ref.abs().max())
-            rows.append(dict(arch=arch, batch=batch, impl=name, s=t, ratio=t / times["dense (TA)"], err=err))
+        per_sample_ref = "naive loop" if "naive loop" in outputs else "wemoe weights"
+        for name, s in times.items():
+            ref = None
+            if name == FB_REDUCE:
+                ref = "wemoe batch_reduce" if "wemoe batch_reduce" in outputs else None
+            elif name not in ("dense (TA)", "wemoe batch_reduce", per_sample_ref):
+                ref = per_sample_ref
+            ours = {FB_PER_SAMPLE: "wemoe weights", FB_REDUCE: "wemoe batch_reduce"}.get(name)
+            rows.append(dict(
+                arch=arch, batch=batch, impl=name, s=s, ratio=s / times["dense (TA)"],
+                vs_ours=times[name] / times[ours] if ours in times else None,
+                err=_rel(outputs[name], outputs[ref]) if ref else None, ref=ref or "",
+            ))
+    return rows
+
+
+def tta_rows(t: Towers, arch: str, batch: int, repeats: int, clock: Callable[[], float],
+             sync: Callable[[], None]) -> list[dict]:
+    """One adaptation step per variant: forward, entropy of a zero-shot head, backward into the routers."""
+    head = 100.0 * F.normalize(torch.randn(10, t.dim, generator=torch.Generator().manual_seed(2)), dim=-1)
+    ours = ImageClassifier(t.moe, head).to(t.device)
+    our_params = [p for m in moe_layers(t.moe) for p in fusionbench_ref.router_params(m.router)]
+    x = t.images(batch)
+
+    def step(model: nn.Module, params: list[torch.Tensor]) -> Callable[[], tuple]:
+        def call() -> tuple:
+            for p in params:
+                p.grad = None
+            loss = entropy(model(x))
+            loss.backward()
+            sync()
+            return loss.detach(), [p.grad for p in params]
+        return call
+
+    def ours_step(batch_reduce: bool) -> Callable[[], tuple]:
+        inner = step(ours, our_params)
+
+        def call() -> tuple:
+            with_impl(t.moe, "auto", batch_reduce)
+            return inner()
+        return call
+
+    variants = {"wemoe (auto)": ours_step(False), "wemoe batch_reduce": ours_step(True)}
+    if t.fb is not None:
+        theirs = ImageClassifier(t.fb, head).to(t.device)
+        fb_params = [p for gate in fusionbench_ref.moe_gates(t.fb) for p in fusionbench_ref.gate_params(gate)]
+        fb_step = step(theirs, fb_params)
+
+        def fb(batch_reduce: bool) -> Callable[[], tuple]:
+            def call() -> tuple:
+                fusionbench_ref.set_batch_reduce(t.fb, batch_reduce)
+                return fb_step()
+            return call
+
+        variants[FB_PER_SAMPLE] = fb(False)
+        variants[FB_REDUCE] = fb(True)
+    times, outputs = interleaved(variants, repeats, clock, grad=True)
+    with_impl(t.moe, "auto", False)
+    counterpart = {FB_PER_SAMPLE: "wemoe (auto)", FB_REDUCE: "wemoe batch_reduce"}
+    rows = []
+    for name, s in times.items():
+        ours_name = counterpart.get(name)
+        row = dict(arch=arch, batch=batch, impl=name, s=s, vs_ours=None, loss_err=None, grad_err=None, ref="")
+        if ours_name:
+            loss, grads = outputs[name]
+            our_loss, our_grads = outputs[ours_name]
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            our_flat = torch.cat([g.reshape(-1) for g in our_grads])
+            row.update(vs_ours=s / times[ours_name], loss_err=_rel(our_loss, loss), grad_err=_rel(our_flat, flat),
+                       ref=ours_name)
+        rows.append(row)
     return rows
 
 
@@ -147,22 +273,74 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--clock", choices=["cpu", "wall"], default="cpu",
-                        help="cpu: this thread's CPU time (robust to other load; 1 thread only), wall: elapsed time")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["naive", "weights", "stacked", "reduce"])
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--clock", choices=["cpu", "wall"], default=None,
+                        help="cpu: this thread's CPU time (robust to other load; 1 thread, CPU only), "
+                             "wall: elapsed time (default on CUDA or with several threads)")
+    parser.add_argument("--skip", nargs="*", default=[],
+                        choices=["naive", "blocks", "stacked", "reduce", "fusionbench", "tta"])
+    parser.add_argument("--tta-batch", type=int, default=16, help="batch of the adaptation-step table")
     args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: CUDA is not available here")
     torch.set_num_threads(args.threads)
-    if args.clock == "cpu" and args.threads != 1:
-        parser.error("--clock cpu measures one thread; use --clock wall with several threads")
-    clock = time.thread_time if args.clock == "cpu" else time.perf_counter
-    print(f"torch {torch.__version__}, {args.threads} thread(s), {args.tasks} experts, "
-          f"{args.clock} time, min of {args.repeats} interleaved rounds")
-    print(f"{'arch':<18}{'batch':>6}  {'implementation':<20}{'seconds':>10}{'x dense':>9}{'rel. diff vs loop':>19}")
+    clock_name = args.clock or ("cpu" if device.type == "cpu" and args.threads == 1 else "wall")
+    if clock_name == "cpu" and (args.threads != 1 or device.type != "cpu"):
+        parser.error("--clock cpu measures one CPU thread; use --clock wall with several threads or CUDA")
+    clock = time.thread_time if clock_name == "cpu" else time.perf_counter
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    skip = set(args.skip)
+    use_fb = "fusionbench" not in skip and fusionbench_ref.available()
+    print(f"machine: {fusionbench_ref.describe_machine(device)}")
+    print(f"device {device}, {args.threads} thread(s), {args.tasks} experts, depth-2 routers, "
+          f"{clock_name} time, min of {args.repeats} interleaved rounds")
+    if "fusionbench" not in skip and not use_fb:
+        print(fusionbench_ref.INSTALL_HINT)
+    summary: list[str] = []
+    tta: list[dict] = []
+    print(f"{'arch':<18}{'batch':>6}  {'forward':<26}{'seconds':>10}{'x dense':>9}{'FB/ours':>9}"
+          f"{'rel. diff':>11}  vs")
     for arch in args.arch:
-        for r in bench(arch, args.batch, args.tasks, args.repeats, set(args.skip), clock):
+        towers = Towers(arch, args.tasks, device, use_fb)
+        rows = forward_rows(towers, arch, args.batch, args.repeats, skip, clock, sync)
+        for r in rows:
             err = "" if r["err"] is None else f"{r['err']:.1e}"
-            print(f"{r['arch']:<18}{r['batch']:>6}  {r['impl']:<20}{r['s']:>10.4f}{r['ratio']:>9.2f}{err:>19}",
+            vs = "" if r["vs_ours"] is None else f"{r['vs_ours']:.2f}"
+            print(f"{r['arch']:<18}{r['batch']:>6}  {r['impl']:<26}{r['s']:>10.4f}{r['ratio']:>9.2f}{vs:>9}"
+                  f"{err:>11}  {r['ref']}", flush=True)
+        by = {(r["batch"], r["impl"]): r for r in rows}
+        if (16, "wemoe weights") in by:
+            ratio = by[16, "wemoe weights"]["ratio"]
+            summary.append(f"{arch}: ours / dense at batch 16 = {ratio:.2f}x (goal <= 2x: {'met' if ratio <= 2 else 'NOT met'})")
+        for b in args.batch:
+            if (b, FB_PER_SAMPLE) in by:
+                v = by[b, FB_PER_SAMPLE]["vs_ours"]
+                summary.append(f"{arch}: FusionBench per-sample / ours at batch {b} = {v:.2f}x "
+                               f"(goal >= 3x: {'met' if v >= 3 else 'NOT met'})")
+        if "tta" not in skip:
+            tta += tta_rows(towers, arch, args.tta_batch, args.repeats, clock, sync)
+        del towers
+    if tta:
+        print()
+        print(f"{'arch':<18}{'batch':>6}  {'adaptation step (fwd+bwd)':<26}{'seconds':>10}{'FB/ours':>9}"
+              f"{'loss diff':>11}{'grad diff':>11}  vs")
+        for r in tta:
+            vs = "" if r["vs_ours"] is None else f"{r['vs_ours']:.2f}"
+            le = "" if r["loss_err"] is None else f"{r['loss_err']:.1e}"
+            ge = "" if r["grad_err"] is None else f"{r['grad_err']:.1e}"
+            print(f"{r['arch']:<18}{r['batch']:>6}  {r['impl']:<26}{r['s']:>10.4f}{vs:>9}{le:>11}{ge:>11}  {r['ref']}",
                   flush=True)
+            if r["impl"] == FB_PER_SAMPLE:
+                summary.append(f"{r['arch']}: adaptation step, FusionBench per-sample / ours at batch {r['batch']} "
+                               f"= {r['vs_ours']:.2f}x")
+    print()
+    for line in summary:
+        print(line)
 
 
 if __name__ == "__main__":
