@@ -329,29 +329,26 @@ def build_wemoe(
 
 
 @contextlib.contextmanager
-def recording(model: nn.Module) -> Iterator[list[WeightEnsemblingMLP]]:
+def _flagged(layers: list[WeightEnsemblingMLP], flag: str, slot: str) -> Iterator[list[WeightEnsemblingMLP]]:
+    """Set ``flag`` on every layer while active; afterwards clear it and drop what ``slot`` kept."""
+    for m in layers:
+        setattr(m, flag, True)
+    try:
+        yield layers
+    finally:
+        for m in layers:
+            setattr(m, flag, False)
+            setattr(m, slot, None)
+
+
+def recording(model: nn.Module) -> contextlib.AbstractContextManager[list[WeightEnsemblingMLP]]:
     """While active, every MoE layer keeps its last per-sample routing in ``last_routing``."""
-    layers = moe_layers(model)
-    for m in layers:
-        m.recording = True
-    try:
-        yield layers
-    finally:
-        for m in layers:
-            m.recording, m.last_routing = False, None
+    return _flagged(moe_layers(model), "recording", "last_routing")
 
 
-@contextlib.contextmanager
-def keeping_logits(model: nn.Module, enabled: bool = True) -> Iterator[list[WeightEnsemblingMLP]]:
+def keeping_logits(model: nn.Module, enabled: bool = True) -> contextlib.AbstractContextManager[list[WeightEnsemblingMLP]]:
     """While active, every MoE layer keeps its last router logits, with grad, in ``last_logits``."""
-    layers = moe_layers(model) if enabled else []
-    for m in layers:
-        m.keep_logits = True
-    try:
-        yield layers
-    finally:
-        for m in layers:
-            m.keep_logits, m.last_logits = False, None
+    return _flagged(moe_layers(model) if enabled else [], "keep_logits", "last_logits")
 
 
 def task_identification_loss(model: nn.Module, weight: float):
