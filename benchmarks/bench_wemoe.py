@@ -24,6 +24,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import ctypes
+import resource
 import sys
 import time
 from pathlib import Path
@@ -97,22 +99,45 @@ def naive_mode(moe: nn.Module):
             block.mlp = layer
 
 
-def interleaved(variants: dict[str, Callable[[], object]], repeats: int,
+def interleaved(variants: dict[str, Callable[[], object]], calls: int,
                 clock: Callable[[], float] = time.perf_counter, grad: bool = False) -> tuple[dict, dict]:
-    """Min time of each variant over ``repeats`` rounds, variants alternating within a round.
+    """Min time of each variant over ``calls`` rounds, variants alternating within a round.
 
     Alternating and taking the minimum keeps the ratios meaningful on a machine whose other
-    load comes and goes. Autograd is off unless ``grad``.
+    load comes and goes. The outputs are those of the first round. Autograd is off unless
+    ``grad``.
     """
+    outputs: dict[str, object] = {}
+    times: dict[str, list[float]] = {name: [] for name in variants}
     with torch.set_grad_enabled(grad):
-        outputs = {name: fn() for name, fn in variants.items()}  # warm-up and outputs
-        times: dict[str, list[float]] = {name: [] for name in variants}
-        for _ in range(repeats):
+        for _ in range(max(1, calls)):
             for name, fn in variants.items():
                 t0 = clock()
-                fn()
+                out = fn()
                 times[name].append(clock() - t0)
+                outputs.setdefault(name, out)
+                del out
     return {k: min(v) for k, v in times.items()}, outputs
+
+
+def bound_heap() -> bool:
+    """Have glibc serve allocations of 1 MiB and more with mmap and give them back on free.
+
+    FusionBench's per-sample adaptation step allocates and frees many matrix-sized tensors
+    while autograd keeps one merged matrix per sample and layer alive; with glibc's default
+    (dynamic) mmap threshold the freed memory stays in a fragmented heap and RSS grew by
+    several GB per step (a ViT-B/32 step at batch 16 ran this 23 GB machine out of memory).
+    Applied before the adaptation-step table only, for every variant alike. False where
+    glibc is not there.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_mmap_threshold = -3
+    ok = libc.mallopt(m_mmap_threshold, 1 << 20) == 1
+    libc.malloc_trim(0)
+    return ok
 
 
 def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
@@ -271,15 +296,17 @@ def main() -> None:
     parser.add_argument("--arch", nargs="+", default=["harness-tiny-vit", "ViT-B-32"])
     parser.add_argument("--batch", nargs="+", type=int, default=[1, 16, 64])
     parser.add_argument("--tasks", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=2, help="timed calls per forward variant (min is kept)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--clock", choices=["cpu", "wall"], default=None,
                         help="cpu: this thread's CPU time (robust to other load; 1 thread, CPU only), "
                              "wall: elapsed time (default on CUDA or with several threads)")
-    parser.add_argument("--skip", nargs="*", default=[],
-                        choices=["naive", "blocks", "stacked", "reduce", "fusionbench", "tta"])
+    parser.add_argument("--skip", nargs="*", default=["blocks", "stacked"],
+                        choices=["naive", "blocks", "stacked", "reduce", "fusionbench", "tta"],
+                        help="variants left out (default: blocks stacked; a bare --skip runs everything)")
     parser.add_argument("--tta-batch", type=int, default=16, help="batch of the adaptation-step table")
+    parser.add_argument("--tta-repeats", type=int, default=1, help="timed adaptation steps per variant (min is kept)")
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -294,20 +321,21 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
+    wall0, cpu0 = time.perf_counter(), time.process_time()
     skip = set(args.skip)
     use_fb = "fusionbench" not in skip and fusionbench_ref.available()
     print(f"machine: {fusionbench_ref.describe_machine(device)}")
-    print(f"device {device}, {args.threads} thread(s), {args.tasks} experts, depth-2 routers, "
-          f"{clock_name} time, min of {args.repeats} interleaved rounds")
+    print(f"device {device}, {args.threads} thread(s), {args.tasks} experts, depth-2 routers, {clock_name} time, "
+          f"min of {args.repeats} interleaved calls (adaptation step: {args.tta_repeats}); skipped: {sorted(skip) or 'none'}")
     if "fusionbench" not in skip and not use_fb:
         print(fusionbench_ref.INSTALL_HINT)
     summary: list[str] = []
-    tta: list[dict] = []
+    towers: dict[str, Towers] = {}
     print(f"{'arch':<18}{'batch':>6}  {'forward':<26}{'seconds':>10}{'x dense':>9}{'FB/ours':>9}"
           f"{'rel. diff':>11}  vs")
     for arch in args.arch:
-        towers = Towers(arch, args.tasks, device, use_fb)
-        rows = forward_rows(towers, arch, args.batch, args.repeats, skip, clock, sync)
+        t = Towers(arch, args.tasks, device, use_fb)
+        rows = forward_rows(t, arch, args.batch, args.repeats, skip, clock, sync)
         for r in rows:
             err = "" if r["err"] is None else f"{r['err']:.1e}"
             vs = "" if r["vs_ours"] is None else f"{r['vs_ours']:.2f}"
@@ -316,31 +344,38 @@ def main() -> None:
         by = {(r["batch"], r["impl"]): r for r in rows}
         if (16, "wemoe weights") in by:
             ratio = by[16, "wemoe weights"]["ratio"]
-            summary.append(f"{arch}: ours / dense at batch 16 = {ratio:.2f}x (goal <= 2x: {'met' if ratio <= 2 else 'NOT met'})")
+            summary.append(f"{arch}: forward, ours / dense at batch 16 = {ratio:.2f}x "
+                           f"(goal <= 2x: {'met' if ratio <= 2 else 'NOT met'})")
         for b in args.batch:
             if (b, FB_PER_SAMPLE) in by:
                 v = by[b, FB_PER_SAMPLE]["vs_ours"]
-                summary.append(f"{arch}: FusionBench per-sample / ours at batch {b} = {v:.2f}x "
+                summary.append(f"{arch}: forward, FusionBench per-sample / ours at batch {b} = {v:.2f}x "
                                f"(goal >= 3x: {'met' if v >= 3 else 'NOT met'})")
         if "tta" not in skip:
-            tta += tta_rows(towers, arch, args.tta_batch, args.repeats, clock, sync)
-        del towers
-    if tta:
+            towers[arch] = t  # the adaptation steps run after every forward table (see bound_heap)
+        del t
+    if towers:
+        bounded = device.type == "cpu" and bound_heap()
         print()
+        if bounded:
+            print("adaptation steps with glibc M_MMAP_THRESHOLD = 1 MiB (fixed), for every variant")
         print(f"{'arch':<18}{'batch':>6}  {'adaptation step (fwd+bwd)':<26}{'seconds':>10}{'FB/ours':>9}"
               f"{'loss diff':>11}{'grad diff':>11}  vs")
-        for r in tta:
-            vs = "" if r["vs_ours"] is None else f"{r['vs_ours']:.2f}"
-            le = "" if r["loss_err"] is None else f"{r['loss_err']:.1e}"
-            ge = "" if r["grad_err"] is None else f"{r['grad_err']:.1e}"
-            print(f"{r['arch']:<18}{r['batch']:>6}  {r['impl']:<26}{r['s']:>10.4f}{vs:>9}{le:>11}{ge:>11}  {r['ref']}",
-                  flush=True)
-            if r["impl"] == FB_PER_SAMPLE:
-                summary.append(f"{r['arch']}: adaptation step, FusionBench per-sample / ours at batch {r['batch']} "
-                               f"= {r['vs_ours']:.2f}x")
+        for arch in list(towers):
+            for r in tta_rows(towers.pop(arch), arch, args.tta_batch, args.tta_repeats, clock, sync):
+                vs = "" if r["vs_ours"] is None else f"{r['vs_ours']:.2f}"
+                le = "" if r["loss_err"] is None else f"{r['loss_err']:.1e}"
+                ge = "" if r["grad_err"] is None else f"{r['grad_err']:.1e}"
+                print(f"{r['arch']:<18}{r['batch']:>6}  {r['impl']:<26}{r['s']:>10.4f}{vs:>9}{le:>11}{ge:>11}  "
+                      f"{r['ref']}", flush=True)
+                if r["impl"] == FB_PER_SAMPLE:
+                    summary.append(f"{r['arch']}: adaptation step, FusionBench per-sample / ours at batch {r['batch']} "
+                                   f"= {r['vs_ours']:.2f}x (goal >= 3x: {'met' if r['vs_ours'] >= 3 else 'NOT met'})")
     print()
     for line in summary:
         print(line)
+    print(f"total {time.perf_counter() - wall0:.0f} s wall, {time.process_time() - cpu0:.0f} s cpu, "
+          f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB")
 
 
 if __name__ == "__main__":
