@@ -34,6 +34,17 @@ def tune_block(**kw) -> dict:
     return block
 
 
+def completed_trials(cfg, n: int):
+    """(client, the tuning run, its trial runs) read back from MLflow; all n trials complete."""
+    client = MlflowClient(cfg.resolved_tracking_uri())
+    exp = client.get_experiment_by_name(cfg.name).experiment_id
+    tune_run = client.search_runs([exp], "tags.`harness.kind` = 'tune'")[0]
+    trials = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{tune_run.info.run_id}'")
+    assert len(trials) == n
+    assert {t.data.tags["harness.trial_state"] for t in trials} == {"COMPLETE"}
+    return client, tune_run, trials
+
+
 def test_tuning_recovers_grid_best(trained_checkpoints, tmp_path):
     d = trained_sweep(trained_checkpoints, tmp_path, [
         {"name": "task_arithmetic", "label": "grid", "grid": {"scaling": GRID}},
@@ -51,12 +62,7 @@ def test_tuning_recovers_grid_best(trained_checkpoints, tmp_path):
     row = next(r for r in out.rows if r.method == "tuned")
     assert row.setting == f"scaling={lam:.4g}"  # the table shows the chosen hyperparameters
     # MLflow: a tuning run with one nested run per trial and the best params; plots as artifacts
-    client = MlflowClient(cfg.resolved_tracking_uri())
-    exp = client.get_experiment_by_name(cfg.name).experiment_id
-    tune_run = client.search_runs([exp], "tags.`harness.kind` = 'tune'")[0]
-    trials = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{tune_run.info.run_id}'")
-    assert len(trials) == 12
-    assert {t.data.tags["harness.trial_state"] for t in trials} == {"COMPLETE"}
+    client, tune_run, trials = completed_trials(cfg, 12)
     assert float(tune_run.data.tags["best.scaling"]) == pytest.approx(lam)
     assert tune_run.data.metrics["best_objective"] == pytest.approx(max(t.data.metrics["objective"] for t in trials))
     arts = {a.path for a in client.list_artifacts(tune_run.info.run_id, "optuna")}
@@ -116,12 +122,7 @@ def test_tuning_recovers_grid_best_on_embedded_suite(embedded_cache, tmp_path):
     tuned = next(r for r in out.results if r.label == "tuned" and r.kind == "merge")
     lam = tuned.params["scaling"]
     assert min(abs(lam - a) for a in argmax) <= 0.1 + 1e-9, (lam, argmax, grid)
-    client = MlflowClient(cfg.resolved_tracking_uri())
-    exp = client.get_experiment_by_name(cfg.name).experiment_id
-    tune_run = client.search_runs([exp], "tags.`harness.kind` = 'tune'")[0]
-    trials = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{tune_run.info.run_id}'")
-    assert len(trials) == 12
-    assert {t.data.tags["harness.trial_state"] for t in trials} == {"COMPLETE"}
+    _, _, trials = completed_trials(cfg, 12)
     # the chosen lambda is the best trial's, and re-merging it on the final run gives the same val
     best = max(trials, key=lambda t: t.data.metrics["objective"])
     assert float(best.data.params["trial.scaling"]) == pytest.approx(lam)
