@@ -219,3 +219,25 @@ def test_shipped_pretrained_is_used_only_when_its_identity_matches(suite, two_ta
     pipeline.prepare_suite(two_tasks[:1], tmp_path / "c2", TINY, progress=False, from_scratch=True)
     pipeline.prepare_suite(two_tasks[:1], tmp_path / "c3", {**TINY, "pretrain_lr": 5e-4}, progress=False)
     assert len(calls) == 2
+
+
+
+def test_finetuned_cache_key_tells_real_data_from_its_stand_in(monkeypatch):
+    import warnings
+
+    from harness.cache import content_key
+    from tasks.embedded import data
+
+    def key() -> str:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", data.EmbeddedSourceWarning)
+            source = data.source_variant("emb_fashion")
+        return source, content_key(pipeline.SuiteOptions().finetune_identity("v", "emb_fashion", "d", source))
+
+    monkeypatch.delenv("HARNESS_EMBEDDED_FALLBACK", raising=False)
+    real_source, real = key()
+    monkeypatch.setenv("HARNESS_EMBEDDED_FALLBACK", "1")
+    stand_in_source, stand_in = key()
+    if real_source == stand_in_source:
+        pytest.skip("Debian dataset-fashion-mnist is not installed: only the stand-in exists here")
+    assert real != stand_in
