@@ -52,6 +52,12 @@ class JobResult:
     def from_dict(cls, d: dict[str, Any]) -> "JobResult":
         return cls(**d)
 
+    @classmethod
+    def of(cls, spec: JobSpec, status: str, **fields: Any) -> "JobResult":
+        """A result for ``spec``, carrying its identity (key, label, params, task, protocol)."""
+        return cls(spec.key, spec.kind, spec.label, spec.params, spec.task, status=status,
+                   protocol=spec.protocol, **fields)
+
 
 def evaluate_encoder(ws: Workspace, encoder: torch.nn.Module, task_names: list[str],
                      device: torch.device, robustness: bool = False, test: bool = True,
@@ -100,7 +106,7 @@ def _mean(values) -> float:
 
 def run_job(spec: JobSpec, ws: Workspace, device: torch.device, workdir: Path) -> JobResult:
     """Run a job; failures are returned as a failed result with the reason, never raised."""
-    result = JobResult(spec.key, spec.kind, spec.label, spec.params, spec.task, status="ok", protocol=spec.protocol)
+    result = JobResult.of(spec, "ok")
     t0 = time.perf_counter()
     try:
         if spec.kind == "pretrained":

@@ -15,6 +15,7 @@ import yaml
 from harness.config import GENERALIZATION, MAIN, SweepConfig
 from harness.errors import HarnessError
 from harness.job import JobResult
+from harness.plan import base_label
 from harness.results import (
     Row,
     build_rows,
@@ -24,6 +25,7 @@ from harness.results import (
     robustness_records,
     table_records,
 )
+from harness.tracking import PROTOCOL_TAG
 
 
 @dataclass
@@ -162,9 +164,6 @@ def best_routing(cfg: SweepConfig, results: list[JobResult]) -> dict[str, Any] |
 # ---------------------------------------------------------------------------------------
 # Reading a sweep back from MLflow
 
-#: The tag that tells a generalization-block job's run from a main-protocol one.
-PROTOCOL_TAG = "harness.protocol"
-
 
 def _parse(value: str) -> Any:
     try:
@@ -221,8 +220,6 @@ def load_sweep_from_mlflow(tracking_uri: str, run_id: str | None = None) -> tupl
 def plan_order(cfg: SweepConfig, results: list[JobResult]) -> list[JobResult]:
     """Results in the order the sweep planned them (ties in validation accuracy resolve alike)."""
     from harness.config import expand_grid
-
-    from harness.plan import base_label
 
     kinds = {"pretrained": 0, "individual": 1, "perfect_routing": 2, "merge": 3}
     labels = {m.display: i for i, m in enumerate(cfg.methods)}

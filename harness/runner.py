@@ -22,7 +22,7 @@ from harness.failpoints import failpoint
 from harness.job import JobResult
 from harness.plan import JobSpec, plan_jobs
 from harness.plots import job_artifact_files
-from harness.report import PROTOCOL_TAG, best_routing, build_report
+from harness.report import best_routing, build_report
 from harness.results import (
     Row,
     build_rows,
@@ -151,9 +151,7 @@ def run_sweep(cfg: SweepConfig, console: Console | None = None, quiet: bool = Fa
         if tracker.is_logged(r.key):
             return
         files = job_artifact_files(r.artifacts, out / "artifacts" / r.key) if r.status == "ok" else []
-        rid = tracker.log_job(r, job_params(cfg, spec_by_key[r.key]), digest, files)
-        if rid:  # the report tells the protocols' runs apart by this tag (and the job.protocol param)
-            tracker.client.set_tag(rid, PROTOCOL_TAG, spec_by_key[r.key].protocol)
+        tracker.log_job(r, job_params(cfg, spec_by_key[r.key]), digest, files)
 
     with _progress(console, show and not getattr(executor, "shows_progress", False), len(pending),
                    always=bool(tuned)) as bar:

@@ -17,6 +17,8 @@ from harness.failpoints import failpoint
 
 SWEEP_TAG = "harness.sweep_digest"
 JOB_TAG = "harness.job_key"
+#: Tells a generalization-block job's run from a main-protocol one.
+PROTOCOL_TAG = "harness.protocol"
 
 
 def flatten(d: Any, prefix: str = "") -> dict[str, str]:
@@ -115,6 +117,7 @@ class Tracker:
                 "harness.config_digest": config_digest, "mlflow.runName": name, "harness.label": result.label}
         if result.task:
             tags["harness.task"] = result.task
+        tags[PROTOCOL_TAG] = result.protocol
         if result.error:
             tags["harness.failure_reason"] = result.error[:5000]
         run = self.client.create_run(self.experiment_id, tags=tags)

@@ -215,3 +215,17 @@ def test_terminal_tables_and_dry_run(swept, checkpoints, tmp_path):
     assert sum("task_arithmetic (gen)" in line for line in plan) == 2
     assert sum("task_arithmetic " in line and "(gen)" not in line for line in plan) == 2
     assert sum("weight_averaging (gen)" in line for line in plan) == 1
+
+
+def test_results_built_for_a_spec_keep_its_protocol():
+    """Failed results made by the executors (not by run_job) must still say which table they belong to."""
+    from harness.config import GENERALIZATION
+    from harness.job import JobResult
+    from harness.plan import JobSpec
+
+    spec = JobSpec("merge", "task_arithmetic (gen)", method="task_arithmetic", params={"scaling": 0.3},
+                   key="k", protocol=GENERALIZATION)
+    failed = JobResult.of(spec, "failed", error="worker process failed")
+    assert (failed.protocol, failed.label, failed.params, failed.status) == (
+        GENERALIZATION, "task_arithmetic (gen)", {"scaling": 0.3}, "failed")
+    assert JobResult.from_dict(failed.to_dict()) == failed

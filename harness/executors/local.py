@@ -51,8 +51,7 @@ class LocalExecutor:
                 try:
                     result = JobResult.from_dict(fut.result())
                 except Exception as exc:  # a worker that died (killed, out of memory)
-                    result = JobResult(spec.key, spec.kind, spec.label, spec.params, spec.task,
-                                       status="failed", error=f"worker process failed: {type(exc).__name__}: {exc}")
+                    result = JobResult.of(spec, "failed", error=f"worker process failed: {type(exc).__name__}: {exc}")
                 yield spec, result
 
     def _workdir(self, spec: JobSpec) -> Path:

@@ -106,9 +106,8 @@ class SweepJob(submitit.helpers.Checkpointable):
         except Exception as exc:  # the workspace itself failed on the node: still a result, not a crash
             import traceback
 
-            return JobResult(spec.key, spec.kind, spec.label, spec.params, spec.task, status="failed",
-                             error=f"{type(exc).__name__}: {exc}",
-                             error_detail=traceback.format_exc(limit=-5)).to_dict()
+            return JobResult.of(spec, "failed", error=f"{type(exc).__name__}: {exc}",
+                                error_detail=traceback.format_exc(limit=-5)).to_dict()
 
 
 def signal_delay_s(timeout_min: int) -> int:
@@ -622,8 +621,7 @@ def ended_reason(state: str, details: dict[str, str], stderr_tail: str, timeout_
 
 
 def _failed(spec: JobSpec, error: str, detail: str) -> JobResult:
-    return JobResult(spec.key, spec.kind, spec.label, spec.params, spec.task, status="failed",
-                     error=error, error_detail=detail)
+    return JobResult.of(spec, "failed", error=error, error_detail=detail)
 
 
 def _last_line(text: str) -> str:

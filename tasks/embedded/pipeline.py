@@ -101,8 +101,7 @@ class SuiteOptions(BaseModel):
         return {"data_version": data_version, "arch_config": _arch_config(self.arch),
                 **{k: getattr(self, k) for k in PRETRAIN_FIELDS}}
 
-    def finetune_identity(self, data_version: str, task: str, pretrained_digest: str,
-                          source: str | None = None) -> dict[str, Any]:
+    def finetune_identity(self, data_version: str, task: str, pretrained_digest: str, source: str) -> dict[str, Any]:
         """``source`` (real data or its stand-in) keeps an encoder fine-tuned on one from being
         reused when the other is in effect."""
         return {"data_version": data_version, "task": task, "pretrained": pretrained_digest, "source": source,
@@ -332,8 +331,6 @@ def prepare_suite(task_names: list[str], cache_dir: Path, options: dict | None =
     unknown = [t for t in task_names if t not in data.EMBEDDED_TASKS]
     if unknown:
         raise KeyError(f"unknown embedded tasks {unknown}; available: {list(data.EMBEDDED_TASKS)}")
-    from tasks.embedded.data import source_variant
-
     cache_dir = Path(cache_dir) / "embedded"
     timings: dict[str, float] = {}
     total_start = time.perf_counter()
@@ -343,7 +340,7 @@ def prepare_suite(task_names: list[str], cache_dir: Path, options: dict | None =
         finetuned: dict[str, Path] = {}
         todo: list[str] = []
         for task in task_names:
-            key = content_key(opts.finetune_identity(data.DATA_VERSION, task, digest, source_variant(task)))
+            key = content_key(opts.finetune_identity(data.DATA_VERSION, task, digest, data.source_variant(task)))
             finetuned[task] = cache_dir / "finetuned" / f"{task}-{key}.safetensors"
             timings[f"finetune:{task}"] = 0.0
             if not finetuned[task].is_file():
