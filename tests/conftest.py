@@ -23,15 +23,15 @@ def micro_checkpoints(tmp_path_factory):
     return write_micro_checkpoints(tmp_path_factory.mktemp("ckpt"), lambda p: 0.05)
 
 
-def write_micro_checkpoints(root, noise_scale):
+def write_micro_checkpoints(root, noise_scale, tasks=TOY_TASKS):
     """pretrained.safetensors (a micro CLIP) and <task>.safetensors encoders with noise of
-    ``noise_scale(param)`` standard deviation added to every weight, for the toy tasks."""
+    ``noise_scale(param)`` standard deviation added to every weight, for ``tasks``."""
     from harness.models import build_clip, save_state_dict
 
     torch.manual_seed(0)
     clip = build_clip("harness-micro-vit")
     save_state_dict(clip.state_dict(), root / "pretrained.safetensors")
-    for i, task in enumerate(TOY_TASKS):
+    for i, task in enumerate(tasks):
         enc = copy.deepcopy(clip.visual)
         g = torch.Generator().manual_seed(100 + i)
         with torch.no_grad():

@@ -3,7 +3,6 @@ generalization table (merged on the seen tasks only), with separate jobs, keys, 
 
 from __future__ import annotations
 
-import copy
 import csv
 
 import pytest
@@ -15,6 +14,7 @@ from safetensors.torch import load_file
 
 from harness.config import GENERALIZATION, validate_config
 from harness.runner import run_sweep
+from tests.conftest import write_micro_checkpoints
 
 TASKS = ["toy_stripes", "toy_colours", "toy_checks"]
 SEEN, UNSEEN = ["toy_stripes", "toy_colours"], ["toy_checks"]
@@ -24,20 +24,7 @@ SCALINGS = [0.2, 0.6]
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """A micro CLIP and three 'fine-tuned' encoders (independent random perturbations)."""
-    from harness.models import build_clip, save_state_dict
-
-    root = tmp_path_factory.mktemp("gen_ckpt")
-    torch.manual_seed(0)
-    clip = build_clip("harness-micro-vit")
-    save_state_dict(clip.state_dict(), root / "pretrained.safetensors")
-    for i, task in enumerate(TASKS):
-        enc = copy.deepcopy(clip.visual)
-        g = torch.Generator().manual_seed(200 + i)
-        with torch.no_grad():
-            for p in enc.parameters():
-                p.add_(0.05 * torch.randn(p.shape, generator=g))
-        save_state_dict(enc.state_dict(), root / f"{task}.safetensors")
-    return root
+    return write_micro_checkpoints(tmp_path_factory.mktemp("gen_ckpt"), lambda p: 0.05, TASKS)
 
 
 def sweep_dict(checkpoints, root, generalization: bool = True) -> dict:
