@@ -55,12 +55,17 @@ LABELS = {
 PEAK_FACTOR = {"streaming": 1.4, "dense": 7.2, "fusionbench": 9.1, "ta": 2.2, "fusionbench-ta": 1.7}
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/status") as fh:
+def _proc_kib_bytes(path: str, field: str) -> int:
+    """A ``field: N kB`` line of a /proc file, in bytes (0 when absent)."""
+    with open(path) as fh:
         for line in fh:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     return 0
+
+
+def _rss_bytes() -> int:
+    return _proc_kib_bytes("/proc/self/status", "VmRSS")
 
 
 def _peak_rss_bytes() -> int:
@@ -68,11 +73,7 @@ def _peak_rss_bytes() -> int:
 
 
 def _available_bytes() -> int:
-    with open("/proc/meminfo") as fh:
-        for line in fh:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return 0
+    return _proc_kib_bytes("/proc/meminfo", "MemAvailable")
 
 
 def build_inputs(model: str, tasks: int, seed: int):
