@@ -222,6 +222,17 @@ def test_shipped_pretrained_is_used_only_when_its_identity_matches(suite, two_ta
 
 
 
+def test_finetuning_reads_task_data_from_the_given_cache(two_tasks, tmp_path, monkeypatch):
+    """A sweep's ``cache_dir`` holds everything it builds: no task images land in $HARNESS_CACHE."""
+    from tasks.embedded import data
+
+    elsewhere = tmp_path / "env-cache"
+    monkeypatch.setenv("HARNESS_CACHE", str(elsewhere))
+    pipeline.prepare_suite(two_tasks[:1], tmp_path / "sweep-cache", TINY, progress=False)
+    assert data.cache_path(two_tasks[0], "tiny", tmp_path / "sweep-cache").is_file()
+    assert not elsewhere.exists()
+
+
 def test_finetuned_cache_key_tells_real_data_from_its_stand_in(monkeypatch):
     import warnings
 

@@ -289,15 +289,16 @@ def _ensure_pretrained(opts: SuiteOptions, cache_dir: Path, data_version: str, b
 
 
 def _finetune_job(task: str, opts_json: str, pretrained: str, out: str, preserve: torch.Tensor | None,
-                  queue=None) -> tuple[str, float]:
-    """Fine-tune one task's encoder and save it (runs in the parent or a worker process)."""
+                  data_root: str, queue=None) -> tuple[str, float]:
+    """Fine-tune one task's encoder and save it (runs in the parent or a worker process); the
+    task's images come from ``data_root``, the cache the sweep names, as everywhere else."""
     torch.set_num_threads(1)
     from harness.finetune import finetune_encoder
     from tasks.base import normalize_uint8
 
     opts = SuiteOptions.model_validate_json(opts_json)
     clip = build_clip(opts.arch, pretrained=pretrained)
-    data = _data().load_task(task, size=opts.size)
+    data = _data().load_task(task, size=opts.size, cache_dir=data_root)
     head = zeroshot_head(clip, get_tokenizer(opts.arch), data.prompts())
 
     def progress(step: int, total: int, metrics: dict[str, float]) -> None:
@@ -331,6 +332,7 @@ def prepare_suite(task_names: list[str], cache_dir: Path, options: dict | None =
     unknown = [t for t in task_names if t not in data.EMBEDDED_TASKS]
     if unknown:
         raise KeyError(f"unknown embedded tasks {unknown}; available: {list(data.EMBEDDED_TASKS)}")
+    data_root = str(cache_dir)
     cache_dir = Path(cache_dir) / "embedded"
     timings: dict[str, float] = {}
     total_start = time.perf_counter()
@@ -350,7 +352,7 @@ def prepare_suite(task_names: list[str], cache_dir: Path, options: dict | None =
             if opts.preserve_weight > 0:
                 preserve, _ = cached_pool(opts.preserve_pool, opts.pretrain_pool_seed + 1000, opts.size, cache_dir)
             bar_ids = {t: bars.add_task(f"finetune {t}", total=opts.finetune_steps, info="") for t in todo}
-            jobs = [(t, opts.model_dump_json(), str(pretrained), str(finetuned[t]), preserve) for t in todo]
+            jobs = [(t, opts.model_dump_json(), str(pretrained), str(finetuned[t]), preserve, data_root) for t in todo]
             timings.update(_run_jobs(jobs, min(opts.workers, len(todo)), bars, bar_ids, opts.finetune_steps))
     timings["total"] = time.perf_counter() - total_start
     identity = content_key({"pretrained": digest, "finetuned": {t: p.name for t, p in sorted(finetuned.items())}})
