@@ -49,6 +49,17 @@ def test_task_arithmetic_by_hand(models):
     assert torch.allclose(one.weight, torch.tensor([[2.0, 5.0], [1.0, 0.0]]))
 
 
+def test_task_arithmetic_adds_a_tied_tensor_once():
+    def tied(w: float) -> nn.Module:
+        m = nn.Module()
+        m.a = nn.Parameter(torch.full((2,), w))
+        m.b = m.a
+        return m
+
+    out = TaskArithmetic(scaling=0.5).merge(tied(1.0), {"x": tied(3.0), "y": tied(2.0)}, MergeContext())
+    assert out.a is out.b and torch.equal(out.a.detach(), torch.full((2,), 2.5))  # 1 + 0.5 * (2 + 1)
+
+
 def test_task_vectors_and_shape_checks(models):
     pre, ft = models
     taus = task_vectors(pre, ft)
