@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import sqlite3
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -43,6 +45,39 @@ def git_commit() -> str | None:
         return None
 
 
+def seed_sqlite_store(uri: str, cache_dir: Path) -> bool:
+    """Start a new SQLite tracking store as a copy of an empty, migrated one kept in the cache.
+
+    MLflow creates a store by running its ~60 schema migrations: seconds for every new output
+    folder. The template is built once per MLflow version; the copy's Default experiment gets
+    an artifact location inside the new store's folder. Returns whether a store was seeded."""
+    if not uri.startswith("sqlite:///"):
+        return False
+    db = Path(uri.removeprefix("sqlite:///"))
+    if db.exists():
+        return False
+    import mlflow
+
+    template = cache_dir / "mlflow" / f"empty-store-{mlflow.__version__}.db"
+    if not template.is_file():
+        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+        template.parent.mkdir(parents=True, exist_ok=True)
+        tmp = template.with_name(f".{template.name}.{os.getpid()}.tmp")
+        tmp.unlink(missing_ok=True)
+        SqlAlchemyStore(f"sqlite:///{tmp}", str(template.parent / "mlruns")).engine.dispose()
+        os.replace(tmp, template)
+    db.parent.mkdir(parents=True, exist_ok=True)
+    tmp = db.with_name(f".{db.name}.{os.getpid()}.tmp")
+    shutil.copyfile(template, tmp)
+    with sqlite3.connect(tmp) as con:
+        con.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0",
+                    (str(db.parent / "mlruns" / "0"),))
+    con.close()
+    os.replace(tmp, db)
+    return True
+
+
 class Tracker:
     def __init__(self, cfg: SweepConfig):
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
@@ -55,6 +90,7 @@ class Tracker:
         self.uri = cfg.resolved_tracking_uri()
         out = cfg.resolved_output_dir()
         out.mkdir(parents=True, exist_ok=True)
+        seed_sqlite_store(self.uri, cfg.resolved_cache_dir())
         self.client = MlflowClient(tracking_uri=self.uri)
         name = cfg.experiment or cfg.name
         exp = self.client.get_experiment_by_name(name)

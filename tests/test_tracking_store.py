@@ -1,0 +1,44 @@
+"""A new SQLite tracking store is seeded from a migrated empty one kept in the cache."""
+
+from __future__ import annotations
+
+import sqlite3
+
+from harness.tracking import seed_sqlite_store
+
+
+def _experiments(db):
+    with sqlite3.connect(db) as con:
+        rows = con.execute("SELECT experiment_id, name, artifact_location FROM experiments").fetchall()
+    con.close()
+    return rows
+
+
+def test_seeded_store_is_a_working_mlflow_store(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    cache = tmp_path / "cache"
+    first, second = tmp_path / "a" / "mlflow.db", tmp_path / "b" / "mlflow.db"
+    assert seed_sqlite_store(f"sqlite:///{first}", cache)
+    (template,) = (cache / "mlflow").glob("empty-store-*.db")
+    built = template.stat().st_mtime_ns
+    assert seed_sqlite_store(f"sqlite:///{second}", cache)
+    assert template.stat().st_mtime_ns == built  # the template is built once, then copied
+    assert _experiments(second) == [(0, "Default", str(second.parent / "mlruns" / "0"))]
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{second}")
+    exp = client.create_experiment("x", artifact_location=(tmp_path / "art").as_uri())
+    run = client.create_run(exp)
+    client.log_metric(run.info.run_id, "acc/avg", 51.5)
+    assert client.get_run(run.info.run_id).data.metrics == {"acc/avg": 51.5}
+    assert [e.name for e in client.search_experiments()] == ["x", "Default"]
+
+
+def test_an_existing_store_and_other_backends_are_left_alone(tmp_path):
+    db = tmp_path / "mlflow.db"
+    db.write_bytes(b"not touched")
+    assert not seed_sqlite_store(f"sqlite:///{db}", tmp_path / "cache")
+    assert db.read_bytes() == b"not touched"
+    assert not seed_sqlite_store(f"file://{tmp_path / 'mlruns'}", tmp_path / "cache")
+    assert not seed_sqlite_store("http://localhost:5000", tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()
