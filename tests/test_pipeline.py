@@ -233,6 +233,26 @@ def test_finetuning_reads_task_data_from_the_given_cache(two_tasks, tmp_path, mo
     assert not elsewhere.exists()
 
 
+def test_concurrent_preparations_train_each_model_once(two_tasks, tmp_path):
+    """Two sweeps sharing a cache: one builds, the other waits for the lock and reuses."""
+    import threading
+
+    outcomes = []
+
+    def prepare() -> None:
+        outcomes.append(pipeline.prepare_suite(two_tasks[:1], tmp_path, TINY, progress=False))
+
+    threads = [threading.Thread(target=prepare) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    trained = sorted(a.timings["pretrain"] > 0 for a in outcomes)
+    assert trained == [False, True]
+    assert sorted(a.timings[f"finetune:{two_tasks[0]}"] > 0 for a in outcomes) == [False, True]
+    assert outcomes[0].finetuned == outcomes[1].finetuned
+
+
 def test_finetuned_cache_key_tells_real_data_from_its_stand_in(monkeypatch):
     import warnings
 

@@ -31,9 +31,10 @@ import os
 import shlex
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Iterator, Literal
 
 import torch
 import torch.nn.functional as F
@@ -318,6 +319,32 @@ def _finetune_job(task: str, opts_json: str, pretrained: str, out: str, preserve
     return task, seconds
 
 
+@contextmanager
+def _build_lock(cache_dir: Path, progress: bool) -> Iterator[None]:
+    """One process at a time prepares models in a cache folder: two sweeps (or SLURM jobs)
+    sharing it would otherwise train the same models at once. The others wait, then find the
+    artifacts built. A cache the lock file cannot be written to is used unlocked."""
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(cache_dir / ".prepare.lock")
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            if progress:
+                print(f"waiting for another process that is preparing models in {cache_dir} "
+                      f"(lock file {lock.lock_file})", file=sys.stderr, flush=True)
+            lock.acquire()
+    except OSError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def prepare_suite(task_names: list[str], cache_dir: Path, options: dict | None = None, progress: bool = True,
                   from_scratch: bool = False) -> SuiteArtifacts:
     """Pretrained CLIP + one fine-tuned image encoder per task, trained only where missing.
@@ -336,7 +363,7 @@ def prepare_suite(task_names: list[str], cache_dir: Path, options: dict | None =
     cache_dir = Path(cache_dir) / "embedded"
     timings: dict[str, float] = {}
     total_start = time.perf_counter()
-    with _progress_bars(progress) as bars:
+    with _build_lock(cache_dir, progress), _progress_bars(progress) as bars:
         pretrained, timings["pretrain"] = _ensure_pretrained(opts, cache_dir, data.DATA_VERSION, bars, from_scratch)
         digest = file_digest(pretrained)
         finetuned: dict[str, Path] = {}
