@@ -34,16 +34,19 @@ tokens each, T experts, an MLP matrix of H x D):
   instead of keeping B*H*D floats per matrix, so training memory stays at the activations;
   reusing the workspace also avoids the page faults of fresh large CPU allocations, which
   cost as much as the matmuls. Rows are built in blocks of at most ``block_bytes``
-  (default 256 MiB) to bound the workspace.
+  (default 256 MiB) to bound the workspace; on a CPU with fewer than 32 tokens per sample,
+  4 MiB, so each block is used from cache: each W_i entry then serves fewer than 32
+  multiply-adds, which costs less than writing it to memory and reading it back.
 * "stacked": one matmul of the tokens with [W0; tau_1..tau_T] stacked (B*N*(T+1)*H*D),
   combined with g before the GELU for c_fc and after it for c_proj: (T+1)x the dense cost.
 * "auto" (default) takes whichever needs fewer multiply-adds: "weights", unless samples
-  have a single token.
+  have a single token ("stacked") or the batch is one sample (its merged W, as ``batch_reduce``).
 
 Measured with ``benchmarks/bench_wemoe.py`` (CPU time, 1 thread, 8 experts, depth-2
 routers), "weights" against the dense merged tower: ViT-B/32 1.83x at batch 1, 1.71x at 16,
 1.95x at 64 ("stacked" 6.1x and a per-sample loop 3.1x at 16); the tiny 32x32 ViT (17 tokens)
-2.1x at batch 16 and 3.8x at 64, where writing B*H*D weights dominates.
+2.0x at batch 16 and 2.2x at 64 with cache-sized blocks (one 256 MiB block: 2.1x and 5.5x, as
+writing B*H*D weights to memory dominates).
 
 A per-sample Python loop (the obvious implementation) is kept only as the test oracle.
 """
@@ -71,6 +74,9 @@ Implementation = Literal["auto", "weights", "stacked"]
 FORMAT = "wemoe-routers/1"
 #: Per-sample weights are built in blocks of at most this many bytes (bounds the workspace).
 DEFAULT_BLOCK_BYTES = 256 << 20
+#: The block size on a CPU when samples have few tokens (see "weights" above): cache-sized.
+CACHE_BLOCK_BYTES = 4 << 20
+FEW_TOKENS = 32
 
 
 class Router(nn.Module):
@@ -243,10 +249,10 @@ class WeightEnsemblingMLP(nn.Module):
             g = g.mean(0, keepdim=True)
         if self.recording:
             self.last_routing = g.detach().expand(x.shape[0], -1)
-        if self.batch_reduce:
+        impl = self.implementation
+        if self.batch_reduce or (impl == "auto" and x.shape[0] == 1):  # one sample: W_1 is the batch's W
             h = self.act(F.linear(x, *self._merged("c_fc", g)))
             return F.linear(h, *self._merged("c_proj", g)).to(dtype)
-        impl = self.implementation
         if impl == "auto":
             impl = "stacked" if x.shape[1] == 1 else "weights"
         if impl == "stacked":
@@ -266,7 +272,10 @@ class WeightEnsemblingMLP(nn.Module):
     def _per_sample(self, key: str, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         w, b = getattr(self, f"{key}_weight"), getattr(self, f"{key}_bias")
         coef = torch.cat([torch.ones_like(g[:, :1]), g], dim=1)
-        budget = DEFAULT_BLOCK_BYTES if self.block_bytes is None else self.block_bytes
+        budget = self.block_bytes
+        if budget is None:
+            few = x.device.type == "cpu" and x.shape[1] < FEW_TOKENS
+            budget = CACHE_BLOCK_BYTES if few else DEFAULT_BLOCK_BYTES
         n, out, inp = g.shape[0], w.shape[1], w.shape[2]
         rows = out if budget <= 0 else max(1, min(out, budget // (n * inp * w.element_size())))
         return PerSampleLinear.apply(x, coef, w, b, rows, self.workspace)

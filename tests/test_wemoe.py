@@ -137,6 +137,24 @@ def test_router_gradients_match_oracle(models, impl, block_bytes, batch_reduce):
         assert rel_err(grads[1][name], ref) <= 1e-4, name
 
 
+def test_single_sample_batch_matches_oracle_with_gradients(models):
+    """auto runs a one-sample batch through its merged W; outputs and router gradients stay the oracle's."""
+    pre, ft = models
+    moe = wemoe.build_wemoe(pre, ft, router_depth=2, routing="softmax")
+    randomize_routers(moe, 5)
+    oracle = oracle_encoder(moe, pre, ft, 0.3, False)
+    x, target = images(1, 9), torch.randn(1, 32, generator=torch.Generator().manual_seed(2))
+    grads = []
+    for model in (oracle, moe):
+        moe.zero_grad(set_to_none=True)
+        out = model(x)
+        (out * target).sum().backward()
+        grads.append((out.detach(), {n: p.grad.clone() for n, p in moe.named_parameters() if p.requires_grad}))
+    assert rel_err(grads[1][0], grads[0][0]) <= 1e-5
+    for name, ref in grads[0][1].items():
+        assert rel_err(grads[1][1][name], ref) <= 1e-4, name
+
+
 @pytest.mark.parametrize("rows", [7, 3, 1])
 def test_per_sample_linear_gradcheck(rows):
     g = torch.Generator().manual_seed(rows)
