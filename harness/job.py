@@ -19,7 +19,7 @@ from harness.config import MAIN
 from harness.evaluation import accuracy, unlabeled_batches
 from harness.failpoints import failpoint
 from harness.models import ImageClassifier
-from harness.plan import JobSpec
+from harness.plan import JobSpec, robustness_inline
 from harness.workspace import Workspace
 from methods.base import PruneTrial
 
@@ -46,7 +46,9 @@ class JobResult:
 
     @property
     def title(self) -> str:
-        return f"{self.kind}/{self.task}" if self.task else self.label
+        if self.task:
+            return f"{self.kind}/{self.task}"
+        return f"robustness/{self.label}" if self.kind == "robustness" else self.label
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "JobResult":
@@ -73,8 +75,7 @@ def evaluate_encoder(ws: Workspace, encoder: torch.nn.Module, task_names: list[s
     unseen = [t for t in task_names if t not in seen]
 
     def acc(task: str, dataset) -> float:
-        clf = ImageClassifier(encoder, ws.head(task))
-        return accuracy(clf, dataset, ws.cfg.eval.batch_size, device, ws.cfg.eval.max_samples)
+        return task_accuracy(ws, encoder, task, dataset, device)
 
     splits = (("val", "val/acc"), ("test", "acc")) if test else (("val", "val/acc"),)
     for split, prefix in splits:
@@ -89,13 +90,36 @@ def evaluate_encoder(ws: Workspace, encoder: torch.nn.Module, task_names: list[s
         for t in unseen:
             metrics[f"unseen/{t}"] = metrics[f"acc/{t}"]
         metrics["unseen/avg"] = _mean(metrics[f"acc/{t}"] for t in unseen)
+    if robustness and ws.cfg.robustness:
+        metrics.update(robustness_metrics(ws, encoder, device, {t: metrics[f"acc/{t}"] for t in task_names}))
+    return metrics
+
+
+def task_accuracy(ws: Workspace, encoder: torch.nn.Module, task: str, dataset, device: torch.device) -> float:
+    """Top-1 % of ``encoder`` with ``task``'s head on ``dataset``, at the sweep's eval settings."""
+    clf = ImageClassifier(encoder, ws.head(task))
+    return accuracy(clf, dataset, ws.cfg.eval.batch_size, device, ws.cfg.eval.max_samples)
+
+
+def robustness_metrics(ws: Workspace, encoder: torch.nn.Module, device: torch.device,
+                       clean: dict[str, float] | None = None) -> dict[str, float]:
+    """robust/<corruption>/<task> and their averages, and robust/clean/avg over the study's tasks
+    (from ``clean`` test accuracies where given, else evaluated here)."""
     rob = ws.cfg.robustness
-    if robustness and rob:
-        metrics["robust/clean/avg"] = _mean(metrics[f"acc/{t}"] for t in rob.tasks)
-        for c in rob.corruptions:
-            for t in rob.tasks:
-                metrics[f"robust/{c}/{t}"] = acc(t, ws.corrupted(t, c))
-            metrics[f"robust/{c}/avg"] = _mean(metrics[f"robust/{c}/{t}"] for t in rob.tasks)
+    encoder = encoder.to(device).eval()
+    clean = clean or {}
+
+    def acc(task: str, dataset) -> float:
+        return task_accuracy(ws, encoder, task, dataset, device)
+
+    metrics = {}
+    for t in rob.tasks:
+        metrics[f"robust/clean/{t}"] = clean[t] if t in clean else acc(t, ws.task(t).dataset("test"))
+    metrics["robust/clean/avg"] = _mean(metrics.pop(f"robust/clean/{t}") for t in rob.tasks)
+    for c in rob.corruptions:
+        for t in rob.tasks:
+            metrics[f"robust/{c}/{t}"] = acc(t, ws.corrupted(t, c))
+        metrics[f"robust/{c}/avg"] = _mean(metrics[f"robust/{c}/{t}"] for t in rob.tasks)
     return metrics
 
 
@@ -121,6 +145,12 @@ def run_job(spec: JobSpec, ws: Workspace, device: torch.device, workdir: Path) -
             encoder = ws.finetuned_encoder(spec.task)
             result.timings["load"] = time.perf_counter() - t0
             result.metrics = evaluate_encoder(ws, encoder, [spec.task], device)
+        elif spec.kind == "robustness":  # a grid method's selected setting, merged again
+            merged, _ = merge(spec, ws, device, workdir)
+            result.timings["merge"] = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            result.metrics = robustness_metrics(ws, merged, device)
+            result.timings["evaluate"] = time.perf_counter() - t1
         else:
             merged, artifacts = merge(spec, ws, device, workdir)
             failpoint("merged")
@@ -130,7 +160,8 @@ def run_job(spec: JobSpec, ws: Workspace, device: torch.device, workdir: Path) -
             t1 = time.perf_counter()
             final = spec.kind == "merge"
             result.metrics.update(evaluate_encoder(ws, merged, ws.cfg.task_names, device, test=final,
-                                                   robustness=final and spec.protocol == MAIN,
+                                                   robustness=final and spec.protocol == MAIN
+                                                   and robustness_inline(ws.cfg, spec.label),
                                                    merged=ws.cfg.seen_tasks(spec.protocol)))
             result.timings["evaluate"] = time.perf_counter() - t1
         bad = [k for k, v in result.metrics.items() if not math.isfinite(v)]

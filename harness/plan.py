@@ -16,7 +16,7 @@ from harness.config import GENERALIZATION, GENERALIZATION_SUFFIX, MAIN, SweepCon
 #: Bump when the meaning of a cached result changes.
 RESULT_VERSION = 1
 
-JobKind = Literal["pretrained", "individual", "perfect_routing", "merge", "trial"]
+JobKind = Literal["pretrained", "individual", "perfect_routing", "merge", "trial", "robustness"]
 PER_TASK_KINDS = ("individual", "perfect_routing")
 
 
@@ -35,9 +35,10 @@ class JobSpec:
     def title(self) -> str:
         if self.kind in PER_TASK_KINDS:
             return f"{self.kind}/{self.task}"
+        title = self.label
         if self.params:
-            return f"{self.label}(" + ", ".join(f"{k}={v}" for k, v in self.params.items()) + ")"
-        return self.label
+            title += "(" + ", ".join(f"{k}={v}" for k, v in self.params.items()) + ")"
+        return f"robustness/{title}" if self.kind == "robustness" else title
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -51,6 +52,28 @@ def generalization_label(label: str) -> str:
 def base_label(label: str) -> str:
     """Inverse of :func:`generalization_label` (a main-protocol label is returned as is)."""
     return label.removesuffix(GENERALIZATION_SUFFIX)
+
+
+def robustness_inline(cfg: SweepConfig, label: str) -> bool:
+    """Whether a main-protocol merge job of method ``label`` runs the robustness study itself.
+
+    It does for a method with one setting (a tuned method's final setting included) and for a
+    method that adapts at test time (adapting again would cost more than the study). A grid of
+    any other method runs the study once, for its val-selected setting, in a follow-up
+    ``robustness`` job (:func:`robustness_spec`): not for every grid point."""
+    from methods.base import resolve_method
+
+    m = next((m for m in cfg.methods if m.display == label), None)
+    if m is None or m.tune is not None:
+        return True
+    return len(expand_grid(m)) == 1 or resolve_method(m.name).uses_test_data
+
+
+def robustness_spec(cfg: SweepConfig, label: str, params: dict[str, Any], identity: dict[str, Any],
+                    task_identity: dict[str, Any] | None) -> JobSpec:
+    """The follow-up job that runs the robustness study for a grid method's selected setting."""
+    m = next(m for m in cfg.methods if m.display == label)
+    return with_key(cfg, JobSpec("robustness", label, method=m.name, params=params), identity, task_identity)
 
 
 def full_params(method: str, params: dict[str, Any]) -> dict[str, Any]:
@@ -116,13 +139,14 @@ def with_key(cfg: SweepConfig, s: JobSpec, identity: dict[str, Any],
     else:
         body["tasks"] = task_identity
     seen = cfg.seen_tasks(s.protocol)
-    if s.kind in ("merge", "pretrained", "trial"):
+    if s.kind in ("merge", "pretrained", "trial", "robustness"):
         body["merge_tasks"] = seen
-        main = s.kind != "trial" and s.protocol == MAIN  # only main-protocol jobs run the robustness study
-        body["robustness"] = cfg.robustness.model_dump() if cfg.robustness and main else None
+        runs_study = s.protocol == MAIN and (s.kind in ("pretrained", "robustness")
+                                             or (s.kind == "merge" and robustness_inline(cfg, s.label)))
+        body["robustness"] = cfg.robustness.model_dump() if cfg.robustness and runs_study else None
     if s.protocol != MAIN:  # main-protocol keys stay as they were before protocols existed
         body["protocol"] = s.protocol
-    if s.kind in ("merge", "trial"):
+    if s.kind in ("merge", "trial", "robustness"):
         body["finetuned"] = {t: identity["finetuned"][t] for t in seen}
         body["method"] = method_class_id(s.method)
         body["params"] = full_params(s.method, s.params)

@@ -221,7 +221,7 @@ def plan_order(cfg: SweepConfig, results: list[JobResult]) -> list[JobResult]:
     """Results in the order the sweep planned them (ties in validation accuracy resolve alike)."""
     from harness.config import expand_grid
 
-    kinds = {"pretrained": 0, "individual": 1, "perfect_routing": 2, "merge": 3}
+    kinds = {"pretrained": 0, "individual": 1, "perfect_routing": 2, "merge": 3, "robustness": 4}
     labels = {m.display: i for i, m in enumerate(cfg.methods)}
     grids = {m.display: expand_grid(m) for m in cfg.methods}
     tasks = {t: i for i, t in enumerate(cfg.task_names)}

@@ -79,11 +79,20 @@ def build_rows(results: list[JobResult], tasks: list[str], method_order: list[st
         cands = [r for r in results if r.kind == "merge" and r.label == label and r.status == "ok"]
         if not cands:
             continue
-        best = max(cands, key=lambda r: r.metrics.get("val/acc/avg", float("-inf")))
+        best = select_best(cands)
+        metrics = dict(best.metrics)
+        for r in results:  # a grid method's robustness study ran once, for this setting, in its own job
+            if r.kind == "robustness" and r.status == "ok" and r.label == label and r.params == best.params:
+                metrics.update(r.metrics)
         rows.append(Row(label, setting_text(best.params), accs(best), best.metrics["acc/avg"],
                         normalized(best.metrics, indiv, seen).get("norm_acc/avg"),
-                        best.metrics.get("val/acc/avg"), len(cands), metrics=best.metrics))
+                        best.metrics.get("val/acc/avg"), len(cands), metrics=metrics))
     return rows
+
+
+def select_best(candidates: list[JobResult]) -> JobResult:
+    """The setting a table reports: the best validation average (the first of equals)."""
+    return max(candidates, key=lambda r: r.metrics.get("val/acc/avg", float("-inf")))
 
 
 def generalization_rows(results: list[JobResult], tasks: list[str], method_order: list[str],

@@ -16,12 +16,12 @@ import torch
 from rich.console import Console
 
 from harness.cache import atomic_write_bytes, atomic_write_json, read_json
-from harness.config import SweepConfig, dump_yaml
+from harness.config import MAIN, SweepConfig, dump_yaml
 from harness.errors import HarnessError
 from harness.executors import make_executor
 from harness.failpoints import failpoint
 from harness.job import JobResult
-from harness.plan import JobSpec, plan_jobs
+from harness.plan import JobSpec, plan_jobs, robustness_inline, robustness_spec
 from harness.plots import job_artifact_files
 from harness.report import best_routing, build_report
 from harness.results import (
@@ -32,6 +32,7 @@ from harness.results import (
     normalized,
     rich_table,
     robustness_records,
+    select_best,
     to_rich,
 )
 from harness.runtime import configure_threads
@@ -181,6 +182,18 @@ def run_sweep(cfg: SweepConfig, console: Console | None = None, quiet: bool = Fa
                     if s.key in results:
                         log(results[s.key])
                 log_now = True
+        if mode == "run" and cfg.robustness:  # grid methods: the study for each selected setting
+            todo = []
+            for follow in robustness_followups(cfg, list(results.values()), identity, task_identity):
+                specs.append(follow)
+                spec_by_key[follow.key] = follow
+                cached = results.get(follow.key) or finished_result(results_dir, follow.key)
+                if cached:
+                    results[follow.key] = cached
+                else:
+                    todo.append(follow)
+            bar.add(len(todo))
+            execute(todo)
         for m in tuned:  # each study runs its trials, then its best setting once on test
             final = run_study(cfg, m, identity, task_identity, results_dir, opening.result(), execute, bar,
                               out)
@@ -224,6 +237,20 @@ def run_sweep(cfg: SweepConfig, console: Console | None = None, quiet: bool = Fa
     if show:
         print_tables(console, cfg, rows, gen_rows)
     return outcome
+
+
+def robustness_followups(cfg: SweepConfig, results: list[JobResult], identity: dict,
+                         task_identity: dict) -> list[JobSpec]:
+    """One robustness job per grid method whose jobs leave the study out: its val-selected setting."""
+    specs = []
+    for m in cfg.methods:
+        if robustness_inline(cfg, m.display):
+            continue
+        cands = [r for r in results if r.kind == "merge" and r.protocol == MAIN and r.label == m.display
+                 and r.status == "ok"]
+        if cands:
+            specs.append(robustness_spec(cfg, m.display, select_best(cands).params, identity, task_identity))
+    return specs
 
 
 def _open_tracker(cfg: SweepConfig, digest: str) -> Future:

@@ -125,6 +125,32 @@ def test_robustness_and_generalization_sweep(sweep_dict):
     assert "toy_colours (unseen)" in main
 
 
+def test_grid_method_runs_the_study_once_for_its_selected_setting(sweep_dict, tmp_path):
+    d = dict(sweep_dict, robustness={"tasks": ["toy_stripes", "toy_colours"], "corruptions": ["contrast"]},
+             methods=[{"name": "task_arithmetic", "grid": {"scaling": [0.2, 0.6, 1.0]}}])
+    cfg = validate_config(d)
+    out = run_sweep(cfg, quiet=True)
+    assert not out.failed
+    merges = [r for r in out.results if r.kind == "merge"]
+    assert len(merges) == 3 and not any("robust/contrast/avg" in r.metrics for r in merges)
+    (rob,) = [r for r in out.results if r.kind == "robustness"]
+    best = max(merges, key=lambda r: r.metrics["val/acc/avg"])
+    assert rob.params == best.params
+    row = next(r for r in out.rows if r.method == "task_arithmetic")
+    assert row.metrics["robust/contrast/avg"] == rob.metrics["robust/contrast/avg"]
+    pre = next(r for r in out.results if r.kind == "pretrained")
+    assert "robust/contrast/avg" in pre.metrics  # one setting: the study runs inside the job
+    assert "| task_arithmetic |" in (out.output_dir / "report" / "robustness.md").read_text()
+
+    # the same setting as a one-setting method runs the study inline: the numbers agree
+    single = dict(d, output_dir=str(tmp_path / "single"), methods=[{"name": "task_arithmetic", "params": best.params}])
+    inline = next(r for r in run_sweep(validate_config(single), quiet=True).results if r.kind == "merge")
+    assert {k: v for k, v in inline.metrics.items() if k.startswith("robust/")} == pytest.approx(rob.metrics)
+    assert set(rob.metrics) == {"robust/clean/avg", "robust/contrast/toy_stripes", "robust/contrast/toy_colours",
+                                "robust/contrast/avg"}
+    assert run_sweep(cfg, quiet=True).executed == []  # a rerun finds the follow-up in the result cache
+
+
 @pytest.mark.parametrize("edit,fragment", [
     ({"unseen": ["nope"]}, "unseen.0: not one of the sweep's tasks (got 'nope')"),
     ({"seen": ["toy_stripes"], "unseen": ["toy_stripes"]}, "unseen: tasks both seen and unseen"),
