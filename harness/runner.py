@@ -7,7 +7,6 @@ so workers and cluster jobs stay free of shared-file writes.
 from __future__ import annotations
 
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -103,7 +102,8 @@ def run_sweep(cfg: SweepConfig, console: Console | None = None, quiet: bool = Fa
     timings["prepare"] = time.perf_counter() - t0
 
     digest = cfg.digest()
-    opening = _open_tracker(cfg, digest)  # MLflow's imports and store set-up overlap the first jobs
+    tracker = Tracker(cfg)
+    tracker.start_sweep(digest, cfg.model_dump(mode="json"))
     results_dir = out / "results"
     for stale in results_dir.glob(".*.tmp"):  # temp files of writes a killed run never renamed
         stale.unlink(missing_ok=True)
@@ -128,7 +128,7 @@ def run_sweep(cfg: SweepConfig, console: Console | None = None, quiet: bool = Fa
         message = executor.submit(pending)
         if show:
             console.print(message, highlight=False)
-        return SweepOutcome(list(results.values()), [], out, opening.result().parent_id, [], timings)
+        return SweepOutcome(list(results.values()), [], out, tracker.parent_id, [], timings)
     if mode == "collect":
         executor.collect_only = True
         known = executor.known(pending)
@@ -149,7 +149,6 @@ def run_sweep(cfg: SweepConfig, console: Console | None = None, quiet: bool = Fa
             indiv = {x.task: x.metrics[f"acc/{x.task}"] for x in results.values()
                      if x.kind == "individual" and x.status == "ok"}
             r.metrics.update(normalized(r.metrics, indiv, cfg.seen_tasks(spec_by_key[r.key].protocol)))
-        tracker = opening.result()
         if tracker.is_logged(r.key):
             return
         files = job_artifact_files(r.artifacts, out / "artifacts" / r.key) if r.status == "ok" else []
@@ -195,8 +194,7 @@ def run_sweep(cfg: SweepConfig, console: Console | None = None, quiet: bool = Fa
             bar.add(len(todo))
             execute(todo)
         for m in tuned:  # each study runs its trials, then its best setting once on test
-            final = run_study(cfg, m, identity, task_identity, results_dir, opening.result(), execute, bar,
-                              out)
+            final = run_study(cfg, m, identity, task_identity, results_dir, tracker, execute, bar, out)
             specs.append(final)
             spec_by_key[final.key] = final
             if final.key not in results:
@@ -209,7 +207,6 @@ def run_sweep(cfg: SweepConfig, console: Console | None = None, quiet: bool = Fa
     timings["run"] = time.perf_counter() - t1
 
     t2 = time.perf_counter()
-    tracker = opening.result()
     ordered = [results[s.key] for s in specs if s.key in results]  # collect: unsubmitted jobs are missing
     for r in ordered:
         log(r)
@@ -251,20 +248,6 @@ def robustness_followups(cfg: SweepConfig, results: list[JobResult], identity: d
         if cands:
             specs.append(robustness_spec(cfg, m.display, select_best(cands).params, identity, task_identity))
     return specs
-
-
-def _open_tracker(cfg: SweepConfig, digest: str) -> Future:
-    """The sweep's Tracker with its parent run, opened in a background thread."""
-
-    def open_() -> Tracker:
-        tracker = Tracker(cfg)
-        tracker.start_sweep(digest, cfg.model_dump(mode="json"))
-        return tracker
-
-    pool = ThreadPoolExecutor(1, thread_name_prefix="mlflow")
-    future = pool.submit(open_)
-    pool.shutdown(wait=False)  # the thread ends with its one task
-    return future
 
 
 def run_study(cfg: SweepConfig, m, identity: dict, task_identity: dict, results_dir: Path, tracker: Tracker,
