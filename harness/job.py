@@ -20,6 +20,7 @@ from harness.evaluation import accuracy, unlabeled_batches
 from harness.failpoints import failpoint
 from harness.models import ImageClassifier
 from harness.plan import JobSpec, robustness_inline
+from harness.runtime import evaluation_threads
 from harness.workspace import Workspace
 from methods.base import PruneTrial
 
@@ -68,6 +69,12 @@ def evaluate_encoder(ws: Workspace, encoder: torch.nn.Module, task_names: list[s
     corrupted-split metrics when the sweep asks for them.
 
     ``merged``: the tasks the encoder was merged on (default: the sweep's); the rest are unseen."""
+    with evaluation_threads():
+        return _evaluate_encoder(ws, encoder, task_names, device, robustness, test, merged)
+
+
+def _evaluate_encoder(ws: Workspace, encoder: torch.nn.Module, task_names: list[str], device: torch.device,
+                      robustness: bool, test: bool, merged: list[str] | None) -> dict[str, float]:
     metrics: dict[str, float] = {}
     encoder = encoder.to(device).eval()
     merged = ws.cfg.merge_tasks if merged is None else merged
@@ -113,13 +120,14 @@ def robustness_metrics(ws: Workspace, encoder: torch.nn.Module, device: torch.de
         return task_accuracy(ws, encoder, task, dataset, device)
 
     metrics = {}
-    for t in rob.tasks:
-        metrics[f"robust/clean/{t}"] = clean[t] if t in clean else acc(t, ws.task(t).dataset("test"))
-    metrics["robust/clean/avg"] = _mean(metrics.pop(f"robust/clean/{t}") for t in rob.tasks)
-    for c in rob.corruptions:
+    with evaluation_threads():
         for t in rob.tasks:
-            metrics[f"robust/{c}/{t}"] = acc(t, ws.corrupted(t, c))
-        metrics[f"robust/{c}/avg"] = _mean(metrics[f"robust/{c}/{t}"] for t in rob.tasks)
+            metrics[f"robust/clean/{t}"] = clean[t] if t in clean else acc(t, ws.task(t).dataset("test"))
+        metrics["robust/clean/avg"] = _mean(metrics.pop(f"robust/clean/{t}") for t in rob.tasks)
+        for c in rob.corruptions:
+            for t in rob.tasks:
+                metrics[f"robust/{c}/{t}"] = acc(t, ws.corrupted(t, c))
+            metrics[f"robust/{c}/avg"] = _mean(metrics[f"robust/{c}/{t}"] for t in rob.tasks)
     return metrics
 
 

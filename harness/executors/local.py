@@ -10,16 +10,18 @@ from typing import Callable, Iterator
 from harness.config import SweepConfig
 from harness.job import JobResult, run_job
 from harness.plan import JobSpec
-from harness.runtime import configure_threads, resolve_device
+from harness.runtime import available_cores, configure_threads, resolve_device
 from harness.workspace import Workspace
 
 _WORKER_WS: Workspace | None = None
 
 
-def _init_worker(cfg_json: dict) -> None:
+def _init_worker(cfg_json: dict, cores: int) -> None:
     global _WORKER_WS
-    configure_threads(1)
-    _WORKER_WS = Workspace(SweepConfig.model_validate(cfg_json))
+    cfg = SweepConfig.model_validate(cfg_json)
+    _WORKER_WS = Workspace(cfg)
+    n_params = sum(p.numel() for p in _WORKER_WS.pretrained_encoder.parameters())
+    configure_threads(cfg.threads, n_params, cores)
 
 
 def _work(spec_dict: dict) -> dict:
@@ -43,8 +45,9 @@ class LocalExecutor:
                 yield spec, run_job(spec, self.ws, device, self._workdir(spec))
             return
         ctx = mp.get_context("spawn")
+        cores = max(1, available_cores() // min(self.workers, len(specs)))  # the workers share the cores
         with cf.ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_init_worker,
-                                    initargs=(self.cfg.model_dump(mode="json"),)) as pool:
+                                    initargs=(self.cfg.model_dump(mode="json"), cores)) as pool:
             futures = {pool.submit(_work, s.to_dict()): s for s in specs}
             for fut in cf.as_completed(futures):
                 spec = futures[fut]

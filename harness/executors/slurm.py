@@ -88,7 +88,7 @@ class SweepJob(submitit.helpers.Checkpointable):
         spec = JobSpec(**spec_dict)
         try:
             from harness.job import run_job
-            from harness.runtime import SMALL_MODEL_PARAMS, configure_threads, resolve_device
+            from harness.runtime import configure_threads, resolve_device
             from harness.workspace import Workspace
 
             cfg = SweepConfig.model_validate(self.cfg_json)
@@ -96,11 +96,8 @@ class SweepJob(submitit.helpers.Checkpointable):
             with requeue_only_with_progress(workdir, cfg.executor.timeout_min):
                 ws = Workspace(cfg)
                 n_params = sum(p.numel() for p in ws.pretrained_encoder.parameters())
-                threads: int | str = cfg.threads
-                slurm_cpus = os.environ.get("SLURM_CPUS_PER_TASK")
-                if threads == "auto" and slurm_cpus and not os.environ.get("OMP_NUM_THREADS"):
-                    threads = 1 if n_params < SMALL_MODEL_PARAMS else int(slurm_cpus)  # the job's CPUs, not the node's
-                configure_threads(threads, n_params)
+                slurm_cpus = os.environ.get("SLURM_CPUS_PER_TASK")  # the job's CPUs, not the node's
+                configure_threads(cfg.threads, n_params, int(slurm_cpus) if slurm_cpus else None)
                 device = resolve_device(cfg.device)
                 return run_job(spec, ws, device, workdir).to_dict()
         except Exception as exc:  # the workspace itself failed on the node: still a result, not a crash

@@ -1,0 +1,46 @@
+"""Thread settings: one thread for a small model's training, the job's cores for evaluation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from harness import runtime
+
+
+@pytest.fixture(autouse=True)
+def restore_threads():
+    before = torch.get_num_threads()
+    yield
+    runtime.configure_threads(before)
+    torch.set_num_threads(before)
+
+
+def _inside() -> int:
+    with runtime.evaluation_threads():
+        return torch.get_num_threads()
+
+
+def test_small_model_trains_on_one_thread_and_evaluates_on_its_cores(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert runtime.configure_threads("auto", n_params=1_000, cores=3) == 1
+    assert torch.get_num_threads() == 1
+    assert _inside() == 3
+    assert torch.get_num_threads() == 1  # restored after evaluation
+
+
+def test_large_model_explicit_threads_and_environment_are_left_alone(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert runtime.configure_threads("auto", n_params=runtime.SMALL_MODEL_PARAMS, cores=2) == 2
+    assert _inside() == 2
+    assert runtime.configure_threads(1, n_params=1_000, cores=4) == 1
+    assert _inside() == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert runtime.configure_threads("auto", n_params=1_000, cores=4) == 1
+    assert _inside() == 1
+
+
+def test_available_cores_counts_the_cpu_set_not_the_machine(monkeypatch):
+    monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda pid: {0, 5}, raising=False)
+    monkeypatch.setattr(runtime.os, "cpu_count", lambda: 64)
+    assert runtime.available_cores() == 2
