@@ -23,6 +23,7 @@ from harness.results import (
     generalization_table_records,
     markdown_table,
     robustness_records,
+    select_best,
     table_records,
 )
 from harness.tracking import PROTOCOL_TAG
@@ -110,46 +111,42 @@ def _pyplot():
     return plt
 
 
-def plot_accuracy(rows: list[Row], tasks: list[str], path: Path) -> Path:
-    """Grouped bars: per-task test accuracy of each method (and the references)."""
+def grouped_bars(groups: list[str], series: list[tuple[str, list[float]]], ylabel: str, path: Path,
+                 legend_below: bool = False) -> Path:
+    """One bar per series in every group; a distinct colour per series (tab20 past ten)."""
     import numpy as np
 
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(max(6, 1.1 * (len(tasks) + 1)), 3.6))
-    labels = [*tasks, "avg"]
-    width = 0.8 / max(1, len(rows))
-    x = np.arange(len(labels))
-    for i, r in enumerate(rows):
-        vals = [r.acc.get(t, np.nan) for t in tasks] + [r.avg]
-        ax.bar(x + i * width - 0.4 + width / 2, vals, width, label=r.method)
-    ax.set_xticks(x, labels, rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel("test top-1 (%)")
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(groups)), 3.6))
+    cmap = plt.get_cmap("tab10" if len(series) <= 10 else "tab20")
+    width = 0.8 / max(1, len(series))
+    x = np.arange(len(groups))
+    for i, (label, values) in enumerate(series):
+        ax.bar(x + i * width - 0.4 + width / 2, values, width, label=label, color=cmap(i % cmap.N))
+    ax.set_xticks(x, groups, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel(ylabel)
     ax.set_ylim(0, 100)
-    ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.3))
+    if legend_below:
+        ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.3))
+    else:
+        ax.legend(fontsize=7, ncol=3)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path
+
+
+def plot_accuracy(rows: list[Row], tasks: list[str], path: Path) -> Path:
+    """Per-task test accuracy of each method (and the references)."""
+    series = [(r.method, [r.acc.get(t, float("nan")) for t in tasks] + [r.avg]) for r in rows]
+    return grouped_bars([*tasks, "avg"], series, "test top-1 (%)", path, legend_below=True)
 
 
 def plot_robustness(rows: list[Row], corruptions: list[str], path: Path) -> Path:
-    import numpy as np
-
-    plt = _pyplot()
+    """Average accuracy over the robustness tasks, clean and per corruption, of each method."""
     cols = ["clean", *corruptions]
-    fig, ax = plt.subplots(figsize=(max(6, 1.0 * len(cols)), 3.6))
-    rob = [r for r in rows if "robust/clean/avg" in r.metrics]
-    width = 0.8 / max(1, len(rob))
-    x = np.arange(len(cols))
-    for i, r in enumerate(rob):
-        ax.bar(x + i * width - 0.4 + width / 2, [r.metrics.get(f"robust/{c}/avg", np.nan) for c in cols], width,
-               label=r.method)
-    ax.set_xticks(x, cols, rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel("avg test top-1 (%)")
-    ax.set_ylim(0, 100)
-    ax.legend(fontsize=7, ncol=3)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    series = [(r.method, [r.metrics.get(f"robust/{c}/avg", float("nan")) for c in cols])
+              for r in rows if "robust/clean/avg" in r.metrics]
+    return grouped_bars(cols, series, "avg test top-1 (%)", path)
 
 
 def best_routing(cfg: SweepConfig, results: list[JobResult]) -> dict[str, Any] | None:
@@ -157,7 +154,7 @@ def best_routing(cfg: SweepConfig, results: list[JobResult]) -> dict[str, Any] |
     for m in cfg.methods:
         cands = [r for r in results if r.label == m.display and r.status == "ok" and r.artifacts.get("routing")]
         if cands:
-            return max(cands, key=lambda r: r.metrics.get("val/acc/avg", float("-inf"))).artifacts["routing"]
+            return select_best(cands).artifacts["routing"]
     return None
 
 
