@@ -43,10 +43,10 @@ tokens each, T experts, an MLP matrix of H x D):
   have a single token ("stacked") or the batch is one sample (its merged W, as ``batch_reduce``).
 
 Measured with ``benchmarks/bench_wemoe.py`` (CPU time, 1 thread, 8 experts, depth-2
-routers), "weights" against the dense merged tower: ViT-B/32 1.83x at batch 1, 1.71x at 16,
-1.95x at 64 ("stacked" 6.1x and a per-sample loop 3.1x at 16); the tiny 32x32 ViT (17 tokens)
-2.0x at batch 16 and 2.2x at 64 with cache-sized blocks (one 256 MiB block: 2.1x and 5.5x, as
-writing B*H*D weights to memory dominates).
+routers), "auto" against the dense merged tower: ViT-B/32 1.99x at batch 1, 1.74x at 16,
+2.0-2.6x at 64 (run to run; "stacked" 6.1x and a per-sample loop 2.9x at 16); the tiny 32x32
+ViT (17 tokens) 1.96-2.14x at batch 16 and 2.2x at 64 with cache-sized blocks (one 256 MiB
+block: 2.1x and 5.5x, as writing B*H*D weights to memory dominates).
 
 A per-sample Python loop (the obvious implementation) is kept only as the test oracle.
 """
