@@ -52,7 +52,7 @@ LABELS = {
     "ta": "TA ours", "fusionbench-ta": "TA FusionBench",
 }
 #: (peak - baseline RSS) / input bytes, measured with ViT-B-32 at 4 tasks; used to skip what cannot fit.
-PEAK_FACTOR = {"streaming": 1.4, "dense": 7.2, "fusionbench": 9.1, "ta": 2.2, "fusionbench-ta": 1.7}
+PEAK_FACTOR = {"streaming": 1.4, "dense": 7.2, "fusionbench": 9.1, "ta": 1.4, "fusionbench-ta": 1.7}
 
 
 def _proc_kib_bytes(path: str, field: str) -> int:
