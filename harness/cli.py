@@ -50,7 +50,7 @@ def _load(file: str, overrides: tuple[str, ...]):
 
 def _print_plan(cfg) -> None:
     from harness.config import dump_yaml
-    from harness.plan import plan_jobs
+    from harness.plan import plan_jobs, robustness_inline
 
     console.rule("resolved config")
     console.print(dump_yaml(cfg), highlight=False, markup=False)
@@ -64,6 +64,9 @@ def _print_plan(cfg) -> None:
         if m.tune:
             table.add_row("-", "tune", m.display, "all",
                           f"{m.tune.n_trials} trials ({m.tune.sampler}) over {', '.join(m.tune.space)}, then 1 test run")
+        elif cfg.robustness and not robustness_inline(cfg, m.display):
+            table.add_row("-", "robustness", m.display, ", ".join(cfg.robustness.tasks),
+                          "the setting chosen on val, after its grid")
     console.print(table)
     console.print(f"outputs: {cfg.resolved_output_dir()}\ntracking: {cfg.resolved_tracking_uri()}")
 

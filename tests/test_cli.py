@@ -42,7 +42,12 @@ def test_validate_and_dry_run_print_plan_and_run_nothing(sweep_dict, tmp_path):
         assert "job plan:" in r.output
         assert "arch: harness-micro-vit" in r.output
     assert "job plan: 7 jobs" in r.output  # pretrained + 2 individual + WA + 3 TA settings
+    assert "after its grid" not in r.output  # no robustness block: no follow-up
     assert not Path(sweep_dict["output_dir"]).exists()
+    f.write_text(yaml.safe_dump(dict(sweep_dict, robustness={"tasks": ["toy_stripes"], "corruptions": ["contrast"]})))
+    r = CliRunner().invoke(main, ["sweep", "--dry-run", str(f)], env={"COLUMNS": "200"})
+    follow = [line for line in r.output.splitlines() if "after its grid" in line]
+    assert len(follow) == 1 and "task_arithmetic" in follow[0]  # the grid method, not weight averaging
 
 
 def test_sweep_command_prints_table(sweep_dict, tmp_path):
