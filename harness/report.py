@@ -33,6 +33,8 @@ from harness.tracking import PROTOCOL_TAG
 class Report:
     tables: dict[str, tuple[list[str], list[list[str]]]]
     files: list[Path] = field(default_factory=list)
+    rows: list[Row] = field(default_factory=list)  # the main table's rows
+    generalization_rows: list[Row] = field(default_factory=list)  # the generalization block's, if any
 
 
 def generalization_records(rows: list[Row], seen: list[str], unseen: list[str]) -> tuple[list[str], list[list[str]]]:
@@ -74,6 +76,7 @@ def build_report(cfg: SweepConfig, results: list[JobResult], out: Path,
     if unseen:
         tables["generalization"] = generalization_records(rows, seen, unseen)
         captions["generalization"] = f"{cfg.name}: merged on {', '.join(seen)}; unseen {', '.join(unseen)}"
+    gen_rows: list[Row] = []
     if cfg.generalization:  # the block's own jobs (the whole-sweep split and the block never coexist)
         gen_seen = cfg.generalization_seen
         gen_rows = generalization_rows(results, tasks, [m.display for m in cfg.methods], gen_seen)
@@ -85,7 +88,7 @@ def build_report(cfg: SweepConfig, results: list[JobResult], out: Path,
         tables["robustness"] = robustness_records(rows, cfg.robustness.corruptions)
         captions["robustness"] = (f"{cfg.name}: average accuracy on {', '.join(cfg.robustness.tasks)} "
                                   f"under corruptions (severity {cfg.robustness.severity})")
-    report = Report(tables)
+    report = Report(tables, rows=rows, generalization_rows=gen_rows)
     for name, (header, body) in tables.items():
         for ext, text in (("md", markdown_table(header, body)), ("csv", csv_table(header, body)),
                           ("tex", latex_table(header, body, captions[name]))):

@@ -25,8 +25,6 @@ from harness.plots import job_artifact_files
 from harness.report import best_routing, build_report
 from harness.results import (
     Row,
-    build_rows,
-    generalization_rows,
     generalization_table_records,
     normalized,
     rich_table,
@@ -211,11 +209,9 @@ def run_sweep(cfg: SweepConfig, console: Console | None = None, quiet: bool = Fa
     for r in ordered:
         log(r)
 
-    rows = build_rows(ordered, cfg.task_names, [m.display for m in cfg.methods], cfg.merge_tasks)
-    gen_rows = (generalization_rows(ordered, cfg.task_names, [m.display for m in cfg.methods], cfg.generalization_seen)
-                if cfg.generalization else [])
     failpoint("report")
     report = build_report(cfg, ordered, out / "report", best_routing(cfg, ordered))
+    rows, gen_rows = report.rows, report.generalization_rows
     atomic_write_bytes(out / "resolved.yaml", dump_yaml(cfg).encode())
     tracker.log_artifact(out / "resolved.yaml")
     for path in report.files:
