@@ -249,6 +249,23 @@ def test_slurm_results_equal_the_local_executors(interrupted_sweep, local_outcom
 
 
 @needs_slurm
+def test_robustness_follow_up_runs_on_the_cluster(cluster, varied_checkpoints, tmp_path):
+    """A grid method's robustness job is submitted after its grid, and equals the local one."""
+    robustness = {"tasks": ["toy_stripes"], "corruptions": ["contrast"]}
+    runs = {}
+    for kind, executor in (("local", {"kind": "local"}),
+                           ("slurm", {"kind": "slurm", "mem_gb": 1, "timeout_min": 5, "setup": SETUP, "poll_s": 1})):
+        d = dict(_sweep(varied_checkpoints, tmp_path / kind / "sweep", f"toy-rob-{kind}", **executor),
+                 robustness=robustness)
+        runs[kind] = run_sweep(validate_config(d), quiet=True)
+    (local,) = [r for r in runs["local"].results if r.kind == "robustness"]
+    (remote,) = [r for r in runs["slurm"].results if r.kind == "robustness"]
+    assert remote.status == "ok" and remote.key == local.key and remote.metrics == local.metrics
+    submitted = json.loads((Path(runs["slurm"].output_dir) / "slurm" / "submitted.json").read_text())["jobs"]
+    assert submitted[remote.key]["kind"] == "robustness"
+
+
+@needs_slurm
 def test_failed_jobs_are_reported_with_reason_and_stderr_tail(interrupted_sweep):
     outcome = interrupted_sweep["outcome"]
     failed = {r.label: r for r in outcome.failed}
