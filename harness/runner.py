@@ -162,6 +162,8 @@ def run_sweep(cfg: SweepConfig, console: Console | None = None, quiet: bool = Fa
                 failpoint("job_done")
                 if res.status in ("ok", "pruned"):
                     atomic_write_json(results_dir / f"{spec.key}.json", res.to_dict())
+                    if show and res.status == "ok" and spec.kind != "trial":
+                        console.print(result_line(res, spec), highlight=False)
                 else:
                     console.print(f"[red]failed[/] {spec.title}: {res.error}")
                 results[spec.key] = res
@@ -230,6 +232,19 @@ def run_sweep(cfg: SweepConfig, console: Console | None = None, quiet: bool = Fa
     if show:
         print_tables(console, cfg, rows, gen_rows)
     return outcome
+
+
+def result_line(result: JobResult, spec: JobSpec) -> str:
+    """One line per finished job, printed as it lands: a long sweep shows results from its first job."""
+    m = result.metrics
+    if result.kind == "robustness":
+        corrupted = [v for k, v in m.items() if k.startswith("robust/") and k.endswith("/avg") and "/clean/" not in k]
+        text = f"clean {m['robust/clean/avg']:.1f}, corrupted {sum(corrupted) / len(corrupted):.1f}"
+    elif spec.task:
+        text = f"acc {m[f'acc/{spec.task}']:.1f}"
+    else:
+        text = f"acc/avg {m['acc/avg']:.1f}" + (f" (val {m['val/acc/avg']:.1f})" if "val/acc/avg" in m else "")
+    return f"done {spec.title}: {text} [{result.timings.get('total', 0.0):.1f} s]"
 
 
 def robustness_followups(cfg: SweepConfig, results: list[JobResult], identity: dict,

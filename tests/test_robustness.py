@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
+from rich.console import Console
 
 from harness.config import validate_config
 from harness.runner import run_sweep
@@ -129,11 +132,19 @@ def test_grid_method_runs_the_study_once_for_its_selected_setting(sweep_dict, tm
     d = dict(sweep_dict, robustness={"tasks": ["toy_stripes", "toy_colours"], "corruptions": ["contrast"]},
              methods=[{"name": "task_arithmetic", "grid": {"scaling": [0.2, 0.6, 1.0]}}])
     cfg = validate_config(d)
-    out = run_sweep(cfg, quiet=True)
+    printed = io.StringIO()
+    out = run_sweep(cfg, console=Console(file=printed, width=200))
     assert not out.failed
     merges = [r for r in out.results if r.kind == "merge"]
     assert len(merges) == 3 and not any("robust/contrast/avg" in r.metrics for r in merges)
     (rob,) = [r for r in out.results if r.kind == "robustness"]
+    lines = [line for line in printed.getvalue().splitlines() if line.startswith("done ")]
+    assert len(lines) == len(out.results)  # every job's line, printed as it finished
+    for r in merges:
+        assert f"done {r.title}({', '.join(f'{k}={v}' for k, v in r.params.items())}): acc/avg " \
+               f"{r.metrics['acc/avg']:.1f} (val {r.metrics['val/acc/avg']:.1f})" in printed.getvalue()
+    assert f"done robustness/task_arithmetic(scaling={rob.params['scaling']}): clean " \
+           f"{rob.metrics['robust/clean/avg']:.1f}, corrupted {rob.metrics['robust/contrast/avg']:.1f}" in printed.getvalue()
     best = max(merges, key=lambda r: r.metrics["val/acc/avg"])
     assert rob.params == best.params
     row = next(r for r in out.rows if r.method == "task_arithmetic")
