@@ -225,7 +225,7 @@ class RobustnessSpec(Strict):
     """Evaluate on ImageNet-C-style corrupted copies of these tasks' test splits."""
 
     tasks: list[str] = Field(min_length=1)
-    corruptions: list[str] = Field(default_factory=lambda: list(_paper_corruptions()))
+    corruptions: list[str] = Field(default_factory=lambda: list(_paper_corruptions()), min_length=1)
     severity: int = Field(2, ge=1, le=5)
     seed: int = Field(0, ge=0)
 

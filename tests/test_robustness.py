@@ -168,6 +168,7 @@ def test_grid_method_runs_the_study_once_for_its_selected_setting(sweep_dict, tm
     ({"unseen": ["toy_stripes", "toy_colours"]}, "unseen: every task is unseen"),
     ({"robustness": {"tasks": ["toy_stripes"], "corruptions": ["fogg"]}}, "robustness.corruptions: unknown corruption 'fogg'"),
     ({"robustness": {"tasks": ["toy_stripes"], "severity": 9}}, "robustness.severity:"),
+    ({"robustness": {"tasks": ["toy_stripes"], "corruptions": []}}, "robustness.corruptions: List should have at least 1 item"),
     ({"robustness": {"tasks": ["toy_x"]}}, "robustness.tasks.0: not one of the sweep's tasks"),
 ])
 def test_generalization_and_robustness_config_errors(edit, fragment, sweep_dict):
