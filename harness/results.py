@@ -76,7 +76,7 @@ def build_rows(results: list[JobResult], tasks: list[str], method_order: list[st
         rows.append(Row("perfect routing", setting_text(bound[seen[0]].params) + " (bound)", acc,
                         _mean_of(acc, seen), normalized(metrics, indiv, seen).get("norm_acc/avg")))
     for label in method_order:
-        cands = [r for r in results if r.kind == "merge" and r.label == label and r.status == "ok"]
+        cands = finished_settings(results, label)
         if not cands:
             continue
         best = select_best(cands)
@@ -88,6 +88,11 @@ def build_rows(results: list[JobResult], tasks: list[str], method_order: list[st
                         normalized(best.metrics, indiv, seen).get("norm_acc/avg"),
                         best.metrics.get("val/acc/avg"), len(cands), metrics=metrics))
     return rows
+
+
+def finished_settings(results: list[JobResult], label: str) -> list[JobResult]:
+    """The merge jobs of method ``label`` (one per setting) that finished."""
+    return [r for r in results if r.kind == "merge" and r.label == label and r.status == "ok"]
 
 
 def select_best(candidates: list[JobResult]) -> JobResult:

@@ -15,7 +15,7 @@ import torch
 from rich.console import Console
 
 from harness.cache import atomic_write_bytes, atomic_write_json, read_json
-from harness.config import MAIN, SweepConfig, dump_yaml
+from harness.config import SweepConfig, dump_yaml
 from harness.errors import HarnessError
 from harness.executors import make_executor
 from harness.failpoints import failpoint
@@ -25,6 +25,7 @@ from harness.plots import job_artifact_files
 from harness.report import best_routing, build_report
 from harness.results import (
     Row,
+    finished_settings,
     generalization_table_records,
     normalized,
     rich_table,
@@ -254,8 +255,7 @@ def robustness_followups(cfg: SweepConfig, results: list[JobResult], identity: d
     for m in cfg.methods:
         if robustness_inline(cfg, m.display):
             continue
-        cands = [r for r in results if r.kind == "merge" and r.protocol == MAIN and r.label == m.display
-                 and r.status == "ok"]
+        cands = finished_settings(results, m.display)  # main protocol: generalization labels differ
         if cands:
             specs.append(robustness_spec(cfg, m.display, select_best(cands).params, identity, task_identity))
     return specs
