@@ -95,7 +95,7 @@ def run_sweep(cfg: SweepConfig, console: Console | None = None, quiet: bool = Fa
     ws.preflight()  # bad checkpoints, data or heads: one error now, before anything is written
     failpoint("prepare")
     out.mkdir(parents=True, exist_ok=True)
-    configure_threads(cfg.threads, sum(p.numel() for p in ws.pretrained_encoder.parameters()))
+    configure_threads(cfg.threads, ws.encoder_params)
     task_identity = ws.task_identity()
     specs = plan_jobs(cfg, identity, task_identity)
     timings["prepare"] = time.perf_counter() - t0

@@ -111,6 +111,11 @@ class Workspace:
     def pretrained_encoder(self) -> nn.Module:
         return self.clip.visual
 
+    @cached_property
+    def encoder_params(self) -> int:
+        """The image encoder's parameter count: what decides the thread count (harness.runtime)."""
+        return sum(p.numel() for p in self.pretrained_encoder.parameters())
+
     def finetuned_encoder(self, task: str) -> nn.Module:
         if task not in self._finetuned:
             path = self.sources["finetuned"][task]

@@ -20,8 +20,7 @@ def _init_worker(cfg_json: dict, cores: int) -> None:
     global _WORKER_WS
     cfg = SweepConfig.model_validate(cfg_json)
     _WORKER_WS = Workspace(cfg)
-    n_params = sum(p.numel() for p in _WORKER_WS.pretrained_encoder.parameters())
-    configure_threads(cfg.threads, n_params, cores)
+    configure_threads(cfg.threads, _WORKER_WS.encoder_params, cores)
 
 
 def _work(spec_dict: dict) -> dict:

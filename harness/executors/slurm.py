@@ -95,9 +95,8 @@ class SweepJob(submitit.helpers.Checkpointable):
             workdir = cfg.resolved_output_dir() / "work" / spec.key
             with requeue_only_with_progress(workdir, cfg.executor.timeout_min):
                 ws = Workspace(cfg)
-                n_params = sum(p.numel() for p in ws.pretrained_encoder.parameters())
                 slurm_cpus = os.environ.get("SLURM_CPUS_PER_TASK")  # the job's CPUs, not the node's
-                configure_threads(cfg.threads, n_params, int(slurm_cpus) if slurm_cpus else None)
+                configure_threads(cfg.threads, ws.encoder_params, int(slurm_cpus) if slurm_cpus else None)
                 device = resolve_device(cfg.device)
                 return run_job(spec, ws, device, workdir).to_dict()
         except Exception as exc:  # the workspace itself failed on the node: still a result, not a crash
