@@ -121,9 +121,8 @@ def robustness_metrics(ws: Workspace, encoder: torch.nn.Module, device: torch.de
 
     metrics = {}
     with evaluation_threads():
-        for t in rob.tasks:
-            metrics[f"robust/clean/{t}"] = clean[t] if t in clean else acc(t, ws.task(t).dataset("test"))
-        metrics["robust/clean/avg"] = _mean(metrics.pop(f"robust/clean/{t}") for t in rob.tasks)
+        metrics["robust/clean/avg"] = _mean(clean[t] if t in clean else acc(t, ws.task(t).dataset("test"))
+                                            for t in rob.tasks)
         for c in rob.corruptions:
             for t in rob.tasks:
                 metrics[f"robust/{c}/{t}"] = acc(t, ws.corrupted(t, c))
