@@ -79,45 +79,75 @@ def seed_sqlite_store(uri: str, cache_dir: Path) -> bool:
 
 
 class Tracker:
+    """The sweep's MLflow runs. MLflow is opened on first use, not at construction: its import
+    and store take seconds, and a sweep's first result should not wait for them."""
+
     def __init__(self, cfg: SweepConfig):
+        self.cfg = cfg
+        self.uri = cfg.resolved_tracking_uri()
+        self._client: Any = None
+        self._sweep: tuple[str, dict[str, Any]] | None = None
+        self._parent_id: str | None = None
+        self._logged: dict[str, tuple[str, str]] = {}  # job key -> (run id, status)
+
+    @property
+    def client(self) -> Any:
+        self._open()
+        return self._client
+
+    @property
+    def parent_id(self) -> str | None:
+        """The sweep's parent run (created or reopened when first asked for)."""
+        self._open()
+        return self._parent_id
+
+    def _open(self) -> None:
+        if self._client is not None:
+            return
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         from mlflow.tracking import MlflowClient
 
         for name in ("alembic", "mlflow", "mlflow.store.db.utils"):
             logging.getLogger(name).setLevel(logging.WARNING)
-
-        self.cfg = cfg
-        self.uri = cfg.resolved_tracking_uri()
-        out = cfg.resolved_output_dir()
+        out = self.cfg.resolved_output_dir()
         out.mkdir(parents=True, exist_ok=True)
-        seed_sqlite_store(self.uri, cfg.resolved_cache_dir())
-        self.client = MlflowClient(tracking_uri=self.uri)
-        name = cfg.experiment or cfg.name
-        exp = self.client.get_experiment_by_name(name)
+        seed_sqlite_store(self.uri, self.cfg.resolved_cache_dir())
+        self._client = MlflowClient(tracking_uri=self.uri)
+        name = self.cfg.experiment or self.cfg.name
+        exp = self._client.get_experiment_by_name(name)
         if exp is None:
             artifacts = (out / "mlartifacts").resolve()
-            self.experiment_id = self.client.create_experiment(name, artifact_location=artifacts.as_uri())
+            self.experiment_id = self._client.create_experiment(name, artifact_location=artifacts.as_uri())
         else:
             self.experiment_id = exp.experiment_id
-        self.parent_id: str | None = None
-        self._logged: dict[str, tuple[str, str]] = {}  # job key -> (run id, status)
+        if self._sweep is not None:
+            self._start_sweep(*self._sweep)
 
-    def start_sweep(self, digest: str, params: dict[str, Any]) -> str:
-        """Create the sweep's parent run, or reopen the one a previous run of it created."""
+    def start_sweep(self, digest: str, params: dict[str, Any]) -> None:
+        """The sweep's parent run: created, or reopened if a previous run of it created one,
+        when MLflow is first used. A tracking server is contacted now: a wrong address should
+        fail the sweep before its jobs run, not after."""
+        self._sweep = (digest, params)
+        if self._client is not None:
+            self._start_sweep(digest, params)
+        elif self.uri.startswith(("http://", "https://", "databricks")):
+            self._open()
+
+    def _start_sweep(self, digest: str, params: dict[str, Any]) -> None:
         runs = self.client.search_runs([self.experiment_id], f"tags.`{SWEEP_TAG}` = '{digest}'",
                                        max_results=1, order_by=["attributes.start_time DESC"])
         if runs:
-            self.parent_id = runs[0].info.run_id
-            self.client.update_run(self.parent_id, status="RUNNING")
+            self._parent_id = runs[0].info.run_id
+            self.client.update_run(self._parent_id, status="RUNNING")
         else:
             tags = {SWEEP_TAG: digest, "harness.kind": "sweep", "mlflow.runName": self.cfg.name}
             commit = git_commit()
             if commit:
                 tags["mlflow.source.git.commit"] = commit
             run = self.client.create_run(self.experiment_id, tags=tags)
-            self.parent_id = run.info.run_id
-            self._log_params(self.parent_id, params)
-        children = self.client.search_runs([self.experiment_id], f"tags.`mlflow.parentRunId` = '{self.parent_id}'",
+            self._parent_id = run.info.run_id
+            self._log_params(self._parent_id, params)
+        children = self.client.search_runs([self.experiment_id], f"tags.`mlflow.parentRunId` = '{self._parent_id}'",
                                            max_results=50000)
         self._logged = {}
         for r in children:  # a job run a killed driver left half-logged is logged again, whole
@@ -125,7 +155,6 @@ class Tracker:
                 self.client.delete_run(r.info.run_id)
             elif r.data.tags.get(JOB_TAG):
                 self._logged[r.data.tags[JOB_TAG]] = (r.info.run_id, r.info.status)
-        return self.parent_id
 
     def _log_params(self, run_id: str, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
@@ -136,6 +165,7 @@ class Tracker:
 
     def is_logged(self, key: str) -> bool:
         """Logged as finished (a failed attempt is replaced once the job succeeds)."""
+        self._open()  # what is logged is known once the sweep's run is found
         return self._logged.get(key, (None, None))[1] == "FINISHED"
 
     def log_job(self, result: Any, params: dict[str, Any], config_digest: str,

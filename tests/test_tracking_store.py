@@ -42,3 +42,26 @@ def test_an_existing_store_and_other_backends_are_left_alone(tmp_path):
     assert not seed_sqlite_store(f"file://{tmp_path / 'mlruns'}", tmp_path / "cache")
     assert not seed_sqlite_store("http://localhost:5000", tmp_path / "cache")
     assert not (tmp_path / "cache").exists()
+
+
+def test_tracker_opens_mlflow_on_first_use_and_reopens_the_sweep_run(sweep_dict):
+    """A sweep's first result does not wait for MLflow: the store appears when the tracker is
+    first used, and a second tracker for the same sweep finds the same parent run."""
+    from harness.config import validate_config
+    from harness.tracking import Tracker
+
+    cfg = validate_config(sweep_dict)
+    db = cfg.resolved_output_dir() / "mlflow.db"
+    tracker = Tracker(cfg)
+    tracker.start_sweep("d1", {"a": 1})
+    assert not db.exists()
+    assert not tracker.is_logged("job-1")
+    assert db.exists()
+    parent = tracker.parent_id
+    assert parent
+    again = Tracker(cfg)
+    again.start_sweep("d1", {"a": 1})
+    assert again.parent_id == parent
+    other = Tracker(cfg)
+    other.start_sweep("d2", {"a": 2})
+    assert other.parent_id != parent
