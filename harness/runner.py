@@ -6,6 +6,7 @@ so workers and cluster jobs stay free of shared-file writes.
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,21 +93,9 @@ def run_sweep(cfg: SweepConfig, console: Console | None = None, quiet: bool = Fa
     t0 = time.perf_counter()
     ws = Workspace(cfg, progress=show)
     identity = ws.identity  # builds/loads the model files (embedded suite: prepares them)
-    ws.preflight()  # bad checkpoints, data or heads: one error now, before anything is written
-    failpoint("prepare")
-    out.mkdir(parents=True, exist_ok=True)
-    configure_threads(cfg.threads, ws.encoder_params)
     task_identity = ws.task_identity()
     specs = plan_jobs(cfg, identity, task_identity)
-    timings["prepare"] = time.perf_counter() - t0
-
-    digest = cfg.digest()
-    tracker = Tracker(cfg)
-    tracker.start_sweep(digest, cfg.model_dump(mode="json"))
     results_dir = out / "results"
-    for stale in results_dir.glob(".*.tmp"):  # temp files of writes a killed run never renamed
-        stale.unlink(missing_ok=True)
-
     results: dict[str, JobResult] = {}
     pending: list[JobSpec] = []
     for s in specs:
@@ -115,6 +104,17 @@ def run_sweep(cfg: SweepConfig, console: Console | None = None, quiet: bool = Fa
             results[s.key] = cached
         else:
             pending.append(s)
+    if pending or any(m.tune for m in cfg.methods):  # a finished sweep builds no model
+        ws.preflight()  # bad checkpoints, data or heads: one error now, before anything is written
+    failpoint("prepare")
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in results_dir.glob(".*.tmp"):  # temp files of writes a killed run never renamed
+        stale.unlink(missing_ok=True)
+    timings["prepare"] = time.perf_counter() - t0
+
+    digest = cfg.digest()
+    tracker = Tracker(cfg)
+    tracker.start_sweep(digest, cfg.model_dump(mode="json"))
     executed: list[str] = []
     if show:
         console.print(f"[bold]{cfg.name}[/]: {len(specs)} jobs, {len(specs) - len(pending)} cached, "
@@ -156,7 +156,14 @@ def run_sweep(cfg: SweepConfig, console: Console | None = None, quiet: bool = Fa
     with _progress(console, show and not getattr(executor, "shows_progress", False), len(pending),
                    always=bool(tuned)) as bar:
 
+        @functools.cache
+        def threads() -> int:
+            """Set once, before the first job runs here: the count depends on the model's size."""
+            return configure_threads(cfg.threads, ws.encoder_params)
+
         def execute(batch: list[JobSpec]) -> list[tuple[JobSpec, JobResult]]:
+            if batch:
+                threads()
             done = []
             for spec, res in executor.run(batch, on_start=lambda s: bar.describe(s.title)):
                 res.artifacts = jsonable(res.artifacts)

@@ -43,7 +43,11 @@ def test_second_run_uses_cache(first_run, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("a cached job was run again")
 
+    def no_model(*a, **k):
+        raise AssertionError("a finished sweep built the model")
+
     monkeypatch.setattr("harness.executors.local.run_job", boom)
+    monkeypatch.setattr("harness.workspace.build_clip", no_model)  # nothing runs: no model, no preflight
     again = run_sweep(cfg, quiet=True)
     assert again.executed == []
     assert [r.metrics for r in again.results] == [r.metrics for r in outcome.results]
