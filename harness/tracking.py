@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.config import SweepConfig
+from harness.errors import HarnessError
 from harness.failpoints import failpoint
 
 SWEEP_TAG = "harness.sweep_digest"
@@ -105,6 +106,7 @@ class Tracker:
         if self._client is not None:
             return
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        from mlflow.exceptions import MlflowException
         from mlflow.tracking import MlflowClient
 
         for name in ("alembic", "mlflow", "mlflow.store.db.utils"):
@@ -112,9 +114,13 @@ class Tracker:
         out = self.cfg.resolved_output_dir()
         out.mkdir(parents=True, exist_ok=True)
         seed_sqlite_store(self.uri, self.cfg.resolved_cache_dir())
-        self._client = MlflowClient(tracking_uri=self.uri)
+        client = MlflowClient(tracking_uri=self.uri)
         name = self.cfg.experiment or self.cfg.name
-        exp = self._client.get_experiment_by_name(name)
+        try:
+            exp = client.get_experiment_by_name(name)
+        except MlflowException as exc:
+            raise HarnessError(f"tracking_uri {self.uri!r}: MLflow cannot be reached ({str(exc)[:200]})") from None
+        self._client = client
         if exp is None:
             artifacts = (out / "mlartifacts").resolve()
             self.experiment_id = self._client.create_experiment(name, artifact_location=artifacts.as_uri())

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import socket
 import sqlite3
 
+import pytest
+
+from harness.config import validate_config
 from harness.tracking import seed_sqlite_store
 
 
@@ -47,7 +51,6 @@ def test_an_existing_store_and_other_backends_are_left_alone(tmp_path):
 def test_tracker_opens_mlflow_on_first_use_and_reopens_the_sweep_run(sweep_dict):
     """A sweep's first result does not wait for MLflow: the store appears when the tracker is
     first used, and a second tracker for the same sweep finds the same parent run."""
-    from harness.config import validate_config
     from harness.tracking import Tracker
 
     cfg = validate_config(sweep_dict)
@@ -65,3 +68,23 @@ def test_tracker_opens_mlflow_on_first_use_and_reopens_the_sweep_run(sweep_dict)
     other = Tracker(cfg)
     other.start_sweep("d2", {"a": 2})
     assert other.parent_id != parent
+
+
+def test_an_unreachable_tracking_server_fails_the_sweep_before_any_job(sweep_dict, monkeypatch):
+    from harness.errors import HarnessError
+    from harness.runner import run_sweep
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+
+    def no_job(*a, **k):
+        raise AssertionError("a job ran before the tracking server was checked")
+
+    monkeypatch.setattr("harness.executors.local.run_job", no_job)
+    cfg = validate_config({**sweep_dict, "tracking_uri": f"http://127.0.0.1:{port}"})
+    with pytest.raises(HarnessError, match=f"tracking_uri 'http://127.0.0.1:{port}'"):
+        run_sweep(cfg, quiet=True)
+    assert not (cfg.resolved_output_dir() / "results").exists()
