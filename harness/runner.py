@@ -87,11 +87,22 @@ def run_sweep(cfg: SweepConfig, console: Console | None = None, quiet: bool = Fa
         if not console.is_terminal:  # logged output: keep the results table's columns whole
             console = Console(stderr=True, quiet=quiet, width=200)
     show = not quiet
+    ws = Workspace(cfg, progress=show)
+    executor = make_executor(cfg, ws, progress=show, console=console)
+    if mode != "run" and not hasattr(executor, "known"):
+        raise HarnessError(f"--detach and collect need executor.kind slurm (this sweep uses {cfg.executor.kind!r})")
+    try:
+        return _run_sweep(cfg, ws, executor, console, show, mode)
+    finally:
+        executor.close()
+
+
+def _run_sweep(cfg: SweepConfig, ws: Workspace, executor: Any, console: Console, show: bool,
+               mode: Literal["run", "detach", "collect"]) -> SweepOutcome:
     out = cfg.resolved_output_dir()
     timings: dict[str, float] = {}
 
     t0 = time.perf_counter()
-    ws = Workspace(cfg, progress=show)
     identity = ws.identity  # builds/loads the model files (embedded suite: prepares them)
     task_identity = ws.task_identity()
     specs = plan_jobs(cfg, identity, task_identity)
@@ -104,6 +115,8 @@ def run_sweep(cfg: SweepConfig, console: Console | None = None, quiet: bool = Fa
             results[s.key] = cached
         else:
             pending.append(s)
+    if mode == "run" and hasattr(executor, "start"):
+        executor.start(len(pending))  # local workers import their libraries while the driver prepares
     if pending or any(m.tune for m in cfg.methods):  # a finished sweep builds no model
         ws.preflight()  # bad checkpoints, data or heads: one error now, before anything is written
     failpoint("prepare")
@@ -120,9 +133,6 @@ def run_sweep(cfg: SweepConfig, console: Console | None = None, quiet: bool = Fa
         console.print(f"[bold]{cfg.name}[/]: {len(specs)} jobs, {len(specs) - len(pending)} cached, "
                       f"{len(pending)} to run -> {out}")
 
-    executor = make_executor(cfg, ws, progress=show, console=console)
-    if mode != "run" and not hasattr(executor, "known"):
-        raise HarnessError(f"--detach and collect need executor.kind slurm (this sweep uses {cfg.executor.kind!r})")
     if mode == "detach":
         message = executor.submit(pending)
         if show:

@@ -1,4 +1,8 @@
-"""Run jobs in this process, or in a small pool of worker processes (spawned, 1 thread each)."""
+"""Run jobs in this process, or in a small pool of worker processes (spawned, 1 thread each).
+
+The pool lives as long as the sweep: a spawned worker pays the library imports (torch,
+open_clip: about 7 s on 2 cores) and loads the models once, not once per phase or per batch
+of tuning trials."""
 
 from __future__ import annotations
 
@@ -31,9 +35,40 @@ def _work(spec_dict: dict) -> dict:
     return run_job(spec, ws, device, workdir).to_dict()
 
 
+def _ready() -> None:
+    """A no-op task: submitting one per worker starts them all (a pool spawns on demand)."""
+
+
 class LocalExecutor:
     def __init__(self, cfg: SweepConfig, workspace: Workspace, workers: int = 1):
         self.cfg, self.ws, self.workers = cfg, workspace, workers
+        self._pool: cf.ProcessPoolExecutor | None = None
+        self._size = 0
+
+    def start(self, n_jobs: int) -> None:
+        """Start the worker processes now, when ``n_jobs`` will run: their imports then overlap
+        the driver's own preparation instead of following it."""
+        if self.workers > 1 and n_jobs > 1:
+            pool = self._ensure_pool(n_jobs)
+            for _ in range(self._size):
+                pool.submit(_ready)
+
+    def _ensure_pool(self, n_jobs: int) -> cf.ProcessPoolExecutor:
+        """The pool, sized for ``n_jobs`` (at most ``workers``); grown when a later batch is larger."""
+        n = min(self.workers, n_jobs)
+        if self._pool is not None and n > self._size:
+            self.close()
+        if self._pool is None:
+            cores = max(1, available_cores() // n)  # the workers share the cores
+            self._pool = cf.ProcessPoolExecutor(n, mp_context=mp.get_context("spawn"), initializer=_init_worker,
+                                                initargs=(self.cfg.model_dump(mode="json"), cores))
+            self._size = n
+        return self._pool
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
 
     def run(self, specs: list[JobSpec], on_start: Callable[[JobSpec], None] | None = None) -> Iterator[tuple[JobSpec, JobResult]]:
         if self.workers <= 1 or len(specs) <= 1:
@@ -43,18 +78,19 @@ class LocalExecutor:
                     on_start(spec)
                 yield spec, run_job(spec, self.ws, device, self._workdir(spec))
             return
-        ctx = mp.get_context("spawn")
-        cores = max(1, available_cores() // min(self.workers, len(specs)))  # the workers share the cores
-        with cf.ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_init_worker,
-                                    initargs=(self.cfg.model_dump(mode="json"), cores)) as pool:
-            futures = {pool.submit(_work, s.to_dict()): s for s in specs}
-            for fut in cf.as_completed(futures):
-                spec = futures[fut]
-                try:
-                    result = JobResult.from_dict(fut.result())
-                except Exception as exc:  # a worker that died (killed, out of memory)
-                    result = JobResult.of(spec, "failed", error=f"worker process failed: {type(exc).__name__}: {exc}")
-                yield spec, result
+        pool = self._ensure_pool(len(specs))
+        futures = {pool.submit(_work, s.to_dict()): s for s in specs}
+        broken = False
+        for fut in cf.as_completed(futures):
+            spec = futures[fut]
+            try:
+                result = JobResult.from_dict(fut.result())
+            except Exception as exc:  # a worker that died (killed, out of memory)
+                broken = broken or isinstance(exc, cf.process.BrokenProcessPool)
+                result = JobResult.of(spec, "failed", error=f"worker process failed: {type(exc).__name__}: {exc}")
+            yield spec, result
+        if broken:  # a dead worker breaks the whole pool: the next batch gets a new one
+            self.close()
 
     def _workdir(self, spec: JobSpec) -> Path:
         return self.cfg.resolved_output_dir() / "work" / spec.key

@@ -386,6 +386,9 @@ class SlurmExecutor:
                 f"running or finished; record: {self.log.path}\n"
                 f"check with `harness status`, gather results with `harness collect`")
 
+    def close(self) -> None:
+        """Nothing to release: submitted jobs belong to the cluster and outlive the driver."""
+
     def _require_cluster(self, what: str) -> None:
         if self.kind != "slurm":
             raise HarnessError(f"{what} needs executor.kind slurm (this sweep uses {self.kind!r}: jobs run in-process)")

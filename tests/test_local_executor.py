@@ -1,0 +1,47 @@
+"""The local worker pool lives as long as the sweep: workers start once, survive phases and
+batches, and a pool broken by a dead worker is replaced for the next batch."""
+
+from __future__ import annotations
+
+import os
+
+from harness.config import validate_config
+from harness.executors.local import LocalExecutor
+from harness.plan import plan_jobs
+from harness.workspace import Workspace
+
+
+def _specs(sweep_dict, methods):
+    cfg = validate_config(dict(sweep_dict, methods=methods, references=False))
+    ws = Workspace(cfg)
+    return cfg, ws, plan_jobs(cfg, ws.identity, ws.task_identity())
+
+
+def test_one_pool_serves_every_batch(sweep_dict):
+    cfg, ws, specs = _specs(sweep_dict, [{"name": "tests.worker_probe:WorkerPid", "grid": {"tag": [0, 1, 2, 3]}}])
+    ex = LocalExecutor(cfg, ws, workers=2)
+    try:
+        ex.start(len(specs))
+        first = [r for _, r in ex.run(specs[:2])]
+        second = [r for _, r in ex.run(specs[2:])]
+    finally:
+        ex.close()
+    assert all(r.status == "ok" for r in first + second)
+    pids = {r.artifacts["pid"] for r in first + second}
+    assert len(pids) <= 2 and os.getpid() not in pids  # the same two workers ran both batches
+
+
+def test_a_dead_worker_fails_its_batch_and_the_next_batch_gets_a_new_pool(sweep_dict):
+    cfg, ws, specs = _specs(sweep_dict, [{"name": "tests.worker_probe:KillsWorker", "label": "dies"},
+                                         {"name": "tests.worker_probe:WorkerPid", "grid": {"tag": [0, 1]}}])
+    dies = [s for s in specs if s.label == "dies"]
+    probes = [s for s in specs if s.label != "dies"]
+    ex = LocalExecutor(cfg, ws, workers=2)
+    try:
+        broken = [r for _, r in ex.run(dies + probes[:1])]
+        again = [r for _, r in ex.run(probes)]
+    finally:
+        ex.close()
+    dead = next(r for r in broken if r.label == "dies")
+    assert dead.status == "failed" and "worker process failed" in dead.error
+    assert [r.status for r in again] == ["ok", "ok"]
