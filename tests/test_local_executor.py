@@ -4,6 +4,8 @@ batches, and a pool broken by a dead worker is replaced for the next batch."""
 from __future__ import annotations
 
 import os
+import signal
+import time
 
 from harness.config import validate_config
 from harness.executors.local import LocalExecutor
@@ -45,3 +47,19 @@ def test_a_dead_worker_fails_its_batch_and_the_next_batch_gets_a_new_pool(sweep_
     dead = next(r for r in broken if r.label == "dies")
     assert dead.status == "failed" and "worker process failed" in dead.error
     assert [r.status for r in again] == ["ok", "ok"]
+
+
+def test_a_worker_killed_between_batches_costs_no_job(sweep_dict):
+    cfg, ws, specs = _specs(sweep_dict, [{"name": "tests.worker_probe:WorkerPid", "grid": {"tag": [0, 1]}}])
+    ex = LocalExecutor(cfg, ws, workers=2)
+    try:
+        first = [r for _, r in ex.run(specs)]
+        os.kill(first[0].artifacts["pid"], signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while not ex._pool._broken and time.monotonic() < deadline:  # the pool notices the death
+            time.sleep(0.1)
+        again = [r for _, r in ex.run(specs)]
+    finally:
+        ex.close()
+    assert [r.status for r in again] == ["ok", "ok"]
+    assert first[0].artifacts["pid"] not in {r.artifacts["pid"] for r in again}

@@ -35,6 +35,10 @@ def _work(spec_dict: dict) -> dict:
     return run_job(spec, ws, device, workdir).to_dict()
 
 
+def _worker_failed(spec: JobSpec, exc: BaseException) -> JobResult:
+    return JobResult.of(spec, "failed", error=f"worker process failed: {type(exc).__name__}: {exc}")
+
+
 def _ready() -> None:
     """A no-op task: submitting one per worker starts them all (a pool spawns on demand)."""
 
@@ -78,8 +82,17 @@ class LocalExecutor:
                     on_start(spec)
                 yield spec, run_job(spec, self.ws, device, self._workdir(spec))
             return
-        pool = self._ensure_pool(len(specs))
-        futures = {pool.submit(_work, s.to_dict()): s for s in specs}
+        try:
+            futures = {self._ensure_pool(len(specs)).submit(_work, s.to_dict()): s for s in specs}
+        except cf.process.BrokenProcessPool:  # broke while idle or starting: one new pool
+            self.close()
+            try:
+                futures = {self._ensure_pool(len(specs)).submit(_work, s.to_dict()): s for s in specs}
+            except cf.process.BrokenProcessPool as exc:  # workers cannot even start
+                self.close()
+                for spec in specs:
+                    yield spec, _worker_failed(spec, exc)
+                return
         broken = False
         for fut in cf.as_completed(futures):
             spec = futures[fut]
@@ -87,7 +100,7 @@ class LocalExecutor:
                 result = JobResult.from_dict(fut.result())
             except Exception as exc:  # a worker that died (killed, out of memory)
                 broken = broken or isinstance(exc, cf.process.BrokenProcessPool)
-                result = JobResult.of(spec, "failed", error=f"worker process failed: {type(exc).__name__}: {exc}")
+                result = _worker_failed(spec, exc)
             yield spec, result
         if broken:  # a dead worker breaks the whole pool: the next batch gets a new one
             self.close()
