@@ -92,9 +92,12 @@ def run_sweep(cfg: SweepConfig, console: Console | None = None, quiet: bool = Fa
     if mode != "run" and not hasattr(executor, "known"):
         raise HarnessError(f"--detach and collect need executor.kind slurm (this sweep uses {cfg.executor.kind!r})")
     try:
-        return _run_sweep(cfg, ws, executor, console, show, mode)
-    finally:
-        executor.close()
+        outcome = _run_sweep(cfg, ws, executor, console, show, mode)
+    except BaseException:
+        executor.close(abort=True)
+        raise
+    executor.close()
+    return outcome
 
 
 def _run_sweep(cfg: SweepConfig, ws: Workspace, executor: Any, console: Console, show: bool,

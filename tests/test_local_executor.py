@@ -63,3 +63,15 @@ def test_a_worker_killed_between_batches_costs_no_job(sweep_dict):
         ex.close()
     assert [r.status for r in again] == ["ok", "ok"]
     assert first[0].artifacts["pid"] not in {r.artifacts["pid"] for r in again}
+
+
+def test_abort_stops_the_workers_instead_of_waiting_for_them(sweep_dict):
+    """A sweep that fails (bad input found by the driver's preflight) does not wait for the
+    workers it started to finish importing."""
+    cfg, ws, specs = _specs(sweep_dict, [{"name": "tests.worker_probe:WorkerPid", "grid": {"tag": [0, 1]}}])
+    ex = LocalExecutor(cfg, ws, workers=2)
+    ex.start(len(specs))
+    procs = list(ex._pool._processes.values())
+    ex.close(abort=True)
+    assert len(procs) == 2
+    assert all(p.exitcode == -signal.SIGTERM for p in procs)

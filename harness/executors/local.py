@@ -69,10 +69,20 @@ class LocalExecutor:
             self._size = n
         return self._pool
 
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
+    def close(self, abort: bool = False) -> None:
+        """Shut the pool down; ``abort`` (the sweep failed) stops the workers at once instead of
+        letting them finish starting or their current job."""
+        if self._pool is None:
+            return
+        if abort:
+            terminate = getattr(self._pool, "terminate_workers", None)  # Python >= 3.14
+            if terminate:
+                terminate()
+            else:
+                for proc in list(getattr(self._pool, "_processes", {}).values()):
+                    proc.terminate()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._pool = None
 
     def run(self, specs: list[JobSpec], on_start: Callable[[JobSpec], None] | None = None) -> Iterator[tuple[JobSpec, JobResult]]:
         if self.workers <= 1 or len(specs) <= 1:

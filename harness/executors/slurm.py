@@ -386,7 +386,7 @@ class SlurmExecutor:
                 f"running or finished; record: {self.log.path}\n"
                 f"check with `harness status`, gather results with `harness collect`")
 
-    def close(self) -> None:
+    def close(self, abort: bool = False) -> None:
         """Nothing to release: submitted jobs belong to the cluster and outlive the driver."""
 
     def _require_cluster(self, what: str) -> None:
