@@ -118,7 +118,7 @@ def _run_sweep(cfg: SweepConfig, ws: Workspace, executor: Any, console: Console,
             results[s.key] = cached
         else:
             pending.append(s)
-    if mode == "run" and hasattr(executor, "start"):
+    if mode == "run":
         executor.start(len(pending))  # local workers import their libraries while the driver prepares
     if pending or any(m.tune for m in cfg.methods):  # a finished sweep builds no model
         ws.preflight()  # bad checkpoints, data or heads: one error now, before anything is written

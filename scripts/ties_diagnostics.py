@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from harness.config import load_config  # noqa: E402
 from harness.job import task_accuracy  # noqa: E402
 from harness.workspace import Workspace  # noqa: E402
-from methods.ties import keep_count, ties_merge_dense  # noqa: E402
+from methods.ties import keep_count, ties_merge_dense, trim_thresholds  # noqa: E402
 
 
 def main() -> None:
@@ -60,8 +60,7 @@ def main() -> None:
     print(f"  untrimmed: {sum(val_acc(tv, 1.0, t) for tv, t in zip(taus, tasks)) / len(tasks):.1f}")
     for k in args.ks:
         accs = {1.0: [], 2.0: []}
-        for tv, row, t in zip(taus, flat, tasks):
-            kth = row.abs().kthvalue(n - keep_count(n, k) + 1).values
+        for tv, kth, t in zip(taus, trim_thresholds(taus, k), tasks):
             trimmed = {key: torch.where(v.abs() >= kth, v, torch.zeros_like(v)) for key, v in tv.items()}
             for scale in accs:
                 accs[scale].append(val_acc(trimmed, scale, t))

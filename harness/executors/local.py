@@ -93,11 +93,11 @@ class LocalExecutor:
                 yield spec, run_job(spec, self.ws, device, self._workdir(spec))
             return
         try:
-            futures = {self._ensure_pool(len(specs)).submit(_work, s.to_dict()): s for s in specs}
+            futures = self._submit(specs)
         except cf.process.BrokenProcessPool:  # broke while idle or starting: one new pool
             self.close()
             try:
-                futures = {self._ensure_pool(len(specs)).submit(_work, s.to_dict()): s for s in specs}
+                futures = self._submit(specs)
             except cf.process.BrokenProcessPool as exc:  # workers cannot even start
                 self.close()
                 for spec in specs:
@@ -114,6 +114,10 @@ class LocalExecutor:
             yield spec, result
         if broken:  # a dead worker breaks the whole pool: the next batch gets a new one
             self.close()
+
+    def _submit(self, specs: list[JobSpec]) -> dict[cf.Future, JobSpec]:
+        pool = self._ensure_pool(len(specs))
+        return {pool.submit(_work, s.to_dict()): s for s in specs}
 
     def _workdir(self, spec: JobSpec) -> Path:
         return self.cfg.resolved_output_dir() / "work" / spec.key

@@ -386,6 +386,9 @@ class SlurmExecutor:
                 f"running or finished; record: {self.log.path}\n"
                 f"check with `harness status`, gather results with `harness collect`")
 
+    def start(self, n_jobs: int) -> None:
+        """Nothing to start ahead: the cluster starts each job when it is submitted."""
+
     def close(self, abort: bool = False) -> None:
         """Nothing to release: submitted jobs belong to the cluster and outlive the driver."""
 
