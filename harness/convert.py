@@ -34,7 +34,7 @@ from torch import nn
 
 from harness.cache import atomic_write_json
 from harness.errors import HarnessError
-from harness.models import build_clip, describe_state, file_digest, load_state_dict, register_model_configs, save_state_dict
+from harness.models import build_clip, describe_state, file_digest, load_state_dict, open_clip_module, save_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -276,9 +276,7 @@ def infer_arch(state: dict[str, torch.Tensor], activation: str | None = None, he
     Configs that differ only in their text tower count as one; if distinct towers remain
     (e.g. GELU vs QuickGELU from a plain state dict), the caller must name the architecture.
     """
-    import open_clip
-
-    register_model_configs()
+    open_clip = open_clip_module()
     want = _shape_summary(state, Path(src))
     towers: dict[tuple, list[str]] = {}
     for name in open_clip.list_models():

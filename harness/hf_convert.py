@@ -46,7 +46,7 @@ import torch
 from harness.cache import atomic_write_json
 from harness.convert import FORMAT, output_path
 from harness.errors import HarnessError
-from harness.models import file_digest, load_state_dict, register_model_configs, save_state_dict
+from harness.models import file_digest, load_state_dict, open_clip_module, save_state_dict
 
 Kind = Literal["image_encoder", "clip"]
 
@@ -328,6 +328,7 @@ def hf_to_open_clip(
 
 def _normalised(cfg: Mapping[str, Any], with_text: bool) -> tuple | None:
     """A comparable form of an open_clip config (dataclass defaults filled in), or None if exotic."""
+    open_clip_module()
     from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 
     if set(cfg) - _OPEN_CLIP_TOP or not isinstance(cfg.get("vision_cfg"), dict):
@@ -346,9 +347,7 @@ def _normalised(cfg: Mapping[str, Any], with_text: bool) -> tuple | None:
 
 def match_arch(oc_cfg: Mapping[str, Any], kind: Kind) -> str | None:
     """The shipped open_clip architecture computing exactly like ``oc_cfg`` (text tower only for ``clip``)."""
-    import open_clip
-
-    register_model_configs()
+    open_clip = open_clip_module()
     want = _normalised(oc_cfg, kind == "clip")
     hits = [name for name in open_clip.list_models()
             if _normalised(open_clip.get_model_config(name) or {}, kind == "clip") == want]
@@ -366,9 +365,7 @@ def generated_arch_name(oc_cfg: Mapping[str, Any]) -> str:
 
 def ensure_arch(name: str, oc_cfg: Mapping[str, Any], config_dir: Path) -> None:
     """Make ``name`` buildable by open_clip in this process (writes ``config_dir/<name>.json`` if needed)."""
-    import open_clip
-
-    register_model_configs()
+    open_clip = open_clip_module()
     if open_clip.get_model_config(name) == dict(oc_cfg):
         return
     if name in open_clip.list_models():
@@ -384,9 +381,7 @@ def ensure_arch(name: str, oc_cfg: Mapping[str, Any], config_dir: Path) -> None:
 
 def check_arch(arch: str, oc_cfg: Mapping[str, Any], kind: Kind, src: Path | str) -> None:
     """Refuse an architecture name that would compute differently from the checkpoint."""
-    import open_clip
-
-    register_model_configs()
+    open_clip = open_clip_module()
     cfg = open_clip.get_model_config(arch)
     if cfg is None:
         raise HarnessError(f"unknown open_clip architecture {arch!r}")

@@ -9,9 +9,13 @@ from an open_clip tag already in the local cache, fine-tuned image encoders from
 from __future__ import annotations
 
 import hashlib
+import importlib
+import importlib.util
 import json
 import os
+import sys
 from pathlib import Path
+from types import ModuleType
 from typing import Sequence
 
 import torch
@@ -22,23 +26,47 @@ from harness.errors import HarnessError
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 _registered = False
+# open_clip modules that import transformers at module level, for Hugging Face text towers and
+# CoCa caption generation only; each binds the named attribute only when that import succeeded
+_TRANSFORMERS_ADAPTERS = {"open_clip.hf_model": "AutoConfig", "open_clip.coca_model": "BeamSearchScorer"}
 
 
-def register_model_configs() -> None:
-    """Make the project's tiny open_clip configs available by name (idempotent)."""
+def open_clip_module() -> ModuleType:
+    """open_clip, with the project's configs registered, imported without ``transformers``.
+
+    open_clip's Hugging Face adapter imports ``transformers`` when open_clip is imported
+    (1.3-1.9 s measured here, in every process: the driver, each worker, each SLURM job) though
+    only models with a Hugging Face text tower use it. Hiding it for that one import makes the
+    adapter fall back to its no-``transformers`` branch; :func:`build_clip` reloads the adapter
+    before building a model that needs it."""
     global _registered
-    if not _registered:
+    hide = "open_clip" not in sys.modules and "transformers" not in sys.modules
+    if hide:
+        sys.modules["transformers"] = None  # type: ignore[assignment]  # `import transformers` raises ImportError
+    try:
         import open_clip
-
+    finally:
+        if hide and sys.modules.get("transformers", 0) is None:
+            del sys.modules["transformers"]
+    if not _registered:
         open_clip.add_model_config(CONFIG_DIR)
         _registered = True
+    return open_clip
+
+
+def enable_hf_text_towers() -> None:
+    """Give open_clip's ``transformers`` adapters their ``transformers`` (a no-op when they have it)."""
+    open_clip_module()
+    if importlib.util.find_spec("transformers") is None:
+        return  # open_clip itself says to install it when such a model is built
+    for name, marker in _TRANSFORMERS_ADAPTERS.items():
+        module = sys.modules.get(name)
+        if module is not None and marker not in vars(module):
+            importlib.reload(module)  # same module dict: open_clip's references to its classes see the import
 
 
 def available_models() -> list[str]:
-    import open_clip
-
-    register_model_configs()
-    return list(open_clip.list_models())
+    return list(open_clip_module().list_models())
 
 
 def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -128,11 +156,11 @@ _DIGESTS: dict[tuple, str] = {}
 
 def build_clip(arch: str, pretrained: str | None = None, cache_dir: str | None = None) -> nn.Module:
     """An open_clip CLIP by architecture name, with weights from a file or a cached tag."""
-    import open_clip
-
-    register_model_configs()
+    open_clip = open_clip_module()
     if arch not in open_clip.list_models():
         raise HarnessError(f"unknown open_clip architecture {arch!r}")
+    if (open_clip.get_model_config(arch).get("text_cfg") or {}).get("hf_model_name"):
+        enable_hf_text_towers()
     if pretrained and Path(pretrained).suffix in {".safetensors", ".pt", ".pth", ".bin"}:
         model = _create_random(arch)
         state = load_state_dict(pretrained)
@@ -168,8 +196,7 @@ def _create_random(arch: str) -> nn.Module:
     """open_clip's model without weights (we load our own; its 'randomly initialized' warning is noise)."""
     import logging
 
-    import open_clip
-
+    open_clip = open_clip_module()
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)
@@ -180,10 +207,7 @@ def _create_random(arch: str) -> nn.Module:
 
 
 def get_tokenizer(arch: str):
-    import open_clip
-
-    register_model_configs()
-    return open_clip.get_tokenizer(arch)
+    return open_clip_module().get_tokenizer(arch)
 
 
 @torch.no_grad()

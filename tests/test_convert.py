@@ -147,9 +147,9 @@ def test_quickgelu_encoder_is_not_mistaken_for_gelu(tmp_path: Path) -> None:
     """OpenAI-initialised models use QuickGELU; same shapes, different function."""
     import open_clip
 
-    from harness.models import register_model_configs
+    from harness.models import open_clip_module
 
-    register_model_configs()
+    open_clip_module()
     clip = open_clip.create_model("harness-micro-vit", force_quick_gelu=True)
     src = tmp_path / "quick.pt"
     torch.save(ImageEncoder(clip), src)
