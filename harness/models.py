@@ -164,7 +164,11 @@ def build_clip(arch: str, pretrained: str | None = None, cache_dir: str | None =
     if pretrained and Path(pretrained).suffix in {".safetensors", ".pt", ".pth", ".bin"}:
         model = _create_random(arch)
         state = load_state_dict(pretrained)
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        try:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except RuntimeError as exc:  # shape mismatches: torch lists every tensor; name the first
+            first = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), str(exc))
+            raise HarnessError(f"{pretrained}: weights do not match architecture {arch!r}: {first}") from None
         if missing or unexpected:
             raise HarnessError(
                 f"{pretrained}: weights do not match architecture {arch!r}: "

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from harness.cache import content_key
+from harness.cache import atomic_write_json, content_key, read_json
 from harness.config import SweepConfig
 from harness.errors import HarnessError
 from harness.models import (
@@ -112,9 +112,38 @@ class Workspace:
         return self.clip.visual
 
     @cached_property
+    def encoder_summary(self) -> dict[str, Any]:
+        """The image encoder's tensor shapes, parameter count and input size.
+
+        Kept on disk per (architecture, pretrained weights, open_clip version), so a driver whose
+        jobs run in workers or on SLURM checks checkpoints and prints its plan without importing
+        open_clip and building the model (3-4 s here, more for ViT-B/32). Written only once the
+        model has been built with those weights: a pair that never loaded is still checked by
+        building it."""
+        from importlib.metadata import version
+
+        from harness.models import CONFIG_DIR
+
+        arch = self.sources["arch"]
+        ours = CONFIG_DIR / f"{arch}.json"
+        key = content_key({"arch": arch, "pretrained": self.identity["pretrained"],
+                           "open_clip": version("open_clip_torch"),
+                           "config": ours.read_text() if ours.is_file() else None})
+        path = self.cfg.resolved_cache_dir() / "encoders" / f"{arch}-{key}.json"
+        summary = read_json(path)
+        if not isinstance(summary, dict) or not {"shapes", "params", "image_size"} <= summary.keys():
+            visual = self.clip.visual
+            size = getattr(visual, "image_size", None)
+            summary = {"shapes": {k: list(v.shape) for k, v in visual.state_dict().items()},
+                       "params": sum(p.numel() for p in visual.parameters()),
+                       "image_size": list(size) if isinstance(size, (tuple, list)) else size}
+            atomic_write_json(path, summary)
+        return summary
+
+    @property
     def encoder_params(self) -> int:
         """The image encoder's parameter count: what decides the thread count (harness.runtime)."""
-        return sum(p.numel() for p in self.pretrained_encoder.parameters())
+        return int(self.encoder_summary["params"])
 
     def finetuned_encoder(self, task: str) -> nn.Module:
         if task not in self._finetuned:
@@ -130,7 +159,7 @@ class Workspace:
 
     @cached_property
     def _encoder_shapes(self) -> dict[str, tuple[int, ...]]:
-        return {k: tuple(v.shape) for k, v in self.clip.visual.state_dict().items()}
+        return {k: tuple(v) for k, v in self.encoder_summary["shapes"].items()}
 
     def preflight(self) -> None:
         """Check every input before anything runs or is written: checkpoint headers against the
@@ -158,7 +187,7 @@ class Workspace:
             if self.cfg.model.source == "embedded" and "size" in params and "size" not in options:
                 options["size"] = self.cfg.model.suite.get("size", "full")
             if "image_size" in params and "image_size" not in options:  # real datasets: the model's input size
-                size = getattr(self.clip.visual, "image_size", None)
+                size = self.encoder_summary["image_size"]
                 if size is not None:
                     options["image_size"] = size[0] if isinstance(size, (tuple, list)) else int(size)
             if "cache_dir" in params and "cache_dir" not in options:

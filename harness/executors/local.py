@@ -25,6 +25,7 @@ def _init_worker(cfg_json: dict, cores: int) -> None:
     cfg = SweepConfig.model_validate(cfg_json)
     _WORKER_WS = Workspace(cfg)
     configure_threads(cfg.threads, _WORKER_WS.encoder_params, cores)
+    _WORKER_WS.clip  # every job needs the model: build it (importing open_clip) while no job waits
 
 
 def _work(spec_dict: dict) -> dict:

@@ -1,0 +1,69 @@
+"""The image encoder's summary (shapes, size, parameter count) is kept per (arch, weights):
+a driver checks checkpoints without building the model, and still catches what building would."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from harness.config import validate_config
+from harness.errors import HarnessError
+from harness.models import build_clip, load_state_dict, save_state_dict
+from harness.workspace import Workspace
+from tests.conftest import make_sweep_dict
+
+
+def no_model(*args, **kwargs):
+    raise AssertionError("the model was built")
+
+
+def test_summary_is_built_once_then_read(micro_checkpoints, tmp_path, monkeypatch):
+    cfg = validate_config(make_sweep_dict(micro_checkpoints, tmp_path))
+    first = Workspace(cfg)
+    first.preflight()
+    visual = first.clip.visual
+    assert first.encoder_params == sum(p.numel() for p in visual.parameters())
+    assert first._encoder_shapes == {k: tuple(v.shape) for k, v in visual.state_dict().items()}
+    assert first.encoder_summary["image_size"] == list(visual.image_size)
+
+    monkeypatch.setattr("harness.workspace.build_clip", no_model)
+    second = Workspace(cfg)
+    second.preflight()  # checkpoint headers and heads, from the summary alone
+    assert second.encoder_params == first.encoder_params
+    assert second._encoder_shapes == first._encoder_shapes
+
+
+def test_new_weights_are_checked_by_building(micro_checkpoints, tmp_path, monkeypatch):
+    """Weights that never loaded have no summary: the driver builds the model and refuses them."""
+    cfg = validate_config(make_sweep_dict(micro_checkpoints, tmp_path))
+    Workspace(cfg).preflight()
+    bad = build_clip("harness-tiny-vit").state_dict()  # another architecture's weights
+    save_state_dict(bad, tmp_path / "other.safetensors")
+    d = make_sweep_dict(micro_checkpoints, tmp_path)
+    d["model"]["pretrained"] = str(tmp_path / "other.safetensors")
+    with pytest.raises(HarnessError, match="weights do not match architecture 'harness-micro-vit'"):
+        Workspace(validate_config(d)).preflight()
+
+
+def test_cached_summary_still_rejects_a_wrong_checkpoint(micro_checkpoints, tmp_path, monkeypatch):
+    cfg = validate_config(make_sweep_dict(micro_checkpoints, tmp_path))
+    Workspace(cfg).preflight()
+    wrong = load_state_dict(micro_checkpoints / "toy_stripes.safetensors")
+    wrong["conv1.weight"] = torch.zeros(3)
+    save_state_dict(wrong, tmp_path / "wrong.safetensors")
+    d = make_sweep_dict(micro_checkpoints, tmp_path)
+    d["model"].pop("finetuned_pattern")
+    d["model"]["finetuned"] = {"toy_stripes": str(tmp_path / "wrong.safetensors"),
+                               "toy_colours": str(micro_checkpoints / "toy_colours.safetensors")}
+    monkeypatch.setattr("harness.workspace.build_clip", no_model)
+    with pytest.raises(HarnessError, match=r"wrong.safetensors: tensor 'conv1.weight' has shape \(3,\)"):
+        Workspace(validate_config(d)).preflight()
+
+
+def test_an_unreadable_summary_is_rebuilt(micro_checkpoints, tmp_path):
+    cfg = validate_config(make_sweep_dict(micro_checkpoints, tmp_path))
+    ws = Workspace(cfg)
+    params = ws.encoder_params
+    (path,) = (cfg.resolved_cache_dir() / "encoders").glob("*.json")
+    path.write_text('{"shapes": {}}')
+    assert Workspace(cfg).encoder_params == params
