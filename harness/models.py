@@ -35,7 +35,7 @@ def open_clip_module() -> ModuleType:
     """open_clip, with the project's configs registered, imported without ``transformers``.
 
     open_clip's Hugging Face adapter imports ``transformers`` when open_clip is imported
-    (1.3-1.9 s measured here, in every process: the driver, each worker, each SLURM job) though
+    (1-2 s measured here, in every process: the driver, each worker, each SLURM job) though
     only models with a Hugging Face text tower use it. Hiding it for that one import makes the
     adapter fall back to its no-``transformers`` branch; :func:`build_clip` reloads the adapter
     before building a model that needs it."""

@@ -119,24 +119,29 @@ class Workspace:
         jobs run in workers or on SLURM checks checkpoints and prints its plan without importing
         open_clip and building the model (3-4 s here, more for ViT-B/32). Written only once the
         model has been built with those weights: a pair that never loaded is still checked by
-        building it."""
+        building it. Weights named by an open_clip tag are always built (its cached file may have
+        gone), so a missing file stays one error before any job."""
         from importlib.metadata import version
 
         from harness.models import CONFIG_DIR
 
-        arch = self.sources["arch"]
-        ours = CONFIG_DIR / f"{arch}.json"
-        key = content_key({"arch": arch, "pretrained": self.identity["pretrained"],
-                           "open_clip": version("open_clip_torch"),
-                           "config": ours.read_text() if ours.is_file() else None})
-        path = self.cfg.resolved_cache_dir() / "encoders" / f"{arch}-{key}.json"
-        summary = read_json(path)
-        if not isinstance(summary, dict) or not {"shapes", "params", "image_size"} <= summary.keys():
-            visual = self.clip.visual
-            size = getattr(visual, "image_size", None)
-            summary = {"shapes": {k: list(v.shape) for k, v in visual.state_dict().items()},
-                       "params": sum(p.numel() for p in visual.parameters()),
-                       "image_size": list(size) if isinstance(size, (tuple, list)) else size}
+        arch, pretrained = self.sources["arch"], self.sources["pretrained"]
+        path = None
+        if not pretrained or Path(pretrained).is_file():
+            ours = CONFIG_DIR / f"{arch}.json"
+            key = content_key({"arch": arch, "pretrained": self.identity["pretrained"],
+                               "open_clip": version("open_clip_torch"),
+                               "config": ours.read_text() if ours.is_file() else None})
+            path = self.cfg.resolved_cache_dir() / "encoders" / f"{arch}-{key}.json"
+            summary = read_json(path)
+            if isinstance(summary, dict) and {"shapes", "params", "image_size"} <= summary.keys():
+                return summary
+        visual = self.clip.visual
+        size = getattr(visual, "image_size", None)
+        summary = {"shapes": {k: list(v.shape) for k, v in visual.state_dict().items()},
+                   "params": sum(p.numel() for p in visual.parameters()),
+                   "image_size": list(size) if isinstance(size, (tuple, list)) else size}
+        if path is not None:
             atomic_write_json(path, summary)
         return summary
 

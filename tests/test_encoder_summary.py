@@ -67,3 +67,20 @@ def test_an_unreadable_summary_is_rebuilt(micro_checkpoints, tmp_path):
     (path,) = (cfg.resolved_cache_dir() / "encoders").glob("*.json")
     path.write_text('{"shapes": {}}')
     assert Workspace(cfg).encoder_params == params
+
+
+def test_weights_named_by_a_tag_are_built_every_time(micro_checkpoints, tmp_path, monkeypatch):
+    """An open_clip tag's cached file can vanish: the driver keeps checking it by building."""
+    import open_clip.pretrained
+
+    weights = tmp_path / "tagged.safetensors"
+    weights.write_bytes((micro_checkpoints / "pretrained.safetensors").read_bytes())
+    monkeypatch.setitem(open_clip.pretrained._PRETRAINED, "harness-micro-vit", {"local": {"file": str(weights)}})
+    d = make_sweep_dict(micro_checkpoints, tmp_path)
+    d["model"]["pretrained"] = "local"
+    cfg = validate_config(d)
+    Workspace(cfg).preflight()
+    assert not (cfg.resolved_cache_dir() / "encoders").exists()
+    weights.unlink()
+    with pytest.raises(HarnessError, match="pretrained weights 'local' for 'harness-micro-vit' are not in the local cache"):
+        Workspace(cfg).preflight()
