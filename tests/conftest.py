@@ -41,6 +41,18 @@ def write_micro_checkpoints(root, noise_scale, tasks=TOY_TASKS):
     return root
 
 
+def run_fresh(code: str, timeout: int = 300) -> str:
+    """stdout of ``code`` run in a new interpreter (what a process imports is process state)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
 def make_sweep_dict(checkpoints, root) -> dict:
     """A minimal valid sweep over the toy tasks with file checkpoints."""
     return {

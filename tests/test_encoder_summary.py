@@ -10,7 +10,7 @@ from harness.config import validate_config
 from harness.errors import HarnessError
 from harness.models import build_clip, load_state_dict, save_state_dict
 from harness.workspace import Workspace
-from tests.conftest import make_sweep_dict
+from tests.conftest import make_sweep_dict, run_fresh
 
 
 def no_model(*args, **kwargs):
@@ -90,19 +90,16 @@ def test_driver_with_workers_never_imports_open_clip(micro_checkpoints, tmp_path
     """Once the summary and heads are cached, a sweep whose jobs run in workers leaves open_clip
     (and the model) to them: the driver's process never imports it."""
     import json
-    import subprocess
-    import sys
 
     d = make_sweep_dict(micro_checkpoints, tmp_path)
     d["executor"] = {"kind": "local", "workers": 2}
     Workspace(validate_config(d)).preflight()  # what an earlier sweep leaves in the cache
-    code = ("import json, sys\n"
-            "from harness.config import validate_config\n"
-            "from harness.runner import run_sweep\n"
-            f"out = run_sweep(validate_config(json.loads({json.dumps(json.dumps(d))})), quiet=True)\n"
-            "print(len(out.executed), all(r.status == 'ok' for r in out.results), 'open_clip' in sys.modules)\n")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    executed, ok, imported = proc.stdout.split()
+    out = run_fresh("import json, sys\n"
+                    "from harness.config import validate_config\n"
+                    "from harness.runner import run_sweep\n"
+                    f"out = run_sweep(validate_config(json.loads({json.dumps(json.dumps(d))})), quiet=True)\n"
+                    "print(len(out.executed), all(r.status == 'ok' for r in out.results), 'open_clip' in sys.modules)\n",
+                    timeout=600)
+    executed, ok, imported = out.split()
     assert int(executed) >= 4 and ok == "True"
     assert imported == "False"

@@ -6,20 +6,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import subprocess
-import sys
-import textwrap
 
 import pytest
 
+from tests.conftest import run_fresh
+
 needs_transformers = pytest.mark.skipif(importlib.util.find_spec("transformers") is None,
                                         reason="transformers is not installed (pip install -e '.[hf]')")
-
-
-def run_fresh(code: str) -> str:
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout
 
 
 def test_building_a_model_does_not_import_transformers():
