@@ -42,10 +42,23 @@ def main() -> None:
     """Benchmark harness for merging multi-task CLIP models."""
 
 
-def _load(file: str, overrides: tuple[str, ...]):
-    from harness.config import load_config
+def _load(file: str, overrides: tuple[str, ...], start_workers: bool = False):
+    """The validated config; ``start_workers``: a sweep that will run jobs in a local pool
+    starts the pool's server first, from the raw executor block, because validation imports
+    torch (task and method registries) and the server's imports should overlap the driver's."""
+    from harness.config import ExecutorSpec, apply_overrides, read_yaml, validate_config
 
-    return load_config(file, list(overrides))
+    raw = apply_overrides(read_yaml(file), list(overrides))
+    if start_workers:
+        try:
+            executor = ExecutorSpec.model_validate(raw.get("executor") or {})
+        except Exception:  # noqa: BLE001  (validation below reports it with file and field)
+            executor = None
+        if executor is not None and executor.kind == "local" and executor.workers > 1:
+            from harness.executors.server import prestart
+
+            prestart()
+    return validate_config(raw, file)
 
 
 def _print_plan(cfg) -> None:
@@ -79,7 +92,7 @@ def _print_plan(cfg) -> None:
 @click.option("--detach", is_flag=True, help="SLURM: submit the jobs and return; see `status`, `collect`.")
 def sweep(file: str, overrides: tuple[str, ...], dry_run: bool, quiet: bool, detach: bool) -> None:
     """Run a sweep: FILE is a YAML sweep, OVERRIDES are key.path=value."""
-    cfg = _load(file, overrides)
+    cfg = _load(file, overrides, start_workers=not (dry_run or detach))
     if dry_run:
         _print_plan(cfg)
         return
@@ -137,7 +150,7 @@ def tune(file: str, overrides: tuple[str, ...], label: str, trials: int | None, 
     """Tune one method of FILE (its `tune:` block) without the rest of the sweep."""
     from harness.config import validate_config
 
-    cfg = _load(file, overrides)
+    cfg = _load(file, overrides, start_workers=True)
     index = next((i for i, m in enumerate(cfg.methods) if m.display == label), None)
     if index is None:
         fail(f"{file}: no method labelled {label!r}; methods: {', '.join(m.display for m in cfg.methods)}")

@@ -118,8 +118,6 @@ def _run_sweep(cfg: SweepConfig, ws: Workspace, executor: Any, console: Console,
             results[s.key] = cached
         else:
             pending.append(s)
-    if mode == "run":
-        executor.start(len(pending))  # local workers import their libraries while the driver prepares
     if pending or any(m.tune for m in cfg.methods):  # a finished sweep builds no model
         ws.preflight()  # bad checkpoints, data or heads: one error now, before anything is written
     failpoint("prepare")
@@ -135,6 +133,8 @@ def _run_sweep(cfg: SweepConfig, ws: Workspace, executor: Any, console: Console,
     if show:
         console.print(f"[bold]{cfg.name}[/]: {len(specs)} jobs, {len(specs) - len(pending)} cached, "
                       f"{len(pending)} to run -> {out}")
+    if mode == "run":
+        executor.start(len(pending))  # after the checks: a bad checkpoint is reported without waiting for workers
 
     if mode == "detach":
         message = executor.submit(pending)

@@ -1,13 +1,15 @@
-"""Executors run JobSpecs and yield JobResults as they finish; same interface for all."""
+"""Executors run JobSpecs and yield JobResults as they finish; same interface for all.
 
-from harness.executors.local import LocalExecutor
+Each executor is imported when chosen: ``server`` must stay importable without torch."""
 
-__all__ = ["LocalExecutor", "make_executor"]
+__all__ = ["make_executor"]
 
 
 def make_executor(cfg, workspace, progress: bool = False, console=None):
     kind = cfg.executor.kind
     if kind == "local":
+        from harness.executors.local import LocalExecutor
+
         return LocalExecutor(cfg, workspace, workers=cfg.executor.workers)
     if kind in ("slurm", "debug"):  # submitit: SLURM job arrays, or its in-process debug executor
         from harness.executors.slurm import SlurmExecutor

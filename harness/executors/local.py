@@ -1,17 +1,18 @@
-"""Run jobs in this process, or in a small pool of worker processes (spawned, 1 thread each).
+"""Run jobs in this process, or in a small pool of worker processes (1 thread each).
 
-The pool lives as long as the sweep: a spawned worker pays the library imports (torch,
-open_clip: about 7 s on 2 cores) and loads the models once, not once per phase or per batch
-of tuning trials."""
+The pool lives as long as the sweep: a worker is forked from a server that imported the
+libraries once (``server``) and builds the model once, not once per phase or per batch of
+tuning trials."""
 
 from __future__ import annotations
 
 import concurrent.futures as cf
-import multiprocessing as mp
+import os
 from pathlib import Path
 from typing import Callable, Iterator
 
 from harness.config import SweepConfig
+from harness.executors.server import prestart, worker_context
 from harness.job import JobResult, run_job
 from harness.plan import JobSpec
 from harness.runtime import available_cores, configure_threads, resolve_device
@@ -20,8 +21,10 @@ from harness.workspace import Workspace
 _WORKER_WS: Workspace | None = None
 
 
-def _init_worker(cfg_json: dict, cores: int) -> None:
+def _init_worker(cfg_json: dict, cores: int, environ: dict[str, str]) -> None:
     global _WORKER_WS
+    os.environ.clear()  # the driver's environment now, not the server's when it started
+    os.environ.update(environ)
     cfg = SweepConfig.model_validate(cfg_json)
     _WORKER_WS = Workspace(cfg)
     configure_threads(cfg.threads, _WORKER_WS.encoder_params, cores)
@@ -49,10 +52,12 @@ class LocalExecutor:
         self.cfg, self.ws, self.workers = cfg, workspace, workers
         self._pool: cf.ProcessPoolExecutor | None = None
         self._size = 0
+        if workers > 1:
+            prestart()  # the server imports while the driver prepares (the CLI started it sooner)
 
     def start(self, n_jobs: int) -> None:
-        """Start the worker processes now, when ``n_jobs`` will run: their imports then overlap
-        the driver's own preparation instead of following it."""
+        """Start the worker processes now, when ``n_jobs`` will run, so that each builds its
+        model before the first job is handed out. Waits for the server's imports."""
         if self.workers > 1 and n_jobs > 1:
             pool = self._ensure_pool(n_jobs)
             for _ in range(self._size):
@@ -65,8 +70,8 @@ class LocalExecutor:
             self.close()
         if self._pool is None:
             cores = max(1, available_cores() // n)  # the workers share the cores
-            self._pool = cf.ProcessPoolExecutor(n, mp_context=mp.get_context("spawn"), initializer=_init_worker,
-                                                initargs=(self.cfg.model_dump(mode="json"), cores))
+            self._pool = cf.ProcessPoolExecutor(n, mp_context=worker_context(), initializer=_init_worker,
+                                                initargs=(self.cfg.model_dump(mode="json"), cores, dict(os.environ)))
             self._size = n
         return self._pool
 

@@ -1,0 +1,34 @@
+"""Where local workers come from: one server process that imports torch, open_clip and the
+harness once, and forks every worker from that state (multiprocessing's forkserver).
+
+A spawned worker imports those libraries itself (6-7 s on 2 cores), so two workers spent
+twice the CPU of one import, after the driver's own. The server does it once, and it can be
+started before the driver has imported anything heavy, so the two overlap. Workers keep spawn's
+other properties: a fresh ``__main__``, the driver's ``sys.path`` and working directory, and
+(forwarded by the executor) its environment at the time the pool starts. This module imports
+nothing heavy so the command line can start the server first."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+from multiprocessing.context import BaseContext
+
+PRELOAD = ["harness.executors.worker_imports"]
+
+
+def worker_context() -> BaseContext:
+    """The forkserver context with the harness preloaded where the platform has one (Linux,
+    macOS), else spawn."""
+    if "forkserver" not in mp.get_all_start_methods():
+        return mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOAD)
+    return ctx
+
+
+def prestart() -> None:
+    """Start the server now (returns at once): its imports then run beside the driver's."""
+    if worker_context().get_start_method() == "forkserver":
+        from multiprocessing import forkserver
+
+        forkserver.ensure_running()
