@@ -66,8 +66,8 @@ def test_a_worker_killed_between_batches_costs_no_job(sweep_dict):
 
 
 def test_abort_stops_the_workers_instead_of_waiting_for_them(sweep_dict):
-    """A sweep that fails (bad input found by the driver's preflight) does not wait for the
-    workers it started to finish importing."""
+    """A sweep that fails after its pool started stops the workers at once instead of waiting
+    for them to finish starting (building their models) or their jobs."""
     cfg, ws, specs = _specs(sweep_dict, [{"name": "tests.worker_probe:WorkerPid", "grid": {"tag": [0, 1]}}])
     ex = LocalExecutor(cfg, ws, workers=2)
     ex.start(len(specs))

@@ -8,7 +8,11 @@ import concurrent.futures as cf
 import json
 import multiprocessing as mp
 import os
+import subprocess
 import sys
+import textwrap
+import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -82,3 +86,31 @@ def test_the_command_line_starts_the_server_before_importing_torch(sweep_dict, t
         print(json.dumps(calls))
     """)
     assert json.loads(out.strip().splitlines()[-1]) == [False, True]
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (a container's init may be slow to reap orphans)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_a_server_still_importing_ends_with_the_driver(tmp_path):
+    """A driver that exits early (a preflight error, nothing left to run) takes the server with it
+    instead of leaving it to import for seconds while holding the driver's output open."""
+    log = tmp_path / "out.txt"
+    code = textwrap.dedent("""
+        from multiprocessing import forkserver
+        from harness.executors.server import prestart
+        prestart()
+        print(forkserver._forkserver._forkserver_pid, flush=True)
+    """)
+    with open(log, "w") as out:
+        subprocess.run([sys.executable, "-c", code], stdout=out, check=True, timeout=120)
+    pid = int(log.read_text().split()[0])
+    deadline = time.monotonic() + 1.0  # the server's imports take several seconds
+    while _running(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _running(pid)

@@ -10,7 +10,11 @@ nothing heavy so the command line can start the server first."""
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import multiprocessing as mp
+import os
+import signal
 from multiprocessing.context import BaseContext
 
 PRELOAD = ["harness.executors.worker_imports"]
@@ -28,7 +32,26 @@ def worker_context() -> BaseContext:
 
 def prestart() -> None:
     """Start the server now (returns at once): its imports then run beside the driver's."""
-    if worker_context().get_start_method() == "forkserver":
-        from multiprocessing import forkserver
+    global _stop_registered
+    if worker_context().get_start_method() != "forkserver":
+        return
+    from multiprocessing import forkserver
 
-        forkserver.ensure_running()
+    forkserver.ensure_running()
+    if not _stop_registered:
+        atexit.register(_stop)
+        _stop_registered = True
+
+
+_stop_registered = False
+
+
+def _stop() -> None:
+    """At exit, end a server still importing: it would otherwise outlive the driver by seconds,
+    holding the driver's stdout open (a pipe reading it would wait; an idle server exits alone)."""
+    from multiprocessing import forkserver
+
+    pid = getattr(getattr(forkserver, "_forkserver", None), "_forkserver_pid", None)
+    if pid:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGTERM)
