@@ -114,3 +114,22 @@ def test_a_server_still_importing_ends_with_the_driver(tmp_path):
     while _running(pid) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not _running(pid)
+
+
+def test_workers_are_spawned_when_the_server_cannot_start(monkeypatch):
+    from multiprocessing import forkserver
+
+    import harness.executors.server as server
+
+    def refuse():
+        raise OSError("no Unix sockets here")
+
+    monkeypatch.setattr(server, "_failed", None)
+    monkeypatch.setattr(forkserver, "ensure_running", refuse)
+    with pytest.warns(UserWarning, match="no Unix sockets here"):
+        server.prestart()
+    ctx = worker_context()
+    assert ctx.get_start_method() == "spawn"
+    with cf.ProcessPoolExecutor(1, mp_context=ctx) as pool:
+        pid, mods = pool.submit(imported, ["open_clip"]).result(timeout=300)
+    assert pid != os.getpid() and mods == {"open_clip": False}  # a spawned worker imports for itself

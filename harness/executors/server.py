@@ -15,15 +15,19 @@ import contextlib
 import multiprocessing as mp
 import os
 import signal
+import warnings
 from multiprocessing.context import BaseContext
 
 PRELOAD = ["harness.executors.worker_imports"]
 
 
+_failed: str | None = None  # why the server could not start in this process
+
+
 def worker_context() -> BaseContext:
     """The forkserver context with the harness preloaded where the platform has one (Linux,
-    macOS), else spawn."""
-    if "forkserver" not in mp.get_all_start_methods():
+    macOS) and the server starts, else spawn."""
+    if _failed or "forkserver" not in mp.get_all_start_methods():
         return mp.get_context("spawn")
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(PRELOAD)
@@ -32,12 +36,17 @@ def worker_context() -> BaseContext:
 
 def prestart() -> None:
     """Start the server now (returns at once): its imports then run beside the driver's."""
-    global _stop_registered
+    global _stop_registered, _failed
     if worker_context().get_start_method() != "forkserver":
         return
     from multiprocessing import forkserver
 
-    forkserver.ensure_running()
+    try:
+        forkserver.ensure_running()
+    except OSError as exc:  # no Unix sockets or processes left: workers are spawned instead
+        _failed = f"{type(exc).__name__}: {exc}"
+        warnings.warn(f"local workers will be spawned: their server did not start ({_failed})", stacklevel=2)
+        return
     if not _stop_registered:
         atexit.register(_stop)
         _stop_registered = True
