@@ -133,8 +133,6 @@ def _run_sweep(cfg: SweepConfig, ws: Workspace, executor: Any, console: Console,
     if show:
         console.print(f"[bold]{cfg.name}[/]: {len(specs)} jobs, {len(specs) - len(pending)} cached, "
                       f"{len(pending)} to run -> {out}")
-    if mode == "run":
-        executor.start(len(pending))  # after the checks: a bad checkpoint is reported without waiting for workers
 
     if mode == "detach":
         message = executor.submit(pending)
@@ -168,6 +166,10 @@ def _run_sweep(cfg: SweepConfig, ws: Workspace, executor: Any, console: Console,
 
     with _progress(console, show and not getattr(executor, "shows_progress", False), len(pending),
                    always=bool(tuned)) as bar:
+        if mode == "run":  # after the checks: a bad checkpoint is reported without waiting for workers
+            bar.describe("starting workers")
+            executor.start(len(pending))
+            bar.describe("jobs")
 
         @functools.cache
         def threads() -> int:
