@@ -60,6 +60,7 @@ def _stop() -> None:
     holding the driver's stdout open (a pipe reading it would wait; an idle server exits alone)."""
     from multiprocessing import forkserver
 
+    # multiprocessing keeps the server's pid only privately; where it has moved, nothing is done
     pid = getattr(getattr(forkserver, "_forkserver", None), "_forkserver_pid", None)
     if pid:
         with contextlib.suppress(OSError):
