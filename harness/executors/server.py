@@ -19,9 +19,8 @@ import warnings
 from multiprocessing.context import BaseContext
 
 PRELOAD = ["harness.executors.worker_imports"]
-
-
 _failed: str | None = None  # why the server could not start in this process
+_stop_registered = False
 
 
 def worker_context() -> BaseContext:
@@ -52,8 +51,6 @@ def prestart() -> None:
         _stop_registered = True
 
 
-_stop_registered = False
-
 
 def _stop() -> None:
     """At exit, end a server still importing: it would otherwise outlive the driver by seconds,
@@ -62,6 +59,8 @@ def _stop() -> None:
 
     # multiprocessing keeps the server's pid only privately; where it has moved, nothing is done
     pid = getattr(getattr(forkserver, "_forkserver", None), "_forkserver_pid", None)
-    if pid:
-        with contextlib.suppress(OSError):
+    if not pid:
+        return
+    with contextlib.suppress(OSError):  # ChildProcessError: not ours (any more)
+        if os.waitpid(pid, os.WNOHANG) == (0, 0):  # still running: a pid that exited is never signalled
             os.kill(pid, signal.SIGTERM)
