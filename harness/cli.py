@@ -46,9 +46,9 @@ def _load(file: str, overrides: tuple[str, ...], start_workers: bool = False):
     """The validated config; ``start_workers``: a sweep that will run jobs in a local pool
     starts the pool's server first, from the raw executor block, because validation imports
     torch (task and method registries) and the server's imports should overlap the driver's."""
-    from harness.config import ExecutorSpec, apply_overrides, read_yaml, validate_config
+    from harness.config import ExecutorSpec, read_config, validate_config
 
-    raw = apply_overrides(read_yaml(file), list(overrides))
+    raw = read_config(file, list(overrides))
     if start_workers:
         try:
             executor = ExecutorSpec.model_validate(raw.get("executor") or {})

@@ -505,10 +505,14 @@ def read_yaml(path: str | os.PathLike) -> dict:
     return raw
 
 
+def read_config(path: str | os.PathLike, overrides: list[str] | None = None) -> dict:
+    """The sweep file with the command-line overrides applied, not yet validated."""
+    return apply_overrides(read_yaml(path), overrides or [])
+
+
 def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> SweepConfig:
     """Read, override, validate, and check method hyperparameters against their classes."""
-    raw = apply_overrides(read_yaml(path), overrides or [])
-    return validate_config(raw, str(path))
+    return validate_config(read_config(path, overrides), str(path))
 
 
 def validate_config(raw: dict, file: str = "<config>") -> SweepConfig:

@@ -19,6 +19,7 @@ from harness.cache import atomic_write_json, content_key, read_json
 from harness.config import SweepConfig
 from harness.errors import HarnessError
 from harness.models import (
+    CONFIG_DIR,
     build_clip,
     check_encoder_shapes,
     tensor_shapes,
@@ -122,8 +123,6 @@ class Workspace:
         building it. Weights named by an open_clip tag are always built (its cached file may have
         gone), so a missing file stays one error before any job."""
         from importlib.metadata import version
-
-        from harness.models import CONFIG_DIR
 
         arch, pretrained = self.sources["arch"], self.sources["pretrained"]
         path = None

@@ -51,7 +51,6 @@ def prestart() -> None:
         _stop_registered = True
 
 
-
 def _stop() -> None:
     """At exit, end a server still importing: it would otherwise outlive the driver by seconds,
     holding the driver's stdout open (a pipe reading it would wait; an idle server exits alone)."""
