@@ -10,8 +10,8 @@ Conventions the callers rely on:
 * Progress: ``ctx.progress`` None (or falsy) means silent. A live ``rich.progress.Progress``
   (anything with ``add_task``/``update``) gets one task added to it; any other callable is a
   factory called with no arguments that returns such a Progress, used as a context manager;
-  any other truthy value shows a transient rich progress bar of our own. The bar shows the
-  current loss.
+  any other truthy value shows a transient rich progress bar of our own (lines at every tenth
+  when the output is not a terminal). The bar shows the current loss.
 * Checkpoints: every ``checkpoint_every`` steps and at the end, the trainable tensors, the
   step, the Adam state and the loss history go to ``ctx.workdir/<name>-tta.pt`` (temp file +
   ``os.replace``; tensors and plain containers only, read back with ``weights_only=True``).
@@ -124,15 +124,17 @@ def _progress(ctx: MergeContext, description: str, total: int, start: int):
     if not spec:
         yield lambda completed, loss: None
         return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+
+    from harness.progress import progress_bars
 
     if hasattr(spec, "add_task") and hasattr(spec, "update"):
         owner = contextlib.nullcontext(spec)
     elif callable(spec):
         owner = spec()
     else:
-        owner = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                         TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn(), transient=True)
+        owner = progress_bars(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                              TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn(), transient=True)
     with owner as bar:
         task = bar.add_task(description, total=total, completed=start, loss="-")
         try:

@@ -196,7 +196,7 @@ def test_finetuned_checkpoint_is_deterministic_given_seed(suite, two_tasks, tmp_
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_shipped_pretrained_is_used_only_when_its_identity_matches(suite, two_tasks, tmp_path, monkeypatch):
+def test_shipped_pretrained_is_used_only_when_its_identity_matches(suite, two_tasks, tmp_path, monkeypatch, capsys):
     import shutil
 
     from harness.cache import atomic_write_json
@@ -216,9 +216,15 @@ def test_shipped_pretrained_is_used_only_when_its_identity_matches(suite, two_ta
     calls = []
     real = pipeline.pretrain_clip
     monkeypatch.setattr(pipeline, "pretrain_clip", lambda *a, **k: calls.append(1) or real(*a, **k))
-    pipeline.prepare_suite(two_tasks[:1], tmp_path / "c2", TINY, progress=False, from_scratch=True)
+    capsys.readouterr()
+    pipeline.prepare_suite(two_tasks[:1], tmp_path / "c2", TINY, progress=True, from_scratch=True)
+    logged = capsys.readouterr().out.splitlines()  # not a terminal: a line per tenth of each bar
     pipeline.prepare_suite(two_tasks[:1], tmp_path / "c3", {**TINY, "pretrain_lr": 5e-4}, progress=False)
     assert len(calls) == 2
+    opts = pipeline.SuiteOptions.model_validate(TINY)
+    for bar, total in ((f"pretrain {opts.arch}", opts.pretrain_steps), (f"finetune {two_tasks[0]}", opts.finetune_steps)):
+        lines = [line for line in logged if line.startswith(f"{bar}: ")]
+        assert lines and lines[-1].startswith(f"{bar}: {total}/{total} "), logged
 
 
 

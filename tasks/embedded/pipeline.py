@@ -233,11 +233,13 @@ def shipped_pretrained(arch: str) -> tuple[Path, dict[str, Any] | None]:
 
 
 def _progress_bars(enabled: bool):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                    disable=not enabled, transient=False)
+    from harness.progress import progress_bars
+
+    return progress_bars(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                         TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                         enabled=enabled)
 
 
 def _bar_callback(bars, bar_id, every: int = 10):

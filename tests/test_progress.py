@@ -1,0 +1,53 @@
+"""Progress in a log file: a line per tenth of a bar, live bars only on a terminal."""
+
+from __future__ import annotations
+
+import io
+
+from rich.console import Console
+from rich.progress import Progress
+
+from harness.progress import LineProgress, progress_bars
+
+
+def _console(terminal: bool) -> tuple[Console, io.StringIO]:
+    out = io.StringIO()
+    return Console(file=out, force_terminal=terminal, width=200), out
+
+
+def test_a_log_gets_one_line_per_tenth_with_the_fields():
+    console, out = _console(False)
+    with progress_bars(console=console) as bars:
+        assert isinstance(bars, LineProgress)
+        task = bars.add_task("pretrain", total=500, info="")
+        for step in range(1, 501):
+            bars.update(task, completed=step, info=f"loss {1 / step:.3g}")
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 10
+    assert lines[0].startswith("pretrain: 50/500 loss 0.02 [")
+    assert lines[-1].startswith("pretrain: 500/500 loss 0.002 [")
+    assert all(line.endswith(" s]") for line in lines)
+
+
+def test_a_bar_that_starts_part_done_reports_only_new_tenths_and_advance_counts():
+    console, out = _console(False)
+    bars = progress_bars(console=console)
+    task = bars.add_task("tta", total=20, completed=10, loss="-")
+    bars.advance(task)  # 11/20: still the fifth tenth
+    assert out.getvalue() == ""
+    bars.advance(task)
+    assert len(out.getvalue().splitlines()) == 1
+    assert out.getvalue().startswith("tta: 12/20 loss - [")
+    bars.update(task, completed=20, description="tta done")
+    assert out.getvalue().splitlines()[-1].startswith("tta done: 20/20")
+    bars.remove_task(task)
+
+
+def test_a_terminal_gets_rich_bars_and_disabled_means_silent():
+    console, out = _console(True)
+    assert isinstance(progress_bars(console=console), Progress)
+    console, out = _console(False)
+    quiet = progress_bars(console=console, enabled=False)
+    with quiet:
+        quiet.update(quiet.add_task("x", total=2), completed=2)
+    assert out.getvalue() == ""
