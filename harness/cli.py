@@ -310,8 +310,10 @@ def prepare(file: str | None, overrides: tuple[str, ...], from_scratch: bool, qu
     t0 = time.perf_counter()
     art = prepare_suite(cfg.task_names, cfg.resolved_cache_dir(), options=cfg.model.suite,
                         progress=not quiet, from_scratch=from_scratch)
-    console.print(f"embedded suite ready in {time.perf_counter() - t0:.1f}s: {art.arch}, "
-                  f"{len(art.finetuned)} fine-tuned encoders under {Path(art.pretrained).parent}")
+    folders = sorted({str(Path(p).parent) for p in art.finetuned.values()})
+    console.print(f"embedded suite ready in {time.perf_counter() - t0:.1f}s: {art.arch} pretrained "
+                  f"{art.pretrained}, {len(art.finetuned)} fine-tuned encoders under {', '.join(folders)}",
+                  highlight=False, soft_wrap=True)
 
 
 @main.command()

@@ -278,3 +278,20 @@ def test_finetuned_cache_key_tells_real_data_from_its_stand_in(monkeypatch):
     if real_source == stand_in_source:
         pytest.skip("Debian dataset-fashion-mnist is not installed: only the stand-in exists here")
     assert real != stand_in
+
+
+def test_prepare_command_names_the_pretrained_file_and_the_fine_tuned_folder(suite, two_tasks, tmp_path):
+    import yaml
+    from click.testing import CliRunner
+
+    from harness.cli import main
+
+    cache, art = suite
+    sweep = tmp_path / "suite.yaml"
+    sweep.write_text(yaml.safe_dump({"name": "prep", "cache_dir": str(cache), "tasks": two_tasks,
+                                     "model": {"source": "embedded", "suite": TINY}}))
+    r = CliRunner().invoke(main, ["prepare", "-q", str(sweep)], env={"COLUMNS": "400"})
+    assert r.exit_code == 0, r.output
+    folder = art.finetuned[two_tasks[0]].parent
+    assert folder.name == "finetuned" and art.pretrained.parent != folder
+    assert f"pretrained {art.pretrained}, 2 fine-tuned encoders under {folder}\n" in r.output
