@@ -7,7 +7,9 @@ image encoder):
    of that task over the *whole flattened model*, n = max(1, floor(P * k / 100)) for P
    entries. Tie rule: every entry equal to the threshold is kept (``|x| >= kth``), so a task
    may keep more than n entries; when the threshold is 0 every entry is kept (the zeros add
-   nothing).
+   nothing). ``trim_scope="tensor"`` (an option; mergekit trims this way) takes the
+   threshold per task *and tensor* instead: each tensor keeps its own top k%, so a tensor
+   whose task-vector entries are small everywhere is not trimmed away whole.
 2. Elect: per entry, the sign of the mass, the sum of the trimmed values. An entry whose
    mass is exactly zero takes the model-wide majority sign (the sign of the sum of all
    elected signs); if that vote is tied too, the entry selects negative values. This is the
@@ -55,6 +57,7 @@ from torch import Tensor, nn
 from methods.base import MergeContext, MergeMethod, check_same_keys, float_state, register_method
 
 MergeFunction = Literal["mean", "sum"]
+TrimScope = Literal["model", "tensor"]
 
 _MAX_BITS = 0x7FFFFFFF  # largest int32; as float32 bits, above +inf (NaN payloads)
 _INF_BITS = 0x7F800000
@@ -70,11 +73,14 @@ def keep_count(numel: int, k: float) -> int:
     return max(1, min(numel, int(numel * k / 100)))
 
 
-def _check_inputs(task_vectors: Sequence[Mapping[str, Tensor]], merge_function: str) -> list[str]:
+def _check_inputs(task_vectors: Sequence[Mapping[str, Tensor]], merge_function: str,
+                  trim_scope: str = "model") -> list[str]:
     if not task_vectors:
         raise ValueError("TIES needs at least one task vector")
     if merge_function not in ("mean", "sum"):
         raise ValueError(f"merge_function must be 'mean' or 'sum', got {merge_function!r}")
+    if trim_scope not in ("model", "tensor"):
+        raise ValueError(f"trim_scope must be 'model' or 'tensor', got {trim_scope!r}")
     first = {k: v for k, v in task_vectors[0].items()}
     for i, tv in enumerate(task_vectors[1:], start=1):
         check_same_keys(first, dict(tv), f"task vector {i}")
@@ -97,7 +103,8 @@ def _ordered_sum(rows: Tensor) -> Tensor:
 
 
 def ties_merge_dense(
-    task_vectors: Sequence[Mapping[str, Tensor]], k: float = 20.0, merge_function: MergeFunction = "mean"
+    task_vectors: Sequence[Mapping[str, Tensor]], k: float = 20.0, merge_function: MergeFunction = "mean",
+    trim_scope: TrimScope = "model",
 ) -> dict[str, Tensor]:
     """TIES over a flattened ``[T, P]`` matrix, written like the common reference code.
 
@@ -105,12 +112,23 @@ def ties_merge_dense(
     Memory: several ``[T, P]`` float temporaries; use :func:`ties_merge_streaming` for
     real models.
     """
-    keys = _check_inputs(task_vectors, merge_function)
+    keys = _check_inputs(task_vectors, merge_function, trim_scope)
     shapes = [task_vectors[0][key].shape for key in keys]
     flat = torch.stack([torch.cat([tv[key].reshape(-1).float() for key in keys]) for tv in task_vectors])
     num_entries = flat.shape[1]
-    n_keep = keep_count(num_entries, k)
-    kth_values, _ = flat.abs().kthvalue(num_entries - n_keep + 1, dim=1, keepdim=True)
+    if trim_scope == "model":
+        n_keep = keep_count(num_entries, k)
+        kth_values, _ = flat.abs().kthvalue(num_entries - n_keep + 1, dim=1, keepdim=True)
+    else:
+        kth_values = torch.zeros_like(flat)
+        start = 0
+        for shape in shapes:
+            stop = start + shape.numel()
+            if stop > start:
+                n = stop - start
+                kth_values[:, start:stop] = flat[:, start:stop].abs().kthvalue(n - keep_count(n, k) + 1, dim=1,
+                                                                              keepdim=True).values
+            start = stop
     trimmed = flat * (flat.abs() >= kth_values)
 
     signs = torch.sign(_ordered_sum(trimmed))
@@ -144,6 +162,12 @@ class _Source:
         self.states = [{key: sd[key].reshape(-1) for key in keys} for sd in states]
         self.base = None if base is None else {key: base[key].reshape(-1) for key in keys}
         self.numel = {key: self.states[0][key].numel() for key in keys}
+
+    def only(self, key: str) -> "_Source":
+        """The same task vectors restricted to one tensor (for per-tensor thresholds)."""
+        part = copy.copy(self)
+        part.keys, part.numel = [key], {key: self.numel[key]}
+        return part
 
     def fill(self, out: Tensor, t: int, key: str, start: int, stop: int) -> Tensor:
         """Write tau_t[key][start:stop] (float32) into ``out``."""
@@ -359,6 +383,7 @@ def ties_merge_streaming(
     k: float = 20.0,
     merge_function: MergeFunction = "mean",
     *,
+    trim_scope: TrimScope = "model",
     base: Mapping[str, Tensor] | None = None,
     chunk_size: int = 1 << 17,
     sample_size: int = 1 << 17,
@@ -372,18 +397,25 @@ def ties_merge_streaming(
     candidates (about 1% of one task vector per task). ``sample_size`` and ``seed`` only
     affect speed. Tensors are read through flat views (contiguous ones are not copied).
     """
-    keys = _check_inputs(task_vectors, merge_function)
+    keys = _check_inputs(task_vectors, merge_function, trim_scope)
     if base is not None:
         check_same_keys(dict(task_vectors[0]), dict(base), "base")
     src = _Source(task_vectors, base, keys)
     num_tasks = len(task_vectors)
-    thr_bits = _threshold_bits(src, k, sample_size, max(chunk_size, 1 << 20), seed)
+    pass_chunk = max(chunk_size, 1 << 20)
+    if trim_scope == "model":
+        whole = _threshold_bits(src, k, sample_size, pass_chunk, seed)
+        thr_bits = {key: whole for key in keys}
+    else:
+        thr_bits = {key: _threshold_bits(src.only(key), k, sample_size, pass_chunk, seed)
+                    for key in keys if src.numel[key]}
     # hardshrink keeps |x| > lambd; with lambd the float just below the threshold that is
     # |x| >= threshold. A zero threshold keeps everything.
-    lambdas = [None if b == 0 else _float_from_bits(b - 1) for b in thr_bits]
+    lambdas = {key: [None if b == 0 else _float_from_bits(b - 1) for b in bits] for key, bits in thr_bits.items()}
 
-    def trim(row: Tensor, t: int) -> Tensor:
-        return row if lambdas[t] is None else torch.hardshrink(row, lambdas[t], out=row)
+    def trim(row: Tensor, t: int, key: str) -> Tensor:
+        lambd = lambdas[key][t]
+        return row if lambd is None else torch.hardshrink(row, lambd, out=row)
 
     chunk = max(1, min(chunk_size, max(src.numel.values())))
     buffer = torch.empty(num_tasks * chunk, dtype=torch.float32)
@@ -398,7 +430,7 @@ def ties_merge_streaming(
             stop = min(n, start + chunk)
             stack = buffer[: num_tasks * (stop - start)].view(num_tasks, stop - start)
             for t in range(num_tasks):
-                trim(src.fill(stack[t], t, key, start, stop), t)
+                trim(src.fill(stack[t], t, key, start, stop), t, key)
             mass = _ordered_sum(stack)
             vote += float(torch.sign(mass).sum())  # exact: integers below 2**24
             # +1 where the mass is +0 (provisional, the vote may flip it); a mass of -0.0
@@ -416,7 +448,7 @@ def ties_merge_streaming(
             total.mul_(sign)
             if ambiguous.any():
                 index = torch.from_numpy(np.flatnonzero(ambiguous)) + start
-                rows = torch.stack([trim(src.gather(t, key, index), t) for t in range(num_tasks)])
+                rows = torch.stack([trim(src.gather(t, key, index), t, key) for t in range(num_tasks)])
                 rows.neg_().relu_()
                 alt = _ordered_sum(rows)
                 if merge_function == "mean":
@@ -436,6 +468,8 @@ class TiesMerging(MergeMethod):
     k: float = Field(20.0, gt=0.0, le=100.0, description="percent of entries kept per task vector")
     scaling: float = Field(1.0, ge=0.0, le=10.0, description="lambda, the merged-vector scale")
     merge_function: MergeFunction = Field("mean", description="disjoint mean or disjoint sum")
+    trim_scope: TrimScope = Field("model", description="trim threshold over the whole model (the paper) or "
+                                                       "per tensor (mergekit)")
 
     def merge(self, pretrained: nn.Module, finetuned: Mapping[str, nn.Module], ctx: MergeContext) -> nn.Module:
         base = float_state(pretrained)
@@ -444,7 +478,8 @@ class TiesMerging(MergeMethod):
             sd = float_state(model)
             check_same_keys(base, sd, task)
             states.append(sd)
-        merged = ties_merge_streaming(states, self.k, self.merge_function, base=base, seed=ctx.seed)
+        merged = ties_merge_streaming(states, self.k, self.merge_function, trim_scope=self.trim_scope,
+                                      base=base, seed=ctx.seed)
         for key, value in merged.items():
             value.mul_(self.scaling).add_(base[key].float())
         return _module_from_state(pretrained, merged)

@@ -30,10 +30,11 @@ STREAMING = [
 TINY = STREAMING + [dict(sample_size=2, chunk_size=1)]
 
 
-def both(task_vecs, k, merge_function):
-    yield "dense", ties_merge_dense(task_vecs, k, merge_function)
+def both(task_vecs, k, merge_function, trim_scope="model"):
+    yield "dense", ties_merge_dense(task_vecs, k, merge_function, trim_scope)
     for options in TINY if sum(v.numel() for v in task_vecs[0].values()) < 100 else STREAMING:
-        yield f"streaming{options}", ties_merge_streaming(task_vecs, k, merge_function, **options)
+        yield f"streaming{options}", ties_merge_streaming(task_vecs, k, merge_function, trim_scope=trim_scope,
+                                                          **options)
 
 
 def assert_close(result: dict, expected: dict, atol: float = 1e-6) -> None:
@@ -86,6 +87,35 @@ def test_hand_thresholds():
 def test_hand_computed(merge_function, expected):
     for name, result in both(HAND_TASKS, 50, merge_function):
         assert_close(result, expected)
+
+
+# Trim scope: one threshold per task over the whole model, or one per task and tensor.
+# k = 50. Model scope, P = 6, keep 3: task 1 keeps 10, -8, 6 (threshold 6), task 2 keeps
+# 2, -7, 3 (threshold 2); every entry of the small tensor b is trimmed. Tensor scope, keep 2 of
+# a and 1 of b: task 1 keeps 10, -8 and 0.5, task 2 keeps -7, 3 and 0.4.
+SCOPE_TASKS = [tv(a=[10, -8, 6, 4], b=[0.5, -0.3]), tv(a=[-1, 2, -7, 3], b=[-0.2, 0.4])]
+#   model:  a00 10 | a01 (-8, 2) mass -6 -> -8 | a02 (6, -7) mass -1 -> -7 | a03 3 | b 0, 0
+#   tensor: a00 10 | a01 -8 | a02 -7 | a03 3 | b0 0.5 | b1 0.4
+SCOPE_EXPECTED = {"model": tv(a=[10, -8, -7, 3], b=[0, 0]), "tensor": tv(a=[10, -8, -7, 3], b=[0.5, 0.4])}
+
+
+@pytest.mark.parametrize("trim_scope", ["model", "tensor"])
+@pytest.mark.parametrize("merge_function", ["mean", "sum"])
+def test_hand_computed_trim_scope(trim_scope, merge_function):
+    for name, result in both(SCOPE_TASKS, 50, merge_function, trim_scope):
+        assert_close(result, SCOPE_EXPECTED[trim_scope])
+
+
+def test_tensor_scope_keeps_each_tensors_top_k():
+    """Every tensor of every task keeps exactly its own top 30% (distinct magnitudes)."""
+    g = torch.Generator().manual_seed(11)
+    task = {"big": 100 * torch.randn(40, 10, generator=g), "small": 0.01 * torch.randn(20, generator=g)}
+    for name, result in both([task], 30, "sum", "tensor"):
+        for key, value in task.items():
+            kept = result[key] != 0
+            assert int(kept.sum()) == keep_count(value.numel(), 30), (name, key)
+            assert torch.equal(result[key][kept], value[kept])
+            assert value[kept].abs().min() > value[~kept].abs().max()
 
 
 def test_zero_threshold_keeps_everything():
@@ -176,12 +206,12 @@ def test_streaming_matches_dense(num_tasks, shapes, quantized):
     g = torch.Generator().manual_seed(num_tasks * 31 + len(shapes))
     tasks = random_tasks(num_tasks, shapes, g, quantized)
     for k in [0.5, 5, 20, 50, 99.9, 100]:
-        for merge_function in ["mean", "sum"]:
-            dense = ties_merge_dense(tasks, k, merge_function)
+        for merge_function, trim_scope in [("mean", "model"), ("sum", "model"), ("mean", "tensor"), ("sum", "tensor")]:
+            dense = ties_merge_dense(tasks, k, merge_function, trim_scope)
             for options in STREAMING:
-                fast = ties_merge_streaming(tasks, k, merge_function, **options)
+                fast = ties_merge_streaming(tasks, k, merge_function, trim_scope=trim_scope, **options)
                 diff = max(float((dense[key] - fast[key]).abs().max()) for key in dense)
-                assert diff <= 1e-6, (k, merge_function, options, diff)
+                assert diff <= 1e-6, (k, merge_function, trim_scope, options, diff)
 
 
 def test_streaming_from_finetuned_states_matches_dense():
@@ -262,16 +292,17 @@ def test_input_validation():
 
 def test_hyperparameters():
     method = TiesMerging()
-    assert (method.k, method.scaling, method.merge_function) == (20.0, 1.0, "mean")
+    assert (method.k, method.scaling, method.merge_function, method.trim_scope) == (20.0, 1.0, "mean", "model")
     assert TiesMerging.registered_name == "ties"  # type: ignore[attr-defined]
-    for bad in [dict(k=0), dict(k=101), dict(scaling=-0.1), dict(scaling=10.5), dict(merge_function="max")]:
+    for bad in [dict(k=0), dict(k=101), dict(scaling=-0.1), dict(scaling=10.5), dict(merge_function="max"),
+                dict(trim_scope="layer")]:
         with pytest.raises(pydantic.ValidationError):
             TiesMerging(**bad)
     assert TiesMerging(k=100, merge_function="sum").k == 100
 
 
-@pytest.mark.parametrize("merge_function", ["mean", "sum"])
-def test_method_end_to_end(merge_function):
+@pytest.mark.parametrize("merge_function, trim_scope", [("mean", "model"), ("sum", "model"), ("mean", "tensor")])
+def test_method_end_to_end(merge_function, trim_scope):
     from harness.models import build_clip
 
     torch.manual_seed(0)
@@ -286,10 +317,10 @@ def test_method_end_to_end(merge_function):
                 p.add_(0.02 * torch.randn(p.shape, generator=g))
         finetuned[task] = model
 
-    method = TiesMerging(k=30, scaling=0.6, merge_function=merge_function)
+    method = TiesMerging(k=30, scaling=0.6, merge_function=merge_function, trim_scope=trim_scope)
     merged = method.merge(pretrained, finetuned, MergeContext())
 
-    reference = ties_merge_dense(list(task_vectors(pretrained, finetuned).values()), 30, merge_function)
+    reference = ties_merge_dense(list(task_vectors(pretrained, finetuned).values()), 30, merge_function, trim_scope)
     state = float_state(merged)
     assert state.keys() == before.keys()
     for key, value in state.items():
