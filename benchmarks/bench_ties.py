@@ -19,6 +19,7 @@ largest absolute difference of every merged encoder from ours. The FusionBench r
     OMP_NUM_THREADS=1 python benchmarks/bench_ties.py --tasks 4
     OMP_NUM_THREADS=1 python benchmarks/bench_ties.py --small    # harness-tiny-vit, 4 tasks
     OMP_NUM_THREADS=1 python benchmarks/bench_ties.py --only streaming fusionbench
+    OMP_NUM_THREADS=1 python benchmarks/bench_ties.py --trim-scope tensor --only streaming dense
 
 The dense TIES and FusionBench's peak at about 7x and 9x the input size (measured with four
 ViT-B/32 encoders: 12 and 16 GB; eight would need about 22 and 27 GB). An implementation whose estimated peak exceeds the available
@@ -134,12 +135,13 @@ def run_child(args: argparse.Namespace) -> None:
     t0, c0 = time.perf_counter(), time.process_time()
     if impl == "dense":
         taus = task_vectors(pretrained, finetuned)
-        merged = ties_merge_dense(list(taus.values()), args.k, args.merge_function)
+        merged = ties_merge_dense(list(taus.values()), args.k, args.merge_function, args.trim_scope)
         del taus
         base = float_state(pretrained)
         result = with_state(pretrained, {key: base[key] + args.scaling * value for key, value in merged.items()})
     elif impl == "streaming":
-        method = TiesMerging(k=args.k, scaling=args.scaling, merge_function=args.merge_function)
+        method = TiesMerging(k=args.k, scaling=args.scaling, merge_function=args.merge_function,
+                             trim_scope=args.trim_scope)
         result = method.merge(pretrained, finetuned, MergeContext())
     elif impl == "fusionbench":
         result = fusionbench_ref.ties_merging(pretrained, finetuned, args.k, args.scaling, args.merge_function)
@@ -179,6 +181,8 @@ def main() -> None:
     parser.add_argument("--k", type=float, default=20.0, help="TIES: percent kept per task vector")
     parser.add_argument("--scaling", type=float, default=1.0, help="TIES: lambda")
     parser.add_argument("--merge-function", choices=["mean", "sum"], default="mean")
+    parser.add_argument("--trim-scope", choices=["model", "tensor"], default="model",
+                        help="TIES: trim threshold over the whole model or per tensor")
     parser.add_argument("--ta-scaling", type=float, default=0.3, help="task arithmetic: lambda")
     parser.add_argument("--only", nargs="+", choices=TIES_IMPLS + TA_IMPLS, default=None,
                         help="run only these implementations")
@@ -204,6 +208,9 @@ def main() -> None:
     if not fusionbench_ref.available():
         impls = [i for i in impls if not i.startswith("fusionbench")]
         notes.append(fusionbench_ref.INSTALL_HINT)
+    if args.trim_scope == "tensor" and "fusionbench" in impls:
+        impls.remove("fusionbench")
+        notes.append("TIES FusionBench skipped: it trims over the whole model only (--trim-scope model)")
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -218,7 +225,8 @@ def main() -> None:
             out = os.path.join(tmp, f"{impl}.safetensors")
             cmd = [sys.executable, __file__, "--child", impl, "--out", out, "--model", args.model,
                    "--tasks", str(args.tasks), "--k", str(args.k), "--scaling", str(args.scaling),
-                   "--merge-function", args.merge_function, "--ta-scaling", str(args.ta_scaling),
+                   "--merge-function", args.merge_function, "--trim-scope", args.trim_scope,
+                   "--ta-scaling", str(args.ta_scaling),
                    "--seed", str(args.seed), "--device", args.device]
             print(f"running {LABELS[impl]} ...", file=sys.stderr, flush=True)
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -237,7 +245,8 @@ def main() -> None:
     gib = 1024**3
     first = next(iter(results.values()))
     print(f"machine: {first['machine']}")
-    print(f"model {args.model}, {args.tasks} tasks, TIES k={args.k} merge={args.merge_function} lambda={args.scaling}, "
+    print(f"model {args.model}, {args.tasks} tasks, TIES k={args.k} merge={args.merge_function} "
+          f"trim={args.trim_scope} lambda={args.scaling}, "
           f"TA lambda={args.ta_scaling}, device {args.device}, 1 thread per process; "
           f"input {input_bytes / gib:.2f} GiB (pretrained + {args.tasks} fine-tuned float tensors)")
     gpu = any(r["gpu_peak"] is not None for r in results.values())

@@ -68,11 +68,8 @@ def main() -> None:
 
     print("\nTIES average validation accuracy by lambda")
     for k in args.ks:
-        whole = ties_merge_dense(taus, k)
-        per_tensor = {}
-        for key in base:
-            per_tensor.update(ties_merge_dense([{key: tv[key]} for tv in taus], k))
-        for scope, merged in (("over the whole model", whole), ("per tensor", per_tensor)):
+        for scope, merged in (("over the whole model", ties_merge_dense(taus, k)),
+                              ("per tensor", ties_merge_dense(taus, k, trim_scope="tensor"))):
             row = ", ".join(f"{lam:g}: {val_acc(merged, lam):.1f}" for lam in args.lambdas)
             print(f"  k={k:g}, threshold {scope}: {row}")
 
