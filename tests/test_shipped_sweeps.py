@@ -31,3 +31,26 @@ def test_paper_sweeps_cover_the_setting():
         assert raw["robustness"]["tasks"] == ["cars", "eurosat", "resisc45", "gtsrb"]
     gen = read_yaml(Path(SWEEPS[0]).parent / "paper-vitb32-generalization.yaml")
     assert gen["unseen"] == ["mnist", "eurosat"]
+
+
+def test_small_sweep_is_the_main_sweep_on_a_wider_image_tower():
+    """The width study changes one thing: the image tower's width (the text tower and every
+    method of the main sweep stay as they are)."""
+    import json
+
+    from harness.config import read_yaml
+    from harness.models import CONFIG_DIR, build_clip
+
+    tiny = json.loads((CONFIG_DIR / "harness-tiny-vit.json").read_text())
+    small = json.loads((CONFIG_DIR / "harness-small-vit.json").read_text())
+    assert small["vision_cfg"] == {**tiny["vision_cfg"], "width": 2 * tiny["vision_cfg"]["width"]}
+    assert small["text_cfg"] == tiny["text_cfg"]
+    n_small = sum(p.numel() for p in build_clip("harness-small-vit").visual.parameters())
+    n_tiny = sum(p.numel() for p in build_clip("harness-tiny-vit").visual.parameters())
+    assert n_small == 3_246_592 and 3.8 < n_small / n_tiny < 4.0
+
+    sweeps = Path(SWEEPS[0]).parent
+    main_sweep, wide = read_yaml(sweeps / "wemoe.yaml"), read_yaml(sweeps / "embedded-small.yaml")
+    assert wide["model"]["suite"] == {"arch": "harness-small-vit"} and main_sweep["model"]["suite"] == {}
+    assert wide["tasks"] == main_sweep["tasks"] and wide["references"] == main_sweep["references"]
+    assert all(m in wide["methods"] for m in main_sweep["methods"])
