@@ -277,6 +277,8 @@ CGROUP_OOM = ("slurmstepd: error: Detected 1 oom-kill event(s) in StepId=88.batc
     ("FAILED", {"Signal": "9"}, OVER_MEMORY,
      ("OUT_OF_MEMORY", "out of memory: used 1.31 GiB of its 1.00 GiB (raise executor.mem_gb)")),
     ("OUT_OF_MEMORY", {}, CGROUP_OOM, ("OUT_OF_MEMORY", "out of memory (raise executor.mem_gb)")),
+    ("FAILED", {"Signal": "9"}, OVER_MEMORY.replace("1405992960", "1073745920"),  # sampled 4 KiB over
+     ("OUT_OF_MEMORY", "out of memory: used 1.000004 GiB of its 1.000000 GiB (raise executor.mem_gb)")),
     ("TIMEOUT", {"Signal": "15"}, "*** JOB 7 ON n1 CANCELLED AT 2026-01-01T00:00:00 DUE TO TIME LIMIT ***",
      ("TIMEOUT", "time limit reached (5 min) and not requeued: raise executor.timeout_min, "
                  "or have the method checkpoint in its workdir")),

@@ -607,8 +607,8 @@ def ended_reason(state: str, details: dict[str, str], stderr_tail: str, timeout_
     if state == "OUT_OF_MEMORY":
         numbers = _MEMORY_NUMBERS.search(stderr_tail)
         if numbers:
-            used, limit = (int(x) / 2**30 for x in numbers.groups())
-            reason += f": used {used:.2f} GiB of its {limit:.2f} GiB"
+            used, limit = _gib_over_limit(*(int(x) for x in numbers.groups()))
+            reason += f": used {used} GiB of its {limit} GiB"
         return state, reason + " (raise executor.mem_gb)"
     if state == "TIMEOUT":
         return state, (f"{reason} ({timeout_min} min) and not requeued: raise executor.timeout_min, "
@@ -620,6 +620,16 @@ def ended_reason(state: str, details: dict[str, str], stderr_tail: str, timeout_
     elif state == "FAILED" and details.get("ExitCode"):
         reason += f" (exit code {details['ExitCode'].partition(':')[0]})"
     return state, reason
+
+
+def _gib_over_limit(used: int, limit: int) -> tuple[str, str]:
+    """Bytes as GiB with two decimals, or as many more as it takes for a sample just over the
+    limit (SLURM kills at the first sample past it) not to read as equal to the limit."""
+    for decimals in range(2, 10):
+        pair = f"{used / 2**30:.{decimals}f}", f"{limit / 2**30:.{decimals}f}"
+        if pair[0] != pair[1] or used == limit:
+            break
+    return pair
 
 
 def _failed(spec: JobSpec, error: str, detail: str) -> JobResult:
