@@ -2,8 +2,9 @@
 
 Prints, for the sweep's merged tasks: how often the task vectors disagree in sign per entry,
 how much of each task vector's squared norm its top-k% entries hold, each task vector's own
-validation accuracy after trimming (at scale 1 and 2), and TIES's average validation accuracy
-with the trim threshold over the whole model (the paper) or per tensor (as mergekit does).
+validation accuracy after trimming (at scale 1 and 2), TIES's average validation accuracy
+with the trim threshold over the whole model (the paper) or per tensor (as mergekit does), and
+task arithmetic's beside it, the bar TIES is meant to clear.
 
     python scripts/ties_diagnostics.py sweeps/wemoe.yaml
 """
@@ -30,6 +31,8 @@ def main() -> None:
     ap.add_argument("sweep")
     ap.add_argument("--ks", type=float, nargs="+", default=[10, 20, 50])
     ap.add_argument("--lambdas", type=float, nargs="+", default=[1.0, 1.4, 1.8, 2.2, 2.6])
+    ap.add_argument("--ta-lambdas", type=float, nargs="+", default=[0.3, 0.4, 0.5, 0.6, 0.7, 0.8],
+                    help="task arithmetic's scalings (on the sum of the task vectors)")
     args = ap.parse_args()
     cfg = load_config(args.sweep)
     ws = Workspace(cfg, progress=True)
@@ -67,6 +70,8 @@ def main() -> None:
         print(f"  k={k:g}: x1 {sum(accs[1.0]) / len(tasks):.1f}, x2 {sum(accs[2.0]) / len(tasks):.1f}")
 
     print("\nTIES average validation accuracy by lambda")
+    summed = {key: sum(tv[key] for tv in taus) for key in base}
+    print("  task arithmetic: " + ", ".join(f"{lam:g}: {val_acc(summed, lam):.1f}" for lam in args.ta_lambdas))
     for k in args.ks:
         for scope, merged in (("over the whole model", ties_merge_dense(taus, k)),
                               ("per tensor", ties_merge_dense(taus, k, trim_scope="tensor"))):
