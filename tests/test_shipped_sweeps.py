@@ -54,3 +54,27 @@ def test_small_sweep_is_the_main_sweep_on_a_wider_image_tower():
     assert wide["model"]["suite"] == {"arch": "harness-small-vit"} and main_sweep["model"]["suite"] == {}
     assert wide["tasks"] == main_sweep["tasks"] and wide["references"] == main_sweep["references"]
     assert all(m in wide["methods"] for m in main_sweep["methods"])
+
+
+def test_preserve20_sweep_is_the_main_sweep_with_more_feature_preservation():
+    """The fine-tuning-regime study changes the preservation weight (5 -> 20) and only widens the
+    scaling grids, so every setting the main sweep could select stays selectable."""
+    from harness.config import read_yaml
+    from tasks.embedded.pipeline import SuiteOptions
+
+    sweeps = Path(SWEEPS[0]).parent
+    main_sweep, strong = read_yaml(sweeps / "wemoe.yaml"), read_yaml(sweeps / "embedded-preserve20.yaml")
+    assert SuiteOptions().preserve_weight == 5.0 and main_sweep["model"]["suite"] == {}
+    assert strong["model"]["suite"] == {"preserve_weight": 20.0}
+    assert strong["tasks"] == main_sweep["tasks"] and strong["references"] == main_sweep["references"]
+
+    def by_label(sweep):
+        return {m.get("label", m["name"]): m for m in sweep["methods"]}
+
+    ours, theirs = by_label(strong), by_label(main_sweep)
+    assert set(ours) == set(theirs) | {"ties_tensor"}
+    for label, method in theirs.items():
+        assert ours[label].get("params") == method.get("params"), label
+        assert set(method.get("grid", {}).get("scaling", [])) <= set(ours[label].get("grid", {}).get("scaling", []))
+    assert ours["ties_tensor"]["params"] == {**theirs["ties"]["params"], "trim_scope": "tensor"}
+    assert max(ours["ties"]["grid"]["scaling"]) >= 3.0 and max(ours["task_arithmetic"]["grid"]["scaling"]) > 1.0
