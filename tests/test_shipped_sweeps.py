@@ -9,7 +9,8 @@ from click.testing import CliRunner
 
 from harness.cli import main
 
-SWEEPS = sorted((Path(__file__).resolve().parents[1] / "sweeps").glob("*.yaml"))
+SWEEP_DIR = Path(__file__).resolve().parents[1] / "sweeps"
+SWEEPS = sorted(SWEEP_DIR.glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", SWEEPS, ids=[p.stem for p in SWEEPS])
@@ -24,12 +25,12 @@ def test_paper_sweeps_cover_the_setting():
     from harness.config import read_yaml
 
     for name, arch in (("paper-vitb32", "ViT-B-32-quickgelu"), ("paper-vitl14", "ViT-L-14-quickgelu")):
-        raw = read_yaml(Path(SWEEPS[0]).parent / f"{name}.yaml")
+        raw = read_yaml(SWEEP_DIR / f"{name}.yaml")
         assert raw["model"]["arch"] == arch and raw["executor"]["kind"] == "slurm"
         assert raw["tasks"] == ["sun397", "cars", "resisc45", "eurosat", "svhn", "gtsrb", "mnist", "dtd"]
         assert {m["name"] for m in raw["methods"]} == {"weight_averaging", "task_arithmetic", "ties", "adamerging", "wemoe"}
         assert raw["robustness"]["tasks"] == ["cars", "eurosat", "resisc45", "gtsrb"]
-    gen = read_yaml(Path(SWEEPS[0]).parent / "paper-vitb32-generalization.yaml")
+    gen = read_yaml(SWEEP_DIR / "paper-vitb32-generalization.yaml")
     assert gen["unseen"] == ["mnist", "eurosat"]
 
 
@@ -49,8 +50,7 @@ def test_small_sweep_is_the_main_sweep_on_a_wider_image_tower():
     n_tiny = sum(p.numel() for p in build_clip("harness-tiny-vit").visual.parameters())
     assert n_small == 3_246_592 and 3.8 < n_small / n_tiny < 4.0
 
-    sweeps = Path(SWEEPS[0]).parent
-    main_sweep, wide = read_yaml(sweeps / "wemoe.yaml"), read_yaml(sweeps / "embedded-small.yaml")
+    main_sweep, wide = read_yaml(SWEEP_DIR / "wemoe.yaml"), read_yaml(SWEEP_DIR / "embedded-small.yaml")
     assert wide["model"]["suite"] == {"arch": "harness-small-vit"} and main_sweep["model"]["suite"] == {}
     assert wide["tasks"] == main_sweep["tasks"] and wide["references"] == main_sweep["references"]
     assert all(m in wide["methods"] for m in main_sweep["methods"])
@@ -62,8 +62,7 @@ def test_preserve20_sweep_is_the_main_sweep_with_more_feature_preservation():
     from harness.config import read_yaml
     from tasks.embedded.pipeline import SuiteOptions
 
-    sweeps = Path(SWEEPS[0]).parent
-    main_sweep, strong = read_yaml(sweeps / "wemoe.yaml"), read_yaml(sweeps / "embedded-preserve20.yaml")
+    main_sweep, strong = read_yaml(SWEEP_DIR / "wemoe.yaml"), read_yaml(SWEEP_DIR / "embedded-preserve20.yaml")
     assert SuiteOptions().preserve_weight == 5.0 and main_sweep["model"]["suite"] == {}
     assert strong["model"]["suite"] == {"preserve_weight": 20.0}
     assert strong["tasks"] == main_sweep["tasks"] and strong["references"] == main_sweep["references"]
