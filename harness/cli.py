@@ -262,7 +262,9 @@ def _store(target: str | None) -> tuple[str, str | None]:
 @click.argument("target")
 @click.option("--tracking-uri", default=None, help="Store holding TARGET when it is a run id (default: MLFLOW_TRACKING_URI).")
 @click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False), help="Where to write the report.")
-def report(target: str, tracking_uri: str | None, out_dir: str | None) -> None:
+@click.option("--against", multiple=True, metavar="ROW",
+              help="Compare every row with this one in the significance table (repeatable; default task_arithmetic).")
+def report(target: str, tracking_uri: str | None, out_dir: str | None, against: tuple[str, ...]) -> None:
     """Build the paper's tables (md, csv, tex) and plots from MLflow.
 
     TARGET is a sweep's output folder (its latest sweep run) or a sweep's parent run id."""
@@ -280,7 +282,8 @@ def report(target: str, tracking_uri: str | None, out_dir: str | None) -> None:
             fail(f"{target}: not a folder; for a run id give --tracking-uri or set MLFLOW_TRACKING_URI")
         run_id, default_out = target, Path(f"report-{target[:8]}")
     cfg, results, parent = load_sweep_from_mlflow(uri, run_id)
-    rep = build_report(cfg, results, Path(out_dir) if out_dir else default_out, best_routing(cfg, results))
+    rep = build_report(cfg, results, Path(out_dir) if out_dir else default_out, best_routing(cfg, results),
+                       list(against) or None)
     for name, (header, body) in rep.tables.items():
         console.print(rich_table(header, body, title=f"{name} ({cfg.name}, run {parent.info.run_id[:8]})"))
     console.print(f"wrote {len(rep.files)} files to {Path(rep.files[0]).parent}")

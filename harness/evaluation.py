@@ -23,20 +23,29 @@ def iterate_batches(dataset: Dataset, batch_size: int, max_samples: int | None =
 
 
 @torch.no_grad()
-def accuracy(classifier: nn.Module, dataset: Dataset, batch_size: int = 256,
-             device: torch.device | str = "cpu", max_samples: int | None = None) -> float:
-    """Top-1 accuracy in percent."""
+def correct_predictions(classifier: nn.Module, dataset: Dataset, batch_size: int = 256,
+                        device: torch.device | str = "cpu", max_samples: int | None = None) -> torch.Tensor:
+    """Per-image top-1 correctness (bool), in the split's order: what paired tests compare."""
     classifier.eval().to(device)
-    correct = total = 0
+    hits = []
     for images, labels in iterate_batches(dataset, batch_size, max_samples):
         logits = classifier(images.to(device, non_blocking=True))
         if not torch.isfinite(logits).all():
             raise FloatingPointError("non-finite logits during evaluation")
-        correct += (logits.argmax(-1).cpu() == labels).sum().item()
-        total += len(labels)
-    if total == 0:
+        hits.append(logits.argmax(-1).cpu() == labels)
+    if not hits:
         raise ValueError("empty evaluation split")
-    return 100.0 * correct / total
+    return torch.cat(hits)
+
+
+def accuracy(classifier: nn.Module, dataset: Dataset, batch_size: int = 256,
+             device: torch.device | str = "cpu", max_samples: int | None = None) -> float:
+    """Top-1 accuracy in percent."""
+    return percent(correct_predictions(classifier, dataset, batch_size, device, max_samples))
+
+
+def percent(correct: torch.Tensor) -> float:
+    return 100.0 * correct.sum().item() / len(correct)
 
 
 def unlabeled_batches(dataset: Dataset, batch_size: int, seed: int) -> Iterator[torch.Tensor]:

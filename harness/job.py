@@ -16,11 +16,12 @@ from typing import Any
 import torch
 
 from harness.config import MAIN
-from harness.evaluation import accuracy, unlabeled_batches
+from harness.evaluation import correct_predictions, percent, unlabeled_batches
 from harness.failpoints import failpoint
 from harness.models import ImageClassifier
 from harness.plan import JobSpec, robustness_inline
 from harness.runtime import evaluation_threads
+from harness.significance import pack_correct
 from harness.workspace import Workspace
 from methods.base import PruneTrial
 
@@ -41,6 +42,7 @@ class JobResult:
     timings: dict[str, float] = field(default_factory=dict)
     artifacts: dict[str, Any] = field(default_factory=dict)
     protocol: str = MAIN  # "generalization" for the generalization block's jobs; older cached results read as main
+    test_correct: dict[str, str] = field(default_factory=dict)  # task -> packed per-image correctness (test split)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -64,30 +66,32 @@ class JobResult:
 
 def evaluate_encoder(ws: Workspace, encoder: torch.nn.Module, task_names: list[str],
                      device: torch.device, robustness: bool = False, test: bool = True,
-                     merged: list[str] | None = None) -> dict[str, float]:
+                     merged: list[str] | None = None, test_correct: dict[str, str] | None = None) -> dict[str, float]:
     """acc/<task> (test) and val/acc/<task>; averages over the merged (seen) tasks; unseen and
     corrupted-split metrics when the sweep asks for them.
 
-    ``merged``: the tasks the encoder was merged on (default: the sweep's); the rest are unseen."""
+    ``merged``: the tasks the encoder was merged on (default: the sweep's); the rest are unseen.
+    ``test_correct``: filled with each task's packed per-image test correctness (for paired tests)."""
     with evaluation_threads():
-        return _evaluate_encoder(ws, encoder, task_names, device, robustness, test, merged)
+        return _evaluate_encoder(ws, encoder, task_names, device, robustness, test, merged, test_correct)
 
 
 def _evaluate_encoder(ws: Workspace, encoder: torch.nn.Module, task_names: list[str], device: torch.device,
-                      robustness: bool, test: bool, merged: list[str] | None) -> dict[str, float]:
+                      robustness: bool, test: bool, merged: list[str] | None,
+                      test_correct: dict[str, str] | None) -> dict[str, float]:
     metrics: dict[str, float] = {}
     encoder = encoder.to(device).eval()
     merged = ws.cfg.merge_tasks if merged is None else merged
     seen = [t for t in task_names if t in merged] or task_names
     unseen = [t for t in task_names if t not in seen]
 
-    def acc(task: str, dataset) -> float:
-        return task_accuracy(ws, encoder, task, dataset, device)
-
     splits = (("val", "val/acc"), ("test", "acc")) if test else (("val", "val/acc"),)
     for split, prefix in splits:
         for t in task_names:
-            metrics[f"{prefix}/{t}"] = acc(t, ws.task(t).dataset(split))
+            hits = task_correct(ws, encoder, t, ws.task(t).dataset(split), device)
+            metrics[f"{prefix}/{t}"] = percent(hits)
+            if split == "test" and test_correct is not None:
+                test_correct[t] = pack_correct(hits.numpy())
             failpoint("evaluate")
         metrics[f"{prefix}/avg"] = _mean(metrics[f"{prefix}/{t}"] for t in seen)
     if not test:  # a tuning trial: validation only, test labels stay unseen
@@ -104,8 +108,13 @@ def _evaluate_encoder(ws: Workspace, encoder: torch.nn.Module, task_names: list[
 
 def task_accuracy(ws: Workspace, encoder: torch.nn.Module, task: str, dataset, device: torch.device) -> float:
     """Top-1 % of ``encoder`` with ``task``'s head on ``dataset``, at the sweep's eval settings."""
+    return percent(task_correct(ws, encoder, task, dataset, device))
+
+
+def task_correct(ws: Workspace, encoder: torch.nn.Module, task: str, dataset, device: torch.device) -> torch.Tensor:
+    """Per-image top-1 correctness of ``encoder`` with ``task``'s head on ``dataset``."""
     clf = ImageClassifier(encoder, ws.head(task))
-    return accuracy(clf, dataset, ws.cfg.eval.batch_size, device, ws.cfg.eval.max_samples)
+    return correct_predictions(clf, dataset, ws.cfg.eval.batch_size, device, ws.cfg.eval.max_samples)
 
 
 def robustness_metrics(ws: Workspace, encoder: torch.nn.Module, device: torch.device,
@@ -143,15 +152,16 @@ def run_job(spec: JobSpec, ws: Workspace, device: torch.device, workdir: Path) -
         if spec.kind == "pretrained":
             encoder = ws.pretrained_encoder
             result.timings["load"] = time.perf_counter() - t0
-            result.metrics = evaluate_encoder(ws, encoder, ws.cfg.task_names, device, robustness=True)
+            result.metrics = evaluate_encoder(ws, encoder, ws.cfg.task_names, device, robustness=True,
+                                              test_correct=result.test_correct)
         elif spec.kind == "perfect_routing":
             encoder = perfect_routing_encoder(ws, spec.task, spec.params["scaling"])
             result.timings["load"] = time.perf_counter() - t0
-            result.metrics = evaluate_encoder(ws, encoder, [spec.task], device)
+            result.metrics = evaluate_encoder(ws, encoder, [spec.task], device, test_correct=result.test_correct)
         elif spec.kind == "individual":
             encoder = ws.finetuned_encoder(spec.task)
             result.timings["load"] = time.perf_counter() - t0
-            result.metrics = evaluate_encoder(ws, encoder, [spec.task], device)
+            result.metrics = evaluate_encoder(ws, encoder, [spec.task], device, test_correct=result.test_correct)
         elif spec.kind == "robustness":  # a grid method's selected setting, merged again
             merged, _ = merge(spec, ws, device, workdir)
             result.timings["merge"] = time.perf_counter() - t0
@@ -169,7 +179,8 @@ def run_job(spec: JobSpec, ws: Workspace, device: torch.device, workdir: Path) -
             result.metrics.update(evaluate_encoder(ws, merged, ws.cfg.task_names, device, test=final,
                                                    robustness=final and spec.protocol == MAIN
                                                    and robustness_inline(ws.cfg, spec.label),
-                                                   merged=ws.cfg.seen_tasks(spec.protocol)))
+                                                   merged=ws.cfg.seen_tasks(spec.protocol),
+                                                   test_correct=result.test_correct))
             result.timings["evaluate"] = time.perf_counter() - t1
         bad = [k for k, v in result.metrics.items() if not math.isfinite(v)]
         if bad:

@@ -16,6 +16,7 @@ from harness.config import GENERALIZATION, MAIN, SweepConfig
 from harness.errors import HarnessError
 from harness.job import JobResult
 from harness.plan import base_label
+from harness.significance import CORRECT_FILE, LEVEL, paired_bootstrap, read_correct, unpack_correct
 from harness.results import (
     Row,
     build_rows,
@@ -48,6 +49,33 @@ def generalization_records(rows: list[Row], seen: list[str], unseen: list[str]) 
     return header, body
 
 
+def default_reference(rows: list[Row]) -> list[str]:
+    """Task arithmetic, the baseline every merging paper compares against; else the first method."""
+    methods = [r.method for r in rows if r.method not in ("pretrained", "individual", "perfect routing")]
+    return ["task_arithmetic"] if "task_arithmetic" in methods else methods[:1]
+
+
+def significance_records(rows: list[Row], seen: list[str],
+                         against: list[str]) -> tuple[list[str], list[list[str]]]:
+    """Every row's average test accuracy minus each reference row's, with a paired bootstrap
+    interval over the test images (:mod:`harness.significance`). Rows without per-image records
+    (results cached by an older version) are left out."""
+    header = ["method", "against", "difference", f"{LEVEL:.0%} interval", "p", "test images"]
+    body = []
+    complete = {r.method: r for r in rows if all(t in r.test_correct for t in seen)}
+    for ref in against:
+        if ref not in complete:
+            continue
+        b = {t: unpack_correct(complete[ref].test_correct[t]) for t in seen}
+        for r in rows:
+            if r.method == ref or r.method not in complete:
+                continue
+            d = paired_bootstrap({t: unpack_correct(r.test_correct[t]) for t in seen}, b, seen)
+            body.append([r.method, ref, f"{d.diff:+.1f}", f"[{d.low:+.1f}, {d.high:+.1f}]",
+                         f"{d.p:.3f}" if d.p >= 0.001 else "<0.001", str(d.images)])
+    return header, body
+
+
 def latex_table(header: list[str], body: list[list[str]], caption: str) -> str:
     """A booktabs tabular, via pandas (escaping included)."""
     import pandas as pd
@@ -65,8 +93,11 @@ def csv_table(header: list[str], body: list[list[str]]) -> str:
 
 
 def build_report(cfg: SweepConfig, results: list[JobResult], out: Path,
-                 routing: dict[str, Any] | None = None) -> Report:
-    """Write every table in three formats and the plots into ``out``; return what was written."""
+                 routing: dict[str, Any] | None = None, against: list[str] | None = None) -> Report:
+    """Write every table in three formats and the plots into ``out``; return what was written.
+
+    ``against``: the rows the significance table compares every other row with (default:
+    :func:`default_reference`)."""
     out.mkdir(parents=True, exist_ok=True)
     seen, tasks = cfg.merge_tasks, cfg.task_names
     unseen = [t for t in tasks if t not in seen]
@@ -84,6 +115,15 @@ def build_report(cfg: SweepConfig, results: list[JobResult], out: Path,
         captions["generalization"] = (f"{cfg.name}: merged and adapted on {', '.join(gen_seen)}; unseen "
                                       f"{', '.join(t for t in tasks if t not in gen_seen)}; settings chosen on "
                                       "the seen tasks' validation")
+    unknown = [a for a in against or [] if a not in {r.method for r in rows}]
+    if unknown:
+        raise HarnessError(f"significance reference {unknown[0]!r} is not a row of the main table "
+                           f"(rows: {', '.join(r.method for r in rows)})")
+    significance = significance_records(rows, seen, against or default_reference(rows))
+    if significance[1]:
+        tables["significance"] = significance
+        captions["significance"] = (f"{cfg.name}: difference of average test accuracy (points), paired "
+                                    "bootstrap over test images")
     if cfg.robustness:
         tables["robustness"] = robustness_records(rows, cfg.robustness.corruptions)
         captions["robustness"] = (f"{cfg.name}: average accuracy on {', '.join(cfg.robustness.tasks)} "
@@ -205,15 +245,20 @@ def load_sweep_from_mlflow(tracking_uri: str, run_id: str | None = None) -> tupl
         tags, params = run.data.tags, run.data.params
         job_params = {k[len("job.params."):]: _parse(v) for k, v in params.items() if k.startswith("job.params.")}
         artifacts: dict[str, Any] = {}
-        if tags.get("harness.kind") == "merge" and any(a.path == "routing.csv" for a in client.list_artifacts(run.info.run_id)):
-            with tempfile.TemporaryDirectory() as tmp:
+        test_correct: dict[str, str] = {}
+        files = {a.path for a in client.list_artifacts(run.info.run_id)}
+        with tempfile.TemporaryDirectory() as tmp:
+            if tags.get("harness.kind") == "merge" and "routing.csv" in files:
                 artifacts["routing"] = read_routing_csv(Path(client.download_artifacts(run.info.run_id, "routing.csv", tmp)))
+            if CORRECT_FILE in files:
+                test_correct = read_correct(Path(client.download_artifacts(run.info.run_id, CORRECT_FILE, tmp)))
         protocol = tags.get(PROTOCOL_TAG) or params.get("job.protocol") or MAIN
         results.append(JobResult(
             key=tags.get("harness.job_key", ""), kind=tags.get("harness.kind", "merge"),
             label=tags.get("harness.label", run.info.run_name), params=job_params, task=tags.get("harness.task"),
             status="ok" if run.info.status == "FINISHED" else "failed", metrics=dict(run.data.metrics),
-            error=tags.get("harness.failure_reason"), artifacts=artifacts, protocol=protocol))
+            error=tags.get("harness.failure_reason"), artifacts=artifacts, protocol=protocol,
+            test_correct=test_correct))
     return cfg, plan_order(cfg, results), parent
 
 

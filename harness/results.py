@@ -22,6 +22,7 @@ class Row:
     n_settings: int = 1
     metrics: dict[str, float] = field(default_factory=dict)  # the chosen job's metrics (robust/..., unseen/...)
     extra: dict[str, Any] = field(default_factory=dict)
+    test_correct: dict[str, str] = field(default_factory=dict)  # task -> packed per-image test correctness
 
 
 def individual_accuracy(results: list[JobResult], tasks: list[str]) -> dict[str, float]:
@@ -66,15 +67,18 @@ def build_rows(results: list[JobResult], tasks: list[str], method_order: list[st
             acc = accs(r)  # averaged here: one pretrained job serves every protocol's seen tasks
             avg = _mean_of(acc, seen) if all(t in acc for t in seen) else r.metrics["acc/avg"]
             rows.append(Row("pretrained", "zero-shot", acc, avg,
-                            normalized(r.metrics, indiv, seen).get("norm_acc/avg"), metrics=r.metrics))
+                            normalized(r.metrics, indiv, seen).get("norm_acc/avg"), metrics=r.metrics,
+                            test_correct=r.test_correct))
     if all(t in indiv for t in seen):
-        rows.append(Row("individual", "per task", dict(indiv), _mean_of(indiv, seen), 100.0))
+        rows.append(Row("individual", "per task", dict(indiv), _mean_of(indiv, seen), 100.0,
+                        test_correct=_per_task_correct(r for r in results if r.kind == "individual" and r.status == "ok")))
     bound = {r.task: r for r in results if r.kind == "perfect_routing" and r.status == "ok"}
     if all(t in bound for t in seen):
         acc = {t: bound[t].metrics[f"acc/{t}"] for t in seen}
         metrics = {f"acc/{t}": a for t, a in acc.items()}
         rows.append(Row("perfect routing", setting_text(bound[seen[0]].params) + " (bound)", acc,
-                        _mean_of(acc, seen), normalized(metrics, indiv, seen).get("norm_acc/avg")))
+                        _mean_of(acc, seen), normalized(metrics, indiv, seen).get("norm_acc/avg"),
+                        test_correct=_per_task_correct(bound[t] for t in seen)))
     for label in method_order:
         cands = finished_settings(results, label)
         if not cands:
@@ -86,8 +90,14 @@ def build_rows(results: list[JobResult], tasks: list[str], method_order: list[st
                 metrics.update(r.metrics)
         rows.append(Row(label, setting_text(best.params), accs(best), best.metrics["acc/avg"],
                         normalized(best.metrics, indiv, seen).get("norm_acc/avg"),
-                        best.metrics.get("val/acc/avg"), len(cands), metrics=metrics))
+                        best.metrics.get("val/acc/avg"), len(cands), metrics=metrics,
+                        test_correct=best.test_correct))
     return rows
+
+
+def _per_task_correct(results) -> dict[str, str]:
+    """A row assembled from one job per task (individual, perfect routing): each job's own task."""
+    return {r.task: r.test_correct[r.task] for r in results if r.task in r.test_correct}
 
 
 def finished_settings(results: list[JobResult], label: str) -> list[JobResult]:

@@ -34,6 +34,7 @@ from harness.results import (
     select_best,
     to_rich,
 )
+from harness.significance import write_correct
 from harness.runtime import configure_threads
 from harness.tracking import Tracker
 from harness.workspace import Workspace
@@ -162,6 +163,8 @@ def _run_sweep(cfg: SweepConfig, ws: Workspace, executor: Any, console: Console,
         if tracker.is_logged(r.key):
             return
         files = job_artifact_files(r.artifacts, out / "artifacts" / r.key) if r.status == "ok" else []
+        if r.status == "ok" and r.test_correct:
+            files.append(write_correct(r.test_correct, out / "artifacts" / r.key))
         tracker.log_job(r, job_params(cfg, spec_by_key[r.key]), digest, files)
 
     with _progress(console, show and not getattr(executor, "shows_progress", False), len(pending),

@@ -1,0 +1,131 @@
+"""The paired bootstrap behind the significance table, against an index-resampling bootstrap,
+SciPy's and the variance formula; and the table itself from a sweep and from MLflow."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+
+import numpy as np
+import pytest
+
+from harness.config import validate_config
+from harness.runner import run_sweep
+from harness.significance import pack_correct, paired_bootstrap, unpack_correct
+from tests.conftest import TRAINED_TASKS, make_sweep_dict
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 1000, 19850])
+def test_pack_round_trip(n):
+    bits = np.random.default_rng(n).random(n) < 0.4
+    packed = pack_correct(bits)
+    assert packed.startswith(f"{n}:")
+    assert np.array_equal(unpack_correct(packed), bits)
+
+
+@pytest.mark.parametrize("bad", ["20:AA==", "x:AA==", "0:AAAA"])
+def test_malformed_records_are_refused(bad):
+    with pytest.raises(ValueError, match="malformed"):
+        unpack_correct(bad)
+
+
+def correlated_pair(n: int, acc_a: float, acc_b: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Two models' per-image correctness that agree on most images, as two merges of one model do."""
+    rng = np.random.default_rng(seed)
+    u = rng.random(n)
+    return u < acc_a, (u + 0.1 * rng.standard_normal(n)) < acc_b
+
+
+def index_bootstrap(a: dict, b: dict, tasks: list[str], resamples: int, seed: int) -> np.ndarray:
+    """The textbook version: resample image indices per task, the same ones for both models."""
+    rng = np.random.default_rng(seed)
+    total = np.zeros(resamples)
+    for t in tasks:
+        n = len(a[t])
+        idx = rng.integers(0, n, size=(resamples, n))
+        total += 100.0 * (a[t][idx].mean(1) - b[t][idx].mean(1))
+    return total / len(tasks)
+
+
+def test_matches_the_index_resampling_bootstrap():
+    tasks = ["t1", "t2", "t3"]
+    pairs = {t: correlated_pair(n, 0.6, 0.55, i) for i, (t, n) in enumerate(zip(tasks, [300, 500, 800]))}
+    a, b = {t: p[0] for t, p in pairs.items()}, {t: p[1] for t, p in pairs.items()}
+    d = paired_bootstrap(a, b, tasks, resamples=20000, seed=1)
+    ref = index_bootstrap(a, b, tasks, resamples=20000, seed=2)
+    lo, hi = np.quantile(ref, [0.025, 0.975])
+    assert d.diff == pytest.approx(np.mean([100 * (a[t].mean() - b[t].mean()) for t in tasks]), abs=1e-9)
+    assert d.low == pytest.approx(lo, abs=0.15) and d.high == pytest.approx(hi, abs=0.15)
+    assert d.images == 1600
+
+
+def test_matches_scipy_and_the_variance_formula_on_one_task():
+    from scipy.stats import bootstrap
+
+    a, b = correlated_pair(1000, 0.7, 0.66, 3)
+    d = paired_bootstrap({"t": a}, {"t": b}, ["t"], resamples=20000, seed=4)
+    res = bootstrap((a.astype(float), b.astype(float)), lambda x, y: 100 * (x.mean() - y.mean()), paired=True,
+                    vectorized=False, n_resamples=20000, method="percentile", random_state=5)
+    assert d.low == pytest.approx(res.confidence_interval.low, abs=0.2)
+    assert d.high == pytest.approx(res.confidence_interval.high, abs=0.2)
+    wins, losses = (a & ~b).mean(), (~a & b).mean()
+    sd = 100 * math.sqrt((wins + losses - (wins - losses) ** 2) / 1000)  # the mean of a {-1, 0, +1} variable
+    assert (d.high - d.low) / 2 == pytest.approx(1.96 * sd, rel=0.05)
+
+
+def test_identical_models_differ_by_nothing():
+    a, _ = correlated_pair(500, 0.5, 0.5, 6)
+    d = paired_bootstrap({"t": a}, {"t": a.copy()}, ["t"])
+    assert (d.diff, d.low, d.high, d.p) == (0.0, 0.0, 0.0, 1.0)
+
+
+def test_a_clear_gap_is_significant_and_a_noisy_one_is_not():
+    rng = np.random.default_rng(7)
+    base = rng.random(1000) < 0.5
+    better = base | (rng.random(1000) < 0.2)  # right wherever base is, and on ~10% more images
+    d = paired_bootstrap({"t": better}, {"t": base}, ["t"])
+    assert d.low > 0 and d.p < 0.001
+    flip = rng.random(1000) < 0.05  # 5% of images flipped both ways: no systematic difference
+    noisy = np.where(flip, ~base, base)
+    d2 = paired_bootstrap({"t": noisy}, {"t": base}, ["t"])
+    assert d2.low < 0 < d2.high and d2.p > 0.05
+    assert paired_bootstrap({"t": base}, {"t": better}, ["t"]).high < 0  # antisymmetric
+
+
+def test_mismatched_splits_are_refused():
+    with pytest.raises(ValueError, match="t: per-image records"):
+        paired_bootstrap({"t": np.ones(5, bool)}, {"t": np.ones(6, bool)}, ["t"])
+
+
+def test_sweep_and_report_write_the_significance_table(trained_checkpoints, tmp_path):
+    """Every row against task arithmetic, from the sweep and again from MLflow alone; each
+    difference is the difference of the main table's averages."""
+    from click.testing import CliRunner
+
+    from harness.cli import main
+
+    d = make_sweep_dict(trained_checkpoints, tmp_path)
+    d["tasks"] = list(TRAINED_TASKS)
+    cfg = validate_config(d)
+    out = run_sweep(cfg, quiet=True)
+    avg = {r.method: r.avg for r in out.rows}
+    assert avg["individual"] > avg["pretrained"]  # fine-tuned for real: the differences are not all zero
+    header, *body = csv.reader(io.StringIO((out.output_dir / "report" / "significance.csv").read_text()))
+    assert header == ["method", "against", "difference", "95% interval", "p", "test images"]
+    assert {row[0] for row in body} == set(avg) - {"task_arithmetic"}
+    for method, against, diff, interval, _, images in body:
+        assert against == "task_arithmetic" and images == "240"
+        assert float(diff) == pytest.approx(avg[method] - avg["task_arithmetic"], abs=0.051)
+        low, high = (float(x) for x in interval.strip("[]").split(","))
+        assert low <= float(diff) <= high
+    pretrained = next(row for row in body if row[0] == "pretrained")
+    assert float(pretrained[3].strip("[]").split(",")[1]) < 0  # far below task arithmetic: the interval excludes 0
+    r = CliRunner().invoke(main, ["report", str(out.output_dir), "--out", str(tmp_path / "rep"),
+                                  "--against", "weight_averaging"], env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    again = (tmp_path / "rep" / "significance.csv").read_text().splitlines()
+    assert {line.split(",")[0] for line in again[1:]} == set(avg) - {"weight_averaging"}
+    assert all(line.split(",")[1] == "weight_averaging" for line in again[1:])
+    bad = CliRunner().invoke(main, ["report", str(out.output_dir), "--against", "nonesuch"])
+    assert bad.exit_code == 2 and "'nonesuch' is not a row of the main table" in bad.output
