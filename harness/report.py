@@ -16,7 +16,6 @@ from harness.config import GENERALIZATION, MAIN, SweepConfig
 from harness.errors import HarnessError
 from harness.job import JobResult
 from harness.plan import base_label
-from harness.significance import CORRECT_FILE, LEVEL, paired_bootstrap, read_correct, unpack_correct
 from harness.results import (
     Row,
     build_rows,
@@ -27,6 +26,7 @@ from harness.results import (
     select_best,
     table_records,
 )
+from harness.significance import CORRECT_FILE, LEVEL, paired_bootstrap, read_correct, unpack_correct
 from harness.tracking import PROTOCOL_TAG
 
 
