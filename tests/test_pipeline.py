@@ -187,6 +187,18 @@ def test_changed_finetune_option_keeps_pretrained_and_retrains_encoders(suite, t
     assert other.finetuned[two_tasks[0]] != art.finetuned[two_tasks[0]]
 
 
+def test_finetune_seed_retrains_encoders_from_the_same_pretrained_model(suite, two_tasks):
+    """Another fine-tuning seed: same pretrained weights, other encoders; unset, nothing moves."""
+    cache, art = suite
+    assert "finetune_seed" not in pipeline.SuiteOptions(**TINY).finetune_identity("v", two_tasks[0], "d", "s")
+    other = pipeline.prepare_suite(two_tasks[:1], cache, {**TINY, "finetune_seed": 1}, progress=False)
+    task = two_tasks[0]
+    assert other.pretrained == art.pretrained and other.timings["pretrain"] == 0.0
+    assert other.finetuned[task] != art.finetuned[task] and other.timings[f"finetune:{task}"] > 0
+    a, b = load_state_dict(art.finetuned[task]), load_state_dict(other.finetuned[task])
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
 def test_finetuned_checkpoint_is_deterministic_given_seed(suite, two_tasks, tmp_path):
     _, art = suite
     fresh = pipeline.prepare_suite(two_tasks[:1], tmp_path, TINY, progress=False)

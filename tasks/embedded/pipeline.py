@@ -78,6 +78,8 @@ class SuiteOptions(BaseModel):
     size: Literal["full", "tiny"] = Field("full", description="data size of the tasks and the pool")
     arch: str = Field("harness-tiny-vit", description="open_clip architecture name")
     seed: int = Field(0, ge=0, description="seed of initialisation, data order and preservation batches")
+    finetune_seed: int | None = Field(None, ge=0, description="seed of fine-tuning alone (data order, preservation "
+                                      "batches): other encoders from the same pretrained model; default: seed")
     # Contrastive pretraining.
     pretrain_pool: int = Field(40000, ge=16, description="image-caption pairs in the pretraining pool")
     pretrain_pool_seed: int = Field(1, ge=0, description="seed of the generated pretraining pool")
@@ -105,8 +107,15 @@ class SuiteOptions(BaseModel):
     def finetune_identity(self, data_version: str, task: str, pretrained_digest: str, source: str) -> dict[str, Any]:
         """``source`` (real data or its stand-in) keeps an encoder fine-tuned on one from being
         reused when the other is in effect."""
-        return {"data_version": data_version, "task": task, "pretrained": pretrained_digest, "source": source,
-                **{k: getattr(self, k) for k in FINETUNE_FIELDS}}
+        identity = {"data_version": data_version, "task": task, "pretrained": pretrained_digest, "source": source,
+                    **{k: getattr(self, k) for k in FINETUNE_FIELDS}}
+        if self.finetune_seed is not None:  # unset, the identity (and the cache) is what it was before the option
+            identity["finetune_seed"] = self.finetune_seed
+        return identity
+
+    @property
+    def effective_finetune_seed(self) -> int:
+        return self.seed if self.finetune_seed is None else self.finetune_seed
 
 
 @dataclass
@@ -312,7 +321,7 @@ def _finetune_job(task: str, opts_json: str, pretrained: str, out: str, preserve
     encoder = finetune_encoder(
         clip.visual, head, data.dataset("train"), steps=opts.finetune_steps, lr=opts.finetune_lr,
         weight_decay=opts.finetune_weight_decay, batch_size=opts.finetune_batch_size,
-        warmup=opts.finetune_warmup, grad_clip=opts.grad_clip, seed=opts.seed,
+        warmup=opts.finetune_warmup, grad_clip=opts.grad_clip, seed=opts.effective_finetune_seed,
         preserve_weight=opts.preserve_weight,
         preserve_images=normalize_uint8(preserve) if preserve is not None else None,
         progress=progress)
