@@ -34,8 +34,8 @@ from harness.results import (
     select_best,
     to_rich,
 )
-from harness.significance import write_correct
 from harness.runtime import configure_threads
+from harness.significance import write_correct
 from harness.tracking import Tracker
 from harness.workspace import Workspace
 
