@@ -1,0 +1,108 @@
+"""Does the paper's test-time objective point WeMoE's routers at the right expert? Validation only.
+
+WeMoE adapts its routers by minimising prediction entropy on unlabeled images, which helps only
+where the expert with the lowest entropy on an image is the one that classifies it best: its own
+task's. For every task's images this scores every one-hot routing (all MLPs from one task's
+fine-tuned model, everything else task arithmetic at the bound's scaling, as the perfect-routing
+bound is built) with that task's head, and reports:
+
+- ``own``: accuracy with the image's own expert (the perfect-routing bound on this split);
+- ``identified``: % of images whose lowest-entropy expert is their own task's;
+- ``min_entropy``: accuracy when each image takes its lowest-entropy expert, the best the
+  entropy objective can reach with one-hot routing;
+- ``identified_batch``: % of batches of ``batch_size`` images (a seeded shuffle of the split)
+  whose lowest mean-entropy expert is their own task's: what routing shared by a batch
+  (``batch_reduce``) would be steered to;
+- ``auroc``: how well low entropy separates right from wrong predictions of the own expert
+  (0.5: entropy says nothing about correctness).
+
+Each at every head temperature asked for (logits / T): a calibrated head changes which expert
+is least uncertain, which the raw zero-shot heads may get wrong.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import roc_auc_score
+
+from harness.evaluation import iterate_batches
+from harness.models import ImageClassifier
+from harness.workspace import Workspace
+
+
+@dataclass(frozen=True)
+class ExpertScores:
+    """One task's split scored by every expert: ``logits[e]`` is (images, classes) under expert e."""
+
+    task: str
+    experts: list[str]
+    logits: torch.Tensor  # (experts, images, classes)
+    labels: torch.Tensor  # (images,)
+
+    @property
+    def own(self) -> int:
+        return self.experts.index(self.task)
+
+
+@dataclass(frozen=True)
+class RoutingDiagnosis:
+    task: str
+    temperature: float
+    own: float
+    identified: float
+    identified_batch: float
+    min_entropy: float
+    auroc: float
+
+
+def per_sample_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Shannon entropy (nats) of the softmax of each row; the mean is ``methods.tta.entropy``."""
+    logp = F.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+@torch.no_grad()
+def expert_scores(ws: Workspace, split: str = "val", scaling: float = 0.3) -> list[ExpertScores]:
+    """Logits of every merged task's split under every one-hot routing (the bound's encoders)."""
+    from harness.job import perfect_routing_encoder
+
+    tasks = list(ws.cfg.merge_tasks)
+    data = {t: ws.task(t).dataset(split) for t in tasks}
+    logits = {t: [] for t in tasks}
+    labels = {t: torch.cat([y for _, y in iterate_batches(data[t], ws.cfg.eval.batch_size, ws.cfg.eval.max_samples)])
+              for t in tasks}
+    for expert in tasks:
+        encoder = perfect_routing_encoder(ws, expert, scaling).eval()
+        for t in tasks:
+            clf = ImageClassifier(encoder, ws.head(t))
+            logits[t].append(torch.cat([clf(x) for x, _ in iterate_batches(data[t], ws.cfg.eval.batch_size,
+                                                                           ws.cfg.eval.max_samples)]))
+    return [ExpertScores(t, tasks, torch.stack(logits[t]), labels[t]) for t in tasks]
+
+
+def diagnose(scores: ExpertScores, temperature: float = 1.0, batch_size: int = 16, seed: int = 0) -> RoutingDiagnosis:
+    """The measures of the module docstring for one task at one head temperature."""
+    ent = per_sample_entropy(scores.logits / temperature)  # (experts, images)
+    n = ent.shape[1] // batch_size * batch_size
+    if n == 0:
+        raise ValueError(f"task {scores.task!r}: {ent.shape[1]} images, fewer than one batch of {batch_size}")
+    order = torch.randperm(ent.shape[1], generator=torch.Generator().manual_seed(seed))[:n]
+    batch_chosen = ent[:, order].reshape(len(scores.experts), -1, batch_size).mean(-1).argmin(0)
+    correct = scores.logits.argmax(-1) == scores.labels  # temperature never changes the argmax
+    chosen = ent.argmin(0)
+    own_correct = correct[scores.own]
+    if own_correct.all() or not own_correct.any():
+        auroc = float("nan")  # one class only: undefined
+    else:
+        auroc = float(roc_auc_score(own_correct.numpy(), -ent[scores.own].numpy()))
+    return RoutingDiagnosis(
+        task=scores.task, temperature=temperature,
+        own=100.0 * own_correct.float().mean().item(),
+        identified=100.0 * (chosen == scores.own).float().mean().item(),
+        identified_batch=100.0 * (batch_chosen == scores.own).float().mean().item(),
+        min_entropy=100.0 * correct.gather(0, chosen[None]).float().mean().item(),
+        auroc=auroc,
+    )

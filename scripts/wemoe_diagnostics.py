@@ -1,0 +1,51 @@
+"""Whether entropy minimisation can find WeMoE's right routing on a sweep's models: validation only.
+
+Prints, per merged task and head temperature, a Markdown table (see harness/routing_diagnostics.py
+for what each column measures):
+
+    python scripts/wemoe_diagnostics.py sweeps/wemoe.yaml --temperatures 0.5 1 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from harness.config import load_config  # noqa: E402
+from harness.routing_diagnostics import diagnose, expert_scores  # noqa: E402
+from harness.workspace import Workspace  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("sweep")
+    ap.add_argument("--split", default="val", choices=["val", "test"])
+    ap.add_argument("--scaling", type=float, default=None,
+                    help="task arithmetic's scaling outside the MLPs (default: the sweep's routing_bound_lambda)")
+    ap.add_argument("--temperatures", type=float, nargs="+", default=[1.0])
+    ap.add_argument("--batch-size", type=int, default=16, help="images per batch of the batch-level column")
+    args = ap.parse_args()
+    cfg = load_config(args.sweep)
+    scaling = cfg.references.routing_bound_lambda if args.scaling is None else args.scaling
+    scores = expert_scores(Workspace(cfg, progress=True), args.split, scaling)
+    print(f"{args.split} split, one-hot routing, task arithmetic {scaling:g} outside the MLPs\n")
+    print("| task | head temperature | own expert (acc) | lowest entropy is own expert (%) "
+          f"| lowest mean entropy over {args.batch_size} images is own expert (%) "
+          "| lowest-entropy expert (acc) | AUROC of entropy for own expert's correctness |")
+    print("|---|---|---|---|---|---|---|")
+    for temperature in args.temperatures:
+        rows = [diagnose(s, temperature, args.batch_size, cfg.seed) for s in scores]
+        for r in rows:
+            print(f"| {r.task} | {temperature:g} | {r.own:.1f} | {r.identified:.1f} | {r.identified_batch:.1f} | {r.min_entropy:.1f} | {r.auroc:.3f} |")
+        finite = [r.auroc for r in rows if not math.isnan(r.auroc)]
+        mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+        print(f"| **mean** | {temperature:g} | {mean([r.own for r in rows]):.1f} | {mean([r.identified for r in rows]):.1f} "
+              f"| {mean([r.identified_batch for r in rows]):.1f} | {mean([r.min_entropy for r in rows]):.1f} | {mean(finite) if finite else float('nan'):.3f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""Whether entropy picks WeMoE's right expert: hand-computed cases and the perfect-routing bound."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from harness.config import validate_config
+from harness.routing_diagnostics import ExpertScores, diagnose, expert_scores
+from harness.runner import run_sweep
+from harness.workspace import Workspace
+from tests.conftest import TOY_TASKS
+
+
+def _entropy(row: list[float]) -> float:
+    z = [math.exp(v) for v in row]
+    p = [v / sum(z) for v in z]
+    return -sum(q * math.log(q) for q in p)
+
+
+# Task "a"'s four images under its own expert "a" and under "b"; labels 0, 0, 0, 1.
+OWN = [[3.0, 0.0], [0.0, 0.1], [2.0, 0.0], [0.0, 0.05]]
+OTHER = [[0.0, 5.0], [1.0, 0.0], [0.5, 0.0], [0.2, 0.0]]
+LABELS = [0, 0, 0, 1]
+
+
+def test_diagnose_matches_a_hand_computed_case():
+    scores = ExpertScores("a", ["a", "b"], torch.tensor([OWN, OTHER]), torch.tensor(LABELS))
+    d = diagnose(scores, batch_size=4)
+    # Own expert: right on images 0, 2, 3 (image 1's argmax is class 1).
+    assert d.own == pytest.approx(75.0)
+    # Lowest entropy per image: b (confident and wrong), b, a, b -> own on 1 of 4; those experts
+    # are wrong, right, right, wrong.
+    assert [_entropy(o) < _entropy(x) for o, x in zip(OWN, OTHER)] == [False, False, True, False]
+    assert d.identified == pytest.approx(25.0)
+    assert d.min_entropy == pytest.approx(50.0)
+    # Right images' entropies against the wrong one's: images 0 and 2 are more certain, image 3 less.
+    assert d.auroc == pytest.approx(2 / 3)
+    # One batch of all four: the expert with the lower mean entropy.
+    own_wins = sum(map(_entropy, OWN)) < sum(map(_entropy, OTHER))
+    assert d.identified_batch == (100.0 if own_wins else 0.0)
+
+
+def test_diagnose_temperature_changes_the_choice_not_the_predictions():
+    """Image 0: own [1, 0, 0] against other [0, 1.6, 1.6]. Sharp heads make the other's tie at the
+    top the more uncertain; flat ones compare the logits' spread, where the other's is larger."""
+    own = [[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]]
+    other = [[0.0, 1.6, 1.6], [0.0, 0.0, 0.0]]
+    scores = ExpertScores("a", ["a", "b"], torch.tensor([own, other]), torch.tensor([0, 0]))
+    for t in (0.25, 1.0, 4.0):
+        d = diagnose(scores, temperature=t, batch_size=1)
+        expected = [_entropy([v / t for v in o]) < _entropy([v / t for v in x]) for o, x in zip(own, other)]
+        assert d.identified == pytest.approx(100.0 * sum(expected) / 2)
+        assert d.own == pytest.approx(100.0)
+    assert diagnose(scores, temperature=0.25, batch_size=1).identified == pytest.approx(100.0)
+    assert diagnose(scores, temperature=4.0, batch_size=1).identified == pytest.approx(50.0)
+
+
+def test_diagnose_refuses_a_split_smaller_than_a_batch():
+    scores = ExpertScores("a", ["a", "b"], torch.tensor([OWN, OTHER]), torch.tensor(LABELS))
+    with pytest.raises(ValueError, match="fewer than one batch of 16"):
+        diagnose(scores, batch_size=16)
+
+
+def test_own_expert_accuracy_is_the_perfect_routing_bound(sweep_dict):
+    d = dict(sweep_dict, methods=[], references={"perfect_routing": True, "routing_bound_lambda": 0.4})
+    cfg = validate_config(d)
+    out = run_sweep(cfg, quiet=True)
+    bound = {r.task: r.metrics for r in out.results if r.kind == "perfect_routing"}
+    scores = expert_scores(Workspace(cfg), "val", 0.4)
+    assert [s.task for s in scores] == list(TOY_TASKS)
+    for s in scores:
+        assert s.experts == list(TOY_TASKS)
+        assert s.logits.shape[:2] == (len(TOY_TASKS), len(s.labels))
+        assert diagnose(s, batch_size=8).own == pytest.approx(bound[s.task][f"val/acc/{s.task}"], abs=1e-9)
