@@ -13,6 +13,9 @@ bound is built) with that task's head, and reports:
 - ``identified_batch``: % of batches of ``batch_size`` images (a seeded shuffle of the split)
   whose lowest mean-entropy expert is their own task's: what routing shared by a batch
   (``batch_reduce``) would be steered to;
+- ``entropy_start`` / ``entropy_own`` / ``entropy_min``: mean entropy (nats) at WeMoE's starting
+  point (task arithmetic at the same scaling everywhere, the routers' initial output), with the
+  own expert, and with each image's lowest-entropy expert: where the objective would rather be;
 - ``auroc``: how well low entropy separates right from wrong predictions of the own expert
   (0.5: entropy says nothing about correctness).
 
@@ -25,12 +28,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
 from harness.evaluation import iterate_batches
 from harness.models import ImageClassifier
 from harness.workspace import Workspace
+from methods.tta import per_sample_entropy
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,7 @@ class ExpertScores:
     task: str
     experts: list[str]
     logits: torch.Tensor  # (experts, images, classes)
+    start: torch.Tensor  # (images, classes) at WeMoE's starting point
     labels: torch.Tensor  # (images,)
 
     @property
@@ -55,32 +59,38 @@ class RoutingDiagnosis:
     identified: float
     identified_batch: float
     min_entropy: float
+    entropy_start: float
+    entropy_own: float
+    entropy_min: float
     auroc: float
-
-
-def per_sample_entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Shannon entropy (nats) of the softmax of each row; the mean is ``methods.tta.entropy``."""
-    logp = F.log_softmax(logits.float(), dim=-1)
-    return -(logp.exp() * logp).sum(-1)
 
 
 @torch.no_grad()
 def expert_scores(ws: Workspace, split: str = "val", scaling: float = 0.3) -> list[ExpertScores]:
-    """Logits of every merged task's split under every one-hot routing (the bound's encoders)."""
+    """Logits of every merged task's split under every one-hot routing (the bound's encoders)
+    and at WeMoE's starting point."""
     from harness.job import perfect_routing_encoder
+    from methods.base import with_state
+    from methods.task_arithmetic import task_arithmetic_state
 
     tasks = list(ws.cfg.merge_tasks)
     data = {t: ws.task(t).dataset(split) for t in tasks}
-    logits = {t: [] for t in tasks}
-    labels = {t: torch.cat([y for _, y in iterate_batches(data[t], ws.cfg.eval.batch_size, ws.cfg.eval.max_samples)])
-              for t in tasks}
+
+    def batches(t: str):
+        return iterate_batches(data[t], ws.cfg.eval.batch_size, ws.cfg.eval.max_samples)
+
+    def logits(encoder: torch.nn.Module, t: str) -> torch.Tensor:
+        clf = ImageClassifier(encoder.eval(), ws.head(t))
+        return torch.cat([clf(x) for x, _ in batches(t)])
+
+    per_expert = {t: [] for t in tasks}
     for expert in tasks:
-        encoder = perfect_routing_encoder(ws, expert, scaling).eval()
+        encoder = perfect_routing_encoder(ws, expert, scaling)
         for t in tasks:
-            clf = ImageClassifier(encoder, ws.head(t))
-            logits[t].append(torch.cat([clf(x) for x, _ in iterate_batches(data[t], ws.cfg.eval.batch_size,
-                                                                           ws.cfg.eval.max_samples)]))
-    return [ExpertScores(t, tasks, torch.stack(logits[t]), labels[t]) for t in tasks]
+            per_expert[t].append(logits(encoder, t))
+    start = with_state(ws.pretrained_encoder, task_arithmetic_state(ws.pretrained_encoder, ws.finetuned_encoders(), scaling))
+    return [ExpertScores(t, tasks, torch.stack(per_expert[t]), logits(start, t), torch.cat([y for _, y in batches(t)]))
+            for t in tasks]
 
 
 def diagnose(scores: ExpertScores, temperature: float = 1.0, batch_size: int = 16, seed: int = 0) -> RoutingDiagnosis:
@@ -104,5 +114,8 @@ def diagnose(scores: ExpertScores, temperature: float = 1.0, batch_size: int = 1
         identified=100.0 * (chosen == scores.own).float().mean().item(),
         identified_batch=100.0 * (batch_chosen == scores.own).float().mean().item(),
         min_entropy=100.0 * correct.gather(0, chosen[None]).float().mean().item(),
+        entropy_start=per_sample_entropy(scores.start / temperature).mean().item(),
+        entropy_own=ent[scores.own].mean().item(),
+        entropy_min=ent.min(0).values.mean().item(),
         auroc=auroc,
     )

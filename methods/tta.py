@@ -48,10 +48,15 @@ from harness.failpoints import failpoint
 from methods.base import MergeContext, PruneTrial
 
 
-def entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Mean Shannon entropy (nats) of the softmax of each row of ``logits``."""
+def per_sample_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Shannon entropy (nats) of the softmax of each row of ``logits``."""
     logp = F.log_softmax(logits.float(), dim=-1)
-    return -(logp.exp() * logp).sum(-1).mean()
+    return -(logp.exp() * logp).sum(-1)
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Mean Shannon entropy (nats) of the softmax of each row of ``logits``: the adaptation loss."""
+    return per_sample_entropy(logits).mean()
 
 
 def _images(batch: Any) -> torch.Tensor:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from statistics import fmean
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -35,17 +36,19 @@ def main() -> None:
     print(f"{args.split} split, one-hot routing, task arithmetic {scaling:g} outside the MLPs\n")
     print("| task | head temperature | own expert (acc) | lowest entropy is own expert (%) "
           f"| lowest mean entropy over {args.batch_size} images is own expert (%) "
-          "| lowest-entropy expert (acc) | AUROC of entropy for own expert's correctness |")
-    print("|---|---|---|---|---|---|---|")
+          "| lowest-entropy expert (acc) | mean entropy: start / own expert / lowest (nats) "
+          "| AUROC of entropy for own expert's correctness |")
+    print("|---|---|---|---|---|---|---|---|")
     for temperature in args.temperatures:
         rows = [diagnose(s, temperature, args.batch_size, cfg.seed) for s in scores]
         for r in rows:
-            print(f"| {r.task} | {temperature:g} | {r.own:.1f} | {r.identified:.1f} | {r.identified_batch:.1f} | {r.min_entropy:.1f} | {r.auroc:.3f} |")
+            print(f"| {r.task} | {temperature:g} | {r.own:.1f} | {r.identified:.1f} | {r.identified_batch:.1f} | {r.min_entropy:.1f} "
+                  f"| {r.entropy_start:.3f} / {r.entropy_own:.3f} / {r.entropy_min:.3f} | {r.auroc:.3f} |")
         finite = [r.auroc for r in rows if not math.isnan(r.auroc)]
-        mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
-        print(f"| **mean** | {temperature:g} | {mean([r.own for r in rows]):.1f} | {mean([r.identified for r in rows]):.1f} "
-              f"| {mean([r.identified_batch for r in rows]):.1f} | {mean([r.min_entropy for r in rows]):.1f} | {mean(finite) if finite else float('nan'):.3f} |")
-
+        print(f"| **mean** | {temperature:g} | {fmean(r.own for r in rows):.1f} | {fmean(r.identified for r in rows):.1f} "
+              f"| {fmean(r.identified_batch for r in rows):.1f} | {fmean(r.min_entropy for r in rows):.1f} "
+              f"| {fmean(r.entropy_start for r in rows):.3f} / {fmean(r.entropy_own for r in rows):.3f} / "
+              f"{fmean(r.entropy_min for r in rows):.3f} | {fmean(finite) if finite else math.nan:.3f} |")
 
 if __name__ == "__main__":
     main()

@@ -27,7 +27,7 @@ LABELS = [0, 0, 0, 1]
 
 
 def test_diagnose_matches_a_hand_computed_case():
-    scores = ExpertScores("a", ["a", "b"], torch.tensor([OWN, OTHER]), torch.tensor(LABELS))
+    scores = ExpertScores("a", ["a", "b"], torch.tensor([OWN, OTHER]), torch.zeros(4, 2), torch.tensor(LABELS))
     d = diagnose(scores, batch_size=4)
     # Own expert: right on images 0, 2, 3 (image 1's argmax is class 1).
     assert d.own == pytest.approx(75.0)
@@ -38,6 +38,9 @@ def test_diagnose_matches_a_hand_computed_case():
     assert d.min_entropy == pytest.approx(50.0)
     # Right images' entropies against the wrong one's: images 0 and 2 are more certain, image 3 less.
     assert d.auroc == pytest.approx(2 / 3)
+    assert d.entropy_start == pytest.approx(math.log(2))  # uniform predictions
+    assert d.entropy_own == pytest.approx(sum(map(_entropy, OWN)) / 4)
+    assert d.entropy_min == pytest.approx(sum(min(_entropy(o), _entropy(x)) for o, x in zip(OWN, OTHER)) / 4)
     # One batch of all four: the expert with the lower mean entropy.
     own_wins = sum(map(_entropy, OWN)) < sum(map(_entropy, OTHER))
     assert d.identified_batch == (100.0 if own_wins else 0.0)
@@ -48,7 +51,7 @@ def test_diagnose_temperature_changes_the_choice_not_the_predictions():
     top the more uncertain; flat ones compare the logits' spread, where the other's is larger."""
     own = [[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]]
     other = [[0.0, 1.6, 1.6], [0.0, 0.0, 0.0]]
-    scores = ExpertScores("a", ["a", "b"], torch.tensor([own, other]), torch.tensor([0, 0]))
+    scores = ExpertScores("a", ["a", "b"], torch.tensor([own, other]), torch.tensor(own), torch.tensor([0, 0]))
     for t in (0.25, 1.0, 4.0):
         d = diagnose(scores, temperature=t, batch_size=1)
         expected = [_entropy([v / t for v in o]) < _entropy([v / t for v in x]) for o, x in zip(own, other)]
@@ -59,19 +62,23 @@ def test_diagnose_temperature_changes_the_choice_not_the_predictions():
 
 
 def test_diagnose_refuses_a_split_smaller_than_a_batch():
-    scores = ExpertScores("a", ["a", "b"], torch.tensor([OWN, OTHER]), torch.tensor(LABELS))
+    scores = ExpertScores("a", ["a", "b"], torch.tensor([OWN, OTHER]), torch.tensor(OWN), torch.tensor(LABELS))
     with pytest.raises(ValueError, match="fewer than one batch of 16"):
         diagnose(scores, batch_size=16)
 
 
-def test_own_expert_accuracy_is_the_perfect_routing_bound(sweep_dict):
-    d = dict(sweep_dict, methods=[], references={"perfect_routing": True, "routing_bound_lambda": 0.4})
+def test_own_expert_is_the_perfect_routing_bound_and_the_start_is_task_arithmetic(sweep_dict):
+    d = dict(sweep_dict, methods=[{"name": "task_arithmetic", "params": {"scaling": 0.4}}],
+             references={"perfect_routing": True, "routing_bound_lambda": 0.4})
     cfg = validate_config(d)
     out = run_sweep(cfg, quiet=True)
     bound = {r.task: r.metrics for r in out.results if r.kind == "perfect_routing"}
+    merged = next(r.metrics for r in out.results if r.kind == "merge")
     scores = expert_scores(Workspace(cfg), "val", 0.4)
     assert [s.task for s in scores] == list(TOY_TASKS)
     for s in scores:
         assert s.experts == list(TOY_TASKS)
         assert s.logits.shape[:2] == (len(TOY_TASKS), len(s.labels))
         assert diagnose(s, batch_size=8).own == pytest.approx(bound[s.task][f"val/acc/{s.task}"], abs=1e-9)
+        start_acc = 100.0 * (s.start.argmax(-1) == s.labels).float().mean().item()
+        assert start_acc == pytest.approx(merged[f"val/acc/{s.task}"], abs=1e-9)
