@@ -1,4 +1,4 @@
-"""Does the paper's test-time objective point WeMoE's routers at the right expert? Validation only.
+"""Does the paper's test-time objective point WeMoE's routers at the right expert?
 
 WeMoE adapts its routers by minimising prediction entropy on unlabeled images, which helps only
 where the expert with the lowest entropy on an image is the one that classifies it best: its own

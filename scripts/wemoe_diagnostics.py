@@ -1,4 +1,4 @@
-"""Whether entropy minimisation can find WeMoE's right routing on a sweep's models: validation only.
+"""Whether entropy minimisation can find WeMoE's right routing on a sweep's models (validation split by default).
 
 Prints, per merged task and head temperature, a Markdown table (see harness/routing_diagnostics.py
 for what each column measures):
@@ -11,8 +11,8 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from statistics import fmean
 from pathlib import Path
+from statistics import fmean
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -49,6 +49,7 @@ def main() -> None:
               f"| {fmean(r.identified_batch for r in rows):.1f} | {fmean(r.min_entropy for r in rows):.1f} "
               f"| {fmean(r.entropy_start for r in rows):.3f} / {fmean(r.entropy_own for r in rows):.3f} / "
               f"{fmean(r.entropy_min for r in rows):.3f} | {fmean(finite) if finite else math.nan:.3f} |")
+
 
 if __name__ == "__main__":
     main()
