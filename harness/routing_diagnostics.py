@@ -102,7 +102,7 @@ def diagnose(scores: ExpertScores, temperature: float = 1.0, batch_size: int = 1
     order = torch.randperm(ent.shape[1], generator=torch.Generator().manual_seed(seed))[:n]
     batch_chosen = ent[:, order].reshape(len(scores.experts), -1, batch_size).mean(-1).argmin(0)
     correct = scores.logits.argmax(-1) == scores.labels  # temperature never changes the argmax
-    chosen = ent.argmin(0)
+    lowest, chosen = ent.min(0)
     own_correct = correct[scores.own]
     if own_correct.all() or not own_correct.any():
         auroc = float("nan")  # one class only: undefined
@@ -116,6 +116,6 @@ def diagnose(scores: ExpertScores, temperature: float = 1.0, batch_size: int = 1
         min_entropy=100.0 * correct.gather(0, chosen[None]).float().mean().item(),
         entropy_start=per_sample_entropy(scores.start / temperature).mean().item(),
         entropy_own=ent[scores.own].mean().item(),
-        entropy_min=ent.min(0).values.mean().item(),
+        entropy_min=lowest.mean().item(),
         auroc=auroc,
     )
