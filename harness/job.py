@@ -206,8 +206,16 @@ def artifact_metrics(artifacts: dict[str, Any]) -> dict[str, float]:
         out[f"router_task_id/layer{i}"] = 100.0 * float(v)
     if per_layer:
         out["router_task_id/avg"] = 100.0 * sum(per_layer) / len(per_layer)
-    if "tta_loss" in artifacts:  # logged as a per-step MLflow metric
-        artifacts.setdefault("curves", {})["tta/loss"] = list(artifacts.pop("tta_loss"))
+    curves = artifacts.setdefault("curves", {})  # logged as per-step MLflow metrics
+    if "tta_loss" in artifacts:
+        curves["tta/loss"] = list(artifacts.pop("tta_loss"))
+    for row in artifacts.pop("tta_validation", None) or []:  # sparse: [step, value] pairs
+        step = int(row["step"])
+        for name, value in row.items():
+            if name not in ("step", "tta_entropy"):
+                curves.setdefault(f"tta/{name}", []).append([step, float(value)])
+    if not curves:
+        del artifacts["curves"]
     return out
 
 

@@ -38,6 +38,11 @@ def flatten(d: Any, prefix: str = "") -> dict[str, str]:
     return out
 
 
+def curve_points(series: list) -> list[tuple[int, float]]:
+    """(step, value) of a curve: a dense list (step = index) or sparse [step, value] pairs."""
+    return [(int(v[0]), float(v[1])) if isinstance(v, (list, tuple)) else (i, float(v)) for i, v in enumerate(series)]
+
+
 def git_commit() -> str | None:
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
@@ -198,7 +203,7 @@ class Tracker:
         metrics = [Metric(k, float(v), 0, 0) for k, v in result.metrics.items()]
         metrics += [Metric(f"time/{k}", float(v), 0, 0) for k, v in result.timings.items()]
         for name, series in result.artifacts.get("curves", {}).items():  # e.g. adaptation loss per step
-            metrics += [Metric(name, float(v), 0, step) for step, v in enumerate(series)]
+            metrics += [Metric(name, float(v), 0, step) for step, v in curve_points(series)]
         for i in range(0, len(metrics), 500):
             self.client.log_batch(rid, metrics=metrics[i : i + 500])
         failpoint("mlflow_log")

@@ -18,10 +18,12 @@ Conventions the callers rely on:
   A run that finds that file resumes from it and fast-forwards every task's iterator past the
   batches already consumed, so resuming reproduces an uninterrupted run exactly when the
   iterator factories are deterministic.
-* Validation: every ``eval_every`` steps, if ``ctx.validate`` is set, it is called on
-  ``export()`` (default: the model itself) under ``torch.no_grad``; the metrics, plus the
-  current entropy loss as ``tta_entropy``, go to ``ctx.report(step, metrics)``; True from it
-  raises :class:`methods.base.PruneTrial`.
+* Validation: before the first step and every ``eval_every`` steps, if ``ctx.validate`` is
+  set, it is called on ``export()`` (default: the model itself) under ``torch.no_grad``; the
+  metrics, plus the current entropy loss as ``tta_entropy`` (after a step), go to
+  ``ctx.report(step, metrics)`` (True from it raises :class:`methods.base.PruneTrial`) and,
+  with their step, to ``ctx.artifacts["tta_validation"]`` (kept in the checkpoint), so a
+  sweep's runs show whether adaptation helped on validation, not only the loss.
 
 ``joint_forward=True`` concatenates the tasks' batches into one encoder forward and one
 backward (right for models whose samples do not interact, and cheapest when the forward
@@ -96,12 +98,14 @@ def checkpoint_path(workdir: str | os.PathLike, name: str) -> Path:
 
 
 def _save_checkpoint(path: Path, params: Mapping[str, nn.Parameter], step: int,
-                     optimizer: torch.optim.Optimizer, losses: Sequence[float]) -> None:
+                     optimizer: torch.optim.Optimizer, losses: Sequence[float],
+                     validation: Sequence[dict[str, float]] = ()) -> None:
     state = {
         "step": step,
         "params": {k: p.detach().cpu().clone() for k, p in params.items()},
         "optimizer": optimizer.state_dict(),
         "losses": torch.tensor(list(losses), dtype=torch.float64),
+        "validation": [dict(v) for v in validation],
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
@@ -110,7 +114,7 @@ def _save_checkpoint(path: Path, params: Mapping[str, nn.Parameter], step: int,
 
 
 def _load_checkpoint(path: Path, params: Mapping[str, nn.Parameter],
-                     optimizer: torch.optim.Optimizer) -> tuple[int, list[float]]:
+                     optimizer: torch.optim.Optimizer) -> tuple[int, list[float], list[dict[str, float]]]:
     state = torch.load(path, map_location="cpu", weights_only=True)
     saved = state["params"]
     if set(saved) != set(params) or any(saved[k].shape != p.shape for k, p in params.items()):
@@ -119,7 +123,8 @@ def _load_checkpoint(path: Path, params: Mapping[str, nn.Parameter],
         for k, p in params.items():
             p.copy_(saved[k])
     optimizer.load_state_dict(state["optimizer"])
-    return int(state["step"]), [float(v) for v in state["losses"]]
+    validation = [{k: float(v) for k, v in row.items()} for row in state.get("validation", [])]
+    return int(state["step"]), [float(v) for v in state["losses"]], validation
 
 
 @contextlib.contextmanager
@@ -189,19 +194,34 @@ def run_tta(
     streams = {t: BatchStream(ctx.unlabeled[t], t) for t in tasks}
     optimizer = torch.optim.Adam(list(params.values()), lr=lr)
 
-    start, losses = 0, []
+    start, losses, validation = 0, [], []
     ckpt = checkpoint_path(ctx.workdir, name) if ctx.workdir else None
     if ckpt is not None and ckpt.is_file():
-        start, losses = _load_checkpoint(ckpt, params, optimizer)
+        start, losses, validation = _load_checkpoint(ckpt, params, optimizer)
         start = min(start, steps)
         losses = losses[:start]
+        validation = [v for v in validation if v["step"] <= start]
         for s in streams.values():
             s.skip(start)
+    ctx.artifacts["tta_validation"] = validation
+
+    def validate(done: int) -> None:
+        if eval_every <= 0 or ctx.validate is None:
+            return
+        with torch.no_grad():
+            metrics = dict(ctx.validate(export() if export else model))
+        if losses:
+            metrics["tta_entropy"] = losses[-1]
+        validation.append({"step": float(done), **metrics})
+        if ctx.report is not None and ctx.report(done, metrics):
+            raise PruneTrial(f"{name}: pruned at step {done}")
 
     was_training = model.training
     model.eval()
     try:
         with _progress(ctx, name, steps, start) as update:
+            if start == 0:
+                validate(0)
             for step in range(start, steps):
                 if cosine:
                     for group in optimizer.param_groups:
@@ -215,15 +235,11 @@ def run_tta(
                 losses.append(loss)
                 done = step + 1
                 update(done, loss)
+                if eval_every > 0 and (done % eval_every == 0 or done == steps):
+                    validate(done)
                 if ckpt is not None and checkpoint_every > 0 and (done % checkpoint_every == 0 or done == steps):
-                    _save_checkpoint(ckpt, params, done, optimizer, losses)
+                    _save_checkpoint(ckpt, params, done, optimizer, losses, validation)
                 failpoint("tta_step")
-                if eval_every > 0 and ctx.validate is not None and (done % eval_every == 0 or done == steps):
-                    with torch.no_grad():
-                        metrics = dict(ctx.validate(export() if export else model))
-                    metrics["tta_entropy"] = loss
-                    if ctx.report is not None and ctx.report(done, metrics):
-                        raise PruneTrial(f"{name}: pruned at step {done}")
     finally:
         model.train(was_training)
     return losses

@@ -155,3 +155,25 @@ def test_perfect_routing_bound_row(sweep_dict):
     row = next(r for r in out.rows if r.method == "perfect routing")
     bound = {r.task: r.metrics for r in out.results if r.kind == "perfect_routing"}
     assert row.acc == {t: bound[t][f"acc/{t}"] for t in TOY_TASKS}
+
+
+def test_adaptation_curves_in_mlflow(sweep_dict):
+    """A sweep's WeMoE run carries its loss per step and its validation accuracy at every
+    ``eval_every`` steps from the start; the last validation is of the returned model."""
+    d = dict(sweep_dict, methods=[{"name": "wemoe", "params": {
+        "steps": 4, "eval_every": 2, "lr": 1e-2, "router_depth": 1, "routing_stats_batches": 0}}])
+    d["references"] = {"pretrained": False, "individual": False}
+    cfg = validate_config(d)
+    outcome = run_sweep(cfg, quiet=True)
+    assert not outcome.failed
+    res = next(r for r in outcome.results if r.label == "wemoe")
+    client = MlflowClient(cfg.resolved_tracking_uri())
+    run = client.search_runs([client.get_experiment_by_name(cfg.name).experiment_id],
+                             f"tags.`harness.job_key` = '{res.key}'")[0]
+    loss = client.get_metric_history(run.info.run_id, "tta/loss")
+    assert sorted(m.step for m in loss) == [0, 1, 2, 3]
+    val = sorted(client.get_metric_history(run.info.run_id, "tta/val/acc/avg"), key=lambda m: m.step)
+    assert [m.step for m in val] == [0, 2, 4]
+    assert val[-1].value == pytest.approx(res.metrics["val/acc/avg"])
+    for t in TOY_TASKS:
+        assert [m.step for m in client.get_metric_history(run.info.run_id, f"tta/val/acc/{t}")] == [0, 2, 4]

@@ -272,25 +272,43 @@ def router_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if ".router." in n}
 
 
+def router_norm(model: nn.Module) -> dict[str, float]:
+    """A validation stand-in that depends on the routers' current state."""
+    return {"router_norm": float(sum(v.double().norm() for v in router_state(model).values()))}
+
+
 def test_checkpoint_resume_matches_uninterrupted(models, tmp_path):
     pre, ft = models
-    method = wemoe.WeMoE(steps=6, lr=1e-2, cosine=True, checkpoint_every=3, eval_every=3,
+    method = wemoe.WeMoE(steps=6, lr=1e-2, cosine=True, checkpoint_every=2, eval_every=3,
                          router_depth=1, routing_stats_batches=0)
-    full_ctx = MergeContext(heads=heads(), unlabeled=fixed_unlabeled(2), workdir=str(tmp_path / "full"))
+    full_ctx = MergeContext(heads=heads(), unlabeled=fixed_unlabeled(2), workdir=str(tmp_path / "full"),
+                            validate=router_norm)
     full = method.merge(pre, ft, full_ctx)
 
-    def stop(model):
-        raise Interrupt
+    calls = []
+
+    def stop_at_third(model):  # validations at steps 0, 3, 6: killed at the last, checkpointed at 4
+        calls.append(1)
+        if len(calls) == 3:
+            raise Interrupt
+        return router_norm(model)
 
     workdir = str(tmp_path / "resumed")
     with pytest.raises(Interrupt):
-        method.merge(pre, ft, MergeContext(heads=heads(), unlabeled=fixed_unlabeled(2), workdir=workdir, validate=stop))
-    resumed_ctx = MergeContext(heads=heads(), unlabeled=fixed_unlabeled(2), workdir=workdir)
+        method.merge(pre, ft, MergeContext(heads=heads(), unlabeled=fixed_unlabeled(2), workdir=workdir,
+                                           validate=stop_at_third))
+    resumed_ctx = MergeContext(heads=heads(), unlabeled=fixed_unlabeled(2), workdir=workdir, validate=router_norm)
     resumed = method.merge(pre, ft, resumed_ctx)
     a, b = router_state(full), router_state(resumed)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert resumed_ctx.artifacts["tta_loss"] == full_ctx.artifacts["tta_loss"]
     assert len(full_ctx.artifacts["tta_loss"]) == 6
+    history = full_ctx.artifacts["tta_validation"]
+    assert [row["step"] for row in history] == [0, 3, 6]
+    assert resumed_ctx.artifacts["tta_validation"] == history
+    assert history[0]["router_norm"] == router_norm(method.build(pre, ft))["router_norm"]
+    assert history[-1]["router_norm"] == router_norm(full)["router_norm"]
+    assert "tta_entropy" not in history[0] and history[1]["tta_entropy"] == full_ctx.artifacts["tta_loss"][2]
     init = router_state(method.build(pre, ft))
     assert any(not torch.equal(init[k], a[k]) for k in a)
 
@@ -306,8 +324,16 @@ def test_report_true_prunes(models):
     ctx = MergeContext(heads=heads(), unlabeled=fixed_unlabeled(), validate=lambda m: {"acc": 0.5}, report=report)
     with pytest.raises(PruneTrial):
         wemoe.WeMoE(steps=5, eval_every=2, checkpoint_every=0).merge(pre, ft, ctx)
-    assert [c[0] for c in calls] == [2]
-    assert calls[0][1]["acc"] == 0.5 and "tta_entropy" in calls[0][1]
+    assert [c[0] for c in calls] == [0]
+    assert calls[0][1]["acc"] == 0.5 and "tta_entropy" not in calls[0][1]
+
+    calls.clear()
+    ctx = MergeContext(heads=heads(), unlabeled=fixed_unlabeled(), validate=lambda m: {"acc": 0.5},
+                       report=lambda step, metrics: calls.append((step, metrics)) or step >= 2)
+    with pytest.raises(PruneTrial):
+        wemoe.WeMoE(steps=5, eval_every=2, checkpoint_every=0).merge(pre, ft, ctx)
+    assert [c[0] for c in calls] == [0, 2]
+    assert calls[1][1]["tta_entropy"] == ctx.artifacts["tta_validation"][1]["tta_entropy"]
 
 
 def test_save_load_round_trip(models, tmp_path):
