@@ -65,10 +65,17 @@ def jsonable(obj: Any) -> Any:
     return obj
 
 
-def finished_result(results_dir: Path, key: str) -> JobResult | None:
-    """A job's cached result when it finished successfully (failed jobs are retried)."""
-    cached = read_json(results_dir / f"{key}.json")
-    return JobResult.from_dict(cached) if cached and cached.get("status") == "ok" else None
+def finished_result(results_dir: Path, spec: JobSpec) -> JobResult | None:
+    """A job's cached result when it finished successfully (failed jobs are retried).
+
+    The result takes the spec's label: a job keeps its key when its method is renamed in the
+    sweep, and its row, run name and tags follow the sweep, not the run that computed it."""
+    cached = read_json(results_dir / f"{spec.key}.json")
+    if not cached or cached.get("status") != "ok":
+        return None
+    result = JobResult.from_dict(cached)
+    result.label = spec.label
+    return result
 
 
 def job_params(cfg: SweepConfig, spec: JobSpec) -> dict[str, Any]:
@@ -114,7 +121,7 @@ def _run_sweep(cfg: SweepConfig, ws: Workspace, executor: Any, console: Console,
     results: dict[str, JobResult] = {}
     pending: list[JobSpec] = []
     for s in specs:
-        cached = finished_result(results_dir, s.key)
+        cached = finished_result(results_dir, s)
         if cached:
             results[s.key] = cached
         else:
@@ -212,7 +219,7 @@ def _run_sweep(cfg: SweepConfig, ws: Workspace, executor: Any, console: Console,
             for follow in robustness_followups(cfg, list(results.values()), identity, task_identity):
                 specs.append(follow)
                 spec_by_key[follow.key] = follow
-                cached = results.get(follow.key) or finished_result(results_dir, follow.key)
+                cached = results.get(follow.key) or finished_result(results_dir, follow)
                 if cached:
                     results[follow.key] = cached
                 else:
@@ -224,7 +231,7 @@ def _run_sweep(cfg: SweepConfig, ws: Workspace, executor: Any, console: Console,
             specs.append(final)
             spec_by_key[final.key] = final
             if final.key not in results:
-                cached = finished_result(results_dir, final.key)
+                cached = finished_result(results_dir, final)
                 if cached:
                     results[final.key] = cached
                 else:

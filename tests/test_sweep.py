@@ -177,3 +177,28 @@ def test_adaptation_curves_in_mlflow(sweep_dict):
     assert val[-1].value == pytest.approx(res.metrics["val/acc/avg"])
     for t in TOY_TASKS:
         assert [m.step for m in client.get_metric_history(run.info.run_id, f"tta/val/acc/{t}")] == [0, 2, 4]
+
+
+def test_renamed_method_keeps_its_cached_jobs(first_run, monkeypatch):
+    """Renaming a method's label reuses its jobs (same key) under the new name: row and runs."""
+    cfg, outcome = first_run
+    d = cfg.model_dump(mode="json")
+    d["methods"][1]["label"] = "ta_renamed"
+    renamed = validate_config(d)
+
+    def boom(*a, **k):
+        raise AssertionError("a cached job was run again")
+
+    monkeypatch.setattr("harness.executors.local.run_job", boom)
+    again = run_sweep(renamed, quiet=True)
+    assert again.executed == []
+    rows = {r.method: r for r in again.rows}
+    assert "task_arithmetic" not in rows
+    assert rows["ta_renamed"].avg == next(r for r in outcome.rows if r.method == "task_arithmetic").avg
+    client = MlflowClient(renamed.resolved_tracking_uri())
+    children = client.search_runs([client.get_experiment_by_name(renamed.name).experiment_id],
+                                  f"tags.`mlflow.parentRunId` = '{again.parent_run_id}'")
+    labels = sorted(r.data.tags["harness.label"] for r in children if r.data.tags["harness.kind"] == "merge")
+    assert labels == ["ta_renamed", "ta_renamed", "weight_averaging"]
+    assert all(r.info.run_name.startswith("ta_renamed") for r in children
+               if r.data.tags["harness.label"] == "ta_renamed")
