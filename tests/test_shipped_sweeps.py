@@ -77,3 +77,21 @@ def test_preserve20_sweep_is_the_main_sweep_with_more_feature_preservation():
         assert set(method.get("grid", {}).get("scaling", [])) <= set(ours[label].get("grid", {}).get("scaling", []))
     assert ours["ties_tensor"]["params"] == {**theirs["ties"]["params"], "trim_scope": "tensor"}
     assert max(ours["ties"]["grid"]["scaling"]) >= 3.0 and max(ours["task_arithmetic"]["grid"]["scaling"]) > 1.0
+
+
+def test_confident_sweep_is_the_main_sweep_on_five_of_its_tasks():
+    """Same model and encoders on a subset of the main tasks; the adaptive methods start, and the
+    bound is built, at one task-arithmetic lambda from the grid; the paper's 0.3 kept beside."""
+    from harness.config import read_yaml
+
+    main_sweep, conf = read_yaml(SWEEP_DIR / "wemoe.yaml"), read_yaml(SWEEP_DIR / "embedded-confident.yaml")
+    assert conf["model"] == main_sweep["model"]
+    assert conf["tasks"] == [t for t in main_sweep["tasks"] if t in conf["tasks"]] and len(conf["tasks"]) == 5
+    assert set(main_sweep["tasks"]) - set(conf["tasks"]) == {"emb_vehicles", "emb_housenum", "emb_mnist"}
+    by_label = {m.get("label", m["name"]): m for m in conf["methods"]}
+    start = conf["references"]["routing_bound_lambda"]
+    assert start in by_label["task_arithmetic"]["grid"]["scaling"] and start != 0.3
+    for label in ("adamerging_task", "adamerging_layer", "wemoe"):
+        assert by_label[label]["params"]["init_lambda"] == start, label
+    assert by_label["wemoe_lambda03"]["params"] == {**by_label["wemoe"]["params"], "init_lambda": 0.3}
+    assert by_label["wemoe"]["params"]["routing"] == "raw" and "task_id_weight" not in by_label["wemoe"]["params"]
