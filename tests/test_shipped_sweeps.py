@@ -95,3 +95,4 @@ def test_confident_sweep_is_the_main_sweep_on_five_of_its_tasks():
         assert by_label[label]["params"]["init_lambda"] == start, label
     assert by_label["wemoe_lambda03"]["params"] == {**by_label["wemoe"]["params"], "init_lambda": 0.3}
     assert by_label["wemoe"]["params"]["routing"] == "raw" and "task_id_weight" not in by_label["wemoe"]["params"]
+    assert by_label["wemoe_batch"]["params"] == {**by_label["wemoe"]["params"], "batch_reduce": True}
