@@ -70,6 +70,7 @@ def finetune_encoder(
     seed: int = 0,
     preserve_weight: float = 0.0,
     preserve_images: torch.Tensor | None = None,
+    optimizer: str = "adamw",
     progress: ProgressFn | None = None,
     device: torch.device | str = "cpu",
 ) -> nn.Module:
@@ -85,6 +86,8 @@ def finetune_encoder(
     """
     if steps < 1:
         raise ValueError("steps must be >= 1")
+    if optimizer not in ("adamw", "sgd"):
+        raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {optimizer!r}")
     if preserve_weight < 0:
         raise ValueError("preserve_weight must be >= 0")
     if preserve_weight > 0 and (preserve_images is None or len(preserve_images) == 0):
@@ -104,8 +107,11 @@ def finetune_encoder(
 
     generator = torch.Generator().manual_seed(seed)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, steps, warmup))
+    if optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
+    else:
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, steps, warmup))
     batches = _batches(len(images), batch_size, generator)
     model.train()
     for step in range(steps):
@@ -122,11 +128,11 @@ def finetune_encoder(
             drift = relative_feature_distance(model(px), target)
             loss = loss + preserve_weight * drift
             metrics["drift"] = drift.item()
-        optimizer.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=True)
         loss.backward()
         if grad_clip and grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, grad_clip)
-        optimizer.step()
+        opt.step()
         scheduler.step()
         metrics["loss"] = loss.item()
         if progress is not None:

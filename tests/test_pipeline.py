@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -86,6 +87,39 @@ def test_finetune_is_deterministic_given_seed():
                              preserve_weight=1.0, preserve_images=general).state_dict() for s in (3, 3, 4)]
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
     assert any(not torch.equal(runs[0][k], runs[2][k]) for k in runs[0])
+
+
+def test_sgd_finetuning_matches_two_momentum_steps_by_hand():
+    """optimizer="sgd": w1 = w0 - lr g0, w2 = w1 - lr (0.9 g0 + g1), full-batch gradients."""
+    torch.manual_seed(0)
+    encoder = build_clip("harness-micro-vit").visual
+    head = F.normalize(torch.randn(3, 32), dim=-1) * 20
+    ds = _separable()
+    lr = 0.05
+
+    def full_batch_grads(model):
+        model.zero_grad()
+        F.cross_entropy(ImageClassifier(model, head)(ds.tensors[0]), ds.tensors[1]).backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    model = copy.deepcopy(encoder).train()
+    g0 = full_batch_grads(model)
+    with torch.no_grad():
+        for p, g in zip(model.parameters(), g0):
+            p -= lr * g
+    g1 = full_batch_grads(model)
+    with torch.no_grad():
+        for p, a, b in zip(model.parameters(), g0, g1):
+            p -= lr * (0.9 * a + b)
+    tuned = finetune_encoder(encoder, head, ds, steps=2, lr=lr, weight_decay=0.0, batch_size=len(ds), warmup=1,
+                             grad_clip=0.0, optimizer="sgd")
+    for (name, p), q in zip(tuned.named_parameters(), model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=name)
+    adam = finetune_encoder(encoder, head, ds, steps=2, lr=lr, weight_decay=0.0, batch_size=len(ds), warmup=1,
+                            grad_clip=0.0)
+    assert any(not torch.allclose(a, b) for a, b in zip(adam.parameters(), model.parameters()))
+    with pytest.raises(ValueError, match="optimizer"):
+        finetune_encoder(encoder, head, ds, steps=1, optimizer="lbfgs")
 
 
 def test_finetune_rejects_preservation_without_images():
@@ -197,6 +231,16 @@ def test_finetune_seed_retrains_encoders_from_the_same_pretrained_model(suite, t
     assert other.finetuned[task] != art.finetuned[task] and other.timings[f"finetune:{task}"] > 0
     a, b = load_state_dict(art.finetuned[task]), load_state_dict(other.finetuned[task])
     assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_finetune_optimizer_enters_the_identity_only_when_not_the_protocol(two_tasks):
+    """AdamW (the default) leaves the identity, and so every cached encoder, as it was."""
+    base = pipeline.SuiteOptions(**TINY).finetune_identity("v", two_tasks[0], "d", "s")
+    assert "finetune_optimizer" not in base
+    sgd = pipeline.SuiteOptions(**TINY, finetune_optimizer="sgd").finetune_identity("v", two_tasks[0], "d", "s")
+    assert sgd == {**base, "finetune_optimizer": "sgd"}
+    with pytest.raises(Exception, match="finetune_optimizer"):
+        pipeline.SuiteOptions(**TINY, finetune_optimizer="rmsprop")
 
 
 def test_finetuned_checkpoint_is_deterministic_given_seed(suite, two_tasks, tmp_path):

@@ -89,6 +89,8 @@ class SuiteOptions(BaseModel):
     pretrain_weight_decay: float = Field(0.1, ge=0)
     pretrain_warmup: int = Field(60, ge=0)
     # Fine-tuning (task-vectors protocol: AdamW, warmup + cosine, frozen zero-shot head).
+    finetune_optimizer: Literal["adamw", "sgd"] = Field(
+        "adamw", description="adamw (the protocol) or sgd (momentum 0.9, same schedule; lr ~100x larger)")
     finetune_steps: int = Field(600, ge=1)
     finetune_lr: float = Field(1e-4, gt=0, le=1.0)
     finetune_batch_size: int = Field(64, ge=1)
@@ -109,8 +111,11 @@ class SuiteOptions(BaseModel):
         reused when the other is in effect."""
         identity = {"data_version": data_version, "task": task, "pretrained": pretrained_digest, "source": source,
                     **{k: getattr(self, k) for k in FINETUNE_FIELDS}}
-        if self.finetune_seed is not None:  # unset, the identity (and the cache) is what it was before the option
+        # Left at their defaults, the later options stay out of the identity: caches stay valid.
+        if self.finetune_seed is not None:
             identity["finetune_seed"] = self.finetune_seed
+        if self.finetune_optimizer != "adamw":
+            identity["finetune_optimizer"] = self.finetune_optimizer
         return identity
 
     @property
@@ -322,7 +327,7 @@ def _finetune_job(task: str, opts_json: str, pretrained: str, out: str, preserve
         clip.visual, head, data.dataset("train"), steps=opts.finetune_steps, lr=opts.finetune_lr,
         weight_decay=opts.finetune_weight_decay, batch_size=opts.finetune_batch_size,
         warmup=opts.finetune_warmup, grad_clip=opts.grad_clip, seed=opts.effective_finetune_seed,
-        preserve_weight=opts.preserve_weight,
+        preserve_weight=opts.preserve_weight, optimizer=opts.finetune_optimizer,
         preserve_images=normalize_uint8(preserve) if preserve is not None else None,
         progress=progress)
     seconds = time.perf_counter() - start
