@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -70,7 +70,7 @@ def finetune_encoder(
     seed: int = 0,
     preserve_weight: float = 0.0,
     preserve_images: torch.Tensor | None = None,
-    optimizer: str = "adamw",
+    optimizer: Literal["adamw", "sgd"] = "adamw",
     progress: ProgressFn | None = None,
     device: torch.device | str = "cpu",
 ) -> nn.Module:
