@@ -96,3 +96,28 @@ def test_confident_sweep_is_the_main_sweep_on_five_of_its_tasks():
     assert by_label["wemoe_lambda03"]["params"] == {**by_label["wemoe"]["params"], "init_lambda": 0.3}
     assert by_label["wemoe"]["params"]["routing"] == "raw" and "task_id_weight" not in by_label["wemoe"]["params"]
     assert by_label["wemoe_batch"]["params"] == {**by_label["wemoe"]["params"], "batch_reduce": True}
+
+
+def test_wide_sweep_is_the_grid_part_of_the_small_sweep_at_width_384():
+    """The second width step changes the image tower's width again (3x the tiny model's) and keeps
+    the width-256 study's reference rows and grid methods, grids only widened."""
+    import json
+
+    from harness.config import read_yaml
+    from harness.models import CONFIG_DIR, build_clip
+
+    tiny = json.loads((CONFIG_DIR / "harness-tiny-vit.json").read_text())
+    wide_cfg = json.loads((CONFIG_DIR / "harness-wide-vit.json").read_text())
+    assert wide_cfg["vision_cfg"] == {**tiny["vision_cfg"], "width": 3 * tiny["vision_cfg"]["width"]}
+    assert wide_cfg["text_cfg"] == tiny["text_cfg"] and wide_cfg["embed_dim"] == tiny["embed_dim"]
+    assert sum(p.numel() for p in build_clip("harness-wide-vit").visual.parameters()) == 7_229_184
+
+    small, wide = read_yaml(SWEEP_DIR / "embedded-small.yaml"), read_yaml(SWEEP_DIR / "embedded-wide.yaml")
+    assert wide["model"]["suite"] == {"arch": "harness-wide-vit"}
+    assert wide["tasks"] == small["tasks"] and wide["references"] == small["references"]
+    theirs = {m.get("label", m["name"]): m for m in small["methods"] if "grid" in m or m["name"] == "weight_averaging"}
+    ours = {m.get("label", m["name"]): m for m in wide["methods"]}
+    assert set(ours) == set(theirs) == {"weight_averaging", "task_arithmetic", "ties", "ties_tensor"}
+    for label, method in theirs.items():
+        assert ours[label].get("params") == method.get("params"), label
+        assert set(method.get("grid", {}).get("scaling", [])) <= set(ours[label].get("grid", {}).get("scaling", []))
