@@ -148,8 +148,10 @@ def interrupted_sweep(cluster, varied_checkpoints, tmp_path_factory, local_refer
     running = {k for k, rec in first.items() if queue.get(rec["job_id"]) == "RUNNING"} - at_kill
     for k in pending:
         subprocess.run(["scancel", first[k]["job_id"]], check=True)
-    _wait_for(lambda: all(v == "CANCELLED" for v in slurm_states([first[k]["job_id"] for k in pending]).values()),
-              60, "SLURM to show the cancelled jobs")
+    # A task cancelled while still inside its array's pending record leaves no record at all
+    # (SLURM 22.05: squeue and sacct then do not know it), so "UNKNOWN" is as gone as "CANCELLED".
+    _wait_for(lambda: set(slurm_states([first[k]["job_id"] for k in pending]).values()) <= {"CANCELLED", "UNKNOWN"},
+              60, "SLURM to drop the cancelled jobs from its queue")
     outcome = run_sweep(validate_config(d), quiet=True)
     final = json.loads((out / "slurm" / "submitted.json").read_text())["jobs"]
     return {"dict": d, "outcome": outcome, "recorded_at_kill": at_kill, "pending": pending, "running": running,

@@ -486,8 +486,8 @@ class SlurmExecutor:
             if now - t.unknown_since < UNKNOWN_GRACE_S:
                 return None
             t.show_tail = True
-            return _failed(spec, f"SLURM job {t.job_id} is unknown to sacct and squeue (is accounting "
-                           "configured?)", f"--- stderr tail ---\n{_tail(t.log_path(True))}")
+            return _failed(spec, f"SLURM job {t.job_id} is unknown to sacct and squeue (cancelled while "
+                           "queued in its array, which SLURM records nowhere, or accounting not configured)", f"--- stderr tail ---\n{_tail(t.log_path(True))}")
         t.unknown_since = None
         if t.state in ALIVE_STATES:
             t.ended_at = None
