@@ -107,7 +107,7 @@ def sweep(file: str, overrides: tuple[str, ...], dry_run: bool, quiet: bool, det
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.argument("overrides", nargs=-1)
 def status(file: str, overrides: tuple[str, ...]) -> None:
-    """SLURM: the states of a sweep's submitted jobs (pending, running, done, failed) and their logs."""
+    """SLURM: the states of a sweep's submitted jobs (pending, running, done, failed, lost) and their logs."""
     from harness.executors.slurm import status_table
 
     table, counts = status_table(_load(file, overrides))

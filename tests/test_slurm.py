@@ -318,6 +318,43 @@ def test_status_and_collect_commands(interrupted_sweep, tmp_path):
 
 
 @needs_slurm
+def test_a_task_cancelled_inside_its_arrays_queue_is_lost_then_resubmitted(cluster, varied_checkpoints, tmp_path,
+                                                                           monkeypatch):
+    """SLURM keeps no record of an array task cancelled before it was split off its array's
+    pending record: `status` calls it lost once past the grace period, and a rerun resubmits it
+    (and only it)."""
+    import harness.executors.slurm as slurm_executor
+
+    d = _sweep(varied_checkpoints, tmp_path / "sweep", "toy-lost", kind="slurm", mem_gb=1, timeout_min=5,
+               setup=SETUP, poll_s=1, array_parallelism=1)
+    cfg = validate_config(d)
+    log = cfg.resolved_output_dir() / "slurm" / "submitted.json"
+    f = tmp_path / "sweep.yaml"
+    f.write_text(yaml.safe_dump(d))
+    run_sweep(cfg, quiet=True, mode="detach")
+    jobs = json.loads(log.read_text())["jobs"]
+    base = next(iter(jobs.values()))["job_id"].split("_")[0]
+    try:
+        assert len(jobs) >= 5
+        victim_id = f"{base}_3"  # one task at a time runs: task 3 waits inside the array's record
+        (victim,) = [k for k, rec in jobs.items() if rec["job_id"] == victim_id]
+        assert _squeue(base).get(victim_id) == "PENDING"
+        subprocess.run(["scancel", victim_id], check=True)
+        _wait_for(lambda: slurm_states([victim_id])[victim_id] == "UNKNOWN", 30, "the cancelled task to vanish")
+        r = CliRunner().invoke(main, ["status", str(f)], env={"COLUMNS": "250"})
+        assert r.exit_code == 0 and "0 lost" in r.output, r.output  # just submitted: accounting may lag
+        monkeypatch.setattr(slurm_executor, "UNKNOWN_GRACE_S", 0.0)
+        r = CliRunner().invoke(main, ["status", str(f)], env={"COLUMNS": "250"})
+        assert "0 failed, 1 lost" in r.output, r.output
+        run_sweep(cfg, quiet=True, mode="detach")
+        again = json.loads(log.read_text())["jobs"]
+        assert [k for k, rec in again.items() if len(rec["history"]) > 1] == [victim]
+    finally:
+        ids = {rec["job_id"].split("_")[0] for rec in json.loads(log.read_text())["jobs"].values()}
+        subprocess.run(["scancel", *sorted(ids)], check=False)
+
+
+@needs_slurm
 def test_a_refused_submission_is_one_clear_error(cluster, varied_checkpoints, tmp_path):
     from harness.errors import HarnessError
 

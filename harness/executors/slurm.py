@@ -209,6 +209,13 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
+def _seconds_since(timestamp: str | None) -> float:
+    """Seconds since a recorded ``_now()`` timestamp; infinite when none was recorded."""
+    if not timestamp:
+        return float("inf")
+    return (_dt.datetime.now(_dt.timezone.utc) - _dt.datetime.fromisoformat(timestamp)).total_seconds()
+
+
 def _tail(path: Path, lines: int = STDERR_TAIL_LINES) -> str:
     try:
         text = path.read_text(errors="replace")
@@ -554,8 +561,8 @@ def display_state(t: _Tracked) -> str:
     return "failed"
 
 
-_STYLE = {"pending": "dim", "running": "cyan", "requeued": "yellow", "done": "green", "failed": "red"}
-_ORDER = ("running", "requeued", "failed", "pending", "done")
+_STYLE = {"pending": "dim", "running": "cyan", "requeued": "yellow", "done": "green", "failed": "red", "lost": "red"}
+_ORDER = ("running", "requeued", "failed", "lost", "pending", "done")
 
 
 def job_table(tracked: list[_Tracked], kind: str = "slurm", collected: set[str] | None = None) -> Table:
@@ -686,11 +693,14 @@ def status_table(cfg: SweepConfig) -> tuple[Table, dict[str, int]]:
         if cached and cached.get("status") == "ok":
             collected.add(key)
     states = slurm_states([t.job_id for t in tracked])
-    for t in tracked:
+    for rec, t in zip(records.values(), tracked):
         t.state = states[t.job_id]
         if t.job.paths.result_pickle.exists():
             t.outcome = "done" if _usable_result(t.job) else "failed"
-        elif t.state not in ALIVE_STATES and t.state != "UNKNOWN":
+        elif t.state == "UNKNOWN":
+            if _seconds_since(rec.get("submitted_at")) > UNKNOWN_GRACE_S:
+                t.outcome = "lost"  # not just submitted, yet SLURM has no record: a rerun resubmits it
+        elif t.state not in ALIVE_STATES:
             t.outcome = "failed"
     states = [display_state(t) for t in tracked]
     counts = {s: states.count(s) for s in _ORDER}
