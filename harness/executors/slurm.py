@@ -494,7 +494,8 @@ class SlurmExecutor:
                 return None
             t.show_tail = True
             return _failed(spec, f"SLURM job {t.job_id} is unknown to sacct and squeue (cancelled while "
-                           "queued in its array, which SLURM records nowhere, or accounting not configured)", f"--- stderr tail ---\n{_tail(t.log_path(True))}")
+                           "queued in its array, which SLURM records nowhere, or accounting not configured)",
+                           f"--- stderr tail ---\n{_tail(t.log_path(True))}")
         t.unknown_since = None
         if t.state in ALIVE_STATES:
             t.ended_at = None
@@ -693,12 +694,12 @@ def status_table(cfg: SweepConfig) -> tuple[Table, dict[str, int]]:
         if cached and cached.get("status") == "ok":
             collected.add(key)
     states = slurm_states([t.job_id for t in tracked])
-    for rec, t in zip(records.values(), tracked):
+    for t in tracked:
         t.state = states[t.job_id]
         if t.job.paths.result_pickle.exists():
             t.outcome = "done" if _usable_result(t.job) else "failed"
         elif t.state == "UNKNOWN":
-            if _seconds_since(rec.get("submitted_at")) > UNKNOWN_GRACE_S:
+            if _seconds_since(records[t.spec.key].get("submitted_at")) > UNKNOWN_GRACE_S:
                 t.outcome = "lost"  # not just submitted, yet SLURM has no record: a rerun resubmits it
         elif t.state not in ALIVE_STATES:
             t.outcome = "failed"
