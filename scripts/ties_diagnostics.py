@@ -6,7 +6,7 @@ validation accuracy after trimming (at scale 1 and 2), TIES's average validation
 with the trim threshold over the whole model (the paper) or per tensor (as mergekit does), and
 task arithmetic's beside it, the bar TIES is meant to clear.
 
-    python scripts/ties_diagnostics.py sweeps/wemoe.yaml
+    python scripts/ties_diagnostics.py sweeps/wemoe.yaml [key.path=value ...]
 """
 
 from __future__ import annotations
@@ -29,12 +29,14 @@ from methods.ties import keep_count, ties_merge_dense, trim_thresholds  # noqa: 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("sweep")
+    ap.add_argument("overrides", nargs="*", metavar="key.path=value",
+                    help="overrides of the sweep file, as `harness sweep` takes them")
     ap.add_argument("--ks", type=float, nargs="+", default=[10, 20, 50])
     ap.add_argument("--lambdas", type=float, nargs="+", default=[1.0, 1.4, 1.8, 2.2, 2.6])
     ap.add_argument("--ta-lambdas", type=float, nargs="+", default=[0.3, 0.4, 0.5, 0.6, 0.7, 0.8],
                     help="task arithmetic's scalings (on the sum of the task vectors)")
     args = ap.parse_args()
-    cfg = load_config(args.sweep)
+    cfg = load_config(args.sweep, args.overrides)
     ws = Workspace(cfg, progress=True)
     tasks = cfg.merge_tasks
     pre = ws.pretrained_encoder

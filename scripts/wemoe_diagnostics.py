@@ -4,6 +4,9 @@ Prints, per merged task and head temperature, a Markdown table (see harness/rout
 for what each column measures):
 
     python scripts/wemoe_diagnostics.py sweeps/wemoe.yaml --temperatures 0.5 1 2
+
+Overrides of the sweep file follow its path, as `harness sweep` takes them
+(`... sweeps/wemoe.yaml model.suite.pretrain_steps=2000`).
 """
 
 from __future__ import annotations
@@ -24,13 +27,15 @@ from harness.workspace import Workspace  # noqa: E402
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("sweep")
+    ap.add_argument("overrides", nargs="*", metavar="key.path=value",
+                    help="overrides of the sweep file, as `harness sweep` takes them")
     ap.add_argument("--split", default="val", choices=["val", "test"])
     ap.add_argument("--scaling", type=float, default=None,
                     help="task arithmetic's scaling outside the MLPs (default: the sweep's routing_bound_lambda)")
     ap.add_argument("--temperatures", type=float, nargs="+", default=[1.0])
     ap.add_argument("--batch-size", type=int, default=16, help="images per batch of the batch-level column")
     args = ap.parse_args()
-    cfg = load_config(args.sweep)
+    cfg = load_config(args.sweep, args.overrides)
     scaling = cfg.references.routing_bound_lambda if args.scaling is None else args.scaling
     scores = expert_scores(Workspace(cfg, progress=True), args.split, scaling)
     print(f"{args.split} split, one-hot routing, task arithmetic {scaling:g} outside the MLPs\n")

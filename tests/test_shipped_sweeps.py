@@ -56,15 +56,17 @@ def test_small_sweep_is_the_main_sweep_on_a_wider_image_tower():
     assert all(m in wide["methods"] for m in main_sweep["methods"])
 
 
-def test_preserve20_sweep_is_the_main_sweep_with_more_feature_preservation():
-    """The fine-tuning-regime study changes the preservation weight (5 -> 20) and only widens the
-    scaling grids, so every setting the main sweep could select stays selectable."""
+@pytest.mark.parametrize("file, suite", [("embedded-preserve20.yaml", {"preserve_weight": 20.0}),
+                                         ("embedded-pretrain2000.yaml", {"pretrain_steps": 2000})])
+def test_regime_sweep_is_the_main_sweep_with_one_suite_option_changed(file, suite):
+    """The regime studies (more feature preservation, longer pretraining) change one suite option
+    and only widen the scaling grids, so every setting the main sweep could select stays selectable."""
     from harness.config import read_yaml
     from tasks.embedded.pipeline import SuiteOptions
 
-    main_sweep, strong = read_yaml(SWEEP_DIR / "wemoe.yaml"), read_yaml(SWEEP_DIR / "embedded-preserve20.yaml")
-    assert SuiteOptions().preserve_weight == 5.0 and main_sweep["model"]["suite"] == {}
-    assert strong["model"]["suite"] == {"preserve_weight": 20.0}
+    main_sweep, strong = read_yaml(SWEEP_DIR / "wemoe.yaml"), read_yaml(SWEEP_DIR / file)
+    assert SuiteOptions().preserve_weight == 5.0 and SuiteOptions().pretrain_steps == 500
+    assert main_sweep["model"]["suite"] == {} and strong["model"]["suite"] == suite
     assert strong["tasks"] == main_sweep["tasks"] and strong["references"] == main_sweep["references"]
 
     def by_label(sweep):
