@@ -64,15 +64,15 @@ def test_regime_sweep_is_the_main_sweep_with_one_suite_option_changed(file, suit
     from harness.config import read_yaml
     from tasks.embedded.pipeline import SuiteOptions
 
-    main_sweep, strong = read_yaml(SWEEP_DIR / "wemoe.yaml"), read_yaml(SWEEP_DIR / file)
+    main_sweep, regime = read_yaml(SWEEP_DIR / "wemoe.yaml"), read_yaml(SWEEP_DIR / file)
     assert SuiteOptions().preserve_weight == 5.0 and SuiteOptions().pretrain_steps == 500
-    assert main_sweep["model"]["suite"] == {} and strong["model"]["suite"] == suite
-    assert strong["tasks"] == main_sweep["tasks"] and strong["references"] == main_sweep["references"]
+    assert main_sweep["model"]["suite"] == {} and regime["model"]["suite"] == suite
+    assert regime["tasks"] == main_sweep["tasks"] and regime["references"] == main_sweep["references"]
 
     def by_label(sweep):
         return {m.get("label", m["name"]): m for m in sweep["methods"]}
 
-    ours, theirs = by_label(strong), by_label(main_sweep)
+    ours, theirs = by_label(regime), by_label(main_sweep)
     assert set(ours) == set(theirs) | {"ties_tensor"}
     for label, method in theirs.items():
         assert ours[label].get("params") == method.get("params"), label
