@@ -9,16 +9,31 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 
+def evaluation_indices(size: int, max_samples: int | None) -> torch.Tensor | None:
+    """Which images a capped evaluation scores (None: all), in the split's order.
+
+    Splits may be stored sorted by class (MNIST-style files), so their first N images can all
+    be of one or two classes. A seeded draw represents every class and gives every method the
+    same images, so paired comparisons stay paired.
+    """
+    if max_samples is None or max_samples >= size:
+        return None
+    generator = torch.Generator().manual_seed(0)
+    return torch.randperm(size, generator=generator)[:max_samples].sort().values
+
+
 def iterate_batches(dataset: Dataset, batch_size: int, max_samples: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(images, labels) batches; in-memory tensors are sliced directly (no worker overhead)."""
+    subset = evaluation_indices(len(dataset), max_samples)
     if isinstance(dataset, TensorDataset):
         images, labels = dataset.tensors[0], dataset.tensors[1]
-        n = len(images) if max_samples is None else min(max_samples, len(images))
-        for i in range(0, n, batch_size):
-            yield images[i : min(i + batch_size, n)], labels[i : min(i + batch_size, n)]
+        if subset is not None:
+            images, labels = images[subset], labels[subset]
+        for i in range(0, len(images), batch_size):
+            yield images[i : i + batch_size], labels[i : i + batch_size]
         return
-    if max_samples is not None and max_samples < len(dataset):
-        dataset = torch.utils.data.Subset(dataset, range(max_samples))
+    if subset is not None:
+        dataset = torch.utils.data.Subset(dataset, subset.tolist())
     yield from DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
 
 

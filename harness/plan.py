@@ -126,7 +126,8 @@ def with_key(cfg: SweepConfig, s: JobSpec, identity: dict[str, Any],
         "task": s.task,
         "model": {"arch": identity["arch"], "pretrained": identity["pretrained"],
                   "heads": identity["heads"]},
-        "eval": {"max_samples": cfg.eval.max_samples},
+        "eval": ({"max_samples": None} if cfg.eval.max_samples is None
+                 else {"max_samples": cfg.eval.max_samples, "subset": "seeded"}),
         "seed": cfg.seed,
     }
     if s.kind == "individual":
