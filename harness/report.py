@@ -76,12 +76,22 @@ def significance_records(rows: list[Row], seen: list[str],
     return header, body
 
 
+_LATEX_SPECIALS = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                   "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+
+
+def latex_escape(text: str) -> str:
+    """Text as LaTeX prints it literally (sweep names hold underscores, captions a percent sign)."""
+    return "".join(_LATEX_SPECIALS.get(c, c) for c in text)
+
+
 def latex_table(header: list[str], body: list[list[str]], caption: str) -> str:
-    """A booktabs tabular, via pandas (escaping included)."""
+    """A booktabs tabular, via pandas. pandas escapes the cells and header, not the caption."""
     import pandas as pd
 
     frame = pd.DataFrame(body, columns=header)
-    return frame.to_latex(index=False, caption=caption, escape=True, column_format="l" * 2 + "r" * (len(header) - 2))
+    return frame.to_latex(index=False, caption=latex_escape(caption), escape=True,
+                          column_format="l" * 2 + "r" * (len(header) - 2))
 
 
 def csv_table(header: list[str], body: list[list[str]]) -> str:

@@ -1,0 +1,32 @@
+"""LaTeX tables: every special character of captions and cells printed literally."""
+
+from __future__ import annotations
+
+import re
+
+from harness.report import latex_escape, latex_table
+
+
+def _unescaped(tex: str, char: str) -> int:
+    return len(re.findall(r"(?<!\\)" + re.escape(char), tex))
+
+
+def test_caption_with_percent_underscore_and_braces_is_escaped():
+    tex = latex_table(["method", "setting", "avg"], [["task_arithmetic", "scaling=0.3", "51.9"]],
+                      "my_sweep: test top-1 accuracy (%), {settings} on validation & more #1")
+    caption = next(line for line in tex.splitlines() if line.startswith("\\caption"))
+    assert caption == ("\\caption{my\\_sweep: test top-1 accuracy (\\%), \\{settings\\} on validation "
+                       "\\& more \\#1}")
+    for char in "%_#":  # (& separates the tabular's columns)
+        assert _unescaped(tex, char) == 0, char
+    assert _unescaped(tex, "{") == _unescaped(tex, "}")  # the caption's closing brace is not commented out
+    assert "task\\_arithmetic" in tex
+
+
+def test_latex_escape_round_trips_through_a_literal_reading():
+    text = r"a\b ~x^2 $5"
+    escaped = latex_escape(text)
+    assert escaped == r"a\textbackslash{}b \textasciitilde{}x\textasciicircum{}2 \$5"
+    literal = (escaped.replace(r"\textbackslash{}", "\\").replace(r"\textasciitilde{}", "~")
+               .replace(r"\textasciicircum{}", "^").replace(r"\$", "$"))
+    assert literal == text
