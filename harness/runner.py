@@ -297,7 +297,7 @@ def run_study(cfg: SweepConfig, m, identity: dict, task_identity: dict, results_
               execute, bar: "_progress", out: Path) -> JobSpec:
     """Tune one method; trials are logged as runs nested under the method's tuning run."""
     from harness.plan import with_key
-    from harness.tuning import StudyRunner, save_study_plots
+    from harness.tuning import StudyFailed, StudyRunner, save_study_plots
 
     runner = StudyRunner(cfg, m, identity, task_identity, cfg.executor.workers, results_dir)
     tune_run = tracker.tuning_run(runner.name, m.display, m.tune.model_dump(mode="json"))
@@ -317,7 +317,12 @@ def run_study(cfg: SweepConfig, m, identity: dict, task_identity: dict, results_
         tracker.log_trial(tune_run, runner.name, spec.trial["number"], spec.params, result, state,
                           m.tune.objective)
 
-    best = runner.run(run_batch, record)
+    try:
+        best = runner.run(run_batch, record)
+    except StudyFailed:  # the error reaches the CLI as one line; MLflow shows both runs failed
+        tracker.fail_run(tune_run)
+        tracker.finish(ok=False)
+        raise
     files = save_study_plots(runner.study, out / "optuna" / m.display)
     tracker.finish_tuning_run(tune_run, best, runner.study.best_value, files)
     return with_key(cfg, JobSpec("merge", m.display, method=m.name, params=best), identity, task_identity)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from harness.cache import read_json
 from harness.config import MethodSpec, SweepConfig, TuneSpec
+from harness.errors import HarnessError
 from harness.job import JobResult
 from harness.plan import JobSpec, with_key
 
@@ -90,6 +91,10 @@ def n_trials_possible(tune: TuneSpec) -> int:
     return min(tune.n_trials, size)
 
 
+class StudyFailed(HarnessError):
+    """More trials failed than a study tolerates: a broken method or setting, not bad luck."""
+
+
 class StudyRunner:
     """Drives one method's study to ``n_trials`` finished (complete or pruned) trials."""
 
@@ -103,10 +108,17 @@ class StudyRunner:
         self.n_parallel = self.tune.n_parallel or workers
         self.storage = storage_spec(cfg, self.tune)
         self.name = study_name(cfg, m)
+        seed = self.tune.seed if self.tune.seed is not None else cfg.seed
         self.study = optuna.create_study(study_name=self.name, storage=open_storage(self.storage),
-                                         sampler=make_sampler(self.tune, self.tune.seed if self.tune.seed is not None else cfg.seed),
+                                         sampler=make_sampler(self.tune, seed),
                                          pruner=make_pruner(self.tune.pruner), direction="maximize",
                                          load_if_exists=True)
+        existing = len(self.study.get_trials(deepcopy=False))
+        if existing:
+            # A sampler seeded as in the first run would draw that run's parameters again (its
+            # random start ignores the history): a resumed or extended study continues the
+            # stream from where the stored trials leave it, still deterministically.
+            self.study.sampler = make_sampler(self.tune, seed + existing)
         self.dists = distributions(self.tune)
 
     def finished(self) -> int:
@@ -178,15 +190,18 @@ class StudyRunner:
             else:  # the killed run never finished it: same parameters again, as a new trial
                 self.study.tell(spec.trial["number"], state=TrialState.FAIL)
                 self.study.enqueue_trial({k: v for k, v in spec.params.items() if k in self.dists})
-        failures = 0
+        failures, last_error = 0, ""
         while self.finished() < target:
             batch = self.ask(min(self.n_parallel, target - self.finished()))
             for spec, result in execute(batch):
                 state = self.tell(spec, result)
                 failures += state == "FAIL"
+                if state == "FAIL":
+                    last_error = (result.error or "no error recorded").strip().splitlines()[-1]
                 record(spec, result, state)
             if failures > max(3, target):
-                raise RuntimeError(f"study {self.name!r}: {failures} trials failed; see their MLflow runs")
+                raise StudyFailed(f"study {self.name!r}: {failures} trials failed, the last with: "
+                                  f"{last_error}; every trial's error is in its MLflow run")
         best = {k: v for k, v in self.study.best_params.items()}
         return {**self.m.params, **best}
 

@@ -209,12 +209,46 @@ def test_resume_after_kill(trained_checkpoints, tmp_path):
     ({"space": {"scaling": {"type": "float", "low": 0, "high": 1, "log": True}}}, "log scale needs low > 0"),
     ({"space": {}}, "methods.0.tune.space:"),
     ({"sampler": "bayes", "space": {"scaling": {"type": "float", "low": 0, "high": 1}}}, "methods.0.tune.sampler:"),
+    ({"objective": "val/acc/avgg", "space": {"scaling": {"type": "float", "low": 0, "high": 1}}},
+     "methods.0.tune.objective: not a metric a trial reports; one of: val/acc/avg, val/acc/"),
+    ({"objective": "val/acc/no_such_task", "space": {"scaling": {"type": "float", "low": 0, "high": 1}}},
+     "(got 'val/acc/no_such_task')"),
 ])
 def test_search_space_errors(tune, fragment, sweep_dict):
     d = dict(sweep_dict, methods=[{"name": "task_arithmetic", "tune": tune}])
     with pytest.raises(ConfigError) as e:
         validate_config(d, "s.yaml")
     assert fragment in str(e.value), str(e.value)
+
+
+def test_study_whose_trials_all_fail_stops_with_one_line(trained_checkpoints, tmp_path):
+    from click.testing import CliRunner
+
+    from harness.cli import main
+
+    space = {"strength": {"type": "float", "low": 0.0, "high": 1.0}}
+    d = trained_sweep(trained_checkpoints, tmp_path, [
+        {"name": "tests.failing_method:AlwaysFailsWithParam", "label": "broken",
+         "tune": {"n_trials": 2, "n_parallel": 1, "sampler": "random", "space": space}}])
+    d["references"] = False
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump(d))
+    r = CliRunner().invoke(main, ["sweep", str(f), "-q"], env={"COLUMNS": "200"})
+    assert r.exit_code == 2, r.output
+    assert r.exception is None or isinstance(r.exception, SystemExit)  # no traceback
+    assert "trials failed, the last with: RuntimeError: deliberate failure at strength" in r.stderr, r.stderr
+    cfg = validate_config(d)
+    client = MlflowClient(cfg.resolved_tracking_uri())
+    exp = client.get_experiment_by_name(cfg.name).experiment_id
+    statuses = {run.data.tags.get("harness.kind", "sweep"): run.info.status for run in client.search_runs([exp])}
+    assert statuses.get("tune") == "FAILED" and "RUNNING" not in statuses.values(), statuses
+
+
+def test_objective_of_one_task_is_accepted(sweep_dict):
+    d = dict(sweep_dict, methods=[{"name": "task_arithmetic", "tune": tune_block()}])
+    task = d["tasks"][0] if isinstance(d["tasks"][0], str) else d["tasks"][0]["name"]
+    d["methods"][0]["tune"]["objective"] = f"val/acc/{task}"
+    assert validate_config(d, "s.yaml").methods[0].tune.objective == f"val/acc/{task}"
 
 
 def test_tune_and_grid_together_refused(sweep_dict):
@@ -238,5 +272,17 @@ def test_tune_command_runs_one_method(trained_checkpoints, tmp_path):
     r = CliRunner().invoke(main, ["tune", str(f), "--method", "ta", "--trials", "3", "-q"], env={"COLUMNS": "200"})
     assert r.exit_code == 0, r.output
     assert "ta" in r.stdout and "weight_averaging" not in r.stdout
+    r = CliRunner().invoke(main, ["tune", str(f), "--method", "ta", "--trials", "5", "-q"], env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    import optuna
+
+    from harness.config import load_config
+    from harness.tuning import open_storage, storage_spec, study_name
+
+    cfg = load_config(f)
+    m = next(m for m in cfg.methods if m.display == "ta")
+    study = optuna.load_study(study_name=study_name(cfg, m), storage=open_storage(storage_spec(cfg, m.tune)))
+    values = [t.params["scaling"] for t in study.trials]
+    assert len(values) == 5 and len(set(values)) == 5, values  # extending asks new points, not the first run's
     r = CliRunner().invoke(main, ["tune", str(f), "--method", "nope"])
     assert r.exit_code == 2 and "no method labelled 'nope'" in r.stderr
