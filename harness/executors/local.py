@@ -7,7 +7,10 @@ tuning trials."""
 from __future__ import annotations
 
 import concurrent.futures as cf
+import multiprocessing as mp
 import os
+import threading
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -19,10 +22,43 @@ from harness.runtime import available_cores, configure_threads, resolve_device
 from harness.workspace import Workspace
 
 _WORKER_WS: Workspace | None = None
+_DRIVER_ALIVE: tuple[Connection, Connection] | None = None  # (read end for workers, write end kept here)
 
 
-def _init_worker(cfg_json: dict, cores: int, environ: dict[str, str]) -> None:
+def _driver_alive() -> Connection:
+    """The read end of a pipe whose only write end this (driver) process holds for its whole life.
+
+    Workers watch it (``_exit_with_driver``) so that they exit when the driver dies by any signal,
+    SIGKILL included: otherwise they live on under init, never seeing EOF on the pool's pipes (they
+    hold both ends), and so do the forkserver and resource tracker (they wait on pipes the workers
+    hold). The kernel closes the write end when the driver exits, however it exits, so EOF here means
+    exactly that, with no pid reuse to guard against. ``PR_SET_PDEATHSIG`` does not fit: a worker's
+    parent is the forkserver, not the driver. Workers are forked from the server or spawned, never
+    forked from the driver, so none holds the write end; the read end reaches them as an initarg
+    (passed as an fd, like the pool's own pipes). One pipe serves every pool and is never closed."""
+    global _DRIVER_ALIVE
+    if _DRIVER_ALIVE is None:
+        _DRIVER_ALIVE = mp.Pipe(duplex=False)
+    return _DRIVER_ALIVE[0]
+
+
+def _exit_with_driver(alive: Connection) -> None:
+    """Exit this worker (whatever job it is in: a rerun resumes) as soon as ``alive`` reaches EOF."""
+
+    def watch() -> None:
+        try:
+            alive.recv_bytes()  # nothing is ever sent: returns or raises only when the driver is gone
+        except (EOFError, OSError):
+            pass
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-driver", daemon=True).start()
+
+
+def _init_worker(cfg_json: dict, cores: int, environ: dict[str, str], alive: Connection | None = None) -> None:
     global _WORKER_WS
+    if alive is not None:
+        _exit_with_driver(alive)  # first: the driver may die while this worker builds its model
     os.environ.clear()  # the driver's environment now, not the server's when it started
     os.environ.update(environ)
     cfg = SweepConfig.model_validate(cfg_json)
@@ -71,7 +107,8 @@ class LocalExecutor:
         if self._pool is None:
             cores = max(1, available_cores() // n)  # the workers share the cores
             self._pool = cf.ProcessPoolExecutor(n, mp_context=worker_context(), initializer=_init_worker,
-                                                initargs=(self.cfg.model_dump(mode="json"), cores, dict(os.environ)))
+                                                initargs=(self.cfg.model_dump(mode="json"), cores, dict(os.environ),
+                                                          _driver_alive()))
             self._size = n
         return self._pool
 

@@ -1,0 +1,92 @@
+"""A driver killed outright (SIGKILL: no handler, no atexit) takes its local worker pool with
+it: the workers, their server and the resource tracker exit within seconds instead of living on
+under init while holding gigabytes."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from methods.base import MergeMethod
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Hangs(MergeMethod):
+    """Writes its worker's pid to a file in ``pid_dir``, then blocks: a long job in progress."""
+
+    pid_dir: str
+    tag: int = 0
+
+    def merge(self, pretrained, finetuned, ctx):
+        Path(self.pid_dir, str(os.getpid())).write_text("")
+        time.sleep(300)
+        return copy.deepcopy(pretrained)
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (a container's init may be slow to reap orphans)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_a_killed_driver_takes_its_workers_with_it(sweep_dict, tmp_path):
+    pid_dir = tmp_path / "busy"
+    pid_dir.mkdir()
+    sweep = dict(sweep_dict, references=False,
+                 methods=[{"name": "tests.test_driver_death:Hangs", "params": {"pid_dir": str(pid_dir)},
+                           "grid": {"tag": [0, 1]}}])
+    code = textwrap.dedent(f"""
+        import json
+        from multiprocessing import forkserver, resource_tracker
+        from harness.executors.server import prestart
+        prestart()
+        from harness.config import validate_config
+        from harness.executors.local import LocalExecutor
+        from harness.plan import plan_jobs
+        from harness.workspace import Workspace
+        cfg = validate_config(json.loads({json.dumps(json.dumps(sweep))}))
+        ws = Workspace(cfg)
+        specs = plan_jobs(cfg, ws.identity, ws.task_identity())
+        ex = LocalExecutor(cfg, ws, workers=2)
+        ex.start(len(specs))
+        helpers = list(ex._pool._processes) + [forkserver._forkserver._forkserver_pid,
+                                                resource_tracker._resource_tracker._pid]
+        print(json.dumps([p for p in helpers if p]), flush=True)
+        for _ in ex.run(specs):
+            pass
+    """)
+    driver = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True,
+                              env=dict(os.environ, OMP_NUM_THREADS="1"))
+    try:
+        helpers = json.loads(driver.stdout.readline() or "null")
+        assert helpers and len(helpers) >= 3, "the driver did not start its pool"
+        deadline = time.monotonic() + 60
+        while len(list(pid_dir.iterdir())) < 2 and time.monotonic() < deadline:  # both workers busy
+            assert driver.poll() is None, "the driver exited early"
+            time.sleep(0.1)
+        busy = {int(p.name) for p in pid_dir.iterdir()}
+        assert len(busy) == 2 and busy <= set(helpers)
+    finally:
+        driver.kill()
+        driver.wait()
+        driver.stdout.close()
+    t0 = time.monotonic()
+    while any(_running(p) for p in helpers) and time.monotonic() - t0 < 10:
+        time.sleep(0.1)
+    alive = [p for p in helpers if _running(p)]
+    for p in alive:  # leave nothing behind for the next test, whatever the outcome
+        os.kill(p, signal.SIGKILL)
+    assert not alive, f"still running {time.monotonic() - t0:.1f} s after the driver was killed: {alive}"
