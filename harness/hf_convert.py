@@ -25,9 +25,11 @@ A ``CLIPVisionModel`` folder has no ``visual_projection`` (fine-tuning kept the 
 frozen and outside the vision tower), so its projection is taken from a separate source, normally
 the pretrained ``CLIPModel`` folder. ``hidden_act`` picks the open_clip activation: ``quick_gelu``
 (OpenAI weights) maps to a ``-quickgelu`` architecture, ``gelu`` to the plain one. Sizes that
-match no shipped open_clip config get a generated config, written as
-``model_configs/<arch>.json`` next to the output and registered with ``open_clip``, so
-:func:`harness.models.build_clip` builds it by name.
+match no shipped open_clip config get a generated ``hf-vit-...`` config, written as
+``model_configs/<arch>.json`` next to the output, recorded in the sidecar and the safetensors
+header (``arch`` + ``open_clip_config``) and registered with ``open_clip``, so
+:func:`harness.models.build_clip` builds it by name, in a later process too (it reads the config
+beside the pretrained file). Given that name as ``arch``, a folder of those sizes converts under it.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ import torch
 from harness.cache import atomic_write_json
 from harness.convert import FORMAT, output_path
 from harness.errors import HarnessError
-from harness.models import file_digest, load_state_dict, open_clip_module, save_state_dict
+from harness.models import file_digest, load_state_dict, open_clip_module, resolve_arch, save_state_dict
 
 Kind = Literal["image_encoder", "clip"]
 
@@ -379,18 +381,41 @@ def ensure_arch(name: str, oc_cfg: Mapping[str, Any], config_dir: Path) -> None:
     open_clip.add_model_config(path)
 
 
+def _sizes(oc_cfg: Mapping[str, Any], kind: Kind) -> str:
+    v = oc_cfg["vision_cfg"]
+    out = (f"vision width={v['width']} layers={v['layers']} patch={v['patch_size']} image={v['image_size']}, "
+           f"embed_dim={oc_cfg['embed_dim']}, {'quick_gelu' if oc_cfg.get('quick_gelu') else 'gelu'}")
+    if kind == "clip":
+        t = oc_cfg["text_cfg"]
+        out += f", text width={t['width']} layers={t['layers']}"
+    return out
+
+
 def check_arch(arch: str, oc_cfg: Mapping[str, Any], kind: Kind, src: Path | str) -> None:
     """Refuse an architecture name that would compute differently from the checkpoint."""
     open_clip = open_clip_module()
     cfg = open_clip.get_model_config(arch)
     if cfg is None:
-        raise HarnessError(f"unknown open_clip architecture {arch!r}")
+        shipped, gen = match_arch(oc_cfg, kind), generated_arch_name(oc_cfg)
+        sizes = f"{Path(src) / 'config.json'}: architecture {arch!r} is unknown to open_clip; this " \
+                f"folder's config.json and tensors give {_sizes(oc_cfg, kind)}, "
+        if shipped:
+            raise HarnessError(sizes + f"which is architecture {shipped!r}")
+        raise HarnessError(sizes + "which no shipped config has; " + (
+            f"their generated architecture is {gen!r}" if kind == "clip" else
+            f"as an image encoder they generate {gen!r}, but a sweep's model.arch is the generated name "
+            "of its pretrained CLIPModel folder (the 'arch' in the .json sidecar that "
+            "`harness import --full` writes for it)"))
     if _normalised(cfg, kind == "clip") != _normalised(oc_cfg, kind == "clip"):
         want = {k: oc_cfg[k] for k in ("embed_dim", "vision_cfg", "quick_gelu") if k in oc_cfg}
         if kind == "clip":
             want["text_cfg"] = oc_cfg["text_cfg"]
         hint = " (OpenAI-initialised models need a '-quickgelu' architecture)" if \
             bool(cfg.get("quick_gelu", False)) != bool(oc_cfg.get("quick_gelu", False)) else ""
+        fits = match_arch(oc_cfg, kind) or (generated_arch_name(oc_cfg) if kind == "clip" else None)
+        if fits:
+            hint = f"; it is architecture {fits!r}" + ("" if fits in open_clip.list_models() else
+                                                        " (generated: no shipped config has these sizes)")
         raise HarnessError(f"{src}: the checkpoint is {json.dumps(want, sort_keys=True)}, "
                            f"which architecture {arch!r} does not match{hint}")
 
@@ -434,9 +459,10 @@ def convert_hf_checkpoint(
 
     The architecture is the shipped open_clip config that computes identically, else a
     generated one (registered, and saved under ``<dst folder>/model_configs``); a given ``arch``
-    is checked against the checkpoint. ``projection`` (HF folder or state file) supplies the
-    visual projection a ``CLIPVisionModel`` lacks. ``verify`` compares image features with the
-    ``transformers`` model on random images (needs ``transformers``). Returns the written path;
+    is checked against the checkpoint (the generated name of its sizes is registered, as without
+    one). ``projection`` (HF folder or state file) supplies the visual projection a
+    ``CLIPVisionModel`` lacks. ``verify`` compares image features with the ``transformers`` model
+    on random images (needs ``transformers``). Returns the written path;
     the sidecar ``<path>.json`` records arch, open_clip config, sources and their sha256.
     """
     folder = hf_folder_of(src)
@@ -458,7 +484,14 @@ def convert_hf_checkpoint(
         if arch is None:
             arch = generated_arch_name(oc_cfg)
             ensure_arch(arch, oc_cfg, out.parent / "model_configs")
+    elif arch == generated_arch_name(oc_cfg):  # the name import gave these sizes: (re)generate it
+        ensure_arch(arch, oc_cfg, out.parent / "model_configs")
     else:
+        if open_clip_module().get_model_config(arch) is None and projection is not None:
+            try:  # e.g. a converted pretrained file whose sidecar records the generated architecture
+                resolve_arch(arch, [projection])
+            except HarnessError:
+                pass  # check_arch says what the folder would need
         check_arch(arch, oc_cfg, kind, folder)
     sidecar: dict[str, Any] = {
         "format": FORMAT,
@@ -482,7 +515,8 @@ def convert_hf_checkpoint(
         sidecar["verified_max_abs_diff"] = verify_against_transformers(folder, arch, out_state, kind)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_state_dict(out_state, out, metadata={"format": FORMAT, "kind": kind, "arch": arch,
-                                              "source_sha256": sidecar["source_sha256"]})
+                                              "source_sha256": sidecar["source_sha256"],
+                                              "open_clip_config": json.dumps(oc_cfg, sort_keys=True)})
     atomic_write_json(out.with_name(out.name + ".json"), sidecar)
     return out
 

@@ -1,7 +1,8 @@
 """open_clip models, checkpoints and zero-shot classification heads.
 
-Everything loads from local files: open_clip architectures by name (ViT-B-32, ViT-L-14, and
-the project's tiny configs in ``harness/model_configs``), pretrained weights from a file or
+Everything loads from local files: open_clip architectures by name (ViT-B-32, ViT-L-14, the
+project's tiny configs in ``harness/model_configs``, and the ``hf-vit-...`` configs that
+``harness import`` generates, read from beside the converted pretrained file), pretrained weights from a file or
 from an open_clip tag already in the local cache, fine-tuned image encoders from safetensors
 (or ``torch.load(weights_only=True)``). Nothing here reaches for a hub.
 """
@@ -13,10 +14,12 @@ import importlib
 import importlib.util
 import json
 import os
+import re
 import sys
+import tempfile
 from pathlib import Path
 from types import ModuleType
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -154,14 +157,104 @@ def file_digest(path: str | os.PathLike) -> str:
 _DIGESTS: dict[tuple, str] = {}
 
 
+WEIGHT_SUFFIXES = {".safetensors", ".pt", ".pth", ".bin"}
+_CONFIG_KEYS = ("embed_dim", "vision_cfg", "text_cfg")
+_ARCH_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
+
+
+def register_model_config(name: str, cfg: Any, origin: str | os.PathLike) -> None:
+    """Register the open_clip model config ``cfg`` under ``name`` in this process (a no-op when it is).
+
+    ``origin`` (the file the config was read from) names the source in errors."""
+    open_clip = open_clip_module()
+    if not isinstance(name, str) or not _ARCH_NAME.fullmatch(name):
+        raise HarnessError(f"{origin}: {name!r} is not a valid architecture name")
+    if not isinstance(cfg, dict) or not all(k in cfg for k in _CONFIG_KEYS):
+        raise HarnessError(f"{origin}: not an open_clip model config (needs {', '.join(_CONFIG_KEYS)})")
+    have = open_clip.get_model_config(name)
+    if have == cfg:
+        return
+    if have is not None:
+        raise HarnessError(f"{origin}: open_clip architecture {name!r} already exists with another config")
+    with tempfile.TemporaryDirectory(prefix="harness-arch-") as tmp:  # open_clip registers files only
+        path = Path(tmp) / f"{name}.json"
+        path.write_text(json.dumps(cfg))
+        open_clip.add_model_config(path)  # read now; the vanished path is skipped by later rescans
+
+
+def _json_file(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise HarnessError(f"{path}: not readable JSON ({' '.join(str(exc).split())})") from None
+
+
+def _header_metadata(path: Path) -> dict[str, str]:
+    if path.suffix != ".safetensors":
+        return {}
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return dict(fh.metadata() or {})
+    except Exception as exc:  # safetensors raises its own error types for corrupt files
+        raise HarnessError(f"{path}: not a readable safetensors file ({exc})") from None
+
+
+def resolve_arch(arch: str, near: Sequence[str | os.PathLike] = ()) -> str:
+    """Make the architecture ``arch`` buildable by open_clip in this process, or say why it is not.
+
+    Known names (open_clip's, ``harness/model_configs``, ones registered earlier) pass as they
+    are. Others are looked up beside each checkpoint file in ``near``, in what ``harness import``
+    writes with a generated ``hf-vit-...`` architecture: the file's ``<file>.json`` sidecar
+    (``arch`` + ``open_clip_config``), its safetensors header (same keys), and
+    ``model_configs/<arch>.json`` in its folder. JSON only: nothing is unpickled."""
+    open_clip = open_clip_module()
+    if arch in open_clip.list_models():
+        return arch
+    looked: list[str] = []
+    for item in near:
+        path = Path(item)
+        if not path.is_file():
+            continue
+        side = path.with_name(path.name + ".json")
+        if side.is_file():
+            info = _json_file(side)
+            recorded = info.get("arch") if isinstance(info, dict) else None
+            if recorded == arch and info.get("open_clip_config") is not None:
+                register_model_config(arch, info["open_clip_config"], f"{side} (open_clip_config)")
+                return arch
+            looked.append(f"{side} (its arch is {recorded!r})")
+        meta = _header_metadata(path)
+        if meta.get("arch") == arch and meta.get("open_clip_config"):
+            try:
+                cfg = json.loads(meta["open_clip_config"])
+            except ValueError:
+                raise HarnessError(f"{path}: header metadata 'open_clip_config' is not JSON") from None
+            register_model_config(arch, cfg, f"{path} (header metadata open_clip_config)")
+            return arch
+        config = path.parent / "model_configs" / f"{arch}.json"
+        if config.is_file():
+            register_model_config(arch, _json_file(config), config)
+            return arch
+        looked.append(str(config))
+    where = f"; not recorded in {', '.join(looked)}" if looked else ""
+    hint = ""
+    if arch.startswith("hf-vit-"):
+        hint = ("; a generated architecture is recorded by `harness import` in each converted file's "
+                ".json sidecar (arch, open_clip_config) and in model_configs/ beside it: keep those next "
+                "to the model.pretrained file, or name the Hugging Face folder itself as model.pretrained")
+    raise HarnessError(f"unknown open_clip architecture {arch!r} (neither open_clip's nor harness/model_configs')"
+                       f"{where}{hint}")
+
+
 def build_clip(arch: str, pretrained: str | None = None, cache_dir: str | None = None) -> nn.Module:
     """An open_clip CLIP by architecture name, with weights from a file or a cached tag."""
     open_clip = open_clip_module()
-    if arch not in open_clip.list_models():
-        raise HarnessError(f"unknown open_clip architecture {arch!r}")
+    resolve_arch(arch, [pretrained] if pretrained and Path(pretrained).suffix in WEIGHT_SUFFIXES else [])
     if (open_clip.get_model_config(arch).get("text_cfg") or {}).get("hf_model_name"):
         enable_hf_text_towers()
-    if pretrained and Path(pretrained).suffix in {".safetensors", ".pt", ".pth", ".bin"}:
+    if pretrained and Path(pretrained).suffix in WEIGHT_SUFFIXES:
         model = _create_random(arch)
         state = load_state_dict(pretrained)
         try:
