@@ -15,7 +15,7 @@ import copy
 from typing import Literal, Mapping
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 from torch.func import functional_call
 
@@ -87,6 +87,14 @@ class AdaMerging(MergeMethod):
     cosine: bool = Field(False, description="cosine-anneal the learning rate to 0")
     eval_every: int = Field(0, ge=0, description="validate and report every N steps (0: never)")
     checkpoint_every: int = Field(100, ge=0, description="checkpoint coefficients to the workdir every N steps (0: never)")
+
+    @model_validator(mode="after")
+    def _init_inside_clamp(self) -> "AdaMerging":
+        # A clamped coefficient outside [0, 1] has zero gradient: it would never move.
+        if self.clamp and self.init_lambda > 1.0:
+            raise ValueError(f"init_lambda {self.init_lambda} > 1 with clamp: true never learns (clamped "
+                             "coefficients outside [0, 1] get zero gradient); lower it or set clamp: false")
+        return self
 
     def build(self, pretrained: nn.Module, finetuned: Mapping[str, nn.Module]) -> AdaMergedEncoder:
         return AdaMergedEncoder(pretrained, finetuned, granularity=self.granularity,

@@ -214,6 +214,10 @@ class WeightEnsemblingMLP(nn.Module):
                  implementation: Implementation = "auto", block_bytes: int | None = None,
                  workspace: "Workspace | None" = None):
         super().__init__()
+        extra = [name for name, m in base.named_children()
+                 if name not in ("c_fc", "gelu", "c_proj") and not isinstance(m, nn.Identity)]
+        if extra:  # this module computes c_proj(gelu(c_fc(x))) only; anything else would be dropped
+            raise ValueError(f"WeMoE upscales MLPs made of c_fc, gelu, c_proj; this one also has {extra}")
         self.block_bytes = block_bytes
         self.workspace = workspace if workspace is not None else Workspace()
         self.router = router

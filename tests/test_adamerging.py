@@ -84,6 +84,17 @@ def test_layerwise_coefficients_and_clamp(models):
         assert float((enc_unclamped(x) - reference(x)).abs().max()) < 1e-5
 
 
+def test_clamped_start_outside_unit_interval_is_a_config_error(models):
+    pre, ft = models
+    enc = adamerging.AdaMergedEncoder(pre, ft, granularity="task", init_lambda=1.5, clamp=True)
+    entropy(F.normalize(enc(images(4, 0)), dim=-1) @ heads()["a"].T).backward()
+    assert float(enc.coef.grad.abs().max()) == 0.0  # why the config is refused: it could never move
+    with pytest.raises(ValueError, match="init_lambda 1.5 > 1 with clamp"):
+        adamerging.AdaMerging(init_lambda=1.5)
+    assert adamerging.AdaMerging(init_lambda=1.0).init_lambda == 1.0
+    assert adamerging.AdaMerging(init_lambda=1.5, clamp=False).init_lambda == 1.5
+
+
 @pytest.mark.parametrize("granularity", ["task", "layer"])
 def test_gradients_reach_coefficients_only(models, granularity):
     pre, ft = models

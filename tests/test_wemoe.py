@@ -179,6 +179,20 @@ def test_batch_first_false_layout(models):
     torch.testing.assert_close(got, expected)
 
 
+def test_mlp_with_more_than_fc_gelu_proj_is_refused():
+    from collections import OrderedDict
+
+    def mlp(extra: nn.Module) -> nn.Sequential:
+        return nn.Sequential(OrderedDict([("c_fc", nn.Linear(8, 16)), ("gelu", nn.GELU()),
+                                          ("ln", extra), ("c_proj", nn.Linear(16, 8))]))
+
+    router = wemoe.Router(8, 2, 1, 0.3)
+    with pytest.raises(ValueError, match=r"also has \['ln'\]"):
+        wemoe.WeightEnsemblingMLP(mlp(nn.LayerNorm(16)), [mlp(nn.LayerNorm(16))] * 2, router)
+    layer = wemoe.WeightEnsemblingMLP(mlp(nn.Identity()), [mlp(nn.Identity())] * 2, router)
+    assert layer.num_experts == 2
+
+
 def test_moe_is_on_forward_path(models):
     pre, ft = models
     moe = wemoe.build_wemoe(pre, ft, router_depth=2)
