@@ -46,7 +46,7 @@ def _load(file: str, overrides: tuple[str, ...], start_workers: bool = False):
     """The validated config; ``start_workers``: a sweep that will run jobs in a local pool
     starts the pool's server first, from the raw executor block, because validation imports
     torch (task and method registries) and the server's imports should overlap the driver's."""
-    from harness.config import ExecutorSpec, read_config, validate_config
+    from harness.config import ExecutorSpec, check_model_files, read_config, validate_config
 
     raw = read_config(file, list(overrides))
     if start_workers:
@@ -58,7 +58,9 @@ def _load(file: str, overrides: tuple[str, ...], start_workers: bool = False):
             from harness.executors.server import prestart
 
             prestart()
-    return validate_config(raw, file)
+    cfg = validate_config(raw, file)
+    check_model_files(cfg, file)
+    return cfg
 
 
 def _print_plan(cfg) -> None:

@@ -89,6 +89,15 @@ class ModelSpec(Strict):
             raise ValueError("source 'files' needs 'pretrained' (a weights file or open_clip tag)")
         if self.source == "files" and not (self.finetuned or self.finetuned_pattern):
             raise ValueError("source 'files' needs 'finetuned' or 'finetuned_pattern'")
+        if self.source == "embedded":  # silently building the embedded models instead would mislead
+            given = [f for f in ("pretrained", "finetuned", "finetuned_pattern", "heads") if getattr(self, f)]
+            if "arch" in self.model_fields_set and self.arch != "harness-tiny-vit":
+                given.insert(0, "arch")
+            if given:
+                raise ValueError(f"{', '.join(given)} given with source 'embedded', which builds its own models "
+                                 "(its architecture is model.suite.arch): set source: files to use them")
+        elif self.suite:
+            raise ValueError("'suite' options configure source 'embedded' only (this model has source 'files')")
         return self
 
 
@@ -198,7 +207,7 @@ class MethodSpec(Strict):
 
 class EvalSpec(Strict):
     batch_size: int = Field(256, ge=1, le=65536)
-    max_samples: int | None = Field(None, ge=1, description="cap per task and split (quick runs)")
+    max_samples: int | None = Field(None, ge=1, description="score a fixed random subset of this many images per task and split (quick runs)")
     select_on: Literal["val"] = Field("val", description="split that picks a grid's best setting")
 
 
@@ -612,7 +621,40 @@ def check_tasks(cfg: SweepConfig, file: str) -> None:
         raise ConfigError(file, "unseen", f"tasks both seen and unseen: {sorted(both)}", show_value=False)
     if not cfg.merge_tasks:
         raise ConfigError(file, "unseen", "every task is unseen: nothing to merge", show_value=False)
+    objectives = ["val/acc/avg", *(f"val/acc/{t}" for t in names)]
+    for i, m in enumerate(cfg.methods):
+        if m.tune and m.tune.objective not in objectives:  # else every trial would run, then fail
+            raise ConfigError(file, f"methods.{i}.tune.objective",
+                              f"not a metric a trial reports; one of: {', '.join(objectives)}", m.tune.objective)
     check_generalization(cfg, file)
+
+
+def check_model_files(cfg: SweepConfig, file: str) -> None:
+    """Every local model file a ``files`` sweep names exists. Checked where the sweep file is
+    known (the CLI, ``validate`` and ``--dry-run`` included), so the error names file and field;
+    the workspace checks the same paths again for library use."""
+    m = cfg.model
+    if m.source != "files":
+        return
+    pre = m.pretrained
+    if pre and ("/" in pre or Path(pre).suffix) and not Path(pre).exists():
+        raise ConfigError(file, "model.pretrained", "weights file does not exist", pre)
+    for t in cfg.task_names:  # required for merged tasks; optional for unseen ones
+        required = t in cfg.merge_tasks or t in m.finetuned
+        if t in m.finetuned:
+            where, what, path = f"model.finetuned.{t}", "checkpoint does not exist", m.finetuned[t]
+        elif m.finetuned_pattern:
+            where, what = "model.finetuned_pattern", f"checkpoint of task {t!r} does not exist"
+            path = m.finetuned_pattern.format(task=t)
+        else:
+            if required:
+                raise ConfigError(file, "model.finetuned", f"no checkpoint for task {t!r}", show_value=False)
+            continue
+        if required and not Path(path).exists():
+            raise ConfigError(file, where, what, path)
+    for t, path in m.heads.items():
+        if not Path(path).exists():
+            raise ConfigError(file, f"model.heads.{t}", "head file does not exist", path)
 
 
 def check_generalization(cfg: SweepConfig, file: str) -> None:

@@ -136,7 +136,7 @@ def test_missing_pretrained(sweep_dict, tmp_path):
     d = copy.deepcopy(sweep_dict)
     d["model"]["pretrained"] = str(tmp_path / "missing" / "pre.safetensors")
     code, err, _ = _run_sweep(tmp_path, d)
-    assert code == 2 and "model.pretrained: weights file does not exist" in err
+    assert code == 2 and f"{tmp_path / 's.yaml'}: model.pretrained: weights file does not exist" in err, err
 
 
 def test_head_class_count_mismatch(sweep_dict, tmp_path):

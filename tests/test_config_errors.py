@@ -51,6 +51,15 @@ CASES = [
      ["model.pretrained:", "environment variable HARNESS_TEST_UNSET_VAR is not set"]),
     ("pattern-without-task", ("model.finetuned_pattern", "/tmp/x.safetensors"),
      ["model.finetuned_pattern:", "must contain '{task}'"]),
+    ("pretrained-missing", ("model.pretrained", "/nonexistent/pretrained.safetensors"),
+     ["model.pretrained: weights file does not exist", "(got '/nonexistent/pretrained.safetensors')"]),
+    ("finetuned-missing", ("model.finetuned_pattern", "/nonexistent/{task}.safetensors"),
+     ["model.finetuned_pattern: checkpoint of task 'toy_stripes' does not exist",
+      "(got '/nonexistent/toy_stripes.safetensors')"]),
+    ("finetuned-entry-missing", ("model.finetuned", {"toy_colours": "/nonexistent/c.safetensors"}),
+     ["model.finetuned.toy_colours: checkpoint does not exist"]),
+    ("head-missing", ("model.heads", {"toy_colours": "/nonexistent/h.safetensors"}),
+     ["model.heads.toy_colours: head file does not exist"]),
     ("workers-zero", ("executor.workers", 0), ["executor.workers:", "(got 0)"]),
     ("executor-kind", ("executor.kind", "kubernetes"), ["executor.kind:", "'kubernetes'"]),
     ("name-pattern", ("name", "has space"), ["name:", "'has space'"]),
@@ -162,7 +171,8 @@ def test_missing_checkpoint_is_one_line(sweep_dict, tmp_path):
     f.write_text(yaml.safe_dump(bad))
     code, out, err = _run(["sweep", "-q", str(f)])
     assert code == 2, out + err
-    assert "model.finetuned.toy_stripes: checkpoint does not exist" in " ".join(err.split())
+    assert " ".join(err.split()).startswith(
+        f"error: {f}: model.finetuned_pattern: checkpoint of task 'toy_stripes' does not exist")
     assert "Traceback" not in err
 
 
@@ -193,3 +203,28 @@ def test_embedded_suite_errors(suite, tasks, fragments, tmp_path):
     assert code == 2, message
     for frag in fragments:
         assert frag in message, (frag, message)
+
+
+@pytest.mark.parametrize("model,fragments", [
+    ({"source": "embedded", "pretrained": "/nope.safetensors", "finetuned_pattern": "/nope/{task}.safetensors"},
+     ["model:", "pretrained, finetuned_pattern given with source 'embedded'", "set source: files"]),
+    ({"source": "embedded", "arch": "ViT-B-32"}, ["model:", "arch given with source 'embedded'", "model.suite.arch"]),
+    ({"source": "files", "pretrained": "p.safetensors", "finetuned_pattern": "{task}.safetensors",
+      "suite": {"pretrain_steps": 10}}, ["model:", "'suite' options configure source 'embedded' only"]),
+])
+def test_options_of_the_other_model_source_are_refused(model, fragments, tmp_path):
+    f = tmp_path / "m.yaml"
+    f.write_text(yaml.safe_dump({"name": "m", "model": model, "tasks": ["emb_mnist"]}))
+    code, _, err = _run(["validate", str(f)])
+    message = " ".join(err.split())
+    assert code == 2, message
+    for frag in fragments:
+        assert frag in message, (frag, message)
+
+
+def test_embedded_source_accepts_its_default_arch_spelled_out(tmp_path):
+    f = tmp_path / "m.yaml"
+    f.write_text(yaml.safe_dump({"name": "m", "model": {"source": "embedded", "arch": "harness-tiny-vit"},
+                                 "tasks": ["emb_mnist"]}))
+    code, out, err = _run(["validate", str(f)])
+    assert code == 0, err

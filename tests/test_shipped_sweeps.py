@@ -13,12 +13,37 @@ SWEEP_DIR = Path(__file__).resolve().parents[1] / "sweeps"
 SWEEPS = sorted(SWEEP_DIR.glob("*.yaml"))
 
 
+def _touch_model_files(path: Path, ckpt: Path) -> list[Path]:
+    """The checkpoint files a paper sweep names under $CKPT, as empty files (validation checks
+    that they exist; loading them is other tests' business)."""
+    from harness.config import read_yaml
+
+    d = read_yaml(path)
+    model, tasks = d.get("model", {}), [t if isinstance(t, str) else t["name"] for t in d["tasks"]]
+    paths = [model.get("pretrained")] + [model["finetuned_pattern"].replace("{task}", t) for t in tasks
+                                         if model.get("finetuned_pattern")]
+    made = []
+    for p in paths:
+        if p and "${CKPT}" in p:
+            f = Path(p.replace("${CKPT}", str(ckpt)))
+            f.parent.mkdir(parents=True, exist_ok=True)
+            f.touch()
+            made.append(f)
+    return made
+
+
 @pytest.mark.parametrize("path", SWEEPS, ids=[p.stem for p in SWEEPS])
 def test_sweep_validates(path, tmp_path):
     env = {"CKPT": str(tmp_path / "ckpt"), "DATA": str(tmp_path / "data"), "COLUMNS": "200"}
+    made = _touch_model_files(path, tmp_path / "ckpt")
     r = CliRunner().invoke(main, ["validate", str(path)], env=env)
     assert r.exit_code == 0, r.output + r.stderr
     assert "valid" in r.stdout and "job plan:" in r.stdout
+    if made:  # without its checkpoints the same sweep is refused, naming the file and field
+        made[0].unlink()
+        r = CliRunner().invoke(main, ["validate", str(path)], env=env)
+        assert r.exit_code == 2 and f"{path}: model.pretrained: weights file does not exist" in r.stderr, \
+            r.stderr
 
 
 def test_paper_sweeps_cover_the_setting():
