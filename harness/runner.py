@@ -6,11 +6,12 @@ so workers and cluster jobs stay free of shared-file writes.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
 import torch
 from rich.console import Console
@@ -99,17 +100,38 @@ def run_sweep(cfg: SweepConfig, console: Console | None = None, quiet: bool = Fa
     executor = make_executor(cfg, ws, progress=show, console=console)
     if mode != "run" and not hasattr(executor, "known"):
         raise HarnessError(f"--detach and collect need executor.kind slurm (this sweep uses {cfg.executor.kind!r})")
-    try:
-        outcome = _run_sweep(cfg, ws, executor, console, show, mode)
-    except BaseException:
-        executor.close(abort=True)
-        raise
-    executor.close()
+    with contextlib.ExitStack() as held:
+        try:
+            outcome = _run_sweep(cfg, ws, executor, console, show, mode, held)
+        except BaseException:
+            executor.close(abort=True)
+            raise
+        executor.close()
     return outcome
 
 
+@contextlib.contextmanager
+def _output_lock(out: Path) -> Iterator[None]:
+    """One driver per output folder: a second one would run (and log) every pending job again.
+    The OS drops the lock with its process, however that ends, so a killed sweep never blocks
+    its rerun."""
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(out / ".sweep.lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise HarnessError(f"{out}: another sweep is running into this output folder (lock file "
+                           f"{lock.lock_file}); rerun when it ends (its finished jobs are cached), "
+                           "or set another output_dir") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def _run_sweep(cfg: SweepConfig, ws: Workspace, executor: Any, console: Console, show: bool,
-               mode: Literal["run", "detach", "collect"]) -> SweepOutcome:
+               mode: Literal["run", "detach", "collect"], held: contextlib.ExitStack) -> SweepOutcome:
     out = cfg.resolved_output_dir()
     timings: dict[str, float] = {}
 
@@ -130,6 +152,7 @@ def _run_sweep(cfg: SweepConfig, ws: Workspace, executor: Any, console: Console,
         ws.preflight()  # bad checkpoints, data or heads: one error now, before anything is written
     failpoint("prepare")
     out.mkdir(parents=True, exist_ok=True)
+    held.enter_context(_output_lock(out))
     for stale in results_dir.glob(".*.tmp"):  # temp files of writes a killed run never renamed
         stale.unlink(missing_ok=True)
     timings["prepare"] = time.perf_counter() - t0

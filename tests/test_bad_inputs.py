@@ -171,3 +171,27 @@ def test_data_root_missing_for_real_dataset(sweep_dict, tmp_path):
     save_state_dict(_encoder_state(), tmp_path / "x.safetensors")
     code, err, _ = _run_sweep(tmp_path, d)
     assert code == 2 and "no-data" in err, err
+
+
+def test_second_sweep_into_a_busy_output_folder_is_refused(sweep_dict, tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\nfrom filelock import FileLock\n"
+        f"lock = FileLock({str(out / '.sweep.lock')!r})\nlock.acquire()\nprint('held', flush=True)\ntime.sleep(60)")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        d = copy.deepcopy(sweep_dict)
+        d["output_dir"] = str(out)
+        code, err, _ = _run_sweep(tmp_path, d)
+        assert code == 2 and f"{out}: another sweep is running into this output folder" in err, err
+        assert not (out / "results").exists() or not any((out / "results").iterdir())
+    finally:
+        holder.kill()
+        holder.wait()
+    code, err, _ = _run_sweep(tmp_path, d)  # the holder is gone (killed): the lock went with it
+    assert code == 0, err

@@ -228,3 +228,20 @@ def test_embedded_source_accepts_its_default_arch_spelled_out(tmp_path):
                                  "tasks": ["emb_mnist"]}))
     code, out, err = _run(["validate", str(f)])
     assert code == 0, err
+
+
+def test_key_given_twice_is_refused_with_its_line(tmp_path):
+    f = tmp_path / "dup.yaml"
+    f.write_text("name: dup\ntasks: [emb_mnist]\nmethods:\n  - name: task_arithmetic\n"
+                 "    params: {scaling: 0.3, scaling: 0.5}\n")
+    code, _, err = _run(["validate", str(f)])
+    assert code == 2
+    assert " ".join(err.split()) == f"error: {f}: malformed YAML: line 5, column 28: key 'scaling' given twice"
+
+
+def test_merge_keys_may_be_overridden(tmp_path):
+    from harness.config import read_yaml
+
+    f = tmp_path / "merge.yaml"
+    f.write_text("base: &b {x: 1, y: 2}\nother:\n  <<: *b\n  x: 3\n")
+    assert read_yaml(f)["other"] == {"x": 3, "y": 2}
