@@ -29,9 +29,19 @@ GENERALIZATION_SUFFIX = " (gen)"  # not "[gen]": rich would read that as markup 
 class ConfigError(HarnessError):
     def __init__(self, file: str, path: str, message: str, value: Any = None, show_value: bool = True):
         self.file, self.path, self.value = file, path, value
+        self.message, self.show_value = message, show_value
         where = f"{file}: {path}: " if path else f"{file}: "
         got = f" (got {value!r})" if show_value else ""
         super().__init__(f"{where}{message}{got}")
+
+    def blamed_on_overrides(self, overrides: list[str]) -> "ConfigError":
+        """The same error, naming the command line when the bad field came from an override."""
+        for item in overrides:
+            key = item.partition("=")[0]
+            if self.path and (self.path == key or self.path.startswith(key + ".") or key.startswith(self.path + ".")):
+                return ConfigError(f"<command line> ({item}, over {self.file})", self.path, self.message,
+                                   self.value, self.show_value)
+        return self
 
 
 class Strict(BaseModel):
@@ -535,7 +545,10 @@ def read_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
 
 def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> SweepConfig:
     """Read, override, validate, and check method hyperparameters against their classes."""
-    return validate_config(read_config(path, overrides), str(path))
+    try:
+        return validate_config(read_config(path, overrides), str(path))
+    except ConfigError as exc:
+        raise exc.blamed_on_overrides(overrides or []) from None
 
 
 def validate_config(raw: dict, file: str = "<config>") -> SweepConfig:

@@ -17,6 +17,16 @@ torch.set_num_threads(1)
 TOY_TASKS = ["toy_stripes", "toy_colours"]
 
 
+def process_running(pid: int) -> bool:
+    """Alive and not a zombie (a container's init may be slow to reap orphans); reads /proc."""
+    from pathlib import Path
+
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
 @pytest.fixture(scope="session")
 def micro_checkpoints(tmp_path_factory):
     """A micro CLIP (pretrained file) and per-task 'fine-tuned' encoders (random perturbations)."""

@@ -162,7 +162,17 @@ def test_bad_override(override, fragment, sweep_dict, tmp_path):
     f = tmp_path / "ok.yaml"
     f.write_text(yaml.safe_dump(sweep_dict))
     code, _, err = _run(["validate", str(f), override])
-    assert code == 2 and fragment in " ".join(err.split()), err
+    message = " ".join(err.split())
+    assert code == 2 and fragment in message, err
+    assert message.startswith("error: <command line>"), message  # the file itself is fine
+
+
+def test_override_of_an_unknown_key_names_the_override(sweep_dict, tmp_path):
+    f = tmp_path / "ok.yaml"
+    f.write_text(yaml.safe_dump(sweep_dict))
+    code, _, err = _run(["validate", str(f), "evall.batch_size=4"])
+    assert code == 2
+    assert " ".join(err.split()) == f"error: <command line> (evall.batch_size=4, over {f}): evall: unknown key"
 
 
 def test_missing_checkpoint_is_one_line(sweep_dict, tmp_path):

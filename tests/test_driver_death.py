@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from methods.base import MergeMethod
+from tests.conftest import process_running
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,14 +32,6 @@ class Hangs(MergeMethod):
         Path(self.pid_dir, str(os.getpid())).write_text("")
         time.sleep(300)
         return copy.deepcopy(pretrained)
-
-
-def _running(pid: int) -> bool:
-    """Alive and not a zombie (a container's init may be slow to reap orphans)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, IndexError):
-        return False
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
@@ -84,9 +77,9 @@ def test_a_killed_driver_takes_its_workers_with_it(sweep_dict, tmp_path):
         driver.wait()
         driver.stdout.close()
     t0 = time.monotonic()
-    while any(_running(p) for p in helpers) and time.monotonic() - t0 < 10:
+    while any(process_running(p) for p in helpers) and time.monotonic() - t0 < 10:
         time.sleep(0.1)
-    alive = [p for p in helpers if _running(p)]
+    alive = [p for p in helpers if process_running(p)]
     for p in alive:  # leave nothing behind for the next test, whatever the outcome
         os.kill(p, signal.SIGKILL)
     assert not alive, f"still running {time.monotonic() - t0:.1f} s after the driver was killed: {alive}"

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from harness.executors.server import worker_context
-from tests.conftest import run_fresh
+from tests.conftest import process_running, run_fresh
 
 
 def imported(names: list[str]) -> tuple[int, dict[str, bool]]:
@@ -88,14 +88,6 @@ def test_the_command_line_starts_the_server_before_importing_torch(sweep_dict, t
     assert json.loads(out.strip().splitlines()[-1]) == [False, True]
 
 
-def _running(pid: int) -> bool:
-    """Alive and not a zombie (a container's init may be slow to reap orphans)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, IndexError):
-        return False
-
-
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
 def test_a_server_still_importing_ends_with_the_driver(tmp_path):
     """A driver that exits early (a preflight error, nothing left to run) takes the server with it
@@ -111,9 +103,9 @@ def test_a_server_still_importing_ends_with_the_driver(tmp_path):
         subprocess.run([sys.executable, "-c", code], stdout=out, check=True, timeout=120)
     pid = int(log.read_text().split()[0])
     deadline = time.monotonic() + 1.0  # the server's imports take several seconds
-    while _running(pid) and time.monotonic() < deadline:
+    while process_running(pid) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not _running(pid)
+    assert not process_running(pid)
 
 
 def test_workers_are_spawned_when_the_server_cannot_start(monkeypatch):
