@@ -83,34 +83,3 @@ def test_a_killed_driver_takes_its_workers_with_it(sweep_dict, tmp_path):
     for p in alive:  # leave nothing behind for the next test, whatever the outcome
         os.kill(p, signal.SIGKILL)
     assert not alive, f"still running {time.monotonic() - t0:.1f} s after the driver was killed: {alive}"
-
-
-def test_ctrl_c_ends_with_one_line_on_how_to_resume(sweep_dict, tmp_path):
-    import yaml
-
-    pid_dir = tmp_path / "busy"
-    pid_dir.mkdir()
-    sweep = dict(sweep_dict, references=False,
-                 methods=[{"name": "weight_averaging"},
-                          {"name": "tests.test_driver_death:Hangs", "params": {"pid_dir": str(pid_dir)}}])
-    f = tmp_path / "s.yaml"
-    f.write_text(yaml.safe_dump(sweep))
-    cli = Path(sys.executable).parent / "harness"
-    driver = subprocess.Popen([str(cli), "sweep", "-q", str(f)], cwd=ROOT, stderr=subprocess.PIPE, text=True,
-                              env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)))
-    try:
-        deadline = time.monotonic() + 120
-        while not any(pid_dir.iterdir()) and time.monotonic() < deadline:
-            assert driver.poll() is None, driver.stderr.read()
-            time.sleep(0.1)
-        driver.send_signal(signal.SIGINT)
-        _, err = driver.communicate(timeout=60)
-    finally:
-        if driver.poll() is None:
-            driver.kill()
-            driver.wait()
-    assert driver.returncode == 130, err
-    assert err.strip().splitlines()[-1] == "interrupted: finished jobs are saved; rerun the same command to resume"
-    assert "Traceback" not in err
-    saved = [json.loads(p.read_text()) for p in (Path(sweep_dict["output_dir"]) / "results").glob("*.json")]
-    assert [r["label"] for r in saved] == ["weight_averaging"]  # the job that finished before Ctrl-C
