@@ -28,7 +28,7 @@ from harness.hf_convert import (
     read_hf_config,
     source_digests,
 )
-from harness.models import available_models, file_digest, load_state_dict
+from harness.models import available_models, file_digest, json_file, load_state_dict
 
 Layout = Literal["huggingface", "file", "tree"]
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
@@ -181,10 +181,7 @@ def checkpoint_arch(path: str | os.PathLike) -> str | None:
     side = Path(f"{path}.json")
     if not side.is_file():
         return None
-    try:
-        info: dict[str, Any] = json.loads(side.read_text())
-    except (OSError, ValueError) as exc:
-        raise HarnessError(f"{side}: not readable JSON ({' '.join(str(exc).split())})") from None
+    info: dict[str, Any] = json_file(side)
     arch, cfg = info.get("arch"), info.get("open_clip_config")
     if arch and cfg and arch not in available_models():
         ensure_arch(arch, cfg, Path(path).parent / "model_configs")

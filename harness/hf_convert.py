@@ -48,7 +48,8 @@ import torch
 from harness.cache import atomic_write_json
 from harness.convert import FORMAT, output_path
 from harness.errors import HarnessError
-from harness.models import file_digest, load_state_dict, open_clip_module, resolve_arch, save_state_dict
+from harness.models import (file_digest, load_state_dict, open_clip_module, register_model_config, resolve_arch,
+                            save_state_dict)
 
 Kind = Literal["image_encoder", "clip"]
 
@@ -367,18 +368,7 @@ def generated_arch_name(oc_cfg: Mapping[str, Any]) -> str:
 
 def ensure_arch(name: str, oc_cfg: Mapping[str, Any], config_dir: Path) -> None:
     """Make ``name`` buildable by open_clip in this process (writes ``config_dir/<name>.json`` if needed)."""
-    open_clip = open_clip_module()
-    if open_clip.get_model_config(name) == dict(oc_cfg):
-        return
-    if name in open_clip.list_models():
-        raise HarnessError(f"open_clip architecture {name!r} already exists with another config")
-    config_dir.mkdir(parents=True, exist_ok=True)
-    path = config_dir / f"{name}.json"
-    if not path.is_file() or json.loads(path.read_text()) != dict(oc_cfg):
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(oc_cfg, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, path)
-    open_clip.add_model_config(path)
+    register_model_config(name, dict(oc_cfg), config_dir / f"{name}.json", config_dir=config_dir)
 
 
 def _sizes(oc_cfg: Mapping[str, Any], kind: Kind) -> str:

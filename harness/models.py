@@ -162,10 +162,13 @@ _CONFIG_KEYS = ("embed_dim", "vision_cfg", "text_cfg")
 _ARCH_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
 
 
-def register_model_config(name: str, cfg: Any, origin: str | os.PathLike) -> None:
+def register_model_config(name: str, cfg: Any, origin: str | os.PathLike,
+                          config_dir: Path | None = None) -> None:
     """Register the open_clip model config ``cfg`` under ``name`` in this process (a no-op when it is).
 
-    ``origin`` (the file the config was read from) names the source in errors."""
+    ``origin`` (the file the config was read from) names the source in errors. With
+    ``config_dir`` the config is also kept there as ``<name>.json`` (what ``harness import``
+    leaves beside its output); else it is registered from a temporary file."""
     open_clip = open_clip_module()
     if not isinstance(name, str) or not _ARCH_NAME.fullmatch(name):
         raise HarnessError(f"{origin}: {name!r} is not a valid architecture name")
@@ -176,13 +179,23 @@ def register_model_config(name: str, cfg: Any, origin: str | os.PathLike) -> Non
         return
     if have is not None:
         raise HarnessError(f"{origin}: open_clip architecture {name!r} already exists with another config")
+    if config_dir is not None:
+        config_dir.mkdir(parents=True, exist_ok=True)
+        path = config_dir / f"{name}.json"
+        if not path.is_file() or json_file(path) != cfg:
+            tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+            tmp.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+            os.replace(tmp, path)
+        open_clip.add_model_config(path)
+        return
     with tempfile.TemporaryDirectory(prefix="harness-arch-") as tmp:  # open_clip registers files only
         path = Path(tmp) / f"{name}.json"
         path.write_text(json.dumps(cfg))
         open_clip.add_model_config(path)  # read now; the vanished path is skipped by later rescans
 
 
-def _json_file(path: Path) -> Any:
+def json_file(path: Path) -> Any:
+    """A JSON file's content; an unreadable one is a one-line error naming it."""
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as exc:
@@ -219,7 +232,7 @@ def resolve_arch(arch: str, near: Sequence[str | os.PathLike] = ()) -> str:
             continue
         side = path.with_name(path.name + ".json")
         if side.is_file():
-            info = _json_file(side)
+            info = json_file(side)
             recorded = info.get("arch") if isinstance(info, dict) else None
             if recorded == arch and info.get("open_clip_config") is not None:
                 register_model_config(arch, info["open_clip_config"], f"{side} (open_clip_config)")
@@ -235,7 +248,7 @@ def resolve_arch(arch: str, near: Sequence[str | os.PathLike] = ()) -> str:
             return arch
         config = path.parent / "model_configs" / f"{arch}.json"
         if config.is_file():
-            register_model_config(arch, _json_file(config), config)
+            register_model_config(arch, json_file(config), config)
             return arch
         looked.append(str(config))
     where = f"; not recorded in {', '.join(looked)}" if looked else ""
