@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from harness.cache import atomic_write_json, content_key, read_json
-from harness.config import SweepConfig
+from harness.config import SweepConfig, check_model_files
 from harness.errors import HarnessError
 from harness.models import (
     CONFIG_DIR,
@@ -53,23 +53,14 @@ class Workspace:
             art = prepare_suite(names, self.cfg.resolved_cache_dir(), options=m.suite, progress=self.progress)
             return {"arch": art.arch, "pretrained": str(art.pretrained),
                     "finetuned": {t: str(p) for t, p in art.finetuned.items()}, "heads": {}}
+        check_model_files(self.cfg, "<config>")  # the CLI ran it already, naming the sweep file
         finetuned = {}
-        for t in names:  # required for merged tasks; optional for unseen ones (no individual row then)
+        for t in names:  # a missing one is an unseen task's (no individual row then)
             path = m.finetuned.get(t) or (m.finetuned_pattern.format(task=t) if m.finetuned_pattern else None)
-            required = t in self.cfg.merge_tasks
-            if path is None:
-                if required:
-                    raise HarnessError(f"model.finetuned: no checkpoint for task {t!r}")
-                continue
-            if not Path(path).exists():
-                if required or t in m.finetuned:
-                    raise HarnessError(f"model.finetuned.{t}: checkpoint does not exist: {path}")
-                continue
-            finetuned[t] = path
+            if path is not None and Path(path).exists():
+                finetuned[t] = path
         pre, arch = m.pretrained, m.arch
         local_pre = bool(pre) and Path(pre).exists()
-        if pre and ("/" in pre or Path(pre).suffix) and not local_pre:
-            raise HarnessError(f"model.pretrained: weights file does not exist: {pre}")
         if local_pre and self._foreign(pre):  # e.g. a Hugging Face CLIPModel folder: convert once, cached
             from harness.checkpoints import checkpoint_arch, resolve_checkpoint
 
