@@ -27,13 +27,18 @@ def fail(message: str, code: int = 2) -> None:
 
 
 class HarnessGroup(click.Group):
-    """Turns every HarnessError (bad config, missing file) into one line and exit code 2."""
+    """Turns every HarnessError (bad config, missing file) into one line and exit code 2, and
+    Ctrl-C into one line saying how to resume, exit code 130 (as a shell reports SIGINT)."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except HarnessError as exc:
             fail(str(exc))
+        except KeyboardInterrupt:
+            err_console.print("interrupted: finished jobs are saved; rerun the same command to resume",
+                              highlight=False)
+            sys.exit(130)
 
 
 @click.group(cls=HarnessGroup)

@@ -83,3 +83,56 @@ def test_a_killed_driver_takes_its_workers_with_it(sweep_dict, tmp_path):
     for p in alive:  # leave nothing behind for the next test, whatever the outcome
         os.kill(p, signal.SIGKILL)
     assert not alive, f"still running {time.monotonic() - t0:.1f} s after the driver was killed: {alive}"
+
+
+def _sigint_by_default() -> None:
+    """Undo an inherited SIG_IGN: a shell without job control (CI, ``cmd &``) starts background
+    commands with SIGINT ignored, and a Python started so never raises KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.mark.parametrize("workers,to_group", [(1, False), (2, True)], ids=["in-process", "pool-terminal"])
+def test_ctrl_c_ends_with_one_line_on_how_to_resume(sweep_dict, tmp_path, workers, to_group):
+    """SIGINT to the driver alone, or to its whole process group as a terminal's Ctrl-C sends it
+    (the pool's workers then get it too): one line, exit code 130, finished jobs kept."""
+    import yaml
+
+    pid_dir = tmp_path / "busy"
+    pid_dir.mkdir()
+    sweep = dict(sweep_dict, references=False, executor={"workers": workers},
+                 methods=[{"name": "weight_averaging"},
+                          {"name": "tests.test_driver_death:Hangs", "params": {"pid_dir": str(pid_dir)}}])
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump(sweep))
+    cli = Path(sys.executable).parent / "harness"
+    driver = subprocess.Popen([str(cli), "sweep", "-q", str(f)], cwd=ROOT, stderr=subprocess.PIPE, text=True,
+                              env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)),
+                              preexec_fn=_sigint_by_default, start_new_session=True)
+    results = Path(sweep_dict["output_dir"]) / "results"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not (any(pid_dir.iterdir()) and any(results.glob("*.json"))):
+            assert driver.poll() is None, driver.stderr.read()
+            time.sleep(0.1)
+        if to_group:
+            os.killpg(driver.pid, signal.SIGINT)
+        else:
+            driver.send_signal(signal.SIGINT)
+        _, err = driver.communicate(timeout=60)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait()
+        busy = [int(p.name) for p in pid_dir.iterdir()]
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(process_running(p) for p in busy if p != driver.pid):
+        time.sleep(0.1)
+    left = [p for p in busy if p != driver.pid and process_running(p)]
+    for p in left:
+        os.kill(p, signal.SIGKILL)
+    assert driver.returncode == 130, err
+    assert err.strip().splitlines()[-1] == "interrupted: finished jobs are saved; rerun the same command to resume"
+    assert "Traceback" not in err, err
+    assert not left, f"workers still running after Ctrl-C: {left}"
+    saved = [json.loads(p.read_text()) for p in results.glob("*.json")]
+    assert [r["label"] for r in saved] == ["weight_averaging"]  # the job that finished before Ctrl-C
