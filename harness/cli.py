@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import sys
 from pathlib import Path
 
@@ -35,10 +36,29 @@ class HarnessGroup(click.Group):
             return super().invoke(ctx)
         except HarnessError as exc:
             fail(str(exc))
-        except KeyboardInterrupt:
-            err_console.print("interrupted: finished jobs are saved; rerun the same command to resume",
+        except KeyboardInterrupt as exc:
+            how = "terminated" if isinstance(exc, Terminated) else "interrupted"
+            err_console.print(f"{how}: finished jobs are saved; rerun the same command to resume",
                               highlight=False)
-            sys.exit(130)
+            sys.exit(143 if isinstance(exc, Terminated) else 130)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (plain ``kill``, a scheduler or container stopping the driver) taken like Ctrl-C:
+    workers stopped, MLflow runs ended KILLED, one line, exit code 143 as a shell reports it."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+def run() -> None:
+    """The ``harness`` executable: ``main`` with SIGTERM handled like Ctrl-C. Installed here, not
+    in ``main``, so that calling ``main`` in-process (tests, notebooks) leaves the caller's signal
+    handlers alone; an inherited SIG_IGN is kept (``nohup``-style launches meant to ignore it)."""
+    if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _raise_terminated)
+    main()
 
 
 @click.group(cls=HarnessGroup)

@@ -130,6 +130,17 @@ def _output_lock(out: Path) -> Iterator[None]:
         lock.release()
 
 
+@contextlib.contextmanager
+def _ended_if_stopped(tracker: Tracker) -> Iterator[None]:
+    """A sweep stopped by Ctrl-C or an error leaves its MLflow runs KILLED or FAILED, not RUNNING."""
+    try:
+        yield
+    except BaseException as exc:
+        with contextlib.suppress(Exception):  # best effort: never hide why the sweep stopped
+            tracker.abandon("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        raise
+
+
 def _run_sweep(cfg: SweepConfig, ws: Workspace, executor: Any, console: Console, show: bool,
                mode: Literal["run", "detach", "collect"], held: contextlib.ExitStack) -> SweepOutcome:
     out = cfg.resolved_output_dir()
@@ -160,6 +171,7 @@ def _run_sweep(cfg: SweepConfig, ws: Workspace, executor: Any, console: Console,
     digest = cfg.digest()
     tracker = Tracker(cfg)
     tracker.start_sweep(digest, cfg.model_dump(mode="json"))
+    held.enter_context(_ended_if_stopped(tracker))
     executed: list[str] = []
     if show:
         console.print(f"[bold]{cfg.name}[/]: {len(specs)} jobs, {len(specs) - len(pending)} cached, "

@@ -95,6 +95,7 @@ class Tracker:
         self._sweep: tuple[str, dict[str, Any]] | None = None
         self._parent_id: str | None = None
         self._logged: dict[str, tuple[str, str]] = {}  # job key -> (run id, status)
+        self._tuning: list[str] = []  # tuning runs this driver reopened or created
 
     @property
     def client(self) -> Any:
@@ -236,6 +237,7 @@ class Tracker:
             self._log_params(rid, {"tune": tune})
         else:
             self.client.update_run(rid, status="RUNNING")
+        self._tuning.append(rid)
         return rid
 
     def log_trial(self, tune_run: str, study: str, number: int, params: dict[str, Any], result: Any,
@@ -278,6 +280,16 @@ class Tracker:
         from mlflow.entities import Metric
 
         self.client.log_batch(self.parent_id, metrics=[Metric(k, float(v), 0, 0) for k, v in metrics.items()])
+
+    def abandon(self, status: str) -> None:
+        """End the runs this driver left RUNNING (the sweep's, its studies') with ``status``
+        (KILLED after Ctrl-C, FAILED after a crash), so the UI does not show a stopped sweep as
+        running forever. A rerun reopens them. Does nothing if MLflow was never opened."""
+        if self._client is None or self._parent_id is None:
+            return
+        for rid in [*self._tuning, self._parent_id]:
+            if self._client.get_run(rid).info.status == "RUNNING":
+                self._client.set_terminated(rid, status=status)
 
     def finish(self, ok: bool) -> None:
         self.client.set_terminated(self.parent_id, status="FINISHED" if ok else "FAILED")

@@ -15,7 +15,9 @@ import time
 from pathlib import Path
 
 import pytest
+from mlflow.tracking import MlflowClient
 
+from harness.config import validate_config
 from methods.base import MergeMethod
 from tests.conftest import process_running
 
@@ -91,10 +93,11 @@ def _sigint_by_default() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-@pytest.mark.parametrize("workers,to_group", [(1, False), (2, True)], ids=["in-process", "pool-terminal"])
-def test_ctrl_c_ends_with_one_line_on_how_to_resume(sweep_dict, tmp_path, workers, to_group):
-    """SIGINT to the driver alone, or to its whole process group as a terminal's Ctrl-C sends it
-    (the pool's workers then get it too): one line, exit code 130, finished jobs kept."""
+@pytest.mark.parametrize("workers,how", [(1, "sigint"), (2, "ctrl-c"), (2, "kill")])
+def test_ctrl_c_or_kill_ends_with_one_line_on_how_to_resume(sweep_dict, tmp_path, workers, how):
+    """SIGINT to the driver alone; to its whole process group, as a terminal's Ctrl-C sends it
+    (the pool's workers then get it too); or SIGTERM, as plain ``kill`` sends it: one line, exit
+    code 130 (143 for SIGTERM), workers gone, finished jobs kept, the MLflow run KILLED."""
     import yaml
 
     pid_dir = tmp_path / "busy"
@@ -109,15 +112,25 @@ def test_ctrl_c_ends_with_one_line_on_how_to_resume(sweep_dict, tmp_path, worker
                               env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)),
                               preexec_fn=_sigint_by_default, start_new_session=True)
     results = Path(sweep_dict["output_dir"]) / "results"
+    cfg = validate_config(sweep)
+    client = MlflowClient(cfg.resolved_tracking_uri())
+
+    def run_status() -> dict[str, str]:
+        store = Path(cfg.resolved_tracking_uri().removeprefix("sqlite:///"))
+        exp = client.get_experiment_by_name(cfg.name) if store.exists() else None  # not before the driver makes it
+        runs = client.search_runs([exp.experiment_id]) if exp else []
+        return {r.data.tags.get("harness.kind"): r.info.status for r in runs}
+
     try:
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and not (any(pid_dir.iterdir()) and any(results.glob("*.json"))):
+        while time.monotonic() < deadline and not (any(pid_dir.iterdir()) and any(results.glob("*.json"))
+                                                   and run_status().get("merge") == "FINISHED"):
             assert driver.poll() is None, driver.stderr.read()
-            time.sleep(0.1)
-        if to_group:
+            time.sleep(0.2)
+        if how == "ctrl-c":
             os.killpg(driver.pid, signal.SIGINT)
         else:
-            driver.send_signal(signal.SIGINT)
+            driver.send_signal(signal.SIGTERM if how == "kill" else signal.SIGINT)
         _, err = driver.communicate(timeout=60)
     finally:
         if driver.poll() is None:
@@ -130,9 +143,11 @@ def test_ctrl_c_ends_with_one_line_on_how_to_resume(sweep_dict, tmp_path, worker
     left = [p for p in busy if p != driver.pid and process_running(p)]
     for p in left:
         os.kill(p, signal.SIGKILL)
-    assert driver.returncode == 130, err
-    assert err.strip().splitlines()[-1] == "interrupted: finished jobs are saved; rerun the same command to resume"
+    assert driver.returncode == (143 if how == "kill" else 130), err
+    word = "terminated" if how == "kill" else "interrupted"
+    assert err.strip().splitlines()[-1] == f"{word}: finished jobs are saved; rerun the same command to resume"
     assert "Traceback" not in err, err
     assert not left, f"workers still running after Ctrl-C: {left}"
     saved = [json.loads(p.read_text()) for p in results.glob("*.json")]
     assert [r["label"] for r in saved] == ["weight_averaging"]  # the job that finished before Ctrl-C
+    assert run_status() == {"sweep": "KILLED", "merge": "FINISHED"}  # not left RUNNING in the UI

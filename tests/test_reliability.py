@@ -70,3 +70,30 @@ def test_a_retried_job_replaces_its_failed_run(sweep_dict, tmp_path):
     client = MlflowClient(cfg.resolved_tracking_uri())
     runs = client.search_runs([client.get_experiment_by_name(cfg.name).experiment_id], "tags.`harness.label` = 'flaky'")
     assert [r.info.status for r in runs] == ["FINISHED"]
+
+
+def test_a_sweep_that_crashes_after_its_jobs_ends_its_mlflow_run_failed(sweep_dict, monkeypatch):
+    """An error outside any job (here: building the report) must not leave the sweep's run
+    RUNNING in the UI forever; the rerun reopens it and ends it FINISHED."""
+    import pytest
+
+    import harness.runner as runner
+
+    cfg = validate_config(dict(sweep_dict, methods=[{"name": "weight_averaging"}], references=False))
+
+    def broken_report(*args, **kwargs):
+        raise RuntimeError("report writer crashed")
+
+    with monkeypatch.context() as m:
+        m.setattr(runner, "build_report", broken_report)
+        with pytest.raises(RuntimeError, match="report writer crashed"):
+            run_sweep(cfg, quiet=True)
+    client = MlflowClient(cfg.resolved_tracking_uri())
+    exp = client.get_experiment_by_name(cfg.name).experiment_id
+
+    def status() -> dict:
+        return {r.data.tags["harness.kind"]: r.info.status for r in client.search_runs([exp])}
+
+    assert status() == {"sweep": "FAILED", "merge": "FINISHED"}
+    run_sweep(cfg, quiet=True)
+    assert status() == {"sweep": "FINISHED", "merge": "FINISHED"}
