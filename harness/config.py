@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from harness.errors import HarnessError
+from harness.fields import no_bool_for_number
 
 
 #: Job protocols: the main table (the sweep's seen tasks merged) and the ``generalization`` block's.
@@ -46,6 +47,8 @@ class ConfigError(HarnessError):
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    _no_bool_for_number = field_validator("*", mode="before")(classmethod(no_bool_for_number))
 
 
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")

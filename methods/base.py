@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterator, Literal, Mapping, get_args, get_origin
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_validator
 from torch import nn
 
+from harness.fields import no_bool_for_number
 from harness.imports import import_object
 
 StateDict = dict[str, torch.Tensor]
@@ -62,6 +63,7 @@ class MergeMethod(BaseModel):
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    _no_bool_for_number = field_validator("*", mode="before")(classmethod(no_bool_for_number))
 
     #: True for methods that read unlabeled test data (reported as test-time adaptation).
     uses_test_data: ClassVar[bool] = False

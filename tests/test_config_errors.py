@@ -34,6 +34,12 @@ CASES = [
     ("unknown-top-key", ("methodz", []), ["methodz: unknown key"]),
     ("unknown-nested-key", ("model.archh", "x"), ["model.archh: unknown key"]),
     ("seed-type", ("seed", "abc"), ["seed:", "'abc'"]),
+    ("seed-bool", ("seed", True), ["seed: expects a number, not the boolean true"]),
+    ("workers-bool", ("executor.workers", True), ["executor.workers: expects a number, not the boolean true"]),
+    ("hparam-bool", ("methods.1", {"name": "task_arithmetic", "params": {"scaling": True}}),
+     ["methods.1.params.scaling: expects a number, not the boolean true"]),
+    ("grid-bool", ("methods.1.grid.scaling", [0.2, False]),
+     ["methods.1.grid.scaling: expects a number, not the boolean false"]),
     ("seed-negative", ("seed", -3), ["seed:", "greater than or equal to 0", "-3"]),
     ("batch-size-zero", ("eval.batch_size", 0), ["eval.batch_size:", "greater than or equal to 1", "(got 0)"]),
     ("device", ("device", "tpu"), ["device:", "'tpu'"]),
@@ -255,3 +261,19 @@ def test_merge_keys_may_be_overridden(tmp_path):
     f = tmp_path / "merge.yaml"
     f.write_text("base: &b {x: 1, y: 2}\nother:\n  <<: *b\n  x: 3\n")
     assert read_yaml(f)["other"] == {"x": 3, "y": 2}
+
+
+def test_booleans_are_never_numbers_but_other_lax_conversions_stay():
+    """``steps: true`` would otherwise run one step; ``lr: 1e-3`` (a string to YAML 1.1) and a
+    boolean hyperparameter given as a boolean must still work."""
+    from pydantic import ValidationError
+
+    from methods.base import resolve_method
+
+    wemoe = resolve_method("wemoe")
+    for name in ("steps", "lr", "router_depth"):  # int, float, and a Literal of ints
+        with pytest.raises(ValidationError, match="expects a number, not the boolean true"):
+            wemoe(**{name: True})
+    m = wemoe(lr="1e-3", batch_reduce=True, steps=3)
+    assert (m.lr, m.batch_reduce, m.steps) == (1e-3, True, 3)
+    assert yaml.safe_load("lr: 1e-3") == {"lr": "1e-3"}  # why the string conversion must stay
