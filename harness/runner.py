@@ -262,7 +262,8 @@ def _run_sweep(cfg: SweepConfig, ws: Workspace, executor: Any, console: Console,
             bar.add(len(todo))
             execute(todo)
         for m in tuned:  # each study runs its trials, then its best setting once on test
-            final = run_study(cfg, m, identity, task_identity, results_dir, tracker, execute, bar, out)
+            final = run_study(cfg, m, identity, task_identity, results_dir, tracker, execute, bar, out,
+                              console if show else None)
             specs.append(final)
             spec_by_key[final.key] = final
             if final.key not in results:
@@ -315,6 +316,16 @@ def result_line(result: JobResult, spec: JobSpec) -> str:
     return f"done {spec.title}: {text} [{result.timings.get('total', 0.0):.1f} s]"
 
 
+def trial_line(spec: JobSpec, result: JobResult, state: str, objective: str, study: Any) -> str:
+    """One line per finished trial: its objective, and the study's best so far."""
+    head = f"trial {spec.trial['number']} {spec.title}"
+    if state == "PRUNED":
+        return f"{head}: pruned [{result.timings.get('total', 0.0):.1f} s]"
+    best = study.best_trial
+    return (f"{head}: {objective} {result.metrics[objective]:.1f} (best {best.value:.1f}, trial {best.number}) "
+            f"[{result.timings.get('total', 0.0):.1f} s]")
+
+
 def robustness_followups(cfg: SweepConfig, results: list[JobResult], identity: dict,
                          task_identity: dict) -> list[JobSpec]:
     """One robustness job per grid method whose jobs leave the study out: its val-selected setting."""
@@ -329,8 +340,9 @@ def robustness_followups(cfg: SweepConfig, results: list[JobResult], identity: d
 
 
 def run_study(cfg: SweepConfig, m, identity: dict, task_identity: dict, results_dir: Path, tracker: Tracker,
-              execute, bar: "_progress", out: Path) -> JobSpec:
-    """Tune one method; trials are logged as runs nested under the method's tuning run."""
+              execute, bar: "_progress", out: Path, console: Console | None = None) -> JobSpec:
+    """Tune one method; trials are logged as runs nested under the method's tuning run, and each
+    trial run now gets one line on ``console`` (its objective and the best so far)."""
     from harness.plan import with_key
     from harness.tuning import StudyFailed, StudyRunner, save_study_plots
 
@@ -346,11 +358,16 @@ def run_study(cfg: SweepConfig, m, identity: dict, task_identity: dict, results_
             else:
                 todo.append(spec)
         bar.add(len(todo))
+        ran.update(s.key for s in todo)
         return done + execute(todo)
+
+    ran: set[str] = set()  # trials run by this driver (not ones a resumed study re-records)
 
     def record(spec: JobSpec, result: JobResult, state: str) -> None:
         tracker.log_trial(tune_run, runner.name, spec.trial["number"], spec.params, result, state,
                           m.tune.objective)
+        if console is not None and spec.key in ran and state != "FAIL":  # failures have their own line
+            console.print(trial_line(spec, result, state, m.tune.objective, runner.study), highlight=False)
 
     try:
         best = runner.run(run_batch, record)

@@ -141,13 +141,22 @@ def test_pruning(trained_checkpoints, tmp_path):
         "tune": {"n_trials": 10, "sampler": "random", "pruner": "median", "space": space}}])
     d["references"] = False
     cfg = validate_config(d)
-    out = run_sweep(cfg, quiet=True)
+    import io
+    import re
+
+    from rich.console import Console
+
+    shown = io.StringIO()
+    out = run_sweep(cfg, console=Console(file=shown, width=200))
     assert not out.failed
     client = MlflowClient(cfg.resolved_tracking_uri())
     exp = client.get_experiment_by_name(cfg.name).experiment_id
     trials = client.search_runs([exp], "tags.`harness.kind` = 'trial'")
     states = [t.data.tags["harness.trial_state"] for t in trials]
     assert len(states) == 10 and "PRUNED" in states and "COMPLETE" in states
+    lines = {int(m.group(1)): m.group(2) for m in re.finditer(r"^trial (\d+) rep\(quality=[\d.]+\): (.*)$",
+                                                               shown.getvalue(), re.M)}
+    assert sorted(lines) == list(range(10)), shown.getvalue()  # one line per trial, as it finishes
     from harness.tuning import open_storage, storage_spec
     import optuna
 
@@ -155,6 +164,14 @@ def test_pruning(trained_checkpoints, tmp_path):
     pruned = [t for t in study.trials if t.state.name == "PRUNED"]
     complete = [t for t in study.trials if t.state.name == "COMPLETE"]
     assert pruned and max(t.params["quality"] for t in pruned) < max(t.params["quality"] for t in complete)
+    best = None
+    for t in sorted(study.trials, key=lambda t: t.number):  # the line's best is the running best
+        if t.state.name == "PRUNED":
+            assert lines[t.number].startswith("pruned"), lines[t.number]
+            continue
+        best = t if best is None or t.value > best.value else best
+        assert lines[t.number].startswith(
+            f"val/acc/avg {t.value:.1f} (best {best.value:.1f}, trial {best.number})"), lines[t.number]
 
 
 def test_resume_after_kill(trained_checkpoints, tmp_path):
