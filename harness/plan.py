@@ -37,11 +37,22 @@ class JobSpec:
             return f"{self.kind}/{self.task}"
         title = self.label
         if self.params:
-            title += "(" + ", ".join(f"{k}={v}" for k, v in self.params.items()) + ")"
+            title += f"({setting_text(self.params)})"
         return f"robustness/{title}" if self.kind == "robustness" else title
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def setting_text(params: dict[str, Any]) -> str:
+    """Hyperparameters as written in YAML (``1.0``, ``0.001``), except long floats cut to 4
+    significant digits (an Optuna trial's 0.5939321535345923 reads 0.5939)."""
+    return ", ".join(f"{k}={_short(v)}" for k, v in params.items())
+
+
+def _short(value: Any) -> str:
+    text = str(value)
+    return f"{value:.4g}" if isinstance(value, float) and len(text) > 6 else text
 
 
 def generalization_label(label: str) -> str:

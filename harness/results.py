@@ -8,7 +8,7 @@ from typing import Any
 
 from harness.config import GENERALIZATION
 from harness.job import JobResult
-from harness.plan import base_label, generalization_label
+from harness.plan import base_label, generalization_label, setting_text
 
 
 @dataclass
@@ -43,10 +43,6 @@ def normalized(metrics: dict[str, float], individual: dict[str, float], tasks: l
     if len(out) == len(tasks):
         out[f"norm_{prefix}/avg"] = sum(out.values()) / len(tasks)
     return out
-
-
-def setting_text(params: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
 
 
 def build_rows(results: list[JobResult], tasks: list[str], method_order: list[str],

@@ -174,8 +174,16 @@ def _run_sweep(cfg: SweepConfig, ws: Workspace, executor: Any, console: Console,
     held.enter_context(_ended_if_stopped(tracker))
     executed: list[str] = []
     if show:
+        studies = [m for m in cfg.methods if m.tune] if mode == "run" else []
+        then = ""
+        if studies:
+            from harness.tuning import n_trials_possible
+
+            trials = sum(n_trials_possible(m.tune) for m in studies)
+            then = (f", then {len(studies)} Optuna {'study' if len(studies) == 1 else 'studies'} "
+                    f"({trials} trials in all, finished ones kept)")
         console.print(f"[bold]{cfg.name}[/]: {len(specs)} jobs, {len(specs) - len(pending)} cached, "
-                      f"{len(pending)} to run -> {out}")
+                      f"{len(pending)} to run{then} -> {out}", highlight=False)
 
     if mode == "detach":
         message = executor.submit(pending)
