@@ -15,3 +15,17 @@ class AlwaysFailsWithParam(MergeMethod):
 
     def merge(self, pretrained, finetuned, ctx):
         raise RuntimeError(f"deliberate failure at strength {self.strength:.2f}")
+
+
+class InterruptedAtStrength(MergeMethod):
+    """Like a user's Ctrl-C arriving while the trial with ``strength`` above ``stop_above`` runs."""
+
+    strength: float = 0.5
+    stop_above: float = 2.0
+
+    def merge(self, pretrained, finetuned, ctx):
+        if self.strength > self.stop_above:
+            raise KeyboardInterrupt
+        from methods.task_arithmetic import TaskArithmetic
+
+        return TaskArithmetic(scaling=self.strength).merge(pretrained, finetuned, ctx)

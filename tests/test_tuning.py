@@ -303,3 +303,22 @@ def test_tune_command_runs_one_method(trained_checkpoints, tmp_path):
     assert len(values) == 5 and len(set(values)) == 5, values  # extending asks new points, not the first run's
     r = CliRunner().invoke(main, ["tune", str(f), "--method", "nope"])
     assert r.exit_code == 2 and "no method labelled 'nope'" in r.stderr
+
+
+def test_an_interrupted_study_leaves_its_runs_killed_not_running(trained_checkpoints, tmp_path):
+    """Ctrl-C during a trial: the study's tuning run and the sweep's run show KILLED in the UI."""
+    space = {"strength": {"type": "float", "low": 0.0, "high": 3.0}}
+    d = trained_sweep(trained_checkpoints, tmp_path, [
+        {"name": "tests.failing_method:InterruptedAtStrength", "label": "stopped",
+         "tune": {"n_trials": 30, "n_parallel": 1, "sampler": "random", "space": space}}])
+    d["references"] = False
+    cfg = validate_config(d)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(cfg, quiet=True)
+    client = MlflowClient(cfg.resolved_tracking_uri())
+    exp = client.get_experiment_by_name(cfg.name).experiment_id
+    status = {}
+    for r in client.search_runs([exp]):
+        status.setdefault(r.data.tags["harness.kind"], set()).add(r.info.status)
+    assert status.pop("sweep") == {"KILLED"} and status.pop("tune") == {"KILLED"}
+    assert status in ({}, {"trial": {"FINISHED"}}), status  # trials finished before Ctrl-C stay finished
