@@ -350,12 +350,14 @@ def robustness_followups(cfg: SweepConfig, results: list[JobResult], identity: d
 def run_study(cfg: SweepConfig, m, identity: dict, task_identity: dict, results_dir: Path, tracker: Tracker,
               execute, bar: "_progress", out: Path, console: Console | None = None) -> JobSpec:
     """Tune one method; trials are logged as runs nested under the method's tuning run, and each
-    trial run now gets one line on ``console`` (its objective and the best so far)."""
+    trial this driver runs gets one line on ``console`` (its objective and the best so far)."""
     from harness.plan import with_key
     from harness.tuning import StudyFailed, StudyRunner, save_study_plots
 
     runner = StudyRunner(cfg, m, identity, task_identity, cfg.executor.workers, results_dir)
     tune_run = tracker.tuning_run(runner.name, m.display, m.tune.model_dump(mode="json"))
+
+    ran: set[str] = set()  # trials run by this driver (not ones a resumed study re-records)
 
     def run_batch(batch: list[JobSpec]) -> list[tuple[JobSpec, JobResult]]:
         todo, done = [], []
@@ -368,8 +370,6 @@ def run_study(cfg: SweepConfig, m, identity: dict, task_identity: dict, results_
         bar.add(len(todo))
         ran.update(s.key for s in todo)
         return done + execute(todo)
-
-    ran: set[str] = set()  # trials run by this driver (not ones a resumed study re-records)
 
     def record(spec: JobSpec, result: JobResult, state: str) -> None:
         tracker.log_trial(tune_run, runner.name, spec.trial["number"], spec.params, result, state,
