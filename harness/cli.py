@@ -38,9 +38,14 @@ class HarnessGroup(click.Group):
             fail(str(exc))
         except KeyboardInterrupt as exc:
             how = "terminated" if isinstance(exc, Terminated) else "interrupted"
-            err_console.print(f"{how}: finished jobs are saved; rerun the same command to resume",
-                              highlight=False)
+            kept = _KEPT_ON_INTERRUPT.get(ctx.invoked_subcommand or "")
+            err_console.print(f"{how}: {kept}; rerun the same command to resume" if kept else how, highlight=False)
             sys.exit(143 if isinstance(exc, Terminated) else 130)
+
+
+#: What an interrupted command keeps, for the commands a rerun resumes.
+_KEPT_ON_INTERRUPT = {"sweep": "finished jobs are saved", "tune": "finished jobs are saved",
+                      "collect": "finished jobs are saved", "prepare": "models built so far are cached"}
 
 
 class Terminated(KeyboardInterrupt):
@@ -382,4 +387,4 @@ def import_(src: str, dst: str, trust_pickle: bool, arch: str | None, projection
 
 
 if __name__ == "__main__":
-    main()
+    run()

@@ -97,3 +97,15 @@ def test_ui_serves_the_sweep_store(sweep_dict, tmp_path):
             proc.wait(10)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_ctrl_c_in_a_command_that_keeps_nothing_does_not_promise_a_resume(tmp_path, monkeypatch):
+    import harness.report
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(harness.report, "load_sweep_from_mlflow", interrupted)
+    (tmp_path / "mlflow.db").write_bytes(b"")
+    r = CliRunner().invoke(main, ["report", str(tmp_path)])
+    assert r.exit_code == 130 and r.stderr == "interrupted\n", r.stderr
