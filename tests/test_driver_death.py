@@ -151,3 +151,57 @@ def test_ctrl_c_or_kill_ends_with_one_line_on_how_to_resume(sweep_dict, tmp_path
     saved = [json.loads(p.read_text()) for p in results.glob("*.json")]
     assert [r["label"] for r in saved] == ["weight_averaging"]  # the job that finished before Ctrl-C
     assert run_status() == {"sweep": "KILLED", "merge": "FINISHED"}  # not left RUNNING in the UI
+
+
+def _group_processes(pgid: int, containing: str = "") -> list[str]:
+    """Command lines of the live processes in process group ``pgid`` that contain ``containing``."""
+    ps = subprocess.run(["ps", "-ww", "-eo", "pgid=,stat=,args="], capture_output=True, text=True).stdout
+    rows = [line.split(None, 2) for line in ps.splitlines()]
+    return [r[2] for r in rows if len(r) == 3 and r[0] == str(pgid) and not r[1].startswith("Z")
+            and containing in r[2]]
+
+
+def test_ctrl_c_stops_the_suites_fine_tuning_workers_at_once(tmp_path):
+    """``harness prepare`` fine-tunes in spawned workers; SIGINT to the driver alone must stop
+    them now, not after their fine-tuning runs end."""
+    import yaml
+
+    sweep = yaml.safe_load((ROOT / "sweeps" / "quick.yaml").read_text())
+    sweep["model"]["suite"].update(finetune_steps=100_000, workers=2)  # would run for hours
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump(sweep))
+    cli = Path(sys.executable).parent / "harness"
+    driver = subprocess.Popen([str(cli), "prepare", str(f), f"cache_dir={tmp_path / 'cache'}"], cwd=ROOT,
+                              stderr=subprocess.STDOUT, stdout=subprocess.PIPE, text=True,
+                              env=dict(os.environ, OMP_NUM_THREADS="1"),
+                              preexec_fn=_sigint_by_default, start_new_session=True)
+    try:
+        seen = []
+        for line in driver.stdout:  # pretraining's progress lines, until its last
+            seen.append(line)
+            if line.startswith("pretrain ") and "40/40" in line:
+                break
+        deadline = time.monotonic() + 60
+        while len(_group_processes(driver.pid, "spawn_main")) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert driver.poll() is None and len(_group_processes(driver.pid, "spawn_main")) >= 2, "".join(seen)
+        time.sleep(5)  # the workers are fine-tuning now
+        t0 = time.monotonic()
+        driver.send_signal(signal.SIGINT)
+        rest, _ = driver.communicate(timeout=60)
+        took = time.monotonic() - t0
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+            driver.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and _group_processes(driver.pid):
+        time.sleep(0.1)
+    left = _group_processes(driver.pid)
+    if left:
+        os.killpg(driver.pid, signal.SIGKILL)
+    assert driver.returncode == 130, rest
+    assert rest.strip().splitlines()[-1] == ("interrupted: models built so far are cached; "
+                                             "rerun the same command to resume")
+    assert took < 20, f"{took:.1f} s to stop"
+    assert not left, f"still running after Ctrl-C: {left}"

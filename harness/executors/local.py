@@ -79,6 +79,17 @@ def _worker_failed(spec: JobSpec, exc: BaseException) -> JobResult:
     return JobResult.of(spec, "failed", error=f"worker process failed: {type(exc).__name__}: {exc}")
 
 
+def terminate_workers(pool: cf.ProcessPoolExecutor) -> None:
+    """SIGTERM a pool's workers, so that a shutdown after an error or Ctrl-C does not wait for
+    their current jobs (a fine-tuning run, a test-time adaptation: minutes)."""
+    terminate = getattr(pool, "terminate_workers", None)  # Python >= 3.14
+    if terminate:
+        terminate()
+        return
+    for proc in list(getattr(pool, "_processes", {}).values()):
+        proc.terminate()
+
+
 def _ready() -> None:
     """A no-op task: submitting one per worker starts them all (a pool spawns on demand)."""
 
@@ -118,12 +129,7 @@ class LocalExecutor:
         if self._pool is None:
             return
         if abort:
-            terminate = getattr(self._pool, "terminate_workers", None)  # Python >= 3.14
-            if terminate:
-                terminate()
-            else:
-                for proc in list(getattr(self._pool, "_processes", {}).values()):
-                    proc.terminate()
+            terminate_workers(self._pool)
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._pool = None
 

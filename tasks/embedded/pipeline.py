@@ -423,19 +423,25 @@ def _run_jobs(jobs: list[tuple], workers: int, bars, bar_ids: dict[str, Any], to
         for job in jobs:
             _, timings[f"finetune:{job[0]}"] = _finetune_job(*job, queue=_DirectQueue(show))
         return timings
+    from harness.executors.local import terminate_workers
+
     ctx = mp.get_context("spawn")
     with ctx.Manager() as manager, cf.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
         queue = manager.Queue()
         futures = [pool.submit(_finetune_job, *job, queue=queue) for job in jobs]
         pending = set(futures)
-        while pending:
-            done, pending = cf.wait(pending, timeout=0.5)
-            while not queue.empty():
-                show(*queue.get())
-            for fut in done:
-                task, seconds = fut.result()
-                timings[f"finetune:{task}"] = seconds
-                show(task, total_steps, {"done": 1.0})
+        try:
+            while pending:
+                done, pending = cf.wait(pending, timeout=0.5)
+                while not queue.empty():
+                    show(*queue.get())
+                for fut in done:
+                    task, seconds = fut.result()
+                    timings[f"finetune:{task}"] = seconds
+                    show(task, total_steps, {"done": 1.0})
+        except BaseException:  # Ctrl-C or a failed task: stop the others now (finished ones are cached)
+            terminate_workers(pool)
+            raise
     return timings
 
 
