@@ -238,16 +238,22 @@ def test_search_space_errors(tune, fragment, sweep_dict):
     assert fragment in str(e.value), str(e.value)
 
 
+def strength_study(checkpoints, tmp_path, method: str, label: str, high: float, n_trials: int) -> dict:
+    """A sweep of one study, one trial at a time, over ``strength`` of a tests.failing_method class."""
+    space = {"strength": {"type": "float", "low": 0.0, "high": high}}
+    d = trained_sweep(checkpoints, tmp_path, [
+        {"name": f"tests.failing_method:{method}", "label": label,
+         "tune": {"n_trials": n_trials, "n_parallel": 1, "sampler": "random", "space": space}}])
+    d["references"] = False
+    return d
+
+
 def test_study_whose_trials_all_fail_stops_with_one_line(trained_checkpoints, tmp_path):
     from click.testing import CliRunner
 
     from harness.cli import main
 
-    space = {"strength": {"type": "float", "low": 0.0, "high": 1.0}}
-    d = trained_sweep(trained_checkpoints, tmp_path, [
-        {"name": "tests.failing_method:AlwaysFailsWithParam", "label": "broken",
-         "tune": {"n_trials": 2, "n_parallel": 1, "sampler": "random", "space": space}}])
-    d["references"] = False
+    d = strength_study(trained_checkpoints, tmp_path, "AlwaysFailsWithParam", "broken", high=1.0, n_trials=2)
     f = tmp_path / "s.yaml"
     f.write_text(yaml.safe_dump(d))
     r = CliRunner().invoke(main, ["sweep", str(f), "-q"], env={"COLUMNS": "200"})
@@ -307,11 +313,7 @@ def test_tune_command_runs_one_method(trained_checkpoints, tmp_path):
 
 def test_an_interrupted_study_leaves_its_runs_killed_not_running(trained_checkpoints, tmp_path):
     """Ctrl-C during a trial: the study's tuning run and the sweep's run show KILLED in the UI."""
-    space = {"strength": {"type": "float", "low": 0.0, "high": 3.0}}
-    d = trained_sweep(trained_checkpoints, tmp_path, [
-        {"name": "tests.failing_method:InterruptedAtStrength", "label": "stopped",
-         "tune": {"n_trials": 30, "n_parallel": 1, "sampler": "random", "space": space}}])
-    d["references"] = False
+    d = strength_study(trained_checkpoints, tmp_path, "InterruptedAtStrength", "stopped", high=3.0, n_trials=30)
     cfg = validate_config(d)
     with pytest.raises(KeyboardInterrupt):
         run_sweep(cfg, quiet=True)
