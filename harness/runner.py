@@ -173,14 +173,14 @@ def _run_sweep(cfg: SweepConfig, ws: Workspace, executor: Any, console: Console,
     tracker.start_sweep(digest, cfg.model_dump(mode="json"))
     held.enter_context(_ended_if_stopped(tracker))
     executed: list[str] = []
+    tuned = [m for m in cfg.methods if m.tune] if mode == "run" else []
     if show:
-        studies = [m for m in cfg.methods if m.tune] if mode == "run" else []
         then = ""
-        if studies:
+        if tuned:
             from harness.tuning import n_trials_possible
 
-            trials = sum(n_trials_possible(m.tune) for m in studies)
-            then = (f", then {len(studies)} Optuna {'study' if len(studies) == 1 else 'studies'} "
+            trials = sum(n_trials_possible(m.tune) for m in tuned)
+            then = (f", then {len(tuned)} Optuna {'study' if len(tuned) == 1 else 'studies'} "
                     f"({trials} trials in all, finished ones kept)")
         console.print(f"[bold]{cfg.name}[/]: {len(specs)} jobs, {len(specs) - len(pending)} cached, "
                       f"{len(pending)} to run{then} -> {out}", highlight=False)
@@ -200,7 +200,6 @@ def _run_sweep(cfg: SweepConfig, ws: Workspace, executor: Any, console: Console,
     merges = [s for s in pending if s.kind == "merge"]
     phases = (pending,) if getattr(executor, "single_phase", False) else (refs, merges)
     t1 = time.perf_counter()
-    tuned = [m for m in cfg.methods if m.tune] if mode == "run" else []
     spec_by_key = {s.key: s for s in specs}
     log_now = False  # references first: normalized accuracy needs the individual results
 
@@ -352,7 +351,7 @@ def run_study(cfg: SweepConfig, m, identity: dict, task_identity: dict, results_
     """Tune one method; trials are logged as runs nested under the method's tuning run, and each
     trial this driver runs gets one line on ``console`` (its objective and the best so far)."""
     from harness.plan import with_key
-    from harness.tuning import StudyFailed, StudyRunner, save_study_plots
+    from harness.tuning import StudyRunner, save_study_plots
 
     runner = StudyRunner(cfg, m, identity, task_identity, cfg.executor.workers, results_dir)
     tune_run = tracker.tuning_run(runner.name, m.display, m.tune.model_dump(mode="json"))
@@ -377,12 +376,7 @@ def run_study(cfg: SweepConfig, m, identity: dict, task_identity: dict, results_
         if console is not None and spec.key in ran and state != "FAIL":  # failures have their own line
             console.print(trial_line(spec, result, state, m.tune.objective, runner.study), highlight=False)
 
-    try:
-        best = runner.run(run_batch, record)
-    except StudyFailed:  # the error reaches the CLI as one line; MLflow shows both runs failed
-        tracker.fail_run(tune_run)
-        tracker.finish(ok=False)
-        raise
+    best = runner.run(run_batch, record)  # StudyFailed: _ended_if_stopped marks both runs FAILED
     files = save_study_plots(runner.study, out / "optuna" / m.display)
     tracker.finish_tuning_run(tune_run, best, runner.study.best_value, files)
     return with_key(cfg, JobSpec("merge", m.display, method=m.name, params=best), identity, task_identity)

@@ -270,9 +270,6 @@ class Tracker:
             self.client.log_artifact(rid, str(f), "optuna")
         self.client.set_terminated(rid, status="FINISHED")
 
-    def fail_run(self, rid: str) -> None:
-        self.client.set_terminated(rid, status="FAILED")
-
     def log_artifact(self, path: Path, run_id: str | None = None, subdir: str | None = None) -> None:
         self.client.log_artifact(run_id or self.parent_id, str(path), subdir)
 
