@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +28,12 @@ from harness.results import (
     table_records,
 )
 from harness.significance import CORRECT_FILE, LEVEL, paired_bootstrap, read_correct, unpack_correct
-from harness.tracking import PROTOCOL_TAG
+from harness.tracking import JOB_TAG, PROTOCOL_TAG
+
+# The job keys a report was built from. A sweep's parent run outlives its inputs (it is found
+# again by config digest, so replaced checkpoints or data add new job runs beside the old ones):
+# a report rebuilt from MLflow reads only the runs this file names.
+JOBS_FILE = "jobs.json"
 
 
 @dataclass
@@ -139,6 +145,9 @@ def build_report(cfg: SweepConfig, results: list[JobResult], out: Path,
         captions["robustness"] = (f"{cfg.name}: average accuracy on {', '.join(cfg.robustness.tasks)} "
                                   f"under corruptions (severity {cfg.robustness.severity})")
     report = Report(tables, rows=rows, generalization_rows=gen_rows)
+    jobs = out / JOBS_FILE
+    jobs.write_text(json.dumps([r.key for r in results if r.key], indent=0))
+    report.files.append(jobs)
     for name, (header, body) in tables.items():
         for ext, text in (("md", markdown_table(header, body)), ("csv", csv_table(header, body)),
                           ("tex", latex_table(header, body, captions[name]))):
@@ -248,11 +257,17 @@ def load_sweep_from_mlflow(tracking_uri: str, run_id: str | None = None) -> tupl
     with tempfile.TemporaryDirectory() as tmp:
         local = client.download_artifacts(parent.info.run_id, "resolved.yaml", tmp)
         cfg = SweepConfig.model_validate(yaml.safe_load(Path(local).read_text()))
+        current = None
+        if any(a.path == f"report/{JOBS_FILE}" for a in client.list_artifacts(parent.info.run_id, "report")):
+            current = set(json.loads(Path(client.download_artifacts(parent.info.run_id, f"report/{JOBS_FILE}",
+                                                                    tmp)).read_text()))
     children = client.search_runs([parent.info.experiment_id],
                                   f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'", max_results=50000)
     results = []
     for run in children:
         tags, params = run.data.tags, run.data.params
+        if current is not None and tags.get(JOB_TAG) and tags[JOB_TAG] not in current:
+            continue  # a job of an earlier state of the sweep's inputs
         job_params = {k[len("job.params."):]: _parse(v) for k, v in params.items() if k.startswith("job.params.")}
         artifacts: dict[str, Any] = {}
         test_correct: dict[str, str] = {}

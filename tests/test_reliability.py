@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import stat
+
+import pytest
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
@@ -97,3 +101,18 @@ def test_a_sweep_that_crashes_after_its_jobs_ends_its_mlflow_run_failed(sweep_di
     assert status() == {"sweep": "FAILED", "merge": "FINISHED"}
     run_sweep(cfg, quiet=True)
     assert status() == {"sweep": "FINISHED", "merge": "FINISHED"}
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_atomic_writes_get_the_umasks_permissions(tmp_path, umask):
+    """Results, sidecars and shared caches must be as readable as any file the user creates."""
+    from harness.cache import atomic_write_json
+
+    old = os.umask(umask)
+    try:
+        atomic_write_json(tmp_path / "r.json", {"a": 1})
+        (tmp_path / "plain").write_text("x")
+    finally:
+        os.umask(old)
+    mode = stat.S_IMODE((tmp_path / "r.json").stat().st_mode)
+    assert mode == stat.S_IMODE((tmp_path / "plain").stat().st_mode) == 0o666 & ~umask

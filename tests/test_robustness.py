@@ -205,3 +205,34 @@ def test_report_from_mlflow_matches_the_sweep(sweep_dict, tmp_path):
     assert "\\begin{tabular}" in tex and "task\\_arithmetic" in tex
     gen = (tmp_path / "rep" / "generalization.csv").read_text().splitlines()
     assert gen[0] == "method,seen avg,toy_colours,unseen avg"
+
+
+def test_report_from_mlflow_ignores_jobs_of_replaced_checkpoints(sweep_dict, micro_checkpoints, tmp_path):
+    """Replacing a checkpoint's bytes keeps the sweep's config, hence its MLflow parent run, but
+    changes every job key: the rebuilt report shows the new jobs only, as the sweep did."""
+    import shutil
+
+    from mlflow.tracking import MlflowClient
+
+    from harness.report import load_sweep_from_mlflow
+    from harness.results import build_rows, table_records
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(micro_checkpoints, ckpt)
+    d = dict(sweep_dict, model={**sweep_dict["model"], "pretrained": str(ckpt / "pretrained.safetensors"),
+                                "finetuned_pattern": str(ckpt / "{task}.safetensors")})
+    cfg = validate_config(d)
+    first = run_sweep(cfg, quiet=True)
+    a, b = (ckpt / f"{t}.safetensors" for t in cfg.task_names[:2])
+    tmp = tmp_path / "swap"
+    a.rename(tmp), b.rename(a), tmp.rename(b)
+    second = run_sweep(validate_config(d), quiet=True)
+    assert second.parent_run_id == first.parent_run_id and second.executed
+    runs = MlflowClient(cfg.resolved_tracking_uri()).search_runs(
+        [MlflowClient(cfg.resolved_tracking_uri()).get_run(first.parent_run_id).info.experiment_id], f"tags.`mlflow.parentRunId` = '{first.parent_run_id}'")
+    assert {r.data.tags["harness.job_key"] for r in runs} > {r.key for r in second.results}  # both states logged
+    _, results, _ = load_sweep_from_mlflow(cfg.resolved_tracking_uri())
+    assert sorted(r.key for r in results) == sorted(r.key for r in second.results)
+    new = table_records(second.rows, cfg.task_names, cfg.merge_tasks)
+    rows = build_rows(results, cfg.task_names, [m.display for m in cfg.methods], cfg.merge_tasks)
+    assert table_records(rows, cfg.task_names, cfg.merge_tasks) == new
