@@ -204,7 +204,11 @@ class Workspace:
         return self._corrupted[(task, corruption)]
 
     def task_identity(self) -> dict[str, Any]:
-        return {t: self.task(t).identity() for t in self.cfg.task_names}
+        """Each task's own identity, plus the options the sweep gave its factory: a task of
+        one's own whose identity() does not cover an option must still not reuse results."""
+        options = {t.name: t.options for t in self.cfg.tasks}
+        return {t: {**self.task(t).identity(), **({"options": options[t]} if options[t] else {})}
+                for t in self.cfg.task_names}
 
     def head(self, task: str) -> torch.Tensor:
         if task not in self._heads:

@@ -43,9 +43,11 @@ from __future__ import annotations
 
 import csv
 import gzip
+import hashlib
 import os
 import re
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -54,7 +56,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from tasks.base import CLIP_MEAN, CLIP_STD, SPLITS, Task, TaskDataError, register_task
+from tasks.base import CLIP_MEAN, CLIP_STD, SPLITS, Task, TaskDataError, register_task, tensors_digest
 
 VAL_SEED = 0
 
@@ -407,6 +409,14 @@ class _FileSource:
         with open(self.paths[i], "rb") as fh:
             return Image.open(fh).convert("RGB")
 
+    def digest(self, root: Path) -> str:
+        """Which files, under which labels: renamed, added, removed or relabelled images change
+        it. Files are listed, not read or stat'ed (a network filesystem holds 100k of them)."""
+        h = hashlib.blake2b(digest_size=16)
+        for path, label in zip(self.paths, self.labels.tolist()):
+            h.update(f"{os.path.relpath(path, root)}\0{label}\n".encode())
+        return h.hexdigest()
+
 
 class _ArraySource:
     """uint8 images ``[N, H, W]`` (grey) or ``[N, H, W, 3]`` held in memory (MNIST, SVHN)."""
@@ -420,6 +430,14 @@ class _ArraySource:
 
     def image(self, i: int) -> Image.Image:
         return Image.fromarray(self.images[i])  # 2-D -> "L", [H, W, 3] -> "RGB"
+
+    def digest(self, root: Path) -> str:
+        """Every pixel and label (the arrays are in memory already)."""
+        h = hashlib.blake2b(digest_size=16)
+        images = np.ascontiguousarray(self.images)
+        h.update(f"{images.dtype}{images.shape}".encode())
+        h.update(memoryview(images).cast("B"))
+        return h.hexdigest() + tensors_digest([self.labels])
 
 
 class Vision8Dataset(Dataset):
@@ -488,10 +506,12 @@ def _match_classes(spec: _Spec, folders: Sequence[str], where: Path) -> dict[str
     return {f: i for i, f in enumerate(ordered)}
 
 
-def _folder_split(spec: _Spec, split_dir: Path, is_valid_file: Callable[[str], bool] | None = None) -> _FileSource:
+def _folder_split(spec: _Spec, split_dir: Path, is_valid_file: Callable[[str], bool] | None = None,
+                  mapping: dict[str, int] | None = None) -> _FileSource:
     from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 
-    mapping = _match_classes(spec, _class_dirs(split_dir), split_dir)
+    if mapping is None:
+        mapping = _match_classes(spec, _class_dirs(split_dir), split_dir)
     samples = make_dataset(
         str(split_dir), mapping,
         extensions=None if is_valid_file else IMG_EXTENSIONS,
@@ -516,7 +536,17 @@ def _imagefolder(spec: _Spec, root: Path) -> tuple[str, _FileSource, _FileSource
                 f"task {spec.name!r}: found {train} but neither {base / 'test'} nor {base / 'val'} "
                 "(ImageFolder layout needs <dir>/train/<class>/* and <dir>/test/<class>/*)"
             )
-        return f"imagefolder:{base.name}", _folder_split(spec, train), _folder_split(spec, test)
+        train_dirs, test_dirs = _class_dirs(train), _class_dirs(test)
+        if train_dirs != test_dirs:  # mapped apart, the same folder name could get two labels
+            only_train = sorted(set(train_dirs) - set(test_dirs))
+            only_test = sorted(set(test_dirs) - set(train_dirs))
+            raise TaskDataError(
+                f"task {spec.name!r}: the class folders of {test} differ from those of {train} "
+                f"(only in {train.name}: {', '.join(only_train) or '-'}; only in {test.name}: "
+                f"{', '.join(only_test) or '-'})"
+            )
+        mapping = _match_classes(spec, train_dirs, train)
+        return f"imagefolder:{base.name}", _folder_split(spec, train, mapping=mapping), _folder_split(spec, test, mapping=mapping)
     return None
 
 
@@ -744,12 +774,17 @@ class Vision8Task(Task):
         """Positions of a split's samples in its source (train and val share the train source)."""
         return list(self.dataset(split).indices)
 
+    @cached_property
+    def _data_digest(self) -> dict[str, str]:
+        return {s: self._sources[s].digest(self.root) for s in ("train", "test")}
+
     def identity(self) -> dict[str, Any]:
         return {
             **super().identity(),
             "layout": self.layout,
             "root": str(self.root.resolve()),
             "sizes": {s: len(self.dataset(s)) for s in SPLITS},
+            "data": self._data_digest,
             "val": {"fraction": self.val_fraction, "cap": self.val_cap, "seed": VAL_SEED},
             "preprocess": repr(self.preprocess) if self._custom_preprocess else f"clip:{self.image_size}",
         }

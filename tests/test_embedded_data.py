@@ -153,6 +153,17 @@ def test_cache_is_reused_and_keyed_by_version(tmp_path, monkeypatch):
         emb.load_task("emb_scenes", size="tiny", cache_dir=str(tmp_path))
 
 
+def test_each_size_has_its_own_identity(suite, tmp_path, monkeypatch):
+    """Job keys hold the identity: a sweep moved from tiny to full data must not reuse results.
+    The full size keeps its version, so caches made before sizes entered it stay valid."""
+    tiny = suite["emb_scenes"]
+    arrays = {f"{s}_{k}": v.numpy() for s in ("train", "val", "test") for k, v in zip("xy", tiny.raw(s))}
+    monkeypatch.setattr(data, "build_splits", lambda *a, **k: arrays)  # full-size images are not needed here
+    full = emb.load_task("emb_scenes", size="full", cache_dir=str(tmp_path))
+    assert full.identity() != tiny.identity()
+    assert full.identity()["version"] == f"{emb.DATA_VERSION}/{data.source_variant('emb_scenes')}"
+
+
 def test_corrupt_cache_file_is_regenerated(tmp_path):
     path = data.cache_path("emb_housenum", "tiny", tmp_path)
     path.parent.mkdir(parents=True)

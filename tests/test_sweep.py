@@ -202,3 +202,54 @@ def test_renamed_method_keeps_its_cached_jobs(first_run, monkeypatch):
     assert labels == ["ta_renamed", "ta_renamed", "weight_averaging"]
     assert all(r.info.run_name.startswith("ta_renamed") for r in children
                if r.data.tags["harness.label"] == "ta_renamed")
+
+
+PLAIN_TASK = '''
+from tasks.base import Task
+from tasks.synthetic import make_toy_task
+
+
+class Plain(Task):
+    """A task whose identity() is the base class's: name and class names only."""
+
+    def __init__(self, inner):
+        self.inner, self.name, self.classnames, self.templates = inner, inner.name, inner.classnames, inner.templates
+
+    def dataset(self, split):
+        return self.inner.dataset(split)
+
+
+def make(n_test: int = 80):
+    return Plain(make_toy_task("toy_stripes", n_test=n_test))
+'''
+
+
+def test_a_task_option_its_identity_misses_still_reruns_the_jobs(sweep_dict, micro_checkpoints, tmp_path, monkeypatch):
+    (tmp_path / "plain_tasks.py").write_text(PLAIN_TASK)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    d = dict(sweep_dict, tasks=[{"name": "plain_tasks:make", "options": {"n_test": 40}}, "toy_colours"],
+             model={**sweep_dict["model"], "finetuned": {"plain_tasks:make": str(micro_checkpoints / "toy_stripes.safetensors")}})
+    first = run_sweep(validate_config(d), quiet=True)
+    assert first.executed
+    assert run_sweep(validate_config(d), quiet=True).executed == []
+    d["tasks"][0]["options"]["n_test"] = 20
+    again = run_sweep(validate_config(d), quiet=True)
+    stripes_jobs = {r.key for r in again.results if r.task != "toy_colours"}
+    assert stripes_jobs and stripes_jobs <= set(again.executed)
+
+
+def test_a_task_built_in_code_is_identified_by_its_content():
+    from tasks.base import InMemoryTask
+    from tasks.synthetic import make_toy_task
+
+    def unversioned(n_test: int, flip: bool = False) -> InMemoryTask:
+        t = make_toy_task("toy_stripes", n_test=n_test)
+        splits = {s: t.raw(s) for s in ("train", "val", "test")}
+        if flip:
+            images, labels = splits["test"]
+            splits["test"] = (images, labels.roll(1))
+        return InMemoryTask(t.name, t.classnames, t.templates, splits)
+
+    a = unversioned(40).identity()
+    assert unversioned(40).identity() == a
+    assert unversioned(40, flip=True).identity() != a and unversioned(20).identity() != a

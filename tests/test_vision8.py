@@ -346,3 +346,42 @@ def test_val_would_be_empty_and_unknown_split(tmp_path: Path) -> None:
         v8.svhn(str(tmp_path), val_fraction=0.02)
     with pytest.raises(TaskDataError, match=r"has no split 'dev'"):
         v8.svhn(str(tmp_path)).dataset("dev")
+
+
+def test_train_and_test_class_folders_must_agree(tmp_path: Path) -> None:
+    """Mapped apart, a renamed folder would shift every later class's test labels."""
+    write_imagefolder(tmp_path, "eurosat")
+    base = tmp_path / "EuroSAT_splits"
+    (base / "test" / "Forest").rename(base / "test" / "Zforest")
+    with pytest.raises(TaskDataError, match=r"only in train: Forest; only in test: Zforest"):
+        v8.eurosat(str(tmp_path))
+
+
+def test_identity_follows_the_files_and_labels(tmp_path: Path) -> None:
+    """Job keys hold the task identity: relabelled, removed or added images must change it, and
+    an identical tree must not."""
+    write_imagefolder(tmp_path, "eurosat")
+    base = tmp_path / "EuroSAT_splits"
+    first = v8.eurosat(str(tmp_path)).identity()
+    assert v8.eurosat(str(tmp_path)).identity() == first
+    test = base / "test"
+    (test / "Forest" / "t0.png").rename(test / "River" / "moved.png")  # one image relabelled
+    relabelled = v8.eurosat(str(tmp_path)).identity()
+    assert relabelled["data"]["test"] != first["data"]["test"] and relabelled["data"]["train"] == first["data"]["train"]
+    (test / "River" / "moved.png").unlink()
+    assert v8.eurosat(str(tmp_path)).identity() not in (first, relabelled)
+
+
+def test_identity_of_array_layouts_follows_the_pixels(tmp_path: Path) -> None:
+    raw_dir = tmp_path / "MNIST" / "raw"
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (30, 28, 28), dtype=np.uint8)
+    labels = np.arange(30, dtype=np.uint8) % 10
+    for prefix in ("train", "t10k"):
+        write_idx(raw_dir / f"{prefix}-images-idx3-ubyte", images)
+        write_idx(raw_dir / f"{prefix}-labels-idx1-ubyte", labels)
+    first = v8.mnist(str(tmp_path)).identity()
+    images[3, 0, 0] ^= 1
+    write_idx(raw_dir / "t10k-images-idx3-ubyte", images)
+    second = v8.mnist(str(tmp_path)).identity()
+    assert second["data"]["test"] != first["data"]["test"] and second["data"]["train"] == first["data"]["train"]

@@ -348,7 +348,8 @@ def load_task(name: str, size: str = "full", cache_dir: str | None = None) -> In
         split: (torch.from_numpy(arrays[f"{split}_x"].copy()), torch.from_numpy(arrays[f"{split}_y"].astype(np.int64)))
         for split in ("train", "val", "test")
     }
-    return InMemoryTask(spec.name, spec.classnames, spec.templates, splits, version=f"{DATA_VERSION}/{variant}")
+    version = (DATA_VERSION if size == "full" else f"{DATA_VERSION}-{size}") + f"/{variant}"  # sizes differ in images
+    return InMemoryTask(spec.name, spec.classnames, spec.templates, splits, version=version)
 
 
 def _factory(name: str):
