@@ -632,12 +632,19 @@ def check_space(cls: Any, m: MethodSpec, i: int, file: str) -> None:
 
 
 def check_tasks(cfg: SweepConfig, file: str) -> None:
-    from tasks.base import available_tasks
+    from tasks.base import available_tasks, resolve_task
 
     known = available_tasks()
     for i, t in enumerate(cfg.tasks):
         if ":" not in t.name and t.name not in known:
             raise ConfigError(file, f"tasks.{i}.name", f"unknown task; registered: {', '.join(known)}", t.name)
+        if ":" in t.name:
+            try:
+                factory = resolve_task(t.name)
+            except KeyError as exc:
+                raise ConfigError(file, f"tasks.{i}.name", str(exc.args[0]), show_value=False) from None
+            if not callable(factory):
+                raise ConfigError(file, f"tasks.{i}.name", "not a task factory (a callable returning a Task)", t.name)
     names = cfg.task_names
     subsets = [("seen", cfg.seen or []), ("unseen", cfg.unseen)]
     if cfg.robustness:

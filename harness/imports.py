@@ -13,6 +13,9 @@ def import_object(path: str) -> Any:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise KeyError(f"cannot import module {module_name!r} ({exc})") from None
+    except Exception as exc:  # the module itself is broken: say where, in one line
+        where = f" at {exc.filename}:{exc.lineno}" if isinstance(exc, SyntaxError) else ""
+        raise KeyError(f"importing module {module_name!r} failed{where}: {type(exc).__name__}: {exc}") from None
     obj = getattr(module, attr, None)
     if obj is None:
         raise KeyError(f"{path!r} not found")

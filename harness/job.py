@@ -264,7 +264,7 @@ def merge(spec: JobSpec, ws: Workspace, device: torch.device, workdir: Path) -> 
     pretrained = ws.pretrained_encoder
     finetuned = ws.finetuned_encoders(tasks)
     heads = {t: ws.head(t) for t in tasks}
-    unlabeled = {}
+    unlabeled: dict[str, Any] = WithoutTestData(cls.__name__)
     if cls.uses_test_data:
         batch = int(getattr(method, "batch_size", 16))
         seed = ws.cfg.adapt.shuffle_seed
@@ -283,5 +283,51 @@ def merge(spec: JobSpec, ws: Workspace, device: torch.device, workdir: Path) -> 
     ctx = MergeContext(heads=heads, unlabeled=unlabeled, device=device, seed=ws.cfg.seed,
                        progress=ws.progress, validate=validate, workdir=str(workdir), report=report)
     torch.manual_seed(ws.cfg.seed)
+    before = input_state(pretrained, finetuned, heads)
     merged = method.merge(pretrained, finetuned, ctx)
+    after = input_state(pretrained, finetuned, heads)
+    changed = [name for name in {**before, **after} if before.get(name) != after.get(name)]
+    if changed:
+        ws.forget_models()  # the next job loads them again
+        raise ModifiedInputs(
+            f"{spec.method} changed its inputs in place ({changed[0]}"
+            f"{f' and {len(changed) - 1} more' if len(changed) > 1 else ''}): merge() must leave the "
+            "pretrained and fine-tuned models and the heads as it got them (copy first, e.g. "
+            "methods.base.with_state)")
     return merged, ctx.artifacts
+
+
+class WithoutTestData(dict):
+    """``ctx.unlabeled`` of a method that did not ask for test data: reading it says how to."""
+
+    def __init__(self, method: str):
+        super().__init__()
+        self.method = method
+
+    def __missing__(self, task: str) -> Any:
+        raise KeyError(f"no unlabeled batches of {task!r}: {self.method} must set the class attribute "
+                       "uses_test_data = True to get them")
+
+
+class ModifiedInputs(RuntimeError):
+    """A merge changed a model or head it was given. They are shared by the jobs of a process,
+    so every later job would silently merge the changed ones."""
+
+
+def input_state(pretrained: torch.nn.Module, finetuned: dict[str, torch.nn.Module],
+                heads: dict[str, torch.Tensor]) -> dict[str, tuple]:
+    """Per tensor: storage, in-place version counter, shape and the bytes of its sum.
+
+    The counter sees in-place ops and ``load_state_dict``, the storage a replaced ``.data``,
+    the sum writes through ``.data`` that bypass the counter; one pass over the inputs, a
+    fraction of a second for eight ViT-B/32 encoders."""
+    tensors = {f"pretrained {k}": t for k, t in pretrained.state_dict(keep_vars=True).items()}
+    for task, module in finetuned.items():
+        tensors.update({f"{task} {k}": t for k, t in module.state_dict(keep_vars=True).items()})
+    tensors.update({f"head {task}": t for task, t in heads.items()})
+    out = {}
+    with torch.no_grad():
+        for name, t in tensors.items():
+            total = t.detach().sum().reshape(1)
+            out[name] = (t.data_ptr(), t._version, tuple(t.shape), total.view(torch.uint8).tolist())
+    return out

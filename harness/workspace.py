@@ -164,6 +164,12 @@ class Workspace:
         for t in self.cfg.task_names:
             self.head(t)
 
+    def forget_models(self) -> None:
+        """Drop the loaded models and heads (a job changed them); they load again when asked for."""
+        self.__dict__.pop("clip", None)
+        self._finetuned.clear()
+        self._heads.clear()
+
     def finetuned_encoders(self, tasks: list[str] | None = None) -> dict[str, nn.Module]:
         """The encoders that are merged: those of ``tasks`` (default: the sweep's seen tasks)."""
         return {t: self.finetuned_encoder(t) for t in (self.cfg.merge_tasks if tasks is None else tasks)}

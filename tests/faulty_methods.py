@@ -44,3 +44,35 @@ class FailsOnce(MergeMethod):
             open(self.marker, "w").close()
             raise RuntimeError("transient failure")
         return with_state(pretrained, task_arithmetic_state(pretrained, finetuned, 0.3))
+
+
+class ChangesItsInputs(MergeMethod):
+    """Returns a fine merge after changing an input in place, in one of the ways code does it."""
+
+    how: str
+
+    def merge(self, pretrained: nn.Module, finetuned: Mapping[str, nn.Module], ctx: MergeContext) -> nn.Module:
+        merged = with_state(pretrained, task_arithmetic_state(pretrained, finetuned, 0.3))
+        first = next(iter(finetuned.values()))
+        with torch.no_grad():
+            if self.how == "in_place":
+                for p in pretrained.parameters():
+                    p.zero_()
+            elif self.how == "through_data":  # bypasses the version counter
+                next(first.parameters()).data.mul_(0.5)
+            elif self.how == "data_replaced":
+                p = next(first.parameters())
+                p.data = torch.zeros_like(p)
+            elif self.how == "head":
+                next(iter(ctx.heads.values())).mul_(-1.0)
+            elif self.how == "load_state_dict":
+                pretrained.load_state_dict(merged.state_dict())
+        return merged
+
+
+class ReadsTestDataUnasked(MergeMethod):
+    """Adapts on test data without declaring uses_test_data."""
+
+    def merge(self, pretrained: nn.Module, finetuned: Mapping[str, nn.Module], ctx: MergeContext) -> nn.Module:
+        next(ctx.unlabeled[next(iter(finetuned))]())
+        return pretrained

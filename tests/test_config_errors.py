@@ -72,6 +72,10 @@ CASES = [
     ("threads-zero", ("threads", 0), ["threads:", "between 1 and 256"]),
     ("method-import-path", ("methods.0.name", "no_such_pkg.mod:Thing"),
      ["methods.0.name:", "cannot import module 'no_such_pkg.mod'"]),
+    ("task-import-path", ("tasks", ["no_such_pkg.mod:make_task", "toy_colours"]),
+     ["tasks.0.name:", "cannot import module 'no_such_pkg.mod'"]),
+    ("task-import-attribute", ("tasks", ["tasks.synthetic:no_such_factory", "toy_colours"]),
+     ["tasks.0.name:", "'tasks.synthetic:no_such_factory' not found"]),
     ("param-and-grid", ("methods.1.params", {"scaling": 0.3}), ["methods.1:", "given both in params and grid"]),
     ("duplicate-label", ("methods.0", {"name": "task_arithmetic"}), ["methods:", "labels not unique"]),
     ("tasks-not-list", ("tasks", "toy_stripes"), ["tasks:", "valid list"]),
@@ -277,3 +281,25 @@ def test_booleans_are_never_numbers_but_other_lax_conversions_stay():
     m = wemoe(lr="1e-3", batch_reduce=True, steps=3)
     assert (m.lr, m.batch_reduce, m.steps) == (1e-3, True, 3)
     assert yaml.safe_load("lr: 1e-3") == {"lr": "1e-3"}  # why the string conversion must stay
+
+
+@pytest.mark.parametrize("module,source,fragment", [
+    ("bad_syntax", "def f(:\n", "importing module 'bad_syntax' failed at"),
+    ("raises_on_import", "raise RuntimeError('no GPU here')\n", "RuntimeError: no GPU here"),
+    ("registers_twice", "from methods import register_method, MergeMethod\n\n\n@register_method('ties')\n"
+                        "class Mine(MergeMethod):\n    pass\n", "method name 'ties' is already registered"),
+])
+@pytest.mark.parametrize("field", ["methods.0.name", "tasks.0.name"])
+def test_a_broken_user_module_is_one_line(module, source, fragment, field, sweep_dict, tmp_path, monkeypatch):
+    (tmp_path / f"{module}.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    if field.startswith("tasks"):
+        bad = _set(sweep_dict, "tasks", [f"{module}:make", "toy_colours"])
+    else:
+        bad = _set(sweep_dict, field, f"{module}:Mine")
+    f = tmp_path / "bad.yaml"
+    f.write_text(yaml.safe_dump(bad))
+    code, out, err = _run(["validate", str(f)])
+    message = " ".join(err.split())
+    assert code == 2 and message.startswith(f"error: {f}: {field}:") and fragment in message, (out, err)
+    assert "Traceback" not in err + out

@@ -116,3 +116,26 @@ def test_atomic_writes_get_the_umasks_permissions(tmp_path, umask):
         os.umask(old)
     mode = stat.S_IMODE((tmp_path / "r.json").stat().st_mode)
     assert mode == stat.S_IMODE((tmp_path / "plain").stat().st_mode) == 0o666 & ~umask
+
+
+@pytest.mark.parametrize("how", ["in_place", "through_data", "data_replaced", "head", "load_state_dict"])
+def test_a_method_that_changes_its_inputs_fails_and_later_jobs_get_fresh_ones(sweep_dict, tmp_path, how):
+    """The loaded models are shared by every job of a process: a merge that edits them would
+    silently change every later result (and cache it)."""
+    ta = {"name": "task_arithmetic", "params": {"scaling": 0.5}}
+    alone = run_sweep(validate_config(dict(sweep_dict, output_dir=str(tmp_path / "alone"), methods=[ta])), quiet=True)
+    d = dict(sweep_dict, methods=[{"name": "tests.faulty_methods:ChangesItsInputs", "label": "changer",
+                                     "params": {"how": how}}, ta])
+    out = run_sweep(validate_config(d), quiet=True)
+    failed = {r.label: r.error for r in out.failed}
+    assert list(failed) == ["changer"] and "changed its inputs in place" in failed["changer"], failed
+    after = {r.label: r.metrics for r in out.results}
+    assert after["task_arithmetic"] == {r.label: r.metrics for r in alone.results}["task_arithmetic"]
+    assert after["pretrained"] == {r.label: r.metrics for r in alone.results}["pretrained"]
+
+
+def test_reading_test_data_without_asking_says_how_to_ask(sweep_dict):
+    d = dict(sweep_dict, references=False, methods=[{"name": "tests.faulty_methods:ReadsTestDataUnasked", "label": "unasked"}])
+    out = run_sweep(validate_config(d), quiet=True)
+    assert [r.label for r in out.failed] == ["unasked"]
+    assert "ReadsTestDataUnasked must set the class attribute uses_test_data = True" in out.failed[0].error
