@@ -97,7 +97,7 @@ def _load(file: str, overrides: tuple[str, ...], start_workers: bool = False):
 
 
 def _print_plan(cfg) -> None:
-    from harness.config import dump_yaml
+    from harness.config import MAIN, dump_yaml
     from harness.plan import plan_jobs, robustness_inline
 
     console.rule("resolved config")
@@ -107,7 +107,8 @@ def _print_plan(cfg) -> None:
     for col in ("#", "kind", "method", "task", "params"):
         table.add_column(col)
     for i, s in enumerate(specs):
-        table.add_row(str(i), s.kind, s.label, s.task or "all", ", ".join(f"{k}={v}" for k, v in s.params.items()))
+        tasks = s.task or ("all" if s.protocol == MAIN else f"all, merged on {', '.join(cfg.seen_tasks(s.protocol))}")
+        table.add_row(str(i), s.kind, s.label, tasks, ", ".join(f"{k}={v}" for k, v in s.params.items()))
     for m in cfg.methods:
         if m.tune:
             table.add_row("-", "tune", m.display, "all",

@@ -601,15 +601,20 @@ def check_methods(cfg: SweepConfig, file: str) -> None:
                         f"method {m.name!r} has no hyperparameter {key!r}; it has {sorted(fields) or 'none'}",
                         show_value=False,
                     )
+        seen: dict[str, dict[str, Any]] = {}
         for setting in expand_grid(m):
             try:
-                cls(**setting)
+                validated = cls(**setting).model_dump(mode="json")
             except ValidationError as exc:
                 err = exc.errors()[0]
                 key = str(err["loc"][0]) if err["loc"] else ""
-                where = "grid" if key in m.grid else "params"
+                where = ("grid" if key in m.grid else "params") + (f".{key}" if key else "")
                 msg = err["msg"].removeprefix("Value error, ")
-                raise ConfigError(file, f"methods.{i}.{where}.{key}", msg, err.get("input")) from None
+                raise ConfigError(file, f"methods.{i}.{where}", msg, err.get("input") if key else setting) from None
+            same = seen.setdefault(json.dumps(validated, sort_keys=True), setting)
+            if same is not setting:  # one job would run twice under two titles
+                raise ConfigError(file, f"methods.{i}.grid", f"settings {same} and {setting} are the same "
+                                  "setting once validated", show_value=False)
 
 
 def check_space(cls: Any, m: MethodSpec, i: int, file: str) -> None:

@@ -188,10 +188,12 @@ def grouped_bars(groups: list[str], series: list[tuple[str, list[float]]], ylabe
     ax.set_xticks(x, groups, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel(ylabel)
     ax.set_ylim(0, 100)
-    if legend_below:
+    if series and legend_below:
         ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.3))
-    else:
+    elif series:
         ax.legend(fontsize=7, ncol=3)
+    else:  # every job failed: an empty plot, not a warning about an empty legend
+        ax.text(0.5, 0.5, "no results", ha="center", va="center", transform=ax.transAxes)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path

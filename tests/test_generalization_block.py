@@ -202,6 +202,7 @@ def test_terminal_tables_and_dry_run(swept, checkpoints, tmp_path):
     assert sum("task_arithmetic (gen)" in line for line in plan) == 2
     assert sum("task_arithmetic " in line and "(gen)" not in line for line in plan) == 2
     assert sum("weight_averaging (gen)" in line for line in plan) == 1
+    assert all("all, merged on toy_stripes, toy_colours" in line for line in plan if "(gen)" in line)
 
 
 def test_results_built_for_a_spec_keep_its_protocol():

@@ -30,3 +30,16 @@ def test_latex_escape_round_trips_through_a_literal_reading():
     literal = (escaped.replace(r"\textbackslash{}", "\\").replace(r"\textasciitilde{}", "~")
                .replace(r"\textasciicircum{}", "^").replace(r"\$", "$"))
     assert literal == text
+
+
+def test_plots_without_results_warn_nothing(tmp_path):
+    """A sweep whose every job failed still writes its plot, without matplotlib's legend warning."""
+    import warnings
+
+    from harness.report import grouped_bars
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        path = grouped_bars(["a", "b"], [], "accuracy (%)", tmp_path / "empty.png")
+        grouped_bars(["a", "b"], [("m", [10.0, 20.0])], "accuracy (%)", tmp_path / "one.png", legend_below=True)
+    assert path.stat().st_size > 0
