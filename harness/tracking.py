@@ -84,6 +84,40 @@ def seed_sqlite_store(uri: str, cache_dir: Path) -> bool:
     return True
 
 
+def relocate_copied_store(uri: str, out: Path) -> str | None:
+    """Point a copied output folder's store at its own artifacts.
+
+    MLflow keeps absolute artifact locations, so an output folder copied (``cp -a``) to extend
+    a sweep would go on writing artifacts into the original folder, and lose them with it.
+    Only ``<out>/mlflow.db`` is touched: its experiments' ``<folder>/mlartifacts`` and
+    ``<folder>/mlruns`` locations are moved to ``out``. Returns the old folder when it moved."""
+    db = out / "mlflow.db"
+    if not uri.startswith("sqlite:///") or Path(uri.removeprefix("sqlite:///")).resolve() != db.resolve() \
+            or not db.is_file():
+        return None
+    here = out.resolve()
+    moved = None
+    with sqlite3.connect(db) as con:
+        for exp_id, location in con.execute("SELECT experiment_id, artifact_location FROM experiments").fetchall():
+            as_uri = location.startswith("file://")
+            path = Path(location.removeprefix("file://"))
+            parts = path.parts
+            tops = [i for i, part in enumerate(parts) if part in ("mlartifacts", "mlruns")]
+            if not tops:
+                continue
+            old = Path(*parts[:tops[-1]])
+            if old == here:
+                continue
+            new_location = (here / Path(*parts[tops[-1]:]))
+            new = new_location.as_uri() if as_uri else str(new_location)
+            con.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = ?", (new, exp_id))
+            con.execute("UPDATE runs SET artifact_uri = ? || substr(artifact_uri, ?) WHERE experiment_id = ? "
+                        "AND substr(artifact_uri, 1, ?) = ?", (new, len(location) + 1, exp_id, len(location), location))
+            moved = old
+    con.close()
+    return str(moved) if moved else None
+
+
 class Tracker:
     """The sweep's MLflow runs. MLflow is opened on first use, not at construction: its import
     and store take seconds, and a sweep's first result should not wait for them."""
@@ -120,6 +154,7 @@ class Tracker:
         out = self.cfg.resolved_output_dir()
         out.mkdir(parents=True, exist_ok=True)
         seed_sqlite_store(self.uri, self.cfg.resolved_cache_dir())
+        relocate_copied_store(self.uri, out)
         client = MlflowClient(tracking_uri=self.uri)
         name = self.cfg.experiment or self.cfg.name
         try:

@@ -88,3 +88,24 @@ def test_an_unreachable_tracking_server_fails_the_sweep_before_any_job(sweep_dic
     with pytest.raises(HarnessError, match=f"tracking_uri 'http://127.0.0.1:{port}'"):
         run_sweep(cfg, quiet=True)
     assert not (cfg.resolved_output_dir() / "results").exists()
+
+
+def test_a_copied_output_folder_keeps_its_artifacts_to_itself(sweep_dict, tmp_path):
+    """MLflow stores absolute artifact paths: a copy extended by a rerun must write into the
+    copy, and read the copied artifacts, so the original can be deleted."""
+    import shutil
+
+    from harness.report import load_sweep_from_mlflow
+    from harness.runner import run_sweep
+
+    first = run_sweep(validate_config(dict(sweep_dict, output_dir=str(tmp_path / "a"))), quiet=True)
+    before = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a" / "mlartifacts").rglob("*"))
+    shutil.copytree(tmp_path / "a", tmp_path / "c")
+    methods = [{"name": "weight_averaging"}, {"name": "task_arithmetic", "grid": {"scaling": [0.2, 0.6, 0.9]}}]
+    second = run_sweep(validate_config(dict(sweep_dict, output_dir=str(tmp_path / "c"), methods=methods)), quiet=True)
+    assert len(second.executed) == 1
+    assert sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a" / "mlartifacts").rglob("*")) == before
+    shutil.rmtree(tmp_path / "a")
+    _, results, _ = load_sweep_from_mlflow(f"sqlite:///{tmp_path / 'c' / 'mlflow.db'}")
+    assert {r.key for r in results} == {r.key for r in second.results}
+    assert all(r.test_correct for r in results)  # artifacts read from the copy
