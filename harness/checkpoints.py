@@ -28,7 +28,7 @@ from harness.hf_convert import (
     read_hf_config,
     source_digests,
 )
-from harness.models import available_models, file_digest, json_file, load_state_dict
+from harness.models import available_models, file_digest, is_safetensors, json_file, load_state_dict
 
 Layout = Literal["huggingface", "file", "tree"]
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
@@ -217,7 +217,7 @@ def _lacks_projection(folder: Path) -> bool:
 
 def _in_layout(path: Path, kind: Kind) -> bool:
     """Whether ``path`` already is what a sweep loads (safetensors read by header; .pt weights-only)."""
-    if path.suffix == ".safetensors":
+    if is_safetensors(path):
         from safetensors import safe_open
 
         try:

@@ -34,7 +34,16 @@ from torch import nn
 
 from harness.cache import atomic_write_json
 from harness.errors import HarnessError
-from harness.models import build_clip, describe_state, file_digest, load_state_dict, open_clip_module, save_state_dict
+from harness.models import (
+    build_clip,
+    describe_state,
+    file_digest,
+    is_safetensors,
+    load_state_dict,
+    open_clip_module,
+    save_state_dict,
+    unreadable_reason,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -142,11 +151,14 @@ def _weights_only_reason(exc: Exception) -> str:
 
 
 def _load(src: Path, trust_pickle: bool) -> tuple[Any, str, set[str]]:
-    if src.suffix == ".safetensors":
+    if is_safetensors(src):
         return load_state_dict(src), "safetensors", set()
     try:
         return torch.load(str(src), map_location="cpu", weights_only=True), "tensors", set()
     except Exception as exc:
+        damage = unreadable_reason(src, exc)
+        if damage is not None:  # no pickle in it to trust: unpickling would not read it either
+            raise HarnessError(f"{src}: not a readable checkpoint: {damage}") from None
         reason = _weights_only_reason(exc)
     if not trust_pickle:
         raise HarnessError(

@@ -25,6 +25,7 @@ from harness.models import (
     tensor_shapes,
     file_digest,
     get_tokenizer,
+    is_safetensors,
     load_state_dict,
     save_state_dict,
     zeroshot_head,
@@ -76,9 +77,9 @@ class Workspace:
 
     @staticmethod
     def _foreign(path: str) -> bool:
-        """Not already in the harness's layout (a folder, or a file that is not safetensors)."""
+        """Not already in the harness's layout (a folder, or a file that is not safetensors, whatever its name)."""
         p = Path(path)
-        return p.is_dir() or p.suffix != ".safetensors"
+        return p.is_dir() or not is_safetensors(p)
 
     @cached_property
     def identity(self) -> dict[str, Any]:

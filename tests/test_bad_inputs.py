@@ -78,6 +78,19 @@ def case_prefixed_keys(tmp_path, micro):
     return p, ["prefixed.safetensors: tensor", "is missing"]
 
 
+def case_truncated_pt(tmp_path, micro):
+    p = tmp_path / "trunc.pt"
+    torch.save(_encoder_state(), p)
+    p.write_bytes(p.read_bytes()[:2000])
+    return p, ["trunc.pt: not a readable checkpoint: truncated or corrupt"]
+
+
+def case_empty_pt(tmp_path, micro):
+    p = tmp_path / "empty.pt"
+    p.write_bytes(b"")
+    return p, ["empty.pt: not a readable checkpoint: the file is empty"]
+
+
 def case_extra_key(tmp_path, micro):
     state = _encoder_state()
     state["head.weight"] = torch.zeros(3, 3)
@@ -111,7 +124,9 @@ def case_tensor_pt_wrong_shape(tmp_path, micro):
 
 
 CASES = [case_truncated, case_garbage, case_other_arch, case_missing_key, case_prefixed_keys, case_extra_key,
-         case_evil_pickle, case_pickled_module, case_missing_file, case_tensor_pt_wrong_shape]
+         case_evil_pickle, case_pickled_module, case_missing_file, case_tensor_pt_wrong_shape, case_truncated_pt,
+         case_empty_pt]
+DAMAGED = {case_truncated_pt, case_empty_pt}  # nothing pickled to trust: the message must not suggest it
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.__name__[5:] for c in CASES])
@@ -128,8 +143,26 @@ def test_bad_checkpoint(case, sweep_dict, micro_checkpoints, tmp_path):
     for f in fragments:
         assert f in err, (f, err)
     assert err.startswith("error: ") and "Traceback" not in err
+    if case in DAMAGED:
+        assert "pickle" not in err and "trust" not in err, err
     assert not os.path.exists(marker)  # the pickle's payload never ran
     assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_safetensors_without_their_suffix_are_read_as_safetensors(sweep_dict, micro_checkpoints, tmp_path):
+    """What `harness convert SRC DST` writes to a DST without suffix: read by content, never unpickled."""
+    from harness.config import validate_config
+    from harness.models import load_state_dict, tensor_shapes
+    from harness.workspace import Workspace
+
+    want = load_state_dict(micro_checkpoints / "toy_stripes.safetensors")
+    path = tmp_path / "finetuned"
+    path.write_bytes((micro_checkpoints / "toy_stripes.safetensors").read_bytes())
+    assert tensor_shapes(path) == {k: tuple(v.shape) for k, v in want.items()}
+    ws = Workspace(validate_config(_with_ckpt(sweep_dict, "toy_stripes", path)))
+    ws.preflight()
+    got = ws.finetuned_encoder("toy_stripes").state_dict()
+    assert all(torch.equal(got[k], want[k]) for k in want)
 
 
 def test_missing_pretrained(sweep_dict, tmp_path):
