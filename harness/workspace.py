@@ -27,6 +27,7 @@ from harness.models import (
     get_tokenizer,
     is_safetensors,
     load_state_dict,
+    resolve_arch,
     save_state_dict,
     zeroshot_head,
 )
@@ -62,24 +63,38 @@ class Workspace:
                 finetuned[t] = path
         pre, arch = m.pretrained, m.arch
         local_pre = bool(pre) and Path(pre).exists()
-        if local_pre and self._foreign(pre):  # e.g. a Hugging Face CLIPModel folder: convert once, cached
+        if local_pre and self._foreign(pre, "clip"):  # e.g. a Hugging Face CLIPModel folder: convert once, cached
             from harness.checkpoints import checkpoint_arch, resolve_checkpoint
 
             pre = str(resolve_checkpoint(pre, self.cfg.resolved_cache_dir(), kind="clip", arch=m.arch))
             arch = checkpoint_arch(pre) or arch
-        for t, path in finetuned.items():
-            if self._foreign(path):
-                from harness.checkpoints import resolve_checkpoint
+        foreign = [t for t, path in finetuned.items() if self._foreign(path, "image_encoder")]
+        if foreign:  # checked against the architecture, which a generated one records beside the pretrained file
+            resolve_arch(arch, [pre] if local_pre and Path(pre).is_file() else [])
+        for t in foreign:
+            from harness.checkpoints import resolve_checkpoint
 
-                finetuned[t] = str(resolve_checkpoint(path, self.cfg.resolved_cache_dir(), arch=arch,
-                                                      projection=m.pretrained if local_pre else None))
+            finetuned[t] = str(resolve_checkpoint(finetuned[t], self.cfg.resolved_cache_dir(), arch=arch,
+                                                  projection=m.pretrained if local_pre else None))
         return {"arch": arch, "pretrained": pre, "finetuned": finetuned, "heads": dict(m.heads)}
 
     @staticmethod
-    def _foreign(path: str) -> bool:
-        """Not already in the harness's layout (a folder, or a file that is not safetensors, whatever its name)."""
+    def _foreign(path: str, kind: str) -> bool:
+        """Not loadable as it is: a folder, a file that is not safetensors, or safetensors whose
+        tensors are not laid out for ``kind``: an image encoder under a prefix (a whole CLIP,
+        ``visual.``; a wrapper, ``model.visual.``) where a fine-tuned encoder belongs, no
+        ``visual.`` tower where the whole pretrained CLIP belongs. Those go through
+        :func:`harness.checkpoints.resolve_checkpoint`, which strips a prefix or says what is wrong."""
         p = Path(path)
-        return p.is_dir() or not is_safetensors(p)
+        if p.is_dir() or not is_safetensors(p):
+            return True
+        try:
+            keys = tensor_shapes(p)
+        except HarnessError:
+            return False  # loading it names the damage
+        if kind == "clip":
+            return not any(k.startswith("visual.") for k in keys)
+        return "class_embedding" not in keys and any(k.endswith(".class_embedding") for k in keys)
 
     @cached_property
     def identity(self) -> dict[str, Any]:

@@ -71,11 +71,12 @@ def case_missing_key(tmp_path, micro):
     return p, ["nokey.safetensors: tensor 'proj' of the pretrained image encoder is missing"]
 
 
-def case_prefixed_keys(tmp_path, micro):
-    state = {f"model.visual.{k}": v for k, v in _encoder_state().items()}
-    p = tmp_path / "prefixed.safetensors"
-    save_state_dict(state, p)
-    return p, ["prefixed.safetensors: tensor", "is missing"]
+def case_two_prefixed_encoders(tmp_path, micro):
+    state = _encoder_state()
+    p = tmp_path / "two.safetensors"
+    save_state_dict({**{f"visual.{k}": v for k, v in state.items()},
+                     **{f"model.visual.{k}": v.clone() for k, v in state.items()}}, p)
+    return p, ["two.safetensors: holds several ViT image encoders (under 'model.visual.', 'visual.')"]
 
 
 def case_truncated_pt(tmp_path, micro):
@@ -123,7 +124,7 @@ def case_tensor_pt_wrong_shape(tmp_path, micro):
     return p, ["tensor 'conv1.weight' has shape (1, 3, 8, 8), pretrained has (32, 3, 8, 8)"]
 
 
-CASES = [case_truncated, case_garbage, case_other_arch, case_missing_key, case_prefixed_keys, case_extra_key,
+CASES = [case_truncated, case_garbage, case_other_arch, case_missing_key, case_two_prefixed_encoders, case_extra_key,
          case_evil_pickle, case_pickled_module, case_missing_file, case_tensor_pt_wrong_shape, case_truncated_pt,
          case_empty_pt]
 DAMAGED = {case_truncated_pt, case_empty_pt}  # nothing pickled to trust: the message must not suggest it
@@ -149,6 +150,30 @@ def test_bad_checkpoint(case, sweep_dict, micro_checkpoints, tmp_path):
     assert not (tmp_path / "out").exists()  # nothing written
 
 
+@pytest.mark.parametrize("layout", ["visual.", "model.visual.", "whole CLIP"])
+def test_prefixed_safetensors_load_as_the_image_encoder(layout, sweep_dict, micro_checkpoints, tmp_path):
+    """A fine-tuned encoder saved under a prefix, or inside a whole CLIP (what `harness import --full`
+    writes for a CLIPModel folder), is that encoder: the prefix is stripped, the text tower ignored."""
+    from harness.config import validate_config
+    from harness.models import load_state_dict
+    from harness.workspace import Workspace
+
+    want = load_state_dict(micro_checkpoints / "toy_stripes.safetensors")
+    if layout == "whole CLIP":
+        clip = build_clip("harness-micro-vit")
+        clip.visual.load_state_dict(want)
+        state = clip.state_dict()
+    else:
+        state = {layout + k: v for k, v in want.items()}
+    path = tmp_path / "prefixed.safetensors"
+    save_state_dict(state, path)
+    ws = Workspace(validate_config(_with_ckpt(sweep_dict, "toy_stripes", path)))
+    ws.preflight()
+    assert ws.sources["finetuned"]["toy_stripes"] != str(path)  # converted once, into the cache
+    got = ws.finetuned_encoder("toy_stripes").state_dict()
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+
+
 def test_safetensors_without_their_suffix_are_read_as_safetensors(sweep_dict, micro_checkpoints, tmp_path):
     """What `harness convert SRC DST` writes to a DST without suffix: read by content, never unpickled."""
     from harness.config import validate_config
@@ -170,6 +195,15 @@ def test_missing_pretrained(sweep_dict, tmp_path):
     d["model"]["pretrained"] = str(tmp_path / "missing" / "pre.safetensors")
     code, err, _ = _run_sweep(tmp_path, d)
     assert code == 2 and f"{tmp_path / 's.yaml'}: model.pretrained: weights file does not exist" in err, err
+
+
+def test_image_encoder_as_pretrained_is_named(sweep_dict, micro_checkpoints, tmp_path):
+    d = copy.deepcopy(sweep_dict)
+    d["model"]["pretrained"] = str(micro_checkpoints / "toy_colours.safetensors")  # clip.visual alone
+    code, err, _ = _run_sweep(tmp_path, d)
+    assert code == 2, err
+    assert "toy_colours.safetensors: not a whole CLIP state dict" in err and "CLIPModel folder" in err, err
+    assert "size mismatch" not in err and not (tmp_path / "out").exists()
 
 
 def test_head_class_count_mismatch(sweep_dict, tmp_path):

@@ -263,3 +263,18 @@ def test_converted_file_without_suffix_is_read_as_safetensors(tmp_path: Path, pi
     again = convert_pickled_checkpoint(dst, tmp_path / "again.safetensors")  # no trust needed: no pickle inside
     assert json.loads(Path(f"{again}.json").read_text())["source_format"] == "safetensors"
 
+
+def test_unknown_architecture_names_the_flag(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    import open_clip
+
+    from harness.cli import main
+    from harness.models import open_clip_module
+
+    open_clip_module()
+    src = tmp_path / "quick.pt"
+    torch.save(ImageEncoder(open_clip.create_model("harness-micro-vit", force_quick_gelu=True)), src)
+    r = CliRunner().invoke(main, ["convert", str(src), str(tmp_path / "q.safetensors"), "--trust-pickle"])
+    assert r.exit_code == 2 and r.output.startswith(f"error: {src}: no known open_clip architecture"), r.output
+    assert " ".join(r.output.split()).endswith("name it with --arch (in Python: pass arch=...)"), r.output
