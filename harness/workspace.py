@@ -227,16 +227,48 @@ class Workspace:
             t = self.task(task)
             stored = self.sources["heads"].get(task)
             if stored:
-                state = load_state_dict(stored)
-                head = state.get("weight", state.get("head", next(iter(state.values()))))
+                head = self._stored_head(task, stored)
+                where = f"model.heads.{task}: {stored}: "
             else:
-                head = self._zeroshot_head(t)
+                head, where = self._zeroshot_head(t), ""
             if head.shape[0] != t.num_classes:
                 raise TaskDataError(
-                    f"task {task!r}: head has {head.shape[0]} classes but the dataset has {t.num_classes}"
+                    f"{where}task {task!r}: head has {head.shape[0]} classes but the dataset has {t.num_classes}"
                 )
             self._heads[task] = head
         return self._heads[task]
+
+    def _stored_head(self, task: str, path: str) -> torch.Tensor:
+        """A ``model.heads`` file's ``[classes, dim]`` tensor, its shape checked against the image
+        encoder's output here, so a wrong one fails before any job instead of in every job's matmul."""
+        where = f"model.heads.{task}: {path}"
+        try:
+            state = load_state_dict(path)
+        except HarnessError as exc:
+            raise HarnessError(f"model.heads.{task}: {exc}") from None
+        if not state:
+            raise HarnessError(f"{where}: holds no tensors")
+        key = next((k for k in ("weight", "head") if k in state), next(iter(state)))
+        head = state[key]
+        if head.ndim != 2:
+            raise HarnessError(f"{where}: tensor {key!r} has shape {tuple(head.shape)}; a head is [classes, dim]")
+        dim = self._feature_dim
+        if dim is not None and head.shape[1] != dim:
+            raise HarnessError(f"{where}: tensor {key!r} has shape {tuple(head.shape)}: {head.shape[1]} features, "
+                               f"but the image encoder of {self.sources['arch']} outputs {dim}")
+        if not head.is_floating_point():
+            raise HarnessError(f"{where}: tensor {key!r} has dtype {head.dtype}, not floating point")
+        return head
+
+    @property
+    def _feature_dim(self) -> int | None:
+        """The image encoder's output size: its projection's columns (the width without one)."""
+        shapes = self._encoder_shapes
+        if "proj" in shapes and len(shapes["proj"]) == 2:
+            return int(shapes["proj"][1])
+        if "ln_post.weight" in shapes:
+            return int(shapes["ln_post.weight"][0])
+        return None
 
     def _zeroshot_head(self, task: Task) -> torch.Tensor:
         key = content_key({"model": self.identity["arch"], "pretrained": self.identity["pretrained"],

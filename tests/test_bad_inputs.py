@@ -206,6 +206,26 @@ def test_image_encoder_as_pretrained_is_named(sweep_dict, micro_checkpoints, tmp
     assert "size mismatch" not in err and not (tmp_path / "out").exists()
 
 
+def _head(tmp_path, shape):
+    head = tmp_path / "head.safetensors"
+    save_state_dict({"weight": torch.randn(*shape)}, head)
+    return head
+
+
+@pytest.mark.parametrize("shape,fragment", [
+    ((4, 64), "tensor 'weight' has shape (4, 64): 64 features, but the image encoder of harness-micro-vit outputs 32"),
+    ((4, 32, 1), "tensor 'weight' has shape (4, 32, 1); a head is [classes, dim]"),
+    ((7, 32), "task 'toy_colours': head has 7 classes but the dataset has 4"),
+], ids=["features", "3-d", "classes"])
+def test_stored_head_is_checked_before_any_job(shape, fragment, sweep_dict, tmp_path):
+    head = _head(tmp_path, shape)
+    d = copy.deepcopy(sweep_dict)
+    d["model"]["heads"] = {"toy_colours": str(head)}
+    code, err, _ = _run_sweep(tmp_path, d)
+    assert code == 2 and err.startswith(f"error: model.heads.toy_colours: {head}: {fragment}"), err
+    assert not (tmp_path / "out").exists()
+
+
 def test_head_class_count_mismatch(sweep_dict, tmp_path):
     head = tmp_path / "head.safetensors"
     save_state_dict({"weight": torch.randn(7, 32)}, head)
