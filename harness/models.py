@@ -9,10 +9,12 @@ from an open_clip tag already in the local cache, fine-tuned image encoders from
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import importlib.util
 import json
+import logging
 import os
 import pickle
 import re
@@ -20,7 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -320,7 +322,8 @@ def build_clip(arch: str, pretrained: str | None = None, cache_dir: str | None =
         old = os.environ.get("HF_HUB_OFFLINE")
         os.environ["HF_HUB_OFFLINE"] = "1"  # fail in seconds instead of retrying a hub
         try:
-            model = open_clip.create_model(arch, pretrained=pretrained, cache_dir=cache_dir)
+            with _quiet_root_logger():  # open_clip logs a missing tag itself; the error below says it once
+                model = open_clip.create_model(arch, pretrained=pretrained, cache_dir=cache_dir)
         except Exception as exc:
             raise HarnessError(
                 f"pretrained weights {pretrained!r} for {arch!r} are not in the local cache "
@@ -340,16 +343,21 @@ def build_clip(arch: str, pretrained: str | None = None, cache_dir: str | None =
 
 def _create_random(arch: str) -> nn.Module:
     """open_clip's model without weights (we load our own; its 'randomly initialized' warning is noise)."""
-    import logging
+    with _quiet_root_logger(logging.ERROR):
+        return open_clip_module().create_model(arch, pretrained=None)
 
-    open_clip = open_clip_module()
+
+@contextlib.contextmanager
+def _quiet_root_logger(level: int = logging.CRITICAL) -> Iterator[None]:
+    """Drop root-logger records below ``level`` for the block: open_clip logs through the root
+    logger what the harness reports in its own words."""
     root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
+    old = root.level
+    root.setLevel(level)
     try:
-        return open_clip.create_model(arch, pretrained=None)
+        yield
     finally:
-        root.setLevel(level)
+        root.setLevel(old)
 
 
 def get_tokenizer(arch: str):

@@ -206,6 +206,19 @@ def test_image_encoder_as_pretrained_is_named(sweep_dict, micro_checkpoints, tmp
     assert "size mismatch" not in err and not (tmp_path / "out").exists()
 
 
+def test_missing_pretrained_tag_is_reported_once(caplog, tmp_path):
+    """open_clip logs a missing tag through the root logger; the harness's own error says it once."""
+    import logging
+
+    from harness.errors import HarnessError
+
+    with caplog.at_level(logging.DEBUG):
+        with pytest.raises(HarnessError, match="pretrained weights 'openai'"):
+            build_clip("harness-micro-vit", "openai", cache_dir=str(tmp_path))
+        assert logging.getLogger().level == logging.DEBUG  # the level is given back
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+
+
 def _head(tmp_path, shape):
     head = tmp_path / "head.safetensors"
     save_state_dict({"weight": torch.randn(*shape)}, head)
