@@ -27,7 +27,6 @@ from harness.models import (
     get_tokenizer,
     is_safetensors,
     load_state_dict,
-    resolve_arch,
     save_state_dict,
     zeroshot_head,
 )
@@ -68,14 +67,12 @@ class Workspace:
 
             pre = str(resolve_checkpoint(pre, self.cfg.resolved_cache_dir(), kind="clip", arch=m.arch))
             arch = checkpoint_arch(pre) or arch
-        foreign = [t for t, path in finetuned.items() if self._foreign(path, "image_encoder")]
-        if foreign:  # checked against the architecture, which a generated one records beside the pretrained file
-            resolve_arch(arch, [pre] if local_pre and Path(pre).is_file() else [])
-        for t in foreign:
-            from harness.checkpoints import resolve_checkpoint
+        for t, path in finetuned.items():
+            if self._foreign(path, "image_encoder"):
+                from harness.checkpoints import resolve_checkpoint
 
-            finetuned[t] = str(resolve_checkpoint(finetuned[t], self.cfg.resolved_cache_dir(), arch=arch,
-                                                  projection=m.pretrained if local_pre else None))
+                finetuned[t] = str(resolve_checkpoint(path, self.cfg.resolved_cache_dir(), arch=arch,
+                                                      projection=m.pretrained if local_pre else None))
         return {"arch": arch, "pretrained": pre, "finetuned": finetuned, "heads": dict(m.heads)}
 
     @staticmethod

@@ -662,14 +662,22 @@ def test_a_sweep_reads_imported_whole_clip_finetuned_models(tmp_path: Path, monk
     for t in GEN_TASKS:
         assert json.loads((tmp_path / "ckpt" / f"clip-gen_{t}.safetensors.json").read_text())["kind"] == "clip"
 
-    forget_generated(monkeypatch, tmp_path)
-    cfg = validate_config(generated_sweep(tmp_path, arch, tmp_path / "ckpt" / "clip-gen.safetensors",
-                                          str(tmp_path / "ckpt" / "clip-gen_{task}.safetensors"), "whole"))
-    ws = Workspace(cfg)
-    ws.preflight()
+    # the same state dicts with nothing recorded (no sidecar, no header): the generated name is
+    # found beside the pretrained file
+    from harness.models import save_state_dict
+
+    for t in GEN_TASKS:
+        save_state_dict(load_state_dict(tmp_path / "ckpt" / f"clip-gen_{t}.safetensors"), tmp_path / "bare" / f"{t}.st")
     x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(6))
-    with torch.no_grad():
-        for t in GEN_TASKS:
-            ref = features(fts[t].eval().get_image_features(pixel_values=x))
-            assert (ws.finetuned_encoder(t)(x) - ref).abs().max() <= 1e-5, t
-            assert not torch.equal(ws.finetuned_encoder(t)(x), ws.clip.visual(x))
+    for name, pattern in (("whole", tmp_path / "ckpt" / "clip-gen_{task}.safetensors"),
+                          ("bare", tmp_path / "bare" / "{task}.st")):
+        forget_generated(monkeypatch, tmp_path)
+        cfg = validate_config(generated_sweep(tmp_path, arch, tmp_path / "ckpt" / "clip-gen.safetensors",
+                                              str(pattern), name))
+        ws = Workspace(cfg)
+        ws.preflight()
+        with torch.no_grad():
+            for t in GEN_TASKS:
+                ref = features(fts[t].eval().get_image_features(pixel_values=x))
+                assert (ws.finetuned_encoder(t)(x) - ref).abs().max() <= 1e-5, (name, t)
+                assert not torch.equal(ws.finetuned_encoder(t)(x), ws.clip.visual(x))
