@@ -99,7 +99,8 @@ class ModelSpec(Strict):
         try:
             fields = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(v) if name is not None]
         except ValueError as exc:
-            raise ValueError(f"{exc}; the only field is '{{task}}' (write a literal brace as '{{{{' or '}}}}')") from None
+            raise ValueError(f"{exc}; the only field is '{{task}}' "
+                             "(write a literal brace as '{{' or '}}')") from None
         for name, spec, conv in fields:
             if (name, spec, conv) != ("task", "", None):
                 text = "{" + name + (f"!{conv}" if conv else "") + (f":{spec}" if spec else "") + "}"

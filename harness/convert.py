@@ -354,7 +354,7 @@ def _check_arch(state: dict[str, torch.Tensor], arch: str | None, info: dict[str
     activation, heads = info.get("activation"), info.get("heads")
     if arch is None:
         arch = _recorded_arch(src) or infer_arch(state, activation, heads, src)
-    resolve_arch(arch, [src])  # a generated hf-vit-... name: from the source's sidecar or model_configs/
+    resolve_arch(arch, [src])  # a generated hf-vit-... name: from the source's sidecar, header or model_configs/
     visual = build_clip(arch).visual
     ref = visual.state_dict()
     missing = [k for k in ref if k not in state]

@@ -67,7 +67,8 @@ CASES = [
     ("pattern-format-spec", ("model.finetuned_pattern", "/tmp/{task:>9}.safetensors"),
      ["model.finetuned_pattern: has the field '{task:>9}'"]),
     ("pattern-unmatched-brace", ("model.finetuned_pattern", "/tmp/{task}/{x.safetensors"),
-     ["model.finetuned_pattern: expected '}' before end of string", "(got '/tmp/{task}/{x.safetensors')"]),
+     ["model.finetuned_pattern: expected '}' before end of string; the only field is '{task}' (write a literal "
+      "brace as '{{' or '}}')", "(got '/tmp/{task}/{x.safetensors')"]),
     ("pattern-single-closing-brace", ("model.finetuned_pattern", "/tmp/{task}}.safetensors"),
      ["model.finetuned_pattern: Single '}' encountered"]),
     ("pattern-escaped-task-only", ("model.finetuned_pattern", "/tmp/{{task}}.safetensors"),
