@@ -28,7 +28,7 @@ from harness.hf_convert import (
     read_hf_config,
     source_digests,
 )
-from harness.models import available_models, file_digest, json_file, load_state_dict
+from harness.models import available_models, file_digest, is_safetensors, json_file, load_state_dict, resolve_arch
 
 Layout = Literal["huggingface", "file", "tree"]
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
@@ -137,7 +137,9 @@ def resolve_checkpoint(
     projection source's sha256; a present result is reused. ``kind="clip"`` asks for a whole
     CLIP (the pretrained model), ``"image_encoder"`` for ``clip.visual`` (fine-tuned models).
     A generated architecture is registered with open_clip before returning, so
-    ``build_clip(checkpoint_arch(result))`` works in this process.
+    ``build_clip(checkpoint_arch(result))`` works in this process. For a state dict, a generated
+    ``arch`` is looked up beside it and beside ``projection`` when that is a file (the pretrained
+    one, whose sidecar records it).
     """
     p = Path(path)
     store = Path(cache_dir) / "checkpoints"
@@ -172,6 +174,8 @@ def resolve_checkpoint(
     key = _key({"format": FORMAT, "kind": kind, "arch": arch, "sources": file_digest(p)})
     out = store / f"{key}.safetensors"
     if not _complete(out):
+        if arch is not None and projection is not None and Path(projection).is_file():
+            resolve_arch(arch, [p, projection])  # a generated name the state dict does not record
         convert_pickled_checkpoint(p, out, trust_pickle=trust_pickle, arch=arch)
     return out
 
@@ -217,7 +221,7 @@ def _lacks_projection(folder: Path) -> bool:
 
 def _in_layout(path: Path, kind: Kind) -> bool:
     """Whether ``path`` already is what a sweep loads (safetensors read by header; .pt weights-only)."""
-    if path.suffix == ".safetensors":
+    if is_safetensors(path):
         from safetensors import safe_open
 
         try:

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import re
+import string
 from pathlib import Path
 from typing import Any, Literal
 
@@ -92,7 +93,20 @@ class ModelSpec(Strict):
     @field_validator("finetuned_pattern")
     @classmethod
     def _pattern(cls, v: str | None) -> str | None:
-        if v is not None and "{task}" not in v:
+        """``{task}`` is the only field: any other brace would fail in ``str.format`` mid-sweep."""
+        if v is None:
+            return v
+        try:
+            fields = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(v) if name is not None]
+        except ValueError as exc:
+            raise ValueError(f"{exc}; the only field is '{{task}}' "
+                             "(write a literal brace as '{{' or '}}')") from None
+        for name, spec, conv in fields:
+            if (name, spec, conv) != ("task", "", None):
+                text = "{" + name + (f"!{conv}" if conv else "") + (f":{spec}" if spec else "") + "}"
+                raise ValueError(f"has the field {text!r}; the only field is '{{task}}' "
+                                 "(write a literal brace as '{{' or '}}')")
+        if not fields:
             raise ValueError("must contain '{task}'")
         return v
 
@@ -658,6 +672,11 @@ def check_tasks(cfg: SweepConfig, file: str) -> None:
         for i, name in enumerate(values):
             if name not in names:
                 raise ConfigError(file, f"{field_name}.{i}", "not one of the sweep's tasks", name)
+    for field_name, given in (("model.finetuned", cfg.model.finetuned), ("model.heads", cfg.model.heads)):
+        for name in given:  # a typo would otherwise leave the task on the pattern, or on zero-shot heads
+            if name not in names:
+                raise ConfigError(file, f"{field_name}.{name}",
+                                  f"not one of the sweep's tasks ({', '.join(names)})", show_value=False)
     both = set(cfg.seen or []) & set(cfg.unseen)
     if both:
         raise ConfigError(file, "unseen", f"tasks both seen and unseen: {sorted(both)}", show_value=False)
@@ -697,6 +716,8 @@ def check_model_files(cfg: SweepConfig, file: str) -> None:
     for t, path in m.heads.items():
         if not Path(path).exists():
             raise ConfigError(file, f"model.heads.{t}", "head file does not exist", path)
+        if Path(path).is_dir():
+            raise ConfigError(file, f"model.heads.{t}", "is a folder, not a head file", path)
 
 
 def check_generalization(cfg: SweepConfig, file: str) -> None:

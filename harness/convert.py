@@ -20,6 +20,7 @@ Next to ``<dst>`` goes ``<dst>.json``: kind, architecture, source path and the s
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -34,12 +35,24 @@ from torch import nn
 
 from harness.cache import atomic_write_json
 from harness.errors import HarnessError
-from harness.models import build_clip, describe_state, file_digest, load_state_dict, open_clip_module, save_state_dict
+from harness.models import (
+    build_clip,
+    describe_state,
+    file_digest,
+    header_metadata,
+    is_safetensors,
+    load_state_dict,
+    open_clip_module,
+    resolve_arch,
+    save_state_dict,
+    unreadable_reason,
+)
 
 logger = logging.getLogger(__name__)
 
 FORMAT = "harness-checkpoint/1"
 _VIT_KEYS = ("conv1.weight", "class_embedding")
+_ARCH_HINT = "--arch (in Python: pass arch=...)"
 _PLAIN_VISION_CFG = {"image_size", "layers", "width", "patch_size", "head_width", "mlp_ratio"}
 
 
@@ -142,11 +155,14 @@ def _weights_only_reason(exc: Exception) -> str:
 
 
 def _load(src: Path, trust_pickle: bool) -> tuple[Any, str, set[str]]:
-    if src.suffix == ".safetensors":
+    if is_safetensors(src):
         return load_state_dict(src), "safetensors", set()
     try:
         return torch.load(str(src), map_location="cpu", weights_only=True), "tensors", set()
     except Exception as exc:
+        damage = unreadable_reason(src, exc)
+        if damage is not None:  # no pickle in it to trust: unpickling would not read it either
+            raise HarnessError(f"{src}: not a readable checkpoint: {damage}") from None
         reason = _weights_only_reason(exc)
     if not trust_pickle:
         raise HarnessError(
@@ -303,22 +319,42 @@ def infer_arch(state: dict[str, torch.Tensor], activation: str | None = None, he
             continue
         towers.setdefault((head_width, quick), []).append(name)
     if not towers:
-        raise HarnessError(f"{src}: no known open_clip architecture has an image tower with {want}; pass arch")
+        raise HarnessError(f"{src}: no known open_clip architecture has an image tower with {want}; "
+                           f"name it with {_ARCH_HINT}")
     if len(towers) > 1:
         names = sorted(n for group in towers.values() for n in group)
         raise HarnessError(
             f"{src}: the tensors fit several architectures that compute differently "
-            f"({', '.join(names[:6])}): activation/heads are not recorded in the file; pass arch"
+            f"({', '.join(names[:6])}): activation/heads are not recorded in the file; name the architecture "
+            f"with {_ARCH_HINT}"
         )
     # same image tower, different text towers: prefer the family name (ViT-L-14 over ViT-L-14-worldwide)
     return min(next(iter(towers.values())), key=lambda n: (not n.startswith(("ViT-", "harness-")), len(n), n))
+
+
+def _recorded_arch(src: Path) -> str | None:
+    """The architecture a converted source records (its ``<file>.json`` sidecar, else its
+    safetensors header: what ``harness import`` writes), else None. Inferring from shapes alone
+    cannot find a generated ``hf-vit-...`` config that is not registered in this process."""
+    side = src.with_name(src.name + ".json")
+    info: Any = None
+    if side.is_file():
+        try:
+            info = json.loads(side.read_text())
+        except (OSError, ValueError):
+            info = None
+    arch = info.get("arch") if isinstance(info, dict) else None
+    if not arch and is_safetensors(src):
+        arch = header_metadata(src).get("arch")
+    return arch if isinstance(arch, str) and arch else None
 
 
 def _check_arch(state: dict[str, torch.Tensor], arch: str | None, info: dict[str, Any], src: Path) -> str:
     """Infer or verify the architecture by building it and comparing its image tower."""
     activation, heads = info.get("activation"), info.get("heads")
     if arch is None:
-        arch = infer_arch(state, activation, heads, src)
+        arch = _recorded_arch(src) or infer_arch(state, activation, heads, src)
+    resolve_arch(arch, [src])  # a generated hf-vit-... name: from the source's sidecar, header or model_configs/
     visual = build_clip(arch).visual
     ref = visual.state_dict()
     missing = [k for k in ref if k not in state]

@@ -9,17 +9,20 @@ from an open_clip tag already in the local cache, fine-tuned image encoders from
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import importlib.util
 import json
+import logging
 import os
+import pickle
 import re
 import sys
 import tempfile
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -72,12 +75,42 @@ def available_models() -> list[str]:
     return list(open_clip_module().list_models())
 
 
+def is_safetensors(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is read as safetensors: by its suffix, or by its content whatever its name
+    (an 8-byte little-endian header length, then a JSON object), so a converted file saved
+    without the suffix is never handed to ``torch.load``."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        return True
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(9)
+            size = os.fstat(fh.fileno()).st_size
+    except OSError:
+        return False
+    return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") <= size - 8
+
+
+def unreadable_reason(path: Path, exc: Exception) -> str | None:
+    """Why ``torch.load(weights_only=True)`` failed, when the file is empty, truncated or not a
+    torch checkpoint at all; None when it refused pickled Python objects (only those are worth
+    converting with ``--trust-pickle``: unpickling a damaged file would not help)."""
+    if isinstance(exc, pickle.UnpicklingError) and "Weights only load failed" in str(exc):
+        return None
+    if path.stat().st_size == 0:
+        return "the file is empty"
+    detail = " ".join(str(exc).split())[:160] or "no detail"
+    return f"truncated or corrupt ({type(exc).__name__}: {detail})"
+
+
 def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Load tensors without unpickling code: safetensors, or torch.load(weights_only=True)."""
     path = Path(path)
+    if path.is_dir():
+        raise HarnessError(f"{path}: is a folder, not a checkpoint file")
     if not path.is_file():
         raise HarnessError(f"{path}: checkpoint file does not exist")
-    if path.suffix == ".safetensors":
+    if is_safetensors(path):
         from safetensors.torch import load_file
 
         try:
@@ -87,6 +120,9 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:
+        reason = unreadable_reason(path, exc)
+        if reason is not None:
+            raise HarnessError(f"{path}: not a readable checkpoint: {reason}") from None
         raise HarnessError(
             f"{path}: refused to load: not a plain tensor checkpoint ({type(exc).__name__}). "
             "Pickled modules (task_vectors layout) must be converted with "
@@ -102,7 +138,7 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 def tensor_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
     """Names and shapes of a checkpoint's tensors; for safetensors from the header alone."""
     path = Path(path)
-    if path.suffix == ".safetensors" and path.is_file():
+    if path.is_file() and is_safetensors(path):
         from safetensors import safe_open
 
         try:
@@ -202,8 +238,9 @@ def json_file(path: Path) -> Any:
         raise HarnessError(f"{path}: not readable JSON ({' '.join(str(exc).split())})") from None
 
 
-def _header_metadata(path: Path) -> dict[str, str]:
-    if path.suffix != ".safetensors":
+def header_metadata(path: Path) -> dict[str, str]:
+    """A safetensors file's header metadata ({} for other files): converted files record their arch there."""
+    if not is_safetensors(path):
         return {}
     from safetensors import safe_open
 
@@ -238,7 +275,7 @@ def resolve_arch(arch: str, near: Sequence[str | os.PathLike] = ()) -> str:
                 register_model_config(arch, info["open_clip_config"], f"{side} (open_clip_config)")
                 return arch
             looked.append(f"{side} (its arch is {recorded!r})")
-        meta = _header_metadata(path)
+        meta = header_metadata(path)
         if meta.get("arch") == arch and meta.get("open_clip_config"):
             try:
                 cfg = json.loads(meta["open_clip_config"])
@@ -264,10 +301,11 @@ def resolve_arch(arch: str, near: Sequence[str | os.PathLike] = ()) -> str:
 def build_clip(arch: str, pretrained: str | None = None, cache_dir: str | None = None) -> nn.Module:
     """An open_clip CLIP by architecture name, with weights from a file or a cached tag."""
     open_clip = open_clip_module()
-    resolve_arch(arch, [pretrained] if pretrained and Path(pretrained).suffix in WEIGHT_SUFFIXES else [])
+    from_file = bool(pretrained) and (Path(pretrained).suffix in WEIGHT_SUFFIXES or Path(pretrained).is_file())
+    resolve_arch(arch, [pretrained] if from_file else [])
     if (open_clip.get_model_config(arch).get("text_cfg") or {}).get("hf_model_name"):
         enable_hf_text_towers()
-    if pretrained and Path(pretrained).suffix in WEIGHT_SUFFIXES:
+    if from_file:
         model = _create_random(arch)
         state = load_state_dict(pretrained)
         try:
@@ -284,7 +322,8 @@ def build_clip(arch: str, pretrained: str | None = None, cache_dir: str | None =
         old = os.environ.get("HF_HUB_OFFLINE")
         os.environ["HF_HUB_OFFLINE"] = "1"  # fail in seconds instead of retrying a hub
         try:
-            model = open_clip.create_model(arch, pretrained=pretrained, cache_dir=cache_dir)
+            with _quiet_root_logger():  # open_clip logs a missing tag itself; the error below says it once
+                model = open_clip.create_model(arch, pretrained=pretrained, cache_dir=cache_dir)
         except Exception as exc:
             raise HarnessError(
                 f"pretrained weights {pretrained!r} for {arch!r} are not in the local cache "
@@ -304,16 +343,21 @@ def build_clip(arch: str, pretrained: str | None = None, cache_dir: str | None =
 
 def _create_random(arch: str) -> nn.Module:
     """open_clip's model without weights (we load our own; its 'randomly initialized' warning is noise)."""
-    import logging
+    with _quiet_root_logger(logging.ERROR):
+        return open_clip_module().create_model(arch, pretrained=None)
 
-    open_clip = open_clip_module()
+
+@contextlib.contextmanager
+def _quiet_root_logger(level: int = logging.CRITICAL) -> Iterator[None]:
+    """Drop root-logger records below ``level`` for the block: open_clip logs through the root
+    logger what the harness reports in its own words."""
     root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
+    old = root.level
+    root.setLevel(level)
     try:
-        return open_clip.create_model(arch, pretrained=None)
+        yield
     finally:
-        root.setLevel(level)
+        root.setLevel(old)
 
 
 def get_tokenizer(arch: str):

@@ -25,6 +25,7 @@ from harness.models import (
     tensor_shapes,
     file_digest,
     get_tokenizer,
+    is_safetensors,
     load_state_dict,
     save_state_dict,
     zeroshot_head,
@@ -61,13 +62,13 @@ class Workspace:
                 finetuned[t] = path
         pre, arch = m.pretrained, m.arch
         local_pre = bool(pre) and Path(pre).exists()
-        if local_pre and self._foreign(pre):  # e.g. a Hugging Face CLIPModel folder: convert once, cached
+        if local_pre and self._foreign(pre, "clip"):  # e.g. a Hugging Face CLIPModel folder: convert once, cached
             from harness.checkpoints import checkpoint_arch, resolve_checkpoint
 
             pre = str(resolve_checkpoint(pre, self.cfg.resolved_cache_dir(), kind="clip", arch=m.arch))
             arch = checkpoint_arch(pre) or arch
         for t, path in finetuned.items():
-            if self._foreign(path):
+            if self._foreign(path, "image_encoder"):
                 from harness.checkpoints import resolve_checkpoint
 
                 finetuned[t] = str(resolve_checkpoint(path, self.cfg.resolved_cache_dir(), arch=arch,
@@ -75,10 +76,22 @@ class Workspace:
         return {"arch": arch, "pretrained": pre, "finetuned": finetuned, "heads": dict(m.heads)}
 
     @staticmethod
-    def _foreign(path: str) -> bool:
-        """Not already in the harness's layout (a folder, or a file that is not safetensors)."""
+    def _foreign(path: str, kind: str) -> bool:
+        """Not loadable as it is: a folder, a file that is not safetensors, or safetensors whose
+        tensors are not laid out for ``kind``: an image encoder under a prefix (a whole CLIP,
+        ``visual.``; a wrapper, ``model.visual.``) where a fine-tuned encoder belongs, no
+        ``visual.`` tower where the whole pretrained CLIP belongs. Those go through
+        :func:`harness.checkpoints.resolve_checkpoint`, which strips a prefix or says what is wrong."""
         p = Path(path)
-        return p.is_dir() or p.suffix != ".safetensors"
+        if p.is_dir() or not is_safetensors(p):
+            return True
+        try:
+            keys = tensor_shapes(p)
+        except HarnessError:
+            return False  # loading it names the damage
+        if kind == "clip":
+            return not any(k.startswith("visual.") for k in keys)
+        return "class_embedding" not in keys and any(k.endswith(".class_embedding") for k in keys)
 
     @cached_property
     def identity(self) -> dict[str, Any]:
@@ -221,16 +234,48 @@ class Workspace:
             t = self.task(task)
             stored = self.sources["heads"].get(task)
             if stored:
-                state = load_state_dict(stored)
-                head = state.get("weight", state.get("head", next(iter(state.values()))))
+                head = self._stored_head(task, stored)
+                where = f"model.heads.{task}: {stored}: "
             else:
-                head = self._zeroshot_head(t)
+                head, where = self._zeroshot_head(t), ""
             if head.shape[0] != t.num_classes:
                 raise TaskDataError(
-                    f"task {task!r}: head has {head.shape[0]} classes but the dataset has {t.num_classes}"
+                    f"{where}task {task!r}: head has {head.shape[0]} classes but the dataset has {t.num_classes}"
                 )
             self._heads[task] = head
         return self._heads[task]
+
+    def _stored_head(self, task: str, path: str) -> torch.Tensor:
+        """A ``model.heads`` file's ``[classes, dim]`` tensor, its shape checked against the image
+        encoder's output here, so a wrong one fails before any job instead of in every job's matmul."""
+        where = f"model.heads.{task}: {path}"
+        try:
+            state = load_state_dict(path)
+        except HarnessError as exc:
+            raise HarnessError(f"model.heads.{task}: {exc}") from None
+        if not state:
+            raise HarnessError(f"{where}: holds no tensors")
+        key = next((k for k in ("weight", "head") if k in state), next(iter(state)))
+        head = state[key]
+        if head.ndim != 2:
+            raise HarnessError(f"{where}: tensor {key!r} has shape {tuple(head.shape)}; a head is [classes, dim]")
+        dim = self._feature_dim
+        if dim is not None and head.shape[1] != dim:
+            raise HarnessError(f"{where}: tensor {key!r} has shape {tuple(head.shape)}: {head.shape[1]} features, "
+                               f"but the image encoder of {self.sources['arch']} outputs {dim}")
+        if not head.is_floating_point():
+            raise HarnessError(f"{where}: tensor {key!r} has dtype {head.dtype}, not floating point")
+        return head
+
+    @property
+    def _feature_dim(self) -> int | None:
+        """The image encoder's output size: its projection's columns (the width without one)."""
+        shapes = self._encoder_shapes
+        if "proj" in shapes and len(shapes["proj"]) == 2:
+            return int(shapes["proj"][1])
+        if "ln_post.weight" in shapes:
+            return int(shapes["ln_post.weight"][0])
+        return None
 
     def _zeroshot_head(self, task: Task) -> torch.Tensor:
         key = content_key({"model": self.identity["arch"], "pretrained": self.identity["pretrained"],

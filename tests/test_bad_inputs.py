@@ -71,11 +71,25 @@ def case_missing_key(tmp_path, micro):
     return p, ["nokey.safetensors: tensor 'proj' of the pretrained image encoder is missing"]
 
 
-def case_prefixed_keys(tmp_path, micro):
-    state = {f"model.visual.{k}": v for k, v in _encoder_state().items()}
-    p = tmp_path / "prefixed.safetensors"
-    save_state_dict(state, p)
-    return p, ["prefixed.safetensors: tensor", "is missing"]
+def case_two_prefixed_encoders(tmp_path, micro):
+    state = _encoder_state()
+    p = tmp_path / "two.safetensors"
+    save_state_dict({**{f"visual.{k}": v for k, v in state.items()},
+                     **{f"model.visual.{k}": v.clone() for k, v in state.items()}}, p)
+    return p, ["two.safetensors: holds several ViT image encoders (under 'model.visual.', 'visual.')"]
+
+
+def case_truncated_pt(tmp_path, micro):
+    p = tmp_path / "trunc.pt"
+    torch.save(_encoder_state(), p)
+    p.write_bytes(p.read_bytes()[:2000])
+    return p, ["trunc.pt: not a readable checkpoint: truncated or corrupt"]
+
+
+def case_empty_pt(tmp_path, micro):
+    p = tmp_path / "empty.pt"
+    p.write_bytes(b"")
+    return p, ["empty.pt: not a readable checkpoint: the file is empty"]
 
 
 def case_extra_key(tmp_path, micro):
@@ -110,8 +124,10 @@ def case_tensor_pt_wrong_shape(tmp_path, micro):
     return p, ["tensor 'conv1.weight' has shape (1, 3, 8, 8), pretrained has (32, 3, 8, 8)"]
 
 
-CASES = [case_truncated, case_garbage, case_other_arch, case_missing_key, case_prefixed_keys, case_extra_key,
-         case_evil_pickle, case_pickled_module, case_missing_file, case_tensor_pt_wrong_shape]
+CASES = [case_truncated, case_garbage, case_other_arch, case_missing_key, case_two_prefixed_encoders, case_extra_key,
+         case_evil_pickle, case_pickled_module, case_missing_file, case_tensor_pt_wrong_shape, case_truncated_pt,
+         case_empty_pt]
+DAMAGED = {case_truncated_pt, case_empty_pt}  # nothing pickled to trust: the message must not suggest it
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.__name__[5:] for c in CASES])
@@ -128,8 +144,50 @@ def test_bad_checkpoint(case, sweep_dict, micro_checkpoints, tmp_path):
     for f in fragments:
         assert f in err, (f, err)
     assert err.startswith("error: ") and "Traceback" not in err
+    if case in DAMAGED:
+        assert "pickle" not in err and "trust" not in err, err
     assert not os.path.exists(marker)  # the pickle's payload never ran
     assert not (tmp_path / "out").exists()  # nothing written
+
+
+@pytest.mark.parametrize("layout", ["visual.", "model.visual.", "whole CLIP"])
+def test_prefixed_safetensors_load_as_the_image_encoder(layout, sweep_dict, micro_checkpoints, tmp_path):
+    """A fine-tuned encoder saved under a prefix, or inside a whole CLIP (what `harness import --full`
+    writes for a CLIPModel folder), is that encoder: the prefix is stripped, the text tower ignored."""
+    from harness.config import validate_config
+    from harness.models import load_state_dict
+    from harness.workspace import Workspace
+
+    want = load_state_dict(micro_checkpoints / "toy_stripes.safetensors")
+    if layout == "whole CLIP":
+        clip = build_clip("harness-micro-vit")
+        clip.visual.load_state_dict(want)
+        state = clip.state_dict()
+    else:
+        state = {layout + k: v for k, v in want.items()}
+    path = tmp_path / "prefixed.safetensors"
+    save_state_dict(state, path)
+    ws = Workspace(validate_config(_with_ckpt(sweep_dict, "toy_stripes", path)))
+    ws.preflight()
+    assert ws.sources["finetuned"]["toy_stripes"] != str(path)  # converted once, into the cache
+    got = ws.finetuned_encoder("toy_stripes").state_dict()
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_safetensors_without_their_suffix_are_read_as_safetensors(sweep_dict, micro_checkpoints, tmp_path):
+    """What `harness convert SRC DST` writes to a DST without suffix: read by content, never unpickled."""
+    from harness.config import validate_config
+    from harness.models import load_state_dict, tensor_shapes
+    from harness.workspace import Workspace
+
+    want = load_state_dict(micro_checkpoints / "toy_stripes.safetensors")
+    path = tmp_path / "finetuned"
+    path.write_bytes((micro_checkpoints / "toy_stripes.safetensors").read_bytes())
+    assert tensor_shapes(path) == {k: tuple(v.shape) for k, v in want.items()}
+    ws = Workspace(validate_config(_with_ckpt(sweep_dict, "toy_stripes", path)))
+    ws.preflight()
+    got = ws.finetuned_encoder("toy_stripes").state_dict()
+    assert all(torch.equal(got[k], want[k]) for k in want)
 
 
 def test_missing_pretrained(sweep_dict, tmp_path):
@@ -137,6 +195,48 @@ def test_missing_pretrained(sweep_dict, tmp_path):
     d["model"]["pretrained"] = str(tmp_path / "missing" / "pre.safetensors")
     code, err, _ = _run_sweep(tmp_path, d)
     assert code == 2 and f"{tmp_path / 's.yaml'}: model.pretrained: weights file does not exist" in err, err
+
+
+def test_image_encoder_as_pretrained_is_named(sweep_dict, micro_checkpoints, tmp_path):
+    d = copy.deepcopy(sweep_dict)
+    d["model"]["pretrained"] = str(micro_checkpoints / "toy_colours.safetensors")  # clip.visual alone
+    code, err, _ = _run_sweep(tmp_path, d)
+    assert code == 2, err
+    assert "toy_colours.safetensors: not a whole CLIP state dict" in err and "CLIPModel folder" in err, err
+    assert "size mismatch" not in err and not (tmp_path / "out").exists()
+
+
+def test_missing_pretrained_tag_is_reported_once(caplog, tmp_path):
+    """open_clip logs a missing tag through the root logger; the harness's own error says it once."""
+    import logging
+
+    from harness.errors import HarnessError
+
+    with caplog.at_level(logging.DEBUG):
+        with pytest.raises(HarnessError, match="pretrained weights 'openai'"):
+            build_clip("harness-micro-vit", "openai", cache_dir=str(tmp_path))
+        assert logging.getLogger().level == logging.DEBUG  # the level is given back
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+
+
+def _head(tmp_path, shape):
+    head = tmp_path / "head.safetensors"
+    save_state_dict({"weight": torch.randn(*shape)}, head)
+    return head
+
+
+@pytest.mark.parametrize("shape,fragment", [
+    ((4, 64), "tensor 'weight' has shape (4, 64): 64 features, but the image encoder of harness-micro-vit outputs 32"),
+    ((4, 32, 1), "tensor 'weight' has shape (4, 32, 1); a head is [classes, dim]"),
+    ((7, 32), "task 'toy_colours': head has 7 classes but the dataset has 4"),
+], ids=["features", "3-d", "classes"])
+def test_stored_head_is_checked_before_any_job(shape, fragment, sweep_dict, tmp_path):
+    head = _head(tmp_path, shape)
+    d = copy.deepcopy(sweep_dict)
+    d["model"]["heads"] = {"toy_colours": str(head)}
+    code, err, _ = _run_sweep(tmp_path, d)
+    assert code == 2 and err.startswith(f"error: model.heads.toy_colours: {head}: {fragment}"), err
+    assert not (tmp_path / "out").exists()
 
 
 def test_head_class_count_mismatch(sweep_dict, tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 
 import pytest
+import torch
 import yaml
 from click.testing import CliRunner
 
@@ -57,6 +58,25 @@ CASES = [
      ["model.pretrained:", "environment variable HARNESS_TEST_UNSET_VAR is not set"]),
     ("pattern-without-task", ("model.finetuned_pattern", "/tmp/x.safetensors"),
      ["model.finetuned_pattern:", "must contain '{task}'"]),
+    ("pattern-other-field", ("model.finetuned_pattern", "/tmp/{task}/finetuned{v2}.safetensors"),
+     ["model.finetuned_pattern: has the field '{v2}'; the only field is '{task}'"]),
+    ("pattern-positional-field", ("model.finetuned_pattern", "/tmp/{0}/{task}.safetensors"),
+     ["model.finetuned_pattern: has the field '{0}'"]),
+    ("pattern-empty-field", ("model.finetuned_pattern", "/tmp/{}/{task}.safetensors"),
+     ["model.finetuned_pattern: has the field '{}'"]),
+    ("pattern-format-spec", ("model.finetuned_pattern", "/tmp/{task:>9}.safetensors"),
+     ["model.finetuned_pattern: has the field '{task:>9}'"]),
+    ("pattern-unmatched-brace", ("model.finetuned_pattern", "/tmp/{task}/{x.safetensors"),
+     ["model.finetuned_pattern: expected '}' before end of string; the only field is '{task}' (write a literal "
+      "brace as '{{' or '}}')", "(got '/tmp/{task}/{x.safetensors')"]),
+    ("pattern-single-closing-brace", ("model.finetuned_pattern", "/tmp/{task}}.safetensors"),
+     ["model.finetuned_pattern: Single '}' encountered"]),
+    ("pattern-escaped-task-only", ("model.finetuned_pattern", "/tmp/{{task}}.safetensors"),
+     ["model.finetuned_pattern: must contain '{task}'"]),
+    ("finetuned-key-not-a-task", ("model.finetuned", {"toy_stripess": "/tmp/s.safetensors"}),
+     ["model.finetuned.toy_stripess: not one of the sweep's tasks (toy_stripes, toy_colours)"]),
+    ("heads-key-not-a-task", ("model.heads", {"toy_colour": "/tmp/h.safetensors"}),
+     ["model.heads.toy_colour: not one of the sweep's tasks (toy_stripes, toy_colours)"]),
     ("pretrained-missing", ("model.pretrained", "/nonexistent/pretrained.safetensors"),
      ["model.pretrained: weights file does not exist", "(got '/nonexistent/pretrained.safetensors')"]),
     ("finetuned-missing", ("model.finetuned_pattern", "/nonexistent/{task}.safetensors"),
@@ -66,6 +86,7 @@ CASES = [
      ["model.finetuned.toy_colours: checkpoint does not exist"]),
     ("head-missing", ("model.heads", {"toy_colours": "/nonexistent/h.safetensors"}),
      ["model.heads.toy_colours: head file does not exist"]),
+    ("head-folder", ("model.heads", {"toy_colours": "/"}), ["model.heads.toy_colours: is a folder, not a head file"]),
     ("workers-zero", ("executor.workers", 0), ["executor.workers:", "(got 0)"]),
     ("executor-kind", ("executor.kind", "kubernetes"), ["executor.kind:", "'kubernetes'"]),
     ("name-pattern", ("name", "has space"), ["name:", "'has space'"]),
@@ -307,3 +328,26 @@ def test_a_broken_user_module_is_one_line(module, source, fragment, field, sweep
     message = " ".join(err.split())
     assert code == 2 and message.startswith(f"error: {f}: {field}:") and fragment in message, (out, err)
     assert "Traceback" not in err + out
+
+
+def test_pattern_with_escaped_braces_and_checkpoints_of_unseen_tasks_are_accepted(sweep_dict, micro_checkpoints,
+                                                                                  tmp_path):
+    """Literal braces written as '{{' '}}' stay in the path; a fine-tuned checkpoint or head named for a
+    task that is only evaluated (unseen, generalization, robustness) is a key of the sweep's tasks."""
+    from harness.config import check_model_files, validate_config
+    from harness.models import save_state_dict
+
+    folder = tmp_path / "ckpt{v2}"
+    folder.mkdir()
+    for t in ("toy_stripes", "toy_colours"):
+        (folder / f"{t}.safetensors").write_bytes((micro_checkpoints / f"{t}.safetensors").read_bytes())
+    head = tmp_path / "head.safetensors"
+    save_state_dict({"weight": torch.zeros(4, 32)}, head)
+    d = copy.deepcopy(sweep_dict)
+    d["model"]["finetuned_pattern"] = str(tmp_path / "ckpt{{v2}}" / "{task}.safetensors")
+    d["model"]["finetuned"] = {"toy_colours": str(folder / "toy_colours.safetensors")}
+    d["model"]["heads"] = {"toy_colours": str(head)}
+    for split in ({"unseen": ["toy_colours"]}, {"generalization": {"unseen": ["toy_colours"]}}):
+        cfg = validate_config({**d, **split})
+        check_model_files(cfg, "<test>")
+        assert cfg.model.finetuned_pattern.format(task="toy_stripes") == str(folder / "toy_stripes.safetensors")

@@ -227,3 +227,54 @@ def test_malicious_pickle_never_runs(tmp_path: Path, payload) -> None:
     # the payload is live: an unguarded load does run it (which is why the guard exists)
     torch.load(src, weights_only=False)
     assert marker.exists()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty"])
+def test_damaged_pickle_is_reported_as_damaged_not_as_code(tmp_path: Path, pickled_encoder, damage: str) -> None:
+    """Trusting a damaged file would not make it readable: the message says what it is, with or without trust."""
+    src, _ = pickled_encoder
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(src.read_bytes()[: src.stat().st_size // 2] if damage == "truncated" else b"")
+    want = "truncated or corrupt" if damage == "truncated" else "the file is empty"
+    for trust in (False, True):
+        with pytest.raises(HarnessError) as err:
+            convert_pickled_checkpoint(bad, tmp_path / "out.safetensors", trust_pickle=trust)
+        msg = str(err.value)
+        assert msg.startswith(f"{bad}: not a readable checkpoint: {want}") and "trust" not in msg, msg
+    with pytest.raises(HarnessError, match=f"not a readable checkpoint: {want}"):
+        load_state_dict(bad)
+
+
+def test_converted_file_without_suffix_is_read_as_safetensors(tmp_path: Path, pickled_encoder) -> None:
+    """`harness convert SRC DST --trust-pickle` with DST lacking a suffix: its output is recognised by content."""
+    from click.testing import CliRunner
+
+    from harness.cli import main
+    from harness.models import is_safetensors
+
+    src, visual = pickled_encoder
+    dst = tmp_path / "encoder"
+    r = CliRunner().invoke(main, ["convert", str(src), str(dst), "--trust-pickle"])
+    assert r.exit_code == 0, r.output
+    assert is_safetensors(dst) and not is_safetensors(src)
+    state = load_state_dict(dst)
+    assert set(state) == set(visual.state_dict())
+    assert all(torch.equal(state[k], v) for k, v in visual.state_dict().items())
+    again = convert_pickled_checkpoint(dst, tmp_path / "again.safetensors")  # no trust needed: no pickle inside
+    assert json.loads(Path(f"{again}.json").read_text())["source_format"] == "safetensors"
+
+
+def test_unknown_architecture_names_the_flag(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    import open_clip
+
+    from harness.cli import main
+    from harness.models import open_clip_module
+
+    open_clip_module()
+    src = tmp_path / "quick.pt"
+    torch.save(ImageEncoder(open_clip.create_model("harness-micro-vit", force_quick_gelu=True)), src)
+    r = CliRunner().invoke(main, ["convert", str(src), str(tmp_path / "q.safetensors"), "--trust-pickle"])
+    assert r.exit_code == 2 and r.output.startswith(f"error: {src}: no known open_clip architecture"), r.output
+    assert " ".join(r.output.split()).endswith("name it with --arch (in Python: pass arch=...)"), r.output

@@ -608,3 +608,76 @@ def test_a_generated_arch_resolves_beside_its_file_and_unknown_names_are_named(t
     assert str(tmp_path / "ckpt" / "model_configs" / f"{bad}.json") in msg and "sidecar" in msg
     with pytest.raises(HarnessError, match=f"unknown open_clip architecture {bad!r}"):
         build_clip(bad)
+
+
+def test_convert_resolves_a_generated_arch_from_beside_its_source(tmp_path: Path, monkeypatch) -> None:
+    """`harness convert` of a file `harness import` wrote with a generated architecture: the name
+    given with --arch (or none) is found in the source's sidecar or its model_configs/."""
+    enc = micro_visual()
+    folder = write_hf_folder(tmp_path / "hf", enc, "quick_gelu")
+    src = convert_hf_checkpoint(folder, tmp_path / "ckpt" / "q.safetensors")
+    arch = json.loads(Path(f"{src}.json").read_text())["arch"]
+    assert arch.startswith("hf-vit-")
+    want = enc.state_dict()
+
+    def convert(dst: str, *arch_args: str):
+        forget_generated(monkeypatch, tmp_path)
+        return CliRunner().invoke(main, ["convert", str(src), str(tmp_path / dst), *arch_args])
+
+    for dst, args in (("by-name.safetensors", ("--arch", arch)), ("by-sidecar.safetensors", ())):
+        r = convert(dst, *args)
+        assert r.exit_code == 0, r.output
+        assert json.loads((tmp_path / f"{dst}.json").read_text())["arch"] == arch
+        got = load_state_dict(tmp_path / dst)
+        assert set(got) == set(want) and all(torch.equal(got[k], v) for k, v in want.items())
+    Path(f"{src}.json").rename(tmp_path / "sidecar.json")
+    r = convert("by-configs.safetensors", "--arch", arch)  # model_configs/<arch>.json beside the source
+    assert r.exit_code == 0, r.output
+    (tmp_path / "ckpt" / "model_configs").rename(tmp_path / "configs")
+    r = convert("by-header.safetensors")  # the safetensors header records arch and config too
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "by-header.safetensors.json").read_text())["arch"] == arch
+
+
+@needs_transformers
+def test_a_sweep_reads_imported_whole_clip_finetuned_models(tmp_path: Path, monkeypatch) -> None:
+    """Fine-tuned CLIPModel folders imported with --full are whole CLIPs (`kind: clip`): a sweep takes
+    their image tower (prefix `visual.` stripped, text tower ignored), which computes what transformers does."""
+    from transformers import CLIPModel
+
+    from harness.config import validate_config
+    from harness.workspace import Workspace
+
+    hf = tmp_path / "hf"
+    pre, _ = generated_pair(hf)
+    fts = {}
+    for i, task in enumerate(GEN_TASKS):
+        fts[task] = CLIPModel(pre.config)
+        fts[task].load_state_dict(pre.state_dict())
+        perturb(fts[task].vision_model, seed=30 + i, scale=0.05)
+        fts[task].save_pretrained(hf / f"clip-gen_{task}")
+    r = CliRunner().invoke(main, ["import", str(hf), str(tmp_path / "ckpt"), "--full"])
+    assert r.exit_code == 0, r.output
+    arch = json.loads((tmp_path / "ckpt" / "clip-gen.safetensors.json").read_text())["arch"]
+    for t in GEN_TASKS:
+        assert json.loads((tmp_path / "ckpt" / f"clip-gen_{t}.safetensors.json").read_text())["kind"] == "clip"
+
+    # the same state dicts with nothing recorded (no sidecar, no header): the generated name is
+    # found beside the pretrained file
+    from harness.models import save_state_dict
+
+    for t in GEN_TASKS:
+        save_state_dict(load_state_dict(tmp_path / "ckpt" / f"clip-gen_{t}.safetensors"), tmp_path / "bare" / f"{t}.st")
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(6))
+    for name, pattern in (("whole", tmp_path / "ckpt" / "clip-gen_{task}.safetensors"),
+                          ("bare", tmp_path / "bare" / "{task}.st")):
+        forget_generated(monkeypatch, tmp_path)
+        cfg = validate_config(generated_sweep(tmp_path, arch, tmp_path / "ckpt" / "clip-gen.safetensors",
+                                              str(pattern), name))
+        ws = Workspace(cfg)
+        ws.preflight()
+        with torch.no_grad():
+            for t in GEN_TASKS:
+                ref = features(fts[t].eval().get_image_features(pixel_values=x))
+                assert (ws.finetuned_encoder(t)(x) - ref).abs().max() <= 1e-5, (name, t)
+                assert not torch.equal(ws.finetuned_encoder(t)(x), ws.clip.visual(x))
