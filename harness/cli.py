@@ -256,7 +256,7 @@ def list_(what: str) -> None:
 
 @main.command()
 @click.argument("target", required=False)
-@click.option("--port", default=5000, show_default=True, type=int)
+@click.option("--port", default=5000, show_default=True, type=click.IntRange(1, 65535))
 @click.option("--host", default="127.0.0.1", show_default=True)
 def ui(target: str | None, port: int, host: str) -> None:
     """Start the MLflow UI on a sweep's tracking store (TARGET: sweep YAML or output dir)."""
