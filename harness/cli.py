@@ -169,9 +169,15 @@ def _report(cfg, outcome, quiet: bool) -> None:
 
         print_tables(console, cfg, outcome.rows, outcome.generalization_rows)
     if outcome.failed:
+        from harness.runner import traceback_file
+
         err_console.print(f"[red]{len(outcome.failed)} of {len(outcome.results)} jobs failed:[/]")
         for r in outcome.failed:
-            err_console.print(f"  {r.title} {r.params or ''}: {r.error}", highlight=False)
+            head = f"{r.title} {r.params}" if r.params else r.title
+            err_console.print(f"  {head}: {r.error}", highlight=False, markup=False, soft_wrap=True)
+            trace = traceback_file(outcome.output_dir, r.key)
+            if trace.is_file():
+                err_console.print(f"    traceback: {trace}", highlight=False, markup=False, soft_wrap=True)
         sys.exit(1)
 
 

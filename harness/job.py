@@ -164,12 +164,14 @@ def run_job(spec: JobSpec, ws: Workspace, device: torch.device, workdir: Path) -
             result.metrics = evaluate_encoder(ws, encoder, [spec.task], device, test_correct=result.test_correct)
         elif spec.kind == "robustness":  # a grid method's selected setting, merged again
             merged, _ = merge(spec, ws, device, workdir)
+            check_encoder(spec, merged)
             result.timings["merge"] = time.perf_counter() - t0
             t1 = time.perf_counter()
             result.metrics = robustness_metrics(ws, merged, device)
             result.timings["evaluate"] = time.perf_counter() - t1
         else:
             merged, artifacts = merge(spec, ws, device, workdir)
+            check_encoder(spec, merged)
             failpoint("merged")
             result.artifacts = artifacts
             result.metrics.update(artifact_metrics(artifacts))
@@ -196,6 +198,13 @@ def run_job(spec: JobSpec, ws: Workspace, device: torch.device, workdir: Path) -
         result.error_detail = traceback.format_exc(limit=-5)
     result.timings["total"] = time.perf_counter() - t0
     return result
+
+
+def check_encoder(spec: JobSpec, merged: Any) -> None:
+    """A merge must return an encoder: anything else would fail later with an error about
+    evaluation that does not name the method at fault."""
+    if not isinstance(merged, torch.nn.Module):
+        raise TypeError(f"merge() of {spec.method} returned {type(merged).__name__}, expected an nn.Module")
 
 
 def artifact_metrics(artifacts: dict[str, Any]) -> dict[str, float]:

@@ -79,6 +79,11 @@ def finished_result(results_dir: Path, spec: JobSpec) -> JobResult | None:
     return result
 
 
+def traceback_file(out: Path, key: str) -> Path:
+    """Where a failed job's traceback is kept: the error line alone rarely names the file and line."""
+    return out / "artifacts" / key / "traceback.txt"
+
+
 def job_params(cfg: SweepConfig, spec: JobSpec) -> dict[str, Any]:
     """What MLflow records as a job's params: the resolved config, flattened, plus the job's own."""
     conf = cfg.model_dump(mode="json")
@@ -212,6 +217,8 @@ def _run_sweep(cfg: SweepConfig, ws: Workspace, executor: Any, console: Console,
         if tracker.is_logged(r.key):
             return
         files = job_artifact_files(r.artifacts, out / "artifacts" / r.key) if r.status == "ok" else []
+        if r.status != "ok" and traceback_file(out, r.key).is_file():
+            files.append(traceback_file(out, r.key))
         if r.status == "ok" and r.test_correct:
             files.append(write_correct(r.test_correct, out / "artifacts" / r.key))
         tracker.log_job(r, job_params(cfg, spec_by_key[r.key]), digest, files)
@@ -236,10 +243,13 @@ def _run_sweep(cfg: SweepConfig, ws: Workspace, executor: Any, console: Console,
                 res.artifacts = jsonable(res.artifacts)
                 failpoint("job_done")
                 if res.status in ("ok", "pruned"):
+                    traceback_file(out, spec.key).unlink(missing_ok=True)  # an earlier attempt's
                     atomic_write_json(results_dir / f"{spec.key}.json", res.to_dict())
                     if show and res.status == "ok" and spec.kind != "trial":
                         console.print(result_line(res, spec), highlight=False)
                 else:
+                    if res.error_detail:
+                        atomic_write_bytes(traceback_file(out, spec.key), res.error_detail.encode())
                     console.print(f"[red]failed[/] {spec.title}: {res.error}")
                 results[spec.key] = res
                 executed.append(spec.key)

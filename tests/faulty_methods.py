@@ -44,3 +44,10 @@ class FailsOnce(MergeMethod):
             open(self.marker, "w").close()
             raise RuntimeError("transient failure")
         return with_state(pretrained, task_arithmetic_state(pretrained, finetuned, 0.3))
+
+
+class ReturnsNone(MergeMethod):
+    """Forgets to return the merged encoder."""
+
+    def merge(self, pretrained: nn.Module, finetuned: Mapping[str, nn.Module], ctx: MergeContext) -> nn.Module:
+        task_arithmetic_state(pretrained, finetuned, 0.3)

@@ -29,9 +29,9 @@ def test_failures_are_isolated_and_reported(sweep_dict, tmp_path):
     assert r.exit_code == 1
     err = " ".join(r.stderr.split())
     assert "3 of 8 jobs failed" in err
-    assert "nan-weights : FloatingPointError: non-finite logits" in err
-    assert "oom : out of memory" in err
-    assert "nan-loss : FloatingPointError: adaptation loss is NaN" in err
+    assert "nan-weights: FloatingPointError: non-finite logits" in err
+    assert "oom: out of memory" in err
+    assert "nan-loss: FloatingPointError: adaptation loss is NaN" in err
     assert "weight_averaging" in r.stdout and "task_arithmetic" in r.stdout  # the others finished
     cfg = validate_config(d)
     client = MlflowClient(cfg.resolved_tracking_uri())
@@ -41,6 +41,39 @@ def test_failures_are_isolated_and_reported(sweep_dict, tmp_path):
         assert run.info.status == "FAILED" and reason in run.data.tags["harness.failure_reason"]
     ok = client.search_runs([exp], "tags.`harness.label` = 'task_arithmetic'")[0]
     assert ok.info.status == "FINISHED"
+
+
+def test_a_failed_jobs_traceback_is_kept_and_a_merge_returning_none_is_named(sweep_dict, tmp_path):
+    """The error line alone does not say where a user's method failed: its traceback is kept as
+    the job's artifact (file and MLflow run) and its path printed in the summary."""
+    import inspect
+
+    from tests.failing_method import AlwaysFails
+
+    d = dict(sweep_dict, references=False, methods=[
+        {"name": "tests.failing_method:AlwaysFails", "label": "raiser"},
+        {"name": "tests.faulty_methods:ReturnsNone", "label": "none"},
+    ])
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump(d))
+    r = CliRunner().invoke(main, ["sweep", "-q", str(f)], env={"COLUMNS": "200"})
+    assert r.exit_code == 1
+    err = " ".join(r.stderr.split())
+    assert "raiser: RuntimeError: deliberate failure" in err
+    assert ("none: TypeError: merge() of tests.faulty_methods:ReturnsNone returned NoneType, "
+            "expected an nn.Module") in err
+    cfg = validate_config(d)
+    client = MlflowClient(cfg.resolved_tracking_uri())
+    exp = client.get_experiment_by_name(cfg.name).experiment_id
+    run = client.search_runs([exp], "tags.`harness.label` = 'raiser'")[0]
+    key = run.data.tags["harness.job_key"]
+    path = cfg.resolved_output_dir() / "artifacts" / key / "traceback.txt"
+    assert f"traceback: {path}" in err
+    raise_line = inspect.getsourcelines(AlwaysFails.merge)[1] + 1
+    text = path.read_text()
+    assert f'failing_method.py", line {raise_line}, in merge' in text and "deliberate failure" in text
+    logged = client.download_artifacts(run.info.run_id, "traceback.txt", str(tmp_path / "dl"))
+    assert open(logged).read() == text
 
 
 def test_same_seed_same_metrics(sweep_dict, tmp_path):
