@@ -16,12 +16,12 @@ from typing import Any, Iterator, Literal
 import torch
 from rich.console import Console
 
-from harness.cache import atomic_write_bytes, atomic_write_json, read_json
+from harness.cache import atomic_write_bytes, atomic_write_json
 from harness.config import SweepConfig, dump_yaml
 from harness.errors import HarnessError
 from harness.executors import make_executor
 from harness.failpoints import failpoint
-from harness.job import JobResult
+from harness.job import JobResult, read_result
 from harness.plan import JobSpec, plan_jobs, robustness_inline, robustness_spec
 from harness.plots import job_artifact_files
 from harness.report import best_routing, build_report
@@ -71,10 +71,9 @@ def finished_result(results_dir: Path, spec: JobSpec) -> JobResult | None:
 
     The result takes the spec's label: a job keeps its key when its method is renamed in the
     sweep, and its row, run name and tags follow the sweep, not the run that computed it."""
-    cached = read_json(results_dir / f"{spec.key}.json")
-    if not cached or cached.get("status") != "ok":
+    result = read_result(results_dir / f"{spec.key}.json", spec.key)
+    if result is None or result.status != "ok":
         return None
-    result = JobResult.from_dict(cached)
     result.label = spec.label
     return result
 
@@ -371,9 +370,9 @@ def run_study(cfg: SweepConfig, m, identity: dict, task_identity: dict, results_
     def run_batch(batch: list[JobSpec]) -> list[tuple[JobSpec, JobResult]]:
         todo, done = [], []
         for spec in batch:  # a trial whose job already finished (killed driver) is not rerun
-            cached = read_json(results_dir / f"{spec.key}.json")
+            cached = read_result(results_dir / f"{spec.key}.json", spec.key)
             if cached:
-                done.append((spec, JobResult.from_dict(cached)))
+                done.append((spec, cached))
             else:
                 todo.append(spec)
         bar.add(len(todo))

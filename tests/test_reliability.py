@@ -149,3 +149,30 @@ def test_atomic_writes_get_the_umasks_permissions(tmp_path, umask):
         os.umask(old)
     mode = stat.S_IMODE((tmp_path / "r.json").stat().st_mode)
     assert mode == stat.S_IMODE((tmp_path / "plain").stat().st_mode) == 0o666 & ~umask
+
+
+def test_an_unusable_results_file_is_run_again(sweep_dict, caplog):
+    """A results file that parses but is not a whole result (hand-edited, another program's) is
+    not a cached result: the job runs again and the tables come out as from a clean run."""
+    import json
+    import logging
+
+    cfg = validate_config(dict(sweep_dict, methods=[{"name": "weight_averaging"}]))
+    first = run_sweep(cfg, quiet=True)
+    merge = next(r for r in first.results if r.kind == "merge")
+    path = first.output_dir / "results" / f"{merge.key}.json"
+    whole = json.loads(path.read_text())
+    for content in ("x", {"status": "ok"}, {**whole, "metrics": {}}, {**whole, "metrics": {"acc/avg": "high"}},
+                    {**whole, "key": "another-job"}, [whole]):
+        path.write_text(json.dumps(content))
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="harness"):
+            again = run_sweep(cfg, quiet=True)
+        assert again.executed == [merge.key], content
+        assert [(r.method, r.avg) for r in again.rows] == [(r.method, r.avg) for r in first.rows]
+        assert json.loads(path.read_text()) == whole | {"timings": json.loads(path.read_text())["timings"]}
+        assert [m for m in caplog.messages if str(path) in m and "runs again" in m], content
+    client = MlflowClient(cfg.resolved_tracking_uri())
+    exp = client.get_experiment_by_name(cfg.name).experiment_id
+    runs = client.search_runs([exp], f"tags.`harness.job_key` = '{merge.key}'")
+    assert [(r.info.status, r.data.metrics["acc/avg"]) for r in runs] == [("FINISHED", merge.metrics["acc/avg"])]
