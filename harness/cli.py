@@ -76,7 +76,14 @@ def _load(file: str, overrides: tuple[str, ...], start_workers: bool = False):
     """The validated config; ``start_workers``: a sweep that will run jobs in a local pool
     starts the pool's server first, from the raw executor block, because validation imports
     torch (task and method registries) and the server's imports should overlap the driver's."""
-    from harness.config import ConfigError, ExecutorSpec, check_model_files, read_config, validate_config
+    from harness.config import (
+        ConfigError,
+        ExecutorSpec,
+        check_model_files,
+        check_output_dir,
+        read_config,
+        validate_config,
+    )
 
     raw = read_config(file, list(overrides))
     if start_workers:
@@ -91,6 +98,7 @@ def _load(file: str, overrides: tuple[str, ...], start_workers: bool = False):
     try:
         cfg = validate_config(raw, file)
         check_model_files(cfg, file)
+        check_output_dir(cfg, file)
     except ConfigError as exc:
         raise exc.blamed_on_overrides(list(overrides)) from None
     return cfg

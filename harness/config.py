@@ -687,6 +687,23 @@ def check_model_files(cfg: SweepConfig, file: str) -> None:
             raise ConfigError(file, f"model.heads.{t}", "head file does not exist", path)
 
 
+def output_dir_problem(out: Path) -> str | None:
+    """Why ``out`` cannot be the sweep's output folder (a file stands at it or above it), or None."""
+    for p in (out, *out.parents):
+        if p.exists():
+            return None if p.is_dir() else ("is a file, not a folder" if p == out else f"{p} is a file, not a folder")
+    return None
+
+
+def check_output_dir(cfg: SweepConfig, file: str) -> None:
+    """The output folder can be one: checked with the sweep file (``validate`` included), not by
+    the first write into it."""
+    out = cfg.resolved_output_dir()
+    problem = output_dir_problem(out)
+    if problem:
+        raise ConfigError(file, "output_dir", problem, str(out))
+
+
 def check_generalization(cfg: SweepConfig, file: str) -> None:
     """The ``generalization`` block: known tasks, a seen/unseen split of them, no clash with the
     whole-sweep split or with tuned methods (a study selects on every task's validation)."""

@@ -17,7 +17,7 @@ import torch
 from rich.console import Console
 
 from harness.cache import atomic_write_bytes, atomic_write_json
-from harness.config import SweepConfig, dump_yaml
+from harness.config import SweepConfig, dump_yaml, output_dir_problem
 from harness.errors import HarnessError
 from harness.executors import make_executor
 from harness.failpoints import failpoint
@@ -100,6 +100,9 @@ def run_sweep(cfg: SweepConfig, console: Console | None = None, quiet: bool = Fa
         if not console.is_terminal:  # logged output: keep the results table's columns whole
             console = Console(stderr=True, quiet=quiet, width=200)
     show = not quiet
+    problem = output_dir_problem(cfg.resolved_output_dir())
+    if problem:  # before anything is read from it or built for it
+        raise HarnessError(f"output_dir: {problem} (got {str(cfg.resolved_output_dir())!r})")
     ws = Workspace(cfg, progress=show)
     executor = make_executor(cfg, ws, progress=show, console=console)
     if mode != "run" and not hasattr(executor, "known"):
@@ -128,6 +131,8 @@ def _output_lock(out: Path) -> Iterator[None]:
         raise HarnessError(f"{out}: another sweep is running into this output folder (lock file "
                            f"{lock.lock_file}); rerun when it ends (its finished jobs are cached), "
                            "or set another output_dir") from None
+    except OSError as exc:  # read-only file system, no write permission
+        raise HarnessError(f"output_dir: cannot write into it ({exc.strerror or exc}) (got {str(out)!r})") from None
     try:
         yield
     finally:
@@ -166,7 +171,10 @@ def _run_sweep(cfg: SweepConfig, ws: Workspace, executor: Any, console: Console,
     if pending or any(m.tune for m in cfg.methods):  # a finished sweep builds no model
         ws.preflight()  # bad checkpoints, data or heads: one error now, before anything is written
     failpoint("prepare")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise HarnessError(f"output_dir: cannot create it ({exc.strerror or exc}) (got {str(out)!r})") from None
     held.enter_context(_output_lock(out))
     for stale in results_dir.glob(".*.tmp"):  # temp files of writes a killed run never renamed
         stale.unlink(missing_ok=True)
