@@ -55,8 +55,9 @@ def seed_sqlite_store(uri: str, cache_dir: Path) -> bool:
     """Start a new SQLite tracking store as a copy of an empty, migrated one kept in the cache.
 
     MLflow creates a store by running its ~60 schema migrations: seconds for every new output
-    folder. The template is built once per MLflow version; the copy's Default experiment gets
-    an artifact location inside the new store's folder. Returns whether a store was seeded."""
+    folder. The template is built once per MLflow version (again if it is found damaged: a
+    truncated copy would break every new sweep); the copy's Default experiment gets an artifact
+    location inside the new store's folder. Returns whether a store was seeded."""
     if not uri.startswith("sqlite:///"):
         return False
     db = Path(uri.removeprefix("sqlite:///"))
@@ -65,23 +66,48 @@ def seed_sqlite_store(uri: str, cache_dir: Path) -> bool:
     import mlflow
 
     template = cache_dir / "mlflow" / f"empty-store-{mlflow.__version__}.db"
-    if not template.is_file():
+    if not _is_empty_store(template):
         from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
         template.parent.mkdir(parents=True, exist_ok=True)
         tmp = template.with_name(f".{template.name}.{os.getpid()}.tmp")
         tmp.unlink(missing_ok=True)
-        SqlAlchemyStore(f"sqlite:///{tmp}", str(template.parent / "mlruns")).engine.dispose()
-        os.replace(tmp, template)
+        try:
+            SqlAlchemyStore(f"sqlite:///{tmp}", str(template.parent / "mlruns")).engine.dispose()
+            os.replace(tmp, template)
+        finally:
+            tmp.unlink(missing_ok=True)
     db.parent.mkdir(parents=True, exist_ok=True)
     tmp = db.with_name(f".{db.name}.{os.getpid()}.tmp")
-    shutil.copyfile(template, tmp)
-    with sqlite3.connect(tmp) as con:
-        con.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0",
-                    (str(db.parent / "mlruns" / "0"),))
-    con.close()
-    os.replace(tmp, db)
+    try:
+        shutil.copyfile(template, tmp)
+        con = sqlite3.connect(tmp)
+        try:
+            with con:
+                con.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0",
+                            (str(db.parent / "mlruns" / "0"),))
+        finally:
+            con.close()
+        os.replace(tmp, db)
+    finally:
+        tmp.unlink(missing_ok=True)
     return True
+
+
+def _is_empty_store(path: Path) -> bool:
+    """Whether ``path`` is a sound, migrated store holding only the Default experiment."""
+    if not path.is_file():
+        return False
+    try:
+        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            sound = con.execute("PRAGMA quick_check").fetchone() == ("ok",)
+            migrated = sound and con.execute("SELECT count(*) FROM alembic_version").fetchone()[0] == 1
+            return migrated and con.execute("SELECT experiment_id FROM experiments").fetchall() == [(0,)]
+        finally:
+            con.close()
+    except sqlite3.Error:
+        return False
 
 
 class Tracker:
