@@ -185,6 +185,10 @@ class TuneSpec(Strict):
         return self
 
 
+#: What a method's label may hold.
+LABEL = re.compile(r"[^\W_][\w .:()+=,-]*")
+
+
 class MethodSpec(Strict):
     """One method entry: fixed params plus an optional grid (cartesian product) or tuning."""
 
@@ -193,6 +197,16 @@ class MethodSpec(Strict):
     params: dict[str, Any] = Field(default_factory=dict)
     grid: dict[str, list[Any]] = Field(default_factory=dict)
     tune: TuneSpec | None = None
+
+    @field_validator("label")
+    @classmethod
+    def _label_chars(cls, v: str | None) -> str | None:
+        """A label names MLflow metrics, runs and folders and fills table cells: characters such
+        as ``|``, ``/``, ``%`` or quotes would break one of them at the end of a sweep."""
+        if v is not None and not LABEL.fullmatch(v):
+            raise ValueError("must start with a letter or digit and hold only letters, digits, spaces "
+                             "and _ . : ( ) + = , -")
+        return v
 
     @field_validator("grid")
     @classmethod

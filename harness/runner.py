@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -316,7 +317,7 @@ def _run_sweep(cfg: SweepConfig, ws: Workspace, executor: Any, console: Console,
         summary[f"generalization/{row.method}/seen/avg"] = row.avg
         if "unseen/avg" in row.metrics:
             summary[f"generalization/{row.method}/unseen/avg"] = row.metrics["unseen/avg"]
-    tracker.log_summary_metrics({k.replace(" ", "_"): v for k, v in summary.items()})
+    tracker.log_summary_metrics({metric_name(k): v for k, v in summary.items()})
     failed = [r for r in ordered if r.status != "ok"]
     tracker.finish(ok=not failed)
     timings["logging"] = time.perf_counter() - t2
@@ -325,6 +326,12 @@ def _run_sweep(cfg: SweepConfig, ws: Workspace, executor: Any, console: Console,
     if show:
         print_tables(console, cfg, rows, gen_rows)
     return outcome
+
+
+def metric_name(text: str) -> str:
+    """``text`` as an MLflow metric name (letters, digits, ``_ - . / :``): a method registered
+    under any name must not fail the sweep's summary."""
+    return re.sub(r"[^\w./:-]", "_", text)
 
 
 def result_line(result: JobResult, spec: JobSpec) -> str:

@@ -277,3 +277,13 @@ def test_booleans_are_never_numbers_but_other_lax_conversions_stay():
     m = wemoe(lr="1e-3", batch_reduce=True, steps=3)
     assert (m.lr, m.batch_reduce, m.steps) == (1e-3, True, 3)
     assert yaml.safe_load("lr: 1e-3") == {"lr": "1e-3"}  # why the string conversion must stay
+
+
+@pytest.mark.parametrize("label", ["TA | 50% & #1", "unl_$x$", "../up", "it's", "a/b", "_x", ""])
+def test_a_label_that_would_break_metrics_files_or_tables_is_refused(label, sweep_dict, tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text(yaml.safe_dump(_set(sweep_dict, "methods.0.label", label)))
+    code, out, err = _run(["validate", str(f)])
+    assert code == 2, (out, err)
+    assert " ".join(err.split()) == (f"error: {f}: methods.0.label: must start with a letter or digit and hold only "
+                                     f"letters, digits, spaces and _ . : ( ) + = , - (got {label!r})")

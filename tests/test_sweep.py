@@ -202,3 +202,24 @@ def test_renamed_method_keeps_its_cached_jobs(first_run, monkeypatch):
     assert labels == ["ta_renamed", "ta_renamed", "weight_averaging"]
     assert all(r.info.run_name.startswith("ta_renamed") for r in children
                if r.data.tags["harness.label"] == "ta_renamed")
+
+
+def test_labels_with_punctuation_end_the_sweep_and_keep_the_tables_whole(sweep_dict):
+    """A label's parentheses, '=', '+' and ',' are not allowed in MLflow metric names: the
+    summary metrics take a cleaned name instead of failing the sweep at its end."""
+    import re
+
+    from harness.results import markdown_table
+
+    label = "ta (x=0.5, +1)"
+    cfg = validate_config(dict(sweep_dict, methods=[{"name": "task_arithmetic", "label": label}]))
+    outcome = run_sweep(cfg, quiet=True)
+    row = next(r for r in outcome.rows if r.method == label)
+    parent = MlflowClient(cfg.resolved_tracking_uri()).get_run(outcome.parent_run_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.metrics["ta__x_0.5___1_/acc/avg"] == row.avg
+    assert f"| {label} |" in (outcome.output_dir / "report" / "main.md").read_text()
+
+    table = markdown_table(["method", "setting"], [["ties", "mode=a|b"]])
+    cells = [re.split(r"(?<!\\)\|", line)[1:-1] for line in table.splitlines()]
+    assert [len(c) for c in cells] == [2, 2, 2] and cells[2][1].strip() == r"mode=a\|b"
