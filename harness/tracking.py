@@ -122,6 +122,7 @@ class Tracker:
         self._parent_id: str | None = None
         self._logged: dict[str, tuple[str, str]] = {}  # job key -> (run id, status)
         self._tuning: list[str] = []  # tuning runs this driver reopened or created
+        self._writing: set[str] = set()  # job and trial runs this driver created and has not ended
 
     @property
     def client(self) -> Any:
@@ -188,8 +189,8 @@ class Tracker:
         children = self.client.search_runs([self.experiment_id], f"tags.`mlflow.parentRunId` = '{self._parent_id}'",
                                            max_results=50000)
         self._logged = {}
-        for r in children:  # a job run a killed driver left half-logged is logged again, whole
-            if r.info.status == "RUNNING" and r.data.tags.get(JOB_TAG):
+        for r in children:  # a job run a stopped driver left half-logged is logged again, whole
+            if r.info.status not in ("FINISHED", "FAILED") and r.data.tags.get(JOB_TAG):
                 self.client.delete_run(r.info.run_id)
             elif r.data.tags.get(JOB_TAG):
                 self._logged[r.data.tags[JOB_TAG]] = (r.info.run_id, r.info.status)
@@ -226,6 +227,7 @@ class Tracker:
             tags["harness.failure_reason"] = result.error[:5000]
         run = self.client.create_run(self.experiment_id, tags=tags)
         rid = run.info.run_id
+        self._writing.add(rid)
         self._log_params(rid, params)
         metrics = [Metric(k, float(v), 0, 0) for k, v in result.metrics.items()]
         metrics += [Metric(f"time/{k}", float(v), 0, 0) for k, v in result.timings.items()]
@@ -238,15 +240,17 @@ class Tracker:
             self.client.log_artifact(rid, str(f))
         status = "FINISHED" if result.status == "ok" else "FAILED"
         self.client.set_terminated(rid, status=status)
+        self._writing.discard(rid)
         self._logged[result.key] = (rid, status)
         return rid
 
     def _find_or_create(self, key: str, tags: dict[str, str], finished_only: bool = False) -> tuple[str, bool]:
         """A run identified by ``harness.run_key`` (reused on rerun), and whether it is new.
 
-        With ``finished_only`` a run left RUNNING (its writer was killed) is replaced."""
+        With ``finished_only`` a run left unfinished (RUNNING or KILLED: its writer was stopped)
+        is replaced."""
         runs = self.client.search_runs([self.experiment_id], f"tags.`harness.run_key` = '{key}'", max_results=1)
-        if runs and finished_only and runs[0].info.status == "RUNNING":
+        if runs and finished_only and runs[0].info.status not in ("FINISHED", "FAILED"):
             self.client.delete_run(runs[0].info.run_id)
             runs = []
         if runs:
@@ -276,6 +280,7 @@ class Tracker:
             "harness.trial_state": state, "mlflow.runName": f"trial {number}"}, finished_only=True)
         if not new:
             return
+        self._writing.add(rid)
         self._log_params(rid, {"trial": params})
         metrics = [Metric(k, float(v), 0, 0) for k, v in result.metrics.items()]
         if state == "COMPLETE":
@@ -285,6 +290,7 @@ class Tracker:
         if result.error:
             self.client.set_tag(rid, "harness.failure_reason", result.error[:5000])
         self.client.set_terminated(rid, status="FAILED" if state == "FAIL" else "FINISHED")
+        self._writing.discard(rid)
 
     def finish_tuning_run(self, rid: str, best: dict[str, Any], best_value: float, files: list[Path]) -> None:
         from mlflow.entities import Metric, RunTag
@@ -305,12 +311,13 @@ class Tracker:
         self.client.log_batch(self.parent_id, metrics=[Metric(k, float(v), 0, 0) for k, v in metrics.items()])
 
     def abandon(self, status: str) -> None:
-        """End the runs this driver left RUNNING (the sweep's, its studies') with ``status``
-        (KILLED after Ctrl-C, FAILED after a crash), so the UI does not show a stopped sweep as
-        running forever. A rerun reopens them. Does nothing if MLflow was never opened."""
+        """End the runs this driver left RUNNING (the sweep's, its studies', a job's or trial's
+        it was logging) with ``status`` (KILLED after Ctrl-C, FAILED after a crash), so the UI
+        does not show a stopped sweep as running forever. A rerun reopens the sweep's and
+        studies' runs and logs a half-logged job again. Does nothing if MLflow was never opened."""
         if self._client is None or self._parent_id is None:
             return
-        for rid in [*self._tuning, self._parent_id]:
+        for rid in [*self._writing, *self._tuning, self._parent_id]:
             if self._client.get_run(rid).info.status == "RUNNING":
                 self._client.set_terminated(rid, status=status)
 

@@ -176,3 +176,29 @@ def test_an_unusable_results_file_is_run_again(sweep_dict, caplog):
     exp = client.get_experiment_by_name(cfg.name).experiment_id
     runs = client.search_runs([exp], f"tags.`harness.job_key` = '{merge.key}'")
     assert [(r.info.status, r.data.metrics["acc/avg"]) for r in runs] == [("FINISHED", merge.metrics["acc/avg"])]
+
+
+def test_ctrl_c_while_a_job_is_logged_ends_its_run_killed_and_the_rerun_logs_it_whole(sweep_dict, monkeypatch):
+    import harness.tracking as tracking
+
+    cfg = validate_config(dict(sweep_dict, methods=[{"name": "weight_averaging"}], references=False))
+
+    def interrupted(name: str) -> None:
+        if name == "mlflow_log":
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(tracking, "failpoint", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            run_sweep(cfg, quiet=True)
+    client = MlflowClient(cfg.resolved_tracking_uri())
+    exp = client.get_experiment_by_name(cfg.name).experiment_id
+
+    def runs() -> list[tuple[str, str]]:
+        return sorted((r.data.tags["harness.kind"], r.info.status) for r in client.search_runs([exp]))
+
+    assert runs() == [("merge", "KILLED"), ("sweep", "KILLED")]
+    outcome = run_sweep(cfg, quiet=True)
+    assert runs() == [("merge", "FINISHED"), ("sweep", "FINISHED")]
+    (job,) = client.search_runs([exp], "tags.`harness.kind` = 'merge'")
+    assert job.data.metrics["acc/avg"] == outcome.results[0].metrics["acc/avg"]
