@@ -325,6 +325,14 @@ class ExecutorSpec(Strict):
         return v
 
 
+#: The fields :meth:`SweepConfig.digest` covers.
+EXPERIMENT_FIELDS: dict[str, Any] = {
+    "name": True, "experiment": True, "seed": True, "tasks": True, "seen": True, "unseen": True,
+    "robustness": True, "generalization": True, "model": {"source", "arch", "suite"},
+    "eval": {"max_samples", "select_on"}, "adapt": True,
+}
+
+
 class SweepConfig(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     description: str = ""
@@ -434,7 +442,13 @@ class SweepConfig(Strict):
         )
 
     def digest(self) -> str:
-        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+        """What finds the sweep's MLflow parent run again: the experiment it measures (name, tasks
+        and their split, model kind, evaluation subset, adaptation data, seed). Not where its files
+        lie nor how it runs (paths, executor, device, threads, batch size, description), nor its
+        methods and reference rows: those add jobs, found by their own keys, to the same sweep, so
+        a resumed or extended sweep keeps its parent and logs each job once."""
+        body = self.model_dump(mode="json", include=EXPERIMENT_FIELDS)
+        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """MLflow: one parent run per sweep, one nested run per job; only the driver writes.
 
-Runs are found again by tags (the sweep's config digest, each job's cache key), so a rerun
-of a sweep continues the same parent run and logs every job exactly once.
+Runs are found again by tags (the digest of what the sweep measures, each job's cache key), so
+a rerun of a sweep continues the same parent run and logs every job exactly once.
 """
 
 from __future__ import annotations
@@ -121,6 +121,7 @@ class Tracker:
         self._sweep: tuple[str, dict[str, Any]] | None = None
         self._parent_id: str | None = None
         self._logged: dict[str, tuple[str, str]] = {}  # job key -> (run id, status)
+        self._names: dict[str, tuple[str, str]] = {}  # job key -> (label, run name) of its run
         self._tuning: list[str] = []  # tuning runs this driver reopened or created
         self._writing: set[str] = set()  # job and trial runs this driver created and has not ended
 
@@ -188,12 +189,29 @@ class Tracker:
             self._log_params(self._parent_id, params)
         children = self.client.search_runs([self.experiment_id], f"tags.`mlflow.parentRunId` = '{self._parent_id}'",
                                            max_results=50000)
-        self._logged = {}
+        self._logged, self._names = {}, {}
         for r in children:  # a job run a stopped driver left half-logged is logged again, whole
             if r.info.status not in ("FINISHED", "FAILED") and r.data.tags.get(JOB_TAG):
                 self.client.delete_run(r.info.run_id)
             elif r.data.tags.get(JOB_TAG):
                 self._logged[r.data.tags[JOB_TAG]] = (r.info.run_id, r.info.status)
+                self._names[r.data.tags[JOB_TAG]] = (r.data.tags.get("harness.label", ""), r.info.run_name)
+        if self._own_store():
+            self._end_stale_runs()
+
+    def _own_store(self) -> bool:
+        """Whether the store is the output folder's own SQLite file: the folder's lock, held by
+        this driver, then keeps every other driver from writing to it."""
+        own = self.cfg.resolved_output_dir() / "mlflow.db"
+        return self.uri.startswith("sqlite:///") and Path(self.uri.removeprefix("sqlite:///")).resolve() == own
+
+    def _end_stale_runs(self) -> None:
+        """Runs a killed driver left RUNNING (an earlier sweep's parent, its jobs, studies and
+        trials) end KILLED: no driver is writing to them, and the UI should not say otherwise."""
+        experiments = [e.experiment_id for e in self.client.search_experiments()]
+        for r in self.client.search_runs(experiments, "attributes.status = 'RUNNING'", max_results=50000):
+            if r.info.run_id != self._parent_id and r.data.tags.get("harness.kind"):
+                self.client.set_terminated(r.info.run_id, status="KILLED")
 
     def _log_params(self, run_id: str, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
@@ -201,6 +219,15 @@ class Tracker:
         flat = [Param(k[:250], v) for k, v in flatten(params).items()]
         for i in range(0, len(flat), 100):
             self.client.log_batch(run_id, params=flat[i : i + 100])
+
+    def rename(self, key: str, label: str, name: str) -> None:
+        """A logged job's run takes the label and run name the sweep now gives it (a renamed
+        method keeps its jobs and runs)."""
+        if key in self._logged and self._names.get(key) != (label, name):
+            rid = self._logged[key][0]
+            self.client.set_tag(rid, "harness.label", label)
+            self.client.set_tag(rid, "mlflow.runName", name)
+            self._names[key] = (label, name)
 
     def is_logged(self, key: str) -> bool:
         """Logged as finished (a failed attempt is replaced once the job succeeds)."""
@@ -242,6 +269,7 @@ class Tracker:
         self.client.set_terminated(rid, status=status)
         self._writing.discard(rid)
         self._logged[result.key] = (rid, status)
+        self._names[result.key] = (result.label, name)
         return rid
 
     def _find_or_create(self, key: str, tags: dict[str, str], finished_only: bool = False) -> tuple[str, bool]:
