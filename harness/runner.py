@@ -23,7 +23,7 @@ from harness.errors import HarnessError
 from harness.executors import make_executor
 from harness.failpoints import failpoint
 from harness.job import JobResult, read_result
-from harness.plan import JobSpec, plan_jobs, robustness_inline, robustness_spec
+from harness.plan import JobSpec, full_params, plan_jobs, robustness_inline, robustness_spec
 from harness.plots import job_artifact_files
 from harness.report import best_routing, build_report
 from harness.results import (
@@ -85,11 +85,16 @@ def traceback_file(out: Path, key: str) -> Path:
 
 
 def job_params(cfg: SweepConfig, spec: JobSpec) -> dict[str, Any]:
-    """What MLflow records as a job's params: the resolved config, flattened, plus the job's own."""
+    """What MLflow records as a job's params: the resolved config, flattened, plus the job's own:
+    ``params`` as the sweep gives them and ``hyperparameters``, every one the method ran with
+    (defaults included, as in the job's key)."""
     conf = cfg.model_dump(mode="json")
     conf.pop("methods", None)
-    return {"job": {"kind": spec.kind, "label": spec.label, "method": spec.method, "task": spec.task,
-                    "protocol": spec.protocol, "params": spec.params}, "config": conf}
+    job = {"kind": spec.kind, "label": spec.label, "method": spec.method, "task": spec.task,
+           "protocol": spec.protocol, "params": spec.params}
+    if spec.method:
+        job["hyperparameters"] = full_params(spec.method, spec.params)
+    return {"job": job, "config": conf}
 
 
 def run_sweep(cfg: SweepConfig, console: Console | None = None, quiet: bool = False,
@@ -222,15 +227,16 @@ def _run_sweep(cfg: SweepConfig, ws: Workspace, executor: Any, console: Console,
             indiv = {x.task: x.metrics[f"acc/{x.task}"] for x in results.values()
                      if x.kind == "individual" and x.status == "ok"}
             r.metrics.update(normalized(r.metrics, indiv, cfg.seen_tasks(spec_by_key[r.key].protocol)))
+        spec = spec_by_key[r.key]
         if tracker.is_logged(r.key):
-            tracker.rename(r.key, r.label, r.title)
+            tracker.rename(r.key, r.label, spec.title)
             return
         files = job_artifact_files(r.artifacts, out / "artifacts" / r.key) if r.status == "ok" else []
         if r.status != "ok" and traceback_file(out, r.key).is_file():
             files.append(traceback_file(out, r.key))
         if r.status == "ok" and r.test_correct:
             files.append(write_correct(r.test_correct, out / "artifacts" / r.key))
-        tracker.log_job(r, job_params(cfg, spec_by_key[r.key]), digest, files)
+        tracker.log_job(r, job_params(cfg, spec), digest, files, name=spec.title)
 
     with _progress(console, show and not getattr(executor, "shows_progress", False), len(pending),
                    always=bool(tuned)) as bar:

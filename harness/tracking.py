@@ -235,8 +235,11 @@ class Tracker:
         return self._logged.get(key, (None, None))[1] == "FINISHED"
 
     def log_job(self, result: Any, params: dict[str, Any], config_digest: str,
-                files: list[Path] | None = None) -> str | None:
-        """A nested run for a finished (or failed) job; skipped if this job is already logged."""
+                files: list[Path] | None = None, name: str | None = None) -> str | None:
+        """A nested run for a finished (or failed) job; skipped if this job is already logged.
+
+        ``name``: the run's name (default the result's title); a grid point's names its setting,
+        so that the points of a grid can be told apart in the UI."""
         from mlflow.entities import Metric
 
         previous = self._logged.get(result.key)
@@ -244,7 +247,7 @@ class Tracker:
             return None  # logged already (a failure is logged once, not at every retry)
         if previous:
             self.client.delete_run(previous[0])  # the failed attempt, now superseded
-        name = result.title
+        name = name or result.title
         tags = {"mlflow.parentRunId": self.parent_id, JOB_TAG: result.key, "harness.kind": result.kind,
                 "harness.config_digest": config_digest, "mlflow.runName": name, "harness.label": result.label}
         if result.task:
@@ -258,8 +261,8 @@ class Tracker:
         self._log_params(rid, params)
         metrics = [Metric(k, float(v), 0, 0) for k, v in result.metrics.items()]
         metrics += [Metric(f"time/{k}", float(v), 0, 0) for k, v in result.timings.items()]
-        for name, series in result.artifacts.get("curves", {}).items():  # e.g. adaptation loss per step
-            metrics += [Metric(name, float(v), 0, step) for step, v in curve_points(series)]
+        for curve, series in result.artifacts.get("curves", {}).items():  # e.g. adaptation loss per step
+            metrics += [Metric(curve, float(v), 0, step) for step, v in curve_points(series)]
         for i in range(0, len(metrics), 500):
             self.client.log_batch(rid, metrics=metrics[i : i + 500])
         failpoint("mlflow_log")
