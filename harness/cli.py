@@ -76,7 +76,14 @@ def _load(file: str, overrides: tuple[str, ...], start_workers: bool = False):
     """The validated config; ``start_workers``: a sweep that will run jobs in a local pool
     starts the pool's server first, from the raw executor block, because validation imports
     torch (task and method registries) and the server's imports should overlap the driver's."""
-    from harness.config import ConfigError, ExecutorSpec, check_model_files, read_config, validate_config
+    from harness.config import (
+        ConfigError,
+        ExecutorSpec,
+        check_model_files,
+        check_output_dir,
+        read_config,
+        validate_config,
+    )
 
     raw = read_config(file, list(overrides))
     if start_workers:
@@ -91,6 +98,7 @@ def _load(file: str, overrides: tuple[str, ...], start_workers: bool = False):
     try:
         cfg = validate_config(raw, file)
         check_model_files(cfg, file)
+        check_output_dir(cfg, file)
     except ConfigError as exc:
         raise exc.blamed_on_overrides(list(overrides)) from None
     return cfg
@@ -170,9 +178,15 @@ def _report(cfg, outcome, quiet: bool) -> None:
 
         print_tables(console, cfg, outcome.rows, outcome.generalization_rows)
     if outcome.failed:
+        from harness.runner import traceback_file
+
         err_console.print(f"[red]{len(outcome.failed)} of {len(outcome.results)} jobs failed:[/]")
         for r in outcome.failed:
-            err_console.print(f"  {r.title} {r.params or ''}: {r.error}", highlight=False)
+            head = f"{r.title} {r.params}" if r.params else r.title
+            err_console.print(f"  {head}: {r.error}", highlight=False, markup=False, soft_wrap=True)
+            trace = traceback_file(outcome.output_dir, r.key)
+            if trace.is_file():
+                err_console.print(f"    traceback: {trace}", highlight=False, markup=False, soft_wrap=True)
         sys.exit(1)
 
 
@@ -257,7 +271,7 @@ def list_(what: str) -> None:
 
 @main.command()
 @click.argument("target", required=False)
-@click.option("--port", default=5000, show_default=True, type=int)
+@click.option("--port", default=5000, show_default=True, type=click.IntRange(1, 65535))
 @click.option("--host", default="127.0.0.1", show_default=True)
 def ui(target: str | None, port: int, host: str) -> None:
     """Start the MLflow UI on a sweep's tracking store (TARGET: sweep YAML or output dir)."""

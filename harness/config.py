@@ -199,6 +199,10 @@ class TuneSpec(Strict):
         return self
 
 
+#: What a method's label may hold.
+LABEL = re.compile(r"[^\W_][\w .:()+=,-]*")
+
+
 class MethodSpec(Strict):
     """One method entry: fixed params plus an optional grid (cartesian product) or tuning."""
 
@@ -207,6 +211,16 @@ class MethodSpec(Strict):
     params: dict[str, Any] = Field(default_factory=dict)
     grid: dict[str, list[Any]] = Field(default_factory=dict)
     tune: TuneSpec | None = None
+
+    @field_validator("label")
+    @classmethod
+    def _label_chars(cls, v: str | None) -> str | None:
+        """A label names MLflow metrics, runs and folders and fills table cells: characters such
+        as ``|``, ``/``, ``%`` or quotes would break one of them at the end of a sweep."""
+        if v is not None and not LABEL.fullmatch(v):
+            raise ValueError("must start with a letter or digit and hold only letters, digits, spaces "
+                             "and _ . : ( ) + = , -")
+        return v
 
     @field_validator("grid")
     @classmethod
@@ -325,6 +339,14 @@ class ExecutorSpec(Strict):
         return v
 
 
+#: The fields :meth:`SweepConfig.digest` covers.
+EXPERIMENT_FIELDS: dict[str, Any] = {
+    "name": True, "experiment": True, "seed": True, "tasks": True, "seen": True, "unseen": True,
+    "robustness": True, "generalization": True, "model": {"source", "arch", "suite"},
+    "eval": {"max_samples", "select_on"}, "adapt": True,
+}
+
+
 class SweepConfig(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     description: str = ""
@@ -434,7 +456,13 @@ class SweepConfig(Strict):
         )
 
     def digest(self) -> str:
-        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+        """What finds the sweep's MLflow parent run again: the experiment it measures (name, tasks
+        and their split, model kind, evaluation subset, adaptation data, seed). Not where its files
+        lie nor how it runs (paths, executor, device, threads, batch size, description), nor its
+        methods and reference rows: those add jobs, found by their own keys, to the same sweep, so
+        a resumed or extended sweep keeps its parent and logs each job once."""
+        body = self.model_dump(mode="json", include=EXPERIMENT_FIELDS)
+        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------------------
@@ -718,6 +746,23 @@ def check_model_files(cfg: SweepConfig, file: str) -> None:
             raise ConfigError(file, f"model.heads.{t}", "head file does not exist", path)
         if Path(path).is_dir():
             raise ConfigError(file, f"model.heads.{t}", "is a folder, not a head file", path)
+
+
+def output_dir_problem(out: Path) -> str | None:
+    """Why ``out`` cannot be the sweep's output folder (a file stands at it or above it), or None."""
+    for p in (out, *out.parents):
+        if p.exists():
+            return None if p.is_dir() else ("is a file, not a folder" if p == out else f"{p} is a file, not a folder")
+    return None
+
+
+def check_output_dir(cfg: SweepConfig, file: str) -> None:
+    """The output folder can be one: checked with the sweep file (``validate`` included), not by
+    the first write into it."""
+    out = cfg.resolved_output_dir()
+    problem = output_dir_problem(out)
+    if problem:
+        raise ConfigError(file, "output_dir", problem, str(out))
 
 
 def check_generalization(cfg: SweepConfig, file: str) -> None:

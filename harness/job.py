@@ -6,6 +6,7 @@ runs the same in-process, in a worker process or on a cluster node.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 import traceback
@@ -15,6 +16,7 @@ from typing import Any
 
 import torch
 
+from harness.cache import read_json
 from harness.config import MAIN
 from harness.evaluation import correct_predictions, percent, unlabeled_batches
 from harness.failpoints import failpoint
@@ -62,6 +64,53 @@ class JobResult:
         """A result for ``spec``, carrying its identity (key, label, params, task, protocol)."""
         return cls(spec.key, spec.kind, spec.label, spec.params, spec.task, status=status,
                    protocol=spec.protocol, **fields)
+
+
+#: The metric every successful result of a kind carries (what the tables read).
+_REQUIRED_METRIC = {"pretrained": "acc/avg", "merge": "acc/avg", "robustness": "robust/clean/avg",
+                    "trial": "val/acc/avg"}
+
+
+def read_result(path: Path, key: str) -> JobResult | None:
+    """The result cached at ``path`` for job ``key``; None when missing or unusable.
+
+    A file that parses yet is not a whole result of this job (hand-edited, written by another
+    program) is treated as not cached, with one warning naming it: the job runs again instead
+    of the sweep failing on it, or logging it, later."""
+    data = read_json(path)
+    if data is None:
+        return None
+    problem = _result_problem(data, key)
+    if problem is None:
+        try:
+            result = JobResult.from_dict(data)
+        except TypeError as exc:
+            problem = str(exc)
+        else:
+            return result
+    logging.getLogger("harness").warning(f"{path}: not a usable result ({problem}); the job runs again")
+    return None
+
+
+def _result_problem(data: Any, key: str) -> str | None:
+    if not isinstance(data, dict):
+        return f"a {type(data).__name__}, not a mapping"
+    if data.get("key") != key:
+        return f"its key is {data.get('key')!r}"
+    if data.get("status") not in ("ok", "failed", "pruned"):
+        return f"status {data.get('status')!r}"
+    metrics = data.get("metrics")
+    if not isinstance(metrics, dict) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in metrics.values()):
+        return "metrics are not finite numbers"
+    for name in ("params", "timings", "artifacts", "test_correct"):
+        if not isinstance(data.get(name, {}), dict):
+            return f"{name} is not a mapping"
+    kind = data.get("kind")
+    need = f"acc/{data.get('task')}" if kind in ("individual", "perfect_routing") else _REQUIRED_METRIC.get(kind)
+    if data["status"] == "ok" and need not in metrics:
+        return f"no metric {need!r}"
+    return None
 
 
 def evaluate_encoder(ws: Workspace, encoder: torch.nn.Module, task_names: list[str],
@@ -164,12 +213,14 @@ def run_job(spec: JobSpec, ws: Workspace, device: torch.device, workdir: Path) -
             result.metrics = evaluate_encoder(ws, encoder, [spec.task], device, test_correct=result.test_correct)
         elif spec.kind == "robustness":  # a grid method's selected setting, merged again
             merged, _ = merge(spec, ws, device, workdir)
+            check_encoder(spec, merged)
             result.timings["merge"] = time.perf_counter() - t0
             t1 = time.perf_counter()
             result.metrics = robustness_metrics(ws, merged, device)
             result.timings["evaluate"] = time.perf_counter() - t1
         else:
             merged, artifacts = merge(spec, ws, device, workdir)
+            check_encoder(spec, merged)
             failpoint("merged")
             result.artifacts = artifacts
             result.metrics.update(artifact_metrics(artifacts))
@@ -196,6 +247,13 @@ def run_job(spec: JobSpec, ws: Workspace, device: torch.device, workdir: Path) -
         result.error_detail = traceback.format_exc(limit=-5)
     result.timings["total"] = time.perf_counter() - t0
     return result
+
+
+def check_encoder(spec: JobSpec, merged: Any) -> None:
+    """A merge must return an encoder: anything else would fail later with an error about
+    evaluation that does not name the method at fault."""
+    if not isinstance(merged, torch.nn.Module):
+        raise TypeError(f"merge() of {spec.method} returned {type(merged).__name__}, expected an nn.Module")
 
 
 def artifact_metrics(artifacts: dict[str, Any]) -> dict[str, float]:

@@ -171,9 +171,12 @@ def robustness_records(rows: list[Row], corruptions: list[str]) -> tuple[list[st
 
 
 def markdown_table(header: list[str], body: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(r) + " |" for r in body]
-    return "\n".join(lines) + "\n"
+    """A Markdown table; a ``|`` inside a cell (a setting's string value) is escaped, not a column."""
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+
+    return "\n".join([line(header), "|" + "---|" * len(header), *map(line, body)]) + "\n"
 
 
 def rich_table(header: list[str], body: list[list[str]], title: str):

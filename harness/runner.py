@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,13 +17,13 @@ from typing import Any, Iterator, Literal
 import torch
 from rich.console import Console
 
-from harness.cache import atomic_write_bytes, atomic_write_json, read_json
-from harness.config import SweepConfig, dump_yaml
+from harness.cache import atomic_write_bytes, atomic_write_json
+from harness.config import SweepConfig, dump_yaml, output_dir_problem
 from harness.errors import HarnessError
 from harness.executors import make_executor
 from harness.failpoints import failpoint
-from harness.job import JobResult
-from harness.plan import JobSpec, plan_jobs, robustness_inline, robustness_spec
+from harness.job import JobResult, read_result
+from harness.plan import JobSpec, full_params, plan_jobs, robustness_inline, robustness_spec
 from harness.plots import job_artifact_files
 from harness.report import best_routing, build_report
 from harness.results import (
@@ -71,20 +72,29 @@ def finished_result(results_dir: Path, spec: JobSpec) -> JobResult | None:
 
     The result takes the spec's label: a job keeps its key when its method is renamed in the
     sweep, and its row, run name and tags follow the sweep, not the run that computed it."""
-    cached = read_json(results_dir / f"{spec.key}.json")
-    if not cached or cached.get("status") != "ok":
+    result = read_result(results_dir / f"{spec.key}.json", spec.key)
+    if result is None or result.status != "ok":
         return None
-    result = JobResult.from_dict(cached)
     result.label = spec.label
     return result
 
 
+def traceback_file(out: Path, key: str) -> Path:
+    """Where a failed job's traceback is kept: the error line alone rarely names the file and line."""
+    return out / "artifacts" / key / "traceback.txt"
+
+
 def job_params(cfg: SweepConfig, spec: JobSpec) -> dict[str, Any]:
-    """What MLflow records as a job's params: the resolved config, flattened, plus the job's own."""
+    """What MLflow records as a job's params: the resolved config, flattened, plus the job's own:
+    ``params`` as the sweep gives them and ``hyperparameters``, every one the method ran with
+    (defaults included, as in the job's key)."""
     conf = cfg.model_dump(mode="json")
     conf.pop("methods", None)
-    return {"job": {"kind": spec.kind, "label": spec.label, "method": spec.method, "task": spec.task,
-                    "protocol": spec.protocol, "params": spec.params}, "config": conf}
+    job = {"kind": spec.kind, "label": spec.label, "method": spec.method, "task": spec.task,
+           "protocol": spec.protocol, "params": spec.params}
+    if spec.method:
+        job["hyperparameters"] = full_params(spec.method, spec.params)
+    return {"job": job, "config": conf}
 
 
 def run_sweep(cfg: SweepConfig, console: Console | None = None, quiet: bool = False,
@@ -96,6 +106,9 @@ def run_sweep(cfg: SweepConfig, console: Console | None = None, quiet: bool = Fa
         if not console.is_terminal:  # logged output: keep the results table's columns whole
             console = Console(stderr=True, quiet=quiet, width=200)
     show = not quiet
+    problem = output_dir_problem(cfg.resolved_output_dir())
+    if problem:  # before anything is read from it or built for it
+        raise HarnessError(f"output_dir: {problem} (got {str(cfg.resolved_output_dir())!r})")
     ws = Workspace(cfg, progress=show)
     executor = make_executor(cfg, ws, progress=show, console=console)
     if mode != "run" and not hasattr(executor, "known"):
@@ -124,6 +137,8 @@ def _output_lock(out: Path) -> Iterator[None]:
         raise HarnessError(f"{out}: another sweep is running into this output folder (lock file "
                            f"{lock.lock_file}); rerun when it ends (its finished jobs are cached), "
                            "or set another output_dir") from None
+    except OSError as exc:  # read-only file system, no write permission
+        raise HarnessError(f"output_dir: cannot write into it ({exc.strerror or exc}) (got {str(out)!r})") from None
     try:
         yield
     finally:
@@ -162,9 +177,12 @@ def _run_sweep(cfg: SweepConfig, ws: Workspace, executor: Any, console: Console,
     if pending or any(m.tune for m in cfg.methods):  # a finished sweep builds no model
         ws.preflight()  # bad checkpoints, data or heads: one error now, before anything is written
     failpoint("prepare")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise HarnessError(f"output_dir: cannot create it ({exc.strerror or exc}) (got {str(out)!r})") from None
     held.enter_context(_output_lock(out))
-    for stale in results_dir.glob(".*.tmp"):  # temp files of writes a killed run never renamed
+    for stale in [*results_dir.glob(".*.tmp"), *out.glob(".mlflow.db.*.tmp")]:  # writes a killed run never renamed
         stale.unlink(missing_ok=True)
     timings["prepare"] = time.perf_counter() - t0
 
@@ -209,12 +227,16 @@ def _run_sweep(cfg: SweepConfig, ws: Workspace, executor: Any, console: Console,
             indiv = {x.task: x.metrics[f"acc/{x.task}"] for x in results.values()
                      if x.kind == "individual" and x.status == "ok"}
             r.metrics.update(normalized(r.metrics, indiv, cfg.seen_tasks(spec_by_key[r.key].protocol)))
+        spec = spec_by_key[r.key]
         if tracker.is_logged(r.key):
+            tracker.rename(r.key, r.label, spec.title)
             return
         files = job_artifact_files(r.artifacts, out / "artifacts" / r.key) if r.status == "ok" else []
+        if r.status != "ok" and traceback_file(out, r.key).is_file():
+            files.append(traceback_file(out, r.key))
         if r.status == "ok" and r.test_correct:
             files.append(write_correct(r.test_correct, out / "artifacts" / r.key))
-        tracker.log_job(r, job_params(cfg, spec_by_key[r.key]), digest, files)
+        tracker.log_job(r, job_params(cfg, spec), digest, files, name=spec.title)
 
     with _progress(console, show and not getattr(executor, "shows_progress", False), len(pending),
                    always=bool(tuned)) as bar:
@@ -236,10 +258,13 @@ def _run_sweep(cfg: SweepConfig, ws: Workspace, executor: Any, console: Console,
                 res.artifacts = jsonable(res.artifacts)
                 failpoint("job_done")
                 if res.status in ("ok", "pruned"):
+                    traceback_file(out, spec.key).unlink(missing_ok=True)  # an earlier attempt's
                     atomic_write_json(results_dir / f"{spec.key}.json", res.to_dict())
                     if show and res.status == "ok" and spec.kind != "trial":
                         console.print(result_line(res, spec), highlight=False)
                 else:
+                    if res.error_detail:
+                        atomic_write_bytes(traceback_file(out, spec.key), res.error_detail.encode())
                     console.print(f"[red]failed[/] {spec.title}: {res.error}")
                 results[spec.key] = res
                 executed.append(spec.key)
@@ -299,7 +324,7 @@ def _run_sweep(cfg: SweepConfig, ws: Workspace, executor: Any, console: Console,
         summary[f"generalization/{row.method}/seen/avg"] = row.avg
         if "unseen/avg" in row.metrics:
             summary[f"generalization/{row.method}/unseen/avg"] = row.metrics["unseen/avg"]
-    tracker.log_summary_metrics({k.replace(" ", "_"): v for k, v in summary.items()})
+    tracker.log_summary_metrics({metric_name(k): v for k, v in summary.items()})
     failed = [r for r in ordered if r.status != "ok"]
     tracker.finish(ok=not failed)
     timings["logging"] = time.perf_counter() - t2
@@ -308,6 +333,12 @@ def _run_sweep(cfg: SweepConfig, ws: Workspace, executor: Any, console: Console,
     if show:
         print_tables(console, cfg, rows, gen_rows)
     return outcome
+
+
+def metric_name(text: str) -> str:
+    """``text`` as an MLflow metric name (letters, digits, ``_ - . / :``): a method registered
+    under any name must not fail the sweep's summary."""
+    return re.sub(r"[^\w./:-]", "_", text)
 
 
 def result_line(result: JobResult, spec: JobSpec) -> str:
@@ -361,9 +392,9 @@ def run_study(cfg: SweepConfig, m, identity: dict, task_identity: dict, results_
     def run_batch(batch: list[JobSpec]) -> list[tuple[JobSpec, JobResult]]:
         todo, done = [], []
         for spec in batch:  # a trial whose job already finished (killed driver) is not rerun
-            cached = read_json(results_dir / f"{spec.key}.json")
+            cached = read_result(results_dir / f"{spec.key}.json", spec.key)
             if cached:
-                done.append((spec, JobResult.from_dict(cached)))
+                done.append((spec, cached))
             else:
                 todo.append(spec)
         bar.add(len(todo))

@@ -1,7 +1,7 @@
 """MLflow: one parent run per sweep, one nested run per job; only the driver writes.
 
-Runs are found again by tags (the sweep's config digest, each job's cache key), so a rerun
-of a sweep continues the same parent run and logs every job exactly once.
+Runs are found again by tags (the digest of what the sweep measures, each job's cache key), so
+a rerun of a sweep continues the same parent run and logs every job exactly once.
 """
 
 from __future__ import annotations
@@ -55,8 +55,9 @@ def seed_sqlite_store(uri: str, cache_dir: Path) -> bool:
     """Start a new SQLite tracking store as a copy of an empty, migrated one kept in the cache.
 
     MLflow creates a store by running its ~60 schema migrations: seconds for every new output
-    folder. The template is built once per MLflow version; the copy's Default experiment gets
-    an artifact location inside the new store's folder. Returns whether a store was seeded."""
+    folder. The template is built once per MLflow version (again if it is found damaged: a
+    truncated copy would break every new sweep); the copy's Default experiment gets an artifact
+    location inside the new store's folder. Returns whether a store was seeded."""
     if not uri.startswith("sqlite:///"):
         return False
     db = Path(uri.removeprefix("sqlite:///"))
@@ -65,22 +66,31 @@ def seed_sqlite_store(uri: str, cache_dir: Path) -> bool:
     import mlflow
 
     template = cache_dir / "mlflow" / f"empty-store-{mlflow.__version__}.db"
-    if not template.is_file():
+    if not _is_empty_store(template):
         from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
         template.parent.mkdir(parents=True, exist_ok=True)
         tmp = template.with_name(f".{template.name}.{os.getpid()}.tmp")
         tmp.unlink(missing_ok=True)
-        SqlAlchemyStore(f"sqlite:///{tmp}", str(template.parent / "mlruns")).engine.dispose()
-        os.replace(tmp, template)
+        try:
+            SqlAlchemyStore(f"sqlite:///{tmp}", str(template.parent / "mlruns")).engine.dispose()
+            os.replace(tmp, template)
+        finally:
+            tmp.unlink(missing_ok=True)
     db.parent.mkdir(parents=True, exist_ok=True)
     tmp = db.with_name(f".{db.name}.{os.getpid()}.tmp")
-    shutil.copyfile(template, tmp)
-    with sqlite3.connect(tmp) as con:
-        con.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0",
-                    (str(db.parent / "mlruns" / "0"),))
-    con.close()
-    os.replace(tmp, db)
+    try:
+        shutil.copyfile(template, tmp)
+        con = sqlite3.connect(tmp)
+        try:
+            with con:
+                con.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0",
+                            (str(db.parent / "mlruns" / "0"),))
+        finally:
+            con.close()
+        os.replace(tmp, db)
+    finally:
+        tmp.unlink(missing_ok=True)
     return True
 
 
@@ -115,7 +125,27 @@ def relocate_copied_store(uri: str, out: Path) -> str | None:
                         "AND substr(artifact_uri, 1, ?) = ?", (new, len(location) + 1, exp_id, len(location), location))
             moved = old
     con.close()
+    if moved:  # MLflow caches each run's artifact location per process, by run id
+        from mlflow.tracking._tracking_service import utils
+
+        getattr(utils, "_artifact_repos_cache", {}).clear()
     return str(moved) if moved else None
+
+
+def _is_empty_store(path: Path) -> bool:
+    """Whether ``path`` is a sound, migrated store holding only the Default experiment."""
+    if not path.is_file():
+        return False
+    try:
+        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            sound = con.execute("PRAGMA quick_check").fetchone() == ("ok",)
+            migrated = sound and con.execute("SELECT count(*) FROM alembic_version").fetchone()[0] == 1
+            return migrated and con.execute("SELECT experiment_id FROM experiments").fetchall() == [(0,)]
+        finally:
+            con.close()
+    except sqlite3.Error:
+        return False
 
 
 class Tracker:
@@ -129,7 +159,9 @@ class Tracker:
         self._sweep: tuple[str, dict[str, Any]] | None = None
         self._parent_id: str | None = None
         self._logged: dict[str, tuple[str, str]] = {}  # job key -> (run id, status)
+        self._names: dict[str, tuple[str, str]] = {}  # job key -> (label, run name) of its run
         self._tuning: list[str] = []  # tuning runs this driver reopened or created
+        self._writing: set[str] = set()  # job and trial runs this driver created and has not ended
 
     @property
     def client(self) -> Any:
@@ -196,12 +228,29 @@ class Tracker:
             self._log_params(self._parent_id, params)
         children = self.client.search_runs([self.experiment_id], f"tags.`mlflow.parentRunId` = '{self._parent_id}'",
                                            max_results=50000)
-        self._logged = {}
-        for r in children:  # a job run a killed driver left half-logged is logged again, whole
-            if r.info.status == "RUNNING" and r.data.tags.get(JOB_TAG):
+        self._logged, self._names = {}, {}
+        for r in children:  # a job run a stopped driver left half-logged is logged again, whole
+            if r.info.status not in ("FINISHED", "FAILED") and r.data.tags.get(JOB_TAG):
                 self.client.delete_run(r.info.run_id)
             elif r.data.tags.get(JOB_TAG):
                 self._logged[r.data.tags[JOB_TAG]] = (r.info.run_id, r.info.status)
+                self._names[r.data.tags[JOB_TAG]] = (r.data.tags.get("harness.label", ""), r.info.run_name)
+        if self._own_store():
+            self._end_stale_runs()
+
+    def _own_store(self) -> bool:
+        """Whether the store is the output folder's own SQLite file: the folder's lock, held by
+        this driver, then keeps every other driver from writing to it."""
+        own = self.cfg.resolved_output_dir() / "mlflow.db"
+        return self.uri.startswith("sqlite:///") and Path(self.uri.removeprefix("sqlite:///")).resolve() == own
+
+    def _end_stale_runs(self) -> None:
+        """Runs a killed driver left RUNNING (an earlier sweep's parent, its jobs, studies and
+        trials) end KILLED: no driver is writing to them, and the UI should not say otherwise."""
+        experiments = [e.experiment_id for e in self.client.search_experiments()]
+        for r in self.client.search_runs(experiments, "attributes.status = 'RUNNING'", max_results=50000):
+            if r.info.run_id != self._parent_id and r.data.tags.get("harness.kind"):
+                self.client.set_terminated(r.info.run_id, status="KILLED")
 
     def _log_params(self, run_id: str, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
@@ -210,14 +259,26 @@ class Tracker:
         for i in range(0, len(flat), 100):
             self.client.log_batch(run_id, params=flat[i : i + 100])
 
+    def rename(self, key: str, label: str, name: str) -> None:
+        """A logged job's run takes the label and run name the sweep now gives it (a renamed
+        method keeps its jobs and runs)."""
+        if key in self._logged and self._names.get(key) != (label, name):
+            rid = self._logged[key][0]
+            self.client.set_tag(rid, "harness.label", label)
+            self.client.set_tag(rid, "mlflow.runName", name)
+            self._names[key] = (label, name)
+
     def is_logged(self, key: str) -> bool:
         """Logged as finished (a failed attempt is replaced once the job succeeds)."""
         self._open()  # what is logged is known once the sweep's run is found
         return self._logged.get(key, (None, None))[1] == "FINISHED"
 
     def log_job(self, result: Any, params: dict[str, Any], config_digest: str,
-                files: list[Path] | None = None) -> str | None:
-        """A nested run for a finished (or failed) job; skipped if this job is already logged."""
+                files: list[Path] | None = None, name: str | None = None) -> str | None:
+        """A nested run for a finished (or failed) job; skipped if this job is already logged.
+
+        ``name``: the run's name (default the result's title); a grid point's names its setting,
+        so that the points of a grid can be told apart in the UI."""
         from mlflow.entities import Metric
 
         previous = self._logged.get(result.key)
@@ -225,7 +286,7 @@ class Tracker:
             return None  # logged already (a failure is logged once, not at every retry)
         if previous:
             self.client.delete_run(previous[0])  # the failed attempt, now superseded
-        name = result.title
+        name = name or result.title
         tags = {"mlflow.parentRunId": self.parent_id, JOB_TAG: result.key, "harness.kind": result.kind,
                 "harness.config_digest": config_digest, "mlflow.runName": name, "harness.label": result.label}
         if result.task:
@@ -235,11 +296,12 @@ class Tracker:
             tags["harness.failure_reason"] = result.error[:5000]
         run = self.client.create_run(self.experiment_id, tags=tags)
         rid = run.info.run_id
+        self._writing.add(rid)
         self._log_params(rid, params)
         metrics = [Metric(k, float(v), 0, 0) for k, v in result.metrics.items()]
         metrics += [Metric(f"time/{k}", float(v), 0, 0) for k, v in result.timings.items()]
-        for name, series in result.artifacts.get("curves", {}).items():  # e.g. adaptation loss per step
-            metrics += [Metric(name, float(v), 0, step) for step, v in curve_points(series)]
+        for curve, series in result.artifacts.get("curves", {}).items():  # e.g. adaptation loss per step
+            metrics += [Metric(curve, float(v), 0, step) for step, v in curve_points(series)]
         for i in range(0, len(metrics), 500):
             self.client.log_batch(rid, metrics=metrics[i : i + 500])
         failpoint("mlflow_log")
@@ -247,15 +309,18 @@ class Tracker:
             self.client.log_artifact(rid, str(f))
         status = "FINISHED" if result.status == "ok" else "FAILED"
         self.client.set_terminated(rid, status=status)
+        self._writing.discard(rid)
         self._logged[result.key] = (rid, status)
+        self._names[result.key] = (result.label, name)
         return rid
 
     def _find_or_create(self, key: str, tags: dict[str, str], finished_only: bool = False) -> tuple[str, bool]:
         """A run identified by ``harness.run_key`` (reused on rerun), and whether it is new.
 
-        With ``finished_only`` a run left RUNNING (its writer was killed) is replaced."""
+        With ``finished_only`` a run left unfinished (RUNNING or KILLED: its writer was stopped)
+        is replaced."""
         runs = self.client.search_runs([self.experiment_id], f"tags.`harness.run_key` = '{key}'", max_results=1)
-        if runs and finished_only and runs[0].info.status == "RUNNING":
+        if runs and finished_only and runs[0].info.status not in ("FINISHED", "FAILED"):
             self.client.delete_run(runs[0].info.run_id)
             runs = []
         if runs:
@@ -285,6 +350,7 @@ class Tracker:
             "harness.trial_state": state, "mlflow.runName": f"trial {number}"}, finished_only=True)
         if not new:
             return
+        self._writing.add(rid)
         self._log_params(rid, {"trial": params})
         metrics = [Metric(k, float(v), 0, 0) for k, v in result.metrics.items()]
         if state == "COMPLETE":
@@ -294,6 +360,7 @@ class Tracker:
         if result.error:
             self.client.set_tag(rid, "harness.failure_reason", result.error[:5000])
         self.client.set_terminated(rid, status="FAILED" if state == "FAIL" else "FINISHED")
+        self._writing.discard(rid)
 
     def finish_tuning_run(self, rid: str, best: dict[str, Any], best_value: float, files: list[Path]) -> None:
         from mlflow.entities import Metric, RunTag
@@ -314,12 +381,13 @@ class Tracker:
         self.client.log_batch(self.parent_id, metrics=[Metric(k, float(v), 0, 0) for k, v in metrics.items()])
 
     def abandon(self, status: str) -> None:
-        """End the runs this driver left RUNNING (the sweep's, its studies') with ``status``
-        (KILLED after Ctrl-C, FAILED after a crash), so the UI does not show a stopped sweep as
-        running forever. A rerun reopens them. Does nothing if MLflow was never opened."""
+        """End the runs this driver left RUNNING (the sweep's, its studies', a job's or trial's
+        it was logging) with ``status`` (KILLED after Ctrl-C, FAILED after a crash), so the UI
+        does not show a stopped sweep as running forever. A rerun reopens the sweep's and
+        studies' runs and logs a half-logged job again. Does nothing if MLflow was never opened."""
         if self._client is None or self._parent_id is None:
             return
-        for rid in [*self._tuning, self._parent_id]:
+        for rid in [*self._writing, *self._tuning, self._parent_id]:
             if self._client.get_run(rid).info.status == "RUNNING":
                 self._client.set_terminated(rid, status=status)
 

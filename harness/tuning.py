@@ -15,10 +15,9 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from harness.cache import read_json
 from harness.config import MethodSpec, SweepConfig, TuneSpec
 from harness.errors import HarnessError
-from harness.job import JobResult
+from harness.job import JobResult, read_result
 from harness.plan import JobSpec, with_key
 
 if TYPE_CHECKING:
@@ -139,8 +138,7 @@ class StudyRunner:
         pending = []
         for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             spec = self.spec(t._trial_id, t.number, t.params)
-            cached = read_json(self.results_dir / f"{spec.key}.json")
-            pending.append((spec, JobResult.from_dict(cached) if cached else None))
+            pending.append((spec, read_result(self.results_dir / f"{spec.key}.json", spec.key)))
         return pending
 
     def relog(self, record: Callable[[JobSpec, JobResult, str], None]) -> None:
@@ -149,9 +147,9 @@ class StudyRunner:
 
         for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
             spec = self.spec(t._trial_id, t.number, t.params)
-            cached = read_json(self.results_dir / f"{spec.key}.json")
+            cached = read_result(self.results_dir / f"{spec.key}.json", spec.key)
             if cached:
-                record(spec, JobResult.from_dict(cached), t.state.name)
+                record(spec, cached, t.state.name)
 
     def ask(self, k: int) -> list[JobSpec]:
         specs = []

@@ -76,3 +76,10 @@ class ReadsTestDataUnasked(MergeMethod):
     def merge(self, pretrained: nn.Module, finetuned: Mapping[str, nn.Module], ctx: MergeContext) -> nn.Module:
         next(ctx.unlabeled[next(iter(finetuned))]())
         return pretrained
+
+
+class ReturnsNone(MergeMethod):
+    """Forgets to return the merged encoder."""
+
+    def merge(self, pretrained: nn.Module, finetuned: Mapping[str, nn.Module], ctx: MergeContext) -> nn.Module:
+        task_arithmetic_state(pretrained, finetuned, 0.3)

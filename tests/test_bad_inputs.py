@@ -295,3 +295,38 @@ def test_second_sweep_into_a_busy_output_folder_is_refused(sweep_dict, tmp_path)
         holder.wait()
     code, err, _ = _run_sweep(tmp_path, d)  # the holder is gone (killed): the lock went with it
     assert code == 0, err
+
+
+def test_an_output_dir_that_is_a_file_is_bad_input(sweep_dict, tmp_path):
+    taken = tmp_path / "taken"
+    taken.write_text("not a folder")
+    for out, problem in ((taken, "is a file, not a folder"), (taken / "sub", f"{taken} is a file, not a folder")):
+        d = dict(sweep_dict, output_dir=str(out))
+        for command in ("validate", "sweep"):
+            r = CliRunner().invoke(main, [command, _write(tmp_path, d)])
+            err = " ".join(r.stderr.split())
+            assert r.exit_code == 2, err + r.stdout
+            assert err == f"error: {tmp_path / 's.yaml'}: output_dir: {problem} (got {str(out)!r})", err
+            assert "valid" not in r.stdout
+    assert taken.read_text() == "not a folder"
+
+
+def test_a_read_only_output_folder_is_one_line(sweep_dict, tmp_path, monkeypatch):
+    """EROFS or EACCES on the lock file: the folder named, no traceback, nothing run."""
+    import errno
+    import os
+
+    out = tmp_path / "out"
+    out.mkdir()
+    real_open = os.open
+
+    def read_only(path, *args, **kwargs):
+        if str(path).startswith(str(out)):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", read_only)
+    code, err, _ = _run_sweep(tmp_path, dict(sweep_dict, output_dir=str(out)))
+    assert code == 2, err
+    assert err == f"error: output_dir: cannot write into it (Read-only file system) (got {str(out)!r})", err
+    assert list(out.iterdir()) == []

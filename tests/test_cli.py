@@ -109,3 +109,16 @@ def test_ctrl_c_in_a_command_that_keeps_nothing_does_not_promise_a_resume(tmp_pa
     (tmp_path / "mlflow.db").write_bytes(b"")
     r = CliRunner().invoke(main, ["report", str(tmp_path)])
     assert r.exit_code == 130 and r.stderr == "interrupted\n", r.stderr
+
+
+def test_ui_refuses_a_port_out_of_range(tmp_path, monkeypatch):
+    (tmp_path / "mlflow.db").write_bytes(b"")
+
+    def no_server(*args):
+        raise AssertionError("the server was started")
+
+    monkeypatch.setattr(os, "execve", no_server)
+    for port in ("99999", "0"):
+        r = CliRunner().invoke(main, ["ui", str(tmp_path), "--port", port])
+        assert r.exit_code == 2, r.output
+        assert "--port" in r.output and "1<=x<=65535" in r.output and "Traceback" not in r.output

@@ -351,3 +351,13 @@ def test_pattern_with_escaped_braces_and_checkpoints_of_unseen_tasks_are_accepte
         cfg = validate_config({**d, **split})
         check_model_files(cfg, "<test>")
         assert cfg.model.finetuned_pattern.format(task="toy_stripes") == str(folder / "toy_stripes.safetensors")
+
+
+@pytest.mark.parametrize("label", ["TA | 50% & #1", "unl_$x$", "../up", "it's", "a/b", "_x", ""])
+def test_a_label_that_would_break_metrics_files_or_tables_is_refused(label, sweep_dict, tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text(yaml.safe_dump(_set(sweep_dict, "methods.0.label", label)))
+    code, out, err = _run(["validate", str(f)])
+    assert code == 2, (out, err)
+    assert " ".join(err.split()) == (f"error: {f}: methods.0.label: must start with a letter or digit and hold only "
+                                     f"letters, digits, spaces and _ . : ( ) + = , - (got {label!r})")

@@ -176,7 +176,7 @@ def test_generalization_table_from_mlflow_report(swept, tmp_path):
     tagged = {run.data.tags["harness.job_key"]: run.data.tags.get("harness.protocol") for run in children}
     assert tagged == {res.key: res.protocol for res in outcome.results}
     names = sorted(run.info.run_name for run in children if run.data.tags["harness.protocol"] == GENERALIZATION)
-    assert names == ["task_arithmetic (gen)"] * 2 + ["weight_averaging (gen)"]
+    assert names == sorted([f"task_arithmetic (gen)(scaling={s})" for s in SCALINGS] + ["weight_averaging (gen)"])
     arts = {a.path for a in client.list_artifacts(outcome.parent_run_id, "report")}
     assert {"report/generalization.md", "report/generalization.csv", "report/generalization.tex"} <= arts
 

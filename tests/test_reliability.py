@@ -29,9 +29,9 @@ def test_failures_are_isolated_and_reported(sweep_dict, tmp_path):
     assert r.exit_code == 1
     err = " ".join(r.stderr.split())
     assert "3 of 8 jobs failed" in err
-    assert "nan-weights : FloatingPointError: non-finite logits" in err
-    assert "oom : out of memory" in err
-    assert "nan-loss : FloatingPointError: adaptation loss is NaN" in err
+    assert "nan-weights: FloatingPointError: non-finite logits" in err
+    assert "oom: out of memory" in err
+    assert "nan-loss: FloatingPointError: adaptation loss is NaN" in err
     assert "weight_averaging" in r.stdout and "task_arithmetic" in r.stdout  # the others finished
     cfg = validate_config(d)
     client = MlflowClient(cfg.resolved_tracking_uri())
@@ -41,6 +41,39 @@ def test_failures_are_isolated_and_reported(sweep_dict, tmp_path):
         assert run.info.status == "FAILED" and reason in run.data.tags["harness.failure_reason"]
     ok = client.search_runs([exp], "tags.`harness.label` = 'task_arithmetic'")[0]
     assert ok.info.status == "FINISHED"
+
+
+def test_a_failed_jobs_traceback_is_kept_and_a_merge_returning_none_is_named(sweep_dict, tmp_path):
+    """The error line alone does not say where a user's method failed: its traceback is kept as
+    the job's artifact (file and MLflow run) and its path printed in the summary."""
+    import inspect
+
+    from tests.failing_method import AlwaysFails
+
+    d = dict(sweep_dict, references=False, methods=[
+        {"name": "tests.failing_method:AlwaysFails", "label": "raiser"},
+        {"name": "tests.faulty_methods:ReturnsNone", "label": "none"},
+    ])
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump(d))
+    r = CliRunner().invoke(main, ["sweep", "-q", str(f)], env={"COLUMNS": "200"})
+    assert r.exit_code == 1
+    err = " ".join(r.stderr.split())
+    assert "raiser: RuntimeError: deliberate failure" in err
+    assert ("none: TypeError: merge() of tests.faulty_methods:ReturnsNone returned NoneType, "
+            "expected an nn.Module") in err
+    cfg = validate_config(d)
+    client = MlflowClient(cfg.resolved_tracking_uri())
+    exp = client.get_experiment_by_name(cfg.name).experiment_id
+    run = client.search_runs([exp], "tags.`harness.label` = 'raiser'")[0]
+    key = run.data.tags["harness.job_key"]
+    path = cfg.resolved_output_dir() / "artifacts" / key / "traceback.txt"
+    assert f"traceback: {path}" in err
+    raise_line = inspect.getsourcelines(AlwaysFails.merge)[1] + 1
+    text = path.read_text()
+    assert f'failing_method.py", line {raise_line}, in merge' in text and "deliberate failure" in text
+    logged = client.download_artifacts(run.info.run_id, "traceback.txt", str(tmp_path / "dl"))
+    assert open(logged).read() == text
 
 
 def test_same_seed_same_metrics(sweep_dict, tmp_path):
@@ -139,3 +172,56 @@ def test_reading_test_data_without_asking_says_how_to_ask(sweep_dict):
     out = run_sweep(validate_config(d), quiet=True)
     assert [r.label for r in out.failed] == ["unasked"]
     assert "ReadsTestDataUnasked must set the class attribute uses_test_data = True" in out.failed[0].error
+
+
+def test_an_unusable_results_file_is_run_again(sweep_dict, caplog):
+    """A results file that parses but is not a whole result (hand-edited, another program's) is
+    not a cached result: the job runs again and the tables come out as from a clean run."""
+    import json
+    import logging
+
+    cfg = validate_config(dict(sweep_dict, methods=[{"name": "weight_averaging"}]))
+    first = run_sweep(cfg, quiet=True)
+    merge = next(r for r in first.results if r.kind == "merge")
+    path = first.output_dir / "results" / f"{merge.key}.json"
+    whole = json.loads(path.read_text())
+    for content in ("x", {"status": "ok"}, {**whole, "metrics": {}}, {**whole, "metrics": {"acc/avg": "high"}},
+                    {**whole, "key": "another-job"}, [whole]):
+        path.write_text(json.dumps(content))
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="harness"):
+            again = run_sweep(cfg, quiet=True)
+        assert again.executed == [merge.key], content
+        assert [(r.method, r.avg) for r in again.rows] == [(r.method, r.avg) for r in first.rows]
+        assert json.loads(path.read_text()) == whole | {"timings": json.loads(path.read_text())["timings"]}
+        assert [m for m in caplog.messages if str(path) in m and "runs again" in m], content
+    client = MlflowClient(cfg.resolved_tracking_uri())
+    exp = client.get_experiment_by_name(cfg.name).experiment_id
+    runs = client.search_runs([exp], f"tags.`harness.job_key` = '{merge.key}'")
+    assert [(r.info.status, r.data.metrics["acc/avg"]) for r in runs] == [("FINISHED", merge.metrics["acc/avg"])]
+
+
+def test_ctrl_c_while_a_job_is_logged_ends_its_run_killed_and_the_rerun_logs_it_whole(sweep_dict, monkeypatch):
+    import harness.tracking as tracking
+
+    cfg = validate_config(dict(sweep_dict, methods=[{"name": "weight_averaging"}], references=False))
+
+    def interrupted(name: str) -> None:
+        if name == "mlflow_log":
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(tracking, "failpoint", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            run_sweep(cfg, quiet=True)
+    client = MlflowClient(cfg.resolved_tracking_uri())
+    exp = client.get_experiment_by_name(cfg.name).experiment_id
+
+    def runs() -> list[tuple[str, str]]:
+        return sorted((r.data.tags["harness.kind"], r.info.status) for r in client.search_runs([exp]))
+
+    assert runs() == [("merge", "KILLED"), ("sweep", "KILLED")]
+    outcome = run_sweep(cfg, quiet=True)
+    assert runs() == [("merge", "FINISHED"), ("sweep", "FINISHED")]
+    (job,) = client.search_runs([exp], "tags.`harness.kind` = 'merge'")
+    assert job.data.metrics["acc/avg"] == outcome.results[0].metrics["acc/avg"]

@@ -80,3 +80,66 @@ def test_killed_at_many_points_then_resumed(micro_checkpoints, tmp_path):
     for c in children:
         for k, v in ref_metrics[c.data.tags["harness.job_key"]].items():
             assert abs(c.data.metrics[k] - v) < 1e-9, (k, c.data.metrics.get(k), v)
+
+
+def _sweep_runs(cfg) -> tuple[MlflowClient, str]:
+    client = MlflowClient(cfg.resolved_tracking_uri())
+    return client, client.get_experiment_by_name(cfg.name).experiment_id
+
+
+def test_a_resumed_or_extended_sweep_keeps_its_parent_and_logs_each_job_once(sweep_dict, tmp_path):
+    """Settings of how a sweep runs, and more methods or grid values, leave it the same sweep:
+    one parent run, each job logged once. What it measures (here the evaluation subset) makes
+    another."""
+    d = dict(sweep_dict, methods=[{"name": "weight_averaging"}, {"name": "task_arithmetic", "grid": {"scaling": [0.2]}}])
+    first = run_sweep(validate_config(d), quiet=True)
+    out = d["output_dir"]
+    for change in ({"executor": {"kind": "local", "workers": 2}}, {"output_dir": out + "/"},
+                   {"description": "rerun"}, {"eval": {"batch_size": 64}}, {"threads": 1}, {"device": "cpu"},
+                   {"cache_dir": str(tmp_path / "other-cache")},
+                   {"tracking_uri": f"sqlite:///{out}/mlflow.db"},
+                   {"methods": [{"name": "weight_averaging", "label": "wa"},
+                                {"name": "task_arithmetic", "grid": {"scaling": [0.2, 0.6]}}]}):
+        again = run_sweep(validate_config({**d, **change}), quiet=True)
+        assert again.parent_run_id == first.parent_run_id, change
+    assert again.executed and len(again.executed) == 1  # the new grid value's job alone
+    cfg = validate_config(d)
+    client, exp = _sweep_runs(cfg)
+    runs = client.search_runs([exp], max_results=1000)
+    jobs = [r for r in runs if r.data.tags["harness.kind"] != "sweep"]
+    assert len(runs) - len(jobs) == 1 and client.get_run(first.parent_run_id).info.status == "FINISHED"
+    assert sorted(r.data.tags["harness.job_key"] for r in jobs) == sorted(r.key for r in again.results)
+    assert len(jobs) == 1 + len(d["tasks"]) + 3
+    assert sorted(r.data.tags["harness.label"] for r in jobs if r.data.tags["harness.kind"] == "merge") == [
+        "task_arithmetic", "task_arithmetic", "wa"]  # the renamed method's run follows the sweep
+    subset = run_sweep(validate_config({**d, "eval": {"max_samples": 8}}), quiet=True)
+    assert subset.parent_run_id != first.parent_run_id
+
+
+def test_a_killed_sweeps_runs_are_ended_by_the_next_sweep_on_its_own_store(micro_checkpoints, tmp_path):
+    """A SIGKILLed driver leaves its runs RUNNING. The next sweep into the folder, holding its lock,
+    ends them KILLED, even when it starts another parent run (here: another seed)."""
+    d = make_sweep_dict(micro_checkpoints, tmp_path)
+    d["methods"] = [{"name": "weight_averaging"}, {"name": "task_arithmetic"}]
+    assert run_forked(d, "mlflow_log:2") == -9
+    cfg = validate_config(d)
+    client, exp = _sweep_runs(cfg)
+    killed = {r.info.run_id: r.info.status for r in client.search_runs([exp])}
+    assert "RUNNING" in killed.values()
+    reseeded = run_sweep(validate_config({**d, "seed": 1}), quiet=True)
+    assert reseeded.parent_run_id not in killed
+    statuses = {r.info.run_id: r.info.status for r in client.search_runs([exp])}
+    assert {statuses[rid] for rid, status in killed.items() if status == "RUNNING"} == {"KILLED"}
+    assert {s for rid, s in statuses.items() if rid not in killed} == {"FINISHED"}
+
+
+def test_runs_in_a_shared_store_are_left_to_their_drivers(micro_checkpoints, tmp_path):
+    """Another driver may be writing to a store outside the output folder: its RUNNING runs stay."""
+    d = make_sweep_dict(micro_checkpoints, tmp_path)
+    d["methods"] = [{"name": "weight_averaging"}]
+    d["tracking_uri"] = f"sqlite:///{tmp_path / 'shared.db'}"
+    run_sweep(validate_config(d), quiet=True)
+    client, exp = _sweep_runs(validate_config(d))
+    other = client.create_run(exp, tags={"harness.kind": "sweep", "harness.sweep_digest": "another"}).info.run_id
+    run_sweep(validate_config({**d, "output_dir": str(tmp_path / "out2")}), quiet=True)
+    assert client.get_run(other).info.status == "RUNNING"

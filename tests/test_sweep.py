@@ -253,3 +253,55 @@ def test_a_task_built_in_code_is_identified_by_its_content():
     a = unversioned(40).identity()
     assert unversioned(40).identity() == a
     assert unversioned(40, flip=True).identity() != a and unversioned(20).identity() != a
+
+
+def test_labels_with_punctuation_end_the_sweep_and_keep_the_tables_whole(sweep_dict):
+    """A label's parentheses, '=', '+' and ',' are not allowed in MLflow metric names: the
+    summary metrics take a cleaned name instead of failing the sweep at its end."""
+    import re
+
+    from harness.results import markdown_table
+
+    label = "ta (x=0.5, +1)"
+    cfg = validate_config(dict(sweep_dict, methods=[{"name": "task_arithmetic", "label": label}]))
+    outcome = run_sweep(cfg, quiet=True)
+    row = next(r for r in outcome.rows if r.method == label)
+    parent = MlflowClient(cfg.resolved_tracking_uri()).get_run(outcome.parent_run_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.metrics["ta__x_0.5___1_/acc/avg"] == row.avg
+    assert f"| {label} |" in (outcome.output_dir / "report" / "main.md").read_text()
+
+    table = markdown_table(["method", "setting"], [["ties", "mode=a|b"]])
+    cells = [re.split(r"(?<!\\)\|", line)[1:-1] for line in table.splitlines()]
+    assert [len(c) for c in cells] == [2, 2, 2] and cells[2][1].strip() == r"mode=a\|b"
+
+
+def test_job_runs_carry_every_hyperparameter_and_grid_points_their_setting(sweep_dict):
+    """Defaults are part of what a job ran with (and of its key): they are logged too. Grid
+    points' runs are named with their setting, so the UI tells them apart."""
+    import yaml
+
+    from methods.base import resolve_method
+
+    d = dict(sweep_dict, references=False, methods=[
+        {"name": "task_arithmetic", "grid": {"scaling": [0.2, 0.6]}},
+        {"name": "ties", "params": {"k": 50}},
+        {"name": "weight_averaging"},
+    ])
+    cfg = validate_config(d)
+    outcome = run_sweep(cfg, quiet=True)
+    client = MlflowClient(cfg.resolved_tracking_uri())
+    runs = client.search_runs([client.get_experiment_by_name(cfg.name).experiment_id],
+                              f"tags.`mlflow.parentRunId` = '{outcome.parent_run_id}'")
+    assert sorted(r.info.run_name for r in runs) == [
+        "task_arithmetic(scaling=0.2)", "task_arithmetic(scaling=0.6)", "ties(k=50)", "weight_averaging"]
+    for run in runs:
+        method = run.data.params["job.method"]
+        given = {k.removeprefix("job.params."): yaml.safe_load(v) for k, v in run.data.params.items()
+                 if k.startswith("job.params.")}
+        logged = {k.removeprefix("job.hyperparameters."): yaml.safe_load(v) for k, v in run.data.params.items()
+                  if k.startswith("job.hyperparameters.")}
+        fields = resolve_method(method).model_fields
+        assert logged == {k: given.get(k, f.default) for k, f in fields.items()}, method
+    ties = next(r for r in runs if r.data.params["job.method"] == "ties").data.params
+    assert ties["job.hyperparameters.merge_function"] == "mean" and ties["job.hyperparameters.k"] == "50.0"

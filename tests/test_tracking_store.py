@@ -109,3 +109,63 @@ def test_a_copied_output_folder_keeps_its_artifacts_to_itself(sweep_dict, tmp_pa
     _, results, _ = load_sweep_from_mlflow(f"sqlite:///{tmp_path / 'c' / 'mlflow.db'}")
     assert {r.key for r in results} == {r.key for r in second.results}
     assert all(r.test_correct for r in results)  # artifacts read from the copy
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "garbage"])
+def test_a_damaged_template_is_rebuilt(tmp_path, damage):
+    """A damaged template in the cache would break every new sweep's store: it is rebuilt."""
+    from mlflow.tracking import MlflowClient
+
+    cache = tmp_path / "cache"
+    assert seed_sqlite_store(f"sqlite:///{tmp_path / 'a' / 'mlflow.db'}", cache)
+    (template,) = (cache / "mlflow").glob("empty-store-*.db")
+    data = template.read_bytes()
+    template.write_bytes({"truncated": data[: len(data) // 2], "empty": b"", "garbage": b"\x01" * 4096}[damage])
+    db = tmp_path / "b" / "mlflow.db"
+    assert seed_sqlite_store(f"sqlite:///{db}", cache)
+    assert _experiments(db) == [(0, "Default", str(db.parent / "mlruns" / "0"))]
+    with sqlite3.connect(template) as con:
+        assert con.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    con.close()
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    run = client.create_run(client.create_experiment("x"))
+    client.log_metric(run.info.run_id, "acc/avg", 1.0)
+    assert client.get_run(run.info.run_id).data.metrics == {"acc/avg": 1.0}
+    assert sorted(p.name for p in db.parent.iterdir()) == ["mlflow.db"]
+    assert sorted(p.name for p in template.parent.iterdir() if p.suffix == ".tmp") == []
+
+
+def test_a_failed_seeding_leaves_no_temp_file(tmp_path, monkeypatch):
+    import harness.tracking as tracking
+
+    seed_sqlite_store(f"sqlite:///{tmp_path / 'a' / 'mlflow.db'}", tmp_path / "cache")
+
+    def full_disk(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(tracking.os, "replace", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        seed_sqlite_store(f"sqlite:///{tmp_path / 'b' / 'mlflow.db'}", tmp_path / "cache")
+    assert list((tmp_path / "b").iterdir()) == []
+
+
+def test_a_sweep_runs_over_a_damaged_template_and_clears_old_temp_files(sweep_dict):
+    from harness.runner import run_sweep
+
+    cfg = validate_config(dict(sweep_dict, methods=[{"name": "weight_averaging"}], references=False))
+    template = seed_template(cfg)
+    template.write_bytes(template.read_bytes()[:5000])
+    out = cfg.resolved_output_dir()
+    out.mkdir(parents=True)
+    (out / ".mlflow.db.12345.tmp").write_bytes(template.read_bytes())  # a crashed earlier seeding's
+    outcome = run_sweep(cfg, quiet=True)
+    assert not outcome.failed and outcome.parent_run_id
+    assert not list(out.glob(".mlflow.db.*.tmp"))
+
+
+def seed_template(cfg):
+    """The sweep's cache with its MLflow template built; returns the template's path."""
+    scratch = cfg.resolved_cache_dir() / "scratch" / "mlflow.db"
+    seed_sqlite_store(f"sqlite:///{scratch}", cfg.resolved_cache_dir())
+    (template,) = (cfg.resolved_cache_dir() / "mlflow").glob("empty-store-*.db")
+    return template

@@ -41,7 +41,7 @@ from rich.table import Table
 from harness.cache import atomic_write_json, read_json
 from harness.config import SweepConfig
 from harness.errors import HarnessError
-from harness.job import JobResult
+from harness.job import JobResult, read_result
 from harness.plan import JobSpec
 
 #: SLURM states of a job that may still produce a result.
@@ -690,8 +690,8 @@ def status_table(cfg: SweepConfig) -> tuple[Table, dict[str, int]]:
     for key, rec in records.items():
         spec = JobSpec("merge", rec.get("title", key), key=key)
         tracked.append(_Tracked(spec, submitit.SlurmJob(folder=folder, job_id=rec["job_id"])))
-        cached = read_json(results / f"{key}.json")
-        if cached and cached.get("status") == "ok":
+        cached = read_result(results / f"{key}.json", key)
+        if cached and cached.status == "ok":
             collected.add(key)
     states = slurm_states([t.job_id for t in tracked])
     for t in tracked:
