@@ -41,13 +41,21 @@ def open_storage(spec: str):
 def make_sampler(tune: TuneSpec, seed: int) -> "optuna.samplers.BaseSampler":
     import optuna
 
+    class DriverGridSampler(optuna.samplers.GridSampler):
+        """Optuna's grid sampler without its ``study.stop()`` after the last point: Optuna allows
+        that call only inside ``study.optimize``, and this driver asks and tells instead (a
+        RuntimeError once the grid was exhausted); :meth:`StudyRunner.run` ends the study itself."""
+
+        def after_trial(self, study: "optuna.Study", trial: Any, state: Any, values: Any) -> None:
+            return None
+
     if tune.sampler == "tpe":
         return optuna.samplers.TPESampler(seed=seed)
     if tune.sampler == "cmaes":
         return optuna.samplers.CmaEsSampler(seed=seed)
     if tune.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
-    return optuna.samplers.GridSampler({k: p.grid_values() for k, p in tune.space.items()}, seed=seed)
+    return DriverGridSampler({k: p.grid_values() for k, p in tune.space.items()}, seed=seed)
 
 
 def make_pruner(name: str) -> "optuna.pruners.BasePruner":
@@ -82,13 +90,16 @@ def study_name(cfg: SweepConfig, m: MethodSpec) -> str:
     return m.tune.study_name or f"{cfg.name}.{m.display}"
 
 
-def n_trials_possible(tune: TuneSpec) -> int:
-    if tune.sampler != "grid":
-        return tune.n_trials
+def grid_size(tune: TuneSpec) -> int:
+    """How many points a grid study has (every combination of the space's grid values)."""
     size = 1
     for p in tune.space.values():
         size *= len(p.grid_values())
-    return min(tune.n_trials, size)
+    return size
+
+
+def n_trials_possible(tune: TuneSpec) -> int:
+    return tune.n_trials if tune.sampler != "grid" else min(tune.n_trials, grid_size(tune))
 
 
 class StudyFailed(HarnessError):
@@ -114,10 +125,11 @@ class StudyRunner:
                                          pruner=make_pruner(self.tune.pruner), direction="maximize",
                                          load_if_exists=True)
         existing = len(self.study.get_trials(deepcopy=False))
-        if existing:
+        if existing and self.tune.sampler != "grid":
             # A sampler seeded as in the first run would draw that run's parameters again (its
             # random start ignores the history): a resumed or extended study continues the
-            # stream from where the stored trials leave it, still deterministically.
+            # stream from where the stored trials leave it, still deterministically. A grid
+            # keeps its seed: the seed orders the grid, and stored trials name points by index.
             self.study.sampler = make_sampler(self.tune, seed + existing)
         self.dists = distributions(self.tune)
 
@@ -152,6 +164,14 @@ class StudyRunner:
             cached = read_json(self.results_dir / f"{spec.key}.json")
             if cached:
                 record(spec, JobResult.from_dict(cached), t.state.name)
+
+    def grid_left(self) -> int | None:
+        """Grid points no finished trial holds yet; None for the other samplers."""
+        if self.tune.sampler != "grid":
+            return None
+        taken = {t.system_attrs.get("grid_id") for t in self.study.get_trials(deepcopy=False)
+                 if t.state.is_finished()} - {None}
+        return grid_size(self.tune) - len(taken)
 
     def ask(self, k: int) -> list[JobSpec]:
         specs = []
@@ -192,7 +212,10 @@ class StudyRunner:
                 self.study.enqueue_trial({k: v for k, v in spec.params.items() if k in self.dists})
         failures, last_error = 0, ""
         while self.finished() < target:
-            batch = self.ask(min(self.n_parallel, target - self.finished()))
+            left = self.grid_left()
+            if left == 0:  # every grid point was tried (failed ones included): nothing new to ask
+                break
+            batch = self.ask(min(self.n_parallel, target - self.finished(), left if left is not None else target))
             for spec, result in execute(batch):
                 state = self.tell(spec, result)
                 failures += state == "FAIL"
@@ -202,6 +225,9 @@ class StudyRunner:
             if failures > max(3, target):
                 raise StudyFailed(f"study {self.name!r}: {failures} trials failed, the last with: "
                                   f"{last_error}; every trial's error is in its MLflow run")
+        if not self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            raise StudyFailed(f"study {self.name!r}: no trial completed"
+                              + (f"; the last failure: {last_error}" if last_error else ""))
         best = {k: v for k, v in self.study.best_params.items()}
         return {**self.m.params, **best}
 

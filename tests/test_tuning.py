@@ -324,3 +324,39 @@ def test_an_interrupted_study_leaves_its_runs_killed_not_running(trained_checkpo
         status.setdefault(r.data.tags["harness.kind"], set()).add(r.info.status)
     assert status.pop("sweep") == {"KILLED"} and status.pop("tune") == {"KILLED"}
     assert status in ({}, {"trial": {"FINISHED"}}), status  # trials finished before Ctrl-C stay finished
+
+
+TYPED = "tests.tuning_methods:TypedTaskArithmetic"
+GRID_SPACE = {"scaling": {"type": "float", "low": 0.2, "high": 0.6, "step": 0.2},
+              "mode": {"type": "categorical", "choices": ["sum", "mean"]}}
+
+
+def typed_study(sweep_dict: dict, **tune) -> dict:
+    """A sweep of one study, one trial at a time, over tests.tuning_methods:TypedTaskArithmetic."""
+    tune.setdefault("n_parallel", 1)
+    return dict(sweep_dict, references=False, methods=[{"name": TYPED, "label": "typed", "tune": tune}])
+
+
+def stored_study(cfg, m=None):
+    import optuna
+
+    from harness.tuning import open_storage, storage_spec, study_name
+
+    m = m or cfg.methods[0]
+    return optuna.load_study(study_name=study_name(cfg, m), storage=open_storage(storage_spec(cfg, m.tune)))
+
+
+def test_grid_study_ends_when_the_grid_is_exhausted(sweep_dict):
+    """Extended past its grid, a grid study tries every point once, then evaluates the best."""
+    run_sweep(validate_config(typed_study(sweep_dict, n_trials=2, sampler="grid", space=GRID_SPACE)), quiet=True)
+    cfg = validate_config(typed_study(sweep_dict, n_trials=10, sampler="grid", space=GRID_SPACE))
+    out = run_sweep(cfg, quiet=True)
+    assert not out.failed, [r.error for r in out.failed]
+    trials = stored_study(cfg).trials
+    assert {t.state.name for t in trials} == {"COMPLETE"}
+    points = sorted((t.params["scaling"], t.params["mode"]) for t in trials)
+    assert points == sorted((s, mode) for s in (0.2, 0.4, 0.6) for mode in ("sum", "mean"))  # each once
+    best = max(trials, key=lambda t: t.value)
+    final = next(r for r in out.results if r.kind == "merge")
+    assert final.params == {**best.params}
+    assert final.metrics["val/acc/avg"] == pytest.approx(best.value)
