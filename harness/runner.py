@@ -376,7 +376,8 @@ def run_study(cfg: SweepConfig, m, identity: dict, task_identity: dict, results_
         if console is not None and spec.key in ran and state != "FAIL":  # failures have their own line
             console.print(trial_line(spec, result, state, m.tune.objective, runner.study), highlight=False)
 
-    best = runner.run(run_batch, record)  # StudyFailed: _ended_if_stopped marks both runs FAILED
+    say = (lambda line: console.print(line, highlight=False, markup=False)) if console is not None else None
+    best = runner.run(run_batch, record, say)  # StudyFailed: _ended_if_stopped marks both runs FAILED
     files = save_study_plots(runner.study, out / "optuna" / m.display)
     tracker.finish_tuning_run(tune_run, best, runner.study.best_value, files)
     return with_key(cfg, JobSpec("merge", m.display, method=m.name, params=best), identity, task_identity)

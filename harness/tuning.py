@@ -19,7 +19,7 @@ from harness.cache import read_json
 from harness.config import MethodSpec, SweepConfig, TuneSpec
 from harness.errors import HarnessError
 from harness.job import JobResult
-from harness.plan import JobSpec, with_key
+from harness.plan import JobSpec, setting_text, with_key
 
 if TYPE_CHECKING:
     import optuna
@@ -132,6 +132,7 @@ class StudyRunner:
             # keeps its seed: the seed orders the grid, and stored trials name points by index.
             self.study.sampler = make_sampler(self.tune, seed + existing)
         self.dists = distributions(self.tune)
+        self.notes: list[str] = []  # one line each, for the driver to print (resumed studies)
 
     def finished(self) -> int:
         from optuna.trial import TrialState
@@ -145,12 +146,22 @@ class StudyRunner:
         return with_key(self.cfg, base, self.identity, self.task_identity)
 
     def recover(self) -> list[tuple[JobSpec, JobResult | None]]:
-        """Trials left RUNNING by a killed driver: tell cached results, re-ask the rest."""
+        """Trials left RUNNING by a killed driver: tell cached results, re-ask the rest. One whose
+        parameters the method now refuses (its code changed) is failed with a note, not re-asked."""
         from optuna.trial import TrialState
+        from pydantic import ValidationError
 
         pending = []
         for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            spec = self.spec(t._trial_id, t.number, t.params)
+            try:
+                spec = self.spec(t._trial_id, t.number, t.params)
+            except ValidationError as exc:
+                self.study.tell(t.number, state=TrialState.FAIL)
+                err = exc.errors()[0]
+                where = ".".join(str(p) for p in err["loc"])
+                self.notes.append(f"study {self.name!r}: trial {t.number} ({setting_text(t.params)}), left unfinished "
+                                  f"by an earlier run, is dropped: {where}: {err['msg']} (got {err.get('input')!r})")
+                continue
             cached = read_json(self.results_dir / f"{spec.key}.json")
             pending.append((spec, JobResult.from_dict(cached) if cached else None))
         return pending
@@ -197,13 +208,17 @@ class StudyRunner:
         return "FAIL"
 
     def run(self, execute: Callable[[list[JobSpec]], list[tuple[JobSpec, JobResult]]],
-            record: Callable[[JobSpec, JobResult, str], None]) -> dict[str, Any]:
-        """Run trials until ``n_trials`` are finished; return the best parameters."""
+            record: Callable[[JobSpec, JobResult, str], None],
+            say: Callable[[str], None] | None = None) -> dict[str, Any]:
+        """Run trials until ``n_trials`` are finished; return the best parameters. ``say`` gets
+        the study's notes (what a resumed study dropped or why it is a new one), one line each."""
         from optuna.trial import TrialState
 
         target = n_trials_possible(self.tune)
         self.relog(record)
         stale = self.recover()
+        for line in self.notes if say is not None else ():
+            say(line)
         for spec, cached in stale:
             if cached is not None:
                 record(spec, cached, self.tell(spec, cached))

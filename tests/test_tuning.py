@@ -360,3 +360,59 @@ def test_grid_study_ends_when_the_grid_is_exhausted(sweep_dict):
     final = next(r for r in out.results if r.kind == "merge")
     assert final.params == {**best.params}
     assert final.metrics["val/acc/avg"] == pytest.approx(best.value)
+
+
+@pytest.mark.parametrize("space,fragment", [
+    ({"repeats": {"type": "float", "low": 1, "high": 3}},
+     "s.yaml: methods.0.tune.space.repeats.type: hyperparameter 'repeats' of "
+     f"'{TYPED}' is int: give type int or categorical (got 'float')"),
+    ({"flip": {"type": "float", "low": 0, "high": 1}},
+     "methods.0.tune.space.flip.type: hyperparameter 'flip' of " f"'{TYPED}' is bool: give type categorical"),
+    ({"mode": {"type": "int", "low": 0, "high": 1}}, "methods.0.tune.space.mode.type:"),
+    ({"repeats": {"type": "int", "low": 1, "high": 3, "step": 0.5}},
+     "methods.0.tune.space.repeats: type int needs a whole 'step' (got 0.5)"),
+    ({"repeats": {"type": "int", "low": 1.5, "high": 3}}, "methods.0.tune.space.repeats: type int needs a whole 'low'"),
+    ({"repeats": {"type": "categorical", "choices": [1, 2.5]}}, "methods.0.tune.space.repeats: Input should be a valid "
+     "integer, got a number with a fractional part (got 2.5)"),
+    ({"mode": {"type": "categorical", "choices": ["sum", "max"]}}, "methods.0.tune.space.mode: Input should be"),
+])
+def test_space_type_must_fit_the_hyperparameter(space, fragment, sweep_dict):
+    """A range a field cannot hold is refused at config time, not by the first trial's merge."""
+    d = dict(sweep_dict, methods=[{"name": TYPED, "tune": {"space": space}}])
+    with pytest.raises(ConfigError) as e:
+        validate_config(d, "s.yaml")
+    assert fragment in str(e.value), str(e.value)
+
+
+def test_space_types_that_fit_are_accepted(sweep_dict):
+    space = {"scaling": {"type": "int", "low": 0, "high": 2}, "repeats": {"type": "int", "low": 1, "high": 4, "step": 1},
+             "mode": {"type": "categorical", "choices": ["sum", "mean"]},
+             "flip": {"type": "categorical", "choices": [False, True]}}
+    cfg = validate_config(dict(sweep_dict, methods=[{"name": TYPED, "tune": {"space": space}}]), "s.yaml")
+    assert set(cfg.methods[0].tune.space) == set(space)
+
+
+def test_resumed_study_drops_an_unfinished_trial_the_method_refuses(sweep_dict, tmp_path):
+    """A trial left RUNNING with a value the method no longer takes is failed with one line;
+    the study goes on and its best is one of the trials that ran."""
+    import io
+
+    from optuna.distributions import FloatDistribution
+    from rich.console import Console
+
+    from harness.tuning import StudyRunner
+
+    space = {"scaling": {"type": "float", "low": 0.0, "high": 1.0}}
+    cfg = validate_config(typed_study(sweep_dict, n_trials=2, sampler="random", space=space))
+    left = StudyRunner(cfg, cfg.methods[0], {}, {}, 1, tmp_path / "results").study
+    left.enqueue_trial({"scaling": 3.0})  # above the method's le=2.0: a killed run of older code
+    left.ask({"scaling": FloatDistribution(0.0, 5.0)})
+    shown = io.StringIO()
+    out = run_sweep(cfg, console=Console(file=shown, width=300))
+    assert not out.failed, [r.error for r in out.failed]
+    assert ("trial 0 (scaling=3.0), left unfinished by an earlier run, is dropped: scaling: Input should be "
+            "less than or equal to 2 (got 3.0)") in shown.getvalue(), shown.getvalue()
+    trials = stored_study(cfg).trials
+    assert [t.state.name for t in trials] == ["FAIL", "COMPLETE", "COMPLETE"]
+    final = next(r for r in out.results if r.kind == "merge")
+    assert final.params["scaling"] == max(trials[1:], key=lambda t: t.value).params["scaling"]
