@@ -10,6 +10,8 @@ trials are kept, trials a killed driver left RUNNING are re-asked with the same 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import warnings
 from pathlib import Path
@@ -87,7 +89,47 @@ def storage_spec(cfg: SweepConfig, tune: TuneSpec) -> str:
 
 
 def study_name(cfg: SweepConfig, m: MethodSpec) -> str:
+    """The name a study is first stored under (see :func:`open_study` for a changed definition)."""
     return m.tune.study_name or f"{cfg.name}.{m.display}"
+
+
+#: The study's user attribute holding :func:`study_definition`.
+DEFINITION_ATTR = "harness.definition"
+
+
+def study_definition(m: MethodSpec) -> str:
+    """A digest of what makes a study's trials comparable: the method, its fixed params, the space,
+    the objective and the sampler (``n_trials`` and ``n_parallel`` may change: that extends it)."""
+    from harness.plan import method_class_id
+
+    body = {"method": method_class_id(m.name), "params": m.params, "objective": m.tune.objective,
+            "sampler": m.tune.sampler, "space": {k: p.model_dump(mode="json") for k, p in m.tune.space.items()}}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def open_study(storage: Any, name: str, definition: str, sampler: Any, pruner: Any) -> tuple["optuna.Study", str | None]:
+    """The study of this definition, and a line saying so when it is not the one named ``name``.
+
+    A study stored under ``name`` with another definition (its space, fixed params, objective or
+    sampler changed since) is left as it is: resuming it would mix trials of two searches and
+    could return a best outside the new space or against the new fixed params. This definition
+    gets its own study, ``<name>.<definition>``, resumed by later runs alike."""
+    import optuna
+
+    chosen, note = name, None
+    if name in optuna.get_all_study_names(storage):
+        stored = optuna.load_study(study_name=name, storage=storage)
+        found = stored.user_attrs.get(DEFINITION_ATTR)
+        if found != definition and (found is not None or stored.get_trials(deepcopy=False)):
+            chosen = f"{name}.{definition}"
+            how = "resuming" if chosen in optuna.get_all_study_names(storage) else "starting"
+            note = (f"study {name!r} was run with another space, fixed params, objective or sampler: "
+                    f"{how} study {chosen!r} for this one")
+    study = optuna.create_study(study_name=chosen, storage=storage, sampler=sampler, pruner=pruner,
+                                direction="maximize", load_if_exists=True)
+    if study.user_attrs.get(DEFINITION_ATTR) != definition:
+        study.set_user_attr(DEFINITION_ATTR, definition)
+    return study, note
 
 
 def grid_size(tune: TuneSpec) -> int:
@@ -118,12 +160,10 @@ class StudyRunner:
         self.identity, self.task_identity, self.results_dir = identity, task_identity, results_dir
         self.n_parallel = self.tune.n_parallel or workers
         self.storage = storage_spec(cfg, self.tune)
-        self.name = study_name(cfg, m)
         seed = self.tune.seed if self.tune.seed is not None else cfg.seed
-        self.study = optuna.create_study(study_name=self.name, storage=open_storage(self.storage),
-                                         sampler=make_sampler(self.tune, seed),
-                                         pruner=make_pruner(self.tune.pruner), direction="maximize",
-                                         load_if_exists=True)
+        self.study, note = open_study(open_storage(self.storage), study_name(cfg, m), study_definition(m),
+                                      make_sampler(self.tune, seed), make_pruner(self.tune.pruner))
+        self.name = self.study.study_name
         existing = len(self.study.get_trials(deepcopy=False))
         if existing and self.tune.sampler != "grid":
             # A sampler seeded as in the first run would draw that run's parameters again (its
@@ -132,7 +172,7 @@ class StudyRunner:
             # keeps its seed: the seed orders the grid, and stored trials name points by index.
             self.study.sampler = make_sampler(self.tune, seed + existing)
         self.dists = distributions(self.tune)
-        self.notes: list[str] = []  # one line each, for the driver to print (resumed studies)
+        self.notes: list[str] = [note] if note else []  # one line each, for the driver to print
 
     def finished(self) -> int:
         from optuna.trial import TrialState

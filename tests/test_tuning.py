@@ -416,3 +416,43 @@ def test_resumed_study_drops_an_unfinished_trial_the_method_refuses(sweep_dict, 
     assert [t.state.name for t in trials] == ["FAIL", "COMPLETE", "COMPLETE"]
     final = next(r for r in out.results if r.kind == "merge")
     assert final.params["scaling"] == max(trials[1:], key=lambda t: t.value).params["scaling"]
+
+
+def test_changed_study_definition_starts_a_new_study(sweep_dict):
+    """A rerun with another space and fixed params does not resume the old study: its best would
+    lie outside the new space and override the new fixed params."""
+    import io
+
+    from rich.console import Console
+
+    wide = {"scaling": {"type": "float", "low": 0.5, "high": 1.0}, "repeats": {"type": "int", "low": 2, "high": 3},
+            "mode": {"type": "categorical", "choices": ["sum", "mean"]},
+            "flip": {"type": "categorical", "choices": [False, True]}}
+    first = typed_study(sweep_dict, n_trials=3, sampler="random", space=wide)
+    run_sweep(validate_config(first), quiet=True)
+    second = typed_study(sweep_dict, n_trials=2, sampler="random",
+                         space={"scaling": {"type": "float", "low": 0.1, "high": 0.2}})
+    second["methods"][0]["params"] = {"repeats": 1, "mode": "sum", "flip": False}
+    cfg = validate_config(second)
+    shown = io.StringIO()
+    out = run_sweep(cfg, console=Console(file=shown, width=300))
+    assert not out.failed, [r.error for r in out.failed]
+    final = next(r for r in out.results if r.kind == "merge")
+    assert final.params["repeats"] == 1 and final.params["mode"] == "sum" and final.params["flip"] is False
+    assert 0.1 <= final.params["scaling"] <= 0.2, final.params
+    import optuna
+
+    from harness.tuning import open_storage, storage_spec, study_definition, study_name
+
+    name = f"{study_name(cfg, cfg.methods[0])}.{study_definition(cfg.methods[0])}"
+    assert (f"study 'toy.typed' was run with another space, fixed params, objective or sampler: starting study "
+            f"{name!r} for this one") in shown.getvalue(), shown.getvalue()
+
+    storage = open_storage(storage_spec(cfg, cfg.methods[0].tune))
+    new = optuna.load_study(study_name=name, storage=storage)
+    assert len(new.trials) == 2 and all(0.1 <= t.params["scaling"] <= 0.2 for t in new.trials)
+    old = optuna.load_study(study_name="toy.typed", storage=storage)
+    assert len(old.trials) == 3  # left as it was, and resumed by a rerun of its own definition
+    again = run_sweep(validate_config(first), quiet=True)
+    assert next(r for r in again.results if r.kind == "merge").params["scaling"] == old.best_params["scaling"]
+    assert len(optuna.load_study(study_name="toy.typed", storage=storage).trials) == 3
