@@ -182,23 +182,31 @@ def _report(cfg, outcome, quiet: bool) -> None:
 @click.option("--trials", type=int, default=None, help="Override tune.n_trials.")
 @click.option("-q", "--quiet", is_flag=True)
 def tune(file: str, overrides: tuple[str, ...], label: str, trials: int | None, quiet: bool) -> None:
-    """Tune one method of FILE (its `tune:` block) without the rest of the sweep."""
-    from harness.config import validate_config
+    """Tune one method of FILE (its `tune:` block) without the rest of the sweep.
+
+    The study runs in the sweep's output folder and MLflow parent run; its table goes to
+    report/tune-<label>.md, leaving the sweep's own report as the sweep wrote it."""
+    from pydantic import ValidationError
+
+    from harness.config import TuneSpec, validation_error
 
     cfg = _load(file, overrides, start_workers=True)
     index = next((i for i, m in enumerate(cfg.methods) if m.display == label), None)
     if index is None:
         fail(f"{file}: no method labelled {label!r}; methods: {', '.join(m.display for m in cfg.methods)}")
-    if cfg.methods[index].tune is None:
+    m = cfg.methods[index]
+    if m.tune is None:
         fail(f"{file}: methods.{index}.tune: method {label!r} has no tune block")
-    raw = cfg.model_dump(mode="json")
-    raw["methods"] = [raw["methods"][index]]
     if trials is not None:
-        raw["methods"][0]["tune"]["n_trials"] = trials
-    cfg = validate_config(raw, file)
-    from harness.runner import print_tables, run_sweep
+        raw = {**m.tune.model_dump(), "n_trials": trials}
+        try:
+            TuneSpec.model_validate(raw)
+        except ValidationError as exc:
+            raise validation_error(f"<command line> (--trials {trials}, over {file})", exc, raw,
+                                   prefix=f"methods.{index}.tune") from None
+    from harness.runner import TuneOnly, print_tables, run_sweep
 
-    outcome = run_sweep(cfg, quiet=quiet)
+    outcome = run_sweep(cfg, quiet=quiet, only=TuneOnly(m.display, trials))
     if quiet:
         print_tables(console, cfg, outcome.rows, outcome.generalization_rows)
     sys.exit(1 if outcome.failed else 0)

@@ -7,6 +7,7 @@ import csv
 import io
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -161,6 +162,27 @@ def build_report(cfg: SweepConfig, results: list[JobResult], out: Path,
         from harness.plots import routing_heatmap
 
         report.files.append(routing_heatmap(routing, out / "routing.png"))
+    return report
+
+
+def tune_table_stem(label: str) -> str:
+    """``tune-<label>`` with the label's characters that are unsafe in a file name replaced."""
+    return "tune-" + re.sub(r"[^A-Za-z0-9_.-]+", "_", label)
+
+
+def build_tune_table(cfg: SweepConfig, results: list[JobResult], out: Path, label: str) -> Report:
+    """``harness tune``'s table (the reference rows and the tuned method's) as
+    ``tune-<label>.md`` and ``.csv`` in ``out``, beside the sweep's own tables: those, and the
+    job list ``harness report`` rebuilds them from, are the whole sweep's, written by ``harness sweep``."""
+    out.mkdir(parents=True, exist_ok=True)
+    seen, tasks = cfg.merge_tasks, cfg.task_names
+    rows = build_rows(results, tasks, [label], seen)
+    header, body = table_records(rows, tasks, seen)
+    report = Report({tune_table_stem(label): (header, body)}, rows=rows)
+    for ext, text in (("md", markdown_table(header, body)), ("csv", csv_table(header, body))):
+        path = out / f"{tune_table_stem(label)}.{ext}"
+        path.write_text(text)
+        report.files.append(path)
     return report
 
 

@@ -456,3 +456,38 @@ def test_changed_study_definition_starts_a_new_study(sweep_dict):
     again = run_sweep(validate_config(first), quiet=True)
     assert next(r for r in again.results if r.kind == "merge").params["scaling"] == old.best_params["scaling"]
     assert len(optuna.load_study(study_name="toy.typed", storage=storage).trials) == 3
+
+
+def test_tune_command_works_inside_its_sweep(sweep_dict, tmp_path):
+    """`harness tune` into a sweep's folder: the sweep's parent run, no second copy of a job run,
+    its own table beside the sweep's report, which stays whole for `harness report`."""
+    from click.testing import CliRunner
+
+    from harness.cli import main
+    from harness.report import load_sweep_from_mlflow
+    from harness.tracking import JOB_TAG
+
+    d = dict(sweep_dict, methods=[{"name": "weight_averaging"},
+                                  {"name": "task_arithmetic", "label": "ta", "tune": tune_block(n_trials=2)}])
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump(d))
+    r = CliRunner().invoke(main, ["sweep", str(f), "-q"], env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    report = tmp_path / "out" / "report"
+    sweep_table = (report / "main.md").read_text()
+    assert "| weight_averaging |" in sweep_table and "| ta |" in sweep_table
+    r = CliRunner().invoke(main, ["tune", str(f), "--method", "ta", "--trials", "3", "-q"], env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    assert (report / "main.md").read_text() == sweep_table
+    methods = [line.split("|")[1].strip() for line in (report / "tune-ta.md").read_text().splitlines()[2:]]
+    assert methods == ["pretrained", "individual", "ta"], methods
+    cfg = validate_config(d)
+    assert len(stored_study(cfg, cfg.methods[1]).trials) == 3
+    client = MlflowClient(cfg.resolved_tracking_uri())
+    exp = client.get_experiment_by_name(cfg.name).experiment_id
+    assert len(client.search_runs([exp], "tags.`harness.kind` = 'sweep'")) == 1
+    assert len(client.search_runs([exp], "tags.`harness.kind` = 'tune'")) == 1
+    keys = [run.data.tags[JOB_TAG] for run in client.search_runs([exp]) if JOB_TAG in run.data.tags]
+    assert len(keys) == len(set(keys)), keys  # every job logged once
+    _, results, _ = load_sweep_from_mlflow(cfg.resolved_tracking_uri())
+    assert {r.label for r in results if r.kind == "merge"} == {"weight_averaging", "ta"}
