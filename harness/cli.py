@@ -178,7 +178,8 @@ def _report(cfg, outcome, quiet: bool) -> None:
 @main.command()
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.argument("overrides", nargs=-1)
-@click.option("--method", "label", required=True, help="The method's label (or name) in the sweep.")
+@click.option("--method", "label", required=True,
+              help="The method's label in the sweep, or its name when one tuned method has it.")
 @click.option("--trials", type=int, default=None, help="Override tune.n_trials.")
 @click.option("-q", "--quiet", is_flag=True)
 def tune(file: str, overrides: tuple[str, ...], label: str, trials: int | None, quiet: bool) -> None:
@@ -191,9 +192,7 @@ def tune(file: str, overrides: tuple[str, ...], label: str, trials: int | None, 
     from harness.config import TuneSpec, validation_error
 
     cfg = _load(file, overrides, start_workers=True)
-    index = next((i for i, m in enumerate(cfg.methods) if m.display == label), None)
-    if index is None:
-        fail(f"{file}: no method labelled {label!r}; methods: {', '.join(m.display for m in cfg.methods)}")
+    index = _method_index(cfg, label, file)
     m = cfg.methods[index]
     if m.tune is None:
         fail(f"{file}: methods.{index}.tune: method {label!r} has no tune block")
@@ -210,6 +209,23 @@ def tune(file: str, overrides: tuple[str, ...], label: str, trials: int | None, 
     if quiet:
         print_tables(console, cfg, outcome.rows, outcome.generalization_rows)
     sys.exit(1 if outcome.failed else 0)
+
+
+def _method_index(cfg, label: str, file: str) -> int:
+    """The method ``--method`` names: by label, else by name when one tuned method has that name
+    (methods without a label go by their name already)."""
+    index = next((i for i, m in enumerate(cfg.methods) if m.display == label), None)
+    if index is not None:
+        return index
+    named = [i for i, m in enumerate(cfg.methods) if m.name == label]
+    tuned = [i for i in named if cfg.methods[i].tune is not None]
+    if len(tuned) == 1 or len(named) == 1:
+        return (tuned or named)[0]
+    if named:
+        fail(f"{file}: {len(tuned or named)} methods are named {label!r} (labels "
+             f"{', '.join(cfg.methods[i].display for i in tuned or named)}): give the label")
+    fail(f"{file}: no method labelled {label!r}; methods: {', '.join(m.display for m in cfg.methods)}")
+    raise AssertionError
 
 
 @main.command()

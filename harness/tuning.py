@@ -144,6 +144,14 @@ def n_trials_possible(tune: TuneSpec) -> int:
     return tune.n_trials if tune.sampler != "grid" else min(tune.n_trials, grid_size(tune))
 
 
+def quiet_optuna() -> None:
+    """Optuna's own log lines below errors off: the driver prints a line per trial, and its
+    warnings (a plot over a parameter with one value) would read as a problem with the study."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+
+
 class StudyFailed(HarnessError):
     """More trials failed than a study tolerates: a broken method or setting, not bad luck."""
 
@@ -155,7 +163,7 @@ class StudyRunner:
                  workers: int, results_dir: Path):
         import optuna
 
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        quiet_optuna()
         self.cfg, self.m, self.tune = cfg, m, m.tune
         self.identity, self.task_identity, self.results_dir = identity, task_identity, results_dir
         self.n_parallel = self.tune.n_parallel or workers

@@ -4,6 +4,7 @@ resumes after a kill, prunes, stays on val."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -491,3 +492,42 @@ def test_tune_command_works_inside_its_sweep(sweep_dict, tmp_path):
     assert len(keys) == len(set(keys)), keys  # every job logged once
     _, results, _ = load_sweep_from_mlflow(cfg.resolved_tracking_uri())
     assert {r.label for r in results if r.kind == "merge"} == {"weight_averaging", "ta"}
+
+
+def test_tune_command_finds_a_method_by_name_and_stays_quiet(sweep_dict, tmp_path):
+    """`--method` takes a labelled method's name when no other tuned method has it; Optuna's own
+    warnings (a contour plot over a parameter with one value) stay out of the output."""
+    d = dict(sweep_dict, references=False, methods=[
+        {"name": "weight_averaging"},
+        {"name": TYPED, "label": "typed", "tune": {"n_trials": 2, "n_parallel": 1, "sampler": "random", "space": {
+            "scaling": {"type": "float", "low": 0.1, "high": 0.5},
+            "mode": {"type": "categorical", "choices": ["sum"]}}}}])
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump(d))
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), COLUMNS="200")
+    r = subprocess.run([sys.executable, "-m", "harness.cli", "tune", str(f), "--method", TYPED], env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert re.search(r"^trial 1 typed\(mode=sum, scaling=[\d.]+\): val/acc/avg", r.stderr, re.M), r.stderr
+    assert "unique value length" not in r.stdout + r.stderr and "[W " not in r.stdout + r.stderr, r.stderr
+    assert len(stored_study(validate_config(d), validate_config(d).methods[1]).trials) == 2
+
+
+def test_tune_command_refuses_an_ambiguous_name_and_a_bad_trial_count(sweep_dict, tmp_path):
+    from click.testing import CliRunner
+
+    from harness.cli import main
+
+    d = dict(sweep_dict, methods=[{"name": "weight_averaging"},
+                                  {"name": "task_arithmetic", "label": "a", "tune": tune_block()},
+                                  {"name": "task_arithmetic", "label": "b", "tune": tune_block()}])
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump(d))
+    r = CliRunner().invoke(main, ["tune", str(f), "--method", "task_arithmetic"], env={"COLUMNS": "300"})
+    assert r.exit_code == 2
+    assert f"error: {f}: 2 methods are named 'task_arithmetic' (labels a, b): give the label" in r.stderr, r.stderr
+    r = CliRunner().invoke(main, ["tune", str(f), "--method", "b", "--trials", "0"], env={"COLUMNS": "300"})
+    assert r.exit_code == 2
+    assert (f"error: <command line> (--trials 0, over {f}): methods.2.tune.n_trials: Input should be greater "
+            "than or equal to 1 (got 0)") in r.stderr, r.stderr
+    assert not (tmp_path / "out").exists()  # refused before anything ran
