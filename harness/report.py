@@ -29,7 +29,7 @@ from harness.results import (
     table_records,
 )
 from harness.significance import CORRECT_FILE, LEVEL, paired_bootstrap, read_correct, unpack_correct
-from harness.tracking import JOB_TAG, PROTOCOL_TAG
+from harness.tracking import JOB_TAG, PROTOCOL_TAG, SCOPE_TAG
 
 # The job keys a report was built from. A sweep's parent run outlives its inputs (it is found
 # again by config digest, so replaced checkpoints or data add new job runs beside the old ones):
@@ -256,7 +256,8 @@ def _parse(value: str) -> Any:
 def load_sweep_from_mlflow(tracking_uri: str, run_id: str | None = None) -> tuple[SweepConfig, list[JobResult], Any]:
     """The sweep's resolved config and its jobs' results, from its parent run and nested runs.
 
-    Without ``run_id`` the most recent sweep parent run in the store is used."""
+    Without ``run_id`` the most recent sweep parent run in the store is used, one that
+    ``harness sweep`` ran in before one only ``harness tune`` did (a single method's rows)."""
     import tempfile
 
     from mlflow.exceptions import MlflowException
@@ -268,10 +269,10 @@ def load_sweep_from_mlflow(tracking_uri: str, run_id: str | None = None) -> tupl
         if run_id is None:
             exps = client.search_experiments()
             runs = client.search_runs([e.experiment_id for e in exps], "tags.`harness.kind` = 'sweep'",
-                                      max_results=1, order_by=["attributes.start_time DESC"])
+                                      max_results=1000, order_by=["attributes.start_time DESC"])
             if not runs:
                 raise HarnessError(f"{tracking_uri}: no sweep runs found")
-            parent = runs[0]
+            parent = next((r for r in runs if r.data.tags.get(SCOPE_TAG, "sweep") == "sweep"), runs[0])
         else:
             parent = client.get_run(run_id)
     except MlflowException as exc:

@@ -184,7 +184,7 @@ def _run_sweep(cfg: SweepConfig, ws: Workspace, executor: Any, console: Console,
 
     digest = cfg.digest()
     tracker = Tracker(cfg)
-    tracker.start_sweep(digest, cfg.model_dump(mode="json"))
+    tracker.start_sweep(digest, cfg.model_dump(mode="json"), "sweep" if only is None else f"tune:{only.label}")
     held.enter_context(_ended_if_stopped(tracker))
     executed: list[str] = []
     tuned = [m for m in cfg.methods if m.tune] if mode == "run" else []

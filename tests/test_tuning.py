@@ -492,6 +492,13 @@ def test_tune_command_works_inside_its_sweep(sweep_dict, tmp_path):
     assert len(keys) == len(set(keys)), keys  # every job logged once
     _, results, _ = load_sweep_from_mlflow(cfg.resolved_tracking_uri())
     assert {r.label for r in results if r.kind == "merge"} == {"weight_averaging", "ta"}
+    # another config (an override) is another parent run; `harness report` keeps to the sweep's
+    r = CliRunner().invoke(main, ["tune", str(f), "--method", "ta", "methods.1.tune.sampler=random", "-q"],
+                           env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    assert len(client.search_runs([exp], "tags.`harness.kind` = 'sweep'")) == 2
+    _, results, _ = load_sweep_from_mlflow(cfg.resolved_tracking_uri())
+    assert {r.label for r in results if r.kind == "merge"} == {"weight_averaging", "ta"}
 
 
 def test_tune_command_finds_a_method_by_name_and_stays_quiet(sweep_dict, tmp_path):
