@@ -1,5 +1,6 @@
 """Optuna tuning: recovers the grid's best lambda (toy tasks and a reduced embedded suite),
-resumes after a kill, prunes, stays on val."""
+resumes after a kill, prunes, stays on val; grid studies end with their grid, spaces fit their
+fields' types, a changed study is a new one, `harness tune` works inside its sweep."""
 
 from __future__ import annotations
 
