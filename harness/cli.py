@@ -193,30 +193,54 @@ def _report(cfg, outcome, quiet: bool) -> None:
 @main.command()
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.argument("overrides", nargs=-1)
-@click.option("--method", "label", required=True, help="The method's label (or name) in the sweep.")
+@click.option("--method", "label", required=True,
+              help="The method's label in the sweep, or its name when one tuned method has it.")
 @click.option("--trials", type=int, default=None, help="Override tune.n_trials.")
 @click.option("-q", "--quiet", is_flag=True)
 def tune(file: str, overrides: tuple[str, ...], label: str, trials: int | None, quiet: bool) -> None:
-    """Tune one method of FILE (its `tune:` block) without the rest of the sweep."""
-    from harness.config import validate_config
+    """Tune one method of FILE (its `tune:` block) without the rest of the sweep.
+
+    The study runs in the sweep's output folder and MLflow parent run; its table goes to
+    report/tune-<label>.md, leaving the sweep's own report as the sweep wrote it."""
+    from pydantic import ValidationError
+
+    from harness.config import TuneSpec, validation_error
 
     cfg = _load(file, overrides, start_workers=True)
-    index = next((i for i, m in enumerate(cfg.methods) if m.display == label), None)
-    if index is None:
-        fail(f"{file}: no method labelled {label!r}; methods: {', '.join(m.display for m in cfg.methods)}")
-    if cfg.methods[index].tune is None:
+    index = _method_index(cfg, label, file)
+    m = cfg.methods[index]
+    if m.tune is None:
         fail(f"{file}: methods.{index}.tune: method {label!r} has no tune block")
-    raw = cfg.model_dump(mode="json")
-    raw["methods"] = [raw["methods"][index]]
     if trials is not None:
-        raw["methods"][0]["tune"]["n_trials"] = trials
-    cfg = validate_config(raw, file)
-    from harness.runner import print_tables, run_sweep
+        raw = {**m.tune.model_dump(), "n_trials": trials}
+        try:
+            TuneSpec.model_validate(raw)
+        except ValidationError as exc:
+            raise validation_error(f"<command line> (--trials {trials}, over {file})", exc, raw,
+                                   prefix=f"methods.{index}.tune") from None
+    from harness.runner import TuneOnly, print_tables, run_sweep
 
-    outcome = run_sweep(cfg, quiet=quiet)
+    outcome = run_sweep(cfg, quiet=quiet, only=TuneOnly(m.display, trials))
     if quiet:
         print_tables(console, cfg, outcome.rows, outcome.generalization_rows)
     sys.exit(1 if outcome.failed else 0)
+
+
+def _method_index(cfg, label: str, file: str) -> int:
+    """The method ``--method`` names: by label, else by name when one tuned method has that name
+    (methods without a label go by their name already)."""
+    index = next((i for i, m in enumerate(cfg.methods) if m.display == label), None)
+    if index is not None:
+        return index
+    named = [i for i, m in enumerate(cfg.methods) if m.name == label]
+    tuned = [i for i in named if cfg.methods[i].tune is not None]
+    if len(tuned) == 1 or len(named) == 1:
+        return (tuned or named)[0]
+    if named:
+        fail(f"{file}: {len(tuned or named)} methods are named {label!r} (labels "
+             f"{', '.join(cfg.methods[i].display for i in tuned or named)}): give the label")
+    fail(f"{file}: no method labelled {label!r}; methods: {', '.join(m.display for m in cfg.methods)}")
+    raise AssertionError
 
 
 @main.command()

@@ -12,8 +12,9 @@ import json
 import os
 import re
 import string
+import types
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -157,6 +158,11 @@ class ParamSpace(Strict):
                 raise ValueError("log scale needs low > 0")
             if self.log and self.step is not None:
                 raise ValueError("'step' and 'log' cannot be combined")
+            if self.type == "int":  # Optuna would round them silently (a step of 0.5 to 0: an error)
+                for key in ("low", "high", "step"):
+                    value = getattr(self, key)
+                    if value is not None and value != int(value):
+                        raise ValueError(f"type int needs a whole {key!r} (got {value})")
         return self
 
     def grid_values(self) -> list[Any]:
@@ -659,13 +665,37 @@ def check_methods(cfg: SweepConfig, file: str) -> None:
                                   "setting once validated", show_value=False)
 
 
+def field_kind(annotation: Any) -> str:
+    """What a hyperparameter holds, for its search space: 'int', 'float' or 'other' (a bool, a
+    Literal, a string: values only a categorical space lists)."""
+    origin = get_origin(annotation)
+    if origin in (Union, types.UnionType):
+        kinds = {field_kind(a) for a in get_args(annotation) if a is not type(None)}
+        return "float" if "float" in kinds else "int" if kinds == {"int"} else "other"
+    if annotation is float:
+        return "float"
+    return "int" if annotation is int else "other"
+
+
+#: The space types each kind of hyperparameter takes (a float field takes an int range too).
+SPACE_TYPES = {"int": ("int", "categorical"), "float": ("float", "int", "categorical"), "other": ("categorical",)}
+
+
 def check_space(cls: Any, m: MethodSpec, i: int, file: str) -> None:
-    """Every tuned name is a hyperparameter of the method, and the space's ends are valid values."""
+    """Every tuned name is a hyperparameter of the method, its space's type fits the field's (a
+    float range for an int or a bool would fail at the first trial), and the space's ends are
+    valid values."""
     for name, p in m.tune.space.items():
         where = f"methods.{i}.tune.space.{name}"
         if name not in cls.model_fields:
             raise ConfigError(file, where, f"method {m.name!r} has no hyperparameter {name!r}; "
                               f"it has {sorted(cls.model_fields) or 'none'}", show_value=False)
+        annotation = cls.model_fields[name].annotation
+        allowed = SPACE_TYPES[field_kind(annotation)]
+        if p.type not in allowed:
+            shown = annotation.__name__ if isinstance(annotation, type) else str(annotation).replace("typing.", "")
+            raise ConfigError(file, f"{where}.type", f"hyperparameter {name!r} of {m.name!r} is {shown}: "
+                              f"give type {' or '.join(allowed)}", p.type)
         ends = p.choices if p.type == "categorical" else [p.low, p.high]
         for value in ends:
             if p.type == "int":

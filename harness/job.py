@@ -297,8 +297,9 @@ def trial_reporter(handle: dict[str, Any]):
     The trial is reopened from its storage, so this works in any process that can reach it."""
     import optuna
 
-    from harness.tuning import make_pruner, open_storage
+    from harness.tuning import make_pruner, open_storage, quiet_optuna
 
+    quiet_optuna()
     study = optuna.load_study(study_name=handle["study_name"], storage=open_storage(handle["storage"]),
                               pruner=make_pruner(handle.get("pruner", "none")))
     trial = optuna.trial.Trial(study, handle["trial_id"])

@@ -7,6 +7,7 @@ import csv
 import io
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from harness.results import (
     table_records,
 )
 from harness.significance import CORRECT_FILE, LEVEL, paired_bootstrap, read_correct, unpack_correct
-from harness.tracking import JOB_TAG, PROTOCOL_TAG
+from harness.tracking import JOB_TAG, PROTOCOL_TAG, SCOPE_TAG
 
 # The job keys a report was built from. A sweep's parent run outlives its inputs (it is found
 # again by config digest, so replaced checkpoints or data add new job runs beside the old ones):
@@ -164,6 +165,27 @@ def build_report(cfg: SweepConfig, results: list[JobResult], out: Path,
     return report
 
 
+def tune_table_stem(label: str) -> str:
+    """``tune-<label>`` with the label's characters that are unsafe in a file name replaced."""
+    return "tune-" + re.sub(r"[^A-Za-z0-9_.-]+", "_", label)
+
+
+def build_tune_table(cfg: SweepConfig, results: list[JobResult], out: Path, label: str) -> Report:
+    """``harness tune``'s table (the reference rows and the tuned method's) as
+    ``tune-<label>.md`` and ``.csv`` in ``out``, beside the sweep's own tables: those, and the
+    job list ``harness report`` rebuilds them from, are the whole sweep's, written by ``harness sweep``."""
+    out.mkdir(parents=True, exist_ok=True)
+    seen, tasks = cfg.merge_tasks, cfg.task_names
+    rows = build_rows(results, tasks, [label], seen)
+    header, body = table_records(rows, tasks, seen)
+    report = Report({tune_table_stem(label): (header, body)}, rows=rows)
+    for ext, text in (("md", markdown_table(header, body)), ("csv", csv_table(header, body))):
+        path = out / f"{tune_table_stem(label)}.{ext}"
+        path.write_text(text)
+        report.files.append(path)
+    return report
+
+
 def _pyplot():
     import matplotlib
 
@@ -236,7 +258,8 @@ def _parse(value: str) -> Any:
 def load_sweep_from_mlflow(tracking_uri: str, run_id: str | None = None) -> tuple[SweepConfig, list[JobResult], Any]:
     """The sweep's resolved config and its jobs' results, from its parent run and nested runs.
 
-    Without ``run_id`` the most recent sweep parent run in the store is used."""
+    Without ``run_id`` the most recent sweep parent run in the store is used, one that
+    ``harness sweep`` ran in before one only ``harness tune`` did (a single method's rows)."""
     import tempfile
 
     from mlflow.exceptions import MlflowException
@@ -248,10 +271,10 @@ def load_sweep_from_mlflow(tracking_uri: str, run_id: str | None = None) -> tupl
         if run_id is None:
             exps = client.search_experiments()
             runs = client.search_runs([e.experiment_id for e in exps], "tags.`harness.kind` = 'sweep'",
-                                      max_results=1, order_by=["attributes.start_time DESC"])
+                                      max_results=1000, order_by=["attributes.start_time DESC"])
             if not runs:
                 raise HarnessError(f"{tracking_uri}: no sweep runs found")
-            parent = runs[0]
+            parent = next((r for r in runs if r.data.tags.get(SCOPE_TAG, "sweep") == "sweep"), runs[0])
         else:
             parent = client.get_run(run_id)
     except MlflowException as exc:

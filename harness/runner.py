@@ -25,7 +25,7 @@ from harness.failpoints import failpoint
 from harness.job import JobResult, read_result
 from harness.plan import JobSpec, full_params, plan_jobs, robustness_inline, robustness_spec
 from harness.plots import job_artifact_files
-from harness.report import best_routing, build_report
+from harness.report import best_routing, build_report, build_tune_table
 from harness.results import (
     Row,
     finished_settings,
@@ -40,6 +40,15 @@ from harness.runtime import configure_threads
 from harness.significance import write_correct
 from harness.tracking import Tracker
 from harness.workspace import Workspace
+
+
+@dataclass(frozen=True)
+class TuneOnly:
+    """``harness tune``: one method's study run inside its sweep (the sweep's output folder, MLflow
+    parent run and reference rows) without the sweep's other jobs or its report."""
+
+    label: str
+    n_trials: int | None = None  # ``--trials``: extends the study, not the sweep's config
 
 
 @dataclass
@@ -98,9 +107,11 @@ def job_params(cfg: SweepConfig, spec: JobSpec) -> dict[str, Any]:
 
 
 def run_sweep(cfg: SweepConfig, console: Console | None = None, quiet: bool = False,
-              mode: Literal["run", "detach", "collect"] = "run") -> SweepOutcome:
+              mode: Literal["run", "detach", "collect"] = "run", only: TuneOnly | None = None) -> SweepOutcome:
     """Run the sweep; ``detach`` submits to SLURM and returns, ``collect`` waits for and records
-    the jobs a detached (or killed) run submitted, submitting nothing."""
+    the jobs a detached (or killed) run submitted, submitting nothing; ``only``: one method's
+    study and the references, logged under the sweep's parent run, its table written beside
+    the sweep's report (``report/tune-<label>.md``) rather than over it."""
     if console is None:
         console = Console(stderr=True, quiet=quiet)
         if not console.is_terminal:  # logged output: keep the results table's columns whole
@@ -115,7 +126,7 @@ def run_sweep(cfg: SweepConfig, console: Console | None = None, quiet: bool = Fa
         raise HarnessError(f"--detach and collect need executor.kind slurm (this sweep uses {cfg.executor.kind!r})")
     with contextlib.ExitStack() as held:
         try:
-            outcome = _run_sweep(cfg, ws, executor, console, show, mode, held)
+            outcome = _run_sweep(cfg, ws, executor, console, show, mode, held, only)
         except BaseException:
             executor.close(abort=True)
             raise
@@ -157,7 +168,8 @@ def _ended_if_stopped(tracker: Tracker) -> Iterator[None]:
 
 
 def _run_sweep(cfg: SweepConfig, ws: Workspace, executor: Any, console: Console, show: bool,
-               mode: Literal["run", "detach", "collect"], held: contextlib.ExitStack) -> SweepOutcome:
+               mode: Literal["run", "detach", "collect"], held: contextlib.ExitStack,
+               only: TuneOnly | None = None) -> SweepOutcome:
     out = cfg.resolved_output_dir()
     timings: dict[str, float] = {}
 
@@ -165,6 +177,8 @@ def _run_sweep(cfg: SweepConfig, ws: Workspace, executor: Any, console: Console,
     identity = ws.identity  # builds/loads the model files (embedded suite: prepares them)
     task_identity = ws.task_identity()
     specs = plan_jobs(cfg, identity, task_identity)
+    if only is not None:  # the reference rows its table shows, and normalized accuracy needs
+        specs = [s for s in specs if s.kind in ("pretrained", "individual")]
     results_dir = out / "results"
     results: dict[str, JobResult] = {}
     pending: list[JobSpec] = []
@@ -188,10 +202,13 @@ def _run_sweep(cfg: SweepConfig, ws: Workspace, executor: Any, console: Console,
 
     digest = cfg.digest()
     tracker = Tracker(cfg)
-    tracker.start_sweep(digest, cfg.model_dump(mode="json"))
+    tracker.start_sweep(digest, cfg.model_dump(mode="json"), "sweep" if only is None else f"tune:{only.label}")
     held.enter_context(_ended_if_stopped(tracker))
     executed: list[str] = []
     tuned = [m for m in cfg.methods if m.tune] if mode == "run" else []
+    if only is not None:
+        tuned = [m if only.n_trials is None else m.model_copy(update={"tune": m.tune.model_copy(
+                 update={"n_trials": only.n_trials})}) for m in tuned if m.display == only.label]
     if show:
         then = ""
         if tuned:
@@ -281,7 +298,7 @@ def _run_sweep(cfg: SweepConfig, ws: Workspace, executor: Any, console: Console,
                     if s.key in results:
                         log(results[s.key])
                 log_now = True
-        if mode == "run" and cfg.robustness:  # grid methods: the study for each selected setting
+        if mode == "run" and cfg.robustness and only is None:  # grid methods: the study for each selected setting
             todo = []
             for follow in robustness_followups(cfg, list(results.values()), identity, task_identity):
                 specs.append(follow)
@@ -313,18 +330,22 @@ def _run_sweep(cfg: SweepConfig, ws: Workspace, executor: Any, console: Console,
         log(r)
 
     failpoint("report")
-    report = build_report(cfg, ordered, out / "report", best_routing(cfg, ordered))
+    if only is None:
+        report = build_report(cfg, ordered, out / "report", best_routing(cfg, ordered))
+    else:  # the sweep's tables (and the report/jobs.json `harness report` reads) stay the sweep's
+        report = build_tune_table(cfg, ordered, out / "report", only.label)
     rows, gen_rows = report.rows, report.generalization_rows
     atomic_write_bytes(out / "resolved.yaml", dump_yaml(cfg).encode())
     tracker.log_artifact(out / "resolved.yaml")
     for path in report.files:
         tracker.log_artifact(path, subdir="report")
-    summary = {f"{row.method}/acc/avg": row.avg for row in rows}
+    summary = {f"{row.method}/acc/avg": row.avg for row in rows} if only is None else {}
     for row in gen_rows:
         summary[f"generalization/{row.method}/seen/avg"] = row.avg
         if "unseen/avg" in row.metrics:
             summary[f"generalization/{row.method}/unseen/avg"] = row.metrics["unseen/avg"]
-    tracker.log_summary_metrics({metric_name(k): v for k, v in summary.items()})
+    if summary:
+        tracker.log_summary_metrics({metric_name(k): v for k, v in summary.items()})
     failed = [r for r in ordered if r.status != "ok"]
     tracker.finish(ok=not failed)
     timings["logging"] = time.perf_counter() - t2
@@ -407,7 +428,8 @@ def run_study(cfg: SweepConfig, m, identity: dict, task_identity: dict, results_
         if console is not None and spec.key in ran and state != "FAIL":  # failures have their own line
             console.print(trial_line(spec, result, state, m.tune.objective, runner.study), highlight=False)
 
-    best = runner.run(run_batch, record)  # StudyFailed: _ended_if_stopped marks both runs FAILED
+    say = (lambda line: console.print(line, highlight=False, markup=False)) if console is not None else None
+    best = runner.run(run_batch, record, say)  # StudyFailed: _ended_if_stopped marks both runs FAILED
     files = save_study_plots(runner.study, out / "optuna" / m.display)
     tracker.finish_tuning_run(tune_run, best, runner.study.best_value, files)
     return with_key(cfg, JobSpec("merge", m.display, method=m.name, params=best), identity, task_identity)

@@ -19,6 +19,9 @@ from harness.errors import HarnessError
 from harness.failpoints import failpoint
 
 SWEEP_TAG = "harness.sweep_digest"
+#: On a sweep's parent run: "sweep" once ``harness sweep`` ran in it, "tune:<label>" while only
+#: ``harness tune`` did (``harness report`` prefers a parent holding a whole sweep).
+SCOPE_TAG = "harness.scope"
 JOB_TAG = "harness.job_key"
 #: Tells a generalization-block job's run from a main-protocol one.
 PROTOCOL_TAG = "harness.protocol"
@@ -156,7 +159,7 @@ class Tracker:
         self.cfg = cfg
         self.uri = cfg.resolved_tracking_uri()
         self._client: Any = None
-        self._sweep: tuple[str, dict[str, Any]] | None = None
+        self._sweep: tuple[str, dict[str, Any], str] | None = None
         self._parent_id: str | None = None
         self._logged: dict[str, tuple[str, str]] = {}  # job key -> (run id, status)
         self._names: dict[str, tuple[str, str]] = {}  # job key -> (label, run name) of its run
@@ -202,24 +205,26 @@ class Tracker:
         if self._sweep is not None:
             self._start_sweep(*self._sweep)
 
-    def start_sweep(self, digest: str, params: dict[str, Any]) -> None:
+    def start_sweep(self, digest: str, params: dict[str, Any], scope: str = "sweep") -> None:
         """The sweep's parent run: created, or reopened if a previous run of it created one,
         when MLflow is first used. A tracking server is contacted now: a wrong address should
-        fail the sweep before its jobs run, not after."""
-        self._sweep = (digest, params)
+        fail the sweep before its jobs run, not after. ``scope``: :data:`SCOPE_TAG`'s value."""
+        self._sweep = (digest, params, scope)
         if self._client is not None:
-            self._start_sweep(digest, params)
+            self._start_sweep(digest, params, scope)
         elif self.uri.startswith(("http://", "https://", "databricks")):
             self._open()
 
-    def _start_sweep(self, digest: str, params: dict[str, Any]) -> None:
+    def _start_sweep(self, digest: str, params: dict[str, Any], scope: str = "sweep") -> None:
         runs = self.client.search_runs([self.experiment_id], f"tags.`{SWEEP_TAG}` = '{digest}'",
                                        max_results=1, order_by=["attributes.start_time DESC"])
         if runs:
             self._parent_id = runs[0].info.run_id
             self.client.update_run(self._parent_id, status="RUNNING")
+            if scope == "sweep" and runs[0].data.tags.get(SCOPE_TAG, "sweep") != "sweep":
+                self.client.set_tag(self._parent_id, SCOPE_TAG, "sweep")
         else:
-            tags = {SWEEP_TAG: digest, "harness.kind": "sweep", "mlflow.runName": self.cfg.name}
+            tags = {SWEEP_TAG: digest, "harness.kind": "sweep", "mlflow.runName": self.cfg.name, SCOPE_TAG: scope}
             commit = git_commit()
             if commit:
                 tags["mlflow.source.git.commit"] = commit

@@ -10,6 +10,8 @@ trials are kept, trials a killed driver left RUNNING are re-asked with the same 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import warnings
 from pathlib import Path
@@ -18,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from harness.config import MethodSpec, SweepConfig, TuneSpec
 from harness.errors import HarnessError
 from harness.job import JobResult, read_result
-from harness.plan import JobSpec, with_key
+from harness.plan import JobSpec, setting_text, with_key
 
 if TYPE_CHECKING:
     import optuna
@@ -40,13 +42,21 @@ def open_storage(spec: str):
 def make_sampler(tune: TuneSpec, seed: int) -> "optuna.samplers.BaseSampler":
     import optuna
 
+    class DriverGridSampler(optuna.samplers.GridSampler):
+        """Optuna's grid sampler without its ``study.stop()`` after the last point: Optuna allows
+        that call only inside ``study.optimize``, and this driver asks and tells instead (a
+        RuntimeError once the grid was exhausted); :meth:`StudyRunner.run` ends the study itself."""
+
+        def after_trial(self, study: "optuna.Study", trial: Any, state: Any, values: Any) -> None:
+            return None
+
     if tune.sampler == "tpe":
         return optuna.samplers.TPESampler(seed=seed)
     if tune.sampler == "cmaes":
         return optuna.samplers.CmaEsSampler(seed=seed)
     if tune.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
-    return optuna.samplers.GridSampler({k: p.grid_values() for k, p in tune.space.items()}, seed=seed)
+    return DriverGridSampler({k: p.grid_values() for k, p in tune.space.items()}, seed=seed)
 
 
 def make_pruner(name: str) -> "optuna.pruners.BasePruner":
@@ -78,16 +88,67 @@ def storage_spec(cfg: SweepConfig, tune: TuneSpec) -> str:
 
 
 def study_name(cfg: SweepConfig, m: MethodSpec) -> str:
+    """The name a study is first stored under (see :func:`open_study` for a changed definition)."""
     return m.tune.study_name or f"{cfg.name}.{m.display}"
 
 
-def n_trials_possible(tune: TuneSpec) -> int:
-    if tune.sampler != "grid":
-        return tune.n_trials
+#: The study's user attribute holding :func:`study_definition`.
+DEFINITION_ATTR = "harness.definition"
+
+
+def study_definition(m: MethodSpec) -> str:
+    """A digest of what makes a study's trials comparable: the method, its fixed params, the space,
+    the objective and the sampler (``n_trials`` and ``n_parallel`` may change: that extends it)."""
+    from harness.plan import method_class_id
+
+    body = {"method": method_class_id(m.name), "params": m.params, "objective": m.tune.objective,
+            "sampler": m.tune.sampler, "space": {k: p.model_dump(mode="json") for k, p in m.tune.space.items()}}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def open_study(storage: Any, name: str, definition: str, sampler: Any, pruner: Any) -> tuple["optuna.Study", str | None]:
+    """The study of this definition, and a line saying so when it is not the one named ``name``.
+
+    A study stored under ``name`` with another definition (its space, fixed params, objective or
+    sampler changed since) is left as it is: resuming it would mix trials of two searches and
+    could return a best outside the new space or against the new fixed params. This definition
+    gets its own study, ``<name>.<definition>``, resumed by later runs alike."""
+    import optuna
+
+    chosen, note = name, None
+    if name in optuna.get_all_study_names(storage):
+        stored = optuna.load_study(study_name=name, storage=storage)
+        found = stored.user_attrs.get(DEFINITION_ATTR)
+        if found != definition and (found is not None or stored.get_trials(deepcopy=False)):
+            chosen = f"{name}.{definition}"
+            how = "resuming" if chosen in optuna.get_all_study_names(storage) else "starting"
+            note = (f"study {name!r} was run with another space, fixed params, objective or sampler: "
+                    f"{how} study {chosen!r} for this one")
+    study = optuna.create_study(study_name=chosen, storage=storage, sampler=sampler, pruner=pruner,
+                                direction="maximize", load_if_exists=True)
+    if study.user_attrs.get(DEFINITION_ATTR) != definition:
+        study.set_user_attr(DEFINITION_ATTR, definition)
+    return study, note
+
+
+def grid_size(tune: TuneSpec) -> int:
+    """How many points a grid study has (every combination of the space's grid values)."""
     size = 1
     for p in tune.space.values():
         size *= len(p.grid_values())
-    return min(tune.n_trials, size)
+    return size
+
+
+def n_trials_possible(tune: TuneSpec) -> int:
+    return tune.n_trials if tune.sampler != "grid" else min(tune.n_trials, grid_size(tune))
+
+
+def quiet_optuna() -> None:
+    """Optuna's own log lines below errors off: the driver prints a line per trial, and its
+    warnings (a plot over a parameter with one value) would read as a problem with the study."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
 
 
 class StudyFailed(HarnessError):
@@ -101,24 +162,24 @@ class StudyRunner:
                  workers: int, results_dir: Path):
         import optuna
 
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        quiet_optuna()
         self.cfg, self.m, self.tune = cfg, m, m.tune
         self.identity, self.task_identity, self.results_dir = identity, task_identity, results_dir
         self.n_parallel = self.tune.n_parallel or workers
         self.storage = storage_spec(cfg, self.tune)
-        self.name = study_name(cfg, m)
         seed = self.tune.seed if self.tune.seed is not None else cfg.seed
-        self.study = optuna.create_study(study_name=self.name, storage=open_storage(self.storage),
-                                         sampler=make_sampler(self.tune, seed),
-                                         pruner=make_pruner(self.tune.pruner), direction="maximize",
-                                         load_if_exists=True)
+        self.study, note = open_study(open_storage(self.storage), study_name(cfg, m), study_definition(m),
+                                      make_sampler(self.tune, seed), make_pruner(self.tune.pruner))
+        self.name = self.study.study_name
         existing = len(self.study.get_trials(deepcopy=False))
-        if existing:
+        if existing and self.tune.sampler != "grid":
             # A sampler seeded as in the first run would draw that run's parameters again (its
             # random start ignores the history): a resumed or extended study continues the
-            # stream from where the stored trials leave it, still deterministically.
+            # stream from where the stored trials leave it, still deterministically. A grid
+            # keeps its seed: the seed orders the grid, and stored trials name points by index.
             self.study.sampler = make_sampler(self.tune, seed + existing)
         self.dists = distributions(self.tune)
+        self.notes: list[str] = [note] if note else []  # one line each, for the driver to print
 
     def finished(self) -> int:
         from optuna.trial import TrialState
@@ -132,12 +193,22 @@ class StudyRunner:
         return with_key(self.cfg, base, self.identity, self.task_identity)
 
     def recover(self) -> list[tuple[JobSpec, JobResult | None]]:
-        """Trials left RUNNING by a killed driver: tell cached results, re-ask the rest."""
+        """Trials left RUNNING by a killed driver: tell cached results, re-ask the rest. One whose
+        parameters the method now refuses (its code changed) is failed with a note, not re-asked."""
         from optuna.trial import TrialState
+        from pydantic import ValidationError
 
         pending = []
         for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            spec = self.spec(t._trial_id, t.number, t.params)
+            try:
+                spec = self.spec(t._trial_id, t.number, t.params)
+            except ValidationError as exc:
+                self.study.tell(t.number, state=TrialState.FAIL)
+                err = exc.errors()[0]
+                where = ".".join(str(p) for p in err["loc"])
+                self.notes.append(f"study {self.name!r}: trial {t.number} ({setting_text(t.params)}), left unfinished "
+                                  f"by an earlier run, is dropped: {where}: {err['msg']} (got {err.get('input')!r})")
+                continue
             pending.append((spec, read_result(self.results_dir / f"{spec.key}.json", spec.key)))
         return pending
 
@@ -150,6 +221,14 @@ class StudyRunner:
             cached = read_result(self.results_dir / f"{spec.key}.json", spec.key)
             if cached:
                 record(spec, cached, t.state.name)
+
+    def grid_left(self) -> int | None:
+        """Grid points no finished trial holds yet; None for the other samplers."""
+        if self.tune.sampler != "grid":
+            return None
+        taken = {t.system_attrs.get("grid_id") for t in self.study.get_trials(deepcopy=False)
+                 if t.state.is_finished()} - {None}
+        return grid_size(self.tune) - len(taken)
 
     def ask(self, k: int) -> list[JobSpec]:
         specs = []
@@ -175,13 +254,17 @@ class StudyRunner:
         return "FAIL"
 
     def run(self, execute: Callable[[list[JobSpec]], list[tuple[JobSpec, JobResult]]],
-            record: Callable[[JobSpec, JobResult, str], None]) -> dict[str, Any]:
-        """Run trials until ``n_trials`` are finished; return the best parameters."""
+            record: Callable[[JobSpec, JobResult, str], None],
+            say: Callable[[str], None] | None = None) -> dict[str, Any]:
+        """Run trials until ``n_trials`` are finished; return the best parameters. ``say`` gets
+        the study's notes (what a resumed study dropped or why it is a new one), one line each."""
         from optuna.trial import TrialState
 
         target = n_trials_possible(self.tune)
         self.relog(record)
         stale = self.recover()
+        for line in self.notes if say is not None else ():
+            say(line)
         for spec, cached in stale:
             if cached is not None:
                 record(spec, cached, self.tell(spec, cached))
@@ -190,7 +273,10 @@ class StudyRunner:
                 self.study.enqueue_trial({k: v for k, v in spec.params.items() if k in self.dists})
         failures, last_error = 0, ""
         while self.finished() < target:
-            batch = self.ask(min(self.n_parallel, target - self.finished()))
+            left = self.grid_left()
+            if left == 0:  # every grid point was tried (failed ones included): nothing new to ask
+                break
+            batch = self.ask(min(self.n_parallel, target - self.finished(), left if left is not None else target))
             for spec, result in execute(batch):
                 state = self.tell(spec, result)
                 failures += state == "FAIL"
@@ -200,6 +286,9 @@ class StudyRunner:
             if failures > max(3, target):
                 raise StudyFailed(f"study {self.name!r}: {failures} trials failed, the last with: "
                                   f"{last_error}; every trial's error is in its MLflow run")
+        if not self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            raise StudyFailed(f"study {self.name!r}: no trial completed"
+                              + (f"; the last failure: {last_error}" if last_error else ""))
         best = {k: v for k, v in self.study.best_params.items()}
         return {**self.m.params, **best}
 

@@ -1,9 +1,11 @@
 """Optuna tuning: recovers the grid's best lambda (toy tasks and a reduced embedded suite),
-resumes after a kill, prunes, stays on val."""
+resumes after a kill, prunes, stays on val; grid studies end with their grid, spaces fit their
+fields' types, a changed study is a new one, `harness tune` works inside its sweep."""
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -324,3 +326,218 @@ def test_an_interrupted_study_leaves_its_runs_killed_not_running(trained_checkpo
         status.setdefault(r.data.tags["harness.kind"], set()).add(r.info.status)
     assert status.pop("sweep") == {"KILLED"} and status.pop("tune") == {"KILLED"}
     assert status in ({}, {"trial": {"FINISHED"}}), status  # trials finished before Ctrl-C stay finished
+
+
+TYPED = "tests.tuning_methods:TypedTaskArithmetic"
+GRID_SPACE = {"scaling": {"type": "float", "low": 0.2, "high": 0.6, "step": 0.2},
+              "mode": {"type": "categorical", "choices": ["sum", "mean"]}}
+
+
+def typed_study(sweep_dict: dict, **tune) -> dict:
+    """A sweep of one study, one trial at a time, over tests.tuning_methods:TypedTaskArithmetic."""
+    tune.setdefault("n_parallel", 1)
+    return dict(sweep_dict, references=False, methods=[{"name": TYPED, "label": "typed", "tune": tune}])
+
+
+def stored_study(cfg, m=None):
+    import optuna
+
+    from harness.tuning import open_storage, storage_spec, study_name
+
+    m = m or cfg.methods[0]
+    return optuna.load_study(study_name=study_name(cfg, m), storage=open_storage(storage_spec(cfg, m.tune)))
+
+
+def test_grid_study_ends_when_the_grid_is_exhausted(sweep_dict):
+    """Extended past its grid, a grid study tries every point once, then evaluates the best."""
+    run_sweep(validate_config(typed_study(sweep_dict, n_trials=2, sampler="grid", space=GRID_SPACE)), quiet=True)
+    cfg = validate_config(typed_study(sweep_dict, n_trials=10, sampler="grid", space=GRID_SPACE))
+    out = run_sweep(cfg, quiet=True)
+    assert not out.failed, [r.error for r in out.failed]
+    trials = stored_study(cfg).trials
+    assert {t.state.name for t in trials} == {"COMPLETE"}
+    points = sorted((t.params["scaling"], t.params["mode"]) for t in trials)
+    assert points == sorted((s, mode) for s in (0.2, 0.4, 0.6) for mode in ("sum", "mean"))  # each once
+    best = max(trials, key=lambda t: t.value)
+    final = next(r for r in out.results if r.kind == "merge")
+    assert final.params == {**best.params}
+    assert final.metrics["val/acc/avg"] == pytest.approx(best.value)
+
+
+@pytest.mark.parametrize("space,fragment", [
+    ({"repeats": {"type": "float", "low": 1, "high": 3}},
+     "s.yaml: methods.0.tune.space.repeats.type: hyperparameter 'repeats' of "
+     f"'{TYPED}' is int: give type int or categorical (got 'float')"),
+    ({"flip": {"type": "float", "low": 0, "high": 1}},
+     "methods.0.tune.space.flip.type: hyperparameter 'flip' of " f"'{TYPED}' is bool: give type categorical"),
+    ({"mode": {"type": "int", "low": 0, "high": 1}}, "methods.0.tune.space.mode.type:"),
+    ({"repeats": {"type": "int", "low": 1, "high": 3, "step": 0.5}},
+     "methods.0.tune.space.repeats: type int needs a whole 'step' (got 0.5)"),
+    ({"repeats": {"type": "int", "low": 1.5, "high": 3}}, "methods.0.tune.space.repeats: type int needs a whole 'low'"),
+    ({"repeats": {"type": "categorical", "choices": [1, 2.5]}}, "methods.0.tune.space.repeats: Input should be a valid "
+     "integer, got a number with a fractional part (got 2.5)"),
+    ({"mode": {"type": "categorical", "choices": ["sum", "max"]}}, "methods.0.tune.space.mode: Input should be"),
+])
+def test_space_type_must_fit_the_hyperparameter(space, fragment, sweep_dict):
+    """A range a field cannot hold is refused at config time, not by the first trial's merge."""
+    d = dict(sweep_dict, methods=[{"name": TYPED, "tune": {"space": space}}])
+    with pytest.raises(ConfigError) as e:
+        validate_config(d, "s.yaml")
+    assert fragment in str(e.value), str(e.value)
+
+
+def test_space_types_that_fit_are_accepted(sweep_dict):
+    space = {"scaling": {"type": "int", "low": 0, "high": 2}, "repeats": {"type": "int", "low": 1, "high": 4, "step": 1},
+             "mode": {"type": "categorical", "choices": ["sum", "mean"]},
+             "flip": {"type": "categorical", "choices": [False, True]}}
+    cfg = validate_config(dict(sweep_dict, methods=[{"name": TYPED, "tune": {"space": space}}]), "s.yaml")
+    assert set(cfg.methods[0].tune.space) == set(space)
+
+
+def test_resumed_study_drops_an_unfinished_trial_the_method_refuses(sweep_dict, tmp_path):
+    """A trial left RUNNING with a value the method no longer takes is failed with one line;
+    the study goes on and its best is one of the trials that ran."""
+    import io
+
+    from optuna.distributions import FloatDistribution
+    from rich.console import Console
+
+    from harness.tuning import StudyRunner
+
+    space = {"scaling": {"type": "float", "low": 0.0, "high": 1.0}}
+    cfg = validate_config(typed_study(sweep_dict, n_trials=2, sampler="random", space=space))
+    left = StudyRunner(cfg, cfg.methods[0], {}, {}, 1, tmp_path / "results").study
+    left.enqueue_trial({"scaling": 3.0})  # above the method's le=2.0: a killed run of older code
+    left.ask({"scaling": FloatDistribution(0.0, 5.0)})
+    shown = io.StringIO()
+    out = run_sweep(cfg, console=Console(file=shown, width=300))
+    assert not out.failed, [r.error for r in out.failed]
+    assert ("trial 0 (scaling=3.0), left unfinished by an earlier run, is dropped: scaling: Input should be "
+            "less than or equal to 2 (got 3.0)") in shown.getvalue(), shown.getvalue()
+    trials = stored_study(cfg).trials
+    assert [t.state.name for t in trials] == ["FAIL", "COMPLETE", "COMPLETE"]
+    final = next(r for r in out.results if r.kind == "merge")
+    assert final.params["scaling"] == max(trials[1:], key=lambda t: t.value).params["scaling"]
+
+
+def test_changed_study_definition_starts_a_new_study(sweep_dict):
+    """A rerun with another space and fixed params does not resume the old study: its best would
+    lie outside the new space and override the new fixed params."""
+    import io
+
+    from rich.console import Console
+
+    wide = {"scaling": {"type": "float", "low": 0.5, "high": 1.0}, "repeats": {"type": "int", "low": 2, "high": 3},
+            "mode": {"type": "categorical", "choices": ["sum", "mean"]},
+            "flip": {"type": "categorical", "choices": [False, True]}}
+    first = typed_study(sweep_dict, n_trials=3, sampler="random", space=wide)
+    run_sweep(validate_config(first), quiet=True)
+    second = typed_study(sweep_dict, n_trials=2, sampler="random",
+                         space={"scaling": {"type": "float", "low": 0.1, "high": 0.2}})
+    second["methods"][0]["params"] = {"repeats": 1, "mode": "sum", "flip": False}
+    cfg = validate_config(second)
+    shown = io.StringIO()
+    out = run_sweep(cfg, console=Console(file=shown, width=300))
+    assert not out.failed, [r.error for r in out.failed]
+    final = next(r for r in out.results if r.kind == "merge")
+    assert final.params["repeats"] == 1 and final.params["mode"] == "sum" and final.params["flip"] is False
+    assert 0.1 <= final.params["scaling"] <= 0.2, final.params
+    import optuna
+
+    from harness.tuning import open_storage, storage_spec, study_definition, study_name
+
+    name = f"{study_name(cfg, cfg.methods[0])}.{study_definition(cfg.methods[0])}"
+    assert (f"study 'toy.typed' was run with another space, fixed params, objective or sampler: starting study "
+            f"{name!r} for this one") in shown.getvalue(), shown.getvalue()
+
+    storage = open_storage(storage_spec(cfg, cfg.methods[0].tune))
+    new = optuna.load_study(study_name=name, storage=storage)
+    assert len(new.trials) == 2 and all(0.1 <= t.params["scaling"] <= 0.2 for t in new.trials)
+    old = optuna.load_study(study_name="toy.typed", storage=storage)
+    assert len(old.trials) == 3  # left as it was, and resumed by a rerun of its own definition
+    again = run_sweep(validate_config(first), quiet=True)
+    assert next(r for r in again.results if r.kind == "merge").params["scaling"] == old.best_params["scaling"]
+    assert len(optuna.load_study(study_name="toy.typed", storage=storage).trials) == 3
+
+
+def test_tune_command_works_inside_its_sweep(sweep_dict, tmp_path):
+    """`harness tune` into a sweep's folder: the sweep's parent run, no second copy of a job run,
+    its own table beside the sweep's report, which stays whole for `harness report`."""
+    from click.testing import CliRunner
+
+    from harness.cli import main
+    from harness.report import load_sweep_from_mlflow
+    from harness.tracking import JOB_TAG
+
+    d = dict(sweep_dict, methods=[{"name": "weight_averaging"},
+                                  {"name": "task_arithmetic", "label": "ta", "tune": tune_block(n_trials=2)}])
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump(d))
+    r = CliRunner().invoke(main, ["sweep", str(f), "-q"], env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    report = tmp_path / "out" / "report"
+    sweep_table = (report / "main.md").read_text()
+    assert "| weight_averaging |" in sweep_table and "| ta |" in sweep_table
+    r = CliRunner().invoke(main, ["tune", str(f), "--method", "ta", "--trials", "3", "-q"], env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    assert (report / "main.md").read_text() == sweep_table
+    methods = [line.split("|")[1].strip() for line in (report / "tune-ta.md").read_text().splitlines()[2:]]
+    assert methods == ["pretrained", "individual", "ta"], methods
+    cfg = validate_config(d)
+    assert len(stored_study(cfg, cfg.methods[1]).trials) == 3
+    client = MlflowClient(cfg.resolved_tracking_uri())
+    exp = client.get_experiment_by_name(cfg.name).experiment_id
+    assert len(client.search_runs([exp], "tags.`harness.kind` = 'sweep'")) == 1
+    assert len(client.search_runs([exp], "tags.`harness.kind` = 'tune'")) == 1
+    keys = [run.data.tags[JOB_TAG] for run in client.search_runs([exp]) if JOB_TAG in run.data.tags]
+    assert len(keys) == len(set(keys)), keys  # every job logged once
+    _, results, _ = load_sweep_from_mlflow(cfg.resolved_tracking_uri())
+    assert {r.label for r in results if r.kind == "merge"} == {"weight_averaging", "ta"}
+    # a method's tuning changed by an override is still this folder's sweep: same parent run, and
+    # `harness report` keeps to the jobs of the sweep's own report
+    r = CliRunner().invoke(main, ["tune", str(f), "--method", "ta", "methods.1.tune.sampler=random", "-q"],
+                           env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    assert len(client.search_runs([exp], "tags.`harness.kind` = 'sweep'")) == 1
+    assert (report / "main.md").read_text() == sweep_table
+    _, results, _ = load_sweep_from_mlflow(cfg.resolved_tracking_uri())
+    assert {r.label for r in results if r.kind == "merge"} == {"weight_averaging", "ta"}
+
+
+def test_tune_command_finds_a_method_by_name_and_stays_quiet(sweep_dict, tmp_path):
+    """`--method` takes a labelled method's name when no other tuned method has it; Optuna's own
+    warnings (a contour plot over a parameter with one value) stay out of the output."""
+    d = dict(sweep_dict, references=False, methods=[
+        {"name": "weight_averaging"},
+        {"name": TYPED, "label": "typed", "tune": {"n_trials": 2, "n_parallel": 1, "sampler": "random", "space": {
+            "scaling": {"type": "float", "low": 0.1, "high": 0.5},
+            "mode": {"type": "categorical", "choices": ["sum"]}}}}])
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump(d))
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), COLUMNS="200")
+    r = subprocess.run([sys.executable, "-m", "harness.cli", "tune", str(f), "--method", TYPED], env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert re.search(r"^trial 1 typed\(mode=sum, scaling=[\d.]+\): val/acc/avg", r.stderr, re.M), r.stderr
+    assert "unique value length" not in r.stdout + r.stderr and "[W " not in r.stdout + r.stderr, r.stderr
+    assert len(stored_study(validate_config(d), validate_config(d).methods[1]).trials) == 2
+
+
+def test_tune_command_refuses_an_ambiguous_name_and_a_bad_trial_count(sweep_dict, tmp_path):
+    from click.testing import CliRunner
+
+    from harness.cli import main
+
+    d = dict(sweep_dict, methods=[{"name": "weight_averaging"},
+                                  {"name": "task_arithmetic", "label": "a", "tune": tune_block()},
+                                  {"name": "task_arithmetic", "label": "b", "tune": tune_block()}])
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump(d))
+    r = CliRunner().invoke(main, ["tune", str(f), "--method", "task_arithmetic"], env={"COLUMNS": "300"})
+    assert r.exit_code == 2
+    assert f"error: {f}: 2 methods are named 'task_arithmetic' (labels a, b): give the label" in r.stderr, r.stderr
+    r = CliRunner().invoke(main, ["tune", str(f), "--method", "b", "--trials", "0"], env={"COLUMNS": "300"})
+    assert r.exit_code == 2
+    assert (f"error: <command line> (--trials 0, over {f}): methods.2.tune.n_trials: Input should be greater "
+            "than or equal to 1 (got 0)") in r.stderr, r.stderr
+    assert not (tmp_path / "out").exists()  # refused before anything ran

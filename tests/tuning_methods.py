@@ -1,12 +1,12 @@
-"""A method whose intermediate reports a pruner can act on, for tuning tests."""
+"""Methods for tuning tests: intermediate reports a pruner can act on, hyperparameters of every type."""
 
-from typing import Mapping
+from typing import Literal, Mapping
 
 from pydantic import Field
 from torch import nn
 
-from methods.base import MergeContext, MergeMethod, PruneTrial
-from methods.task_arithmetic import TaskArithmetic
+from methods.base import MergeContext, MergeMethod, PruneTrial, with_state
+from methods.task_arithmetic import TaskArithmetic, task_arithmetic_state
 
 
 class ReportingTaskArithmetic(MergeMethod):
@@ -20,3 +20,17 @@ class ReportingTaskArithmetic(MergeMethod):
             if ctx.report and ctx.report(step, {"val/acc/avg": self.quality}):
                 raise PruneTrial(f"pruned at step {step}")
         return TaskArithmetic(scaling=self.scaling).merge(pretrained, finetuned, ctx)
+
+
+class TypedTaskArithmetic(MergeMethod):
+    """Task arithmetic with a hyperparameter of every kind a search space can hold."""
+
+    scaling: float = Field(0.3, ge=0.0, le=2.0)
+    repeats: int = Field(1, ge=1, le=4)
+    mode: Literal["sum", "mean"] = "sum"
+    flip: bool = False
+
+    def merge(self, pretrained: nn.Module, finetuned: Mapping[str, nn.Module], ctx: MergeContext) -> nn.Module:
+        scaling = self.scaling * self.repeats / (len(finetuned) if self.mode == "mean" else 1)
+        state = task_arithmetic_state(pretrained, finetuned, -scaling if self.flip else scaling)
+        return with_state(pretrained, state)
