@@ -15,6 +15,15 @@ from harness.config import validate_config
 from harness.runner import run_sweep
 
 
+def failing_sweep(d: dict, tmp_path) -> tuple:
+    """`harness sweep` of ``d`` that must exit 1; its result and stderr on one line."""
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump(d))
+    r = CliRunner().invoke(main, ["sweep", "-q", str(f)], env={"COLUMNS": "200"})
+    assert r.exit_code == 1, r.output
+    return r, " ".join(r.stderr.split())
+
+
 def test_failures_are_isolated_and_reported(sweep_dict, tmp_path):
     d = dict(sweep_dict, methods=[
         {"name": "weight_averaging"},
@@ -23,11 +32,7 @@ def test_failures_are_isolated_and_reported(sweep_dict, tmp_path):
         {"name": "tests.faulty_methods:NanLoss", "label": "nan-loss"},
         {"name": "task_arithmetic"},
     ])
-    f = tmp_path / "s.yaml"
-    f.write_text(yaml.safe_dump(d))
-    r = CliRunner().invoke(main, ["sweep", "-q", str(f)], env={"COLUMNS": "200"})
-    assert r.exit_code == 1
-    err = " ".join(r.stderr.split())
+    r, err = failing_sweep(d, tmp_path)
     assert "3 of 8 jobs failed" in err
     assert "nan-weights: FloatingPointError: non-finite logits" in err
     assert "oom: out of memory" in err
@@ -54,11 +59,7 @@ def test_a_failed_jobs_traceback_is_kept_and_a_merge_returning_none_is_named(swe
         {"name": "tests.failing_method:AlwaysFails", "label": "raiser"},
         {"name": "tests.faulty_methods:ReturnsNone", "label": "none"},
     ])
-    f = tmp_path / "s.yaml"
-    f.write_text(yaml.safe_dump(d))
-    r = CliRunner().invoke(main, ["sweep", "-q", str(f)], env={"COLUMNS": "200"})
-    assert r.exit_code == 1
-    err = " ".join(r.stderr.split())
+    _, err = failing_sweep(d, tmp_path)
     assert "raiser: RuntimeError: deliberate failure" in err
     assert ("none: TypeError: merge() of tests.faulty_methods:ReturnsNone returned NoneType, "
             "expected an nn.Module") in err

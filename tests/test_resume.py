@@ -22,7 +22,7 @@ KILL_POINTS = [
 
 
 def _killable_run(d: dict, point: str | None) -> None:
-    """Child process body: the sweep with a kill point armed (fork: no re-import cost)."""
+    """Child process body: the sweep with a kill point armed (forked: no re-import cost)."""
     import harness.failpoints as fp
 
     fp._hits.clear()
@@ -35,11 +35,18 @@ def _killable_run(d: dict, point: str | None) -> None:
 
 
 def run_forked(d: dict, point: str | None) -> int:
-    import multiprocessing as mp
+    """Exit code of the sweep run in a child forked from the harness's preloaded server: a
+    child forked from this process, whose OpenMP threads have run, can hang in its first
+    parallel region."""
+    from harness.executors.server import worker_context
 
-    proc = mp.get_context("fork").Process(target=_killable_run, args=(d, point))
+    proc = worker_context().Process(target=_killable_run, args=(d, point))
     proc.start()
     proc.join(300)
+    if proc.exitcode is None:
+        proc.kill()
+        proc.join()
+        raise AssertionError(f"the sweep killed at {point!r} did not end within 300 s")
     return proc.exitcode
 
 

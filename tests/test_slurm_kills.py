@@ -137,7 +137,7 @@ def test_a_job_past_its_time_limit_is_reported_timeout_with_its_stderr_tail(kill
     r, timed_id = s["collected"], s["jobs"][_by_label(s["again"])["overstays"].key]["job_id"]
     assert r.exit_code == 1, r.output
     summary = _flat(r.output[r.output.index("1 of 2 jobs failed:"):])
-    assert (f"overstays : SLURM job {timed_id} TIMEOUT: time limit reached (1 min) and not requeued: raise "
+    assert (f"overstays: SLURM job {timed_id} TIMEOUT: time limit reached (1 min) and not requeued: raise "
             "executor.timeout_min, or have the method checkpoint in its workdir; log "
             f"{s['out'] / 'slurm' / timed_id}_0_log.err") in summary, summary
     tails = _tails(r.output)
