@@ -213,14 +213,12 @@ def run_job(spec: JobSpec, ws: Workspace, device: torch.device, workdir: Path) -
             result.metrics = evaluate_encoder(ws, encoder, [spec.task], device, test_correct=result.test_correct)
         elif spec.kind == "robustness":  # a grid method's selected setting, merged again
             merged, _ = merge(spec, ws, device, workdir)
-            check_encoder(spec, merged)
             result.timings["merge"] = time.perf_counter() - t0
             t1 = time.perf_counter()
             result.metrics = robustness_metrics(ws, merged, device)
             result.timings["evaluate"] = time.perf_counter() - t1
         else:
             merged, artifacts = merge(spec, ws, device, workdir)
-            check_encoder(spec, merged)
             failpoint("merged")
             result.artifacts = artifacts
             result.metrics.update(artifact_metrics(artifacts))
@@ -353,6 +351,7 @@ def merge(spec: JobSpec, ws: Workspace, device: torch.device, workdir: Path) -> 
             f"{f' and {len(changed) - 1} more' if len(changed) > 1 else ''}): merge() must leave the "
             "pretrained and fine-tuned models and the heads as it got them (copy first, e.g. "
             "methods.base.with_state)")
+    check_encoder(spec, merged)
     return merged, ctx.artifacts
 
 

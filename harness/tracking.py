@@ -97,6 +97,12 @@ def seed_sqlite_store(uri: str, cache_dir: Path) -> bool:
     return True
 
 
+def is_own_store(uri: str, out: Path) -> bool:
+    """Whether ``uri`` is the output folder's own SQLite file, ``<out>/mlflow.db``."""
+    own = (out / "mlflow.db").resolve()
+    return uri.startswith("sqlite:///") and Path(uri.removeprefix("sqlite:///")).resolve() == own
+
+
 def relocate_copied_store(uri: str, out: Path) -> str | None:
     """Point a copied output folder's store at its own artifacts.
 
@@ -105,8 +111,7 @@ def relocate_copied_store(uri: str, out: Path) -> str | None:
     Only ``<out>/mlflow.db`` is touched: its experiments' ``<folder>/mlartifacts`` and
     ``<folder>/mlruns`` locations are moved to ``out``. Returns the old folder when it moved."""
     db = out / "mlflow.db"
-    if not uri.startswith("sqlite:///") or Path(uri.removeprefix("sqlite:///")).resolve() != db.resolve() \
-            or not db.is_file():
+    if not is_own_store(uri, out) or not db.is_file():
         return None
     here = out.resolve()
     moved = None
@@ -240,14 +245,8 @@ class Tracker:
             elif r.data.tags.get(JOB_TAG):
                 self._logged[r.data.tags[JOB_TAG]] = (r.info.run_id, r.info.status)
                 self._names[r.data.tags[JOB_TAG]] = (r.data.tags.get("harness.label", ""), r.info.run_name)
-        if self._own_store():
+        if is_own_store(self.uri, self.cfg.resolved_output_dir()):  # the folder's lock keeps other drivers out
             self._end_stale_runs()
-
-    def _own_store(self) -> bool:
-        """Whether the store is the output folder's own SQLite file: the folder's lock, held by
-        this driver, then keeps every other driver from writing to it."""
-        own = self.cfg.resolved_output_dir() / "mlflow.db"
-        return self.uri.startswith("sqlite:///") and Path(self.uri.removeprefix("sqlite:///")).resolve() == own
 
     def _end_stale_runs(self) -> None:
         """Runs a killed driver left RUNNING (an earlier sweep's parent, its jobs, studies and
