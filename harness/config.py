@@ -278,12 +278,25 @@ class ReferencesSpec(Strict):
 
 
 class RobustnessSpec(Strict):
-    """Evaluate on ImageNet-C-style corrupted copies of these tasks' test splits."""
+    """Evaluate on ImageNet-C-style corrupted copies of these tasks' test splits.
+
+    ``adapt``: what a test-time-adaptation method adapts on before it is scored on a corruption.
+    "corrupted" (the references: AdaMerging's and WeMoE's robustness studies adapt on the
+    corrupted test images themselves) adapts once more per corruption, on that corruption's
+    copies of every merged task's test split; "clean" scores the model adapted on the clean
+    test images on every corruption (one adaptation, cheaper, and no adaptation to the shift).
+    """
 
     tasks: list[str] = Field(min_length=1)
     corruptions: list[str] = Field(default_factory=lambda: list(_paper_corruptions()), min_length=1)
     severity: int = Field(2, ge=1, le=5)
     seed: int = Field(0, ge=0)
+    adapt: Literal["corrupted", "clean"] = "corrupted"
+
+    def identity(self) -> dict[str, Any]:
+        """The block as job keys see it. ``adapt: clean`` is left out, so keys of jobs cached
+        before the field existed (which adapted on clean images) stay valid."""
+        return self.model_dump(exclude={"adapt"} if self.adapt == "clean" else None)
 
     @field_validator("corruptions")
     @classmethod
@@ -348,7 +361,8 @@ class ExecutorSpec(Strict):
 #: The fields :meth:`SweepConfig.digest` covers.
 EXPERIMENT_FIELDS: dict[str, Any] = {
     "name": True, "experiment": True, "seed": True, "tasks": True, "seen": True, "unseen": True,
-    "robustness": True, "generalization": True, "model": {"source", "arch", "suite"},
+    "robustness": {"tasks", "corruptions", "severity", "seed"}, "generalization": True,
+    "model": {"source", "arch", "suite"},
     "eval": {"max_samples", "select_on"}, "adapt": True,
 }
 

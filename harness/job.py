@@ -12,7 +12,7 @@ import time
 import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -167,24 +167,28 @@ def task_correct(ws: Workspace, encoder: torch.nn.Module, task: str, dataset, de
 
 
 def robustness_metrics(ws: Workspace, encoder: torch.nn.Module, device: torch.device,
-                       clean: dict[str, float] | None = None) -> dict[str, float]:
+                       clean: dict[str, float] | None = None,
+                       adapted: Callable[[str], torch.nn.Module] | None = None) -> dict[str, float]:
     """robust/<corruption>/<task> and their averages, and robust/clean/avg over the study's tasks
-    (from ``clean`` test accuracies where given, else evaluated here)."""
+    (from ``clean`` test accuracies where given, else evaluated here).
+
+    ``adapted(corruption)``, when given, returns the encoder to score on that corruption (a
+    test-time-adaptation method adapted on its corrupted test images); else ``encoder`` is."""
     rob = ws.cfg.robustness
     encoder = encoder.to(device).eval()
     clean = clean or {}
 
-    def acc(task: str, dataset) -> float:
-        return task_accuracy(ws, encoder, task, dataset, device)
+    def acc(model: torch.nn.Module, task: str, dataset) -> float:
+        with evaluation_threads():
+            return task_accuracy(ws, model, task, dataset, device)
 
-    metrics = {}
-    with evaluation_threads():
-        metrics["robust/clean/avg"] = _mean(clean[t] if t in clean else acc(t, ws.task(t).dataset("test"))
-                                            for t in rob.tasks)
-        for c in rob.corruptions:
-            for t in rob.tasks:
-                metrics[f"robust/{c}/{t}"] = acc(t, ws.corrupted(t, c))
-            metrics[f"robust/{c}/avg"] = _mean(metrics[f"robust/{c}/{t}"] for t in rob.tasks)
+    metrics = {"robust/clean/avg": _mean(clean[t] if t in clean else acc(encoder, t, ws.task(t).dataset("test"))
+                                         for t in rob.tasks)}
+    for c in rob.corruptions:
+        model = encoder if adapted is None else adapted(c).to(device).eval()
+        for t in rob.tasks:
+            metrics[f"robust/{c}/{t}"] = acc(model, t, ws.corrupted(t, c))
+        metrics[f"robust/{c}/avg"] = _mean(metrics[f"robust/{c}/{t}"] for t in rob.tasks)
     return metrics
 
 
@@ -225,11 +229,17 @@ def run_job(spec: JobSpec, ws: Workspace, device: torch.device, workdir: Path) -
             result.timings["merge"] = time.perf_counter() - t0
             t1 = time.perf_counter()
             final = spec.kind == "merge"
+            study = final and spec.protocol == MAIN and robustness_inline(ws.cfg, spec.label)
+            readapt = study and adapts_on_corruptions(ws, spec)
             result.metrics.update(evaluate_encoder(ws, merged, ws.cfg.task_names, device, test=final,
-                                                   robustness=final and spec.protocol == MAIN
-                                                   and robustness_inline(ws.cfg, spec.label),
+                                                   robustness=study and not readapt,
                                                    merged=ws.cfg.seen_tasks(spec.protocol),
                                                    test_correct=result.test_correct))
+            if readapt:
+                clean = {t: result.metrics[f"acc/{t}"] for t in ws.cfg.task_names}
+                result.metrics.update(robustness_metrics(
+                    ws, merged, device, clean,
+                    adapted=lambda c: merge(spec, ws, device, workdir / f"corrupted-{c}", corruption=c)[0]))
             result.timings["evaluate"] = time.perf_counter() - t1
         bad = [k for k, v in result.metrics.items() if not math.isfinite(v)]
         if bad:
@@ -312,7 +322,18 @@ def trial_reporter(handle: dict[str, Any]):
     return report
 
 
-def merge(spec: JobSpec, ws: Workspace, device: torch.device, workdir: Path) -> tuple[torch.nn.Module, dict]:
+def adapts_on_corruptions(ws: Workspace, spec: JobSpec) -> bool:
+    """Whether the job's robustness study adapts the method again on each corruption's test images."""
+    from methods.base import resolve_method
+
+    rob = ws.cfg.robustness
+    return rob is not None and rob.adapt == "corrupted" and resolve_method(spec.method).uses_test_data
+
+
+def merge(spec: JobSpec, ws: Workspace, device: torch.device, workdir: Path,
+          corruption: str | None = None) -> tuple[torch.nn.Module, dict]:
+    """The job's merged encoder and its artifacts. With ``corruption``, a test-time-adaptation
+    method adapts on that corruption's copies of the test splits instead of the clean ones."""
     from methods.base import MergeContext, resolve_method
 
     cls = resolve_method(spec.method)
@@ -326,7 +347,7 @@ def merge(spec: JobSpec, ws: Workspace, device: torch.device, workdir: Path) -> 
         batch = int(getattr(method, "batch_size", 16))
         seed = ws.cfg.adapt.shuffle_seed
         for i, t in enumerate(tasks):
-            ds = ws.task(t).dataset(ws.cfg.adapt.split)
+            ds = ws.task(t).dataset(ws.cfg.adapt.split) if corruption is None else ws.corrupted(t, corruption)
             unlabeled[t] = (lambda ds=ds, s=seed + i: unlabeled_batches(ds, batch, s))
 
     def validate(encoder: torch.nn.Module) -> dict[str, float]:

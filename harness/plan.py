@@ -155,7 +155,13 @@ def with_key(cfg: SweepConfig, s: JobSpec, identity: dict[str, Any],
         body["merge_tasks"] = seen
         runs_study = s.protocol == MAIN and (s.kind in ("pretrained", "robustness")
                                              or (s.kind == "merge" and robustness_inline(cfg, s.label)))
-        body["robustness"] = cfg.robustness.model_dump() if cfg.robustness and runs_study else None
+        body["robustness"] = None
+        if cfg.robustness and runs_study:
+            from methods.base import resolve_method
+
+            body["robustness"] = cfg.robustness.identity()
+            if not (s.kind == "merge" and resolve_method(s.method).uses_test_data):
+                body["robustness"].pop("adapt", None)  # only test-time adaptation reads it
     if s.protocol != MAIN:  # main-protocol keys stay as they were before protocols existed
         body["protocol"] = s.protocol
     if s.kind in ("merge", "trial", "robustness"):

@@ -236,3 +236,54 @@ def test_report_from_mlflow_ignores_jobs_of_replaced_checkpoints(sweep_dict, mic
     new = table_records(second.rows, cfg.task_names, cfg.merge_tasks)
     rows = build_rows(results, cfg.task_names, [m.display for m in cfg.methods], cfg.merge_tasks)
     assert table_records(rows, cfg.task_names, cfg.merge_tasks) == new
+
+
+def test_test_time_adaptation_adapts_on_each_corruption(trained_checkpoints, tmp_path):
+    """``robustness.adapt: corrupted`` (the references' protocol) scores each corruption with the
+    method adapted on that corruption's test images; ``clean`` with the one adapted on clean
+    images. Truth: AdaMerging run directly on the same unlabeled streams."""
+    from harness.evaluation import unlabeled_batches
+    from harness.job import task_accuracy
+    from harness.workspace import Workspace
+    from methods.adamerging import AdaMerging
+    from methods.base import MergeContext
+    from tests.conftest import make_sweep_dict
+
+    params = {"granularity": "layer", "steps": 3, "lr": 0.3, "batch_size": 8, "clamp": False,
+              "checkpoint_every": 0}
+    study = {"tasks": ["toy_stripes", "toy_colours"], "corruptions": ["contrast", "gaussian_noise"]}
+    jobs = {}
+    for adapt in ("corrupted", "clean"):
+        d = dict(make_sweep_dict(trained_checkpoints, tmp_path), output_dir=str(tmp_path / adapt), robustness={**study, "adapt": adapt},
+                 references={"pretrained": False, "individual": False},
+                 methods=[{"name": "adamerging", "params": params}])
+        cfg = validate_config(d)
+        out = run_sweep(cfg, quiet=True)
+        assert not out.failed
+        jobs[adapt] = next(r for r in out.results if r.kind == "merge")
+    assert jobs["corrupted"].key != jobs["clean"].key
+
+    ws = Workspace(cfg)
+    tasks = cfg.task_names
+    cpu = torch.device("cpu")
+
+    def adapted(split) -> torch.nn.Module:
+        unlabeled = {t: (lambda ds=split(t), s=i: unlabeled_batches(ds, 8, s)) for i, t in enumerate(tasks)}
+        torch.manual_seed(cfg.seed)
+        ctx = MergeContext(heads={t: ws.head(t) for t in tasks}, unlabeled=unlabeled, seed=cfg.seed)
+        return AdaMerging(**params).merge(ws.pretrained_encoder, ws.finetuned_encoders(tasks), ctx)
+
+    on_clean = adapted(lambda t: ws.task(t).dataset("test"))
+    differs = False
+    for c in study["corruptions"]:
+        on_corrupted = adapted(lambda t: ws.corrupted(t, c))
+        for t in study["tasks"]:
+            want = task_accuracy(ws, on_corrupted, t, ws.corrupted(t, c), cpu)
+            want_clean = task_accuracy(ws, on_clean, t, ws.corrupted(t, c), cpu)
+            assert jobs["corrupted"].metrics[f"robust/{c}/{t}"] == pytest.approx(want), (c, t)
+            assert jobs["clean"].metrics[f"robust/{c}/{t}"] == pytest.approx(want_clean), (c, t)
+            differs |= want != want_clean
+    assert differs  # the two protocols are told apart by this test
+    for adapt in ("corrupted", "clean"):
+        assert jobs[adapt].metrics["robust/clean/avg"] == pytest.approx(
+            sum(task_accuracy(ws, on_clean, t, ws.task(t).dataset("test"), cpu) for t in study["tasks"]) / 2)
