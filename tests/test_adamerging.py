@@ -179,3 +179,42 @@ def test_progress_conventions_do_not_change_the_run(models, kind):
         runs.append(run_tta(enc, MergeContext(heads=heads(), unlabeled=fixed_unlabeled(), progress=p),
                             lr=1e-2, steps=2, joint_forward=True))
     assert runs[0] == runs[1] and len(runs[0]) == 2
+
+
+@pytest.mark.parametrize("granularity", ["task", "layer"])
+def test_steps_match_the_original_update_rule(models, granularity):
+    """Three steps against the original scripts' rule, written out: coefficients [P, T] (or
+    [1, T]) from 0.3, clamped to [0, 1] in the forward, the pretrained weight at 1; loss the sum
+    over tasks of the batch-mean softmax entropy of normalised features times the head; Adam
+    lr 1e-3, betas (0.9, 0.999), no weight decay."""
+    from torch.func import functional_call
+
+    pre, ft = models
+    g = torch.Generator().manual_seed(1)
+    hd = {t: 30 * F.normalize(torch.randn(5, 32, generator=g), dim=-1) for t in TASKS}
+    data = {t: [images(4, 10 * i + j) for j in range(3)] for i, t in enumerate(TASKS)}
+    names = [n for n, _ in pre.named_parameters()]
+    theta0 = {n: p.detach() for n, p in pre.named_parameters()}
+    taus = [{n: dict(ft[t].named_parameters())[n].detach() - theta0[n] for n in names} for t in TASKS]
+    raw = torch.nn.Parameter(torch.full((len(names) if granularity == "layer" else 1, len(TASKS)), 0.3))
+    opt = torch.optim.Adam([raw], lr=1e-3, betas=(0.9, 0.999), weight_decay=0.0)
+    for step in range(3):
+        lam = raw.clamp(0.0, 1.0)
+        params = {n: theta0[n] + sum(lam[j if granularity == "layer" else 0, i] * taus[i][n] for i in range(len(TASKS)))
+                  for j, n in enumerate(names)}
+        loss = 0.0
+        for t in TASKS:
+            feats = functional_call(pre, params, (data[t][step],))
+            logits = feats / feats.norm(dim=-1, keepdim=True) @ hd[t].T
+            loss = loss + (-(logits.softmax(1) * logits.log_softmax(1)).sum(1)).mean(0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    want = raw.detach().clamp(0.0, 1.0)
+
+    ctx = MergeContext(heads=hd, unlabeled={t: (lambda t=t: iter(data[t])) for t in TASKS})
+    adamerging.AdaMerging(granularity=granularity, steps=3, checkpoint_every=0).merge(pre, ft, ctx)
+    got = torch.tensor(ctx.artifacts["adamerging_coefficients"]["values"])
+    got = got.unsqueeze(0) if granularity == "task" else got.T
+    assert (want - 0.3).abs().max() > 1e-3  # the steps moved the coefficients
+    assert torch.allclose(got, want, atol=1e-6, rtol=0)

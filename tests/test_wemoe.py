@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,7 +13,7 @@ import methods.wemoe as wemoe
 from tests.conftest import perturbed_micro_encoders
 from methods.base import MergeContext, PruneTrial, with_state
 from methods.task_arithmetic import task_arithmetic_state
-from methods.tta import entropy
+from methods.tta import entropy, run_tta
 
 TASKS = ["a", "b", "c"]
 CLASSES = 5
@@ -420,3 +422,59 @@ def test_task_identification_loss_needs_softmax_routing():
     with pytest.raises(ValueError, match="routing: softmax"):
         wemoe.WeMoE(task_id_weight=1.0, routing="raw")
     assert wemoe.WeMoE(task_id_weight=1.0, routing="softmax").task_id_weight == 1.0
+
+
+def test_adaptation_matches_the_reference_rule(models):
+    """Three adaptation steps against the references' rule, written out: non-MLP weights by task
+    arithmetic at init_lambda; per MLP a two-layer router on the MLP's input tokens, its outputs
+    averaged over each sample's tokens, and per sample the pretrained MLP plus the routed task
+    vectors (a functional call per sample); per task the batch-mean entropy of normalised features
+    times the head, gradients accumulated over tasks, then one Adam step (lr 1e-4)."""
+    from torch.func import functional_call
+
+    pre, ft = models
+    hd = heads(2)
+    data = {t: [images(4, 10 * i + j) for j in range(3)] for i, t in enumerate(TASKS)}
+    ours = wemoe.build_wemoe(pre, ft, init_lambda=0.3, router_depth=2, seed=0)
+
+    class RoutedMLP(nn.Module):
+        def __init__(self, base, experts, router):
+            super().__init__()
+            self.base, self.router = base, router
+            self.taus = [{n: dict(e.named_parameters())[n].detach() - p.detach() for n, p in base.named_parameters()}
+                         for e in experts]
+
+        def forward(self, h):
+            g = self.router(h).mean(1)
+            out = []
+            for i in range(h.shape[0]):
+                params = {n: p + sum(g[i, t] * tau[n] for t, tau in enumerate(self.taus))
+                          for n, p in self.base.named_parameters()}
+                out.append(functional_call(self.base, params, (h[i:i + 1],)))
+            return torch.cat(out)
+
+    ref = with_state(pre, task_arithmetic_state(pre, ft, 0.3)).requires_grad_(False)
+    for i, (block, layer) in enumerate(zip(ref.transformer.resblocks, wemoe.moe_layers(ours))):
+        router = copy.deepcopy(layer.router.net).requires_grad_(True)
+        base = copy.deepcopy(pre.transformer.resblocks[i].mlp).requires_grad_(False)
+        block.mlp = RoutedMLP(base, [ft[t].transformer.resblocks[i].mlp for t in TASKS], router)
+    opt = torch.optim.Adam([p for p in ref.parameters() if p.requires_grad], lr=1e-4)
+    for step in range(3):
+        for t in TASKS:
+            f = ref(data[t][step])
+            logits = f / f.norm(dim=-1, keepdim=True) @ hd[t].T
+            (-(logits.softmax(1) * logits.log_softmax(1)).sum(1)).mean().backward()
+        opt.step()
+        opt.zero_grad()
+
+    ctx = MergeContext(heads=hd, unlabeled={t: (lambda t=t: iter(data[t])) for t in TASKS})
+    run_tta(ours, ctx, lr=1e-4, steps=3, name="reference")
+    moved = 0.0
+    for layer, block in zip(wemoe.moe_layers(ours), ref.transformer.resblocks):
+        for got, want in zip(layer.router.net.parameters(), block.mlp.router.parameters()):
+            assert torch.allclose(got, want, atol=1e-6, rtol=0)  # Adam steps of 1e-4, float rounding
+        moved = max(moved, float((layer.router.net[2].bias.detach() - 0.3).abs().max()))
+    assert moved > 1e-5  # the steps moved the routers
+    x = images(5, 99)
+    with torch.no_grad():
+        assert rel_err(ours(x), ref(x)) <= 1e-5
