@@ -19,6 +19,7 @@ from harness.errors import HarnessError
 from harness.job import JobResult
 from harness.plan import base_label
 from harness.results import (
+    FAILED,
     Row,
     build_rows,
     generalization_rows,
@@ -49,6 +50,9 @@ def generalization_records(rows: list[Row], seen: list[str], unseen: list[str]) 
     header = ["method", "seen avg", *unseen, "unseen avg"]
     body = []
     for r in rows:
+        if r.failed:
+            body.append([r.method, *[FAILED] * (len(header) - 1)])
+            continue
         vals = [r.acc.get(t) for t in unseen]
         if any(v is None for v in vals):
             continue
@@ -58,7 +62,8 @@ def generalization_records(rows: list[Row], seen: list[str], unseen: list[str]) 
 
 def default_reference(rows: list[Row]) -> list[str]:
     """Task arithmetic, the baseline every merging paper compares against; else the first method."""
-    methods = [r.method for r in rows if r.method not in ("pretrained", "individual", "perfect routing")]
+    methods = [r.method for r in rows
+               if r.method not in ("pretrained", "individual", "perfect routing") and not r.failed]
     return ["task_arithmetic"] if "task_arithmetic" in methods else methods[:1]
 
 
@@ -136,6 +141,10 @@ def build_report(cfg: SweepConfig, results: list[JobResult], out: Path,
     if unknown:
         raise HarnessError(f"significance reference {unknown[0]!r} is not a row of the main table "
                            f"(rows: {', '.join(r.method for r in rows)})")
+    failed = [a for a in against or [] if any(r.method == a and r.failed for r in rows)]
+    if failed:
+        raise HarnessError(f"significance reference {failed[0]!r} failed in this sweep: it has no test "
+                           "predictions to compare with")
     significance = significance_records(rows, seen, against or default_reference(rows))
     if significance[1]:
         tables["significance"] = significance
@@ -223,7 +232,7 @@ def grouped_bars(groups: list[str], series: list[tuple[str, list[float]]], ylabe
 
 def plot_accuracy(rows: list[Row], tasks: list[str], path: Path) -> Path:
     """Per-task test accuracy of each method (and the references)."""
-    series = [(r.method, [r.acc.get(t, float("nan")) for t in tasks] + [r.avg]) for r in rows]
+    series = [(r.method, [r.acc.get(t, float("nan")) for t in tasks] + [r.avg]) for r in rows if not r.failed]
     return grouped_bars([*tasks, "avg"], series, "test top-1 (%)", path, legend_below=True)
 
 
