@@ -88,8 +88,13 @@ def significance_records(rows: list[Row], seen: list[str],
     return header, body
 
 
+# < > | are not special to LaTeX's parser, but its default font encoding (OT1) prints them as
+# inverted exclamation and question marks and a dash: a p-value "<0.001" would read "¡0.001".
 _LATEX_SPECIALS = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
-                   "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+                   "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+                   "<": r"\textless{}", ">": r"\textgreater{}", "|": r"\textbar{}"}
+#: Columns of text (left-aligned in LaTeX); every other column holds numbers (right-aligned).
+TEXT_COLUMNS = ("method", "setting", "against")
 
 
 def latex_escape(text: str) -> str:
@@ -98,12 +103,13 @@ def latex_escape(text: str) -> str:
 
 
 def latex_table(header: list[str], body: list[list[str]], caption: str) -> str:
-    """A booktabs tabular, via pandas. pandas escapes the cells and header, not the caption."""
+    """A booktabs tabular, via pandas; every cell, header and the caption escaped here."""
     import pandas as pd
 
-    frame = pd.DataFrame(body, columns=header)
-    return frame.to_latex(index=False, caption=latex_escape(caption), escape=True,
-                          column_format="l" * 2 + "r" * (len(header) - 2))
+    frame = pd.DataFrame([[latex_escape(str(c)) for c in row] for row in body],
+                         columns=[latex_escape(h) for h in header])
+    return frame.to_latex(index=False, caption=latex_escape(caption), escape=False,
+                          column_format="".join("l" if h in TEXT_COLUMNS else "r" for h in header))
 
 
 def csv_table(header: list[str], body: list[list[str]]) -> str:
