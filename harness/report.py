@@ -170,9 +170,10 @@ def build_report(cfg: SweepConfig, results: list[JobResult], out: Path,
             path = out / f"{name}.{ext}"
             path.write_text(text)
             report.files.append(path)
-    report.files.append(plot_accuracy(rows, seen, out / "accuracy.png"))
+    report.files.append(plot_accuracy(rows, seen, out / "accuracy.png", captions["main"]))
     if cfg.robustness:
-        report.files.append(plot_robustness(rows, cfg.robustness.corruptions, out / "robustness.png"))
+        report.files.append(plot_robustness(rows, cfg.robustness.corruptions, out / "robustness.png",
+                                            captions["robustness"]))
     if routing:
         from harness.plots import routing_heatmap
 
@@ -211,8 +212,9 @@ def _pyplot():
 
 
 def grouped_bars(groups: list[str], series: list[tuple[str, list[float]]], ylabel: str, path: Path,
-                 legend_below: bool = False) -> Path:
-    """One bar per series in every group; a distinct colour per series (tab20 past ten)."""
+                 legend_below: bool = False, title: str = "") -> Path:
+    """One bar per series in every group; a distinct colour per series (tab20 past ten). The
+    title says what a figure shows once it is out of its folder (sweep, tasks, severity)."""
     import numpy as np
 
     plt = _pyplot()
@@ -225,6 +227,8 @@ def grouped_bars(groups: list[str], series: list[tuple[str, list[float]]], ylabe
     ax.set_xticks(x, groups, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel(ylabel)
     ax.set_ylim(0, 100)
+    if title:
+        ax.set_title(title, fontsize=9)
     if series and legend_below:
         ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.3))
     elif series:
@@ -236,18 +240,18 @@ def grouped_bars(groups: list[str], series: list[tuple[str, list[float]]], ylabe
     return path
 
 
-def plot_accuracy(rows: list[Row], tasks: list[str], path: Path) -> Path:
+def plot_accuracy(rows: list[Row], tasks: list[str], path: Path, title: str = "") -> Path:
     """Per-task test accuracy of each method (and the references)."""
     series = [(r.method, [r.acc.get(t, float("nan")) for t in tasks] + [r.avg]) for r in rows if not r.failed]
-    return grouped_bars([*tasks, "avg"], series, "test top-1 (%)", path, legend_below=True)
+    return grouped_bars([*tasks, "avg"], series, "test top-1 (%)", path, legend_below=True, title=title)
 
 
-def plot_robustness(rows: list[Row], corruptions: list[str], path: Path) -> Path:
+def plot_robustness(rows: list[Row], corruptions: list[str], path: Path, title: str = "") -> Path:
     """Average accuracy over the robustness tasks, clean and per corruption, of each method."""
     cols = ["clean", *corruptions]
     series = [(r.method, [r.metrics.get(f"robust/{c}/avg", float("nan")) for c in cols])
               for r in rows if "robust/clean/avg" in r.metrics]
-    return grouped_bars(cols, series, "avg test top-1 (%)", path)
+    return grouped_bars(cols, series, "avg test top-1 (%)", path, title=title)
 
 
 def best_routing(cfg: SweepConfig, results: list[JobResult]) -> dict[str, Any] | None:

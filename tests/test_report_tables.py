@@ -105,3 +105,26 @@ def test_a_failed_reference_job_is_shown(cfg, tmp_path):
     assert main[2] == ["individual", f"failed: {B}", "80.0", "-", "-", "-"]
     assert main[3] == ["weight_averaging", "", "50.0", "30.0", "40.0", "-"]  # no individual B: no normalized
     assert read(tmp_path / "report" / "robustness.csv")[1] == ["pretrained", "failed", "failed"]
+
+
+def test_plots_are_titled_and_leave_failed_rows_out(cfg, tmp_path, monkeypatch):
+    """Out of its folder a figure must say what it shows: the sweep, the tasks and the severity."""
+    import matplotlib.figure
+
+    drawn = {}
+    real = matplotlib.figure.Figure.savefig
+
+    def capture(fig, path, *args, **kwargs):
+        ax = fig.axes[0]
+        drawn[str(path).rsplit("/", 1)[-1]] = (ax.get_title(), [t.get_text() for t in ax.get_legend().get_texts()])
+        return real(fig, path, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", capture)
+    pre = {A: 40.0, B: 30.0}
+    results = [ok("pretrained", "pretrained", {}, pre, 35.0, robust=robust(pre, {A: 20.0, B: 10.0})),
+               failed("merge", "weight_averaging", {})]
+    build_report(cfg, results, tmp_path / "report")
+    title, legend = drawn["robustness.png"]
+    assert title == f"toy: average accuracy on {A}, {B} under corruptions (severity 1)" and legend == ["pretrained"]
+    title, legend = drawn["accuracy.png"]
+    assert title.startswith("toy: test top-1 accuracy") and legend == ["pretrained"]
