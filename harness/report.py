@@ -19,6 +19,7 @@ from harness.errors import HarnessError
 from harness.job import JobResult
 from harness.plan import base_label
 from harness.results import (
+    FAILED,
     Row,
     build_rows,
     generalization_rows,
@@ -49,6 +50,9 @@ def generalization_records(rows: list[Row], seen: list[str], unseen: list[str]) 
     header = ["method", "seen avg", *unseen, "unseen avg"]
     body = []
     for r in rows:
+        if r.failed:
+            body.append([r.method, *[FAILED] * (len(header) - 1)])
+            continue
         vals = [r.acc.get(t) for t in unseen]
         if any(v is None for v in vals):
             continue
@@ -58,7 +62,8 @@ def generalization_records(rows: list[Row], seen: list[str], unseen: list[str]) 
 
 def default_reference(rows: list[Row]) -> list[str]:
     """Task arithmetic, the baseline every merging paper compares against; else the first method."""
-    methods = [r.method for r in rows if r.method not in ("pretrained", "individual", "perfect routing")]
+    methods = [r.method for r in rows
+               if r.method not in ("pretrained", "individual", "perfect routing") and not r.failed]
     return ["task_arithmetic"] if "task_arithmetic" in methods else methods[:1]
 
 
@@ -83,8 +88,13 @@ def significance_records(rows: list[Row], seen: list[str],
     return header, body
 
 
+# < > | are not special to LaTeX's parser, but its default font encoding (OT1) prints them as
+# inverted exclamation and question marks and a dash: a p-value "<0.001" would read "¡0.001".
 _LATEX_SPECIALS = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
-                   "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+                   "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+                   "<": r"\textless{}", ">": r"\textgreater{}", "|": r"\textbar{}"}
+#: Columns of text (left-aligned in LaTeX); every other column holds numbers (right-aligned).
+TEXT_COLUMNS = ("method", "setting", "against")
 
 
 def latex_escape(text: str) -> str:
@@ -93,12 +103,13 @@ def latex_escape(text: str) -> str:
 
 
 def latex_table(header: list[str], body: list[list[str]], caption: str) -> str:
-    """A booktabs tabular, via pandas. pandas escapes the cells and header, not the caption."""
+    """A booktabs tabular, via pandas; every cell, header and the caption escaped here."""
     import pandas as pd
 
-    frame = pd.DataFrame(body, columns=header)
-    return frame.to_latex(index=False, caption=latex_escape(caption), escape=True,
-                          column_format="l" * 2 + "r" * (len(header) - 2))
+    frame = pd.DataFrame([[latex_escape(str(c)) for c in row] for row in body],
+                         columns=[latex_escape(h) for h in header])
+    return frame.to_latex(index=False, caption=latex_escape(caption), escape=False,
+                          column_format="".join("l" if h in TEXT_COLUMNS else "r" for h in header))
 
 
 def csv_table(header: list[str], body: list[list[str]]) -> str:
@@ -136,6 +147,10 @@ def build_report(cfg: SweepConfig, results: list[JobResult], out: Path,
     if unknown:
         raise HarnessError(f"significance reference {unknown[0]!r} is not a row of the main table "
                            f"(rows: {', '.join(r.method for r in rows)})")
+    failed = [a for a in against or [] if any(r.method == a and r.failed for r in rows)]
+    if failed:
+        raise HarnessError(f"significance reference {failed[0]!r} failed in this sweep: it has no test "
+                           "predictions to compare with")
     significance = significance_records(rows, seen, against or default_reference(rows))
     if significance[1]:
         tables["significance"] = significance
@@ -155,9 +170,10 @@ def build_report(cfg: SweepConfig, results: list[JobResult], out: Path,
             path = out / f"{name}.{ext}"
             path.write_text(text)
             report.files.append(path)
-    report.files.append(plot_accuracy(rows, seen, out / "accuracy.png"))
+    report.files.append(plot_accuracy(rows, seen, out / "accuracy.png", captions["main"]))
     if cfg.robustness:
-        report.files.append(plot_robustness(rows, cfg.robustness.corruptions, out / "robustness.png"))
+        report.files.append(plot_robustness(rows, cfg.robustness.corruptions, out / "robustness.png",
+                                            captions["robustness"]))
     if routing:
         from harness.plots import routing_heatmap
 
@@ -196,8 +212,9 @@ def _pyplot():
 
 
 def grouped_bars(groups: list[str], series: list[tuple[str, list[float]]], ylabel: str, path: Path,
-                 legend_below: bool = False) -> Path:
-    """One bar per series in every group; a distinct colour per series (tab20 past ten)."""
+                 legend_below: bool = False, title: str = "") -> Path:
+    """One bar per series in every group; a distinct colour per series (tab20 past ten). The
+    title says what a figure shows once it is out of its folder (sweep, tasks, severity)."""
     import numpy as np
 
     plt = _pyplot()
@@ -210,6 +227,8 @@ def grouped_bars(groups: list[str], series: list[tuple[str, list[float]]], ylabe
     ax.set_xticks(x, groups, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel(ylabel)
     ax.set_ylim(0, 100)
+    if title:
+        ax.set_title(title, fontsize=9)
     if series and legend_below:
         ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.3))
     elif series:
@@ -221,18 +240,18 @@ def grouped_bars(groups: list[str], series: list[tuple[str, list[float]]], ylabe
     return path
 
 
-def plot_accuracy(rows: list[Row], tasks: list[str], path: Path) -> Path:
+def plot_accuracy(rows: list[Row], tasks: list[str], path: Path, title: str = "") -> Path:
     """Per-task test accuracy of each method (and the references)."""
-    series = [(r.method, [r.acc.get(t, float("nan")) for t in tasks] + [r.avg]) for r in rows]
-    return grouped_bars([*tasks, "avg"], series, "test top-1 (%)", path, legend_below=True)
+    series = [(r.method, [r.acc.get(t, float("nan")) for t in tasks] + [r.avg]) for r in rows if not r.failed]
+    return grouped_bars([*tasks, "avg"], series, "test top-1 (%)", path, legend_below=True, title=title)
 
 
-def plot_robustness(rows: list[Row], corruptions: list[str], path: Path) -> Path:
+def plot_robustness(rows: list[Row], corruptions: list[str], path: Path, title: str = "") -> Path:
     """Average accuracy over the robustness tasks, clean and per corruption, of each method."""
     cols = ["clean", *corruptions]
     series = [(r.method, [r.metrics.get(f"robust/{c}/avg", float("nan")) for c in cols])
               for r in rows if "robust/clean/avg" in r.metrics]
-    return grouped_bars(cols, series, "avg test top-1 (%)", path)
+    return grouped_bars(cols, series, "avg test top-1 (%)", path, title=title)
 
 
 def best_routing(cfg: SweepConfig, results: list[JobResult]) -> dict[str, Any] | None:

@@ -16,13 +16,21 @@ class Row:
     method: str
     setting: str
     acc: dict[str, float]
-    avg: float
+    avg: float | None  # None: every job behind the row failed (its setting says "failed")
     norm: float | None
     val_avg: float | None = None
     n_settings: int = 1
     metrics: dict[str, float] = field(default_factory=dict)  # the chosen job's metrics (robust/..., unseen/...)
     extra: dict[str, Any] = field(default_factory=dict)
     test_correct: dict[str, str] = field(default_factory=dict)  # task -> packed per-image test correctness
+    robustness_failed: bool = False  # the job measuring the chosen setting's robustness failed
+
+    @property
+    def failed(self) -> bool:
+        return self.avg is None
+
+
+FAILED = "failed"
 
 
 def individual_accuracy(results: list[JobResult], tasks: list[str]) -> dict[str, float]:
@@ -50,13 +58,18 @@ def build_rows(results: list[JobResult], tasks: list[str], method_order: list[st
     """Reference rows, then each method's setting with the best validation average.
 
     ``tasks`` are every evaluated task; averages and normalized accuracy are over ``seen``
-    (the merged tasks; all tasks unless the sweep has unseen ones)."""
+    (the merged tasks; all tasks unless the sweep has unseen ones). A row whose jobs all failed
+    is kept, its setting ``failed`` and its accuracy missing (a table that dropped it would read
+    as if the method had not been run); a grid with some failed settings says how many."""
     seen = seen or tasks
     indiv = individual_accuracy(results, tasks)
     rows: list[Row] = []
 
     def accs(r: JobResult) -> dict[str, float]:
         return {t: r.metrics[f"acc/{t}"] for t in tasks if f"acc/{t}" in r.metrics}
+
+    def failed_of(kind: str) -> list[JobResult]:
+        return [r for r in results if r.kind == kind and r.status == "failed"]
 
     for r in results:
         if r.kind == "pretrained" and r.status == "ok":
@@ -65,9 +78,13 @@ def build_rows(results: list[JobResult], tasks: list[str], method_order: list[st
             rows.append(Row("pretrained", "zero-shot", acc, avg,
                             normalized(r.metrics, indiv, seen).get("norm_acc/avg"), metrics=r.metrics,
                             test_correct=r.test_correct))
+    if not any(r.method == "pretrained" for r in rows) and failed_of("pretrained"):
+        rows.append(Row("pretrained", FAILED, {}, None, None))
     if all(t in indiv for t in seen):
         rows.append(Row("individual", "per task", dict(indiv), _mean_of(indiv, seen), 100.0,
                         test_correct=_per_task_correct(r for r in results if r.kind == "individual" and r.status == "ok")))
+    elif lost := _failed_tasks(failed_of("individual"), indiv, tasks):
+        rows.append(Row("individual", f"{FAILED}: {', '.join(lost)}", dict(indiv), None, None))
     bound = {r.task: r for r in results if r.kind == "perfect_routing" and r.status == "ok"}
     if all(t in bound for t in seen):
         acc = {t: bound[t].metrics[f"acc/{t}"] for t in seen}
@@ -75,20 +92,42 @@ def build_rows(results: list[JobResult], tasks: list[str], method_order: list[st
         rows.append(Row("perfect routing", setting_text(bound[seen[0]].params) + " (bound)", acc,
                         _mean_of(acc, seen), normalized(metrics, indiv, seen).get("norm_acc/avg"),
                         test_correct=_per_task_correct(bound[t] for t in seen)))
+    elif lost := _failed_tasks(failed_of("perfect_routing"), bound, tasks):
+        acc = {t: b.metrics[f"acc/{t}"] for t, b in bound.items()}
+        rows.append(Row("perfect routing", f"{FAILED}: {', '.join(lost)}", acc, None, None))
     for label in method_order:
         cands = finished_settings(results, label)
+        failed = [r for r in results if r.kind == "merge" and r.label == label and r.status == "failed"]
         if not cands:
+            if failed:
+                rows.append(Row(label, FAILED if len(failed) == 1 else f"{FAILED} ({len(failed)} settings)",
+                                {}, None, None, n_settings=0))
             continue
         best = select_best(cands)
         metrics = dict(best.metrics)
+        robustness_failed = False
         for r in results:  # a grid method's robustness study ran once, for this setting, in its own job
-            if r.kind == "robustness" and r.status == "ok" and r.label == label and r.params == best.params:
-                metrics.update(r.metrics)
-        rows.append(Row(label, setting_text(best.params), accs(best), best.metrics["acc/avg"],
+            if r.kind == "robustness" and r.label == label and r.params == best.params:
+                if r.status == "ok":
+                    metrics.update(r.metrics)
+                else:
+                    robustness_failed = True
+        setting = setting_text(best.params)
+        if failed:
+            note = f"{len(failed)} of {len(failed) + len(cands)} settings failed"
+            setting = f"{setting} ({note})" if setting else note
+        rows.append(Row(label, setting, accs(best), best.metrics["acc/avg"],
                         normalized(best.metrics, indiv, seen).get("norm_acc/avg"),
                         best.metrics.get("val/acc/avg"), len(cands), metrics=metrics,
-                        test_correct=best.test_correct))
+                        test_correct=best.test_correct,
+                        robustness_failed=robustness_failed and "robust/clean/avg" not in metrics))
     return rows
+
+
+def _failed_tasks(failed: list[JobResult], finished: dict[str, Any], tasks: list[str]) -> list[str]:
+    """The tasks of a per-task row (individual, perfect routing) whose job failed, in task order."""
+    lost = {r.task for r in failed} - set(finished)
+    return [t for t in tasks if t in lost]
 
 
 def _per_task_correct(results) -> dict[str, str]:
@@ -160,13 +199,16 @@ def table_records(rows: list[Row], tasks: list[str], seen: list[str] | None = No
 
 
 def robustness_records(rows: list[Row], corruptions: list[str]) -> tuple[list[str], list[list[str]]]:
-    """Average accuracy over the robustness tasks: clean and per corruption."""
+    """Average accuracy over the robustness tasks: clean and per corruption. A method whose
+    study failed (its job, or the follow-up job of its chosen setting) shows ``failed``."""
     header = ["method", "clean", *corruptions]
     body = []
     for r in rows:
         if "robust/clean/avg" in r.metrics:
             body.append([r.method, _fmt(r.metrics["robust/clean/avg"]),
                          *[_fmt(r.metrics.get(f"robust/{c}/avg")) for c in corruptions]])
+        elif r.robustness_failed or (r.failed and r.method not in ("individual", "perfect routing")):
+            body.append([r.method, *[FAILED] * (1 + len(corruptions))])
     return header, body
 
 

@@ -339,11 +339,14 @@ def _run_sweep(cfg: SweepConfig, ws: Workspace, executor: Any, console: Console,
     tracker.log_artifact(out / "resolved.yaml")
     for path in report.files:
         tracker.log_artifact(path, subdir="report")
-    summary = {f"{row.method}/acc/avg": row.avg for row in rows} if only is None else {}
+    summary = {f"{row.method}/acc/avg": row.avg for row in rows if not row.failed} if only is None else {}
+    unseen = [t for t in cfg.task_names if t not in cfg.generalization_seen] if cfg.generalization else []
     for row in gen_rows:
+        if row.failed:
+            continue
         summary[f"generalization/{row.method}/seen/avg"] = row.avg
-        if "unseen/avg" in row.metrics:
-            summary[f"generalization/{row.method}/unseen/avg"] = row.metrics["unseen/avg"]
+        if unseen and all(t in row.acc for t in unseen):  # as the table has it, the zero-shot row's too
+            summary[f"generalization/{row.method}/unseen/avg"] = sum(row.acc[t] for t in unseen) / len(unseen)
     if summary:
         tracker.log_summary_metrics({metric_name(k): v for k, v in summary.items()})
     failed = [r for r in ordered if r.status != "ok"]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -61,24 +62,34 @@ def paired_bootstrap(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray], t
     if not tasks:
         raise ValueError("no tasks to compare on")
     rng = np.random.default_rng(seed)
-    total = np.zeros(resamples)
-    observed = 0.0
-    images = 0
+    pairs = []
     for t in tasks:
         x, y = np.asarray(a[t], dtype=bool), np.asarray(b[t], dtype=bool)
         if x.shape != y.shape or x.ndim != 1 or x.size == 0:
             raise ValueError(f"{t}: per-image records of different or empty splits ({x.shape} vs {y.shape})")
-        n = x.size
+        pairs.append((x, y))
+    sizes = [x.size for x, _ in pairs]
+    common = math.lcm(*sizes)
+    # The sign of a resampled difference decides the p-value, and a difference of exactly 0 (as
+    # frequent as a few percent of the resamples) counts on both sides. Summed in floating point,
+    # 0.1 + 0.2 - 0.3 points is not 0: the sign is taken from the exact sum, in units of
+    # 1 / lcm(split sizes) (Python integers where int64 could overflow).
+    exact_dtype = np.int64 if len(tasks) * common < 2**62 else object
+    exact = np.zeros(resamples, dtype=exact_dtype)
+    total = np.zeros(resamples)
+    observed = 0.0
+    for (x, y), n in zip(pairs, sizes):
         wins, losses = int((x & ~y).sum()), int((~x & y).sum())
         counts = rng.multinomial(n, [wins / n, losses / n, (n - wins - losses) / n], size=resamples)
-        total += 100.0 * (counts[:, 0] - counts[:, 1]) / n
+        delta = counts[:, 0] - counts[:, 1]
+        total += 100.0 * delta / n
+        exact += delta.astype(exact_dtype) * (common // n)
         observed += 100.0 * (wins - losses) / n
-        images += n
     total /= len(tasks)
     alpha = (1.0 - level) / 2
     low, high = np.quantile(total, [alpha, 1.0 - alpha])
-    p = min(1.0, 2.0 * min(float((total <= 0).mean()), float((total >= 0).mean())))
-    return Difference(observed / len(tasks), float(low), float(high), p, images)
+    p = min(1.0, 2.0 * min(float((exact <= 0).mean()), float((exact >= 0).mean())))
+    return Difference(observed / len(tasks), float(low), float(high), p, sum(sizes))
 
 
 CORRECT_FILE = "test_correct.json"

@@ -2,10 +2,10 @@
 
 The corruptions come from ``imagecorruptions`` (PyPI ``imagecorruptions-imaug``, the
 maintained fork of the ImageNet-C code that works with current numpy / scikit-image and on
-small images). It draws from numpy's global random state, so every image is corrupted under
-its own seed. Its impulse noise calls scikit-image's ``random_noise`` without a seed (so no
-global seed makes it repeatable); that one corruption is computed here with the same formula
-and an explicit generator.
+small images). Most corruptions draw from numpy's global random state, so every image is
+corrupted under its own seed. Two draw elsewhere, where no global seed reaches: impulse noise
+(scikit-image's ``random_noise``) and glass blur (a numba-compiled shuffle, whose generator is
+numba's own); the package takes a ``seed`` argument for those, and gets the image's seed.
 """
 
 from __future__ import annotations
@@ -30,7 +30,11 @@ ALL_CORRUPTIONS = (
     "speckle_noise", "gaussian_blur", "spatter", "saturate",
 )
 
-_IMPULSE_AMOUNT = (0.03, 0.06, 0.09, 0.17, 0.27)  # ImageNet-C's salt-and-pepper amounts by severity
+#: Corruptions whose randomness no global numpy seed reaches: the package's ``seed`` argument does.
+SEEDED_BY_ARGUMENT = ("impulse_noise", "glass_blur")
+#: Enters the cache key of a corrupted split: a corruption's output for a given seed changed
+#: (glass blur was not repeatable before it was given the image's seed).
+_REVISION = {"glass_blur": 2}
 
 
 def image_seed(seed: int, index: int, name: str, severity: int) -> int:
@@ -38,16 +42,10 @@ def image_seed(seed: int, index: int, name: str, severity: int) -> int:
     return int.from_bytes(h[:4], "little")
 
 
-def _impulse_noise(image: np.ndarray, severity: int, seed: int) -> np.ndarray:
-    from skimage.util import random_noise
-
-    x = random_noise(image / 255.0, mode="s&p", amount=_IMPULSE_AMOUNT[severity - 1], rng=seed)
-    return np.clip(x, 0, 1) * 255
-
-
 def _package_corrupt(image: np.ndarray, name: str, severity: int, seed: int) -> np.ndarray:
-    """imagecorruptions under a fixed global seed. Its spatter divides by a maximum that can be
-    zero for some draws (NaN pixels); such a draw is replaced by the next seed's, deterministically."""
+    """imagecorruptions under a fixed global seed (and ``seed=`` where the global one does not
+    reach). Its spatter divides by a maximum that can be zero for some draws (NaN pixels); such a
+    draw is replaced by the next seed's, deterministically."""
     import warnings
 
     from imagecorruptions import corrupt
@@ -56,9 +54,10 @@ def _package_corrupt(image: np.ndarray, name: str, severity: int, seed: int) -> 
     try:
         for attempt in range(8):
             np.random.seed((seed + attempt) % 2**32)
+            extra = {"seed": (seed + attempt) % 2**32} if name in SEEDED_BY_ARGUMENT else {}
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", RuntimeWarning)
-                out = corrupt(image, corruption_name=name, severity=severity)
+                out = corrupt(image, corruption_name=name, severity=severity, **extra)
             if not any("invalid value" in str(w.message) for w in caught):
                 return out
         return out
@@ -80,11 +79,7 @@ def corrupt_image(image: np.ndarray, name: str, severity: int, seed: int) -> np.
         big = np.asarray(PIL.Image.fromarray(image).resize((w * factor, h * factor), PIL.Image.NEAREST))
         small = corrupt_image(big, name, severity, seed)
         return np.asarray(PIL.Image.fromarray(small).resize((w, h), PIL.Image.BOX))
-    if name == "impulse_noise":
-        out = _impulse_noise(image, severity, seed)
-    else:
-        out = _package_corrupt(image, name, severity, seed)
-    out = np.asarray(out)
+    out = np.asarray(_package_corrupt(image, name, severity, seed))
     if out.shape != image.shape:  # a few corruptions return float or resized arrays on odd sizes
         import PIL.Image
 
@@ -134,7 +129,8 @@ def corrupted_split(task: Task, name: str, severity: int, cache_dir: str | Path 
     images, labels = task.raw(split)
     path = None
     if cache_dir is not None:
-        key = hashlib.sha256(repr((task.identity(), split, name, severity, seed, 1)).encode()).hexdigest()[:20]
+        ident = (task.identity(), split, name, severity, seed, _REVISION.get(name, 1))
+        key = hashlib.sha256(repr(ident).encode()).hexdigest()[:20]
         path = Path(cache_dir) / "corrupted" / f"{task.name}-{name}-s{severity}-{key}.npy"
         if path.is_file():
             try:

@@ -217,3 +217,17 @@ def test_results_built_for_a_spec_keep_its_protocol():
     assert (failed.protocol, failed.label, failed.params, failed.status) == (
         GENERALIZATION, "task_arithmetic (gen)", {"scaling": 0.3}, "failed")
     assert JobResult.from_dict(failed.to_dict()) == failed
+
+
+def test_parent_summary_metrics_are_the_generalization_tables(swept):
+    """Every row of the generalization table, the zero-shot one too, has its seen and unseen
+    averages on the sweep's parent run, equal to the table's (hand-averaged) cells."""
+    cfg, outcome, _, _ = swept
+    client = MlflowClient(cfg.resolved_tracking_uri())
+    logged = client.get_run(outcome.parent_run_id).data.metrics
+    for row in outcome.generalization_rows:
+        seen = sum(row.acc[t] for t in SEEN) / len(SEEN)
+        unseen = sum(row.acc[t] for t in UNSEEN) / len(UNSEEN)
+        assert logged[f"generalization/{row.method}/seen/avg"] == pytest.approx(seen, abs=1e-9)
+        assert logged[f"generalization/{row.method}/unseen/avg"] == pytest.approx(unseen, abs=1e-9)
+    assert "pretrained" in [row.method for row in outcome.generalization_rows]

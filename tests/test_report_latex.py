@@ -43,3 +43,15 @@ def test_plots_without_results_warn_nothing(tmp_path):
         path = grouped_bars(["a", "b"], [], "accuracy (%)", tmp_path / "empty.png")
         grouped_bars(["a", "b"], [("m", [10.0, 20.0])], "accuracy (%)", tmp_path / "one.png", legend_below=True)
     assert path.stat().st_size > 0
+
+
+def test_comparison_signs_print_as_themselves_and_numbers_align_right():
+    """LaTeX's default font encoding prints a bare < as an inverted exclamation mark: the
+    significance table's "<0.001" read "¡0.001". Text columns align left, numbers right."""
+    tex = latex_table(["method", "against", "difference", "p"], [["a|b", "ties", "+1.0", "<0.001"]], "x > y")
+    assert "\\caption{x \\textgreater{} y}" in tex
+    assert "a\\textbar{}b & ties & +1.0 & \\textless{}0.001 \\\\" in tex
+    assert "\\begin{tabular}{llrr}" in tex
+    robustness = latex_table(["method", "clean", "contrast"], [["ties", "50.0", "40.0"]], "r")
+    assert "\\begin{tabular}{lrr}" in robustness  # "clean" is a number column
+    assert "<" not in tex.replace("\\textless{}", "") and ">" not in tex.replace("\\textgreater{}", "")

@@ -129,3 +129,44 @@ def test_sweep_and_report_write_the_significance_table(trained_checkpoints, tmp_
     assert all(line.split(",")[1] == "weight_averaging" for line in again[1:])
     bad = CliRunner().invoke(main, ["report", str(out.output_dir), "--against", "nonesuch"])
     assert bad.exit_code == 2 and "'nonesuch' is not a row of the main table" in bad.output
+
+
+def exact_bootstrap_p(specs: list[tuple[int, int, int]]) -> float:
+    """The p-value the bootstrap estimates, enumerated: task ``t`` (``n`` images, ``wins`` and
+    ``losses``) resamples to (W, L) ~ Multinomial(n; wins/n, losses/n), and the average
+    difference sum_t (W_t - L_t) / n_t is compared with 0 in exact integer units."""
+    common = math.lcm(*(n for n, _, _ in specs))
+    dist = {0: 1.0}
+    for n, wins, losses in specs:
+        pmf: dict[int, float] = {}
+        for w in range(25):
+            for l in range(25):
+                logp = (math.lgamma(n + 1) - math.lgamma(w + 1) - math.lgamma(l + 1) - math.lgamma(n - w - l + 1)
+                        + w * math.log(wins / n) + l * math.log(losses / n)
+                        + (n - w - l) * math.log(1 - (wins + losses) / n))
+                key = (w - l) * (common // n)
+                pmf[key] = pmf.get(key, 0.0) + math.exp(logp)
+        new: dict[int, float] = {}
+        for x, px in dist.items():
+            for y, py in pmf.items():
+                new[x + y] = new.get(x + y, 0.0) + px * py
+        dist = new
+    below = sum(p for x, p in dist.items() if x <= 0)
+    above = sum(p for x, p in dist.items() if x >= 0)
+    return min(1.0, 2 * min(below, above))
+
+
+@pytest.mark.parametrize("specs", [[(1000, 3, 2)] * 8, [(1000, 3, 2), (350, 2, 1), (1000, 2, 2), (350, 1, 2)] * 2])
+def test_p_value_counts_exact_ties_on_both_sides(specs):
+    """With 1,000 images a task's difference is a multiple of 0.1 point, and a few percent of the
+    resampled averages are exactly 0; summed in floating point some came out at +-1e-17 and
+    were counted on one side only, which pulled p below what the bootstrap estimates."""
+    a, b, tasks = {}, {}, []
+    for i, (n, wins, losses) in enumerate(specs):
+        t = f"t{i}"
+        tasks.append(t)
+        a[t], b[t] = np.zeros(n, bool), np.zeros(n, bool)
+        a[t][:wins] = True
+        b[t][wins:wins + losses] = True
+    d = paired_bootstrap(a, b, tasks, resamples=200_000, seed=0)
+    assert d.p == pytest.approx(exact_bootstrap_p(specs), abs=0.005)  # standard error about 0.0015

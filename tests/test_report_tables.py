@@ -1,0 +1,130 @@
+"""The report's tables from hand-built job results, cell by cell: selection on validation,
+averages, normalized accuracy, and failed jobs shown as failed rather than left out."""
+
+from __future__ import annotations
+
+import csv
+import io
+
+import pytest
+
+from harness.config import validate_config
+from harness.errors import HarnessError
+from harness.job import JobResult
+from harness.report import build_report
+
+A, B = "toy_stripes", "toy_colours"
+
+
+def ok(kind: str, label: str, params: dict, acc: dict, val: float, task: str | None = None,
+       robust: dict | None = None) -> JobResult:
+    metrics = {f"acc/{t}": v for t, v in acc.items()}
+    metrics["acc/avg"] = sum(acc.values()) / len(acc)
+    metrics["val/acc/avg"] = val
+    metrics.update(robust or {})
+    return JobResult(f"{label}{params}{task}", kind, label, params, task, "ok", metrics)
+
+
+def failed(kind: str, label: str, params: dict) -> JobResult:
+    return JobResult(f"{label}{params}x", kind, label, params, None, "failed", error="RuntimeError: boom")
+
+
+def robust(clean: dict, noise: dict) -> dict:
+    """The metrics a robustness study logs, with their averages."""
+    out = {f"robust/gaussian_noise/{t}": v for t, v in noise.items()}
+    out["robust/gaussian_noise/avg"] = sum(noise.values()) / len(noise)
+    out["robust/clean/avg"] = sum(clean.values()) / len(clean)
+    return out
+
+
+@pytest.fixture
+def cfg(sweep_dict):
+    return validate_config(dict(sweep_dict, methods=[
+        {"name": "weight_averaging"},
+        {"name": "task_arithmetic", "grid": {"scaling": [0.2, 0.6, 1.0]}},
+        {"name": "tests.failing_method:AlwaysFailsWithParam", "label": "broken",
+         "grid": {"strength": [0.1, 0.2]}},
+    ], robustness={"tasks": [A, B], "corruptions": ["gaussian_noise"], "severity": 1}))
+
+
+def read(path) -> list[list[str]]:
+    return list(csv.reader(io.StringIO(path.read_text())))
+
+
+def test_failed_methods_and_settings_are_shown_as_failed(cfg, tmp_path):
+    pre = {A: 40.0, B: 30.0}
+    results = [
+        ok("pretrained", "pretrained", {}, pre, 35.0, robust=robust(pre, {A: 20.0, B: 10.0})),
+        ok("individual", "individual", {}, {A: 80.0}, 80.0, task=A),
+        ok("individual", "individual", {}, {B: 60.0}, 60.0, task=B),
+        ok("merge", "weight_averaging", {}, {A: 50.0, B: 33.0}, 41.0,
+           robust=robust({A: 50.0, B: 33.0}, {A: 30.0, B: 21.0})),
+        # the best test average (0.6) is not the best validation average (0.2): 0.2 is reported
+        ok("merge", "task_arithmetic", {"scaling": 0.2}, {A: 60.0, B: 45.0}, 52.0),
+        ok("merge", "task_arithmetic", {"scaling": 0.6}, {A: 70.0, B: 50.0}, 51.0),
+        failed("merge", "task_arithmetic", {"scaling": 1.0}),
+        failed("robustness", "task_arithmetic", {"scaling": 0.2}),
+        failed("merge", "broken", {"strength": 0.1}),
+        failed("merge", "broken", {"strength": 0.2}),
+    ]
+    report = build_report(cfg, results, tmp_path / "report")
+    main = read(tmp_path / "report" / "main.csv")
+    # averages and normalized accuracy by hand: (60 + 45) / 2 = 52.5; (60/80 + 45/60) / 2 = 75.0
+    assert main == [
+        ["method", "setting", A, B, "avg", "norm avg"],
+        ["pretrained", "zero-shot", "40.0", "30.0", "35.0", "50.0"],
+        ["individual", "per task", "80.0", "60.0", "70.0", "100.0"],
+        ["weight_averaging", "", "50.0", "33.0", "41.5", "58.8"],
+        ["task_arithmetic", "scaling=0.2 (1 of 3 settings failed)", "60.0", "45.0", "52.5", "75.0"],
+        ["broken", "failed (2 settings)", "-", "-", "-", "-"],
+    ]
+    assert read(tmp_path / "report" / "robustness.csv") == [
+        ["method", "clean", "gaussian_noise"],
+        ["pretrained", "35.0", "15.0"],
+        ["weight_averaging", "41.5", "25.5"],
+        ["task_arithmetic", "failed", "failed"],  # its follow-up robustness job failed
+        ["broken", "failed", "failed"],
+    ]
+    assert "broken" in (tmp_path / "report" / "main.tex").read_text()
+    assert [r.method for r in report.rows if r.failed] == ["broken"]
+    with pytest.raises(HarnessError, match="'broken' failed in this sweep"):
+        build_report(cfg, results, tmp_path / "again", against=["broken"])
+
+
+def test_a_failed_reference_job_is_shown(cfg, tmp_path):
+    results = [
+        failed("pretrained", "pretrained", {}),
+        ok("individual", "individual", {}, {A: 80.0}, 80.0, task=A),
+        JobResult("ib", "individual", "individual", {}, B, "failed", error="boom"),
+        ok("merge", "weight_averaging", {}, {A: 50.0, B: 30.0}, 40.0,
+           robust=robust({A: 50.0, B: 30.0}, {A: 30.0, B: 20.0})),
+    ]
+    build_report(cfg, results, tmp_path / "report")
+    main = read(tmp_path / "report" / "main.csv")
+    assert main[1] == ["pretrained", "failed", "-", "-", "-", "-"]
+    assert main[2] == ["individual", f"failed: {B}", "80.0", "-", "-", "-"]
+    assert main[3] == ["weight_averaging", "", "50.0", "30.0", "40.0", "-"]  # no individual B: no normalized
+    assert read(tmp_path / "report" / "robustness.csv")[1] == ["pretrained", "failed", "failed"]
+
+
+def test_plots_are_titled_and_leave_failed_rows_out(cfg, tmp_path, monkeypatch):
+    """Out of its folder a figure must say what it shows: the sweep, the tasks and the severity."""
+    import matplotlib.figure
+
+    drawn = {}
+    real = matplotlib.figure.Figure.savefig
+
+    def capture(fig, path, *args, **kwargs):
+        ax = fig.axes[0]
+        drawn[str(path).rsplit("/", 1)[-1]] = (ax.get_title(), [t.get_text() for t in ax.get_legend().get_texts()])
+        return real(fig, path, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", capture)
+    pre = {A: 40.0, B: 30.0}
+    results = [ok("pretrained", "pretrained", {}, pre, 35.0, robust=robust(pre, {A: 20.0, B: 10.0})),
+               failed("merge", "weight_averaging", {})]
+    build_report(cfg, results, tmp_path / "report")
+    title, legend = drawn["robustness.png"]
+    assert title == f"toy: average accuracy on {A}, {B} under corruptions (severity 1)" and legend == ["pretrained"]
+    title, legend = drawn["accuracy.png"]
+    assert title.startswith("toy: test top-1 accuracy") and legend == ["pretrained"]
