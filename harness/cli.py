@@ -217,7 +217,7 @@ def tune(file: str, overrides: tuple[str, ...], label: str, trials: int | None, 
             TuneSpec.model_validate(raw)
         except ValidationError as exc:
             raise validation_error(f"<command line> (--trials {trials}, over {file})", exc, raw,
-                                   prefix=f"methods.{index}.tune") from None
+                                   prefix=f"methods.{index}.tune", schema=TuneSpec) from None
     from harness.runner import TuneOnly, print_tables, run_sweep
 
     outcome = run_sweep(cfg, quiet=quiet, only=TuneOnly(m.display, trials))
@@ -239,7 +239,10 @@ def _method_index(cfg, label: str, file: str) -> int:
     if named:
         fail(f"{file}: {len(tuned or named)} methods are named {label!r} (labels "
              f"{', '.join(cfg.methods[i].display for i in tuned or named)}): give the label")
-    fail(f"{file}: no method labelled {label!r}; methods: {', '.join(m.display for m in cfg.methods)}")
+    from harness.errors import did_you_mean
+
+    shown = [m.display for m in cfg.methods]
+    fail(f"{file}: no method labelled {label!r}{did_you_mean(label, shown)} (methods: {', '.join(shown)})")
     raise AssertionError
 
 

@@ -19,7 +19,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from harness.errors import HarnessError
+from harness.errors import HarnessError, did_you_mean
 from harness.fields import no_bool_for_number
 
 
@@ -292,7 +292,8 @@ class RobustnessSpec(Strict):
 
         for name in v:
             if name not in ALL_CORRUPTIONS:
-                raise ValueError(f"unknown corruption {name!r}; known: {', '.join(ALL_CORRUPTIONS)}")
+                raise ValueError(f"unknown corruption {name!r}{did_you_mean(name, ALL_CORRUPTIONS)} "
+                                 f"(known: {', '.join(ALL_CORRUPTIONS)})")
         return v
 
 
@@ -475,15 +476,25 @@ class SweepConfig(Strict):
 # Loading
 
 
-def _format_loc(loc: tuple) -> str:
+def _format_loc(loc: tuple, raw: Any = None) -> str:
+    """The dotted path of a pydantic error location, without pydantic's own entries (a
+    validator's ``function-after[...]``, a union member's type); a key the file has is kept
+    whatever its characters."""
     parts: list[str] = []
+    absent = object()
+    cur = raw
     for p in loc:
-        if isinstance(p, int):
-            parts.append(str(p))
+        if isinstance(cur, dict) and p in cur:
+            cur = cur[p]
+        elif isinstance(cur, list) and isinstance(p, int) and 0 <= p < len(cur):
+            cur = cur[p]
+        elif cur is not absent and not isinstance(cur, (dict, list)) and raw is not None:
+            continue  # below a value the file gives: a union member's or a validator's name
         elif p in {"function-after", "function-before", "function-wrap"} or "[" in str(p):
             continue
         else:
-            parts.append(str(p))
+            cur = absent
+        parts.append(str(p))
     return ".".join(parts)
 
 
@@ -499,16 +510,40 @@ def _value_at(raw: Any, loc: tuple) -> Any:
     return cur
 
 
-def validation_error(file: str, exc: ValidationError, raw: Any, prefix: str = "") -> ConfigError:
-    """The first pydantic error as one line: file, dotted path, message, value."""
-    err = exc.errors()[0]
+def _keys_at(schema: Any, loc: tuple) -> list[str]:
+    """The keys the mapping at ``loc`` takes under the pydantic model ``schema`` (none when
+    ``loc`` leads elsewhere), for the closest name to an unknown key."""
+    current = schema
+    for part in loc:
+        args = [a for a in get_args(current) if a is not type(None)] if get_origin(current) in (Union, types.UnionType) else []
+        current = next((a for a in args if isinstance(a, type) and issubclass(a, BaseModel)), args[0] if args else current)
+        if isinstance(current, type) and issubclass(current, BaseModel):
+            if part not in current.model_fields:
+                return []
+            current = current.model_fields[part].annotation
+        elif get_origin(current) in (list, dict):
+            current = get_args(current)[-1] if get_args(current) else Any
+        else:
+            return []
+    args = [a for a in get_args(current) if a is not type(None)] if get_origin(current) in (Union, types.UnionType) else []
+    current = next((a for a in args if isinstance(a, type) and issubclass(a, BaseModel)), current)
+    return list(current.model_fields) if isinstance(current, type) and issubclass(current, BaseModel) else []
+
+
+def validation_error(file: str, exc: ValidationError, raw: Any, prefix: str = "", schema: Any = None) -> ConfigError:
+    """The first pydantic error as one line: file, dotted path, message, value. An unknown key
+    comes first (a misspelt required key also reads as missing) and, given ``schema``, names
+    the closest valid key."""
+    errors = exc.errors()
+    err = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
     loc = tuple(err["loc"])
-    path = _format_loc(loc)
+    path = _format_loc(loc, raw)
     if prefix:
         path = f"{prefix}.{path}" if path else prefix
     msg = err["msg"]
     if err["type"] == "extra_forbidden":
-        return ConfigError(file, path, "unknown key", show_value=False)
+        hint = did_you_mean(str(loc[-1]), _keys_at(schema, loc[:-1])) if schema is not None and loc else ""
+        return ConfigError(file, path, f"unknown key{hint}", show_value=False)
     if err["type"] == "missing":
         return ConfigError(file, path, "required field is missing", show_value=False)
     value = err.get("input", _value_at(raw, loc))
@@ -524,6 +559,11 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     key, _, text = item.partition("=")
     if not key or any(not part for part in key.split(".")):
         raise ConfigError("<command line>", key, "malformed key path", show_value=False)
+    index = re.search(r"\[(\d*)\]", key)
+    if index:
+        dotted = re.sub(r"\[(\d*)\]", lambda m: f".{m.group(1) or 'N'}", key)
+        raise ConfigError("<command line>", key, f"list items are dotted indices: write {dotted}={text}",
+                          show_value=False)
     try:
         value = yaml.safe_load(text) if text != "" else ""
     except yaml.YAMLError:
@@ -606,7 +646,7 @@ def validate_config(raw: dict, file: str = "<config>") -> SweepConfig:
     try:
         cfg = SweepConfig.model_validate(raw)
     except ValidationError as exc:
-        raise validation_error(file, exc, raw) from None
+        raise validation_error(file, exc, raw, schema=SweepConfig) from None
     check_methods(cfg, file)
     check_tasks(cfg, file)
     check_suite(cfg, file)
@@ -623,11 +663,18 @@ def check_suite(cfg: SweepConfig, file: str) -> None:
     try:
         SuiteOptions.model_validate(cfg.model.suite)
     except ValidationError as exc:
-        raise validation_error(file, exc, cfg.model.suite, prefix="model.suite") from None
+        raise validation_error(file, exc, cfg.model.suite, prefix="model.suite", schema=SuiteOptions) from None
+    from harness.models import unknown_arch_problem
+
+    arch = cfg.model.suite.get("arch")
+    problem = unknown_arch_problem(arch) if isinstance(arch, str) else None
+    if problem:
+        raise ConfigError(file, "model.suite.arch", problem, arch)
     for i, t in enumerate(cfg.tasks):
         if t.name not in EMBEDDED_TASKS:
-            raise ConfigError(file, f"tasks.{i}.name", "model.source 'embedded' has no fine-tuned model for "
-                              f"this task; embedded tasks: {', '.join(EMBEDDED_TASKS)}", t.name)
+            raise ConfigError(file, f"tasks.{i}.name", f"model.source 'embedded' has no fine-tuned model for "
+                              f"task {t.name!r}{did_you_mean(t.name, EMBEDDED_TASKS)} (embedded tasks: "
+                              f"{', '.join(EMBEDDED_TASKS)})", show_value=False)
 
 
 def check_methods(cfg: SweepConfig, file: str) -> None:
@@ -646,7 +693,8 @@ def check_methods(cfg: SweepConfig, file: str) -> None:
                 if key not in fields:
                     raise ConfigError(
                         file, f"methods.{i}.{where}.{key}",
-                        f"method {m.name!r} has no hyperparameter {key!r}; it has {sorted(fields) or 'none'}",
+                        f"method {m.name!r} has no hyperparameter {key!r}{did_you_mean(key, fields)} "
+                        f"(it has {', '.join(sorted(fields)) or 'none'})",
                         show_value=False,
                     )
         seen: dict[str, dict[str, Any]] = {}
@@ -688,8 +736,9 @@ def check_space(cls: Any, m: MethodSpec, i: int, file: str) -> None:
     for name, p in m.tune.space.items():
         where = f"methods.{i}.tune.space.{name}"
         if name not in cls.model_fields:
-            raise ConfigError(file, where, f"method {m.name!r} has no hyperparameter {name!r}; "
-                              f"it has {sorted(cls.model_fields) or 'none'}", show_value=False)
+            raise ConfigError(file, where, f"method {m.name!r} has no hyperparameter {name!r}"
+                              f"{did_you_mean(name, cls.model_fields)} (it has "
+                              f"{', '.join(sorted(cls.model_fields)) or 'none'})", show_value=False)
         annotation = cls.model_fields[name].annotation
         allowed = SPACE_TYPES[field_kind(annotation)]
         if p.type not in allowed:
@@ -714,7 +763,8 @@ def check_tasks(cfg: SweepConfig, file: str) -> None:
     known = available_tasks()
     for i, t in enumerate(cfg.tasks):
         if ":" not in t.name and t.name not in known:
-            raise ConfigError(file, f"tasks.{i}.name", f"unknown task; registered: {', '.join(known)}", t.name)
+            raise ConfigError(file, f"tasks.{i}.name", f"unknown task {t.name!r}{did_you_mean(t.name, known)} "
+                              f"(registered: {', '.join(known)})", show_value=False)
         if ":" in t.name:
             try:
                 factory = resolve_task(t.name)
@@ -748,6 +798,12 @@ def check_tasks(cfg: SweepConfig, file: str) -> None:
     check_generalization(cfg, file)
 
 
+def relative_note(path: str) -> str:
+    """For a relative path: that it is read from the current folder, not the sweep file's (the
+    usual surprise when a command runs from elsewhere)."""
+    return "" if Path(path).is_absolute() else f" (relative paths are read from the current folder, {Path.cwd()})"
+
+
 def check_model_files(cfg: SweepConfig, file: str) -> None:
     """Every local model file a ``files`` sweep names exists. Checked where the sweep file is
     known (the CLI, ``validate`` and ``--dry-run`` included), so the error names file and field;
@@ -755,16 +811,22 @@ def check_model_files(cfg: SweepConfig, file: str) -> None:
     m = cfg.model
     if m.source != "files":
         return
+    from harness.models import unknown_arch_problem
+
+    problem = unknown_arch_problem(m.arch)
+    if problem:
+        raise ConfigError(file, "model.arch", problem, m.arch)
     pre = m.pretrained
     if pre and ("/" in pre or Path(pre).suffix) and not Path(pre).exists():
-        raise ConfigError(file, "model.pretrained", "weights file does not exist", pre)
+        raise ConfigError(file, "model.pretrained", f"weights file does not exist{relative_note(pre)}", pre)
     for t in cfg.task_names:  # required for merged tasks; optional for unseen ones
         required = t in cfg.merge_tasks or t in m.finetuned
         if t in m.finetuned:
-            where, what, path = f"model.finetuned.{t}", "checkpoint does not exist", m.finetuned[t]
+            where, path = f"model.finetuned.{t}", m.finetuned[t]
+            what = f"checkpoint does not exist{relative_note(path)}"
         elif m.finetuned_pattern:
-            where, what = "model.finetuned_pattern", f"checkpoint of task {t!r} does not exist"
-            path = m.finetuned_pattern.format(task=t)
+            where, path = "model.finetuned_pattern", m.finetuned_pattern.format(task=t)
+            what = f"checkpoint of task {t!r} does not exist{relative_note(path)}"
         else:
             if required:
                 raise ConfigError(file, "model.finetuned", f"no checkpoint for task {t!r}", show_value=False)
@@ -773,7 +835,7 @@ def check_model_files(cfg: SweepConfig, file: str) -> None:
             raise ConfigError(file, where, what, path)
     for t, path in m.heads.items():
         if not Path(path).exists():
-            raise ConfigError(file, f"model.heads.{t}", "head file does not exist", path)
+            raise ConfigError(file, f"model.heads.{t}", f"head file does not exist{relative_note(path)}", path)
         if Path(path).is_dir():
             raise ConfigError(file, f"model.heads.{t}", "is a folder, not a head file", path)
 

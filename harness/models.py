@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.errors import HarnessError
+from harness.errors import HarnessError, did_you_mean
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 _registered = False
@@ -73,6 +73,28 @@ def enable_hf_text_towers() -> None:
 
 def available_models() -> list[str]:
     return list(open_clip_module().list_models())
+
+
+def config_arch_names() -> list[str]:
+    """The architectures open_clip and ``harness/model_configs`` ship a config for, read from
+    their config folders, so a sweep's ``arch`` is checked without importing open_clip
+    (seconds); in a process that imported it, also the ones registered since."""
+    if "open_clip" in sys.modules:
+        return available_models()
+    spec = importlib.util.find_spec("open_clip")
+    folders = [CONFIG_DIR] + ([Path(spec.origin).parent / "model_configs"] if spec and spec.origin else [])
+    return sorted({p.stem for folder in folders for p in folder.glob("*.json")})
+
+
+def unknown_arch_problem(arch: str) -> str | None:
+    """Why ``arch`` names no architecture (with the closest name), or None. Generated
+    ``hf-vit-...`` names pass: they are read from beside the checkpoints when the sweep runs."""
+    if arch.startswith("hf-vit-"):
+        return None
+    names = config_arch_names()
+    if arch in names:
+        return None
+    return f"unknown open_clip architecture{did_you_mean(arch, names)} (`harness list models` lists them)"
 
 
 def is_safetensors(path: str | os.PathLike) -> bool:
