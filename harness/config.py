@@ -513,11 +513,18 @@ def _value_at(raw: Any, loc: tuple) -> Any:
 def _keys_at(schema: Any, loc: tuple) -> list[str]:
     """The keys the mapping at ``loc`` takes under the pydantic model ``schema`` (none when
     ``loc`` leads elsewhere), for the closest name to an unknown key."""
-    current = schema
+    def is_model(t: Any) -> bool:
+        return isinstance(t, type) and issubclass(t, BaseModel)
+
+    def unwrap(t: Any) -> Any:  # Optional[X] and X | Y: the model among them, else the first
+        if get_origin(t) not in (Union, types.UnionType):
+            return t
+        args = [a for a in get_args(t) if a is not type(None)]
+        return next((a for a in args if is_model(a)), args[0] if args else t)
+
+    current = unwrap(schema)
     for part in loc:
-        args = [a for a in get_args(current) if a is not type(None)] if get_origin(current) in (Union, types.UnionType) else []
-        current = next((a for a in args if isinstance(a, type) and issubclass(a, BaseModel)), args[0] if args else current)
-        if isinstance(current, type) and issubclass(current, BaseModel):
+        if is_model(current):
             if part not in current.model_fields:
                 return []
             current = current.model_fields[part].annotation
@@ -525,9 +532,8 @@ def _keys_at(schema: Any, loc: tuple) -> list[str]:
             current = get_args(current)[-1] if get_args(current) else Any
         else:
             return []
-    args = [a for a in get_args(current) if a is not type(None)] if get_origin(current) in (Union, types.UnionType) else []
-    current = next((a for a in args if isinstance(a, type) and issubclass(a, BaseModel)), current)
-    return list(current.model_fields) if isinstance(current, type) and issubclass(current, BaseModel) else []
+        current = unwrap(current)
+    return list(current.model_fields) if is_model(current) else []
 
 
 def validation_error(file: str, exc: ValidationError, raw: Any, prefix: str = "", schema: Any = None) -> ConfigError:
