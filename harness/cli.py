@@ -344,10 +344,16 @@ def _store(target: str | None) -> tuple[str, str | None]:
 def report(target: str, tracking_uri: str | None, out_dir: str | None, against: tuple[str, ...]) -> None:
     """Build the paper's tables (md, csv, tex) and plots from MLflow.
 
-    TARGET is a sweep's output folder (its latest sweep run) or a sweep's parent run id."""
+    TARGET is a sweep's output folder (its latest sweep run), its sweep YAML, or a sweep's
+    parent run id."""
     from harness.report import best_routing, build_report, load_sweep_from_mlflow
     from harness.results import rich_table
 
+    if Path(target).is_file():  # the sweep file: its output folder, as `harness ui FILE` takes it
+        out = _load(target, ()).resolved_output_dir()
+        if not out.is_dir():
+            fail(f"{target}: its output folder {out} does not exist (the sweep has not run there)")
+        target = str(out)
     if Path(target).is_dir():
         db = Path(target).resolve() / "mlflow.db"
         if not db.is_file():
@@ -356,7 +362,8 @@ def report(target: str, tracking_uri: str | None, out_dir: str | None, against: 
     else:
         uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
         if not uri:
-            fail(f"{target}: not a folder; for a run id give --tracking-uri or set MLFLOW_TRACKING_URI")
+            fail(f"{target}: not a sweep file or output folder; for a run id give --tracking-uri or set "
+                 "MLFLOW_TRACKING_URI")
         run_id, default_out = target, Path(f"report-{target[:8]}")
     cfg, results, parent = load_sweep_from_mlflow(uri, run_id)
     rep = build_report(cfg, results, Path(out_dir) if out_dir else default_out, best_routing(cfg, results),
