@@ -14,10 +14,10 @@ from rich.table import Table
 
 from harness.errors import HarnessError
 
-console = Console()
+console = Console(emoji=False)  # a label such as "pkg:Fire:" is text, not an emoji code
 if not console.is_terminal and "COLUMNS" not in os.environ:
-    console = Console(width=160)  # piped or logged output: keep the results table's columns whole
-err_console = Console(stderr=True)
+    console = Console(width=160, emoji=False)  # piped or logged output: keep the results table's columns whole
+err_console = Console(stderr=True, emoji=False)
 
 
 def fail(message: str, code: int = 2) -> None:
