@@ -384,6 +384,14 @@ class SweepConfig(Strict):
             return [{"name": t} if isinstance(t, str) else t for t in v]
         return v
 
+    @field_validator("methods", mode="before")
+    @classmethod
+    def _method_names(cls, v: Any) -> Any:
+        """``methods: [weight_averaging, ties]`` is the short form of ``- name: ...`` entries, as in ``tasks``."""
+        if isinstance(v, list):
+            return [{"name": m} if isinstance(m, str) else m for m in v]
+        return v
+
     @field_validator("references", mode="before")
     @classmethod
     def _references_bool(cls, v: Any) -> Any:
@@ -555,6 +563,9 @@ def validation_error(file: str, exc: ValidationError, raw: Any, prefix: str = ""
     value = err.get("input", _value_at(raw, loc))
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, "):]
+    if err["type"] == "model_type":  # not "... or instance of MethodSpec": the class is no YAML name
+        entry = len(loc) == 2 and loc[0] in ("tasks", "methods") and isinstance(loc[1], int)
+        msg = "Input should be a name or a mapping" if entry else "Input should be a mapping"
     show = not isinstance(value, dict) or err["type"] not in {"value_error", "assertion_error"}
     return ConfigError(file, path, msg, value, show_value=show and not isinstance(value, (dict, list)))
 

@@ -120,6 +120,8 @@ CASES = [
      ["model.arch: unknown open_clip architecture; did you mean 'harness-micro-vit'?", "(got 'harness-micro-vt')"]),
     ("arch-case", ("model.arch", "vit-b-32"), ["model.arch: unknown open_clip architecture; did you mean 'ViT-B-32'?"]),
     ("unknown-key-no-guess", ("zzzz", 1), ["zzzz: unknown key"]),
+    ("method-entry-type", ("methods", [3]), ["methods.0: Input should be a name or a mapping (got 3)"]),
+    ("block-type", ("eval", 3), ["eval: Input should be a mapping (got 3)"]),
     ("union-member-not-in-path", ("threads", "many"), ["threads: Input should be a valid integer", "(got 'many')"]),
     ("param-and-grid", ("methods.1.params", {"scaling": 0.3}), ["methods.1:", "given both in params and grid"]),
     ("grid-duplicate", ("methods.1.grid", {"scaling": [0.5, 0.2, "0.5"]}),
@@ -391,6 +393,15 @@ def test_a_label_that_would_break_metrics_files_or_tables_is_refused(label, swee
     assert code == 2, (out, err)
     assert " ".join(err.split()) == (f"error: {f}: methods.0.label: must start with a letter or digit and hold only "
                                      f"letters, digits, spaces and _ . : ( ) + = , - (got {label!r})")
+
+
+def test_methods_by_name_alone(sweep_dict):
+    """``methods: [weight_averaging, task_arithmetic]`` is the short form of ``- name:`` entries."""
+    from harness.config import validate_config
+
+    short = validate_config(dict(sweep_dict, methods=["weight_averaging", "task_arithmetic"]))
+    long = validate_config(dict(sweep_dict, methods=[{"name": "weight_averaging"}, {"name": "task_arithmetic"}]))
+    assert short.model_dump() == long.model_dump()
 
 
 def test_misspelt_required_key_is_named_not_reported_missing(sweep_dict, tmp_path):
