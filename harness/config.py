@@ -603,6 +603,8 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
                 if last:
                     cur[int(part)] = value
                 else:
+                    if parts[:i] in (["methods"], ["tasks"]) and isinstance(cur[int(part)], str):
+                        cur[int(part)] = {"name": cur[int(part)]}  # the short form, given a field
                     cur = cur[int(part)]
             elif isinstance(cur, dict):
                 if last:

@@ -399,9 +399,14 @@ def test_methods_by_name_alone(sweep_dict):
     """``methods: [weight_averaging, task_arithmetic]`` is the short form of ``- name:`` entries."""
     from harness.config import validate_config
 
+    from harness.config import apply_overrides
+
     short = validate_config(dict(sweep_dict, methods=["weight_averaging", "task_arithmetic"]))
     long = validate_config(dict(sweep_dict, methods=[{"name": "weight_averaging"}, {"name": "task_arithmetic"}]))
     assert short.model_dump() == long.model_dump()
+    raw = apply_overrides(dict(sweep_dict, methods=["weight_averaging", "task_arithmetic"]),
+                          ["methods.1.params.scaling=0.7"])  # a field of a short entry
+    assert raw["methods"] == ["weight_averaging", {"name": "task_arithmetic", "params": {"scaling": 0.7}}]
 
 
 def test_misspelt_required_key_is_named_not_reported_missing(sweep_dict, tmp_path):
