@@ -316,8 +316,8 @@ def resolve_arch(arch: str, near: Sequence[str | os.PathLike] = ()) -> str:
         hint = ("; a generated architecture is recorded by `harness import` in each converted file's "
                 ".json sidecar (arch, open_clip_config) and in model_configs/ beside it: keep those next "
                 "to the model.pretrained file, or name the Hugging Face folder itself as model.pretrained")
-    raise HarnessError(f"unknown open_clip architecture {arch!r} (neither open_clip's nor harness/model_configs')"
-                       f"{where}{hint}")
+    raise HarnessError(f"unknown open_clip architecture {arch!r}{did_you_mean(arch, open_clip.list_models())} "
+                       f"(neither open_clip's nor harness/model_configs'){where}{hint}")
 
 
 def build_clip(arch: str, pretrained: str | None = None, cache_dir: str | None = None) -> nn.Module:
