@@ -566,6 +566,9 @@ def validation_error(file: str, exc: ValidationError, raw: Any, prefix: str = ""
     if err["type"] == "model_type":  # not "... or instance of MethodSpec": the class is no YAML name
         entry = len(loc) == 2 and loc[0] in ("tasks", "methods") and isinstance(loc[1], int)
         msg = "Input should be a name or a mapping" if entry else "Input should be a mapping"
+    if err["type"] == "list_type" and len(loc) == 4 and loc[0] == "methods" and loc[2] == "grid":
+        shown = yaml.safe_dump(value, default_flow_style=True).splitlines()[0]
+        msg = f"a grid takes a list of values (write [{shown}], or give it in params)"
     show = not isinstance(value, dict) or err["type"] not in {"value_error", "assertion_error"}
     return ConfigError(file, path, msg, value, show_value=show and not isinstance(value, (dict, list)))
 
@@ -574,6 +577,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
         raise ConfigError("<command line>", item, "override must look like key.path=value", show_value=False)
     key, _, text = item.partition("=")
+    key = key.strip()  # "a.b = 1", quoted whole
     if not key or any(not part for part in key.split(".")):
         raise ConfigError("<command line>", key, "malformed key path", show_value=False)
     index = re.search(r"\[(\d*)\]", key)

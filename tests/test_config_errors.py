@@ -120,6 +120,8 @@ CASES = [
      ["model.arch: unknown open_clip architecture; did you mean 'harness-micro-vit'?", "(got 'harness-micro-vt')"]),
     ("arch-case", ("model.arch", "vit-b-32"), ["model.arch: unknown open_clip architecture; did you mean 'ViT-B-32'?"]),
     ("unknown-key-no-guess", ("zzzz", 1), ["zzzz: unknown key"]),
+    ("grid-scalar", ("methods.1.grid.scaling", 0.3),
+     ["methods.1.grid.scaling: a grid takes a list of values (write [0.3], or give it in params) (got 0.3)"]),
     ("method-entry-type", ("methods", [3]), ["methods.0: Input should be a name or a mapping (got 3)"]),
     ("block-type", ("eval", 3), ["eval: Input should be a mapping (got 3)"]),
     ("union-member-not-in-path", ("threads", "many"), ["threads: Input should be a valid integer", "(got 'many')"]),
@@ -257,7 +259,7 @@ def test_overrides_apply_and_env_expands(sweep_dict, tmp_path, monkeypatch):
     d = _set(sweep_dict, "output_dir", "${HARNESS_TEST_ROOT}/runs")
     f = tmp_path / "ok.yaml"
     f.write_text(yaml.safe_dump(d))
-    cfg = load_config(f, ["methods.1.grid.scaling=[0.1, 0.9]", "seed=4", "eval.max_samples=10"])
+    cfg = load_config(f, ["methods.1.grid.scaling=[0.1, 0.9]", "seed=4", "eval.max_samples = 10"])
     assert cfg.methods[1].grid["scaling"] == [0.1, 0.9]
     assert cfg.seed == 4 and cfg.eval.max_samples == 10
     assert cfg.output_dir == f"{tmp_path}/runs"
