@@ -341,10 +341,8 @@ def build_clip(arch: str, pretrained: str | None = None, cache_dir: str | None =
                 f"missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]}"
             )
     elif pretrained:
-        old = os.environ.get("HF_HUB_OFFLINE")
-        os.environ["HF_HUB_OFFLINE"] = "1"  # fail in seconds instead of retrying a hub
         try:
-            with _quiet_root_logger():  # open_clip logs a missing tag itself; the error below says it once
+            with hub_offline(), _quiet_root_logger():  # open_clip logs a missing tag itself; the error says it once
                 model = open_clip.create_model(arch, pretrained=pretrained, cache_dir=cache_dir)
         except Exception as exc:
             raise HarnessError(
@@ -352,15 +350,29 @@ def build_clip(arch: str, pretrained: str | None = None, cache_dir: str | None =
                 f"({cache_dir or 'default open_clip/HF cache'}): copy them there or give a file path "
                 f"({type(exc).__name__})"
             ) from None
-        finally:
-            if old is None:
-                os.environ.pop("HF_HUB_OFFLINE", None)
-            else:
-                os.environ["HF_HUB_OFFLINE"] = old
     else:
         model = _create_random(arch)
     model.eval()
     return model
+
+
+@contextlib.contextmanager
+def hub_offline() -> Iterator[None]:
+    """Hugging Face Hub offline for the block, so a tag missing from the cache fails in seconds
+    instead of retrying a hub with backoff (about a minute per tag). ``huggingface_hub`` reads
+    ``HF_HUB_OFFLINE`` once, when imported (open_clip imports it), so its constant is set too."""
+    import huggingface_hub.constants as hub
+
+    old_env, old_flag = os.environ.get("HF_HUB_OFFLINE"), hub.HF_HUB_OFFLINE
+    os.environ["HF_HUB_OFFLINE"], hub.HF_HUB_OFFLINE = "1", True
+    try:
+        yield
+    finally:
+        hub.HF_HUB_OFFLINE = old_flag
+        if old_env is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = old_env
 
 
 def _create_random(arch: str) -> nn.Module:
