@@ -14,10 +14,10 @@ from rich.table import Table
 
 from harness.errors import HarnessError
 
-console = Console()
+console = Console(emoji=False)  # a label such as "pkg:Fire:" is text, not an emoji code
 if not console.is_terminal and "COLUMNS" not in os.environ:
-    console = Console(width=160)  # piped or logged output: keep the results table's columns whole
-err_console = Console(stderr=True)
+    console = Console(width=160, emoji=False)  # piped or logged output: keep the results table's columns whole
+err_console = Console(stderr=True, emoji=False)
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -217,7 +217,7 @@ def tune(file: str, overrides: tuple[str, ...], label: str, trials: int | None, 
             TuneSpec.model_validate(raw)
         except ValidationError as exc:
             raise validation_error(f"<command line> (--trials {trials}, over {file})", exc, raw,
-                                   prefix=f"methods.{index}.tune") from None
+                                   prefix=f"methods.{index}.tune", schema=TuneSpec) from None
     from harness.runner import TuneOnly, print_tables, run_sweep
 
     outcome = run_sweep(cfg, quiet=quiet, only=TuneOnly(m.display, trials))
@@ -239,7 +239,10 @@ def _method_index(cfg, label: str, file: str) -> int:
     if named:
         fail(f"{file}: {len(tuned or named)} methods are named {label!r} (labels "
              f"{', '.join(cfg.methods[i].display for i in tuned or named)}): give the label")
-    fail(f"{file}: no method labelled {label!r}; methods: {', '.join(m.display for m in cfg.methods)}")
+    from harness.errors import did_you_mean
+
+    shown = [m.display for m in cfg.methods]
+    fail(f"{file}: no method labelled {label!r}{did_you_mean(label, shown)} (methods: {', '.join(shown)})")
     raise AssertionError
 
 
@@ -341,10 +344,16 @@ def _store(target: str | None) -> tuple[str, str | None]:
 def report(target: str, tracking_uri: str | None, out_dir: str | None, against: tuple[str, ...]) -> None:
     """Build the paper's tables (md, csv, tex) and plots from MLflow.
 
-    TARGET is a sweep's output folder (its latest sweep run) or a sweep's parent run id."""
+    TARGET is a sweep's output folder (its latest sweep run), its sweep YAML, or a sweep's
+    parent run id."""
     from harness.report import best_routing, build_report, load_sweep_from_mlflow
     from harness.results import rich_table
 
+    if Path(target).is_file():  # the sweep file: its output folder, as `harness ui FILE` takes it
+        out = _load(target, ()).resolved_output_dir()
+        if not out.is_dir():
+            fail(f"{target}: its output folder {out} does not exist (the sweep has not run there)")
+        target = str(out)
     if Path(target).is_dir():
         db = Path(target).resolve() / "mlflow.db"
         if not db.is_file():
@@ -353,7 +362,8 @@ def report(target: str, tracking_uri: str | None, out_dir: str | None, against: 
     else:
         uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
         if not uri:
-            fail(f"{target}: not a folder; for a run id give --tracking-uri or set MLFLOW_TRACKING_URI")
+            fail(f"{target}: not a sweep file or output folder; for a run id give --tracking-uri or set "
+                 "MLFLOW_TRACKING_URI")
         run_id, default_out = target, Path(f"report-{target[:8]}")
     cfg, results, parent = load_sweep_from_mlflow(uri, run_id)
     rep = build_report(cfg, results, Path(out_dir) if out_dir else default_out, best_routing(cfg, results),

@@ -19,7 +19,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from harness.errors import HarnessError
+from harness.errors import HarnessError, did_you_mean
 from harness.fields import no_bool_for_number
 
 
@@ -305,7 +305,8 @@ class RobustnessSpec(Strict):
 
         for name in v:
             if name not in ALL_CORRUPTIONS:
-                raise ValueError(f"unknown corruption {name!r}; known: {', '.join(ALL_CORRUPTIONS)}")
+                raise ValueError(f"unknown corruption {name!r}{did_you_mean(name, ALL_CORRUPTIONS)} "
+                                 f"(known: {', '.join(ALL_CORRUPTIONS)})")
         return v
 
 
@@ -395,6 +396,14 @@ class SweepConfig(Strict):
     def _task_names(cls, v: Any) -> Any:
         if isinstance(v, list):
             return [{"name": t} if isinstance(t, str) else t for t in v]
+        return v
+
+    @field_validator("methods", mode="before")
+    @classmethod
+    def _method_names(cls, v: Any) -> Any:
+        """``methods: [weight_averaging, ties]`` is the short form of ``- name: ...`` entries, as in ``tasks``."""
+        if isinstance(v, list):
+            return [{"name": m} if isinstance(m, str) else m for m in v]
         return v
 
     @field_validator("references", mode="before")
@@ -489,15 +498,25 @@ class SweepConfig(Strict):
 # Loading
 
 
-def _format_loc(loc: tuple) -> str:
+def _format_loc(loc: tuple, raw: Any = None) -> str:
+    """The dotted path of a pydantic error location, without pydantic's own entries (a
+    validator's ``function-after[...]``, a union member's type); a key the file has is kept
+    whatever its characters."""
     parts: list[str] = []
+    absent = object()
+    cur = raw
     for p in loc:
-        if isinstance(p, int):
-            parts.append(str(p))
+        if isinstance(cur, dict) and p in cur:
+            cur = cur[p]
+        elif isinstance(cur, list) and isinstance(p, int) and 0 <= p < len(cur):
+            cur = cur[p]
+        elif cur is not absent and not isinstance(cur, (dict, list)) and raw is not None:
+            continue  # below a value the file gives: a union member's or a validator's name
         elif p in {"function-after", "function-before", "function-wrap"} or "[" in str(p):
             continue
         else:
-            parts.append(str(p))
+            cur = absent
+        parts.append(str(p))
     return ".".join(parts)
 
 
@@ -513,21 +532,57 @@ def _value_at(raw: Any, loc: tuple) -> Any:
     return cur
 
 
-def validation_error(file: str, exc: ValidationError, raw: Any, prefix: str = "") -> ConfigError:
-    """The first pydantic error as one line: file, dotted path, message, value."""
-    err = exc.errors()[0]
+def _keys_at(schema: Any, loc: tuple) -> list[str]:
+    """The keys the mapping at ``loc`` takes under the pydantic model ``schema`` (none when
+    ``loc`` leads elsewhere), for the closest name to an unknown key."""
+    def is_model(t: Any) -> bool:
+        return isinstance(t, type) and issubclass(t, BaseModel)
+
+    def unwrap(t: Any) -> Any:  # Optional[X] and X | Y: the model among them, else the first
+        if get_origin(t) not in (Union, types.UnionType):
+            return t
+        args = [a for a in get_args(t) if a is not type(None)]
+        return next((a for a in args if is_model(a)), args[0] if args else t)
+
+    current = unwrap(schema)
+    for part in loc:
+        if is_model(current):
+            if part not in current.model_fields:
+                return []
+            current = current.model_fields[part].annotation
+        elif get_origin(current) in (list, dict):
+            current = get_args(current)[-1] if get_args(current) else Any
+        else:
+            return []
+        current = unwrap(current)
+    return list(current.model_fields) if is_model(current) else []
+
+
+def validation_error(file: str, exc: ValidationError, raw: Any, prefix: str = "", schema: Any = None) -> ConfigError:
+    """The first pydantic error as one line: file, dotted path, message, value. An unknown key
+    comes first (a misspelt required key also reads as missing) and, given ``schema``, names
+    the closest valid key."""
+    errors = exc.errors()
+    err = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
     loc = tuple(err["loc"])
-    path = _format_loc(loc)
+    path = _format_loc(loc, raw)
     if prefix:
         path = f"{prefix}.{path}" if path else prefix
     msg = err["msg"]
     if err["type"] == "extra_forbidden":
-        return ConfigError(file, path, "unknown key", show_value=False)
+        hint = did_you_mean(str(loc[-1]), _keys_at(schema, loc[:-1])) if schema is not None and loc else ""
+        return ConfigError(file, path, f"unknown key{hint}", show_value=False)
     if err["type"] == "missing":
         return ConfigError(file, path, "required field is missing", show_value=False)
     value = err.get("input", _value_at(raw, loc))
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, "):]
+    if err["type"] == "model_type":  # not "... or instance of MethodSpec": the class is no YAML name
+        entry = len(loc) == 2 and loc[0] in ("tasks", "methods") and isinstance(loc[1], int)
+        msg = "Input should be a name or a mapping" if entry else "Input should be a mapping"
+    if err["type"] == "list_type" and len(loc) == 4 and loc[0] == "methods" and loc[2] == "grid":
+        shown = yaml.safe_dump(value, default_flow_style=True).splitlines()[0]
+        msg = f"a grid takes a list of values (write [{shown}], or give it in params)"
     show = not isinstance(value, dict) or err["type"] not in {"value_error", "assertion_error"}
     return ConfigError(file, path, msg, value, show_value=show and not isinstance(value, (dict, list)))
 
@@ -536,8 +591,14 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
         raise ConfigError("<command line>", item, "override must look like key.path=value", show_value=False)
     key, _, text = item.partition("=")
+    key = key.strip()  # "a.b = 1", quoted whole
     if not key or any(not part for part in key.split(".")):
         raise ConfigError("<command line>", key, "malformed key path", show_value=False)
+    index = re.search(r"\[(\d*)\]", key)
+    if index:
+        dotted = re.sub(r"\[(\d*)\]", lambda m: f".{m.group(1) or 'N'}", key)
+        raise ConfigError("<command line>", key, f"list items are dotted indices: write {dotted}={text}",
+                          show_value=False)
     try:
         value = yaml.safe_load(text) if text != "" else ""
     except yaml.YAMLError:
@@ -560,6 +621,8 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
                 if last:
                     cur[int(part)] = value
                 else:
+                    if parts[:i] in (["methods"], ["tasks"]) and isinstance(cur[int(part)], str):
+                        cur[int(part)] = {"name": cur[int(part)]}  # the short form, given a field
                     cur = cur[int(part)]
             elif isinstance(cur, dict):
                 if last:
@@ -620,7 +683,7 @@ def validate_config(raw: dict, file: str = "<config>") -> SweepConfig:
     try:
         cfg = SweepConfig.model_validate(raw)
     except ValidationError as exc:
-        raise validation_error(file, exc, raw) from None
+        raise validation_error(file, exc, raw, schema=SweepConfig) from None
     check_methods(cfg, file)
     check_tasks(cfg, file)
     check_suite(cfg, file)
@@ -637,11 +700,18 @@ def check_suite(cfg: SweepConfig, file: str) -> None:
     try:
         SuiteOptions.model_validate(cfg.model.suite)
     except ValidationError as exc:
-        raise validation_error(file, exc, cfg.model.suite, prefix="model.suite") from None
+        raise validation_error(file, exc, cfg.model.suite, prefix="model.suite", schema=SuiteOptions) from None
+    from harness.models import unknown_arch_problem
+
+    arch = cfg.model.suite.get("arch")
+    problem = unknown_arch_problem(arch) if isinstance(arch, str) else None
+    if problem:
+        raise ConfigError(file, "model.suite.arch", problem, arch)
     for i, t in enumerate(cfg.tasks):
         if t.name not in EMBEDDED_TASKS:
-            raise ConfigError(file, f"tasks.{i}.name", "model.source 'embedded' has no fine-tuned model for "
-                              f"this task; embedded tasks: {', '.join(EMBEDDED_TASKS)}", t.name)
+            raise ConfigError(file, f"tasks.{i}.name", f"model.source 'embedded' has no fine-tuned model for "
+                              f"task {t.name!r}{did_you_mean(t.name, EMBEDDED_TASKS)} (embedded tasks: "
+                              f"{', '.join(EMBEDDED_TASKS)})", show_value=False)
 
 
 def check_methods(cfg: SweepConfig, file: str) -> None:
@@ -660,7 +730,8 @@ def check_methods(cfg: SweepConfig, file: str) -> None:
                 if key not in fields:
                     raise ConfigError(
                         file, f"methods.{i}.{where}.{key}",
-                        f"method {m.name!r} has no hyperparameter {key!r}; it has {sorted(fields) or 'none'}",
+                        f"method {m.name!r} has no hyperparameter {key!r}{did_you_mean(key, fields)} "
+                        f"(it has {', '.join(sorted(fields)) or 'none'})",
                         show_value=False,
                     )
         seen: dict[str, dict[str, Any]] = {}
@@ -702,8 +773,9 @@ def check_space(cls: Any, m: MethodSpec, i: int, file: str) -> None:
     for name, p in m.tune.space.items():
         where = f"methods.{i}.tune.space.{name}"
         if name not in cls.model_fields:
-            raise ConfigError(file, where, f"method {m.name!r} has no hyperparameter {name!r}; "
-                              f"it has {sorted(cls.model_fields) or 'none'}", show_value=False)
+            raise ConfigError(file, where, f"method {m.name!r} has no hyperparameter {name!r}"
+                              f"{did_you_mean(name, cls.model_fields)} (it has "
+                              f"{', '.join(sorted(cls.model_fields)) or 'none'})", show_value=False)
         annotation = cls.model_fields[name].annotation
         allowed = SPACE_TYPES[field_kind(annotation)]
         if p.type not in allowed:
@@ -728,7 +800,8 @@ def check_tasks(cfg: SweepConfig, file: str) -> None:
     known = available_tasks()
     for i, t in enumerate(cfg.tasks):
         if ":" not in t.name and t.name not in known:
-            raise ConfigError(file, f"tasks.{i}.name", f"unknown task; registered: {', '.join(known)}", t.name)
+            raise ConfigError(file, f"tasks.{i}.name", f"unknown task {t.name!r}{did_you_mean(t.name, known)} "
+                              f"(registered: {', '.join(known)})", show_value=False)
         if ":" in t.name:
             try:
                 factory = resolve_task(t.name)
@@ -762,6 +835,12 @@ def check_tasks(cfg: SweepConfig, file: str) -> None:
     check_generalization(cfg, file)
 
 
+def relative_note(path: str) -> str:
+    """For a relative path: that it is read from the current folder, not the sweep file's (the
+    usual surprise when a command runs from elsewhere)."""
+    return "" if Path(path).is_absolute() else f" (relative paths are read from the current folder, {Path.cwd()})"
+
+
 def check_model_files(cfg: SweepConfig, file: str) -> None:
     """Every local model file a ``files`` sweep names exists. Checked where the sweep file is
     known (the CLI, ``validate`` and ``--dry-run`` included), so the error names file and field;
@@ -769,16 +848,22 @@ def check_model_files(cfg: SweepConfig, file: str) -> None:
     m = cfg.model
     if m.source != "files":
         return
+    from harness.models import unknown_arch_problem
+
+    problem = unknown_arch_problem(m.arch)
+    if problem:
+        raise ConfigError(file, "model.arch", problem, m.arch)
     pre = m.pretrained
     if pre and ("/" in pre or Path(pre).suffix) and not Path(pre).exists():
-        raise ConfigError(file, "model.pretrained", "weights file does not exist", pre)
+        raise ConfigError(file, "model.pretrained", f"weights file does not exist{relative_note(pre)}", pre)
     for t in cfg.task_names:  # required for merged tasks; optional for unseen ones
         required = t in cfg.merge_tasks or t in m.finetuned
         if t in m.finetuned:
-            where, what, path = f"model.finetuned.{t}", "checkpoint does not exist", m.finetuned[t]
+            where, path = f"model.finetuned.{t}", m.finetuned[t]
+            what = f"checkpoint does not exist{relative_note(path)}"
         elif m.finetuned_pattern:
-            where, what = "model.finetuned_pattern", f"checkpoint of task {t!r} does not exist"
-            path = m.finetuned_pattern.format(task=t)
+            where, path = "model.finetuned_pattern", m.finetuned_pattern.format(task=t)
+            what = f"checkpoint of task {t!r} does not exist{relative_note(path)}"
         else:
             if required:
                 raise ConfigError(file, "model.finetuned", f"no checkpoint for task {t!r}", show_value=False)
@@ -787,7 +872,7 @@ def check_model_files(cfg: SweepConfig, file: str) -> None:
             raise ConfigError(file, where, what, path)
     for t, path in m.heads.items():
         if not Path(path).exists():
-            raise ConfigError(file, f"model.heads.{t}", "head file does not exist", path)
+            raise ConfigError(file, f"model.heads.{t}", f"head file does not exist{relative_note(path)}", path)
         if Path(path).is_dir():
             raise ConfigError(file, f"model.heads.{t}", "is a folder, not a head file", path)
 

@@ -147,10 +147,11 @@ def _lenient_pickle_module(unresolved: set[str]) -> types.SimpleNamespace:
 
 
 def _weights_only_reason(exc: Exception) -> str:
-    """The informative line of torch's weights_only refusal (it names the offending global)."""
+    """The informative line of torch's weights_only refusal (it names the offending global),
+    without torch's advice to allowlist the global, which would load the module unconverted."""
     for line in str(exc).splitlines():
         if "Unsupported global" in line or "Unsupported operand" in line:
-            return line.strip()
+            return line.split(". Please use", 1)[0].strip()
     return type(exc).__name__
 
 

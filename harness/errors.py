@@ -1,5 +1,20 @@
 """Errors the CLI turns into one line and exit code 2 (bad input, never a traceback)."""
 
+from __future__ import annotations
+
+import difflib
+from typing import Iterable
+
 
 class HarnessError(Exception):
     """A user-facing error: the message names the file, field or tensor at fault."""
+
+
+def did_you_mean(name: str, candidates: Iterable[str]) -> str:
+    """``"; did you mean 'x'?"`` for the valid name closest to a misspelt ``name`` (case aside),
+    or ``""`` when none is close: a typo's error then says what was meant."""
+    by_lower: dict[str, str] = {}
+    for c in candidates:
+        by_lower.setdefault(str(c).lower(), str(c))
+    match = difflib.get_close_matches(str(name).lower(), list(by_lower), n=1, cutoff=0.77)
+    return f"; did you mean {by_lower[match[0]]!r}?" if match else ""

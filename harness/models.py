@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.errors import HarnessError
+from harness.errors import HarnessError, did_you_mean
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 _registered = False
@@ -73,6 +73,28 @@ def enable_hf_text_towers() -> None:
 
 def available_models() -> list[str]:
     return list(open_clip_module().list_models())
+
+
+def config_arch_names() -> list[str]:
+    """The architectures open_clip and ``harness/model_configs`` ship a config for, read from
+    their config folders, so a sweep's ``arch`` is checked without importing open_clip
+    (seconds); in a process that imported it, also the ones registered since."""
+    if "open_clip" in sys.modules:
+        return available_models()
+    spec = importlib.util.find_spec("open_clip")
+    folders = [CONFIG_DIR] + ([Path(spec.origin).parent / "model_configs"] if spec and spec.origin else [])
+    return sorted({p.stem for folder in folders for p in folder.glob("*.json")})
+
+
+def unknown_arch_problem(arch: str) -> str | None:
+    """Why ``arch`` names no architecture (with the closest name), or None. Generated
+    ``hf-vit-...`` names pass: they are read from beside the checkpoints when the sweep runs."""
+    if arch.startswith("hf-vit-"):
+        return None
+    names = config_arch_names()
+    if arch in names:
+        return None
+    return f"unknown open_clip architecture{did_you_mean(arch, names)} (`harness list models` lists them)"
 
 
 def is_safetensors(path: str | os.PathLike) -> bool:
@@ -294,8 +316,8 @@ def resolve_arch(arch: str, near: Sequence[str | os.PathLike] = ()) -> str:
         hint = ("; a generated architecture is recorded by `harness import` in each converted file's "
                 ".json sidecar (arch, open_clip_config) and in model_configs/ beside it: keep those next "
                 "to the model.pretrained file, or name the Hugging Face folder itself as model.pretrained")
-    raise HarnessError(f"unknown open_clip architecture {arch!r} (neither open_clip's nor harness/model_configs')"
-                       f"{where}{hint}")
+    raise HarnessError(f"unknown open_clip architecture {arch!r}{did_you_mean(arch, open_clip.list_models())} "
+                       f"(neither open_clip's nor harness/model_configs'){where}{hint}")
 
 
 def build_clip(arch: str, pretrained: str | None = None, cache_dir: str | None = None) -> nn.Module:
@@ -319,10 +341,8 @@ def build_clip(arch: str, pretrained: str | None = None, cache_dir: str | None =
                 f"missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]}"
             )
     elif pretrained:
-        old = os.environ.get("HF_HUB_OFFLINE")
-        os.environ["HF_HUB_OFFLINE"] = "1"  # fail in seconds instead of retrying a hub
         try:
-            with _quiet_root_logger():  # open_clip logs a missing tag itself; the error below says it once
+            with hub_offline(), _quiet_root_logger():  # open_clip logs a missing tag itself; the error says it once
                 model = open_clip.create_model(arch, pretrained=pretrained, cache_dir=cache_dir)
         except Exception as exc:
             raise HarnessError(
@@ -330,15 +350,29 @@ def build_clip(arch: str, pretrained: str | None = None, cache_dir: str | None =
                 f"({cache_dir or 'default open_clip/HF cache'}): copy them there or give a file path "
                 f"({type(exc).__name__})"
             ) from None
-        finally:
-            if old is None:
-                os.environ.pop("HF_HUB_OFFLINE", None)
-            else:
-                os.environ["HF_HUB_OFFLINE"] = old
     else:
         model = _create_random(arch)
     model.eval()
     return model
+
+
+@contextlib.contextmanager
+def hub_offline() -> Iterator[None]:
+    """Hugging Face Hub offline for the block, so a tag missing from the cache fails in seconds
+    instead of retrying a hub with backoff (about a minute per tag). ``huggingface_hub`` reads
+    ``HF_HUB_OFFLINE`` once, when imported (open_clip imports it), so its constant is set too."""
+    import huggingface_hub.constants as hub
+
+    old_env, old_flag = os.environ.get("HF_HUB_OFFLINE"), hub.HF_HUB_OFFLINE
+    os.environ["HF_HUB_OFFLINE"], hub.HF_HUB_OFFLINE = "1", True
+    try:
+        yield
+    finally:
+        hub.HF_HUB_OFFLINE = old_flag
+        if old_env is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = old_env
 
 
 def _create_random(arch: str) -> nn.Module:

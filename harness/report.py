@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from harness.config import GENERALIZATION, MAIN, SweepConfig
-from harness.errors import HarnessError
+from harness.errors import HarnessError, did_you_mean
 from harness.job import JobResult
 from harness.plan import base_label
 from harness.results import (
@@ -145,11 +145,12 @@ def build_report(cfg: SweepConfig, results: list[JobResult], out: Path,
                                       "the seen tasks' validation")
     unknown = [a for a in against or [] if a not in {r.method for r in rows}]
     if unknown:
-        raise HarnessError(f"significance reference {unknown[0]!r} is not a row of the main table "
-                           f"(rows: {', '.join(r.method for r in rows)})")
+        names = [r.method for r in rows]
+        raise HarnessError(f"--against {unknown[0]!r}: not a row of the main table{did_you_mean(unknown[0], names)} "
+                           f"(rows: {', '.join(names)})")
     failed = [a for a in against or [] if any(r.method == a and r.failed for r in rows)]
     if failed:
-        raise HarnessError(f"significance reference {failed[0]!r} failed in this sweep: it has no test "
+        raise HarnessError(f"--against {failed[0]!r}: failed in this sweep, so it has no test "
                            "predictions to compare with")
     significance = significance_records(rows, seen, against or default_reference(rows))
     if significance[1]:

@@ -113,9 +113,9 @@ def run_sweep(cfg: SweepConfig, console: Console | None = None, quiet: bool = Fa
     study and the references, logged under the sweep's parent run, its table written beside
     the sweep's report (``report/tune-<label>.md``) rather than over it."""
     if console is None:
-        console = Console(stderr=True, quiet=quiet)
+        console = Console(stderr=True, quiet=quiet, emoji=False)  # labels are text, never emoji codes
         if not console.is_terminal:  # logged output: keep the results table's columns whole
-            console = Console(stderr=True, quiet=quiet, width=200)
+            console = Console(stderr=True, quiet=quiet, width=200, emoji=False)
     show = not quiet
     problem = output_dir_problem(cfg.resolved_output_dir())
     if problem:  # before anything is read from it or built for it

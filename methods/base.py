@@ -16,6 +16,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, field_validator
 from torch import nn
 
+from harness.errors import did_you_mean
 from harness.fields import no_bool_for_number
 from harness.imports import import_object
 
@@ -140,7 +141,8 @@ def resolve_method(name: str) -> type[MergeMethod]:
         return cls
     registry = available_methods()
     if name not in registry:
-        raise KeyError(f"unknown method {name!r}; registered: {', '.join(registry)}")
+        raise KeyError(f"unknown method {name!r}{did_you_mean(name, registry)} (registered: {', '.join(registry)}; "
+                       "a method of your own is named by import path, module:Class)")
     return registry[name]
 
 

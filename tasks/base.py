@@ -9,7 +9,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
-from harness.errors import HarnessError
+from harness.errors import HarnessError, did_you_mean
 from harness.imports import import_object
 
 SPLITS = ("train", "val", "test")
@@ -145,7 +145,7 @@ def resolve_task(name: str) -> TaskFactory:
         return import_object(name)
     available_tasks()
     if name not in _TASKS:
-        raise KeyError(f"unknown task {name!r}; registered: {', '.join(sorted(_TASKS))}")
+        raise KeyError(f"unknown task {name!r}{did_you_mean(name, _TASKS)}; registered: {', '.join(sorted(_TASKS))}")
     return _TASKS[name][0]
 
 

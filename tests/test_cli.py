@@ -60,6 +60,37 @@ def test_sweep_command_prints_table(sweep_dict, tmp_path):
         assert word in r.stdout
 
 
+def test_labels_print_as_written_not_as_emoji(sweep_dict, tmp_path):
+    """Labels may hold colons: ``pkg:Boom:`` is a method's name, not rich's ``:boom:`` emoji code."""
+    f = tmp_path / "s.yaml"
+    sweep_dict["methods"] = [{"name": "tests.failing_method:AlwaysFails", "label": "raiser:boom:"},
+                             {"name": "task_arithmetic", "label": "ta:fire:"}]
+    f.write_text(yaml.safe_dump(sweep_dict))
+    r = CliRunner().invoke(main, ["sweep", str(f)], env={"COLUMNS": "200"})
+    assert r.exit_code == 1, r.output
+    rows = [line for line in r.output.splitlines() if "ta:fire" in line]
+    assert rows and all("ta:fire:" in line for line in rows), r.output  # the table row and the done line
+    failed = [line for line in r.output.splitlines() if "deliberate failure" in line]
+    assert failed and all("raiser:boom:" in line for line in failed), r.output
+    assert "\N{FIRE}" not in r.output and "\N{COLLISION SYMBOL}" not in r.output
+
+
+def test_report_takes_the_sweep_file(sweep_dict, tmp_path):
+    """``harness report FILE`` reports the file's output folder, as ``harness ui FILE`` serves it."""
+    f = tmp_path / "s.yaml"
+    sweep_dict["methods"] = [{"name": "task_arithmetic"}]
+    f.write_text(yaml.safe_dump(sweep_dict))
+    r = CliRunner().invoke(main, ["report", str(f)])
+    assert r.exit_code == 2
+    assert " ".join(r.stderr.split()) == (f"error: {f}: its output folder {sweep_dict['output_dir']} does not "
+                                          "exist (the sweep has not run there)")
+    assert CliRunner().invoke(main, ["sweep", "-q", str(f)]).exit_code == 0
+    written = (Path(sweep_dict["output_dir"]) / "report" / "main.md").read_text()
+    r = CliRunner().invoke(main, ["report", str(f), "--out", str(tmp_path / "again")])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "again" / "main.md").read_text() == written
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

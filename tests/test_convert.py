@@ -97,6 +97,7 @@ def test_refused_without_flag(tmp_path: Path, pickled_encoder) -> None:
         convert_pickled_checkpoint(src, dst)
     msg = str(err.value)
     assert str(src) in msg and "trust_pickle=True" in msg and "--trust-pickle" in msg
+    assert "Unsupported global" in msg and "add_safe_globals" not in msg  # the global named, no allowlisting advice
     assert not dst.exists() and not Path(str(dst) + ".json").exists()
 
 
@@ -278,3 +279,14 @@ def test_unknown_architecture_names_the_flag(tmp_path: Path) -> None:
     r = CliRunner().invoke(main, ["convert", str(src), str(tmp_path / "q.safetensors"), "--trust-pickle"])
     assert r.exit_code == 2 and r.output.startswith(f"error: {src}: no known open_clip architecture"), r.output
     assert " ".join(r.output.split()).endswith("name it with --arch (in Python: pass arch=...)"), r.output
+
+
+def test_misspelt_arch_names_the_closest(tmp_path: Path) -> None:
+    """``--arch`` with a typo names the architecture meant."""
+    from harness.models import build_clip, save_state_dict
+
+    src = tmp_path / "enc.safetensors"
+    save_state_dict(build_clip("harness-micro-vit").visual.state_dict(), src)
+    with pytest.raises(HarnessError, match="unknown open_clip architecture 'harness-micro-vt'; did you mean "
+                                           "'harness-micro-vit'?"):
+        convert_pickled_checkpoint(src, tmp_path / "out.safetensors", arch="harness-micro-vt")

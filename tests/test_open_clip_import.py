@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 
 import pytest
 
@@ -62,3 +63,35 @@ def test_hf_text_tower_builds_after_open_clip_was_imported_without_transformers(
         print(type(clip.text).__name__, tuple(text.shape), tuple(image.shape), bool(torch.isfinite(text).all()))
     """)
     assert out.split() == ["HFTextEncoder", "(3,", "32)", "(2,", "32)", "True"]
+
+
+def test_a_missing_tag_fails_without_contacting_a_hub(tmp_path):
+    """HF_HUB_OFFLINE unset and huggingface_hub imported first (as open_clip does): a tag missing
+    from the cache is refused at once, without requests to the hub (here a closed local port,
+    which a hub client retries with backoff for about a minute, logging each retry)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(f"""
+        import os, time
+        os.environ.pop("HF_HUB_OFFLINE", None)
+        os.environ["HF_ENDPOINT"] = "http://127.0.0.1:9"
+        from harness.errors import HarnessError
+        from harness.models import build_clip, open_clip_module
+        open_clip_module()
+        t0 = time.perf_counter()
+        try:
+            build_clip("ViT-B-32", "openai", cache_dir={str(tmp_path)!r})
+        except HarnessError as exc:
+            print("refused:", "not in the local cache" in str(exc))
+        import huggingface_hub.constants as hub
+        print("offline after:", hub.HF_HUB_OFFLINE, os.environ.get("HF_HUB_OFFLINE"))
+        print("seconds:", time.perf_counter() - t0)
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    lines = proc.stdout.splitlines()
+    assert lines[:2] == ["refused: True", "offline after: False None"], proc.stdout + proc.stderr  # restored
+    assert "Retrying" not in proc.stderr and "127.0.0.1:9" not in proc.stderr, proc.stderr
+    assert float(lines[2].split()[1]) < 20, proc.stdout

@@ -128,7 +128,10 @@ def test_sweep_and_report_write_the_significance_table(trained_checkpoints, tmp_
     assert {line.split(",")[0] for line in again[1:]} == set(avg) - {"weight_averaging"}
     assert all(line.split(",")[1] == "weight_averaging" for line in again[1:])
     bad = CliRunner().invoke(main, ["report", str(out.output_dir), "--against", "nonesuch"])
-    assert bad.exit_code == 2 and "'nonesuch' is not a row of the main table" in bad.output
+    assert bad.exit_code == 2 and "--against 'nonesuch': not a row of the main table" in bad.output
+    typo = CliRunner().invoke(main, ["report", str(out.output_dir), "--against", "task_arithmetc"])
+    assert typo.exit_code == 2
+    assert "not a row of the main table; did you mean 'task_arithmetic'?" in " ".join(typo.output.split())
 
 
 def exact_bootstrap_p(specs: list[tuple[int, int, int]]) -> float:

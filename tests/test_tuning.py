@@ -311,6 +311,8 @@ def test_tune_command_runs_one_method(trained_checkpoints, tmp_path):
     assert len(values) == 5 and len(set(values)) == 5, values  # extending asks new points, not the first run's
     r = CliRunner().invoke(main, ["tune", str(f), "--method", "nope"])
     assert r.exit_code == 2 and "no method labelled 'nope'" in r.stderr
+    r = CliRunner().invoke(main, ["tune", str(f), "--method", "taa"])
+    assert r.exit_code == 2 and "no method labelled 'taa'; did you mean 'ta'?" in " ".join(r.stderr.split())
 
 
 def test_an_interrupted_study_leaves_its_runs_killed_not_running(trained_checkpoints, tmp_path):

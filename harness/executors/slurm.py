@@ -325,7 +325,7 @@ class SlurmExecutor:
         self.folder = cfg.resolved_output_dir() / "slurm"
         self.log = SubmissionLog(self.folder)
         self.progress = progress
-        self.console = console or Console(stderr=True)
+        self.console = console or Console(stderr=True, emoji=False)
         self.collect_only = False
         self._executor: Any = None
 
