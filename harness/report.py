@@ -150,7 +150,7 @@ def build_report(cfg: SweepConfig, results: list[JobResult], out: Path,
                            f"(rows: {', '.join(names)})")
     failed = [a for a in against or [] if any(r.method == a and r.failed for r in rows)]
     if failed:
-        raise HarnessError(f"--against {failed[0]!r}: failed in this sweep, so it has no test "
+        raise HarnessError(f"--against {failed[0]!r} failed in this sweep: it has no test "
                            "predictions to compare with")
     significance = significance_records(rows, seen, against or default_reference(rows))
     if significance[1]:
