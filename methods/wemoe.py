@@ -242,9 +242,13 @@ class WeightEnsemblingMLP(nn.Module):
         return self.c_fc_weight.shape[0] - 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.batch_first:
-            return self._forward(x.transpose(0, 1)).transpose(0, 1)
-        return self._forward(x)
+        """The MLP in float32 whatever the input's dtype, autocast included (output in the input's
+        dtype): autocast would otherwise run some of its matmuls in half precision against float32
+        workspaces and fail, and routing weights and task vectors need the precision."""
+        with torch.autocast(x.device.type, enabled=False):
+            if not self.batch_first:
+                return self._forward(x.transpose(0, 1)).transpose(0, 1)
+            return self._forward(x)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype

@@ -157,6 +157,39 @@ def test_single_sample_batch_matches_oracle_with_gradients(models):
         assert rel_err(grads[1][1][name], ref) <= 1e-4, name
 
 
+@pytest.mark.parametrize("impl", ["auto", "weights", "stacked"])
+def test_mixed_precision_runs_the_moe_in_float32(models, impl):
+    """Under autocast (and for a bfloat16 input) each MoE layer still computes the float32
+    per-sample oracle's output, forward and backward."""
+    pre, ft = models
+    moe = wemoe.build_wemoe(pre, ft, router_depth=2, routing="softmax")
+    randomize_routers(moe, 8)
+    oracle = oracle_encoder(moe, pre, ft, 0.3, False)
+    layer, ref_layer = wemoe.moe_layers(moe)[1], oracle.transformer.resblocks[1].mlp
+    layer.implementation = impl
+    x = torch.randn(5, 17, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = ref_layer(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = layer(x)
+        assert out.dtype == torch.float32 and rel_err(out, ref) <= 1e-5
+        half = layer(x.bfloat16())
+        assert half.dtype == torch.bfloat16
+        assert torch.equal(half, ref_layer(x.bfloat16().float()).bfloat16())
+    target = torch.randn(5, 17, 32, generator=torch.Generator().manual_seed(4))
+    grads = []
+    for module, autocast in ((ref_layer, False), (layer, True)):
+        moe.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = module(x)
+        (out * target).sum().backward()  # outside autocast, as PyTorch recommends
+        grads.append({n: p.grad.clone() for n, p in layer.router.named_parameters()})
+    for name, g in grads[0].items():
+        assert rel_err(grads[1][name], g) <= 1e-4, name
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.isfinite(moe(images(3, 5))).all()  # the whole tower runs under autocast
+
+
 @pytest.mark.parametrize("rows", [7, 3, 1])
 def test_per_sample_linear_gradcheck(rows):
     g = torch.Generator().manual_seed(rows)
