@@ -358,8 +358,11 @@ def merge(spec: JobSpec, ws: Workspace, device: torch.device, workdir: Path,
 
     workdir.mkdir(parents=True, exist_ok=True)
     report = trial_reporter(spec.trial) if spec.trial else None
+    sources = {"arch": ws.sources["arch"], "pretrained": ws.sources["pretrained"],
+               "finetuned": {t: ws.sources["finetuned"].get(t) for t in tasks}}
     ctx = MergeContext(heads=heads, unlabeled=unlabeled, device=device, seed=ws.cfg.seed,
-                       progress=ws.progress, validate=validate, workdir=str(workdir), report=report)
+                       progress=ws.progress, validate=validate, workdir=str(workdir), report=report,
+                       sources=sources)
     torch.manual_seed(ws.cfg.seed)
     before = input_state(pretrained, finetuned, heads)
     merged = method.merge(pretrained, finetuned, ctx)

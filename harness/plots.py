@@ -22,6 +22,17 @@ def routing_csv(routing: dict[str, Any], path: Path) -> Path:
 
 def routing_heatmap(routing: dict[str, Any], path: Path, title: str = "WeMoE routing weights") -> Path:
     """One panel per layer: rows = data task, columns = expert, colour = mean routing weight."""
+    import matplotlib.pyplot as plt
+
+    fig = routing_figure(routing, title)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def routing_figure(routing: dict[str, Any], title: str = "WeMoE routing weights"):
+    """The figure :func:`routing_heatmap` saves (the caller closes it)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -32,19 +43,19 @@ def routing_heatmap(routing: dict[str, Any], path: Path, title: str = "WeMoE rou
     experts = routing["experts"]
     data = np.array([routing["mean_weight"][t] for t in tasks])  # [tasks, layers, experts]
     n_layers = data.shape[1]
-    fig, axes = plt.subplots(1, n_layers, figsize=(2.2 + 2.0 * n_layers, 1.5 + 0.35 * len(tasks)), squeeze=False)
+    fig, axes = plt.subplots(1, n_layers, figsize=(2.2 + 2.0 * n_layers, 1.5 + 0.35 * len(tasks)), squeeze=False,
+                             layout="constrained")  # keeps the title clear of the panels' titles
     vmin, vmax = float(data.min()), float(data.max())
     for li, ax in enumerate(axes[0]):
         im = ax.imshow(data[:, li, :], vmin=vmin, vmax=vmax, cmap="viridis", aspect="auto")
         ax.set_title(f"layer {li}", fontsize=8)
         ax.set_xticks(range(len(experts)), experts, rotation=90, fontsize=6)
         ax.set_yticks(range(len(tasks)), tasks if li == 0 else [""] * len(tasks), fontsize=6)
+        ax.set_xlabel("expert", fontsize=7)
+    axes[0][0].set_ylabel("images of task", fontsize=7)
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
     fig.suptitle(title, fontsize=9)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return fig
 
 
 def job_artifact_files(artifacts: dict[str, Any], folder: Path) -> list[Path]:

@@ -38,6 +38,8 @@ class MergeContext:
     it returns True when the caller wants the method to stop early (raise PruneTrial).
     ``validate(model)`` evaluates a candidate encoder on the validation splits.
     ``workdir`` is a job-private folder for checkpoints a method wants to resume from.
+    ``sources`` says where the models came from (architecture, checkpoint paths and their
+    content digests), for a method that saves its result to record what it was built from.
     """
 
     heads: Mapping[str, torch.Tensor] = field(default_factory=dict)
@@ -48,6 +50,7 @@ class MergeContext:
     report: Callable[[int, dict[str, float]], bool] | None = None
     validate: Callable[[nn.Module], dict[str, float]] | None = None
     workdir: str | None = None
+    sources: Mapping[str, Any] = field(default_factory=dict)
     artifacts: dict[str, Any] = field(default_factory=dict)
 
     @property

@@ -20,7 +20,8 @@ Conventions the callers rely on:
   iterator factories are deterministic.
 * Validation: before the first step and every ``eval_every`` steps, if ``ctx.validate`` is
   set, it is called on ``export()`` (default: the model itself) under ``torch.no_grad``; the
-  metrics, plus the current entropy loss as ``tta_entropy`` (after a step), go to
+  metrics, plus the last step's loss as ``tta_entropy`` (after a step; with ``aux_loss``, its
+  term included), go to
   ``ctx.report(step, metrics)`` (True from it raises :class:`methods.base.PruneTrial`) and,
   with their step, to ``ctx.artifacts["tta_validation"]`` (kept in the checkpoint), so a
   sweep's runs show whether adaptation helped on validation, not only the loss.

@@ -55,10 +55,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import json
 import math
 import os
-from typing import Iterator, Literal, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Iterator, Literal, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -72,6 +74,8 @@ from methods.tta import BatchStream, run_tta
 Routing = Literal["raw", "clamp", "softmax"]
 Implementation = Literal["auto", "weights", "stacked"]
 FORMAT = "wemoe-routers/1"
+#: Where :meth:`WeMoE.merge` saves the adapted routers, in the job's workdir.
+MODEL_FILE = "wemoe.safetensors"
 #: Per-sample weights are built in blocks of at most this many bytes (bounds the workspace).
 DEFAULT_BLOCK_BYTES = 256 << 20
 #: The block size on a CPU when samples have few tokens (see "weights" above): cache-sized.
@@ -238,9 +242,13 @@ class WeightEnsemblingMLP(nn.Module):
         return self.c_fc_weight.shape[0] - 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.batch_first:
-            return self._forward(x.transpose(0, 1)).transpose(0, 1)
-        return self._forward(x)
+        """The MLP in float32 whatever the input's dtype, autocast included (output in the input's
+        dtype): autocast would otherwise run some of its matmuls in half precision against float32
+        workspaces and fail, and routing weights and task vectors need the precision."""
+        with torch.autocast(x.device.type, enabled=False):
+            if not self.batch_first:
+                return self._forward(x.transpose(0, 1)).transpose(0, 1)
+            return self._forward(x)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
@@ -303,6 +311,20 @@ def _blocks(encoder: nn.Module) -> Sequence[nn.Module]:
         raise TypeError("WeMoE expects an open_clip VisionTransformer (visual.transformer.resblocks)") from None
 
 
+def module_digest(module: nn.Module) -> str:
+    """First 16 hex digits of the sha256 of a module's state (names, dtypes, shapes, bytes).
+
+    A saved WeMoE file holds only routers: the experts come from the checkpoints given when it
+    is loaded, so it records their digests and loading checks them (wherever the files now lie).
+    """
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        t = t.detach().cpu().contiguous().reshape(-1)
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy())
+    return h.hexdigest()[:16]
+
+
 def build_wemoe(
     pretrained: nn.Module,
     finetuned: Mapping[str, nn.Module],
@@ -316,7 +338,8 @@ def build_wemoe(
 ) -> nn.Module:
     """The WeMoE encoder before adaptation; only router parameters require grad.
 
-    Experts are ordered as ``finetuned`` is; the result carries ``wemoe_config``.
+    Experts are ordered as ``finetuned`` is; the result carries ``wemoe_config`` and, in
+    ``wemoe_inputs``, the digests of the models it was built from.
     """
     if not finetuned:
         raise ValueError("WeMoE needs at least one fine-tuned model")
@@ -338,6 +361,8 @@ def build_wemoe(
         "tasks": tasks, "init_lambda": init_lambda, "router_depth": router_depth,
         "routing": routing, "batch_reduce": batch_reduce,
     }
+    model.wemoe_inputs = {"pretrained": module_digest(pretrained),
+                          "experts": {t: module_digest(finetuned[t]) for t in tasks}}
     return model.eval()
 
 
@@ -464,6 +489,9 @@ class WeMoE(MergeMethod):
                              checkpoint_every=self.checkpoint_every, eval_every=self.eval_every,
                              joint_forward=False, aux_loss=aux, name="wemoe")
         model.requires_grad_(False)
+        if ctx.workdir:
+            save_wemoe(model, Path(ctx.workdir) / MODEL_FILE,
+                       {"sources": dict(ctx.sources), "hyperparameters": self.model_dump()})
         ctx.artifacts["tta_loss"] = losses
         if self.routing_stats_batches and ctx.unlabeled:
             routing, task_id = routing_statistics(model, ctx, self.routing_stats_batches)
@@ -472,47 +500,90 @@ class WeMoE(MergeMethod):
         return model
 
 
-def save_wemoe(model: nn.Module, path: str | os.PathLike, meta: Mapping[str, object] | None = None) -> None:
-    """Routers + build configuration + ``meta`` (e.g. which checkpoints) to one safetensors file."""
+def save_wemoe(model: nn.Module, path: str | os.PathLike, meta: Mapping[str, Any] | None = None) -> None:
+    """Routers, build configuration, the digests of the models it was built from and ``meta``
+    (e.g. which checkpoint files) to one safetensors file (tensors and JSON text: no pickle)."""
     from harness.models import save_state_dict
 
     state = {f"{i}.{k}": v for i, m in enumerate(moe_layers(model)) for k, v in m.router.state_dict().items()}
     save_state_dict(state, path, metadata={
         "format": FORMAT,
         "config": json.dumps(model.wemoe_config),
+        "inputs": json.dumps(getattr(model, "wemoe_inputs", {})),
         "meta": json.dumps(dict(meta or {})),
     })
 
 
-def read_wemoe_meta(path: str | os.PathLike) -> tuple[dict, dict]:
-    """(build configuration, user meta) stored by :func:`save_wemoe`."""
+def _header(path: str | os.PathLike) -> dict[str, Any]:
+    """The parsed metadata of a router file; ValueError naming the file when it is not one."""
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as fh:
-        header = fh.metadata() or {}
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            header = fh.metadata() or {}
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such WeMoE router file") from None
+    except Exception as exc:  # safetensors raises its own error types for other files
+        raise ValueError(f"{path}: not a WeMoE router file ({exc})") from None
     if header.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a WeMoE router file")
-    return json.loads(header["config"]), json.loads(header["meta"])
+        raise ValueError(f"{path}: not a WeMoE router file (format {header.get('format')!r}, expected {FORMAT!r})")
+    out = {}
+    for key in ("config", "meta", "inputs"):
+        try:
+            out[key] = json.loads(header.get(key, "{}"))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: field {key!r} of its header is not JSON ({exc})") from None
+    missing = [k for k in ("tasks", "init_lambda", "router_depth", "routing", "batch_reduce") if k not in out["config"]]
+    if missing:
+        raise ValueError(f"{path}: its config lacks {missing}")
+    return out
+
+
+def read_wemoe_meta(path: str | os.PathLike) -> tuple[dict, dict]:
+    """(build configuration, user meta) stored by :func:`save_wemoe`."""
+    header = _header(path)
+    return header["config"], header["meta"]
 
 
 def load_wemoe(path: str | os.PathLike, pretrained: nn.Module, finetuned: Mapping[str, nn.Module]) -> nn.Module:
-    """Rebuild a saved WeMoE encoder from the same checkpoints; ``wemoe_meta`` holds the meta."""
+    """Rebuild a saved WeMoE encoder from the checkpoints it was built from (more fine-tuned
+    models than it has experts may be given); ``wemoe_meta`` holds the meta.
+
+    Raises ValueError naming the file when a model differs from the one the routers were
+    trained with (a checkpoint changed, another architecture) or the routers do not fit."""
     from harness.models import load_state_dict
 
-    config, meta = read_wemoe_meta(path)
+    header = _header(path)
+    config, meta, inputs = header["config"], header["meta"], header["inputs"]
     tasks = config["tasks"]
-    if set(tasks) != set(finetuned):
-        raise ValueError(f"{path}: built from tasks {tasks}, got fine-tuned models for {list(finetuned)}")
+    missing = [t for t in tasks if t not in finetuned]
+    if missing:
+        raise ValueError(f"{path}: built from tasks {tasks}; no fine-tuned model given for {missing}")
     model = build_wemoe(pretrained, {t: finetuned[t] for t in tasks}, init_lambda=config["init_lambda"],
                         router_depth=config["router_depth"], routing=config["routing"],
                         batch_reduce=config["batch_reduce"])
+    here = model.wemoe_inputs
+    changed = ["the pretrained model"] if inputs.get("pretrained") not in (None, here["pretrained"]) else []
+    changed += [f"the fine-tuned model of {t!r}" for t, digest in (inputs.get("experts") or {}).items()
+                if digest != here["experts"].get(t)]
+    if changed:
+        raise ValueError(f"{path}: {', '.join(changed)} differ(s) from the one(s) its routers were trained with "
+                         "(content digest); load it with the checkpoints it was built from")
     state = load_state_dict(path)
     layers = moe_layers(model)
+    extra = sorted({k.split(".", 1)[0] for k in state} - {str(i) for i in range(len(layers))})
+    if extra:
+        raise ValueError(f"{path}: has routers for layers {extra}; this model has {len(layers)} MoE layers")
     for i, m in enumerate(layers):
-        prefix = f"{i}."
-        m.router.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
-    if any(int(k.split(".", 1)[0]) >= len(layers) for k in state):
-        raise ValueError(f"{path}: has routers for more layers than the model has")
+        want = m.router.state_dict()
+        got = {k[len(f"{i}."):]: v for k, v in state.items() if k.startswith(f"{i}.")}
+        for k in sorted(set(want) | set(got)):
+            if k not in got or k not in want or got[k].shape != want[k].shape:
+                have = tuple(got[k].shape) if k in got else "missing"
+                need = tuple(want[k].shape) if k in want else "none"
+                raise ValueError(f"{path}: router tensor {i}.{k} is {have} in the file, the model needs {need} "
+                                 "(another architecture?)")
+        m.router.load_state_dict(got)
     model.requires_grad_(False)
     model.wemoe_meta = meta
     return model

@@ -179,6 +179,43 @@ def test_adaptation_curves_in_mlflow(sweep_dict):
         assert [m.step for m in client.get_metric_history(run.info.run_id, f"tta/val/acc/{t}")] == [0, 2, 4]
 
 
+def test_readme_loads_a_sweeps_adapted_wemoe_and_reproduces_its_accuracy(sweep_dict, tmp_path):
+    """The README's snippet, run verbatim on a finished sweep: the model it loads from the job's
+    workdir scores exactly the job's test accuracy, and the file names the sweep's checkpoints."""
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    from harness.evaluation import iterate_batches
+    from harness.workspace import Workspace
+
+    d = dict(sweep_dict, methods=[{"name": "wemoe", "params": {
+        "steps": 3, "lr": 1e-2, "router_depth": 1, "routing": "softmax", "routing_stats_batches": 0}}])
+    d["references"] = {"pretrained": False, "individual": False}
+    cfg = validate_config(d)
+    outcome = run_sweep(cfg, quiet=True)
+    res = next(r for r in outcome.results if r.label == "wemoe")
+    path = cfg.resolved_output_dir() / "work" / res.key / "wemoe.safetensors"
+    sweep_file = tmp_path / "sweep.yaml"
+    sweep_file.write_text(yaml.safe_dump(d))
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = re.search(r"<!-- example: load-wemoe -->\n```python\n(.*?)```", readme, re.S).group(1)
+    code = code.replace('"sweep.yaml"', repr(str(sweep_file))).replace(
+        '"outputs/NAME/work/KEY/wemoe.safetensors"', repr(str(path)))
+    ws = Workspace(cfg)
+    for task in TOY_TASKS:
+        hits = []
+        for images, labels in iterate_batches(ws.task(task).dataset("test"), 64):
+            scope = {"images": images}
+            exec(code.replace('"TASK"', repr(task)), scope)
+            hits.append(scope["predictions"] == labels)
+        assert 100.0 * torch.cat(hits).float().mean().item() == pytest.approx(res.metrics[f"acc/{task}"], abs=1e-9)
+    assert scope["model"].wemoe_meta["sources"] == {
+        "arch": "harness-micro-vit", "pretrained": d["model"]["pretrained"],
+        "finetuned": {t: d["model"]["finetuned_pattern"].format(task=t) for t in TOY_TASKS}}
+
+
 def test_renamed_method_keeps_its_cached_jobs(first_run, monkeypatch):
     """Renaming a method's label reuses its jobs (same key) under the new name: row and runs."""
     cfg, outcome = first_run

@@ -157,6 +157,39 @@ def test_single_sample_batch_matches_oracle_with_gradients(models):
         assert rel_err(grads[1][1][name], ref) <= 1e-4, name
 
 
+@pytest.mark.parametrize("impl", ["auto", "weights", "stacked"])
+def test_mixed_precision_runs_the_moe_in_float32(models, impl):
+    """Under autocast (and for a bfloat16 input) each MoE layer still computes the float32
+    per-sample oracle's output, forward and backward."""
+    pre, ft = models
+    moe = wemoe.build_wemoe(pre, ft, router_depth=2, routing="softmax")
+    randomize_routers(moe, 8)
+    oracle = oracle_encoder(moe, pre, ft, 0.3, False)
+    layer, ref_layer = wemoe.moe_layers(moe)[1], oracle.transformer.resblocks[1].mlp
+    layer.implementation = impl
+    x = torch.randn(5, 17, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = ref_layer(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = layer(x)
+        assert out.dtype == torch.float32 and rel_err(out, ref) <= 1e-5
+        half = layer(x.bfloat16())
+        assert half.dtype == torch.bfloat16
+        assert torch.equal(half, ref_layer(x.bfloat16().float()).bfloat16())
+    target = torch.randn(5, 17, 32, generator=torch.Generator().manual_seed(4))
+    grads = []
+    for module, autocast in ((ref_layer, False), (layer, True)):
+        moe.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = module(x)
+        (out * target).sum().backward()  # outside autocast, as PyTorch recommends
+        grads.append({n: p.grad.clone() for n, p in layer.router.named_parameters()})
+    for name, g in grads[0].items():
+        assert rel_err(grads[1][name], g) <= 1e-4, name
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.isfinite(moe(images(3, 5))).all()  # the whole tower runs under autocast
+
+
 @pytest.mark.parametrize("rows", [7, 3, 1])
 def test_per_sample_linear_gradcheck(rows):
     g = torch.Generator().manual_seed(rows)
@@ -367,6 +400,60 @@ def test_save_load_round_trip(models, tmp_path):
         torch.testing.assert_close(loaded(x), moe(x), rtol=0, atol=0)
     with pytest.raises(ValueError):
         wemoe.load_wemoe(path, pre, {"a": ft["a"], "b": ft["b"]})
+
+
+def test_load_refuses_models_other_than_those_the_routers_were_trained_with(models, tmp_path):
+    pre, ft = models
+    moe = wemoe.build_wemoe(pre, ft, router_depth=1)
+    path = tmp_path / "routers.safetensors"
+    wemoe.save_wemoe(moe, path)
+    changed = copy.deepcopy(ft["b"])
+    with torch.no_grad():
+        changed.transformer.resblocks[0].attn.in_proj_weight[0, 0] += 1e-3  # not even an MLP weight
+    with pytest.raises(ValueError, match=r"routers\.safetensors: the fine-tuned model of 'b' differ"):
+        wemoe.load_wemoe(path, pre, {**ft, "b": changed})
+    with pytest.raises(ValueError, match="the pretrained model differ"):
+        wemoe.load_wemoe(path, changed, ft)
+    moved = {t: copy.deepcopy(m) for t, m in ft.items()}  # same content elsewhere (a moved file) loads
+    moved["d"] = changed  # an extra model the routers never used is ignored
+    loaded = wemoe.load_wemoe(path, copy.deepcopy(pre), moved)
+    x = images(3, 4)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), moe(x))
+
+
+def test_load_names_the_file_when_routers_do_not_fit_the_architecture(models, tmp_path):
+    pre, ft = models
+    moe = wemoe.build_wemoe(pre, ft, router_depth=2)
+    del moe.wemoe_inputs  # a file without digests: only the router shapes can tell
+    path = tmp_path / "routers.safetensors"
+    wemoe.save_wemoe(moe, path)
+    shallow = copy.deepcopy(pre)
+    shallow.transformer.resblocks = shallow.transformer.resblocks[:-1]
+    with pytest.raises(ValueError, match=r"routers\.safetensors: has routers for layers \['1'\]; this model has 1"):
+        wemoe.load_wemoe(path, shallow, {t: shallow for t in ft})
+    (tmp_path / "other.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="other.safetensors: not a WeMoE router file"):
+        wemoe.load_wemoe(tmp_path / "other.safetensors", pre, ft)
+
+
+def test_merge_saves_the_adapted_model_and_what_it_was_built_from(models, tmp_path):
+    """A job's workdir keeps the adapted routers: loaded back they give the very logits of the merged model."""
+    pre, ft = models
+    sources = {"arch": "harness-micro-vit", "pretrained": "pre.safetensors",
+               "finetuned": {t: f"{t}.safetensors" for t in TASKS}}
+    ctx = MergeContext(heads=heads(), unlabeled=fixed_unlabeled(2), workdir=str(tmp_path), sources=sources)
+    method = wemoe.WeMoE(steps=3, lr=1e-2, routing="softmax", checkpoint_every=0, routing_stats_batches=0)
+    merged = method.merge(pre, ft, ctx)
+    loaded = wemoe.load_wemoe(tmp_path / wemoe.MODEL_FILE, pre, ft)
+    assert loaded.wemoe_meta == {"sources": sources, "hyperparameters": method.model_dump()}
+    router = next(n for n, _ in merged.named_parameters() if ".router." in n)
+    assert not torch.equal(dict(merged.named_parameters())[router],
+                           dict(wemoe.build_wemoe(pre, ft, routing="softmax").named_parameters())[router])  # adapted
+    for n in (1, 5):
+        x = images(n, 30 + n)
+        with torch.no_grad():
+            assert torch.equal(loaded(x), merged(x))
 
 
 def test_hyperparameter_bounds():

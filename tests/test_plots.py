@@ -1,0 +1,41 @@
+"""The routing table and heatmap a WeMoE job logs: the numbers it was given, legibly drawn."""
+
+from __future__ import annotations
+
+import csv
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+from harness.plots import routing_csv, routing_figure
+
+ROUTING = {"experts": ["mnist", "fashion"], "layers": 4,
+           "mean_weight": {"mnist": [[0.35, 0.23], [0.34, 0.24], [0.36, 0.22], [0.125, 0.5]],
+                           "fashion": [[0.25, 0.33], [0.24, 0.34], [0.2, 0.4], [0.0, 0.75]]}}
+
+
+def test_routing_csv_holds_every_mean_weight(tmp_path):
+    with open(routing_csv(ROUTING, tmp_path / "routing.csv")) as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 2 * 4 * 2
+    for r in rows:
+        want = ROUTING["mean_weight"][r["data_task"]][int(r["layer"])][ROUTING["experts"].index(r["expert"])]
+        assert float(r["mean_weight"]) == want
+
+
+def test_heatmap_panels_show_the_means_and_the_title_clears_them():
+    fig = routing_figure(ROUTING, "WeMoE routing weights")
+    try:
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        panels = [ax for ax in fig.axes if ax.get_title().startswith("layer")]
+        assert [ax.get_title() for ax in panels] == ["layer 0", "layer 1", "layer 2", "layer 3"]
+        data = np.array([ROUTING["mean_weight"][t] for t in ("mnist", "fashion")])
+        for li, ax in enumerate(panels):
+            np.testing.assert_array_equal(ax.images[0].get_array(), data[:, li, :])
+        title = fig._suptitle.get_window_extent(renderer)
+        for ax in panels:
+            assert not title.overlaps(ax.title.get_window_extent(renderer)), ax.get_title()
+        assert panels[0].get_ylabel() and all(ax.get_xlabel() == "expert" for ax in panels)
+    finally:
+        plt.close(fig)
