@@ -696,6 +696,8 @@ def submitit_parameters(cfg: SweepConfig) -> dict[str, Any]:
             params[f"slurm_{key}"] = value
     if e.setup:
         params["slurm_setup"] = list(e.setup)
+    if e.sbatch:  # each one '#SBATCH --key=value' line, the value shell-quoted by submitit
+        params["slurm_additional_parameters"] = dict(e.sbatch)
     return params
 
 
