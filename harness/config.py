@@ -361,6 +361,7 @@ class ExecutorSpec(Strict):
     cpus_per_task: int = Field(1, ge=1, le=1024)
     mem_gb: float | None = Field(None, gt=0, le=65536, description="memory per job (cluster default if unset)")
     timeout_min: int = Field(60, ge=1, le=60 * 24 * 30, description="time limit per job; long jobs checkpoint and requeue")
+    requeues: int = Field(3, ge=0, le=1000, description="times a job is requeued at its time limit (preemptions not counted)")
     array_parallelism: int = Field(256, ge=1, le=100_000, description="array tasks running at once")
     account: str | None = Field(None, pattern=r"^\S+$")
     qos: str | None = Field(None, pattern=r"^\S+$")
@@ -369,6 +370,13 @@ class ExecutorSpec(Strict):
     sbatch: dict[str, Any] = Field(
         default_factory=dict, description="further sbatch options by long name: {exclude: node3, exclusive: true}")
     poll_s: float = Field(2.0, gt=0, le=600, description="seconds between SLURM state checks while waiting")
+
+    @field_validator("mem_gb")
+    @classmethod
+    def _whole_megabytes(cls, v: float | None) -> float | None:
+        if v is not None and int(v * 1024) < 1:  # what submitit writes: --mem=<int(v * 1024)>MB
+            raise ValueError("under 1 MB, which sbatch would get as --mem=0MB: all of a node's memory")
+        return v
 
     @field_validator("sbatch")
     @classmethod

@@ -184,6 +184,9 @@ def _executor_error(tmp_path, **executor) -> str:
     ({"kind": "pbs"}, "executor.kind: Input should be 'local', 'slurm' or 'debug' (got 'pbs')"),
     ({"kind": "slurm", "partition": "gpu --qos=high"}, "executor.partition: String should match pattern"),
     ({"kind": "slurm", "setup": ["module load cuda\nrm -rf /"]}, "executor.setup: each setup entry must be a single"),
+    ({"kind": "slurm", "mem_gb": 0.0005}, "sweep.yaml: executor.mem_gb: under 1 MB, which sbatch would get as "
+                                          "--mem=0MB: all of a node's memory (got 0.0005)"),
+    ({"kind": "slurm", "requeues": -1}, "executor.requeues: Input should be greater than or equal to 0 (got -1)"),
     ({"kind": "slurm", "sbatch": {"time": 30}}, "sweep.yaml: executor.sbatch: 'time' is set by the harness; use "
                                                "executor.timeout_min"),
     ({"kind": "slurm", "sbatch": {"--exclude": "n1"}}, "executor.sbatch: '--exclude' is not an sbatch option's long"),
@@ -364,6 +367,30 @@ def test_a_job_cancelled_before_it_started_is_reported_without_a_log(tmp_path, m
     result = ex._poll(t)
     assert result.status == "failed" and result.error == "SLURM job 7_3 CANCELLED: cancelled before it started"
     assert not t.show_tail
+
+
+def test_a_job_out_of_requeues_names_the_fields_to_raise(micro_checkpoints, tmp_path):
+    """submitit requeues a job at its time limit ``requeues`` times, then gives up with an error
+    the driver reports with what to change."""
+    import submitit
+
+    import harness.executors.slurm as slurm
+    from harness.plan import JobSpec
+
+    d = make_sweep_dict(micro_checkpoints, tmp_path)
+    d["executor"] = {"kind": "slurm", "timeout_min": 30, "requeues": 7}
+    cfg = validate_config(d)
+    assert slurm.submitit_executor(cfg, tmp_path / "slurm")._executor.max_num_timeout == 7
+    job = _fake_job(tmp_path, "7_1")
+    job.paths.result_pickle.touch()
+
+    def result():
+        raise submitit.core.utils.UncompletedJobError("Job not requeued because: timed-out too many times.")
+
+    job.result = result
+    got = slurm.SlurmExecutor(cfg)._poll(slurm._Tracked(JobSpec("merge", "ta", key="k"), job))
+    assert got.error == ("SLURM job 7_1 raised: Job not requeued because: timed-out too many times. (7 requeues of "
+                         "30 min: raise executor.requeues or executor.timeout_min)")
 
 
 def test_the_live_table_in_a_log_ends_its_last_line(tmp_path):

@@ -349,9 +349,7 @@ class SlurmExecutor:
         if self._executor is None:
             if self.kind == "slurm" and shutil.which("sbatch") is None:
                 raise HarnessError("executor.kind slurm: sbatch is not on PATH (not on a SLURM cluster?)")
-            ex = submitit.AutoExecutor(folder=self.folder, cluster=self.kind)
-            ex.update_parameters(**submitit_parameters(self.cfg))
-            self._executor = ex
+            self._executor = submitit_executor(self.cfg, self.folder, self.kind)
         return self._executor
 
     def _submit(self, specs: list[JobSpec]) -> list[_Tracked]:
@@ -504,7 +502,11 @@ class SlurmExecutor:
                 return JobResult.from_dict(job.result())
             except (submitit.core.utils.FailedJobError, submitit.core.utils.UncompletedJobError) as exc:
                 t.show_tail = True
-                return _failed(spec, f"SLURM job {t.job_id} raised: {_last_line(str(exc))}",
+                why = _last_line(str(exc))
+                if "timed-out too many times" in why:
+                    why += (f" ({self.cfg.executor.requeues} requeues of {self.cfg.executor.timeout_min} min: "
+                            "raise executor.requeues or executor.timeout_min)")
+                return _failed(spec, f"SLURM job {t.job_id} raised: {why}",
                                f"{exc}\n--- stderr tail ({t.log_path(True)}) ---\n{_tail(t.log_path(True))}")
         now = time.monotonic()
         if t.state == "UNKNOWN":
@@ -673,6 +675,14 @@ def _last_line(text: str) -> str:
     lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not set(ln.strip()) <= {"-"}]
     useful = [ln for ln in lines if not ln.startswith(("You can check", "or at paths", "- /"))]
     return (useful or lines or [""])[-1][:500]
+
+
+def submitit_executor(cfg: SweepConfig, folder: Path, kind: str = "slurm") -> Any:
+    """submitit's executor for the sweep: its parameters, and how often a job may be requeued at
+    its time limit (a constructor argument, not a parameter)."""
+    ex = submitit.AutoExecutor(folder=folder, cluster=kind, slurm_max_num_timeout=cfg.executor.requeues)
+    ex.update_parameters(**submitit_parameters(cfg))
+    return ex
 
 
 def submitit_parameters(cfg: SweepConfig) -> dict[str, Any]:
