@@ -99,6 +99,10 @@ def _load(file: str, overrides: tuple[str, ...], start_workers: bool = False):
         cfg = validate_config(raw, file)
         check_model_files(cfg, file)
         check_output_dir(cfg, file)
+        if cfg.executor.kind == "slurm":
+            from harness.executors.slurm import check_cluster
+
+            check_cluster(cfg, file)
     except ConfigError as exc:
         raise exc.blamed_on_overrides(list(overrides)) from None
     return cfg

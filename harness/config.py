@@ -17,7 +17,14 @@ from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from harness.errors import HarnessError, did_you_mean
 from harness.fields import no_bool_for_number
@@ -332,6 +339,18 @@ def _paper_corruptions() -> tuple[str, ...]:
     return PAPER_CORRUPTIONS
 
 
+#: sbatch options the harness sets itself, with what sets them instead.
+SBATCH_OWN = {
+    "partition": "executor.partition", "time": "executor.timeout_min", "mem": "executor.mem_gb",
+    "cpus-per-task": "executor.cpus_per_task", "gpus-per-node": "executor.gpus_per_node",
+    "account": "executor.account", "qos": "executor.qos", "constraint": "executor.constraint",
+    "array": "executor.array_parallelism", "signal": "executor.timeout_min (the warning comes before it)",
+    "job-name": "the sweep's name", "output": "the output_dir (logs go to <output_dir>/slurm)",
+    "error": "the output_dir (logs go to <output_dir>/slurm)", "open-mode": "nothing (logs are appended)",
+    "wckey": "nothing", "nodes": "nothing (a job runs on one node)",
+}
+
+
 class ExecutorSpec(Strict):
     """Where jobs run: in this process or a local pool, on SLURM through submitit job arrays, or in
     submitit's in-process debug executor. The SLURM fields are ignored by the other kinds."""
@@ -343,12 +362,37 @@ class ExecutorSpec(Strict):
     cpus_per_task: int = Field(1, ge=1, le=1024)
     mem_gb: float | None = Field(None, gt=0, le=65536, description="memory per job (cluster default if unset)")
     timeout_min: int = Field(60, ge=1, le=60 * 24 * 30, description="time limit per job; long jobs checkpoint and requeue")
+    requeues: int = Field(3, ge=0, le=1000, description="times a job is requeued at its time limit (preemptions not counted)")
     array_parallelism: int = Field(256, ge=1, le=100_000, description="array tasks running at once")
     account: str | None = Field(None, pattern=r"^\S+$")
     qos: str | None = Field(None, pattern=r"^\S+$")
     constraint: str | None = Field(None, pattern=r"^\S+$")
     setup: list[str] = Field(default_factory=list, description="shell lines run before each job (module load ...)")
+    sbatch: dict[str, Any] = Field(
+        default_factory=dict, description="further sbatch options by long name: {exclude: node3, exclusive: true}")
     poll_s: float = Field(2.0, gt=0, le=600, description="seconds between SLURM state checks while waiting")
+
+    @field_validator("mem_gb")
+    @classmethod
+    def _whole_megabytes(cls, v: float | None) -> float | None:
+        if v is not None and int(v * 1024) < 1:  # what submitit writes: --mem=<int(v * 1024)>MB
+            raise ValueError("under 1 MB, which sbatch would get as --mem=0MB: all of a node's memory")
+        return v
+
+    @field_validator("sbatch")
+    @classmethod
+    def _sbatch_options(cls, v: dict[str, Any]) -> dict[str, Any]:
+        for key, value in v.items():
+            if not re.fullmatch(r"[a-z][a-z0-9-]*", key):
+                raise ValueError(f"{key!r} is not an sbatch option's long name (like 'exclude', 'mail-type')")
+            if key in SBATCH_OWN:
+                raise ValueError(f"{key!r} is set by the harness; use {SBATCH_OWN[key]}")
+            if not (value is True or isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool))):
+                raise ValueError(f"the value of {key!r} must be a string, an integer, or true for a flag "
+                                 f"(got {value!r})")
+            if isinstance(value, str) and any(c in value for c in "\n\r\0"):
+                raise ValueError(f"the value of {key!r} must be a single line")
+        return v
 
     @field_validator("setup")
     @classmethod

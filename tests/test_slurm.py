@@ -25,7 +25,13 @@ from click.testing import CliRunner
 
 from harness.cli import main
 from harness.config import ConfigError, validate_config
-from harness.executors.slurm import slurm_states, submitit_parameters
+from harness.executors.slurm import (
+    SweepJob,
+    check_cluster,
+    partition_limit_min,
+    slurm_states,
+    submitit_parameters,
+)
 from harness.runner import run_sweep
 from tests.conftest import make_sweep_dict, write_micro_checkpoints
 
@@ -178,12 +184,25 @@ def _executor_error(tmp_path, **executor) -> str:
     ({"kind": "pbs"}, "executor.kind: Input should be 'local', 'slurm' or 'debug' (got 'pbs')"),
     ({"kind": "slurm", "partition": "gpu --qos=high"}, "executor.partition: String should match pattern"),
     ({"kind": "slurm", "setup": ["module load cuda\nrm -rf /"]}, "executor.setup: each setup entry must be a single"),
+    ({"kind": "slurm", "mem_gb": 0.0005}, "sweep.yaml: executor.mem_gb: under 1 MB, which sbatch would get as "
+                                          "--mem=0MB: all of a node's memory (got 0.0005)"),
+    ({"kind": "slurm", "requeues": -1}, "executor.requeues: Input should be greater than or equal to 0 (got -1)"),
+    ({"kind": "slurm", "sbatch": {"time": 30}}, "sweep.yaml: executor.sbatch: 'time' is set by the harness; use "
+                                               "executor.timeout_min"),
+    ({"kind": "slurm", "sbatch": {"--exclude": "n1"}}, "executor.sbatch: '--exclude' is not an sbatch option's long"),
+    ({"kind": "slurm", "sbatch": {"comment": "a\n#SBATCH --time=9999"}}, "executor.sbatch: the value of 'comment' "
+                                                                         "must be a single line"),
+    ({"kind": "slurm", "sbatch": {"exclusive": False}}, "executor.sbatch: the value of 'exclusive' must be a string, "
+                                                       "an integer, or true for a flag (got False)"),
 ])
 def test_bad_executor_fields_are_one_line_errors(tmp_path, executor, expected):
     assert expected in _executor_error(tmp_path, **executor)
 
 
-def test_validate_accepts_the_slurm_executor_block(micro_checkpoints, tmp_path):
+def test_validate_accepts_the_slurm_executor_block(micro_checkpoints, tmp_path, monkeypatch):
+    import harness.executors.slurm as slurm
+
+    monkeypatch.setattr(slurm, "cluster_partitions", lambda: None)  # off a cluster: partition gpu is not checked
     d = make_sweep_dict(micro_checkpoints, tmp_path)
     d["executor"] = {"kind": "slurm", "partition": "gpu", "gpus_per_node": 1, "cpus_per_task": 8, "mem_gb": 64,
                      "timeout_min": 120, "array_parallelism": 32, "account": None, "qos": None,
@@ -233,6 +252,199 @@ def test_sbatch_file_carries_the_executor_settings_and_setup_lines_verbatim(micr
     assert lines[lines.index("# setup") + 1: lines.index("# setup") + 3] == setup
 
 
+def test_further_sbatch_options_are_flags_with_their_values_quoted(micro_checkpoints, tmp_path, monkeypatch):
+    import submitit
+    from submitit.slurm.slurm import SlurmExecutor, _make_sbatch_string
+
+    d = make_sweep_dict(micro_checkpoints, tmp_path)
+    d["executor"] = {"kind": "slurm", "sbatch": {"exclude": "node[3-4]", "exclusive": True, "nice": 10,
+                                                 "comment": "run; $(touch x) `id`"}}
+    monkeypatch.setattr(SlurmExecutor, "affinity", classmethod(lambda cls: 2))
+    ex = submitit.AutoExecutor(folder=tmp_path / "slurm", cluster="slurm")
+    ex.update_parameters(**submitit_parameters(validate_config(d)))
+    lines = _make_sbatch_string(command="python -m x", folder=tmp_path, map_count=2,
+                                **ex._executor.parameters).splitlines()
+    for line in ("#SBATCH --exclude='node[3-4]'", "#SBATCH --exclusive", "#SBATCH --nice=10",
+                 "#SBATCH --comment='run; $(touch x) `id`'"):
+        assert line in lines, line
+
+
+@pytest.mark.parametrize("text, minutes", [
+    ("infinite", float("inf")), ("30", 30), ("5:00", 5), ("2:30:00", 150), ("1-00:00:00", 1440),
+    ("2-12", 3600), ("1-01:30", 1530), ("0:30", 0.5),
+])
+def test_sinfo_time_limits_in_minutes(text, minutes):
+    assert partition_limit_min(text) == minutes
+
+
+#: What ``cluster_partitions`` reads from ``sinfo`` on a cluster with a default partition ``cpu``
+#: (2 h, 16 CPUs, 64000 MB per node) and a ``gpu`` one (1 day, 32 CPUs, 256000 MB).
+PARTITIONS = {"cpu": {"limit_min": 120, "cpus": 16, "mem_mb": 64000, "default": True},
+              "gpu": {"limit_min": 1440, "cpus": 32, "mem_mb": 256000, "default": False}}
+
+
+@pytest.mark.parametrize("executor, expected", [
+    ({"partition": "gpuu"}, "sweep.yaml: executor.partition: the cluster has no partition 'gpuu'; it has cpu, gpu "
+                            "(got 'gpuu')"),
+    ({"partition": "gpu,cpus"}, "executor.partition: the cluster has no partition 'cpus'"),
+    ({"timeout_min": 121}, "sweep.yaml: executor.timeout_min: over the time limit of partition cpu (the cluster's "
+                           "default), 120 min (SLURM would keep the jobs pending) (got 121)"),
+    ({"partition": "gpu", "timeout_min": 1441}, "executor.timeout_min: over the time limit of partition gpu, 1440 min"),
+    ({"cpus_per_task": 17}, "sweep.yaml: executor.cpus_per_task: more CPUs than a node of partition cpu (the "
+                            "cluster's default) has (16)"),
+    ({"partition": "gpu", "mem_gb": 251}, "sweep.yaml: executor.mem_gb: more memory than a node of partition gpu "
+                                          "has (250.0 GB) (got 251.0)"),
+])
+def test_executor_settings_a_partition_can_never_run_are_config_errors(tmp_path, executor, expected):
+    d = make_sweep_dict(Path("/nonexistent"), tmp_path)
+    d["executor"] = {"kind": "slurm", **executor}
+    with pytest.raises(ConfigError) as exc:
+        check_cluster(validate_config(d, "sweep.yaml"), "sweep.yaml", PARTITIONS)
+    assert expected in str(exc.value)
+
+
+@pytest.mark.parametrize("executor", [
+    {}, {"partition": "gpu", "timeout_min": 1440, "cpus_per_task": 32, "mem_gb": 250}, {"partition": "cpu,gpu",
+                                                                                         "timeout_min": 600},
+])
+def test_executor_settings_within_the_partitions_limits_pass(tmp_path, executor):
+    d = make_sweep_dict(Path("/nonexistent"), tmp_path)
+    d["executor"] = {"kind": "slurm", **executor}
+    check_cluster(validate_config(d, "sweep.yaml"), "sweep.yaml", PARTITIONS)
+
+
+def _job(micro_checkpoints, tmp_path, method: dict):
+    from harness.plan import plan_jobs
+
+    d = make_sweep_dict(micro_checkpoints, tmp_path)
+    d["references"] = {"pretrained": False, "individual": False}
+    d["methods"] = [method]
+    cfg = validate_config(d)
+    (spec,) = plan_jobs(cfg)
+    return cfg, spec
+
+
+def test_a_jobs_log_shows_its_adaptation_progress(micro_checkpoints, tmp_path, capsys):
+    """A job's stdout is its SLURM log: it names the job and prints a line per tenth of an
+    adaptation, unless the driver is quiet."""
+    cfg, spec = _job(micro_checkpoints, tmp_path, {"name": "wemoe", "params": {"steps": 10, "batch_size": 4}})
+    for progress in (True, False):
+        assert SweepJob(cfg.model_dump(mode="json"), progress)(spec.to_dict())["status"] == "ok"
+        out = capsys.readouterr().out
+        assert f"harness job wemoe(steps=10, batch_size=4) (key {spec.key})" in out
+        assert ("wemoe: 10/10" in out) is progress, out
+
+
+def test_a_failed_jobs_stderr_log_holds_its_traceback(micro_checkpoints, tmp_path, capsys):
+    cfg, spec = _job(micro_checkpoints, tmp_path, {"name": "tests.failing_method:AlwaysFails", "label": "raises"})
+    result = SweepJob(cfg.model_dump(mode="json"))(spec.to_dict())
+    err = capsys.readouterr().err
+    assert result["status"] == "failed"
+    assert "harness job raises failed: RuntimeError: deliberate failure" in err
+    assert "Traceback" in err and 'raise RuntimeError("deliberate failure")' in err
+
+
+def _fake_job(folder: Path, job_id: str):
+    from types import SimpleNamespace
+
+    paths = SimpleNamespace(stdout=folder / f"{job_id}_0_log.out", stderr=folder / f"{job_id}_0_log.err",
+                            result_pickle=folder / f"{job_id}_0_result.pkl")
+    return SimpleNamespace(job_id=job_id, paths=paths)
+
+
+def test_a_job_cancelled_before_it_started_is_reported_without_a_log(tmp_path, monkeypatch):
+    """A queued job cancelled (``scancel`` of the array) never wrote a log: its failure says so
+    instead of pointing at a file that does not exist and printing an empty stderr tail."""
+    import harness.executors.slurm as slurm
+    from harness.plan import JobSpec
+
+    monkeypatch.setattr(slurm, "_sacct_details", lambda job_id: {"State": "CANCELLED", "ExitCode": "0:0"})
+    d = make_sweep_dict(Path("/nonexistent"), tmp_path)
+    d["executor"] = {"kind": "slurm"}
+    ex = slurm.SlurmExecutor(validate_config(d))
+    t = slurm._Tracked(JobSpec("merge", "ta", key="k"), _fake_job(tmp_path, "7_3"), state="CANCELLED",
+                       ended_at=time.monotonic() - 60)
+    result = ex._poll(t)
+    assert result.status == "failed" and result.error == "SLURM job 7_3 CANCELLED: cancelled before it started"
+    assert not t.show_tail
+
+
+def test_a_job_out_of_requeues_names_the_fields_to_raise(micro_checkpoints, tmp_path):
+    """submitit requeues a job at its time limit ``requeues`` times, then gives up with an error
+    the driver reports with what to change."""
+    import submitit
+
+    import harness.executors.slurm as slurm
+    from harness.plan import JobSpec
+
+    d = make_sweep_dict(micro_checkpoints, tmp_path)
+    d["executor"] = {"kind": "slurm", "timeout_min": 30, "requeues": 7}
+    cfg = validate_config(d)
+    assert slurm.submitit_executor(cfg, tmp_path / "slurm")._executor.max_num_timeout == 7
+    job = _fake_job(tmp_path, "7_1")
+    job.paths.result_pickle.touch()
+
+    def result():
+        raise submitit.core.utils.UncompletedJobError("Job not requeued because: timed-out too many times.")
+
+    job.result = result
+    got = slurm.SlurmExecutor(cfg)._poll(slurm._Tracked(JobSpec("merge", "ta", key="k"), job))
+    assert got.error == ("SLURM job 7_1 raised: Job not requeued because: timed-out too many times. (7 requeues of "
+                         "30 min: raise executor.requeues or executor.timeout_min)")
+
+
+def test_the_live_table_in_a_log_ends_its_last_line(tmp_path):
+    """Where the driver's output is a file (nohup, a SLURM log), what it prints after the table
+    starts on a line of its own."""
+    import io
+
+    from rich.console import Console
+
+    import harness.executors.slurm as slurm
+    from harness.plan import JobSpec
+
+    buf = io.StringIO()
+    console = Console(file=buf, width=120)
+    tracked = [slurm._Tracked(JobSpec("merge", "ta", key="k"), _fake_job(tmp_path, "7_0"), outcome="done")]
+    with slurm._LiveTable(console, tracked, "slurm"):
+        pass
+    console.print("next")
+    assert "next" in buf.getvalue().splitlines()
+
+
+def test_why_a_job_pends_is_shown_in_its_state(tmp_path, monkeypatch):
+    """squeue's reason of a pending job (a time limit over the partition's never clears) shows
+    in the driver's and ``harness status``'s table."""
+    import harness.executors.slurm as slurm
+    from harness.plan import JobSpec
+
+    answers = {"sacct": "", "squeue": "9_0|RUNNING|None\n9_1|PENDING|PartitionTimeLimit\n"}
+    monkeypatch.setattr(slurm, "_run", lambda cmd: answers[cmd[0]])
+    reasons: dict[str, str] = {}
+    assert slurm_states(["9_0", "9_1"], reasons) == {"9_0": "RUNNING", "9_1": "PENDING"}
+    assert reasons == {"9_1": "PartitionTimeLimit"}
+    tracked = [slurm._Tracked(JobSpec("merge", f"m{i}", key=str(i)), _fake_job(tmp_path, f"9_{i}"), state=s,
+                              reason=reasons.get(f"9_{i}", "")) for i, s in enumerate(("RUNNING", "PENDING"))]
+    from rich.console import Console
+
+    console = Console(width=200, record=True)
+    console.print(slurm.job_table(tracked))
+    text = console.export_text()
+    assert "pending (PartitionTimeLimit)" in text and "running (" not in text
+
+
+@needs_slurm
+def test_validate_names_a_partition_the_cluster_lacks(cluster, micro_checkpoints, tmp_path):
+    d = make_sweep_dict(micro_checkpoints, tmp_path)
+    d["executor"] = {"kind": "slurm"}
+    f = tmp_path / "sweep.yaml"
+    f.write_text(yaml.safe_dump(d))
+    r = CliRunner().invoke(main, ["sweep", str(f), "--dry-run", "executor.partition=no-such-partition"])
+    assert r.exit_code == 2, r.output
+    assert (f"<command line> (executor.partition=no-such-partition, over {f}): executor.partition: the cluster "
+            "has no partition 'no-such-partition'") in " ".join(r.output.split())
+
+
 # ---------------------------------------------------------------------------------------
 # a real cluster
 
@@ -247,7 +459,9 @@ def test_slurm_results_equal_the_local_executors(interrupted_sweep, local_outcom
         assert got.status == "ok", (got.title, got.error)
         assert got.metrics == ref.metrics, ref.title
     assert len({r.metrics["acc/avg"] for r in local_outcome.results}) > 2  # the comparison can tell jobs apart
-    assert [(r.method, r.avg) for r in outcome.rows] == [(r.method, r.avg) for r in local_outcome.rows]
+    # the two failing methods keep their rows, without numbers, after the local run's
+    assert [(r.method, r.avg) for r in outcome.rows] == [(r.method, r.avg) for r in local_outcome.rows] + [
+        (m["label"], None) for m in FAILING]
 
 
 @needs_slurm

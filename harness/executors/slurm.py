@@ -27,6 +27,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from typing import Any, Callable, Iterator
 import submitit
 from rich.console import Console
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 
 from harness.cache import atomic_write_json, read_json
@@ -81,11 +83,13 @@ class SweepJob(submitit.helpers.Checkpointable):
     workdir, is requeued with the same arguments; resuming from it is the method's business.
     """
 
-    def __init__(self, cfg_json: dict[str, Any]):
+    def __init__(self, cfg_json: dict[str, Any], progress: bool = True):
         self.cfg_json = cfg_json
+        self.progress = progress  # the job's log shows preparation and adaptation progress
 
     def __call__(self, spec_dict: dict[str, Any]) -> dict[str, Any]:
         spec = JobSpec(**spec_dict)
+        print(f"harness job {spec.title} (key {spec.key})", flush=True)
         try:
             from harness.job import run_job
             from harness.runtime import configure_threads, resolve_device
@@ -94,16 +98,22 @@ class SweepJob(submitit.helpers.Checkpointable):
             cfg = SweepConfig.model_validate(self.cfg_json)
             workdir = cfg.resolved_output_dir() / "work" / spec.key
             with requeue_only_with_progress(workdir, cfg.executor.timeout_min):
-                ws = Workspace(cfg)
+                ws = Workspace(cfg, progress=getattr(self, "progress", True))  # jobs pickled before it had one
                 slurm_cpus = os.environ.get("SLURM_CPUS_PER_TASK")  # the job's CPUs, not the node's
                 configure_threads(cfg.threads, ws.encoder_params, int(slurm_cpus) if slurm_cpus else None)
                 device = resolve_device(cfg.device)
-                return run_job(spec, ws, device, workdir).to_dict()
+                result = run_job(spec, ws, device, workdir)
         except Exception as exc:  # the workspace itself failed on the node: still a result, not a crash
             import traceback
 
-            return JobResult.of(spec, "failed", error=f"{type(exc).__name__}: {exc}",
-                                error_detail=traceback.format_exc(limit=-5)).to_dict()
+            result = JobResult.of(spec, "failed", error=f"{type(exc).__name__}: {exc}",
+                                  error_detail=traceback.format_exc(limit=-5))
+        if result.status == "failed":  # the job's stderr log, where the driver's table points, says why
+            print(f"harness job {spec.title} failed: {result.error}\n{result.error_detail or ''}".rstrip(),
+                  file=sys.stderr, flush=True)
+        else:
+            print(f"harness job {spec.title}: {result.status}", flush=True)
+        return result.to_dict()
 
 
 def signal_delay_s(timeout_min: int) -> int:
@@ -256,17 +266,21 @@ def _sacct_records(job_ids: list[str], fields: str = "JobID,State") -> dict[str,
     return {**ranged, **single}
 
 
-def slurm_states(job_ids: list[str]) -> dict[str, str]:
+def slurm_states(job_ids: list[str], reasons: dict[str, str] | None = None) -> dict[str, str]:
     """The current SLURM state of each job: the controller's (squeue) while it holds the job,
-    else accounting's (sacct); "UNKNOWN" when neither knows it."""
+    else accounting's (sacct); "UNKNOWN" when neither knows it. ``reasons`` gets, per job the
+    controller holds, why it is pending (``PartitionTimeLimit``, ``Resources``), if it says."""
     ids = sorted(set(job_ids))
     states = {jid: rec[0].split()[0].upper() for jid, rec in _sacct_records(ids).items() if rec and rec[0]}
     bases = sorted({i.split("_")[0] for i in ids})
     if bases:
-        for line in _run(["squeue", "-h", "-r", "-o", "%i|%T", "-j", ",".join(bases)]).splitlines():
-            jid, _, state = line.partition("|")
+        for line in _run(["squeue", "-h", "-r", "-o", "%i|%T|%r", "-j", ",".join(bases)]).splitlines():
+            jid, _, rest = line.partition("|")
+            state, _, reason = rest.partition("|")
             if jid and state:
                 states[jid] = state.strip().upper()
+                if reasons is not None and reason.strip() not in ("", "None"):
+                    reasons[jid] = reason.strip()
     return {i: states.get(i, "UNKNOWN") for i in ids}
 
 
@@ -299,6 +313,7 @@ class _Tracked:
     unknown_since: float | None = None
     outcome: str | None = None  # "done" | "failed" once a result is known
     show_tail: bool = False
+    reason: str = ""  # why SLURM keeps it pending
 
     @property
     def job_id(self) -> str:
@@ -334,16 +349,14 @@ class SlurmExecutor:
         if self._executor is None:
             if self.kind == "slurm" and shutil.which("sbatch") is None:
                 raise HarnessError("executor.kind slurm: sbatch is not on PATH (not on a SLURM cluster?)")
-            ex = submitit.AutoExecutor(folder=self.folder, cluster=self.kind)
-            ex.update_parameters(**submitit_parameters(self.cfg))
-            self._executor = ex
+            self._executor = submitit_executor(self.cfg, self.folder, self.kind)
         return self._executor
 
     def _submit(self, specs: list[JobSpec]) -> list[_Tracked]:
         if not specs:
             return []
         try:
-            jobs = self._submitit().map_array(SweepJob(self.cfg.model_dump(mode="json")),
+            jobs = self._submitit().map_array(SweepJob(self.cfg.model_dump(mode="json"), self.progress),
                                               [s.to_dict() for s in specs])
         except submitit.core.utils.FailedJobError as exc:  # sbatch refused (bad partition, account, ...)
             raise HarnessError(f"SLURM refused the jobs: {' '.join(str(exc).split())}") from None
@@ -451,10 +464,14 @@ class SlurmExecutor:
         last_update = float("-inf")
         with self._live(tracked) as live:
             while remaining:
-                if time.monotonic() - last_update >= poll:
-                    states = slurm_states([t.job_id for t in remaining])
-                    last_update = time.monotonic()
                 changed = False
+                if time.monotonic() - last_update >= poll:
+                    reasons: dict[str, str] = {}
+                    states = slurm_states([t.job_id for t in remaining], reasons)
+                    last_update = time.monotonic()
+                    for t in remaining:
+                        changed |= t.reason != reasons.get(t.job_id, "")
+                        t.reason = reasons.get(t.job_id, "")
                 for t in list(remaining):
                     state = states.get(t.job_id, "UNKNOWN")
                     if state != "UNKNOWN" and state != t.state:
@@ -485,7 +502,11 @@ class SlurmExecutor:
                 return JobResult.from_dict(job.result())
             except (submitit.core.utils.FailedJobError, submitit.core.utils.UncompletedJobError) as exc:
                 t.show_tail = True
-                return _failed(spec, f"SLURM job {t.job_id} raised: {_last_line(str(exc))}",
+                why = _last_line(str(exc))
+                if "timed-out too many times" in why:
+                    why += (f" ({self.cfg.executor.requeues} requeues of {self.cfg.executor.timeout_min} min: "
+                            "raise executor.requeues or executor.timeout_min)")
+                return _failed(spec, f"SLURM job {t.job_id} raised: {why}",
                                f"{exc}\n--- stderr tail ({t.log_path(True)}) ---\n{_tail(t.log_path(True))}")
         now = time.monotonic()
         if t.state == "UNKNOWN":
@@ -508,6 +529,9 @@ class SlurmExecutor:
         stderr = t.log_path(True)
         tail = _tail(stderr)
         state, reason = ended_reason(details.get("State", t.state), details, tail, self.cfg.executor.timeout_min)
+        if not stderr.exists():  # it never ran: no log to point at
+            return _failed(spec, f"SLURM job {t.job_id} {state}: {reason} before it started",
+                           f"SLURM job {t.job_id} ended {state} before it started; it wrote no log")
         t.show_tail = True
         return _failed(spec, f"SLURM job {t.job_id} {state}: {reason}; log {stderr}",
                        f"--- stderr tail ({stderr}) ---\n{tail}")
@@ -548,6 +572,8 @@ class _LiveTable:
         if self.live is not None:
             self.live.update(self.render())
             self.live.__exit__(*exc)
+            if not self.console.is_terminal:  # rich leaves a log's last table line unended
+                self.console.line()
 
 
 def display_state(t: _Tracked) -> str:
@@ -579,7 +605,8 @@ def job_table(tracked: list[_Tracked], kind: str = "slurm", collected: set[str] 
         order.sort(key=lambda i: _ORDER.index(states[i]))
     for i in order[: _LiveTable.MAX_ROWS]:
         t, s = tracked[i], states[i]
-        row = [t.spec.title, t.job_id, f"[{_STYLE[s]}]{s}[/]", str(t.log_path(failed=s == "failed"))]
+        shown = f"{s} ({escape(t.reason)})" if t.reason and s in ("pending", "requeued") else s
+        row = [t.spec.title, t.job_id, f"[{_STYLE[s]}]{shown}[/]", str(t.log_path(failed=s == "failed"))]
         if collected is not None:
             row.append("yes" if t.spec.key in collected else "")
         table.add_row(*row)
@@ -650,6 +677,14 @@ def _last_line(text: str) -> str:
     return (useful or lines or [""])[-1][:500]
 
 
+def submitit_executor(cfg: SweepConfig, folder: Path, kind: str = "slurm") -> Any:
+    """submitit's executor for the sweep: its parameters, and how often a job may be requeued at
+    its time limit (a constructor argument, not a parameter)."""
+    ex = submitit.AutoExecutor(folder=folder, cluster=kind, slurm_max_num_timeout=cfg.executor.requeues)
+    ex.update_parameters(**submitit_parameters(cfg))
+    return ex
+
+
 def submitit_parameters(cfg: SweepConfig) -> dict[str, Any]:
     """AutoExecutor parameters from ``executor:``; setup lines go as a list, never as one shell string."""
     e = cfg.executor
@@ -671,7 +706,99 @@ def submitit_parameters(cfg: SweepConfig) -> dict[str, Any]:
             params[f"slurm_{key}"] = value
     if e.setup:
         params["slurm_setup"] = list(e.setup)
+    if e.sbatch:  # each one '#SBATCH --key=value' line, the value shell-quoted by submitit
+        params["slurm_additional_parameters"] = dict(e.sbatch)
     return params
+
+
+# ---------------------------------------------------------------------------------------
+# the cluster's limits
+
+
+def partition_limit_min(text: str) -> float:
+    """sinfo's time limit (``infinite``, ``M``, ``M:S``, ``H:M:S``, ``D-H``, ``D-H:M``, ``D-H:M:S``)
+    in minutes; infinite when SLURM sets none."""
+    text = text.strip()
+    if text in ("infinite", "n/a", "UNLIMITED", ""):
+        return float("inf")
+    days, _, clock = text.rpartition("-")
+    parts = [int(x) for x in clock.split(":")]
+    if days:  # D-H, D-H:M, D-H:M:S
+        h, m, sec = (parts + [0, 0])[:3]
+    elif len(parts) == 3:
+        h, m, sec = parts
+    elif len(parts) == 2:
+        h, m, sec = 0, *parts
+    else:
+        h, m, sec = 0, parts[0], 0
+    return int(days or 0) * 1440 + h * 60 + m + sec / 60
+
+
+def cluster_partitions() -> dict[str, dict[str, Any]] | None:
+    """Per partition (``sinfo``): its time limit in minutes, the most CPUs and memory (MB) of one
+    of its nodes, and whether it is the default; None when ``sinfo`` is missing or fails."""
+    if shutil.which("sinfo") is None:
+        return None
+    try:
+        r = subprocess.run(["sinfo", "-a", "-h", "-o", "%P|%l|%c|%m"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if r.returncode != 0:
+        return None
+    parts: dict[str, dict[str, Any]] = {}
+    for line in r.stdout.splitlines():
+        fields = line.strip().split("|")
+        if len(fields) != 4 or not fields[0]:
+            continue
+        name, limit, cpus, mem = fields
+        default = name.endswith("*")
+        p = parts.setdefault(name.rstrip("*"), {"limit_min": 0.0, "cpus": 0, "mem_mb": 0, "default": default})
+        with contextlib.suppress(ValueError):
+            p["limit_min"] = max(p["limit_min"], partition_limit_min(limit))
+        with contextlib.suppress(ValueError):
+            p["cpus"] = max(p["cpus"], int(cpus.rstrip("+")))
+        with contextlib.suppress(ValueError):
+            p["mem_mb"] = max(p["mem_mb"], int(mem.rstrip("+")))
+    return parts or None
+
+
+def check_cluster(cfg: SweepConfig, file: str, partitions: dict[str, dict[str, Any]] | None = None) -> None:
+    """The executor's partition exists and its time limit, CPUs and memory fit the partition,
+    where ``sinfo`` answers: SLURM accepts a job over a partition's time limit or CPU count and
+    leaves it pending forever (PartitionTimeLimit, PartitionConfig), so the sweep would wait
+    on jobs that never start. Off a cluster (no ``sinfo``) nothing is checked."""
+    from harness.config import ConfigError
+
+    e = cfg.executor
+    if e.kind != "slurm":
+        return
+    parts = cluster_partitions() if partitions is None else partitions
+    if not parts:
+        return
+    if e.partition is None:
+        names = [n for n, p in parts.items() if p["default"]][:1]
+        if not names:
+            return
+    else:
+        names = e.partition.split(",")
+        for name in names:
+            if name not in parts:
+                raise ConfigError(file, "executor.partition", f"the cluster has no partition {name!r}; "
+                                  f"it has {', '.join(sorted(parts))}", e.partition)
+    chosen = [parts[n] for n in names]
+    where = f"partition {', '.join(names)}" + (" (the cluster's default)" if e.partition is None else "")
+    limit = max(p["limit_min"] for p in chosen)
+    if e.timeout_min > limit:
+        raise ConfigError(file, "executor.timeout_min", f"over the time limit of {where}, {limit:g} min "
+                          "(SLURM would keep the jobs pending)", e.timeout_min)
+    cpus = max(p["cpus"] for p in chosen)
+    if cpus and e.cpus_per_task > cpus:
+        raise ConfigError(file, "executor.cpus_per_task", f"more CPUs than a node of {where} has ({cpus}) "
+                          "(SLURM would keep the jobs pending)", e.cpus_per_task)
+    mem_mb = max(p["mem_mb"] for p in chosen)
+    if mem_mb and e.mem_gb is not None and e.mem_gb * 1024 > mem_mb:
+        raise ConfigError(file, "executor.mem_gb", f"more memory than a node of {where} has ({mem_mb / 1024:.1f} GB)",
+                          e.mem_gb)
 
 
 # ---------------------------------------------------------------------------------------
@@ -693,9 +820,10 @@ def status_table(cfg: SweepConfig) -> tuple[Table, dict[str, int]]:
         cached = read_result(results / f"{key}.json", key)
         if cached and cached.status == "ok":
             collected.add(key)
-    states = slurm_states([t.job_id for t in tracked])
+    reasons: dict[str, str] = {}
+    states = slurm_states([t.job_id for t in tracked], reasons)
     for t in tracked:
-        t.state = states[t.job_id]
+        t.state, t.reason = states[t.job_id], reasons.get(t.job_id, "")
         if t.job.paths.result_pickle.exists():
             t.outcome = "done" if _usable_result(t.job) else "failed"
         elif t.state == "UNKNOWN":
