@@ -372,6 +372,12 @@ class ExecutorSpec(Strict):
         default_factory=dict, description="further sbatch options by long name: {exclude: node3, exclusive: true}")
     poll_s: float = Field(2.0, gt=0, le=600, description="seconds between SLURM state checks while waiting")
 
+    @field_validator("partition", "account", "qos", "constraint")
+    @classmethod
+    def _env(cls, v: str | None) -> str | None:
+        """``${SLURM_PARTITION:-gpu}`` expands here: sbatch never expands its ``#SBATCH`` lines."""
+        return expand_env(v) if v else v
+
     @field_validator("mem_gb")
     @classmethod
     def _whole_megabytes(cls, v: float | None) -> float | None:

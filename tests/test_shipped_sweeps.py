@@ -33,7 +33,10 @@ def _touch_model_files(path: Path, ckpt: Path) -> list[Path]:
 
 
 @pytest.mark.parametrize("path", SWEEPS, ids=[p.stem for p in SWEEPS])
-def test_sweep_validates(path, tmp_path):
+def test_sweep_validates(path, tmp_path, monkeypatch):
+    # The paper sweeps ask for a GPU cluster's partition and nodes: validated as off a cluster,
+    # not against whatever SLURM this machine may run (tests/test_slurm.py checks that part).
+    monkeypatch.setattr("harness.executors.slurm.cluster_partitions", lambda: None)
     env = {"CKPT": str(tmp_path / "ckpt"), "DATA": str(tmp_path / "data"), "COLUMNS": "200"}
     made = _touch_model_files(path, tmp_path / "ckpt")
     r = CliRunner().invoke(main, ["validate", str(path)], env=env)
@@ -148,3 +151,17 @@ def test_wide_sweep_is_the_grid_part_of_the_small_sweep_at_width_384():
     for label, method in theirs.items():
         assert ours[label].get("params") == method.get("params"), label
         assert set(method.get("grid", {}).get("scaling", [])) <= set(ours[label].get("grid", {}).get("scaling", []))
+
+
+def test_partition_expands_environment_variables(monkeypatch):
+    """sbatch reads ``#SBATCH --partition=${SLURM_PARTITION:-gpu}`` literally, so the shipped
+    sweeps' partition must reach it expanded."""
+    from harness.config import load_config
+
+    path = SWEEP_DIR / "paper-vitb32.yaml"
+    monkeypatch.setenv("CKPT", "/nonexistent")
+    monkeypatch.setenv("DATA", "/nonexistent")
+    monkeypatch.delenv("SLURM_PARTITION", raising=False)
+    assert load_config(path).executor.partition == "gpu"
+    monkeypatch.setenv("SLURM_PARTITION", "a100")
+    assert load_config(path).executor.partition == "a100"
