@@ -77,6 +77,11 @@ def expand_env(value: str) -> str:
     return os.path.expanduser(_ENV.sub(sub, value))
 
 
+def _expand_optional(cls: type, v: str | None) -> str | None:
+    """A field validator: ``${VAR}`` expanded in a value the file gives."""
+    return expand_env(v) if v else v
+
+
 class ModelSpec(Strict):
     """Where the pretrained model and the fine-tuned image encoders come from."""
 
@@ -88,10 +93,7 @@ class ModelSpec(Strict):
     heads: dict[str, str] = Field(default_factory=dict, description="task -> stored head [classes, dim]")
     suite: dict[str, Any] = Field(default_factory=dict, description="options of the embedded suite")
 
-    @field_validator("pretrained", "finetuned_pattern")
-    @classmethod
-    def _env(cls, v: str | None) -> str | None:
-        return expand_env(v) if v else v
+    _env = field_validator("pretrained", "finetuned_pattern")(classmethod(_expand_optional))
 
     @field_validator("finetuned", "heads")
     @classmethod
@@ -372,11 +374,8 @@ class ExecutorSpec(Strict):
         default_factory=dict, description="further sbatch options by long name: {exclude: node3, exclusive: true}")
     poll_s: float = Field(2.0, gt=0, le=600, description="seconds between SLURM state checks while waiting")
 
-    @field_validator("partition", "account", "qos", "constraint")
-    @classmethod
-    def _env(cls, v: str | None) -> str | None:
-        """``${SLURM_PARTITION:-gpu}`` expands here: sbatch never expands its ``#SBATCH`` lines."""
-        return expand_env(v) if v else v
+    # ``${SLURM_PARTITION:-gpu}`` expands here: sbatch never expands its ``#SBATCH`` lines.
+    _env = field_validator("partition", "account", "qos", "constraint")(classmethod(_expand_optional))
 
     @field_validator("mem_gb")
     @classmethod
@@ -441,19 +440,13 @@ class SweepConfig(Strict):
     adapt: AdaptSpec = Field(default_factory=AdaptSpec)
     executor: ExecutorSpec = Field(default_factory=ExecutorSpec)
 
-    @field_validator("tasks", mode="before")
+    @field_validator("tasks", "methods", mode="before")
     @classmethod
-    def _task_names(cls, v: Any) -> Any:
+    def _names(cls, v: Any) -> Any:
+        """``tasks: [a, b]`` and ``methods: [weight_averaging, ties]`` are the short form of
+        ``- name: ...`` entries."""
         if isinstance(v, list):
-            return [{"name": t} if isinstance(t, str) else t for t in v]
-        return v
-
-    @field_validator("methods", mode="before")
-    @classmethod
-    def _method_names(cls, v: Any) -> Any:
-        """``methods: [weight_averaging, ties]`` is the short form of ``- name: ...`` entries, as in ``tasks``."""
-        if isinstance(v, list):
-            return [{"name": m} if isinstance(m, str) else m for m in v]
+            return [{"name": e} if isinstance(e, str) else e for e in v]
         return v
 
     @field_validator("references", mode="before")
@@ -463,10 +456,7 @@ class SweepConfig(Strict):
             return {"pretrained": v, "individual": v}
         return v
 
-    @field_validator("output_dir", "cache_dir", "data_root", "tracking_uri")
-    @classmethod
-    def _env(cls, v: str | None) -> str | None:
-        return expand_env(v) if v else v
+    _env = field_validator("output_dir", "cache_dir", "data_root", "tracking_uri")(classmethod(_expand_optional))
 
     @field_validator("threads")
     @classmethod
