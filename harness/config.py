@@ -888,14 +888,20 @@ def check_model_files(cfg: SweepConfig, file: str) -> None:
     m = cfg.model
     if m.source != "files":
         return
-    from harness.models import unknown_arch_problem
+    from harness.models import resolve_arch, unknown_arch_problem
 
-    problem = unknown_arch_problem(m.arch)
-    if problem:
-        raise ConfigError(file, "model.arch", problem, m.arch)
     pre = m.pretrained
     if pre and ("/" in pre or Path(pre).suffix) and not Path(pre).exists():
         raise ConfigError(file, "model.pretrained", f"weights file does not exist{relative_note(pre)}", pre)
+    problem = unknown_arch_problem(m.arch)
+    if problem and pre and Path(pre).is_file():  # an architecture recorded beside the weights, as the run reads it
+        try:
+            resolve_arch(m.arch, [pre])
+            problem = None
+        except HarnessError:
+            problem += f"; nor recorded beside {Path(pre).name} (model_configs/{m.arch}.json, its .json sidecar)"
+    if problem:
+        raise ConfigError(file, "model.arch", problem, m.arch)
     for t in cfg.task_names:  # required for merged tasks; optional for unseen ones
         required = t in cfg.merge_tasks or t in m.finetuned
         if t in m.finetuned:

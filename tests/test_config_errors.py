@@ -448,3 +448,25 @@ def test_generated_arch_names_are_left_to_the_checkpoints(sweep_dict, tmp_path):
     assert unknown_arch_problem("ViT-B-32-quickgelu") is None
     assert unknown_arch_problem("harness-micro-vit") is None
     assert "did you mean 'ViT-L-14'?" in unknown_arch_problem("ViT-L14")
+
+
+def test_an_architecture_defined_beside_the_weights_validates(sweep_dict, tmp_path):
+    """An architecture in ``model_configs/<arch>.json`` next to ``model.pretrained`` is built from
+    there when the sweep runs, so validation accepts it; the same name without it is refused."""
+    import shutil
+
+    from harness.models import CONFIG_DIR
+
+    weights = tmp_path / "ckpt" / "pretrained.safetensors"
+    weights.parent.mkdir()
+    shutil.copy(sweep_dict["model"]["pretrained"], weights)
+    sweep = {**sweep_dict, "model": {**sweep_dict["model"], "arch": "lab-micro-vit", "pretrained": str(weights)}}
+    f = tmp_path / "lab.yaml"
+    f.write_text(yaml.safe_dump(sweep))
+    code, _, err = _run(["validate", str(f)])
+    assert code == 2 and "model.arch: unknown open_clip architecture" in " ".join(err.split()), err
+    (weights.parent / "model_configs").mkdir()
+    shutil.copy(CONFIG_DIR / "harness-micro-vit.json", weights.parent / "model_configs" / "lab-micro-vit.json")
+    code, out, err = _run(["validate", str(f)])
+    assert code == 0, err
+    assert "valid" in out
