@@ -656,3 +656,22 @@ def test_debug_executor_matches_local(varied_checkpoints, tmp_path, local_outcom
     assert not (Path(d["output_dir"]) / "slurm" / "submitted.json").exists()  # nothing to find again
     with pytest.raises(Exception, match="needs executor.kind slurm"):
         run_sweep(validate_config(d), quiet=True, mode="detach")
+
+
+def test_only_commands_that_submit_check_the_cluster(tmp_path, monkeypatch):
+    """status, collect, report and ui read jobs already submitted: a partition whose limits
+    changed since (or a sweep file copied off the cluster) must not lock them out."""
+    import harness.executors.slurm as slurm
+
+    monkeypatch.setattr(slurm, "cluster_partitions", lambda: PARTITIONS)
+    d = make_sweep_dict(Path("/nonexistent"), tmp_path)
+    d["model"] = {"source": "embedded"}
+    d["tasks"] = ["emb_mnist"]
+    d["executor"] = {"kind": "slurm", "timeout_min": 121}  # over the default partition's 120 min
+    f = tmp_path / "sweep.yaml"
+    f.write_text(yaml.safe_dump(d))
+    over = "executor.timeout_min: over the time limit of partition cpu"
+    r = CliRunner().invoke(main, ["validate", str(f)])
+    assert r.exit_code == 2 and over in r.output
+    r = CliRunner().invoke(main, ["report", str(f)])
+    assert r.exit_code == 2 and over not in r.output and "does not exist (the sweep has not run there)" in r.output
