@@ -189,6 +189,10 @@ def _executor_error(tmp_path, **executor) -> str:
     ({"kind": "slurm", "requeues": -1}, "executor.requeues: Input should be greater than or equal to 0 (got -1)"),
     ({"kind": "slurm", "sbatch": {"time": 30}}, "sweep.yaml: executor.sbatch: 'time' is set by the harness; use "
                                                "executor.timeout_min"),
+    ({"kind": "slurm", "sbatch": {"ntasks-per-node": 2}}, "executor.sbatch: 'ntasks-per-node' is set by the "
+                                                         "harness; use nothing (a job runs one task)"),
+    ({"kind": "slurm", "sbatch": {"no-requeue": True}}, "executor.sbatch: 'no-requeue' is set by the harness; use "
+                                                       "executor.requeues"),
     ({"kind": "slurm", "sbatch": {"--exclude": "n1"}}, "executor.sbatch: '--exclude' is not an sbatch option's long"),
     ({"kind": "slurm", "sbatch": {"comment": "a\n#SBATCH --time=9999"}}, "executor.sbatch: the value of 'comment' "
                                                                          "must be a single line"),
