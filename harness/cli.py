@@ -72,10 +72,13 @@ def main() -> None:
     """Benchmark harness for merging multi-task CLIP models."""
 
 
-def _load(file: str, overrides: tuple[str, ...], start_workers: bool = False):
+def _load(file: str, overrides: tuple[str, ...], start_workers: bool = False, submits: bool = False):
     """The validated config; ``start_workers``: a sweep that will run jobs in a local pool
     starts the pool's server first, from the raw executor block, because validation imports
-    torch (task and method registries) and the server's imports should overlap the driver's."""
+    torch (task and method registries) and the server's imports should overlap the driver's.
+    ``submits``: the command submits SLURM jobs (or checks a sweep before it does), so the
+    executor is checked against the cluster's partitions; commands that only read a sweep's
+    jobs or results (status, collect, report, ui) must work whatever the partitions say now."""
     from harness.config import (
         ConfigError,
         ExecutorSpec,
@@ -99,7 +102,7 @@ def _load(file: str, overrides: tuple[str, ...], start_workers: bool = False):
         cfg = validate_config(raw, file)
         check_model_files(cfg, file)
         check_output_dir(cfg, file)
-        if cfg.executor.kind == "slurm":
+        if submits and cfg.executor.kind == "slurm":
             from harness.executors.slurm import check_cluster
 
             check_cluster(cfg, file)
@@ -140,7 +143,7 @@ def _print_plan(cfg) -> None:
 @click.option("--detach", is_flag=True, help="SLURM: submit the jobs and return; see `status`, `collect`.")
 def sweep(file: str, overrides: tuple[str, ...], dry_run: bool, quiet: bool, detach: bool) -> None:
     """Run a sweep: FILE is a YAML sweep, OVERRIDES are key.path=value."""
-    cfg = _load(file, overrides, start_workers=not (dry_run or detach))
+    cfg = _load(file, overrides, start_workers=not (dry_run or detach), submits=True)
     if dry_run:
         _print_plan(cfg)
         return
@@ -210,7 +213,7 @@ def tune(file: str, overrides: tuple[str, ...], label: str, trials: int | None, 
 
     from harness.config import TuneSpec, validation_error
 
-    cfg = _load(file, overrides, start_workers=True)
+    cfg = _load(file, overrides, start_workers=True, submits=True)
     index = _method_index(cfg, label, file)
     m = cfg.methods[index]
     if m.tune is None:
@@ -255,7 +258,7 @@ def _method_index(cfg, label: str, file: str) -> int:
 @click.argument("overrides", nargs=-1)
 def validate(file: str, overrides: tuple[str, ...]) -> None:
     """Validate FILE and print the resolved config and job plan (runs nothing)."""
-    cfg = _load(file, overrides)
+    cfg = _load(file, overrides, submits=True)
     _print_plan(cfg)
     console.print("[green]valid[/]")
 

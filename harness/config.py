@@ -350,6 +350,9 @@ SBATCH_OWN = {
     "job-name": "the sweep's name", "output": "the output_dir (logs go to <output_dir>/slurm)",
     "error": "the output_dir (logs go to <output_dir>/slurm)", "open-mode": "nothing (logs are appended)",
     "wckey": "nothing", "nodes": "nothing (a job runs on one node)",
+    # srun starts every task of a job: each would run the whole job, in the same workdir
+    "ntasks": "nothing (a job runs one task)", "ntasks-per-node": "nothing (a job runs one task)",
+    "no-requeue": "executor.requeues (0: never requeued)",
 }
 
 

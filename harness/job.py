@@ -20,7 +20,7 @@ from harness.cache import read_json
 from harness.config import MAIN
 from harness.evaluation import correct_predictions, percent, unlabeled_batches
 from harness.failpoints import failpoint
-from harness.models import ImageClassifier
+from harness.models import ImageClassifier, tensor_stamp
 from harness.plan import JobSpec, robustness_inline
 from harness.runtime import evaluation_threads
 from harness.significance import pack_correct
@@ -398,18 +398,10 @@ class ModifiedInputs(RuntimeError):
 
 def input_state(pretrained: torch.nn.Module, finetuned: dict[str, torch.nn.Module],
                 heads: dict[str, torch.Tensor]) -> dict[str, tuple]:
-    """Per tensor: storage, in-place version counter, shape and the bytes of its sum.
-
-    The counter sees in-place ops and ``load_state_dict``, the storage a replaced ``.data``,
-    the sum writes through ``.data`` that bypass the counter; one pass over the inputs, a
-    fraction of a second for eight ViT-B/32 encoders."""
+    """Per tensor, its :func:`harness.models.tensor_stamp`: one pass over the inputs, a fraction
+    of a second for eight ViT-B/32 encoders."""
     tensors = {f"pretrained {k}": t for k, t in pretrained.state_dict(keep_vars=True).items()}
     for task, module in finetuned.items():
         tensors.update({f"{task} {k}": t for k, t in module.state_dict(keep_vars=True).items()})
     tensors.update({f"head {task}": t for task, t in heads.items()})
-    out = {}
-    with torch.no_grad():
-        for name, t in tensors.items():
-            total = t.detach().sum().reshape(1)
-            out[name] = (t.data_ptr(), t._version, tuple(t.shape), total.view(torch.uint8).tolist())
-    return out
+    return {name: tensor_stamp(t) for name, t in tensors.items()}

@@ -189,6 +189,10 @@ def _executor_error(tmp_path, **executor) -> str:
     ({"kind": "slurm", "requeues": -1}, "executor.requeues: Input should be greater than or equal to 0 (got -1)"),
     ({"kind": "slurm", "sbatch": {"time": 30}}, "sweep.yaml: executor.sbatch: 'time' is set by the harness; use "
                                                "executor.timeout_min"),
+    ({"kind": "slurm", "sbatch": {"ntasks-per-node": 2}}, "executor.sbatch: 'ntasks-per-node' is set by the "
+                                                         "harness; use nothing (a job runs one task)"),
+    ({"kind": "slurm", "sbatch": {"no-requeue": True}}, "executor.sbatch: 'no-requeue' is set by the harness; use "
+                                                       "executor.requeues"),
     ({"kind": "slurm", "sbatch": {"--exclude": "n1"}}, "executor.sbatch: '--exclude' is not an sbatch option's long"),
     ({"kind": "slurm", "sbatch": {"comment": "a\n#SBATCH --time=9999"}}, "executor.sbatch: the value of 'comment' "
                                                                          "must be a single line"),
@@ -656,3 +660,22 @@ def test_debug_executor_matches_local(varied_checkpoints, tmp_path, local_outcom
     assert not (Path(d["output_dir"]) / "slurm" / "submitted.json").exists()  # nothing to find again
     with pytest.raises(Exception, match="needs executor.kind slurm"):
         run_sweep(validate_config(d), quiet=True, mode="detach")
+
+
+def test_only_commands_that_submit_check_the_cluster(tmp_path, monkeypatch):
+    """status, collect, report and ui read jobs already submitted: a partition whose limits
+    changed since (or a sweep file copied off the cluster) must not lock them out."""
+    import harness.executors.slurm as slurm
+
+    monkeypatch.setattr(slurm, "cluster_partitions", lambda: PARTITIONS)
+    d = make_sweep_dict(Path("/nonexistent"), tmp_path)
+    d["model"] = {"source": "embedded"}
+    d["tasks"] = ["emb_mnist"]
+    d["executor"] = {"kind": "slurm", "timeout_min": 121}  # over the default partition's 120 min
+    f = tmp_path / "sweep.yaml"
+    f.write_text(yaml.safe_dump(d))
+    over = "executor.timeout_min: over the time limit of partition cpu"
+    r = CliRunner().invoke(main, ["validate", str(f)])
+    assert r.exit_code == 2 and over in r.output
+    r = CliRunner().invoke(main, ["report", str(f)])
+    assert r.exit_code == 2 and over not in r.output and "does not exist (the sweep has not run there)" in r.output

@@ -422,6 +422,35 @@ def test_load_refuses_models_other_than_those_the_routers_were_trained_with(mode
         assert torch.equal(loaded(x), moe(x))
 
 
+def test_module_digest_is_hashed_once_until_the_module_changes(models, monkeypatch):
+    """A job builds WeMoE from the same models once more per corruption: their digests are hashed
+    once, and any change (in place, through .data, by load_state_dict) hashes them again."""
+    import hashlib
+
+    pre, _ = models
+    module = copy.deepcopy(pre)
+    module.__dict__.pop("_wemoe_digest", None)
+
+    def fresh(m: torch.nn.Module) -> str:  # a copy without the memo: hashed from its bytes
+        other = copy.deepcopy(m)
+        other.__dict__.pop("_wemoe_digest", None)
+        return wemoe.module_digest(other)
+
+    calls = []
+    real = hashlib.sha256
+    monkeypatch.setattr(wemoe.hashlib, "sha256", lambda *a: calls.append(1) or real(*a))
+    first = wemoe.module_digest(module)
+    assert wemoe.module_digest(module) == first and len(calls) == 1
+    weight = module.transformer.resblocks[0].mlp.c_fc.weight
+    with torch.no_grad():
+        weight[0, 0] += 1.0
+    assert wemoe.module_digest(module) == fresh(module) != first
+    weight.data[0, 1] += 1.0  # bypasses the version counter
+    assert wemoe.module_digest(module) == fresh(module)
+    module.load_state_dict(pre.state_dict())
+    assert wemoe.module_digest(module) == first
+
+
 def test_load_names_the_file_when_routers_do_not_fit_the_architecture(models, tmp_path):
     pre, ft = models
     moe = wemoe.build_wemoe(pre, ft, router_depth=2)
