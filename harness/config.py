@@ -14,7 +14,7 @@ import re
 import string
 import types
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Any, Iterable, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -771,12 +771,7 @@ def check_methods(cfg: SweepConfig, file: str) -> None:
         for where in ("params", "grid"):
             for key in getattr(m, where):
                 if key not in fields:
-                    raise ConfigError(
-                        file, f"methods.{i}.{where}.{key}",
-                        f"method {m.name!r} has no hyperparameter {key!r}{did_you_mean(key, fields)} "
-                        f"(it has {', '.join(sorted(fields)) or 'none'})",
-                        show_value=False,
-                    )
+                    raise unknown_hyperparameter(file, f"methods.{i}.{where}.{key}", m.name, key, fields)
         seen: dict[str, dict[str, Any]] = {}
         for setting in expand_grid(m):
             try:
@@ -809,6 +804,13 @@ def field_kind(annotation: Any) -> str:
 SPACE_TYPES = {"int": ("int", "categorical"), "float": ("float", "int", "categorical"), "other": ("categorical",)}
 
 
+def unknown_hyperparameter(file: str, where: str, method: str, key: str, fields: Iterable[str]) -> ConfigError:
+    """A params, grid or tuning-space key the method lacks, with the closest one it has."""
+    fields = sorted(fields)
+    return ConfigError(file, where, f"method {method!r} has no hyperparameter {key!r}{did_you_mean(key, fields)} "
+                       f"(it has {', '.join(fields) or 'none'})", show_value=False)
+
+
 def check_space(cls: Any, m: MethodSpec, i: int, file: str) -> None:
     """Every tuned name is a hyperparameter of the method, its space's type fits the field's (a
     float range for an int or a bool would fail at the first trial), and the space's ends are
@@ -816,9 +818,7 @@ def check_space(cls: Any, m: MethodSpec, i: int, file: str) -> None:
     for name, p in m.tune.space.items():
         where = f"methods.{i}.tune.space.{name}"
         if name not in cls.model_fields:
-            raise ConfigError(file, where, f"method {m.name!r} has no hyperparameter {name!r}"
-                              f"{did_you_mean(name, cls.model_fields)} (it has "
-                              f"{', '.join(sorted(cls.model_fields)) or 'none'})", show_value=False)
+            raise unknown_hyperparameter(file, where, m.name, name, cls.model_fields)
         annotation = cls.model_fields[name].annotation
         allowed = SPACE_TYPES[field_kind(annotation)]
         if p.type not in allowed:

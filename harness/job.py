@@ -21,7 +21,7 @@ from harness.config import MAIN
 from harness.evaluation import correct_predictions, percent, unlabeled_batches
 from harness.failpoints import failpoint
 from harness.models import ImageClassifier, tensor_stamp
-from harness.plan import JobSpec, robustness_inline
+from harness.plan import JobSpec, adapts_on_corruptions, robustness_inline
 from harness.runtime import evaluation_threads
 from harness.significance import pack_correct
 from harness.workspace import Workspace
@@ -230,7 +230,7 @@ def run_job(spec: JobSpec, ws: Workspace, device: torch.device, workdir: Path) -
             t1 = time.perf_counter()
             final = spec.kind == "merge"
             study = final and spec.protocol == MAIN and robustness_inline(ws.cfg, spec.label)
-            readapt = study and adapts_on_corruptions(ws, spec)
+            readapt = study and adapts_on_corruptions(ws.cfg, spec.method)
             result.metrics.update(evaluate_encoder(ws, merged, ws.cfg.task_names, device, test=final,
                                                    robustness=study and not readapt,
                                                    merged=ws.cfg.seen_tasks(spec.protocol),
@@ -320,14 +320,6 @@ def trial_reporter(handle: dict[str, Any]):
         return False
 
     return report
-
-
-def adapts_on_corruptions(ws: Workspace, spec: JobSpec) -> bool:
-    """Whether the job's robustness study adapts the method again on each corruption's test images."""
-    from methods.base import resolve_method
-
-    rob = ws.cfg.robustness
-    return rob is not None and rob.adapt == "corrupted" and resolve_method(spec.method).uses_test_data
 
 
 def merge(spec: JobSpec, ws: Workspace, device: torch.device, workdir: Path,

@@ -65,6 +65,15 @@ def base_label(label: str) -> str:
     return label.removesuffix(GENERALIZATION_SUFFIX)
 
 
+def adapts_on_corruptions(cfg: SweepConfig, method: str) -> bool:
+    """Whether a merge job of ``method`` adapts again on each corruption's test images in the
+    robustness study (``robustness.adapt: corrupted``, a test-time-adaptation method)."""
+    from methods.base import resolve_method
+
+    rob = cfg.robustness
+    return rob is not None and rob.adapt == "corrupted" and resolve_method(method).uses_test_data
+
+
 def robustness_inline(cfg: SweepConfig, label: str) -> bool:
     """Whether a main-protocol merge job of method ``label`` runs the robustness study itself.
 
@@ -157,11 +166,9 @@ def with_key(cfg: SweepConfig, s: JobSpec, identity: dict[str, Any],
                                              or (s.kind == "merge" and robustness_inline(cfg, s.label)))
         body["robustness"] = None
         if cfg.robustness and runs_study:
-            from methods.base import resolve_method
-
             body["robustness"] = cfg.robustness.identity()
-            if not (s.kind == "merge" and resolve_method(s.method).uses_test_data):
-                body["robustness"].pop("adapt", None)  # only test-time adaptation reads it
+            if not (s.kind == "merge" and adapts_on_corruptions(cfg, s.method)):
+                body["robustness"].pop("adapt", None)  # only re-adapting jobs read it
     if s.protocol != MAIN:  # main-protocol keys stay as they were before protocols existed
         body["protocol"] = s.protocol
     if s.kind in ("merge", "trial", "robustness"):
