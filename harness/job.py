@@ -17,7 +17,7 @@ from typing import Any, Callable
 import torch
 
 from harness.cache import read_json
-from harness.config import MAIN
+from harness.config import MAIN, SweepConfig
 from harness.evaluation import correct_predictions, percent, unlabeled_batches
 from harness.failpoints import failpoint
 from harness.models import ImageClassifier, tensor_stamp
@@ -275,6 +275,8 @@ def artifact_metrics(artifacts: dict[str, Any]) -> dict[str, float]:
     curves = artifacts.setdefault("curves", {})  # logged as per-step MLflow metrics
     if "tta_loss" in artifacts:
         curves["tta/loss"] = list(artifacts.pop("tta_loss"))
+    for part, series in (artifacts.pop("tta_parts", None) or {}).items():  # tta/entropy, tta/task_id
+        curves[f"tta/{part}"] = list(series)
     for row in artifacts.pop("tta_validation", None) or []:  # sparse: [step, value] pairs
         step = int(row["step"])
         for name, value in row.items():
@@ -335,7 +337,9 @@ def merge(spec: JobSpec, ws: Workspace, device: torch.device, workdir: Path,
     finetuned = ws.finetuned_encoders(tasks)
     heads = {t: ws.head(t) for t in tasks}
     unlabeled: dict[str, Any] = WithoutTestData(cls.__name__)
+    adapted_on: dict[str, Any] = {}
     if cls.uses_test_data:
+        adapted_on = adaptation_data(ws.cfg, corruption)
         batch = int(getattr(method, "batch_size", 16))
         seed = ws.cfg.adapt.shuffle_seed
         for i, t in enumerate(tasks):
@@ -354,7 +358,7 @@ def merge(spec: JobSpec, ws: Workspace, device: torch.device, workdir: Path,
                "finetuned": {t: ws.sources["finetuned"].get(t) for t in tasks}}
     ctx = MergeContext(heads=heads, unlabeled=unlabeled, device=device, seed=ws.cfg.seed,
                        progress=ws.progress, validate=validate, workdir=str(workdir), report=report,
-                       sources=sources)
+                       sources=sources, adapted_on=adapted_on)
     torch.manual_seed(ws.cfg.seed)
     before = input_state(pretrained, finetuned, heads)
     merged = method.merge(pretrained, finetuned, ctx)
@@ -369,6 +373,16 @@ def merge(spec: JobSpec, ws: Workspace, device: torch.device, workdir: Path,
             "methods.base.with_state)")
     check_encoder(spec, merged)
     return merged, ctx.artifacts
+
+
+def adaptation_data(cfg: SweepConfig, corruption: str | None = None) -> dict[str, Any]:
+    """What a test-time-adaptation method adapts on: the clean split, or one corruption of the
+    test splits at the robustness study's severity and seed. Recorded with what the method saves
+    (``MergeContext.adapted_on``): the per-corruption adaptations of a job lie side by side."""
+    if corruption is None:
+        return {"split": cfg.adapt.split, "corruption": None}
+    rob = cfg.robustness
+    return {"split": "test", "corruption": corruption, "severity": rob.severity, "corruption_seed": rob.seed}
 
 
 class WithoutTestData(dict):

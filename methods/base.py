@@ -40,6 +40,9 @@ class MergeContext:
     ``workdir`` is a job-private folder for checkpoints a method wants to resume from.
     ``sources`` says where the models came from (architecture, checkpoint paths and their
     content digests), for a method that saves its result to record what it was built from.
+    ``adapted_on`` says what ``unlabeled`` yields (the split and, in a robustness study that
+    adapts per corruption, the corruption, its severity and seed), so that an adapted model or
+    adaptation checkpoint saved in ``workdir`` records the data it was adapted on.
     """
 
     heads: Mapping[str, torch.Tensor] = field(default_factory=dict)
@@ -51,6 +54,7 @@ class MergeContext:
     validate: Callable[[nn.Module], dict[str, float]] | None = None
     workdir: str | None = None
     sources: Mapping[str, Any] = field(default_factory=dict)
+    adapted_on: Mapping[str, Any] = field(default_factory=dict)
     artifacts: dict[str, Any] = field(default_factory=dict)
 
     @property

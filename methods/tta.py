@@ -13,11 +13,16 @@ Conventions the callers rely on:
   any other truthy value shows a transient rich progress bar of our own (lines at every tenth
   when the output is not a terminal). The bar shows the current loss.
 * Checkpoints: every ``checkpoint_every`` steps and at the end, the trainable tensors, the
-  step, the Adam state and the loss history go to ``ctx.workdir/<name>-tta.pt`` (temp file +
-  ``os.replace``; tensors and plain containers only, read back with ``weights_only=True``).
-  A run that finds that file resumes from it and fast-forwards every task's iterator past the
-  batches already consumed, so resuming reproduces an uninterrupted run exactly when the
-  iterator factories are deterministic.
+  step, the Adam state, the loss history and ``ctx.adapted_on`` (the data adapted on) go to
+  ``ctx.workdir/<name>-tta.pt`` (temp file + ``os.replace``; tensors and plain containers only,
+  read back with ``weights_only=True``). A run that finds that file resumes from it and
+  fast-forwards every task's iterator past the batches already consumed, so resuming
+  reproduces an uninterrupted run exactly when the iterator factories are deterministic; a
+  file adapted on other data (another corruption or severity) is refused, not resumed.
+* Loss parts: ``ctx.artifacts["tta_parts"]`` holds, per step, the summed entropy
+  (``"entropy"``) and the ``aux_loss`` term (under ``aux_name``); they add up to the returned
+  loss. Steps of a checkpoint written before parts were recorded have none: the parts are
+  then ``[step, value]`` pairs from the first step run here.
 * Validation: before the first step and every ``eval_every`` steps, if ``ctx.validate`` is
   set, it is called on ``export()`` (default: the model itself) under ``torch.no_grad``; the
   metrics, plus the last step's loss as ``tta_entropy`` (after a step; with ``aux_loss``, its
@@ -100,23 +105,34 @@ def checkpoint_path(workdir: str | os.PathLike, name: str) -> Path:
 
 def _save_checkpoint(path: Path, params: Mapping[str, nn.Parameter], step: int,
                      optimizer: torch.optim.Optimizer, losses: Sequence[float],
-                     validation: Sequence[dict[str, float]] = ()) -> None:
+                     validation: Sequence[dict[str, float]] = (), parts: "_Parts | None" = None,
+                     adapted_on: Mapping[str, Any] | None = None) -> None:
     state = {
         "step": step,
         "params": {k: p.detach().cpu().clone() for k, p in params.items()},
         "optimizer": optimizer.state_dict(),
         "losses": torch.tensor(list(losses), dtype=torch.float64),
         "validation": [dict(v) for v in validation],
+        "adapted_on": dict(adapted_on or {}),
     }
+    if parts is not None:
+        state["parts_start"] = parts.start
+        state["parts"] = {k: torch.tensor(v, dtype=torch.float64) for k, v in parts.values.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     torch.save(state, tmp)
     os.replace(tmp, path)
 
 
-def _load_checkpoint(path: Path, params: Mapping[str, nn.Parameter],
-                     optimizer: torch.optim.Optimizer) -> tuple[int, list[float], list[dict[str, float]]]:
+def _load_checkpoint(path: Path, params: Mapping[str, nn.Parameter], optimizer: torch.optim.Optimizer,
+                     adapted_on: Mapping[str, Any] | None = None
+                     ) -> tuple[int, list[float], list[dict[str, float]], "_Parts"]:
     state = torch.load(path, map_location="cpu", weights_only=True)
+    was = dict(state.get("adapted_on") or {})
+    now = dict(adapted_on or {})
+    if was and now and was != now:  # e.g. a checkpoint copied from another corruption's workdir
+        raise ValueError(f"{path}: checkpoint adapted on {was}, this adaptation reads {now}; "
+                         "delete it to adapt from the start")
     saved = state["params"]
     if set(saved) != set(params) or any(saved[k].shape != p.shape for k, p in params.items()):
         raise ValueError(f"{path}: checkpoint does not match the model's trainable parameters")
@@ -125,15 +141,43 @@ def _load_checkpoint(path: Path, params: Mapping[str, nn.Parameter],
             p.copy_(saved[k])
     optimizer.load_state_dict(state["optimizer"])
     validation = [{k: float(v) for k, v in row.items()} for row in state.get("validation", [])]
-    return int(state["step"]), [float(v) for v in state["losses"]], validation
+    step = int(state["step"])
+    if "parts" in state:
+        parts = _Parts(int(state["parts_start"]), {k: [float(x) for x in v] for k, v in state["parts"].items()})
+    else:  # written before parts were recorded: they start at the first step run now
+        parts = _Parts(step)
+    return step, [float(v) for v in state["losses"]], validation, parts
+
+
+class _Parts:
+    """Per-step loss parts by name, from step ``start`` on."""
+
+    def __init__(self, start: int = 0, values: dict[str, list[float]] | None = None):
+        self.start, self.values = start, values or {}
+
+    def truncate(self, steps: int) -> None:
+        """Keep the parts of the first ``steps`` steps (a checkpoint may be ahead of ``steps``)."""
+        self.start = min(self.start, steps)
+        self.values = {k: v[: steps - self.start] for k, v in self.values.items()}
+
+    def append(self, parts: Mapping[str, float]) -> None:
+        for k, v in parts.items():
+            self.values.setdefault(k, []).append(v)
+
+    def series(self) -> dict[str, list]:
+        """Dense lists (index = step) from step 0, else ``[step, value]`` pairs."""
+        if self.start == 0:
+            return {k: list(v) for k, v in self.values.items()}
+        return {k: [[self.start + i, x] for i, x in enumerate(v)] for k, v in self.values.items()}
 
 
 @contextlib.contextmanager
 def _progress(ctx: MergeContext, description: str, total: int, start: int):
-    """Yields ``update(completed, loss)``; silent when ``ctx.progress`` is falsy."""
+    """Yields ``update(completed, loss, parts)``; silent when ``ctx.progress`` is falsy. The bar
+    shows the loss, and its parts when there is more than one."""
     spec = ctx.progress
     if not spec:
-        yield lambda completed, loss: None
+        yield lambda completed, loss, parts: None
         return
     from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
@@ -149,10 +193,18 @@ def _progress(ctx: MergeContext, description: str, total: int, start: int):
     with owner as bar:
         task = bar.add_task(description, total=total, completed=start, loss="-")
         try:
-            yield lambda completed, loss: bar.update(task, completed=completed, loss=f"{loss:.4f}")
+            yield lambda completed, loss, parts: bar.update(task, completed=completed, loss=_loss_text(loss, parts))
         finally:
             if hasattr(bar, "remove_task"):
                 bar.remove_task(task)
+
+
+def _loss_text(loss: float, parts: Mapping[str, float]) -> str:
+    """``0.1234``, or ``0.1234 (entropy 0.1000 + task_id 0.0234)`` when the loss has several parts."""
+    text = f"{loss:.4f}"
+    if len(parts) > 1:
+        text += " (" + " + ".join(f"{k} {v:.4f}" for k, v in parts.items()) + ")"
+    return text
 
 
 def run_tta(
@@ -167,6 +219,7 @@ def run_tta(
     joint_forward: bool = False,
     export: Callable[[], nn.Module] | None = None,
     aux_loss: Callable[[str], torch.Tensor] | None = None,
+    aux_name: str = "aux",
     name: str = "tta",
 ) -> list[float]:
     """Adapt ``model``'s trainable parameters in place; returns the loss of every step.
@@ -174,7 +227,8 @@ def run_tta(
     The tasks are ``ctx.tasks`` (the heads); each needs an ``ctx.unlabeled`` factory.
     Adam with ``lr``, optionally cosine-annealed to 0 over ``steps``. ``aux_loss(task)``, when
     given, is called right after the forward of ``task``'s batch and its value is added to the
-    loss (per-task forwards only: ``joint_forward`` must be False).
+    loss (per-task forwards only: ``joint_forward`` must be False); its per-step values are
+    reported as the loss part ``aux_name``.
     """
     if aux_loss is not None and joint_forward:
         raise ValueError("aux_loss needs per-task forwards (joint_forward=False)")
@@ -195,12 +249,13 @@ def run_tta(
     streams = {t: BatchStream(ctx.unlabeled[t], t) for t in tasks}
     optimizer = torch.optim.Adam(list(params.values()), lr=lr)
 
-    start, losses, validation = 0, [], []
+    start, losses, validation, parts = 0, [], [], _Parts()
     ckpt = checkpoint_path(ctx.workdir, name) if ctx.workdir else None
     if ckpt is not None and ckpt.is_file():
-        start, losses, validation = _load_checkpoint(ckpt, params, optimizer)
+        start, losses, validation, parts = _load_checkpoint(ckpt, params, optimizer, ctx.adapted_on)
         start = min(start, steps)
         losses = losses[:start]
+        parts.truncate(start)
         validation = [v for v in validation if v["step"] <= start]
         for s in streams.values():
             s.skip(start)
@@ -229,40 +284,48 @@ def run_tta(
                         group["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * step / steps))
                 optimizer.zero_grad(set_to_none=True)
                 batches = {t: next(streams[t]).to(device) for t in tasks}
-                loss = _entropy_step(model, classifiers, heads, batches, joint_forward, aux_loss)
+                step_parts = _entropy_step(model, classifiers, heads, batches, joint_forward, aux_loss, aux_name)
+                loss = sum(step_parts.values())
                 if not math.isfinite(loss):  # a diverged adaptation is a failed job, never a result
                     raise FloatingPointError(f"{name}: adaptation loss is not finite at step {step + 1}")
                 optimizer.step()
                 losses.append(loss)
+                parts.append(step_parts)
                 done = step + 1
-                update(done, loss)
+                update(done, loss, step_parts)
                 if eval_every > 0 and (done % eval_every == 0 or done == steps):
                     validate(done)
                 if ckpt is not None and checkpoint_every > 0 and (done % checkpoint_every == 0 or done == steps):
-                    _save_checkpoint(ckpt, params, done, optimizer, losses, validation)
+                    _save_checkpoint(ckpt, params, done, optimizer, losses, validation, parts, ctx.adapted_on)
                 failpoint("tta_step")
     finally:
         model.train(was_training)
+        ctx.artifacts["tta_parts"] = parts.series()
     return losses
 
 
 def _entropy_step(model: nn.Module, classifiers: Mapping[str, ImageClassifier],
                   heads: Mapping[str, torch.Tensor], batches: Mapping[str, torch.Tensor],
-                  joint_forward: bool, aux_loss: Callable[[str], torch.Tensor] | None = None) -> float:
-    """Forward + backward of the summed entropy (plus ``aux_loss``); returns its value."""
+                  joint_forward: bool, aux_loss: Callable[[str], torch.Tensor] | None = None,
+                  aux_name: str = "aux") -> dict[str, float]:
+    """Forward + backward of the summed entropy (plus ``aux_loss``); returns the values of its
+    parts, ``entropy`` (and ``aux_name``), which add up to the loss."""
     if not joint_forward:
-        total = 0.0
+        summed = {"entropy": 0.0, **({aux_name: 0.0} if aux_loss is not None else {})}
         for t, x in batches.items():
-            loss = entropy(classifiers[t](x))
+            ent = entropy(classifiers[t](x))
+            loss = ent
             if aux_loss is not None:
-                loss = loss + aux_loss(t)
+                aux = aux_loss(t)
+                loss = ent + aux
+                summed[aux_name] += float(aux.detach())
             loss.backward()
-            total += float(loss.detach())
-        return total
+            summed["entropy"] += float(ent.detach())
+        return summed
     tasks = list(batches)
     xs = [batches[t] for t in tasks]
     # One encoder pass; each task's logits then exactly as ImageClassifier computes them.
     feats = F.normalize(model(torch.cat(xs)).float(), dim=-1)
     loss = sum(entropy(f @ heads[t].t()) for t, f in zip(tasks, feats.split([len(x) for x in xs])))
     loss.backward()
-    return float(loss.detach())
+    return {"entropy": float(loss.detach())}

@@ -60,7 +60,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Iterator, Literal, Mapping, Sequence
+from typing import Any, Iterator, Literal, Mapping, Sequence, get_args
 
 import torch
 import torch.nn.functional as F
@@ -375,7 +375,7 @@ def build_wemoe(
                                         implementation=implementation, workspace=workspace)
     model.wemoe_config = {
         "tasks": tasks, "init_lambda": init_lambda, "router_depth": router_depth,
-        "routing": routing, "batch_reduce": batch_reduce,
+        "routing": routing, "batch_reduce": batch_reduce, "implementation": implementation,
     }
     model.wemoe_inputs = {"pretrained": module_digest(pretrained),
                           "experts": {t: module_digest(finetuned[t]) for t in tasks}}
@@ -503,11 +503,12 @@ class WeMoE(MergeMethod):
         with keeping_logits(model, aux is not None):
             losses = run_tta(model, ctx, lr=self.lr, steps=self.steps, cosine=self.cosine,
                              checkpoint_every=self.checkpoint_every, eval_every=self.eval_every,
-                             joint_forward=False, aux_loss=aux, name="wemoe")
+                             joint_forward=False, aux_loss=aux, aux_name="task_id", name="wemoe")
         model.requires_grad_(False)
         if ctx.workdir:
             save_wemoe(model, Path(ctx.workdir) / MODEL_FILE,
-                       {"sources": dict(ctx.sources), "hyperparameters": self.model_dump()})
+                       {"sources": dict(ctx.sources), "hyperparameters": self.model_dump(),
+                        "adapted_on": dict(ctx.adapted_on)})
         ctx.artifacts["tta_loss"] = losses
         if self.routing_stats_batches and ctx.unlabeled:
             routing, task_id = routing_statistics(model, ctx, self.routing_stats_batches)
@@ -561,9 +562,16 @@ def read_wemoe_meta(path: str | os.PathLike) -> tuple[dict, dict]:
     return header["config"], header["meta"]
 
 
-def load_wemoe(path: str | os.PathLike, pretrained: nn.Module, finetuned: Mapping[str, nn.Module]) -> nn.Module:
+def load_wemoe(path: str | os.PathLike, pretrained: nn.Module, finetuned: Mapping[str, nn.Module],
+               implementation: Implementation | None = None) -> nn.Module:
     """Rebuild a saved WeMoE encoder from the checkpoints it was built from (more fine-tuned
-    models than it has experts may be given); ``wemoe_meta`` holds the meta.
+    models than it has experts may be given); ``wemoe_meta`` holds the meta and
+    ``wemoe_adapted_on`` what the routers were adapted on (``meta["adapted_on"]``: the split, and
+    the corruption with its severity and seed for a robustness study's per-corruption adaptation;
+    None for files saved before it was recorded).
+
+    ``implementation`` (speed and memory only, same outputs) defaults to the saved one ("auto"
+    for files saved before it was recorded).
 
     Raises ValueError naming the file when a model differs from the one the routers were
     trained with (a checkpoint changed, another architecture) or the routers do not fit."""
@@ -572,12 +580,16 @@ def load_wemoe(path: str | os.PathLike, pretrained: nn.Module, finetuned: Mappin
     header = _header(path)
     config, meta, inputs = header["config"], header["meta"], header["inputs"]
     tasks = config["tasks"]
+    implementation = implementation or config.get("implementation", "auto")
+    if implementation not in get_args(Implementation):
+        raise ValueError(f"{path}: implementation {implementation!r} is not one of {list(get_args(Implementation))}")
     missing = [t for t in tasks if t not in finetuned]
     if missing:
         raise ValueError(f"{path}: built from tasks {tasks}; no fine-tuned model given for {missing}")
     model = build_wemoe(pretrained, {t: finetuned[t] for t in tasks}, init_lambda=config["init_lambda"],
                         router_depth=config["router_depth"], routing=config["routing"],
-                        batch_reduce=config["batch_reduce"])
+                        batch_reduce=config["batch_reduce"],
+                        implementation=implementation)
     here = model.wemoe_inputs
     changed = ["the pretrained model"] if inputs.get("pretrained") not in (None, here["pretrained"]) else []
     changed += [f"the fine-tuned model of {t!r}" for t, digest in (inputs.get("experts") or {}).items()
@@ -602,4 +614,5 @@ def load_wemoe(path: str | os.PathLike, pretrained: nn.Module, finetuned: Mappin
         m.router.load_state_dict(got)
     model.requires_grad_(False)
     model.wemoe_meta = meta
+    model.wemoe_adapted_on = meta.get("adapted_on")
     return model

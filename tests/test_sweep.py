@@ -172,6 +172,9 @@ def test_adaptation_curves_in_mlflow(sweep_dict):
                              f"tags.`harness.job_key` = '{res.key}'")[0]
     loss = client.get_metric_history(run.info.run_id, "tta/loss")
     assert sorted(m.step for m in loss) == [0, 1, 2, 3]
+    entropy = client.get_metric_history(run.info.run_id, "tta/entropy")  # no task-identification term: the loss
+    assert sorted((m.step, m.value) for m in entropy) == sorted((m.step, m.value) for m in loss)
+    assert not client.get_metric_history(run.info.run_id, "tta/task_id")
     val = sorted(client.get_metric_history(run.info.run_id, "tta/val/acc/avg"), key=lambda m: m.step)
     assert [m.step for m in val] == [0, 2, 4]
     assert val[-1].value == pytest.approx(res.metrics["val/acc/avg"])

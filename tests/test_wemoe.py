@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -475,7 +476,7 @@ def test_merge_saves_the_adapted_model_and_what_it_was_built_from(models, tmp_pa
     method = wemoe.WeMoE(steps=3, lr=1e-2, routing="softmax", checkpoint_every=0, routing_stats_batches=0)
     merged = method.merge(pre, ft, ctx)
     loaded = wemoe.load_wemoe(tmp_path / wemoe.MODEL_FILE, pre, ft)
-    assert loaded.wemoe_meta == {"sources": sources, "hyperparameters": method.model_dump()}
+    assert loaded.wemoe_meta == {"sources": sources, "hyperparameters": method.model_dump(), "adapted_on": {}}
     router = next(n for n, _ in merged.named_parameters() if ".router." in n)
     assert not torch.equal(dict(merged.named_parameters())[router],
                            dict(wemoe.build_wemoe(pre, ft, routing="softmax").named_parameters())[router])  # adapted
@@ -483,6 +484,122 @@ def test_merge_saves_the_adapted_model_and_what_it_was_built_from(models, tmp_pa
         x = images(n, 30 + n)
         with torch.no_grad():
             assert torch.equal(loaded(x), merged(x))
+
+
+FOG = {"split": "test", "corruption": "fog", "severity": 3, "corruption_seed": 0}
+
+
+def test_saved_model_records_the_corruption_and_implementation_it_was_adapted_with(models, tmp_path):
+    pre, ft = models
+    ctx = MergeContext(heads=heads(), unlabeled=fixed_unlabeled(), workdir=str(tmp_path), adapted_on=FOG)
+    method = wemoe.WeMoE(steps=2, lr=1e-2, router_depth=1, implementation="stacked", checkpoint_every=0,
+                         routing_stats_batches=0)
+    merged = method.merge(pre, ft, ctx)
+    config, meta = wemoe.read_wemoe_meta(tmp_path / wemoe.MODEL_FILE)
+    assert meta["adapted_on"] == FOG and config["implementation"] == "stacked"
+    loaded = wemoe.load_wemoe(tmp_path / wemoe.MODEL_FILE, pre, ft)
+    assert loaded.wemoe_adapted_on == FOG
+    assert {m.implementation for m in wemoe.moe_layers(loaded)} == {"stacked"}
+    other = wemoe.load_wemoe(tmp_path / wemoe.MODEL_FILE, pre, ft, implementation="weights")
+    assert {m.implementation for m in wemoe.moe_layers(other)} == {"weights"}
+    x = images(4, 2)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), merged(x))
+        torch.testing.assert_close(other(x), merged(x), rtol=1e-5, atol=1e-5)  # speed only: same outputs
+
+
+def test_files_saved_before_the_adaptation_data_was_recorded_still_load(models, tmp_path):
+    pre, ft = models
+    moe = wemoe.build_wemoe(pre, ft, router_depth=1, implementation="stacked")
+    randomize_routers(moe, 3)
+    old_config = {k: v for k, v in moe.wemoe_config.items() if k != "implementation"}
+    moe.wemoe_config = old_config  # the header as files of the previous format hold it
+    path = tmp_path / "old.safetensors"
+    wemoe.save_wemoe(moe, path, {"sources": {"arch": "harness-micro-vit"}})
+    loaded = wemoe.load_wemoe(path, pre, ft)
+    assert loaded.wemoe_adapted_on is None
+    assert {m.implementation for m in wemoe.moe_layers(loaded)} == {"auto"}
+    x = images(3, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), moe(x), rtol=1e-5, atol=1e-5)
+
+
+def test_adaptation_checkpoint_of_another_corruption_is_refused_not_resumed(models, tmp_path):
+    pre, ft = models
+    method = wemoe.WeMoE(steps=2, lr=1e-2, router_depth=1, checkpoint_every=1, routing_stats_batches=0)
+
+    def ctx(adapted_on: dict) -> MergeContext:
+        return MergeContext(heads=heads(), unlabeled=fixed_unlabeled(), workdir=str(tmp_path), adapted_on=adapted_on)
+
+    method.merge(pre, ft, ctx(FOG))
+    with pytest.raises(ValueError, match=r"wemoe-tta\.pt: checkpoint adapted on .*'fog'.*reads .*'snow'"):
+        method.merge(pre, ft, ctx({**FOG, "corruption": "snow"}))
+    with pytest.raises(ValueError, match=r"adapted on .*'severity': 3.*reads .*'severity': 5"):
+        method.merge(pre, ft, ctx({**FOG, "severity": 5}))
+    again = ctx(FOG)
+    method.merge(pre, ft, again)  # the same data: resumed (finished already)
+    assert len(again.artifacts["tta_loss"]) == 2
+
+
+def test_adaptation_checkpoint_written_before_parts_were_recorded_resumes(models, tmp_path):
+    """A checkpoint of the previous format (no data record, no loss parts) resumes; the parts of
+    the steps it ran are unknown, so they are logged from the first step run after it."""
+    from methods.tta import checkpoint_path
+
+    pre, ft = models
+    kwargs = dict(lr=1e-2, router_depth=1, checkpoint_every=1, routing_stats_batches=0)
+    wemoe.WeMoE(steps=2, **kwargs).merge(pre, ft, MergeContext(heads=heads(), unlabeled=fixed_unlabeled(2),
+                                                              workdir=str(tmp_path)))
+    path = checkpoint_path(tmp_path, "wemoe")
+    state = torch.load(path, weights_only=True)
+    for key in ("adapted_on", "parts", "parts_start"):
+        del state[key]
+    torch.save(state, path)
+    ctx = MergeContext(heads=heads(), unlabeled=fixed_unlabeled(2), workdir=str(tmp_path), adapted_on=FOG)
+    wemoe.WeMoE(steps=4, **kwargs).merge(pre, ft, ctx)
+    full = MergeContext(heads=heads(), unlabeled=fixed_unlabeled(2))
+    wemoe.WeMoE(steps=4, **kwargs).merge(pre, ft, full)
+    assert ctx.artifacts["tta_loss"] == full.artifacts["tta_loss"]
+    assert ctx.artifacts["tta_parts"] == {"entropy": [[2, full.artifacts["tta_loss"][2]],
+                                                      [3, full.artifacts["tta_loss"][3]]]}
+
+
+def test_logged_loss_parts_are_the_entropy_and_the_task_identification_term(models):
+    """With ``task_id_weight``, ``tta/loss`` is the sum of ``tta/entropy`` and ``tta/task_id``.
+    Truth at step 0: the entropy of the unadapted model's logits written out, and a router of
+    constant zero logits (depth 0, softmax) whose cross-entropy with any expert is log T."""
+    from harness.job import artifact_metrics
+
+    pre, ft = models
+    unlabeled, hd = fixed_unlabeled(), heads()
+    method = wemoe.WeMoE(steps=3, lr=1e-2, router_depth=0, routing="softmax", task_id_weight=2.0,
+                         checkpoint_every=0, routing_stats_batches=0)
+    init = method.build(pre, ft)
+    expected = 0.0
+    with torch.no_grad():
+        for t in TASKS:
+            p = torch.softmax(F.normalize(init(next(unlabeled[t]())), dim=-1) @ hd[t].T, dim=-1).double()
+            expected += float(-(p * p.log()).sum(-1).mean())
+    ctx = MergeContext(heads=hd, unlabeled=unlabeled)
+    method.merge(pre, ft, ctx)
+    parts, total = ctx.artifacts["tta_parts"], ctx.artifacts["tta_loss"]
+    assert set(parts) == {"entropy", "task_id"}
+    assert parts["entropy"][0] == pytest.approx(expected, rel=1e-5)
+    assert parts["task_id"][0] == pytest.approx(len(TASKS) * 2.0 * math.log(len(TASKS)), rel=1e-6)
+    for e, a, loss in zip(parts["entropy"], parts["task_id"], total):
+        assert e + a == pytest.approx(loss, rel=1e-12)
+    artifacts = dict(ctx.artifacts)
+    artifact_metrics(artifacts)
+    assert artifacts["curves"]["tta/loss"] == total
+    assert artifacts["curves"]["tta/entropy"] == parts["entropy"]
+    assert artifacts["curves"]["tta/task_id"] == parts["task_id"]
+
+
+def test_progress_shows_the_loss_parts(models):
+    from methods.tta import _loss_text
+
+    assert _loss_text(1.5, {"entropy": 1.5}) == "1.5000"
+    assert _loss_text(1.75, {"entropy": 1.5, "task_id": 0.25}) == "1.7500 (entropy 1.5000 + task_id 0.2500)"
 
 
 def test_hyperparameter_bounds():
@@ -594,3 +711,27 @@ def test_adaptation_matches_the_reference_rule(models):
     x = images(5, 99)
     with torch.no_grad():
         assert rel_err(ours(x), ref(x)) <= 1e-5
+
+
+def test_robustness_adaptation_per_corruption_records_its_corruption(sweep_dict):
+    """``robustness.adapt: corrupted`` adapts once more per corruption in ``corrupted-<c>/``: each
+    saved model says which data it was adapted on, so the files side by side are told apart."""
+    from pathlib import Path
+
+    from harness.config import validate_config
+    from harness.runner import run_sweep
+
+    d = dict(sweep_dict, references={"pretrained": False, "individual": False},
+             robustness={"tasks": ["toy_stripes"], "corruptions": ["contrast", "fog"], "severity": 4, "seed": 7},
+             methods=[{"name": "wemoe", "params": {"steps": 1, "router_depth": 0, "routing_stats_batches": 0,
+                                                    "implementation": "stacked"}}])
+    cfg = validate_config(d)
+    out = run_sweep(cfg, quiet=True)
+    assert not out.failed, [r.error for r in out.failed]
+    work = Path(cfg.resolved_output_dir()) / "work" / out.results[0].key
+    config, meta = wemoe.read_wemoe_meta(work / wemoe.MODEL_FILE)
+    assert meta["adapted_on"] == {"split": "test", "corruption": None}
+    assert config["implementation"] == "stacked"
+    for c in ("contrast", "fog"):
+        _, meta = wemoe.read_wemoe_meta(work / f"corrupted-{c}" / wemoe.MODEL_FILE)
+        assert meta["adapted_on"] == {"split": "test", "corruption": c, "severity": 4, "corruption_seed": 7}
