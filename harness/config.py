@@ -926,6 +926,34 @@ def check_model_files(cfg: SweepConfig, file: str) -> None:
             raise ConfigError(file, f"model.heads.{t}", "is a folder, not a head file", path)
 
 
+def check_data_roots(cfg: SweepConfig, file: str) -> None:
+    """Every task that reads its images from a data folder (its factory takes ``data_root``: the
+    real datasets of :mod:`tasks.vision8`) has one that exists, from its ``options`` or the
+    top-level ``data_root``. Checked with the sweep file, so the error names the file, the field
+    and the value, not a job at run time. Tasks without the option (embedded, generated) cost a
+    signature lookup each."""
+    import inspect
+
+    from tasks.base import resolve_task
+
+    for i, t in enumerate(cfg.tasks):
+        try:
+            takes = "data_root" in inspect.signature(resolve_task(t.name)).parameters
+        except (KeyError, TypeError, ValueError):  # check_tasks reports bad names; builtins lack a signature
+            continue
+        if not takes:
+            continue
+        where, root = ((f"tasks.{i}.options.data_root", t.options["data_root"]) if "data_root" in t.options
+                       else ("data_root", cfg.data_root))
+        if root is None:
+            raise ConfigError(file, "data_root", f"task {t.name!r} reads its images from a data folder: set "
+                              f"data_root (or tasks.{i}.options.data_root)", show_value=False)
+        path = Path(str(root)).expanduser()
+        if not path.is_dir():
+            what = "is a file, not a folder" if path.exists() else f"does not exist{relative_note(str(root))}"
+            raise ConfigError(file, where, f"data folder of task {t.name!r} {what}", root)
+
+
 def output_dir_problem(out: Path) -> str | None:
     """Why ``out`` cannot be the sweep's output folder (a file stands at it or above it), or None."""
     for p in (out, *out.parents):

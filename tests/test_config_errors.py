@@ -470,3 +470,45 @@ def test_an_architecture_defined_beside_the_weights_validates(sweep_dict, tmp_pa
     code, out, err = _run(["validate", str(f)])
     assert code == 0, err
     assert "valid" in out
+
+
+@pytest.mark.parametrize("task,top,fragment", [
+    ({"name": "dtd", "options": {"data_root": "/nonexistent/data"}}, None,
+     "tasks.2.options.data_root: data folder of task 'dtd' does not exist (got '/nonexistent/data')"),
+    ("dtd", "/nonexistent/top", "data_root: data folder of task 'dtd' does not exist (got '/nonexistent/top')"),
+    ("dtd", None, "data_root: task 'dtd' reads its images from a data folder: set data_root (or "
+                  "tasks.2.options.data_root)"),
+    ({"name": "dtd", "options": {"data_root": "FILE"}}, None,
+     "tasks.2.options.data_root: data folder of task 'dtd' is a file, not a folder"),
+], ids=["option-missing", "top-level-missing", "unset", "a-file"])
+def test_a_missing_data_folder_is_reported_by_validate(task, top, fragment, sweep_dict, tmp_path):
+    """Tasks read from a data folder (the real datasets) are refused before any job runs, naming
+    the file, the field and the folder; the sweep's other tasks (generated) need none."""
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    if isinstance(task, dict) and task["options"]["data_root"] == "FILE":
+        task = {"name": "dtd", "options": {"data_root": str(a_file)}}
+    d = dict(sweep_dict, tasks=[*sweep_dict["tasks"], task], unseen=["dtd"])
+    if top is not None:
+        d["data_root"] = top
+    f = tmp_path / "data.yaml"
+    f.write_text(yaml.safe_dump(d))
+    for args in (["validate", str(f)], ["sweep", "--dry-run", str(f)]):
+        code, out, err = _run(args)
+        assert code == 2, (out, err)
+        assert " ".join(err.split()).startswith(f"error: {f}: {fragment}"), err
+    (tmp_path / "data").mkdir()
+    d = dict(d, data_root=str(tmp_path / "data"))
+    if isinstance(task, dict):
+        d["tasks"] = [*sweep_dict["tasks"], {"name": "dtd", "options": {"data_root": str(tmp_path / "data")}}]
+    f.write_text(yaml.safe_dump(d))
+    code, out, err = _run(["validate", str(f)])
+    assert code == 0, (out, err)
+
+
+def test_a_relative_data_folder_says_where_it_is_read_from(sweep_dict, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    f = tmp_path / "data.yaml"
+    f.write_text(yaml.safe_dump(dict(sweep_dict, tasks=[*sweep_dict["tasks"], "dtd"], unseen=["dtd"], data_root="data")))
+    code, out, err = _run(["validate", str(f)])
+    assert code == 2 and f"(relative paths are read from the current folder, {tmp_path})" in " ".join(err.split())

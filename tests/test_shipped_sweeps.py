@@ -39,9 +39,16 @@ def test_sweep_validates(path, tmp_path, monkeypatch):
     monkeypatch.setattr("harness.executors.slurm.cluster_partitions", lambda: None)
     env = {"CKPT": str(tmp_path / "ckpt"), "DATA": str(tmp_path / "data"), "COLUMNS": "200"}
     made = _touch_model_files(path, tmp_path / "ckpt")
+    (tmp_path / "data").mkdir()
     r = CliRunner().invoke(main, ["validate", str(path)], env=env)
     assert r.exit_code == 0, r.output + r.stderr
     assert "valid" in r.stdout and "job plan:" in r.stdout
+    if "${DATA}" in path.read_text():  # without its data folder the same sweep is refused, naming it
+        (tmp_path / "data").rmdir()
+        r = CliRunner().invoke(main, ["validate", str(path)], env=env)
+        assert r.exit_code == 2 and f"{path}: data_root: data folder of task 'sun397' does not exist" in r.stderr, \
+            r.stderr
+        (tmp_path / "data").mkdir()
     if made:  # without its checkpoints the same sweep is refused, naming the file and field
         made[0].unlink()
         r = CliRunner().invoke(main, ["validate", str(path)], env=env)
