@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from harness.convert import FORMAT, convert_pickled_checkpoint
-from harness.errors import HarnessError
+from harness.errors import HarnessError, NotBuilt
 from harness.hf_convert import (
     Kind,
     combined_digest,
@@ -127,8 +127,10 @@ def resolve_checkpoint(
     arch: str | None = None,
     projection: str | os.PathLike | None = None,
     trust_pickle: bool = False,
+    convert: bool = True,
 ) -> Path:
-    """A safetensors file in the harness's layout for ``path``, converting into the cache once.
+    """A safetensors file in the harness's layout for ``path``, converting into the cache once
+    (``convert=False``: only looking the conversion up, :class:`harness.errors.NotBuilt` if absent).
 
     ``path`` may be an HF CLIP folder (or its weights file), a task_vectors pickle (with
     ``trust_pickle``), a prefixed or ``.pt`` state dict, or a file already in the layout, which
@@ -159,6 +161,7 @@ def resolve_checkpoint(
                     "projection": proj_digest})
         out = store / f"{key}.safetensors"
         if not _complete(out):
+            _must_convert(p, convert)
             convert_hf_checkpoint(folder, out, kind=kind, arch=arch, projection=projection if proj_digest else None)
         checkpoint_arch(out)
         return out
@@ -174,10 +177,16 @@ def resolve_checkpoint(
     key = _key({"format": FORMAT, "kind": kind, "arch": arch, "sources": file_digest(p)})
     out = store / f"{key}.safetensors"
     if not _complete(out):
+        _must_convert(p, convert)
         if arch is not None and projection is not None and Path(projection).is_file():
             resolve_arch(arch, [p, projection])  # a generated name the state dict does not record
         convert_pickled_checkpoint(p, out, trust_pickle=trust_pickle, arch=arch)
     return out
+
+
+def _must_convert(path: Path, convert: bool) -> None:
+    if not convert:
+        raise NotBuilt(f"{path}: not converted into the cache yet")
 
 
 def checkpoint_arch(path: str | os.PathLike) -> str | None:

@@ -113,19 +113,29 @@ def _load(file: str, overrides: tuple[str, ...], start_workers: bool = False, su
     return cfg
 
 
-def _print_plan(cfg) -> None:
+def _print_plan(cfg, cache: bool = False) -> None:
+    """The resolved config and the job plan; with ``cache``, which jobs the output folder has
+    cached already (a dry run: the result store is read, no model built or loaded)."""
     from harness.config import MAIN, dump_yaml
     from harness.plan import plan_jobs, robustness_inline
 
     console.rule("resolved config")
     console.print(dump_yaml(cfg), highlight=False, markup=False)
-    specs = plan_jobs(cfg)
+    done: set[str] | None = None
+    why = None
+    if cache:
+        from harness.runner import cache_status
+
+        specs, done, why = cache_status(cfg)
+    else:
+        specs = plan_jobs(cfg)
     table = Table(title=f"job plan: {len(specs)} jobs")
-    for col in ("#", "kind", "method", "task", "params"):
+    for col in ("#", "kind", "method", "task", "params", *(("status",) if done is not None else ())):
         table.add_column(col)
     for i, s in enumerate(specs):
         tasks = s.task or ("all" if s.protocol == MAIN else f"all, merged on {', '.join(cfg.seen_tasks(s.protocol))}")
-        table.add_row(str(i), s.kind, s.label, tasks, ", ".join(f"{k}={v}" for k, v in s.params.items()))
+        status = () if done is None else ("cached" if s.key in done else "to run",)
+        table.add_row(str(i), s.kind, s.label, tasks, ", ".join(f"{k}={v}" for k, v in s.params.items()), *status)
     for m in cfg.methods:
         if m.tune:
             table.add_row("-", "tune", m.display, "all",
@@ -134,6 +144,12 @@ def _print_plan(cfg) -> None:
             table.add_row("-", "robustness", m.display, ", ".join(cfg.robustness.tasks),
                           "the setting chosen on val, after its grid")
     console.print(table)
+    if done is not None:
+        cached = sum(s.key in done for s in specs)
+        console.print(f"{len(specs)} jobs: {cached} cached, {len(specs) - cached} to run", highlight=False)
+    elif cache:
+        console.print(f"{len(specs)} jobs: which are cached is not known before the models are built ({why})",
+                      highlight=False, markup=False, soft_wrap=True)
     console.print(f"outputs: {cfg.resolved_output_dir()}\ntracking: {cfg.resolved_tracking_uri()}")
 
 
@@ -147,7 +163,7 @@ def sweep(file: str, overrides: tuple[str, ...], dry_run: bool, quiet: bool, det
     """Run a sweep: FILE is a YAML sweep, OVERRIDES are key.path=value."""
     cfg = _load(file, overrides, start_workers=not (dry_run or detach), submits=True)
     if dry_run:
-        _print_plan(cfg)
+        _print_plan(cfg, cache=True)
         return
     from harness.runner import run_sweep
 

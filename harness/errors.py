@@ -10,6 +10,11 @@ class HarnessError(Exception):
     """A user-facing error: the message names the file, field or tensor at fault."""
 
 
+class NotBuilt(HarnessError):
+    """An input that would have to be built first (trained, converted): raised where only a
+    look-up was asked for, as a dry run does to tell cached jobs without building anything."""
+
+
 def did_you_mean(name: str, candidates: Iterable[str]) -> str:
     """``"; did you mean 'x'?"`` for the valid name closest to a misspelt ``name`` (case aside),
     or ``""`` when none is close: a typo's error then says what was meant."""

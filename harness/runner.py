@@ -19,7 +19,7 @@ from rich.console import Console
 
 from harness.cache import atomic_write_bytes, atomic_write_json
 from harness.config import SweepConfig, dump_yaml, output_dir_problem
-from harness.errors import HarnessError
+from harness.errors import HarnessError, NotBuilt
 from harness.executors import make_executor
 from harness.failpoints import failpoint
 from harness.job import JobResult, read_result
@@ -86,6 +86,37 @@ def finished_result(results_dir: Path, spec: JobSpec) -> JobResult | None:
         return None
     result.label = spec.label
     return result
+
+
+def split_cached(specs: list[JobSpec], results_dir: Path) -> tuple[dict[str, JobResult], list[JobSpec]]:
+    """(the cached results by key, the jobs to run): what a sweep runs and what its dry run shows."""
+    results: dict[str, JobResult] = {}
+    pending: list[JobSpec] = []
+    for s in specs:
+        cached = finished_result(results_dir, s)
+        if cached:
+            results[s.key] = cached
+        else:
+            pending.append(s)
+    return results, pending
+
+
+def cache_status(cfg: SweepConfig) -> tuple[list[JobSpec], set[str] | None, str | None]:
+    """The sweep's planned jobs and the keys of those already cached, as a run would find them,
+    building, converting and loading no model (a dry run). An output folder without results
+    needs no keys (every job runs; nothing is hashed); where keys would need a model built first
+    (the embedded suite not prepared, a checkpoint not converted yet), the cached keys are None
+    with the reason."""
+    results_dir = cfg.resolved_output_dir() / "results"
+    if not results_dir.is_dir() or not any(results_dir.glob("*.json")):
+        return plan_jobs(cfg), set(), None
+    ws = Workspace(cfg, build=False)
+    try:
+        specs = plan_jobs(cfg, ws.identity, ws.task_identity())
+    except NotBuilt as exc:
+        return plan_jobs(cfg), None, str(exc)
+    results, _ = split_cached(specs, results_dir)
+    return specs, set(results), None
 
 
 def traceback_file(out: Path, key: str) -> Path:
@@ -180,14 +211,7 @@ def _run_sweep(cfg: SweepConfig, ws: Workspace, executor: Any, console: Console,
     if only is not None:  # the reference rows its table shows, and normalized accuracy needs
         specs = [s for s in specs if s.kind in ("pretrained", "individual")]
     results_dir = out / "results"
-    results: dict[str, JobResult] = {}
-    pending: list[JobSpec] = []
-    for s in specs:
-        cached = finished_result(results_dir, s)
-        if cached:
-            results[s.key] = cached
-        else:
-            pending.append(s)
+    results, pending = split_cached(specs, results_dir)
     if pending or any(m.tune for m in cfg.methods):  # a finished sweep builds no model
         ws.preflight()  # bad checkpoints, data or heads: one error now, before anything is written
     failpoint("prepare")

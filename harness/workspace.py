@@ -17,7 +17,7 @@ from torch import nn
 
 from harness.cache import atomic_write_json, content_key, read_json
 from harness.config import SweepConfig, check_model_files
-from harness.errors import HarnessError
+from harness.errors import HarnessError, NotBuilt
 from harness.models import (
     CONFIG_DIR,
     build_clip,
@@ -34,9 +34,15 @@ from tasks.base import Task, TaskDataError
 
 
 class Workspace:
-    def __init__(self, cfg: SweepConfig, progress: bool = False):
+    """``build=False``: identities only from what is built already (the embedded suite's models,
+    converted checkpoints, the encoder summary); anything that would need building first raises
+    :class:`harness.errors.NotBuilt` instead, so a dry run names job keys without training,
+    converting or loading a model."""
+
+    def __init__(self, cfg: SweepConfig, progress: bool = False, build: bool = True):
         self.cfg = cfg
         self.progress = progress
+        self.build = build
         self._tasks: dict[str, Task] = {}
         self._heads: dict[str, torch.Tensor] = {}
         self._finetuned: dict[str, nn.Module] = {}
@@ -51,7 +57,8 @@ class Workspace:
         if m.source == "embedded":
             from tasks.embedded.pipeline import prepare_suite
 
-            art = prepare_suite(names, self.cfg.resolved_cache_dir(), options=m.suite, progress=self.progress)
+            art = prepare_suite(names, self.cfg.resolved_cache_dir(), options=m.suite, progress=self.progress,
+                                train=self.build)
             return {"arch": art.arch, "pretrained": str(art.pretrained),
                     "finetuned": {t: str(p) for t, p in art.finetuned.items()}, "heads": {}}
         check_model_files(self.cfg, "<config>")  # the CLI ran it already, naming the sweep file
@@ -65,14 +72,16 @@ class Workspace:
         if local_pre and self._foreign(pre, "clip"):  # e.g. a Hugging Face CLIPModel folder: convert once, cached
             from harness.checkpoints import checkpoint_arch, resolve_checkpoint
 
-            pre = str(resolve_checkpoint(pre, self.cfg.resolved_cache_dir(), kind="clip", arch=m.arch))
+            pre = str(resolve_checkpoint(pre, self.cfg.resolved_cache_dir(), kind="clip", arch=m.arch,
+                                         convert=self.build))
             arch = checkpoint_arch(pre) or arch
         for t, path in finetuned.items():
             if self._foreign(path, "image_encoder"):
                 from harness.checkpoints import resolve_checkpoint
 
                 finetuned[t] = str(resolve_checkpoint(path, self.cfg.resolved_cache_dir(), arch=arch,
-                                                      projection=m.pretrained if local_pre else None))
+                                                      projection=m.pretrained if local_pre else None,
+                                                      convert=self.build))
         return {"arch": arch, "pretrained": pre, "finetuned": finetuned, "heads": dict(m.heads)}
 
     @staticmethod
@@ -139,6 +148,9 @@ class Workspace:
             summary = read_json(path)
             if isinstance(summary, dict) and {"shapes", "params", "image_size"} <= summary.keys():
                 return summary
+        if not self.build:
+            raise NotBuilt(f"the image encoder of {arch} was never built with these weights (its input size "
+                           "is not known without building it)")
         visual = self.clip.visual
         size = getattr(visual, "image_size", None)
         summary = {"shapes": {k: list(v.shape) for k, v in visual.state_dict().items()},

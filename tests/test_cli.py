@@ -153,3 +153,62 @@ def test_ui_refuses_a_port_out_of_range(tmp_path, monkeypatch):
         r = CliRunner().invoke(main, ["ui", str(tmp_path), "--port", port])
         assert r.exit_code == 2, r.output
         assert "--port" in r.output and "1<=x<=65535" in r.output and "Traceback" not in r.output
+
+
+def _dry_run(f: Path, *overrides: str) -> tuple[str, dict[str, str]]:
+    """The dry run's summary line and each job's status by its row (kind, method, task, params)."""
+    r = CliRunner().invoke(main, ["sweep", "--dry-run", str(f), *overrides], env={"COLUMNS": "250"})
+    assert r.exit_code == 0, r.output
+    summary = next(line for line in r.output.splitlines() if " jobs: " in line)
+    rows = {}
+    for line in r.output.splitlines():
+        cells = [c.strip() for c in line.split("│")[1:-1]]
+        if len(cells) == 6 and cells[0].isdigit():
+            rows[" ".join(cells[1:5]).strip()] = cells[5]
+    return summary, rows
+
+
+def test_dry_run_shows_which_jobs_are_cached(sweep_dict, tmp_path, monkeypatch):
+    """Cached means what the sweep itself decides: a finished result of the job's key (a failed
+    one runs again); found from the result store alone, no model built or loaded."""
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump(sweep_dict))
+    summary, rows = _dry_run(f)
+    assert summary == "6 jobs: 0 cached, 6 to run" and set(rows.values()) == {"to run"}
+    assert not Path(sweep_dict["output_dir"]).exists()
+    assert CliRunner().invoke(main, ["sweep", "-q", str(f)]).exit_code == 0
+    results = Path(sweep_dict["output_dir"]) / "results"
+    failed = next(p for p in results.glob("*.json") if json.loads(p.read_text())["label"] == "weight_averaging")
+    failed.write_text(json.dumps({**json.loads(failed.read_text()), "status": "failed", "error": "boom"}))
+
+    import harness.workspace
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a dry run loads no model")
+
+    monkeypatch.setattr(harness.workspace, "build_clip", no_model)
+    monkeypatch.setattr(harness.workspace, "load_state_dict", no_model)
+    summary, rows = _dry_run(f, "methods.1.grid.scaling=[0.2, 0.6, 0.4]")
+    assert summary == "7 jobs: 5 cached, 2 to run"
+    assert rows["merge weight_averaging all"] == "to run"  # failed: the sweep retries it
+    assert rows["merge task_arithmetic all scaling=0.4"] == "to run"
+    assert rows["merge task_arithmetic all scaling=0.2"] == rows["pretrained pretrained all"] == "cached"
+    monkeypatch.undo()
+    r = CliRunner().invoke(main, ["sweep", str(f), "methods.1.grid.scaling=[0.2, 0.6, 0.4]"])
+    assert r.exit_code == 0 and "7 jobs, 5 cached, 2 to run" in r.output  # the run agrees
+
+
+def test_dry_run_of_an_unprepared_embedded_suite_builds_nothing(tmp_path):
+    """Job keys name the embedded suite's models: before they are built, the dry run says the
+    cached jobs are not known rather than training them."""
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    (out / "results").mkdir(parents=True)
+    (out / "results" / "0123.json").write_text("{}")
+    f = tmp_path / "e.yaml"
+    f.write_text(yaml.safe_dump({"name": "e", "output_dir": str(out), "cache_dir": str(cache),
+                                 "model": {"source": "embedded", "suite": {"size": "tiny"}},
+                                 "tasks": ["emb_mnist", "emb_fashion"], "methods": ["weight_averaging"]}))
+    r = CliRunner().invoke(main, ["sweep", "--dry-run", str(f)], env={"COLUMNS": "250"})
+    assert r.exit_code == 0, r.output
+    assert "4 jobs: which are cached is not known before the models are built (the embedded suite's" in r.output
+    assert not cache.exists()  # nothing trained, nothing written

@@ -215,6 +215,23 @@ def test_second_call_reuses_everything(suite, two_tasks, monkeypatch):
     assert all(v == 0.0 for k, v in again.timings.items() if k != "total")
 
 
+def test_look_up_finds_the_built_suite_and_builds_nothing(suite, two_tasks, tmp_path):
+    """``train=False`` (a dry run naming job keys) returns what the build returned, and for
+    models not built yet raises NotBuilt without training or writing anything."""
+    from harness.errors import NotBuilt
+
+    cache, art = suite
+    found = pipeline.prepare_suite(two_tasks, cache, TINY, progress=False, train=False)
+    assert (found.arch, found.pretrained, found.finetuned, found.identity) == (
+        art.arch, art.pretrained, art.finetuned, art.identity)
+    with pytest.raises(NotBuilt, match=f"fine-tuned models of {two_tasks[0]} are not built yet"):
+        pipeline.prepare_suite(two_tasks[:1], cache, {**TINY, "finetune_lr": 1e-5}, progress=False, train=False)
+    empty = tmp_path / "empty"
+    with pytest.raises(NotBuilt, match="pretrained model is not built yet"):
+        pipeline.prepare_suite(two_tasks, empty, {**TINY, "pretrain_lr": 7e-4}, progress=False, train=False)
+    assert not empty.exists()
+
+
 def test_changed_finetune_option_keeps_pretrained_and_retrains_encoders(suite, two_tasks):
     cache, art = suite
     other = pipeline.prepare_suite(two_tasks[:1], cache, {**TINY, "finetune_lr": 3e-4}, progress=False)

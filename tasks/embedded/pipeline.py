@@ -283,13 +283,19 @@ def cached_pool(n: int, seed: int, size: str, cache_dir: Path) -> tuple[torch.Te
     return images, list(captions)
 
 
-def _ensure_pretrained(opts: SuiteOptions, cache_dir: Path, data_version: str, bars, from_scratch: bool
-                       ) -> tuple[Path, float]:
+def _pretrained_path(opts: SuiteOptions, cache_dir: Path, data_version: str, from_scratch: bool) -> Path:
+    """Where the suite's pretrained CLIP is (the shipped weights when they match), built or not."""
     identity = opts.pretrain_identity(data_version)
     shipped, meta = shipped_pretrained(opts.arch)
     if not from_scratch and meta is not None and meta.get("identity") == identity:
-        return shipped, 0.0
-    path = cache_dir / "pretrained" / f"{opts.arch}-{content_key(identity)}.safetensors"
+        return shipped
+    return cache_dir / "pretrained" / f"{opts.arch}-{content_key(identity)}.safetensors"
+
+
+def _ensure_pretrained(opts: SuiteOptions, cache_dir: Path, data_version: str, bars, from_scratch: bool
+                       ) -> tuple[Path, float]:
+    identity = opts.pretrain_identity(data_version)
+    path = _pretrained_path(opts, cache_dir, data_version, from_scratch)
     if path.is_file():
         return path, 0.0
     images, captions = cached_pool(opts.pretrain_pool, opts.pretrain_pool_seed, opts.size, cache_dir)
@@ -362,8 +368,11 @@ def _build_lock(cache_dir: Path, progress: bool) -> Iterator[None]:
 
 
 def prepare_suite(task_names: list[str], cache_dir: Path, options: dict | None = None, progress: bool = True,
-                  from_scratch: bool = False) -> SuiteArtifacts:
+                  from_scratch: bool = False, train: bool = True) -> SuiteArtifacts:
     """Pretrained CLIP + one fine-tuned image encoder per task, trained only where missing.
+
+    ``train=False`` only looks them up (no lock, nothing written) and raises
+    :class:`harness.errors.NotBuilt` when one is missing.
 
     ``from_scratch`` ignores the shipped pretrained weights (artifacts already trained into
     ``cache_dir`` are still reused). ``pretrained`` loads with
@@ -379,14 +388,15 @@ def prepare_suite(task_names: list[str], cache_dir: Path, options: dict | None =
     cache_dir = Path(cache_dir) / "embedded"
     timings: dict[str, float] = {}
     total_start = time.perf_counter()
+    if not train:
+        return _built_suite(opts, task_names, cache_dir, data, from_scratch)
     with _build_lock(cache_dir, progress), _progress_bars(progress) as bars:
         pretrained, timings["pretrain"] = _ensure_pretrained(opts, cache_dir, data.DATA_VERSION, bars, from_scratch)
         digest = file_digest(pretrained)
         finetuned: dict[str, Path] = {}
         todo: list[str] = []
         for task in task_names:
-            key = content_key(opts.finetune_identity(data.DATA_VERSION, task, digest, data.source_variant(task)))
-            finetuned[task] = cache_dir / "finetuned" / f"{task}-{key}.safetensors"
+            finetuned[task] = _finetuned_path(opts, cache_dir, data, task, digest)
             timings[f"finetune:{task}"] = 0.0
             if not finetuned[task].is_file():
                 todo.append(task)
@@ -398,8 +408,33 @@ def prepare_suite(task_names: list[str], cache_dir: Path, options: dict | None =
             jobs = [(t, opts.model_dump_json(), str(pretrained), str(finetuned[t]), preserve, data_root) for t in todo]
             timings.update(_run_jobs(jobs, min(opts.workers, len(todo)), bars, bar_ids, opts.finetune_steps))
     timings["total"] = time.perf_counter() - total_start
-    identity = content_key({"pretrained": digest, "finetuned": {t: p.name for t, p in sorted(finetuned.items())}})
-    return SuiteArtifacts(opts.arch, pretrained, finetuned, identity, timings)
+    return SuiteArtifacts(opts.arch, pretrained, finetuned, _suite_identity(digest, finetuned), timings)
+
+
+def _finetuned_path(opts: SuiteOptions, cache_dir: Path, data: Any, task: str, digest: str) -> Path:
+    """Where ``task``'s fine-tuned encoder is, built or not (keyed by what trains it)."""
+    key = content_key(opts.finetune_identity(data.DATA_VERSION, task, digest, data.source_variant(task)))
+    return cache_dir / "finetuned" / f"{task}-{key}.safetensors"
+
+
+def _suite_identity(digest: str, finetuned: dict[str, Path]) -> str:
+    return content_key({"pretrained": digest, "finetuned": {t: p.name for t, p in sorted(finetuned.items())}})
+
+
+def _built_suite(opts: SuiteOptions, task_names: list[str], cache_dir: Path, data: Any,
+                 from_scratch: bool) -> SuiteArtifacts:
+    """The suite's artifacts as :func:`prepare_suite` returns them, when all are built already."""
+    from harness.errors import NotBuilt
+
+    pretrained = _pretrained_path(opts, cache_dir, data.DATA_VERSION, from_scratch)
+    if not pretrained.is_file():
+        raise NotBuilt(f"the embedded suite's pretrained model is not built yet ({pretrained})")
+    digest = file_digest(pretrained)
+    finetuned = {t: _finetuned_path(opts, cache_dir, data, t, digest) for t in task_names}
+    missing = [t for t, p in finetuned.items() if not p.is_file()]
+    if missing:
+        raise NotBuilt(f"the embedded suite's fine-tuned models of {', '.join(missing)} are not built yet")
+    return SuiteArtifacts(opts.arch, pretrained, finetuned, _suite_identity(digest, finetuned), {})
 
 
 class _DirectQueue:
