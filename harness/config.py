@@ -775,7 +775,7 @@ def check_methods(cfg: SweepConfig, file: str) -> None:
         seen: dict[str, dict[str, Any]] = {}
         for setting in expand_grid(m):
             try:
-                validated = cls(**setting).model_dump(mode="json")
+                validated = cls(**setting).key_params()
             except ValidationError as exc:
                 err = exc.errors()[0]
                 key = str(err["loc"][0]) if err["loc"] else ""
@@ -784,8 +784,10 @@ def check_methods(cfg: SweepConfig, file: str) -> None:
                 raise ConfigError(file, f"methods.{i}.{where}", msg, err.get("input") if key else setting) from None
             same = seen.setdefault(json.dumps(validated, sort_keys=True), setting)
             if same is not setting:  # one job would run twice under two titles
+                runtime = sorted(k for k in cls.runtime_only if k in m.grid)
+                why = f" ({', '.join(runtime)} never changes a result)" if runtime else ""
                 raise ConfigError(file, f"methods.{i}.grid", f"settings {same} and {setting} are the same "
-                                  "setting once validated", show_value=False)
+                                  f"setting once validated{why}", show_value=False)
 
 
 def field_kind(annotation: Any) -> str:
