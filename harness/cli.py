@@ -82,6 +82,7 @@ def _load(file: str, overrides: tuple[str, ...], start_workers: bool = False, su
     from harness.config import (
         ConfigError,
         ExecutorSpec,
+        check_checkpoint_shapes,
         check_data_roots,
         check_model_files,
         check_output_dir,
@@ -102,6 +103,7 @@ def _load(file: str, overrides: tuple[str, ...], start_workers: bool = False, su
     try:
         cfg = validate_config(raw, file)
         check_model_files(cfg, file)
+        check_checkpoint_shapes(cfg, file)
         check_data_roots(cfg, file)
         check_output_dir(cfg, file)
         if submits and cfg.executor.kind == "slurm":
