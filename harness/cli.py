@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import click
 from rich.console import Console
@@ -82,6 +84,7 @@ def _load(file: str, overrides: tuple[str, ...], start_workers: bool = False, su
     from harness.config import (
         ConfigError,
         ExecutorSpec,
+        check_checkpoint_shapes,
         check_data_roots,
         check_model_files,
         check_output_dir,
@@ -102,6 +105,7 @@ def _load(file: str, overrides: tuple[str, ...], start_workers: bool = False, su
     try:
         cfg = validate_config(raw, file)
         check_model_files(cfg, file)
+        check_checkpoint_shapes(cfg, file)
         check_data_roots(cfg, file)
         check_output_dir(cfg, file)
         if submits and cfg.executor.kind == "slurm":
@@ -111,6 +115,20 @@ def _load(file: str, overrides: tuple[str, ...], start_workers: bool = False, su
     except ConfigError as exc:
         raise exc.blamed_on_overrides(list(overrides)) from None
     return cfg
+
+
+@contextlib.contextmanager
+def _fields_of(file: str, overrides: tuple[str, ...]) -> Iterator[None]:
+    """A sweep field found at fault while the sweep runs (a SLURM option sbatch refuses) is named
+    with the sweep file, or the override that set it, as validation names a field."""
+    from harness.config import ConfigError
+    from harness.errors import FieldError
+
+    try:
+        yield
+    except FieldError as exc:
+        raise ConfigError(file, exc.field, exc.message, exc.value, show_value=exc.value is not None
+                          ).blamed_on_overrides(list(overrides)) from None
 
 
 def _print_plan(cfg, cache: bool = False) -> None:
@@ -167,7 +185,8 @@ def sweep(file: str, overrides: tuple[str, ...], dry_run: bool, quiet: bool, det
         return
     from harness.runner import run_sweep
 
-    outcome = run_sweep(cfg, quiet=quiet, mode="detach" if detach else "run")
+    with _fields_of(file, overrides):
+        outcome = run_sweep(cfg, quiet=quiet, mode="detach" if detach else "run")
     if not detach:
         _report(cfg, outcome, quiet)
 
@@ -245,7 +264,8 @@ def tune(file: str, overrides: tuple[str, ...], label: str, trials: int | None, 
                                    prefix=f"methods.{index}.tune", schema=TuneSpec) from None
     from harness.runner import TuneOnly, print_tables, run_sweep
 
-    outcome = run_sweep(cfg, quiet=quiet, only=TuneOnly(m.display, trials))
+    with _fields_of(file, overrides):
+        outcome = run_sweep(cfg, quiet=quiet, only=TuneOnly(m.display, trials))
     if quiet:
         print_tables(console, cfg, outcome.rows, outcome.generalization_rows)
     sys.exit(1 if outcome.failed else 0)

@@ -775,7 +775,7 @@ def check_methods(cfg: SweepConfig, file: str) -> None:
         seen: dict[str, dict[str, Any]] = {}
         for setting in expand_grid(m):
             try:
-                validated = cls(**setting).model_dump(mode="json")
+                validated = cls(**setting).key_params()
             except ValidationError as exc:
                 err = exc.errors()[0]
                 key = str(err["loc"][0]) if err["loc"] else ""
@@ -784,8 +784,10 @@ def check_methods(cfg: SweepConfig, file: str) -> None:
                 raise ConfigError(file, f"methods.{i}.{where}", msg, err.get("input") if key else setting) from None
             same = seen.setdefault(json.dumps(validated, sort_keys=True), setting)
             if same is not setting:  # one job would run twice under two titles
+                runtime = sorted(k for k in cls.runtime_only if k in m.grid)
+                why = f" ({', '.join(runtime)} never changes a result)" if runtime else ""
                 raise ConfigError(file, f"methods.{i}.grid", f"settings {same} and {setting} are the same "
-                                  "setting once validated", show_value=False)
+                                  f"setting once validated{why}", show_value=False)
 
 
 def field_kind(annotation: Any) -> str:
@@ -924,6 +926,74 @@ def check_model_files(cfg: SweepConfig, file: str) -> None:
             raise ConfigError(file, f"model.heads.{t}", f"head file does not exist{relative_note(path)}", path)
         if Path(path).is_dir():
             raise ConfigError(file, f"model.heads.{t}", "is a folder, not a head file", path)
+
+
+def finetuned_field(cfg: SweepConfig, task: str) -> tuple[str, str | None]:
+    """The field that names ``task``'s fine-tuned checkpoint, and the path it gives (None: none)."""
+    m = cfg.model
+    if task in m.finetuned:
+        return f"model.finetuned.{task}", m.finetuned[task]
+    return "model.finetuned_pattern", m.finetuned_pattern.format(task=task) if m.finetuned_pattern else None
+
+
+def encoder_shapes(shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]] | None:
+    """The image encoder's tensor shapes among a file's: all of them in the harness's layout, the
+    ones under its single prefix (``visual.`` of a whole CLIP, ``model.visual.``) stripped of it;
+    None when there is no one encoder (the run names what is wrong)."""
+    if "class_embedding" in shapes:
+        return shapes
+    prefixes = {k[: -len("class_embedding")] for k in shapes if k.endswith(".class_embedding")}
+    if len(prefixes) != 1:
+        return None
+    (prefix,) = prefixes
+    return {k[len(prefix):]: s for k, s in shapes.items() if k.startswith(prefix)}
+
+
+def check_checkpoint_shapes(cfg: SweepConfig, file: str) -> None:
+    """Every fine-tuned checkpoint's tensors have the pretrained image encoder's shapes, read from
+    safetensors headers alone (no tensor is loaded, whatever the checkpoints' size), so a
+    checkpoint of another architecture or width is named with its field before any job runs.
+    When every fine-tuned checkpoint (two or more) differs from the pretrained weights in the same
+    way, the pretrained weights are the odd ones out. Checkpoints that need converting first
+    (``.pt``, Hugging Face folders) and weights named by an open_clip tag are checked by the
+    run's preflight, against the built model."""
+    from harness.models import is_safetensors, tensor_shapes
+
+    m = cfg.model
+    pre = Path(m.pretrained) if m.source == "files" and m.pretrained else None
+    if pre is None or not pre.is_file() or not is_safetensors(pre):
+        return
+    try:
+        expected = encoder_shapes(tensor_shapes(pre))
+    except HarnessError:
+        return  # the run names the unreadable file
+    if not expected:
+        return
+    checked, mismatches = 0, []
+    for t in cfg.task_names:
+        where, path = finetuned_field(cfg, t)
+        if path is None or not Path(path).is_file() or not is_safetensors(path):
+            continue
+        whose = f"checkpoint of task {t!r} ({path})" if where == "model.finetuned_pattern" else path
+        try:
+            found = encoder_shapes(tensor_shapes(path))
+        except HarnessError as exc:
+            raise ConfigError(file, where, f"{whose}: {str(exc).removeprefix(f'{path}: ')}", show_value=False) from None
+        if found is None:
+            continue  # not one image encoder: the run says what it holds
+        checked += 1
+        k = next((k for k, shape in expected.items() if k in found and tuple(found[k]) != tuple(shape)), None)
+        if k is not None:
+            mismatches.append((where, whose, k, tuple(found[k])))
+    if not mismatches:
+        return
+    where, whose, k, shape = mismatches[0]
+    if checked > 1 and len(mismatches) == checked and all((x[2], x[3]) == (k, shape) for x in mismatches):
+        raise ConfigError(file, "model.pretrained", f"{pre}: tensor {k!r} of its image encoder has shape "
+                          f"{tuple(expected[k])}, every fine-tuned checkpoint has {shape} (weights of another "
+                          "architecture or width?)", show_value=False)
+    raise ConfigError(file, where, f"{whose}: tensor {k!r} has shape {shape}, pretrained has {tuple(expected[k])} "
+                      f"(model.pretrained {pre.name}: another architecture or width?)", show_value=False)
 
 
 def check_data_roots(cfg: SweepConfig, file: str) -> None:

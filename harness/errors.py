@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import difflib
-from typing import Iterable
+from typing import Any, Iterable
 
 
 class HarnessError(Exception):
@@ -13,6 +13,16 @@ class HarnessError(Exception):
 class NotBuilt(HarnessError):
     """An input that would have to be built first (trained, converted): raised where only a
     look-up was asked for, as a dry run does to tell cached jobs without building anything."""
+
+
+class FieldError(HarnessError):
+    """A sweep field found at fault once the sweep runs (a SLURM option sbatch refuses): the
+    message names the field and its value; the command line adds the sweep file it came from."""
+
+    def __init__(self, field: str, message: str, value: Any = None):
+        self.field, self.message, self.value = field, message, value
+        got = f" (got {value!r})" if value is not None else ""
+        super().__init__(f"{field}: {message}{got}")
 
 
 def did_you_mean(name: str, candidates: Iterable[str]) -> str:

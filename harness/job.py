@@ -280,7 +280,7 @@ def artifact_metrics(artifacts: dict[str, Any]) -> dict[str, float]:
     for row in artifacts.pop("tta_validation", None) or []:  # sparse: [step, value] pairs
         step = int(row["step"])
         for name, value in row.items():
-            if name not in ("step", "tta_entropy"):
+            if name not in ("step", "tta_entropy", "tta_loss"):  # dense already: tta/entropy, tta/loss
                 curves.setdefault(f"tta/{name}", []).append([step, float(value)])
     if not curves:
         del artifacts["curves"]

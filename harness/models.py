@@ -172,18 +172,20 @@ def tensor_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
 
 
 def check_encoder_shapes(path: str | os.PathLike, found: dict[str, tuple[int, ...]],
-                         expected: dict[str, tuple[int, ...]], arch: str) -> None:
-    """A fine-tuned checkpoint must hold exactly the pretrained image encoder's tensors."""
+                         expected: dict[str, tuple[int, ...]], arch: str, name: str | None = None) -> None:
+    """A fine-tuned checkpoint must hold exactly the pretrained image encoder's tensors.
+    ``name``: how errors name the checkpoint (default: ``path``), e.g. with its sweep field."""
+    name = name or str(path)
     for k, shape in expected.items():
         if k not in found:
-            raise HarnessError(f"{path}: tensor {k!r} of the pretrained image encoder is missing "
+            raise HarnessError(f"{name}: tensor {k!r} of the pretrained image encoder is missing "
                                f"(keys do not match {arch}'s image encoder)")
         if tuple(found[k]) != tuple(shape):
-            raise HarnessError(f"{path}: tensor {k!r} has shape {tuple(found[k])}, pretrained has "
+            raise HarnessError(f"{name}: tensor {k!r} has shape {tuple(found[k])}, pretrained has "
                                f"{tuple(shape)} (different architecture?)")
     extra = [k for k in found if k not in expected]
     if extra:
-        raise HarnessError(f"{path}: unexpected tensor {extra[0]!r} (not an image encoder of {arch})")
+        raise HarnessError(f"{name}: unexpected tensor {extra[0]!r} (not an image encoder of {arch})")
 
 
 def save_state_dict(state: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None) -> None:

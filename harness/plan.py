@@ -103,6 +103,15 @@ def full_params(method: str, params: dict[str, Any]) -> dict[str, Any]:
     return resolve_method(method)(**params).model_dump(mode="json")
 
 
+def key_params(method: str, params: dict[str, Any]) -> dict[str, Any]:
+    """:func:`full_params` as a job key holds them: settings that never change a result
+    (``MergeMethod.runtime_only``: checkpoint intervals, a kernel choice) at their defaults,
+    which keeps the keys of jobs cached at the defaults."""
+    from methods.base import resolve_method
+
+    return resolve_method(method)(**params).key_params()
+
+
 def method_class_id(method: str) -> str:
     from methods.base import resolve_method
 
@@ -174,7 +183,7 @@ def with_key(cfg: SweepConfig, s: JobSpec, identity: dict[str, Any],
     if s.kind in ("merge", "trial", "robustness"):
         body["finetuned"] = {t: identity["finetuned"][t] for t in seen}
         body["method"] = method_class_id(s.method)
-        body["params"] = full_params(s.method, s.params)
+        body["params"] = key_params(s.method, s.params)
         body["adapt"] = cfg.adapt.model_dump()
     if s.kind == "trial":  # a trial's result depends on its study (pruning decisions) too
         body["study"] = {k: s.trial[k] for k in ("study_name", "number")}

@@ -79,12 +79,14 @@ def jsonable(obj: Any) -> Any:
 def finished_result(results_dir: Path, spec: JobSpec) -> JobResult | None:
     """A job's cached result when it finished successfully (failed jobs are retried).
 
-    The result takes the spec's label: a job keeps its key when its method is renamed in the
-    sweep, and its row, run name and tags follow the sweep, not the run that computed it."""
+    The result takes the spec's label and setting: a job keeps its key when its method is
+    renamed in the sweep, or a setting that never changes a result is (``checkpoint_every``),
+    and its row, run name and tags follow the sweep, not the run that computed it."""
     result = read_result(results_dir / f"{spec.key}.json", spec.key)
     if result is None or result.status != "ok":
         return None
     result.label = spec.label
+    result.params = spec.params
     return result
 
 

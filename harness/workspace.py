@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from harness.cache import atomic_write_json, content_key, read_json
-from harness.config import SweepConfig, check_model_files
+from harness.config import SweepConfig, check_model_files, finetuned_field
 from harness.errors import HarnessError, NotBuilt
 from harness.models import (
     CONFIG_DIR,
@@ -171,7 +171,7 @@ class Workspace:
             state = load_state_dict(path)
             enc = copy.deepcopy(self.clip.visual)
             check_encoder_shapes(path, {k: tuple(v.shape) for k, v in state.items()}, self._encoder_shapes,
-                                 self.sources["arch"])
+                                 self.sources["arch"], self.checkpoint_name(task))
             enc.load_state_dict(state)
             enc.eval()
             self._finetuned[task] = enc
@@ -184,10 +184,22 @@ class Workspace:
     def preflight(self) -> None:
         """Check every input before anything runs or is written: checkpoint headers against the
         pretrained encoder, each task's data, each head's class count. Raises HarnessError."""
-        for path in self.sources["finetuned"].values():
-            check_encoder_shapes(path, tensor_shapes(path), self._encoder_shapes, self.sources["arch"])
+        for task, path in self.sources["finetuned"].items():
+            check_encoder_shapes(path, tensor_shapes(path), self._encoder_shapes, self.sources["arch"],
+                                 self.checkpoint_name(task))
         for t in self.cfg.task_names:
             self.head(t)
+
+    def checkpoint_name(self, task: str) -> str:
+        """``task``'s fine-tuned checkpoint as errors name it: the sweep field and the file it
+        gives, and the converted file read in its place (a ``.pt`` converted into the cache)."""
+        path = self.sources["finetuned"][task]
+        if self.cfg.model.source != "files":
+            return str(path)
+        where, given = finetuned_field(self.cfg, task)
+        if where == "model.finetuned_pattern":
+            where += f" (task {task!r})"
+        return f"{where}: {given}" + ("" if given == str(path) else f" (converted to {path})")
 
     def forget_models(self) -> None:
         """Drop the loaded models and heads (a job changed them); they load again when asked for."""

@@ -77,6 +77,7 @@ class AdaMerging(MergeMethod):
     """Task- or layer-wise merging coefficients learned by entropy minimisation on test batches."""
 
     uses_test_data = True
+    runtime_only = frozenset({"checkpoint_every"})
 
     granularity: Granularity = Field("task", description="one coefficient per task, or per task per tensor")
     init_lambda: float = Field(0.3, ge=0.0, le=10.0, description="initial coefficient")

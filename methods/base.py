@@ -75,6 +75,10 @@ class MergeMethod(BaseModel):
 
     #: True for methods that read unlabeled test data (reported as test-time adaptation).
     uses_test_data: ClassVar[bool] = False
+    #: Hyperparameters that change how a merge runs, never what it returns (a checkpoint
+    #: interval, a kernel with the same outputs up to rounding): job keys hold them at their
+    #: defaults, so changing one finds the cached result instead of running the job again.
+    runtime_only: ClassVar[frozenset[str]] = frozenset()
 
     def merge(
         self,
@@ -83,6 +87,13 @@ class MergeMethod(BaseModel):
         ctx: MergeContext,
     ) -> nn.Module:
         raise NotImplementedError
+
+    def key_params(self) -> dict[str, Any]:
+        """Every hyperparameter as a job key sees it: ``runtime_only`` ones at their defaults."""
+        params = self.model_dump(mode="json")
+        for name in self.runtime_only:
+            params[name] = type(self).model_fields[name].default
+        return params
 
     @classmethod
     def hyperparameters(cls) -> list[dict[str, Any]]:

@@ -25,8 +25,8 @@ Conventions the callers rely on:
   then ``[step, value]`` pairs from the first step run here.
 * Validation: before the first step and every ``eval_every`` steps, if ``ctx.validate`` is
   set, it is called on ``export()`` (default: the model itself) under ``torch.no_grad``; the
-  metrics, plus the last step's loss as ``tta_entropy`` (after a step; with ``aux_loss``, its
-  term included), go to
+  metrics, plus (after a step) the last step's summed entropy as ``tta_entropy`` and its whole
+  loss as ``tta_loss`` (the same without ``aux_loss``; with it, its term added), go to
   ``ctx.report(step, metrics)`` (True from it raises :class:`methods.base.PruneTrial`) and,
   with their step, to ``ctx.artifacts["tta_validation"]`` (kept in the checkpoint), so a
   sweep's runs show whether adaptation helped on validation, not only the loss.
@@ -266,8 +266,9 @@ def run_tta(
             return
         with torch.no_grad():
             metrics = dict(ctx.validate(export() if export else model))
-        if losses:
-            metrics["tta_entropy"] = losses[-1]
+        if losses:  # the last step's: its summed entropy, and the whole loss (with aux_loss's term)
+            metrics["tta_entropy"] = parts.values["entropy"][-1]
+            metrics["tta_loss"] = losses[-1]
         validation.append({"step": float(done), **metrics})
         if ctx.report is not None and ctx.report(done, metrics):
             raise PruneTrial(f"{name}: pruned at step {done}")

@@ -469,6 +469,7 @@ class WeMoE(MergeMethod):
     """Weight-Ensembling MoE: per-sample routed MLP experts, routers adapted on test data."""
 
     uses_test_data = True
+    runtime_only = frozenset({"checkpoint_every", "implementation"})
 
     init_lambda: float = Field(0.3, ge=0.0, le=10.0, description="task-arithmetic scale of non-MLP weights and router init")
     router_depth: int = Field(2, ge=0, le=2, description="0: constant vector, 1: linear, 2: two-layer MLP")

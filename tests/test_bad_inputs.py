@@ -330,3 +330,66 @@ def test_a_read_only_output_folder_is_one_line(sweep_dict, tmp_path, monkeypatch
     assert code == 2, err
     assert err == f"error: output_dir: cannot write into it (Read-only file system) (got {str(out)!r})", err
     assert list(out.iterdir()) == []
+
+
+def test_validate_names_a_checkpoint_of_another_width_from_headers_alone(sweep_dict, micro_checkpoints, tmp_path,
+                                                                       monkeypatch):
+    """`validate` compares every fine-tuned checkpoint's tensor shapes with the pretrained encoder's
+    (micro ViT: width 32; tiny ViT: 128) reading safetensors headers, loading no tensor."""
+    import shutil
+
+    folder = tmp_path / "ckpts"
+    folder.mkdir()
+    shutil.copy(micro_checkpoints / "toy_stripes.safetensors", folder / "toy_stripes.safetensors")
+    save_state_dict(build_clip("harness-tiny-vit").visual.state_dict(), folder / "toy_colours.safetensors")
+    d = copy.deepcopy(sweep_dict)
+    d["model"]["finetuned_pattern"] = str(folder / "{task}.safetensors")
+
+    def no_load(*a, **k):
+        raise AssertionError("validate loaded tensors")
+
+    monkeypatch.setattr("harness.models.load_state_dict", no_load)
+    monkeypatch.setattr("safetensors.torch.load_file", no_load)
+    monkeypatch.setattr("harness.workspace.build_clip", no_load)
+    r = CliRunner().invoke(main, ["validate", _write(tmp_path, d)])
+    err = " ".join(r.stderr.split())
+    assert r.exit_code == 2, err + r.stdout
+    assert (f"error: {tmp_path / 's.yaml'}: model.finetuned_pattern: checkpoint of task 'toy_colours' "
+            f"({folder / 'toy_colours.safetensors'}): tensor 'class_embedding' has shape (128,), pretrained has "
+            "(32,) (model.pretrained pretrained.safetensors: another architecture or width?)") in err, err
+
+
+def test_validate_names_the_field_of_a_checkpoint_given_per_task(sweep_dict, micro_checkpoints, tmp_path):
+    path = tmp_path / "tiny.safetensors"
+    clip = build_clip("harness-tiny-vit")
+    save_state_dict({f"model.visual.{k}": v for k, v in clip.visual.state_dict().items()}, path)  # under a prefix
+    r = CliRunner().invoke(main, ["validate", _write(tmp_path, _with_ckpt(sweep_dict, "toy_stripes", path))])
+    err = " ".join(r.stderr.split())
+    assert r.exit_code == 2 and (f"s.yaml: model.finetuned.toy_stripes: {path}: tensor 'class_embedding' has shape "
+                                 "(128,), pretrained has (32,)") in err, err
+
+
+def test_the_runs_preflight_names_the_field_of_a_pt_checkpoint(sweep_dict, micro_checkpoints, tmp_path):
+    """A ``.pt`` checkpoint's shapes are known only once it is loaded (validate reads headers
+    alone): the run's preflight names its sweep field too."""
+    state = _encoder_state()
+    state["conv1.weight"] = torch.zeros(1, 3, 8, 8)
+    p = tmp_path / "shape.pt"
+    torch.save(state, p)
+    code, err, out = _run_sweep(tmp_path, _with_ckpt(sweep_dict, "toy_stripes", p))
+    assert code == 2, err + out
+    assert err.startswith(f"error: model.finetuned.toy_stripes: {p}: tensor 'conv1.weight' has shape (1, 3, 8, 8), "
+                          "pretrained has (32, 3, 8, 8)"), err
+
+
+def test_validate_names_pretrained_weights_every_checkpoint_differs_from(sweep_dict, tmp_path):
+    """Two fine-tuned micro encoders (width 32) against a tiny CLIP's weights (width 128): the
+    pretrained weights are the odd ones out, not the first checkpoint."""
+    d = copy.deepcopy(sweep_dict)
+    d["model"]["pretrained"] = str(tmp_path / "tiny-clip.safetensors")
+    save_state_dict(build_clip("harness-tiny-vit").state_dict(), tmp_path / "tiny-clip.safetensors")
+    r = CliRunner().invoke(main, ["validate", _write(tmp_path, d)])
+    err = " ".join(r.stderr.split())
+    assert r.exit_code == 2 and (f"s.yaml: model.pretrained: {tmp_path / 'tiny-clip.safetensors'}: tensor "
+                                 "'class_embedding' of its image encoder has shape (128,), every fine-tuned "
+                                 "checkpoint has (32,)") in err, err

@@ -679,3 +679,72 @@ def test_only_commands_that_submit_check_the_cluster(tmp_path, monkeypatch):
     assert r.exit_code == 2 and over in r.output
     r = CliRunner().invoke(main, ["report", str(f)])
     assert r.exit_code == 2 and over not in r.output and "does not exist (the sweep has not run there)" in r.output
+
+
+# sbatch's own words (SLURM 22.05) for options it refuses at submission
+REFUSED_ACCOUNT = "sbatch: error: Batch job submission failed: Invalid account or account/partition combination specified"
+REFUSED_QOS = "sbatch: error: Batch job submission failed: Invalid qos specification"
+REFUSED_GRES = "sbatch: error: Invalid generic resource (gres) specification"
+
+
+def _refusing_sbatch(monkeypatch, message: str) -> None:
+    """sbatch refuses every submission with ``message``, as submitit reports it."""
+    import submitit
+
+    import harness.executors.slurm as slurm
+
+    class Refusing:
+        def map_array(self, fn, args):
+            raise submitit.core.utils.FailedJobError(message)
+
+    monkeypatch.setattr(slurm.SlurmExecutor, "_submitit", lambda self: Refusing())
+    monkeypatch.setattr(slurm, "cluster_partitions", lambda: None)
+
+
+@pytest.mark.parametrize("executor, overrides, message, expected", [
+    ({"account": "nosuch"}, [], REFUSED_ACCOUNT,
+     f"s.yaml: executor.account: SLURM refused the jobs: {REFUSED_ACCOUNT} (got 'nosuch')"),
+    ({}, [], REFUSED_ACCOUNT,
+     f"s.yaml: executor.account: SLURM refused the jobs: {REFUSED_ACCOUNT} (not given: the cluster's default)"),
+    ({"qos": "high"}, [], REFUSED_QOS, f"s.yaml: executor.qos: SLURM refused the jobs: {REFUSED_QOS} (got 'high')"),
+    ({"gpus_per_node": 2}, [], REFUSED_GRES,
+     f"s.yaml: executor.gpus_per_node: SLURM refused the jobs: {REFUSED_GRES} (got 2)"),
+    ({"gpus_per_node": 2, "sbatch": {"gres": "gpu:a100:2"}}, [], REFUSED_GRES,
+     f"s.yaml: executor.sbatch.gres: SLURM refused the jobs: {REFUSED_GRES} (got 'gpu:a100:2')"),
+    ({}, ["executor.qos=high"], REFUSED_QOS,
+     f"<command line> (executor.qos=high, over {{file}}): executor.qos: SLURM refused the jobs: {REFUSED_QOS} "
+     "(got 'high')"),
+    ({"mem_gb": 4}, [], "sbatch: error: Batch job submission failed: Requested node configuration is not available",
+     "s.yaml: executor: SLURM refused the jobs: sbatch: error: Batch job submission failed: Requested node "
+     "configuration is not available"),
+])
+def test_an_option_sbatch_refuses_is_named_with_its_field(micro_checkpoints, tmp_path, monkeypatch, executor,
+                                                         overrides, message, expected):
+    _refusing_sbatch(monkeypatch, message)
+    d = make_sweep_dict(micro_checkpoints, tmp_path)
+    d["executor"] = {"kind": "slurm", **executor}
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump(d))
+    r = CliRunner().invoke(main, ["sweep", "-q", str(f), *overrides])
+    err = " ".join(r.stderr.split())
+    assert r.exit_code == 2, err
+    assert err == "error: " + expected.replace("s.yaml", str(f)).format(file=f), err
+
+
+@needs_slurm
+@pytest.mark.parametrize("executor, expected", [
+    ({"constraint": "nosuch"}, "executor.constraint: SLURM refused the jobs: sbatch: error: Batch job submission "
+                               "failed: Invalid feature specification (got 'nosuch')"),
+    ({"gpus_per_node": 1}, "executor.gpus_per_node: SLURM refused the jobs: sbatch: error: Invalid generic "
+                           "resource (gres) specification (got 1)"),
+])
+def test_the_cluster_refusing_an_option_names_its_field(cluster, micro_checkpoints, tmp_path, executor, expected):
+    """The single-node cluster has no node features and no GPUs: sbatch refuses both."""
+    d = make_sweep_dict(micro_checkpoints, tmp_path)
+    d["executor"] = {"kind": "slurm", **executor}
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump(d))
+    r = CliRunner().invoke(main, ["sweep", "-q", str(f)])
+    err = " ".join(r.stderr.split())
+    assert r.exit_code == 2 and err == f"error: {f}: {expected}", err
+    assert not (tmp_path / "out" / "slurm" / "submitted.json").exists()

@@ -595,6 +595,30 @@ def test_logged_loss_parts_are_the_entropy_and_the_task_identification_term(mode
     assert artifacts["curves"]["tta/task_id"] == parts["task_id"]
 
 
+def test_validation_reports_the_entropy_and_the_whole_loss_apart(models):
+    """With ``task_id_weight``, what validation reports as ``tta_entropy`` is the step's summed
+    entropy (``tta/entropy``), not the loss with the task-identification term (``tta_loss``)."""
+    from harness.job import artifact_metrics
+
+    pre, ft = models
+    calls = []
+    ctx = MergeContext(heads=heads(), unlabeled=fixed_unlabeled(), validate=lambda m: {"val/acc/avg": 50.0},
+                       report=lambda step, metrics: calls.append((step, dict(metrics))) and False)
+    wemoe.WeMoE(steps=4, lr=1e-2, router_depth=0, routing="softmax", task_id_weight=2.0, eval_every=2,
+                checkpoint_every=0, routing_stats_batches=0).merge(pre, ft, ctx)
+    parts, total = ctx.artifacts["tta_parts"], ctx.artifacts["tta_loss"]
+    assert [step for step, _ in calls] == [0, 2, 4]
+    assert "tta_entropy" not in calls[0][1] and "tta_loss" not in calls[0][1]
+    for step, metrics in calls[1:]:
+        assert metrics["tta_entropy"] == parts["entropy"][step - 1]
+        assert metrics["tta_loss"] == total[step - 1]
+        assert metrics["tta_loss"] - metrics["tta_entropy"] == pytest.approx(parts["task_id"][step - 1], rel=1e-9)
+        assert parts["task_id"][step - 1] > 0.1  # the two differ: the term is not negligible
+    artifacts = dict(ctx.artifacts)
+    artifact_metrics(artifacts)  # both are dense curves already (tta/entropy, tta/loss): no sparse copies
+    assert set(artifacts["curves"]) == {"tta/loss", "tta/entropy", "tta/task_id", "tta/val/acc/avg"}
+
+
 def test_progress_shows_the_loss_parts(models):
     from methods.tta import _loss_text
 

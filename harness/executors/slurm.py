@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import io
 import logging
 import os
 import re
@@ -42,7 +43,7 @@ from rich.table import Table
 
 from harness.cache import atomic_write_json, read_json
 from harness.config import SweepConfig
-from harness.errors import HarnessError
+from harness.errors import FieldError, HarnessError
 from harness.job import JobResult, read_result
 from harness.plan import JobSpec
 
@@ -355,11 +356,23 @@ class SlurmExecutor:
     def _submit(self, specs: list[JobSpec]) -> list[_Tracked]:
         if not specs:
             return []
+        executor = self._submitit()
+        said = io.StringIO()  # submitit prints a refusing sbatch's stderr; the error below quotes it once
         try:
-            jobs = self._submitit().map_array(SweepJob(self.cfg.model_dump(mode="json"), self.progress),
-                                              [s.to_dict() for s in specs])
+            with contextlib.redirect_stderr(said):
+                jobs = executor.map_array(SweepJob(self.cfg.model_dump(mode="json"), self.progress),
+                                          [s.to_dict() for s in specs])
         except submitit.core.utils.FailedJobError as exc:  # sbatch refused (bad partition, account, ...)
-            raise HarnessError(f"SLURM refused the jobs: {' '.join(str(exc).split())}") from None
+            reason = " ".join(str(exc).split())
+            field, value = refused_field(self.cfg.executor, reason)
+            message = f"SLURM refused the jobs: {reason}"
+            if value is None and field != "executor":
+                message += " (not given: the cluster's default)"
+            raise FieldError(field, message, value) from None
+        except BaseException:
+            sys.stderr.write(said.getvalue())
+            raise
+        sys.stderr.write(said.getvalue())
         if self.kind == "slurm":
             self.log.record({s.key: {"job_id": str(j.job_id), "title": s.title, "kind": s.kind,
                                      "submitted_at": _now()} for s, j in zip(specs, jobs)})
@@ -675,6 +688,38 @@ def _last_line(text: str) -> str:
     lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not set(ln.strip()) <= {"-"}]
     useful = [ln for ln in lines if not ln.startswith(("You can check", "or at paths", "- /"))]
     return (useful or lines or [""])[-1][:500]
+
+
+#: sbatch's words for a refused option, and the ``executor`` field that sets it ("gres": see
+#: :func:`refused_field`). Checked in order: a refused memory request also says "Requested node
+#: configuration is not available", which names no option and is left to the fallback.
+REFUSALS = (
+    (re.compile(r"invalid account", re.IGNORECASE), "account"),
+    (re.compile(r"invalid qos", re.IGNORECASE), "qos"),
+    (re.compile(r"invalid partition", re.IGNORECASE), "partition"),
+    (re.compile(r"invalid feature specification", re.IGNORECASE), "constraint"),
+    (re.compile(r"generic resource|\bgres\b", re.IGNORECASE), "gres"),
+    (re.compile(r"memory specification", re.IGNORECASE), "mem_gb"),
+    (re.compile(r"time limit", re.IGNORECASE), "timeout_min"),
+)
+
+
+def refused_field(e: Any, reason: str) -> tuple[str, Any]:
+    """The ``executor`` field (dotted, under ``executor.``) sbatch's refusal ``reason`` is about,
+    and its value; ``("executor", None)`` when the words name no option. A refused generic
+    resource is ``sbatch: {gres: ...}`` or a ``gpus*`` option there when given, else
+    ``gpus_per_node``."""
+    for pattern, name in REFUSALS:
+        if not pattern.search(reason):
+            continue
+        if name != "gres":
+            return f"executor.{name}", getattr(e, name)
+        given = [k for k in e.sbatch if k == "gres" or k.startswith("gpus")]
+        if given:
+            return f"executor.sbatch.{given[0]}", e.sbatch[given[0]]
+        if e.gpus_per_node:
+            return "executor.gpus_per_node", e.gpus_per_node
+    return "executor", None
 
 
 def submitit_executor(cfg: SweepConfig, folder: Path, kind: str = "slurm") -> Any:

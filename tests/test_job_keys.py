@@ -1,0 +1,75 @@
+"""Job keys hold what decides a job's result and nothing else: a setting that only changes how a
+job runs (a checkpoint interval, a kernel with the same outputs) finds the cached result."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+
+from harness.config import ConfigError, validate_config
+from harness.plan import plan_jobs
+from harness.runner import run_sweep
+from tests.conftest import make_sweep_dict
+
+#: Keys of these jobs as they were before settings were left out of them (computed then): a job
+#: cached at the defaults keeps its key.
+PINNED = {"adamerging": "0e21e0214e949fb7211c", "wemoe": "dc1fa8bb99931d42534d"}  # at steps=5
+
+
+def _keys(**extra: dict) -> dict[str, str]:
+    """Key per method, for AdaMerging and WeMoE at steps=5 plus ``extra[name]`` params."""
+    d = make_sweep_dict(Path("/nonexistent"), Path("/nonexistent-out"))
+    d["methods"] = [{"name": name, "params": {"steps": 5, **extra.get(name, {})}} for name in ("adamerging", "wemoe")]
+    cfg = validate_config(d)
+    identity = {"arch": "harness-micro-vit", "pretrained": "p" * 16, "heads": {},
+                "finetuned": {t: t[:4] * 4 for t in cfg.task_names}}
+    tasks = {t: {"name": t, "version": "1"} for t in cfg.task_names}
+    return {s.label: s.key for s in plan_jobs(cfg, identity, tasks) if s.kind == "merge"}
+
+
+def test_keys_at_the_defaults_are_the_keys_cached_before():
+    assert _keys() == PINNED
+
+
+def test_checkpoint_interval_and_kernel_leave_the_key_alone():
+    assert _keys(adamerging={"checkpoint_every": 1},
+                 wemoe={"checkpoint_every": 0, "implementation": "weights"}) == PINNED
+
+
+@pytest.mark.parametrize("name, setting", [
+    ("adamerging", {"steps": 6}), ("adamerging", {"eval_every": 2}), ("wemoe", {"eval_every": 2}),
+    ("wemoe", {"routing_stats_batches": 1}), ("wemoe", {"batch_reduce": True}), ("wemoe", {"batch_size": 8}),
+])
+def test_settings_that_change_a_result_change_the_key(name, setting):
+    """Validation curves and pruning (eval_every), routing statistics, and the adaptation itself."""
+    assert _keys(**{name: setting})[name] != PINNED[name]
+
+
+def test_a_grid_over_a_runtime_only_setting_is_one_job_twice(tmp_path):
+    d = make_sweep_dict(Path("/nonexistent"), tmp_path)
+    d["methods"] = [{"name": "wemoe", "grid": {"checkpoint_every": [10, 20]}}]
+    with pytest.raises(ConfigError, match=r"s.yaml: methods.0.grid: settings \{'checkpoint_every': 10\} and "
+                                          r"\{'checkpoint_every': 20\} are the same setting once validated "
+                                          r"\(checkpoint_every never changes a result\)"):
+        validate_config(d, "s.yaml")
+
+
+def test_a_new_checkpoint_interval_reuses_the_cached_adaptation(sweep_dict, monkeypatch):
+    d = copy.deepcopy(sweep_dict)
+    d["references"] = False
+    d["methods"] = [{"name": "adamerging", "params": {"steps": 2, "batch_size": 4}}]
+    first = run_sweep(validate_config(d), quiet=True)
+    assert len(first.executed) == 1 and not first.failed
+
+    def boom(*a, **k):
+        raise AssertionError("a cached job was run again")
+
+    monkeypatch.setattr("harness.executors.local.run_job", boom)
+    d["methods"][0]["params"]["checkpoint_every"] = 1
+    again = run_sweep(validate_config(d), quiet=True)
+    assert again.executed == []
+    [result] = again.results
+    assert result.metrics == first.results[0].metrics
+    assert result.params == {"steps": 2, "batch_size": 4, "checkpoint_every": 1}  # the setting the sweep gives now
