@@ -231,15 +231,18 @@ class Workspace:
         rob = self.cfg.robustness
         if (task, corruption) not in self._corrupted:
             self._corrupted[(task, corruption)] = corrupted_split(
-                self.task(task), corruption, rob.severity, self.cfg.resolved_cache_dir(), rob.seed)
+                self.task(task), corruption, rob.severity, self.cfg.resolved_cache_dir(), rob.seed,
+                progress=self.progress, identity=self.task_identity(task))
         return self._corrupted[(task, corruption)]
 
-    def task_identity(self) -> dict[str, Any]:
-        """Each task's own identity, plus the options the sweep gave its factory: a task of
-        one's own whose identity() does not cover an option must still not reuse results."""
-        options = {t.name: t.options for t in self.cfg.tasks}
-        return {t: {**self.task(t).identity(), **({"options": options[t]} if options[t] else {})}
-                for t in self.cfg.task_names}
+    def task_identity(self, name: str | None = None) -> dict[str, Any]:
+        """Each task's own identity (or task ``name``'s), plus the options the sweep gave its
+        factory: a task of one's own whose identity() does not cover an option must still not
+        reuse results (or corrupted splits)."""
+        if name is None:
+            return {t: self.task_identity(t) for t in self.cfg.task_names}
+        options = next(t.options for t in self.cfg.tasks if t.name == name)
+        return {**self.task(name).identity(), **({"options": options} if options else {})}
 
     def head(self, task: str) -> torch.Tensor:
         if task not in self._heads:

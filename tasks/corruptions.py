@@ -10,9 +10,10 @@ numba's own); the package takes a ``seed`` argument for those, and gets the imag
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -87,14 +88,17 @@ def corrupt_image(image: np.ndarray, name: str, severity: int, seed: int) -> np.
     return np.uint8(np.clip(np.rint(out), 0, 255))
 
 
-def corrupt_images(images: np.ndarray, name: str, severity: int, seed: int = 0,
-                   advance: Callable[[int], None] | None = None) -> np.ndarray:
-    """A stack of uint8 images [N, H, W, 3], each under its own seed."""
-    out = np.empty_like(images)
+def corrupt_images(images: np.ndarray | Sequence[np.ndarray], name: str, severity: int, seed: int = 0,
+                   advance: Callable[[int], None] | None = None, out: np.ndarray | None = None) -> np.ndarray:
+    """uint8 images [N, H, W, 3] (or a sequence of HxWx3 ones), image ``i`` under
+    ``image_seed(seed, i, ...)``; written into ``out`` when given (a memory-mapped file: a large
+    split is never held whole). ``advance(1)`` after each image."""
+    if out is None:
+        out = np.empty_like(images)
     for i in range(len(images)):
         out[i] = corrupt_image(images[i], name, severity, image_seed(seed, i, name, severity))
-        if advance and (i + 1) % 256 == 0:
-            advance(256)
+        if advance:
+            advance(1)
     return out
 
 
@@ -106,7 +110,8 @@ def _denormalize(x: torch.Tensor) -> np.ndarray:
 
 
 class CorruptedDataset(Dataset):
-    """Corrupts a preprocessed dataset's images on the fly (for tasks not held in memory)."""
+    """Corrupts a preprocessed dataset's images on the fly, on every read (a task not held in
+    memory, when there is no cache folder)."""
 
     def __init__(self, base: Dataset, name: str, severity: int, seed: int = 0):
         self.base, self.name, self.severity, self.seed = base, name, severity, seed
@@ -121,31 +126,143 @@ class CorruptedDataset(Dataset):
         return normalize_uint8(torch.from_numpy(raw)[None])[0], label
 
 
+class _PreprocessedImages:
+    """A dataset's images as the uint8 HxWx3 arrays :class:`CorruptedDataset` corrupts; keeps
+    the labels it reads, so one pass over the dataset gives both."""
+
+    def __init__(self, base: Dataset):
+        self.base = base
+        self.labels = np.zeros(len(base), np.int64)  # type: ignore[arg-type]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        image, label = self.base[i]
+        self.labels[i] = int(label)
+        return _denormalize(image)
+
+
+#: What np.load raises on a missing, truncated or foreign cache file (each is rebuilt).
+_DAMAGED = (ValueError, OSError, EOFError)
+
+
+def _read_array(path: Path, shape: tuple[int | None, ...], dtype: type) -> np.ndarray:
+    """A cache file memory-mapped, or ValueError when its shape (None: any size) or dtype differ."""
+    arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    if arr.dtype != dtype or arr.ndim != len(shape) or any(w not in (None, h) for h, w in zip(arr.shape, shape)):
+        raise ValueError(f"{path}: {arr.dtype} array of shape {arr.shape}, expected {np.dtype(dtype)} of {shape}")
+    return arr
+
+
+def _labels_path(path: Path) -> Path:
+    return path.with_suffix(".labels.npy")
+
+
+class CachedCorruptedDataset(Dataset):
+    """A disk-backed task's corrupted split read from its cache files (images ``<key>.npy``,
+    labels ``<key>.labels.npy``), memory-mapped: pages are read as images are, so a large split
+    costs no memory of its own. Items equal :class:`CorruptedDataset`'s (labels as ints)."""
+
+    def __init__(self, path: str | Path, n: int):
+        self.path, self.n = Path(path), n
+        self.images = _read_array(self.path, (n, None, None, 3), np.uint8)
+        self.labels = _read_array(_labels_path(self.path), (n,), np.int64)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        raw = torch.from_numpy(np.array(self.images[i]))
+        return normalize_uint8(raw[None])[0], int(self.labels[i])
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"path": self.path, "n": self.n}  # a pickled memmap would copy the whole split
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["path"], state["n"])
+
+
+def _cache_path(cache_dir: str | Path, task: Task, identity: dict[str, Any] | None, split: str, name: str,
+                severity: int, seed: int) -> Path:
+    ident = (task.identity() if identity is None else identity, split, name, severity, seed, _REVISION.get(name, 1))
+    key = hashlib.sha256(repr(ident).encode()).hexdigest()[:20]
+    return Path(cache_dir) / "corrupted" / f"{task.name}-{name}-s{severity}-{key}.npy"
+
+
+@contextlib.contextmanager
+def _progress(enabled: bool, description: str, total: int) -> Iterator[Callable[[int], None] | None]:
+    if not enabled:
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from harness.progress import progress_bars
+
+    with progress_bars(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                       TimeRemainingColumn(), transient=True) as bars:
+        bar = bars.add_task(description, total=total)
+        yield lambda k: bars.advance(bar, k)
+
+
+def _corrupt_to_file(path: Path, images: np.ndarray | Sequence[np.ndarray], name: str, severity: int, seed: int,
+                     description: str, progress: bool, before_commit: Callable[[], None] | None = None) -> None:
+    """Corrupts ``images`` into a temporary file beside ``path`` (memory-mapped, filled image by
+    image) and moves it onto ``path`` when whole (:func:`harness.cache.atomic_path`): a killed
+    job leaves no file that is read back, and two jobs building the same split at once (two
+    SLURM jobs of one sweep) each write their own temporary file; the same key gives the same
+    bytes, so whichever replace lands last leaves a whole, correct file. ``before_commit`` runs
+    before the move (the labels file, written first, so an images file always has its labels)."""
+    from harness.cache import atomic_path
+
+    shape = (len(images), *np.asarray(images[0]).shape)
+    with _progress(progress, description, len(images)) as advance, atomic_path(path) as tmp:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+        corrupt_images(images, name, severity, seed, advance, out=out)
+        out.flush()
+        del out
+        if before_commit is not None:
+            before_commit()
+
+
 def corrupted_split(task: Task, name: str, severity: int, cache_dir: str | Path | None = None,
-                    seed: int = 0, split: str = "test") -> Dataset:
-    """A task's split under one corruption. In-memory tasks are corrupted once and cached."""
+                    seed: int = 0, split: str = "test", progress: bool = False,
+                    identity: dict[str, Any] | None = None) -> Dataset:
+    """A task's split under one corruption, every image corrupted once: with ``cache_dir`` the
+    split is written to ``<cache_dir>/corrupted/`` and read back (memory-mapped) by later calls
+    and jobs; an in-memory task is returned as tensors. Without ``cache_dir`` an in-memory task is
+    corrupted in memory and a disk-backed one on every read (:class:`CorruptedDataset`). The file
+    key holds ``identity`` (default ``task.identity()``): other data, another file."""
+    description = f"corrupting {task.name} {split} ({name}, severity {severity})"
+    path = None if cache_dir is None else _cache_path(cache_dir, task, identity, split, name, severity, seed)
     if not isinstance(task, InMemoryTask):
-        return CorruptedDataset(task.dataset(split), name, severity, seed)
+        base = task.dataset(split)
+        if path is None or len(base) == 0:  # type: ignore[arg-type]
+            return CorruptedDataset(base, name, severity, seed)
+        n = len(base)  # type: ignore[arg-type]
+        try:
+            return CachedCorruptedDataset(path, n)
+        except _DAMAGED:
+            pass
+        source = _PreprocessedImages(base)
+        labels_path = _labels_path(path)
+
+        def save_labels() -> None:
+            from harness.cache import atomic_path
+
+            with atomic_path(labels_path) as tmp, open(tmp, "wb") as fh:  # a path not ending .npy would get one
+                np.save(fh, source.labels, allow_pickle=False)
+
+        _corrupt_to_file(path, source, name, severity, seed, description, progress, save_labels)
+        return CachedCorruptedDataset(path, n)
     images, labels = task.raw(split)
-    path = None
-    if cache_dir is not None:
-        ident = (task.identity(), split, name, severity, seed, _REVISION.get(name, 1))
-        key = hashlib.sha256(repr(ident).encode()).hexdigest()[:20]
-        path = Path(cache_dir) / "corrupted" / f"{task.name}-{name}-s{severity}-{key}.npy"
-        if path.is_file():
-            try:
-                cached = np.load(path, allow_pickle=False)
-                if cached.shape == tuple(images.shape):
-                    return TensorDataset(normalize_uint8(torch.from_numpy(cached)), labels.long())
-            except (ValueError, OSError):
-                pass  # a damaged cache file is rebuilt
-    out = corrupt_images(images.numpy(), name, severity, seed)
-    if path is not None:
-        import io
-
-        from harness.cache import atomic_write_bytes
-
-        buf = io.BytesIO()
-        np.save(buf, out, allow_pickle=False)
-        atomic_write_bytes(path, buf.getvalue())
+    if path is None:
+        out = corrupt_images(images.numpy(), name, severity, seed)
+    else:
+        try:
+            out = _read_array(path, tuple(images.shape), np.uint8)
+        except _DAMAGED:
+            _corrupt_to_file(path, images.numpy(), name, severity, seed, description, progress)
+            out = _read_array(path, tuple(images.shape), np.uint8)
+        out = np.array(out)  # into memory (the split is normalised whole below); torch wants it writable
     return TensorDataset(normalize_uint8(torch.from_numpy(out)), labels.long())

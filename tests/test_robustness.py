@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import io
+import os
+import stat
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -119,6 +122,132 @@ def test_corrupted_split_is_cached(tmp_path, monkeypatch):
     monkeypatch.undo()
     rebuilt = corrupted_split(task, "spatter", 2, tmp_path, seed=3)
     assert torch.equal(first.tensors[0], rebuilt.tensors[0])
+
+
+def write_noise_eurosat(root: Path, per_class: int = 2, seed: int = 0) -> None:
+    """A tiny EuroSAT image-folder tree of noise images (20 px, read at 32 px)."""
+    from PIL import Image
+
+    from tasks.vision8 import _EUROSAT_FOLDERS
+
+    rng = np.random.RandomState(seed)
+    for folder in _EUROSAT_FOLDERS:
+        for split, n in (("train", 3), ("test", per_class)):
+            (root / "EuroSAT_splits" / split / folder).mkdir(parents=True, exist_ok=True)
+            for k in range(n):
+                Image.fromarray(rng.randint(0, 256, (20, 20, 3), np.uint8)).save(
+                    root / "EuroSAT_splits" / split / folder / f"{k}.png")
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """Counts corrupt_image calls (every corrupted image passes through it)."""
+    import tasks.corruptions as tc
+
+    calls = []
+    original = tc.corrupt_image
+
+    def counting(*a, **k):
+        calls.append(a[1:])
+        return original(*a, **k)
+
+    monkeypatch.setattr(tc, "corrupt_image", counting)
+    return calls
+
+
+def items(ds) -> list:
+    return [ds[i] for i in range(len(ds))]
+
+
+def assert_same_items(got, want) -> None:
+    assert len(got) == len(want)
+    for (x, y), (x0, y0) in zip(got, want):
+        assert torch.equal(x, x0) and int(y) == int(y0)
+
+
+def test_disk_backed_split_is_corrupted_once_and_read_back_exactly(tmp_path, counted):
+    """A disk-backed task's corrupted split is written once to the cache folder and read back
+    (memory-mapped) bit for bit as the on-the-fly CorruptedDataset corrupts it, across reads,
+    calls and task objects; no cache folder keeps corrupting on every read."""
+    import pickle
+
+    import tasks.vision8 as v8
+    from tasks.corruptions import CachedCorruptedDataset, CorruptedDataset
+
+    write_noise_eurosat(tmp_path / "data")
+    task = v8.eurosat(str(tmp_path / "data"), image_size=32)
+    truth = items(CorruptedDataset(task.dataset("test"), "gaussian_noise", 2, seed=3))
+    n = len(truth)
+    counted.clear()
+    cached = corrupted_split(task, "gaussian_noise", 2, tmp_path / "cache", seed=3)
+    assert isinstance(cached, CachedCorruptedDataset) and len(counted) == n
+    assert_same_items(items(cached), truth)
+    assert_same_items(items(cached), truth)
+    again = corrupted_split(v8.eurosat(str(tmp_path / "data"), image_size=32), "gaussian_noise", 2,
+                            tmp_path / "cache", seed=3)
+    assert_same_items(items(again), truth)
+    (x, y), = torch.utils.data.DataLoader(again, batch_size=n)
+    assert torch.equal(x, torch.stack([t[0] for t in truth])) and y.tolist() == [t[1] for t in truth]
+    blob = pickle.dumps(again)
+    assert len(blob) < 1000  # the file's path travels, not the split
+    assert_same_items(items(pickle.loads(blob)), truth)
+    assert len(counted) == n  # each image corrupted once
+    files = sorted((tmp_path / "cache" / "corrupted").iterdir())
+    assert len(files) == 2 and files[0].name.endswith(".labels.npy")  # images and labels, no temp file left
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert {stat.S_IMODE(f.stat().st_mode) for f in files} == {0o666 & ~umask}  # a shared cache: readable by all
+
+    plain = corrupted_split(task, "gaussian_noise", 2, None, seed=3)
+    assert isinstance(plain, CorruptedDataset)
+    items(plain), items(plain)
+    assert len(counted) == 3 * n
+
+
+def test_damaged_disk_backed_cache_is_rebuilt(tmp_path, counted, monkeypatch):
+    import tasks.vision8 as v8
+
+    write_noise_eurosat(tmp_path / "data")
+    task = v8.eurosat(str(tmp_path / "data"), image_size=32)
+    cache = tmp_path / "cache"
+    truth = items(corrupted_split(task, "gaussian_noise", 2, cache))
+    n = len(truth)
+    path, = (cache / "corrupted").glob("*-s2-????????????????????.npy")
+    whole = path.read_bytes()
+    path.write_bytes(whole[: len(whole) // 2])  # a half file (another writer's crash, a full disk)
+    assert_same_items(items(corrupted_split(task, "gaussian_noise", 2, cache)), truth)
+    assert len(counted) == 2 * n and path.read_bytes() == whole
+    path.with_suffix(".labels.npy").unlink()  # images without their labels
+    assert_same_items(items(corrupted_split(task, "gaussian_noise", 2, cache)), truth)
+    assert len(counted) == 3 * n
+
+    def fails(*a, **k):
+        raise RuntimeError("killed mid-split")
+
+    path.unlink()
+    monkeypatch.setattr("tasks.corruptions.corrupt_image", fails)
+    with pytest.raises(RuntimeError, match="killed mid-split"):
+        corrupted_split(task, "gaussian_noise", 2, cache)
+    assert [p.name for p in (cache / "corrupted").iterdir()] == [path.with_suffix(".labels.npy").name]
+
+
+def test_changed_task_data_gives_a_new_corrupted_file(tmp_path, counted):
+    """The file key holds the task's identity: an added image (or other sweep options for the
+    task) is a new file, never the old split read back."""
+    import tasks.vision8 as v8
+    from tasks.corruptions import CorruptedDataset
+
+    write_noise_eurosat(tmp_path / "data")
+    cache = tmp_path / "cache"
+    first = corrupted_split(v8.eurosat(str(tmp_path / "data"), image_size=32), "contrast", 2, cache)
+    write_noise_eurosat(tmp_path / "data", per_class=3, seed=1)  # new images, one more per class
+    task = v8.eurosat(str(tmp_path / "data"), image_size=32)
+    second = corrupted_split(task, "contrast", 2, cache)
+    assert len(second) == len(first) + 10 and len(list((cache / "corrupted").glob("*.labels.npy"))) == 2
+    assert_same_items(items(second), items(CorruptedDataset(task.dataset("test"), "contrast", 2)))
+    before = len(counted)
+    corrupted_split(task, "contrast", 2, cache, identity={**task.identity(), "options": {"x": 1}})
+    assert len(counted) == before + len(second) and len(list((cache / "corrupted").glob("*.labels.npy"))) == 3
 
 
 def test_robustness_and_generalization_sweep(sweep_dict):
