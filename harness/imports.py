@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import traceback
 from typing import Any
 
@@ -48,3 +49,11 @@ def _where(exc: BaseException, module_name: str) -> str:
     origin = spec.origin if spec is not None else None
     frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename == origin]
     return f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
+
+
+def source_file(obj: Any) -> str | None:
+    """The file that defines ``obj`` (a class or function), None when it has none."""
+    try:
+        return inspect.getsourcefile(obj)
+    except TypeError:
+        return None
