@@ -6,9 +6,13 @@ from __future__ import annotations
 import sys
 
 import pytest
+import yaml
+from click.testing import CliRunner
 
+from harness.cli import main
 from harness.config import validate_config
 from harness.runner import run_sweep
+from tests.test_reliability import failing_sweep
 
 SCALED_SUM = '''
 from methods import MergeMethod
@@ -75,3 +79,33 @@ def test_the_projects_methods_are_identified_by_class_alone(tmp_path, monkeypatc
     assert method_class_id("scaled_sum:ScaledSum") != before
     assert study_definition(spec) != study  # a study of the old code is not resumed
 
+
+def test_an_encoder_the_heads_cannot_take_is_named_with_its_method(sweep_dict, tmp_path):
+    """Not ``mat1 and mat2 shapes cannot be multiplied`` from the evaluation: the method, the
+    features it gave for one image and the width the heads take."""
+    d = dict(sweep_dict, references=False, methods=[
+        {"name": "tests.faulty_methods:WrongWidth", "label": "wide"},
+        {"name": "tests.faulty_methods:NotAnImageEncoder", "label": "linear"},
+        {"name": "tests.faulty_methods:NanWeights", "label": "nan"},
+    ])
+    _, err = failing_sweep(d, tmp_path)
+    first = d["tasks"][0]
+    assert (f"wide: TypeError: merge() of tests.faulty_methods:WrongWidth returned an encoder that maps one "
+            f"image of {first} to [1, 7]; the heads take features [1, 32]") in err
+    assert (f"linear: TypeError: merge() of tests.faulty_methods:NotAnImageEncoder returned an encoder that "
+            f"fails on one validation image of {first} (float32 [1, 3, 16, 16], as evaluation gives them): "
+            "RuntimeError: mat1 and mat2 shapes cannot be multiplied") in err
+    assert (f"nan: FloatingPointError: merge() of tests.faulty_methods:NanWeights returned an encoder that "
+            f"maps one image of {first} to non-finite features") in err
+
+
+def test_a_method_without_merge_is_a_config_error(sweep_dict, tmp_path, monkeypatch):
+    (tmp_path / "no_merge.py").write_text("from methods import MergeMethod\n\n\nclass Idea(MergeMethod):\n"
+                                          "    scaling: float = 0.3\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump(dict(sweep_dict, methods=["weight_averaging", "no_merge:Idea"])))
+    r = CliRunner().invoke(main, ["validate", str(f)], env={"COLUMNS": "300"})
+    assert r.exit_code == 2
+    assert (f"error: {f}: methods.1.name: no_merge:Idea ({tmp_path / 'no_merge.py'}) does not define "
+            "merge(self, pretrained, finetuned, ctx)") in " ".join(r.stderr.split())
