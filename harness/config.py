@@ -28,6 +28,7 @@ from pydantic import (
 
 from harness.errors import HarnessError, did_you_mean
 from harness.fields import no_bool_for_number
+from harness.imports import source_file
 
 
 #: Job protocols: the main table (the sweep's seen tasks merged) and the ``generalization`` block's.
@@ -758,13 +759,17 @@ def check_suite(cfg: SweepConfig, file: str) -> None:
 
 
 def check_methods(cfg: SweepConfig, file: str) -> None:
-    from methods.base import resolve_method
+    from methods.base import MergeMethod, resolve_method
 
     for i, m in enumerate(cfg.methods):
         try:
             cls = resolve_method(m.name)
         except KeyError as exc:
             raise ConfigError(file, f"methods.{i}.name", str(exc.args[0]), show_value=False) from None
+        if cls.merge is MergeMethod.merge:  # else every job of it fails with a bare NotImplementedError
+            raise ConfigError(file, f"methods.{i}.name", f"{cls.__module__}:{cls.__qualname__} "
+                              f"({source_file(cls) or 'built in'}) does not define "
+                              "merge(self, pretrained, finetuned, ctx)", show_value=False)
         fields = set(cls.model_fields)
         if m.tune:
             check_space(cls, m, i, file)

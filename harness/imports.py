@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import inspect
+import traceback
 from typing import Any
 
 from harness.errors import did_you_mean
@@ -13,11 +16,13 @@ def import_object(path: str) -> Any:
     module_name, _, attr = path.partition(":")
     try:
         module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise KeyError(f"cannot import module {module_name!r} ({exc})") from None
-    except Exception as exc:  # the module itself is broken: say where, in one line
-        where = f" at {exc.filename}:{exc.lineno}" if isinstance(exc, SyntaxError) else ""
-        raise KeyError(f"importing module {module_name!r} failed{where}: {type(exc).__name__}: {exc}") from None
+    except Exception as exc:
+        if isinstance(exc, ModuleNotFoundError) and _names_the_module(exc.name, module_name):
+            raise KeyError(f"cannot import module {module_name!r} ({exc})") from None
+        # The module was found and is broken (a syntax error, an exception, an import of its own
+        # that fails): say where, in one line, rather than that the module was not found.
+        raise KeyError(f"importing module {module_name!r} failed{_where(exc, module_name)}: "
+                       f"{type(exc).__name__}: {exc}") from None
     if not attr:
         raise KeyError(f"{path!r} names no object: write module:Name")
     obj = getattr(module, attr, None)
@@ -26,3 +31,29 @@ def import_object(path: str) -> Any:
         raise KeyError(f"module {module_name!r} ({getattr(module, '__file__', None) or 'built in'}) has no "
                        f"{attr!r}{did_you_mean(attr, names)}")
     return obj
+
+
+def _names_the_module(missing: str | None, module_name: str) -> bool:
+    """Whether the module that was not found is ``module_name`` or a package above it."""
+    return missing is not None and (module_name == missing or module_name.startswith(missing + "."))
+
+
+def _where(exc: BaseException, module_name: str) -> str:
+    """`` at FILE:LINE``: the line of the failing module the error came from, if known."""
+    if isinstance(exc, SyntaxError) and exc.filename:
+        return f" at {exc.filename}:{exc.lineno}"
+    try:
+        spec = importlib.util.find_spec(module_name)
+    except Exception:
+        return ""
+    origin = spec.origin if spec is not None else None
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename == origin]
+    return f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
+
+
+def source_file(obj: Any) -> str | None:
+    """The file that defines ``obj`` (a class or function), None when it has none."""
+    try:
+        return inspect.getsourcefile(obj)
+    except TypeError:
+        return None

@@ -18,7 +18,7 @@ import torch
 
 from harness.cache import read_json
 from harness.config import MAIN, SweepConfig
-from harness.evaluation import correct_predictions, percent, unlabeled_batches
+from harness.evaluation import correct_predictions, iterate_batches, percent, unlabeled_batches
 from harness.failpoints import failpoint
 from harness.models import ImageClassifier, tensor_stamp
 from harness.plan import JobSpec, adapts_on_corruptions, robustness_inline
@@ -257,11 +257,35 @@ def run_job(spec: JobSpec, ws: Workspace, device: torch.device, workdir: Path) -
     return result
 
 
-def check_encoder(spec: JobSpec, merged: Any) -> None:
-    """A merge must return an encoder: anything else would fail later with an error about
-    evaluation that does not name the method at fault."""
+def check_encoder(spec: JobSpec, merged: Any, ws: Workspace | None = None,
+                  heads: dict[str, torch.Tensor] | None = None, device: torch.device | None = None) -> None:
+    """A merge must return an image encoder whose features the heads take: anything else would
+    fail later with an error about evaluation (``mat1 and mat2 shapes cannot be multiplied``)
+    that does not name the method at fault. Given the workspace and heads, one validation image
+    of the first task goes through it to check its features are ``[1, width]`` of the heads."""
     if not isinstance(merged, torch.nn.Module):
         raise TypeError(f"merge() of {spec.method} returned {type(merged).__name__}, expected an nn.Module")
+    if ws is None or not heads:
+        return
+    task, head = next(iter(heads.items()))
+    image = next(iterate_batches(ws.task(task).dataset("val"), 1))[0]
+    where = f"merge() of {spec.method} returned an encoder that"
+    was_training = merged.training
+    try:
+        with torch.no_grad():
+            features = merged.to(device).eval()(image.to(device))
+    except Exception as exc:
+        raise TypeError(f"{where} fails on one validation image of {task} (float32 {list(image.shape)}, "
+                        f"as evaluation gives them): {type(exc).__name__}: {exc}") from exc
+    finally:
+        merged.train(was_training)
+    width = head.shape[1]
+    if not isinstance(features, torch.Tensor) or tuple(features.shape) != (1, width):
+        got = list(features.shape) if isinstance(features, torch.Tensor) else type(features).__name__
+        raise TypeError(f"{where} maps one image of {task} to {got}; the heads take features [1, {width}] "
+                        "(the pretrained encoder's output width)")
+    if not torch.isfinite(features).all():
+        raise FloatingPointError(f"{where} maps one image of {task} to non-finite features")
 
 
 def artifact_metrics(artifacts: dict[str, Any]) -> dict[str, float]:
@@ -371,7 +395,7 @@ def merge(spec: JobSpec, ws: Workspace, device: torch.device, workdir: Path,
             f"{f' and {len(changed) - 1} more' if len(changed) > 1 else ''}): merge() must leave the "
             "pretrained and fine-tuned models and the heads as it got them (copy first, e.g. "
             "methods.base.with_state)")
-    check_encoder(spec, merged)
+    check_encoder(spec, merged, ws, heads, device)
     return merged, ctx.artifacts
 
 

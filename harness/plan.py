@@ -113,10 +113,47 @@ def key_params(method: str, params: dict[str, Any]) -> dict[str, Any]:
 
 
 def method_class_id(method: str) -> str:
+    """``module:Class``, and for a method of one's own the digest of its source files: editing
+    it (while trying an idea) runs its jobs, studies and adaptations again instead of reusing
+    results of the old code. The project's methods are versioned with the harness
+    (:data:`RESULT_VERSION`), so their keys stay as they are across its commits."""
     from methods.base import resolve_method
 
     cls = resolve_method(method)
-    return f"{cls.__module__}:{cls.__qualname__}"
+    identity = f"{cls.__module__}:{cls.__qualname__}"
+    code = method_source_digest(cls)
+    return identity if code is None else f"{identity}@{code}"
+
+
+#: Packages whose methods are the project's own: their source does not enter job keys.
+OWN_PACKAGES = ("methods", "harness")
+
+
+def method_source_digest(cls: type) -> str | None:
+    """sha256 of the source files of ``cls`` and of every base class it inherits merge code
+    from, outside the project's own packages; None for the project's methods (or a class whose
+    file cannot be found)."""
+    import hashlib
+
+    from harness.imports import source_file
+    from methods.base import MergeMethod
+
+    files = []
+    for klass in cls.__mro__:
+        if not (isinstance(klass, type) and issubclass(klass, MergeMethod)) or klass is MergeMethod:
+            continue
+        if klass.__module__.split(".")[0] in OWN_PACKAGES:
+            continue
+        path = source_file(klass)
+        if path and path not in files:
+            files.append(path)
+    if not files:
+        return None
+    h = hashlib.sha256()
+    for path in files:
+        with open(path, "rb") as f:
+            h.update(hashlib.sha256(f.read()).digest())
+    return h.hexdigest()[:16]
 
 
 def plan_jobs(cfg: SweepConfig, identity: dict[str, Any] | None = None,

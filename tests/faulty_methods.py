@@ -83,3 +83,18 @@ class ReturnsNone(MergeMethod):
 
     def merge(self, pretrained: nn.Module, finetuned: Mapping[str, nn.Module], ctx: MergeContext) -> nn.Module:
         task_arithmetic_state(pretrained, finetuned, 0.3)
+
+
+class WrongWidth(MergeMethod):
+    """Returns an encoder with a projection of its own: features of another width than the heads'."""
+
+    def merge(self, pretrained: nn.Module, finetuned: Mapping[str, nn.Module], ctx: MergeContext) -> nn.Module:
+        width = next(iter(ctx.heads.values())).shape[1]
+        return nn.Sequential(with_state(pretrained, {}), nn.Linear(width, 7))
+
+
+class NotAnImageEncoder(MergeMethod):
+    """Returns a module that cannot take images at all."""
+
+    def merge(self, pretrained: nn.Module, finetuned: Mapping[str, nn.Module], ctx: MergeContext) -> nn.Module:
+        return nn.Linear(5, 3)

@@ -347,6 +347,11 @@ def test_booleans_are_never_numbers_but_other_lax_conversions_stay():
     ("raises_on_import", "raise RuntimeError('no GPU here')\n", "RuntimeError: no GPU here"),
     ("registers_twice", "from methods import register_method, MergeMethod\n\n\n@register_method('ties')\n"
                         "class Mine(MergeMethod):\n    pass\n", "method name 'ties' is already registered"),
+    ("needs_dependency", "import torch\nimport no_such_dependency\n",
+     "importing module 'needs_dependency' failed at {dir}/needs_dependency.py:2: ModuleNotFoundError: "
+     "No module named 'no_such_dependency'"),
+    ("raises_on_line_3", "import torch\n\nraise ValueError('bad default')\n",
+     "importing module 'raises_on_line_3' failed at {dir}/raises_on_line_3.py:3: ValueError: bad default"),
 ])
 @pytest.mark.parametrize("field", ["methods.0.name", "tasks.0.name"])
 def test_a_broken_user_module_is_one_line(module, source, fragment, field, sweep_dict, tmp_path, monkeypatch):
@@ -360,6 +365,7 @@ def test_a_broken_user_module_is_one_line(module, source, fragment, field, sweep
     f.write_text(yaml.safe_dump(bad))
     code, out, err = _run(["validate", str(f)])
     message = " ".join(err.split())
+    fragment = fragment.format(dir=tmp_path)
     assert code == 2 and message.startswith(f"error: {f}: {field}:") and fragment in message, (out, err)
     assert "Traceback" not in err + out
 

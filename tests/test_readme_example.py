@@ -62,3 +62,37 @@ def test_example_runs_in_a_sweep(example_module, sweep_dict):
     full = next(r for r in out.results if r.label == "by-name")
     ta = next(r for r in out.results if r.label == "task_arithmetic")
     assert full.metrics["acc/avg"] == pytest.approx(ta.metrics["acc/avg"])  # keep=1 is task arithmetic
+
+
+@pytest.fixture
+def tta_module(tmp_path, monkeypatch):
+    text = README.read_text()
+    block = re.search(r"<!-- example: tta-method -->\n```python\n(.*?)```", text, re.S).group(1)
+    assert block.startswith("# my_tta.py")
+    (tmp_path / "my_tta.py").write_text(block)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("my_tta", None)
+    import my_tta
+
+    yield my_tta
+    sys.modules.pop("my_tta", None)
+
+
+def test_tta_example_runs_in_a_sweep(tta_module, sweep_dict):
+    """Without steps it is task arithmetic at its initial coefficient; adapting logs its loss per
+    step, learns one coefficient per task and checkpoints it in the job's workdir."""
+    d = dict(sweep_dict, references=False, methods=[
+        {"name": "my_tta:EntropyCoefficients", "label": "frozen", "params": {"steps": 0, "init": 0.3}},
+        {"name": "task_arithmetic", "params": {"scaling": 0.3}},
+        {"name": "my_tta:EntropyCoefficients", "label": "adapted", "params": {"steps": 12, "batch_size": 8}}])
+    out = run_sweep(validate_config(d), quiet=True)
+    assert not out.failed
+    by = {r.label: r for r in out.results}
+    assert by["frozen"].metrics["acc/avg"] == pytest.approx(by["task_arithmetic"].metrics["acc/avg"])
+    adapted = by["adapted"]
+    assert len(adapted.artifacts["curves"]["tta/loss"]) == 12
+    assert set(adapted.artifacts["coefficients"]) == set(d["tasks"])
+    assert adapted.artifacts["coefficients"] != {t: 0.3 for t in d["tasks"]}
+
+    state = torch.load(out.output_dir / "work" / adapted.key / "coefficients-tta.pt", weights_only=True)
+    assert state["step"] == 12 and state["params"]["coef"].tolist() == list(adapted.artifacts["coefficients"].values())

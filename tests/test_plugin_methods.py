@@ -1,0 +1,111 @@
+"""A merge method of one's own, named by import path: what a sweep does when its code changes
+and when it returns an encoder the heads cannot take."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from harness.cli import main
+from harness.config import validate_config
+from harness.runner import run_sweep
+from tests.test_reliability import failing_sweep
+
+SCALED_SUM = '''
+from methods import MergeMethod
+from methods.base import float_state, task_vectors, with_state
+
+SCALING = {scaling}
+
+
+class ScaledSum(MergeMethod):
+    """Task arithmetic with a scaling fixed in the code (what a user edits between runs)."""
+
+    def merge(self, pretrained, finetuned, ctx):
+        taus = task_vectors(pretrained, finetuned)
+        return with_state(pretrained, {{k: v + SCALING * sum(t[k] for t in taus.values())
+                                       for k, v in float_state(pretrained).items()}})
+'''
+
+
+def _write_module(folder, scaling: float) -> None:
+    (folder / "scaled_sum.py").write_text(SCALED_SUM.format(scaling=scaling))
+    sys.modules.pop("scaled_sum", None)  # as a new process would import it
+
+
+def test_editing_a_methods_code_runs_its_jobs_again(sweep_dict, tmp_path, monkeypatch):
+    """Results of the old code are not reused: after the edit the method's row equals task
+    arithmetic at the new scaling, computed in the same sweep; the built-in rows stay cached."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    d = dict(sweep_dict, references={"pretrained": False, "individual": False},
+             methods=[{"name": "task_arithmetic", "grid": {"scaling": [0.0, 0.6]}},
+                                  {"name": "scaled_sum:ScaledSum", "label": "mine"}])
+    _write_module(tmp_path, 0.0)
+    first = run_sweep(validate_config(d), quiet=True)
+    mine = next(r for r in first.results if r.label == "mine")
+    zero = next(r for r in first.results if r.label == "task_arithmetic" and r.params["scaling"] == 0.0)
+    assert mine.metrics["acc/avg"] == zero.metrics["acc/avg"]
+
+    _write_module(tmp_path, 0.0)
+    assert run_sweep(validate_config(d), quiet=True).executed == []  # same code: everything cached
+
+    _write_module(tmp_path, 0.6)
+    again = run_sweep(validate_config(d), quiet=True)
+    mine = next(r for r in again.results if r.label == "mine")
+    six = next(r for r in again.results if r.label == "task_arithmetic" and r.params["scaling"] == 0.6)
+    assert again.executed == [mine.key]
+    assert mine.metrics == pytest.approx(six.metrics)
+
+
+def test_the_projects_methods_are_identified_by_class_alone(tmp_path, monkeypatch):
+    """Keys of built-in methods do not change with the harness's commits; a method of one's own
+    carries the digest of its file, which an edit changes."""
+    from harness.config import MethodSpec, TuneSpec
+    from harness.plan import method_class_id
+    from harness.tuning import study_definition
+
+    assert method_class_id("task_arithmetic") == "methods.task_arithmetic:TaskArithmetic"
+    monkeypatch.syspath_prepend(str(tmp_path))
+    _write_module(tmp_path, 0.3)
+    before = method_class_id("scaled_sum:ScaledSum")
+    spec = MethodSpec.model_construct(name="scaled_sum:ScaledSum", params={}, tune=TuneSpec.model_construct(
+        objective="val/acc/avg", sampler="tpe", space={}))
+    study = study_definition(spec)
+    assert before.startswith("scaled_sum:ScaledSum@")
+    _write_module(tmp_path, 0.4)
+    assert method_class_id("scaled_sum:ScaledSum") != before
+    assert study_definition(spec) != study  # a study of the old code is not resumed
+
+
+def test_an_encoder_the_heads_cannot_take_is_named_with_its_method(sweep_dict, tmp_path):
+    """Not ``mat1 and mat2 shapes cannot be multiplied`` from the evaluation: the method, the
+    features it gave for one image and the width the heads take."""
+    d = dict(sweep_dict, references=False, methods=[
+        {"name": "tests.faulty_methods:WrongWidth", "label": "wide"},
+        {"name": "tests.faulty_methods:NotAnImageEncoder", "label": "linear"},
+        {"name": "tests.faulty_methods:NanWeights", "label": "nan"},
+    ])
+    _, err = failing_sweep(d, tmp_path)
+    first = d["tasks"][0]
+    assert (f"wide: TypeError: merge() of tests.faulty_methods:WrongWidth returned an encoder that maps one "
+            f"image of {first} to [1, 7]; the heads take features [1, 32]") in err
+    assert (f"linear: TypeError: merge() of tests.faulty_methods:NotAnImageEncoder returned an encoder that "
+            f"fails on one validation image of {first} (float32 [1, 3, 16, 16], as evaluation gives them): "
+            "RuntimeError: mat1 and mat2 shapes cannot be multiplied") in err
+    assert (f"nan: FloatingPointError: merge() of tests.faulty_methods:NanWeights returned an encoder that "
+            f"maps one image of {first} to non-finite features") in err
+
+
+def test_a_method_without_merge_is_a_config_error(sweep_dict, tmp_path, monkeypatch):
+    (tmp_path / "no_merge.py").write_text("from methods import MergeMethod\n\n\nclass Idea(MergeMethod):\n"
+                                          "    scaling: float = 0.3\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump(dict(sweep_dict, methods=["weight_averaging", "no_merge:Idea"])))
+    r = CliRunner().invoke(main, ["validate", str(f)], env={"COLUMNS": "300"})
+    assert r.exit_code == 2
+    assert (f"error: {f}: methods.1.name: no_merge:Idea ({tmp_path / 'no_merge.py'}) does not define "
+            "merge(self, pretrained, finetuned, ctx)") in " ".join(r.stderr.split())
