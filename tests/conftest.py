@@ -8,6 +8,9 @@ import os
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+# Console widths as in a plain run: pytest-xdist workers inherit COLUMNS=80, and rich would wrap
+# the tables and paths the tests read at 80 columns.
+os.environ.pop("COLUMNS", None)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
