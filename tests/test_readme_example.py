@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import re
 import sys
 from pathlib import Path
@@ -16,17 +17,20 @@ from methods.base import MergeContext
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
+def readme_module(tmp_path, monkeypatch, marker: str, name: str):
+    """The README's ``<!-- example: marker -->`` block as module ``name``, importable."""
+    text = README.read_text()
+    block = re.search(rf"<!-- example: {marker} -->\n```python\n(.*?)```", text, re.S).group(1)
+    assert block.startswith(f"# {name}.py")
+    (tmp_path / f"{name}.py").write_text(block)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop(name, None)
+    return importlib.import_module(name)
+
+
 @pytest.fixture
 def example_module(tmp_path, monkeypatch):
-    text = README.read_text()
-    block = re.search(r"<!-- example: custom-method -->\n```python\n(.*?)```", text, re.S).group(1)
-    assert block.startswith("# my_methods.py")
-    (tmp_path / "my_methods.py").write_text(block)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    sys.modules.pop("my_methods", None)
-    import my_methods
-
-    yield my_methods
+    yield readme_module(tmp_path, monkeypatch, "custom-method", "my_methods")
     sys.modules.pop("my_methods", None)
     from methods.base import _METHODS
 
@@ -66,15 +70,7 @@ def test_example_runs_in_a_sweep(example_module, sweep_dict):
 
 @pytest.fixture
 def tta_module(tmp_path, monkeypatch):
-    text = README.read_text()
-    block = re.search(r"<!-- example: tta-method -->\n```python\n(.*?)```", text, re.S).group(1)
-    assert block.startswith("# my_tta.py")
-    (tmp_path / "my_tta.py").write_text(block)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    sys.modules.pop("my_tta", None)
-    import my_tta
-
-    yield my_tta
+    yield readme_module(tmp_path, monkeypatch, "tta-method", "my_tta")
     sys.modules.pop("my_tta", None)
 
 
