@@ -156,6 +156,9 @@ def resolve_method(name: str) -> type[MergeMethod]:
         cls = import_object(name)
         if not (isinstance(cls, type) and issubclass(cls, MergeMethod)):
             raise KeyError(f"{name!r} is not a MergeMethod subclass")
+        from harness.plan import method_source_digest
+
+        method_source_digest(cls)  # pinned now, as imported: later edits of the file are not this code
         return cls
     registry = available_methods()
     if name not in registry:

@@ -24,6 +24,8 @@ SCALING = {scaling}
 class ScaledSum(MergeMethod):
     """Task arithmetic with a scaling fixed in the code (what a user edits between runs)."""
 
+    tag: int = 0  # changes nothing: a grid of it gives several jobs
+
     def merge(self, pretrained, finetuned, ctx):
         taus = task_vectors(pretrained, finetuned)
         return with_state(pretrained, {{k: v + SCALING * sum(t[k] for t in taus.values())
@@ -109,3 +111,51 @@ def test_a_method_without_merge_is_a_config_error(sweep_dict, tmp_path, monkeypa
     assert r.exit_code == 2
     assert (f"error: {f}: methods.1.name: no_merge:Idea ({tmp_path / 'no_merge.py'}) does not define "
             "merge(self, pretrained, finetuned, ctx)") in " ".join(r.stderr.split())
+
+
+def _planned(sweep_dict, tmp_path, monkeypatch, grid: list[int]):
+    """A sweep of ScaledSum (written with scaling 0.0) planned with keys, as a driver submits it."""
+    from harness.plan import plan_jobs
+    from harness.workspace import Workspace
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    _write_module(tmp_path, 0.0)
+    cfg = validate_config(dict(sweep_dict, references=False, methods=[
+        {"name": "scaled_sum:ScaledSum", "label": "mine", "grid": {"tag": grid}}]))
+    ws = Workspace(cfg)
+    return cfg, plan_jobs(cfg, ws.identity, ws.task_identity())
+
+
+def test_a_slurm_job_refuses_a_method_file_edited_after_submission(sweep_dict, tmp_path, monkeypatch):
+    """A node imports the method when its job starts: after an edit that is the new code, whose
+    result would be stored under the key of the code the sweep was planned with."""
+    from harness.executors.slurm import SweepJob
+
+    cfg, (spec,) = _planned(sweep_dict, tmp_path, monkeypatch, [0])
+    job = SweepJob(cfg.model_dump(mode="json"), progress=False)
+    _write_module(tmp_path, 0.0)  # imported again, unchanged: the job runs
+    assert job(spec.to_dict())["status"] == "ok"
+
+    _write_module(tmp_path, 0.6)
+    result = job(spec.to_dict())
+    assert result["status"] == "failed" and result["metrics"] == {}
+    assert result["error"].startswith(
+        f"MethodChanged: scaled_sum:ScaledSum: {tmp_path / 'scaled_sum.py'} changed since the sweep was submitted")
+    assert result["error"].endswith("rerun the sweep")
+
+
+def test_planning_keeps_the_code_the_process_imported(sweep_dict, tmp_path, monkeypatch):
+    """In the process that imported the method, an edit of its file does not change the identity
+    (the imported code still runs, so its jobs still match their keys); a fresh import does."""
+    from harness.job import run_job
+    from harness.plan import method_class_id
+    from harness.runtime import resolve_device
+    from harness.workspace import Workspace
+
+    cfg, (spec,) = _planned(sweep_dict, tmp_path, monkeypatch, [0])
+    (tmp_path / "scaled_sum.py").write_text(SCALED_SUM.format(scaling=0.6))  # not imported again
+    assert method_class_id("scaled_sum:ScaledSum") == spec.method_id
+    assert run_job(spec, Workspace(cfg), resolve_device("cpu"), tmp_path / "work").status == "ok"
+    sys.modules.pop("scaled_sum")
+    assert method_class_id("scaled_sum:ScaledSum") != spec.method_id
+
