@@ -99,3 +99,18 @@ def test_a_worker_refuses_a_method_file_edited_after_planning(sweep_dict, tmp_pa
         assert r.status == "failed" and r.metrics == {}
         assert r.error.startswith(f"MethodChanged: scaled_sum:ScaledSum: {tmp_path / 'scaled_sum.py'} changed "
                                   "since the sweep was submitted"), r.error
+
+
+def test_a_worker_returns_a_result_whose_artifacts_could_not_be_pickled(sweep_dict):
+    """An artifact a worker could not send back (a lock) no longer loses the finished job: it
+    comes back as its repr, with the warning naming it."""
+    cfg, ws, specs = _specs(sweep_dict, [{"name": "tests.faulty_methods:OddArtifacts", "grid": {"tag": [0, 1]}}])
+    ex = LocalExecutor(cfg, ws, workers=2)
+    try:
+        results = [r for _, r in ex.run(specs)]
+    finally:
+        ex.close()
+    for r in results:
+        assert r.status == "ok", r.error
+        assert r.artifacts["lock"].startswith("<unlocked _thread.lock object")
+        assert any("ctx.artifacts['lock'] is a _thread.lock" in w for w in r.warnings)

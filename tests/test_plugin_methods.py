@@ -159,3 +159,46 @@ def test_planning_keeps_the_code_the_process_imported(sweep_dict, tmp_path, monk
     sys.modules.pop("scaled_sum")
     assert method_class_id("scaled_sum:ScaledSum") != spec.method_id
 
+
+
+def test_artifacts_json_cannot_hold_are_converted_or_named(sweep_dict, tmp_path):
+    """Tensors, numpy values and sets are stored as the numbers they hold; an object of the
+    method's own is stored as its repr with a warning naming the method and the artifact, and
+    the job's result is kept. The stored file reads back (cached rerun, report) and the loss
+    curve reaches MLflow."""
+    import io
+    import json
+
+    from mlflow.tracking import MlflowClient
+    from rich.console import Console
+
+    d = dict(sweep_dict, references={"pretrained": False, "individual": False},
+             methods=[{"name": "tests.faulty_methods:OddArtifacts", "label": "odd"}])
+    cfg = validate_config(d)
+    out = io.StringIO()
+    run = run_sweep(cfg, console=Console(file=out, width=300))
+    (result,) = run.results
+    assert result.status == "ok"
+    stored = json.loads((cfg.resolved_output_dir() / "results" / f"{result.key}.json").read_text())
+    artifacts = stored["artifacts"]
+    assert artifacts == {"coefs": [[0.5, 0.25], [1.0, 2.0]], "array": [0, 1, 2], "scalar": 0.5, "count": 7,
+                         "flag": True, "tags": ["a", "b", "c"], "nested": {"pair": [1, 2.5], "3": 1.5},
+                         "odd": "Widget(3)", "lock": artifacts["lock"], "curves": {"tta/loss": [3.0, 2.0, 1.0]}}
+    assert artifacts["lock"].startswith("<unlocked _thread.lock object")
+    text = " ".join(out.getvalue().split())
+    assert ("warning odd: tests.faulty_methods:OddArtifacts: ctx.artifacts['odd'] is a "
+            "tests.faulty_methods.Widget, which the result file (JSON) cannot hold: stored as its repr") in text
+    assert "ctx.artifacts['lock'] is a _thread.lock" in text
+    assert stored["warnings"] == result.warnings and len(result.warnings) == 2
+
+    client = MlflowClient(cfg.resolved_tracking_uri())
+    (job_run,) = client.search_runs([client.get_experiment_by_name(cfg.name).experiment_id],
+                                    f"tags.`harness.job_key` = '{result.key}'")
+    assert job_run.data.tags["harness.warnings"] == "\n".join(result.warnings)
+    history = client.get_metric_history(job_run.info.run_id, "tta/loss")
+    assert [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)] == [(0, 3.0), (1, 2.0), (2, 1.0)]
+
+    again = run_sweep(cfg, quiet=True)  # read back from the result file
+    assert again.executed == [] and again.results[0].artifacts == artifacts
+    r = CliRunner().invoke(main, ["report", str(cfg.resolved_output_dir())], env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
