@@ -303,15 +303,24 @@ def validate(file: str, overrides: tuple[str, ...]) -> None:
 
 @main.command(name="list")
 @click.argument("what", type=click.Choice(["methods", "tasks", "models"]))
-def list_(what: str) -> None:
-    """What is registered: methods (with hyperparameters), tasks, or models."""
+@click.argument("names", nargs=-1)
+@click.option("--sweep", "sweep_file", type=click.Path(dir_okay=False),
+              help="List the methods this sweep file names (with methods).")
+def list_(what: str, names: tuple[str, ...], sweep_file: str | None) -> None:
+    """What is registered: methods (with hyperparameters), tasks, or models.
+
+    With methods, NAMES picks which to show instead of the registered ones: a method's name, a
+    class of your own as module:Class, or a module (every method class it defines)."""
+    if what != "methods" and (names or sweep_file):
+        raise click.UsageError(f"NAMES and --sweep pick methods; `harness list {what}` takes neither")
     if what == "methods":
         from methods.base import available_methods
 
+        shown = _methods_to_list(names, sweep_file) if names or sweep_file else available_methods()
         table = Table(title="merge methods")
         for col in ("method", "hyperparameter", "type", "default", "range", "description"):
             table.add_column(col, overflow="fold")
-        for name, cls in available_methods().items():
+        for name, cls in shown.items():
             hps = cls.hyperparameters()
             if not hps:
                 table.add_row(name, "-", "", "", "", "no hyperparameters")
@@ -339,6 +348,33 @@ def list_(what: str) -> None:
         for name in available_models():
             table.add_row(name, "harness" if name in own else "open_clip")
         console.print(table)
+
+
+def _methods_to_list(names: tuple[str, ...], sweep_file: str | None) -> dict[str, type]:
+    """The methods ``harness list methods`` was asked for: those ``sweep_file`` names (read as
+    written: a hyperparameter it gets wrong does not hide the list that shows the right ones),
+    then ``names``."""
+    from harness.config import ConfigError, read_yaml
+    from methods.base import methods_named
+
+    wanted: list[tuple[str, str, str]] = []  # (file, field, name)
+    if sweep_file:
+        entries = read_yaml(sweep_file).get("methods") or []
+        if not isinstance(entries, list):
+            raise ConfigError(sweep_file, "methods", "must be a list of methods", entries)
+        for i, m in enumerate(entries):
+            name = m.get("name") if isinstance(m, dict) else m
+            if not isinstance(name, str):
+                raise ConfigError(sweep_file, f"methods.{i}", "a method is a name or a mapping with 'name'", m)
+            wanted.append((sweep_file, f"methods.{i}.name", name))
+    wanted += [("harness list methods", "NAMES", name) for name in names]
+    shown: dict[str, type] = {}
+    for file, field, name in wanted:
+        try:
+            shown.update(methods_named(name))
+        except KeyError as exc:
+            raise ConfigError(file, field, str(exc.args[0]), show_value=False) from None
+    return shown
 
 
 @main.command()

@@ -6,6 +6,7 @@ import importlib
 import importlib.util
 import inspect
 import traceback
+import types
 from typing import Any
 
 from harness.errors import did_you_mean
@@ -14,15 +15,7 @@ from harness.errors import did_you_mean
 def import_object(path: str) -> Any:
     """The attribute ``Name`` of module ``pkg.module``; KeyError with the reason otherwise."""
     module_name, _, attr = path.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as exc:
-        if isinstance(exc, ModuleNotFoundError) and _names_the_module(exc.name, module_name):
-            raise KeyError(f"cannot import module {module_name!r} ({exc})") from None
-        # The module was found and is broken (a syntax error, an exception, an import of its own
-        # that fails): say where, in one line, rather than that the module was not found.
-        raise KeyError(f"importing module {module_name!r} failed{_where(exc, module_name)}: "
-                       f"{type(exc).__name__}: {exc}") from None
+    module = import_module(module_name)
     if not attr:
         raise KeyError(f"{path!r} names no object: write module:Name")
     obj = getattr(module, attr, None)
@@ -31,6 +24,19 @@ def import_object(path: str) -> Any:
         raise KeyError(f"module {module_name!r} ({getattr(module, '__file__', None) or 'built in'}) has no "
                        f"{attr!r}{did_you_mean(attr, names)}")
     return obj
+
+
+def import_module(module_name: str) -> types.ModuleType:
+    """The module ``pkg.module``; KeyError saying whether it was not found or failed to import."""
+    try:
+        return importlib.import_module(module_name)
+    except Exception as exc:
+        if isinstance(exc, ModuleNotFoundError) and _names_the_module(exc.name, module_name):
+            raise KeyError(f"cannot import module {module_name!r} ({exc})") from None
+        # The module was found and is broken (a syntax error, an exception, an import of its own
+        # that fails): say where, in one line, rather than that the module was not found.
+        raise KeyError(f"importing module {module_name!r} failed{_where(exc, module_name)}: "
+                       f"{type(exc).__name__}: {exc}") from None
 
 
 def _names_the_module(missing: str | None, module_name: str) -> bool:

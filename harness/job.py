@@ -21,7 +21,7 @@ from harness.config import MAIN, SweepConfig
 from harness.evaluation import correct_predictions, iterate_batches, percent, unlabeled_batches
 from harness.failpoints import failpoint
 from harness.models import ImageClassifier, tensor_stamp
-from harness.plan import JobSpec, adapts_on_corruptions, robustness_inline
+from harness.plan import JobSpec, adapts_on_corruptions, check_method_code, robustness_inline
 from harness.runtime import evaluation_threads
 from harness.significance import pack_correct
 from harness.workspace import Workspace
@@ -45,6 +45,7 @@ class JobResult:
     artifacts: dict[str, Any] = field(default_factory=dict)
     protocol: str = MAIN  # "generalization" for the generalization block's jobs; older cached results read as main
     test_correct: dict[str, str] = field(default_factory=dict)  # task -> packed per-image correctness (test split)
+    warnings: list[str] = field(default_factory=list)  # what the driver shows besides the result (artifacts JSON cannot hold)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -106,6 +107,8 @@ def _result_problem(data: Any, key: str) -> str | None:
     for name in ("params", "timings", "artifacts", "test_correct"):
         if not isinstance(data.get(name, {}), dict):
             return f"{name} is not a mapping"
+    if not isinstance(data.get("warnings", []), list):
+        return "warnings is not a list"
     kind = data.get("kind")
     need = f"acc/{data.get('task')}" if kind in ("individual", "perfect_routing") else _REQUIRED_METRIC.get(kind)
     if data["status"] == "ok" and need not in metrics:
@@ -202,6 +205,7 @@ def run_job(spec: JobSpec, ws: Workspace, device: torch.device, workdir: Path) -
     result = JobResult.of(spec, "ok")
     t0 = time.perf_counter()
     try:
+        check_method_code(spec)
         if spec.kind == "pretrained":
             encoder = ws.pretrained_encoder
             result.timings["load"] = time.perf_counter() - t0
@@ -224,6 +228,7 @@ def run_job(spec: JobSpec, ws: Workspace, device: torch.device, workdir: Path) -
         else:
             merged, artifacts = merge(spec, ws, device, workdir)
             failpoint("merged")
+            artifacts, result.warnings = plain_artifacts(artifacts, spec.method)
             result.artifacts = artifacts
             result.metrics.update(artifact_metrics(artifacts))
             result.timings["merge"] = time.perf_counter() - t0
@@ -286,6 +291,49 @@ def check_encoder(spec: JobSpec, merged: Any, ws: Workspace | None = None,
                         "(the pretrained encoder's output width)")
     if not torch.isfinite(features).all():
         raise FloatingPointError(f"{where} maps one image of {task} to non-finite features")
+
+
+def plain_artifacts(artifacts: dict[str, Any], method: str | None) -> tuple[dict[str, Any], list[str]]:
+    """``ctx.artifacts`` as the result file stores them (JSON), and a warning per value it
+    cannot: tensors and numpy arrays become nested lists, numpy scalars numbers, sets and tuples
+    lists (sets sorted), paths strings. Anything else is stored as its ``repr``, with a warning
+    naming the method and the artifact: the job's result is kept rather than lost over it.
+
+    Done where the job runs, so what crosses to the driver is plain data (a CUDA tensor would not
+    unpickle on a login node without a GPU) and the driver stores exactly what it gets."""
+    warnings: list[str] = []
+
+    def plain(value: Any, where: str) -> Any:
+        if value is None or isinstance(value, (str, bool, int, float)):
+            return value
+        if isinstance(value, torch.Tensor):
+            return value.detach().cpu().tolist()
+        if isinstance(value, Path):
+            return str(value)
+        if isinstance(value, dict):
+            out = {}
+            for k, v in value.items():
+                if not (k is None or isinstance(k, (str, bool, int, float))):
+                    warnings.append(f"{method}: {where} has the key {k!r} ({type(k).__name__}): stored as the "
+                                    "string of its key, as JSON keys are")
+                out[str(k)] = plain(v, f"{where}[{k!r}]")
+            return out
+        if isinstance(value, (list, tuple)):
+            return [plain(v, f"{where}[{i}]") for i, v in enumerate(value)]
+        if isinstance(value, (set, frozenset)):
+            items = [plain(v, f"{where} (an item)") for v in value]
+            try:
+                return sorted(items)
+            except TypeError:
+                return sorted(items, key=repr)
+        tolist = getattr(value, "tolist", None)  # numpy arrays and scalars (np.float32, np.int64, np.bool_)
+        if type(value).__module__ == "numpy" and callable(tolist):
+            return plain(tolist(), where)
+        warnings.append(f"{method}: {where} is a {type(value).__module__}.{type(value).__qualname__}, which the "
+                        "result file (JSON) cannot hold: stored as its repr")
+        return repr(value)
+
+    return {str(k): plain(v, f"ctx.artifacts[{k!r}]") for k, v in artifacts.items()}, warnings
 
 
 def artifact_metrics(artifacts: dict[str, Any]) -> dict[str, float]:

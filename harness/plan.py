@@ -7,6 +7,8 @@ MLflow identity of the job, so a rerun finds and skips what already finished.
 
 from __future__ import annotations
 
+import hashlib
+import weakref
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -30,6 +32,7 @@ class JobSpec:
     key: str = ""
     trial: dict[str, Any] | None = None  # Optuna trial handle (storage, study, trial id, objective)
     protocol: str = MAIN  # "generalization": merged and adapted on the generalization block's seen tasks
+    method_id: str | None = None  # method_class_id() the key was computed with; the job checks it (check_method_code)
 
     @property
     def title(self) -> str:
@@ -127,14 +130,14 @@ def method_class_id(method: str) -> str:
 
 #: Packages whose methods are the project's own: their source does not enter job keys.
 OWN_PACKAGES = ("methods", "harness")
+#: Per class object, the digest of its files when this process first saw it (just after importing
+#: it, see ``resolve_method``): the code this process runs, even if the files change later.
+_DIGESTS: weakref.WeakKeyDictionary[type, str | None] = weakref.WeakKeyDictionary()
 
 
-def method_source_digest(cls: type) -> str | None:
-    """sha256 of the source files of ``cls`` and of every base class it inherits merge code
-    from, outside the project's own packages; None for the project's methods (or a class whose
-    file cannot be found)."""
-    import hashlib
-
+def method_source_files(cls: type) -> list[str]:
+    """The files defining ``cls`` and every base class it inherits merge code from, outside the
+    project's own packages (empty for the project's methods)."""
     from harness.imports import source_file
     from methods.base import MergeMethod
 
@@ -147,13 +150,45 @@ def method_source_digest(cls: type) -> str | None:
         path = source_file(klass)
         if path and path not in files:
             files.append(path)
-    if not files:
-        return None
-    h = hashlib.sha256()
-    for path in files:
-        with open(path, "rb") as f:
-            h.update(hashlib.sha256(f.read()).digest())
-    return h.hexdigest()[:16]
+    return files
+
+
+def method_source_digest(cls: type) -> str | None:
+    """sha256 of :func:`method_source_files` as they were when this process imported ``cls``;
+    None for the project's methods (or a class whose file cannot be found)."""
+    if cls in _DIGESTS:
+        return _DIGESTS[cls]
+    files = method_source_files(cls)
+    digest = None
+    if files:
+        h = hashlib.sha256()
+        for path in files:
+            with open(path, "rb") as f:
+                h.update(hashlib.sha256(f.read()).digest())
+        digest = h.hexdigest()[:16]
+    _DIGESTS[cls] = digest
+    return digest
+
+
+class MethodChanged(RuntimeError):
+    """The method's code in this process is not the code its job's key was computed from."""
+
+
+def check_method_code(spec: JobSpec) -> None:
+    """Refuse to run a job whose method's source changed between planning and this process
+    importing it (a SLURM job or a local worker that starts later): its result would be stored
+    under the old code's key. Specs planned before keys carried the identity are not checked."""
+    if spec.method is None or spec.method_id is None:
+        return
+    now = method_class_id(spec.method)
+    if now == spec.method_id:
+        return
+    from methods.base import resolve_method
+
+    files = ", ".join(method_source_files(resolve_method(spec.method))) or "its source"
+    raise MethodChanged(f"{spec.method}: {files} changed since the sweep was submitted (planned as {spec.method_id}, "
+                        f"now {now}): this job would store the new code's result under the old code's key; "
+                        "rerun the sweep")
 
 
 def plan_jobs(cfg: SweepConfig, identity: dict[str, Any] | None = None,
@@ -225,4 +260,4 @@ def with_key(cfg: SweepConfig, s: JobSpec, identity: dict[str, Any],
     if s.kind == "trial":  # a trial's result depends on its study (pruning decisions) too
         body["study"] = {k: s.trial[k] for k in ("study_name", "number")}
     return JobSpec(s.kind, s.label, s.method, s.params, s.task, key=content_key(body), trial=s.trial,
-                   protocol=s.protocol)
+                   protocol=s.protocol, method_id=body.get("method"))

@@ -14,15 +14,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
-import torch
 from rich.console import Console
+from rich.markup import escape
 
 from harness.cache import atomic_write_bytes, atomic_write_json
 from harness.config import SweepConfig, dump_yaml, output_dir_problem
 from harness.errors import HarnessError, NotBuilt
 from harness.executors import make_executor
 from harness.failpoints import failpoint
-from harness.job import JobResult, read_result
+from harness.job import JobResult, plain_artifacts, read_result
 from harness.plan import JobSpec, full_params, plan_jobs, robustness_inline, robustness_spec
 from harness.plots import job_artifact_files
 from harness.report import best_routing, build_report, build_tune_table
@@ -64,16 +64,6 @@ class SweepOutcome:
     @property
     def failed(self) -> list[JobResult]:
         return [r for r in self.results if r.status != "ok"]
-
-
-def jsonable(obj: Any) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu().tolist()
-    if isinstance(obj, dict):
-        return {str(k): jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [jsonable(v) for v in obj]
-    return obj
 
 
 def finished_result(results_dir: Path, spec: JobSpec) -> JobResult | None:
@@ -298,7 +288,10 @@ def _run_sweep(cfg: SweepConfig, ws: Workspace, executor: Any, console: Console,
                 threads()
             done = []
             for spec, res in executor.run(batch, on_start=lambda s: bar.describe(s.title)):
-                res.artifacts = jsonable(res.artifacts)
+                res.artifacts, late = plain_artifacts(res.artifacts, spec.method)  # a job of an older harness
+                res.warnings += late
+                for warning in res.warnings:
+                    console.print(f"[yellow]warning[/] {escape(spec.title)}: {escape(warning)}", highlight=False)
                 failpoint("job_done")
                 if res.status in ("ok", "pruned"):
                     traceback_file(out, spec.key).unlink(missing_ok=True)  # an earlier attempt's

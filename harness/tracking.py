@@ -298,6 +298,8 @@ class Tracker:
         tags[PROTOCOL_TAG] = result.protocol
         if result.error:
             tags["harness.failure_reason"] = result.error[:5000]
+        if result.warnings:
+            tags["harness.warnings"] = "\n".join(result.warnings)[:5000]
         run = self.client.create_run(self.experiment_id, tags=tags)
         rid = run.info.run_id
         self._writing.add(rid)

@@ -18,7 +18,7 @@ from torch import nn
 
 from harness.errors import did_you_mean
 from harness.fields import no_bool_for_number
-from harness.imports import import_object
+from harness.imports import import_module, import_object
 
 StateDict = dict[str, torch.Tensor]
 
@@ -156,12 +156,37 @@ def resolve_method(name: str) -> type[MergeMethod]:
         cls = import_object(name)
         if not (isinstance(cls, type) and issubclass(cls, MergeMethod)):
             raise KeyError(f"{name!r} is not a MergeMethod subclass")
+        from harness.plan import method_source_digest
+
+        method_source_digest(cls)  # pinned now, as imported: later edits of the file are not this code
         return cls
     registry = available_methods()
     if name not in registry:
         raise KeyError(f"unknown method {name!r}{did_you_mean(name, registry)} (registered: {', '.join(registry)}; "
                        "a method of your own is named by import path, module:Class)")
     return registry[name]
+
+
+def methods_named(name: str) -> dict[str, type[MergeMethod]]:
+    """What ``harness list methods NAME`` shows: a registered name or ``module:Class`` (that
+    method), or a module (every method class it defines, as a sweep names it: ``module:Class``)."""
+    registry = available_methods()
+    if ":" in name or name in registry:
+        return {name: resolve_method(name)}
+    try:
+        module = import_module(name)
+    except KeyError as exc:
+        if not str(exc.args[0]).startswith("cannot import"):
+            raise
+        raise KeyError(f"{name!r} is neither a method (registered: {', '.join(registry)}) nor a module "
+                       f"({exc.args[0]}){did_you_mean(name, registry)}") from None
+    found = {f"{name}:{obj.__qualname__}": obj for obj in vars(module).values()
+             if isinstance(obj, type) and issubclass(obj, MergeMethod) and obj.__module__ == module.__name__
+             and obj.merge is not MergeMethod.merge}
+    if not found:
+        raise KeyError(f"module {name!r} ({getattr(module, '__file__', None) or 'built in'}) defines no "
+                       "MergeMethod subclass with a merge()")
+    return found
 
 
 # ---------------------------------------------------------------------------------------

@@ -98,3 +98,36 @@ class NotAnImageEncoder(MergeMethod):
 
     def merge(self, pretrained: nn.Module, finetuned: Mapping[str, nn.Module], ctx: MergeContext) -> nn.Module:
         return nn.Linear(5, 3)
+
+
+class Widget:
+    """An object of the method's own, which JSON cannot hold."""
+
+    def __repr__(self) -> str:
+        return "Widget(3)"
+
+
+class OddArtifacts(MergeMethod):
+    """Puts what a research method might into ``ctx.artifacts``: tensors, numpy values, sets, tuples,
+    an object of its own, and its adaptation loss as a numpy array."""
+
+    tag: int = 0
+
+    def merge(self, pretrained: nn.Module, finetuned: Mapping[str, nn.Module], ctx: MergeContext) -> nn.Module:
+        import threading
+
+        import numpy as np
+
+        ctx.artifacts.update({
+            "coefs": torch.tensor([[0.5, 0.25], [1.0, 2.0]]),
+            "array": np.arange(3, dtype=np.int64),
+            "scalar": np.float32(0.5),
+            "count": np.int64(7),
+            "flag": np.bool_(True),
+            "tags": {"b", "a", "c"},
+            "nested": {"pair": (1, np.float64(2.5)), 3: torch.tensor(1.5)},
+            "odd": Widget(),
+            "lock": threading.Lock(),  # cannot even be pickled back from a worker process
+            "tta_loss": np.array([3.0, 2.0, 1.0]),
+        })
+        return with_state(pretrained, task_arithmetic_state(pretrained, finetuned, 0.3))

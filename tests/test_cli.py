@@ -26,6 +26,87 @@ def test_list_methods_shows_hyperparameters():
     assert "0.3" in line  # the default
 
 
+MY_METHODS = """
+from typing import Literal
+
+from pydantic import Field
+
+from methods import MergeMethod
+from methods.ties import TiesMerging  # imported, not defined here: not one of this module's methods
+
+
+class Blend(MergeMethod):
+    alpha: float = Field(0.25, ge=0.0, le=1.0, description="share of the mean task vector")
+    mode: Literal["sum", "mean"] = "mean"
+
+    def merge(self, pretrained, finetuned, ctx):
+        return pretrained
+
+
+class Base(MergeMethod):
+    steps: int = 3  # no merge(): not a method a sweep can run
+
+
+class Plain(Base):
+    def merge(self, pretrained, finetuned, ctx):
+        return pretrained
+"""
+
+
+def _rows(output: str) -> dict[str, list[list[str]]]:
+    """The methods table's rows by method, each row's cells (continuation rows under their method)."""
+    rows: dict[str, list[list[str]]] = {}
+    method = None
+    for line in output.splitlines():
+        if not line.startswith("│"):
+            continue
+        cells = [c.strip() for c in line.strip()[1:-1].split("│")]
+        if len(cells) == 6:
+            method = cells[0] or method
+            rows.setdefault(method, []).append(cells[1:])
+    return rows
+
+
+def test_list_methods_of_ones_own(tmp_path, monkeypatch):
+    """A module's method classes (those it defines, with merge()), a class by import path, and
+    a sweep file's methods, with their hyperparameters as for the built-in ones."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "my_methods.py").write_text(MY_METHODS)
+    r = CliRunner().invoke(main, ["list", "methods", "my_methods"], env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    assert _rows(r.output) == {
+        "my_methods:Blend": [["alpha", "float", "0.25", "[0.0, 1.0]", "share of the mean task vector"],
+                             ["mode", "sum|mean", "'mean'", "", ""]],
+        "my_methods:Plain": [["steps", "int", "3", "", ""]],
+    }
+    r = CliRunner().invoke(main, ["list", "methods", "my_methods:Base", "weight_averaging"], env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    assert _rows(r.output) == {"my_methods:Base": [["steps", "int", "3", "", ""]],
+                               "weight_averaging": [["-", "", "", "", "no hyperparameters"]]}
+
+    sweep = tmp_path / "s.yaml"  # a wrong hyperparameter does not hide the list that shows the right ones
+    sweep.write_text(yaml.safe_dump({"name": "s", "methods": [
+        "weight_averaging", {"name": "my_methods:Blend", "params": {"alpah": 2}}]}))
+    r = CliRunner().invoke(main, ["list", "methods", "--sweep", str(sweep)], env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    assert list(_rows(r.output)) == ["weight_averaging", "my_methods:Blend"]
+
+
+def test_list_methods_names_what_it_cannot_find(tmp_path):
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text(yaml.safe_dump({"name": "s", "methods": ["ties", {"name": "nowhere:Gone"}]}))
+    r = CliRunner().invoke(main, ["list", "methods", "--sweep", str(sweep)], env={"COLUMNS": "300"})
+    assert r.exit_code == 2
+    assert r.stderr.strip() == (f"error: {sweep}: methods.1.name: cannot import module 'nowhere' "
+                                "(No module named 'nowhere')")
+    r = CliRunner().invoke(main, ["list", "methods", "tiess"], env={"COLUMNS": "300"})
+    assert r.exit_code == 2
+    assert r.stderr.strip().startswith("error: harness list methods: NAMES: 'tiess' is neither a method")
+    assert r.stderr.strip().endswith("; did you mean 'ties'?")
+    r = CliRunner().invoke(main, ["list", "tasks", "ties"])
+    assert r.exit_code == 2 and "`harness list tasks` takes neither" in r.output
+
+
 def test_list_tasks_and_models():
     r = CliRunner().invoke(main, ["list", "tasks"], env={"COLUMNS": "200"})
     assert r.exit_code == 0 and "toy_stripes" in r.output

@@ -75,3 +75,42 @@ def test_abort_stops_the_workers_instead_of_waiting_for_them(sweep_dict):
     ex.close(abort=True)
     assert len(procs) == 2
     assert all(p.exitcode == -signal.SIGTERM for p in procs)
+
+
+def test_a_worker_refuses_a_method_file_edited_after_planning(sweep_dict, tmp_path, monkeypatch):
+    """Workers import a method of one's own when their first job needs it: after an edit that is
+    the new code, whose results would be stored under the keys of the planned code."""
+    import multiprocessing as mp
+
+    import harness.executors.local as local
+    from tests.test_plugin_methods import SCALED_SUM, _planned
+
+    cfg, specs = _planned(sweep_dict, tmp_path, monkeypatch, [0, 1])
+    (tmp_path / "scaled_sum.py").write_text(SCALED_SUM.format(scaling=0.6))
+    # spawned: a worker gets this process's sys.path (the method's folder), not the server's
+    monkeypatch.setattr(local, "worker_context", lambda: mp.get_context("spawn"))
+    ex = LocalExecutor(cfg, Workspace(cfg), workers=2)
+    try:
+        results = [r for _, r in ex.run(specs)]
+    finally:
+        ex.close()
+    assert len(results) == 2
+    for r in results:
+        assert r.status == "failed" and r.metrics == {}
+        assert r.error.startswith(f"MethodChanged: scaled_sum:ScaledSum: {tmp_path / 'scaled_sum.py'} changed "
+                                  "since the sweep was submitted"), r.error
+
+
+def test_a_worker_returns_a_result_whose_artifacts_could_not_be_pickled(sweep_dict):
+    """An artifact a worker could not send back (a lock) no longer loses the finished job: it
+    comes back as its repr, with the warning naming it."""
+    cfg, ws, specs = _specs(sweep_dict, [{"name": "tests.faulty_methods:OddArtifacts", "grid": {"tag": [0, 1]}}])
+    ex = LocalExecutor(cfg, ws, workers=2)
+    try:
+        results = [r for _, r in ex.run(specs)]
+    finally:
+        ex.close()
+    for r in results:
+        assert r.status == "ok", r.error
+        assert r.artifacts["lock"].startswith("<unlocked _thread.lock object")
+        assert any("ctx.artifacts['lock'] is a _thread.lock" in w for w in r.warnings)

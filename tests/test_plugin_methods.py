@@ -24,6 +24,8 @@ SCALING = {scaling}
 class ScaledSum(MergeMethod):
     """Task arithmetic with a scaling fixed in the code (what a user edits between runs)."""
 
+    tag: int = 0  # changes nothing: a grid of it gives several jobs
+
     def merge(self, pretrained, finetuned, ctx):
         taus = task_vectors(pretrained, finetuned)
         return with_state(pretrained, {{k: v + SCALING * sum(t[k] for t in taus.values())
@@ -109,3 +111,94 @@ def test_a_method_without_merge_is_a_config_error(sweep_dict, tmp_path, monkeypa
     assert r.exit_code == 2
     assert (f"error: {f}: methods.1.name: no_merge:Idea ({tmp_path / 'no_merge.py'}) does not define "
             "merge(self, pretrained, finetuned, ctx)") in " ".join(r.stderr.split())
+
+
+def _planned(sweep_dict, tmp_path, monkeypatch, grid: list[int]):
+    """A sweep of ScaledSum (written with scaling 0.0) planned with keys, as a driver submits it."""
+    from harness.plan import plan_jobs
+    from harness.workspace import Workspace
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    _write_module(tmp_path, 0.0)
+    cfg = validate_config(dict(sweep_dict, references=False, methods=[
+        {"name": "scaled_sum:ScaledSum", "label": "mine", "grid": {"tag": grid}}]))
+    ws = Workspace(cfg)
+    return cfg, plan_jobs(cfg, ws.identity, ws.task_identity())
+
+
+def test_a_slurm_job_refuses_a_method_file_edited_after_submission(sweep_dict, tmp_path, monkeypatch):
+    """A node imports the method when its job starts: after an edit that is the new code, whose
+    result would be stored under the key of the code the sweep was planned with."""
+    from harness.executors.slurm import SweepJob
+
+    cfg, (spec,) = _planned(sweep_dict, tmp_path, monkeypatch, [0])
+    job = SweepJob(cfg.model_dump(mode="json"), progress=False)
+    _write_module(tmp_path, 0.0)  # imported again, unchanged: the job runs
+    assert job(spec.to_dict())["status"] == "ok"
+
+    _write_module(tmp_path, 0.6)
+    result = job(spec.to_dict())
+    assert result["status"] == "failed" and result["metrics"] == {}
+    assert result["error"].startswith(
+        f"MethodChanged: scaled_sum:ScaledSum: {tmp_path / 'scaled_sum.py'} changed since the sweep was submitted")
+    assert result["error"].endswith("rerun the sweep")
+
+
+def test_planning_keeps_the_code_the_process_imported(sweep_dict, tmp_path, monkeypatch):
+    """In the process that imported the method, an edit of its file does not change the identity
+    (the imported code still runs, so its jobs still match their keys); a fresh import does."""
+    from harness.job import run_job
+    from harness.plan import method_class_id
+    from harness.runtime import resolve_device
+    from harness.workspace import Workspace
+
+    cfg, (spec,) = _planned(sweep_dict, tmp_path, monkeypatch, [0])
+    (tmp_path / "scaled_sum.py").write_text(SCALED_SUM.format(scaling=0.6))  # not imported again
+    assert method_class_id("scaled_sum:ScaledSum") == spec.method_id
+    assert run_job(spec, Workspace(cfg), resolve_device("cpu"), tmp_path / "work").status == "ok"
+    sys.modules.pop("scaled_sum")
+    assert method_class_id("scaled_sum:ScaledSum") != spec.method_id
+
+
+
+def test_artifacts_json_cannot_hold_are_converted_or_named(sweep_dict, tmp_path):
+    """Tensors, numpy values and sets are stored as the numbers they hold; an object of the
+    method's own is stored as its repr with a warning naming the method and the artifact, and
+    the job's result is kept. The stored file reads back (cached rerun, report) and the loss
+    curve reaches MLflow."""
+    import io
+    import json
+
+    from mlflow.tracking import MlflowClient
+    from rich.console import Console
+
+    d = dict(sweep_dict, references={"pretrained": False, "individual": False},
+             methods=[{"name": "tests.faulty_methods:OddArtifacts", "label": "odd"}])
+    cfg = validate_config(d)
+    out = io.StringIO()
+    run = run_sweep(cfg, console=Console(file=out, width=300))
+    (result,) = run.results
+    assert result.status == "ok"
+    stored = json.loads((cfg.resolved_output_dir() / "results" / f"{result.key}.json").read_text())
+    artifacts = stored["artifacts"]
+    assert artifacts == {"coefs": [[0.5, 0.25], [1.0, 2.0]], "array": [0, 1, 2], "scalar": 0.5, "count": 7,
+                         "flag": True, "tags": ["a", "b", "c"], "nested": {"pair": [1, 2.5], "3": 1.5},
+                         "odd": "Widget(3)", "lock": artifacts["lock"], "curves": {"tta/loss": [3.0, 2.0, 1.0]}}
+    assert artifacts["lock"].startswith("<unlocked _thread.lock object")
+    text = " ".join(out.getvalue().split())
+    assert ("warning odd: tests.faulty_methods:OddArtifacts: ctx.artifacts['odd'] is a "
+            "tests.faulty_methods.Widget, which the result file (JSON) cannot hold: stored as its repr") in text
+    assert "ctx.artifacts['lock'] is a _thread.lock" in text
+    assert stored["warnings"] == result.warnings and len(result.warnings) == 2
+
+    client = MlflowClient(cfg.resolved_tracking_uri())
+    (job_run,) = client.search_runs([client.get_experiment_by_name(cfg.name).experiment_id],
+                                    f"tags.`harness.job_key` = '{result.key}'")
+    assert job_run.data.tags["harness.warnings"] == "\n".join(result.warnings)
+    history = client.get_metric_history(job_run.info.run_id, "tta/loss")
+    assert [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)] == [(0, 3.0), (1, 2.0), (2, 1.0)]
+
+    again = run_sweep(cfg, quiet=True)  # read back from the result file
+    assert again.executed == [] and again.results[0].artifacts == artifacts
+    r = CliRunner().invoke(main, ["report", str(cfg.resolved_output_dir())], env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
