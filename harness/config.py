@@ -826,6 +826,9 @@ def check_space(cls: Any, m: MethodSpec, i: int, file: str) -> None:
         where = f"methods.{i}.tune.space.{name}"
         if name not in cls.model_fields:
             raise unknown_hyperparameter(file, where, m.name, name, cls.model_fields)
+        if name in cls.runtime_only:  # trials differing in it alone would run one merge again and again
+            raise ConfigError(file, where, f"hyperparameter {name!r} of {m.name!r} never changes a result "
+                              "(runtime_only): set it in params", show_value=False)
         annotation = cls.model_fields[name].annotation
         allowed = SPACE_TYPES[field_kind(annotation)]
         if p.type not in allowed:
