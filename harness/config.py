@@ -1007,7 +1007,7 @@ def check_checkpoint_shapes(cfg: SweepConfig, file: str) -> None:
 def check_data_roots(cfg: SweepConfig, file: str) -> None:
     """Every task that reads its images from a data folder (its factory takes ``data_root``: the
     real datasets of :mod:`tasks.vision8`) has one that exists, from its ``options`` or the
-    top-level ``data_root``. Checked with the sweep file, so the error names the file, the field
+    top-level ``data_root``; one whose factory has a default for it may have none. Checked with the sweep file, so the error names the file, the field
     and the value, not a job at run time. Tasks without the option (embedded, generated) cost a
     signature lookup each."""
     import inspect
@@ -1016,13 +1016,15 @@ def check_data_roots(cfg: SweepConfig, file: str) -> None:
 
     for i, t in enumerate(cfg.tasks):
         try:
-            takes = "data_root" in inspect.signature(resolve_task(t.name)).parameters
+            param = inspect.signature(resolve_task(t.name)).parameters.get("data_root")
         except (KeyError, TypeError, ValueError):  # check_tasks reports bad names; builtins lack a signature
             continue
-        if not takes:
+        if param is None:
             continue
         where, root = ((f"tasks.{i}.options.data_root", t.options["data_root"]) if "data_root" in t.options
                        else ("data_root", cfg.data_root))
+        if root is None and param.default is not inspect.Parameter.empty:
+            continue  # built without one, as the run builds it
         if root is None:
             raise ConfigError(file, "data_root", f"task {t.name!r} reads its images from a data folder: set "
                               f"data_root (or tasks.{i}.options.data_root)", show_value=False)
