@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 
 import pytest
+import torch
 import yaml
 from click.testing import CliRunner
 
@@ -109,3 +110,30 @@ def test_a_method_without_merge_is_a_config_error(sweep_dict, tmp_path, monkeypa
     assert r.exit_code == 2
     assert (f"error: {f}: methods.1.name: no_merge:Idea ({tmp_path / 'no_merge.py'}) does not define "
             "merge(self, pretrained, finetuned, ctx)") in " ".join(r.stderr.split())
+
+
+def test_checking_the_encoder_leaves_the_rng_and_train_mode_alone():
+    """The check reads one image of a disk-backed split (not a TensorDataset) without a DataLoader,
+    whose iterator draws a seed from torch's global generator, and restores the encoder's mode."""
+    from types import SimpleNamespace
+
+    from torch import nn
+    from torch.utils.data import Dataset
+
+    from harness.job import check_encoder
+    from harness.plan import JobSpec
+
+    class Images(Dataset):
+        def __len__(self) -> int:
+            return 2
+
+        def __getitem__(self, i: int):
+            return torch.full((3, 4, 4), float(i)), i
+
+    ws = SimpleNamespace(task=lambda name: SimpleNamespace(dataset=lambda split: Images()))
+    encoder = nn.Sequential(nn.Flatten(), nn.Dropout(0.5), nn.Linear(48, 5)).train()
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    check_encoder(JobSpec("merge", "m", method="mine:M"), encoder, ws, {"t": torch.zeros(3, 5)}, torch.device("cpu"))
+    assert torch.equal(torch.get_rng_state(), before)
+    assert encoder.training
