@@ -771,6 +771,11 @@ def check_methods(cfg: SweepConfig, file: str) -> None:
                               f"({source_file(cls) or 'built in'}) does not define "
                               "merge(self, pretrained, finetuned, ctx)", show_value=False)
         fields = set(cls.model_fields)
+        unknown = sorted(set(cls.runtime_only) - fields)
+        if unknown:  # else every job key fails with a bare KeyError
+            raise ConfigError(file, f"methods.{i}.name", f"{cls.__module__}:{cls.__qualname__} "
+                              f"({source_file(cls) or 'built in'}) declares runtime_only {unknown}, which are "
+                              f"not its hyperparameters{did_you_mean(unknown[0], fields)}", show_value=False)
         if m.tune:
             check_space(cls, m, i, file)
         for where in ("params", "grid"):

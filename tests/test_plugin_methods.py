@@ -112,6 +112,21 @@ def test_a_method_without_merge_is_a_config_error(sweep_dict, tmp_path, monkeypa
             "merge(self, pretrained, finetuned, ctx)") in " ".join(r.stderr.split())
 
 
+def test_a_runtime_only_name_that_is_no_hyperparameter_is_a_config_error(sweep_dict, tmp_path, monkeypatch):
+    (tmp_path / "typo.py").write_text(
+        "from methods import MergeMethod\n\n\nclass Idea(MergeMethod):\n"
+        "    runtime_only = frozenset({'chekpoint_every'})\n    checkpoint_every: int = 5\n\n"
+        "    def merge(self, pretrained, finetuned, ctx):\n        return pretrained\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump(dict(sweep_dict, methods=["typo:Idea"])))
+    r = CliRunner().invoke(main, ["validate", str(f)], env={"COLUMNS": "300"})
+    assert r.exit_code == 2, r.stderr
+    assert (f"error: {f}: methods.0.name: typo:Idea ({tmp_path / 'typo.py'}) declares runtime_only "
+            "['chekpoint_every'], which are not its hyperparameters; did you mean 'checkpoint_every'?"
+            ) in " ".join(r.stderr.split())
+
+
 def test_checking_the_encoder_leaves_the_rng_and_train_mode_alone():
     """The check reads one image of a disk-backed split (not a TensorDataset) without a DataLoader,
     whose iterator draws a seed from torch's global generator, and restores the encoder's mode."""
