@@ -270,7 +270,7 @@ def check_encoder(spec: JobSpec, merged: Any, ws: Workspace | None = None,
     task, head = next(iter(heads.items()))
     split = ws.task(task).dataset("val")
     if len(split) == 0:
-        return  # the preflight names empty splits
+        return  # evaluation reports an empty split
     image = split[0][0][None]  # no DataLoader: its iterator would draw from torch's global generator
     where = f"merge() of {spec.method} returned an encoder that"
     was_training = merged.training
