@@ -147,24 +147,35 @@ def _print_plan(cfg, cache: bool = False) -> None:
         specs, done, why = cache_status(cfg)
     else:
         specs = plan_jobs(cfg)
+    follow = [s for s in specs if s.kind == "robustness"]  # a dry run's follow-ups whose setting is known
+    specs = [s for s in specs if s.kind != "robustness"]
     table = Table(title=f"job plan: {len(specs)} jobs")
     for col in ("#", "kind", "method", "task", "params", *(("status",) if done is not None else ())):
         table.add_column(col)
-    for i, s in enumerate(specs):
+    for i, s in enumerate(specs + follow):
         tasks = s.task or ("all" if s.protocol == MAIN else f"all, merged on {', '.join(cfg.seen_tasks(s.protocol))}")
+        if s.kind == "robustness":
+            tasks = ", ".join(cfg.robustness.tasks)
         status = () if done is None else ("cached" if s.key in done else "to run",)
-        table.add_row(str(i), s.kind, s.label, tasks, ", ".join(f"{k}={v}" for k, v in s.params.items()), *status)
+        table.add_row(str(i) if i < len(specs) else "-", s.kind, s.label, tasks,
+                      ", ".join(f"{k}={v}" for k, v in s.params.items()), *status)
     for m in cfg.methods:
         if m.tune:
             table.add_row("-", "tune", m.display, "all",
                           f"{m.tune.n_trials} trials ({m.tune.sampler}) over {', '.join(m.tune.space)}, then 1 test run")
-        elif cfg.robustness and not robustness_inline(cfg, m.display):
+        elif (cfg.robustness and not robustness_inline(cfg, m.display)
+              and not any(f.label == m.display for f in follow)):
             table.add_row("-", "robustness", m.display, ", ".join(cfg.robustness.tasks),
                           "the setting chosen on val, after its grid")
     console.print(table)
     if done is not None:
         cached = sum(s.key in done for s in specs)
-        console.print(f"{len(specs)} jobs: {cached} cached, {len(specs) - cached} to run", highlight=False)
+        line = f"{len(specs)} jobs: {cached} cached, {len(specs) - cached} to run"
+        if follow:
+            known = sum(s.key in done for s in follow)
+            line += (f"; then {len(follow)} robustness job{'s' if len(follow) != 1 else ''} (settings chosen on "
+                     f"val): {known} cached, {len(follow) - known} to run")
+        console.print(line, highlight=False)
     elif cache:
         console.print(f"{len(specs)} jobs: which are cached is not known before the models are built ({why})",
                       highlight=False, markup=False, soft_wrap=True)

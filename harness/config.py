@@ -771,6 +771,11 @@ def check_methods(cfg: SweepConfig, file: str) -> None:
                               f"({source_file(cls) or 'built in'}) does not define "
                               "merge(self, pretrained, finetuned, ctx)", show_value=False)
         fields = set(cls.model_fields)
+        unknown = sorted(set(cls.runtime_only) - fields)
+        if unknown:  # else every job key fails with a bare KeyError
+            raise ConfigError(file, f"methods.{i}.name", f"{cls.__module__}:{cls.__qualname__} "
+                              f"({source_file(cls) or 'built in'}) declares runtime_only {unknown}, which are "
+                              f"not its hyperparameters{did_you_mean(unknown[0], fields)}", show_value=False)
         if m.tune:
             check_space(cls, m, i, file)
         for where in ("params", "grid"):
@@ -826,6 +831,9 @@ def check_space(cls: Any, m: MethodSpec, i: int, file: str) -> None:
         where = f"methods.{i}.tune.space.{name}"
         if name not in cls.model_fields:
             raise unknown_hyperparameter(file, where, m.name, name, cls.model_fields)
+        if name in cls.runtime_only:  # trials differing in it alone would run one merge again and again
+            raise ConfigError(file, where, f"hyperparameter {name!r} of {m.name!r} never changes a result "
+                              "(runtime_only): set it in params", show_value=False)
         annotation = cls.model_fields[name].annotation
         allowed = SPACE_TYPES[field_kind(annotation)]
         if p.type not in allowed:
@@ -1004,7 +1012,7 @@ def check_checkpoint_shapes(cfg: SweepConfig, file: str) -> None:
 def check_data_roots(cfg: SweepConfig, file: str) -> None:
     """Every task that reads its images from a data folder (its factory takes ``data_root``: the
     real datasets of :mod:`tasks.vision8`) has one that exists, from its ``options`` or the
-    top-level ``data_root``. Checked with the sweep file, so the error names the file, the field
+    top-level ``data_root``; one whose factory has a default for it may have none. Checked with the sweep file, so the error names the file, the field
     and the value, not a job at run time. Tasks without the option (embedded, generated) cost a
     signature lookup each."""
     import inspect
@@ -1013,13 +1021,15 @@ def check_data_roots(cfg: SweepConfig, file: str) -> None:
 
     for i, t in enumerate(cfg.tasks):
         try:
-            takes = "data_root" in inspect.signature(resolve_task(t.name)).parameters
+            param = inspect.signature(resolve_task(t.name)).parameters.get("data_root")
         except (KeyError, TypeError, ValueError):  # check_tasks reports bad names; builtins lack a signature
             continue
-        if not takes:
+        if param is None:
             continue
         where, root = ((f"tasks.{i}.options.data_root", t.options["data_root"]) if "data_root" in t.options
                        else ("data_root", cfg.data_root))
+        if root is None and param.default is not inspect.Parameter.empty:
+            continue  # built without one, as the run builds it
         if root is None:
             raise ConfigError(file, "data_root", f"task {t.name!r} reads its images from a data folder: set "
                               f"data_root (or tasks.{i}.options.data_root)", show_value=False)

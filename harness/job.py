@@ -18,7 +18,7 @@ import torch
 
 from harness.cache import read_json
 from harness.config import MAIN, SweepConfig
-from harness.evaluation import correct_predictions, iterate_batches, percent, unlabeled_batches
+from harness.evaluation import correct_predictions, percent, unlabeled_batches
 from harness.failpoints import failpoint
 from harness.models import ImageClassifier, tensor_stamp
 from harness.plan import JobSpec, adapts_on_corruptions, check_method_code, robustness_inline
@@ -273,7 +273,10 @@ def check_encoder(spec: JobSpec, merged: Any, ws: Workspace | None = None,
     if ws is None or not heads:
         return
     task, head = next(iter(heads.items()))
-    image = next(iterate_batches(ws.task(task).dataset("val"), 1))[0]
+    split = ws.task(task).dataset("val")
+    if len(split) == 0:
+        return  # evaluation reports an empty split
+    image = split[0][0][None]  # no DataLoader: its iterator would draw from torch's global generator
     where = f"merge() of {spec.method} returned an encoder that"
     was_training = merged.training
     try:

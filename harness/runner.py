@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from harness.cache import atomic_write_bytes, atomic_write_json
-from harness.config import SweepConfig, dump_yaml, output_dir_problem
+from harness.config import MAIN, SweepConfig, dump_yaml, output_dir_problem
 from harness.errors import HarnessError, NotBuilt
 from harness.executors import make_executor
 from harness.failpoints import failpoint
@@ -98,17 +98,25 @@ def cache_status(cfg: SweepConfig) -> tuple[list[JobSpec], set[str] | None, str 
     building, converting and loading no model (a dry run). An output folder without results
     needs no keys (every job runs; nothing is hashed); where keys would need a model built first
     (the embedded suite not prepared, a checkpoint not converted yet), the cached keys are None
-    with the reason."""
+    with the reason. After the planned jobs come the robustness follow-ups (kind ``robustness``)
+    of grid methods whose every job is cached: the setting the run will choose on val is known."""
     results_dir = cfg.resolved_output_dir() / "results"
     if not results_dir.is_dir() or not any(results_dir.glob("*.json")):
         return plan_jobs(cfg), set(), None
     ws = Workspace(cfg, build=False)
     try:
-        specs = plan_jobs(cfg, ws.identity, ws.task_identity())
+        identity, task_identity = ws.identity, ws.task_identity()
     except NotBuilt as exc:
         return plan_jobs(cfg), None, str(exc)
+    specs = plan_jobs(cfg, identity, task_identity)
     results, _ = split_cached(specs, results_dir)
-    return specs, set(results), None
+    if not cfg.robustness:
+        return specs, set(results), None
+    waiting = {s.label for s in specs if s.kind == "merge" and s.protocol == MAIN and s.key not in results}
+    follow = [f for f in robustness_followups(cfg, list(results.values()), identity, task_identity)
+              if f.label not in waiting]
+    split, _ = split_cached(follow, results_dir)
+    return specs + follow, set(results) | set(split), None
 
 
 def traceback_file(out: Path, key: str) -> Path:

@@ -98,10 +98,15 @@ DEFINITION_ATTR = "harness.definition"
 
 def study_definition(m: MethodSpec) -> str:
     """A digest of what makes a study's trials comparable: the method, its fixed params, the space,
-    the objective and the sampler (``n_trials`` and ``n_parallel`` may change: that extends it)."""
+    the objective and the sampler (``n_trials`` and ``n_parallel`` may change: that extends it).
+    Fixed params the method declares ``runtime_only`` are left out, as job keys leave them out:
+    changing one resumes the study and finds its trials' cached results."""
     from harness.plan import method_class_id
+    from methods.base import resolve_method
 
-    body = {"method": method_class_id(m.name), "params": m.params, "objective": m.tune.objective,
+    runtime_only = resolve_method(m.name).runtime_only
+    params = {k: v for k, v in m.params.items() if k not in runtime_only}
+    body = {"method": method_class_id(m.name), "params": params, "objective": m.tune.objective,
             "sampler": m.tune.sampler, "space": {k: p.model_dump(mode="json") for k, p in m.tune.space.items()}}
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:12]
 

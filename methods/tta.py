@@ -14,7 +14,7 @@ Conventions the callers rely on:
   when the output is not a terminal). The bar shows the current loss.
 * Checkpoints: every ``checkpoint_every`` steps and at the end, the trainable tensors, the
   step, the Adam state, the loss history and ``ctx.adapted_on`` (the data adapted on) go to
-  ``ctx.workdir/<name>-tta.pt`` (temp file + ``os.replace``; tensors and plain containers only,
+  ``ctx.workdir/<name>-tta.pt`` (:func:`harness.cache.atomic_path`; tensors and plain containers only,
   read back with ``weights_only=True``). A run that finds that file resumes from it and
   fast-forwards every task's iterator past the batches already consumed, so resuming
   reproduces an uninterrupted run exactly when the iterator factories are deterministic; a
@@ -51,8 +51,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.models import ImageClassifier
+from harness.cache import atomic_path
 from harness.failpoints import failpoint
+from harness.models import ImageClassifier
 from methods.base import MergeContext, PruneTrial
 
 
@@ -118,10 +119,8 @@ def _save_checkpoint(path: Path, params: Mapping[str, nn.Parameter], step: int,
     if parts is not None:
         state["parts_start"] = parts.start
         state["parts"] = {k: torch.tensor(v, dtype=torch.float64) for k, v in parts.values.items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:  # a failed or killed write leaves the last checkpoint, whole
+        torch.save(state, tmp)
 
 
 def _load_checkpoint(path: Path, params: Mapping[str, nn.Parameter], optimizer: torch.optim.Optimizer,

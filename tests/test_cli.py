@@ -293,3 +293,30 @@ def test_dry_run_of_an_unprepared_embedded_suite_builds_nothing(tmp_path):
     assert r.exit_code == 0, r.output
     assert "4 jobs: which are cached is not known before the models are built (the embedded suite's" in r.output
     assert not cache.exists()  # nothing trained, nothing written
+
+
+def test_dry_run_shows_the_robustness_study_of_a_grids_chosen_setting(sweep_dict, tmp_path):
+    """A grid method's robustness job runs after its grid, for the setting chosen on val: once
+    every grid job is cached that setting is known, and the dry run says whether its job is
+    cached too (a sweep killed before it, or whose robustness job failed, runs it)."""
+    d = dict(sweep_dict, references={"pretrained": False, "individual": False},
+             robustness={"tasks": ["toy_stripes"], "corruptions": ["contrast"], "severity": 2},
+             methods=[{"name": "task_arithmetic", "grid": {"scaling": [0.2, 0.6]}}])
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump(d))
+    r = CliRunner().invoke(main, ["sweep", "-q", str(f)])
+    assert r.exit_code == 0, r.output
+    results = Path(d["output_dir"]) / "results"
+    stored = [json.loads(p.read_text()) for p in sorted(results.glob("*.json"))]
+    [rob] = [x for x in stored if x["kind"] == "robustness"]
+    chosen = max((x for x in stored if x["kind"] == "merge"), key=lambda x: x["metrics"]["val/acc/avg"])
+    assert rob["params"] == chosen["params"]
+    summary, rows = _dry_run(f)
+    assert summary == "2 jobs: 2 cached, 0 to run; then 1 robustness job (settings chosen on val): 1 cached, 0 to run"
+    (results / f"{rob['key']}.json").unlink()
+    summary, _ = _dry_run(f)
+    assert summary == "2 jobs: 2 cached, 0 to run; then 1 robustness job (settings chosen on val): 0 cached, 1 to run"
+    r = CliRunner().invoke(main, ["sweep", str(f)])
+    assert r.exit_code == 0 and (results / f"{rob['key']}.json").is_file(), r.output  # the run agrees: it ran it
+    summary, _ = _dry_run(f, "methods.0.grid.scaling=[0.2, 0.6, 0.4]")
+    assert summary == "3 jobs: 2 cached, 1 to run"  # the chosen setting is not known before scaling=0.4 runs

@@ -518,3 +518,22 @@ def test_a_relative_data_folder_says_where_it_is_read_from(sweep_dict, tmp_path,
     f.write_text(yaml.safe_dump(dict(sweep_dict, tasks=[*sweep_dict["tasks"], "dtd"], unseen=["dtd"], data_root="data")))
     code, out, err = _run(["validate", str(f)])
     assert code == 2 and f"(relative paths are read from the current folder, {tmp_path})" in " ".join(err.split())
+
+
+def test_a_task_whose_data_folder_is_optional_validates_without_one(sweep_dict, tmp_path, monkeypatch):
+    """A task of one's own whose factory has a default for ``data_root`` is built without one (as
+    the run builds it): validate does not ask for a data folder it does not need."""
+    (tmp_path / "optional_root.py").write_text(
+        "from tasks.base import resolve_task\n\n\n"
+        "def stripes(data_root=None):\n    return resolve_task('toy_stripes')()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    f = tmp_path / "data.yaml"
+    f.write_text(yaml.safe_dump(dict(sweep_dict, tasks=[*sweep_dict["tasks"], "optional_root:stripes"],
+                                     unseen=["optional_root:stripes"])))
+    code, out, err = _run(["validate", str(f)])
+    assert code == 0, (out, err)
+    f.write_text(yaml.safe_dump(dict(sweep_dict, tasks=[*sweep_dict["tasks"], "optional_root:stripes"],
+                                     unseen=["optional_root:stripes"], data_root=str(tmp_path / "nowhere"))))
+    code, out, err = _run(["validate", str(f)])
+    assert code == 2 and " ".join(err.split()).startswith(
+        f"error: {f}: data_root: data folder of task 'optional_root:stripes' does not exist"), err

@@ -73,3 +73,32 @@ def test_a_new_checkpoint_interval_reuses_the_cached_adaptation(sweep_dict, monk
     [result] = again.results
     assert result.metrics == first.results[0].metrics
     assert result.params == {"steps": 2, "batch_size": 4, "checkpoint_every": 1}  # the setting the sweep gives now
+
+
+#: The study definition of WeMoE at steps=5 tuned over lr, as it was before runtime_only params
+#: were left out of definitions (computed then): its stored study is still resumed.
+STUDY_PINNED = "9b715db53537"
+
+
+def _study(params: dict, space: dict | None = None):
+    d = make_sweep_dict(Path("/nonexistent"), Path("/nonexistent-out"))
+    space = space or {"lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}}
+    d["methods"] = [{"name": "wemoe", "params": {"steps": 5, **params},
+                     "tune": {"n_trials": 2, "objective": "val/acc/avg", "space": space}}]
+    return validate_config(d, "s.yaml").methods[0]
+
+
+def test_a_runtime_only_setting_leaves_the_study_definition_alone():
+    """Changing checkpoint_every resumes the study (its trials' keys are unchanged too), not a new
+    study of the same search whose trials run again."""
+    from harness.tuning import study_definition
+
+    assert study_definition(_study({})) == STUDY_PINNED
+    assert study_definition(_study({"checkpoint_every": 7, "implementation": "weights"})) == STUDY_PINNED
+    assert study_definition(_study({"steps": 6})) != STUDY_PINNED
+
+
+def test_tuning_a_runtime_only_setting_is_refused():
+    with pytest.raises(ConfigError, match=r"s.yaml: methods.0.tune.space.checkpoint_every: hyperparameter "
+                                          r"'checkpoint_every' of 'wemoe' never changes a result \(runtime_only\)"):
+        _study({}, space={"checkpoint_every": {"type": "int", "low": 1, "high": 10}})

@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 
 import pytest
+import torch
 import yaml
 from click.testing import CliRunner
 
@@ -160,7 +161,6 @@ def test_planning_keeps_the_code_the_process_imported(sweep_dict, tmp_path, monk
     assert method_class_id("scaled_sum:ScaledSum") != spec.method_id
 
 
-
 def test_artifacts_json_cannot_hold_are_converted_or_named(sweep_dict, tmp_path):
     """Tensors, numpy values and sets are stored as the numbers they hold; an object of the
     method's own is stored as its repr with a warning naming the method and the artifact, and
@@ -202,3 +202,45 @@ def test_artifacts_json_cannot_hold_are_converted_or_named(sweep_dict, tmp_path)
     assert again.executed == [] and again.results[0].artifacts == artifacts
     r = CliRunner().invoke(main, ["report", str(cfg.resolved_output_dir())], env={"COLUMNS": "200"})
     assert r.exit_code == 0, r.output
+
+
+def test_a_runtime_only_name_that_is_no_hyperparameter_is_a_config_error(sweep_dict, tmp_path, monkeypatch):
+    (tmp_path / "typo.py").write_text(
+        "from methods import MergeMethod\n\n\nclass Idea(MergeMethod):\n"
+        "    runtime_only = frozenset({'chekpoint_every'})\n    checkpoint_every: int = 5\n\n"
+        "    def merge(self, pretrained, finetuned, ctx):\n        return pretrained\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump(dict(sweep_dict, methods=["typo:Idea"])))
+    r = CliRunner().invoke(main, ["validate", str(f)], env={"COLUMNS": "300"})
+    assert r.exit_code == 2, r.stderr
+    assert (f"error: {f}: methods.0.name: typo:Idea ({tmp_path / 'typo.py'}) declares runtime_only "
+            "['chekpoint_every'], which are not its hyperparameters; did you mean 'checkpoint_every'?"
+            ) in " ".join(r.stderr.split())
+
+
+def test_checking_the_encoder_leaves_the_rng_and_train_mode_alone():
+    """The check reads one image of a disk-backed split (not a TensorDataset) without a DataLoader,
+    whose iterator draws a seed from torch's global generator, and restores the encoder's mode."""
+    from types import SimpleNamespace
+
+    from torch import nn
+    from torch.utils.data import Dataset
+
+    from harness.job import check_encoder
+    from harness.plan import JobSpec
+
+    class Images(Dataset):
+        def __len__(self) -> int:
+            return 2
+
+        def __getitem__(self, i: int):
+            return torch.full((3, 4, 4), float(i)), i
+
+    ws = SimpleNamespace(task=lambda name: SimpleNamespace(dataset=lambda split: Images()))
+    encoder = nn.Sequential(nn.Flatten(), nn.Dropout(0.5), nn.Linear(48, 5)).train()
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    check_encoder(JobSpec("merge", "m", method="mine:M"), encoder, ws, {"t": torch.zeros(3, 5)}, torch.device("cpu"))
+    assert torch.equal(torch.get_rng_state(), before)
+    assert encoder.training

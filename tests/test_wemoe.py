@@ -759,3 +759,31 @@ def test_robustness_adaptation_per_corruption_records_its_corruption(sweep_dict)
     for c in ("contrast", "fog"):
         _, meta = wemoe.read_wemoe_meta(work / f"corrupted-{c}" / wemoe.MODEL_FILE)
         assert meta["adapted_on"] == {"split": "test", "corruption": c, "severity": 4, "corruption_seed": 7}
+
+
+def test_a_checkpoint_write_that_fails_leaves_the_last_checkpoint_and_no_temp_file(tmp_path, monkeypatch):
+    """A write that fails midway (a full disk, a kill) leaves the previous checkpoint whole and
+    nothing beside it, requeue after requeue."""
+    from methods import tta
+
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.Adam([w], lr=0.1)
+    path = tta.checkpoint_path(tmp_path, "wemoe")
+    tta._save_checkpoint(path, {"w": w}, 1, opt, [0.5])
+    real_save = torch.save
+
+    def half_save(obj, f):
+        real_save(obj, f)
+        with open(f, "r+b") as fh:
+            fh.truncate(10)
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(tta.torch, "save", half_save)
+    with torch.no_grad():
+        w.add_(1.0)
+    with pytest.raises(OSError, match="No space left"):
+        tta._save_checkpoint(path, {"w": w}, 2, opt, [0.5, 0.4])
+    monkeypatch.undo()
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+    step, losses, _, _ = tta._load_checkpoint(path, {"w": w}, opt)
+    assert step == 1 and losses == [0.5] and torch.equal(w.detach(), torch.ones(3))
