@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -49,6 +51,45 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def build_lock(lock_path: str | os.PathLike, waiting: str | None = None) -> Iterator[None]:
+    """Held while one process builds what several jobs sharing a cache folder need at once (SLURM
+    jobs of one sweep start together): the others wait, then read what it built instead of
+    building it too. An advisory lock the OS drops with its process, so a killed builder never
+    blocks the next. ``waiting`` is printed (with the lock file) when another process holds it.
+    A folder the lock file cannot be written to is used unlocked."""
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(lock_path)
+    try:
+        Path(lock_path).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            if waiting:
+                print(f"{waiting} (lock file {lock.lock_file})", file=sys.stderr, flush=True)
+            lock.acquire()
+    except OSError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Deletes the temporary files :func:`atomic_path` left for ``path`` (a killed writer's,
+    possibly as large as the file); only safe while :func:`build_lock` guards every writer of
+    ``path``. Returns the files removed."""
+    path = Path(path)
+    removed = []
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        tmp.unlink(missing_ok=True)
+        removed.append(tmp)
+    return removed
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

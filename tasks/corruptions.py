@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -209,10 +209,8 @@ def _corrupt_to_file(path: Path, images: np.ndarray | Sequence[np.ndarray], name
                      description: str, progress: bool, before_commit: Callable[[], None] | None = None) -> None:
     """Corrupts ``images`` into a temporary file beside ``path`` (memory-mapped, filled image by
     image) and moves it onto ``path`` when whole (:func:`harness.cache.atomic_path`): a killed
-    job leaves no file that is read back, and two jobs building the same split at once (two
-    SLURM jobs of one sweep) each write their own temporary file; the same key gives the same
-    bytes, so whichever replace lands last leaves a whole, correct file. ``before_commit`` runs
-    before the move (the labels file, written first, so an images file always has its labels)."""
+    job leaves no file that is read back. ``before_commit`` runs before the move (the labels
+    file, written first, so an images file always has its labels)."""
     from harness.cache import atomic_path
 
     shape = (len(images), *np.asarray(images[0]).shape)
@@ -223,6 +221,38 @@ def _corrupt_to_file(path: Path, images: np.ndarray | Sequence[np.ndarray], name
         del out
         if before_commit is not None:
             before_commit()
+
+
+def _lock_path(path: Path) -> Path:
+    """Beside the ``corrupted`` folder, whose listing stays the cached splits."""
+    return path.parent.with_name(path.parent.name + ".locks") / f"{path.name}.lock"
+
+
+_T = TypeVar("_T")
+
+
+def _built_once(path: Path, read: Callable[[], _T], build: Callable[[], None], progress: bool) -> _T:
+    """The split read from ``path``, built first where missing or damaged, by one job at a time
+    (:func:`harness.cache.build_lock`): the robustness jobs of a sweep start together on SLURM,
+    and each would otherwise corrupt every split itself. The builder first deletes the split's
+    temporary files a killed build left (as large as the split): with the lock held, no other
+    process is writing them."""
+    from harness.cache import build_lock, remove_stale_temporaries
+
+    try:
+        return read()
+    except _DAMAGED:
+        pass
+    with build_lock(_lock_path(path), f"waiting for another process that is corrupting {path.name}"
+                    if progress else None):
+        try:
+            return read()
+        except _DAMAGED:
+            pass
+        remove_stale_temporaries(path)
+        remove_stale_temporaries(_labels_path(path))
+        build()
+    return read()
 
 
 def corrupted_split(task: Task, name: str, severity: int, cache_dir: str | Path | None = None,
@@ -240,29 +270,27 @@ def corrupted_split(task: Task, name: str, severity: int, cache_dir: str | Path 
         if path is None or len(base) == 0:  # type: ignore[arg-type]
             return CorruptedDataset(base, name, severity, seed)
         n = len(base)  # type: ignore[arg-type]
-        try:
-            return CachedCorruptedDataset(path, n)
-        except _DAMAGED:
-            pass
-        source = _PreprocessedImages(base)
-        labels_path = _labels_path(path)
+        cached_path = path
 
-        def save_labels() -> None:
-            from harness.cache import atomic_path
+        def build_disk() -> None:
+            source = _PreprocessedImages(base)
 
-            with atomic_path(labels_path) as tmp, open(tmp, "wb") as fh:  # a path not ending .npy would get one
-                np.save(fh, source.labels, allow_pickle=False)
+            def save_labels() -> None:
+                from harness.cache import atomic_path
 
-        _corrupt_to_file(path, source, name, severity, seed, description, progress, save_labels)
-        return CachedCorruptedDataset(path, n)
+                with atomic_path(_labels_path(cached_path)) as tmp, open(tmp, "wb") as fh:  # else np.save adds .npy
+                    np.save(fh, source.labels, allow_pickle=False)
+
+            _corrupt_to_file(cached_path, source, name, severity, seed, description, progress, save_labels)
+
+        return _built_once(path, lambda: CachedCorruptedDataset(cached_path, n), build_disk, progress)
     images, labels = task.raw(split)
     if path is None:
         out = corrupt_images(images.numpy(), name, severity, seed)
     else:
-        try:
-            out = _read_array(path, tuple(images.shape), np.uint8)
-        except _DAMAGED:
-            _corrupt_to_file(path, images.numpy(), name, severity, seed, description, progress)
-            out = _read_array(path, tuple(images.shape), np.uint8)
+        cached_path = path
+        out = _built_once(path, lambda: _read_array(cached_path, tuple(images.shape), np.uint8),
+                          lambda: _corrupt_to_file(cached_path, images.numpy(), name, severity, seed, description,
+                                                   progress), progress)
         out = np.array(out)  # into memory (the split is normalised whole below); torch wants it writable
     return TensorDataset(normalize_uint8(torch.from_numpy(out)), labels.long())

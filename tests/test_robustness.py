@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import stat
+import time
 from pathlib import Path
 
 import numpy as np
@@ -445,3 +446,46 @@ def test_test_time_adaptation_adapts_on_each_corruption(trained_checkpoints, tmp
     for adapt in ("corrupted", "clean"):
         assert jobs[adapt].metrics["robust/clean/avg"] == pytest.approx(
             sum(task_accuracy(ws, on_clean, t, ws.task(t).dataset("test"), cpu) for t in study["tasks"]) / 2)
+
+
+def test_jobs_asking_for_one_split_at_once_build_it_once(tmp_path):
+    """Two processes (two SLURM jobs) asking for a missing split together: one corrupts every
+    image, the other waits and reads its file; a killed build's temporary file is deleted."""
+    import multiprocessing as mp
+
+    import tasks.corruptions as tc
+
+    task = make_toy_task("toy_stripes", n_test=12)
+    cache, log = tmp_path / "cache", tmp_path / "calls.log"
+    truth = corrupt_images(task.raw("test")[0].numpy(), "contrast", 2, 0)
+    path = tc._cache_path(cache, task, None, "test", "contrast", 2, 0)
+    path.parent.mkdir(parents=True)
+    stale = path.parent / f".{path.name}.dead1234.tmp"
+    stale.write_bytes(b"x" * 1000)  # left by a job killed mid-build
+    ctx = mp.get_context("fork")
+    barrier, results = ctx.Barrier(2), ctx.Queue()
+
+    def job() -> None:
+        original = tc.corrupt_images
+
+        def counting(images, *a, **k):
+            with open(log, "a") as fh:
+                fh.write(f"{len(images)} images\n")
+            time.sleep(0.3)  # the other job asks while this one is still building
+            return original(images, *a, **k)
+
+        tc.corrupt_images = counting
+        barrier.wait()
+        results.put(tc.corrupted_split(task, "contrast", 2, cache).tensors[0].numpy())
+
+    procs = [ctx.Process(target=job) for _ in range(2)]
+    for p in procs:
+        p.start()
+    got = [results.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    assert log.read_text() == "12 images\n"  # each image corrupted once, by one of the two jobs
+    want = tc.normalize_uint8(torch.from_numpy(truth)).numpy()
+    assert np.array_equal(got[0], want) and np.array_equal(got[1], want)
+    assert not stale.exists() and [p.name for p in path.parent.iterdir()] == [path.name]

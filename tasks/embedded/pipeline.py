@@ -31,17 +31,17 @@ import os
 import shlex
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal
+from typing import Any, Callable, Literal
 
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from harness.cache import atomic_write_json, content_key, read_json
+from harness.cache import atomic_write_json, build_lock, content_key, read_json
 from harness.models import (
     CONFIG_DIR,
     ImageClassifier,
@@ -341,30 +341,11 @@ def _finetune_job(task: str, opts_json: str, pretrained: str, out: str, preserve
     return task, seconds
 
 
-@contextmanager
-def _build_lock(cache_dir: Path, progress: bool) -> Iterator[None]:
+def _build_lock(cache_dir: Path, progress: bool) -> AbstractContextManager[None]:
     """One process at a time prepares models in a cache folder: two sweeps (or SLURM jobs)
-    sharing it would otherwise train the same models at once. The others wait, then find the
-    artifacts built. A cache the lock file cannot be written to is used unlocked."""
-    from filelock import FileLock, Timeout
-
-    lock = FileLock(cache_dir / ".prepare.lock")
-    try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        try:
-            lock.acquire(timeout=0)
-        except Timeout:
-            if progress:
-                print(f"waiting for another process that is preparing models in {cache_dir} "
-                      f"(lock file {lock.lock_file})", file=sys.stderr, flush=True)
-            lock.acquire()
-    except OSError:
-        yield
-        return
-    try:
-        yield
-    finally:
-        lock.release()
+    sharing it would otherwise train the same models at once."""
+    return build_lock(cache_dir / ".prepare.lock", f"waiting for another process that is preparing models in "
+                      f"{cache_dir}" if progress else None)
 
 
 def prepare_suite(task_names: list[str], cache_dir: Path, options: dict | None = None, progress: bool = True,
