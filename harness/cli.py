@@ -8,7 +8,7 @@ import shutil
 import signal
 import sys
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Literal
 
 import click
 from rich.console import Console
@@ -74,13 +74,18 @@ def main() -> None:
     """Benchmark harness for merging multi-task CLIP models."""
 
 
-def _load(file: str, overrides: tuple[str, ...], start_workers: bool = False, submits: bool = False):
+def _load(file: str, overrides: tuple[str, ...], start_workers: bool = False,
+          does: Literal["read", "plan", "submit"] = "read"):
     """The validated config; ``start_workers``: a sweep that will run jobs in a local pool
     starts the pool's server first, from the raw executor block, because validation imports
     torch (task and method registries) and the server's imports should overlap the driver's.
-    ``submits``: the command submits SLURM jobs (or checks a sweep before it does), so the
-    executor is checked against the cluster's partitions; commands that only read a sweep's
-    jobs or results (status, collect, report, ui) must work whatever the partitions say now."""
+    ``does`` is what the command does with the sweep, and so what is checked besides its fields
+    and output folder: ``read`` (status, report, ui, prepare) reads recorded jobs or results, or
+    only the model options: nothing more, so an output folder copied without the models and data
+    still reports; ``plan`` (collect) plans its jobs, whose keys hash the models and data: the
+    model files, checkpoint shapes and data folders too; ``submit`` (sweep, tune, validate) runs
+    or submits jobs, or checks a sweep before it does: those, and a SLURM executor against the
+    cluster's partitions, which commands that only read or collect must not depend on."""
     from harness.config import (
         ConfigError,
         ExecutorSpec,
@@ -104,11 +109,12 @@ def _load(file: str, overrides: tuple[str, ...], start_workers: bool = False, su
             prestart()
     try:
         cfg = validate_config(raw, file)
-        check_model_files(cfg, file)
-        check_checkpoint_shapes(cfg, file)
-        check_data_roots(cfg, file)
+        if does != "read":
+            check_model_files(cfg, file)
+            check_checkpoint_shapes(cfg, file)
+            check_data_roots(cfg, file)
         check_output_dir(cfg, file)
-        if submits and cfg.executor.kind == "slurm":
+        if does == "submit" and cfg.executor.kind == "slurm":
             from harness.executors.slurm import check_cluster
 
             check_cluster(cfg, file)
@@ -190,7 +196,7 @@ def _print_plan(cfg, cache: bool = False) -> None:
 @click.option("--detach", is_flag=True, help="SLURM: submit the jobs and return; see `status`, `collect`.")
 def sweep(file: str, overrides: tuple[str, ...], dry_run: bool, quiet: bool, detach: bool) -> None:
     """Run a sweep: FILE is a YAML sweep, OVERRIDES are key.path=value."""
-    cfg = _load(file, overrides, start_workers=not (dry_run or detach), submits=True)
+    cfg = _load(file, overrides, start_workers=not (dry_run or detach), does="submit")
     if dry_run:
         _print_plan(cfg, cache=True)
         return
@@ -222,7 +228,7 @@ def collect(file: str, overrides: tuple[str, ...], quiet: bool) -> None:
     """SLURM: wait for a sweep's submitted jobs and record them (results, MLflow, table); submits nothing."""
     from harness.runner import run_sweep
 
-    cfg = _load(file, overrides)
+    cfg = _load(file, overrides, does="plan")
     _report(cfg, run_sweep(cfg, quiet=quiet, mode="collect"), quiet)
 
 
@@ -261,7 +267,7 @@ def tune(file: str, overrides: tuple[str, ...], label: str, trials: int | None, 
 
     from harness.config import TuneSpec, validation_error
 
-    cfg = _load(file, overrides, start_workers=True, submits=True)
+    cfg = _load(file, overrides, start_workers=True, does="submit")
     index = _method_index(cfg, label, file)
     m = cfg.methods[index]
     if m.tune is None:
@@ -307,7 +313,7 @@ def _method_index(cfg, label: str, file: str) -> int:
 @click.argument("overrides", nargs=-1)
 def validate(file: str, overrides: tuple[str, ...]) -> None:
     """Validate FILE and print the resolved config and job plan (runs nothing)."""
-    cfg = _load(file, overrides, submits=True)
+    cfg = _load(file, overrides, does="submit")
     _print_plan(cfg)
     console.print("[green]valid[/]")
 

@@ -30,3 +30,46 @@ def test_sweep_reads_data_root(micro_checkpoints, tmp_path):
     for row in out.rows:
         assert set(row.acc) == {"eurosat", "dtd"}
         assert all(0.0 <= a <= 100.0 for a in row.acc.values())
+
+
+def test_a_finished_sweep_reports_without_its_data_and_models(micro_checkpoints, tmp_path):
+    """An output folder copied away from the datasets and checkpoints (a laptop) still reports:
+    commands that read results check neither; those that run or plan jobs still refuse."""
+    import shutil
+
+    import yaml
+    from click.testing import CliRunner
+
+    from harness.cli import _store, main
+
+    root, models = tmp_path / "data", tmp_path / "models"
+    write_imagefolder(root, "eurosat", folder_names("eurosat"))
+    models.mkdir()
+    for name in ("pretrained", "toy_stripes"):
+        shutil.copy(micro_checkpoints / f"{name}.safetensors", models)
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump({
+        "name": "v8", "output_dir": str(tmp_path / "out"), "cache_dir": str(tmp_path / "cache"),
+        "data_root": str(root),
+        "model": {"source": "files", "arch": "harness-micro-vit",
+                  "pretrained": str(models / "pretrained.safetensors"),
+                  "finetuned": {"eurosat": str(models / "toy_stripes.safetensors")}},
+        "tasks": ["eurosat"], "methods": [], "eval": {"batch_size": 8}}))
+    r = CliRunner().invoke(main, ["sweep", "-q", str(f)])
+    assert r.exit_code == 0, r.output
+    written = (tmp_path / "out" / "report" / "main.md").read_text()
+    shutil.rmtree(root)
+    shutil.rmtree(models)
+
+    r = CliRunner().invoke(main, ["report", str(f), "--out", str(tmp_path / "again")])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "again" / "main.md").read_text() == written
+    assert _store(str(f)) == (f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}", str(tmp_path / "out" / "mlartifacts"))
+    r = CliRunner().invoke(main, ["status", str(f)])
+    assert "no SLURM submissions recorded" in r.stderr and "data_root" not in r.stderr, r.stderr
+    r = CliRunner().invoke(main, ["validate", str(f)])
+    assert r.exit_code == 2 and "model.pretrained: weights file does not exist" in r.stderr, r.stderr
+    shutil.copytree(micro_checkpoints, models, dirs_exist_ok=True)
+    for command in (["validate", str(f)], ["sweep", "--dry-run", str(f)]):
+        r = CliRunner().invoke(main, command)
+        assert r.exit_code == 2 and "data_root" in r.stderr and str(root) in r.stderr, r.stderr
