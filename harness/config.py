@@ -766,15 +766,14 @@ def check_methods(cfg: SweepConfig, file: str) -> None:
             cls = resolve_method(m.name)
         except KeyError as exc:
             raise ConfigError(file, f"methods.{i}.name", str(exc.args[0]), show_value=False) from None
+        who = f"{cls.__module__}:{cls.__qualname__} ({source_file(cls) or 'built in'})"
         if cls.merge is MergeMethod.merge:  # else every job of it fails with a bare NotImplementedError
-            raise ConfigError(file, f"methods.{i}.name", f"{cls.__module__}:{cls.__qualname__} "
-                              f"({source_file(cls) or 'built in'}) does not define "
+            raise ConfigError(file, f"methods.{i}.name", f"{who} does not define "
                               "merge(self, pretrained, finetuned, ctx)", show_value=False)
         fields = set(cls.model_fields)
         unknown = sorted(set(cls.runtime_only) - fields)
         if unknown:  # else every job key fails with a bare KeyError
-            raise ConfigError(file, f"methods.{i}.name", f"{cls.__module__}:{cls.__qualname__} "
-                              f"({source_file(cls) or 'built in'}) declares runtime_only {unknown}, which are "
+            raise ConfigError(file, f"methods.{i}.name", f"{who} declares runtime_only {unknown}, which are "
                               f"not its hyperparameters{did_you_mean(unknown[0], fields)}", show_value=False)
         if m.tune:
             check_space(cls, m, i, file)
