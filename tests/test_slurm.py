@@ -685,6 +685,8 @@ def test_only_commands_that_submit_check_the_cluster(tmp_path, monkeypatch):
 REFUSED_ACCOUNT = "sbatch: error: Batch job submission failed: Invalid account or account/partition combination specified"
 REFUSED_QOS = "sbatch: error: Batch job submission failed: Invalid qos specification"
 REFUSED_GRES = "sbatch: error: Invalid generic resource (gres) specification"
+REFUSED_MEMORY = "sbatch: error: Memory specification can not be satisfied"
+REFUSED_TIME = "sbatch: error: Batch job submission failed: Requested time limit is invalid (missing or exceeds some limit)"
 
 
 def _refusing_sbatch(monkeypatch, message: str) -> None:
@@ -714,6 +716,15 @@ def _refusing_sbatch(monkeypatch, message: str) -> None:
     ({}, ["executor.qos=high"], REFUSED_QOS,
      f"<command line> (executor.qos=high, over {{file}}): executor.qos: SLURM refused the jobs: {REFUSED_QOS} "
      "(got 'high')"),
+    ({"mem_gb": 4}, [], REFUSED_MEMORY, f"s.yaml: executor.mem_gb: SLURM refused the jobs: {REFUSED_MEMORY} (got 4.0)"),
+    ({"sbatch": {"mem-per-cpu": "64G"}}, [], REFUSED_MEMORY,
+     f"s.yaml: executor.sbatch.mem-per-cpu: SLURM refused the jobs: {REFUSED_MEMORY} (got '64G')"),
+    ({"sbatch": {"time-min": 30}}, [], REFUSED_TIME,
+     f"s.yaml: executor.sbatch.time-min: SLURM refused the jobs: {REFUSED_TIME} (got 30)"),
+    ({"timeout_min": 30}, [], REFUSED_TIME, f"s.yaml: executor.timeout_min: SLURM refused the jobs: {REFUSED_TIME} "
+     "(got 30)"),
+    ({"sbatch": {"gpus-per-task": 1}}, [], REFUSED_GRES,
+     f"s.yaml: executor.sbatch.gpus-per-task: SLURM refused the jobs: {REFUSED_GRES} (got 1)"),
     ({"mem_gb": 4}, [], "sbatch: error: Batch job submission failed: Requested node configuration is not available",
      "s.yaml: executor: SLURM refused the jobs: sbatch: error: Batch job submission failed: Requested node "
      "configuration is not available"),

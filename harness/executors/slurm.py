@@ -693,32 +693,31 @@ def _last_line(text: str) -> str:
 #: sbatch's words for a refused option, and the ``executor`` field that sets it ("gres": see
 #: :func:`refused_field`). Checked in order: a refused memory request also says "Requested node
 #: configuration is not available", which names no option and is left to the fallback.
-REFUSALS = (
-    (re.compile(r"invalid account", re.IGNORECASE), "account"),
-    (re.compile(r"invalid qos", re.IGNORECASE), "qos"),
-    (re.compile(r"invalid partition", re.IGNORECASE), "partition"),
-    (re.compile(r"invalid feature specification", re.IGNORECASE), "constraint"),
-    (re.compile(r"generic resource|\bgres\b", re.IGNORECASE), "gres"),
-    (re.compile(r"memory specification", re.IGNORECASE), "mem_gb"),
-    (re.compile(r"time limit", re.IGNORECASE), "timeout_min"),
+REFUSALS = (  # sbatch's words, the typed field they are about, and the ``sbatch:`` options setting the same
+    (re.compile(r"invalid account", re.IGNORECASE), "account", ("account",)),
+    (re.compile(r"invalid qos", re.IGNORECASE), "qos", ("qos",)),
+    (re.compile(r"invalid partition", re.IGNORECASE), "partition", ("partition",)),
+    (re.compile(r"invalid feature specification", re.IGNORECASE), "constraint", ("constraint",)),
+    (re.compile(r"generic resource|\bgres\b", re.IGNORECASE), "gpus_per_node", ("gres", "gpus")),
+    (re.compile(r"memory specification", re.IGNORECASE), "mem_gb", ("mem",)),
+    (re.compile(r"time limit", re.IGNORECASE), "timeout_min", ("time",)),
 )
 
 
 def refused_field(e: Any, reason: str) -> tuple[str, Any]:
     """The ``executor`` field (dotted, under ``executor.``) sbatch's refusal ``reason`` is about,
-    and its value; ``("executor", None)`` when the words name no option. A refused generic
-    resource is ``sbatch: {gres: ...}`` or a ``gpus*`` option there when given, else
-    ``gpus_per_node``."""
-    for pattern, name in REFUSALS:
+    and its value; ``("executor", None)`` when the words name no option. An option given under
+    ``sbatch:`` that sets the same thing (``mem-per-cpu`` for memory, ``time-min`` for the time
+    limit, ``gres`` or ``gpus-per-task`` for GPUs) is blamed before the typed field: it is the one
+    the user wrote for this cluster. A refused generic resource with no GPUs asked for names no field."""
+    for pattern, name, options in REFUSALS:
         if not pattern.search(reason):
             continue
-        if name != "gres":
+        for key in e.sbatch:  # long option names (checked by the config)
+            if any(key == o or key.startswith(o + "-") for o in options):
+                return f"executor.sbatch.{key}", e.sbatch[key]
+        if name != "gpus_per_node" or e.gpus_per_node:
             return f"executor.{name}", getattr(e, name)
-        given = [k for k in e.sbatch if k == "gres" or k.startswith("gpus")]
-        if given:
-            return f"executor.sbatch.{given[0]}", e.sbatch[given[0]]
-        if e.gpus_per_node:
-            return "executor.gpus_per_node", e.gpus_per_node
     return "executor", None
 
 
