@@ -298,7 +298,7 @@ def check_encoder(spec: JobSpec, merged: Any, ws: Workspace | None = None,
 
 def plain_artifacts(artifacts: dict[str, Any], method: str | None) -> tuple[dict[str, Any], list[str]]:
     """``ctx.artifacts`` as the result file stores them (JSON), and a warning per value it
-    cannot: tensors and numpy arrays become nested lists, numpy scalars numbers, sets and tuples
+    cannot: tensors (sparse ones dense) and numpy arrays become nested lists, numpy scalars numbers, sets and tuples
     lists (sets sorted), paths strings. Anything else is stored as its ``repr``, with a warning
     naming the method and the artifact: the job's result is kept rather than lost over it.
 
@@ -309,8 +309,8 @@ def plain_artifacts(artifacts: dict[str, Any], method: str | None) -> tuple[dict
     def plain(value: Any, where: str) -> Any:
         if value is None or isinstance(value, (str, bool, int, float)):
             return value
-        if isinstance(value, torch.Tensor):
-            return value.detach().cpu().tolist()
+        if isinstance(value, torch.Tensor):  # sparse ones too: tolist() takes only strided tensors
+            return (value.to_dense() if value.layout != torch.strided else value).detach().cpu().tolist()
         if isinstance(value, Path):
             return str(value)
         if isinstance(value, dict):

@@ -108,7 +108,7 @@ class Widget:
 
 
 class OddArtifacts(MergeMethod):
-    """Puts what a research method might into ``ctx.artifacts``: tensors, numpy values, sets, tuples,
+    """Puts what a research method might into ``ctx.artifacts``: tensors (one sparse), numpy values, sets, tuples,
     an object of its own, and its adaptation loss as a numpy array."""
 
     tag: int = 0
@@ -120,6 +120,7 @@ class OddArtifacts(MergeMethod):
 
         ctx.artifacts.update({
             "coefs": torch.tensor([[0.5, 0.25], [1.0, 2.0]]),
+            "mask": torch.tensor([[0.0, 2.0], [3.0, 0.0]]).to_sparse(),  # as TIES-style masks may be kept
             "array": np.arange(3, dtype=np.int64),
             "scalar": np.float32(0.5),
             "count": np.int64(7),

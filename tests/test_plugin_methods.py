@@ -181,7 +181,7 @@ def test_artifacts_json_cannot_hold_are_converted_or_named(sweep_dict, tmp_path)
     assert result.status == "ok"
     stored = json.loads((cfg.resolved_output_dir() / "results" / f"{result.key}.json").read_text())
     artifacts = stored["artifacts"]
-    assert artifacts == {"coefs": [[0.5, 0.25], [1.0, 2.0]], "array": [0, 1, 2], "scalar": 0.5, "count": 7,
+    assert artifacts == {"coefs": [[0.5, 0.25], [1.0, 2.0]], "mask": [[0.0, 2.0], [3.0, 0.0]], "array": [0, 1, 2], "scalar": 0.5, "count": 7,
                          "flag": True, "tags": ["a", "b", "c"], "nested": {"pair": [1, 2.5], "3": 1.5},
                          "odd": "Widget(3)", "lock": artifacts["lock"], "curves": {"tta/loss": [3.0, 2.0, 1.0]}}
     assert artifacts["lock"].startswith("<unlocked _thread.lock object")
