@@ -223,9 +223,16 @@ def _corrupt_to_file(path: Path, images: np.ndarray | Sequence[np.ndarray], name
             before_commit()
 
 
+LOCK_STRIPES = 64
+
+
 def _lock_path(path: Path) -> Path:
-    """Beside the ``corrupted`` folder, whose listing stays the cached splits."""
-    return path.parent.with_name(path.parent.name + ".locks") / f"{path.name}.lock"
+    """One of :data:`LOCK_STRIPES` lock files beside the ``corrupted`` folder (whose listing stays
+    the cached splits), always the same for one split: a bounded set, since a lock file cannot
+    safely be deleted while another job may be waiting on it. Two splits sharing one are built
+    one after the other, never at once."""
+    stripe = int(hashlib.sha256(path.name.encode()).hexdigest(), 16) % LOCK_STRIPES
+    return path.parent.with_name(path.parent.name + ".locks") / f"{stripe:02d}.lock"
 
 
 _T = TypeVar("_T")
@@ -243,7 +250,7 @@ def _built_once(path: Path, read: Callable[[], _T], build: Callable[[], None], p
         return read()
     except _DAMAGED:
         pass
-    with build_lock(_lock_path(path), f"waiting for another process that is corrupting {path.name}"
+    with build_lock(_lock_path(path), f"{path.name}: waiting for another process that is corrupting images"
                     if progress else None):
         try:
             return read()

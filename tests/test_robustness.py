@@ -489,3 +489,16 @@ def test_jobs_asking_for_one_split_at_once_build_it_once(tmp_path):
     want = tc.normalize_uint8(torch.from_numpy(truth)).numpy()
     assert np.array_equal(got[0], want) and np.array_equal(got[1], want)
     assert not stale.exists() and [p.name for p in path.parent.iterdir()] == [path.name]
+
+
+def test_lock_files_are_a_fixed_set_however_many_splits_are_cached(tmp_path):
+    """Every split's builders share one lock file, always the same, and a cache of thousands of
+    splits has at most ``LOCK_STRIPES`` of them (a lock file is never deleted, as a job may wait on it)."""
+    import tasks.corruptions as tc
+
+    folder = tmp_path / "cache" / "corrupted"
+    splits = [folder / f"emb_{i % 8}-contrast-s{i % 5 + 1}-{i:020x}.npy" for i in range(3000)]
+    locks = {tc._lock_path(p) for p in splits}
+    assert len(locks) == tc.LOCK_STRIPES
+    assert all(lock.parent == tmp_path / "cache" / "corrupted.locks" for lock in locks)
+    assert all(tc._lock_path(Path(str(p))) == tc._lock_path(p) for p in splits[:50])
