@@ -117,12 +117,24 @@ def unreadable_reason(path: Path, exc: Exception) -> str | None:
     """Why ``torch.load(weights_only=True)`` failed, when the file is empty, truncated or not a
     torch checkpoint at all; None when it refused pickled Python objects (only those are worth
     converting with ``--trust-pickle``: unpickling a damaged file would not help)."""
-    if isinstance(exc, pickle.UnpicklingError) and "Weights only load failed" in str(exc):
-        return None
     if path.stat().st_size == 0:
         return "the file is empty"
+    if not _torch_file_start(path):
+        return "not a torch checkpoint (it starts neither as a zip archive nor as an older torch.save file)"
+    if isinstance(exc, pickle.UnpicklingError) and "Weights only load failed" in str(exc):
+        return None
     detail = " ".join(str(exc).split())[:160] or "no detail"
     return f"truncated or corrupt ({type(exc).__name__}: {detail})"
+
+
+def _torch_file_start(path: Path) -> bool:
+    """Whether ``path`` starts as something ``torch.load`` reads: a zip archive (torch.save since
+    1.6), a protocol-2+ pickle (older torch.save) or a tar archive (torch 0.1). An image or a text
+    file passed as a checkpoint is none of these: torch's weights-only refusal of its first byte
+    ("Unsupported operand") is no sign of pickled objects worth trusting."""
+    with open(path, "rb") as fh:
+        head = fh.read(262)
+    return head.startswith((b"PK\x03\x04", b"\x80")) or head[257:262] == b"ustar"
 
 
 def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:

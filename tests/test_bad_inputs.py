@@ -92,6 +92,14 @@ def case_empty_pt(tmp_path, micro):
     return p, ["empty.pt: not a readable checkpoint: the file is empty"]
 
 
+def case_image_as_checkpoint(tmp_path, micro):
+    from PIL import Image
+
+    p = tmp_path / "photo.pt"
+    Image.new("RGB", (4, 4)).save(p, format="JPEG")
+    return p, ["photo.pt: not a readable checkpoint: not a torch checkpoint"]
+
+
 def case_extra_key(tmp_path, micro):
     state = _encoder_state()
     state["head.weight"] = torch.zeros(3, 3)
@@ -126,8 +134,8 @@ def case_tensor_pt_wrong_shape(tmp_path, micro):
 
 CASES = [case_truncated, case_garbage, case_other_arch, case_missing_key, case_two_prefixed_encoders, case_extra_key,
          case_evil_pickle, case_pickled_module, case_missing_file, case_tensor_pt_wrong_shape, case_truncated_pt,
-         case_empty_pt]
-DAMAGED = {case_truncated_pt, case_empty_pt}  # nothing pickled to trust: the message must not suggest it
+         case_empty_pt, case_image_as_checkpoint]
+DAMAGED = {case_truncated_pt, case_empty_pt, case_image_as_checkpoint}  # nothing pickled to trust: the message must not suggest it
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.__name__[5:] for c in CASES])
