@@ -28,12 +28,38 @@ from harness.hf_convert import (
     read_hf_config,
     source_digests,
 )
-from harness.models import available_models, file_digest, is_safetensors, json_file, load_state_dict, resolve_arch
+from harness.models import (
+    available_models,
+    file_digest,
+    is_safetensors,
+    json_file,
+    load_state_dict,
+    resolve_arch,
+    tensor_shapes,
+)
 
 Layout = Literal["huggingface", "file", "tree"]
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
 _ENCODER_KEYS = ("conv1.weight", "class_embedding", "proj")
 _CLIP_KEYS = ("visual.conv1.weight", "visual.proj", "token_embedding.weight", "text_projection")
+NOT_WHOLE_CLIP = (f"not a whole CLIP state dict (needs {', '.join(_CLIP_KEYS)}): the pretrained model's text "
+                  "tower builds the zero-shot heads; give a Hugging Face CLIPModel folder, an open_clip CLIP "
+                  "state dict, or an open_clip pretrained tag")
+
+
+def whole_clip_problem(path: str | os.PathLike) -> str | None:
+    """Why ``path``, a weights file named as the pretrained model, is refused by
+    :func:`resolve_checkpoint` and :func:`harness.models.build_clip` (None when it is not): read
+    from a safetensors header or a ``.pt``'s mapped tensors, nothing unpickled, no model built.
+    Safetensors load as they are when they hold a ``visual.`` tower; other files are converted,
+    which needs the keys of an open_clip CLIP."""
+    p = Path(path)
+    if hf_folder_of(p) is not None or p.is_dir():
+        return None  # the Hugging Face converter reads folders
+    keys = tensor_shapes(p)
+    if is_safetensors(p):
+        return None if any(k.startswith("visual.") for k in keys) else NOT_WHOLE_CLIP
+    return None if all(k in keys for k in _CLIP_KEYS) else NOT_WHOLE_CLIP
 
 
 def detect_layout(path: str | os.PathLike) -> Layout:
@@ -169,11 +195,7 @@ def resolve_checkpoint(
         checkpoint_arch(p)
         return p
     if kind == "clip":
-        raise HarnessError(
-            f"{p}: not a whole CLIP state dict (needs {', '.join(_CLIP_KEYS)}): the pretrained model's text "
-            "tower builds the zero-shot heads; give a Hugging Face CLIPModel folder, an open_clip CLIP "
-            "state dict, or an open_clip pretrained tag"
-        )
+        raise HarnessError(f"{p}: {NOT_WHOLE_CLIP}")
     key = _key({"format": FORMAT, "kind": kind, "arch": arch, "sources": file_digest(p)})
     out = store / f"{key}.safetensors"
     if not _complete(out):

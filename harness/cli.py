@@ -91,6 +91,7 @@ def _load(file: str, overrides: tuple[str, ...], start_workers: bool = False,
         ExecutorSpec,
         check_checkpoint_shapes,
         check_data_roots,
+        check_model_contents,
         check_model_files,
         check_output_dir,
         read_config,
@@ -111,6 +112,7 @@ def _load(file: str, overrides: tuple[str, ...], start_workers: bool = False,
         cfg = validate_config(raw, file)
         if does != "read":
             check_model_files(cfg, file)
+            check_model_contents(cfg, file)
             check_checkpoint_shapes(cfg, file)
             check_data_roots(cfg, file)
         check_output_dir(cfg, file)

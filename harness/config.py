@@ -940,6 +940,44 @@ def check_model_files(cfg: SweepConfig, file: str) -> None:
             raise ConfigError(file, f"model.heads.{t}", "is a folder, not a head file", path)
 
 
+def check_model_contents(cfg: SweepConfig, file: str) -> None:
+    """What each model file of a ``files`` sweep holds, read as the run reads it but with nothing
+    unpickled, converted or built (safetensors headers, a ``.pt``'s mapped tensors): a pickled
+    module (the task_vectors layout), a file that is no checkpoint, a damaged one, a folder that
+    is not a Hugging Face CLIP folder, pretrained weights without a text tower. Each is named
+    with its field here, by ``validate`` and ``--dry-run`` too, instead of by the sweep once it
+    starts loading models. Tensor shapes are :func:`check_checkpoint_shapes`' part."""
+    m = cfg.model
+    if m.source != "files":
+        return
+    from harness.checkpoints import whole_clip_problem
+    from harness.hf_convert import hf_folder_of
+    from harness.models import tensor_shapes
+
+    named: list[tuple[str, str, str]] = []  # field, path, how the message names the file
+    if m.pretrained and Path(m.pretrained).exists():
+        named.append(("model.pretrained", m.pretrained, m.pretrained))
+    for t in cfg.task_names:
+        where, path = finetuned_field(cfg, t)
+        if path is not None and Path(path).exists():
+            named.append((where, path, f"checkpoint of task {t!r} ({path})" if where == "model.finetuned_pattern" else path))
+    named += [(f"model.heads.{t}", path, path) for t, path in m.heads.items()]
+    for where, path, whose in named:
+        p = Path(path)
+        if hf_folder_of(p) is not None or (p.is_dir() and (p / "config.json").is_file()):
+            continue  # a Hugging Face folder: its converter reads it (and names what is wrong)
+        if p.is_dir():
+            raise ConfigError(file, where, f"{whose}: a folder that is not a Hugging Face CLIP folder (no "
+                              "config.json); name a checkpoint file", show_value=False)
+        try:
+            tensor_shapes(p)
+            problem = whole_clip_problem(p) if where == "model.pretrained" else None
+        except HarnessError as exc:
+            problem = str(exc).removeprefix(f"{p}: ")
+        if problem:
+            raise ConfigError(file, where, f"{whose}: {problem}", show_value=False)
+
+
 def finetuned_field(cfg: SweepConfig, task: str) -> tuple[str, str | None]:
     """The field that names ``task``'s fine-tuned checkpoint, and the path it gives (None: none)."""
     m = cfg.model

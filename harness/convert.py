@@ -46,6 +46,7 @@ from harness.models import (
     resolve_arch,
     save_state_dict,
     unreadable_reason,
+    weights_only_reason,
 )
 
 logger = logging.getLogger(__name__)
@@ -146,15 +147,6 @@ def _lenient_pickle_module(unresolved: set[str]) -> types.SimpleNamespace:
     return types.SimpleNamespace(Unpickler=Unpickler, load=pickle.load, __name__="harness_lenient_pickle")
 
 
-def _weights_only_reason(exc: Exception) -> str:
-    """The informative line of torch's weights_only refusal (it names the offending global),
-    without torch's advice to allowlist the global, which would load the module unconverted."""
-    for line in str(exc).splitlines():
-        if "Unsupported global" in line or "Unsupported operand" in line:
-            return line.split(". Please use", 1)[0].strip()
-    return type(exc).__name__
-
-
 def _load(src: Path, trust_pickle: bool) -> tuple[Any, str, set[str]]:
     if is_safetensors(src):
         return load_state_dict(src), "safetensors", set()
@@ -164,7 +156,7 @@ def _load(src: Path, trust_pickle: bool) -> tuple[Any, str, set[str]]:
         damage = unreadable_reason(src, exc)
         if damage is not None:  # no pickle in it to trust: unpickling would not read it either
             raise HarnessError(f"{src}: not a readable checkpoint: {damage}") from None
-        reason = _weights_only_reason(exc)
+        reason = weights_only_reason(exc)
     if not trust_pickle:
         raise HarnessError(
             f"{src}: not a plain tensor checkpoint ({reason}); it holds pickled Python objects "

@@ -20,6 +20,7 @@ import pickle
 import re
 import sys
 import tempfile
+import zipfile
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Iterator, Sequence
@@ -117,16 +118,39 @@ def unreadable_reason(path: Path, exc: Exception) -> str | None:
     """Why ``torch.load(weights_only=True)`` failed, when the file is empty, truncated or not a
     torch checkpoint at all; None when it refused pickled Python objects (only those are worth
     converting with ``--trust-pickle``: unpickling a damaged file would not help)."""
-    if isinstance(exc, pickle.UnpicklingError) and "Weights only load failed" in str(exc):
-        return None
     if path.stat().st_size == 0:
         return "the file is empty"
+    if not _torch_file_start(path):
+        return "not a torch checkpoint (it starts neither as a zip archive nor as an older torch.save file)"
+    if isinstance(exc, pickle.UnpicklingError) and "Weights only load failed" in str(exc):
+        return None
     detail = " ".join(str(exc).split())[:160] or "no detail"
     return f"truncated or corrupt ({type(exc).__name__}: {detail})"
 
 
-def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Load tensors without unpickling code: safetensors, or torch.load(weights_only=True)."""
+def weights_only_reason(exc: Exception) -> str:
+    """The informative line of torch's weights_only refusal (it names the offending global),
+    without torch's advice to allowlist the global, which would load the module unconverted."""
+    for line in str(exc).splitlines():
+        if "Unsupported global" in line or "Unsupported operand" in line:
+            return line.split(". Please use", 1)[0].strip()
+    return type(exc).__name__
+
+
+def _torch_file_start(path: Path) -> bool:
+    """Whether ``path`` starts as something ``torch.load`` reads: a zip archive (torch.save since
+    1.6), a protocol-2+ pickle (older torch.save) or a tar archive (torch 0.1). An image or a text
+    file passed as a checkpoint is none of these: torch's weights-only refusal of its first byte
+    ("Unsupported operand") is no sign of pickled objects worth trusting."""
+    with open(path, "rb") as fh:
+        head = fh.read(262)
+    return head.startswith((b"PK\x03\x04", b"\x80")) or head[257:262] == b"ustar"
+
+
+def load_state_dict(path: str | os.PathLike, mmap: bool = False) -> dict[str, torch.Tensor]:
+    """Load tensors without unpickling code: safetensors, or torch.load(weights_only=True).
+    ``mmap``: a zip-format ``.pt``'s tensors are mapped, not read, so its names and shapes cost
+    no read of its data (checking a sweep's checkpoints before anything runs)."""
     path = Path(path)
     if path.is_dir():
         raise HarnessError(f"{path}: is a folder, not a checkpoint file")
@@ -140,13 +164,13 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         except Exception as exc:  # safetensors raises its own error types for corrupt files
             raise HarnessError(f"{path}: not a readable safetensors file ({exc})") from None
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
     except Exception as exc:
         reason = unreadable_reason(path, exc)
         if reason is not None:
             raise HarnessError(f"{path}: not a readable checkpoint: {reason}") from None
         raise HarnessError(
-            f"{path}: refused to load: not a plain tensor checkpoint ({type(exc).__name__}). "
+            f"{path}: refused to load: not a plain tensor checkpoint ({weights_only_reason(exc)}). "
             "Pickled modules (task_vectors layout) must be converted with "
             "`harness convert --trust-pickle` first"
         ) from None
@@ -158,7 +182,8 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def tensor_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
-    """Names and shapes of a checkpoint's tensors; for safetensors from the header alone."""
+    """Names and shapes of a checkpoint's tensors; for safetensors from the header alone, for a
+    zip-format ``.pt`` from its mapped tensors."""
     path = Path(path)
     if path.is_file() and is_safetensors(path):
         from safetensors import safe_open
@@ -168,7 +193,7 @@ def tensor_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
                 return {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
         except Exception as exc:
             raise HarnessError(f"{path}: not a readable safetensors file ({exc})") from None
-    return {k: tuple(v.shape) for k, v in load_state_dict(path).items()}
+    return {k: tuple(v.shape) for k, v in load_state_dict(path, mmap=True).items()}
 
 
 def check_encoder_shapes(path: str | os.PathLike, found: dict[str, tuple[int, ...]],

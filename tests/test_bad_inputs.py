@@ -92,6 +92,14 @@ def case_empty_pt(tmp_path, micro):
     return p, ["empty.pt: not a readable checkpoint: the file is empty"]
 
 
+def case_image_as_checkpoint(tmp_path, micro):
+    from PIL import Image
+
+    p = tmp_path / "photo.pt"
+    Image.new("RGB", (4, 4)).save(p, format="JPEG")
+    return p, ["photo.pt: not a readable checkpoint: not a torch checkpoint"]
+
+
 def case_extra_key(tmp_path, micro):
     state = _encoder_state()
     state["head.weight"] = torch.zeros(3, 3)
@@ -126,8 +134,8 @@ def case_tensor_pt_wrong_shape(tmp_path, micro):
 
 CASES = [case_truncated, case_garbage, case_other_arch, case_missing_key, case_two_prefixed_encoders, case_extra_key,
          case_evil_pickle, case_pickled_module, case_missing_file, case_tensor_pt_wrong_shape, case_truncated_pt,
-         case_empty_pt]
-DAMAGED = {case_truncated_pt, case_empty_pt}  # nothing pickled to trust: the message must not suggest it
+         case_empty_pt, case_image_as_checkpoint]
+DAMAGED = {case_truncated_pt, case_empty_pt, case_image_as_checkpoint}  # nothing pickled to trust: the message must not suggest it
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.__name__[5:] for c in CASES])
@@ -204,6 +212,45 @@ def test_image_encoder_as_pretrained_is_named(sweep_dict, micro_checkpoints, tmp
     assert code == 2, err
     assert "toy_colours.safetensors: not a whole CLIP state dict" in err and "CLIPModel folder" in err, err
     assert "size mismatch" not in err and not (tmp_path / "out").exists()
+
+
+def _pickled_module(path):
+    torch.save(build_clip("harness-micro-vit").visual, path)
+
+
+def _jpeg(path):
+    from PIL import Image
+
+    Image.new("RGB", (4, 4)).save(path, format="JPEG")
+
+
+@pytest.mark.parametrize("field,name,make,fragment", [
+    ("model.finetuned.toy_stripes", "module.pt", _pickled_module,
+     "refused to load: not a plain tensor checkpoint (WeightsUnpickler error: Unsupported global"),
+    ("model.finetuned.toy_stripes", "photo.jpg", _jpeg, "not a readable checkpoint: not a torch checkpoint"),
+    ("model.finetuned.toy_stripes", "folder", lambda p: p.mkdir(), "a folder that is not a Hugging Face CLIP folder"),
+    ("model.pretrained", "encoder.pt", lambda p: torch.save(build_clip("harness-micro-vit").visual.state_dict(), p),
+     "not a whole CLIP state dict"),
+    ("model.heads.toy_stripes", "head.pt", lambda p: torch.save(torch.nn.Linear(32, 3), p),
+     "refused to load: not a plain tensor checkpoint"),
+], ids=["pickled-module", "image", "folder", "encoder-as-pretrained", "pickled-head"])
+def test_validate_names_the_model_files_a_sweep_refuses(field, name, make, fragment, sweep_dict, tmp_path):
+    """validate (and --dry-run) read each model file as the run would, without unpickling or
+    building a model: what the sweep refuses when it starts loading is named with its field."""
+    path = tmp_path / name
+    make(path)
+    d = copy.deepcopy(sweep_dict)
+    target, _, key = field.partition(".")[2].partition(".")
+    if key:
+        d["model"][target] = {key: str(path)}
+    else:
+        d["model"][target] = str(path)
+    f = _write(tmp_path, d)
+    for args in (["validate", f], ["sweep", f, "--dry-run"]):
+        r = CliRunner().invoke(main, args)
+        err = " ".join(r.stderr.split())
+        assert r.exit_code == 2 and err.startswith(f"error: {f}: {field}: ") and fragment in err, err
+        assert "valid" not in r.stdout and not (tmp_path / "out").exists()
 
 
 def test_missing_pretrained_tag_is_reported_once(caplog, tmp_path):
