@@ -876,9 +876,10 @@ def check_tasks(cfg: SweepConfig, file: str) -> None:
                 raise ConfigError(file, f"{field_name}.{i}", "not one of the sweep's tasks", name)
     for field_name, given in (("model.finetuned", cfg.model.finetuned), ("model.heads", cfg.model.heads)):
         for name in given:  # a typo would otherwise leave the task on the pattern, or on zero-shot heads
-            if name not in names:
-                raise ConfigError(file, f"{field_name}.{name}",
-                                  f"not one of the sweep's tasks ({', '.join(names)})", show_value=False)
+            if name not in names and name not in known:  # a registered task's entry waits for a sweep with it
+                raise ConfigError(file, f"{field_name}.{name}", f"neither one of the sweep's tasks "
+                                  f"({', '.join(names)}) nor a registered task{did_you_mean(name, names)}",
+                                  show_value=False)
     both = set(cfg.seen or []) & set(cfg.unseen)
     if both:
         raise ConfigError(file, "unseen", f"tasks both seen and unseen: {sorted(both)}", show_value=False)
@@ -934,6 +935,8 @@ def check_model_files(cfg: SweepConfig, file: str) -> None:
         if required and not Path(path).exists():
             raise ConfigError(file, where, what, path)
     for t, path in m.heads.items():
+        if t not in cfg.task_names:  # kept for another selection of tasks (tasks=... on the command line)
+            continue
         if not Path(path).exists():
             raise ConfigError(file, f"model.heads.{t}", f"head file does not exist{relative_note(path)}", path)
         if Path(path).is_dir():
@@ -961,7 +964,7 @@ def check_model_contents(cfg: SweepConfig, file: str) -> None:
         where, path = finetuned_field(cfg, t)
         if path is not None and Path(path).exists():
             named.append((where, path, f"checkpoint of task {t!r} ({path})" if where == "model.finetuned_pattern" else path))
-    named += [(f"model.heads.{t}", path, path) for t, path in m.heads.items()]
+    named += [(f"model.heads.{t}", path, path) for t, path in m.heads.items() if t in cfg.task_names]
     for where, path, whose in named:
         p = Path(path)
         if hf_folder_of(p) is not None or (p.is_dir() and (p / "config.json").is_file()):

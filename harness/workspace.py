@@ -82,7 +82,8 @@ class Workspace:
                 finetuned[t] = str(resolve_checkpoint(path, self.cfg.resolved_cache_dir(), arch=arch,
                                                       projection=m.pretrained if local_pre else None,
                                                       convert=self.build))
-        return {"arch": arch, "pretrained": pre, "finetuned": finetuned, "heads": dict(m.heads)}
+        return {"arch": arch, "pretrained": pre, "finetuned": finetuned,
+                "heads": {t: path for t, path in m.heads.items() if t in names}}
 
     @staticmethod
     def _foreign(path: str, kind: str) -> bool:

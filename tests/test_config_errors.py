@@ -74,9 +74,11 @@ CASES = [
     ("pattern-escaped-task-only", ("model.finetuned_pattern", "/tmp/{{task}}.safetensors"),
      ["model.finetuned_pattern: must contain '{task}'"]),
     ("finetuned-key-not-a-task", ("model.finetuned", {"toy_stripess": "/tmp/s.safetensors"}),
-     ["model.finetuned.toy_stripess: not one of the sweep's tasks (toy_stripes, toy_colours)"]),
+     ["model.finetuned.toy_stripess: neither one of the sweep's tasks (toy_stripes, toy_colours) nor a registered "
+      "task; did you mean 'toy_stripes'?"]),
     ("heads-key-not-a-task", ("model.heads", {"toy_colour": "/tmp/h.safetensors"}),
-     ["model.heads.toy_colour: not one of the sweep's tasks (toy_stripes, toy_colours)"]),
+     ["model.heads.toy_colour: neither one of the sweep's tasks (toy_stripes, toy_colours) nor a registered task; "
+      "did you mean 'toy_colours'?"]),
     ("pretrained-missing", ("model.pretrained", "/nonexistent/pretrained.safetensors"),
      ["model.pretrained: weights file does not exist", "(got '/nonexistent/pretrained.safetensors')"]),
     ("finetuned-missing", ("model.finetuned_pattern", "/nonexistent/{task}.safetensors"),
@@ -391,6 +393,28 @@ def test_pattern_with_escaped_braces_and_checkpoints_of_unseen_tasks_are_accepte
         cfg = validate_config({**d, **split})
         check_model_files(cfg, "<test>")
         assert cfg.model.finetuned_pattern.format(task="toy_stripes") == str(folder / "toy_stripes.safetensors")
+
+
+def test_checkpoints_of_registered_tasks_outside_the_sweep_wait_for_a_sweep_with_them(sweep_dict, tmp_path):
+    """One model block naming all eight tasks' checkpoints and heads serves a sweep of a few
+    (``tasks=[...]`` on the command line, as the paper's robustness study merges four): the other
+    entries are left unread, and the jobs' keys are those of a sweep without them."""
+    from harness.config import validate_config
+    from harness.workspace import Workspace
+
+    plain = copy.deepcopy(sweep_dict)
+    d = copy.deepcopy(sweep_dict)
+    d["model"]["finetuned"] = {"mnist": "/nonexistent/mnist.safetensors"}
+    d["model"]["heads"] = {"mnist": "/nonexistent/head_mnist.safetensors", "cars": "/nonexistent/head_cars.pt"}
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump(d))
+    r = CliRunner().invoke(main, ["validate", str(f)])
+    assert r.exit_code == 0, r.output
+    keep = {**d["model"], "heads": {"toy_colours": "/nonexistent/head_toy_colours.safetensors"}}
+    f.write_text(yaml.safe_dump({**d, "model": keep}))
+    r = CliRunner().invoke(main, ["validate", str(f)])
+    assert r.exit_code == 2 and "model.heads.toy_colours: head file does not exist" in r.output, r.output
+    assert Workspace(validate_config(d)).identity == Workspace(validate_config(plain)).identity
 
 
 @pytest.mark.parametrize("label", ["TA | 50% & #1", "unl_$x$", "../up", "it's", "a/b", "_x", ""])
