@@ -48,6 +48,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             os.close(fd)
         failpoint("cache_write")
         os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        if exc.filename is None:  # a refused write() names no file: name the one being written
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -19,7 +19,7 @@ from rich.markup import escape
 
 from harness.cache import atomic_write_bytes, atomic_write_json
 from harness.config import MAIN, SweepConfig, dump_yaml, output_dir_problem
-from harness.errors import HarnessError, NotBuilt
+from harness.errors import HarnessError, NotBuilt, WriteRefused, storage_problem
 from harness.executors import make_executor
 from harness.failpoints import failpoint
 from harness.job import JobResult, plain_artifacts, read_result
@@ -158,8 +158,11 @@ def run_sweep(cfg: SweepConfig, console: Console | None = None, quiet: bool = Fa
     with contextlib.ExitStack() as held:
         try:
             outcome = _run_sweep(cfg, ws, executor, console, show, mode, held, only)
-        except BaseException:
+        except BaseException as exc:
             executor.close(abort=True)
+            problem = storage_problem(exc, cfg.resolved_tracking_uri()) if isinstance(exc, Exception) else None
+            if problem:
+                raise WriteRefused(problem) from exc
             raise
         executor.close()
     return outcome
