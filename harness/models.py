@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from harness.cache import current_umask
 from harness.errors import HarnessError, did_you_mean
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -197,6 +198,7 @@ def save_state_dict(state: dict[str, torch.Tensor], path: str | os.PathLike, met
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp),
               metadata={k: str(v) for k, v in (metadata or {}).items()})
+    os.chmod(tmp, 0o666 & ~current_umask())  # safetensors creates 0600: a shared cache's models would be the writer's alone
     os.replace(tmp, path)
 
 
