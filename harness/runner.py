@@ -244,6 +244,10 @@ def _run_sweep(cfg: SweepConfig, ws: Workspace, executor: Any, console: Console,
                     f"({trials} trials in all, finished ones kept)")
         console.print(f"[bold]{cfg.name}[/]: {len(specs)} jobs, {len(specs) - len(pending)} cached, "
                       f"{len(pending)} to run{then} -> {out}", highlight=False)
+    studies = [m.display for m in cfg.methods if m.tune] if mode != "run" else []
+    if show and studies:  # each trial is asked for after the ones before it end: a driver has to wait
+        console.print(f"{'--detach' if mode == 'detach' else 'collect'} runs no Optuna study: run `harness sweep` "
+                      f"(or `harness tune FILE --method LABEL`) for {', '.join(studies)}", highlight=False)
 
     if mode == "detach":  # with the robustness jobs of grids already cached, as the sweep would run them
         follow = [f for f in ready_followups(cfg, specs, results, identity, task_identity) if only is None
