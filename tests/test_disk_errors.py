@@ -94,3 +94,32 @@ def test_a_sweep_on_a_full_disk_ends_in_one_line_and_resumes(sweep_dict, tmp_pat
     now = {p.name: p.stat().st_mtime_ns for p in results.glob("*.json")}
     assert len(now) == 4 and {k: now[k] for k in kept} == kept  # the merge ran, the references not again
     assert "weight_averaging" in (Path(sweep_dict["output_dir"]) / "report" / "main.csv").read_text()
+
+
+def test_an_adaptation_checkpoint_the_disk_refuses_names_its_file_and_keeps_the_last(tmp_path):
+    """A job whose checkpoint cannot be written fails with the file and the reason (torch.save
+    into a file says only ``unexpected pos``), and the checkpoint saved before stays whole."""
+    path = tmp_path / "work" / "wemoe-tta.pt"
+    code = textwrap.dedent(f"""
+        import errno, resource, torch
+        from methods.tta import _save_checkpoint
+        w = torch.nn.Parameter(torch.zeros(4096))
+        opt = torch.optim.Adam([w])
+        _save_checkpoint({str(path)!r}, {{"w": w}}, 2, opt, [1.0, 0.5])
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+        with torch.no_grad():
+            w.add_(1.0)
+        try:
+            _save_checkpoint({str(path)!r}, {{"w": w}}, 4, opt, [1.0, 0.5, 0.4, 0.3])
+        except OSError as exc:
+            print(exc.errno == errno.EFBIG, exc.filename)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                         env=dict(os.environ, PYTHONPATH=str(ROOT)), preexec_fn=lambda: signal.signal(
+                             signal.SIGXFSZ, signal.SIG_IGN))
+    assert out.stdout.split() == ["True", str(path)], out.stderr[-2000:]
+    import torch
+
+    kept = torch.load(path, weights_only=True)
+    assert kept["step"] == 2 and float(kept["params"]["w"].abs().sum()) == 0.0
+    assert [p.name for p in path.parent.iterdir()] == [path.name]
