@@ -123,3 +123,21 @@ def test_an_adaptation_checkpoint_the_disk_refuses_names_its_file_and_keeps_the_
     kept = torch.load(path, weights_only=True)
     assert kept["step"] == 2 and float(kept["params"]["w"].abs().sum()) == 0.0
     assert [p.name for p in path.parent.iterdir()] == [path.name]
+
+
+def test_a_model_file_the_disk_refuses_is_an_os_error_naming_it(tmp_path):
+    """safetensors reports a refused write in its own words, naming no file, and leaves its
+    partial temporary file behind; the save is an OSError naming the file, and nothing is left."""
+    path = tmp_path / "models" / "m.safetensors"
+    code = textwrap.dedent(f"""
+        import errno, torch
+        from harness.models import save_state_dict
+        try:
+            save_state_dict({{"w": torch.zeros(16384)}}, {str(path)!r})
+        except OSError as exc:
+            print(exc.errno == errno.EFBIG, exc.filename)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                         env=dict(os.environ, PYTHONPATH=str(ROOT)), preexec_fn=_file_size_limit(4096))
+    assert out.stdout.split() == ["True", str(path)], out.stderr[-2000:]
+    assert list(path.parent.iterdir()) == []
