@@ -60,7 +60,7 @@ _KEPT_ON_INTERRUPT = {"sweep": "finished jobs are saved", "tune": "finished jobs
 def _refused_write(problem: str, command: str | None) -> str:
     """One line for a write the disk or folder refused: what, and how to go on."""
     kept = _KEPT_ON_INTERRUPT.get(command or "")
-    return (f"cannot write {problem}; " + (f"{kept}: " if kept else "")
+    return (f"{problem}; " + (f"{kept}: " if kept else "")
             + "free space (or fix the folder's permissions) and rerun the same command")
 
 

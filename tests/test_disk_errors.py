@@ -32,9 +32,11 @@ def _file_size_limit(limit: int):
 
 def test_refused_writes_are_told_from_other_errors():
     full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/out/results/k.json")
-    assert storage_problem(full) == "/out/results/k.json: No space left on device"
+    assert storage_problem(full) == "cannot write /out/results/k.json: No space left on device"
     copy = OSError(errno.EDQUOT, os.strerror(errno.EDQUOT), "/cache/store.db", None, "/out/.mlflow.db.1.tmp")
-    assert storage_problem(copy) == "/out/.mlflow.db.1.tmp: Disk quota exceeded"  # the destination
+    assert storage_problem(copy) == "cannot write /out/.mlflow.db.1.tmp: Disk quota exceeded"  # the destination
+    denied = OSError(errno.EACCES, os.strerror(errno.EACCES), "/shared/cache/heads")
+    assert storage_problem(denied) == "cannot access /shared/cache/heads: Permission denied"
     try:
         try:
             raise sqlite3.OperationalError("database or disk is full")
@@ -42,7 +44,7 @@ def test_refused_writes_are_told_from_other_errors():
             raise RuntimeError("(sqlite3.OperationalError) database or disk is full\n[SQL: INSERT ...]") from inner
     except RuntimeError as wrapped:
         assert storage_problem(wrapped, "sqlite:////out/mlflow.db") == (
-            "sqlite:////out/mlflow.db: (sqlite3.OperationalError) database or disk is full")
+            "cannot write sqlite:////out/mlflow.db: (sqlite3.OperationalError) database or disk is full")
     assert storage_problem(OSError(errno.ENOENT, "No such file or directory", "/x")) is None
     assert storage_problem(ValueError("bad value")) is None
     assert storage_problem(HarnessError("output_dir: cannot create it (No space left on device)")) is None
