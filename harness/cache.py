@@ -20,7 +20,8 @@ def content_key(obj: Any, length: int = 20) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:length]
 
 
-def _umask() -> int:
+def current_umask() -> int:
+    """The process's umask (reading it means setting it: set back at once)."""
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
@@ -37,7 +38,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         try:
-            os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would hide shared caches and results from other users
+            os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp's 0600 would hide shared caches and results from other users
         finally:
             os.close(fd)
         yield Path(tmp)
@@ -48,6 +49,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             os.close(fd)
         failpoint("cache_write")
         os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        if exc.filename is None:  # a refused write() names no file: name the one being written
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

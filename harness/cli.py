@@ -14,7 +14,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from harness.errors import HarnessError
+from harness.errors import HarnessError, WriteRefused, storage_problem
 
 console = Console(emoji=False)  # a label such as "pkg:Fire:" is text, not an emoji code
 if not console.is_terminal and "COLUMNS" not in os.environ:
@@ -36,8 +36,15 @@ class HarnessGroup(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
+        except WriteRefused as exc:
+            fail(_refused_write(str(exc), ctx.invoked_subcommand), exc.exit_code)
         except HarnessError as exc:
             fail(str(exc))
+        except Exception as exc:
+            problem = storage_problem(exc)
+            if problem is None:
+                raise
+            fail(_refused_write(problem, ctx.invoked_subcommand), WriteRefused.exit_code)
         except KeyboardInterrupt as exc:
             how = "terminated" if isinstance(exc, Terminated) else "interrupted"
             kept = _KEPT_ON_INTERRUPT.get(ctx.invoked_subcommand or "")
@@ -48,6 +55,13 @@ class HarnessGroup(click.Group):
 #: What an interrupted command keeps, for the commands a rerun resumes.
 _KEPT_ON_INTERRUPT = {"sweep": "finished jobs are saved", "tune": "finished jobs are saved",
                       "collect": "finished jobs are saved", "prepare": "models built so far are cached"}
+
+
+def _refused_write(problem: str, command: str | None) -> str:
+    """One line for a write the disk or folder refused: what, and how to go on."""
+    kept = _KEPT_ON_INTERRUPT.get(command or "")
+    return (f"{problem}; " + (f"{kept}: " if kept else "")
+            + "free space (or fix the folder's permissions) and rerun the same command")
 
 
 class Terminated(KeyboardInterrupt):

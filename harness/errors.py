@@ -3,7 +3,16 @@
 from __future__ import annotations
 
 import difflib
+import errno
 from typing import Any, Iterable
+
+#: errno values that say the disk or the folder refused a write, not that the code is wrong.
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EFBIG}
+#: The same refusals in the words of libraries that wrap them in their own exceptions (SQLite
+#: under MLflow's store, safetensors' Rust writer).
+_STORAGE_WORDS = ("database or disk is full", "attempt to write a readonly database", "no space left on device",
+                  "disk quota exceeded", "read-only file system", "storagefull", "file too large",
+                  "disk i/o error")
 
 
 class HarnessError(Exception):
@@ -33,3 +42,33 @@ def did_you_mean(name: str, candidates: Iterable[str]) -> str:
         by_lower.setdefault(str(c).lower(), str(c))
     match = difflib.get_close_matches(str(name).lower(), list(by_lower), n=1, cutoff=0.77)
     return f"; did you mean {by_lower[match[0]]!r}?" if match else ""
+
+
+def storage_problem(exc: BaseException, store: str | None = None) -> str | None:
+    """``"cannot write <file>: <why>"`` when ``exc`` (or an exception it was raised from) is a
+    write the disk or the folder refused (full, over quota, read-only; ``cannot access`` for no
+    permission, which a read meets too), else None: such a failure says what to free or fix,
+    not a traceback. ``store`` names the MLflow tracking store, whose SQLite errors name no file."""
+    seen: set[int] = set()
+    worded = None
+    while exc is not None and id(exc) not in seen and not isinstance(exc, HarnessError):
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS:
+            where = exc.filename2 or exc.filename  # a copy's destination, else the file written
+            verb = "cannot access" if exc.errno == errno.EACCES else "cannot write"
+            return f"{verb} {where}: {exc.strerror}" if where else f"{verb}: {exc.strerror}"
+        text = str(exc).strip()
+        if worded is None and any(w in text.lower() for w in _STORAGE_WORDS):
+            first = text.splitlines()[0][:300]
+            if "sqlite" in f"{type(exc).__module__} {text}".lower():  # SQLite's words name no file
+                first = f"{store or 'the MLflow store'}: {first}"
+            worded = f"cannot write {first}"
+        exc = exc.__cause__ if exc.__suppress_context__ else (exc.__cause__ or exc.__context__)
+    return worded
+
+
+class WriteRefused(HarnessError):
+    """The disk or the folder refused a write (full, over quota, read-only, no permission); the
+    message is :func:`storage_problem`'s. Not bad input: the command exits 1."""
+
+    exit_code = 1

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from harness.cache import current_umask
 from harness.errors import HarnessError, did_you_mean
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -220,8 +221,17 @@ def save_state_dict(state: dict[str, torch.Tensor], path: str | os.PathLike, met
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp),
-              metadata={k: str(v) for k, v in (metadata or {}).items()})
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp),
+                  metadata={k: str(v) for k, v in (metadata or {}).items()})
+    except Exception as exc:
+        tmp.unlink(missing_ok=True)
+        code = re.search(r"\(os error (\d+)\)|\bcode: (\d+)", str(exc))  # safetensors' words: "... (os error 28)"
+        if code:
+            number = int(code.group(1) or code.group(2))
+            raise OSError(number, os.strerror(number), str(path)) from exc
+        raise
+    os.chmod(tmp, 0o666 & ~current_umask())  # safetensors creates 0600: a shared cache's models would be the writer's alone
     os.replace(tmp, path)
 
 

@@ -19,7 +19,7 @@ from rich.markup import escape
 
 from harness.cache import atomic_write_bytes, atomic_write_json
 from harness.config import MAIN, SweepConfig, dump_yaml, output_dir_problem
-from harness.errors import HarnessError, NotBuilt
+from harness.errors import HarnessError, NotBuilt, WriteRefused, storage_problem
 from harness.executors import make_executor
 from harness.failpoints import failpoint
 from harness.job import JobResult, plain_artifacts, read_result
@@ -112,9 +112,7 @@ def cache_status(cfg: SweepConfig) -> tuple[list[JobSpec], set[str] | None, str 
     results, _ = split_cached(specs, results_dir)
     if not cfg.robustness:
         return specs, set(results), None
-    waiting = {s.label for s in specs if s.kind == "merge" and s.protocol == MAIN and s.key not in results}
-    follow = [f for f in robustness_followups(cfg, list(results.values()), identity, task_identity)
-              if f.label not in waiting]
+    follow = ready_followups(cfg, specs, results, identity, task_identity)
     split, _ = split_cached(follow, results_dir)
     return specs + follow, set(results) | set(split), None
 
@@ -158,8 +156,11 @@ def run_sweep(cfg: SweepConfig, console: Console | None = None, quiet: bool = Fa
     with contextlib.ExitStack() as held:
         try:
             outcome = _run_sweep(cfg, ws, executor, console, show, mode, held, only)
-        except BaseException:
+        except BaseException as exc:
             executor.close(abort=True)
+            problem = storage_problem(exc, cfg.resolved_tracking_uri()) if isinstance(exc, Exception) else None
+            if problem:
+                raise WriteRefused(problem) from exc
             raise
         executor.close()
     return outcome
@@ -243,9 +244,15 @@ def _run_sweep(cfg: SweepConfig, ws: Workspace, executor: Any, console: Console,
                     f"({trials} trials in all, finished ones kept)")
         console.print(f"[bold]{cfg.name}[/]: {len(specs)} jobs, {len(specs) - len(pending)} cached, "
                       f"{len(pending)} to run{then} -> {out}", highlight=False)
+    studies = [m.display for m in cfg.methods if m.tune] if mode != "run" else []
+    if show and studies:  # each trial is asked for after the ones before it end: a driver has to wait
+        console.print(f"{'--detach' if mode == 'detach' else 'collect'} runs no Optuna study: run `harness sweep` "
+                      f"(or `harness tune FILE --method LABEL`) for {', '.join(studies)}", highlight=False)
 
-    if mode == "detach":
-        message = executor.submit(pending)
+    if mode == "detach":  # with the robustness jobs of grids already cached, as the sweep would run them
+        follow = [f for f in ready_followups(cfg, specs, results, identity, task_identity) if only is None
+                  and not finished_result(results_dir, f)]
+        message = executor.submit(pending + follow)
         if show:
             console.print(message, highlight=False)
         return SweepOutcome(list(results.values()), [], out, tracker.parent_id, [], timings)
@@ -325,9 +332,13 @@ def _run_sweep(cfg: SweepConfig, ws: Workspace, executor: Any, console: Console,
                     if s.key in results:
                         log(results[s.key])
                 log_now = True
-        if mode == "run" and cfg.robustness and only is None:  # grid methods: the study for each selected setting
+        if mode != "detach" and cfg.robustness and only is None:  # grid methods: the study for each selected setting
             todo = []
-            for follow in robustness_followups(cfg, list(results.values()), identity, task_identity):
+            if mode == "run":
+                follows = robustness_followups(cfg, list(results.values()), identity, task_identity)
+            else:  # collect: the grids it gathered whole
+                follows = ready_followups(cfg, specs, results, identity, task_identity)
+            for follow in follows:
                 specs.append(follow)
                 spec_by_key[follow.key] = follow
                 cached = results.get(follow.key) or finished_result(results_dir, follow)
@@ -335,6 +346,13 @@ def _run_sweep(cfg: SweepConfig, ws: Workspace, executor: Any, console: Console,
                     results[follow.key] = cached
                 else:
                     todo.append(follow)
+            if mode == "collect":
+                known = executor.known(todo)
+                if show and len(known) < len(todo):
+                    n = len(todo) - len(known)
+                    console.print(f"{n} robustness job{'s' if n != 1 else ''} (settings chosen on val) not submitted "
+                                  "yet: run `harness sweep` (or `harness sweep --detach`) again", highlight=False)
+                todo = known
             bar.add(len(todo))
             execute(todo)
         for m in tuned:  # each study runs its trials, then its best setting once on test
@@ -413,6 +431,18 @@ def trial_line(spec: JobSpec, result: JobResult, state: str, objective: str, stu
     best = study.best_trial
     return (f"{head}: {objective} {result.metrics[objective]:.1f} (best {best.value:.1f}, trial {best.number}) "
             f"[{result.timings.get('total', 0.0):.1f} s]")
+
+
+def ready_followups(cfg: SweepConfig, specs: list[JobSpec], results: dict[str, JobResult], identity: dict,
+                    task_identity: dict) -> list[JobSpec]:
+    """The robustness follow-ups of the grid methods every main job of which has a result in
+    ``results`` (cached, or run now): the setting chosen on val is known. A dry run counts them,
+    ``--detach`` submits them and ``collect`` gathers them, as a sweep runs them after its grid."""
+    if not cfg.robustness:
+        return []
+    waiting = {s.label for s in specs if s.kind == "merge" and s.protocol == MAIN and s.key not in results}
+    return [f for f in robustness_followups(cfg, list(results.values()), identity, task_identity)
+            if f.label not in waiting]
 
 
 def robustness_followups(cfg: SweepConfig, results: list[JobResult], identity: dict,

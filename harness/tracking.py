@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.config import SweepConfig
-from harness.errors import HarnessError
+from harness.errors import HarnessError, WriteRefused, storage_problem
 from harness.failpoints import failpoint
 
 SWEEP_TAG = "harness.sweep_digest"
@@ -78,6 +78,11 @@ def seed_sqlite_store(uri: str, cache_dir: Path) -> bool:
         try:
             SqlAlchemyStore(f"sqlite:///{tmp}", str(template.parent / "mlruns")).engine.dispose()
             os.replace(tmp, template)
+        except Exception as exc:
+            problem = storage_problem(exc, str(template))
+            if problem:  # SQLite's words name no file: this one
+                raise WriteRefused(problem) from exc
+            raise
         finally:
             tmp.unlink(missing_ok=True)
     db.parent.mkdir(parents=True, exist_ok=True)
@@ -189,8 +194,10 @@ class Tracker:
         from mlflow.exceptions import MlflowException
         from mlflow.tracking import MlflowClient
 
-        for name in ("alembic", "mlflow", "mlflow.store.db.utils"):
+        for name in ("alembic", "mlflow"):
             logging.getLogger(name).setLevel(logging.WARNING)
+        # it logs a store error's whole traceback, then raises it: the error is reported once, as one line
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
         out = self.cfg.resolved_output_dir()
         out.mkdir(parents=True, exist_ok=True)
         seed_sqlite_store(self.uri, self.cfg.resolved_cache_dir())

@@ -14,7 +14,7 @@ Conventions the callers rely on:
   when the output is not a terminal). The bar shows the current loss.
 * Checkpoints: every ``checkpoint_every`` steps and at the end, the trainable tensors, the
   step, the Adam state, the loss history and ``ctx.adapted_on`` (the data adapted on) go to
-  ``ctx.workdir/<name>-tta.pt`` (:func:`harness.cache.atomic_path`; tensors and plain containers only,
+  ``ctx.workdir/<name>-tta.pt`` (:func:`harness.cache.atomic_write_bytes`; tensors and plain containers only,
   read back with ``weights_only=True``). A run that finds that file resumes from it and
   fast-forwards every task's iterator past the batches already consumed, so resuming
   reproduces an uninterrupted run exactly when the iterator factories are deterministic; a
@@ -42,6 +42,7 @@ average over one task's batch only).
 from __future__ import annotations
 
 import contextlib
+import io
 import math
 import os
 from pathlib import Path
@@ -51,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.cache import atomic_path
+from harness.cache import atomic_write_bytes
 from harness.failpoints import failpoint
 from harness.models import ImageClassifier
 from methods.base import MergeContext, PruneTrial
@@ -119,8 +120,9 @@ def _save_checkpoint(path: Path, params: Mapping[str, nn.Parameter], step: int,
     if parts is not None:
         state["parts_start"] = parts.start
         state["parts"] = {k: torch.tensor(v, dtype=torch.float64) for k, v in parts.values.items()}
-    with atomic_path(path) as tmp:  # a failed or killed write leaves the last checkpoint, whole
-        torch.save(state, tmp)
+    buffer = io.BytesIO()  # serialised first: a refused write is an OSError naming the file, not torch's stream error
+    torch.save(state, buffer)
+    atomic_write_bytes(path, buffer.getvalue())  # a failed or killed write leaves the last checkpoint, whole
 
 
 def _load_checkpoint(path: Path, params: Mapping[str, nn.Parameter], optimizer: torch.optim.Optimizer,

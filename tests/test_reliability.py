@@ -6,6 +6,7 @@ import os
 import stat
 
 import pytest
+import torch
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
@@ -151,6 +152,21 @@ def test_atomic_writes_get_the_umasks_permissions(tmp_path, umask):
         os.umask(old)
     mode = stat.S_IMODE((tmp_path / "r.json").stat().st_mode)
     assert mode == stat.S_IMODE((tmp_path / "plain").stat().st_mode) == 0o666 & ~umask
+
+
+@pytest.mark.parametrize("umask", [0o002, 0o022, 0o077])
+def test_saved_models_get_the_umasks_permissions(tmp_path, umask):
+    """Models a cache folder shares (the embedded suite's, zero-shot heads, converted
+    checkpoints) and a WeMoE job's adapted routers are written through safetensors, which
+    creates its files 0600: the other users of a shared cache could not read them."""
+    from harness.models import save_state_dict
+
+    old = os.umask(umask)
+    try:
+        save_state_dict({"w": torch.zeros(2)}, tmp_path / "m.safetensors")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "m.safetensors").stat().st_mode) == 0o666 & ~umask
 
 
 @pytest.mark.parametrize("how", ["in_place", "through_data", "data_replaced", "head", "load_state_dict"])

@@ -486,6 +486,41 @@ def test_robustness_follow_up_runs_on_the_cluster(cluster, varied_checkpoints, t
 
 
 @needs_slurm
+def test_detached_sweeps_submit_and_collect_the_robustness_follow_up(cluster, varied_checkpoints, tmp_path):
+    """``--detach`` submits a grid method's robustness job once its grid is cached, ``collect``
+    gathers it (and says when it still has to be submitted), and it equals the local one."""
+    import io
+
+    from rich.console import Console
+
+    robustness = {"tasks": ["toy_stripes"], "corruptions": ["contrast"]}
+    local = run_sweep(validate_config(dict(_sweep(varied_checkpoints, tmp_path / "local" / "sweep", "toy-drob-local",
+                                                  kind="local"), robustness=robustness)), quiet=True)
+    (truth,) = [r for r in local.results if r.kind == "robustness"]
+    cfg = validate_config(dict(_sweep(varied_checkpoints, tmp_path / "slurm" / "sweep", "toy-drob-slurm", kind="slurm",
+                                      mem_gb=1, timeout_min=5, setup=SETUP, poll_s=1), robustness=robustness))
+
+    def said(mode: str):
+        text = io.StringIO()
+        outcome = run_sweep(cfg, console=Console(file=text, width=250), mode=mode)
+        return outcome, " ".join(text.getvalue().split())
+
+    submitted = Path(cfg.resolved_output_dir()) / "slurm" / "submitted.json"
+    said("detach")  # the grid (and the references)
+    outcome, text = said("collect")
+    assert not [r for r in outcome.results if r.kind == "robustness"]
+    assert "1 robustness job (settings chosen on val) not submitted yet" in text
+    _, text = said("detach")
+    assert "submitted 1 jobs" in text
+    kinds = [job["kind"] for job in json.loads(submitted.read_text())["jobs"].values()]
+    assert kinds.count("robustness") == 1
+    outcome, text = said("collect")
+    (got,) = [r for r in outcome.results if r.kind == "robustness"]
+    assert got.status == "ok" and got.key == truth.key and got.metrics == truth.metrics
+    assert "not submitted yet" not in text
+
+
+@needs_slurm
 def test_failed_jobs_are_reported_with_reason_and_stderr_tail(interrupted_sweep):
     outcome = interrupted_sweep["outcome"]
     failed = {r.label: r for r in outcome.failed}

@@ -543,3 +543,21 @@ def test_tune_command_refuses_an_ambiguous_name_and_a_bad_trial_count(sweep_dict
     assert (f"error: <command line> (--trials 0, over {f}): methods.2.tune.n_trials: Input should be greater "
             "than or equal to 1 (got 0)") in r.stderr, r.stderr
     assert not (tmp_path / "out").exists()  # refused before anything ran
+
+
+def test_collect_says_it_runs_no_study(sweep_dict):
+    """``collect`` (like ``--detach``) only gathers submitted jobs: a tuned method's study needs a
+    driver that waits on each trial, and the command says where to run it instead of leaving
+    its row out in silence."""
+    import io
+
+    from rich.console import Console
+
+    d = dict(sweep_dict, executor={"kind": "slurm"},
+             methods=[{"name": "task_arithmetic", "label": "tuned", "tune": tune_block(n_trials=2)}])
+    cfg = validate_config(d)
+    text = io.StringIO()
+    run_sweep(cfg, console=Console(file=text, width=250), mode="collect")
+    assert ("collect runs no Optuna study: run `harness sweep` (or `harness tune FILE --method LABEL`) for tuned"
+            in " ".join(text.getvalue().split()))
+    assert not (cfg.resolved_output_dir() / "optuna").exists()

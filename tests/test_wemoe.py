@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import errno
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -770,15 +772,13 @@ def test_a_checkpoint_write_that_fails_leaves_the_last_checkpoint_and_no_temp_fi
     opt = torch.optim.Adam([w], lr=0.1)
     path = tta.checkpoint_path(tmp_path, "wemoe")
     tta._save_checkpoint(path, {"w": w}, 1, opt, [0.5])
-    real_save = torch.save
+    real_write = Path.write_bytes
 
-    def half_save(obj, f):
-        real_save(obj, f)
-        with open(f, "r+b") as fh:
-            fh.truncate(10)
-        raise OSError("No space left on device")
+    def half_write(self, data):  # the disk fills after the first bytes of the temporary file
+        real_write(self, data[:10])
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(tta.torch, "save", half_save)
+    monkeypatch.setattr(Path, "write_bytes", half_write)
     with torch.no_grad():
         w.add_(1.0)
     with pytest.raises(OSError, match="No space left"):
