@@ -255,11 +255,12 @@ def _report(cfg, outcome, quiet: bool) -> None:
 
         print_tables(console, cfg, outcome.rows, outcome.generalization_rows)
     if outcome.failed:
+        from harness.plan import setting_text
         from harness.runner import traceback_file
 
         err_console.print(f"[red]{len(outcome.failed)} of {len(outcome.results)} jobs failed:[/]")
-        for r in outcome.failed:
-            head = f"{r.title} {r.params}" if r.params else r.title
+        for r in outcome.failed:  # titled as its progress line was: label(k=v, ...)
+            head = f"{r.title}({setting_text(r.params)})" if r.params else r.title
             err_console.print(f"  {head}: {r.error}", highlight=False, markup=False, soft_wrap=True)
             trace = traceback_file(outcome.output_dir, r.key)
             if trace.is_file():

@@ -511,7 +511,7 @@ def test_detached_sweeps_submit_and_collect_the_robustness_follow_up(cluster, va
     assert not [r for r in outcome.results if r.kind == "robustness"]
     assert "1 robustness job (settings chosen on val) not submitted yet" in text
     _, text = said("detach")
-    assert "submitted 1 jobs" in text
+    assert "submitted 1 job " in text
     kinds = [job["kind"] for job in json.loads(submitted.read_text())["jobs"].values()]
     assert kinds.count("robustness") == 1
     outcome, text = said("collect")
@@ -640,7 +640,7 @@ def test_requeued_adaptation_resumes_from_its_checkpoint(cluster, varied_checkpo
     f.write_text(yaml.safe_dump(d))
     t0 = time.monotonic()
     r = CliRunner().invoke(main, ["sweep", str(f), "--detach"], env={"COLUMNS": "200"})
-    assert r.exit_code == 0 and "submitted 1 jobs" in r.output, r.output
+    assert r.exit_code == 0 and "submitted 1 job " in r.output, r.output
     record = json.loads((out / "slurm" / "submitted.json").read_text())["jobs"]
     (job_id,) = [rec["job_id"] for rec in record.values()]
     run_sweep(cfg, quiet=True, mode="detach")  # queued or running already: not submitted again

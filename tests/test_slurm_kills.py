@@ -120,7 +120,7 @@ def test_a_job_over_its_memory_is_reported_out_of_memory_with_its_stderr_tail(ki
     r, oom_id = s["swept"], s["jobs"][_by_label(s["rerun"])["eats-memory"].key]["history"][0]
     assert r.exit_code == 1, r.output
     summary = _flat(r.output[r.output.index("1 of 2 jobs failed:"):])
-    oom = re.search(r"eats-memory \{'gb': 1\.5\}: SLURM job (\S+) OUT_OF_MEMORY: out of memory: "
+    oom = re.search(r"eats-memory\(gb=1\.5\): SLURM job (\S+) OUT_OF_MEMORY: out of memory: "
                     r"used ([\d.]+) GiB of its ([\d.]+) GiB \(raise executor\.mem_gb\); log (\S+)", summary)
     assert oom, summary
     assert oom.group(1) == oom_id and oom.group(4) == str(s["out"] / "slurm" / f"{oom_id}_0_log.err")

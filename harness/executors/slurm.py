@@ -415,7 +415,7 @@ class SlurmExecutor:
         attach, todo = self._reattach(specs)
         tracked = self._submit(todo)
         ids = sorted({t.job_id.split("_")[0] for t in tracked})
-        return (f"submitted {len(tracked)} jobs (SLURM {', '.join(ids) or '-'}), {len(attach)} already queued, "
+        return (f"submitted {len(tracked)} job{'' if len(tracked) == 1 else 's'} (SLURM {', '.join(ids) or '-'}), {len(attach)} already queued, "
                 f"running or finished; record: {self.log.path}\n"
                 f"check with `harness status`, gather results with `harness collect`")
 
