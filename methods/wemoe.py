@@ -500,22 +500,52 @@ class WeMoE(MergeMethod):
 
     def merge(self, pretrained: nn.Module, finetuned: Mapping[str, nn.Module], ctx: MergeContext) -> nn.Module:
         model = self.build(pretrained, finetuned, ctx.seed).to(ctx.device)
-        aux = task_identification_loss(model, self.task_id_weight) if self.task_id_weight > 0 else None
-        with keeping_logits(model, aux is not None):
-            losses = run_tta(model, ctx, lr=self.lr, steps=self.steps, cosine=self.cosine,
-                             checkpoint_every=self.checkpoint_every, eval_every=self.eval_every,
-                             joint_forward=False, aux_loss=aux, aux_name="task_id", name="wemoe")
+        path = Path(ctx.workdir) / MODEL_FILE if ctx.workdir else None
+        meta = {"sources": dict(ctx.sources), "hyperparameters": self.model_dump(), "adapted_on": dict(ctx.adapted_on)}
+        adaptation = self._finished_adaptation(path, model, meta) if path is not None else None
+        if adaptation is None:
+            aux = task_identification_loss(model, self.task_id_weight) if self.task_id_weight > 0 else None
+            with keeping_logits(model, aux is not None):
+                losses = run_tta(model, ctx, lr=self.lr, steps=self.steps, cosine=self.cosine,
+                                 checkpoint_every=self.checkpoint_every, eval_every=self.eval_every,
+                                 joint_forward=False, aux_loss=aux, aux_name="task_id", name="wemoe")
+            adaptation = {"tta_loss": losses, "tta_parts": ctx.artifacts["tta_parts"],
+                          "tta_validation": ctx.artifacts["tta_validation"]}
+            if path is not None:
+                save_wemoe(model, path, {**meta, "adaptation": adaptation})
+        else:
+            ctx.artifacts["tta_parts"] = adaptation["tta_parts"]
+            ctx.artifacts["tta_validation"] = adaptation["tta_validation"]
         model.requires_grad_(False)
-        if ctx.workdir:
-            save_wemoe(model, Path(ctx.workdir) / MODEL_FILE,
-                       {"sources": dict(ctx.sources), "hyperparameters": self.model_dump(),
-                        "adapted_on": dict(ctx.adapted_on)})
-        ctx.artifacts["tta_loss"] = losses
+        ctx.artifacts["tta_loss"] = list(adaptation["tta_loss"])
         if self.routing_stats_batches and ctx.unlabeled:
             routing, task_id = routing_statistics(model, ctx, self.routing_stats_batches)
             ctx.artifacts["routing"] = routing
             ctx.artifacts["router_task_id"] = task_id
         return model
+
+
+    def _finished_adaptation(self, path: Path, model: nn.Module, meta: Mapping[str, Any]) -> dict[str, Any] | None:
+        """The loss history of the adaptation saved at ``path`` when it is this one (same models,
+        key hyperparameters and data), with its routers loaded into ``model``; else None. A job
+        requeued or rerun after its adaptation ended (cut in evaluation, e.g. by a time limit)
+        thus goes on from the adapted model even with ``checkpoint_every: 0``."""
+        try:
+            header = _header(path)
+        except ValueError:
+            return None
+        saved = header["meta"]
+        hyper = dict(saved.get("hyperparameters") or {})
+        for name in self.runtime_only:
+            hyper[name] = type(self).model_fields[name].default
+        same = (saved.get("sources") == json.loads(json.dumps(meta["sources"]))
+                and saved.get("adapted_on") == json.loads(json.dumps(meta["adapted_on"]))
+                and hyper == json.loads(json.dumps(self.key_params()))
+                and header["inputs"] == json.loads(json.dumps(model.wemoe_inputs)))
+        if not same or "adaptation" not in saved:
+            return None
+        _load_routers(path, model)
+        return saved["adaptation"]
 
 
 def save_wemoe(model: nn.Module, path: str | os.PathLike, meta: Mapping[str, Any] | None = None) -> None:
@@ -576,8 +606,6 @@ def load_wemoe(path: str | os.PathLike, pretrained: nn.Module, finetuned: Mappin
 
     Raises ValueError naming the file when a model differs from the one the routers were
     trained with (a checkpoint changed, another architecture) or the routers do not fit."""
-    from harness.models import load_state_dict
-
     header = _header(path)
     config, meta, inputs = header["config"], header["meta"], header["inputs"]
     tasks = config["tasks"]
@@ -598,6 +626,18 @@ def load_wemoe(path: str | os.PathLike, pretrained: nn.Module, finetuned: Mappin
     if changed:
         raise ValueError(f"{path}: {', '.join(changed)} differ(s) from the one(s) its routers were trained with "
                          "(content digest); load it with the checkpoints it was built from")
+    _load_routers(path, model)
+    model.requires_grad_(False)
+    model.wemoe_meta = meta
+    model.wemoe_adapted_on = meta.get("adapted_on")
+    return model
+
+
+def _load_routers(path: str | os.PathLike, model: nn.Module) -> None:
+    """The router weights saved at ``path`` into ``model``'s MoE layers; ValueError naming the
+    file when they do not fit."""
+    from harness.models import load_state_dict
+
     state = load_state_dict(path)
     layers = moe_layers(model)
     extra = sorted({k.split(".", 1)[0] for k in state} - {str(i) for i in range(len(layers))})
@@ -613,7 +653,3 @@ def load_wemoe(path: str | os.PathLike, pretrained: nn.Module, finetuned: Mappin
                 raise ValueError(f"{path}: router tensor {i}.{k} is {have} in the file, the model needs {need} "
                                  "(another architecture?)")
         m.router.load_state_dict(got)
-    model.requires_grad_(False)
-    model.wemoe_meta = meta
-    model.wemoe_adapted_on = meta.get("adapted_on")
-    return model

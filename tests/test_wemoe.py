@@ -478,7 +478,8 @@ def test_merge_saves_the_adapted_model_and_what_it_was_built_from(models, tmp_pa
     method = wemoe.WeMoE(steps=3, lr=1e-2, routing="softmax", checkpoint_every=0, routing_stats_batches=0)
     merged = method.merge(pre, ft, ctx)
     loaded = wemoe.load_wemoe(tmp_path / wemoe.MODEL_FILE, pre, ft)
-    assert loaded.wemoe_meta == {"sources": sources, "hyperparameters": method.model_dump(), "adapted_on": {}}
+    assert loaded.wemoe_meta == {"sources": sources, "hyperparameters": method.model_dump(), "adapted_on": {},
+                                 "adaptation": {k: ctx.artifacts[k] for k in ("tta_loss", "tta_parts", "tta_validation")}}
     router = next(n for n, _ in merged.named_parameters() if ".router." in n)
     assert not torch.equal(dict(merged.named_parameters())[router],
                            dict(wemoe.build_wemoe(pre, ft, routing="softmax").named_parameters())[router])  # adapted
@@ -489,6 +490,39 @@ def test_merge_saves_the_adapted_model_and_what_it_was_built_from(models, tmp_pa
 
 
 FOG = {"split": "test", "corruption": "fog", "severity": 3, "corruption_seed": 0}
+
+
+def test_an_adaptation_that_ended_goes_on_from_the_saved_model_without_checkpoints(models, tmp_path, monkeypatch):
+    """With ``checkpoint_every: 0`` a job requeued or rerun after its adaptation ended (cut in
+    evaluation by a time limit) goes on from the adapted model it saved, with the same loss
+    history, instead of adapting again at every requeue; other data or hyperparameters adapt again."""
+    import shutil
+
+    pre, ft = models
+    method = wemoe.WeMoE(steps=3, lr=1e-2, checkpoint_every=0, eval_every=2, router_depth=1, routing_stats_batches=0)
+
+    def ctx(workdir, adapted_on=FOG) -> MergeContext:
+        return MergeContext(heads=heads(), unlabeled=fixed_unlabeled(2), workdir=str(workdir), validate=router_norm,
+                            adapted_on=adapted_on)
+
+    first = ctx(tmp_path / "job")
+    merged = method.merge(pre, ft, first)
+    real, calls = wemoe.run_tta, []
+    monkeypatch.setattr(wemoe, "run_tta", lambda *a, **k: calls.append(1) or real(*a, **k))
+    again = ctx(tmp_path / "job")
+    resumed = method.model_copy(update={"checkpoint_every": 7}).merge(pre, ft, again)  # a runtime-only change
+    assert calls == []
+    a, b = router_state(merged), router_state(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    for k in ("tta_loss", "tta_parts", "tta_validation"):
+        assert again.artifacts[k] == first.artifacts[k], k
+    assert [row["step"] for row in again.artifacts["tta_validation"]] == [0, 2, 3]
+    for name, other, data in (("data", method, {**FOG, "severity": 5}),
+                              ("hyperparameters", method.model_copy(update={"lr": 2e-2}), FOG)):
+        shutil.copytree(tmp_path / "job", tmp_path / name)
+        other.merge(pre, ft, ctx(tmp_path / name, data))
+        assert len(calls) == 1, name
+        calls.clear()
 
 
 def test_saved_model_records_the_corruption_and_implementation_it_was_adapted_with(models, tmp_path):
