@@ -5,7 +5,9 @@ same executor as every other job (local processes or SLURM), and tells their val
 objective back. Jobs reopen their trial from the storage only to report intermediate values
 and ask the pruner. The default storage is an Optuna journal file in the sweep's output
 folder (safe on shared cluster filesystems); rerunning a sweep resumes its studies: finished
-trials are kept, trials a killed driver left RUNNING are re-asked with the same parameters.
+trials are kept, trials a killed driver left RUNNING are run again as they were (same trial,
+same job key, so an adaptation resumes from its checkpoints). A trial asked from another output
+folder (a storage several sweeps share) is its driver's, alive or not, and is left to it.
 """
 
 from __future__ import annotations
@@ -94,6 +96,8 @@ def study_name(cfg: SweepConfig, m: MethodSpec) -> str:
 
 #: The study's user attribute holding :func:`study_definition`.
 DEFINITION_ATTR = "harness.definition"
+#: A trial's user attribute naming the output folder of the driver that asked it.
+OWNER_ATTR = "harness.output_dir"
 
 
 def study_definition(m: MethodSpec) -> str:
@@ -185,6 +189,8 @@ class StudyRunner:
             self.study.sampler = make_sampler(self.tune, seed + existing)
         self.dists = distributions(self.tune)
         self.notes: list[str] = [note] if note else []  # one line each, for the driver to print
+        self.owner = str(cfg.resolved_output_dir().resolve())
+        self.shared = self.tune.storage is not None  # the default journal lies in this folder alone
 
     def finished(self) -> int:
         from optuna.trial import TrialState
@@ -197,14 +203,27 @@ class StudyRunner:
         base = JobSpec("trial", self.m.display, method=self.m.name, params={**self.m.params, **params}, trial=handle)
         return with_key(self.cfg, base, self.identity, self.task_identity)
 
+    def ours(self, trial: Any) -> bool:
+        """Whether a RUNNING trial was asked by a driver of this output folder, which this driver
+        holds the lock of: that driver is gone, so the trial is stale. A storage outside the
+        folder may hold trials of other sweeps' drivers, which may still be running them."""
+        return not self.shared or trial.user_attrs.get(OWNER_ATTR) == self.owner
+
     def recover(self) -> list[tuple[JobSpec, JobResult | None]]:
-        """Trials left RUNNING by a killed driver: tell cached results, re-ask the rest. One whose
-        parameters the method now refuses (its code changed) is failed with a note, not re-asked."""
+        """Trials of this folder left RUNNING by a killed driver, with their cached result if their
+        job finished: the driver tells those and runs the others again as the same trials (their
+        job keys and checkpoints unchanged). One whose parameters the method now refuses (its
+        code changed) is failed with a note. Other folders' trials are left to their drivers."""
         from optuna.trial import TrialState
         from pydantic import ValidationError
 
         pending = []
         for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if not self.ours(t):
+                owner = t.user_attrs.get(OWNER_ATTR, "an unknown folder")
+                self.notes.append(f"study {self.name!r}: trial {t.number} ({setting_text(t.params)}) is running "
+                                  f"from {owner}; left to that sweep")
+                continue
             try:
                 spec = self.spec(t._trial_id, t.number, t.params)
             except ValidationError as exc:
@@ -239,6 +258,7 @@ class StudyRunner:
         specs = []
         for _ in range(k):
             trial = self.study.ask(self.dists)
+            trial.set_user_attr(OWNER_ATTR, self.owner)
             specs.append(self.spec(trial._trial_id, trial.number, trial.params))
         return specs
 
@@ -246,16 +266,18 @@ class StudyRunner:
         from optuna.trial import TrialState
 
         number = spec.trial["number"]
+        # skip_if_finished: a trial another process ended meanwhile (an older harness failed it
+        # as stale) keeps its state; this driver still records its own result
         if result.status == "ok" and self.tune.objective in result.metrics:
-            self.study.tell(number, result.metrics[self.tune.objective])
+            self.study.tell(number, result.metrics[self.tune.objective], skip_if_finished=True)
             return "COMPLETE"
         if result.status == "pruned":
-            self.study.tell(number, state=TrialState.PRUNED)
+            self.study.tell(number, state=TrialState.PRUNED, skip_if_finished=True)
             return "PRUNED"
         if result.status == "ok":
             result.status = "failed"
             result.error = f"objective {self.tune.objective!r} not among the job's metrics"
-        self.study.tell(number, state=TrialState.FAIL)
+        self.study.tell(number, state=TrialState.FAIL, skip_if_finished=True)
         return "FAIL"
 
     def run(self, execute: Callable[[list[JobSpec]], list[tuple[JobSpec, JobResult]]],
@@ -270,18 +292,21 @@ class StudyRunner:
         stale = self.recover()
         for line in self.notes if say is not None else ():
             say(line)
+        redo = []  # the killed run never finished them: run again as the same trials
         for spec, cached in stale:
             if cached is not None:
                 record(spec, cached, self.tell(spec, cached))
-            else:  # the killed run never finished it: same parameters again, as a new trial
-                self.study.tell(spec.trial["number"], state=TrialState.FAIL)
-                self.study.enqueue_trial({k: v for k, v in spec.params.items() if k in self.dists})
+            else:
+                redo.append(spec)
         failures, last_error = 0, ""
-        while self.finished() < target:
-            left = self.grid_left()
-            if left == 0:  # every grid point was tried (failed ones included): nothing new to ask
-                break
-            batch = self.ask(min(self.n_parallel, target - self.finished(), left if left is not None else target))
+        while redo or self.finished() < target:
+            if redo:
+                batch, redo = redo[:self.n_parallel], redo[self.n_parallel:]
+            else:
+                left = self.grid_left()
+                if left == 0:  # every grid point was tried (failed ones included): nothing new to ask
+                    break
+                batch = self.ask(min(self.n_parallel, target - self.finished(), left if left is not None else target))
             for spec, result in execute(batch):
                 state = self.tell(spec, result)
                 failures += state == "FAIL"

@@ -422,6 +422,91 @@ def test_resumed_study_drops_an_unfinished_trial_the_method_refuses(sweep_dict, 
     assert final.params["scaling"] == max(trials[1:], key=lambda t: t.value).params["scaling"]
 
 
+def test_a_trial_left_running_is_run_again_as_itself(sweep_dict, tmp_path):
+    """A trial a killed driver left RUNNING runs again as the same trial: its number and parameters,
+    so its job key (and the adaptation checkpoints under work/<key>/), not as a failed trial and a
+    new one whose adaptation starts from zero."""
+    from optuna.distributions import FloatDistribution
+
+    from harness.tuning import StudyRunner
+    from harness.workspace import Workspace
+
+    space = {"scaling": {"type": "float", "low": 0.0, "high": 1.0}}
+    cfg = validate_config(typed_study(sweep_dict, n_trials=2, sampler="random", space=space))
+    left = StudyRunner(cfg, cfg.methods[0], {}, {}, 1, tmp_path / "results").study
+    left.enqueue_trial({"scaling": 0.25})
+    trial = left.ask({"scaling": FloatDistribution(0.0, 1.0)})
+    out = run_sweep(cfg, quiet=True)
+    assert not out.failed, [r.error for r in out.failed]
+    trials = stored_study(cfg).trials
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"]
+    assert trials[0].params == {"scaling": 0.25}
+    ws = Workspace(cfg)
+    planned = StudyRunner(cfg, cfg.methods[0], ws.identity, ws.task_identity(), 1, out.output_dir / "results")
+    key = planned.spec(trial._trial_id, 0, {"scaling": 0.25}).key  # the killed driver's job key
+    assert (out.output_dir / "results" / f"{key}.json").is_file()
+    client = MlflowClient(cfg.resolved_tracking_uri())
+    exp = client.get_experiment_by_name(cfg.name).experiment_id
+    runs = client.search_runs([exp], "tags.`harness.kind` = 'trial'")
+    assert sorted(r.data.tags["harness.trial_number"] for r in runs) == ["0", "1"]
+
+
+def test_a_trial_run_again_reports_only_steps_not_reported_yet(sweep_dict, tmp_path):
+    """Optuna keeps a step's first value and warns at a second one: the rerun skips them."""
+    import warnings
+
+    from optuna.distributions import FloatDistribution
+
+    from harness.job import trial_reporter
+    from harness.tuning import StudyRunner, storage_spec
+
+    cfg = validate_config(typed_study(sweep_dict, n_trials=2, sampler="random",
+                                      space={"scaling": {"type": "float", "low": 0.0, "high": 1.0}}))
+    study = StudyRunner(cfg, cfg.methods[0], {}, {}, 1, tmp_path / "results").study
+    trial = study.ask({"scaling": FloatDistribution(0.0, 1.0)})
+    trial.report(40.0, 0)
+    handle = {"storage": storage_spec(cfg, cfg.methods[0].tune), "study_name": study.study_name,
+              "trial_id": trial._trial_id, "objective": "val/acc/avg", "pruner": "none"}
+    report = trial_reporter(handle)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert report(0, {"val/acc/avg": 40.0}) is False
+        assert report(1, {"val/acc/avg": 45.0}) is False
+    assert stored_study(cfg).trials[0].intermediate_values == {0: 40.0, 1: 45.0}
+
+
+def test_a_storage_shared_by_two_sweeps_leaves_the_other_ones_running_trial(sweep_dict, tmp_path):
+    """Two output folders on one study (``storage:`` outside them): a sweep leaves a trial the other
+    folder's driver is running alone, with one line, instead of failing it, running it again and
+    crashing that driver when it reports the trial's value."""
+    import io
+
+    from rich.console import Console
+
+    from harness.job import JobResult
+    from harness.tuning import StudyRunner
+    from harness.workspace import Workspace
+
+    space = {"scaling": {"type": "float", "low": 0.0, "high": 1.0}}
+    d = typed_study(sweep_dict, n_trials=2, sampler="random", space=space,
+                    storage=f"journal:{tmp_path / 'shared' / 'journal.log'}")
+    cfg_a = validate_config(dict(d, output_dir=str(tmp_path / "a")))
+    cfg_b = validate_config(dict(d, output_dir=str(tmp_path / "b")))
+    ws = Workspace(cfg_a)
+    driver_a = StudyRunner(cfg_a, cfg_a.methods[0], ws.identity, ws.task_identity(), 1, tmp_path / "a" / "results")
+    running = driver_a.ask(1)[0]
+    shown = io.StringIO()
+    out = run_sweep(cfg_b, console=Console(file=shown, width=300))
+    assert not out.failed, [r.error for r in out.failed]
+    setting = f"scaling={running.params['scaling']:.4g}"
+    assert (f"trial 0 ({setting}) is running from {(tmp_path / 'a').resolve()}; left to that sweep"
+            in shown.getvalue()), shown.getvalue()
+    assert [t.state.name for t in stored_study(cfg_b).trials] == ["RUNNING", "COMPLETE", "COMPLETE"]
+    assert driver_a.tell(running, JobResult.of(running, "ok", metrics={"val/acc/avg": 50.0})) == "COMPLETE"
+    done = stored_study(cfg_a).trials[0]
+    assert (done.state.name, done.value) == ("COMPLETE", 50.0)
+
+
 def test_changed_study_definition_starts_a_new_study(sweep_dict):
     """A rerun with another space and fixed params does not resume the old study: its best would
     lie outside the new space and override the new fixed params."""
