@@ -96,6 +96,8 @@ def study_name(cfg: SweepConfig, m: MethodSpec) -> str:
 
 #: The study's user attribute holding :func:`study_definition`.
 DEFINITION_ATTR = "harness.definition"
+#: The study's user attribute holding :func:`study_measures`.
+MEASURES_ATTR = "harness.measures"
 #: A trial's user attribute naming the output folder of the driver that asked it.
 OWNER_ATTR = "harness.output_dir"
 
@@ -115,28 +117,57 @@ def study_definition(m: MethodSpec) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def open_study(storage: Any, name: str, definition: str, sampler: Any, pruner: Any) -> tuple["optuna.Study", str | None]:
-    """The study of this definition, and a line saying so when it is not the one named ``name``.
+def study_measures(cfg: SweepConfig, m: MethodSpec, identity: dict, task_identity: dict) -> str:
+    """A digest of what the study's trials are measured on: the job key a trial of ``m`` with no
+    tuned value would have (models and their checkpoints' content, tasks and their data, evaluation
+    settings, seed, adaptation data). A sweep changed in any of these (``tasks=[...]``, another
+    ``eval.max_samples``) must not resume a study whose trials scored something else: no trial
+    would run, and its best would be picked on the old sweep's validation data."""
+    probe = JobSpec("trial", m.display, method=m.name, trial={"study_name": "", "number": 0})
+    return with_key(cfg, probe, identity, task_identity).key[:12]
+
+
+def open_study(storage: Any, name: str, definition: str, measures: str, sampler: Any,
+               pruner: Any) -> tuple["optuna.Study", str | None]:
+    """The study of this definition and measurement, and a line saying so when it is not the one
+    named ``name``.
 
     A study stored under ``name`` with another definition (its space, fixed params, objective or
-    sampler changed since) is left as it is: resuming it would mix trials of two searches and
-    could return a best outside the new space or against the new fixed params. This definition
-    gets its own study, ``<name>.<definition>``, resumed by later runs alike."""
+    sampler changed since), or measured on other tasks, models or evaluation settings, is left as
+    it is: resuming it would mix trials of two searches and could return a best outside the new
+    space, against the new fixed params, or chosen on other data. This one gets its own study,
+    ``<name>.<definition>`` (or ``<name>.<definition>.<measures>`` when that is taken), resumed by
+    later runs alike. A study an older harness stored without ``measures`` is resumed as before."""
     import optuna
 
-    chosen, note = name, None
-    if name in optuna.get_all_study_names(storage):
-        stored = optuna.load_study(study_name=name, storage=storage)
-        found = stored.user_attrs.get(DEFINITION_ATTR)
-        if found != definition and (found is not None or stored.get_trials(deepcopy=False)):
-            chosen = f"{name}.{definition}"
-            how = "resuming" if chosen in optuna.get_all_study_names(storage) else "starting"
-            note = (f"study {name!r} was run with another space, fixed params, objective or sampler: "
-                    f"{how} study {chosen!r} for this one")
+    names = set(optuna.get_all_study_names(storage))
+
+    def stored_attrs(candidate: str) -> tuple[dict[str, Any], bool]:
+        stored = optuna.load_study(study_name=candidate, storage=storage)
+        return stored.user_attrs, bool(stored.get_trials(deepcopy=False))
+
+    def fits(candidate: str) -> bool:
+        if candidate not in names:
+            return True
+        attrs, has_trials = stored_attrs(candidate)
+        if DEFINITION_ATTR not in attrs:
+            return not has_trials
+        return attrs[DEFINITION_ATTR] == definition and attrs.get(MEASURES_ATTR, measures) == measures
+
+    own = f"{name}.{definition}.{measures}"
+    chosen = next((c for c in (name, f"{name}.{definition}") if fits(c)), own)
+    note = None
+    if chosen != name:
+        how = "resuming" if chosen in names else "starting"
+        same_definition = stored_attrs(name)[0].get(DEFINITION_ATTR) == definition
+        why = ("on other tasks, models or evaluation settings" if same_definition
+               else "with another space, fixed params, objective or sampler")
+        note = f"study {name!r} was run {why}: {how} study {chosen!r} for this one"
     study = optuna.create_study(study_name=chosen, storage=storage, sampler=sampler, pruner=pruner,
                                 direction="maximize", load_if_exists=True)
-    if study.user_attrs.get(DEFINITION_ATTR) != definition:
-        study.set_user_attr(DEFINITION_ATTR, definition)
+    for attr, value in ((DEFINITION_ATTR, definition), (MEASURES_ATTR, measures)):
+        if study.user_attrs.get(attr) != value:
+            study.set_user_attr(attr, value)
     return study, note
 
 
@@ -178,6 +209,7 @@ class StudyRunner:
         self.storage = storage_spec(cfg, self.tune)
         seed = self.tune.seed if self.tune.seed is not None else cfg.seed
         self.study, note = open_study(open_storage(self.storage), study_name(cfg, m), study_definition(m),
+                                      study_measures(cfg, m, identity, task_identity),
                                       make_sampler(self.tune, seed), make_pruner(self.tune.pruner))
         self.name = self.study.study_name
         existing = len(self.study.get_trials(deepcopy=False))

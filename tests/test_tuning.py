@@ -350,6 +350,16 @@ def stored_study(cfg, m=None):
     return optuna.load_study(study_name=study_name(cfg, m), storage=open_storage(storage_spec(cfg, m.tune)))
 
 
+def study_runner(cfg, output_dir: Path | None = None):
+    """The StudyRunner a sweep of ``cfg`` opens (its models' and tasks' identities), asking nothing."""
+    from harness.tuning import StudyRunner
+    from harness.workspace import Workspace
+
+    ws = Workspace(cfg)
+    results = (output_dir or cfg.resolved_output_dir()) / "results"
+    return StudyRunner(cfg, cfg.methods[0], ws.identity, ws.task_identity(), 1, results)
+
+
 def test_grid_study_ends_when_the_grid_is_exhausted(sweep_dict):
     """Extended past its grid, a grid study tries every point once, then evaluates the best."""
     run_sweep(validate_config(typed_study(sweep_dict, n_trials=2, sampler="grid", space=GRID_SPACE)), quiet=True)
@@ -408,7 +418,7 @@ def test_resumed_study_drops_an_unfinished_trial_the_method_refuses(sweep_dict, 
 
     space = {"scaling": {"type": "float", "low": 0.0, "high": 1.0}}
     cfg = validate_config(typed_study(sweep_dict, n_trials=2, sampler="random", space=space))
-    left = StudyRunner(cfg, cfg.methods[0], {}, {}, 1, tmp_path / "results").study
+    left = study_runner(cfg).study
     left.enqueue_trial({"scaling": 3.0})  # above the method's le=2.0: a killed run of older code
     left.ask({"scaling": FloatDistribution(0.0, 5.0)})
     shown = io.StringIO()
@@ -428,12 +438,9 @@ def test_a_trial_left_running_is_run_again_as_itself(sweep_dict, tmp_path):
     new one whose adaptation starts from zero."""
     from optuna.distributions import FloatDistribution
 
-    from harness.tuning import StudyRunner
-    from harness.workspace import Workspace
-
     space = {"scaling": {"type": "float", "low": 0.0, "high": 1.0}}
     cfg = validate_config(typed_study(sweep_dict, n_trials=2, sampler="random", space=space))
-    left = StudyRunner(cfg, cfg.methods[0], {}, {}, 1, tmp_path / "results").study
+    left = study_runner(cfg).study
     left.enqueue_trial({"scaling": 0.25})
     trial = left.ask({"scaling": FloatDistribution(0.0, 1.0)})
     out = run_sweep(cfg, quiet=True)
@@ -441,9 +448,7 @@ def test_a_trial_left_running_is_run_again_as_itself(sweep_dict, tmp_path):
     trials = stored_study(cfg).trials
     assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"]
     assert trials[0].params == {"scaling": 0.25}
-    ws = Workspace(cfg)
-    planned = StudyRunner(cfg, cfg.methods[0], ws.identity, ws.task_identity(), 1, out.output_dir / "results")
-    key = planned.spec(trial._trial_id, 0, {"scaling": 0.25}).key  # the killed driver's job key
+    key = study_runner(cfg).spec(trial._trial_id, 0, {"scaling": 0.25}).key  # the killed driver's job key
     assert (out.output_dir / "results" / f"{key}.json").is_file()
     client = MlflowClient(cfg.resolved_tracking_uri())
     exp = client.get_experiment_by_name(cfg.name).experiment_id
@@ -458,11 +463,11 @@ def test_a_trial_run_again_reports_only_steps_not_reported_yet(sweep_dict, tmp_p
     from optuna.distributions import FloatDistribution
 
     from harness.job import trial_reporter
-    from harness.tuning import StudyRunner, storage_spec
+    from harness.tuning import storage_spec
 
     cfg = validate_config(typed_study(sweep_dict, n_trials=2, sampler="random",
                                       space={"scaling": {"type": "float", "low": 0.0, "high": 1.0}}))
-    study = StudyRunner(cfg, cfg.methods[0], {}, {}, 1, tmp_path / "results").study
+    study = study_runner(cfg).study
     trial = study.ask({"scaling": FloatDistribution(0.0, 1.0)})
     trial.report(40.0, 0)
     handle = {"storage": storage_spec(cfg, cfg.methods[0].tune), "study_name": study.study_name,
@@ -484,16 +489,13 @@ def test_a_storage_shared_by_two_sweeps_leaves_the_other_ones_running_trial(swee
     from rich.console import Console
 
     from harness.job import JobResult
-    from harness.tuning import StudyRunner
-    from harness.workspace import Workspace
 
     space = {"scaling": {"type": "float", "low": 0.0, "high": 1.0}}
     d = typed_study(sweep_dict, n_trials=2, sampler="random", space=space,
                     storage=f"journal:{tmp_path / 'shared' / 'journal.log'}")
     cfg_a = validate_config(dict(d, output_dir=str(tmp_path / "a")))
     cfg_b = validate_config(dict(d, output_dir=str(tmp_path / "b")))
-    ws = Workspace(cfg_a)
-    driver_a = StudyRunner(cfg_a, cfg_a.methods[0], ws.identity, ws.task_identity(), 1, tmp_path / "a" / "results")
+    driver_a = study_runner(cfg_a)
     running = driver_a.ask(1)[0]
     shown = io.StringIO()
     out = run_sweep(cfg_b, console=Console(file=shown, width=300))
@@ -545,6 +547,34 @@ def test_changed_study_definition_starts_a_new_study(sweep_dict):
     again = run_sweep(validate_config(first), quiet=True)
     assert next(r for r in again.results if r.kind == "merge").params["scaling"] == old.best_params["scaling"]
     assert len(optuna.load_study(study_name="toy.typed", storage=storage).trials) == 3
+
+
+def test_a_sweep_measuring_other_data_starts_its_own_study(sweep_dict):
+    """A rerun on fewer tasks (or another eval.max_samples) does not resume the study of the old
+    sweep: that study has its trials, so none would run, and the 'tuned' setting would be the one
+    chosen on the old tasks' validation data, backed by no trial of this sweep."""
+    import io
+
+    from rich.console import Console
+
+    space = {"scaling": {"type": "float", "low": 0.0, "high": 1.0}}
+    first = typed_study(sweep_dict, n_trials=2, sampler="random", space=space)
+    run_sweep(validate_config(first), quiet=True)
+    fewer = validate_config(dict(first, tasks=first["tasks"][:1]))
+    shown = io.StringIO()
+    out = run_sweep(fewer, console=Console(file=shown, width=300))
+    assert not out.failed, [r.error for r in out.failed]
+    from harness.tuning import study_definition
+
+    name = f"toy.typed.{study_definition(fewer.methods[0])}"
+    assert (f"study 'toy.typed' was run on other tasks, models or evaluation settings: starting study {name!r} "
+            "for this one") in shown.getvalue(), shown.getvalue()
+    runner = study_runner(fewer)
+    assert runner.name == name and len(runner.study.trials) == 2  # its own trials, run on the one task
+    final = next(r for r in out.results if r.kind == "merge")
+    assert final.params["scaling"] == runner.study.best_params["scaling"]
+    assert len(study_runner(validate_config(first)).study.trials) == 2  # the first sweep's, resumed as it was
+    assert study_runner(validate_config(first)).name == "toy.typed"
 
 
 def test_tune_command_works_inside_its_sweep(sweep_dict, tmp_path):
