@@ -62,10 +62,13 @@ def make_sampler(tune: TuneSpec, seed: int) -> "optuna.samplers.BaseSampler":
 
 
 def make_pruner(name: str) -> "optuna.pruners.BasePruner":
+    """The study's pruner. Step 0 is the validation before the first adaptation step, which the
+    tuned adaptation settings (a learning rate, a router's depth) cannot have changed yet: the
+    median pruner waits for a step after it (Hyperband's rungs start at step 1 already)."""
     import optuna
 
     if name == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=0)
+        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1)
     if name == "hyperband":
         return optuna.pruners.HyperbandPruner()
     return optuna.pruners.NopPruner()

@@ -176,6 +176,27 @@ def test_pruning(trained_checkpoints, tmp_path):
             f"val/acc/avg {t.value:.1f} (best {best.value:.1f}, trial {best.number})"), lines[t.number]
 
 
+def test_median_pruner_never_prunes_before_the_first_adaptation_step():
+    """Step 0 is the validation before adapting (WeMoE: task arithmetic at init_lambda): a trial
+    worse there than the median is not pruned before its learning rate took one step; a step
+    after it below the median is."""
+    import optuna
+
+    from harness.tuning import make_pruner
+
+    study = optuna.create_study(direction="maximize", pruner=make_pruner("median"))
+    for start, adapted in [(30.0, 40.0), (32.0, 42.0), (34.0, 44.0)]:  # the pruner's 3 startup trials
+        done = study.ask()
+        done.report(start, 0)
+        done.report(adapted, 1)
+        study.tell(done, adapted)
+    trial = study.ask()
+    trial.report(10.0, 0)  # far below every step-0 value
+    assert not trial.should_prune()
+    trial.report(20.0, 1)  # below the median of step 1 (42.0)
+    assert trial.should_prune()
+
+
 def test_resume_after_kill(trained_checkpoints, tmp_path):
     d = trained_sweep(trained_checkpoints, tmp_path, [
         {"name": "task_arithmetic", "tune": tune_block(n_trials=8, n_parallel=1)}])
