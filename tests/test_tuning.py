@@ -290,6 +290,29 @@ def test_study_whose_trials_all_fail_stops_with_one_line(trained_checkpoints, tm
     assert statuses.get("tune") == "FAILED" and "RUNNING" not in statuses.values(), statuses
 
 
+def test_a_failed_trial_is_named_and_its_error_printed_as_written(sweep_dict):
+    """A failed trial's line names its trial (as its MLflow run is named) and shows the error as
+    raised: text in brackets is not taken for console markup (dropped, or a closing tag crashing
+    the sweep)."""
+    import io
+
+    from rich.console import Console
+
+    space = {"strength": {"type": "float", "low": 0.0, "high": 0.8}}
+    d = dict(sweep_dict, references=False, methods=[{"name": "tests.failing_method:FailsWithBrackets",
+                                                     "label": "brackets", "tune": {"n_trials": 3, "n_parallel": 1,
+                                                                                    "sampler": "random", "space": space}}])
+    cfg = validate_config(d)
+    shown = io.StringIO()
+    out = run_sweep(cfg, console=Console(file=shown, width=400))
+    assert not out.failed, [r.error for r in out.failed]
+    failed = [t for t in stored_study(cfg).trials if t.state.name == "FAIL"]
+    assert failed, "no trial drew a strength above 0.5"
+    for t in failed:
+        line = f"failed trial {t.number} brackets(strength={t.params['strength']:.4g}): RuntimeError: no head [emb_mnist] under ckpt[/b]"
+        assert line in shown.getvalue(), shown.getvalue()
+
+
 def test_objective_of_one_task_is_accepted(sweep_dict):
     d = dict(sweep_dict, methods=[{"name": "task_arithmetic", "tune": tune_block()}])
     task = d["tasks"][0] if isinstance(d["tasks"][0], str) else d["tasks"][0]["name"]
