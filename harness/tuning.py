@@ -130,8 +130,8 @@ def study_measures(cfg: SweepConfig, m: MethodSpec, identity: dict, task_identit
     return with_key(cfg, probe, identity, task_identity).key[:12]
 
 
-def open_study(storage: Any, name: str, definition: str, measures: str, sampler: Any,
-               pruner: Any) -> tuple["optuna.Study", str | None]:
+def open_study(storage: Any, name: str, definition: str, measures: str, sampler: Any, pruner: Any,
+               measured_here: Callable[[str, "optuna.Study"], bool] | None = None) -> tuple["optuna.Study", str | None]:
     """The study of this definition and measurement, and a line saying so when it is not the one
     named ``name``.
 
@@ -140,7 +140,8 @@ def open_study(storage: Any, name: str, definition: str, measures: str, sampler:
     it is: resuming it would mix trials of two searches and could return a best outside the new
     space, against the new fixed params, or chosen on other data. This one gets its own study,
     ``<name>.<definition>`` (or ``<name>.<definition>.<measures>`` when that is taken), resumed by
-    later runs alike. A study an older harness stored without ``measures`` is resumed as before."""
+    later runs alike. A study an older harness stored without ``measures`` is resumed when
+    ``measured_here(name, study)`` says its trials were measured as this sweep measures them."""
     import optuna
 
     names = set(optuna.get_all_study_names(storage))
@@ -155,7 +156,12 @@ def open_study(storage: Any, name: str, definition: str, measures: str, sampler:
         attrs, has_trials = stored_attrs(candidate)
         if DEFINITION_ATTR not in attrs:
             return not has_trials
-        return attrs[DEFINITION_ATTR] == definition and attrs.get(MEASURES_ATTR, measures) == measures
+        if attrs[DEFINITION_ATTR] != definition:
+            return False
+        if attrs.get(MEASURES_ATTR) is None:  # stored by an older harness
+            return measured_here is None or measured_here(candidate, optuna.load_study(study_name=candidate,
+                                                                                       storage=storage))
+        return attrs[MEASURES_ATTR] == measures
 
     own = f"{name}.{definition}.{measures}"
     chosen = next((c for c in (name, f"{name}.{definition}") if fits(c)), own)
@@ -213,7 +219,7 @@ class StudyRunner:
         seed = self.tune.seed if self.tune.seed is not None else cfg.seed
         self.study, note = open_study(open_storage(self.storage), study_name(cfg, m), study_definition(m),
                                       study_measures(cfg, m, identity, task_identity),
-                                      make_sampler(self.tune, seed), make_pruner(self.tune.pruner))
+                                      make_sampler(self.tune, seed), make_pruner(self.tune.pruner), self.measured_here)
         self.name = self.study.study_name
         existing = len(self.study.get_trials(deepcopy=False))
         if existing and self.tune.sampler != "grid":
@@ -232,8 +238,24 @@ class StudyRunner:
 
         return len(self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
 
-    def spec(self, trial_id: int, number: int, params: dict[str, Any]) -> JobSpec:
-        handle = {"storage": self.storage, "study_name": self.name, "trial_id": trial_id, "number": number,
+    def measured_here(self, name: str, study: "optuna.Study") -> bool:
+        """Whether a study stored without its measurement has finished trials whose results this
+        folder holds under this sweep's keys (which hold the measurement), or none finished."""
+        from optuna.trial import TrialState
+        from pydantic import ValidationError
+
+        done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+        for t in done:
+            try:
+                key = self.spec(t._trial_id, t.number, t.params, name).key
+            except ValidationError:  # parameters the method no longer takes
+                continue
+            if (self.results_dir / f"{key}.json").is_file():
+                return True
+        return not done
+
+    def spec(self, trial_id: int, number: int, params: dict[str, Any], study: str | None = None) -> JobSpec:
+        handle = {"storage": self.storage, "study_name": study or self.name, "trial_id": trial_id, "number": number,
                   "objective": self.tune.objective, "pruner": self.tune.pruner}
         base = JobSpec("trial", self.m.display, method=self.m.name, params={**self.m.params, **params}, trial=handle)
         return with_key(self.cfg, base, self.identity, self.task_identity)

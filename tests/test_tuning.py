@@ -621,6 +621,23 @@ def test_a_sweep_measuring_other_data_starts_its_own_study(sweep_dict):
     assert study_runner(validate_config(first)).name == "toy.typed"
 
 
+def test_a_study_stored_without_its_measurement_is_resumed_only_by_its_sweep(sweep_dict):
+    """A study an older harness stored (no measurement recorded) is resumed by the sweep whose
+    trial results lie in the folder under its keys, and not by a sweep on other tasks."""
+    from harness.tuning import MEASURES_ATTR
+
+    space = {"scaling": {"type": "float", "low": 0.0, "high": 1.0}}
+    first = typed_study(sweep_dict, n_trials=2, sampler="random", space=space)
+    run_sweep(validate_config(first), quiet=True)
+    stored_study(validate_config(first)).set_user_attr(MEASURES_ATTR, None)  # as an older harness left it
+    fewer = validate_config(dict(first, tasks=first["tasks"][:1]))
+    run_sweep(fewer, quiet=True)
+    assert study_runner(fewer).name != "toy.typed"
+    assert stored_study(validate_config(first)).user_attrs[MEASURES_ATTR] is None  # left as it was
+    again = study_runner(validate_config(first))
+    assert again.name == "toy.typed" and len(again.study.trials) == 2
+
+
 def test_tune_command_works_inside_its_sweep(sweep_dict, tmp_path):
     """`harness tune` into a sweep's folder: the sweep's parent run, no second copy of a job run,
     its own table beside the sweep's report, which stays whole for `harness report`."""
