@@ -385,14 +385,19 @@ def trial_reporter(handle: dict[str, Any]):
     from harness.tuning import make_pruner, open_storage, quiet_optuna
 
     quiet_optuna()
-    study = optuna.load_study(study_name=handle["study_name"], storage=open_storage(handle["storage"]),
+    storage = open_storage(handle["storage"])
+    study = optuna.load_study(study_name=handle["study_name"], storage=storage,
                               pruner=make_pruner(handle.get("pruner", "none")))
     trial = optuna.trial.Trial(study, handle["trial_id"])
     objective = handle["objective"]
+    # a trial run again after its driver was killed reported these steps already (Optuna keeps
+    # the first value and warns about the second)
+    reported = set(storage.get_trial(handle["trial_id"]).intermediate_values)
 
     def report(step: int, metrics: dict[str, float]) -> bool:
         if objective in metrics:
-            trial.report(float(metrics[objective]), step)
+            if step not in reported:
+                trial.report(float(metrics[objective]), step)
             return trial.should_prune()
         return False
 

@@ -312,11 +312,13 @@ def _run_sweep(cfg: SweepConfig, ws: Workspace, executor: Any, console: Console,
                     traceback_file(out, spec.key).unlink(missing_ok=True)  # an earlier attempt's
                     atomic_write_json(results_dir / f"{spec.key}.json", res.to_dict())
                     if show and res.status == "ok" and spec.kind != "trial":
-                        console.print(result_line(res, spec), highlight=False)
+                        console.print(result_line(res, spec), highlight=False, markup=False)
                 else:
                     if res.error_detail:
                         atomic_write_bytes(traceback_file(out, spec.key), res.error_detail.encode())
-                    console.print(f"[red]failed[/] {spec.title}: {res.error}")
+                    which = f"trial {spec.trial['number']} " if spec.kind == "trial" else ""
+                    console.print(f"[red]failed[/] {escape(which + spec.title)}: {escape(res.error or '')}",
+                                  highlight=False)
                 results[spec.key] = res
                 executed.append(spec.key)
                 if log_now and spec.kind != "trial":  # trials are logged under their study's run
@@ -486,7 +488,8 @@ def run_study(cfg: SweepConfig, m, identity: dict, task_identity: dict, results_
         tracker.log_trial(tune_run, runner.name, spec.trial["number"], spec.params, result, state,
                           m.tune.objective)
         if console is not None and spec.key in ran and state != "FAIL":  # failures have their own line
-            console.print(trial_line(spec, result, state, m.tune.objective, runner.study), highlight=False)
+            console.print(trial_line(spec, result, state, m.tune.objective, runner.study), highlight=False,
+                          markup=False)
 
     say = (lambda line: console.print(line, highlight=False, markup=False)) if console is not None else None
     best = runner.run(run_batch, record, say)  # StudyFailed: _ended_if_stopped marks both runs FAILED

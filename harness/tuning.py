@@ -5,7 +5,9 @@ same executor as every other job (local processes or SLURM), and tells their val
 objective back. Jobs reopen their trial from the storage only to report intermediate values
 and ask the pruner. The default storage is an Optuna journal file in the sweep's output
 folder (safe on shared cluster filesystems); rerunning a sweep resumes its studies: finished
-trials are kept, trials a killed driver left RUNNING are re-asked with the same parameters.
+trials are kept, trials a killed driver left RUNNING are run again as they were (same trial,
+same job key, so an adaptation resumes from its checkpoints). A trial asked from another output
+folder (a storage several sweeps share) is its driver's, alive or not, and is left to it.
 """
 
 from __future__ import annotations
@@ -60,10 +62,13 @@ def make_sampler(tune: TuneSpec, seed: int) -> "optuna.samplers.BaseSampler":
 
 
 def make_pruner(name: str) -> "optuna.pruners.BasePruner":
+    """The study's pruner. Step 0 is the validation before the first adaptation step, which the
+    tuned adaptation settings (a learning rate, a router's depth) cannot have changed yet: the
+    median pruner waits for a step after it (Hyperband's rungs start at step 1 already)."""
     import optuna
 
     if name == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=0)
+        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1)
     if name == "hyperband":
         return optuna.pruners.HyperbandPruner()
     return optuna.pruners.NopPruner()
@@ -94,6 +99,10 @@ def study_name(cfg: SweepConfig, m: MethodSpec) -> str:
 
 #: The study's user attribute holding :func:`study_definition`.
 DEFINITION_ATTR = "harness.definition"
+#: The study's user attribute holding :func:`study_measures`.
+MEASURES_ATTR = "harness.measures"
+#: A trial's user attribute naming the output folder of the driver that asked it.
+OWNER_ATTR = "harness.output_dir"
 
 
 def study_definition(m: MethodSpec) -> str:
@@ -111,28 +120,63 @@ def study_definition(m: MethodSpec) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def open_study(storage: Any, name: str, definition: str, sampler: Any, pruner: Any) -> tuple["optuna.Study", str | None]:
-    """The study of this definition, and a line saying so when it is not the one named ``name``.
+def study_measures(cfg: SweepConfig, m: MethodSpec, identity: dict, task_identity: dict) -> str:
+    """A digest of what the study's trials are measured on: the job key a trial of ``m`` with no
+    tuned value would have (models and their checkpoints' content, tasks and their data, evaluation
+    settings, seed, adaptation data). A sweep changed in any of these (``tasks=[...]``, another
+    ``eval.max_samples``) must not resume a study whose trials scored something else: no trial
+    would run, and its best would be picked on the old sweep's validation data."""
+    probe = JobSpec("trial", m.display, method=m.name, trial={"study_name": "", "number": 0})
+    return with_key(cfg, probe, identity, task_identity).key[:12]
+
+
+def open_study(storage: Any, name: str, definition: str, measures: str, sampler: Any, pruner: Any,
+               measured_here: Callable[[str, "optuna.Study"], bool] | None = None) -> tuple["optuna.Study", str | None]:
+    """The study of this definition and measurement, and a line saying so when it is not the one
+    named ``name``.
 
     A study stored under ``name`` with another definition (its space, fixed params, objective or
-    sampler changed since) is left as it is: resuming it would mix trials of two searches and
-    could return a best outside the new space or against the new fixed params. This definition
-    gets its own study, ``<name>.<definition>``, resumed by later runs alike."""
+    sampler changed since), or measured on other tasks, models or evaluation settings, is left as
+    it is: resuming it would mix trials of two searches and could return a best outside the new
+    space, against the new fixed params, or chosen on other data. This one gets its own study,
+    ``<name>.<definition>`` (or ``<name>.<definition>.<measures>`` when that is taken), resumed by
+    later runs alike. A study an older harness stored without ``measures`` is resumed when
+    ``measured_here(name, study)`` says its trials were measured as this sweep measures them."""
     import optuna
 
-    chosen, note = name, None
-    if name in optuna.get_all_study_names(storage):
-        stored = optuna.load_study(study_name=name, storage=storage)
-        found = stored.user_attrs.get(DEFINITION_ATTR)
-        if found != definition and (found is not None or stored.get_trials(deepcopy=False)):
-            chosen = f"{name}.{definition}"
-            how = "resuming" if chosen in optuna.get_all_study_names(storage) else "starting"
-            note = (f"study {name!r} was run with another space, fixed params, objective or sampler: "
-                    f"{how} study {chosen!r} for this one")
+    names = set(optuna.get_all_study_names(storage))
+
+    def stored_attrs(candidate: str) -> tuple[dict[str, Any], bool]:
+        stored = optuna.load_study(study_name=candidate, storage=storage)
+        return stored.user_attrs, bool(stored.get_trials(deepcopy=False))
+
+    def fits(candidate: str) -> bool:
+        if candidate not in names:
+            return True
+        attrs, has_trials = stored_attrs(candidate)
+        if DEFINITION_ATTR not in attrs:
+            return not has_trials
+        if attrs[DEFINITION_ATTR] != definition:
+            return False
+        if attrs.get(MEASURES_ATTR) is None:  # stored by an older harness
+            return measured_here is None or measured_here(candidate, optuna.load_study(study_name=candidate,
+                                                                                       storage=storage))
+        return attrs[MEASURES_ATTR] == measures
+
+    own = f"{name}.{definition}.{measures}"
+    chosen = next((c for c in (name, f"{name}.{definition}") if fits(c)), own)
+    note = None
+    if chosen != name:
+        how = "resuming" if chosen in names else "starting"
+        same_definition = stored_attrs(name)[0].get(DEFINITION_ATTR) == definition
+        why = ("on other tasks, models or evaluation settings" if same_definition
+               else "with another space, fixed params, objective or sampler")
+        note = f"study {name!r} was run {why}: {how} study {chosen!r} for this one"
     study = optuna.create_study(study_name=chosen, storage=storage, sampler=sampler, pruner=pruner,
                                 direction="maximize", load_if_exists=True)
-    if study.user_attrs.get(DEFINITION_ATTR) != definition:
-        study.set_user_attr(DEFINITION_ATTR, definition)
+    for attr, value in ((DEFINITION_ATTR, definition), (MEASURES_ATTR, measures)):
+        if study.user_attrs.get(attr) != value:
+            study.set_user_attr(attr, value)
     return study, note
 
 
@@ -174,7 +218,8 @@ class StudyRunner:
         self.storage = storage_spec(cfg, self.tune)
         seed = self.tune.seed if self.tune.seed is not None else cfg.seed
         self.study, note = open_study(open_storage(self.storage), study_name(cfg, m), study_definition(m),
-                                      make_sampler(self.tune, seed), make_pruner(self.tune.pruner))
+                                      study_measures(cfg, m, identity, task_identity),
+                                      make_sampler(self.tune, seed), make_pruner(self.tune.pruner), self.measured_here)
         self.name = self.study.study_name
         existing = len(self.study.get_trials(deepcopy=False))
         if existing and self.tune.sampler != "grid":
@@ -185,26 +230,57 @@ class StudyRunner:
             self.study.sampler = make_sampler(self.tune, seed + existing)
         self.dists = distributions(self.tune)
         self.notes: list[str] = [note] if note else []  # one line each, for the driver to print
+        self.owner = str(cfg.resolved_output_dir().resolve())
+        self.shared = self.tune.storage is not None  # the default journal lies in this folder alone
 
     def finished(self) -> int:
         from optuna.trial import TrialState
 
         return len(self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
 
-    def spec(self, trial_id: int, number: int, params: dict[str, Any]) -> JobSpec:
-        handle = {"storage": self.storage, "study_name": self.name, "trial_id": trial_id, "number": number,
+    def measured_here(self, name: str, study: "optuna.Study") -> bool:
+        """Whether a study stored without its measurement has finished trials whose results this
+        folder holds under this sweep's keys (which hold the measurement), or none finished."""
+        from optuna.trial import TrialState
+        from pydantic import ValidationError
+
+        done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+        for t in done:
+            try:
+                key = self.spec(t._trial_id, t.number, t.params, name).key
+            except ValidationError:  # parameters the method no longer takes
+                continue
+            if (self.results_dir / f"{key}.json").is_file():
+                return True
+        return not done
+
+    def spec(self, trial_id: int, number: int, params: dict[str, Any], study: str | None = None) -> JobSpec:
+        handle = {"storage": self.storage, "study_name": study or self.name, "trial_id": trial_id, "number": number,
                   "objective": self.tune.objective, "pruner": self.tune.pruner}
         base = JobSpec("trial", self.m.display, method=self.m.name, params={**self.m.params, **params}, trial=handle)
         return with_key(self.cfg, base, self.identity, self.task_identity)
 
+    def ours(self, trial: Any) -> bool:
+        """Whether a RUNNING trial was asked by a driver of this output folder, which this driver
+        holds the lock of: that driver is gone, so the trial is stale. A storage outside the
+        folder may hold trials of other sweeps' drivers, which may still be running them."""
+        return not self.shared or trial.user_attrs.get(OWNER_ATTR) == self.owner
+
     def recover(self) -> list[tuple[JobSpec, JobResult | None]]:
-        """Trials left RUNNING by a killed driver: tell cached results, re-ask the rest. One whose
-        parameters the method now refuses (its code changed) is failed with a note, not re-asked."""
+        """Trials of this folder left RUNNING by a killed driver, with their cached result if their
+        job finished: the driver tells those and runs the others again as the same trials (their
+        job keys and checkpoints unchanged). One whose parameters the method now refuses (its
+        code changed) is failed with a note. Other folders' trials are left to their drivers."""
         from optuna.trial import TrialState
         from pydantic import ValidationError
 
         pending = []
         for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if not self.ours(t):
+                owner = t.user_attrs.get(OWNER_ATTR, "an unknown folder")
+                self.notes.append(f"study {self.name!r}: trial {t.number} ({setting_text(t.params)}) is running "
+                                  f"from {owner}; left to that sweep")
+                continue
             try:
                 spec = self.spec(t._trial_id, t.number, t.params)
             except ValidationError as exc:
@@ -239,6 +315,7 @@ class StudyRunner:
         specs = []
         for _ in range(k):
             trial = self.study.ask(self.dists)
+            trial.set_user_attr(OWNER_ATTR, self.owner)
             specs.append(self.spec(trial._trial_id, trial.number, trial.params))
         return specs
 
@@ -246,16 +323,18 @@ class StudyRunner:
         from optuna.trial import TrialState
 
         number = spec.trial["number"]
+        # skip_if_finished: a trial another process ended meanwhile (an older harness failed it
+        # as stale) keeps its state; this driver still records its own result
         if result.status == "ok" and self.tune.objective in result.metrics:
-            self.study.tell(number, result.metrics[self.tune.objective])
+            self.study.tell(number, result.metrics[self.tune.objective], skip_if_finished=True)
             return "COMPLETE"
         if result.status == "pruned":
-            self.study.tell(number, state=TrialState.PRUNED)
+            self.study.tell(number, state=TrialState.PRUNED, skip_if_finished=True)
             return "PRUNED"
         if result.status == "ok":
             result.status = "failed"
             result.error = f"objective {self.tune.objective!r} not among the job's metrics"
-        self.study.tell(number, state=TrialState.FAIL)
+        self.study.tell(number, state=TrialState.FAIL, skip_if_finished=True)
         return "FAIL"
 
     def run(self, execute: Callable[[list[JobSpec]], list[tuple[JobSpec, JobResult]]],
@@ -270,18 +349,21 @@ class StudyRunner:
         stale = self.recover()
         for line in self.notes if say is not None else ():
             say(line)
+        redo = []  # the killed run never finished them: run again as the same trials
         for spec, cached in stale:
             if cached is not None:
                 record(spec, cached, self.tell(spec, cached))
-            else:  # the killed run never finished it: same parameters again, as a new trial
-                self.study.tell(spec.trial["number"], state=TrialState.FAIL)
-                self.study.enqueue_trial({k: v for k, v in spec.params.items() if k in self.dists})
+            else:
+                redo.append(spec)
         failures, last_error = 0, ""
-        while self.finished() < target:
-            left = self.grid_left()
-            if left == 0:  # every grid point was tried (failed ones included): nothing new to ask
-                break
-            batch = self.ask(min(self.n_parallel, target - self.finished(), left if left is not None else target))
+        while redo or self.finished() < target:
+            if redo:
+                batch, redo = redo[:self.n_parallel], redo[self.n_parallel:]
+            else:
+                left = self.grid_left()
+                if left == 0:  # every grid point was tried (failed ones included): nothing new to ask
+                    break
+                batch = self.ask(min(self.n_parallel, target - self.finished(), left if left is not None else target))
             for spec, result in execute(batch):
                 state = self.tell(spec, result)
                 failures += state == "FAIL"

@@ -29,3 +29,16 @@ class InterruptedAtStrength(MergeMethod):
         from methods.task_arithmetic import TaskArithmetic
 
         return TaskArithmetic(scaling=self.strength).merge(pretrained, finetuned, ctx)
+
+
+class FailsWithBrackets(MergeMethod):
+    """Fails above ``strength`` 0.5 with an error holding what a console reads as markup."""
+
+    strength: float = 0.5
+
+    def merge(self, pretrained, finetuned, ctx):
+        if self.strength > 0.5:
+            raise RuntimeError("no head [emb_mnist] under ckpt[/b]")
+        from methods.task_arithmetic import TaskArithmetic
+
+        return TaskArithmetic(scaling=self.strength).merge(pretrained, finetuned, ctx)

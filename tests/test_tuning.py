@@ -176,6 +176,27 @@ def test_pruning(trained_checkpoints, tmp_path):
             f"val/acc/avg {t.value:.1f} (best {best.value:.1f}, trial {best.number})"), lines[t.number]
 
 
+def test_median_pruner_never_prunes_before_the_first_adaptation_step():
+    """Step 0 is the validation before adapting (WeMoE: task arithmetic at init_lambda): a trial
+    worse there than the median is not pruned before its learning rate took one step; a step
+    after it below the median is."""
+    import optuna
+
+    from harness.tuning import make_pruner
+
+    study = optuna.create_study(direction="maximize", pruner=make_pruner("median"))
+    for start, adapted in [(30.0, 40.0), (32.0, 42.0), (34.0, 44.0)]:  # the pruner's 3 startup trials
+        done = study.ask()
+        done.report(start, 0)
+        done.report(adapted, 1)
+        study.tell(done, adapted)
+    trial = study.ask()
+    trial.report(10.0, 0)  # far below every step-0 value
+    assert not trial.should_prune()
+    trial.report(20.0, 1)  # below the median of step 1 (42.0)
+    assert trial.should_prune()
+
+
 def test_resume_after_kill(trained_checkpoints, tmp_path):
     d = trained_sweep(trained_checkpoints, tmp_path, [
         {"name": "task_arithmetic", "tune": tune_block(n_trials=8, n_parallel=1)}])
@@ -269,6 +290,29 @@ def test_study_whose_trials_all_fail_stops_with_one_line(trained_checkpoints, tm
     assert statuses.get("tune") == "FAILED" and "RUNNING" not in statuses.values(), statuses
 
 
+def test_a_failed_trial_is_named_and_its_error_printed_as_written(sweep_dict):
+    """A failed trial's line names its trial (as its MLflow run is named) and shows the error as
+    raised: text in brackets is not taken for console markup (dropped, or a closing tag crashing
+    the sweep)."""
+    import io
+
+    from rich.console import Console
+
+    space = {"strength": {"type": "float", "low": 0.0, "high": 0.8}}
+    d = dict(sweep_dict, references=False, methods=[{"name": "tests.failing_method:FailsWithBrackets",
+                                                     "label": "brackets", "tune": {"n_trials": 3, "n_parallel": 1,
+                                                                                    "sampler": "random", "space": space}}])
+    cfg = validate_config(d)
+    shown = io.StringIO()
+    out = run_sweep(cfg, console=Console(file=shown, width=400))
+    assert not out.failed, [r.error for r in out.failed]
+    failed = [t for t in stored_study(cfg).trials if t.state.name == "FAIL"]
+    assert failed, "no trial drew a strength above 0.5"
+    for t in failed:
+        line = f"failed trial {t.number} brackets(strength={t.params['strength']:.4g}): RuntimeError: no head [emb_mnist] under ckpt[/b]"
+        assert line in shown.getvalue(), shown.getvalue()
+
+
 def test_objective_of_one_task_is_accepted(sweep_dict):
     d = dict(sweep_dict, methods=[{"name": "task_arithmetic", "tune": tune_block()}])
     task = d["tasks"][0] if isinstance(d["tasks"][0], str) else d["tasks"][0]["name"]
@@ -350,6 +394,16 @@ def stored_study(cfg, m=None):
     return optuna.load_study(study_name=study_name(cfg, m), storage=open_storage(storage_spec(cfg, m.tune)))
 
 
+def study_runner(cfg, output_dir: Path | None = None):
+    """The StudyRunner a sweep of ``cfg`` opens (its models' and tasks' identities), asking nothing."""
+    from harness.tuning import StudyRunner
+    from harness.workspace import Workspace
+
+    ws = Workspace(cfg)
+    results = (output_dir or cfg.resolved_output_dir()) / "results"
+    return StudyRunner(cfg, cfg.methods[0], ws.identity, ws.task_identity(), 1, results)
+
+
 def test_grid_study_ends_when_the_grid_is_exhausted(sweep_dict):
     """Extended past its grid, a grid study tries every point once, then evaluates the best."""
     run_sweep(validate_config(typed_study(sweep_dict, n_trials=2, sampler="grid", space=GRID_SPACE)), quiet=True)
@@ -408,7 +462,7 @@ def test_resumed_study_drops_an_unfinished_trial_the_method_refuses(sweep_dict, 
 
     space = {"scaling": {"type": "float", "low": 0.0, "high": 1.0}}
     cfg = validate_config(typed_study(sweep_dict, n_trials=2, sampler="random", space=space))
-    left = StudyRunner(cfg, cfg.methods[0], {}, {}, 1, tmp_path / "results").study
+    left = study_runner(cfg).study
     left.enqueue_trial({"scaling": 3.0})  # above the method's le=2.0: a killed run of older code
     left.ask({"scaling": FloatDistribution(0.0, 5.0)})
     shown = io.StringIO()
@@ -420,6 +474,83 @@ def test_resumed_study_drops_an_unfinished_trial_the_method_refuses(sweep_dict, 
     assert [t.state.name for t in trials] == ["FAIL", "COMPLETE", "COMPLETE"]
     final = next(r for r in out.results if r.kind == "merge")
     assert final.params["scaling"] == max(trials[1:], key=lambda t: t.value).params["scaling"]
+
+
+def test_a_trial_left_running_is_run_again_as_itself(sweep_dict, tmp_path):
+    """A trial a killed driver left RUNNING runs again as the same trial: its number and parameters,
+    so its job key (and the adaptation checkpoints under work/<key>/), not as a failed trial and a
+    new one whose adaptation starts from zero."""
+    from optuna.distributions import FloatDistribution
+
+    space = {"scaling": {"type": "float", "low": 0.0, "high": 1.0}}
+    cfg = validate_config(typed_study(sweep_dict, n_trials=2, sampler="random", space=space))
+    left = study_runner(cfg).study
+    left.enqueue_trial({"scaling": 0.25})
+    trial = left.ask({"scaling": FloatDistribution(0.0, 1.0)})
+    out = run_sweep(cfg, quiet=True)
+    assert not out.failed, [r.error for r in out.failed]
+    trials = stored_study(cfg).trials
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"]
+    assert trials[0].params == {"scaling": 0.25}
+    key = study_runner(cfg).spec(trial._trial_id, 0, {"scaling": 0.25}).key  # the killed driver's job key
+    assert (out.output_dir / "results" / f"{key}.json").is_file()
+    client = MlflowClient(cfg.resolved_tracking_uri())
+    exp = client.get_experiment_by_name(cfg.name).experiment_id
+    runs = client.search_runs([exp], "tags.`harness.kind` = 'trial'")
+    assert sorted(r.data.tags["harness.trial_number"] for r in runs) == ["0", "1"]
+
+
+def test_a_trial_run_again_reports_only_steps_not_reported_yet(sweep_dict, tmp_path):
+    """Optuna keeps a step's first value and warns at a second one: the rerun skips them."""
+    import warnings
+
+    from optuna.distributions import FloatDistribution
+
+    from harness.job import trial_reporter
+    from harness.tuning import storage_spec
+
+    cfg = validate_config(typed_study(sweep_dict, n_trials=2, sampler="random",
+                                      space={"scaling": {"type": "float", "low": 0.0, "high": 1.0}}))
+    study = study_runner(cfg).study
+    trial = study.ask({"scaling": FloatDistribution(0.0, 1.0)})
+    trial.report(40.0, 0)
+    handle = {"storage": storage_spec(cfg, cfg.methods[0].tune), "study_name": study.study_name,
+              "trial_id": trial._trial_id, "objective": "val/acc/avg", "pruner": "none"}
+    report = trial_reporter(handle)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert report(0, {"val/acc/avg": 40.0}) is False
+        assert report(1, {"val/acc/avg": 45.0}) is False
+    assert stored_study(cfg).trials[0].intermediate_values == {0: 40.0, 1: 45.0}
+
+
+def test_a_storage_shared_by_two_sweeps_leaves_the_other_ones_running_trial(sweep_dict, tmp_path):
+    """Two output folders on one study (``storage:`` outside them): a sweep leaves a trial the other
+    folder's driver is running alone, with one line, instead of failing it, running it again and
+    crashing that driver when it reports the trial's value."""
+    import io
+
+    from rich.console import Console
+
+    from harness.job import JobResult
+
+    space = {"scaling": {"type": "float", "low": 0.0, "high": 1.0}}
+    d = typed_study(sweep_dict, n_trials=2, sampler="random", space=space,
+                    storage=f"journal:{tmp_path / 'shared' / 'journal.log'}")
+    cfg_a = validate_config(dict(d, output_dir=str(tmp_path / "a")))
+    cfg_b = validate_config(dict(d, output_dir=str(tmp_path / "b")))
+    driver_a = study_runner(cfg_a)
+    running = driver_a.ask(1)[0]
+    shown = io.StringIO()
+    out = run_sweep(cfg_b, console=Console(file=shown, width=300))
+    assert not out.failed, [r.error for r in out.failed]
+    setting = f"scaling={running.params['scaling']:.4g}"
+    assert (f"trial 0 ({setting}) is running from {(tmp_path / 'a').resolve()}; left to that sweep"
+            in shown.getvalue()), shown.getvalue()
+    assert [t.state.name for t in stored_study(cfg_b).trials] == ["RUNNING", "COMPLETE", "COMPLETE"]
+    assert driver_a.tell(running, JobResult.of(running, "ok", metrics={"val/acc/avg": 50.0})) == "COMPLETE"
+    done = stored_study(cfg_a).trials[0]
+    assert (done.state.name, done.value) == ("COMPLETE", 50.0)
 
 
 def test_changed_study_definition_starts_a_new_study(sweep_dict):
@@ -460,6 +591,51 @@ def test_changed_study_definition_starts_a_new_study(sweep_dict):
     again = run_sweep(validate_config(first), quiet=True)
     assert next(r for r in again.results if r.kind == "merge").params["scaling"] == old.best_params["scaling"]
     assert len(optuna.load_study(study_name="toy.typed", storage=storage).trials) == 3
+
+
+def test_a_sweep_measuring_other_data_starts_its_own_study(sweep_dict):
+    """A rerun on fewer tasks (or another eval.max_samples) does not resume the study of the old
+    sweep: that study has its trials, so none would run, and the 'tuned' setting would be the one
+    chosen on the old tasks' validation data, backed by no trial of this sweep."""
+    import io
+
+    from rich.console import Console
+
+    space = {"scaling": {"type": "float", "low": 0.0, "high": 1.0}}
+    first = typed_study(sweep_dict, n_trials=2, sampler="random", space=space)
+    run_sweep(validate_config(first), quiet=True)
+    fewer = validate_config(dict(first, tasks=first["tasks"][:1]))
+    shown = io.StringIO()
+    out = run_sweep(fewer, console=Console(file=shown, width=300))
+    assert not out.failed, [r.error for r in out.failed]
+    from harness.tuning import study_definition
+
+    name = f"toy.typed.{study_definition(fewer.methods[0])}"
+    assert (f"study 'toy.typed' was run on other tasks, models or evaluation settings: starting study {name!r} "
+            "for this one") in shown.getvalue(), shown.getvalue()
+    runner = study_runner(fewer)
+    assert runner.name == name and len(runner.study.trials) == 2  # its own trials, run on the one task
+    final = next(r for r in out.results if r.kind == "merge")
+    assert final.params["scaling"] == runner.study.best_params["scaling"]
+    assert len(study_runner(validate_config(first)).study.trials) == 2  # the first sweep's, resumed as it was
+    assert study_runner(validate_config(first)).name == "toy.typed"
+
+
+def test_a_study_stored_without_its_measurement_is_resumed_only_by_its_sweep(sweep_dict):
+    """A study an older harness stored (no measurement recorded) is resumed by the sweep whose
+    trial results lie in the folder under its keys, and not by a sweep on other tasks."""
+    from harness.tuning import MEASURES_ATTR
+
+    space = {"scaling": {"type": "float", "low": 0.0, "high": 1.0}}
+    first = typed_study(sweep_dict, n_trials=2, sampler="random", space=space)
+    run_sweep(validate_config(first), quiet=True)
+    stored_study(validate_config(first)).set_user_attr(MEASURES_ATTR, None)  # as an older harness left it
+    fewer = validate_config(dict(first, tasks=first["tasks"][:1]))
+    run_sweep(fewer, quiet=True)
+    assert study_runner(fewer).name != "toy.typed"
+    assert stored_study(validate_config(first)).user_attrs[MEASURES_ATTR] is None  # left as it was
+    again = study_runner(validate_config(first))
+    assert again.name == "toy.typed" and len(again.study.trials) == 2
 
 
 def test_tune_command_works_inside_its_sweep(sweep_dict, tmp_path):

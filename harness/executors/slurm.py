@@ -551,7 +551,7 @@ class SlurmExecutor:
 
     def _print_tail(self, t: _Tracked, detail: str) -> None:
         if self.progress:
-            self.console.print(f"[red]SLURM job {t.job_id}[/] ({t.spec.title}):", highlight=False)
+            self.console.print(f"[red]SLURM job {t.job_id}[/] ({escape(t.spec.title)}):", highlight=False)
             self.console.print(detail, highlight=False, markup=False)
 
     # -- display -------------------------------------------------------------------------
