@@ -14,20 +14,24 @@ SWEEPS = sorted(SWEEP_DIR.glob("*.yaml"))
 
 
 def _touch_model_files(path: Path, ckpt: Path) -> list[Path]:
-    """The checkpoint files a paper sweep names under $CKPT, as empty files (validation checks
-    that they exist; loading them is other tests' business)."""
+    """The checkpoint files a paper sweep names under $CKPT, as one-tensor safetensors files laid
+    out as a whole CLIP (the pretrained weights) and an image encoder (validation reads their
+    headers; loading real weights is other tests' business)."""
+    import torch
+
     from harness.config import read_yaml
+    from harness.models import save_state_dict
 
     d = read_yaml(path)
     model, tasks = d.get("model", {}), [t if isinstance(t, str) else t["name"] for t in d["tasks"]]
     paths = [model.get("pretrained")] + [model["finetuned_pattern"].replace("{task}", t) for t in tasks
                                          if model.get("finetuned_pattern")]
     made = []
-    for p in paths:
+    for i, p in enumerate(paths):
         if p and "${CKPT}" in p:
             f = Path(p.replace("${CKPT}", str(ckpt)))
             f.parent.mkdir(parents=True, exist_ok=True)
-            f.touch()
+            save_state_dict({("visual." if i == 0 else "") + "class_embedding": torch.zeros(4)}, f)
             made.append(f)
     return made
 
