@@ -217,6 +217,7 @@ def run_job(spec: JobSpec, ws: Workspace, device: torch.device, workdir: Path) -
             result.metrics = evaluate_encoder(ws, encoder, [spec.task], device, test_correct=result.test_correct)
         elif spec.kind == "individual":
             encoder = ws.finetuned_encoder(spec.task)
+            result.warnings = ws.input_warnings([spec.task])
             result.timings["load"] = time.perf_counter() - t0
             result.metrics = evaluate_encoder(ws, encoder, [spec.task], device, test_correct=result.test_correct)
         elif spec.kind == "robustness":  # a grid method's selected setting, merged again
@@ -229,6 +230,7 @@ def run_job(spec: JobSpec, ws: Workspace, device: torch.device, workdir: Path) -
             merged, artifacts = merge(spec, ws, device, workdir)
             failpoint("merged")
             artifacts, result.warnings = plain_artifacts(artifacts, spec.method)
+            result.warnings[:0] = ws.input_warnings(ws.cfg.seen_tasks(spec.protocol))
             result.artifacts = artifacts
             result.metrics.update(artifact_metrics(artifacts))
             result.timings["merge"] = time.perf_counter() - t0

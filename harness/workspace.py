@@ -33,6 +33,12 @@ from harness.models import (
 from tasks.base import Task, TaskDataError
 
 
+def same_weights(a: nn.Module, b: nn.Module) -> bool:
+    """Every tensor equal (stops at the first that differs: a fine-tuned model's first one does)."""
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
 class Workspace:
     """``build=False``: identities only from what is built already (the embedded suite's models,
     converted checkpoints, the encoder summary); anything that would need building first raises
@@ -47,6 +53,7 @@ class Workspace:
         self._heads: dict[str, torch.Tensor] = {}
         self._finetuned: dict[str, nn.Module] = {}
         self._corrupted: dict[tuple[str, str], Any] = {}
+        self._unchanged: dict[str, str] = {}  # task -> warning: its fine-tuned encoder is the pretrained one
 
     # -- model files ---------------------------------------------------------------------
     @cached_property
@@ -176,7 +183,17 @@ class Workspace:
             enc.load_state_dict(state)
             enc.eval()
             self._finetuned[task] = enc
+            if same_weights(enc, self.clip.visual):
+                self._unchanged[task] = (f"{self.checkpoint_name(task)}: the fine-tuned encoder of {task!r} equals "
+                                         "the pretrained one (a zero task vector): is it the pretrained weights?")
         return self._finetuned[task]
+
+    def input_warnings(self, tasks: list[str]) -> list[str]:
+        """What a job using the fine-tuned encoders of ``tasks`` reports besides its result: those
+        identical to the pretrained encoder (a copied file, a wrong path), which merge as nothing."""
+        for t in tasks:
+            self.finetuned_encoder(t)
+        return [self._unchanged[t] for t in tasks if t in self._unchanged]
 
     @cached_property
     def _encoder_shapes(self) -> dict[str, tuple[int, ...]]:

@@ -440,3 +440,28 @@ def test_validate_names_pretrained_weights_every_checkpoint_differs_from(sweep_d
     assert r.exit_code == 2 and (f"s.yaml: model.pretrained: {tmp_path / 'tiny-clip.safetensors'}: tensor "
                                  "'class_embedding' of its image encoder has shape (128,), every fine-tuned "
                                  "checkpoint has (32,)") in err, err
+
+
+def test_a_fine_tuned_checkpoint_equal_to_the_pretrained_encoder_is_warned_about(tmp_path):
+    """A fine-tuned file that holds the pretrained encoder (a copied file, a wrong path) merges as a
+    zero task vector: its individual and merge jobs say so, naming the field and file; the other
+    task's checkpoint, really changed, raises nothing."""
+    import shutil
+
+    from harness.config import validate_config
+    from harness.runner import run_sweep
+    from tests.conftest import make_sweep_dict, write_micro_checkpoints
+
+    ckpt = write_micro_checkpoints(tmp_path / "ckpt", lambda p: 0.05)
+    same = write_micro_checkpoints(tmp_path / "same", lambda p: 0.0, tasks=["toy_colours"])
+    shutil.copy(same / "toy_colours.safetensors", ckpt / "toy_colours.safetensors")
+    d = make_sweep_dict(ckpt, tmp_path)
+    d["methods"] = [{"name": "task_arithmetic", "params": {"scaling": 0.5}}]
+    d["eval"] = {"max_samples": 16}
+    run = run_sweep(validate_config(d), console=None)
+    want = (f"model.finetuned_pattern (task 'toy_colours'): {ckpt / 'toy_colours.safetensors'}: the fine-tuned "
+            "encoder of 'toy_colours' equals the pretrained one (a zero task vector): is it the pretrained weights?")
+    by_title = {r.title: r.warnings for r in run.results}
+    assert by_title["task_arithmetic"] == [want]
+    assert by_title["individual/toy_colours"] == [want]
+    assert by_title["individual/toy_stripes"] == []
