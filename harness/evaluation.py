@@ -47,6 +47,9 @@ def correct_predictions(classifier: nn.Module, dataset: Dataset, batch_size: int
         logits = classifier(images.to(device, non_blocking=True))
         if not torch.isfinite(logits).all():
             raise FloatingPointError("non-finite logits during evaluation")
+        if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= logits.shape[-1]):
+            bad = int(labels.min()) if int(labels.min()) < 0 else int(labels.max())
+            raise ValueError(f"label {bad} is outside the head's {logits.shape[-1]} classes (0..{logits.shape[-1] - 1})")
         hits.append(logits.argmax(-1).cpu() == labels)
     if not hits:
         raise ValueError("empty evaluation split")

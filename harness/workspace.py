@@ -17,7 +17,7 @@ from torch import nn
 
 from harness.cache import atomic_write_json, content_key, read_json
 from harness.config import SweepConfig, check_model_files, finetuned_field
-from harness.errors import HarnessError, NotBuilt
+from harness.errors import FieldError, HarnessError, NotBuilt
 from harness.models import (
     CONFIG_DIR,
     build_clip,
@@ -30,7 +30,7 @@ from harness.models import (
     save_state_dict,
     zeroshot_head,
 )
-from tasks.base import Task, TaskDataError
+from tasks.base import Task, TaskDataError, check_labels
 
 
 def same_weights(a: nn.Module, b: nn.Module) -> bool:
@@ -206,7 +206,35 @@ class Workspace:
             check_encoder_shapes(path, tensor_shapes(path), self._encoder_shapes, self.sources["arch"],
                                  self.checkpoint_name(task))
         for t in self.cfg.task_names:
+            self.check_task_data(t)
             self.head(t)
+
+    def check_task_data(self, name: str) -> None:
+        """Task ``name``'s evaluated splits hold images the model takes and labels its classes
+        cover: a task of one's own with images of another size, an empty split or out-of-range
+        labels is one error before any job, not a failure in every job or a silently wrong score.
+        Reads one image per split (all labels of an in-memory split)."""
+        task = self.task(name)
+        if not task.classnames:
+            raise TaskDataError(f"task {name!r}: no class names")
+        size = self.encoder_summary["image_size"]
+        side = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+        for split in ("val", "test"):
+            data = task.dataset(split)
+            if len(data) == 0:
+                raise TaskDataError(f"task {name!r}: split {split!r} is empty")
+            image = data[0][0]
+            want = (3, *side) if size is not None else None
+            if not isinstance(image, torch.Tensor) or not image.is_floating_point() or (
+                    want is not None and tuple(image.shape) != want):
+                got = (f"a {type(image).__name__}" if not isinstance(image, torch.Tensor)
+                       else f"a {image.dtype} tensor of shape {list(image.shape)}")
+                raise TaskDataError(f"task {name!r}: split {split!r} gives images as {got}, but the image "
+                                    f"encoder of {self.sources['arch']} takes float tensors of shape "
+                                    f"{list(want) if want else '[3, H, W]'} (resize them in the task)")
+            labels = getattr(data, "tensors", (None, None))[1]
+            if labels is not None:
+                check_labels(labels, task.num_classes, f"task {name!r}: split {split!r}")
 
     def checkpoint_name(self, task: str) -> str:
         """``task``'s fine-tuned checkpoint as errors name it: the sweep field and the file it
@@ -249,9 +277,15 @@ class Workspace:
             if "cache_dir" in params and "cache_dir" not in options:
                 options["cache_dir"] = str(self.cfg.resolved_cache_dir())
             try:
-                self._tasks[name] = factory(**options)
+                task = factory(**options)
             except TypeError as exc:
                 raise HarnessError(f"tasks: bad options for task {name!r}: {exc}") from None
+            if not isinstance(task, Task):
+                index = next(i for i, t in enumerate(self.cfg.tasks) if t.name == name)
+                kind = type(task)
+                raise FieldError(f"tasks.{index}.name", f"the factory returned a {kind.__module__}.{kind.__qualname__}, "
+                                 "not a tasks.base.Task", name)
+            self._tasks[name] = task
         return self._tasks[name]
 
     def corrupted(self, task: str, corruption: str):
@@ -323,6 +357,7 @@ class Workspace:
         return None
 
     def _zeroshot_head(self, task: Task) -> torch.Tensor:
+        check_templates(task)
         key = content_key({"model": self.identity["arch"], "pretrained": self.identity["pretrained"],
                            "prompts": task.prompts()})
         path = self.cfg.resolved_cache_dir() / "heads" / f"{task.name}-{key}.safetensors"
@@ -331,3 +366,18 @@ class Workspace:
         head = zeroshot_head(self.clip, get_tokenizer(self.sources["arch"]), task.prompts())
         save_state_dict({"weight": head}, path)
         return head
+
+
+def check_templates(task: Task) -> None:
+    """Each prompt template takes the class name in one ``{}``: a template without it gives every
+    class the same text (a head that cannot tell them apart), a named field fails to format."""
+    if not task.templates:
+        raise TaskDataError(f"task {task.name!r}: no prompt templates")
+    for template in task.templates:
+        try:
+            filled = [template.format(c) for c in ("\0a", "\0b")]
+        except (IndexError, KeyError, ValueError) as exc:
+            raise TaskDataError(f"task {task.name!r}: prompt template {template!r} does not format with the class "
+                                f"name ({type(exc).__name__}: {exc}); write the class name as {{}}") from None
+        if filled[0] == filled[1]:
+            raise TaskDataError(f"task {task.name!r}: prompt template {template!r} has no {{}} for the class name")

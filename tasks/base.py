@@ -64,18 +64,15 @@ class InMemoryTask(Task):
         self.name = name
         self.classnames = list(classnames)
         self.templates = list(templates)
-        self._splits = splits
+        self._splits = {split: _checked_split(name, split, images, labels, len(self.classnames))
+                        for split, (images, labels) in splits.items()}
+        missing = [split for split in ("val", "test") if split not in splits]
+        if missing:
+            raise TaskDataError(f"task {name!r}: no {' and no '.join(repr(m) for m in missing)} split "
+                                f"(it has {sorted(splits)}); every task is evaluated on 'val' and 'test'")
         self._normalized: dict[str, TensorDataset] = {}
         self.version = version
         self._content_digest: str | None = None
-        for split, (images, labels) in splits.items():
-            if len(images) == 0:
-                raise TaskDataError(f"task {name!r}: split {split!r} is empty")
-            if labels.max().item() >= len(self.classnames) or labels.min().item() < 0:
-                raise TaskDataError(
-                    f"task {name!r}: split {split!r} has label {int(labels.max())} "
-                    f"but only {len(self.classnames)} class names"
-                )
 
     def raw(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         if split not in self._splits:
@@ -97,6 +94,39 @@ class InMemoryTask(Task):
         if self._content_digest is None:
             self._content_digest = tensors_digest(t for split in sorted(self._splits) for t in self._splits[split])
         return {**super().identity(), "content": self._content_digest}
+
+
+def _checked_split(name: str, split: str, images: torch.Tensor, labels: torch.Tensor,
+                   num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One split as :class:`InMemoryTask` keeps it: uint8 ``[N, H, W, 3]`` (grayscale ``[N, H, W]``
+    or ``[N, H, W, 1]`` repeated into three channels) and one label per image within the class
+    names. Float images would be divided by 255 once more and score a dark copy silently."""
+    where = f"task {name!r}: split {split!r}"
+    if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8:
+        got = images.dtype if isinstance(images, torch.Tensor) else type(images).__name__
+        raise TaskDataError(f"{where}: images are {got}; give uint8 pixels (0..255) [N, H, W, 3]")
+    if images.ndim == 3:
+        images = images[..., None]
+    if images.ndim != 4 or images.shape[-1] not in (1, 3):
+        raise TaskDataError(f"{where}: images have shape {list(images.shape)}; give [N, H, W, 3] (channels last) "
+                            "or grayscale [N, H, W]")
+    if images.shape[-1] == 1:
+        images = images.expand(-1, -1, -1, 3).contiguous()
+    if len(images) == 0:
+        raise TaskDataError(f"{where} is empty")
+    labels = torch.as_tensor(labels)
+    if labels.ndim != 1 or len(labels) != len(images):
+        raise TaskDataError(f"{where}: {len(images)} images but labels of shape {list(labels.shape)}")
+    check_labels(labels, num_classes, where)
+    return images, labels
+
+
+def check_labels(labels: torch.Tensor, num_classes: int, where: str) -> None:
+    """Integer labels within ``[0, num_classes)``: a label no class name covers is never
+    predicted, so it would lower the accuracy silently instead of failing."""
+    if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        bad = int(labels.min()) if int(labels.min()) < 0 else int(labels.max())
+        raise TaskDataError(f"{where}: label {bad} is outside the {num_classes} class names (0..{num_classes - 1})")
 
 
 def tensors_digest(tensors: Iterable[torch.Tensor]) -> str:

@@ -1,0 +1,57 @@
+"""Task factories of one's own with the mistakes a researcher makes (tests/test_own_tasks.py)."""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import Dataset, TensorDataset
+
+from tasks.base import InMemoryTask, Task, normalize_uint8
+from tasks.synthetic import make_toy_task
+
+
+class PlainTask(Task):
+    """A Task subclass (not InMemoryTask) serving the toy stripes data, labels shifted by ``shift``."""
+
+    def __init__(self, name: str, classnames: list[str], image_size: int = 16, shift: int = 0,
+                 empty: str | None = None, templates: tuple[str, ...] = ("a photo of {}.",)):
+        toy = make_toy_task("toy_stripes", image_size=image_size)
+        self.name, self.classnames, self.templates = name, classnames, list(templates)
+        self._data = {s: toy.raw(s) for s in ("train", "val", "test")}
+        self._shift, self._empty = shift, empty
+
+    def dataset(self, split: str) -> Dataset:
+        images, labels = self._data[split]
+        if split == self._empty:
+            images, labels = images[:0], labels[:0]
+        return TensorDataset(normalize_uint8(images), labels.long() + self._shift)
+
+
+def returns_tuple():
+    return ("mine", ["a", "b"], ["{}"])
+
+
+def other_size() -> Task:
+    return PlainTask("mine", [f"c{i}" for i in range(4)], image_size=32)
+
+
+def labels_above_classes() -> Task:
+    return PlainTask("mine", ["c0", "c1", "c2"])
+
+
+def negative_labels() -> Task:
+    return PlainTask("mine", [f"c{i}" for i in range(4)], shift=-1)
+
+
+def empty_test() -> Task:
+    return PlainTask("mine", [f"c{i}" for i in range(4)], empty="test")
+
+
+def template_without_class() -> Task:
+    return PlainTask("mine", [f"c{i}" for i in range(4)], templates=("a photo of {}.", "a photo."))
+
+
+def grayscale() -> InMemoryTask:
+    """The toy stripes task's images as one channel ``[N, H, W]``."""
+    toy = make_toy_task("toy_stripes")
+    splits = {s: (toy.raw(s)[0][..., 0].contiguous(), toy.raw(s)[1]) for s in ("train", "val", "test")}
+    return InMemoryTask("mine_gray", toy.classnames, toy.templates, splits)
