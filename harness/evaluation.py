@@ -37,6 +37,10 @@ def iterate_batches(dataset: Dataset, batch_size: int, max_samples: int | None =
     yield from DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
 
 
+class EvaluationDataError(ValueError):
+    """A split that cannot be scored: empty, or a label the head has no class for."""
+
+
 @torch.no_grad()
 def correct_predictions(classifier: nn.Module, dataset: Dataset, batch_size: int = 256,
                         device: torch.device | str = "cpu", max_samples: int | None = None) -> torch.Tensor:
@@ -49,10 +53,10 @@ def correct_predictions(classifier: nn.Module, dataset: Dataset, batch_size: int
             raise FloatingPointError("non-finite logits during evaluation")
         if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= logits.shape[-1]):
             bad = int(labels.min()) if int(labels.min()) < 0 else int(labels.max())
-            raise ValueError(f"label {bad} is outside the head's {logits.shape[-1]} classes (0..{logits.shape[-1] - 1})")
+            raise EvaluationDataError(f"label {bad} is outside the head's {logits.shape[-1]} classes (0..{logits.shape[-1] - 1})")
         hits.append(logits.argmax(-1).cpu() == labels)
     if not hits:
-        raise ValueError("empty evaluation split")
+        raise EvaluationDataError("empty evaluation split")
     return torch.cat(hits)
 
 

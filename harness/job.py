@@ -18,7 +18,7 @@ import torch
 
 from harness.cache import read_json
 from harness.config import MAIN, SweepConfig
-from harness.evaluation import correct_predictions, percent, unlabeled_batches
+from harness.evaluation import EvaluationDataError, correct_predictions, percent, unlabeled_batches
 from harness.failpoints import failpoint
 from harness.models import ImageClassifier, tensor_stamp
 from harness.plan import JobSpec, adapts_on_corruptions, check_method_code, robustness_inline
@@ -166,7 +166,10 @@ def task_accuracy(ws: Workspace, encoder: torch.nn.Module, task: str, dataset, d
 def task_correct(ws: Workspace, encoder: torch.nn.Module, task: str, dataset, device: torch.device) -> torch.Tensor:
     """Per-image top-1 correctness of ``encoder`` with ``task``'s head on ``dataset``."""
     clf = ImageClassifier(encoder, ws.head(task))
-    return correct_predictions(clf, dataset, ws.cfg.eval.batch_size, device, ws.cfg.eval.max_samples)
+    try:
+        return correct_predictions(clf, dataset, ws.cfg.eval.batch_size, device, ws.cfg.eval.max_samples)
+    except EvaluationDataError as exc:  # a disk-backed split's labels are read only here: say whose
+        raise EvaluationDataError(f"task {task!r}: {exc}") from None
 
 
 def robustness_metrics(ws: Workspace, encoder: torch.nn.Module, device: torch.device,
