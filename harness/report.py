@@ -123,7 +123,7 @@ def csv_table(header: list[str], body: list[list[str]]) -> str:
 
 def build_report(cfg: SweepConfig, results: list[JobResult], out: Path,
                  routing: dict[str, Any] | None = None, against: list[str] | None = None,
-                 studies: Mapping[str, TrialCounts] | None = None) -> Report:
+                 studies: Mapping[tuple[str, str], TrialCounts] | None = None) -> Report:
     """Write every table in three formats and the plots into ``out``; return what was written.
 
     ``against``: the rows the significance table compares every other row with (default:
@@ -190,7 +190,7 @@ def tune_table_stem(label: str) -> str:
 
 
 def build_tune_table(cfg: SweepConfig, results: list[JobResult], out: Path, label: str,
-                     studies: Mapping[str, TrialCounts] | None = None) -> Report:
+                     studies: Mapping[tuple[str, str], TrialCounts] | None = None) -> Report:
     """``harness tune``'s table (the reference rows and the tuned method's) as
     ``tune-<label>.md`` and ``.csv`` in ``out``, beside the sweep's own tables: those, and the
     job list ``harness report`` rebuilds them from, are the whole sweep's, written by ``harness sweep``."""
@@ -335,21 +335,22 @@ def load_sweep_from_mlflow(tracking_uri: str, run_id: str | None = None) -> tupl
     return cfg, plan_order(cfg, results), parent
 
 
-def load_study_counts(tracking_uri: str, parent: Any) -> dict[str, TrialCounts]:
-    """The trial counts of the studies run under sweep run ``parent``, by the job key of each
-    one's best setting on test (the row they go with). A tuning run of an older harness, which
+def load_study_counts(tracking_uri: str, parent: Any) -> dict[tuple[str, str], TrialCounts]:
+    """The trial counts of the studies run under sweep run ``parent``, by the label of each one's
+    method and the job key of its best setting on test (the row they go with). A tuning run of an older harness, which
     stored none, adds nothing; of studies that chose the same job, the last to end counts."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri)
     runs = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' "
                               "and tags.`harness.kind` = 'tune'", max_results=50000)
-    out: dict[str, TrialCounts] = {}
+    out: dict[tuple[str, str], TrialCounts] = {}
     for run in sorted(runs, key=lambda r: r.info.end_time or 0):
         tags = run.data.tags
         if FINAL_KEY_TAG in tags and TRIALS_TAG in tags:
-            out[tags[FINAL_KEY_TAG]] = TrialCounts(int(tags[TRIALS_TAG]), int(tags.get(f"{TRIALS_TAG}.failed", 0)),
-                                                   int(tags.get(f"{TRIALS_TAG}.pruned", 0)))
+            counts = TrialCounts(int(tags[TRIALS_TAG]), int(tags.get(f"{TRIALS_TAG}.failed", 0)),
+                                 int(tags.get(f"{TRIALS_TAG}.pruned", 0)))
+            out[tags.get("harness.label", ""), tags[FINAL_KEY_TAG]] = counts
     return out
 
 

@@ -71,15 +71,17 @@ def normalized(metrics: dict[str, float], individual: dict[str, float], tasks: l
 
 
 def build_rows(results: list[JobResult], tasks: list[str], method_order: list[str],
-               seen: list[str] | None = None, studies: Mapping[str, TrialCounts] | None = None) -> list[Row]:
+               seen: list[str] | None = None,
+               studies: Mapping[tuple[str, str], TrialCounts] | None = None) -> list[Row]:
     """Reference rows, then each method's setting with the best validation average.
 
     ``tasks`` are every evaluated task; averages and normalized accuracy are over ``seen``
     (the merged tasks; all tasks unless the sweep has unseen ones). A row whose jobs all failed
     is kept, its setting ``failed`` and its accuracy missing (a table that dropped it would read
     as if the method had not been run); a grid with some failed settings says how many.
-    ``studies``: a tuned method's trial counts by the key of its best setting's job, which
-    its row says as a grid's says its failed settings."""
+    ``studies``: a tuned method's trial counts by its label and the key of its best setting's
+    job (another method's grid may hold that job too), which its row says as a grid's says its
+    failed settings."""
     seen = seen or tasks
     studies = studies or {}
     indiv = individual_accuracy(results, tasks)
@@ -134,8 +136,8 @@ def build_rows(results: list[JobResult], tasks: list[str], method_order: list[st
                     robustness_failed = True
         setting = setting_text(best.params)
         note = f"{len(failed)} of {len(failed) + len(cands)} settings failed" if failed else ""
-        if best.key in studies:
-            note = studies[best.key].note()
+        if (label, best.key) in studies:
+            note = studies[label, best.key].note()
         if note:
             setting = f"{setting} ({note})" if setting else note
         rows.append(Row(label, setting, accs(best), best.metrics["acc/avg"],

@@ -231,7 +231,7 @@ def _run_sweep(cfg: SweepConfig, ws: Workspace, executor: Any, console: Console,
     tracker.start_sweep(digest, cfg.model_dump(mode="json"), "sweep" if only is None else f"tune:{only.label}")
     held.enter_context(_ended_if_stopped(tracker))
     executed: list[str] = []
-    trial_counts: dict[str, TrialCounts] = {}  # a tuned method's trial counts by its best setting's job key
+    trial_counts: dict[tuple[str, str], TrialCounts] = {}  # by tuned label and its best setting's job key
     tuned = [m for m in cfg.methods if m.tune] if mode == "run" else []
     if only is not None:
         tuned = [m if only.n_trials is None else m.model_copy(update={"tune": m.tune.model_copy(
@@ -362,7 +362,7 @@ def _run_sweep(cfg: SweepConfig, ws: Workspace, executor: Any, console: Console,
         for m in tuned:  # each study runs its trials, then its best setting once on test
             final, counts = run_study(cfg, m, identity, task_identity, results_dir, tracker, execute, bar, out,
                                       console if show else None)
-            trial_counts[final.key] = counts
+            trial_counts[final.label, final.key] = counts
             specs.append(final)
             spec_by_key[final.key] = final
             if final.key not in results:

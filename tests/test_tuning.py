@@ -796,3 +796,19 @@ def test_a_pruned_trials_run_holds_the_values_it_reported(sweep_dict):
     history = client.get_metric_history(pruned[0].info.run_id, "intermediate/val/acc/avg")
     assert sorted((m.step, m.value) for m in history) == [(0, 10.0), (1, 11.0), (2, 12.0)]
     assert pruned[0].data.tags.get("harness.pruned_at_step") == "2"
+
+
+def test_a_grid_row_sharing_a_job_with_a_tuned_method_keeps_its_own_note():
+    """A grid point and a tuned method's best setting may be one job (keys leave labels out):
+    the grid's row says how many of its settings failed, the tuned row its study's trials."""
+    from harness.job import JobResult
+    from harness.results import TrialCounts, build_rows
+
+    def merge(key: str, label: str, quality: float, ok: bool = True) -> JobResult:
+        metrics = {"acc/a": 60.0, "acc/avg": 60.0, "val/acc/avg": 55.0} if ok else {}
+        return JobResult(key, "merge", label, {"quality": quality}, None, "ok" if ok else "failed", metrics)
+
+    results = [merge("k50", "grid", 50.0), merge("k95", "grid", 95.0, ok=False), merge("k50", "tuned", 50.0)]
+    rows = build_rows(results, ["a"], ["grid", "tuned"], studies={("tuned", "k50"): TrialCounts(4, pruned=1)})
+    assert {r.method: r.setting for r in rows} == {"grid": "quality=50.0 (1 of 2 settings failed)",
+                                                   "tuned": "quality=50.0 (1 of 4 trials pruned)"}
