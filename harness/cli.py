@@ -461,7 +461,7 @@ def report(target: str, tracking_uri: str | None, out_dir: str | None, against: 
 
     TARGET is a sweep's output folder (its latest sweep run), its sweep YAML, or a sweep's
     parent run id."""
-    from harness.report import best_routing, build_report, load_sweep_from_mlflow
+    from harness.report import best_routing, build_report, load_study_counts, load_sweep_from_mlflow
     from harness.results import rich_table
 
     if Path(target).is_file():  # the sweep file: its output folder, as `harness ui FILE` takes it
@@ -482,7 +482,7 @@ def report(target: str, tracking_uri: str | None, out_dir: str | None, against: 
         run_id, default_out = target, Path(f"report-{target[:8]}")
     cfg, results, parent = load_sweep_from_mlflow(uri, run_id)
     rep = build_report(cfg, results, Path(out_dir) if out_dir else default_out, best_routing(cfg, results),
-                       list(against) or None)
+                       list(against) or None, load_study_counts(uri, parent))
     for name, (header, body) in rep.tables.items():
         console.print(rich_table(header, body, title=f"{name} ({cfg.name}, run {parent.info.run_id[:8]})"))
     console.print(f"wrote {len(rep.files)} files to {Path(rep.files[0]).parent}")

@@ -10,7 +10,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import yaml
 
@@ -21,6 +21,7 @@ from harness.plan import base_label
 from harness.results import (
     FAILED,
     Row,
+    TrialCounts,
     build_rows,
     generalization_rows,
     generalization_table_records,
@@ -30,7 +31,7 @@ from harness.results import (
     table_records,
 )
 from harness.significance import CORRECT_FILE, LEVEL, paired_bootstrap, read_correct, unpack_correct
-from harness.tracking import JOB_TAG, PROTOCOL_TAG, SCOPE_TAG
+from harness.tracking import FINAL_KEY_TAG, JOB_TAG, PROTOCOL_TAG, SCOPE_TAG, TRIALS_TAG
 
 # The job keys a report was built from. A sweep's parent run outlives its inputs (it is found
 # again by config digest, so replaced checkpoints or data add new job runs beside the old ones):
@@ -121,15 +122,16 @@ def csv_table(header: list[str], body: list[list[str]]) -> str:
 
 
 def build_report(cfg: SweepConfig, results: list[JobResult], out: Path,
-                 routing: dict[str, Any] | None = None, against: list[str] | None = None) -> Report:
+                 routing: dict[str, Any] | None = None, against: list[str] | None = None,
+                 studies: Mapping[tuple[str, str], TrialCounts] | None = None) -> Report:
     """Write every table in three formats and the plots into ``out``; return what was written.
 
     ``against``: the rows the significance table compares every other row with (default:
-    :func:`default_reference`)."""
+    :func:`default_reference`); ``studies``: tuned methods' trial counts (see :func:`build_rows`)."""
     out.mkdir(parents=True, exist_ok=True)
     seen, tasks = cfg.merge_tasks, cfg.task_names
     unseen = [t for t in tasks if t not in seen]
-    rows = build_rows(results, tasks, [m.display for m in cfg.methods], seen)
+    rows = build_rows(results, tasks, [m.display for m in cfg.methods], seen, studies)
     tables = {"main": table_records(rows, tasks, seen)}
     captions = {"main": f"{cfg.name}: test top-1 accuracy (%), settings chosen on validation"}
     if unseen:
@@ -187,13 +189,14 @@ def tune_table_stem(label: str) -> str:
     return "tune-" + re.sub(r"[^A-Za-z0-9_.-]+", "_", label)
 
 
-def build_tune_table(cfg: SweepConfig, results: list[JobResult], out: Path, label: str) -> Report:
+def build_tune_table(cfg: SweepConfig, results: list[JobResult], out: Path, label: str,
+                     studies: Mapping[tuple[str, str], TrialCounts] | None = None) -> Report:
     """``harness tune``'s table (the reference rows and the tuned method's) as
     ``tune-<label>.md`` and ``.csv`` in ``out``, beside the sweep's own tables: those, and the
     job list ``harness report`` rebuilds them from, are the whole sweep's, written by ``harness sweep``."""
     out.mkdir(parents=True, exist_ok=True)
     seen, tasks = cfg.merge_tasks, cfg.task_names
-    rows = build_rows(results, tasks, [label], seen)
+    rows = build_rows(results, tasks, [label], seen, studies)
     header, body = table_records(rows, tasks, seen)
     report = Report({tune_table_stem(label): (header, body)}, rows=rows)
     for ext, text in (("md", markdown_table(header, body)), ("csv", csv_table(header, body))):
@@ -330,6 +333,25 @@ def load_sweep_from_mlflow(tracking_uri: str, run_id: str | None = None) -> tupl
             error=tags.get("harness.failure_reason"), artifacts=artifacts, protocol=protocol,
             test_correct=test_correct))
     return cfg, plan_order(cfg, results), parent
+
+
+def load_study_counts(tracking_uri: str, parent: Any) -> dict[tuple[str, str], TrialCounts]:
+    """The trial counts of the studies run under sweep run ``parent``, by the label of each one's
+    method and the job key of its best setting on test (the row they go with). A tuning run of an older harness, which
+    stored none, adds nothing; of studies that chose the same job, the last to end counts."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    runs = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' "
+                              "and tags.`harness.kind` = 'tune'", max_results=50000)
+    out: dict[tuple[str, str], TrialCounts] = {}
+    for run in sorted(runs, key=lambda r: r.info.end_time or 0):
+        tags = run.data.tags
+        if FINAL_KEY_TAG in tags and TRIALS_TAG in tags:
+            counts = TrialCounts(int(tags[TRIALS_TAG]), int(tags.get(f"{TRIALS_TAG}.failed", 0)),
+                                 int(tags.get(f"{TRIALS_TAG}.pruned", 0)))
+            out[tags.get("harness.label", ""), tags[FINAL_KEY_TAG]] = counts
+    return out
 
 
 def plan_order(cfg: SweepConfig, results: list[JobResult]) -> list[JobResult]:

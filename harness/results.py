@@ -4,7 +4,7 @@ and the ``generalization`` block's table from its own jobs."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping
 
 from harness.config import GENERALIZATION
 from harness.job import JobResult
@@ -33,6 +33,23 @@ class Row:
 FAILED = "failed"
 
 
+@dataclass(frozen=True)
+class TrialCounts:
+    """A study's finished trials, for its tuned row: a best setting says little without how
+    many trials it was chosen among and how many of them failed or were pruned."""
+
+    total: int
+    failed: int = 0
+    pruned: int = 0
+
+    def note(self) -> str:
+        """As a grid's row words its failed settings: "2 of 20 trials failed, 3 pruned"; empty
+        when every trial completed."""
+        if self.failed:
+            return f"{self.failed} of {self.total} trials failed" + (f", {self.pruned} pruned" if self.pruned else "")
+        return f"{self.pruned} of {self.total} trials pruned" if self.pruned else ""
+
+
 def individual_accuracy(results: list[JobResult], tasks: list[str]) -> dict[str, float]:
     out = {}
     for r in results:
@@ -54,14 +71,19 @@ def normalized(metrics: dict[str, float], individual: dict[str, float], tasks: l
 
 
 def build_rows(results: list[JobResult], tasks: list[str], method_order: list[str],
-               seen: list[str] | None = None) -> list[Row]:
+               seen: list[str] | None = None,
+               studies: Mapping[tuple[str, str], TrialCounts] | None = None) -> list[Row]:
     """Reference rows, then each method's setting with the best validation average.
 
     ``tasks`` are every evaluated task; averages and normalized accuracy are over ``seen``
     (the merged tasks; all tasks unless the sweep has unseen ones). A row whose jobs all failed
     is kept, its setting ``failed`` and its accuracy missing (a table that dropped it would read
-    as if the method had not been run); a grid with some failed settings says how many."""
+    as if the method had not been run); a grid with some failed settings says how many.
+    ``studies``: a tuned method's trial counts by its label and the key of its best setting's
+    job (another method's grid may hold that job too), which its row says as a grid's says its
+    failed settings."""
     seen = seen or tasks
+    studies = studies or {}
     indiv = individual_accuracy(results, tasks)
     rows: list[Row] = []
 
@@ -113,8 +135,10 @@ def build_rows(results: list[JobResult], tasks: list[str], method_order: list[st
                 else:
                     robustness_failed = True
         setting = setting_text(best.params)
-        if failed:
-            note = f"{len(failed)} of {len(failed) + len(cands)} settings failed"
+        note = f"{len(failed)} of {len(failed) + len(cands)} settings failed" if failed else ""
+        if (label, best.key) in studies:
+            note = studies[label, best.key].note()
+        if note:
             setting = f"{setting} ({note})" if setting else note
         rows.append(Row(label, setting, accs(best), best.metrics["acc/avg"],
                         normalized(best.metrics, indiv, seen).get("norm_acc/avg"),

@@ -28,6 +28,7 @@ from harness.plots import job_artifact_files
 from harness.report import best_routing, build_report, build_tune_table
 from harness.results import (
     Row,
+    TrialCounts,
     finished_settings,
     generalization_table_records,
     normalized,
@@ -230,6 +231,7 @@ def _run_sweep(cfg: SweepConfig, ws: Workspace, executor: Any, console: Console,
     tracker.start_sweep(digest, cfg.model_dump(mode="json"), "sweep" if only is None else f"tune:{only.label}")
     held.enter_context(_ended_if_stopped(tracker))
     executed: list[str] = []
+    trial_counts: dict[tuple[str, str], TrialCounts] = {}  # by tuned label and its best setting's job key
     tuned = [m for m in cfg.methods if m.tune] if mode == "run" else []
     if only is not None:
         tuned = [m if only.n_trials is None else m.model_copy(update={"tune": m.tune.model_copy(
@@ -358,8 +360,9 @@ def _run_sweep(cfg: SweepConfig, ws: Workspace, executor: Any, console: Console,
             bar.add(len(todo))
             execute(todo)
         for m in tuned:  # each study runs its trials, then its best setting once on test
-            final = run_study(cfg, m, identity, task_identity, results_dir, tracker, execute, bar, out,
-                              console if show else None)
+            final, counts = run_study(cfg, m, identity, task_identity, results_dir, tracker, execute, bar, out,
+                                      console if show else None)
+            trial_counts[final.label, final.key] = counts
             specs.append(final)
             spec_by_key[final.key] = final
             if final.key not in results:
@@ -378,9 +381,9 @@ def _run_sweep(cfg: SweepConfig, ws: Workspace, executor: Any, console: Console,
 
     failpoint("report")
     if only is None:
-        report = build_report(cfg, ordered, out / "report", best_routing(cfg, ordered))
+        report = build_report(cfg, ordered, out / "report", best_routing(cfg, ordered), studies=trial_counts)
     else:  # the sweep's tables (and the report/jobs.json `harness report` reads) stay the sweep's
-        report = build_tune_table(cfg, ordered, out / "report", only.label)
+        report = build_tune_table(cfg, ordered, out / "report", only.label, trial_counts)
     rows, gen_rows = report.rows, report.generalization_rows
     atomic_write_bytes(out / "resolved.yaml", dump_yaml(cfg).encode())
     tracker.log_artifact(out / "resolved.yaml")
@@ -461,9 +464,10 @@ def robustness_followups(cfg: SweepConfig, results: list[JobResult], identity: d
 
 
 def run_study(cfg: SweepConfig, m, identity: dict, task_identity: dict, results_dir: Path, tracker: Tracker,
-              execute, bar: "_progress", out: Path, console: Console | None = None) -> JobSpec:
+              execute, bar: "_progress", out: Path, console: Console | None = None) -> tuple[JobSpec, TrialCounts]:
     """Tune one method; trials are logged as runs nested under the method's tuning run, and each
-    trial this driver runs gets one line on ``console`` (its objective and the best so far)."""
+    trial this driver runs gets one line on ``console`` (its objective and the best so far).
+    Returns the best setting's job on test and the study's trial counts, which its row states."""
     from harness.plan import with_key
     from harness.tuning import StudyRunner, save_study_plots
 
@@ -486,7 +490,7 @@ def run_study(cfg: SweepConfig, m, identity: dict, task_identity: dict, results_
 
     def record(spec: JobSpec, result: JobResult, state: str) -> None:
         tracker.log_trial(tune_run, runner.name, spec.trial["number"], spec.params, result, state,
-                          m.tune.objective)
+                          m.tune.objective, runner.intermediate(spec.trial["number"]))
         if console is not None and spec.key in ran and state != "FAIL":  # failures have their own line
             console.print(trial_line(spec, result, state, m.tune.objective, runner.study), highlight=False,
                           markup=False)
@@ -494,8 +498,10 @@ def run_study(cfg: SweepConfig, m, identity: dict, task_identity: dict, results_
     say = (lambda line: console.print(line, highlight=False, markup=False)) if console is not None else None
     best = runner.run(run_batch, record, say)  # StudyFailed: _ended_if_stopped marks both runs FAILED
     files = save_study_plots(runner.study, out / "optuna" / m.display)
-    tracker.finish_tuning_run(tune_run, best, runner.study.best_value, files)
-    return with_key(cfg, JobSpec("merge", m.display, method=m.name, params=best), identity, task_identity)
+    final = with_key(cfg, JobSpec("merge", m.display, method=m.name, params=best), identity, task_identity)
+    counts = runner.counts()
+    tracker.finish_tuning_run(tune_run, best, runner.study.best_value, files, counts, final.key)
+    return final, counts
 
 
 def print_tables(console: Console, cfg: SweepConfig, rows: list[Row],

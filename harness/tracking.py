@@ -12,11 +12,14 @@ import shutil
 import sqlite3
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Mapping
 
 from harness.config import SweepConfig
 from harness.errors import HarnessError, WriteRefused, storage_problem
 from harness.failpoints import failpoint
+
+if TYPE_CHECKING:
+    from harness.results import TrialCounts
 
 SWEEP_TAG = "harness.sweep_digest"
 #: On a sweep's parent run: "sweep" once ``harness sweep`` ran in it, "tune:<label>" while only
@@ -25,6 +28,12 @@ SCOPE_TAG = "harness.scope"
 JOB_TAG = "harness.job_key"
 #: Tells a generalization-block job's run from a main-protocol one.
 PROTOCOL_TAG = "harness.protocol"
+#: On a tuning run: its study's finished trials (``.failed`` and ``.pruned`` beside it), and the
+#: job key of the best setting's run on test, whose table row they go with.
+TRIALS_TAG = "harness.trials"
+FINAL_KEY_TAG = "harness.final_key"
+#: On a pruned trial's run: the last step it reported before it was stopped.
+PRUNED_AT_TAG = "harness.pruned_at_step"
 
 
 def flatten(d: Any, prefix: str = "") -> dict[str, str]:
@@ -354,8 +363,12 @@ class Tracker:
         return rid
 
     def log_trial(self, tune_run: str, study: str, number: int, params: dict[str, Any], result: Any,
-                  state: str, objective: str) -> None:
-        """One run per trial, logged once (a resumed study skips trials already logged)."""
+                  state: str, objective: str, intermediate: Mapping[int, float] | None = None) -> None:
+        """One run per trial, logged once (a resumed study skips trials already logged).
+
+        ``intermediate``: the objective values the trial reported while adapting, by step, logged
+        as ``intermediate/<objective>``: all a pruned trial has to show (it ends without metrics),
+        its last step also as the tag :data:`PRUNED_AT_TAG`."""
         from mlflow.entities import Metric
 
         rid, new = self._find_or_create(f"trial:{study}#{number}", {
@@ -368,6 +381,10 @@ class Tracker:
         metrics = [Metric(k, float(v), 0, 0) for k, v in result.metrics.items()]
         if state == "COMPLETE":
             metrics.append(Metric("objective", float(result.metrics[objective]), 0, 0))
+        steps = intermediate or {}
+        metrics += [Metric(f"intermediate/{objective}", float(v), 0, int(step)) for step, v in steps.items()]
+        if state == "PRUNED" and steps:
+            self.client.set_tag(rid, PRUNED_AT_TAG, str(max(steps)))
         if metrics:
             self.client.log_batch(rid, metrics=metrics)
         if result.error:
@@ -375,11 +392,19 @@ class Tracker:
         self.client.set_terminated(rid, status="FAILED" if state == "FAIL" else "FINISHED")
         self._writing.discard(rid)
 
-    def finish_tuning_run(self, rid: str, best: dict[str, Any], best_value: float, files: list[Path]) -> None:
+    def finish_tuning_run(self, rid: str, best: dict[str, Any], best_value: float, files: list[Path],
+                          counts: TrialCounts | None = None, final_key: str | None = None) -> None:
+        """End the tuning run with its best setting, and what ``harness report`` needs to word its
+        row: the study's trial counts and the key of the best setting's job (the row they go with)."""
         from mlflow.entities import Metric, RunTag
 
         # tags, not params: a resumed study with more trials may find a better setting
         tags = [RunTag(f"best.{k}", str(v)) for k, v in best.items()]
+        if counts is not None:
+            tags += [RunTag(TRIALS_TAG, str(counts.total)), RunTag(f"{TRIALS_TAG}.failed", str(counts.failed)),
+                     RunTag(f"{TRIALS_TAG}.pruned", str(counts.pruned))]
+        if final_key is not None:
+            tags.append(RunTag(FINAL_KEY_TAG, final_key))
         self.client.log_batch(rid, metrics=[Metric("best_objective", float(best_value), 0, 0)], tags=tags)
         for f in files:
             self.client.log_artifact(rid, str(f), "optuna")

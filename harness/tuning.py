@@ -23,6 +23,7 @@ from harness.config import MethodSpec, SweepConfig, TuneSpec
 from harness.errors import HarnessError
 from harness.job import JobResult, read_result
 from harness.plan import JobSpec, setting_text, with_key
+from harness.results import TrialCounts
 
 if TYPE_CHECKING:
     import optuna
@@ -237,6 +238,19 @@ class StudyRunner:
         from optuna.trial import TrialState
 
         return len(self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+
+    def counts(self) -> TrialCounts:
+        """The study's finished trials, failed and pruned ones among them (a trial another
+        sweep is still running is not counted)."""
+        trials = [t for t in self.study.get_trials(deepcopy=False) if t.state.is_finished()]
+        return TrialCounts(len(trials), sum(t.state.name == "FAIL" for t in trials),
+                           sum(t.state.name == "PRUNED" for t in trials))
+
+    def intermediate(self, number: int) -> dict[int, float]:
+        """The objective values trial ``number`` reported while adapting, by step (what a pruned
+        trial was stopped at: it has no final metrics)."""
+        trial = next((t for t in self.study.get_trials(deepcopy=False) if t.number == number), None)
+        return dict(sorted(trial.intermediate_values.items())) if trial is not None else {}
 
     def measured_here(self, name: str, study: "optuna.Study") -> bool:
         """Whether a study stored without its measurement has finished trials whose results this

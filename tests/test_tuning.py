@@ -737,3 +737,78 @@ def test_collect_says_it_runs_no_study(sweep_dict):
     assert ("collect runs no Optuna study: run `harness sweep` (or `harness tune FILE --method LABEL`) for tuned"
             in " ".join(text.getvalue().split()))
     assert not (cfg.resolved_output_dir() / "optuna").exists()
+
+
+def test_trial_counts_are_worded_as_a_grids_failed_settings():
+    from harness.results import TrialCounts
+
+    assert TrialCounts(20, failed=2, pruned=3).note() == "2 of 20 trials failed, 3 pruned"
+    assert TrialCounts(20, failed=2).note() == "2 of 20 trials failed"
+    assert TrialCounts(20, pruned=3).note() == "3 of 20 trials pruned"
+    assert TrialCounts(20).note() == ""
+
+
+QUALITY_GRID = {"quality": {"type": "categorical", "choices": [10.0, 50.0, 60.0, 95.0]}}
+
+
+def quality_study(sweep_dict: dict) -> dict:
+    """A grid study over tests.tuning_methods:StopsOrFailsByQuality: quality 10 is pruned after
+    reporting 10, 11, 12; 50 and 60 complete; 95 fails."""
+    return dict(sweep_dict, references=False, methods=[{
+        "name": "tests.tuning_methods:StopsOrFailsByQuality", "label": "q",
+        "tune": {"n_trials": 4, "n_parallel": 1, "sampler": "grid", "space": QUALITY_GRID}}])
+
+
+def test_tuned_row_counts_its_failed_and_pruned_trials(sweep_dict, tmp_path):
+    """As a grid's row says how many settings failed, a tuned row says how many of its study's
+    trials failed and were pruned: in the sweep's table and in `harness report`'s, rebuilt from MLflow."""
+    from click.testing import CliRunner
+
+    from harness.cli import main
+    from harness.plan import setting_text
+
+    d = quality_study(sweep_dict)
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump(d))
+    r = CliRunner().invoke(main, ["sweep", str(f)], env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    study = stored_study(validate_config(d))
+    assert sorted(t.state.name for t in study.trials) == ["COMPLETE", "COMPLETE", "FAIL", "PRUNED"]
+    setting = f"{setting_text(study.best_params)} (1 of 4 trials failed, 1 pruned)"
+    assert setting in r.stderr, r.stderr
+    out = tmp_path / "out"
+    assert f"| q | {setting} |" in (out / "report" / "main.md").read_text()
+    (out / "report" / "main.md").unlink()
+    r = CliRunner().invoke(main, ["report", str(out)], env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    assert f"| q | {setting} |" in (out / "report" / "main.md").read_text()
+
+
+def test_a_pruned_trials_run_holds_the_values_it_reported(sweep_dict):
+    """A pruned trial ends without metrics: its run shows the objective it reported at each step
+    (10, 11, 12 at steps 0-2) and the step it was stopped after."""
+    cfg = validate_config(quality_study(sweep_dict))
+    assert not run_sweep(cfg, quiet=True).failed
+    client = MlflowClient(cfg.resolved_tracking_uri())
+    exp = client.get_experiment_by_name(cfg.name).experiment_id
+    pruned = client.search_runs([exp], "tags.`harness.trial_state` = 'PRUNED'")
+    assert len(pruned) == 1
+    history = client.get_metric_history(pruned[0].info.run_id, "intermediate/val/acc/avg")
+    assert sorted((m.step, m.value) for m in history) == [(0, 10.0), (1, 11.0), (2, 12.0)]
+    assert pruned[0].data.tags.get("harness.pruned_at_step") == "2"
+
+
+def test_a_grid_row_sharing_a_job_with_a_tuned_method_keeps_its_own_note():
+    """A grid point and a tuned method's best setting may be one job (keys leave labels out):
+    the grid's row says how many of its settings failed, the tuned row its study's trials."""
+    from harness.job import JobResult
+    from harness.results import TrialCounts, build_rows
+
+    def merge(key: str, label: str, quality: float, ok: bool = True) -> JobResult:
+        metrics = {"acc/a": 60.0, "acc/avg": 60.0, "val/acc/avg": 55.0} if ok else {}
+        return JobResult(key, "merge", label, {"quality": quality}, None, "ok" if ok else "failed", metrics)
+
+    results = [merge("k50", "grid", 50.0), merge("k95", "grid", 95.0, ok=False), merge("k50", "tuned", 50.0)]
+    rows = build_rows(results, ["a"], ["grid", "tuned"], studies={("tuned", "k50"): TrialCounts(4, pruned=1)})
+    assert {r.method: r.setting for r in rows} == {"grid": "quality=50.0 (1 of 2 settings failed)",
+                                                   "tuned": "quality=50.0 (1 of 4 trials pruned)"}

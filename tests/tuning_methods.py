@@ -34,3 +34,21 @@ class TypedTaskArithmetic(MergeMethod):
         scaling = self.scaling * self.repeats / (len(finetuned) if self.mode == "mean" else 1)
         state = task_arithmetic_state(pretrained, finetuned, -scaling if self.flip else scaling)
         return with_state(pretrained, state)
+
+
+class StopsOrFailsByQuality(MergeMethod):
+    """A trial's fate set by ``quality`` alone, whatever order a grid runs it in: above 90 it
+    fails before reporting; otherwise it reports ``quality + step`` for steps 0-2, then below
+    20 stops there as a pruned trial does (the values it reported are all it leaves)."""
+
+    quality: float = Field(50.0, ge=0.0, le=100.0)
+
+    def merge(self, pretrained: nn.Module, finetuned: Mapping[str, nn.Module], ctx: MergeContext) -> nn.Module:
+        if self.quality > 90:
+            raise RuntimeError(f"quality {self.quality} is too high")
+        for step in range(3):
+            if ctx.report:
+                ctx.report(step, {"val/acc/avg": self.quality + step})
+        if ctx.report and self.quality < 20:
+            raise PruneTrial("pruned at step 2")
+        return TaskArithmetic(scaling=0.3).merge(pretrained, finetuned, ctx)
