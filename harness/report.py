@@ -4,6 +4,7 @@ plots, built from a sweep's MLflow runs (or from the results a sweep just produc
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import os
@@ -165,7 +166,7 @@ def build_report(cfg: SweepConfig, results: list[JobResult], out: Path,
                                   f"under corruptions (severity {cfg.robustness.severity})")
     report = Report(tables, rows=rows, generalization_rows=gen_rows)
     jobs = out / JOBS_FILE
-    jobs.write_text(json.dumps([r.key for r in results if r.key], indent=0))
+    jobs.write_text(json.dumps([[r.label, r.key] for r in results if r.key], indent=0))  # a job two labels share: both
     report.files.append(jobs)
     for name, (header, body) in tables.items():
         for ext, text in (("md", markdown_table(header, body)), ("csv", csv_table(header, body)),
@@ -305,10 +306,15 @@ def load_sweep_from_mlflow(tracking_uri: str, run_id: str | None = None) -> tupl
     with tempfile.TemporaryDirectory() as tmp:
         local = client.download_artifacts(parent.info.run_id, "resolved.yaml", tmp)
         cfg = SweepConfig.model_validate(yaml.safe_load(Path(local).read_text()))
-        current = None
+        current: set[str] | None = None
+        shared: dict[str, list[str]] = {}  # job key -> the labels whose rows hold it
         if any(a.path == f"report/{JOBS_FILE}" for a in client.list_artifacts(parent.info.run_id, "report")):
-            current = set(json.loads(Path(client.download_artifacts(parent.info.run_id, f"report/{JOBS_FILE}",
-                                                                    tmp)).read_text()))
+            entries = json.loads(Path(client.download_artifacts(parent.info.run_id, f"report/{JOBS_FILE}",
+                                                                tmp)).read_text())
+            current = {e[1] if isinstance(e, list) else e for e in entries}  # [label, key]; older files: keys
+            for e in entries:
+                if isinstance(e, list):
+                    shared.setdefault(e[1], []).append(e[0])
     children = client.search_runs([parent.info.experiment_id],
                                   f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'", max_results=50000)
     results = []
@@ -332,6 +338,8 @@ def load_sweep_from_mlflow(tracking_uri: str, run_id: str | None = None) -> tupl
             status="ok" if run.info.status == "FINISHED" else "failed", metrics=dict(run.data.metrics),
             error=tags.get("harness.failure_reason"), artifacts=artifacts, protocol=protocol,
             test_correct=test_correct))
+    results += [dataclasses.replace(r, label=label) for r in list(results)  # a job two labels share: one run
+                for label in shared.get(r.key, []) if label != r.label]
     return cfg, plan_order(cfg, results), parent
 
 

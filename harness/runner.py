@@ -7,12 +7,13 @@ so workers and cluster jobs stay free of shared-file writes.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Iterator, Literal, Mapping
 
 from rich.console import Console
 from rich.markup import escape
@@ -86,12 +87,28 @@ def split_cached(specs: list[JobSpec], results_dir: Path) -> tuple[dict[str, Job
     results: dict[str, JobResult] = {}
     pending: list[JobSpec] = []
     for s in specs:
+        if s.key in results or any(p.key == s.key for p in pending):
+            continue  # one job for two labels' identical settings (keys hold no label): run once
         cached = finished_result(results_dir, s)
         if cached:
             results[s.key] = cached
         else:
             pending.append(s)
     return results, pending
+
+
+def labelled_results(specs: list[JobSpec], results: Mapping[str, JobResult]) -> list[JobResult]:
+    """Each planned job's result under its own label, in plan order. Two labels whose settings
+    coincide (two grids of one method, a tuned best on another label's grid point) share one job,
+    as keys hold no label; each row still counts and chooses among its own settings. Jobs without
+    a result (a collect's unsubmitted ones) are left out."""
+    out, seen = [], set()
+    for s in specs:
+        if s.key in results and (s.label, s.key) not in seen:
+            seen.add((s.label, s.key))
+            r = results[s.key]
+            out.append(r if r.label == s.label else dataclasses.replace(r, label=s.label))
+    return out
 
 
 def cache_status(cfg: SweepConfig) -> tuple[list[JobSpec], set[str] | None, str | None]:
@@ -244,7 +261,8 @@ def _run_sweep(cfg: SweepConfig, ws: Workspace, executor: Any, console: Console,
             trials = sum(n_trials_possible(m.tune) for m in tuned)
             then = (f", then {len(tuned)} Optuna {'study' if len(tuned) == 1 else 'studies'} "
                     f"({trials} trials in all, finished ones kept)")
-        console.print(f"[bold]{cfg.name}[/]: {len(specs)} jobs, {len(specs) - len(pending)} cached, "
+        n_jobs = len({sp.key for sp in specs})
+        console.print(f"[bold]{cfg.name}[/]: {n_jobs} jobs, {n_jobs - len(pending)} cached, "
                       f"{len(pending)} to run{then} -> {out}", highlight=False)
     studies = [m.display for m in cfg.methods if m.tune] if mode != "run" else []
     if show and studies:  # each trial is asked for after the ones before it end: a driver has to wait
@@ -268,7 +286,9 @@ def _run_sweep(cfg: SweepConfig, ws: Workspace, executor: Any, console: Console,
     merges = [s for s in pending if s.kind == "merge"]
     phases = (pending,) if getattr(executor, "single_phase", False) else (refs, merges)
     t1 = time.perf_counter()
-    spec_by_key = {s.key: s for s in specs}
+    spec_by_key: dict[str, JobSpec] = {}
+    for s in specs:  # a job two labels share is logged under the first
+        spec_by_key.setdefault(s.key, s)
     log_now = False  # references first: normalized accuracy needs the individual results
 
     def log(r: JobResult) -> None:
@@ -375,9 +395,10 @@ def _run_sweep(cfg: SweepConfig, ws: Workspace, executor: Any, console: Console,
     timings["run"] = time.perf_counter() - t1
 
     t2 = time.perf_counter()
-    ordered = [results[s.key] for s in specs if s.key in results]  # collect: unsubmitted jobs are missing
-    for r in ordered:
-        log(r)
+    ordered = labelled_results(specs, results)
+    for key in dict.fromkeys(r.key for r in ordered):  # each job once in MLflow, under its first label
+        r, label = results[key], spec_by_key[key].label
+        log(r if r.label == label else dataclasses.replace(r, label=label))
 
     failpoint("report")
     if only is None:

@@ -128,3 +128,36 @@ def test_plots_are_titled_and_leave_failed_rows_out(cfg, tmp_path, monkeypatch):
     assert title == f"toy: average accuracy on {A}, {B} under corruptions (severity 1)" and legend == ["pretrained"]
     title, legend = drawn["accuracy.png"]
     assert title.startswith("toy: test top-1 accuracy") and legend == ["pretrained"]
+
+
+def test_two_labels_sharing_a_setting_share_its_job_and_each_row_chooses_among_its_own(sweep_dict, tmp_path):
+    """Job keys hold no label, so two grids of one method with a setting in common run it once;
+    each row still counts and chooses among its own settings, in the sweep's table and in the one
+    `harness report` rebuilds from MLflow (one run per job)."""
+    from harness.config import validate_config as validate
+    from harness.report import load_sweep_from_mlflow
+    from harness.results import build_rows
+    from harness.runner import run_sweep
+
+    d = dict(sweep_dict, references={"pretrained": False, "individual": False}, eval={"max_samples": 16})
+    d["methods"] = [{"name": "task_arithmetic", "label": "low", "grid": {"scaling": [0.0, 0.5]}},
+                    {"name": "task_arithmetic", "label": "high", "grid": {"scaling": [0.5, 1.0]}}]
+    cfg = validate(d)
+    run = run_sweep(cfg, console=None)
+    assert len(run.executed) == 3  # scaling 0.5 once
+    by_label = {}
+    for r in run.results:
+        by_label.setdefault(r.label, []).append(r.params["scaling"])
+    assert by_label == {"low": [0.0, 0.5], "high": [0.5, 1.0]}
+
+    def rows_of(results):
+        rows = build_rows(results, cfg.task_names, ["low", "high"], cfg.merge_tasks)
+        return {row.method: (row.setting, row.n_settings) for row in rows}
+
+    def best(label):  # the truth: each label's own settings, the best validation average (first of equals)
+        own = [r for r in run.results if r.label == label]
+        return f"scaling={max(own, key=lambda r: r.metrics['val/acc/avg']).params['scaling']}"
+
+    assert rows_of(run.results) == {"low": (best("low"), 2), "high": (best("high"), 2)}
+    _, stored, _ = load_sweep_from_mlflow(cfg.resolved_tracking_uri())
+    assert rows_of(stored) == rows_of(run.results)
