@@ -86,9 +86,11 @@ def split_cached(specs: list[JobSpec], results_dir: Path) -> tuple[dict[str, Job
     """(the cached results by key, the jobs to run): what a sweep runs and what its dry run shows."""
     results: dict[str, JobResult] = {}
     pending: list[JobSpec] = []
+    seen: set[str] = set()
     for s in specs:
-        if s.key in results or any(p.key == s.key for p in pending):
+        if s.key in seen:
             continue  # one job for two labels' identical settings (keys hold no label): run once
+        seen.add(s.key)
         cached = finished_result(results_dir, s)
         if cached:
             results[s.key] = cached
@@ -292,12 +294,15 @@ def _run_sweep(cfg: SweepConfig, ws: Workspace, executor: Any, console: Console,
     log_now = False  # references first: normalized accuracy needs the individual results
 
     def log(r: JobResult) -> None:
-        """Record a job in MLflow (once), with its normalized accuracy."""
+        """Record a job in MLflow (once), with its normalized accuracy, under its first spec's label
+        (a cached job two labels share may have been run under the other)."""
+        spec = spec_by_key[r.key]
+        if r.label != spec.label:
+            r = dataclasses.replace(r, label=spec.label)  # its metrics stay the cached result's own dict
         if r.status == "ok" and r.kind != "individual":
             indiv = {x.task: x.metrics[f"acc/{x.task}"] for x in results.values()
                      if x.kind == "individual" and x.status == "ok"}
-            r.metrics.update(normalized(r.metrics, indiv, cfg.seen_tasks(spec_by_key[r.key].protocol)))
-        spec = spec_by_key[r.key]
+            r.metrics.update(normalized(r.metrics, indiv, cfg.seen_tasks(spec.protocol)))
         if tracker.is_logged(r.key):
             tracker.rename(r.key, r.label, spec.title)
             return
@@ -396,9 +401,8 @@ def _run_sweep(cfg: SweepConfig, ws: Workspace, executor: Any, console: Console,
 
     t2 = time.perf_counter()
     ordered = labelled_results(specs, results)
-    for key in dict.fromkeys(r.key for r in ordered):  # each job once in MLflow, under its first label
-        r, label = results[key], spec_by_key[key].label
-        log(r if r.label == label else dataclasses.replace(r, label=label))
+    for key in dict.fromkeys(r.key for r in ordered):  # each job once in MLflow
+        log(results[key])
 
     failpoint("report")
     if only is None:

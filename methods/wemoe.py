@@ -538,10 +538,13 @@ class WeMoE(MergeMethod):
         hyper = dict(saved.get("hyperparameters") or {})
         for name in self.runtime_only:
             hyper[name] = type(self).model_fields[name].default
-        same = (saved.get("sources") == json.loads(json.dumps(meta["sources"]))
-                and saved.get("adapted_on") == json.loads(json.dumps(meta["adapted_on"]))
-                and hyper == json.loads(json.dumps(self.key_params()))
-                and header["inputs"] == json.loads(json.dumps(model.wemoe_inputs)))
+        def as_saved(value: Any) -> Any:  # what JSON gives back (tuples as lists)
+            return json.loads(json.dumps(value))
+
+        same = (saved.get("sources") == as_saved(meta["sources"])
+                and saved.get("adapted_on") == as_saved(meta["adapted_on"])
+                and hyper == as_saved(self.key_params())
+                and header["inputs"] == as_saved(model.wemoe_inputs))
         if not same or "adaptation" not in saved:
             return None
         _load_routers(path, model)
