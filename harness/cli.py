@@ -108,6 +108,7 @@ def _load(file: str, overrides: tuple[str, ...], start_workers: bool = False,
         check_model_contents,
         check_model_files,
         check_output_dir,
+        check_pretrained_arch,
         read_config,
         validate_config,
     )
@@ -128,6 +129,7 @@ def _load(file: str, overrides: tuple[str, ...], start_workers: bool = False,
             check_model_files(cfg, file)
             check_model_contents(cfg, file)
             check_checkpoint_shapes(cfg, file)
+            check_pretrained_arch(cfg, file)
             check_data_roots(cfg, file)
         check_output_dir(cfg, file)
         if does == "submit" and cfg.executor.kind == "slurm":
@@ -249,23 +251,35 @@ def collect(file: str, overrides: tuple[str, ...], quiet: bool) -> None:
 
 
 def _report(cfg, outcome, quiet: bool) -> None:
-    """After a sweep: the table when quiet, and a failure summary with exit code 1."""
+    """After a sweep: the table when quiet, and a failure summary with exit code 1 when a job, or an
+    Optuna trial of this run, failed (a study goes on without its failed trials, as a grid's row
+    does without its failed settings: the table stands, and the exit code says to look)."""
     if quiet:
         from harness.runner import print_tables
 
         print_tables(console, cfg, outcome.rows, outcome.generalization_rows)
-    if outcome.failed:
-        from harness.plan import setting_text
-        from harness.runner import traceback_file
+    if not outcome.failed and not outcome.failed_trials:
+        return
+    from harness.plan import setting_text
+    from harness.runner import traceback_file
 
+    def show(head: str, r) -> None:
+        err_console.print(f"  {head}: {r.error}", highlight=False, markup=False, soft_wrap=True)
+        trace = traceback_file(outcome.output_dir, r.key)
+        if trace.is_file():
+            err_console.print(f"    traceback: {trace}", highlight=False, markup=False, soft_wrap=True)
+
+    if outcome.failed:
         err_console.print(f"[red]{len(outcome.failed)} of {len(outcome.results)} jobs failed:[/]")
         for r in outcome.failed:  # titled as its progress line was: label(k=v, ...)
-            head = f"{r.title}({setting_text(r.params)})" if r.params else r.title
-            err_console.print(f"  {head}: {r.error}", highlight=False, markup=False, soft_wrap=True)
-            trace = traceback_file(outcome.output_dir, r.key)
-            if trace.is_file():
-                err_console.print(f"    traceback: {trace}", highlight=False, markup=False, soft_wrap=True)
-        sys.exit(1)
+            show(f"{r.title}({setting_text(r.params)})" if r.params else r.title, r)
+    if outcome.failed_trials:
+        n = len(outcome.failed_trials)
+        err_console.print(f"[red]{n} Optuna trial{'s' if n != 1 else ''} failed (each study chose among the "
+                          "others):[/]")
+        for spec, r in outcome.failed_trials:
+            show(f"trial {spec.trial['number']} {spec.title}", r)
+    sys.exit(1)
 
 
 @main.command()
@@ -296,13 +310,11 @@ def tune(file: str, overrides: tuple[str, ...], label: str, trials: int | None, 
         except ValidationError as exc:
             raise validation_error(f"<command line> (--trials {trials}, over {file})", exc, raw,
                                    prefix=f"methods.{index}.tune", schema=TuneSpec) from None
-    from harness.runner import TuneOnly, print_tables, run_sweep
+    from harness.runner import TuneOnly, run_sweep
 
     with _fields_of(file, overrides):
         outcome = run_sweep(cfg, quiet=quiet, only=TuneOnly(m.display, trials))
-    if quiet:
-        print_tables(console, cfg, outcome.rows, outcome.generalization_rows)
-    sys.exit(1 if outcome.failed else 0)
+    _report(cfg, outcome, quiet)
 
 
 def _method_index(cfg, label: str, file: str) -> int:

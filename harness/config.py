@@ -1049,6 +1049,43 @@ def check_checkpoint_shapes(cfg: SweepConfig, file: str) -> None:
                       f"(model.pretrained {pre.name}: another architecture or width?)", show_value=False)
 
 
+def check_pretrained_arch(cfg: SweepConfig, file: str) -> None:
+    """The pretrained weights fit ``model.arch``: a whole-CLIP safetensors file's tensor names and
+    shapes (its header) against open_clip's model of that name built on the meta device (no
+    memory, no weights), as the run loads it (every tensor, strictly). A ViT-B-16 named for
+    ViT-B-32 weights is one line naming ``model.arch`` here, not a failure once the sweep builds
+    the model. Files the run converts first (``.pt``, Hugging Face folders, an encoder without
+    its ``visual.`` tower) and weights named by an open_clip tag are checked when loaded."""
+    from harness.models import is_safetensors, meta_clip_shapes, tensor_shapes
+
+    m = cfg.model
+    pre = Path(m.pretrained) if m.source == "files" and m.pretrained else None
+    if pre is None or not pre.is_file() or not is_safetensors(pre):
+        return
+    try:
+        found = tensor_shapes(pre)
+    except HarnessError:
+        return  # check_model_contents names the unreadable file
+    if not any(k.startswith("visual.") for k in found):
+        return
+    try:
+        built = meta_clip_shapes(m.arch, [str(pre)])
+    except Exception:  # noqa: BLE001  (an unknown name is check_model_files' error; anything else, the run's)
+        return
+    where = f"model.pretrained {pre.name}"
+    built = dict(sorted(built.items(), key=lambda kv: not kv[0].startswith("visual.")))  # the image tower named first
+    k = next((k for k, shape in built.items() if k in found and tuple(found[k]) != shape), None)
+    if k is not None:
+        raise ConfigError(file, "model.arch", f"architecture {m.arch!r} has tensor {k!r} of shape {built[k]}, "
+                          f"{where} has {tuple(found[k])} (weights of another architecture or width?)", m.arch)
+    missing, unexpected = [k for k in built if k not in found], [k for k in found if k not in built]
+    if missing or unexpected:
+        parts = ([f"{len(missing)} of its tensors are not in {where} (first {missing[0]!r})"] if missing else []) + (
+            [f"{where} has {len(unexpected)} it lacks (first {unexpected[0]!r})"] if unexpected else [])
+        raise ConfigError(file, "model.arch", f"architecture {m.arch!r} does not fit the pretrained weights: "
+                          f"{'; '.join(parts)} (weights of another architecture or depth?)", m.arch)
+
+
 def check_data_roots(cfg: SweepConfig, file: str) -> None:
     """Every task that reads its images from a data folder (its factory takes ``data_root``: the
     real datasets of :mod:`tasks.vision8`) has one that exists, from its ``options`` or the

@@ -422,6 +422,17 @@ def hub_offline() -> Iterator[None]:
             os.environ["HF_HUB_OFFLINE"] = old_env
 
 
+def meta_clip_shapes(arch: str, near: Sequence[str | os.PathLike] = ()) -> dict[str, tuple[int, ...]]:
+    """The tensor names and shapes of open_clip's ``arch`` (its whole CLIP state dict), built on
+    the meta device: no memory and no initialisation, so a ViT-L costs seconds, not gigabytes."""
+    resolve_arch(arch, near)
+    if (open_clip_module().get_model_config(arch).get("text_cfg") or {}).get("hf_model_name"):
+        enable_hf_text_towers()
+    with _quiet_root_logger(logging.ERROR):
+        model = open_clip_module().create_model(arch, pretrained=None, device="meta")
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
 def _create_random(arch: str) -> nn.Module:
     """open_clip's model without weights (we load our own; its 'randomly initialized' warning is noise)."""
     with _quiet_root_logger(logging.ERROR):

@@ -128,22 +128,21 @@ def method_class_id(method: str) -> str:
     return identity if code is None else f"{identity}@{code}"
 
 
-#: Packages whose methods are the project's own: their source does not enter job keys.
-OWN_PACKAGES = ("methods", "harness")
+#: Packages whose methods and tasks are the project's own: their source does not enter job keys.
+OWN_PACKAGES = ("methods", "tasks", "harness")
 #: Per class object, the digest of its files when this process first saw it (just after importing
 #: it, see ``resolve_method``): the code this process runs, even if the files change later.
 _DIGESTS: weakref.WeakKeyDictionary[type, str | None] = weakref.WeakKeyDictionary()
 
 
-def method_source_files(cls: type) -> list[str]:
-    """The files defining ``cls`` and every base class it inherits merge code from, outside the
-    project's own packages (empty for the project's methods)."""
+def class_source_files(cls: type, root: type) -> list[str]:
+    """The files defining ``cls`` and every base class between it and ``root`` (``MergeMethod``,
+    ``Task``), outside the project's own packages (empty for the project's classes)."""
     from harness.imports import source_file
-    from methods.base import MergeMethod
 
     files = []
     for klass in cls.__mro__:
-        if not (isinstance(klass, type) and issubclass(klass, MergeMethod)) or klass is MergeMethod:
+        if not (isinstance(klass, type) and issubclass(klass, root)) or klass is root:
             continue
         if klass.__module__.split(".")[0] in OWN_PACKAGES:
             continue
@@ -153,12 +152,12 @@ def method_source_files(cls: type) -> list[str]:
     return files
 
 
-def method_source_digest(cls: type) -> str | None:
-    """sha256 of :func:`method_source_files` as they were when this process imported ``cls``;
-    None for the project's methods (or a class whose file cannot be found)."""
+def class_source_digest(cls: type, root: type) -> str | None:
+    """sha256 of :func:`class_source_files` as they were when this process first asked (just
+    after importing ``cls``); None for the project's classes (or one whose file cannot be found)."""
     if cls in _DIGESTS:
         return _DIGESTS[cls]
-    files = method_source_files(cls)
+    files = class_source_files(cls, root)
     digest = None
     if files:
         h = hashlib.sha256()
@@ -168,6 +167,20 @@ def method_source_digest(cls: type) -> str | None:
         digest = h.hexdigest()[:16]
     _DIGESTS[cls] = digest
     return digest
+
+
+def method_source_files(cls: type) -> list[str]:
+    """The files a method's merge code comes from, outside the project's own packages."""
+    from methods.base import MergeMethod
+
+    return class_source_files(cls, MergeMethod)
+
+
+def method_source_digest(cls: type) -> str | None:
+    """The digest of :func:`method_source_files` as this process imported them; None for the project's methods."""
+    from methods.base import MergeMethod
+
+    return class_source_digest(cls, MergeMethod)
 
 
 class MethodChanged(RuntimeError):

@@ -62,6 +62,7 @@ class SweepOutcome:
     executed: list[str] = field(default_factory=list)  # keys of jobs run (not from cache)
     timings: dict[str, float] = field(default_factory=dict)
     generalization_rows: list[Row] = field(default_factory=list)  # the generalization block's table
+    failed_trials: list[tuple[JobSpec, JobResult]] = field(default_factory=list)  # Optuna trials failed in this run
 
     @property
     def failed(self) -> list[JobResult]:
@@ -250,6 +251,7 @@ def _run_sweep(cfg: SweepConfig, ws: Workspace, executor: Any, console: Console,
     tracker.start_sweep(digest, cfg.model_dump(mode="json"), "sweep" if only is None else f"tune:{only.label}")
     held.enter_context(_ended_if_stopped(tracker))
     executed: list[str] = []
+    failed_trials: list[tuple[JobSpec, JobResult]] = []
     trial_counts: dict[tuple[str, str], TrialCounts] = {}  # by tuned label and its best setting's job key
     tuned = [m for m in cfg.methods if m.tune] if mode == "run" else []
     if only is not None:
@@ -343,9 +345,9 @@ def _run_sweep(cfg: SweepConfig, ws: Workspace, executor: Any, console: Console,
                 else:
                     if res.error_detail:
                         atomic_write_bytes(traceback_file(out, spec.key), res.error_detail.encode())
-                    which = f"trial {spec.trial['number']} " if spec.kind == "trial" else ""
-                    console.print(f"[red]failed[/] {escape(which + spec.title)}: {escape(res.error or '')}",
-                                  highlight=False)
+                    if spec.kind != "trial":  # a trial's line comes once its study has told it (run_study)
+                        console.print(f"[red]failed[/] {escape(spec.title)}: {escape(res.error or '')}",
+                                      highlight=False)
                 results[spec.key] = res
                 executed.append(spec.key)
                 if log_now and spec.kind != "trial":  # trials are logged under their study's run
@@ -386,7 +388,7 @@ def _run_sweep(cfg: SweepConfig, ws: Workspace, executor: Any, console: Console,
             execute(todo)
         for m in tuned:  # each study runs its trials, then its best setting once on test
             final, counts = run_study(cfg, m, identity, task_identity, results_dir, tracker, execute, bar, out,
-                                      console if show else None)
+                                      console if show else None, failed_trials)
             trial_counts[final.label, final.key] = counts
             specs.append(final)
             spec_by_key[final.key] = final
@@ -428,7 +430,7 @@ def _run_sweep(cfg: SweepConfig, ws: Workspace, executor: Any, console: Console,
     tracker.finish(ok=not failed)
     timings["logging"] = time.perf_counter() - t2
 
-    outcome = SweepOutcome(ordered, rows, out, tracker.parent_id, executed, timings, gen_rows)
+    outcome = SweepOutcome(ordered, rows, out, tracker.parent_id, executed, timings, gen_rows, failed_trials)
     if show:
         print_tables(console, cfg, rows, gen_rows)
     return outcome
@@ -489,10 +491,12 @@ def robustness_followups(cfg: SweepConfig, results: list[JobResult], identity: d
 
 
 def run_study(cfg: SweepConfig, m, identity: dict, task_identity: dict, results_dir: Path, tracker: Tracker,
-              execute, bar: "_progress", out: Path, console: Console | None = None) -> tuple[JobSpec, TrialCounts]:
+              execute, bar: "_progress", out: Path, console: Console | None = None,
+              failed: list[tuple[JobSpec, JobResult]] | None = None) -> tuple[JobSpec, TrialCounts]:
     """Tune one method; trials are logged as runs nested under the method's tuning run, and each
-    trial this driver runs gets one line on ``console`` (its objective and the best so far).
-    Returns the best setting's job on test and the study's trial counts, which its row states."""
+    trial this driver runs gets one line on ``console`` (its objective and the best so far, or its
+    error) and, when it failed, an entry in ``failed``. Returns the best setting's job on test and
+    the study's trial counts, which its row states."""
     from harness.plan import with_key
     from harness.tuning import StudyRunner, save_study_plots
 
@@ -516,7 +520,15 @@ def run_study(cfg: SweepConfig, m, identity: dict, task_identity: dict, results_
     def record(spec: JobSpec, result: JobResult, state: str) -> None:
         tracker.log_trial(tune_run, runner.name, spec.trial["number"], spec.params, result, state,
                           m.tune.objective, runner.intermediate(spec.trial["number"]))
-        if console is not None and spec.key in ran and state != "FAIL":  # failures have their own line
+        if spec.key not in ran:
+            return
+        if state == "FAIL":  # as failed jobs are: a line now, the sweep's failure summary at the end
+            if failed is not None:
+                failed.append((spec, result))
+            if console is not None:
+                which = f"trial {spec.trial['number']} {spec.title}"
+                console.print(f"[red]failed[/] {escape(which)}: {escape(result.error or '')}", highlight=False)
+        elif console is not None:
             console.print(trial_line(spec, result, state, m.tune.objective, runner.study), highlight=False,
                           markup=False)
 

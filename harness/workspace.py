@@ -301,12 +301,18 @@ class Workspace:
 
     def task_identity(self, name: str | None = None) -> dict[str, Any]:
         """Each task's own identity (or task ``name``'s), plus the options the sweep gave its
-        factory: a task of one's own whose identity() does not cover an option must still not
-        reuse results (or corrupted splits)."""
+        factory and, for a Task class of one's own, the digest of its source files: a task whose
+        identity() does not cover an option, or whose data code was edited, must still not reuse
+        results (or corrupted splits). The project's tasks and ``InMemoryTask`` (its identity
+        hashes the images themselves) add no digest, so their keys are unchanged."""
         if name is None:
             return {t: self.task_identity(t) for t in self.cfg.task_names}
+        from harness.plan import class_source_digest
+
         options = next(t.options for t in self.cfg.tasks if t.name == name)
-        return {**self.task(name).identity(), **({"options": options} if options else {})}
+        task = self.task(name)
+        code = class_source_digest(type(task), Task)
+        return {**task.identity(), **({"options": options} if options else {}), **({"code": code} if code else {})}
 
     def head(self, task: str) -> torch.Tensor:
         if task not in self._heads:

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import copy
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from click.testing import CliRunner
 
+import harness
 from harness.cli import main
 from harness.models import build_clip, save_state_dict
 
@@ -465,3 +467,50 @@ def test_a_fine_tuned_checkpoint_equal_to_the_pretrained_encoder_is_warned_about
     assert by_title["task_arithmetic"] == [want]
     assert by_title["individual/toy_colours"] == [want]
     assert by_title["individual/toy_stripes"] == []
+
+
+def test_validate_names_an_architecture_of_another_width_than_the_pretrained_weights(sweep_dict, tmp_path,
+                                                                                    monkeypatch):
+    """micro-ViT weights (width 32) and checkpoints, with model.arch naming the tiny ViT (width 128):
+    `validate` blames model.arch from the weights' header and open_clip's model built on the meta
+    device, loading no tensor; the weights and checkpoints agree with each other."""
+    d = copy.deepcopy(sweep_dict)
+    d["model"]["arch"] = "harness-tiny-vit"
+
+    def no_load(*a, **k):
+        raise AssertionError("validate loaded tensors")
+
+    monkeypatch.setattr("harness.models.load_state_dict", no_load)
+    monkeypatch.setattr("safetensors.torch.load_file", no_load)
+    r = CliRunner().invoke(main, ["validate", _write(tmp_path, d)])
+    err = " ".join(r.stderr.split())
+    assert r.exit_code == 2, err + r.stdout
+    assert (f"error: {tmp_path / 's.yaml'}: model.arch: architecture 'harness-tiny-vit' has tensor "
+            "'visual.class_embedding' of shape (128,), model.pretrained pretrained.safetensors has (32,) "
+            "(weights of another architecture or width?) (got 'harness-tiny-vit')") in err, err
+
+
+def test_validate_names_an_architecture_of_another_depth_than_the_pretrained_weights(sweep_dict, tmp_path):
+    """The micro ViT with one more vision block (same widths): no shape differs, the weights lack
+    the block's tensors."""
+    import json
+    import shutil
+
+    micro = json.loads((Path(harness.__file__).parent / "model_configs" / "harness-micro-vit.json").read_text())
+    micro["vision_cfg"]["layers"] += 1
+    (tmp_path / "w" / "model_configs").mkdir(parents=True)
+    (tmp_path / "w" / "model_configs" / "harness-micro-vit-deeper.json").write_text(json.dumps(micro))
+    d = copy.deepcopy(sweep_dict)
+    d["model"]["pretrained"] = str(shutil.copy(d["model"]["pretrained"], tmp_path / "w" / "pretrained.safetensors"))
+    d["model"]["arch"] = "harness-micro-vit-deeper"
+    r = CliRunner().invoke(main, ["validate", _write(tmp_path, d)])
+    err = " ".join(r.stderr.split())
+    assert r.exit_code == 2, err + r.stdout
+    assert ("model.arch: architecture 'harness-micro-vit-deeper' does not fit the pretrained weights: 12 of its "
+            "tensors are not in model.pretrained pretrained.safetensors (first 'visual.transformer.resblocks.2.ln_1.weight') "
+            "(weights of another architecture or depth?)") in err, err
+
+
+def test_validate_accepts_the_architecture_of_its_weights(sweep_dict, tmp_path):
+    r = CliRunner().invoke(main, ["validate", _write(tmp_path, sweep_dict)])
+    assert r.exit_code == 0, r.stderr + r.stdout

@@ -41,6 +41,8 @@ def test_sweep_validates(path, tmp_path, monkeypatch):
     # The paper sweeps ask for a GPU cluster's partition and nodes: validated as off a cluster,
     # not against whatever SLURM this machine may run (tests/test_slurm.py checks that part).
     monkeypatch.setattr("harness.executors.slurm.cluster_partitions", lambda: None)
+    # The stand-ins hold one tensor, not the architecture's: its fit is tests/test_bad_inputs.py's part.
+    monkeypatch.setattr("harness.models.meta_clip_shapes", lambda arch, near=(): {"visual.class_embedding": (4,)})
     env = {"CKPT": str(tmp_path / "ckpt"), "DATA": str(tmp_path / "data"), "COLUMNS": "200"}
     made = _touch_model_files(path, tmp_path / "ckpt")
     (tmp_path / "data").mkdir()

@@ -278,6 +278,38 @@ def test_a_task_option_its_identity_misses_still_reruns_the_jobs(sweep_dict, mic
     assert stripes_jobs and stripes_jobs <= set(again.executed)
 
 
+def test_editing_a_task_classs_code_reruns_its_jobs(sweep_dict, micro_checkpoints, tmp_path, monkeypatch):
+    """A Task subclass of one's own whose identity() is name and class names: after an edit of its
+    file (its splits now in reversed order: same images, same accuracy) the jobs reading it (here
+    all: each evaluates every task) run again; the project's task adds no code digest to its
+    identity, so its keys are those it always had."""
+    import sys
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    d = dict(sweep_dict, references={"pretrained": True, "individual": False}, methods=["weight_averaging"],
+             tasks=["plain_tasks:make", "toy_colours"],
+             model={**sweep_dict["model"], "finetuned": {"plain_tasks:make": str(micro_checkpoints / "toy_stripes.safetensors")}})
+    (tmp_path / "plain_tasks.py").write_text(PLAIN_TASK)
+    sys.modules.pop("plain_tasks", None)
+    first = run_sweep(validate_config(d), quiet=True)
+    sys.modules.pop("plain_tasks", None)  # as a new process would import it
+    assert run_sweep(validate_config(d), quiet=True).executed == []
+    (tmp_path / "plain_tasks.py").write_text(PLAIN_TASK.replace(
+        "return self.inner.dataset(split)",
+        "data = self.inner.dataset(split)\n        return torch.utils.data.Subset(data, range(len(data))[::-1])"
+    ).replace("from tasks.base import Task", "import torch\n\nfrom tasks.base import Task"))
+    sys.modules.pop("plain_tasks", None)
+    again = run_sweep(validate_config(d), quiet=True)
+    assert set(again.executed) == {r.key for r in again.results}  # every job reads the edited task
+    assert len(again.executed) == len(first.results) and not set(again.executed) & {r.key for r in first.results}
+    from harness.workspace import Workspace
+
+    ws = Workspace(validate_config(d))
+    assert "code" in ws.task_identity("plain_tasks:make") and "code" not in ws.task_identity("toy_colours")
+    before = {r.label: r.metrics["acc/plain_tasks:make"] for r in first.results}
+    assert {r.label: r.metrics["acc/plain_tasks:make"] for r in again.results} == pytest.approx(before)
+
+
 def test_a_task_built_in_code_is_identified_by_its_content():
     from tasks.base import InMemoryTask
     from tasks.synthetic import make_toy_task

@@ -761,7 +761,9 @@ def quality_study(sweep_dict: dict) -> dict:
 
 def test_tuned_row_counts_its_failed_and_pruned_trials(sweep_dict, tmp_path):
     """As a grid's row says how many settings failed, a tuned row says how many of its study's
-    trials failed and were pruned: in the sweep's table and in `harness report`'s, rebuilt from MLflow."""
+    trials failed and were pruned: in the sweep's table and in `harness report`'s, rebuilt from MLflow.
+    As a grid with a failed setting does, the sweep ends with a failure summary naming the failed
+    trial and its traceback, and exit code 1; run again, it finds every trial done and exits 0."""
     from click.testing import CliRunner
 
     from harness.cli import main
@@ -771,10 +773,17 @@ def test_tuned_row_counts_its_failed_and_pruned_trials(sweep_dict, tmp_path):
     f = tmp_path / "s.yaml"
     f.write_text(yaml.safe_dump(d))
     r = CliRunner().invoke(main, ["sweep", str(f)], env={"COLUMNS": "200"})
-    assert r.exit_code == 0, r.output
+    assert r.exit_code == 1, r.output
     study = stored_study(validate_config(d))
     assert sorted(t.state.name for t in study.trials) == ["COMPLETE", "COMPLETE", "FAIL", "PRUNED"]
     setting = f"{setting_text(study.best_params)} (1 of 4 trials failed, 1 pruned)"
+    assert setting in r.stderr, r.stderr
+    (bad,) = [t for t in study.trials if t.state.name == "FAIL"]
+    summary = r.stderr[r.stderr.index("1 Optuna trial failed (each study chose among the others):"):]
+    assert f"trial {bad.number} q(quality=95.0): RuntimeError: quality 95.0 is too high" in summary, summary
+    assert "traceback: " in summary and "jobs failed" not in r.stderr, r.stderr
+    r = CliRunner().invoke(main, ["sweep", str(f)], env={"COLUMNS": "200"})
+    assert r.exit_code == 0 and "Optuna trial" not in r.stderr, r.output
     assert setting in r.stderr, r.stderr
     out = tmp_path / "out"
     assert f"| q | {setting} |" in (out / "report" / "main.md").read_text()
