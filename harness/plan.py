@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import weakref
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 from harness.cache import content_key
 from harness.config import GENERALIZATION, GENERALIZATION_SUFFIX, MAIN, SweepConfig, expand_grid
@@ -33,6 +33,7 @@ class JobSpec:
     trial: dict[str, Any] | None = None  # Optuna trial handle (storage, study, trial id, objective)
     protocol: str = MAIN  # "generalization": merged and adapted on the generalization block's seen tasks
     method_id: str | None = None  # method_class_id() the key was computed with; the job checks it (check_method_code)
+    task_code: dict[str, str] = field(default_factory=dict)  # own Task classes' digests in the key (check_task_code)
 
     @property
     def title(self) -> str:
@@ -204,6 +205,26 @@ def check_method_code(spec: JobSpec) -> None:
                         "rerun the sweep")
 
 
+class TaskChanged(RuntimeError):
+    """A task class's code in this process is not the code its job's key was computed from."""
+
+
+def check_task_code(spec: JobSpec, task_of: Callable[[str], Any]) -> None:
+    """As :func:`check_method_code`, for the Task classes of one's own a job reads (``task_of``
+    builds one by name): a task file edited after the sweep was planned would store results of
+    the new data code under the old key."""
+    from tasks.base import Task
+
+    for name, planned in spec.task_code.items():
+        cls = type(task_of(name))
+        now = class_source_digest(cls, Task)
+        if now != planned:
+            files = ", ".join(class_source_files(cls, Task)) or "its source"
+            raise TaskChanged(f"task {name!r}: {files} changed since the sweep was submitted (planned as {planned}, "
+                              f"now {now}): this job would store the new code's result under the old code's key; "
+                              "rerun the sweep")
+
+
 def plan_jobs(cfg: SweepConfig, identity: dict[str, Any] | None = None,
               task_identity: dict[str, Any] | None = None) -> list[JobSpec]:
     """All jobs of the sweep; keys are filled when model/task identities are given."""
@@ -272,5 +293,7 @@ def with_key(cfg: SweepConfig, s: JobSpec, identity: dict[str, Any],
         body["adapt"] = cfg.adapt.model_dump()
     if s.kind == "trial":  # a trial's result depends on its study (pruning decisions) too
         body["study"] = {k: s.trial[k] for k in ("study_name", "number")}
+    task_code = {t: ident["code"] for t, ident in (body["tasks"] or {}).items()
+                 if isinstance(ident, dict) and "code" in ident}
     return JobSpec(s.kind, s.label, s.method, s.params, s.task, key=content_key(body), trial=s.trial,
-                   protocol=s.protocol, method_id=body.get("method"))
+                   protocol=s.protocol, method_id=body.get("method"), task_code=task_code)

@@ -310,6 +310,39 @@ def test_editing_a_task_classs_code_reruns_its_jobs(sweep_dict, micro_checkpoint
     assert {r.label: r.metrics["acc/plain_tasks:make"] for r in again.results} == pytest.approx(before)
 
 
+def test_a_slurm_job_refuses_a_task_file_edited_after_submission(sweep_dict, micro_checkpoints, tmp_path,
+                                                                 monkeypatch):
+    """A node imports a task of one's own when its job starts: after an edit that is the new data
+    code, whose result would be stored under the key of the code the sweep was planned with."""
+    import sys
+
+    from harness.executors.slurm import SweepJob
+    from harness.plan import plan_jobs
+    from harness.workspace import Workspace
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "plain_tasks.py").write_text(PLAIN_TASK)
+    sys.modules.pop("plain_tasks", None)
+    d = dict(sweep_dict, references={"pretrained": False, "individual": True}, methods=[],
+             tasks=["plain_tasks:make", "toy_colours"],
+             model={**sweep_dict["model"], "finetuned": {"plain_tasks:make": str(micro_checkpoints / "toy_stripes.safetensors")}})
+    cfg = validate_config(d)
+    ws = Workspace(cfg)
+    specs = {s.task: s for s in plan_jobs(cfg, ws.identity, ws.task_identity())}
+    assert set(specs["plain_tasks:make"].task_code) == {"plain_tasks:make"} and not specs["toy_colours"].task_code
+    sys.modules.pop("plain_tasks")
+    assert SweepJob(cfg.model_dump(mode="json"), progress=False)(specs["plain_tasks:make"].to_dict())["status"] == "ok"
+
+    (tmp_path / "plain_tasks.py").write_text(PLAIN_TASK + "\n# edited\n")
+    sys.modules.pop("plain_tasks")
+    job = SweepJob(cfg.model_dump(mode="json"), progress=False)
+    result = job(specs["plain_tasks:make"].to_dict())
+    assert result["status"] == "failed" and result["metrics"] == {}
+    assert result["error"].startswith(f"TaskChanged: task 'plain_tasks:make': {tmp_path / 'plain_tasks.py'} changed "
+                                      "since the sweep was submitted"), result["error"]
+    assert job(specs["toy_colours"].to_dict())["status"] == "ok"  # a job not reading it runs
+
+
 def test_a_task_built_in_code_is_identified_by_its_content():
     from tasks.base import InMemoryTask
     from tasks.synthetic import make_toy_task
