@@ -10,12 +10,14 @@ else shapes the output), and reused on the next call, in any process.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
+from harness.cache import build_lock, remove_stale_temporaries
 from harness.convert import FORMAT, convert_pickled_checkpoint
 from harness.errors import HarnessError, NotBuilt
 from harness.hf_convert import (
@@ -188,7 +190,10 @@ def resolve_checkpoint(
         out = store / f"{key}.safetensors"
         if not _complete(out):
             _must_convert(p, convert)
-            convert_hf_checkpoint(folder, out, kind=kind, arch=arch, projection=projection if proj_digest else None)
+            with _converting(out) as todo:
+                if todo:
+                    convert_hf_checkpoint(folder, out, kind=kind, arch=arch,
+                                          projection=projection if proj_digest else None)
         checkpoint_arch(out)
         return out
     if _in_layout(p, kind):
@@ -202,7 +207,9 @@ def resolve_checkpoint(
         _must_convert(p, convert)
         if arch is not None and projection is not None and Path(projection).is_file():
             resolve_arch(arch, [p, projection])  # a generated name the state dict does not record
-        convert_pickled_checkpoint(p, out, trust_pickle=trust_pickle, arch=arch)
+        with _converting(out) as todo:
+            if todo:
+                convert_pickled_checkpoint(p, out, trust_pickle=trust_pickle, arch=arch)
     return out
 
 
@@ -225,6 +232,22 @@ def checkpoint_arch(path: str | os.PathLike) -> str | None:
 
 def _key(parts: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
+
+
+@contextlib.contextmanager
+def _converting(out: Path) -> Iterator[bool]:
+    """Held while one process converts into ``out`` (sweeps sharing a cache folder may convert the
+    same checkpoint at once): yields whether the conversion is still to do once the lock is held,
+    after deleting the temporary files a killed conversion left (as large as the model). The lock
+    files are a fixed set of 16 in ``checkpoints.locks/``, beside the store."""
+    lock = out.parent.with_name(out.parent.name + ".locks") / f"{out.name[0]}.lock"
+    with build_lock(lock, f"{out.name}: waiting for another process that is converting this checkpoint"):
+        if _complete(out):
+            yield False
+            return
+        for path in (out, Path(f"{out}.json")):
+            remove_stale_temporaries(path)
+        yield True
 
 
 def _complete(out: Path) -> bool:

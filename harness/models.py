@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.cache import current_umask
+from harness.cache import atomic_path, atomic_write_bytes, current_umask
 from harness.errors import HarnessError, did_you_mean
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -215,24 +215,22 @@ def check_encoder_shapes(path: str | os.PathLike, found: dict[str, tuple[int, ..
 
 
 def save_state_dict(state: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None) -> None:
-    """Atomic safetensors write (temp file + rename), so a killed writer leaves no half file."""
+    """Atomic safetensors write (:func:`harness.cache.atomic_path`: a hidden temporary file,
+    synced, then renamed), so a killed writer leaves no half file, and a failed one no temporary."""
     from safetensors.torch import save_file
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp),
-                  metadata={k: str(v) for k, v in (metadata or {}).items()})
-    except Exception as exc:
-        tmp.unlink(missing_ok=True)
-        code = re.search(r"\(os error (\d+)\)|\bcode: (\d+)", str(exc))  # safetensors' words: "... (os error 28)"
-        if code:
-            number = int(code.group(1) or code.group(2))
-            raise OSError(number, os.strerror(number), str(path)) from exc
-        raise
-    os.chmod(tmp, 0o666 & ~current_umask())  # safetensors creates 0600: a shared cache's models would be the writer's alone
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        try:
+            save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp),
+                      metadata={k: str(v) for k, v in (metadata or {}).items()})
+        except Exception as exc:
+            code = re.search(r"\(os error (\d+)\)|\bcode: (\d+)", str(exc))  # safetensors' words: "... (os error 28)"
+            if code:
+                number = int(code.group(1) or code.group(2))
+                raise OSError(number, os.strerror(number), str(path)) from exc
+            raise
+        os.chmod(tmp, 0o666 & ~current_umask())  # safetensors creates 0600: a shared cache's models would be the writer's alone
 
 
 @torch.no_grad()
@@ -288,9 +286,7 @@ def register_model_config(name: str, cfg: Any, origin: str | os.PathLike,
         config_dir.mkdir(parents=True, exist_ok=True)
         path = config_dir / f"{name}.json"
         if not path.is_file() or json_file(path) != cfg:
-            tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-            tmp.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-            os.replace(tmp, path)
+            atomic_write_bytes(path, (json.dumps(cfg, indent=2, sort_keys=True) + "\n").encode())
         open_clip.add_model_config(path)
         return
     with tempfile.TemporaryDirectory(prefix="harness-arch-") as tmp:  # open_clip registers files only

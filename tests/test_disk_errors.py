@@ -143,3 +143,27 @@ def test_a_model_file_the_disk_refuses_is_an_os_error_naming_it(tmp_path):
                          env=dict(os.environ, PYTHONPATH=str(ROOT)), preexec_fn=_file_size_limit(4096))
     assert out.stdout.split() == ["True", str(path)], out.stderr[-2000:]
     assert list(path.parent.iterdir()) == []
+
+
+def test_a_model_save_interrupted_midway_leaves_nothing(tmp_path, monkeypatch):
+    """Ctrl-C in the middle of a safetensors write: neither a half model file nor its temporary
+    is left (an earlier file of that name is kept whole)."""
+    import pytest
+    import safetensors.torch
+    import torch
+
+    from harness.models import load_state_dict, save_state_dict
+
+    path = tmp_path / "models" / "m.safetensors"
+    save_state_dict({"w": torch.ones(4)}, path)
+
+    def cut(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"\x08\x00\x00\x00\x00\x00\x00\x00{")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(safetensors.torch, "save_file", cut)
+    with pytest.raises(KeyboardInterrupt):
+        save_state_dict({"w": torch.zeros(4)}, path)
+    assert [p.name for p in path.parent.iterdir()] == [path.name]
+    assert torch.equal(load_state_dict(path)["w"], torch.ones(4))

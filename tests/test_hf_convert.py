@@ -316,6 +316,61 @@ def test_resolve_converts_once_and_keys_by_content(tmp_path: Path, monkeypatch) 
     assert resolve_checkpoint(folder, cache, arch="harness-micro-vit") != first  # the checked arch is part of the key
 
 
+def test_a_conversion_deletes_a_killed_ones_temporaries_and_waits_for_a_running_one(tmp_path: Path, monkeypatch,
+                                                                                    capsys) -> None:
+    """A killed conversion leaves its hidden temporary file (as large as the model): the next
+    conversion of that checkpoint deletes it under the store's lock. A process that waited on the
+    lock while another converted finds the conversion done and does not convert again."""
+    import threading
+    import time
+
+    import harness.checkpoints as checkpoints
+    from harness.checkpoints import _key
+
+    enc = micro_visual()
+    folder = write_hf_folder(tmp_path / "ckpts" / "clip_task_a", enc, "gelu")
+    cache = tmp_path / "cache"
+    out = resolve_checkpoint(folder, cache)
+    expected = load_state_dict(out)
+    for f in (out, Path(f"{out}.json")):
+        f.unlink()
+    stale = [out.parent / f".{out.name}.dead1234.tmp", out.parent / f".{out.name}.json.dead1234.tmp"]
+    other = out.parent / f".{_key({'other': 1})}.safetensors.dead1234.tmp"  # another checkpoint's: not ours to delete
+    for f in (*stale, other):
+        f.write_bytes(b"a write a kill cut short")
+    held, release = threading.Event(), threading.Event()
+    real = checkpoints.convert_hf_checkpoint
+    calls = []
+
+    def slow(*args, **kwargs):
+        calls.append(1)
+        held.set()
+        release.wait(30)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoints, "convert_hf_checkpoint", slow)
+    first = threading.Thread(target=resolve_checkpoint, args=(folder, cache))
+    first.start()
+    assert held.wait(30)
+    assert not any(f.exists() for f in stale) and other.exists()
+    second: list[Path] = []
+    waiter = threading.Thread(target=lambda: second.append(resolve_checkpoint(folder, cache)))
+    waiter.start()
+    said = ""
+    for _ in range(300):  # the waiter says it waits once it finds the lock held
+        said += capsys.readouterr().err
+        if "waiting for another process that is converting this checkpoint" in said:
+            break
+        time.sleep(0.1)
+    assert f"{out.name}: waiting for another process that is converting this checkpoint" in said, said
+    release.set()
+    first.join(30)
+    waiter.join(30)
+    assert second == [out] and len(calls) == 1
+    assert all(torch.equal(load_state_dict(out)[k], v) for k, v in expected.items())
+    assert not [p.name for p in out.parent.iterdir() if p.name.endswith(".tmp") and p != other]
+
+
 def test_resolve_files_plain_and_pickled(tmp_path: Path) -> None:
     from tests.test_convert import ImageEncoder
 

@@ -238,6 +238,14 @@ def test_changed_finetune_option_keeps_pretrained_and_retrains_encoders(suite, t
     assert other.pretrained == art.pretrained and other.timings["pretrain"] == 0.0
     assert other.finetuned[two_tasks[0]] != art.finetuned[two_tasks[0]]
 
+    # a run killed while saving that encoder left its temporary file; the retraining deletes it
+    path = other.finetuned[two_tasks[0]]
+    path.unlink()
+    stale = path.parent / f".{path.name}.dead1234.tmp"
+    stale.write_bytes(b"a write a kill cut short")
+    again = pipeline.prepare_suite(two_tasks[:1], cache, {**TINY, "finetune_lr": 3e-4}, progress=False)
+    assert again.finetuned[two_tasks[0]] == path and path.is_file() and not stale.exists()
+
 
 def test_finetune_seed_retrains_encoders_from_the_same_pretrained_model(suite, two_tasks):
     """Another fine-tuning seed: same pretrained weights, other encoders; unset, nothing moves."""

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from harness.cache import atomic_write_json, build_lock, content_key, read_json
+from harness.cache import atomic_write_json, build_lock, content_key, read_json, remove_stale_temporaries
 from harness.models import (
     CONFIG_DIR,
     ImageClassifier,
@@ -298,6 +298,7 @@ def _ensure_pretrained(opts: SuiteOptions, cache_dir: Path, data_version: str, b
     path = _pretrained_path(opts, cache_dir, data_version, from_scratch)
     if path.is_file():
         return path, 0.0
+    remove_stale_temporaries(path)  # a killed run's (the prepare lock is held: nobody else writes it)
     images, captions = cached_pool(opts.pretrain_pool, opts.pretrain_pool_seed, opts.size, cache_dir)
     bar = bars.add_task(f"pretrain {opts.arch}", total=opts.pretrain_steps, info="")
     start = time.perf_counter()
@@ -381,6 +382,7 @@ def prepare_suite(task_names: list[str], cache_dir: Path, options: dict | None =
             timings[f"finetune:{task}"] = 0.0
             if not finetuned[task].is_file():
                 todo.append(task)
+                remove_stale_temporaries(finetuned[task])  # a killed run's, under the prepare lock
         if todo:
             preserve = None
             if opts.preserve_weight > 0:
