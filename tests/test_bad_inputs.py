@@ -381,6 +381,21 @@ def test_a_read_only_output_folder_is_one_line(sweep_dict, tmp_path, monkeypatch
     assert list(out.iterdir()) == []
 
 
+def _validate_loading_no_tensor(tmp_path, d, monkeypatch) -> str:
+    """`harness validate` on ``d`` with every way of loading tensors or building the model
+    refused; its error (exit code 2), on one line."""
+    def no_load(*a, **k):
+        raise AssertionError("validate loaded tensors")
+
+    monkeypatch.setattr("harness.models.load_state_dict", no_load)
+    monkeypatch.setattr("safetensors.torch.load_file", no_load)
+    monkeypatch.setattr("harness.workspace.build_clip", no_load)
+    r = CliRunner().invoke(main, ["validate", _write(tmp_path, d)])
+    err = " ".join(r.stderr.split())
+    assert r.exit_code == 2, err + r.stdout
+    return err
+
+
 def test_validate_names_a_checkpoint_of_another_width_from_headers_alone(sweep_dict, micro_checkpoints, tmp_path,
                                                                        monkeypatch):
     """`validate` compares every fine-tuned checkpoint's tensor shapes with the pretrained encoder's
@@ -393,16 +408,7 @@ def test_validate_names_a_checkpoint_of_another_width_from_headers_alone(sweep_d
     save_state_dict(build_clip("harness-tiny-vit").visual.state_dict(), folder / "toy_colours.safetensors")
     d = copy.deepcopy(sweep_dict)
     d["model"]["finetuned_pattern"] = str(folder / "{task}.safetensors")
-
-    def no_load(*a, **k):
-        raise AssertionError("validate loaded tensors")
-
-    monkeypatch.setattr("harness.models.load_state_dict", no_load)
-    monkeypatch.setattr("safetensors.torch.load_file", no_load)
-    monkeypatch.setattr("harness.workspace.build_clip", no_load)
-    r = CliRunner().invoke(main, ["validate", _write(tmp_path, d)])
-    err = " ".join(r.stderr.split())
-    assert r.exit_code == 2, err + r.stdout
+    err = _validate_loading_no_tensor(tmp_path, d, monkeypatch)
     assert (f"error: {tmp_path / 's.yaml'}: model.finetuned_pattern: checkpoint of task 'toy_colours' "
             f"({folder / 'toy_colours.safetensors'}): tensor 'class_embedding' has shape (128,), pretrained has "
             "(32,) (model.pretrained pretrained.safetensors: another architecture or width?)") in err, err
@@ -476,15 +482,7 @@ def test_validate_names_an_architecture_of_another_width_than_the_pretrained_wei
     device, loading no tensor; the weights and checkpoints agree with each other."""
     d = copy.deepcopy(sweep_dict)
     d["model"]["arch"] = "harness-tiny-vit"
-
-    def no_load(*a, **k):
-        raise AssertionError("validate loaded tensors")
-
-    monkeypatch.setattr("harness.models.load_state_dict", no_load)
-    monkeypatch.setattr("safetensors.torch.load_file", no_load)
-    r = CliRunner().invoke(main, ["validate", _write(tmp_path, d)])
-    err = " ".join(r.stderr.split())
-    assert r.exit_code == 2, err + r.stdout
+    err = _validate_loading_no_tensor(tmp_path, d, monkeypatch)
     assert (f"error: {tmp_path / 's.yaml'}: model.arch: architecture 'harness-tiny-vit' has tensor "
             "'visual.class_embedding' of shape (128,), model.pretrained pretrained.safetensors has (32,) "
             "(weights of another architecture or width?) (got 'harness-tiny-vit')") in err, err
