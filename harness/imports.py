@@ -58,8 +58,10 @@ def _where(exc: BaseException, module_name: str) -> str:
 
 
 def source_file(obj: Any) -> str | None:
-    """The file that defines ``obj`` (a class or function), None when it has none."""
+    """The file that defines ``obj`` (a class or function), None when it has none (a built-in, or
+    a class of a ``__main__`` without a file: a notebook's, ``python -c``'s, for which Python
+    raises OSError "source code not available")."""
     try:
         return inspect.getsourcefile(obj)
-    except TypeError:
+    except (TypeError, OSError):
         return None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -341,6 +343,38 @@ def test_a_slurm_job_refuses_a_task_file_edited_after_submission(sweep_dict, mic
     assert result["error"].startswith(f"TaskChanged: task 'plain_tasks:make': {tmp_path / 'plain_tasks.py'} changed "
                                       "since the sweep was submitted"), result["error"]
     assert job(specs["toy_colours"].to_dict())["status"] == "ok"  # a job not reading it runs
+
+
+def test_a_task_class_defined_in_a_notebook_runs(sweep_dict, micro_checkpoints, monkeypatch):
+    """A Task subclass defined in a notebook (or `python -c`, a REPL): its `__main__` has no file,
+    and Python says "source code not available" (OSError) for its classes. The task has no file
+    to digest, so it adds none to its identity, as a class whose file cannot be found; the sweep
+    runs."""
+    import types
+
+    import tasks.base
+    from harness.workspace import Workspace
+    from tasks.base import Task, register_task
+    from tasks.synthetic import make_toy_task
+
+    monkeypatch.setitem(sys.modules, "__main__", types.ModuleType("__main__"))  # as Jupyter's: no __file__
+    monkeypatch.setattr(tasks.base, "_TASKS", dict(tasks.base._TASKS))  # registered for this test only
+
+    class Cell(Task):
+        def __init__(self, inner):
+            self.inner, self.name, self.classnames, self.templates = inner, inner.name, inner.classnames, inner.templates
+
+        def dataset(self, split):
+            return self.inner.dataset(split)
+
+    Cell.__module__ = "__main__"
+    register_task("notebook_task")(lambda: Cell(make_toy_task("toy_stripes", n_test=40)))
+    d = dict(sweep_dict, references={"pretrained": True, "individual": True}, methods=["weight_averaging"],
+             tasks=["notebook_task", "toy_colours"],
+             model={**sweep_dict["model"], "finetuned": {"notebook_task": str(micro_checkpoints / "toy_stripes.safetensors")}})
+    assert "code" not in Workspace(validate_config(d)).task_identity("notebook_task")
+    out = run_sweep(validate_config(d), quiet=True)
+    assert out.results and all(r.status == "ok" for r in out.results), [r.error for r in out.results]
 
 
 def test_a_task_built_in_code_is_identified_by_its_content():
