@@ -420,12 +420,15 @@ def hub_offline() -> Iterator[None]:
 
 def meta_clip_shapes(arch: str, near: Sequence[str | os.PathLike] = ()) -> dict[str, tuple[int, ...]]:
     """The tensor names and shapes of open_clip's ``arch`` (its whole CLIP state dict), built on
-    the meta device: no memory and no initialisation, so a ViT-L costs seconds, not gigabytes."""
+    the meta device: no memory and no initialisation, so a ViT-L costs seconds, not gigabytes
+    (``create_model(device="meta")`` alone builds the model in memory first, then moves it). A
+    Hugging Face text tower is built from its config alone, with the hub offline: its weights
+    are not needed, and a config missing from the local cache fails in seconds."""
     resolve_arch(arch, near)
     if (open_clip_module().get_model_config(arch).get("text_cfg") or {}).get("hf_model_name"):
         enable_hf_text_towers()
-    with _quiet_root_logger(logging.ERROR):
-        model = open_clip_module().create_model(arch, pretrained=None, device="meta")
+    with _quiet_root_logger(logging.ERROR), hub_offline(), torch.device("meta"):
+        model = open_clip_module().create_model(arch, pretrained=None, device="meta", pretrained_text=False)
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 

@@ -512,3 +512,37 @@ def test_validate_names_an_architecture_of_another_depth_than_the_pretrained_wei
 def test_validate_accepts_the_architecture_of_its_weights(sweep_dict, tmp_path):
     r = CliRunner().invoke(main, ["validate", _write(tmp_path, sweep_dict)])
     assert r.exit_code == 0, r.stderr + r.stdout
+
+
+def test_the_architecture_check_allocates_no_parameter_and_keeps_the_hub_offline(monkeypatch):
+    """`validate` (and every sweep's driver) builds model.arch only for its tensor names and shapes:
+    no parameter is ever made in memory (open_clip's create_model(device="meta") alone builds the
+    model on the CPU, a ViT-bigG's 10 GB, then moves it), and a Hugging Face text tower's config
+    is looked up offline, its weights not at all, as nothing else in a sweep reaches for a hub."""
+    import os
+
+    from torch import nn
+
+    import harness.models
+    from harness.models import meta_clip_shapes, open_clip_module
+
+    devices, calls = set(), []
+    register = nn.Module.register_parameter
+
+    def spy(self, name, param):
+        if param is not None:
+            devices.add(param.device.type)
+        return register(self, name, param)
+
+    real = open_clip_module().create_model
+
+    def create_model(*args, **kwargs):
+        calls.append((os.environ.get("HF_HUB_OFFLINE"), kwargs.get("pretrained_text", True)))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(nn.Module, "register_parameter", spy)
+    monkeypatch.setattr(harness.models.open_clip_module(), "create_model", create_model)
+    shapes = meta_clip_shapes("harness-tiny-vit")
+    assert shapes["visual.class_embedding"] == (128,)
+    assert devices == {"meta"}, devices
+    assert calls == [("1", False)], calls
