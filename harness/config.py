@@ -1055,7 +1055,9 @@ def check_pretrained_arch(cfg: SweepConfig, file: str) -> None:
     memory, no weights), as the run loads it (every tensor, strictly). A ViT-B-16 named for
     ViT-B-32 weights is one line naming ``model.arch`` here, not a failure once the sweep builds
     the model. Files the run converts first (``.pt``, Hugging Face folders, an encoder without
-    its ``visual.`` tower) and weights named by an open_clip tag are checked when loaded."""
+    its ``visual.`` tower) and weights named by an open_clip tag are checked when loaded. Weights
+    that were built with ``model.arch`` already (the encoder summary a driver reads instead of
+    building the model) fit it: open_clip is not imported for them."""
     from harness.models import is_safetensors, meta_clip_shapes, tensor_shapes
 
     m = cfg.model
@@ -1068,6 +1070,11 @@ def check_pretrained_arch(cfg: SweepConfig, file: str) -> None:
         return  # check_model_contents names the unreadable file
     if not any(k.startswith("visual.") for k in found):
         return
+    from harness.models import file_digest
+    from harness.workspace import cached_encoder_summary, encoder_summary_file
+
+    if cached_encoder_summary(encoder_summary_file(cfg.resolved_cache_dir(), m.arch, file_digest(pre)[:16])):
+        return  # built with these weights before (the summary a driver reads): open_clip stays unimported
     try:
         built = meta_clip_shapes(m.arch, [str(pre)])
     except Exception:  # noqa: BLE001  (an unknown name is check_model_files' error; anything else, the run's)

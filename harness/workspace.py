@@ -39,6 +39,24 @@ def same_weights(a: nn.Module, b: nn.Module) -> bool:
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+def encoder_summary_file(cache_dir: Path, arch: str, pretrained_identity: str | None) -> Path:
+    """Where :attr:`Workspace.encoder_summary` keeps the summary of ``arch`` built with the weights
+    file whose identity (``file_digest(path)[:16]``, None for none) is given."""
+    from importlib.metadata import version
+
+    ours = CONFIG_DIR / f"{arch}.json"
+    key = content_key({"arch": arch, "pretrained": pretrained_identity, "open_clip": version("open_clip_torch"),
+                       "config": ours.read_text() if ours.is_file() else None})
+    return cache_dir / "encoders" / f"{arch}-{key}.json"
+
+
+def cached_encoder_summary(path: Path) -> dict[str, Any] | None:
+    """The summary at ``path``, None when there is none whole: written only once the model was
+    built, its weights loaded (every tensor, strictly)."""
+    summary = read_json(path)
+    return summary if isinstance(summary, dict) and {"shapes", "params", "image_size"} <= summary.keys() else None
+
+
 class Workspace:
     """``build=False``: identities only from what is built already (the embedded suite's models,
     converted checkpoints, the encoder summary); anything that would need building first raises
@@ -143,18 +161,12 @@ class Workspace:
         model has been built with those weights: a pair that never loaded is still checked by
         building it. Weights named by an open_clip tag are always built (its cached file may have
         gone), so a missing file stays one error before any job."""
-        from importlib.metadata import version
-
         arch, pretrained = self.sources["arch"], self.sources["pretrained"]
         path = None
         if not pretrained or Path(pretrained).is_file():
-            ours = CONFIG_DIR / f"{arch}.json"
-            key = content_key({"arch": arch, "pretrained": self.identity["pretrained"],
-                               "open_clip": version("open_clip_torch"),
-                               "config": ours.read_text() if ours.is_file() else None})
-            path = self.cfg.resolved_cache_dir() / "encoders" / f"{arch}-{key}.json"
-            summary = read_json(path)
-            if isinstance(summary, dict) and {"shapes", "params", "image_size"} <= summary.keys():
+            path = encoder_summary_file(self.cfg.resolved_cache_dir(), arch, self.identity["pretrained"])
+            summary = cached_encoder_summary(path)
+            if summary is not None:
                 return summary
         if not self.build:
             raise NotBuilt(f"the image encoder of {arch} was never built with these weights (its input size "

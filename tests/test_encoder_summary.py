@@ -103,3 +103,26 @@ def test_driver_with_workers_never_imports_open_clip(micro_checkpoints, tmp_path
     executed, ok, imported = out.split()
     assert int(executed) >= 4 and ok == "True"
     assert imported == "False"
+
+
+def test_the_sweep_commands_checks_leave_open_clip_alone_once_the_weights_were_built(micro_checkpoints, tmp_path):
+    """`harness sweep`, `tune`, `collect` and `validate` check model.arch against the pretrained
+    weights (tests/test_bad_inputs.py); once those weights were built with that architecture (the
+    summary a driver reads says so), the checks a driver runs before its workers start leave
+    open_clip unimported, as the rest of the driver does. New weights are still checked."""
+    import yaml
+
+    d = make_sweep_dict(micro_checkpoints, tmp_path)
+    d["executor"] = {"kind": "local", "workers": 2}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(d))
+    code = ("import sys\n"
+            "from harness.cli import _load\n"
+            f"_load({str(tmp_path / 's.yaml')!r}, (), does='submit')\n"
+            "print('open_clip' in sys.modules)\n")
+    assert run_fresh(code).split() == ["True"]  # never built: checked against open_clip's model
+    Workspace(validate_config(d)).preflight()  # what an earlier sweep leaves in the cache
+    assert run_fresh(code).split() == ["False"]
+    d["model"]["arch"] = "harness-tiny-vit"  # not the weights' architecture: never built with them
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(d))
+    with pytest.raises(AssertionError, match="model.arch: architecture 'harness-tiny-vit' has tensor"):
+        run_fresh(code)
