@@ -35,7 +35,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     write their own temporary file, and the last replace wins whole."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:  # a folder it cannot create files in: name the file, not a temporary never made
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc
     try:
         try:
             os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp's 0600 would hide shared caches and results from other users

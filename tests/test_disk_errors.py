@@ -167,3 +167,27 @@ def test_a_model_save_interrupted_midway_leaves_nothing(tmp_path, monkeypatch):
         save_state_dict({"w": torch.zeros(4)}, path)
     assert [p.name for p in path.parent.iterdir()] == [path.name]
     assert torch.equal(load_state_dict(path)["w"], torch.ones(4))
+
+
+def test_a_model_save_into_a_read_only_folder_names_the_model_file(tmp_path, monkeypatch):
+    """A cache folder the model cannot be written into (read-only, no permission): the error names
+    the model file, as one of a full disk does, not the hidden temporary file it never created."""
+    import pytest
+    import torch
+
+    from harness.models import save_state_dict
+
+    folder = tmp_path / "cache" / "checkpoints"
+    folder.mkdir(parents=True)
+    real_open = os.open
+
+    def read_only(path, *args, **kwargs):
+        if str(path).startswith(str(folder)):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", read_only)
+    with pytest.raises(OSError) as info:
+        save_state_dict({"w": torch.ones(4)}, folder / "m.safetensors")
+    assert (info.value.errno, info.value.filename) == (errno.EROFS, str(folder / "m.safetensors"))
+    assert list(folder.iterdir()) == []
