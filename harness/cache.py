@@ -63,12 +63,13 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def build_lock(lock_path: str | os.PathLike, waiting: str | None = None) -> Iterator[None]:
+def build_lock(lock_path: str | os.PathLike, waiting: str | None = None) -> Iterator[bool]:
     """Held while one process builds what several jobs sharing a cache folder need at once (SLURM
     jobs of one sweep start together): the others wait, then read what it built instead of
     building it too. An advisory lock the OS drops with its process, so a killed builder never
     blocks the next. ``waiting`` is printed (with the lock file) when another process holds it.
-    A folder the lock file cannot be written to is used unlocked."""
+    A folder the lock file cannot be written to is used unlocked. Yields whether the lock is held
+    (what a builder deleting a killed builder's leftovers must know: unlocked, another's may be live)."""
     from filelock import FileLock, Timeout
 
     lock = FileLock(lock_path)
@@ -81,10 +82,10 @@ def build_lock(lock_path: str | os.PathLike, waiting: str | None = None) -> Iter
                 print(f"{waiting} (lock file {lock.lock_file})", file=sys.stderr, flush=True)
             lock.acquire()
     except OSError:
-        yield
+        yield False
         return
     try:
-        yield
+        yield True
     finally:
         lock.release()
 

@@ -238,14 +238,16 @@ def _key(parts: dict[str, Any]) -> str:
 def _converting(out: Path) -> Iterator[bool]:
     """Held while one process converts into ``out`` (sweeps sharing a cache folder may convert the
     same checkpoint at once): yields whether the conversion is still to do once the lock is held,
-    after deleting the temporary files a killed conversion left (as large as the model). The lock
+    after deleting the temporary files a killed conversion left (as large as the model; only with
+    the lock held: a cache whose lock file this process cannot open is converted into unlocked,
+    and a temporary there may be another process's, being written). The lock
     files are a fixed set of 16 in ``checkpoints.locks/``, beside the store."""
     lock = out.parent.with_name(out.parent.name + ".locks") / f"{out.name[0]}.lock"
-    with build_lock(lock, f"{out.name}: waiting for another process that is converting this checkpoint"):
+    with build_lock(lock, f"{out.name}: waiting for another process that is converting this checkpoint") as held:
         if _complete(out):
             yield False
             return
-        for path in (out, Path(f"{out}.json")):
+        for path in (out, Path(f"{out}.json")) if held else ():  # unlocked, a temporary may be a live writer's
             remove_stale_temporaries(path)
         yield True
 

@@ -371,6 +371,31 @@ def test_a_conversion_deletes_a_killed_ones_temporaries_and_waits_for_a_running_
     assert not [p.name for p in out.parent.iterdir() if p.name.endswith(".tmp") and p != other]
 
 
+def test_a_conversion_without_the_lock_leaves_other_writers_temporaries(tmp_path: Path, monkeypatch) -> None:
+    """A lock file this process may not open (a shared cache's, created by another user): the
+    conversion runs unlocked, as build_lock promises, and so cannot tell a killed conversion's
+    temporary from the one another process is writing at this moment: it deletes none."""
+    import errno
+
+    import filelock
+
+    enc = micro_visual()
+    folder = write_hf_folder(tmp_path / "ckpts" / "clip_task_a", enc, "gelu")
+    cache = tmp_path / "cache"
+    out = resolve_checkpoint(folder, cache)
+    for f in (out, Path(f"{out}.json")):
+        f.unlink()
+    writing = out.parent / f".{out.name}.live5678.tmp"  # another process's conversion, in progress
+    writing.write_bytes(b"half a model, still being written")
+
+    def refused(self, *args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(self.lock_file))
+
+    monkeypatch.setattr(filelock.FileLock, "acquire", refused)
+    assert resolve_checkpoint(folder, cache) == out and out.is_file()
+    assert writing.exists()
+
+
 def test_resolve_files_plain_and_pickled(tmp_path: Path) -> None:
     from tests.test_convert import ImageEncoder
 

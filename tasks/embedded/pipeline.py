@@ -292,13 +292,14 @@ def _pretrained_path(opts: SuiteOptions, cache_dir: Path, data_version: str, fro
     return cache_dir / "pretrained" / f"{opts.arch}-{content_key(identity)}.safetensors"
 
 
-def _ensure_pretrained(opts: SuiteOptions, cache_dir: Path, data_version: str, bars, from_scratch: bool
-                       ) -> tuple[Path, float]:
+def _ensure_pretrained(opts: SuiteOptions, cache_dir: Path, data_version: str, bars, from_scratch: bool,
+                       locked: bool = False) -> tuple[Path, float]:
     identity = opts.pretrain_identity(data_version)
     path = _pretrained_path(opts, cache_dir, data_version, from_scratch)
     if path.is_file():
         return path, 0.0
-    remove_stale_temporaries(path)  # a killed run's (the prepare lock is held: nobody else writes it)
+    if locked:  # a killed run's (the prepare lock is held: nobody else writes it)
+        remove_stale_temporaries(path)
     images, captions = cached_pool(opts.pretrain_pool, opts.pretrain_pool_seed, opts.size, cache_dir)
     bar = bars.add_task(f"pretrain {opts.arch}", total=opts.pretrain_steps, info="")
     start = time.perf_counter()
@@ -342,7 +343,7 @@ def _finetune_job(task: str, opts_json: str, pretrained: str, out: str, preserve
     return task, seconds
 
 
-def _build_lock(cache_dir: Path, progress: bool) -> AbstractContextManager[None]:
+def _build_lock(cache_dir: Path, progress: bool) -> AbstractContextManager[bool]:
     """One process at a time prepares models in a cache folder: two sweeps (or SLURM jobs)
     sharing it would otherwise train the same models at once."""
     return build_lock(cache_dir / ".prepare.lock", f"waiting for another process that is preparing models in "
@@ -372,8 +373,9 @@ def prepare_suite(task_names: list[str], cache_dir: Path, options: dict | None =
     total_start = time.perf_counter()
     if not train:
         return _built_suite(opts, task_names, cache_dir, data, from_scratch)
-    with _build_lock(cache_dir, progress), _progress_bars(progress) as bars:
-        pretrained, timings["pretrain"] = _ensure_pretrained(opts, cache_dir, data.DATA_VERSION, bars, from_scratch)
+    with _build_lock(cache_dir, progress) as locked, _progress_bars(progress) as bars:
+        pretrained, timings["pretrain"] = _ensure_pretrained(opts, cache_dir, data.DATA_VERSION, bars, from_scratch,
+                                                             locked)
         digest = file_digest(pretrained)
         finetuned: dict[str, Path] = {}
         todo: list[str] = []
@@ -382,7 +384,8 @@ def prepare_suite(task_names: list[str], cache_dir: Path, options: dict | None =
             timings[f"finetune:{task}"] = 0.0
             if not finetuned[task].is_file():
                 todo.append(task)
-                remove_stale_temporaries(finetuned[task])  # a killed run's, under the prepare lock
+                if locked:  # a killed run's, under the prepare lock (unlocked, another's may be live)
+                    remove_stale_temporaries(finetuned[task])
         if todo:
             preserve = None
             if opts.preserve_weight > 0:
