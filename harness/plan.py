@@ -129,6 +129,9 @@ def method_class_id(method: str) -> str:
     return identity if code is None else f"{identity}@{code}"
 
 
+#: Where a task's identity holds the digest of its class's source (a name no task's own
+#: ``identity()`` is likely to use: the two must not overwrite each other in a job key).
+TASK_SOURCE_KEY = "harness.source_sha256"
 #: Packages whose methods and tasks are the project's own: their source does not enter job keys.
 OWN_PACKAGES = ("methods", "tasks", "harness")
 #: Per class object, the digest of its files when this process first saw it (just after importing
@@ -293,7 +296,7 @@ def with_key(cfg: SweepConfig, s: JobSpec, identity: dict[str, Any],
         body["adapt"] = cfg.adapt.model_dump()
     if s.kind == "trial":  # a trial's result depends on its study (pruning decisions) too
         body["study"] = {k: s.trial[k] for k in ("study_name", "number")}
-    task_code = {t: ident["code"] for t, ident in (body["tasks"] or {}).items()
-                 if isinstance(ident, dict) and "code" in ident}
+    task_code = {t: ident[TASK_SOURCE_KEY] for t, ident in (body["tasks"] or {}).items()
+                 if isinstance(ident, dict) and TASK_SOURCE_KEY in ident}
     return JobSpec(s.kind, s.label, s.method, s.params, s.task, key=content_key(body), trial=s.trial,
                    protocol=s.protocol, method_id=body.get("method"), task_code=task_code)

@@ -427,7 +427,7 @@ def _run_sweep(cfg: SweepConfig, ws: Workspace, executor: Any, console: Console,
     if summary:
         tracker.log_summary_metrics({metric_name(k): v for k, v in summary.items()})
     failed = [r for r in ordered if r.status != "ok"]
-    tracker.finish(ok=not failed)
+    tracker.finish(ok=not failed and not failed_trials)  # as the exit code: a failed trial, as a failed setting
     timings["logging"] = time.perf_counter() - t2
 
     outcome = SweepOutcome(ordered, rows, out, tracker.parent_id, executed, timings, gen_rows, failed_trials)

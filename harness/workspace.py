@@ -319,12 +319,12 @@ class Workspace:
         hashes the images themselves) add no digest, so their keys are unchanged."""
         if name is None:
             return {t: self.task_identity(t) for t in self.cfg.task_names}
-        from harness.plan import class_source_digest
+        from harness.plan import TASK_SOURCE_KEY, class_source_digest
 
         options = next(t.options for t in self.cfg.tasks if t.name == name)
         task = self.task(name)
         code = class_source_digest(type(task), Task)
-        return {**task.identity(), **({"options": options} if options else {}), **({"code": code} if code else {})}
+        return {**task.identity(), **({"options": options} if options else {}), **({TASK_SOURCE_KEY: code} if code else {})}
 
     def head(self, task: str) -> torch.Tensor:
         if task not in self._heads:

@@ -9,6 +9,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from harness.config import validate_config
+from harness.plan import TASK_SOURCE_KEY
 from harness.runner import run_sweep
 from tests.conftest import TOY_TASKS, make_sweep_dict
 
@@ -307,7 +308,7 @@ def test_editing_a_task_classs_code_reruns_its_jobs(sweep_dict, micro_checkpoint
     from harness.workspace import Workspace
 
     ws = Workspace(validate_config(d))
-    assert "code" in ws.task_identity("plain_tasks:make") and "code" not in ws.task_identity("toy_colours")
+    assert TASK_SOURCE_KEY in ws.task_identity("plain_tasks:make") and TASK_SOURCE_KEY not in ws.task_identity("toy_colours")
     before = {r.label: r.metrics["acc/plain_tasks:make"] for r in first.results}
     assert {r.label: r.metrics["acc/plain_tasks:make"] for r in again.results} == pytest.approx(before)
 
@@ -372,7 +373,7 @@ def test_a_task_class_defined_in_a_notebook_runs(sweep_dict, micro_checkpoints, 
     d = dict(sweep_dict, references={"pretrained": True, "individual": True}, methods=["weight_averaging"],
              tasks=["notebook_task", "toy_colours"],
              model={**sweep_dict["model"], "finetuned": {"notebook_task": str(micro_checkpoints / "toy_stripes.safetensors")}})
-    assert "code" not in Workspace(validate_config(d)).task_identity("notebook_task")
+    assert TASK_SOURCE_KEY not in Workspace(validate_config(d)).task_identity("notebook_task")
     out = run_sweep(validate_config(d), quiet=True)
     assert out.results and all(r.status == "ok" for r in out.results), [r.error for r in out.results]
 

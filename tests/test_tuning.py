@@ -759,6 +759,15 @@ def quality_study(sweep_dict: dict) -> dict:
         "tune": {"n_trials": 4, "n_parallel": 1, "sampler": "grid", "space": QUALITY_GRID}}])
 
 
+def sweep_run_status(d: dict) -> str:
+    """The MLflow status of the sweep's parent run."""
+    cfg = validate_config(d)
+    client = MlflowClient(cfg.resolved_tracking_uri())
+    exp = client.get_experiment_by_name(cfg.name).experiment_id
+    (run,) = client.search_runs([exp], "tags.`harness.kind` = 'sweep'")
+    return run.info.status
+
+
 def test_tuned_row_counts_its_failed_and_pruned_trials(sweep_dict, tmp_path):
     """As a grid's row says how many settings failed, a tuned row says how many of its study's
     trials failed and were pruned: in the sweep's table and in `harness report`'s, rebuilt from MLflow.
@@ -782,9 +791,11 @@ def test_tuned_row_counts_its_failed_and_pruned_trials(sweep_dict, tmp_path):
     summary = r.stderr[r.stderr.index("1 Optuna trial failed (each study chose among the others):"):]
     assert f"trial {bad.number} q(quality=95.0): RuntimeError: quality 95.0 is too high" in summary, summary
     assert "traceback: " in summary and "jobs failed" not in r.stderr, r.stderr
+    assert sweep_run_status(d) == "FAILED"  # as the exit code says
     r = CliRunner().invoke(main, ["sweep", str(f)], env={"COLUMNS": "200"})
     assert r.exit_code == 0 and "Optuna trial" not in r.stderr, r.output
     assert setting in r.stderr, r.stderr
+    assert sweep_run_status(d) == "FINISHED"
     out = tmp_path / "out"
     assert f"| q | {setting} |" in (out / "report" / "main.md").read_text()
     (out / "report" / "main.md").unlink()
