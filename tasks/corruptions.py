@@ -251,13 +251,14 @@ def _built_once(path: Path, read: Callable[[], _T], build: Callable[[], None], p
     except _DAMAGED:
         pass
     with build_lock(_lock_path(path), f"{path.name}: waiting for another process that is corrupting images"
-                    if progress else None):
+                    if progress else None) as held:
         try:
             return read()
         except _DAMAGED:
             pass
-        remove_stale_temporaries(path)
-        remove_stale_temporaries(_labels_path(path))
+        if held:  # unlocked (a lock file this process cannot open), a temporary may be a live builder's
+            remove_stale_temporaries(path)
+            remove_stale_temporaries(_labels_path(path))
         build()
     return read()
 
