@@ -30,6 +30,20 @@ def process_running(pid: int) -> bool:
         return False
 
 
+def read_only_under(monkeypatch, folder) -> None:
+    """``os.open`` of anything under ``folder`` fails as on a read-only filesystem (EROFS)."""
+    import errno
+
+    real_open = os.open
+
+    def read_only(path, *args, **kwargs):
+        if str(path).startswith(str(folder)):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", read_only)
+
+
 @pytest.fixture(scope="session")
 def micro_checkpoints(tmp_path_factory):
     """A micro CLIP (pretrained file) and per-task 'fine-tuned' encoders (random perturbations)."""

@@ -362,19 +362,11 @@ def test_an_output_dir_that_is_a_file_is_bad_input(sweep_dict, tmp_path):
 
 def test_a_read_only_output_folder_is_one_line(sweep_dict, tmp_path, monkeypatch):
     """EROFS or EACCES on the lock file: the folder named, no traceback, nothing run."""
-    import errno
-    import os
+    from tests.conftest import read_only_under
 
     out = tmp_path / "out"
     out.mkdir()
-    real_open = os.open
-
-    def read_only(path, *args, **kwargs):
-        if str(path).startswith(str(out)):
-            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
-        return real_open(path, *args, **kwargs)
-
-    monkeypatch.setattr(os, "open", read_only)
+    read_only_under(monkeypatch, out)
     code, err, _ = _run_sweep(tmp_path, dict(sweep_dict, output_dir=str(out)))
     assert code == 2, err
     assert err == f"error: output_dir: cannot write into it (Read-only file system) (got {str(out)!r})", err

@@ -176,17 +176,11 @@ def test_a_model_save_into_a_read_only_folder_names_the_model_file(tmp_path, mon
     import torch
 
     from harness.models import save_state_dict
+    from tests.conftest import read_only_under
 
     folder = tmp_path / "cache" / "checkpoints"
     folder.mkdir(parents=True)
-    real_open = os.open
-
-    def read_only(path, *args, **kwargs):
-        if str(path).startswith(str(folder)):
-            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
-        return real_open(path, *args, **kwargs)
-
-    monkeypatch.setattr(os, "open", read_only)
+    read_only_under(monkeypatch, folder)
     with pytest.raises(OSError) as info:
         save_state_dict({"w": torch.ones(4)}, folder / "m.safetensors")
     assert (info.value.errno, info.value.filename) == (errno.EROFS, str(folder / "m.safetensors"))
