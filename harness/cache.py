@@ -96,7 +96,9 @@ def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
     ``path``. Returns the files removed."""
     path = Path(path)
     removed = []
-    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+    name = glob.escape(path.name)
+    # and ``<name>.tmp<pid>``: how model files were written before they went through atomic_path
+    for tmp in [*path.parent.glob(f".{name}.*.tmp"), *path.parent.glob(f"{name}.tmp[0-9]*")]:
         tmp.unlink(missing_ok=True)
         removed.append(tmp)
     return removed

@@ -241,10 +241,11 @@ def test_changed_finetune_option_keeps_pretrained_and_retrains_encoders(suite, t
     # a run killed while saving that encoder left its temporary file; the retraining deletes it
     path = other.finetuned[two_tasks[0]]
     path.unlink()
-    stale = path.parent / f".{path.name}.dead1234.tmp"
-    stale.write_bytes(b"a write a kill cut short")
+    stale = [path.parent / f".{path.name}.dead1234.tmp", path.parent / f"{path.name}.tmp4321"]  # the older naming too
+    for f in stale:
+        f.write_bytes(b"a write a kill cut short")
     again = pipeline.prepare_suite(two_tasks[:1], cache, {**TINY, "finetune_lr": 3e-4}, progress=False)
-    assert again.finetuned[two_tasks[0]] == path and path.is_file() and not stale.exists()
+    assert again.finetuned[two_tasks[0]] == path and path.is_file() and not any(f.exists() for f in stale)
 
 
 def test_finetune_seed_retrains_encoders_from_the_same_pretrained_model(suite, two_tasks):
