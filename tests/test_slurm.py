@@ -521,6 +521,61 @@ def test_detached_sweeps_submit_and_collect_the_robustness_follow_up(cluster, va
 
 
 @needs_slurm
+def test_collect_after_editing_a_detached_method_says_its_jobs_ran_other_code(cluster, varied_checkpoints, tmp_path,
+                                                                            monkeypatch):
+    """After ``--detach``, an edit of a method of one's own changes its jobs' keys: ``collect``
+    says those jobs were submitted with other code of that method, not that they were never
+    submitted; a job never submitted is still told as such."""
+    import io
+
+    from rich.console import Console
+
+    from tests.test_plugin_methods import _write_module
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    _write_module(tmp_path, 0.0)
+    d = _sweep(varied_checkpoints, tmp_path / "sweep", "toy-edited", kind="slurm", mem_gb=1, timeout_min=5,
+               setup=[*SETUP, f"export PYTHONPATH=$PYTHONPATH:{tmp_path}"], poll_s=1)
+    d["references"] = False
+    d["methods"] = [{"name": "scaled_sum:ScaledSum", "label": "mine", "grid": {"tag": [0, 1]}}]
+
+    def said(mode: str) -> str:
+        text = io.StringIO()
+        run_sweep(validate_config(d), console=Console(file=text, width=250), mode=mode)
+        return " ".join(text.getvalue().split())
+
+    assert "submitted 2 jobs " in said("detach")
+    _write_module(tmp_path, 0.6)
+    d["methods"][0]["grid"]["tag"] = [0, 1, 2]
+    text = said("collect")
+    assert ("2 jobs were submitted with other code of the method scaled_sum:ScaledSum (its file changed since; on the "
+            "cluster they fail with MethodChanged or TaskChanged): run `harness sweep` to run them with the current "
+            "code") in text, text
+    assert "1 job was never submitted (run `harness sweep` for it)" in text, text
+
+
+def test_jobs_submitted_with_other_code_are_told_by_what_changed(tmp_path):
+    """Which recorded submission a spec with an unknown key is (same kind and title), and whether
+    its method or which task of one's own changed; submissions recorded without code identities
+    (an older harness) are not told apart."""
+    import harness.executors.slurm as slurm
+    from harness.plan import JobSpec
+
+    d = make_sweep_dict(Path("/nonexistent"), tmp_path)
+    d["executor"] = {"kind": "slurm"}
+    ex = slurm.SlurmExecutor(validate_config(d))
+    ex.log.record({
+        "old1": {"job_id": "1_0", "title": "mine(tag=0)", "kind": "merge", "method_id": "m:M@aaa", "task_code": {}},
+        "old2": {"job_id": "1_1", "title": "mine(tag=1)", "kind": "merge", "method_id": "m:M@bbb",
+                 "task_code": {"t:make": "c1"}},
+        "old3": {"job_id": "1_2", "title": "mine(tag=2)", "kind": "merge"},
+    })
+    specs = [JobSpec("merge", "mine", "m:M", {"tag": i}, key=f"new{i}", method_id="m:M@bbb",
+                     task_code={"t:make": "c2"}) for i in range(4)]
+    assert ex.changed_code(specs) == {"new0": "method m:M and task 't:make'", "new1": "task 't:make'"}
+
+
+@needs_slurm
 def test_failed_jobs_are_reported_with_reason_and_stderr_tail(interrupted_sweep):
     outcome = interrupted_sweep["outcome"]
     failed = {r.label: r for r in outcome.failed}

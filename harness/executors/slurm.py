@@ -375,7 +375,8 @@ class SlurmExecutor:
         sys.stderr.write(said.getvalue())
         if self.kind == "slurm":
             self.log.record({s.key: {"job_id": str(j.job_id), "title": s.title, "kind": s.kind,
-                                     "submitted_at": _now()} for s, j in zip(specs, jobs)})
+                                     "submitted_at": _now(), "method_id": s.method_id, "task_code": s.task_code}
+                             for s, j in zip(specs, jobs)})
         return [_Tracked(s, j) for s, j in zip(specs, jobs)]
 
     def _reattach(self, specs: list[JobSpec]) -> tuple[list[_Tracked], list[JobSpec]]:
@@ -408,6 +409,27 @@ class SlurmExecutor:
         self._require_cluster("collect")
         records = self.log.load()
         return [s for s in specs if s.key in records]
+
+    def changed_code(self, specs: list[JobSpec]) -> dict[str, str]:
+        """Of specs with no recorded submission, the keys of those whose job (same kind and title) was
+        submitted under other code of its method or of a task of one's own, with what changed:
+        their keys changed with the code, and the jobs submitted fail on the nodes (MethodChanged,
+        TaskChanged). Submissions recorded before the code was recorded are not told apart."""
+        by_title: dict[tuple[str, str], dict[str, Any]] = {}
+        for record in self.log.load().values():
+            if "method_id" in record:
+                by_title[record.get("kind", ""), record.get("title", "")] = record
+        out = {}
+        for s in specs:
+            record = by_title.get((s.kind, s.title))
+            if record is None:
+                continue
+            tasks = sorted(t for t in set(s.task_code) | set(record.get("task_code") or {})
+                           if s.task_code.get(t) != (record.get("task_code") or {}).get(t))
+            what = ([f"method {s.method}"] if record["method_id"] != s.method_id else []) + [f"task {t!r}" for t in tasks]
+            if what:
+                out[s.key] = " and ".join(what)
+        return out
 
     def submit(self, specs: list[JobSpec]) -> str:
         """Submit without waiting (``--detach``); jobs already queued or running are not resubmitted."""
