@@ -284,17 +284,7 @@ def _run_sweep(cfg: SweepConfig, ws: Workspace, executor: Any, console: Console,
         executor.collect_only = True
         known = executor.known(pending)
         if show and len(known) < len(pending):
-            unknown = [s for s in pending if s not in known]
-            changed = executor.changed_code(unknown)
-            for what in dict.fromkeys(changed.values()):
-                n = sum(w == what for w in changed.values())
-                console.print(f"{n} job{'s were' if n != 1 else ' was'} submitted with other code of the {what} (its file "
-                              "changed since; on the cluster they fail with MethodChanged or TaskChanged): run "
-                              "`harness sweep` to run them with the current code", highlight=False)
-            if len(unknown) > len(changed):
-                n = len(unknown) - len(changed)
-                console.print(f"{n} job{'s were' if n != 1 else ' was'} never submitted (run `harness sweep` for "
-                              f"{'them' if n != 1 else 'it'})", highlight=False)
+            tell_unsubmitted(console, executor, [s for s in pending if s not in known])
         pending = known
     refs = [s for s in pending if s.kind != "merge"]
     merges = [s for s in pending if s.kind == "merge"]
@@ -444,6 +434,21 @@ def _run_sweep(cfg: SweepConfig, ws: Workspace, executor: Any, console: Console,
     if show:
         print_tables(console, cfg, rows, gen_rows)
     return outcome
+
+
+def tell_unsubmitted(console: Console, executor: Any, unknown: list[JobSpec]) -> None:
+    """What ``collect`` says of jobs it finds no submission of: submitted under other code of a
+    method or task of one's own (edited since ``--detach``: their keys changed), or never submitted."""
+    changed = executor.changed_code(unknown)
+    for what in dict.fromkeys(changed.values()):
+        n = sum(w == what for w in changed.values())
+        console.print(f"{n} job{'s were' if n != 1 else ' was'} submitted with other code of the {what} (its file "
+                      "changed since; on the cluster they fail with MethodChanged or TaskChanged): run "
+                      "`harness sweep` to run them with the current code", highlight=False)
+    if len(unknown) > len(changed):
+        n = len(unknown) - len(changed)
+        console.print(f"{n} job{'s were' if n != 1 else ' was'} never submitted (run `harness sweep` for "
+                      f"{'them' if n != 1 else 'it'})", highlight=False)
 
 
 def metric_name(text: str) -> str:
