@@ -143,6 +143,18 @@ class TaskSpec(Strict):
     name: str
     options: dict[str, Any] = Field(default_factory=dict)
 
+    @field_validator("options")
+    @classmethod
+    def _env_data_root(cls, v: dict[str, Any]) -> dict[str, Any]:
+        """A task's own data folder is a path like the top-level ``data_root``: ``${VAR}`` expands."""
+        root = v.get("data_root")
+        if isinstance(root, str):
+            try:
+                return {**v, "data_root": expand_env(root)}
+            except ValueError as exc:
+                raise ValueError(f"data_root: {exc}") from None
+        return v
+
 
 class ParamSpace(Strict):
     """One tuned hyperparameter: float/int in [low, high] (optionally log or stepped), or categorical."""

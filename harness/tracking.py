@@ -34,6 +34,8 @@ TRIALS_TAG = "harness.trials"
 FINAL_KEY_TAG = "harness.final_key"
 #: On a pruned trial's run: the last step it reported before it was stopped.
 PRUNED_AT_TAG = "harness.pruned_at_step"
+#: The git commit of the code that logged a run (the parent run and each job run), when known.
+GIT_COMMIT_TAG = "mlflow.source.git.commit"
 
 
 def flatten(d: Any, prefix: str = "") -> dict[str, str]:
@@ -184,6 +186,16 @@ class Tracker:
         self._names: dict[str, tuple[str, str]] = {}  # job key -> (label, run name) of its run
         self._tuning: list[str] = []  # tuning runs this driver reopened or created
         self._writing: set[str] = set()  # job and trial runs this driver created and has not ended
+        self._commit: tuple[str | None] | None = None  # the code's git commit, asked for once
+
+    @property
+    def commit(self) -> str | None:
+        """The git commit of the code this driver runs (None outside a git checkout), tagged on
+        the parent run it creates and on every job run it logs: a resumed sweep's jobs may run
+        other code than the run that created its parent."""
+        if self._commit is None:
+            self._commit = (git_commit(),)
+        return self._commit[0]
 
     @property
     def client(self) -> Any:
@@ -246,9 +258,8 @@ class Tracker:
                 self.client.set_tag(self._parent_id, SCOPE_TAG, "sweep")
         else:
             tags = {SWEEP_TAG: digest, "harness.kind": "sweep", "mlflow.runName": self.cfg.name, SCOPE_TAG: scope}
-            commit = git_commit()
-            if commit:
-                tags["mlflow.source.git.commit"] = commit
+            if self.commit:
+                tags[GIT_COMMIT_TAG] = self.commit
             run = self.client.create_run(self.experiment_id, tags=tags)
             self._parent_id = run.info.run_id
             self._log_params(self._parent_id, params)
@@ -312,6 +323,8 @@ class Tracker:
         if result.task:
             tags["harness.task"] = result.task
         tags[PROTOCOL_TAG] = result.protocol
+        if self.commit:
+            tags[GIT_COMMIT_TAG] = self.commit
         if result.error:
             tags["harness.failure_reason"] = result.error[:5000]
         if result.warnings:

@@ -267,6 +267,25 @@ def test_overrides_apply_and_env_expands(sweep_dict, tmp_path, monkeypatch):
     assert cfg.output_dir == f"{tmp_path}/runs"
 
 
+def test_env_expands_in_a_task_data_root(sweep_dict, tmp_path, monkeypatch):
+    """A task's own data folder (``options.data_root``) is a path like the top-level one: ``${VAR}``
+    expands in it, and an unset variable is an error naming that field."""
+    monkeypatch.setenv("HARNESS_TEST_ROOT", str(tmp_path))
+    (tmp_path / "dtd").mkdir()
+    d = _set(sweep_dict, "tasks", [*sweep_dict["tasks"], {"name": "dtd", "options": {"data_root": "${HARNESS_TEST_ROOT}/dtd"}}])
+    f = tmp_path / "ok.yaml"
+    f.write_text(yaml.safe_dump(d))
+    from harness.config import load_config
+
+    assert load_config(f).tasks[-1].options["data_root"] == f"{tmp_path}/dtd"
+    d["tasks"][-1]["options"]["data_root"] = "${HARNESS_TEST_UNSET_VAR}/dtd"
+    f.write_text(yaml.safe_dump(d))
+    code, _, err = _run(["validate", str(f)])
+    assert code == 2, err
+    assert (f"tasks.{len(d['tasks']) - 1}.options: data_root: environment variable HARNESS_TEST_UNSET_VAR is not "
+            "set") in " ".join(err.split())
+
+
 @pytest.mark.parametrize("suite,tasks,fragments", [
     ({"finetune_stepz": 3}, ["emb_mnist"], ["model.suite.finetune_stepz: unknown key; did you mean 'finetune_steps'?"]),
     ({"arch": "harness-tiny-vt"}, ["emb_mnist"],

@@ -70,6 +70,36 @@ def test_tracker_opens_mlflow_on_first_use_and_reopens_the_sweep_run(sweep_dict)
     assert other.parent_id != parent
 
 
+
+def test_job_runs_carry_the_git_commit_they_were_logged_with(sweep_dict, monkeypatch):
+    """As the README says of job runs: their tags hold the git commit when available, not only the
+    parent's (which keeps the commit of the run that created it, while a resumed sweep logs its
+    jobs from the code it runs now)."""
+    from harness.job import JobResult
+    from harness.tracking import Tracker
+
+    cfg = validate_config(sweep_dict)
+    monkeypatch.setattr("harness.tracking.git_commit", lambda: "c0ffee")
+    tracker = Tracker(cfg)
+    tracker.start_sweep("d1", {"a": 1})
+    tracker.log_job(JobResult("k1", "merge", "ta", {}, None, "ok", metrics={"acc/avg": 50.0}), {}, "d1")
+    monkeypatch.setattr("harness.tracking.git_commit", lambda: "beef42")
+    resumed = Tracker(cfg)
+    resumed.start_sweep("d1", {"a": 1})
+    resumed.log_job(JobResult("k2", "merge", "ta", {}, None, "ok", metrics={"acc/avg": 51.0}), {}, "d1")
+    monkeypatch.setattr("harness.tracking.git_commit", lambda: None)
+    unknown = Tracker(cfg)
+    unknown.start_sweep("d1", {"a": 1})
+    unknown.log_job(JobResult("k3", "merge", "ta", {}, None, "ok", metrics={"acc/avg": 52.0}), {}, "d1")
+    client = unknown.client
+    parent = client.get_run(unknown.parent_id).data.tags
+    assert parent["mlflow.source.git.commit"] == "c0ffee"
+    jobs = {r.data.tags["harness.job_key"]: r.data.tags for r in client.search_runs(
+        [unknown.experiment_id], f"tags.`mlflow.parentRunId` = '{unknown.parent_id}'")}
+    assert jobs["k1"]["mlflow.source.git.commit"] == "c0ffee"
+    assert jobs["k2"]["mlflow.source.git.commit"] == "beef42"
+    assert "mlflow.source.git.commit" not in jobs["k3"]
+
 def test_an_unreachable_tracking_server_fails_the_sweep_before_any_job(sweep_dict, monkeypatch):
     from harness.errors import HarnessError
     from harness.runner import run_sweep
