@@ -363,13 +363,19 @@ def resolve_arch(arch: str, near: Sequence[str | os.PathLike] = ()) -> str:
                        f"(neither open_clip's nor harness/model_configs'){where}{hint}")
 
 
+def buildable(arch: str, near: Sequence[str | os.PathLike] = ()) -> None:
+    """Make ``arch`` buildable by open_clip in this process (:func:`resolve_arch`), with
+    ``transformers`` given to its adapters when its text tower is a Hugging Face model."""
+    resolve_arch(arch, near)
+    if (open_clip_module().get_model_config(arch).get("text_cfg") or {}).get("hf_model_name"):
+        enable_hf_text_towers()
+
+
 def build_clip(arch: str, pretrained: str | None = None, cache_dir: str | None = None) -> nn.Module:
     """An open_clip CLIP by architecture name, with weights from a file or a cached tag."""
     open_clip = open_clip_module()
     from_file = bool(pretrained) and (Path(pretrained).suffix in WEIGHT_SUFFIXES or Path(pretrained).is_file())
-    resolve_arch(arch, [pretrained] if from_file else [])
-    if (open_clip.get_model_config(arch).get("text_cfg") or {}).get("hf_model_name"):
-        enable_hf_text_towers()
+    buildable(arch, [pretrained] if from_file else [])
     if from_file:
         model = _create_random(arch)
         state = load_state_dict(pretrained)
@@ -424,9 +430,7 @@ def meta_clip_shapes(arch: str, near: Sequence[str | os.PathLike] = ()) -> dict[
     (``create_model(device="meta")`` alone builds the model in memory first, then moves it). A
     Hugging Face text tower is built from its config alone, with the hub offline: its weights
     are not needed, and a config missing from the local cache fails in seconds."""
-    resolve_arch(arch, near)
-    if (open_clip_module().get_model_config(arch).get("text_cfg") or {}).get("hf_model_name"):
-        enable_hf_text_towers()
+    buildable(arch, near)
     with _quiet_root_logger(logging.ERROR), hub_offline(), torch.device("meta"):
         model = open_clip_module().create_model(arch, pretrained=None, device="meta", pretrained_text=False)
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
