@@ -1014,6 +1014,11 @@ def encoder_shapes(shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, .
     return {k[len(prefix):]: s for k, s in shapes.items() if k.startswith(prefix)}
 
 
+def first_shape_mismatch(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]]) -> str | None:
+    """The first tensor (in ``expected``'s order) both hold with different shapes, else None."""
+    return next((k for k, shape in expected.items() if k in found and tuple(found[k]) != tuple(shape)), None)
+
+
 def check_checkpoint_shapes(cfg: SweepConfig, file: str) -> None:
     """Every fine-tuned checkpoint's tensors have the pretrained image encoder's shapes, read from
     safetensors headers alone (no tensor is loaded, whatever the checkpoints' size), so a
@@ -1047,7 +1052,7 @@ def check_checkpoint_shapes(cfg: SweepConfig, file: str) -> None:
         if found is None:
             continue  # not one image encoder: the run says what it holds
         checked += 1
-        k = next((k for k, shape in expected.items() if k in found and tuple(found[k]) != tuple(shape)), None)
+        k = first_shape_mismatch(expected, found)
         if k is not None:
             mismatches.append((where, whose, k, tuple(found[k])))
     if not mismatches:
@@ -1093,7 +1098,7 @@ def check_pretrained_arch(cfg: SweepConfig, file: str) -> None:
         return
     where = f"model.pretrained {pre.name}"
     built = dict(sorted(built.items(), key=lambda kv: not kv[0].startswith("visual.")))  # the image tower named first
-    k = next((k for k, shape in built.items() if k in found and tuple(found[k]) != shape), None)
+    k = first_shape_mismatch(built, found)
     if k is not None:
         raise ConfigError(file, "model.arch", f"architecture {m.arch!r} has tensor {k!r} of shape {built[k]}, "
                           f"{where} has {tuple(found[k])} (weights of another architecture or width?)", m.arch)
