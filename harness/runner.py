@@ -346,8 +346,7 @@ def _run_sweep(cfg: SweepConfig, ws: Workspace, executor: Any, console: Console,
                     if res.error_detail:
                         atomic_write_bytes(traceback_file(out, spec.key), res.error_detail.encode())
                     if spec.kind != "trial":  # a trial's line comes once its study has told it (run_study)
-                        console.print(f"[red]failed[/] {escape(spec.title)}: {escape(res.error or '')}",
-                                      highlight=False)
+                        console.print(failed_line(spec.title, res), highlight=False)
                 results[spec.key] = res
                 executed.append(spec.key)
                 if log_now and spec.kind != "trial":  # trials are logged under their study's run
@@ -470,6 +469,12 @@ def result_line(result: JobResult, spec: JobSpec) -> str:
     return f"done {spec.title}: {text} [{result.timings.get('total', 0.0):.1f} s]"
 
 
+def failed_line(title: str, result: JobResult) -> str:
+    """A failed job's (or trial's) line as console markup: title and error shown as written
+    (brackets in them are not markup)."""
+    return f"[red]failed[/] {escape(title)}: {escape(result.error or '')}"
+
+
 def trial_line(spec: JobSpec, result: JobResult, state: str, objective: str, study: Any) -> str:
     """One line per finished trial: its objective, and the study's best so far."""
     head = f"trial {spec.trial['number']} {spec.title}"
@@ -541,8 +546,7 @@ def run_study(cfg: SweepConfig, m, identity: dict, task_identity: dict, results_
             if failed is not None:
                 failed.append((spec, result))
             if console is not None:
-                which = f"trial {spec.trial['number']} {spec.title}"
-                console.print(f"[red]failed[/] {escape(which)}: {escape(result.error or '')}", highlight=False)
+                console.print(failed_line(f"trial {spec.trial['number']} {spec.title}", result), highlight=False)
         elif console is not None:
             console.print(trial_line(spec, result, state, m.tune.objective, runner.study), highlight=False,
                           markup=False)
