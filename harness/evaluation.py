@@ -37,6 +37,14 @@ def iterate_batches(dataset: Dataset, batch_size: int, max_samples: int | None =
     yield from DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
 
 
+def label_outside(labels: torch.Tensor, num_classes: int) -> int | None:
+    """A label outside ``[0, num_classes)`` (the lowest if any is negative, else the highest), or None."""
+    if not len(labels):
+        return None
+    low, high = int(labels.min()), int(labels.max())
+    return low if low < 0 else high if high >= num_classes else None
+
+
 class EvaluationDataError(ValueError):
     """A split that cannot be scored: empty, or a label the head has no class for."""
 
@@ -51,8 +59,8 @@ def correct_predictions(classifier: nn.Module, dataset: Dataset, batch_size: int
         logits = classifier(images.to(device, non_blocking=True))
         if not torch.isfinite(logits).all():
             raise FloatingPointError("non-finite logits during evaluation")
-        if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= logits.shape[-1]):
-            bad = int(labels.min()) if int(labels.min()) < 0 else int(labels.max())
+        bad = label_outside(labels, logits.shape[-1])
+        if bad is not None:
             raise EvaluationDataError(f"label {bad} is outside the head's {logits.shape[-1]} classes (0..{logits.shape[-1] - 1})")
         hits.append(logits.argmax(-1).cpu() == labels)
     if not hits:

@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import Dataset, TensorDataset
 
 from harness.errors import HarnessError, did_you_mean
+from harness.evaluation import label_outside
 from harness.imports import import_object
 
 SPLITS = ("train", "val", "test")
@@ -124,8 +125,8 @@ def _checked_split(name: str, split: str, images: torch.Tensor, labels: torch.Te
 def check_labels(labels: torch.Tensor, num_classes: int, where: str) -> None:
     """Integer labels within ``[0, num_classes)``: a label no class name covers is never
     predicted, so it would lower the accuracy silently instead of failing."""
-    if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
-        bad = int(labels.min()) if int(labels.min()) < 0 else int(labels.max())
+    bad = label_outside(labels, num_classes)
+    if bad is not None:
         raise TaskDataError(f"{where}: label {bad} is outside the {num_classes} class names (0..{num_classes - 1})")
 
 
