@@ -524,7 +524,6 @@ class WeMoE(MergeMethod):
             ctx.artifacts["router_task_id"] = task_id
         return model
 
-
     def _finished_adaptation(self, path: Path, model: nn.Module, meta: Mapping[str, Any]) -> dict[str, Any] | None:
         """The loss history of the adaptation saved at ``path`` when it is this one (same models,
         key hyperparameters and data), with its routers loaded into ``model``; else None. A job
@@ -538,6 +537,7 @@ class WeMoE(MergeMethod):
         hyper = dict(saved.get("hyperparameters") or {})
         for name in self.runtime_only:
             hyper[name] = type(self).model_fields[name].default
+
         def as_saved(value: Any) -> Any:  # what JSON gives back (tuples as lists)
             return json.loads(json.dumps(value))
 
