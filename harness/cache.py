@@ -6,6 +6,7 @@ import contextlib
 import glob
 import hashlib
 import json
+import math
 import os
 import sys
 import tempfile
@@ -109,8 +110,21 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
+def finite_json(obj: Any) -> Any:
+    """``obj`` with every NaN or infinite float as None: JSON has no NaN, and strict readers (jq,
+    a browser, most languages' parsers) refuse the ``NaN`` token Python writes by default."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v) for v in obj]
+    return obj
+
+
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write_bytes(path, json.dumps(obj, indent=1, default=str).encode())  # key order kept: params read back as written
+    """Standard JSON (no ``NaN``: see :func:`finite_json`), key order kept: params read back as written."""
+    atomic_write_bytes(path, json.dumps(finite_json(obj), indent=1, default=str, allow_nan=False).encode())
 
 
 def read_json(path: str | os.PathLike) -> Any | None:

@@ -7,6 +7,7 @@ a rerun of a sweep continues the same parent run and logs every job exactly once
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import sqlite3
@@ -53,8 +54,12 @@ def flatten(d: Any, prefix: str = "") -> dict[str, str]:
 
 
 def curve_points(series: list) -> list[tuple[int, float]]:
-    """(step, value) of a curve: a dense list (step = index) or sparse [step, value] pairs."""
-    return [(int(v[0]), float(v[1])) if isinstance(v, (list, tuple)) else (i, float(v)) for i, v in enumerate(series)]
+    """(step, value) of a curve: a dense list (step = index) or sparse [step, value] pairs; a
+    value a result file holds as null (a NaN step: see ``finite_json``) is NaN again."""
+    def value(v: Any) -> float:
+        return math.nan if v is None else float(v)
+
+    return [(int(v[0]), value(v[1])) if isinstance(v, (list, tuple)) else (i, value(v)) for i, v in enumerate(series)]
 
 
 def git_commit() -> str | None:

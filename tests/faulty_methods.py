@@ -109,7 +109,7 @@ class Widget:
 
 class OddArtifacts(MergeMethod):
     """Puts what a research method might into ``ctx.artifacts``: tensors (one sparse), numpy values, sets, tuples,
-    an object of its own, and its adaptation loss as a numpy array."""
+    an object of its own, an infinite ratio, and its adaptation loss as a numpy array with a NaN step."""
 
     tag: int = 0
 
@@ -129,6 +129,7 @@ class OddArtifacts(MergeMethod):
             "nested": {"pair": (1, np.float64(2.5)), 3: torch.tensor(1.5)},
             "odd": Widget(),
             "lock": threading.Lock(),  # cannot even be pickled back from a worker process
-            "tta_loss": np.array([3.0, 2.0, 1.0]),
+            "ratio": float("inf"),  # e.g. a norm ratio over a zero task vector
+            "tta_loss": np.array([3.0, np.nan, 1.0]),  # one diverged step the method recovered from
         })
         return with_state(pretrained, task_arithmetic_state(pretrained, finetuned, 0.3))

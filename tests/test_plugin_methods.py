@@ -168,6 +168,7 @@ def test_artifacts_json_cannot_hold_are_converted_or_named(sweep_dict, tmp_path)
     curve reaches MLflow."""
     import io
     import json
+    import math
 
     from mlflow.tracking import MlflowClient
     from rich.console import Console
@@ -179,11 +180,17 @@ def test_artifacts_json_cannot_hold_are_converted_or_named(sweep_dict, tmp_path)
     run = run_sweep(cfg, console=Console(file=out, width=300))
     (result,) = run.results
     assert result.status == "ok"
-    stored = json.loads((cfg.resolved_output_dir() / "results" / f"{result.key}.json").read_text())
+    def no_constant(token):
+        raise ValueError(f"{token} is not JSON")
+
+    # standard JSON, as jq or a browser reads it: no NaN or Infinity tokens, null in their place
+    stored = json.loads((cfg.resolved_output_dir() / "results" / f"{result.key}.json").read_text(),
+                        parse_constant=no_constant)
     artifacts = stored["artifacts"]
     assert artifacts == {"coefs": [[0.5, 0.25], [1.0, 2.0]], "mask": [[0.0, 2.0], [3.0, 0.0]], "array": [0, 1, 2], "scalar": 0.5, "count": 7,
                          "flag": True, "tags": ["a", "b", "c"], "nested": {"pair": [1, 2.5], "3": 1.5},
-                         "odd": "Widget(3)", "lock": artifacts["lock"], "curves": {"tta/loss": [3.0, 2.0, 1.0]}}
+                         "odd": "Widget(3)", "lock": artifacts["lock"], "ratio": None,
+                         "curves": {"tta/loss": [3.0, None, 1.0]}}
     assert artifacts["lock"].startswith("<unlocked _thread.lock object")
     text = " ".join(out.getvalue().split())
     assert ("warning odd: tests.faulty_methods:OddArtifacts: ctx.artifacts['odd'] is a "
@@ -195,11 +202,19 @@ def test_artifacts_json_cannot_hold_are_converted_or_named(sweep_dict, tmp_path)
     (job_run,) = client.search_runs([client.get_experiment_by_name(cfg.name).experiment_id],
                                     f"tags.`harness.job_key` = '{result.key}'")
     assert job_run.data.tags["harness.warnings"] == "\n".join(result.warnings)
-    history = client.get_metric_history(job_run.info.run_id, "tta/loss")
-    assert [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)] == [(0, 3.0), (1, 2.0), (2, 1.0)]
+    def logged_curve(run_id):
+        history = sorted(client.get_metric_history(run_id, "tta/loss"), key=lambda m: m.step)
+        return [(m.step, "nan" if math.isnan(m.value) else m.value) for m in history]
+
+    assert logged_curve(job_run.info.run_id) == [(0, 3.0), (1, "nan"), (2, 1.0)]
 
     again = run_sweep(cfg, quiet=True)  # read back from the result file
     assert again.executed == [] and again.results[0].artifacts == artifacts
+    client.delete_run(job_run.info.run_id)  # logged again from the result file: the NaN step is NaN again
+    run_sweep(cfg, quiet=True)
+    (relogged,) = client.search_runs([client.get_experiment_by_name(cfg.name).experiment_id],
+                                     f"tags.`harness.job_key` = '{result.key}'")
+    assert logged_curve(relogged.info.run_id) == [(0, 3.0), (1, "nan"), (2, 1.0)]
     r = CliRunner().invoke(main, ["report", str(cfg.resolved_output_dir())], env={"COLUMNS": "200"})
     assert r.exit_code == 0, r.output
 
