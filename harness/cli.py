@@ -260,7 +260,7 @@ def _report(cfg, outcome, quiet: bool) -> None:
         print_tables(console, cfg, outcome.rows, outcome.generalization_rows)
     if not outcome.failed and not outcome.failed_trials:
         return
-    from harness.plan import setting_text
+    from harness.plan import job_title
     from harness.runner import traceback_file
 
     def show(head: str, r) -> None:
@@ -272,7 +272,7 @@ def _report(cfg, outcome, quiet: bool) -> None:
     if outcome.failed:
         err_console.print(f"[red]{len(outcome.failed)} of {len(outcome.results)} jobs failed:[/]")
         for r in outcome.failed:  # titled as its progress line was: label(k=v, ...)
-            show(f"{r.title}({setting_text(r.params)})" if r.params else r.title, r)
+            show(job_title(r.kind, r.task, r.label, r.params), r)
     if outcome.failed_trials:
         n = len(outcome.failed_trials)
         err_console.print(f"[red]{n} Optuna trial{'s' if n != 1 else ''} failed (each study chose among the "

@@ -21,7 +21,7 @@ from harness.config import MAIN, SweepConfig
 from harness.evaluation import EvaluationDataError, correct_predictions, percent, unlabeled_batches
 from harness.failpoints import failpoint
 from harness.models import ImageClassifier, tensor_stamp
-from harness.plan import JobSpec, adapts_on_corruptions, check_method_code, check_task_code, robustness_inline
+from harness.plan import JobSpec, adapts_on_corruptions, job_title, check_method_code, check_task_code, robustness_inline
 from harness.runtime import evaluation_threads
 from harness.significance import pack_correct
 from harness.workspace import Workspace
@@ -52,9 +52,8 @@ class JobResult:
 
     @property
     def title(self) -> str:
-        if self.task:
-            return f"{self.kind}/{self.task}"
-        return f"robustness/{self.label}" if self.kind == "robustness" else self.label
+        """Without the setting (a grid point's run is named by it instead: Tracker.log_job)."""
+        return job_title(self.kind, self.task, self.label)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "JobResult":

@@ -37,15 +37,20 @@ class JobSpec:
 
     @property
     def title(self) -> str:
-        if self.kind in PER_TASK_KINDS:
-            return f"{self.kind}/{self.task}"
-        title = self.label
-        if self.params:
-            title += f"({setting_text(self.params)})"
-        return f"robustness/{title}" if self.kind == "robustness" else title
+        return job_title(self.kind, self.task, self.label, self.params)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def job_title(kind: str, task: str | None, label: str, params: dict[str, Any] | None = None) -> str:
+    """How a job is named on its progress line, in failure summaries and as its MLflow run:
+    ``individual/<task>`` for a per-task reference job (only those have a task), else its label
+    and setting, ``label(k=v, ...)``, with ``robustness/`` before a robustness job's."""
+    if task:
+        return f"{kind}/{task}"
+    title = f"{label}({setting_text(params)})" if params else label
+    return f"robustness/{title}" if kind == "robustness" else title
 
 
 def setting_text(params: dict[str, Any]) -> str:
