@@ -78,6 +78,7 @@ class AdaMerging(MergeMethod):
 
     uses_test_data = True
     runtime_only = frozenset({"checkpoint_every"})
+    added_hyperparameters = frozenset({"diversity_weight"})
 
     granularity: Granularity = Field("task", description="one coefficient per task, or per task per tensor")
     init_lambda: float = Field(0.3, ge=0.0, le=10.0, description="initial coefficient")
@@ -88,6 +89,8 @@ class AdaMerging(MergeMethod):
     cosine: bool = Field(False, description="cosine-anneal the learning rate to 0")
     eval_every: int = Field(0, ge=0, description="validate and report every N steps (0: never)")
     checkpoint_every: int = Field(100, ge=0, description="checkpoint coefficients to the workdir every N steps (0: never)")
+    diversity_weight: float = Field(0.0, ge=0.0, le=100.0, description=(
+        "weight of each task batch's marginal entropy, maximised (0: the paper's objective)"))
 
     @model_validator(mode="after")
     def _init_inside_clamp(self) -> "AdaMerging":
@@ -105,7 +108,8 @@ class AdaMerging(MergeMethod):
         model = self.build(pretrained, finetuned).to(ctx.device)
         losses = run_tta(model, ctx, lr=self.lr, steps=self.steps, cosine=self.cosine,
                          checkpoint_every=self.checkpoint_every, eval_every=self.eval_every,
-                         joint_forward=True, export=model.export, name="adamerging")
+                         joint_forward=True, export=model.export, diversity_weight=self.diversity_weight,
+                         name="adamerging")
         ctx.artifacts["tta_loss"] = losses
         coef = model.coefficients().detach().cpu()
         ctx.artifacts["adamerging_coefficients"] = {

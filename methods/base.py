@@ -79,6 +79,9 @@ class MergeMethod(BaseModel):
     #: interval, a kernel with the same outputs up to rounding): job keys hold them at their
     #: defaults, so changing one finds the cached result instead of running the job again.
     runtime_only: ClassVar[frozenset[str]] = frozenset()
+    #: Hyperparameters added to the method after results were cached: at their defaults job
+    #: keys leave them out, so those results stay cached (at their defaults they change nothing).
+    added_hyperparameters: ClassVar[frozenset[str]] = frozenset()
 
     def merge(
         self,
@@ -89,10 +92,19 @@ class MergeMethod(BaseModel):
         raise NotImplementedError
 
     def key_params(self) -> dict[str, Any]:
-        """Every hyperparameter as a job key sees it: ``runtime_only`` ones at their defaults."""
-        params = self.model_dump(mode="json")
-        for name in self.runtime_only:
-            params[name] = type(self).model_fields[name].default
+        """Every hyperparameter as a job key sees it (:meth:`as_key`)."""
+        return self.as_key(self.model_dump(mode="json"))
+
+    @classmethod
+    def as_key(cls, params: Mapping[str, Any]) -> dict[str, Any]:
+        """Dumped hyperparameters as a job key sees them: ``runtime_only`` ones at their
+        defaults, ``added_hyperparameters`` left out at their defaults."""
+        params = dict(params)
+        for name in cls.runtime_only:
+            params[name] = cls.model_fields[name].default
+        for name in cls.added_hyperparameters:
+            if name in params and params[name] == cls.model_fields[name].default:
+                del params[name]
         return params
 
     @classmethod

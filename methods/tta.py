@@ -20,8 +20,9 @@ Conventions the callers rely on:
   reproduces an uninterrupted run exactly when the iterator factories are deterministic; a
   file adapted on other data (another corruption or severity) is refused, not resumed.
 * Loss parts: ``ctx.artifacts["tta_parts"]`` holds, per step, the summed entropy
-  (``"entropy"``) and the ``aux_loss`` term (under ``aux_name``); they add up to the returned
-  loss. Steps of a checkpoint written before parts were recorded have none: the parts are
+  (``"entropy"``), with ``diversity_weight`` > 0 the summed ``-diversity_weight`` x marginal
+  entropy of each task's batch (``"diversity"``), and the ``aux_loss`` term (under
+  ``aux_name``); they add up to the returned loss. Steps of a checkpoint written before parts were recorded have none: the parts are
   then ``[step, value]`` pairs from the first step run here.
 * Validation: before the first step and every ``eval_every`` steps, if ``ctx.validate`` is
   set, it is called on ``export()`` (default: the model itself) under ``torch.no_grad``; the
@@ -67,6 +68,15 @@ def per_sample_entropy(logits: torch.Tensor) -> torch.Tensor:
 def entropy(logits: torch.Tensor) -> torch.Tensor:
     """Mean Shannon entropy (nats) of the softmax of each row of ``logits``: the adaptation loss."""
     return per_sample_entropy(logits).mean()
+
+
+def marginal_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Shannon entropy (nats) of the batch's mean prediction: high when a batch's predictions
+    spread over the classes. Minimising entropy alone also rewards predicting one class for
+    every image confidently; maximising this as well (information maximisation, as SHOT does)
+    does not."""
+    mean = F.softmax(logits.float(), dim=-1).mean(0)
+    return -(mean * mean.clamp_min(1e-12).log()).sum()
 
 
 def _images(batch: Any) -> torch.Tensor:
@@ -221,6 +231,7 @@ def run_tta(
     export: Callable[[], nn.Module] | None = None,
     aux_loss: Callable[[str], torch.Tensor] | None = None,
     aux_name: str = "aux",
+    diversity_weight: float = 0.0,
     name: str = "tta",
 ) -> list[float]:
     """Adapt ``model``'s trainable parameters in place; returns the loss of every step.
@@ -229,7 +240,8 @@ def run_tta(
     Adam with ``lr``, optionally cosine-annealed to 0 over ``steps``. ``aux_loss(task)``, when
     given, is called right after the forward of ``task``'s batch and its value is added to the
     loss (per-task forwards only: ``joint_forward`` must be False); its per-step values are
-    reported as the loss part ``aux_name``.
+    reported as the loss part ``aux_name``. ``diversity_weight`` > 0 subtracts that multiple of
+    each task batch's :func:`marginal_entropy` (0: the papers' objective, entropy alone).
     """
     if aux_loss is not None and joint_forward:
         raise ValueError("aux_loss needs per-task forwards (joint_forward=False)")
@@ -286,7 +298,8 @@ def run_tta(
                         group["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * step / steps))
                 optimizer.zero_grad(set_to_none=True)
                 batches = {t: next(streams[t]).to(device) for t in tasks}
-                step_parts = _entropy_step(model, classifiers, heads, batches, joint_forward, aux_loss, aux_name)
+                step_parts = _entropy_step(model, classifiers, heads, batches, joint_forward, aux_loss, aux_name,
+                                           diversity_weight)
                 loss = sum(step_parts.values())
                 if not math.isfinite(loss):  # a diverged adaptation is a failed job, never a result
                     raise FloatingPointError(f"{name}: adaptation loss is not finite at step {step + 1}")
@@ -309,25 +322,38 @@ def run_tta(
 def _entropy_step(model: nn.Module, classifiers: Mapping[str, ImageClassifier],
                   heads: Mapping[str, torch.Tensor], batches: Mapping[str, torch.Tensor],
                   joint_forward: bool, aux_loss: Callable[[str], torch.Tensor] | None = None,
-                  aux_name: str = "aux") -> dict[str, float]:
-    """Forward + backward of the summed entropy (plus ``aux_loss``); returns the values of its
-    parts, ``entropy`` (and ``aux_name``), which add up to the loss."""
+                  aux_name: str = "aux", diversity_weight: float = 0.0) -> dict[str, float]:
+    """Forward + backward of the summed entropy (minus ``diversity_weight`` x marginal entropy,
+    plus ``aux_loss``); returns the values of its parts, ``entropy`` (``diversity``,
+    ``aux_name``), which add up to the loss."""
+    summed = {"entropy": 0.0}
+    if diversity_weight > 0:
+        summed["diversity"] = 0.0
+
+    def task_loss(logits: torch.Tensor) -> torch.Tensor:
+        ent = entropy(logits)
+        summed["entropy"] += float(ent.detach())
+        if diversity_weight <= 0:
+            return ent
+        diversity = -diversity_weight * marginal_entropy(logits)
+        summed["diversity"] += float(diversity.detach())
+        return ent + diversity
+
     if not joint_forward:
-        summed = {"entropy": 0.0, **({aux_name: 0.0} if aux_loss is not None else {})}
+        if aux_loss is not None:
+            summed[aux_name] = 0.0
         for t, x in batches.items():
-            ent = entropy(classifiers[t](x))
-            loss = ent
+            loss = task_loss(classifiers[t](x))
             if aux_loss is not None:
                 aux = aux_loss(t)
-                loss = ent + aux
+                loss = loss + aux
                 summed[aux_name] += float(aux.detach())
             loss.backward()
-            summed["entropy"] += float(ent.detach())
         return summed
     tasks = list(batches)
     xs = [batches[t] for t in tasks]
     # One encoder pass; each task's logits then exactly as ImageClassifier computes them.
     feats = F.normalize(model(torch.cat(xs)).float(), dim=-1)
-    loss = sum(entropy(f @ heads[t].t()) for t, f in zip(tasks, feats.split([len(x) for x in xs])))
+    loss = sum(task_loss(f @ heads[t].t()) for t, f in zip(tasks, feats.split([len(x) for x in xs])))
     loss.backward()
-    return {"entropy": float(loss.detach())}
+    return summed

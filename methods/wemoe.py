@@ -470,6 +470,7 @@ class WeMoE(MergeMethod):
 
     uses_test_data = True
     runtime_only = frozenset({"checkpoint_every", "implementation"})
+    added_hyperparameters = frozenset({"diversity_weight"})
 
     init_lambda: float = Field(0.3, ge=0.0, le=10.0, description="task-arithmetic scale of non-MLP weights and router init")
     router_depth: int = Field(2, ge=0, le=2, description="0: constant vector, 1: linear, 2: two-layer MLP")
@@ -485,6 +486,8 @@ class WeMoE(MergeMethod):
     routing_stats_batches: int = Field(4, ge=0, le=1000, description="batches per task for the routing statistics")
     task_id_weight: float = Field(0.0, ge=0.0, le=100.0, description=(
         "weight of a router task-identification loss (0: the paper's objective; needs routing: softmax)"))
+    diversity_weight: float = Field(0.0, ge=0.0, le=100.0, description=(
+        "weight of each task batch's marginal entropy, maximised (0: the paper's objective)"))
 
     @model_validator(mode="after")
     def _task_id_needs_softmax(self) -> "WeMoE":
@@ -508,7 +511,8 @@ class WeMoE(MergeMethod):
             with keeping_logits(model, aux is not None):
                 losses = run_tta(model, ctx, lr=self.lr, steps=self.steps, cosine=self.cosine,
                                  checkpoint_every=self.checkpoint_every, eval_every=self.eval_every,
-                                 joint_forward=False, aux_loss=aux, aux_name="task_id", name="wemoe")
+                                 joint_forward=False, aux_loss=aux, aux_name="task_id",
+                                 diversity_weight=self.diversity_weight, name="wemoe")
             adaptation = {"tta_loss": losses, "tta_parts": ctx.artifacts["tta_parts"],
                           "tta_validation": ctx.artifacts["tta_validation"]}
             if path is not None:
@@ -534,9 +538,7 @@ class WeMoE(MergeMethod):
         except ValueError:
             return None
         saved = header["meta"]
-        hyper = dict(saved.get("hyperparameters") or {})
-        for name in self.runtime_only:
-            hyper[name] = type(self).model_fields[name].default
+        hyper = self.as_key(saved.get("hyperparameters") or {})
 
         def as_saved(value: Any) -> Any:  # what JSON gives back (tuples as lists)
             return json.loads(json.dumps(value))

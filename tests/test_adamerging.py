@@ -218,3 +218,79 @@ def test_steps_match_the_original_update_rule(models, granularity):
     got = got.unsqueeze(0) if granularity == "task" else got.T
     assert (want - 0.3).abs().max() > 1e-3  # the steps moved the coefficients
     assert torch.allclose(got, want, atol=1e-6, rtol=0)
+
+
+def test_marginal_entropy_of_known_batches():
+    from methods.tta import marginal_entropy
+
+    same = torch.tensor([[9.0, 0.0, 0.0], [9.0, 0.0, 0.0]])  # one class for every image
+    spread = torch.tensor([[50.0, 0.0, 0.0], [0.0, 50.0, 0.0], [0.0, 0.0, 50.0]])  # confident, each a class
+    p = torch.tensor([[0.5, 0.25, 0.25], [0.25, 0.25, 0.5]])
+    mean = p.mean(0)
+    assert float(marginal_entropy(same)) == pytest.approx(-sum(q * torch.log(q) for q in same.softmax(-1)[0]).item(),
+                                                          abs=1e-6)
+    assert float(marginal_entropy(spread)) == pytest.approx(torch.log(torch.tensor(3.0)).item(), abs=1e-6)
+    assert float(marginal_entropy(p.log())) == pytest.approx(float(-(mean * mean.log()).sum()), abs=1e-6)
+
+
+@pytest.mark.parametrize("joint", [True, False])
+def test_diversity_weight_steps_match_information_maximisation_written_out(models, joint):
+    """``diversity_weight`` w: per task, the batch-mean softmax entropy minus w times the
+    entropy of the batch's mean prediction (SHOT's information-maximisation loss), written out
+    here; three Adam steps of AdaMerging's task-wise coefficients, through the joint forward and
+    the per-task one. The loss parts add up to the loss and the diversity part is -w H(mean)."""
+    from torch.func import functional_call
+
+    from methods.tta import run_tta
+
+    pre, ft = models
+    w = 2.0
+    g = torch.Generator().manual_seed(1)
+    hd = {t: 30 * F.normalize(torch.randn(5, 32, generator=g), dim=-1) for t in TASKS}
+    data = {t: [images(4, 10 * i + j) for j in range(3)] for i, t in enumerate(TASKS)}
+    names = [n for n, _ in pre.named_parameters()]
+    theta0 = {n: p.detach() for n, p in pre.named_parameters()}
+    taus = [{n: dict(ft[t].named_parameters())[n].detach() - theta0[n] for n in names} for t in TASKS]
+    raw = torch.nn.Parameter(torch.full((1, len(TASKS)), 0.3))
+    opt = torch.optim.Adam([raw], lr=1e-2)
+    want_losses, want_diversity = [], []
+    for step in range(3):
+        lam = raw.clamp(0.0, 1.0)
+        params = {n: theta0[n] + sum(lam[0, i] * taus[i][n] for i in range(len(TASKS))) for n in names}
+        loss, diversity = 0.0, 0.0
+        for t in TASKS:
+            feats = functional_call(pre, params, (data[t][step],))
+            p = (feats / feats.norm(dim=-1, keepdim=True) @ hd[t].T).softmax(1)
+            mean = p.mean(0)
+            div = -w * -(mean * mean.log()).sum()
+            loss = loss + (-(p * p.log()).sum(1)).mean(0) + div
+            diversity += float(div.detach())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        want_losses.append(float(loss.detach()))
+        want_diversity.append(diversity)
+
+    enc = adamerging.AdaMergedEncoder(pre, ft, granularity="task")
+    ctx = MergeContext(heads=hd, unlabeled={t: (lambda t=t: iter(data[t])) for t in TASKS})
+    losses = run_tta(enc, ctx, lr=1e-2, steps=3, joint_forward=joint, diversity_weight=w)
+    assert losses == pytest.approx(want_losses, rel=1e-5)
+    parts = ctx.artifacts["tta_parts"]
+    assert set(parts) == {"entropy", "diversity"}
+    assert parts["diversity"] == pytest.approx(want_diversity, rel=1e-5)
+    assert [e + d for e, d in zip(parts["entropy"], parts["diversity"])] == pytest.approx(losses, rel=1e-6)
+    assert (raw.detach() - 0.3).abs().max() > 1e-3  # the steps moved the coefficients
+    torch.testing.assert_close(enc.coefficients().detach()[:, 0], raw.detach().clamp(0, 1)[0], rtol=0, atol=1e-6)
+
+
+def test_an_added_hyperparameter_at_its_default_keeps_the_job_keys():
+    """``diversity_weight`` came after results were cached: at 0 (its default) keys leave it
+    out, so those results stay cached; set, it enters the key."""
+    from harness.plan import key_params
+    from methods.wemoe import WeMoE
+
+    for name, cls in (("adamerging", adamerging.AdaMerging), ("wemoe", WeMoE)):
+        assert "diversity_weight" not in key_params(name, {"steps": 3})
+        assert key_params(name, {"steps": 3}) == key_params(name, {"steps": 3, "diversity_weight": 0.0})
+        assert key_params(name, {"steps": 3, "diversity_weight": 0.5})["diversity_weight"] == 0.5
+        assert set(key_params(name, {})) == set(cls.model_fields) - {"diversity_weight"}

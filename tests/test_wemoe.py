@@ -631,6 +631,34 @@ def test_logged_loss_parts_are_the_entropy_and_the_task_identification_term(mode
     assert artifacts["curves"]["tta/task_id"] == parts["task_id"]
 
 
+def test_diversity_weight_adds_the_marginal_entropy_term(models):
+    """WeMoE passes ``diversity_weight`` to the loop: at step 0 (the unadapted model) the
+    diversity part is -w x the summed entropy of each task batch's mean prediction, written out
+    here, beside the entropy and task-identification parts; the three add up to the loss."""
+    from harness.job import artifact_metrics
+
+    pre, ft = models
+    unlabeled, hd = fixed_unlabeled(), heads()
+    method = wemoe.WeMoE(steps=3, lr=1e-2, router_depth=0, routing="softmax", task_id_weight=2.0,
+                         diversity_weight=0.5, checkpoint_every=0, routing_stats_batches=0)
+    init = method.build(pre, ft)
+    expected = 0.0
+    with torch.no_grad():
+        for t in TASKS:
+            mean = torch.softmax(F.normalize(init(next(unlabeled[t]())), dim=-1) @ hd[t].T, dim=-1).double().mean(0)
+            expected += -0.5 * float(-(mean * mean.log()).sum())
+    ctx = MergeContext(heads=hd, unlabeled=unlabeled)
+    method.merge(pre, ft, ctx)
+    parts, total = ctx.artifacts["tta_parts"], ctx.artifacts["tta_loss"]
+    assert set(parts) == {"entropy", "diversity", "task_id"}
+    assert parts["diversity"][0] == pytest.approx(expected, rel=1e-5) and expected < -0.1
+    for e, d, a, loss in zip(parts["entropy"], parts["diversity"], parts["task_id"], total):
+        assert e + d + a == pytest.approx(loss, rel=1e-12)
+    artifacts = dict(ctx.artifacts)
+    artifact_metrics(artifacts)
+    assert artifacts["curves"]["tta/diversity"] == parts["diversity"]
+
+
 def test_validation_reports_the_entropy_and_the_whole_loss_apart(models):
     """With ``task_id_weight``, what validation reports as ``tta_entropy`` is the step's summed
     entropy (``tta/entropy``), not the loss with the task-identification term (``tta_loss``)."""
