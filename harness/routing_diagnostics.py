@@ -12,7 +12,10 @@ bound is built) with that task's head, and reports:
   entropy objective can reach with one-hot routing;
 - ``identified_batch``: % of batches of ``batch_size`` images (a seeded shuffle of the split)
   whose lowest mean-entropy expert is their own task's: what routing shared by a batch
-  (``batch_reduce``) would be steered to;
+  (``batch_reduce``) would be steered to; with ``diversity_weight`` w, the expert with the lowest
+  mean entropy minus w x the entropy of the batch's mean prediction (the adaptation's
+  ``diversity_weight`` objective), and ``batch_accuracy`` the accuracy when every batch takes
+  its chosen expert;
 - ``entropy_start`` / ``entropy_own`` / ``entropy_min``: mean entropy (nats) at WeMoE's starting
   point (task arithmetic at the same scaling everywhere, the routers' initial output), with the
   own expert, and with each image's lowest-entropy expert: where the objective would rather be;
@@ -33,7 +36,7 @@ from sklearn.metrics import roc_auc_score
 from harness.evaluation import iterate_batches
 from harness.models import ImageClassifier
 from harness.workspace import Workspace
-from methods.tta import per_sample_entropy
+from methods.tta import marginal_entropy, per_sample_entropy
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,7 @@ class RoutingDiagnosis:
     own: float
     identified: float
     identified_batch: float
+    batch_accuracy: float
     min_entropy: float
     entropy_start: float
     entropy_own: float
@@ -93,15 +97,23 @@ def expert_scores(ws: Workspace, split: str = "val", scaling: float = 0.3) -> li
             for t in tasks]
 
 
-def diagnose(scores: ExpertScores, temperature: float = 1.0, batch_size: int = 16, seed: int = 0) -> RoutingDiagnosis:
+def diagnose(scores: ExpertScores, temperature: float = 1.0, batch_size: int = 16, seed: int = 0,
+             diversity_weight: float = 0.0) -> RoutingDiagnosis:
     """The measures of the module docstring for one task at one head temperature."""
     ent = per_sample_entropy(scores.logits / temperature)  # (experts, images)
-    n = ent.shape[1] // batch_size * batch_size
+    experts, images = ent.shape
+    n = images // batch_size * batch_size
     if n == 0:
-        raise ValueError(f"task {scores.task!r}: {ent.shape[1]} images, fewer than one batch of {batch_size}")
-    order = torch.randperm(ent.shape[1], generator=torch.Generator().manual_seed(seed))[:n]
-    batch_chosen = ent[:, order].reshape(len(scores.experts), -1, batch_size).mean(-1).argmin(0)
+        raise ValueError(f"task {scores.task!r}: {images} images, fewer than one batch of {batch_size}")
+    order = torch.randperm(images, generator=torch.Generator().manual_seed(seed))[:n]
+    objective = ent[:, order].reshape(experts, -1, batch_size).mean(-1)  # (experts, batches)
+    if diversity_weight > 0:
+        batched = (scores.logits[:, order] / temperature).reshape(experts, -1, batch_size, scores.logits.shape[-1])
+        objective = objective - diversity_weight * torch.stack(
+            [torch.stack([marginal_entropy(b) for b in per_expert]) for per_expert in batched])
+    batch_chosen = objective.argmin(0)
     correct = scores.logits.argmax(-1) == scores.labels  # temperature never changes the argmax
+    batch_correct = correct[:, order].reshape(experts, -1, batch_size).float().mean(-1)  # (experts, batches)
     lowest, chosen = ent.min(0)
     own_correct = correct[scores.own]
     if own_correct.all() or not own_correct.any():
@@ -113,6 +125,7 @@ def diagnose(scores: ExpertScores, temperature: float = 1.0, batch_size: int = 1
         own=100.0 * own_correct.float().mean().item(),
         identified=100.0 * (chosen == scores.own).float().mean().item(),
         identified_batch=100.0 * (batch_chosen == scores.own).float().mean().item(),
+        batch_accuracy=100.0 * batch_correct.gather(0, batch_chosen[None]).mean().item(),
         min_entropy=100.0 * correct.gather(0, chosen[None]).float().mean().item(),
         entropy_start=per_sample_entropy(scores.start / temperature).mean().item(),
         entropy_own=ent[scores.own].mean().item(),

@@ -61,6 +61,25 @@ def test_diagnose_temperature_changes_the_choice_not_the_predictions():
     assert diagnose(scores, temperature=4.0, batch_size=1).identified == pytest.approx(50.0)
 
 
+def test_diagnose_with_diversity_weight_prefers_the_expert_whose_batch_spreads_over_classes():
+    """One batch of two images, labels 0 and 1. The own expert is confident in both, rightly;
+    the other is more confident still, in class 0 for both. Entropy alone picks the other
+    (batch accuracy 50%); minus the entropy of the batch's mean prediction (log 2 for the own
+    expert, about 0 for the other), the own (100%)."""
+    own, other = [[5.0, 0.0], [0.0, 5.0]], [[9.0, 0.0], [9.0, 0.0]]
+    scores = ExpertScores("a", ["a", "b"], torch.tensor([own, other]), torch.tensor(own), torch.tensor([0, 1]))
+    assert sum(map(_entropy, other)) < sum(map(_entropy, own))
+    plain = diagnose(scores, batch_size=2)
+    assert (plain.identified_batch, plain.batch_accuracy) == (0.0, pytest.approx(50.0))
+    q = math.exp(9.0) / (math.exp(9.0) + 1)  # the other's mean prediction: (q, 1 - q)
+    margin = (sum(map(_entropy, own)) / 2 - math.log(2)) - (sum(map(_entropy, other)) / 2 + q * math.log(q)
+                                                             + (1 - q) * math.log(1 - q))
+    assert margin < 0  # with weight 1 the own expert's objective is the lower
+    diverse = diagnose(scores, batch_size=2, diversity_weight=1.0)
+    assert (diverse.identified_batch, diverse.batch_accuracy) == (100.0, pytest.approx(100.0))
+    assert diverse.identified == plain.identified  # per image: entropy alone, as before
+
+
 def test_diagnose_refuses_a_split_smaller_than_a_batch():
     scores = ExpertScores("a", ["a", "b"], torch.tensor([OWN, OTHER]), torch.tensor(OWN), torch.tensor(LABELS))
     with pytest.raises(ValueError, match="fewer than one batch of 16"):
