@@ -32,7 +32,7 @@ from harness.results import (
     table_records,
 )
 from harness.significance import CORRECT_FILE, LEVEL, paired_bootstrap, read_correct, unpack_correct
-from harness.tracking import FINAL_KEY_TAG, JOB_TAG, PROTOCOL_TAG, SCOPE_TAG, TRIALS_TAG
+from harness.tracking import FINAL_KEY_TAG, JOB_TAG, PROTOCOL_TAG, SCOPE_TAG, SWEEP_TAG, TRIALS_TAG
 
 # The job keys a report was built from. A sweep's parent run outlives its inputs (it is found
 # again by config digest, so replaced checkpoints or data add new job runs beside the old ones):
@@ -279,11 +279,14 @@ def _parse(value: str) -> Any:
         return value
 
 
-def load_sweep_from_mlflow(tracking_uri: str, run_id: str | None = None) -> tuple[SweepConfig, list[JobResult], Any]:
+def load_sweep_from_mlflow(tracking_uri: str, run_id: str | None = None,
+                          sweep: SweepConfig | None = None) -> tuple[SweepConfig, list[JobResult], Any]:
     """The sweep's resolved config and its jobs' results, from its parent run and nested runs.
 
     Without ``run_id`` the most recent sweep parent run in the store is used, one that
-    ``harness sweep`` ran in before one only ``harness tune`` did (a single method's rows)."""
+    ``harness sweep`` ran in before one only ``harness tune`` did (a single method's rows);
+    with ``sweep``, only among that sweep's parent runs (its experiment and digest, as
+    ``harness sweep`` finds its parent again): a store that other sweeps log to too holds theirs."""
     import tempfile
 
     from mlflow.exceptions import MlflowException
@@ -293,10 +296,19 @@ def load_sweep_from_mlflow(tracking_uri: str, run_id: str | None = None) -> tupl
     client = MlflowClient(tracking_uri)
     try:
         if run_id is None:
-            exps = client.search_experiments()
-            runs = client.search_runs([e.experiment_id for e in exps], "tags.`harness.kind` = 'sweep'",
-                                      max_results=1000, order_by=["attributes.start_time DESC"])
+            where = "tags.`harness.kind` = 'sweep'"
+            if sweep is None:
+                exps = client.search_experiments()
+            else:
+                exp = client.get_experiment_by_name(sweep.experiment or sweep.name)
+                exps = [exp] if exp is not None else []
+                where += f" and tags.`{SWEEP_TAG}` = '{sweep.digest()}'"
+            runs = client.search_runs([e.experiment_id for e in exps], where,
+                                      max_results=1000, order_by=["attributes.start_time DESC"]) if exps else []
             if not runs:
+                if sweep is not None:
+                    raise HarnessError(f"{tracking_uri}: no sweep run of {sweep.experiment or sweep.name!r} "
+                                       f"with its output folder's settings (harness.sweep_digest {sweep.digest()})")
                 raise HarnessError(f"{tracking_uri}: no sweep runs found")
             parent = next((r for r in runs if r.data.tags.get(SCOPE_TAG, "sweep") == "sweep"), runs[0])
         else:

@@ -320,3 +320,34 @@ def test_dry_run_shows_the_robustness_study_of_a_grids_chosen_setting(sweep_dict
     assert r.exit_code == 0 and (results / f"{rob['key']}.json").is_file(), r.output  # the run agrees: it ran it
     summary, _ = _dry_run(f, "methods.0.grid.scaling=[0.2, 0.6, 0.4]")
     assert summary == "3 jobs: 2 cached, 1 to run"  # the chosen setting is not known before scaling=0.4 runs
+
+
+def test_report_of_a_folder_is_its_own_sweep_when_a_store_is_shared(sweep_dict, tmp_path):
+    """Two sweeps log to one store: the first to its folder's own mlflow.db, the second (run
+    after it, another name and tasks) to that same file through ``tracking_uri``. ``harness
+    report`` on either folder (or on either sweep file) rebuilds that sweep's tables, as its
+    sweep wrote them, not those of the sweep that ran last in the store; the second folder, which
+    holds no mlflow.db, is reported from the store its sweep logged to."""
+    first = dict(sweep_dict, name="first", output_dir=str(tmp_path / "a"))
+    store = f"sqlite:///{tmp_path / 'a' / 'mlflow.db'}"
+    second = dict(sweep_dict, name="second", output_dir=str(tmp_path / "b"), tracking_uri=store,
+                  tasks=sweep_dict["tasks"][:1], methods=[{"name": "task_arithmetic"}])
+    files = []
+    for n, d in enumerate((first, second)):
+        f = tmp_path / f"s{n}.yaml"
+        f.write_text(yaml.safe_dump(d))
+        files.append(f)
+        r = CliRunner().invoke(main, ["sweep", "-q", str(f)])
+        assert r.exit_code == 0, r.output
+    written = {d["name"]: (Path(d["output_dir"]) / "report" / "main.csv").read_text() for d in (first, second)}
+    assert written["first"] != written["second"]
+    assert not (tmp_path / "b" / "mlflow.db").exists()
+    from harness.cli import _store
+
+    assert _store(second["output_dir"]) == (store, str(tmp_path / "b" / "mlartifacts"))  # harness ui FOLDER
+    for d, f in zip((first, second), files):
+        for n, target in enumerate((d["output_dir"], str(f))):
+            out = tmp_path / f"{d['name']}-{n}"
+            r = CliRunner().invoke(main, ["report", target, "--out", str(out)], env={"COLUMNS": "200"})
+            assert r.exit_code == 0, r.output
+            assert (out / "main.csv").read_text() == written[d["name"]], (d["name"], target)
