@@ -122,6 +122,11 @@ def csv_table(header: list[str], body: list[list[str]]) -> str:
     return buf.getvalue()
 
 
+REPORT_FILES = tuple(f"{name}.{ext}" for name in ("main", "generalization", "significance", "robustness")
+                     for ext in ("md", "csv", "tex")) + ("accuracy.png", "robustness.png", "routing.png")
+"""What :func:`build_report` may write (besides jobs.json): one it does not write this time is removed."""
+
+
 def build_report(cfg: SweepConfig, results: list[JobResult], out: Path,
                  routing: dict[str, Any] | None = None, against: list[str] | None = None,
                  studies: Mapping[tuple[str, str], TrialCounts] | None = None) -> Report:
@@ -182,6 +187,10 @@ def build_report(cfg: SweepConfig, results: list[JobResult], out: Path,
         from harness.plots import routing_heatmap
 
         report.files.append(routing_heatmap(routing, out / "routing.png"))
+    written = set(report.files)
+    for stale in REPORT_FILES:  # an earlier report's table or plot this sweep no longer has (a block removed)
+        if out / stale not in written:
+            (out / stale).unlink(missing_ok=True)
     return report
 
 
