@@ -125,7 +125,10 @@ def relocate_copied_store(uri: str, out: Path) -> str | None:
     MLflow keeps absolute artifact locations, so an output folder copied (``cp -a``) to extend
     a sweep would go on writing artifacts into the original folder, and lose them with it.
     Only ``<out>/mlflow.db`` is touched: its experiments' ``<folder>/mlartifacts`` and
-    ``<folder>/mlruns`` locations are moved to ``out``. Returns the old folder when it moved."""
+    ``<folder>/mlruns`` locations are moved to ``out``. An experiment of another sweep that logs
+    to this store through its ``tracking_uri`` (its artifacts in its own folder, which still
+    holds them, and none of them here) is no copy and keeps its location. Returns the old
+    folder when it moved."""
     db = out / "mlflow.db"
     if not is_own_store(uri, out) or not db.is_file():
         return None
@@ -143,6 +146,8 @@ def relocate_copied_store(uri: str, out: Path) -> str | None:
             if old == here:
                 continue
             new_location = (here / Path(*parts[tops[-1]:]))
+            if path.exists() and _holds_artifacts_of(con, exp_id, location, new_location) is False:
+                continue  # another folder's sweep logging here: its artifacts lie there, not copied here
             new = new_location.as_uri() if as_uri else str(new_location)
             con.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = ?", (new, exp_id))
             con.execute("UPDATE runs SET artifact_uri = ? || substr(artifact_uri, ?) WHERE experiment_id = ? "
@@ -154,6 +159,19 @@ def relocate_copied_store(uri: str, out: Path) -> str | None:
 
         getattr(utils, "_artifact_repos_cache", {}).clear()
     return str(moved) if moved else None
+
+
+def _holds_artifacts_of(con: sqlite3.Connection, exp_id: Any, location: str, new_location: Path) -> bool | None:
+    """Whether ``new_location`` holds an artifact folder of a run of experiment ``exp_id``
+    (whose runs' artifact URIs start with ``location``): the experiment's artifacts were copied
+    there. None: the experiment has no such runs (nothing tells)."""
+    found = None
+    for (uri,) in con.execute("SELECT artifact_uri FROM runs WHERE experiment_id = ?", (exp_id,)):
+        if uri and uri.startswith(location):
+            if (new_location / uri[len(location):].lstrip("/")).exists():
+                return True
+            found = False
+    return found
 
 
 def _is_empty_store(path: Path) -> bool:
