@@ -325,13 +325,12 @@ def load_sweep_from_mlflow(tracking_uri: str, run_id: str | None = None,
     except MlflowException as exc:
         raise HarnessError(f"{tracking_uri}: {exc.message}") from None
     with tempfile.TemporaryDirectory() as tmp:
-        local = client.download_artifacts(parent.info.run_id, "resolved.yaml", tmp)
+        local = _download(client, tracking_uri, parent, "resolved.yaml", tmp)
         cfg = SweepConfig.model_validate(yaml.safe_load(Path(local).read_text()))
         current: set[str] | None = None
         shared: dict[str, list[str]] = {}  # job key -> the labels whose rows hold it
         if any(a.path == f"report/{JOBS_FILE}" for a in client.list_artifacts(parent.info.run_id, "report")):
-            entries = json.loads(Path(client.download_artifacts(parent.info.run_id, f"report/{JOBS_FILE}",
-                                                                tmp)).read_text())
+            entries = json.loads(Path(_download(client, tracking_uri, parent, f"report/{JOBS_FILE}", tmp)).read_text())
             current = {e[1] if isinstance(e, list) else e for e in entries}  # [label, key]; older files: keys
             for e in entries:
                 if isinstance(e, list):
@@ -349,9 +348,9 @@ def load_sweep_from_mlflow(tracking_uri: str, run_id: str | None = None,
         files = {a.path for a in client.list_artifacts(run.info.run_id)}
         with tempfile.TemporaryDirectory() as tmp:
             if tags.get("harness.kind") == "merge" and "routing.csv" in files:
-                artifacts["routing"] = read_routing_csv(Path(client.download_artifacts(run.info.run_id, "routing.csv", tmp)))
+                artifacts["routing"] = read_routing_csv(Path(_download(client, tracking_uri, run, "routing.csv", tmp)))
             if CORRECT_FILE in files:
-                test_correct = read_correct(Path(client.download_artifacts(run.info.run_id, CORRECT_FILE, tmp)))
+                test_correct = read_correct(Path(_download(client, tracking_uri, run, CORRECT_FILE, tmp)))
         protocol = tags.get(PROTOCOL_TAG) or params.get("job.protocol") or MAIN
         results.append(JobResult(
             key=tags.get("harness.job_key", ""), kind=tags.get("harness.kind", "merge"),
@@ -362,6 +361,18 @@ def load_sweep_from_mlflow(tracking_uri: str, run_id: str | None = None,
     results += [dataclasses.replace(r, label=label) for r in list(results)  # a job two labels share: one run
                 for label in shared.get(r.key, []) if label != r.label]
     return cfg, plan_order(cfg, results), parent
+
+
+def _download(client: Any, tracking_uri: str, run: Any, path: str, dst: str) -> str:
+    """A run's artifact ``path``, downloaded into ``dst``; one line naming the run and where its
+    artifacts should lie when they are not there (a moved or deleted output folder)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.download_artifacts(run.info.run_id, path, dst)
+    except MlflowException as exc:
+        raise HarnessError(f"{tracking_uri}: run {run.info.run_id} ({run.info.run_name}): cannot read its artifact "
+                           f"{path!r} at {run.info.artifact_uri} ({exc.message})") from None
 
 
 def load_study_counts(tracking_uri: str, parent: Any) -> dict[tuple[str, str], TrialCounts]:

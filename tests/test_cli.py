@@ -351,3 +351,20 @@ def test_report_of_a_folder_is_its_own_sweep_when_a_store_is_shared(sweep_dict, 
             r = CliRunner().invoke(main, ["report", target, "--out", str(out)], env={"COLUMNS": "200"})
             assert r.exit_code == 0, r.output
             assert (out / "main.csv").read_text() == written[d["name"]], (d["name"], target)
+
+
+def test_report_of_a_store_whose_artifacts_are_gone_is_one_line(sweep_dict, tmp_path):
+    """A store whose artifact folder was deleted (or lies elsewhere): ``harness report`` says
+    which run's artifact it could not read and where, as a one-line error, not a traceback."""
+    import shutil
+
+    f = tmp_path / "s.yaml"
+    sweep_dict["methods"] = [{"name": "task_arithmetic"}]
+    f.write_text(yaml.safe_dump(sweep_dict))
+    assert CliRunner().invoke(main, ["sweep", "-q", str(f)]).exit_code == 0
+    shutil.rmtree(Path(sweep_dict["output_dir"]) / "mlartifacts")
+    r = CliRunner().invoke(main, ["report", sweep_dict["output_dir"], "--out", str(tmp_path / "rep")])
+    assert r.exit_code == 2, r.output
+    assert r.exception is None or isinstance(r.exception, SystemExit)
+    assert "cannot read its artifact 'resolved.yaml'" in r.stderr and "Traceback" not in r.output
+    assert len(r.stderr.strip().splitlines()) == 1
