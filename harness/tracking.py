@@ -295,8 +295,18 @@ class Tracker:
 
     def _end_stale_runs(self) -> None:
         """Runs a killed driver left RUNNING (an earlier sweep's parent, its jobs, studies and
-        trials) end KILLED: no driver is writing to them, and the UI should not say otherwise."""
-        experiments = [e.experiment_id for e in self.client.search_experiments()]
+        trials) end KILLED: no driver is writing to them, and the UI should not say otherwise.
+        Only in this folder's experiments (this sweep's, and those whose artifacts lie in this
+        folder): a sweep of another folder logging to this store through its ``tracking_uri`` is
+        not kept out by this folder's lock, and its runs may be live."""
+        here = self.cfg.resolved_output_dir().resolve()
+
+        def in_folder(location: str) -> bool:
+            path = Path(location.removeprefix("file://")) if location.startswith(("file://", "/")) else None
+            return path is not None and path.resolve().is_relative_to(here)
+
+        experiments = [e.experiment_id for e in self.client.search_experiments()
+                       if e.experiment_id == self.experiment_id or in_folder(e.artifact_location or "")]
         for r in self.client.search_runs(experiments, "attributes.status = 'RUNNING'", max_results=50000):
             if r.info.run_id != self._parent_id and r.data.tags.get("harness.kind"):
                 self.client.set_terminated(r.info.run_id, status="KILLED")
