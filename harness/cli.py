@@ -6,6 +6,7 @@ import contextlib
 import os
 import shutil
 import signal
+import sqlite3
 import sys
 from pathlib import Path
 from typing import Iterator, Literal
@@ -477,15 +478,22 @@ def _folder_config(folder: Path):
 def _folder_store(target: str, cfg) -> str:
     """The tracking store of the sweep in output folder ``target``: the ``tracking_uri`` its sweep
     logged to (another store than the folder's own ``mlflow.db``), else that ``mlflow.db``, else
-    MLFLOW_TRACKING_URI (a sweep that logged there names no store of its own)."""
-    from harness.tracking import is_own_store
+    MLFLOW_TRACKING_URI (a sweep that logged there names no store of its own). A copied folder's
+    own store is first pointed at the copy's artifacts, as a sweep does when it opens it: MLflow
+    keeps absolute artifact paths, which lead into the original folder (gone, on another machine)."""
+    from harness.tracking import is_own_store, relocate_copied_store
 
     folder = Path(target).resolve()
     db = folder / "mlflow.db"
     if cfg is not None and cfg.tracking_uri and not is_own_store(cfg.tracking_uri, cfg.resolved_output_dir()):
         return cfg.tracking_uri
     if db.is_file():
-        return f"sqlite:///{db}"
+        uri = f"sqlite:///{db}"
+        try:
+            relocate_copied_store(uri, folder)
+        except sqlite3.Error:
+            pass  # not a store (an empty file, a damaged one): MLflow says what it is when it opens it
+        return uri
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
     fail(f"{target}: no mlflow.db in this folder")

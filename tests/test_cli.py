@@ -368,3 +368,25 @@ def test_report_of_a_store_whose_artifacts_are_gone_is_one_line(sweep_dict, tmp_
     assert r.exception is None or isinstance(r.exception, SystemExit)
     assert "cannot read its artifact 'resolved.yaml'" in r.stderr and "Traceback" not in r.output
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_report_and_ui_of_a_copied_folder_whose_original_is_gone(sweep_dict, tmp_path):
+    """An output folder copied whole (to a laptop) and reported there, with the original gone and
+    no sweep run in the copy yet: MLflow's absolute artifact paths lead into the original, so the
+    copy's store is pointed at its own artifacts first. The copy reports the original's tables."""
+    import shutil
+
+    from harness.cli import _store
+
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump(sweep_dict))
+    assert CliRunner().invoke(main, ["sweep", "-q", str(f)]).exit_code == 0
+    out = Path(sweep_dict["output_dir"])
+    written = (out / "report" / "main.csv").read_text()
+    copy = tmp_path / "laptop" / "out"
+    shutil.copytree(out, copy)
+    shutil.rmtree(out)
+    r = CliRunner().invoke(main, ["report", str(copy), "--out", str(tmp_path / "rep")])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "rep" / "main.csv").read_text() == written
+    assert _store(str(copy)) == (f"sqlite:///{copy.resolve() / 'mlflow.db'}", str(copy.resolve() / "mlartifacts"))
