@@ -6,6 +6,7 @@ import contextlib
 import os
 import shutil
 import signal
+import sqlite3
 import sys
 from pathlib import Path
 from typing import Iterator, Literal
@@ -450,15 +451,52 @@ def _store(target: str | None) -> tuple[str, str | None]:
         cfg = _load(target, ())
         return cfg.resolved_tracking_uri(), str(cfg.resolved_output_dir() / "mlartifacts")
     if target and Path(target).is_dir():
-        db = Path(target).resolve() / "mlflow.db"
-        if not db.is_file():
-            fail(f"{target}: no mlflow.db in this folder")
-        return f"sqlite:///{db}", str(Path(target).resolve() / "mlartifacts")
+        folder = Path(target).resolve()
+        return _folder_store(target, _folder_config(folder)), str(folder / "mlartifacts")
     if target:
         fail(f"{target}: not a sweep file or an output folder")
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"], None
     fail("give a sweep YAML or its output folder (or set MLFLOW_TRACKING_URI)")
+    raise AssertionError
+
+
+def _folder_config(folder: Path):
+    """The sweep an output folder holds: its ``resolved.yaml`` (what last ran there), or None
+    (no such file, or one this version cannot read)."""
+    import yaml
+
+    from harness.config import SweepConfig
+
+    path = folder / "resolved.yaml"
+    try:
+        return SweepConfig.model_validate(yaml.safe_load(path.read_text()))
+    except Exception:  # absent or unreadable: the folder's own store, as before
+        return None
+
+
+def _folder_store(target: str, cfg) -> str:
+    """The tracking store of the sweep in output folder ``target``: the ``tracking_uri`` its sweep
+    logged to (another store than the folder's own ``mlflow.db``), else that ``mlflow.db``, else
+    MLFLOW_TRACKING_URI (a sweep that logged there names no store of its own). A copied folder's
+    own store is first pointed at the copy's artifacts, as a sweep does when it opens it: MLflow
+    keeps absolute artifact paths, which lead into the original folder (gone, on another machine)."""
+    from harness.tracking import is_own_store, relocate_copied_store
+
+    folder = Path(target).resolve()
+    db = folder / "mlflow.db"
+    if cfg is not None and cfg.tracking_uri and not is_own_store(cfg.tracking_uri, cfg.resolved_output_dir()):
+        return cfg.tracking_uri
+    if db.is_file():
+        uri = f"sqlite:///{db}"
+        try:
+            relocate_copied_store(uri, folder)
+        except sqlite3.Error:
+            pass  # not a store (an empty file, a damaged one): MLflow says what it is when it opens it
+        return uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    fail(f"{target}: no mlflow.db in this folder")
     raise AssertionError
 
 
@@ -471,28 +509,28 @@ def _store(target: str | None) -> tuple[str, str | None]:
 def report(target: str, tracking_uri: str | None, out_dir: str | None, against: tuple[str, ...]) -> None:
     """Build the paper's tables (md, csv, tex) and plots from MLflow.
 
-    TARGET is a sweep's output folder (its latest sweep run), its sweep YAML, or a sweep's
-    parent run id."""
+    TARGET is a sweep's output folder (the parent run of the sweep that last ran there), its
+    sweep YAML, or a sweep's parent run id."""
     from harness.report import best_routing, build_report, load_study_counts, load_sweep_from_mlflow
     from harness.results import rich_table
 
+    sweep_cfg = None  # the sweep whose parent run to report (a store may hold other sweeps' runs)
     if Path(target).is_file():  # the sweep file: its output folder, as `harness ui FILE` takes it
-        out = _load(target, ()).resolved_output_dir()
+        sweep_cfg = _load(target, ())
+        out = sweep_cfg.resolved_output_dir()
         if not out.is_dir():
             fail(f"{target}: its output folder {out} does not exist (the sweep has not run there)")
         target = str(out)
     if Path(target).is_dir():
-        db = Path(target).resolve() / "mlflow.db"
-        if not db.is_file():
-            fail(f"{target}: no mlflow.db in this folder")
-        uri, run_id, default_out = f"sqlite:///{db}", None, Path(target) / "report"
+        sweep_cfg = _folder_config(Path(target).resolve()) or sweep_cfg
+        uri, run_id, default_out = _folder_store(target, sweep_cfg), None, Path(target) / "report"
     else:
         uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
         if not uri:
             fail(f"{target}: not a sweep file or output folder; for a run id give --tracking-uri or set "
                  "MLFLOW_TRACKING_URI")
         run_id, default_out = target, Path(f"report-{target[:8]}")
-    cfg, results, parent = load_sweep_from_mlflow(uri, run_id)
+    cfg, results, parent = load_sweep_from_mlflow(uri, run_id, sweep_cfg if run_id is None else None)
     rep = build_report(cfg, results, Path(out_dir) if out_dir else default_out, best_routing(cfg, results),
                        list(against) or None, load_study_counts(uri, parent))
     for name, (header, body) in rep.tables.items():

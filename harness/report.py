@@ -32,7 +32,7 @@ from harness.results import (
     table_records,
 )
 from harness.significance import CORRECT_FILE, LEVEL, paired_bootstrap, read_correct, unpack_correct
-from harness.tracking import FINAL_KEY_TAG, JOB_TAG, PROTOCOL_TAG, SCOPE_TAG, TRIALS_TAG
+from harness.tracking import FINAL_KEY_TAG, JOB_TAG, PROTOCOL_TAG, SCOPE_TAG, SWEEP_TAG, TRIALS_TAG
 
 # The job keys a report was built from. A sweep's parent run outlives its inputs (it is found
 # again by config digest, so replaced checkpoints or data add new job runs beside the old ones):
@@ -122,6 +122,11 @@ def csv_table(header: list[str], body: list[list[str]]) -> str:
     return buf.getvalue()
 
 
+REPORT_FILES = tuple(f"{name}.{ext}" for name in ("main", "generalization", "significance", "robustness")
+                     for ext in ("md", "csv", "tex")) + ("accuracy.png", "robustness.png", "routing.png")
+"""What :func:`build_report` may write (besides jobs.json): one it does not write this time is removed."""
+
+
 def build_report(cfg: SweepConfig, results: list[JobResult], out: Path,
                  routing: dict[str, Any] | None = None, against: list[str] | None = None,
                  studies: Mapping[tuple[str, str], TrialCounts] | None = None) -> Report:
@@ -182,6 +187,10 @@ def build_report(cfg: SweepConfig, results: list[JobResult], out: Path,
         from harness.plots import routing_heatmap
 
         report.files.append(routing_heatmap(routing, out / "routing.png"))
+    written = set(report.files)
+    for stale in REPORT_FILES:  # an earlier report's table or plot this sweep no longer has (a block removed)
+        if out / stale not in written:
+            (out / stale).unlink(missing_ok=True)
     return report
 
 
@@ -279,11 +288,14 @@ def _parse(value: str) -> Any:
         return value
 
 
-def load_sweep_from_mlflow(tracking_uri: str, run_id: str | None = None) -> tuple[SweepConfig, list[JobResult], Any]:
+def load_sweep_from_mlflow(tracking_uri: str, run_id: str | None = None,
+                          sweep: SweepConfig | None = None) -> tuple[SweepConfig, list[JobResult], Any]:
     """The sweep's resolved config and its jobs' results, from its parent run and nested runs.
 
     Without ``run_id`` the most recent sweep parent run in the store is used, one that
-    ``harness sweep`` ran in before one only ``harness tune`` did (a single method's rows)."""
+    ``harness sweep`` ran in before one only ``harness tune`` did (a single method's rows);
+    with ``sweep``, only among that sweep's parent runs (its experiment and digest, as
+    ``harness sweep`` finds its parent again): a store that other sweeps log to too holds theirs."""
     import tempfile
 
     from mlflow.exceptions import MlflowException
@@ -293,10 +305,19 @@ def load_sweep_from_mlflow(tracking_uri: str, run_id: str | None = None) -> tupl
     client = MlflowClient(tracking_uri)
     try:
         if run_id is None:
-            exps = client.search_experiments()
-            runs = client.search_runs([e.experiment_id for e in exps], "tags.`harness.kind` = 'sweep'",
-                                      max_results=1000, order_by=["attributes.start_time DESC"])
+            where = "tags.`harness.kind` = 'sweep'"
+            if sweep is None:
+                exps = client.search_experiments()
+            else:
+                exp = client.get_experiment_by_name(sweep.experiment or sweep.name)
+                exps = [exp] if exp is not None else []
+                where += f" and tags.`{SWEEP_TAG}` = '{sweep.digest()}'"
+            runs = client.search_runs([e.experiment_id for e in exps], where,
+                                      max_results=1000, order_by=["attributes.start_time DESC"]) if exps else []
             if not runs:
+                if sweep is not None:
+                    raise HarnessError(f"{tracking_uri}: no sweep run of {sweep.experiment or sweep.name!r} "
+                                       f"with its output folder's settings (harness.sweep_digest {sweep.digest()})")
                 raise HarnessError(f"{tracking_uri}: no sweep runs found")
             parent = next((r for r in runs if r.data.tags.get(SCOPE_TAG, "sweep") == "sweep"), runs[0])
         else:
@@ -304,13 +325,12 @@ def load_sweep_from_mlflow(tracking_uri: str, run_id: str | None = None) -> tupl
     except MlflowException as exc:
         raise HarnessError(f"{tracking_uri}: {exc.message}") from None
     with tempfile.TemporaryDirectory() as tmp:
-        local = client.download_artifacts(parent.info.run_id, "resolved.yaml", tmp)
+        local = _download(client, tracking_uri, parent, "resolved.yaml", tmp)
         cfg = SweepConfig.model_validate(yaml.safe_load(Path(local).read_text()))
         current: set[str] | None = None
         shared: dict[str, list[str]] = {}  # job key -> the labels whose rows hold it
         if any(a.path == f"report/{JOBS_FILE}" for a in client.list_artifacts(parent.info.run_id, "report")):
-            entries = json.loads(Path(client.download_artifacts(parent.info.run_id, f"report/{JOBS_FILE}",
-                                                                tmp)).read_text())
+            entries = json.loads(Path(_download(client, tracking_uri, parent, f"report/{JOBS_FILE}", tmp)).read_text())
             current = {e[1] if isinstance(e, list) else e for e in entries}  # [label, key]; older files: keys
             for e in entries:
                 if isinstance(e, list):
@@ -328,9 +348,9 @@ def load_sweep_from_mlflow(tracking_uri: str, run_id: str | None = None) -> tupl
         files = {a.path for a in client.list_artifacts(run.info.run_id)}
         with tempfile.TemporaryDirectory() as tmp:
             if tags.get("harness.kind") == "merge" and "routing.csv" in files:
-                artifacts["routing"] = read_routing_csv(Path(client.download_artifacts(run.info.run_id, "routing.csv", tmp)))
+                artifacts["routing"] = read_routing_csv(Path(_download(client, tracking_uri, run, "routing.csv", tmp)))
             if CORRECT_FILE in files:
-                test_correct = read_correct(Path(client.download_artifacts(run.info.run_id, CORRECT_FILE, tmp)))
+                test_correct = read_correct(Path(_download(client, tracking_uri, run, CORRECT_FILE, tmp)))
         protocol = tags.get(PROTOCOL_TAG) or params.get("job.protocol") or MAIN
         results.append(JobResult(
             key=tags.get("harness.job_key", ""), kind=tags.get("harness.kind", "merge"),
@@ -341,6 +361,18 @@ def load_sweep_from_mlflow(tracking_uri: str, run_id: str | None = None) -> tupl
     results += [dataclasses.replace(r, label=label) for r in list(results)  # a job two labels share: one run
                 for label in shared.get(r.key, []) if label != r.label]
     return cfg, plan_order(cfg, results), parent
+
+
+def _download(client: Any, tracking_uri: str, run: Any, path: str, dst: str) -> str:
+    """A run's artifact ``path``, downloaded into ``dst``; one line naming the run and where its
+    artifacts should lie when they are not there (a moved or deleted output folder)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.download_artifacts(run.info.run_id, path, dst)
+    except MlflowException as exc:
+        raise HarnessError(f"{tracking_uri}: run {run.info.run_id} ({run.info.run_name}): cannot read its artifact "
+                           f"{path!r} at {run.info.artifact_uri} ({exc.message})") from None
 
 
 def load_study_counts(tracking_uri: str, parent: Any) -> dict[tuple[str, str], TrialCounts]:

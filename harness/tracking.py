@@ -130,7 +130,10 @@ def relocate_copied_store(uri: str, out: Path) -> str | None:
     MLflow keeps absolute artifact locations, so an output folder copied (``cp -a``) to extend
     a sweep would go on writing artifacts into the original folder, and lose them with it.
     Only ``<out>/mlflow.db`` is touched: its experiments' ``<folder>/mlartifacts`` and
-    ``<folder>/mlruns`` locations are moved to ``out``. Returns the old folder when it moved."""
+    ``<folder>/mlruns`` locations are moved to ``out``. An experiment of another sweep that logs
+    to this store through its ``tracking_uri`` (its artifacts in its own folder, which still
+    holds them, and none of them here) is no copy and keeps its location. Returns the old
+    folder when it moved."""
     db = out / "mlflow.db"
     if not is_own_store(uri, out) or not db.is_file():
         return None
@@ -148,6 +151,8 @@ def relocate_copied_store(uri: str, out: Path) -> str | None:
             if old == here:
                 continue
             new_location = (here / Path(*parts[tops[-1]:]))
+            if path.exists() and _holds_artifacts_of(con, exp_id, location, new_location) is False:
+                continue  # another folder's sweep logging here: its artifacts lie there, not copied here
             new = new_location.as_uri() if as_uri else str(new_location)
             con.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = ?", (new, exp_id))
             con.execute("UPDATE runs SET artifact_uri = ? || substr(artifact_uri, ?) WHERE experiment_id = ? "
@@ -159,6 +164,19 @@ def relocate_copied_store(uri: str, out: Path) -> str | None:
 
         getattr(utils, "_artifact_repos_cache", {}).clear()
     return str(moved) if moved else None
+
+
+def _holds_artifacts_of(con: sqlite3.Connection, exp_id: Any, location: str, new_location: Path) -> bool | None:
+    """Whether ``new_location`` holds an artifact folder of a run of experiment ``exp_id``
+    (whose runs' artifact URIs start with ``location``): the experiment's artifacts were copied
+    there. None: the experiment has no such runs (nothing tells)."""
+    found = None
+    for (uri,) in con.execute("SELECT artifact_uri FROM runs WHERE experiment_id = ?", (exp_id,)):
+        if uri and uri.startswith(location):
+            if (new_location / uri[len(location):].lstrip("/")).exists():
+                return True
+            found = False
+    return found
 
 
 def _is_empty_store(path: Path) -> bool:
@@ -282,8 +300,18 @@ class Tracker:
 
     def _end_stale_runs(self) -> None:
         """Runs a killed driver left RUNNING (an earlier sweep's parent, its jobs, studies and
-        trials) end KILLED: no driver is writing to them, and the UI should not say otherwise."""
-        experiments = [e.experiment_id for e in self.client.search_experiments()]
+        trials) end KILLED: no driver is writing to them, and the UI should not say otherwise.
+        Only in this folder's experiments (this sweep's, and those whose artifacts lie in this
+        folder): a sweep of another folder logging to this store through its ``tracking_uri`` is
+        not kept out by this folder's lock, and its runs may be live."""
+        here = self.cfg.resolved_output_dir().resolve()
+
+        def in_folder(location: str) -> bool:
+            path = Path(location.removeprefix("file://")) if location.startswith(("file://", "/")) else None
+            return path is not None and path.resolve().is_relative_to(here)
+
+        experiments = [e.experiment_id for e in self.client.search_experiments()
+                       if e.experiment_id == self.experiment_id or in_folder(e.artifact_location or "")]
         for r in self.client.search_runs(experiments, "attributes.status = 'RUNNING'", max_results=50000):
             if r.info.run_id != self._parent_id and r.data.tags.get("harness.kind"):
                 self.client.set_terminated(r.info.run_id, status="KILLED")

@@ -320,3 +320,73 @@ def test_dry_run_shows_the_robustness_study_of_a_grids_chosen_setting(sweep_dict
     assert r.exit_code == 0 and (results / f"{rob['key']}.json").is_file(), r.output  # the run agrees: it ran it
     summary, _ = _dry_run(f, "methods.0.grid.scaling=[0.2, 0.6, 0.4]")
     assert summary == "3 jobs: 2 cached, 1 to run"  # the chosen setting is not known before scaling=0.4 runs
+
+
+def test_report_of_a_folder_is_its_own_sweep_when_a_store_is_shared(sweep_dict, tmp_path):
+    """Two sweeps log to one store: the first to its folder's own mlflow.db, the second (run
+    after it, another name and tasks) to that same file through ``tracking_uri``. ``harness
+    report`` on either folder (or on either sweep file) rebuilds that sweep's tables, as its
+    sweep wrote them, not those of the sweep that ran last in the store; the second folder, which
+    holds no mlflow.db, is reported from the store its sweep logged to."""
+    first = dict(sweep_dict, name="first", output_dir=str(tmp_path / "a"))
+    store = f"sqlite:///{tmp_path / 'a' / 'mlflow.db'}"
+    second = dict(sweep_dict, name="second", output_dir=str(tmp_path / "b"), tracking_uri=store,
+                  tasks=sweep_dict["tasks"][:1], methods=[{"name": "task_arithmetic"}])
+    files = []
+    for n, d in enumerate((first, second)):
+        f = tmp_path / f"s{n}.yaml"
+        f.write_text(yaml.safe_dump(d))
+        files.append(f)
+        r = CliRunner().invoke(main, ["sweep", "-q", str(f)])
+        assert r.exit_code == 0, r.output
+    written = {d["name"]: (Path(d["output_dir"]) / "report" / "main.csv").read_text() for d in (first, second)}
+    assert written["first"] != written["second"]
+    assert not (tmp_path / "b" / "mlflow.db").exists()
+    from harness.cli import _store
+
+    assert _store(second["output_dir"]) == (store, str(tmp_path / "b" / "mlartifacts"))  # harness ui FOLDER
+    for d, f in zip((first, second), files):
+        for n, target in enumerate((d["output_dir"], str(f))):
+            out = tmp_path / f"{d['name']}-{n}"
+            r = CliRunner().invoke(main, ["report", target, "--out", str(out)], env={"COLUMNS": "200"})
+            assert r.exit_code == 0, r.output
+            assert (out / "main.csv").read_text() == written[d["name"]], (d["name"], target)
+
+
+def test_report_of_a_store_whose_artifacts_are_gone_is_one_line(sweep_dict, tmp_path):
+    """A store whose artifact folder was deleted (or lies elsewhere): ``harness report`` says
+    which run's artifact it could not read and where, as a one-line error, not a traceback."""
+    import shutil
+
+    f = tmp_path / "s.yaml"
+    sweep_dict["methods"] = [{"name": "task_arithmetic"}]
+    f.write_text(yaml.safe_dump(sweep_dict))
+    assert CliRunner().invoke(main, ["sweep", "-q", str(f)]).exit_code == 0
+    shutil.rmtree(Path(sweep_dict["output_dir"]) / "mlartifacts")
+    r = CliRunner().invoke(main, ["report", sweep_dict["output_dir"], "--out", str(tmp_path / "rep")])
+    assert r.exit_code == 2, r.output
+    assert r.exception is None or isinstance(r.exception, SystemExit)
+    assert "cannot read its artifact 'resolved.yaml'" in r.stderr and "Traceback" not in r.output
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_report_and_ui_of_a_copied_folder_whose_original_is_gone(sweep_dict, tmp_path):
+    """An output folder copied whole (to a laptop) and reported there, with the original gone and
+    no sweep run in the copy yet: MLflow's absolute artifact paths lead into the original, so the
+    copy's store is pointed at its own artifacts first. The copy reports the original's tables."""
+    import shutil
+
+    from harness.cli import _store
+
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump(sweep_dict))
+    assert CliRunner().invoke(main, ["sweep", "-q", str(f)]).exit_code == 0
+    out = Path(sweep_dict["output_dir"])
+    written = (out / "report" / "main.csv").read_text()
+    copy = tmp_path / "laptop" / "out"
+    shutil.copytree(out, copy)
+    shutil.rmtree(out)
+    r = CliRunner().invoke(main, ["report", str(copy), "--out", str(tmp_path / "rep")])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "rep" / "main.csv").read_text() == written
+    assert _store(str(copy)) == (f"sqlite:///{copy.resolve() / 'mlflow.db'}", str(copy.resolve() / "mlartifacts"))

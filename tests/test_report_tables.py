@@ -161,3 +161,24 @@ def test_two_labels_sharing_a_setting_share_its_job_and_each_row_chooses_among_i
     assert rows_of(run.results) == {"low": (best("low"), 2), "high": (best("high"), 2)}
     _, stored, _ = load_sweep_from_mlflow(cfg.resolved_tracking_uri())
     assert rows_of(stored) == rows_of(run.results)
+
+
+def test_a_report_rebuilt_without_a_table_leaves_none_of_the_old_one(cfg, tmp_path):
+    """A sweep rerun into its folder without its robustness block (or WeMoE's routing) writes a
+    report without those tables and plots: the folder must not keep the earlier run's files
+    beside the new tables, as if they were this sweep's."""
+    pre = {A: 40.0, B: 30.0}
+    results = [
+        ok("pretrained", "pretrained", {}, pre, 35.0, robust=robust(pre, {A: 20.0, B: 10.0})),
+        ok("merge", "weight_averaging", {}, {A: 50.0, B: 33.0}, 41.0,
+           robust=robust({A: 50.0, B: 33.0}, {A: 30.0, B: 21.0})),
+    ]
+    routing = {"experts": [A, B], "layers": 1, "mean_weight": {A: [[0.6, 0.4]], B: [[0.3, 0.7]]}}
+    out = tmp_path / "report"
+    first = build_report(cfg, results, out, routing)
+    assert {"robustness.md", "robustness.csv", "robustness.tex", "robustness.png", "routing.png"} <= {
+        p.name for p in first.files}
+    plain = cfg.model_copy(update={"robustness": None})
+    second = build_report(plain, results, out)
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in second.files)
+    assert not any(p.name.startswith(("robustness", "routing")) for p in second.files)

@@ -150,3 +150,22 @@ def test_runs_in_a_shared_store_are_left_to_their_drivers(micro_checkpoints, tmp
     other = client.create_run(exp, tags={"harness.kind": "sweep", "harness.sweep_digest": "another"}).info.run_id
     run_sweep(validate_config({**d, "output_dir": str(tmp_path / "out2")}), quiet=True)
     assert client.get_run(other).info.status == "RUNNING"
+
+
+def test_a_sweep_on_its_own_store_leaves_another_folders_live_sweep_logging_there_alone(micro_checkpoints, tmp_path):
+    """Sweep B (folder b) logs to folder a's mlflow.db through ``tracking_uri``; a's lock does not
+    keep B's driver out. While B runs (its parent and a job run RUNNING), a sweep into a ends
+    only runs of its own folder's experiments: B's stay RUNNING, to be ended by B's driver."""
+    a = make_sweep_dict(micro_checkpoints, tmp_path)
+    a["methods"] = [{"name": "weight_averaging"}]
+    run_sweep(validate_config(a), quiet=True)
+    b = {**a, "name": "other", "output_dir": str(tmp_path / "b"), "tracking_uri": f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}"}
+    run_sweep(validate_config(b), quiet=True)
+    client, exp = _sweep_runs(validate_config(b))
+    live = client.create_run(exp, tags={"harness.kind": "sweep", "harness.sweep_digest": "live"}).info.run_id
+    job = client.create_run(exp, tags={"harness.kind": "merge", "mlflow.parentRunId": live}).info.run_id
+    own_client, own_exp = _sweep_runs(validate_config(a))
+    stale = own_client.create_run(own_exp, tags={"harness.kind": "sweep", "harness.sweep_digest": "stale"}).info.run_id
+    run_sweep(validate_config(a), quiet=True)
+    assert client.get_run(live).info.status == client.get_run(job).info.status == "RUNNING"
+    assert own_client.get_run(stale).info.status == "KILLED"  # the folder's own leftovers still end

@@ -199,3 +199,25 @@ def seed_template(cfg):
     seed_sqlite_store(f"sqlite:///{scratch}", cfg.resolved_cache_dir())
     (template,) = (cfg.resolved_cache_dir() / "mlflow").glob("empty-store-*.db")
     return template
+
+
+def test_another_sweep_logging_to_this_folders_store_keeps_its_artifacts(sweep_dict, tmp_path):
+    """Sweep B (another folder) logs to sweep A's mlflow.db through ``tracking_uri``; its
+    artifacts lie in B's folder. Rerunning A on its own store must not take B's experiment for
+    a copied one and point it at A's folder, where B's artifacts are not: B's report, read from
+    MLflow, must still find them."""
+    from harness.report import load_sweep_from_mlflow
+    from harness.runner import run_sweep
+
+    a = validate_config(dict(sweep_dict, output_dir=str(tmp_path / "a")))
+    store = f"sqlite:///{tmp_path / 'a' / 'mlflow.db'}"
+    b = validate_config(dict(sweep_dict, name="other", output_dir=str(tmp_path / "b"), tracking_uri=store,
+                             methods=[{"name": "task_arithmetic"}]))
+    run_sweep(a, quiet=True)
+    second = run_sweep(b, quiet=True)
+    run_sweep(a, quiet=True)  # all cached: reopens A's store
+    locations = {name: loc for _, name, loc in _experiments(tmp_path / "a" / "mlflow.db")}
+    assert locations["other"] == (tmp_path / "b" / "mlartifacts").resolve().as_uri()
+    cfg, results, _ = load_sweep_from_mlflow(store, sweep=b)
+    assert cfg.name == "other" and {r.key for r in results} == {r.key for r in second.results}
+    assert all(r.test_correct for r in results)  # per-image records read from B's artifacts
