@@ -511,7 +511,7 @@ def report(target: str, tracking_uri: str | None, out_dir: str | None, against: 
 
     TARGET is a sweep's output folder (the parent run of the sweep that last ran there), its
     sweep YAML, or a sweep's parent run id."""
-    from harness.report import best_routing, build_report, load_study_counts, load_sweep_from_mlflow
+    from harness.report import build_report, load_study_counts, load_sweep_from_mlflow, row_routings
     from harness.results import rich_table
 
     sweep_cfg = None  # the sweep whose parent run to report (a store may hold other sweeps' runs)
@@ -531,7 +531,7 @@ def report(target: str, tracking_uri: str | None, out_dir: str | None, against: 
                  "MLFLOW_TRACKING_URI")
         run_id, default_out = target, Path(f"report-{target[:8]}")
     cfg, results, parent = load_sweep_from_mlflow(uri, run_id, sweep_cfg if run_id is None else None)
-    rep = build_report(cfg, results, Path(out_dir) if out_dir else default_out, best_routing(cfg, results),
+    rep = build_report(cfg, results, Path(out_dir) if out_dir else default_out, row_routings(cfg, results),
                        list(against) or None, load_study_counts(uri, parent))
     for name, (header, body) in rep.tables.items():
         console.print(rich_table(header, body, title=f"{name} ({cfg.name}, run {parent.info.run_id[:8]})"))

@@ -124,14 +124,21 @@ def csv_table(header: list[str], body: list[list[str]]) -> str:
 
 REPORT_FILES = tuple(f"{name}.{ext}" for name in ("main", "generalization", "significance", "robustness")
                      for ext in ("md", "csv", "tex")) + ("accuracy.png", "robustness.png", "routing.png")
-"""What :func:`build_report` may write (besides jobs.json): one it does not write this time is removed."""
+"""What :func:`build_report` may write (besides jobs.json and ``routing-<row>.png``): one it does
+not write this time is removed (``routing.png``: what reports wrote before there was one per row)."""
+
+
+def routing_plot_name(label: str) -> str:
+    """``routing-<row>.png``, the row's label made a safe file name."""
+    return f"routing-{re.sub(r'[^A-Za-z0-9_.-]+', '_', label)}.png"
 
 
 def build_report(cfg: SweepConfig, results: list[JobResult], out: Path,
-                 routing: dict[str, Any] | None = None, against: list[str] | None = None,
+                 routing: Mapping[str, dict[str, Any]] | None = None, against: list[str] | None = None,
                  studies: Mapping[tuple[str, str], TrialCounts] | None = None) -> Report:
     """Write every table in three formats and the plots into ``out``; return what was written.
 
+    ``routing``: routing statistics by row label (:func:`row_routings`), one heatmap each;
     ``against``: the rows the significance table compares every other row with (default:
     :func:`default_reference`); ``studies``: tuned methods' trial counts (see :func:`build_rows`)."""
     out.mkdir(parents=True, exist_ok=True)
@@ -186,11 +193,13 @@ def build_report(cfg: SweepConfig, results: list[JobResult], out: Path,
     if routing:
         from harness.plots import routing_heatmap
 
-        report.files.append(routing_heatmap(routing, out / "routing.png"))
+        for label, stats in routing.items():
+            report.files.append(routing_heatmap(stats, out / routing_plot_name(label), f"WeMoE routing weights: {label}"))
     written = set(report.files)
-    for stale in REPORT_FILES:  # an earlier report's table or plot this sweep no longer has (a block removed)
-        if out / stale not in written:
-            (out / stale).unlink(missing_ok=True)
+    # an earlier report's table or plot this sweep no longer has (a block removed, a row renamed)
+    for stale in [*(out / name for name in REPORT_FILES), *out.glob("routing-*.png")]:
+        if stale not in written:
+            stale.unlink(missing_ok=True)
     return report
 
 
@@ -268,13 +277,15 @@ def plot_robustness(rows: list[Row], corruptions: list[str], path: Path, title: 
     return grouped_bars(cols, series, "avg test top-1 (%)", path, title=title)
 
 
-def best_routing(cfg: SweepConfig, results: list[JobResult]) -> dict[str, Any] | None:
-    """Routing statistics of the val-selected setting of the first method that has them."""
+def row_routings(cfg: SweepConfig, results: list[JobResult]) -> dict[str, dict[str, Any]]:
+    """Routing statistics of each main-table row that has them (WeMoE's), of the setting the
+    row reports (chosen on validation), by row label in the sweep's order."""
+    out = {}
     for m in cfg.methods:
         cands = [r for r in results if r.label == m.display and r.status == "ok" and r.artifacts.get("routing")]
         if cands:
-            return select_best(cands).artifacts["routing"]
-    return None
+            out[m.display] = select_best(cands).artifacts["routing"]
+    return out
 
 
 # ---------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import io
 
 import pytest
 
-from harness.config import validate_config
+from harness.config import MethodSpec, validate_config
 from harness.errors import HarnessError
 from harness.job import JobResult
 from harness.report import build_report
@@ -175,10 +175,42 @@ def test_a_report_rebuilt_without_a_table_leaves_none_of_the_old_one(cfg, tmp_pa
     ]
     routing = {"experts": [A, B], "layers": 1, "mean_weight": {A: [[0.6, 0.4]], B: [[0.3, 0.7]]}}
     out = tmp_path / "report"
-    first = build_report(cfg, results, out, routing)
-    assert {"robustness.md", "robustness.csv", "robustness.tex", "robustness.png", "routing.png"} <= {
+    (out / "routing.png").parent.mkdir()
+    (out / "routing.png").write_bytes(b"")  # as reports wrote it before there was one per row
+    first = build_report(cfg, results, out, {"wemoe": routing})
+    assert {"robustness.md", "robustness.csv", "robustness.tex", "robustness.png", "routing-wemoe.png"} <= {
         p.name for p in first.files}
+    assert not (out / "routing.png").exists()
     plain = cfg.model_copy(update={"robustness": None})
     second = build_report(plain, results, out)
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in second.files)
     assert not any(p.name.startswith(("robustness", "routing")) for p in second.files)
+
+
+def test_every_wemoe_row_gets_its_routing_heatmap_titled_with_its_label(cfg, tmp_path, monkeypatch):
+    """Three WeMoE rows (the main sweep has raw, softmax and task-identification routing) give
+    three heatmaps, each of its own row's routing statistics (the setting chosen on validation)
+    and named and titled by the row; a label that is no safe file name is made one."""
+    import harness.plots as plots
+    from harness.report import row_routings
+
+    def stats(w: float) -> dict:
+        return {"experts": [A, B], "layers": 1, "mean_weight": {A: [[w, 1 - w]], B: [[1 - w, w]]}}
+
+    def wemoe(label: str, params: dict, val: float, w: float) -> JobResult:
+        r = ok("merge", label, params, {A: 50.0, B: 40.0}, 45.0)
+        r.metrics["val/acc/avg"] = val
+        r.artifacts["routing"] = stats(w)
+        return r
+
+    results = [wemoe("raw", {"lr": 1}, 40.0, 0.1), wemoe("raw", {"lr": 2}, 41.0, 0.2),  # lr 2 is chosen
+               wemoe("task id (soft)", {}, 50.0, 0.9)]
+    two = cfg.model_copy(update={"methods": [MethodSpec(name="wemoe", label="raw"),
+                                             MethodSpec(name="wemoe", label="task id (soft)")]})
+    routings = row_routings(two, results)
+    assert routings == {"raw": stats(0.2), "task id (soft)": stats(0.9)}
+    drawn = []
+    monkeypatch.setattr(plots, "routing_heatmap", lambda r, path, title: drawn.append((r, path.name, title)) or path)
+    build_report(two, results, tmp_path / "report", routings)
+    assert drawn == [(stats(0.2), "routing-raw.png", "WeMoE routing weights: raw"),
+                     (stats(0.9), "routing-task_id_soft_.png", "WeMoE routing weights: task id (soft)")]
