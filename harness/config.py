@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import os
 import re
 import string
@@ -193,7 +194,10 @@ class ParamSpace(Strict):
             return list(self.choices or [])
         if self.step is None:
             raise ValueError("grid sampling needs 'step' for numeric parameters")
-        n = int(round((self.high - self.low) / self.step))
+        # As Optuna's distributions do, the last point is the last step at or below ``high`` (a
+        # rounded count could step past it, to a value the method refuses); the tolerance keeps a
+        # float step that reaches ``high`` exactly (0.1 to 0.9 by 0.2) from losing its last point.
+        n = math.floor((self.high - self.low) / self.step + 1e-9)
         values = [self.low + i * self.step for i in range(n + 1)]
         return [int(round(v)) for v in values] if self.type == "int" else [round(v, 12) for v in values]
 

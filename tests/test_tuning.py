@@ -420,6 +420,30 @@ def test_grid_study_ends_when_the_grid_is_exhausted(sweep_dict):
     assert final.metrics["val/acc/avg"] == pytest.approx(best.value)
 
 
+@pytest.mark.parametrize("space,points", [
+    ({"type": "int", "low": 1, "high": 8, "step": 2}, [1, 3, 5, 7]),  # 9 would step past high
+    ({"type": "float", "low": 0.1, "high": 0.95, "step": 0.3}, [0.1, 0.4, 0.7]),  # 1.0 would too
+    ({"type": "float", "low": 0.1, "high": 0.9, "step": 0.2}, [0.1, 0.3, 0.5, 0.7, 0.9]),  # high on the step
+])
+def test_grid_points_stay_within_the_range(space, points):
+    """A grid steps from low up to the last point at or below high, as Optuna's distribution does."""
+    from harness.config import ParamSpace
+
+    assert ParamSpace(**space).grid_values() == pytest.approx(points)
+
+
+def test_grid_study_whose_step_does_not_divide_the_range_runs_every_point_in_it(sweep_dict):
+    """repeats (an int in [1, 4]) by 2 from 1 to 4: the points are 1 and 3, not 5, which the
+    method refuses (the study stopped with a traceback at its third trial)."""
+    space = {"repeats": {"type": "int", "low": 1, "high": 4, "step": 2}}
+    cfg = validate_config(typed_study(sweep_dict, n_trials=10, sampler="grid", space=space))
+    out = run_sweep(cfg, quiet=True)
+    assert not out.failed, [r.error for r in out.failed]
+    trials = stored_study(cfg).trials
+    assert sorted(t.params["repeats"] for t in trials) == [1, 3]
+    assert {t.state.name for t in trials} == {"COMPLETE"}
+
+
 @pytest.mark.parametrize("space,fragment", [
     ({"repeats": {"type": "float", "low": 1, "high": 3}},
      "s.yaml: methods.0.tune.space.repeats.type: hyperparameter 'repeats' of "
