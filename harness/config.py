@@ -864,7 +864,7 @@ def check_space(cls: Any, m: MethodSpec, i: int, file: str) -> None:
             except ValidationError as exc:
                 err = exc.errors()[0]
                 if err["loc"] and err["loc"][0] == name:
-                    raise ConfigError(file, where, err["msg"], value) from None
+                    raise ConfigError(file, where, err["msg"].removeprefix("Value error, "), value) from None
 
 
 def check_tasks(cfg: SweepConfig, file: str) -> None:

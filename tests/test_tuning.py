@@ -457,6 +457,8 @@ def test_grid_study_whose_step_does_not_divide_the_range_runs_every_point_in_it(
     ({"repeats": {"type": "categorical", "choices": [1, 2.5]}}, "methods.0.tune.space.repeats: Input should be a valid "
      "integer, got a number with a fractional part (got 2.5)"),
     ({"mode": {"type": "categorical", "choices": ["sum", "max"]}}, "methods.0.tune.space.mode: Input should be"),
+    ({"repeats": {"type": "categorical", "choices": [1, True]}},  # worded as in params, without pydantic's prefix
+     "s.yaml: methods.0.tune.space.repeats: expects a number, not the boolean true (got True)"),
 ])
 def test_space_type_must_fit_the_hyperparameter(space, fragment, sweep_dict):
     """A range a field cannot hold is refused at config time, not by the first trial's merge."""
