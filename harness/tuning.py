@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from harness.config import MethodSpec, SweepConfig, TuneSpec
 from harness.errors import HarnessError
 from harness.job import JobResult, read_result
-from harness.plan import JobSpec, setting_text, with_key
+from harness.plan import JobSpec, method_class_id, setting_text, with_key
 from harness.results import TrialCounts
 
 if TYPE_CHECKING:
@@ -102,6 +102,10 @@ def study_name(cfg: SweepConfig, m: MethodSpec) -> str:
 DEFINITION_ATTR = "harness.definition"
 #: The study's user attribute holding :func:`study_measures`.
 MEASURES_ATTR = "harness.measures"
+#: The study's user attribute holding its method's class and, for a method of one's own, the
+#: digest of its file (``harness.plan.method_class_id``): what says that an edit of the file,
+#: not of the tuning block, made a study of its own.
+METHOD_ATTR = "harness.method"
 #: A trial's user attribute naming the output folder of the driver that asked it.
 OWNER_ATTR = "harness.output_dir"
 
@@ -132,7 +136,8 @@ def study_measures(cfg: SweepConfig, m: MethodSpec, identity: dict, task_identit
 
 
 def open_study(storage: Any, name: str, definition: str, measures: str, sampler: Any, pruner: Any,
-               measured_here: Callable[[str, "optuna.Study"], bool] | None = None) -> tuple["optuna.Study", str | None]:
+               measured_here: Callable[[str, "optuna.Study"], bool] | None = None,
+               method: str | None = None) -> tuple["optuna.Study", str | None]:
     """The study of this definition and measurement, and a line saying so when it is not the one
     named ``name``.
 
@@ -169,14 +174,19 @@ def open_study(storage: Any, name: str, definition: str, measures: str, sampler:
     note = None
     if chosen != name:
         how = "resuming" if chosen in names else "starting"
-        same_definition = stored_attrs(name)[0].get(DEFINITION_ATTR) == definition
-        why = ("on other tasks, models or evaluation settings" if same_definition
-               else "with another space, fixed params, objective or sampler")
+        stored = stored_attrs(name)[0]
+        same_definition = stored.get(DEFINITION_ATTR) == definition
+        if same_definition:
+            why = "on other tasks, models or evaluation settings"
+        elif method is not None and stored.get(METHOD_ATTR) not in (None, method):
+            why = "with other code of its method (its file was edited since)"
+        else:
+            why = "with another space, fixed params, objective or sampler"
         note = f"study {name!r} was run {why}: {how} study {chosen!r} for this one"
     study = optuna.create_study(study_name=chosen, storage=storage, sampler=sampler, pruner=pruner,
                                 direction="maximize", load_if_exists=True)
-    for attr, value in ((DEFINITION_ATTR, definition), (MEASURES_ATTR, measures)):
-        if study.user_attrs.get(attr) != value:
+    for attr, value in ((DEFINITION_ATTR, definition), (MEASURES_ATTR, measures), (METHOD_ATTR, method)):
+        if value is not None and study.user_attrs.get(attr) != value:
             study.set_user_attr(attr, value)
     return study, note
 
@@ -220,7 +230,8 @@ class StudyRunner:
         seed = self.tune.seed if self.tune.seed is not None else cfg.seed
         self.study, note = open_study(open_storage(self.storage), study_name(cfg, m), study_definition(m),
                                       study_measures(cfg, m, identity, task_identity),
-                                      make_sampler(self.tune, seed), make_pruner(self.tune.pruner), self.measured_here)
+                                      make_sampler(self.tune, seed), make_pruner(self.tune.pruner), self.measured_here,
+                                      method=method_class_id(m.name))
         self.name = self.study.study_name
         existing = len(self.study.get_trials(deepcopy=False))
         if existing and self.tune.sampler != "grid":
