@@ -114,14 +114,29 @@ def study_definition(m: MethodSpec) -> str:
     """A digest of what makes a study's trials comparable: the method, its fixed params, the space,
     the objective and the sampler (``n_trials`` and ``n_parallel`` may change: that extends it).
     Fixed params the method declares ``runtime_only`` are left out, as job keys leave them out:
-    changing one resumes the study and finds its trials' cached results."""
-    from harness.plan import method_class_id
+    changing one resumes the study and finds its trials' cached results. Fixed params and
+    categorical choices enter as the method's fields hold them: two spellings of one setting
+    (``steps: 4`` in the file, ``steps=4.0`` on the command line) are one study, as they are one job key."""
     from methods.base import resolve_method
 
-    runtime_only = resolve_method(m.name).runtime_only
-    params = {k: v for k, v in m.params.items() if k not in runtime_only}
+    cls = resolve_method(m.name)
+    runtime_only = cls.runtime_only
+    # A valid value of every tuned hyperparameter (its space's first end or choice, which
+    # config.check_space validated), so that the method builds even where a tuned field has no default.
+    probe = {name: (p.choices[0] if p.type == "categorical" else int(p.low) if p.type == "int" else p.low)
+             for name, p in m.tune.space.items()}
+
+    def held(name: str, value: Any) -> Any:
+        return cls(**{**m.params, **probe, name: value}).model_dump(mode="json")[name]
+
+    params = {k: held(k, v) for k, v in m.params.items() if k not in runtime_only}
+    space = {}
+    for k, p in m.tune.space.items():
+        space[k] = p.model_dump(mode="json")
+        if p.type == "categorical":
+            space[k]["choices"] = [held(k, c) for c in p.choices]
     body = {"method": method_class_id(m.name), "params": params, "objective": m.tune.objective,
-            "sampler": m.tune.sampler, "space": {k: p.model_dump(mode="json") for k, p in m.tune.space.items()}}
+            "sampler": m.tune.sampler, "space": space}
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
