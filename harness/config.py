@@ -798,14 +798,18 @@ def check_methods(cfg: SweepConfig, file: str) -> None:
                 if key not in fields:
                     raise unknown_hyperparameter(file, f"methods.{i}.{where}.{key}", m.name, key, fields)
         seen: dict[str, dict[str, Any]] = {}
+        probe = space_probe(m)  # a tuned hyperparameter need not have a default: its trials give it
         for setting in expand_grid(m):
             try:
-                validated = cls(**setting).key_params()
+                validated = cls(**{**probe, **setting}).key_params()
             except ValidationError as exc:
                 err = exc.errors()[0]
                 key = str(err["loc"][0]) if err["loc"] else ""
                 where = ("grid" if key in m.grid else "params") + (f".{key}" if key else "")
                 msg = err["msg"].removeprefix("Value error, ")
+                if err["type"] == "missing":  # not "Field required (got {...})": the params hold no value of it
+                    raise ConfigError(file, f"methods.{i}.{where}", f"hyperparameter {key!r} of {m.name!r} has no "
+                                      "default: give it in params, grid or tune.space", show_value=False) from None
                 raise ConfigError(file, f"methods.{i}.{where}", msg, err.get("input") if key else setting) from None
             same = seen.setdefault(json.dumps(validated, sort_keys=True), setting)
             if same is not setting:  # one job would run twice under two titles
@@ -1198,6 +1202,16 @@ def check_generalization(cfg: SweepConfig, file: str) -> None:
         if m.display.endswith(GENERALIZATION_SUFFIX):
             raise ConfigError(file, f"methods.{i}.label", f"labels ending in {GENERALIZATION_SUFFIX!r} are "
                               "reserved for the generalization block's jobs", m.display)
+
+
+def space_probe(m: MethodSpec) -> dict[str, Any]:
+    """A valid value of each hyperparameter ``m`` tunes (its space's low end or first choice, which
+    :func:`check_space` validated; none for an untuned method): with it the method builds where
+    a tuned hyperparameter has no default, as each of its trials builds it."""
+    if not m.tune:
+        return {}
+    return {name: (p.choices[0] if p.type == "categorical" else int(p.low) if p.type == "int" else p.low)
+            for name, p in m.tune.space.items()}
 
 
 def expand_grid(m: MethodSpec) -> list[dict[str, Any]]:

@@ -19,7 +19,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from harness.config import MethodSpec, SweepConfig, TuneSpec
+from harness.config import MethodSpec, SweepConfig, TuneSpec, space_probe
 from harness.errors import HarnessError
 from harness.job import JobResult, read_result
 from harness.plan import JobSpec, method_class_id, setting_text, with_key
@@ -121,10 +121,7 @@ def study_definition(m: MethodSpec) -> str:
 
     cls = resolve_method(m.name)
     runtime_only = cls.runtime_only
-    # A valid value of every tuned hyperparameter (its space's first end or choice, which
-    # config.check_space validated), so that the method builds even where a tuned field has no default.
-    probe = {name: (p.choices[0] if p.type == "categorical" else int(p.low) if p.type == "int" else p.low)
-             for name, p in m.tune.space.items()}
+    probe = space_probe(m)
 
     def held(name: str, value: Any) -> Any:
         return cls(**{**m.params, **probe, name: value}).model_dump(mode="json")[name]
@@ -146,7 +143,16 @@ def study_measures(cfg: SweepConfig, m: MethodSpec, identity: dict, task_identit
     settings, seed, adaptation data). A sweep changed in any of these (``tasks=[...]``, another
     ``eval.max_samples``) must not resume a study whose trials scored something else: no trial
     would run, and its best would be picked on the old sweep's validation data."""
-    probe = JobSpec("trial", m.display, method=m.name, trial={"study_name": "", "number": 0})
+    from pydantic import ValidationError
+
+    from methods.base import resolve_method
+
+    try:
+        resolve_method(m.name)()
+        params: dict[str, Any] = {}  # the method's defaults, as digests were always taken
+    except ValidationError:  # a tuned hyperparameter without a default: its space's first value
+        params = {**m.params, **space_probe(m)}
+    probe = JobSpec("trial", m.display, method=m.name, params=params, trial={"study_name": "", "number": 0})
     return with_key(cfg, probe, identity, task_identity).key[:12]
 
 

@@ -858,3 +858,28 @@ def test_a_grid_row_sharing_a_job_with_a_tuned_method_keeps_its_own_note():
     rows = build_rows(results, ["a"], ["grid", "tuned"], studies={("tuned", "k50"): TrialCounts(4, pruned=1)})
     assert {r.method: r.setting for r in rows} == {"grid": "quality=50.0 (1 of 2 settings failed)",
                                                    "tuned": "quality=50.0 (1 of 4 trials pruned)"}
+
+
+def test_a_hyperparameter_without_a_default_can_be_tuned(sweep_dict):
+    """Its trials give it a value, so the config check does not refuse it as 'Field required' in
+    params (nor does the study's digest fail to build the method): the study runs its grid and
+    its best scores as task arithmetic at that scaling, run beside it."""
+    d = dict(sweep_dict, references=False, methods=[
+        {"name": "task_arithmetic", "grid": {"scaling": [0.0, 0.6]}},
+        {"name": "tests.tuning_methods:ScalingWithoutDefault", "label": "nodefault", "tune": {
+            "n_trials": 2, "n_parallel": 1, "sampler": "grid",
+            "space": {"scaling": {"type": "float", "low": 0.0, "high": 0.6, "step": 0.6}}}}])
+    out = run_sweep(validate_config(d), quiet=True)
+    assert not out.failed, [r.error for r in out.failed]
+    final = next(r for r in out.results if r.label == "nodefault" and r.kind == "merge")
+    same = next(r for r in out.results if r.label == "task_arithmetic" and r.params["scaling"] == final.params["scaling"])
+    assert final.metrics == pytest.approx(same.metrics)
+
+
+def test_a_hyperparameter_without_a_default_left_out_is_named(sweep_dict):
+    d = dict(sweep_dict, methods=[{"name": "tests.tuning_methods:ScalingWithoutDefault"}])
+    with pytest.raises(ConfigError) as e:
+        validate_config(d, "s.yaml")
+    assert str(e.value) == ("s.yaml: methods.0.params.scaling: hyperparameter 'scaling' of "
+                            "'tests.tuning_methods:ScalingWithoutDefault' has no default: give it in params, grid "
+                            "or tune.space"), str(e.value)

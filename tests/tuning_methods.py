@@ -52,3 +52,12 @@ class StopsOrFailsByQuality(MergeMethod):
         if ctx.report and self.quality < 20:
             raise PruneTrial("pruned at step 2")
         return TaskArithmetic(scaling=0.3).merge(pretrained, finetuned, ctx)
+
+
+class ScalingWithoutDefault(MergeMethod):
+    """Task arithmetic whose scaling has no default: a sweep must give it (params, grid or tune)."""
+
+    scaling: float = Field(ge=0.0, le=2.0)
+
+    def merge(self, pretrained: nn.Module, finetuned: Mapping[str, nn.Module], ctx: MergeContext) -> nn.Module:
+        return TaskArithmetic(scaling=self.scaling).merge(pretrained, finetuned, ctx)
