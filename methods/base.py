@@ -100,7 +100,11 @@ class MergeMethod(BaseModel):
         """name, type, default, range and description of every hyperparameter (``harness list``)."""
         rows = []
         for name, info in cls.model_fields.items():
-            rows.append({"name": name, "type": _type_name(info.annotation), "default": info.default,
+            # A field without a default (a sweep must give it) has none to show, not pydantic's
+            # PydanticUndefined; one with a default_factory has the value the factory makes.
+            required = info.is_required()
+            default = None if required else info.get_default(call_default_factory=True)
+            rows.append({"name": name, "type": _type_name(info.annotation), "default": default, "required": required,
                          "range": _bounds(info.metadata), "description": info.description or ""})
         return rows
 
