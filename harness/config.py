@@ -172,6 +172,11 @@ class ParamSpace(Strict):
         if self.type == "categorical":
             if not self.choices:
                 raise ValueError("categorical needs non-empty 'choices'")
+            for choice in self.choices:  # Optuna stores and compares only these (a list crashed the study's end)
+                if choice is not None and not isinstance(choice, (bool, int, float, str)):
+                    raise ValueError(f"categorical choices must be numbers, strings, booleans or null, not "
+                                     f"{type(choice).__name__}s (got {choice!r}): give each as a string the "
+                                     "method maps to its value, or use a grid")
         else:
             if self.low is None or self.high is None:
                 raise ValueError(f"{self.type} needs 'low' and 'high'")

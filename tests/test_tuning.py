@@ -883,3 +883,14 @@ def test_a_hyperparameter_without_a_default_left_out_is_named(sweep_dict):
     assert str(e.value) == ("s.yaml: methods.0.params.scaling: hyperparameter 'scaling' of "
                             "'tests.tuning_methods:ScalingWithoutDefault' has no default: give it in params, grid "
                             "or tune.space"), str(e.value)
+
+
+def test_categorical_choices_optuna_cannot_store_are_a_config_error(sweep_dict):
+    """Lists as choices (a list-valued hyperparameter) ran every trial, then the study's end (its
+    importance plot) crashed on Optuna hashing them; now the space is refused at once."""
+    d = dict(sweep_dict, methods=[{"name": "tests.tuning_methods:LayerList", "tune": {
+        "space": {"layers": {"type": "categorical", "choices": [[0], [0, 1]]}}}}])
+    with pytest.raises(ConfigError) as e:
+        validate_config(d, "s.yaml")
+    assert str(e.value).startswith("s.yaml: methods.0.tune.space.layers: categorical choices must be numbers, strings, "
+                                   "booleans or null, not lists (got [0])"), str(e.value)

@@ -61,3 +61,12 @@ class ScalingWithoutDefault(MergeMethod):
 
     def merge(self, pretrained: nn.Module, finetuned: Mapping[str, nn.Module], ctx: MergeContext) -> nn.Module:
         return TaskArithmetic(scaling=self.scaling).merge(pretrained, finetuned, ctx)
+
+
+class LayerList(MergeMethod):
+    """A hyperparameter holding a list: a grid can take lists of it, an Optuna space cannot."""
+
+    layers: list[int] = Field(default_factory=lambda: [0])
+
+    def merge(self, pretrained: nn.Module, finetuned: Mapping[str, nn.Module], ctx: MergeContext) -> nn.Module:
+        return TaskArithmetic(scaling=0.3 * len(self.layers)).merge(pretrained, finetuned, ctx)
