@@ -180,6 +180,10 @@ class ParamSpace(Strict):
         else:
             if self.low is None or self.high is None:
                 raise ValueError(f"{self.type} needs 'low' and 'high'")
+            for key in ("low", "high", "step"):  # Optuna cannot sample them (OverflowError at the first trial)
+                value = getattr(self, key)
+                if value is not None and not math.isfinite(value):
+                    raise ValueError(f"{key!r} must be a finite number (got {value})")
             if self.low >= self.high:
                 raise ValueError(f"low ({self.low}) must be below high ({self.high})")
             if self.log and self.low <= 0:

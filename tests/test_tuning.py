@@ -894,3 +894,17 @@ def test_categorical_choices_optuna_cannot_store_are_a_config_error(sweep_dict):
         validate_config(d, "s.yaml")
     assert str(e.value).startswith("s.yaml: methods.0.tune.space.layers: categorical choices must be numbers, strings, "
                                    "booleans or null, not lists (got [0])"), str(e.value)
+
+
+@pytest.mark.parametrize("space,fragment", [
+    ({"type": "float", "low": 0.5, "high": float("inf")}, "'high' must be a finite number (got inf)"),
+    ({"type": "float", "low": float("nan"), "high": 0.5}, "'low' must be a finite number (got nan)"),
+    ({"type": "float", "low": float("-inf"), "high": 0.5}, "'low' must be a finite number (got -inf)"),
+])
+def test_a_space_end_that_is_not_finite_is_a_config_error(space, fragment, sweep_dict):
+    """For a hyperparameter without bounds (which the method's own check lets through), .inf or
+    .nan as a range end was valid, and the study crashed at its first trial (OverflowError)."""
+    d = dict(sweep_dict, methods=[{"name": "tests.tuning_methods:FreeShift", "tune": {"space": {"shift": space}}}])
+    with pytest.raises(ConfigError) as e:
+        validate_config(d, "s.yaml")
+    assert str(e.value).startswith(f"s.yaml: methods.0.tune.space.shift: {fragment}"), str(e.value)

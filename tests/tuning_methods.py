@@ -70,3 +70,12 @@ class LayerList(MergeMethod):
 
     def merge(self, pretrained: nn.Module, finetuned: Mapping[str, nn.Module], ctx: MergeContext) -> nn.Module:
         return TaskArithmetic(scaling=0.3 * len(self.layers)).merge(pretrained, finetuned, ctx)
+
+
+class FreeShift(MergeMethod):
+    """A float hyperparameter without bounds: the method takes any value, a search space cannot."""
+
+    shift: float = 0.0
+
+    def merge(self, pretrained: nn.Module, finetuned: Mapping[str, nn.Module], ctx: MergeContext) -> nn.Module:
+        return TaskArithmetic(scaling=0.3).merge(pretrained, finetuned, ctx)
