@@ -878,6 +878,12 @@ def check_space(cls: Any, m: MethodSpec, i: int, file: str) -> None:
                 err = exc.errors()[0]
                 if err["loc"] and err["loc"][0] == name:
                     raise ConfigError(file, where, err["msg"].removeprefix("Value error, "), value) from None
+                if not err["loc"] and len(m.tune.space) == 1:
+                    # The method's own check across its hyperparameters (a model validator) refuses
+                    # this end with every other one fixed: each trial near it would fail.
+                    raise ConfigError(file, where, f"{err['msg'].removeprefix('Value error, ')}, at this end of "
+                                      "the range with the method's other hyperparameters as params and defaults "
+                                      "set them", value) from None
 
 
 def check_tasks(cfg: SweepConfig, file: str) -> None:

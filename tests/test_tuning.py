@@ -908,3 +908,20 @@ def test_a_space_end_that_is_not_finite_is_a_config_error(space, fragment, sweep
     with pytest.raises(ConfigError) as e:
         validate_config(d, "s.yaml")
     assert str(e.value).startswith(f"s.yaml: methods.0.tune.space.shift: {fragment}"), str(e.value)
+
+
+def test_a_range_end_a_method_validator_refuses_is_a_config_error(sweep_dict):
+    """lo tuned up to 0.95 with hi fixed at 0.9: the method refuses the end (its model validator,
+    not a field bound), as the README says a refused end is refused; a range inside hi is valid,
+    and so is one whose end another tuned hyperparameter may make valid."""
+    def space(**ranges):
+        return dict(sweep_dict, methods=[{"name": "tests.tuning_methods:OrderedRange", "params": {},
+                                          "tune": {"space": {k: {"type": "float", "low": lo, "high": hi}
+                                                             for k, (lo, hi) in ranges.items()}}}])
+
+    with pytest.raises(ConfigError) as e:
+        validate_config(space(lo=(0.1, 0.95)), "s.yaml")
+    assert str(e.value) == ("s.yaml: methods.0.tune.space.lo: lo must be below hi, at this end of the range with "
+                            "the method's other hyperparameters as params and defaults set them (got 0.95)"), str(e.value)
+    validate_config(space(lo=(0.1, 0.5)), "s.yaml")
+    validate_config(space(lo=(0.1, 0.95), hi=(0.96, 1.0)), "s.yaml")

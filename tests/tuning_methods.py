@@ -2,7 +2,7 @@
 
 from typing import Literal, Mapping
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
 from methods.base import MergeContext, MergeMethod, PruneTrial, with_state
@@ -79,3 +79,19 @@ class FreeShift(MergeMethod):
 
     def merge(self, pretrained: nn.Module, finetuned: Mapping[str, nn.Module], ctx: MergeContext) -> nn.Module:
         return TaskArithmetic(scaling=0.3).merge(pretrained, finetuned, ctx)
+
+
+class OrderedRange(MergeMethod):
+    """Two hyperparameters checked together (a model validator): ``lo`` must lie below ``hi``."""
+
+    lo: float = 0.1
+    hi: float = 0.9
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "OrderedRange":
+        if self.lo >= self.hi:
+            raise ValueError("lo must be below hi")
+        return self
+
+    def merge(self, pretrained: nn.Module, finetuned: Mapping[str, nn.Module], ctx: MergeContext) -> nn.Module:
+        return TaskArithmetic(scaling=self.hi - self.lo).merge(pretrained, finetuned, ctx)
