@@ -372,7 +372,8 @@ def list_(what: str, names: tuple[str, ...], sweep_file: str | None) -> None:
             if not hps:
                 table.add_row(name, "-", "", "", "", "no hyperparameters")
             for i, hp in enumerate(hps):
-                table.add_row(name if i == 0 else "", hp["name"], hp["type"], repr(hp["default"]),
+                table.add_row(name if i == 0 else "", hp["name"], hp["type"],
+                              "(required)" if hp["required"] else repr(hp["default"]),
                               hp["range"], hp["description"])
             table.add_section()
         console.print(table)

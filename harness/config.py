@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import os
 import re
 import string
@@ -171,9 +172,18 @@ class ParamSpace(Strict):
         if self.type == "categorical":
             if not self.choices:
                 raise ValueError("categorical needs non-empty 'choices'")
+            for choice in self.choices:  # Optuna stores and compares only these (a list crashed the study's end)
+                if choice is not None and not isinstance(choice, (bool, int, float, str)):
+                    raise ValueError(f"categorical choices must be numbers, strings, booleans or null, not "
+                                     f"{type(choice).__name__}s (got {choice!r}): give each as a string the "
+                                     "method maps to its value, or use a grid")
         else:
             if self.low is None or self.high is None:
                 raise ValueError(f"{self.type} needs 'low' and 'high'")
+            for key in ("low", "high", "step"):  # Optuna cannot sample them (OverflowError at the first trial)
+                value = getattr(self, key)
+                if value is not None and not math.isfinite(value):
+                    raise ValueError(f"{key!r} must be a finite number (got {value})")
             if self.low >= self.high:
                 raise ValueError(f"low ({self.low}) must be below high ({self.high})")
             if self.log and self.low <= 0:
@@ -193,7 +203,10 @@ class ParamSpace(Strict):
             return list(self.choices or [])
         if self.step is None:
             raise ValueError("grid sampling needs 'step' for numeric parameters")
-        n = int(round((self.high - self.low) / self.step))
+        # As Optuna's distributions do, the last point is the last step at or below ``high`` (a
+        # rounded count could step past it, to a value the method refuses); the tolerance keeps a
+        # float step that reaches ``high`` exactly (0.1 to 0.9 by 0.2) from losing its last point.
+        n = math.floor((self.high - self.low) / self.step + 1e-9)
         values = [self.low + i * self.step for i in range(n + 1)]
         return [int(round(v)) for v in values] if self.type == "int" else [round(v, 12) for v in values]
 
@@ -794,14 +807,18 @@ def check_methods(cfg: SweepConfig, file: str) -> None:
                 if key not in fields:
                     raise unknown_hyperparameter(file, f"methods.{i}.{where}.{key}", m.name, key, fields)
         seen: dict[str, dict[str, Any]] = {}
+        probe = space_probe(m)  # a tuned hyperparameter need not have a default: its trials give it
         for setting in expand_grid(m):
             try:
-                validated = cls(**setting).key_params()
+                validated = cls(**{**probe, **setting}).key_params()
             except ValidationError as exc:
                 err = exc.errors()[0]
                 key = str(err["loc"][0]) if err["loc"] else ""
                 where = ("grid" if key in m.grid else "params") + (f".{key}" if key else "")
                 msg = err["msg"].removeprefix("Value error, ")
+                if err["type"] == "missing":  # not "Field required (got {...})": the params hold no value of it
+                    raise ConfigError(file, f"methods.{i}.{where}", f"hyperparameter {key!r} of {m.name!r} has no "
+                                      "default: give it in params, grid or tune.space", show_value=False) from None
                 raise ConfigError(file, f"methods.{i}.{where}", msg, err.get("input") if key else setting) from None
             same = seen.setdefault(json.dumps(validated, sort_keys=True), setting)
             if same is not setting:  # one job would run twice under two titles
@@ -860,7 +877,13 @@ def check_space(cls: Any, m: MethodSpec, i: int, file: str) -> None:
             except ValidationError as exc:
                 err = exc.errors()[0]
                 if err["loc"] and err["loc"][0] == name:
-                    raise ConfigError(file, where, err["msg"], value) from None
+                    raise ConfigError(file, where, err["msg"].removeprefix("Value error, "), value) from None
+                if not err["loc"] and len(m.tune.space) == 1:
+                    # The method's own check across its hyperparameters (a model validator) refuses
+                    # this end with every other one fixed: each trial near it would fail.
+                    raise ConfigError(file, where, f"{err['msg'].removeprefix('Value error, ')}, at this end of "
+                                      "the range with the method's other hyperparameters as params and defaults "
+                                      "set them", value) from None
 
 
 def check_tasks(cfg: SweepConfig, file: str) -> None:
@@ -1194,6 +1217,16 @@ def check_generalization(cfg: SweepConfig, file: str) -> None:
         if m.display.endswith(GENERALIZATION_SUFFIX):
             raise ConfigError(file, f"methods.{i}.label", f"labels ending in {GENERALIZATION_SUFFIX!r} are "
                               "reserved for the generalization block's jobs", m.display)
+
+
+def space_probe(m: MethodSpec) -> dict[str, Any]:
+    """A valid value of each hyperparameter ``m`` tunes (its space's low end or first choice, which
+    :func:`check_space` validated; none for an untuned method): with it the method builds where
+    a tuned hyperparameter has no default, as each of its trials builds it."""
+    if not m.tune:
+        return {}
+    return {name: (p.choices[0] if p.type == "categorical" else int(p.low) if p.type == "int" else p.low)
+            for name, p in m.tune.space.items()}
 
 
 def expand_grid(m: MethodSpec) -> list[dict[str, Any]]:

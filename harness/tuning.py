@@ -19,10 +19,10 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from harness.config import MethodSpec, SweepConfig, TuneSpec
+from harness.config import MethodSpec, SweepConfig, TuneSpec, space_probe
 from harness.errors import HarnessError
 from harness.job import JobResult, read_result
-from harness.plan import JobSpec, setting_text, with_key
+from harness.plan import JobSpec, method_class_id, setting_text, with_key
 from harness.results import TrialCounts
 
 if TYPE_CHECKING:
@@ -102,6 +102,10 @@ def study_name(cfg: SweepConfig, m: MethodSpec) -> str:
 DEFINITION_ATTR = "harness.definition"
 #: The study's user attribute holding :func:`study_measures`.
 MEASURES_ATTR = "harness.measures"
+#: The study's user attribute holding its method's class and, for a method of one's own, the
+#: digest of its file (``harness.plan.method_class_id``): what says that an edit of the file,
+#: not of the tuning block, made a study of its own.
+METHOD_ATTR = "harness.method"
 #: A trial's user attribute naming the output folder of the driver that asked it.
 OWNER_ATTR = "harness.output_dir"
 
@@ -110,14 +114,26 @@ def study_definition(m: MethodSpec) -> str:
     """A digest of what makes a study's trials comparable: the method, its fixed params, the space,
     the objective and the sampler (``n_trials`` and ``n_parallel`` may change: that extends it).
     Fixed params the method declares ``runtime_only`` are left out, as job keys leave them out:
-    changing one resumes the study and finds its trials' cached results."""
-    from harness.plan import method_class_id
+    changing one resumes the study and finds its trials' cached results. Fixed params and
+    categorical choices enter as the method's fields hold them: two spellings of one setting
+    (``steps: 4`` in the file, ``steps=4.0`` on the command line) are one study, as they are one job key."""
     from methods.base import resolve_method
 
-    runtime_only = resolve_method(m.name).runtime_only
-    params = {k: v for k, v in m.params.items() if k not in runtime_only}
+    cls = resolve_method(m.name)
+    runtime_only = cls.runtime_only
+    probe = space_probe(m)
+
+    def held(name: str, value: Any) -> Any:
+        return cls(**{**m.params, **probe, name: value}).model_dump(mode="json")[name]
+
+    params = {k: held(k, v) for k, v in m.params.items() if k not in runtime_only}
+    space = {}
+    for k, p in m.tune.space.items():
+        space[k] = p.model_dump(mode="json")
+        if p.type == "categorical":
+            space[k]["choices"] = [held(k, c) for c in p.choices]
     body = {"method": method_class_id(m.name), "params": params, "objective": m.tune.objective,
-            "sampler": m.tune.sampler, "space": {k: p.model_dump(mode="json") for k, p in m.tune.space.items()}}
+            "sampler": m.tune.sampler, "space": space}
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -127,12 +143,22 @@ def study_measures(cfg: SweepConfig, m: MethodSpec, identity: dict, task_identit
     settings, seed, adaptation data). A sweep changed in any of these (``tasks=[...]``, another
     ``eval.max_samples``) must not resume a study whose trials scored something else: no trial
     would run, and its best would be picked on the old sweep's validation data."""
-    probe = JobSpec("trial", m.display, method=m.name, trial={"study_name": "", "number": 0})
+    from pydantic import ValidationError
+
+    from methods.base import resolve_method
+
+    try:
+        resolve_method(m.name)()
+        params: dict[str, Any] = {}  # the method's defaults, as digests were always taken
+    except ValidationError:  # a tuned hyperparameter without a default: its space's first value
+        params = {**m.params, **space_probe(m)}
+    probe = JobSpec("trial", m.display, method=m.name, params=params, trial={"study_name": "", "number": 0})
     return with_key(cfg, probe, identity, task_identity).key[:12]
 
 
 def open_study(storage: Any, name: str, definition: str, measures: str, sampler: Any, pruner: Any,
-               measured_here: Callable[[str, "optuna.Study"], bool] | None = None) -> tuple["optuna.Study", str | None]:
+               measured_here: Callable[[str, "optuna.Study"], bool] | None = None,
+               method: str | None = None) -> tuple["optuna.Study", str | None]:
     """The study of this definition and measurement, and a line saying so when it is not the one
     named ``name``.
 
@@ -169,14 +195,19 @@ def open_study(storage: Any, name: str, definition: str, measures: str, sampler:
     note = None
     if chosen != name:
         how = "resuming" if chosen in names else "starting"
-        same_definition = stored_attrs(name)[0].get(DEFINITION_ATTR) == definition
-        why = ("on other tasks, models or evaluation settings" if same_definition
-               else "with another space, fixed params, objective or sampler")
+        stored = stored_attrs(name)[0]
+        same_definition = stored.get(DEFINITION_ATTR) == definition
+        if same_definition:
+            why = "on other tasks, models or evaluation settings"
+        elif method is not None and stored.get(METHOD_ATTR) not in (None, method):
+            why = "with other code of its method (its file was edited since)"
+        else:
+            why = "with another space, fixed params, objective or sampler"
         note = f"study {name!r} was run {why}: {how} study {chosen!r} for this one"
     study = optuna.create_study(study_name=chosen, storage=storage, sampler=sampler, pruner=pruner,
                                 direction="maximize", load_if_exists=True)
-    for attr, value in ((DEFINITION_ATTR, definition), (MEASURES_ATTR, measures)):
-        if study.user_attrs.get(attr) != value:
+    for attr, value in ((DEFINITION_ATTR, definition), (MEASURES_ATTR, measures), (METHOD_ATTR, method)):
+        if value is not None and study.user_attrs.get(attr) != value:
             study.set_user_attr(attr, value)
     return study, note
 
@@ -220,7 +251,8 @@ class StudyRunner:
         seed = self.tune.seed if self.tune.seed is not None else cfg.seed
         self.study, note = open_study(open_storage(self.storage), study_name(cfg, m), study_definition(m),
                                       study_measures(cfg, m, identity, task_identity),
-                                      make_sampler(self.tune, seed), make_pruner(self.tune.pruner), self.measured_here)
+                                      make_sampler(self.tune, seed), make_pruner(self.tune.pruner), self.measured_here,
+                                      method=method_class_id(m.name))
         self.name = self.study.study_name
         existing = len(self.study.get_trials(deepcopy=False))
         if existing and self.tune.sampler != "grid":

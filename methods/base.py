@@ -31,8 +31,9 @@ class PruneTrial(Exception):
 class MergeContext:
     """Everything a method may use besides the models themselves.
 
-    ``unlabeled[task]()`` returns a fresh iterator of image batches (no labels) from that
-    task's test split: the data test-time-adaptation methods adapt on. ``heads[task]`` is
+    ``unlabeled[task]()`` returns a fresh, endless iterator of image batches (no labels) from
+    that task's test split, reshuffled at each pass: the data test-time-adaptation methods adapt
+    on (take a number of batches, ``itertools.islice``: ``list()`` of it never returns). ``heads[task]`` is
     the frozen classification head (a ``[classes, dim]`` weight, logit scale folded in).
     ``report(step, metrics)`` lets a long method publish intermediate validation results;
     it returns True when the caller wants the method to stop early (raise PruneTrial).
@@ -112,7 +113,11 @@ class MergeMethod(BaseModel):
         """name, type, default, range and description of every hyperparameter (``harness list``)."""
         rows = []
         for name, info in cls.model_fields.items():
-            rows.append({"name": name, "type": _type_name(info.annotation), "default": info.default,
+            # A field without a default (a sweep must give it) has none to show, not pydantic's
+            # PydanticUndefined; one with a default_factory has the value the factory makes.
+            required = info.is_required()
+            default = None if required else info.get_default(call_default_factory=True)
+            rows.append({"name": name, "type": _type_name(info.annotation), "default": default, "required": required,
                          "range": _bounds(info.metadata), "description": info.description or ""})
         return rows
 

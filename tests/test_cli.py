@@ -26,6 +26,26 @@ def test_list_methods_shows_hyperparameters():
     assert "0.3" in line  # the default
 
 
+def test_list_methods_shows_a_default_to_give_or_from_a_factory(tmp_path, monkeypatch):
+    """A hyperparameter without a default reads '(required)' and a default_factory's value is
+    shown, not pydantic's PydanticUndefined for both."""
+    (tmp_path / "no_defaults.py").write_text(
+        "from pydantic import Field\n"
+        "from methods import MergeMethod\n\n\n"
+        "class Needs(MergeMethod):\n"
+        "    strength: float = Field(ge=0.0)\n"
+        "    layers: list[int] = Field(default_factory=lambda: [3, 5])\n\n"
+        "    def merge(self, pretrained, finetuned, ctx):\n"
+        "        return pretrained\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    r = CliRunner().invoke(main, ["list", "methods", "no_defaults:Needs"], env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    assert "PydanticUndefined" not in r.output, r.output
+    strength = next(line for line in r.output.splitlines() if "strength" in line)
+    layers = next(line for line in r.output.splitlines() if "layers" in line)
+    assert "(required)" in strength and "[3, 5]" in layers, r.output
+
+
 MY_METHODS = """
 from typing import Literal
 

@@ -102,3 +102,17 @@ def test_tuning_a_runtime_only_setting_is_refused():
     with pytest.raises(ConfigError, match=r"s.yaml: methods.0.tune.space.checkpoint_every: hyperparameter "
                                           r"'checkpoint_every' of 'wemoe' never changes a result \(runtime_only\)"):
         _study({}, space={"checkpoint_every": {"type": "int", "low": 1, "high": 10}})
+
+
+def test_two_spellings_of_one_fixed_setting_are_one_study():
+    """steps: 5 in the file and steps=5.0 on the command line (or 4e0 / 1e-3 as YAML 1.1 strings)
+    validate to the same method, and their trials to the same job keys: one study, resumed, not a
+    new one whose trials all run again. A different value is still another study."""
+    from harness.tuning import study_definition
+
+    assert study_definition(_study({"steps": 5.0})) == STUDY_PINNED
+    assert study_definition(_study({"init_lambda": 0.3})) == study_definition(_study({"init_lambda": "3e-1"}))
+    assert study_definition(_study({"steps": 6.0})) != STUDY_PINNED
+    ints = {"router_depth": {"type": "categorical", "choices": [1, 2]}}
+    floats = {"router_depth": {"type": "categorical", "choices": [1.0, 2.0]}}
+    assert study_definition(_study({}, ints)) == study_definition(_study({}, floats))

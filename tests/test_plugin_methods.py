@@ -259,3 +259,25 @@ def test_checking_the_encoder_leaves_the_rng_and_train_mode_alone():
     check_encoder(JobSpec("merge", "m", method="mine:M"), encoder, ws, {"t": torch.zeros(3, 5)}, torch.device("cpu"))
     assert torch.equal(torch.get_rng_state(), before)
     assert encoder.training
+
+
+def test_a_study_of_an_edited_method_says_its_code_changed(sweep_dict, tmp_path, monkeypatch):
+    """Editing the method's file (and nothing in the sweep) starts a study of its own; the line
+    saying so names the edit, not 'another space, fixed params, objective or sampler', none of
+    which changed."""
+    import io
+
+    from rich.console import Console
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    d = dict(sweep_dict, references=False, methods=[{"name": "scaled_sum:ScaledSum", "label": "mine", "tune": {
+        "n_trials": 1, "n_parallel": 1, "sampler": "random", "space": {"tag": {"type": "int", "low": 0, "high": 3}}}}])
+    _write_module(tmp_path, 0.0)
+    run_sweep(validate_config(d), quiet=True)
+    _write_module(tmp_path, 0.6)
+    shown = io.StringIO()
+    out = run_sweep(validate_config(d), console=Console(file=shown, width=300))
+    assert not out.failed, [r.error for r in out.failed]
+    text = shown.getvalue()
+    assert "study 'toy.mine' was run with other code of its method (its file was edited since): starting study" in text, text
+    assert "another space" not in text, text

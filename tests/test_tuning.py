@@ -420,6 +420,30 @@ def test_grid_study_ends_when_the_grid_is_exhausted(sweep_dict):
     assert final.metrics["val/acc/avg"] == pytest.approx(best.value)
 
 
+@pytest.mark.parametrize("space,points", [
+    ({"type": "int", "low": 1, "high": 8, "step": 2}, [1, 3, 5, 7]),  # 9 would step past high
+    ({"type": "float", "low": 0.1, "high": 0.95, "step": 0.3}, [0.1, 0.4, 0.7]),  # 1.0 would too
+    ({"type": "float", "low": 0.1, "high": 0.9, "step": 0.2}, [0.1, 0.3, 0.5, 0.7, 0.9]),  # high on the step
+])
+def test_grid_points_stay_within_the_range(space, points):
+    """A grid steps from low up to the last point at or below high, as Optuna's distribution does."""
+    from harness.config import ParamSpace
+
+    assert ParamSpace(**space).grid_values() == pytest.approx(points)
+
+
+def test_grid_study_whose_step_does_not_divide_the_range_runs_every_point_in_it(sweep_dict):
+    """repeats (an int in [1, 4]) by 2 from 1 to 4: the points are 1 and 3, not 5, which the
+    method refuses (the study stopped with a traceback at its third trial)."""
+    space = {"repeats": {"type": "int", "low": 1, "high": 4, "step": 2}}
+    cfg = validate_config(typed_study(sweep_dict, n_trials=10, sampler="grid", space=space))
+    out = run_sweep(cfg, quiet=True)
+    assert not out.failed, [r.error for r in out.failed]
+    trials = stored_study(cfg).trials
+    assert sorted(t.params["repeats"] for t in trials) == [1, 3]
+    assert {t.state.name for t in trials} == {"COMPLETE"}
+
+
 @pytest.mark.parametrize("space,fragment", [
     ({"repeats": {"type": "float", "low": 1, "high": 3}},
      "s.yaml: methods.0.tune.space.repeats.type: hyperparameter 'repeats' of "
@@ -433,6 +457,8 @@ def test_grid_study_ends_when_the_grid_is_exhausted(sweep_dict):
     ({"repeats": {"type": "categorical", "choices": [1, 2.5]}}, "methods.0.tune.space.repeats: Input should be a valid "
      "integer, got a number with a fractional part (got 2.5)"),
     ({"mode": {"type": "categorical", "choices": ["sum", "max"]}}, "methods.0.tune.space.mode: Input should be"),
+    ({"repeats": {"type": "categorical", "choices": [1, True]}},  # worded as in params, without pydantic's prefix
+     "s.yaml: methods.0.tune.space.repeats: expects a number, not the boolean true (got True)"),
 ])
 def test_space_type_must_fit_the_hyperparameter(space, fragment, sweep_dict):
     """A range a field cannot hold is refused at config time, not by the first trial's merge."""
@@ -832,3 +858,70 @@ def test_a_grid_row_sharing_a_job_with_a_tuned_method_keeps_its_own_note():
     rows = build_rows(results, ["a"], ["grid", "tuned"], studies={("tuned", "k50"): TrialCounts(4, pruned=1)})
     assert {r.method: r.setting for r in rows} == {"grid": "quality=50.0 (1 of 2 settings failed)",
                                                    "tuned": "quality=50.0 (1 of 4 trials pruned)"}
+
+
+def test_a_hyperparameter_without_a_default_can_be_tuned(sweep_dict):
+    """Its trials give it a value, so the config check does not refuse it as 'Field required' in
+    params (nor does the study's digest fail to build the method): the study runs its grid and
+    its best scores as task arithmetic at that scaling, run beside it."""
+    d = dict(sweep_dict, references=False, methods=[
+        {"name": "task_arithmetic", "grid": {"scaling": [0.0, 0.6]}},
+        {"name": "tests.tuning_methods:ScalingWithoutDefault", "label": "nodefault", "tune": {
+            "n_trials": 2, "n_parallel": 1, "sampler": "grid",
+            "space": {"scaling": {"type": "float", "low": 0.0, "high": 0.6, "step": 0.6}}}}])
+    out = run_sweep(validate_config(d), quiet=True)
+    assert not out.failed, [r.error for r in out.failed]
+    final = next(r for r in out.results if r.label == "nodefault" and r.kind == "merge")
+    same = next(r for r in out.results if r.label == "task_arithmetic" and r.params["scaling"] == final.params["scaling"])
+    assert final.metrics == pytest.approx(same.metrics)
+
+
+def test_a_hyperparameter_without_a_default_left_out_is_named(sweep_dict):
+    d = dict(sweep_dict, methods=[{"name": "tests.tuning_methods:ScalingWithoutDefault"}])
+    with pytest.raises(ConfigError) as e:
+        validate_config(d, "s.yaml")
+    assert str(e.value) == ("s.yaml: methods.0.params.scaling: hyperparameter 'scaling' of "
+                            "'tests.tuning_methods:ScalingWithoutDefault' has no default: give it in params, grid "
+                            "or tune.space"), str(e.value)
+
+
+def test_categorical_choices_optuna_cannot_store_are_a_config_error(sweep_dict):
+    """Lists as choices (a list-valued hyperparameter) ran every trial, then the study's end (its
+    importance plot) crashed on Optuna hashing them; now the space is refused at once."""
+    d = dict(sweep_dict, methods=[{"name": "tests.tuning_methods:LayerList", "tune": {
+        "space": {"layers": {"type": "categorical", "choices": [[0], [0, 1]]}}}}])
+    with pytest.raises(ConfigError) as e:
+        validate_config(d, "s.yaml")
+    assert str(e.value).startswith("s.yaml: methods.0.tune.space.layers: categorical choices must be numbers, strings, "
+                                   "booleans or null, not lists (got [0])"), str(e.value)
+
+
+@pytest.mark.parametrize("space,fragment", [
+    ({"type": "float", "low": 0.5, "high": float("inf")}, "'high' must be a finite number (got inf)"),
+    ({"type": "float", "low": float("nan"), "high": 0.5}, "'low' must be a finite number (got nan)"),
+    ({"type": "float", "low": float("-inf"), "high": 0.5}, "'low' must be a finite number (got -inf)"),
+])
+def test_a_space_end_that_is_not_finite_is_a_config_error(space, fragment, sweep_dict):
+    """For a hyperparameter without bounds (which the method's own check lets through), .inf or
+    .nan as a range end was valid, and the study crashed at its first trial (OverflowError)."""
+    d = dict(sweep_dict, methods=[{"name": "tests.tuning_methods:FreeShift", "tune": {"space": {"shift": space}}}])
+    with pytest.raises(ConfigError) as e:
+        validate_config(d, "s.yaml")
+    assert str(e.value).startswith(f"s.yaml: methods.0.tune.space.shift: {fragment}"), str(e.value)
+
+
+def test_a_range_end_a_method_validator_refuses_is_a_config_error(sweep_dict):
+    """lo tuned up to 0.95 with hi fixed at 0.9: the method refuses the end (its model validator,
+    not a field bound), as the README says a refused end is refused; a range inside hi is valid,
+    and so is one whose end another tuned hyperparameter may make valid."""
+    def space(**ranges):
+        return dict(sweep_dict, methods=[{"name": "tests.tuning_methods:OrderedRange", "params": {},
+                                          "tune": {"space": {k: {"type": "float", "low": lo, "high": hi}
+                                                             for k, (lo, hi) in ranges.items()}}}])
+
+    with pytest.raises(ConfigError) as e:
+        validate_config(space(lo=(0.1, 0.95)), "s.yaml")
+    assert str(e.value) == ("s.yaml: methods.0.tune.space.lo: lo must be below hi, at this end of the range with "
+                            "the method's other hyperparameters as params and defaults set them (got 0.95)"), str(e.value)
+    validate_config(space(lo=(0.1, 0.5)), "s.yaml")
+    validate_config(space(lo=(0.1, 0.95), hi=(0.96, 1.0)), "s.yaml")

@@ -2,7 +2,7 @@
 
 from typing import Literal, Mapping
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
 from methods.base import MergeContext, MergeMethod, PruneTrial, with_state
@@ -52,3 +52,46 @@ class StopsOrFailsByQuality(MergeMethod):
         if ctx.report and self.quality < 20:
             raise PruneTrial("pruned at step 2")
         return TaskArithmetic(scaling=0.3).merge(pretrained, finetuned, ctx)
+
+
+class ScalingWithoutDefault(MergeMethod):
+    """Task arithmetic whose scaling has no default: a sweep must give it (params, grid or tune)."""
+
+    scaling: float = Field(ge=0.0, le=2.0)
+
+    def merge(self, pretrained: nn.Module, finetuned: Mapping[str, nn.Module], ctx: MergeContext) -> nn.Module:
+        return TaskArithmetic(scaling=self.scaling).merge(pretrained, finetuned, ctx)
+
+
+class LayerList(MergeMethod):
+    """A hyperparameter holding a list: a grid can take lists of it, an Optuna space cannot."""
+
+    layers: list[int] = Field(default_factory=lambda: [0])
+
+    def merge(self, pretrained: nn.Module, finetuned: Mapping[str, nn.Module], ctx: MergeContext) -> nn.Module:
+        return TaskArithmetic(scaling=0.3 * len(self.layers)).merge(pretrained, finetuned, ctx)
+
+
+class FreeShift(MergeMethod):
+    """A float hyperparameter without bounds: the method takes any value, a search space cannot."""
+
+    shift: float = 0.0
+
+    def merge(self, pretrained: nn.Module, finetuned: Mapping[str, nn.Module], ctx: MergeContext) -> nn.Module:
+        return TaskArithmetic(scaling=0.3).merge(pretrained, finetuned, ctx)
+
+
+class OrderedRange(MergeMethod):
+    """Two hyperparameters checked together (a model validator): ``lo`` must lie below ``hi``."""
+
+    lo: float = 0.1
+    hi: float = 0.9
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "OrderedRange":
+        if self.lo >= self.hi:
+            raise ValueError("lo must be below hi")
+        return self
+
+    def merge(self, pretrained: nn.Module, finetuned: Mapping[str, nn.Module], ctx: MergeContext) -> nn.Module:
+        return TaskArithmetic(scaling=self.hi - self.lo).merge(pretrained, finetuned, ctx)
