@@ -233,9 +233,12 @@ def _jpeg(path):
     ("model.finetuned.toy_stripes", "folder", lambda p: p.mkdir(), "a folder that is not a Hugging Face CLIP folder"),
     ("model.pretrained", "encoder.pt", lambda p: torch.save(build_clip("harness-micro-vit").visual.state_dict(), p),
      "not a whole CLIP state dict"),
+    ("model.pretrained", "visual.safetensors", lambda p: save_state_dict(
+        {f"visual.{k}": v for k, v in build_clip("harness-micro-vit").visual.state_dict().items()}, p),
+     "not a whole CLIP state dict"),
     ("model.heads.toy_stripes", "head.pt", lambda p: torch.save(torch.nn.Linear(32, 3), p),
      "refused to load: not a plain tensor checkpoint"),
-], ids=["pickled-module", "image", "folder", "encoder-as-pretrained", "pickled-head"])
+], ids=["pickled-module", "image", "folder", "encoder-as-pretrained", "visual-tower-as-pretrained", "pickled-head"])
 def test_validate_names_the_model_files_a_sweep_refuses(field, name, make, fragment, sweep_dict, tmp_path):
     """validate (and --dry-run) read each model file as the run would, without unpickling or
     building a model: what the sweep refuses when it starts loading is named with its field."""
