@@ -291,6 +291,29 @@ def test_stored_head_is_checked_before_any_job(shape, fragment, sweep_dict, tmp_
     assert not (tmp_path / "out").exists()
 
 
+def test_stored_head_with_a_nonzero_bias_is_refused(sweep_dict, tmp_path):
+    """Logits are normalised features times the head, no bias: a linear probe's head file (weight
+    and a non-zero bias, as a tensor-only .pt) would be scored without its bias, every prediction
+    silently another model's. It is refused before any job; a zero bias (task_vectors' heads) runs."""
+    torch.manual_seed(0)
+    weight = torch.randn(4, 32)
+    head = tmp_path / "probe.pt"
+    torch.save({"weight": weight, "bias": torch.tensor([0.0, 0.5, 0.0, -1.0])}, head)
+    d = copy.deepcopy(sweep_dict)
+    d["model"]["heads"] = {"toy_colours": str(head)}
+    code, err, _ = _run_sweep(tmp_path, d)
+    assert code == 2 and err.startswith(f"error: model.heads.toy_colours: {head}: tensor 'bias' is not zero"), err
+    assert not (tmp_path / "out").exists()
+
+    from harness.config import validate_config
+    from harness.workspace import Workspace
+
+    zero = tmp_path / "zero.pt"
+    torch.save({"weight": weight, "bias": torch.zeros(4)}, zero)
+    d["model"]["heads"] = {"toy_colours": str(zero)}
+    assert torch.equal(Workspace(validate_config(d)).head("toy_colours"), weight)
+
+
 def test_head_class_count_mismatch(sweep_dict, tmp_path):
     head = tmp_path / "head.safetensors"
     save_state_dict({"weight": torch.randn(7, 32)}, head)
