@@ -405,6 +405,18 @@ def _validate_loading_no_tensor(tmp_path, d, monkeypatch) -> str:
     def no_load(*a, **k):
         raise AssertionError("validate loaded tensors")
 
+    import importlib
+
+    import harness.models
+
+    # Every module that binds load_state_dict by name is imported first and patched there too:
+    # one imported for the first time under the patch would keep no_load after this test, and
+    # fail every later test of the session that loads a checkpoint through it.
+    for name in ("harness.checkpoints", "harness.convert", "harness.hf_convert", "harness.workspace",
+                 "methods.wemoe", "tasks.embedded.pipeline"):
+        module = importlib.import_module(name)
+        if getattr(module, "load_state_dict", None) is harness.models.load_state_dict:
+            monkeypatch.setattr(module, "load_state_dict", no_load)
     monkeypatch.setattr("harness.models.load_state_dict", no_load)
     monkeypatch.setattr("safetensors.torch.load_file", no_load)
     monkeypatch.setattr("harness.workspace.build_clip", no_load)
