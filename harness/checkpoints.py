@@ -44,6 +44,7 @@ Layout = Literal["huggingface", "file", "tree"]
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
 _ENCODER_KEYS = ("conv1.weight", "class_embedding", "proj")
 _CLIP_KEYS = ("visual.conv1.weight", "visual.proj", "token_embedding.weight", "text_projection")
+_SCALARS = ("logit_scale", "logit_bias")  # a whole CLIP's, outside both towers
 NOT_WHOLE_CLIP = (f"not a whole CLIP state dict (needs {', '.join(_CLIP_KEYS)}): the pretrained model's text "
                   "tower builds the zero-shot heads; give a Hugging Face CLIPModel folder, an open_clip CLIP "
                   "state dict, or an open_clip pretrained tag")
@@ -60,7 +61,10 @@ def whole_clip_problem(path: str | os.PathLike) -> str | None:
         return None  # the Hugging Face converter reads folders
     keys = tensor_shapes(p)
     if is_safetensors(p):
-        return None if any(k.startswith("visual.") for k in keys) else NOT_WHOLE_CLIP
+        # an image tower and a text tower (open_clip's CLIP keys, or a CustomTextCLIP's ``text.``):
+        # a ``visual.``-prefixed encoder alone would otherwise fail the architecture check instead
+        has_text = any(not k.startswith("visual.") and k not in _SCALARS for k in keys)
+        return None if has_text and any(k.startswith("visual.") for k in keys) else NOT_WHOLE_CLIP
     return None if all(k in keys for k in _CLIP_KEYS) else NOT_WHOLE_CLIP
 
 

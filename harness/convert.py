@@ -226,7 +226,7 @@ def _extract(obj: Any, src: Path) -> tuple[str, dict[str, torch.Tensor], dict[st
         nonzero_bias = bias is not None and bool(bias.abs().max() > 0)
         if nonzero_bias:
             state["bias"] = bias.detach().clone()
-            logger.warning("%s: head has a non-zero bias, kept as 'bias'; ImageClassifier ignores it", src)
+            logger.warning("%s: head has a non-zero bias, kept as 'bias'; a sweep refuses it (logits have no bias)", src)
         info["head"] = {
             "classes": int(weight.shape[0]),
             "dim": int(weight.shape[1]),

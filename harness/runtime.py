@@ -42,8 +42,8 @@ def configure_threads(threads: int | str = "auto", n_params: int | None = None, 
     cores = max(1, cores or available_cores())
     _EVAL_THREADS = None
     if threads == "auto":
-        if os.environ.get("OMP_NUM_THREADS"):
-            n = int(os.environ["OMP_NUM_THREADS"])
+        if omp_threads() is not None:
+            n = omp_threads()
         elif n_params is not None and n_params < SMALL_MODEL_PARAMS:
             n, _EVAL_THREADS = 1, cores
         else:
@@ -52,6 +52,13 @@ def configure_threads(threads: int | str = "auto", n_params: int | None = None, 
         n = int(threads)
     torch.set_num_threads(max(1, n))
     return n
+
+
+def omp_threads() -> int | None:
+    """``OMP_NUM_THREADS`` as a thread count: its first entry (OpenMP allows a list, one count per
+    nesting level: ``4,1``), None when unset or not a positive count (the automatic choice stands)."""
+    first = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+    return int(first) if first.isdigit() and int(first) > 0 else None
 
 
 @contextmanager

@@ -362,6 +362,11 @@ class Workspace:
                                f"but the image encoder of {self.sources['arch']} outputs {dim}")
         if not head.is_floating_point():
             raise HarnessError(f"{where}: tensor {key!r} has dtype {head.dtype}, not floating point")
+        bias = state.get("bias")
+        if bias is not None and bias.is_floating_point() and bool((bias != 0).any()):
+            raise HarnessError(f"{where}: tensor 'bias' is not zero: logits are normalised image features "
+                               f"times the head {key!r}, with no bias, so this head would score another "
+                               "model's predictions; give a head without one (task_vectors' heads have a zero bias)")
         return head
 
     @property

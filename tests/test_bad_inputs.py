@@ -233,9 +233,12 @@ def _jpeg(path):
     ("model.finetuned.toy_stripes", "folder", lambda p: p.mkdir(), "a folder that is not a Hugging Face CLIP folder"),
     ("model.pretrained", "encoder.pt", lambda p: torch.save(build_clip("harness-micro-vit").visual.state_dict(), p),
      "not a whole CLIP state dict"),
+    ("model.pretrained", "visual.safetensors", lambda p: save_state_dict(
+        {f"visual.{k}": v for k, v in build_clip("harness-micro-vit").visual.state_dict().items()}, p),
+     "not a whole CLIP state dict"),
     ("model.heads.toy_stripes", "head.pt", lambda p: torch.save(torch.nn.Linear(32, 3), p),
      "refused to load: not a plain tensor checkpoint"),
-], ids=["pickled-module", "image", "folder", "encoder-as-pretrained", "pickled-head"])
+], ids=["pickled-module", "image", "folder", "encoder-as-pretrained", "visual-tower-as-pretrained", "pickled-head"])
 def test_validate_names_the_model_files_a_sweep_refuses(field, name, make, fragment, sweep_dict, tmp_path):
     """validate (and --dry-run) read each model file as the run would, without unpickling or
     building a model: what the sweep refuses when it starts loading is named with its field."""
@@ -286,6 +289,29 @@ def test_stored_head_is_checked_before_any_job(shape, fragment, sweep_dict, tmp_
     code, err, _ = _run_sweep(tmp_path, d)
     assert code == 2 and err.startswith(f"error: model.heads.toy_colours: {head}: {fragment}"), err
     assert not (tmp_path / "out").exists()
+
+
+def test_stored_head_with_a_nonzero_bias_is_refused(sweep_dict, tmp_path):
+    """Logits are normalised features times the head, no bias: a linear probe's head file (weight
+    and a non-zero bias, as a tensor-only .pt) would be scored without its bias, every prediction
+    silently another model's. It is refused before any job; a zero bias (task_vectors' heads) runs."""
+    torch.manual_seed(0)
+    weight = torch.randn(4, 32)
+    head = tmp_path / "probe.pt"
+    torch.save({"weight": weight, "bias": torch.tensor([0.0, 0.5, 0.0, -1.0])}, head)
+    d = copy.deepcopy(sweep_dict)
+    d["model"]["heads"] = {"toy_colours": str(head)}
+    code, err, _ = _run_sweep(tmp_path, d)
+    assert code == 2 and err.startswith(f"error: model.heads.toy_colours: {head}: tensor 'bias' is not zero"), err
+    assert not (tmp_path / "out").exists()
+
+    from harness.config import validate_config
+    from harness.workspace import Workspace
+
+    zero = tmp_path / "zero.pt"
+    torch.save({"weight": weight, "bias": torch.zeros(4)}, zero)
+    d["model"]["heads"] = {"toy_colours": str(zero)}
+    assert torch.equal(Workspace(validate_config(d)).head("toy_colours"), weight)
 
 
 def test_head_class_count_mismatch(sweep_dict, tmp_path):
@@ -379,6 +405,18 @@ def _validate_loading_no_tensor(tmp_path, d, monkeypatch) -> str:
     def no_load(*a, **k):
         raise AssertionError("validate loaded tensors")
 
+    import importlib
+
+    import harness.models
+
+    # Every module that binds load_state_dict by name is imported first and patched there too:
+    # one imported for the first time under the patch would keep no_load after this test, and
+    # fail every later test of the session that loads a checkpoint through it.
+    for name in ("harness.checkpoints", "harness.convert", "harness.hf_convert", "harness.workspace",
+                 "methods.wemoe", "tasks.embedded.pipeline"):
+        module = importlib.import_module(name)
+        if getattr(module, "load_state_dict", None) is harness.models.load_state_dict:
+            monkeypatch.setattr(module, "load_state_dict", no_load)
     monkeypatch.setattr("harness.models.load_state_dict", no_load)
     monkeypatch.setattr("safetensors.torch.load_file", no_load)
     monkeypatch.setattr("harness.workspace.build_clip", no_load)

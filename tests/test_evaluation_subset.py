@@ -60,3 +60,55 @@ def test_capped_accuracy_estimates_the_whole_split():
 
     hits = correct_predictions(UpperHalf(), TensorDataset(images, labels), 64, max_samples=200)
     assert len(hits) == 200 and 0.35 < hits.float().mean().item() < 0.65  # first 200: 0.0 (classes 0, 1)
+
+
+class _FileBackedDataset(Dataset):
+    """Stands for a disk-backed split (the paper's datasets): each item is decoded when read, and
+    the process that read it is recorded."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, log_dir):
+        self.images, self.labels, self.log_dir = images, labels, log_dir
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        import os
+
+        (self.log_dir / f"{os.getpid()}-{i}").touch()
+        return self.images[i], self.labels[i]
+
+
+def test_a_disk_backed_split_is_decoded_in_loader_workers(tmp_path, monkeypatch):
+    """Decoding and preprocessing JPEGs (10-20 ms an image on one core) would otherwise bound
+    every job's evaluation of the paper's eight datasets (~110k val and test images) on one core
+    while the accelerator waits: the DataLoader reads a large split in worker processes, with the
+    same images, in the same order, and the same scores as one process."""
+    import os
+
+    import harness.evaluation as ev
+
+    monkeypatch.setattr(ev, "available_cores", lambda: 2, raising=False)
+    images, labels = _sorted_split(per_class=12, classes=5)
+    ds = _FileBackedDataset(images, labels, tmp_path)
+    got = _labels(iterate_batches(ds, batch_size=8))
+    assert torch.equal(got, labels)
+    readers = {int(p.name.split("-")[0]) for p in tmp_path.iterdir()}
+    assert os.getpid() not in readers and readers, readers
+    assert sorted(int(p.name.split("-")[1]) for p in tmp_path.iterdir()) == list(range(len(labels)))
+
+    classifier = torch.nn.Linear(1, 5)
+    torch.nn.init.constant_(classifier.weight, 1.0)
+    want = correct_predictions(classifier, TensorDataset(images, labels), batch_size=8)
+    assert torch.equal(correct_predictions(classifier, ds, batch_size=8, max_samples=40),
+                       correct_predictions(classifier, TensorDataset(images, labels), batch_size=8, max_samples=40))
+    assert torch.equal(correct_predictions(classifier, ds, batch_size=8), want)
+
+
+def test_a_small_split_is_read_in_process(tmp_path):
+    """A split of one batch is not worth starting workers for."""
+    import os
+
+    images, labels = _sorted_split(per_class=2, classes=4)
+    _labels(iterate_batches(_FileBackedDataset(images, labels, tmp_path), batch_size=8))
+    assert {int(p.name.split("-")[0]) for p in tmp_path.iterdir()} == {os.getpid()}

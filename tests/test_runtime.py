@@ -44,3 +44,14 @@ def test_available_cores_counts_the_cpu_set_not_the_machine(monkeypatch):
     monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda pid: {0, 5}, raising=False)
     monkeypatch.setattr(runtime.os, "cpu_count", lambda: 64)
     assert runtime.available_cores() == 2
+
+
+@pytest.mark.parametrize("value,want", [("3,1", 3), (" 2 ", 2), ("3, 2", 3), ("many", None), ("0", None)])
+def test_omp_num_threads_in_the_openmp_list_form_is_read_not_a_crash(monkeypatch, value, want):
+    """OpenMP allows a list, one count per nesting level (``OMP_NUM_THREADS=4,1``, set by some
+    cluster modules): the outer level's count is the job's threads. A value that is no positive
+    count is ignored (the automatic choice stands) instead of failing every job with a ValueError."""
+    monkeypatch.setenv("OMP_NUM_THREADS", value)
+    got = runtime.configure_threads("auto", n_params=runtime.SMALL_MODEL_PARAMS, cores=2)
+    assert got == (want if want is not None else 2)
+    assert torch.get_num_threads() == got
