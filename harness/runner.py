@@ -242,7 +242,9 @@ def _run_sweep(cfg: SweepConfig, ws: Workspace, executor: Any, console: Console,
     except OSError as exc:
         raise HarnessError(f"output_dir: cannot create it ({exc.strerror or exc}) (got {str(out)!r})") from None
     held.enter_context(_output_lock(out))
-    for stale in [*results_dir.glob(".*.tmp"), *out.glob(".mlflow.db.*.tmp")]:  # writes a killed run never renamed
+    # writes a killed run never renamed (the driver's own: a job's workdir is cleaned by the job)
+    for stale in [*results_dir.glob(".*.tmp"), *out.glob(".mlflow.db.*.tmp"), *out.glob(".resolved.yaml.*.tmp"),
+                  *out.glob("artifacts/*/.traceback.txt.*.tmp")]:
         stale.unlink(missing_ok=True)
     timings["prepare"] = time.perf_counter() - t0
 

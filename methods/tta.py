@@ -43,9 +43,12 @@ average over one task's batch only).
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import math
+import logging
 import os
+import pickle
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -53,7 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.cache import atomic_write_bytes
+from harness.cache import atomic_write_bytes, remove_stale_temporaries
 from harness.failpoints import failpoint
 from harness.models import ImageClassifier
 from methods.base import MergeContext, PruneTrial
@@ -135,10 +138,21 @@ def _save_checkpoint(path: Path, params: Mapping[str, nn.Parameter], step: int,
     atomic_write_bytes(path, buffer.getvalue())  # a failed or killed write leaves the last checkpoint, whole
 
 
+class UnreadableCheckpoint(Exception):
+    """A checkpoint file that is not a whole adaptation checkpoint (cut short, hand-damaged)."""
+
+
 def _load_checkpoint(path: Path, params: Mapping[str, nn.Parameter], optimizer: torch.optim.Optimizer,
                      adapted_on: Mapping[str, Any] | None = None
                      ) -> tuple[int, list[float], list[dict[str, float]], "_Parts"]:
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict) or not {"step", "params", "optimizer", "losses"} <= set(state):
+            raise ValueError("not an adaptation checkpoint")
+    except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError, OSError) as exc:  # truncated, hand-damaged
+        if isinstance(exc, OSError) and exc.errno not in (None, errno.EINVAL):  # unreadable file, not content
+            raise
+        raise UnreadableCheckpoint(f"{path}: unreadable adaptation checkpoint ({exc})") from exc
     was = dict(state.get("adapted_on") or {})
     now = dict(adapted_on or {})
     if was and now and was != now:  # e.g. a checkpoint copied from another corruption's workdir
@@ -264,8 +278,14 @@ def run_tta(
 
     start, losses, validation, parts = 0, [], [], _Parts()
     ckpt = checkpoint_path(ctx.workdir, name) if ctx.workdir else None
+    if ckpt is not None:
+        remove_stale_temporaries(ckpt)  # a killed run's half-written checkpoint: never renamed, never read
     if ckpt is not None and ckpt.is_file():
-        start, losses, validation, parts = _load_checkpoint(ckpt, params, optimizer, ctx.adapted_on)
+        try:
+            start, losses, validation, parts = _load_checkpoint(ckpt, params, optimizer, ctx.adapted_on)
+        except UnreadableCheckpoint as exc:  # adapting from the start gives the uninterrupted run's result
+            logging.getLogger("harness").warning(f"{exc}; adapting from the start")
+            ckpt.unlink(missing_ok=True)
         start = min(start, steps)
         losses = losses[:start]
         parts.truncate(start)

@@ -169,3 +169,23 @@ def test_a_sweep_on_its_own_store_leaves_another_folders_live_sweep_logging_ther
     run_sweep(validate_config(a), quiet=True)
     assert client.get_run(live).info.status == client.get_run(job).info.status == "RUNNING"
     assert own_client.get_run(stale).info.status == "KILLED"  # the folder's own leftovers still end
+
+
+def test_temporary_files_a_killed_driver_left_are_removed_by_the_rerun(micro_checkpoints, tmp_path):
+    """A driver killed while writing ``resolved.yaml`` or a failed job's traceback leaves the
+    hidden temporary file of that write; the next sweep on the folder deletes them, as it does
+    a killed result write's."""
+    d = make_sweep_dict(micro_checkpoints, tmp_path)
+    d["methods"] = [{"name": "weight_averaging"}]
+    cfg = validate_config(d)
+    first = run_sweep(cfg, quiet=True)
+    out = cfg.resolved_output_dir()
+    key = first.results[0].key
+    stale = [out / ".resolved.yaml.k1ll3d.tmp", out / "artifacts" / key / ".traceback.txt.k1ll3d.tmp",
+             out / "results" / f".{key}.json.k1ll3d.tmp"]
+    for path in stale:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("half")
+    run_sweep(validate_config(d), quiet=True)
+    assert [p for p in stale if p.exists()] == []
+    assert (out / "resolved.yaml").is_file()

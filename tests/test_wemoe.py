@@ -849,3 +849,34 @@ def test_a_checkpoint_write_that_fails_leaves_the_last_checkpoint_and_no_temp_fi
     assert [p.name for p in tmp_path.iterdir()] == [path.name]
     step, losses, _, _ = tta._load_checkpoint(path, {"w": w}, opt)
     assert step == 1 and losses == [0.5] and torch.equal(w.detach(), torch.ones(3))
+
+
+def test_a_damaged_adaptation_checkpoint_is_named_and_adaptation_starts_over(models, tmp_path, caplog):
+    """A checkpoint cut short (a disk that filled, a copy interrupted) or edited by hand is not a
+    failed job on every rerun: one warning names it, and the adaptation runs from the start, to
+    the uninterrupted run's losses. A killed write's temporary file beside it is removed."""
+    from methods.tta import checkpoint_path
+
+    pre, ft = models
+    kwargs = dict(lr=1e-2, router_depth=1, checkpoint_every=1, routing_stats_batches=0)
+    full = MergeContext(heads=heads(), unlabeled=fixed_unlabeled(2))
+    wemoe.WeMoE(steps=3, **kwargs).merge(pre, ft, full)
+
+    wemoe.WeMoE(steps=2, **kwargs).merge(pre, ft, MergeContext(heads=heads(), unlabeled=fixed_unlabeled(2),
+                                                              workdir=str(tmp_path)))
+    path = checkpoint_path(tmp_path, "wemoe")
+    (tmp_path / wemoe.MODEL_FILE).unlink()  # the steps=2 run's adapted model: not this job's anyway
+    data = path.read_bytes()
+    stale = tmp_path / f".{path.name}.x1y2z3.tmp"
+    stale.write_bytes(data[:100])  # what a write killed before its rename leaves
+    for damaged in (data[: len(data) // 2], b"garbage"):
+        path.write_bytes(damaged)
+        caplog.clear()
+        ctx = MergeContext(heads=heads(), unlabeled=fixed_unlabeled(2), workdir=str(tmp_path))
+        with caplog.at_level("WARNING", logger="harness"):
+            wemoe.WeMoE(steps=3, **kwargs).merge(pre, ft, ctx)
+        assert ctx.artifacts["tta_loss"] == full.artifacts["tta_loss"]
+        assert any(str(path) in r.getMessage() and "from the start" in r.getMessage() for r in caplog.records)
+        (tmp_path / wemoe.MODEL_FILE).unlink()
+    assert not stale.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
