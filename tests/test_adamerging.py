@@ -181,6 +181,18 @@ def test_progress_conventions_do_not_change_the_run(models, kind):
     assert runs[0] == runs[1] and len(runs[0]) == 2
 
 
+def written_out_inputs(pre, ft):
+    """Heads, three batches per task, and the pretrained weights and task vectors by tensor
+    name: what the written-out update rules below start from."""
+    g = torch.Generator().manual_seed(1)
+    hd = {t: 30 * F.normalize(torch.randn(5, 32, generator=g), dim=-1) for t in TASKS}
+    data = {t: [images(4, 10 * i + j) for j in range(3)] for i, t in enumerate(TASKS)}
+    names = [n for n, _ in pre.named_parameters()]
+    theta0 = {n: p.detach() for n, p in pre.named_parameters()}
+    taus = [{n: dict(ft[t].named_parameters())[n].detach() - theta0[n] for n in names} for t in TASKS]
+    return hd, data, names, theta0, taus
+
+
 @pytest.mark.parametrize("granularity", ["task", "layer"])
 def test_steps_match_the_original_update_rule(models, granularity):
     """Three steps against the original scripts' rule, written out: coefficients [P, T] (or
@@ -190,12 +202,7 @@ def test_steps_match_the_original_update_rule(models, granularity):
     from torch.func import functional_call
 
     pre, ft = models
-    g = torch.Generator().manual_seed(1)
-    hd = {t: 30 * F.normalize(torch.randn(5, 32, generator=g), dim=-1) for t in TASKS}
-    data = {t: [images(4, 10 * i + j) for j in range(3)] for i, t in enumerate(TASKS)}
-    names = [n for n, _ in pre.named_parameters()]
-    theta0 = {n: p.detach() for n, p in pre.named_parameters()}
-    taus = [{n: dict(ft[t].named_parameters())[n].detach() - theta0[n] for n in names} for t in TASKS]
+    hd, data, names, theta0, taus = written_out_inputs(pre, ft)
     raw = torch.nn.Parameter(torch.full((len(names) if granularity == "layer" else 1, len(TASKS)), 0.3))
     opt = torch.optim.Adam([raw], lr=1e-3, betas=(0.9, 0.999), weight_decay=0.0)
     for step in range(3):
@@ -245,12 +252,7 @@ def test_diversity_weight_steps_match_information_maximisation_written_out(model
 
     pre, ft = models
     w = 2.0
-    g = torch.Generator().manual_seed(1)
-    hd = {t: 30 * F.normalize(torch.randn(5, 32, generator=g), dim=-1) for t in TASKS}
-    data = {t: [images(4, 10 * i + j) for j in range(3)] for i, t in enumerate(TASKS)}
-    names = [n for n, _ in pre.named_parameters()]
-    theta0 = {n: p.detach() for n, p in pre.named_parameters()}
-    taus = [{n: dict(ft[t].named_parameters())[n].detach() - theta0[n] for n in names} for t in TASKS]
+    hd, data, names, theta0, taus = written_out_inputs(pre, ft)
     raw = torch.nn.Parameter(torch.full((1, len(TASKS)), 0.3))
     opt = torch.optim.Adam([raw], lr=1e-2)
     want_losses, want_diversity = [], []
