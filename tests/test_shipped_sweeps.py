@@ -31,7 +31,10 @@ def _touch_model_files(path: Path, ckpt: Path) -> list[Path]:
         if p and "${CKPT}" in p:
             f = Path(p.replace("${CKPT}", str(ckpt)))
             f.parent.mkdir(parents=True, exist_ok=True)
-            save_state_dict({("visual." if i == 0 else "") + "class_embedding": torch.zeros(4)}, f)
+            # the pretrained stand-in: both towers' keys, as a whole CLIP has (one tensor each)
+            tensors = ({"visual.class_embedding": torch.zeros(4), "text_projection": torch.zeros(4, 4)} if i == 0
+                       else {"class_embedding": torch.zeros(4)})
+            save_state_dict(tensors, f)
             made.append(f)
     return made
 
@@ -42,7 +45,8 @@ def test_sweep_validates(path, tmp_path, monkeypatch):
     # not against whatever SLURM this machine may run (tests/test_slurm.py checks that part).
     monkeypatch.setattr("harness.executors.slurm.cluster_partitions", lambda: None)
     # The stand-ins hold one tensor, not the architecture's: its fit is tests/test_bad_inputs.py's part.
-    monkeypatch.setattr("harness.models.meta_clip_shapes", lambda arch, near=(): {"visual.class_embedding": (4,)})
+    monkeypatch.setattr("harness.models.meta_clip_shapes",
+                        lambda arch, near=(): {"visual.class_embedding": (4,), "text_projection": (4, 4)})
     env = {"CKPT": str(tmp_path / "ckpt"), "DATA": str(tmp_path / "data"), "COLUMNS": "200"}
     made = _touch_model_files(path, tmp_path / "ckpt")
     (tmp_path / "data").mkdir()
