@@ -40,8 +40,24 @@ def did_you_mean(name: str, candidates: Iterable[str]) -> str:
     by_lower: dict[str, str] = {}
     for c in candidates:
         by_lower.setdefault(str(c).lower(), str(c))
-    match = difflib.get_close_matches(str(name).lower(), list(by_lower), n=1, cutoff=0.77)
+    name = str(name).lower()
+    match = difflib.get_close_matches(name, list(by_lower), n=1, cutoff=0.77)
+    if not match and len(name) >= 3:  # short names: one slip is a large share of the letters
+        match = [c for c in by_lower if _one_slip(name, c)][:1]
     return f"; did you mean {by_lower[match[0]]!r}?" if match else ""
+
+
+def _one_slip(a: str, b: str) -> bool:
+    """``a`` and ``b`` differ by one typing slip: two adjacent letters swapped (``daer``,
+    ``dare``), or one letter changed, missing or extra."""
+    if a == b or abs(len(a) - len(b)) > 1:
+        return False
+    if len(a) == len(b):
+        diff = [i for i in range(len(a)) if a[i] != b[i]]
+        return len(diff) == 1 or (len(diff) == 2 and diff[1] == diff[0] + 1
+                                   and a[diff[0]] == b[diff[1]] and a[diff[1]] == b[diff[0]])
+    short, long = (a, b) if len(a) < len(b) else (b, a)
+    return any(long[:i] + long[i + 1:] == short for i in range(len(long)))
 
 
 def storage_problem(exc: BaseException, store: str | None = None) -> str | None:

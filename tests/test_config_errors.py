@@ -580,3 +580,18 @@ def test_a_task_whose_data_folder_is_optional_validates_without_one(sweep_dict, 
     code, out, err = _run(["validate", str(f)])
     assert code == 2 and " ".join(err.split()).startswith(
         f"error: {f}: data_root: data folder of task 'optional_root:stripes' does not exist"), err
+
+
+@pytest.mark.parametrize("typo, candidates, meant", [
+    ("daer", ["dare", "ties", "task_arithmetic"], "dare"),  # two letters swapped
+    ("hgih", ["low", "high", "step", "log", "type", "choices"], "high"),
+    ("lwo", ["low", "high", "step"], "low"),
+    ("tise", ["dare", "ties"], "ties"),
+    ("Wemeo", ["wemoe", "ties"], "wemoe"),  # case aside
+    ("xyz", ["low", "high", "step"], None),
+    ("hi", ["ho", "high"], None),  # too short to tell a slip from another word
+])
+def test_a_slip_of_two_swapped_letters_gets_a_did_you_mean(typo, candidates, meant):
+    from harness.errors import did_you_mean
+
+    assert did_you_mean(typo, candidates) == (f"; did you mean {meant!r}?" if meant else "")
