@@ -78,9 +78,9 @@ def read_result(path: Path, key: str) -> JobResult | None:
     program) is treated as not cached, with one warning naming it: the job runs again instead
     of the sweep failing on it, or logging it, later."""
     data = read_json(path)
-    if data is None:
+    if data is None and not path.is_file():
         return None
-    problem = _result_problem(data, key)
+    problem = "not JSON (cut short or damaged)" if data is None else _result_problem(data, key)
     if problem is None:
         try:
             result = JobResult.from_dict(data)

@@ -193,8 +193,9 @@ def test_reading_test_data_without_asking_says_how_to_ask(sweep_dict):
 
 
 def test_an_unusable_results_file_is_run_again(sweep_dict, caplog):
-    """A results file that parses but is not a whole result (hand-edited, another program's) is
-    not a cached result: the job runs again and the tables come out as from a clean run."""
+    """A results file that is not a whole result (hand-edited, another program's, cut short or
+    damaged so that it does not parse) is not a cached result: one warning names it, the job
+    runs again and the tables come out as from a clean run."""
     import json
     import logging
 
@@ -203,9 +204,15 @@ def test_an_unusable_results_file_is_run_again(sweep_dict, caplog):
     merge = next(r for r in first.results if r.kind == "merge")
     path = first.output_dir / "results" / f"{merge.key}.json"
     whole = json.loads(path.read_text())
-    for content in ("x", {"status": "ok"}, {**whole, "metrics": {}}, {**whole, "metrics": {"acc/avg": "high"}},
-                    {**whole, "key": "another-job"}, [whole]):
-        path.write_text(json.dumps(content))
+    text = json.dumps(whole)
+    parsing = [json.dumps(c) for c in ("x", {"status": "ok"}, {**whole, "metrics": {}},
+                                       {**whole, "metrics": {"acc/avg": "high"}}, {**whole, "key": "another-job"},
+                                       [whole])]
+    for content in [*parsing, text[: len(text) // 2], b"\xff\xfe" + text.encode()]:  # cut short; not even text
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            path.write_text(content)
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="harness"):
             again = run_sweep(cfg, quiet=True)
