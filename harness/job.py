@@ -6,6 +6,7 @@ runs the same in-process, in a worker process or on a cluster node.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -447,6 +448,8 @@ def merge(spec: JobSpec, ws: Workspace, device: torch.device, workdir: Path,
     torch.manual_seed(ws.cfg.seed)
     before = input_state(pretrained, finetuned, heads)
     merged = method.merge(pretrained, finetuned, ctx)
+    with contextlib.suppress(OSError):  # not empty: the method saved something there
+        workdir.rmdir()  # a method that saves nothing leaves no empty folder in work/
     after = input_state(pretrained, finetuned, heads)
     changed = [name for name in {**before, **after} if before.get(name) != after.get(name)]
     if changed:

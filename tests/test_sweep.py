@@ -445,3 +445,17 @@ def test_job_runs_carry_every_hyperparameter_and_grid_points_their_setting(sweep
         assert logged == {k: given.get(k, f.default) for k, f in fields.items()}, method
     ties = next(r for r in runs if r.data.params["job.method"] == "ties").data.params
     assert ties["job.hyperparameters.merge_function"] == "mean" and ties["job.hyperparameters.k"] == "50.0"
+
+
+def test_only_jobs_that_save_something_have_a_work_folder(sweep_dict):
+    """``work/<key>/`` holds what a job keeps to resume from (WeMoE's adapted routers): a
+    method that saves nothing there leaves no empty folder per job."""
+    d = dict(sweep_dict, references={"pretrained": False, "individual": False},
+             methods=[{"name": "weight_averaging"},
+                      {"name": "wemoe", "params": {"steps": 2, "lr": 1e-2, "router_depth": 0, "routing_stats_batches": 0}}])
+    cfg = validate_config(d)
+    outcome = run_sweep(cfg, quiet=True)
+    keys = {r.label: r.key for r in outcome.results}
+    work = cfg.resolved_output_dir() / "work"
+    assert not (work / keys["weight_averaging"]).exists()
+    assert (work / keys["wemoe"] / "wemoe.safetensors").is_file()
