@@ -224,6 +224,16 @@ def _progress(ctx: MergeContext, description: str, total: int, start: int):
                 bar.remove_task(task)
 
 
+def _description(name: str, adapted_on: Mapping[str, Any] | None) -> str:
+    """``wemoe``, or ``wemoe [gaussian_noise 2]`` for an adaptation on corrupted images: a
+    robustness study's per-corruption adaptations are told apart on their progress lines."""
+    corruption = (adapted_on or {}).get("corruption")
+    if not corruption:
+        return name
+    severity = (adapted_on or {}).get("severity")
+    return f"{name} [{corruption}{'' if severity is None else f' {severity}'}]"
+
+
 def _loss_text(loss: float, parts: Mapping[str, float]) -> str:
     """``0.1234``, or ``0.1234 (entropy 0.1000 + task_id 0.0234)`` when the loss has several parts."""
     text = f"{loss:.4f}"
@@ -309,7 +319,7 @@ def run_tta(
     was_training = model.training
     model.eval()
     try:
-        with _progress(ctx, name, steps, start) as update:
+        with _progress(ctx, _description(name, ctx.adapted_on), steps, start) as update:
             if start == 0:
                 validate(0)
             for step in range(start, steps):

@@ -296,3 +296,36 @@ def test_an_added_hyperparameter_at_its_default_keeps_the_job_keys():
         assert key_params(name, {"steps": 3}) == key_params(name, {"steps": 3, "diversity_weight": 0.0})
         assert key_params(name, {"steps": 3, "diversity_weight": 0.5})["diversity_weight"] == 0.5
         assert set(key_params(name, {})) == set(cls.model_fields) - {"diversity_weight"}
+
+
+@pytest.mark.parametrize("adapted_on, shown", [
+    ({}, "adamerging"),
+    ({"split": "test", "corruption": None}, "adamerging"),
+    ({"split": "test", "corruption": "gaussian_noise", "severity": 2, "corruption_seed": 0},
+     "adamerging [gaussian_noise 2]"),
+])
+def test_a_per_corruption_adaptation_names_its_corruption_on_its_progress_line(models, adapted_on, shown):
+    """A robustness study adapts once per corruption: lines that all read ``adamerging: 1/1``
+    could not be told apart in a log."""
+    from methods.tta import run_tta
+
+    class Bar:  # a live Progress as the loop takes one: add_task / update / remove_task
+        def __init__(self):
+            self.descriptions = []
+
+        def add_task(self, description, **fields):
+            self.descriptions.append(description)
+            return 0
+
+        def update(self, task, **fields):
+            pass
+
+        def remove_task(self, task):
+            pass
+
+    pre, ft = models
+    bar = Bar()
+    run_tta(adamerging.AdaMergedEncoder(pre, ft), MergeContext(heads=heads(), unlabeled=fixed_unlabeled(), progress=bar,
+                                                               adapted_on=adapted_on),
+            lr=1e-2, steps=1, joint_forward=True, name="adamerging")
+    assert bar.descriptions == [shown]
