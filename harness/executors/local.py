@@ -9,6 +9,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import multiprocessing as mp
 import os
+import signal
 import threading
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -57,6 +58,10 @@ def _exit_with_driver(alive: Connection) -> None:
 
 def _init_worker(cfg_json: dict, cores: int, environ: dict[str, str], alive: Connection | None = None) -> None:
     global _WORKER_WS
+    # Ctrl-C reaches the whole foreground process group; it is the driver's to handle (it stops
+    # the workers and says how to resume). A worker's own KeyboardInterrupt, raised wherever it
+    # waits (the pool's queue, a model import), would add a traceback to that one line.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if alive is not None:
         _exit_with_driver(alive)  # first: the driver may die while this worker builds its model
     os.environ.clear()  # the driver's environment now, not the server's when it started
