@@ -22,7 +22,7 @@ from harness.config import MAIN, SweepConfig
 from harness.evaluation import EvaluationDataError, correct_predictions, percent, unlabeled_batches
 from harness.failpoints import failpoint
 from harness.models import ImageClassifier, tensor_stamp
-from harness.plan import JobSpec, adapts_on_corruptions, job_title, check_method_code, check_task_code, robustness_inline
+from harness.plan import JobSpec, adapts_on_corruptions, check_method_code, check_task_code, job_title, robustness_inline
 from harness.runtime import evaluation_threads
 from harness.significance import pack_correct
 from harness.workspace import Workspace

@@ -109,8 +109,7 @@ def diagnose(scores: ExpertScores, temperature: float = 1.0, batch_size: int = 1
     objective = ent[:, order].reshape(experts, -1, batch_size).mean(-1)  # (experts, batches)
     if diversity_weight > 0:
         batched = (scores.logits[:, order] / temperature).reshape(experts, -1, batch_size, scores.logits.shape[-1])
-        objective = objective - diversity_weight * torch.stack(
-            [torch.stack([marginal_entropy(b) for b in per_expert]) for per_expert in batched])
+        objective = objective - diversity_weight * marginal_entropy(batched)  # (experts, batches)
     batch_chosen = objective.argmin(0)
     correct = scores.logits.argmax(-1) == scores.labels  # temperature never changes the argmax
     batch_correct = correct[:, order].reshape(experts, -1, batch_size).float().mean(-1)  # (experts, batches)

@@ -74,12 +74,12 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
 
 
 def marginal_entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Shannon entropy (nats) of the batch's mean prediction: high when a batch's predictions
-    spread over the classes. Minimising entropy alone also rewards predicting one class for
-    every image confidently; maximising this as well (information maximisation, as SHOT does)
-    does not."""
-    mean = F.softmax(logits.float(), dim=-1).mean(0)
-    return -(mean * mean.clamp_min(1e-12).log()).sum()
+    """Shannon entropy (nats) of the batch's mean prediction (logits ``[..., images, classes]``,
+    one value per leading index): high when a batch's predictions spread over the classes.
+    Minimising entropy alone also rewards predicting one class for every image confidently;
+    maximising this as well (information maximisation, as SHOT does) does not."""
+    mean = F.softmax(logits.float(), dim=-1).mean(-2)
+    return -(mean * mean.clamp_min(1e-12).log()).sum(-1)
 
 
 def _images(batch: Any) -> torch.Tensor:
