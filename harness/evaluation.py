@@ -102,16 +102,83 @@ def percent(correct: torch.Tensor) -> float:
     return 100.0 * correct.sum().item() / len(correct)
 
 
-def unlabeled_batches(dataset: Dataset, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
-    """An endless shuffled stream of image batches without labels (for test-time adaptation)."""
+def shuffled_index_batches(size: int, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
+    """Endless index batches: a fresh seeded permutation every pass, its last partial batch
+    dropped (a split smaller than one batch is one batch)."""
     g = torch.Generator().manual_seed(seed)
-    if isinstance(dataset, TensorDataset):
-        images = dataset.tensors[0]
-        while True:
-            perm = torch.randperm(len(images), generator=g)
-            for i in range(0, len(images) - batch_size + 1 if len(images) >= batch_size else 1, batch_size):
-                yield images[perm[i : i + batch_size]]
+    stop = size - batch_size + 1 if size >= batch_size else 1
     while True:
-        loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=g, drop_last=len(dataset) >= batch_size)
-        for images, _ in loader:
-            yield images
+        perm = torch.randperm(size, generator=g)
+        for i in range(0, stop, batch_size):
+            yield perm[i : i + batch_size]
+
+
+class UnlabeledStream:
+    """An endless shuffled stream of image batches without labels (test-time adaptation's data).
+
+    The order is drawn here, not by a DataLoader, so a disk-backed split read by ``workers``
+    forked processes streams the same batches as one read in this process, and as the same
+    images held in memory. Test-time adaptation reads eight such streams side by side, a batch of
+    each per step: decoded in this process, ~130 JPEGs a step (10-20 ms each on one core) would
+    keep an accelerator waiting. ``skip(n)`` moves past batches without reading them, so a
+    resumed adaptation does not decode the batches it already adapted on.
+    """
+
+    def __init__(self, dataset: Dataset, batch_size: int, seed: int, workers: int = 0):
+        if len(dataset) == 0:
+            raise ValueError("the split has no images to adapt on")
+        self.dataset = dataset
+        self.workers = workers if len(dataset) > batch_size and _FORK is not None else 0
+        self._order = shuffled_index_batches(len(dataset), batch_size, seed)
+        self._batches: Iterator[torch.Tensor] | None = None
+
+    def __iter__(self) -> "UnlabeledStream":
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        if self._batches is None:
+            self._batches = self._read()
+        return next(self._batches)
+
+    def skip(self, n: int) -> None:
+        if self._batches is not None:  # batches the workers already read come first
+            for _ in range(n):
+                next(self)
+            return
+        for _ in range(n):
+            next(self._order)
+
+    def _read(self) -> Iterator[torch.Tensor]:
+        if isinstance(self.dataset, TensorDataset):
+            images = self.dataset.tensors[0]
+            return (images[idx] for idx in self._order)
+        loader = DataLoader(self.dataset, batch_sampler=_IndexLists(self._order), num_workers=self.workers,
+                            multiprocessing_context=_FORK if self.workers else None)
+        return (images for images, _ in loader)
+
+
+class _IndexLists:
+    """A DataLoader ``batch_sampler`` that continues an index-batch stream (as lists of ints)."""
+
+    def __init__(self, order: Iterator[torch.Tensor]):
+        self.order = order
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return (idx.tolist() for idx in self.order)
+
+
+def stream_workers(streams: int) -> int:
+    """Reader processes for each of ``streams`` streams read side by side: the cores this
+    process may use shared among them, at least one each (so that decoding overlaps the model's
+    step) and at most ``MAX_LOADER_WORKERS``; none in a daemonic process (which may not start
+    children)."""
+    import multiprocessing
+
+    if _FORK is None or multiprocessing.current_process().daemon:
+        return 0
+    return min(MAX_LOADER_WORKERS, max(1, available_cores() // max(1, streams)))
+
+
+def unlabeled_batches(dataset: Dataset, batch_size: int, seed: int, workers: int = 0) -> UnlabeledStream:
+    """An endless shuffled stream of image batches without labels (for test-time adaptation)."""
+    return UnlabeledStream(dataset, batch_size, seed, workers)

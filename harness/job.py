@@ -19,7 +19,7 @@ import torch
 
 from harness.cache import read_json
 from harness.config import MAIN, SweepConfig
-from harness.evaluation import EvaluationDataError, correct_predictions, percent, unlabeled_batches
+from harness.evaluation import EvaluationDataError, correct_predictions, percent, stream_workers, unlabeled_batches
 from harness.failpoints import failpoint
 from harness.models import ImageClassifier, tensor_stamp
 from harness.plan import JobSpec, adapts_on_corruptions, check_method_code, check_task_code, job_title, robustness_inline
@@ -428,9 +428,10 @@ def merge(spec: JobSpec, ws: Workspace, device: torch.device, workdir: Path,
         adapted_on = adaptation_data(ws.cfg, corruption)
         batch = int(getattr(method, "batch_size", 16))
         seed = ws.cfg.adapt.shuffle_seed
+        workers = stream_workers(len(tasks))
         for i, t in enumerate(tasks):
             ds = ws.task(t).dataset(ws.cfg.adapt.split) if corruption is None else ws.corrupted(t, corruption)
-            unlabeled[t] = (lambda ds=ds, s=seed + i: unlabeled_batches(ds, batch, s))
+            unlabeled[t] = (lambda ds=ds, s=seed + i: unlabeled_batches(ds, batch, s, workers))
 
     def validate(encoder: torch.nn.Module) -> dict[str, float]:
         was_training = encoder.training

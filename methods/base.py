@@ -33,7 +33,8 @@ class MergeContext:
 
     ``unlabeled[task]()`` returns a fresh, endless iterator of image batches (no labels) from
     that task's test split, reshuffled at each pass: the data test-time-adaptation methods adapt
-    on (take a number of batches, ``itertools.islice``: ``list()`` of it never returns). ``heads[task]`` is
+    on (take a number of batches, ``itertools.islice``: ``list()`` of it never returns; its
+    ``skip(n)`` passes batches without reading them). ``heads[task]`` is
     the frozen classification head (a ``[classes, dim]`` weight, logit scale folded in).
     ``report(step, metrics)`` lets a long method publish intermediate validation results;
     it returns True when the caller wants the method to stop early (raise PruneTrial).

@@ -39,3 +39,10 @@ def test_wemoe_benchmark_matches_the_per_sample_loop():
 def test_corruption_benchmark_reads_back_what_it_corrupted():
     out = run_benchmark("benchmarks/bench_corruptions.py", "--corruptions", "contrast", "--images", "4", "--size", "32")
     assert re.search(r"^contrast, \d+ images at 32 px: .* identical: True$", out, re.MULTILINE), out
+
+
+def test_stream_benchmark_reads_the_same_batches_in_workers():
+    out = run_benchmark("benchmarks/bench_streams.py", "--images", "20", "--source-px", "32", "--streams", "2",
+                        "--batch", "4", "--steps", "3")
+    assert re.search(r"^in-process .* a stream .*x; identical: True$", out, re.MULTILINE), out
+    assert re.search(r"^resume at step 3, .* next batch identical: True$", out, re.MULTILINE), out

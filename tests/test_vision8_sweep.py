@@ -73,3 +73,40 @@ def test_a_finished_sweep_reports_without_its_data_and_models(micro_checkpoints,
     for command in (["validate", str(f)], ["sweep", "--dry-run", str(f)]):
         r = CliRunner().invoke(main, command)
         assert r.exit_code == 2 and "data_root" in r.stderr and str(root) in r.stderr, r.stderr
+
+
+def test_adaptation_on_disk_backed_tasks_reads_in_workers_with_the_same_result(micro_checkpoints, tmp_path, monkeypatch):
+    """Test-time adaptation on the paper's datasets reads its streams in forked readers; the
+    adapted model is the one an in-process read gives."""
+    import harness.job as job
+
+    root = tmp_path / "data"
+    for name in ("eurosat", "dtd"):
+        write_imagefolder(root, name, folder_names(name))
+    readers: list[int] = []
+
+    def counted(streams: int, real=job.stream_workers) -> int:
+        readers.append(real(streams))
+        return readers[-1]
+
+    def sweep(out: str):
+        return run_sweep(validate_config({
+            "name": "v8", "output_dir": str(tmp_path / out), "cache_dir": str(tmp_path / "cache"),
+            "data_root": str(root),
+            "model": {"source": "files", "arch": "harness-micro-vit",
+                      "pretrained": str(micro_checkpoints / "pretrained.safetensors"),
+                      "finetuned": {"eurosat": str(micro_checkpoints / "toy_stripes.safetensors"),
+                                    "dtd": str(micro_checkpoints / "toy_colours.safetensors")}},
+            "tasks": ["eurosat", "dtd"],
+            "methods": [{"name": "adamerging", "params": {"steps": 3, "batch_size": 4}}],
+            "eval": {"batch_size": 8}}), quiet=True)
+
+    monkeypatch.setattr(job, "stream_workers", counted)
+    with_readers = sweep("readers")
+    assert readers and all(n >= 1 for n in readers), readers
+    monkeypatch.setattr(job, "stream_workers", lambda streams: 0)
+    in_process = sweep("in-process")
+    assert not with_readers.failed and not in_process.failed
+    adapted = [next(r for r in out.rows if r.method == "adamerging") for out in (with_readers, in_process)]
+    assert adapted[0].acc == adapted[1].acc
+    assert adapted[0].test_correct == adapted[1].test_correct and adapted[0].test_correct

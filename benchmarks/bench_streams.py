@@ -1,0 +1,104 @@
+"""Benchmark: test-time adaptation's unlabeled streams of a disk-backed split, read in the adapting
+process against read by forked workers (``harness.evaluation.UnlabeledStream``).
+
+Writes a EuroSAT-style image-folder tree of ``--images`` JPEGs of ``--source-px`` noise (the
+paper's datasets are mostly 200-700 px photos) in a temporary folder, reads it as the ``eurosat``
+task at 224 px, and draws ``--steps`` steps of one ``--batch`` batch from each of ``--streams``
+streams, as an adaptation step does: in this process (``workers=0``, as before) and with
+:func:`harness.evaluation.stream_workers` workers per stream. With ``--compute-ms`` each step
+also spends that long on one core in a matrix product (the model's step; on an accelerator the
+process mostly waits for it). Then times a resume at step ``--steps``: ``skip`` against reading
+the batches. Checks that both give the same batches.
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_streams.py
+    OMP_NUM_THREADS=1 python benchmarks/bench_streams.py --compute-ms 100 --steps 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def write_tree(root: Path, n_test: int, px: int) -> None:
+    from tasks.vision8 import _EUROSAT_FOLDERS
+
+    rng = np.random.RandomState(0)
+    for folder in _EUROSAT_FOLDERS:
+        for split, n in (("train", 1), ("test", -(-n_test // len(_EUROSAT_FOLDERS)))):
+            d = root / "EuroSAT_splits" / split / folder
+            d.mkdir(parents=True, exist_ok=True)
+            for k in range(n):
+                Image.fromarray(rng.randint(0, 256, (px, px, 3), np.uint8)).save(d / f"{k}.jpg", quality=90)
+
+
+def spend(ms: float) -> None:
+    """About ``ms`` milliseconds of one core's matrix products."""
+    if ms <= 0:
+        return
+    a = torch.randn(256, 256)
+    end = time.perf_counter() + ms / 1000
+    while time.perf_counter() < end:
+        a = torch.tanh(a @ a)
+
+
+def adapt(ds, args, workers: int) -> tuple[float, list[torch.Tensor]]:
+    from harness.evaluation import unlabeled_batches
+
+    streams = [unlabeled_batches(ds, args.batch, seed=s, workers=workers) for s in range(args.streams)]
+    t = time.perf_counter()
+    got = []
+    for _ in range(args.steps):
+        got += [next(s) for s in streams]
+        spend(args.compute_ms)
+    return time.perf_counter() - t, got
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--images", type=int, default=400)
+    ap.add_argument("--source-px", type=int, default=400)
+    ap.add_argument("--streams", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--compute-ms", type=float, default=0.0)
+    args = ap.parse_args()
+
+    import tasks.vision8 as v8
+    from harness.evaluation import stream_workers, unlabeled_batches
+    from harness.runtime import available_cores
+
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        write_tree(Path(tmp) / "data", args.images, args.source_px)
+        ds = v8.eurosat(str(Path(tmp) / "data"), image_size=224).dataset("test")
+        workers = stream_workers(args.streams)
+        alone, want = adapt(ds, args, 0)
+        ours, got = adapt(ds, args, workers)
+        same = all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+        print(f"{args.streams} streams x {args.steps} steps of {args.batch} images ({args.source_px} px JPEG -> 224), "
+              f"{args.compute_ms:g} ms compute a step, {available_cores()} cores")
+        print(f"in-process {alone:.2f} s; {workers} worker(s) a stream {ours:.2f} s: {alone / ours:.2f}x; identical: {same}")
+
+        t = time.perf_counter()
+        read = unlabeled_batches(ds, args.batch, seed=0)
+        for _ in itertools.islice(read, args.steps):
+            pass
+        reading = time.perf_counter() - t
+        t = time.perf_counter()
+        skipped = unlabeled_batches(ds, args.batch, seed=0)
+        skipped.skip(args.steps)
+        skipping = time.perf_counter() - t
+        print(f"resume at step {args.steps}, one stream: reading the batches {reading:.2f} s, skip {skipping * 1000:.1f} ms; "
+              f"next batch identical: {torch.equal(next(read), next(skipped))}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""Test-time adaptation's unlabeled streams: a fixed seeded order, read in worker processes for a
+disk-backed split, and skipped without reading on resume."""
+
+from __future__ import annotations
+
+import gc
+import itertools
+import multiprocessing
+import os
+
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+import harness.evaluation as ev
+from harness.evaluation import stream_workers, unlabeled_batches
+from methods.tta import BatchStream
+from tests.test_evaluation_subset import _FileBackedDataset
+
+IMAGES = torch.arange(40, dtype=torch.float32).view(-1, 1)  # image i is the number i
+LABELS = torch.zeros(40, dtype=torch.long)
+
+
+def _take(stream, n: int) -> list[torch.Tensor]:
+    return list(itertools.islice(stream, n))
+
+
+def _reads(log_dir) -> list[tuple[int, int]]:
+    """(process id, image index) of every image the disk-backed split decoded."""
+    return [tuple(int(x) for x in p.name.split("-")) for p in log_dir.iterdir()]
+
+
+def test_a_stream_is_seeded_permutations_with_the_last_partial_batch_dropped():
+    """The order the cached embedded results were adapted on: per pass a fresh
+    ``torch.randperm`` from one generator seeded once, in batches, a partial last batch dropped."""
+    g = torch.Generator().manual_seed(3)
+    want = []
+    for _ in range(3):
+        perm = torch.randperm(10, generator=g)
+        want += [perm[0:4], perm[4:8]]  # 2 of 10 left out each pass
+    got = _take(unlabeled_batches(TensorDataset(IMAGES[:10], LABELS[:10]), 4, seed=3), 6)
+    assert [b.view(-1).long().tolist() for b in got] == [w.tolist() for w in want]
+
+    g = torch.Generator().manual_seed(5)
+    small = _take(unlabeled_batches(TensorDataset(IMAGES[:3], LABELS[:3]), 4, seed=5), 2)  # smaller than a batch
+    assert [b.view(-1).long().tolist() for b in small] == [torch.randperm(3, generator=g).tolist() for _ in range(2)]
+
+
+def test_a_disk_backed_stream_is_read_in_worker_processes_with_the_same_batches(tmp_path):
+    """Decoding ~130 JPEGs a step in the adapting process would keep an accelerator waiting: a
+    disk-backed split is read by forked workers, and streams exactly the batches the same images
+    held in memory give, across passes."""
+    memory = _take(unlabeled_batches(TensorDataset(IMAGES, LABELS), 8, seed=1), 12)  # 2.4 passes
+    stream = unlabeled_batches(_FileBackedDataset(IMAGES, LABELS, tmp_path), 8, seed=1, workers=2)
+    disk = _take(stream, 12)
+    assert all(torch.equal(a, b) for a, b in zip(memory, disk, strict=True))
+    readers = {pid for pid, _ in _reads(tmp_path)}
+    assert readers and os.getpid() not in readers, readers
+
+    del stream, disk
+    gc.collect()
+    for pid in readers:  # the workers ended with the stream: a job leaves no processes behind
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+def test_skipping_batches_does_not_read_them(tmp_path):
+    """A resumed adaptation skips the batches it already adapted on: reading them would decode
+    thousands of images per task before the first new step."""
+    memory = _take(unlabeled_batches(TensorDataset(IMAGES, LABELS), 8, seed=2), 8)
+    ds = _FileBackedDataset(IMAGES, LABELS, tmp_path)
+    stream = BatchStream(lambda: unlabeled_batches(ds, 8, seed=2), "t")
+    stream.skip(7)
+    assert torch.equal(next(stream), memory[7])
+    assert sorted(i for _, i in _reads(tmp_path)) == sorted(memory[7].view(-1).long().tolist())
+
+    in_memory = BatchStream(lambda: unlabeled_batches(TensorDataset(IMAGES, LABELS), 8, seed=2), "t")
+    in_memory.skip(7)
+    assert torch.equal(next(in_memory), memory[7])
+
+
+def test_skipping_after_reading_keeps_the_order(tmp_path):
+    """Batches already requested from the workers come before the skipped ones are passed."""
+    memory = _take(unlabeled_batches(TensorDataset(IMAGES, LABELS), 8, seed=4), 10)
+    stream = unlabeled_batches(_FileBackedDataset(IMAGES, LABELS, tmp_path), 8, seed=4, workers=1)
+    assert torch.equal(next(stream), memory[0])
+    stream.skip(5)
+    assert torch.equal(next(stream), memory[6])
+
+
+def test_the_cores_are_shared_among_the_streams(monkeypatch):
+    monkeypatch.setattr(ev, "available_cores", lambda: 16)
+    assert stream_workers(8) == 2
+    assert stream_workers(1) == ev.MAX_LOADER_WORKERS
+    monkeypatch.setattr(ev, "available_cores", lambda: 2)
+    assert stream_workers(8) == 1  # decoding still overlaps the model's step
+    with multiprocessing.get_context("fork").Pool(1) as pool:  # a daemonic process may not start children
+        assert pool.apply(stream_workers, (8,)) == 0
+
+
+def test_an_empty_split_is_an_error():
+    with pytest.raises(ValueError, match="no images"):
+        next(BatchStream(lambda: unlabeled_batches(TensorDataset(IMAGES[:0], LABELS[:0]), 8, seed=0), "t"))
