@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Iterator
+import re
+from typing import Any, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -37,8 +38,38 @@ def iterate_batches(dataset: Dataset, batch_size: int, max_samples: int | None =
     if subset is not None:
         dataset = torch.utils.data.Subset(dataset, subset.tolist())
     workers = loader_workers(len(dataset), batch_size)
-    yield from DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                          multiprocessing_context=_FORK if workers else None)
+    yield from raised_here(DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+                                      multiprocessing_context=_FORK if workers else None))
+
+
+def raised_here(batches: Iterable[Any]) -> Iterator[Any]:
+    """``batches``, with an error a DataLoader worker raised given its own one-line message
+    again: PyTorch re-raises it with the worker's whole traceback as the message, which would
+    be a job's error line (the traceback stays in the exception's cause)."""
+    try:
+        yield from batches
+    except Exception as exc:
+        message = _worker_message(exc)
+        if message is None:
+            raise
+        try:
+            again = type(exc)(message)
+        except Exception:  # a constructor that takes other arguments
+            again = RuntimeError(message)
+        raise again from exc
+
+
+def _worker_message(exc: Exception) -> str | None:
+    """The worker's own message inside PyTorch's ``Caught <Type> in DataLoader worker process
+    <n>.\nOriginal Traceback ...\n<module.Type>: <message>`` (None: not such an error)."""
+    text = str(exc)
+    lines = text.rstrip().splitlines()
+    if not lines or not re.match(r"Caught \w+ in DataLoader worker process \d+\.$", lines[0]):
+        return None
+    frames = [k for k, line in enumerate(lines) if line.startswith(" ")]
+    last = "\n".join(lines[frames[-1] + 1:] if frames else lines[-1:])
+    name, sep, message = last.partition(": ")
+    return message if sep and name.rsplit(".", 1)[-1] == type(exc).__name__ else last
 
 
 MAX_LOADER_WORKERS = 8
@@ -154,7 +185,7 @@ class UnlabeledStream:
             return (images[idx] for idx in self._order)
         loader = DataLoader(self.dataset, batch_sampler=_IndexLists(self._order), num_workers=self.workers,
                             multiprocessing_context=_FORK if self.workers else None)
-        return (images for images, _ in loader)
+        return (images for images, _ in raised_here(loader))
 
 
 class _IndexLists:

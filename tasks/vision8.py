@@ -406,8 +406,13 @@ class _FileSource:
         return len(self.paths)
 
     def image(self, i: int) -> Image.Image:
-        with open(self.paths[i], "rb") as fh:
-            return Image.open(fh).convert("RGB")
+        """The decoded image; a file that cannot be read or decoded is named (PIL's message for
+        a truncated file names none, and 100k files hide one broken one well)."""
+        try:
+            with open(self.paths[i], "rb") as fh:
+                return Image.open(fh).convert("RGB")
+        except (OSError, SyntaxError, ValueError) as exc:  # PIL's decoders raise all three
+            raise TaskDataError(f"cannot read image {self.paths[i]}: {exc}") from exc
 
     def digest(self, root: Path) -> str:
         """Which files, under which labels: renamed, added, removed or relabelled images change

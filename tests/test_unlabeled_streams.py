@@ -101,3 +101,25 @@ def test_the_cores_are_shared_among_the_streams(monkeypatch):
 def test_an_empty_split_is_an_error():
     with pytest.raises(ValueError, match="no images"):
         next(BatchStream(lambda: unlabeled_batches(TensorDataset(IMAGES[:0], LABELS[:0]), 8, seed=0), "t"))
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_broken_image_is_named_in_one_line(tmp_path, workers, monkeypatch):
+    """One undecodable file among a dataset's images fails the job with a line naming the file,
+    not with a DataLoader worker's traceback as the message (PIL names no file for a truncated one)."""
+    import tasks.vision8 as v8
+    from harness.evaluation import iterate_batches
+    from tasks.base import TaskDataError
+    from tests.test_vision8 import folder_names, write_imagefolder
+
+    write_imagefolder(tmp_path, "eurosat", folder_names("eurosat"))
+    broken = sorted(tmp_path.rglob("t*.png"))[3]
+    broken.write_bytes(broken.read_bytes()[:40])  # truncated
+    ds = v8.eurosat(str(tmp_path), image_size=32).dataset("test")
+    monkeypatch.setattr(ev, "available_cores", lambda: 2 * workers)
+    for read in (lambda: list(itertools.islice(unlabeled_batches(ds, 4, 0, workers=workers), 20)),
+                 lambda: list(iterate_batches(ds, 4))):
+        with pytest.raises(TaskDataError) as info:
+            read()
+        message = str(info.value)
+        assert "\n" not in message and message.startswith(f"cannot read image {broken}: "), message
