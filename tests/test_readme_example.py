@@ -132,3 +132,11 @@ def test_every_readme_yaml_block_validates(example_module, tmp_path, monkeypatch
     finally:
         for name in ("my_package", "my_package.methods"):
             sys.modules.pop(name, None)
+
+
+def test_merge_context_docstring_names_every_field():
+    """The README sends a method's author to MergeContext's docstring for its fields."""
+    import dataclasses
+
+    missing = [f.name for f in dataclasses.fields(MergeContext) if f"``{f.name}" not in MergeContext.__doc__]
+    assert not missing
