@@ -36,6 +36,9 @@ class MergeContext:
     on (take a number of batches, ``itertools.islice``: ``list()`` of it never returns; its
     ``skip(n)`` passes batches without reading them). ``heads[task]`` is
     the frozen classification head (a ``[classes, dim]`` weight, logit scale folded in).
+    ``device`` is where the job computes (the models given may still lie on the CPU); ``seed``
+    is the sweep's, set by ``torch.manual_seed`` before ``merge``. ``progress`` shows a
+    method's progress (falsy when nothing is shown: ``-q``, worker processes).
     ``report(step, metrics)`` lets a long method publish intermediate validation results;
     it returns True when the caller wants the method to stop early (raise PruneTrial).
     ``validate(model)`` evaluates a candidate encoder on the validation splits.
@@ -45,6 +48,7 @@ class MergeContext:
     ``adapted_on`` says what ``unlabeled`` yields (the split and, in a robustness study that
     adapts per corruption, the corruption, its severity and seed), so that an adapted model or
     adaptation checkpoint saved in ``workdir`` records the data it was adapted on.
+    ``artifacts`` is returned with the job and saved in its result file as JSON.
     """
 
     heads: Mapping[str, torch.Tensor] = field(default_factory=dict)

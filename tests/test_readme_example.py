@@ -1,4 +1,4 @@
-"""The README's custom-method example, extracted verbatim and run in a sweep."""
+"""The README's examples: its Python ones extracted verbatim and run in a sweep, its YAML blocks validated."""
 
 from __future__ import annotations
 
@@ -92,3 +92,51 @@ def test_tta_example_runs_in_a_sweep(tta_module, sweep_dict):
 
     state = torch.load(out.output_dir / "work" / adapted.key / "coefficients-tta.pt", weights_only=True)
     assert state["step"] == 12 and state["params"]["coef"].tolist() == list(adapted.artifacts["coefficients"].values())
+
+
+MY_PACKAGE = '''
+from pydantic import Field
+
+from methods import MergeMethod
+from methods.base import with_state, float_state
+
+
+class MyMethod(MergeMethod):
+    strength: float = Field(0.5, ge=0.0)
+
+    def merge(self, pretrained, finetuned, ctx):
+        return with_state(pretrained, float_state(pretrained))
+'''
+
+
+def test_every_readme_yaml_block_validates(example_module, tmp_path, monkeypatch):
+    """Each YAML block of the README is a valid sweep: a whole file as given, a fragment (a
+    ``methods:``, ``model:``, ``executor:`` ... block) over an embedded eight-task sweep."""
+    import yaml
+
+    package = tmp_path / "my_package"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "methods.py").write_text(MY_PACKAGE)
+    for var in ("CKPT", "DATA", "HF"):
+        monkeypatch.setenv(var, str(tmp_path / var.lower()))
+    from tasks.embedded import EMBEDDED_TASKS
+
+    base = {"name": "readme", "tasks": list(EMBEDDED_TASKS)}
+    blocks = re.findall(r"```yaml\n(.*?)```", README.read_text(), re.S)
+    assert len(blocks) >= 8
+    try:
+        for block in blocks:
+            d = yaml.safe_load(block)
+            validate_config(d if "name" in d else {**base, **d}, "README.md")
+    finally:
+        for name in ("my_package", "my_package.methods"):
+            sys.modules.pop(name, None)
+
+
+def test_merge_context_docstring_names_every_field():
+    """The README sends a method's author to MergeContext's docstring for its fields."""
+    import dataclasses
+
+    missing = [f.name for f in dataclasses.fields(MergeContext) if f"``{f.name}" not in MergeContext.__doc__]
+    assert not missing
