@@ -7,24 +7,28 @@ from harness.runner import run_sweep
 from tests.test_vision8 import folder_names, write_imagefolder
 
 
-def test_sweep_reads_data_root(micro_checkpoints, tmp_path):
+def two_task_sweep(micro_checkpoints, tmp_path, out: str, methods: list[dict]) -> dict:
+    """A sweep over fake eurosat and dtd trees under ``tmp_path / "data"`` (written once)."""
     root = tmp_path / "data"
-    for name in ("eurosat", "dtd"):
-        write_imagefolder(root, name, folder_names(name))
-    d = {
-        "name": "v8",
-        "output_dir": str(tmp_path / "out"),
-        "cache_dir": str(tmp_path / "cache"),
+    if not root.exists():
+        for name in ("eurosat", "dtd"):
+            write_imagefolder(root, name, folder_names(name))
+    return {
+        "name": "v8", "output_dir": str(tmp_path / out), "cache_dir": str(tmp_path / "cache"),
         "data_root": str(root),
         "model": {"source": "files", "arch": "harness-micro-vit",
                   "pretrained": str(micro_checkpoints / "pretrained.safetensors"),
                   "finetuned": {"eurosat": str(micro_checkpoints / "toy_stripes.safetensors"),
                                 "dtd": str(micro_checkpoints / "toy_colours.safetensors")}},
         "tasks": ["eurosat", "dtd"],
-        "methods": [{"name": "task_arithmetic"}],
+        "methods": methods,
         "eval": {"batch_size": 8},
     }
-    out = run_sweep(validate_config(d), quiet=True)
+
+
+def test_sweep_reads_data_root(micro_checkpoints, tmp_path):
+    out = run_sweep(validate_config(two_task_sweep(micro_checkpoints, tmp_path, "out", [{"name": "task_arithmetic"}])),
+                    quiet=True)
     assert not out.failed, [r.error for r in out.failed]
     assert [r.method for r in out.rows] == ["pretrained", "individual", "task_arithmetic"]
     for row in out.rows:
@@ -80,9 +84,6 @@ def test_adaptation_on_disk_backed_tasks_reads_in_workers_with_the_same_result(m
     adapted model is the one an in-process read gives."""
     import harness.job as job
 
-    root = tmp_path / "data"
-    for name in ("eurosat", "dtd"):
-        write_imagefolder(root, name, folder_names(name))
     readers: list[int] = []
 
     def counted(streams: int, real=job.stream_workers) -> int:
@@ -90,16 +91,8 @@ def test_adaptation_on_disk_backed_tasks_reads_in_workers_with_the_same_result(m
         return readers[-1]
 
     def sweep(out: str):
-        return run_sweep(validate_config({
-            "name": "v8", "output_dir": str(tmp_path / out), "cache_dir": str(tmp_path / "cache"),
-            "data_root": str(root),
-            "model": {"source": "files", "arch": "harness-micro-vit",
-                      "pretrained": str(micro_checkpoints / "pretrained.safetensors"),
-                      "finetuned": {"eurosat": str(micro_checkpoints / "toy_stripes.safetensors"),
-                                    "dtd": str(micro_checkpoints / "toy_colours.safetensors")}},
-            "tasks": ["eurosat", "dtd"],
-            "methods": [{"name": "adamerging", "params": {"steps": 3, "batch_size": 4}}],
-            "eval": {"batch_size": 8}}), quiet=True)
+        methods = [{"name": "adamerging", "params": {"steps": 3, "batch_size": 4}}]
+        return run_sweep(validate_config(two_task_sweep(micro_checkpoints, tmp_path, out, methods)), quiet=True)
 
     monkeypatch.setattr(job, "stream_workers", counted)
     with_readers = sweep("readers")
