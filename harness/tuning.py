@@ -113,10 +113,12 @@ OWNER_ATTR = "harness.output_dir"
 def study_definition(m: MethodSpec) -> str:
     """A digest of what makes a study's trials comparable: the method, its fixed params, the space,
     the objective and the sampler (``n_trials`` and ``n_parallel`` may change: that extends it).
-    Fixed params the method declares ``runtime_only`` are left out, as job keys leave them out:
-    changing one resumes the study and finds its trials' cached results. Fixed params and
-    categorical choices enter as the method's fields hold them: two spellings of one setting
-    (``steps: 4`` in the file, ``steps=4.0`` on the command line) are one study, as they are one job key."""
+    Fixed params the method declares ``runtime_only``, and ``added_hyperparameters`` given at
+    their defaults, are left out, as job keys leave them out (``MergeMethod.as_key``): changing a
+    runtime-only one, or writing an added one at its default, resumes the study and finds its
+    trials' cached results. Fixed params and categorical choices enter as the method's fields hold
+    them: two spellings of one setting (``steps: 4`` in the file, ``steps=4.0`` on the command
+    line) are one study, as they are one job key."""
     from methods.base import resolve_method
 
     cls = resolve_method(m.name)
@@ -126,7 +128,8 @@ def study_definition(m: MethodSpec) -> str:
     def held(name: str, value: Any) -> Any:
         return cls(**{**m.params, **probe, name: value}).model_dump(mode="json")[name]
 
-    params = {k: held(k, v) for k, v in m.params.items() if k not in runtime_only}
+    given = {k: held(k, v) for k, v in m.params.items() if k not in runtime_only}
+    params = {k: v for k, v in cls.as_key(given).items() if k in given}
     space = {}
     for k, p in m.tune.space.items():
         space[k] = p.model_dump(mode="json")

@@ -98,6 +98,15 @@ def test_a_runtime_only_setting_leaves_the_study_definition_alone():
     assert study_definition(_study({"steps": 6})) != STUDY_PINNED
 
 
+def test_an_added_hyperparameter_at_its_default_leaves_the_study_definition_alone():
+    """diversity_weight: 0.0 written out is the job key of the study's trials without it (at its
+    default an added hyperparameter is left out of keys): the same study, as runtime_only ones are."""
+    from harness.tuning import study_definition
+
+    assert study_definition(_study({"diversity_weight": 0.0})) == STUDY_PINNED
+    assert study_definition(_study({"diversity_weight": 0.5})) != STUDY_PINNED
+
+
 def test_tuning_a_runtime_only_setting_is_refused():
     with pytest.raises(ConfigError, match=r"s.yaml: methods.0.tune.space.checkpoint_every: hyperparameter "
                                           r"'checkpoint_every' of 'wemoe' never changes a result \(runtime_only\)"):
