@@ -145,8 +145,8 @@ def traceback_file(out: Path, key: str) -> Path:
 
 def job_params(cfg: SweepConfig, spec: JobSpec) -> dict[str, Any]:
     """What MLflow records as a job's params: the resolved config, flattened, plus the job's own:
-    ``params`` as the sweep gives them and ``hyperparameters``, every one the method ran with
-    (defaults included, as in the job's key)."""
+    ``params``, those the sweep gives (as validated: ``harness.config.hold_validated``), and
+    ``hyperparameters``, every one the method ran with (defaults included, as in the job's key)."""
     conf = cfg.model_dump(mode="json")
     conf.pop("methods", None)
     job = {"kind": spec.kind, "label": spec.label, "method": spec.method, "task": spec.task,

@@ -19,7 +19,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from harness.config import MethodSpec, SweepConfig, TuneSpec, space_probe
+from harness.config import MethodSpec, SweepConfig, TuneSpec, held_value, space_probe
 from harness.errors import HarnessError
 from harness.job import JobResult, read_result
 from harness.plan import JobSpec, method_class_id, setting_text, with_key
@@ -123,18 +123,13 @@ def study_definition(m: MethodSpec) -> str:
 
     cls = resolve_method(m.name)
     runtime_only = cls.runtime_only
-    probe = space_probe(m)
-
-    def held(name: str, value: Any) -> Any:
-        return cls(**{**m.params, **probe, name: value}).model_dump(mode="json")[name]
-
-    given = {k: held(k, v) for k, v in m.params.items() if k not in runtime_only}
+    given = {k: held_value(cls, m, k, v) for k, v in m.params.items() if k not in runtime_only}
     params = {k: v for k, v in cls.as_key(given).items() if k in given}
     space = {}
     for k, p in m.tune.space.items():
         space[k] = p.model_dump(mode="json")
         if p.type == "categorical":
-            space[k]["choices"] = [held(k, c) for c in p.choices]
+            space[k]["choices"] = [held_value(cls, m, k, c) for c in p.choices]
     body = {"method": method_class_id(m.name), "params": params, "objective": m.tune.objective,
             "sampler": m.tune.sampler, "space": space}
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:12]

@@ -434,7 +434,7 @@ def test_job_runs_carry_every_hyperparameter_and_grid_points_their_setting(sweep
     runs = client.search_runs([client.get_experiment_by_name(cfg.name).experiment_id],
                               f"tags.`mlflow.parentRunId` = '{outcome.parent_run_id}'")
     assert sorted(r.info.run_name for r in runs) == [
-        "task_arithmetic(scaling=0.2)", "task_arithmetic(scaling=0.6)", "ties(k=50)", "weight_averaging"]
+        "task_arithmetic(scaling=0.2)", "task_arithmetic(scaling=0.6)", "ties(k=50.0)", "weight_averaging"]
     for run in runs:
         method = run.data.params["job.method"]
         given = {k.removeprefix("job.params."): yaml.safe_load(v) for k, v in run.data.params.items()
