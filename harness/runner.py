@@ -425,7 +425,7 @@ def _run_sweep(cfg: SweepConfig, ws: Workspace, executor: Any, console: Console,
         summary[f"generalization/{row.method}/seen/avg"] = row.avg
         if unseen and all(t in row.acc for t in unseen):  # as the table has it, the zero-shot row's too
             summary[f"generalization/{row.method}/unseen/avg"] = sum(row.acc[t] for t in unseen) / len(unseen)
-    if summary:
+    if only is None:  # one study's run (harness tune) leaves the sweep's summary as it is
         tracker.log_summary_metrics({metric_name(k): v for k, v in summary.items()})
     failed = [r for r in ordered if r.status != "ok"]
     tracker.finish(ok=not failed and not failed_trials)  # as the exit code: a failed trial, as a failed setting
