@@ -15,6 +15,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import sys
+import time
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -38,8 +41,44 @@ def open_storage(spec: str):
     if spec.startswith("journal:"):
         path = Path(spec[len("journal:"):])
         path.parent.mkdir(parents=True, exist_ok=True)
-        return JournalStorage(JournalFileBackend(str(path)))
+        return JournalStorage(JournalFileBackend(str(path), journal_lock(path)))
     return optuna.storages.RDBStorage(spec)
+
+
+#: How long a journal's lock file may stay held before the wait for it is told (a write holds it
+#: for milliseconds).
+LOCK_TELL_AFTER_S = 1.0
+
+
+def journal_lock(path: Path) -> "optuna.storages.journal.JournalFileSymlinkLock":
+    """Optuna's lock of the journal at ``path`` (a symlink ``<path>.lock``, which works on NFS),
+    which says on stderr, once per lock file met, that it waits for it. A process killed while it
+    wrote (a ``harness tune`` driver, a trial reporting a step) leaves the lock behind, and Optuna
+    waits its grace period for it unchanged, then removes it, silently at the harness's log level:
+    a study that seemed to hang. The lock names no owner, and a trial job of the killed driver may
+    still be running on another node (a SLURM job), so the wait is told, not cut short."""
+    from optuna.storages.journal import JournalFileSymlinkLock
+
+    class TellingLock(JournalFileSymlinkLock):
+        told: float | None = None  # the modification time of the held lock file last told about
+
+        def acquire(self) -> bool:
+            deadline = time.monotonic() + LOCK_TELL_AFTER_S
+            while os.path.lexists(self._lock_file) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            try:
+                since = os.lstat(self._lock_file).st_mtime
+            except OSError:  # released meanwhile
+                return super().acquire()
+            if since != self.told:
+                self.told = since
+                print(f"waiting for the Optuna journal's lock file {self._lock_file}, held for "
+                      f"{max(0.0, time.time() - since):.0f} s: a process writing to the study holds it, or "
+                      f"one killed while writing left it behind (Optuna removes it after "
+                      f"{self.grace_period} s unchanged)", file=sys.stderr, flush=True)
+            return super().acquire()
+
+    return TellingLock(str(path))
 
 
 def make_sampler(tune: TuneSpec, seed: int) -> "optuna.samplers.BaseSampler":
