@@ -15,7 +15,7 @@ import re
 import string
 import types
 from pathlib import Path
-from typing import Any, Iterable, Literal, Union, get_args, get_origin
+from typing import TYPE_CHECKING, Any, Iterable, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -30,6 +30,9 @@ from pydantic import (
 from harness.errors import HarnessError, did_you_mean
 from harness.fields import no_bool_for_number
 from harness.imports import source_file
+
+if TYPE_CHECKING:
+    from methods.base import MergeMethod
 
 
 #: Job protocols: the main table (the sweep's seen tasks merged) and the ``generalization`` block's.
@@ -826,6 +829,23 @@ def check_methods(cfg: SweepConfig, file: str) -> None:
                 why = f" ({', '.join(runtime)} never changes a result)" if runtime else ""
                 raise ConfigError(file, f"methods.{i}.grid", f"settings {same} and {setting} are the same "
                                   f"setting once validated{why}", show_value=False)
+        hold_validated(cls, m)
+
+
+def held_value(cls: type[MergeMethod], m: MethodSpec, name: str, value: Any) -> Any:
+    """``value`` of hyperparameter ``name`` as the method's field holds it once validated
+    (``steps: 4.0`` as 4, ``lr: '1e-3'`` as 0.001), beside ``m``'s params, first grid values and
+    tuned values (:func:`space_probe`): two spellings of one setting are one job key, and must be
+    one label, one study."""
+    firsts = {k: values[0] for k, values in m.grid.items()}
+    return cls(**{**space_probe(m), **m.params, **firsts, name: value}).model_dump(mode="json")[name]
+
+
+def hold_validated(cls: type[MergeMethod], m: MethodSpec) -> None:
+    """``m``'s params and grid values as the method holds them (:func:`held_value`): every label,
+    row, run name and MLflow param built from them reads the same for ``4`` and ``4.0``."""
+    m.params = {k: held_value(cls, m, k, v) for k, v in m.params.items()}
+    m.grid = {k: [held_value(cls, m, k, v) for v in values] for k, values in m.grid.items()}
 
 
 def field_kind(annotation: Any) -> str:

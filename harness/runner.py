@@ -145,8 +145,8 @@ def traceback_file(out: Path, key: str) -> Path:
 
 def job_params(cfg: SweepConfig, spec: JobSpec) -> dict[str, Any]:
     """What MLflow records as a job's params: the resolved config, flattened, plus the job's own:
-    ``params`` as the sweep gives them and ``hyperparameters``, every one the method ran with
-    (defaults included, as in the job's key)."""
+    ``params``, those the sweep gives (as validated: ``harness.config.hold_validated``), and
+    ``hyperparameters``, every one the method ran with (defaults included, as in the job's key)."""
     conf = cfg.model_dump(mode="json")
     conf.pop("methods", None)
     job = {"kind": spec.kind, "label": spec.label, "method": spec.method, "task": spec.task,
@@ -425,7 +425,7 @@ def _run_sweep(cfg: SweepConfig, ws: Workspace, executor: Any, console: Console,
         summary[f"generalization/{row.method}/seen/avg"] = row.avg
         if unseen and all(t in row.acc for t in unseen):  # as the table has it, the zero-shot row's too
             summary[f"generalization/{row.method}/unseen/avg"] = sum(row.acc[t] for t in unseen) / len(unseen)
-    if summary:
+    if only is None:  # one study's run (harness tune) leaves the sweep's summary as it is
         tracker.log_summary_metrics({metric_name(k): v for k, v in summary.items()})
     failed = [r for r in ordered if r.status != "ok"]
     tracker.finish(ok=not failed and not failed_trials)  # as the exit code: a failed trial, as a failed setting

@@ -12,6 +12,7 @@ import os
 import shutil
 import sqlite3
 import subprocess
+from contextlib import closing
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
@@ -122,6 +123,16 @@ def is_own_store(uri: str, out: Path) -> bool:
     """Whether ``uri`` is the output folder's own SQLite file, ``<out>/mlflow.db``."""
     own = (out / "mlflow.db").resolve()
     return uri.startswith("sqlite:///") and Path(uri.removeprefix("sqlite:///")).resolve() == own
+
+
+def drop_metrics(db: Path, run_id: str, keep: set[str]) -> None:
+    """Delete run ``run_id``'s metrics not in ``keep`` from the SQLite store ``db`` (history and
+    latest value), which no MLflow call can do."""
+    with closing(sqlite3.connect(db)) as con, con:
+        stale = [key for (key,) in con.execute("SELECT key FROM latest_metrics WHERE run_uuid = ?", (run_id,))
+                 if key not in keep]
+        for table in ("metrics", "latest_metrics"):
+            con.executemany(f"DELETE FROM {table} WHERE run_uuid = ? AND key = ?", [(run_id, k) for k in stale])
 
 
 def relocate_copied_store(uri: str, out: Path) -> str | None:
@@ -460,9 +471,18 @@ class Tracker:
         self.client.log_artifact(run_id or self.parent_id, str(path), subdir)
 
     def log_summary_metrics(self, metrics: dict[str, float]) -> None:
+        """The parent run's metrics become the sweep's summary as it stands (``<label>/acc/avg``
+        per row): one an earlier run logged that it lacks (a renamed or removed label's) is
+        deleted, else the parent shows it beside the new ones. MLflow has no call that deletes a
+        metric: that is done in the folder's own store alone, whose lock keeps other writers out;
+        on another store the old metric stays."""
         from mlflow.entities import Metric
 
-        self.client.log_batch(self.parent_id, metrics=[Metric(k, float(v), 0, 0) for k, v in metrics.items()])
+        if metrics:
+            self.client.log_batch(self.parent_id, metrics=[Metric(k, float(v), 0, 0) for k, v in metrics.items()])
+        out = self.cfg.resolved_output_dir()
+        if is_own_store(self.uri, out):
+            drop_metrics(out / "mlflow.db", self.parent_id, keep=set(metrics))
 
     def abandon(self, status: str) -> None:
         """End the runs this driver left RUNNING (the sweep's, its studies', a job's or trial's

@@ -15,11 +15,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import sys
+import time
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from harness.config import MethodSpec, SweepConfig, TuneSpec, space_probe
+from harness.config import MethodSpec, SweepConfig, TuneSpec, held_value, space_probe
 from harness.errors import HarnessError
 from harness.job import JobResult, read_result
 from harness.plan import JobSpec, method_class_id, setting_text, with_key
@@ -38,8 +41,44 @@ def open_storage(spec: str):
     if spec.startswith("journal:"):
         path = Path(spec[len("journal:"):])
         path.parent.mkdir(parents=True, exist_ok=True)
-        return JournalStorage(JournalFileBackend(str(path)))
+        return JournalStorage(JournalFileBackend(str(path), journal_lock(path)))
     return optuna.storages.RDBStorage(spec)
+
+
+#: How long a journal's lock file may stay held before the wait for it is told (a write holds it
+#: for milliseconds).
+LOCK_TELL_AFTER_S = 1.0
+
+
+def journal_lock(path: Path) -> "optuna.storages.journal.JournalFileSymlinkLock":
+    """Optuna's lock of the journal at ``path`` (a symlink ``<path>.lock``, which works on NFS),
+    which says on stderr, once per lock file met, that it waits for it. A process killed while it
+    wrote (a ``harness tune`` driver, a trial reporting a step) leaves the lock behind, and Optuna
+    waits its grace period for it unchanged, then removes it, silently at the harness's log level:
+    a study that seemed to hang. The lock names no owner, and a trial job of the killed driver may
+    still be running on another node (a SLURM job), so the wait is told, not cut short."""
+    from optuna.storages.journal import JournalFileSymlinkLock
+
+    class TellingLock(JournalFileSymlinkLock):
+        told: float | None = None  # the modification time of the held lock file last told about
+
+        def acquire(self) -> bool:
+            deadline = time.monotonic() + LOCK_TELL_AFTER_S
+            while os.path.lexists(self._lock_file) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            try:
+                since = os.lstat(self._lock_file).st_mtime
+            except OSError:  # released meanwhile
+                return super().acquire()
+            if since != self.told:
+                self.told = since
+                print(f"waiting for the Optuna journal's lock file {self._lock_file}, held for "
+                      f"{max(0.0, time.time() - since):.0f} s: a process writing to the study holds it, or "
+                      f"one killed while writing left it behind (Optuna removes it after "
+                      f"{self.grace_period} s unchanged)", file=sys.stderr, flush=True)
+            return super().acquire()
+
+    return TellingLock(str(path))
 
 
 def make_sampler(tune: TuneSpec, seed: int) -> "optuna.samplers.BaseSampler":
@@ -113,25 +152,23 @@ OWNER_ATTR = "harness.output_dir"
 def study_definition(m: MethodSpec) -> str:
     """A digest of what makes a study's trials comparable: the method, its fixed params, the space,
     the objective and the sampler (``n_trials`` and ``n_parallel`` may change: that extends it).
-    Fixed params the method declares ``runtime_only`` are left out, as job keys leave them out:
-    changing one resumes the study and finds its trials' cached results. Fixed params and
-    categorical choices enter as the method's fields hold them: two spellings of one setting
-    (``steps: 4`` in the file, ``steps=4.0`` on the command line) are one study, as they are one job key."""
+    Fixed params the method declares ``runtime_only``, and ``added_hyperparameters`` given at
+    their defaults, are left out, as job keys leave them out (``MergeMethod.as_key``): changing a
+    runtime-only one, or writing an added one at its default, resumes the study and finds its
+    trials' cached results. Fixed params and categorical choices enter as the method's fields hold
+    them: two spellings of one setting (``steps: 4`` in the file, ``steps=4.0`` on the command
+    line) are one study, as they are one job key."""
     from methods.base import resolve_method
 
     cls = resolve_method(m.name)
     runtime_only = cls.runtime_only
-    probe = space_probe(m)
-
-    def held(name: str, value: Any) -> Any:
-        return cls(**{**m.params, **probe, name: value}).model_dump(mode="json")[name]
-
-    params = {k: held(k, v) for k, v in m.params.items() if k not in runtime_only}
+    given = {k: held_value(cls, m, k, v) for k, v in m.params.items() if k not in runtime_only}
+    params = {k: v for k, v in cls.as_key(given).items() if k in given}
     space = {}
     for k, p in m.tune.space.items():
         space[k] = p.model_dump(mode="json")
         if p.type == "categorical":
-            space[k]["choices"] = [held(k, c) for c in p.choices]
+            space[k]["choices"] = [held_value(cls, m, k, c) for c in p.choices]
     body = {"method": method_class_id(m.name), "params": params, "objective": m.tune.objective,
             "sampler": m.tune.sampler, "space": space}
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:12]

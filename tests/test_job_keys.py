@@ -98,6 +98,36 @@ def test_a_runtime_only_setting_leaves_the_study_definition_alone():
     assert study_definition(_study({"steps": 6})) != STUDY_PINNED
 
 
+def test_two_spellings_of_one_fixed_setting_are_one_label():
+    """steps: 4.0 (an int field) and ties' k: 50 (a float field) are the jobs of steps: 4 and k: 50.0:
+    their run names, progress lines and table rows read as the method holds the values, and MLflow's
+    job.params too, whichever spelling the sweep used (a YAML 1.1 string '1e-3' included)."""
+    from harness.runner import job_params
+    from harness.tracking import flatten
+
+    def titles(steps, lr, k):
+        d = make_sweep_dict(Path("/nonexistent"), Path("/nonexistent-out"))
+        d["methods"] = [{"name": "adamerging", "params": {"steps": steps}, "grid": {"lr": [lr, 1e-2]}},
+                        {"name": "ties", "params": {"k": k}}]
+        cfg = validate_config(d)
+        specs = [s for s in plan_jobs(cfg) if s.kind == "merge"]
+        return [(s.title, flatten(job_params(cfg, s)["job"]["params"])) for s in specs]  # as MLflow logs them
+
+    assert titles(4.0, "1e-3", 50) == titles(4, 0.001, 50.0) == [
+        ("adamerging(steps=4, lr=0.001)", {"steps": "4", "lr": "0.001"}),
+        ("adamerging(steps=4, lr=0.01)", {"steps": "4", "lr": "0.01"}),
+        ("ties(k=50.0)", {"k": "50.0"})]
+
+
+def test_an_added_hyperparameter_at_its_default_leaves_the_study_definition_alone():
+    """diversity_weight: 0.0 written out is the job key of the study's trials without it (at its
+    default an added hyperparameter is left out of keys): the same study, as runtime_only ones are."""
+    from harness.tuning import study_definition
+
+    assert study_definition(_study({"diversity_weight": 0.0})) == STUDY_PINNED
+    assert study_definition(_study({"diversity_weight": 0.5})) != STUDY_PINNED
+
+
 def test_tuning_a_runtime_only_setting_is_refused():
     with pytest.raises(ConfigError, match=r"s.yaml: methods.0.tune.space.checkpoint_every: hyperparameter "
                                           r"'checkpoint_every' of 'wemoe' never changes a result \(runtime_only\)"):

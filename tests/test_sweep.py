@@ -247,6 +247,21 @@ def test_renamed_method_keeps_its_cached_jobs(first_run, monkeypatch):
                if r.data.tags["harness.label"] == "ta_renamed")
 
 
+def test_a_renamed_label_leaves_no_summary_metric_on_the_parent_run(sweep_dict, monkeypatch):
+    """The parent run's summary is the table as it stands: a rerun after renaming a row's label
+    drops the old label's ``<label>/acc/avg`` instead of showing it beside the new one."""
+    d = dict(sweep_dict, references=False, methods=[{"name": "weight_averaging", "label": "wa_old"}])
+    first = run_sweep(validate_config(d), quiet=True)
+    d["methods"][0]["label"] = "wa_new"
+    cfg = validate_config(d)
+    monkeypatch.setattr("harness.executors.local.run_job", lambda *a, **k: pytest.fail("a cached job ran again"))
+    again = run_sweep(cfg, quiet=True)
+    assert again.parent_run_id == first.parent_run_id
+    client = MlflowClient(cfg.resolved_tracking_uri())
+    assert client.get_run(again.parent_run_id).data.metrics == {"wa_new/acc/avg": again.rows[0].avg}
+    assert client.get_metric_history(again.parent_run_id, "wa_old/acc/avg") == []
+
+
 PLAIN_TASK = '''
 from tasks.base import Task
 from tasks.synthetic import make_toy_task
@@ -434,7 +449,7 @@ def test_job_runs_carry_every_hyperparameter_and_grid_points_their_setting(sweep
     runs = client.search_runs([client.get_experiment_by_name(cfg.name).experiment_id],
                               f"tags.`mlflow.parentRunId` = '{outcome.parent_run_id}'")
     assert sorted(r.info.run_name for r in runs) == [
-        "task_arithmetic(scaling=0.2)", "task_arithmetic(scaling=0.6)", "ties(k=50)", "weight_averaging"]
+        "task_arithmetic(scaling=0.2)", "task_arithmetic(scaling=0.6)", "ties(k=50.0)", "weight_averaging"]
     for run in runs:
         method = run.data.params["job.method"]
         given = {k.removeprefix("job.params."): yaml.safe_load(v) for k, v in run.data.params.items()

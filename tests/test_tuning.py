@@ -925,3 +925,33 @@ def test_a_range_end_a_method_validator_refuses_is_a_config_error(sweep_dict):
                             "the method's other hyperparameters as params and defaults set them (got 0.95)"), str(e.value)
     validate_config(space(lo=(0.1, 0.5)), "s.yaml")
     validate_config(space(lo=(0.1, 0.95), hi=(0.96, 1.0)), "s.yaml")
+
+
+def test_a_journal_lock_left_behind_is_waited_for_with_a_line_saying_so(tmp_path, capsys):
+    """A driver killed while it wrote to the journal leaves ``journal.log.lock``; Optuna waits its
+    grace period for it silently at the harness's log level. The wait is told at once, naming the
+    lock file; the lock itself is left to its holder (here one releasing it after 1.5 s)."""
+    import threading
+
+    import optuna
+
+    from harness.tuning import open_storage, quiet_optuna
+
+    quiet_optuna()
+    journal = tmp_path / "optuna" / "journal.log"
+    storage = open_storage(f"journal:{journal}")
+    optuna.create_study(study_name="first", storage=storage)
+    assert capsys.readouterr().err == ""  # no line while nothing holds the lock
+    lock = Path(f"{journal}.lock")
+    os.symlink(journal, lock)
+    old = time.time() - 120
+    os.utime(lock, (old, old), follow_symlinks=False)
+    threading.Timer(1.5, lock.unlink).start()
+    started = time.monotonic()
+    optuna.create_study(study_name="second", storage=open_storage(f"journal:{journal}"))
+    assert time.monotonic() - started < 10
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert err.startswith(f"waiting for the Optuna journal's lock file {lock}, held for 12")
+    assert "killed while writing left it behind (Optuna removes it after 30 s unchanged)" in err
+    assert set(optuna.get_all_study_names(storage)) == {"first", "second"}
