@@ -925,3 +925,21 @@ def test_a_range_end_a_method_validator_refuses_is_a_config_error(sweep_dict):
                             "the method's other hyperparameters as params and defaults set them (got 0.95)"), str(e.value)
     validate_config(space(lo=(0.1, 0.5)), "s.yaml")
     validate_config(space(lo=(0.1, 0.95), hi=(0.96, 1.0)), "s.yaml")
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "random"])
+def test_a_study_run_in_two_goes_draws_what_one_run_draws(sampler, sweep_dict, tmp_path):
+    """A study stopped after two trials (killed, or given fewer) and resumed asks the same
+    parameters, and picks the same best, as one run to the end: a seeded study is reproducible
+    however many runs it took."""
+    space = {"scaling": {"type": "float", "low": 0.0, "high": 1.0}, "repeats": {"type": "int", "low": 1, "high": 4}}
+
+    def params(out: str, *n_trials: int) -> tuple[list[dict], dict]:
+        for n in n_trials:
+            cfg = validate_config({**typed_study(sweep_dict, n_trials=n, sampler=sampler, space=space),
+                                   "output_dir": str(tmp_path / out)})
+            run_sweep(cfg, quiet=True)
+        study = stored_study(cfg)
+        return [t.params for t in study.trials], study.best_params
+
+    assert params("two-goes", 2, 5) == params("one-go", 5)
