@@ -18,6 +18,9 @@ from harness.config import GENERALIZATION, GENERALIZATION_SUFFIX, MAIN, SweepCon
 #: Bump when the meaning of a cached result changes.
 RESULT_VERSION = 1
 
+#: Kinds of job that merge with a method.
+MERGE_KINDS = ("merge", "trial", "robustness")
+
 JobKind = Literal["pretrained", "individual", "perfect_routing", "merge", "trial", "robustness"]
 PER_TASK_KINDS = ("individual", "perfect_routing")
 
@@ -294,11 +297,16 @@ def with_key(cfg: SweepConfig, s: JobSpec, identity: dict[str, Any],
                 body["robustness"].pop("adapt", None)  # only re-adapting jobs read it
     if s.protocol != MAIN:  # main-protocol keys stay as they were before protocols existed
         body["protocol"] = s.protocol
-    if s.kind in ("merge", "trial", "robustness"):
+    if s.kind in MERGE_KINDS:
+        from methods.base import resolve_method
+
+        method = resolve_method(s.method)(**s.params)
         body["finetuned"] = {t: identity["finetuned"][t] for t in seen}
         body["method"] = method_class_id(s.method)
-        body["params"] = key_params(s.method, s.params)
+        body["params"] = method.key_params()
         body["adapt"] = cfg.adapt.model_dump()
+        if method.batch_dependent():
+            body["eval"]["batch_size"] = cfg.eval.batch_size
     if s.kind == "trial":  # a trial's result depends on its study (pruning decisions) too
         body["study"] = {k: s.trial[k] for k in ("study_name", "number")}
     task_code = {t: ident[TASK_SOURCE_KEY] for t, ident in (body["tasks"] or {}).items()
