@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Literal
 
 from harness.cache import content_key
-from harness.config import GENERALIZATION, GENERALIZATION_SUFFIX, MAIN, SweepConfig, expand_grid
+from harness.config import GENERALIZATION, GENERALIZATION_SUFFIX, MAIN, AdaptSpec, SweepConfig, expand_grid
 
 #: Bump when the meaning of a cached result changes.
 RESULT_VERSION = 1
@@ -304,7 +304,7 @@ def with_key(cfg: SweepConfig, s: JobSpec, identity: dict[str, Any],
         body["finetuned"] = {t: identity["finetuned"][t] for t in seen}
         body["method"] = method_class_id(s.method)
         body["params"] = method.key_params()
-        body["adapt"] = cfg.adapt.model_dump()
+        body["adapt"] = (cfg.adapt if method.uses_test_data else AdaptSpec()).model_dump()
         if method.batch_dependent():
             body["eval"]["batch_size"] = cfg.eval.batch_size
     if s.kind == "trial":  # a trial's result depends on its study (pruning decisions) too

@@ -143,3 +143,9 @@ def test_the_evaluation_batch_size_is_in_the_key_of_a_batch_dependent_model_only
     1), so a cached result must not stand for it. For the others it changes only the speed."""
     assert _changed(eval={"batch_size": 64}) == {("batch", None)}
 
+
+def test_adaptation_data_are_in_the_keys_of_test_time_adaptation_only():
+    """``adapt`` is what ``ctx.unlabeled`` streams: a method that reads no test data cannot
+    depend on it, and its cached result stands."""
+    assert _changed(adapt={"shuffle_seed": 1}) == {("wemoe", None), ("batch", None)}
+
