@@ -18,8 +18,11 @@ from harness.config import GENERALIZATION, GENERALIZATION_SUFFIX, MAIN, AdaptSpe
 #: Bump when the meaning of a cached result changes.
 RESULT_VERSION = 1
 
-#: Kinds of job that merge with a method.
+#: Kinds of job that merge with a method: the sweep's seed and adaptation data reach only them.
 MERGE_KINDS = ("merge", "trial", "robustness")
+#: The seed reference jobs' keys hold whatever the sweep's: they draw nothing (a reseeded sweep
+#: finds them cached), and it is the default, so their keys cached at seed 0 stay valid.
+REFERENCE_SEED = 0
 
 JobKind = Literal["pretrained", "individual", "perfect_routing", "merge", "trial", "robustness"]
 PER_TASK_KINDS = ("individual", "perfect_routing")
@@ -274,7 +277,7 @@ def with_key(cfg: SweepConfig, s: JobSpec, identity: dict[str, Any],
                   "heads": identity["heads"]},
         "eval": ({"max_samples": None} if cfg.eval.max_samples is None
                  else {"max_samples": cfg.eval.max_samples, "subset": "seeded"}),
-        "seed": cfg.seed,
+        "seed": cfg.seed if s.kind in MERGE_KINDS else REFERENCE_SEED,
     }
     if s.kind == "individual":
         body["finetuned"] = identity["finetuned"][s.task]

@@ -149,3 +149,7 @@ def test_adaptation_data_are_in_the_keys_of_test_time_adaptation_only():
     depend on it, and its cached result stands."""
     assert _changed(adapt={"shuffle_seed": 1}) == {("wemoe", None), ("batch", None)}
 
+
+def test_the_seed_is_in_the_keys_of_merges_only():
+    """Reference rows draw nothing: a reseeded sweep finds them cached."""
+    assert _changed(seed=1) == {("weight_averaging", None), ("wemoe", None), ("batch", None)}
