@@ -145,6 +145,9 @@ def method_class_id(method: str) -> str:
 TASK_SOURCE_KEY = "harness.source_sha256"
 #: Packages whose methods and tasks are the project's own: their source does not enter job keys.
 OWN_PACKAGES = ("methods", "tasks", "harness")
+#: Where the identity of a task of one's own holds the digest of its prompts, which build the
+#: zero-shot heads every job scores with (the project's tasks' are versioned with the harness).
+TASK_PROMPTS_KEY = "harness.prompts_sha256"
 #: Per class object, the digest of its files when this process first saw it (just after importing
 #: it, see ``resolve_method``): the code this process runs, even if the files change later.
 _DIGESTS: weakref.WeakKeyDictionary[type, str | None] = weakref.WeakKeyDictionary()
@@ -182,6 +185,14 @@ def class_source_digest(cls: type, root: type) -> str | None:
         digest = h.hexdigest()[:16]
     _DIGESTS[cls] = digest
     return digest
+
+
+def own_task(name: str) -> bool:
+    """Whether task ``name`` is made by the project's code (a registered task of its ``tasks``
+    package), not by a factory of one's own, whose images, labels and prompts are the user's."""
+    from tasks.base import resolve_task
+
+    return getattr(resolve_task(name), "__module__", "").split(".")[0] in OWN_PACKAGES
 
 
 def method_source_files(cls: type) -> list[str]:
