@@ -22,11 +22,16 @@ def _keys(**extra: dict) -> dict[str, str]:
     """Key per method, for AdaMerging and WeMoE at steps=5 plus ``extra[name]`` params."""
     d = make_sweep_dict(Path("/nonexistent"), Path("/nonexistent-out"))
     d["methods"] = [{"name": name, "params": {"steps": 5, **extra.get(name, {})}} for name in ("adamerging", "wemoe")]
-    cfg = validate_config(d)
+    return {label: key for (label, _), key in _planned(validate_config(d), "merge").items()}
+
+
+def _planned(cfg, *kinds: str) -> dict[tuple[str, str | None], str]:
+    """Key per (label, task) of the sweep's jobs (of ``kinds``, default all), with made-up model
+    and task identities."""
     identity = {"arch": "harness-micro-vit", "pretrained": "p" * 16, "heads": {},
                 "finetuned": {t: t[:4] * 4 for t in cfg.task_names}}
     tasks = {t: {"name": t, "version": "1"} for t in cfg.task_names}
-    return {s.label: s.key for s in plan_jobs(cfg, identity, tasks) if s.kind == "merge"}
+    return {(s.label, s.task): s.key for s in plan_jobs(cfg, identity, tasks) if not kinds or s.kind in kinds}
 
 
 def test_keys_at_the_defaults_are_the_keys_cached_before():
@@ -125,11 +130,7 @@ def _plan(**changes: object) -> dict[tuple[str, str | None], str]:
     d["references"] = {"perfect_routing": True}
     d["methods"] = [{"name": "weight_averaging"}, {"name": "wemoe", "params": {"steps": 5}},
                     {"name": "wemoe", "label": "batch", "params": {"steps": 5, "batch_reduce": True}}]
-    cfg = validate_config({**d, **changes})
-    identity = {"arch": "harness-micro-vit", "pretrained": "p" * 16, "heads": {},
-                "finetuned": {t: t[:4] * 4 for t in cfg.task_names}}
-    tasks = {t: {"name": t, "version": "1"} for t in cfg.task_names}
-    return {(s.label, s.task): s.key for s in plan_jobs(cfg, identity, tasks)}
+    return _planned(validate_config({**d, **changes}))
 
 
 def _changed(**changes: object) -> set[tuple[str, str | None]]:
