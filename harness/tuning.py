@@ -224,6 +224,14 @@ def n_trials_possible(tune: TuneSpec) -> int:
     return tune.n_trials if tune.sampler != "grid" else min(tune.n_trials, grid_size(tune))
 
 
+def trial_seed(seed: int, number: int) -> int:
+    """The sampler's seed for trial ``number`` of a study seeded ``seed``: mixed, not added, so
+    studies of seeds 0 and 1 do not ask the same points one trial apart."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed, number]).generate_state(1)[0])
+
+
 def quiet_optuna() -> None:
     """Optuna's own log lines below errors off: the driver prints a line per trial, and its
     warnings (a plot over a parameter with one value) would read as a problem with the study."""
@@ -361,13 +369,13 @@ class StudyRunner:
         return specs
 
     def reseed(self) -> None:
-        """Seed the sampler for the next trial by its number (the sweep's seed plus the trials
-        stored): it then draws what it drew in an uninterrupted run, however many runs the study
-        took, where one sampler kept across trials draws from where its process's stream stands
-        (a run killed after three trials resumed to other parameters, and another best). A grid
-        keeps its seed: the seed orders the grid, and stored trials name points by index."""
+        """Seed the sampler for the next trial from the study's seed and the trial's number (the
+        trials stored): it then draws what it drew in an uninterrupted run, however many runs the
+        study took, where one sampler kept across trials draws from where its process's stream
+        stands (a run killed after three trials resumed to other parameters, and another best). A
+        grid keeps its seed: the seed orders the grid, and stored trials name points by index."""
         if self.tune.sampler != "grid":
-            self.study.sampler = make_sampler(self.tune, self.seed + len(self.study.get_trials(deepcopy=False)))
+            self.study.sampler = make_sampler(self.tune, trial_seed(self.seed, len(self.study.get_trials(deepcopy=False))))
 
     def tell(self, spec: JobSpec, result: JobResult) -> str:
         from optuna.trial import TrialState
