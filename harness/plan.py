@@ -13,10 +13,16 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Literal
 
 from harness.cache import content_key
-from harness.config import GENERALIZATION, GENERALIZATION_SUFFIX, MAIN, SweepConfig, expand_grid
+from harness.config import GENERALIZATION, GENERALIZATION_SUFFIX, MAIN, AdaptSpec, SweepConfig, expand_grid
 
 #: Bump when the meaning of a cached result changes.
 RESULT_VERSION = 1
+
+#: Kinds of job that merge with a method: the sweep's seed and adaptation data reach only them.
+MERGE_KINDS = ("merge", "trial", "robustness")
+#: The seed reference jobs' keys hold whatever the sweep's: they draw nothing (a reseeded sweep
+#: finds them cached), and it is the default, so their keys cached at seed 0 stay valid.
+REFERENCE_SEED = 0
 
 JobKind = Literal["pretrained", "individual", "perfect_routing", "merge", "trial", "robustness"]
 PER_TASK_KINDS = ("individual", "perfect_routing")
@@ -139,6 +145,9 @@ def method_class_id(method: str) -> str:
 TASK_SOURCE_KEY = "harness.source_sha256"
 #: Packages whose methods and tasks are the project's own: their source does not enter job keys.
 OWN_PACKAGES = ("methods", "tasks", "harness")
+#: Where the identity of a task of one's own holds the digest of its prompts, which build the
+#: zero-shot heads every job scores with (the project's tasks' are versioned with the harness).
+TASK_PROMPTS_KEY = "harness.prompts_sha256"
 #: Per class object, the digest of its files when this process first saw it (just after importing
 #: it, see ``resolve_method``): the code this process runs, even if the files change later.
 _DIGESTS: weakref.WeakKeyDictionary[type, str | None] = weakref.WeakKeyDictionary()
@@ -176,6 +185,14 @@ def class_source_digest(cls: type, root: type) -> str | None:
         digest = h.hexdigest()[:16]
     _DIGESTS[cls] = digest
     return digest
+
+
+def own_task(name: str) -> bool:
+    """Whether task ``name`` is made by the project's code (a registered task of its ``tasks``
+    package), not by a factory of one's own, whose images, labels and prompts are the user's."""
+    from tasks.base import resolve_task
+
+    return getattr(resolve_task(name), "__module__", "").split(".")[0] in OWN_PACKAGES
 
 
 def method_source_files(cls: type) -> list[str]:
@@ -271,7 +288,7 @@ def with_key(cfg: SweepConfig, s: JobSpec, identity: dict[str, Any],
                   "heads": identity["heads"]},
         "eval": ({"max_samples": None} if cfg.eval.max_samples is None
                  else {"max_samples": cfg.eval.max_samples, "subset": "seeded"}),
-        "seed": cfg.seed,
+        "seed": cfg.seed if s.kind in MERGE_KINDS else REFERENCE_SEED,
     }
     if s.kind == "individual":
         body["finetuned"] = identity["finetuned"][s.task]
@@ -294,11 +311,16 @@ def with_key(cfg: SweepConfig, s: JobSpec, identity: dict[str, Any],
                 body["robustness"].pop("adapt", None)  # only re-adapting jobs read it
     if s.protocol != MAIN:  # main-protocol keys stay as they were before protocols existed
         body["protocol"] = s.protocol
-    if s.kind in ("merge", "trial", "robustness"):
+    if s.kind in MERGE_KINDS:
+        from methods.base import resolve_method
+
+        method = resolve_method(s.method)(**s.params)
         body["finetuned"] = {t: identity["finetuned"][t] for t in seen}
         body["method"] = method_class_id(s.method)
-        body["params"] = key_params(s.method, s.params)
-        body["adapt"] = cfg.adapt.model_dump()
+        body["params"] = method.key_params()
+        body["adapt"] = (cfg.adapt if method.uses_test_data else AdaptSpec()).model_dump()
+        if method.batch_dependent():
+            body["eval"]["batch_size"] = cfg.eval.batch_size
     if s.kind == "trial":  # a trial's result depends on its study (pruning decisions) too
         body["study"] = {k: s.trial[k] for k in ("study_name", "number")}
     task_code = {t: ident[TASK_SOURCE_KEY] for t, ident in (body["tasks"] or {}).items()

@@ -261,6 +261,14 @@ def n_trials_possible(tune: TuneSpec) -> int:
     return tune.n_trials if tune.sampler != "grid" else min(tune.n_trials, grid_size(tune))
 
 
+def trial_seed(seed: int, number: int) -> int:
+    """The sampler's seed for trial ``number`` of a study seeded ``seed``: mixed, not added, so
+    studies of seeds 0 and 1 do not ask the same points one trial apart."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed, number]).generate_state(1)[0])
+
+
 def quiet_optuna() -> None:
     """Optuna's own log lines below errors off: the driver prints a line per trial, and its
     warnings (a plot over a parameter with one value) would read as a problem with the study."""
@@ -291,13 +299,7 @@ class StudyRunner:
                                       make_sampler(self.tune, seed), make_pruner(self.tune.pruner), self.measured_here,
                                       method=method_class_id(m.name))
         self.name = self.study.study_name
-        existing = len(self.study.get_trials(deepcopy=False))
-        if existing and self.tune.sampler != "grid":
-            # A sampler seeded as in the first run would draw that run's parameters again (its
-            # random start ignores the history): a resumed or extended study continues the
-            # stream from where the stored trials leave it, still deterministically. A grid
-            # keeps its seed: the seed orders the grid, and stored trials name points by index.
-            self.study.sampler = make_sampler(self.tune, seed + existing)
+        self.seed = seed
         self.dists = distributions(self.tune)
         self.notes: list[str] = [note] if note else []  # one line each, for the driver to print
         self.owner = str(cfg.resolved_output_dir().resolve())
@@ -397,10 +399,20 @@ class StudyRunner:
     def ask(self, k: int) -> list[JobSpec]:
         specs = []
         for _ in range(k):
+            self.reseed()
             trial = self.study.ask(self.dists)
             trial.set_user_attr(OWNER_ATTR, self.owner)
             specs.append(self.spec(trial._trial_id, trial.number, trial.params))
         return specs
+
+    def reseed(self) -> None:
+        """Seed the sampler for the next trial from the study's seed and the trial's number (the
+        trials stored): it then draws what it drew in an uninterrupted run, however many runs the
+        study took, where one sampler kept across trials draws from where its process's stream
+        stands (a run killed after three trials resumed to other parameters, and another best). A
+        grid keeps its seed: the seed orders the grid, and stored trials name points by index."""
+        if self.tune.sampler != "grid":
+            self.study.sampler = make_sampler(self.tune, trial_seed(self.seed, len(self.study.get_trials(deepcopy=False))))
 
     def tell(self, spec: JobSpec, result: JobResult) -> str:
         from optuna.trial import TrialState

@@ -319,12 +319,14 @@ class Workspace:
         hashes the images themselves) add no digest, so their keys are unchanged."""
         if name is None:
             return {t: self.task_identity(t) for t in self.cfg.task_names}
-        from harness.plan import TASK_SOURCE_KEY, class_source_digest
+        from harness.plan import TASK_PROMPTS_KEY, TASK_SOURCE_KEY, class_source_digest, own_task
 
         options = next(t.options for t in self.cfg.tasks if t.name == name)
         task = self.task(name)
         code = class_source_digest(type(task), Task)
-        return {**task.identity(), **({"options": options} if options else {}), **({TASK_SOURCE_KEY: code} if code else {})}
+        prompts = None if own_task(name) else content_key(task.prompts())
+        return {**task.identity(), **({"options": options} if options else {}), **({TASK_SOURCE_KEY: code} if code else {}),
+                **({TASK_PROMPTS_KEY: prompts} if prompts else {})}
 
     def head(self, task: str) -> torch.Tensor:
         if task not in self._heads:

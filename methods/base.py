@@ -97,6 +97,12 @@ class MergeMethod(BaseModel):
     ) -> nn.Module:
         raise NotImplementedError
 
+    def batch_dependent(self) -> bool:
+        """Whether the merged model scores an image differently with other images beside it in
+        its batch (statistics taken over the batch): its jobs' keys then hold the evaluation
+        batch size, which otherwise changes only the speed."""
+        return False
+
     def key_params(self) -> dict[str, Any]:
         """Every hyperparameter as a job key sees it (:meth:`as_key`)."""
         return self.as_key(self.model_dump(mode="json"))

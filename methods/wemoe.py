@@ -496,6 +496,10 @@ class WeMoE(MergeMethod):
                              "raw or clamped routing weights are not a distribution over tasks")
         return self
 
+    def batch_dependent(self) -> bool:
+        """``batch_reduce`` routes every image by its batch's mean routing weights."""
+        return self.batch_reduce
+
     def build(self, pretrained: nn.Module, finetuned: Mapping[str, nn.Module], seed: int = 0) -> nn.Module:
         return build_wemoe(pretrained, finetuned, init_lambda=self.init_lambda, router_depth=self.router_depth,
                            routing=self.routing, batch_reduce=self.batch_reduce,

@@ -22,11 +22,16 @@ def _keys(**extra: dict) -> dict[str, str]:
     """Key per method, for AdaMerging and WeMoE at steps=5 plus ``extra[name]`` params."""
     d = make_sweep_dict(Path("/nonexistent"), Path("/nonexistent-out"))
     d["methods"] = [{"name": name, "params": {"steps": 5, **extra.get(name, {})}} for name in ("adamerging", "wemoe")]
-    cfg = validate_config(d)
+    return {label: key for (label, _), key in _planned(validate_config(d), "merge").items()}
+
+
+def _planned(cfg, *kinds: str) -> dict[tuple[str, str | None], str]:
+    """Key per (label, task) of the sweep's jobs (of ``kinds``, default all), with made-up model
+    and task identities."""
     identity = {"arch": "harness-micro-vit", "pretrained": "p" * 16, "heads": {},
                 "finetuned": {t: t[:4] * 4 for t in cfg.task_names}}
     tasks = {t: {"name": t, "version": "1"} for t in cfg.task_names}
-    return {s.label: s.key for s in plan_jobs(cfg, identity, tasks) if s.kind == "merge"}
+    return {(s.label, s.task): s.key for s in plan_jobs(cfg, identity, tasks) if not kinds or s.kind in kinds}
 
 
 def test_keys_at_the_defaults_are_the_keys_cached_before():
@@ -146,3 +151,36 @@ def test_two_spellings_of_one_fixed_setting_are_one_study():
     ints = {"router_depth": {"type": "categorical", "choices": [1, 2]}}
     floats = {"router_depth": {"type": "categorical", "choices": [1.0, 2.0]}}
     assert study_definition(_study({}, ints)) == study_definition(_study({}, floats))
+
+
+def _plan(**changes: object) -> dict[tuple[str, str | None], str]:
+    """Key per (label, task) of a sweep with references, a plain merge and WeMoE with and without
+    ``batch_reduce``, the sweep given ``changes``."""
+    d = make_sweep_dict(Path("/nonexistent"), Path("/nonexistent-out"))
+    d["references"] = {"perfect_routing": True}
+    d["methods"] = [{"name": "weight_averaging"}, {"name": "wemoe", "params": {"steps": 5}},
+                    {"name": "wemoe", "label": "batch", "params": {"steps": 5, "batch_reduce": True}}]
+    return _planned(validate_config({**d, **changes}))
+
+
+def _changed(**changes: object) -> set[tuple[str, str | None]]:
+    before, after = _plan(), _plan(**changes)
+    return {job for job, key in before.items() if after[job] != key}
+
+
+def test_the_evaluation_batch_size_is_in_the_key_of_a_batch_dependent_model_only():
+    """WeMoE's ``batch_reduce`` routes each image by its batch's mean: another evaluation batch
+    size scores other predictions (measured on the quick suite: emb_fashion 15.0 at 256, 14.0 at
+    1), so a cached result must not stand for it. For the others it changes only the speed."""
+    assert _changed(eval={"batch_size": 64}) == {("batch", None)}
+
+
+def test_adaptation_data_are_in_the_keys_of_test_time_adaptation_only():
+    """``adapt`` is what ``ctx.unlabeled`` streams: a method that reads no test data cannot
+    depend on it, and its cached result stands."""
+    assert _changed(adapt={"shuffle_seed": 1}) == {("wemoe", None), ("batch", None)}
+
+
+def test_the_seed_is_in_the_keys_of_merges_only():
+    """Reference rows draw nothing: a reseeded sweep finds them cached."""
+    assert _changed(seed=1) == {("weight_averaging", None), ("wemoe", None), ("batch", None)}

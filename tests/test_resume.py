@@ -74,6 +74,11 @@ def test_killed_at_many_points_then_resumed(micro_checkpoints, tmp_path):
     for f in (out / "results").iterdir():  # no half-written cache entry is left as a result
         assert f.suffix == ".json" and not f.name.startswith("."), f
         json.loads(f.read_text())
+    for r in reference.results:  # bit for bit: per-image correctness, metrics, artifacts (the adaptation's losses)
+        ref, resumed = (json.loads((folder / "results" / f"{r.key}.json").read_text())
+                        for folder in (reference.output_dir, out))
+        assert [resumed[k] for k in ("test_correct", "metrics", "artifacts")] == [
+            ref[k] for k in ("test_correct", "metrics", "artifacts")], r.title
     assert (out / "report" / "main.md").read_text() == (reference.output_dir / "report" / "main.md").read_text()
     client = MlflowClient(cfg.resolved_tracking_uri())
     exp = client.get_experiment_by_name(cfg.name).experiment_id

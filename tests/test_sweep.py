@@ -474,3 +474,43 @@ def test_only_jobs_that_save_something_have_a_work_folder(sweep_dict):
     work = cfg.resolved_output_dir() / "work"
     assert not (work / keys["weight_averaging"]).exists()
     assert (work / keys["wemoe"] / "wemoe.safetensors").is_file()
+
+
+PROMPTED_TASK = '''
+from tasks.base import InMemoryTask
+from tasks.synthetic import make_toy_task
+
+TEMPLATES = ["a photo of {}."]
+
+
+def make():
+    toy = make_toy_task("toy_stripes")
+    return InMemoryTask("mine", toy.classnames, TEMPLATES, {s: toy.raw(s) for s in ("train", "val", "test")},
+                        version="1")
+'''
+
+
+def test_editing_the_prompts_of_a_task_of_ones_own_reruns_its_jobs(sweep_dict, micro_checkpoints, tmp_path, monkeypatch):
+    """A factory of one's own returning an InMemoryTask: its templates build the zero-shot heads
+    every job scores with, so prompts edited in its file (images, labels and version unchanged)
+    run the jobs again, as a fresh folder would, instead of reusing scores of the old heads."""
+    import sys
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    d = dict(sweep_dict, references={"pretrained": True, "individual": False}, methods=["weight_averaging"],
+             tasks=["prompted:make", "toy_colours"],
+             model={**sweep_dict["model"], "finetuned": {"prompted:make": str(micro_checkpoints / "toy_stripes.safetensors")}})
+
+    def run(templates: str, out: str):
+        (tmp_path / "prompted.py").write_text(PROMPTED_TASK.replace('["a photo of {}."]', templates))
+        sys.modules.pop("prompted", None)  # as a new process would import it
+        return run_sweep(validate_config({**d, "output_dir": str(tmp_path / out)}), quiet=True)
+
+    first = run('["a photo of {}."]', "out")
+    assert run('["a photo of {}."]', "out").executed == []
+    edited = run('["{} stripes", "a blurry {}"]', "out")
+    assert set(edited.executed) == {r.key for r in edited.results}
+    fresh = run('["{} stripes", "a blurry {}"]', "fresh")
+    assert {r.key: r.metrics for r in edited.results} == {r.key: r.metrics for r in fresh.results}
+    assert {r.label: r.metrics["acc/prompted:make"] for r in edited.results} != {
+        r.label: r.metrics["acc/prompted:make"] for r in first.results}

@@ -955,3 +955,21 @@ def test_a_journal_lock_left_behind_is_waited_for_with_a_line_saying_so(tmp_path
     assert err.startswith(f"waiting for the Optuna journal's lock file {lock}, held for 12")
     assert "killed while writing left it behind (Optuna removes it after 30 s unchanged)" in err
     assert set(optuna.get_all_study_names(storage)) == {"first", "second"}
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "random"])
+def test_a_study_run_in_two_goes_draws_what_one_run_draws(sampler, sweep_dict, tmp_path):
+    """A study stopped after two trials (killed, or given fewer) and resumed asks the same
+    parameters, and picks the same best, as one run to the end: a seeded study is reproducible
+    however many runs it took."""
+    space = {"scaling": {"type": "float", "low": 0.0, "high": 1.0}, "repeats": {"type": "int", "low": 1, "high": 4}}
+
+    def params(out: str, *n_trials: int) -> tuple[list[dict], dict]:
+        for n in n_trials:
+            cfg = validate_config({**typed_study(sweep_dict, n_trials=n, sampler=sampler, space=space),
+                                   "output_dir": str(tmp_path / out)})
+            run_sweep(cfg, quiet=True)
+        study = stored_study(cfg)
+        return [t.params for t in study.trials], study.best_params
+
+    assert params("two-goes", 2, 5) == params("one-go", 5)
