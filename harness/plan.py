@@ -20,8 +20,9 @@ RESULT_VERSION = 1
 
 #: Kinds of job that merge with a method: the sweep's seed and adaptation data reach only them.
 MERGE_KINDS = ("merge", "trial", "robustness")
-#: The seed reference jobs' keys hold whatever the sweep's: they draw nothing (a reseeded sweep
-#: finds them cached), and it is the default, so their keys cached at seed 0 stay valid.
+#: The seed the keys of reference jobs and of methods that draw nothing (``seeded = False``) hold
+#: whatever the sweep's: a reseeded sweep finds them cached; it is the default, so their keys
+#: cached at seed 0 stay valid.
 REFERENCE_SEED = 0
 
 JobKind = Literal["pretrained", "individual", "perfect_routing", "merge", "trial", "robustness"]
@@ -288,7 +289,7 @@ def with_key(cfg: SweepConfig, s: JobSpec, identity: dict[str, Any],
                   "heads": identity["heads"]},
         "eval": ({"max_samples": None} if cfg.eval.max_samples is None
                  else {"max_samples": cfg.eval.max_samples, "subset": "seeded"}),
-        "seed": cfg.seed if s.kind in MERGE_KINDS else REFERENCE_SEED,
+        "seed": REFERENCE_SEED,
     }
     if s.kind == "individual":
         body["finetuned"] = identity["finetuned"][s.task]
@@ -319,6 +320,8 @@ def with_key(cfg: SweepConfig, s: JobSpec, identity: dict[str, Any],
         body["method"] = method_class_id(s.method)
         body["params"] = method.key_params()
         body["adapt"] = (cfg.adapt if method.uses_test_data else AdaptSpec()).model_dump()
+        if method.seeded:
+            body["seed"] = cfg.seed
         if method.batch_dependent():
             body["eval"]["batch_size"] = cfg.eval.batch_size
     if s.kind == "trial":  # a trial's result depends on its study (pruning decisions) too

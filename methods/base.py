@@ -81,6 +81,9 @@ class MergeMethod(BaseModel):
 
     #: True for methods that read unlabeled test data (reported as test-time adaptation).
     uses_test_data: ClassVar[bool] = False
+    #: False for methods whose result cannot depend on the sweep's seed (they draw nothing): their
+    #: job keys hold the default seed, so a reseeded sweep finds their results cached.
+    seeded: ClassVar[bool] = True
     #: Hyperparameters that change how a merge runs, never what it returns (a checkpoint
     #: interval, a kernel with the same outputs up to rounding): job keys hold them at their
     #: defaults, so changing one finds the cached result instead of running the job again.

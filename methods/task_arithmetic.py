@@ -43,6 +43,8 @@ def task_arithmetic_state(
 class TaskArithmetic(MergeMethod):
     """Adds the scaled sum of task vectors to the pretrained weights."""
 
+    seeded = False  # deterministic: draws nothing
+
     scaling: float = Field(0.3, ge=0.0, le=10.0, description="lambda, the task-vector scale")
 
     def merge(self, pretrained: nn.Module, finetuned: Mapping[str, nn.Module], ctx: MergeContext) -> nn.Module:

@@ -465,6 +465,8 @@ def ties_merge_streaming(
 class TiesMerging(MergeMethod):
     """Trims each task vector to its top-k% magnitudes, elects signs, merges disjointly."""
 
+    seeded = False  # deterministic: draws nothing
+
     k: float = Field(20.0, gt=0.0, le=100.0, description="percent of entries kept per task vector")
     scaling: float = Field(1.0, ge=0.0, le=10.0, description="lambda, the merged-vector scale")
     merge_function: MergeFunction = Field("mean", description="disjoint mean or disjoint sum")

@@ -14,6 +14,8 @@ from methods.base import MergeContext, MergeMethod, float_state, register_method
 class WeightAveraging(MergeMethod):
     """theta = mean_t theta_t. No hyperparameters."""
 
+    seeded = False  # deterministic: draws nothing
+
     def merge(self, pretrained: nn.Module, finetuned: Mapping[str, nn.Module], ctx: MergeContext) -> nn.Module:
         base = float_state(pretrained)
         total = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in base.items()}

@@ -181,6 +181,7 @@ def test_adaptation_data_are_in_the_keys_of_test_time_adaptation_only():
     assert _changed(adapt={"shuffle_seed": 1}) == {("wemoe", None), ("batch", None)}
 
 
-def test_the_seed_is_in_the_keys_of_merges_only():
-    """Reference rows draw nothing: a reseeded sweep finds them cached."""
-    assert _changed(seed=1) == {("weight_averaging", None), ("wemoe", None), ("batch", None)}
+def test_the_seed_is_in_the_keys_of_seeded_merges_only():
+    """Reference rows and methods declared ``seeded = False`` (weight averaging here) draw
+    nothing: a reseeded sweep finds them cached."""
+    assert _changed(seed=1) == {("wemoe", None), ("batch", None)}

@@ -78,3 +78,25 @@ def test_hyperparameters_are_validated():
         TaskArithmetic(lam=0.3)
     (hp,) = TaskArithmetic.hyperparameters()
     assert (hp["name"], hp["type"], hp["default"], hp["range"]) == ("scaling", "float", 0.3, "[0.0, 10.0]")
+
+
+def test_the_methods_declared_unseeded_return_the_same_merge_at_any_seed():
+    """Weight averaging, task arithmetic and TIES declare ``seeded = False``, so their job keys
+    leave the sweep's seed out: their merges must not change with it (the global generator and
+    ``ctx.seed`` both reseeded, on random models large enough for TIES's trimming to matter)."""
+    from methods.base import available_methods
+    from methods.ties import TiesMerging
+
+    def random(seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 4))
+
+    pre, ft = random(0), {t: random(i + 1) for i, t in enumerate("abc")}
+    unseeded = {name for name, cls in available_methods().items() if not cls.seeded and cls.__module__.startswith("methods.")}
+    assert unseeded == {"weight_averaging", "task_arithmetic", "ties"}
+    for method in (WeightAveraging(), TaskArithmetic(scaling=0.4), TiesMerging(k=30.0, scaling=1.2)):
+        merges = []
+        for seed in (0, 1):
+            torch.manual_seed(seed)
+            merges.append(method.merge(pre, ft, MergeContext(seed=seed)).state_dict())
+        assert all(torch.equal(merges[0][k], merges[1][k]) for k in merges[0]), type(method).__name__
