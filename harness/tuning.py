@@ -22,6 +22,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from harness.cache import content_key
 from harness.config import MethodSpec, SweepConfig, TuneSpec, held_value, space_probe
 from harness.errors import HarnessError
 from harness.job import JobResult, read_result
@@ -190,7 +191,31 @@ def study_measures(cfg: SweepConfig, m: MethodSpec, identity: dict, task_identit
     except ValidationError:  # a tuned hyperparameter without a default: its space's first value
         params = {**m.params, **space_probe(m)}
     probe = JobSpec("trial", m.display, method=m.name, params=params, trial={"study_name": "", "number": 0})
-    return with_key(cfg, probe, identity, task_identity).key[:12]
+    measures = with_key(cfg, probe, identity, task_identity).key[:12]
+    if batch_dependent_study(m):  # its trials' scores depend on the evaluation batch size too
+        measures = content_key([measures, {"eval_batch_size": cfg.eval.batch_size}])[:12]
+    return measures
+
+
+def batch_dependent_study(m: MethodSpec) -> bool:
+    """Whether a trial of ``m`` may score an image with statistics of its batch (WeMoE's
+    ``batch_reduce``): with the fixed params and each categorical choice of the space in turn
+    (the rest at the space's first values), as its trials build it."""
+    from pydantic import ValidationError
+
+    from methods.base import resolve_method
+
+    cls, probe = resolve_method(m.name), {**space_probe(m), **m.params}
+    choices = [{name: c} for name, p in (m.tune.space.items() if m.tune else ()) if p.type == "categorical"
+               for c in p.choices]
+
+    def dependent(params: dict[str, Any]) -> bool:
+        try:
+            return cls(**params).batch_dependent()
+        except ValidationError:  # a choice the other first values refuse: no trial builds it
+            return False
+
+    return any(dependent({**probe, **choice}) for choice in [{}, *choices])
 
 
 def open_study(storage: Any, name: str, definition: str, measures: str, sampler: Any, pruner: Any,

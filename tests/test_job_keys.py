@@ -28,10 +28,14 @@ def _keys(**extra: dict) -> dict[str, str]:
 def _planned(cfg, *kinds: str) -> dict[tuple[str, str | None], str]:
     """Key per (label, task) of the sweep's jobs (of ``kinds``, default all), with made-up model
     and task identities."""
+    return {(s.label, s.task): s.key for s in plan_jobs(cfg, *_identities(cfg)) if not kinds or s.kind in kinds}
+
+
+def _identities(cfg) -> tuple[dict, dict]:
+    """Made-up model and task identities of the sweep's tasks."""
     identity = {"arch": "harness-micro-vit", "pretrained": "p" * 16, "heads": {},
                 "finetuned": {t: t[:4] * 4 for t in cfg.task_names}}
-    tasks = {t: {"name": t, "version": "1"} for t in cfg.task_names}
-    return {(s.label, s.task): s.key for s in plan_jobs(cfg, identity, tasks) if not kinds or s.kind in kinds}
+    return identity, {t: {"name": t, "version": "1"} for t in cfg.task_names}
 
 
 def test_keys_at_the_defaults_are_the_keys_cached_before():
@@ -185,3 +189,24 @@ def test_the_seed_is_in_the_keys_of_seeded_merges_only():
     """Reference rows and methods declared ``seeded = False`` (weight averaging here) draw
     nothing: a reseeded sweep finds them cached."""
     assert _changed(seed=1) == {("wemoe", None), ("batch", None)}
+
+
+def test_a_study_of_a_batch_reduced_wemoe_is_measured_at_its_evaluation_batch_size():
+    """A trial of WeMoE with ``batch_reduce`` scores each image by its batch's mean routing: a
+    sweep evaluating in other batches must not resume the study whose trials were scored so
+    (its best would be picked on other scores). Other studies resume whatever the batch size."""
+    from harness.tuning import study_measures
+
+    def measures(params: dict, batch_size: int, space: dict | None = None) -> str:
+        d = make_sweep_dict(Path("/nonexistent"), Path("/nonexistent-out"))
+        d["eval"] = {**d.get("eval", {}), "batch_size": batch_size}
+        d["methods"] = [{"name": "wemoe", "params": {"steps": 5, **params},
+                         "tune": {"n_trials": 2, "objective": "val/acc/avg",
+                                  "space": space or {"lr": {"type": "float", "low": 1e-4, "high": 1e-2}}}}]
+        cfg = validate_config(d, "s.yaml")
+        return study_measures(cfg, cfg.methods[0], *_identities(cfg))
+
+    assert measures({}, 64) == measures({}, 256)
+    assert measures({"batch_reduce": True}, 64) != measures({"batch_reduce": True}, 256)
+    tuned = {"batch_reduce": {"type": "categorical", "choices": [False, True]}}
+    assert measures({}, 64, tuned) != measures({}, 256, tuned)
