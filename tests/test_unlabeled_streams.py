@@ -7,6 +7,7 @@ import gc
 import itertools
 import multiprocessing
 import os
+from concurrent.futures import ProcessPoolExecutor
 
 import pytest
 import torch
@@ -96,6 +97,8 @@ def test_the_cores_are_shared_among_the_streams(monkeypatch):
     assert stream_workers(8) == 1  # decoding still overlaps the model's step
     with multiprocessing.get_context("fork").Pool(1) as pool:  # a daemonic process may not start children
         assert pool.apply(stream_workers, (8,)) == 0
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork")) as pool:  # the local executor's kind
+        assert pool.submit(stream_workers, 8).result() == 1
 
 
 def test_an_empty_split_is_an_error():
