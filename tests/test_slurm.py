@@ -815,6 +815,13 @@ def _refusing_sbatch(monkeypatch, message: str) -> None:
      "(got 30)"),
     ({"sbatch": {"gpus-per-task": 1}}, [], REFUSED_GRES,
      f"s.yaml: executor.sbatch.gpus-per-task: SLURM refused the jobs: {REFUSED_GRES} (got 1)"),
+    ({"sbatch": {"mail-type": "BADVAL", "mail": "x"}}, [], "sbatch: error: Invalid --mail-type specification",
+     "s.yaml: executor.sbatch.mail-type: SLURM refused the jobs: sbatch: error: Invalid --mail-type specification "
+     "(got 'BADVAL')"),
+    ({"sbatch": {"mem-per-cpu": "2G", "nosuch-option": 1}}, [],
+     "sbatch: unrecognized option '--nosuch-option=1'\nTry \"sbatch --help\" for more information",
+     "s.yaml: executor.sbatch.nosuch-option: SLURM refused the jobs: sbatch: unrecognized option "
+     "'--nosuch-option=1' Try \"sbatch --help\" for more information (got 1)"),
     ({"mem_gb": 4}, [], "sbatch: error: Batch job submission failed: Requested node configuration is not available",
      "s.yaml: executor: SLURM refused the jobs: sbatch: error: Batch job submission failed: Requested node "
      "configuration is not available"),
@@ -838,6 +845,11 @@ def test_an_option_sbatch_refuses_is_named_with_its_field(micro_checkpoints, tmp
                                "failed: Invalid feature specification (got 'nosuch')"),
     ({"gpus_per_node": 1}, "executor.gpus_per_node: SLURM refused the jobs: sbatch: error: Invalid generic "
                            "resource (gres) specification (got 1)"),
+    ({"sbatch": {"mail-type": "BADVAL"}}, "executor.sbatch.mail-type: SLURM refused the jobs: sbatch: error: "
+                                          "Invalid --mail-type specification (got 'BADVAL')"),
+    ({"sbatch": {"nosuch-option": 1}}, "executor.sbatch.nosuch-option: SLURM refused the jobs: sbatch: "
+                                       "unrecognized option '--nosuch-option=1' Try \"sbatch --help\" for more "
+                                       "information (got 1)"),
 ])
 def test_the_cluster_refusing_an_option_names_its_field(cluster, micro_checkpoints, tmp_path, executor, expected):
     """The single-node cluster has no node features and no GPUs: sbatch refuses both."""

@@ -731,7 +731,12 @@ def refused_field(e: Any, reason: str) -> tuple[str, Any]:
     and its value; ``("executor", None)`` when the words name no option. An option given under
     ``sbatch:`` that sets the same thing (``mem-per-cpu`` for memory, ``time-min`` for the time
     limit, ``gres`` or ``gpus-per-task`` for GPUs) is blamed before the typed field: it is the one
-    the user wrote for this cluster. A refused generic resource with no GPUs asked for names no field."""
+    the user wrote for this cluster. A refused generic resource with no GPUs asked for names no field.
+    Words naming an ``sbatch:`` option itself (``unrecognized option '--mail-typ=END'``, ``Invalid
+    --mail-type specification``) blame that option first."""
+    for key in e.sbatch:
+        if re.search(rf"--{re.escape(key)}(?![\w-])", reason):
+            return f"executor.sbatch.{key}", e.sbatch[key]
     for pattern, name, options in REFUSALS:
         if not pattern.search(reason):
             continue
