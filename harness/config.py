@@ -401,7 +401,8 @@ class ExecutorSpec(Strict):
     account: str | None = Field(None, pattern=r"^\S+$")
     qos: str | None = Field(None, pattern=r"^\S+$")
     constraint: str | None = Field(None, pattern=r"^\S+$")
-    setup: list[str] = Field(default_factory=list, description="shell lines run before each job (module load ...)")
+    setup: list[str] = Field(default_factory=list,
+                             description="shell lines run before each job (module load ...); one that fails fails it")
     sbatch: dict[str, Any] = Field(
         default_factory=dict, description="further sbatch options by long name: {exclude: node3, exclusive: true}")
     poll_s: float = Field(2.0, gt=0, le=600, description="seconds between SLURM state checks while waiting")

@@ -230,20 +230,24 @@ def test_readme_slurm_example_validates(micro_checkpoints, tmp_path):
     assert cfg.executor.kind == "slurm" and cfg.executor.setup == ["module load cuda"]
 
 
-def test_sbatch_file_carries_the_executor_settings_and_setup_lines_verbatim(micro_checkpoints, tmp_path,
-                                                                           monkeypatch):
+def _setup_section(text: str) -> str:
+    """The setup lines of a batch script submitit wrote, as one script."""
+    lines = text.splitlines()
+    return "\n".join(lines[lines.index("# setup") + 1: lines.index("# command")])
+
+
+def test_sbatch_file_carries_the_executor_settings_and_setup_lines(micro_checkpoints, tmp_path, monkeypatch):
     """What submitit writes for sbatch from our settings: each a quoted #SBATCH flag, each setup
-    line on its own line, as given."""
+    line run as given in the job's shell."""
     import submitit
     from submitit.slurm.slurm import SlurmExecutor, _make_sbatch_string
 
-    setup = ["module load cuda/12.1", "export DATA='/shared/data sets'"]
+    setup = ["cd /", "export DATA='/shared/data sets'"]
     d = make_sweep_dict(micro_checkpoints, tmp_path)
     d["executor"] = {"kind": "slurm", "partition": "gpu", "gpus_per_node": 1, "cpus_per_task": 8, "mem_gb": 64,
                      "timeout_min": 120, "array_parallelism": 32, "account": "proj1", "constraint": "a100&80gb",
                      "setup": setup}
     params = submitit_parameters(validate_config(d))
-    assert params["slurm_setup"] == setup
     monkeypatch.setattr(SlurmExecutor, "affinity", classmethod(lambda cls: 2))  # no srun needed to build it
     ex = submitit.AutoExecutor(folder=tmp_path / "slurm", cluster="slurm")
     ex.update_parameters(**params)
@@ -253,7 +257,31 @@ def test_sbatch_file_carries_the_executor_settings_and_setup_lines_verbatim(micr
                  "--account=proj1", "--array=0-99%32", "--signal=USR2@90", "--job-name=harness-toy"):
         assert f"#SBATCH {flag}" in lines, flag
     assert "#SBATCH --constraint='a100&80gb'" in lines
-    assert lines[lines.index("# setup") + 1: lines.index("# setup") + 3] == setup
+    r = subprocess.run(["bash", "-c", _setup_section(text) + '\necho "$PWD|$DATA"'], capture_output=True, text=True,
+                       cwd=tmp_path, timeout=30)
+    assert (r.returncode, r.stdout, r.stderr) == (0, "/|/shared/data sets\n", "")
+
+
+def test_a_failing_setup_line_ends_the_job_naming_it(micro_checkpoints, tmp_path, monkeypatch):
+    """`module load` of a module the node lacks must not leave the job running without it: the
+    batch script stops at the failing line and says which, and the driver's reason quotes it."""
+    import submitit
+    from submitit.slurm.slurm import SlurmExecutor, _make_sbatch_string
+
+    from harness.executors.slurm import ended_reason
+
+    setup = ["# comments and quotes pass: '$(touch pwned)'", "export A=1", "false", "touch ran-on"]
+    d = make_sweep_dict(micro_checkpoints, tmp_path)
+    d["executor"] = {"kind": "slurm", "setup": setup}
+    monkeypatch.setattr(SlurmExecutor, "affinity", classmethod(lambda cls: 2))
+    ex = submitit.AutoExecutor(folder=tmp_path / "slurm", cluster="slurm")
+    ex.update_parameters(**submitit_parameters(validate_config(d)))
+    text = _make_sbatch_string(command="touch ran-command", folder=tmp_path, **ex._executor.parameters)
+    r = subprocess.run(["bash", "-c", text], capture_output=True, text=True, cwd=tmp_path, timeout=30)
+    assert r.returncode == 1 and r.stderr == "harness: executor.setup.2 failed (exit 1): false\n", r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(("ran", "pwned"))) == []
+    assert ended_reason("FAILED", {"ExitCode": "1:0"}, "module: command not found\n" + r.stderr, 5) == (
+        "FAILED", "executor.setup.2 failed (exit 1): false")
 
 
 def test_further_sbatch_options_are_flags_with_their_values_quoted(micro_checkpoints, tmp_path, monkeypatch):
@@ -669,6 +697,20 @@ def test_a_refused_submission_is_one_clear_error(cluster, varied_checkpoints, tm
     d = _sweep(varied_checkpoints, tmp_path / "sweep", "toy-refused", kind="slurm", partition="no-such-partition")
     with pytest.raises(HarnessError, match="SLURM refused the jobs: .*invalid partition.*no-such-partition"):
         run_sweep(validate_config(d), quiet=True)
+
+
+@needs_slurm
+def test_a_job_whose_setup_line_fails_is_reported_naming_the_line(cluster, varied_checkpoints, tmp_path):
+    d = _sweep(varied_checkpoints, tmp_path / "sweep", "toy-setup", kind="slurm", mem_gb=1, poll_s=1,
+               setup=["export HARNESS_SETUP_TEST=1", "module-not-here load cuda"])
+    d["references"] = False
+    d["methods"] = [{"name": "weight_averaging"}]
+    outcome = run_sweep(validate_config(d), quiet=True)
+    (failed,) = outcome.failed
+    job_id = json.loads((Path(d["output_dir"]) / "slurm" / "submitted.json").read_text())["jobs"][failed.key]["job_id"]
+    log = Path(d["output_dir"]) / "slurm" / f"{job_id}_0_log.err"
+    assert failed.error == (f"SLURM job {job_id} FAILED: executor.setup.1 failed (exit 127): module-not-here load "
+                            f"cuda; log {log}")
 
 
 def _steps_log(out: Path) -> list[tuple[int, str, int]]:

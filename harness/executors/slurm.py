@@ -25,6 +25,7 @@ import io
 import logging
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -69,6 +70,8 @@ RESULT_GRACE_S = 15.0
 #: accounting (``JobAcctGatherParams=OverMemoryKill``), or the cgroup OOM killer.
 MEMORY_KILL = re.compile(r"exceeded (?:job )?memory limit|oom[-_ ]kill event", re.IGNORECASE)
 _MEMORY_NUMBERS = re.compile(r"exceeded memory limit \((\d+) > (\d+)\)")
+#: What a failed setup line writes to the job's stderr log (the driver's reason quotes it).
+SETUP_FAILED = re.compile(r"^harness: executor\.setup\.(\d+) failed \(exit (\d+)\): (.*)$", re.MULTILINE)
 #: A warning this much earlier than ``signal_delay_s`` before the limit is still the limit's: SLURM
 #: sends it up to one scheduler pass (30 s) early, and a job's clock starts after its start-up.
 SIGNAL_EARLY_S = 60
@@ -673,6 +676,10 @@ def ended_reason(state: str, details: dict[str, str], stderr_tail: str, timeout_
     """
     if state in ("FAILED", "CANCELLED") and MEMORY_KILL.search(stderr_tail):
         state = "OUT_OF_MEMORY"
+    setup = SETUP_FAILED.search(stderr_tail)
+    if state == "FAILED" and setup:
+        line, code, text = setup.groups()
+        return state, f"executor.setup.{line} failed (exit {code}): {text}"
     reason = STATE_REASONS.get(state, f"ended in state {state}")
     if state == "OUT_OF_MEMORY":
         numbers = _MEMORY_NUMBERS.search(stderr_tail)
@@ -756,6 +763,14 @@ def submitit_executor(cfg: SweepConfig, folder: Path, kind: str = "slurm") -> An
     return ex
 
 
+def setup_script(lines: list[str]) -> list[str]:
+    """The batch script's lines for ``executor.setup``: each line, shell-quoted, is ``eval``ed in the
+    job's shell (so ``export``, ``source`` and ``module load`` last) and one that fails ends the job
+    saying which, rather than the job running without the environment it asked for."""
+    return [f"eval {shlex.quote(line)} || {{ echo \"harness: executor.setup.{i} failed (exit $?):\" "
+            f"{shlex.quote(line)} >&2; exit 1; }}" for i, line in enumerate(lines)]
+
+
 def submitit_parameters(cfg: SweepConfig) -> dict[str, Any]:
     """AutoExecutor parameters from ``executor:``; setup lines go as a list, never as one shell string."""
     e = cfg.executor
@@ -776,7 +791,7 @@ def submitit_parameters(cfg: SweepConfig) -> dict[str, Any]:
         if value is not None:
             params[f"slurm_{key}"] = value
     if e.setup:
-        params["slurm_setup"] = list(e.setup)
+        params["slurm_setup"] = setup_script(e.setup)
     if e.sbatch:  # each one '#SBATCH --key=value' line, the value shell-quoted by submitit
         params["slurm_additional_parameters"] = dict(e.sbatch)
     return params
