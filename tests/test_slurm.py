@@ -700,6 +700,24 @@ def test_a_refused_submission_is_one_clear_error(cluster, varied_checkpoints, tm
 
 
 @needs_slurm
+def test_a_rerun_says_it_found_its_submitted_jobs_again(cluster, varied_checkpoints, tmp_path):
+    """After --detach (or a killed driver) the rerun's header still counts the jobs as to run: the
+    next line says none was submitted again and names the array they run in."""
+    d = _sweep(varied_checkpoints, tmp_path / "sweep", "toy-found", kind="slurm", mem_gb=1, poll_s=1)
+    d["references"] = False
+    d["methods"] = [{"name": "weight_averaging"}, {"name": "task_arithmetic", "grid": {"scaling": [0.3]}}]
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump(d))
+    r = CliRunner().invoke(main, ["sweep", str(f), "--detach"])
+    assert r.exit_code == 0 and "submitted 2 jobs (SLURM " in r.output, r.output
+    array = json.loads((Path(d["output_dir"]) / "slurm" / "submitted.json").read_text())["jobs"]
+    (base,) = {rec["job_id"].split("_")[0] for rec in array.values()}
+    r = CliRunner().invoke(main, ["sweep", str(f)], env={"COLUMNS": "250"})
+    assert r.exit_code == 0, r.output
+    assert f"submitted 0 jobs (SLURM -), 2 already queued, running or finished (SLURM {base})" in r.output, r.output
+
+
+@needs_slurm
 def test_a_job_whose_setup_line_fails_is_reported_naming_the_line(cluster, varied_checkpoints, tmp_path):
     d = _sweep(varied_checkpoints, tmp_path / "sweep", "toy-setup", kind="slurm", mem_gb=1, poll_s=1,
                setup=["export HARNESS_SETUP_TEST=1", "module-not-here load cuda"])

@@ -439,9 +439,7 @@ class SlurmExecutor:
         self._require_cluster("--detach")
         attach, todo = self._reattach(specs)
         tracked = self._submit(todo)
-        ids = sorted({t.job_id.split("_")[0] for t in tracked})
-        return (f"submitted {len(tracked)} job{'' if len(tracked) == 1 else 's'} (SLURM {', '.join(ids) or '-'}), {len(attach)} already queued, "
-                f"running or finished; record: {self.log.path}\n"
+        return (f"{_submitted_line(tracked, attach)}; record: {self.log.path}\n"
                 f"check with `harness status`, gather results with `harness collect`")
 
     def start(self, n_jobs: int) -> None:
@@ -462,7 +460,10 @@ class SlurmExecutor:
         attach, todo = self._reattach(specs)
         if self.collect_only:
             todo = []  # collect never submits; run() only sees recorded specs then
-        tracked = attach + self._submit(todo)
+        submitted = self._submit(todo)
+        if self.kind == "slurm" and self.progress:  # a rerun says it found its jobs again, not resubmitted
+            self.console.print(_submitted_line(submitted, attach), highlight=False)
+        tracked = attach + submitted
         if self.kind == "debug":
             yield from self._run_debug(tracked, on_start)
             return
@@ -612,6 +613,14 @@ class _LiveTable:
             self.live.__exit__(*exc)
             if not self.console.is_terminal:  # rich leaves a log's last table line unended
                 self.console.line()
+
+
+def _submitted_line(submitted: list[_Tracked], attach: list[_Tracked]) -> str:
+    """What a submission did: the jobs sent to SLURM now and those found from an earlier one."""
+    ids = ", ".join(sorted({t.job_id.split("_")[0] for t in submitted})) or "-"
+    old = ", ".join(sorted({t.job_id.split("_")[0] for t in attach}))
+    return (f"submitted {len(submitted)} job{'' if len(submitted) == 1 else 's'} (SLURM {ids}), "
+            f"{len(attach)} already queued, running or finished" + (f" (SLURM {old})" if old else ""))
 
 
 def display_state(t: _Tracked) -> str:
