@@ -875,6 +875,8 @@ def _refusing_sbatch(monkeypatch, message: str) -> None:
      "(got 30)"),
     ({"sbatch": {"gpus-per-task": 1}}, [], REFUSED_GRES,
      f"s.yaml: executor.sbatch.gpus-per-task: SLURM refused the jobs: {REFUSED_GRES} (got 1)"),
+    ({"mem_gb": 1, "sbatch": {"cpus-per-gpu": 2}}, ["executor.mem_gb=2"], REFUSED_GRES,
+     f"s.yaml: executor.sbatch.cpus-per-gpu: SLURM refused the jobs: {REFUSED_GRES} (got 2)"),
     ({"sbatch": {"mail-type": "BADVAL", "mail": "x"}}, [], "sbatch: error: Invalid --mail-type specification",
      "s.yaml: executor.sbatch.mail-type: SLURM refused the jobs: sbatch: error: Invalid --mail-type specification "
      "(got 'BADVAL')"),

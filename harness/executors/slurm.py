@@ -736,7 +736,8 @@ REFUSALS = (  # sbatch's words, the typed field they are about, and the ``sbatch
     (re.compile(r"invalid qos", re.IGNORECASE), "qos", ("qos",)),
     (re.compile(r"invalid partition", re.IGNORECASE), "partition", ("partition",)),
     (re.compile(r"invalid feature specification", re.IGNORECASE), "constraint", ("constraint",)),
-    (re.compile(r"generic resource|\bgres\b", re.IGNORECASE), "gpus_per_node", ("gres", "gpus")),
+    (re.compile(r"generic resource|\bgres\b", re.IGNORECASE), "gpus_per_node",
+     ("gres", "gpus", "gpu", "cpus-per-gpu", "mem-per-gpu")),
     (re.compile(r"memory specification", re.IGNORECASE), "mem_gb", ("mem",)),
     (re.compile(r"time limit", re.IGNORECASE), "timeout_min", ("time",)),
 )
@@ -746,8 +747,8 @@ def refused_field(e: Any, reason: str) -> tuple[str, Any]:
     """The ``executor`` field (dotted, under ``executor.``) sbatch's refusal ``reason`` is about,
     and its value; ``("executor", None)`` when the words name no option. An option given under
     ``sbatch:`` that sets the same thing (``mem-per-cpu`` for memory, ``time-min`` for the time
-    limit, ``gres`` or ``gpus-per-task`` for GPUs) is blamed before the typed field: it is the one
-    the user wrote for this cluster. A refused generic resource with no GPUs asked for names no field.
+    limit, ``gres``, ``gpus-per-task`` or ``cpus-per-gpu`` for GPUs) is blamed before the typed
+    field: it is the one the user wrote for this cluster. A refused generic resource with no GPUs asked for names no field.
     Words naming an ``sbatch:`` option itself (``unrecognized option '--mail-typ=END'``, ``Invalid
     --mail-type specification``) blame that option first."""
     for key in e.sbatch:
