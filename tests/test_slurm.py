@@ -465,6 +465,24 @@ def test_why_a_job_pends_is_shown_in_its_state(tmp_path, monkeypatch):
     assert "pending (PartitionTimeLimit)" in text and "running (" not in text
 
 
+def test_a_requeued_job_back_in_the_queue_shows_as_requeued(tmp_path):
+    """After submitit requeues a job SLURM lists it PENDING (BeginTime) until it restarts: it
+    has run (its log exists), so it is requeued, not a job that never started."""
+    import harness.executors.slurm as slurm
+    from harness.plan import JobSpec
+
+    tracked = [slurm._Tracked(JobSpec("merge", f"m{i}", key=str(i)), _fake_job(tmp_path, f"9_{i}"), state="PENDING",
+                              reason="BeginTime") for i in range(2)]
+    tracked[0].log_path().write_text("harness job m0 (key 0)\n")
+    assert [slurm.display_state(t) for t in tracked] == ["requeued", "pending"]
+    from rich.console import Console
+
+    console = Console(width=200, record=True)
+    console.print(slurm.job_table(tracked))
+    text = console.export_text()
+    assert "1 requeued, 1 pending" in text and "requeued (BeginTime)" in text
+
+
 @needs_slurm
 def test_validate_names_a_partition_the_cluster_lacks(cluster, micro_checkpoints, tmp_path):
     d = make_sweep_dict(micro_checkpoints, tmp_path)

@@ -624,11 +624,13 @@ def _submitted_line(submitted: list[_Tracked], attach: list[_Tracked]) -> str:
 
 
 def display_state(t: _Tracked) -> str:
+    """The job's state as the tables show it. A requeued job is PENDING again once SLURM has put
+    it back in the queue (reason BeginTime): having written its log, it shows as requeued."""
     if t.outcome:
         return t.outcome
     if t.state in RUNNING_STATES or t.state == "COMPLETED":
         return "running"
-    if t.state in {"REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"}:
+    if t.state in {"REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"} or (t.state == "PENDING" and t.log_path().exists()):
         return "requeued"
     if t.state in ALIVE_STATES or t.state == "UNKNOWN":
         return "pending"
