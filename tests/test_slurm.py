@@ -301,6 +301,41 @@ def test_further_sbatch_options_are_flags_with_their_values_quoted(micro_checkpo
         assert line in lines, line
 
 
+ODD_VALUE = "C:\\data\\n it's \"quoted\" $HOME `id` #1"
+
+
+def _held_sbatch_script(micro_checkpoints, tmp_path, monkeypatch) -> str:
+    """The batch script the harness has submitit write for a sweep whose sbatch values are odd, held."""
+    import submitit
+    from submitit.slurm.slurm import SlurmExecutor, _make_sbatch_string
+
+    d = make_sweep_dict(micro_checkpoints, tmp_path)
+    d["executor"] = {"kind": "slurm", "sbatch": {"comment": ODD_VALUE, "hold": True}}
+    monkeypatch.setattr(SlurmExecutor, "affinity", classmethod(lambda cls: 2))
+    ex = submitit.AutoExecutor(folder=tmp_path / "slurm", cluster="slurm")
+    ex.update_parameters(**submitit_parameters(validate_config(d)))
+    return _make_sbatch_string(command="true", folder=tmp_path, **ex._executor.parameters)
+
+
+def test_backslashes_in_sbatch_values_are_escaped_for_sbatch(micro_checkpoints, tmp_path, monkeypatch):
+    """sbatch reads a backslash in an #SBATCH line as an escape, even inside single quotes."""
+    lines = _held_sbatch_script(micro_checkpoints, tmp_path, monkeypatch).splitlines()
+    assert "#SBATCH --comment='C:\\\\data\\\\n it'\"'\"'s \"quoted\" $HOME `id` #1'" in lines
+
+
+@needs_slurm
+def test_sbatch_gets_odd_values_as_written(cluster, micro_checkpoints, tmp_path, monkeypatch):
+    script = tmp_path / "held.sh"
+    script.write_text(_held_sbatch_script(micro_checkpoints, tmp_path, monkeypatch))
+    job = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True, timeout=30,
+                         check=True).stdout.strip().split(";")[0]
+    try:
+        shown = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True, timeout=30).stdout
+    finally:
+        subprocess.run(["scancel", job], check=False)
+    assert f"Comment={ODD_VALUE} " in shown or shown.rstrip().endswith(f"Comment={ODD_VALUE}"), shown
+
+
 @pytest.mark.parametrize("text, minutes", [
     ("infinite", float("inf")), ("30", 30), ("5:00", 5), ("2:30:00", 150), ("1-00:00:00", 1440),
     ("2-12", 3600), ("1-01:30", 1530), ("0:30", 0.5),

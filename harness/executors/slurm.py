@@ -801,12 +801,19 @@ def submitit_parameters(cfg: SweepConfig) -> dict[str, Any]:
     for key in ("partition", "account", "qos", "constraint"):
         value = getattr(e, key)
         if value is not None:
-            params[f"slurm_{key}"] = value
+            params[f"slurm_{key}"] = sbatch_value(value)
     if e.setup:
         params["slurm_setup"] = setup_script(e.setup)
     if e.sbatch:  # each one '#SBATCH --key=value' line, the value shell-quoted by submitit
-        params["slurm_additional_parameters"] = dict(e.sbatch)
+        params["slurm_additional_parameters"] = {k: sbatch_value(v) for k, v in e.sbatch.items()}
     return params
+
+
+def sbatch_value(value: Any) -> Any:
+    """A value for an ``#SBATCH`` line, which submitit shell-quotes: sbatch undoes the quotes but
+    reads a backslash as an escape even inside single quotes (``'a\\b'`` gives ``ab``), so each
+    backslash is doubled to reach the job as written."""
+    return value.replace("\\", "\\\\") if isinstance(value, str) else value
 
 
 # ---------------------------------------------------------------------------------------
