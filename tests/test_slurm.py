@@ -500,6 +500,30 @@ def test_why_a_job_pends_is_shown_in_its_state(tmp_path, monkeypatch):
     assert "pending (PartitionTimeLimit)" in text and "running (" not in text
 
 
+def test_the_live_table_stays_styled_while_lines_print_under_it(tmp_path):
+    """The driver prints each result line with markup off while the live table shows; rich then
+    renders the table under the same options: its states must not turn into '[cyan]running[/]',
+    and a title's brackets are text."""
+    import io
+
+    from rich.console import Console
+
+    import harness.executors.slurm as slurm
+    from harness.plan import JobSpec
+
+    tracked = [slurm._Tracked(JobSpec("merge", "mine[gpu]", key="0"), _fake_job(tmp_path, "9_0"), state="RUNNING"),
+               slurm._Tracked(JobSpec("merge", "m1", key="1"), _fake_job(tmp_path, "9_1"), state="PENDING",
+                              reason="Resources")]
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=True, width=200, color_system=None)
+    with slurm._LiveTable(console, tracked, "slurm") as live:
+        console.print("done m0: acc/avg 1.0 [cyan]", markup=False, highlight=False)
+        live.refresh_table()
+    text = out.getvalue()
+    assert "mine[gpu]" in text and "pending (Resources)" in text and "running" in text
+    assert "[cyan]running" not in text and "[dim]" not in text and "[/]" not in text
+
+
 def test_a_requeued_job_back_in_the_queue_shows_as_requeued(tmp_path):
     """After submitit requeues a job SLURM lists it PENDING (BeginTime) until it restarts: it
     has run (its log exists), so it is requeued, not a job that never started."""

@@ -41,6 +41,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from harness.cache import atomic_write_json, read_json
 from harness.config import SweepConfig
@@ -642,7 +643,9 @@ _ORDER = ("running", "requeued", "failed", "lost", "pending", "done")
 
 
 def job_table(tracked: list[_Tracked], kind: str = "slurm", collected: set[str] | None = None) -> Table:
-    """One row per job: title, SLURM id, state, log path (stderr for failed jobs)."""
+    """One row per job: title, SLURM id, state, log path (stderr for failed jobs). Cells are Text,
+    not markup: a line printed with ``markup=False`` while the live table shows renders the table
+    under that option too, and a title may hold brackets."""
     states = [display_state(t) for t in tracked]
     counts = {s: states.count(s) for s in _ORDER if s in states}
     title = f"{kind} jobs: " + ", ".join(f"{n} {s}" for s, n in counts.items())
@@ -654,13 +657,14 @@ def job_table(tracked: list[_Tracked], kind: str = "slurm", collected: set[str] 
         order.sort(key=lambda i: _ORDER.index(states[i]))
     for i in order[: _LiveTable.MAX_ROWS]:
         t, s = tracked[i], states[i]
-        shown = f"{s} ({escape(t.reason)})" if t.reason and s in ("pending", "requeued") else s
-        row = [t.spec.title, t.job_id, f"[{_STYLE[s]}]{shown}[/]", str(t.log_path(failed=s == "failed"))]
+        shown = f"{s} ({t.reason})" if t.reason and s in ("pending", "requeued") else s
+        row = [Text(t.spec.title), Text(t.job_id), Text(shown, style=_STYLE[s]),
+               Text(str(t.log_path(failed=s == "failed")))]
         if collected is not None:
-            row.append("yes" if t.spec.key in collected else "")
+            row.append(Text("yes" if t.spec.key in collected else ""))
         table.add_row(*row)
     if len(tracked) > _LiveTable.MAX_ROWS:
-        table.add_row(f"... {len(tracked) - _LiveTable.MAX_ROWS} more", *[""] * (len(table.columns) - 1))
+        table.add_row(Text(f"... {len(tracked) - _LiveTable.MAX_ROWS} more"), *[""] * (len(table.columns) - 1))
     return table
 
 
