@@ -500,6 +500,16 @@ def test_why_a_job_pends_is_shown_in_its_state(tmp_path, monkeypatch):
     assert "pending (PartitionTimeLimit)" in text and "running (" not in text
 
 
+@pytest.mark.parametrize("sig, said", [("9", " (killed by signal 9, SIGKILL)"), ("53", " (killed by signal 53)")])
+def test_a_signal_is_named_when_it_has_a_name(sig, said):
+    """sacct's 0:53 (a job whose log folder was missing) is no signal Python names: reported by number,
+    not a crash of the driver."""
+    from harness.executors.slurm import ended_reason
+
+    assert ended_reason("FAILED", {"Signal": sig, "ExitCode": f"0:{sig}"}, "", 5) == (
+        "FAILED", "the job process died" + said)
+
+
 def test_the_live_table_stays_styled_while_lines_print_under_it(tmp_path):
     """The driver prints each result line with markup off while the live table shows; rich then
     renders the table under the same options: its states must not turn into '[cyan]running[/]',

@@ -707,11 +707,19 @@ def ended_reason(state: str, details: dict[str, str], stderr_tail: str, timeout_
                        "or have the method checkpoint in its workdir")
     sig = details.get("Signal")
     if sig:
-        name = signal.Signals(int(sig)).name if sig.isdigit() and int(sig) in signal.valid_signals() else sig
-        reason += f" (killed by signal {sig}, {name})"
+        reason += f" (killed by signal {sig}{_signal_name(sig)})"
     elif state == "FAILED" and details.get("ExitCode"):
         reason += f" (exit code {details['ExitCode'].partition(':')[0]})"
     return state, reason
+
+
+def _signal_name(sig: str) -> str:
+    """``", SIGKILL"`` for a signal number that has a name here; ``""`` for one without (SLURM's
+    ``0:53`` of a job that could not open its log, a real-time signal)."""
+    try:
+        return f", {signal.Signals(int(sig)).name}"
+    except ValueError:
+        return ""
 
 
 def _gib_over_limit(used: int, limit: int) -> tuple[str, str]:
