@@ -1194,11 +1194,17 @@ def output_dir_problem(out: Path) -> str | None:
 
 def check_output_dir(cfg: SweepConfig, file: str) -> None:
     """The output folder can be one: checked with the sweep file (``validate`` included), not by
-    the first write into it."""
+    the first write into it. On SLURM it holds the jobs' logs, whose paths SLURM reads as patterns
+    (``%j``, ``%x``; a backslash stops them): with such a character the logs would go elsewhere, or
+    nowhere, and the jobs fail before they start."""
     out = cfg.resolved_output_dir()
     problem = output_dir_problem(out)
     if problem:
         raise ConfigError(file, "output_dir", problem, str(out))
+    odd = [c for c in "%\\" if c in str(out)]
+    if cfg.executor.kind == "slurm" and odd:
+        raise ConfigError(file, "output_dir", f"holds {odd[0]!r}, which SLURM reads in the jobs' log paths as a "
+                          "pattern (%j, %x, ...): the jobs would fail before they start; rename it", str(out))
 
 
 def check_generalization(cfg: SweepConfig, file: str) -> None:

@@ -220,6 +220,27 @@ def test_validate_accepts_the_slurm_executor_block(micro_checkpoints, tmp_path, 
     assert r.exit_code == 2 and "executor.mem_gb" in r.output
 
 
+@pytest.mark.parametrize("name, bad", [("lr_100%x", "'%'"), ("a\\b", "'\\\\'")])
+def test_an_output_dir_slurm_would_read_as_a_pattern_is_refused(micro_checkpoints, tmp_path, monkeypatch, name, bad):
+    """SLURM expands %x (the job's name) in the log paths under output_dir: the logs' folder then
+    does not exist and every job fails before it starts (sacct: FAILED 0:53)."""
+    import harness.executors.slurm as slurm
+
+    monkeypatch.setattr(slurm, "cluster_partitions", lambda: None)
+    d = make_sweep_dict(micro_checkpoints, tmp_path)
+    d["output_dir"] = str(tmp_path / name)
+    d["executor"] = {"kind": "slurm"}
+    f = tmp_path / "sweep.yaml"
+    f.write_text(yaml.safe_dump(d))
+    for command in ("validate", "sweep"):
+        r = CliRunner().invoke(main, [command, str(f)])
+        assert r.exit_code == 2, r.output
+        assert f"{f}: output_dir: holds {bad}, which SLURM reads in the jobs' log paths as a pattern" in r.output
+    assert not (tmp_path / name).exists()
+    r = CliRunner().invoke(main, ["validate", str(f), "executor.kind=local"])
+    assert r.exit_code == 0, r.output
+
+
 def test_readme_slurm_example_validates(micro_checkpoints, tmp_path):
     text = (REPO / "README.md").read_text()
     section = text[text.index("## Running on SLURM"):]
