@@ -457,6 +457,25 @@ def test_a_job_cancelled_before_it_started_is_reported_without_a_log(tmp_path, m
     assert not t.show_tail
 
 
+def test_a_job_that_failed_without_opening_its_log_points_at_the_shared_filesystem(tmp_path, monkeypatch):
+    """SLURM fails a job whose node cannot open its log file (an output_dir on the login node's own
+    disk) before it runs: the reason says where the log should have been and why it may not be."""
+    import harness.executors.slurm as slurm
+    from harness.plan import JobSpec
+
+    monkeypatch.setattr(slurm, "_sacct_details", lambda job_id: {"State": "FAILED", "ExitCode": "0:53",
+                                                                  "Signal": "53"})
+    d = make_sweep_dict(Path("/nonexistent"), tmp_path)
+    d["executor"] = {"kind": "slurm"}
+    ex = slurm.SlurmExecutor(validate_config(d))
+    t = slurm._Tracked(JobSpec("merge", "ta", key="k"), _fake_job(tmp_path, "7_3"), state="FAILED",
+                       ended_at=time.monotonic() - 60)
+    result = ex._poll(t)
+    assert result.status == "failed" and result.error == (
+        f"SLURM job 7_3 FAILED: the job process died (killed by signal 53) before it started (could its node "
+        f"not write its log in {tmp_path}? output_dir must be on a filesystem the nodes share)")
+
+
 def test_a_job_out_of_requeues_names_the_fields_to_raise(micro_checkpoints, tmp_path):
     """submitit requeues a job at its time limit ``requeues`` times, then gives up with an error
     the driver reports with what to change."""

@@ -570,7 +570,10 @@ class SlurmExecutor:
         tail = _tail(stderr)
         state, reason = ended_reason(details.get("State", t.state), details, tail, self.cfg.executor.timeout_min)
         if not stderr.exists():  # it never ran: no log to point at
-            return _failed(spec, f"SLURM job {t.job_id} {state}: {reason} before it started",
+            # a job that failed without even opening its log: most often its node cannot see the folder
+            where = (f" (could its node not write its log in {stderr.parent}? output_dir must be on a "
+                     "filesystem the nodes share)") if state == "FAILED" else ""
+            return _failed(spec, f"SLURM job {t.job_id} {state}: {reason} before it started{where}",
                            f"SLURM job {t.job_id} ended {state} before it started; it wrote no log")
         t.show_tail = True
         return _failed(spec, f"SLURM job {t.job_id} {state}: {reason}; log {stderr}",
