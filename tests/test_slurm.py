@@ -476,6 +476,27 @@ def test_a_job_that_failed_without_opening_its_log_points_at_the_shared_filesyst
         f"not write its log in {tmp_path}? output_dir must be on a filesystem the nodes share)")
 
 
+def test_jobs_found_queued_with_other_settings_are_told_how_to_resubmit(tmp_path):
+    """After an OOM the user raises mem_gb and reruns: failed jobs go out again with it, but jobs
+    still queued keep the memory they were submitted with, and would fail the same way."""
+    import harness.executors.slurm as slurm
+    from harness.plan import JobSpec
+
+    d = make_sweep_dict(Path("/nonexistent"), tmp_path)
+    d["executor"] = {"kind": "slurm", "mem_gb": 1}
+    before = validate_config(d)
+    d["executor"] = {"kind": "slurm", "mem_gb": 2, "poll_s": 5}
+    ex = slurm.SlurmExecutor(validate_config(d))
+    tracked = [slurm._Tracked(JobSpec("merge", f"m{i}", key=f"k{i}"), _fake_job(ex.folder, f"8_{i}")) for i in range(4)]
+    ex.log.record({f"k{i}": {"job_id": f"8_{i}", "settings": slurm.job_settings(before)} for i in range(3)})
+    ex.log.record({"k3": {"job_id": "8_3"}})  # recorded before settings were
+    tracked[2].job.paths.result_pickle.write_bytes(b"")  # finished: its settings no longer matter
+    assert ex.changed_settings(tracked) == (
+        "2 queued or running jobs found from an earlier submission keep its executor settings (mem_gb 1.0, now 2.0): "
+        "`scancel 8_0 8_1` and rerun to submit with these")
+    assert ex.changed_settings(tracked[2:]) is None
+
+
 def test_a_job_out_of_requeues_names_the_fields_to_raise(micro_checkpoints, tmp_path):
     """submitit requeues a job at its time limit ``requeues`` times, then gives up with an error
     the driver reports with what to change."""

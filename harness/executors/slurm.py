@@ -378,8 +378,10 @@ class SlurmExecutor:
             raise
         sys.stderr.write(said.getvalue())
         if self.kind == "slurm":
+            settings = job_settings(self.cfg)
             self.log.record({s.key: {"job_id": str(j.job_id), "title": s.title, "kind": s.kind,
-                                     "submitted_at": _now(), "method_id": s.method_id, "task_code": s.task_code}
+                                     "submitted_at": _now(), "method_id": s.method_id, "task_code": s.task_code,
+                                     "settings": settings}
                              for s, j in zip(specs, jobs)})
         return [_Tracked(s, j) for s, j in zip(specs, jobs)]
 
@@ -407,6 +409,27 @@ class SlurmExecutor:
                 usable = states[str(job.job_id)] in ALIVE_STATES
             (attach if usable else submit).append(_Tracked(s, job) if usable else s)
         return attach, submit
+
+    def changed_settings(self, attach: list[_Tracked]) -> str | None:
+        """What to tell of jobs found queued or running that were submitted with other executor
+        settings (a rerun after raising ``mem_gb``): SLURM keeps the settings a job was submitted
+        with, so they would end as the failed ones did; None when there are none."""
+        records = self.log.load()
+        now = job_settings(self.cfg)
+        ids, fields = [], {}
+        for t in attach:
+            then = records.get(t.spec.key, {}).get("settings")
+            if then is None or t.job.paths.result_pickle.exists():
+                continue
+            diff = {k: (then.get(k), v) for k, v in now.items() if then.get(k) != v}
+            if diff:
+                ids.append(t.job_id)
+                fields.update(diff)
+        if not ids:
+            return None
+        said = ", ".join(f"{k} {old!r}, now {new!r}" for k, (old, new) in fields.items())
+        return (f"{len(ids)} queued or running job{'' if len(ids) == 1 else 's'} found from an earlier submission "
+                f"keep its executor settings ({said}): `scancel {' '.join(ids)}` and rerun to submit with these")
 
     def known(self, specs: list[JobSpec]) -> list[JobSpec]:
         """The specs that have a recorded submission (what ``collect`` can wait for)."""
@@ -440,8 +463,9 @@ class SlurmExecutor:
         self._require_cluster("--detach")
         attach, todo = self._reattach(specs)
         tracked = self._submit(todo)
-        return (f"{_submitted_line(tracked, attach)}; record: {self.log.path}\n"
-                f"check with `harness status`, gather results with `harness collect`")
+        changed = self.changed_settings(attach)
+        return (f"{_submitted_line(tracked, attach)}; record: {self.log.path}\n" + (f"{changed}\n" if changed else "")
+                + "check with `harness status`, gather results with `harness collect`")
 
     def start(self, n_jobs: int) -> None:
         """Nothing to start ahead: the cluster starts each job when it is submitted."""
@@ -464,6 +488,9 @@ class SlurmExecutor:
         submitted = self._submit(todo)
         if self.kind == "slurm" and self.progress:  # a rerun says it found its jobs again, not resubmitted
             self.console.print(_submitted_line(submitted, attach), highlight=False)
+            changed = self.changed_settings(attach)
+            if changed:
+                self.console.print(f"[yellow]warning[/] {escape(changed)}", highlight=False)
         tracked = attach + submitted
         if self.kind == "debug":
             yield from self._run_debug(tracked, on_start)
@@ -780,6 +807,11 @@ def refused_field(e: Any, reason: str) -> tuple[str, Any]:
         if name != "gpus_per_node" or e.gpus_per_node:
             return f"executor.{name}", getattr(e, name)
     return "executor", None
+
+
+def job_settings(cfg: SweepConfig) -> dict[str, Any]:
+    """The executor fields a submitted job keeps (its resources, limits, setup, sbatch options)."""
+    return cfg.executor.model_dump(mode="json", exclude={"kind", "workers", "poll_s", "array_parallelism"})
 
 
 def submitit_executor(cfg: SweepConfig, folder: Path, kind: str = "slurm") -> Any:
