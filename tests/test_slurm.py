@@ -440,19 +440,24 @@ def _fake_job(folder: Path, job_id: str):
     return SimpleNamespace(job_id=job_id, paths=paths)
 
 
-def test_a_job_cancelled_before_it_started_is_reported_without_a_log(tmp_path, monkeypatch):
-    """A queued job cancelled (``scancel`` of the array) never wrote a log: its failure says so
-    instead of pointing at a file that does not exist and printing an empty stderr tail."""
+def _ended_without_log(tmp_path, monkeypatch, details: dict[str, str]):
+    """The driver's poll of job 7_3, which ended as ``details`` say (sacct's) and wrote no log."""
     import harness.executors.slurm as slurm
     from harness.plan import JobSpec
 
-    monkeypatch.setattr(slurm, "_sacct_details", lambda job_id: {"State": "CANCELLED", "ExitCode": "0:0"})
+    monkeypatch.setattr(slurm, "_sacct_details", lambda job_id: details)
     d = make_sweep_dict(Path("/nonexistent"), tmp_path)
     d["executor"] = {"kind": "slurm"}
     ex = slurm.SlurmExecutor(validate_config(d))
-    t = slurm._Tracked(JobSpec("merge", "ta", key="k"), _fake_job(tmp_path, "7_3"), state="CANCELLED",
+    t = slurm._Tracked(JobSpec("merge", "ta", key="k"), _fake_job(tmp_path, "7_3"), state=details["State"],
                        ended_at=time.monotonic() - 60)
-    result = ex._poll(t)
+    return t, ex._poll(t)
+
+
+def test_a_job_cancelled_before_it_started_is_reported_without_a_log(tmp_path, monkeypatch):
+    """A queued job cancelled (``scancel`` of the array) never wrote a log: its failure says so
+    instead of pointing at a file that does not exist and printing an empty stderr tail."""
+    t, result = _ended_without_log(tmp_path, monkeypatch, {"State": "CANCELLED", "ExitCode": "0:0"})
     assert result.status == "failed" and result.error == "SLURM job 7_3 CANCELLED: cancelled before it started"
     assert not t.show_tail
 
@@ -460,17 +465,7 @@ def test_a_job_cancelled_before_it_started_is_reported_without_a_log(tmp_path, m
 def test_a_job_that_failed_without_opening_its_log_points_at_the_shared_filesystem(tmp_path, monkeypatch):
     """SLURM fails a job whose node cannot open its log file (an output_dir on the login node's own
     disk) before it runs: the reason says where the log should have been and why it may not be."""
-    import harness.executors.slurm as slurm
-    from harness.plan import JobSpec
-
-    monkeypatch.setattr(slurm, "_sacct_details", lambda job_id: {"State": "FAILED", "ExitCode": "0:53",
-                                                                  "Signal": "53"})
-    d = make_sweep_dict(Path("/nonexistent"), tmp_path)
-    d["executor"] = {"kind": "slurm"}
-    ex = slurm.SlurmExecutor(validate_config(d))
-    t = slurm._Tracked(JobSpec("merge", "ta", key="k"), _fake_job(tmp_path, "7_3"), state="FAILED",
-                       ended_at=time.monotonic() - 60)
-    result = ex._poll(t)
+    _, result = _ended_without_log(tmp_path, monkeypatch, {"State": "FAILED", "ExitCode": "0:53", "Signal": "53"})
     assert result.status == "failed" and result.error == (
         f"SLURM job 7_3 FAILED: the job process died (killed by signal 53) before it started (could its node "
         f"not write its log in {tmp_path}? output_dir must be on a filesystem the nodes share)")
