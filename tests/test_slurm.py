@@ -487,8 +487,8 @@ def test_jobs_found_queued_with_other_settings_are_told_how_to_resubmit(tmp_path
     ex.log.record({"k3": {"job_id": "8_3"}})  # recorded before settings were
     tracked[2].job.paths.result_pickle.write_bytes(b"")  # finished: its settings no longer matter
     assert ex.changed_settings(tracked) == (
-        "2 queued or running jobs found from an earlier submission keep its executor settings (mem_gb 1.0, now 2.0): "
-        "`scancel 8_0 8_1` and rerun to submit with these")
+        "2 queued or running jobs found from an earlier submission keep the executor settings of that submission "
+        "(mem_gb 1.0, now 2.0): `scancel 8_0 8_1` and rerun to submit with these")
     assert ex.changed_settings(tracked[2:]) is None
 
 

@@ -429,7 +429,7 @@ class SlurmExecutor:
             return None
         said = ", ".join(f"{k} {old!r}, now {new!r}" for k, (old, new) in fields.items())
         return (f"{len(ids)} queued or running job{'' if len(ids) == 1 else 's'} found from an earlier submission "
-                f"keep its executor settings ({said}): `scancel {' '.join(ids)}` and rerun to submit with these")
+                f"keep the executor settings of that submission ({said}): `scancel {' '.join(ids)}` and rerun to submit with these")
 
     def known(self, specs: list[JobSpec]) -> list[JobSpec]:
         """The specs that have a recorded submission (what ``collect`` can wait for)."""
@@ -792,8 +792,8 @@ def refused_field(e: Any, reason: str) -> tuple[str, Any]:
     and its value; ``("executor", None)`` when the words name no option. An option given under
     ``sbatch:`` that sets the same thing (``mem-per-cpu`` for memory, ``time-min`` for the time
     limit, ``gres``, ``gpus-per-task`` or ``cpus-per-gpu`` for GPUs) is blamed before the typed
-    field: it is the one the user wrote for this cluster. A refused generic resource with no GPUs asked for names no field.
-    Words naming an ``sbatch:`` option itself (``unrecognized option '--mail-typ=END'``, ``Invalid
+    field: it is the one the user wrote for this cluster. A refused generic resource with no GPUs
+    asked for names no field. Words naming an ``sbatch:`` option itself (``unrecognized option '--mail-typ=END'``, ``Invalid
     --mail-type specification``) blame that option first."""
     for key in e.sbatch:
         if re.search(rf"--{re.escape(key)}(?![\w-])", reason):
