@@ -397,7 +397,7 @@ class ExecutorSpec(Strict):
     mem_gb: float | None = Field(None, gt=0, le=65536, description="memory per job (cluster default if unset)")
     timeout_min: int = Field(60, ge=1, le=60 * 24 * 30, description="time limit per job; long jobs checkpoint and requeue")
     requeues: int = Field(3, ge=0, le=1000, description="times a job is requeued at its time limit (preemptions not counted)")
-    array_parallelism: int = Field(256, ge=1, le=100_000, description="array tasks running at once")
+    array_parallelism: int = Field(256, ge=1, le=100_000, description="array tasks running at once, per array")
     account: str | None = Field(None, pattern=r"^\S+$")
     qos: str | None = Field(None, pattern=r"^\S+$")
     constraint: str | None = Field(None, pattern=r"^\S+$")

@@ -471,6 +471,37 @@ def test_a_job_that_failed_without_opening_its_log_points_at_the_shared_filesyst
         f"not write its log in {tmp_path}? output_dir must be on a filesystem the nodes share)")
 
 
+def test_a_sweep_over_the_clusters_array_size_goes_out_as_several_arrays(tmp_path, monkeypatch):
+    """sbatch refuses an array with more tasks than MaxArraySize (1001 by default: 'Invalid job
+    array specification'), so a large sweep could not be submitted at all."""
+    from types import SimpleNamespace
+
+    import harness.executors.slurm as slurm
+    from harness.plan import JobSpec
+
+    answers = {"scontrol": "MaxArrayCount = 7\nMaxArraySize            = 3\nMaxJobCount = 10000\n"}
+    monkeypatch.setattr(slurm, "_run", lambda cmd: answers.get(cmd[0], ""))
+    arrays = []
+
+    class Arrays:
+        def map_array(self, fn, args):
+            assert len(args) <= 3, "over MaxArraySize"
+            arrays.append(len(args))
+            return [SimpleNamespace(job_id=f"{len(arrays)}_{i}") for i in range(len(args))]
+
+    monkeypatch.setattr(slurm.SlurmExecutor, "_submitit", lambda self: Arrays())
+    d = make_sweep_dict(Path("/nonexistent"), tmp_path)
+    d["executor"] = {"kind": "slurm"}
+    ex = slurm.SlurmExecutor(validate_config(d))
+    said = ex.submit([JobSpec("merge", f"m{i}", key=f"k{i}") for i in range(7)])
+    assert arrays == [3, 3, 1] and said.startswith("submitted 7 jobs (SLURM 1, 2, 3), 0 already")
+    recorded = {k: rec["job_id"] for k, rec in ex.log.load().items()}
+    assert recorded == {"k0": "1_0", "k1": "1_1", "k2": "1_2", "k3": "2_0", "k4": "2_1", "k5": "2_2", "k6": "3_0"}
+    assert slurm.max_array_size() == 3
+    answers.clear()
+    assert slurm.max_array_size() == 1001  # scontrol does not answer: SLURM's default
+
+
 def test_jobs_found_queued_with_other_settings_are_told_how_to_resubmit(tmp_path):
     """After an OOM the user raises mem_gb and reruns: failed jobs go out again with it, but jobs
     still queued keep the memory they were submitted with, and would fail the same way."""

@@ -289,6 +289,16 @@ def slurm_states(job_ids: list[str], reasons: dict[str, str] | None = None) -> d
     return {i: states.get(i, "UNKNOWN") for i in ids}
 
 
+def max_array_size() -> int:
+    """SLURM's ``MaxArraySize``: an array's task indices must stay below it (``scontrol show
+    config``; SLURM's default, 1001, when it does not answer)."""
+    for line in _run(["scontrol", "show", "config"]).splitlines():
+        key, _, value = line.partition("=")
+        if key.strip() == "MaxArraySize" and value.strip().isdigit():
+            return max(1, int(value.strip()))
+    return 1001
+
+
 def _sacct_details(job_id: str) -> dict[str, str]:
     """State, exit code and killing signal of one finished job from accounting."""
     rec = _sacct_records([job_id], "JobID,State,ExitCode").get(job_id)
@@ -358,8 +368,15 @@ class SlurmExecutor:
         return self._executor
 
     def _submit(self, specs: list[JobSpec]) -> list[_Tracked]:
-        if not specs:
-            return []
+        """Submit as job arrays of at most the cluster's MaxArraySize tasks (sbatch refuses a
+        larger one), each recorded as soon as it is out."""
+        size = max_array_size() if self.kind == "slurm" else max(1, len(specs))
+        tracked: list[_Tracked] = []
+        for start in range(0, len(specs), size):
+            tracked += self._submit_array(specs[start:start + size])
+        return tracked
+
+    def _submit_array(self, specs: list[JobSpec]) -> list[_Tracked]:
         executor = self._submitit()
         said = io.StringIO()  # submitit prints a refusing sbatch's stderr; the error below quotes it once
         try:
