@@ -397,11 +397,12 @@ class ExecutorSpec(Strict):
     mem_gb: float | None = Field(None, gt=0, le=65536, description="memory per job (cluster default if unset)")
     timeout_min: int = Field(60, ge=1, le=60 * 24 * 30, description="time limit per job; long jobs checkpoint and requeue")
     requeues: int = Field(3, ge=0, le=1000, description="times a job is requeued at its time limit (preemptions not counted)")
-    array_parallelism: int = Field(256, ge=1, le=100_000, description="array tasks running at once")
+    array_parallelism: int = Field(256, ge=1, le=100_000, description="array tasks running at once, per array")
     account: str | None = Field(None, pattern=r"^\S+$")
     qos: str | None = Field(None, pattern=r"^\S+$")
     constraint: str | None = Field(None, pattern=r"^\S+$")
-    setup: list[str] = Field(default_factory=list, description="shell lines run before each job (module load ...)")
+    setup: list[str] = Field(default_factory=list,
+                             description="shell lines run before each job (module load ...); one that fails fails it")
     sbatch: dict[str, Any] = Field(
         default_factory=dict, description="further sbatch options by long name: {exclude: node3, exclusive: true}")
     poll_s: float = Field(2.0, gt=0, le=600, description="seconds between SLURM state checks while waiting")
@@ -1193,11 +1194,17 @@ def output_dir_problem(out: Path) -> str | None:
 
 def check_output_dir(cfg: SweepConfig, file: str) -> None:
     """The output folder can be one: checked with the sweep file (``validate`` included), not by
-    the first write into it."""
+    the first write into it. On SLURM it holds the jobs' logs, whose paths SLURM reads as patterns
+    (``%j``, ``%x``; a backslash stops them): with such a character the logs would go elsewhere, or
+    nowhere, and the jobs fail before they start."""
     out = cfg.resolved_output_dir()
     problem = output_dir_problem(out)
     if problem:
         raise ConfigError(file, "output_dir", problem, str(out))
+    odd = [c for c in "%\\" if c in str(out)]
+    if cfg.executor.kind == "slurm" and odd:
+        raise ConfigError(file, "output_dir", f"holds {odd[0]!r}, which SLURM reads in the jobs' log paths as a "
+                          "pattern (%j, %x, ...): the jobs would fail before they start; rename it", str(out))
 
 
 def check_generalization(cfg: SweepConfig, file: str) -> None:

@@ -220,6 +220,27 @@ def test_validate_accepts_the_slurm_executor_block(micro_checkpoints, tmp_path, 
     assert r.exit_code == 2 and "executor.mem_gb" in r.output
 
 
+@pytest.mark.parametrize("name, bad", [("lr_100%x", "'%'"), ("a\\b", "'\\\\'")])
+def test_an_output_dir_slurm_would_read_as_a_pattern_is_refused(micro_checkpoints, tmp_path, monkeypatch, name, bad):
+    """SLURM expands %x (the job's name) in the log paths under output_dir: the logs' folder then
+    does not exist and every job fails before it starts (sacct: FAILED 0:53)."""
+    import harness.executors.slurm as slurm
+
+    monkeypatch.setattr(slurm, "cluster_partitions", lambda: None)
+    d = make_sweep_dict(micro_checkpoints, tmp_path)
+    d["output_dir"] = str(tmp_path / name)
+    d["executor"] = {"kind": "slurm"}
+    f = tmp_path / "sweep.yaml"
+    f.write_text(yaml.safe_dump(d))
+    for command in ("validate", "sweep"):
+        r = CliRunner().invoke(main, [command, str(f)])
+        assert r.exit_code == 2, r.output
+        assert f"{f}: output_dir: holds {bad}, which SLURM reads in the jobs' log paths as a pattern" in r.output
+    assert not (tmp_path / name).exists()
+    r = CliRunner().invoke(main, ["validate", str(f), "executor.kind=local"])
+    assert r.exit_code == 0, r.output
+
+
 def test_readme_slurm_example_validates(micro_checkpoints, tmp_path):
     text = (REPO / "README.md").read_text()
     section = text[text.index("## Running on SLURM"):]
@@ -230,20 +251,24 @@ def test_readme_slurm_example_validates(micro_checkpoints, tmp_path):
     assert cfg.executor.kind == "slurm" and cfg.executor.setup == ["module load cuda"]
 
 
-def test_sbatch_file_carries_the_executor_settings_and_setup_lines_verbatim(micro_checkpoints, tmp_path,
-                                                                           monkeypatch):
+def _setup_section(text: str) -> str:
+    """The setup lines of a batch script submitit wrote, as one script."""
+    lines = text.splitlines()
+    return "\n".join(lines[lines.index("# setup") + 1: lines.index("# command")])
+
+
+def test_sbatch_file_carries_the_executor_settings_and_setup_lines(micro_checkpoints, tmp_path, monkeypatch):
     """What submitit writes for sbatch from our settings: each a quoted #SBATCH flag, each setup
-    line on its own line, as given."""
+    line run as given in the job's shell."""
     import submitit
     from submitit.slurm.slurm import SlurmExecutor, _make_sbatch_string
 
-    setup = ["module load cuda/12.1", "export DATA='/shared/data sets'"]
+    setup = ["cd /", "export DATA='/shared/data sets'"]
     d = make_sweep_dict(micro_checkpoints, tmp_path)
     d["executor"] = {"kind": "slurm", "partition": "gpu", "gpus_per_node": 1, "cpus_per_task": 8, "mem_gb": 64,
                      "timeout_min": 120, "array_parallelism": 32, "account": "proj1", "constraint": "a100&80gb",
                      "setup": setup}
     params = submitit_parameters(validate_config(d))
-    assert params["slurm_setup"] == setup
     monkeypatch.setattr(SlurmExecutor, "affinity", classmethod(lambda cls: 2))  # no srun needed to build it
     ex = submitit.AutoExecutor(folder=tmp_path / "slurm", cluster="slurm")
     ex.update_parameters(**params)
@@ -253,7 +278,31 @@ def test_sbatch_file_carries_the_executor_settings_and_setup_lines_verbatim(micr
                  "--account=proj1", "--array=0-99%32", "--signal=USR2@90", "--job-name=harness-toy"):
         assert f"#SBATCH {flag}" in lines, flag
     assert "#SBATCH --constraint='a100&80gb'" in lines
-    assert lines[lines.index("# setup") + 1: lines.index("# setup") + 3] == setup
+    r = subprocess.run(["bash", "-c", _setup_section(text) + '\necho "$PWD|$DATA"'], capture_output=True, text=True,
+                       cwd=tmp_path, timeout=30)
+    assert (r.returncode, r.stdout, r.stderr) == (0, "/|/shared/data sets\n", "")
+
+
+def test_a_failing_setup_line_ends_the_job_naming_it(micro_checkpoints, tmp_path, monkeypatch):
+    """`module load` of a module the node lacks must not leave the job running without it: the
+    batch script stops at the failing line and says which, and the driver's reason quotes it."""
+    import submitit
+    from submitit.slurm.slurm import SlurmExecutor, _make_sbatch_string
+
+    from harness.executors.slurm import ended_reason
+
+    setup = ["# comments and quotes pass: '$(touch pwned)'", "export A=1", "false", "touch ran-on"]
+    d = make_sweep_dict(micro_checkpoints, tmp_path)
+    d["executor"] = {"kind": "slurm", "setup": setup}
+    monkeypatch.setattr(SlurmExecutor, "affinity", classmethod(lambda cls: 2))
+    ex = submitit.AutoExecutor(folder=tmp_path / "slurm", cluster="slurm")
+    ex.update_parameters(**submitit_parameters(validate_config(d)))
+    text = _make_sbatch_string(command="touch ran-command", folder=tmp_path, **ex._executor.parameters)
+    r = subprocess.run(["bash", "-c", text], capture_output=True, text=True, cwd=tmp_path, timeout=30)
+    assert r.returncode == 1 and r.stderr == "harness: executor.setup.2 failed (exit 1): false\n", r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(("ran", "pwned"))) == []
+    assert ended_reason("FAILED", {"ExitCode": "1:0"}, "module: command not found\n" + r.stderr, 5) == (
+        "FAILED", "executor.setup.2 failed (exit 1): false")
 
 
 def test_further_sbatch_options_are_flags_with_their_values_quoted(micro_checkpoints, tmp_path, monkeypatch):
@@ -271,6 +320,41 @@ def test_further_sbatch_options_are_flags_with_their_values_quoted(micro_checkpo
     for line in ("#SBATCH --exclude='node[3-4]'", "#SBATCH --exclusive", "#SBATCH --nice=10",
                  "#SBATCH --comment='run; $(touch x) `id`'"):
         assert line in lines, line
+
+
+ODD_VALUE = "C:\\data\\n it's \"quoted\" $HOME `id` #1"
+
+
+def _held_sbatch_script(micro_checkpoints, tmp_path, monkeypatch) -> str:
+    """The batch script the harness has submitit write for a sweep whose sbatch values are odd, held."""
+    import submitit
+    from submitit.slurm.slurm import SlurmExecutor, _make_sbatch_string
+
+    d = make_sweep_dict(micro_checkpoints, tmp_path)
+    d["executor"] = {"kind": "slurm", "sbatch": {"comment": ODD_VALUE, "hold": True}}
+    monkeypatch.setattr(SlurmExecutor, "affinity", classmethod(lambda cls: 2))
+    ex = submitit.AutoExecutor(folder=tmp_path / "slurm", cluster="slurm")
+    ex.update_parameters(**submitit_parameters(validate_config(d)))
+    return _make_sbatch_string(command="true", folder=tmp_path, **ex._executor.parameters)
+
+
+def test_backslashes_in_sbatch_values_are_escaped_for_sbatch(micro_checkpoints, tmp_path, monkeypatch):
+    """sbatch reads a backslash in an #SBATCH line as an escape, even inside single quotes."""
+    lines = _held_sbatch_script(micro_checkpoints, tmp_path, monkeypatch).splitlines()
+    assert "#SBATCH --comment='C:\\\\data\\\\n it'\"'\"'s \"quoted\" $HOME `id` #1'" in lines
+
+
+@needs_slurm
+def test_sbatch_gets_odd_values_as_written(cluster, micro_checkpoints, tmp_path, monkeypatch):
+    script = tmp_path / "held.sh"
+    script.write_text(_held_sbatch_script(micro_checkpoints, tmp_path, monkeypatch))
+    job = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True, timeout=30,
+                         check=True).stdout.strip().split(";")[0]
+    try:
+        shown = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True, timeout=30).stdout
+    finally:
+        subprocess.run(["scancel", job], check=False)
+    assert f"Comment={ODD_VALUE} " in shown or shown.rstrip().endswith(f"Comment={ODD_VALUE}"), shown
 
 
 @pytest.mark.parametrize("text, minutes", [
@@ -356,21 +440,87 @@ def _fake_job(folder: Path, job_id: str):
     return SimpleNamespace(job_id=job_id, paths=paths)
 
 
-def test_a_job_cancelled_before_it_started_is_reported_without_a_log(tmp_path, monkeypatch):
-    """A queued job cancelled (``scancel`` of the array) never wrote a log: its failure says so
-    instead of pointing at a file that does not exist and printing an empty stderr tail."""
+def _ended_without_log(tmp_path, monkeypatch, details: dict[str, str]):
+    """The driver's poll of job 7_3, which ended as ``details`` say (sacct's) and wrote no log."""
     import harness.executors.slurm as slurm
     from harness.plan import JobSpec
 
-    monkeypatch.setattr(slurm, "_sacct_details", lambda job_id: {"State": "CANCELLED", "ExitCode": "0:0"})
+    monkeypatch.setattr(slurm, "_sacct_details", lambda job_id: details)
     d = make_sweep_dict(Path("/nonexistent"), tmp_path)
     d["executor"] = {"kind": "slurm"}
     ex = slurm.SlurmExecutor(validate_config(d))
-    t = slurm._Tracked(JobSpec("merge", "ta", key="k"), _fake_job(tmp_path, "7_3"), state="CANCELLED",
+    t = slurm._Tracked(JobSpec("merge", "ta", key="k"), _fake_job(tmp_path, "7_3"), state=details["State"],
                        ended_at=time.monotonic() - 60)
-    result = ex._poll(t)
+    return t, ex._poll(t)
+
+
+def test_a_job_cancelled_before_it_started_is_reported_without_a_log(tmp_path, monkeypatch):
+    """A queued job cancelled (``scancel`` of the array) never wrote a log: its failure says so
+    instead of pointing at a file that does not exist and printing an empty stderr tail."""
+    t, result = _ended_without_log(tmp_path, monkeypatch, {"State": "CANCELLED", "ExitCode": "0:0"})
     assert result.status == "failed" and result.error == "SLURM job 7_3 CANCELLED: cancelled before it started"
     assert not t.show_tail
+
+
+def test_a_job_that_failed_without_opening_its_log_points_at_the_shared_filesystem(tmp_path, monkeypatch):
+    """SLURM fails a job whose node cannot open its log file (an output_dir on the login node's own
+    disk) before it runs: the reason says where the log should have been and why it may not be."""
+    _, result = _ended_without_log(tmp_path, monkeypatch, {"State": "FAILED", "ExitCode": "0:53", "Signal": "53"})
+    assert result.status == "failed" and result.error == (
+        f"SLURM job 7_3 FAILED: the job process died (killed by signal 53) before it started (could its node "
+        f"not write its log in {tmp_path}? output_dir must be on a filesystem the nodes share)")
+
+
+def test_a_sweep_over_the_clusters_array_size_goes_out_as_several_arrays(tmp_path, monkeypatch):
+    """sbatch refuses an array with more tasks than MaxArraySize (1001 by default: 'Invalid job
+    array specification'), so a large sweep could not be submitted at all."""
+    from types import SimpleNamespace
+
+    import harness.executors.slurm as slurm
+    from harness.plan import JobSpec
+
+    answers = {"scontrol": "MaxArrayCount = 7\nMaxArraySize            = 3\nMaxJobCount = 10000\n"}
+    monkeypatch.setattr(slurm, "_run", lambda cmd: answers.get(cmd[0], ""))
+    arrays = []
+
+    class Arrays:
+        def map_array(self, fn, args):
+            assert len(args) <= 3, "over MaxArraySize"
+            arrays.append(len(args))
+            return [SimpleNamespace(job_id=f"{len(arrays)}_{i}") for i in range(len(args))]
+
+    monkeypatch.setattr(slurm.SlurmExecutor, "_submitit", lambda self: Arrays())
+    d = make_sweep_dict(Path("/nonexistent"), tmp_path)
+    d["executor"] = {"kind": "slurm"}
+    ex = slurm.SlurmExecutor(validate_config(d))
+    said = ex.submit([JobSpec("merge", f"m{i}", key=f"k{i}") for i in range(7)])
+    assert arrays == [3, 3, 1] and said.startswith("submitted 7 jobs (SLURM 1, 2, 3), 0 already")
+    recorded = {k: rec["job_id"] for k, rec in ex.log.load().items()}
+    assert recorded == {"k0": "1_0", "k1": "1_1", "k2": "1_2", "k3": "2_0", "k4": "2_1", "k5": "2_2", "k6": "3_0"}
+    assert slurm.max_array_size() == 3
+    answers.clear()
+    assert slurm.max_array_size() == 1001  # scontrol does not answer: SLURM's default
+
+
+def test_jobs_found_queued_with_other_settings_are_told_how_to_resubmit(tmp_path):
+    """After an OOM the user raises mem_gb and reruns: failed jobs go out again with it, but jobs
+    still queued keep the memory they were submitted with, and would fail the same way."""
+    import harness.executors.slurm as slurm
+    from harness.plan import JobSpec
+
+    d = make_sweep_dict(Path("/nonexistent"), tmp_path)
+    d["executor"] = {"kind": "slurm", "mem_gb": 1}
+    before = validate_config(d)
+    d["executor"] = {"kind": "slurm", "mem_gb": 2, "poll_s": 5}
+    ex = slurm.SlurmExecutor(validate_config(d))
+    tracked = [slurm._Tracked(JobSpec("merge", f"m{i}", key=f"k{i}"), _fake_job(ex.folder, f"8_{i}")) for i in range(4)]
+    ex.log.record({f"k{i}": {"job_id": f"8_{i}", "settings": slurm.job_settings(before)} for i in range(3)})
+    ex.log.record({"k3": {"job_id": "8_3"}})  # recorded before settings were
+    tracked[2].job.paths.result_pickle.write_bytes(b"")  # finished: its settings no longer matter
+    assert ex.changed_settings(tracked) == (
+        "2 queued or running jobs found from an earlier submission keep the executor settings of that submission "
+        "(mem_gb 1.0, now 2.0): `scancel 8_0 8_1` and rerun to submit with these")
+    assert ex.changed_settings(tracked[2:]) is None
 
 
 def test_a_job_out_of_requeues_names_the_fields_to_raise(micro_checkpoints, tmp_path):
@@ -435,6 +585,58 @@ def test_why_a_job_pends_is_shown_in_its_state(tmp_path, monkeypatch):
     console.print(slurm.job_table(tracked))
     text = console.export_text()
     assert "pending (PartitionTimeLimit)" in text and "running (" not in text
+
+
+@pytest.mark.parametrize("sig, said", [("9", " (killed by signal 9, SIGKILL)"), ("53", " (killed by signal 53)")])
+def test_a_signal_is_named_when_it_has_a_name(sig, said):
+    """sacct's 0:53 (a job whose log folder was missing) is no signal Python names: reported by number,
+    not a crash of the driver."""
+    from harness.executors.slurm import ended_reason
+
+    assert ended_reason("FAILED", {"Signal": sig, "ExitCode": f"0:{sig}"}, "", 5) == (
+        "FAILED", "the job process died" + said)
+
+
+def test_the_live_table_stays_styled_while_lines_print_under_it(tmp_path):
+    """The driver prints each result line with markup off while the live table shows; rich then
+    renders the table under the same options: its states must not turn into '[cyan]running[/]',
+    and a title's brackets are text."""
+    import io
+
+    from rich.console import Console
+
+    import harness.executors.slurm as slurm
+    from harness.plan import JobSpec
+
+    tracked = [slurm._Tracked(JobSpec("merge", "mine[gpu]", key="0"), _fake_job(tmp_path, "9_0"), state="RUNNING"),
+               slurm._Tracked(JobSpec("merge", "m1", key="1"), _fake_job(tmp_path, "9_1"), state="PENDING",
+                              reason="Resources")]
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=True, width=200, color_system=None)
+    with slurm._LiveTable(console, tracked, "slurm") as live:
+        console.print("done m0: acc/avg 1.0 [cyan]", markup=False, highlight=False)
+        live.refresh_table()
+    text = out.getvalue()
+    assert "mine[gpu]" in text and "pending (Resources)" in text and "running" in text
+    assert "[cyan]running" not in text and "[dim]" not in text and "[/]" not in text
+
+
+def test_a_requeued_job_back_in_the_queue_shows_as_requeued(tmp_path):
+    """After submitit requeues a job SLURM lists it PENDING (BeginTime) until it restarts: it
+    has run (its log exists), so it is requeued, not a job that never started."""
+    import harness.executors.slurm as slurm
+    from harness.plan import JobSpec
+
+    tracked = [slurm._Tracked(JobSpec("merge", f"m{i}", key=str(i)), _fake_job(tmp_path, f"9_{i}"), state="PENDING",
+                              reason="BeginTime") for i in range(2)]
+    tracked[0].log_path().write_text("harness job m0 (key 0)\n")
+    assert [slurm.display_state(t) for t in tracked] == ["requeued", "pending"]
+    from rich.console import Console
+
+    console = Console(width=200, record=True)
+    console.print(slurm.job_table(tracked))
+    text = console.export_text()
+    assert "1 requeued, 1 pending" in text and "requeued (BeginTime)" in text
 
 
 @needs_slurm
@@ -671,6 +873,38 @@ def test_a_refused_submission_is_one_clear_error(cluster, varied_checkpoints, tm
         run_sweep(validate_config(d), quiet=True)
 
 
+@needs_slurm
+def test_a_rerun_says_it_found_its_submitted_jobs_again(cluster, varied_checkpoints, tmp_path):
+    """After --detach (or a killed driver) the rerun's header still counts the jobs as to run: the
+    next line says none was submitted again and names the array they run in."""
+    d = _sweep(varied_checkpoints, tmp_path / "sweep", "toy-found", kind="slurm", mem_gb=1, poll_s=1)
+    d["references"] = False
+    d["methods"] = [{"name": "weight_averaging"}, {"name": "task_arithmetic", "grid": {"scaling": [0.3]}}]
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump(d))
+    r = CliRunner().invoke(main, ["sweep", str(f), "--detach"])
+    assert r.exit_code == 0 and "submitted 2 jobs (SLURM " in r.output, r.output
+    array = json.loads((Path(d["output_dir"]) / "slurm" / "submitted.json").read_text())["jobs"]
+    (base,) = {rec["job_id"].split("_")[0] for rec in array.values()}
+    r = CliRunner().invoke(main, ["sweep", str(f)], env={"COLUMNS": "250"})
+    assert r.exit_code == 0, r.output
+    assert f"submitted 0 jobs (SLURM -), 2 already queued, running or finished (SLURM {base})" in r.output, r.output
+
+
+@needs_slurm
+def test_a_job_whose_setup_line_fails_is_reported_naming_the_line(cluster, varied_checkpoints, tmp_path):
+    d = _sweep(varied_checkpoints, tmp_path / "sweep", "toy-setup", kind="slurm", mem_gb=1, poll_s=1,
+               setup=["export HARNESS_SETUP_TEST=1", "module-not-here load cuda"])
+    d["references"] = False
+    d["methods"] = [{"name": "weight_averaging"}]
+    outcome = run_sweep(validate_config(d), quiet=True)
+    (failed,) = outcome.failed
+    job_id = json.loads((Path(d["output_dir"]) / "slurm" / "submitted.json").read_text())["jobs"][failed.key]["job_id"]
+    log = Path(d["output_dir"]) / "slurm" / f"{job_id}_0_log.err"
+    assert failed.error == (f"SLURM job {job_id} FAILED: executor.setup.1 failed (exit 127): module-not-here load "
+                            f"cuda; log {log}")
+
+
 def _steps_log(out: Path) -> list[tuple[int, str, int]]:
     logs = list((out / "work").glob("*/steps.log"))
     if not logs:
@@ -815,6 +1049,15 @@ def _refusing_sbatch(monkeypatch, message: str) -> None:
      "(got 30)"),
     ({"sbatch": {"gpus-per-task": 1}}, [], REFUSED_GRES,
      f"s.yaml: executor.sbatch.gpus-per-task: SLURM refused the jobs: {REFUSED_GRES} (got 1)"),
+    ({"mem_gb": 1, "sbatch": {"cpus-per-gpu": 2}}, ["executor.mem_gb=2"], REFUSED_GRES,
+     f"s.yaml: executor.sbatch.cpus-per-gpu: SLURM refused the jobs: {REFUSED_GRES} (got 2)"),
+    ({"sbatch": {"mail-type": "BADVAL", "mail": "x"}}, [], "sbatch: error: Invalid --mail-type specification",
+     "s.yaml: executor.sbatch.mail-type: SLURM refused the jobs: sbatch: error: Invalid --mail-type specification "
+     "(got 'BADVAL')"),
+    ({"sbatch": {"mem-per-cpu": "2G", "nosuch-option": 1}}, [],
+     "sbatch: unrecognized option '--nosuch-option=1'\nTry \"sbatch --help\" for more information",
+     "s.yaml: executor.sbatch.nosuch-option: SLURM refused the jobs: sbatch: unrecognized option "
+     "'--nosuch-option=1' Try \"sbatch --help\" for more information (got 1)"),
     ({"mem_gb": 4}, [], "sbatch: error: Batch job submission failed: Requested node configuration is not available",
      "s.yaml: executor: SLURM refused the jobs: sbatch: error: Batch job submission failed: Requested node "
      "configuration is not available"),
@@ -838,6 +1081,11 @@ def test_an_option_sbatch_refuses_is_named_with_its_field(micro_checkpoints, tmp
                                "failed: Invalid feature specification (got 'nosuch')"),
     ({"gpus_per_node": 1}, "executor.gpus_per_node: SLURM refused the jobs: sbatch: error: Invalid generic "
                            "resource (gres) specification (got 1)"),
+    ({"sbatch": {"mail-type": "BADVAL"}}, "executor.sbatch.mail-type: SLURM refused the jobs: sbatch: error: "
+                                          "Invalid --mail-type specification (got 'BADVAL')"),
+    ({"sbatch": {"nosuch-option": 1}}, "executor.sbatch.nosuch-option: SLURM refused the jobs: sbatch: "
+                                       "unrecognized option '--nosuch-option=1' Try \"sbatch --help\" for more "
+                                       "information (got 1)"),
 ])
 def test_the_cluster_refusing_an_option_names_its_field(cluster, micro_checkpoints, tmp_path, executor, expected):
     """The single-node cluster has no node features and no GPUs: sbatch refuses both."""

@@ -25,6 +25,7 @@ import io
 import logging
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -40,6 +41,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from harness.cache import atomic_write_json, read_json
 from harness.config import SweepConfig
@@ -69,6 +71,8 @@ RESULT_GRACE_S = 15.0
 #: accounting (``JobAcctGatherParams=OverMemoryKill``), or the cgroup OOM killer.
 MEMORY_KILL = re.compile(r"exceeded (?:job )?memory limit|oom[-_ ]kill event", re.IGNORECASE)
 _MEMORY_NUMBERS = re.compile(r"exceeded memory limit \((\d+) > (\d+)\)")
+#: What a failed setup line writes to the job's stderr log (the driver's reason quotes it).
+SETUP_FAILED = re.compile(r"^harness: executor\.setup\.(\d+) failed \(exit (\d+)\): (.*)$", re.MULTILINE)
 #: A warning this much earlier than ``signal_delay_s`` before the limit is still the limit's: SLURM
 #: sends it up to one scheduler pass (30 s) early, and a job's clock starts after its start-up.
 SIGNAL_EARLY_S = 60
@@ -285,6 +289,16 @@ def slurm_states(job_ids: list[str], reasons: dict[str, str] | None = None) -> d
     return {i: states.get(i, "UNKNOWN") for i in ids}
 
 
+def max_array_size() -> int:
+    """SLURM's ``MaxArraySize``: an array's task indices must stay below it (``scontrol show
+    config``; SLURM's default, 1001, when it does not answer)."""
+    for line in _run(["scontrol", "show", "config"]).splitlines():
+        key, _, value = line.partition("=")
+        if key.strip() == "MaxArraySize" and value.strip().isdigit():
+            return max(1, int(value.strip()))
+    return 1001
+
+
 def _sacct_details(job_id: str) -> dict[str, str]:
     """State, exit code and killing signal of one finished job from accounting."""
     rec = _sacct_records([job_id], "JobID,State,ExitCode").get(job_id)
@@ -354,8 +368,15 @@ class SlurmExecutor:
         return self._executor
 
     def _submit(self, specs: list[JobSpec]) -> list[_Tracked]:
-        if not specs:
-            return []
+        """Submit as job arrays of at most the cluster's MaxArraySize tasks (sbatch refuses a
+        larger one), each recorded as soon as it is out."""
+        size = max_array_size() if self.kind == "slurm" else max(1, len(specs))
+        tracked: list[_Tracked] = []
+        for start in range(0, len(specs), size):
+            tracked += self._submit_array(specs[start:start + size])
+        return tracked
+
+    def _submit_array(self, specs: list[JobSpec]) -> list[_Tracked]:
         executor = self._submitit()
         said = io.StringIO()  # submitit prints a refusing sbatch's stderr; the error below quotes it once
         try:
@@ -374,8 +395,10 @@ class SlurmExecutor:
             raise
         sys.stderr.write(said.getvalue())
         if self.kind == "slurm":
+            settings = job_settings(self.cfg)
             self.log.record({s.key: {"job_id": str(j.job_id), "title": s.title, "kind": s.kind,
-                                     "submitted_at": _now(), "method_id": s.method_id, "task_code": s.task_code}
+                                     "submitted_at": _now(), "method_id": s.method_id, "task_code": s.task_code,
+                                     "settings": settings}
                              for s, j in zip(specs, jobs)})
         return [_Tracked(s, j) for s, j in zip(specs, jobs)]
 
@@ -403,6 +426,27 @@ class SlurmExecutor:
                 usable = states[str(job.job_id)] in ALIVE_STATES
             (attach if usable else submit).append(_Tracked(s, job) if usable else s)
         return attach, submit
+
+    def changed_settings(self, attach: list[_Tracked]) -> str | None:
+        """What to tell of jobs found queued or running that were submitted with other executor
+        settings (a rerun after raising ``mem_gb``): SLURM keeps the settings a job was submitted
+        with, so they would end as the failed ones did; None when there are none."""
+        records = self.log.load()
+        now = job_settings(self.cfg)
+        ids, fields = [], {}
+        for t in attach:
+            then = records.get(t.spec.key, {}).get("settings")
+            if then is None or t.job.paths.result_pickle.exists():
+                continue
+            diff = {k: (then.get(k), v) for k, v in now.items() if then.get(k) != v}
+            if diff:
+                ids.append(t.job_id)
+                fields.update(diff)
+        if not ids:
+            return None
+        said = ", ".join(f"{k} {old!r}, now {new!r}" for k, (old, new) in fields.items())
+        return (f"{len(ids)} queued or running job{'' if len(ids) == 1 else 's'} found from an earlier submission "
+                f"keep the executor settings of that submission ({said}): `scancel {' '.join(ids)}` and rerun to submit with these")
 
     def known(self, specs: list[JobSpec]) -> list[JobSpec]:
         """The specs that have a recorded submission (what ``collect`` can wait for)."""
@@ -436,10 +480,9 @@ class SlurmExecutor:
         self._require_cluster("--detach")
         attach, todo = self._reattach(specs)
         tracked = self._submit(todo)
-        ids = sorted({t.job_id.split("_")[0] for t in tracked})
-        return (f"submitted {len(tracked)} job{'' if len(tracked) == 1 else 's'} (SLURM {', '.join(ids) or '-'}), {len(attach)} already queued, "
-                f"running or finished; record: {self.log.path}\n"
-                f"check with `harness status`, gather results with `harness collect`")
+        changed = self.changed_settings(attach)
+        return (f"{_submitted_line(tracked, attach)}; record: {self.log.path}\n" + (f"{changed}\n" if changed else "")
+                + "check with `harness status`, gather results with `harness collect`")
 
     def start(self, n_jobs: int) -> None:
         """Nothing to start ahead: the cluster starts each job when it is submitted."""
@@ -459,7 +502,13 @@ class SlurmExecutor:
         attach, todo = self._reattach(specs)
         if self.collect_only:
             todo = []  # collect never submits; run() only sees recorded specs then
-        tracked = attach + self._submit(todo)
+        submitted = self._submit(todo)
+        if self.kind == "slurm" and self.progress:  # a rerun says it found its jobs again, not resubmitted
+            self.console.print(_submitted_line(submitted, attach), highlight=False)
+            changed = self.changed_settings(attach)
+            if changed:
+                self.console.print(f"[yellow]warning[/] {escape(changed)}", highlight=False)
+        tracked = attach + submitted
         if self.kind == "debug":
             yield from self._run_debug(tracked, on_start)
             return
@@ -565,7 +614,10 @@ class SlurmExecutor:
         tail = _tail(stderr)
         state, reason = ended_reason(details.get("State", t.state), details, tail, self.cfg.executor.timeout_min)
         if not stderr.exists():  # it never ran: no log to point at
-            return _failed(spec, f"SLURM job {t.job_id} {state}: {reason} before it started",
+            # a job that failed without even opening its log: most often its node cannot see the folder
+            where = (f" (could its node not write its log in {stderr.parent}? output_dir must be on a "
+                     "filesystem the nodes share)") if state == "FAILED" else ""
+            return _failed(spec, f"SLURM job {t.job_id} {state}: {reason} before it started{where}",
                            f"SLURM job {t.job_id} ended {state} before it started; it wrote no log")
         t.show_tail = True
         return _failed(spec, f"SLURM job {t.job_id} {state}: {reason}; log {stderr}",
@@ -611,12 +663,22 @@ class _LiveTable:
                 self.console.line()
 
 
+def _submitted_line(submitted: list[_Tracked], attach: list[_Tracked]) -> str:
+    """What a submission did: the jobs sent to SLURM now and those found from an earlier one."""
+    ids = ", ".join(sorted({t.job_id.split("_")[0] for t in submitted})) or "-"
+    old = ", ".join(sorted({t.job_id.split("_")[0] for t in attach}))
+    return (f"submitted {len(submitted)} job{'' if len(submitted) == 1 else 's'} (SLURM {ids}), "
+            f"{len(attach)} already queued, running or finished" + (f" (SLURM {old})" if old else ""))
+
+
 def display_state(t: _Tracked) -> str:
+    """The job's state as the tables show it. A requeued job is PENDING again once SLURM has put
+    it back in the queue (reason BeginTime): having written its log, it shows as requeued."""
     if t.outcome:
         return t.outcome
     if t.state in RUNNING_STATES or t.state == "COMPLETED":
         return "running"
-    if t.state in {"REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"}:
+    if t.state in {"REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"} or (t.state == "PENDING" and t.log_path().exists()):
         return "requeued"
     if t.state in ALIVE_STATES or t.state == "UNKNOWN":
         return "pending"
@@ -628,7 +690,9 @@ _ORDER = ("running", "requeued", "failed", "lost", "pending", "done")
 
 
 def job_table(tracked: list[_Tracked], kind: str = "slurm", collected: set[str] | None = None) -> Table:
-    """One row per job: title, SLURM id, state, log path (stderr for failed jobs)."""
+    """One row per job: title, SLURM id, state, log path (stderr for failed jobs). Cells are Text,
+    not markup: a line printed with ``markup=False`` while the live table shows renders the table
+    under that option too, and a title may hold brackets."""
     states = [display_state(t) for t in tracked]
     counts = {s: states.count(s) for s in _ORDER if s in states}
     title = f"{kind} jobs: " + ", ".join(f"{n} {s}" for s, n in counts.items())
@@ -640,13 +704,14 @@ def job_table(tracked: list[_Tracked], kind: str = "slurm", collected: set[str] 
         order.sort(key=lambda i: _ORDER.index(states[i]))
     for i in order[: _LiveTable.MAX_ROWS]:
         t, s = tracked[i], states[i]
-        shown = f"{s} ({escape(t.reason)})" if t.reason and s in ("pending", "requeued") else s
-        row = [t.spec.title, t.job_id, f"[{_STYLE[s]}]{shown}[/]", str(t.log_path(failed=s == "failed"))]
+        shown = f"{s} ({t.reason})" if t.reason and s in ("pending", "requeued") else s
+        row = [Text(t.spec.title), Text(t.job_id), Text(shown, style=_STYLE[s]),
+               Text(str(t.log_path(failed=s == "failed")))]
         if collected is not None:
-            row.append("yes" if t.spec.key in collected else "")
+            row.append(Text("yes" if t.spec.key in collected else ""))
         table.add_row(*row)
     if len(tracked) > _LiveTable.MAX_ROWS:
-        table.add_row(f"... {len(tracked) - _LiveTable.MAX_ROWS} more", *[""] * (len(table.columns) - 1))
+        table.add_row(Text(f"... {len(tracked) - _LiveTable.MAX_ROWS} more"), *[""] * (len(table.columns) - 1))
     return table
 
 
@@ -673,6 +738,10 @@ def ended_reason(state: str, details: dict[str, str], stderr_tail: str, timeout_
     """
     if state in ("FAILED", "CANCELLED") and MEMORY_KILL.search(stderr_tail):
         state = "OUT_OF_MEMORY"
+    setup = SETUP_FAILED.search(stderr_tail)
+    if state == "FAILED" and setup:
+        line, code, text = setup.groups()
+        return state, f"executor.setup.{line} failed (exit {code}): {text}"
     reason = STATE_REASONS.get(state, f"ended in state {state}")
     if state == "OUT_OF_MEMORY":
         numbers = _MEMORY_NUMBERS.search(stderr_tail)
@@ -685,11 +754,19 @@ def ended_reason(state: str, details: dict[str, str], stderr_tail: str, timeout_
                        "or have the method checkpoint in its workdir")
     sig = details.get("Signal")
     if sig:
-        name = signal.Signals(int(sig)).name if sig.isdigit() and int(sig) in signal.valid_signals() else sig
-        reason += f" (killed by signal {sig}, {name})"
+        reason += f" (killed by signal {sig}{_signal_name(sig)})"
     elif state == "FAILED" and details.get("ExitCode"):
         reason += f" (exit code {details['ExitCode'].partition(':')[0]})"
     return state, reason
+
+
+def _signal_name(sig: str) -> str:
+    """``", SIGKILL"`` for a signal number that has a name here; ``""`` for one without (SLURM's
+    ``0:53`` of a job that could not open its log, a real-time signal)."""
+    try:
+        return f", {signal.Signals(int(sig)).name}"
+    except ValueError:
+        return ""
 
 
 def _gib_over_limit(used: int, limit: int) -> tuple[str, str]:
@@ -720,7 +797,8 @@ REFUSALS = (  # sbatch's words, the typed field they are about, and the ``sbatch
     (re.compile(r"invalid qos", re.IGNORECASE), "qos", ("qos",)),
     (re.compile(r"invalid partition", re.IGNORECASE), "partition", ("partition",)),
     (re.compile(r"invalid feature specification", re.IGNORECASE), "constraint", ("constraint",)),
-    (re.compile(r"generic resource|\bgres\b", re.IGNORECASE), "gpus_per_node", ("gres", "gpus")),
+    (re.compile(r"generic resource|\bgres\b", re.IGNORECASE), "gpus_per_node",
+     ("gres", "gpus", "gpu", "cpus-per-gpu", "mem-per-gpu")),
     (re.compile(r"memory specification", re.IGNORECASE), "mem_gb", ("mem",)),
     (re.compile(r"time limit", re.IGNORECASE), "timeout_min", ("time",)),
 )
@@ -730,8 +808,13 @@ def refused_field(e: Any, reason: str) -> tuple[str, Any]:
     """The ``executor`` field (dotted, under ``executor.``) sbatch's refusal ``reason`` is about,
     and its value; ``("executor", None)`` when the words name no option. An option given under
     ``sbatch:`` that sets the same thing (``mem-per-cpu`` for memory, ``time-min`` for the time
-    limit, ``gres`` or ``gpus-per-task`` for GPUs) is blamed before the typed field: it is the one
-    the user wrote for this cluster. A refused generic resource with no GPUs asked for names no field."""
+    limit, ``gres``, ``gpus-per-task`` or ``cpus-per-gpu`` for GPUs) is blamed before the typed
+    field: it is the one the user wrote for this cluster. A refused generic resource with no GPUs
+    asked for names no field. Words naming an ``sbatch:`` option itself (``unrecognized option '--mail-typ=END'``, ``Invalid
+    --mail-type specification``) blame that option first."""
+    for key in e.sbatch:
+        if re.search(rf"--{re.escape(key)}(?![\w-])", reason):
+            return f"executor.sbatch.{key}", e.sbatch[key]
     for pattern, name, options in REFUSALS:
         if not pattern.search(reason):
             continue
@@ -743,12 +826,25 @@ def refused_field(e: Any, reason: str) -> tuple[str, Any]:
     return "executor", None
 
 
+def job_settings(cfg: SweepConfig) -> dict[str, Any]:
+    """The executor fields a submitted job keeps (its resources, limits, setup, sbatch options)."""
+    return cfg.executor.model_dump(mode="json", exclude={"kind", "workers", "poll_s", "array_parallelism"})
+
+
 def submitit_executor(cfg: SweepConfig, folder: Path, kind: str = "slurm") -> Any:
     """submitit's executor for the sweep: its parameters, and how often a job may be requeued at
     its time limit (a constructor argument, not a parameter)."""
     ex = submitit.AutoExecutor(folder=folder, cluster=kind, slurm_max_num_timeout=cfg.executor.requeues)
     ex.update_parameters(**submitit_parameters(cfg))
     return ex
+
+
+def setup_script(lines: list[str]) -> list[str]:
+    """The batch script's lines for ``executor.setup``: each line, shell-quoted, is ``eval``ed in the
+    job's shell (so ``export``, ``source`` and ``module load`` last) and one that fails ends the job
+    saying which, rather than the job running without the environment it asked for."""
+    return [f"eval {shlex.quote(line)} || {{ echo \"harness: executor.setup.{i} failed (exit $?):\" "
+            f"{shlex.quote(line)} >&2; exit 1; }}" for i, line in enumerate(lines)]
 
 
 def submitit_parameters(cfg: SweepConfig) -> dict[str, Any]:
@@ -769,12 +865,19 @@ def submitit_parameters(cfg: SweepConfig) -> dict[str, Any]:
     for key in ("partition", "account", "qos", "constraint"):
         value = getattr(e, key)
         if value is not None:
-            params[f"slurm_{key}"] = value
+            params[f"slurm_{key}"] = sbatch_value(value)
     if e.setup:
-        params["slurm_setup"] = list(e.setup)
+        params["slurm_setup"] = setup_script(e.setup)
     if e.sbatch:  # each one '#SBATCH --key=value' line, the value shell-quoted by submitit
-        params["slurm_additional_parameters"] = dict(e.sbatch)
+        params["slurm_additional_parameters"] = {k: sbatch_value(v) for k, v in e.sbatch.items()}
     return params
+
+
+def sbatch_value(value: Any) -> Any:
+    """A value for an ``#SBATCH`` line, which submitit shell-quotes: sbatch undoes the quotes but
+    reads a backslash as an escape even inside single quotes (``'a\\b'`` gives ``ab``), so each
+    backslash is doubled to reach the job as written."""
+    return value.replace("\\", "\\\\") if isinstance(value, str) else value
 
 
 # ---------------------------------------------------------------------------------------
