@@ -47,6 +47,7 @@ class JobResult:
     protocol: str = MAIN  # "generalization" for the generalization block's jobs; older cached results read as main
     test_correct: dict[str, str] = field(default_factory=dict)  # task -> packed per-image correctness (test split)
     warnings: list[str] = field(default_factory=list)  # what the driver shows besides the result (artifacts JSON cannot hold)
+    ran_on: dict[str, str] = field(default_factory=dict)  # where it ran, when not here: SLURM job id and log
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -104,7 +105,7 @@ def _result_problem(data: Any, key: str) -> str | None:
     if not isinstance(metrics, dict) or not all(
             isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in metrics.values()):
         return "metrics are not finite numbers"
-    for name in ("params", "timings", "artifacts", "test_correct"):
+    for name in ("params", "timings", "artifacts", "test_correct", "ran_on"):
         if not isinstance(data.get(name, {}), dict):
             return f"{name} is not a mapping"
     if not isinstance(data.get("warnings", []), list):

@@ -373,6 +373,7 @@ class Tracker:
             tags["harness.failure_reason"] = result.error[:5000]
         if result.warnings:
             tags["harness.warnings"] = "\n".join(result.warnings)[:5000]
+        tags.update({f"harness.{k}": v for k, v in result.ran_on.items()})  # from a run to its SLURM job and log
         run = self.client.create_run(self.experiment_id, tags=tags)
         rid = run.info.run_id
         self._writing.add(rid)

@@ -795,6 +795,31 @@ def test_failed_jobs_are_reported_with_reason_and_stderr_tail(interrupted_sweep)
 
 
 @needs_slurm
+def test_a_result_names_the_slurm_job_and_logs_it_ran_in(interrupted_sweep):
+    """From a result file or an MLflow run to the job's log: the SLURM job id and its stdout and
+    stderr logs are recorded with every result a job returned, and tagged on its run."""
+    from mlflow.tracking import MlflowClient
+
+    from harness.tracking import JOB_TAG
+
+    out = Path(interrupted_sweep["dict"]["output_dir"])
+    final = interrupted_sweep["final"]
+    client = MlflowClient(validate_config(interrupted_sweep["dict"]).resolved_tracking_uri())
+    runs = {r.data.tags.get(JOB_TAG): r.data.tags
+            for r in client.search_runs([e.experiment_id for e in client.search_experiments()])}
+    for r in interrupted_sweep["outcome"].results:
+        job = final[r.key]["job_id"]
+        want = {"slurm_job_id": job, "log": str(out / "slurm" / f"{job}_0_log.out"),
+                "error_log": str(out / "slurm" / f"{job}_0_log.err")}
+        assert r.ran_on == want, r.title
+        assert Path(want["log"]).is_file()
+        tags = runs[r.key]
+        assert (tags["harness.slurm_job_id"], tags["harness.log"]) == (job, want["log"]), r.title
+    stored = [json.loads(p.read_text()) for p in (out / "results").glob("*.json")]
+    assert stored and all(d["ran_on"]["slurm_job_id"] == final[d["key"]]["job_id"] for d in stored)
+
+
+@needs_slurm
 def test_rerun_after_killed_driver_resubmits_only_unfinished_jobs(interrupted_sweep):
     s = interrupted_sweep
     first, final, outcome = s["first"], s["final"], s["outcome"]

@@ -569,6 +569,8 @@ class SlurmExecutor:
                         continue
                     remaining.remove(t)
                     t.outcome = "done" if result.status == "ok" else "failed"
+                    result.ran_on = {"slurm_job_id": t.job_id, "log": str(t.log_path()),
+                                     "error_log": str(t.log_path(failed=True))}
                     live.refresh_table()
                     if t.show_tail and result.error_detail:
                         self._print_tail(t, result.error_detail)
