@@ -1122,3 +1122,19 @@ def test_the_cluster_refusing_an_option_names_its_field(cluster, micro_checkpoin
     err = " ".join(r.stderr.split())
     assert r.exit_code == 2 and err == f"error: {f}: {expected}", err
     assert not (tmp_path / "out" / "slurm" / "submitted.json").exists()
+
+
+def test_collect_with_nothing_submitted_is_an_error(micro_checkpoints, tmp_path, monkeypatch):
+    """``collect`` on a folder nothing was submitted from (a mistyped output_dir, a sweep never
+    run with kind slurm) says so and exits 2, not 0 with an empty table."""
+    import harness.executors.slurm as slurm
+
+    monkeypatch.setattr(slurm, "cluster_partitions", lambda: PARTITIONS)
+    d = make_sweep_dict(micro_checkpoints, tmp_path)
+    d["executor"] = {"kind": "slurm"}
+    f = tmp_path / "sweep.yaml"
+    f.write_text(yaml.safe_dump(d))
+    for quiet in ([], ["-q"]):
+        r = CliRunner().invoke(main, ["collect", *quiet, str(f)])
+        assert r.exit_code == 2, r.output
+        assert f"no SLURM submissions recorded under {Path(d['output_dir']) / 'slurm'}" in r.stderr, r.stderr

@@ -452,6 +452,8 @@ class SlurmExecutor:
         """The specs that have a recorded submission (what ``collect`` can wait for)."""
         self._require_cluster("collect")
         records = self.log.load()
+        if specs and not records:  # nothing to wait for: another folder, or never submitted
+            raise no_submissions(self.log.path.parent)
         return [s for s in specs if s.key in records]
 
     def changed_code(self, specs: list[JobSpec]) -> dict[str, str]:
@@ -976,13 +978,18 @@ def check_cluster(cfg: SweepConfig, file: str, partitions: dict[str, dict[str, A
 # harness status
 
 
+def no_submissions(folder: Path) -> HarnessError:
+    """What ``status`` and ``collect`` say of a sweep folder nothing was submitted from."""
+    return HarnessError(f"no SLURM submissions recorded under {folder} "
+                        "(run `harness sweep` with executor.kind slurm, or `harness sweep --detach`)")
+
+
 def status_table(cfg: SweepConfig) -> tuple[Table, dict[str, int]]:
     """The recorded submissions of a sweep: SLURM state, log, and whether the driver collected it."""
     folder = cfg.resolved_output_dir() / "slurm"
     records = SubmissionLog(folder).load()
     if not records:
-        raise HarnessError(f"no SLURM submissions recorded under {folder} "
-                           "(run `harness sweep` with executor.kind slurm)")
+        raise no_submissions(folder)
     results = cfg.resolved_output_dir() / "results"
     tracked, collected = [], set()
     for key, rec in records.items():
