@@ -17,6 +17,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from harness.config import ConfigError, validate_config
+from harness.errors import HarnessError
 from harness.runner import run_sweep
 from tests.conftest import TRAINED_TASKS, make_sweep_dict
 
@@ -759,7 +760,8 @@ def test_collect_says_it_runs_no_study(sweep_dict):
              methods=[{"name": "task_arithmetic", "label": "tuned", "tune": tune_block(n_trials=2)}])
     cfg = validate_config(d)
     text = io.StringIO()
-    run_sweep(cfg, console=Console(file=text, width=250), mode="collect")
+    with pytest.raises(HarnessError, match="no SLURM submissions recorded"):  # nor were its other jobs submitted
+        run_sweep(cfg, console=Console(file=text, width=250), mode="collect")
     assert ("collect runs no Optuna study: run `harness sweep` (or `harness tune FILE --method LABEL`) for tuned"
             in " ".join(text.getvalue().split()))
     assert not (cfg.resolved_output_dir() / "optuna").exists()
