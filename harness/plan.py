@@ -26,7 +26,6 @@ MERGE_KINDS = ("merge", "trial", "robustness")
 REFERENCE_SEED = 0
 
 JobKind = Literal["pretrained", "individual", "perfect_routing", "merge", "trial", "robustness"]
-PER_TASK_KINDS = ("individual", "perfect_routing")
 
 
 @dataclass(frozen=True)
@@ -117,15 +116,6 @@ def full_params(method: str, params: dict[str, Any]) -> dict[str, Any]:
     from methods.base import resolve_method
 
     return resolve_method(method)(**params).model_dump(mode="json")
-
-
-def key_params(method: str, params: dict[str, Any]) -> dict[str, Any]:
-    """:func:`full_params` as a job key holds them: settings that never change a result
-    (``MergeMethod.runtime_only``: checkpoint intervals, a kernel choice) at their defaults,
-    which keeps the keys of jobs cached at the defaults."""
-    from methods.base import resolve_method
-
-    return resolve_method(method)(**params).key_params()
 
 
 def method_class_id(method: str) -> str:

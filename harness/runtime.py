@@ -42,8 +42,8 @@ def configure_threads(threads: int | str = "auto", n_params: int | None = None, 
     cores = max(1, cores or available_cores())
     _EVAL_THREADS = None
     if threads == "auto":
-        if omp_threads() is not None:
-            n = omp_threads()
+        if (omp := omp_threads()) is not None:
+            n = omp
         elif n_params is not None and n_params < SMALL_MODEL_PARAMS:
             n, _EVAL_THREADS = 1, cores
         else:

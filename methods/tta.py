@@ -45,8 +45,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import io
-import math
 import logging
+import math
 import os
 import pickle
 from pathlib import Path

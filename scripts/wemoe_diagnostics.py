@@ -61,5 +61,6 @@ def main() -> None:
                   f"| {fmean(r.entropy_start for r in rows):.3f} / {fmean(r.entropy_own for r in rows):.3f} / "
                   f"{fmean(r.entropy_min for r in rows):.3f} | {fmean(finite) if finite else math.nan:.3f} |")
 
+
 if __name__ == "__main__":
     main()

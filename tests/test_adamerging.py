@@ -288,14 +288,13 @@ def test_diversity_weight_steps_match_information_maximisation_written_out(model
 def test_an_added_hyperparameter_at_its_default_keeps_the_job_keys():
     """``diversity_weight`` came after results were cached: at 0 (its default) keys leave it
     out, so those results stay cached; set, it enters the key."""
-    from harness.plan import key_params
     from methods.wemoe import WeMoE
 
-    for name, cls in (("adamerging", adamerging.AdaMerging), ("wemoe", WeMoE)):
-        assert "diversity_weight" not in key_params(name, {"steps": 3})
-        assert key_params(name, {"steps": 3}) == key_params(name, {"steps": 3, "diversity_weight": 0.0})
-        assert key_params(name, {"steps": 3, "diversity_weight": 0.5})["diversity_weight"] == 0.5
-        assert set(key_params(name, {})) == set(cls.model_fields) - {"diversity_weight"}
+    for cls in (adamerging.AdaMerging, WeMoE):
+        assert "diversity_weight" not in cls(steps=3).key_params()
+        assert cls(steps=3).key_params() == cls(steps=3, diversity_weight=0.0).key_params()
+        assert cls(steps=3, diversity_weight=0.5).key_params()["diversity_weight"] == 0.5
+        assert set(cls().key_params()) == set(cls.model_fields) - {"diversity_weight"}
 
 
 @pytest.mark.parametrize("adapted_on, shown", [
