@@ -322,6 +322,8 @@ class Workspace:
         from harness.plan import TASK_PROMPTS_KEY, TASK_SOURCE_KEY, class_source_digest, own_task
 
         options = next(t.options for t in self.cfg.tasks if t.name == name)
+        if own_task(name):  # the project's tasks' identity holds their files, not where they lie
+            options = {k: v for k, v in options.items() if k != "data_root"}
         task = self.task(name)
         code = class_source_digest(type(task), Task)
         prompts = None if own_task(name) else content_key(task.prompts())

@@ -784,10 +784,11 @@ class Vision8Task(Task):
         return {s: self._sources[s].digest(self.root) for s in ("train", "test")}
 
     def identity(self) -> dict[str, Any]:
+        """The files (relative to ``data_root``) and labels, not where they lie: a dataset copied
+        to node-local scratch or another mount reuses the results cached for it."""
         return {
             **super().identity(),
             "layout": self.layout,
-            "root": str(self.root.resolve()),
             "sizes": {s: len(self.dataset(s)) for s in SPLITS},
             "data": self._data_digest,
             "val": {"fraction": self.val_fraction, "cap": self.val_cap, "seed": VAL_SEED},

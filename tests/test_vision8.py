@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import shutil
 import struct
 from pathlib import Path
 
@@ -370,6 +371,18 @@ def test_identity_follows_the_files_and_labels(tmp_path: Path) -> None:
     assert relabelled["data"]["test"] != first["data"]["test"] and relabelled["data"]["train"] == first["data"]["train"]
     (test / "River" / "moved.png").unlink()
     assert v8.eurosat(str(tmp_path)).identity() not in (first, relabelled)
+
+
+def test_identity_does_not_follow_the_data_root(tmp_path: Path) -> None:
+    """The same files under another root (a copy on node-local scratch) keep the identity, so
+    results cached for them are reused; a copy with one image relabelled does not."""
+    write_imagefolder(tmp_path / "a", "eurosat")
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    first = v8.eurosat(str(tmp_path / "a")).identity()
+    assert v8.eurosat(str(tmp_path / "b")).identity() == first
+    test = tmp_path / "b" / "EuroSAT_splits" / "test"
+    (test / "Forest" / "t0.png").rename(test / "River" / "moved.png")
+    assert v8.eurosat(str(tmp_path / "b")).identity() != first
 
 
 def test_identity_of_array_layouts_follows_the_pixels(tmp_path: Path) -> None:

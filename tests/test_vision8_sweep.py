@@ -103,3 +103,18 @@ def test_adaptation_on_disk_backed_tasks_reads_in_workers_with_the_same_result(m
     adapted = [next(r for r in out.rows if r.method == "adamerging") for out in (with_readers, in_process)]
     assert adapted[0].acc == adapted[1].acc
     assert adapted[0].test_correct == adapted[1].test_correct and adapted[0].test_correct
+
+
+def test_a_dataset_moved_to_another_folder_reuses_the_cached_results(micro_checkpoints, tmp_path):
+    """Keys hold the files and labels, not the folder (top-level ``data_root`` or a task's own
+    ``options.data_root``): the same data on node-local scratch runs nothing again."""
+    import shutil
+
+    d = two_task_sweep(micro_checkpoints, tmp_path, "out", [{"name": "task_arithmetic"}])
+    first = run_sweep(validate_config(d), quiet=True)
+    assert first.executed and not first.failed
+    shutil.move(tmp_path / "data", tmp_path / "scratch")
+    d["data_root"] = str(tmp_path / "nowhere")
+    d["tasks"] = [{"name": t, "options": {"data_root": str(tmp_path / "scratch")}} for t in ("eurosat", "dtd")]
+    again = run_sweep(validate_config(d), quiet=True)
+    assert again.executed == [] and [r.acc for r in again.rows] == [r.acc for r in first.rows]
