@@ -9,7 +9,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import os
 import re
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -557,9 +559,26 @@ def run_study(cfg: SweepConfig, m, identity: dict, task_identity: dict, results_
     best = runner.run(run_batch, record, say)  # StudyFailed: _ended_if_stopped marks both runs FAILED
     files = save_study_plots(runner.study, out / "optuna" / m.display)
     final = with_key(cfg, JobSpec("merge", m.display, method=m.name, params=best), identity, task_identity)
+    if not (results_dir / f"{final.key}.json").is_file():
+        reuse_adaptation(out / "work", runner.best_key(), final.key)
     counts = runner.counts()
     tracker.finish_tuning_run(tune_run, best, runner.study.best_value, files, counts, final.key)
     return final, counts
+
+
+def reuse_adaptation(work: Path, trial_key: str | None, final_key: str) -> None:
+    """Copy the best trial's saved adaptation (its workdir's files) into the workdir of the best
+    setting's job on test, which then resumes it at its last step instead of adapting again: the
+    trial adapted with the same parameters, seed and unlabeled data (a checkpoint adapted on
+    other data or, for WeMoE, with other models or hyperparameters is refused and adapting starts
+    over). A workdir the final job already has (a rerun after a kill) is left as it is."""
+    source, target = work / trial_key if trial_key else None, work / final_key
+    if source is None or not source.is_dir() or target.exists():
+        return
+    part = work / f".{final_key}.copying"  # renamed whole: a driver killed while copying leaves no half
+    shutil.rmtree(part, ignore_errors=True)
+    shutil.copytree(source, part, ignore=shutil.ignore_patterns(".*"))
+    os.replace(part, target)
 
 
 def print_tables(console: Console, cfg: SweepConfig, rows: list[Row],

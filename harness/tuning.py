@@ -370,6 +370,15 @@ class StudyRunner:
         base = JobSpec("trial", self.m.display, method=self.m.name, params={**self.m.params, **params}, trial=handle)
         return with_key(self.cfg, base, self.identity, self.task_identity)
 
+    def best_key(self) -> str | None:
+        """The job key of the study's best trial (None when the method no longer takes its
+        parameters): its workdir holds the adaptation the best setting's final job would redo."""
+        best = self.study.best_trial
+        try:
+            return self.spec(best._trial_id, best.number, best.params).key
+        except ValidationError:
+            return None
+
     def ours(self, trial: Any) -> bool:
         """Whether a RUNNING trial was asked by a driver of this output folder, which this driver
         holds the lock of: that driver is gone, so the trial is stale. A storage outside the

@@ -975,3 +975,41 @@ def test_a_study_run_in_two_goes_draws_what_one_run_draws(sampler, sweep_dict, t
         return [t.params for t in study.trials], study.best_params
 
     assert params("two-goes", 2, 5) == params("one-go", 5)
+
+
+@pytest.mark.parametrize("method", ["adamerging", "wemoe"])
+def test_the_best_settings_job_resumes_the_best_trials_adaptation(method, sweep_dict, tmp_path, monkeypatch):
+    """The best setting's job on test takes over the best trial's saved adaptation (same
+    parameters, seed and data) instead of adapting again; its result is the one adapting again
+    gives, as a plain job of the same setting in another folder shows."""
+    import torch
+
+    steps: list[int] = []
+    real_step = torch.optim.Adam.step
+
+    def counted(self, *args, **kwargs):
+        steps.append(1)
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", counted)
+    params = {"steps": 3, "batch_size": 4}
+    space = {"lr": {"type": "categorical", "choices": [0.001, 0.01]}}
+    d = dict(sweep_dict, references=False, methods=[
+        {"name": method, "label": "tuned", "params": params, "tune": {"n_trials": 2, "sampler": "grid", "space": space}}])
+    cfg = validate_config(d)
+    out = run_sweep(cfg, quiet=True)
+    assert not out.failed, [r.error for r in out.failed]
+    assert len(steps) == 2 * 3  # two trials adapted; the final job adapted no step
+    final = next(r for r in out.results if r.kind == "merge")
+    best = stored_study(cfg).best_trial
+    assert final.params["lr"] == best.params["lr"]
+    assert (cfg.resolved_output_dir() / "work" / final.key).is_dir()
+
+    steps.clear()
+    plain = dict(sweep_dict, output_dir=str(tmp_path / "plain"), references=False,
+                 methods=[{"name": method, "params": {**params, "lr": best.params["lr"]}}])
+    again = run_sweep(validate_config(plain), quiet=True)
+    assert len(steps) == 3  # adapting from scratch
+    redone = next(r for r in again.results if r.kind == "merge")
+    assert redone.key == final.key
+    assert redone.metrics == final.metrics
