@@ -318,6 +318,29 @@ def tune(file: str, overrides: tuple[str, ...], label: str, trials: int | None, 
     _report(cfg, outcome, quiet)
 
 
+@main.command()
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.argument("overrides", nargs=-1)
+@click.option("--method", "label", required=True, help="The row's label in the sweep (or its method's name).")
+@click.option("--out", "dst", required=True, type=click.Path(dir_okay=False), help="The safetensors file to write.")
+def export(file: str, overrides: tuple[str, ...], label: str, dst: str) -> None:
+    """Write the merged image encoder a row of FILE's results table reports (its setting chosen on
+    val) as a safetensors checkpoint, loadable wherever a fine-tuned one is (`model.finetuned`)."""
+    from harness.export import export_merged
+
+    cfg = _load(file, overrides)
+    m = cfg.methods[_method_index(cfg, label, file)]
+    with _fields_of(file, overrides):
+        done = export_merged(cfg, m.display, dst)
+    r = done.result
+    if done.adapted_again:
+        console.print(f"{m.display}: no saved adaptation in work/{r.key}/: adapted again (same data and seed)",
+                      highlight=False)
+    setting = ", ".join(f"{k}={v}" for k, v in sorted(r.params.items())) or "no parameters"
+    console.print(f"wrote {done.path}: {m.display} ({setting}), val {r.metrics.get('val/acc/avg', float('nan')):.1f}, "
+                  f"test {r.metrics.get('acc/avg', float('nan')):.1f} (job {r.key})", highlight=False, markup=False)
+
+
 def _method_index(cfg, label: str, file: str) -> int:
     """The method ``--method`` names: by label, else by name when one tuned method has that name
     (methods without a label go by their name already)."""

@@ -1,0 +1,112 @@
+"""``harness export``: the merged image encoder a results row reports, as a safetensors checkpoint.
+
+A sweep's table names the setting each method was chosen at; researchers want that model
+itself (to evaluate elsewhere, share, or merge again). The row's job is looked up in the
+folder's ``report/jobs.json`` (the jobs the last tables were built from, a tuned method's best
+setting included) and its merge is run again from the sweep's checkpoints: merges are
+deterministic, and a test-time-adaptation method resumes from the adaptation its job saved in
+``work/<key>/`` instead of adapting again. The file is an image-encoder state dict like the
+fine-tuned checkpoints a sweep reads (``model.finetuned``), so it loads back as one.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from harness.config import MAIN, SweepConfig
+from harness.errors import HarnessError
+from harness.job import JobResult, read_result
+from harness.plan import JobSpec, with_key
+from harness.report import JOBS_FILE
+from harness.results import finished_settings, select_best
+
+#: ``format`` in the file's safetensors metadata.
+FORMAT = "harness.merged-image-encoder/1"
+
+
+class ExportError(HarnessError):
+    """Nothing to export, or a model that is no plain image encoder."""
+
+
+@dataclass(frozen=True)
+class Exported:
+    path: Path
+    result: JobResult  # the job whose model was written (its setting, key and metrics)
+    adapted_again: bool  # a test-time-adaptation method found no saved adaptation and adapted anew
+
+
+def chosen_result(cfg: SweepConfig, label: str) -> JobResult:
+    """The job a finished sweep's row ``label`` reports: among the row's finished settings in the
+    folder's last tables, the one with the best validation average, as the table chose it."""
+    out = cfg.resolved_output_dir()
+    jobs_file = out / "report" / JOBS_FILE
+    if not jobs_file.is_file():
+        raise ExportError(f"{jobs_file}: no such file: run `harness sweep` first (its tables name the jobs to export)")
+    pairs = json.loads(jobs_file.read_text())
+    labels = sorted({row for row, _ in pairs if row not in ("pretrained", "individual", "perfect routing")})
+    keys = [key for row, key in pairs if row == label]
+    if not keys:
+        raise ExportError(f"{out}: no row {label!r} in the last results table (rows: {', '.join(labels) or 'none'})")
+    results = [r for r in (read_result(out / "results" / f"{k}.json", k) for k in dict.fromkeys(keys)) if r]
+    finished = [r for r in finished_settings(results, label) if r.protocol == MAIN]
+    if not finished:
+        raise ExportError(f"row {label!r}: no finished setting in {out / 'results'}: rerun the sweep")
+    return select_best(finished)
+
+
+def export_merged(cfg: SweepConfig, label: str, dst: str | Path, device: torch.device | None = None) -> Exported:
+    """Write row ``label``'s merged image encoder to ``dst`` (safetensors, with the method, its
+    setting, the job key and the checkpoints' digests in the metadata)."""
+    from harness.job import merge
+    from harness.models import save_state_dict
+    from harness.workspace import Workspace
+    from methods.base import resolve_method
+
+    result = chosen_result(cfg, label)
+    method = next((m for m in cfg.methods if m.display == label), None)
+    if method is None:
+        raise ExportError(f"row {label!r} is in the results but not among the sweep's methods "
+                          f"({', '.join(m.display for m in cfg.methods)}): give the sweep file it ran from")
+    ws = Workspace(cfg)
+    spec = with_key(cfg, JobSpec("merge", label, method=method.name, params=result.params),
+                    ws.identity, ws.task_identity())
+    if spec.key != result.key:
+        raise ExportError(f"row {label!r}: its reported job {result.key} was run with other checkpoints, data or "
+                          f"settings than the sweep's now (key {spec.key}): rerun the sweep, then export")
+    device = device or torch.device("cpu")
+    workdir = cfg.resolved_output_dir() / "work" / spec.key
+    saved = workdir.is_dir() and any(workdir.iterdir())
+    adapts = resolve_method(method.name).uses_test_data
+    merged, _ = merge(spec, ws, device, workdir)
+    state = _plain_encoder_state(merged, ws.pretrained_encoder, label, workdir)
+    meta: dict[str, Any] = {
+        "format": FORMAT, "arch": ws.sources["arch"], "label": label, "method": method.name,
+        "params": json.dumps(result.params, sort_keys=True), "job_key": spec.key,
+        "pretrained_digest": ws.identity["pretrained"],
+        "finetuned_digests": json.dumps(ws.identity["finetuned"], sort_keys=True),
+        "val_acc_avg": f"{result.metrics.get('val/acc/avg', float('nan')):.4f}",
+        "test_acc_avg": f"{result.metrics.get('acc/avg', float('nan')):.4f}",
+    }
+    save_state_dict(state, dst, metadata=meta)
+    return Exported(Path(dst), result, adapted_again=adapts and not saved)
+
+
+def _plain_encoder_state(merged: torch.nn.Module, pretrained: torch.nn.Module, label: str,
+                         workdir: Path) -> dict[str, torch.Tensor]:
+    """``merged``'s state when it has the pretrained encoder's tensors (names and shapes); a model
+    of another structure (WeMoE's routed MLPs) is refused, naming where its own file is."""
+    state = merged.state_dict()
+    want = {k: tuple(v.shape) for k, v in pretrained.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in state.items()}
+    if got != want:
+        extra = sorted(set(got) - set(want))
+        raise ExportError(
+            f"row {label!r}: its merged model is not a plain image encoder ({len(extra)} tensors the architecture "
+            f"has not, e.g. {extra[0] if extra else 'none'}); a WeMoE job's adapted model is "
+            f"{workdir / 'wemoe.safetensors'}, loaded with methods.wemoe.load_wemoe")
+    return {k: v.detach().cpu() for k, v in state.items()}

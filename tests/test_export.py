@@ -1,0 +1,89 @@
+"""`harness export`: the merged encoder a row reports, written as a checkpoint that loads back
+as a fine-tuned one and scores what the row reports; adaptive rows resume their saved
+adaptation; WeMoE and stale rows are refused with a line saying why."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors import safe_open
+
+from harness.cli import main
+from harness.config import validate_config
+from harness.export import ExportError, export_merged
+from harness.runner import run_sweep
+from tests.conftest import TRAINED_TASKS, make_sweep_dict
+
+
+def test_an_exported_merge_loads_back_as_a_checkpoint_and_scores_what_its_row_reports(trained_checkpoints, tmp_path):
+    d = make_sweep_dict(trained_checkpoints, tmp_path)
+    d["tasks"] = list(TRAINED_TASKS)
+    d["references"] = False
+    d["methods"] = [{"name": "task_arithmetic", "grid": {"scaling": [0.2, 0.5, 0.9]}},
+                    {"name": "ties", "params": {"k": 50}, "grid": {"scaling": [0.6, 1.2]}}]
+    cfg = validate_config(d)
+    outcome = run_sweep(cfg, quiet=True)
+    rows = {r.method: r for r in outcome.rows}
+    for label in ("task_arithmetic", "ties"):
+        dst = tmp_path / f"{label}.safetensors"
+        done = export_merged(cfg, label, dst)
+        assert done.result.metrics["acc/avg"] == rows[label].avg  # the row's chosen setting
+        with safe_open(str(dst), "pt") as f:
+            meta = f.metadata()
+        assert meta["label"] == label and json.loads(meta["params"]) == done.result.params
+        assert meta["job_key"] == done.result.key
+        # The file as every task's "fine-tuned" checkpoint: the individual rows score the merge.
+        again = make_sweep_dict(trained_checkpoints, tmp_path / f"load-{label}")
+        again["tasks"] = list(TRAINED_TASKS)
+        again["model"] = {**again["model"], "finetuned_pattern": None,
+                          "finetuned": {t: str(dst) for t in TRAINED_TASKS}}
+        again["references"] = {"pretrained": False, "individual": True}
+        again["methods"] = []
+        loaded = run_sweep(validate_config(again), quiet=True)
+        individual = next(r for r in loaded.rows if r.method == "individual")
+        assert individual.acc == pytest.approx(rows[label].acc, abs=1e-9)
+
+
+def test_an_adaptive_row_is_exported_from_its_saved_adaptation(sweep_dict, monkeypatch):
+    sweep_dict["references"] = False
+    sweep_dict["methods"] = [{"name": "adamerging", "params": {"steps": 3, "batch_size": 4}}]
+    cfg = validate_config(sweep_dict)
+    run_sweep(cfg, quiet=True)
+    steps: list[int] = []
+    real_step = torch.optim.Adam.step
+
+    def counted(self, *args, **kwargs):
+        steps.append(1)
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", counted)
+    done = export_merged(cfg, "adamerging", cfg.resolved_output_dir() / "ada.safetensors")
+    assert steps == [] and not done.adapted_again
+
+
+def test_wemoe_a_missing_row_and_a_stale_row_are_refused_in_one_line(sweep_dict, tmp_path):
+    sweep_dict["references"] = False
+    sweep_dict["methods"] = [{"name": "wemoe", "params": {"steps": 2, "batch_size": 4}},
+                             {"name": "task_arithmetic", "grid": {"scaling": [0.3]}}]
+    path = tmp_path / "sweep.yaml"
+    import yaml
+
+    path.write_text(yaml.safe_dump(sweep_dict))
+    runner = CliRunner()
+    before = runner.invoke(main, ["export", str(path), "--method", "task_arithmetic", "--out", str(tmp_path / "x.st")])
+    assert before.exit_code == 2 and "run `harness sweep` first" in before.output
+    run_sweep(validate_config(sweep_dict), quiet=True)
+    refused = runner.invoke(main, ["export", str(path), "--method", "wemoe", "--out", str(tmp_path / "w.st")])
+    assert refused.exit_code == 2 and "not a plain image encoder" in refused.output and "wemoe.safetensors" in refused.output
+    assert not (tmp_path / "w.st").exists()
+    ok = runner.invoke(main, ["export", str(path), "--method", "task_arithmetic", "--out", str(tmp_path / "ta.st")])
+    assert ok.exit_code == 0 and "scaling=0.3" in ok.output and (tmp_path / "ta.st").is_file()
+    # Other evaluation settings than the row was run with: its job is not the one the sweep would run now.
+    stale = runner.invoke(main, ["export", str(path), "eval.max_samples=5",
+                                 "--method", "task_arithmetic", "--out", str(tmp_path / "s.st")])
+    assert stale.exit_code == 2 and "rerun the sweep" in stale.output
+    with pytest.raises(ExportError, match="no row 'nope'"):
+        export_merged(validate_config(sweep_dict), "nope", tmp_path / "n.st")
