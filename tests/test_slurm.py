@@ -1036,6 +1036,7 @@ REFUSED_QOS = "sbatch: error: Batch job submission failed: Invalid qos specifica
 REFUSED_GRES = "sbatch: error: Invalid generic resource (gres) specification"
 REFUSED_MEMORY = "sbatch: error: Memory specification can not be satisfied"
 REFUSED_TIME = "sbatch: error: Batch job submission failed: Requested time limit is invalid (missing or exceeds some limit)"
+REFUSED_NODE = "sbatch: error: Batch job submission failed: Invalid node name specified"
 
 
 def _refusing_sbatch(monkeypatch, message: str) -> None:
@@ -1083,6 +1084,11 @@ def _refusing_sbatch(monkeypatch, message: str) -> None:
      "sbatch: unrecognized option '--nosuch-option=1'\nTry \"sbatch --help\" for more information",
      "s.yaml: executor.sbatch.nosuch-option: SLURM refused the jobs: sbatch: unrecognized option "
      "'--nosuch-option=1' Try \"sbatch --help\" for more information (got 1)"),
+    ({"sbatch": {"exclude": "node[3-4]"}}, [], REFUSED_NODE,
+     f"s.yaml: executor.sbatch.exclude: SLURM refused the jobs: {REFUSED_NODE} (got 'node[3-4]')"),
+    ({"sbatch": {"mail-type": "END", "nodelist": "gpu9"}}, [], REFUSED_NODE,
+     f"s.yaml: executor.sbatch.nodelist: SLURM refused the jobs: {REFUSED_NODE} (got 'gpu9')"),
+    ({"sbatch": {"mail-type": "END"}}, [], REFUSED_NODE, f"s.yaml: executor: SLURM refused the jobs: {REFUSED_NODE}"),
     ({"mem_gb": 4}, [], "sbatch: error: Batch job submission failed: Requested node configuration is not available",
      "s.yaml: executor: SLURM refused the jobs: sbatch: error: Batch job submission failed: Requested node "
      "configuration is not available"),
@@ -1098,6 +1104,21 @@ def test_an_option_sbatch_refuses_is_named_with_its_field(micro_checkpoints, tmp
     err = " ".join(r.stderr.split())
     assert r.exit_code == 2, err
     assert err == "error: " + expected.replace("s.yaml", str(f)).format(file=f), err
+
+
+def test_a_refused_node_name_blames_the_sbatch_option_naming_nodes():
+    """No typed field names nodes: ``exclude``, ``nodelist`` or ``nodefile`` under ``sbatch:`` is
+    blamed, else the whole ``executor`` block (never a typed field sbatch did not complain of)."""
+    from harness.config import ExecutorSpec
+    from harness.executors.slurm import refused_field
+
+    def blamed(**fields):
+        return refused_field(ExecutorSpec(kind="slurm", **fields), REFUSED_NODE)
+
+    assert blamed(sbatch={"exclude": "node[3-4]"}) == ("executor.sbatch.exclude", "node[3-4]")
+    assert blamed(sbatch={"mail-type": "END", "nodelist": "gpu9"}) == ("executor.sbatch.nodelist", "gpu9")
+    assert blamed(sbatch={"nodefile": "/tmp/nodes"}) == ("executor.sbatch.nodefile", "/tmp/nodes")
+    assert blamed(partition="gpu", gpus_per_node=1, sbatch={"mail-type": "END"}) == ("executor", None)
 
 
 @needs_slurm

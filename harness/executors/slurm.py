@@ -794,8 +794,9 @@ def _last_line(text: str) -> str:
 
 
 #: sbatch's words for a refused option, and the ``executor`` field that sets it ("gres": see
-#: :func:`refused_field`). Checked in order: a refused memory request also says "Requested node
-#: configuration is not available", which names no option and is left to the fallback.
+#: :func:`refused_field`; None: only ``sbatch:`` options set it). Checked in order: a refused
+#: memory request also says "Requested node configuration is not available", which names no
+#: option and is left to the fallback.
 REFUSALS = (  # sbatch's words, the typed field they are about, and the ``sbatch:`` options setting the same
     (re.compile(r"invalid account", re.IGNORECASE), "account", ("account",)),
     (re.compile(r"invalid qos", re.IGNORECASE), "qos", ("qos",)),
@@ -805,6 +806,7 @@ REFUSALS = (  # sbatch's words, the typed field they are about, and the ``sbatch
      ("gres", "gpus", "gpu", "cpus-per-gpu", "mem-per-gpu")),
     (re.compile(r"memory specification", re.IGNORECASE), "mem_gb", ("mem",)),
     (re.compile(r"time limit", re.IGNORECASE), "timeout_min", ("time",)),
+    (re.compile(r"invalid node name", re.IGNORECASE), None, ("exclude", "nodelist", "nodefile")),  # only under sbatch:
 )
 
 
@@ -814,8 +816,10 @@ def refused_field(e: Any, reason: str) -> tuple[str, Any]:
     ``sbatch:`` that sets the same thing (``mem-per-cpu`` for memory, ``time-min`` for the time
     limit, ``gres``, ``gpus-per-task`` or ``cpus-per-gpu`` for GPUs) is blamed before the typed
     field: it is the one the user wrote for this cluster. A refused generic resource with no GPUs
-    asked for names no field. Words naming an ``sbatch:`` option itself (``unrecognized option '--mail-typ=END'``, ``Invalid
-    --mail-type specification``) blame that option first."""
+    asked for names no field, nor does a refused node name (``Invalid node name specified``)
+    without an ``exclude``, ``nodelist`` or ``nodefile`` option under ``sbatch:`` (no typed field
+    sets nodes). Words naming an ``sbatch:`` option itself (``unrecognized option '--mail-typ=END'``,
+    ``Invalid --mail-type specification``) blame that option first."""
     for key in e.sbatch:
         if re.search(rf"--{re.escape(key)}(?![\w-])", reason):
             return f"executor.sbatch.{key}", e.sbatch[key]
@@ -825,7 +829,7 @@ def refused_field(e: Any, reason: str) -> tuple[str, Any]:
         for key in e.sbatch:  # long option names (checked by the config)
             if any(key == o or key.startswith(o + "-") for o in options):
                 return f"executor.sbatch.{key}", e.sbatch[key]
-        if name != "gpus_per_node" or e.gpus_per_node:
+        if name is not None and (name != "gpus_per_node" or e.gpus_per_node):
             return f"executor.{name}", getattr(e, name)
     return "executor", None
 
