@@ -47,7 +47,7 @@ from harness.cache import atomic_write_json, read_json
 from harness.config import SweepConfig
 from harness.errors import FieldError, HarnessError
 from harness.job import JobResult, read_result
-from harness.plan import JobSpec
+from harness.plan import JobSpec, check_harness_code, harness_code_id
 
 #: SLURM states of a job that may still produce a result.
 ALIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "COMPLETING", "CONFIGURING", "RESIZING", "SUSPENDED",
@@ -93,9 +93,10 @@ class SweepJob(submitit.helpers.Checkpointable):
         self.progress = progress  # the job's log shows preparation and adaptation progress
 
     def __call__(self, spec_dict: dict[str, Any]) -> dict[str, Any]:
-        spec = JobSpec(**spec_dict)
+        spec = JobSpec.from_dict(spec_dict)
         print(f"harness job {spec.title} (key {spec.key})", flush=True)
         try:
+            check_harness_code(spec)  # before the config, which another harness may not read
             from harness.job import run_job
             from harness.runtime import configure_threads, resolve_device
             from harness.workspace import Workspace
@@ -398,6 +399,7 @@ class SlurmExecutor:
             settings = job_settings(self.cfg)
             self.log.record({s.key: {"job_id": str(j.job_id), "title": s.title, "kind": s.kind,
                                      "submitted_at": _now(), "method_id": s.method_id, "task_code": s.task_code,
+                                     "harness_dir": s.harness_dir, "harness_code": s.harness_code,
                                      "settings": settings}
                              for s, j in zip(specs, jobs)})
         return [_Tracked(s, j) for s, j in zip(specs, jobs)]
@@ -448,6 +450,29 @@ class SlurmExecutor:
         return (f"{len(ids)} queued or running job{'' if len(ids) == 1 else 's'} found from an earlier submission "
                 f"keep the executor settings of that submission ({said}): `scancel {' '.join(ids)}` and rerun to submit with these")
 
+    def changed_harness(self, attach: list[_Tracked]) -> str | None:
+        """What to tell of jobs found queued or running that were submitted with other harness code
+        than this driver's (the harness was updated or edited since): their keys did not change, but
+        each one that starts now fails with HarnessChanged; None when there are none. Submissions
+        recorded before the code was recorded are not told apart."""
+        records = self.log.load()
+        here, now = harness_code_id()
+        ids, then = [], {}
+        for t in attach:
+            rec = records.get(t.spec.key, {})
+            code = rec.get("harness_code")
+            if not code or code == now or t.job.paths.result_pickle.exists():
+                continue
+            ids.append(t.job_id)
+            then.setdefault((rec.get("harness_dir", ""), code), None)
+        if not ids:
+            return None
+        said = "; ".join(f"{where}, code {code}" for where, code in then)
+        return (f"{len(ids)} queued or running job{'' if len(ids) == 1 else 's'} found from an earlier submission "
+                f"{'were' if len(ids) != 1 else 'was'} planned with other harness code ({said}; now {here}, "
+                f"code {now}): one that starts now fails with HarnessChanged; `scancel {' '.join(ids)}` and rerun "
+                "to submit with this code")
+
     def known(self, specs: list[JobSpec]) -> list[JobSpec]:
         """The specs that have a recorded submission (what ``collect`` can wait for)."""
         self._require_cluster("collect")
@@ -482,8 +507,8 @@ class SlurmExecutor:
         self._require_cluster("--detach")
         attach, todo = self._reattach(specs)
         tracked = self._submit(todo)
-        changed = self.changed_settings(attach)
-        return (f"{_submitted_line(tracked, attach)}; record: {self.log.path}\n" + (f"{changed}\n" if changed else "")
+        changed = "".join(f"{line}\n" for line in (self.changed_settings(attach), self.changed_harness(attach)) if line)
+        return (f"{_submitted_line(tracked, attach)}; record: {self.log.path}\n" + changed
                 + "check with `harness status`, gather results with `harness collect`")
 
     def start(self, n_jobs: int) -> None:
@@ -507,9 +532,9 @@ class SlurmExecutor:
         submitted = self._submit(todo)
         if self.kind == "slurm" and self.progress:  # a rerun says it found its jobs again, not resubmitted
             self.console.print(_submitted_line(submitted, attach), highlight=False)
-            changed = self.changed_settings(attach)
-            if changed:
-                self.console.print(f"[yellow]warning[/] {escape(changed)}", highlight=False)
+            for changed in (self.changed_settings(attach), self.changed_harness(attach)):
+                if changed:
+                    self.console.print(f"[yellow]warning[/] {escape(changed)}", highlight=False)
         tracked = attach + submitted
         if self.kind == "debug":
             yield from self._run_debug(tracked, on_start)
