@@ -22,7 +22,8 @@ from harness.config import MAIN, SweepConfig
 from harness.evaluation import EvaluationDataError, correct_predictions, percent, stream_workers, unlabeled_batches
 from harness.failpoints import failpoint
 from harness.models import ImageClassifier, tensor_stamp
-from harness.plan import JobSpec, adapts_on_corruptions, check_method_code, check_task_code, job_title, robustness_inline
+from harness.plan import (JobSpec, adapts_on_corruptions, check_harness_code, check_method_code, check_task_code,
+                          job_title, robustness_inline)
 from harness.runtime import evaluation_threads
 from harness.significance import pack_correct
 from harness.workspace import Workspace
@@ -209,6 +210,7 @@ def run_job(spec: JobSpec, ws: Workspace, device: torch.device, workdir: Path) -
     result = JobResult.of(spec, "ok")
     t0 = time.perf_counter()
     try:
+        check_harness_code(spec)
         check_method_code(spec)
         check_task_code(spec, ws.task)
         if spec.kind == "pretrained":

@@ -8,8 +8,10 @@ MLflow identity of the job, so a rerun finds and skips what already finished.
 from __future__ import annotations
 
 import hashlib
+import os
 import weakref
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any, Callable, Literal
 
 from harness.cache import content_key
@@ -40,6 +42,10 @@ class JobSpec:
     protocol: str = MAIN  # "generalization": merged and adapted on the generalization block's seen tasks
     method_id: str | None = None  # method_class_id() the key was computed with; the job checks it (check_method_code)
     task_code: dict[str, str] = field(default_factory=dict)  # own Task classes' digests in the key (check_task_code)
+    # Not in the key: where the planning process's harness package lies and the digest of its code
+    # (harness_code_id); the job checks it (check_harness_code). Empty: planned before it was recorded.
+    harness_dir: str = ""
+    harness_code: str = ""
 
     @property
     def title(self) -> str:
@@ -47,6 +53,13 @@ class JobSpec:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "JobSpec":
+        """The spec of ``to_dict``; fields this code does not know (a spec planned by a newer
+        harness) are dropped, so that the job gets as far as :func:`check_harness_code`."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 def job_title(kind: str, task: str | None, label: str, params: dict[str, Any] | None = None) -> str:
@@ -241,6 +254,67 @@ def check_task_code(spec: JobSpec, task_of: Callable[[str], Any]) -> None:
                               "rerun the sweep")
 
 
+#: The packages whose code computes a job's result, their source ending up in no key (:data:`RESULT_VERSION`).
+CODE_PACKAGES = ("harness", "methods", "tasks")
+_HARNESS_CODE: tuple[str, str] | None = None
+
+
+def code_digest(root: Path | str) -> str:
+    """sha256 (16 hex digits) of the ``.py`` files of :data:`CODE_PACKAGES` under ``root`` (the
+    directory holding them): their paths relative to ``root``, sorted, and their bytes. Where the
+    tree lies does not enter it: an identical copy elsewhere has the same digest."""
+    root = Path(root)
+    files = []
+    for package in CODE_PACKAGES:
+        for folder, dirs, names in os.walk(root / package):
+            dirs[:] = [d for d in dirs if d != "__pycache__"]
+            files += [Path(folder, n) for n in names if n.endswith(".py")]
+    h = hashlib.sha256()
+    for rel, path in sorted((p.relative_to(root).as_posix(), p) for p in files):
+        h.update(rel.encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
+    return h.hexdigest()[:16]
+
+
+def harness_code_id() -> tuple[str, str]:
+    """The directory of this process's ``harness`` package and the :func:`code_digest` of the tree
+    holding it, computed once per process (when ``harness.plan`` is first imported): the code it
+    imported, even if the files change later. The digest is empty where the files cannot be read."""
+    global _HARNESS_CODE
+    if _HARNESS_CODE is None:
+        here = Path(__file__).resolve().parent
+        try:
+            digest = code_digest(here.parent)
+        except OSError:
+            digest = ""
+        _HARNESS_CODE = (str(here), digest)
+    return _HARNESS_CODE
+
+
+class HarnessChanged(RuntimeError):
+    """This process runs other harness code than the one the job was planned with."""
+
+
+def check_harness_code(spec: JobSpec, running: tuple[str, str] | None = None) -> None:
+    """Refuse to run a job in a process whose ``harness`` (``running``: its directory and digest,
+    this process's by default) is not the code the driver planned the job with: a node importing
+    another installation (``sbatch --export=NONE``, another environment), or files edited since
+    submission. Its result would be stored under the planned key, computed by other code. Specs
+    planned before the code was recorded are not checked."""
+    if not spec.harness_code:
+        return
+    where, now = harness_code_id() if running is None else running
+    if now == spec.harness_code:
+        return
+    if where == spec.harness_dir:
+        raise HarnessChanged(f"harness code changed since the sweep was submitted ({where}: code {spec.harness_code} "
+                             f"when planned, now {now or 'unreadable'}): results would be stored under keys of "
+                             "other code; rerun the sweep")
+    raise HarnessChanged(f"the node runs harness from {where} (code {now or 'unreadable'}), the sweep was planned with "
+                         f"{spec.harness_dir} (code {spec.harness_code}): results would be stored under keys of other "
+                         "code; make the node import the driver's harness (for sbatch --export=NONE, add a setup line "
+                         "that activates the same environment) or rerun the sweep")
+
+
 def plan_jobs(cfg: SweepConfig, identity: dict[str, Any] | None = None,
               task_identity: dict[str, Any] | None = None) -> list[JobSpec]:
     """All jobs of the sweep; keys are filled when model/task identities are given."""
@@ -318,5 +392,10 @@ def with_key(cfg: SweepConfig, s: JobSpec, identity: dict[str, Any],
         body["study"] = {k: s.trial[k] for k in ("study_name", "number")}
     task_code = {t: ident[TASK_SOURCE_KEY] for t, ident in (body["tasks"] or {}).items()
                  if isinstance(ident, dict) and TASK_SOURCE_KEY in ident}
+    harness_dir, harness_code = harness_code_id()
     return JobSpec(s.kind, s.label, s.method, s.params, s.task, key=content_key(body), trial=s.trial,
-                   protocol=s.protocol, method_id=body.get("method"), task_code=task_code)
+                   protocol=s.protocol, method_id=body.get("method"), task_code=task_code,
+                   harness_dir=harness_dir, harness_code=harness_code)
+
+
+harness_code_id()  # at import: the code this process runs is the code it imported

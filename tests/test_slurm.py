@@ -523,6 +523,49 @@ def test_jobs_found_queued_with_other_settings_are_told_how_to_resubmit(tmp_path
     assert ex.changed_settings(tracked[2:]) is None
 
 
+
+def test_jobs_found_queued_with_other_harness_code_are_told_how_to_resubmit(tmp_path):
+    """The harness was updated between ``--detach`` and a rerun: the jobs keep their keys, so they
+    are found again, but each one that starts now fails with HarnessChanged. Submissions recorded
+    before the code was recorded, finished ones and ones of this code are not named."""
+    import harness.executors.slurm as slurm
+    from harness.plan import JobSpec, harness_code_id
+
+    d = make_sweep_dict(Path("/nonexistent"), tmp_path)
+    d["executor"] = {"kind": "slurm"}
+    ex = slurm.SlurmExecutor(validate_config(d))
+    here, now = harness_code_id()
+    tracked = [slurm._Tracked(JobSpec("merge", f"m{i}", key=f"k{i}"), _fake_job(ex.folder, f"9_{i}")) for i in range(5)]
+    ex.log.record({f"k{i}": {"job_id": f"9_{i}", "harness_dir": "/old/harness", "harness_code": "0ld0ld0ld0ld0ld0"}
+                   for i in range(3)})
+    ex.log.record({"k3": {"job_id": "9_3"}, "k4": {"job_id": "9_4", "harness_dir": here, "harness_code": now}})
+    tracked[2].job.paths.result_pickle.write_bytes(b"")  # finished: it ran with whatever code it found
+    assert ex.changed_harness(tracked) == (
+        "2 queued or running jobs found from an earlier submission were planned with other harness code "
+        f"(/old/harness, code 0ld0ld0ld0ld0ld0; now {here}, code {now}): one that starts now fails with "
+        "HarnessChanged; `scancel 9_0 9_1` and rerun to submit with this code")
+    assert ex.changed_harness(tracked[2:]) is None
+
+
+def test_a_submission_records_the_harness_code_it_was_planned_with(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    import harness.executors.slurm as slurm
+    from harness.plan import JobSpec
+
+    class Array:
+        def map_array(self, fn, args):
+            return [SimpleNamespace(job_id=f"4_{i}") for i in range(len(args))]
+
+    monkeypatch.setattr(slurm.SlurmExecutor, "_submitit", lambda self: Array())
+    monkeypatch.setattr(slurm, "max_array_size", lambda: 1001)
+    d = make_sweep_dict(Path("/nonexistent"), tmp_path)
+    d["executor"] = {"kind": "slurm"}
+    ex = slurm.SlurmExecutor(validate_config(d))
+    ex.submit([JobSpec("merge", "m", key="k", harness_dir="/b/harness", harness_code="3c4d")])
+    rec = ex.log.load()["k"]
+    assert (rec["harness_dir"], rec["harness_code"]) == ("/b/harness", "3c4d")
+
 def test_a_job_out_of_requeues_names_the_fields_to_raise(micro_checkpoints, tmp_path):
     """submitit requeues a job at its time limit ``requeues`` times, then gives up with an error
     the driver reports with what to change."""
@@ -1036,6 +1079,7 @@ REFUSED_QOS = "sbatch: error: Batch job submission failed: Invalid qos specifica
 REFUSED_GRES = "sbatch: error: Invalid generic resource (gres) specification"
 REFUSED_MEMORY = "sbatch: error: Memory specification can not be satisfied"
 REFUSED_TIME = "sbatch: error: Batch job submission failed: Requested time limit is invalid (missing or exceeds some limit)"
+REFUSED_NODE = "sbatch: error: Batch job submission failed: Invalid node name specified"
 
 
 def _refusing_sbatch(monkeypatch, message: str) -> None:
@@ -1083,6 +1127,11 @@ def _refusing_sbatch(monkeypatch, message: str) -> None:
      "sbatch: unrecognized option '--nosuch-option=1'\nTry \"sbatch --help\" for more information",
      "s.yaml: executor.sbatch.nosuch-option: SLURM refused the jobs: sbatch: unrecognized option "
      "'--nosuch-option=1' Try \"sbatch --help\" for more information (got 1)"),
+    ({"sbatch": {"exclude": "node[3-4]"}}, [], REFUSED_NODE,
+     f"s.yaml: executor.sbatch.exclude: SLURM refused the jobs: {REFUSED_NODE} (got 'node[3-4]')"),
+    ({"sbatch": {"mail-type": "END", "nodelist": "gpu9"}}, [], REFUSED_NODE,
+     f"s.yaml: executor.sbatch.nodelist: SLURM refused the jobs: {REFUSED_NODE} (got 'gpu9')"),
+    ({"sbatch": {"mail-type": "END"}}, [], REFUSED_NODE, f"s.yaml: executor: SLURM refused the jobs: {REFUSED_NODE}"),
     ({"mem_gb": 4}, [], "sbatch: error: Batch job submission failed: Requested node configuration is not available",
      "s.yaml: executor: SLURM refused the jobs: sbatch: error: Batch job submission failed: Requested node "
      "configuration is not available"),
@@ -1098,6 +1147,21 @@ def test_an_option_sbatch_refuses_is_named_with_its_field(micro_checkpoints, tmp
     err = " ".join(r.stderr.split())
     assert r.exit_code == 2, err
     assert err == "error: " + expected.replace("s.yaml", str(f)).format(file=f), err
+
+
+def test_a_refused_node_name_blames_the_sbatch_option_naming_nodes():
+    """No typed field names nodes: ``exclude``, ``nodelist`` or ``nodefile`` under ``sbatch:`` is
+    blamed, else the whole ``executor`` block (never a typed field sbatch did not complain of)."""
+    from harness.config import ExecutorSpec
+    from harness.executors.slurm import refused_field
+
+    def blamed(**fields):
+        return refused_field(ExecutorSpec(kind="slurm", **fields), REFUSED_NODE)
+
+    assert blamed(sbatch={"exclude": "node[3-4]"}) == ("executor.sbatch.exclude", "node[3-4]")
+    assert blamed(sbatch={"mail-type": "END", "nodelist": "gpu9"}) == ("executor.sbatch.nodelist", "gpu9")
+    assert blamed(sbatch={"nodefile": "/tmp/nodes"}) == ("executor.sbatch.nodefile", "/tmp/nodes")
+    assert blamed(partition="gpu", gpus_per_node=1, sbatch={"mail-type": "END"}) == ("executor", None)
 
 
 @needs_slurm

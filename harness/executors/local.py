@@ -74,7 +74,7 @@ def _init_worker(cfg_json: dict, cores: int, environ: dict[str, str], alive: Con
 
 def _work(spec_dict: dict) -> dict:
     ws = _WORKER_WS
-    spec = JobSpec(**spec_dict)
+    spec = JobSpec.from_dict(spec_dict)
     device = resolve_device(ws.cfg.device)
     workdir = ws.cfg.resolved_output_dir() / "work" / spec.key
     return run_job(spec, ws, device, workdir).to_dict()

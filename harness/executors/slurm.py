@@ -47,7 +47,7 @@ from harness.cache import atomic_write_json, read_json
 from harness.config import SweepConfig
 from harness.errors import FieldError, HarnessError
 from harness.job import JobResult, read_result
-from harness.plan import JobSpec
+from harness.plan import JobSpec, check_harness_code, harness_code_id
 
 #: SLURM states of a job that may still produce a result.
 ALIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "COMPLETING", "CONFIGURING", "RESIZING", "SUSPENDED",
@@ -93,9 +93,10 @@ class SweepJob(submitit.helpers.Checkpointable):
         self.progress = progress  # the job's log shows preparation and adaptation progress
 
     def __call__(self, spec_dict: dict[str, Any]) -> dict[str, Any]:
-        spec = JobSpec(**spec_dict)
+        spec = JobSpec.from_dict(spec_dict)
         print(f"harness job {spec.title} (key {spec.key})", flush=True)
         try:
+            check_harness_code(spec)  # before the config, which another harness may not read
             from harness.job import run_job
             from harness.runtime import configure_threads, resolve_device
             from harness.workspace import Workspace
@@ -398,6 +399,7 @@ class SlurmExecutor:
             settings = job_settings(self.cfg)
             self.log.record({s.key: {"job_id": str(j.job_id), "title": s.title, "kind": s.kind,
                                      "submitted_at": _now(), "method_id": s.method_id, "task_code": s.task_code,
+                                     "harness_dir": s.harness_dir, "harness_code": s.harness_code,
                                      "settings": settings}
                              for s, j in zip(specs, jobs)})
         return [_Tracked(s, j) for s, j in zip(specs, jobs)]
@@ -448,6 +450,29 @@ class SlurmExecutor:
         return (f"{len(ids)} queued or running job{'' if len(ids) == 1 else 's'} found from an earlier submission "
                 f"keep the executor settings of that submission ({said}): `scancel {' '.join(ids)}` and rerun to submit with these")
 
+    def changed_harness(self, attach: list[_Tracked]) -> str | None:
+        """What to tell of jobs found queued or running that were submitted with other harness code
+        than this driver's (the harness was updated or edited since): their keys did not change, but
+        each one that starts now fails with HarnessChanged; None when there are none. Submissions
+        recorded before the code was recorded are not told apart."""
+        records = self.log.load()
+        here, now = harness_code_id()
+        ids, then = [], {}
+        for t in attach:
+            rec = records.get(t.spec.key, {})
+            code = rec.get("harness_code")
+            if not code or code == now or t.job.paths.result_pickle.exists():
+                continue
+            ids.append(t.job_id)
+            then.setdefault((rec.get("harness_dir", ""), code), None)
+        if not ids:
+            return None
+        said = "; ".join(f"{where}, code {code}" for where, code in then)
+        return (f"{len(ids)} queued or running job{'' if len(ids) == 1 else 's'} found from an earlier submission "
+                f"{'were' if len(ids) != 1 else 'was'} planned with other harness code ({said}; now {here}, "
+                f"code {now}): one that starts now fails with HarnessChanged; `scancel {' '.join(ids)}` and rerun "
+                "to submit with this code")
+
     def known(self, specs: list[JobSpec]) -> list[JobSpec]:
         """The specs that have a recorded submission (what ``collect`` can wait for)."""
         self._require_cluster("collect")
@@ -482,8 +507,8 @@ class SlurmExecutor:
         self._require_cluster("--detach")
         attach, todo = self._reattach(specs)
         tracked = self._submit(todo)
-        changed = self.changed_settings(attach)
-        return (f"{_submitted_line(tracked, attach)}; record: {self.log.path}\n" + (f"{changed}\n" if changed else "")
+        changed = "".join(f"{line}\n" for line in (self.changed_settings(attach), self.changed_harness(attach)) if line)
+        return (f"{_submitted_line(tracked, attach)}; record: {self.log.path}\n" + changed
                 + "check with `harness status`, gather results with `harness collect`")
 
     def start(self, n_jobs: int) -> None:
@@ -507,9 +532,9 @@ class SlurmExecutor:
         submitted = self._submit(todo)
         if self.kind == "slurm" and self.progress:  # a rerun says it found its jobs again, not resubmitted
             self.console.print(_submitted_line(submitted, attach), highlight=False)
-            changed = self.changed_settings(attach)
-            if changed:
-                self.console.print(f"[yellow]warning[/] {escape(changed)}", highlight=False)
+            for changed in (self.changed_settings(attach), self.changed_harness(attach)):
+                if changed:
+                    self.console.print(f"[yellow]warning[/] {escape(changed)}", highlight=False)
         tracked = attach + submitted
         if self.kind == "debug":
             yield from self._run_debug(tracked, on_start)
@@ -794,8 +819,9 @@ def _last_line(text: str) -> str:
 
 
 #: sbatch's words for a refused option, and the ``executor`` field that sets it ("gres": see
-#: :func:`refused_field`). Checked in order: a refused memory request also says "Requested node
-#: configuration is not available", which names no option and is left to the fallback.
+#: :func:`refused_field`; None: only ``sbatch:`` options set it). Checked in order: a refused
+#: memory request also says "Requested node configuration is not available", which names no
+#: option and is left to the fallback.
 REFUSALS = (  # sbatch's words, the typed field they are about, and the ``sbatch:`` options setting the same
     (re.compile(r"invalid account", re.IGNORECASE), "account", ("account",)),
     (re.compile(r"invalid qos", re.IGNORECASE), "qos", ("qos",)),
@@ -805,6 +831,7 @@ REFUSALS = (  # sbatch's words, the typed field they are about, and the ``sbatch
      ("gres", "gpus", "gpu", "cpus-per-gpu", "mem-per-gpu")),
     (re.compile(r"memory specification", re.IGNORECASE), "mem_gb", ("mem",)),
     (re.compile(r"time limit", re.IGNORECASE), "timeout_min", ("time",)),
+    (re.compile(r"invalid node name", re.IGNORECASE), None, ("exclude", "nodelist", "nodefile")),  # only under sbatch:
 )
 
 
@@ -814,8 +841,10 @@ def refused_field(e: Any, reason: str) -> tuple[str, Any]:
     ``sbatch:`` that sets the same thing (``mem-per-cpu`` for memory, ``time-min`` for the time
     limit, ``gres``, ``gpus-per-task`` or ``cpus-per-gpu`` for GPUs) is blamed before the typed
     field: it is the one the user wrote for this cluster. A refused generic resource with no GPUs
-    asked for names no field. Words naming an ``sbatch:`` option itself (``unrecognized option '--mail-typ=END'``, ``Invalid
-    --mail-type specification``) blame that option first."""
+    asked for names no field, nor does a refused node name (``Invalid node name specified``)
+    without an ``exclude``, ``nodelist`` or ``nodefile`` option under ``sbatch:`` (no typed field
+    sets nodes). Words naming an ``sbatch:`` option itself (``unrecognized option '--mail-typ=END'``,
+    ``Invalid --mail-type specification``) blame that option first."""
     for key in e.sbatch:
         if re.search(rf"--{re.escape(key)}(?![\w-])", reason):
             return f"executor.sbatch.{key}", e.sbatch[key]
@@ -825,7 +854,7 @@ def refused_field(e: Any, reason: str) -> tuple[str, Any]:
         for key in e.sbatch:  # long option names (checked by the config)
             if any(key == o or key.startswith(o + "-") for o in options):
                 return f"executor.sbatch.{key}", e.sbatch[key]
-        if name != "gpus_per_node" or e.gpus_per_node:
+        if name is not None and (name != "gpus_per_node" or e.gpus_per_node):
             return f"executor.{name}", getattr(e, name)
     return "executor", None
 
