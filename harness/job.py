@@ -23,6 +23,7 @@ from harness.evaluation import EvaluationDataError, correct_predictions, percent
 from harness.failpoints import failpoint
 from harness.models import ImageClassifier, tensor_stamp
 from harness.plan import JobSpec, adapts_on_corruptions, check_method_code, check_task_code, job_title, robustness_inline
+from harness.precision import autocast, check_precision
 from harness.runtime import evaluation_threads
 from harness.significance import pack_correct
 from harness.workspace import Workspace
@@ -168,7 +169,8 @@ def task_correct(ws: Workspace, encoder: torch.nn.Module, task: str, dataset, de
     """Per-image top-1 correctness of ``encoder`` with ``task``'s head on ``dataset``."""
     clf = ImageClassifier(encoder, ws.head(task))
     try:
-        return correct_predictions(clf, dataset, ws.cfg.eval.batch_size, device, ws.cfg.eval.max_samples)
+        return correct_predictions(clf, dataset, ws.cfg.eval.batch_size, device, ws.cfg.eval.max_samples,
+                                   ws.cfg.eval.precision)
     except EvaluationDataError as exc:  # a disk-backed split's labels are read only here: say whose
         raise EvaluationDataError(f"task {task!r}: {exc}") from None
 
@@ -211,6 +213,7 @@ def run_job(spec: JobSpec, ws: Workspace, device: torch.device, workdir: Path) -
     try:
         check_method_code(spec)
         check_task_code(spec, ws.task)
+        check_precision(ws.cfg.eval.precision, device)  # never float32 silently under a reduced-precision key
         if spec.kind == "pretrained":
             encoder = ws.pretrained_encoder
             result.timings["load"] = time.perf_counter() - t0
@@ -286,12 +289,14 @@ def check_encoder(spec: JobSpec, merged: Any, ws: Workspace | None = None,
     image = split[0][0][None]  # no DataLoader: its iterator would draw from torch's global generator
     where = f"merge() of {spec.method} returned an encoder that"
     was_training = merged.training
+    precision = ws.cfg.eval.precision
     try:
-        with torch.no_grad():
+        with torch.no_grad(), autocast(precision, device):
             features = merged.to(device).eval()(image.to(device))
     except Exception as exc:
+        under = f", under eval.precision: {precision}" if precision != "fp32" else ""
         raise TypeError(f"{where} fails on one validation image of {task} (float32 {list(image.shape)}, "
-                        f"as evaluation gives them): {type(exc).__name__}: {exc}") from exc
+                        f"as evaluation gives them{under}): {type(exc).__name__}: {exc}") from exc
     finally:
         merged.train(was_training)
     width = head.shape[1]
@@ -446,7 +451,7 @@ def merge(spec: JobSpec, ws: Workspace, device: torch.device, workdir: Path,
                "finetuned": {t: ws.sources["finetuned"].get(t) for t in tasks}}
     ctx = MergeContext(heads=heads, unlabeled=unlabeled, device=device, seed=ws.cfg.seed,
                        progress=ws.progress, validate=validate, workdir=str(workdir), report=report,
-                       sources=sources, adapted_on=adapted_on)
+                       sources=sources, adapted_on=adapted_on, precision=ws.cfg.eval.precision)
     torch.manual_seed(ws.cfg.seed)
     before = input_state(pretrained, finetuned, heads)
     merged = method.merge(pretrained, finetuned, ctx)
