@@ -364,7 +364,8 @@ def _entropy_step(model: nn.Module, classifiers: Mapping[str, ImageClassifier],
                   heads: Mapping[str, torch.Tensor], batches: Mapping[str, torch.Tensor],
                   joint_forward: bool, aux_loss: Callable[[str], torch.Tensor] | None = None,
                   aux_name: str = "aux", diversity_weight: float = 0.0,
-                  autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> dict[str, float]:
+                  autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+                  ) -> dict[str, float]:
     """Forward + backward of the summed entropy (minus ``diversity_weight`` x marginal entropy,
     plus ``aux_loss``); returns the values of its parts, ``entropy`` (``diversity``,
     ``aux_name``), which add up to the loss. The forwards run under ``autocast()``, the loss
