@@ -294,6 +294,9 @@ class EvalSpec(Strict):
     batch_size: int = Field(256, ge=1, le=65536)
     max_samples: int | None = Field(None, ge=1, description="score a fixed random subset of this many images per task and split (quick runs)")
     select_on: Literal["val"] = Field("val", description="split that picks a grid's best setting")
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description=(
+        "dtype of the forward passes of evaluation and test-time adaptation (torch.autocast); merging, "
+        "heads, adapted parameters and losses stay float32. In job keys only when not fp32"))
 
 
 class AdaptSpec(Strict):
@@ -559,11 +562,13 @@ class SweepConfig(Strict):
 
     def digest(self) -> str:
         """What finds the sweep's MLflow parent run again: the experiment it measures (name, tasks
-        and their split, model kind, evaluation subset, adaptation data, seed). Not where its files
+        and their split, model kind, evaluation subset and precision, adaptation data, seed). Not where its files
         lie nor how it runs (paths, executor, device, threads, batch size, description), nor its
         methods and reference rows: those add jobs, found by their own keys, to the same sweep, so
         a resumed or extended sweep keeps its parent and logs each job once."""
         body = self.model_dump(mode="json", include=EXPERIMENT_FIELDS)
+        if self.eval.precision != "fp32":  # fp32 sweeps keep the digest they had before the field
+            body["eval"]["precision"] = self.eval.precision
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from harness.precision import autocast
 from harness.runtime import available_cores
 
 
@@ -106,14 +107,19 @@ class EvaluationDataError(ValueError):
 
 @torch.no_grad()
 def correct_predictions(classifier: nn.Module, dataset: Dataset, batch_size: int = 256,
-                        device: torch.device | str = "cpu", max_samples: int | None = None) -> torch.Tensor:
-    """Per-image top-1 correctness (bool), in the split's order: what paired tests compare."""
+                        device: torch.device | str = "cpu", max_samples: int | None = None,
+                        precision: str = "fp32") -> torch.Tensor:
+    """Per-image top-1 correctness (bool), in the split's order: what paired tests compare.
+
+    ``precision`` (``eval.precision``): the forward runs under :func:`harness.precision.autocast`."""
     classifier.eval().to(device)
     hits = []
     for images, labels in iterate_batches(dataset, batch_size, max_samples):
-        logits = classifier(images.to(device, non_blocking=True))
+        with autocast(precision, device):
+            logits = classifier(images.to(device, non_blocking=True))
         if not torch.isfinite(logits).all():
-            raise FloatingPointError("non-finite logits during evaluation")
+            raise FloatingPointError("non-finite logits during evaluation"
+                                     + (f" (eval.precision: {precision})" if precision != "fp32" else ""))
         bad = label_outside(labels, logits.shape[-1])
         if bad is not None:
             raise EvaluationDataError(f"label {bad} is outside the head's {logits.shape[-1]} classes (0..{logits.shape[-1] - 1})")
@@ -124,9 +130,9 @@ def correct_predictions(classifier: nn.Module, dataset: Dataset, batch_size: int
 
 
 def accuracy(classifier: nn.Module, dataset: Dataset, batch_size: int = 256,
-             device: torch.device | str = "cpu", max_samples: int | None = None) -> float:
+             device: torch.device | str = "cpu", max_samples: int | None = None, precision: str = "fp32") -> float:
     """Top-1 accuracy in percent."""
-    return percent(correct_predictions(classifier, dataset, batch_size, device, max_samples))
+    return percent(correct_predictions(classifier, dataset, batch_size, device, max_samples, precision))
 
 
 def percent(correct: torch.Tensor) -> float:

@@ -24,6 +24,7 @@ from harness.failpoints import failpoint
 from harness.models import ImageClassifier, tensor_stamp
 from harness.plan import (JobSpec, adapts_on_corruptions, check_harness_code, check_method_code, check_task_code,
                           job_title, robustness_inline)
+from harness.precision import autocast, check_precision
 from harness.runtime import evaluation_threads
 from harness.significance import pack_correct
 from harness.workspace import Workspace
@@ -169,7 +170,8 @@ def task_correct(ws: Workspace, encoder: torch.nn.Module, task: str, dataset, de
     """Per-image top-1 correctness of ``encoder`` with ``task``'s head on ``dataset``."""
     clf = ImageClassifier(encoder, ws.head(task))
     try:
-        return correct_predictions(clf, dataset, ws.cfg.eval.batch_size, device, ws.cfg.eval.max_samples)
+        return correct_predictions(clf, dataset, ws.cfg.eval.batch_size, device, ws.cfg.eval.max_samples,
+                                   ws.cfg.eval.precision)
     except EvaluationDataError as exc:  # a disk-backed split's labels are read only here: say whose
         raise EvaluationDataError(f"task {task!r}: {exc}") from None
 
@@ -213,6 +215,7 @@ def run_job(spec: JobSpec, ws: Workspace, device: torch.device, workdir: Path) -
         check_harness_code(spec)
         check_method_code(spec)
         check_task_code(spec, ws.task)
+        check_precision(ws.cfg.eval.precision, device)  # never float32 silently under a reduced-precision key
         if spec.kind == "pretrained":
             encoder = ws.pretrained_encoder
             result.timings["load"] = time.perf_counter() - t0
@@ -272,11 +275,13 @@ def run_job(spec: JobSpec, ws: Workspace, device: torch.device, workdir: Path) -
 
 
 def check_encoder(spec: JobSpec, merged: Any, ws: Workspace | None = None,
-                  heads: dict[str, torch.Tensor] | None = None, device: torch.device | None = None) -> None:
+                  heads: dict[str, torch.Tensor] | None = None, device: torch.device | None = None,
+                  precision: str = "fp32") -> None:
     """A merge must return an image encoder whose features the heads take: anything else would
     fail later with an error about evaluation (``mat1 and mat2 shapes cannot be multiplied``)
     that does not name the method at fault. Given the workspace and heads, one validation image
-    of the first task goes through it to check its features are ``[1, width]`` of the heads."""
+    of the first task goes through it to check its features are ``[1, width]`` of the heads, at
+    ``precision`` (``eval.precision``), as evaluation will run it."""
     if not isinstance(merged, torch.nn.Module):
         raise TypeError(f"merge() of {spec.method} returned {type(merged).__name__}, expected an nn.Module")
     if ws is None or not heads:
@@ -289,11 +294,12 @@ def check_encoder(spec: JobSpec, merged: Any, ws: Workspace | None = None,
     where = f"merge() of {spec.method} returned an encoder that"
     was_training = merged.training
     try:
-        with torch.no_grad():
+        with torch.no_grad(), autocast(precision, device or "cpu"):
             features = merged.to(device).eval()(image.to(device))
     except Exception as exc:
+        under = f", under eval.precision: {precision}" if precision != "fp32" else ""
         raise TypeError(f"{where} fails on one validation image of {task} (float32 {list(image.shape)}, "
-                        f"as evaluation gives them): {type(exc).__name__}: {exc}") from exc
+                        f"as evaluation gives them{under}): {type(exc).__name__}: {exc}") from exc
     finally:
         merged.train(was_training)
     width = head.shape[1]
@@ -448,7 +454,7 @@ def merge(spec: JobSpec, ws: Workspace, device: torch.device, workdir: Path,
                "finetuned": {t: ws.sources["finetuned"].get(t) for t in tasks}}
     ctx = MergeContext(heads=heads, unlabeled=unlabeled, device=device, seed=ws.cfg.seed,
                        progress=ws.progress, validate=validate, workdir=str(workdir), report=report,
-                       sources=sources, adapted_on=adapted_on)
+                       sources=sources, adapted_on=adapted_on, precision=ws.cfg.eval.precision)
     torch.manual_seed(ws.cfg.seed)
     before = input_state(pretrained, finetuned, heads)
     merged = method.merge(pretrained, finetuned, ctx)
@@ -463,7 +469,7 @@ def merge(spec: JobSpec, ws: Workspace, device: torch.device, workdir: Path,
             f"{f' and {len(changed) - 1} more' if len(changed) > 1 else ''}): merge() must leave the "
             "pretrained and fine-tuned models and the heads as it got them (copy first, e.g. "
             "methods.base.with_state)")
-    check_encoder(spec, merged, ws, heads, device)
+    check_encoder(spec, merged, ws, heads, device, ws.cfg.eval.precision)
     return merged, ctx.artifacts
 
 

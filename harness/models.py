@@ -477,7 +477,11 @@ def zeroshot_head(clip: nn.Module, tokenizer, prompts: Sequence[Sequence[str]], 
 
 
 class ImageClassifier(nn.Module):
-    """Image encoder + frozen head: logits = normalize(encoder(x)) @ head.T (no bias)."""
+    """Image encoder + frozen head: logits = normalize(encoder(x)) @ head.T (no bias).
+
+    The head is applied in float32 even under autocast (``eval.precision``): the encoder's
+    forward is what reduced precision speeds up; float32 logits keep the top-1 argmax free of
+    the ties a bfloat16 product would round close classes into."""
 
     def __init__(self, encoder: nn.Module, head: torch.Tensor):
         super().__init__()
@@ -485,8 +489,10 @@ class ImageClassifier(nn.Module):
         self.register_buffer("head", head.float(), persistent=False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        feats = F.normalize(self.encoder(images).float(), dim=-1)
-        return feats @ self.head.t()
+        features = self.encoder(images)
+        with torch.autocast(features.device.type, enabled=False):
+            feats = F.normalize(features.float(), dim=-1)
+            return feats @ self.head.t()
 
 
 def describe_state(state: dict[str, torch.Tensor]) -> str:

@@ -355,6 +355,8 @@ def with_key(cfg: SweepConfig, s: JobSpec, identity: dict[str, Any],
                  else {"max_samples": cfg.eval.max_samples, "subset": "seeded"}),
         "seed": REFERENCE_SEED,
     }
+    if cfg.eval.precision != "fp32":  # every job evaluates; fp32 keys stay as before the field
+        body["eval"]["precision"] = cfg.eval.precision
     if s.kind == "individual":
         body["finetuned"] = identity["finetuned"][s.task]
         body["tasks"] = {s.task: (task_identity or {}).get(s.task)}

@@ -178,9 +178,10 @@ def study_definition(m: MethodSpec) -> str:
 def study_measures(cfg: SweepConfig, m: MethodSpec, identity: dict, task_identity: dict) -> str:
     """A digest of what the study's trials are measured on: the job key a trial of ``m`` with no
     tuned value would have (models and their checkpoints' content, tasks and their data, evaluation
-    settings, seed, adaptation data). A sweep changed in any of these (``tasks=[...]``, another
-    ``eval.max_samples``) must not resume a study whose trials scored something else: no trial
-    would run, and its best would be picked on the old sweep's validation data."""
+    settings, ``eval.precision`` when not fp32 included, seed, adaptation data). A sweep changed
+    in any of these (``tasks=[...]``, another ``eval.max_samples`` or ``eval.precision``) must not
+    resume a study whose trials scored something else: no trial would run, and its best would be
+    picked on the old sweep's validation data."""
     from pydantic import ValidationError
 
     from methods.base import resolve_method

@@ -63,7 +63,12 @@ class AdaMergedEncoder(nn.Module):
         return out
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return functional_call(self.encoder, self.merged_state(), (images,))
+        """The encoder at the merged weights. The merge (coefficients times task vectors) runs in
+        float32 with autocast off; only the encoder's forward follows an enclosing autocast
+        (``eval.precision``), which casts the float32 merged weights per operation."""
+        with torch.autocast(images.device.type, enabled=False):
+            state = self.merged_state()
+        return functional_call(self.encoder, state, (images,))
 
     def export(self) -> nn.Module:
         """A plain encoder holding the current merged weights."""

@@ -8,6 +8,7 @@ so YAML, the CLI and Optuna validate and fill them the same way.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterator, Literal, Mapping, get_args, get_origin
@@ -49,6 +50,9 @@ class MergeContext:
     adapts per corruption, the corruption, its severity and seed), so that an adapted model or
     adaptation checkpoint saved in ``workdir`` records the data it was adapted on.
     ``artifacts`` is returned with the job and saved in its result file as JSON.
+    ``precision`` is the sweep's ``eval.precision``: a method's own forward passes (test-time
+    adaptation) run under ``with ctx.autocast():``, its parameters, merged weights and losses in
+    float32 (:func:`methods.tta.run_tta` does this for the adaptation loop).
     """
 
     heads: Mapping[str, torch.Tensor] = field(default_factory=dict)
@@ -62,10 +66,17 @@ class MergeContext:
     sources: Mapping[str, Any] = field(default_factory=dict)
     adapted_on: Mapping[str, Any] = field(default_factory=dict)
     artifacts: dict[str, Any] = field(default_factory=dict)
+    precision: str = "fp32"
 
     @property
     def tasks(self) -> list[str]:
         return list(self.heads)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The context of a forward pass at ``precision`` on ``device`` (fp32: none)."""
+        from harness.precision import autocast
+
+        return autocast(self.precision, self.device)
 
 
 class MergeMethod(BaseModel):

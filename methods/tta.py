@@ -32,6 +32,10 @@ Conventions the callers rely on:
   with their step, to ``ctx.artifacts["tta_validation"]`` (kept in the checkpoint), so a
   sweep's runs show whether adaptation helped on validation, not only the loss.
 
+Precision: the forward passes run under ``ctx.autocast()`` (the sweep's ``eval.precision``);
+the trainable parameters stay float32 (the optimizer updates them there), and the loss (entropy
+of float32 logits, the auxiliary term) is computed in float32 outside autocast.
+
 ``joint_forward=True`` concatenates the tasks' batches into one encoder forward and one
 backward (right for models whose samples do not interact, and cheapest when the forward
 rebuilds weights, as AdaMerging's does). ``joint_forward=False`` runs forward and backward
@@ -336,7 +340,7 @@ def run_tta(
                 optimizer.zero_grad(set_to_none=True)
                 batches = {t: next(streams[t]).to(device) for t in tasks}
                 step_parts = _entropy_step(model, classifiers, heads, batches, joint_forward, aux_loss, aux_name,
-                                           diversity_weight)
+                                           diversity_weight, ctx.autocast)
                 loss = sum(step_parts.values())
                 if not math.isfinite(loss):  # a diverged adaptation is a failed job, never a result
                     raise FloatingPointError(f"{name}: adaptation loss is not finite at step {step + 1}")
@@ -359,10 +363,13 @@ def run_tta(
 def _entropy_step(model: nn.Module, classifiers: Mapping[str, ImageClassifier],
                   heads: Mapping[str, torch.Tensor], batches: Mapping[str, torch.Tensor],
                   joint_forward: bool, aux_loss: Callable[[str], torch.Tensor] | None = None,
-                  aux_name: str = "aux", diversity_weight: float = 0.0) -> dict[str, float]:
+                  aux_name: str = "aux", diversity_weight: float = 0.0,
+                  autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+                  ) -> dict[str, float]:
     """Forward + backward of the summed entropy (minus ``diversity_weight`` x marginal entropy,
     plus ``aux_loss``); returns the values of its parts, ``entropy`` (``diversity``,
-    ``aux_name``), which add up to the loss."""
+    ``aux_name``), which add up to the loss. The forwards run under ``autocast()``, the loss
+    outside it, in float32."""
     summed = {"entropy": 0.0}
     if diversity_weight > 0:
         summed["diversity"] = 0.0
@@ -380,7 +387,9 @@ def _entropy_step(model: nn.Module, classifiers: Mapping[str, ImageClassifier],
         if aux_loss is not None:
             summed[aux_name] = 0.0
         for t, x in batches.items():
-            loss = task_loss(classifiers[t](x))
+            with autocast():
+                logits = classifiers[t](x)
+            loss = task_loss(logits.float())
             if aux_loss is not None:
                 aux = aux_loss(t)
                 loss = loss + aux
@@ -390,7 +399,9 @@ def _entropy_step(model: nn.Module, classifiers: Mapping[str, ImageClassifier],
     tasks = list(batches)
     xs = [batches[t] for t in tasks]
     # One encoder pass; each task's logits then exactly as ImageClassifier computes them.
-    feats = F.normalize(model(torch.cat(xs)).float(), dim=-1)
+    with autocast():
+        features = model(torch.cat(xs))
+    feats = F.normalize(features.float(), dim=-1)
     loss = sum(task_loss(f @ heads[t].t()) for t, f in zip(tasks, feats.split([len(x) for x in xs])))
     loss.backward()
     return summed

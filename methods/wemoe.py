@@ -244,7 +244,14 @@ class WeightEnsemblingMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The MLP in float32 whatever the input's dtype, autocast included (output in the input's
         dtype): autocast would otherwise run some of its matmuls in half precision against float32
-        workspaces and fail, and routing weights and task vectors need the precision."""
+        workspaces and fail, and routing weights and task vectors need the precision.
+
+        This is what ``eval.precision`` asks of merging, so bf16/fp16 evaluation and adaptation
+        keep it: the rest of the tower (attention, embeddings) runs under the caller's autocast,
+        and its reduced-precision activations enter here, are cast to float32, routed and mixed
+        with the float32 task vectors, and leave in the activations' dtype for the next block.
+        The routers, the only trained parameters, thus train in float32 end to end, and their
+        logits (read by the task-identification loss) are float32."""
         with torch.autocast(x.device.type, enabled=False):
             if not self.batch_first:
                 return self._forward(x.transpose(0, 1)).transpose(0, 1)
@@ -450,7 +457,8 @@ def routing_statistics(model: nn.Module, ctx: MergeContext, batches: int) -> tup
             hits = torch.zeros(len(layers), dtype=torch.float64)
             count = 0
             for _ in range(batches):
-                model(next(stream).to(ctx.device))
+                with ctx.autocast():
+                    model(next(stream).to(ctx.device))
                 g = torch.stack([m.last_routing for m in layers]).double().cpu()  # [L, B, T]
                 sums += g.sum(1)
                 if task in experts:

@@ -111,7 +111,7 @@ def test_a_label_the_head_has_no_class_for_names_its_task():
     from harness.job import task_correct
 
     ws = SimpleNamespace(head=lambda task: torch.eye(3, 2), cfg=SimpleNamespace(eval=SimpleNamespace(
-        batch_size=2, max_samples=None)))
+        batch_size=2, max_samples=None, precision="fp32")))
     assert task_correct(ws, nn.Identity(), "mine", _Listed([0, 1, 2]), torch.device("cpu")).shape == (3,)
     with pytest.raises(ValueError, match=r"^task 'mine': label 3 is outside the head's 3 classes \(0..2\)$"):
         task_correct(ws, nn.Identity(), "mine", _Listed([0, 3, 1]), torch.device("cpu"))
