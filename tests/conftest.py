@@ -143,3 +143,17 @@ def perturbed_micro_encoders(tasks, scale: float = 0.05, seed: int = 0):
                 p.add_(scale * torch.randn_like(p))
         finetuned[t] = m
     return pre, finetuned
+
+
+@pytest.fixture
+def adam_steps(monkeypatch) -> list[int]:
+    """One entry per Adam step taken in this process during the test: whether a job adapted."""
+    steps: list[int] = []
+    real_step = torch.optim.Adam.step
+
+    def counted(self, *args, **kwargs):
+        steps.append(1)
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", counted)
+    return steps

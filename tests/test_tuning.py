@@ -978,20 +978,11 @@ def test_a_study_run_in_two_goes_draws_what_one_run_draws(sampler, sweep_dict, t
 
 
 @pytest.mark.parametrize("method", ["adamerging", "wemoe"])
-def test_the_best_settings_job_resumes_the_best_trials_adaptation(method, sweep_dict, tmp_path, monkeypatch):
+def test_the_best_settings_job_resumes_the_best_trials_adaptation(method, sweep_dict, tmp_path, adam_steps):
     """The best setting's job on test takes over the best trial's saved adaptation (same
     parameters, seed and data) instead of adapting again; its result is the one adapting again
     gives, as a plain job of the same setting in another folder shows."""
-    import torch
-
-    steps: list[int] = []
-    real_step = torch.optim.Adam.step
-
-    def counted(self, *args, **kwargs):
-        steps.append(1)
-        return real_step(self, *args, **kwargs)
-
-    monkeypatch.setattr(torch.optim.Adam, "step", counted)
+    steps = adam_steps
     params = {"steps": 3, "batch_size": 4}
     space = {"lr": {"type": "categorical", "choices": [0.001, 0.01]}}
     d = dict(sweep_dict, references=False, methods=[
