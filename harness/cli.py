@@ -323,15 +323,18 @@ def tune(file: str, overrides: tuple[str, ...], label: str, trials: int | None, 
 @click.argument("overrides", nargs=-1)
 @click.option("--method", "label", required=True, help="The row's label in the sweep (or its method's name).")
 @click.option("--out", "dst", required=True, type=click.Path(dir_okay=False), help="The safetensors file to write.")
-def export(file: str, overrides: tuple[str, ...], label: str, dst: str) -> None:
+@click.option("--full-clip", is_flag=True,
+              help="Write the whole CLIP (text tower from the pretrained model), as open_clip loads it.")
+def export(file: str, overrides: tuple[str, ...], label: str, dst: str, full_clip: bool) -> None:
     """Write the merged image encoder a row of FILE's results table reports (its setting chosen on
-    val) as a safetensors checkpoint, loadable wherever a fine-tuned one is (`model.finetuned`)."""
+    val) as a safetensors checkpoint, loadable wherever a fine-tuned one is (`model.finetuned`);
+    with --full-clip the whole CLIP, loadable wherever a pretrained one is."""
     from harness.export import export_merged
 
     cfg = _load(file, overrides)
     m = cfg.methods[_method_index(cfg, label, file)]
     with _fields_of(file, overrides):
-        done = export_merged(cfg, m.display, dst)
+        done = export_merged(cfg, m.display, dst, full_clip=full_clip)
     r = done.result
     if done.adapted_again:
         console.print(f"{m.display}: no saved adaptation in work/{r.key}/: adapted again (same data and seed)",

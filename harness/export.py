@@ -25,8 +25,9 @@ from harness.plan import JobSpec, with_key
 from harness.report import JOBS_FILE
 from harness.results import finished_settings, select_best
 
-#: ``format`` in the file's safetensors metadata.
+#: ``format`` in the file's safetensors metadata: an image-encoder state dict, or a whole CLIP's.
 FORMAT = "harness.merged-image-encoder/1"
+FORMAT_CLIP = "harness.merged-clip/1"
 
 
 class ExportError(HarnessError):
@@ -59,9 +60,12 @@ def chosen_result(cfg: SweepConfig, label: str) -> JobResult:
     return select_best(finished)
 
 
-def export_merged(cfg: SweepConfig, label: str, dst: str | Path, device: torch.device | None = None) -> Exported:
+def export_merged(cfg: SweepConfig, label: str, dst: str | Path, device: torch.device | None = None,
+                  full_clip: bool = False) -> Exported:
     """Write row ``label``'s merged image encoder to ``dst`` (safetensors, with the method, its
-    setting, the job key and the checkpoints' digests in the metadata)."""
+    setting, the job key and the checkpoints' digests in the metadata). ``full_clip``: the whole
+    pretrained CLIP with the merged image tower (``visual.*``), a checkpoint open_clip's
+    ``create_model(arch, pretrained=dst)`` and a sweep's ``model.pretrained`` load."""
     from harness.job import merge
     from harness.models import save_state_dict
     from harness.workspace import Workspace
@@ -84,8 +88,11 @@ def export_merged(cfg: SweepConfig, label: str, dst: str | Path, device: torch.d
     adapts = resolve_method(method.name).uses_test_data
     merged, _ = merge(spec, ws, device, workdir)
     state = _plain_encoder_state(merged, ws.pretrained_encoder, label, workdir)
+    if full_clip:
+        state = {**{k: v.detach().cpu() for k, v in ws.clip.state_dict().items()},
+                 **{f"visual.{k}": v for k, v in state.items()}}
     meta: dict[str, Any] = {
-        "format": FORMAT, "arch": ws.sources["arch"], "label": label, "method": method.name,
+        "format": FORMAT_CLIP if full_clip else FORMAT, "arch": ws.sources["arch"], "label": label, "method": method.name,
         "params": json.dumps(result.params, sort_keys=True), "job_key": spec.key,
         "pretrained_digest": ws.identity["pretrained"],
         "finetuned_digests": json.dumps(ws.identity["finetuned"], sort_keys=True),

@@ -44,6 +44,17 @@ def test_an_exported_merge_loads_back_as_a_checkpoint_and_scores_what_its_row_re
         loaded = run_sweep(validate_config(again), quiet=True)
         individual = next(r for r in loaded.rows if r.method == "individual")
         assert individual.acc == pytest.approx(rows[label].acc, abs=1e-9)
+    # The whole CLIP with the merged image tower, as the pretrained model: its zero-shot row
+    # (heads from the unchanged text tower) scores what task arithmetic's row reports.
+    whole = tmp_path / "ta-clip.safetensors"
+    export_merged(cfg, "task_arithmetic", whole, full_clip=True)
+    as_pretrained = make_sweep_dict(trained_checkpoints, tmp_path / "load-clip")
+    as_pretrained["tasks"] = list(TRAINED_TASKS)
+    as_pretrained["model"] = {**as_pretrained["model"], "pretrained": str(whole)}
+    as_pretrained["references"] = {"pretrained": True, "individual": False}
+    as_pretrained["methods"] = []
+    zero_shot = next(r for r in run_sweep(validate_config(as_pretrained), quiet=True).rows if r.method == "pretrained")
+    assert zero_shot.acc == pytest.approx(rows["task_arithmetic"].acc, abs=1e-9)
 
 
 def test_an_adaptive_row_is_exported_from_its_saved_adaptation(sweep_dict, adam_steps):
