@@ -306,6 +306,20 @@ class AdaptSpec(Strict):
     shuffle_seed: int = 0
 
 
+#: The perfect-routing bound's row; with several lambdas each row is named by its own.
+BOUND_LABEL = "perfect routing"
+
+
+def bound_label(scaling: float, several: bool) -> str:
+    """The bound row at ``scaling``: ``perfect routing``, or ``perfect routing (0.6)`` beside others."""
+    return f"{BOUND_LABEL} ({scaling:g})" if several else BOUND_LABEL
+
+
+def reference_row(name: str) -> bool:
+    """Whether a results row is a reference (pretrained, individual, a perfect-routing bound)."""
+    return name in ("pretrained", "individual") or name == BOUND_LABEL or name.startswith(BOUND_LABEL + " (")
+
+
 class ReferencesSpec(Strict):
     """Reference rows: the pretrained model, the individual fine-tuned models, and WeMoE's
     perfect-routing bound (each task's own fine-tuned MLPs, everything else merged by task
@@ -315,7 +329,28 @@ class ReferencesSpec(Strict):
     pretrained: bool = True
     individual: bool = True
     perfect_routing: bool = False
-    routing_bound_lambda: float = Field(0.3, ge=0.0, le=10.0)
+    routing_bound_lambda: float | list[float] = Field(0.3, description=(
+        "task arithmetic's lambda outside the MLPs; a list gives one bound row per lambda, e.g. one "
+        "per WeMoE init_lambda in the sweep"))
+
+    @field_validator("routing_bound_lambda")
+    @classmethod
+    def _bound_lambdas(cls, v: float | list[float]) -> float | list[float]:
+        values = v if isinstance(v, list) else [v]
+        if not values:
+            raise ValueError("give at least one lambda")
+        for x in values:
+            if not 0.0 <= x <= 10.0:
+                raise ValueError(f"lambda {x} is outside [0, 10]")
+        if len(set(values)) < len(values):
+            raise ValueError("a lambda is given twice")
+        return v
+
+    @property
+    def bound_lambdas(self) -> list[float]:
+        """The perfect-routing bounds' lambdas, in the order given."""
+        v = self.routing_bound_lambda
+        return list(v) if isinstance(v, list) else [v]
 
 
 class RobustnessSpec(Strict):
@@ -801,6 +836,9 @@ def check_methods(cfg: SweepConfig, file: str) -> None:
         except KeyError as exc:
             raise ConfigError(file, f"methods.{i}.name", str(exc.args[0]), show_value=False) from None
         who = f"{cls.__module__}:{cls.__qualname__} ({source_file(cls) or 'built in'})"
+        if reference_row(m.display):  # its row would be taken for a reference row in reports and comparisons
+            raise ConfigError(file, f"methods.{i}.label", f"{m.display!r} names a reference row (pretrained, "
+                              "individual, perfect routing): give the method another label", m.display)
         if cls.merge is MergeMethod.merge:  # else every job of it fails with a bare NotImplementedError
             raise ConfigError(file, f"methods.{i}.name", f"{who} does not define "
                               "merge(self, pretrained, finetuned, ctx)", show_value=False)

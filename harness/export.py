@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from harness.config import MAIN, SweepConfig
+from harness.config import MAIN, SweepConfig, reference_row
 from harness.errors import HarnessError
 from harness.job import JobResult, read_result
 from harness.plan import JobSpec, with_key
@@ -49,7 +49,7 @@ def chosen_result(cfg: SweepConfig, label: str) -> JobResult:
     if not jobs_file.is_file():
         raise ExportError(f"{jobs_file}: no such file: run `harness sweep` first (its tables name the jobs to export)")
     pairs = json.loads(jobs_file.read_text())
-    labels = sorted({row for row, _ in pairs if row not in ("pretrained", "individual", "perfect routing")})
+    labels = sorted({row for row, _ in pairs if not reference_row(row)})
     keys = [key for row, key in pairs if row == label]
     if not keys:
         raise ExportError(f"{out}: no row {label!r} in the last results table (rows: {', '.join(labels) or 'none'})")

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Literal
 
 from harness.cache import content_key
-from harness.config import GENERALIZATION, GENERALIZATION_SUFFIX, MAIN, AdaptSpec, SweepConfig, expand_grid
+from harness.config import GENERALIZATION, GENERALIZATION_SUFFIX, MAIN, AdaptSpec, SweepConfig, bound_label, expand_grid
 
 #: Bump when the meaning of a cached result changes.
 RESULT_VERSION = 1
@@ -326,8 +326,10 @@ def plan_jobs(cfg: SweepConfig, identity: dict[str, Any] | None = None,
         with_checkpoint = cfg.task_names if identity is None else list(identity["finetuned"])
         specs.extend(JobSpec("individual", "individual", task=t) for t in cfg.task_names if t in with_checkpoint)
     if refs.perfect_routing:
-        specs.extend(JobSpec("perfect_routing", "perfect routing", params={"scaling": refs.routing_bound_lambda},
-                             task=t) for t in cfg.merge_tasks)
+        several = len(refs.bound_lambdas) > 1
+        for scaling in refs.bound_lambdas:
+            specs.extend(JobSpec("perfect_routing", bound_label(scaling, several), params={"scaling": scaling},
+                                 task=t) for t in cfg.merge_tasks)
     for m in cfg.methods:
         if m.tune:
             continue  # tuned methods get their jobs from the study (harness.tuning)

@@ -15,7 +15,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from harness.config import GENERALIZATION, MAIN, SweepConfig
+from harness.config import GENERALIZATION, MAIN, SweepConfig, reference_row
 from harness.errors import HarnessError, did_you_mean
 from harness.job import JobResult
 from harness.plan import base_label
@@ -65,7 +65,7 @@ def generalization_records(rows: list[Row], seen: list[str], unseen: list[str]) 
 def default_reference(rows: list[Row]) -> list[str]:
     """Task arithmetic, the baseline every merging paper compares against; else the first method."""
     methods = [r.method for r in rows
-               if r.method not in ("pretrained", "individual", "perfect routing") and not r.failed]
+               if not reference_row(r.method) and not r.failed]
     return ["task_arithmetic"] if "task_arithmetic" in methods else methods[:1]
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from harness.config import GENERALIZATION
+from harness.config import GENERALIZATION, bound_label, reference_row
 from harness.job import JobResult
 from harness.plan import base_label, generalization_label, setting_text
 
@@ -107,16 +107,21 @@ def build_rows(results: list[JobResult], tasks: list[str], method_order: list[st
                         test_correct=_per_task_correct(r for r in results if r.kind == "individual" and r.status == "ok")))
     elif lost := _failed_tasks(failed_of("individual"), indiv, tasks):
         rows.append(Row("individual", f"{FAILED}: {', '.join(lost)}", dict(indiv), None, None))
-    bound = {r.task: r for r in results if r.kind == "perfect_routing" and r.status == "ok"}
-    if all(t in bound for t in seen):
-        acc = {t: bound[t].metrics[f"acc/{t}"] for t in seen}
-        metrics = {f"acc/{t}": a for t, a in acc.items()}
-        rows.append(Row("perfect routing", setting_text(bound[seen[0]].params) + " (bound)", acc,
-                        _mean_of(acc, seen), normalized(metrics, indiv, seen).get("norm_acc/avg"),
-                        test_correct=_per_task_correct(bound[t] for t in seen)))
-    elif lost := _failed_tasks(failed_of("perfect_routing"), bound, tasks):
-        acc = {t: b.metrics[f"acc/{t}"] for t, b in bound.items()}
-        rows.append(Row("perfect routing", f"{FAILED}: {', '.join(lost)}", acc, None, None))
+    routed = [r for r in results if r.kind == "perfect_routing"]
+    scalings = list(dict.fromkeys(r.params["scaling"] for r in routed))  # one bound row each, in plan order
+    for scaling in scalings:
+        name = bound_label(scaling, len(scalings) > 1)
+        bound = {r.task: r for r in routed if r.params["scaling"] == scaling and r.status == "ok"}
+        if all(t in bound for t in seen):
+            acc = {t: bound[t].metrics[f"acc/{t}"] for t in seen}
+            metrics = {f"acc/{t}": a for t, a in acc.items()}
+            rows.append(Row(name, setting_text(bound[seen[0]].params) + " (bound)", acc,
+                            _mean_of(acc, seen), normalized(metrics, indiv, seen).get("norm_acc/avg"),
+                            test_correct=_per_task_correct(bound[t] for t in seen)))
+        elif lost := _failed_tasks([r for r in routed if r.params["scaling"] == scaling and r.status == "failed"],
+                                   bound, tasks):
+            acc = {t: b.metrics[f"acc/{t}"] for t, b in bound.items()}
+            rows.append(Row(name, f"{FAILED}: {', '.join(lost)}", acc, None, None))
     for label in method_order:
         cands = finished_settings(results, label)
         failed = [r for r in results if r.kind == "merge" and r.label == label and r.status == "failed"]
@@ -231,7 +236,7 @@ def robustness_records(rows: list[Row], corruptions: list[str]) -> tuple[list[st
         if "robust/clean/avg" in r.metrics:
             body.append([r.method, _fmt(r.metrics["robust/clean/avg"]),
                          *[_fmt(r.metrics.get(f"robust/{c}/avg")) for c in corruptions]])
-        elif r.robustness_failed or (r.failed and r.method not in ("individual", "perfect routing")):
+        elif r.robustness_failed or (r.failed and (r.method == "pretrained" or not reference_row(r.method))):
             body.append([r.method, *[FAILED] * (1 + len(corruptions))])
     return header, body
 

@@ -32,14 +32,14 @@ def main() -> None:
                     help="overrides of the sweep file, as `harness sweep` takes them")
     ap.add_argument("--split", default="val", choices=["val", "test"])
     ap.add_argument("--scaling", type=float, default=None,
-                    help="task arithmetic's scaling outside the MLPs (default: the sweep's routing_bound_lambda)")
+                    help="task arithmetic's scaling outside the MLPs (default: the sweep's first routing_bound_lambda)")
     ap.add_argument("--temperatures", type=float, nargs="+", default=[1.0])
     ap.add_argument("--batch-size", type=int, default=16, help="images per batch of the batch-level columns")
     ap.add_argument("--diversity-weights", type=float, nargs="+", default=[0.0],
                     help="weights of the batch's marginal entropy in the batch-level choice (WeMoE's diversity_weight)")
     args = ap.parse_args()
     cfg = load_config(args.sweep, args.overrides)
-    scaling = cfg.references.routing_bound_lambda if args.scaling is None else args.scaling
+    scaling = cfg.references.bound_lambdas[0] if args.scaling is None else args.scaling
     scores = expert_scores(Workspace(cfg, progress=True), args.split, scaling)
     print(f"{args.split} split, one-hot routing, task arithmetic {scaling:g} outside the MLPs\n")
     print("| task | head temperature | diversity weight | own expert (acc) | lowest entropy is own expert (%) "

@@ -8,7 +8,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from harness.config import validate_config
+from harness.config import ConfigError, validate_config
 from harness.plan import TASK_SOURCE_KEY
 from harness.runner import run_sweep
 from tests.conftest import TOY_TASKS, make_sweep_dict
@@ -158,6 +158,34 @@ def test_perfect_routing_bound_row(sweep_dict):
     row = next(r for r in out.rows if r.method == "perfect routing")
     bound = {r.task: r.metrics for r in out.results if r.kind == "perfect_routing"}
     assert row.acc == {t: bound[t][f"acc/{t}"] for t in TOY_TASKS}
+
+
+def test_a_bound_row_per_lambda(sweep_dict):
+    """Bounds at several lambdas (one per WeMoE init_lambda) are one row each, named by their
+    lambda; the one at the earlier sweep's lambda is its cached job, and each row holds its own
+    lambda's accuracies. A method may not take a reference row's name."""
+    from harness.report import default_reference
+
+    one = dict(sweep_dict, methods=[], references={"perfect_routing": True, "routing_bound_lambda": 0.4})
+    first = run_sweep(validate_config(one), quiet=True)
+    two = dict(sweep_dict, methods=[{"name": "task_arithmetic", "grid": {"scaling": [0.4]}}],
+               references={"perfect_routing": True, "routing_bound_lambda": [0.4, 0.9]})
+    out = run_sweep(validate_config(two), quiet=True)
+    rows = {r.method: r for r in out.rows}
+    assert [r.method for r in out.rows][-3:] == ["perfect routing (0.4)", "perfect routing (0.9)", "task_arithmetic"]
+    at = {s: {r.task: r.metrics[f"acc/{r.task}"] for r in out.results
+              if r.kind == "perfect_routing" and r.params["scaling"] == s} for s in (0.4, 0.9)}
+    assert rows["perfect routing (0.4)"].acc == at[0.4] == next(r for r in first.rows if r.method == "perfect routing").acc
+    assert rows["perfect routing (0.9)"].acc == at[0.9] and at[0.9] != at[0.4]
+    assert rows["perfect routing (0.9)"].setting == "scaling=0.9 (bound)"
+    bound_keys = {r.key for r in first.results if r.kind == "perfect_routing"}
+    assert not bound_keys & set(out.executed) and len(out.executed) == len(TOY_TASKS) + 1  # the new bound + TA
+    assert default_reference(out.rows) == ["task_arithmetic"]
+    for bad in ([], [0.3, 0.3], [0.3, 11.0]):
+        with pytest.raises(ConfigError, match="references.routing_bound_lambda"):
+            validate_config(dict(sweep_dict, references={"perfect_routing": True, "routing_bound_lambda": bad}))
+    with pytest.raises(ConfigError, match="names a reference row"):
+        validate_config(dict(sweep_dict, methods=[{"name": "task_arithmetic", "label": "perfect routing (0.3)"}]))
 
 
 def test_adaptation_curves_in_mlflow(sweep_dict):
