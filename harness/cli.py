@@ -337,8 +337,10 @@ def export(file: str, overrides: tuple[str, ...], label: str, dst: str, full_cli
         done = export_merged(cfg, m.display, dst, full_clip=full_clip)
     r = done.result
     if done.adapted_again:
-        console.print(f"{m.display}: no saved adaptation in work/{r.key}/: adapted again (same data and seed)",
-                      highlight=False)
+        why = ("its job ran with checkpoint_every: 0, which saves none" if done.saves_none
+               else f"none saved in work/{r.key}/")
+        console.print(f"{m.display}: adapted again, from the start ({why}; same data and seed)",
+                      highlight=False, markup=False)
     setting = ", ".join(f"{k}={v}" for k, v in sorted(r.params.items())) or "no parameters"
     console.print(f"wrote {done.path}: {m.display} ({setting}), val {r.metrics.get('val/acc/avg', float('nan')):.1f}, "
                   f"test {r.metrics.get('acc/avg', float('nan')):.1f} (job {r.key})", highlight=False, markup=False)

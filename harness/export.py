@@ -11,6 +11,7 @@ fine-tuned checkpoints a sweep reads (``model.finetuned``), so it loads back as 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,7 @@ class Exported:
     path: Path
     result: JobResult  # the job whose model was written (its setting, key and metrics)
     adapted_again: bool  # a test-time-adaptation method found no saved adaptation and adapted anew
+    saves_none: bool = False  # its job ran with checkpoint_every: 0: it saved no adaptation to resume
 
 
 def chosen_result(cfg: SweepConfig, label: str) -> JobResult:
@@ -53,7 +55,10 @@ def chosen_result(cfg: SweepConfig, label: str) -> JobResult:
     keys = [key for row, key in pairs if row == label]
     if not keys:
         raise ExportError(f"{out}: no row {label!r} in the last results table (rows: {', '.join(labels) or 'none'})")
-    results = [r for r in (read_result(out / "results" / f"{k}.json", k) for k in dict.fromkeys(keys)) if r]
+    # A result file holds the label its job first ran under (a method renamed since, or a job two
+    # labels share: a tuned best on another label's grid point); the table counts it under this row.
+    results = [dataclasses.replace(r, label=label)
+               for r in (read_result(out / "results" / f"{k}.json", k) for k in dict.fromkeys(keys)) if r]
     finished = [r for r in finished_settings(results, label) if r.protocol == MAIN]
     if not finished:
         raise ExportError(f"row {label!r}: no finished setting in {out / 'results'}: rerun the sweep")
@@ -95,12 +100,13 @@ def export_merged(cfg: SweepConfig, label: str, dst: str | Path, device: torch.d
         "format": FORMAT_CLIP if full_clip else FORMAT, "arch": ws.sources["arch"], "label": label, "method": method.name,
         "params": json.dumps(result.params, sort_keys=True), "job_key": spec.key,
         "pretrained_digest": ws.identity["pretrained"],
-        "finetuned_digests": json.dumps(ws.identity["finetuned"], sort_keys=True),
+        "finetuned_digests": json.dumps({t: ws.identity["finetuned"][t] for t in cfg.seen_tasks(MAIN)}, sort_keys=True),
         "val_acc_avg": f"{result.metrics.get('val/acc/avg', float('nan')):.4f}",
         "test_acc_avg": f"{result.metrics.get('acc/avg', float('nan')):.4f}",
     }
     save_state_dict(state, dst, metadata=meta)
-    return Exported(Path(dst), result, adapted_again=adapts and not saved)
+    saves_none = getattr(resolve_method(method.name)(**result.params), "checkpoint_every", None) == 0
+    return Exported(Path(dst), result, adapted_again=adapts and not saved, saves_none=saves_none)
 
 
 def _plain_encoder_state(merged: torch.nn.Module, pretrained: torch.nn.Module, label: str,

@@ -261,14 +261,16 @@ _HARNESS_CODE: tuple[str, str] | None = None
 
 def code_digest(root: Path | str) -> str:
     """sha256 (16 hex digits) of the ``.py`` files of :data:`CODE_PACKAGES` under ``root`` (the
-    directory holding them): their paths relative to ``root``, sorted, and their bytes. Where the
+    directory holding them; hidden files and folders left out): their paths relative to ``root``, sorted, and their bytes. Where the
     tree lies does not enter it: an identical copy elsewhere has the same digest."""
     root = Path(root)
     files = []
     for package in CODE_PACKAGES:
         for folder, dirs, names in os.walk(root / package):
-            dirs[:] = [d for d in dirs if d != "__pycache__"]
-            files += [Path(folder, n) for n in names if n.endswith(".py")]
+            # hidden entries are no modules: an editor's lock file (emacs ``.#ties.py``, a dangling
+            # link while a buffer is modified), .ipynb_checkpoints/ copies
+            dirs[:] = [d for d in dirs if d != "__pycache__" and not d.startswith(".")]
+            files += [Path(folder, n) for n in names if n.endswith(".py") and not n.startswith(".")]
     h = hashlib.sha256()
     for rel, path in sorted((p.relative_to(root).as_posix(), p) for p in files):
         h.update(rel.encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())

@@ -374,6 +374,8 @@ class StudyRunner:
     def best_key(self) -> str | None:
         """The job key of the study's best trial (None when the method no longer takes its
         parameters): its workdir holds the adaptation the best setting's final job would redo."""
+        from pydantic import ValidationError
+
         best = self.study.best_trial
         try:
             return self.spec(best._trial_id, best.number, best.params).key

@@ -300,6 +300,12 @@ class Workspace:
             self._tasks[name] = task
         return self._tasks[name]
 
+    @staticmethod
+    def _takes_data_root(name: str) -> bool:
+        from tasks.base import resolve_task
+
+        return "data_root" in inspect.signature(resolve_task(name)).parameters
+
     def corrupted(self, task: str, corruption: str):
         """The task's test split under ``corruption`` at the sweep's severity (cached on disk)."""
         from tasks.corruptions import corrupted_split
@@ -324,6 +330,9 @@ class Workspace:
         options = next(t.options for t in self.cfg.tasks if t.name == name)
         if own_task(name):  # the project's tasks' identity holds their files, not where they lie
             options = {k: v for k, v in options.items() if k != "data_root"}
+        elif self.cfg.data_root and "data_root" not in options and self._takes_data_root(name):
+            # the sweep's data_root, which task() gives a factory of one's own, as its own option would be
+            options = {**options, "data_root": self.cfg.data_root}
         task = self.task(name)
         code = class_source_digest(type(task), Task)
         prompts = None if own_task(name) else content_key(task.prompts())

@@ -91,3 +91,49 @@ def test_wemoe_a_missing_row_and_a_stale_row_are_refused_in_one_line(sweep_dict,
     assert stale.exit_code == 2 and "rerun the sweep" in stale.output
     with pytest.raises(ExportError, match="no row 'nope'"):
         export_merged(validate_config(sweep_dict), "nope", tmp_path / "n.st")
+
+
+def test_a_renamed_row_is_exported_from_the_jobs_its_old_label_ran(sweep_dict, tmp_path):
+    """A result file keeps the label its job first ran under; the table (and its jobs.json) counts
+    it under the sweep's label now, and so does export (it said "no finished setting")."""
+    sweep_dict["references"] = False
+    sweep_dict["methods"] = [{"name": "task_arithmetic", "label": "before", "grid": {"scaling": [0.3, 0.6]}}]
+    run_sweep(validate_config(sweep_dict), quiet=True)
+    sweep_dict["methods"][0]["label"] = "after"
+    cfg = validate_config(sweep_dict)
+    again = run_sweep(cfg, quiet=True)
+    assert again.executed == [] and [r.method for r in again.rows] == ["after"]
+    done = export_merged(cfg, "after", tmp_path / "after.safetensors")
+    assert done.result.metrics["acc/avg"] == again.rows[0].avg and done.result.label == "after"
+    with safe_open(str(tmp_path / "after.safetensors"), "pt") as f:
+        assert f.metadata()["label"] == "after"
+
+
+def test_a_row_run_with_checkpoint_every_0_adapts_again_and_says_why(sweep_dict, tmp_path, adam_steps):
+    import yaml
+
+    sweep_dict["references"] = False
+    sweep_dict["methods"] = [{"name": "adamerging", "params": {"steps": 2, "batch_size": 4, "checkpoint_every": 0}}]
+    run_sweep(validate_config(sweep_dict), quiet=True)
+    adam_steps.clear()
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(sweep_dict))
+    out = CliRunner().invoke(main, ["export", str(path), "--method", "adamerging", "--out", str(tmp_path / "a.st")])
+    assert out.exit_code == 0, out.output
+    assert len(adam_steps) == 2
+    assert "adapted again, from the start (its job ran with checkpoint_every: 0, which saves none" in out.output
+
+
+def test_the_metadata_names_the_checkpoints_merged_not_the_unseen_ones(trained_checkpoints, tmp_path):
+    d = make_sweep_dict(trained_checkpoints, tmp_path)
+    d["tasks"] = list(TRAINED_TASKS)
+    d["unseen"] = [TRAINED_TASKS[-1]]
+    d["references"] = False
+    d["methods"] = [{"name": "task_arithmetic", "grid": {"scaling": [0.3]}}]
+    cfg = validate_config(d)
+    run_sweep(cfg, quiet=True)
+    export_merged(cfg, "task_arithmetic", tmp_path / "ta.safetensors")
+    with safe_open(str(tmp_path / "ta.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert sorted(json.loads(meta["finetuned_digests"])) == sorted(TRAINED_TASKS[:-1])
+    assert all(isinstance(json.loads(meta[k]), dict) for k in ("params", "finetuned_digests"))

@@ -171,3 +171,14 @@ def test_a_sweep_reports_the_failed_job_with_the_message(sweep_dict, tmp_path, m
     assert failed.error.startswith(f"HarnessChanged: the node runs harness from {real[0]} (code {real[1]}), the sweep "
                                    f"was planned with {planned_with[0]} (code {planned_with[1]})"), failed.error
     assert "HarnessChanged: the node runs harness from" in " ".join(text.getvalue().split())
+
+
+def test_hidden_files_an_editor_leaves_are_not_code(tmp_path):
+    """An emacs lock file (``.#ties.py``, a dangling link while a buffer is modified, unsaved) or a
+    notebook's .ipynb_checkpoints/ copy is no module: a worker or node starting meanwhile must not
+    find the code changed, or unreadable."""
+    one, two = _copy_packages(tmp_path / "one"), _copy_packages(tmp_path / "two")
+    (two / "methods" / ".#ties.py").symlink_to("user@host.1234:1700000000")
+    (two / "harness" / ".ipynb_checkpoints").mkdir()
+    (two / "harness" / ".ipynb_checkpoints" / "plan-checkpoint.py").write_text("x = 1\n")
+    assert code_digest(two) == code_digest(one)

@@ -1004,3 +1004,21 @@ def test_the_best_settings_job_resumes_the_best_trials_adaptation(method, sweep_
     redone = next(r for r in again.results if r.kind == "merge")
     assert redone.key == final.key
     assert redone.metrics == final.metrics
+
+
+def test_best_key_is_none_when_the_method_refuses_the_best_trials_parameters():
+    """Its documented answer, not a NameError (ValidationError was not imported there)."""
+    from types import SimpleNamespace
+
+    from harness.tuning import StudyRunner
+    from methods.task_arithmetic import TaskArithmetic
+
+    runner = StudyRunner.__new__(StudyRunner)
+    runner.study = SimpleNamespace(best_trial=SimpleNamespace(_trial_id=0, number=0, params={"scaling": "x"}))
+
+    def spec(trial_id, number, params, study=None):
+        TaskArithmetic(**params)  # ValidationError: a scaling that is no number
+        raise AssertionError("the method took the parameters")
+
+    runner.spec = spec
+    assert runner.best_key() is None

@@ -118,3 +118,33 @@ def test_a_dataset_moved_to_another_folder_reuses_the_cached_results(micro_check
     d["tasks"] = [{"name": t, "options": {"data_root": str(tmp_path / "scratch")}} for t in ("eurosat", "dtd")]
     again = run_sweep(validate_config(d), quiet=True)
     assert again.executed == [] and [r.acc for r in again.rows] == [r.acc for r in first.rows]
+
+
+def test_a_factory_of_ones_own_keeps_its_data_folder_in_the_keys(micro_checkpoints, tmp_path):
+    """Only the project's datasets' keys leave the folder out (their identity lists the files): a
+    factory of one's own that takes ``data_root`` gets the sweep's top-level one as it would get
+    ``options.data_root``, and either way another folder is other data to its keys."""
+    from harness.plan import plan_jobs
+    from harness.workspace import Workspace
+    from tests.conftest import make_sweep_dict
+
+    def keys(**where) -> set[str]:
+        d = make_sweep_dict(micro_checkpoints, tmp_path)
+        d.update(references=False, methods=[{"name": "weight_averaging"}], tasks=[
+            {"name": "tests.own_tasks:from_folder", **({"options": where["options"]} if "options" in where else {})},
+            "toy_stripes"])
+        d["model"] = {**d["model"], "finetuned_pattern": None,
+                      "finetuned": {"tests.own_tasks:from_folder": str(micro_checkpoints / "toy_colours.safetensors"),
+                                    "toy_stripes": str(micro_checkpoints / "toy_stripes.safetensors")}}
+        if "top" in where:
+            d["data_root"] = where["top"]
+        cfg = validate_config(d)
+        ws = Workspace(cfg)
+        return {s.key for s in plan_jobs(cfg, ws.identity, ws.task_identity())}
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    assert keys(top=str(a)) != keys(top=str(b))
+    assert keys(options={"data_root": str(a)}) != keys(options={"data_root": str(b)})
+    assert keys(top=str(a)) == keys(top=str(b), options={"data_root": str(a)})
