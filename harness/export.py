@@ -87,7 +87,10 @@ def export_merged(cfg: SweepConfig, label: str, dst: str | Path, device: torch.d
     if spec.key != result.key:
         raise ExportError(f"row {label!r}: its reported job {result.key} was run with other checkpoints, data or "
                           f"settings than the sweep's now (key {spec.key}): rerun the sweep, then export")
-    device = device or torch.device("cpu")
+    if device is None:  # the sweep's device: an adaptation run again runs where the job ran
+        from harness.runtime import resolve_device
+
+        device = resolve_device(cfg.device)
     workdir = cfg.resolved_output_dir() / "work" / spec.key
     saved = workdir.is_dir() and any(workdir.iterdir())
     adapts = resolve_method(method.name).uses_test_data
