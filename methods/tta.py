@@ -13,7 +13,8 @@ Conventions the callers rely on:
   any other truthy value shows a transient rich progress bar of our own (lines at every tenth
   when the output is not a terminal). The bar shows the current loss.
 * Checkpoints: every ``checkpoint_every`` steps and at the end, the trainable tensors, the
-  step, the Adam state, the loss history and ``ctx.adapted_on`` (the data adapted on) go to
+  step, the Adam state (and under fp16 the loss scaler's), the loss history and
+  ``ctx.adapted_on`` (the data adapted on) go to
   ``ctx.workdir/<name>-tta.pt`` (:func:`harness.cache.atomic_write_bytes`; tensors and plain containers only,
   read back with ``weights_only=True``). A run that finds that file resumes from it and
   fast-forwards every task's iterator past the batches already consumed, so resuming
@@ -132,7 +133,8 @@ def checkpoint_path(workdir: str | os.PathLike, name: str) -> Path:
 def _save_checkpoint(path: Path, params: Mapping[str, nn.Parameter], step: int,
                      optimizer: torch.optim.Optimizer, losses: Sequence[float],
                      validation: Sequence[dict[str, float]] = (), parts: "_Parts | None" = None,
-                     adapted_on: Mapping[str, Any] | None = None) -> None:
+                     adapted_on: Mapping[str, Any] | None = None,
+                     scaler: "torch.amp.GradScaler | None" = None) -> None:
     state = {
         "step": step,
         "params": {k: p.detach().cpu().clone() for k, p in params.items()},
@@ -141,6 +143,8 @@ def _save_checkpoint(path: Path, params: Mapping[str, nn.Parameter], step: int,
         "validation": [dict(v) for v in validation],
         "adapted_on": dict(adapted_on or {}),
     }
+    if scaler is not None:
+        state["scaler"] = scaler.state_dict()
     if parts is not None:
         state["parts_start"] = parts.start
         state["parts"] = {k: torch.tensor(v, dtype=torch.float64) for k, v in parts.values.items()}
@@ -154,7 +158,7 @@ class UnreadableCheckpoint(Exception):
 
 
 def _load_checkpoint(path: Path, params: Mapping[str, nn.Parameter], optimizer: torch.optim.Optimizer,
-                     adapted_on: Mapping[str, Any] | None = None
+                     adapted_on: Mapping[str, Any] | None = None, scaler: "torch.amp.GradScaler | None" = None
                      ) -> tuple[int, list[float], list[dict[str, float]], "_Parts"]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -176,6 +180,8 @@ def _load_checkpoint(path: Path, params: Mapping[str, nn.Parameter], optimizer: 
         for k, p in params.items():
             p.copy_(saved[k])
     optimizer.load_state_dict(state["optimizer"])
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
     validation = [{k: float(v) for k, v in row.items()} for row in state.get("validation", [])]
     step = int(state["step"])
     if "parts" in state:
@@ -296,6 +302,10 @@ def run_tta(
     classifiers = {t: ImageClassifier(model, heads[t]) for t in tasks}
     streams = {t: BatchStream(ctx.unlabeled[t], t) for t in tasks}
     optimizer = torch.optim.Adam(list(params.values()), lr=lr)
+    # fp16 gradients below ~6e-8 flush to zero on their way back through the half-precision
+    # forward: the loss is scaled up for the backward and the gradients unscaled before Adam's
+    # step (a step whose gradients overflowed is skipped and the scale lowered), as torch.amp does.
+    scaler = torch.amp.GradScaler(device.type) if ctx.precision == "fp16" else None
 
     start, losses, validation, parts = 0, [], [], _Parts()
     ckpt = checkpoint_path(ctx.workdir, name) if ctx.workdir else None
@@ -303,7 +313,7 @@ def run_tta(
         remove_stale_temporaries(ckpt)  # a killed run's half-written checkpoint: never renamed, never read
     if ckpt is not None and ckpt.is_file():
         try:
-            start, losses, validation, parts = _load_checkpoint(ckpt, params, optimizer, ctx.adapted_on)
+            start, losses, validation, parts = _load_checkpoint(ckpt, params, optimizer, ctx.adapted_on, scaler)
         except UnreadableCheckpoint as exc:  # adapting from the start gives the uninterrupted run's result
             logging.getLogger("harness").warning(f"{exc}; adapting from the start")
             ckpt.unlink(missing_ok=True)
@@ -340,11 +350,16 @@ def run_tta(
                 optimizer.zero_grad(set_to_none=True)
                 batches = {t: next(streams[t]).to(device) for t in tasks}
                 step_parts = _entropy_step(model, classifiers, heads, batches, joint_forward, aux_loss, aux_name,
-                                           diversity_weight, ctx.autocast)
+                                           diversity_weight, ctx.autocast,
+                                           (lambda t: scaler.scale(t).backward()) if scaler else torch.Tensor.backward)
                 loss = sum(step_parts.values())
                 if not math.isfinite(loss):  # a diverged adaptation is a failed job, never a result
                     raise FloatingPointError(f"{name}: adaptation loss is not finite at step {step + 1}")
-                optimizer.step()
+                if scaler is not None:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
                 losses.append(loss)
                 parts.append(step_parts)
                 done = step + 1
@@ -352,7 +367,7 @@ def run_tta(
                 if eval_every > 0 and (done % eval_every == 0 or done == steps):
                     validate(done)
                 if ckpt is not None and checkpoint_every > 0 and (done % checkpoint_every == 0 or done == steps):
-                    _save_checkpoint(ckpt, params, done, optimizer, losses, validation, parts, ctx.adapted_on)
+                    _save_checkpoint(ckpt, params, done, optimizer, losses, validation, parts, ctx.adapted_on, scaler)
                 failpoint("tta_step")
     finally:
         model.train(was_training)
@@ -364,12 +379,12 @@ def _entropy_step(model: nn.Module, classifiers: Mapping[str, ImageClassifier],
                   heads: Mapping[str, torch.Tensor], batches: Mapping[str, torch.Tensor],
                   joint_forward: bool, aux_loss: Callable[[str], torch.Tensor] | None = None,
                   aux_name: str = "aux", diversity_weight: float = 0.0,
-                  autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
-                  ) -> dict[str, float]:
+                  autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+                  backward: Callable[[torch.Tensor], None] = torch.Tensor.backward) -> dict[str, float]:
     """Forward + backward of the summed entropy (minus ``diversity_weight`` x marginal entropy,
     plus ``aux_loss``); returns the values of its parts, ``entropy`` (``diversity``,
     ``aux_name``), which add up to the loss. The forwards run under ``autocast()``, the loss
-    outside it, in float32."""
+    outside it, in float32; ``backward(loss)`` (a loss scaler's under fp16) runs the backward."""
     summed = {"entropy": 0.0}
     if diversity_weight > 0:
         summed["diversity"] = 0.0
@@ -394,7 +409,7 @@ def _entropy_step(model: nn.Module, classifiers: Mapping[str, ImageClassifier],
                 aux = aux_loss(t)
                 loss = loss + aux
                 summed[aux_name] += float(aux.detach())
-            loss.backward()
+            backward(loss)
         return summed
     tasks = list(batches)
     xs = [batches[t] for t in tasks]
@@ -403,5 +418,5 @@ def _entropy_step(model: nn.Module, classifiers: Mapping[str, ImageClassifier],
         features = model(torch.cat(xs))
     feats = F.normalize(features.float(), dim=-1)
     loss = sum(task_loss(f @ heads[t].t()) for t, f in zip(tasks, feats.split([len(x) for x in xs])))
-    loss.backward()
+    backward(loss)
     return summed

@@ -210,6 +210,46 @@ def test_adamerging_adapts_under_autocast_and_merges_in_float32(micro):
         torch.testing.assert_close(out["bf16"][2].state_dict()[k], v, rtol=0, atol=0)
 
 
+def test_fp16_adaptation_scales_its_loss_and_resumes_with_the_scale(micro, tmp_path, monkeypatch):
+    """Under fp16 the backward runs on the loss times the scaler's scale (gradients that would
+    flush to zero in half precision survive) and the scale is in the checkpoint: a resumed
+    adaptation equals an uninterrupted one. Other precisions scale nothing."""
+    from methods import tta
+
+    pre, ft = micro
+    method = AdaMerging(steps=4, lr=1e-2, checkpoint_every=2, granularity="layer")
+    scales: list[float] = []
+    real_scale = torch.amp.GradScaler.scale
+
+    def seen(self, outputs):
+        scales.append(float(self.get_scale()))
+        return real_scale(self, outputs)
+
+    monkeypatch.setattr(torch.amp.GradScaler, "scale", seen)
+
+    def adapt(workdir: Path, precision: str = "fp16", steps: int = 4):
+        ctx = MergeContext(heads=_heads(), unlabeled=_unlabeled(), precision=precision, workdir=str(workdir))
+        merged = method.model_copy(update={"steps": steps}).merge(pre, ft, ctx)
+        return ctx.artifacts["tta_loss"], merged.state_dict()
+
+    adapt(tmp_path / "bf16", "bf16")
+    assert scales == []
+    full_loss, full = adapt(tmp_path / "full")
+    assert len(scales) == 4 and scales[0] == 65536.0  # one scaled backward a step (joint forward)
+    saved = torch.load(tta.checkpoint_path(tmp_path / "full", "adamerging"), weights_only=True)
+    assert saved["scaler"]["scale"] == scales[-1]
+    adapt(tmp_path / "resumed", steps=2)
+    path = tta.checkpoint_path(tmp_path / "resumed", "adamerging")
+    state = torch.load(path, weights_only=True)
+    state["scaler"]["scale"] = 1024.0  # a scale lowered by an overflow: the resumed steps go on with it
+    torch.save(state, path)
+    scales.clear()
+    resumed_loss, resumed = adapt(tmp_path / "resumed")
+    assert scales == [1024.0, 1024.0]
+    assert resumed_loss == full_loss  # a power of two scales and unscales exactly
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+
+
 # ---------------------------------------------------------------------------------------------
 # a whole sweep
 
