@@ -559,7 +559,7 @@ def run_study(cfg: SweepConfig, m, identity: dict, task_identity: dict, results_
     best = runner.run(run_batch, record, say)  # StudyFailed: _ended_if_stopped marks both runs FAILED
     files = save_study_plots(runner.study, out / "optuna" / m.display)
     final = with_key(cfg, JobSpec("merge", m.display, method=m.name, params=best), identity, task_identity)
-    if not (results_dir / f"{final.key}.json").is_file():
+    if finished_result(results_dir, final) is None:  # to run (or to run again: a failed attempt)
         reuse_adaptation(out / "work", runner.best_key(), final.key)
     counts = runner.counts()
     tracker.finish_tuning_run(tune_run, best, runner.study.best_value, files, counts, final.key)

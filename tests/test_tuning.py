@@ -1005,6 +1005,21 @@ def test_the_best_settings_job_resumes_the_best_trials_adaptation(method, sweep_
     assert redone.key == final.key
     assert redone.metrics == final.metrics
 
+    # A final job that failed (its result file says so) and left no workdir takes the copy too.
+    import json
+    import shutil
+
+    if method == "adamerging":
+        out_dir = cfg.resolved_output_dir()
+        result_file = out_dir / "results" / f"{final.key}.json"
+        failed = json.loads(result_file.read_text())
+        result_file.write_text(json.dumps({**failed, "status": "failed", "error": "killed"}))
+        shutil.rmtree(out_dir / "work" / final.key)
+        steps.clear()
+        rerun = run_sweep(cfg, quiet=True)
+        assert steps == [] and not rerun.failed
+        assert next(r for r in rerun.results if r.kind == "merge").metrics == final.metrics
+
 
 def test_best_key_is_none_when_the_method_refuses_the_best_trials_parameters():
     """Its documented answer, not a NameError (ValidationError was not imported there)."""
