@@ -526,8 +526,9 @@ def test_jobs_found_queued_with_other_settings_are_told_how_to_resubmit(tmp_path
 
 def test_jobs_found_queued_with_other_harness_code_are_told_how_to_resubmit(tmp_path):
     """The harness was updated between ``--detach`` and a rerun: the jobs keep their keys, so they
-    are found again, but each one that starts now fails with HarnessChanged. Submissions recorded
-    before the code was recorded, finished ones and ones of this code are not named."""
+    are found again, but each one that starts on a node importing other code fails with
+    HarnessChanged. Submissions recorded before the code was recorded, finished ones and ones of
+    this code are not named."""
     import harness.executors.slurm as slurm
     from harness.plan import JobSpec, harness_code_id
 
@@ -542,8 +543,8 @@ def test_jobs_found_queued_with_other_harness_code_are_told_how_to_resubmit(tmp_
     tracked[2].job.paths.result_pickle.write_bytes(b"")  # finished: it ran with whatever code it found
     assert ex.changed_harness(tracked) == (
         "2 queued or running jobs found from an earlier submission were planned with other harness code "
-        f"(/old/harness, code 0ld0ld0ld0ld0ld0; now {here}, code {now}): one that starts now fails with "
-        "HarnessChanged; `scancel 9_0 9_1` and rerun to submit with this code")
+        f"(/old/harness, code 0ld0ld0ld0ld0ld0; now {here}, code {now}): one that starts on a node importing "
+        "other code than that fails with HarnessChanged; `scancel 9_0 9_1` and rerun to submit with this code")
     assert ex.changed_harness(tracked[2:]) is None
 
 

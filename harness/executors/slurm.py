@@ -453,7 +453,8 @@ class SlurmExecutor:
     def changed_harness(self, attach: list[_Tracked]) -> str | None:
         """What to tell of jobs found queued or running that were submitted with other harness code
         than this driver's (the harness was updated or edited since): their keys did not change, but
-        each one that starts now fails with HarnessChanged; None when there are none. Submissions
+        each one that starts on a node importing other code than it was planned with fails with
+        HarnessChanged (the nodes usually import what this driver does); None when there are none. Submissions
         recorded before the code was recorded are not told apart."""
         records = self.log.load()
         here, now = harness_code_id()
@@ -470,8 +471,8 @@ class SlurmExecutor:
         said = "; ".join(f"{where}, code {code}" for where, code in then)
         return (f"{len(ids)} queued or running job{'' if len(ids) == 1 else 's'} found from an earlier submission "
                 f"{'were' if len(ids) != 1 else 'was'} planned with other harness code ({said}; now {here}, "
-                f"code {now}): one that starts now fails with HarnessChanged; `scancel {' '.join(ids)}` and rerun "
-                "to submit with this code")
+                f"code {now}): one that starts on a node importing other code than that fails with HarnessChanged; "
+                f"`scancel {' '.join(ids)}` and rerun to submit with this code")
 
     def known(self, specs: list[JobSpec]) -> list[JobSpec]:
         """The specs that have a recorded submission (what ``collect`` can wait for)."""
