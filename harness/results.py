@@ -108,7 +108,7 @@ def build_rows(results: list[JobResult], tasks: list[str], method_order: list[st
     elif lost := _failed_tasks(failed_of("individual"), indiv, tasks):
         rows.append(Row("individual", f"{FAILED}: {', '.join(lost)}", dict(indiv), None, None))
     routed = [r for r in results if r.kind == "perfect_routing"]
-    scalings = list(dict.fromkeys(r.params["scaling"] for r in routed))  # one bound row each, in plan order
+    scalings = sorted({r.params["scaling"] for r in routed})  # one bound row each, in one order whatever read them
     for scaling in scalings:
         name = bound_label(scaling, len(scalings) > 1)
         bound = {r.task: r for r in routed if r.params["scaling"] == scaling and r.status == "ok"}
