@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from click.testing import CliRunner
 from safetensors import safe_open
 
@@ -55,6 +56,14 @@ def test_an_exported_merge_loads_back_as_a_checkpoint_and_scores_what_its_row_re
     as_pretrained["methods"] = []
     zero_shot = next(r for r in run_sweep(validate_config(as_pretrained), quiet=True).rows if r.method == "pretrained")
     assert zero_shot.acc == pytest.approx(rows["task_arithmetic"].acc, abs=1e-9)
+    # open_clip itself loads it as it is: every tensor of the file in the model it builds.
+    from safetensors.torch import load_file
+
+    from harness.models import open_clip_module
+
+    model = open_clip_module().create_model("harness-micro-vit", pretrained=str(whole))
+    saved, built = load_file(str(whole)), model.state_dict()
+    assert set(saved) == set(built) and all(torch.equal(saved[k], built[k]) for k in saved)
 
 
 def test_an_adaptive_row_is_exported_from_its_saved_adaptation(sweep_dict, adam_steps):
