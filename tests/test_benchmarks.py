@@ -46,3 +46,11 @@ def test_stream_benchmark_reads_the_same_batches_in_workers():
                         "--batch", "4", "--steps", "3")
     assert re.search(r"^in-process .* a stream .*x; identical: True$", out, re.MULTILINE), out
     assert re.search(r"^resume at step 3, .* next batch identical: True$", out, re.MULTILINE), out
+
+
+def test_precision_benchmark_scores_fp32_against_itself_and_times_bf16():
+    out = run_benchmark("benchmarks/bench_precision.py", "--arch", "harness-tiny-vit", "--images", "16", "--batch", "8",
+                        "--repeats", "1")
+    assert re.search(r"^fp32: [\d.]+ s .*top-1 agreeing with fp32: 100\.0%$", out, re.MULTILINE), out
+    assert re.search(r"^bf16: [\d.]+ s .*top-1 agreeing with fp32: [\d.]+%$", out, re.MULTILINE), out
+    assert re.search(r"^time fp32 / bf16: [\d.]+x$", out, re.MULTILINE), out
