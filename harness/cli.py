@@ -330,6 +330,7 @@ def export(file: str, overrides: tuple[str, ...], label: str, dst: str, full_cli
     val) as a safetensors checkpoint, loadable wherever a fine-tuned one is (`model.finetuned`);
     with --full-clip the whole CLIP, loadable wherever a pretrained one is."""
     from harness.export import export_merged
+    from harness.plan import setting_text
 
     cfg = _load(file, overrides)
     m = cfg.methods[_method_index(cfg, label, file)]
@@ -341,7 +342,7 @@ def export(file: str, overrides: tuple[str, ...], label: str, dst: str, full_cli
                else f"none saved in work/{r.key}/")
         console.print(f"{m.display}: adapted again, from the start ({why}; same data and seed)",
                       highlight=False, markup=False)
-    setting = ", ".join(f"{k}={v}" for k, v in sorted(r.params.items())) or "no parameters"
+    setting = setting_text(r.params) or "no parameters"
     console.print(f"wrote {done.path}: {m.display} ({setting}), val {r.metrics.get('val/acc/avg', float('nan')):.1f}, "
                   f"test {r.metrics.get('acc/avg', float('nan')):.1f} (job {r.key})", highlight=False, markup=False)
 

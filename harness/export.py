@@ -93,7 +93,7 @@ def export_merged(cfg: SweepConfig, label: str, dst: str | Path, device: torch.d
         device = resolve_device(cfg.device)
     workdir = cfg.resolved_output_dir() / "work" / spec.key
     saved = workdir.is_dir() and any(workdir.iterdir())
-    adapts = resolve_method(method.name).uses_test_data
+    cls = resolve_method(method.name)
     merged, _ = merge(spec, ws, device, workdir)
     state = _plain_encoder_state(merged, ws.pretrained_encoder, label, workdir)
     if full_clip:
@@ -108,8 +108,8 @@ def export_merged(cfg: SweepConfig, label: str, dst: str | Path, device: torch.d
         "test_acc_avg": f"{result.metrics.get('acc/avg', float('nan')):.4f}",
     }
     save_state_dict(state, dst, metadata=meta)
-    saves_none = getattr(resolve_method(method.name)(**result.params), "checkpoint_every", None) == 0
-    return Exported(Path(dst), result, adapted_again=adapts and not saved, saves_none=saves_none)
+    saves_none = getattr(cls(**result.params), "checkpoint_every", None) == 0
+    return Exported(Path(dst), result, adapted_again=cls.uses_test_data and not saved, saves_none=saves_none)
 
 
 def _plain_encoder_state(merged: torch.nn.Module, pretrained: torch.nn.Module, label: str,

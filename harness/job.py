@@ -275,13 +275,12 @@ def run_job(spec: JobSpec, ws: Workspace, device: torch.device, workdir: Path) -
 
 
 def check_encoder(spec: JobSpec, merged: Any, ws: Workspace | None = None,
-                  heads: dict[str, torch.Tensor] | None = None, device: torch.device | None = None,
-                  precision: str = "fp32") -> None:
+                  heads: dict[str, torch.Tensor] | None = None, device: torch.device | None = None) -> None:
     """A merge must return an image encoder whose features the heads take: anything else would
     fail later with an error about evaluation (``mat1 and mat2 shapes cannot be multiplied``)
     that does not name the method at fault. Given the workspace and heads, one validation image
     of the first task goes through it to check its features are ``[1, width]`` of the heads, at
-    ``precision`` (``eval.precision``), as evaluation will run it."""
+    the sweep's ``eval.precision``, as evaluation will run it."""
     if not isinstance(merged, torch.nn.Module):
         raise TypeError(f"merge() of {spec.method} returned {type(merged).__name__}, expected an nn.Module")
     if ws is None or not heads:
@@ -293,6 +292,7 @@ def check_encoder(spec: JobSpec, merged: Any, ws: Workspace | None = None,
     image = split[0][0][None]  # no DataLoader: its iterator would draw from torch's global generator
     where = f"merge() of {spec.method} returned an encoder that"
     was_training = merged.training
+    precision = ws.cfg.eval.precision
     try:
         with torch.no_grad(), autocast(precision, device or "cpu"):
             features = merged.to(device).eval()(image.to(device))
@@ -469,7 +469,7 @@ def merge(spec: JobSpec, ws: Workspace, device: torch.device, workdir: Path,
             f"{f' and {len(changed) - 1} more' if len(changed) > 1 else ''}): merge() must leave the "
             "pretrained and fine-tuned models and the heads as it got them (copy first, e.g. "
             "methods.base.with_state)")
-    check_encoder(spec, merged, ws, heads, device, ws.cfg.eval.precision)
+    check_encoder(spec, merged, ws, heads, device)
     return merged, ctx.artifacts
 
 

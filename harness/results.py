@@ -111,15 +111,15 @@ def build_rows(results: list[JobResult], tasks: list[str], method_order: list[st
     scalings = sorted({r.params["scaling"] for r in routed})  # one bound row each, in one order whatever read them
     for scaling in scalings:
         name = bound_label(scaling, len(scalings) > 1)
-        bound = {r.task: r for r in routed if r.params["scaling"] == scaling and r.status == "ok"}
+        at = [r for r in routed if r.params["scaling"] == scaling]
+        bound = {r.task: r for r in at if r.status == "ok"}
         if all(t in bound for t in seen):
             acc = {t: bound[t].metrics[f"acc/{t}"] for t in seen}
             metrics = {f"acc/{t}": a for t, a in acc.items()}
             rows.append(Row(name, setting_text(bound[seen[0]].params) + " (bound)", acc,
                             _mean_of(acc, seen), normalized(metrics, indiv, seen).get("norm_acc/avg"),
                             test_correct=_per_task_correct(bound[t] for t in seen)))
-        elif lost := _failed_tasks([r for r in routed if r.params["scaling"] == scaling and r.status == "failed"],
-                                   bound, tasks):
+        elif lost := _failed_tasks([r for r in at if r.status == "failed"], bound, tasks):
             acc = {t: b.metrics[f"acc/{t}"] for t, b in bound.items()}
             rows.append(Row(name, f"{FAILED}: {', '.join(lost)}", acc, None, None))
     for label in method_order:

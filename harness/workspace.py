@@ -278,7 +278,7 @@ class Workspace:
 
             factory = resolve_task(name)
             params = inspect.signature(factory).parameters
-            if self.cfg.data_root and "data_root" not in options and ("data_root" in params):
+            if self._sweep_data_root(name, options):
                 options["data_root"] = self.cfg.data_root
             if self.cfg.model.source == "embedded" and "size" in params and "size" not in options:
                 options["size"] = self.cfg.model.suite.get("size", "full")
@@ -300,11 +300,13 @@ class Workspace:
             self._tasks[name] = task
         return self._tasks[name]
 
-    @staticmethod
-    def _takes_data_root(name: str) -> bool:
+    def _sweep_data_root(self, name: str, options: dict[str, Any]) -> bool:
+        """Whether task ``name``'s factory is given the sweep's ``data_root``: it takes one and its
+        own options give none."""
         from tasks.base import resolve_task
 
-        return "data_root" in inspect.signature(resolve_task(name)).parameters
+        return (bool(self.cfg.data_root) and "data_root" not in options
+                and "data_root" in inspect.signature(resolve_task(name)).parameters)
 
     def corrupted(self, task: str, corruption: str):
         """The task's test split under ``corruption`` at the sweep's severity (cached on disk)."""
@@ -330,8 +332,7 @@ class Workspace:
         options = next(t.options for t in self.cfg.tasks if t.name == name)
         if own_task(name):  # the project's tasks' identity holds their files, not where they lie
             options = {k: v for k, v in options.items() if k != "data_root"}
-        elif self.cfg.data_root and "data_root" not in options and self._takes_data_root(name):
-            # the sweep's data_root, which task() gives a factory of one's own, as its own option would be
+        elif self._sweep_data_root(name, options):  # given to a factory of one's own as its own option would be
             options = {**options, "data_root": self.cfg.data_root}
         task = self.task(name)
         code = class_source_digest(type(task), Task)

@@ -252,7 +252,8 @@ def test_checking_the_encoder_leaves_the_rng_and_train_mode_alone():
         def __getitem__(self, i: int):
             return torch.full((3, 4, 4), float(i)), i
 
-    ws = SimpleNamespace(task=lambda name: SimpleNamespace(dataset=lambda split: Images()))
+    ws = SimpleNamespace(task=lambda name: SimpleNamespace(dataset=lambda split: Images()),
+                         cfg=SimpleNamespace(eval=SimpleNamespace(precision="fp32")))
     encoder = nn.Sequential(nn.Flatten(), nn.Dropout(0.5), nn.Linear(48, 5)).train()
     torch.manual_seed(0)
     before = torch.get_rng_state()
