@@ -35,6 +35,7 @@ from sklearn.metrics import roc_auc_score
 
 from harness.evaluation import iterate_batches
 from harness.models import ImageClassifier
+from harness.precision import autocast, check_precision
 from harness.workspace import Workspace
 from methods.tta import marginal_entropy, per_sample_entropy
 
@@ -70,12 +71,22 @@ class RoutingDiagnosis:
 
 
 @torch.no_grad()
-def expert_scores(ws: Workspace, split: str = "val", scaling: float = 0.3) -> list[ExpertScores]:
+def expert_scores(ws: Workspace, split: str = "val", scaling: float = 0.3,
+                  device: torch.device | str | None = None) -> list[ExpertScores]:
     """Logits of every merged task's split under every one-hot routing (the bound's encoders)
-    and at WeMoE's starting point."""
+    and at WeMoE's starting point.
+
+    Forward passes run on ``device`` (default: the sweep's) at the sweep's ``eval.precision``, as
+    its jobs evaluate, so the diagnosis describes the models the sweep scores; logits come back
+    float32 on the CPU."""
     from harness.job import perfect_routing_encoder
+    from harness.runtime import resolve_device
     from methods.base import with_state
     from methods.task_arithmetic import task_arithmetic_state
+
+    device = resolve_device(ws.cfg.device) if device is None else torch.device(device)
+    precision = ws.cfg.eval.precision
+    check_precision(precision, device)
 
     tasks = list(ws.cfg.merge_tasks)
     data = {t: ws.task(t).dataset(split) for t in tasks}
@@ -84,8 +95,12 @@ def expert_scores(ws: Workspace, split: str = "val", scaling: float = 0.3) -> li
         return iterate_batches(data[t], ws.cfg.eval.batch_size, ws.cfg.eval.max_samples)
 
     def logits(encoder: torch.nn.Module, t: str) -> torch.Tensor:
-        clf = ImageClassifier(encoder.eval(), ws.head(t))
-        return torch.cat([clf(x) for x, _ in batches(t)])
+        clf = ImageClassifier(encoder, ws.head(t)).to(device).eval()
+        out = []
+        for x, _ in batches(t):
+            with autocast(precision, device):
+                out.append(clf(x.to(device)).float().cpu())
+        return torch.cat(out)
 
     per_expert = {t: [] for t in tasks}
     for expert in tasks:

@@ -6,6 +6,7 @@ for what each column measures):
     python scripts/wemoe_diagnostics.py sweeps/wemoe.yaml --temperatures 0.5 1 2
     python scripts/wemoe_diagnostics.py sweeps/wemoe.yaml --diversity-weights 0 0.5 1 2
 
+Forward passes run on the sweep's device at its ``eval.precision``, as its jobs evaluate.
 Overrides of the sweep file follow its path, as `harness sweep` takes them
 (`... sweeps/wemoe.yaml model.suite.pretrain_steps=2000`).
 """

@@ -86,9 +86,12 @@ def test_diagnose_refuses_a_split_smaller_than_a_batch():
         diagnose(scores, batch_size=16)
 
 
-def test_own_expert_is_the_perfect_routing_bound_and_the_start_is_task_arithmetic(sweep_dict):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_own_expert_is_the_perfect_routing_bound_and_the_start_is_task_arithmetic(sweep_dict, precision):
+    """At either eval.precision the diagnosis scores the models the sweep's own jobs scored."""
     d = dict(sweep_dict, methods=[{"name": "task_arithmetic", "params": {"scaling": 0.4}}],
-             references={"perfect_routing": True, "routing_bound_lambda": 0.4})
+             references={"perfect_routing": True, "routing_bound_lambda": 0.4},
+             eval=dict(sweep_dict.get("eval", {}), precision=precision))
     cfg = validate_config(d)
     out = run_sweep(cfg, quiet=True)
     bound = {r.task: r.metrics for r in out.results if r.kind == "perfect_routing"}
@@ -96,8 +99,14 @@ def test_own_expert_is_the_perfect_routing_bound_and_the_start_is_task_arithmeti
     scores = expert_scores(Workspace(cfg), "val", 0.4)
     assert [s.task for s in scores] == list(TOY_TASKS)
     for s in scores:
+        assert s.logits.dtype == torch.float32 and s.start.dtype == torch.float32
         assert s.experts == list(TOY_TASKS)
         assert s.logits.shape[:2] == (len(TOY_TASKS), len(s.labels))
         assert diagnose(s, batch_size=8).own == pytest.approx(bound[s.task][f"val/acc/{s.task}"], abs=1e-9)
         start_acc = 100.0 * (s.start.argmax(-1) == s.labels).float().mean().item()
         assert start_acc == pytest.approx(merged[f"val/acc/{s.task}"], abs=1e-9)
+    if precision != "fp32":  # the forwards ran in bf16: near the float32 logits, not equal to them
+        full = expert_scores(Workspace(validate_config(dict(d, eval=dict(d["eval"], precision="fp32")))), "val", 0.4)
+        for s, f in zip(scores, full):
+            assert not torch.equal(s.logits, f.logits) and not torch.equal(s.start, f.start)
+            assert torch.allclose(s.logits, f.logits, atol=0.1, rtol=0.05)
