@@ -102,6 +102,14 @@ def split_cached(specs: list[JobSpec], results_dir: Path) -> tuple[dict[str, Job
     return results, pending
 
 
+def one_per_key(specs: list[JobSpec]) -> list[JobSpec]:
+    """The first spec of each job key: two labels' identical settings are one job, run once."""
+    firsts: dict[str, JobSpec] = {}
+    for s in specs:
+        firsts.setdefault(s.key, s)
+    return list(firsts.values())
+
+
 def labelled_results(specs: list[JobSpec], results: Mapping[str, JobResult]) -> list[JobResult]:
     """Each planned job's result under its own label, in plan order. Two labels whose settings
     coincide (two grids of one method, a tuned best on another label's grid point) share one job,
@@ -280,7 +288,7 @@ def _run_sweep(cfg: SweepConfig, ws: Workspace, executor: Any, console: Console,
     if mode == "detach":  # with the robustness jobs of grids already cached, as the sweep would run them
         follow = [f for f in ready_followups(cfg, specs, results, identity, task_identity) if only is None
                   and not finished_result(results_dir, f)]
-        message = executor.submit(pending + follow)
+        message = executor.submit(pending + one_per_key(follow))
         if show:
             console.print(message, highlight=False)
         return SweepOutcome(list(results.values()), [], out, tracker.parent_id, [], timings)
@@ -369,17 +377,18 @@ def _run_sweep(cfg: SweepConfig, ws: Workspace, executor: Any, console: Console,
         if mode != "detach" and cfg.robustness and only is None:  # grid methods: the study for each selected setting
             todo = []
             if mode == "run":
-                follows = robustness_followups(cfg, list(results.values()), identity, task_identity)
+                follows = robustness_followups(cfg, labelled_results(specs, results), identity, task_identity)
             else:  # collect: the grids it gathered whole
                 follows = ready_followups(cfg, specs, results, identity, task_identity)
             for follow in follows:
                 specs.append(follow)
-                spec_by_key[follow.key] = follow
+                spec_by_key.setdefault(follow.key, follow)  # two labels' one setting: one job, logged under the first
                 cached = results.get(follow.key) or finished_result(results_dir, follow)
                 if cached:
                     results[follow.key] = cached
                 else:
                     todo.append(follow)
+            todo = one_per_key(todo)
             if mode == "collect":
                 known = executor.known(todo)
                 if show and len(known) < len(todo):
@@ -497,13 +506,15 @@ def ready_followups(cfg: SweepConfig, specs: list[JobSpec], results: dict[str, J
     if not cfg.robustness:
         return []
     waiting = {s.label for s in specs if s.kind == "merge" and s.protocol == MAIN and s.key not in results}
-    return [f for f in robustness_followups(cfg, list(results.values()), identity, task_identity)
+    return [f for f in robustness_followups(cfg, labelled_results(specs, results), identity, task_identity)
             if f.label not in waiting]
 
 
 def robustness_followups(cfg: SweepConfig, results: list[JobResult], identity: dict,
                          task_identity: dict) -> list[JobSpec]:
-    """One robustness job per grid method whose jobs leave the study out: its val-selected setting."""
+    """One robustness job per grid method whose jobs leave the study out: its val-selected setting.
+    ``results`` under each planned label (:func:`labelled_results`): a setting two labels share
+    is one job, cached under the first, and still one of the other row's settings."""
     specs = []
     for m in cfg.methods:
         if robustness_inline(cfg, m.display):

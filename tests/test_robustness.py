@@ -321,6 +321,38 @@ def test_grid_method_runs_the_study_once_for_its_selected_setting(sweep_dict, tm
     assert run_sweep(cfg, quiet=True).executed == []  # a rerun finds the follow-up in the result cache
 
 
+def test_two_grids_sharing_their_chosen_setting_both_get_its_robustness(trained_checkpoints, tmp_path):
+    """Keys hold no label: ``tb``'s chosen setting is a job cached under ``ta``. Its robustness
+    study is that setting's (one job for both rows), not ``tb``'s other grid point's. Truth: the
+    setting merged by hand and scored on the corrupted splits."""
+    from harness.job import robustness_metrics
+    from harness.workspace import Workspace
+    from methods.base import MergeContext
+    from methods.task_arithmetic import TaskArithmetic
+    from tests.conftest import TRAINED_TASKS, make_sweep_dict
+
+    d = dict(make_sweep_dict(trained_checkpoints, tmp_path), tasks=TRAINED_TASKS,
+             robustness={"tasks": ["toy_stripes", "toy_checks"], "corruptions": ["contrast"]},
+             methods=[{"name": "task_arithmetic", "label": "ta", "grid": {"scaling": [0.3, 0.6]}},
+                      {"name": "task_arithmetic", "label": "tb", "grid": {"scaling": [0.6, 1.0]}}])
+    cfg = validate_config(d)
+    out = run_sweep(cfg, quiet=True)
+    assert not out.failed
+    rows = {r.method: r for r in out.rows}
+    assert rows["ta"].setting == rows["tb"].setting == "scaling=0.6"  # the shared setting is tb's choice
+    robust = [r for r in out.results if r.kind == "robustness"]
+    assert sorted((r.label, r.params["scaling"]) for r in robust) == [("ta", 0.6), ("tb", 0.6)]
+    assert len({r.key for r in robust}) == 1 and sum(k in out.executed for k in {r.key for r in robust}) == 1
+    ws = Workspace(cfg)
+    merged = TaskArithmetic(scaling=0.6).merge(ws.pretrained_encoder, ws.finetuned_encoders(TRAINED_TASKS),
+                                              MergeContext())
+    want = robustness_metrics(ws, merged, torch.device("cpu"))
+    for label in ("ta", "tb"):
+        assert {k: v for k, v in rows[label].metrics.items() if k.startswith("robust/")} == pytest.approx(want)
+    md = (out.output_dir / "report" / "robustness.md").read_text()
+    assert f"| tb | {want['robust/clean/avg']:.1f} | {want['robust/contrast/avg']:.1f} |" in md
+
+
 @pytest.mark.parametrize("edit,fragment", [
     ({"unseen": ["nope"]}, "unseen.0: not one of the sweep's tasks (got 'nope')"),
     ({"seen": ["toy_stripes"], "unseen": ["toy_stripes"]}, "unseen: tasks both seen and unseen"),
