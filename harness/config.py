@@ -353,6 +353,16 @@ class ReferencesSpec(Strict):
         return list(v) if isinstance(v, list) else [v]
 
 
+def _listed_once(cls: type, names: list[str] | None) -> list[str] | None:
+    """``names`` unchanged, or ValueError naming those given twice: a task listed twice would
+    weigh twice in an average, and its (or a corruption's) column would be repeated."""
+    given = names or []
+    dup = sorted({n for n in given if given.count(n) > 1})
+    if dup:
+        raise ValueError(f"listed twice: {dup}")
+    return names
+
+
 class RobustnessSpec(Strict):
     """Evaluate on ImageNet-C-style corrupted copies of these tasks' test splits.
 
@@ -374,6 +384,8 @@ class RobustnessSpec(Strict):
         before the field existed (which adapted on clean images) stay valid."""
         return self.model_dump(exclude={"adapt"} if self.adapt == "clean" else None)
 
+    _once = field_validator("tasks", "corruptions")(classmethod(_listed_once))
+
     @field_validator("corruptions")
     @classmethod
     def _known(cls, v: list[str]) -> list[str]:
@@ -394,6 +406,8 @@ class GeneralizationSpec(Strict):
 
     unseen: list[str] | None = Field(None, min_length=1, description="tasks left out of merging and adaptation")
     seen: list[str] | None = Field(None, min_length=1, description="tasks merged (default: all but unseen)")
+
+    _once = field_validator("unseen", "seen")(classmethod(_listed_once))
 
     @model_validator(mode="after")
     def _one_given(self) -> "GeneralizationSpec":
@@ -535,6 +549,8 @@ class SweepConfig(Strict):
         if isinstance(v, int) and not 1 <= v <= 256:
             raise ValueError("must be between 1 and 256 or 'auto'")
         return v
+
+    _once = field_validator("seen", "unseen")(classmethod(_listed_once))
 
     @field_validator("tasks")
     @classmethod

@@ -361,6 +361,15 @@ def test_two_grids_sharing_their_chosen_setting_both_get_its_robustness(trained_
     ({"robustness": {"tasks": ["toy_stripes"], "severity": 9}}, "robustness.severity:"),
     ({"robustness": {"tasks": ["toy_stripes"], "corruptions": []}}, "robustness.corruptions: List should have at least 1 item"),
     ({"robustness": {"tasks": ["toy_x"]}}, "robustness.tasks.0: not one of the sweep's tasks"),
+    ({"seen": ["toy_stripes", "toy_stripes"]}, "s.yaml: seen: listed twice: ['toy_stripes']"),
+    ({"unseen": ["toy_colours", "toy_colours"]}, "s.yaml: unseen: listed twice: ['toy_colours']"),
+    ({"generalization": {"unseen": ["toy_colours", "toy_colours"]}},
+     "generalization.unseen: listed twice: ['toy_colours']"),
+    ({"generalization": {"seen": ["toy_stripes", "toy_stripes"]}}, "generalization.seen: listed twice: ['toy_stripes']"),
+    ({"robustness": {"tasks": ["toy_stripes", "toy_colours", "toy_stripes"]}},
+     "robustness.tasks: listed twice: ['toy_stripes']"),
+    ({"robustness": {"tasks": ["toy_stripes"], "corruptions": ["contrast", "pixelate", "contrast"]}},
+     "robustness.corruptions: listed twice: ['contrast']"),
 ])
 def test_generalization_and_robustness_config_errors(edit, fragment, sweep_dict):
     from harness.config import ConfigError
