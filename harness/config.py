@@ -998,6 +998,9 @@ def check_tasks(cfg: SweepConfig, file: str) -> None:
     both = set(cfg.seen or []) & set(cfg.unseen)
     if both:
         raise ConfigError(file, "unseen", f"tasks both seen and unseen: {sorted(both)}", show_value=False)
+    rest = [t for t in names if t not in (cfg.seen or []) and t not in cfg.unseen]
+    if cfg.seen is not None and cfg.unseen and rest:  # as the generalization block: each task one of them
+        raise ConfigError(file, "seen", f"tasks neither seen nor unseen: {rest}", show_value=False)
     if not cfg.merge_tasks:
         raise ConfigError(file, "unseen", "every task is unseen: nothing to merge", show_value=False)
     objectives = ["val/acc/avg", *(f"val/acc/{t}" for t in names)]

@@ -362,6 +362,8 @@ def test_two_grids_sharing_their_chosen_setting_both_get_its_robustness(trained_
     ({"robustness": {"tasks": ["toy_stripes"], "corruptions": []}}, "robustness.corruptions: List should have at least 1 item"),
     ({"robustness": {"tasks": ["toy_x"]}}, "robustness.tasks.0: not one of the sweep's tasks"),
     ({"seen": ["toy_stripes", "toy_stripes"]}, "s.yaml: seen: listed twice: ['toy_stripes']"),
+    ({"tasks": ["toy_stripes", "toy_colours", "toy_checks"], "seen": ["toy_stripes"], "unseen": ["toy_colours"]},
+     "s.yaml: seen: tasks neither seen nor unseen: ['toy_checks']"),
     ({"unseen": ["toy_colours", "toy_colours"]}, "s.yaml: unseen: listed twice: ['toy_colours']"),
     ({"generalization": {"unseen": ["toy_colours", "toy_colours"]}},
      "generalization.unseen: listed twice: ['toy_colours']"),
