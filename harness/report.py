@@ -49,9 +49,13 @@ class Report:
 
 
 def generalization_records(rows: list[Row], seen: list[str], unseen: list[str]) -> tuple[list[str], list[list[str]]]:
+    """A top-level ``unseen`` sweep's generalization table. The individual row is left out, as
+    from the ``generalization`` block's: a model fine-tuned on an unseen task has seen it."""
     header = ["method", "seen avg", *unseen, "unseen avg"]
     body = []
     for r in rows:
+        if r.method == "individual":
+            continue
         if r.failed:
             body.append([r.method, *[FAILED] * (len(header) - 1)])
             continue

@@ -407,6 +407,11 @@ def test_report_from_mlflow_matches_the_sweep(sweep_dict, tmp_path):
     assert "\\begin{tabular}" in tex and "task\\_arithmetic" in tex
     gen = (tmp_path / "rep" / "generalization.csv").read_text().splitlines()
     assert gen[0] == "method,seen avg,toy_colours,unseen avg"
+    # the merged rows and the zero-shot one, as the main table has them; not the fine-tuned models
+    want = [f"{r.method},{r.avg:.1f},{r.acc['toy_colours']:.1f},{r.acc['toy_colours']:.1f}"
+            for r in out.rows if r.method != "individual"]
+    assert gen[1:] == want and [r.method for r in out.rows][:2] == ["pretrained", "individual"]
+    assert (out.output_dir / "report" / "generalization.csv").read_text().splitlines() == gen
 
 
 def test_report_from_mlflow_ignores_jobs_of_replaced_checkpoints(sweep_dict, micro_checkpoints, tmp_path):
