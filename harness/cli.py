@@ -160,7 +160,7 @@ def _print_plan(cfg, cache: bool = False) -> None:
     """The resolved config and the job plan; with ``cache``, which jobs the output folder has
     cached already (a dry run: the result store is read, no model built or loaded)."""
     from harness.config import MAIN, dump_yaml
-    from harness.plan import plan_jobs, robustness_inline
+    from harness.plan import plan_jobs, robustness_inline, setting_key
 
     console.rule("resolved config")
     console.print(dump_yaml(cfg), highlight=False, markup=False)
@@ -174,7 +174,12 @@ def _print_plan(cfg, cache: bool = False) -> None:
         specs = plan_jobs(cfg)
     follow = [s for s in specs if s.kind == "robustness"]  # a dry run's follow-ups whose setting is known
     specs = [s for s in specs if s.kind != "robustness"]
-    table = Table(title=f"job plan: {len(specs)} jobs")
+    keys = [setting_key(cfg, s) for s in specs]
+    first: dict[str, int] = {}  # job key -> its row: two labels' identical settings are one job, run once
+    for i, k in enumerate(keys):
+        first.setdefault(k, i)
+    jobs = [specs[i] for i in sorted(set(first.values()))]
+    table = Table(title=f"job plan: {len(jobs)} jobs")
     for col in ("#", "kind", "method", "task", "params", *(("status",) if done is not None else ())):
         table.add_column(col)
     for i, s in enumerate(specs + follow):
@@ -182,8 +187,8 @@ def _print_plan(cfg, cache: bool = False) -> None:
         if s.kind == "robustness":
             tasks = ", ".join(cfg.robustness.tasks)
         status = () if done is None else ("cached" if s.key in done else "to run",)
-        table.add_row(str(i) if i < len(specs) else "-", s.kind, s.label, tasks,
-                      ", ".join(f"{k}={v}" for k, v in s.params.items()), *status)
+        number = "-" if i >= len(specs) else str(i) if first[keys[i]] == i else f"= {first[keys[i]]}"
+        table.add_row(number, s.kind, s.label, tasks, ", ".join(f"{k}={v}" for k, v in s.params.items()), *status)
     for m in cfg.methods:
         if m.tune:
             table.add_row("-", "tune", m.display, "all",
@@ -194,15 +199,16 @@ def _print_plan(cfg, cache: bool = False) -> None:
                           "the setting chosen on val, after its grid")
     console.print(table)
     if done is not None:
-        cached = sum(s.key in done for s in specs)
-        line = f"{len(specs)} jobs: {cached} cached, {len(specs) - cached} to run"
+        cached = sum(s.key in done for s in jobs)
+        line = f"{len(jobs)} jobs: {cached} cached, {len(jobs) - cached} to run"
         if follow:
-            known = sum(s.key in done for s in follow)
-            line += (f"; then {len(follow)} robustness job{'s' if len(follow) != 1 else ''} (settings chosen on "
-                     f"val): {known} cached, {len(follow) - known} to run")
+            keys = {s.key for s in follow}
+            known = len(keys & done)
+            line += (f"; then {len(keys)} robustness job{'s' if len(keys) != 1 else ''} (settings chosen on "
+                     f"val): {known} cached, {len(keys) - known} to run")
         console.print(line, highlight=False)
     elif cache:
-        console.print(f"{len(specs)} jobs: which are cached is not known before the models are built ({why})",
+        console.print(f"{len(jobs)} jobs: which are cached is not known before the models are built ({why})",
                       highlight=False, markup=False, soft_wrap=True)
     console.print(f"outputs: {cfg.resolved_output_dir()}\ntracking: {cfg.resolved_tracking_uri()}")
 

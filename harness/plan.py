@@ -404,4 +404,14 @@ def with_key(cfg: SweepConfig, s: JobSpec, identity: dict[str, Any],
                    harness_dir=harness_dir, harness_code=harness_code)
 
 
+def setting_key(cfg: SweepConfig, s: JobSpec) -> str:
+    """``s``'s key, or where the models are not known yet (no key) one computed without them,
+    which is equal for two specs exactly when their keys will be: what a plan shown before any
+    model is hashed counts as one job."""
+    if s.key:
+        return s.key
+    blank = {"arch": None, "pretrained": None, "heads": None, "finetuned": dict.fromkeys(cfg.task_names)}
+    return with_key(cfg, s, blank, None).key
+
+
 harness_code_id()  # at import: the code this process runs is the code it imported

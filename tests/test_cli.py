@@ -299,6 +299,26 @@ def test_dry_run_shows_which_jobs_are_cached(sweep_dict, tmp_path, monkeypatch):
     assert r.exit_code == 0 and "7 jobs, 5 cached, 2 to run" in r.output  # the run agrees
 
 
+def test_dry_run_counts_a_setting_two_labels_share_once_as_the_sweep_runs_it(sweep_dict, tmp_path):
+    """Keys hold no label: ``tb``'s scaling 0.6 is ``task_arithmetic``'s job, listed under both
+    rows (the second pointing at the first) and counted, and run, once."""
+    d = dict(sweep_dict, methods=[*sweep_dict["methods"],
+                                  {"name": "task_arithmetic", "label": "tb", "grid": {"scaling": [0.6, 1.0]}}])
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump(d))
+    r = CliRunner().invoke(main, ["sweep", "--dry-run", str(f)], env={"COLUMNS": "250"})
+    assert r.exit_code == 0, r.output
+    numbers = {" ".join(c.strip() for c in line.split("│")[2:6]).strip(): line.split("│")[1].strip()
+               for line in r.output.splitlines() if line.count("│") >= 7}
+    shared = numbers["merge tb all scaling=0.6"]
+    assert shared == f"= {numbers['merge task_arithmetic all scaling=0.6']}"
+    assert numbers["merge tb all scaling=1.0"].isdigit()
+    summary = next(line for line in r.output.splitlines() if " jobs: " in line)
+    assert summary == "7 jobs: 0 cached, 7 to run"  # pretrained, 2 individual, WA, TA 0.2 / 0.6, tb 1.0
+    r = CliRunner().invoke(main, ["sweep", str(f)])
+    assert r.exit_code == 0 and "7 jobs, 0 cached, 7 to run" in r.output  # the run agrees
+
+
 def test_dry_run_of_an_unprepared_embedded_suite_builds_nothing(tmp_path):
     """Job keys name the embedded suite's models: before they are built, the dry run says the
     cached jobs are not known rather than training them."""
