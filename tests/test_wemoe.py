@@ -880,3 +880,18 @@ def test_a_damaged_adaptation_checkpoint_is_named_and_adaptation_starts_over(mod
         (tmp_path / wemoe.MODEL_FILE).unlink()
     assert not stale.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+
+
+def test_zero_steps_keeps_the_routers_at_init_and_saves_them(models, tmp_path):
+    """``steps: 0`` ("routers stay at init") is a WeMoE at its initial routing, saved as any job's."""
+    pre, ft = models
+    ctx = MergeContext(heads=heads(), unlabeled=fixed_unlabeled(), workdir=str(tmp_path), seed=3)
+    merged = wemoe.WeMoE(steps=0, routing="softmax", routing_stats_batches=1).merge(pre, ft, ctx)
+    fresh = wemoe.build_wemoe(pre, ft, routing="softmax", seed=3)
+    a, b = router_state(merged), router_state(fresh)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (ctx.artifacts["tta_loss"], ctx.artifacts["tta_parts"], ctx.artifacts["tta_validation"]) == ([], {}, [])
+    loaded = wemoe.load_wemoe(tmp_path / wemoe.MODEL_FILE, pre, ft)
+    x = images(3, 7)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), fresh(x))
