@@ -504,6 +504,15 @@ class WeMoE(MergeMethod):
                              "raw or clamped routing weights are not a distribution over tasks")
         return self
 
+    @model_validator(mode="after")
+    def _init_inside_clamp(self) -> "WeMoE":
+        # Routers start with every weight at init_lambda: clipped above 1, none gets a gradient.
+        if self.routing == "clamp" and self.init_lambda > 1.0:
+            raise ValueError(f"init_lambda {self.init_lambda} > 1 with routing: clamp never learns (routing weights "
+                             "clipped to [0, 1] start at the bound and get zero gradient); lower it or use "
+                             "routing: raw or softmax")
+        return self
+
     def batch_dependent(self) -> bool:
         """``batch_reduce`` routes every image by its batch's mean routing weights."""
         return self.batch_reduce

@@ -895,3 +895,15 @@ def test_zero_steps_keeps_the_routers_at_init_and_saves_them(models, tmp_path):
     x = images(3, 7)
     with torch.no_grad():
         assert torch.equal(loaded(x), fresh(x))
+
+
+def test_clamped_routing_from_above_one_is_refused_as_it_never_learns(models):
+    """Clamped routers started above 1 get no gradient (measured here), so the setting is refused."""
+    pre, ft = models
+    model = wemoe.build_wemoe(pre, ft, init_lambda=1.5, router_depth=2, routing="clamp")
+    model(images(4, 5)).pow(2).sum().backward()
+    assert all(p.grad is None or not p.grad.any() for p in model.parameters())
+    with pytest.raises(ValueError, match=r"init_lambda 1.5 > 1 with routing: clamp never learns"):
+        wemoe.WeMoE(init_lambda=1.5, routing="clamp")
+    assert wemoe.WeMoE(init_lambda=1.0, routing="clamp").init_lambda == 1.0
+    assert wemoe.WeMoE(init_lambda=1.5, routing="softmax").init_lambda == 1.5
