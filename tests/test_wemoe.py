@@ -907,3 +907,20 @@ def test_clamped_routing_from_above_one_is_refused_as_it_never_learns(models):
         wemoe.WeMoE(init_lambda=1.5, routing="clamp")
     assert wemoe.WeMoE(init_lambda=1.0, routing="clamp").init_lambda == 1.0
     assert wemoe.WeMoE(init_lambda=1.5, routing="softmax").init_lambda == 1.5
+
+
+def test_load_with_a_pretrained_model_of_another_architecture_names_the_file_and_that_model(models, tmp_path):
+    """A pretrained model of another architecture is the model that differs: the error names the
+    router file and it, not a fine-tuned checkpoint as a failed build would."""
+    from harness.models import build_clip
+
+    pre, ft = models
+    path = tmp_path / "routers.safetensors"
+    wemoe.save_wemoe(wemoe.build_wemoe(pre, ft, router_depth=1), path)
+    wider = build_clip("harness-tiny-vit").visual
+    with pytest.raises(ValueError, match=r"routers\.safetensors: the pretrained model differ") as err:
+        wemoe.load_wemoe(path, wider, ft)
+    assert "fine-tuned" not in str(err.value)
+    with pytest.raises(ValueError, match=r"routers\.safetensors: the fine-tuned model of 'a' differ") as err:
+        wemoe.load_wemoe(path, pre, {**ft, "a": wider})
+    assert "the pretrained model" not in str(err.value)
