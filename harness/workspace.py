@@ -220,6 +220,23 @@ class Workspace:
         for t in self.cfg.task_names:
             self.check_task_data(t)
             self.head(t)
+        self.check_adaptation_batches()
+
+    def check_adaptation_batches(self) -> None:
+        """Every ``batch_size`` a test-time-adaptation method may run with fits in each split it
+        adapts on: a larger one would adapt on the whole split at every step, silently fewer
+        images per step than asked for (and, with ``batch_reduce``, another routing)."""
+        from methods.base import resolve_method
+
+        split = self.cfg.adapt.split
+        adapted = dict.fromkeys(self.cfg.merge_tasks + self.cfg.generalization_seen)  # unseen tasks are not
+        sizes = {t: len(self.task(t).dataset(split)) for t in adapted}
+        smallest = min(sizes, key=sizes.get)
+        for where, value in adaptation_batch_sizes(self.cfg, resolve_method):
+            if value > sizes[smallest]:
+                raise FieldError(where, f"larger than the {split} split of task {smallest!r} ({sizes[smallest]} "
+                                 "images) that test-time adaptation reads: every step would adapt on the whole "
+                                 "split instead; lower it", value)
 
     def check_task_data(self, name: str) -> None:
         """Task ``name``'s evaluated splits hold images the model takes and labels its classes
@@ -403,6 +420,26 @@ class Workspace:
         head = zeroshot_head(self.clip, get_tokenizer(self.sources["arch"]), task.prompts())
         save_state_dict({"weight": head}, path)
         return head
+
+
+def adaptation_batch_sizes(cfg: SweepConfig, resolve: Any) -> list[tuple[str, int]]:
+    """(sweep field, value) of each ``batch_size`` a test-time-adaptation method of ``cfg`` may
+    run with: its params or default, each grid value, its tuning space's largest."""
+    out = []
+    for i, m in enumerate(cfg.methods):
+        cls = resolve(m.name)
+        if not cls.uses_test_data or "batch_size" not in cls.model_fields:
+            continue
+        space = m.tune.space.get("batch_size") if m.tune else None
+        if "batch_size" in m.grid:
+            out += [(f"methods.{i}.grid.batch_size", int(v)) for v in m.grid["batch_size"]]
+        elif space is not None:
+            ends = space.choices if space.type == "categorical" else [space.high]
+            out.append((f"methods.{i}.tune.space.batch_size", int(max(ends))))
+        else:
+            out.append((f"methods.{i}.params.batch_size",
+                        int(m.params.get("batch_size", cls.model_fields["batch_size"].default))))
+    return out
 
 
 def check_templates(task: Task) -> None:

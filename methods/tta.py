@@ -287,7 +287,8 @@ def run_tta(
     if aux_loss is not None and joint_forward:
         raise ValueError("aux_loss needs per-task forwards (joint_forward=False)")
     tasks = ctx.tasks
-    if steps <= 0:
+    if steps <= 0:  # nothing to adapt: the parts and validation of no step, as callers read them
+        ctx.artifacts["tta_parts"], ctx.artifacts["tta_validation"] = {}, []
         return []
     if not tasks:
         raise ValueError("test-time adaptation needs at least one task head in the context")

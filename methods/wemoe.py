@@ -504,6 +504,15 @@ class WeMoE(MergeMethod):
                              "raw or clamped routing weights are not a distribution over tasks")
         return self
 
+    @model_validator(mode="after")
+    def _init_inside_clamp(self) -> "WeMoE":
+        # Routers start with every weight at init_lambda: clipped above 1, none gets a gradient.
+        if self.routing == "clamp" and self.init_lambda > 1.0:
+            raise ValueError(f"init_lambda {self.init_lambda} > 1 with routing: clamp never learns (routing weights "
+                             "clipped to [0, 1] start at the bound and get zero gradient); lower it or use "
+                             "routing: raw or softmax")
+        return self
+
     def batch_dependent(self) -> bool:
         """``batch_reduce`` routes every image by its batch's mean routing weights."""
         return self.batch_reduce
@@ -632,22 +641,29 @@ def load_wemoe(path: str | os.PathLike, pretrained: nn.Module, finetuned: Mappin
     missing = [t for t in tasks if t not in finetuned]
     if missing:
         raise ValueError(f"{path}: built from tasks {tasks}; no fine-tuned model given for {missing}")
+    changed = _changed_models(inputs, pretrained, {t: finetuned[t] for t in tasks})
+    if changed:
+        raise ValueError(f"{path}: {', '.join(changed)} differ(s) from the one(s) its routers were trained with "
+                         "(content digest); load it with the checkpoints it was built from")
     model = build_wemoe(pretrained, {t: finetuned[t] for t in tasks}, init_lambda=config["init_lambda"],
                         router_depth=config["router_depth"], routing=config["routing"],
                         batch_reduce=config["batch_reduce"],
                         implementation=implementation)
-    here = model.wemoe_inputs
-    changed = ["the pretrained model"] if inputs.get("pretrained") not in (None, here["pretrained"]) else []
-    changed += [f"the fine-tuned model of {t!r}" for t, digest in (inputs.get("experts") or {}).items()
-                if digest != here["experts"].get(t)]
-    if changed:
-        raise ValueError(f"{path}: {', '.join(changed)} differ(s) from the one(s) its routers were trained with "
-                         "(content digest); load it with the checkpoints it was built from")
     _load_routers(path, model)
     model.requires_grad_(False)
     model.wemoe_meta = meta
     model.wemoe_adapted_on = meta.get("adapted_on")
     return model
+
+
+def _changed_models(inputs: Mapping[str, Any], pretrained: nn.Module, experts: Mapping[str, nn.Module]) -> list[str]:
+    """The given models whose content digest is not the one saved in ``inputs``, checked before
+    building: a model of another architecture would otherwise fail the build with an error that
+    blames a fine-tuned checkpoint for a wrong pretrained model, and names no router file."""
+    changed = ["the pretrained model"] if inputs.get("pretrained") not in (None, module_digest(pretrained)) else []
+    changed += [f"the fine-tuned model of {t!r}" for t, digest in (inputs.get("experts") or {}).items()
+                if t in experts and digest != module_digest(experts[t])]
+    return changed
 
 
 def _load_routers(path: str | os.PathLike, model: nn.Module) -> None:

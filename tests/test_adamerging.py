@@ -328,3 +328,54 @@ def test_a_per_corruption_adaptation_names_its_corruption_on_its_progress_line(m
                                                                adapted_on=adapted_on),
             lr=1e-2, steps=1, joint_forward=True, name="adamerging")
     assert bar.descriptions == [shown]
+
+
+@pytest.mark.parametrize("method,field", [
+    ({"name": "wemoe", "params": {"steps": 1, "batch_size": 81}}, "methods.0.params.batch_size"),
+    ({"name": "adamerging", "params": {"steps": 1}, "grid": {"batch_size": [8, 81]}}, "methods.0.grid.batch_size"),
+    ({"name": "adamerging", "tune": {"n_trials": 2, "space": {"batch_size": {"type": "int", "low": 4, "high": 81}}}},
+     "methods.0.tune.space.batch_size"),
+])
+def test_a_batch_larger_than_the_split_adapted_on_is_one_line_naming_the_field(sweep_dict, tmp_path, method, field):
+    """The toy tasks' test splits hold 80 images: 81 per step cannot be drawn, so the sweep stops
+    before anything runs, naming the file, the field and the value (80 runs)."""
+    import yaml
+    from click.testing import CliRunner
+
+    from harness.cli import main
+    from harness.config import validate_config
+    from harness.workspace import Workspace
+
+    d = dict(sweep_dict, methods=[method])
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump(d))
+    r = CliRunner().invoke(main, ["sweep", "-q", str(f)])
+    lines = r.stderr.strip().splitlines()
+    assert r.exit_code == 2 and len(lines) == 1, r.stderr
+    assert lines[0].startswith(f"error: {f}: {field}: larger than the test split of task ") and "(80 images)" in lines[0]
+    assert lines[0].endswith("(got 81)")
+    assert not (tmp_path / "out").exists()
+    fits = dict(sweep_dict, methods=[{"name": "wemoe", "params": {"batch_size": 80}},
+                                     {"name": "adamerging", "tune": {"n_trials": 2, "space": {
+                                         "batch_size": {"type": "int", "low": 4, "high": 80}}}}])
+    Workspace(validate_config(fits)).preflight()
+
+
+def test_a_task_left_out_of_adaptation_does_not_bound_its_batch(sweep_dict, monkeypatch):
+    """Only the splits adaptation reads bound ``batch_size``: an unseen task's smaller test split
+    (40 images here, beside 80) is never adapted on."""
+    from harness.config import validate_config
+    from harness.errors import FieldError
+    from harness.workspace import Workspace
+    from tasks.synthetic import make_toy_task
+
+    d = dict(sweep_dict, unseen=["toy_colours"], references={"individual": False},
+             methods=[{"name": "wemoe", "params": {"batch_size": 60}}])
+    ws = Workspace(validate_config(d))
+    small = make_toy_task("toy_colours", n_test=40)
+    real = ws.task
+    monkeypatch.setattr(ws, "task", lambda name: small if name == "toy_colours" else real(name))
+    ws.check_adaptation_batches()
+    ws = Workspace(validate_config(dict(d, methods=[{"name": "wemoe", "params": {"batch_size": 81}}])))
+    with pytest.raises(FieldError, match=r"task 'toy_stripes' \(80 images\)"):
+        ws.check_adaptation_batches()

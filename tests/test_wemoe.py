@@ -880,3 +880,47 @@ def test_a_damaged_adaptation_checkpoint_is_named_and_adaptation_starts_over(mod
         (tmp_path / wemoe.MODEL_FILE).unlink()
     assert not stale.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+
+
+def test_zero_steps_keeps_the_routers_at_init_and_saves_them(models, tmp_path):
+    """``steps: 0`` ("routers stay at init") is a WeMoE at its initial routing, saved as any job's."""
+    pre, ft = models
+    ctx = MergeContext(heads=heads(), unlabeled=fixed_unlabeled(), workdir=str(tmp_path), seed=3)
+    merged = wemoe.WeMoE(steps=0, routing="softmax", routing_stats_batches=1).merge(pre, ft, ctx)
+    fresh = wemoe.build_wemoe(pre, ft, routing="softmax", seed=3)
+    a, b = router_state(merged), router_state(fresh)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (ctx.artifacts["tta_loss"], ctx.artifacts["tta_parts"], ctx.artifacts["tta_validation"]) == ([], {}, [])
+    loaded = wemoe.load_wemoe(tmp_path / wemoe.MODEL_FILE, pre, ft)
+    x = images(3, 7)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), fresh(x))
+
+
+def test_clamped_routing_from_above_one_is_refused_as_it_never_learns(models):
+    """Clamped routers started above 1 get no gradient (measured here), so the setting is refused."""
+    pre, ft = models
+    model = wemoe.build_wemoe(pre, ft, init_lambda=1.5, router_depth=2, routing="clamp")
+    model(images(4, 5)).pow(2).sum().backward()
+    assert all(p.grad is None or not p.grad.any() for p in model.parameters())
+    with pytest.raises(ValueError, match=r"init_lambda 1.5 > 1 with routing: clamp never learns"):
+        wemoe.WeMoE(init_lambda=1.5, routing="clamp")
+    assert wemoe.WeMoE(init_lambda=1.0, routing="clamp").init_lambda == 1.0
+    assert wemoe.WeMoE(init_lambda=1.5, routing="softmax").init_lambda == 1.5
+
+
+def test_load_with_a_pretrained_model_of_another_architecture_names_the_file_and_that_model(models, tmp_path):
+    """A pretrained model of another architecture is the model that differs: the error names the
+    router file and it, not a fine-tuned checkpoint as a failed build would."""
+    from harness.models import build_clip
+
+    pre, ft = models
+    path = tmp_path / "routers.safetensors"
+    wemoe.save_wemoe(wemoe.build_wemoe(pre, ft, router_depth=1), path)
+    wider = build_clip("harness-tiny-vit").visual
+    with pytest.raises(ValueError, match=r"routers\.safetensors: the pretrained model differ") as err:
+        wemoe.load_wemoe(path, wider, ft)
+    assert "fine-tuned" not in str(err.value)
+    with pytest.raises(ValueError, match=r"routers\.safetensors: the fine-tuned model of 'a' differ") as err:
+        wemoe.load_wemoe(path, pre, {**ft, "a": wider})
+    assert "the pretrained model" not in str(err.value)
