@@ -228,11 +228,14 @@ class Workspace:
         images per step than asked for (and, with ``batch_reduce``, another routing)."""
         from methods.base import resolve_method
 
+        batches = adaptation_batch_sizes(self.cfg, resolve_method)
+        if not batches:
+            return  # no split is read for adaptation: none is opened
         split = self.cfg.adapt.split
         adapted = dict.fromkeys(self.cfg.merge_tasks + self.cfg.generalization_seen)  # unseen tasks are not
         sizes = {t: len(self.task(t).dataset(split)) for t in adapted}
         smallest = min(sizes, key=sizes.get)
-        for where, value in adaptation_batch_sizes(self.cfg, resolve_method):
+        for where, value in batches:
             if value > sizes[smallest]:
                 raise FieldError(where, f"larger than the {split} split of task {smallest!r} ({sizes[smallest]} "
                                  "images) that test-time adaptation reads: every step would adapt on the whole "
