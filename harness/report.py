@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import io
 import json
 import os
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import yaml
 
@@ -132,9 +134,14 @@ REPORT_FILES = tuple(f"{name}.{ext}" for name in ("main", "generalization", "sig
 not write this time is removed (``routing.png``: what reports wrote before there was one per row)."""
 
 
-def routing_plot_name(label: str) -> str:
-    """``routing-<row>.png``, the row's label made a safe file name."""
-    return f"routing-{re.sub(r'[^A-Za-z0-9_.-]+', '_', label)}.png"
+def file_stems(labels: Iterable[str]) -> dict[str, str]:
+    """Each row label made a safe file-name stem. Labels whose safe forms coincide (``wemoe a``
+    and ``wemoe_a``) would write one file: each that had characters replaced gets a digest of
+    itself appended, so no row's file overwrites another's; every other stem is the plain one."""
+    safe = {label: re.sub(r"[^A-Za-z0-9_.-]+", "_", label) for label in labels}
+    taken = Counter(safe.values())
+    return {label: stem if stem == label or taken[stem] == 1
+            else f"{stem}-{hashlib.sha1(label.encode()).hexdigest()[:8]}" for label, stem in safe.items()}
 
 
 def build_report(cfg: SweepConfig, results: list[JobResult], out: Path,
@@ -197,8 +204,10 @@ def build_report(cfg: SweepConfig, results: list[JobResult], out: Path,
     if routing:
         from harness.plots import routing_heatmap
 
+        stems = file_stems(routing)
         for label, stats in routing.items():
-            report.files.append(routing_heatmap(stats, out / routing_plot_name(label), f"WeMoE routing weights: {label}"))
+            report.files.append(routing_heatmap(stats, out / f"routing-{stems[label]}.png",
+                                                f"WeMoE routing weights: {label}"))
     written = set(report.files)
     # an earlier report's table or plot this sweep no longer has (a block removed, a row renamed)
     for stale in [*(out / name for name in REPORT_FILES), *out.glob("routing-*.png")]:
@@ -207,9 +216,9 @@ def build_report(cfg: SweepConfig, results: list[JobResult], out: Path,
     return report
 
 
-def tune_table_stem(label: str) -> str:
-    """``tune-<label>`` with the label's characters that are unsafe in a file name replaced."""
-    return "tune-" + re.sub(r"[^A-Za-z0-9_.-]+", "_", label)
+def tune_table_stem(cfg: SweepConfig, label: str) -> str:
+    """``tune-<label>``, the label made a safe file name apart from the sweep's other labels'."""
+    return "tune-" + file_stems(dict.fromkeys([label, *(m.display for m in cfg.methods)]))[label]
 
 
 def build_tune_table(cfg: SweepConfig, results: list[JobResult], out: Path, label: str,
@@ -221,9 +230,9 @@ def build_tune_table(cfg: SweepConfig, results: list[JobResult], out: Path, labe
     seen, tasks = cfg.merge_tasks, cfg.task_names
     rows = build_rows(results, tasks, [label], seen, studies)
     header, body = table_records(rows, tasks, seen)
-    report = Report({tune_table_stem(label): (header, body)}, rows=rows)
+    report = Report({tune_table_stem(cfg, label): (header, body)}, rows=rows)
     for ext, text in (("md", markdown_table(header, body)), ("csv", csv_table(header, body))):
-        path = out / f"{tune_table_stem(label)}.{ext}"
+        path = out / f"{tune_table_stem(cfg, label)}.{ext}"
         path.write_text(text)
         report.files.append(path)
     return report

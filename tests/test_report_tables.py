@@ -214,3 +214,28 @@ def test_every_wemoe_row_gets_its_routing_heatmap_titled_with_its_label(cfg, tmp
     build_report(two, results, tmp_path / "report", routings)
     assert drawn == [(stats(0.2), "routing-raw.png", "WeMoE routing weights: raw"),
                      (stats(0.9), "routing-task_id_soft_.png", "WeMoE routing weights: task id (soft)")]
+
+
+def test_row_labels_alike_as_file_names_get_files_of_their_own(cfg, tmp_path):
+    """``wemoe a`` and ``wemoe_a`` are both ``wemoe_a`` as a file name: each row keeps its own
+    heatmap (one overwrote the other), and the label without replaced characters keeps the plain name."""
+    from harness.report import file_stems, tune_table_stem
+
+    stems = file_stems(["wemoe a", "wemoe_a", "task id (soft)"])
+    assert stems["wemoe_a"] == "wemoe_a" and stems["task id (soft)"] == "task_id_soft_"
+    assert stems["wemoe a"].startswith("wemoe_a-") and len(set(stems.values())) == 3
+    two = cfg.model_copy(update={"methods": [MethodSpec(name="wemoe", label="wemoe a"),
+                                             MethodSpec(name="wemoe", label="wemoe_a")]})
+    results = []
+    for i, label in enumerate(["wemoe a", "wemoe_a"]):
+        r = ok("merge", label, {}, {A: 50.0, B: 40.0}, 45.0)
+        r.artifacts["routing"] = {"experts": [A, B], "layers": 1,
+                                  "mean_weight": {A: [[0.1 * i, 1.0]], B: [[1.0, 0.1 * i]]}}
+        results.append(r)
+    from harness.report import build_report, row_routings
+
+    report = build_report(two, results, tmp_path / "report", row_routings(two, results))
+    drawn = sorted(p.name for p in report.files if p.name.startswith("routing-"))
+    assert len(set(drawn)) == 2 and all((tmp_path / "report" / name).is_file() for name in drawn)
+    assert "routing-wemoe_a.png" in drawn
+    assert tune_table_stem(two, "wemoe a") != tune_table_stem(two, "wemoe_a") == "tune-wemoe_a"
