@@ -763,12 +763,25 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
+def _utf8_text(path: Path) -> str:
+    """The file's text; a file in another encoding (a Latin-1 comment, a checkpoint named by
+    mistake) is a config error naming where its first non-UTF-8 byte lies, not a traceback."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise ConfigError(str(path), "", f"not UTF-8 text: byte 0x{data[exc.start]:02x} at line {line}, "
+                          f"column {column}; save the file as UTF-8", show_value=False) from None
+
+
 def read_yaml(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(str(path), "", "file does not exist", show_value=False)
     try:
-        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
+        raw = yaml.load(_utf8_text(path), Loader=_UniqueKeyLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""

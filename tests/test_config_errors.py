@@ -205,6 +205,17 @@ def test_malformed_yaml(tmp_path):
     assert code == 2 and "malformed YAML: line" in err and str(f) in " ".join(err.split())
 
 
+def test_a_sweep_file_not_in_utf8_is_one_line(tmp_path):
+    """A Latin-1 comment (an editor's default) names the byte and where it lies, not a traceback."""
+    f = tmp_path / "latin1.yaml"
+    f.write_bytes("name: toy\n# r\u00e9sum\u00e9\ntasks: [toy_stripes]\n".encode("latin-1"))
+    code, out, err = _run(["validate", str(f)])
+    assert code == 2, (out, err)
+    assert " ".join(err.split()) == (f"error: {f}: not UTF-8 text: byte 0xe9 at line 2, column 4; "
+                                     "save the file as UTF-8")
+    assert "Traceback" not in out + err
+
+
 def test_top_level_not_mapping(tmp_path):
     f = tmp_path / "list.yaml"
     f.write_text("- a\n- b\n")
