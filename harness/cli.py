@@ -332,6 +332,7 @@ def export(file: str, overrides: tuple[str, ...], label: str, dst: str, full_cli
     from harness.export import export_merged
     from harness.plan import setting_text
 
+    _check_destination(dst, "--out")
     cfg = _load(file, overrides)
     m = cfg.methods[_method_index(cfg, label, file)]
     with _fields_of(file, overrides):
@@ -345,6 +346,18 @@ def export(file: str, overrides: tuple[str, ...], label: str, dst: str, full_cli
     setting = setting_text(r.params) or "no parameters"
     console.print(f"wrote {done.path}: {m.display} ({setting}), val {r.metrics.get('val/acc/avg', float('nan')):.1f}, "
                   f"test {r.metrics.get('acc/avg', float('nan')):.1f} (job {r.key})", highlight=False, markup=False)
+
+
+def _check_destination(dst: str | Path, option: str, folder: bool = False) -> None:
+    """Refuse, before any work, a destination whose folder cannot be made because a file stands at
+    it or above it: the first write would otherwise end in a traceback (after an export's merge)."""
+    path = Path(dst)
+    where = path if folder or str(dst).endswith(("/", os.sep)) else path.parent
+    for p in (where, *where.parents):
+        if p.exists():
+            if not p.is_dir():
+                fail(f"{option} {dst}: {p} is a file, not a folder")
+            return
 
 
 def _method_index(cfg, label: str, file: str) -> int:
@@ -544,6 +557,8 @@ def report(target: str, tracking_uri: str | None, out_dir: str | None, against: 
     from harness.report import build_report, load_study_counts, load_sweep_from_mlflow, row_routings
     from harness.results import rich_table
 
+    if out_dir:
+        _check_destination(out_dir, "--out", folder=True)
     sweep_cfg = None  # the sweep whose parent run to report (a store may hold other sweeps' runs)
     if Path(target).is_file():  # the sweep file: its output folder, as `harness ui FILE` takes it
         sweep_cfg = _load(target, ())
@@ -560,6 +575,8 @@ def report(target: str, tracking_uri: str | None, out_dir: str | None, against: 
             fail(f"{target}: not a sweep file or output folder; for a run id give --tracking-uri or set "
                  "MLFLOW_TRACKING_URI")
         run_id, default_out = target, Path(f"report-{target[:8]}")
+    if not out_dir:
+        _check_destination(default_out, "report folder", folder=True)
     cfg, results, parent = load_sweep_from_mlflow(uri, run_id, sweep_cfg if run_id is None else None)
     rep = build_report(cfg, results, Path(out_dir) if out_dir else default_out, row_routings(cfg, results),
                        list(against) or None, load_study_counts(uri, parent))
@@ -607,6 +624,7 @@ def convert(src: str, dst: str, trust_pickle: bool, arch: str | None) -> None:
     """Convert a task_vectors-style checkpoint into a safetensors image-encoder state dict."""
     from harness.convert import convert_pickled_checkpoint
 
+    _check_destination(dst, "DST")
     path = convert_pickled_checkpoint(src, dst, trust_pickle=trust_pickle, arch=arch)
     console.print(f"wrote {path}")
 
@@ -624,6 +642,7 @@ def import_(src: str, dst: str, trust_pickle: bool, arch: str | None, projection
     """Import checkpoints: a Hugging Face CLIP folder, a task_vectors/state-dict file, or a folder of them."""
     from harness.checkpoints import import_checkpoints
 
+    _check_destination(dst, "DST")
     written = import_checkpoints(src, dst, trust_pickle=trust_pickle, arch=arch, projection=projection,
                                  full=full, verify=verify)
     for path in written:

@@ -12,6 +12,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
 import yaml
 from click.testing import CliRunner
 
@@ -410,3 +411,23 @@ def test_report_and_ui_of_a_copied_folder_whose_original_is_gone(sweep_dict, tmp
     assert r.exit_code == 0, r.output
     assert (tmp_path / "rep" / "main.csv").read_text() == written
     assert _store(str(copy)) == (f"sqlite:///{copy.resolve() / 'mlflow.db'}", str(copy.resolve() / "mlartifacts"))
+
+
+@pytest.mark.parametrize("command", ["report", "export", "convert", "import"])
+def test_a_destination_under_a_file_is_one_line_before_any_work(command, sweep_dict, micro_checkpoints, tmp_path):
+    """An --out (or DST) whose folder a file stands in: one line naming both, exit 2, the file untouched."""
+    blocker = tmp_path / "results.txt"
+    blocker.write_text("keep me")
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump(sweep_dict))
+    src = str(micro_checkpoints / "toy_stripes.safetensors")
+    dst = str(blocker / "sub" / "m.safetensors")
+    args = {"report": ["report", str(tmp_path), "--out", dst],
+            "export": ["export", str(f), "--method", "task_arithmetic", "--out", dst],
+            "convert": ["convert", src, dst], "import": ["import", src, dst]}[command]
+    r = CliRunner().invoke(main, args)
+    option = "DST" if command in ("convert", "import") else "--out"
+    assert r.exit_code == 2, r.output
+    assert " ".join(r.stderr.split()) == f"error: {option} {dst}: {blocker} is a file, not a folder"
+    assert r.exception is None or isinstance(r.exception, SystemExit)
+    assert blocker.read_text() == "keep me"
