@@ -13,6 +13,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from click.testing import CliRunner
 
@@ -431,3 +432,18 @@ def test_a_destination_under_a_file_is_one_line_before_any_work(command, sweep_d
     assert " ".join(r.stderr.split()) == f"error: {option} {dst}: {blocker} is a file, not a folder"
     assert r.exception is None or isinstance(r.exception, SystemExit)
     assert blocker.read_text() == "keep me"
+
+
+@pytest.mark.parametrize("command", ["convert", "import"])
+def test_a_destination_ending_in_a_slash_is_a_folder_to_make(command, micro_checkpoints, tmp_path):
+    """``harness convert x.pt ckpt/`` writes ``ckpt/x.safetensors`` (not a file named ``ckpt``)."""
+    from safetensors.torch import load_file
+
+    src = micro_checkpoints / "toy_stripes.safetensors"
+    dst = tmp_path / "ckpt"
+    r = CliRunner().invoke(main, [command, str(src), f"{dst}/"])
+    assert r.exit_code == 0, r.output
+    out = dst / "toy_stripes.safetensors"
+    assert dst.is_dir() and sorted(p.name for p in dst.iterdir()) == [out.name, f"{out.name}.json"]
+    written, source = load_file(str(out)), load_file(str(src))
+    assert written.keys() == source.keys() and all(torch.equal(written[k], source[k]) for k in source)
