@@ -447,3 +447,20 @@ def test_a_destination_ending_in_a_slash_is_a_folder_to_make(command, micro_chec
     assert dst.is_dir() and sorted(p.name for p in dst.iterdir()) == [out.name, f"{out.name}.json"]
     written, source = load_file(str(out)), load_file(str(src))
     assert written.keys() == source.keys() and all(torch.equal(written[k], source[k]) for k in source)
+
+
+def test_report_of_a_sweep_that_logged_to_a_folder_store(sweep_dict, tmp_path):
+    """A sweep may log to an MLflow folder store (``tracking_uri`` a folder, which it opts into);
+    ``harness report`` of its output folder reads it back too, in a process that did not opt in."""
+    sweep_dict["methods"] = [{"name": "task_arithmetic"}]
+    sweep_dict["tracking_uri"] = str(tmp_path / "mlruns")
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump(sweep_dict))
+    assert CliRunner().invoke(main, ["sweep", "-q", str(f)]).exit_code == 0
+    out = Path(sweep_dict["output_dir"])
+    written = (out / "report" / "main.md").read_text()
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_ALLOW_FILE_STORE"}  # MLflow caches stores in-process
+    r = subprocess.run([sys.executable, "-m", "harness", "report", str(out), "--out", str(tmp_path / "again")],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "again" / "main.md").read_text() == written
