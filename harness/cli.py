@@ -110,6 +110,7 @@ def _load(file: str, overrides: tuple[str, ...], start_workers: bool = False,
         check_model_files,
         check_output_dir,
         check_pretrained_arch,
+        check_tracking_uri,
         read_config,
         validate_config,
     )
@@ -133,6 +134,7 @@ def _load(file: str, overrides: tuple[str, ...], start_workers: bool = False,
             check_pretrained_arch(cfg, file)
             check_data_roots(cfg, file)
         check_output_dir(cfg, file)
+        check_tracking_uri(cfg, file)
         if does == "submit" and cfg.executor.kind == "slurm":
             from harness.executors.slurm import check_cluster
 
@@ -360,6 +362,15 @@ def _check_destination(dst: str | Path, option: str, folder: bool = False) -> No
             return
 
 
+def _check_store(uri: str, option: str) -> None:
+    """A tracking URI that is a file's path (``mlflow.db`` without ``sqlite:///``) in one line."""
+    from harness.config import tracking_file_problem
+
+    problem = tracking_file_problem(uri)
+    if problem:
+        fail(f"{option} {uri}: {problem}")
+
+
 def _method_index(cfg, label: str, file: str) -> int:
     """The method ``--method`` names: by label, else by name when one tuned method has that name
     (methods without a label go by their name already)."""
@@ -575,6 +586,7 @@ def report(target: str, tracking_uri: str | None, out_dir: str | None, against: 
             fail(f"{target}: not a sweep file or output folder; for a run id give --tracking-uri or set "
                  "MLFLOW_TRACKING_URI")
         run_id, default_out = target, Path(f"report-{target[:8]}")
+        _check_store(uri, "--tracking-uri" if tracking_uri else "MLFLOW_TRACKING_URI")
     if not out_dir:
         _check_destination(default_out, "report folder", folder=True)
     cfg, results, parent = load_sweep_from_mlflow(uri, run_id, sweep_cfg if run_id is None else None)

@@ -1263,6 +1263,31 @@ def check_output_dir(cfg: SweepConfig, file: str) -> None:
                           "pattern (%j, %x, ...): the jobs would fail before they start; rename it", str(out))
 
 
+def tracking_file_problem(uri: str) -> str | None:
+    """Why ``uri`` cannot be an MLflow store, when it is a path (or ``file:`` URI) to a file: the
+    SQLite database's path given without ``sqlite:///``, which MLflow takes for a folder store and
+    fails on at its first write, mid-sweep. None otherwise."""
+    from urllib.parse import urlparse
+
+    parsed = urlparse(uri)
+    if parsed.scheme not in ("", "file"):
+        return None
+    path = Path(os.path.expanduser(parsed.path if parsed.scheme else uri))
+    if not path.is_file():
+        return None
+    return f"is a file, not an MLflow store; a SQLite database is given as sqlite:///{path.resolve()}"
+
+
+def check_tracking_uri(cfg: SweepConfig, file: str) -> None:
+    """The tracking store is not a file named as a folder store (:func:`tracking_file_problem`)."""
+    uri = cfg.resolved_tracking_uri()
+    problem = tracking_file_problem(uri)
+    if problem and cfg.tracking_uri:
+        raise ConfigError(file, "tracking_uri", problem, uri)
+    if problem:
+        raise ConfigError(file, "tracking_uri", f"unset, and MLFLOW_TRACKING_URI {uri!r} {problem}", show_value=False)
+
+
 def check_generalization(cfg: SweepConfig, file: str) -> None:
     """The ``generalization`` block: known tasks, a seen/unseen split of them, no clash with the
     whole-sweep split or with tuned methods (a study selects on every task's validation)."""

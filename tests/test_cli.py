@@ -464,3 +464,13 @@ def test_report_of_a_sweep_that_logged_to_a_folder_store(sweep_dict, tmp_path):
                        capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (tmp_path / "again" / "main.md").read_text() == written
+
+
+def test_report_of_a_run_id_in_a_files_path_names_the_uri_meant(tmp_path):
+    """``--tracking-uri outputs/x/mlflow.db`` (no ``sqlite:///``) is one line, not MLflow's traceback."""
+    db = tmp_path / "mlflow.db"
+    db.write_bytes(b"")
+    r = CliRunner().invoke(main, ["report", "0123456789abcdef", "--tracking-uri", str(db)])
+    assert r.exit_code == 2, r.output
+    assert " ".join(r.stderr.split()) == (f"error: --tracking-uri {db}: is a file, not an MLflow store; a SQLite "
+                                          f"database is given as sqlite:///{db}")

@@ -606,3 +606,20 @@ def test_a_slip_of_two_swapped_letters_gets_a_did_you_mean(typo, candidates, mea
     from harness.errors import did_you_mean
 
     assert did_you_mean(typo, candidates) == (f"; did you mean {meant!r}?" if meant else "")
+
+
+def test_a_tracking_uri_that_is_a_files_path_is_bad_input(sweep_dict, tmp_path):
+    """``tracking_uri: .../mlflow.db`` (no ``sqlite:///``): MLflow takes a path for a folder store and
+    failed mid-sweep, at its first write; it is refused up front, with the URI that was meant."""
+    db = tmp_path / "mlflow.db"
+    db.write_bytes(b"")
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump(dict(sweep_dict, tracking_uri=str(db))))
+    for args in (["validate", str(f)], ["sweep", str(f)]):
+        code, out, err = _run(args)
+        assert code == 2, (out, err)
+        assert " ".join(err.split()) == (f"error: {f}: tracking_uri: is a file, not an MLflow store; a SQLite "
+                                         f"database is given as sqlite:///{db} (got '{db}')")
+    assert not (tmp_path / "out").exists()
+    f.write_text(yaml.safe_dump(dict(sweep_dict, tracking_uri=f"sqlite:///{db}")))
+    assert _run(["validate", str(f)])[0] == 0
