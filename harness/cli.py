@@ -494,6 +494,7 @@ def ui(target: str | None, port: int, host: str) -> None:
     if artifacts:
         args += ["--artifacts-destination", artifacts]
     env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    env.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # a folder store, as the sweep (Tracker) logged to it
     console.print(f"MLflow UI for {uri} at http://{host}:{port}  (Ctrl-C stops)")
     sys.stdout.flush()
     os.execve(exe, args, env)  # the server takes this process's place: signals reach it directly

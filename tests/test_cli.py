@@ -474,3 +474,34 @@ def test_report_of_a_run_id_in_a_files_path_names_the_uri_meant(tmp_path):
     assert r.exit_code == 2, r.output
     assert " ".join(r.stderr.split()) == (f"error: --tracking-uri {db}: is a file, not an MLflow store; a SQLite "
                                           f"database is given as sqlite:///{db}")
+
+
+def test_ui_serves_a_sweep_that_logged_to_a_folder_store(sweep_dict, tmp_path):
+    """``tracking_uri`` a folder (an MLflow file store, which a sweep opts into): the UI serves it too,
+    in an environment that did not opt in (MLflow refuses such stores unless told)."""
+    sweep_dict["methods"] = []
+    sweep_dict["tracking_uri"] = str(tmp_path / "mlruns")
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump(sweep_dict))
+    assert CliRunner().invoke(main, ["sweep", "-q", str(f)]).exit_code == 0
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_ALLOW_FILE_STORE"}
+    proc = subprocess.Popen([sys.executable, "-m", "harness.cli", "ui", sweep_dict["output_dir"], "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/get-by-name?experiment_name=toy"
+        deadline, body = time.time() + 90, None
+        while time.time() < deadline and proc.poll() is None and body is None:
+            try:
+                with urllib.request.urlopen(url, timeout=2) as resp:
+                    body = json.loads(resp.read())
+            except OSError:
+                time.sleep(0.5)
+        assert body is not None, proc.stdout.read().decode()[-3000:] if proc.poll() is not None else "server not ready"
+        assert body["experiment"]["name"] == "toy"
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
