@@ -362,13 +362,14 @@ def _check_destination(dst: str | Path, option: str, folder: bool = False) -> No
             return
 
 
-def _check_store(uri: str, option: str) -> None:
-    """A tracking URI that is a file's path (``mlflow.db`` without ``sqlite:///``) in one line."""
+def _check_store(where: str, uri: str) -> None:
+    """A tracking URI MLflow cannot open for the file it names (``mlflow.db`` without ``sqlite:///``,
+    a damaged database) in one line, ``where`` naming what gave it."""
     from harness.config import tracking_file_problem
 
     problem = tracking_file_problem(uri)
     if problem:
-        fail(f"{option} {uri}: {problem}")
+        fail(f"{where}: {problem}")
 
 
 def _method_index(cfg, label: str, file: str) -> int:
@@ -581,13 +582,14 @@ def report(target: str, tracking_uri: str | None, out_dir: str | None, against: 
     if Path(target).is_dir():
         sweep_cfg = _folder_config(Path(target).resolve()) or sweep_cfg
         uri, run_id, default_out = _folder_store(target, sweep_cfg), None, Path(target) / "report"
+        _check_store(target, uri)
     else:
         uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
         if not uri:
             fail(f"{target}: not a sweep file or output folder; for a run id give --tracking-uri or set "
                  "MLFLOW_TRACKING_URI")
         run_id, default_out = target, Path(f"report-{target[:8]}")
-        _check_store(uri, "--tracking-uri" if tracking_uri else "MLFLOW_TRACKING_URI")
+        _check_store(f"{'--tracking-uri' if tracking_uri else 'MLFLOW_TRACKING_URI'} {uri}", uri)
     if not out_dir:
         _check_destination(default_out, "report folder", folder=True)
     cfg, results, parent = load_sweep_from_mlflow(uri, run_id, sweep_cfg if run_id is None else None)

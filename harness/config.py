@@ -6,6 +6,7 @@ the file, the dotted field path and the offending value.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -1264,11 +1265,14 @@ def check_output_dir(cfg: SweepConfig, file: str) -> None:
 
 
 def tracking_file_problem(uri: str) -> str | None:
-    """Why ``uri`` cannot be an MLflow store, when it is a path (or ``file:`` URI) to a file: the
-    SQLite database's path given without ``sqlite:///``, which MLflow takes for a folder store and
-    fails on at its first write, mid-sweep. None otherwise."""
+    """Why ``uri`` cannot be an MLflow store because of the file it names: the SQLite database's
+    path given without ``sqlite:///``, which MLflow takes for a folder store, or a ``sqlite:///``
+    file that is no database (damaged, overwritten); MLflow fails on either at its first use,
+    mid-sweep, with a traceback. None otherwise."""
     from urllib.parse import urlparse
 
+    if uri.startswith("sqlite:///"):
+        return _sqlite_problem(Path(uri.removeprefix("sqlite:///")))
     parsed = urlparse(uri)
     if parsed.scheme not in ("", "file"):
         return None
@@ -1278,14 +1282,34 @@ def tracking_file_problem(uri: str) -> str | None:
     return f"is a file, not an MLflow store; a SQLite database is given as sqlite:///{path.resolve()}"
 
 
+def _sqlite_problem(db: Path) -> str | None:
+    """Why the existing file ``db`` is no SQLite database, or None (absent, or one)."""
+    import sqlite3
+
+    if not db.is_file():
+        return None
+    try:
+        with contextlib.closing(sqlite3.connect(db)) as con:  # it exists: reading creates nothing
+            con.execute("SELECT name FROM sqlite_master LIMIT 1").fetchall()
+    except sqlite3.OperationalError:  # locked by a writer, unreadable: a database all the same
+        return None
+    except sqlite3.DatabaseError as exc:
+        return f"{db} is not an SQLite database ({exc}); move it aside, and the next sweep starts a new store"
+    return None
+
+
 def check_tracking_uri(cfg: SweepConfig, file: str) -> None:
-    """The tracking store is not a file named as a folder store (:func:`tracking_file_problem`)."""
+    """The tracking store MLflow will open can be one (:func:`tracking_file_problem`), named by
+    the setting that chose it: ``tracking_uri``, MLFLOW_TRACKING_URI, or the output folder's own."""
     uri = cfg.resolved_tracking_uri()
     problem = tracking_file_problem(uri)
-    if problem and cfg.tracking_uri:
+    if not problem:
+        return
+    if cfg.tracking_uri:
         raise ConfigError(file, "tracking_uri", problem, uri)
-    if problem:
+    if os.environ.get("MLFLOW_TRACKING_URI"):
         raise ConfigError(file, "tracking_uri", f"unset, and MLFLOW_TRACKING_URI {uri!r} {problem}", show_value=False)
+    raise ConfigError(file, "output_dir", f"its MLflow store {problem}", show_value=False)
 
 
 def check_generalization(cfg: SweepConfig, file: str) -> None:

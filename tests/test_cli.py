@@ -505,3 +505,12 @@ def test_ui_serves_a_sweep_that_logged_to_a_folder_store(sweep_dict, tmp_path):
             proc.wait(10)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_report_of_a_folder_whose_store_is_damaged_is_one_line(tmp_path):
+    (tmp_path / "mlflow.db").write_text("not a database\n" * 100)
+    r = CliRunner().invoke(main, ["report", str(tmp_path)])
+    assert r.exit_code == 2, r.output
+    assert " ".join(r.stderr.split()) == (f"error: {tmp_path}: {tmp_path / 'mlflow.db'} is not an SQLite database "
+                                          "(file is not a database); move it aside, and the next sweep starts a "
+                                          "new store")

@@ -623,3 +623,20 @@ def test_a_tracking_uri_that_is_a_files_path_is_bad_input(sweep_dict, tmp_path):
     assert not (tmp_path / "out").exists()
     f.write_text(yaml.safe_dump(dict(sweep_dict, tracking_uri=f"sqlite:///{db}")))
     assert _run(["validate", str(f)])[0] == 0
+
+
+def test_a_damaged_mlflow_store_in_the_output_folder_is_named_before_any_job(sweep_dict, tmp_path):
+    """``<output_dir>/mlflow.db`` that is no database (overwritten, damaged): the sweep ran its first
+    jobs and then crashed in MLflow with a traceback; it now stops first, naming the file."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mlflow.db").write_text("not a database\n" * 100)
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump(sweep_dict))
+    for args in (["validate", str(f)], ["sweep", str(f)]):
+        code, out_text, err = _run(args)
+        assert code == 2, (out_text, err)
+        assert " ".join(err.split()) == (f"error: {f}: output_dir: its MLflow store {out / 'mlflow.db'} is not an "
+                                         "SQLite database (file is not a database); move it aside, and the next "
+                                         "sweep starts a new store")
+    assert sorted(p.name for p in out.iterdir()) == ["mlflow.db"]  # no job ran
