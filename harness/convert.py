@@ -65,6 +65,8 @@ def convert_pickled_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, t
     Returns the path of the written safetensors file; the sidecar is that path plus ``.json``.
     """
     src = Path(src)
+    if src.is_dir():
+        raise HarnessError(f"{src}: is a folder, not a checkpoint file (harness import converts a folder of them)")
     if not src.is_file():
         raise HarnessError(f"{src}: checkpoint file does not exist")
     out = output_path(dst, src.stem)

@@ -514,3 +514,13 @@ def test_report_of_a_folder_whose_store_is_damaged_is_one_line(tmp_path):
     assert " ".join(r.stderr.split()) == (f"error: {tmp_path}: {tmp_path / 'mlflow.db'} is not an SQLite database "
                                           "(file is not a database); move it aside, and the next sweep starts a "
                                           "new store")
+
+
+def test_convert_of_a_folder_says_it_is_one(tmp_path):
+    """A folder given to convert (which takes one file) is not called missing: import takes folders."""
+    (tmp_path / "ckpts").mkdir()
+    r = CliRunner().invoke(main, ["convert", str(tmp_path / "ckpts"), str(tmp_path / "out.safetensors")])
+    assert r.exit_code == 2, r.output
+    assert " ".join(r.stderr.split()) == (f"error: {tmp_path / 'ckpts'}: is a folder, not a checkpoint file "
+                                          "(harness import converts a folder of them)")
+    assert not (tmp_path / "out.safetensors").exists()
