@@ -210,7 +210,7 @@ def _print_plan(cfg, cache: bool = False) -> None:
 
 
 @main.command()
-@click.argument("file", type=click.Path(dir_okay=False))
+@click.argument("file", type=click.Path())
 @click.argument("overrides", nargs=-1)
 @click.option("--dry-run", is_flag=True, help="Print the resolved config and job plan; run nothing.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
@@ -230,7 +230,7 @@ def sweep(file: str, overrides: tuple[str, ...], dry_run: bool, quiet: bool, det
 
 
 @main.command()
-@click.argument("file", type=click.Path(dir_okay=False))
+@click.argument("file", type=click.Path())
 @click.argument("overrides", nargs=-1)
 def status(file: str, overrides: tuple[str, ...]) -> None:
     """SLURM: the states of a sweep's submitted jobs (pending, running, done, failed, lost) and their logs."""
@@ -242,7 +242,7 @@ def status(file: str, overrides: tuple[str, ...]) -> None:
 
 
 @main.command()
-@click.argument("file", type=click.Path(dir_okay=False))
+@click.argument("file", type=click.Path())
 @click.argument("overrides", nargs=-1)
 @click.option("-q", "--quiet", is_flag=True, help="No live table.")
 def collect(file: str, overrides: tuple[str, ...], quiet: bool) -> None:
@@ -286,7 +286,7 @@ def _report(cfg, outcome, quiet: bool) -> None:
 
 
 @main.command()
-@click.argument("file", type=click.Path(dir_okay=False))
+@click.argument("file", type=click.Path())
 @click.argument("overrides", nargs=-1)
 @click.option("--method", "label", required=True,
               help="The method's label in the sweep, or its name when one tuned method has it.")
@@ -321,7 +321,7 @@ def tune(file: str, overrides: tuple[str, ...], label: str, trials: int | None, 
 
 
 @main.command()
-@click.argument("file", type=click.Path(dir_okay=False))
+@click.argument("file", type=click.Path())
 @click.argument("overrides", nargs=-1)
 @click.option("--method", "label", required=True, help="The row's label in the sweep (or its method's name).")
 @click.option("--out", "dst", required=True, type=click.Path(dir_okay=False), help="The safetensors file to write.")
@@ -393,7 +393,7 @@ def _method_index(cfg, label: str, file: str) -> int:
 
 
 @main.command()
-@click.argument("file", type=click.Path(dir_okay=False))
+@click.argument("file", type=click.Path())
 @click.argument("overrides", nargs=-1)
 def validate(file: str, overrides: tuple[str, ...]) -> None:
     """Validate FILE and print the resolved config and job plan (runs nothing)."""
@@ -405,7 +405,7 @@ def validate(file: str, overrides: tuple[str, ...]) -> None:
 @main.command(name="list")
 @click.argument("what", type=click.Choice(["methods", "tasks", "models"]))
 @click.argument("names", nargs=-1)
-@click.option("--sweep", "sweep_file", type=click.Path(dir_okay=False),
+@click.option("--sweep", "sweep_file", type=click.Path(),
               help="List the methods this sweep file names (with methods).")
 def list_(what: str, names: tuple[str, ...], sweep_file: str | None) -> None:
     """What is registered: methods (with hyperparameters), tasks, or models.
@@ -601,7 +601,7 @@ def report(target: str, tracking_uri: str | None, out_dir: str | None, against: 
 
 
 @main.command()
-@click.argument("file", required=False, type=click.Path(dir_okay=False))
+@click.argument("file", required=False, type=click.Path())
 @click.argument("overrides", nargs=-1)
 @click.option("--from-scratch", is_flag=True, help="Retrain the pretrained model instead of using the shipped one.")
 @click.option("-q", "--quiet", is_flag=True)

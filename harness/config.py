@@ -779,6 +779,10 @@ def _utf8_text(path: Path) -> str:
 
 def read_yaml(path: str | os.PathLike) -> dict:
     path = Path(path)
+    if path.is_dir():  # one line, as for any bad sweep path; naming the sweeps it holds (``sweeps/``)
+        found = sorted(p.name for p in path.glob("*.y*ml"))
+        held = f" (it holds {', '.join(found[:6])}{', ...' if len(found) > 6 else ''})" if found else ""
+        raise ConfigError(str(path), "", f"is a folder, not a sweep file{held}", show_value=False)
     if not path.is_file():
         raise ConfigError(str(path), "", "file does not exist", show_value=False)
     try:

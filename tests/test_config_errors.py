@@ -640,3 +640,15 @@ def test_a_damaged_mlflow_store_in_the_output_folder_is_named_before_any_job(swe
                                          "SQLite database (file is not a database); move it aside, and the next "
                                          "sweep starts a new store")
     assert sorted(p.name for p in out.iterdir()) == ["mlflow.db"]  # no job ran
+
+
+@pytest.mark.parametrize("command", [["validate"], ["sweep"], ["sweep", "--dry-run"], ["list", "methods", "--sweep"]])
+def test_a_folder_given_as_the_sweep_file_is_one_line_naming_its_sweeps(command, tmp_path):
+    """``harness sweep sweeps/`` (completion stopped at the folder): one line, as for a missing file,
+    naming the sweep files it holds, instead of click's usage block."""
+    (tmp_path / "b.yaml").write_text("name: b\n")
+    (tmp_path / "a.yml").write_text("name: a\n")
+    (tmp_path / "notes.txt").write_text("")
+    code, out, err = _run([*command, str(tmp_path)])
+    assert code == 2, (out, err)
+    assert err == f"error: {tmp_path}: is a folder, not a sweep file (it holds a.yml, b.yaml)\n"
