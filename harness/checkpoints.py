@@ -98,12 +98,12 @@ def import_checkpoints(
     ``full`` keeps the text tower of ``CLIPModel`` folders (the pretrained model: zero-shot
     heads need it); vision-only folders stay image encoders.
     """
-    src, dst = Path(src), Path(dst)
+    src, given, dst = Path(src), dst, Path(dst)
     layout = detect_layout(src)
     if layout == "huggingface":
-        return [_import_hf(src, dst, arch, projection, full, verify)]
+        return [_import_hf(src, given, arch, projection, full, verify)]
     if layout == "file":
-        return [convert_pickled_checkpoint(src, dst, trust_pickle=trust_pickle, arch=arch)]
+        return [convert_pickled_checkpoint(src, given, trust_pickle=trust_pickle, arch=arch)]
     if dst.is_file():
         raise HarnessError(f"{dst}: is a file; a folder of checkpoints converts into a folder")
     items = _tree_items(src)
@@ -121,7 +121,7 @@ def import_checkpoints(
     return written
 
 
-def _import_hf(folder: Path, dst: Path, arch: str | None, projection, full: bool, verify: bool) -> Path:
+def _import_hf(folder: Path, dst: str | os.PathLike, arch: str | None, projection, full: bool, verify: bool) -> Path:
     kind: Kind = "clip" if full and _has_text_tower(folder) else "image_encoder"
     return convert_hf_checkpoint(folder, dst, kind=kind, arch=arch, projection=projection, verify=verify)
 

@@ -110,6 +110,7 @@ def _load(file: str, overrides: tuple[str, ...], start_workers: bool = False,
         check_model_files,
         check_output_dir,
         check_pretrained_arch,
+        check_tracking_uri,
         read_config,
         validate_config,
     )
@@ -133,6 +134,7 @@ def _load(file: str, overrides: tuple[str, ...], start_workers: bool = False,
             check_pretrained_arch(cfg, file)
             check_data_roots(cfg, file)
         check_output_dir(cfg, file)
+        check_tracking_uri(cfg, file)
         if does == "submit" and cfg.executor.kind == "slurm":
             from harness.executors.slurm import check_cluster
 
@@ -214,7 +216,7 @@ def _print_plan(cfg, cache: bool = False) -> None:
 
 
 @main.command()
-@click.argument("file", type=click.Path(dir_okay=False))
+@click.argument("file", type=click.Path())
 @click.argument("overrides", nargs=-1)
 @click.option("--dry-run", is_flag=True, help="Print the resolved config and job plan; run nothing.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
@@ -234,7 +236,7 @@ def sweep(file: str, overrides: tuple[str, ...], dry_run: bool, quiet: bool, det
 
 
 @main.command()
-@click.argument("file", type=click.Path(dir_okay=False))
+@click.argument("file", type=click.Path())
 @click.argument("overrides", nargs=-1)
 def status(file: str, overrides: tuple[str, ...]) -> None:
     """SLURM: the states of a sweep's submitted jobs (pending, running, done, failed, lost) and their logs."""
@@ -246,7 +248,7 @@ def status(file: str, overrides: tuple[str, ...]) -> None:
 
 
 @main.command()
-@click.argument("file", type=click.Path(dir_okay=False))
+@click.argument("file", type=click.Path())
 @click.argument("overrides", nargs=-1)
 @click.option("-q", "--quiet", is_flag=True, help="No live table.")
 def collect(file: str, overrides: tuple[str, ...], quiet: bool) -> None:
@@ -290,7 +292,7 @@ def _report(cfg, outcome, quiet: bool) -> None:
 
 
 @main.command()
-@click.argument("file", type=click.Path(dir_okay=False))
+@click.argument("file", type=click.Path())
 @click.argument("overrides", nargs=-1)
 @click.option("--method", "label", required=True,
               help="The method's label in the sweep, or its name when one tuned method has it.")
@@ -325,7 +327,7 @@ def tune(file: str, overrides: tuple[str, ...], label: str, trials: int | None, 
 
 
 @main.command()
-@click.argument("file", type=click.Path(dir_okay=False))
+@click.argument("file", type=click.Path())
 @click.argument("overrides", nargs=-1)
 @click.option("--method", "label", required=True, help="The row's label in the sweep (or its method's name).")
 @click.option("--out", "dst", required=True, type=click.Path(dir_okay=False), help="The safetensors file to write.")
@@ -338,6 +340,7 @@ def export(file: str, overrides: tuple[str, ...], label: str, dst: str, full_cli
     from harness.export import export_merged
     from harness.plan import setting_text
 
+    _check_destination(dst, "--out")
     cfg = _load(file, overrides)
     m = cfg.methods[_method_index(cfg, label, file)]
     with _fields_of(file, overrides):
@@ -351,6 +354,28 @@ def export(file: str, overrides: tuple[str, ...], label: str, dst: str, full_cli
     setting = setting_text(r.params) or "no parameters"
     console.print(f"wrote {done.path}: {m.display} ({setting}), val {r.metrics.get('val/acc/avg', float('nan')):.1f}, "
                   f"test {r.metrics.get('acc/avg', float('nan')):.1f} (job {r.key})", highlight=False, markup=False)
+
+
+def _check_destination(dst: str | Path, option: str, folder: bool = False) -> None:
+    """Refuse, before any work, a destination whose folder cannot be made because a file stands at
+    it or above it: the first write would otherwise end in a traceback (after an export's merge)."""
+    path = Path(dst)
+    where = path if folder or str(dst).endswith(("/", os.sep)) else path.parent
+    for p in (where, *where.parents):
+        if p.exists():
+            if not p.is_dir():
+                fail(f"{option} {dst}: {p} is a file, not a folder")
+            return
+
+
+def _check_store(where: str, uri: str) -> None:
+    """A tracking URI MLflow cannot open for the file it names (``mlflow.db`` without ``sqlite:///``,
+    a damaged database) in one line, ``where`` naming what gave it."""
+    from harness.config import tracking_file_problem
+
+    problem = tracking_file_problem(uri)
+    if problem:
+        fail(f"{where}: {problem}")
 
 
 def _method_index(cfg, label: str, file: str) -> int:
@@ -374,7 +399,7 @@ def _method_index(cfg, label: str, file: str) -> int:
 
 
 @main.command()
-@click.argument("file", type=click.Path(dir_okay=False))
+@click.argument("file", type=click.Path())
 @click.argument("overrides", nargs=-1)
 def validate(file: str, overrides: tuple[str, ...]) -> None:
     """Validate FILE and print the resolved config and job plan (runs nothing)."""
@@ -386,7 +411,7 @@ def validate(file: str, overrides: tuple[str, ...]) -> None:
 @main.command(name="list")
 @click.argument("what", type=click.Choice(["methods", "tasks", "models"]))
 @click.argument("names", nargs=-1)
-@click.option("--sweep", "sweep_file", type=click.Path(dir_okay=False),
+@click.option("--sweep", "sweep_file", type=click.Path(),
               help="List the methods this sweep file names (with methods).")
 def list_(what: str, names: tuple[str, ...], sweep_file: str | None) -> None:
     """What is registered: methods (with hyperparameters), tasks, or models.
@@ -476,6 +501,7 @@ def ui(target: str | None, port: int, host: str) -> None:
     if artifacts:
         args += ["--artifacts-destination", artifacts]
     env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    env.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # a folder store, as the sweep (Tracker) logged to it
     console.print(f"MLflow UI for {uri} at http://{host}:{port}  (Ctrl-C stops)")
     sys.stdout.flush()
     os.execve(exe, args, env)  # the server takes this process's place: signals reach it directly
@@ -550,6 +576,8 @@ def report(target: str, tracking_uri: str | None, out_dir: str | None, against: 
     from harness.report import build_report, load_study_counts, load_sweep_from_mlflow, row_routings
     from harness.results import rich_table
 
+    if out_dir:
+        _check_destination(out_dir, "--out", folder=True)
     sweep_cfg = None  # the sweep whose parent run to report (a store may hold other sweeps' runs)
     if Path(target).is_file():  # the sweep file: its output folder, as `harness ui FILE` takes it
         sweep_cfg = _load(target, ())
@@ -560,12 +588,16 @@ def report(target: str, tracking_uri: str | None, out_dir: str | None, against: 
     if Path(target).is_dir():
         sweep_cfg = _folder_config(Path(target).resolve()) or sweep_cfg
         uri, run_id, default_out = _folder_store(target, sweep_cfg), None, Path(target) / "report"
+        _check_store(target, uri)
     else:
         uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
         if not uri:
             fail(f"{target}: not a sweep file or output folder; for a run id give --tracking-uri or set "
                  "MLFLOW_TRACKING_URI")
         run_id, default_out = target, Path(f"report-{target[:8]}")
+        _check_store(f"{'--tracking-uri' if tracking_uri else 'MLFLOW_TRACKING_URI'} {uri}", uri)
+    if not out_dir:
+        _check_destination(default_out, "report folder", folder=True)
     cfg, results, parent = load_sweep_from_mlflow(uri, run_id, sweep_cfg if run_id is None else None)
     rep = build_report(cfg, results, Path(out_dir) if out_dir else default_out, row_routings(cfg, results),
                        list(against) or None, load_study_counts(uri, parent))
@@ -575,7 +607,7 @@ def report(target: str, tracking_uri: str | None, out_dir: str | None, against: 
 
 
 @main.command()
-@click.argument("file", required=False, type=click.Path(dir_okay=False))
+@click.argument("file", required=False, type=click.Path())
 @click.argument("overrides", nargs=-1)
 @click.option("--from-scratch", is_flag=True, help="Retrain the pretrained model instead of using the shipped one.")
 @click.option("-q", "--quiet", is_flag=True)
@@ -613,6 +645,7 @@ def convert(src: str, dst: str, trust_pickle: bool, arch: str | None) -> None:
     """Convert a task_vectors-style checkpoint into a safetensors image-encoder state dict."""
     from harness.convert import convert_pickled_checkpoint
 
+    _check_destination(dst, "DST")
     path = convert_pickled_checkpoint(src, dst, trust_pickle=trust_pickle, arch=arch)
     console.print(f"wrote {path}")
 
@@ -630,6 +663,7 @@ def import_(src: str, dst: str, trust_pickle: bool, arch: str | None, projection
     """Import checkpoints: a Hugging Face CLIP folder, a task_vectors/state-dict file, or a folder of them."""
     from harness.checkpoints import import_checkpoints
 
+    _check_destination(dst, "DST")
     written = import_checkpoints(src, dst, trust_pickle=trust_pickle, arch=arch, projection=projection,
                                  full=full, verify=verify)
     for path in written:

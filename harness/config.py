@@ -6,6 +6,7 @@ the file, the dotted field path and the offending value.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -779,12 +780,29 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
+def _utf8_text(path: Path) -> str:
+    """The file's text; a file in another encoding (a Latin-1 comment, a checkpoint named by
+    mistake) is a config error naming where its first non-UTF-8 byte lies, not a traceback."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise ConfigError(str(path), "", f"not UTF-8 text: byte 0x{data[exc.start]:02x} at line {line}, "
+                          f"column {column}; save the file as UTF-8", show_value=False) from None
+
+
 def read_yaml(path: str | os.PathLike) -> dict:
     path = Path(path)
+    if path.is_dir():  # one line, as for any bad sweep path; naming the sweeps it holds (``sweeps/``)
+        found = sorted(p.name for p in path.glob("*.y*ml"))
+        held = f" (it holds {', '.join(found[:6])}{', ...' if len(found) > 6 else ''})" if found else ""
+        raise ConfigError(str(path), "", f"is a folder, not a sweep file{held}", show_value=False)
     if not path.is_file():
         raise ConfigError(str(path), "", "file does not exist", show_value=False)
     try:
-        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
+        raw = yaml.load(_utf8_text(path), Loader=_UniqueKeyLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
@@ -1267,6 +1285,54 @@ def check_output_dir(cfg: SweepConfig, file: str) -> None:
     if cfg.executor.kind == "slurm" and odd:
         raise ConfigError(file, "output_dir", f"holds {odd[0]!r}, which SLURM reads in the jobs' log paths as a "
                           "pattern (%j, %x, ...): the jobs would fail before they start; rename it", str(out))
+
+
+def tracking_file_problem(uri: str) -> str | None:
+    """Why ``uri`` cannot be an MLflow store because of the file it names: the SQLite database's
+    path given without ``sqlite:///``, which MLflow takes for a folder store, or a ``sqlite:///``
+    file that is no database (damaged, overwritten); MLflow fails on either at its first use,
+    mid-sweep, with a traceback. None otherwise."""
+    from urllib.parse import urlparse
+
+    if uri.startswith("sqlite:///"):
+        return _sqlite_problem(Path(uri.removeprefix("sqlite:///")))
+    parsed = urlparse(uri)
+    if parsed.scheme not in ("", "file"):
+        return None
+    path = Path(os.path.expanduser(parsed.path if parsed.scheme else uri))
+    if not path.is_file():
+        return None
+    return f"is a file, not an MLflow store; a SQLite database is given as sqlite:///{path.resolve()}"
+
+
+def _sqlite_problem(db: Path) -> str | None:
+    """Why the existing file ``db`` is no SQLite database, or None (absent, or one)."""
+    import sqlite3
+
+    if not db.is_file():
+        return None
+    try:
+        with contextlib.closing(sqlite3.connect(db)) as con:  # it exists: reading creates nothing
+            con.execute("SELECT name FROM sqlite_master LIMIT 1").fetchall()
+    except sqlite3.OperationalError:  # locked by a writer, unreadable: a database all the same
+        return None
+    except sqlite3.DatabaseError as exc:
+        return f"{db} is not an SQLite database ({exc}); move it aside, and the next sweep starts a new store"
+    return None
+
+
+def check_tracking_uri(cfg: SweepConfig, file: str) -> None:
+    """The tracking store MLflow will open can be one (:func:`tracking_file_problem`), named by
+    the setting that chose it: ``tracking_uri``, MLFLOW_TRACKING_URI, or the output folder's own."""
+    uri = cfg.resolved_tracking_uri()
+    problem = tracking_file_problem(uri)
+    if not problem:
+        return
+    if cfg.tracking_uri:
+        raise ConfigError(file, "tracking_uri", problem, uri)
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        raise ConfigError(file, "tracking_uri", f"unset, and MLFLOW_TRACKING_URI {uri!r} {problem}", show_value=False)
+    raise ConfigError(file, "output_dir", f"its MLflow store {problem}", show_value=False)
 
 
 def check_generalization(cfg: SweepConfig, file: str) -> None:

@@ -65,9 +65,11 @@ def convert_pickled_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, t
     Returns the path of the written safetensors file; the sidecar is that path plus ``.json``.
     """
     src = Path(src)
+    if src.is_dir():
+        raise HarnessError(f"{src}: is a folder, not a checkpoint file (harness import converts a folder of them)")
     if not src.is_file():
         raise HarnessError(f"{src}: checkpoint file does not exist")
-    out = output_path(Path(dst), src.stem)
+    out = output_path(dst, src.stem)
     if out.exists() and out.resolve() == src.resolve():
         raise HarnessError(f"{src}: destination is the source file itself")
     digest = file_digest(src)
@@ -95,11 +97,12 @@ def convert_pickled_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, t
     return out
 
 
-def output_path(dst: Path, name: str) -> Path:
-    """``dst`` itself, or ``dst/<name>.safetensors`` when ``dst`` is (or ends like) a folder."""
-    if dst.is_dir() or str(dst).endswith(("/", os.sep)):
-        return dst / f"{name}.safetensors"
-    return dst
+def output_path(dst: str | os.PathLike, name: str) -> Path:
+    """``dst`` itself, or ``dst/<name>.safetensors`` when ``dst`` is (or ends like) a folder: taken
+    as given, since ``Path`` drops the trailing slash that says ``ckpt/`` is a folder to make."""
+    if Path(dst).is_dir() or os.fspath(dst).endswith(("/", os.sep)):
+        return Path(dst) / f"{name}.safetensors"
+    return Path(dst)
 
 
 # ---------------------------------------------------------------------------------------------

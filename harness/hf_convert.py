@@ -466,7 +466,7 @@ def convert_hf_checkpoint(
     if projection is not None and _prefix_of(state, "visual_projection.weight", folder) is None:
         proj_tensor, proj_digest = load_projection(projection)
     out_state, oc_cfg = hf_to_open_clip(state, config, kind, proj_tensor, folder)
-    out = output_path(Path(dst), folder.name)
+    out = output_path(dst, folder.name)
     if out.resolve() in {f.resolve() for f in weight_files(folder)}:
         raise HarnessError(f"{out}: the destination is one of the source files")
     if arch is None:

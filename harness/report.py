@@ -326,8 +326,9 @@ def load_sweep_from_mlflow(tracking_uri: str, run_id: str | None = None,
     from mlflow.tracking import MlflowClient
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    client = MlflowClient(tracking_uri)
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # a folder store, as the sweep (Tracker) logged to it
     try:
+        client = MlflowClient(tracking_uri)
         if run_id is None:
             where = "tags.`harness.kind` = 'sweep'"
             if sweep is None:

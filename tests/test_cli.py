@@ -12,6 +12,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
+import torch
 import yaml
 from click.testing import CliRunner
 
@@ -430,3 +432,115 @@ def test_report_and_ui_of_a_copied_folder_whose_original_is_gone(sweep_dict, tmp
     assert r.exit_code == 0, r.output
     assert (tmp_path / "rep" / "main.csv").read_text() == written
     assert _store(str(copy)) == (f"sqlite:///{copy.resolve() / 'mlflow.db'}", str(copy.resolve() / "mlartifacts"))
+
+
+@pytest.mark.parametrize("command", ["report", "export", "convert", "import"])
+def test_a_destination_under_a_file_is_one_line_before_any_work(command, sweep_dict, micro_checkpoints, tmp_path):
+    """An --out (or DST) whose folder a file stands in: one line naming both, exit 2, the file untouched."""
+    blocker = tmp_path / "results.txt"
+    blocker.write_text("keep me")
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump(sweep_dict))
+    src = str(micro_checkpoints / "toy_stripes.safetensors")
+    dst = str(blocker / "sub" / "m.safetensors")
+    args = {"report": ["report", str(tmp_path), "--out", dst],
+            "export": ["export", str(f), "--method", "task_arithmetic", "--out", dst],
+            "convert": ["convert", src, dst], "import": ["import", src, dst]}[command]
+    r = CliRunner().invoke(main, args)
+    option = "DST" if command in ("convert", "import") else "--out"
+    assert r.exit_code == 2, r.output
+    assert " ".join(r.stderr.split()) == f"error: {option} {dst}: {blocker} is a file, not a folder"
+    assert r.exception is None or isinstance(r.exception, SystemExit)
+    assert blocker.read_text() == "keep me"
+
+
+@pytest.mark.parametrize("command", ["convert", "import"])
+def test_a_destination_ending_in_a_slash_is_a_folder_to_make(command, micro_checkpoints, tmp_path):
+    """``harness convert x.pt ckpt/`` writes ``ckpt/x.safetensors`` (not a file named ``ckpt``)."""
+    from safetensors.torch import load_file
+
+    src = micro_checkpoints / "toy_stripes.safetensors"
+    dst = tmp_path / "ckpt"
+    r = CliRunner().invoke(main, [command, str(src), f"{dst}/"])
+    assert r.exit_code == 0, r.output
+    out = dst / "toy_stripes.safetensors"
+    assert dst.is_dir() and sorted(p.name for p in dst.iterdir()) == [out.name, f"{out.name}.json"]
+    written, source = load_file(str(out)), load_file(str(src))
+    assert written.keys() == source.keys() and all(torch.equal(written[k], source[k]) for k in source)
+
+
+def test_report_of_a_sweep_that_logged_to_a_folder_store(sweep_dict, tmp_path):
+    """A sweep may log to an MLflow folder store (``tracking_uri`` a folder, which it opts into);
+    ``harness report`` of its output folder reads it back too, in a process that did not opt in."""
+    sweep_dict["methods"] = [{"name": "task_arithmetic"}]
+    sweep_dict["tracking_uri"] = str(tmp_path / "mlruns")
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump(sweep_dict))
+    assert CliRunner().invoke(main, ["sweep", "-q", str(f)]).exit_code == 0
+    out = Path(sweep_dict["output_dir"])
+    written = (out / "report" / "main.md").read_text()
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_ALLOW_FILE_STORE"}  # MLflow caches stores in-process
+    r = subprocess.run([sys.executable, "-m", "harness", "report", str(out), "--out", str(tmp_path / "again")],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "again" / "main.md").read_text() == written
+
+
+def test_report_of_a_run_id_in_a_files_path_names_the_uri_meant(tmp_path):
+    """``--tracking-uri outputs/x/mlflow.db`` (no ``sqlite:///``) is one line, not MLflow's traceback."""
+    db = tmp_path / "mlflow.db"
+    db.write_bytes(b"")
+    r = CliRunner().invoke(main, ["report", "0123456789abcdef", "--tracking-uri", str(db)])
+    assert r.exit_code == 2, r.output
+    assert " ".join(r.stderr.split()) == (f"error: --tracking-uri {db}: is a file, not an MLflow store; a SQLite "
+                                          f"database is given as sqlite:///{db}")
+
+
+def test_ui_serves_a_sweep_that_logged_to_a_folder_store(sweep_dict, tmp_path):
+    """``tracking_uri`` a folder (an MLflow file store, which a sweep opts into): the UI serves it too,
+    in an environment that did not opt in (MLflow refuses such stores unless told)."""
+    sweep_dict["methods"] = []
+    sweep_dict["tracking_uri"] = str(tmp_path / "mlruns")
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump(sweep_dict))
+    assert CliRunner().invoke(main, ["sweep", "-q", str(f)]).exit_code == 0
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_ALLOW_FILE_STORE"}
+    proc = subprocess.Popen([sys.executable, "-m", "harness.cli", "ui", sweep_dict["output_dir"], "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/get-by-name?experiment_name=toy"
+        deadline, body = time.time() + 90, None
+        while time.time() < deadline and proc.poll() is None and body is None:
+            try:
+                with urllib.request.urlopen(url, timeout=2) as resp:
+                    body = json.loads(resp.read())
+            except OSError:
+                time.sleep(0.5)
+        assert body is not None, proc.stdout.read().decode()[-3000:] if proc.poll() is not None else "server not ready"
+        assert body["experiment"]["name"] == "toy"
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_report_of_a_folder_whose_store_is_damaged_is_one_line(tmp_path):
+    (tmp_path / "mlflow.db").write_text("not a database\n" * 100)
+    r = CliRunner().invoke(main, ["report", str(tmp_path)])
+    assert r.exit_code == 2, r.output
+    assert " ".join(r.stderr.split()) == (f"error: {tmp_path}: {tmp_path / 'mlflow.db'} is not an SQLite database "
+                                          "(file is not a database); move it aside, and the next sweep starts a "
+                                          "new store")
+
+
+def test_convert_of_a_folder_says_it_is_one(tmp_path):
+    """A folder given to convert (which takes one file) is not called missing: import takes folders."""
+    (tmp_path / "ckpts").mkdir()
+    r = CliRunner().invoke(main, ["convert", str(tmp_path / "ckpts"), str(tmp_path / "out.safetensors")])
+    assert r.exit_code == 2, r.output
+    assert " ".join(r.stderr.split()) == (f"error: {tmp_path / 'ckpts'}: is a folder, not a checkpoint file "
+                                          "(harness import converts a folder of them)")
+    assert not (tmp_path / "out.safetensors").exists()

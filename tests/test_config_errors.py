@@ -205,6 +205,17 @@ def test_malformed_yaml(tmp_path):
     assert code == 2 and "malformed YAML: line" in err and str(f) in " ".join(err.split())
 
 
+def test_a_sweep_file_not_in_utf8_is_one_line(tmp_path):
+    """A Latin-1 comment (an editor's default) names the byte and where it lies, not a traceback."""
+    f = tmp_path / "latin1.yaml"
+    f.write_bytes("name: toy\n# r\u00e9sum\u00e9\ntasks: [toy_stripes]\n".encode("latin-1"))
+    code, out, err = _run(["validate", str(f)])
+    assert code == 2, (out, err)
+    assert " ".join(err.split()) == (f"error: {f}: not UTF-8 text: byte 0xe9 at line 2, column 4; "
+                                     "save the file as UTF-8")
+    assert "Traceback" not in out + err
+
+
 def test_top_level_not_mapping(tmp_path):
     f = tmp_path / "list.yaml"
     f.write_text("- a\n- b\n")
@@ -595,3 +606,49 @@ def test_a_slip_of_two_swapped_letters_gets_a_did_you_mean(typo, candidates, mea
     from harness.errors import did_you_mean
 
     assert did_you_mean(typo, candidates) == (f"; did you mean {meant!r}?" if meant else "")
+
+
+def test_a_tracking_uri_that_is_a_files_path_is_bad_input(sweep_dict, tmp_path):
+    """``tracking_uri: .../mlflow.db`` (no ``sqlite:///``): MLflow takes a path for a folder store and
+    failed mid-sweep, at its first write; it is refused up front, with the URI that was meant."""
+    db = tmp_path / "mlflow.db"
+    db.write_bytes(b"")
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump(dict(sweep_dict, tracking_uri=str(db))))
+    for args in (["validate", str(f)], ["sweep", str(f)]):
+        code, out, err = _run(args)
+        assert code == 2, (out, err)
+        assert " ".join(err.split()) == (f"error: {f}: tracking_uri: is a file, not an MLflow store; a SQLite "
+                                         f"database is given as sqlite:///{db} (got '{db}')")
+    assert not (tmp_path / "out").exists()
+    f.write_text(yaml.safe_dump(dict(sweep_dict, tracking_uri=f"sqlite:///{db}")))
+    assert _run(["validate", str(f)])[0] == 0
+
+
+def test_a_damaged_mlflow_store_in_the_output_folder_is_named_before_any_job(sweep_dict, tmp_path):
+    """``<output_dir>/mlflow.db`` that is no database (overwritten, damaged): the sweep ran its first
+    jobs and then crashed in MLflow with a traceback; it now stops first, naming the file."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mlflow.db").write_text("not a database\n" * 100)
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump(sweep_dict))
+    for args in (["validate", str(f)], ["sweep", str(f)]):
+        code, out_text, err = _run(args)
+        assert code == 2, (out_text, err)
+        assert " ".join(err.split()) == (f"error: {f}: output_dir: its MLflow store {out / 'mlflow.db'} is not an "
+                                         "SQLite database (file is not a database); move it aside, and the next "
+                                         "sweep starts a new store")
+    assert sorted(p.name for p in out.iterdir()) == ["mlflow.db"]  # no job ran
+
+
+@pytest.mark.parametrize("command", [["validate"], ["sweep"], ["sweep", "--dry-run"], ["list", "methods", "--sweep"]])
+def test_a_folder_given_as_the_sweep_file_is_one_line_naming_its_sweeps(command, tmp_path):
+    """``harness sweep sweeps/`` (completion stopped at the folder): one line, as for a missing file,
+    naming the sweep files it holds, instead of click's usage block."""
+    (tmp_path / "b.yaml").write_text("name: b\n")
+    (tmp_path / "a.yml").write_text("name: a\n")
+    (tmp_path / "notes.txt").write_text("")
+    code, out, err = _run([*command, str(tmp_path)])
+    assert code == 2, (out, err)
+    assert err == f"error: {tmp_path}: is a folder, not a sweep file (it holds a.yml, b.yaml)\n"
