@@ -30,6 +30,19 @@ def process_running(pid: int) -> bool:
         return False
 
 
+def stop_process_group(proc) -> None:
+    """Stop a server started with ``start_new_session`` and its own workers: SIGTERM, then
+    SIGKILL after 10 s."""
+    import signal
+    import subprocess
+
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
 def read_only_under(monkeypatch, folder) -> None:
     """``os.open`` of anything under ``folder`` fails as on a read-only filesystem (EROFS)."""
     import errno

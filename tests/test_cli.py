@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -18,6 +17,7 @@ import yaml
 from click.testing import CliRunner
 
 from harness.cli import main
+from tests.conftest import stop_process_group
 
 
 def test_list_methods_shows_hyperparameters():
@@ -200,6 +200,27 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _ui_experiment(target: str, env: dict[str, str], name: str = "toy") -> dict:
+    """``harness ui TARGET`` started as a user starts it: the experiment ``name`` its server
+    returns (the server, with its own workers, stopped after)."""
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "harness.cli", "ui", target, "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/get-by-name?experiment_name={name}"
+        deadline, body = time.time() + 90, None
+        while time.time() < deadline and proc.poll() is None and body is None:
+            try:
+                with urllib.request.urlopen(url, timeout=2) as resp:
+                    body = json.loads(resp.read())
+            except OSError:
+                time.sleep(0.5)
+        assert body is not None, proc.stdout.read().decode()[-3000:] if proc.poll() is not None else "server not ready"
+        return body
+    finally:
+        stop_process_group(proc)
+
+
 def test_ui_serves_the_sweep_store(sweep_dict, tmp_path):
     from harness.config import validate_config
     from harness.runner import run_sweep
@@ -207,30 +228,7 @@ def test_ui_serves_the_sweep_store(sweep_dict, tmp_path):
     sweep_dict["methods"] = []
     cfg = validate_config(sweep_dict)
     run_sweep(cfg, quiet=True)
-    port = _free_port()
-    env = dict(os.environ)
-    proc = subprocess.Popen([sys.executable, "-m", "harness.cli", "ui", str(cfg.resolved_output_dir()),
-                             "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
-                            start_new_session=True)
-    try:
-        url = f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/get-by-name?experiment_name=toy"
-        deadline = time.time() + 90
-        body = None
-        while time.time() < deadline and proc.poll() is None:
-            try:
-                with urllib.request.urlopen(url, timeout=2) as resp:
-                    body = json.loads(resp.read())
-                break
-            except OSError:
-                time.sleep(0.5)
-        assert body is not None, proc.stdout.read().decode() if proc.poll() is not None else "server not ready"
-        assert body["experiment"]["name"] == "toy"
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # the server's own workers too
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+    assert _ui_experiment(str(cfg.resolved_output_dir()), dict(os.environ))["experiment"]["name"] == "toy"
 
 
 def test_ctrl_c_in_a_command_that_keeps_nothing_does_not_promise_a_resume(tmp_path, monkeypatch):
@@ -504,27 +502,8 @@ def test_ui_serves_a_sweep_that_logged_to_a_folder_store(sweep_dict, tmp_path):
     f = tmp_path / "s.yaml"
     f.write_text(yaml.safe_dump(sweep_dict))
     assert CliRunner().invoke(main, ["sweep", "-q", str(f)]).exit_code == 0
-    port = _free_port()
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_ALLOW_FILE_STORE"}
-    proc = subprocess.Popen([sys.executable, "-m", "harness.cli", "ui", sweep_dict["output_dir"], "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    try:
-        url = f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/get-by-name?experiment_name=toy"
-        deadline, body = time.time() + 90, None
-        while time.time() < deadline and proc.poll() is None and body is None:
-            try:
-                with urllib.request.urlopen(url, timeout=2) as resp:
-                    body = json.loads(resp.read())
-            except OSError:
-                time.sleep(0.5)
-        assert body is not None, proc.stdout.read().decode()[-3000:] if proc.poll() is not None else "server not ready"
-        assert body["experiment"]["name"] == "toy"
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+    assert _ui_experiment(sweep_dict["output_dir"], env)["experiment"]["name"] == "toy"
 
 
 def test_report_of_a_folder_whose_store_is_damaged_is_one_line(tmp_path):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ import pytest
 
 from harness.config import validate_config
 from harness.runner import run_sweep
+from tests.conftest import stop_process_group
 from tests.test_cli import _free_port
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -66,8 +66,4 @@ def test_mlflow_ui_shows_the_sweep(sweep_dict, tmp_path):
         chromium([f"--screenshot={shot}", f"{base}/#/experiments/{exp}/runs"], tmp_path / "p3")
         assert shot.is_file() and shot.stat().st_size > 10_000
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        stop_process_group(proc)
