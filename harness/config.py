@@ -736,34 +736,46 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
-def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """Apply ``a.b.0.c=value`` overrides (values parsed as YAML) to a raw config dict."""
+def apply_overrides(raw: dict, overrides: list[str], file: str | None = None) -> dict:
+    """Apply ``a.b.0.c=value`` overrides (values parsed as YAML) to a raw config dict. An override
+    that does not fit is an error naming it and ``file``, the sweep it was given over."""
     raw = copy.deepcopy(raw)
     for item in overrides:
-        parts, value = parse_override(item)
-        cur: Any = raw
-        for i, part in enumerate(parts):
-            last = i == len(parts) - 1
-            if isinstance(cur, list):
-                if not part.isdigit() or int(part) >= len(cur):
-                    raise ConfigError("<command line>", ".".join(parts[: i + 1]),
-                                      f"no list item {part} (list has {len(cur)})", show_value=False)
-                if last:
-                    cur[int(part)] = value
-                else:
-                    if parts[:i] in (["methods"], ["tasks"]) and isinstance(cur[int(part)], str):
-                        cur[int(part)] = {"name": cur[int(part)]}  # the short form, given a field
-                    cur = cur[int(part)]
-            elif isinstance(cur, dict):
-                if last:
-                    cur[part] = value
-                else:
-                    if cur.get(part) is None:
-                        cur[part] = {}
-                    cur = cur[part]
-            else:
-                raise ConfigError("<command line>", ".".join(parts[:i]), "is not a mapping or list", cur)
+        try:
+            _apply_override(raw, item)
+        except ConfigError as exc:
+            if file is None or exc.file != "<command line>":
+                raise
+            raise ConfigError(f"<command line> ({item}, over {file})", exc.path, exc.message, exc.value,
+                              exc.show_value) from None
     return raw
+
+
+def _apply_override(raw: dict, item: str) -> None:
+    """Apply one override to ``raw`` in place."""
+    parts, value = parse_override(item)
+    cur: Any = raw
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(cur, list):
+            if not part.isdigit() or int(part) >= len(cur):
+                raise ConfigError("<command line>", ".".join(parts[: i + 1]),
+                                  f"no list item {part} (list has {len(cur)})", show_value=False)
+            if last:
+                cur[int(part)] = value
+            else:
+                if parts[:i] in (["methods"], ["tasks"]) and isinstance(cur[int(part)], str):
+                    cur[int(part)] = {"name": cur[int(part)]}  # the short form, given a field
+                cur = cur[int(part)]
+        elif isinstance(cur, dict):
+            if last:
+                cur[part] = value
+            else:
+                if cur.get(part) is None:
+                    cur[part] = {}
+                cur = cur[part]
+        else:
+            raise ConfigError("<command line>", ".".join(parts[:i]), "is not a mapping or list", cur)
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -815,7 +827,7 @@ def read_yaml(path: str | os.PathLike) -> dict:
 
 def read_config(path: str | os.PathLike, overrides: list[str] | None = None) -> dict:
     """The sweep file with the command-line overrides applied, not yet validated."""
-    return apply_overrides(read_yaml(path), overrides or [])
+    return apply_overrides(read_yaml(path), overrides or [], str(path))
 
 
 def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> SweepConfig:

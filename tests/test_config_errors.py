@@ -242,7 +242,7 @@ def test_bad_override(override, fragment, sweep_dict, tmp_path):
     code, _, err = _run(["validate", str(f), override])
     message = " ".join(err.split())
     assert code == 2 and fragment in message, err
-    assert message.startswith("error: <command line>"), message  # the file itself is fine
+    assert message.startswith(f"error: <command line> ({override}, over {f}): "), message  # the file itself is fine
 
 
 def test_override_of_an_unknown_key_names_the_override(sweep_dict, tmp_path):
