@@ -1150,6 +1150,23 @@ def test_an_option_sbatch_refuses_is_named_with_its_field(micro_checkpoints, tmp
     assert err == "error: " + expected.replace("s.yaml", str(f)).format(file=f), err
 
 
+def test_an_unreachable_controller_blames_no_field(micro_checkpoints, tmp_path, monkeypatch):
+    """sbatch failing because the controller does not answer is no option's fault: one line that
+    says so and what to do, not an ``executor`` field to fix."""
+    down = "sbatch: error: Batch job submission failed: Unable to contact slurm controller (connect failure)"
+    _refusing_sbatch(monkeypatch, down)
+    d = make_sweep_dict(micro_checkpoints, tmp_path)
+    d["executor"] = {"kind": "slurm", "account": "mine"}
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump(d))
+    r = CliRunner().invoke(main, ["sweep", "-q", str(f)])
+    err = " ".join(r.stderr.split())
+    assert r.exit_code == 2, err
+    assert err == (f"error: SLURM did not take the jobs: {down}; its controller did not answer, so this array was "
+                   "not submitted: rerun once `sinfo` answers (jobs already submitted are found again, not "
+                   "submitted twice)")
+
+
 def test_a_refused_node_name_blames_the_sbatch_option_naming_nodes():
     """No typed field names nodes: ``exclude``, ``nodelist`` or ``nodefile`` under ``sbatch:`` is
     blamed, else the whole ``executor`` block (never a typed field sbatch did not complain of)."""

@@ -386,6 +386,10 @@ class SlurmExecutor:
                                           [s.to_dict() for s in specs])
         except submitit.core.utils.FailedJobError as exc:  # sbatch refused (bad partition, account, ...)
             reason = " ".join(str(exc).split())
+            if CONTROLLER_DOWN.search(reason):  # no option is at fault: the cluster did not answer
+                raise HarnessError(f"SLURM did not take the jobs: {reason}; its controller did not answer, so "
+                                   "this array was not submitted: rerun once `sinfo` answers (jobs already "
+                                   "submitted are found again, not submitted twice)") from None
             field, value = refused_field(self.cfg.executor, reason)
             message = f"SLURM refused the jobs: {reason}"
             if value is None and field != "executor":
@@ -834,6 +838,11 @@ REFUSALS = (  # sbatch's words, the typed field they are about, and the ``sbatch
     (re.compile(r"time limit", re.IGNORECASE), "timeout_min", ("time",)),
     (re.compile(r"invalid node name", re.IGNORECASE), None, ("exclude", "nodelist", "nodefile")),  # only under sbatch:
 )
+
+
+#: sbatch's words when the controller cannot be reached (down, restarting, network): no option's fault.
+CONTROLLER_DOWN = re.compile(r"unable to contact slurm controller|socket timed out on send/recv|"
+                             r"slurm_persist_conn_open|connection refused", re.IGNORECASE)
 
 
 def refused_field(e: Any, reason: str) -> tuple[str, Any]:
