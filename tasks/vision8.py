@@ -30,8 +30,10 @@ Folder-to-class matching (ImageFolder and class-folder native layouts): the numb
 folders must equal the task's class count, else an error names both counts. Then, if every
 folder name matches a distinct canonical class by name (case, spaces, ``_``, ``-`` and ``/``
 ignored; also the dataset's raw folder names such as EuroSAT's ``AnnualCrop``, and SUN397's
-``a_abbey`` style), labels follow the names. Otherwise the folder names, sorted (numerically
-when all are integers, e.g. GTSRB's ``00000``..``00042``), map in order onto the canonical list.
+``a_abbey`` style), labels follow the names. If no folder name matches a class, the folder
+names, sorted (numerically when all are integers, e.g. GTSRB's ``00000``..``00042``), map in
+order onto the canonical list. Some folders matching and some not is an error naming the others
+(by position, the matched ones would be relabelled too).
 
 Validation: ``val`` is carved from the train split exactly as task_vectors does
 (``random_split`` of the train set into ``[n - v, v]`` with ``v = min(int(n * val_fraction),
@@ -56,6 +58,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from harness.errors import did_you_mean
 from tasks.base import CLIP_MEAN, CLIP_STD, SPLITS, Task, TaskDataError, register_task, tensors_digest
 
 VAL_SEED = 0
@@ -504,11 +507,31 @@ def _match_classes(spec: _Spec, folders: Sequence[str], where: Path) -> dict[str
     labels = list(by_name.values())
     if None not in labels and len(set(labels)) == n:
         return by_name  # type: ignore[return-value]
+    if any(label is not None for label in labels):
+        _refuse_partial_match(spec, by_name, where)
     if all(f.isdigit() for f in folders):
         ordered = sorted(folders, key=lambda f: (int(f), f))
     else:
         ordered = sorted(folders)
     return {f: i for i, f in enumerate(ordered)}
+
+
+def _refuse_partial_match(spec: _Spec, by_name: dict[str, int | None], where: Path) -> None:
+    """Folders named after classes, all but some: sorted position would silently relabel the
+    named ones too (Cars' and GTSRB's canonical orders are not alphabetical), so name the rest."""
+    unmatched = [f for f, label in by_name.items() if label is None]
+    seen: dict[int, str] = {}
+    twice = []
+    for f, label in by_name.items():
+        if label is not None and seen.setdefault(label, f) != f:
+            twice.append(f"{seen[label]} and {f} are both {spec.classnames[label]!r}")
+    problems = [f"{f!r} matches no class" + did_you_mean(f, spec.classnames) for f in unmatched[:5]]
+    problems += [f"{len(unmatched) - 5} more folders match no class"] if len(unmatched) > 5 else []
+    raise TaskDataError(
+        f"task {spec.name!r}: {where} has class folders named after the task's classes, but "
+        f"{'; '.join(problems + twice)} (tasks/vision8.py lists the class names; folders "
+        f"map by sorted position only when none is named after a class)"
+    )
 
 
 def _folder_split(spec: _Spec, split_dir: Path, is_valid_file: Callable[[str], bool] | None = None,

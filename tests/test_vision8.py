@@ -165,6 +165,21 @@ def test_positional_fallback_sorts_numerically(tmp_path: Path) -> None:
     assert [decode(ds[i][0]) for i in range(len(ds))] == ds.labels.tolist() == list(range(10))
 
 
+def test_folders_named_after_classes_but_one_are_refused_not_relabelled(tmp_path: Path) -> None:
+    """One misspelt Cars folder used to send all 196 to sorted position: 143 test images got
+    another class's label, silently. The misspelt folder is named, with the class it meant."""
+    names = folder_names("cars")
+    names[5] = "Acura Integra Type-R 01"
+    write_imagefolder(tmp_path, "cars", folders=names)
+    with pytest.raises(TaskDataError) as err:
+        v8.cars(str(tmp_path))
+    assert "'Acura Integra Type-R 01' matches no class; did you mean 'Acura Integra Type R 2001'?" in str(err.value)
+    # two folders for one class (and so one class without its folder) are refused too
+    write_imagefolder(tmp_path / "twice", "mnist", folders=[str(d) for d in range(9)] + ["8_"])
+    with pytest.raises(TaskDataError, match="8 and 8_ are both '8'"):
+        v8.mnist(str(tmp_path / "twice"))
+
+
 # --- native formats ---------------------------------------------------------------------------
 
 
