@@ -110,6 +110,7 @@ def _load(file: str, overrides: tuple[str, ...], start_workers: bool = False,
         check_model_files,
         check_output_dir,
         check_pretrained_arch,
+        check_recorded_arch,
         check_tracking_uri,
         read_config,
         validate_config,
@@ -132,6 +133,7 @@ def _load(file: str, overrides: tuple[str, ...], start_workers: bool = False,
             check_model_contents(cfg, file)
             check_checkpoint_shapes(cfg, file)
             check_pretrained_arch(cfg, file)
+            check_recorded_arch(cfg, file)
             check_data_roots(cfg, file)
         check_output_dir(cfg, file)
         check_tracking_uri(cfg, file)

@@ -1246,6 +1246,53 @@ def check_pretrained_arch(cfg: SweepConfig, file: str) -> None:
                           f"{'; '.join(parts)} (weights of another architecture or depth?)", m.arch)
 
 
+def check_recorded_arch(cfg: SweepConfig, file: str) -> None:
+    """Each converted checkpoint was converted for an architecture that computes as ``model.arch``
+    does. GELU and QuickGELU towers (or towers with another head count) hold the same tensors, so
+    the shape checks pass and every score would silently come from another activation. The
+    architecture is the one ``harness import`` / ``harness convert`` recorded (sidecar, header)."""
+    m = cfg.model
+    if m.source != "files":
+        return
+    from harness.convert import recorded_arch
+
+    want: tuple[bool, int | None] | None = None
+    for where, path in [("model.pretrained", m.pretrained)] + [finetuned_field(cfg, t) for t in cfg.task_names]:
+        if not path or not Path(path).is_file():
+            continue
+        got = recorded_arch(Path(path))
+        if got is None or got == m.arch:
+            continue
+        want = want or _tower_computation(m.arch, [m.pretrained] if m.pretrained else [])
+        have = _tower_computation(got, [path])
+        if want is None or have is None or have == want:
+            continue
+        raise ConfigError(file, where, f"{path} was converted for architecture {got!r} ({_describe_tower(have)}), "
+                          f"but model.arch {m.arch!r} is {_describe_tower(want)}: the same tensors compute "
+                          f"differently; set model.arch: {got}, or convert the source again with --arch {m.arch}",
+                          show_value=False)
+
+
+def _tower_computation(arch: str, near: list[str]) -> tuple[bool, int | None] | None:
+    """(QuickGELU?, attention heads) of ``arch``'s image tower: what its tensors' shapes do not
+    show; None when the architecture is not known here."""
+    from harness.models import open_clip_module, resolve_arch
+
+    try:
+        resolve_arch(arch, near)
+    except HarnessError:
+        return None
+    config = open_clip_module().get_model_config(arch) or {}
+    vision = config.get("vision_cfg") or {}
+    width, head_width = vision.get("width"), vision.get("head_width", 64)
+    return bool(config.get("quick_gelu", False)), (width // head_width if width and head_width else None)
+
+
+def _describe_tower(tower: tuple[bool, int | None]) -> str:
+    quick, heads = tower
+    return f"{'QuickGELU' if quick else 'GELU'}, {heads} attention heads"
+
+
 def check_data_roots(cfg: SweepConfig, file: str) -> None:
     """Every task that reads its images from a data folder (its factory takes ``data_root``: the
     real datasets of :mod:`tasks.vision8`) has one that exists, from its ``options`` or the

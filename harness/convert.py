@@ -328,7 +328,7 @@ def infer_arch(state: dict[str, torch.Tensor], activation: str | None = None, he
     return min(next(iter(towers.values())), key=lambda n: (not n.startswith(("ViT-", "harness-")), len(n), n))
 
 
-def _recorded_arch(src: Path) -> str | None:
+def recorded_arch(src: Path) -> str | None:
     """The architecture a converted source records (its ``<file>.json`` sidecar, else its
     safetensors header: what ``harness import`` writes), else None. Inferring from shapes alone
     cannot find a generated ``hf-vit-...`` config that is not registered in this process."""
@@ -349,7 +349,7 @@ def _check_arch(state: dict[str, torch.Tensor], arch: str | None, info: dict[str
     """Infer or verify the architecture by building it and comparing its image tower."""
     activation, heads = info.get("activation"), info.get("heads")
     if arch is None:
-        arch = _recorded_arch(src) or infer_arch(state, activation, heads, src)
+        arch = recorded_arch(src) or infer_arch(state, activation, heads, src)
     resolve_arch(arch, [src])  # a generated hf-vit-... name: from the source's sidecar, header or model_configs/
     visual = build_clip(arch).visual
     ref = visual.state_dict()

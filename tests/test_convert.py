@@ -290,3 +290,46 @@ def test_misspelt_arch_names_the_closest(tmp_path: Path) -> None:
     with pytest.raises(HarnessError, match="unknown open_clip architecture 'harness-micro-vt'; did you mean "
                                            "'harness-micro-vit'?"):
         convert_pickled_checkpoint(src, tmp_path / "out.safetensors", arch="harness-micro-vt")
+
+
+def test_a_sweep_refuses_encoders_converted_for_another_activation(tmp_path: Path, monkeypatch) -> None:
+    """QuickGELU encoders (converted for a QuickGELU architecture, as recorded in their sidecars)
+    have the GELU model's tensors exactly: the shape checks pass, and the sweep used to score them
+    silently with GELU. `validate` names the file, both architectures and what differs."""
+    import open_clip
+    import open_clip.factory
+    import yaml
+    from click.testing import CliRunner
+
+    from harness.cli import main
+    from harness.models import open_clip_module, save_state_dict
+    from tests.conftest import TOY_TASKS, make_sweep_dict
+
+    open_clip_module()
+    monkeypatch.setattr(open_clip.factory, "_MODEL_CONFIGS", dict(open_clip.factory._MODEL_CONFIGS))
+    config = json.loads((Path(__file__).parents[1] / "harness/model_configs/harness-micro-vit.json").read_text())
+    (tmp_path / "model_configs").mkdir()
+    (tmp_path / "model_configs/micro-quick.json").write_text(json.dumps({**config, "quick_gelu": True}))
+    torch.manual_seed(0)
+    quick = open_clip.create_model("harness-micro-vit", force_quick_gelu=True)
+    src = tmp_path / "finetuned.pt"
+    torch.save(ImageEncoder(quick), src)
+    for task in TOY_TASKS:
+        convert_pickled_checkpoint(src, tmp_path / f"{task}.safetensors", trust_pickle=True, arch="micro-quick")
+    save_state_dict(build_clip("harness-micro-vit").state_dict(), tmp_path / "pretrained.safetensors")
+
+    gelu = build_clip("harness-micro-vit").visual.eval()  # what the sweep built: the same tensors, GELU
+    gelu.load_state_dict(load_state_dict(tmp_path / f"{TOY_TASKS[0]}.safetensors"))
+    images = torch.randn(2, 3, 16, 16)
+    assert not torch.allclose(gelu(images), quick.visual.eval()(images), atol=1e-4)
+
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(yaml.safe_dump(make_sweep_dict(tmp_path, tmp_path)))
+    r = CliRunner().invoke(main, ["validate", str(sweep)])
+    assert r.exit_code == 2, r.output
+    assert " ".join(r.output.split()).startswith(
+        f"error: {sweep}: model.finetuned_pattern: {tmp_path / TOY_TASKS[0]}.safetensors was converted for "
+        "architecture 'micro-quick' (QuickGELU, 2 attention heads), but model.arch 'harness-micro-vit' is GELU, "
+        "2 attention heads"), r.output
+    r = CliRunner().invoke(main, ["validate", str(sweep), "model.arch=micro-quick"])
+    assert r.exit_code == 0 and r.output.rstrip().endswith("valid"), r.output
