@@ -692,7 +692,14 @@ def _native_resisc45(spec: _Spec, root: Path):
     def part(split: str) -> _FileSource:
         path = _require(_child(base, f"resisc45-{split}.txt"), str(base / f"resisc45-{split}.txt"), spec)
         names = {line.strip() for line in path.read_text().splitlines() if line.strip()}
-        return _folder_split(spec, images, lambda p: os.path.basename(p) in names)
+        source = _folder_split(spec, images, lambda p: os.path.basename(p) in names)
+        missing = sorted(names - {os.path.basename(p) for p in source.paths})
+        if missing:  # else the split would silently be a subset of the published one
+            raise TaskDataError(
+                f"task {spec.name!r}: {path} lists {len(missing)} of its {len(names)} images that are not "
+                f"in any class folder of {images} (first: {missing[0]}); is the extraction incomplete?"
+            )
+        return source
 
     return f"resisc45-lists:{base}", part("train"), part("test")
 

@@ -320,6 +320,23 @@ def test_resisc45_split_lists(tmp_path: Path) -> None:
         assert [decode(ds[i][0]) // 5 for i in range(len(ds))] == ds.labels.tolist()
 
 
+def test_resisc45_listed_images_that_are_missing_are_named(tmp_path: Path) -> None:
+    """A partly extracted NWPU-RESISC45 used to give a smaller test split silently."""
+    base = tmp_path / "resisc45"
+    for c, name in enumerate(v8._RESISC45):
+        folder = name.replace(" ", "_")
+        for k in range(3):
+            write_image(base / "NWPU-RESISC45" / folder / f"{folder}_{k:03d}.jpg", c, k, fmt="PNG")
+    (base / "resisc45-train.txt").write_text("".join(f"{n.replace(' ', '_')}_000.jpg\n{n.replace(' ', '_')}_001.jpg\n"
+                                                     for n in v8._RESISC45))
+    (base / "resisc45-test.txt").write_text("".join(f"{n.replace(' ', '_')}_002.jpg\n" for n in v8._RESISC45))
+    assert len(v8.resisc45(str(tmp_path)).dataset("test")) == 45
+    (base / "NWPU-RESISC45" / "wetland" / "wetland_002.jpg").unlink()
+    with pytest.raises(TaskDataError, match=r"resisc45-test.txt lists 1 of its 45 images that are not in any class "
+                                            r"folder of .*NWPU-RESISC45 \(first: wetland_002.jpg\)"):
+        v8.resisc45(str(tmp_path))
+
+
 # --- errors -------------------------------------------------------------------------------------
 
 
