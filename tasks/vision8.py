@@ -599,6 +599,24 @@ def _read_idx(path: Path) -> np.ndarray:
     return body.reshape(dims)
 
 
+def _loadmat(spec: _Spec, path: Path, keys: tuple[str, ...], **options: Any) -> dict[str, Any]:
+    """A MATLAB file's variables, ``keys`` required: a truncated, HDF5 (v7.3) or other file is one
+    error naming it (scipy's own errors name neither the file nor the variable)."""
+    import scipy.io as sio
+
+    try:
+        mat = sio.loadmat(str(path), **options)
+    except (OSError, ValueError, TypeError, NotImplementedError) as exc:
+        raise TaskDataError(f"task {spec.name!r}: {path}: not a readable MATLAB file ({type(exc).__name__}: "
+                            f"{exc})") from None
+    missing = [k for k in keys if k not in mat]
+    if missing:
+        found = sorted(k for k in mat if not k.startswith("__"))
+        raise TaskDataError(f"task {spec.name!r}: {path}: holds no {' or '.join(map(repr, missing))} (its variables: "
+                            f"{', '.join(found) or 'none'})")
+    return mat
+
+
 def _native_mnist(spec: _Spec, root: Path):
     base = _child(root, "mnist")
     raw = _child(base, "raw") if base is not None else None
@@ -623,11 +641,9 @@ def _native_svhn(spec: _Spec, root: Path):
     base = _child(root, "svhn")
     if base is None or not (_child(base, "train_32x32.mat") or _child(base, "test_32x32.mat")):
         return None
-    import scipy.io as sio
-
     def part(split: str) -> _ArraySource:
         path = _require(_child(base, f"{split}_32x32.mat"), str(base / f"{split}_32x32.mat"), spec)
-        mat = sio.loadmat(str(path))
+        mat = _loadmat(spec, path, ("X", "y"))
         images = np.ascontiguousarray(np.transpose(mat["X"], (3, 0, 1, 2)).astype(np.uint8))
         labels = mat["y"].astype(np.int64).reshape(-1)
         labels[labels == 10] = 0  # SVHN stores digit 0 as 10
@@ -658,18 +674,19 @@ def _native_cars(spec: _Spec, root: Path):
     devkit = _child(base, "devkit") if base is not None else None
     if devkit is None or not devkit.is_dir():
         return None
-    import scipy.io as sio
-
     def part(split: str, annos: Path | None, folder: str) -> _FileSource:
         annos = _require(annos, f"annotations for {split} ({devkit / f'cars_{split}_annos*.mat'})", spec)
         images = _require(_child(base, folder), str(base / folder), spec)
-        records = np.atleast_1d(sio.loadmat(str(annos), squeeze_me=True)["annotations"])
+        records = np.atleast_1d(_loadmat(spec, annos, ("annotations",), squeeze_me=True)["annotations"])
+        if not set(getattr(records.dtype, "names", None) or ()) >= {"fname", "class"}:
+            raise TaskDataError(f"task {spec.name!r}: {annos}: 'annotations' has no 'fname' and 'class' fields "
+                                "(the test annotations without labels? use cars_test_annos_withlabels.mat)")
         paths = [str(images / str(r["fname"])) for r in records]
         return _FileSource(paths, [int(r["class"]) - 1 for r in records])  # ids are 1-based
 
     meta = _child(devkit, "cars_meta.mat")
     if meta is not None:
-        names = sio.loadmat(str(meta), squeeze_me=True)["class_names"].tolist()
+        names = _loadmat(spec, meta, ("class_names",), squeeze_me=True)["class_names"].tolist()
         if len(names) != len(spec.classnames):
             raise TaskDataError(
                 f"task {spec.name!r}: {meta} lists {len(names)} classes but the task has "

@@ -250,6 +250,35 @@ def test_svhn_mat(tmp_path: Path) -> None:
     assert sorted(task.indices("train") + task.indices("val")) == list(range(20))
 
 
+def test_unreadable_or_foreign_mat_files_are_one_error_naming_them(tmp_path: Path) -> None:
+    """scipy's errors (a truncated download, another file under the expected name) name no file:
+    they came out as tracebacks from deep in scipy (OSError: could not read bytes; KeyError: 'X')."""
+    import scipy.io as sio
+
+    svhn = tmp_path / "svhn"
+    svhn.mkdir()
+    x, y = np.zeros((32, 32, 3, 4), dtype=np.uint8), np.ones((4, 1), dtype=np.uint8)
+    sio.savemat(str(svhn / "train_32x32.mat"), {"X": x, "y": y})
+    sio.savemat(str(svhn / "test_32x32.mat"), {"X": x, "y": y})
+    data = (svhn / "test_32x32.mat").read_bytes()
+    (svhn / "test_32x32.mat").write_bytes(data[: len(data) // 2])
+    with pytest.raises(TaskDataError, match=r"task 'svhn': .*test_32x32.mat: not a readable MATLAB file"):
+        v8.svhn(str(tmp_path))
+    sio.savemat(str(svhn / "test_32x32.mat"), {"images": x})
+    with pytest.raises(TaskDataError, match=r"test_32x32.mat: holds no 'X' or 'y' \(its variables: images\)"):
+        v8.svhn(str(tmp_path))
+
+    base = tmp_path / "stanford_cars"
+    (base / "devkit").mkdir(parents=True)
+    (base / "cars_train").mkdir()
+    (base / "cars_test").mkdir()
+    records = np.zeros(2, dtype=[("fname", "O"), ("bbox_x1", "O")])  # test annotations without labels
+    for annos in (base / "devkit" / "cars_train_annos.mat", base / "cars_test_annos_withlabels.mat"):
+        sio.savemat(str(annos), {"annotations": records})
+    with pytest.raises(TaskDataError, match="cars_train_annos.mat: 'annotations' has no 'fname' and 'class' fields"):
+        v8.cars(str(tmp_path))
+
+
 def test_gtsrb_native_matches_torchvision(tmp_path: Path) -> None:
     from torchvision.datasets import GTSRB
 
