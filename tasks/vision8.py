@@ -662,11 +662,28 @@ def _native_gtsrb(spec: _Spec, root: Path):
     images = _require(_child(_child(inner, "Final_Test") or inner / "Final_Test", "Images"),
                       str(inner / "Final_Test" / "Images"), spec)
     csv_path = _require(_child(base, "GT-final_test.csv"), str(base / "GT-final_test.csv"), spec)
-    with open(csv_path, newline="") as fh:
-        rows = list(csv.DictReader(fh, delimiter=";", skipinitialspace=True))
-    paths = [str(images / r["Filename"]) for r in rows]
-    test_src = _FileSource(paths, [int(r["ClassId"]) for r in rows])
+    test_src = _gtsrb_test_list(spec, csv_path, images)
     return f"gtsrb-native:{base}", train_src, test_src
+
+
+def _gtsrb_test_list(spec: _Spec, csv_path: Path, images: Path) -> _FileSource:
+    """The test images and labels GT-final_test.csv lists (``;``-separated, ``Filename`` and
+    ``ClassId`` columns): another file under that name is one error naming it, not a KeyError."""
+    with open(csv_path, newline="") as fh:
+        reader = csv.DictReader(fh, delimiter=";", skipinitialspace=True)
+        missing = [c for c in ("Filename", "ClassId") if c not in (reader.fieldnames or ())]
+        if missing:
+            raise TaskDataError(f"task {spec.name!r}: {csv_path}: no column {' or '.join(map(repr, missing))} "
+                                f"(its header: {';'.join(reader.fieldnames or ()) or 'none'}; the labelled "
+                                "GT-final_test.csv, ';'-separated, is needed)")
+        rows = list(reader)
+    try:
+        labels = [int(r["ClassId"]) for r in rows]
+    except (TypeError, ValueError):
+        bad = next(r for r in rows if not str(r["ClassId"]).strip().isdigit())
+        raise TaskDataError(f"task {spec.name!r}: {csv_path}: ClassId {bad['ClassId']!r} of {bad['Filename']} "
+                            "is not a class number") from None
+    return _FileSource([str(images / r["Filename"]) for r in rows], labels)
 
 
 def _native_cars(spec: _Spec, root: Path):

@@ -307,6 +307,22 @@ def test_gtsrb_native_matches_torchvision(tmp_path: Path) -> None:
             assert torch.equal(image, raw(ref_image))
 
 
+def test_a_gtsrb_test_list_without_labels_is_named(tmp_path: Path) -> None:
+    """GTSRB's Final_Test archive ships GT-final_test.test.csv, without ClassId: under the expected
+    name it was a KeyError traceback."""
+    base = tmp_path / "gtsrb"
+    for c in range(43):
+        write_image(base / "GTSRB" / "Training" / f"{c:05d}" / f"{c:05d}_00000.ppm", c, 0)
+        write_image(base / "GTSRB" / "Training" / f"{c:05d}" / f"{c:05d}_00001.ppm", c, 1)
+    write_image(base / "GTSRB" / "Final_Test" / "Images" / "00000.ppm", 0, 0)
+    (base / "GT-final_test.csv").write_text("Filename;Width;Height\n00000.ppm;6;6\n")
+    with pytest.raises(TaskDataError, match=r"GT-final_test.csv: no column 'ClassId' \(its header: Filename;Width;Height"):
+        v8.gtsrb(str(tmp_path))
+    (base / "GT-final_test.csv").write_text("Filename;ClassId\n00000.ppm;stop\n")
+    with pytest.raises(TaskDataError, match="ClassId 'stop' of 00000.ppm is not a class number"):
+        v8.gtsrb(str(tmp_path))
+
+
 def test_cars_devkit(tmp_path: Path) -> None:
     import scipy.io as sio
 
