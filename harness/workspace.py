@@ -202,10 +202,23 @@ class Workspace:
 
     def input_warnings(self, tasks: list[str]) -> list[str]:
         """What a job using the fine-tuned encoders of ``tasks`` reports besides its result: those
-        identical to the pretrained encoder (a copied file, a wrong path), which merge as nothing."""
+        identical to the pretrained encoder (a copied file, a wrong path), which merge as nothing,
+        and those identical to another task's (a copy-pasted path: one of them is the wrong task's)."""
         for t in tasks:
             self.finetuned_encoder(t)
-        return [self._unchanged[t] for t in tasks if t in self._unchanged]
+        unchanged = [self._unchanged[t] for t in tasks if t in self._unchanged]
+        return unchanged + [w for i, t in enumerate(tasks) if (w := self._same_as_another(t, tasks[:i]))]
+
+    def _same_as_another(self, task: str, reported: list[str]) -> str | None:
+        """A warning when ``task``'s checkpoint has the content of another sweep task's (None when
+        not, or when one of ``reported`` already named the pair)."""
+        digests = self.identity["finetuned"]
+        same = [t for t in digests if t != task and digests[t] == digests[task]]
+        if not same or any(t in reported for t in same):
+            return None
+        others = ", ".join(f"{t!r} ({self.checkpoint_name(t)})" for t in same)
+        return (f"{self.checkpoint_name(task)}: the fine-tuned encoder of {task!r} is the same checkpoint as that "
+                f"of {others}: is one of them another task's?")
 
     @cached_property
     def _encoder_shapes(self) -> dict[str, tuple[int, ...]]:

@@ -505,6 +505,37 @@ def test_a_fine_tuned_checkpoint_equal_to_the_pretrained_encoder_is_warned_about
     assert by_title["individual/toy_stripes"] == []
 
 
+def test_two_tasks_with_the_same_fine_tuned_checkpoint_are_warned_about(tmp_path):
+    """A copy-pasted path (both tasks given one task's checkpoint) merged one task vector twice
+    and scored it as the other task's, silently: each job using both says so once, naming both
+    fields and files; a sweep whose checkpoints differ warns of nothing."""
+    import shutil
+
+    from harness.config import validate_config
+    from harness.runner import run_sweep
+    from tests.conftest import make_sweep_dict, write_micro_checkpoints
+
+    ckpt = write_micro_checkpoints(tmp_path / "ckpt", lambda p: 0.05)
+    d = make_sweep_dict(ckpt, tmp_path)
+    d["methods"] = [{"name": "task_arithmetic", "params": {"scaling": 0.5}}]
+    d["eval"] = {"max_samples": 16}
+    assert all(r.warnings == [] for r in run_sweep(validate_config(d), console=None).results)
+
+    shutil.copy(ckpt / "toy_stripes.safetensors", ckpt / "copy.safetensors")
+    d["model"]["finetuned"] = {"toy_colours": str(ckpt / "copy.safetensors")}
+    d["output_dir"] = str(tmp_path / "out2")
+    run = run_sweep(validate_config(d), console=None)
+    stripes = f"model.finetuned_pattern (task 'toy_stripes'): {ckpt / 'toy_stripes.safetensors'}"
+    colours = f"model.finetuned.toy_colours: {ckpt / 'copy.safetensors'}"
+    by_title = {r.title: r.warnings for r in run.results}
+    assert by_title["task_arithmetic"] == [f"{stripes}: the fine-tuned encoder of 'toy_stripes' is the same "
+                                           f"checkpoint as that of 'toy_colours' ({colours}): is one of them "
+                                           "another task's?"]
+    assert by_title["individual/toy_colours"] == [f"{colours}: the fine-tuned encoder of 'toy_colours' is the same "
+                                                  f"checkpoint as that of 'toy_stripes' ({stripes}): is one of them "
+                                                  "another task's?"]
+
+
 def test_validate_names_an_architecture_of_another_width_than_the_pretrained_weights(sweep_dict, tmp_path,
                                                                                     monkeypatch):
     """micro-ViT weights (width 32) and checkpoints, with model.arch naming the tiny ViT (width 128):
