@@ -110,15 +110,29 @@ def import_checkpoints(
     if not items:
         raise HarnessError(f"{src}: no Hugging Face CLIP folders or checkpoint files ({', '.join(CHECKPOINT_SUFFIXES)}) inside")
     written = []
-    for item in items:
-        rel = item.relative_to(src)
-        out = (dst / rel).with_suffix(".safetensors") if item.is_file() else dst / rel.parent / f"{rel.name}.safetensors"
+    for item, out in _tree_outputs(src, dst, items).items():
         out.parent.mkdir(parents=True, exist_ok=True)
         if item.is_dir():
             written.append(_import_hf(item, out, arch, projection, full, verify))
         else:
             written.append(convert_pickled_checkpoint(item, out, trust_pickle=trust_pickle, arch=arch))
     return written
+
+
+def _tree_outputs(src: Path, dst: Path, items: list[Path]) -> dict[Path, Path]:
+    """Each item's output file under ``dst``, keeping its relative layout; two sources that would
+    write one file (``finetuned.pt`` beside ``finetuned.safetensors``) are refused before any
+    conversion, or the second would silently replace the first."""
+    outputs: dict[Path, Path] = {}
+    claimed: dict[Path, Path] = {}
+    for item in items:
+        rel = item.relative_to(src)
+        out = (dst / rel).with_suffix(".safetensors") if item.is_file() else dst / rel.parent / f"{rel.name}.safetensors"
+        if out in claimed:
+            raise HarnessError(f"{claimed[out]} and {item} would both be converted into {out}: move or rename one "
+                               "of them, or import each on its own with `harness import SRC DST`")
+        claimed[out], outputs[item] = item, out
+    return outputs
 
 
 def _import_hf(folder: Path, dst: str | os.PathLike, arch: str | None, projection, full: bool, verify: bool) -> Path:

@@ -472,6 +472,25 @@ def test_import_command_dispatches_on_layout(tmp_path: Path) -> None:
         assert all(torch.equal(got[k], v) for k, v in enc.state_dict().items())
 
 
+@pytest.mark.parametrize("other", ["Cars/finetuned.pt", "clip_task_a.pt"])
+def test_import_refuses_two_sources_for_one_output_before_converting(tmp_path: Path, other: str) -> None:
+    """``finetuned.pt`` beside ``finetuned.safetensors`` (or an HF folder beside ``<folder>.pt``)
+    map to one output: the second conversion used to overwrite the first, each reported as written."""
+    src = tmp_path / "src"
+    write_hf_folder(src / "clip_task_a", micro_visual(1), "gelu")
+    (src / "Cars").mkdir()
+    save_file({k: v.contiguous() for k, v in micro_visual(2).state_dict().items()}, str(src / "Cars" / "finetuned.safetensors"))
+    torch.save(micro_visual(3).state_dict(), src / other)
+    r = CliRunner().invoke(main, ["import", str(src), str(tmp_path / "all"), "--arch", "harness-micro-vit"])
+    pair = {str(src / other), str(src / ("clip_task_a" if other == "clip_task_a.pt" else "Cars/finetuned.safetensors"))}
+    out = tmp_path / "all" / Path(other).with_suffix(".safetensors")
+    assert r.exit_code == 2, r.output
+    words = r.output.split()
+    assert words[0] == "error:" and {words[1], words[3]} == pair, r.output
+    assert " ".join(words[4:]).startswith(f"would both be converted into {out}:"), r.output
+    assert not (tmp_path / "all").exists()
+
+
 @pytest.mark.parametrize("damage", ["missing", "corrupt"])
 def test_import_names_a_missing_or_corrupt_weights_file(tmp_path: Path, damage: str) -> None:
     folder = write_hf_folder(tmp_path / "hf", micro_visual(), "gelu")
