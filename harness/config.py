@@ -1023,7 +1023,7 @@ def check_tasks(cfg: SweepConfig, file: str) -> None:
         for name in given:  # a typo would otherwise leave the task on the pattern, or on zero-shot heads
             if name not in names and name not in known:  # a registered task's entry waits for a sweep with it
                 raise ConfigError(file, f"{field_name}.{name}", f"neither one of the sweep's tasks "
-                                  f"({', '.join(names)}) nor a registered task{did_you_mean(name, names)}",
+                                  f"({', '.join(names)}) nor a registered task{did_you_mean(name, [*names, *known])}",
                                   show_value=False)
     both = set(cfg.seen or []) & set(cfg.unseen)
     if both:

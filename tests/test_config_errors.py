@@ -79,6 +79,10 @@ CASES = [
     ("heads-key-not-a-task", ("model.heads", {"toy_colour": "/tmp/h.safetensors"}),
      ["model.heads.toy_colour: neither one of the sweep's tasks (toy_stripes, toy_colours) nor a registered task; "
       "did you mean 'toy_colours'?"]),
+    # task_vectors' dataset spelling, in a model block for all eight run on two tasks: the registered name is meant
+    ("finetuned-key-dataset-title", ("model.finetuned", {"SUN397": "/tmp/s.safetensors"}),
+     ["model.finetuned.SUN397: neither one of the sweep's tasks (toy_stripes, toy_colours) nor a registered task; "
+      "did you mean 'sun397'?"]),
     ("pretrained-missing", ("model.pretrained", "/nonexistent/pretrained.safetensors"),
      ["model.pretrained: weights file does not exist", "(got '/nonexistent/pretrained.safetensors')"]),
     ("finetuned-missing", ("model.finetuned_pattern", "/nonexistent/{task}.safetensors"),
