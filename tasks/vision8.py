@@ -31,8 +31,8 @@ folders must equal the task's class count, else an error names both counts. Then
 folder name matches a distinct canonical class by name (case, spaces, ``_``, ``-`` and ``/``
 ignored; also the dataset's raw folder names such as EuroSAT's ``AnnualCrop``, and SUN397's
 ``a_abbey`` style), labels follow the names. If no folder name matches a class, the folder
-names, sorted (numerically when all are integers, e.g. GTSRB's ``00000``..``00042``), map in
-order onto the canonical list. Some folders matching and some not is an error naming the others
+names, sorted (digit runs numerically, e.g. GTSRB's ``00000``..``00042`` or ``class_0``..``class_42``),
+map in order onto the canonical list. Some folders matching and some not is an error naming the others
 (by position, the matched ones would be relabelled too).
 
 Validation: ``val`` is carved from the train split exactly as task_vectors does
@@ -509,11 +509,14 @@ def _match_classes(spec: _Spec, folders: Sequence[str], where: Path) -> dict[str
         return by_name  # type: ignore[return-value]
     if any(label is not None for label in labels):
         _refuse_partial_match(spec, by_name, where)
-    if all(f.isdigit() for f in folders):
-        ordered = sorted(folders, key=lambda f: (int(f), f))
-    else:
-        ordered = sorted(folders)
+    ordered = sorted(folders, key=lambda f: (_natural_key(f), f))
     return {f: i for i, f in enumerate(ordered)}
+
+
+def _natural_key(name: str) -> list[str | int]:
+    """Digit runs compared as numbers (``class_2`` before ``class_10``; ``7`` before ``10``):
+    unpadded class numbers sorted as text would map ``class_10`` onto class 2."""
+    return [int(part) if i % 2 else part for i, part in enumerate(re.split(r"(\d+)", name))]
 
 
 def _refuse_partial_match(spec: _Spec, by_name: dict[str, int | None], where: Path) -> None:

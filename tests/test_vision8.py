@@ -159,6 +159,10 @@ def test_positional_fallback_sorts_numerically(tmp_path: Path) -> None:
     write_imagefolder(tmp_path, "gtsrb", folders=[str(i) for i in range(43)])
     ds = v8.gtsrb(str(tmp_path), preprocess=raw).dataset("test")
     assert [decode(ds[i][0]) for i in range(len(ds))] == ds.labels.tolist()
+    # numbers inside names too: as text, class_10 would sort before class_2 and take its label
+    write_imagefolder(tmp_path / "prefixed", "gtsrb", folders=[f"class_{i}" for i in range(43)])
+    ds = v8.gtsrb(str(tmp_path / "prefixed"), preprocess=raw).dataset("test")
+    assert [decode(ds[i][0]) for i in range(len(ds))] == ds.labels.tolist()
     # unmatched names: sorted folder names map in order onto the canonical list
     write_imagefolder(tmp_path, "mnist", folders=[f"class_{c}" for c in "abcdefghij"])
     ds = v8.mnist(str(tmp_path), preprocess=raw).dataset("test")
