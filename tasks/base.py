@@ -124,7 +124,12 @@ def _checked_split(name: str, split: str, images: torch.Tensor, labels: torch.Te
 
 def check_labels(labels: torch.Tensor, num_classes: int, where: str) -> None:
     """Integer labels within ``[0, num_classes)``: a label no class name covers is never
-    predicted, so it would lower the accuracy silently instead of failing."""
+    predicted, so it would lower the accuracy silently instead of failing (and a fractional one
+    would be truncated into another class)."""
+    if labels.is_floating_point() and len(labels) and not bool((labels == labels.round()).all()):
+        fraction = labels[labels != labels.round()][0].item()  # .long() would truncate it into a class
+        raise TaskDataError(f"{where}: label {fraction} is not a class index (labels are whole numbers "
+                            f"0..{num_classes - 1})")
     bad = label_outside(labels, num_classes)
     if bad is not None:
         raise TaskDataError(f"{where}: label {bad} is outside the {num_classes} class names (0..{num_classes - 1})")

@@ -65,6 +65,16 @@ def test_in_memory_images_must_be_uint8_channels_last(images, fragment):
         InMemoryTask("mine", ["a", "b"], ["{}"], _splits(images, torch.tensor([0, 1, 0, 1])))
 
 
+def test_in_memory_fractional_labels_are_refused_whole_float_labels_kept():
+    """A label 1.5 was truncated to class 1 by the dataset's .long(): scored as class 1 silently."""
+    images = torch.zeros(4, 8, 8, 3, dtype=torch.uint8)
+    with pytest.raises(TaskDataError, match=r"split 'train': label 1.5 is not a class index \(labels are whole "
+                                            r"numbers 0..1\)"):
+        InMemoryTask("mine", ["a", "b"], ["{}"], _splits(images, torch.tensor([0.0, 1.5, 0.0, 1.0])))
+    task = InMemoryTask("mine", ["a", "b"], ["{}"], _splits(images, torch.tensor([0.0, 1.0, 0.0, 1.0])))
+    assert task.dataset("test").tensors[1].tolist() == [0, 1, 0, 1]
+
+
 def test_in_memory_task_without_a_val_split_is_refused():
     s = _splits(torch.zeros(2, 8, 8, 3, dtype=torch.uint8), torch.tensor([0, 1]))
     del s["val"]
