@@ -644,6 +644,7 @@ def _native_svhn(spec: _Spec, root: Path):
     base = _child(root, "svhn")
     if base is None or not (_child(base, "train_32x32.mat") or _child(base, "test_32x32.mat")):
         return None
+
     def part(split: str) -> _ArraySource:
         path = _require(_child(base, f"{split}_32x32.mat"), str(base / f"{split}_32x32.mat"), spec)
         mat = _loadmat(spec, path, ("X", "y"))
@@ -694,6 +695,7 @@ def _native_cars(spec: _Spec, root: Path):
     devkit = _child(base, "devkit") if base is not None else None
     if devkit is None or not devkit.is_dir():
         return None
+
     def part(split: str, annos: Path | None, folder: str) -> _FileSource:
         annos = _require(annos, f"annotations for {split} ({devkit / f'cars_{split}_annos*.mat'})", spec)
         images = _require(_child(base, folder), str(base / folder), spec)
