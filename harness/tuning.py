@@ -150,9 +150,12 @@ METHOD_ATTR = "harness.method"
 OWNER_ATTR = "harness.output_dir"
 
 
-def study_definition(m: MethodSpec) -> str:
+def study_definition(m: MethodSpec, sweep_seed: int = 0) -> str:
     """A digest of what makes a study's trials comparable: the method, its fixed params, the space,
-    the objective and the sampler (``n_trials`` and ``n_parallel`` may change: that extends it).
+    the objective, the sampler and its seed (``tune.seed``, else ``sweep_seed``: it decides which
+    points the search asks, so another seed is another search, not more of this one; left out at
+    0, so studies stored before it was recorded keep their digest; ``n_trials`` and
+    ``n_parallel`` may change: that extends it).
     Fixed params the method declares ``runtime_only``, and ``added_hyperparameters`` given at
     their defaults, are left out, as job keys leave them out (``MergeMethod.as_key``): changing a
     runtime-only one, or writing an added one at its default, resumes the study and finds its
@@ -172,6 +175,9 @@ def study_definition(m: MethodSpec) -> str:
             space[k]["choices"] = [held_value(cls, m, k, c) for c in p.choices]
     body = {"method": method_class_id(m.name), "params": params, "objective": m.tune.objective,
             "sampler": m.tune.sampler, "space": space}
+    seed = m.tune.seed if m.tune.seed is not None else sweep_seed
+    if seed:
+        body["seed"] = seed
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -320,7 +326,7 @@ class StudyRunner:
         self.n_parallel = self.tune.n_parallel or workers
         self.storage = storage_spec(cfg, self.tune)
         seed = self.tune.seed if self.tune.seed is not None else cfg.seed
-        self.study, note = open_study(open_storage(self.storage), study_name(cfg, m), study_definition(m),
+        self.study, note = open_study(open_storage(self.storage), study_name(cfg, m), study_definition(m, cfg.seed),
                                       study_measures(cfg, m, identity, task_identity),
                                       make_sampler(self.tune, seed), make_pruner(self.tune.pruner), self.measured_here,
                                       method=method_class_id(m.name))

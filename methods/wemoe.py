@@ -553,7 +553,9 @@ class WeMoE(MergeMethod):
         """The loss history of the adaptation saved at ``path`` when it is this one (same models,
         key hyperparameters and data), with its routers loaded into ``model``; else None. A job
         requeued or rerun after its adaptation ended (cut in evaluation, e.g. by a time limit)
-        thus goes on from the adapted model even with ``checkpoint_every: 0``."""
+        thus goes on from the adapted model even with ``checkpoint_every: 0``. Models are compared
+        by architecture and content digest, not by where their files lie: as in the job's key, a
+        moved cache or checkpoint folder is the same job."""
         try:
             header = _header(path)
         except ValueError:
@@ -564,7 +566,7 @@ class WeMoE(MergeMethod):
         def as_saved(value: Any) -> Any:  # what JSON gives back (tuples as lists)
             return json.loads(json.dumps(value))
 
-        same = (saved.get("sources") == as_saved(meta["sources"])
+        same = ((saved.get("sources") or {}).get("arch") == meta["sources"].get("arch")
                 and saved.get("adapted_on") == as_saved(meta["adapted_on"])
                 and hyper == as_saved(self.key_params())
                 and header["inputs"] == as_saved(model.wemoe_inputs))

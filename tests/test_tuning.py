@@ -648,6 +648,31 @@ def test_a_sweep_measuring_other_data_starts_its_own_study(sweep_dict):
     assert study_runner(validate_config(first)).name == "toy.typed"
 
 
+def test_another_sampler_seed_is_another_study(sweep_dict, tmp_path):
+    """``tune.seed`` decides which points a study asks: a rerun with another seed over a finished
+    study runs that seed's search (the points a fresh folder's study of that seed asks) instead of
+    finding nothing to run and reporting the other seed's best; the same seed written out resumes
+    the study it was the default of."""
+    space = {"scaling": {"type": "float", "low": 0.0, "high": 1.0}}
+    first = typed_study(sweep_dict, n_trials=3, sampler="random", space=space)
+    run_sweep(validate_config(first), quiet=True)
+    reseeded = typed_study(sweep_dict, n_trials=3, sampler="random", space=space, seed=5)
+    out = run_sweep(validate_config(reseeded), quiet=True)
+    assert not out.failed, [r.error for r in out.failed]
+    fresh = typed_study(dict(sweep_dict, output_dir=str(tmp_path / "fresh")), n_trials=3, sampler="random",
+                        space=space, seed=5)
+    run_sweep(validate_config(fresh), quiet=True)
+
+    def asked(d: dict) -> list[float]:
+        return [t.params["scaling"] for t in study_runner(validate_config(d)).study.trials]
+
+    assert asked(reseeded) == asked(fresh) != asked(first)
+    final = next(r for r in out.results if r.kind == "merge")
+    assert final.params["scaling"] == study_runner(validate_config(reseeded)).study.best_params["scaling"]
+    written_out = typed_study(sweep_dict, n_trials=3, sampler="random", space=space, seed=0)
+    assert study_runner(validate_config(written_out)).name == "toy.typed" and asked(written_out) == asked(first)
+
+
 def test_a_study_stored_without_its_measurement_is_resumed_only_by_its_sweep(sweep_dict):
     """A study an older harness stored (no measurement recorded) is resumed by the sweep whose
     trial results lie in the folder under its keys, and not by a sweep on other tasks."""

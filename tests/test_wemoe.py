@@ -525,6 +525,40 @@ def test_an_adaptation_that_ended_goes_on_from_the_saved_model_without_checkpoin
         calls.clear()
 
 
+def test_a_saved_adaptation_is_found_again_when_its_checkpoint_files_moved(models, tmp_path, monkeypatch):
+    """The job key holds the models' content, not their paths: a rerun after a kill in evaluation
+    with the cache (or checkpoint) folder moved, same files, is the same job and goes on from its
+    saved adapted model (``checkpoint_every: 0`` leaves nothing else to resume from) instead of
+    adapting again; a fine-tuned model of other content still adapts again."""
+    import copy
+    import shutil
+
+    pre, ft = models
+    method = wemoe.WeMoE(steps=3, lr=1e-2, checkpoint_every=0, router_depth=1, routing_stats_batches=0)
+
+    def ctx(workdir, root: str) -> MergeContext:
+        sources = {"arch": "harness-micro-vit", "pretrained": f"{root}/pretrained.safetensors",
+                   "finetuned": {t: f"{root}/{t}.safetensors" for t in TASKS}}
+        return MergeContext(heads=heads(), unlabeled=fixed_unlabeled(2), workdir=str(workdir), sources=sources)
+
+    first = ctx(tmp_path / "job", "/old/cache")
+    merged = method.merge(pre, ft, first)
+    shutil.copytree(tmp_path / "job", tmp_path / "changed")
+    real, calls = wemoe.run_tta, []
+    monkeypatch.setattr(wemoe, "run_tta", lambda *a, **k: calls.append(1) or real(*a, **k))
+    again = ctx(tmp_path / "job", "/new/cache")
+    resumed = method.merge(pre, ft, again)
+    assert calls == []
+    a, b = router_state(merged), router_state(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert again.artifacts["tta_loss"] == first.artifacts["tta_loss"]
+    other = {**ft, TASKS[0]: copy.deepcopy(ft[TASKS[0]])}
+    with torch.no_grad():
+        next(other[TASKS[0]].parameters()).add_(1e-3)
+    method.merge(pre, other, ctx(tmp_path / "changed", "/old/cache"))
+    assert calls == [1]
+
+
 def test_saved_model_records_the_corruption_and_implementation_it_was_adapted_with(models, tmp_path):
     pre, ft = models
     ctx = MergeContext(heads=heads(), unlabeled=fixed_unlabeled(), workdir=str(tmp_path), adapted_on=FOG)
