@@ -55,3 +55,19 @@ def test_omp_num_threads_in_the_openmp_list_form_is_read_not_a_crash(monkeypatch
     got = runtime.configure_threads("auto", n_params=runtime.SMALL_MODEL_PARAMS, cores=2)
     assert got == (want if want is not None else 2)
     assert torch.get_num_threads() == got
+
+
+def test_jobs_device_turns_tensorfloat32_off():
+    """cuDNN allows TF32 convolutions by default (the patch embedding of a ViT on a GPU): the
+    device jobs get is one where float32 means float32, as eval.precision fp32 in their key says."""
+    import torch
+
+    from harness.runtime import resolve_device
+
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        assert resolve_device("cpu") == torch.device("cpu")
+        assert torch.backends.cudnn.allow_tf32 is False and torch.backends.cuda.matmul.allow_tf32 is False
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
