@@ -215,6 +215,30 @@ class ParamSpace(Strict):
         return [int(round(v)) for v in values] if self.type == "int" else [round(v, 12) for v in values]
 
 
+def optuna_storage_problem(spec: str) -> str | None:
+    """Why ``spec`` is no storage a study can live in (``journal:<path>`` or a database URL whose
+    driver is installed), or None. An in-memory database is refused: it keeps no study between
+    runs, and a trial's job, another process, reopens the study to report while it adapts."""
+    if spec.startswith("journal:"):
+        return None if spec[len("journal:"):].strip() else "'journal:' needs a file's path after it"
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    usage = "an Optuna storage is 'journal:<path>' or a database URL such as 'sqlite:///studies.db'"
+    try:
+        url = make_url(spec)
+        dialect = url.get_dialect()
+    except (ArgumentError, NoSuchModuleError, ValueError):
+        return f"not a storage: {usage}"
+    if url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:"):
+        return f"an in-memory database keeps no study between runs or processes: {usage}"
+    try:
+        dialect.import_dbapi()
+    except ImportError as exc:
+        return f"its database driver is not installed ({exc})"
+    return None
+
+
 class TuneSpec(Strict):
     """Optuna search over some hyperparameters; always on a validation metric."""
 
@@ -233,6 +257,17 @@ class TuneSpec(Strict):
     def _val_only(cls, v: str) -> str:
         if not v.startswith("val/"):
             raise ValueError("must be a validation metric ('val/...'): test metrics never choose hyperparameters")
+        return v
+
+    @field_validator("storage")
+    @classmethod
+    def _storage_url(cls, v: str | None) -> str | None:
+        """A storage the study can open, checked before any job runs (it is opened only after the
+        sweep's other jobs, where a bad one was a traceback)."""
+        if v is not None:
+            problem = optuna_storage_problem(v)
+            if problem:
+                raise ValueError(problem)
         return v
 
     @model_validator(mode="after")

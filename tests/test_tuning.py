@@ -328,6 +328,39 @@ def test_tune_and_grid_together_refused(sweep_dict):
         validate_config(d, "s.yaml")
 
 
+@pytest.mark.parametrize("storage,fragment", [
+    ("garbage", "methods.0.tune.storage: not a storage: an Optuna storage is 'journal:<path>' or a database URL"),
+    ("sqlite://", "methods.0.tune.storage: an in-memory database keeps no study between runs or processes"),
+    ("mysql://user@host/studies", "methods.0.tune.storage: its database driver is not installed (No module named"),
+])
+def test_a_storage_no_study_can_live_in_is_a_config_error(storage, fragment, sweep_dict):
+    """Checked with the sweep file: it was opened only after the sweep's other jobs, a traceback
+    (an in-memory database failed every trial that reports while adapting, its job another process)."""
+    d = dict(sweep_dict, methods=[{"name": "task_arithmetic", "tune": tune_block(storage=storage)}])
+    with pytest.raises(ConfigError) as e:
+        validate_config(d, "s.yaml")
+    assert fragment in str(e.value) and f"(got {storage!r})" in str(e.value), str(e.value)
+
+
+def test_a_storage_that_cannot_be_opened_stops_the_sweep_before_any_job(sweep_dict, tmp_path):
+    """A database in a folder that does not exist: one line naming the field and the storage, exit
+    code 2, before any job ran or the output folder was written (it was a traceback after them)."""
+    from click.testing import CliRunner
+
+    from harness.cli import main
+
+    storage = f"sqlite:///{tmp_path / 'no' / 'such' / 'studies.db'}"
+    d = dict(sweep_dict, methods=[{"name": "task_arithmetic", "tune": tune_block(n_trials=1, storage=storage)}])
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump(d))
+    r = CliRunner().invoke(main, ["sweep", str(f), "-q"])
+    assert r.exit_code == 2, r.output
+    assert r.exception is None or isinstance(r.exception, SystemExit)  # no traceback
+    assert r.stderr.strip() == (f"error: {f}: methods.0.tune.storage: cannot open it: unable to open database "
+                                f"file (got {storage!r})"), r.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_tune_command_runs_one_method(trained_checkpoints, tmp_path):
     from click.testing import CliRunner
 
