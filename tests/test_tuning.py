@@ -865,6 +865,37 @@ def test_tuned_row_counts_its_failed_and_pruned_trials(sweep_dict, tmp_path):
     assert f"| q | {setting} |" in (out / "report" / "main.md").read_text()
 
 
+def test_report_rebuilds_a_tuned_row_as_the_sweep_wrote_it_after_harness_tune_extends_its_study(
+        sweep_dict, tmp_path):
+    """`harness tune --trials` extends a study in the sweep's run, and the sweep's own tables stay as
+    the last `harness sweep` wrote them: `harness report` rebuilt the tuned row with the extended
+    study's trial counts (or none, had the best changed), a row no run had written."""
+    from click.testing import CliRunner
+
+    from harness.cli import main
+    from harness.plan import setting_text
+
+    space = {"quality": {"type": "categorical", "choices": [50.0, 95.0]}}  # 95 fails
+    d = dict(sweep_dict, references=False, methods=[{
+        "name": "tests.tuning_methods:StopsOrFailsByQuality", "label": "q",
+        "tune": {"n_trials": 1, "n_parallel": 1, "sampler": "random", "space": space}}])
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump(d))
+    CliRunner().invoke(main, ["sweep", str(f), "-q"], env={"COLUMNS": "200"})
+    study = stored_study(validate_config(d))
+    states = [t.state.name for t in study.trials]
+    assert states.count("FAIL") >= 1, states  # the seed's draws: the row has a note to keep
+    row = f"| q | {setting_text(study.best_params)} ({states.count('FAIL')} of {len(states)} trials failed) |"
+    table = tmp_path / "out" / "report" / "main.md"
+    assert row in table.read_text(), table.read_text()
+    r = CliRunner().invoke(main, ["tune", str(f), "--method", "q", "--trials", "4", "-q"], env={"COLUMNS": "200"})
+    assert len(stored_study(validate_config(d)).trials) >= len(states) + 3, r.output
+    table.unlink()
+    r = CliRunner().invoke(main, ["report", str(tmp_path / "out")], env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    assert row in table.read_text(), table.read_text()
+
+
 def test_a_pruned_trials_run_holds_the_values_it_reported(sweep_dict):
     """A pruned trial ends without metrics: its run shows the objective it reported at each step
     (10, 11, 12 at steps 0-2) and the step it was stopped after."""
