@@ -173,6 +173,11 @@ class ParamSpace(Strict):
 
     @model_validator(mode="after")
     def _shape(self) -> "ParamSpace":
+        unused = ["low", "high", "step", "log"] if self.type == "categorical" else ["choices"]
+        for key in unused:  # Optuna would ignore it: a range searched where choices were meant, or the reverse
+            if getattr(self, key) is not None and getattr(self, key) is not False:
+                takes = "'choices'" if self.type == "categorical" else "'low', 'high', 'log' and 'step'"
+                raise ValueError(f"{key!r} does not apply to type {self.type}, which takes {takes}")
         if self.type == "categorical":
             if not self.choices:
                 raise ValueError("categorical needs non-empty 'choices'")

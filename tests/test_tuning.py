@@ -328,6 +328,28 @@ def test_tune_and_grid_together_refused(sweep_dict):
         validate_config(d, "s.yaml")
 
 
+@pytest.mark.parametrize("space,fragment", [
+    ({"type": "float", "low": 0.1, "high": 1.0, "choices": [0.3, 0.6]},
+     "methods.0.tune.space.scaling: 'choices' does not apply to type float, which takes 'low', 'high', 'log' and 'step'"),
+    ({"type": "categorical", "choices": [0.3, 0.6], "low": 0.0},
+     "methods.0.tune.space.scaling: 'low' does not apply to type categorical, which takes 'choices'"),
+    ({"type": "categorical", "choices": [0.3, 0.6], "step": 0.1}, "'step' does not apply to type categorical"),
+])
+def test_a_space_key_its_type_does_not_use_is_a_config_error(space, fragment, sweep_dict):
+    """Optuna ignored it: choices given to a float range searched the whole range, a range given
+    to categorical choices was dropped, silently."""
+    d = dict(sweep_dict, methods=[{"name": "task_arithmetic", "tune": tune_block(space={"scaling": space})}])
+    with pytest.raises(ConfigError) as e:
+        validate_config(d, "s.yaml")
+    assert fragment in str(e.value), str(e.value)
+
+
+def test_a_space_key_its_type_does_not_use_may_be_written_at_its_default(sweep_dict):
+    d = dict(sweep_dict, methods=[{"name": "task_arithmetic", "tune": tune_block(space={
+        "scaling": {"type": "categorical", "choices": [0.3, 0.6], "log": False, "low": None}})}])
+    assert validate_config(d).methods[0].tune.space["scaling"].choices == [0.3, 0.6]
+
+
 @pytest.mark.parametrize("storage,fragment", [
     ("garbage", "methods.0.tune.storage: not a storage: an Optuna storage is 'journal:<path>' or a database URL"),
     ("sqlite://", "methods.0.tune.storage: an in-memory database keeps no study between runs or processes"),
