@@ -1034,6 +1034,26 @@ def check_space(cls: Any, m: MethodSpec, i: int, file: str) -> None:
                     raise ConfigError(file, where, f"{err['msg'].removeprefix('Value error, ')}, at this end of "
                                       "the range with the method's other hyperparameters as params and defaults "
                                       "set them", value) from None
+        if p.type == "categorical":
+            same_choices(cls, m, name, p.choices, where, file)
+
+
+def same_choices(cls: Any, m: MethodSpec, name: str, choices: list[Any], where: str, file: str) -> None:
+    """Refuse categorical choices that are one setting once validated (``[4, 4.0]``, a value
+    listed twice): as a grid's settings, they would run one job as several trials, and weigh
+    that value twice in the sampler's draws."""
+    seen: dict[str, int] = {}
+    for i, choice in enumerate(choices):
+        try:
+            held = held_value(cls, m, name, choice)
+        except ValidationError:  # another tuned value's first choice refuses it: compared as written
+            held = choice
+        first = seen.setdefault(json.dumps(held, sort_keys=True), i)
+        if first != i:
+            same = choices[first]
+            why = (f"choice {choice!r} is listed twice" if json.dumps(same) == json.dumps(choice) else
+                   f"choices {same!r} and {choice!r} are the same setting once validated")
+            raise ConfigError(file, where, why, show_value=False)
 
 
 def check_tasks(cfg: SweepConfig, file: str) -> None:

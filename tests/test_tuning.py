@@ -350,6 +350,20 @@ def test_a_space_key_its_type_does_not_use_may_be_written_at_its_default(sweep_d
     assert validate_config(d).methods[0].tune.space["scaling"].choices == [0.3, 0.6]
 
 
+@pytest.mark.parametrize("choices,fragment", [
+    ([0.3, 0.6, 0.3], "methods.0.tune.space.scaling: choice 0.3 is listed twice"),
+    ([1, 1.0], "methods.0.tune.space.scaling: choices 1 and 1.0 are the same setting once validated"),
+])
+def test_categorical_choices_that_are_one_setting_are_a_config_error(choices, fragment, sweep_dict):
+    """As a grid's settings that are one setting once validated are: a grid study ran the one job
+    as two trials (counted in the row's trial count), and other samplers drew it twice as often."""
+    d = dict(sweep_dict, methods=[{"name": "task_arithmetic", "tune": tune_block(
+        sampler="grid", space={"scaling": {"type": "categorical", "choices": choices}})}])
+    with pytest.raises(ConfigError) as e:
+        validate_config(d, "s.yaml")
+    assert fragment in str(e.value), str(e.value)
+
+
 @pytest.mark.parametrize("storage,fragment", [
     ("garbage", "methods.0.tune.storage: not a storage: an Optuna storage is 'journal:<path>' or a database URL"),
     ("sqlite://", "methods.0.tune.storage: an in-memory database keeps no study between runs or processes"),
