@@ -238,7 +238,7 @@ def optuna_storage_problem(spec: str) -> str | None:
     if url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:"):
         return f"an in-memory database keeps no study between runs or processes: {usage}"
     try:
-        dialect.import_dbapi()
+        (getattr(dialect, "import_dbapi", None) or dialect.dbapi)()  # SQLAlchemy 2, or 1.4's name
     except ImportError as exc:
         return f"its database driver is not installed ({exc})"
     return None

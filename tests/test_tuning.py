@@ -378,6 +378,23 @@ def test_a_storage_no_study_can_live_in_is_a_config_error(storage, fragment, swe
     assert fragment in str(e.value) and f"(got {storage!r})" in str(e.value), str(e.value)
 
 
+def test_a_storage_driver_missing_under_sqlalchemy_1_4_is_named(monkeypatch):
+    """SQLAlchemy 1.4 (which Optuna and MLflow accept) loads a dialect's driver with ``dbapi()``,
+    not 2.0's ``import_dbapi()``: the check named no driver there, it crashed on the name."""
+    from sqlalchemy.engine.url import URL
+
+    from harness.config import optuna_storage_problem
+
+    class Dialect14:
+        @classmethod
+        def dbapi(cls):
+            raise ImportError("No module named 'psycopg2'")
+
+    monkeypatch.setattr(URL, "get_dialect", lambda self, *a, **k: Dialect14)
+    assert optuna_storage_problem("postgresql://user@host/studies") == (
+        "its database driver is not installed (No module named 'psycopg2')")
+
+
 def test_a_storage_that_cannot_be_opened_stops_the_sweep_before_any_job(sweep_dict, tmp_path):
     """A database in a folder that does not exist: one line naming the field and the storage, exit
     code 2, before any job ran or the output folder was written (it was a traceback after them)."""
