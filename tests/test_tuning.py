@@ -949,6 +949,25 @@ def test_report_rebuilds_a_tuned_row_as_the_sweep_wrote_it_after_harness_tune_ex
     assert row in table.read_text(), table.read_text()
 
 
+def test_a_tuned_row_is_exported_with_the_best_trials_setting(sweep_dict, tmp_path):
+    """jobs.json holds a tuned row's trial counts beside its job: `harness export` reads the row's
+    job from it as from any other row's (it unpacked [label, key] pairs, a ValueError)."""
+    from click.testing import CliRunner
+
+    from harness.cli import main
+    from harness.plan import setting_text
+
+    d = dict(sweep_dict, references=False, methods=[{"name": "task_arithmetic", "label": "ta",
+                                                      "tune": tune_block(n_trials=2, n_parallel=1)}])
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump(d))
+    assert CliRunner().invoke(main, ["sweep", str(f), "-q"]).exit_code == 0
+    r = CliRunner().invoke(main, ["export", str(f), "--method", "ta", "--out", str(tmp_path / "ta.safetensors")])
+    assert r.exit_code == 0, r.output
+    best = setting_text(stored_study(validate_config(d)).best_params)
+    assert f"ta ({best})" in r.stdout and (tmp_path / "ta.safetensors").is_file(), r.stdout
+
+
 def test_a_pruned_trials_run_holds_the_values_it_reported(sweep_dict):
     """A pruned trial ends without metrics: its run shows the objective it reported at each step
     (10, 11, 12 at steps 0-2) and the step it was stopped after."""
