@@ -173,6 +173,11 @@ class ParamSpace(Strict):
 
     @model_validator(mode="after")
     def _shape(self) -> "ParamSpace":
+        unused = ["low", "high", "step", "log"] if self.type == "categorical" else ["choices"]
+        for key in unused:  # Optuna would ignore it: a range searched where choices were meant, or the reverse
+            if getattr(self, key) is not None and getattr(self, key) is not False:
+                takes = "'choices'" if self.type == "categorical" else "'low', 'high', 'log' and 'step'"
+                raise ValueError(f"{key!r} does not apply to type {self.type}, which takes {takes}")
         if self.type == "categorical":
             if not self.choices:
                 raise ValueError("categorical needs non-empty 'choices'")
@@ -215,6 +220,30 @@ class ParamSpace(Strict):
         return [int(round(v)) for v in values] if self.type == "int" else [round(v, 12) for v in values]
 
 
+def optuna_storage_problem(spec: str) -> str | None:
+    """Why ``spec`` is no storage a study can live in (``journal:<path>`` or a database URL whose
+    driver is installed), or None. An in-memory database is refused: it keeps no study between
+    runs, and a trial's job, another process, reopens the study to report while it adapts."""
+    if spec.startswith("journal:"):
+        return None if spec[len("journal:"):].strip() else "'journal:' needs a file's path after it"
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    usage = "an Optuna storage is 'journal:<path>' or a database URL such as 'sqlite:///studies.db'"
+    try:
+        url = make_url(spec)
+        dialect = url.get_dialect()
+    except (ArgumentError, NoSuchModuleError, ValueError):
+        return f"not a storage: {usage}"
+    if url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:"):
+        return f"an in-memory database keeps no study between runs or processes: {usage}"
+    try:
+        (getattr(dialect, "import_dbapi", None) or dialect.dbapi)()  # SQLAlchemy 2, or 1.4's name
+    except ImportError as exc:
+        return f"its database driver is not installed ({exc})"
+    return None
+
+
 class TuneSpec(Strict):
     """Optuna search over some hyperparameters; always on a validation metric."""
 
@@ -233,6 +262,17 @@ class TuneSpec(Strict):
     def _val_only(cls, v: str) -> str:
         if not v.startswith("val/"):
             raise ValueError("must be a validation metric ('val/...'): test metrics never choose hyperparameters")
+        return v
+
+    @field_validator("storage")
+    @classmethod
+    def _storage_url(cls, v: str | None) -> str | None:
+        """A storage the study can open, checked before any job runs (it is opened only after the
+        sweep's other jobs, where a bad one was a traceback)."""
+        if v is not None:
+            problem = optuna_storage_problem(v)
+            if problem:
+                raise ValueError(problem)
         return v
 
     @model_validator(mode="after")
@@ -994,6 +1034,26 @@ def check_space(cls: Any, m: MethodSpec, i: int, file: str) -> None:
                     raise ConfigError(file, where, f"{err['msg'].removeprefix('Value error, ')}, at this end of "
                                       "the range with the method's other hyperparameters as params and defaults "
                                       "set them", value) from None
+        if p.type == "categorical":
+            same_choices(cls, m, name, p.choices, where, file)
+
+
+def same_choices(cls: Any, m: MethodSpec, name: str, choices: list[Any], where: str, file: str) -> None:
+    """Refuse categorical choices that are one setting once validated (``[4, 4.0]``, a value
+    listed twice): as a grid's settings, they would run one job as several trials, and weigh
+    that value twice in the sampler's draws."""
+    seen: dict[str, int] = {}
+    for i, choice in enumerate(choices):
+        try:
+            held = held_value(cls, m, name, choice)
+        except ValidationError:  # another tuned value's first choice refuses it: compared as written
+            held = choice
+        first = seen.setdefault(json.dumps(held, sort_keys=True), i)
+        if first != i:
+            same = choices[first]
+            why = (f"choice {choice!r} is listed twice" if json.dumps(same) == json.dumps(choice) else
+                   f"choices {same!r} and {choice!r} are the same setting once validated")
+            raise ConfigError(file, where, why, show_value=False)
 
 
 def check_tasks(cfg: SweepConfig, file: str) -> None:

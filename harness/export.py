@@ -50,7 +50,7 @@ def chosen_result(cfg: SweepConfig, label: str) -> JobResult:
     jobs_file = out / "report" / JOBS_FILE
     if not jobs_file.is_file():
         raise ExportError(f"{jobs_file}: no such file: run `harness sweep` first (its tables name the jobs to export)")
-    pairs = json.loads(jobs_file.read_text())
+    pairs = [entry[:2] for entry in json.loads(jobs_file.read_text())]  # a tuned row's also holds its trial counts
     labels = sorted({row for row, _ in pairs if not reference_row(row)})
     keys = [key for row, key in pairs if row == label]
     if not keys:

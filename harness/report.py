@@ -189,7 +189,7 @@ def build_report(cfg: SweepConfig, results: list[JobResult], out: Path,
                                   f"under corruptions (severity {cfg.robustness.severity})")
     report = Report(tables, rows=rows, generalization_rows=gen_rows)
     jobs = out / JOBS_FILE
-    jobs.write_text(json.dumps([[r.label, r.key] for r in results if r.key], indent=0))  # a job two labels share: both
+    jobs.write_text(json.dumps([job_entry(r, studies) for r in results if r.key], indent=0))  # a job two labels share: both
     report.files.append(jobs)
     for name, (header, body) in tables.items():
         for ext, text in (("md", markdown_table(header, body)), ("csv", csv_table(header, body)),
@@ -214,6 +214,14 @@ def build_report(cfg: SweepConfig, results: list[JobResult], out: Path,
         if stale not in written:
             stale.unlink(missing_ok=True)
     return report
+
+
+def job_entry(result: JobResult, studies: Mapping[tuple[str, str], TrialCounts] | None) -> list[Any]:
+    """``[label, key]`` in jobs.json, and for a tuned row's job the trial counts its row states:
+    ``harness report`` rebuilds the row as this sweep wrote it, where its study's tuning run holds
+    the counts of whatever ``harness tune`` has run since (a longer study, or another best)."""
+    counts = (studies or {}).get((result.label, result.key))
+    return [result.label, result.key] + ([dataclasses.asdict(counts)] if counts is not None else [])
 
 
 def tune_table_stem(cfg: SweepConfig, label: str) -> str:
@@ -402,11 +410,21 @@ def _download(client: Any, tracking_uri: str, run: Any, path: str, dst: str) -> 
 
 def load_study_counts(tracking_uri: str, parent: Any) -> dict[tuple[str, str], TrialCounts]:
     """The trial counts of the studies run under sweep run ``parent``, by the label of each one's
-    method and the job key of its best setting on test (the row they go with). A tuning run of an older harness, which
-    stored none, adds nothing; of studies that chose the same job, the last to end counts."""
+    method and the job key of its best setting on test (the row they go with): as the sweep's
+    jobs.json recorded them, else (a sweep of an older harness) from the studies' tuning runs. A
+    tuning run of an older harness, which stored none, adds nothing; of studies that chose the
+    same job, the last to end counts."""
+    import tempfile
+
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri)
+    if any(a.path == f"report/{JOBS_FILE}" for a in client.list_artifacts(parent.info.run_id, "report")):
+        with tempfile.TemporaryDirectory() as tmp:
+            entries = json.loads(Path(_download(client, tracking_uri, parent, f"report/{JOBS_FILE}", tmp)).read_text())
+        recorded = {(e[0], e[1]): TrialCounts(**e[2]) for e in entries if isinstance(e, list) and len(e) > 2}
+        if recorded:
+            return recorded
     runs = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' "
                               "and tags.`harness.kind` = 'tune'", max_results=50000)
     out: dict[tuple[str, str], TrialCounts] = {}

@@ -246,6 +246,10 @@ def _run_sweep(cfg: SweepConfig, ws: Workspace, executor: Any, console: Console,
     results, pending = split_cached(specs, results_dir)
     if pending or any(m.tune for m in cfg.methods):  # a finished sweep builds no model
         ws.preflight()  # bad checkpoints, data or heads: one error now, before anything is written
+    if mode == "run":
+        from harness.tuning import check_storages
+
+        check_storages(cfg, [m.display for m in cfg.methods if m.tune and (only is None or m.display == only.label)])
     failpoint("prepare")
     try:
         out.mkdir(parents=True, exist_ok=True)

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from harness.cache import content_key
 from harness.config import MethodSpec, SweepConfig, TuneSpec, held_value, space_probe
-from harness.errors import HarnessError
+from harness.errors import FieldError, HarnessError
 from harness.job import JobResult, read_result
 from harness.plan import JobSpec, method_class_id, setting_text, with_key
 from harness.results import TrialCounts
@@ -131,6 +131,30 @@ def distributions(tune: TuneSpec) -> dict[str, Any]:
 
 def storage_spec(cfg: SweepConfig, tune: TuneSpec) -> str:
     return tune.storage or f"journal:{cfg.resolved_output_dir() / 'optuna' / 'journal.log'}"
+
+
+def check_storages(cfg: SweepConfig, labels: list[str]) -> None:
+    """Open the storage each study of ``labels`` names (``tune.storage``) before any job runs: a
+    database or journal that cannot be opened (a missing folder, no server) is one line naming the
+    field, not a traceback once the sweep's other jobs are done."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    for i, m in enumerate(cfg.methods):
+        if m.tune is None or m.tune.storage is None or m.display not in labels:
+            continue
+        try:
+            open_storage(m.tune.storage)
+        except (OSError, SQLAlchemyError) as exc:
+            raise FieldError(f"methods.{i}.tune.storage", f"cannot open it: {open_failure(exc)}",
+                             m.tune.storage) from None
+
+
+def open_failure(exc: Exception) -> str:
+    """An OSError's reason and file, or a database error's own first line (SQLAlchemy's wrapper
+    adds the statement and a link)."""
+    if isinstance(exc, OSError):
+        return f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc.strerror or exc)
+    return str(getattr(exc, "orig", None) or exc).splitlines()[0]
 
 
 def study_name(cfg: SweepConfig, m: MethodSpec) -> str:

@@ -328,6 +328,92 @@ def test_tune_and_grid_together_refused(sweep_dict):
         validate_config(d, "s.yaml")
 
 
+@pytest.mark.parametrize("space,fragment", [
+    ({"type": "float", "low": 0.1, "high": 1.0, "choices": [0.3, 0.6]},
+     "methods.0.tune.space.scaling: 'choices' does not apply to type float, which takes 'low', 'high', 'log' and 'step'"),
+    ({"type": "categorical", "choices": [0.3, 0.6], "low": 0.0},
+     "methods.0.tune.space.scaling: 'low' does not apply to type categorical, which takes 'choices'"),
+    ({"type": "categorical", "choices": [0.3, 0.6], "step": 0.1}, "'step' does not apply to type categorical"),
+])
+def test_a_space_key_its_type_does_not_use_is_a_config_error(space, fragment, sweep_dict):
+    """Optuna ignored it: choices given to a float range searched the whole range, a range given
+    to categorical choices was dropped, silently."""
+    d = dict(sweep_dict, methods=[{"name": "task_arithmetic", "tune": tune_block(space={"scaling": space})}])
+    with pytest.raises(ConfigError) as e:
+        validate_config(d, "s.yaml")
+    assert fragment in str(e.value), str(e.value)
+
+
+def test_a_space_key_its_type_does_not_use_may_be_written_at_its_default(sweep_dict):
+    d = dict(sweep_dict, methods=[{"name": "task_arithmetic", "tune": tune_block(space={
+        "scaling": {"type": "categorical", "choices": [0.3, 0.6], "log": False, "low": None}})}])
+    assert validate_config(d).methods[0].tune.space["scaling"].choices == [0.3, 0.6]
+
+
+@pytest.mark.parametrize("choices,fragment", [
+    ([0.3, 0.6, 0.3], "methods.0.tune.space.scaling: choice 0.3 is listed twice"),
+    ([1, 1.0], "methods.0.tune.space.scaling: choices 1 and 1.0 are the same setting once validated"),
+])
+def test_categorical_choices_that_are_one_setting_are_a_config_error(choices, fragment, sweep_dict):
+    """As a grid's settings that are one setting once validated are: a grid study ran the one job
+    as two trials (counted in the row's trial count), and other samplers drew it twice as often."""
+    d = dict(sweep_dict, methods=[{"name": "task_arithmetic", "tune": tune_block(
+        sampler="grid", space={"scaling": {"type": "categorical", "choices": choices}})}])
+    with pytest.raises(ConfigError) as e:
+        validate_config(d, "s.yaml")
+    assert fragment in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("storage,fragment", [
+    ("garbage", "methods.0.tune.storage: not a storage: an Optuna storage is 'journal:<path>' or a database URL"),
+    ("sqlite://", "methods.0.tune.storage: an in-memory database keeps no study between runs or processes"),
+    ("mysql://user@host/studies", "methods.0.tune.storage: its database driver is not installed (No module named"),
+])
+def test_a_storage_no_study_can_live_in_is_a_config_error(storage, fragment, sweep_dict):
+    """Checked with the sweep file: it was opened only after the sweep's other jobs, a traceback
+    (an in-memory database failed every trial that reports while adapting, its job another process)."""
+    d = dict(sweep_dict, methods=[{"name": "task_arithmetic", "tune": tune_block(storage=storage)}])
+    with pytest.raises(ConfigError) as e:
+        validate_config(d, "s.yaml")
+    assert fragment in str(e.value) and f"(got {storage!r})" in str(e.value), str(e.value)
+
+
+def test_a_storage_driver_missing_under_sqlalchemy_1_4_is_named(monkeypatch):
+    """SQLAlchemy 1.4 (which Optuna and MLflow accept) loads a dialect's driver with ``dbapi()``,
+    not 2.0's ``import_dbapi()``: the check named no driver there, it crashed on the name."""
+    from sqlalchemy.engine.url import URL
+
+    from harness.config import optuna_storage_problem
+
+    class Dialect14:
+        @classmethod
+        def dbapi(cls):
+            raise ImportError("No module named 'psycopg2'")
+
+    monkeypatch.setattr(URL, "get_dialect", lambda self, *a, **k: Dialect14)
+    assert optuna_storage_problem("postgresql://user@host/studies") == (
+        "its database driver is not installed (No module named 'psycopg2')")
+
+
+def test_a_storage_that_cannot_be_opened_stops_the_sweep_before_any_job(sweep_dict, tmp_path):
+    """A database in a folder that does not exist: one line naming the field and the storage, exit
+    code 2, before any job ran or the output folder was written (it was a traceback after them)."""
+    from click.testing import CliRunner
+
+    from harness.cli import main
+
+    storage = f"sqlite:///{tmp_path / 'no' / 'such' / 'studies.db'}"
+    d = dict(sweep_dict, methods=[{"name": "task_arithmetic", "tune": tune_block(n_trials=1, storage=storage)}])
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump(d))
+    r = CliRunner().invoke(main, ["sweep", str(f), "-q"])
+    assert r.exit_code == 2, r.output
+    assert r.exception is None or isinstance(r.exception, SystemExit)  # no traceback
+    assert r.stderr.strip() == (f"error: {f}: methods.0.tune.storage: cannot open it: unable to open database "
+                                f"file (got {storage!r})"), r.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_tune_command_runs_one_method(trained_checkpoints, tmp_path):
     from click.testing import CliRunner
 
@@ -855,6 +941,56 @@ def test_tuned_row_counts_its_failed_and_pruned_trials(sweep_dict, tmp_path):
     r = CliRunner().invoke(main, ["report", str(out)], env={"COLUMNS": "200"})
     assert r.exit_code == 0, r.output
     assert f"| q | {setting} |" in (out / "report" / "main.md").read_text()
+
+
+def test_report_rebuilds_a_tuned_row_as_the_sweep_wrote_it_after_harness_tune_extends_its_study(
+        sweep_dict, tmp_path):
+    """`harness tune --trials` extends a study in the sweep's run, and the sweep's own tables stay as
+    the last `harness sweep` wrote them: `harness report` rebuilt the tuned row with the extended
+    study's trial counts (or none, had the best changed), a row no run had written."""
+    from click.testing import CliRunner
+
+    from harness.cli import main
+    from harness.plan import setting_text
+
+    space = {"quality": {"type": "categorical", "choices": [50.0, 95.0]}}  # 95 fails
+    d = dict(sweep_dict, references=False, methods=[{
+        "name": "tests.tuning_methods:StopsOrFailsByQuality", "label": "q",
+        "tune": {"n_trials": 1, "n_parallel": 1, "sampler": "random", "space": space}}])
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump(d))
+    CliRunner().invoke(main, ["sweep", str(f), "-q"], env={"COLUMNS": "200"})
+    study = stored_study(validate_config(d))
+    states = [t.state.name for t in study.trials]
+    assert states.count("FAIL") >= 1, states  # the seed's draws: the row has a note to keep
+    row = f"| q | {setting_text(study.best_params)} ({states.count('FAIL')} of {len(states)} trials failed) |"
+    table = tmp_path / "out" / "report" / "main.md"
+    assert row in table.read_text(), table.read_text()
+    r = CliRunner().invoke(main, ["tune", str(f), "--method", "q", "--trials", "4", "-q"], env={"COLUMNS": "200"})
+    assert len(stored_study(validate_config(d)).trials) >= len(states) + 3, r.output
+    table.unlink()
+    r = CliRunner().invoke(main, ["report", str(tmp_path / "out")], env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    assert row in table.read_text(), table.read_text()
+
+
+def test_a_tuned_row_is_exported_with_the_best_trials_setting(sweep_dict, tmp_path):
+    """jobs.json holds a tuned row's trial counts beside its job: `harness export` reads the row's
+    job from it as from any other row's (it unpacked [label, key] pairs, a ValueError)."""
+    from click.testing import CliRunner
+
+    from harness.cli import main
+    from harness.plan import setting_text
+
+    d = dict(sweep_dict, references=False, methods=[{"name": "task_arithmetic", "label": "ta",
+                                                      "tune": tune_block(n_trials=2, n_parallel=1)}])
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump(d))
+    assert CliRunner().invoke(main, ["sweep", str(f), "-q"]).exit_code == 0
+    r = CliRunner().invoke(main, ["export", str(f), "--method", "ta", "--out", str(tmp_path / "ta.safetensors")])
+    assert r.exit_code == 0, r.output
+    best = setting_text(stored_study(validate_config(d)).best_params)
+    assert f"ta ({best})" in r.stdout and (tmp_path / "ta.safetensors").is_file(), r.stdout
 
 
 def test_a_pruned_trials_run_holds_the_values_it_reported(sweep_dict):
