@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import os
 import re
 import shutil
@@ -402,9 +403,20 @@ def _run_sweep(cfg: SweepConfig, ws: Workspace, executor: Any, console: Console,
                 todo = known
             bar.add(len(todo))
             execute(todo)
+        from harness.tuning import StudyFailed
+
         for m in tuned:  # each study runs its trials, then its best setting once on test
-            final, counts = run_study(cfg, m, identity, task_identity, results_dir, tracker, execute, bar, out,
-                                      console if show else None, failed_trials)
+            try:
+                final, counts = run_study(cfg, m, identity, task_identity, results_dir, tracker, execute, bar, out,
+                                          console if show else None, failed_trials)
+            except StudyFailed as exc:  # isolated as a failed job is: its row `failed`, other studies run
+                final = failed_study_spec(m)
+                results[final.key] = JobResult.of(final, "failed", error=str(exc))
+                specs.append(final)
+                spec_by_key[final.key] = final
+                if show:
+                    console.print(failed_line(m.display, results[final.key]), highlight=False)
+                continue
             trial_counts[final.label, final.key] = counts
             specs.append(final)
             spec_by_key[final.key] = final
@@ -537,7 +549,7 @@ def run_study(cfg: SweepConfig, m, identity: dict, task_identity: dict, results_
     error) and, when it failed, an entry in ``failed``. Returns the best setting's job on test and
     the study's trial counts, which its row states."""
     from harness.plan import with_key
-    from harness.tuning import StudyRunner, save_study_plots
+    from harness.tuning import StudyFailed, StudyRunner, save_study_plots
 
     runner = StudyRunner(cfg, m, identity, task_identity, cfg.executor.workers, results_dir)
     tune_run = tracker.tuning_run(runner.name, m.display, m.tune.model_dump(mode="json"))
@@ -571,7 +583,11 @@ def run_study(cfg: SweepConfig, m, identity: dict, task_identity: dict, results_
                           markup=False)
 
     say = (lambda line: console.print(line, highlight=False, markup=False)) if console is not None else None
-    best = runner.run(run_batch, record, say)  # StudyFailed: _ended_if_stopped marks both runs FAILED
+    try:
+        best = runner.run(run_batch, record, say)
+    except StudyFailed as exc:  # the sweep goes on: this study's run ends FAILED, with why
+        tracker.fail_tuning_run(tune_run, str(exc))
+        raise
     files = save_study_plots(runner.study, out / "optuna" / m.display)
     final = with_key(cfg, JobSpec("merge", m.display, method=m.name, params=best), identity, task_identity)
     if finished_result(results_dir, final) is None:  # to run (or to run again: a failed attempt)
@@ -579,6 +595,14 @@ def run_study(cfg: SweepConfig, m, identity: dict, task_identity: dict, results_
     counts = runner.counts()
     tracker.finish_tuning_run(tune_run, best, runner.study.best_value, files, counts, final.key)
     return final, counts
+
+
+def failed_study_spec(m) -> JobSpec:
+    """The job standing for a tuned method whose study failed (too many failed trials, or none
+    completed): no setting was chosen, so there is no job of a setting to run; its key, stable
+    for the label, keeps the row (``failed``) in the tables, MLflow and ``report/jobs.json``."""
+    digest = hashlib.sha256(f"failed study\0{m.display}".encode()).hexdigest()[:16]
+    return JobSpec("merge", m.display, method=m.name, params={}, key=f"study-failed-{digest}")
 
 
 def reuse_adaptation(work: Path, trial_key: str | None, final_key: str) -> None:

@@ -468,6 +468,11 @@ class Tracker:
             self.client.log_artifact(rid, str(f), "optuna")
         self.client.set_terminated(rid, status="FINISHED")
 
+    def fail_tuning_run(self, rid: str, reason: str) -> None:
+        """End a study's run FAILED with its reason (too many failed trials, none completed)."""
+        self.client.set_tag(rid, "harness.failure_reason", reason[:5000])
+        self.client.set_terminated(rid, status="FAILED")
+
     def log_artifact(self, path: Path, run_id: str | None = None, subdir: str | None = None) -> None:
         self.client.log_artifact(run_id or self.parent_id, str(path), subdir)
 

@@ -272,23 +272,40 @@ def strength_study(checkpoints, tmp_path, method: str, label: str, high: float, 
     return d
 
 
-def test_study_whose_trials_all_fail_stops_with_one_line(trained_checkpoints, tmp_path):
+def test_a_study_whose_trials_all_fail_is_a_failed_row_and_the_sweep_goes_on(trained_checkpoints, tmp_path):
+    """As a failed job is isolated: the other methods and studies run, the tables are written with
+    the study's row ``failed``, its run ends FAILED with why, and the command exits 1 naming it."""
     from click.testing import CliRunner
 
     from harness.cli import main
 
     d = strength_study(trained_checkpoints, tmp_path, "AlwaysFailsWithParam", "broken", high=1.0, n_trials=2)
+    d["methods"] = [*d["methods"], "weight_averaging",
+                    {"name": "task_arithmetic", "tune": {"n_trials": 2, "n_parallel": 1, "sampler": "random",
+                                                         "space": {"scaling": {"type": "float", "low": 0.1,
+                                                                               "high": 0.5}}}}]
     f = tmp_path / "s.yaml"
     f.write_text(yaml.safe_dump(d))
     r = CliRunner().invoke(main, ["sweep", str(f), "-q"], env={"COLUMNS": "200"})
-    assert r.exit_code == 2, r.output
+    assert r.exit_code == 1, r.output
     assert r.exception is None or isinstance(r.exception, SystemExit)  # no traceback
-    assert "trials failed, the last with: RuntimeError: deliberate failure at strength" in r.stderr, r.stderr
+    err = " ".join(r.stderr.split())
+    assert "broken: study " in err and "trials failed, the last with: RuntimeError: deliberate failure at strength" in err
     cfg = validate_config(d)
+    table = (cfg.resolved_output_dir() / "report" / "main.csv").read_text().splitlines()
+    rows = {line.split(",")[0]: line for line in table[1:]}
+    assert rows["broken"].split(",")[1] == "failed"
+    for label in ("weight_averaging", "task_arithmetic"):  # the study after the failed one ran too
+        assert float(rows[label].split(",")[-2]) > 0, rows[label]
     client = MlflowClient(cfg.resolved_tracking_uri())
     exp = client.get_experiment_by_name(cfg.name).experiment_id
-    statuses = {run.data.tags.get("harness.kind", "sweep"): run.info.status for run in client.search_runs([exp])}
-    assert statuses.get("tune") == "FAILED" and "RUNNING" not in statuses.values(), statuses
+    tune_runs = {run.data.tags["harness.label"]: run for run in client.search_runs([exp], "tags.`harness.kind` = 'tune'")}
+    assert tune_runs["broken"].info.status == "FAILED" and tune_runs["task_arithmetic"].info.status == "FINISHED"
+    assert "trials failed" in tune_runs["broken"].data.tags["harness.failure_reason"]
+    assert "RUNNING" not in {run.info.status for run in client.search_runs([exp])}
+    rebuilt = CliRunner().invoke(main, ["report", str(cfg.resolved_output_dir()), "--out", str(tmp_path / "rebuilt")])
+    assert rebuilt.exit_code == 0, rebuilt.output
+    assert (tmp_path / "rebuilt" / "main.csv").read_text() == "\n".join(table) + "\n"  # harness report agrees
 
 
 def test_a_failed_trial_is_named_and_its_error_printed_as_written(sweep_dict):
