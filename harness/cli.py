@@ -206,10 +206,10 @@ def _print_plan(cfg, cache: bool = False) -> None:
         cached = sum(s.key in done for s in jobs)
         line = f"{len(jobs)} jobs: {cached} cached, {len(jobs) - cached} to run"
         if follow:
-            keys = {s.key for s in follow}
-            known = len(keys & done)
-            line += (f"; then {len(keys)} robustness job{'s' if len(keys) != 1 else ''} (settings chosen on "
-                     f"val): {known} cached, {len(keys) - known} to run")
+            follow_keys = {s.key for s in follow}
+            known = len(follow_keys & done)
+            line += (f"; then {len(follow_keys)} robustness job{'s' if len(follow_keys) != 1 else ''} (settings "
+                     f"chosen on val): {known} cached, {len(follow_keys) - known} to run")
         console.print(line, highlight=False)
     elif cache:
         console.print(f"{len(jobs)} jobs: which are cached is not known before the models are built ({why})",
@@ -502,8 +502,10 @@ def ui(target: str | None, port: int, host: str) -> None:
     args = [exe, "server", "--backend-store-uri", uri, "--host", host, "--port", str(port), "--workers", "1"]
     if artifacts:
         args += ["--artifacts-destination", artifacts]
+    from harness.tracking import allow_folder_stores
+
+    allow_folder_stores()  # the server inherits it
     env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
-    env.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # a folder store, as the sweep (Tracker) logged to it
     console.print(f"MLflow UI for {uri} at http://{host}:{port}  (Ctrl-C stops)")
     sys.stdout.flush()
     os.execve(exe, args, env)  # the server takes this process's place: signals reach it directly

@@ -394,11 +394,15 @@ class ReferencesSpec(Strict):
         return list(v) if isinstance(v, list) else [v]
 
 
+def given_twice(names: list[str]) -> list[str]:
+    """The names ``names`` holds more than once, sorted."""
+    return sorted({n for n in names if names.count(n) > 1})
+
+
 def _listed_once(cls: type, names: list[str] | None) -> list[str] | None:
     """``names`` unchanged, or ValueError naming those given twice: a task listed twice would
     weigh twice in an average, and its (or a corruption's) column would be repeated."""
-    given = names or []
-    dup = sorted({n for n in given if given.count(n) > 1})
+    dup = given_twice(names or [])
     if dup:
         raise ValueError(f"listed twice: {dup}")
     return names
@@ -596,8 +600,7 @@ class SweepConfig(Strict):
     @field_validator("tasks")
     @classmethod
     def _unique_tasks(cls, v: list[TaskSpec]) -> list[TaskSpec]:
-        names = [t.name for t in v]
-        dup = sorted({n for n in names if names.count(n) > 1})
+        dup = given_twice([t.name for t in v])
         if dup:
             raise ValueError(f"tasks listed twice: {dup}")
         return v
@@ -605,8 +608,7 @@ class SweepConfig(Strict):
     @field_validator("methods")
     @classmethod
     def _unique_labels(cls, v: list[MethodSpec]) -> list[MethodSpec]:
-        labels = [m.display for m in v]
-        dup = sorted({n for n in labels if labels.count(n) > 1})
+        dup = given_twice([m.display for m in v])
         if dup:
             raise ValueError(f"method labels not unique: {dup} (give each a 'label')")
         return v

@@ -34,7 +34,8 @@ from harness.results import (
     table_records,
 )
 from harness.significance import CORRECT_FILE, LEVEL, paired_bootstrap, read_correct, unpack_correct
-from harness.tracking import FINAL_KEY_TAG, JOB_TAG, PROTOCOL_TAG, SCOPE_TAG, SWEEP_TAG, TRIALS_TAG
+from harness.tracking import (FINAL_KEY_TAG, JOB_TAG, PROTOCOL_TAG, SCOPE_TAG, SWEEP_TAG, TRIALS_TAG,
+                              allow_folder_stores)
 
 # The job keys a report was built from. A sweep's parent run outlives its inputs (it is found
 # again by config digest, so replaced checkpoints or data add new job runs beside the old ones):
@@ -334,7 +335,7 @@ def load_sweep_from_mlflow(tracking_uri: str, run_id: str | None = None,
     from mlflow.tracking import MlflowClient
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # a folder store, as the sweep (Tracker) logged to it
+    allow_folder_stores()
     try:
         client = MlflowClient(tracking_uri)
         if run_id is None:

@@ -90,11 +90,7 @@ def split_cached(specs: list[JobSpec], results_dir: Path) -> tuple[dict[str, Job
     """(the cached results by key, the jobs to run): what a sweep runs and what its dry run shows."""
     results: dict[str, JobResult] = {}
     pending: list[JobSpec] = []
-    seen: set[str] = set()
-    for s in specs:
-        if s.key in seen:
-            continue  # one job for two labels' identical settings (keys hold no label): run once
-        seen.add(s.key)
+    for s in one_per_key(specs):  # keys hold no label: two labels' identical settings are one job
         cached = finished_result(results_dir, s)
         if cached:
             results[s.key] = cached

@@ -17,7 +17,8 @@ def resolve_device(name: str = "auto") -> torch.device:
     """The device jobs run on. TensorFloat-32 is turned off for matmuls and convolutions (cuDNN
     allows it by default): ``eval.precision: fp32`` is then float32 on a GPU too, as on the CPU,
     and reduced precision is asked for by ``eval.precision``, which job keys hold, not by the card."""
-    no_tf32()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -28,11 +29,6 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 _EVAL_THREADS: int | None = None
-
-
-def no_tf32() -> None:
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
 
 
 def available_cores() -> int:

@@ -206,6 +206,12 @@ def _is_empty_store(path: Path) -> bool:
         return False
 
 
+def allow_folder_stores() -> None:
+    """Let MLflow open a folder (file) store, which it refuses unless told: a sweep may log to one
+    (``tracking_uri`` a folder), and ``harness report`` and ``ui`` read what the sweep wrote."""
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+
+
 class Tracker:
     """The sweep's MLflow runs. MLflow is opened on first use, not at construction: its import
     and store take seconds, and a sweep's first result should not wait for them."""
@@ -245,7 +251,7 @@ class Tracker:
     def _open(self) -> None:
         if self._client is not None:
             return
-        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        allow_folder_stores()
         from mlflow.exceptions import MlflowException
         from mlflow.tracking import MlflowClient
 

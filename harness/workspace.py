@@ -239,9 +239,7 @@ class Workspace:
         """Every ``batch_size`` a test-time-adaptation method may run with fits in each split it
         adapts on: a larger one would adapt on the whole split at every step, silently fewer
         images per step than asked for (and, with ``batch_reduce``, another routing)."""
-        from methods.base import resolve_method
-
-        batches = adaptation_batch_sizes(self.cfg, resolve_method)
+        batches = adaptation_batch_sizes(self.cfg)
         if not batches:
             return  # no split is read for adaptation: none is opened
         split = self.cfg.adapt.split
@@ -438,12 +436,14 @@ class Workspace:
         return head
 
 
-def adaptation_batch_sizes(cfg: SweepConfig, resolve: Any) -> list[tuple[str, int]]:
+def adaptation_batch_sizes(cfg: SweepConfig) -> list[tuple[str, int]]:
     """(sweep field, value) of each ``batch_size`` a test-time-adaptation method of ``cfg`` may
     run with: its params or default, each grid value, its tuning space's largest."""
+    from methods.base import resolve_method
+
     out = []
     for i, m in enumerate(cfg.methods):
-        cls = resolve(m.name)
+        cls = resolve_method(m.name)
         if not cls.uses_test_data or "batch_size" not in cls.model_fields:
             continue
         space = m.tune.space.get("batch_size") if m.tune else None
