@@ -17,6 +17,8 @@ class WeightAveraging(MergeMethod):
     seeded = False  # deterministic: draws nothing
 
     def merge(self, pretrained: nn.Module, finetuned: Mapping[str, nn.Module], ctx: MergeContext) -> nn.Module:
+        if not finetuned:  # the mean of no models: 0 / 0 would make every weight NaN, silently
+            raise ValueError("weight averaging needs at least one fine-tuned model")
         base = float_state(pretrained)
         total = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in base.items()}
         for task, model in finetuned.items():

@@ -37,6 +37,12 @@ def test_weight_averaging_by_hand(models):
     assert torch.equal(pre.weight, torch.tensor([[1.0, 2.0], [3.0, 4.0]]))  # input untouched
 
 
+def test_weight_averaging_of_no_models_is_refused_not_nan(models):
+    pre, _ = models
+    with pytest.raises(ValueError, match="at least one fine-tuned model"):
+        WeightAveraging().merge(pre, {}, MergeContext())
+
+
 def test_task_arithmetic_by_hand(models):
     pre, ft = models
     out = TaskArithmetic(scaling=0.5).merge(pre, ft, MergeContext())
