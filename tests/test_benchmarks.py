@@ -54,3 +54,34 @@ def test_precision_benchmark_scores_fp32_against_itself_and_times_bf16():
     assert re.search(r"^fp32: [\d.]+ s .*top-1 agreeing with fp32: 100\.0%$", out, re.MULTILINE), out
     assert re.search(r"^bf16: [\d.]+ s .*top-1 agreeing with fp32: [\d.]+%$", out, re.MULTILINE), out
     assert re.search(r"^time fp32 / bf16: [\d.]+x$", out, re.MULTILINE), out
+
+
+def _fusionbench_fraction(threshold: float) -> float:
+    """The fraction of entries FusionBench's ``topk_values_mask`` keeps for a ``threshold``
+    (fusion_bench/method/ties_merging/ties_merging_utils.py: ``if K > 1: K /= 100``)."""
+    return threshold / 100 if threshold > 1 else threshold
+
+
+def test_fusionbench_ties_adapter_keeps_k_percent_for_every_k(monkeypatch):
+    import types
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import fusionbench_ref
+
+    received = []
+
+    class TiesMergingAlgorithm:
+        def __init__(self, scaling_factor, threshold, remove_keys, merge_func):
+            received.append(threshold)
+
+        def run(self, modelpool):
+            return modelpool["_pretrained_"]
+
+    leaf = types.ModuleType("fusion_bench.method.ties_merging.ties_merging")
+    leaf.TiesMergingAlgorithm = TiesMergingAlgorithm
+    for name in ("fusion_bench", "fusion_bench.method", "fusion_bench.method.ties_merging"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, leaf.__name__, leaf)
+    for k in (0.5, 1.0, 20.0, 50.0):
+        fusionbench_ref.ties_merging(object(), {}, k, 1.0, "mean")
+        assert _fusionbench_fraction(received[-1]) == k / 100, (k, received[-1])
