@@ -3,7 +3,7 @@
 Builds random task vectors of an open_clip image encoder offline (the architecture only,
 random weights; fine-tuned = pretrained + per-tensor-scaled Gaussian noise), then runs each
 implementation end to end (inputs -> merged encoder) in its own subprocess, on identical
-inputs, so that peak RSS (``ru_maxrss`` of that process) is per implementation:
+inputs, so that peak RSS (``VmHWM`` of that process) is per implementation:
 
 - TIES (k, disjoint mean or sum): ``streaming`` (ours, :class:`methods.ties.TiesMerging`),
   ``dense`` (:func:`methods.ties.ties_merge_dense`, the common reference code written out)
@@ -32,7 +32,6 @@ import argparse
 import copy
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -45,6 +44,7 @@ for path in (ROOT, Path(__file__).resolve().parent):
         sys.path.insert(0, str(path))
 
 import fusionbench_ref  # noqa: E402
+from bench_common import proc_kib_bytes, peak_rss_bytes  # noqa: E402
 
 TIES_IMPLS = ["streaming", "dense", "fusionbench"]
 TA_IMPLS = ["ta", "fusionbench-ta"]
@@ -56,25 +56,12 @@ LABELS = {
 PEAK_FACTOR = {"streaming": 1.4, "dense": 7.2, "fusionbench": 9.1, "ta": 1.4, "fusionbench-ta": 1.7}
 
 
-def _proc_kib_bytes(path: str, field: str) -> int:
-    """A ``field: N kB`` line of a /proc file, in bytes (0 when absent)."""
-    with open(path) as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 def _rss_bytes() -> int:
-    return _proc_kib_bytes("/proc/self/status", "VmRSS")
-
-
-def _peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    return proc_kib_bytes("/proc/self/status", "VmRSS")
 
 
 def _available_bytes() -> int:
-    return _proc_kib_bytes("/proc/meminfo", "MemAvailable")
+    return proc_kib_bytes("/proc/meminfo", "MemAvailable")
 
 
 def build_inputs(model: str, tasks: int, seed: int):
@@ -151,7 +138,7 @@ def run_child(args: argparse.Namespace) -> None:
         result = fusionbench_ref.task_arithmetic(pretrained, finetuned, args.ta_scaling)
     sync()
     merge_s, merge_cpu_s = time.perf_counter() - t0, time.process_time() - c0
-    peak = _peak_rss_bytes()
+    peak = peak_rss_bytes()
     gpu_peak = torch.cuda.max_memory_allocated(on_device) if on_device.type == "cuda" else None
 
     save_state_dict({k: v.cpu() for k, v in float_state(result).items()}, args.out)

@@ -25,7 +25,6 @@ import argparse
 import contextlib
 import copy
 import ctypes
-import resource
 import sys
 import time
 from pathlib import Path
@@ -41,6 +40,7 @@ for path in (ROOT, Path(__file__).resolve().parent):
         sys.path.insert(0, str(path))
 
 import fusionbench_ref  # noqa: E402
+from bench_common import peak_rss_bytes  # noqa: E402
 from harness.models import ImageClassifier, build_clip  # noqa: E402
 from methods.base import with_state  # noqa: E402
 from methods.task_arithmetic import task_arithmetic_state  # noqa: E402
@@ -375,7 +375,7 @@ def main() -> None:
     for line in summary:
         print(line)
     print(f"total {time.perf_counter() - wall0:.0f} s wall, {time.process_time() - cpu0:.0f} s cpu, "
-          f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB")
+          f"peak RSS {peak_rss_bytes() / 2**30:.1f} GiB")
 
 
 if __name__ == "__main__":

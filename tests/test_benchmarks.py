@@ -85,3 +85,20 @@ def test_fusionbench_ties_adapter_keeps_k_percent_for_every_k(monkeypatch):
     for k in (0.5, 1.0, 20.0, 50.0):
         fusionbench_ref.ties_merging(object(), {}, k, 1.0, "mean")
         assert _fusionbench_fraction(received[-1]) == k / 100, (k, received[-1])
+
+
+def test_peak_rss_of_a_benchmark_child_is_its_own_not_its_parents():
+    # A parent holding 512 MiB (touched) starts a bare interpreter (a few tens of MiB) that
+    # reports its peak as the benchmark children do: it must not read the parent's 512 MiB.
+    child = "import bench_common; print(bench_common.peak_rss_bytes())"
+    parent = (
+        "import subprocess, sys\n"
+        "held = bytearray(512 * 2**20)\n"
+        "for i in range(0, len(held), 4096): held[i] = 1\n"
+        f"print(subprocess.run([sys.executable, '-c', {child!r}], capture_output=True, text=True, check=True).stdout)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "benchmarks"))
+    r = subprocess.run([sys.executable, "-c", parent], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    peak = int(r.stdout.split()[-1])
+    assert 0 < peak < 256 * 2**20, peak
