@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 
 def proc_kib_bytes(path: str, field: str) -> int:
     """A ``field: N kB`` line of a /proc file, in bytes (0 when absent)."""
@@ -20,3 +22,28 @@ def peak_rss_bytes() -> int:
     the parent's peak instead of its own.
     """
     return proc_kib_bytes("/proc/self/status", "VmHWM")
+
+
+def positive_int(text: str) -> int:
+    """argparse type for a size, count or repeat: an integer of at least 1.
+
+    Zero or a negative value would otherwise run an empty benchmark or fail deep in torch.
+    """
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """argparse type for a duration: a number of at least 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {text}")
+    return value

@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from bench_common import positive_int
+
 
 def write_tree(root: Path, n_test: int) -> None:
     from tasks.vision8 import _EUROSAT_FOLDERS
@@ -47,8 +49,8 @@ def passes(ds, k: int = 2) -> tuple[float, list[torch.Tensor]]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--corruptions", nargs="+", default=["glass_blur", "zoom_blur"])
-    ap.add_argument("--images", type=int, default=200)
-    ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--images", type=positive_int, default=200)
+    ap.add_argument("--size", type=positive_int, default=224)
     ap.add_argument("--severity", type=int, default=2)
     args = ap.parse_args()
 

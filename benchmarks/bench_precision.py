@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
+from bench_common import positive_int
+
 
 def main() -> None:
     from harness.evaluation import correct_predictions
@@ -29,10 +31,10 @@ def main() -> None:
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", default="ViT-B-32")
-    p.add_argument("--images", type=int, default=256)
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--classes", type=int, default=100)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--images", type=positive_int, default=256)
+    p.add_argument("--batch", type=positive_int, default=64)
+    p.add_argument("--classes", type=positive_int, default=100)
+    p.add_argument("--repeats", type=positive_int, default=3)
     p.add_argument("--device", default="auto")
     p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16", "fp16"])
     args = p.parse_args()

@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from bench_common import non_negative_float, positive_int
+
 
 def write_tree(root: Path, n_test: int, px: int) -> None:
     from tasks.vision8 import _EUROSAT_FOLDERS
@@ -63,12 +65,12 @@ def adapt(ds, args, workers: int) -> tuple[float, list[torch.Tensor]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--images", type=int, default=400)
-    ap.add_argument("--source-px", type=int, default=400)
-    ap.add_argument("--streams", type=int, default=8)
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--compute-ms", type=float, default=0.0)
+    ap.add_argument("--images", type=positive_int, default=400)
+    ap.add_argument("--source-px", type=positive_int, default=400)
+    ap.add_argument("--streams", type=positive_int, default=8)
+    ap.add_argument("--batch", type=positive_int, default=16)
+    ap.add_argument("--steps", type=positive_int, default=8)
+    ap.add_argument("--compute-ms", type=non_negative_float, default=0.0)
     args = ap.parse_args()
 
     import tasks.vision8 as v8

@@ -44,7 +44,7 @@ for path in (ROOT, Path(__file__).resolve().parent):
         sys.path.insert(0, str(path))
 
 import fusionbench_ref  # noqa: E402
-from bench_common import proc_kib_bytes, peak_rss_bytes  # noqa: E402
+from bench_common import peak_rss_bytes, positive_int, proc_kib_bytes  # noqa: E402
 
 TIES_IMPLS = ["streaming", "dense", "fusionbench"]
 TA_IMPLS = ["ta", "fusionbench-ta"]
@@ -163,7 +163,7 @@ def _compare(path_a: str, path_b: str) -> tuple[float, int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="open_clip architecture (default ViT-B-32)")
-    parser.add_argument("--tasks", type=int, default=None, help="number of fine-tuned encoders (default 8)")
+    parser.add_argument("--tasks", type=positive_int, default=None, help="number of fine-tuned encoders (default 8)")
     parser.add_argument("--small", action="store_true", help="quick run: harness-tiny-vit, 4 tasks")
     parser.add_argument("--k", type=float, default=20.0, help="TIES: percent kept per task vector")
     parser.add_argument("--scaling", type=float, default=1.0, help="TIES: lambda")

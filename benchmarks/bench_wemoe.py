@@ -40,7 +40,7 @@ for path in (ROOT, Path(__file__).resolve().parent):
         sys.path.insert(0, str(path))
 
 import fusionbench_ref  # noqa: E402
-from bench_common import peak_rss_bytes  # noqa: E402
+from bench_common import peak_rss_bytes, positive_int  # noqa: E402
 from harness.models import ImageClassifier, build_clip  # noqa: E402
 from methods.base import with_state  # noqa: E402
 from methods.task_arithmetic import task_arithmetic_state  # noqa: E402
@@ -294,10 +294,10 @@ def tta_rows(t: Towers, arch: str, batch: int, repeats: int, clock: Callable[[],
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", nargs="+", default=["harness-tiny-vit", "ViT-B-32"])
-    parser.add_argument("--batch", nargs="+", type=int, default=[1, 16, 64])
-    parser.add_argument("--tasks", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=2, help="timed calls per forward variant (min is kept)")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--batch", nargs="+", type=positive_int, default=[1, 16, 64])
+    parser.add_argument("--tasks", type=positive_int, default=8)
+    parser.add_argument("--repeats", type=positive_int, default=2, help="timed calls per forward variant (min is kept)")
+    parser.add_argument("--threads", type=positive_int, default=1)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--clock", choices=["cpu", "wall"], default=None,
                         help="cpu: this thread's CPU time (robust to other load; 1 thread, CPU only), "
@@ -305,8 +305,8 @@ def main() -> None:
     parser.add_argument("--skip", nargs="*", default=["blocks", "stacked"],
                         choices=["naive", "blocks", "stacked", "reduce", "fusionbench", "tta"],
                         help="variants left out (default: blocks stacked; a bare --skip runs everything)")
-    parser.add_argument("--tta-batch", type=int, default=16, help="batch of the adaptation-step table")
-    parser.add_argument("--tta-repeats", type=int, default=1, help="timed adaptation steps per variant (min is kept)")
+    parser.add_argument("--tta-batch", type=positive_int, default=16, help="batch of the adaptation-step table")
+    parser.add_argument("--tta-repeats", type=positive_int, default=1, help="timed adaptation steps per variant (min is kept)")
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():

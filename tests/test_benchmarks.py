@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -102,3 +104,28 @@ def test_peak_rss_of_a_benchmark_child_is_its_own_not_its_parents():
     assert r.returncode == 0, r.stderr
     peak = int(r.stdout.split()[-1])
     assert 0 < peak < 256 * 2**20, peak
+
+
+def run_rejected(*args: str) -> str:
+    """A benchmark command line that must stop at argument parsing: exit 2, a usage error, no traceback."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stdout + r.stderr
+    return r.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("script, option, value", [
+    ("bench_ties.py", "--tasks", "0"),
+    ("bench_ties.py", "--tasks", "-2"),
+    ("bench_wemoe.py", "--batch", "0"),
+    ("bench_wemoe.py", "--repeats", "0"),
+    ("bench_wemoe.py", "--threads", "0"),
+    ("bench_precision.py", "--repeats", "0"),
+    ("bench_precision.py", "--batch", "0"),
+    ("bench_corruptions.py", "--images", "0"),
+    ("bench_streams.py", "--steps", "0"),
+    ("bench_streams.py", "--compute-ms", "-5"),
+])
+def test_benchmarks_reject_sizes_below_one_in_one_line(script, option, value):
+    line = run_rejected(f"benchmarks/{script}", option, value)
+    assert f"argument {option}" in line and value in line, line
