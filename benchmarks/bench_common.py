@@ -47,3 +47,30 @@ def non_negative_float(text: str) -> float:
     if not value >= 0:
         raise argparse.ArgumentTypeError(f"must be at least 0, got {text}")
     return value
+
+
+def device_arg(text: str) -> str:
+    """argparse type for ``--device``: ``cpu``, ``cuda`` or ``cuda:N`` of a GPU present here.
+
+    Checked in the parent, so that a typo is one usage line rather than a child's traceback
+    after the inputs were built.
+    """
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"unknown device {text!r} (cpu, cuda or cuda:N)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"device {text!r} is not supported here (cpu, cuda or cuda:N)")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{text}: CUDA is not available here")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{text}: this machine has {torch.cuda.device_count()} GPU(s)")
+    return text
+
+
+def device_or_auto(text: str) -> str:
+    """:func:`device_arg`, or ``auto`` (a GPU when there is one)."""
+    return text if text == "auto" else device_arg(text)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
-from bench_common import positive_int
+from bench_common import device_or_auto, positive_int
 
 
 def main() -> None:
@@ -35,7 +35,7 @@ def main() -> None:
     p.add_argument("--batch", type=positive_int, default=64)
     p.add_argument("--classes", type=positive_int, default=100)
     p.add_argument("--repeats", type=positive_int, default=3)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", type=device_or_auto, default="auto")
     p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16", "fp16"])
     args = p.parse_args()
     device = resolve_device(args.device)

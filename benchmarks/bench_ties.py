@@ -44,7 +44,7 @@ for path in (ROOT, Path(__file__).resolve().parent):
         sys.path.insert(0, str(path))
 
 import fusionbench_ref  # noqa: E402
-from bench_common import peak_rss_bytes, positive_int, proc_kib_bytes  # noqa: E402
+from bench_common import device_arg, peak_rss_bytes, positive_int, proc_kib_bytes  # noqa: E402
 
 TIES_IMPLS = ["streaming", "dense", "fusionbench"]
 TA_IMPLS = ["ta", "fusionbench-ta"]
@@ -173,7 +173,7 @@ def main() -> None:
     parser.add_argument("--ta-scaling", type=float, default=0.3, help="task arithmetic: lambda")
     parser.add_argument("--only", nargs="+", choices=TIES_IMPLS + TA_IMPLS, default=None,
                         help="run only these implementations")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (the streaming TIES always runs on the CPU)")
+    parser.add_argument("--device", type=device_arg, default="cpu", help="cpu or cuda (the streaming TIES always runs on the CPU)")
     parser.add_argument("--force", action="store_true", help="run implementations even when they look too big for RAM")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--child", choices=TIES_IMPLS + TA_IMPLS, help=argparse.SUPPRESS)
@@ -181,11 +181,6 @@ def main() -> None:
     args = parser.parse_args()
     args.model = args.model or ("harness-tiny-vit" if args.small else "ViT-B-32")
     args.tasks = args.tasks or (4 if args.small else 8)
-    if args.device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            parser.error("--device cuda: CUDA is not available here")
     if args.child:
         run_child(args)
         return

@@ -40,7 +40,7 @@ for path in (ROOT, Path(__file__).resolve().parent):
         sys.path.insert(0, str(path))
 
 import fusionbench_ref  # noqa: E402
-from bench_common import peak_rss_bytes, positive_int  # noqa: E402
+from bench_common import device_arg, peak_rss_bytes, positive_int  # noqa: E402
 from harness.models import ImageClassifier, build_clip  # noqa: E402
 from methods.base import with_state  # noqa: E402
 from methods.task_arithmetic import task_arithmetic_state  # noqa: E402
@@ -298,7 +298,7 @@ def main() -> None:
     parser.add_argument("--tasks", type=positive_int, default=8)
     parser.add_argument("--repeats", type=positive_int, default=2, help="timed calls per forward variant (min is kept)")
     parser.add_argument("--threads", type=positive_int, default=1)
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--device", type=device_arg, default="cpu", help="cpu or cuda")
     parser.add_argument("--clock", choices=["cpu", "wall"], default=None,
                         help="cpu: this thread's CPU time (robust to other load; 1 thread, CPU only), "
                              "wall: elapsed time (default on CUDA or with several threads)")
@@ -309,8 +309,6 @@ def main() -> None:
     parser.add_argument("--tta-repeats", type=positive_int, default=1, help="timed adaptation steps per variant (min is kept)")
     args = parser.parse_args()
     device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: CUDA is not available here")
     torch.set_num_threads(args.threads)
     clock_name = args.clock or ("cpu" if device.type == "cpu" and args.threads == 1 else "wall")
     if clock_name == "cpu" and (args.threads != 1 or device.type != "cpu"):

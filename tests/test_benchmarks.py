@@ -129,3 +129,10 @@ def run_rejected(*args: str) -> str:
 def test_benchmarks_reject_sizes_below_one_in_one_line(script, option, value):
     line = run_rejected(f"benchmarks/{script}", option, value)
     assert f"argument {option}" in line and value in line, line
+
+
+@pytest.mark.parametrize("script", ["bench_ties.py", "bench_wemoe.py", "bench_precision.py"])
+@pytest.mark.parametrize("device", ["gpu0", "meta"])
+def test_benchmarks_reject_an_unknown_device_in_one_line(script, device):
+    line = run_rejected(f"benchmarks/{script}", "--device", device)
+    assert "argument --device" in line and repr(device) in line, line
