@@ -74,3 +74,14 @@ def device_arg(text: str) -> str:
 def device_or_auto(text: str) -> str:
     """:func:`device_arg`, or ``auto`` (a GPU when there is one)."""
     return text if text == "auto" else device_arg(text)
+
+
+def percent(text: str) -> float:
+    """argparse type for a share kept, in percent: a number in (0, 100]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < value <= 100:
+        raise argparse.ArgumentTypeError(f"must be in (0, 100], got {text}")
+    return value

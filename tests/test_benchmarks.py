@@ -136,3 +136,9 @@ def test_benchmarks_reject_sizes_below_one_in_one_line(script, option, value):
 def test_benchmarks_reject_an_unknown_device_in_one_line(script, device):
     line = run_rejected(f"benchmarks/{script}", "--device", device)
     assert "argument --device" in line and repr(device) in line, line
+
+
+@pytest.mark.parametrize("k", ["0", "-5", "150", "nan"])
+def test_ties_benchmark_rejects_k_outside_0_to_100_in_one_line(k):
+    line = run_rejected("benchmarks/bench_ties.py", "--small", "--only", "dense", "--k", k)
+    assert "argument --k" in line and k in line, line
