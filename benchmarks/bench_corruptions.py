@@ -47,11 +47,13 @@ def passes(ds, k: int = 2) -> tuple[float, list[torch.Tensor]]:
 
 
 def main() -> None:
+    from tasks.corruptions import ALL_CORRUPTIONS
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--corruptions", nargs="+", default=["glass_blur", "zoom_blur"])
+    ap.add_argument("--corruptions", nargs="+", choices=ALL_CORRUPTIONS, default=["glass_blur", "zoom_blur"])
     ap.add_argument("--images", type=positive_int, default=200)
     ap.add_argument("--size", type=positive_int, default=224)
-    ap.add_argument("--severity", type=int, default=2)
+    ap.add_argument("--severity", type=int, choices=range(1, 6), default=2)
     args = ap.parse_args()
 
     import tasks.vision8 as v8

@@ -142,3 +142,9 @@ def test_benchmarks_reject_an_unknown_device_in_one_line(script, device):
 def test_ties_benchmark_rejects_k_outside_0_to_100_in_one_line(k):
     line = run_rejected("benchmarks/bench_ties.py", "--small", "--only", "dense", "--k", k)
     assert "argument --k" in line and k in line, line
+
+
+@pytest.mark.parametrize("option, value", [("--corruptions", "contrastt"), ("--severity", "6"), ("--severity", "0")])
+def test_corruption_benchmark_rejects_an_unknown_corruption_or_severity_in_one_line(option, value):
+    line = run_rejected("benchmarks/bench_corruptions.py", "--images", "4", "--size", "32", option, value)
+    assert f"argument {option}" in line and value in line, line
