@@ -148,3 +148,26 @@ def test_ties_benchmark_rejects_k_outside_0_to_100_in_one_line(k):
 def test_corruption_benchmark_rejects_an_unknown_corruption_or_severity_in_one_line(option, value):
     line = run_rejected("benchmarks/bench_corruptions.py", "--images", "4", "--size", "32", option, value)
     assert f"argument {option}" in line and value in line, line
+
+
+def test_precision_benchmark_alternates_the_precisions_in_every_round(monkeypatch, capsys):
+    # The README's ratios come from runs in which ours and the reference alternate; a benchmark
+    # that timed every fp32 call before any bf16 one would let the machine's load favour one side.
+    import harness.evaluation
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import bench_precision
+
+    calls = []
+    real = harness.evaluation.correct_predictions
+
+    def recording(*args, precision="fp32", **kwargs):
+        calls.append(precision)
+        return real(*args, precision=precision, **kwargs)
+
+    monkeypatch.setattr(harness.evaluation, "correct_predictions", recording)
+    monkeypatch.setattr(sys, "argv", ["bench_precision.py", "--arch", "harness-tiny-vit", "--images", "8",
+                                      "--batch", "8", "--repeats", "3", "--device", "cpu"])
+    bench_precision.main()
+    assert calls == ["fp32", "bf16"] * 3, calls
+    assert re.search(r"^fp32: .*top-1 agreeing with fp32: 100\.0%$", capsys.readouterr().out, re.MULTILINE)
