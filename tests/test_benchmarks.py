@@ -171,3 +171,27 @@ def test_precision_benchmark_alternates_the_precisions_in_every_round(monkeypatc
     bench_precision.main()
     assert calls == ["fp32", "bf16"] * 3, calls
     assert re.search(r"^fp32: .*top-1 agreeing with fp32: 100\.0%$", capsys.readouterr().out, re.MULTILINE)
+
+
+def test_corruption_benchmark_checks_the_later_jobs_reads_too(monkeypatch, capsys):
+    # A later job whose cached split lost its last image must not be reported identical.
+    import tasks.corruptions
+    from torch.utils.data import Subset
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import bench_corruptions
+
+    real = tasks.corruptions.corrupted_split
+    calls = []
+
+    def second_call_short(task, *args, **kwargs):
+        calls.append(task)
+        ds = real(task, *args, **kwargs)
+        return Subset(ds, range(len(ds) - 1)) if len(calls) == 2 else ds
+
+    monkeypatch.setattr(tasks.corruptions, "corrupted_split", second_call_short)
+    monkeypatch.setattr(sys, "argv", ["bench_corruptions.py", "--corruptions", "contrast", "--images", "4",
+                                      "--size", "32"])
+    bench_corruptions.main()
+    out = capsys.readouterr().out
+    assert len(calls) == 2 and re.search(r"^contrast, .* identical: False$", out, re.MULTILINE), out
