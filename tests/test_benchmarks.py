@@ -195,3 +195,31 @@ def test_corruption_benchmark_checks_the_later_jobs_reads_too(monkeypatch, capsy
     bench_corruptions.main()
     out = capsys.readouterr().out
     assert len(calls) == 2 and re.search(r"^contrast, .* identical: False$", out, re.MULTILINE), out
+
+
+def test_sweep_benchmark_removes_its_cold_cache_and_outputs(monkeypatch, tmp_path, capsys):
+    # Each cold run builds a whole cache (hundreds of MB for the embedded suite); the folder the
+    # benchmark made for it must be gone when it ends, and the three runs must all have run.
+    import tempfile
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import bench_sweep
+
+    written = []
+
+    def fake_run(sweep, overrides):
+        for item in overrides:
+            key, _, value = item.partition("=")
+            if key in ("cache_dir", "output_dir"):
+                Path(value).mkdir(parents=True, exist_ok=True)
+                (Path(value) / "artifact.bin").write_bytes(b"x" * 1024)
+                written.append(Path(value))
+        return {"prepare": 1.0, "total": 2.0, "jobs run": 3}
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(bench_sweep, "run", fake_run)
+    monkeypatch.setattr(sys, "argv", ["bench_sweep.py", "--sweep", "sweeps/quick.yaml"])
+    bench_sweep.main()
+    assert len(written) == 6 and all(path.is_relative_to(tmp_path) for path in written), written
+    assert list(tmp_path.iterdir()) == [], list(tmp_path.rglob("*"))
+    assert "rerun/cold total" in capsys.readouterr().out
