@@ -160,6 +160,12 @@ def _compare(path_a: str, path_b: str) -> tuple[float, int]:
     return max(float(d.max()) for d in diffs), sum(int((d != 0).sum()) for d in diffs)
 
 
+def _failure(impl: str, proc: subprocess.CompletedProcess) -> str:
+    """What to print for a child that failed: its exit, a likely cause when killed, its stderr's end."""
+    killed = " (killed: out of memory?)" if proc.returncode == -9 else ""
+    return f"{LABELS[impl]} failed (exit {proc.returncode}){killed}:\n{proc.stderr[-3000:]}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="open_clip architecture (default ViT-B-32)")
@@ -195,6 +201,7 @@ def main() -> None:
         notes.append("TIES FusionBench skipped: it trims over the whole model only (--trim-scope model)")
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     results: dict[str, dict] = {}
+    failures: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:
         input_bytes = None
         for impl in impls:
@@ -212,13 +219,14 @@ def main() -> None:
                    "--seed", str(args.seed), "--device", args.device]
             print(f"running {LABELS[impl]} ...", file=sys.stderr, flush=True)
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-            if proc.returncode != 0:
-                sys.exit(f"{impl} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+            if proc.returncode != 0:  # the others still run and print: one may take minutes
+                failures.append(_failure(impl, proc))
+                continue
             results[impl] = json.loads(proc.stdout.strip().splitlines()[-1])
             results[impl]["path"] = out
             input_bytes = results[impl]["input_bytes"]
         if not results:
-            sys.exit("nothing ran:\n" + "\n".join(notes))
+            sys.exit("nothing ran:\n" + "\n".join(notes + failures))
         for group, ours in (("ties", "streaming"), ("ta", "ta")):
             for impl in results:
                 if impl != ours and ours in results and (impl in TIES_IMPLS) == (group == "ties"):
@@ -252,6 +260,8 @@ def main() -> None:
                       f"{r['merge_cpu_s'] / o['merge_cpu_s']:.1f}x cpu; peak RSS ours / theirs {o['peak'] / r['peak']:.2f}")
     for note in notes:
         print(note)
+    if failures:
+        sys.exit("\n".join(failures))
 
 
 if __name__ == "__main__":

@@ -223,3 +223,27 @@ def test_sweep_benchmark_removes_its_cold_cache_and_outputs(monkeypatch, tmp_pat
     assert len(written) == 6 and all(path.is_relative_to(tmp_path) for path in written), written
     assert list(tmp_path.iterdir()) == [], list(tmp_path.rglob("*"))
     assert "rerun/cold total" in capsys.readouterr().out
+
+
+def test_ties_benchmark_prints_the_others_when_one_implementation_dies(monkeypatch, capsys):
+    # The dense reference killed (as the kernel's OOM killer does: exit -9) must not throw away
+    # the rows already measured: they print, the failure is named, the exit status is not 0.
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import bench_ties
+
+    real_run = subprocess.run
+
+    def dense_killed(cmd, **kwargs):
+        if cmd[cmd.index("--child") + 1] == "dense":
+            return subprocess.CompletedProcess(cmd, -9, "", "")
+        return real_run(cmd, **kwargs)
+
+    monkeypatch.setattr(bench_ties.subprocess, "run", dense_killed)
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    monkeypatch.setattr(sys, "argv", ["bench_ties.py", "--small", "--only", "streaming", "dense", "ta"])
+    with pytest.raises(SystemExit) as stopped:
+        bench_ties.main()
+    out = capsys.readouterr().out
+    rows = [line.split()[0] + " " + line.split()[1] for line in out.splitlines() if line.startswith(("TIES", "TA"))]
+    assert rows == ["TIES ours", "TA ours"], out
+    assert "dense failed (exit -9)" in str(stopped.value.code), stopped.value.code
