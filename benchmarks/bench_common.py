@@ -85,3 +85,19 @@ def percent(text: str) -> float:
     if not 0 < value <= 100:
         raise argparse.ArgumentTypeError(f"must be in (0, 100], got {text}")
     return value
+
+
+def arch_arg(text: str) -> str:
+    """argparse type for an open_clip architecture that this process can build.
+
+    Checked at parsing (harness.models.resolve_arch, with its did-you-mean) instead of in the
+    tower's construction, where a typo ended in a traceback (bench_ties: one per child).
+    """
+    from harness.errors import HarnessError
+    from harness.models import resolve_arch
+
+    try:
+        resolve_arch(text)
+    except HarnessError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
-from bench_common import device_or_auto, positive_int
+from bench_common import arch_arg, device_or_auto, positive_int
 
 
 def alternating(precisions: list[str], repeats: int, score: Callable[[str], torch.Tensor],
@@ -51,7 +51,7 @@ def main() -> None:
     from harness.runtime import resolve_device
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--arch", default="ViT-B-32")
+    p.add_argument("--arch", type=arch_arg, default="ViT-B-32")
     p.add_argument("--images", type=positive_int, default=256)
     p.add_argument("--batch", type=positive_int, default=64)
     p.add_argument("--classes", type=positive_int, default=100)

@@ -44,7 +44,7 @@ for path in (ROOT, Path(__file__).resolve().parent):
         sys.path.insert(0, str(path))
 
 import fusionbench_ref  # noqa: E402
-from bench_common import device_arg, peak_rss_bytes, percent, positive_int, proc_kib_bytes  # noqa: E402
+from bench_common import arch_arg, device_arg, peak_rss_bytes, percent, positive_int, proc_kib_bytes  # noqa: E402
 
 TIES_IMPLS = ["streaming", "dense", "fusionbench"]
 TA_IMPLS = ["ta", "fusionbench-ta"]
@@ -168,7 +168,7 @@ def _failure(impl: str, proc: subprocess.CompletedProcess) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="open_clip architecture (default ViT-B-32)")
+    parser.add_argument("--model", type=arch_arg, default=None, help="open_clip architecture (default ViT-B-32)")
     parser.add_argument("--tasks", type=positive_int, default=None, help="number of fine-tuned encoders (default 8)")
     parser.add_argument("--small", action="store_true", help="quick run: harness-tiny-vit, 4 tasks")
     parser.add_argument("--k", type=percent, default=20.0, help="TIES: percent kept per task vector")

@@ -40,7 +40,7 @@ for path in (ROOT, Path(__file__).resolve().parent):
         sys.path.insert(0, str(path))
 
 import fusionbench_ref  # noqa: E402
-from bench_common import device_arg, peak_rss_bytes, positive_int  # noqa: E402
+from bench_common import arch_arg, device_arg, peak_rss_bytes, positive_int  # noqa: E402
 from harness.models import ImageClassifier, build_clip  # noqa: E402
 from methods.base import with_state  # noqa: E402
 from methods.task_arithmetic import task_arithmetic_state  # noqa: E402
@@ -293,7 +293,7 @@ def tta_rows(t: Towers, arch: str, batch: int, repeats: int, clock: Callable[[],
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", nargs="+", default=["harness-tiny-vit", "ViT-B-32"])
+    parser.add_argument("--arch", nargs="+", type=arch_arg, default=["harness-tiny-vit", "ViT-B-32"])
     parser.add_argument("--batch", nargs="+", type=positive_int, default=[1, 16, 64])
     parser.add_argument("--tasks", type=positive_int, default=8)
     parser.add_argument("--repeats", type=positive_int, default=2, help="timed calls per forward variant (min is kept)")

@@ -247,3 +247,10 @@ def test_ties_benchmark_prints_the_others_when_one_implementation_dies(monkeypat
     rows = [line.split()[0] + " " + line.split()[1] for line in out.splitlines() if line.startswith(("TIES", "TA"))]
     assert rows == ["TIES ours", "TA ours"], out
     assert "dense failed (exit -9)" in str(stopped.value.code), stopped.value.code
+
+
+@pytest.mark.parametrize("script, option", [("bench_ties.py", "--model"), ("bench_wemoe.py", "--arch"),
+                                            ("bench_precision.py", "--arch")])
+def test_benchmarks_reject_an_unknown_architecture_in_one_line(script, option):
+    line = run_rejected(f"benchmarks/{script}", option, "ViT-B-23")
+    assert f"argument {option}" in line and "'ViT-B-23'" in line and "did you mean 'ViT-B-32'" in line, line
