@@ -4,6 +4,7 @@ never asserted)."""
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 import subprocess
@@ -106,12 +107,21 @@ def test_peak_rss_of_a_benchmark_child_is_its_own_not_its_parents():
     assert 0 < peak < 256 * 2**20, peak
 
 
-def run_rejected(*args: str) -> str:
-    """A benchmark command line that must stop at argument parsing: exit 2, a usage error, no traceback."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    r = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stdout + r.stderr
-    return r.stderr.strip().splitlines()[-1]
+@pytest.fixture
+def rejected(monkeypatch, capsys):
+    """Runs a benchmark's ``main()`` on a command line that must stop at argument parsing: exit 2
+    with a usage error, whose last line is returned (any other exception fails the test)."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+
+    def run(script: str, *args: str) -> str:
+        module = importlib.import_module(Path(script).stem)
+        monkeypatch.setattr(sys, "argv", [script, *args])
+        with pytest.raises(SystemExit) as stopped:
+            module.main()
+        assert stopped.value.code == 2, stopped.value.code
+        return capsys.readouterr().err.strip().splitlines()[-1]
+
+    return run
 
 
 @pytest.mark.parametrize("script, option, value", [
@@ -126,27 +136,27 @@ def run_rejected(*args: str) -> str:
     ("bench_streams.py", "--steps", "0"),
     ("bench_streams.py", "--compute-ms", "-5"),
 ])
-def test_benchmarks_reject_sizes_below_one_in_one_line(script, option, value):
-    line = run_rejected(f"benchmarks/{script}", option, value)
+def test_benchmarks_reject_sizes_below_one_in_one_line(rejected, script, option, value):
+    line = rejected(script, option, value)
     assert f"argument {option}" in line and value in line, line
 
 
 @pytest.mark.parametrize("script", ["bench_ties.py", "bench_wemoe.py", "bench_precision.py"])
 @pytest.mark.parametrize("device", ["gpu0", "meta"])
-def test_benchmarks_reject_an_unknown_device_in_one_line(script, device):
-    line = run_rejected(f"benchmarks/{script}", "--device", device)
+def test_benchmarks_reject_an_unknown_device_in_one_line(rejected, script, device):
+    line = rejected(script, "--device", device)
     assert "argument --device" in line and repr(device) in line, line
 
 
 @pytest.mark.parametrize("k", ["0", "-5", "150", "nan"])
-def test_ties_benchmark_rejects_k_outside_0_to_100_in_one_line(k):
-    line = run_rejected("benchmarks/bench_ties.py", "--small", "--only", "dense", "--k", k)
+def test_ties_benchmark_rejects_k_outside_0_to_100_in_one_line(rejected, k):
+    line = rejected("bench_ties.py", "--small", "--only", "dense", "--k", k)
     assert "argument --k" in line and k in line, line
 
 
 @pytest.mark.parametrize("option, value", [("--corruptions", "contrastt"), ("--severity", "6"), ("--severity", "0")])
-def test_corruption_benchmark_rejects_an_unknown_corruption_or_severity_in_one_line(option, value):
-    line = run_rejected("benchmarks/bench_corruptions.py", "--images", "4", "--size", "32", option, value)
+def test_corruption_benchmark_rejects_an_unknown_corruption_or_severity_in_one_line(rejected, option, value):
+    line = rejected("bench_corruptions.py", "--images", "4", "--size", "32", option, value)
     assert f"argument {option}" in line and value in line, line
 
 
@@ -251,6 +261,6 @@ def test_ties_benchmark_prints_the_others_when_one_implementation_dies(monkeypat
 
 @pytest.mark.parametrize("script, option", [("bench_ties.py", "--model"), ("bench_wemoe.py", "--arch"),
                                             ("bench_precision.py", "--arch")])
-def test_benchmarks_reject_an_unknown_architecture_in_one_line(script, option):
-    line = run_rejected(f"benchmarks/{script}", option, "ViT-B-23")
+def test_benchmarks_reject_an_unknown_architecture_in_one_line(rejected, script, option):
+    line = rejected(script, option, "ViT-B-23")
     assert f"argument {option}" in line and "'ViT-B-23'" in line and "did you mean 'ViT-B-32'" in line, line
