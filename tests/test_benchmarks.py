@@ -264,3 +264,16 @@ def test_ties_benchmark_prints_the_others_when_one_implementation_dies(monkeypat
 def test_benchmarks_reject_an_unknown_architecture_in_one_line(rejected, script, option):
     line = rejected(script, option, "ViT-B-23")
     assert f"argument {option}" in line and "'ViT-B-23'" in line and "did you mean 'ViT-B-32'" in line, line
+
+
+def test_stream_benchmark_reports_the_readers_a_stream_actually_used(monkeypatch, capsys):
+    # 4 images ask for one per EuroSAT class folder: 10 images, no more than the batch of 16, so
+    # the stream reads them in this process whatever stream_workers() offers; the row must say so.
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import bench_streams
+
+    monkeypatch.setattr(sys, "argv", ["bench_streams.py", "--images", "4", "--source-px", "32", "--streams", "1",
+                                      "--batch", "16", "--steps", "2"])
+    bench_streams.main()
+    out = capsys.readouterr().out
+    assert re.search(r"^in-process [\d.]+ s; 0 worker\(s\) a stream .* identical: True$", out, re.MULTILINE), out
