@@ -44,10 +44,9 @@ def alternating(precisions: list[str], repeats: int, score: Callable[[str], torc
 
 
 def main() -> None:
-    from harness.errors import HarnessError
     from harness.evaluation import correct_predictions
     from harness.models import ImageClassifier, build_clip
-    from harness.precision import check_precision
+    from harness.precision import PrecisionError, check_precision
     from harness.runtime import resolve_device
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -60,6 +59,11 @@ def main() -> None:
     p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16", "fp16"])
     args = p.parse_args()
     device = resolve_device(args.device)
+    for precision in args.precisions:
+        try:
+            check_precision(precision, device)
+        except PrecisionError as exc:
+            p.error(str(exc))
     torch.manual_seed(0)
     tower = build_clip(args.arch).visual.eval().to(device)
     size = tower.image_size if isinstance(tower.image_size, int) else tower.image_size[0]
@@ -73,11 +77,6 @@ def main() -> None:
 
     print(f"{args.arch} at {size} px, {args.images} images in batches of {args.batch}, {args.classes} classes, "
           f"on {device} (torch {torch.__version__}, {torch.get_num_threads()} threads)")
-    for precision in args.precisions:
-        try:
-            check_precision(precision, device)
-        except HarnessError as exc:
-            p.error(str(exc))
 
     def score(precision: str) -> torch.Tensor:
         return correct_predictions(clf, data, args.batch, device, precision=precision)

@@ -277,3 +277,20 @@ def test_stream_benchmark_reports_the_readers_a_stream_actually_used(monkeypatch
     bench_streams.main()
     out = capsys.readouterr().out
     assert re.search(r"^in-process [\d.]+ s; 0 worker\(s\) a stream .* identical: True$", out, re.MULTILINE), out
+
+
+def test_precision_benchmark_rejects_a_precision_the_device_lacks_before_building(rejected, monkeypatch):
+    import harness.models
+    import harness.precision
+
+    def check(precision, device):
+        if precision == "fp16":
+            raise harness.precision.PrecisionError(f"eval.precision: fp16 does not run on {device}")
+
+    def build_clip(*args, **kwargs):
+        raise AssertionError("built the tower before checking the precisions")
+
+    monkeypatch.setattr(harness.precision, "check_precision", check)
+    monkeypatch.setattr(harness.models, "build_clip", build_clip)
+    line = rejected("bench_precision.py", "--device", "cpu", "--precisions", "fp32", "fp16")
+    assert "fp16 does not run on cpu" in line, line
