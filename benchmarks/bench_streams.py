@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from bench_common import non_negative_float, positive_int
+
 
 def write_tree(root: Path, n_test: int, px: int) -> None:
     from tasks.vision8 import _EUROSAT_FOLDERS
@@ -49,7 +51,9 @@ def spend(ms: float) -> None:
         a = torch.tanh(a @ a)
 
 
-def adapt(ds, args, workers: int) -> tuple[float, list[torch.Tensor]]:
+def adapt(ds, args, workers: int) -> tuple[float, list[torch.Tensor], int]:
+    """Seconds, the batches drawn, and the readers a stream actually used (none for a split no
+    larger than a batch, whatever ``workers`` asks)."""
     from harness.evaluation import unlabeled_batches
 
     streams = [unlabeled_batches(ds, args.batch, seed=s, workers=workers) for s in range(args.streams)]
@@ -58,17 +62,17 @@ def adapt(ds, args, workers: int) -> tuple[float, list[torch.Tensor]]:
     for _ in range(args.steps):
         got += [next(s) for s in streams]
         spend(args.compute_ms)
-    return time.perf_counter() - t, got
+    return time.perf_counter() - t, got, streams[0].workers
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--images", type=int, default=400)
-    ap.add_argument("--source-px", type=int, default=400)
-    ap.add_argument("--streams", type=int, default=8)
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--compute-ms", type=float, default=0.0)
+    ap.add_argument("--images", type=positive_int, default=400)
+    ap.add_argument("--source-px", type=positive_int, default=400)
+    ap.add_argument("--streams", type=positive_int, default=8)
+    ap.add_argument("--batch", type=positive_int, default=16)
+    ap.add_argument("--steps", type=positive_int, default=8)
+    ap.add_argument("--compute-ms", type=non_negative_float, default=0.0)
     args = ap.parse_args()
 
     import tasks.vision8 as v8
@@ -79,9 +83,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         write_tree(Path(tmp) / "data", args.images, args.source_px)
         ds = v8.eurosat(str(Path(tmp) / "data"), image_size=224).dataset("test")
-        workers = stream_workers(args.streams)
-        alone, want = adapt(ds, args, 0)
-        ours, got = adapt(ds, args, workers)
+        alone, want, _ = adapt(ds, args, 0)
+        ours, got, workers = adapt(ds, args, stream_workers(args.streams))
         same = all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
         print(f"{args.streams} streams x {args.steps} steps of {args.batch} images ({args.source_px} px JPEG -> 224), "
               f"{args.compute_ms:g} ms compute a step, {available_cores()} cores")

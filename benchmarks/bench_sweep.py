@@ -6,6 +6,7 @@
 cold: an empty cache folder (the embedded suite fine-tunes its 8 encoders; data is generated),
 warm: the cache from the cold run but a new output folder (every job runs again),
 rerun: the warm run's output folder again (every job is read from the result cache).
+The cold cache and the outputs are in a temporary folder, removed at the end.
 Stages: prepare (models, data, heads), merge, adapt (merges with test-time adaptation),
 evaluate, logging (MLflow and reports), other (the rest), from the runner's and the jobs' timers.
 """
@@ -48,6 +49,17 @@ def run(sweep: str, overrides: list[str]) -> dict[str, float]:
     return dict(stages)
 
 
+def timed_runs(sweep: str, overrides: list[str], root: Path, skip_cold: bool) -> dict[str, dict[str, float]]:
+    """The cold (unless ``skip_cold``), warm and rerun stages, with their caches and outputs under ``root``."""
+    cache = [] if skip_cold else [f"cache_dir={root / 'cache'}"]
+    rows = {}
+    if not skip_cold:
+        rows["cold"] = run(sweep, [*overrides, *cache, f"output_dir={root / 'cold'}"])
+    rows["warm"] = run(sweep, [*overrides, *cache, f"output_dir={root / 'warm'}"])
+    rows["rerun"] = run(sweep, [*overrides, *cache, f"output_dir={root / 'warm'}"])
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sweep", default="sweeps/wemoe.yaml")
@@ -55,13 +67,8 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*", help="key.path=value overrides for the sweep")
     args = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    root = Path(tempfile.mkdtemp(prefix="bench-sweep-"))
-    cache = [] if args.skip_cold else [f"cache_dir={root / 'cache'}"]
-    rows = {}
-    if not args.skip_cold:
-        rows["cold"] = run(args.sweep, [*args.overrides, *cache, f"output_dir={root / 'cold'}"])
-    rows["warm"] = run(args.sweep, [*args.overrides, *cache, f"output_dir={root / 'warm'}"])
-    rows["rerun"] = run(args.sweep, [*args.overrides, *cache, f"output_dir={root / 'warm'}"])
+    with tempfile.TemporaryDirectory(prefix="bench-sweep-") as tmp:  # the cold cache alone is hundreds of MB
+        rows = timed_runs(args.sweep, args.overrides, Path(tmp), args.skip_cold)
     stages = ["prepare", "merge", "adapt", "evaluate", "logging", "other", "total", "jobs run"]
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch threads {os.environ['OMP_NUM_THREADS']}, "
           f"python {platform.python_version()}; sweep {args.sweep}")

@@ -3,7 +3,7 @@
 Builds random task vectors of an open_clip image encoder offline (the architecture only,
 random weights; fine-tuned = pretrained + per-tensor-scaled Gaussian noise), then runs each
 implementation end to end (inputs -> merged encoder) in its own subprocess, on identical
-inputs, so that peak RSS (``ru_maxrss`` of that process) is per implementation:
+inputs, so that peak RSS (``VmHWM`` of that process) is per implementation:
 
 - TIES (k, disjoint mean or sum): ``streaming`` (ours, :class:`methods.ties.TiesMerging`),
   ``dense`` (:func:`methods.ties.ties_merge_dense`, the common reference code written out)
@@ -32,7 +32,6 @@ import argparse
 import copy
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -45,6 +44,7 @@ for path in (ROOT, Path(__file__).resolve().parent):
         sys.path.insert(0, str(path))
 
 import fusionbench_ref  # noqa: E402
+from bench_common import arch_arg, device_arg, peak_rss_bytes, percent, positive_int, proc_kib_bytes  # noqa: E402
 
 TIES_IMPLS = ["streaming", "dense", "fusionbench"]
 TA_IMPLS = ["ta", "fusionbench-ta"]
@@ -56,25 +56,12 @@ LABELS = {
 PEAK_FACTOR = {"streaming": 1.4, "dense": 7.2, "fusionbench": 9.1, "ta": 1.4, "fusionbench-ta": 1.7}
 
 
-def _proc_kib_bytes(path: str, field: str) -> int:
-    """A ``field: N kB`` line of a /proc file, in bytes (0 when absent)."""
-    with open(path) as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 def _rss_bytes() -> int:
-    return _proc_kib_bytes("/proc/self/status", "VmRSS")
-
-
-def _peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    return proc_kib_bytes("/proc/self/status", "VmRSS")
 
 
 def _available_bytes() -> int:
-    return _proc_kib_bytes("/proc/meminfo", "MemAvailable")
+    return proc_kib_bytes("/proc/meminfo", "MemAvailable")
 
 
 def build_inputs(model: str, tasks: int, seed: int):
@@ -151,7 +138,7 @@ def run_child(args: argparse.Namespace) -> None:
         result = fusionbench_ref.task_arithmetic(pretrained, finetuned, args.ta_scaling)
     sync()
     merge_s, merge_cpu_s = time.perf_counter() - t0, time.process_time() - c0
-    peak = _peak_rss_bytes()
+    peak = peak_rss_bytes()
     gpu_peak = torch.cuda.max_memory_allocated(on_device) if on_device.type == "cuda" else None
 
     save_state_dict({k: v.cpu() for k, v in float_state(result).items()}, args.out)
@@ -173,12 +160,18 @@ def _compare(path_a: str, path_b: str) -> tuple[float, int]:
     return max(float(d.max()) for d in diffs), sum(int((d != 0).sum()) for d in diffs)
 
 
+def _failure(impl: str, proc: subprocess.CompletedProcess) -> str:
+    """What to print for a child that failed: its exit, a likely cause when killed, its stderr's end."""
+    killed = " (killed: out of memory?)" if proc.returncode == -9 else ""
+    return f"{LABELS[impl]} failed (exit {proc.returncode}){killed}:\n{proc.stderr[-3000:]}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="open_clip architecture (default ViT-B-32)")
-    parser.add_argument("--tasks", type=int, default=None, help="number of fine-tuned encoders (default 8)")
+    parser.add_argument("--model", type=arch_arg, default=None, help="open_clip architecture (default ViT-B-32)")
+    parser.add_argument("--tasks", type=positive_int, default=None, help="number of fine-tuned encoders (default 8)")
     parser.add_argument("--small", action="store_true", help="quick run: harness-tiny-vit, 4 tasks")
-    parser.add_argument("--k", type=float, default=20.0, help="TIES: percent kept per task vector")
+    parser.add_argument("--k", type=percent, default=20.0, help="TIES: percent kept per task vector")
     parser.add_argument("--scaling", type=float, default=1.0, help="TIES: lambda")
     parser.add_argument("--merge-function", choices=["mean", "sum"], default="mean")
     parser.add_argument("--trim-scope", choices=["model", "tensor"], default="model",
@@ -186,7 +179,7 @@ def main() -> None:
     parser.add_argument("--ta-scaling", type=float, default=0.3, help="task arithmetic: lambda")
     parser.add_argument("--only", nargs="+", choices=TIES_IMPLS + TA_IMPLS, default=None,
                         help="run only these implementations")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (the streaming TIES always runs on the CPU)")
+    parser.add_argument("--device", type=device_arg, default="cpu", help="cpu or cuda (the streaming TIES always runs on the CPU)")
     parser.add_argument("--force", action="store_true", help="run implementations even when they look too big for RAM")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--child", choices=TIES_IMPLS + TA_IMPLS, help=argparse.SUPPRESS)
@@ -194,11 +187,6 @@ def main() -> None:
     args = parser.parse_args()
     args.model = args.model or ("harness-tiny-vit" if args.small else "ViT-B-32")
     args.tasks = args.tasks or (4 if args.small else 8)
-    if args.device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            parser.error("--device cuda: CUDA is not available here")
     if args.child:
         run_child(args)
         return
@@ -213,6 +201,7 @@ def main() -> None:
         notes.append("TIES FusionBench skipped: it trims over the whole model only (--trim-scope model)")
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     results: dict[str, dict] = {}
+    failures: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:
         input_bytes = None
         for impl in impls:
@@ -230,13 +219,14 @@ def main() -> None:
                    "--seed", str(args.seed), "--device", args.device]
             print(f"running {LABELS[impl]} ...", file=sys.stderr, flush=True)
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-            if proc.returncode != 0:
-                sys.exit(f"{impl} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+            if proc.returncode != 0:  # the others still run and print: one may take minutes
+                failures.append(_failure(impl, proc))
+                continue
             results[impl] = json.loads(proc.stdout.strip().splitlines()[-1])
             results[impl]["path"] = out
             input_bytes = results[impl]["input_bytes"]
         if not results:
-            sys.exit("nothing ran:\n" + "\n".join(notes))
+            sys.exit("nothing ran:\n" + "\n".join(notes + failures))
         for group, ours in (("ties", "streaming"), ("ta", "ta")):
             for impl in results:
                 if impl != ours and ours in results and (impl in TIES_IMPLS) == (group == "ties"):
@@ -270,6 +260,8 @@ def main() -> None:
                       f"{r['merge_cpu_s'] / o['merge_cpu_s']:.1f}x cpu; peak RSS ours / theirs {o['peak'] / r['peak']:.2f}")
     for note in notes:
         print(note)
+    if failures:
+        sys.exit("\n".join(failures))
 
 
 if __name__ == "__main__":

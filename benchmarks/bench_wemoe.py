@@ -25,7 +25,6 @@ import argparse
 import contextlib
 import copy
 import ctypes
-import resource
 import sys
 import time
 from pathlib import Path
@@ -41,6 +40,7 @@ for path in (ROOT, Path(__file__).resolve().parent):
         sys.path.insert(0, str(path))
 
 import fusionbench_ref  # noqa: E402
+from bench_common import arch_arg, device_arg, peak_rss_bytes, positive_int  # noqa: E402
 from harness.models import ImageClassifier, build_clip  # noqa: E402
 from methods.base import with_state  # noqa: E402
 from methods.task_arithmetic import task_arithmetic_state  # noqa: E402
@@ -293,24 +293,22 @@ def tta_rows(t: Towers, arch: str, batch: int, repeats: int, clock: Callable[[],
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", nargs="+", default=["harness-tiny-vit", "ViT-B-32"])
-    parser.add_argument("--batch", nargs="+", type=int, default=[1, 16, 64])
-    parser.add_argument("--tasks", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=2, help="timed calls per forward variant (min is kept)")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--arch", nargs="+", type=arch_arg, default=["harness-tiny-vit", "ViT-B-32"])
+    parser.add_argument("--batch", nargs="+", type=positive_int, default=[1, 16, 64])
+    parser.add_argument("--tasks", type=positive_int, default=8)
+    parser.add_argument("--repeats", type=positive_int, default=2, help="timed calls per forward variant (min is kept)")
+    parser.add_argument("--threads", type=positive_int, default=1)
+    parser.add_argument("--device", type=device_arg, default="cpu", help="cpu or cuda")
     parser.add_argument("--clock", choices=["cpu", "wall"], default=None,
                         help="cpu: this thread's CPU time (robust to other load; 1 thread, CPU only), "
                              "wall: elapsed time (default on CUDA or with several threads)")
     parser.add_argument("--skip", nargs="*", default=["blocks", "stacked"],
                         choices=["naive", "blocks", "stacked", "reduce", "fusionbench", "tta"],
                         help="variants left out (default: blocks stacked; a bare --skip runs everything)")
-    parser.add_argument("--tta-batch", type=int, default=16, help="batch of the adaptation-step table")
-    parser.add_argument("--tta-repeats", type=int, default=1, help="timed adaptation steps per variant (min is kept)")
+    parser.add_argument("--tta-batch", type=positive_int, default=16, help="batch of the adaptation-step table")
+    parser.add_argument("--tta-repeats", type=positive_int, default=1, help="timed adaptation steps per variant (min is kept)")
     args = parser.parse_args()
     device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: CUDA is not available here")
     torch.set_num_threads(args.threads)
     clock_name = args.clock or ("cpu" if device.type == "cpu" and args.threads == 1 else "wall")
     if clock_name == "cpu" and (args.threads != 1 or device.type != "cpu"):
@@ -375,7 +373,7 @@ def main() -> None:
     for line in summary:
         print(line)
     print(f"total {time.perf_counter() - wall0:.0f} s wall, {time.process_time() - cpu0:.0f} s cpu, "
-          f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB")
+          f"peak RSS {peak_rss_bytes() / 2**30:.1f} GiB")
 
 
 if __name__ == "__main__":

@@ -75,12 +75,15 @@ def ties_merging(pretrained: nn.Module, finetuned: Mapping[str, nn.Module], k: f
                  merge_function: str) -> nn.Module:
     """FusionBench's ``TiesMergingAlgorithm`` end to end (``remove_keys=[]``, as its CLIP configs).
 
-    ``k`` is the percentage kept (its ``threshold``). It overwrites ``pretrained`` in place
-    and returns it, as FusionBench does.
+    ``k`` is the percentage kept; it is passed as the fraction ``k / 100`` because FusionBench
+    reads a ``threshold`` above 1 as a percentage but one of at most 1 as a fraction (k = 1
+    would keep everything, k = 0.5 half). It overwrites ``pretrained`` in place and returns
+    it, as FusionBench does.
     """
     from fusion_bench.method.ties_merging.ties_merging import TiesMergingAlgorithm
 
-    algorithm = TiesMergingAlgorithm(scaling_factor=scaling, threshold=k, remove_keys=[], merge_func=merge_function)
+    algorithm = TiesMergingAlgorithm(scaling_factor=scaling, threshold=k / 100, remove_keys=[],
+                                     merge_func=merge_function)
     with _quiet():
         return algorithm.run({"_pretrained_": pretrained, **finetuned})
 
