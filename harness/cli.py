@@ -105,6 +105,7 @@ def _load(file: str, overrides: tuple[str, ...], start_workers: bool = False,
         ConfigError,
         ExecutorSpec,
         check_checkpoint_shapes,
+        check_cache_dir,
         check_data_roots,
         check_model_contents,
         check_model_files,
@@ -128,6 +129,7 @@ def _load(file: str, overrides: tuple[str, ...], start_workers: bool = False,
             prestart()
     try:
         cfg = validate_config(raw, file)
+        check_cache_dir(cfg, file)  # before the checks that read the encoder summaries kept there
         if does != "read":
             check_model_files(cfg, file)
             check_model_contents(cfg, file)
@@ -619,7 +621,7 @@ def prepare(file: str | None, overrides: tuple[str, ...], from_scratch: bool, qu
     """Build the embedded suite's models (pretrained + fine-tuned), cached for reuse."""
     import time
 
-    from harness.config import validate_config
+    from harness.config import check_cache_dir, validate_config
 
     if file:
         cfg = _load(file, overrides)
@@ -627,6 +629,7 @@ def prepare(file: str | None, overrides: tuple[str, ...], from_scratch: bool, qu
         from tasks.embedded import EMBEDDED_TASKS
 
         cfg = validate_config({"name": "embedded", "tasks": list(EMBEDDED_TASKS)}, "<defaults>")
+        check_cache_dir(cfg, "<defaults>")
     if cfg.model.source != "embedded":
         fail(f"{file}: model.source is {cfg.model.source!r}; prepare builds the embedded suite only")
     from tasks.embedded.pipeline import prepare_suite

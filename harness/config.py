@@ -1408,6 +1408,17 @@ def check_output_dir(cfg: SweepConfig, file: str) -> None:
                           "pattern (%j, %x, ...): the jobs would fail before they start; rename it", str(out))
 
 
+def check_cache_dir(cfg: SweepConfig, file: str) -> None:
+    """The cache folder (``cache_dir``, ``$HARNESS_CACHE`` or ``~/.cache/harness``) can be one: a
+    file standing at it or above it would fail the first cache write mid-run with a traceback."""
+    cache = cfg.resolved_cache_dir()
+    problem = output_dir_problem(cache)
+    if problem:
+        where = "cache_dir" if cfg.cache_dir else ("cache_dir ($HARNESS_CACHE)" if os.environ.get("HARNESS_CACHE")
+                                                   else "cache_dir (default)")
+        raise ConfigError(file, where, problem, str(cache))
+
+
 def tracking_file_problem(uri: str) -> str | None:
     """Why ``uri`` cannot be an MLflow store because of the file it names: the SQLite database's
     path given without ``sqlite:///``, which MLflow takes for a folder store, or a ``sqlite:///``
