@@ -9,7 +9,7 @@ import signal
 import sqlite3
 import sys
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Any, Iterator, Literal
 
 import click
 from rich.console import Console
@@ -229,6 +229,7 @@ def sweep(file: str, overrides: tuple[str, ...], dry_run: bool, quiet: bool, det
     """Run a sweep: FILE is a YAML sweep, OVERRIDES are key.path=value."""
     cfg = _load(file, overrides, start_workers=not (dry_run or detach), does="submit")
     if dry_run:
+        _check_dataset_folders(cfg, file, overrides)
         _print_plan(cfg, cache=True)
         return
     from harness.runner import run_sweep
@@ -408,8 +409,20 @@ def _method_index(cfg, label: str, file: str) -> int:
 def validate(file: str, overrides: tuple[str, ...]) -> None:
     """Validate FILE and print the resolved config and job plan (runs nothing)."""
     cfg = _load(file, overrides, does="submit")
+    _check_dataset_folders(cfg, file, overrides)
     _print_plan(cfg)
     console.print("[green]valid[/]")
+
+
+def _check_dataset_folders(cfg: Any, file: str, overrides: tuple[str, ...]) -> None:
+    """The datasets found in their folders (:func:`harness.config.check_dataset_folders`): what
+    validate and a dry run check besides what every run's loading does (the run finds them itself)."""
+    from harness.config import ConfigError, check_dataset_folders
+
+    try:
+        check_dataset_folders(cfg, file)
+    except ConfigError as exc:
+        raise exc.blamed_on_overrides(list(overrides)) from None
 
 
 @main.command(name="list")

@@ -1385,6 +1385,28 @@ def check_data_roots(cfg: SweepConfig, file: str) -> None:
             raise ConfigError(file, where, f"data folder of task {t.name!r} {what}", root)
 
 
+def check_dataset_folders(cfg: SweepConfig, file: str) -> None:
+    """What ``validate`` and ``--dry-run`` check beyond :func:`check_data_roots`: each of the
+    eight datasets (:mod:`tasks.vision8`) is found in its data folder as the run finds it (its
+    layout, class folders, non-empty splits; files listed, no image decoded), so a wrong, empty
+    or half-copied folder is one error naming the field and folder, not the run's first."""
+    from tasks.base import TaskDataError, resolve_task
+    from tasks.vision8 import SPECS
+
+    for i, t in enumerate(cfg.tasks):
+        if t.name not in SPECS:
+            continue
+        where, root = ((f"tasks.{i}.options.data_root", t.options["data_root"]) if "data_root" in t.options
+                       else ("data_root", cfg.data_root))
+        try:
+            resolve_task(t.name)(**{**t.options, "data_root": str(root)})
+        except TaskDataError as exc:
+            raise ConfigError(file, where, str(exc), root) from None
+        except TypeError as exc:  # an option the factory does not take
+            raise ConfigError(file, f"tasks.{i}.options", f"bad options for task {t.name!r}: {exc}",
+                              t.options) from None
+
+
 def output_dir_problem(out: Path) -> str | None:
     """Why ``out`` cannot be the sweep's output folder (a file stands at it or above it), or None."""
     for p in (out, *out.parents):
