@@ -42,17 +42,15 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from harness.cache import atomic_write_json, build_lock, content_key, read_json, remove_stale_temporaries
-from harness.errors import HarnessError
 from harness.models import (
     CONFIG_DIR,
     ImageClassifier,
     build_clip,
     file_digest,
     get_tokenizer,
-    header_metadata,
-    is_safetensors,
     load_state_dict,
     save_state_dict,
+    whole_safetensors,
     zeroshot_head,
 )
 
@@ -286,19 +284,6 @@ def cached_pool(n: int, seed: int, size: str, cache_dir: Path) -> tuple[torch.Te
     return images, list(captions)
 
 
-def _whole(path: Path) -> bool:
-    """Whether a model the suite built is there whole: a safetensors file whose header reads and
-    covers the file. One truncated, emptied or overwritten in the cache is trained again (under
-    the prepare lock), not reported ready and then refused by every sweep."""
-    if not (path.is_file() and is_safetensors(path)):
-        return False
-    try:
-        header_metadata(path)
-    except HarnessError:
-        return False
-    return True
-
-
 def _pretrained_path(opts: SuiteOptions, cache_dir: Path, data_version: str, from_scratch: bool) -> Path:
     """Where the suite's pretrained CLIP is (the shipped weights when they match), built or not."""
     identity = opts.pretrain_identity(data_version)
@@ -312,7 +297,7 @@ def _ensure_pretrained(opts: SuiteOptions, cache_dir: Path, data_version: str, b
                        locked: bool = False) -> tuple[Path, float]:
     identity = opts.pretrain_identity(data_version)
     path = _pretrained_path(opts, cache_dir, data_version, from_scratch)
-    if _whole(path) or (path.is_file() and path.parent == ASSETS_DIR):  # the shipped file is the checkout's
+    if whole_safetensors(path) or (path.is_file() and path.parent == ASSETS_DIR):  # the shipped file is the checkout's
         return path, 0.0
     if locked:  # a killed run's (the prepare lock is held: nobody else writes it)
         remove_stale_temporaries(path)
@@ -398,7 +383,7 @@ def prepare_suite(task_names: list[str], cache_dir: Path, options: dict | None =
         for task in task_names:
             finetuned[task] = _finetuned_path(opts, cache_dir, data, task, digest)
             timings[f"finetune:{task}"] = 0.0
-            if not _whole(finetuned[task]):
+            if not whole_safetensors(finetuned[task]):
                 todo.append(task)
                 if locked:  # a killed run's, under the prepare lock (unlocked, another's may be live)
                     remove_stale_temporaries(finetuned[task])
