@@ -301,6 +301,24 @@ def _built_once(path: Path, read: Callable[[], _T], build: Callable[[], None], p
     return read()
 
 
+def _unless_refused(path: Path, cached: Callable[[], _T], uncached: Callable[[], _T]) -> _T:
+    """``cached()``, or ``uncached()`` with a warning naming ``path`` when the cache folder refuses
+    the split's files (read-only, no permission: a shared cache): the cache saves time, it is not
+    needed for the result (the images are the same), so the job is not failed for it. A full disk
+    still fails the job, as any refused write does."""
+    import errno
+    import warnings
+
+    try:
+        return cached()
+    except OSError as exc:
+        if exc.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise
+        warnings.warn(f"could not cache {exc.filename or path}: {exc.strerror}; corrupting without the cache "
+                      "(every job, and a disk-backed task at every read)", stacklevel=3)
+        return uncached()
+
+
 def corrupted_split(task: Task, name: str, severity: int, cache_dir: str | Path | None = None,
                     seed: int = 0, split: str = "test", progress: bool = False,
                     identity: dict[str, Any] | None = None) -> Dataset:
@@ -337,14 +355,17 @@ def corrupted_split(task: Task, name: str, severity: int, cache_dir: str | Path 
             _check_digest(_labels_path(cached_path))
             return dataset
 
-        return _built_once(path, read_disk, build_disk, progress)
+        return _unless_refused(path, lambda: _built_once(path, read_disk, build_disk, progress),
+                               lambda: CorruptedDataset(base, name, severity, seed))
     images, labels = task.raw(split)
     if path is None:
         out = corrupt_images(images.numpy(), name, severity, seed)
     else:
         cached_path = path
-        out = _built_once(path, lambda: _checked_array(cached_path, tuple(images.shape)),
-                          lambda: _corrupt_to_file(cached_path, images.numpy(), name, severity, seed, description,
-                                                   progress), progress)
+        out = _unless_refused(
+            path, lambda: _built_once(path, lambda: _checked_array(cached_path, tuple(images.shape)),
+                                      lambda: _corrupt_to_file(cached_path, images.numpy(), name, severity, seed,
+                                                               description, progress), progress),
+            lambda: corrupt_images(images.numpy(), name, severity, seed))
         out = np.array(out)  # into memory (the split is normalised whole below); torch wants it writable
     return TensorDataset(normalize_uint8(torch.from_numpy(out)), labels.long())

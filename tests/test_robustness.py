@@ -281,6 +281,31 @@ def test_a_split_cached_before_digests_gets_one_recorded(tmp_path, counted):
     assert digests[0].read_text() == hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def test_a_read_only_cache_corrupts_without_it(tmp_path, monkeypatch):
+    """A cache folder that refuses the split's files (read-only, no permission) costs time, not
+    the job: the split is corrupted as without a cache, with a warning naming the file (every
+    job needing it failed with the OSError)."""
+    import tasks.vision8 as v8
+    from tasks.corruptions import CorruptedDataset
+    from tests.conftest import read_only_under
+
+    memory = make_toy_task("toy_stripes", n_test=12)
+    write_noise_eurosat(tmp_path / "data")
+    disk = v8.eurosat(str(tmp_path / "data"), image_size=32)
+    truth_memory = corrupted_split(memory, "contrast", 2, None)
+    truth_disk = items(CorruptedDataset(disk.dataset("test"), "contrast", 2))
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    read_only_under(monkeypatch, cache)
+    with pytest.warns(UserWarning, match=rf"could not cache {cache}/corrupted/toy_stripes-contrast-s2-\w+\.npy: "
+                                         "Read-only file system"):
+        got = corrupted_split(memory, "contrast", 2, cache)
+    assert all(torch.equal(a, b) for a, b in zip(got.tensors, truth_memory.tensors))
+    with pytest.warns(UserWarning, match=rf"could not cache {cache}/corrupted/eurosat-contrast-s2-\w+\."):
+        assert_same_items(items(corrupted_split(disk, "contrast", 2, cache)), truth_disk)
+    assert not any(p.is_file() for p in cache.rglob("*"))
+
+
 def test_changed_task_data_gives_a_new_corrupted_file(tmp_path, counted):
     """The file key holds the task's identity: an added image (or other sweep options for the
     task) is a new file, never the old split read back."""
