@@ -38,6 +38,7 @@ from harness.models import (
     load_state_dict,
     resolve_arch,
     tensor_shapes,
+    whole_safetensors,
 )
 
 Layout = Literal["huggingface", "file", "tree"]
@@ -271,8 +272,9 @@ def _converting(out: Path) -> Iterator[bool]:
 
 
 def _complete(out: Path) -> bool:
-    """A finished conversion: the sidecar is written last, so its presence marks one."""
-    return out.is_file() and Path(f"{out}.json").is_file()
+    """A finished conversion: the sidecar is written last, so its presence marks one; a converted
+    file truncated or emptied since is converted again (every sweep refused it, naming it)."""
+    return Path(f"{out}.json").is_file() and whole_safetensors(out)
 
 
 def _lacks_projection(folder: Path) -> bool:

@@ -9,7 +9,7 @@ import signal
 import sqlite3
 import sys
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Any, Iterator, Literal
 
 import click
 from rich.console import Console
@@ -105,6 +105,7 @@ def _load(file: str, overrides: tuple[str, ...], start_workers: bool = False,
         ConfigError,
         ExecutorSpec,
         check_checkpoint_shapes,
+        check_cache_dir,
         check_data_roots,
         check_model_contents,
         check_model_files,
@@ -128,6 +129,7 @@ def _load(file: str, overrides: tuple[str, ...], start_workers: bool = False,
             prestart()
     try:
         cfg = validate_config(raw, file)
+        check_cache_dir(cfg, file)  # before the checks that read the encoder summaries kept there
         if does != "read":
             check_model_files(cfg, file)
             check_model_contents(cfg, file)
@@ -227,6 +229,7 @@ def sweep(file: str, overrides: tuple[str, ...], dry_run: bool, quiet: bool, det
     """Run a sweep: FILE is a YAML sweep, OVERRIDES are key.path=value."""
     cfg = _load(file, overrides, start_workers=not (dry_run or detach), does="submit")
     if dry_run:
+        _check_dataset_folders(cfg, file, overrides)
         _print_plan(cfg, cache=True)
         return
     from harness.runner import run_sweep
@@ -406,8 +409,20 @@ def _method_index(cfg, label: str, file: str) -> int:
 def validate(file: str, overrides: tuple[str, ...]) -> None:
     """Validate FILE and print the resolved config and job plan (runs nothing)."""
     cfg = _load(file, overrides, does="submit")
+    _check_dataset_folders(cfg, file, overrides)
     _print_plan(cfg)
     console.print("[green]valid[/]")
+
+
+def _check_dataset_folders(cfg: Any, file: str, overrides: tuple[str, ...]) -> None:
+    """The datasets found in their folders (:func:`harness.config.check_dataset_folders`): what
+    validate and a dry run check besides what every run's loading does (the run finds them itself)."""
+    from harness.config import ConfigError, check_dataset_folders
+
+    try:
+        check_dataset_folders(cfg, file)
+    except ConfigError as exc:
+        raise exc.blamed_on_overrides(list(overrides)) from None
 
 
 @main.command(name="list")
@@ -619,7 +634,7 @@ def prepare(file: str | None, overrides: tuple[str, ...], from_scratch: bool, qu
     """Build the embedded suite's models (pretrained + fine-tuned), cached for reuse."""
     import time
 
-    from harness.config import validate_config
+    from harness.config import check_cache_dir, validate_config
 
     if file:
         cfg = _load(file, overrides)
@@ -627,6 +642,7 @@ def prepare(file: str | None, overrides: tuple[str, ...], from_scratch: bool, qu
         from tasks.embedded import EMBEDDED_TASKS
 
         cfg = validate_config({"name": "embedded", "tasks": list(EMBEDDED_TASKS)}, "<defaults>")
+        check_cache_dir(cfg, "<defaults>")
     if cfg.model.source != "embedded":
         fail(f"{file}: model.source is {cfg.model.source!r}; prepare builds the embedded suite only")
     from tasks.embedded.pipeline import prepare_suite

@@ -1385,6 +1385,28 @@ def check_data_roots(cfg: SweepConfig, file: str) -> None:
             raise ConfigError(file, where, f"data folder of task {t.name!r} {what}", root)
 
 
+def check_dataset_folders(cfg: SweepConfig, file: str) -> None:
+    """What ``validate`` and ``--dry-run`` check beyond :func:`check_data_roots`: each of the
+    eight datasets (:mod:`tasks.vision8`) is found in its data folder as the run finds it (its
+    layout, class folders, non-empty splits; files listed, no image decoded), so a wrong, empty
+    or half-copied folder is one error naming the field and folder, not the run's first."""
+    from tasks.base import TaskDataError, resolve_task
+    from tasks.vision8 import SPECS
+
+    for i, t in enumerate(cfg.tasks):
+        if t.name not in SPECS:
+            continue
+        where, root = ((f"tasks.{i}.options.data_root", t.options["data_root"]) if "data_root" in t.options
+                       else ("data_root", cfg.data_root))
+        try:
+            resolve_task(t.name)(**{**t.options, "data_root": str(root)})
+        except TaskDataError as exc:
+            raise ConfigError(file, where, str(exc), root) from None
+        except TypeError as exc:  # an option the factory does not take
+            raise ConfigError(file, f"tasks.{i}.options", f"bad options for task {t.name!r}: {exc}",
+                              t.options) from None
+
+
 def output_dir_problem(out: Path) -> str | None:
     """Why ``out`` cannot be the sweep's output folder (a file stands at it or above it), or None."""
     for p in (out, *out.parents):
@@ -1406,6 +1428,17 @@ def check_output_dir(cfg: SweepConfig, file: str) -> None:
     if cfg.executor.kind == "slurm" and odd:
         raise ConfigError(file, "output_dir", f"holds {odd[0]!r}, which SLURM reads in the jobs' log paths as a "
                           "pattern (%j, %x, ...): the jobs would fail before they start; rename it", str(out))
+
+
+def check_cache_dir(cfg: SweepConfig, file: str) -> None:
+    """The cache folder (``cache_dir``, ``$HARNESS_CACHE`` or ``~/.cache/harness``) can be one: a
+    file standing at it or above it would fail the first cache write mid-run with a traceback."""
+    cache = cfg.resolved_cache_dir()
+    problem = output_dir_problem(cache)
+    if problem:
+        where = "cache_dir" if cfg.cache_dir else ("cache_dir ($HARNESS_CACHE)" if os.environ.get("HARNESS_CACHE")
+                                                   else "cache_dir (default)")
+        raise ConfigError(file, where, problem, str(cache))
 
 
 def tracking_file_problem(uri: str) -> str | None:

@@ -316,6 +316,18 @@ def header_metadata(path: Path) -> dict[str, str]:
         raise HarnessError(f"{path}: not a readable safetensors file ({exc})") from None
 
 
+def whole_safetensors(path: Path) -> bool:
+    """Whether ``path`` is a safetensors file whose header reads and covers the file: what a
+    cache entry must be to be reused (one truncated or emptied since it was written is built again)."""
+    if not (path.is_file() and is_safetensors(path)):
+        return False
+    try:
+        header_metadata(path)
+    except HarnessError:
+        return False
+    return True
+
+
 def resolve_arch(arch: str, near: Sequence[str | os.PathLike] = ()) -> str:
     """Make the architecture ``arch`` buildable by open_clip in this process, or say why it is not.
 

@@ -25,6 +25,7 @@ from harness.models import (
     tensor_shapes,
     file_digest,
     get_tokenizer,
+    header_metadata,
     is_safetensors,
     load_state_dict,
     save_state_dict,
@@ -429,11 +430,30 @@ class Workspace:
         key = content_key({"model": self.identity["arch"], "pretrained": self.identity["pretrained"],
                            "prompts": task.prompts()})
         path = self.cfg.resolved_cache_dir() / "heads" / f"{task.name}-{key}.safetensors"
-        if path.is_file():
-            return load_state_dict(path)["weight"]
-        head = zeroshot_head(self.clip, get_tokenizer(self.sources["arch"]), task.prompts())
-        save_state_dict({"weight": head}, path)
+        built_for = {"task": task.name, "prompts": content_key(task.prompts())}
+        head = cached_head(path, built_for, task.num_classes)
+        if head is None:
+            head = zeroshot_head(self.clip, get_tokenizer(self.sources["arch"]), task.prompts())
+            save_state_dict({"weight": head}, path, metadata=built_for)
         return head
+
+
+def cached_head(path: Path, built_for: dict[str, str], classes: int) -> torch.Tensor | None:
+    """The zero-shot head cached at ``path``, or None (then built again) when there is none whole:
+    missing, damaged (empty, truncated), without its ``[classes, dim]`` tensor, or recording
+    another task or other prompts than ``built_for`` (a head copied or renamed into place: another
+    task with as many classes would score silently wrong). Heads cached before the record was
+    kept record nothing and are read as they are."""
+    if not path.is_file():
+        return None
+    try:
+        recorded = header_metadata(path)
+        head = load_state_dict(path).get("weight")
+    except HarnessError:
+        return None
+    if any(recorded.get(k, v) != v for k, v in built_for.items()):
+        return None
+    return head if head is not None and head.ndim == 2 and head.shape[0] == classes else None
 
 
 def adaptation_batch_sizes(cfg: SweepConfig) -> list[tuple[str, int]]:

@@ -386,6 +386,26 @@ def test_an_output_dir_that_is_a_file_is_bad_input(sweep_dict, tmp_path):
     assert taken.read_text() == "not a folder"
 
 
+def test_a_cache_folder_that_is_a_file_is_bad_input(sweep_dict, tmp_path, monkeypatch):
+    """cache_dir or $HARNESS_CACHE at (or under) a file: one line naming the field, before any
+    cache write (it was a NotADirectoryError traceback from the first one)."""
+    taken = tmp_path / "taken"
+    taken.write_text("not a folder")
+    d = {k: v for k, v in sweep_dict.items() if k != "cache_dir"}
+    monkeypatch.setenv("HARNESS_CACHE", str(taken / "sub"))
+    for command in (["validate", _write(tmp_path, d)], ["sweep", _write(tmp_path, d)], ["prepare"]):
+        r = CliRunner().invoke(main, command)
+        err = " ".join(r.stderr.split())
+        file = command[1] if len(command) > 1 else "<defaults>"
+        assert r.exit_code == 2, err + r.stdout
+        assert err == (f"error: {file}: cache_dir ($HARNESS_CACHE): {taken} is a file, not a folder "
+                       f"(got {str(taken / 'sub')!r})"), err
+    r = CliRunner().invoke(main, ["validate", _write(tmp_path, dict(d, cache_dir=str(taken)))])
+    assert r.exit_code == 2
+    assert " ".join(r.stderr.split()) == f"error: {tmp_path / 's.yaml'}: cache_dir: is a file, not a folder (got {str(taken)!r})"
+    assert taken.read_text() == "not a folder"
+
+
 def test_a_read_only_output_folder_is_one_line(sweep_dict, tmp_path, monkeypatch):
     """EROFS or EACCES on the lock file: the folder named, no traceback, nothing run."""
     from tests.conftest import read_only_under

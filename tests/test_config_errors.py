@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import shutil
 
 import pytest
 import torch
@@ -566,8 +567,43 @@ def test_a_missing_data_folder_is_reported_by_validate(task, top, fragment, swee
     if isinstance(task, dict):
         d["tasks"] = [*sweep_dict["tasks"], {"name": "dtd", "options": {"data_root": str(tmp_path / "data")}}]
     f.write_text(yaml.safe_dump(d))
+    field = "tasks.2.options.data_root" if isinstance(task, dict) else "data_root"
+    for args in (["validate", str(f)], ["sweep", "--dry-run", str(f)]):  # a folder without the dataset
+        code, out, err = _run(args)
+        assert code == 2, (out, err)
+        assert " ".join(err.split()).startswith(f"error: {f}: {field}: task 'dtd': no data under {tmp_path / 'data'};")
+    from tests.test_vision8 import write_imagefolder
+
+    write_imagefolder(tmp_path / "data", "dtd")
     code, out, err = _run(["validate", str(f)])
     assert code == 0, (out, err)
+
+
+def test_validate_finds_each_dataset_in_its_folder(sweep_dict, tmp_path):
+    """validate looks inside the data folder as the run would: a half-copied dataset (no test
+    split, a class folder missing) or an option the task does not take is one line naming the
+    field, not the sweep's first error after validate said valid."""
+    from tests.test_vision8 import folder_names, write_imagefolder
+
+    write_imagefolder(tmp_path / "data", "dtd", test_dir="elsewhere")
+    d = dict(sweep_dict, tasks=[*sweep_dict["tasks"], "dtd"], unseen=["dtd"], data_root=str(tmp_path / "data"))
+    f = tmp_path / "data.yaml"
+    f.write_text(yaml.safe_dump(d))
+    code, out, err = _run(["validate", str(f)])
+    train = tmp_path / "data" / "dtd" / "train"
+    assert code == 2 and " ".join(err.split()).startswith(
+        f"error: {f}: data_root: task 'dtd': found {train} but neither {train.parent / 'test'} nor "
+        f"{train.parent / 'val'}"), (out, err)
+    shutil.rmtree(tmp_path / "data")
+    write_imagefolder(tmp_path / "data", "dtd", folders=folder_names("dtd")[:-1])
+    code, out, err = _run(["validate", str(f)])
+    assert code == 2 and f"error: {f}: data_root: task 'dtd': " in " ".join(err.split()), (out, err)
+    assert "46" in err and "47" in err, err
+    d["tasks"][-1] = {"name": "dtd", "options": {"bogus": 1}}
+    f.write_text(yaml.safe_dump(d))
+    code, out, err = _run(["validate", str(f)])
+    assert code == 2 and " ".join(err.split()).startswith(
+        f"error: {f}: tasks.2.options: bad options for task 'dtd': "), (out, err)
 
 
 def test_a_relative_data_folder_says_where_it_is_read_from(sweep_dict, tmp_path, monkeypatch):

@@ -40,3 +40,27 @@ def test_classifier_logits_are_cosine_times_scale():
         feats = clip.visual(x)
     expected = F.normalize(feats, dim=-1) @ head.t()
     assert torch.allclose(logits, expected, atol=1e-5)
+
+
+def test_a_damaged_or_foreign_cached_head_is_built_again(sweep_dict):
+    """The heads cache records the task and prompts a head was built for: another task's head
+    (as many classes) copied onto a head's file, or an empty file, is built again from the
+    prompts, never scored with (it was read as is, or failed every run naming the file)."""
+    from harness.config import validate_config
+    from harness.workspace import Workspace
+
+    def fresh_head(task: str) -> torch.Tensor:
+        return Workspace(validate_config(sweep_dict)).head(task)
+
+    ws = Workspace(validate_config(sweep_dict))
+    truth = {t: zeroshot_head(ws.clip, get_tokenizer("harness-micro-vit"), ws.task(t).prompts())
+             for t in ("toy_stripes", "toy_colours")}
+    assert all(torch.allclose(fresh_head(t), truth[t], atol=1e-5) for t in truth)
+    files = {t: next((ws.cfg.resolved_cache_dir() / "heads").glob(f"{t}-*.safetensors")) for t in truth}
+    assert truth["toy_stripes"].shape == truth["toy_colours"].shape
+    assert not torch.allclose(truth["toy_stripes"], truth["toy_colours"], atol=1e-2)
+    files["toy_stripes"].write_bytes(files["toy_colours"].read_bytes())
+    assert torch.allclose(fresh_head("toy_stripes"), truth["toy_stripes"], atol=1e-5)
+    files["toy_stripes"].write_bytes(b"")
+    assert torch.allclose(fresh_head("toy_stripes"), truth["toy_stripes"], atol=1e-5)
+    assert files["toy_stripes"].stat().st_size > 0

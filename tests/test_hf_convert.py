@@ -316,6 +316,20 @@ def test_resolve_converts_once_and_keys_by_content(tmp_path: Path, monkeypatch) 
     assert resolve_checkpoint(folder, cache, arch="harness-micro-vit") != first  # the checked arch is part of the key
 
 
+def test_a_damaged_converted_checkpoint_is_converted_again(tmp_path: Path) -> None:
+    """A converted file truncated or emptied in the cache (its sidecar still there) is converted
+    again from its source, not returned to be refused by every sweep."""
+    enc = micro_visual()
+    folder = write_hf_folder(tmp_path / "ckpts" / "clip_task_a", enc, "gelu")
+    cache = tmp_path / "cache"
+    out = resolve_checkpoint(folder, cache)
+    whole = out.read_bytes()
+    for content in (whole[: len(whole) // 2], b""):
+        out.write_bytes(content)
+        assert resolve_checkpoint(folder, cache) == out
+        assert all(torch.equal(load_state_dict(out)[k], v) for k, v in enc.state_dict().items())
+
+
 def test_a_conversion_deletes_a_killed_ones_temporaries_and_waits_for_a_running_one(tmp_path: Path, monkeypatch,
                                                                                     capsys) -> None:
     """A killed conversion leaves its hidden temporary file (as large as the model): the next

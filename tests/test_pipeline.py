@@ -279,6 +279,23 @@ def test_finetuned_checkpoint_is_deterministic_given_seed(suite, two_tasks, tmp_
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_damaged_cached_model_is_trained_again(two_tasks, tmp_path):
+    """A model file of the suite truncated or emptied in the cache is not reported ready (every
+    sweep then refused it, naming the file): prepare trains it again, to the same weights."""
+    from harness.models import file_digest
+
+    art = pipeline.prepare_suite(two_tasks[:1], tmp_path, TINY, progress=False)
+    files = [art.pretrained, art.finetuned[two_tasks[0]]]
+    digests = [file_digest(f) for f in files]
+    for damaged in files:
+        whole = damaged.read_bytes()
+        for content in (whole[: len(whole) // 2], b""):
+            damaged.write_bytes(content)
+            again = pipeline.prepare_suite(two_tasks[:1], tmp_path, TINY, progress=False)
+            assert [file_digest(f) for f in (again.pretrained, again.finetuned[two_tasks[0]])] == digests
+            assert damaged.read_bytes() == whole
+
+
 def test_shipped_pretrained_is_used_only_when_its_identity_matches(suite, two_tasks, tmp_path, monkeypatch, capsys):
     import shutil
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import stat
@@ -230,6 +231,79 @@ def test_damaged_disk_backed_cache_is_rebuilt(tmp_path, counted, monkeypatch):
     with pytest.raises(RuntimeError, match="killed mid-split"):
         corrupted_split(task, "gaussian_noise", 2, cache)
     assert [p.name for p in (cache / "corrupted").iterdir()] == [path.with_suffix(".labels.npy").name]
+
+
+def _edit_in_place(path: Path, index: int) -> None:
+    """Image or label ``index`` of a cached .npy changed where it lies: its header still valid."""
+    arr = np.load(path, mmap_mode="r+")
+    arr[index] ^= 1
+    arr.flush()
+    del arr
+
+
+def test_a_cached_split_edited_in_place_is_rebuilt(tmp_path, counted):
+    """Images or labels changed inside a valid .npy (a script writing into the cache, a bad disk
+    sector) differ from the sha256 recorded when the split was written: rebuilt, never scored."""
+    import tasks.vision8 as v8
+
+    write_noise_eurosat(tmp_path / "data")
+    task = v8.eurosat(str(tmp_path / "data"), image_size=32)
+    cache = tmp_path / "cache"
+    truth = items(corrupted_split(task, "contrast", 2, cache))
+    n = len(truth)
+    path, = (cache / "corrupted").glob("*-s2-????????????????????.npy")
+    for edited in (path, path.with_suffix(".labels.npy")):
+        whole = edited.read_bytes()
+        _edit_in_place(edited, 3)
+        assert edited.read_bytes() != whole and len(edited.read_bytes()) == len(whole)
+        assert_same_items(items(corrupted_split(task, "contrast", 2, cache)), truth)
+        assert edited.read_bytes() == whole
+    assert len(counted) == 3 * n
+
+    memory = make_toy_task("toy_stripes", n_test=12)
+    first = corrupted_split(memory, "contrast", 2, cache).tensors[0].clone()
+    memory_path, = (cache / "corrupted").glob("toy_stripes-*.npy")
+    _edit_in_place(memory_path, 0)
+    assert torch.equal(corrupted_split(memory, "contrast", 2, cache).tensors[0], first)
+
+
+def test_a_split_cached_before_digests_gets_one_recorded(tmp_path, counted):
+    """A split written before digests were kept is read as it is (not rebuilt) and its digest
+    recorded then, so a later edit is found."""
+    task = make_toy_task("toy_stripes", n_test=12)
+    first = corrupted_split(task, "contrast", 2, tmp_path).tensors[0].clone()
+    path, = (tmp_path / "corrupted").glob("*.npy")
+    digests = list((tmp_path / "corrupted.digests").iterdir())
+    assert [d.read_text() for d in digests] == [hashlib.sha256(path.read_bytes()).hexdigest()]
+    digests[0].unlink()
+    calls = len(counted)
+    assert torch.equal(corrupted_split(task, "contrast", 2, tmp_path).tensors[0], first) and len(counted) == calls
+    assert digests[0].read_text() == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_a_read_only_cache_corrupts_without_it(tmp_path, monkeypatch):
+    """A cache folder that refuses the split's files (read-only, no permission) costs time, not
+    the job: the split is corrupted as without a cache, with a warning naming the file (every
+    job needing it failed with the OSError)."""
+    import tasks.vision8 as v8
+    from tasks.corruptions import CorruptedDataset
+    from tests.conftest import read_only_under
+
+    memory = make_toy_task("toy_stripes", n_test=12)
+    write_noise_eurosat(tmp_path / "data")
+    disk = v8.eurosat(str(tmp_path / "data"), image_size=32)
+    truth_memory = corrupted_split(memory, "contrast", 2, None)
+    truth_disk = items(CorruptedDataset(disk.dataset("test"), "contrast", 2))
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    read_only_under(monkeypatch, cache)
+    with pytest.warns(UserWarning, match=rf"could not cache {cache}/corrupted/toy_stripes-contrast-s2-\w+\.npy: "
+                                         "Read-only file system"):
+        got = corrupted_split(memory, "contrast", 2, cache)
+    assert all(torch.equal(a, b) for a, b in zip(got.tensors, truth_memory.tensors))
+    with pytest.warns(UserWarning, match=rf"could not cache {cache}/corrupted/eurosat-contrast-s2-\w+\."):
+        assert_same_items(items(corrupted_split(disk, "contrast", 2, cache)), truth_disk)
+    assert not any(p.is_file() for p in cache.rglob("*"))
 
 
 def test_changed_task_data_gives_a_new_corrupted_file(tmp_path, counted):

@@ -39,26 +39,40 @@ def _touch_model_files(path: Path, ckpt: Path) -> list[Path]:
     return made
 
 
+@pytest.fixture(scope="module")
+def eight_datasets(tmp_path_factory) -> Path:
+    """A data_root holding the eight datasets as tiny ImageFolder trees (validate finds each)."""
+    from tasks.vision8 import SPECS
+    from tests.test_vision8 import write_imagefolder
+
+    root = tmp_path_factory.mktemp("data")
+    for name in SPECS:
+        write_imagefolder(root, name)
+    return root
+
+
 @pytest.mark.parametrize("path", SWEEPS, ids=[p.stem for p in SWEEPS])
-def test_sweep_validates(path, tmp_path, monkeypatch):
+def test_sweep_validates(path, tmp_path, monkeypatch, eight_datasets):
     # The paper sweeps ask for a GPU cluster's partition and nodes: validated as off a cluster,
     # not against whatever SLURM this machine may run (tests/test_slurm.py checks that part).
     monkeypatch.setattr("harness.executors.slurm.cluster_partitions", lambda: None)
     # The stand-ins hold one tensor, not the architecture's: its fit is tests/test_bad_inputs.py's part.
     monkeypatch.setattr("harness.models.meta_clip_shapes",
                         lambda arch, near=(): {"visual.class_embedding": (4,), "text_projection": (4, 4)})
-    env = {"CKPT": str(tmp_path / "ckpt"), "DATA": str(tmp_path / "data"), "COLUMNS": "200"}
+    env = {"CKPT": str(tmp_path / "ckpt"), "DATA": str(eight_datasets), "COLUMNS": "200"}
     made = _touch_model_files(path, tmp_path / "ckpt")
-    (tmp_path / "data").mkdir()
     r = CliRunner().invoke(main, ["validate", str(path)], env=env)
     assert r.exit_code == 0, r.output + r.stderr
     assert "valid" in r.stdout and "job plan:" in r.stdout
     if "${DATA}" in path.read_text():  # without its data folder the same sweep is refused, naming it
-        (tmp_path / "data").rmdir()
-        r = CliRunner().invoke(main, ["validate", str(path)], env=env)
+        missing = dict(env, DATA=str(tmp_path / "data"))
+        r = CliRunner().invoke(main, ["validate", str(path)], env=missing)
         assert r.exit_code == 2 and f"{path}: data_root: data folder of task 'sun397' does not exist" in r.stderr, \
             r.stderr
-        (tmp_path / "data").mkdir()
+        (tmp_path / "data").mkdir()  # and with a folder that holds no dataset
+        r = CliRunner().invoke(main, ["validate", str(path)], env=missing)
+        assert r.exit_code == 2 and f"{path}: data_root: task 'sun397': no data under {tmp_path / 'data'}" in \
+            " ".join(r.stderr.split()), r.stderr
     if made:  # without its checkpoints the same sweep is refused, naming the file and field
         made[0].unlink()
         r = CliRunner().invoke(main, ["validate", str(path)], env=env)

@@ -50,6 +50,7 @@ from harness.models import (
     get_tokenizer,
     load_state_dict,
     save_state_dict,
+    whole_safetensors,
     zeroshot_head,
 )
 
@@ -296,7 +297,7 @@ def _ensure_pretrained(opts: SuiteOptions, cache_dir: Path, data_version: str, b
                        locked: bool = False) -> tuple[Path, float]:
     identity = opts.pretrain_identity(data_version)
     path = _pretrained_path(opts, cache_dir, data_version, from_scratch)
-    if path.is_file():
+    if whole_safetensors(path) or (path.is_file() and path.parent == ASSETS_DIR):  # the shipped file is the checkout's
         return path, 0.0
     if locked:  # a killed run's (the prepare lock is held: nobody else writes it)
         remove_stale_temporaries(path)
@@ -382,7 +383,7 @@ def prepare_suite(task_names: list[str], cache_dir: Path, options: dict | None =
         for task in task_names:
             finetuned[task] = _finetuned_path(opts, cache_dir, data, task, digest)
             timings[f"finetune:{task}"] = 0.0
-            if not finetuned[task].is_file():
+            if not whole_safetensors(finetuned[task]):
                 todo.append(task)
                 if locked:  # a killed run's, under the prepare lock (unlocked, another's may be live)
                     remove_stale_temporaries(finetuned[task])
