@@ -100,7 +100,8 @@ def export_merged(cfg: SweepConfig, label: str, dst: str | Path, device: torch.d
         state = {**{k: v.detach().cpu() for k, v in ws.clip.state_dict().items()},
                  **{f"visual.{k}": v for k, v in state.items()}}
     meta: dict[str, Any] = {
-        "format": FORMAT_CLIP if full_clip else FORMAT, "arch": ws.sources["arch"], "label": label, "method": method.name,
+        "format": FORMAT_CLIP if full_clip else FORMAT, "arch": ws.sources["arch"],
+        "open_clip_config": _arch_config(ws.sources["arch"]), "label": label, "method": method.name,
         "params": json.dumps(result.params, sort_keys=True), "job_key": spec.key,
         "pretrained_digest": ws.identity["pretrained"],
         "finetuned_digests": json.dumps({t: ws.identity["finetuned"][t] for t in cfg.seen_tasks(MAIN)}, sort_keys=True),
@@ -110,6 +111,15 @@ def export_merged(cfg: SweepConfig, label: str, dst: str | Path, device: torch.d
     save_state_dict(state, dst, metadata=meta)
     saves_none = getattr(cls(**result.params), "checkpoint_every", None) == 0
     return Exported(Path(dst), result, adapted_again=cls.uses_test_data and not saved, saves_none=saves_none)
+
+
+def _arch_config(arch: str) -> str:
+    """The open_clip config of ``arch`` as JSON: a generated ``hf-vit-...`` architecture is known
+    only to the process that registered it, so the file carries it, as ``harness import``'s do
+    (:func:`harness.models.resolve_arch` reads it from the header)."""
+    from harness.models import open_clip_module
+
+    return json.dumps(open_clip_module().get_model_config(arch), sort_keys=True)
 
 
 def _plain_encoder_state(merged: torch.nn.Module, pretrained: torch.nn.Module, label: str,

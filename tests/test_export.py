@@ -146,3 +146,40 @@ def test_the_metadata_names_the_checkpoints_merged_not_the_unseen_ones(trained_c
         meta = f.metadata()
     assert sorted(json.loads(meta["finetuned_digests"])) == sorted(TRAINED_TASKS[:-1])
     assert all(isinstance(json.loads(meta[k]), dict) for k in ("params", "finetuned_digests"))
+
+
+def test_a_whole_clip_of_a_generated_architecture_builds_from_the_file_alone(tmp_path, monkeypatch):
+    """A generated ``hf-vit-...`` architecture (sizes no shipped config has) is known only where it
+    was registered: the exported file carries its config, as `harness import`'s files do, so a
+    fresh process builds it from the file alone (it said "unknown open_clip architecture")."""
+    import open_clip.factory
+    from safetensors.torch import load_file
+
+    from harness.models import build_clip
+    from tests.conftest import write_micro_checkpoints
+
+    arch = "hf-vit-export-test"
+    config = {"embed_dim": 32, "vision_cfg": {"image_size": 16, "layers": 2, "width": 32, "head_width": 16,
+                                              "patch_size": 8, "mlp_ratio": 2.0},
+              "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    ckpt = tmp_path / "ckpt"
+    write_micro_checkpoints(ckpt, lambda p: 0.05)
+    (ckpt / "model_configs").mkdir()
+    (ckpt / "model_configs" / f"{arch}.json").write_text(json.dumps(config))  # beside model.pretrained
+    known = dict(open_clip.factory._MODEL_CONFIGS)
+    monkeypatch.setattr(open_clip.factory, "_MODEL_CONFIGS", dict(known))
+    monkeypatch.setattr(open_clip.factory, "_MODEL_CONFIG_PATHS", list(open_clip.factory._MODEL_CONFIG_PATHS))
+    d = make_sweep_dict(ckpt, tmp_path)
+    d["model"]["arch"] = arch
+    d["references"] = False
+    d["methods"] = [{"name": "task_arithmetic", "grid": {"scaling": [0.3]}}]
+    cfg = validate_config(d)
+    run_sweep(cfg, quiet=True)
+    whole = tmp_path / "shared" / "ta-clip.safetensors"
+    export_merged(cfg, "task_arithmetic", whole, full_clip=True)
+    open_clip.factory._MODEL_CONFIGS.clear()  # a fresh process: the generated name is unknown again
+    open_clip.factory._MODEL_CONFIGS.update(known)
+    model = build_clip(arch, str(whole))
+    assert open_clip.factory._MODEL_CONFIGS[arch] == config
+    saved, built = load_file(str(whole)), model.state_dict()
+    assert set(saved) == set(built) and all(torch.equal(saved[k], built[k]) for k in saved)
