@@ -94,6 +94,8 @@ def export_merged(cfg: SweepConfig, label: str, dst: str | Path, device: torch.d
     workdir = cfg.resolved_output_dir() / "work" / spec.key
     saved = workdir.is_dir() and any(workdir.iterdir())
     cls = resolve_method(method.name)
+    if not cls.plain_encoder:  # refused before merging: a lost adaptation would be run again first
+        raise ExportError(_not_plain(label, "routed MLPs", workdir))
     merged, _ = merge(spec, ws, device, workdir)
     state = _plain_encoder_state(merged, ws.pretrained_encoder, label, workdir)
     if full_clip:
@@ -131,8 +133,11 @@ def _plain_encoder_state(merged: torch.nn.Module, pretrained: torch.nn.Module, l
     got = {k: tuple(v.shape) for k, v in state.items()}
     if got != want:
         extra = sorted(set(got) - set(want))
-        raise ExportError(
-            f"row {label!r}: its merged model is not a plain image encoder ({len(extra)} tensors the architecture "
-            f"has not, e.g. {extra[0] if extra else 'none'}); a WeMoE job's adapted model is "
-            f"{workdir / 'wemoe.safetensors'}, loaded with methods.wemoe.load_wemoe")
+        raise ExportError(_not_plain(label, f"{len(extra)} tensors the architecture has not, e.g. "
+                                            f"{extra[0] if extra else 'none'}", workdir))
     return {k: v.detach().cpu() for k, v in state.items()}
+
+
+def _not_plain(label: str, why: str, workdir: Path) -> str:
+    return (f"row {label!r}: its merged model is not a plain image encoder ({why}); a WeMoE job's adapted "
+            f"model is {workdir / 'wemoe.safetensors'}, loaded with methods.wemoe.load_wemoe")

@@ -102,6 +102,23 @@ def test_wemoe_a_missing_row_and_a_stale_row_are_refused_in_one_line(sweep_dict,
         export_merged(validate_config(sweep_dict), "nope", tmp_path / "n.st")
 
 
+def test_wemoe_is_refused_before_its_lost_adaptation_runs_again(sweep_dict, tmp_path, adam_steps):
+    """A WeMoE row whose work folder was cleaned up: export said no only after adapting the routers
+    again from the start (every step, and a new work folder) to find routed MLPs."""
+    import shutil
+
+    sweep_dict["references"] = False
+    sweep_dict["methods"] = [{"name": "wemoe", "params": {"steps": 3, "batch_size": 4}}]
+    cfg = validate_config(sweep_dict)
+    run_sweep(cfg, quiet=True)
+    shutil.rmtree(cfg.resolved_output_dir() / "work")
+    adam_steps.clear()
+    with pytest.raises(ExportError, match="not a plain image encoder .*wemoe.safetensors"):
+        export_merged(cfg, "wemoe", tmp_path / "w.safetensors")
+    assert adam_steps == [] and not (cfg.resolved_output_dir() / "work").exists()
+    assert not (tmp_path / "w.safetensors").exists()
+
+
 def test_a_renamed_row_is_exported_from_the_jobs_its_old_label_ran(sweep_dict, tmp_path):
     """A result file keeps the label its job first ran under; the table (and its jobs.json) counts
     it under the sweep's label now, and so does export (it said "no finished setting")."""
