@@ -246,6 +246,24 @@ def test_damaged_pickle_is_reported_as_damaged_not_as_code(tmp_path: Path, pickl
         load_state_dict(bad)
 
 
+def test_a_torchscript_archive_is_named_as_one_and_converts_with_trust(tmp_path: Path, micro_clip: nn.Module) -> None:
+    """OpenAI's released CLIP .pt files are TorchScript archives, which torch.load refuses
+    weights-only: they were reported "truncated or corrupt", trusted or not (a user would download
+    them again); they are code to trust, and their image tower converts with the flag."""
+    src = tmp_path / "ViT-micro.pt"
+    torch.jit.script(micro_clip.eval()).save(str(src))
+    with pytest.raises(HarnessError, match="refused to load: not a plain tensor checkpoint \\(a TorchScript archive") as err:
+        load_state_dict(src)
+    assert "corrupt" not in str(err.value)
+    with pytest.raises(HarnessError, match="TorchScript archive.*--trust-pickle"):
+        convert_pickled_checkpoint(src, tmp_path / "out.safetensors")
+    out = convert_pickled_checkpoint(src, tmp_path / "out.safetensors", trust_pickle=True)
+    got, want = load_state_dict(out), micro_clip.visual.state_dict()
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    side = json.loads(Path(f"{out}.json").read_text())
+    assert (side["arch"], side["activation"], side["heads"]) == ("harness-micro-vit", "gelu", 2)
+
+
 def test_converted_file_without_suffix_is_read_as_safetensors(tmp_path: Path, pickled_encoder) -> None:
     """`harness convert SRC DST --trust-pickle` with DST lacking a suffix: its output is recognised by content."""
     from click.testing import CliRunner
