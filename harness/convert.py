@@ -346,9 +346,18 @@ def recorded_arch(src: Path) -> str | None:
             info = json.loads(side.read_text())
         except (OSError, ValueError):
             info = None
-    arch = info.get("arch") if isinstance(info, dict) else None
+    arch = _harness_arch(info)
     if not arch and is_safetensors(src):
-        arch = header_metadata(src).get("arch")
+        arch = _harness_arch(header_metadata(src))
+    return arch
+
+
+def _harness_arch(info: Any) -> str | None:
+    """``info``'s ``arch`` when the harness wrote it (its ``format`` says so): another tool's
+    "arch" is a name of its own, not the open_clip architecture a conversion checked."""
+    if not isinstance(info, dict) or not str(info.get("format", "")).startswith("harness"):
+        return None
+    arch = info.get("arch")
     return arch if isinstance(arch, str) and arch else None
 
 

@@ -351,3 +351,31 @@ def test_a_sweep_refuses_encoders_converted_for_another_activation(tmp_path: Pat
         "2 attention heads"), r.output
     r = CliRunner().invoke(main, ["validate", str(sweep), "model.arch=micro-quick"])
     assert r.exit_code == 0 and r.output.rstrip().endswith("valid"), r.output
+
+
+def test_another_tools_arch_metadata_is_not_taken_for_a_recorded_conversion(tmp_path: Path, micro_clip: nn.Module) -> None:
+    """Safetensors from another tool may name an architecture of their own in their header: it was
+    taken for the one `harness import` records, so a micro encoder labelled "ViT-B-32" failed to
+    convert against ViT-B-32 and a sweep was told the file "was converted for architecture
+    'ViT-B-32'". Only what the harness wrote counts; the shapes decide the rest."""
+    import yaml
+    from click.testing import CliRunner
+    from safetensors.torch import save_file
+
+    from harness.cli import main
+    from harness.models import save_state_dict
+    from tests.conftest import TOY_TASKS, make_sweep_dict
+
+    want = micro_clip.visual.state_dict()
+    for task in TOY_TASKS:
+        save_file({k: v.contiguous() for k, v in want.items()}, str(tmp_path / f"{task}.safetensors"),
+                  metadata={"format": "pt", "arch": "ViT-B-32"})
+    save_state_dict(micro_clip.state_dict(), tmp_path / "pretrained.safetensors")
+    out = convert_pickled_checkpoint(tmp_path / f"{TOY_TASKS[0]}.safetensors", tmp_path / "conv" / "enc.safetensors")
+    got = load_state_dict(out)
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    assert json.loads(Path(f"{out}.json").read_text())["arch"] == "harness-micro-vit"
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(yaml.safe_dump(make_sweep_dict(tmp_path, tmp_path)))
+    r = CliRunner().invoke(main, ["validate", str(sweep)])
+    assert r.exit_code == 0 and r.output.rstrip().endswith("valid"), r.output
