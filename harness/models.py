@@ -197,7 +197,15 @@ def load_state_dict(path: str | os.PathLike, mmap: bool = False) -> dict[str, to
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise HarnessError(f"{path}: expected a dict of tensors")
-    return obj
+    return _without_ddp_prefix(obj)
+
+
+def _without_ddp_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` without the ``module.`` a DistributedDataParallel model puts before every key
+    (open_clip's training checkpoints of multi-GPU runs), stripped as open_clip's loader does."""
+    if state and all(k.startswith("module.") for k in state):
+        return {k[len("module."):]: v for k, v in state.items()}
+    return state
 
 
 def tensor_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:

@@ -379,3 +379,32 @@ def test_another_tools_arch_metadata_is_not_taken_for_a_recorded_conversion(tmp_
     sweep.write_text(yaml.safe_dump(make_sweep_dict(tmp_path, tmp_path)))
     r = CliRunner().invoke(main, ["validate", str(sweep)])
     assert r.exit_code == 0 and r.output.rstrip().endswith("valid"), r.output
+
+
+def test_an_open_clip_training_checkpoint_of_a_multi_gpu_run_is_a_pretrained_model(tmp_path: Path, micro_clip: nn.Module) -> None:
+    """open_clip's training saves a DistributedDataParallel model: every key under 'module.', beside
+    the epoch and optimizer state. open_clip loads it; as model.pretrained it was refused as "not a
+    whole CLIP state dict". The prefix is stripped as open_clip's loader strips it."""
+    import yaml
+    from click.testing import CliRunner
+
+    from harness.cli import main
+    from harness.config import validate_config
+    from harness.workspace import Workspace
+    from tests.conftest import TOY_TASKS, make_sweep_dict
+
+    want = micro_clip.state_dict()
+    pretrained = tmp_path / "epoch_3.pt"
+    torch.save({"epoch": 3, "name": "run", "state_dict": {f"module.{k}": v for k, v in want.items()},
+                "optimizer": {"state": {}, "param_groups": [{"lr": 0.1, "params": [0]}]}}, pretrained)
+    for task in TOY_TASKS:
+        torch.save({"state_dict": {f"module.visual.{k}": v for k, v in micro_clip.visual.state_dict().items()}},
+                   tmp_path / f"{task}.pt")
+    d = make_sweep_dict(tmp_path, tmp_path)
+    d["model"] = {**d["model"], "pretrained": str(pretrained), "finetuned_pattern": str(tmp_path / "{task}.pt")}
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(yaml.safe_dump(d))
+    r = CliRunner().invoke(main, ["validate", str(sweep)])
+    assert r.exit_code == 0 and r.output.rstrip().endswith("valid"), r.output
+    got = Workspace(validate_config(d)).clip.state_dict()
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
