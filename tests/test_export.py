@@ -119,6 +119,23 @@ def test_wemoe_is_refused_before_its_lost_adaptation_runs_again(sweep_dict, tmp_
     assert not (tmp_path / "w.safetensors").exists()
 
 
+@pytest.mark.parametrize("out", ["", "new-folder/"])
+def test_an_out_that_names_a_folder_is_refused_before_any_work(sweep_dict, tmp_path, monkeypatch, out):
+    """`--out ""` ended in a traceback (renaming the written file onto "."), after the merge;
+    `--out new-folder/` wrote a file called new-folder."""
+    import yaml
+
+    monkeypatch.chdir(tmp_path)
+    sweep_dict["references"] = False
+    sweep_dict["methods"] = [{"name": "task_arithmetic", "grid": {"scaling": [0.3]}}]
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(sweep_dict))
+    run_sweep(validate_config(sweep_dict), quiet=True)
+    r = CliRunner().invoke(main, ["export", str(path), "--method", "task_arithmetic", "--out", out])
+    assert r.exit_code == 2 and r.output.startswith(f"error: --out {out!r}: names a folder, not the safetensors file"), r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "out", "sweep.yaml"]
+
+
 def test_a_renamed_row_is_exported_from_the_jobs_its_old_label_ran(sweep_dict, tmp_path):
     """A result file keeps the label its job first ran under; the table (and its jobs.json) counts
     it under the sweep's label now, and so does export (it said "no finished setting")."""
