@@ -345,6 +345,8 @@ def export(file: str, overrides: tuple[str, ...], label: str, dst: str, full_cli
     from harness.export import export_merged
     from harness.plan import setting_text
 
+    if not dst or dst.endswith(("/", os.sep)):  # "" is the current folder: the write would fail after the merge
+        fail(f"--out {dst!r}: names a folder, not the safetensors file to write (e.g. --out merged.safetensors)")
     _check_destination(dst, "--out")
     cfg = _load(file, overrides)
     m = cfg.methods[_method_index(cfg, label, file)]

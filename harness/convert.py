@@ -20,6 +20,7 @@ Next to ``<dst>`` goes ``<dst>.json``: kind, architecture, source path and the s
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -159,7 +160,7 @@ def _load(src: Path, trust_pickle: bool) -> tuple[Any, str, set[str]]:
         damage = unreadable_reason(src, exc)
         if damage is not None:  # no pickle in it to trust: unpickling would not read it either
             raise HarnessError(f"{src}: not a readable checkpoint: {damage}") from None
-        reason = weights_only_reason(exc)
+        reason = weights_only_reason(exc, src)
     if not trust_pickle:
         raise HarnessError(
             f"{src}: not a plain tensor checkpoint ({reason}); it holds pickled Python objects "
@@ -219,7 +220,8 @@ def _extract(obj: Any, src: Path) -> tuple[str, dict[str, torch.Tensor], dict[st
         state = {k[len(prefix):]: v.detach().clone() for k, v in sd.items() if k.startswith(prefix)}
         info["prefix"] = prefix
         if module is not None:
-            visual = module.get_submodule(prefix.rstrip(".")) if prefix else module
+            # by attribute: a TorchScript module (OpenAI's released .pt files) has no get_submodule
+            visual = functools.reduce(getattr, prefix.rstrip(".").split("."), module) if prefix else module
             info["activation"], info["heads"] = _activation(visual), _num_heads(visual)
         return "image_encoder", state, info
 
@@ -244,8 +246,13 @@ def _extract(obj: Any, src: Path) -> tuple[str, dict[str, torch.Tensor], dict[st
     )
 
 
+def _class_name(module: nn.Module) -> str:
+    """The module's class name; a TorchScript module's is its ``original_name``."""
+    return getattr(module, "original_name", None) or type(module).__name__
+
+
 def _activation(visual: nn.Module) -> str | None:
-    names = {type(m).__name__ for m in visual.modules()}
+    names = {_class_name(m) for m in visual.modules()}
     if "QuickGELU" in names:
         return "quick_gelu"
     if "GELU" in names:
@@ -256,7 +263,7 @@ def _activation(visual: nn.Module) -> str | None:
 def _num_heads(visual: nn.Module) -> int | None:
     for m in visual.modules():
         heads = getattr(m, "num_heads", None)
-        if "Attention" in type(m).__name__ and isinstance(heads, int):
+        if "Attention" in _class_name(m) and isinstance(heads, int):
             return heads
     return None
 
@@ -339,9 +346,18 @@ def recorded_arch(src: Path) -> str | None:
             info = json.loads(side.read_text())
         except (OSError, ValueError):
             info = None
-    arch = info.get("arch") if isinstance(info, dict) else None
+    arch = _harness_arch(info)
     if not arch and is_safetensors(src):
-        arch = header_metadata(src).get("arch")
+        arch = _harness_arch(header_metadata(src))
+    return arch
+
+
+def _harness_arch(info: Any) -> str | None:
+    """``info``'s ``arch`` when the harness wrote it (its ``format`` says so): another tool's
+    "arch" is a name of its own, not the open_clip architecture a conversion checked."""
+    if not isinstance(info, dict) or not str(info.get("format", "")).startswith("harness"):
+        return None
+    arch = info.get("arch")
     return arch if isinstance(arch, str) and arch else None
 
 

@@ -94,13 +94,16 @@ def export_merged(cfg: SweepConfig, label: str, dst: str | Path, device: torch.d
     workdir = cfg.resolved_output_dir() / "work" / spec.key
     saved = workdir.is_dir() and any(workdir.iterdir())
     cls = resolve_method(method.name)
+    if not cls.plain_encoder:  # refused before merging: a lost adaptation would be run again first
+        raise ExportError(_not_plain(label, "routed MLPs", workdir))
     merged, _ = merge(spec, ws, device, workdir)
     state = _plain_encoder_state(merged, ws.pretrained_encoder, label, workdir)
     if full_clip:
         state = {**{k: v.detach().cpu() for k, v in ws.clip.state_dict().items()},
                  **{f"visual.{k}": v for k, v in state.items()}}
     meta: dict[str, Any] = {
-        "format": FORMAT_CLIP if full_clip else FORMAT, "arch": ws.sources["arch"], "label": label, "method": method.name,
+        "format": FORMAT_CLIP if full_clip else FORMAT, "arch": ws.sources["arch"],
+        "open_clip_config": _arch_config(ws.sources["arch"]), "label": label, "method": method.name,
         "params": json.dumps(result.params, sort_keys=True), "job_key": spec.key,
         "pretrained_digest": ws.identity["pretrained"],
         "finetuned_digests": json.dumps({t: ws.identity["finetuned"][t] for t in cfg.seen_tasks(MAIN)}, sort_keys=True),
@@ -112,6 +115,15 @@ def export_merged(cfg: SweepConfig, label: str, dst: str | Path, device: torch.d
     return Exported(Path(dst), result, adapted_again=cls.uses_test_data and not saved, saves_none=saves_none)
 
 
+def _arch_config(arch: str) -> str:
+    """The open_clip config of ``arch`` as JSON: a generated ``hf-vit-...`` architecture is known
+    only to the process that registered it, so the file carries it, as ``harness import``'s do
+    (:func:`harness.models.resolve_arch` reads it from the header)."""
+    from harness.models import open_clip_module
+
+    return json.dumps(open_clip_module().get_model_config(arch), sort_keys=True)
+
+
 def _plain_encoder_state(merged: torch.nn.Module, pretrained: torch.nn.Module, label: str,
                          workdir: Path) -> dict[str, torch.Tensor]:
     """``merged``'s state when it has the pretrained encoder's tensors (names and shapes); a model
@@ -121,8 +133,11 @@ def _plain_encoder_state(merged: torch.nn.Module, pretrained: torch.nn.Module, l
     got = {k: tuple(v.shape) for k, v in state.items()}
     if got != want:
         extra = sorted(set(got) - set(want))
-        raise ExportError(
-            f"row {label!r}: its merged model is not a plain image encoder ({len(extra)} tensors the architecture "
-            f"has not, e.g. {extra[0] if extra else 'none'}); a WeMoE job's adapted model is "
-            f"{workdir / 'wemoe.safetensors'}, loaded with methods.wemoe.load_wemoe")
+        raise ExportError(_not_plain(label, f"{len(extra)} tensors the architecture has not, e.g. "
+                                            f"{extra[0] if extra else 'none'}", workdir))
     return {k: v.detach().cpu() for k, v in state.items()}
+
+
+def _not_plain(label: str, why: str, workdir: Path) -> str:
+    return (f"row {label!r}: its merged model is not a plain image encoder ({why}); a WeMoE job's adapted "
+            f"model is {workdir / 'wemoe.safetensors'}, loaded with methods.wemoe.load_wemoe")

@@ -115,6 +115,10 @@ def is_safetensors(path: str | os.PathLike) -> bool:
     return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") <= size - 8
 
 
+TORCHSCRIPT = ("a TorchScript archive (torch.jit.save, as OpenAI's released CLIP .pt files are): it holds "
+               "code as well as tensors; open_clip's tag 'openai' names OpenAI's weights")
+
+
 def unreadable_reason(path: Path, exc: Exception) -> str | None:
     """Why ``torch.load(weights_only=True)`` failed, when the file is empty, truncated or not a
     torch checkpoint at all; None when it refused pickled Python objects (only those are worth
@@ -123,19 +127,33 @@ def unreadable_reason(path: Path, exc: Exception) -> str | None:
         return "the file is empty"
     if not _torch_file_start(path):
         return "not a torch checkpoint (it starts neither as a zip archive nor as an older torch.save file)"
+    if is_torchscript(path):
+        return None
     if isinstance(exc, pickle.UnpicklingError) and "Weights only load failed" in str(exc):
         return None
     detail = " ".join(str(exc).split())[:160] or "no detail"
     return f"truncated or corrupt ({type(exc).__name__}: {detail})"
 
 
-def weights_only_reason(exc: Exception) -> str:
+def weights_only_reason(exc: Exception, path: Path | None = None) -> str:
     """The informative line of torch's weights_only refusal (it names the offending global),
     without torch's advice to allowlist the global, which would load the module unconverted."""
+    if path is not None and is_torchscript(path):
+        return TORCHSCRIPT
     for line in str(exc).splitlines():
         if "Unsupported global" in line or "Unsupported operand" in line:
             return line.split(". Please use", 1)[0].strip()
     return type(exc).__name__
+
+
+def is_torchscript(path: Path) -> bool:
+    """Whether ``path`` is a TorchScript archive (a zip holding ``constants.pkl``), which
+    ``torch.load(weights_only=True)`` refuses whole: code to trust, not a damaged file."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.rsplit("/", 1)[-1] == "constants.pkl" for name in archive.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
 
 
 def _torch_file_start(path: Path) -> bool:
@@ -171,7 +189,7 @@ def load_state_dict(path: str | os.PathLike, mmap: bool = False) -> dict[str, to
         if reason is not None:
             raise HarnessError(f"{path}: not a readable checkpoint: {reason}") from None
         raise HarnessError(
-            f"{path}: refused to load: not a plain tensor checkpoint ({weights_only_reason(exc)}). "
+            f"{path}: refused to load: not a plain tensor checkpoint ({weights_only_reason(exc, path)}). "
             "Pickled modules (task_vectors layout) must be converted with "
             "`harness convert --trust-pickle` first"
         ) from None
@@ -179,7 +197,15 @@ def load_state_dict(path: str | os.PathLike, mmap: bool = False) -> dict[str, to
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise HarnessError(f"{path}: expected a dict of tensors")
-    return obj
+    return _without_ddp_prefix(obj)
+
+
+def _without_ddp_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` without the ``module.`` a DistributedDataParallel model puts before every key
+    (open_clip's training checkpoints of multi-GPU runs), stripped as open_clip's loader does."""
+    if state and all(k.startswith("module.") for k in state):
+        return {k[len("module."):]: v for k, v in state.items()}
+    return state
 
 
 def tensor_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:

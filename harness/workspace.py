@@ -413,7 +413,7 @@ class Workspace:
             raise HarnessError(f"{where}: tensor 'bias' is not zero: logits are normalised image features "
                                f"times the head {key!r}, with no bias, so this head would score another "
                                "model's predictions; give a head without one (task_vectors' heads have a zero bias)")
-        return head
+        return head.float()  # a half-precision file: adaptation losses multiply float32 features by it
 
     @property
     def _feature_dim(self) -> int | None:

@@ -102,6 +102,9 @@ class MergeMethod(BaseModel):
     #: Hyperparameters added to the method after results were cached: at their defaults job
     #: keys leave them out, so those results stay cached (at their defaults they change nothing).
     added_hyperparameters: ClassVar[frozenset[str]] = frozenset()
+    #: False for methods whose merged model has tensors the architecture has not (WeMoE's routed
+    #: MLPs): `harness export` refuses them before merging (or adapting) again.
+    plain_encoder: ClassVar[bool] = True
 
     def merge(
         self,

@@ -477,6 +477,7 @@ class WeMoE(MergeMethod):
     """Weight-Ensembling MoE: per-sample routed MLP experts, routers adapted on test data."""
 
     uses_test_data = True
+    plain_encoder = False  # routed MLPs: its adapted model is work/<key>/wemoe.safetensors
     runtime_only = frozenset({"checkpoint_every", "implementation"})
     added_hyperparameters = frozenset({"diversity_weight"})
 

@@ -314,6 +314,30 @@ def test_stored_head_with_a_nonzero_bias_is_refused(sweep_dict, tmp_path):
     assert torch.equal(Workspace(validate_config(d)).head("toy_colours"), weight)
 
 
+def test_half_precision_heads_score_as_their_float32_values(sweep_dict, tmp_path):
+    """A fp16 `model.heads` file (published heads often are): AdaMerging's jobs failed with
+    "expected m1 and m2 to have the same dtype"; the head is its values in float32, so results
+    equal those of the same values saved in float32."""
+    from harness.config import validate_config
+    from harness.runner import run_sweep
+
+    torch.manual_seed(0)
+    half = torch.randn(4, 32).half()
+    results = {}
+    for dtype in (torch.float16, torch.float32):
+        head = tmp_path / f"head-{dtype}.safetensors"
+        save_state_dict({"weight": half.to(dtype)}, head)
+        d = copy.deepcopy(sweep_dict)
+        d["output_dir"] = str(tmp_path / f"out-{dtype}")
+        d["model"]["heads"] = {"toy_colours": str(head)}
+        d["references"] = False
+        d["methods"] = [{"name": "adamerging", "params": {"steps": 2, "batch_size": 4}}]
+        outcome = run_sweep(validate_config(d), quiet=True)
+        assert not outcome.failed, [r.error for r in outcome.failed]
+        results[dtype] = [r.metrics for r in outcome.results]
+    assert results[torch.float16] == results[torch.float32]
+
+
 def test_head_class_count_mismatch(sweep_dict, tmp_path):
     head = tmp_path / "head.safetensors"
     save_state_dict({"weight": torch.randn(7, 32)}, head)

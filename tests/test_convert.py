@@ -246,6 +246,24 @@ def test_damaged_pickle_is_reported_as_damaged_not_as_code(tmp_path: Path, pickl
         load_state_dict(bad)
 
 
+def test_a_torchscript_archive_is_named_as_one_and_converts_with_trust(tmp_path: Path, micro_clip: nn.Module) -> None:
+    """OpenAI's released CLIP .pt files are TorchScript archives, which torch.load refuses
+    weights-only: they were reported "truncated or corrupt", trusted or not (a user would download
+    them again); they are code to trust, and their image tower converts with the flag."""
+    src = tmp_path / "ViT-micro.pt"
+    torch.jit.script(micro_clip.eval()).save(str(src))
+    with pytest.raises(HarnessError, match="refused to load: not a plain tensor checkpoint \\(a TorchScript archive") as err:
+        load_state_dict(src)
+    assert "corrupt" not in str(err.value)
+    with pytest.raises(HarnessError, match="TorchScript archive.*--trust-pickle"):
+        convert_pickled_checkpoint(src, tmp_path / "out.safetensors")
+    out = convert_pickled_checkpoint(src, tmp_path / "out.safetensors", trust_pickle=True)
+    got, want = load_state_dict(out), micro_clip.visual.state_dict()
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    side = json.loads(Path(f"{out}.json").read_text())
+    assert (side["arch"], side["activation"], side["heads"]) == ("harness-micro-vit", "gelu", 2)
+
+
 def test_converted_file_without_suffix_is_read_as_safetensors(tmp_path: Path, pickled_encoder) -> None:
     """`harness convert SRC DST --trust-pickle` with DST lacking a suffix: its output is recognised by content."""
     from click.testing import CliRunner
@@ -333,3 +351,60 @@ def test_a_sweep_refuses_encoders_converted_for_another_activation(tmp_path: Pat
         "2 attention heads"), r.output
     r = CliRunner().invoke(main, ["validate", str(sweep), "model.arch=micro-quick"])
     assert r.exit_code == 0 and r.output.rstrip().endswith("valid"), r.output
+
+
+def test_another_tools_arch_metadata_is_not_taken_for_a_recorded_conversion(tmp_path: Path, micro_clip: nn.Module) -> None:
+    """Safetensors from another tool may name an architecture of their own in their header: it was
+    taken for the one `harness import` records, so a micro encoder labelled "ViT-B-32" failed to
+    convert against ViT-B-32 and a sweep was told the file "was converted for architecture
+    'ViT-B-32'". Only what the harness wrote counts; the shapes decide the rest."""
+    import yaml
+    from click.testing import CliRunner
+    from safetensors.torch import save_file
+
+    from harness.cli import main
+    from harness.models import save_state_dict
+    from tests.conftest import TOY_TASKS, make_sweep_dict
+
+    want = micro_clip.visual.state_dict()
+    for task in TOY_TASKS:
+        save_file({k: v.contiguous() for k, v in want.items()}, str(tmp_path / f"{task}.safetensors"),
+                  metadata={"format": "pt", "arch": "ViT-B-32"})
+    save_state_dict(micro_clip.state_dict(), tmp_path / "pretrained.safetensors")
+    out = convert_pickled_checkpoint(tmp_path / f"{TOY_TASKS[0]}.safetensors", tmp_path / "conv" / "enc.safetensors")
+    got = load_state_dict(out)
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    assert json.loads(Path(f"{out}.json").read_text())["arch"] == "harness-micro-vit"
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(yaml.safe_dump(make_sweep_dict(tmp_path, tmp_path)))
+    r = CliRunner().invoke(main, ["validate", str(sweep)])
+    assert r.exit_code == 0 and r.output.rstrip().endswith("valid"), r.output
+
+
+def test_an_open_clip_training_checkpoint_of_a_multi_gpu_run_is_a_pretrained_model(tmp_path: Path, micro_clip: nn.Module) -> None:
+    """open_clip's training saves a DistributedDataParallel model: every key under 'module.', beside
+    the epoch and optimizer state. open_clip loads it; as model.pretrained it was refused as "not a
+    whole CLIP state dict". The prefix is stripped as open_clip's loader strips it."""
+    import yaml
+    from click.testing import CliRunner
+
+    from harness.cli import main
+    from harness.config import validate_config
+    from harness.workspace import Workspace
+    from tests.conftest import TOY_TASKS, make_sweep_dict
+
+    want = micro_clip.state_dict()
+    pretrained = tmp_path / "epoch_3.pt"
+    torch.save({"epoch": 3, "name": "run", "state_dict": {f"module.{k}": v for k, v in want.items()},
+                "optimizer": {"state": {}, "param_groups": [{"lr": 0.1, "params": [0]}]}}, pretrained)
+    for task in TOY_TASKS:
+        torch.save({"state_dict": {f"module.visual.{k}": v for k, v in micro_clip.visual.state_dict().items()}},
+                   tmp_path / f"{task}.pt")
+    d = make_sweep_dict(tmp_path, tmp_path)
+    d["model"] = {**d["model"], "pretrained": str(pretrained), "finetuned_pattern": str(tmp_path / "{task}.pt")}
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(yaml.safe_dump(d))
+    r = CliRunner().invoke(main, ["validate", str(sweep)])
+    assert r.exit_code == 0 and r.output.rstrip().endswith("valid"), r.output
+    got = Workspace(validate_config(d)).clip.state_dict()
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)

@@ -102,6 +102,40 @@ def test_wemoe_a_missing_row_and_a_stale_row_are_refused_in_one_line(sweep_dict,
         export_merged(validate_config(sweep_dict), "nope", tmp_path / "n.st")
 
 
+def test_wemoe_is_refused_before_its_lost_adaptation_runs_again(sweep_dict, tmp_path, adam_steps):
+    """A WeMoE row whose work folder was cleaned up: export said no only after adapting the routers
+    again from the start (every step, and a new work folder) to find routed MLPs."""
+    import shutil
+
+    sweep_dict["references"] = False
+    sweep_dict["methods"] = [{"name": "wemoe", "params": {"steps": 3, "batch_size": 4}}]
+    cfg = validate_config(sweep_dict)
+    run_sweep(cfg, quiet=True)
+    shutil.rmtree(cfg.resolved_output_dir() / "work")
+    adam_steps.clear()
+    with pytest.raises(ExportError, match="not a plain image encoder .*wemoe.safetensors"):
+        export_merged(cfg, "wemoe", tmp_path / "w.safetensors")
+    assert adam_steps == [] and not (cfg.resolved_output_dir() / "work").exists()
+    assert not (tmp_path / "w.safetensors").exists()
+
+
+@pytest.mark.parametrize("out", ["", "new-folder/"])
+def test_an_out_that_names_a_folder_is_refused_before_any_work(sweep_dict, tmp_path, monkeypatch, out):
+    """`--out ""` ended in a traceback (renaming the written file onto "."), after the merge;
+    `--out new-folder/` wrote a file called new-folder."""
+    import yaml
+
+    monkeypatch.chdir(tmp_path)
+    sweep_dict["references"] = False
+    sweep_dict["methods"] = [{"name": "task_arithmetic", "grid": {"scaling": [0.3]}}]
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(sweep_dict))
+    run_sweep(validate_config(sweep_dict), quiet=True)
+    r = CliRunner().invoke(main, ["export", str(path), "--method", "task_arithmetic", "--out", out])
+    assert r.exit_code == 2 and r.output.startswith(f"error: --out {out!r}: names a folder, not the safetensors file"), r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "out", "sweep.yaml"]
+
+
 def test_a_renamed_row_is_exported_from_the_jobs_its_old_label_ran(sweep_dict, tmp_path):
     """A result file keeps the label its job first ran under; the table (and its jobs.json) counts
     it under the sweep's label now, and so does export (it said "no finished setting")."""
@@ -146,3 +180,40 @@ def test_the_metadata_names_the_checkpoints_merged_not_the_unseen_ones(trained_c
         meta = f.metadata()
     assert sorted(json.loads(meta["finetuned_digests"])) == sorted(TRAINED_TASKS[:-1])
     assert all(isinstance(json.loads(meta[k]), dict) for k in ("params", "finetuned_digests"))
+
+
+def test_a_whole_clip_of_a_generated_architecture_builds_from_the_file_alone(tmp_path, monkeypatch):
+    """A generated ``hf-vit-...`` architecture (sizes no shipped config has) is known only where it
+    was registered: the exported file carries its config, as `harness import`'s files do, so a
+    fresh process builds it from the file alone (it said "unknown open_clip architecture")."""
+    import open_clip.factory
+    from safetensors.torch import load_file
+
+    from harness.models import build_clip
+    from tests.conftest import write_micro_checkpoints
+
+    arch = "hf-vit-export-test"
+    config = {"embed_dim": 32, "vision_cfg": {"image_size": 16, "layers": 2, "width": 32, "head_width": 16,
+                                              "patch_size": 8, "mlp_ratio": 2.0},
+              "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    ckpt = tmp_path / "ckpt"
+    write_micro_checkpoints(ckpt, lambda p: 0.05)
+    (ckpt / "model_configs").mkdir()
+    (ckpt / "model_configs" / f"{arch}.json").write_text(json.dumps(config))  # beside model.pretrained
+    known = dict(open_clip.factory._MODEL_CONFIGS)
+    monkeypatch.setattr(open_clip.factory, "_MODEL_CONFIGS", dict(known))
+    monkeypatch.setattr(open_clip.factory, "_MODEL_CONFIG_PATHS", list(open_clip.factory._MODEL_CONFIG_PATHS))
+    d = make_sweep_dict(ckpt, tmp_path)
+    d["model"]["arch"] = arch
+    d["references"] = False
+    d["methods"] = [{"name": "task_arithmetic", "grid": {"scaling": [0.3]}}]
+    cfg = validate_config(d)
+    run_sweep(cfg, quiet=True)
+    whole = tmp_path / "shared" / "ta-clip.safetensors"
+    export_merged(cfg, "task_arithmetic", whole, full_clip=True)
+    open_clip.factory._MODEL_CONFIGS.clear()  # a fresh process: the generated name is unknown again
+    open_clip.factory._MODEL_CONFIGS.update(known)
+    model = build_clip(arch, str(whole))
+    assert open_clip.factory._MODEL_CONFIGS[arch] == config
+    saved, built = load_file(str(whole)), model.state_dict()
+    assert set(saved) == set(built) and all(torch.equal(saved[k], built[k]) for k in saved)
