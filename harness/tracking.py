@@ -224,8 +224,8 @@ class Tracker:
         self._parent_id: str | None = None
         self._logged: dict[str, tuple[str, str]] = {}  # job key -> (run id, status)
         self._names: dict[str, tuple[str, str]] = {}  # job key -> (label, run name) of its run
-        self._tuning: list[str] = []  # tuning runs this driver reopened or created
-        self._writing: set[str] = set()  # job and trial runs this driver created and has not ended
+        self._writing: set[str] = set()  # runs this driver created or reopened (tuning runs) and may leave RUNNING
+        self._creating: str | None = None  # the search filter of a run being created, until its id is held
         self._commit: tuple[str | None] | None = None  # the code's git commit, asked for once
 
     @property
@@ -300,8 +300,7 @@ class Tracker:
             tags = {SWEEP_TAG: digest, "harness.kind": "sweep", "mlflow.runName": self.cfg.name, SCOPE_TAG: scope}
             if self.commit:
                 tags[GIT_COMMIT_TAG] = self.commit
-            run = self.client.create_run(self.experiment_id, tags=tags)
-            self._parent_id = run.info.run_id
+            self._parent_id = self._create_run(tags, SWEEP_TAG)
             self._log_params(self._parent_id, params)
         children = self.client.search_runs([self.experiment_id], f"tags.`mlflow.parentRunId` = '{self._parent_id}'",
                                            max_results=50000)
@@ -332,6 +331,16 @@ class Tracker:
         for r in self.client.search_runs(experiments, "attributes.status = 'RUNNING'", max_results=50000):
             if r.info.run_id != self._parent_id and r.data.tags.get("harness.kind"):
                 self.client.set_terminated(r.info.run_id, status="KILLED")
+
+    def _create_run(self, tags: dict[str, str], key_tag: str) -> str:
+        """Create a run, held in ``_writing`` for :meth:`abandon`. Until its id is held, the tag
+        ``key_tag`` (unique to it) is what finds it: Ctrl-C may land after MLflow stored the run
+        but before ``create_run`` returned its id."""
+        self._creating = f"tags.`{key_tag}` = '{tags[key_tag]}' and attributes.status = 'RUNNING'"
+        rid = self.client.create_run(self.experiment_id, tags=tags).info.run_id
+        self._writing.add(rid)
+        self._creating = None
+        return rid
 
     def _log_params(self, run_id: str, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
@@ -380,9 +389,7 @@ class Tracker:
         if result.warnings:
             tags["harness.warnings"] = "\n".join(result.warnings)[:5000]
         tags.update({f"harness.{k}": v for k, v in result.ran_on.items()})  # from a run to its SLURM job and log
-        run = self.client.create_run(self.experiment_id, tags=tags)
-        rid = run.info.run_id
-        self._writing.add(rid)
+        rid = self._create_run(tags, JOB_TAG)
         self._log_params(rid, params)
         metrics = [Metric(k, float(v), 0, 0) for k, v in result.metrics.items()]
         metrics += [Metric(f"time/{k}", float(v), 0, 0) for k, v in result.timings.items()]
@@ -411,19 +418,18 @@ class Tracker:
             runs = []
         if runs:
             return runs[0].info.run_id, False
-        run = self.client.create_run(self.experiment_id, tags={**tags, "harness.run_key": key})
-        return run.info.run_id, True
+        return self._create_run({**tags, "harness.run_key": key}, "harness.run_key"), True
 
     def tuning_run(self, study: str, label: str, tune: dict[str, Any]) -> str:
         """The method's tuning run (child of the sweep run); trials nest under it."""
         rid, new = self._find_or_create(f"tune:{study}", {
             "mlflow.parentRunId": self.parent_id, "harness.kind": "tune", "harness.label": label,
             "harness.study": study, "mlflow.runName": f"tune/{label}"})
+        self._writing.add(rid)  # before it is reopened or its params logged
         if new:
             self._log_params(rid, {"tune": tune})
         else:
             self.client.update_run(rid, status="RUNNING")
-        self._tuning.append(rid)
         return rid
 
     def log_trial(self, tune_run: str, study: str, number: int, params: dict[str, Any], result: Any,
@@ -440,7 +446,6 @@ class Tracker:
             "harness.trial_state": state, "mlflow.runName": f"trial {number}"}, finished_only=True)
         if not new:
             return
-        self._writing.add(rid)
         self._log_params(rid, {"trial": params})
         metrics = [Metric(k, float(v), 0, 0) for k, v in result.metrics.items()]
         if state == "COMPLETE":
@@ -501,9 +506,12 @@ class Tracker:
         it was logging) with ``status`` (KILLED after Ctrl-C, FAILED after a crash), so the UI
         does not show a stopped sweep as running forever. A rerun reopens the sweep's and
         studies' runs and logs a half-logged job again. Does nothing if MLflow was never opened."""
-        if self._client is None or self._parent_id is None:
+        if self._client is None:
             return
-        for rid in [*self._writing, *self._tuning, self._parent_id]:
+        stopped = {*self._writing, self._parent_id} - {None}
+        if self._creating is not None:
+            stopped |= {r.info.run_id for r in self._client.search_runs([self.experiment_id], self._creating)}
+        for rid in stopped:
             if self._client.get_run(rid).info.status == "RUNNING":
                 self._client.set_terminated(rid, status=status)
 
