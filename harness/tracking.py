@@ -34,6 +34,9 @@ PROTOCOL_TAG = "harness.protocol"
 #: job key of the best setting's run on test, whose table row they go with.
 TRIALS_TAG = "harness.trials"
 FINAL_KEY_TAG = "harness.final_key"
+#: A ``tune`` block's settings a rerun may change and still extend the same study: MLflow params
+#: cannot change, so they are tags of the tuning run (``tune.n_trials``, ...), the latest run's.
+TUNE_TAGGED = ("n_trials", "n_parallel", "pruner")
 #: On a pruned trial's run: the last step it reported before it was stopped.
 PRUNED_AT_TAG = "harness.pruned_at_step"
 #: The git commit of the code that logged a run (the parent run and each job run), when known.
@@ -421,15 +424,19 @@ class Tracker:
         return self._create_run({**tags, "harness.run_key": key}, "harness.run_key"), True
 
     def tuning_run(self, study: str, label: str, tune: dict[str, Any]) -> str:
-        """The method's tuning run (child of the sweep run); trials nest under it."""
+        """The method's tuning run (child of the sweep run); trials nest under it. Its params are
+        the ``tune`` block but :data:`TUNE_TAGGED`, which are tags set at every (re)opening."""
+        from mlflow.entities import RunTag
+
         rid, new = self._find_or_create(f"tune:{study}", {
             "mlflow.parentRunId": self.parent_id, "harness.kind": "tune", "harness.label": label,
             "harness.study": study, "mlflow.runName": f"tune/{label}"})
         self._writing.add(rid)  # before it is reopened or its params logged
         if new:
-            self._log_params(rid, {"tune": tune})
+            self._log_params(rid, {"tune": {k: v for k, v in tune.items() if k not in TUNE_TAGGED}})
         else:
             self.client.update_run(rid, status="RUNNING")
+        self.client.log_batch(rid, tags=[RunTag(f"tune.{k}", str(tune[k])) for k in TUNE_TAGGED])
         return rid
 
     def log_trial(self, tune_run: str, study: str, number: int, params: dict[str, Any], result: Any,

@@ -1215,3 +1215,22 @@ def test_best_key_is_none_when_the_method_refuses_the_best_trials_parameters():
 
     runner.spec = spec
     assert runner.best_key() is None
+
+
+def test_a_study_extended_by_a_rerun_shows_its_current_target_in_mlflow(sweep_dict):
+    """MLflow params cannot change: the settings a rerun may change without starting another
+    study (``n_trials``, ``n_parallel``, ``pruner``) are the tuning run's tags, the latest run's;
+    what defines the study stays its params."""
+    d = typed_study(sweep_dict, n_trials=1, sampler="random", space={"scaling": GRID_SPACE["scaling"]})
+    run_sweep(validate_config(d), quiet=True)
+    d["methods"][0]["tune"].update(n_trials=2, n_parallel=2, pruner="median")
+    cfg = validate_config(d)
+    run_sweep(cfg, quiet=True)
+    client = MlflowClient(cfg.resolved_tracking_uri())
+    exp = client.get_experiment_by_name(cfg.name).experiment_id
+    (tune_run,) = client.search_runs([exp], "tags.`harness.kind` = 'tune'")
+    assert len(client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{tune_run.info.run_id}'")) == 2
+    tags, params = tune_run.data.tags, tune_run.data.params
+    assert (tags["tune.n_trials"], tags["tune.n_parallel"], tags["tune.pruner"]) == ("2", "2", "median")
+    assert not {"tune.n_trials", "tune.n_parallel", "tune.pruner"} & set(params), params
+    assert (params["tune.sampler"], params["tune.space.scaling.high"]) == ("random", "0.6")
