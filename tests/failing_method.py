@@ -42,3 +42,20 @@ class FailsWithBrackets(MergeMethod):
         from methods.task_arithmetic import TaskArithmetic
 
         return TaskArithmetic(scaling=self.strength).merge(pretrained, finetuned, ctx)
+
+
+class FailsUntilMarked(MergeMethod):
+    """Fails until the file ``marker`` exists (a transient failure: out of memory, a busy disk),
+    then merges as task arithmetic at ``strength``."""
+
+    strength: float = 0.5
+    marker: str
+
+    def merge(self, pretrained, finetuned, ctx):
+        import os
+
+        if not os.path.exists(self.marker):
+            raise RuntimeError("transient failure")
+        from methods.task_arithmetic import TaskArithmetic
+
+        return TaskArithmetic(scaling=self.strength).merge(pretrained, finetuned, ctx)

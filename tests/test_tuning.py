@@ -1234,3 +1234,27 @@ def test_a_study_extended_by_a_rerun_shows_its_current_target_in_mlflow(sweep_di
     assert (tags["tune.n_trials"], tags["tune.n_parallel"], tags["tune.pruner"]) == ("2", "2", "median")
     assert not {"tune.n_trials", "tune.n_parallel", "tune.pruner"} & set(params), params
     assert (params["tune.sampler"], params["tune.space.scaling.high"]) == ("random", "0.6")
+
+
+def flaky_study(sweep_dict: dict, marker: Path) -> dict:
+    """A one-trial study of tests.failing_method:FailsUntilMarked, whose ``marker`` has no default."""
+    return dict(sweep_dict, references=False, methods=[
+        {"name": "tests.failing_method:FailsUntilMarked", "label": "flaky", "params": {"marker": str(marker)},
+         "tune": {"n_trials": 1, "n_parallel": 1, "sampler": "random",
+                  "space": {"strength": {"type": "float", "low": 0.1, "high": 0.5}}}}])
+
+
+def test_a_failed_study_of_a_method_with_a_required_hyperparameter_is_a_failed_row(sweep_dict, tmp_path):
+    """Its row's MLflow run (no setting chosen) ends FAILED with the study's reason; it was a
+    pydantic traceback (the row's hyperparameters built from no setting) that stopped the sweep."""
+    cfg = validate_config(flaky_study(sweep_dict, tmp_path / "never"))
+    out = run_sweep(cfg, quiet=True)
+    assert [r.setting for r in out.rows if r.method == "flaky"] == ["failed"]
+    client = MlflowClient(cfg.resolved_tracking_uri())
+    exp = client.get_experiment_by_name(cfg.name).experiment_id
+    (row,) = client.search_runs([exp], "tags.`harness.label` = 'flaky' and tags.`harness.kind` = 'merge'")
+    assert row.info.status == "FAILED" and "4 trials failed, the last with: RuntimeError: transient failure" in (
+        row.data.tags["harness.failure_reason"])
+    assert row.data.params["job.method"] == "tests.failing_method:FailsUntilMarked"
+    assert not [k for k in row.data.params if k.startswith("job.hyperparameters.")], row.data.params
+
