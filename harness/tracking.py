@@ -37,6 +37,8 @@ FINAL_KEY_TAG = "harness.final_key"
 #: A ``tune`` block's settings a rerun may change and still extend the same study: MLflow params
 #: cannot change, so they are tags of the tuning run (``tune.n_trials``, ...), the latest run's.
 TUNE_TAGGED = ("n_trials", "n_parallel", "pruner")
+#: On a failed job's, trial's or study's run: why it failed.
+FAILURE_TAG = "harness.failure_reason"
 #: On a pruned trial's run: the last step it reported before it was stopped.
 PRUNED_AT_TAG = "harness.pruned_at_step"
 #: The git commit of the code that logged a run (the parent run and each job run), when known.
@@ -388,7 +390,7 @@ class Tracker:
         if self.commit:
             tags[GIT_COMMIT_TAG] = self.commit
         if result.error:
-            tags["harness.failure_reason"] = result.error[:5000]
+            tags[FAILURE_TAG] = result.error[:5000]
         if result.warnings:
             tags["harness.warnings"] = "\n".join(result.warnings)[:5000]
         tags.update({f"harness.{k}": v for k, v in result.ran_on.items()})  # from a run to its SLURM job and log
@@ -436,6 +438,8 @@ class Tracker:
             self._log_params(rid, {"tune": {k: v for k, v in tune.items() if k not in TUNE_TAGGED}})
         else:
             self.client.update_run(rid, status="RUNNING")
+            if FAILURE_TAG in self.client.get_run(rid).data.tags:  # an earlier failed run's: this one may finish
+                self.client.delete_tag(rid, FAILURE_TAG)
         self.client.log_batch(rid, tags=[RunTag(f"tune.{k}", str(tune[k])) for k in TUNE_TAGGED])
         return rid
 
@@ -464,7 +468,7 @@ class Tracker:
         if metrics:
             self.client.log_batch(rid, metrics=metrics)
         if result.error:
-            self.client.set_tag(rid, "harness.failure_reason", result.error[:5000])
+            self.client.set_tag(rid, FAILURE_TAG, result.error[:5000])
         self.client.set_terminated(rid, status="FAILED" if state == "FAIL" else "FINISHED")
         self._writing.discard(rid)
 
@@ -488,7 +492,7 @@ class Tracker:
 
     def fail_tuning_run(self, rid: str, reason: str) -> None:
         """End a study's run FAILED with its reason (too many failed trials, none completed)."""
-        self.client.set_tag(rid, "harness.failure_reason", reason[:5000])
+        self.client.set_tag(rid, FAILURE_TAG, reason[:5000])
         self.client.set_terminated(rid, status="FAILED")
 
     def log_artifact(self, path: Path, run_id: str | None = None, subdir: str | None = None) -> None:

@@ -1258,3 +1258,19 @@ def test_a_failed_study_of_a_method_with_a_required_hyperparameter_is_a_failed_r
     assert row.data.params["job.method"] == "tests.failing_method:FailsUntilMarked"
     assert not [k for k in row.data.params if k.startswith("job.hyperparameters.")], row.data.params
 
+
+def test_a_failed_study_that_completes_on_rerun_keeps_no_failure_reason(sweep_dict, tmp_path):
+    """A study that failed (its trials did: a transient failure) and completes on rerun: its
+    reopened tuning run ends FINISHED without the earlier run's failure reason."""
+    marker = tmp_path / "fixed"
+    cfg = validate_config(flaky_study(sweep_dict, marker))
+    run_sweep(cfg, quiet=True)
+    client = MlflowClient(cfg.resolved_tracking_uri())
+    exp = client.get_experiment_by_name(cfg.name).experiment_id
+    (failed,) = client.search_runs([exp], "tags.`harness.kind` = 'tune'")
+    assert failed.info.status == "FAILED" and "trials failed" in failed.data.tags["harness.failure_reason"]
+    marker.touch()
+    run_sweep(cfg, quiet=True)
+    (tune_run,) = client.search_runs([exp], "tags.`harness.kind` = 'tune'")
+    assert tune_run.info.run_id == failed.info.run_id and tune_run.info.status == "FINISHED"
+    assert "harness.failure_reason" not in tune_run.data.tags, tune_run.data.tags
