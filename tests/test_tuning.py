@@ -1274,3 +1274,24 @@ def test_a_failed_study_that_completes_on_rerun_keeps_no_failure_reason(sweep_di
     (tune_run,) = client.search_runs([exp], "tags.`harness.kind` = 'tune'")
     assert tune_run.info.run_id == failed.info.run_id and tune_run.info.status == "FINISHED"
     assert "harness.failure_reason" not in tune_run.data.tags, tune_run.data.tags
+
+
+def test_tuned_values_are_logged_and_named_as_the_method_holds_them(sweep_dict):
+    """An int range over a float field draws 1, categorical choices 2.0 for an int field: trials,
+    ``best.*`` tags, the tuned job's params and its run name read them as the method holds them
+    (1.0, 2), as its ``job.hyperparameters.*`` do and as the same values in ``params`` would."""
+    d = typed_study(sweep_dict, n_trials=2, sampler="random", space={
+        "scaling": {"type": "int", "low": 1, "high": 2}, "repeats": {"type": "categorical", "choices": [2.0, 3.0]}})
+    cfg = validate_config(d)
+    run_sweep(cfg, quiet=True)
+    client = MlflowClient(cfg.resolved_tracking_uri())
+    exp = client.get_experiment_by_name(cfg.name).experiment_id
+    (job,) = client.search_runs([exp], "tags.`harness.kind` = 'merge'")
+    held = {k: job.data.params[f"job.hyperparameters.{k}"] for k in ("scaling", "repeats")}
+    assert held["scaling"] in ("1.0", "2.0") and held["repeats"] in ("2", "3"), held
+    assert {k: job.data.params[f"job.params.{k}"] for k in held} == held
+    assert job.info.run_name == f"typed(scaling={held['scaling']}, repeats={held['repeats']})"
+    (tune_run,) = client.search_runs([exp], "tags.`harness.kind` = 'tune'")
+    assert {k: tune_run.data.tags[f"best.{k}"] for k in held} == held
+    for trial in client.search_runs([exp], "tags.`harness.kind` = 'trial'"):
+        assert trial.data.params["trial.scaling"].endswith(".0") and "." not in trial.data.params["trial.repeats"]
