@@ -12,6 +12,7 @@ import os
 import shutil
 import sqlite3
 import subprocess
+import time
 from contextlib import closing
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
@@ -503,11 +504,13 @@ class Tracker:
         per row): one an earlier run logged that it lacks (a renamed or removed label's) is
         deleted, else the parent shows it beside the new ones. MLflow has no call that deletes a
         metric: that is done in the folder's own store alone, whose lock keeps other writers out;
-        on another store the old metric stays."""
+        on another store the old metric stays. Each is logged at the time it is (step 0): of values at one
+        step MLflow shows the latest logged, and at one time the largest, which a fallen row's is not."""
         from mlflow.entities import Metric
 
         if metrics:
-            self.client.log_batch(self.parent_id, metrics=[Metric(k, float(v), 0, 0) for k, v in metrics.items()])
+            now = int(time.time() * 1000)
+            self.client.log_batch(self.parent_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
         out = self.cfg.resolved_output_dir()
         if is_own_store(self.uri, out):
             drop_metrics(out / "mlflow.db", self.parent_id, keep=set(metrics))
