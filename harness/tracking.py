@@ -60,6 +60,12 @@ def flatten(d: Any, prefix: str = "") -> dict[str, str]:
     return out
 
 
+def quoted(value: str) -> str:
+    """``value`` as a string of an MLflow search filter: in single quotes, or in double ones when it
+    holds a single quote (a study's name may); MLflow has no escape, so not both."""
+    return f'"{value}"' if "'" in value else f"'{value}'"
+
+
 def curve_points(series: list) -> list[tuple[int, float]]:
     """(step, value) of a curve: a dense list (step = index) or sparse [step, value] pairs; a
     value a result file holds as null (a NaN step: see ``finite_json``) is NaN again."""
@@ -342,7 +348,7 @@ class Tracker:
         """Create a run, held in ``_writing`` for :meth:`abandon`. Until its id is held, the tag
         ``key_tag`` (unique to it) is what finds it: Ctrl-C may land after MLflow stored the run
         but before ``create_run`` returned its id."""
-        self._creating = f"tags.`{key_tag}` = '{tags[key_tag]}' and attributes.status = 'RUNNING'"
+        self._creating = f"tags.`{key_tag}` = {quoted(tags[key_tag])} and attributes.status = 'RUNNING'"
         rid = self.client.create_run(self.experiment_id, tags=tags).info.run_id
         self._writing.add(rid)
         self._creating = None
@@ -418,7 +424,7 @@ class Tracker:
 
         With ``finished_only`` a run left unfinished (RUNNING or KILLED: its writer was stopped)
         is replaced."""
-        runs = self.client.search_runs([self.experiment_id], f"tags.`harness.run_key` = '{key}'", max_results=1)
+        runs = self.client.search_runs([self.experiment_id], f"tags.`harness.run_key` = {quoted(key)}", max_results=1)
         if runs and finished_only and runs[0].info.status not in ("FINISHED", "FAILED"):
             self.client.delete_run(runs[0].info.run_id)
             runs = []

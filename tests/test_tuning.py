@@ -1295,3 +1295,26 @@ def test_tuned_values_are_logged_and_named_as_the_method_holds_them(sweep_dict):
     assert {k: tune_run.data.tags[f"best.{k}"] for k in held} == held
     for trial in client.search_runs([exp], "tags.`harness.kind` = 'trial'"):
         assert trial.data.params["trial.scaling"].endswith(".0") and "." not in trial.data.params["trial.repeats"]
+
+
+def test_a_study_name_with_a_quote_is_tracked_and_found_again(sweep_dict):
+    """``study_name: "bob's study"``: the sweep ran its trials, then stopped on an MLflow
+    traceback (its run was searched for with the name inside a quoted filter); a rerun finds the
+    same tuning run."""
+    d = typed_study(sweep_dict, n_trials=1, sampler="random", study_name="bob's study",
+                    space={"scaling": GRID_SPACE["scaling"]})
+    cfg = validate_config(d)
+    for _ in range(2):
+        run_sweep(cfg, quiet=True)
+    client = MlflowClient(cfg.resolved_tracking_uri())
+    exp = client.get_experiment_by_name(cfg.name).experiment_id
+    (tune_run,) = client.search_runs([exp], "tags.`harness.kind` = 'tune'")
+    assert tune_run.data.tags["harness.study"] == "bob's study" and tune_run.info.status == "FINISHED"
+    assert len(client.search_runs([exp], "tags.`harness.kind` = 'trial'")) == 1
+
+
+def test_a_study_name_with_both_quotes_is_a_config_error(sweep_dict):
+    d = typed_study(sweep_dict, study_name="""a 'b' "c\"""", space={"scaling": GRID_SPACE["scaling"]})
+    with pytest.raises(ConfigError) as e:
+        validate_config(d, "s.yaml")
+    assert "methods.0.tune.study_name: may hold ' or \", not both (MLflow finds its run by it)" in str(e.value)
