@@ -377,15 +377,19 @@ class Tracker:
 
     def log_job(self, result: Any, params: dict[str, Any], config_digest: str,
                 files: list[Path] | None = None, name: str | None = None) -> str | None:
-        """A nested run for a finished (or failed) job; skipped if this job is already logged.
+        """A nested run for a finished (or failed) job; skipped if this job is already logged (a job
+        failing again updates its failed run's reason and traceback).
 
         ``name``: the run's name (default the result's title); a grid point's names its setting,
         so that the points of a grid can be told apart in the UI."""
         from mlflow.entities import Metric
 
         previous = self._logged.get(result.key)
-        if previous and (previous[1] == "FINISHED" or result.status != "ok"):
-            return None  # logged already (a failure is logged once, not at every retry)
+        if previous and previous[1] == "FAILED" and result.status != "ok":
+            self._refail(previous[0], result, files or [])
+            return None
+        if previous and previous[1] == "FINISHED":
+            return None  # logged already
         if previous:
             self.client.delete_run(previous[0])  # the failed attempt, now superseded
         name = name or result.title
@@ -418,6 +422,14 @@ class Tracker:
         self._logged[result.key] = (rid, status)
         self._names[result.key] = (result.label, name)
         return rid
+
+    def _refail(self, rid: str, result: Any, files: list[Path]) -> None:
+        """A failed job that failed again keeps its one run, with the latest attempt's reason and
+        traceback: what the command's summary and ``artifacts/<key>/traceback.txt`` say."""
+        if result.error:
+            self.client.set_tag(rid, FAILURE_TAG, result.error[:5000])
+        for f in files:
+            self.client.log_artifact(rid, str(f))
 
     def _find_or_create(self, key: str, tags: dict[str, str], finished_only: bool = False) -> tuple[str, bool]:
         """A run identified by ``harness.run_key`` (reused on rerun), and whether it is new.

@@ -59,3 +59,14 @@ class FailsUntilMarked(MergeMethod):
         from methods.task_arithmetic import TaskArithmetic
 
         return TaskArithmetic(scaling=self.strength).merge(pretrained, finetuned, ctx)
+
+
+class FailsWithWhatItReads(MergeMethod):
+    """Fails with the text of the file ``reason``: a job failing again, for another reason."""
+
+    reason: str
+
+    def merge(self, pretrained, finetuned, ctx):
+        from pathlib import Path
+
+        raise RuntimeError(Path(self.reason).read_text())
