@@ -529,13 +529,17 @@ def ui(target: str | None, port: int, host: str) -> None:
 
 
 def _store(target: str | None) -> tuple[str, str | None]:
-    """Tracking URI and artifact folder from a sweep YAML, an output folder, or the env."""
+    """Tracking URI and artifact folder from a sweep YAML (its output folder, as ``harness report
+    FILE`` takes it: MLflow would serve a new, empty store there), an output folder, or the env."""
+    cfg = None
     if target and Path(target).is_file():
         cfg = _load(target, ())
-        return cfg.resolved_tracking_uri(), str(cfg.resolved_output_dir() / "mlartifacts")
+        if not cfg.resolved_output_dir().is_dir():
+            fail(f"{target}: its output folder {cfg.resolved_output_dir()} does not exist (the sweep has not run there)")
+        target = str(cfg.resolved_output_dir())
     if target and Path(target).is_dir():
         folder = Path(target).resolve()
-        return _folder_store(target, _folder_config(folder)), str(folder / "mlartifacts")
+        return _folder_store(target, _folder_config(folder) or cfg), str(folder / "mlartifacts")
     if target:
         fail(f"{target}: not a sweep file or an output folder")
     if os.environ.get("MLFLOW_TRACKING_URI"):

@@ -264,6 +264,14 @@ class TuneSpec(Strict):
             raise ValueError("must be a validation metric ('val/...'): test metrics never choose hyperparameters")
         return v
 
+    @field_validator("study_name")
+    @classmethod
+    def _one_kind_of_quote(cls, v: str | None) -> str | None:
+        """MLflow finds the study's run by its name in a quoted search filter, which has no escape."""
+        if v is not None and "'" in v and '"' in v:
+            raise ValueError("may hold ' or \", not both (MLflow finds its run by it)")
+        return v
+
     @field_validator("storage")
     @classmethod
     def _storage_url(cls, v: str | None) -> str | None:

@@ -153,12 +153,13 @@ def traceback_file(out: Path, key: str) -> Path:
 def job_params(cfg: SweepConfig, spec: JobSpec) -> dict[str, Any]:
     """What MLflow records as a job's params: the resolved config, flattened, plus the job's own:
     ``params``, those the sweep gives (as validated: ``harness.config.hold_validated``), and
-    ``hyperparameters``, every one the method ran with (defaults included, as in the job's key)."""
+    ``hyperparameters``, every one the method ran with (defaults included, as in the job's key;
+    none for a failed study's row, which ran no setting)."""
     conf = cfg.model_dump(mode="json")
     conf.pop("methods", None)
     job = {"kind": spec.kind, "label": spec.label, "method": spec.method, "task": spec.task,
            "protocol": spec.protocol, "params": spec.params}
-    if spec.method:
+    if spec.method and not spec.key.startswith(FAILED_STUDY):
         job["hyperparameters"] = full_params(spec.method, spec.params)
     return {"job": job, "config": conf}
 
@@ -261,8 +262,8 @@ def _run_sweep(cfg: SweepConfig, ws: Workspace, executor: Any, console: Console,
 
     digest = cfg.digest()
     tracker = Tracker(cfg)
+    held.enter_context(_ended_if_stopped(tracker))  # first: a tracking server's parent run is created now
     tracker.start_sweep(digest, cfg.model_dump(mode="json"), "sweep" if only is None else f"tune:{only.label}")
-    held.enter_context(_ended_if_stopped(tracker))
     executed: list[str] = []
     failed_trials: list[tuple[JobSpec, JobResult]] = []
     trial_counts: dict[tuple[str, str], TrialCounts] = {}  # by tuned label and its best setting's job key
@@ -593,12 +594,16 @@ def run_study(cfg: SweepConfig, m, identity: dict, task_identity: dict, results_
     return final, counts
 
 
+#: The key prefix of a failed study's row (:func:`failed_study_spec`).
+FAILED_STUDY = "study-failed-"
+
+
 def failed_study_spec(m) -> JobSpec:
     """The job standing for a tuned method whose study failed (too many failed trials, or none
     completed): no setting was chosen, so there is no job of a setting to run; its key, stable
     for the label, keeps the row (``failed``) in the tables, MLflow and ``report/jobs.json``."""
     digest = hashlib.sha256(f"failed study\0{m.display}".encode()).hexdigest()[:16]
-    return JobSpec("merge", m.display, method=m.name, params={}, key=f"study-failed-{digest}")
+    return JobSpec("merge", m.display, method=m.name, params={}, key=f"{FAILED_STUDY}{digest}")
 
 
 def reuse_adaptation(work: Path, trial_key: str | None, final_key: str) -> None:

@@ -12,6 +12,7 @@ import os
 import shutil
 import sqlite3
 import subprocess
+import time
 from contextlib import closing
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
@@ -34,6 +35,11 @@ PROTOCOL_TAG = "harness.protocol"
 #: job key of the best setting's run on test, whose table row they go with.
 TRIALS_TAG = "harness.trials"
 FINAL_KEY_TAG = "harness.final_key"
+#: A ``tune`` block's settings a rerun may change and still extend the same study: MLflow params
+#: cannot change, so they are tags of the tuning run (``tune.n_trials``, ...), the latest run's.
+TUNE_TAGGED = ("n_trials", "n_parallel", "pruner")
+#: On a failed job's, trial's or study's run: why it failed.
+FAILURE_TAG = "harness.failure_reason"
 #: On a pruned trial's run: the last step it reported before it was stopped.
 PRUNED_AT_TAG = "harness.pruned_at_step"
 #: The git commit of the code that logged a run (the parent run and each job run), when known.
@@ -52,6 +58,12 @@ def flatten(d: Any, prefix: str = "") -> dict[str, str]:
     else:
         out[prefix[:-1]] = str(d)[:6000]
     return out
+
+
+def quoted(value: str) -> str:
+    """``value`` as a string of an MLflow search filter: in single quotes, or in double ones when it
+    holds a single quote (a study's name may); MLflow has no escape, so not both."""
+    return f'"{value}"' if "'" in value else f"'{value}'"
 
 
 def curve_points(series: list) -> list[tuple[int, float]]:
@@ -224,8 +236,8 @@ class Tracker:
         self._parent_id: str | None = None
         self._logged: dict[str, tuple[str, str]] = {}  # job key -> (run id, status)
         self._names: dict[str, tuple[str, str]] = {}  # job key -> (label, run name) of its run
-        self._tuning: list[str] = []  # tuning runs this driver reopened or created
-        self._writing: set[str] = set()  # job and trial runs this driver created and has not ended
+        self._writing: set[str] = set()  # runs this driver created or reopened (tuning runs) and may leave RUNNING
+        self._creating: str | None = None  # the search filter of a run being created, until its id is held
         self._commit: tuple[str | None] | None = None  # the code's git commit, asked for once
 
     @property
@@ -300,8 +312,7 @@ class Tracker:
             tags = {SWEEP_TAG: digest, "harness.kind": "sweep", "mlflow.runName": self.cfg.name, SCOPE_TAG: scope}
             if self.commit:
                 tags[GIT_COMMIT_TAG] = self.commit
-            run = self.client.create_run(self.experiment_id, tags=tags)
-            self._parent_id = run.info.run_id
+            self._parent_id = self._create_run(tags, SWEEP_TAG)
             self._log_params(self._parent_id, params)
         children = self.client.search_runs([self.experiment_id], f"tags.`mlflow.parentRunId` = '{self._parent_id}'",
                                            max_results=50000)
@@ -333,6 +344,16 @@ class Tracker:
             if r.info.run_id != self._parent_id and r.data.tags.get("harness.kind"):
                 self.client.set_terminated(r.info.run_id, status="KILLED")
 
+    def _create_run(self, tags: dict[str, str], key_tag: str) -> str:
+        """Create a run, held in ``_writing`` for :meth:`abandon`. Until its id is held, the tag
+        ``key_tag`` (unique to it) is what finds it: Ctrl-C may land after MLflow stored the run
+        but before ``create_run`` returned its id."""
+        self._creating = f"tags.`{key_tag}` = {quoted(tags[key_tag])} and attributes.status = 'RUNNING'"
+        rid = self.client.create_run(self.experiment_id, tags=tags).info.run_id
+        self._writing.add(rid)
+        self._creating = None
+        return rid
+
     def _log_params(self, run_id: str, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
@@ -356,15 +377,19 @@ class Tracker:
 
     def log_job(self, result: Any, params: dict[str, Any], config_digest: str,
                 files: list[Path] | None = None, name: str | None = None) -> str | None:
-        """A nested run for a finished (or failed) job; skipped if this job is already logged.
+        """A nested run for a finished (or failed) job; skipped if this job is already logged (a job
+        failing again updates its failed run's reason and traceback).
 
         ``name``: the run's name (default the result's title); a grid point's names its setting,
         so that the points of a grid can be told apart in the UI."""
         from mlflow.entities import Metric
 
         previous = self._logged.get(result.key)
-        if previous and (previous[1] == "FINISHED" or result.status != "ok"):
-            return None  # logged already (a failure is logged once, not at every retry)
+        if previous and previous[1] == "FAILED" and result.status != "ok":
+            self._refail(previous[0], result, files or [])
+            return None
+        if previous and previous[1] == "FINISHED":
+            return None  # logged already
         if previous:
             self.client.delete_run(previous[0])  # the failed attempt, now superseded
         name = name or result.title
@@ -376,13 +401,11 @@ class Tracker:
         if self.commit:
             tags[GIT_COMMIT_TAG] = self.commit
         if result.error:
-            tags["harness.failure_reason"] = result.error[:5000]
+            tags[FAILURE_TAG] = result.error[:5000]
         if result.warnings:
             tags["harness.warnings"] = "\n".join(result.warnings)[:5000]
         tags.update({f"harness.{k}": v for k, v in result.ran_on.items()})  # from a run to its SLURM job and log
-        run = self.client.create_run(self.experiment_id, tags=tags)
-        rid = run.info.run_id
-        self._writing.add(rid)
+        rid = self._create_run(tags, JOB_TAG)
         self._log_params(rid, params)
         metrics = [Metric(k, float(v), 0, 0) for k, v in result.metrics.items()]
         metrics += [Metric(f"time/{k}", float(v), 0, 0) for k, v in result.timings.items()]
@@ -400,30 +423,43 @@ class Tracker:
         self._names[result.key] = (result.label, name)
         return rid
 
+    def _refail(self, rid: str, result: Any, files: list[Path]) -> None:
+        """A failed job that failed again keeps its one run, with the latest attempt's reason and
+        traceback: what the command's summary and ``artifacts/<key>/traceback.txt`` say."""
+        if result.error:
+            self.client.set_tag(rid, FAILURE_TAG, result.error[:5000])
+        for f in files:
+            self.client.log_artifact(rid, str(f))
+
     def _find_or_create(self, key: str, tags: dict[str, str], finished_only: bool = False) -> tuple[str, bool]:
         """A run identified by ``harness.run_key`` (reused on rerun), and whether it is new.
 
         With ``finished_only`` a run left unfinished (RUNNING or KILLED: its writer was stopped)
         is replaced."""
-        runs = self.client.search_runs([self.experiment_id], f"tags.`harness.run_key` = '{key}'", max_results=1)
+        runs = self.client.search_runs([self.experiment_id], f"tags.`harness.run_key` = {quoted(key)}", max_results=1)
         if runs and finished_only and runs[0].info.status not in ("FINISHED", "FAILED"):
             self.client.delete_run(runs[0].info.run_id)
             runs = []
         if runs:
             return runs[0].info.run_id, False
-        run = self.client.create_run(self.experiment_id, tags={**tags, "harness.run_key": key})
-        return run.info.run_id, True
+        return self._create_run({**tags, "harness.run_key": key}, "harness.run_key"), True
 
     def tuning_run(self, study: str, label: str, tune: dict[str, Any]) -> str:
-        """The method's tuning run (child of the sweep run); trials nest under it."""
+        """The method's tuning run (child of the sweep run); trials nest under it. Its params are
+        the ``tune`` block but :data:`TUNE_TAGGED`, which are tags set at every (re)opening."""
+        from mlflow.entities import RunTag
+
         rid, new = self._find_or_create(f"tune:{study}", {
             "mlflow.parentRunId": self.parent_id, "harness.kind": "tune", "harness.label": label,
             "harness.study": study, "mlflow.runName": f"tune/{label}"})
+        self._writing.add(rid)  # before it is reopened or its params logged
         if new:
-            self._log_params(rid, {"tune": tune})
+            self._log_params(rid, {"tune": {k: v for k, v in tune.items() if k not in TUNE_TAGGED}})
         else:
             self.client.update_run(rid, status="RUNNING")
-        self._tuning.append(rid)
+            if FAILURE_TAG in self.client.get_run(rid).data.tags:  # an earlier failed run's: this one may finish
+                self.client.delete_tag(rid, FAILURE_TAG)
+        self.client.log_batch(rid, tags=[RunTag(f"tune.{k}", str(tune[k])) for k in TUNE_TAGGED])
         return rid
 
     def log_trial(self, tune_run: str, study: str, number: int, params: dict[str, Any], result: Any,
@@ -440,7 +476,6 @@ class Tracker:
             "harness.trial_state": state, "mlflow.runName": f"trial {number}"}, finished_only=True)
         if not new:
             return
-        self._writing.add(rid)
         self._log_params(rid, {"trial": params})
         metrics = [Metric(k, float(v), 0, 0) for k, v in result.metrics.items()]
         if state == "COMPLETE":
@@ -452,7 +487,7 @@ class Tracker:
         if metrics:
             self.client.log_batch(rid, metrics=metrics)
         if result.error:
-            self.client.set_tag(rid, "harness.failure_reason", result.error[:5000])
+            self.client.set_tag(rid, FAILURE_TAG, result.error[:5000])
         self.client.set_terminated(rid, status="FAILED" if state == "FAIL" else "FINISHED")
         self._writing.discard(rid)
 
@@ -476,7 +511,7 @@ class Tracker:
 
     def fail_tuning_run(self, rid: str, reason: str) -> None:
         """End a study's run FAILED with its reason (too many failed trials, none completed)."""
-        self.client.set_tag(rid, "harness.failure_reason", reason[:5000])
+        self.client.set_tag(rid, FAILURE_TAG, reason[:5000])
         self.client.set_terminated(rid, status="FAILED")
 
     def log_artifact(self, path: Path, run_id: str | None = None, subdir: str | None = None) -> None:
@@ -487,11 +522,13 @@ class Tracker:
         per row): one an earlier run logged that it lacks (a renamed or removed label's) is
         deleted, else the parent shows it beside the new ones. MLflow has no call that deletes a
         metric: that is done in the folder's own store alone, whose lock keeps other writers out;
-        on another store the old metric stays."""
+        on another store the old metric stays. Each is logged at the time it is (step 0): of values at one
+        step MLflow shows the latest logged, and at one time the largest, which a fallen row's is not."""
         from mlflow.entities import Metric
 
         if metrics:
-            self.client.log_batch(self.parent_id, metrics=[Metric(k, float(v), 0, 0) for k, v in metrics.items()])
+            now = int(time.time() * 1000)
+            self.client.log_batch(self.parent_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
         out = self.cfg.resolved_output_dir()
         if is_own_store(self.uri, out):
             drop_metrics(out / "mlflow.db", self.parent_id, keep=set(metrics))
@@ -501,9 +538,12 @@ class Tracker:
         it was logging) with ``status`` (KILLED after Ctrl-C, FAILED after a crash), so the UI
         does not show a stopped sweep as running forever. A rerun reopens the sweep's and
         studies' runs and logs a half-logged job again. Does nothing if MLflow was never opened."""
-        if self._client is None or self._parent_id is None:
+        if self._client is None:
             return
-        for rid in [*self._writing, *self._tuning, self._parent_id]:
+        stopped = {*self._writing, self._parent_id} - {None}
+        if self._creating is not None:
+            stopped |= {r.info.run_id for r in self._client.search_runs([self.experiment_id], self._creating)}
+        for rid in stopped:
             if self._client.get_run(rid).info.status == "RUNNING":
                 self._client.set_terminated(rid, status=status)
 

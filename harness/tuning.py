@@ -395,10 +395,20 @@ class StudyRunner:
                 return True
         return not done
 
+    def held(self, drawn: dict[str, Any]) -> dict[str, Any]:
+        """Values Optuna drew (an int range's 1 for a float field, a choice 2.0 for an int one) as the
+        method holds them, as a sweep's params and grid are (``hold_validated``): the trial's and
+        the tuned job's params, run name, row and ``best.*`` tags then read 1.0 and 2."""
+        from methods.base import resolve_method
+
+        cls = resolve_method(self.m.name)
+        return {k: held_value(cls, self.m, k, v) for k, v in drawn.items()}
+
     def spec(self, trial_id: int, number: int, params: dict[str, Any], study: str | None = None) -> JobSpec:
         handle = {"storage": self.storage, "study_name": study or self.name, "trial_id": trial_id, "number": number,
                   "objective": self.tune.objective, "pruner": self.tune.pruner}
-        base = JobSpec("trial", self.m.display, method=self.m.name, params={**self.m.params, **params}, trial=handle)
+        base = JobSpec("trial", self.m.display, method=self.m.name, params={**self.m.params, **self.held(params)},
+                       trial=handle)
         return with_key(self.cfg, base, self.identity, self.task_identity)
 
     def best_key(self) -> str | None:
@@ -538,8 +548,7 @@ class StudyRunner:
         if not self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
             raise StudyFailed(f"study {self.name!r}: no trial completed"
                               + (f"; the last failure: {last_error}" if last_error else ""))
-        best = {k: v for k, v in self.study.best_params.items()}
-        return {**self.m.params, **best}
+        return {**self.m.params, **self.held(self.study.best_params)}
 
 
 def save_study_plots(study: "optuna.Study", folder: Path) -> list[Path]:

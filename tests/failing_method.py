@@ -42,3 +42,31 @@ class FailsWithBrackets(MergeMethod):
         from methods.task_arithmetic import TaskArithmetic
 
         return TaskArithmetic(scaling=self.strength).merge(pretrained, finetuned, ctx)
+
+
+class FailsUntilMarked(MergeMethod):
+    """Fails until the file ``marker`` exists (a transient failure: out of memory, a busy disk),
+    then merges as task arithmetic at ``strength``."""
+
+    strength: float = 0.5
+    marker: str
+
+    def merge(self, pretrained, finetuned, ctx):
+        import os
+
+        if not os.path.exists(self.marker):
+            raise RuntimeError("transient failure")
+        from methods.task_arithmetic import TaskArithmetic
+
+        return TaskArithmetic(scaling=self.strength).merge(pretrained, finetuned, ctx)
+
+
+class FailsWithWhatItReads(MergeMethod):
+    """Fails with the text of the file ``reason``: a job failing again, for another reason."""
+
+    reason: str
+
+    def merge(self, pretrained, finetuned, ctx):
+        from pathlib import Path
+
+        raise RuntimeError(Path(self.reason).read_text())

@@ -523,3 +523,19 @@ def test_convert_of_a_folder_says_it_is_one(tmp_path):
     assert " ".join(r.stderr.split()) == (f"error: {tmp_path / 'ckpts'}: is a folder, not a checkpoint file "
                                           "(harness import converts a folder of them)")
     assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_ui_of_a_sweep_file_that_has_not_run_says_so_and_creates_nothing(sweep_dict, tmp_path, monkeypatch):
+    """As ``harness report FILE`` does: one line naming the missing output folder, exit 2; it was an
+    empty UI on a new ``mlflow.db``, made (with its folder) by the MLflow server."""
+    def no_server(*args):
+        raise AssertionError("the server was started")
+
+    monkeypatch.setattr(os, "execve", no_server)
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump(sweep_dict))
+    r = CliRunner().invoke(main, ["ui", str(f)])
+    out = Path(sweep_dict["output_dir"])
+    assert r.exit_code == 2, r.output
+    assert " ".join(r.stderr.split()) == f"error: {f}: its output folder {out} does not exist (the sweep has not run there)"
+    assert not out.exists()

@@ -250,3 +250,23 @@ def test_ctrl_c_while_a_job_is_logged_ends_its_run_killed_and_the_rerun_logs_it_
     assert runs() == [("merge", "FINISHED"), ("sweep", "FINISHED")]
     (job,) = client.search_runs([exp], "tags.`harness.kind` = 'merge'")
     assert job.data.metrics["acc/avg"] == outcome.results[0].metrics["acc/avg"]
+
+
+def test_a_job_failing_again_for_another_reason_shows_the_latest_in_mlflow(sweep_dict, tmp_path):
+    """One run per job, as before, but its reason and traceback are the latest attempt's, as the
+    command's summary and ``artifacts/<key>/traceback.txt`` are: they were the first attempt's."""
+    reason = tmp_path / "reason.txt"
+    d = dict(sweep_dict, references=False, methods=[
+        {"name": "tests.failing_method:FailsWithWhatItReads", "label": "broken", "params": {"reason": str(reason)}}])
+    for why in ("disk busy", "no head for toy_colours"):
+        reason.write_text(why)
+        _, err = failing_sweep(d, tmp_path)
+        assert f": RuntimeError: {why}" in err
+    cfg = validate_config(d)
+    client = MlflowClient(cfg.resolved_tracking_uri())
+    exp = client.get_experiment_by_name(cfg.name).experiment_id
+    (run,) = client.search_runs([exp], "tags.`harness.label` = 'broken'")
+    assert run.info.status == "FAILED"
+    assert run.data.tags["harness.failure_reason"] == "RuntimeError: no head for toy_colours"
+    local = client.download_artifacts(run.info.run_id, "traceback.txt", str(tmp_path))
+    assert "RuntimeError: no head for toy_colours" in open(local).read()

@@ -290,6 +290,23 @@ def test_a_renamed_label_leaves_no_summary_metric_on_the_parent_run(sweep_dict, 
     assert client.get_metric_history(again.parent_run_id, "wa_old/acc/avg") == []
 
 
+
+def test_the_parent_runs_summary_is_the_latest_table_when_a_row_falls(sweep_dict):
+    """A row whose average falls on rerun (its grid changed): the parent's ``<label>/acc/avg`` is
+    the new table's. It was the highest value ever logged: every rerun logged it at step 0 and
+    time 0, where MLflow's latest value is the largest."""
+    d = dict(sweep_dict, references=False, methods=[{"name": "task_arithmetic", "grid": {"scaling": [0.2]}}])
+    rows = []
+    for scaling in (0.2, 1.0, 0.2):
+        d["methods"][0]["grid"]["scaling"] = [scaling]
+        cfg = validate_config(d)
+        out = run_sweep(cfg, quiet=True)
+        metrics = MlflowClient(cfg.resolved_tracking_uri()).get_run(out.parent_run_id).data.metrics
+        assert metrics == {"task_arithmetic/acc/avg": out.rows[0].avg}, scaling
+        rows.append(out.rows[0].avg)
+    assert rows[0] != rows[1] and rows[0] == rows[2]  # one of the reruns lowered the row
+
+
 PLAIN_TASK = '''
 from tasks.base import Task
 from tasks.synthetic import make_toy_task

@@ -221,3 +221,68 @@ def test_another_sweep_logging_to_this_folders_store_keeps_its_artifacts(sweep_d
     cfg, results, _ = load_sweep_from_mlflow(store, sweep=b)
     assert cfg.name == "other" and {r.key for r in results} == {r.key for r in second.results}
     assert all(r.test_correct for r in results)  # per-image records read from B's artifacts
+
+
+@pytest.mark.parametrize("kind,call", [("sweep", "create_run"), ("merge", "create_run"), ("tune", "create_run"),
+                                       ("trial", "create_run"), ("tune", "log_batch")])
+def test_ctrl_c_just_after_a_run_is_created_leaves_no_run_running(kind, call, sweep_dict, monkeypatch):
+    """Ctrl-C lands once MLflow has stored a run but before the driver holds its id (the end of
+    ``create_run``, or while a new study's params are logged): the run still ends KILLED."""
+    from mlflow.tracking import MlflowClient
+
+    from harness.runner import run_sweep
+
+    d = dict(sweep_dict, references=False, methods=[
+        {"name": "weight_averaging"},
+        {"name": "task_arithmetic", "tune": {"n_trials": 1, "space": {"scaling": {"type": "float", "low": 0.1,
+                                                                                  "high": 0.9}}}}])
+    cfg = validate_config(d)
+    real_create, real_batch = MlflowClient.create_run, MlflowClient.log_batch
+    created: dict[str, str] = {}
+
+    def create_run(self, experiment_id, *args, tags=None, **kwargs):
+        run = real_create(self, experiment_id, *args, tags=tags, **kwargs)
+        created[run.info.run_id] = (tags or {}).get("harness.kind")
+        if call == "create_run" and created[run.info.run_id] == kind:
+            raise KeyboardInterrupt
+        return run
+
+    def log_batch(self, run_id, *args, **kwargs):
+        if call == "log_batch" and created.get(run_id) == kind:
+            raise KeyboardInterrupt
+        return real_batch(self, run_id, *args, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, "create_run", create_run)
+    monkeypatch.setattr(MlflowClient, "log_batch", log_batch)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(cfg, quiet=True)
+    monkeypatch.undo()
+    client = MlflowClient(cfg.resolved_tracking_uri())
+    exp = client.get_experiment_by_name(cfg.name).experiment_id
+    status = {r.data.tags.get("harness.kind"): r.info.status for r in client.search_runs([exp])
+              if r.info.run_id in created and created[r.info.run_id] == kind}
+    assert status == {kind: "KILLED"}
+
+
+def test_ctrl_c_as_a_tracking_server_gets_the_sweeps_run_leaves_it_killed(sweep_dict, monkeypatch):
+    """A tracking server's parent run is created by ``start_sweep``, before any job: Ctrl-C then
+    ends it KILLED too."""
+    from mlflow.tracking import MlflowClient
+
+    from harness.runner import run_sweep
+    from harness.tracking import Tracker
+
+    real = Tracker.start_sweep
+
+    def start_sweep(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        self._open()  # as for an http(s):// store
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Tracker, "start_sweep", start_sweep)
+    cfg = validate_config(dict(sweep_dict, references=False, methods=[{"name": "weight_averaging"}]))
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(cfg, quiet=True)
+    client = MlflowClient(cfg.resolved_tracking_uri())
+    exp = client.get_experiment_by_name(cfg.name).experiment_id
+    assert [r.info.status for r in client.search_runs([exp])] == ["KILLED"]

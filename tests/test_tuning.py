@@ -1215,3 +1215,106 @@ def test_best_key_is_none_when_the_method_refuses_the_best_trials_parameters():
 
     runner.spec = spec
     assert runner.best_key() is None
+
+
+def test_a_study_extended_by_a_rerun_shows_its_current_target_in_mlflow(sweep_dict):
+    """MLflow params cannot change: the settings a rerun may change without starting another
+    study (``n_trials``, ``n_parallel``, ``pruner``) are the tuning run's tags, the latest run's;
+    what defines the study stays its params."""
+    d = typed_study(sweep_dict, n_trials=1, sampler="random", space={"scaling": GRID_SPACE["scaling"]})
+    run_sweep(validate_config(d), quiet=True)
+    d["methods"][0]["tune"].update(n_trials=2, n_parallel=2, pruner="median")
+    cfg = validate_config(d)
+    run_sweep(cfg, quiet=True)
+    client = MlflowClient(cfg.resolved_tracking_uri())
+    exp = client.get_experiment_by_name(cfg.name).experiment_id
+    (tune_run,) = client.search_runs([exp], "tags.`harness.kind` = 'tune'")
+    assert len(client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{tune_run.info.run_id}'")) == 2
+    tags, params = tune_run.data.tags, tune_run.data.params
+    assert (tags["tune.n_trials"], tags["tune.n_parallel"], tags["tune.pruner"]) == ("2", "2", "median")
+    assert not {"tune.n_trials", "tune.n_parallel", "tune.pruner"} & set(params), params
+    assert (params["tune.sampler"], params["tune.space.scaling.high"]) == ("random", "0.6")
+
+
+def flaky_study(sweep_dict: dict, marker: Path) -> dict:
+    """A one-trial study of tests.failing_method:FailsUntilMarked, whose ``marker`` has no default."""
+    return dict(sweep_dict, references=False, methods=[
+        {"name": "tests.failing_method:FailsUntilMarked", "label": "flaky", "params": {"marker": str(marker)},
+         "tune": {"n_trials": 1, "n_parallel": 1, "sampler": "random",
+                  "space": {"strength": {"type": "float", "low": 0.1, "high": 0.5}}}}])
+
+
+def test_a_failed_study_of_a_method_with_a_required_hyperparameter_is_a_failed_row(sweep_dict, tmp_path):
+    """Its row's MLflow run (no setting chosen) ends FAILED with the study's reason; it was a
+    pydantic traceback (the row's hyperparameters built from no setting) that stopped the sweep."""
+    cfg = validate_config(flaky_study(sweep_dict, tmp_path / "never"))
+    out = run_sweep(cfg, quiet=True)
+    assert [r.setting for r in out.rows if r.method == "flaky"] == ["failed"]
+    client = MlflowClient(cfg.resolved_tracking_uri())
+    exp = client.get_experiment_by_name(cfg.name).experiment_id
+    (row,) = client.search_runs([exp], "tags.`harness.label` = 'flaky' and tags.`harness.kind` = 'merge'")
+    assert row.info.status == "FAILED" and "4 trials failed, the last with: RuntimeError: transient failure" in (
+        row.data.tags["harness.failure_reason"])
+    assert row.data.params["job.method"] == "tests.failing_method:FailsUntilMarked"
+    assert not [k for k in row.data.params if k.startswith("job.hyperparameters.")], row.data.params
+
+
+def test_a_failed_study_that_completes_on_rerun_keeps_no_failure_reason(sweep_dict, tmp_path):
+    """A study that failed (its trials did: a transient failure) and completes on rerun: its
+    reopened tuning run ends FINISHED without the earlier run's failure reason."""
+    marker = tmp_path / "fixed"
+    cfg = validate_config(flaky_study(sweep_dict, marker))
+    run_sweep(cfg, quiet=True)
+    client = MlflowClient(cfg.resolved_tracking_uri())
+    exp = client.get_experiment_by_name(cfg.name).experiment_id
+    (failed,) = client.search_runs([exp], "tags.`harness.kind` = 'tune'")
+    assert failed.info.status == "FAILED" and "trials failed" in failed.data.tags["harness.failure_reason"]
+    marker.touch()
+    run_sweep(cfg, quiet=True)
+    (tune_run,) = client.search_runs([exp], "tags.`harness.kind` = 'tune'")
+    assert tune_run.info.run_id == failed.info.run_id and tune_run.info.status == "FINISHED"
+    assert "harness.failure_reason" not in tune_run.data.tags, tune_run.data.tags
+
+
+def test_tuned_values_are_logged_and_named_as_the_method_holds_them(sweep_dict):
+    """An int range over a float field draws 1, categorical choices 2.0 for an int field: trials,
+    ``best.*`` tags, the tuned job's params and its run name read them as the method holds them
+    (1.0, 2), as its ``job.hyperparameters.*`` do and as the same values in ``params`` would."""
+    d = typed_study(sweep_dict, n_trials=2, sampler="random", space={
+        "scaling": {"type": "int", "low": 1, "high": 2}, "repeats": {"type": "categorical", "choices": [2.0, 3.0]}})
+    cfg = validate_config(d)
+    run_sweep(cfg, quiet=True)
+    client = MlflowClient(cfg.resolved_tracking_uri())
+    exp = client.get_experiment_by_name(cfg.name).experiment_id
+    (job,) = client.search_runs([exp], "tags.`harness.kind` = 'merge'")
+    held = {k: job.data.params[f"job.hyperparameters.{k}"] for k in ("scaling", "repeats")}
+    assert held["scaling"] in ("1.0", "2.0") and held["repeats"] in ("2", "3"), held
+    assert {k: job.data.params[f"job.params.{k}"] for k in held} == held
+    assert job.info.run_name == f"typed(scaling={held['scaling']}, repeats={held['repeats']})"
+    (tune_run,) = client.search_runs([exp], "tags.`harness.kind` = 'tune'")
+    assert {k: tune_run.data.tags[f"best.{k}"] for k in held} == held
+    for trial in client.search_runs([exp], "tags.`harness.kind` = 'trial'"):
+        assert trial.data.params["trial.scaling"].endswith(".0") and "." not in trial.data.params["trial.repeats"]
+
+
+def test_a_study_name_with_a_quote_is_tracked_and_found_again(sweep_dict):
+    """``study_name: "bob's study"``: the sweep ran its trials, then stopped on an MLflow
+    traceback (its run was searched for with the name inside a quoted filter); a rerun finds the
+    same tuning run."""
+    d = typed_study(sweep_dict, n_trials=1, sampler="random", study_name="bob's study",
+                    space={"scaling": GRID_SPACE["scaling"]})
+    cfg = validate_config(d)
+    for _ in range(2):
+        run_sweep(cfg, quiet=True)
+    client = MlflowClient(cfg.resolved_tracking_uri())
+    exp = client.get_experiment_by_name(cfg.name).experiment_id
+    (tune_run,) = client.search_runs([exp], "tags.`harness.kind` = 'tune'")
+    assert tune_run.data.tags["harness.study"] == "bob's study" and tune_run.info.status == "FINISHED"
+    assert len(client.search_runs([exp], "tags.`harness.kind` = 'trial'")) == 1
+
+
+def test_a_study_name_with_both_quotes_is_a_config_error(sweep_dict):
+    d = typed_study(sweep_dict, study_name="""a 'b' "c\"""", space={"scaling": GRID_SPACE["scaling"]})
+    with pytest.raises(ConfigError) as e:
+        validate_config(d, "s.yaml")
+    assert "methods.0.tune.study_name: may hold ' or \", not both (MLflow finds its run by it)" in str(e.value)
