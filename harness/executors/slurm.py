@@ -78,6 +78,8 @@ SETUP_FAILED = re.compile(r"^harness: executor\.setup\.(\d+) failed \(exit (\d+)
 SIGNAL_EARLY_S = 60
 #: Seconds a job may be unknown to SLURM (accounting lags behind submission) before it counts as lost.
 UNKNOWN_GRACE_S = 60.0
+#: The state of a job accounting has no record of while the controller does not answer: not lost.
+NO_ANSWER = "NO_ANSWER"
 STDERR_TAIL_LINES = 20
 
 
@@ -274,8 +276,9 @@ def _sacct_records(job_ids: list[str], fields: str = "JobID,State") -> dict[str,
 
 def slurm_states(job_ids: list[str], reasons: dict[str, str] | None = None) -> dict[str, str]:
     """The current SLURM state of each job: the controller's (squeue) while it holds the job,
-    else accounting's (sacct); "UNKNOWN" when neither knows it. ``reasons`` gets, per job the
-    controller holds, why it is pending (``PartitionTimeLimit``, ``Resources``), if it says."""
+    else accounting's (sacct); "UNKNOWN" when neither knows it, NO_ANSWER when accounting does not
+    and the controller does not answer. ``reasons`` gets, per job the controller holds, why it is
+    pending (``PartitionTimeLimit``, ``Resources``), if it says."""
     ids = sorted(set(job_ids))
     states = {jid: rec[0].split()[0].upper() for jid, rec in _sacct_records(ids).items() if rec and rec[0]}
     bases = sorted({i.split("_")[0] for i in ids})
@@ -287,7 +290,14 @@ def slurm_states(job_ids: list[str], reasons: dict[str, str] | None = None) -> d
                 states[jid] = state.strip().upper()
                 if reasons is not None and reason.strip() not in ("", "None"):
                     reasons[jid] = reason.strip()
-    return {i: states.get(i, "UNKNOWN") for i in ids}
+    unknown = "UNKNOWN" if set(ids) <= set(states) or controller_answers() else NO_ANSWER
+    return {i: states.get(i, unknown) for i in ids}
+
+
+def controller_answers() -> bool:
+    """Whether SLURM's controller answers (``scontrol ping``): while it does not (down,
+    restarting, unreachable), squeue's silence about a job says nothing of it."""
+    return " is UP" in _run(["scontrol", "ping"])
 
 
 def max_array_size() -> int:
@@ -429,7 +439,7 @@ class SlurmExecutor:
             if job.paths.result_pickle.exists():
                 usable = _usable_result(job)
             else:
-                usable = states[str(job.job_id)] in ALIVE_STATES
+                usable = states[str(job.job_id)] in ALIVE_STATES | {NO_ANSWER}  # no answer: not resubmitted twice
             (attach if usable else submit).append(_Tracked(s, job) if usable else s)
         return attach, submit
 
@@ -589,8 +599,8 @@ class SlurmExecutor:
                         changed |= t.reason != reasons.get(t.job_id, "")
                         t.reason = reasons.get(t.job_id, "")
                 for t in list(remaining):
-                    state = states.get(t.job_id, "UNKNOWN")
-                    if state != "UNKNOWN" and state != t.state:
+                    state = states.get(t.job_id, NO_ANSWER)  # none yet, or SLURM did not answer: as it was
+                    if state != NO_ANSWER and state != t.state:
                         t.state, changed = state, True
                     if not t.started and t.state in RUNNING_STATES:
                         t.started = True
@@ -714,7 +724,7 @@ def display_state(t: _Tracked) -> str:
         return "running"
     if t.state in {"REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"} or (t.state == "PENDING" and t.log_path().exists()):
         return "requeued"
-    if t.state in ALIVE_STATES or t.state == "UNKNOWN":
+    if t.state in ALIVE_STATES or t.state in ("UNKNOWN", NO_ANSWER):
         return "pending"
     return "failed"
 
@@ -1046,6 +1056,8 @@ def status_table(cfg: SweepConfig) -> tuple[Table, dict[str, int]]:
         elif t.state == "UNKNOWN":
             if _seconds_since(records[t.spec.key].get("submitted_at")) > UNKNOWN_GRACE_S:
                 t.outcome = "lost"  # not just submitted, yet SLURM has no record: a rerun resubmits it
+        elif t.state == NO_ANSWER:
+            t.reason = "SLURM did not answer"
         elif t.state not in ALIVE_STATES:
             t.outcome = "failed"
     states = [display_state(t) for t in tracked]
