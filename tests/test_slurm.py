@@ -723,6 +723,17 @@ def test_a_running_driver_reports_a_job_slurm_no_longer_knows(tmp_path, monkeypa
     assert got[0][1].error.startswith("SLURM job 9_2 is unknown to sacct and squeue (cancelled while queued")
 
 
+def test_a_lost_job_that_never_ran_has_no_empty_stderr_tail(tmp_path, monkeypatch):
+    """A job cancelled in its array's queue never wrote a log: its failure says so rather than
+    printing (and keeping as its traceback) an empty stderr tail; one that wrote a log keeps its tail."""
+    up = {"sacct": "", "squeue": "", "scontrol": "Slurmctld(primary) at vm is UP\n"}
+    (result,) = [r for _, r in _wait_on_one_job(tmp_path, monkeypatch, up)[0]]
+    assert result.error_detail == "SLURM job 9_2 is unknown to SLURM and wrote no log"
+    (tmp_path / "9_2_0_log.err").write_text("srun: error: node lost\n")
+    (result,) = [r for _, r in _wait_on_one_job(tmp_path, monkeypatch, up)[0]]
+    assert result.error_detail == f"--- stderr tail ({tmp_path / '9_2_0_log.err'}) ---\nsrun: error: node lost"
+
+
 def test_a_driver_waits_on_while_slurm_does_not_answer(tmp_path, monkeypatch):
     """squeue, sacct and ``scontrol ping`` failing (the controller and accounting down or
     restarting) say nothing of a job: the driver does not report it lost however long the

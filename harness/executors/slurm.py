@@ -641,10 +641,12 @@ class SlurmExecutor:
             t.unknown_since = t.unknown_since or now
             if now - t.unknown_since < UNKNOWN_GRACE_S:
                 return None
-            t.show_tail = True
+            stderr = t.log_path(True)
+            t.show_tail = stderr.exists()  # one cancelled in its queue never ran: no log, no empty tail to print
             return _failed(spec, f"SLURM job {t.job_id} is unknown to sacct and squeue (cancelled while "
                            "queued in its array, which SLURM records nowhere, or accounting not configured)",
-                           f"--- stderr tail ---\n{_tail(t.log_path(True))}")
+                           f"--- stderr tail ({stderr}) ---\n{_tail(stderr)}" if t.show_tail
+                           else f"SLURM job {t.job_id} is unknown to SLURM and wrote no log")
         t.unknown_since = None
         if t.state in ALIVE_STATES:
             t.ended_at = None
