@@ -193,6 +193,12 @@ def _executor_error(tmp_path, **executor) -> str:
                                                          "harness; use nothing (a job runs one task)"),
     ({"kind": "slurm", "sbatch": {"no-requeue": True}}, "executor.sbatch: 'no-requeue' is set by the harness; use "
                                                        "executor.requeues"),
+    ({"kind": "slurm", "sbatch": {"parsable": True}}, "executor.sbatch: 'parsable' is set by the harness; use "
+                                                     "nothing (the job id is read from sbatch's usual answer)"),
+    ({"kind": "slurm", "sbatch": {"test-only": True}}, "executor.sbatch: 'test-only' is set by the harness; use "
+                                                      "harness validate or --dry-run"),
+    ({"kind": "slurm", "sbatch": {"wait": True}}, "executor.sbatch: 'wait' is set by the harness; use nothing "
+                                                 "(the driver waits for the jobs; --detach returns)"),
     ({"kind": "slurm", "sbatch": {"--exclude": "n1"}}, "executor.sbatch: '--exclude' is not an sbatch option's long"),
     ({"kind": "slurm", "sbatch": {"comment": "a\n#SBATCH --time=9999"}}, "executor.sbatch: the value of 'comment' "
                                                                          "must be a single line"),
