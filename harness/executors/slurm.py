@@ -171,6 +171,7 @@ def requeue_only_with_progress(workdir: Path, timeout_min: int, poll_s: float = 
         near_limit = time.monotonic() - started >= timeout_min * 60 - signal_delay_s(timeout_min) - SIGNAL_EARLY_S
         if not near_limit or _saved_files(workdir) != before:
             waiting.clear()
+            _count_as_timeout(handler, near_limit)
             handler(signum, frame)  # submitit: checkpoint, requeue, exit
         elif not waiting.is_set():
             waiting.set()
@@ -194,6 +195,15 @@ def requeue_only_with_progress(workdir: Path, timeout_min: int, poll_s: float = 
         # the job is over (done, failed, or being requeued): a warning now has nothing to save, and
         # once Python shuts down it would kill the process after its result is written (FAILED)
         signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+
+
+def _count_as_timeout(handler: Callable[..., Any], near_limit: bool) -> None:
+    """Has submitit count this requeue against ``executor.requeues`` only if it is the time
+    limit's: submitit's own guess counts any warning after all but 10 minutes (or 80 %) of the
+    limit as a timeout, so every preemption of a job of 10 minutes or less used up a requeue."""
+    owner = getattr(handler, "__self__", None)  # submitit's SignalHandler
+    if owner is not None and hasattr(owner, "has_timed_out"):
+        owner.has_timed_out = lambda: near_limit
 
 
 # ---------------------------------------------------------------------------------------
