@@ -487,6 +487,11 @@ SBATCH_OWN = {
     # srun starts every task of a job: each would run the whole job, in the same workdir
     "ntasks": "nothing (a job runs one task)", "ntasks-per-node": "nothing (a job runs one task)",
     "no-requeue": "executor.requeues (0: never requeued)",
+    # these change sbatch's answer ("Submitted batch job N"), from which submitit reads the job id:
+    # the jobs would run untracked, or none be submitted, and the sweep end in a traceback
+    "parsable": "nothing (the job id is read from sbatch's usual answer)",
+    "test-only": "harness validate or --dry-run (they check the partition's limits)",
+    "wait": "nothing (the driver waits for the jobs; --detach returns)",
 }
 
 

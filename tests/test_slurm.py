@@ -193,6 +193,12 @@ def _executor_error(tmp_path, **executor) -> str:
                                                          "harness; use nothing (a job runs one task)"),
     ({"kind": "slurm", "sbatch": {"no-requeue": True}}, "executor.sbatch: 'no-requeue' is set by the harness; use "
                                                        "executor.requeues"),
+    ({"kind": "slurm", "sbatch": {"parsable": True}}, "executor.sbatch: 'parsable' is set by the harness; use "
+                                                     "nothing (the job id is read from sbatch's usual answer)"),
+    ({"kind": "slurm", "sbatch": {"test-only": True}}, "executor.sbatch: 'test-only' is set by the harness; use "
+                                                      "harness validate or --dry-run"),
+    ({"kind": "slurm", "sbatch": {"wait": True}}, "executor.sbatch: 'wait' is set by the harness; use nothing "
+                                                 "(the driver waits for the jobs; --detach returns)"),
     ({"kind": "slurm", "sbatch": {"--exclude": "n1"}}, "executor.sbatch: '--exclude' is not an sbatch option's long"),
     ({"kind": "slurm", "sbatch": {"comment": "a\n#SBATCH --time=9999"}}, "executor.sbatch: the value of 'comment' "
                                                                          "must be a single line"),
@@ -681,6 +687,84 @@ def test_a_requeued_job_back_in_the_queue_shows_as_requeued(tmp_path):
     console.print(slurm.job_table(tracked))
     text = console.export_text()
     assert "1 requeued, 1 pending" in text and "requeued (BeginTime)" in text
+
+
+def _wait_on_one_job(tmp_path, monkeypatch, answers: dict[str, str], polls: int = 5):
+    """The driver's wait on job 9_2 (submitted, so far pending) while squeue, sacct and ``scontrol
+    ping`` answer as ``answers`` say (a command missing there fails): what it yielded, and whether
+    it was still waiting after ``polls`` polls."""
+    import harness.executors.slurm as slurm
+    from harness.plan import JobSpec
+
+    monkeypatch.setattr(slurm, "_run", lambda cmd: answers.get(cmd[0], ""))
+    monkeypatch.setattr(slurm, "UNKNOWN_GRACE_S", 0.0)
+    slept = []
+
+    def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        if len(slept) > polls:
+            raise TimeoutError("still waiting")
+
+    monkeypatch.setattr(slurm.time, "sleep", sleep)
+    d = make_sweep_dict(Path("/nonexistent"), tmp_path)
+    d["executor"] = {"kind": "slurm", "poll_s": 0.001}
+    ex = slurm.SlurmExecutor(validate_config(d))
+    t = slurm._Tracked(JobSpec("merge", "ta", key="k"), _fake_job(tmp_path, "9_2"))
+    got = []
+    try:
+        for item in ex._wait([t], None):
+            got.append(item)
+    except TimeoutError:
+        return got, True
+    return got, False
+
+
+def test_a_running_driver_reports_a_job_slurm_no_longer_knows(tmp_path, monkeypatch):
+    """An array task cancelled while it waited inside its array's record leaves no trace in squeue
+    or sacct: the running driver reports it failed after the grace period (README), where it
+    waited on it forever (its last known state, pending, was kept)."""
+    up = {"sacct": "", "squeue": "", "scontrol": "Slurmctld(primary) at vm is UP\n"}
+    got, waiting = _wait_on_one_job(tmp_path, monkeypatch, up)
+    assert not waiting and [(spec.key, r.status) for spec, r in got] == [("k", "failed")]
+    assert got[0][1].error.startswith("SLURM job 9_2 is unknown to sacct and squeue (cancelled while queued")
+
+
+def test_a_lost_job_that_never_ran_has_no_empty_stderr_tail(tmp_path, monkeypatch):
+    """A job cancelled in its array's queue never wrote a log: its failure says so rather than
+    printing (and keeping as its traceback) an empty stderr tail; one that wrote a log keeps its tail."""
+    up = {"sacct": "", "squeue": "", "scontrol": "Slurmctld(primary) at vm is UP\n"}
+    (result,) = [r for _, r in _wait_on_one_job(tmp_path, monkeypatch, up)[0]]
+    assert result.error_detail == "SLURM job 9_2 is unknown to SLURM and wrote no log"
+    (tmp_path / "9_2_0_log.err").write_text("srun: error: node lost\n")
+    (result,) = [r for _, r in _wait_on_one_job(tmp_path, monkeypatch, up)[0]]
+    assert result.error_detail == f"--- stderr tail ({tmp_path / '9_2_0_log.err'}) ---\nsrun: error: node lost"
+
+
+def test_a_driver_waits_on_while_slurm_does_not_answer(tmp_path, monkeypatch):
+    """squeue, sacct and ``scontrol ping`` failing (the controller and accounting down or
+    restarting) say nothing of a job: the driver does not report it lost however long the
+    silence lasts, and ``harness status`` does not call it lost."""
+    import harness.executors.slurm as slurm
+
+    got, waiting = _wait_on_one_job(tmp_path, monkeypatch, {}, polls=20)
+    assert waiting and got == []
+    assert slurm_states(["9_2"]) == {"9_2": slurm.NO_ANSWER}
+    t = slurm._Tracked(slurm.JobSpec("merge", "ta", key="k"), _fake_job(tmp_path, "9_2"), state=slurm.NO_ANSWER)
+    assert slurm.display_state(t) == "pending"
+    d = make_sweep_dict(Path("/nonexistent"), tmp_path)
+    d["executor"] = {"kind": "slurm"}
+    ex = slurm.SlurmExecutor(validate_config(d))
+    ex.log.record({"k": {"job_id": "9_2"}})
+    attach, submit = ex._reattach([t.spec])  # a rerun meanwhile: not submitted a second time
+    assert [a.job_id for a in attach] == ["9_2"] and submit == []
+    monkeypatch.setattr(slurm, "UNKNOWN_GRACE_S", -1.0)  # long past its submission
+    table, counts = slurm.status_table(ex.cfg)
+    from rich.console import Console
+
+    console = Console(width=200, record=True)
+    console.print(table)
+    assert counts["lost"] == 0 and counts["pending"] == 1
+    assert "pending (SLURM did not answer)" in console.export_text()
 
 
 @needs_slurm

@@ -256,6 +256,33 @@ def test_an_early_warning_is_a_preemption_and_requeues_at_once(tmp_path, fake_su
     assert len(fake_submitit_handler) == 1
 
 
+@pytest.mark.parametrize("timeout_min, counted", [(10, False), (1, True)])
+def test_only_a_time_limit_warning_counts_against_the_requeues(tmp_path, timeout_min, counted):
+    """submitit's handler asks ``has_timed_out`` whether to count a requeue against
+    ``executor.requeues``; its own answer (all but 10 min of the limit passed) is yes for any
+    warning to a job of 10 min or less. A warning at once is a preemption there (README:
+    preemptions are not counted); with a 1 min limit every warning is the limit's."""
+    from types import SimpleNamespace
+
+    from submitit.core.job_environment import SignalHandler
+
+    asked = []
+
+    class Recording(SignalHandler):
+        def checkpoint_and_try_requeue(self, signum, frame=None):
+            asked.append(self.has_timed_out())  # what submitit's own method does first
+
+    handler = Recording(SimpleNamespace(), SimpleNamespace(), SimpleNamespace(_timeout_min=timeout_min))
+    previous = signal.signal(signal.SIGUSR2, handler.checkpoint_and_try_requeue)
+    try:
+        with requeue_only_with_progress(tmp_path, timeout_min=timeout_min, poll_s=0.05):
+            (tmp_path / "saved.pt").write_bytes(b"a checkpoint")  # something to resume from
+            _warn_and_wait()
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    assert asked == [counted]
+
+
 def test_without_a_submitit_handler_nothing_is_installed(tmp_path):
     previous = signal.signal(signal.SIGUSR2, signal.SIG_DFL)
     try:

@@ -78,6 +78,8 @@ SETUP_FAILED = re.compile(r"^harness: executor\.setup\.(\d+) failed \(exit (\d+)
 SIGNAL_EARLY_S = 60
 #: Seconds a job may be unknown to SLURM (accounting lags behind submission) before it counts as lost.
 UNKNOWN_GRACE_S = 60.0
+#: The state of a job accounting has no record of while the controller does not answer: not lost.
+NO_ANSWER = "NO_ANSWER"
 STDERR_TAIL_LINES = 20
 
 
@@ -169,6 +171,7 @@ def requeue_only_with_progress(workdir: Path, timeout_min: int, poll_s: float = 
         near_limit = time.monotonic() - started >= timeout_min * 60 - signal_delay_s(timeout_min) - SIGNAL_EARLY_S
         if not near_limit or _saved_files(workdir) != before:
             waiting.clear()
+            _count_as_timeout(handler, near_limit)
             handler(signum, frame)  # submitit: checkpoint, requeue, exit
         elif not waiting.is_set():
             waiting.set()
@@ -192,6 +195,15 @@ def requeue_only_with_progress(workdir: Path, timeout_min: int, poll_s: float = 
         # the job is over (done, failed, or being requeued): a warning now has nothing to save, and
         # once Python shuts down it would kill the process after its result is written (FAILED)
         signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+
+
+def _count_as_timeout(handler: Callable[..., Any], near_limit: bool) -> None:
+    """Has submitit count this requeue against ``executor.requeues`` only if it is the time
+    limit's: submitit's own guess counts any warning after all but 10 minutes (or 80 %) of the
+    limit as a timeout, so every preemption of a job of 10 minutes or less used up a requeue."""
+    owner = getattr(handler, "__self__", None)  # submitit's SignalHandler
+    if owner is not None and hasattr(owner, "has_timed_out"):
+        owner.has_timed_out = lambda: near_limit
 
 
 # ---------------------------------------------------------------------------------------
@@ -274,8 +286,9 @@ def _sacct_records(job_ids: list[str], fields: str = "JobID,State") -> dict[str,
 
 def slurm_states(job_ids: list[str], reasons: dict[str, str] | None = None) -> dict[str, str]:
     """The current SLURM state of each job: the controller's (squeue) while it holds the job,
-    else accounting's (sacct); "UNKNOWN" when neither knows it. ``reasons`` gets, per job the
-    controller holds, why it is pending (``PartitionTimeLimit``, ``Resources``), if it says."""
+    else accounting's (sacct); "UNKNOWN" when neither knows it, NO_ANSWER when accounting does not
+    and the controller does not answer. ``reasons`` gets, per job the controller holds, why it is
+    pending (``PartitionTimeLimit``, ``Resources``), if it says."""
     ids = sorted(set(job_ids))
     states = {jid: rec[0].split()[0].upper() for jid, rec in _sacct_records(ids).items() if rec and rec[0]}
     bases = sorted({i.split("_")[0] for i in ids})
@@ -287,7 +300,14 @@ def slurm_states(job_ids: list[str], reasons: dict[str, str] | None = None) -> d
                 states[jid] = state.strip().upper()
                 if reasons is not None and reason.strip() not in ("", "None"):
                     reasons[jid] = reason.strip()
-    return {i: states.get(i, "UNKNOWN") for i in ids}
+    unknown = "UNKNOWN" if set(ids) <= set(states) or controller_answers() else NO_ANSWER
+    return {i: states.get(i, unknown) for i in ids}
+
+
+def controller_answers() -> bool:
+    """Whether SLURM's controller answers (``scontrol ping``): while it does not (down,
+    restarting, unreachable), squeue's silence about a job says nothing of it."""
+    return " is UP" in _run(["scontrol", "ping"])
 
 
 def max_array_size() -> int:
@@ -429,7 +449,7 @@ class SlurmExecutor:
             if job.paths.result_pickle.exists():
                 usable = _usable_result(job)
             else:
-                usable = states[str(job.job_id)] in ALIVE_STATES
+                usable = states[str(job.job_id)] in ALIVE_STATES | {NO_ANSWER}  # no answer: not resubmitted twice
             (attach if usable else submit).append(_Tracked(s, job) if usable else s)
         return attach, submit
 
@@ -589,8 +609,8 @@ class SlurmExecutor:
                         changed |= t.reason != reasons.get(t.job_id, "")
                         t.reason = reasons.get(t.job_id, "")
                 for t in list(remaining):
-                    state = states.get(t.job_id, "UNKNOWN")
-                    if state != "UNKNOWN" and state != t.state:
+                    state = states.get(t.job_id, NO_ANSWER)  # none yet, or SLURM did not answer: as it was
+                    if state != NO_ANSWER and state != t.state:
                         t.state, changed = state, True
                     if not t.started and t.state in RUNNING_STATES:
                         t.started = True
@@ -631,10 +651,12 @@ class SlurmExecutor:
             t.unknown_since = t.unknown_since or now
             if now - t.unknown_since < UNKNOWN_GRACE_S:
                 return None
-            t.show_tail = True
+            stderr = t.log_path(True)
+            t.show_tail = stderr.exists()  # one cancelled in its queue never ran: no log, no empty tail to print
             return _failed(spec, f"SLURM job {t.job_id} is unknown to sacct and squeue (cancelled while "
                            "queued in its array, which SLURM records nowhere, or accounting not configured)",
-                           f"--- stderr tail ---\n{_tail(t.log_path(True))}")
+                           f"--- stderr tail ({stderr}) ---\n{_tail(stderr)}" if t.show_tail
+                           else f"SLURM job {t.job_id} is unknown to SLURM and wrote no log")
         t.unknown_since = None
         if t.state in ALIVE_STATES:
             t.ended_at = None
@@ -714,7 +736,7 @@ def display_state(t: _Tracked) -> str:
         return "running"
     if t.state in {"REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"} or (t.state == "PENDING" and t.log_path().exists()):
         return "requeued"
-    if t.state in ALIVE_STATES or t.state == "UNKNOWN":
+    if t.state in ALIVE_STATES or t.state in ("UNKNOWN", NO_ANSWER):
         return "pending"
     return "failed"
 
@@ -1046,6 +1068,8 @@ def status_table(cfg: SweepConfig) -> tuple[Table, dict[str, int]]:
         elif t.state == "UNKNOWN":
             if _seconds_since(records[t.spec.key].get("submitted_at")) > UNKNOWN_GRACE_S:
                 t.outcome = "lost"  # not just submitted, yet SLURM has no record: a rerun resubmits it
+        elif t.state == NO_ANSWER:
+            t.reason = "SLURM did not answer"
         elif t.state not in ALIVE_STATES:
             t.outcome = "failed"
     states = [display_state(t) for t in tracked]
