@@ -390,7 +390,7 @@ def with_key(cfg: SweepConfig, s: JobSpec, identity: dict[str, Any],
         body["method"] = method_class_id(s.method)
         body["params"] = method.key_params()
         body["adapt"] = (cfg.adapt if method.uses_test_data else AdaptSpec()).model_dump()
-        if method.seeded:
+        if method.key_holds_seed():
             body["seed"] = cfg.seed
         if method.batch_dependent():
             body["eval"]["batch_size"] = cfg.eval.batch_size

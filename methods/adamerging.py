@@ -82,6 +82,7 @@ class AdaMerging(MergeMethod):
     """Task- or layer-wise merging coefficients learned by entropy minimisation on test batches."""
 
     uses_test_data = True
+    seeded = False  # coefficients start at init_lambda; its batches are drawn by adapt.shuffle_seed
     runtime_only = frozenset({"checkpoint_every"})
     added_hyperparameters = frozenset({"diversity_weight"})
 

@@ -93,7 +93,8 @@ class MergeMethod(BaseModel):
     #: True for methods that read unlabeled test data (reported as test-time adaptation).
     uses_test_data: ClassVar[bool] = False
     #: False for methods whose result cannot depend on the sweep's seed (they draw nothing): their
-    #: job keys hold the default seed, so a reseeded sweep finds their results cached.
+    #: job keys hold the default seed, so a reseeded sweep finds their results cached. Only a
+    #: class's own declaration counts (:meth:`key_holds_seed`).
     seeded: ClassVar[bool] = True
     #: Hyperparameters that change how a merge runs, never what it returns (a checkpoint
     #: interval, a kernel with the same outputs up to rounding): job keys hold them at their
@@ -119,6 +120,14 @@ class MergeMethod(BaseModel):
         its batch (statistics taken over the batch): its jobs' keys then hold the evaluation
         batch size, which otherwise changes only the speed."""
         return False
+
+    @classmethod
+    def key_holds_seed(cls) -> bool:
+        """Whether this class's job keys hold the sweep's seed. ``seeded = False`` counts only
+        where the class itself declares it: a subclass may draw what its parent did not (random
+        init, dropout), and a result cached at one seed must not stand for another unless the
+        subclass says so too. Wrongly rerunning costs time; wrongly caching gives a wrong row."""
+        return bool(cls.__dict__.get("seeded", True))
 
     def key_params(self) -> dict[str, Any]:
         """Every hyperparameter as a job key sees it (:meth:`as_key`)."""

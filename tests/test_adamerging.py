@@ -143,6 +143,22 @@ def test_joint_and_per_task_forward_give_same_steps(models):
     torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("granularity", ["task", "layer"])
+def test_an_adaptation_is_the_same_at_any_seed(models, granularity):
+    """AdaMerging declares ``seeded = False``, so its job keys leave the sweep's seed out: its
+    adapted merge must not change with the global generator or ``ctx.seed`` (its batches are the
+    streams given to it, drawn by adapt.shuffle_seed)."""
+    pre, ft = models
+    merges = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        ctx = MergeContext(heads=heads(), unlabeled=fixed_unlabeled(), seed=seed)
+        merges.append(adamerging.AdaMerging(granularity=granularity, steps=3, lr=1e-2).merge(pre, ft, ctx).state_dict())
+    assert all(torch.equal(merges[0][k], merges[1][k]) for k in merges[0])
+    start = float_state(with_state(pre, task_arithmetic_state(pre, ft, 0.3)))
+    assert any(not torch.equal(merges[0][k], start[k]) for k in start)  # it adapted
+
+
 def test_batch_stream_recreates_exhausted_iterators():
     calls = []
 

@@ -7,10 +7,12 @@ import copy
 from pathlib import Path
 
 import pytest
+import torch
 
 from harness.config import ConfigError, validate_config
 from harness.plan import plan_jobs
 from harness.runner import run_sweep
+from methods.task_arithmetic import TaskArithmetic
 from tests.conftest import make_sweep_dict
 
 #: Keys of these jobs as they were before settings were left out of them (computed then): a job
@@ -189,6 +191,29 @@ def test_the_seed_is_in_the_keys_of_seeded_merges_only():
     """Reference rows and methods declared ``seeded = False`` (weight averaging here) draw
     nothing: a reseeded sweep finds them cached."""
     assert _changed(seed=1) == {("wemoe", None), ("batch", None)}
+
+
+class NoisyTaskArithmetic(TaskArithmetic):
+    """A subclass that draws from the seed (noise on the merged weights) without redeclaring
+    ``seeded``: it must not inherit its parent's ``seeded = False``."""
+
+    def merge(self, pretrained, finetuned, ctx):
+        merged = super().merge(pretrained, finetuned, ctx)
+        with torch.no_grad():
+            for p in merged.parameters():
+                p.add_(1e-3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(ctx.seed)))
+        return merged
+
+
+def test_only_a_class_s_own_seeded_false_leaves_the_seed_out_of_its_keys():
+    """AdaMerging declares it (its start is init_lambda, its batches adapt.shuffle_seed's), so a
+    reseeded sweep finds it cached; a subclass of task arithmetic that does not declare it gets the
+    seed in its keys, as any method does, though its parent leaves it out."""
+    d = make_sweep_dict(Path("/nonexistent"), Path("/nonexistent-out"))
+    d["methods"] = [{"name": "task_arithmetic"}, {"name": "adamerging", "params": {"steps": 5}},
+                    {"name": "tests.test_job_keys:NoisyTaskArithmetic", "label": "noisy"}]
+    before, after = _planned(validate_config(d)), _planned(validate_config({**d, "seed": 1}))
+    assert {job for job, key in before.items() if after[job] != key} == {("noisy", None)}
 
 
 def test_a_study_of_a_batch_reduced_wemoe_is_measured_at_its_evaluation_batch_size():

@@ -98,8 +98,9 @@ def test_the_methods_declared_unseeded_return_the_same_merge_at_any_seed():
         return nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 4))
 
     pre, ft = random(0), {t: random(i + 1) for i, t in enumerate("abc")}
-    unseeded = {name for name, cls in available_methods().items() if not cls.seeded and cls.__module__.startswith("methods.")}
-    assert unseeded == {"weight_averaging", "task_arithmetic", "ties"}
+    unseeded = {name for name, cls in available_methods().items()
+                if not cls.key_holds_seed() and cls.__module__.startswith("methods.")}
+    assert unseeded == {"weight_averaging", "task_arithmetic", "ties", "adamerging"}  # AdaMerging: test_adamerging.py
     for method in (WeightAveraging(), TaskArithmetic(scaling=0.4), TiesMerging(k=30.0, scaling=1.2)):
         merges = []
         for seed in (0, 1):
