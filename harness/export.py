@@ -81,16 +81,14 @@ def export_merged(cfg: SweepConfig, label: str, dst: str | Path, device: torch.d
     if method is None:
         raise ExportError(f"row {label!r} is in the results but not among the sweep's methods "
                           f"({', '.join(m.display for m in cfg.methods)}): give the sweep file it ran from")
+    if device is None:  # the sweep's device: an adaptation run again runs where the job ran
+        device = _sweep_device(cfg)
     ws = Workspace(cfg)
     spec = with_key(cfg, JobSpec("merge", label, method=method.name, params=result.params),
                     ws.identity, ws.task_identity())
     if spec.key != result.key:
         raise ExportError(f"row {label!r}: its reported job {result.key} was run with other checkpoints, data or "
                           f"settings than the sweep's now (key {spec.key}): rerun the sweep, then export")
-    if device is None:  # the sweep's device: an adaptation run again runs where the job ran
-        from harness.runtime import resolve_device
-
-        device = resolve_device(cfg.device)
     workdir = cfg.resolved_output_dir() / "work" / spec.key
     saved = workdir.is_dir() and any(workdir.iterdir())
     cls = resolve_method(method.name)
@@ -113,6 +111,18 @@ def export_merged(cfg: SweepConfig, label: str, dst: str | Path, device: torch.d
     save_state_dict(state, dst, metadata=meta)
     saves_none = getattr(cls(**result.params), "checkpoint_every", None) == 0
     return Exported(Path(dst), result, adapted_again=cls.uses_test_data and not saved, saves_none=saves_none)
+
+
+def _sweep_device(cfg: SweepConfig) -> torch.device:
+    """The sweep's ``device``; one a sweep run on a GPU names is missing on a machine without one,
+    where the device=cpu override exports the same merge (device is no part of a job's key)."""
+    from harness.runtime import resolve_device
+
+    try:
+        return resolve_device(cfg.device)
+    except HarnessError as exc:
+        raise ExportError(f"{exc}: export on this machine with the override device=cpu "
+                          f"(harness export FILE device=cpu --method ... --out ...)") from None
 
 
 def _arch_config(arch: str) -> str:
