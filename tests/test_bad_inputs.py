@@ -134,7 +134,24 @@ def case_tensor_pt_wrong_shape(tmp_path, micro):
     return p, ["tensor 'conv1.weight' has shape (1, 3, 8, 8), pretrained has (32, 3, 8, 8)"]
 
 
-CASES = [case_truncated, case_garbage, case_other_arch, case_missing_key, case_two_prefixed_encoders, case_extra_key,
+def case_int8_weights(tmp_path, micro):
+    """A quantized encoder was cast to float, silently, and merged as its integer codes."""
+    state = _encoder_state()
+    state["conv1.weight"] = (100 * state["conv1.weight"]).to(torch.int8)
+    p = tmp_path / "int8.safetensors"
+    save_state_dict(state, p)
+    return p, [f"model.finetuned.toy_stripes: {p}: tensor 'conv1.weight' has dtype int8, not floating point"]
+
+
+def case_int64_pt(tmp_path, micro):
+    state = _encoder_state()
+    state["proj"] = state["proj"].round().long()
+    p = tmp_path / "int64.pt"
+    torch.save(state, p)
+    return p, [f"{p}: tensor 'proj' has dtype int64, not floating point"]
+
+
+CASES = [case_int8_weights, case_int64_pt, case_truncated, case_garbage, case_other_arch, case_missing_key, case_two_prefixed_encoders, case_extra_key,
          case_evil_pickle, case_pickled_module, case_missing_file, case_tensor_pt_wrong_shape, case_truncated_pt,
          case_empty_pt, case_image_as_checkpoint]
 DAMAGED = {case_truncated_pt, case_empty_pt, case_image_as_checkpoint}  # nothing pickled to trust: the message must not suggest it
@@ -651,3 +668,21 @@ def test_the_architecture_check_allocates_no_parameter_and_keeps_the_hub_offline
     assert shapes["visual.class_embedding"] == (128,)
     assert devices == {"meta"}, devices
     assert calls == [("1", False)], calls
+
+
+def test_loading_a_fine_tuned_encoder_with_integer_weights_refuses_it(sweep_dict, tmp_path):
+    """What loads the encoders without the run's preflight (export, a job in a worker) cast an
+    int8 tensor into the float encoder, silently."""
+    from harness.config import validate_config
+    from harness.errors import HarnessError
+    from harness.workspace import Workspace
+
+    state = _encoder_state()
+    state["ln_post.weight"] = state["ln_post.weight"].to(torch.int8)
+    p = tmp_path / "int8.safetensors"
+    save_state_dict(state, p)
+    ws = Workspace(validate_config(_with_ckpt(sweep_dict, "toy_stripes", p)))
+    with pytest.raises(HarnessError) as err:
+        ws.finetuned_encoder("toy_stripes")
+    assert str(err.value).startswith(f"model.finetuned.toy_stripes: {p}: tensor 'ln_post.weight' has dtype int8, "
+                                     "not floating point")
