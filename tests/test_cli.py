@@ -467,6 +467,16 @@ def test_a_destination_ending_in_a_slash_is_a_folder_to_make(command, micro_chec
     assert written.keys() == source.keys() and all(torch.equal(written[k], source[k]) for k in source)
 
 
+@pytest.mark.parametrize("command", ["convert", "import"])
+def test_an_empty_destination_is_refused_before_any_work(command, micro_checkpoints, tmp_path, monkeypatch):
+    """`harness convert SRC ""` wrote into the current folder, as `export --out ''` is refused not to."""
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(main, [command, str(micro_checkpoints / "toy_stripes.safetensors"), ""])
+    assert r.exit_code == 2 and r.output == ("error: DST '': an empty path; name the safetensors file or the "
+                                             "folder to write into ('.' for the current folder)\n"), r.output
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_an_import_into_a_folder_inside_its_source_skips_its_own_outputs_when_run_again(micro_checkpoints, tmp_path):
     """`harness import SRC SRC/conv` run twice converted its own outputs again, into conv/conv/."""
     import shutil
