@@ -107,7 +107,7 @@ def import_checkpoints(
         return [convert_pickled_checkpoint(src, given, trust_pickle=trust_pickle, arch=arch)]
     if dst.is_file():
         raise HarnessError(f"{dst}: is a file; a folder of checkpoints converts into a folder")
-    items = _tree_items(src)
+    items = _tree_items(src, skip=dst)
     if not items:
         raise HarnessError(f"{src}: no Hugging Face CLIP folders or checkpoint files ({', '.join(CHECKPOINT_SUFFIXES)}) inside")
     written = []
@@ -148,12 +148,15 @@ def _has_text_tower(folder: Path) -> bool:
         return False  # the converter reports what is wrong with the file
 
 
-def _tree_items(root: Path) -> list[Path]:
-    """HF folders and checkpoint files below ``root`` (not the files inside an HF folder)."""
+def _tree_items(root: Path, skip: Path | None = None) -> list[Path]:
+    """HF folders and checkpoint files below ``root`` (not the files inside an HF folder), but not
+    those in the folder ``skip`` (the import's output folder inside its source: a rerun would
+    convert its own outputs again, into ``skip/skip/``)."""
     found: list[Path] = []
+    skipped = skip.resolve() if skip is not None else None
     for dirpath, dirnames, filenames in os.walk(root):
         here = Path(dirpath)
-        dirnames.sort()
+        dirnames[:] = sorted(d for d in dirnames if (here / d).resolve() != skipped)
         if here != root and hf_folder_of(here) is not None:
             found.append(here)
             dirnames.clear()

@@ -375,6 +375,12 @@ def _check_destination(dst: str | Path, option: str, folder: bool = False) -> No
             return
 
 
+def _refuse_empty(dst: str) -> None:
+    """An empty DST is the current folder to ``Path``: written into without being named."""
+    if not dst:
+        fail("DST '': an empty path; name the safetensors file or the folder to write into ('.' for the current folder)")
+
+
 def _check_store(where: str, uri: str) -> None:
     """A tracking URI MLflow cannot open for the file it names (``mlflow.db`` without ``sqlite:///``,
     a damaged database) in one line, ``where`` naming what gave it."""
@@ -671,6 +677,7 @@ def convert(src: str, dst: str, trust_pickle: bool, arch: str | None) -> None:
     """Convert a task_vectors-style checkpoint into a safetensors image-encoder state dict."""
     from harness.convert import convert_pickled_checkpoint
 
+    _refuse_empty(dst)
     _check_destination(dst, "DST")
     path = convert_pickled_checkpoint(src, dst, trust_pickle=trust_pickle, arch=arch)
     console.print(f"wrote {path}")
@@ -689,6 +696,7 @@ def import_(src: str, dst: str, trust_pickle: bool, arch: str | None, projection
     """Import checkpoints: a Hugging Face CLIP folder, a task_vectors/state-dict file, or a folder of them."""
     from harness.checkpoints import import_checkpoints
 
+    _refuse_empty(dst)
     _check_destination(dst, "DST")
     written = import_checkpoints(src, dst, trust_pickle=trust_pickle, arch=arch, projection=projection,
                                  full=full, verify=verify)

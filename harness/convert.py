@@ -43,6 +43,8 @@ from harness.models import (
     header_metadata,
     is_safetensors,
     load_state_dict,
+    non_float_tensor,
+    not_float_problem,
     open_clip_module,
     resolve_arch,
     save_state_dict,
@@ -78,6 +80,7 @@ def convert_pickled_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, t
     kind, state, info = _extract(obj, src)
     if kind == "image_encoder":
         arch = _check_arch(state, arch, info, src)
+        refuse_integer_weights(state, src)
     sidecar = {
         "format": FORMAT,
         "kind": kind,
@@ -96,6 +99,14 @@ def convert_pickled_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, t
     save_state_dict(state, out, metadata={"format": FORMAT, "kind": kind, "arch": arch or "", "source_sha256": digest})
     atomic_write_json(out.with_name(out.name + ".json"), sidecar)
     return out
+
+
+def refuse_integer_weights(state: Mapping[str, torch.Tensor], src: str | os.PathLike) -> None:
+    """A model whose weights are integers (quantized) is refused, naming ``src`` and the tensor:
+    written as it is, every sweep would cast it to float when loading it."""
+    bad = non_float_tensor({k: str(v.dtype).removeprefix("torch.") for k, v in state.items()})
+    if bad is not None:
+        raise HarnessError(not_float_problem(str(src), *bad))
 
 
 def output_path(dst: str | os.PathLike, name: str) -> Path:

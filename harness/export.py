@@ -81,16 +81,15 @@ def export_merged(cfg: SweepConfig, label: str, dst: str | Path, device: torch.d
     if method is None:
         raise ExportError(f"row {label!r} is in the results but not among the sweep's methods "
                           f"({', '.join(m.display for m in cfg.methods)}): give the sweep file it ran from")
+    if device is None:  # the sweep's device: an adaptation run again runs where the job ran
+        device = _sweep_device(cfg)
     ws = Workspace(cfg)
+    _refuse_an_input(dst, cfg, ws.sources)
     spec = with_key(cfg, JobSpec("merge", label, method=method.name, params=result.params),
                     ws.identity, ws.task_identity())
     if spec.key != result.key:
         raise ExportError(f"row {label!r}: its reported job {result.key} was run with other checkpoints, data or "
                           f"settings than the sweep's now (key {spec.key}): rerun the sweep, then export")
-    if device is None:  # the sweep's device: an adaptation run again runs where the job ran
-        from harness.runtime import resolve_device
-
-        device = resolve_device(cfg.device)
     workdir = cfg.resolved_output_dir() / "work" / spec.key
     saved = workdir.is_dir() and any(workdir.iterdir())
     cls = resolve_method(method.name)
@@ -113,6 +112,36 @@ def export_merged(cfg: SweepConfig, label: str, dst: str | Path, device: torch.d
     save_state_dict(state, dst, metadata=meta)
     saves_none = getattr(cls(**result.params), "checkpoint_every", None) == 0
     return Exported(Path(dst), result, adapted_again=cls.uses_test_data and not saved, saves_none=saves_none)
+
+
+def _refuse_an_input(dst: str | Path, cfg: SweepConfig, sources: dict[str, Any]) -> None:
+    """Refuse a ``dst`` that is one of the sweep's model files (as given, or converted), lies in a
+    model folder it names, or in its cache folder: the export would replace what it merges."""
+    from harness.config import finetuned_field
+
+    out = Path(dst).resolve()
+    given = [cfg.model.pretrained, *(finetuned_field(cfg, t)[1] for t in cfg.task_names)]
+    given = given if cfg.model.source == "files" else []
+    inputs = [sources["pretrained"], *sources["finetuned"].values(), *sources["heads"].values(), *given]
+    for path in dict.fromkeys(Path(p).resolve() for p in inputs if p and Path(p).exists()):
+        if out == path or (path.is_dir() and out.is_relative_to(path)) or (out.exists() and out.samefile(path)):
+            raise ExportError(f"{dst}: is one of the sweep's input models ({path}): the export would replace it; "
+                              "write it elsewhere")
+    cache = cfg.resolved_cache_dir().resolve()
+    if out.is_relative_to(cache):
+        raise ExportError(f"{dst}: lies in the sweep's cache folder ({cache}), whose models it reads; write it elsewhere")
+
+
+def _sweep_device(cfg: SweepConfig) -> torch.device:
+    """The sweep's ``device``; one a sweep run on a GPU names is missing on a machine without one,
+    where the device=cpu override exports the same merge (device is no part of a job's key)."""
+    from harness.runtime import resolve_device
+
+    try:
+        return resolve_device(cfg.device)
+    except HarnessError as exc:
+        raise ExportError(f"{exc}: export on this machine with the override device=cpu "
+                          f"(harness export FILE device=cpu --method ... --out ...)") from None
 
 
 def _arch_config(arch: str) -> str:

@@ -46,7 +46,7 @@ from typing import Any, Literal
 import torch
 
 from harness.cache import atomic_write_json
-from harness.convert import FORMAT, output_path
+from harness.convert import FORMAT, output_path, refuse_integer_weights
 from harness.errors import HarnessError
 from harness.models import (file_digest, load_state_dict, open_clip_module, register_model_config, resolve_arch,
                             save_state_dict)
@@ -466,6 +466,7 @@ def convert_hf_checkpoint(
     if projection is not None and _prefix_of(state, "visual_projection.weight", folder) is None:
         proj_tensor, proj_digest = load_projection(projection)
     out_state, oc_cfg = hf_to_open_clip(state, config, kind, proj_tensor, folder)
+    refuse_integer_weights(out_state, folder)  # position-id buffers, ints, are not among them
     out = output_path(dst, folder.name)
     if out.resolve() in {f.resolve() for f in weight_files(folder)}:
         raise HarnessError(f"{out}: the destination is one of the source files")

@@ -223,6 +223,39 @@ def tensor_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in load_state_dict(path, mmap=True).items()}
 
 
+#: safetensors' header dtypes by torch's names; those starting with "F" or "BF" are floats.
+_HEADER_DTYPES = {"BOOL": "bool", "U8": "uint8", "I8": "int8", "I16": "int16", "U16": "uint16", "I32": "int32",
+                  "U32": "uint32", "I64": "int64", "U64": "uint64"}
+
+
+def tensor_dtypes(path: str | os.PathLike) -> dict[str, str]:
+    """Names and dtypes (torch's names for the integer ones, e.g. ``int8``) of a checkpoint's
+    tensors; for safetensors from the header alone, for a ``.pt`` from its mapped tensors."""
+    path = Path(path)
+    if path.is_file() and is_safetensors(path):
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                found = {k: fh.get_slice(k).get_dtype() for k in fh.keys()}
+        except Exception as exc:
+            raise HarnessError(f"{path}: not a readable safetensors file ({exc})") from None
+        return {k: _HEADER_DTYPES.get(d, d.lower()) for k, d in found.items()}
+    return {k: str(v.dtype).removeprefix("torch.") for k, v in load_state_dict(path, mmap=True).items()}
+
+
+def non_float_tensor(dtypes: dict[str, str]) -> tuple[str, str] | None:
+    """The first (name, dtype) of ``dtypes`` (:func:`tensor_dtypes`' names) that is no float: an
+    image encoder's weights are floats, and loading an integer tensor into one would cast it."""
+    return next(((k, d) for k, d in dtypes.items() if not d.startswith(("f", "bf"))), None)
+
+
+def not_float_problem(name: str, key: str, dtype: str) -> str:
+    """The refusal of a model file holding integer weights (quantized?), naming file and tensor."""
+    return (f"{name}: tensor {key!r} has dtype {dtype}, not floating point: an image encoder's weights are "
+            "floats (a quantized checkpoint? dequantize it first); it is not cast")
+
+
 def check_encoder_shapes(path: str | os.PathLike, found: dict[str, tuple[int, ...]],
                          expected: dict[str, tuple[int, ...]], arch: str, name: str | None = None) -> None:
     """A fine-tuned checkpoint must hold exactly the pretrained image encoder's tensors.

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import copy
 import inspect
+import json
+import re
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -28,7 +30,10 @@ from harness.models import (
     header_metadata,
     is_safetensors,
     load_state_dict,
+    non_float_tensor,
+    not_float_problem,
     save_state_dict,
+    tensor_dtypes,
     zeroshot_head,
 )
 from tasks.base import Task, TaskDataError, check_labels
@@ -193,6 +198,7 @@ class Workspace:
             enc = copy.deepcopy(self.clip.visual)
             check_encoder_shapes(path, {k: tuple(v.shape) for k, v in state.items()}, self._encoder_shapes,
                                  self.sources["arch"], self.checkpoint_name(task))
+            self._check_float(task, {k: str(v.dtype).removeprefix("torch.") for k, v in state.items()})
             enc.load_state_dict(state)
             enc.eval()
             self._finetuned[task] = enc
@@ -204,11 +210,46 @@ class Workspace:
     def input_warnings(self, tasks: list[str]) -> list[str]:
         """What a job using the fine-tuned encoders of ``tasks`` reports besides its result: those
         identical to the pretrained encoder (a copied file, a wrong path), which merge as nothing,
-        and those identical to another task's (a copy-pasted path: one of them is the wrong task's)."""
+        and those identical to another task's (a copy-pasted path: one of them is the wrong task's);
+        likewise for the ``model.heads`` files given for ``tasks`` (:meth:`_head_warnings`)."""
         for t in tasks:
             self.finetuned_encoder(t)
         unchanged = [self._unchanged[t] for t in tasks if t in self._unchanged]
-        return unchanged + [w for i, t in enumerate(tasks) if (w := self._same_as_another(t, tasks[:i]))]
+        same = [w for i, t in enumerate(tasks) if (w := self._same_as_another(t, tasks[:i]))]
+        return unchanged + same + self._head_warnings(tasks)
+
+    def _head_warnings(self, tasks: list[str]) -> list[str]:
+        """The ``model.heads`` files of ``tasks`` that look like another sweep task's: named (or
+        imported from a file named) ``head_<Dataset>`` for another task's dataset, or with the
+        content of another task's head (same class count, so the class check passes them)."""
+        stored = self.sources["heads"]
+        given = [t for t in tasks if t in stored]
+        named = [w for t in given if (w := self._head_named_for_another(t, stored[t]))]
+        return named + [w for i, t in enumerate(given) if (w := self._same_head_as_another(t, given[:i]))]
+
+    def _head_named_for_another(self, task: str, path: str) -> str | None:
+        """A warning when ``path``'s name, or the source its import recorded, is ``head_<Dataset>``
+        of another task of the sweep."""
+        key = {_dataset_key(t): t for t in self.cfg.task_names}
+        for name in (path, _recorded_source(path)):
+            match = re.fullmatch(r"head_(.+?)(\.[^.]*)?", Path(name).name) if name else None
+            other = key.get(_dataset_key(match.group(1))) if match else None
+            if other is not None and other != task:
+                what = "is named" if name == path else f"was imported from {name}, named"
+                return (f"model.heads.{task}: {path}: the head given for {task!r} {what} for the dataset of "
+                        f"task {other!r}: is it the head of {other!r}?")
+        return None
+
+    def _same_head_as_another(self, task: str, reported: list[str]) -> str | None:
+        """A warning when ``task``'s head file holds the tensor of another task's (None when not,
+        or when one of ``reported`` already named the pair)."""
+        stored = self.sources["heads"]
+        same = [t for t in stored if t != task and torch.equal(self.head(t), self.head(task))]
+        if not same or any(t in reported for t in same):
+            return None
+        others = ", ".join(f"{t!r} (model.heads.{t}: {stored[t]})" for t in same)
+        return (f"model.heads.{task}: {stored[task]}: the head given for {task!r} has the same content as that of "
+                f"{others}: is one of them another task's?")
 
     def _same_as_another(self, task: str, reported: list[str]) -> str | None:
         """A warning when ``task``'s checkpoint has the content of another sweep task's (None when
@@ -221,6 +262,12 @@ class Workspace:
         return (f"{self.checkpoint_name(task)}: the fine-tuned encoder of {task!r} is the same checkpoint as that "
                 f"of {others}: is one of them another task's?")
 
+    def _check_float(self, task: str, dtypes: dict[str, str]) -> None:
+        """Refuse a fine-tuned checkpoint with integer weights, which loading would cast to float."""
+        bad = non_float_tensor(dtypes)
+        if bad is not None:
+            raise HarnessError(not_float_problem(self.checkpoint_name(task), *bad))
+
     @cached_property
     def _encoder_shapes(self) -> dict[str, tuple[int, ...]]:
         return {k: tuple(v) for k, v in self.encoder_summary["shapes"].items()}
@@ -231,6 +278,7 @@ class Workspace:
         for task, path in self.sources["finetuned"].items():
             check_encoder_shapes(path, tensor_shapes(path), self._encoder_shapes, self.sources["arch"],
                                  self.checkpoint_name(task))
+            self._check_float(task, tensor_dtypes(path))
         for t in self.cfg.task_names:
             self.check_task_data(t)
             self.head(t)
@@ -436,6 +484,22 @@ class Workspace:
             head = zeroshot_head(self.clip, get_tokenizer(self.sources["arch"]), task.prompts())
             save_state_dict({"weight": head}, path, metadata=built_for)
         return head
+
+
+def _dataset_key(name: str) -> str:
+    """A dataset's name as task_vectors' file names and the sweep's task names both spell it
+    (``head_EuroSAT``, ``eurosat``; ``head_SUN397``, ``sun397``)."""
+    return re.sub(r"[^0-9a-z]", "", name.lower())
+
+
+def _recorded_source(path: str) -> str | None:
+    """The source file ``harness import`` recorded in ``path``'s sidecar, None without one."""
+    try:
+        info = json.loads(Path(f"{path}.json").read_text())
+    except (OSError, ValueError):
+        return None
+    source = info.get("source") if isinstance(info, dict) and str(info.get("format", "")).startswith("harness") else None
+    return source if isinstance(source, str) else None
 
 
 def cached_head(path: Path, built_for: dict[str, str], classes: int) -> torch.Tensor | None:

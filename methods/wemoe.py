@@ -595,6 +595,9 @@ def _header(path: str | os.PathLike) -> dict[str, Any]:
     """The parsed metadata of a router file; ValueError naming the file when it is not one."""
     from safetensors import safe_open
 
+    if Path(path).is_dir():  # safetensors would say only "No such device (os error 19)"
+        raise ValueError(f"{path}: is a folder; expected a WeMoE router file, the {MODEL_FILE} a WeMoE job "
+                         "saves in <output_dir>/work/<job key>/")
     try:
         with safe_open(str(path), framework="pt") as fh:
             header = fh.metadata() or {}

@@ -134,7 +134,24 @@ def case_tensor_pt_wrong_shape(tmp_path, micro):
     return p, ["tensor 'conv1.weight' has shape (1, 3, 8, 8), pretrained has (32, 3, 8, 8)"]
 
 
-CASES = [case_truncated, case_garbage, case_other_arch, case_missing_key, case_two_prefixed_encoders, case_extra_key,
+def case_int8_weights(tmp_path, micro):
+    """A quantized encoder was cast to float, silently, and merged as its integer codes."""
+    state = _encoder_state()
+    state["conv1.weight"] = (100 * state["conv1.weight"]).to(torch.int8)
+    p = tmp_path / "int8.safetensors"
+    save_state_dict(state, p)
+    return p, [f"model.finetuned.toy_stripes: {p}: tensor 'conv1.weight' has dtype int8, not floating point"]
+
+
+def case_int64_pt(tmp_path, micro):
+    state = _encoder_state()
+    state["proj"] = state["proj"].round().long()
+    p = tmp_path / "int64.pt"
+    torch.save(state, p)
+    return p, [f"{p}: tensor 'proj' has dtype int64, not floating point"]
+
+
+CASES = [case_int8_weights, case_int64_pt, case_truncated, case_garbage, case_other_arch, case_missing_key, case_two_prefixed_encoders, case_extra_key,
          case_evil_pickle, case_pickled_module, case_missing_file, case_tensor_pt_wrong_shape, case_truncated_pt,
          case_empty_pt, case_image_as_checkpoint]
 DAMAGED = {case_truncated_pt, case_empty_pt, case_image_as_checkpoint}  # nothing pickled to trust: the message must not suggest it
@@ -651,3 +668,69 @@ def test_the_architecture_check_allocates_no_parameter_and_keeps_the_hub_offline
     assert shapes["visual.class_embedding"] == (128,)
     assert devices == {"meta"}, devices
     assert calls == [("1", False)], calls
+
+
+def test_loading_a_fine_tuned_encoder_with_integer_weights_refuses_it(sweep_dict, tmp_path):
+    """What loads the encoders without the run's preflight (export, a job in a worker) cast an
+    int8 tensor into the float encoder, silently."""
+    from harness.config import validate_config
+    from harness.errors import HarnessError
+    from harness.workspace import Workspace
+
+    state = _encoder_state()
+    state["ln_post.weight"] = state["ln_post.weight"].to(torch.int8)
+    p = tmp_path / "int8.safetensors"
+    save_state_dict(state, p)
+    ws = Workspace(validate_config(_with_ckpt(sweep_dict, "toy_stripes", p)))
+    with pytest.raises(HarnessError) as err:
+        ws.finetuned_encoder("toy_stripes")
+    assert str(err.value).startswith(f"model.finetuned.toy_stripes: {p}: tensor 'ln_post.weight' has dtype int8, "
+                                     "not floating point")
+
+
+def test_a_head_that_is_another_tasks_is_warned_about(sweep_dict, tmp_path):
+    """A `model.heads` file that is another task's head with as many classes passed every check and
+    scored the task with the wrong classifier, silently. A head imported from `head_<Dataset>.pt`
+    of another sweep task, or two tasks given heads of one content, now warn in each job using
+    them (a warning, not a refusal: the sweep runs); distinct heads named for their tasks warn of nothing."""
+    import shutil
+
+    from harness.config import validate_config
+    from harness.convert import convert_pickled_checkpoint
+    from harness.runner import run_sweep
+
+    torch.manual_seed(0)
+    for task in ("toy_stripes", "toy_colours"):  # task_vectors' layout: a Linear with a zero bias
+        torch.save({"weight": torch.randn(4, 32), "bias": torch.zeros(4)}, tmp_path / f"head_{task}.pt")
+    heads = tmp_path / "heads"
+    mine = {t: convert_pickled_checkpoint(tmp_path / f"head_{t}.pt", heads / f"{t}.safetensors")
+            for t in ("toy_stripes", "toy_colours")}
+    d = copy.deepcopy(sweep_dict)
+    d["methods"] = [{"name": "task_arithmetic", "params": {"scaling": 0.5}}]
+    d["eval"] = {"max_samples": 16}
+    d["model"]["heads"] = {t: str(p) for t, p in mine.items()}
+    assert all(r.warnings == [] for r in run_sweep(validate_config(d), console=None).results)
+
+    wrong = convert_pickled_checkpoint(tmp_path / "head_toy_colours.pt", heads / "for_stripes.safetensors")
+    shutil.copy(heads / "toy_colours.safetensors", heads / "copy.safetensors")
+    d["model"]["heads"] = {"toy_stripes": str(wrong), "toy_colours": str(heads / "copy.safetensors")}
+    d["output_dir"] = str(tmp_path / "out2")
+    run = run_sweep(validate_config(d), console=None)
+    named = (f"model.heads.toy_stripes: {wrong}: the head given for 'toy_stripes' was imported from "
+             f"{tmp_path / 'head_toy_colours.pt'}, named for the dataset of task 'toy_colours': is it the head of 'toy_colours'?")
+    same = (f"model.heads.toy_stripes: {wrong}: the head given for 'toy_stripes' has the same content as that of "
+            f"'toy_colours' (model.heads.toy_colours: {heads / 'copy.safetensors'}): is one of them another task's?")
+    by_title = {r.title: r.warnings for r in run.results}
+    assert by_title["task_arithmetic"] == [named, same]
+    assert by_title["individual/toy_stripes"] == [named, same]
+    assert by_title["individual/toy_colours"] == [
+        f"model.heads.toy_colours: {heads / 'copy.safetensors'}: the head given for 'toy_colours' has the same content "
+        f"as that of 'toy_stripes' (model.heads.toy_stripes: {wrong}): is one of them another task's?"]
+    from harness.workspace import Workspace
+
+    plain = heads / "head_toy_colours.safetensors"  # no sidecar: its own name says whose it is
+    save_state_dict({"weight": torch.randn(4, 32)}, plain)
+    d["model"]["heads"] = {"toy_stripes": str(plain)}
+    assert Workspace(validate_config(d)).input_warnings(["toy_stripes"]) == [
+        f"model.heads.toy_stripes: {plain}: the head given for 'toy_stripes' is named for the dataset of task "
+        "'toy_colours': is it the head of 'toy_colours'?"]

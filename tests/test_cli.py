@@ -467,6 +467,36 @@ def test_a_destination_ending_in_a_slash_is_a_folder_to_make(command, micro_chec
     assert written.keys() == source.keys() and all(torch.equal(written[k], source[k]) for k in source)
 
 
+@pytest.mark.parametrize("command", ["convert", "import"])
+def test_an_empty_destination_is_refused_before_any_work(command, micro_checkpoints, tmp_path, monkeypatch):
+    """`harness convert SRC ""` wrote into the current folder, as `export --out ''` is refused not to."""
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(main, [command, str(micro_checkpoints / "toy_stripes.safetensors"), ""])
+    assert r.exit_code == 2 and r.output == ("error: DST '': an empty path; name the safetensors file or the "
+                                             "folder to write into ('.' for the current folder)\n"), r.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_import_into_a_folder_inside_its_source_skips_its_own_outputs_when_run_again(micro_checkpoints, tmp_path):
+    """`harness import SRC SRC/conv` run twice converted its own outputs again, into conv/conv/."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    src = tmp_path / "src"
+    (src / "A").mkdir(parents=True)
+    shutil.copy(micro_checkpoints / "toy_stripes.safetensors", src / "A" / "finetuned.safetensors")
+    shutil.copy(micro_checkpoints / "toy_colours.safetensors", src / "b.safetensors")
+    runs = [CliRunner().invoke(main, ["import", str(src), str(src / "conv")]) for _ in range(2)]
+    assert all(r.exit_code == 0 for r in runs), [r.output for r in runs]
+    assert runs[0].output == runs[1].output
+    written = sorted(str(p.relative_to(src / "conv")) for p in (src / "conv").rglob("*.safetensors"))
+    assert written == ["A/finetuned.safetensors", "b.safetensors"]
+    for rel, source in zip(written, ("A/finetuned.safetensors", "b.safetensors")):
+        out, given = load_file(str(src / "conv" / rel)), load_file(str(src / source))
+        assert out.keys() == given.keys() and all(torch.equal(out[k], given[k]) for k in given)
+
+
 def test_report_of_a_sweep_that_logged_to_a_folder_store(sweep_dict, tmp_path):
     """A sweep may log to an MLflow folder store (``tracking_uri`` a folder, which it opts into);
     ``harness report`` of its output folder reads it back too, in a process that did not opt in."""

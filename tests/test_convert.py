@@ -408,3 +408,15 @@ def test_an_open_clip_training_checkpoint_of_a_multi_gpu_run_is_a_pretrained_mod
     assert r.exit_code == 0 and r.output.rstrip().endswith("valid"), r.output
     got = Workspace(validate_config(d)).clip.state_dict()
     assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_an_encoder_with_integer_weights_is_refused_naming_file_and_tensor(tmp_path: Path, micro_clip: nn.Module) -> None:
+    """A quantized (int8) encoder converted as it was, and every sweep then cast it to float."""
+    state = dict(micro_clip.visual.state_dict())
+    state["conv1.weight"] = (100 * state["conv1.weight"]).to(torch.int8)
+    src = tmp_path / "int8.pt"
+    torch.save(state, src)
+    with pytest.raises(HarnessError) as err:
+        convert_pickled_checkpoint(src, tmp_path / "out.safetensors")
+    assert str(err.value).startswith(f"{src}: tensor 'conv1.weight' has dtype int8, not floating point")
+    assert not (tmp_path / "out.safetensors").exists()

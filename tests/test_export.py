@@ -217,3 +217,50 @@ def test_a_whole_clip_of_a_generated_architecture_builds_from_the_file_alone(tmp
     assert open_clip.factory._MODEL_CONFIGS[arch] == config
     saved, built = load_file(str(whole)), model.state_dict()
     assert set(saved) == set(built) and all(torch.equal(saved[k], built[k]) for k in saved)
+
+
+def test_a_sweep_run_on_a_gpu_exported_without_one_says_to_override_the_device(sweep_dict, tmp_path, monkeypatch):
+    """`device: cuda` on a machine without a GPU ended in "CUDA is not available", with no word of
+    the device=cpu override that exports the same merge."""
+    import yaml
+
+    sweep_dict["references"] = False
+    sweep_dict["methods"] = [{"name": "task_arithmetic", "grid": {"scaling": [0.3]}}]
+    run_sweep(validate_config(sweep_dict), quiet=True)
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump({**sweep_dict, "device": "cuda"}))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    args = ["export", str(path), "--method", "task_arithmetic", "--out", str(tmp_path / "ta.st")]
+    refused = CliRunner().invoke(main, args)
+    assert refused.exit_code == 2 and len(refused.output.strip().splitlines()) == 1, refused.output
+    assert "CUDA is not available" in refused.output and "override device=cpu" in refused.output
+    assert not (tmp_path / "ta.st").exists()
+    ok = CliRunner().invoke(main, args[:2] + ["device=cpu"] + args[2:])
+    assert ok.exit_code == 0 and (tmp_path / "ta.st").is_file(), ok.output
+
+
+def test_an_out_that_is_one_of_the_sweeps_inputs_is_refused(tmp_path):
+    """`--out` naming the pretrained file (or a fine-tuned one through a link, or a file in the
+    cache) replaced that input with the merge, without a word."""
+    import hashlib
+
+    import yaml
+
+    from tests.conftest import write_micro_checkpoints
+
+    ckpt = write_micro_checkpoints(tmp_path / "ckpt", lambda p: 0.05)
+    d = make_sweep_dict(ckpt, tmp_path)
+    d["references"] = False
+    d["methods"] = [{"name": "task_arithmetic", "grid": {"scaling": [0.3]}}]
+    run_sweep(validate_config(d), quiet=True)
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(d))
+    (tmp_path / "link.safetensors").symlink_to(ckpt / "toy_colours.safetensors")
+    before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in ckpt.iterdir()}
+    for out, fragment in ((ckpt / "pretrained.safetensors", "is one of the sweep's input models"),
+                          (tmp_path / "link.safetensors", "is one of the sweep's input models"),
+                          (tmp_path / "cache" / "merged.safetensors", "lies in the sweep's cache folder")):
+        r = CliRunner().invoke(main, ["export", str(path), "--method", "task_arithmetic", "--out", str(out)])
+        assert r.exit_code == 2 and r.output.startswith(f"error: {out}: {fragment}"), r.output
+    assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in ckpt.iterdir()} == before
+    assert not (tmp_path / "cache" / "merged.safetensors").exists()

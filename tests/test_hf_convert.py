@@ -794,3 +794,22 @@ def test_a_sweep_reads_imported_whole_clip_finetuned_models(tmp_path: Path, monk
                 ref = features(fts[t].eval().get_image_features(pixel_values=x))
                 assert (ws.finetuned_encoder(t)(x) - ref).abs().max() <= 1e-5, (name, t)
                 assert not torch.equal(ws.finetuned_encoder(t)(x), ws.clip.visual(x))
+
+
+def test_integer_weights_are_refused_and_position_id_buffers_skipped(tmp_path: Path) -> None:
+    """An int8 weight was converted and then cast to float by every sweep; the int64 position-id
+    buffer transformers saves is no weight: skipped, not refused."""
+    enc = micro_visual()
+    folder = write_hf_folder(tmp_path / "hf", enc, "gelu")
+    state = load_state_dict(folder / "model.safetensors")
+    state["vision_model.embeddings.position_ids"] = torch.arange(5).unsqueeze(0)
+    save_file(state, str(folder / "model.safetensors"))
+    got = load_state_dict(convert_hf_checkpoint(folder, tmp_path / "ok.safetensors"))
+    assert set(got) == set(enc.state_dict()) and all(torch.equal(got[k], v) for k, v in enc.state_dict().items())
+    state["vision_model.encoder.layers.0.mlp.fc1.weight"] = state["vision_model.encoder.layers.0.mlp.fc1.weight"].to(torch.int8)
+    save_file(state, str(folder / "model.safetensors"))
+    with pytest.raises(HarnessError) as err:
+        convert_hf_checkpoint(folder, tmp_path / "int8.safetensors")
+    assert str(err.value).startswith(f"{folder}: tensor 'transformer.resblocks.0.mlp.c_fc.weight' has dtype int8, "
+                                     "not floating point")
+    assert not (tmp_path / "int8.safetensors").exists()

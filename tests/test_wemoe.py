@@ -958,3 +958,12 @@ def test_load_with_a_pretrained_model_of_another_architecture_names_the_file_and
     with pytest.raises(ValueError, match=r"routers\.safetensors: the fine-tuned model of 'a' differ") as err:
         wemoe.load_wemoe(path, pre, {**ft, "a": wider})
     assert "the pretrained model" not in str(err.value)
+
+
+def test_loading_a_folder_names_it_and_the_file_expected(tmp_path):
+    """A job's work folder given instead of its router file said "No such device (os error 19)"."""
+    with pytest.raises(ValueError) as err:
+        wemoe.load_wemoe(tmp_path, None, {})
+    assert str(err.value) == (f"{tmp_path}: is a folder; expected a WeMoE router file, the wemoe.safetensors a "
+                              "WeMoE job saves in <output_dir>/work/<job key>/")
+    assert wemoe.MODEL_FILE == "wemoe.safetensors"
