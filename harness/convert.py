@@ -48,6 +48,7 @@ from harness.models import (
     open_clip_module,
     resolve_arch,
     save_state_dict,
+    torch_load_tensors,
     unreadable_reason,
     weights_only_reason,
 )
@@ -166,7 +167,7 @@ def _load(src: Path, trust_pickle: bool) -> tuple[Any, str, set[str]]:
     if is_safetensors(src):
         return load_state_dict(src), "safetensors", set()
     try:
-        return torch.load(str(src), map_location="cpu", weights_only=True), "tensors", set()
+        return torch_load_tensors(src), "tensors", set()
     except Exception as exc:
         damage = unreadable_reason(src, exc)
         if damage is not None:  # no pickle in it to trust: unpickling would not read it either

@@ -20,6 +20,7 @@ import pickle
 import re
 import sys
 import tempfile
+import warnings
 import zipfile
 from pathlib import Path
 from types import ModuleType
@@ -166,6 +167,15 @@ def _torch_file_start(path: Path) -> bool:
     return head.startswith((b"PK\x03\x04", b"\x80")) or head[257:262] == b"ustar"
 
 
+def torch_load_tensors(path: Path, mmap: bool = False) -> Any:
+    """``torch.load(weights_only=True)`` without torch's warning that a TorchScript archive is
+    "dispatching to torch.jit.load": weights-only, it refuses the archive instead, and the
+    caller names it (:data:`TORCHSCRIPT`); the warning said the opposite of what happened."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*looks like a TorchScript archive", category=UserWarning)
+        return torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
+
+
 def load_state_dict(path: str | os.PathLike, mmap: bool = False) -> dict[str, torch.Tensor]:
     """Load tensors without unpickling code: safetensors, or torch.load(weights_only=True).
     ``mmap``: a zip-format ``.pt``'s tensors are mapped, not read, so its names and shapes cost
@@ -183,7 +193,7 @@ def load_state_dict(path: str | os.PathLike, mmap: bool = False) -> dict[str, to
         except Exception as exc:  # safetensors raises its own error types for corrupt files
             raise HarnessError(f"{path}: not a readable safetensors file ({exc})") from None
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
+        obj = torch_load_tensors(path, mmap)
     except Exception as exc:
         reason = unreadable_reason(path, exc)
         if reason is not None:
