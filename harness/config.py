@@ -1336,7 +1336,7 @@ def check_recorded_arch(cfg: SweepConfig, file: str) -> None:
         return
     from harness.convert import recorded_arch
 
-    want: tuple[bool, int | None] | None = None
+    want: tuple[bool, int | None, tuple] | None = None
     for where, path in [("model.pretrained", m.pretrained)] + [finetuned_field(cfg, t) for t in cfg.task_names]:
         if not path or not Path(path).is_file():
             continue
@@ -1347,15 +1347,20 @@ def check_recorded_arch(cfg: SweepConfig, file: str) -> None:
         have = _tower_computation(got, [path])
         if want is None or have is None or have == want:
             continue
+        if have[2] != want[2]:  # another size: other tensors, not the same ones computing differently
+            raise ConfigError(file, where, f"{path} was converted for architecture {got!r} (image tower "
+                              f"{_describe_size(have[2])}), but model.arch {m.arch!r} is {_describe_size(want[2])}: "
+                              f"a checkpoint of another architecture; set model.arch: {got}, or give checkpoints "
+                              f"of {m.arch}", show_value=False)
         raise ConfigError(file, where, f"{path} was converted for architecture {got!r} ({_describe_tower(have)}), "
                           f"but model.arch {m.arch!r} is {_describe_tower(want)}: the same tensors compute "
                           f"differently; set model.arch: {got}, or convert the source again with --arch {m.arch}",
                           show_value=False)
 
 
-def _tower_computation(arch: str, near: list[str]) -> tuple[bool, int | None] | None:
-    """(QuickGELU?, attention heads) of ``arch``'s image tower: what its tensors' shapes do not
-    show; None when the architecture is not known here."""
+def _tower_computation(arch: str, near: list[str]) -> tuple[bool, int | None, tuple] | None:
+    """(QuickGELU?, attention heads, (width, layers, patch size)) of ``arch``'s image tower: the
+    first two are what its tensors' shapes do not show; None when the architecture is not known here."""
     from harness.models import open_clip_module, resolve_arch
 
     try:
@@ -1365,11 +1370,17 @@ def _tower_computation(arch: str, near: list[str]) -> tuple[bool, int | None] | 
     config = open_clip_module().get_model_config(arch) or {}
     vision = config.get("vision_cfg") or {}
     width, head_width = vision.get("width"), vision.get("head_width", 64)
-    return bool(config.get("quick_gelu", False)), (width // head_width if width and head_width else None)
+    return (bool(config.get("quick_gelu", False)), (width // head_width if width and head_width else None),
+            (width, vision.get("layers"), vision.get("patch_size")))
 
 
-def _describe_tower(tower: tuple[bool, int | None]) -> str:
-    quick, heads = tower
+def _describe_size(size: tuple) -> str:
+    width, layers, patch = size
+    return f"width {width}, {layers} layers, patch {patch}"
+
+
+def _describe_tower(tower: tuple[bool, int | None, tuple]) -> str:
+    quick, heads, _ = tower
     return f"{'QuickGELU' if quick else 'GELU'}, {heads} attention heads"
 
 
