@@ -90,7 +90,7 @@ def main() -> None:
 
 
 def _load(file: str, overrides: tuple[str, ...], start_workers: bool = False,
-          does: Literal["read", "plan", "submit"] = "read"):
+          does: Literal["read", "plan", "submit"] = "read", results_only: bool = False):
     """The validated config; ``start_workers``: a sweep that will run jobs in a local pool
     starts the pool's server first, from the raw executor block, because validation imports
     torch (task and method registries) and the server's imports should overlap the driver's.
@@ -100,8 +100,11 @@ def _load(file: str, overrides: tuple[str, ...], start_workers: bool = False,
     still reports; ``plan`` (collect) plans its jobs, whose keys hash the models and data: the
     model files, checkpoint shapes and data folders too; ``submit`` (sweep, tune, validate) runs
     or submits jobs, or checks a sweep before it does: those, and a SLURM executor against the
-    cluster's partitions, which commands that only read or collect must not depend on."""
+    cluster's partitions, which commands that only read or collect must not depend on.
+    ``results_only`` (status, report, ui: they read recorded jobs and results alone): an unset
+    ``${VAR}`` in the paths of models and data, or in a SLURM option, is left unexpanded."""
     from harness.config import (
+        UNSET_INPUTS_KEPT,
         ConfigError,
         ExecutorSpec,
         check_checkpoint_shapes,
@@ -128,7 +131,11 @@ def _load(file: str, overrides: tuple[str, ...], start_workers: bool = False,
 
             prestart()
     try:
-        cfg = validate_config(raw, file)
+        kept = UNSET_INPUTS_KEPT.set(results_only and does == "read")
+        try:
+            cfg = validate_config(raw, file)
+        finally:
+            UNSET_INPUTS_KEPT.reset(kept)
         check_cache_dir(cfg, file)  # before the checks that read the encoder summaries kept there
         if does != "read":
             check_model_files(cfg, file)
@@ -247,7 +254,7 @@ def status(file: str, overrides: tuple[str, ...]) -> None:
     """SLURM: the states of a sweep's submitted jobs (pending, running, done, failed, lost) and their logs."""
     from harness.executors.slurm import status_table
 
-    table, counts = status_table(_load(file, overrides))
+    table, counts = status_table(_load(file, overrides, results_only=True))
     console.print(table)
     console.print(", ".join(f"{n} {s}" for s, n in counts.items()), highlight=False)
 
@@ -539,7 +546,7 @@ def _store(target: str | None) -> tuple[str, str | None]:
     FILE`` takes it: MLflow would serve a new, empty store there), an output folder, or the env."""
     cfg = None
     if target and Path(target).is_file():
-        cfg = _load(target, ())
+        cfg = _load(target, (), results_only=True)
         if not cfg.resolved_output_dir().is_dir():
             fail(f"{target}: its output folder {cfg.resolved_output_dir()} does not exist (the sweep has not run there)")
         target = str(cfg.resolved_output_dir())
@@ -611,7 +618,7 @@ def report(target: str, tracking_uri: str | None, out_dir: str | None, against: 
         _check_destination(out_dir, "--out", folder=True)
     sweep_cfg = None  # the sweep whose parent run to report (a store may hold other sweeps' runs)
     if Path(target).is_file():  # the sweep file: its output folder, as `harness ui FILE` takes it
-        sweep_cfg = _load(target, ())
+        sweep_cfg = _load(target, (), results_only=True)
         out = sweep_cfg.resolved_output_dir()
         if not out.is_dir():
             fail(f"{target}: its output folder {out} does not exist (the sweep has not run there)")

@@ -7,6 +7,7 @@ the file, the dotted field path and the offending value.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import copy
 import hashlib
 import json
@@ -69,8 +70,17 @@ class Strict(BaseModel):
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
-def expand_env(value: str) -> str:
-    """Expand ``${VAR}`` and ``${VAR:-default}``; an unset variable without default is an error."""
+#: True while a command that reads only a sweep's results (report, ui, status) loads its file: an
+#: unset ``${VAR}`` in a field of the sweep's inputs (model files, data folders, SLURM options),
+#: which such a command never opens, is left as ``$VAR`` instead of failing, so a copy taken away
+#: from the checkpoints and datasets (and their variables) still reports.
+UNSET_INPUTS_KEPT: contextvars.ContextVar[bool] = contextvars.ContextVar("unset_inputs_kept", default=False)
+
+
+def expand_env(value: str, input_path: bool = False) -> str:
+    """Expand ``${VAR}`` and ``${VAR:-default}``; an unset variable without default is an error
+    (but in an ``input_path`` under :data:`UNSET_INPUTS_KEPT`, where it is left as ``$VAR``:
+    without braces, which a ``finetuned_pattern`` would read as a field)."""
 
     def sub(m: re.Match) -> str:
         name, default = m.group(1), m.group(2)
@@ -78,6 +88,8 @@ def expand_env(value: str) -> str:
             return os.environ[name]
         if default is not None:
             return default
+        if input_path and UNSET_INPUTS_KEPT.get():
+            return f"${name}"
         raise ValueError(f"environment variable {name} is not set")
 
     return os.path.expanduser(_ENV.sub(sub, value))
@@ -86,6 +98,11 @@ def expand_env(value: str) -> str:
 def _expand_optional(cls: type, v: str | None) -> str | None:
     """A field validator: ``${VAR}`` expanded in a value the file gives."""
     return expand_env(v) if v else v
+
+
+def _expand_input(cls: type, v: str | None) -> str | None:
+    """A field validator: ``${VAR}`` expanded in a path or option of the sweep's inputs."""
+    return expand_env(v, input_path=True) if v else v
 
 
 class ModelSpec(Strict):
@@ -99,12 +116,12 @@ class ModelSpec(Strict):
     heads: dict[str, str] = Field(default_factory=dict, description="task -> stored head [classes, dim]")
     suite: dict[str, Any] = Field(default_factory=dict, description="options of the embedded suite")
 
-    _env = field_validator("pretrained", "finetuned_pattern")(classmethod(_expand_optional))
+    _env = field_validator("pretrained", "finetuned_pattern")(classmethod(_expand_input))
 
     @field_validator("finetuned", "heads")
     @classmethod
     def _env_map(cls, v: dict[str, str]) -> dict[str, str]:
-        return {k: expand_env(p) for k, p in v.items()}
+        return {k: expand_env(p, input_path=True) for k, p in v.items()}
 
     @field_validator("finetuned_pattern")
     @classmethod
@@ -155,7 +172,7 @@ class TaskSpec(Strict):
         root = v.get("data_root")
         if isinstance(root, str):
             try:
-                return {**v, "data_root": expand_env(root)}
+                return {**v, "data_root": expand_env(root, input_path=True)}
             except ValueError as exc:
                 raise ValueError(f"data_root: {exc}") from None
         return v
@@ -518,7 +535,7 @@ class ExecutorSpec(Strict):
     poll_s: float = Field(2.0, gt=0, le=600, description="seconds between SLURM state checks while waiting")
 
     # ``${SLURM_PARTITION:-gpu}`` expands here: sbatch never expands its ``#SBATCH`` lines.
-    _env = field_validator("partition", "account", "qos", "constraint")(classmethod(_expand_optional))
+    _env = field_validator("partition", "account", "qos", "constraint")(classmethod(_expand_input))
 
     @field_validator("mem_gb")
     @classmethod
@@ -599,7 +616,8 @@ class SweepConfig(Strict):
             return {"pretrained": v, "individual": v}
         return v
 
-    _env = field_validator("output_dir", "cache_dir", "data_root", "tracking_uri")(classmethod(_expand_optional))
+    _env = field_validator("output_dir", "cache_dir", "tracking_uri")(classmethod(_expand_optional))
+    _env_inputs = field_validator("data_root")(classmethod(_expand_input))
 
     @field_validator("threads")
     @classmethod
@@ -1331,7 +1349,7 @@ def check_recorded_arch(cfg: SweepConfig, file: str) -> None:
         return
     from harness.convert import recorded_arch
 
-    want: tuple[bool, int | None] | None = None
+    want: tuple[bool, int | None, tuple] | None = None
     for where, path in [("model.pretrained", m.pretrained)] + [finetuned_field(cfg, t) for t in cfg.task_names]:
         if not path or not Path(path).is_file():
             continue
@@ -1342,15 +1360,20 @@ def check_recorded_arch(cfg: SweepConfig, file: str) -> None:
         have = _tower_computation(got, [path])
         if want is None or have is None or have == want:
             continue
+        if have[2] != want[2]:  # another size: other tensors, not the same ones computing differently
+            raise ConfigError(file, where, f"{path} was converted for architecture {got!r} (image tower "
+                              f"{_describe_size(have[2])}), but model.arch {m.arch!r} is {_describe_size(want[2])}: "
+                              f"a checkpoint of another architecture; set model.arch: {got}, or give checkpoints "
+                              f"of {m.arch}", show_value=False)
         raise ConfigError(file, where, f"{path} was converted for architecture {got!r} ({_describe_tower(have)}), "
                           f"but model.arch {m.arch!r} is {_describe_tower(want)}: the same tensors compute "
                           f"differently; set model.arch: {got}, or convert the source again with --arch {m.arch}",
                           show_value=False)
 
 
-def _tower_computation(arch: str, near: list[str]) -> tuple[bool, int | None] | None:
-    """(QuickGELU?, attention heads) of ``arch``'s image tower: what its tensors' shapes do not
-    show; None when the architecture is not known here."""
+def _tower_computation(arch: str, near: list[str]) -> tuple[bool, int | None, tuple] | None:
+    """(QuickGELU?, attention heads, (width, layers, patch size)) of ``arch``'s image tower: the
+    first two are what its tensors' shapes do not show; None when the architecture is not known here."""
     from harness.models import open_clip_module, resolve_arch
 
     try:
@@ -1360,11 +1383,17 @@ def _tower_computation(arch: str, near: list[str]) -> tuple[bool, int | None] | 
     config = open_clip_module().get_model_config(arch) or {}
     vision = config.get("vision_cfg") or {}
     width, head_width = vision.get("width"), vision.get("head_width", 64)
-    return bool(config.get("quick_gelu", False)), (width // head_width if width and head_width else None)
+    return (bool(config.get("quick_gelu", False)), (width // head_width if width and head_width else None),
+            (width, vision.get("layers"), vision.get("patch_size")))
 
 
-def _describe_tower(tower: tuple[bool, int | None]) -> str:
-    quick, heads = tower
+def _describe_size(size: tuple) -> str:
+    width, layers, patch = size
+    return f"width {width}, {layers} layers, patch {patch}"
+
+
+def _describe_tower(tower: tuple[bool, int | None, tuple]) -> str:
+    quick, heads, _ = tower
     return f"{'QuickGELU' if quick else 'GELU'}, {heads} attention heads"
 
 

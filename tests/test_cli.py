@@ -432,6 +432,44 @@ def test_report_and_ui_of_a_copied_folder_whose_original_is_gone(sweep_dict, tmp
     assert _store(str(copy)) == (f"sqlite:///{copy.resolve() / 'mlflow.db'}", str(copy.resolve() / "mlartifacts"))
 
 
+def test_report_status_and_ui_of_a_sweep_file_whose_input_variables_are_unset(sweep_dict, micro_checkpoints,
+                                                                             tmp_path, monkeypatch):
+    """``harness report``, ``ui`` and ``status`` with the sweep file read only its results: a sweep
+    whose checkpoint and data paths go through ``${VAR}``s (as the paper sweeps' ``${CKPT}`` and
+    ``${DATA}``) still reports where those variables are unset (a laptop), with the tables the
+    sweep wrote; the commands that run or plan jobs still say the variable is not set."""
+    from harness.cli import _store
+
+    monkeypatch.setenv("HARNESS_TEST_CKPT", str(micro_checkpoints))
+    monkeypatch.setenv("HARNESS_TEST_DATA", str(tmp_path))
+    sweep_dict["model"]["pretrained"] = "${HARNESS_TEST_CKPT}/pretrained.safetensors"
+    sweep_dict["model"]["finetuned_pattern"] = "${HARNESS_TEST_CKPT}/{task}.safetensors"
+    sweep_dict["data_root"] = "${HARNESS_TEST_DATA}"
+    sweep_dict["executor"] = {"kind": "local", "partition": "${HARNESS_TEST_PARTITION}"}
+    monkeypatch.setenv("HARNESS_TEST_PARTITION", "gpu")
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump(sweep_dict))
+    assert CliRunner().invoke(main, ["sweep", "-q", str(f)]).exit_code == 0
+    out = Path(sweep_dict["output_dir"])
+    written = (out / "report" / "main.csv").read_text()
+    for name in ("HARNESS_TEST_CKPT", "HARNESS_TEST_DATA", "HARNESS_TEST_PARTITION"):
+        monkeypatch.delenv(name)
+    r = CliRunner().invoke(main, ["report", str(f), "--out", str(tmp_path / "rep")])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "rep" / "main.csv").read_text() == written
+    assert _store(str(f)) == (f"sqlite:///{out.resolve() / 'mlflow.db'}", str(out.resolve() / "mlartifacts"))
+    r = CliRunner().invoke(main, ["status", str(f)])
+    assert r.exit_code == 2
+    assert "no SLURM submissions recorded" in r.stderr and "not set" not in r.stderr, r.stderr
+    for command in (["validate", str(f)], ["sweep", "--dry-run", str(f)],
+                    ["export", str(f), "--method", "task_arithmetic", "--out", str(tmp_path / "m.safetensors")]):
+        r = CliRunner().invoke(main, command)
+        assert r.exit_code == 2, (command, r.output)
+        assert len(r.stderr.strip().splitlines()) == 1, (command, r.stderr)
+        assert r.stderr.startswith(f"error: {f}: ") and "environment variable HARNESS_TEST_" in r.stderr, command
+        assert "is not set" in r.stderr, (command, r.stderr)
+
+
 @pytest.mark.parametrize("command", ["report", "export", "convert", "import"])
 def test_a_destination_under_a_file_is_one_line_before_any_work(command, sweep_dict, micro_checkpoints, tmp_path):
     """An --out (or DST) whose folder a file stands in: one line naming both, exit 2, the file untouched."""

@@ -314,6 +314,36 @@ def test_misspelt_arch_names_the_closest(tmp_path: Path) -> None:
         convert_pickled_checkpoint(src, tmp_path / "out.safetensors", arch="harness-micro-vt")
 
 
+def test_an_encoder_converted_for_an_architecture_of_another_size_is_not_called_the_same_tensors(tmp_path: Path) -> None:
+    """A checkpoint recorded as converted for another architecture whose image tower has another
+    width (pretrained weights from an open_clip tag, whose shapes no header gives): `validate`
+    refuses it naming both architectures and their sizes, not as "the same tensors" computing
+    differently, which holds only for towers of one size (GELU against QuickGELU)."""
+    import yaml
+    from click.testing import CliRunner
+
+    from harness.cli import main
+    from harness.models import save_state_dict
+    from tests.conftest import TOY_TASKS, make_sweep_dict
+
+    state = build_clip("harness-micro-vit").visual.state_dict()
+    assert state["conv1.weight"].shape[0] == 32  # the micro tower's width; ViT-B-32's is 768
+    for task in TOY_TASKS:
+        save_state_dict(state, tmp_path / f"{task}.safetensors", metadata={"arch": "harness-micro-vit"})
+    d = make_sweep_dict(tmp_path, tmp_path)
+    d["model"].update(arch="ViT-B-32", pretrained="laion2b_s34b_b79k")
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(yaml.safe_dump(d))
+    r = CliRunner().invoke(main, ["validate", str(sweep)])
+    assert r.exit_code == 2, r.output
+    line = " ".join(r.output.split())
+    assert line.startswith(
+        f"error: {sweep}: model.finetuned_pattern: {tmp_path / TOY_TASKS[0]}.safetensors was converted for "
+        "architecture 'harness-micro-vit' (image tower width 32, 2 layers, patch 8), but model.arch 'ViT-B-32' is "
+        "width 768, 12 layers, patch 32: a checkpoint of another architecture"), r.output
+    assert "same tensors" not in line
+
+
 def test_a_sweep_refuses_encoders_converted_for_another_activation(tmp_path: Path, monkeypatch) -> None:
     """QuickGELU encoders (converted for a QuickGELU architecture, as recorded in their sidecars)
     have the GELU model's tensors exactly: the shape checks pass, and the sweep used to score them
