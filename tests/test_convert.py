@@ -323,13 +323,14 @@ def test_an_encoder_converted_for_an_architecture_of_another_size_is_not_called_
     from click.testing import CliRunner
 
     from harness.cli import main
+    from harness.convert import FORMAT
     from harness.models import save_state_dict
     from tests.conftest import TOY_TASKS, make_sweep_dict
 
     state = build_clip("harness-micro-vit").visual.state_dict()
     assert state["conv1.weight"].shape[0] == 32  # the micro tower's width; ViT-B-32's is 768
-    for task in TOY_TASKS:
-        save_state_dict(state, tmp_path / f"{task}.safetensors", metadata={"arch": "harness-micro-vit"})
+    for task in TOY_TASKS:  # recorded as `harness convert` records it (another tool's "arch" does not count)
+        save_state_dict(state, tmp_path / f"{task}.safetensors", metadata={"format": FORMAT, "arch": "harness-micro-vit"})
     d = make_sweep_dict(tmp_path, tmp_path)
     d["model"].update(arch="ViT-B-32", pretrained="laion2b_s34b_b79k")
     sweep = tmp_path / "sweep.yaml"
