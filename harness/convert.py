@@ -43,11 +43,11 @@ from harness.models import (
     header_metadata,
     is_safetensors,
     load_state_dict,
-    non_float_tensor,
-    not_float_problem,
     open_clip_module,
+    refuse_integer_weights,
     resolve_arch,
     save_state_dict,
+    state_dtypes,
     torch_load_tensors,
     unreadable_reason,
     weights_only_reason,
@@ -81,7 +81,7 @@ def convert_pickled_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, t
     kind, state, info = _extract(obj, src)
     if kind == "image_encoder":
         arch = _check_arch(state, arch, info, src)
-        refuse_integer_weights(state, src)
+        refuse_integer_weights(state_dtypes(state), src)  # written as it is, every sweep would cast it
     sidecar = {
         "format": FORMAT,
         "kind": kind,
@@ -94,20 +94,12 @@ def convert_pickled_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, t
         "unresolved_classes": sorted(unresolved),
         "tensors": len(state),
         "parameters": sum(v.numel() for v in state.values()),
-        "dtypes": sorted({str(v.dtype).removeprefix("torch.") for v in state.values()}),
+        "dtypes": sorted(set(state_dtypes(state).values())),
         "state_digest": describe_state(state),
     }
     save_state_dict(state, out, metadata={"format": FORMAT, "kind": kind, "arch": arch or "", "source_sha256": digest})
     atomic_write_json(out.with_name(out.name + ".json"), sidecar)
     return out
-
-
-def refuse_integer_weights(state: Mapping[str, torch.Tensor], src: str | os.PathLike) -> None:
-    """A model whose weights are integers (quantized) is refused, naming ``src`` and the tensor:
-    written as it is, every sweep would cast it to float when loading it."""
-    bad = non_float_tensor({k: str(v.dtype).removeprefix("torch.") for k, v in state.items()})
-    if bad is not None:
-        raise HarnessError(not_float_problem(str(src), *bad))
 
 
 def output_path(dst: str | os.PathLike, name: str) -> Path:

@@ -46,10 +46,10 @@ from typing import Any, Literal
 import torch
 
 from harness.cache import atomic_write_json
-from harness.convert import FORMAT, output_path, refuse_integer_weights
+from harness.convert import FORMAT, output_path
 from harness.errors import HarnessError
-from harness.models import (file_digest, load_state_dict, open_clip_module, register_model_config, resolve_arch,
-                            save_state_dict)
+from harness.models import (file_digest, load_state_dict, open_clip_module, refuse_integer_weights,
+                            register_model_config, resolve_arch, save_state_dict, state_dtypes)
 
 Kind = Literal["image_encoder", "clip"]
 
@@ -466,7 +466,7 @@ def convert_hf_checkpoint(
     if projection is not None and _prefix_of(state, "visual_projection.weight", folder) is None:
         proj_tensor, proj_digest = load_projection(projection)
     out_state, oc_cfg = hf_to_open_clip(state, config, kind, proj_tensor, folder)
-    refuse_integer_weights(out_state, folder)  # position-id buffers, ints, are not among them
+    refuse_integer_weights(state_dtypes(out_state), folder)  # position-id buffers, ints, are not among them
     out = output_path(dst, folder.name)
     if out.resolve() in {f.resolve() for f in weight_files(folder)}:
         raise HarnessError(f"{out}: the destination is one of the source files")
@@ -497,7 +497,7 @@ def convert_hf_checkpoint(
         "hidden_act": "quick_gelu" if oc_cfg.get("quick_gelu") else "gelu",
         "tensors": len(out_state),
         "parameters": sum(v.numel() for v in out_state.values()),
-        "dtypes": sorted({str(v.dtype).removeprefix("torch.") for v in out_state.values()}),
+        "dtypes": sorted(set(state_dtypes(out_state).values())),
     }
     if proj_tensor is not None:
         sidecar["projection_source"] = str(Path(projection).resolve())

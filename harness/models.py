@@ -24,7 +24,7 @@ import warnings
 import zipfile
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -251,19 +251,24 @@ def tensor_dtypes(path: str | os.PathLike) -> dict[str, str]:
         except Exception as exc:
             raise HarnessError(f"{path}: not a readable safetensors file ({exc})") from None
         return {k: _HEADER_DTYPES.get(d, d.lower()) for k, d in found.items()}
-    return {k: str(v.dtype).removeprefix("torch.") for k, v in load_state_dict(path, mmap=True).items()}
+    return state_dtypes(load_state_dict(path, mmap=True))
 
 
-def non_float_tensor(dtypes: dict[str, str]) -> tuple[str, str] | None:
-    """The first (name, dtype) of ``dtypes`` (:func:`tensor_dtypes`' names) that is no float: an
-    image encoder's weights are floats, and loading an integer tensor into one would cast it."""
-    return next(((k, d) for k, d in dtypes.items() if not d.startswith(("f", "bf"))), None)
+def state_dtypes(state: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """Names and dtypes of ``state``'s tensors, named as :func:`tensor_dtypes` names a file's
+    (``float16``, ``int8``: torch's names without ``torch.``)."""
+    return {k: str(v.dtype).removeprefix("torch.") for k, v in state.items()}
 
 
-def not_float_problem(name: str, key: str, dtype: str) -> str:
-    """The refusal of a model file holding integer weights (quantized?), naming file and tensor."""
-    return (f"{name}: tensor {key!r} has dtype {dtype}, not floating point: an image encoder's weights are "
-            "floats (a quantized checkpoint? dequantize it first); it is not cast")
+def refuse_integer_weights(dtypes: Mapping[str, str], name: str | os.PathLike) -> None:
+    """Refuse a model file ``name`` holding an integer (quantized?) tensor, naming the first one:
+    an image encoder's weights are floats, and loading an integer tensor into one would cast it
+    silently. ``dtypes``: :func:`tensor_dtypes` or :func:`state_dtypes`."""
+    bad = next(((k, d) for k, d in dtypes.items() if not d.startswith(("f", "bf"))), None)
+    if bad is not None:
+        key, dtype = bad
+        raise HarnessError(f"{name}: tensor {key!r} has dtype {dtype}, not floating point: an image encoder's "
+                           "weights are floats (a quantized checkpoint? dequantize it first); it is not cast")
 
 
 def check_encoder_shapes(path: str | os.PathLike, found: dict[str, tuple[int, ...]],

@@ -30,9 +30,9 @@ from harness.models import (
     header_metadata,
     is_safetensors,
     load_state_dict,
-    non_float_tensor,
-    not_float_problem,
+    refuse_integer_weights,
     save_state_dict,
+    state_dtypes,
     tensor_dtypes,
     zeroshot_head,
 )
@@ -198,7 +198,7 @@ class Workspace:
             enc = copy.deepcopy(self.clip.visual)
             check_encoder_shapes(path, {k: tuple(v.shape) for k, v in state.items()}, self._encoder_shapes,
                                  self.sources["arch"], self.checkpoint_name(task))
-            self._check_float(task, {k: str(v.dtype).removeprefix("torch.") for k, v in state.items()})
+            refuse_integer_weights(state_dtypes(state), self.checkpoint_name(task))
             enc.load_state_dict(state)
             enc.eval()
             self._finetuned[task] = enc
@@ -262,12 +262,6 @@ class Workspace:
         return (f"{self.checkpoint_name(task)}: the fine-tuned encoder of {task!r} is the same checkpoint as that "
                 f"of {others}: is one of them another task's?")
 
-    def _check_float(self, task: str, dtypes: dict[str, str]) -> None:
-        """Refuse a fine-tuned checkpoint with integer weights, which loading would cast to float."""
-        bad = non_float_tensor(dtypes)
-        if bad is not None:
-            raise HarnessError(not_float_problem(self.checkpoint_name(task), *bad))
-
     @cached_property
     def _encoder_shapes(self) -> dict[str, tuple[int, ...]]:
         return {k: tuple(v) for k, v in self.encoder_summary["shapes"].items()}
@@ -278,7 +272,7 @@ class Workspace:
         for task, path in self.sources["finetuned"].items():
             check_encoder_shapes(path, tensor_shapes(path), self._encoder_shapes, self.sources["arch"],
                                  self.checkpoint_name(task))
-            self._check_float(task, tensor_dtypes(path))
+            refuse_integer_weights(tensor_dtypes(path), self.checkpoint_name(task))
         for t in self.cfg.task_names:
             self.check_task_data(t)
             self.head(t)
