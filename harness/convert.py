@@ -343,25 +343,30 @@ def recorded_arch(src: Path) -> str | None:
     """The architecture a converted source records (its ``<file>.json`` sidecar, else its
     safetensors header: what ``harness import`` writes), else None. Inferring from shapes alone
     cannot find a generated ``hf-vit-...`` config that is not registered in this process."""
-    side = src.with_name(src.name + ".json")
-    info: Any = None
-    if side.is_file():
-        try:
-            info = json.loads(side.read_text())
-        except (OSError, ValueError):
-            info = None
-    arch = _harness_arch(info)
+    arch = _arch_of(harness_sidecar(src))
     if not arch and is_safetensors(src):
-        arch = _harness_arch(header_metadata(src))
+        arch = _arch_of(_written_by_harness(header_metadata(src)))
     return arch
 
 
-def _harness_arch(info: Any) -> str | None:
-    """``info``'s ``arch`` when the harness wrote it (its ``format`` says so): another tool's
-    "arch" is a name of its own, not the open_clip architecture a conversion checked."""
-    if not isinstance(info, dict) or not str(info.get("format", "")).startswith("harness"):
+def harness_sidecar(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The ``<path>.json`` sidecar that ``harness convert`` or ``harness import`` wrote; None when
+    there is none, it does not read, or another tool wrote it (:func:`_written_by_harness`)."""
+    try:
+        info = json.loads(Path(f"{path}.json").read_text())
+    except (OSError, ValueError):
         return None
-    arch = info.get("arch")
+    return _written_by_harness(info)
+
+
+def _written_by_harness(info: Any) -> dict[str, Any] | None:
+    """``info`` when the harness wrote it (its ``format`` says so), else None: another tool's
+    "arch" or "source" is a name of its own, not what a conversion checked."""
+    return info if isinstance(info, dict) and str(info.get("format", "")).startswith("harness") else None
+
+
+def _arch_of(info: dict[str, Any] | None) -> str | None:
+    arch = info.get("arch") if info else None
     return arch if isinstance(arch, str) and arch else None
 
 

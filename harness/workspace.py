@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import json
 import re
 from functools import cached_property
 from pathlib import Path
@@ -488,11 +487,9 @@ def _dataset_key(name: str) -> str:
 
 def _recorded_source(path: str) -> str | None:
     """The source file ``harness import`` recorded in ``path``'s sidecar, None without one."""
-    try:
-        info = json.loads(Path(f"{path}.json").read_text())
-    except (OSError, ValueError):
-        return None
-    source = info.get("source") if isinstance(info, dict) and str(info.get("format", "")).startswith("harness") else None
+    from harness.convert import harness_sidecar
+
+    source = (harness_sidecar(path) or {}).get("source")
     return source if isinstance(source, str) else None
 
 
