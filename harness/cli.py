@@ -352,9 +352,7 @@ def export(file: str, overrides: tuple[str, ...], label: str, dst: str, full_cli
     from harness.export import export_merged
     from harness.plan import setting_text
 
-    if not dst or dst.endswith(("/", os.sep)):  # "" is the current folder: the write would fail after the merge
-        fail(f"--out {dst!r}: names a folder, not the safetensors file to write (e.g. --out merged.safetensors)")
-    _check_destination(dst, "--out")
+    _check_destination(dst, "--out", must_be_file=True)
     cfg = _load(file, overrides)
     m = cfg.methods[_method_index(cfg, label, file)]
     with _fields_of(file, overrides):
@@ -370,22 +368,25 @@ def export(file: str, overrides: tuple[str, ...], label: str, dst: str, full_cli
                   f"test {r.metrics.get('acc/avg', float('nan')):.1f} (job {r.key})", highlight=False, markup=False)
 
 
-def _check_destination(dst: str | Path, option: str, folder: bool = False) -> None:
-    """Refuse, before any work, a destination whose folder cannot be made because a file stands at
-    it or above it: the first write would otherwise end in a traceback (after an export's merge)."""
+def _check_destination(dst: str | Path, option: str, folder: bool = False, must_be_file: bool = False) -> None:
+    """Refuse, before any work, a destination the first write would otherwise fail on with a
+    traceback (after an export's merge) or misread: an empty one (the current folder to ``Path``,
+    written into without being named), one naming a folder where a file must be written, one whose
+    folder cannot be made because a file stands at it or above it."""
+    text = str(dst)
+    names_folder = not text or text.endswith(("/", os.sep))
+    if must_be_file and names_folder:
+        fail(f"{option} {text!r}: names a folder, not the safetensors file to write (e.g. --out merged.safetensors)")
+    if not text:
+        fail(f"{option} '': an empty path; name the safetensors file or the folder to write into "
+             "('.' for the current folder)")
     path = Path(dst)
-    where = path if folder or str(dst).endswith(("/", os.sep)) else path.parent
+    where = path if folder or names_folder else path.parent
     for p in (where, *where.parents):
         if p.exists():
             if not p.is_dir():
                 fail(f"{option} {dst}: {p} is a file, not a folder")
             return
-
-
-def _refuse_empty(dst: str) -> None:
-    """An empty DST is the current folder to ``Path``: written into without being named."""
-    if not dst:
-        fail("DST '': an empty path; name the safetensors file or the folder to write into ('.' for the current folder)")
 
 
 def _check_store(where: str, uri: str) -> None:
@@ -684,7 +685,6 @@ def convert(src: str, dst: str, trust_pickle: bool, arch: str | None) -> None:
     """Convert a task_vectors-style checkpoint into a safetensors image-encoder state dict."""
     from harness.convert import convert_pickled_checkpoint
 
-    _refuse_empty(dst)
     _check_destination(dst, "DST")
     path = convert_pickled_checkpoint(src, dst, trust_pickle=trust_pickle, arch=arch)
     console.print(f"wrote {path}")
@@ -703,7 +703,6 @@ def import_(src: str, dst: str, trust_pickle: bool, arch: str | None, projection
     """Import checkpoints: a Hugging Face CLIP folder, a task_vectors/state-dict file, or a folder of them."""
     from harness.checkpoints import import_checkpoints
 
-    _refuse_empty(dst)
     _check_destination(dst, "DST")
     written = import_checkpoints(src, dst, trust_pickle=trust_pickle, arch=arch, projection=projection,
                                  full=full, verify=verify)
