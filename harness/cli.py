@@ -542,15 +542,23 @@ def ui(target: str | None, port: int, host: str) -> None:
     os.execve(exe, args, env)  # the server takes this process's place: signals reach it directly
 
 
+def _ran_sweep(file: str) -> tuple[Any, Path]:
+    """The sweep ``file`` (read as the commands that read only its results read it) and its output
+    folder, which must exist: MLflow would otherwise serve, or a report read, a new, empty store."""
+    cfg = _load(file, (), results_only=True)
+    out = cfg.resolved_output_dir()
+    if not out.is_dir():
+        fail(f"{file}: its output folder {out} does not exist (the sweep has not run there)")
+    return cfg, out
+
+
 def _store(target: str | None) -> tuple[str, str | None]:
     """Tracking URI and artifact folder from a sweep YAML (its output folder, as ``harness report
     FILE`` takes it: MLflow would serve a new, empty store there), an output folder, or the env."""
     cfg = None
     if target and Path(target).is_file():
-        cfg = _load(target, (), results_only=True)
-        if not cfg.resolved_output_dir().is_dir():
-            fail(f"{target}: its output folder {cfg.resolved_output_dir()} does not exist (the sweep has not run there)")
-        target = str(cfg.resolved_output_dir())
+        cfg, out = _ran_sweep(target)
+        target = str(out)
     if target and Path(target).is_dir():
         folder = Path(target).resolve()
         return _folder_store(target, _folder_config(folder) or cfg), str(folder / "mlartifacts")
@@ -619,10 +627,7 @@ def report(target: str, tracking_uri: str | None, out_dir: str | None, against: 
         _check_destination(out_dir, "--out", folder=True)
     sweep_cfg = None  # the sweep whose parent run to report (a store may hold other sweeps' runs)
     if Path(target).is_file():  # the sweep file: its output folder, as `harness ui FILE` takes it
-        sweep_cfg = _load(target, (), results_only=True)
-        out = sweep_cfg.resolved_output_dir()
-        if not out.is_dir():
-            fail(f"{target}: its output folder {out} does not exist (the sweep has not run there)")
+        sweep_cfg, out = _ran_sweep(target)
         target = str(out)
     if Path(target).is_dir():
         sweep_cfg = _folder_config(Path(target).resolve()) or sweep_cfg
