@@ -38,12 +38,16 @@ def positive_int(text: str) -> int:
     return value
 
 
-def non_negative_float(text: str) -> float:
-    """argparse type for a duration: a number of at least 0."""
+def _number(text: str) -> float:
     try:
-        value = float(text)
+        return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+def non_negative_float(text: str) -> float:
+    """argparse type for a duration: a number of at least 0."""
+    value = _number(text)
     if not value >= 0:
         raise argparse.ArgumentTypeError(f"must be at least 0, got {text}")
     return value
@@ -78,10 +82,7 @@ def device_or_auto(text: str) -> str:
 
 def percent(text: str) -> float:
     """argparse type for a share kept, in percent: a number in (0, 100]."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    value = _number(text)
     if not 0 < value <= 100:
         raise argparse.ArgumentTypeError(f"must be in (0, 100], got {text}")
     return value
