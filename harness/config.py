@@ -17,7 +17,7 @@ import re
 import string
 import types
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Literal, Union, get_args, get_origin
+from typing import TYPE_CHECKING, Any, Iterable, Literal, NamedTuple, Union, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -1349,31 +1349,46 @@ def check_recorded_arch(cfg: SweepConfig, file: str) -> None:
         return
     from harness.convert import recorded_arch
 
-    want: tuple[bool, int | None, tuple] | None = None
+    want: _Tower | None = None
     for where, path in [("model.pretrained", m.pretrained)] + [finetuned_field(cfg, t) for t in cfg.task_names]:
         if not path or not Path(path).is_file():
             continue
         got = recorded_arch(Path(path))
         if got is None or got == m.arch:
             continue
-        want = want or _tower_computation(m.arch, [m.pretrained] if m.pretrained else [])
-        have = _tower_computation(got, [path])
+        want = want or _image_tower(m.arch, [m.pretrained] if m.pretrained else [])
+        have = _image_tower(got, [path])
         if want is None or have is None or have == want:
             continue
-        if have[2] != want[2]:  # another size: other tensors, not the same ones computing differently
+        if have.size != want.size:  # other tensors, not the same ones computing differently
             raise ConfigError(file, where, f"{path} was converted for architecture {got!r} (image tower "
-                              f"{_describe_size(have[2])}), but model.arch {m.arch!r} is {_describe_size(want[2])}: "
+                              f"{have.size_text()}), but model.arch {m.arch!r} is {want.size_text()}: "
                               f"a checkpoint of another architecture; set model.arch: {got}, or give checkpoints "
                               f"of {m.arch}", show_value=False)
-        raise ConfigError(file, where, f"{path} was converted for architecture {got!r} ({_describe_tower(have)}), "
-                          f"but model.arch {m.arch!r} is {_describe_tower(want)}: the same tensors compute "
+        raise ConfigError(file, where, f"{path} was converted for architecture {got!r} ({have.computation_text()}), "
+                          f"but model.arch {m.arch!r} is {want.computation_text()}: the same tensors compute "
                           f"differently; set model.arch: {got}, or convert the source again with --arch {m.arch}",
                           show_value=False)
 
 
-def _tower_computation(arch: str, near: list[str]) -> tuple[bool, int | None, tuple] | None:
-    """(QuickGELU?, attention heads, (width, layers, patch size)) of ``arch``'s image tower: the
-    first two are what its tensors' shapes do not show; None when the architecture is not known here."""
+class _Tower(NamedTuple):
+    """An architecture's image tower as :func:`check_recorded_arch` compares two: its size, which
+    its tensors' shapes show, and its activation and head count, which they do not."""
+
+    quick_gelu: bool
+    heads: int | None
+    size: tuple[int | None, int | None, int | None]  # width, layers, patch size
+
+    def size_text(self) -> str:
+        width, layers, patch = self.size
+        return f"width {width}, {layers} layers, patch {patch}"
+
+    def computation_text(self) -> str:
+        return f"{'QuickGELU' if self.quick_gelu else 'GELU'}, {self.heads} attention heads"
+
+
+def _image_tower(arch: str, near: list[str]) -> _Tower | None:
+    """``arch``'s image tower; None when the architecture is not known here."""
     from harness.models import open_clip_module, resolve_arch
 
     try:
@@ -1383,18 +1398,8 @@ def _tower_computation(arch: str, near: list[str]) -> tuple[bool, int | None, tu
     config = open_clip_module().get_model_config(arch) or {}
     vision = config.get("vision_cfg") or {}
     width, head_width = vision.get("width"), vision.get("head_width", 64)
-    return (bool(config.get("quick_gelu", False)), (width // head_width if width and head_width else None),
-            (width, vision.get("layers"), vision.get("patch_size")))
-
-
-def _describe_size(size: tuple) -> str:
-    width, layers, patch = size
-    return f"width {width}, {layers} layers, patch {patch}"
-
-
-def _describe_tower(tower: tuple[bool, int | None, tuple]) -> str:
-    quick, heads, _ = tower
-    return f"{'QuickGELU' if quick else 'GELU'}, {heads} attention heads"
+    return _Tower(bool(config.get("quick_gelu", False)), (width // head_width if width and head_width else None),
+                  (width, vision.get("layers"), vision.get("patch_size")))
 
 
 def check_data_roots(cfg: SweepConfig, file: str) -> None:
