@@ -116,8 +116,9 @@ def is_safetensors(path: str | os.PathLike) -> bool:
     return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") <= size - 8
 
 
-TORCHSCRIPT = ("a TorchScript archive (torch.jit.save, as OpenAI's released CLIP .pt files are): it holds "
-               "code as well as tensors; open_clip's tag 'openai' names OpenAI's weights")
+#: Why a TorchScript archive is refused as a plain tensor checkpoint (:func:`weights_only_reason`).
+TORCHSCRIPT_REASON = ("a TorchScript archive (torch.jit.save, as OpenAI's released CLIP .pt files are): it holds "
+                      "code as well as tensors; open_clip's tag 'openai' names OpenAI's weights")
 
 
 def unreadable_reason(path: Path, exc: Exception) -> str | None:
@@ -140,7 +141,7 @@ def weights_only_reason(exc: Exception, path: Path | None = None) -> str:
     """The informative line of torch's weights_only refusal (it names the offending global),
     without torch's advice to allowlist the global, which would load the module unconverted."""
     if path is not None and is_torchscript(path):
-        return TORCHSCRIPT
+        return TORCHSCRIPT_REASON
     for line in str(exc).splitlines():
         if "Unsupported global" in line or "Unsupported operand" in line:
             return line.split(". Please use", 1)[0].strip()
@@ -170,7 +171,7 @@ def _torch_file_start(path: Path) -> bool:
 def torch_load_tensors(path: Path, mmap: bool = False) -> Any:
     """``torch.load(weights_only=True)`` without torch's warning that a TorchScript archive is
     "dispatching to torch.jit.load": weights-only, it refuses the archive instead, and the
-    caller names it (:data:`TORCHSCRIPT`); the warning said the opposite of what happened."""
+    caller names it (:data:`TORCHSCRIPT_REASON`); the warning said the opposite of what happened."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*looks like a TorchScript archive", category=UserWarning)
         return torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
