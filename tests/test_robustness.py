@@ -8,6 +8,7 @@ import os
 import stat
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -206,15 +207,22 @@ def test_disk_backed_split_is_corrupted_once_and_read_back_exactly(tmp_path, cou
     assert len(counted) == 3 * n
 
 
-def test_damaged_disk_backed_cache_is_rebuilt(tmp_path, counted, monkeypatch):
+def _disk_backed_split_cached(tmp_path: Path, corruption: str) -> tuple[Any, Path, list, Path]:
+    """A disk-backed task, its cache folder, the items of its ``corruption`` split (severity 2)
+    cached there, and the cached images' file."""
     import tasks.vision8 as v8
 
     write_noise_eurosat(tmp_path / "data")
     task = v8.eurosat(str(tmp_path / "data"), image_size=32)
     cache = tmp_path / "cache"
-    truth = items(corrupted_split(task, "gaussian_noise", 2, cache))
-    n = len(truth)
+    truth = items(corrupted_split(task, corruption, 2, cache))
     path, = (cache / "corrupted").glob("*-s2-????????????????????.npy")
+    return task, cache, truth, path
+
+
+def test_damaged_disk_backed_cache_is_rebuilt(tmp_path, counted, monkeypatch):
+    task, cache, truth, path = _disk_backed_split_cached(tmp_path, "gaussian_noise")
+    n = len(truth)
     whole = path.read_bytes()
     path.write_bytes(whole[: len(whole) // 2])  # a half file (another writer's crash, a full disk)
     assert_same_items(items(corrupted_split(task, "gaussian_noise", 2, cache)), truth)
@@ -244,14 +252,8 @@ def _edit_in_place(path: Path, index: int) -> None:
 def test_a_cached_split_edited_in_place_is_rebuilt(tmp_path, counted):
     """Images or labels changed inside a valid .npy (a script writing into the cache, a bad disk
     sector) differ from the sha256 recorded when the split was written: rebuilt, never scored."""
-    import tasks.vision8 as v8
-
-    write_noise_eurosat(tmp_path / "data")
-    task = v8.eurosat(str(tmp_path / "data"), image_size=32)
-    cache = tmp_path / "cache"
-    truth = items(corrupted_split(task, "contrast", 2, cache))
+    task, cache, truth, path = _disk_backed_split_cached(tmp_path, "contrast")
     n = len(truth)
-    path, = (cache / "corrupted").glob("*-s2-????????????????????.npy")
     for edited in (path, path.with_suffix(".labels.npy")):
         whole = edited.read_bytes()
         _edit_in_place(edited, 3)
