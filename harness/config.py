@@ -1419,8 +1419,7 @@ def check_data_roots(cfg: SweepConfig, file: str) -> None:
             continue
         if param is None:
             continue
-        where, root = ((f"tasks.{i}.options.data_root", t.options["data_root"]) if "data_root" in t.options
-                       else ("data_root", cfg.data_root))
+        where, root = _data_root_field(cfg, i)
         if root is None and param.default is not inspect.Parameter.empty:
             continue  # built without one, as the run builds it
         if root is None:
@@ -1430,6 +1429,14 @@ def check_data_roots(cfg: SweepConfig, file: str) -> None:
         if not path.is_dir():
             what = "is a file, not a folder" if path.exists() else f"does not exist{relative_note(str(root))}"
             raise ConfigError(file, where, f"data folder of task {t.name!r} {what}", root)
+
+
+def _data_root_field(cfg: SweepConfig, i: int) -> tuple[str, Any]:
+    """(field, value) of task ``i``'s data folder: its ``options.data_root``, else the top-level one."""
+    options = cfg.tasks[i].options
+    if "data_root" in options:
+        return f"tasks.{i}.options.data_root", options["data_root"]
+    return "data_root", cfg.data_root
 
 
 def check_dataset_folders(cfg: SweepConfig, file: str) -> None:
@@ -1443,8 +1450,7 @@ def check_dataset_folders(cfg: SweepConfig, file: str) -> None:
     for i, t in enumerate(cfg.tasks):
         if t.name not in SPECS:
             continue
-        where, root = ((f"tasks.{i}.options.data_root", t.options["data_root"]) if "data_root" in t.options
-                       else ("data_root", cfg.data_root))
+        where, root = _data_root_field(cfg, i)
         try:
             resolve_task(t.name)(**{**t.options, "data_root": str(root)})
         except TaskDataError as exc:
