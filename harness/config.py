@@ -1460,11 +1460,12 @@ def check_dataset_folders(cfg: SweepConfig, file: str) -> None:
                               t.options) from None
 
 
-def output_dir_problem(out: Path) -> str | None:
-    """Why ``out`` cannot be the sweep's output folder (a file stands at it or above it), or None."""
-    for p in (out, *out.parents):
+def folder_problem(folder: Path) -> str | None:
+    """Why ``folder`` (the output or the cache folder) cannot be one: a file stands at it or
+    above it; None when it can."""
+    for p in (folder, *folder.parents):
         if p.exists():
-            return None if p.is_dir() else ("is a file, not a folder" if p == out else f"{p} is a file, not a folder")
+            return None if p.is_dir() else ("is a file, not a folder" if p == folder else f"{p} is a file, not a folder")
     return None
 
 
@@ -1474,7 +1475,7 @@ def check_output_dir(cfg: SweepConfig, file: str) -> None:
     (``%j``, ``%x``; a backslash stops them): with such a character the logs would go elsewhere, or
     nowhere, and the jobs fail before they start."""
     out = cfg.resolved_output_dir()
-    problem = output_dir_problem(out)
+    problem = folder_problem(out)
     if problem:
         raise ConfigError(file, "output_dir", problem, str(out))
     odd = [c for c in "%\\" if c in str(out)]
@@ -1487,7 +1488,7 @@ def check_cache_dir(cfg: SweepConfig, file: str) -> None:
     """The cache folder (``cache_dir``, ``$HARNESS_CACHE`` or ``~/.cache/harness``) can be one: a
     file standing at it or above it would fail the first cache write mid-run with a traceback."""
     cache = cfg.resolved_cache_dir()
-    problem = output_dir_problem(cache)
+    problem = folder_problem(cache)
     if problem:
         where = "cache_dir" if cfg.cache_dir else ("cache_dir ($HARNESS_CACHE)" if os.environ.get("HARNESS_CACHE")
                                                    else "cache_dir (default)")

@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from harness.cache import atomic_write_bytes, atomic_write_json
-from harness.config import MAIN, SweepConfig, dump_yaml, output_dir_problem
+from harness.config import MAIN, SweepConfig, dump_yaml, folder_problem
 from harness.errors import HarnessError, NotBuilt, WriteRefused, storage_problem
 from harness.executors import make_executor
 from harness.failpoints import failpoint
@@ -175,7 +175,7 @@ def run_sweep(cfg: SweepConfig, console: Console | None = None, quiet: bool = Fa
         if not console.is_terminal:  # logged output: keep the results table's columns whole
             console = Console(stderr=True, quiet=quiet, width=200, emoji=False)
     show = not quiet
-    problem = output_dir_problem(cfg.resolved_output_dir())
+    problem = folder_problem(cfg.resolved_output_dir())
     if problem:  # before anything is read from it or built for it
         raise HarnessError(f"output_dir: {problem} (got {str(cfg.resolved_output_dir())!r})")
     ws = Workspace(cfg, progress=show)
