@@ -347,8 +347,11 @@ class Tracker:
     def _create_run(self, tags: dict[str, str], key_tag: str) -> str:
         """Create a run, held in ``_writing`` for :meth:`abandon`. Until its id is held, the tag
         ``key_tag`` (unique to it) is what finds it: Ctrl-C may land after MLflow stored the run
-        but before ``create_run`` returned its id."""
-        self._creating = f"tags.`{key_tag}` = {quoted(tags[key_tag])} and attributes.status = 'RUNNING'"
+        but before ``create_run`` returned its id. Only a run started from now on matches: another
+        driver's run with the same tag (the same sweep on one tracking server) is not this one."""
+        since = int(time.time() * 1000)
+        self._creating = (f"tags.`{key_tag}` = {quoted(tags[key_tag])} and attributes.status = 'RUNNING' "
+                          f"and attributes.start_time >= {since}")
         rid = self.client.create_run(self.experiment_id, tags=tags).info.run_id
         self._writing.add(rid)
         self._creating = None

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import socket
 import sqlite3
+import time
+import types
 
 import pytest
 
@@ -262,6 +264,35 @@ def test_ctrl_c_just_after_a_run_is_created_leaves_no_run_running(kind, call, sw
     status = {r.data.tags.get("harness.kind"): r.info.status for r in client.search_runs([exp])
               if r.info.run_id in created and created[r.info.run_id] == kind}
     assert status == {kind: "KILLED"}
+
+
+def test_ctrl_c_while_a_run_is_created_ends_only_that_run(tmp_path):
+    """The run being created is found by its tag: another driver's RUNNING run with the same tag
+    (one sweep run from two folders against one tracking server), started earlier, is not it."""
+    from mlflow.tracking import MlflowClient
+
+    from harness.tracking import JOB_TAG, Tracker
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("x")
+    other = client.create_run(exp, tags={JOB_TAG: "k1"}).info.run_id
+    time.sleep(0.01)
+    real_create = MlflowClient.create_run
+
+    def interrupted(self, *args, **kwargs):
+        real_create(self, *args, **kwargs)
+        raise KeyboardInterrupt
+
+    tracker = Tracker.__new__(Tracker)
+    tracker._client, tracker.experiment_id, tracker._writing, tracker._parent_id = client, exp, set(), None
+    tracker._creating = None
+    client.create_run = types.MethodType(interrupted, client)
+    with pytest.raises(KeyboardInterrupt):
+        tracker._create_run({JOB_TAG: "k1"}, JOB_TAG)
+    tracker.abandon("KILLED")
+    status = {r.info.run_id: r.info.status for r in client.search_runs([exp])}
+    assert status.pop(other) == "RUNNING" and list(status.values()) == ["KILLED"]
 
 
 def test_ctrl_c_as_a_tracking_server_gets_the_sweeps_run_leaves_it_killed(sweep_dict, monkeypatch):
