@@ -816,6 +816,35 @@ def test_robustness_follow_up_runs_on_the_cluster(cluster, varied_checkpoints, t
 
 
 @needs_slurm
+def test_a_pruned_trial_shows_as_done_and_collected(cluster, varied_checkpoints, tmp_path):
+    """A trial its pruner stopped ended as asked and its result was recorded: the driver's job
+    table and ``harness status`` show it done and collected, as the study has it, not as a
+    failed job with an error log to read."""
+    import io
+
+    import optuna
+    from rich.console import Console
+
+    from harness.executors.slurm import status_table
+    from harness.tuning import open_storage, storage_spec
+
+    d = dict(_sweep(varied_checkpoints, tmp_path / "sweep", "toy-pruned", kind="slurm", mem_gb=1, timeout_min=5,
+                    setup=SETUP, poll_s=1), references=False)
+    d["methods"] = [{"name": "tests.tuning_methods:StopsOrFailsByQuality", "label": "q", "tune": {
+        "n_trials": 2, "n_parallel": 2, "sampler": "grid",
+        "space": {"quality": {"type": "categorical", "choices": [10.0, 50.0]}}}}]
+    cfg = validate_config(d)
+    text = io.StringIO()
+    run_sweep(cfg, console=Console(file=text, width=250))
+    study = optuna.load_study(study_name="toy-pruned.q", storage=open_storage(storage_spec(cfg, cfg.methods[0].tune)))
+    assert sorted(t.state.name for t in study.trials) == ["COMPLETE", "PRUNED"]
+    rows = [line for line in text.getvalue().splitlines() if "q(quality=10.0)" in line and "│" in line]
+    assert rows and all("│ done " in row and "failed" not in row for row in rows), text.getvalue()
+    _, counts = status_table(cfg)
+    assert (counts["failed"], counts["done"], counts["collected"]) == (0, 3, 3), counts
+
+
+@needs_slurm
 def test_detached_sweeps_submit_and_collect_the_robustness_follow_up(cluster, varied_checkpoints, tmp_path):
     """``--detach`` submits a grid method's robustness job once its grid is cached, ``collect``
     gathers it (and says when it still has to be submitted), and it equals the local one."""
