@@ -606,12 +606,17 @@ def finished_studies(cfg: SweepConfig, identity: dict, task_identity: dict,
     """The tuned rows ``collect`` keeps (it runs no study): each study done, with its best
     setting's job on test cached, as the attached sweep that ran it left them. A study not done
     leaves its row out, as before it was run."""
+    from sqlalchemy.exc import SQLAlchemyError
+
     from harness.plan import with_key
     from harness.tuning import stored_study
 
     kept = []
     for m in cfg.methods:
-        runner = stored_study(cfg, m, identity, task_identity, results_dir) if m.tune else None
+        try:
+            runner = stored_study(cfg, m, identity, task_identity, results_dir) if m.tune else None
+        except (OSError, SQLAlchemyError):  # a storage it cannot read now: its row is left out, as not done
+            runner = None
         if runner is None:
             continue
         final = with_key(cfg, JobSpec("merge", m.display, method=m.name, params=runner.best_params()), identity,
