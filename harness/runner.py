@@ -282,7 +282,9 @@ def _run_sweep(cfg: SweepConfig, ws: Workspace, executor: Any, console: Console,
         n_jobs = len({sp.key for sp in specs})
         console.print(f"[bold]{cfg.name}[/]: {n_jobs} jobs, {n_jobs - len(pending)} cached, "
                       f"{len(pending)} to run{then} -> {out}", highlight=False)
-    studies = [m.display for m in cfg.methods if m.tune] if mode != "run" else []
+    kept = finished_studies(cfg, identity, task_identity, results_dir) if mode == "collect" else []
+    studies = [m.display for m in cfg.methods if m.tune and m.display not in {f.label for f, _, _ in kept}
+               ] if mode != "run" else []
     if show and studies:  # each trial is asked for after the ones before it end: a driver has to wait
         console.print(f"{'--detach' if mode == 'detach' else 'collect'} runs no Optuna study: run `harness sweep` "
                       f"(or `harness tune FILE --method LABEL`) for {', '.join(studies)}", highlight=False)
@@ -424,6 +426,11 @@ def _run_sweep(cfg: SweepConfig, ws: Workspace, executor: Any, console: Console,
                 else:
                     bar.add(1)
                     execute([final])
+        for final, cached, counts in kept:  # collect: a done study's row, as its last sweep left it
+            specs.append(final)
+            spec_by_key.setdefault(final.key, final)
+            results[final.key] = cached
+            trial_counts[final.label, final.key] = counts
     timings["run"] = time.perf_counter() - t1
 
     t2 = time.perf_counter()
@@ -592,6 +599,32 @@ def run_study(cfg: SweepConfig, m, identity: dict, task_identity: dict, results_
     counts = runner.counts()
     tracker.finish_tuning_run(tune_run, best, runner.study.best_value, files, counts, final.key)
     return final, counts
+
+
+def finished_studies(cfg: SweepConfig, identity: dict, task_identity: dict,
+                     results_dir: Path) -> list[tuple[JobSpec, JobResult, TrialCounts]]:
+    """The tuned rows ``collect`` keeps (it runs no study): each study done, with its best
+    setting's job on test cached, as the attached sweep that ran it left them. A study not done
+    leaves its row out, as before it was run."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from harness.plan import with_key
+    from harness.tuning import stored_study
+
+    kept = []
+    for m in cfg.methods:
+        try:
+            runner = stored_study(cfg, m, identity, task_identity, results_dir) if m.tune else None
+        except (OSError, SQLAlchemyError):  # a storage it cannot read now: its row is left out, as not done
+            runner = None
+        if runner is None:
+            continue
+        final = with_key(cfg, JobSpec("merge", m.display, method=m.name, params=runner.best_params()), identity,
+                         task_identity)
+        cached = finished_result(results_dir, final)
+        if cached:
+            kept.append((final, cached, runner.counts()))
+    return kept
 
 
 #: The key prefix of a failed study's row (:func:`failed_study_spec`).

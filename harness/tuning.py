@@ -252,8 +252,24 @@ def batch_dependent_study(m: MethodSpec) -> bool:
 def open_study(storage: Any, name: str, definition: str, measures: str, sampler: Any, pruner: Any,
                measured_here: Callable[[str, "optuna.Study"], bool] | None = None,
                method: str | None = None) -> tuple["optuna.Study", str | None]:
-    """The study of this definition and measurement, and a line saying so when it is not the one
-    named ``name``.
+    """The study of this definition and measurement (:func:`choose_study`), created when new, and
+    a line saying so when it is not the one named ``name``."""
+    import optuna
+
+    chosen, note = choose_study(storage, name, definition, measures, measured_here, method)
+    study = optuna.create_study(study_name=chosen, storage=storage, sampler=sampler, pruner=pruner,
+                                direction="maximize", load_if_exists=True)
+    for attr, value in ((DEFINITION_ATTR, definition), (MEASURES_ATTR, measures), (METHOD_ATTR, method)):
+        if value is not None and study.user_attrs.get(attr) != value:
+            study.set_user_attr(attr, value)
+    return study, note
+
+
+def choose_study(storage: Any, name: str, definition: str, measures: str,
+                 measured_here: Callable[[str, "optuna.Study"], bool] | None = None,
+                 method: str | None = None) -> tuple[str, str | None]:
+    """The name of the study of this definition and measurement, and a line saying so when it is
+    not ``name``; nothing is stored.
 
     A study stored under ``name`` with another definition (its space, fixed params, objective or
     sampler changed since), or measured on other tasks, models or evaluation settings, is left as
@@ -297,12 +313,7 @@ def open_study(storage: Any, name: str, definition: str, measures: str, sampler:
         else:
             why = "with another space, fixed params, objective or sampler"
         note = f"study {name!r} was run {why}: {how} study {chosen!r} for this one"
-    study = optuna.create_study(study_name=chosen, storage=storage, sampler=sampler, pruner=pruner,
-                                direction="maximize", load_if_exists=True)
-    for attr, value in ((DEFINITION_ATTR, definition), (MEASURES_ATTR, measures), (METHOD_ATTR, method)):
-        if value is not None and study.user_attrs.get(attr) != value:
-            study.set_user_attr(attr, value)
-    return study, note
+    return chosen, note
 
 
 def grid_size(tune: TuneSpec) -> int:
@@ -341,25 +352,29 @@ class StudyRunner:
     """Drives one method's study to ``n_trials`` finished (complete or pruned) trials."""
 
     def __init__(self, cfg: SweepConfig, m: MethodSpec, identity: dict, task_identity: dict,
-                 workers: int, results_dir: Path):
-        import optuna
-
+                 workers: int, results_dir: Path, create: bool = True):
+        """``create=False`` opens nothing: :func:`stored_study` then loads the study if stored."""
         quiet_optuna()
         self.cfg, self.m, self.tune = cfg, m, m.tune
         self.identity, self.task_identity, self.results_dir = identity, task_identity, results_dir
         self.n_parallel = self.tune.n_parallel or workers
         self.storage = storage_spec(cfg, self.tune)
-        seed = self.tune.seed if self.tune.seed is not None else cfg.seed
-        self.study, note = open_study(open_storage(self.storage), study_name(cfg, m), study_definition(m, cfg.seed),
-                                      study_measures(cfg, m, identity, task_identity),
-                                      make_sampler(self.tune, seed), make_pruner(self.tune.pruner), self.measured_here,
-                                      method=method_class_id(m.name))
-        self.name = self.study.study_name
-        self.seed = seed
+        self.seed = self.tune.seed if self.tune.seed is not None else cfg.seed
         self.dists = distributions(self.tune)
-        self.notes: list[str] = [note] if note else []  # one line each, for the driver to print
         self.owner = str(cfg.resolved_output_dir().resolve())
         self.shared = self.tune.storage is not None  # the default journal lies in this folder alone
+        self.notes: list[str] = []  # one line each, for the driver to print
+        if create:
+            self.study, note = open_study(open_storage(self.storage), *self.choice_args(),
+                                          make_sampler(self.tune, self.seed), make_pruner(self.tune.pruner),
+                                          self.measured_here, method=method_class_id(m.name))
+            self.name = self.study.study_name
+            self.notes += [note] if note else []
+
+    def choice_args(self) -> tuple[str, str, str]:
+        """What picks the study among those stored (:func:`choose_study`): name, definition, measures."""
+        return (study_name(self.cfg, self.m), study_definition(self.m, self.cfg.seed),
+                study_measures(self.cfg, self.m, self.identity, self.task_identity))
 
     def finished(self) -> int:
         from optuna.trial import TrialState
@@ -548,7 +563,34 @@ class StudyRunner:
         if not self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
             raise StudyFailed(f"study {self.name!r}: no trial completed"
                               + (f"; the last failure: {last_error}" if last_error else ""))
+        return self.best_params()
+
+    def best_params(self) -> dict[str, Any]:
+        """The best trial's setting with the fixed params: the tuned row's job on test."""
         return {**self.m.params, **self.held(self.study.best_params)}
+
+
+def stored_study(cfg: SweepConfig, m: MethodSpec, identity: dict, task_identity: dict,
+                 results_dir: Path) -> StudyRunner | None:
+    """The study of ``m`` a sweep would resume, when stored and done (its ``n_trials`` finished,
+    at least one completed, none left unfinished by a killed driver), read without storing
+    anything: ``collect``, which runs no study, keeps such a study's row instead of dropping it.
+    None otherwise."""
+    import optuna
+    from optuna.trial import TrialState
+
+    runner = StudyRunner(cfg, m, identity, task_identity, 1, results_dir, create=False)
+    if runner.storage.startswith("journal:") and not Path(runner.storage[len("journal:"):]).is_file():
+        return None
+    storage = open_storage(runner.storage)
+    chosen, _ = choose_study(storage, *runner.choice_args(), runner.measured_here, method_class_id(m.name))
+    if chosen not in optuna.get_all_study_names(storage):
+        return None
+    runner.study, runner.name = optuna.load_study(study_name=chosen, storage=storage), chosen
+    running = [t for t in runner.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) if runner.ours(t)]
+    done = runner.grid_left() == 0 or runner.finished() >= n_trials_possible(m.tune)
+    completed = runner.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    return runner if done and completed and not running else None
 
 
 def save_study_plots(study: "optuna.Study", folder: Path) -> list[Path]:

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from mlflow import MlflowClient
 from click.testing import CliRunner
 
 from harness.cli import main
@@ -813,6 +814,75 @@ def test_robustness_follow_up_runs_on_the_cluster(cluster, varied_checkpoints, t
     assert remote.status == "ok" and remote.key == local.key and remote.metrics == local.metrics
     submitted = json.loads((Path(runs["slurm"].output_dir) / "slurm" / "submitted.json").read_text())["jobs"]
     assert submitted[remote.key]["kind"] == "robustness"
+
+
+@needs_slurm
+def test_a_pruned_trial_shows_as_done_and_collected(cluster, varied_checkpoints, tmp_path):
+    """A trial its pruner stopped ended as asked and its result was recorded: the driver's job
+    table and ``harness status`` show it done and collected, as the study has it, not as a
+    failed job with an error log to read."""
+    import io
+
+    import optuna
+    from rich.console import Console
+
+    from harness.executors.slurm import status_table
+    from harness.tuning import open_storage, storage_spec
+
+    d = dict(_sweep(varied_checkpoints, tmp_path / "sweep", "toy-pruned", kind="slurm", mem_gb=1, timeout_min=5,
+                    setup=SETUP, poll_s=1), references=False)
+    d["methods"] = [{"name": "tests.tuning_methods:StopsOrFailsByQuality", "label": "q", "tune": {
+        "n_trials": 2, "n_parallel": 2, "sampler": "grid",
+        "space": {"quality": {"type": "categorical", "choices": [10.0, 50.0]}}}}]
+    cfg = validate_config(d)
+    text = io.StringIO()
+    run_sweep(cfg, console=Console(file=text, width=250))
+    study = optuna.load_study(study_name="toy-pruned.q", storage=open_storage(storage_spec(cfg, cfg.methods[0].tune)))
+    assert sorted(t.state.name for t in study.trials) == ["COMPLETE", "PRUNED"]
+    rows = [line for line in text.getvalue().splitlines() if "q(quality=10.0)" in line and "│" in line]
+    assert rows and all("│ done " in row and "failed" not in row for row in rows), text.getvalue()
+    _, counts = status_table(cfg)
+    assert (counts["failed"], counts["done"], counts["collected"]) == (0, 3, 3), counts
+
+
+@needs_slurm
+def test_collect_keeps_the_row_of_a_finished_study(cluster, varied_checkpoints, tmp_path):
+    """``collect`` runs no study, but one an attached sweep finished keeps its row (its best
+    setting's cached result and trial counts) in the tables and MLflow: collecting the sweep's
+    other jobs deleted the row from ``report/`` and its summary metric from the parent run. A
+    study not done (its ``n_trials`` raised since) is left out, as the command says."""
+    import io
+
+    from rich.console import Console
+
+    d = _sweep(varied_checkpoints, tmp_path / "sweep", "toy-collect-tuned", kind="slurm", mem_gb=1, timeout_min=5,
+               setup=SETUP, poll_s=1)
+    d["methods"] = [{"name": "task_arithmetic", "label": "tuned", "tune": {
+        "n_trials": 2, "n_parallel": 2, "sampler": "random",
+        "space": {"scaling": {"type": "float", "low": 0.3, "high": 0.8}}}}]
+    cfg = validate_config(d)
+    run_sweep(cfg, quiet=True)
+    main_md = cfg.resolved_output_dir() / "report" / "main.md"
+    attached = [line for line in main_md.read_text().splitlines() if line.startswith("| tuned |")]
+    assert len(attached) == 1, main_md.read_text()
+
+    def summary() -> dict[str, float]:
+        client = MlflowClient(cfg.resolved_tracking_uri())
+        exp = client.get_experiment_by_name(cfg.name).experiment_id
+        (parent,) = client.search_runs([exp], "tags.`harness.kind` = 'sweep'")
+        return parent.data.metrics
+
+    before = summary()["tuned/acc/avg"]
+    text = io.StringIO()
+    run_sweep(cfg, console=Console(file=text, width=250), mode="collect")
+    assert "collect runs no Optuna study" not in text.getvalue(), text.getvalue()
+    assert [line for line in main_md.read_text().splitlines() if line.startswith("| tuned |")] == attached
+    assert summary()["tuned/acc/avg"] == before
+    d["methods"][0]["tune"]["n_trials"] = 3
+    text = io.StringIO()
+    run_sweep(validate_config(d), console=Console(file=text, width=250), mode="collect")
+    assert "collect runs no Optuna study: run `harness sweep`" in text.getvalue(), text.getvalue()
+    assert "| tuned |" not in main_md.read_text()
 
 
 @needs_slurm

@@ -895,6 +895,21 @@ def test_collect_says_it_runs_no_study(sweep_dict):
     assert not (cfg.resolved_output_dir() / "optuna").exists()
 
 
+def test_collect_with_a_study_storage_it_cannot_open_leaves_the_row_out(sweep_dict, tmp_path):
+    """``collect`` looks for a finished study to keep its row; a storage it cannot open (a
+    database on a path that does not exist here) is a study not done, not a traceback."""
+    import io
+
+    from rich.console import Console
+
+    tune = dict(tune_block(n_trials=2), storage=f"sqlite:///{tmp_path}/no/such/folder/studies.db")
+    d = dict(sweep_dict, executor={"kind": "slurm"}, methods=[{"name": "task_arithmetic", "label": "tuned", "tune": tune}])
+    text = io.StringIO()
+    with pytest.raises(HarnessError, match="no SLURM submissions recorded"):
+        run_sweep(validate_config(d), console=Console(file=text, width=250), mode="collect")
+    assert "collect runs no Optuna study" in text.getvalue(), text.getvalue()
+
+
 def test_trial_counts_are_worded_as_a_grids_failed_settings():
     from harness.results import TrialCounts
 

@@ -578,7 +578,8 @@ class SlurmExecutor:
                         on_start(t.spec)
                     live.refresh_table()
                     result = JobResult.from_dict(t.job.result())
-                    t.state, t.outcome = ("COMPLETED", "done") if result.status == "ok" else ("FAILED", "failed")
+                    t.outcome = outcome(result)
+                    t.state = "COMPLETED" if t.outcome == "done" else "FAILED"
                     live.refresh_table()
                     yield t.spec, result
         finally:
@@ -620,7 +621,7 @@ class SlurmExecutor:
                     if result is None:
                         continue
                     remaining.remove(t)
-                    t.outcome = "done" if result.status == "ok" else "failed"
+                    t.outcome = outcome(result)
                     result.ran_on = {"slurm_job_id": t.job_id, "log": str(t.log_path()),
                                      "error_log": str(t.log_path(failed=True))}
                     live.refresh_table()
@@ -727,6 +728,16 @@ def _submitted_line(submitted: list[_Tracked], attach: list[_Tracked]) -> str:
             f"{len(attach)} already queued, running or finished" + (f" (SLURM {old})" if old else ""))
 
 
+#: The result statuses the driver records as a job's outcome (``results/<key>.json``): a pruned
+#: Optuna trial ended as its pruner asked, its result told to its study, like a finished job.
+COLLECTED = ("ok", "pruned")
+
+
+def outcome(result: JobResult) -> str:
+    """How the job tables show a job whose result came back: a pruned trial is done, not failed."""
+    return "done" if result.status in COLLECTED else "failed"
+
+
 def display_state(t: _Tracked) -> str:
     """The job's state as the tables show it. A requeued job is PENDING again once SLURM has put
     it back in the queue (reason BeginTime): having written its log, it shows as requeued."""
@@ -782,7 +793,7 @@ def _usable_result(job: Any) -> bool:
         result = job.result()
     except Exception:
         return False
-    return isinstance(result, dict) and result.get("status") in ("ok", "pruned")  # what the driver caches
+    return isinstance(result, dict) and result.get("status") in COLLECTED  # what the driver caches
 
 
 def ended_reason(state: str, details: dict[str, str], stderr_tail: str, timeout_min: int) -> tuple[str, str]:
@@ -1057,7 +1068,7 @@ def status_table(cfg: SweepConfig) -> tuple[Table, dict[str, int]]:
         spec = JobSpec("merge", rec.get("title", key), key=key)
         tracked.append(_Tracked(spec, submitit.SlurmJob(folder=folder, job_id=rec["job_id"])))
         cached = read_result(results / f"{key}.json", key)
-        if cached and cached.status == "ok":
+        if cached and cached.status in COLLECTED:
             collected.add(key)
     reasons: dict[str, str] = {}
     states = slurm_states([t.job_id for t in tracked], reasons)
