@@ -88,8 +88,8 @@ def export_merged(cfg: SweepConfig, label: str, dst: str | Path, device: torch.d
     spec = with_key(cfg, JobSpec("merge", label, method=method.name, params=result.params),
                     ws.identity, ws.task_identity())
     if spec.key != result.key:
-        raise ExportError(f"row {label!r}: its reported job {result.key} was run with other checkpoints, data or "
-                          f"settings than the sweep's now (key {spec.key}): rerun the sweep, then export")
+        raise ExportError(f"row {label!r}: its reported job {result.key} was run with {_what_may_differ(method.name)} "
+                          f"than the sweep's now (key {spec.key}): rerun the sweep, then export")
     workdir = cfg.resolved_output_dir() / "work" / spec.key
     saved = workdir.is_dir() and any(workdir.iterdir())
     cls = resolve_method(method.name)
@@ -112,6 +112,18 @@ def export_merged(cfg: SweepConfig, label: str, dst: str | Path, device: torch.d
     save_state_dict(state, dst, metadata=meta)
     saves_none = getattr(cls(**result.params), "checkpoint_every", None) == 0
     return Exported(Path(dst), result, adapted_again=cls.uses_test_data and not saved, saves_none=saves_none)
+
+
+def _what_may_differ(method: str) -> str:
+    """What a stale row's job may have been run with: for a method of one's own, whose key holds
+    its file's digest, also other code (the file edited since the sweep ran it)."""
+    from harness.imports import source_file
+    from harness.plan import method_class_id
+    from methods.base import resolve_method
+
+    if "@" not in method_class_id(method):
+        return "other checkpoints, data or settings"
+    return f"other code of its method ({source_file(resolve_method(method))}, if edited since), checkpoints, data or settings"
 
 
 def _refuse_an_input(dst: str | Path, cfg: SweepConfig, sources: dict[str, Any]) -> None:

@@ -7,6 +7,7 @@ import importlib.util
 import inspect
 import traceback
 import types
+from pathlib import Path
 from typing import Any
 
 from harness.errors import did_you_mean
@@ -28,15 +29,28 @@ def import_object(path: str) -> Any:
 
 def import_module(module_name: str) -> types.ModuleType:
     """The module ``pkg.module``; KeyError saying whether it was not found or failed to import."""
+    if module_name.startswith(".") or module_name.endswith(".py") or "/" in module_name or "\\" in module_name:
+        folder, _, stem = module_name.removesuffix(".py").replace("\\", "/").rpartition("/")
+        raise KeyError(f"{module_name!r} is a file path, not a module: name the module as Python imports it "
+                       f"({stem.lstrip('.')!r}, run with PYTHONPATH={folder or '.'})")
     try:
         return importlib.import_module(module_name)
     except Exception as exc:
         if isinstance(exc, ModuleNotFoundError) and _names_the_module(exc.name, module_name):
-            raise KeyError(f"cannot import module {module_name!r} ({exc})") from None
+            raise KeyError(f"cannot import module {module_name!r} ({exc}){_beside_hint(module_name)}") from None
         # The module was found and is broken (a syntax error, an exception, an import of its own
         # that fails): say where, in one line, rather than that the module was not found.
         raise KeyError(f"importing module {module_name!r} failed{_where(exc, module_name)}: "
                        f"{type(exc).__name__}: {exc}") from None
+
+
+def _beside_hint(module_name: str) -> str:
+    """A hint when the module not found lies in the current folder, which the ``harness`` command
+    (unlike ``python -m harness``) does not put on the import path."""
+    top = module_name.split(".")[0]
+    if (Path.cwd() / f"{top}.py").is_file() or (Path.cwd() / top / "__init__.py").is_file():
+        return f"; {top} lies in the current folder, which harness does not import from: run PYTHONPATH=. harness ..."
+    return ""
 
 
 def _names_the_module(missing: str | None, module_name: str) -> bool:

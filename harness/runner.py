@@ -14,9 +14,10 @@ import os
 import re
 import shutil
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal, Mapping
+from typing import Any, Iterable, Iterator, Literal, Mapping
 
 from rich.console import Console
 from rich.markup import escape
@@ -448,16 +449,17 @@ def _run_sweep(cfg: SweepConfig, ws: Workspace, executor: Any, console: Console,
     tracker.log_artifact(out / "resolved.yaml")
     for path in report.files:
         tracker.log_artifact(path, subdir="report")
-    summary = {f"{row.method}/acc/avg": row.avg for row in rows if not row.failed} if only is None else {}
+    names = summary_labels(row.method for row in [*rows, *gen_rows])
+    summary = {f"{names[row.method]}/acc/avg": row.avg for row in rows if not row.failed} if only is None else {}
     unseen = [t for t in cfg.task_names if t not in cfg.generalization_seen] if cfg.generalization else []
     for row in gen_rows:
         if row.failed:
             continue
-        summary[f"generalization/{row.method}/seen/avg"] = row.avg
+        summary[f"generalization/{names[row.method]}/seen/avg"] = row.avg
         if unseen and all(t in row.acc for t in unseen):  # as the table has it, the zero-shot row's too
-            summary[f"generalization/{row.method}/unseen/avg"] = sum(row.acc[t] for t in unseen) / len(unseen)
+            summary[f"generalization/{names[row.method]}/unseen/avg"] = sum(row.acc[t] for t in unseen) / len(unseen)
     if only is None:  # one study's run (harness tune) leaves the sweep's summary as it is
-        tracker.log_summary_metrics({metric_name(k): v for k, v in summary.items()})
+        tracker.log_summary_metrics(summary)
     failed = [r for r in ordered if r.status != "ok"]
     tracker.finish(ok=not failed and not failed_trials)  # as the exit code: a failed trial, as a failed setting
     timings["logging"] = time.perf_counter() - t2
@@ -487,6 +489,16 @@ def metric_name(text: str) -> str:
     """``text`` as an MLflow metric name (letters, digits, ``_ - . / :``): a method registered
     under any name must not fail the sweep's summary."""
     return re.sub(r"[^\w./:-]", "_", text)
+
+
+def summary_labels(labels: Iterable[str]) -> dict[str, str]:
+    """Each row label as it names the parent run's summary metrics (:func:`metric_name`). Labels
+    whose cleaned forms coincide (``ta (a)`` and ``ta _a_``) would log one metric, the last row's
+    value under both: each that had characters replaced gets a digest of itself appended."""
+    safe = {label: metric_name(label) for label in labels}
+    taken = Counter(safe.values())
+    return {label: name if name == label or taken[name] == 1
+            else f"{name}-{hashlib.sha1(label.encode()).hexdigest()[:8]}" for label, name in safe.items()}
 
 
 def result_line(result: JobResult, spec: JobSpec) -> str:

@@ -313,7 +313,20 @@ def choose_study(storage: Any, name: str, definition: str, measures: str,
         else:
             why = "with another space, fixed params, objective or sampler"
         note = f"study {name!r} was run {why}: {how} study {chosen!r} for this one"
+    twin = None if chosen in names else next((c for c in sorted(names) if _same_search(stored_attrs(c), definition,
+                                                                                       measures)), None)
+    if twin is not None:  # a renamed label: its study name changed, so its trials' job keys would too
+        note = (f"{note}; " if note else "") + (
+            f"study {chosen!r} starts afresh, its trials run again, while study {twin!r} holds trials of this same "
+            f"search (a label renamed since?): set tune.study_name: {twin} to resume it")
     return chosen, note
+
+
+def _same_search(stored: tuple[dict[str, Any], bool], definition: str, measures: str) -> bool:
+    """Whether a stored study (its user attributes, whether it has trials) is this search measured
+    as this sweep measures it."""
+    attrs, has_trials = stored
+    return has_trials and attrs.get(DEFINITION_ATTR) == definition and attrs.get(MEASURES_ATTR) == measures
 
 
 def grid_size(tune: TuneSpec) -> int:

@@ -607,3 +607,22 @@ def test_ui_of_a_sweep_file_that_has_not_run_says_so_and_creates_nothing(sweep_d
     assert r.exit_code == 2, r.output
     assert " ".join(r.stderr.split()) == f"error: {f}: its output folder {out} does not exist (the sweep has not run there)"
     assert not out.exists()
+
+
+def test_a_method_file_named_by_path_or_not_on_the_import_path_says_how_to_name_it(tmp_path, monkeypatch):
+    """A researcher's file beside the sweep: the `harness` command does not import from the current
+    folder, and a path is no module name; each error says what to write instead."""
+    (tmp_path / "beside_methods.py").write_text("from methods.weight_averaging import WeightAveraging as Mine\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".", str(tmp_path))])
+    monkeypatch.delitem(sys.modules, "beside_methods", raising=False)
+    r = CliRunner().invoke(main, ["list", "methods", "beside_methods:Mine"], env={"COLUMNS": "300"})
+    assert r.exit_code == 2
+    assert r.stderr.strip().endswith("beside_methods lies in the current folder, which harness does not import "
+                                     "from: run PYTHONPATH=. harness ...")
+    for given, module, folder in [("./beside_methods.py:Mine", "beside_methods", "."),
+                                  ("sub/beside_methods.py", "beside_methods", "sub")]:
+        r = CliRunner().invoke(main, ["list", "methods", given], env={"COLUMNS": "300"})
+        assert r.exit_code == 2, r.output
+        assert f"is a file path, not a module: name the module as Python imports it ('{module}', " \
+               f"run with PYTHONPATH={folder})" in r.stderr, r.stderr

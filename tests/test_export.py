@@ -264,3 +264,23 @@ def test_an_out_that_is_one_of_the_sweeps_inputs_is_refused(tmp_path):
         assert r.exit_code == 2 and r.output.startswith(f"error: {out}: {fragment}"), r.output
     assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in ckpt.iterdir()} == before
     assert not (tmp_path / "cache" / "merged.safetensors").exists()
+
+
+def test_a_row_of_an_edited_method_of_ones_own_is_refused_naming_its_file(sweep_dict, tmp_path, monkeypatch):
+    """Editing one's method file after the sweep makes its row stale: the refusal names the file
+    as a possible cause, beside checkpoints, data and settings, none of which changed."""
+    import sys
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    source = tmp_path / "edited_method.py"
+    source.write_text("from methods.task_arithmetic import TaskArithmetic\n\n\nclass Mine(TaskArithmetic):\n"
+                      "    \"\"\"Task arithmetic under another name.\"\"\"\n")
+    sys.modules.pop("edited_method", None)
+    sweep_dict["references"] = False
+    sweep_dict["methods"] = [{"name": "edited_method:Mine", "label": "mine"}]
+    run_sweep(validate_config(sweep_dict), quiet=True)
+    source.write_text(source.read_text() + "# edited\n")
+    sys.modules.pop("edited_method", None)  # as the next `harness export` process imports it
+    with pytest.raises(ExportError, match=f"other code of its method \\({source}, if edited since\\)"):
+        export_merged(validate_config(sweep_dict), "mine", tmp_path / "mine.safetensors")
+    assert not (tmp_path / "mine.safetensors").exists()

@@ -476,6 +476,20 @@ def test_labels_with_punctuation_end_the_sweep_and_keep_the_tables_whole(sweep_d
     assert [len(c) for c in cells] == [2, 2, 2] and cells[2][1].strip() == r"mode=a\|b"
 
 
+def test_labels_alike_once_cleaned_keep_a_summary_metric_each(sweep_dict):
+    """'ta (a)' and 'ta _a_' are both cleaned to 'ta__a_' for MLflow: each row keeps its own
+    summary metric with its own average, instead of one metric holding the last row's."""
+    labels = {"ta (a)": 0.1, "ta _a_": 1.0}
+    methods = [{"name": "task_arithmetic", "label": label, "params": {"scaling": s}} for label, s in labels.items()]
+    cfg = validate_config(dict(sweep_dict, references=False, methods=methods))
+    outcome = run_sweep(cfg, quiet=True)
+    avgs = sorted(r.avg for r in outcome.rows)
+    assert avgs[0] != avgs[1]
+    metrics = MlflowClient(cfg.resolved_tracking_uri()).get_run(outcome.parent_run_id).data.metrics
+    assert len(metrics) == 2 and all(name.startswith("ta__a_") and name.endswith("/acc/avg") for name in metrics)
+    assert sorted(metrics.values()) == avgs
+
+
 def test_job_runs_carry_every_hyperparameter_and_grid_points_their_setting(sweep_dict):
     """Defaults are part of what a job ran with (and of its key): they are logged too. Grid
     points' runs are named with their setting, so the UI tells them apart."""

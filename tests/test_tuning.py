@@ -1333,3 +1333,25 @@ def test_a_study_name_with_both_quotes_is_a_config_error(sweep_dict):
     with pytest.raises(ConfigError) as e:
         validate_config(d, "s.yaml")
     assert "methods.0.tune.study_name: may hold ' or \", not both (MLflow finds its run by it)" in str(e.value)
+
+
+def test_a_renamed_tuned_label_names_the_study_that_resumes_it(sweep_dict, monkeypatch):
+    """A study is stored under its label, which enters its trials' keys: renamed, it would run
+    every trial again. The line printed names the stored study of the same search, and giving
+    that as tune.study_name resumes it: no trial or test job runs again."""
+    import io
+
+    from rich.console import Console
+
+    block = tune_block(n_trials=2, sampler="random")
+    d = dict(sweep_dict, references=False, methods=[{"name": "task_arithmetic", "label": "ta", "tune": block}])
+    first = run_sweep(validate_config(d), quiet=True)
+    d["methods"] = [{"name": "task_arithmetic", "label": "ta renamed", "tune": dict(block)}]
+    shown = io.StringIO()
+    run_sweep(validate_config(d), console=Console(file=shown, width=400))
+    assert "while study 'toy.ta' holds trials of this same search (a label renamed since?): " \
+           "set tune.study_name: toy.ta to resume it" in shown.getvalue(), shown.getvalue()
+    d["methods"] = [{"name": "task_arithmetic", "label": "ta again", "tune": dict(block, study_name="toy.ta")}]
+    monkeypatch.setattr("harness.executors.local.run_job", lambda *a, **k: pytest.fail("a job ran again"))
+    again = run_sweep(validate_config(d), quiet=True)
+    assert [r.avg for r in again.rows] == [r.avg for r in first.rows] and again.rows[0].method == "ta again"
