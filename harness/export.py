@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from harness.config import MAIN, SweepConfig, reference_row
+from harness.config import GENERALIZATION_SUFFIX, MAIN, SweepConfig, reference_row
 from harness.errors import HarnessError
 from harness.job import JobResult, read_result
 from harness.plan import JobSpec, with_key
@@ -61,8 +61,25 @@ def chosen_result(cfg: SweepConfig, label: str) -> JobResult:
                for r in (read_result(out / "results" / f"{k}.json", k) for k in dict.fromkeys(keys)) if r]
     finished = [r for r in finished_settings(results, label) if r.protocol == MAIN]
     if not finished:
-        raise ExportError(f"row {label!r}: no finished setting in {out / 'results'}: rerun the sweep")
+        raise ExportError(_nothing_to_export(label, keys, out))
     return select_best(finished)
+
+
+def _nothing_to_export(label: str, keys: list[str], out: Path) -> str:
+    """Why row ``label`` has no model to export: "rerun the sweep" helps only where its jobs have
+    not run; a generalization row's or a failed row's would not be there after a rerun either."""
+    from harness.runner import traceback_file
+
+    if label.endswith(GENERALIZATION_SUFFIX):
+        return (f"row {label!r} is a generalization row, merged on the seen tasks only: export exports the "
+                f"main table's rows (--method {label.removesuffix(GENERALIZATION_SUFFIX)!r})")
+    failed = [traceback_file(out, k) for k in dict.fromkeys(keys) if traceback_file(out, k).is_file()]
+    if failed and len(failed) == len(dict.fromkeys(keys)):
+        lines = [line for line in failed[0].read_text(errors="replace").splitlines() if line.strip()]
+        reason = lines[-1].strip() if lines else "no reason recorded"
+        return (f"row {label!r}: every setting failed ({len(failed)}; {reason}; {failed[0]}): nothing to export "
+                "until one finishes")
+    return f"row {label!r}: no finished setting in {out / 'results'}: rerun the sweep"
 
 
 def export_merged(cfg: SweepConfig, label: str, dst: str | Path, device: torch.device | None = None,

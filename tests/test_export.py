@@ -5,6 +5,7 @@ adaptation; WeMoE and stale rows are refused with a line saying why."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -150,6 +151,32 @@ def test_a_renamed_row_is_exported_from_the_jobs_its_old_label_ran(sweep_dict, t
     assert done.result.metrics["acc/avg"] == again.rows[0].avg and done.result.label == "after"
     with safe_open(str(tmp_path / "after.safetensors"), "pt") as f:
         assert f.metadata()["label"] == "after"
+
+
+def test_a_generalization_row_or_a_failed_row_is_refused_saying_why_not_rerun(sweep_dict, tmp_path):
+    """"Rerun the sweep" would not give either a model to export: a generalization row is merged
+    on the seen tasks only (the main row is what exports), and a row whose every setting failed
+    fails again. Each refusal says which it is; a row whose jobs have not run still says rerun."""
+    sweep_dict["references"] = False
+    sweep_dict["generalization"] = {"unseen": [sweep_dict["tasks"][-1]]}
+    sweep_dict["methods"] = [{"name": "task_arithmetic", "grid": {"scaling": [0.3]}},
+                             {"name": "tests.failing_method:AlwaysFails", "label": "fails"}]
+    cfg = validate_config(sweep_dict)
+    run_sweep(cfg, quiet=True)
+    with pytest.raises(ExportError) as gen:
+        export_merged(cfg, "task_arithmetic (gen)", tmp_path / "g.safetensors")
+    assert str(gen.value) == ("row 'task_arithmetic (gen)' is a generalization row, merged on the seen tasks only: "
+                              "export exports the main table's rows (--method 'task_arithmetic')")
+    with pytest.raises(ExportError) as failed:
+        export_merged(cfg, "fails", tmp_path / "f.safetensors")
+    assert re.fullmatch(r"row 'fails': every setting failed \(1; RuntimeError: deliberate failure; "
+                        r".*/artifacts/\w+/traceback\.txt\): nothing to export until one finishes", str(failed.value))
+    for result in (cfg.resolved_output_dir() / "results").glob("*.json"):
+        if json.loads(result.read_text())["label"] == "task_arithmetic":
+            result.unlink()  # its job's result gone: a rerun gives it back
+    with pytest.raises(ExportError, match=r"row 'task_arithmetic': no finished setting in .*: rerun the sweep"):
+        export_merged(cfg, "task_arithmetic", tmp_path / "t.safetensors")
+    assert not list(tmp_path.glob("*.safetensors"))
 
 
 def test_a_row_run_with_checkpoint_every_0_adapts_again_and_says_why(sweep_dict, tmp_path, adam_steps):
