@@ -73,8 +73,9 @@ def _nothing_to_export(label: str, keys: list[str], out: Path) -> str:
     if label.endswith(GENERALIZATION_SUFFIX):
         return (f"row {label!r} is a generalization row, merged on the seen tasks only: export exports the "
                 f"main table's rows (--method {label.removesuffix(GENERALIZATION_SUFFIX)!r})")
-    failed = [traceback_file(out, k) for k in dict.fromkeys(keys) if traceback_file(out, k).is_file()]
-    if failed and len(failed) == len(dict.fromkeys(keys)):
+    tracebacks = [traceback_file(out, k) for k in dict.fromkeys(keys)]
+    failed = [path for path in tracebacks if path.is_file()]
+    if failed and len(failed) == len(tracebacks):
         lines = [line for line in failed[0].read_text(errors="replace").splitlines() if line.strip()]
         reason = lines[-1].strip() if lines else "no reason recorded"
         return (f"row {label!r}: every setting failed ({len(failed)}; {reason}; {failed[0]}): nothing to export "

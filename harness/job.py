@@ -33,6 +33,11 @@ from methods.base import PruneTrial
 EVAL_SPLITS = ("val", "test")
 
 
+#: The result statuses the driver records (``results/<key>.json``): a pruned Optuna trial ended
+#: as its pruner asked, its result told to its study, like a finished job; a failed one runs again.
+RECORDED = ("ok", "pruned")
+
+
 @dataclass
 class JobResult:
     key: str

@@ -27,7 +27,7 @@ from harness.config import MAIN, SweepConfig, dump_yaml, folder_problem
 from harness.errors import HarnessError, NotBuilt, WriteRefused, storage_problem
 from harness.executors import make_executor
 from harness.failpoints import failpoint
-from harness.job import JobResult, plain_artifacts, read_result
+from harness.job import RECORDED, JobResult, plain_artifacts, read_result
 from harness.plan import JobSpec, full_params, plan_jobs, robustness_inline, robustness_spec
 from harness.plots import job_artifact_files
 from harness.report import build_report, build_tune_table, row_routings
@@ -354,7 +354,7 @@ def _run_sweep(cfg: SweepConfig, ws: Workspace, executor: Any, console: Console,
                 for warning in res.warnings:
                     console.print(f"[yellow]warning[/] {escape(spec.title)}: {escape(warning)}", highlight=False)
                 failpoint("job_done")
-                if res.status in ("ok", "pruned"):
+                if res.status in RECORDED:
                     traceback_file(out, spec.key).unlink(missing_ok=True)  # an earlier attempt's
                     atomic_write_json(results_dir / f"{spec.key}.json", res.to_dict())
                     if show and res.status == "ok" and spec.kind != "trial":

@@ -46,7 +46,7 @@ from rich.text import Text
 from harness.cache import atomic_write_json, read_json
 from harness.config import SweepConfig
 from harness.errors import FieldError, HarnessError
-from harness.job import JobResult, read_result
+from harness.job import RECORDED, JobResult, read_result
 from harness.plan import JobSpec, check_harness_code, harness_code_id
 
 #: SLURM states of a job that may still produce a result.
@@ -728,14 +728,9 @@ def _submitted_line(submitted: list[_Tracked], attach: list[_Tracked]) -> str:
             f"{len(attach)} already queued, running or finished" + (f" (SLURM {old})" if old else ""))
 
 
-#: The result statuses the driver records as a job's outcome (``results/<key>.json``): a pruned
-#: Optuna trial ended as its pruner asked, its result told to its study, like a finished job.
-COLLECTED = ("ok", "pruned")
-
-
 def outcome(result: JobResult) -> str:
     """How the job tables show a job whose result came back: a pruned trial is done, not failed."""
-    return "done" if result.status in COLLECTED else "failed"
+    return "done" if result.status in RECORDED else "failed"
 
 
 def display_state(t: _Tracked) -> str:
@@ -793,7 +788,7 @@ def _usable_result(job: Any) -> bool:
         result = job.result()
     except Exception:
         return False
-    return isinstance(result, dict) and result.get("status") in COLLECTED  # what the driver caches
+    return isinstance(result, dict) and result.get("status") in RECORDED  # what the driver caches
 
 
 def ended_reason(state: str, details: dict[str, str], stderr_tail: str, timeout_min: int) -> tuple[str, str]:
@@ -1068,7 +1063,7 @@ def status_table(cfg: SweepConfig) -> tuple[Table, dict[str, int]]:
         spec = JobSpec("merge", rec.get("title", key), key=key)
         tracked.append(_Tracked(spec, submitit.SlurmJob(folder=folder, job_id=rec["job_id"])))
         cached = read_result(results / f"{key}.json", key)
-        if cached and cached.status in COLLECTED:
+        if cached and cached.status in RECORDED:
             collected.add(key)
     reasons: dict[str, str] = {}
     states = slurm_states([t.job_id for t in tracked], reasons)
