@@ -13,7 +13,7 @@ import time
 import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -200,11 +200,29 @@ def robustness_metrics(ws: Workspace, encoder: torch.nn.Module, device: torch.de
     metrics = {"robust/clean/avg": _mean(clean[t] if t in clean else acc(encoder, t, ws.task(t).dataset("test"))
                                          for t in rob.tasks)}
     for c in rob.corruptions:
-        model = encoder if adapted is None else adapted(c).to(device).eval()
-        for t in rob.tasks:
-            metrics[f"robust/{c}/{t}"] = acc(model, t, ws.corrupted(t, c))
+        with naming_corruption(c, rob.severity):
+            model = encoder if adapted is None else adapted(c).to(device).eval()
+            for t in rob.tasks:
+                metrics[f"robust/{c}/{t}"] = acc(model, t, ws.corrupted(t, c))
         metrics[f"robust/{c}/avg"] = _mean(metrics[f"robust/{c}/{t}"] for t in rob.tasks)
     return metrics
+
+
+class StudyFailed(RuntimeError):
+    """The robustness study failed on one corruption (adapting on its images, or scoring them)."""
+
+
+@contextlib.contextmanager
+def naming_corruption(name: str, severity: int) -> Iterator[None]:
+    """Errors raised inside name the corruption: a job's error line otherwise reads as if its
+    merge or clean adaptation had failed, hiding which of the study's adaptations did.
+    Out-of-memory and pruning keep their own handling."""
+    try:
+        yield
+    except (MemoryError, PruneTrial):
+        raise
+    except Exception as exc:
+        raise StudyFailed(f"robustness study, {name} (severity {severity}): {type(exc).__name__}: {exc}") from exc
 
 
 def _mean(values) -> float:

@@ -133,3 +133,15 @@ class OddArtifacts(MergeMethod):
             "tta_loss": np.array([3.0, np.nan, 1.0]),  # one diverged step the method recovered from
         })
         return with_state(pretrained, task_arithmetic_state(pretrained, finetuned, 0.3))
+
+
+class FailsAdaptingOn(MergeMethod):
+    """A test-time-adaptation method whose adaptation fails on one corruption's images only."""
+
+    uses_test_data = True
+    corruption: str
+
+    def merge(self, pretrained: nn.Module, finetuned: Mapping[str, nn.Module], ctx: MergeContext) -> nn.Module:
+        if ctx.adapted_on.get("corruption") == self.corruption:
+            raise FloatingPointError("adaptation loss is NaN at step 3")
+        return with_state(pretrained, task_arithmetic_state(pretrained, finetuned, 0.3))

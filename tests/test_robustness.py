@@ -572,6 +572,22 @@ def test_test_time_adaptation_adapts_on_each_corruption(trained_checkpoints, tmp
             sum(task_accuracy(ws, on_clean, t, ws.task(t).dataset("test"), cpu) for t in study["tasks"]) / 2)
 
 
+
+def test_a_failed_adaptation_on_one_corruption_is_named(sweep_dict):
+    """A test-time-adaptation job whose adaptation fails on one corruption's images (after its
+    clean adaptation and the other corruptions went through) says which: its error line read as
+    if the merge itself had failed. Truth: the corruption the method was written to fail on."""
+    d = dict(sweep_dict, references={"pretrained": False, "individual": False},
+             robustness={"tasks": ["toy_stripes"], "corruptions": ["contrast", "gaussian_noise"], "severity": 3},
+             methods=[{"name": "tests.faulty_methods:FailsAdaptingOn", "params": {"corruption": "gaussian_noise"}}])
+    printed = io.StringIO()
+    out = run_sweep(validate_config(d), console=Console(file=printed, width=400))
+    (job,) = out.failed
+    assert job.error == ("StudyFailed: robustness study, gaussian_noise (severity 3): "
+                         "FloatingPointError: adaptation loss is NaN at step 3")
+    assert f"failed tests.faulty_methods:FailsAdaptingOn(corruption=gaussian_noise): {job.error}" in printed.getvalue()
+    assert "adaptation loss is NaN at step 3" in job.error_detail
+
 def test_jobs_asking_for_one_split_at_once_build_it_once(tmp_path):
     """Two processes (two SLURM jobs) asking for a missing split together: one corrupts every
     image, the other waits and reads its file; a killed build's temporary file is deleted."""
