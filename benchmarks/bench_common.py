@@ -1,8 +1,12 @@
-"""Helpers shared by the benchmark scripts: peak memory of this process and checked CLI values."""
+"""Helpers shared by the benchmark scripts: peak memory of this process, alternating timed
+rounds, and checked CLI values."""
 
 from __future__ import annotations
 
 import argparse
+from typing import Callable, Sequence, TypeVar
+
+_T = TypeVar("_T")
 
 
 def proc_kib_bytes(path: str, field: str) -> int:
@@ -22,6 +26,26 @@ def peak_rss_bytes() -> int:
     the parent's peak instead of its own.
     """
     return proc_kib_bytes("/proc/self/status", "VmHWM")
+
+
+def alternating_rounds(variants: Sequence[str], repeats: int,
+                       run: Callable[[str], _T | None]) -> dict[str, list[_T]]:
+    """``run(variant)``'s results per variant over ``repeats`` rounds in which the variants
+    alternate, the order rotating each round: timing one variant after the other once lets load
+    that comes and goes on the machine (or a cache the first one warms) bias their ratio. A
+    variant whose ``run`` returns None (skipped or failed) is not run again."""
+    results: dict[str, list[_T]] = {v: [] for v in variants}
+    dropped: set[str] = set()
+    for r in range(repeats):
+        for variant in [*variants[r % len(variants):], *variants[:r % len(variants)]] if variants else []:
+            if variant in dropped:
+                continue
+            out = run(variant)
+            if out is None:
+                dropped.add(variant)
+            else:
+                results[variant].append(out)
+    return {v: got for v, got in results.items() if got}
 
 
 def positive_int(text: str) -> int:

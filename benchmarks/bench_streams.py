@@ -8,7 +8,10 @@ streams, as an adaptation step does: in this process (``workers=0``, as before) 
 :func:`harness.evaluation.stream_workers` workers per stream. With ``--compute-ms`` each step
 also spends that long on one core in a matrix product (the model's step; on an accelerator the
 process mostly waits for it). Then times a resume at step ``--steps``: ``skip`` against reading
-the batches. Checks that both give the same batches.
+the batches. Checks that both give the same batches. Each comparison runs ``--repeats`` rounds
+(default 3) in which its two ways alternate, the order rotating each round, and compares their
+medians: load coming and going on the machine, or the page cache the first read warms, weighs
+on both alike.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_streams.py
     OMP_NUM_THREADS=1 python benchmarks/bench_streams.py --compute-ms 100 --steps 10
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -26,7 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench_common import non_negative_float, positive_int
+from bench_common import alternating_rounds, non_negative_float, positive_int
 
 
 def write_tree(root: Path, n_test: int, px: int) -> None:
@@ -65,6 +69,21 @@ def adapt(ds, args, workers: int) -> tuple[float, list[torch.Tensor], int]:
     return time.perf_counter() - t, got, streams[0].workers
 
 
+def resume(ds, args, skip: bool) -> tuple[float, torch.Tensor]:
+    """Seconds to bring one stream to step ``args.steps``, skipping or reading the batches, and
+    the batch it draws next."""
+    from harness.evaluation import unlabeled_batches
+
+    t = time.perf_counter()
+    stream = unlabeled_batches(ds, args.batch, seed=0)
+    if skip:
+        stream.skip(args.steps)
+    else:
+        for _ in itertools.islice(stream, args.steps):
+            pass
+    return time.perf_counter() - t, next(stream)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--images", type=positive_int, default=400)
@@ -73,34 +92,40 @@ def main() -> None:
     ap.add_argument("--batch", type=positive_int, default=16)
     ap.add_argument("--steps", type=positive_int, default=8)
     ap.add_argument("--compute-ms", type=non_negative_float, default=0.0)
+    ap.add_argument("--repeats", type=positive_int, default=3, help="alternating rounds (medians are compared)")
     args = ap.parse_args()
 
     import tasks.vision8 as v8
-    from harness.evaluation import stream_workers, unlabeled_batches
+    from harness.evaluation import stream_workers
     from harness.runtime import available_cores
 
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         write_tree(Path(tmp) / "data", args.images, args.source_px)
         ds = v8.eurosat(str(Path(tmp) / "data"), image_size=224).dataset("test")
-        alone, want, _ = adapt(ds, args, 0)
-        ours, got, workers = adapt(ds, args, stream_workers(args.streams))
-        same = all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
-        print(f"{args.streams} streams x {args.steps} steps of {args.batch} images ({args.source_px} px JPEG -> 224), "
-              f"{args.compute_ms:g} ms compute a step, {available_cores()} cores")
-        print(f"in-process {alone:.2f} s; {workers} worker(s) a stream {ours:.2f} s: {alone / ours:.2f}x; identical: {same}")
+        readers = {"in-process": 0, "workers": stream_workers(args.streams)}
+        want: list[torch.Tensor] = []  # the first run's batches: every run must draw them
 
-        t = time.perf_counter()
-        read = unlabeled_batches(ds, args.batch, seed=0)
-        for _ in itertools.islice(read, args.steps):
-            pass
-        reading = time.perf_counter() - t
-        t = time.perf_counter()
-        skipped = unlabeled_batches(ds, args.batch, seed=0)
-        skipped.skip(args.steps)
-        skipping = time.perf_counter() - t
+        def adapt_with(way: str) -> tuple[float, bool, int]:
+            seconds, got, used = adapt(ds, args, readers[way])
+            if not want:
+                want.extend(got)
+            return seconds, all(torch.equal(a, b) for a, b in zip(got, want, strict=True)), used
+
+        runs = alternating_rounds(list(readers), args.repeats, adapt_with)
+        alone, ours = (statistics.median(r[0] for r in runs[way]) for way in readers)
+        same = all(r[1] for way in readers for r in runs[way])
+        print(f"{args.streams} streams x {args.steps} steps of {args.batch} images ({args.source_px} px JPEG -> 224), "
+              f"{args.compute_ms:g} ms compute a step, {available_cores()} cores; "
+              f"median of {args.repeats} rounds alternating the two ways")
+        print(f"in-process {alone:.2f} s; {runs['workers'][0][2]} worker(s) a stream {ours:.2f} s: {alone / ours:.2f}x; "
+              f"identical: {same}")
+
+        resumed = alternating_rounds(["read", "skip"], args.repeats, lambda way: resume(ds, args, way == "skip"))
+        reading, skipping = (statistics.median(r[0] for r in resumed[way]) for way in ("read", "skip"))
+        first = resumed["read"][0][1]
         print(f"resume at step {args.steps}, one stream: reading the batches {reading:.2f} s, skip {skipping * 1000:.1f} ms; "
-              f"next batch identical: {torch.equal(next(read), next(skipped))}")
+              f"next batch identical: {all(torch.equal(r[1], first) for way in resumed for r in resumed[way])}")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@
 Builds random task vectors of an open_clip image encoder offline (the architecture only,
 random weights; fine-tuned = pretrained + per-tensor-scaled Gaussian noise), then runs each
 implementation end to end (inputs -> merged encoder) in its own subprocess, on identical
-inputs, so that peak RSS (``VmHWM`` of that process) is per implementation:
+inputs, so that peak RSS (``VmHWM`` of that process) is per implementation; ``--repeats``
+rounds (default 3) in which the implementations alternate, the order rotating each round, so
+that load coming and going on the machine weighs on each alike:
 
 - TIES (k, disjoint mean or sum): ``streaming`` (ours, :class:`methods.ties.TiesMerging`),
   ``dense`` (:func:`methods.ties.ties_merge_dense`, the common reference code written out)
@@ -11,8 +13,8 @@ inputs, so that peak RSS (``VmHWM`` of that process) is per implementation:
 - task arithmetic: ``ta`` (ours, :class:`methods.task_arithmetic.TaskArithmetic`) and
   ``fusionbench-ta`` (FusionBench's ``TaskArithmeticAlgorithm``).
 
-Prints the machine, wall and CPU time, peak RSS against the input size, the ratios, and the
-largest absolute difference of every merged encoder from ours. The FusionBench rows need
+Prints the machine, the median wall and CPU time, the highest peak RSS against the input size,
+the ratios of the medians, and the largest absolute difference of every merged encoder from ours. The FusionBench rows need
 ``pip install -e '.[bench]'``; without it they are skipped with a note.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_ties.py            # ViT-B-32, 8 tasks
@@ -32,6 +34,7 @@ import argparse
 import copy
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -44,7 +47,15 @@ for path in (ROOT, Path(__file__).resolve().parent):
         sys.path.insert(0, str(path))
 
 import fusionbench_ref  # noqa: E402
-from bench_common import arch_arg, device_arg, peak_rss_bytes, percent, positive_int, proc_kib_bytes  # noqa: E402
+from bench_common import (  # noqa: E402
+    alternating_rounds,
+    arch_arg,
+    device_arg,
+    peak_rss_bytes,
+    percent,
+    positive_int,
+    proc_kib_bytes,
+)
 
 TIES_IMPLS = ["streaming", "dense", "fusionbench"]
 TA_IMPLS = ["ta", "fusionbench-ta"]
@@ -166,6 +177,38 @@ def _failure(impl: str, proc: subprocess.CompletedProcess) -> str:
     return f"{LABELS[impl]} failed (exit {proc.returncode}){killed}:\n{proc.stderr[-3000:]}"
 
 
+def _run_child(impl: str, args: argparse.Namespace, out: str, input_bytes: int | None, notes: list[str],
+               failures: list[str]) -> dict | None:
+    """One run of ``impl`` in its own process: its measurements, or None (with a note or a
+    failure) when it looks too big for the memory available or failed."""
+    if input_bytes and not args.force and args.device == "cpu":
+        need = PEAK_FACTOR[impl] * input_bytes + 1024**3
+        if need > _available_bytes():
+            notes.append(f"{LABELS[impl]} skipped: needs about {need / 1024**3:.1f} GiB, "
+                         f"{_available_bytes() / 1024**3:.1f} GiB available (--force runs it)")
+            return None
+    cmd = [sys.executable, __file__, "--child", impl, "--out", out, "--model", args.model,
+           "--tasks", str(args.tasks), "--k", str(args.k), "--scaling", str(args.scaling),
+           "--merge-function", args.merge_function, "--trim-scope", args.trim_scope,
+           "--ta-scaling", str(args.ta_scaling), "--seed", str(args.seed), "--device", args.device]
+    print(f"running {LABELS[impl]} ...", file=sys.stderr, flush=True)
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:  # the others still run and print: one may take minutes
+        failures.append(_failure(impl, proc))
+        return None
+    return {**json.loads(proc.stdout.strip().splitlines()[-1]), "path": out}
+
+
+def _summary(runs: list[dict]) -> dict:
+    """One implementation's row: the median wall and CPU time of its runs, and the memory of its
+    run with the highest peak RSS (what it needs)."""
+    row = dict(max(runs, key=lambda r: r["peak"]))
+    row["merge_s"] = statistics.median(r["merge_s"] for r in runs)
+    row["merge_cpu_s"] = statistics.median(r["merge_cpu_s"] for r in runs)
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=arch_arg, default=None, help="open_clip architecture (default ViT-B-32)")
@@ -182,6 +225,8 @@ def main() -> None:
     parser.add_argument("--device", type=device_arg, default="cpu", help="cpu or cuda (the streaming TIES always runs on the CPU)")
     parser.add_argument("--force", action="store_true", help="run implementations even when they look too big for RAM")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=positive_int, default=3,
+                        help="runs of each implementation, alternating with the others (medians are compared)")
     parser.add_argument("--child", choices=TIES_IMPLS + TA_IMPLS, help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -199,32 +244,17 @@ def main() -> None:
     if args.trim_scope == "tensor" and "fusionbench" in impls:
         impls.remove("fusionbench")
         notes.append("TIES FusionBench skipped: it trims over the whole model only (--trim-scope model)")
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    results: dict[str, dict] = {}
     failures: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:
-        input_bytes = None
-        for impl in impls:
-            if input_bytes and not args.force and args.device == "cpu":
-                need = PEAK_FACTOR[impl] * input_bytes + 1024**3
-                if need > _available_bytes():
-                    notes.append(f"{LABELS[impl]} skipped: needs about {need / 1024**3:.1f} GiB, "
-                                 f"{_available_bytes() / 1024**3:.1f} GiB available (--force runs it)")
-                    continue
-            out = os.path.join(tmp, f"{impl}.safetensors")
-            cmd = [sys.executable, __file__, "--child", impl, "--out", out, "--model", args.model,
-                   "--tasks", str(args.tasks), "--k", str(args.k), "--scaling", str(args.scaling),
-                   "--merge-function", args.merge_function, "--trim-scope", args.trim_scope,
-                   "--ta-scaling", str(args.ta_scaling),
-                   "--seed", str(args.seed), "--device", args.device]
-            print(f"running {LABELS[impl]} ...", file=sys.stderr, flush=True)
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-            if proc.returncode != 0:  # the others still run and print: one may take minutes
-                failures.append(_failure(impl, proc))
-                continue
-            results[impl] = json.loads(proc.stdout.strip().splitlines()[-1])
-            results[impl]["path"] = out
-            input_bytes = results[impl]["input_bytes"]
+        inputs: list[int] = []  # the input size, once one run measured it
+
+        def run(impl: str) -> dict | None:
+            r = _run_child(impl, args, os.path.join(tmp, f"{impl}.safetensors"), (inputs or [None])[0], notes, failures)
+            if r is not None:
+                inputs.append(r["input_bytes"])
+            return r
+
+        results = {impl: _summary(runs) for impl, runs in alternating_rounds(impls, args.repeats, run).items()}
         if not results:
             sys.exit("nothing ran:\n" + "\n".join(notes + failures))
         for group, ours in (("ties", "streaming"), ("ta", "ta")):
@@ -234,10 +264,12 @@ def main() -> None:
 
     gib = 1024**3
     first = next(iter(results.values()))
+    input_bytes = first["input_bytes"]
     print(f"machine: {first['machine']}")
     print(f"model {args.model}, {args.tasks} tasks, TIES k={args.k} merge={args.merge_function} "
           f"trim={args.trim_scope} lambda={args.scaling}, "
           f"TA lambda={args.ta_scaling}, device {args.device}, 1 thread per process; "
+          f"times: median of {args.repeats} runs alternating the implementations, peak RSS: the highest; "
           f"input {input_bytes / gib:.2f} GiB (pretrained + {args.tasks} fine-tuned float tensors)")
     gpu = any(r["gpu_peak"] is not None for r in results.values())
     header = (f"{'implementation':<22} {'wall s':>8} {'cpu s':>8} {'base RSS':>9} {'peak RSS':>9} {'peak/input':>10} "

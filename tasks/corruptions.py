@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
+from harness.cache import check_digest, record_digest
 from tasks.base import CLIP_MEAN, CLIP_STD, InMemoryTask, Task, normalize_uint8
 
 #: The paper's seven corruptions (robustness experiments of AdaMerging and WeMoE).
@@ -158,42 +159,12 @@ def _read_array(path: Path, shape: tuple[int | None, ...], dtype: type) -> np.nd
 def _checked_array(path: Path, shape: tuple[int, ...]) -> np.ndarray:
     """An in-memory task's cached corrupted images, their digest checked."""
     arr = _read_array(path, shape, np.uint8)
-    _check_digest(path)
+    check_digest(path)
     return arr
 
 
 def _labels_path(path: Path) -> Path:
     return path.with_suffix(".labels.npy")
-
-
-def _digest_path(path: Path) -> Path:
-    """Beside the ``corrupted`` folder, whose listing stays the cached splits (as with its locks)."""
-    return path.parent.with_name(path.parent.name + ".digests") / f"{path.name}.sha256"
-
-
-def _record_digest(path: Path, written: Path | None = None) -> None:
-    """Keeps the sha256 of ``written`` (default ``path``: a file about to be moved onto ``path``)
-    beside ``path``, so a cache file edited in place later, its header still valid, is found."""
-    from harness.cache import atomic_write_bytes
-    from harness.models import file_digest
-
-    atomic_write_bytes(_digest_path(path), file_digest(written or path).encode())
-
-
-def _check_digest(path: Path) -> None:
-    """ValueError (damaged: rebuilt) when ``path`` differs from the digest recorded when it was
-    written. A file cached before digests were kept gets its digest recorded now (when the cache
-    can be written): from then on an edit is found. Hashing costs ~2 ms for a 3 MB split, ~20 ms for 30 MB."""
-    from harness.models import file_digest
-
-    try:
-        recorded = _digest_path(path).read_text().strip()
-    except FileNotFoundError:
-        with contextlib.suppress(OSError):
-            _record_digest(path)
-        return
-    if recorded != file_digest(path):
-        raise ValueError(f"{path}: its content differs from the sha256 recorded when it was written")
 
 
 class CachedCorruptedDataset(Dataset):
@@ -258,7 +229,7 @@ def _corrupt_to_file(path: Path, images: np.ndarray | Sequence[np.ndarray], name
         del out
         if before_commit is not None:
             before_commit()
-        _record_digest(path, tmp)
+        record_digest(path, tmp)
 
 
 LOCK_STRIPES = 64
@@ -345,14 +316,14 @@ def corrupted_split(task: Task, name: str, severity: int, cache_dir: str | Path 
                 with atomic_path(_labels_path(cached_path)) as tmp:
                     with open(tmp, "wb") as fh:  # else np.save adds .npy
                         np.save(fh, source.labels, allow_pickle=False)
-                    _record_digest(_labels_path(cached_path), tmp)
+                    record_digest(_labels_path(cached_path), tmp)
 
             _corrupt_to_file(cached_path, source, name, severity, seed, description, progress, save_labels)
 
         def read_disk() -> CachedCorruptedDataset:
             dataset = CachedCorruptedDataset(cached_path, n)
-            _check_digest(cached_path)
-            _check_digest(_labels_path(cached_path))
+            check_digest(cached_path)
+            check_digest(_labels_path(cached_path))
             return dataset
 
         return _unless_refused(path, lambda: _built_once(path, read_disk, build_disk, progress),

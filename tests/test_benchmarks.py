@@ -5,6 +5,7 @@ never asserted)."""
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import re
 import subprocess
@@ -294,3 +295,77 @@ def test_precision_benchmark_rejects_a_precision_the_device_lacks_before_buildin
     monkeypatch.setattr(harness.models, "build_clip", build_clip)
     line = rejected("bench_precision.py", "--device", "cpu", "--precisions", "fp32", "fp16")
     assert "fp16 does not run on cpu" in line, line
+
+
+def test_alternating_rounds_rotate_the_order_and_run_a_failed_variant_once(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from bench_common import alternating_rounds
+
+    calls = []
+
+    def run(variant: str):
+        calls.append(variant)
+        return None if variant == "c" else len(calls)
+
+    assert alternating_rounds(["a", "b", "c"], 3, run) == {"a": [1, 5, 6], "b": [2, 4, 7]}
+    assert calls == ["a", "b", "c", "b", "a", "a", "b"]
+
+
+def test_ties_benchmark_compares_the_medians_of_alternating_runs(monkeypatch, capsys):
+    """Each implementation runs ``--repeats`` times in its own process, alternating with the other
+    (one timing each, one after the other, let the machine's load bias the ratio): the row shows
+    the median times and the highest peak RSS, the ratio is that of the medians."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import bench_ties
+    import torch
+
+    from harness.models import save_state_dict
+
+    gib = 1024**3
+    walls = {"streaming": [1.0, 9.0, 2.0], "dense": [30.0, 6.0, 8.0]}  # medians 2 and 8
+    peaks = {"streaming": [1, 3, 2], "dense": [6, 5, 4]}
+    order = []
+
+    def child(cmd, **kwargs):
+        impl = cmd[cmd.index("--child") + 1]
+        i = order.count(impl)
+        order.append(impl)
+        save_state_dict({"w": torch.zeros(2)}, cmd[cmd.index("--out") + 1])
+        row = {"impl": impl, "device": "cpu", "build_s": 0.0, "merge_s": walls[impl][i],
+               "merge_cpu_s": walls[impl][i] / 2, "input_bytes": gib, "base_rss": 0, "rss_before": 0,
+               "peak": peaks[impl][i] * gib, "gpu_peak": None, "machine": "test"}
+        return subprocess.CompletedProcess(cmd, 0, json.dumps(row) + "\n", "")
+
+    monkeypatch.setattr(bench_ties.subprocess, "run", child)
+    monkeypatch.setattr(sys, "argv", ["bench_ties.py", "--small", "--only", "streaming", "dense", "--repeats", "3"])
+    bench_ties.main()
+    out = capsys.readouterr().out
+    assert order == ["streaming", "dense", "dense", "streaming", "streaming", "dense"]
+    row = next(line for line in out.splitlines() if line.startswith("TIES ours"))
+    assert row.split()[3:5] == ["2.00", "1.00"], row  # median wall and CPU s
+    assert "time TIES literal dense / TIES ours (streaming): 4.0x wall, 4.0x cpu; peak RSS ours / theirs 0.50" in out, out
+
+
+def test_stream_benchmark_compares_the_medians_of_alternating_rounds(monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import bench_streams
+    import torch
+
+    import harness.evaluation
+
+    times = {0: [6.0, 2.0, 4.0], 2: [1.0, 2.0, 3.0]}  # in-process, two workers a stream: medians 4 and 2
+    order = []
+
+    def adapt(ds, args, workers):
+        order.append(workers)
+        return times[workers][order.count(workers) - 1], [torch.ones(1)], workers
+
+    monkeypatch.setattr(harness.evaluation, "stream_workers", lambda streams: 2)
+    monkeypatch.setattr(bench_streams, "adapt", adapt)
+    monkeypatch.setattr(sys, "argv", ["bench_streams.py", "--images", "4", "--source-px", "32", "--streams", "1",
+                                      "--batch", "4", "--steps", "1", "--repeats", "3"])
+    bench_streams.main()
+    out = capsys.readouterr().out
+    assert order == [0, 2, 2, 0, 0, 2]
+    assert "in-process 4.00 s; 2 worker(s) a stream 2.00 s: 2.00x; identical: True" in out, out
+    assert re.search(r"^resume at step 1, .* next batch identical: True$", out, re.MULTILINE), out

@@ -296,6 +296,50 @@ def test_a_damaged_cached_model_is_trained_again(two_tasks, tmp_path):
             assert damaged.read_bytes() == whole
 
 
+def _flip_a_weight_bit(path) -> None:
+    """One bit of the tensor data flipped in place, the safetensors header left valid."""
+    import struct
+
+    data = bytearray(path.read_bytes())
+    header = struct.unpack("<Q", data[:8])[0]
+    data[8 + header + 1001] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_a_cached_model_edited_under_a_valid_header_is_trained_again(two_tasks, tmp_path, monkeypatch):
+    """A flipped bit under a valid header (every merge of it silently changed) differs from the
+    sha256 recorded when the file was written: a dry run says so, naming the file; prepare
+    trains it again, to the same bytes, with a warning naming the file."""
+    from harness.cache import digest_path
+    from harness.errors import NotBuilt
+    from harness.models import whole_safetensors
+
+    art = pipeline.prepare_suite(two_tasks[:1], tmp_path, TINY, progress=False)
+    files = [art.pretrained, art.finetuned[two_tasks[0]]]
+    for damaged in files:
+        whole = damaged.read_bytes()
+        _flip_a_weight_bit(damaged)
+        assert whole_safetensors(damaged) and damaged.read_bytes() != whole
+        with pytest.raises(NotBuilt, match=f"{damaged.name}: its content differs from the sha256"):
+            pipeline.prepare_suite(two_tasks[:1], tmp_path, TINY, progress=False, train=False)
+        with pytest.warns(UserWarning, match=f"{damaged.name}: its content differs .*building it again"):
+            pipeline.prepare_suite(two_tasks[:1], tmp_path, TINY, progress=False)
+        assert damaged.read_bytes() == whole
+
+    # Cached before digests were kept: used as it is, its digest recorded at the first run's read.
+    import hashlib
+
+    for f in files:
+        digest_path(f).unlink()
+    calls = []
+    monkeypatch.setattr(pipeline, "pretrain_clip", lambda *a, **k: calls.append(1))
+    pipeline.prepare_suite(two_tasks[:1], tmp_path, TINY, progress=False, train=False)
+    assert not any(digest_path(f).exists() for f in files)  # a dry run writes nothing
+    pipeline.prepare_suite(two_tasks[:1], tmp_path, TINY, progress=False)
+    assert not calls
+    assert [digest_path(f).read_text() for f in files] == [hashlib.sha256(f.read_bytes()).hexdigest() for f in files]
+
+
 def test_shipped_pretrained_is_used_only_when_its_identity_matches(suite, two_tasks, tmp_path, monkeypatch, capsys):
     import shutil
 

@@ -15,6 +15,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -690,18 +691,22 @@ def test_a_requeued_job_back_in_the_queue_shows_as_requeued(tmp_path):
     assert "1 requeued, 1 pending" in text and "requeued (BeginTime)" in text
 
 
-def _wait_on_one_job(tmp_path, monkeypatch, answers: dict[str, str], polls: int = 5):
+def _wait_on_one_job(tmp_path, monkeypatch, answers: dict[str, str] | None, polls: int = 5):
     """The driver's wait on job 9_2 (submitted, so far pending) while squeue, sacct and ``scontrol
-    ping`` answer as ``answers`` say (a command missing there fails): what it yielded, and whether
-    it was still waiting after ``polls`` polls."""
+    ping`` answer as ``answers`` say (a command missing there fails; None: as the commands on
+    PATH answer): what it yielded, and whether it was still waiting after ``polls`` polls."""
     import harness.executors.slurm as slurm
     from harness.plan import JobSpec
 
-    monkeypatch.setattr(slurm, "_run", lambda cmd: answers.get(cmd[0], ""))
+    if answers is not None:
+        monkeypatch.setattr(slurm, "_run", lambda cmd: answers.get(cmd[0], ""))
     monkeypatch.setattr(slurm, "UNKNOWN_GRACE_S", 0.0)
     slept = []
+    real_sleep = slurm.time.sleep
 
     def sleep(seconds: float) -> None:
+        if sys._getframe(1).f_globals["__name__"] != slurm.__name__:  # subprocess's wait on a command
+            return real_sleep(seconds)
         slept.append(seconds)
         if len(slept) > polls:
             raise TimeoutError("still waiting")
@@ -766,6 +771,55 @@ def test_a_driver_waits_on_while_slurm_does_not_answer(tmp_path, monkeypatch):
     console.print(table)
     assert counts["lost"] == 0 and counts["pending"] == 1
     assert "pending (SLURM did not answer)" in console.export_text()
+
+
+def _fake_slurm_on_path(tmp_path, monkeypatch, squeue: str) -> None:
+    """``squeue`` runs the shell code ``squeue``; ``sacct`` answers with no record (accounting
+    lagging or off) and ``scontrol ping`` says the controller is up."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, body in {"squeue": squeue, "sacct": "exit 0",
+                       "scontrol": 'echo "Slurmctld(primary) at vm is UP"'}.items():
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+
+
+@pytest.mark.parametrize("squeue", [
+    'echo "slurm_load_jobs error: Socket timed out on send/recv operation" >&2; exit 1',
+    "sleep 5",  # past the command timeout
+])
+def test_a_failing_squeue_is_no_evidence_that_a_job_is_gone(tmp_path, monkeypatch, squeue):
+    """squeue failing or timing out (an overloaded controller) while ``scontrol ping`` answers says
+    nothing of a job sacct has no record of yet: the driver waits on it however long that lasts,
+    where it reported it lost after the grace period, and ``harness status`` does not call it lost."""
+    import harness.executors.slurm as slurm
+
+    _fake_slurm_on_path(tmp_path, monkeypatch, squeue)
+    monkeypatch.setattr(slurm, "COMMAND_TIMEOUT_S", 0.5)
+    assert slurm_states(["9_2"]) == {"9_2": slurm.NO_ANSWER}
+    got, waiting = _wait_on_one_job(tmp_path, monkeypatch, None, polls=3)
+    assert waiting and got == []
+    d = make_sweep_dict(Path("/nonexistent"), tmp_path)
+    d["executor"] = {"kind": "slurm"}
+    ex = slurm.SlurmExecutor(validate_config(d))
+    ex.log.record({"k": {"job_id": "9_2"}})
+    monkeypatch.setattr(slurm, "UNKNOWN_GRACE_S", -1.0)  # long past its submission
+    _, counts = slurm.status_table(ex.cfg)
+    assert counts["lost"] == 0 and counts["pending"] == 1
+
+
+def test_squeue_saying_it_does_not_know_the_job_is_an_answer(tmp_path, monkeypatch):
+    """Asked about one job id the controller no longer holds, squeue exits 1 with 'Invalid job id
+    specified': the controller answered, so a job sacct does not know either is reported lost."""
+    import harness.executors.slurm as slurm
+
+    _fake_slurm_on_path(tmp_path, monkeypatch,
+                        'echo "slurm_load_jobs error: Invalid job id specified" >&2; exit 1')
+    assert slurm_states(["9_2"]) == {"9_2": "UNKNOWN"}
+    got, waiting = _wait_on_one_job(tmp_path, monkeypatch, None)
+    assert not waiting and [(spec.key, r.status) for spec, r in got] == [("k", "failed")]
+    assert got[0][1].error.startswith("SLURM job 9_2 is unknown to sacct and squeue")
 
 
 @needs_slurm

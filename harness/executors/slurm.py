@@ -80,6 +80,8 @@ SIGNAL_EARLY_S = 60
 UNKNOWN_GRACE_S = 60.0
 #: The state of a job accounting has no record of while the controller does not answer: not lost.
 NO_ANSWER = "NO_ANSWER"
+#: Seconds a SLURM command may take before it counts as not answering.
+COMMAND_TIMEOUT_S = 60.0
 STDERR_TAIL_LINES = 20
 
 
@@ -252,12 +254,17 @@ def _tail(path: Path, lines: int = STDERR_TAIL_LINES) -> str:
     return "\n".join(text.rstrip().splitlines()[-lines:])
 
 
-def _run(cmd: list[str]) -> str:
+def _run(cmd: list[str]) -> str | None:
+    """A SLURM command's output; None when it did not answer (not found, timed out, failed), which
+    says nothing of any job. Asked about one job id it no longer holds, SLURM exits 1 with
+    'Invalid job id specified': that is an answer, and an empty one."""
     try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S)
     except (OSError, subprocess.SubprocessError):
-        return ""
-    return r.stdout if r.returncode == 0 else ""
+        return None
+    if r.returncode == 0:
+        return r.stdout
+    return "" if "Invalid job id specified" in r.stderr else None
 
 
 def _sacct_records(job_ids: list[str], fields: str = "JobID,State") -> dict[str, list[str]]:
@@ -267,7 +274,7 @@ def _sacct_records(job_ids: list[str], fields: str = "JobID,State") -> dict[str,
     bases = sorted({i.split("_")[0] for i in job_ids})
     if not bases:
         return {}
-    out = _run(["sacct", "-X", "-n", "-P", "-o", fields, "-j", ",".join(bases)])
+    out = _run(["sacct", "-X", "-n", "-P", "-o", fields, "-j", ",".join(bases)]) or ""
     ranged: dict[str, list[str]] = {}
     single: dict[str, list[str]] = {}
     for line in out.splitlines():
@@ -292,28 +299,31 @@ def slurm_states(job_ids: list[str], reasons: dict[str, str] | None = None) -> d
     ids = sorted(set(job_ids))
     states = {jid: rec[0].split()[0].upper() for jid, rec in _sacct_records(ids).items() if rec and rec[0]}
     bases = sorted({i.split("_")[0] for i in ids})
-    if bases:
-        for line in _run(["squeue", "-h", "-r", "-o", "%i|%T|%r", "-j", ",".join(bases)]).splitlines():
+    queue = _run(["squeue", "-h", "-r", "-o", "%i|%T|%r", "-j", ",".join(bases)]) if bases else ""
+    if queue:
+        for line in queue.splitlines():
             jid, _, rest = line.partition("|")
             state, _, reason = rest.partition("|")
             if jid and state:
                 states[jid] = state.strip().upper()
                 if reasons is not None and reason.strip() not in ("", "None"):
                     reasons[jid] = reason.strip()
-    unknown = "UNKNOWN" if set(ids) <= set(states) or controller_answers() else NO_ANSWER
+    # squeue failing is no evidence a job is gone, however long it lasts and whatever ``scontrol ping`` says
+    answered = queue is not None and (set(ids) <= set(states) or controller_answers())
+    unknown = "UNKNOWN" if answered else NO_ANSWER
     return {i: states.get(i, unknown) for i in ids}
 
 
 def controller_answers() -> bool:
     """Whether SLURM's controller answers (``scontrol ping``): while it does not (down,
     restarting, unreachable), squeue's silence about a job says nothing of it."""
-    return " is UP" in _run(["scontrol", "ping"])
+    return " is UP" in (_run(["scontrol", "ping"]) or "")
 
 
 def max_array_size() -> int:
     """SLURM's ``MaxArraySize``: an array's task indices must stay below it (``scontrol show
     config``; SLURM's default, 1001, when it does not answer)."""
-    for line in _run(["scontrol", "show", "config"]).splitlines():
+    for line in (_run(["scontrol", "show", "config"]) or "").splitlines():
         key, _, value = line.partition("=")
         if key.strip() == "MaxArraySize" and value.strip().isdigit():
             return max(1, int(value.strip()))
@@ -326,7 +336,7 @@ def _sacct_details(job_id: str) -> dict[str, str]:
     if not rec or len(rec) < 2:
         return {}
     details = {"State": rec[0].split()[0].upper() if rec[0] else "UNKNOWN", "ExitCode": rec[1]}
-    out = _run(["sacct", "-n", "-P", "-o", "JobID,ExitCode", "-j", job_id])  # its steps too
+    out = _run(["sacct", "-n", "-P", "-o", "JobID,ExitCode", "-j", job_id]) or ""  # its steps too
     for line in out.splitlines():
         jid, _, code = line.partition("|")
         sig = code.partition(":")[2]

@@ -31,6 +31,7 @@ import os
 import shlex
 import sys
 import time
+import warnings
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +42,15 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from harness.cache import atomic_write_json, build_lock, content_key, read_json, remove_stale_temporaries
+from harness.cache import (
+    atomic_write_json,
+    build_lock,
+    check_digest,
+    content_key,
+    read_json,
+    record_digest,
+    remove_stale_temporaries,
+)
 from harness.models import (
     CONFIG_DIR,
     ImageClassifier,
@@ -297,7 +306,7 @@ def _ensure_pretrained(opts: SuiteOptions, cache_dir: Path, data_version: str, b
                        locked: bool = False) -> tuple[Path, float]:
     identity = opts.pretrain_identity(data_version)
     path = _pretrained_path(opts, cache_dir, data_version, from_scratch)
-    if whole_safetensors(path) or (path.is_file() and path.parent == ASSETS_DIR):  # the shipped file is the checkout's
+    if (path.is_file() and path.parent == ASSETS_DIR) or _reusable(path):  # the shipped file is the checkout's
         return path, 0.0
     if locked:  # a killed run's (the prepare lock is held: nobody else writes it)
         remove_stale_temporaries(path)
@@ -310,8 +319,23 @@ def _ensure_pretrained(opts: SuiteOptions, cache_dir: Path, data_version: str, b
                           grad_clip=opts.grad_clip, seed=opts.seed, progress=_bar_callback(bars, bar))
     seconds = time.perf_counter() - start
     save_state_dict(model.state_dict(), path, metadata={"identity": json.dumps(identity, sort_keys=True)})
+    record_digest(path)
     atomic_write_json(path.with_suffix(".json"), {"identity": identity, "train_seconds": round(seconds, 1)})
     return path, seconds
+
+
+def _reusable(path: Path) -> bool:
+    """Whether the cached model file ``path`` is whole and has the content recorded when it was
+    written (:func:`harness.cache.check_digest`): one truncated, or edited in place under a valid
+    header (a flipped bit changes every merge made from it), is built again, with a warning."""
+    if not whole_safetensors(path):
+        return False
+    try:
+        check_digest(path)
+    except ValueError as exc:
+        warnings.warn(f"{exc}; building it again", stacklevel=2)
+        return False
+    return True
 
 
 def _finetune_job(task: str, opts_json: str, pretrained: str, out: str, preserve: torch.Tensor | None,
@@ -341,6 +365,7 @@ def _finetune_job(task: str, opts_json: str, pretrained: str, out: str, preserve
         progress=progress)
     seconds = time.perf_counter() - start
     save_state_dict(encoder.state_dict(), out, metadata={"task": task})
+    record_digest(out)
     return task, seconds
 
 
@@ -383,7 +408,7 @@ def prepare_suite(task_names: list[str], cache_dir: Path, options: dict | None =
         for task in task_names:
             finetuned[task] = _finetuned_path(opts, cache_dir, data, task, digest)
             timings[f"finetune:{task}"] = 0.0
-            if not whole_safetensors(finetuned[task]):
+            if not _reusable(finetuned[task]):
                 todo.append(task)
                 if locked:  # a killed run's, under the prepare lock (unlocked, another's may be live)
                     remove_stale_temporaries(finetuned[task])
@@ -416,12 +441,27 @@ def _built_suite(opts: SuiteOptions, task_names: list[str], cache_dir: Path, dat
     pretrained = _pretrained_path(opts, cache_dir, data.DATA_VERSION, from_scratch)
     if not pretrained.is_file():
         raise NotBuilt(f"the embedded suite's pretrained model is not built yet ({pretrained})")
+    if pretrained.parent != ASSETS_DIR:  # the shipped file is the checkout's
+        _check_built(pretrained)
     digest = file_digest(pretrained)
     finetuned = {t: _finetuned_path(opts, cache_dir, data, t, digest) for t in task_names}
     missing = [t for t, p in finetuned.items() if not p.is_file()]
     if missing:
         raise NotBuilt(f"the embedded suite's fine-tuned models of {', '.join(missing)} are not built yet")
+    for path in finetuned.values():
+        _check_built(path)
     return SuiteArtifacts(opts.arch, pretrained, finetuned, _suite_identity(digest, finetuned), {})
+
+
+def _check_built(path: Path) -> None:
+    """NotBuilt naming ``path`` when it differs from the digest recorded when it was written
+    (a lookup records none: it writes nothing)."""
+    from harness.errors import NotBuilt
+
+    try:
+        check_digest(path, record=False)
+    except ValueError as exc:
+        raise NotBuilt(f"{exc}: a run builds it again") from None
 
 
 class _DirectQueue:
