@@ -1,0 +1,73 @@
+"""Files and stores others may write (a shared Optuna storage, a sweep folder): what the harness
+unpickles from them runs no code of theirs."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+
+
+class _OpensFile:
+    """A pickle that, when unpickled, creates the file it names (as any code it named would run)."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def _cmaes_study(tmp_path):
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    from harness.config import TuneSpec
+    from harness.tuning import make_sampler, quiet_optuna
+
+    quiet_optuna()
+    spec = f"journal:{tmp_path / 'shared' / 'journal.log'}"
+    tune = TuneSpec(sampler="cmaes", storage=spec, space={"x": {"type": "float", "low": -1, "high": 1},
+                                                          "y": {"type": "float", "low": -1, "high": 1}})
+    (tmp_path / "shared").mkdir()
+    storage = JournalStorage(JournalFileBackend(str(tmp_path / "shared" / "journal.log")))
+    return optuna.create_study(study_name="s", storage=storage, sampler=make_sampler(tune, 0)), spec
+
+
+def test_cmaes_state_from_a_shared_storage_is_not_unpickled_when_it_names_code(tmp_path):
+    """Optuna's CMA-ES sampler resumes from an optimizer it unpickles out of a trial's system
+    attributes: a trial someone added to a shared ``tune.storage`` ran its code in the driver."""
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import create_trial
+
+    from harness.tuning import UntrustedStudyState
+
+    study, spec = _cmaes_study(tmp_path)
+    marker = tmp_path / "pwned"
+    dist = FloatDistribution(-1, 1)
+    study.add_trial(create_trial(params={"x": 0.1, "y": 0.2}, distributions={"x": dist, "y": dist}, value=1.0,
+                                 system_attrs={"cma:optimizer:0": pickle.dumps(_OpensFile(marker)).hex(),
+                                               "cma:generation": 0}))
+    with pytest.raises(UntrustedStudyState) as err:
+        study.ask().suggest_float("x", -1, 1)  # Optuna samples (and resumes CMA-ES) at the first suggest
+    assert not marker.exists()
+    assert str(err.value) == (f"study storage {spec}: trial 0 holds a CMA-ES state that is not one (UnpicklingError: "
+                              "io.open is no part of a CMA-ES optimizer's state); refused to unpickle it, as that "
+                              "could run code from the storage")
+
+
+def test_cmaes_state_a_study_stored_resumes_as_optuna_would(tmp_path):
+    """The optimizer a real generation stored reads back as plain unpickling reads it."""
+    from harness.tuning import restore_cma_state
+
+    study, spec = _cmaes_study(tmp_path)
+    study.optimize(lambda t: (t.suggest_float("x", -1, 1) - 0.3) ** 2 + t.suggest_float("y", -1, 1) ** 2, n_trials=8)
+    stored = [t for t in study.trials if any(k.startswith("cma:optimizer") for k in t.system_attrs)]
+    assert stored, "no generation completed in 8 trials"
+    attrs = stored[-1].system_attrs
+    hex_state = "".join(attrs[f"cma:optimizer:{i}"] for i in range(sum(k.startswith("cma:optimizer") for k in attrs)))
+    ours, plain = restore_cma_state(hex_state, stored[-1].number, spec), pickle.loads(bytes.fromhex(hex_state))
+    assert type(ours) is type(plain) and ours.generation == plain.generation >= 1
+    assert (ours.mean == plain.mean).all() and (ours._C == plain._C).all() and ours._sigma == plain._sigma
+    assert -1 <= study.ask().suggest_float("x", -1, 1) <= 1
