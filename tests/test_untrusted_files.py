@@ -71,3 +71,52 @@ def test_cmaes_state_a_study_stored_resumes_as_optuna_would(tmp_path):
     assert type(ours) is type(plain) and ours.generation == plain.generation >= 1
     assert (ours.mean == plain.mean).all() and (ours._C == plain._C).all() and ours._sigma == plain._sigma
     assert -1 <= study.ask().suggest_float("x", -1, 1) <= 1
+
+
+def _submitted_result(tmp_path, micro_checkpoints, monkeypatch, payload):
+    """A sweep (executor slurm) whose folder records one submitted job with ``payload`` as the
+    result pickle submitit left for it; SLURM does not answer (no controller is needed)."""
+    import json
+
+    import submitit
+
+    from harness.config import validate_config
+    from harness.executors import slurm
+
+    monkeypatch.setattr(slurm, "_run", lambda cmd: "")
+    from tests.conftest import make_sweep_dict
+
+    cfg = validate_config({**make_sweep_dict(micro_checkpoints, tmp_path), "executor": {"kind": "slurm"}})
+    folder = cfg.resolved_output_dir() / "slurm"
+    folder.mkdir(parents=True)
+    (folder / "submitted.json").write_text(json.dumps({"version": 1, "jobs": {"k": {"job_id": "999_0", "title": "x"}}}))
+    pickled = submitit.SlurmJob(folder=folder, job_id="999_0").paths.result_pickle
+    pickled.write_bytes(pickle.dumps(("success", payload)))
+    return cfg, pickled
+
+
+def test_status_refuses_a_result_pickle_another_user_wrote(tmp_path, micro_checkpoints, monkeypatch):
+    """``harness status`` of a sweep folder someone else wrote (a copied config's ``output_dir``)
+    unpickled the job results there, running their code."""
+    import os
+
+    from harness.errors import HarnessError
+    from harness.executors.slurm import status_table
+
+    marker = tmp_path / "pwned"
+    cfg, pickled = _submitted_result(tmp_path, micro_checkpoints, monkeypatch, _OpensFile(marker))
+    other = pickled.stat().st_uid + 1
+    monkeypatch.setattr(os, "getuid", lambda: other)
+    with pytest.raises(HarnessError) as err:
+        status_table(cfg)
+    assert not marker.exists()
+    assert str(err.value) == (f"{pickled}: written by another user (uid {other - 1}), not by a job of yours: refused "
+                              "to unpickle it, as that would run code from the file (is output_dir someone else's?)")
+
+
+def test_status_reads_a_result_pickle_of_ones_own_job(tmp_path, micro_checkpoints, monkeypatch):
+    from harness.executors.slurm import status_table
+
+    cfg, _ = _submitted_result(tmp_path, micro_checkpoints, monkeypatch, {"status": "ok"})
+    _, counts = status_table(cfg)
+    assert counts["done"] == 1
