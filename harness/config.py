@@ -1473,11 +1473,15 @@ def check_output_dir(cfg: SweepConfig, file: str) -> None:
     """The output folder can be one: checked with the sweep file (``validate`` included), not by
     the first write into it. On SLURM it holds the jobs' logs, whose paths SLURM reads as patterns
     (``%j``, ``%x``; a backslash stops them): with such a character the logs would go elsewhere, or
-    nowhere, and the jobs fail before they start."""
+    nowhere, and the jobs fail before they start. A line break would end the batch script's line
+    that names the logs, and the rest of the path would run as a command."""
     out = cfg.resolved_output_dir()
     problem = folder_problem(out)
     if problem:
         raise ConfigError(file, "output_dir", problem, str(out))
+    if cfg.executor.kind == "slurm" and any(c in str(out) for c in "\n\r"):
+        raise ConfigError(file, "output_dir", "holds a line break, which would end its line of the jobs' batch "
+                          "script: the rest of the path would run there as a shell command; rename it", str(out))
     odd = [c for c in "%\\" if c in str(out)]
     if cfg.executor.kind == "slurm" and odd:
         raise ConfigError(file, "output_dir", f"holds {odd[0]!r}, which SLURM reads in the jobs' log paths as a "

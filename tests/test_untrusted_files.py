@@ -4,6 +4,7 @@ unpickles from them runs no code of theirs."""
 from __future__ import annotations
 
 import pickle
+from pathlib import Path
 
 import pytest
 
@@ -120,3 +121,28 @@ def test_status_reads_a_result_pickle_of_ones_own_job(tmp_path, micro_checkpoint
     cfg, _ = _submitted_result(tmp_path, micro_checkpoints, monkeypatch, {"status": "ok"})
     _, counts = status_table(cfg)
     assert counts["done"] == 1
+
+
+def test_a_line_break_in_a_slurm_output_dir_is_refused(tmp_path, micro_checkpoints, monkeypatch):
+    """submitit writes the log paths under output_dir into the batch script (``#SBATCH
+    --output='...'``): after a line break, the rest of the path was a line of its own, which the
+    job's shell ran as a command."""
+    import yaml
+    from click.testing import CliRunner
+
+    import harness.executors.slurm as slurm
+    from harness.cli import main
+    from tests.conftest import make_sweep_dict
+
+    monkeypatch.setattr(slurm, "cluster_partitions", lambda: None)
+    out = f"{tmp_path / 'out'}\ntouch {tmp_path / 'pwned'} #"
+    f = tmp_path / "sweep.yaml"
+    f.write_text(yaml.safe_dump({**make_sweep_dict(micro_checkpoints, tmp_path), "output_dir": out,
+                                 "executor": {"kind": "slurm"}}))
+    for command in ("validate", "sweep"):
+        r = CliRunner().invoke(main, [command, str(f)])
+        assert r.exit_code == 2, r.output
+        assert r.output == (f"error: {f}: output_dir: holds a line break, which would end its line of the jobs' "
+                            "batch script: the rest of the path would run there as a shell command; rename it "
+                            f"(got {out!r})\n")
+    assert not Path(out).exists()
