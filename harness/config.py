@@ -535,7 +535,15 @@ class ExecutorSpec(Strict):
     poll_s: float = Field(2.0, gt=0, le=600, description="seconds between SLURM state checks while waiting")
 
     # ``${SLURM_PARTITION:-gpu}`` expands here: sbatch never expands its ``#SBATCH`` lines.
-    _env = field_validator("partition", "account", "qos", "constraint")(classmethod(_expand_input))
+    @field_validator("partition", "account", "qos", "constraint")
+    @classmethod
+    def _env_one_word(cls, v: str | None) -> str | None:
+        """``${VAR}`` expanded, and the value still one word: a line break from the environment
+        would end the ``#SBATCH`` line, and the rest would run as a command in the job's shell."""
+        expanded = _expand_input(cls, v)
+        if expanded and not re.fullmatch(r"\S+", expanded):
+            raise ValueError(f"expands to {expanded!r}, which is not one word (it holds whitespace)")
+        return expanded
 
     @field_validator("mem_gb")
     @classmethod

@@ -146,3 +146,19 @@ def test_a_line_break_in_a_slurm_output_dir_is_refused(tmp_path, micro_checkpoin
                             "batch script: the rest of the path would run there as a shell command; rename it "
                             f"(got {out!r})\n")
     assert not Path(out).exists()
+
+
+@pytest.mark.parametrize("field", ["partition", "account", "qos", "constraint"])
+def test_a_slurm_option_expanding_to_a_line_break_is_refused(field, monkeypatch):
+    """``${VAR}`` expanded after the one-word check: a variable holding a line break ended the
+    ``#SBATCH`` line, and the job's shell ran the rest as a command."""
+    from pydantic import ValidationError
+
+    from harness.config import ExecutorSpec
+
+    monkeypatch.setenv("SLURM_OPT", "gpu\ntouch /tmp/pwned #")
+    with pytest.raises(ValidationError) as err:
+        ExecutorSpec(kind="slurm", **{field: "${SLURM_OPT}"})
+    assert "expands to 'gpu\\ntouch /tmp/pwned #', which is not one word (it holds whitespace)" in str(err.value)
+    monkeypatch.setenv("SLURM_OPT", "gpu")
+    assert getattr(ExecutorSpec(kind="slurm", **{field: "${SLURM_OPT}"}), field) == "gpu"
