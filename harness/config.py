@@ -535,7 +535,15 @@ class ExecutorSpec(Strict):
     poll_s: float = Field(2.0, gt=0, le=600, description="seconds between SLURM state checks while waiting")
 
     # ``${SLURM_PARTITION:-gpu}`` expands here: sbatch never expands its ``#SBATCH`` lines.
-    _env = field_validator("partition", "account", "qos", "constraint")(classmethod(_expand_input))
+    @field_validator("partition", "account", "qos", "constraint")
+    @classmethod
+    def _env_one_word(cls, v: str | None) -> str | None:
+        """``${VAR}`` expanded, and the value still one word: a line break from the environment
+        would end the ``#SBATCH`` line, and the rest would run as a command in the job's shell."""
+        expanded = _expand_input(cls, v)
+        if expanded and not re.fullmatch(r"\S+", expanded):
+            raise ValueError(f"expands to {expanded!r}, which is not one word (it holds whitespace)")
+        return expanded
 
     @field_validator("mem_gb")
     @classmethod
@@ -1473,11 +1481,15 @@ def check_output_dir(cfg: SweepConfig, file: str) -> None:
     """The output folder can be one: checked with the sweep file (``validate`` included), not by
     the first write into it. On SLURM it holds the jobs' logs, whose paths SLURM reads as patterns
     (``%j``, ``%x``; a backslash stops them): with such a character the logs would go elsewhere, or
-    nowhere, and the jobs fail before they start."""
+    nowhere, and the jobs fail before they start. A line break would end the batch script's line
+    that names the logs, and the rest of the path would run as a command."""
     out = cfg.resolved_output_dir()
     problem = folder_problem(out)
     if problem:
         raise ConfigError(file, "output_dir", problem, str(out))
+    if cfg.executor.kind == "slurm" and any(c in str(out) for c in "\n\r"):
+        raise ConfigError(file, "output_dir", "holds a line break, which would end its line of the jobs' batch "
+                          "script: the rest of the path would run there as a shell command; rename it", str(out))
     odd = [c for c in "%\\" if c in str(out)]
     if cfg.executor.kind == "slurm" and odd:
         raise ConfigError(file, "output_dir", f"holds {odd[0]!r}, which SLURM reads in the jobs' log paths as a "

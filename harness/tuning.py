@@ -13,9 +13,11 @@ folder (a storage several sweeps share) is its driver's, alive or not, and is le
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
+import pickle
 import sys
 import time
 import warnings
@@ -96,10 +98,70 @@ def make_sampler(tune: TuneSpec, seed: int) -> "optuna.samplers.BaseSampler":
     if tune.sampler == "tpe":
         return optuna.samplers.TPESampler(seed=seed)
     if tune.sampler == "cmaes":
-        return optuna.samplers.CmaEsSampler(seed=seed)
+        return cmaes_sampler(seed, tune.storage or "the sweep's own journal")
     if tune.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     return DriverGridSampler({k: p.grid_values() for k, p in tune.space.items()}, seed=seed)
+
+
+class StudyFailed(HarnessError):
+    """More trials failed than a study tolerates: a broken method or setting, not bad luck."""
+
+
+#: The globals a CMA-ES optimizer's pickle names (the ``cmaes`` package's classes aside):
+#: numpy arrays and scalars, under numpy 2's module names and numpy 1's.
+CMA_STATE_GLOBALS = frozenset((module, name) for module in ("numpy._core.multiarray", "numpy.core.multiarray")
+                              for name in ("_reconstruct", "scalar")) | {("numpy", "ndarray"), ("numpy", "dtype")}
+
+
+class UntrustedStudyState(StudyFailed):
+    """A study's stored CMA-ES state names something else than CMA-ES state: unpickling it would
+    run code from the storage (Optuna unpickles it as it is)."""
+
+
+class CmaStateUnpickler(pickle.Unpickler):
+    """Unpickles a ``cmaes`` optimizer and the numpy arrays it holds, and nothing else."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in CMA_STATE_GLOBALS:
+            return super().find_class(module, name)
+        if module == "cmaes" or module.startswith("cmaes."):
+            found = super().find_class(module, name)
+            if isinstance(found, type):
+                return found
+        raise pickle.UnpicklingError(f"{module}.{name} is no part of a CMA-ES optimizer's state")
+
+
+def cmaes_sampler(seed: int, storage: str) -> "optuna.samplers.CmaEsSampler":
+    """Optuna's CMA-ES sampler, except that the optimizer state it resumes from (pickled in a
+    trial's system attributes of the study's storage, which other sweeps may write to: a shared
+    ``tune.storage``) is read by :class:`CmaStateUnpickler`, so a crafted trial cannot run code
+    in the driver; such a trial fails the study, naming the storage and the trial."""
+    import optuna
+
+    class CheckedStateCmaEsSampler(optuna.samplers.CmaEsSampler):
+        def _restore_optimizer(self, completed_trials: list[Any]) -> Any:
+            for trial in reversed(completed_trials):
+                attrs = {k: v for k, v in trial.system_attrs.items() if k.startswith(self._attr_key_optimizer)}
+                if attrs:
+                    return restore_cma_state(self._concat_optimizer_attrs(attrs), trial.number, storage)
+            return None
+
+    return CheckedStateCmaEsSampler(seed=seed)
+
+
+def restore_cma_state(hex_state: str, number: int, storage: str) -> Any:
+    """The CMA-ES optimizer trial ``number`` stored, unpickled with :class:`CmaStateUnpickler`."""
+    try:
+        state = CmaStateUnpickler(io.BytesIO(bytes.fromhex(hex_state))).load()
+    except Exception as exc:
+        why = f"{type(exc).__name__}: {exc}"
+    else:
+        if type(state).__module__.split(".")[0] == "cmaes":
+            return state
+        why = f"it holds a {type(state).__name__}"
+    raise UntrustedStudyState(f"study storage {storage}: trial {number} holds a CMA-ES state that is not one "
+                              f"({why}); refused to unpickle it, as that could run code from the storage")
 
 
 def make_pruner(name: str) -> "optuna.pruners.BasePruner":
@@ -355,10 +417,6 @@ def quiet_optuna() -> None:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-
-
-class StudyFailed(HarnessError):
-    """More trials failed than a study tolerates: a broken method or setting, not bad luck."""
 
 
 class StudyRunner:

@@ -647,6 +647,7 @@ class SlurmExecutor:
         """The job's result if it has one now, a failed result if it ended without, else None."""
         job, spec = t.job, t.spec
         if job.paths.result_pickle.exists():
+            written_by_this_user(job)
             try:
                 return JobResult.from_dict(job.result())
             except (submitit.core.utils.FailedJobError, submitit.core.utils.UncompletedJobError) as exc:
@@ -792,8 +793,20 @@ def _quiet_debug_notice(record: logging.LogRecord) -> bool:
     return not str(record.msg).startswith("Logging is written both to")
 
 
+def written_by_this_user(job: Any) -> None:
+    """Refuse a job's result pickle that another user wrote: submitit unpickles it, which runs
+    any code it names, and this user's jobs write their results as this user (a sweep folder
+    on a shared filesystem, or a copied config whose ``output_dir`` is someone else's)."""
+    path = job.paths.result_pickle
+    owner = path.stat().st_uid
+    if owner != os.getuid():
+        raise HarnessError(f"{path}: written by another user (uid {owner}), not by a job of yours: refused to "
+                           "unpickle it, as that would run code from the file (is output_dir someone else's?)")
+
+
 def _usable_result(job: Any) -> bool:
     """A finished job whose result is a success worth collecting (failures are retried)."""
+    written_by_this_user(job)
     try:
         result = job.result()
     except Exception:
