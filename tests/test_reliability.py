@@ -228,7 +228,7 @@ def test_an_unusable_results_file_is_run_again(sweep_dict, caplog):
     text = json.dumps(whole)
     parsing = [json.dumps(c) for c in ("x", {"status": "ok"}, {**whole, "metrics": {}},
                                        {**whole, "metrics": {"acc/avg": "high"}}, {**whole, "key": "another-job"},
-                                       [whole])]
+                                       {**whole, "study_error": 5}, [whole])]
     for content in [*parsing, text[: len(text) // 2], b"\xff\xfe" + text.encode()]:  # cut short; not even text
         if isinstance(content, bytes):
             path.write_bytes(content)
