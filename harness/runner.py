@@ -473,9 +473,9 @@ def _run_sweep(cfg: SweepConfig, ws: Workspace, executor: Any, console: Console,
     if only is None:  # one study's run (harness tune) leaves the sweep's summary as it is
         tracker.log_summary_metrics(summary)
     failed = [r for r in ordered if r.status != "ok"]
-    study_failed = [r for r in ordered if r.status == "ok" and r.study_error]
-    tracker.finish(ok=not failed and not failed_trials and not study_failed)  # as the exit code: a failed trial,
-    # as a failed setting; a failed study, as a grid's failed robustness job
+    study_failed = [r for r in ordered if r.status == "ok" and r.study_error]  # as a grid's failed robustness job
+    ok = not failed and not failed_trials and not study_failed  # as the exit code: a failed trial, as a failed setting
+    tracker.finish(ok=ok)
     timings["logging"] = time.perf_counter() - t2
 
     outcome = SweepOutcome(ordered, rows, out, tracker.parent_id, executed, timings, gen_rows, failed_trials)

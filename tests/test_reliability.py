@@ -57,7 +57,8 @@ def test_a_failed_robustness_study_is_reported_with_its_traceback_and_exit_code(
     d = dict(sweep_dict, references={"pretrained": False, "individual": False},
              robustness={"tasks": ["toy_stripes"], "corruptions": ["contrast"], "severity": 3},
              methods=[{"name": "weight_averaging"},
-                      {"name": "tests.faulty_methods:FailsAdaptingOn", "label": "tta", "params": {"corruption": "contrast"}}])
+                      {"name": "tests.faulty_methods:FailsAdaptingOn", "label": "tta",
+                       "params": {"corruption": "contrast"}}])
     r, err = failing_sweep(d, tmp_path)
     cfg = validate_config(d)
     (key,) = [p.parent.name for p in (cfg.resolved_output_dir() / "artifacts").glob("*/traceback.txt")]

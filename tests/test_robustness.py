@@ -582,7 +582,8 @@ def ta_accuracy(cfg, split) -> dict[str, float]:
     from methods.task_arithmetic import task_arithmetic_state
 
     ws = Workspace(cfg)
-    merged = with_state(ws.pretrained_encoder, task_arithmetic_state(ws.pretrained_encoder, ws.finetuned_encoders(), 0.3))
+    pretrained = ws.pretrained_encoder
+    merged = with_state(pretrained, task_arithmetic_state(pretrained, ws.finetuned_encoders(), 0.3))
     return {t: task_accuracy(ws, merged, t, split(ws, t), torch.device("cpu")) for t in cfg.task_names}
 
 
@@ -628,6 +629,7 @@ def test_a_failed_adaptation_on_one_corruption_is_named(sweep_dict):
     (run,) = job_runs(cfg, job.key)
     assert run.info.status == "FINISHED" and run.data.tags["harness.study_failure_reason"] == job.study_error
     assert run.data.metrics["acc/avg"] == pytest.approx(row.avg)
+    assert MlflowClient(cfg.resolved_tracking_uri()).get_run(out.parent_run_id).info.status == "FAILED"  # as exit 1
     files = {a.path for a in MlflowClient(cfg.resolved_tracking_uri()).list_artifacts(run.info.run_id)}
     assert "traceback.txt" in files
     _, results, _ = load_sweep_from_mlflow(cfg.resolved_tracking_uri())
@@ -706,6 +708,7 @@ def test_a_rerun_runs_a_failed_study_again_resuming_the_adaptations(sweep_dict, 
     (run,) = job_runs(cfg, job.key)
     assert run.info.status == "FINISHED" and "harness.study_failure_reason" not in run.data.tags
     assert run.data.metrics["robust/gaussian_noise/toy_stripes"] == pytest.approx(truth["toy_stripes"])
+    assert MlflowClient(cfg.resolved_tracking_uri()).get_run(mended.parent_run_id).info.status == "FINISHED"
     assert run_sweep(validate_config(d), quiet=True).executed == []
 
 
