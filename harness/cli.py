@@ -272,20 +272,21 @@ def collect(file: str, overrides: tuple[str, ...], quiet: bool) -> None:
 
 
 def _report(cfg, outcome, quiet: bool) -> None:
-    """After a sweep: the table when quiet, and a failure summary with exit code 1 when a job, or an
-    Optuna trial of this run, failed (a study goes on without its failed trials, as a grid's row
-    does without its failed settings: the table stands, and the exit code says to look)."""
+    """After a sweep: the table when quiet, and a failure summary with exit code 1 when a job, an
+    Optuna trial of this run, or a robustness study run inside a job failed (a study goes on
+    without its failed trials, as a grid's row does without its failed settings, and a job's main
+    metrics stand without its robustness study: the table stands, and the exit code says to look)."""
     if quiet:
         from harness.runner import print_tables
 
         print_tables(console, cfg, outcome.rows, outcome.generalization_rows)
-    if not outcome.failed and not outcome.failed_trials:
+    if not outcome.failed and not outcome.failed_trials and not outcome.study_failed:
         return
     from harness.plan import job_title
     from harness.runner import traceback_file
 
     def show(head: str, r) -> None:
-        err_console.print(f"  {head}: {r.error}", highlight=False, markup=False, soft_wrap=True)
+        err_console.print(f"  {head}: {r.error or r.study_error}", highlight=False, markup=False, soft_wrap=True)
         trace = traceback_file(outcome.output_dir, r.key)
         if trace.is_file():
             err_console.print(f"    traceback: {trace}", highlight=False, markup=False, soft_wrap=True)
@@ -300,6 +301,13 @@ def _report(cfg, outcome, quiet: bool) -> None:
                           "others):[/]")
         for spec, r in outcome.failed_trials:
             show(f"trial {spec.trial['number']} {spec.title}", r)
+    if outcome.study_failed:
+        n = len(outcome.study_failed)
+        err_console.print(f"[red]{n} robustness stud{'ies' if n != 1 else 'y'} run inside a job failed (the main "
+                          "table keeps the job's row, the robustness table shows failed; a rerun runs the study "
+                          "again):[/]")
+        for r in outcome.study_failed:
+            show(job_title(r.kind, r.task, r.label, r.params), r)
     sys.exit(1)
 
 

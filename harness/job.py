@@ -55,6 +55,9 @@ class JobResult:
     test_correct: dict[str, str] = field(default_factory=dict)  # task -> packed per-image correctness (test split)
     warnings: list[str] = field(default_factory=list)  # what the driver shows besides the result (artifacts JSON cannot hold)
     ran_on: dict[str, str] = field(default_factory=dict)  # where it ran, when not here: SLURM job id and log
+    # the robustness study run inside the job failed (its StudyFailed line; its traceback in
+    # error_detail): the job's other metrics stand, and a rerun of the sweep runs the job again
+    study_error: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -117,6 +120,8 @@ def _result_problem(data: Any, key: str) -> str | None:
             return f"{name} is not a mapping"
     if not isinstance(data.get("warnings", []), list):
         return "warnings is not a list"
+    if not isinstance(data.get("study_error") or "", str):
+        return "study_error is not a string"
     kind = data.get("kind")
     need = f"acc/{data.get('task')}" if kind in ("individual", "perfect_routing") else _REQUIRED_METRIC.get(kind)
     if data["status"] == "ok" and need not in metrics:
@@ -225,6 +230,24 @@ def naming_corruption(name: str, severity: int) -> Iterator[None]:
         raise StudyFailed(f"robustness study, {name} (severity {severity}): {type(exc).__name__}: {exc}") from exc
 
 
+def run_study(result: JobResult, study: Callable[[], dict[str, float]]) -> None:
+    """Add the robustness study's metrics to ``result``. A study failing on one corruption
+    (:class:`StudyFailed`) costs only the robustness row: it is recorded as ``study_error`` with
+    its traceback, and the job's merge, adaptation and clean metrics stand."""
+    try:
+        metrics = study()
+    except StudyFailed as exc:
+        result.study_error = f"{type(exc).__name__}: {exc}"
+        result.error_detail = traceback.format_exc(limit=-5)
+        return
+    result.metrics.update(metrics)
+
+
+def clean_accuracy(result: JobResult, ws: Workspace) -> dict[str, float]:
+    """The job's clean test accuracy per task, which the study's clean column reads."""
+    return {t: result.metrics[f"acc/{t}"] for t in ws.cfg.task_names}
+
+
 def _mean(values) -> float:
     values = list(values)
     return sum(values) / len(values)
@@ -242,8 +265,10 @@ def run_job(spec: JobSpec, ws: Workspace, device: torch.device, workdir: Path) -
         if spec.kind == "pretrained":
             encoder = ws.pretrained_encoder
             result.timings["load"] = time.perf_counter() - t0
-            result.metrics = evaluate_encoder(ws, encoder, ws.cfg.task_names, device, robustness=True,
+            result.metrics = evaluate_encoder(ws, encoder, ws.cfg.task_names, device,
                                               test_correct=result.test_correct)
+            if ws.cfg.robustness:
+                run_study(result, lambda: robustness_metrics(ws, encoder, device, clean_accuracy(result, ws)))
         elif spec.kind == "perfect_routing":
             encoder = perfect_routing_encoder(ws, spec.task, spec.params["scaling"])
             result.timings["load"] = time.perf_counter() - t0
@@ -272,14 +297,12 @@ def run_job(spec: JobSpec, ws: Workspace, device: torch.device, workdir: Path) -
             study = final and spec.protocol == MAIN and robustness_inline(ws.cfg, spec.label)
             readapt = study and adapts_on_corruptions(ws.cfg, spec.method)
             result.metrics.update(evaluate_encoder(ws, merged, ws.cfg.task_names, device, test=final,
-                                                   robustness=study and not readapt,
                                                    merged=ws.cfg.seen_tasks(spec.protocol),
                                                    test_correct=result.test_correct))
-            if readapt:
-                clean = {t: result.metrics[f"acc/{t}"] for t in ws.cfg.task_names}
-                result.metrics.update(robustness_metrics(
-                    ws, merged, device, clean,
-                    adapted=lambda c: merge(spec, ws, device, workdir / f"corrupted-{c}", corruption=c)[0]))
+            adapted = ((lambda c: merge(spec, ws, device, workdir / f"corrupted-{c}", corruption=c)[0])
+                       if readapt else None)
+            if study and ws.cfg.robustness:
+                run_study(result, lambda: robustness_metrics(ws, merged, device, clean_accuracy(result, ws), adapted))
             result.timings["evaluate"] = time.perf_counter() - t1
         bad = [k for k, v in result.metrics.items() if not math.isfinite(v)]
         if bad:

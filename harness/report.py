@@ -34,8 +34,8 @@ from harness.results import (
     table_records,
 )
 from harness.significance import CORRECT_FILE, LEVEL, paired_bootstrap, read_correct, unpack_correct
-from harness.tracking import (FINAL_KEY_TAG, JOB_TAG, PROTOCOL_TAG, SCOPE_TAG, SWEEP_TAG, TRIALS_TAG,
-                              allow_folder_stores)
+from harness.tracking import (FINAL_KEY_TAG, JOB_TAG, PROTOCOL_TAG, SCOPE_TAG, STUDY_FAILURE_TAG, SWEEP_TAG,
+                              TRIALS_TAG, allow_folder_stores)
 
 # The job keys a report was built from. A sweep's parent run outlives its inputs (it is found
 # again by config digest, so replaced checkpoints or data add new job runs beside the old ones):
@@ -391,7 +391,7 @@ def load_sweep_from_mlflow(tracking_uri: str, run_id: str | None = None,
             label=tags.get("harness.label", run.info.run_name), params=job_params, task=tags.get("harness.task"),
             status="ok" if run.info.status == "FINISHED" else "failed", metrics=dict(run.data.metrics),
             error=tags.get("harness.failure_reason"), artifacts=artifacts, protocol=protocol,
-            test_correct=test_correct))
+            test_correct=test_correct, study_error=tags.get(STUDY_FAILURE_TAG)))
     results += [dataclasses.replace(r, label=label) for r in list(results)  # a job two labels share: one run
                 for label in shared.get(r.key, []) if label != r.label]
     return cfg, plan_order(cfg, results), parent

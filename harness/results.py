@@ -23,7 +23,7 @@ class Row:
     metrics: dict[str, float] = field(default_factory=dict)  # the chosen job's metrics (robust/..., unseen/...)
     extra: dict[str, Any] = field(default_factory=dict)
     test_correct: dict[str, str] = field(default_factory=dict)  # task -> packed per-image test correctness
-    robustness_failed: bool = False  # the job measuring the chosen setting's robustness failed
+    robustness_failed: bool = False  # the chosen setting's robustness study failed (in its job or a follow-up)
 
     @property
     def failed(self) -> bool:
@@ -99,7 +99,7 @@ def build_rows(results: list[JobResult], tasks: list[str], method_order: list[st
             avg = _mean_of(acc, seen) if all(t in acc for t in seen) else r.metrics["acc/avg"]
             rows.append(Row("pretrained", "zero-shot", acc, avg,
                             normalized(r.metrics, indiv, seen).get("norm_acc/avg"), metrics=r.metrics,
-                            test_correct=r.test_correct))
+                            test_correct=r.test_correct, robustness_failed=bool(r.study_error)))
     if not any(r.method == "pretrained" for r in rows) and failed_of("pretrained"):
         rows.append(Row("pretrained", FAILED, {}, None, None))
     if all(t in indiv for t in seen):
@@ -132,7 +132,7 @@ def build_rows(results: list[JobResult], tasks: list[str], method_order: list[st
             continue
         best = select_best(cands)
         metrics = dict(best.metrics)
-        robustness_failed = False
+        robustness_failed = bool(best.study_error)  # the study it ran itself failed
         for r in results:  # a grid method's robustness study ran once, for this setting, in its own job
             if r.kind == "robustness" and r.label == label and r.params == best.params:
                 if r.status == "ok":

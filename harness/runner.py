@@ -72,15 +72,22 @@ class SweepOutcome:
     def failed(self) -> list[JobResult]:
         return [r for r in self.results if r.status != "ok"]
 
+    @property
+    def study_failed(self) -> list[JobResult]:
+        """Jobs whose main metrics stand but whose robustness study, run inside them, failed."""
+        return [r for r in self.results if r.status == "ok" and r.study_error]
+
 
 def finished_result(results_dir: Path, spec: JobSpec) -> JobResult | None:
-    """A job's cached result when it finished successfully (failed jobs are retried).
+    """A job's cached result when it finished successfully (failed jobs are retried, and so are
+    jobs whose robustness study failed: the study runs again, the adaptation resumed from the
+    job's workdir).
 
     The result takes the spec's label and setting: a job keeps its key when its method is
     renamed in the sweep, or a setting that never changes a result is (``checkpoint_every``),
     and its row, run name and tags follow the sweep, not the run that computed it."""
     result = read_result(results_dir / f"{spec.key}.json", spec.key)
-    if result is None or result.status != "ok":
+    if result is None or result.status != "ok" or result.study_error:
         return None
     result.label = spec.label
     result.params = spec.params
@@ -326,7 +333,7 @@ def _run_sweep(cfg: SweepConfig, ws: Workspace, executor: Any, console: Console,
             tracker.rename(r.key, r.label, spec.title)
             return
         files = job_artifact_files(r.artifacts, out / "artifacts" / r.key) if r.status == "ok" else []
-        if r.status != "ok" and traceback_file(out, r.key).is_file():
+        if (r.status != "ok" or r.study_error) and traceback_file(out, r.key).is_file():
             files.append(traceback_file(out, r.key))
         if r.status == "ok" and r.test_correct:
             files.append(write_correct(r.test_correct, out / "artifacts" / r.key))
@@ -355,10 +362,15 @@ def _run_sweep(cfg: SweepConfig, ws: Workspace, executor: Any, console: Console,
                     console.print(f"[yellow]warning[/] {escape(spec.title)}: {escape(warning)}", highlight=False)
                 failpoint("job_done")
                 if res.status in RECORDED:
-                    traceback_file(out, spec.key).unlink(missing_ok=True)  # an earlier attempt's
+                    if res.study_error and res.error_detail:  # the study's, as a failed job's is kept
+                        atomic_write_bytes(traceback_file(out, spec.key), res.error_detail.encode())
+                    else:
+                        traceback_file(out, spec.key).unlink(missing_ok=True)  # an earlier attempt's
                     atomic_write_json(results_dir / f"{spec.key}.json", res.to_dict())
                     if show and res.status == "ok" and spec.kind != "trial":
                         console.print(result_line(res, spec), highlight=False, markup=False)
+                    if res.study_error:
+                        console.print(failed_line(f"robustness study of {spec.title}", res), highlight=False)
                 else:
                     if res.error_detail:
                         atomic_write_bytes(traceback_file(out, spec.key), res.error_detail.encode())
@@ -461,7 +473,9 @@ def _run_sweep(cfg: SweepConfig, ws: Workspace, executor: Any, console: Console,
     if only is None:  # one study's run (harness tune) leaves the sweep's summary as it is
         tracker.log_summary_metrics(summary)
     failed = [r for r in ordered if r.status != "ok"]
-    tracker.finish(ok=not failed and not failed_trials)  # as the exit code: a failed trial, as a failed setting
+    study_failed = [r for r in ordered if r.status == "ok" and r.study_error]  # as a grid's failed robustness job
+    ok = not failed and not failed_trials and not study_failed  # as the exit code: a failed trial, as a failed setting
+    tracker.finish(ok=ok)
     timings["logging"] = time.perf_counter() - t2
 
     outcome = SweepOutcome(ordered, rows, out, tracker.parent_id, executed, timings, gen_rows, failed_trials)
@@ -515,9 +529,9 @@ def result_line(result: JobResult, spec: JobSpec) -> str:
 
 
 def failed_line(title: str, result: JobResult) -> str:
-    """A failed job's (or trial's) line as console markup: title and error shown as written
-    (brackets in them are not markup)."""
-    return f"[red]failed[/] {escape(title)}: {escape(result.error or '')}"
+    """A failed job's (or trial's, or in-job robustness study's) line as console markup: title
+    and error shown as written (brackets in them are not markup)."""
+    return f"[red]failed[/] {escape(title)}: {escape(result.error or result.study_error or '')}"
 
 
 def trial_line(spec: JobSpec, result: JobResult, state: str, objective: str, study: Any) -> str:

@@ -40,6 +40,11 @@ FINAL_KEY_TAG = "harness.final_key"
 TUNE_TAGGED = ("n_trials", "n_parallel", "pruner")
 #: On a failed job's, trial's or study's run: why it failed.
 FAILURE_TAG = "harness.failure_reason"
+#: On a finished job's run whose robustness study, run inside the job, failed: why (its
+#: traceback is the run's ``traceback.txt``). The run is replaced once a rerun's study succeeds.
+STUDY_FAILURE_TAG = "harness.study_failure_reason"
+#: How :class:`Tracker` holds such a run's state: finished, yet to be logged again.
+STUDY_FAILED = "STUDY_FAILED"
 #: On a pruned trial's run: the last step it reported before it was stopped.
 PRUNED_AT_TAG = "harness.pruned_at_step"
 #: The git commit of the code that logged a run (the parent run and each job run), when known.
@@ -321,7 +326,8 @@ class Tracker:
             if r.info.status not in ("FINISHED", "FAILED") and r.data.tags.get(JOB_TAG):
                 self.client.delete_run(r.info.run_id)
             elif r.data.tags.get(JOB_TAG):
-                self._logged[r.data.tags[JOB_TAG]] = (r.info.run_id, r.info.status)
+                status = STUDY_FAILED if STUDY_FAILURE_TAG in r.data.tags else r.info.status
+                self._logged[r.data.tags[JOB_TAG]] = (r.info.run_id, status)
                 self._names[r.data.tags[JOB_TAG]] = (r.data.tags.get("harness.label", ""), r.info.run_name)
         if is_own_store(self.uri, self.cfg.resolved_output_dir()):  # the folder's lock keeps other drivers out
             self._end_stale_runs()
@@ -374,14 +380,15 @@ class Tracker:
             self._names[key] = (label, name)
 
     def is_logged(self, key: str) -> bool:
-        """Logged as finished (a failed attempt is replaced once the job succeeds)."""
+        """Logged as finished (a failed attempt, or one whose robustness study failed, is replaced
+        once the job succeeds)."""
         self._open()  # what is logged is known once the sweep's run is found
         return self._logged.get(key, (None, None))[1] == "FINISHED"
 
     def log_job(self, result: Any, params: dict[str, Any], config_digest: str,
                 files: list[Path] | None = None, name: str | None = None) -> str | None:
         """A nested run for a finished (or failed) job; skipped if this job is already logged (a job
-        failing again updates its failed run's reason and traceback).
+        failing again, or whose robustness study fails again, updates its run's reason and traceback).
 
         ``name``: the run's name (default the result's title); a grid point's names its setting,
         so that the points of a grid can be told apart in the UI."""
@@ -390,6 +397,9 @@ class Tracker:
         previous = self._logged.get(result.key)
         if previous and previous[1] == "FAILED" and result.status != "ok":
             self._refail(previous[0], result, files or [])
+            return None
+        if previous and previous[1] == STUDY_FAILED and result.status == "ok" and result.study_error:
+            self._refail(previous[0], result, files or [], STUDY_FAILURE_TAG)
             return None
         if previous and previous[1] == "FINISHED":
             return None  # logged already
@@ -405,6 +415,8 @@ class Tracker:
             tags[GIT_COMMIT_TAG] = self.commit
         if result.error:
             tags[FAILURE_TAG] = result.error[:5000]
+        if result.study_error:
+            tags[STUDY_FAILURE_TAG] = result.study_error[:5000]
         if result.warnings:
             tags["harness.warnings"] = "\n".join(result.warnings)[:5000]
         tags.update({f"harness.{k}": v for k, v in result.ran_on.items()})  # from a run to its SLURM job and log
@@ -422,15 +434,17 @@ class Tracker:
         status = "FINISHED" if result.status == "ok" else "FAILED"
         self.client.set_terminated(rid, status=status)
         self._writing.discard(rid)
-        self._logged[result.key] = (rid, status)
+        self._logged[result.key] = (rid, STUDY_FAILED if result.study_error else status)
         self._names[result.key] = (result.label, name)
         return rid
 
-    def _refail(self, rid: str, result: Any, files: list[Path]) -> None:
-        """A failed job that failed again keeps its one run, with the latest attempt's reason and
-        traceback: what the command's summary and ``artifacts/<key>/traceback.txt`` say."""
-        if result.error:
-            self.client.set_tag(rid, FAILURE_TAG, result.error[:5000])
+    def _refail(self, rid: str, result: Any, files: list[Path], tag: str = FAILURE_TAG) -> None:
+        """A failed job (or robustness study, ``tag`` :data:`STUDY_FAILURE_TAG`) that failed again
+        keeps its one run, with the latest attempt's reason and traceback: what the command's
+        summary and ``artifacts/<key>/traceback.txt`` say."""
+        reason = result.study_error if tag == STUDY_FAILURE_TAG else result.error
+        if reason:
+            self.client.set_tag(rid, tag, reason[:5000])
         for f in files:
             self.client.log_artifact(rid, str(f))
 

@@ -1,5 +1,6 @@
 """Methods that fail in the ways real jobs do, for isolation tests."""
 
+from pathlib import Path
 from typing import Mapping
 
 import torch
@@ -144,4 +145,27 @@ class FailsAdaptingOn(MergeMethod):
     def merge(self, pretrained: nn.Module, finetuned: Mapping[str, nn.Module], ctx: MergeContext) -> nn.Module:
         if ctx.adapted_on.get("corruption") == self.corruption:
             raise FloatingPointError("adaptation loss is NaN at step 3")
+        return with_state(pretrained, task_arithmetic_state(pretrained, finetuned, 0.3))
+
+
+class FailsAdaptingWhile(MergeMethod):
+    """A test-time-adaptation method whose adaptation on one corruption fails while the file
+    ``flag`` exists (mended between two runs: a transient failure). As AdaMerging and WeMoE do,
+    it saves each adaptation in its workdir and resumes a saved one; each adaptation it runs
+    (not resumes) appends the corruption adapted on (``None``: clean) to the file ``log``."""
+
+    uses_test_data = True
+    corruption: str
+    flag: str
+    log: str
+
+    def merge(self, pretrained: nn.Module, finetuned: Mapping[str, nn.Module], ctx: MergeContext) -> nn.Module:
+        on = ctx.adapted_on.get("corruption")
+        saved = Path(ctx.workdir) / "adapted.txt"
+        if not saved.is_file():
+            with open(self.log, "a") as fh:
+                fh.write(f"{on}\n")
+            if on == self.corruption and Path(self.flag).exists():
+                raise FloatingPointError("adaptation loss is NaN at step 3")
+            saved.write_text("adapted")
         return with_state(pretrained, task_arithmetic_state(pretrained, finetuned, 0.3))

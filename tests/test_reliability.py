@@ -50,6 +50,28 @@ def test_failures_are_isolated_and_reported(sweep_dict, tmp_path):
     assert ok.info.status == "FINISHED"
 
 
+def test_a_failed_robustness_study_is_reported_with_its_traceback_and_exit_code(sweep_dict, tmp_path):
+    """A job whose robustness study (run inside it) failed keeps its main row; the command
+    summarises the study's failure as it does a failed job's (reason, traceback path, exit code
+    1), not as a failed job, and its robustness row reads failed beside the others' numbers."""
+    d = dict(sweep_dict, references={"pretrained": False, "individual": False},
+             robustness={"tasks": ["toy_stripes"], "corruptions": ["contrast"], "severity": 3},
+             methods=[{"name": "weight_averaging"},
+                      {"name": "tests.faulty_methods:FailsAdaptingOn", "label": "tta",
+                       "params": {"corruption": "contrast"}}])
+    r, err = failing_sweep(d, tmp_path)
+    cfg = validate_config(d)
+    (key,) = [p.parent.name for p in (cfg.resolved_output_dir() / "artifacts").glob("*/traceback.txt")]
+    path = cfg.resolved_output_dir() / "artifacts" / key / "traceback.txt"
+    assert "1 robustness study run inside a job failed" in err and "jobs failed" not in err
+    assert ("tta(corruption=contrast): StudyFailed: robustness study, contrast (severity 3): FloatingPointError: "
+            f"adaptation loss is NaN at step 3 traceback: {path}") in err
+    rows = [[c.strip() for c in line.split("│")[1:-1]] for line in r.stdout.splitlines() if line.startswith("│")]
+    main_row = next(row for row in rows if row[:2] == ["tta", "corruption=contrast"])
+    assert main_row[-2].replace(".", "", 1).isdigit()  # its average: the main row stands (a failed one's is -)
+    assert ["tta", "failed", "failed"] in rows and ["weight_averaging", "failed", "failed"] not in rows
+
+
 def test_a_failed_jobs_traceback_is_kept_and_a_merge_returning_none_is_named(sweep_dict, tmp_path):
     """The error line alone does not say where a user's method failed: its traceback is kept as
     the job's artifact (file and MLflow run) and its path printed in the summary."""
@@ -207,7 +229,7 @@ def test_an_unusable_results_file_is_run_again(sweep_dict, caplog):
     text = json.dumps(whole)
     parsing = [json.dumps(c) for c in ("x", {"status": "ok"}, {**whole, "metrics": {}},
                                        {**whole, "metrics": {"acc/avg": "high"}}, {**whole, "key": "another-job"},
-                                       [whole])]
+                                       {**whole, "study_error": 5}, [whole])]
     for content in [*parsing, text[: len(text) // 2], b"\xff\xfe" + text.encode()]:  # cut short; not even text
         if isinstance(content, bytes):
             path.write_bytes(content)

@@ -573,20 +573,144 @@ def test_test_time_adaptation_adapts_on_each_corruption(trained_checkpoints, tmp
 
 
 
+def ta_accuracy(cfg, split) -> dict[str, float]:
+    """Per task, the accuracy of task arithmetic at 0.3 (what the faulty TTA methods merge) on
+    ``split(ws, task)``, evaluated here: the truth a sweep's metrics are checked against."""
+    from harness.job import task_accuracy
+    from harness.workspace import Workspace
+    from methods.base import with_state
+    from methods.task_arithmetic import task_arithmetic_state
+
+    ws = Workspace(cfg)
+    pretrained = ws.pretrained_encoder
+    merged = with_state(pretrained, task_arithmetic_state(pretrained, ws.finetuned_encoders(), 0.3))
+    return {t: task_accuracy(ws, merged, t, split(ws, t), torch.device("cpu")) for t in cfg.task_names}
+
+
+def job_runs(cfg, key: str) -> list:
+    client = MlflowClient(cfg.resolved_tracking_uri())
+    experiment = client.get_experiment_by_name(cfg.name).experiment_id
+    return client.search_runs([experiment], f"tags.`harness.job_key` = '{key}'")
+
+
 def test_a_failed_adaptation_on_one_corruption_is_named(sweep_dict):
     """A test-time-adaptation job whose adaptation fails on one corruption's images (after its
-    clean adaptation and the other corruptions went through) says which: its error line read as
-    if the merge itself had failed. Truth: the corruption the method was written to fail on."""
+    clean adaptation and the other corruptions went through) says which, and loses only its
+    robustness row: its main metrics are recorded (main row ok), its robustness row reads
+    failed, its MLflow run carries the reason and traceback, and a rerun runs it again. Truth:
+    the corruption the method was written to fail on; its merge evaluated here."""
+    from harness.report import load_sweep_from_mlflow
+    from harness.results import build_rows, robustness_records
+    from harness.runner import cache_status, traceback_file
+
     d = dict(sweep_dict, references={"pretrained": False, "individual": False},
              robustness={"tasks": ["toy_stripes"], "corruptions": ["contrast", "gaussian_noise"], "severity": 3},
              methods=[{"name": "tests.faulty_methods:FailsAdaptingOn", "params": {"corruption": "gaussian_noise"}}])
+    cfg = validate_config(d)
     printed = io.StringIO()
-    out = run_sweep(validate_config(d), console=Console(file=printed, width=400))
-    (job,) = out.failed
-    assert job.error == ("StudyFailed: robustness study, gaussian_noise (severity 3): "
-                         "FloatingPointError: adaptation loss is NaN at step 3")
-    assert f"failed tests.faulty_methods:FailsAdaptingOn(corruption=gaussian_noise): {job.error}" in printed.getvalue()
+    out = run_sweep(cfg, console=Console(file=printed, width=400))
+    assert not out.failed
+    (job,) = out.study_failed
+    assert job.study_error == ("StudyFailed: robustness study, gaussian_noise (severity 3): "
+                               "FloatingPointError: adaptation loss is NaN at step 3")
+    title = "tests.faulty_methods:FailsAdaptingOn(corruption=gaussian_noise)"
+    assert f"failed robustness study of {title}: {job.study_error}" in printed.getvalue()
     assert "adaptation loss is NaN at step 3" in job.error_detail
+    assert "adaptation loss is NaN at step 3" in traceback_file(out.output_dir, job.key).read_text()
+    assert not any(k.startswith("robust/") for k in job.metrics)
+
+    truth = ta_accuracy(cfg, lambda ws, t: ws.task(t).dataset("test"))
+    (row,) = out.rows
+    assert not row.failed and row.avg == pytest.approx(sum(truth.values()) / len(truth))
+    assert row.acc == pytest.approx(truth)
+    csv = (out.output_dir / "report" / "robustness.csv").read_text().splitlines()
+    assert csv == ["method,clean,contrast,gaussian_noise", f"{row.method},failed,failed,failed"]
+
+    (run,) = job_runs(cfg, job.key)
+    assert run.info.status == "FINISHED" and run.data.tags["harness.study_failure_reason"] == job.study_error
+    assert run.data.metrics["acc/avg"] == pytest.approx(row.avg)
+    assert MlflowClient(cfg.resolved_tracking_uri()).get_run(out.parent_run_id).info.status == "FAILED"  # as exit 1
+    files = {a.path for a in MlflowClient(cfg.resolved_tracking_uri()).list_artifacts(run.info.run_id)}
+    assert "traceback.txt" in files
+    _, results, _ = load_sweep_from_mlflow(cfg.resolved_tracking_uri())
+    rebuilt = build_rows(results, cfg.task_names, [m.display for m in cfg.methods], cfg.merge_tasks)
+    assert robustness_records(rebuilt, ["contrast", "gaussian_noise"]) == robustness_records(
+        out.rows, ["contrast", "gaussian_noise"])
+    _, cached, _ = cache_status(cfg)
+    assert job.key not in cached  # the study is run again
+
+
+def test_a_study_failing_to_score_one_corruption_keeps_the_main_rows(sweep_dict, monkeypatch):
+    """The zero-shot model's and a one-setting merge's studies (scoring only, no adaptation)
+    failing on one corruption's split keep their main rows as the jobs evaluated them; only
+    their robustness rows read failed. Truth: a sweep of the same jobs without the corruption."""
+    from harness.workspace import Workspace
+
+    d = dict(sweep_dict, references={"pretrained": True, "individual": False},
+             robustness={"tasks": ["toy_stripes"], "corruptions": ["contrast", "pixelate"], "severity": 2},
+             methods=[{"name": "weight_averaging"}])
+    corrupted = Workspace.corrupted
+
+    def unreadable(self, task, corruption):
+        if corruption == "pixelate":
+            raise OSError("corrupted split unreadable")
+        return corrupted(self, task, corruption)
+
+    monkeypatch.setattr(Workspace, "corrupted", unreadable)
+    out = run_sweep(validate_config(d), quiet=True)
+    assert not out.failed and [r.study_error for r in out.study_failed] == [
+        "StudyFailed: robustness study, pixelate (severity 2): OSError: corrupted split unreadable"] * 2
+    monkeypatch.undo()
+    truth = run_sweep(validate_config(dict(d, output_dir=d["output_dir"] + "-truth",
+                                           robustness={**d["robustness"], "corruptions": ["contrast"]})), quiet=True)
+    assert [(r.method, r.avg, r.acc) for r in out.rows] == [(r.method, r.avg, r.acc) for r in truth.rows]
+    csv = (out.output_dir / "report" / "robustness.csv").read_text().splitlines()
+    assert csv == ["method,clean,contrast,pixelate", "pretrained,failed,failed,failed",
+                   "weight_averaging,failed,failed,failed"]
+
+
+def test_a_rerun_runs_a_failed_study_again_resuming_the_adaptations(sweep_dict, tmp_path):
+    """A study that failed fails again on a rerun while its cause lasts (one MLflow run, its
+    reason updated), and succeeds once it is mended: the row gains its robustness numbers and
+    its run is replaced by one without the reason. No rerun adapts again what its job saved
+    (the clean adaptation, the corruption that went through). Truth: the method's own log of
+    the adaptations it ran; its merge scored here on the corrupted split."""
+    from harness.runner import traceback_file
+
+    flag, log = tmp_path / "flag", tmp_path / "adaptations.log"
+    flag.touch()
+    d = dict(sweep_dict, references={"pretrained": False, "individual": False},
+             robustness={"tasks": ["toy_stripes"], "corruptions": ["contrast", "gaussian_noise"], "severity": 3},
+             methods=[{"name": "tests.faulty_methods:FailsAdaptingWhile",
+                       "params": {"corruption": "gaussian_noise", "flag": str(flag), "log": str(log)}}])
+    cfg = validate_config(d)
+    first = run_sweep(cfg, quiet=True)
+    (job,) = first.study_failed
+    assert log.read_text().split() == ["None", "contrast", "gaussian_noise"]
+
+    again = run_sweep(validate_config(d), quiet=True)
+    assert again.executed == [job.key] and [r.study_error for r in again.study_failed] == [job.study_error]
+    assert log.read_text().split() == ["None", "contrast", "gaussian_noise", "gaussian_noise"]
+    (run,) = job_runs(cfg, job.key)
+    assert run.data.tags["harness.study_failure_reason"] == job.study_error
+
+    flag.unlink()
+    mended = run_sweep(validate_config(d), quiet=True)
+    assert mended.executed == [job.key] and not mended.failed and not mended.study_failed
+    assert log.read_text().split() == ["None", "contrast", "gaussian_noise", "gaussian_noise", "gaussian_noise"]
+    (result,) = mended.results
+    truth = ta_accuracy(cfg, lambda ws, t: ws.corrupted(t, "gaussian_noise"))
+    assert result.metrics["robust/gaussian_noise/toy_stripes"] == pytest.approx(truth["toy_stripes"])
+    assert result.metrics["acc/avg"] == pytest.approx(job.metrics["acc/avg"])
+    (row,) = mended.rows
+    assert row.metrics["robust/gaussian_noise/avg"] == pytest.approx(truth["toy_stripes"])
+    assert not traceback_file(mended.output_dir, job.key).exists()
+    (run,) = job_runs(cfg, job.key)
+    assert run.info.status == "FINISHED" and "harness.study_failure_reason" not in run.data.tags
+    assert run.data.metrics["robust/gaussian_noise/toy_stripes"] == pytest.approx(truth["toy_stripes"])
+    assert MlflowClient(cfg.resolved_tracking_uri()).get_run(mended.parent_run_id).info.status == "FINISHED"
+    assert run_sweep(validate_config(d), quiet=True).executed == []
+
 
 def test_jobs_asking_for_one_split_at_once_build_it_once(tmp_path):
     """Two processes (two SLURM jobs) asking for a missing split together: one corrupts every

@@ -440,6 +440,34 @@ def test_a_failed_jobs_stderr_log_holds_its_traceback(micro_checkpoints, tmp_pat
     assert "Traceback" in err and 'raise RuntimeError("deliberate failure")' in err
 
 
+def test_a_job_whose_robustness_study_failed_is_retried_and_its_log_says_why(micro_checkpoints, tmp_path, capsys):
+    """A job whose in-job robustness study failed comes back with its main metrics; its stderr log
+    says the study failed, with the traceback, and its submission is not reused by a rerun (it is
+    submitted again, as a failed job is), the job tables showing it failed."""
+    from types import SimpleNamespace
+
+    from harness.executors.slurm import _usable_result, outcome
+    from harness.job import JobResult
+    from harness.plan import plan_jobs
+
+    d = dict(make_sweep_dict(micro_checkpoints, tmp_path), references={"pretrained": False, "individual": False},
+             robustness={"tasks": ["toy_stripes"], "corruptions": ["contrast"], "severity": 3},
+             methods=[{"name": "tests.faulty_methods:FailsAdaptingOn", "params": {"corruption": "contrast"}}])
+    cfg = validate_config(d)
+    (spec,) = plan_jobs(cfg)
+    result = SweepJob(cfg.model_dump(mode="json"))(spec.to_dict())
+    err = capsys.readouterr().err
+    assert result["status"] == "ok" and "acc/avg" in result["metrics"]
+    said = ("harness job tests.faulty_methods:FailsAdaptingOn(corruption=contrast) finished, its robustness study "
+            "failed: StudyFailed: robustness study, contrast (severity 3): FloatingPointError: adaptation loss is NaN")
+    assert said in err and "Traceback" in err
+    for study_error, usable in ((result["study_error"], False), (None, True)):
+        back = {**result, "study_error": study_error}
+        job = SimpleNamespace(result=lambda back=back: back)
+        assert _usable_result(job) is usable
+        assert outcome(JobResult.from_dict(back)) == ("done" if usable else "failed")
+
+
 def _fake_job(folder: Path, job_id: str):
     from types import SimpleNamespace
 

@@ -118,9 +118,10 @@ class SweepJob(submitit.helpers.Checkpointable):
 
             result = JobResult.of(spec, "failed", error=f"{type(exc).__name__}: {exc}",
                                   error_detail=traceback.format_exc(limit=-5))
-        if result.status == "failed":  # the job's stderr log, where the driver's table points, says why
-            print(f"harness job {spec.title} failed: {result.error}\n{result.error_detail or ''}".rstrip(),
-                  file=sys.stderr, flush=True)
+        if result.status == "failed" or result.study_error:  # the stderr log, where the driver's table points
+            what = "failed" if result.status == "failed" else "finished, its robustness study failed"
+            print(f"harness job {spec.title} {what}: {result.error or result.study_error}\n"
+                  f"{result.error_detail or ''}".rstrip(), file=sys.stderr, flush=True)
         else:
             print(f"harness job {spec.title}: {result.status}", flush=True)
         return result.to_dict()
@@ -740,8 +741,9 @@ def _submitted_line(submitted: list[_Tracked], attach: list[_Tracked]) -> str:
 
 
 def outcome(result: JobResult) -> str:
-    """How the job tables show a job whose result came back: a pruned trial is done, not failed."""
-    return "done" if result.status in RECORDED else "failed"
+    """How the job tables show a job whose result came back: a pruned trial is done, not failed;
+    a job whose robustness study failed is failed (its log says so; a rerun runs it again)."""
+    return "done" if result.status in RECORDED and not result.study_error else "failed"
 
 
 def display_state(t: _Tracked) -> str:
@@ -805,13 +807,15 @@ def written_by_this_user(job: Any) -> None:
 
 
 def _usable_result(job: Any) -> bool:
-    """A finished job whose result is a success worth collecting (failures are retried)."""
+    """A finished job whose result is a success worth collecting (failures are retried, and so
+    is a job whose robustness study failed: its adaptation resumes from its workdir)."""
     written_by_this_user(job)
     try:
         result = job.result()
     except Exception:
         return False
-    return isinstance(result, dict) and result.get("status") in RECORDED  # what the driver caches
+    return (isinstance(result, dict) and result.get("status") in RECORDED  # what the driver caches
+            and not result.get("study_error"))
 
 
 def ended_reason(state: str, details: dict[str, str], stderr_tail: str, timeout_min: int) -> tuple[str, str]:
