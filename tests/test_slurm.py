@@ -461,9 +461,11 @@ def test_a_job_whose_robustness_study_failed_is_retried_and_its_log_says_why(mic
     said = ("harness job tests.faulty_methods:FailsAdaptingOn(corruption=contrast) finished, its robustness study "
             "failed: StudyFailed: robustness study, contrast (severity 3): FloatingPointError: adaptation loss is NaN")
     assert said in err and "Traceback" in err
+    pickle_file = tmp_path / "0_result.pkl"  # written by this user, as the job's own result is
+    pickle_file.write_bytes(b"")
     for study_error, usable in ((result["study_error"], False), (None, True)):
         back = {**result, "study_error": study_error}
-        job = SimpleNamespace(result=lambda back=back: back)
+        job = SimpleNamespace(result=lambda back=back: back, paths=SimpleNamespace(result_pickle=pickle_file))
         assert _usable_result(job) is usable
         assert outcome(JobResult.from_dict(back)) == ("done" if usable else "failed")
 
