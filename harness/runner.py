@@ -155,10 +155,11 @@ def job_params(cfg: SweepConfig, spec: JobSpec) -> dict[str, Any]:
     """What MLflow records as a job's params: the resolved config, flattened, plus the job's own:
     ``params``, those the sweep gives (as validated: ``harness.config.hold_validated``), and
     ``hyperparameters``, every one the method ran with (defaults included, as in the job's key;
-    none for a failed study's row, which ran no setting)."""
+    none for a failed study's row, which ran no setting). Not the label: params cannot change,
+    and a renamed method's runs take the new label (the ``harness.label`` tag and run name)."""
     conf = cfg.model_dump(mode="json")
     conf.pop("methods", None)
-    job = {"kind": spec.kind, "label": spec.label, "method": spec.method, "task": spec.task,
+    job = {"kind": spec.kind, "method": spec.method, "task": spec.task,
            "protocol": spec.protocol, "params": spec.params}
     if spec.method and not spec.key.startswith(FAILED_STUDY):
         job["hyperparameters"] = full_params(spec.method, spec.params)

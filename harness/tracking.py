@@ -147,6 +147,13 @@ def drop_metrics(db: Path, run_id: str, keep: set[str]) -> None:
             con.executemany(f"DELETE FROM {table} WHERE run_uuid = ? AND key = ?", [(run_id, k) for k in stale])
 
 
+def drop_params(db: Path, run_id: str, keys: set[str]) -> None:
+    """Delete run ``run_id``'s params ``keys`` from the SQLite store ``db``: a param cannot be
+    changed or deleted through MLflow."""
+    with closing(sqlite3.connect(db)) as con, con:
+        con.executemany("DELETE FROM params WHERE run_uuid = ? AND key = ?", [(run_id, k) for k in sorted(keys)])
+
+
 def relocate_copied_store(uri: str, out: Path) -> str | None:
     """Point a copied output folder's store at its own artifacts.
 
@@ -372,6 +379,9 @@ class Tracker:
             self.client.set_tag(rid, "harness.label", label)
             self.client.set_tag(rid, "mlflow.runName", name)
             self._names[key] = (label, name)
+            out = self.cfg.resolved_output_dir()
+            if is_own_store(self.uri, out):  # an earlier harness logged the label as a param, which stays
+                drop_params(out / "mlflow.db", rid, {"job.label"})
 
     def is_logged(self, key: str) -> bool:
         """Logged as finished (a failed attempt is replaced once the job succeeds)."""
