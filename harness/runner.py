@@ -111,14 +111,16 @@ def one_per_key(specs: list[JobSpec]) -> list[JobSpec]:
 def labelled_results(specs: list[JobSpec], results: Mapping[str, JobResult]) -> list[JobResult]:
     """Each planned job's result under its own label, in plan order. Two labels whose settings
     coincide (two grids of one method, a tuned best on another label's grid point) share one job,
-    as keys hold no label; each row still counts and chooses among its own settings. Jobs without
+    as keys hold no label nor a hyperparameter at its default; each row still counts and chooses
+    among its own settings, and shows them (a tuned best's ``k=20.0`` the grid point left out). Jobs without
     a result (a collect's unsubmitted ones) are left out."""
     out, seen = [], set()
     for s in specs:
         if s.key in results and (s.label, s.key) not in seen:
             seen.add((s.label, s.key))
             r = results[s.key]
-            out.append(r if r.label == s.label else dataclasses.replace(r, label=s.label))
+            out.append(r if (r.label, r.params) == (s.label, s.params) else dataclasses.replace(r, label=s.label,
+                                                                                                 params=s.params))
     return out
 
 
