@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from click.testing import CliRunner
 from safetensors import safe_open
 
@@ -344,3 +345,23 @@ def test_a_tiny_embedded_sweeps_export_checks_out_with_its_tasks_given_size_tiny
     readme = " ".join((Path(__file__).parents[1] / "README.md").read_text().split())
     assert "To check an export of a sweep with `model.suite.size: tiny`" in readme
     assert "give each embedded task `options: {size: tiny}`" in readme
+
+
+def test_a_tuned_rows_export_names_the_setting_its_row_shows(sweep_dict, tmp_path):
+    """A tuned best with ``k`` at its default reuses the job run before ``k`` joined the space; the
+    row shows ``k=20.0, scaling=0.6``, and so do the export's line and metadata (they gave the
+    result file's ``scaling=0.6``)."""
+    tune = {"n_trials": 1, "n_parallel": 1, "sampler": "grid",
+            "space": {"scaling": {"type": "categorical", "choices": [0.6]}}}
+    d = dict(sweep_dict, references=False, methods=[{"name": "ties", "label": "tt", "tune": tune}])
+    run_sweep(validate_config(d), quiet=True)
+    tune["space"]["k"] = {"type": "categorical", "choices": [20.0]}  # ties' default: the same job
+    cfg = validate_config(d)
+    assert run_sweep(cfg, quiet=True).rows[0].setting == "scaling=0.6, k=20.0"
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump(d, sort_keys=False))
+    r = CliRunner().invoke(main, ["export", str(f), "--method", "tt", "--out", str(tmp_path / "tt.safetensors")])
+    assert r.exit_code == 0, r.output
+    assert "tt (scaling=0.6, k=20.0)" in r.output, r.output
+    with safe_open(str(tmp_path / "tt.safetensors"), "pt") as fh:
+        assert json.loads(fh.metadata()["params"]) == {"scaling": 0.6, "k": 20.0}
