@@ -326,7 +326,7 @@ def _run_sweep(cfg: SweepConfig, ws: Workspace, executor: Any, console: Console,
                      if x.kind == "individual" and x.status == "ok"}
             r.metrics.update(normalized(r.metrics, indiv, cfg.seen_tasks(spec.protocol)))
         if tracker.is_logged(r.key):
-            tracker.rename(r.key, r.label, spec.title)
+            tracker.rename(r.key, r.label, spec.title, spec.params)
             return
         files = job_artifact_files(r.artifacts, out / "artifacts" / r.key) if r.status == "ok" else []
         if r.status != "ok" and traceback_file(out, r.key).is_file():

@@ -1409,3 +1409,23 @@ def test_a_tuned_row_sharing_a_grid_rows_job_shows_its_studys_values_in_both_tab
     r = CliRunner().invoke(main, ["report", str(tmp_path / "out")], env={"COLUMNS": "200"})
     assert r.exit_code == 0, r.output
     assert all(row in table.read_text() for row in rows), table.read_text()
+
+
+def test_a_tuned_bests_run_logged_before_a_parameter_joined_the_space_holds_the_rows_params(sweep_dict):
+    """The job's run is named with the row's setting (``k=20.0`` too) on rerun; its ``job.params.*``,
+    logged when the job first ran without ``k``, now hold it too (the folder's own store)."""
+    tune = {"n_trials": 1, "n_parallel": 1, "sampler": "grid",
+            "space": {"scaling": {"type": "categorical", "choices": [0.6]}}}
+    d = dict(sweep_dict, references=False, methods=[{"name": "ties", "label": "tt", "tune": tune}])
+    run_sweep(validate_config(d), quiet=True)
+    tune["space"]["k"] = {"type": "categorical", "choices": [20.0]}  # ties' default: the same job
+    cfg = validate_config(d)
+    out = run_sweep(cfg, quiet=True)
+    client = MlflowClient(cfg.resolved_tracking_uri())
+    run = next(r for r in client.search_runs([client.get_experiment_by_name(cfg.name).experiment_id],
+                                             f"tags.`mlflow.parentRunId` = '{out.parent_run_id}'")
+               if r.data.tags["harness.kind"] == "merge")
+    assert run.info.run_name == "tt(scaling=0.6, k=20.0)"
+    params = {k: v for k, v in run.data.params.items() if k.startswith("job.params.")}
+    assert params == {"job.params.scaling": "0.6", "job.params.k": "20.0"}, params
+    assert run.data.params["job.hyperparameters.k"] == "20.0"
