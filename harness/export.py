@@ -50,14 +50,17 @@ def chosen_result(cfg: SweepConfig, label: str) -> JobResult:
     jobs_file = out / "report" / JOBS_FILE
     if not jobs_file.is_file():
         raise ExportError(f"{jobs_file}: no such file: run `harness sweep` first (its tables name the jobs to export)")
-    pairs = [entry[:2] for entry in json.loads(jobs_file.read_text())]  # a tuned row's also holds its trial counts
+    entries = json.loads(jobs_file.read_text())
+    pairs = [entry[:2] for entry in entries]  # then a tuned row's trial counts, and the row's setting
+    settings = {(e[0], e[1]): e[3] for e in entries if len(e) > 3}
     labels = sorted({row for row, _ in pairs if not reference_row(row)})
     keys = [key for row, key in pairs if row == label]
     if not keys:
         raise ExportError(f"{out}: no row {label!r} in the last results table (rows: {', '.join(labels) or 'none'})")
-    # A result file holds the label its job first ran under (a method renamed since, or a job two
-    # labels share: a tuned best on another label's grid point); the table counts it under this row.
-    results = [dataclasses.replace(r, label=label)
+    # A result file holds the label and setting its job first ran under (a method renamed since, or
+    # a job two labels share: a tuned best on another label's grid point, a default not in the
+    # space then); the table counts it under this row, with the row's setting.
+    results = [dataclasses.replace(r, label=label, params=settings.get((label, r.key), r.params))
                for r in (read_result(out / "results" / f"{k}.json", k) for k in dict.fromkeys(keys)) if r]
     finished = [r for r in finished_settings(results, label) if r.protocol == MAIN]
     if not finished:

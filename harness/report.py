@@ -218,11 +218,13 @@ def build_report(cfg: SweepConfig, results: list[JobResult], out: Path,
 
 
 def job_entry(result: JobResult, studies: Mapping[tuple[str, str], TrialCounts] | None) -> list[Any]:
-    """``[label, key]`` in jobs.json, and for a tuned row's job the trial counts its row states:
-    ``harness report`` rebuilds the row as this sweep wrote it, where its study's tuning run holds
-    the counts of whatever ``harness tune`` has run since (a longer study, or another best)."""
+    """``[label, key, counts, params]`` in jobs.json: for a tuned row's job the trial counts its
+    row states (else null), and the setting the row gives the job. ``harness report`` rebuilds the
+    row as this sweep wrote it, where its study's tuning run holds the counts of whatever ``harness
+    tune`` has run since (a longer study, or another best), and the job's run holds the params it
+    was first logged with (a job a tuned best shares with one run before a default joined its space)."""
     counts = (studies or {}).get((result.label, result.key))
-    return [result.label, result.key] + ([dataclasses.asdict(counts)] if counts is not None else [])
+    return [result.label, result.key, dataclasses.asdict(counts) if counts is not None else None, result.params]
 
 
 def tune_table_stem(cfg: SweepConfig, label: str) -> str:
@@ -363,12 +365,15 @@ def load_sweep_from_mlflow(tracking_uri: str, run_id: str | None = None,
         cfg = SweepConfig.model_validate(yaml.safe_load(Path(local).read_text()))
         current: set[str] | None = None
         shared: dict[str, list[str]] = {}  # job key -> the labels whose rows hold it
+        settings: dict[tuple[str, str], dict[str, Any]] = {}  # (label, key) -> the row's params
         if any(a.path == f"report/{JOBS_FILE}" for a in client.list_artifacts(parent.info.run_id, "report")):
             entries = json.loads(Path(_download(client, tracking_uri, parent, f"report/{JOBS_FILE}", tmp)).read_text())
             current = {e[1] if isinstance(e, list) else e for e in entries}  # [label, key]; older files: keys
             for e in entries:
                 if isinstance(e, list):
                     shared.setdefault(e[1], []).append(e[0])
+                if isinstance(e, list) and len(e) > 3:
+                    settings[e[0], e[1]] = e[3]
     children = client.search_runs([parent.info.experiment_id],
                                   f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'", max_results=50000)
     results = []
@@ -394,6 +399,7 @@ def load_sweep_from_mlflow(tracking_uri: str, run_id: str | None = None,
             test_correct=test_correct, study_error=tags.get(STUDY_FAILURE_TAG)))
     results += [dataclasses.replace(r, label=label) for r in list(results)  # a job two labels share: one run
                 for label in shared.get(r.key, []) if label != r.label]
+    results = [dataclasses.replace(r, params=settings.get((r.label, r.key), r.params)) for r in results]
     return cfg, plan_order(cfg, results), parent
 
 
@@ -423,7 +429,7 @@ def load_study_counts(tracking_uri: str, parent: Any) -> dict[tuple[str, str], T
     if any(a.path == f"report/{JOBS_FILE}" for a in client.list_artifacts(parent.info.run_id, "report")):
         with tempfile.TemporaryDirectory() as tmp:
             entries = json.loads(Path(_download(client, tracking_uri, parent, f"report/{JOBS_FILE}", tmp)).read_text())
-        recorded = {(e[0], e[1]): TrialCounts(**e[2]) for e in entries if isinstance(e, list) and len(e) > 2}
+        recorded = {(e[0], e[1]): TrialCounts(**e[2]) for e in entries if isinstance(e, list) and len(e) > 2 and e[2]}
         if recorded:
             return recorded
     runs = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' "

@@ -118,14 +118,16 @@ def one_per_key(specs: list[JobSpec]) -> list[JobSpec]:
 def labelled_results(specs: list[JobSpec], results: Mapping[str, JobResult]) -> list[JobResult]:
     """Each planned job's result under its own label, in plan order. Two labels whose settings
     coincide (two grids of one method, a tuned best on another label's grid point) share one job,
-    as keys hold no label; each row still counts and chooses among its own settings. Jobs without
+    as keys hold no label nor a hyperparameter at its default; each row still counts and chooses
+    among its own settings, and shows them (a tuned best's ``k=20.0`` the grid point left out). Jobs without
     a result (a collect's unsubmitted ones) are left out."""
     out, seen = [], set()
     for s in specs:
         if s.key in results and (s.label, s.key) not in seen:
             seen.add((s.label, s.key))
             r = results[s.key]
-            out.append(r if r.label == s.label else dataclasses.replace(r, label=s.label))
+            out.append(r if (r.label, r.params) == (s.label, s.params) else dataclasses.replace(r, label=s.label,
+                                                                                                 params=s.params))
     return out
 
 
@@ -162,10 +164,11 @@ def job_params(cfg: SweepConfig, spec: JobSpec) -> dict[str, Any]:
     """What MLflow records as a job's params: the resolved config, flattened, plus the job's own:
     ``params``, those the sweep gives (as validated: ``harness.config.hold_validated``), and
     ``hyperparameters``, every one the method ran with (defaults included, as in the job's key;
-    none for a failed study's row, which ran no setting)."""
+    none for a failed study's row, which ran no setting). Not the label: params cannot change,
+    and a renamed method's runs take the new label (the ``harness.label`` tag and run name)."""
     conf = cfg.model_dump(mode="json")
     conf.pop("methods", None)
-    job = {"kind": spec.kind, "label": spec.label, "method": spec.method, "task": spec.task,
+    job = {"kind": spec.kind, "method": spec.method, "task": spec.task,
            "protocol": spec.protocol, "params": spec.params}
     if spec.method and not spec.key.startswith(FAILED_STUDY):
         job["hyperparameters"] = full_params(spec.method, spec.params)
@@ -330,7 +333,7 @@ def _run_sweep(cfg: SweepConfig, ws: Workspace, executor: Any, console: Console,
                      if x.kind == "individual" and x.status == "ok"}
             r.metrics.update(normalized(r.metrics, indiv, cfg.seen_tasks(spec.protocol)))
         if tracker.is_logged(r.key):
-            tracker.rename(r.key, r.label, spec.title)
+            tracker.rename(r.key, r.label, spec.title, spec.params)
             return
         files = job_artifact_files(r.artifacts, out / "artifacts" / r.key) if r.status == "ok" else []
         if (r.status != "ok" or r.study_error) and traceback_file(out, r.key).is_file():

@@ -152,6 +152,22 @@ def drop_metrics(db: Path, run_id: str, keep: set[str]) -> None:
             con.executemany(f"DELETE FROM {table} WHERE run_uuid = ? AND key = ?", [(run_id, k) for k in stale])
 
 
+def drop_params(db: Path, run_id: str, keys: set[str]) -> None:
+    """Delete run ``run_id``'s params ``keys`` from the SQLite store ``db``: a param cannot be
+    changed or deleted through MLflow."""
+    with closing(sqlite3.connect(db)) as con, con:
+        con.executemany("DELETE FROM params WHERE run_uuid = ? AND key = ?", [(run_id, k) for k in sorted(keys)])
+
+
+def replace_params(db: Path, run_id: str, prefix: str, params: Mapping[str, str]) -> None:
+    """Run ``run_id``'s params whose keys start with ``prefix`` become ``params`` in the SQLite
+    store ``db``, which no MLflow call can do."""
+    with closing(sqlite3.connect(db)) as con, con:
+        con.execute("DELETE FROM params WHERE run_uuid = ? AND substr(key, 1, ?) = ?", (run_id, len(prefix), prefix))
+        con.executemany("INSERT INTO params (key, value, run_uuid) VALUES (?, ?, ?)",
+                        [(k[:250], v, run_id) for k, v in params.items()])
+
+
 def relocate_copied_store(uri: str, out: Path) -> str | None:
     """Point a copied output folder's store at its own artifacts.
 
@@ -370,14 +386,21 @@ class Tracker:
         for i in range(0, len(flat), 100):
             self.client.log_batch(run_id, params=flat[i : i + 100])
 
-    def rename(self, key: str, label: str, name: str) -> None:
+    def rename(self, key: str, label: str, name: str, params: Mapping[str, Any] | None = None) -> None:
         """A logged job's run takes the label and run name the sweep now gives it (a renamed
-        method keeps its jobs and runs)."""
+        method keeps its jobs and runs), and in the folder's own store its ``job.params.*``
+        ``params`` (a tuned best that is a job run before a default joined the space): MLflow
+        cannot change a param."""
         if key in self._logged and self._names.get(key) != (label, name):
             rid = self._logged[key][0]
             self.client.set_tag(rid, "harness.label", label)
             self.client.set_tag(rid, "mlflow.runName", name)
             self._names[key] = (label, name)
+            out = self.cfg.resolved_output_dir()
+            if is_own_store(self.uri, out):  # an earlier harness logged the label as a param, which stays
+                drop_params(out / "mlflow.db", rid, {"job.label"})
+                if params is not None:
+                    replace_params(out / "mlflow.db", rid, "job.params.", flatten({"job": {"params": params}}))
 
     def is_logged(self, key: str) -> bool:
         """Logged as finished (a failed attempt, or one whose robustness study failed, is replaced

@@ -236,7 +236,7 @@ METHOD_ATTR = "harness.method"
 OWNER_ATTR = "harness.output_dir"
 
 
-def study_definition(m: MethodSpec, sweep_seed: int = 0) -> str:
+def study_definition(m: MethodSpec, sweep_seed: int = 0, method_id: str | None = None) -> str:
     """A digest of what makes a study's trials comparable: the method, its fixed params, the space,
     the objective, the sampler and its seed (``tune.seed``, else ``sweep_seed``: it decides which
     points the search asks, so another seed is another search, not more of this one; left out at
@@ -247,7 +247,8 @@ def study_definition(m: MethodSpec, sweep_seed: int = 0) -> str:
     runtime-only one, or writing an added one at its default, resumes the study and finds its
     trials' cached results. Fixed params and categorical choices enter as the method's fields hold
     them: two spellings of one setting (``steps: 4`` in the file, ``steps=4.0`` on the command
-    line) are one study, as they are one job key."""
+    line) are one study, as they are one job key. ``method_id``: the digest with another code of
+    the method (:func:`harness.plan.method_class_id`), to tell an edit of its file from others."""
     from methods.base import resolve_method
 
     cls = resolve_method(m.name)
@@ -259,7 +260,7 @@ def study_definition(m: MethodSpec, sweep_seed: int = 0) -> str:
         space[k] = p.model_dump(mode="json")
         if p.type == "categorical":
             space[k]["choices"] = [held_value(cls, m, k, c) for c in p.choices]
-    body = {"method": method_class_id(m.name), "params": params, "objective": m.tune.objective,
+    body = {"method": method_id or method_class_id(m.name), "params": params, "objective": m.tune.objective,
             "sampler": m.tune.sampler, "space": space}
     seed = m.tune.seed if m.tune.seed is not None else sweep_seed
     if seed:
@@ -313,12 +314,13 @@ def batch_dependent_study(m: MethodSpec) -> bool:
 
 def open_study(storage: Any, name: str, definition: str, measures: str, sampler: Any, pruner: Any,
                measured_here: Callable[[str, "optuna.Study"], bool] | None = None,
-               method: str | None = None) -> tuple["optuna.Study", str | None]:
+               method: str | None = None,
+               definition_for: Callable[[str], str] | None = None) -> tuple["optuna.Study", str | None]:
     """The study of this definition and measurement (:func:`choose_study`), created when new, and
     a line saying so when it is not the one named ``name``."""
     import optuna
 
-    chosen, note = choose_study(storage, name, definition, measures, measured_here, method)
+    chosen, note = choose_study(storage, name, definition, measures, measured_here, method, definition_for)
     study = optuna.create_study(study_name=chosen, storage=storage, sampler=sampler, pruner=pruner,
                                 direction="maximize", load_if_exists=True)
     for attr, value in ((DEFINITION_ATTR, definition), (MEASURES_ATTR, measures), (METHOD_ATTR, method)):
@@ -329,7 +331,8 @@ def open_study(storage: Any, name: str, definition: str, measures: str, sampler:
 
 def choose_study(storage: Any, name: str, definition: str, measures: str,
                  measured_here: Callable[[str, "optuna.Study"], bool] | None = None,
-                 method: str | None = None) -> tuple[str, str | None]:
+                 method: str | None = None,
+                 definition_for: Callable[[str], str] | None = None) -> tuple[str, str | None]:
     """The name of the study of this definition and measurement, and a line saying so when it is
     not ``name``; nothing is stored.
 
@@ -339,7 +342,9 @@ def choose_study(storage: Any, name: str, definition: str, measures: str,
     space, against the new fixed params, or chosen on other data. This one gets its own study,
     ``<name>.<definition>`` (or ``<name>.<definition>.<measures>`` when that is taken), resumed by
     later runs alike. A study an older harness stored without ``measures`` is resumed when
-    ``measured_here(name, study)`` says its trials were measured as this sweep measures them."""
+    ``measured_here(name, study)`` says its trials were measured as this sweep measures them.
+    ``definition_for(method)``: this definition with the method's code ``method`` (what tells an
+    edit of the method's file alone from one of the tuning block too, for the line)."""
     import optuna
 
     names = set(optuna.get_all_study_names(storage))
@@ -366,15 +371,8 @@ def choose_study(storage: Any, name: str, definition: str, measures: str,
     note = None
     if chosen != name:
         how = "resuming" if chosen in names else "starting"
-        stored = stored_attrs(name)[0]
-        same_definition = stored.get(DEFINITION_ATTR) == definition
-        if same_definition:
-            why = "on other tasks, models or evaluation settings"
-        elif method is not None and stored.get(METHOD_ATTR) not in (None, method):
-            why = "with other code of its method (its file was edited since)"
-        else:
-            why = "with another space, fixed params, objective or sampler"
-        note = f"study {name!r} was run {why}: {how} study {chosen!r} for this one"
+        note = f"study {name!r} was run {changes(stored_attrs(name)[0], definition, method, definition_for)}: " \
+               f"{how} study {chosen!r} for this one"
     twin = None if chosen in names else next((c for c in sorted(names) if _same_search(stored_attrs(c), definition,
                                                                                        measures)), None)
     if twin is not None:  # a renamed label: its study name changed, so its trials' job keys would too
@@ -382,6 +380,21 @@ def choose_study(storage: Any, name: str, definition: str, measures: str,
             f"study {chosen!r} starts afresh, its trials run again, while study {twin!r} holds trials of this same "
             f"search (a label renamed since?): set tune.study_name: {twin} to resume it")
     return chosen, note
+
+
+def changes(stored: dict[str, Any], definition: str, method: str | None,
+            definition_for: Callable[[str], str] | None) -> str:
+    """How a stored study (its user attributes) differs from this one, each change that applies:
+    its method's code, and its space, fixed params, objective or sampler (both after an edit of
+    the file and then of the tuning block), or else what its trials were measured on."""
+    if stored.get(DEFINITION_ATTR) == definition:
+        return "on other tasks, models or evaluation settings"
+    old_code = stored.get(METHOD_ATTR)
+    code = method is not None and old_code not in (None, method)
+    why = ["with other code of its method (its file was edited since)"] if code else []
+    if not code or (definition_for is not None and definition_for(old_code) != stored.get(DEFINITION_ATTR)):
+        why.append("with another space, fixed params, objective or sampler")
+    return " and ".join(why)
 
 
 def _same_search(stored: tuple[dict[str, Any], bool], definition: str, measures: str) -> bool:
@@ -438,7 +451,8 @@ class StudyRunner:
         if create:
             self.study, note = open_study(open_storage(self.storage), *self.choice_args(),
                                           make_sampler(self.tune, self.seed), make_pruner(self.tune.pruner),
-                                          self.measured_here, method=method_class_id(m.name))
+                                          self.measured_here, method=method_class_id(m.name),
+                                          definition_for=lambda code: study_definition(m, cfg.seed, code))
             self.name = self.study.study_name
             self.notes += [note] if note else []
 

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from click.testing import CliRunner
 from safetensors import safe_open
 
@@ -311,3 +313,55 @@ def test_a_row_of_an_edited_method_of_ones_own_is_refused_naming_its_file(sweep_
     with pytest.raises(ExportError, match=f"other code of its method \\({source}, if edited since\\)"):
         export_merged(validate_config(sweep_dict), "mine", tmp_path / "mine.safetensors")
     assert not (tmp_path / "mine.safetensors").exists()
+
+
+def test_a_tiny_embedded_sweeps_export_checks_out_with_its_tasks_given_size_tiny(tmp_path):
+    """README: checking an export of a `model.suite.size: tiny` sweep in a `source: files` sweep
+    needs each embedded task's `options: {size: tiny}`; without it the tasks are the full-size
+    ones (1000 test images, not 100). With it, the export scores what its row reports."""
+    from harness.workspace import Workspace
+
+    suite = {"size": "tiny", "pretrain_steps": 40, "pretrain_pool": 512, "pretrain_batch_size": 64,
+             "finetune_steps": 30, "preserve_pool": 64}  # sweeps/quick.yaml's, cached by its runs
+    tasks = ["emb_mnist", "emb_fashion"]
+    cfg = validate_config({"name": "tiny", "output_dir": str(tmp_path / "out"), "references": False,
+                           "model": {"source": "embedded", "suite": suite}, "tasks": tasks,
+                           "eval": {"max_samples": 64}, "methods": [{"name": "weight_averaging"}]})
+    row = run_sweep(cfg, quiet=True).rows[0]
+    export_merged(cfg, "weight_averaging", tmp_path / "clip.safetensors", full_clip=True)
+    export_merged(cfg, "weight_averaging", tmp_path / "enc.safetensors")
+
+    def check(options: dict) -> dict:
+        return {"name": "check", "output_dir": str(tmp_path / f"check{len(options)}"), "eval": {"max_samples": 64},
+                "model": {"source": "files", "arch": "harness-tiny-vit", "pretrained": str(tmp_path / "clip.safetensors"),
+                          "finetuned": {t: str(tmp_path / "enc.safetensors") for t in tasks}},
+                "tasks": [{"name": t, "options": options} for t in tasks],
+                "references": {"pretrained": False, "individual": True}, "methods": []}
+
+    assert len(Workspace(validate_config(check({}))).task("emb_mnist").dataset("test")) == 1000
+    tiny = validate_config(check({"size": "tiny"}))
+    assert len(Workspace(tiny).task("emb_mnist").dataset("test")) == 100
+    assert run_sweep(tiny, quiet=True).rows[0].acc == pytest.approx(row.acc, abs=1e-9)
+    readme = " ".join((Path(__file__).parents[1] / "README.md").read_text().split())
+    assert "To check an export of a sweep with `model.suite.size: tiny`" in readme
+    assert "give each embedded task `options: {size: tiny}`" in readme
+
+
+def test_a_tuned_rows_export_names_the_setting_its_row_shows(sweep_dict, tmp_path):
+    """A tuned best with ``k`` at its default reuses the job run before ``k`` joined the space; the
+    row shows ``k=20.0, scaling=0.6``, and so do the export's line and metadata (they gave the
+    result file's ``scaling=0.6``)."""
+    tune = {"n_trials": 1, "n_parallel": 1, "sampler": "grid",
+            "space": {"scaling": {"type": "categorical", "choices": [0.6]}}}
+    d = dict(sweep_dict, references=False, methods=[{"name": "ties", "label": "tt", "tune": tune}])
+    run_sweep(validate_config(d), quiet=True)
+    tune["space"]["k"] = {"type": "categorical", "choices": [20.0]}  # ties' default: the same job
+    cfg = validate_config(d)
+    assert run_sweep(cfg, quiet=True).rows[0].setting == "scaling=0.6, k=20.0"
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump(d, sort_keys=False))
+    r = CliRunner().invoke(main, ["export", str(f), "--method", "tt", "--out", str(tmp_path / "tt.safetensors")])
+    assert r.exit_code == 0, r.output
+    assert "tt (scaling=0.6, k=20.0)" in r.output, r.output
+    with safe_open(str(tmp_path / "tt.safetensors"), "pt") as fh:
+        assert json.loads(fh.metadata()["params"]) == {"scaling": 0.6, "k": 20.0}

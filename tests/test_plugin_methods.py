@@ -282,3 +282,25 @@ def test_a_study_of_an_edited_method_says_its_code_changed(sweep_dict, tmp_path,
     text = shown.getvalue()
     assert "study 'toy.mine' was run with other code of its method (its file was edited since): starting study" in text, text
     assert "another space" not in text, text
+
+
+def test_a_study_changed_twice_names_each_change_its_first_study_was_run_without(sweep_dict, tmp_path, monkeypatch):
+    """The method's file edited, then the space changed: the study under the sweep's name was run
+    with other code and another space, and the line says both (it said only 'other code')."""
+    import io
+
+    from rich.console import Console
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    tune = {"n_trials": 1, "n_parallel": 1, "sampler": "random", "space": {"tag": {"type": "int", "low": 0, "high": 3}}}
+    d = dict(sweep_dict, references=False, methods=[{"name": "scaled_sum:ScaledSum", "label": "mine", "tune": tune}])
+    _write_module(tmp_path, 0.0)
+    run_sweep(validate_config(d), quiet=True)
+    _write_module(tmp_path, 0.6)
+    run_sweep(validate_config(d), quiet=True)
+    tune["space"]["tag"]["high"] = 2
+    shown = io.StringIO()
+    out = run_sweep(validate_config(d), console=Console(file=shown, width=300))
+    assert not out.failed, [r.error for r in out.failed]
+    assert ("study 'toy.mine' was run with other code of its method (its file was edited since) and with another "
+            "space, fixed params, objective or sampler: starting study") in shown.getvalue(), shown.getvalue()

@@ -290,6 +290,45 @@ def test_a_renamed_label_leaves_no_summary_metric_on_the_parent_run(sweep_dict, 
     assert client.get_metric_history(again.parent_run_id, "wa_old/acc/avg") == []
 
 
+def _renamed_merge_run(d: dict, monkeypatch) -> tuple[dict, object]:
+    """``d``'s one method run as ``wa_old``, then renamed ``wa_new``: (the params, the run)."""
+    d["methods"] = [{"name": "weight_averaging", "label": "wa_old"}]
+    run_sweep(validate_config(d), quiet=True)
+    monkeypatch.undo()
+    d["methods"][0]["label"] = "wa_new"
+    cfg = validate_config(d)
+    monkeypatch.setattr("harness.executors.local.run_job", lambda *a, **k: pytest.fail("a cached job ran again"))
+    again = run_sweep(cfg, quiet=True)
+    client = MlflowClient(cfg.resolved_tracking_uri())
+    run = next(r for r in client.search_runs([client.get_experiment_by_name(cfg.name).experiment_id],
+                                             f"tags.`mlflow.parentRunId` = '{again.parent_run_id}'"))
+    return run.data.params, run
+
+
+def test_a_renamed_methods_run_holds_no_param_with_its_old_label(sweep_dict, tmp_path, monkeypatch):
+    """MLflow params cannot change: a label logged as one stayed the old label beside the tag and
+    run name a rename updates. On another store (``tracking_uri``) nothing can delete it, so the
+    label is no param."""
+    d = dict(sweep_dict, references=False, tracking_uri=f"sqlite:///{tmp_path / 'other.db'}")
+    params, run = _renamed_merge_run(d, monkeypatch)
+    assert (run.data.tags["harness.label"], run.info.run_name) == ("wa_new", "wa_new")
+    assert "wa_old" not in params.values(), params
+    assert params["job.method"] == "weight_averaging"
+
+
+def test_a_renamed_methods_run_an_earlier_harness_logged_loses_its_label_param(sweep_dict, monkeypatch):
+    """A run an earlier harness logged with ``job.label`` (the label as a param) in the folder's
+    own store has that param deleted when its method is renamed."""
+    import harness.runner
+
+    real = harness.runner.job_params
+    monkeypatch.setattr(harness.runner, "job_params", lambda cfg, spec: {
+        **real(cfg, spec), "job": {**real(cfg, spec)["job"], "label": spec.label}})
+    params, run = _renamed_merge_run(dict(sweep_dict, references=False), monkeypatch)
+    assert run.data.tags["harness.label"] == "wa_new"
+    assert "job.label" not in params and "wa_old" not in params.values(), params
+
+
 
 def test_the_parent_runs_summary_is_the_latest_table_when_a_row_falls(sweep_dict):
     """A row whose average falls on rerun (its grid changed): the parent's ``<label>/acc/avg`` is

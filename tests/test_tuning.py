@@ -1355,3 +1355,77 @@ def test_a_renamed_tuned_label_names_the_study_that_resumes_it(sweep_dict, monke
     monkeypatch.setattr("harness.executors.local.run_job", lambda *a, **k: pytest.fail("a job ran again"))
     again = run_sweep(validate_config(d), quiet=True)
     assert [r.avg for r in again.rows] == [r.avg for r in first.rows] and again.rows[0].method == "ta again"
+
+
+def test_a_tuned_rows_setting_is_its_studys_in_the_report_when_its_job_ran_before_a_parameter_joined_the_space(
+        sweep_dict, tmp_path):
+    """The best setting's job key holds every hyperparameter, defaults included: a study whose
+    best is ``k`` at its default reuses the job run before ``k`` joined the space. The sweep's
+    table shows the study's values (``k=20.0`` too); `harness report` rebuilt the row from the
+    params that job's MLflow run was logged with, which lack ``k``."""
+    from click.testing import CliRunner
+
+    from harness.cli import main
+
+    tune = {"n_trials": 2, "n_parallel": 1, "sampler": "grid", "space": {"scaling": {"type": "categorical",
+                                                                                   "choices": [0.6]}}}
+    d = dict(sweep_dict, references=False, methods=[{"name": "ties", "label": "tt", "tune": tune}])
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump(d))
+    assert CliRunner().invoke(main, ["sweep", str(f), "-q"]).exit_code == 0
+    tune["space"]["k"] = {"type": "categorical", "choices": [20.0]}  # ties' default
+    f.write_text(yaml.safe_dump(d))
+    r = CliRunner().invoke(main, ["sweep", str(f), "-q"], env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    table = tmp_path / "out" / "report" / "main.md"
+    row = "| tt | k=20.0, scaling=0.6 |"  # the space as the file lists it (safe_dump sorts)
+    assert row in table.read_text(), table.read_text()
+    table.unlink()
+    r = CliRunner().invoke(main, ["report", str(tmp_path / "out")], env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    assert row in table.read_text(), table.read_text()
+
+
+def test_a_tuned_row_sharing_a_grid_rows_job_shows_its_studys_values_in_both_tables(sweep_dict, tmp_path):
+    """A grid point and a tuned best with ``k`` at its default are one job (its key holds every
+    hyperparameter); each row shows its own setting, in the sweep's table and in `harness report`'s:
+    the tuned one showed the grid's, without ``k``."""
+    from click.testing import CliRunner
+
+    from harness.cli import main
+
+    space = {"scaling": {"type": "categorical", "choices": [0.6]}, "k": {"type": "categorical", "choices": [20.0]}}
+    d = dict(sweep_dict, references=False, methods=[
+        {"name": "ties", "label": "g", "grid": {"scaling": [0.6]}},
+        {"name": "ties", "label": "tt", "tune": {"n_trials": 1, "n_parallel": 1, "sampler": "grid", "space": space}}])
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump(d))
+    r = CliRunner().invoke(main, ["sweep", str(f), "-q"], env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    table = tmp_path / "out" / "report" / "main.md"
+    rows = ["| g | scaling=0.6 |", "| tt | k=20.0, scaling=0.6 |"]
+    assert all(row in table.read_text() for row in rows), table.read_text()
+    table.unlink()
+    r = CliRunner().invoke(main, ["report", str(tmp_path / "out")], env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    assert all(row in table.read_text() for row in rows), table.read_text()
+
+
+def test_a_tuned_bests_run_logged_before_a_parameter_joined_the_space_holds_the_rows_params(sweep_dict):
+    """The job's run is named with the row's setting (``k=20.0`` too) on rerun; its ``job.params.*``,
+    logged when the job first ran without ``k``, now hold it too (the folder's own store)."""
+    tune = {"n_trials": 1, "n_parallel": 1, "sampler": "grid",
+            "space": {"scaling": {"type": "categorical", "choices": [0.6]}}}
+    d = dict(sweep_dict, references=False, methods=[{"name": "ties", "label": "tt", "tune": tune}])
+    run_sweep(validate_config(d), quiet=True)
+    tune["space"]["k"] = {"type": "categorical", "choices": [20.0]}  # ties' default: the same job
+    cfg = validate_config(d)
+    out = run_sweep(cfg, quiet=True)
+    client = MlflowClient(cfg.resolved_tracking_uri())
+    run = next(r for r in client.search_runs([client.get_experiment_by_name(cfg.name).experiment_id],
+                                             f"tags.`mlflow.parentRunId` = '{out.parent_run_id}'")
+               if r.data.tags["harness.kind"] == "merge")
+    assert run.info.run_name == "tt(scaling=0.6, k=20.0)"
+    params = {k: v for k, v in run.data.params.items() if k.startswith("job.params.")}
+    assert params == {"job.params.scaling": "0.6", "job.params.k": "20.0"}, params
+    assert run.data.params["job.hyperparameters.k"] == "20.0"
