@@ -89,7 +89,8 @@ def seed_sqlite_store(uri: str, cache_dir: Path) -> bool:
     MLflow creates a store by running its ~60 schema migrations: seconds for every new output
     folder. The template is built once per MLflow version (again if it is found damaged: a
     truncated copy would break every new sweep); the copy's Default experiment gets an artifact
-    location inside the new store's folder. Returns whether a store was seeded."""
+    location inside the new store's folder. Returns whether a store was seeded (not when another
+    process seeded it first)."""
     if not uri.startswith("sqlite:///"):
         return False
     db = Path(uri.removeprefix("sqlite:///"))
@@ -125,9 +126,24 @@ def seed_sqlite_store(uri: str, cache_dir: Path) -> bool:
                             (str(db.parent / "mlruns" / "0"),))
         finally:
             con.close()
-        os.replace(tmp, db)
+        return _publish_new(tmp, db)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _publish_new(tmp: Path, db: Path) -> bool:
+    """Move the seeded copy ``tmp`` to ``db`` unless ``db`` exists by now: a sweep sharing the
+    store (its ``tracking_uri``) may have seeded it, and already logged to it, since it was found
+    missing; replacing it would lose those runs. A hard link fails where the name is taken, in
+    one step; a filesystem without hard links gets the check and the move."""
+    try:
+        os.link(tmp, db)
+    except FileExistsError:
+        return False
+    except OSError:
+        if db.exists():
+            return False
+        os.replace(tmp, db)
     return True
 
 

@@ -6,6 +6,7 @@ import socket
 import sqlite3
 import time
 import types
+from pathlib import Path
 
 import pytest
 
@@ -176,9 +177,46 @@ def test_a_failed_seeding_leaves_no_temp_file(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(tracking.os, "replace", full_disk)
+    monkeypatch.setattr(tracking.os, "link", full_disk)  # how the copy is published where hard links work
     with pytest.raises(OSError, match="No space left"):
         seed_sqlite_store(f"sqlite:///{tmp_path / 'b' / 'mlflow.db'}", tmp_path / "cache")
     assert list((tmp_path / "b").iterdir()) == []
+
+
+def test_a_store_another_sweep_seeded_meanwhile_keeps_its_runs(sweep_dict, tmp_path, monkeypatch):
+    """Two sweeps (other folders) share a new ``tracking_uri``: both find it missing and seed it.
+    The one that publishes second must not replace the store the first has already logged to."""
+    import shutil
+    import subprocess
+    import sys
+
+    import harness.tracking as tracking
+
+    store = tmp_path / "shared" / "mlflow.db"
+    uri = f"sqlite:///{store}"
+    cfg = {**sweep_dict, "tracking_uri": uri, "experiment": "shared"}
+    other = {**cfg, "name": "other", "output_dir": str(tmp_path / "other")}
+    mine = validate_config({**cfg, "name": "mine", "output_dir": str(tmp_path / "mine")})
+    real_copy = shutil.copyfile
+
+    def other_seeds_and_logs(src, dst, *args, **kwargs):  # while this one's copy is not in place yet
+        out = real_copy(src, dst, *args, **kwargs)
+        if Path(dst).name.startswith(".mlflow.db."):
+            subprocess.run([sys.executable, "-c", (
+                "from harness.config import validate_config; from harness.tracking import Tracker; "
+                f"t = Tracker(validate_config({other!r})); t.start_sweep('d-other', {{}}); t.finish(ok=True)")],
+                check=True, cwd=Path(__file__).parents[1])
+        return out
+
+    monkeypatch.setattr(tracking.shutil, "copyfile", other_seeds_and_logs)
+    tracker = tracking.Tracker(mine)
+    tracker.start_sweep("d-mine", {})
+    tracker.finish(ok=True)
+    with sqlite3.connect(store) as con:
+        runs = sorted(con.execute("SELECT name, status FROM runs").fetchall())
+    con.close()
+    assert runs == [("mine", "FINISHED"), ("other", "FINISHED")]
+    assert not list(store.parent.glob(".mlflow.db.*.tmp"))
 
 
 def test_a_sweep_runs_over_a_damaged_template_and_clears_old_temp_files(sweep_dict):
