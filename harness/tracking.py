@@ -298,13 +298,24 @@ class Tracker:
         except MlflowException as exc:
             raise HarnessError(f"tracking_uri {self.uri!r}: MLflow cannot be reached ({str(exc)[:200]})") from None
         self._client = client
-        if exp is None:
-            artifacts = (out / "mlartifacts").resolve()
-            self.experiment_id = self._client.create_experiment(name, artifact_location=artifacts.as_uri())
-        else:
-            self.experiment_id = exp.experiment_id
+        self.experiment_id = exp.experiment_id if exp is not None else self._create_experiment(name, out)
         if self._sweep is not None:
             self._start_sweep(*self._sweep)
+
+    def _create_experiment(self, name: str, out: Path) -> str:
+        """Experiment ``name``'s id, created with its artifacts in ``out``; or, where a sweep sharing
+        the store (its ``tracking_uri`` and ``experiment``) created it since it was looked up, that
+        one's, as if this sweep had started second."""
+        from mlflow.exceptions import MlflowException
+
+        artifacts = (out / "mlartifacts").resolve()
+        try:
+            return self._client.create_experiment(name, artifact_location=artifacts.as_uri())
+        except MlflowException as exc:
+            exp = self._client.get_experiment_by_name(name) if exc.error_code == "RESOURCE_ALREADY_EXISTS" else None
+            if exp is None:
+                raise
+            return exp.experiment_id
 
     def start_sweep(self, digest: str, params: dict[str, Any], scope: str = "sweep") -> None:
         """The sweep's parent run: created, or reopened if a previous run of it created one,

@@ -219,6 +219,41 @@ def test_a_store_another_sweep_seeded_meanwhile_keeps_its_runs(sweep_dict, tmp_p
     assert not list(store.parent.glob(".mlflow.db.*.tmp"))
 
 
+def test_an_experiment_another_sweep_created_meanwhile_is_joined(sweep_dict, tmp_path, monkeypatch):
+    """Two sweeps (other folders) log to one store and ``experiment``, new: both find no
+    experiment; the one that creates it second joins the first's instead of failing."""
+    import subprocess
+    import sys
+
+    from mlflow.tracking import MlflowClient
+
+    from harness.tracking import Tracker
+
+    store = tmp_path / "shared" / "mlflow.db"
+    cfg = {**sweep_dict, "tracking_uri": f"sqlite:///{store}", "experiment": "shared"}
+    other = {**cfg, "name": "other", "output_dir": str(tmp_path / "other")}
+    tracker = Tracker(validate_config({**cfg, "name": "mine", "output_dir": str(tmp_path / "mine")}))
+    real_get = MlflowClient.get_experiment_by_name
+
+    def other_creates_it_meanwhile(self, name):
+        found = real_get(self, name)
+        monkeypatch.setattr(MlflowClient, "get_experiment_by_name", real_get)
+        subprocess.run([sys.executable, "-c", (
+            "from harness.config import validate_config; from harness.tracking import Tracker; "
+            f"t = Tracker(validate_config({other!r})); t.start_sweep('d-other', {{}}); t.finish(ok=True)")],
+            check=True, cwd=Path(__file__).parents[1])
+        return found
+
+    monkeypatch.setattr(MlflowClient, "get_experiment_by_name", other_creates_it_meanwhile)
+    tracker.start_sweep("d-mine", {})
+    tracker.finish(ok=True)
+    with sqlite3.connect(store) as con:
+        runs = sorted(con.execute("SELECT r.name, r.status, e.name FROM runs r JOIN experiments e "
+                                  "USING (experiment_id)").fetchall())
+    con.close()
+    assert runs == [("mine", "FINISHED", "shared"), ("other", "FINISHED", "shared")]
+
+
 def test_a_sweep_runs_over_a_damaged_template_and_clears_old_temp_files(sweep_dict):
     from harness.runner import run_sweep
 
