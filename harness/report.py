@@ -17,6 +17,7 @@ from typing import Any, Iterable, Mapping
 
 import yaml
 
+from harness.cache import atomic_write_bytes
 from harness.config import GENERALIZATION, MAIN, SweepConfig, reference_row
 from harness.errors import HarnessError, did_you_mean
 from harness.job import JobResult
@@ -190,13 +191,14 @@ def build_report(cfg: SweepConfig, results: list[JobResult], out: Path,
                                   f"under corruptions (severity {cfg.robustness.severity})")
     report = Report(tables, rows=rows, generalization_rows=gen_rows)
     jobs = out / JOBS_FILE
-    jobs.write_text(json.dumps([job_entry(r, studies) for r in results if r.key], indent=0))  # a job two labels share: both
+    # written whole or not at all: `harness export` and `harness report` may read it while a sweep writes it
+    write_text(jobs, json.dumps([job_entry(r, studies) for r in results if r.key], indent=0))  # a job two labels share: both
     report.files.append(jobs)
     for name, (header, body) in tables.items():
         for ext, text in (("md", markdown_table(header, body)), ("csv", csv_table(header, body)),
                           ("tex", latex_table(header, body, captions[name]))):
             path = out / f"{name}.{ext}"
-            path.write_text(text)
+            write_text(path, text)
             report.files.append(path)
     report.files.append(plot_accuracy(rows, seen, out / "accuracy.png", captions["main"]))
     if cfg.robustness:
@@ -215,6 +217,13 @@ def build_report(cfg: SweepConfig, results: list[JobResult], out: Path,
         if stale not in written:
             stale.unlink(missing_ok=True)
     return report
+
+
+def write_text(path: Path, text: str) -> None:
+    """A report file replaced whole (:func:`harness.cache.atomic_write_bytes`): a command reading
+    the folder while a sweep or ``harness report`` rewrites it, or after one was killed mid-write,
+    reads the old file or the new one, never a half of it."""
+    atomic_write_bytes(path, text.encode())
 
 
 def job_entry(result: JobResult, studies: Mapping[tuple[str, str], TrialCounts] | None) -> list[Any]:
@@ -242,7 +251,7 @@ def build_tune_table(cfg: SweepConfig, results: list[JobResult], out: Path, labe
     report = Report({tune_table_stem(cfg, label): (header, body)}, rows=rows)
     for ext, text in (("md", markdown_table(header, body)), ("csv", csv_table(header, body))):
         path = out / f"{tune_table_stem(cfg, label)}.{ext}"
-        path.write_text(text)
+        write_text(path, text)
         report.files.append(path)
     return report
 
