@@ -311,3 +311,28 @@ def test_a_row_of_an_edited_method_of_ones_own_is_refused_naming_its_file(sweep_
     with pytest.raises(ExportError, match=f"other code of its method \\({source}, if edited since\\)"):
         export_merged(validate_config(sweep_dict), "mine", tmp_path / "mine.safetensors")
     assert not (tmp_path / "mine.safetensors").exists()
+
+
+@pytest.mark.parametrize("damage", [lambda text: text[: len(text) // 2], lambda text: "", lambda text: '{"a": 1}',
+                                    lambda text: "[[1, 2]]"])
+def test_a_damaged_jobs_file_is_refused_in_one_line_naming_it(sweep_dict, tmp_path, damage):
+    """report/jobs.json cut short (a writer killed mid-write) or edited: one line naming the
+    file and what rewrites it, not a JSON traceback; the rerun it names makes export work again."""
+    import yaml
+
+    sweep_dict["references"] = False
+    sweep_dict["methods"] = [{"name": "task_arithmetic", "grid": {"scaling": [0.3]}}]
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(sweep_dict))
+    cfg = validate_config(sweep_dict)
+    run_sweep(cfg, quiet=True)
+    jobs = cfg.resolved_output_dir() / "report" / "jobs.json"
+    jobs.write_text(damage(jobs.read_text()))
+    runner = CliRunner()
+    refused = runner.invoke(main, ["export", str(path), "--method", "task_arithmetic", "--out", str(tmp_path / "t.st")])
+    assert refused.exit_code == 2 and refused.exception.__class__ is SystemExit
+    assert refused.output == (f"error: {jobs}: damaged (not the list of jobs a sweep writes): rerun `harness sweep` "
+                              "(its finished jobs are cached) to write it again\n")
+    run_sweep(cfg, quiet=True)
+    again = runner.invoke(main, ["export", str(path), "--method", "task_arithmetic", "--out", str(tmp_path / "t.st")])
+    assert again.exit_code == 0 and (tmp_path / "t.st").is_file()
