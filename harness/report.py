@@ -367,6 +367,9 @@ def load_sweep_from_mlflow(tracking_uri: str, run_id: str | None = None,
             parent = client.get_run(run_id)
     except MlflowException as exc:
         raise HarnessError(f"{tracking_uri}: {exc.message}") from None
+    unwritten = _no_tables_yet(client, tracking_uri, parent)
+    if unwritten:
+        raise HarnessError(unwritten)
     with tempfile.TemporaryDirectory() as tmp:
         local = _download(client, tracking_uri, parent, "resolved.yaml", tmp)
         cfg = SweepConfig.model_validate(yaml.safe_load(Path(local).read_text()))
@@ -404,6 +407,19 @@ def load_sweep_from_mlflow(tracking_uri: str, run_id: str | None = None,
     results += [dataclasses.replace(r, label=label) for r in list(results)  # a job two labels share: one run
                 for label in shared.get(r.key, []) if label != r.label]
     return cfg, plan_order(cfg, results), parent
+
+
+def _no_tables_yet(client: Any, tracking_uri: str, parent: Any) -> str | None:
+    """Why sweep run ``parent`` has nothing to report, where its sweep has not reached its end: it
+    logs ``resolved.yaml`` and its tables there. A report of a first sweep still running would
+    otherwise say its artifacts are missing, as of a moved output folder. None when it has them."""
+    status = parent.info.status
+    if status == "FINISHED" or any(a.path == "resolved.yaml" for a in client.list_artifacts(parent.info.run_id)):
+        return None
+    state = ("still running (or was killed): report once it ends, or rerun it" if status == "RUNNING"
+             else f"stopped before its end ({status}): rerun it")
+    return (f"{tracking_uri}: sweep run {parent.info.run_id} ({parent.info.run_name}) has logged no tables yet: "
+            f"its sweep is {state}")
 
 
 def _download(client: Any, tracking_uri: str, run: Any, path: str, dst: str) -> str:
