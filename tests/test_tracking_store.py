@@ -390,3 +390,34 @@ def test_ctrl_c_as_a_tracking_server_gets_the_sweeps_run_leaves_it_killed(sweep_
     client = MlflowClient(cfg.resolved_tracking_uri())
     exp = client.get_experiment_by_name(cfg.name).experiment_id
     assert [r.info.status for r in client.search_runs([exp])] == ["KILLED"]
+
+
+def test_a_live_sweep_of_another_folder_in_this_experiment_keeps_its_runs_running(sweep_dict, tmp_path):
+    """Sweep B (another folder) logs to A's mlflow.db under A's name, so in A's experiment, and
+    runs: A's rerun ends runs a killed driver left RUNNING, not B's live ones (B holds its folder's
+    lock). Once B's driver is gone (its lock released, its run left RUNNING), A's rerun ends it."""
+    from harness.runner import _output_lock, run_sweep
+    from harness.tracking import Tracker
+
+    a = validate_config(dict(sweep_dict, output_dir=str(tmp_path / "a"), methods=[{"name": "weight_averaging"}]))
+    store = f"sqlite:///{tmp_path / 'a' / 'mlflow.db'}"
+    b = validate_config(dict(sweep_dict, output_dir=str(tmp_path / "b"), tracking_uri=store, eval={"max_samples": 8}))
+    run_sweep(a, quiet=True)
+    (tmp_path / "b").mkdir()
+
+    def status(run_id):
+        with sqlite3.connect(tmp_path / "a" / "mlflow.db") as con:
+            (found,) = con.execute("SELECT status FROM runs WHERE run_uuid = ?", (run_id,)).fetchone()
+        con.close()
+        return found
+
+    with _output_lock(tmp_path / "b"):  # B's driver, running: its parent run and a job run being logged
+        tracker = Tracker(b)
+        tracker.start_sweep(b.digest(), {})
+        job = tracker.client.create_run(tracker.experiment_id, tags={
+            "mlflow.parentRunId": tracker.parent_id, "harness.kind": "merge", "harness.job_key": "k"}).info.run_id
+        assert tracker.experiment_id == Tracker(a).client.get_experiment_by_name("toy").experiment_id
+        run_sweep(a, quiet=True)
+        assert (status(tracker.parent_id), status(job)) == ("RUNNING", "RUNNING")
+    run_sweep(a, quiet=True)  # B's driver gone, its runs left RUNNING
+    assert (status(tracker.parent_id), status(job)) == ("KILLED", "KILLED")
