@@ -50,9 +50,9 @@ def chosen_result(cfg: SweepConfig, label: str) -> JobResult:
     jobs_file = out / "report" / JOBS_FILE
     if not jobs_file.is_file():
         raise ExportError(f"{jobs_file}: no such file: run `harness sweep` first (its tables name the jobs to export)")
-    entries = json.loads(jobs_file.read_text())
-    pairs = [entry[:2] for entry in entries]  # then a tuned row's trial counts, and the row's setting
-    settings = {(e[0], e[1]): e[3] for e in entries if len(e) > 3}
+    entries = _job_entries(jobs_file)
+    pairs = [(e[0], e[1]) for e in entries]  # then a tuned row's trial counts, and the row's setting
+    settings = {(e[0], e[1]): e[3] for e in entries if len(e) > 3 and isinstance(e[3], dict)}
     labels = sorted({row for row, _ in pairs if not reference_row(row)})
     keys = [key for row, key in pairs if row == label]
     if not keys:
@@ -66,6 +66,21 @@ def chosen_result(cfg: SweepConfig, label: str) -> JobResult:
     if not finished:
         raise ExportError(_nothing_to_export(label, keys, out))
     return select_best(finished)
+
+
+def _job_entries(jobs_file: Path) -> list[list[Any]]:
+    """The entries of ``report/jobs.json``: row label, job key, then a tuned row's trial counts and
+    the row's setting; a file that is not such a list (cut short by a killed writer of an older
+    version, edited) is one error naming it, not a traceback."""
+    try:
+        entries = json.loads(jobs_file.read_text())
+    except ValueError:  # not JSON, not UTF-8
+        entries = None
+    if not isinstance(entries, list) or not all(
+            isinstance(e, list) and len(e) >= 2 and all(isinstance(x, str) for x in e[:2]) for e in entries):
+        raise ExportError(f"{jobs_file}: damaged (not the list of jobs a sweep writes): rerun `harness sweep` "
+                          "(its finished jobs are cached) to write it again")
+    return entries
 
 
 def _nothing_to_export(label: str, keys: list[str], out: Path) -> str:

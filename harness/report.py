@@ -17,6 +17,7 @@ from typing import Any, Iterable, Mapping
 
 import yaml
 
+from harness.cache import atomic_write_bytes
 from harness.config import GENERALIZATION, MAIN, SweepConfig, reference_row
 from harness.errors import HarnessError, did_you_mean
 from harness.job import JobResult
@@ -190,13 +191,14 @@ def build_report(cfg: SweepConfig, results: list[JobResult], out: Path,
                                   f"under corruptions (severity {cfg.robustness.severity})")
     report = Report(tables, rows=rows, generalization_rows=gen_rows)
     jobs = out / JOBS_FILE
-    jobs.write_text(json.dumps([job_entry(r, studies) for r in results if r.key], indent=0))  # a job two labels share: both
+    # written whole or not at all: `harness export` and `harness report` may read it while a sweep writes it
+    write_text(jobs, json.dumps([job_entry(r, studies) for r in results if r.key], indent=0))  # a job two labels share: both
     report.files.append(jobs)
     for name, (header, body) in tables.items():
         for ext, text in (("md", markdown_table(header, body)), ("csv", csv_table(header, body)),
                           ("tex", latex_table(header, body, captions[name]))):
             path = out / f"{name}.{ext}"
-            path.write_text(text)
+            write_text(path, text)
             report.files.append(path)
     report.files.append(plot_accuracy(rows, seen, out / "accuracy.png", captions["main"]))
     if cfg.robustness:
@@ -215,6 +217,13 @@ def build_report(cfg: SweepConfig, results: list[JobResult], out: Path,
         if stale not in written:
             stale.unlink(missing_ok=True)
     return report
+
+
+def write_text(path: Path, text: str) -> None:
+    """A report file replaced whole (:func:`harness.cache.atomic_write_bytes`): a command reading
+    the folder while a sweep or ``harness report`` rewrites it, or after one was killed mid-write,
+    reads the old file or the new one, never a half of it."""
+    atomic_write_bytes(path, text.encode())
 
 
 def job_entry(result: JobResult, studies: Mapping[tuple[str, str], TrialCounts] | None) -> list[Any]:
@@ -244,7 +253,7 @@ def build_tune_table(cfg: SweepConfig, results: list[JobResult], out: Path, labe
     report = Report({tune_table_stem(cfg, label): (header, body)}, rows=rows)
     for ext, text in (("md", markdown_table(header, body)), ("csv", csv_table(header, body))):
         path = out / f"{tune_table_stem(cfg, label)}.{ext}"
-        path.write_text(text)
+        write_text(path, text)
         report.files.append(path)
     return report
 
@@ -360,6 +369,9 @@ def load_sweep_from_mlflow(tracking_uri: str, run_id: str | None = None,
             parent = client.get_run(run_id)
     except MlflowException as exc:
         raise HarnessError(f"{tracking_uri}: {exc.message}") from None
+    unwritten = _no_tables_yet(client, tracking_uri, parent)
+    if unwritten:
+        raise HarnessError(unwritten)
     with tempfile.TemporaryDirectory() as tmp:
         local = _download(client, tracking_uri, parent, "resolved.yaml", tmp)
         cfg = SweepConfig.model_validate(yaml.safe_load(Path(local).read_text()))
@@ -401,6 +413,19 @@ def load_sweep_from_mlflow(tracking_uri: str, run_id: str | None = None,
                 for label in shared.get(r.key, []) if label != r.label]
     results = [dataclasses.replace(r, params=settings.get((r.label, r.key), r.params)) for r in results]
     return cfg, plan_order(cfg, results), parent
+
+
+def _no_tables_yet(client: Any, tracking_uri: str, parent: Any) -> str | None:
+    """Why sweep run ``parent`` has nothing to report, where its sweep has not reached its end: it
+    logs ``resolved.yaml`` and its tables there. A report of a first sweep still running would
+    otherwise say its artifacts are missing, as of a moved output folder. None when it has them."""
+    status = parent.info.status
+    if status == "FINISHED" or any(a.path == "resolved.yaml" for a in client.list_artifacts(parent.info.run_id)):
+        return None
+    state = ("still running (or was killed): report once it ends, or rerun it" if status == "RUNNING"
+             else f"stopped before its end ({status}): rerun it")
+    return (f"{tracking_uri}: sweep run {parent.info.run_id} ({parent.info.run_name}) has logged no tables yet: "
+            f"its sweep is {state}")
 
 
 def _download(client: Any, tracking_uri: str, run: Any, path: str, dst: str) -> str:

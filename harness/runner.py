@@ -246,6 +246,9 @@ def _run_sweep(cfg: SweepConfig, ws: Workspace, executor: Any, console: Console,
     timings: dict[str, float] = {}
 
     t0 = time.perf_counter()
+    locked = out.is_dir()  # a second driver into a folder in use stops now, not after preparing models for minutes
+    if locked:
+        held.enter_context(_output_lock(out))
     identity = ws.identity  # builds/loads the model files (embedded suite: prepares them)
     task_identity = ws.task_identity()
     specs = plan_jobs(cfg, identity, task_identity)
@@ -264,7 +267,8 @@ def _run_sweep(cfg: SweepConfig, ws: Workspace, executor: Any, console: Console,
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise HarnessError(f"output_dir: cannot create it ({exc.strerror or exc}) (got {str(out)!r})") from None
-    held.enter_context(_output_lock(out))
+    if not locked:  # a new folder: made, and locked, once the sweep is known to run
+        held.enter_context(_output_lock(out))
     # writes a killed run never renamed (the driver's own: a job's workdir is cleaned by the job)
     for stale in [*results_dir.glob(".*.tmp"), *out.glob(".mlflow.db.*.tmp"), *out.glob(".resolved.yaml.*.tmp"),
                   *out.glob("artifacts/*/.traceback.txt.*.tmp")]:

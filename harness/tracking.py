@@ -29,6 +29,9 @@ SWEEP_TAG = "harness.sweep_digest"
 #: ``harness tune`` did (``harness report`` prefers a parent holding a whole sweep).
 SCOPE_TAG = "harness.scope"
 JOB_TAG = "harness.job_key"
+#: On a sweep's parent run: the output folder of the driver that last opened it, whose lock tells
+#: whether that driver is still running (see :meth:`Tracker._end_stale_runs`).
+OUTPUT_TAG = "harness.output_dir"
 #: Tells a generalization-block job's run from a main-protocol one.
 PROTOCOL_TAG = "harness.protocol"
 #: On a tuning run: its study's finished trials (``.failed`` and ``.pruned`` beside it), and the
@@ -94,7 +97,8 @@ def seed_sqlite_store(uri: str, cache_dir: Path) -> bool:
     MLflow creates a store by running its ~60 schema migrations: seconds for every new output
     folder. The template is built once per MLflow version (again if it is found damaged: a
     truncated copy would break every new sweep); the copy's Default experiment gets an artifact
-    location inside the new store's folder. Returns whether a store was seeded."""
+    location inside the new store's folder. Returns whether a store was seeded (not when another
+    process seeded it first)."""
     if not uri.startswith("sqlite:///"):
         return False
     db = Path(uri.removeprefix("sqlite:///"))
@@ -130,10 +134,43 @@ def seed_sqlite_store(uri: str, cache_dir: Path) -> bool:
                             (str(db.parent / "mlruns" / "0"),))
         finally:
             con.close()
-        os.replace(tmp, db)
+        return _publish_new(tmp, db)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _publish_new(tmp: Path, db: Path) -> bool:
+    """Move the seeded copy ``tmp`` to ``db`` unless ``db`` exists by now: a sweep sharing the
+    store (its ``tracking_uri``) may have seeded it, and already logged to it, since it was found
+    missing; replacing it would lose those runs. A hard link fails where the name is taken, in
+    one step; a filesystem without hard links gets the check and the move."""
+    try:
+        os.link(tmp, db)
+    except FileExistsError:
+        return False
+    except OSError:
+        if db.exists():
+            return False
+        os.replace(tmp, db)
     return True
+
+
+def folder_in_use(out: Path) -> bool:
+    """Whether a driver holds output folder ``out``'s lock (``.sweep.lock``, held while a sweep
+    runs there; the OS drops it with its process). Tried, not taken: released at once. A lock
+    file that cannot be opened is taken as held: its runs are then left alone."""
+    from filelock import FileLock, Timeout
+
+    path = out / ".sweep.lock"
+    if not path.is_file():
+        return False
+    lock = FileLock(path)
+    try:
+        lock.acquire(timeout=0)
+    except (Timeout, OSError):
+        return True
+    lock.release()
+    return False
 
 
 def is_own_store(uri: str, out: Path) -> bool:
@@ -303,13 +340,24 @@ class Tracker:
         except MlflowException as exc:
             raise HarnessError(f"tracking_uri {self.uri!r}: MLflow cannot be reached ({str(exc)[:200]})") from None
         self._client = client
-        if exp is None:
-            artifacts = (out / "mlartifacts").resolve()
-            self.experiment_id = self._client.create_experiment(name, artifact_location=artifacts.as_uri())
-        else:
-            self.experiment_id = exp.experiment_id
+        self.experiment_id = exp.experiment_id if exp is not None else self._create_experiment(name, out)
         if self._sweep is not None:
             self._start_sweep(*self._sweep)
+
+    def _create_experiment(self, name: str, out: Path) -> str:
+        """Experiment ``name``'s id, created with its artifacts in ``out``; or, where a sweep sharing
+        the store (its ``tracking_uri`` and ``experiment``) created it since it was looked up, that
+        one's, as if this sweep had started second."""
+        from mlflow.exceptions import MlflowException
+
+        artifacts = (out / "mlartifacts").resolve()
+        try:
+            return self._client.create_experiment(name, artifact_location=artifacts.as_uri())
+        except MlflowException as exc:
+            exp = self._client.get_experiment_by_name(name) if exc.error_code == "RESOURCE_ALREADY_EXISTS" else None
+            if exp is None:
+                raise
+            return exp.experiment_id
 
     def start_sweep(self, digest: str, params: dict[str, Any], scope: str = "sweep") -> None:
         """The sweep's parent run: created, or reopened if a previous run of it created one,
@@ -324,13 +372,17 @@ class Tracker:
     def _start_sweep(self, digest: str, params: dict[str, Any], scope: str = "sweep") -> None:
         runs = self.client.search_runs([self.experiment_id], f"tags.`{SWEEP_TAG}` = '{digest}'",
                                        max_results=1, order_by=["attributes.start_time DESC"])
+        folder = str(self.cfg.resolved_output_dir())
         if runs:
             self._parent_id = runs[0].info.run_id
             self.client.update_run(self._parent_id, status="RUNNING")
+            if runs[0].data.tags.get(OUTPUT_TAG) != folder:
+                self.client.set_tag(self._parent_id, OUTPUT_TAG, folder)
             if scope == "sweep" and runs[0].data.tags.get(SCOPE_TAG, "sweep") != "sweep":
                 self.client.set_tag(self._parent_id, SCOPE_TAG, "sweep")
         else:
-            tags = {SWEEP_TAG: digest, "harness.kind": "sweep", "mlflow.runName": self.cfg.name, SCOPE_TAG: scope}
+            tags = {SWEEP_TAG: digest, "harness.kind": "sweep", "mlflow.runName": self.cfg.name, SCOPE_TAG: scope,
+                    OUTPUT_TAG: folder}
             if self.commit:
                 tags[GIT_COMMIT_TAG] = self.commit
             self._parent_id = self._create_run(tags, SWEEP_TAG)
@@ -353,7 +405,8 @@ class Tracker:
         trials) end KILLED: no driver is writing to them, and the UI should not say otherwise.
         Only in this folder's experiments (this sweep's, and those whose artifacts lie in this
         folder): a sweep of another folder logging to this store through its ``tracking_uri`` is
-        not kept out by this folder's lock, and its runs may be live."""
+        not kept out by this folder's lock, and its runs may be live; in this sweep's experiment
+        (it took the same name), those of a sweep whose folder's lock is held are left to it."""
         here = self.cfg.resolved_output_dir().resolve()
 
         def in_folder(location: str) -> bool:
@@ -362,9 +415,28 @@ class Tracker:
 
         experiments = [e.experiment_id for e in self.client.search_experiments()
                        if e.experiment_id == self.experiment_id or in_folder(e.artifact_location or "")]
-        for r in self.client.search_runs(experiments, "attributes.status = 'RUNNING'", max_results=50000):
-            if r.info.run_id != self._parent_id and r.data.tags.get("harness.kind"):
+        runs = self.client.search_runs(experiments, "attributes.status = 'RUNNING'", max_results=50000)
+        known = {r.info.run_id: r for r in runs}
+        for r in runs:
+            if r.info.run_id != self._parent_id and r.data.tags.get("harness.kind") and not self._live_elsewhere(r, known):
                 self.client.set_terminated(r.info.run_id, status="KILLED")
+
+    def _live_elsewhere(self, run: Any, known: dict[str, Any]) -> bool:
+        """Whether ``run`` belongs to a sweep of another output folder whose driver is running:
+        a sweep logging here through its ``tracking_uri`` under this one's experiment name shares
+        the experiment. Its parent run's :data:`OUTPUT_TAG` names its folder, whose lock tells."""
+        from mlflow.exceptions import MlflowException
+
+        while run.data.tags.get("mlflow.parentRunId"):  # a job's, a study's, a trial's: up to the sweep's run
+            parent = run.data.tags["mlflow.parentRunId"]
+            if parent not in known:
+                try:
+                    known[parent] = self.client.get_run(parent)
+                except MlflowException:  # its parent deleted: no driver writes to it
+                    return False
+            run = known[parent]
+        folder = run.data.tags.get(OUTPUT_TAG)
+        return bool(folder) and Path(folder) != self.cfg.resolved_output_dir() and folder_in_use(Path(folder))
 
     def _create_run(self, tags: dict[str, str], key_tag: str) -> str:
         """Create a run, held in ``_writing`` for :meth:`abandon`. Until its id is held, the tag

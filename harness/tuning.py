@@ -45,7 +45,30 @@ def open_storage(spec: str):
         path = Path(spec[len("journal:"):])
         path.parent.mkdir(parents=True, exist_ok=True)
         return JournalStorage(JournalFileBackend(str(path), journal_lock(path)))
-    return optuna.storages.RDBStorage(spec)
+    return _rdb_storage(spec)
+
+
+#: Tries at opening a database storage that other processes may be creating at the same moment.
+RDB_OPEN_TRIES = 5
+
+
+def _rdb_storage(spec: str) -> "optuna.storages.RDBStorage":
+    """Optuna's database storage at ``spec``. Opening a new database creates its tables and
+    stamps its schema version; sweeps sharing the storage and started together do that at once,
+    and all but one fail (SQLite: ``UNIQUE constraint failed: alembic_version.version_num``, a
+    table that ``already exists``, a ``locked`` database). Tried again, the database is there."""
+    import optuna
+    from sqlalchemy.exc import IntegrityError, OperationalError
+
+    for attempt in range(1, RDB_OPEN_TRIES + 1):
+        try:
+            return optuna.storages.RDBStorage(spec)
+        except (IntegrityError, OperationalError) as exc:
+            raced = isinstance(exc, IntegrityError) or any(w in str(exc.orig) for w in ("already exists", "locked"))
+            if not raced or attempt == RDB_OPEN_TRIES:
+                raise
+            time.sleep(0.2 * attempt)
+    raise AssertionError("unreachable")
 
 
 #: How long a journal's lock file may stay held before the wait for it is told (a write holds it

@@ -389,6 +389,33 @@ def test_data_root_missing_for_real_dataset(sweep_dict, tmp_path):
     assert code == 2 and "no-data" in err, err
 
 
+def test_second_sweep_into_a_busy_output_folder_is_refused_before_preparing_models(sweep_dict, tmp_path,
+                                                                                  monkeypatch):
+    """The folder in use (its lock held by a running sweep): the second sweep stops at once, as the
+    README has it, not after building or converting the models (minutes for a first embedded suite)."""
+    import subprocess
+    import sys
+
+    from harness.workspace import Workspace
+
+    out = tmp_path / "out"
+    out.mkdir()
+    prepared = []
+    monkeypatch.setattr(Workspace, "identity", property(lambda self: prepared.append(1) or {}))
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\nfrom filelock import FileLock\n"
+        f"lock = FileLock({str(out / '.sweep.lock')!r})\nlock.acquire()\nprint('held', flush=True)\ntime.sleep(60)")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        code, err, _ = _run_sweep(tmp_path, dict(copy.deepcopy(sweep_dict), output_dir=str(out)))
+    finally:
+        holder.kill()
+        holder.wait()
+    assert prepared == []
+    assert code == 2 and f"{out}: another sweep is running into this output folder" in err, err
+
+
 def test_second_sweep_into_a_busy_output_folder_is_refused(sweep_dict, tmp_path):
     import subprocess
     import sys

@@ -626,3 +626,24 @@ def test_a_method_file_named_by_path_or_not_on_the_import_path_says_how_to_name_
         assert r.exit_code == 2, r.output
         assert f"is a file path, not a module: name the module as Python imports it ('{module}', " \
                f"run with PYTHONPATH={folder})" in r.stderr, r.stderr
+
+
+def test_report_of_a_first_sweep_before_its_end_says_it_has_not_ended(sweep_dict, tmp_path):
+    """``harness report`` on the folder of a first sweep still running (or killed before its end,
+    here just before its tables): its run has logged its jobs but no tables yet. One line saying
+    so, not that its artifacts are missing as if the folder had moved; its rerun reports."""
+    import re
+
+    f = tmp_path / "s.yaml"
+    sweep_dict["methods"] = [{"name": "task_arithmetic"}]
+    f.write_text(yaml.safe_dump(sweep_dict))
+    root = Path(__file__).resolve().parents[1]
+    killed = subprocess.run([sys.executable, "-m", "harness", "sweep", "-q", str(f)], cwd=root, capture_output=True,
+                            env={**os.environ, "HARNESS_FAILPOINT": "report"}, timeout=300)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    r = CliRunner().invoke(main, ["report", sweep_dict["output_dir"], "--out", str(tmp_path / "rep")])
+    assert r.exit_code == 2 and (r.exception is None or isinstance(r.exception, SystemExit)), r.output
+    assert re.fullmatch(r"error: sqlite:///\S+/mlflow\.db: sweep run \w{32} \(toy\) has logged no tables yet: its "
+                        r"sweep is still running \(or was killed\): report once it ends, or rerun it\n", r.stderr)
+    assert CliRunner().invoke(main, ["sweep", "-q", str(f)]).exit_code == 0
+    assert CliRunner().invoke(main, ["report", sweep_dict["output_dir"], "--out", str(tmp_path / "rep")]).exit_code == 0

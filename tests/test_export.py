@@ -365,3 +365,28 @@ def test_a_tuned_rows_export_names_the_setting_its_row_shows(sweep_dict, tmp_pat
     assert "tt (scaling=0.6, k=20.0)" in r.output, r.output
     with safe_open(str(tmp_path / "tt.safetensors"), "pt") as fh:
         assert json.loads(fh.metadata()["params"]) == {"scaling": 0.6, "k": 20.0}
+
+
+@pytest.mark.parametrize("damage", [lambda text: text[: len(text) // 2], lambda text: "", lambda text: '{"a": 1}',
+                                    lambda text: "[[1, 2]]"])
+def test_a_damaged_jobs_file_is_refused_in_one_line_naming_it(sweep_dict, tmp_path, damage):
+    """report/jobs.json cut short (a writer killed mid-write) or edited: one line naming the
+    file and what rewrites it, not a JSON traceback; the rerun it names makes export work again."""
+    import yaml
+
+    sweep_dict["references"] = False
+    sweep_dict["methods"] = [{"name": "task_arithmetic", "grid": {"scaling": [0.3]}}]
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(sweep_dict))
+    cfg = validate_config(sweep_dict)
+    run_sweep(cfg, quiet=True)
+    jobs = cfg.resolved_output_dir() / "report" / "jobs.json"
+    jobs.write_text(damage(jobs.read_text()))
+    runner = CliRunner()
+    refused = runner.invoke(main, ["export", str(path), "--method", "task_arithmetic", "--out", str(tmp_path / "t.st")])
+    assert refused.exit_code == 2 and refused.exception.__class__ is SystemExit
+    assert refused.output == (f"error: {jobs}: damaged (not the list of jobs a sweep writes): rerun `harness sweep` "
+                              "(its finished jobs are cached) to write it again\n")
+    run_sweep(cfg, quiet=True)
+    again = runner.invoke(main, ["export", str(path), "--method", "task_arithmetic", "--out", str(tmp_path / "t.st")])
+    assert again.exit_code == 0 and (tmp_path / "t.st").is_file()

@@ -239,3 +239,32 @@ def test_row_labels_alike_as_file_names_get_files_of_their_own(cfg, tmp_path):
     assert len(set(drawn)) == 2 and all((tmp_path / "report" / name).is_file() for name in drawn)
     assert "routing-wemoe_a.png" in drawn
     assert tune_table_stem(two, "wemoe a") != tune_table_stem(two, "wemoe_a") == "tune-wemoe_a"
+
+
+def test_a_report_write_cut_short_leaves_the_previous_files_whole(cfg, tmp_path, monkeypatch):
+    """`harness export` reads report/jobs.json, and `harness report` the tables, while a sweep (or
+    another `harness report`) may be rewriting them, or after one was killed mid-write: a write
+    cut off halfway must leave the previous file whole, not half of the new one."""
+    import json
+    from pathlib import Path
+
+    pre = {A: 40.0, B: 30.0}
+    first = [ok("pretrained", "pretrained", {}, pre, 35.0, robust=robust(pre, {A: 20.0, B: 10.0}))]
+    out = tmp_path / "report"
+    build_report(cfg, first, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.suffix in (".json", ".md", ".csv", ".tex")}
+    assert json.loads(before["jobs.json"]) == [["pretrained", first[0].key]]
+    second = first + [ok("merge", "weight_averaging", {}, {A: 50.0, B: 33.0}, 41.0,
+                         robust=robust({A: 50.0, B: 33.0}, {A: 30.0, B: 21.0}))]
+
+    def killed_halfway(self, data, *args, **kwargs):  # the process dies after half the bytes
+        with open(self, "wb" if isinstance(data, bytes) else "w") as f:
+            f.write(data[: len(data) // 2])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "write_text", killed_halfway)
+    monkeypatch.setattr(Path, "write_bytes", killed_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        build_report(cfg, second, out)
+    monkeypatch.undo()
+    assert {name: (out / name).read_bytes() for name in before} == before

@@ -6,6 +6,7 @@ import socket
 import sqlite3
 import time
 import types
+from pathlib import Path
 
 import pytest
 
@@ -176,9 +177,81 @@ def test_a_failed_seeding_leaves_no_temp_file(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(tracking.os, "replace", full_disk)
+    monkeypatch.setattr(tracking.os, "link", full_disk)  # how the copy is published where hard links work
     with pytest.raises(OSError, match="No space left"):
         seed_sqlite_store(f"sqlite:///{tmp_path / 'b' / 'mlflow.db'}", tmp_path / "cache")
     assert list((tmp_path / "b").iterdir()) == []
+
+
+def test_a_store_another_sweep_seeded_meanwhile_keeps_its_runs(sweep_dict, tmp_path, monkeypatch):
+    """Two sweeps (other folders) share a new ``tracking_uri``: both find it missing and seed it.
+    The one that publishes second must not replace the store the first has already logged to."""
+    import shutil
+    import subprocess
+    import sys
+
+    import harness.tracking as tracking
+
+    store = tmp_path / "shared" / "mlflow.db"
+    uri = f"sqlite:///{store}"
+    cfg = {**sweep_dict, "tracking_uri": uri, "experiment": "shared"}
+    other = {**cfg, "name": "other", "output_dir": str(tmp_path / "other")}
+    mine = validate_config({**cfg, "name": "mine", "output_dir": str(tmp_path / "mine")})
+    real_copy = shutil.copyfile
+
+    def other_seeds_and_logs(src, dst, *args, **kwargs):  # while this one's copy is not in place yet
+        out = real_copy(src, dst, *args, **kwargs)
+        if Path(dst).name.startswith(".mlflow.db."):
+            subprocess.run([sys.executable, "-c", (
+                "from harness.config import validate_config; from harness.tracking import Tracker; "
+                f"t = Tracker(validate_config({other!r})); t.start_sweep('d-other', {{}}); t.finish(ok=True)")],
+                check=True, cwd=Path(__file__).parents[1])
+        return out
+
+    monkeypatch.setattr(tracking.shutil, "copyfile", other_seeds_and_logs)
+    tracker = tracking.Tracker(mine)
+    tracker.start_sweep("d-mine", {})
+    tracker.finish(ok=True)
+    with sqlite3.connect(store) as con:
+        runs = sorted(con.execute("SELECT name, status FROM runs").fetchall())
+    con.close()
+    assert runs == [("mine", "FINISHED"), ("other", "FINISHED")]
+    assert not list(store.parent.glob(".mlflow.db.*.tmp"))
+
+
+def test_an_experiment_another_sweep_created_meanwhile_is_joined(sweep_dict, tmp_path, monkeypatch):
+    """Two sweeps (other folders) log to one store and ``experiment``, new: both find no
+    experiment; the one that creates it second joins the first's instead of failing."""
+    import subprocess
+    import sys
+
+    from mlflow.tracking import MlflowClient
+
+    from harness.tracking import Tracker
+
+    store = tmp_path / "shared" / "mlflow.db"
+    cfg = {**sweep_dict, "tracking_uri": f"sqlite:///{store}", "experiment": "shared"}
+    other = {**cfg, "name": "other", "output_dir": str(tmp_path / "other")}
+    tracker = Tracker(validate_config({**cfg, "name": "mine", "output_dir": str(tmp_path / "mine")}))
+    real_get = MlflowClient.get_experiment_by_name
+
+    def other_creates_it_meanwhile(self, name):
+        found = real_get(self, name)
+        monkeypatch.setattr(MlflowClient, "get_experiment_by_name", real_get)
+        subprocess.run([sys.executable, "-c", (
+            "from harness.config import validate_config; from harness.tracking import Tracker; "
+            f"t = Tracker(validate_config({other!r})); t.start_sweep('d-other', {{}}); t.finish(ok=True)")],
+            check=True, cwd=Path(__file__).parents[1])
+        return found
+
+    monkeypatch.setattr(MlflowClient, "get_experiment_by_name", other_creates_it_meanwhile)
+    tracker.start_sweep("d-mine", {})
+    tracker.finish(ok=True)
+    with sqlite3.connect(store) as con:
+        runs = sorted(con.execute("SELECT r.name, r.status, e.name FROM runs r JOIN experiments e "
+                                  "USING (experiment_id)").fetchall())
+    con.close()
+    assert runs == [("mine", "FINISHED", "shared"), ("other", "FINISHED", "shared")]
 
 
 def test_a_sweep_runs_over_a_damaged_template_and_clears_old_temp_files(sweep_dict):
@@ -317,3 +390,34 @@ def test_ctrl_c_as_a_tracking_server_gets_the_sweeps_run_leaves_it_killed(sweep_
     client = MlflowClient(cfg.resolved_tracking_uri())
     exp = client.get_experiment_by_name(cfg.name).experiment_id
     assert [r.info.status for r in client.search_runs([exp])] == ["KILLED"]
+
+
+def test_a_live_sweep_of_another_folder_in_this_experiment_keeps_its_runs_running(sweep_dict, tmp_path):
+    """Sweep B (another folder) logs to A's mlflow.db under A's name, so in A's experiment, and
+    runs: A's rerun ends runs a killed driver left RUNNING, not B's live ones (B holds its folder's
+    lock). Once B's driver is gone (its lock released, its run left RUNNING), A's rerun ends it."""
+    from harness.runner import _output_lock, run_sweep
+    from harness.tracking import Tracker
+
+    a = validate_config(dict(sweep_dict, output_dir=str(tmp_path / "a"), methods=[{"name": "weight_averaging"}]))
+    store = f"sqlite:///{tmp_path / 'a' / 'mlflow.db'}"
+    b = validate_config(dict(sweep_dict, output_dir=str(tmp_path / "b"), tracking_uri=store, eval={"max_samples": 8}))
+    run_sweep(a, quiet=True)
+    (tmp_path / "b").mkdir()
+
+    def status(run_id):
+        with sqlite3.connect(tmp_path / "a" / "mlflow.db") as con:
+            (found,) = con.execute("SELECT status FROM runs WHERE run_uuid = ?", (run_id,)).fetchone()
+        con.close()
+        return found
+
+    with _output_lock(tmp_path / "b"):  # B's driver, running: its parent run and a job run being logged
+        tracker = Tracker(b)
+        tracker.start_sweep(b.digest(), {})
+        job = tracker.client.create_run(tracker.experiment_id, tags={
+            "mlflow.parentRunId": tracker.parent_id, "harness.kind": "merge", "harness.job_key": "k"}).info.run_id
+        assert tracker.experiment_id == Tracker(a).client.get_experiment_by_name("toy").experiment_id
+        run_sweep(a, quiet=True)
+        assert (status(tracker.parent_id), status(job)) == ("RUNNING", "RUNNING")
+    run_sweep(a, quiet=True)  # B's driver gone, its runs left RUNNING
+    assert (status(tracker.parent_id), status(job)) == ("KILLED", "KILLED")

@@ -1429,3 +1429,33 @@ def test_a_tuned_bests_run_logged_before_a_parameter_joined_the_space_holds_the_
     params = {k: v for k, v in run.data.params.items() if k.startswith("job.params.")}
     assert params == {"job.params.scaling": "0.6", "job.params.k": "20.0"}, params
     assert run.data.params["job.hyperparameters.k"] == "20.0"
+
+
+def test_a_new_database_storage_another_sweep_creates_at_the_same_time_is_opened(sweep_dict, tmp_path, monkeypatch):
+    """Two sweeps sharing a new ``sqlite:///`` study storage, started together, both create its
+    tables and stamp its schema version: the second stamp failed (UNIQUE constraint failed:
+    alembic_version.version_num), refused as a storage that "cannot be opened". The database
+    the other sweep made is there: the sweep opens it and runs its study."""
+    import optuna
+    from alembic.runtime.migration import HeadMaintainer
+    from click.testing import CliRunner
+
+    from harness.cli import main
+
+    storage = f"sqlite:///{tmp_path / 'studies.db'}"
+    d = dict(sweep_dict, methods=[{"name": "task_arithmetic", "tune": tune_block(n_trials=2, storage=storage)}])
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump(d))
+    real_insert = HeadMaintainer._insert_version
+
+    def other_sweep_stamps_first(self, version):  # after this one found no schema version
+        monkeypatch.setattr(HeadMaintainer, "_insert_version", real_insert)
+        subprocess.run([sys.executable, "-c", f"import optuna; optuna.storages.RDBStorage({storage!r})"], check=True,
+                       timeout=120)
+        real_insert(self, version)
+
+    monkeypatch.setattr(HeadMaintainer, "_insert_version", other_sweep_stamps_first)
+    r = CliRunner().invoke(main, ["sweep", str(f), "-q"])
+    assert r.exit_code == 0, r.output
+    (study,) = optuna.get_all_study_summaries(storage)
+    assert study.study_name == "toy.task_arithmetic" and study.n_trials == 2
