@@ -253,7 +253,7 @@ def test_a_report_write_cut_short_leaves_the_previous_files_whole(cfg, tmp_path,
     out = tmp_path / "report"
     build_report(cfg, first, out)
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.suffix in (".json", ".md", ".csv", ".tex")}
-    assert json.loads(before["jobs.json"]) == [["pretrained", first[0].key]]
+    assert json.loads(before["jobs.json"]) == [["pretrained", first[0].key, None, {}]]  # no study counts, no params
     second = first + [ok("merge", "weight_averaging", {}, {A: 50.0, B: 33.0}, 41.0,
                          robust=robust({A: 50.0, B: 33.0}, {A: 30.0, B: 21.0}))]
 
