@@ -112,13 +112,14 @@ def latex_escape(text: str) -> str:
     return "".join(_LATEX_SPECIALS.get(c, c) for c in text)
 
 
-def latex_table(header: list[str], body: list[list[str]], caption: str) -> str:
-    """A booktabs tabular, via pandas; every cell, header and the caption escaped here."""
+def latex_table(header: list[str], body: list[list[str]], caption: str, label: str | None = None) -> str:
+    """A booktabs tabular, via pandas; every cell, header and the caption escaped here. ``label``
+    (``tab:<sweep>-<table>``, of a sweep name's safe characters) lets a paper ``\\ref`` the table."""
     import pandas as pd
 
     frame = pd.DataFrame([[latex_escape(str(c)) for c in row] for row in body],
                          columns=[latex_escape(h) for h in header])
-    return frame.to_latex(index=False, caption=latex_escape(caption), escape=False,
+    return frame.to_latex(index=False, caption=latex_escape(caption), label=label, escape=False,
                           column_format="".join("l" if h in TEXT_COLUMNS else "r" for h in header))
 
 
@@ -196,7 +197,7 @@ def build_report(cfg: SweepConfig, results: list[JobResult], out: Path,
     report.files.append(jobs)
     for name, (header, body) in tables.items():
         for ext, text in (("md", markdown_table(header, body)), ("csv", csv_table(header, body)),
-                          ("tex", latex_table(header, body, captions[name]))):
+                          ("tex", latex_table(header, body, captions[name], f"tab:{cfg.name}-{name}"))):
             path = out / f"{name}.{ext}"
             write_text(path, text)
             report.files.append(path)

@@ -268,3 +268,20 @@ def test_a_report_write_cut_short_leaves_the_previous_files_whole(cfg, tmp_path,
         build_report(cfg, second, out)
     monkeypatch.undo()
     assert {name: (out / name).read_bytes() for name in before} == before
+
+
+def test_every_latex_table_has_a_label_a_paper_can_ref(cfg, tmp_path):
+    """A table pasted into a paper is cited by ``\\ref``: each ``.tex`` carries one label, its
+    own, with the sweep name as written (a label is a key, not typeset text: no escaping)."""
+    named = cfg.model_copy(update={"name": "my_sweep.v2"})
+    pre = {A: 40.0, B: 30.0}
+    results = [ok("pretrained", "pretrained", {}, pre, 35.0, robust=robust(pre, {A: 20.0, B: 10.0})),
+               ok("individual", "individual", {}, {A: 80.0}, 80.0, task=A),
+               ok("individual", "individual", {}, {B: 60.0}, 60.0, task=B)]
+    build_report(named, results, tmp_path / "report")
+    for name in ("main", "robustness"):
+        lines = (tmp_path / "report" / f"{name}.tex").read_text().splitlines()
+        labels = [line for line in lines if line.startswith("\\label")]
+        assert labels == [f"\\label{{tab:my_sweep.v2-{name}}}"], name
+        caption = next(i for i, line in enumerate(lines) if line.startswith("\\caption{my\\_sweep.v2: "))
+        assert lines.index(labels[0]) == caption + 1 < lines.index("\\end{table}")
