@@ -287,7 +287,7 @@ def grouped_bars(groups: list[str], series: list[tuple[str, list[float]]], ylabe
     if title:
         ax.set_title(title, fontsize=9)
     if series and legend_below:
-        ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.3))
+        ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, _below_tick_labels(fig, ax)))
     elif series:
         ax.legend(fontsize=7, ncol=3)
     else:  # every job failed: an empty plot, not a warning about an empty legend
@@ -295,6 +295,15 @@ def grouped_bars(groups: list[str], series: list[tuple[str, list[float]]], ylabe
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path
+
+
+def _below_tick_labels(fig, ax) -> float:
+    """The height, in axes coordinates, just under the x tick labels: a legend placed at a fixed
+    offset ran into long (rotated) task names."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    bottom = min([t.get_window_extent(renderer).y0 for t in ax.get_xticklabels()], default=ax.bbox.y0)
+    return float(ax.transAxes.inverted().transform((0, bottom))[1]) - 0.03
 
 
 def plot_accuracy(rows: list[Row], tasks: list[str], path: Path, title: str = "") -> Path:
@@ -308,7 +317,7 @@ def plot_robustness(rows: list[Row], corruptions: list[str], path: Path, title: 
     cols = ["clean", *corruptions]
     series = [(r.method, [r.metrics.get(f"robust/{c}/avg", float("nan")) for c in cols])
               for r in rows if "robust/clean/avg" in r.metrics]
-    return grouped_bars(cols, series, "avg test top-1 (%)", path, title=title)
+    return grouped_bars(cols, series, "avg test top-1 (%)", path, legend_below=True, title=title)
 
 
 def row_routings(cfg: SweepConfig, results: list[JobResult]) -> dict[str, dict[str, Any]]:
