@@ -268,10 +268,15 @@ def _pyplot():
     return plt
 
 
+# Past tab20's twenty colours a series repeats a colour: hatched, it stays apart in the legend.
+_HATCHES = ("", "///", "...", "xxx")
+
+
 def grouped_bars(groups: list[str], series: list[tuple[str, list[float]]], ylabel: str, path: Path,
                  legend_below: bool = False, title: str = "") -> Path:
-    """One bar per series in every group; a distinct colour per series (tab20 past ten). The
-    title says what a figure shows once it is out of its folder (sweep, tasks, severity)."""
+    """One bar per series in every group; a distinct colour per series (tab20 past ten, then
+    tab20 hatched past twenty). The title says what a figure shows once it is out of its folder
+    (sweep, tasks, severity)."""
     import numpy as np
 
     plt = _pyplot()
@@ -280,7 +285,8 @@ def grouped_bars(groups: list[str], series: list[tuple[str, list[float]]], ylabe
     width = 0.8 / max(1, len(series))
     x = np.arange(len(groups))
     for i, (label, values) in enumerate(series):
-        ax.bar(x + i * width - 0.4 + width / 2, values, width, label=label, color=cmap(i % cmap.N))
+        ax.bar(x + i * width - 0.4 + width / 2, values, width, label=label, color=cmap(i % cmap.N),
+               hatch=_HATCHES[i // cmap.N % len(_HATCHES)])
     ax.set_xticks(x, groups, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel(ylabel)
     ax.set_ylim(0, 100)

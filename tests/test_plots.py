@@ -89,3 +89,22 @@ def test_accuracy_legend_stays_under_long_task_names(tmp_path, monkeypatch):
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", check)
     plot_accuracy(rows, tasks, tmp_path / "accuracy.png", "t")
     assert seen == [0]
+
+
+def test_every_row_of_a_large_sweep_has_a_bar_style_of_its_own(tmp_path, monkeypatch):
+    """tab20 has twenty colours: in a sweep of 22 rows the 21st was drawn as the first, and the
+    legend could not tell them apart."""
+    import matplotlib.figure
+
+    from harness.report import Row, plot_accuracy
+
+    rows = [Row(f"m{i}", "", {"a": 50.0, "b": 40.0}, 45.0, None) for i in range(22)]
+    styles = []
+
+    def capture(fig, *args, **kwargs):
+        for handle in fig.axes[0].get_legend().legend_handles:
+            styles.append((tuple(handle.get_facecolor()), handle.get_hatch() or ""))
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", capture)
+    plot_accuracy(rows, ["a", "b"], tmp_path / "accuracy.png", "t")
+    assert len(styles) == 22 and len(set(styles)) == 22
