@@ -53,7 +53,8 @@ def routing_figure(routing: dict[str, Any], title: str = "WeMoE routing weights"
         ax.set_yticks(range(len(tasks)), tasks if li == 0 else [""] * len(tasks), fontsize=6)
         ax.set_xlabel("expert", fontsize=7)
     axes[0][0].set_ylabel("images of task", fontsize=7)
-    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
+    bar = fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
+    bar.set_label("mean routing weight", fontsize=7)  # raw routing is unbounded: the scale needs its name
     fig.suptitle(title, fontsize=9)
     return fig
 

@@ -108,3 +108,14 @@ def test_every_row_of_a_large_sweep_has_a_bar_style_of_its_own(tmp_path, monkeyp
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", capture)
     plot_accuracy(rows, ["a", "b"], tmp_path / "accuracy.png", "t")
     assert len(styles) == 22 and len(set(styles)) == 22
+
+
+def test_heatmap_colour_scale_is_named_and_spans_the_weights():
+    """A colour bar without a name leaves a reader to guess what the colours measure."""
+    fig = routing_figure(ROUTING, "WeMoE routing weights")
+    try:
+        bars = [ax for ax in fig.axes if not ax.get_title().startswith("layer")]
+        assert len(bars) == 1 and bars[0].get_ylabel() == "mean routing weight"
+        assert bars[0].get_ylim() == (0.0, 0.75)  # the smallest and largest mean weight in ROUTING
+    finally:
+        plt.close(fig)
