@@ -211,7 +211,7 @@ def build_report(cfg: SweepConfig, results: list[JobResult], out: Path,
         stems = file_stems(routing)
         for label, stats in routing.items():
             report.files.append(routing_heatmap(stats, out / f"routing-{stems[label]}.png",
-                                                f"WeMoE routing weights: {label}"))
+                                                f"{cfg.name}: WeMoE routing weights, {label}"))
     written = set(report.files)
     # an earlier report's table or plot this sweep no longer has (a block removed, a row renamed)
     for stale in [*(out / name for name in REPORT_FILES), *out.glob("routing-*.png")]:

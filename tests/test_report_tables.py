@@ -190,7 +190,8 @@ def test_a_report_rebuilt_without_a_table_leaves_none_of_the_old_one(cfg, tmp_pa
 def test_every_wemoe_row_gets_its_routing_heatmap_titled_with_its_label(cfg, tmp_path, monkeypatch):
     """Three WeMoE rows (the main sweep has raw, softmax and task-identification routing) give
     three heatmaps, each of its own row's routing statistics (the setting chosen on validation)
-    and named and titled by the row; a label that is no safe file name is made one."""
+    and named and titled by the row and the sweep, as the other figures are (``wemoe`` is a row of
+    several sweeps); a label that is no safe file name is made one."""
     import harness.plots as plots
     from harness.report import row_routings
 
@@ -212,8 +213,8 @@ def test_every_wemoe_row_gets_its_routing_heatmap_titled_with_its_label(cfg, tmp
     drawn = []
     monkeypatch.setattr(plots, "routing_heatmap", lambda r, path, title: drawn.append((r, path.name, title)) or path)
     build_report(two, results, tmp_path / "report", routings)
-    assert drawn == [(stats(0.2), "routing-raw.png", "WeMoE routing weights: raw"),
-                     (stats(0.9), "routing-task_id_soft_.png", "WeMoE routing weights: task id (soft)")]
+    assert drawn == [(stats(0.2), "routing-raw.png", "toy: WeMoE routing weights, raw"),
+                     (stats(0.9), "routing-task_id_soft_.png", "toy: WeMoE routing weights, task id (soft)")]
 
 
 def test_row_labels_alike_as_file_names_get_files_of_their_own(cfg, tmp_path):
