@@ -36,6 +36,7 @@ def routing_figure(routing: dict[str, Any], title: str = "WeMoE routing weights"
     import matplotlib
 
     matplotlib.use("Agg")
+    import matplotlib.colors
     import matplotlib.pyplot as plt
     import numpy as np
 
@@ -45,9 +46,11 @@ def routing_figure(routing: dict[str, Any], title: str = "WeMoE routing weights"
     n_layers = data.shape[1]
     fig, axes = plt.subplots(1, n_layers, figsize=(2.2 + 2.0 * n_layers, 1.5 + 0.35 * len(tasks)), squeeze=False,
                              layout="constrained")  # keeps the title clear of the panels' titles
-    vmin, vmax = float(data.min()), float(data.max())
+    # one scale object for every panel: where all weights are equal (routing left at its initial
+    # weights) the colour bar widens its scale, and a panel holding a copy then drew another colour
+    norm = matplotlib.colors.Normalize(float(data.min()), float(data.max()))
     for li, ax in enumerate(axes[0]):
-        im = ax.imshow(data[:, li, :], vmin=vmin, vmax=vmax, cmap="viridis", aspect="auto")
+        im = ax.imshow(data[:, li, :], norm=norm, cmap="viridis", aspect="auto")
         ax.set_title(f"layer {li}", fontsize=8)
         ax.set_xticks(range(len(experts)), experts, rotation=90, fontsize=6)
         ax.set_yticks(range(len(tasks)), tasks if li == 0 else [""] * len(tasks), fontsize=6)

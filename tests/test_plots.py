@@ -119,3 +119,22 @@ def test_heatmap_colour_scale_is_named_and_spans_the_weights():
         assert bars[0].get_ylim() == (0.0, 0.75)  # the smallest and largest mean weight in ROUTING
     finally:
         plt.close(fig)
+
+
+def test_heatmap_panels_of_equal_weights_share_one_colour():
+    """Routing left at its initial weights (no adaptation steps) is one value everywhere: each
+    layer's panel drew it in another colour (only the last matched the colour bar)."""
+    flat = {"experts": ["mnist", "fashion"], "layers": 3,
+            "mean_weight": {t: [[0.3, 0.3]] * 3 for t in ("mnist", "fashion")}}
+    fig = routing_figure(flat, "flat")
+    try:
+        fig.canvas.draw()
+        panels = [ax for ax in fig.axes if ax.get_title().startswith("layer")]
+        bar = next(ax for ax in fig.axes if ax not in panels)
+        low, high = bar.get_ylim()
+        want = np.array(plt.get_cmap("viridis")((0.3 - low) / (high - low)))  # where the bar shows 0.3
+        for ax in panels:
+            np.testing.assert_allclose(ax.images[0].to_rgba(np.array([[0.3]]))[0, 0], want, atol=0.01,
+                                       err_msg=ax.get_title())
+    finally:
+        plt.close(fig)
