@@ -148,6 +148,23 @@ def test_a_line_break_in_a_slurm_output_dir_is_refused(tmp_path, micro_checkpoin
     assert not Path(out).exists()
 
 
+def test_validate_config_itself_refuses_a_line_break_in_a_slurm_output_dir(tmp_path, micro_checkpoints):
+    """Code that runs ``run_sweep(validate_config(d))`` (a notebook, the tests) skipped the CLI's
+    checks: the line break reached the batch script's ``#SBATCH --output`` line."""
+    from harness.config import ConfigError, validate_config
+    from tests.conftest import make_sweep_dict
+
+    out = f"{tmp_path / 'out'}\ntouch {tmp_path / 'pwned'} #"
+    d = {**make_sweep_dict(micro_checkpoints, tmp_path), "output_dir": out, "executor": {"kind": "slurm"}}
+    with pytest.raises(ConfigError) as err:
+        validate_config(d, "sweep.yaml")
+    assert str(err.value) == ("sweep.yaml: output_dir: holds a line break, which would end its line of the jobs' "
+                              f"batch script: the rest of the path would run there as a shell command; rename it "
+                              f"(got {out!r})")
+    local = validate_config({**d, "executor": {"kind": "local"}}, "sweep.yaml")
+    assert local.output_dir == out  # only SLURM writes the path into a script line
+
+
 @pytest.mark.parametrize("field", ["partition", "account", "qos", "constraint"])
 def test_a_slurm_option_expanding_to_a_line_break_is_refused(field, monkeypatch):
     """``${VAR}`` expanded after the one-word check: a variable holding a line break ended the
