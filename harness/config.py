@@ -927,6 +927,7 @@ def validate_config(raw: dict, file: str = "<config>") -> SweepConfig:
     check_methods(cfg, file)
     check_tasks(cfg, file)
     check_suite(cfg, file)
+    check_slurm_log_dir(cfg, file)
     return cfg
 
 
@@ -1479,14 +1480,20 @@ def folder_problem(folder: Path) -> str | None:
 
 def check_output_dir(cfg: SweepConfig, file: str) -> None:
     """The output folder can be one: checked with the sweep file (``validate`` included), not by
-    the first write into it. On SLURM it holds the jobs' logs, whose paths SLURM reads as patterns
-    (``%j``, ``%x``; a backslash stops them): with such a character the logs would go elsewhere, or
-    nowhere, and the jobs fail before they start. A line break would end the batch script's line
-    that names the logs, and the rest of the path would run as a command."""
+    the first write into it."""
     out = cfg.resolved_output_dir()
     problem = folder_problem(out)
     if problem:
         raise ConfigError(file, "output_dir", problem, str(out))
+
+
+def check_slurm_log_dir(cfg: SweepConfig, file: str) -> None:
+    """On SLURM the output folder holds the jobs' logs, whose paths SLURM reads as patterns
+    (``%j``, ``%x``; a backslash stops them): with such a character the logs would go elsewhere, or
+    nowhere, and the jobs fail before they start. A line break would end the batch script's line
+    that names the logs, and the rest of the path would run as a command. Part of
+    :func:`validate_config`, so code that validates and runs a sweep without the CLI is refused too."""
+    out = cfg.resolved_output_dir()
     if cfg.executor.kind == "slurm" and any(c in str(out) for c in "\n\r"):
         raise ConfigError(file, "output_dir", "holds a line break, which would end its line of the jobs' batch "
                           "script: the rest of the path would run there as a shell command; rename it", str(out))

@@ -107,7 +107,7 @@ def export_merged(cfg: SweepConfig, label: str, dst: str | Path, device: torch.d
     setting, the job key and the checkpoints' digests in the metadata). ``full_clip``: the whole
     pretrained CLIP with the merged image tower (``visual.*``), a checkpoint open_clip's
     ``create_model(arch, pretrained=dst)`` and a sweep's ``model.pretrained`` load."""
-    from harness.job import merge
+    from harness.job import adaptation_lock, merge
     from harness.models import save_state_dict
     from harness.workspace import Workspace
     from methods.base import resolve_method
@@ -127,11 +127,12 @@ def export_merged(cfg: SweepConfig, label: str, dst: str | Path, device: torch.d
         raise ExportError(f"row {label!r}: its reported job {result.key} was run with {_what_may_differ(method.name)} "
                           f"than the sweep's now (key {spec.key}): rerun the sweep, then export")
     workdir = cfg.resolved_output_dir() / "work" / spec.key
-    saved = workdir.is_dir() and any(workdir.iterdir())
     cls = resolve_method(method.name)
     if not cls.plain_encoder:  # refused before merging: a lost adaptation would be run again first
         raise ExportError(_not_plain(label, "routed MLPs", workdir))
-    merged, _ = merge(spec, ws, device, workdir)
+    with adaptation_lock(spec, workdir):  # what another export or the sweep's job saved there, once it is done
+        saved = workdir.is_dir() and any(workdir.iterdir())
+        merged, _ = merge(spec, ws, device, workdir)
     state = _plain_encoder_state(merged, ws.pretrained_encoder, label, workdir)
     if full_clip:
         state = {**{k: v.detach().cpu() for k, v in ws.clip.state_dict().items()},

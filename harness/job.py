@@ -13,11 +13,11 @@ import time
 import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, ContextManager, Iterator
 
 import torch
 
-from harness.cache import read_json
+from harness.cache import build_lock, read_json
 from harness.config import MAIN, SweepConfig
 from harness.evaluation import EvaluationDataError, correct_predictions, percent, stream_workers, unlabeled_batches
 from harness.failpoints import failpoint
@@ -253,15 +253,31 @@ def _mean(values) -> float:
     return sum(values) / len(values)
 
 
+def adaptation_lock(spec: JobSpec, workdir: Path) -> ContextManager[bool]:
+    """Held while a test-time-adaptation job runs in its ``workdir`` (a sweep's job, or ``harness
+    export`` adapting a lost adaptation again): a second process adapting there at once deleted
+    the first's checkpoint being written (as a killed run's leftover), and the first crashed. It
+    waits instead, then resumes from what the first saved. The lock file lies beside the workdir,
+    hidden, so the workdir holds only what the method saved."""
+    from methods.base import resolve_method
+
+    if not spec.method or not resolve_method(spec.method).uses_test_data:
+        return contextlib.nullcontext(False)
+    return build_lock(workdir.parent / f".{workdir.name}.lock",
+                      f"{workdir}: waiting for another process (a sweep's job or an export) adapting there")
+
+
 def run_job(spec: JobSpec, ws: Workspace, device: torch.device, workdir: Path) -> JobResult:
     """Run a job; failures are returned as a failed result with the reason, never raised."""
     result = JobResult.of(spec, "ok")
     t0 = time.perf_counter()
+    held = contextlib.ExitStack()
     try:
         check_harness_code(spec)
         check_method_code(spec)
         check_task_code(spec, ws.task)
         check_precision(ws.cfg.eval.precision, device)  # never float32 silently under a reduced-precision key
+        held.enter_context(adaptation_lock(spec, workdir))
         if spec.kind == "pretrained":
             encoder = ws.pretrained_encoder
             result.timings["load"] = time.perf_counter() - t0
@@ -316,6 +332,8 @@ def run_job(spec: JobSpec, ws: Workspace, device: torch.device, workdir: Path) -
         result.status = "failed"
         result.error = f"{type(exc).__name__}: {exc}"
         result.error_detail = traceback.format_exc(limit=-5)
+    finally:
+        held.close()
     result.timings["total"] = time.perf_counter() - t0
     return result
 

@@ -138,14 +138,21 @@ def unreadable_reason(path: Path, exc: Exception) -> str | None:
 
 
 def weights_only_reason(exc: Exception, path: Path | None = None) -> str:
-    """The informative line of torch's weights_only refusal (it names the offending global),
-    without torch's advice to allowlist the global, which would load the module unconverted."""
+    """What torch's weights-only unpickler rejected (an unsupported global, a blocked module's
+    global such as ``posix.system``, a call or an operand), without torch's advice to allowlist
+    it, which would load the module unconverted. torch re-raises the unpickler's own error inside
+    its advice; that error, kept as the exception's context, is the part that names the item."""
     if path is not None and is_torchscript(path):
         return TORCHSCRIPT_REASON
-    for line in str(exc).splitlines():
-        if "Unsupported global" in line or "Unsupported operand" in line:
-            return line.split(". Please use", 1)[0].strip()
-    return type(exc).__name__
+    inner = exc.__context__
+    if isinstance(inner, pickle.UnpicklingError) and str(inner).strip():
+        detail = str(inner)
+    elif "WeightsUnpickler error:" in str(exc):
+        detail = str(exc).split("WeightsUnpickler error:", 1)[1]
+    else:
+        return type(exc).__name__
+    detail = " ".join(detail.split(". Please use", 1)[0].split("Check the documentation", 1)[0].split())
+    return f"WeightsUnpickler error: {detail.removesuffix('.')[:200]}"
 
 
 def is_torchscript(path: Path) -> bool:

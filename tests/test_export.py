@@ -390,3 +390,101 @@ def test_a_damaged_jobs_file_is_refused_in_one_line_naming_it(sweep_dict, tmp_pa
     run_sweep(cfg, quiet=True)
     again = runner.invoke(main, ["export", str(path), "--method", "task_arithmetic", "--out", str(tmp_path / "t.st")])
     assert again.exit_code == 0 and (tmp_path / "t.st").is_file()
+
+
+_PAUSING = '''
+import os, sys, time
+from pathlib import Path
+
+import methods.tta as tta
+from harness.cache import atomic_path
+from harness.cli import main
+
+pause = Path(os.environ["PAUSE_DIR"]) if os.environ.get("PAUSE_DIR") else None
+
+
+def write_pausing(path, data):
+    """The first checkpoint write stops with its temporary file written, until the test says go."""
+    global pause
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+        if pause is not None:
+            (pause / "ready").touch()
+            deadline = time.monotonic() + 120
+            while not (pause / "go").exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            pause = None
+
+
+tta.atomic_write_bytes = write_pausing
+main(sys.argv[1:])
+'''
+
+
+def _start(tmp_path, name, args, pause=None):
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "pausing_cli.py"
+    script.write_text(_PAUSING)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "PAUSE_DIR": str(pause or "")}
+    with open(tmp_path / f"{name}.err", "w") as err:  # the child keeps its own copy
+        return subprocess.Popen([sys.executable, str(script), *args], env=env, stdout=subprocess.DEVNULL, stderr=err)
+
+
+def _wait_for(condition, what: str, timeout: float = 180) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("first", ["export", "sweep"])
+def test_an_export_adapting_again_waits_for_another_process_adapting_that_job(first, sweep_dict, tmp_path):
+    """Two processes adapting one job in its ``work/<key>/`` at once (two exports of a row whose
+    adaptation is gone, or an export while the sweep's job adapts): the second deleted the first's
+    checkpoint being written as a killed run's leftover, and the first crashed (FileNotFoundError),
+    failing the sweep's job. The first is paused with its checkpoint's temporary file written
+    until the second either waits or is done; both then end well, with the model an
+    uninterrupted adaptation gives."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    sweep_dict["references"] = False
+    sweep_dict["methods"] = [{"name": "adamerging", "params": {"steps": 3, "batch_size": 4, "checkpoint_every": 1}}]
+    cfg = validate_config(sweep_dict)
+    run_sweep(cfg, quiet=True)
+    truth = export_merged(cfg, "adamerging", tmp_path / "truth.safetensors")
+    out = cfg.resolved_output_dir()
+    shutil.rmtree(out / "work" / truth.result.key)
+    result = out / "results" / f"{truth.result.key}.json"
+    kept = result.read_bytes()
+    if first == "sweep":
+        result.unlink()  # the sweep runs the job again
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(sweep_dict))
+    export = ["export", str(path), "--method", "adamerging", "--out"]
+    pause = tmp_path / "pause"
+    pause.mkdir()
+    a = _start(tmp_path, "a", [*export, str(tmp_path / "a.safetensors")] if first == "export" else ["sweep", str(path)],
+               pause)
+    _wait_for(lambda: (pause / "ready").exists() or a.poll() is not None, "the first process's checkpoint write")
+    assert a.poll() is None, (tmp_path / "a.err").read_text()
+    result.write_bytes(kept)  # the row the export reads
+    b = _start(tmp_path, "b", [*export, str(tmp_path / "b.safetensors")])
+    _wait_for(lambda: b.poll() is not None or "waiting for another process" in (tmp_path / "b.err").read_text(),
+              "the second process to end or wait")
+    (pause / "go").touch()
+    assert a.wait(timeout=300) == 0, (tmp_path / "a.err").read_text()
+    assert b.wait(timeout=300) == 0, (tmp_path / "b.err").read_text()
+    assert "waiting for another process" in (tmp_path / "b.err").read_text()
+    want = load_file(str(tmp_path / "truth.safetensors"))
+    for name in ("a", "b") if first == "export" else ("b",):
+        got = load_file(str(tmp_path / f"{name}.safetensors"))
+        assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    if first == "sweep":
+        assert json.loads(result.read_text())["status"] == "ok"

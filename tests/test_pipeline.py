@@ -340,6 +340,31 @@ def test_a_cached_model_edited_under_a_valid_header_is_trained_again(two_tasks, 
     assert [digest_path(f).read_text() for f in files] == [hashlib.sha256(f.read_bytes()).hexdigest() for f in files]
 
 
+@pytest.mark.parametrize("edit", ["images", "captions"])
+def test_a_cached_pool_edited_in_place_is_generated_again(edit, tmp_path):
+    """The pool trains the pretrained model (and the preservation term) whenever one is built:
+    a flipped bit in its cached images, or a caption edited in its valid JSON, silently trained
+    a different model. It is checked against the digest recorded when written, and generated
+    again, as ``pretraining_pool`` makes it, with a warning naming the file."""
+    import json
+
+    from tasks.embedded import pretraining_pool
+
+    truth_images, truth_captions = pretraining_pool(32, seed=1, size="tiny")
+    pipeline.cached_pool(32, 1, "tiny", tmp_path)
+    (images_file,) = (tmp_path / "pool").glob("*.safetensors")
+    damaged = images_file if edit == "images" else images_file.with_suffix(".json")
+    whole = damaged.read_bytes()
+    if edit == "images":
+        _flip_a_weight_bit(damaged)
+    else:
+        damaged.write_text(json.dumps({"captions": ["a photo of nothing", *truth_captions[1:]]}))
+    with pytest.warns(UserWarning, match=f"{damaged.name}: its content differs .*generating it again"):
+        images, captions = pipeline.cached_pool(32, 1, "tiny", tmp_path)
+    assert torch.equal(images, truth_images) and captions == list(truth_captions)
+    assert damaged.read_bytes() == whole
+
+
 def test_shipped_pretrained_is_used_only_when_its_identity_matches(suite, two_tasks, tmp_path, monkeypatch, capsys):
     import shutil
 

@@ -148,6 +148,23 @@ def test_a_line_break_in_a_slurm_output_dir_is_refused(tmp_path, micro_checkpoin
     assert not Path(out).exists()
 
 
+def test_validate_config_itself_refuses_a_line_break_in_a_slurm_output_dir(tmp_path, micro_checkpoints):
+    """Code that runs ``run_sweep(validate_config(d))`` (a notebook, the tests) skipped the CLI's
+    checks: the line break reached the batch script's ``#SBATCH --output`` line."""
+    from harness.config import ConfigError, validate_config
+    from tests.conftest import make_sweep_dict
+
+    out = f"{tmp_path / 'out'}\ntouch {tmp_path / 'pwned'} #"
+    d = {**make_sweep_dict(micro_checkpoints, tmp_path), "output_dir": out, "executor": {"kind": "slurm"}}
+    with pytest.raises(ConfigError) as err:
+        validate_config(d, "sweep.yaml")
+    assert str(err.value) == ("sweep.yaml: output_dir: holds a line break, which would end its line of the jobs' "
+                              f"batch script: the rest of the path would run there as a shell command; rename it "
+                              f"(got {out!r})")
+    local = validate_config({**d, "executor": {"kind": "local"}}, "sweep.yaml")
+    assert local.output_dir == out  # only SLURM writes the path into a script line
+
+
 @pytest.mark.parametrize("field", ["partition", "account", "qos", "constraint"])
 def test_a_slurm_option_expanding_to_a_line_break_is_refused(field, monkeypatch):
     """``${VAR}`` expanded after the one-word check: a variable holding a line break ended the
@@ -162,3 +179,41 @@ def test_a_slurm_option_expanding_to_a_line_break_is_refused(field, monkeypatch)
     assert "expands to 'gpu\\ntouch /tmp/pwned #', which is not one word (it holds whitespace)" in str(err.value)
     monkeypatch.setenv("SLURM_OPT", "gpu")
     assert getattr(ExecutorSpec(kind="slurm", **{field: "${SLURM_OPT}"}), field) == "gpu"
+
+
+class _RunsShell:
+    """A pickle that, when unpickled, runs a shell command creating the file it names."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch '{self.path}'",))
+
+
+@pytest.mark.parametrize("zipped", [True, False], ids=["zip", "legacy"])
+def test_a_refused_checkpoint_names_the_global_it_would_have_called(tmp_path, zipped):
+    """torch refuses a global of a blocked module (``os.system``) with a message the refusal did
+    not recognize: it said only "(UnpicklingError)", not what in the file was refused."""
+    import os
+
+    import torch
+
+    from harness.convert import convert_pickled_checkpoint
+    from harness.errors import HarnessError
+    from harness.models import load_state_dict
+
+    marker = tmp_path / "ran"
+    ckpt = tmp_path / "evil.pt"
+    torch.save({"w": torch.zeros(2), "x": _RunsShell(marker)}, ckpt, _use_new_zipfile_serialization=zipped)
+    called = f"{os.system.__module__}.{os.system.__name__}"
+    with pytest.raises(HarnessError) as err:
+        load_state_dict(ckpt)
+    assert str(err.value).startswith(f"{ckpt}: refused to load: not a plain tensor checkpoint (")
+    assert called in str(err.value) and "harness convert --trust-pickle" in str(err.value)
+    with pytest.raises(HarnessError) as err:
+        convert_pickled_checkpoint(ckpt, tmp_path / "out.safetensors")
+    assert called in str(err.value) and "--trust-pickle" in str(err.value)
+    assert not marker.exists()

@@ -277,20 +277,38 @@ def _bar_callback(bars, bar_id, every: int = 10):
 
 def cached_pool(n: int, seed: int, size: str, cache_dir: Path) -> tuple[torch.Tensor, list[str]]:
     """``pretraining_pool(n, seed, size)``, generated once and kept in ``cache_dir`` (minutes
-    of rendering for tens of thousands of images, milliseconds to read back)."""
+    of rendering for tens of thousands of images, milliseconds to read back). The pool trains
+    whatever model is (re)built from it, so its images and captions are checked against the
+    digests recorded when they were written (:func:`harness.cache.check_digest`): one edited in
+    place is generated again, with a warning, not trained on."""
     data = _data()
     key = content_key({"data_version": data.DATA_VERSION, "n": n, "seed": seed, "size": size})
     path = cache_dir / "pool" / f"pool-{key}.safetensors"
-    meta = read_json(path.with_suffix(".json"))
-    if path.is_file() and meta is not None and len(meta.get("captions", [])) == n:
+    captions_path = path.with_suffix(".json")
+    if path.is_file() and captions_path.is_file():
         try:
-            return load_state_dict(path)["images"], list(meta["captions"])
+            return _read_pool(path, captions_path, n)
+        except ValueError as exc:
+            warnings.warn(f"{exc}; generating it again", stacklevel=2)
         except Exception:  # an unreadable file is regenerated
             pass
     images, captions = data.pretraining_pool(n, seed=seed, size=size)
-    atomic_write_json(path.with_suffix(".json"), {"captions": list(captions)})
+    atomic_write_json(captions_path, {"captions": list(captions)})
+    record_digest(captions_path)
     save_state_dict({"images": images}, path)
+    record_digest(path)
     return images, list(captions)
+
+
+def _read_pool(path: Path, captions_path: Path, n: int) -> tuple[torch.Tensor, list[str]]:
+    """A cached pool's images and captions, their digests checked; ValueError when one differs,
+    KeyError or OSError when unreadable or of another size."""
+    check_digest(captions_path)
+    meta = read_json(captions_path)
+    if meta is None or len(meta.get("captions", [])) != n:
+        raise KeyError(f"{captions_path}: not the captions of {n} images")
+    check_digest(path)
+    return load_state_dict(path)["images"], list(meta["captions"])
 
 
 def _pretrained_path(opts: SuiteOptions, cache_dir: Path, data_version: str, from_scratch: bool) -> Path:
