@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import hashlib
 import io
 import json
@@ -12,8 +13,9 @@ import os
 import re
 from collections import Counter
 from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import yaml
 
@@ -21,7 +23,7 @@ from harness.cache import atomic_write_bytes
 from harness.config import GENERALIZATION, MAIN, SweepConfig, reference_row
 from harness.errors import HarnessError, did_you_mean
 from harness.job import JobResult
-from harness.plan import base_label
+from harness.plan import base_label, harness_code_id
 from harness.results import (
     FAILED,
     Row,
@@ -149,12 +151,15 @@ def file_stems(labels: Iterable[str]) -> dict[str, str]:
 
 def build_report(cfg: SweepConfig, results: list[JobResult], out: Path,
                  routing: Mapping[str, dict[str, Any]] | None = None, against: list[str] | None = None,
-                 studies: Mapping[tuple[str, str], TrialCounts] | None = None) -> Report:
+                 studies: Mapping[tuple[str, str], TrialCounts] | None = None,
+                 plot_record: Path | None = None) -> Report:
     """Write every table in three formats and the plots into ``out``; return what was written.
 
     ``routing``: routing statistics by row label (:func:`row_routings`), one heatmap each;
     ``against``: the rows the significance table compares every other row with (default:
-    :func:`default_reference`); ``studies``: tuned methods' trial counts (see :func:`build_rows`)."""
+    :func:`default_reference`); ``studies``: tuned methods' trial counts (see :func:`build_rows`);
+    ``plot_record``: where :func:`kept_plot` records the plots, so that a plot drawn from the same
+    inputs by the same code is kept instead of drawn again (None: every plot is drawn)."""
     out.mkdir(parents=True, exist_ok=True)
     seen, tasks = cfg.merge_tasks, cfg.task_names
     unseen = [t for t in tasks if t not in seen]
@@ -201,23 +206,103 @@ def build_report(cfg: SweepConfig, results: list[JobResult], out: Path,
             path = out / f"{name}.{ext}"
             write_text(path, text)
             report.files.append(path)
-    report.files.append(plot_accuracy(rows, seen, out / "accuracy.png", captions["main"]))
+    drawn = read_plot_record(plot_record)
+    report.files.append(plot_accuracy(rows, seen, out / "accuracy.png", captions["main"], drawn))
     if cfg.robustness:
         report.files.append(plot_robustness(rows, cfg.robustness.corruptions, out / "robustness.png",
-                                            captions["robustness"]))
+                                            captions["robustness"], drawn))
     if routing:
         from harness.plots import routing_heatmap
 
         stems = file_stems(routing)
         for label, stats in routing.items():
-            report.files.append(routing_heatmap(stats, out / f"routing-{stems[label]}.png",
-                                                f"{cfg.name}: WeMoE routing weights, {label}"))
+            path, title = out / f"routing-{stems[label]}.png", f"{cfg.name}: WeMoE routing weights, {label}"
+            report.files.append(kept_plot(drawn, path, {"plot": "routing", "routing": stats, "title": title},
+                                          functools.partial(routing_heatmap, stats, path, title)))
+    write_plot_record(plot_record, drawn, report.files)
     written = set(report.files)
     # an earlier report's table or plot this sweep no longer has (a block removed, a row renamed)
     for stale in [*(out / name for name in REPORT_FILES), *out.glob("routing-*.png")]:
         if stale not in written:
             stale.unlink(missing_ok=True)
     return report
+
+
+#: The file (in a sweep's ``work/``) recording the plots its report drew (:func:`kept_plot`).
+PLOT_RECORD = "report-plots.json"
+
+PlotRecord = dict[str, list[str]]
+"""A report folder's plots by path: the digest of what each was drawn from, and of its PNG."""
+
+#: Files whose contents restyle a plot without entering its inputs (``matplotlib.matplotlib_fname``'s search).
+_RC_FILES = ("matplotlibrc", "$MATPLOTLIBRC", "$MATPLOTLIBRC/matplotlibrc", "$MPLCONFIGDIR/matplotlibrc",
+             "$XDG_CONFIG_HOME/matplotlib/matplotlibrc", "~/.config/matplotlib/matplotlibrc")
+
+
+def read_plot_record(path: Path | None) -> PlotRecord | None:
+    """The record :func:`write_plot_record` left (empty if none or unreadable); None without a path."""
+    if path is None:
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def write_plot_record(path: Path | None, drawn: PlotRecord | None, files: list[Path]) -> None:
+    """Keep the entries of this report's plots only: a plot no longer written is drawn again if it returns."""
+    if path is None or drawn is None:
+        return
+    names = {str(f) for f in files}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, json.dumps({k: v for k, v in drawn.items() if k in names}, indent=0).encode())
+
+
+def kept_plot(drawn: PlotRecord | None, path: Path, inputs: Mapping[str, Any], draw: Callable[[], Path]) -> Path:
+    """``draw()`` the plot at ``path``, unless ``drawn`` says the file there is what it would draw:
+    the same ``inputs`` (all it is drawn from besides the code), harness code, matplotlib and
+    Pillow versions and matplotlibrc files, and the PNG unchanged since. A fully cached rerun thus
+    keeps its plots: drawing them took most of its time after imports, and the first imports matplotlib."""
+    if drawn is None:
+        return draw()
+    key = plot_inputs_digest(inputs)
+    png = file_digest(path) if key else ""
+    if png and drawn.get(str(path)) == [key, png]:  # a file that cannot be read is drawn again
+        return path
+    draw()
+    if key:
+        drawn[str(path)] = [key, file_digest(path)]
+    return path
+
+
+def plot_inputs_digest(inputs: Mapping[str, Any]) -> str:
+    """A digest of what a plot is drawn from; empty (never kept) where the code is not known."""
+    code = harness_code_id()[1]
+    if not code:
+        return ""
+    try:
+        libs = [metadata.version("matplotlib"), metadata.version("pillow")]
+    except metadata.PackageNotFoundError:
+        return ""
+    rc = []
+    for name in _RC_FILES:
+        candidate = Path(os.path.expanduser(os.path.expandvars(name)))
+        if "$" not in str(candidate) and candidate.is_file():
+            rc.append([str(candidate), file_digest(candidate)])
+    try:  # plain data only: anything else (whose text might not tell values apart) is drawn every time
+        text = json.dumps([code, libs, rc, inputs], sort_keys=True)
+    except (TypeError, ValueError):
+        return ""
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file's bytes; empty if it cannot be read."""
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return ""
 
 
 def write_text(path: Path, text: str) -> None:
@@ -312,18 +397,24 @@ def _below_tick_labels(fig, ax) -> float:
     return float(ax.transAxes.inverted().transform((0, bottom))[1]) - 0.03
 
 
-def plot_accuracy(rows: list[Row], tasks: list[str], path: Path, title: str = "") -> Path:
-    """Per-task test accuracy of each method (and the references)."""
+def plot_accuracy(rows: list[Row], tasks: list[str], path: Path, title: str = "",
+                  drawn: PlotRecord | None = None) -> Path:
+    """Per-task test accuracy of each method (and the references); ``drawn``: see :func:`kept_plot`."""
     series = [(r.method, [r.acc.get(t, float("nan")) for t in tasks] + [r.avg]) for r in rows if not r.failed]
-    return grouped_bars([*tasks, "avg"], series, "test top-1 (%)", path, legend_below=True, title=title)
+    groups = [*tasks, "avg"]
+    return kept_plot(drawn, path, {"plot": "accuracy", "groups": groups, "series": series, "title": title},
+                     lambda: grouped_bars(groups, series, "test top-1 (%)", path, legend_below=True, title=title))
 
 
-def plot_robustness(rows: list[Row], corruptions: list[str], path: Path, title: str = "") -> Path:
-    """Average accuracy over the robustness tasks, clean and per corruption, of each method."""
+def plot_robustness(rows: list[Row], corruptions: list[str], path: Path, title: str = "",
+                    drawn: PlotRecord | None = None) -> Path:
+    """Average accuracy over the robustness tasks, clean and per corruption, of each method;
+    ``drawn``: see :func:`kept_plot`."""
     cols = ["clean", *corruptions]
     series = [(r.method, [r.metrics.get(f"robust/{c}/avg", float("nan")) for c in cols])
               for r in rows if "robust/clean/avg" in r.metrics]
-    return grouped_bars(cols, series, "avg test top-1 (%)", path, legend_below=True, title=title)
+    return kept_plot(drawn, path, {"plot": "robustness", "groups": cols, "series": series, "title": title},
+                     lambda: grouped_bars(cols, series, "avg test top-1 (%)", path, legend_below=True, title=title))
 
 
 def row_routings(cfg: SweepConfig, results: list[JobResult]) -> dict[str, dict[str, Any]]:

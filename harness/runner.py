@@ -30,7 +30,7 @@ from harness.failpoints import failpoint
 from harness.job import RECORDED, JobResult, plain_artifacts, read_result
 from harness.plan import JobSpec, full_params, plan_jobs, robustness_inline, robustness_spec
 from harness.plots import job_artifact_files
-from harness.report import build_report, build_tune_table, row_routings
+from harness.report import PLOT_RECORD, build_report, build_tune_table, row_routings
 from harness.results import (
     Row,
     TrialCounts,
@@ -460,7 +460,8 @@ def _run_sweep(cfg: SweepConfig, ws: Workspace, executor: Any, console: Console,
 
     failpoint("report")
     if only is None:
-        report = build_report(cfg, ordered, out / "report", row_routings(cfg, ordered), studies=trial_counts)
+        report = build_report(cfg, ordered, out / "report", row_routings(cfg, ordered), studies=trial_counts,
+                              plot_record=out / "work" / PLOT_RECORD)
     else:  # the sweep's tables (and the report/jobs.json `harness report` reads) stay the sweep's
         report = build_tune_table(cfg, ordered, out / "report", only.label, trial_counts)
     rows, gen_rows = report.rows, report.generalization_rows

@@ -286,3 +286,93 @@ def test_every_latex_table_has_a_label_a_paper_can_ref(cfg, tmp_path):
         assert labels == [f"\\label{{tab:my_sweep.v2-{name}}}"], name
         caption = next(i for i, line in enumerate(lines) if line.startswith("\\caption{my\\_sweep.v2: "))
         assert lines.index(labels[0]) == caption + 1 < lines.index("\\end{table}")
+
+
+def test_a_report_keeps_plots_drawn_from_the_same_inputs_and_draws_the_rest(cfg, tmp_path, monkeypatch):
+    """With a plot record (a sweep's rerun), a plot whose inputs and file are unchanged is kept,
+    not drawn again; one whose data changed, or whose file was altered, is drawn. Every plot then
+    holds the bytes a report drawn from scratch (no record: what `harness report` does) holds."""
+    import harness.plots as plots
+    import harness.report as report_module
+
+    pre = {A: 40.0, B: 30.0}
+    wa = {A: 50.0, B: 33.0}
+    routing = {"wemoe": {"experts": [A, B], "layers": 1, "mean_weight": {A: [[0.6, 0.4]], B: [[0.3, 0.7]]}}}
+
+    def results(wa_acc: dict) -> list[JobResult]:
+        return [ok("pretrained", "pretrained", {}, pre, 35.0, robust=robust(pre, {A: 20.0, B: 10.0})),
+                ok("merge", "weight_averaging", {}, wa_acc, 41.0, robust=robust(wa_acc, {A: 30.0, B: 21.0}))]
+
+    def oracle(res: list[JobResult], name: str) -> dict[str, bytes]:
+        build_report(cfg, res, tmp_path / name, routing)
+        return {p.name: p.read_bytes() for p in (tmp_path / name).glob("*.png")}
+
+    drawn: list[str] = []
+    bars, heatmap = report_module.grouped_bars, plots.routing_heatmap
+    monkeypatch.setattr(report_module, "grouped_bars", lambda *a, **k: drawn.append(a[3].name) or bars(*a, **k))
+    monkeypatch.setattr(plots, "routing_heatmap", lambda *a, **k: drawn.append(a[1].name) or heatmap(*a, **k))
+    expected = oracle(results(wa), "fresh")
+    assert sorted(expected) == ["accuracy.png", "robustness.png", "routing-wemoe.png"]
+    out, record = tmp_path / "report", tmp_path / "work" / "plots.json"
+
+    def rebuild(res: list[JobResult]) -> list[str]:
+        drawn.clear()
+        build_report(cfg, res, out, routing, plot_record=record)
+        return sorted(drawn)
+
+    def pngs() -> dict[str, bytes]:
+        return {p.name: p.read_bytes() for p in out.glob("*.png")}
+
+    assert rebuild(results(wa)) == sorted(expected)
+    assert rebuild(results(wa)) == [] and pngs() == expected
+    changed = {A: 51.0, B: 33.0}  # the accuracy bars and the robustness plot's clean average change
+    assert rebuild(results(changed)) == ["accuracy.png", "robustness.png"]
+    assert pngs() == oracle(results(changed), "fresh-changed")
+    (out / "routing-wemoe.png").write_bytes(b"not the plot")
+    assert rebuild(results(changed)) == ["routing-wemoe.png"] and pngs() == oracle(results(changed), "again")
+    record.write_text("{not json")
+    assert rebuild(results(changed)) == sorted(expected)
+    drawn.clear()
+    build_report(cfg, results(changed), out, routing)  # no record: every plot drawn
+    assert sorted(drawn) == sorted(expected)
+
+
+def test_a_plot_drawn_from_other_than_plain_data_is_never_kept(tmp_path):
+    """Inputs JSON cannot write exactly have no digest: such a plot is drawn every time."""
+    from harness.report import kept_plot, plot_inputs_digest
+
+    assert plot_inputs_digest({"series": [("m", [1.0])]}) and not plot_inputs_digest({"series": {1.0, 2.0}})
+    path, drawn, record = tmp_path / "p.png", [], {}
+    for _ in range(2):
+        kept_plot(record, path, {"values": object()}, lambda: drawn.append(1) or path.write_bytes(b"png") and path)
+    assert drawn == [1, 1] and record == {}
+
+
+def test_a_fully_cached_rerun_keeps_the_report_plots(sweep_dict, monkeypatch):
+    """A sweep run again into its folder with every job cached draws no plot: its report's
+    plots are the first run's files, byte for byte."""
+    import harness.report as report_module
+    from harness.runner import run_sweep
+
+    cfg = validate_config(sweep_dict)
+    run_sweep(cfg, quiet=True)
+    out = cfg.resolved_output_dir() / "report"
+    first = {p.name: p.read_bytes() for p in out.glob("*.png")}
+    assert "accuracy.png" in first
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a cached rerun drew a plot")
+
+    monkeypatch.setattr(report_module, "grouped_bars", refuse)
+    rerun = run_sweep(cfg, quiet=True)
+    assert rerun.executed == [] and {p.name: p.read_bytes() for p in out.glob("*.png")} == first
+
+
+def test_a_recorded_plot_whose_file_is_gone_is_drawn_again(tmp_path):
+    """A record whose PNG digest is empty (the file could not be read after drawing) keeps nothing."""
+    from harness.report import kept_plot, plot_inputs_digest
+
+    path, drawn = tmp_path / "p.png", []
+    record = {str(path): [plot_inputs_digest({"title": "t"}), ""]}
+    kept_plot(record, path, {"title": "t"}, lambda: drawn.append(1) or path)
+    assert drawn == [1]
