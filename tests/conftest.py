@@ -170,3 +170,17 @@ def adam_steps(monkeypatch) -> list[int]:
 
     monkeypatch.setattr(torch.optim.Adam, "step", counted)
     return steps
+
+
+def tuned_ties_then_k_joins(sweep_dict: dict) -> dict:
+    """A sweep whose TIES row ``tt`` was tuned over ``scaling`` alone (that sweep run), then given
+    ``k`` at its default in the space: its best is the job run before ``k`` joined."""
+    from harness.config import validate_config
+    from harness.runner import run_sweep
+
+    tune = {"n_trials": 1, "n_parallel": 1, "sampler": "grid",
+            "space": {"scaling": {"type": "categorical", "choices": [0.6]}}}
+    d = dict(sweep_dict, references=False, methods=[{"name": "ties", "label": "tt", "tune": tune}])
+    run_sweep(validate_config(d), quiet=True)
+    tune["space"]["k"] = {"type": "categorical", "choices": [20.0]}  # ties' default: the same job
+    return d

@@ -4,8 +4,10 @@ Together with tests/test_config_errors.py (bad sweep files) this is the bad-inpu
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import pickle
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -389,53 +391,50 @@ def test_data_root_missing_for_real_dataset(sweep_dict, tmp_path):
     assert code == 2 and "no-data" in err, err
 
 
+@contextlib.contextmanager
+def sweep_lock_held_elsewhere(out: Path) -> Iterator[None]:
+    """``out``'s sweep lock held by another process (a running sweep) until the block ends, when
+    that process is killed and the lock goes with it."""
+    import subprocess
+    import sys
+
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\nfrom filelock import FileLock\n"
+        f"lock = FileLock({str(out / '.sweep.lock')!r})\nlock.acquire()\nprint('held', flush=True)\ntime.sleep(60)")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        yield
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_second_sweep_into_a_busy_output_folder_is_refused_before_preparing_models(sweep_dict, tmp_path,
                                                                                   monkeypatch):
     """The folder in use (its lock held by a running sweep): the second sweep stops at once, as the
     README has it, not after building or converting the models (minutes for a first embedded suite)."""
-    import subprocess
-    import sys
-
     from harness.workspace import Workspace
 
     out = tmp_path / "out"
     out.mkdir()
     prepared = []
     monkeypatch.setattr(Workspace, "identity", property(lambda self: prepared.append(1) or {}))
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time\nfrom filelock import FileLock\n"
-        f"lock = FileLock({str(out / '.sweep.lock')!r})\nlock.acquire()\nprint('held', flush=True)\ntime.sleep(60)")],
-        stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with sweep_lock_held_elsewhere(out):
         code, err, _ = _run_sweep(tmp_path, dict(copy.deepcopy(sweep_dict), output_dir=str(out)))
-    finally:
-        holder.kill()
-        holder.wait()
     assert prepared == []
     assert code == 2 and f"{out}: another sweep is running into this output folder" in err, err
 
 
 def test_second_sweep_into_a_busy_output_folder_is_refused(sweep_dict, tmp_path):
-    import subprocess
-    import sys
-
     out = tmp_path / "out"
     out.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time\nfrom filelock import FileLock\n"
-        f"lock = FileLock({str(out / '.sweep.lock')!r})\nlock.acquire()\nprint('held', flush=True)\ntime.sleep(60)")],
-        stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with sweep_lock_held_elsewhere(out):
         d = copy.deepcopy(sweep_dict)
         d["output_dir"] = str(out)
         code, err, _ = _run_sweep(tmp_path, d)
         assert code == 2 and f"{out}: another sweep is running into this output folder" in err, err
         assert not (out / "results").exists() or not any((out / "results").iterdir())
-    finally:
-        holder.kill()
-        holder.wait()
     code, err, _ = _run_sweep(tmp_path, d)  # the holder is gone (killed): the lock went with it
     assert code == 0, err
 

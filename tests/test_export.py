@@ -18,7 +18,7 @@ from harness.cli import main
 from harness.config import validate_config
 from harness.export import ExportError, export_merged
 from harness.runner import run_sweep
-from tests.conftest import TRAINED_TASKS, make_sweep_dict
+from tests.conftest import TRAINED_TASKS, make_sweep_dict, tuned_ties_then_k_joins
 
 
 def test_an_exported_merge_loads_back_as_a_checkpoint_and_scores_what_its_row_reports(trained_checkpoints, tmp_path):
@@ -351,11 +351,7 @@ def test_a_tuned_rows_export_names_the_setting_its_row_shows(sweep_dict, tmp_pat
     """A tuned best with ``k`` at its default reuses the job run before ``k`` joined the space; the
     row shows ``k=20.0, scaling=0.6``, and so do the export's line and metadata (they gave the
     result file's ``scaling=0.6``)."""
-    tune = {"n_trials": 1, "n_parallel": 1, "sampler": "grid",
-            "space": {"scaling": {"type": "categorical", "choices": [0.6]}}}
-    d = dict(sweep_dict, references=False, methods=[{"name": "ties", "label": "tt", "tune": tune}])
-    run_sweep(validate_config(d), quiet=True)
-    tune["space"]["k"] = {"type": "categorical", "choices": [20.0]}  # ties' default: the same job
+    d = tuned_ties_then_k_joins(sweep_dict)
     cfg = validate_config(d)
     assert run_sweep(cfg, quiet=True).rows[0].setting == "scaling=0.6, k=20.0"
     f = tmp_path / "s.yaml"

@@ -41,11 +41,29 @@ def test_heatmap_panels_show_the_means_and_the_title_clears_them():
         plt.close(fig)
 
 
+def legend_overlaps_as_saved(monkeypatch, draw, bars: bool) -> list[int]:
+    """:func:`legend_overlaps` of each figure ``draw()`` saves (instead of saving it)."""
+    import matplotlib.figure
+
+    seen = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: seen.append(legend_overlaps(fig, bars)))
+    draw()
+    return seen
+
+
+def legend_overlaps(fig, bars: bool) -> int:
+    """How many task names (and bars, with ``bars``) the legend of ``fig``'s plot overlaps, drawn."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    ax = fig.axes[0]
+    legend = ax.get_legend().get_window_extent(renderer)
+    covered = [*(p for p in ax.patches if bars), *ax.get_xticklabels()]
+    return sum(legend.overlaps(item.get_window_extent(renderer)) for item in covered)
+
+
 def test_robustness_legend_leaves_high_bars_and_labels_visible(tmp_path, monkeypatch):
     """Clean accuracies of 80-95% (a real CLIP's) reach the top of the axes, where a legend drawn
     inside covered the bars of the first groups: no legend entry may hide a bar or a group's name."""
-    import matplotlib.figure
-
     from harness.report import Row, plot_robustness
 
     corruptions = ["motion_blur", "impulse_noise", "gaussian_noise", "pixelate", "spatter", "contrast",
@@ -53,42 +71,18 @@ def test_robustness_legend_leaves_high_bars_and_labels_visible(tmp_path, monkeyp
     rows = [Row(f"method_{i}", "", {}, 50.0, None, metrics={f"robust/{c}/avg": 95.0 - 2 * j - i
                                                             for j, c in enumerate(["clean", *corruptions])})
             for i in range(12)]
-    seen = []
-
-    def check(fig, *args, **kwargs):
-        fig.canvas.draw()
-        renderer = fig.canvas.get_renderer()
-        ax = fig.axes[0]
-        legend = ax.get_legend().get_window_extent(renderer)
-        bars = [p.get_window_extent(renderer) for p in ax.patches]
-        names = [t.get_window_extent(renderer) for t in ax.get_xticklabels()]
-        seen.append(sum(legend.overlaps(b) for b in bars + names))
-
-    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", check)
-    plot_robustness(rows, corruptions, tmp_path / "robustness.png", "t")
-    assert seen == [0]
+    draw = lambda: plot_robustness(rows, corruptions, tmp_path / "robustness.png", "t")  # noqa: E731
+    assert legend_overlaps_as_saved(monkeypatch, draw, bars=True) == [0]
 
 
 def test_accuracy_legend_stays_under_long_task_names(tmp_path, monkeypatch):
     """Task names of 30 characters, rotated, reach further down than a fixed legend offset."""
-    import matplotlib.figure
-
     from harness.report import Row, plot_accuracy
 
     tasks = [f"{'x' * 30}{i}" for i in range(8)]
     rows = [Row(f"m{i}", "", dict.fromkeys(tasks, 50.0), 50.0, None) for i in range(15)]
-    seen = []
-
-    def check(fig, *args, **kwargs):
-        fig.canvas.draw()
-        renderer = fig.canvas.get_renderer()
-        ax = fig.axes[0]
-        legend = ax.get_legend().get_window_extent(renderer)
-        seen.append(sum(legend.overlaps(t.get_window_extent(renderer)) for t in ax.get_xticklabels()))
-
-    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", check)
-    plot_accuracy(rows, tasks, tmp_path / "accuracy.png", "t")
-    assert seen == [0]
+    draw = lambda: plot_accuracy(rows, tasks, tmp_path / "accuracy.png", "t")  # noqa: E731
+    assert legend_overlaps_as_saved(monkeypatch, draw, bars=False) == [0]
 
 
 def test_every_row_of_a_large_sweep_has_a_bar_style_of_its_own(tmp_path, monkeypatch):

@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 from harness.config import ConfigError, validate_config
 from harness.errors import HarnessError
 from harness.runner import run_sweep
-from tests.conftest import TRAINED_TASKS, make_sweep_dict
+from tests.conftest import TRAINED_TASKS, make_sweep_dict, tuned_ties_then_k_joins
 
 GRID = [round(0.05 * i, 2) for i in range(21)]
 
@@ -1414,11 +1414,7 @@ def test_a_tuned_row_sharing_a_grid_rows_job_shows_its_studys_values_in_both_tab
 def test_a_tuned_bests_run_logged_before_a_parameter_joined_the_space_holds_the_rows_params(sweep_dict):
     """The job's run is named with the row's setting (``k=20.0`` too) on rerun; its ``job.params.*``,
     logged when the job first ran without ``k``, now hold it too (the folder's own store)."""
-    tune = {"n_trials": 1, "n_parallel": 1, "sampler": "grid",
-            "space": {"scaling": {"type": "categorical", "choices": [0.6]}}}
-    d = dict(sweep_dict, references=False, methods=[{"name": "ties", "label": "tt", "tune": tune}])
-    run_sweep(validate_config(d), quiet=True)
-    tune["space"]["k"] = {"type": "categorical", "choices": [20.0]}  # ties' default: the same job
+    d = tuned_ties_then_k_joins(sweep_dict)
     cfg = validate_config(d)
     out = run_sweep(cfg, quiet=True)
     client = MlflowClient(cfg.resolved_tracking_uri())
