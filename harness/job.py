@@ -221,10 +221,11 @@ class StudyFailed(RuntimeError):
 def naming_corruption(name: str, severity: int) -> Iterator[None]:
     """Errors raised inside name the corruption: a job's error line otherwise reads as if its
     merge or clean adaptation had failed, hiding which of the study's adaptations did.
-    Out-of-memory and pruning keep their own handling."""
+    Out-of-memory (the host's or an accelerator's) and pruning keep their own handling: they fail
+    or stop the job."""
     try:
         yield
-    except (MemoryError, PruneTrial):
+    except (MemoryError, torch.OutOfMemoryError, PruneTrial):
         raise
     except Exception as exc:
         raise StudyFailed(f"robustness study, {name} (severity {severity}): {type(exc).__name__}: {exc}") from exc
