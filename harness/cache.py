@@ -132,14 +132,14 @@ def check_digest(path: str | os.PathLike, record: bool = True) -> None:
     file, ~20 ms for 30 MB."""
     from harness.models import file_digest
 
-    try:
-        recorded = digest_path(path).read_text().strip()
+    try:  # bytes: a digest file damaged past UTF-8 is a mismatch naming ``path``, not a bare codec error
+        recorded = digest_path(path).read_bytes().strip()
     except FileNotFoundError:
         if record:
             with contextlib.suppress(OSError):
                 record_digest(path)
         return
-    if recorded != file_digest(path):
+    if recorded != file_digest(path).encode():
         raise ValueError(f"{path}: its content differs from the sha256 recorded when it was written")
 
 

@@ -221,16 +221,17 @@ class StudyFailed(RuntimeError):
 def naming_corruption(name: str, severity: int) -> Iterator[None]:
     """Errors raised inside name the corruption: a job's error line otherwise reads as if its
     merge or clean adaptation had failed, hiding which of the study's adaptations did.
-    Out-of-memory and pruning keep their own handling."""
+    Out-of-memory (the host's or an accelerator's) and pruning keep their own handling: they fail
+    or stop the job."""
     try:
         yield
-    except (MemoryError, PruneTrial):
+    except (MemoryError, torch.OutOfMemoryError, PruneTrial):
         raise
     except Exception as exc:
         raise StudyFailed(f"robustness study, {name} (severity {severity}): {type(exc).__name__}: {exc}") from exc
 
 
-def run_study(result: JobResult, study: Callable[[], dict[str, float]]) -> None:
+def run_robustness_study(result: JobResult, study: Callable[[], dict[str, float]]) -> None:
     """Add the robustness study's metrics to ``result``. A study failing on one corruption
     (:class:`StudyFailed`) costs only the robustness row: it is recorded as ``study_error`` with
     its traceback, and the job's merge, adaptation and clean metrics stand."""
@@ -284,7 +285,8 @@ def run_job(spec: JobSpec, ws: Workspace, device: torch.device, workdir: Path) -
             result.metrics = evaluate_encoder(ws, encoder, ws.cfg.task_names, device,
                                               test_correct=result.test_correct)
             if ws.cfg.robustness:
-                run_study(result, lambda: robustness_metrics(ws, encoder, device, clean_accuracy(result, ws)))
+                run_robustness_study(result, lambda: robustness_metrics(ws, encoder, device,
+                                                                        clean_accuracy(result, ws)))
         elif spec.kind == "perfect_routing":
             encoder = perfect_routing_encoder(ws, spec.task, spec.params["scaling"])
             result.timings["load"] = time.perf_counter() - t0
@@ -318,7 +320,8 @@ def run_job(spec: JobSpec, ws: Workspace, device: torch.device, workdir: Path) -
             adapted = ((lambda c: merge(spec, ws, device, workdir / f"corrupted-{c}", corruption=c)[0])
                        if readapt else None)
             if study and ws.cfg.robustness:
-                run_study(result, lambda: robustness_metrics(ws, merged, device, clean_accuracy(result, ws), adapted))
+                run_robustness_study(result, lambda: robustness_metrics(ws, merged, device,
+                                                                        clean_accuracy(result, ws), adapted))
             result.timings["evaluate"] = time.perf_counter() - t1
         bad = [k for k, v in result.metrics.items() if not math.isfinite(v)]
         if bad:

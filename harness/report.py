@@ -482,17 +482,17 @@ def load_sweep_from_mlflow(tracking_uri: str, run_id: str | None = None,
     with tempfile.TemporaryDirectory() as tmp:
         local = _download(client, tracking_uri, parent, "resolved.yaml", tmp)
         cfg = SweepConfig.model_validate(yaml.safe_load(Path(local).read_text()))
-        current: set[str] | None = None
-        shared: dict[str, list[str]] = {}  # job key -> the labels whose rows hold it
-        settings: dict[tuple[str, str], dict[str, Any]] = {}  # (label, key) -> the row's params
-        if any(a.path == f"report/{JOBS_FILE}" for a in client.list_artifacts(parent.info.run_id, "report")):
-            entries = json.loads(Path(_download(client, tracking_uri, parent, f"report/{JOBS_FILE}", tmp)).read_text())
-            current = {e[1] if isinstance(e, list) else e for e in entries}  # [label, key]; older files: keys
-            for e in entries:
-                if isinstance(e, list):
-                    shared.setdefault(e[1], []).append(e[0])
-                if isinstance(e, list) and len(e) > 3:
-                    settings[e[0], e[1]] = e[3]
+    current: set[str] | None = None
+    shared: dict[str, list[str]] = {}  # job key -> the labels whose rows hold it
+    settings: dict[tuple[str, str], dict[str, Any]] = {}  # (label, key) -> the row's params
+    entries = _recorded_jobs(client, tracking_uri, parent)
+    if entries is not None:
+        current = {e[1] if isinstance(e, list) else e for e in entries}  # [label, key]; older files: keys
+        for e in entries:
+            if isinstance(e, list):
+                shared.setdefault(e[1], []).append(e[0])
+            if isinstance(e, list) and len(e) > 3:
+                settings[e[0], e[1]] = e[3]
     children = client.search_runs([parent.info.experiment_id],
                                   f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'", max_results=50000)
     results = []
@@ -520,6 +520,17 @@ def load_sweep_from_mlflow(tracking_uri: str, run_id: str | None = None,
                 for label in shared.get(r.key, []) if label != r.label]
     results = [dataclasses.replace(r, params=settings.get((r.label, r.key), r.params)) for r in results]
     return cfg, plan_order(cfg, results), parent
+
+
+def _recorded_jobs(client: Any, tracking_uri: str, parent: Any) -> list[Any] | None:
+    """The entries of the ``report/jobs.json`` sweep run ``parent`` logged (:func:`job_entry`);
+    None where it logged none (a sweep of an older harness)."""
+    import tempfile
+
+    if not any(a.path == f"report/{JOBS_FILE}" for a in client.list_artifacts(parent.info.run_id, "report")):
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        return json.loads(Path(_download(client, tracking_uri, parent, f"report/{JOBS_FILE}", tmp)).read_text())
 
 
 def _no_tables_yet(client: Any, tracking_uri: str, parent: Any) -> str | None:
@@ -553,17 +564,13 @@ def load_study_counts(tracking_uri: str, parent: Any) -> dict[tuple[str, str], T
     jobs.json recorded them, else (a sweep of an older harness) from the studies' tuning runs. A
     tuning run of an older harness, which stored none, adds nothing; of studies that chose the
     same job, the last to end counts."""
-    import tempfile
-
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri)
-    if any(a.path == f"report/{JOBS_FILE}" for a in client.list_artifacts(parent.info.run_id, "report")):
-        with tempfile.TemporaryDirectory() as tmp:
-            entries = json.loads(Path(_download(client, tracking_uri, parent, f"report/{JOBS_FILE}", tmp)).read_text())
-        recorded = {(e[0], e[1]): TrialCounts(**e[2]) for e in entries if isinstance(e, list) and len(e) > 2 and e[2]}
-        if recorded:
-            return recorded
+    entries = _recorded_jobs(client, tracking_uri, parent) or []
+    recorded = {(e[0], e[1]): TrialCounts(**e[2]) for e in entries if isinstance(e, list) and len(e) > 2 and e[2]}
+    if recorded:
+        return recorded
     runs = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' "
                               "and tags.`harness.kind` = 'tune'", max_results=50000)
     out: dict[tuple[str, str], TrialCounts] = {}

@@ -81,13 +81,20 @@ class SweepOutcome:
 def finished_result(results_dir: Path, spec: JobSpec) -> JobResult | None:
     """A job's cached result when it finished successfully (failed jobs are retried, and so are
     jobs whose robustness study failed: the study runs again, the adaptation resumed from the
-    job's workdir).
+    job's workdir)."""
+    result = recorded_result(results_dir, spec)
+    return None if result is None or result.study_error else result
+
+
+def recorded_result(results_dir: Path, spec: JobSpec) -> JobResult | None:
+    """A job's cached result when its main metrics stand, its robustness study run inside it
+    failed or not: what a row shows as its last sweep left it.
 
     The result takes the spec's label and setting: a job keeps its key when its method is
     renamed in the sweep, or a setting that never changes a result is (``checkpoint_every``),
     and its row, run name and tags follow the sweep, not the run that computed it."""
     result = read_result(results_dir / f"{spec.key}.json", spec.key)
-    if result is None or result.status != "ok" or result.study_error:
+    if result is None or result.status != "ok":
         return None
     result.label = spec.label
     result.params = spec.params
@@ -638,8 +645,9 @@ def run_study(cfg: SweepConfig, m, identity: dict, task_identity: dict, results_
 def finished_studies(cfg: SweepConfig, identity: dict, task_identity: dict,
                      results_dir: Path) -> list[tuple[JobSpec, JobResult, TrialCounts]]:
     """The tuned rows ``collect`` keeps (it runs no study): each study done, with its best
-    setting's job on test cached, as the attached sweep that ran it left them. A study not done
-    leaves its row out, as before it was run."""
+    setting's job on test cached, as the attached sweep that ran it left them (a robustness study
+    that failed in that job fails the row's robustness only). A study not done leaves its row
+    out, as before it was run."""
     from sqlalchemy.exc import SQLAlchemyError
 
     from harness.plan import with_key
@@ -655,7 +663,7 @@ def finished_studies(cfg: SweepConfig, identity: dict, task_identity: dict,
             continue
         final = with_key(cfg, JobSpec("merge", m.display, method=m.name, params=runner.best_params()), identity,
                          task_identity)
-        cached = finished_result(results_dir, final)
+        cached = recorded_result(results_dir, final)
         if cached:
             kept.append((final, cached, runner.counts()))
     return kept

@@ -464,3 +464,22 @@ def test_prepare_command_names_the_pretrained_file_and_the_fine_tuned_folder(sui
     folder = art.finetuned[two_tasks[0]].parent
     assert folder.name == "finetuned" and art.pretrained.parent != folder
     assert f"pretrained {art.pretrained}, 2 fine-tuned encoders under {folder}\n" in r.output
+
+
+def test_a_damaged_digest_file_is_a_mismatch_naming_the_cached_file(tmp_path):
+    """A digest file with a flipped high bit (no longer UTF-8) is a digest that differs, as any
+    other damage to it: the pool is generated again with the warning naming the pool file (it
+    was a bare "'utf-8' codec can't decode" line, naming no file). Truth: ``pretraining_pool``."""
+    from harness.cache import digest_path
+    from tasks.embedded import pretraining_pool
+
+    truth_images, truth_captions = pretraining_pool(32, seed=1, size="tiny")
+    pipeline.cached_pool(32, 1, "tiny", tmp_path)
+    (images_file,) = (tmp_path / "pool").glob("*.safetensors")
+    recorded = digest_path(images_file)
+    good = recorded.read_bytes()
+    recorded.write_bytes(bytes([good[0] ^ 0x80]) + good[1:])
+    with pytest.warns(UserWarning, match=f"{images_file.name}: its content differs .*generating it again"):
+        images, captions = pipeline.cached_pool(32, 1, "tiny", tmp_path)
+    assert torch.equal(images, truth_images) and captions == list(truth_captions)
+    assert recorded.read_bytes() == good

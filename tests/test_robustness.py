@@ -766,3 +766,28 @@ def test_lock_files_are_a_fixed_set_however_many_splits_are_cached(tmp_path):
     assert len(locks) == tc.LOCK_STRIPES
     assert all(lock.parent == tmp_path / "cache" / "corrupted.locks" for lock in locks)
     assert all(tc._lock_path(Path(str(p))) == tc._lock_path(p) for p in splits[:50])
+
+
+def test_an_accelerator_out_of_memory_in_the_study_fails_the_job(sweep_dict, monkeypatch):
+    """Out-of-memory fails the job, in its robustness study too (README): on a GPU that is
+    torch's OutOfMemoryError, not MemoryError, and the study recorded it as a study failure,
+    the job's row ok. Truth: the job's own failure, as the same error in its main evaluation gives."""
+    import torch
+
+    from harness.workspace import Workspace
+
+    d = dict(sweep_dict, references={"pretrained": False, "individual": False},
+             robustness={"tasks": ["toy_stripes"], "corruptions": ["contrast", "pixelate"], "severity": 2},
+             methods=[{"name": "weight_averaging"}])
+    corrupted = Workspace.corrupted
+
+    def out_of_memory(self, task, corruption):
+        if corruption == "pixelate":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return corrupted(self, task, corruption)
+
+    monkeypatch.setattr(Workspace, "corrupted", out_of_memory)
+    out = run_sweep(validate_config(d), quiet=True)
+    assert not out.study_failed
+    (job,) = out.failed
+    assert job.error == "OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB" and job.study_error is None

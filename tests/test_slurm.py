@@ -1458,3 +1458,25 @@ def test_collect_with_nothing_submitted_is_an_error(micro_checkpoints, tmp_path,
         r = CliRunner().invoke(main, ["collect", *quiet, str(f)])
         assert r.exit_code == 2, r.output
         assert f"no SLURM submissions recorded under {Path(d['output_dir']) / 'slurm'}" in r.stderr, r.stderr
+
+
+def test_status_does_not_call_collected_a_job_a_rerun_submits_again(tmp_path, micro_checkpoints, monkeypatch):
+    """A job whose in-job robustness study failed was recorded by the driver (results/<key>.json,
+    with study_error), yet a rerun submits it again: ``harness status`` showed it failed and
+    collected both, as if nothing were left to do. Truth: what a rerun does with it (_reattach)."""
+    from harness.executors.slurm import SlurmExecutor, status_table
+    from harness.job import JobResult
+    from harness.plan import JobSpec
+    from tests.test_untrusted_files import _submitted_result
+
+    spec = JobSpec("merge", "x", method="task_arithmetic", key="k")
+    result = JobResult.of(spec, "ok", metrics={"acc/avg": 50.0},
+                          study_error="StudyFailed: robustness study, contrast (severity 3): OSError: unreadable")
+    cfg, _ = _submitted_result(tmp_path, micro_checkpoints, monkeypatch, result.to_dict())
+    results = cfg.resolved_output_dir() / "results"
+    results.mkdir()
+    (results / "k.json").write_text(json.dumps(result.to_dict()))
+    _, submit = SlurmExecutor(cfg)._reattach([spec])
+    assert submit == [spec]
+    _, counts = status_table(cfg)
+    assert (counts["failed"], counts["collected"]) == (1, 0), counts

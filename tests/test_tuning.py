@@ -1455,3 +1455,32 @@ def test_a_new_database_storage_another_sweep_creates_at_the_same_time_is_opened
     assert r.exit_code == 0, r.output
     (study,) = optuna.get_all_study_summaries(storage)
     assert study.study_name == "toy.task_arithmetic" and study.n_trials == 2
+
+
+def test_collect_keeps_a_finished_studys_row_whose_robustness_study_failed(sweep_dict, monkeypatch):
+    """``collect`` keeps the row of a study an attached sweep finished, from its best setting's
+    cached result; that job's in-job robustness study failing costs only the robustness row, yet
+    ``collect`` read the result as not cached and left the whole row out (from the tables it
+    writes, and from ``report/jobs.json`` that ``harness export`` reads). Truth: the attached
+    sweep's own result of the best setting's job."""
+    from harness.runner import finished_studies
+    from harness.workspace import Workspace
+
+    d = dict(sweep_dict, references={"pretrained": False, "individual": False},
+             robustness={"tasks": ["toy_stripes"], "corruptions": ["contrast", "pixelate"], "severity": 2},
+             methods=[{"name": "task_arithmetic", "label": "tuned", "tune": tune_block(n_trials=2)}])
+    corrupted = Workspace.corrupted
+
+    def unreadable(self, task, corruption):
+        if corruption == "pixelate":
+            raise OSError("corrupted split unreadable")
+        return corrupted(self, task, corruption)
+
+    monkeypatch.setattr(Workspace, "corrupted", unreadable)
+    cfg = validate_config(d)
+    out = run_sweep(cfg, quiet=True)
+    (final,) = out.study_failed
+    ws = Workspace(cfg, build=False)
+    kept = finished_studies(cfg, ws.identity, ws.task_identity(), out.output_dir / "results")
+    assert [(spec.key, r.label, r.metrics, r.study_error) for spec, r, _ in kept] == [
+        (final.key, "tuned", final.metrics, final.study_error)]

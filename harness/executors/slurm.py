@@ -1090,7 +1090,7 @@ def status_table(cfg: SweepConfig) -> tuple[Table, dict[str, int]]:
         spec = JobSpec("merge", rec.get("title", key), key=key)
         tracked.append(_Tracked(spec, submitit.SlurmJob(folder=folder, job_id=rec["job_id"])))
         cached = read_result(results / f"{key}.json", key)
-        if cached and cached.status in RECORDED:
+        if cached and outcome(cached) == "done":  # one whose robustness study failed is run again, not kept
             collected.add(key)
     reasons: dict[str, str] = {}
     states = slurm_states([t.job_id for t in tracked], reasons)
