@@ -23,7 +23,7 @@ from harness.config import GENERALIZATION_SUFFIX, MAIN, SweepConfig, reference_r
 from harness.errors import HarnessError
 from harness.job import JobResult, read_result
 from harness.plan import JobSpec, with_key
-from harness.report import JOBS_FILE
+from harness.report import JOBS_FILE, job_entries
 from harness.results import finished_settings, select_best
 
 #: ``format`` in the file's safetensors metadata: an image-encoder state dict, or a whole CLIP's.
@@ -72,12 +72,8 @@ def _job_entries(jobs_file: Path) -> list[list[Any]]:
     """The entries of ``report/jobs.json``: row label, job key, then a tuned row's trial counts and
     the row's setting; a file that is not such a list (cut short by a killed writer of an older
     version, edited) is one error naming it, not a traceback."""
-    try:
-        entries = json.loads(jobs_file.read_text())
-    except ValueError:  # not JSON, not UTF-8
-        entries = None
-    if not isinstance(entries, list) or not all(
-            isinstance(e, list) and len(e) >= 2 and all(isinstance(x, str) for x in e[:2]) for e in entries):
+    entries = job_entries(jobs_file.read_bytes())
+    if entries is None:
         raise ExportError(f"{jobs_file}: damaged (not the list of jobs a sweep writes): rerun `harness sweep` "
                           "(its finished jobs are cached) to write it again")
     return entries

@@ -530,7 +530,25 @@ def _recorded_jobs(client: Any, tracking_uri: str, parent: Any) -> list[Any] | N
     if not any(a.path == f"report/{JOBS_FILE}" for a in client.list_artifacts(parent.info.run_id, "report")):
         return None
     with tempfile.TemporaryDirectory() as tmp:
-        return json.loads(Path(_download(client, tracking_uri, parent, f"report/{JOBS_FILE}", tmp)).read_text())
+        entries = job_entries(Path(_download(client, tracking_uri, parent, f"report/{JOBS_FILE}", tmp)).read_bytes())
+    if entries is None:
+        raise HarnessError(f"{tracking_uri}: sweep run {parent.info.run_id} ({parent.info.run_name}): its artifact "
+                           f"report/{JOBS_FILE} is damaged (not the list of jobs a sweep writes): rerun the sweep "
+                           "(its finished jobs are cached) to log it again")
+    return entries
+
+
+def job_entries(data: bytes) -> list[list[Any]] | None:
+    """The entries of a ``jobs.json`` (:func:`job_entry`), or None where ``data`` is not such a
+    list (cut short by a killed writer of an older version, edited)."""
+    try:
+        entries = json.loads(data)
+    except ValueError:  # not JSON, not UTF-8
+        return None
+    if not isinstance(entries, list) or not all(
+            isinstance(e, list) and len(e) >= 2 and all(isinstance(x, str) for x in e[:2]) for e in entries):
+        return None
+    return entries
 
 
 def _no_tables_yet(client: Any, tracking_uri: str, parent: Any) -> str | None:

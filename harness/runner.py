@@ -75,7 +75,12 @@ class SweepOutcome:
     @property
     def study_failed(self) -> list[JobResult]:
         """Jobs whose main metrics stand but whose robustness study, run inside them, failed."""
-        return [r for r in self.results if r.status == "ok" and r.study_error]
+        return study_failures(self.results)
+
+
+def study_failures(results: list[JobResult]) -> list[JobResult]:
+    """Jobs whose main metrics stand but whose robustness study, run inside them, failed."""
+    return [r for r in results if r.status == "ok" and r.study_error]
 
 
 def finished_result(results_dir: Path, spec: JobSpec) -> JobResult | None:
@@ -488,7 +493,7 @@ def _run_sweep(cfg: SweepConfig, ws: Workspace, executor: Any, console: Console,
     if only is None:  # one study's run (harness tune) leaves the sweep's summary as it is
         tracker.log_summary_metrics(summary)
     failed = [r for r in ordered if r.status != "ok"]
-    study_failed = [r for r in ordered if r.status == "ok" and r.study_error]  # as a grid's failed robustness job
+    study_failed = study_failures(ordered)  # as a grid's failed robustness job
     ok = not failed and not failed_trials and not study_failed  # as the exit code: a failed trial, as a failed setting
     tracker.finish(ok=ok)
     timings["logging"] = time.perf_counter() - t2

@@ -647,3 +647,25 @@ def test_report_of_a_first_sweep_before_its_end_says_it_has_not_ended(sweep_dict
                         r"sweep is still running \(or was killed\): report once it ends, or rerun it\n", r.stderr)
     assert CliRunner().invoke(main, ["sweep", "-q", str(f)]).exit_code == 0
     assert CliRunner().invoke(main, ["report", sweep_dict["output_dir"], "--out", str(tmp_path / "rep")]).exit_code == 0
+
+
+def test_report_of_a_sweep_run_whose_jobs_artifact_is_damaged_names_it(sweep_dict, tmp_path):
+    """``report/jobs.json`` as logged to the sweep run, cut short or edited: one line naming the
+    store, the run and the artifact, as `harness export` names the folder's copy, not a JSON
+    traceback; the rerun it names logs it whole again."""
+    import re
+
+    f = tmp_path / "s.yaml"
+    sweep_dict["methods"] = [{"name": "task_arithmetic"}]
+    f.write_text(yaml.safe_dump(sweep_dict))
+    assert CliRunner().invoke(main, ["sweep", "-q", str(f)]).exit_code == 0
+    (logged,) = [p for p in Path(sweep_dict["output_dir"]).rglob("jobs.json") if "report" in p.parts
+                 and p.parent.parent.name == "artifacts"]
+    logged.write_text(logged.read_text()[:5])
+    r = CliRunner().invoke(main, ["report", sweep_dict["output_dir"], "--out", str(tmp_path / "rep")])
+    assert r.exit_code == 2 and (r.exception is None or isinstance(r.exception, SystemExit)), r.output
+    assert re.fullmatch(r"error: sqlite:///\S+/mlflow\.db: sweep run \w{32} \(toy\): its artifact report/jobs\.json "
+                        r"is damaged \(not the list of jobs a sweep writes\): rerun the sweep \(its finished jobs are "
+                        r"cached\) to log it again\n", r.stderr), r.stderr
+    assert CliRunner().invoke(main, ["sweep", "-q", str(f)]).exit_code == 0
+    assert CliRunner().invoke(main, ["report", sweep_dict["output_dir"], "--out", str(tmp_path / "rep")]).exit_code == 0
