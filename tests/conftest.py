@@ -184,3 +184,18 @@ def tuned_ties_then_k_joins(sweep_dict: dict) -> dict:
     run_sweep(validate_config(d), quiet=True)
     tune["space"]["k"] = {"type": "categorical", "choices": [20.0]}  # ties' default: the same job
     return d
+
+
+def pixelate_split_unreadable(monkeypatch) -> None:
+    """Reading any task's pixelate split fails (an unreadable cached split), other splits read as
+    they are: a robustness study that fails on one corruption."""
+    from harness.workspace import Workspace
+
+    corrupted = Workspace.corrupted
+
+    def unreadable(self, task, corruption):
+        if corruption == "pixelate":
+            raise OSError("corrupted split unreadable")
+        return corrupted(self, task, corruption)
+
+    monkeypatch.setattr(Workspace, "corrupted", unreadable)

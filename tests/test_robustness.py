@@ -27,6 +27,7 @@ from tasks.corruptions import (
     corrupted_split,
 )
 from tasks.synthetic import make_toy_task
+from tests.conftest import pixelate_split_unreadable
 
 
 @pytest.fixture(scope="module")
@@ -644,19 +645,11 @@ def test_a_study_failing_to_score_one_corruption_keeps_the_main_rows(sweep_dict,
     """The zero-shot model's and a one-setting merge's studies (scoring only, no adaptation)
     failing on one corruption's split keep their main rows as the jobs evaluated them; only
     their robustness rows read failed. Truth: a sweep of the same jobs without the corruption."""
-    from harness.workspace import Workspace
 
     d = dict(sweep_dict, references={"pretrained": True, "individual": False},
              robustness={"tasks": ["toy_stripes"], "corruptions": ["contrast", "pixelate"], "severity": 2},
              methods=[{"name": "weight_averaging"}])
-    corrupted = Workspace.corrupted
-
-    def unreadable(self, task, corruption):
-        if corruption == "pixelate":
-            raise OSError("corrupted split unreadable")
-        return corrupted(self, task, corruption)
-
-    monkeypatch.setattr(Workspace, "corrupted", unreadable)
+    pixelate_split_unreadable(monkeypatch)
     out = run_sweep(validate_config(d), quiet=True)
     assert not out.failed and [r.study_error for r in out.study_failed] == [
         "StudyFailed: robustness study, pixelate (severity 2): OSError: corrupted split unreadable"] * 2

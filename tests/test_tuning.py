@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 from harness.config import ConfigError, validate_config
 from harness.errors import HarnessError
 from harness.runner import run_sweep
-from tests.conftest import TRAINED_TASKS, make_sweep_dict, tuned_ties_then_k_joins
+from tests.conftest import TRAINED_TASKS, make_sweep_dict, pixelate_split_unreadable, tuned_ties_then_k_joins
 
 GRID = [round(0.05 * i, 2) for i in range(21)]
 
@@ -1469,14 +1469,7 @@ def test_collect_keeps_a_finished_studys_row_whose_robustness_study_failed(sweep
     d = dict(sweep_dict, references={"pretrained": False, "individual": False},
              robustness={"tasks": ["toy_stripes"], "corruptions": ["contrast", "pixelate"], "severity": 2},
              methods=[{"name": "task_arithmetic", "label": "tuned", "tune": tune_block(n_trials=2)}])
-    corrupted = Workspace.corrupted
-
-    def unreadable(self, task, corruption):
-        if corruption == "pixelate":
-            raise OSError("corrupted split unreadable")
-        return corrupted(self, task, corruption)
-
-    monkeypatch.setattr(Workspace, "corrupted", unreadable)
+    pixelate_split_unreadable(monkeypatch)
     cfg = validate_config(d)
     out = run_sweep(cfg, quiet=True)
     (final,) = out.study_failed
