@@ -281,9 +281,8 @@ def plot_inputs_digest(inputs: Mapping[str, Any]) -> str:
     code = harness_code_id()[1]
     if not code:
         return ""
-    try:
-        libs = [metadata.version("matplotlib"), metadata.version("pillow")]
-    except metadata.PackageNotFoundError:
+    libs = plot_library_versions()
+    if libs is None:
         return ""
     rc = []
     for name in _RC_FILES:
@@ -295,6 +294,16 @@ def plot_inputs_digest(inputs: Mapping[str, Any]) -> str:
     except (TypeError, ValueError):
         return ""
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+@functools.cache
+def plot_library_versions() -> list[str] | None:
+    """The installed matplotlib and Pillow versions (None if either is missing), looked up once a
+    process: reading the packages' metadata took ~3 ms, for every plot of a report."""
+    try:
+        return [metadata.version("matplotlib"), metadata.version("pillow")]
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def file_digest(path: Path) -> str:
