@@ -105,9 +105,12 @@ def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
     return removed
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, digest: bool = False) -> None:
+    """``digest``: see :func:`harness.models.save_state_dict` (recorded before the rename)."""
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
+        if digest:
+            record_digest(path, tmp)
 
 
 def digest_path(path: str | os.PathLike) -> Path:
@@ -155,9 +158,9 @@ def finite_json(obj: Any) -> Any:
     return obj
 
 
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+def atomic_write_json(path: str | os.PathLike, obj: Any, digest: bool = False) -> None:
     """Standard JSON (no ``NaN``: see :func:`finite_json`), key order kept: params read back as written."""
-    atomic_write_bytes(path, json.dumps(finite_json(obj), indent=1, default=str, allow_nan=False).encode())
+    atomic_write_bytes(path, json.dumps(finite_json(obj), indent=1, default=str, allow_nan=False).encode(), digest)
 
 
 def read_json(path: str | os.PathLike) -> Any | None:

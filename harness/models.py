@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.cache import atomic_path, atomic_write_bytes, current_umask
+from harness.cache import atomic_path, atomic_write_bytes, current_umask, record_digest
 from harness.errors import HarnessError, did_you_mean
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -296,9 +296,13 @@ def check_encoder_shapes(path: str | os.PathLike, found: dict[str, tuple[int, ..
         raise HarnessError(f"{name}: unexpected tensor {extra[0]!r} (not an image encoder of {arch})")
 
 
-def save_state_dict(state: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None) -> None:
+def save_state_dict(state: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None,
+                    digest: bool = False) -> None:
     """Atomic safetensors write (:func:`harness.cache.atomic_path`: a hidden temporary file,
-    synced, then renamed), so a killed writer leaves no half file, and a failed one no temporary."""
+    synced, then renamed), so a killed writer leaves no half file, and a failed one no temporary.
+    ``digest`` records the file's sha256 (:func:`harness.cache.record_digest`) before the rename:
+    a writer killed just after it leaves no new file under an older build's digest, which would
+    read as damaged and be built again for nothing."""
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -313,6 +317,8 @@ def save_state_dict(state: dict[str, torch.Tensor], path: str | os.PathLike, met
                 raise OSError(number, os.strerror(number), str(path)) from exc
             raise
         os.chmod(tmp, 0o666 & ~current_umask())  # safetensors creates 0600: a shared cache's models would be the writer's alone
+        if digest:
+            record_digest(path, tmp)
 
 
 @torch.no_grad()

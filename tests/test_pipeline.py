@@ -483,3 +483,35 @@ def test_a_damaged_digest_file_is_a_mismatch_naming_the_cached_file(tmp_path):
         images, captions = pipeline.cached_pool(32, 1, "tiny", tmp_path)
     assert torch.equal(images, truth_images) and captions == list(truth_captions)
     assert recorded.read_bytes() == good
+
+
+def test_a_writer_killed_just_after_the_rename_leaves_its_own_digest(tmp_path, monkeypatch):
+    """The digest is recorded before the new file is moved into place: a pool regenerated over an
+    older build's digest, its writer killed right after the move, is read back next time, not
+    taken as damaged and generated a second time. Truth: ``pretraining_pool``."""
+    import os
+    import warnings
+
+    from harness.cache import digest_path
+    from tasks.embedded import pretraining_pool
+
+    truth_images, _ = pretraining_pool(32, seed=1, size="tiny")
+    pipeline.cached_pool(32, 1, "tiny", tmp_path)
+    (images_file,) = (tmp_path / "pool").glob("*.safetensors")
+    digest_path(images_file).write_bytes(b"0" * 64)  # an older build's digest
+    real_replace = os.replace
+
+    def killed_after_the_move(src, dst):
+        real_replace(src, dst)
+        if str(dst).endswith(".safetensors"):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", killed_after_the_move)
+    with pytest.warns(UserWarning, match="generating it again"), pytest.raises(KeyboardInterrupt):
+        pipeline.cached_pool(32, 1, "tiny", tmp_path)
+    monkeypatch.undo()
+    monkeypatch.setattr(pipeline._data(), "pretraining_pool", lambda *a, **k: pytest.fail("generated again"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        images, _ = pipeline.cached_pool(32, 1, "tiny", tmp_path)
+    assert torch.equal(images, truth_images)

@@ -48,7 +48,6 @@ from harness.cache import (
     check_digest,
     content_key,
     read_json,
-    record_digest,
     remove_stale_temporaries,
 )
 from harness.models import (
@@ -293,10 +292,8 @@ def cached_pool(n: int, seed: int, size: str, cache_dir: Path) -> tuple[torch.Te
         except Exception:  # an unreadable file is regenerated
             pass
     images, captions = data.pretraining_pool(n, seed=seed, size=size)
-    atomic_write_json(captions_path, {"captions": list(captions)})
-    record_digest(captions_path)
-    save_state_dict({"images": images}, path)
-    record_digest(path)
+    atomic_write_json(captions_path, {"captions": list(captions)}, digest=True)
+    save_state_dict({"images": images}, path, digest=True)
     return images, list(captions)
 
 
@@ -336,8 +333,8 @@ def _ensure_pretrained(opts: SuiteOptions, cache_dir: Path, data_version: str, b
                           weight_decay=opts.pretrain_weight_decay, warmup=opts.pretrain_warmup,
                           grad_clip=opts.grad_clip, seed=opts.seed, progress=_bar_callback(bars, bar))
     seconds = time.perf_counter() - start
-    save_state_dict(model.state_dict(), path, metadata={"identity": json.dumps(identity, sort_keys=True)})
-    record_digest(path)
+    save_state_dict(model.state_dict(), path, metadata={"identity": json.dumps(identity, sort_keys=True)},
+                    digest=True)
     atomic_write_json(path.with_suffix(".json"), {"identity": identity, "train_seconds": round(seconds, 1)})
     return path, seconds
 
@@ -382,8 +379,7 @@ def _finetune_job(task: str, opts_json: str, pretrained: str, out: str, preserve
         preserve_images=normalize_uint8(preserve) if preserve is not None else None,
         progress=progress)
     seconds = time.perf_counter() - start
-    save_state_dict(encoder.state_dict(), out, metadata={"task": task})
-    record_digest(out)
+    save_state_dict(encoder.state_dict(), out, metadata={"task": task}, digest=True)
     return task, seconds
 
 
