@@ -132,3 +132,26 @@ def test_heatmap_panels_of_equal_weights_share_one_colour():
                                        err_msg=ax.get_title())
     finally:
         plt.close(fig)
+
+
+
+def test_heatmap_labels_do_not_overlap_at_30_and_60_tasks():
+    """WeMoE merges one expert per task: a panel kept 2 in wide whatever the count, so at 30 tasks
+    the 6 pt expert names below it (0.1 in a line) were drawn on top of each other. No task name
+    (rows) nor expert name (columns) may overlap the next one."""
+    for n_tasks in (30, 60):
+        tasks = [f"task_{i:02d}" for i in range(n_tasks)]
+        routing = {"experts": tasks, "layers": 2,
+                   "mean_weight": {t: [[(i + e) / 100 for e in range(n_tasks)]] * 2 for i, t in enumerate(tasks)}}
+        fig = routing_figure(routing, "WeMoE routing weights")
+        try:
+            fig.canvas.draw()
+            renderer = fig.canvas.get_renderer()
+            for labels in (fig.axes[0].get_yticklabels(), fig.axes[0].get_xticklabels()):
+                assert [t.get_text() for t in labels] == tasks
+                boxes = [t.get_window_extent(renderer) for t in labels]
+                overlapping = [(labels[i].get_text(), labels[j].get_text()) for i in range(len(boxes))
+                               for j in range(i + 1, len(boxes)) if boxes[i].overlaps(boxes[j])]
+                assert overlapping == [], (n_tasks, overlapping[:3])
+        finally:
+            plt.close(fig)
