@@ -114,15 +114,35 @@ def latex_escape(text: str) -> str:
     return "".join(_LATEX_SPECIALS.get(c, c) for c in text)
 
 
+#: The width the ``setting`` column wraps at: a tuned row's hyperparameters (120 characters and
+#: more) in one line ran the table off the page.
+SETTING_WIDTH = "4cm"
+
+
 def latex_table(header: list[str], body: list[list[str]], caption: str, label: str | None = None) -> str:
     """A booktabs tabular, via pandas; every cell, header and the caption escaped here. ``label``
     (``tab:<sweep>-<table>``, of a sweep name's safe characters) lets a paper ``\\ref`` the table."""
     import pandas as pd
 
-    frame = pd.DataFrame([[latex_escape(str(c)) for c in row] for row in body],
+    ragged = [h == "setting" and i < len(header) - 1 for i, h in enumerate(header)]
+    frame = pd.DataFrame([[_latex_cell(str(c), r) for c, r in zip(row, ragged)] for row in body],
                          columns=[latex_escape(h) for h in header])
     return frame.to_latex(index=False, caption=latex_escape(caption), label=label, escape=False,
-                          column_format="".join("l" if h in TEXT_COLUMNS else "r" for h in header))
+                          column_format="".join(_latex_column(h) for h in header))
+
+
+def _latex_column(name: str) -> str:
+    """A wrapping paragraph column for the setting, left-aligned text, right-aligned numbers."""
+    if name == "setting":
+        return f"p{{{SETTING_WIDTH}}}"
+    return "l" if name in TEXT_COLUMNS else "r"
+
+
+def _latex_cell(text: str, ragged: bool) -> str:
+    """``text`` escaped; ``ragged``: set ragged-right, as a setting's few break points, justified,
+    stretched its spaces wide (plain LaTeX, no array package: only a cell before the row's last may
+    hold ``\\raggedright``, which would turn the row's ending ``\\\\`` into a line break)."""
+    return ("\\raggedright " if ragged else "") + latex_escape(text)
 
 
 def csv_table(header: list[str], body: list[list[str]]) -> str:
