@@ -142,7 +142,8 @@ def test_heatmap_labels_do_not_overlap_at_30_and_60_tasks():
     for n_tasks in (30, 60):
         tasks = [f"task_{i:02d}" for i in range(n_tasks)]
         routing = {"experts": tasks, "layers": 2,
-                   "mean_weight": {t: [[(i + e) / 100 for e in range(n_tasks)]] * 2 for i, t in enumerate(tasks)}}
+                   "mean_weight": {t: [[(i + e) / 100 for e in range(n_tasks)]] * 2
+                                   for i, t in enumerate(tasks)}}
         fig = routing_figure(routing, "WeMoE routing weights")
         try:
             fig.canvas.draw()

@@ -60,7 +60,8 @@ def test_comparison_signs_print_as_themselves_and_numbers_align_right():
 def _tabular_rows(tex: str) -> tuple[str, list[str]]:
     """The tabular's column spec and its rows (header and body), as LaTeX reads them."""
     spec = re.search(r"\\begin\{tabular\}\{(.*)\}\n", tex).group(1)
-    inner = tex.split("\\midrule", 1)[0].split("\\toprule", 1)[1] + tex.split("\\midrule", 1)[1].split("\\bottomrule")[0]
+    head, body = tex.split("\\midrule", 1)
+    inner = head.split("\\toprule", 1)[1] + body.split("\\bottomrule")[0]
     return spec, [r.strip() for r in inner.split("\\\\\n") if r.strip()]
 
 
@@ -74,8 +75,8 @@ def test_a_long_setting_wraps_within_a_column_of_stated_width():
                "batch_reduce=True, diversity_weight=2.0")
     assert len(setting) == 125
     header = ["method", "setting", "emb_scenes", "avg", "norm avg"]
-    body = [["wemoe_batch_diversity", setting, "81.3", "57.5", "78.9"], ["weight_averaging", "", "75.0", "41.0", "55.5"],
-            ["100% & #1", "a_b", "1.0", "1.0", "1.0"]]
+    body = [["wemoe_batch_diversity", setting, "81.3", "57.5", "78.9"],
+            ["weight_averaging", "", "75.0", "41.0", "55.5"], ["100% & #1", "a_b", "1.0", "1.0", "1.0"]]
     tex = latex_table(header, body, "c")
     spec, rows = _tabular_rows(tex)
     assert spec == f"lp{{{SETTING_WIDTH}}}rrr"
