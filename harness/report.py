@@ -387,20 +387,22 @@ _HATCHES = ("", "///", "...", "xxx")
 
 
 def grouped_bars(groups: list[str], series: list[tuple[str, list[float]]], ylabel: str, path: Path,
-                 legend_below: bool = False, title: str = "") -> Path:
+                 legend_below: bool = False, title: str = "", slots: tuple[list[int], int] | None = None) -> Path:
     """One bar per series in every group; a distinct colour per series (tab20 past ten, then
     tab20 hatched past twenty). The title says what a figure shows once it is out of its folder
-    (sweep, tasks, severity)."""
+    (sweep, tasks, severity). ``slots``: each series' style number among how many there are (by
+    default its position among ``series``), so that a method keeps its style across plots."""
     import numpy as np
 
     plt = _pyplot()
+    numbers, n_styles = slots or (list(range(len(series))), len(series))
     fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(groups)), 3.6))
-    cmap = plt.get_cmap("tab10" if len(series) <= 10 else "tab20")
+    cmap = plt.get_cmap("tab10" if n_styles <= 10 else "tab20")
     width = 0.8 / max(1, len(series))
     x = np.arange(len(groups))
-    for i, (label, values) in enumerate(series):
-        ax.bar(x + i * width - 0.4 + width / 2, values, width, label=label, color=cmap(i % cmap.N),
-               hatch=_HATCHES[i // cmap.N % len(_HATCHES)])
+    for i, ((label, values), n) in enumerate(zip(series, numbers)):
+        ax.bar(x + i * width - 0.4 + width / 2, values, width, label=label, color=cmap(n % cmap.N),
+               hatch=_HATCHES[n // cmap.N % len(_HATCHES)])
     ax.set_xticks(x, groups, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel(ylabel)
     ax.set_ylim(0, 100)
@@ -429,10 +431,13 @@ def _below_tick_labels(fig, ax) -> float:
 def plot_accuracy(rows: list[Row], tasks: list[str], path: Path, title: str = "",
                   drawn: PlotRecord | None = None) -> Path:
     """Per-task test accuracy of each method (and the references); ``drawn``: see :func:`kept_plot`."""
-    series = [(r.method, [r.acc.get(t, float("nan")) for t in tasks] + [r.avg]) for r in rows if not r.failed]
-    groups = [*tasks, "avg"]
-    return kept_plot(drawn, path, {"plot": "accuracy", "groups": groups, "series": series, "title": title},
-                     lambda: grouped_bars(groups, series, "test top-1 (%)", path, legend_below=True, title=title))
+    shown = [i for i, r in enumerate(rows) if not r.failed]
+    series = [(rows[i].method, [rows[i].acc.get(t, float("nan")) for t in tasks] + [rows[i].avg]) for i in shown]
+    groups, slots = [*tasks, "avg"], (shown, len(rows))
+    return kept_plot(drawn, path, {"plot": "accuracy", "groups": groups, "series": series, "title": title,
+                                   "slots": slots},
+                     lambda: grouped_bars(groups, series, "test top-1 (%)", path, legend_below=True, title=title,
+                                          slots=slots))
 
 
 def plot_robustness(rows: list[Row], corruptions: list[str], path: Path, title: str = "",
@@ -440,10 +445,13 @@ def plot_robustness(rows: list[Row], corruptions: list[str], path: Path, title: 
     """Average accuracy over the robustness tasks, clean and per corruption, of each method;
     ``drawn``: see :func:`kept_plot`."""
     cols = ["clean", *corruptions]
-    series = [(r.method, [r.metrics.get(f"robust/{c}/avg", float("nan")) for c in cols])
-              for r in rows if "robust/clean/avg" in r.metrics]
-    return kept_plot(drawn, path, {"plot": "robustness", "groups": cols, "series": series, "title": title},
-                     lambda: grouped_bars(cols, series, "avg test top-1 (%)", path, legend_below=True, title=title))
+    shown = [i for i, r in enumerate(rows) if "robust/clean/avg" in r.metrics]
+    series = [(rows[i].method, [rows[i].metrics.get(f"robust/{c}/avg", float("nan")) for c in cols]) for i in shown]
+    slots = (shown, len(rows))  # the main table's row numbers: a method's colour in accuracy.png
+    return kept_plot(drawn, path, {"plot": "robustness", "groups": cols, "series": series, "title": title,
+                                   "slots": slots},
+                     lambda: grouped_bars(cols, series, "avg test top-1 (%)", path, legend_below=True, title=title,
+                                          slots=slots))
 
 
 def row_routings(cfg: SweepConfig, results: list[JobResult]) -> dict[str, dict[str, Any]]:
