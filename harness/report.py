@@ -510,7 +510,7 @@ def load_sweep_from_mlflow(tracking_uri: str, run_id: str | None = None,
                 raise HarnessError(f"{tracking_uri}: no sweep runs found")
             parent = next((r for r in runs if r.data.tags.get(SCOPE_TAG, "sweep") == "sweep"), runs[0])
         else:
-            parent = client.get_run(run_id)
+            parent = client.get_run(full_run_id(client, run_id))
     except MlflowException as exc:
         raise HarnessError(f"{tracking_uri}: {exc.message}") from None
     unwritten = _no_tables_yet(client, tracking_uri, parent)
@@ -557,6 +557,19 @@ def load_sweep_from_mlflow(tracking_uri: str, run_id: str | None = None,
                 for label in shared.get(r.key, []) if label != r.label]
     results = [dataclasses.replace(r, params=settings.get((r.label, r.key), r.params)) for r in results]
     return cfg, plan_order(cfg, results), parent
+
+
+def full_run_id(client: Any, run_id: str) -> str:
+    """The sweep run whose id begins with ``run_id`` (the tables' titles show its first 8
+    characters), else ``run_id`` itself: a full id, or one MLflow then says it does not know."""
+    if len(run_id) >= 32:
+        return run_id
+    exps = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(exps, "tags.`harness.kind` = 'sweep'", max_results=50000) if exps else []
+    found = sorted({r.info.run_id for r in runs if r.info.run_id.startswith(run_id)})
+    if len(found) > 1:
+        raise HarnessError(f"run id {run_id!r} begins {len(found)} sweep runs ({', '.join(found)}): give more of it")
+    return found[0] if found else run_id
 
 
 def _recorded_jobs(client: Any, tracking_uri: str, parent: Any) -> list[Any] | None:
