@@ -627,7 +627,7 @@ def report(target: str, tracking_uri: str | None, out_dir: str | None, against: 
     """Build the paper's tables (md, csv, tex) and plots from MLflow.
 
     TARGET is a sweep's output folder (the parent run of the sweep that last ran there), its
-    sweep YAML, or a sweep's parent run id."""
+    sweep YAML, or a sweep's parent run id (or its first characters, as the tables' titles show)."""
     from harness.report import build_report, load_study_counts, load_sweep_from_mlflow, row_routings
     from harness.results import rich_table
 

@@ -44,7 +44,9 @@ def routing_figure(routing: dict[str, Any], title: str = "WeMoE routing weights"
     experts = routing["experts"]
     data = np.array([routing["mean_weight"][t] for t in tasks])  # [tasks, layers, experts]
     n_layers = data.shape[1]
-    fig, axes = plt.subplots(1, n_layers, figsize=(2.2 + 2.0 * n_layers, 1.5 + 0.35 * len(tasks)), squeeze=False,
+    # a panel 2 in wide held 30 expert names of 6 pt (0.1 in a line) on top of each other: it widens with them
+    panel = max(2.0, 0.14 * len(experts))
+    fig, axes = plt.subplots(1, n_layers, figsize=(2.2 + panel * n_layers, 1.5 + 0.35 * len(tasks)), squeeze=False,
                              layout="constrained")  # keeps the title clear of the panels' titles
     # one scale object for every panel: where all weights are equal (routing left at its initial
     # weights) the colour bar widens its scale, and a panel holding a copy then drew another colour

@@ -114,15 +114,35 @@ def latex_escape(text: str) -> str:
     return "".join(_LATEX_SPECIALS.get(c, c) for c in text)
 
 
+#: The width the ``setting`` column wraps at: a tuned row's hyperparameters (120 characters and
+#: more) in one line ran the table off the page.
+SETTING_WIDTH = "4cm"
+
+
 def latex_table(header: list[str], body: list[list[str]], caption: str, label: str | None = None) -> str:
     """A booktabs tabular, via pandas; every cell, header and the caption escaped here. ``label``
     (``tab:<sweep>-<table>``, of a sweep name's safe characters) lets a paper ``\\ref`` the table."""
     import pandas as pd
 
-    frame = pd.DataFrame([[latex_escape(str(c)) for c in row] for row in body],
+    ragged = [h == "setting" and i < len(header) - 1 for i, h in enumerate(header)]
+    frame = pd.DataFrame([[_latex_cell(str(c), r) for c, r in zip(row, ragged)] for row in body],
                          columns=[latex_escape(h) for h in header])
     return frame.to_latex(index=False, caption=latex_escape(caption), label=label, escape=False,
-                          column_format="".join("l" if h in TEXT_COLUMNS else "r" for h in header))
+                          column_format="".join(_latex_column(h) for h in header))
+
+
+def _latex_column(name: str) -> str:
+    """A wrapping paragraph column for the setting, left-aligned text, right-aligned numbers."""
+    if name == "setting":
+        return f"p{{{SETTING_WIDTH}}}"
+    return "l" if name in TEXT_COLUMNS else "r"
+
+
+def _latex_cell(text: str, ragged: bool) -> str:
+    """``text`` escaped; ``ragged``: set ragged-right, as a setting's few break points, justified,
+    stretched its spaces wide (plain LaTeX, no array package: only a cell before the row's last may
+    hold ``\\raggedright``, which would turn the row's ending ``\\\\`` into a line break)."""
+    return ("\\raggedright " if ragged else "") + latex_escape(text)
 
 
 def csv_table(header: list[str], body: list[list[str]]) -> str:
@@ -367,20 +387,22 @@ _HATCHES = ("", "///", "...", "xxx")
 
 
 def grouped_bars(groups: list[str], series: list[tuple[str, list[float]]], ylabel: str, path: Path,
-                 legend_below: bool = False, title: str = "") -> Path:
+                 legend_below: bool = False, title: str = "", slots: tuple[list[int], int] | None = None) -> Path:
     """One bar per series in every group; a distinct colour per series (tab20 past ten, then
     tab20 hatched past twenty). The title says what a figure shows once it is out of its folder
-    (sweep, tasks, severity)."""
+    (sweep, tasks, severity). ``slots``: each series' style number among how many there are (by
+    default its position among ``series``), so that a method keeps its style across plots."""
     import numpy as np
 
     plt = _pyplot()
+    numbers, n_styles = slots or (list(range(len(series))), len(series))
     fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(groups)), 3.6))
-    cmap = plt.get_cmap("tab10" if len(series) <= 10 else "tab20")
+    cmap = plt.get_cmap("tab10" if n_styles <= 10 else "tab20")
     width = 0.8 / max(1, len(series))
     x = np.arange(len(groups))
-    for i, (label, values) in enumerate(series):
-        ax.bar(x + i * width - 0.4 + width / 2, values, width, label=label, color=cmap(i % cmap.N),
-               hatch=_HATCHES[i // cmap.N % len(_HATCHES)])
+    for i, ((label, values), n) in enumerate(zip(series, numbers)):
+        ax.bar(x + i * width - 0.4 + width / 2, values, width, label=label, color=cmap(n % cmap.N),
+               hatch=_HATCHES[n // cmap.N % len(_HATCHES)])
     ax.set_xticks(x, groups, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel(ylabel)
     ax.set_ylim(0, 100)
@@ -409,10 +431,13 @@ def _below_tick_labels(fig, ax) -> float:
 def plot_accuracy(rows: list[Row], tasks: list[str], path: Path, title: str = "",
                   drawn: PlotRecord | None = None) -> Path:
     """Per-task test accuracy of each method (and the references); ``drawn``: see :func:`kept_plot`."""
-    series = [(r.method, [r.acc.get(t, float("nan")) for t in tasks] + [r.avg]) for r in rows if not r.failed]
-    groups = [*tasks, "avg"]
-    return kept_plot(drawn, path, {"plot": "accuracy", "groups": groups, "series": series, "title": title},
-                     lambda: grouped_bars(groups, series, "test top-1 (%)", path, legend_below=True, title=title))
+    shown = [i for i, r in enumerate(rows) if not r.failed]
+    series = [(rows[i].method, [rows[i].acc.get(t, float("nan")) for t in tasks] + [rows[i].avg]) for i in shown]
+    groups, slots = [*tasks, "avg"], (shown, len(rows))
+    return kept_plot(drawn, path, {"plot": "accuracy", "groups": groups, "series": series, "title": title,
+                                   "slots": slots},
+                     lambda: grouped_bars(groups, series, "test top-1 (%)", path, legend_below=True, title=title,
+                                          slots=slots))
 
 
 def plot_robustness(rows: list[Row], corruptions: list[str], path: Path, title: str = "",
@@ -420,10 +445,13 @@ def plot_robustness(rows: list[Row], corruptions: list[str], path: Path, title: 
     """Average accuracy over the robustness tasks, clean and per corruption, of each method;
     ``drawn``: see :func:`kept_plot`."""
     cols = ["clean", *corruptions]
-    series = [(r.method, [r.metrics.get(f"robust/{c}/avg", float("nan")) for c in cols])
-              for r in rows if "robust/clean/avg" in r.metrics]
-    return kept_plot(drawn, path, {"plot": "robustness", "groups": cols, "series": series, "title": title},
-                     lambda: grouped_bars(cols, series, "avg test top-1 (%)", path, legend_below=True, title=title))
+    shown = [i for i, r in enumerate(rows) if "robust/clean/avg" in r.metrics]
+    series = [(rows[i].method, [rows[i].metrics.get(f"robust/{c}/avg", float("nan")) for c in cols]) for i in shown]
+    slots = (shown, len(rows))  # the main table's row numbers: a method's colour in accuracy.png
+    return kept_plot(drawn, path, {"plot": "robustness", "groups": cols, "series": series, "title": title,
+                                   "slots": slots},
+                     lambda: grouped_bars(cols, series, "avg test top-1 (%)", path, legend_below=True, title=title,
+                                          slots=slots))
 
 
 def row_routings(cfg: SweepConfig, results: list[JobResult]) -> dict[str, dict[str, Any]]:
@@ -482,7 +510,7 @@ def load_sweep_from_mlflow(tracking_uri: str, run_id: str | None = None,
                 raise HarnessError(f"{tracking_uri}: no sweep runs found")
             parent = next((r for r in runs if r.data.tags.get(SCOPE_TAG, "sweep") == "sweep"), runs[0])
         else:
-            parent = client.get_run(run_id)
+            parent = client.get_run(full_run_id(client, run_id))
     except MlflowException as exc:
         raise HarnessError(f"{tracking_uri}: {exc.message}") from None
     unwritten = _no_tables_yet(client, tracking_uri, parent)
@@ -529,6 +557,19 @@ def load_sweep_from_mlflow(tracking_uri: str, run_id: str | None = None,
                 for label in shared.get(r.key, []) if label != r.label]
     results = [dataclasses.replace(r, params=settings.get((r.label, r.key), r.params)) for r in results]
     return cfg, plan_order(cfg, results), parent
+
+
+def full_run_id(client: Any, run_id: str) -> str:
+    """The sweep run whose id begins with ``run_id`` (the tables' titles show its first 8
+    characters), else ``run_id`` itself: a full id, or one MLflow then says it does not know."""
+    if len(run_id) >= 32:
+        return run_id
+    exps = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(exps, "tags.`harness.kind` = 'sweep'", max_results=50000) if exps else []
+    found = sorted({r.info.run_id for r in runs if r.info.run_id.startswith(run_id)})
+    if len(found) > 1:
+        raise HarnessError(f"run id {run_id!r} begins {len(found)} sweep runs ({', '.join(found)}): give more of it")
+    return found[0] if found else run_id
 
 
 def _recorded_jobs(client: Any, tracking_uri: str, parent: Any) -> list[Any] | None:

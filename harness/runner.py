@@ -218,6 +218,33 @@ def run_sweep(cfg: SweepConfig, console: Console | None = None, quiet: bool = Fa
     return outcome
 
 
+#: The file in an output folder whose lock a running driver holds (:func:`_output_lock`).
+LOCK_FILE = ".sweep.lock"
+
+
+def _make_output_dir(out: Path) -> list[Path]:
+    """Create ``out`` (and its missing parents), to hold its lock; the folders made, innermost first."""
+    made = [p for p in (out, *out.parents) if not p.exists()]
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise HarnessError(f"output_dir: cannot create it ({exc.strerror or exc}) (got {str(out)!r})") from None
+    return made
+
+
+def _unmake_output_dir(made: list[Path], locked: bool) -> None:
+    """Remove the folders a sweep stopped before running (a typo, a bad checkpoint) made, still
+    empty but for the lock file it holds (``locked``; else another driver's, which stays): it
+    leaves nothing behind, and a second driver never finds the lock of a folder in use gone."""
+    if not made:
+        return
+    with contextlib.suppress(OSError):  # anything else written there: kept
+        if locked:
+            (made[0] / LOCK_FILE).unlink(missing_ok=True)
+        for folder in made:
+            folder.rmdir()
+
+
 @contextlib.contextmanager
 def _output_lock(out: Path) -> Iterator[None]:
     """One driver per output folder: a second one would run (and log) every pending job again.
@@ -225,7 +252,7 @@ def _output_lock(out: Path) -> Iterator[None]:
     its rerun."""
     from filelock import FileLock, Timeout
 
-    lock = FileLock(out / ".sweep.lock")
+    lock = FileLock(out / LOCK_FILE)
     try:
         lock.acquire(timeout=0)
     except Timeout:
@@ -258,29 +285,33 @@ def _run_sweep(cfg: SweepConfig, ws: Workspace, executor: Any, console: Console,
     timings: dict[str, float] = {}
 
     t0 = time.perf_counter()
-    locked = out.is_dir()  # a second driver into a folder in use stops now, not after preparing models for minutes
-    if locked:
-        held.enter_context(_output_lock(out))
-    identity = ws.identity  # builds/loads the model files (embedded suite: prepares them)
-    task_identity = ws.task_identity()
-    specs = plan_jobs(cfg, identity, task_identity)
-    if only is not None:  # the reference rows its table shows, and normalized accuracy needs
-        specs = [s for s in specs if s.kind in ("pretrained", "individual")]
-    results_dir = out / "results"
-    results, pending = split_cached(specs, results_dir)
-    if pending or any(m.tune for m in cfg.methods):  # a finished sweep builds no model
-        ws.preflight()  # bad checkpoints, data or heads: one error now, before anything is written
-    if mode == "run":
-        from harness.tuning import check_storages
-
-        check_storages(cfg, [m.display for m in cfg.methods if m.tune and (only is None or m.display == only.label)])
-    failpoint("prepare")
+    # locked first, a new folder too: a second driver into a folder in use stops now, not after
+    # preparing models for minutes (or, into a new one, after the first driver's preparation)
+    made = _make_output_dir(out)
     try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise HarnessError(f"output_dir: cannot create it ({exc.strerror or exc}) (got {str(out)!r})") from None
-    if not locked:  # a new folder: made, and locked, once the sweep is known to run
         held.enter_context(_output_lock(out))
+    except BaseException:
+        _unmake_output_dir(made, locked=False)
+        raise
+    try:
+        identity = ws.identity  # builds/loads the model files (embedded suite: prepares them)
+        task_identity = ws.task_identity()
+        specs = plan_jobs(cfg, identity, task_identity)
+        if only is not None:  # the reference rows its table shows, and normalized accuracy needs
+            specs = [s for s in specs if s.kind in ("pretrained", "individual")]
+        results_dir = out / "results"
+        results, pending = split_cached(specs, results_dir)
+        if pending or any(m.tune for m in cfg.methods):  # a finished sweep builds no model
+            ws.preflight()  # bad checkpoints, data or heads: one error now, before anything is written
+        if mode == "run":
+            from harness.tuning import check_storages
+
+            check_storages(cfg, [m.display for m in cfg.methods
+                                 if m.tune and (only is None or m.display == only.label)])
+        failpoint("prepare")
+    except BaseException:
+        _unmake_output_dir(made, locked=True)
+        raise
     # writes a killed run never renamed (the driver's own: a job's workdir is cleaned by the job)
     for stale in [*results_dir.glob(".*.tmp"), *out.glob(".mlflow.db.*.tmp"), *out.glob(".resolved.yaml.*.tmp"),
                   *out.glob("artifacts/*/.traceback.txt.*.tmp")]:

@@ -426,6 +426,64 @@ def test_second_sweep_into_a_busy_output_folder_is_refused_before_preparing_mode
     assert code == 2 and f"{out}: another sweep is running into this output folder" in err, err
 
 
+@contextlib.contextmanager
+def sweep_preparing_elsewhere(sweep_file: Path) -> Iterator[None]:
+    """A first ``harness sweep sweep_file`` in another process, inside its model preparation
+    (held there) until the block ends, when that process is killed."""
+    import subprocess
+    import sys
+
+    first = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\nfrom harness.cli import main\nfrom harness.workspace import Workspace\n"
+        "def preparing(self):\n    print('preparing', flush=True)\n    time.sleep(60)\n"
+        "Workspace.identity = property(preparing)\n"
+        f"main(['sweep', '-q', {str(sweep_file)!r}])")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert first.stdout.readline().strip() == "preparing"
+        yield
+    finally:
+        first.kill()
+        first.wait()
+
+
+def test_second_sweep_into_a_new_output_folder_in_use_is_refused_at_once(sweep_dict, tmp_path, monkeypatch):
+    """A first sweep into a folder that did not exist made (and locked) it only after preparing its
+    models: a second sweep into it meanwhile prepared too, instead of being refused at once."""
+    import time
+
+    from harness.workspace import Workspace
+
+    out = tmp_path / "new" / "out"
+    d = dict(copy.deepcopy(sweep_dict), output_dir=str(out))
+    first = tmp_path / "first.yaml"
+    first.write_text(yaml.safe_dump(d))
+    prepared = []
+    monkeypatch.setattr(Workspace, "identity", property(lambda self: prepared.append(1) or {}))
+    with sweep_preparing_elsewhere(first):
+        start = time.monotonic()
+        code, err, _ = _run_sweep(tmp_path, d)
+        took = time.monotonic() - start
+    assert prepared == []
+    assert code == 2 and f"{out}: another sweep is running into this output folder" in err, err
+    assert took < 10, took
+
+
+def test_a_sweep_stopped_before_running_leaves_no_new_folder(sweep_dict, tmp_path, monkeypatch):
+    """The folder is made before preparing, to hold the lock: a sweep stopped in preparation (a bad
+    checkpoint, Ctrl-C) removes it, and the parents it made, as it wrote nothing there."""
+    from harness.workspace import Workspace
+
+    def interrupted(self):
+        assert (out / ".sweep.lock").exists()  # made and locked already
+        raise KeyboardInterrupt
+
+    out = tmp_path / "new" / "out"
+    monkeypatch.setattr(Workspace, "identity", property(interrupted))
+    r = CliRunner().invoke(main, ["sweep", "-q", _write(tmp_path, dict(copy.deepcopy(sweep_dict), output_dir=str(out)))])
+    assert r.exit_code != 0 and isinstance(r.exception, (KeyboardInterrupt, SystemExit)), r.output
+    assert not (tmp_path / "new").exists()
+
+
 def test_second_sweep_into_a_busy_output_folder_is_refused(sweep_dict, tmp_path):
     out = tmp_path / "out"
     out.mkdir()

@@ -181,6 +181,40 @@ def test_generalization_table_from_mlflow_report(swept, tmp_path):
     assert {"report/generalization.md", "report/generalization.csv", "report/generalization.tex"} <= arts
 
 
+def test_report_takes_the_run_id_its_tables_are_titled_with(swept, tmp_path):
+    """The tables' titles name the sweep run by its first 8 characters: given back to
+    ``harness report``, that was "Run with id=... not found"."""
+    from harness.cli import main
+
+    cfg, outcome, _, _ = swept
+    uri, short = cfg.resolved_tracking_uri(), outcome.parent_run_id[:8]
+    tables = {}
+    for run_id, out in ((outcome.parent_run_id, tmp_path / "full"), (short, tmp_path / "short")):
+        r = CliRunner().invoke(main, ["report", run_id, "--tracking-uri", uri, "--out", str(out)],
+                               env={"COLUMNS": "200"})
+        assert r.exit_code == 0, r.output
+        assert f"main ({cfg.name}, run {short})" in r.output
+        tables[run_id] = [(out / f"{name}.csv").read_text() for name in ("main", "generalization")]
+    assert tables[short] == tables[outcome.parent_run_id]
+
+
+def test_a_run_id_beginning_two_sweep_runs_is_refused_naming_them():
+    from types import SimpleNamespace
+
+    from harness.errors import HarnessError
+    from harness.report import full_run_id
+
+    ids = ["d18370c9c5714df5b73d762666a2cd4a", "d18370c9ffff4df5b73d762666a2cd4a", "0123456789abcdef0123456789abcdef"]
+    client = SimpleNamespace(search_experiments=lambda: [SimpleNamespace(experiment_id="1")],
+                             search_runs=lambda exps, where, max_results: [
+                                 SimpleNamespace(info=SimpleNamespace(run_id=i)) for i in ids])
+    assert full_run_id(client, "0123") == ids[2]
+    assert full_run_id(client, "d18370c9c") == ids[0]
+    assert full_run_id(client, "ffff") == "ffff"  # none: MLflow's own "not found"
+    with pytest.raises(HarnessError, match=f"run id 'd18370c9' begins 2 sweep runs \\({ids[0]}, {ids[1]}\\)"):
+        full_run_id(client, "d18370c9")
+
+
 def test_terminal_tables_and_dry_run(swept, checkpoints, tmp_path):
     from rich.console import Console
 

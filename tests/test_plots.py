@@ -132,3 +132,56 @@ def test_heatmap_panels_of_equal_weights_share_one_colour():
                                        err_msg=ax.get_title())
     finally:
         plt.close(fig)
+
+
+
+def test_heatmap_labels_do_not_overlap_at_30_and_60_tasks():
+    """WeMoE merges one expert per task: a panel kept 2 in wide whatever the count, so at 30 tasks
+    the 6 pt expert names below it (0.1 in a line) were drawn on top of each other. No task name
+    (rows) nor expert name (columns) may overlap the next one."""
+    for n_tasks in (30, 60):
+        tasks = [f"task_{i:02d}" for i in range(n_tasks)]
+        routing = {"experts": tasks, "layers": 2,
+                   "mean_weight": {t: [[(i + e) / 100 for e in range(n_tasks)]] * 2
+                                   for i, t in enumerate(tasks)}}
+        fig = routing_figure(routing, "WeMoE routing weights")
+        try:
+            fig.canvas.draw()
+            renderer = fig.canvas.get_renderer()
+            for labels in (fig.axes[0].get_yticklabels(), fig.axes[0].get_xticklabels()):
+                assert [t.get_text() for t in labels] == tasks
+                boxes = [t.get_window_extent(renderer) for t in labels]
+                overlapping = [(labels[i].get_text(), labels[j].get_text()) for i in range(len(boxes))
+                               for j in range(i + 1, len(boxes)) if boxes[i].overlaps(boxes[j])]
+                assert overlapping == [], (n_tasks, overlapping[:3])
+        finally:
+            plt.close(fig)
+
+
+def test_a_method_has_one_bar_style_in_both_plots_of_a_report(tmp_path, monkeypatch):
+    """accuracy.png shows the reference rows and robustness.png not: each numbered its own series, so
+    task_arithmetic was green in one and orange in the other (wemoe-embedded's report), and a failed
+    row shifted every later colour. A method keeps its main-table row's style in every plot."""
+    import matplotlib.figure
+
+    from harness.report import Row, plot_accuracy, plot_robustness
+
+    robust = {"robust/clean/avg": 50.0, "robust/contrast/avg": 40.0}
+    rows = [Row("pretrained", "", {"a": 30.0}, 30.0, None, metrics=robust),
+            Row("individual", "", {"a": 90.0}, 90.0, None),
+            Row("broken", "failed", {}, None, None),
+            *(Row(f"m{i}", "", {"a": 50.0}, 50.0, None, metrics=robust) for i in range(22))]
+    styles: list[dict[str, tuple]] = []
+
+    def capture(fig, *args, **kwargs):
+        legend = fig.axes[0].get_legend()
+        styles.append({text.get_text(): (tuple(handle.get_facecolor()), handle.get_hatch() or "")
+                       for text, handle in zip(legend.get_texts(), legend.legend_handles)})
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", capture)
+    plot_accuracy(rows, ["a"], tmp_path / "accuracy.png", "t")
+    plot_robustness(rows, ["contrast"], tmp_path / "robustness.png", "t")
+    accuracy, robustness = styles
+    assert "individual" in accuracy and "individual" not in robustness and "broken" not in accuracy
+    assert len(robustness) == 23 and {m: accuracy[m] for m in robustness} == robustness
+    assert len(set(accuracy.values())) == len(accuracy) == 24
