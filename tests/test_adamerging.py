@@ -419,3 +419,25 @@ def test_learning_rate_of_every_step_follows_torchs_cosine_annealing(models, mon
         reference.step()
         schedule.step()
     assert seen == pytest.approx(want, rel=1e-12, abs=1e-15)
+
+
+def test_extending_an_adaptation_from_its_checkpoint_reads_the_batches_an_uninterrupted_run_reads(models, tmp_path):
+    """Two steps checkpointed, then five asked of the same workdir: it resumes at step 2 and
+    must go on with each task's third batch (of three: the streams are fast-forwarded), with
+    Adam's moments restored, giving the uninterrupted five-step run's losses and coefficients."""
+    from methods.tta import run_tta
+
+    pre, ft = models
+    data = {t: [images(4, 10 * i + j) for j in range(3)] for i, t in enumerate(TASKS)}
+
+    def run(workdir, steps):
+        enc = adamerging.AdaMergedEncoder(pre, ft, granularity="layer")
+        ctx = MergeContext(heads=heads(), unlabeled={t: (lambda t=t: iter(data[t])) for t in TASKS}, workdir=str(workdir))
+        losses = run_tta(enc, ctx, lr=5e-2, steps=steps, checkpoint_every=2, joint_forward=True)
+        return losses, enc.coef.detach().clone()
+
+    full_losses, full_coef = run(tmp_path / "full", 5)
+    run(tmp_path / "resumed", 2)
+    losses, coef = run(tmp_path / "resumed", 5)
+    assert losses == full_losses and len(losses) == 5
+    assert torch.equal(coef, full_coef)
