@@ -60,3 +60,32 @@ def test_unseen_tasks_are_left_out_of_the_average_and_reported_apart():
 def test_a_tuning_trial_is_scored_on_validation_only():
     m = evaluate_encoder(stub_workspace(["a", "b"]), nn.Identity(), ["a", "b"], torch.device("cpu"), test=False)
     assert m == pytest.approx({"val/acc/a": 50.0, "val/acc/b": 75.0, "val/acc/avg": 62.5})
+
+
+CORRUPTED = {"a": ([X, X], [0, 0]), "b": ([X, X, X, Y], [1, 1, 1, 1])}
+
+
+class Swap(nn.Module):
+    """Swaps the two features: head a then predicts class 1 for X, head b class 0."""
+
+    def forward(self, x):
+        return x.flip(-1)
+
+
+def test_robustness_averages_by_hand():
+    from harness.job import robustness_metrics
+
+    ws = stub_workspace(["a", "b"])
+    ws.cfg.robustness = SimpleNamespace(tasks=["a", "b"], corruptions=["noise"], severity=1)
+    ws.corrupted = lambda t, c: TensorDataset(torch.tensor(CORRUPTED[t][0]), torch.tensor(CORRUPTED[t][1]))
+    cpu = torch.device("cpu")
+    # identity: a 2/2, b 3/4; clean test accuracies evaluated here: a 100, b 200/3
+    m = robustness_metrics(ws, nn.Identity(), cpu)
+    assert m["robust/noise/a"] == pytest.approx(100.0) and m["robust/noise/b"] == pytest.approx(75.0)
+    assert m["robust/noise/avg"] == pytest.approx(87.5)
+    assert m["robust/clean/avg"] == pytest.approx((100 + 200 / 3) / 2)
+    # a clean accuracy given is used as given; the adapted encoder scores the corrupted images
+    m = robustness_metrics(ws, nn.Identity(), cpu, clean={"a": 10.0}, adapted=lambda c: Swap())
+    assert m["robust/clean/avg"] == pytest.approx((10 + 200 / 3) / 2)
+    assert m["robust/noise/a"] == pytest.approx(0.0) and m["robust/noise/b"] == pytest.approx(25.0)
+    assert m["robust/noise/avg"] == pytest.approx(12.5)
