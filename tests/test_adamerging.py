@@ -395,3 +395,49 @@ def test_a_task_left_out_of_adaptation_does_not_bound_its_batch(sweep_dict, monk
     ws = Workspace(validate_config(dict(d, methods=[{"name": "wemoe", "params": {"batch_size": 81}}])))
     with pytest.raises(FieldError, match=r"task 'toy_stripes' \(80 images\)"):
         ws.check_adaptation_batches()
+
+
+@pytest.mark.parametrize("cosine", [False, True])
+def test_learning_rate_of_every_step_follows_torchs_cosine_annealing(models, monkeypatch, cosine):
+    """The lr Adam steps with, step by step: constant ``lr`` without ``cosine``; with it, what
+    torch's CosineAnnealingLR(T_max=steps) gives (lr at step 0, annealed towards 0)."""
+    from methods.tta import run_tta
+
+    pre, ft = models
+    seen: list[float] = []
+    step = torch.optim.Adam.step
+    monkeypatch.setattr(torch.optim.Adam, "step",
+                        lambda self, *a, **k: (seen.append(self.param_groups[0]["lr"]), step(self, *a, **k))[1])
+    enc = adamerging.AdaMergedEncoder(pre, ft)
+    run_tta(enc, MergeContext(heads=heads(), unlabeled=fixed_unlabeled()), lr=0.02, steps=5, cosine=cosine,
+            joint_forward=True)
+    reference = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.02)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(reference, T_max=5)
+    want = []
+    for _ in range(5):
+        want.append(reference.param_groups[0]["lr"] if cosine else 0.02)
+        reference.step()
+        schedule.step()
+    assert seen == pytest.approx(want, rel=1e-12, abs=1e-15)
+
+
+def test_extending_an_adaptation_from_its_checkpoint_reads_the_batches_an_uninterrupted_run_reads(models, tmp_path):
+    """Two steps checkpointed, then five asked of the same workdir: it resumes at step 2 and
+    must go on with each task's third batch (of three: the streams are fast-forwarded), with
+    Adam's moments restored, giving the uninterrupted five-step run's losses and coefficients."""
+    from methods.tta import run_tta
+
+    pre, ft = models
+    data = {t: [images(4, 10 * i + j) for j in range(3)] for i, t in enumerate(TASKS)}
+
+    def run(workdir, steps):
+        enc = adamerging.AdaMergedEncoder(pre, ft, granularity="layer")
+        ctx = MergeContext(heads=heads(), unlabeled={t: (lambda t=t: iter(data[t])) for t in TASKS}, workdir=str(workdir))
+        losses = run_tta(enc, ctx, lr=5e-2, steps=steps, checkpoint_every=2, joint_forward=True)
+        return losses, enc.coef.detach().clone()
+
+    full_losses, full_coef = run(tmp_path / "full", 5)
+    run(tmp_path / "resumed", 2)
+    losses, coef = run(tmp_path / "resumed", 5)
+    assert losses == full_losses and len(losses) == 5
+    assert torch.equal(coef, full_coef)

@@ -107,3 +107,38 @@ def test_the_methods_declared_unseeded_return_the_same_merge_at_any_seed():
             torch.manual_seed(seed)
             merges.append(method.merge(pre, ft, MergeContext(seed=seed)).state_dict())
         assert all(torch.equal(merges[0][k], merges[1][k]) for k in merges[0]), type(method).__name__
+
+
+def test_task_arithmetic_on_a_half_model_accumulates_in_float32_and_casts_once():
+    """2048 + 0.375 * (2 + 2) = 2049.5 in float32, which rounds to 2050 in half precision;
+    adding 0.75 twice into a half tensor would round each time and stay at 2048."""
+    def half(w: float) -> nn.Module:
+        m = nn.Linear(1, 1, bias=False).half()
+        with torch.no_grad():
+            m.weight.fill_(w)
+        return m
+
+    out = TaskArithmetic(scaling=0.375).merge(half(2048.0), {"a": half(2050.0), "b": half(2050.0)}, MergeContext())
+    assert out.weight.dtype == torch.float16
+    assert out.weight.item() == 2050.0
+
+
+def test_integer_buffers_are_kept_from_the_pretrained_model_not_merged():
+    """Only floating-point tensors are merged; an integer buffer (a counter, position ids)
+    stays the pretrained model's, while the float weights are merged as usual."""
+    from methods.ties import TiesMerging
+
+    def counted(w, b, count: int) -> nn.Module:
+        m = tiny(w, b)
+        m.register_buffer("count", torch.tensor([count], dtype=torch.long))
+        return m
+
+    pre = counted([[1.0, 2.0], [3.0, 4.0]], [0.0, 1.0], 1)
+    ft = {"a": counted([[2.0, 2.0], [3.0, 0.0]], [1.0, 1.0], 3),
+          "b": counted([[1.0, 5.0], [1.0, 4.0]], [0.0, -1.0], 6)}
+    for method in (WeightAveraging(), TaskArithmetic(scaling=0.5), TiesMerging(k=100, scaling=1.0)):
+        out = method.merge(pre, ft, MergeContext())
+        assert torch.equal(out.count, torch.tensor([1])), type(method).__name__
+        assert out.count.dtype == torch.long
+    # the float part is merged all the same: weight averaging by hand
+    assert torch.equal(WeightAveraging().merge(pre, ft, MergeContext()).bias, torch.tensor([0.5, 0.0]))

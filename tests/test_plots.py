@@ -23,6 +23,17 @@ def test_routing_csv_holds_every_mean_weight(tmp_path):
         assert float(r["mean_weight"]) == want
 
 
+def test_routing_csv_reads_back_as_the_routing_it_was_written_from(tmp_path):
+    """``harness report`` rebuilds a WeMoE row's routing from the logged CSV: task x layer x
+    expert means, layers in order, experts in the job's order."""
+    from harness.report import read_routing_csv
+
+    routing = dict(ROUTING, mean_weight={**ROUTING["mean_weight"], "extra": [[0.5, 0.0]] * 3 + [[0.0, 1.0]]})
+    for order in (["mnist", "fashion"], ["fashion", "mnist"]):
+        given = dict(routing, experts=order)
+        assert read_routing_csv(routing_csv(given, tmp_path / f"{order[0]}.csv")) == given
+
+
 def test_heatmap_panels_show_the_means_and_the_title_clears_them():
     fig = routing_figure(ROUTING, "WeMoE routing weights")
     try:

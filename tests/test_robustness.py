@@ -70,6 +70,20 @@ def test_each_corruption_is_the_package_under_the_image_seed(name, image):
     assert np.array_equal(np.random.get_state()[1], state[1])  # the caller's global state is left alone
 
 
+def test_each_image_of_a_split_is_corrupted_under_its_own_seed(image):
+    """Image i of ``corrupt_images`` is ``corrupt_image`` under ``image_seed(seed, i, name,
+    severity)`` (the documented contract): three copies of one image get three different noises,
+    and another split seed gives other ones."""
+    from tasks.corruptions import image_seed
+
+    images = np.stack([image] * 3)
+    out = corrupt_images(images, "gaussian_noise", 2, seed=5)
+    for i in range(3):
+        assert np.array_equal(out[i], corrupt_image(image, "gaussian_noise", 2, image_seed(5, i, "gaussian_noise", 2)))
+    assert not np.array_equal(out[0], out[1]) and not np.array_equal(out[1], out[2])
+    assert not np.array_equal(corrupt_images(images, "gaussian_noise", 2, seed=6)[0], out[0])
+
+
 def test_unknown_corruption_and_severity(image):
     with pytest.raises(ValueError, match="unknown corruption 'fogg'"):
         corrupt_image(image, "fogg", 2, 0)

@@ -275,6 +275,17 @@ def test_thresholds_exact_when_the_sample_bracket_misses(monkeypatch, cap, brack
     assert trim_thresholds(tasks, 20) == expected
 
 
+@pytest.mark.parametrize("bracket", [(1.0, 7.5), (1.0, 8.0), (8.0, 9.5), (8.5, 9.5), (7.9, 8.1)])
+def test_thresholds_exact_when_the_bracket_edge_sits_at_the_threshold(monkeypatch, bracket):
+    """|w| = 1..10, k = 30 -> keep 3 -> the threshold is 8 (by hand). Brackets whose edge
+    falls just below, on, or just above 8: exactly n_keep entries above the bracket, or
+    exactly n_keep at or above its low edge, must still resolve to 8."""
+    tasks = [{"w": torch.arange(1.0, 11.0)}, {"w": -torch.arange(10.0, 0.0, -1.0)}]
+    bits = [ties._bits_of(torch.tensor(v)) for v in bracket]
+    monkeypatch.setattr(ties, "_sample_brackets", lambda *args: [tuple(bits)] * len(tasks))
+    assert trim_thresholds(tasks, 30) == [8.0, 8.0]
+
+
 def test_input_validation():
     with pytest.raises(ValueError):
         ties_merge_streaming([], 20)
