@@ -362,18 +362,29 @@ def export(file: str, overrides: tuple[str, ...], label: str, dst: str, full_cli
 
     _check_destination(dst, "--out", must_be_file=True)
     cfg = _load(file, overrides)
-    m = cfg.methods[_method_index(cfg, label, file)]
+    label = _export_label(cfg, label, file)
     with _fields_of(file, overrides):
-        done = export_merged(cfg, m.display, dst, full_clip=full_clip)
+        done = export_merged(cfg, label, dst, full_clip=full_clip)
     r = done.result
     if done.adapted_again:
         why = ("its job ran with checkpoint_every: 0, which saves none" if done.saves_none
                else f"none saved in work/{r.key}/")
-        console.print(f"{m.display}: adapted again, from the start ({why}; same data and seed)",
+        console.print(f"{label}: adapted again, from the start ({why}; same data and seed)",
                       highlight=False, markup=False)
     setting = setting_text(r.params) or "no parameters"
-    console.print(f"wrote {done.path}: {m.display} ({setting}), val {r.metrics.get('val/acc/avg', float('nan')):.1f}, "
+    console.print(f"wrote {done.path}: {label} ({setting}), val {r.metrics.get('val/acc/avg', float('nan')):.1f}, "
                   f"test {r.metrics.get('acc/avg', float('nan')):.1f} (job {r.key})", highlight=False, markup=False)
+
+
+def _export_label(cfg, label: str, file: str) -> str:
+    """The row ``--method`` names. A generalization row's label (``<label> (gen)``) is passed on as
+    given, so that export refuses it naming its main row instead of calling it no method's label."""
+    from harness.config import GENERALIZATION_SUFFIX
+
+    if label.endswith(GENERALIZATION_SUFFIX) and any(
+            m.display == label.removesuffix(GENERALIZATION_SUFFIX) for m in cfg.methods):
+        return label
+    return cfg.methods[_method_index(cfg, label, file)].display
 
 
 def _check_destination(dst: str | Path, option: str, folder: bool = False, must_be_file: bool = False) -> None:

@@ -1120,7 +1120,8 @@ def check_tasks(cfg: SweepConfig, file: str) -> None:
     for field_name, values in subsets:
         for i, name in enumerate(values):
             if name not in names:
-                raise ConfigError(file, f"{field_name}.{i}", "not one of the sweep's tasks", name)
+                raise ConfigError(file, f"{field_name}.{i}", f"not one of the sweep's tasks{did_you_mean(name, names)}",
+                                  name)
     for field_name, given in (("model.finetuned", cfg.model.finetuned), ("model.heads", cfg.model.heads)):
         for name in given:  # a typo would otherwise leave the task on the pattern, or on zero-shot heads
             if name not in names and name not in known:  # a registered task's entry waits for a sweep with it
@@ -1576,7 +1577,8 @@ def check_generalization(cfg: SweepConfig, file: str) -> None:
     for field_name in ("unseen", "seen"):
         for i, name in enumerate(getattr(g, field_name) or []):
             if name not in names:
-                raise ConfigError(file, f"generalization.{field_name}.{i}", "not one of the sweep's tasks", name)
+                raise ConfigError(file, f"generalization.{field_name}.{i}",
+                                  f"not one of the sweep's tasks{did_you_mean(name, names)}", name)
     unseen = set(g.unseen or [])
     if g.seen is not None:
         both = set(g.seen) & unseen

@@ -161,6 +161,24 @@ def test_corruption_benchmark_rejects_an_unknown_corruption_or_severity_in_one_l
     assert f"argument {option}" in line and value in line, line
 
 
+@pytest.mark.parametrize("args, fragment", [
+    (["--sweep", "nope.yaml"], "nope.yaml: file does not exist"),
+    (["--sweep", str(ROOT / "sweeps" / "quick.yaml"), "eval.max_sample=3"],
+     "eval.max_sample: unknown key; did you mean 'max_samples'?"),
+])
+def test_sweep_benchmark_rejects_a_bad_sweep_or_override_in_one_line(rejected, args, fragment):
+    line = rejected("bench_sweep.py", *args)
+    assert line.startswith("bench_sweep.py: error:") and fragment in line, line
+
+
+@pytest.mark.parametrize("script", ["ties_diagnostics.py", "wemoe_diagnostics.py"])
+def test_diagnostic_scripts_reject_a_bad_sweep_or_override_in_one_line(rejected, monkeypatch, script):
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    assert rejected(script, "nope.yaml") == f"{script}: error: nope.yaml: file does not exist"
+    line = rejected(script, str(ROOT / "sweeps" / "quick.yaml"), "eval.max_sample=3")
+    assert line.startswith(f"{script}: error:") and "eval.max_sample: unknown key; did you mean 'max_samples'?" in line
+
+
 def test_precision_benchmark_alternates_the_precisions_in_every_round(monkeypatch, capsys):
     # The README's ratios come from runs in which ours and the reference alternate; a benchmark
     # that timed every fp32 call before any bf16 one would let the machine's load favour one side.

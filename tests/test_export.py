@@ -169,6 +169,11 @@ def test_a_generalization_row_or_a_failed_row_is_refused_saying_why_not_rerun(sw
         export_merged(cfg, "task_arithmetic (gen)", tmp_path / "g.safetensors")
     assert str(gen.value) == ("row 'task_arithmetic (gen)' is a generalization row, merged on the seen tasks only: "
                               "export exports the main table's rows (--method 'task_arithmetic')")
+    sweep_file = tmp_path / "s.yaml"
+    sweep_file.write_text(yaml.safe_dump(sweep_dict))
+    r = CliRunner().invoke(main, ["export", str(sweep_file), "--method", "task_arithmetic (gen)",
+                                  "--out", str(tmp_path / "g.safetensors")])
+    assert r.exit_code == 2 and r.stderr.strip() == f"error: {gen.value}", r.output  # the command says the same
     with pytest.raises(ExportError) as failed:
         export_merged(cfg, "fails", tmp_path / "f.safetensors")
     assert re.fullmatch(r"row 'fails': every setting failed \(1; RuntimeError: deliberate failure; "
