@@ -669,3 +669,20 @@ def test_report_of_a_sweep_run_whose_jobs_artifact_is_damaged_names_it(sweep_dic
                         r"cached\) to log it again\n", r.stderr), r.stderr
     assert CliRunner().invoke(main, ["sweep", "-q", str(f)]).exit_code == 0
     assert CliRunner().invoke(main, ["report", sweep_dict["output_dir"], "--out", str(tmp_path / "rep")]).exit_code == 0
+
+
+def test_warnings_stay_plain_lines_after_a_library_configures_logging(tmp_path):
+    """open_clip's module-level ``logging.warning`` (called once a model is built) configures the
+    root logger; the harness's own warnings after it were ``WARNING:harness.convert:...`` lines,
+    not the ``path: message`` lines before it. Truth: the line as the harness wrote it."""
+    script = (
+        "import logging\n"
+        "from harness.cli import main\n"
+        f"try:\n    main(['validate', {str(tmp_path / 'missing.yaml')!r}])\n"
+        "except SystemExit:\n    pass\n"
+        "logging.warning('a library speaks')\n"
+        "logging.getLogger('harness.convert').warning('model.pt: a message')\n"
+        "logging.getLogger('harness.convert').info('not shown')\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.stderr.splitlines()[-2:] == ["a library speaks", "model.pt: a message"], done.stderr
