@@ -512,7 +512,7 @@ def load_sweep_from_mlflow(tracking_uri: str, run_id: str | None = None,
         job_params = {k[len("job.params."):]: _parse(v) for k, v in params.items() if k.startswith("job.params.")}
         artifacts: dict[str, Any] = {}
         test_correct: dict[str, str] = {}
-        files = {a.path for a in client.list_artifacts(run.info.run_id)}
+        files = {a.path for a in run_artifacts(tracking_uri, run).list_artifacts()}
         with tempfile.TemporaryDirectory() as tmp:
             if tags.get("harness.kind") == "merge" and "routing.csv" in files:
                 artifacts["routing"] = read_routing_csv(Path(_download(client, tracking_uri, run, "routing.csv", tmp)))
@@ -579,10 +579,19 @@ def _download(client: Any, tracking_uri: str, run: Any, path: str, dst: str) -> 
     from mlflow.exceptions import MlflowException
 
     try:
-        return client.download_artifacts(run.info.run_id, path, dst)
+        return run_artifacts(tracking_uri, run).download_artifacts(path, dst)
     except MlflowException as exc:
         raise HarnessError(f"{tracking_uri}: run {run.info.run_id} ({run.info.run_name}): cannot read its artifact "
-                           f"{path!r} at {run.info.artifact_uri} ({exc.message})") from None
+                           f"{path!r} at {run.info.artifact_uri} ({exc.message.strip().splitlines()[-1]})") from None
+
+
+def run_artifacts(tracking_uri: str, run: Any) -> Any:
+    """The artifact repository of ``run`` at the location the run found holds: MLflow's client
+    looks a run up again (and its logged models) for every listing or download, 60 ms a job, a
+    minute for a report of a thousand jobs."""
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    return get_artifact_repository(run.info.artifact_uri, tracking_uri=tracking_uri)
 
 
 def load_study_counts(tracking_uri: str, parent: Any) -> dict[tuple[str, str], TrialCounts]:
