@@ -489,7 +489,7 @@ def load_sweep_from_mlflow(tracking_uri: str, run_id: str | None = None,
     if unwritten:
         raise HarnessError(unwritten)
     with tempfile.TemporaryDirectory() as tmp:
-        local = _download(client, tracking_uri, parent, "resolved.yaml", tmp)
+        local = _download(tracking_uri, parent, "resolved.yaml", tmp)
         cfg = SweepConfig.model_validate(yaml.safe_load(Path(local).read_text()))
     current: set[str] | None = None
     shared: dict[str, list[str]] = {}  # job key -> the labels whose rows hold it
@@ -515,9 +515,9 @@ def load_sweep_from_mlflow(tracking_uri: str, run_id: str | None = None,
         files = {a.path for a in run_artifacts(tracking_uri, run).list_artifacts()}
         with tempfile.TemporaryDirectory() as tmp:
             if tags.get("harness.kind") == "merge" and "routing.csv" in files:
-                artifacts["routing"] = read_routing_csv(Path(_download(client, tracking_uri, run, "routing.csv", tmp)))
+                artifacts["routing"] = read_routing_csv(Path(_download(tracking_uri, run, "routing.csv", tmp)))
             if CORRECT_FILE in files:
-                test_correct = read_correct(Path(_download(client, tracking_uri, run, CORRECT_FILE, tmp)))
+                test_correct = read_correct(Path(_download(tracking_uri, run, CORRECT_FILE, tmp)))
         protocol = tags.get(PROTOCOL_TAG) or params.get("job.protocol") or MAIN
         results.append(JobResult(
             key=tags.get("harness.job_key", ""), kind=tags.get("harness.kind", "merge"),
@@ -539,7 +539,7 @@ def _recorded_jobs(client: Any, tracking_uri: str, parent: Any) -> list[Any] | N
     if not any(a.path == f"report/{JOBS_FILE}" for a in client.list_artifacts(parent.info.run_id, "report")):
         return None
     with tempfile.TemporaryDirectory() as tmp:
-        entries = job_entries(Path(_download(client, tracking_uri, parent, f"report/{JOBS_FILE}", tmp)).read_bytes())
+        entries = job_entries(Path(_download(tracking_uri, parent, f"report/{JOBS_FILE}", tmp)).read_bytes())
     if entries is None:
         raise HarnessError(f"{tracking_uri}: sweep run {parent.info.run_id} ({parent.info.run_name}): its artifact "
                            f"report/{JOBS_FILE} is damaged (not the list of jobs a sweep writes): rerun the sweep "
@@ -573,7 +573,7 @@ def _no_tables_yet(client: Any, tracking_uri: str, parent: Any) -> str | None:
             f"its sweep is {state}")
 
 
-def _download(client: Any, tracking_uri: str, run: Any, path: str, dst: str) -> str:
+def _download(tracking_uri: str, run: Any, path: str, dst: str) -> str:
     """A run's artifact ``path``, downloaded into ``dst``; one line naming the run and where its
     artifacts should lie when they are not there (a moved or deleted output folder)."""
     from mlflow.exceptions import MlflowException
