@@ -669,7 +669,7 @@ def report(target: str, tracking_uri: str | None, out_dir: str | None, against: 
     TARGET is a sweep's output folder (the parent run of the sweep that last ran there), its
     sweep YAML, or a sweep's parent run id (or its first characters, as the tables' titles show)."""
     from harness.report import build_report, load_study_counts, load_sweep_from_mlflow, row_routings
-    from harness.results import rich_table
+    from harness.results import print_table, rich_table
 
     if out_dir:
         _check_destination(out_dir, "--out", folder=True)
@@ -694,7 +694,7 @@ def report(target: str, tracking_uri: str | None, out_dir: str | None, against: 
     rep = build_report(cfg, results, Path(out_dir) if out_dir else default_out, row_routings(cfg, results),
                        list(against) or None, load_study_counts(uri, parent))
     for name, (header, body) in rep.tables.items():
-        console.print(rich_table(header, body, title=f"{name} ({cfg.name}, run {parent.info.run_id[:8]})"))
+        print_table(console, rich_table(header, body, title=f"{name} ({cfg.name}, run {parent.info.run_id[:8]})"))
     console.print(f"wrote {len(rep.files)} files to {Path(rep.files[0]).parent}")
 
 

@@ -114,7 +114,8 @@ def robustness_inline(cfg: SweepConfig, label: str) -> bool:
     m = next((m for m in cfg.methods if m.display == label), None)
     if m is None or m.tune is not None:
         return True
-    return len(expand_grid(m)) == 1 or resolve_method(m.name).uses_test_data
+    one_setting = all(len(values) == 1 for values in m.grid.values())  # not expanded: this runs once per job
+    return one_setting or resolve_method(m.name).uses_test_data
 
 
 def robustness_spec(cfg: SweepConfig, label: str, params: dict[str, Any], identity: dict[str, Any],

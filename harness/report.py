@@ -517,7 +517,7 @@ def load_sweep_from_mlflow(tracking_uri: str, run_id: str | None = None,
     if unwritten:
         raise HarnessError(unwritten)
     with tempfile.TemporaryDirectory() as tmp:
-        local = _download(client, tracking_uri, parent, "resolved.yaml", tmp)
+        local = _download(tracking_uri, parent, "resolved.yaml", tmp)
         cfg = SweepConfig.model_validate(yaml.safe_load(Path(local).read_text()))
     current: set[str] | None = None
     shared: dict[str, list[str]] = {}  # job key -> the labels whose rows hold it
@@ -540,12 +540,12 @@ def load_sweep_from_mlflow(tracking_uri: str, run_id: str | None = None,
         job_params = {k[len("job.params."):]: _parse(v) for k, v in params.items() if k.startswith("job.params.")}
         artifacts: dict[str, Any] = {}
         test_correct: dict[str, str] = {}
-        files = {a.path for a in client.list_artifacts(run.info.run_id)}
+        files = {a.path for a in run_artifacts(tracking_uri, run).list_artifacts()}
         with tempfile.TemporaryDirectory() as tmp:
             if tags.get("harness.kind") == "merge" and "routing.csv" in files:
-                artifacts["routing"] = read_routing_csv(Path(_download(client, tracking_uri, run, "routing.csv", tmp)))
+                artifacts["routing"] = read_routing_csv(Path(_download(tracking_uri, run, "routing.csv", tmp)))
             if CORRECT_FILE in files:
-                test_correct = read_correct(Path(_download(client, tracking_uri, run, CORRECT_FILE, tmp)))
+                test_correct = read_correct(Path(_download(tracking_uri, run, CORRECT_FILE, tmp)))
         protocol = tags.get(PROTOCOL_TAG) or params.get("job.protocol") or MAIN
         results.append(JobResult(
             key=tags.get("harness.job_key", ""), kind=tags.get("harness.kind", "merge"),
@@ -580,7 +580,7 @@ def _recorded_jobs(client: Any, tracking_uri: str, parent: Any) -> list[Any] | N
     if not any(a.path == f"report/{JOBS_FILE}" for a in client.list_artifacts(parent.info.run_id, "report")):
         return None
     with tempfile.TemporaryDirectory() as tmp:
-        entries = job_entries(Path(_download(client, tracking_uri, parent, f"report/{JOBS_FILE}", tmp)).read_bytes())
+        entries = job_entries(Path(_download(tracking_uri, parent, f"report/{JOBS_FILE}", tmp)).read_bytes())
     if entries is None:
         raise HarnessError(f"{tracking_uri}: sweep run {parent.info.run_id} ({parent.info.run_name}): its artifact "
                            f"report/{JOBS_FILE} is damaged (not the list of jobs a sweep writes): rerun the sweep "
@@ -614,16 +614,25 @@ def _no_tables_yet(client: Any, tracking_uri: str, parent: Any) -> str | None:
             f"its sweep is {state}")
 
 
-def _download(client: Any, tracking_uri: str, run: Any, path: str, dst: str) -> str:
+def _download(tracking_uri: str, run: Any, path: str, dst: str) -> str:
     """A run's artifact ``path``, downloaded into ``dst``; one line naming the run and where its
     artifacts should lie when they are not there (a moved or deleted output folder)."""
     from mlflow.exceptions import MlflowException
 
     try:
-        return client.download_artifacts(run.info.run_id, path, dst)
+        return run_artifacts(tracking_uri, run).download_artifacts(path, dst)
     except MlflowException as exc:
         raise HarnessError(f"{tracking_uri}: run {run.info.run_id} ({run.info.run_name}): cannot read its artifact "
-                           f"{path!r} at {run.info.artifact_uri} ({exc.message})") from None
+                           f"{path!r} at {run.info.artifact_uri} ({exc.message.strip().splitlines()[-1]})") from None
+
+
+def run_artifacts(tracking_uri: str, run: Any) -> Any:
+    """The artifact repository of ``run`` at the location the run found holds: MLflow's client
+    looks a run up again (and its logged models) for every listing or download, 60 ms a job, a
+    minute for a report of a thousand jobs."""
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    return get_artifact_repository(run.info.artifact_uri, tracking_uri=tracking_uri)
 
 
 def load_study_counts(tracking_uri: str, parent: Any) -> dict[tuple[str, str], TrialCounts]:

@@ -254,12 +254,29 @@ def rich_table(header: list[str], body: list[list[str]], title: str):
     from rich.table import Table
 
     table = Table(title=title)
-    for i, h in enumerate(header):
+    for i, h in enumerate(header):  # too narrow, a column folds its header onto more lines: never `many…`
         table.add_column(h, justify="left" if h in ("method", "setting") else "right",
-                         style="bold" if h == "avg" else None, no_wrap=i == 0)
+                         style="bold" if h == "avg" else None, no_wrap=i == 0, overflow="fold")
     for r in body:
         table.add_row(*r)
     return table
+
+
+def print_table(console: Any, table: Any) -> None:
+    """Print ``table``; where the output is not a terminal (a log, a pipe) as wide as its columns
+    need, whatever the console's width: twenty task columns do not fit 200 characters."""
+    from rich.measure import Measurement
+
+    need = Measurement.get(console, console.options.update_width(10**6), table).maximum
+    if console.is_terminal or need <= console.width:
+        console.print(table)
+        return
+    width = console.width
+    console.width = need
+    try:
+        console.print(table)
+    finally:
+        console.width = width
 
 
 def to_rich(rows: list[Row], tasks: list[str], seen: list[str] | None = None,

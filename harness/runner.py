@@ -37,6 +37,7 @@ from harness.results import (
     finished_settings,
     generalization_table_records,
     normalized,
+    print_table,
     rich_table,
     robustness_records,
     select_best,
@@ -735,15 +736,15 @@ def reuse_adaptation(work: Path, trial_key: str | None, final_key: str) -> None:
 def print_tables(console: Console, cfg: SweepConfig, rows: list[Row],
                  generalization: list[Row] | None = None) -> None:
     """The main table, the generalization block's table (given its rows) and the robustness table."""
-    console.print(to_rich(rows, cfg.task_names, cfg.merge_tasks))
+    print_table(console, to_rich(rows, cfg.task_names, cfg.merge_tasks))
     if cfg.generalization and generalization is not None:
         seen = cfg.generalization_seen
-        console.print(rich_table(*generalization_table_records(generalization, cfg.task_names, seen),
+        print_table(console, rich_table(*generalization_table_records(generalization, cfg.task_names, seen),
                                  title=f"generalization: merged on {', '.join(seen)} (test top-1 %, "
                                        "settings chosen on the seen tasks' val)"))
     if cfg.robustness:
         rob = cfg.robustness
-        console.print(rich_table(*robustness_records(rows, rob.corruptions),
+        print_table(console, rich_table(*robustness_records(rows, rob.corruptions),
                                  title=f"robustness: avg test top-1 % on {', '.join(rob.tasks)}, severity {rob.severity}"))
 
 

@@ -194,6 +194,36 @@ def test_report_takes_the_sweep_file(sweep_dict, tmp_path):
     assert (tmp_path / "again" / "main.md").read_text() == written
 
 
+def test_report_looks_each_run_up_once_however_many_jobs(sweep_dict, tmp_path, monkeypatch):
+    """``harness report`` reads each job's files from the artifact location its run search
+    returned: MLflow's client looked the run up again for every listing and download (a second
+    a dozen jobs, a minute for a grid of 1000). The tables, the significance one built from the
+    per-image files included, are those the sweep wrote."""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    lookups = {}
+    real = SqlAlchemyStore.get_run
+
+    def counted(self, run_id):
+        lookups[grid] = lookups.get(grid, 0) + 1
+        return real(self, run_id)
+
+    monkeypatch.setattr(SqlAlchemyStore, "get_run", counted)
+    for grid in (2, 6):
+        d = dict(sweep_dict, output_dir=str(tmp_path / f"out{grid}"),
+                 methods=[{"name": "task_arithmetic", "grid": {"scaling": [0.1 * (i + 1) for i in range(grid)]}}])
+        f = tmp_path / f"s{grid}.yaml"
+        f.write_text(yaml.safe_dump(d))
+        assert CliRunner().invoke(main, ["sweep", "-q", str(f)]).exit_code == 0
+        lookups[grid] = 0
+        r = CliRunner().invoke(main, ["report", d["output_dir"], "--out", str(tmp_path / f"rep{grid}")])
+        assert r.exit_code == 0, r.output
+        for name in ("main.csv", "significance.csv"):
+            written = (Path(d["output_dir"]) / "report" / name).read_text()
+            assert (tmp_path / f"rep{grid}" / name).read_text() == written, name
+    assert lookups[6] == lookups[2], lookups
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -114,3 +114,21 @@ def test_a_worker_returns_a_result_whose_artifacts_could_not_be_pickled(sweep_di
         assert r.status == "ok", r.error
         assert r.artifacts["lock"].startswith("<unlocked _thread.lock object")
         assert any("ctx.artifacts['lock'] is a _thread.lock" in w for w in r.warnings)
+
+
+def test_a_dead_worker_fails_only_the_jobs_in_flight(sweep_dict):
+    """The whole batch went to the pool at once, so one worker's death (out of memory on one grid
+    point) failed every job of the batch not yet finished: 182 of a 202-job merge phase. Jobs are
+    handed out two per worker now: those in flight fail with the worker, the rest run in a new pool."""
+    cfg, ws, specs = _specs(sweep_dict, [{"name": "tests.worker_probe:KillsWorker", "label": "dies"},
+                                         {"name": "tests.worker_probe:WorkerPid", "grid": {"tag": list(range(12))}}])
+    ex = LocalExecutor(cfg, ws, workers=2)
+    try:
+        results = {s.key: r for s, r in ex.run(specs)}
+    finally:
+        ex.close()
+    assert len(results) == 13
+    dead = next(r for r in results.values() if r.label == "dies")
+    assert dead.status == "failed" and "worker process failed" in dead.error
+    probes = [r for r in results.values() if r.label != "dies"]
+    assert sum(r.status == "ok" for r in probes) >= 12 - 3  # at most 2 * workers in flight, "dies" one of them

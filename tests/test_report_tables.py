@@ -376,3 +376,37 @@ def test_a_recorded_plot_whose_file_is_gone_is_drawn_again(tmp_path):
     record = {str(path): [plot_inputs_digest({"title": "t"}), ""]}
     kept_plot(record, path, {"title": "t"}, lambda: drawn.append(1) or path)
     assert drawn == [1]
+
+
+def test_a_table_of_twenty_tasks_keeps_every_task_name_readable(sweep_dict):
+    """A logged sweep (not a terminal) printed its table at 200 characters: twenty task columns
+    were cut to ``many…`` each, which task was which unreadable. Logged, the table is as wide as
+    its columns; in a narrow terminal a header folds onto more lines instead of being cut."""
+    from rich.console import Console
+
+    from harness.results import Row
+    from harness.runner import print_tables
+
+    tasks = [f"many_tasks:t{i:02d}" for i in range(20)]
+    cfg = validate_config(dict(sweep_dict, methods=[{"name": "ties", "grid": {"k": [20], "scaling": [0.5]}}]))
+    cfg = cfg.model_copy(update={"tasks": [cfg.tasks[0].model_copy(update={"name": t}) for t in tasks]})
+    acc = {t: 10.0 + i for i, t in enumerate(tasks)}
+    rows = [Row("ties", "k=20, scaling=0.5", acc, 19.5, None)]
+    logged = Console(file=io.StringIO(), width=200, emoji=False)
+    print_tables(logged, cfg, rows)
+    text = logged.file.getvalue()
+    assert "…" not in text
+    header = next(line for line in text.splitlines() if "method" in line)
+    assert [c.strip() for c in header.strip("┃ ").split("┃")] == ["method", "setting", *tasks, "avg", "norm avg"]
+    body = next(line for line in text.splitlines() if "ties" in line)
+    assert [c.strip() for c in body.strip("│ ").split("│")] == ["ties", "k=20, scaling=0.5",
+                                                                *[f"{v:.1f}" for v in acc.values()], "19.5", "-"]
+    assert logged.width == 200  # the console keeps its width for what it prints next
+
+    terminal = Console(file=io.StringIO(), width=120, force_terminal=True, color_system=None, emoji=False)
+    print_tables(terminal, cfg, rows)
+    text = terminal.file.getvalue()
+    assert "…" not in text and max(len(line) for line in text.splitlines()) <= 120
+    header = [line for line in text.splitlines() if line.startswith("┃")]
+    columns = ["".join(parts).replace(" ", "") for parts in zip(*(line.strip("┃").split("┃") for line in header))]
+    assert columns[2:22] == tasks

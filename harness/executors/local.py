@@ -148,32 +148,34 @@ class LocalExecutor:
                     on_start(spec)
                 yield spec, run_job(spec, self.ws, device, self._workdir(spec))
             return
-        try:
-            futures = self._submit(specs)
-        except cf.process.BrokenProcessPool:  # broke while idle or starting: one new pool
-            self.close()
-            try:
-                futures = self._submit(specs)
-            except cf.process.BrokenProcessPool as exc:  # workers cannot even start
-                self.close()
-                for spec in specs:
-                    yield spec, _worker_failed(spec, exc)
-                return
-        broken = False
-        for fut in cf.as_completed(futures):
-            spec = futures[fut]
-            try:
-                result = JobResult.from_dict(fut.result())
-            except Exception as exc:  # a worker that died (killed, out of memory)
-                broken = broken or isinstance(exc, cf.process.BrokenProcessPool)
-                result = _worker_failed(spec, exc)
-            yield spec, result
-        if broken:  # a dead worker breaks the whole pool: the next batch gets a new one
-            self.close()
+        yield from self._run_in_pool(specs)
 
-    def _submit(self, specs: list[JobSpec]) -> dict[cf.Future, JobSpec]:
-        pool = self._ensure_pool(len(specs))
-        return {pool.submit(_work, s.to_dict()): s for s in specs}
+    def _run_in_pool(self, specs: list[JobSpec]) -> Iterator[tuple[JobSpec, JobResult]]:
+        """Hand jobs out two per worker, not the whole batch at once: a worker's death (out of
+        memory) fails the pool's jobs in flight, and the rest of the batch runs in a new pool."""
+        todo, futures, retried = list(reversed(specs)), {}, False
+        while todo or futures:
+            while todo and len(futures) < 2 * self.workers:
+                try:
+                    future = self._ensure_pool(len(todo) + len(futures)).submit(_work, todo[-1].to_dict())
+                except cf.process.BrokenProcessPool as exc:  # broke while idle or starting: one new pool
+                    self.close()
+                    if retried:  # a new pool broke too: workers cannot even start
+                        yield from ((spec, _worker_failed(spec, exc)) for spec in reversed(todo))
+                        todo = []
+                    retried = True
+                    continue
+                futures[future], retried = todo.pop(), False
+            done, _ = cf.wait(futures, return_when=cf.FIRST_COMPLETED)
+            for future in done:
+                spec = futures.pop(future)
+                try:
+                    result = JobResult.from_dict(future.result())
+                except Exception as exc:  # a worker that died (killed, out of memory)
+                    if isinstance(exc, cf.process.BrokenProcessPool):
+                        self.close()  # its jobs in flight fail with it; the next ones get a new pool
+                    result = _worker_failed(spec, exc)
+                yield spec, result
 
     def _workdir(self, spec: JobSpec) -> Path:
         return self.cfg.resolved_output_dir() / "work" / spec.key
