@@ -588,12 +588,25 @@ class StudyRunner:
             if cached:
                 record(spec, cached, t.state.name)
 
+    def elsewhere(self) -> list[Any]:
+        """Trials other folders' drivers are running (a shared ``storage:``): they count toward
+        ``n_trials``, so two sweeps on one study run ``n_trials`` between them, not one each."""
+        from optuna.trial import TrialState
+
+        return [t for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) if not self.ours(t)]
+
+    def missing(self, target: int) -> int:
+        """Trials still to ask for ``target``: finished ones and other folders' running ones count."""
+        return target - self.finished() - len(self.elsewhere())
+
     def grid_left(self) -> int | None:
-        """Grid points no finished trial holds yet; None for the other samplers."""
+        """Grid points no finished trial, nor one another folder runs, holds yet; None for the
+        other samplers."""
         if self.tune.sampler != "grid":
             return None
+        others = {t.number for t in self.elsewhere()}
         taken = {t.system_attrs.get("grid_id") for t in self.study.get_trials(deepcopy=False)
-                 if t.state.is_finished()} - {None}
+                 if t.state.is_finished() or t.number in others} - {None}
         return grid_size(self.tune) - len(taken)
 
     def ask(self, k: int) -> list[JobSpec]:
@@ -635,8 +648,9 @@ class StudyRunner:
     def run(self, execute: Callable[[list[JobSpec]], list[tuple[JobSpec, JobResult]]],
             record: Callable[[JobSpec, JobResult, str], None],
             say: Callable[[str], None] | None = None) -> dict[str, Any]:
-        """Run trials until ``n_trials`` are finished; return the best parameters. ``say`` gets
-        the study's notes (what a resumed study dropped or why it is a new one), one line each."""
+        """Run trials until ``n_trials`` are finished or running from other folders (a shared
+        storage); return the best parameters. ``say`` gets the study's notes (what a resumed study
+        dropped or why it is a new one), one line each."""
         from optuna.trial import TrialState
 
         target = n_trials_possible(self.tune)
@@ -651,14 +665,14 @@ class StudyRunner:
             else:
                 redo.append(spec)
         failures, last_error = 0, ""
-        while redo or self.finished() < target:
+        while redo or self.missing(target) > 0:
             if redo:
                 batch, redo = redo[:self.n_parallel], redo[self.n_parallel:]
             else:
                 left = self.grid_left()
                 if left == 0:  # every grid point was tried (failed ones included): nothing new to ask
                     break
-                batch = self.ask(min(self.n_parallel, target - self.finished(), left if left is not None else target))
+                batch = self.ask(min(self.n_parallel, self.missing(target), left if left is not None else target))
             for spec, result in execute(batch):
                 state = self.tell(spec, result)
                 failures += state == "FAIL"
@@ -668,9 +682,14 @@ class StudyRunner:
             if failures > max(3, target):
                 raise StudyFailed(f"study {self.name!r}: {failures} trials failed, the last with: "
                                   f"{last_error}; every trial's error is in its MLflow run")
+        others = self.elsewhere()
+        if others and say is not None:
+            say(f"study {self.name!r}: {len(others)} trial(s) still running from other folders count toward "
+                f"n_trials {target}; the best is chosen among the {self.finished()} finished")
         if not self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
             raise StudyFailed(f"study {self.name!r}: no trial completed"
-                              + (f"; the last failure: {last_error}" if last_error else ""))
+                              + (f"; the last failure: {last_error}" if last_error else "")
+                              + (f"; {len(others)} still running from other folders" if others else ""))
         return self.best_params()
 
     def best_params(self) -> dict[str, Any]:

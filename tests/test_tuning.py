@@ -677,10 +677,54 @@ def test_a_storage_shared_by_two_sweeps_leaves_the_other_ones_running_trial(swee
     setting = f"scaling={running.params['scaling']:.4g}"
     assert (f"trial 0 ({setting}) is running from {(tmp_path / 'a').resolve()}; left to that sweep"
             in shown.getvalue()), shown.getvalue()
-    assert [t.state.name for t in stored_study(cfg_b).trials] == ["RUNNING", "COMPLETE", "COMPLETE"]
+    assert [t.state.name for t in stored_study(cfg_b).trials] == ["RUNNING", "COMPLETE"]  # a's counts toward 2
     assert driver_a.tell(running, JobResult.of(running, "ok", metrics={"val/acc/avg": 50.0})) == "COMPLETE"
     done = stored_study(cfg_a).trials[0]
     assert (done.state.name, done.value) == ("COMPLETE", 50.0)
+
+
+def scored(batch):
+    """A stand-in executor: each trial completes, scoring its scaling (no job runs)."""
+    from harness.job import JobResult
+
+    return [(s, JobResult.of(s, "ok", metrics={"val/acc/avg": 100 * s.params["scaling"]})) for s in batch]
+
+
+def shared_runners(sweep_dict: dict, tmp_path: Path, n_trials: int, **tune):
+    """Drivers of two output folders, ``a`` and ``b``, on one study in a storage outside both."""
+    space = {"scaling": {"type": "float", "low": 0.0, "high": 1.0}}
+    d = typed_study(sweep_dict, n_trials=n_trials, sampler="random", space=space,
+                    storage=f"journal:{tmp_path / 'shared' / 'journal.log'}", **tune)
+    return tuple(study_runner(validate_config(dict(d, output_dir=str(tmp_path / f)))) for f in "ab")
+
+
+def test_a_resumed_study_runs_only_the_trials_missing_for_n_trials(sweep_dict, tmp_path):
+    """3 trials finished, n_trials 4, two in flight at a time: exactly 1 more runs."""
+    a, _ = shared_runners(sweep_dict, tmp_path, 3, n_parallel=2)
+    a.run(scored, lambda *_: None)
+    a.tune.n_trials = 4
+    asked = []
+    a.run(lambda batch: asked.extend(batch) or scored(batch), lambda *_: None)
+    assert len(asked) == 1
+    assert [t.state.name for t in a.study.trials] == ["COMPLETE"] * 4
+
+
+def test_two_sweeps_sharing_a_study_run_n_trials_between_them(sweep_dict, tmp_path):
+    """Sweep b starts while a runs its first trial: b counts it toward n_trials 4 and runs the 3
+    missing; a then tells its trial, and the study holds 4 finished trials, not 5."""
+    a, b = shared_runners(sweep_dict, tmp_path, 4)
+    notes, ran_b = [], []
+
+    def a_executes(batch):
+        if not ran_b:
+            b.run(lambda bb: ran_b.extend(bb) or scored(bb), lambda *_: None, notes.append)
+        return scored(batch)
+
+    a.run(a_executes, lambda *_: None)
+    assert len(ran_b) == 3
+    assert [t.state.name for t in a.study.trials] == ["COMPLETE"] * 4
+    assert (f"study {b.name!r}: 1 trial(s) still running from other folders count toward n_trials 4; the best is "
+            "chosen among the 3 finished") in notes, notes
 
 
 def test_changed_study_definition_starts_a_new_study(sweep_dict):
