@@ -12,6 +12,7 @@ folder (a storage several sweeps share) is its driver's, alive or not, and is le
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -372,9 +373,13 @@ def choose_study(storage: Any, name: str, definition: str, measures: str,
 
     names = set(optuna.get_all_study_names(storage))
 
+    @functools.cache
+    def stored(candidate: str) -> "optuna.Study":  # each stored study read once, however often asked about
+        return optuna.load_study(study_name=candidate, storage=storage)
+
+    @functools.cache
     def stored_attrs(candidate: str) -> tuple[dict[str, Any], bool]:
-        stored = optuna.load_study(study_name=candidate, storage=storage)
-        return stored.user_attrs, bool(stored.get_trials(deepcopy=False))
+        return stored(candidate).user_attrs, bool(stored(candidate).get_trials(deepcopy=False))
 
     def fits(candidate: str) -> bool:
         if candidate not in names:
@@ -385,8 +390,7 @@ def choose_study(storage: Any, name: str, definition: str, measures: str,
         if attrs[DEFINITION_ATTR] != definition:
             return False
         if attrs.get(MEASURES_ATTR) is None:  # stored by an older harness
-            return measured_here is None or measured_here(candidate, optuna.load_study(study_name=candidate,
-                                                                                       storage=storage))
+            return measured_here is None or measured_here(candidate, stored(candidate))
         return attrs[MEASURES_ATTR] == measures
 
     own = f"{name}.{definition}.{measures}"

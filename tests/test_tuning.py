@@ -767,6 +767,31 @@ def test_changed_study_definition_starts_a_new_study(sweep_dict):
     assert len(optuna.load_study(study_name="toy.typed", storage=storage).trials) == 3
 
 
+def test_a_changed_study_is_read_once_when_choosing(monkeypatch):
+    """Choosing for a study whose stored definition differs reads that study (and its attributes)
+    once: the choice, the line saying what changed and the search for a renamed twin share it."""
+    from collections import Counter
+
+    import optuna
+
+    from harness.tuning import DEFINITION_ATTR, MEASURES_ATTR, choose_study
+
+    storage = optuna.storages.InMemoryStorage()
+    old = optuna.create_study(study_name="s", storage=storage)
+    old.set_user_attr(DEFINITION_ATTR, "olddef")
+    old.set_user_attr(MEASURES_ATTR, "m")
+    old.enqueue_trial({})
+    loads, reads = Counter(), Counter()
+    load, read = optuna.load_study, storage.get_study_user_attrs
+    monkeypatch.setattr(optuna, "load_study", lambda **kw: loads.update([kw["study_name"]]) or load(**kw))
+    monkeypatch.setattr(storage, "get_study_user_attrs", lambda sid: reads.update([sid]) or read(sid))
+    chosen, note = choose_study(storage, "s", "newdef", "m")
+    assert chosen == "s.newdef"
+    assert note == ("study 's' was run with another space, fixed params, objective or sampler: starting study "
+                    "'s.newdef' for this one")
+    assert loads == Counter({"s": 1}) and reads == Counter({old._study_id: 1})
+
+
 def test_a_sweep_measuring_other_data_starts_its_own_study(sweep_dict):
     """A rerun on fewer tasks (or another eval.max_samples) does not resume the study of the old
     sweep: that study has its trials, so none would run, and the 'tuned' setting would be the one
