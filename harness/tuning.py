@@ -703,8 +703,8 @@ class StudyRunner:
 
 def stored_study(cfg: SweepConfig, m: MethodSpec, identity: dict, task_identity: dict,
                  results_dir: Path) -> StudyRunner | None:
-    """The study of ``m`` a sweep would resume, when stored and done (its ``n_trials`` finished,
-    at least one completed, none left unfinished by a killed driver), read without storing
+    """The study of ``m`` a sweep would resume, when stored and done (its ``n_trials`` finished or
+    running from other folders, at least one completed, none left unfinished by a killed driver), read without storing
     anything: ``collect``, which runs no study, keeps such a study's row instead of dropping it.
     None otherwise."""
     import optuna
@@ -719,7 +719,7 @@ def stored_study(cfg: SweepConfig, m: MethodSpec, identity: dict, task_identity:
         return None
     runner.study, runner.name = optuna.load_study(study_name=chosen, storage=storage), chosen
     running = [t for t in runner.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) if runner.ours(t)]
-    done = runner.grid_left() == 0 or runner.finished() >= n_trials_possible(m.tune)
+    done = runner.grid_left() == 0 or runner.missing(n_trials_possible(m.tune)) <= 0  # as the sweep's run() ends
     completed = runner.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     return runner if done and completed and not running else None
 

@@ -727,6 +727,18 @@ def test_two_sweeps_sharing_a_study_run_n_trials_between_them(sweep_dict, tmp_pa
             "chosen among the 3 finished") in notes, notes
 
 
+def test_collect_finds_a_shared_study_done_as_the_sweep_that_ran_it_did(sweep_dict, tmp_path):
+    """Sweep b ran the 1 trial n_trials 2 missing beside a's running one and showed its row:
+    collect, which runs no study, finds that study done too and keeps the row."""
+    from harness.tuning import stored_study as done_study
+
+    a, b = shared_runners(sweep_dict, tmp_path, 2)
+    a.ask(1)
+    b.run(scored, lambda *_: None)
+    found = done_study(b.cfg, b.m, b.identity, b.task_identity, b.results_dir)
+    assert found is not None and found.counts().total == 1
+
+
 def test_changed_study_definition_starts_a_new_study(sweep_dict):
     """A rerun with another space and fixed params does not resume the old study: its best would
     lie outside the new space and override the new fixed params."""
