@@ -594,10 +594,13 @@ class StudyRunner:
 
     def elsewhere(self) -> list[Any]:
         """Trials other folders' drivers are running (a shared ``storage:``): they count toward
-        ``n_trials``, so two sweeps on one study run ``n_trials`` between them, not one each."""
+        ``n_trials``, so two sweeps on one study run ``n_trials`` between them, not one each. One
+        naming no folder (its driver killed between asking it and naming itself) has no driver
+        to finish it, and is not counted."""
         from optuna.trial import TrialState
 
-        return [t for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) if not self.ours(t)]
+        return [t for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                if not self.ours(t) and OWNER_ATTR in t.user_attrs]
 
     def missing(self, target: int) -> int:
         """Trials still to ask for ``target``: finished ones and other folders' running ones count."""

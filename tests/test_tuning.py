@@ -727,6 +727,17 @@ def test_two_sweeps_sharing_a_study_run_n_trials_between_them(sweep_dict, tmp_pa
             "chosen among the 3 finished") in notes, notes
 
 
+def test_a_shared_studys_trial_naming_no_folder_does_not_count_toward_n_trials(sweep_dict, tmp_path):
+    """A trial asked but never named by its driver (killed in between) has no driver to finish
+    it: sweep b runs all 2 of n_trials beside it, rather than 1 and a study one trial short."""
+    from optuna.distributions import FloatDistribution
+
+    _, b = shared_runners(sweep_dict, tmp_path, 2)
+    b.study.ask({"scaling": FloatDistribution(0.0, 1.0)})
+    b.run(scored, lambda *_: None)
+    assert [t.state.name for t in b.study.trials] == ["RUNNING", "COMPLETE", "COMPLETE"]
+
+
 def test_collect_finds_a_shared_study_done_as_the_sweep_that_ran_it_did(sweep_dict, tmp_path):
     """Sweep b ran the 1 trial n_trials 2 missing beside a's running one and showed its row:
     collect, which runs no study, finds that study done too and keeps the row."""
