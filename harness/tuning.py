@@ -216,7 +216,13 @@ def distributions(tune: TuneSpec) -> dict[str, Any]:
 
 
 def storage_spec(cfg: SweepConfig, tune: TuneSpec) -> str:
-    return tune.storage or f"journal:{cfg.resolved_output_dir() / 'optuna' / 'journal.log'}"
+    """The study's storage, a journal's path with ``~`` expanded and made absolute: the trials'
+    jobs (other processes, SLURM nodes) reopen it, and ``~`` is no folder to make in the cwd."""
+    if tune.storage is None:
+        return f"journal:{cfg.resolved_output_dir() / 'optuna' / 'journal.log'}"
+    if tune.storage.startswith("journal:"):
+        return f"journal:{Path(tune.storage[len('journal:'):]).expanduser().resolve()}"
+    return tune.storage
 
 
 def check_storages(cfg: SweepConfig, labels: list[str]) -> None:
@@ -229,7 +235,7 @@ def check_storages(cfg: SweepConfig, labels: list[str]) -> None:
         if m.tune is None or m.tune.storage is None or m.display not in labels:
             continue
         try:
-            open_storage(m.tune.storage)
+            open_storage(storage_spec(cfg, m.tune))
         except (OSError, SQLAlchemyError) as exc:
             raise FieldError(f"methods.{i}.tune.storage", f"cannot open it: {open_failure(exc)}",
                              m.tune.storage) from None

@@ -738,6 +738,23 @@ def test_a_shared_studys_trial_naming_no_folder_does_not_count_toward_n_trials(s
     assert [t.state.name for t in b.study.trials] == ["RUNNING", "COMPLETE", "COMPLETE"]
 
 
+def test_a_journal_storage_under_home_is_the_one_file_wherever_the_sweep_runs(sweep_dict, tmp_path, monkeypatch):
+    """``storage: journal:~/studies.log`` is the file in the home folder, not a folder named ``~``
+    in the cwd: sweeps started from two folders share one study, as written."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    d = typed_study(sweep_dict, n_trials=1, sampler="random", storage="journal:~/studies.log",
+                    space={"scaling": {"type": "float", "low": 0.0, "high": 1.0}})
+    for cwd in ("one", "two"):
+        (tmp_path / cwd).mkdir()
+        monkeypatch.chdir(tmp_path / cwd)
+        run_sweep(validate_config(dict(d, output_dir=str(tmp_path / f"out-{cwd}"))), quiet=True)
+        assert not (tmp_path / cwd / "~").exists()
+    assert [t.state.name for t in stored_study(validate_config(d)).trials] == ["COMPLETE"]
+    assert (home / "studies.log").is_file()
+
+
 def test_collect_finds_a_shared_study_done_as_the_sweep_that_ran_it_did(sweep_dict, tmp_path):
     """Sweep b ran the 1 trial n_trials 2 missing beside a's running one and showed its row:
     collect, which runs no study, finds that study done too and keeps the row."""
