@@ -206,8 +206,8 @@ def robustness_metrics(ws: Workspace, encoder: torch.nn.Module, device: torch.de
         with evaluation_threads():
             return task_accuracy(ws, model, task, dataset, device)
 
-    def scored(name: str, score: Callable[[], dict[str, float]]) -> dict[str, float]:
-        found = recorded_scores(records, name, rob.tasks, rob.severity)
+    def scored(name: str, tasks: list[str], score: Callable[[], dict[str, float]]) -> dict[str, float]:
+        found = recorded_scores(records, name, tasks, rob.severity)
         if found is None:
             found = score()
             if records is not None:
@@ -216,7 +216,8 @@ def robustness_metrics(ws: Workspace, encoder: torch.nn.Module, device: torch.de
 
     missing = [t for t in rob.tasks if t not in clean]
     if missing:
-        clean = {**clean, **scored("clean", lambda: {t: acc(encoder, t, ws.task(t).dataset("test")) for t in missing})}
+        clean = {**clean, **scored("clean", missing, lambda: {t: acc(encoder, t, ws.task(t).dataset("test"))
+                                                              for t in missing})}
     metrics = {"robust/clean/avg": _mean(clean[t] for t in rob.tasks)}
     for c in rob.corruptions:
         with naming_corruption(c, rob.severity):
@@ -224,7 +225,7 @@ def robustness_metrics(ws: Workspace, encoder: torch.nn.Module, device: torch.de
                 model = encoder if adapted is None else adapted(c).to(device).eval()
                 return {t: acc(model, t, ws.corrupted(t, c)) for t in rob.tasks}
 
-            metrics.update({f"robust/{c}/{t}": v for t, v in scored(c, score).items()})
+            metrics.update({f"robust/{c}/{t}": v for t, v in scored(c, rob.tasks, score).items()})
         metrics[f"robust/{c}/avg"] = _mean(metrics[f"robust/{c}/{t}"] for t in rob.tasks)
     return metrics
 
