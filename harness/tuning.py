@@ -7,7 +7,8 @@ and ask the pruner. The default storage is an Optuna journal file in the sweep's
 folder (safe on shared cluster filesystems); rerunning a sweep resumes its studies: finished
 trials are kept, trials a killed driver left RUNNING are run again as they were (same trial,
 same job key, so an adaptation resumes from its checkpoints). A trial asked from another output
-folder (a storage several sweeps share) is its driver's, alive or not, and is left to it.
+folder (a storage several sweeps share) is its driver's, alive or not, and is left to it; it
+counts toward ``n_trials``, the study's total.
 """
 
 from __future__ import annotations

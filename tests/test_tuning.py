@@ -692,9 +692,8 @@ def scored(batch):
 
 def shared_runners(sweep_dict: dict, tmp_path: Path, n_trials: int, **tune):
     """Drivers of two output folders, ``a`` and ``b``, on one study in a storage outside both."""
-    space = {"scaling": {"type": "float", "low": 0.0, "high": 1.0}}
-    d = typed_study(sweep_dict, n_trials=n_trials, sampler="random", space=space,
-                    storage=f"journal:{tmp_path / 'shared' / 'journal.log'}", **tune)
+    tune = {"sampler": "random", "space": {"scaling": {"type": "float", "low": 0.0, "high": 1.0}}, **tune}
+    d = typed_study(sweep_dict, n_trials=n_trials, storage=f"journal:{tmp_path / 'shared' / 'journal.log'}", **tune)
     return tuple(study_runner(validate_config(dict(d, output_dir=str(tmp_path / f)))) for f in "ab")
 
 
@@ -725,6 +724,23 @@ def test_two_sweeps_sharing_a_study_run_n_trials_between_them(sweep_dict, tmp_pa
     assert [t.state.name for t in a.study.trials] == ["COMPLETE"] * 4
     assert (f"study {b.name!r}: 1 trial(s) still running from other folders count toward n_trials 4; the best is "
             "chosen among the 3 finished") in notes, notes
+
+
+def test_a_grid_point_another_folder_runs_is_not_asked_again(sweep_dict, tmp_path):
+    """A 2-point grid: point 0 failed, a runs point 1. Nothing is left for b to ask (asking would
+    run point 1 twice); b's study has no completed trial yet, and says what still runs."""
+    from harness.job import JobResult
+    from harness.tuning import StudyFailed
+
+    grid = {"scaling": {"type": "float", "low": 0.2, "high": 0.4, "step": 0.2}}
+    a, b = shared_runners(sweep_dict, tmp_path, 2, space=grid, sampler="grid")
+    (failed,) = a.ask(1)
+    a.tell(failed, JobResult.of(failed, "failed", error="boom"))
+    a.ask(1)
+    asked = []
+    with pytest.raises(StudyFailed, match="no trial completed; 1 still running from other folders"):
+        b.run(lambda batch: asked.extend(batch) or scored(batch), lambda *_: None)
+    assert asked == [] and [t.state.name for t in b.study.trials] == ["FAIL", "RUNNING"]
 
 
 def test_a_shared_studys_trial_naming_no_folder_does_not_count_toward_n_trials(sweep_dict, tmp_path):
