@@ -17,7 +17,7 @@ from typing import Any, Callable, ContextManager, Iterator
 
 import torch
 
-from harness.cache import build_lock, read_json
+from harness.cache import atomic_write_json, build_lock, read_json
 from harness.config import MAIN, SweepConfig
 from harness.evaluation import EvaluationDataError, correct_predictions, percent, stream_workers, unlabeled_batches
 from harness.failpoints import failpoint
@@ -188,12 +188,16 @@ def task_correct(ws: Workspace, encoder: torch.nn.Module, task: str, dataset, de
 
 def robustness_metrics(ws: Workspace, encoder: torch.nn.Module, device: torch.device,
                        clean: dict[str, float] | None = None,
-                       adapted: Callable[[str], torch.nn.Module] | None = None) -> dict[str, float]:
+                       adapted: Callable[[str], torch.nn.Module] | None = None,
+                       records: Path | None = None) -> dict[str, float]:
     """robust/<corruption>/<task> and their averages, and robust/clean/avg over the study's tasks
     (from ``clean`` test accuracies where given, else evaluated here).
 
     ``adapted(corruption)``, when given, returns the encoder to score on that corruption (a
-    test-time-adaptation method adapted on its corrupted test images); else ``encoder`` is."""
+    test-time-adaptation method adapted on its corrupted test images); else ``encoder`` is.
+    ``records``: a folder of the job's own where each evaluation (clean, each corruption) is
+    recorded as it finishes, and read back instead of evaluated again: a study retried after a
+    failure on one corruption scores only what it had not scored."""
     rob = ws.cfg.robustness
     encoder = encoder.to(device).eval()
     clean = clean or {}
@@ -202,15 +206,45 @@ def robustness_metrics(ws: Workspace, encoder: torch.nn.Module, device: torch.de
         with evaluation_threads():
             return task_accuracy(ws, model, task, dataset, device)
 
-    metrics = {"robust/clean/avg": _mean(clean[t] if t in clean else acc(encoder, t, ws.task(t).dataset("test"))
-                                         for t in rob.tasks)}
+    def scored(name: str, tasks: list[str], score: Callable[[], dict[str, float]]) -> dict[str, float]:
+        found = recorded_scores(records, name, tasks, rob.severity)
+        if found is None:
+            found = score()
+            if records is not None:
+                atomic_write_json(records / f"{name}.json", {"severity": rob.severity, "accuracy": found})
+        return found
+
+    missing = [t for t in rob.tasks if t not in clean]
+    if missing:
+        clean = {**clean, **scored("clean", missing, lambda: {t: acc(encoder, t, ws.task(t).dataset("test"))
+                                                              for t in missing})}
+    metrics = {"robust/clean/avg": _mean(clean[t] for t in rob.tasks)}
     for c in rob.corruptions:
         with naming_corruption(c, rob.severity):
-            model = encoder if adapted is None else adapted(c).to(device).eval()
-            for t in rob.tasks:
-                metrics[f"robust/{c}/{t}"] = acc(model, t, ws.corrupted(t, c))
+            def score() -> dict[str, float]:
+                model = encoder if adapted is None else adapted(c).to(device).eval()
+                return {t: acc(model, t, ws.corrupted(t, c)) for t in rob.tasks}
+
+            metrics.update({f"robust/{c}/{t}": v for t, v in scored(c, rob.tasks, score).items()})
         metrics[f"robust/{c}/avg"] = _mean(metrics[f"robust/{c}/{t}"] for t in rob.tasks)
     return metrics
+
+
+def recorded_scores(records: Path | None, name: str, tasks: list[str], severity: int) -> dict[str, float] | None:
+    """The accuracies per task a study recorded for ``name`` (clean or a corruption), when the
+    record is whole (every task, finite values, this severity); None otherwise: evaluated again."""
+    data = read_json(records / f"{name}.json") if records is not None else None
+    found = data.get("accuracy") if isinstance(data, dict) and data.get("severity") == severity else None
+    if not isinstance(found, dict) or set(found) != set(tasks):
+        return None
+    ok = all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in found.values())
+    return {t: float(found[t]) for t in tasks} if ok else None
+
+
+def study_records(workdir: Path) -> Path:
+    """Where a job's robustness study records its evaluations: beside its workdir, which holds
+    only what its method saved (``harness export`` reads a non-empty one as a saved adaptation)."""
+    return workdir.parent / f"{workdir.name}.robustness"
 
 
 class StudyFailed(RuntimeError):
@@ -285,8 +319,8 @@ def run_job(spec: JobSpec, ws: Workspace, device: torch.device, workdir: Path) -
             result.metrics = evaluate_encoder(ws, encoder, ws.cfg.task_names, device,
                                               test_correct=result.test_correct)
             if ws.cfg.robustness:
-                run_robustness_study(result, lambda: robustness_metrics(ws, encoder, device,
-                                                                        clean_accuracy(result, ws)))
+                run_robustness_study(result, lambda: robustness_metrics(ws, encoder, device, clean_accuracy(result, ws),
+                                                                        records=study_records(workdir)))
         elif spec.kind == "perfect_routing":
             encoder = perfect_routing_encoder(ws, spec.task, spec.params["scaling"])
             result.timings["load"] = time.perf_counter() - t0
@@ -300,7 +334,7 @@ def run_job(spec: JobSpec, ws: Workspace, device: torch.device, workdir: Path) -
             merged, _ = merge(spec, ws, device, workdir)
             result.timings["merge"] = time.perf_counter() - t0
             t1 = time.perf_counter()
-            result.metrics = robustness_metrics(ws, merged, device)
+            result.metrics = robustness_metrics(ws, merged, device, records=study_records(workdir))
             result.timings["evaluate"] = time.perf_counter() - t1
         else:
             merged, artifacts = merge(spec, ws, device, workdir)
@@ -320,8 +354,8 @@ def run_job(spec: JobSpec, ws: Workspace, device: torch.device, workdir: Path) -
             adapted = ((lambda c: merge(spec, ws, device, workdir / f"corrupted-{c}", corruption=c)[0])
                        if readapt else None)
             if study and ws.cfg.robustness:
-                run_robustness_study(result, lambda: robustness_metrics(ws, merged, device,
-                                                                        clean_accuracy(result, ws), adapted))
+                run_robustness_study(result, lambda: robustness_metrics(ws, merged, device, clean_accuracy(result, ws),
+                                                                        adapted, study_records(workdir)))
             result.timings["evaluate"] = time.perf_counter() - t1
         bad = [k for k, v in result.metrics.items() if not math.isfinite(v)]
         if bad:

@@ -7,11 +7,13 @@ and ask the pruner. The default storage is an Optuna journal file in the sweep's
 folder (safe on shared cluster filesystems); rerunning a sweep resumes its studies: finished
 trials are kept, trials a killed driver left RUNNING are run again as they were (same trial,
 same job key, so an adaptation resumes from its checkpoints). A trial asked from another output
-folder (a storage several sweeps share) is its driver's, alive or not, and is left to it.
+folder (a storage several sweeps share) is its driver's, alive or not, and is left to it; it
+counts toward ``n_trials``, the study's total.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -215,7 +217,13 @@ def distributions(tune: TuneSpec) -> dict[str, Any]:
 
 
 def storage_spec(cfg: SweepConfig, tune: TuneSpec) -> str:
-    return tune.storage or f"journal:{cfg.resolved_output_dir() / 'optuna' / 'journal.log'}"
+    """The study's storage, a journal's path with ``~`` expanded and made absolute: the trials'
+    jobs (other processes, SLURM nodes) reopen it, and ``~`` is no folder to make in the cwd."""
+    if tune.storage is None:
+        return f"journal:{cfg.resolved_output_dir() / 'optuna' / 'journal.log'}"
+    if tune.storage.startswith("journal:"):
+        return f"journal:{Path(tune.storage[len('journal:'):]).expanduser().resolve()}"
+    return tune.storage
 
 
 def check_storages(cfg: SweepConfig, labels: list[str]) -> None:
@@ -228,7 +236,7 @@ def check_storages(cfg: SweepConfig, labels: list[str]) -> None:
         if m.tune is None or m.tune.storage is None or m.display not in labels:
             continue
         try:
-            open_storage(m.tune.storage)
+            open_storage(storage_spec(cfg, m.tune))
         except (OSError, SQLAlchemyError) as exc:
             raise FieldError(f"methods.{i}.tune.storage", f"cannot open it: {open_failure(exc)}",
                              m.tune.storage) from None
@@ -372,9 +380,13 @@ def choose_study(storage: Any, name: str, definition: str, measures: str,
 
     names = set(optuna.get_all_study_names(storage))
 
+    @functools.cache
+    def stored(candidate: str) -> "optuna.Study":  # each stored study read once, however often asked about
+        return optuna.load_study(study_name=candidate, storage=storage)
+
+    @functools.cache
     def stored_attrs(candidate: str) -> tuple[dict[str, Any], bool]:
-        stored = optuna.load_study(study_name=candidate, storage=storage)
-        return stored.user_attrs, bool(stored.get_trials(deepcopy=False))
+        return stored(candidate).user_attrs, bool(stored(candidate).get_trials(deepcopy=False))
 
     def fits(candidate: str) -> bool:
         if candidate not in names:
@@ -385,8 +397,7 @@ def choose_study(storage: Any, name: str, definition: str, measures: str,
         if attrs[DEFINITION_ATTR] != definition:
             return False
         if attrs.get(MEASURES_ATTR) is None:  # stored by an older harness
-            return measured_here is None or measured_here(candidate, optuna.load_study(study_name=candidate,
-                                                                                       storage=storage))
+            return measured_here is None or measured_here(candidate, stored(candidate))
         return attrs[MEASURES_ATTR] == measures
 
     own = f"{name}.{definition}.{measures}"
@@ -588,12 +599,28 @@ class StudyRunner:
             if cached:
                 record(spec, cached, t.state.name)
 
+    def elsewhere(self) -> list[Any]:
+        """Trials other folders' drivers are running (a shared ``storage:``): they count toward
+        ``n_trials``, so two sweeps on one study run ``n_trials`` between them, not one each. One
+        naming no folder (its driver killed between asking it and naming itself) has no driver
+        to finish it, and is not counted."""
+        from optuna.trial import TrialState
+
+        return [t for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                if not self.ours(t) and OWNER_ATTR in t.user_attrs]
+
+    def missing(self, target: int) -> int:
+        """Trials still to ask for ``target``: finished ones and other folders' running ones count."""
+        return target - self.finished() - len(self.elsewhere())
+
     def grid_left(self) -> int | None:
-        """Grid points no finished trial holds yet; None for the other samplers."""
+        """Grid points no finished trial, nor one another folder runs, holds yet; None for the
+        other samplers."""
         if self.tune.sampler != "grid":
             return None
+        others = {t.number for t in self.elsewhere()}
         taken = {t.system_attrs.get("grid_id") for t in self.study.get_trials(deepcopy=False)
-                 if t.state.is_finished()} - {None}
+                 if t.state.is_finished() or t.number in others} - {None}
         return grid_size(self.tune) - len(taken)
 
     def ask(self, k: int) -> list[JobSpec]:
@@ -635,8 +662,9 @@ class StudyRunner:
     def run(self, execute: Callable[[list[JobSpec]], list[tuple[JobSpec, JobResult]]],
             record: Callable[[JobSpec, JobResult, str], None],
             say: Callable[[str], None] | None = None) -> dict[str, Any]:
-        """Run trials until ``n_trials`` are finished; return the best parameters. ``say`` gets
-        the study's notes (what a resumed study dropped or why it is a new one), one line each."""
+        """Run trials until ``n_trials`` are finished or running from other folders (a shared
+        storage); return the best parameters. ``say`` gets the study's notes (what a resumed study
+        dropped or why it is a new one), one line each."""
         from optuna.trial import TrialState
 
         target = n_trials_possible(self.tune)
@@ -651,14 +679,14 @@ class StudyRunner:
             else:
                 redo.append(spec)
         failures, last_error = 0, ""
-        while redo or self.finished() < target:
+        while redo or self.missing(target) > 0:
             if redo:
                 batch, redo = redo[:self.n_parallel], redo[self.n_parallel:]
             else:
                 left = self.grid_left()
                 if left == 0:  # every grid point was tried (failed ones included): nothing new to ask
                     break
-                batch = self.ask(min(self.n_parallel, target - self.finished(), left if left is not None else target))
+                batch = self.ask(min(self.n_parallel, self.missing(target), left if left is not None else target))
             for spec, result in execute(batch):
                 state = self.tell(spec, result)
                 failures += state == "FAIL"
@@ -668,9 +696,14 @@ class StudyRunner:
             if failures > max(3, target):
                 raise StudyFailed(f"study {self.name!r}: {failures} trials failed, the last with: "
                                   f"{last_error}; every trial's error is in its MLflow run")
+        others = self.elsewhere()
+        if others and say is not None:
+            say(f"study {self.name!r}: {len(others)} trial(s) still running from other folders count toward "
+                f"n_trials {target}; the best is chosen among the {self.finished()} finished")
         if not self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
             raise StudyFailed(f"study {self.name!r}: no trial completed"
-                              + (f"; the last failure: {last_error}" if last_error else ""))
+                              + (f"; the last failure: {last_error}" if last_error else "")
+                              + (f"; {len(others)} still running from other folders" if others else ""))
         return self.best_params()
 
     def best_params(self) -> dict[str, Any]:
@@ -680,8 +713,8 @@ class StudyRunner:
 
 def stored_study(cfg: SweepConfig, m: MethodSpec, identity: dict, task_identity: dict,
                  results_dir: Path) -> StudyRunner | None:
-    """The study of ``m`` a sweep would resume, when stored and done (its ``n_trials`` finished,
-    at least one completed, none left unfinished by a killed driver), read without storing
+    """The study of ``m`` a sweep would resume, when stored and done (its ``n_trials`` finished or
+    running from other folders, at least one completed, none left unfinished by a killed driver), read without storing
     anything: ``collect``, which runs no study, keeps such a study's row instead of dropping it.
     None otherwise."""
     import optuna
@@ -696,7 +729,7 @@ def stored_study(cfg: SweepConfig, m: MethodSpec, identity: dict, task_identity:
         return None
     runner.study, runner.name = optuna.load_study(study_name=chosen, storage=storage), chosen
     running = [t for t in runner.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) if runner.ours(t)]
-    done = runner.grid_left() == 0 or runner.finished() >= n_trials_possible(m.tune)
+    done = runner.grid_left() == 0 or runner.missing(n_trials_possible(m.tune)) <= 0  # as the sweep's run() ends
     completed = runner.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     return runner if done and completed and not running else None
 

@@ -798,3 +798,42 @@ def test_an_accelerator_out_of_memory_in_the_study_fails_the_job(sweep_dict, mon
     assert not out.study_failed
     (job,) = out.failed
     assert job.error == "OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB" and job.study_error is None
+
+
+def counted_corrupted_reads(monkeypatch, fail_on: str | None = None) -> list[str]:
+    """The corruptions whose split a study reads, in order (``fail_on``'s read fails, as an
+    unreadable split: the study fails on that corruption after the ones before it were scored)."""
+    from harness.workspace import Workspace
+
+    corrupted, reads = Workspace.corrupted, []
+
+    def counted(self, task, corruption):
+        reads.append(corruption)
+        if corruption == fail_on:
+            raise OSError("corrupted split unreadable")
+        return corrupted(self, task, corruption)
+
+    monkeypatch.setattr(Workspace, "corrupted", counted)
+    return reads
+
+
+@pytest.mark.parametrize("method", ["weight_averaging", "task_arithmetic"])
+def test_a_retried_study_scores_only_the_corruptions_it_had_not_scored(method, sweep_dict, monkeypatch):
+    """A study failing on its 3rd corruption scored the first two: the rerun scores the 3rd alone
+    and records what an uninterrupted study gives. weight_averaging's study runs inside its job;
+    a grid's runs as its selected setting's robustness follow-up job (which fails whole)."""
+    corruptions = ["contrast", "gaussian_noise", "pixelate"]
+    d = dict(sweep_dict, references={"pretrained": False, "individual": False},
+             robustness={"tasks": ["toy_stripes"], "corruptions": corruptions, "severity": 2},
+             methods=[{"name": method, **({"grid": {"scaling": [0.3, 0.5]}} if method == "task_arithmetic" else {})}])
+    failing = counted_corrupted_reads(monkeypatch, fail_on="pixelate")
+    first = run_sweep(validate_config(d), quiet=True)
+    assert failing == corruptions and (first.study_failed or first.failed)
+    monkeypatch.undo()
+    reads = counted_corrupted_reads(monkeypatch)
+    retried = run_sweep(validate_config(d), quiet=True)
+    assert reads == ["pixelate"] and not retried.failed and not retried.study_failed
+    monkeypatch.undo()
+    whole = run_sweep(validate_config(dict(d, output_dir=d["output_dir"] + "-whole")), quiet=True)
+    robust = [{k: v for k, v in r.metrics.items() if k.startswith("robust/")} for r in (retried.rows[0], whole.rows[0])]
+    assert robust[0] == robust[1] and len(robust[0]) == 2 * len(corruptions) + 1

@@ -677,10 +677,110 @@ def test_a_storage_shared_by_two_sweeps_leaves_the_other_ones_running_trial(swee
     setting = f"scaling={running.params['scaling']:.4g}"
     assert (f"trial 0 ({setting}) is running from {(tmp_path / 'a').resolve()}; left to that sweep"
             in shown.getvalue()), shown.getvalue()
-    assert [t.state.name for t in stored_study(cfg_b).trials] == ["RUNNING", "COMPLETE", "COMPLETE"]
+    assert [t.state.name for t in stored_study(cfg_b).trials] == ["RUNNING", "COMPLETE"]  # a's counts toward 2
     assert driver_a.tell(running, JobResult.of(running, "ok", metrics={"val/acc/avg": 50.0})) == "COMPLETE"
     done = stored_study(cfg_a).trials[0]
     assert (done.state.name, done.value) == ("COMPLETE", 50.0)
+
+
+def scored(batch):
+    """A stand-in executor: each trial completes, scoring its scaling (no job runs)."""
+    from harness.job import JobResult
+
+    return [(s, JobResult.of(s, "ok", metrics={"val/acc/avg": 100 * s.params["scaling"]})) for s in batch]
+
+
+def shared_runners(sweep_dict: dict, tmp_path: Path, n_trials: int, **tune):
+    """Drivers of two output folders, ``a`` and ``b``, on one study in a storage outside both."""
+    tune = {"sampler": "random", "space": {"scaling": {"type": "float", "low": 0.0, "high": 1.0}}, **tune}
+    d = typed_study(sweep_dict, n_trials=n_trials, storage=f"journal:{tmp_path / 'shared' / 'journal.log'}", **tune)
+    return tuple(study_runner(validate_config(dict(d, output_dir=str(tmp_path / f)))) for f in "ab")
+
+
+def test_a_resumed_study_runs_only_the_trials_missing_for_n_trials(sweep_dict, tmp_path):
+    """3 trials finished, n_trials 4, two in flight at a time: exactly 1 more runs."""
+    a, _ = shared_runners(sweep_dict, tmp_path, 3, n_parallel=2)
+    a.run(scored, lambda *_: None)
+    a.tune.n_trials = 4
+    asked = []
+    a.run(lambda batch: asked.extend(batch) or scored(batch), lambda *_: None)
+    assert len(asked) == 1
+    assert [t.state.name for t in a.study.trials] == ["COMPLETE"] * 4
+
+
+def test_two_sweeps_sharing_a_study_run_n_trials_between_them(sweep_dict, tmp_path):
+    """Sweep b starts while a runs its first trial: b counts it toward n_trials 4 and runs the 3
+    missing; a then tells its trial, and the study holds 4 finished trials, not 5."""
+    a, b = shared_runners(sweep_dict, tmp_path, 4)
+    notes, ran_b = [], []
+
+    def a_executes(batch):
+        if not ran_b:
+            b.run(lambda bb: ran_b.extend(bb) or scored(bb), lambda *_: None, notes.append)
+        return scored(batch)
+
+    a.run(a_executes, lambda *_: None)
+    assert len(ran_b) == 3
+    assert [t.state.name for t in a.study.trials] == ["COMPLETE"] * 4
+    assert (f"study {b.name!r}: 1 trial(s) still running from other folders count toward n_trials 4; the best is "
+            "chosen among the 3 finished") in notes, notes
+
+
+def test_a_grid_point_another_folder_runs_is_not_asked_again(sweep_dict, tmp_path):
+    """A 2-point grid: point 0 failed, a runs point 1. Nothing is left for b to ask (asking would
+    run point 1 twice); b's study has no completed trial yet, and says what still runs."""
+    from harness.job import JobResult
+    from harness.tuning import StudyFailed
+
+    grid = {"scaling": {"type": "float", "low": 0.2, "high": 0.4, "step": 0.2}}
+    a, b = shared_runners(sweep_dict, tmp_path, 2, space=grid, sampler="grid")
+    (failed,) = a.ask(1)
+    a.tell(failed, JobResult.of(failed, "failed", error="boom"))
+    a.ask(1)
+    asked = []
+    with pytest.raises(StudyFailed, match="no trial completed; 1 still running from other folders"):
+        b.run(lambda batch: asked.extend(batch) or scored(batch), lambda *_: None)
+    assert asked == [] and [t.state.name for t in b.study.trials] == ["FAIL", "RUNNING"]
+
+
+def test_a_shared_studys_trial_naming_no_folder_does_not_count_toward_n_trials(sweep_dict, tmp_path):
+    """A trial asked but never named by its driver (killed in between) has no driver to finish
+    it: sweep b runs all 2 of n_trials beside it, rather than 1 and a study one trial short."""
+    from optuna.distributions import FloatDistribution
+
+    _, b = shared_runners(sweep_dict, tmp_path, 2)
+    b.study.ask({"scaling": FloatDistribution(0.0, 1.0)})
+    b.run(scored, lambda *_: None)
+    assert [t.state.name for t in b.study.trials] == ["RUNNING", "COMPLETE", "COMPLETE"]
+
+
+def test_a_journal_storage_under_home_is_the_one_file_wherever_the_sweep_runs(sweep_dict, tmp_path, monkeypatch):
+    """``storage: journal:~/studies.log`` is the file in the home folder, not a folder named ``~``
+    in the cwd: sweeps started from two folders share one study, as written."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    d = typed_study(sweep_dict, n_trials=1, sampler="random", storage="journal:~/studies.log",
+                    space={"scaling": {"type": "float", "low": 0.0, "high": 1.0}})
+    for cwd in ("one", "two"):
+        (tmp_path / cwd).mkdir()
+        monkeypatch.chdir(tmp_path / cwd)
+        run_sweep(validate_config(dict(d, output_dir=str(tmp_path / f"out-{cwd}"))), quiet=True)
+        assert not (tmp_path / cwd / "~").exists()
+    assert [t.state.name for t in stored_study(validate_config(d)).trials] == ["COMPLETE"]
+    assert (home / "studies.log").is_file()
+
+
+def test_collect_finds_a_shared_study_done_as_the_sweep_that_ran_it_did(sweep_dict, tmp_path):
+    """Sweep b ran the 1 trial n_trials 2 missing beside a's running one and showed its row:
+    collect, which runs no study, finds that study done too and keeps the row."""
+    from harness.tuning import stored_study as done_study
+
+    a, b = shared_runners(sweep_dict, tmp_path, 2)
+    a.ask(1)
+    b.run(scored, lambda *_: None)
+    found = done_study(b.cfg, b.m, b.identity, b.task_identity, b.results_dir)
+    assert found is not None and found.counts().total == 1
 
 
 def test_changed_study_definition_starts_a_new_study(sweep_dict):
@@ -721,6 +821,31 @@ def test_changed_study_definition_starts_a_new_study(sweep_dict):
     again = run_sweep(validate_config(first), quiet=True)
     assert next(r for r in again.results if r.kind == "merge").params["scaling"] == old.best_params["scaling"]
     assert len(optuna.load_study(study_name="toy.typed", storage=storage).trials) == 3
+
+
+def test_a_changed_study_is_read_once_when_choosing(monkeypatch):
+    """Choosing for a study whose stored definition differs reads that study (and its attributes)
+    once: the choice, the line saying what changed and the search for a renamed twin share it."""
+    from collections import Counter
+
+    import optuna
+
+    from harness.tuning import DEFINITION_ATTR, MEASURES_ATTR, choose_study
+
+    storage = optuna.storages.InMemoryStorage()
+    old = optuna.create_study(study_name="s", storage=storage)
+    old.set_user_attr(DEFINITION_ATTR, "olddef")
+    old.set_user_attr(MEASURES_ATTR, "m")
+    old.enqueue_trial({})
+    loads, reads = Counter(), Counter()
+    load, read = optuna.load_study, storage.get_study_user_attrs
+    monkeypatch.setattr(optuna, "load_study", lambda **kw: loads.update([kw["study_name"]]) or load(**kw))
+    monkeypatch.setattr(storage, "get_study_user_attrs", lambda sid: reads.update([sid]) or read(sid))
+    chosen, note = choose_study(storage, "s", "newdef", "m")
+    assert chosen == "s.newdef"
+    assert note == ("study 's' was run with another space, fixed params, objective or sampler: starting study "
+                    "'s.newdef' for this one")
+    assert loads == Counter({"s": 1}) and reads == Counter({old._study_id: 1})
 
 
 def test_a_sweep_measuring_other_data_starts_its_own_study(sweep_dict):
