@@ -795,7 +795,8 @@ def validation_error(file: str, exc: ValidationError, raw: Any, prefix: str = ""
         shown = yaml.safe_dump(value, default_flow_style=True).splitlines()[0]
         msg = f"a grid takes a list of values (write [{shown}], or give it in params)"
     show = not isinstance(value, dict) or err["type"] not in {"value_error", "assertion_error"}
-    return ConfigError(file, path, msg, value, show_value=show and not isinstance(value, (dict, list)))
+    short = not isinstance(value, (dict, list)) or len(repr(value)) <= 60  # a whole block would swamp the line
+    return ConfigError(file, path, msg, value, show_value=show and short)
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

@@ -143,6 +143,8 @@ CASES = [
     ("task-options-type", ("tasks", [{"name": "toy_stripes", "options": 3}]), ["tasks.0.options:", "(got 3)"]),
     ("generalization-unknown-task", ("generalization", {"unseen": ["toy_colours", "nope_task"]}),
      ["generalization.unseen.1: not one of the sweep's tasks", "'nope_task'"]),
+    ("space-entry-a-list", ("methods.1.tune", {"n_trials": 2, "space": {"scaling": [0.1, 1.0]}}),
+     ["methods.1.tune.space.scaling: Input should be a mapping (got [0.1, 1.0])"]),
     ("misspelt-unseen-task", ("unseen", ["toy_colour"]),
      ["unseen.0: not one of the sweep's tasks; did you mean 'toy_colours'? (got 'toy_colour')"]),
     ("misspelt-robustness-task", ("robustness", {"tasks": ["toy_stripe"]}),
