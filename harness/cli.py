@@ -360,7 +360,9 @@ def tune(file: str, overrides: tuple[str, ...], label: str, trials: int | None, 
     index = _method_index(cfg, label, file)
     m = cfg.methods[index]
     if m.tune is None:
-        fail(f"{file}: methods.{index}.tune: method {label!r} has no tune block")
+        tuned = [t.display for t in cfg.methods if t.tune is not None and t.name == m.name]
+        hint = f" (tuned {m.name} rows: {', '.join(map(repr, tuned))})" if tuned else ""
+        fail(f"{file}: methods.{index}.tune: method {label!r} has no tune block{hint}")
     if trials is not None:
         raw = {**m.tune.model_dump(), "n_trials": trials}
         try:

@@ -1001,6 +1001,23 @@ def test_tune_command_refuses_an_ambiguous_name_and_a_bad_trial_count(sweep_dict
     assert not (tmp_path / "out").exists()  # refused before anything ran
 
 
+def test_tune_command_on_an_untuned_row_names_the_tuned_rows_of_its_method(sweep_dict, tmp_path):
+    """``--method task_arithmetic`` is the untuned row labelled so (a label wins over a name, as the
+    README says); the refusal names the tuned row of that method the user most likely meant."""
+    from click.testing import CliRunner
+
+    from harness.cli import main
+
+    d = dict(sweep_dict, methods=[{"name": "task_arithmetic"},
+                                  {"name": "task_arithmetic", "label": "ta_tuned", "tune": tune_block()}])
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump(d))
+    r = CliRunner().invoke(main, ["tune", str(f), "--method", "task_arithmetic"], env={"COLUMNS": "300"})
+    assert r.exit_code == 2
+    assert (f"error: {f}: methods.0.tune: method 'task_arithmetic' has no tune block "
+            "(tuned task_arithmetic rows: 'ta_tuned')") in r.stderr, r.stderr
+
+
 def test_collect_says_it_runs_no_study(sweep_dict):
     """``collect`` (like ``--detach``) only gathers submitted jobs: a tuned method's study needs a
     driver that waits on each trial, and the command says where to run it instead of leaving
