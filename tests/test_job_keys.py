@@ -235,3 +235,35 @@ def test_a_study_of_a_batch_reduced_wemoe_is_measured_at_its_evaluation_batch_si
     assert measures({"batch_reduce": True}, 64) != measures({"batch_reduce": True}, 256)
     tuned = {"batch_reduce": {"type": "categorical", "choices": [False, True]}}
     assert measures({}, 64, tuned) != measures({}, 256, tuned)
+
+
+def _planned_with(cfg, identity: dict, task_identity: dict) -> dict[tuple[str, str | None], str]:
+    return {(s.label, s.task): s.key for s in plan_jobs(cfg, identity, task_identity)}
+
+
+def test_each_model_file_and_task_is_in_the_keys_of_the_jobs_that_read_it():
+    """A replaced checkpoint (or task data) reruns exactly the jobs that load it: an individual
+    row reads its own task's encoder; a bound row builds task arithmetic over every merged task's
+    encoder, then its task's MLPs; merges read every merged task's; the pretrained row reads none.
+    Every job reads the pretrained model and the heads."""
+    d = make_sweep_dict(Path("/nonexistent"), Path("/nonexistent-out"))
+    d["references"] = {"perfect_routing": True}
+    d["methods"] = [{"name": "weight_averaging"}, {"name": "wemoe", "params": {"steps": 5}}]
+    cfg = validate_config(d)
+    first, second = cfg.task_names
+    identity, task_identity = _identities(cfg)
+    before = _planned_with(cfg, identity, task_identity)
+    jobs = set(before)
+    assert {("individual", first), ("individual", second), ("pretrained", None)} <= jobs
+
+    def changed(identity_now: dict, task_identity_now: dict) -> set:
+        after = _planned_with(cfg, identity_now, task_identity_now)
+        assert set(after) == jobs
+        return {job for job, key in before.items() if after[job] != key}
+
+    replaced = {**identity, "finetuned": {**identity["finetuned"], first: "f" * 16}}
+    assert changed(replaced, task_identity) == jobs - {("pretrained", None), ("individual", second)}
+    assert changed({**identity, "pretrained": "q" * 16}, task_identity) == jobs
+    assert changed({**identity, "heads": {first: "h" * 16}}, task_identity) == jobs
+    other_data = {**task_identity, first: {"name": first, "version": "2"}}
+    assert changed(identity, other_data) == {job for job in jobs if job[1] in (None, first)}
