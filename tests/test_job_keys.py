@@ -267,3 +267,52 @@ def test_each_model_file_and_task_is_in_the_keys_of_the_jobs_that_read_it():
     assert changed({**identity, "heads": {first: "h" * 16}}, task_identity) == jobs
     other_data = {**task_identity, first: {"name": first, "version": "2"}}
     assert changed(identity, other_data) == {job for job in jobs if job[1] in (None, first)}
+
+
+def _study_keys(**robustness: object) -> dict[tuple[str, str | None], str]:
+    """Keys of a sweep with a robustness block given ``robustness``: references, a single-setting
+    merge and WeMoE (which run the study themselves), a grid (its setting's study is a follow-up job)."""
+    from harness.plan import robustness_spec
+
+    d = make_sweep_dict(Path("/nonexistent"), Path("/nonexistent-out"))
+    d["methods"] = [{"name": "weight_averaging"}, {"name": "task_arithmetic", "grid": {"scaling": [0.2, 0.6]}},
+                    {"name": "wemoe", "params": {"steps": 5}}]
+    d["robustness"] = {"tasks": d["tasks"][:1], "corruptions": ["contrast"], "severity": 2, **robustness}
+    cfg = validate_config(d)
+    keys = {(s.label, s.task, s.params.get("scaling")): s.key for s in plan_jobs(cfg, *_identities(cfg))}
+    keys["robustness", None, 0.2] = robustness_spec(cfg, "task_arithmetic", {"scaling": 0.2}, *_identities(cfg)).key
+    return keys
+
+
+def test_the_robustness_block_is_in_the_keys_of_the_jobs_that_run_the_study():
+    """Another severity, corruption, corruption seed or task set is another study: the pretrained
+    row, the single-setting merge, WeMoE and a grid's follow-up study run again; the individual
+    rows and the grid's points (scored clean only) stay cached. Adapting on clean images instead
+    of each corruption changes only what WeMoE does."""
+    before = _study_keys()
+    studies = {("pretrained", None, None), ("weight_averaging", None, None), ("wemoe", None, None),
+               ("robustness", None, 0.2)}
+
+    def changed(**robustness: object) -> set:
+        after = _study_keys(**robustness)
+        return {job for job, key in before.items() if after[job] != key}
+
+    for change in ({"severity": 3}, {"corruptions": ["fog"]}, {"seed": 1}, {"tasks": ["toy_colours"]}):
+        assert changed(**change) == studies, change
+    assert changed(adapt="clean") == {("wemoe", None, None)}
+
+
+def test_a_trials_key_holds_its_study_and_its_number():
+    """Two trials asking the same setting (a categorical space, a grid sampler rerun) are two jobs:
+    a trial's result holds its study's pruning decisions, so neither is the other's cached result."""
+    from harness.plan import JobSpec, with_key
+
+    d = make_sweep_dict(Path("/nonexistent"), Path("/nonexistent-out"))
+    cfg = validate_config(d)
+
+    def key(study: str, number: int) -> str:
+        spec = JobSpec("trial", "task_arithmetic", method="task_arithmetic", params={"scaling": 0.3},
+                       trial={"study_name": study, "number": number})
+        return with_key(cfg, spec, *_identities(cfg)).key
+
+    assert len({key("s", 0), key("s", 1), key("t", 0)}) == 3
