@@ -376,3 +376,38 @@ def test_a_recorded_plot_whose_file_is_gone_is_drawn_again(tmp_path):
     record = {str(path): [plot_inputs_digest({"title": "t"}), ""]}
     kept_plot(record, path, {"title": "t"}, lambda: drawn.append(1) or path)
     assert drawn == [1]
+
+
+def test_a_kept_plot_is_drawn_again_under_other_code_libraries_or_matplotlibrc(tmp_path, monkeypatch):
+    """Besides its inputs, a plot is drawn by the harness code, matplotlib and Pillow, and styled
+    by matplotlibrc files: a change to any of them draws it again (the file kept would be the old
+    code's or style's drawing); with none changed it is kept."""
+    import harness.report as report_module
+    from harness.report import kept_plot
+
+    monkeypatch.chdir(tmp_path)
+    path, record, drawn = tmp_path / "p.png", {}, []
+
+    def draw() -> Path:
+        drawn.append(1)
+        path.write_bytes(f"png {len(drawn)}".encode())
+        return path
+
+    def draws() -> int:
+        before = len(drawn)
+        kept_plot(record, path, {"title": "t"}, draw)
+        return len(drawn) - before
+
+    assert draws() == 1 and draws() == 0
+    code = report_module.harness_code_id()
+    monkeypatch.setattr(report_module, "harness_code_id", lambda: (code[0], code[1] + "0"))
+    assert draws() == 1 and draws() == 0
+    versions = report_module.plot_library_versions()
+    monkeypatch.setattr(report_module, "plot_library_versions", lambda: [versions[0] + ".1", versions[1]])
+    assert draws() == 1 and draws() == 0
+    monkeypatch.setattr(report_module, "plot_library_versions", lambda: [versions[0] + ".1", versions[1] + ".1"])
+    assert draws() == 1 and draws() == 0
+    (tmp_path / "matplotlibrc").write_text("lines.linewidth: 3\n")
+    assert draws() == 1 and draws() == 0
+    (tmp_path / "matplotlibrc").write_text("lines.linewidth: 4\n")
+    assert draws() == 1 and draws() == 0
