@@ -552,3 +552,14 @@ def test_each_option_is_in_the_identity_of_the_models_it_trains(name):
     assert tuned == (name in FINETUNING_READS)
     assert base.finetune_identity("v", "t", "d", "s") != base.finetune_identity("v", "t", "e", "s")  # the pretrained digest
     assert base.finetune_identity("v", "t", "d", "s") != base.finetune_identity("w", "t", "d", "s")  # the data version
+
+
+def test_a_cached_pool_is_never_another_seeds_or_sizes(tmp_path):
+    """The pool cache is keyed by everything ``pretraining_pool`` is given: pools of another seed,
+    size or count sharing the cache folder are each the generator's own, never one read back."""
+    from tasks.embedded import pretraining_pool
+
+    for n, seed, size in ((16, 1, "tiny"), (16, 2, "tiny"), (16, 1, "full"), (24, 1, "tiny")):
+        images, captions = pipeline.cached_pool(n, seed, size, tmp_path)
+        truth_images, truth_captions = pretraining_pool(n, seed=seed, size=size)
+        assert torch.equal(images, truth_images) and captions == list(truth_captions), (n, seed, size)
