@@ -316,3 +316,23 @@ def test_a_trials_key_holds_its_study_and_its_number():
         return with_key(cfg, spec, *_identities(cfg)).key
 
     assert len({key("s", 0), key("s", 1), key("t", 0)}) == 3
+
+
+def test_each_part_of_a_search_is_in_its_study_definition():
+    """Another space, objective, sampler, sampler seed or method code is another search: its
+    study is not resumed (its best would be picked by the old search), each changed alone."""
+    from harness.tuning import study_definition
+
+    lr = {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}
+
+    def definition(tune: dict | None = None, method_id: str | None = None) -> str:
+        d = make_sweep_dict(Path("/nonexistent"), Path("/nonexistent-out"))
+        d["methods"] = [{"name": "wemoe", "params": {"steps": 5},
+                         "tune": {"n_trials": 2, "objective": "val/acc/avg", "space": {"lr": lr}, **(tune or {})}}]
+        return study_definition(validate_config(d, "s.yaml").methods[0], 0, method_id)
+
+    base = definition()
+    others = [definition({"space": {"lr": {**lr, "high": 2e-2}}}), definition({"objective": "val/acc/toy_stripes"}),
+              definition({"sampler": "random"}), definition({"seed": 3}), definition(method_id="methods.wemoe:WeMoE@0")]
+    assert base not in others and len(set(others)) == len(others)
+    assert definition({"n_trials": 5}) == base  # more trials extend the study
