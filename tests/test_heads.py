@@ -84,3 +84,18 @@ def test_a_head_cached_for_other_pretrained_weights_is_not_used(sweep_dict, tmp_
         heads[name] = ws.head("toy_stripes")
         assert torch.allclose(heads[name], truth, atol=1e-5), name
     assert not torch.allclose(heads["first"], heads["other"], atol=1e-2)
+
+
+def test_a_cached_head_recording_other_prompts_or_another_task_is_not_read(tmp_path):
+    """A head file copied into place that was built for other prompts of the same task (or for
+    another task) is built again: it would score with the wrong class texts."""
+    from harness.models import save_state_dict
+    from harness.workspace import cached_head
+
+    path = tmp_path / "heads" / "t-key.safetensors"
+    head = torch.randn(3, 8)
+    save_state_dict({"weight": head}, path, metadata={"task": "t", "prompts": "a"})
+    assert torch.equal(cached_head(path, {"task": "t", "prompts": "a"}, 3), head)
+    assert cached_head(path, {"task": "t", "prompts": "b"}, 3) is None
+    assert cached_head(path, {"task": "u", "prompts": "a"}, 3) is None
+    assert cached_head(path, {"task": "t", "prompts": "a"}, 4) is None
