@@ -336,3 +336,13 @@ def test_each_part_of_a_search_is_in_its_study_definition():
               definition({"sampler": "random"}), definition({"seed": 3}), definition(method_id="methods.wemoe:WeMoE@0")]
     assert base not in others and len(set(others)) == len(others)
     assert definition({"n_trials": 5}) == base  # more trials extend the study
+
+
+def test_the_task_order_is_in_the_key_of_an_order_dependent_merge():
+    """WeMoE's expert i is the i-th task's: the same seeded routers over the tasks in another order
+    are another model, so a sweep listing its tasks in another order does not reuse its result.
+    The individual rows read one task each and stay cached."""
+    before = _plan()
+    reordered = _plan(tasks=list(reversed(make_sweep_dict(Path("/n"), Path("/o"))["tasks"])))
+    assert before[("wemoe", None)] != reordered[("wemoe", None)]
+    assert all(before[job] == reordered[job] for job in before if job[0] == "individual")
