@@ -64,3 +64,38 @@ def test_a_damaged_or_foreign_cached_head_is_built_again(sweep_dict):
     files["toy_stripes"].write_bytes(b"")
     assert torch.allclose(fresh_head("toy_stripes"), truth["toy_stripes"], atol=1e-5)
     assert files["toy_stripes"].stat().st_size > 0
+
+
+def test_a_head_cached_for_other_pretrained_weights_is_not_used(sweep_dict, tmp_path):
+    """Zero-shot heads come from the pretrained text tower: a sweep on other pretrained weights of
+    the same architecture (sharing the cache folder) builds its own heads, each the formula's
+    for its model, never the first model's head read back."""
+    from harness.config import validate_config
+    from harness.models import save_state_dict
+    from harness.workspace import Workspace
+
+    torch.manual_seed(5)
+    save_state_dict(build_clip("harness-micro-vit").state_dict(), tmp_path / "other.safetensors")
+    other = {**sweep_dict, "model": {**sweep_dict["model"], "pretrained": str(tmp_path / "other.safetensors")}}
+    heads = {}
+    for name, d in (("first", sweep_dict), ("other", other)):
+        ws = Workspace(validate_config(d))
+        truth = zeroshot_head(ws.clip, get_tokenizer("harness-micro-vit"), ws.task("toy_stripes").prompts())
+        heads[name] = ws.head("toy_stripes")
+        assert torch.allclose(heads[name], truth, atol=1e-5), name
+    assert not torch.allclose(heads["first"], heads["other"], atol=1e-2)
+
+
+def test_a_cached_head_recording_other_prompts_or_another_task_is_not_read(tmp_path):
+    """A head file copied into place that was built for other prompts of the same task (or for
+    another task) is built again: it would score with the wrong class texts."""
+    from harness.models import save_state_dict
+    from harness.workspace import cached_head
+
+    path = tmp_path / "heads" / "t-key.safetensors"
+    head = torch.randn(3, 8)
+    save_state_dict({"weight": head}, path, metadata={"task": "t", "prompts": "a"})
+    assert torch.equal(cached_head(path, {"task": "t", "prompts": "a"}, 3), head)
+    assert cached_head(path, {"task": "t", "prompts": "b"}, 3) is None
+    assert cached_head(path, {"task": "u", "prompts": "a"}, 3) is None
+    assert cached_head(path, {"task": "t", "prompts": "a"}, 4) is None

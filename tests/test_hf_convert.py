@@ -316,6 +316,50 @@ def test_resolve_converts_once_and_keys_by_content(tmp_path: Path, monkeypatch) 
     assert resolve_checkpoint(folder, cache, arch="harness-micro-vit") != first  # the checked arch is part of the key
 
 
+def test_a_vision_model_converted_with_one_projection_is_not_reused_for_another(tmp_path: Path) -> None:
+    """A CLIPVisionModel folder takes its projection from the given source: resolved with another
+    projection it is converted again, each file holding the projection it was given."""
+    from harness.models import save_state_dict
+
+    folder = write_hf_folder(tmp_path / "clip_task_a", micro_visual(), "gelu")
+    weights = folder / "model.safetensors"
+    save_file({k: v for k, v in load_file(str(weights)).items() if k != "visual_projection.weight"}, str(weights))
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "architectures": ["CLIPVisionModel"]}))
+    cache = tmp_path / "cache"
+    for seed in (1, 2):
+        proj = torch.randn(32, 32, generator=torch.Generator().manual_seed(seed))
+        save_state_dict({"proj": proj}, tmp_path / f"proj{seed}.safetensors")
+        out = resolve_checkpoint(folder, cache, projection=tmp_path / f"proj{seed}.safetensors")
+        assert torch.equal(load_state_dict(out)["proj"], proj), seed
+
+
+def test_a_pickle_converted_for_one_architecture_is_checked_against_another(tmp_path: Path) -> None:
+    """The architecture asked for is part of the conversion's key: an encoder converted once (its
+    architecture inferred) is not returned for an architecture its weights do not fit."""
+    from tests.test_convert import ImageEncoder
+
+    torch.manual_seed(0)
+    clip = build_clip("harness-micro-vit")
+    pickled = tmp_path / "finetuned.pt"
+    torch.save(ImageEncoder(clip), pickled)
+    cache = tmp_path / "cache"
+    resolve_checkpoint(pickled, cache, trust_pickle=True)
+    with pytest.raises(HarnessError, match="does not match 'harness-tiny-vit'"):
+        resolve_checkpoint(pickled, cache, trust_pickle=True, arch="harness-tiny-vit")
+
+
+@needs_transformers
+def test_a_folder_converted_as_an_image_encoder_is_not_reused_as_a_whole_clip(tmp_path: Path) -> None:
+    """One HF CLIP folder resolves to two files by kind: the image tower alone, and the whole CLIP."""
+    clip_model("gelu").save_pretrained(tmp_path / "hf")
+    cache = tmp_path / "cache"
+    encoder = load_state_dict(resolve_checkpoint(tmp_path / "hf", cache, kind="image_encoder"))
+    whole = load_state_dict(resolve_checkpoint(tmp_path / "hf", cache, kind="clip"))
+    assert "conv1.weight" in encoder and not any(k.startswith("visual.") for k in encoder)
+    assert "visual.conv1.weight" in whole and torch.equal(whole["visual.conv1.weight"], encoder["conv1.weight"])
+
+
 def test_a_damaged_converted_checkpoint_is_converted_again(tmp_path: Path) -> None:
     """A converted file truncated or emptied in the cache (its sidecar still there) is converted
     again from its source, not returned to be refused by every sweep."""

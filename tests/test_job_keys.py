@@ -263,3 +263,114 @@ def test_planning_a_grid_expands_it_once(monkeypatch):
     assert len(merges) == 40 + 6 + 1
     assert sum(built) == len(merges)
     assert [robustness_inline(cfg, label) for label in ("task_arithmetic", "ties", "one")] == [False, False, True]
+
+
+def _planned_with(cfg, identity: dict, task_identity: dict) -> dict[tuple[str, str | None], str]:
+    return {(s.label, s.task): s.key for s in plan_jobs(cfg, identity, task_identity)}
+
+
+def test_each_model_file_and_task_is_in_the_keys_of_the_jobs_that_read_it():
+    """A replaced checkpoint (or task data) reruns exactly the jobs that load it: an individual
+    row reads its own task's encoder; a bound row builds task arithmetic over every merged task's
+    encoder, then its task's MLPs; merges read every merged task's; the pretrained row reads none.
+    Every job reads the pretrained model and the heads."""
+    d = make_sweep_dict(Path("/nonexistent"), Path("/nonexistent-out"))
+    d["references"] = {"perfect_routing": True}
+    d["methods"] = [{"name": "weight_averaging"}, {"name": "wemoe", "params": {"steps": 5}}]
+    cfg = validate_config(d)
+    first, second = cfg.task_names
+    identity, task_identity = _identities(cfg)
+    before = _planned_with(cfg, identity, task_identity)
+    jobs = set(before)
+    assert {("individual", first), ("individual", second), ("pretrained", None)} <= jobs
+
+    def changed(identity_now: dict, task_identity_now: dict) -> set:
+        after = _planned_with(cfg, identity_now, task_identity_now)
+        assert set(after) == jobs
+        return {job for job, key in before.items() if after[job] != key}
+
+    replaced = {**identity, "finetuned": {**identity["finetuned"], first: "f" * 16}}
+    assert changed(replaced, task_identity) == jobs - {("pretrained", None), ("individual", second)}
+    assert changed({**identity, "pretrained": "q" * 16}, task_identity) == jobs
+    assert changed({**identity, "heads": {first: "h" * 16}}, task_identity) == jobs
+    other_data = {**task_identity, first: {"name": first, "version": "2"}}
+    assert changed(identity, other_data) == {job for job in jobs if job[1] in (None, first)}
+
+
+def _study_keys(**robustness: object) -> dict[tuple[str, str | None], str]:
+    """Keys of a sweep with a robustness block given ``robustness``: references, a single-setting
+    merge and WeMoE (which run the study themselves), a grid (its setting's study is a follow-up job)."""
+    from harness.plan import robustness_spec
+
+    d = make_sweep_dict(Path("/nonexistent"), Path("/nonexistent-out"))
+    d["methods"] = [{"name": "weight_averaging"}, {"name": "task_arithmetic", "grid": {"scaling": [0.2, 0.6]}},
+                    {"name": "wemoe", "params": {"steps": 5}}]
+    d["robustness"] = {"tasks": d["tasks"][:1], "corruptions": ["contrast"], "severity": 2, **robustness}
+    cfg = validate_config(d)
+    keys = {(s.label, s.task, s.params.get("scaling")): s.key for s in plan_jobs(cfg, *_identities(cfg))}
+    keys["robustness", None, 0.2] = robustness_spec(cfg, "task_arithmetic", {"scaling": 0.2}, *_identities(cfg)).key
+    return keys
+
+
+def test_the_robustness_block_is_in_the_keys_of_the_jobs_that_run_the_study():
+    """Another severity, corruption, corruption seed or task set is another study: the pretrained
+    row, the single-setting merge, WeMoE and a grid's follow-up study run again; the individual
+    rows and the grid's points (scored clean only) stay cached. Adapting on clean images instead
+    of each corruption changes only what WeMoE does."""
+    before = _study_keys()
+    studies = {("pretrained", None, None), ("weight_averaging", None, None), ("wemoe", None, None),
+               ("robustness", None, 0.2)}
+
+    def changed(**robustness: object) -> set:
+        after = _study_keys(**robustness)
+        return {job for job, key in before.items() if after[job] != key}
+
+    for change in ({"severity": 3}, {"corruptions": ["fog"]}, {"seed": 1}, {"tasks": ["toy_colours"]}):
+        assert changed(**change) == studies, change
+    assert changed(adapt="clean") == {("wemoe", None, None)}
+
+
+def test_a_trials_key_holds_its_study_and_its_number():
+    """Two trials asking the same setting (a categorical space, a grid sampler rerun) are two jobs:
+    a trial's result holds its study's pruning decisions, so neither is the other's cached result."""
+    from harness.plan import JobSpec, with_key
+
+    d = make_sweep_dict(Path("/nonexistent"), Path("/nonexistent-out"))
+    cfg = validate_config(d)
+
+    def key(study: str, number: int) -> str:
+        spec = JobSpec("trial", "task_arithmetic", method="task_arithmetic", params={"scaling": 0.3},
+                       trial={"study_name": study, "number": number})
+        return with_key(cfg, spec, *_identities(cfg)).key
+
+    assert len({key("s", 0), key("s", 1), key("t", 0)}) == 3
+
+
+def test_each_part_of_a_search_is_in_its_study_definition():
+    """Another space, objective, sampler, sampler seed or method code is another search: its
+    study is not resumed (its best would be picked by the old search), each changed alone."""
+    from harness.tuning import study_definition
+
+    lr = {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}
+
+    def definition(tune: dict | None = None, method_id: str | None = None) -> str:
+        d = make_sweep_dict(Path("/nonexistent"), Path("/nonexistent-out"))
+        d["methods"] = [{"name": "wemoe", "params": {"steps": 5},
+                         "tune": {"n_trials": 2, "objective": "val/acc/avg", "space": {"lr": lr}, **(tune or {})}}]
+        return study_definition(validate_config(d, "s.yaml").methods[0], 0, method_id)
+
+    base = definition()
+    others = [definition({"space": {"lr": {**lr, "high": 2e-2}}}), definition({"objective": "val/acc/toy_stripes"}),
+              definition({"sampler": "random"}), definition({"seed": 3}), definition(method_id="methods.wemoe:WeMoE@0")]
+    assert base not in others and len(set(others)) == len(others)
+    assert definition({"n_trials": 5}) == base  # more trials extend the study
+
+
+def test_the_task_order_is_in_the_key_of_an_order_dependent_merge():
+    """WeMoE's expert i is the i-th task's: the same seeded routers over the tasks in another order
+    are another model, so a sweep listing its tasks in another order does not reuse its result.
+    The individual rows read one task each and stay cached."""
+    before = _plan()
+    reordered = _plan(tasks=list(reversed(make_sweep_dict(Path("/n"), Path("/o"))["tasks"])))
+    assert before[("wemoe", None)] != reordered[("wemoe", None)]
+    assert all(before[job] == reordered[job] for job in before if job[0] == "individual")

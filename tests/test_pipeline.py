@@ -515,3 +515,51 @@ def test_a_writer_killed_just_after_the_rename_leaves_its_own_digest(tmp_path, m
         warnings.simplefilter("error")
         images, _ = pipeline.cached_pool(32, 1, "tiny", tmp_path)
     assert torch.equal(images, truth_images)
+
+
+#: What each stage of the suite reads (its training code): pretraining, and fine-tuning from the
+#: pretrained file (whose digest carries the pretraining settings). ``workers`` changes neither.
+PRETRAINING_READS = {"arch", "size", "seed", "pretrain_pool", "pretrain_pool_seed", "pretrain_steps",
+                     "pretrain_batch_size", "pretrain_lr", "pretrain_weight_decay", "pretrain_warmup", "grad_clip"}
+FINETUNING_READS = {"size", "seed", "finetune_seed", "finetune_optimizer", "finetune_steps", "finetune_lr",
+                    "finetune_batch_size", "finetune_weight_decay", "finetune_warmup", "grad_clip",
+                    "preserve_weight", "preserve_pool"}
+
+
+def _another(name: str, value):
+    """A valid value of option ``name`` other than ``value``."""
+    if name == "arch":
+        return "harness-micro-vit"
+    if name == "size":
+        return "tiny" if value == "full" else "full"
+    if name == "finetune_optimizer":
+        return "sgd"
+    if value is None:
+        return 3
+    return value + 1 if isinstance(value, int) else value / 2
+
+
+@pytest.mark.parametrize("name", sorted(pipeline.SuiteOptions.model_fields))
+def test_each_option_is_in_the_identity_of_the_models_it_trains(name):
+    """An option changed reruns the stage that reads it (another cached model file), and the
+    fine-tuned models of another pretrained file are other files: none is reused for settings it
+    was not trained under."""
+    base = pipeline.SuiteOptions(**TINY)
+    other = pipeline.SuiteOptions(**{**TINY, name: _another(name, getattr(base, name))})
+    assert getattr(other, name) != getattr(base, name)
+    assert (base.pretrain_identity("v") != other.pretrain_identity("v")) == (name in PRETRAINING_READS)
+    tuned = base.finetune_identity("v", "t", "d", "s") != other.finetune_identity("v", "t", "d", "s")
+    assert tuned == (name in FINETUNING_READS)
+    assert base.finetune_identity("v", "t", "d", "s") != base.finetune_identity("v", "t", "e", "s")  # the pretrained digest
+    assert base.finetune_identity("v", "t", "d", "s") != base.finetune_identity("w", "t", "d", "s")  # the data version
+
+
+def test_a_cached_pool_is_never_another_seeds_or_sizes(tmp_path):
+    """The pool cache is keyed by everything ``pretraining_pool`` is given: pools of another seed,
+    size or count sharing the cache folder are each the generator's own, never one read back."""
+    from tasks.embedded import pretraining_pool
+
+    for n, seed, size in ((16, 1, "tiny"), (16, 2, "tiny"), (16, 1, "full"), (24, 1, "tiny")):
+        images, captions = pipeline.cached_pool(n, seed, size, tmp_path)
+        truth_images, truth_captions = pretraining_pool(n, seed=seed, size=size)
+        assert torch.equal(images, truth_images) and captions == list(truth_captions), (n, seed, size)

@@ -410,3 +410,38 @@ def test_a_table_of_twenty_tasks_keeps_every_task_name_readable(sweep_dict):
     header = [line for line in text.splitlines() if line.startswith("┃")]
     columns = ["".join(parts).replace(" ", "") for parts in zip(*(line.strip("┃").split("┃") for line in header))]
     assert columns[2:22] == tasks
+
+
+def test_a_kept_plot_is_drawn_again_under_other_code_libraries_or_matplotlibrc(tmp_path, monkeypatch):
+    """Besides its inputs, a plot is drawn by the harness code, matplotlib and Pillow, and styled
+    by matplotlibrc files: a change to any of them draws it again (the file kept would be the old
+    code's or style's drawing); with none changed it is kept."""
+    import harness.report as report_module
+    from harness.report import kept_plot
+
+    monkeypatch.chdir(tmp_path)
+    path, record, drawn = tmp_path / "p.png", {}, []
+
+    def draw() -> Path:
+        drawn.append(1)
+        path.write_bytes(f"png {len(drawn)}".encode())
+        return path
+
+    def draws() -> int:
+        before = len(drawn)
+        kept_plot(record, path, {"title": "t"}, draw)
+        return len(drawn) - before
+
+    assert draws() == 1 and draws() == 0
+    code = report_module.harness_code_id()
+    monkeypatch.setattr(report_module, "harness_code_id", lambda: (code[0], code[1] + "0"))
+    assert draws() == 1 and draws() == 0
+    versions = report_module.plot_library_versions()
+    monkeypatch.setattr(report_module, "plot_library_versions", lambda: [versions[0] + ".1", versions[1]])
+    assert draws() == 1 and draws() == 0
+    monkeypatch.setattr(report_module, "plot_library_versions", lambda: [versions[0] + ".1", versions[1] + ".1"])
+    assert draws() == 1 and draws() == 0
+    (tmp_path / "matplotlibrc").write_text("lines.linewidth: 3\n")
+    assert draws() == 1 and draws() == 0
+    (tmp_path / "matplotlibrc").write_text("lines.linewidth: 4\n")
+    assert draws() == 1 and draws() == 0

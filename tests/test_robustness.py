@@ -342,6 +342,29 @@ def test_changed_task_data_gives_a_new_corrupted_file(tmp_path, counted):
     assert len(counted) == before + len(second) and len(list((cache / "corrupted").glob("*.labels.npy"))) == 3
 
 
+def test_a_cached_split_is_never_another_seeds_splits_or_corruption_revisions(tmp_path, monkeypatch):
+    """The file key holds the corruption seed, the split and the corruption's revision: a split
+    cached under one is corrupted anew for another, each equal to the split corrupted without a
+    cache (its truth); a revised corruption (its output for a seed changed) is never read back."""
+    import tasks.corruptions as tc
+
+    task = make_toy_task("toy_stripes", n_val=12, n_test=12)
+
+    def uncached(seed: int, split: str) -> torch.Tensor:
+        return corrupted_split(task, "gaussian_noise", 2, None, seed=seed, split=split).tensors[0]
+
+    for seed, split in ((3, "test"), (4, "test"), (3, "val")):
+        got = corrupted_split(task, "gaussian_noise", 2, tmp_path, seed=seed, split=split).tensors[0]
+        assert torch.equal(got, uncached(seed, split)), (seed, split)
+    assert not torch.equal(uncached(3, "test"), uncached(4, "test"))
+    assert len(list((tmp_path / "corrupted").glob("*.npy"))) == 3
+    monkeypatch.setitem(tc._REVISION, "gaussian_noise", 99)
+    revised = []
+    monkeypatch.setattr(tc, "corrupt_image", lambda image, *a, **k: revised.append(1) or image)
+    corrupted_split(task, "gaussian_noise", 2, tmp_path, seed=3)
+    assert len(revised) == 12
+
+
 def test_robustness_and_generalization_sweep(sweep_dict):
     from harness.job import evaluate_encoder
     from harness.workspace import Workspace

@@ -967,3 +967,22 @@ def test_loading_a_folder_names_it_and_the_file_expected(tmp_path):
     assert str(err.value) == (f"{tmp_path}: is a folder; expected a WeMoE router file, the wemoe.safetensors a "
                               "WeMoE job saves in <output_dir>/work/<job key>/")
     assert wemoe.MODEL_FILE == "wemoe.safetensors"
+
+
+def test_a_saved_adaptation_of_another_architecture_is_adapted_again(models, tmp_path, monkeypatch):
+    """The same tensors under another architecture (QuickGELU instead of GELU: the digests of the
+    models are equal) are another function: routers adapted through one are not the other's."""
+    pre, ft = models
+    method = wemoe.WeMoE(steps=2, lr=1e-2, checkpoint_every=0, router_depth=1, routing_stats_batches=0)
+
+    def ctx(arch: str) -> MergeContext:
+        return MergeContext(heads=heads(), unlabeled=fixed_unlabeled(2), workdir=str(tmp_path / "job"),
+                            adapted_on=FOG, sources={"arch": arch, "pretrained": "p.safetensors"})
+
+    method.merge(pre, ft, ctx("harness-micro-vit"))
+    real, calls = wemoe.run_tta, []
+    monkeypatch.setattr(wemoe, "run_tta", lambda *a, **k: calls.append(1) or real(*a, **k))
+    method.merge(pre, ft, ctx("harness-micro-vit"))
+    assert calls == []
+    method.merge(pre, ft, ctx("harness-micro-vit-quickgelu"))
+    assert calls == [1]
