@@ -803,6 +803,93 @@ def test_a_driver_waits_on_while_slurm_does_not_answer(tmp_path, monkeypatch):
     assert "pending (SLURM did not answer)" in console.export_text()
 
 
+def _sweep_of_fake_jobs(tmp_path, monkeypatch, n: int, per_poll: int, no_result: frozenset[int] = frozenset()):
+    """The driver's wait on ``n`` jobs of array 100, all pending, of which ``per_poll`` end at
+    each poll: they leave squeue, sacct records them COMPLETED, and each writes its result file
+    (but those in ``no_result``). Returns what it yielded, and per poll the file-system calls
+    (stat, directory listings) and the SLURM commands it made, and how often it drew its table."""
+    import collections
+    import io
+
+    from rich.console import Console
+
+    import harness.executors.slurm as slurm
+    from harness.job import JobResult
+    from harness.plan import JobSpec
+
+    folder = tmp_path / "jobs"
+    folder.mkdir(parents=True)
+    specs = [JobSpec("merge", f"m{i}", key=f"k{i}") for i in range(n)]
+    tracked = []
+    for i, spec in enumerate(specs):
+        job = _fake_job(folder, f"100_{i}")
+        job.result = lambda spec=spec: JobResult.of(spec, "done").to_dict()
+        tracked.append(slurm._Tracked(spec, job))
+    queue = [t.job_id for t in tracked]
+    ended: list[str] = []
+    polls: list[collections.Counter] = [collections.Counter()]
+
+    def run(cmd: list[str]) -> str:
+        polls[-1][cmd[0]] += 1
+        if cmd[0] == "squeue":
+            return "".join(f"{j}|PENDING|Priority\n" for j in queue)
+        if cmd[0] == "sacct":
+            return "".join(f"{j}|COMPLETED\n" for j in ended) + (f"100_[{queue[0].split('_')[1]}-{n - 1}]|PENDING\n"
+                                                                 if queue else "")
+        return "Slurmctld(primary) at vm is UP\n"
+
+    def counted(name: str):
+        real = getattr(os, name)
+
+        def call(*args, **kwargs):
+            polls[-1][name] += 1
+            return real(*args, **kwargs)
+        return call
+
+    clock = [0.0]
+
+    def sleep(seconds: float) -> None:
+        clock[0] += seconds
+        if clock[0] % ex.cfg.executor.poll_s == 0:  # a poll is due: jobs end, a new count starts
+            for job_id in queue[:per_poll]:
+                if int(job_id.split("_")[1]) not in no_result:
+                    (folder / f"{job_id}_0_result.pkl").touch()
+                ended.append(job_id)
+            del queue[:per_poll]
+            polls.append(collections.Counter())
+
+    drawn = []
+    real_table = slurm.job_table
+    monkeypatch.setattr(slurm, "job_table", lambda *a, **k: drawn.append(1) or real_table(*a, **k))
+    monkeypatch.setattr(slurm, "_run", run)
+    monkeypatch.setattr(slurm, "_sacct_details", lambda job_id: {"State": "COMPLETED", "ExitCode": "0:0"})
+    monkeypatch.setattr(slurm.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(slurm.time, "sleep", sleep)
+    d = make_sweep_dict(Path("/nonexistent"), tmp_path)
+    d["executor"] = {"kind": "slurm", "poll_s": 2}
+    ex = slurm.SlurmExecutor(validate_config(d), progress=True, console=Console(file=io.StringIO(), width=200))
+    for name in ("stat", "scandir"):
+        monkeypatch.setattr(os, name, counted(name))
+    try:
+        got = [(spec.key, r.status) for spec, r in ex._wait(tracked, None)]
+    finally:
+        monkeypatch.undo()
+    return got, polls, len(drawn)
+
+
+def test_a_poll_costs_one_folder_listing_however_many_jobs_wait(tmp_path, monkeypatch):
+    """Every pass of the wait (each second) looked for each waiting job's result file, and the
+    table for each pending job's log: on a shared filesystem, where a stat takes milliseconds, a
+    poll of 500 jobs made 3360 file-system calls and the sweep 168000. One listing of the folder
+    per poll now tells what is there: a poll's count does not grow with the jobs waiting."""
+    fs_calls = {}
+    for n in (10, 120):
+        got, polls, _ = _sweep_of_fake_jobs(tmp_path / str(n), monkeypatch, n, per_poll=2)
+        assert sorted(got) == sorted((f"k{i}", "done") for i in range(n))
+        fs_calls[n] = max(p["stat"] + p["scandir"] for p in polls)
+    assert fs_calls[120] == fs_calls[10] == 1 + 2  # the listing, and the owner of each result that came
+
+
 def _fake_slurm_on_path(tmp_path, monkeypatch, squeue: str) -> None:
     """``squeue`` runs the shell code ``squeue``; ``sacct`` answers with no record (accounting
     lagging or off) and ``scontrol ping`` says the controller is up."""

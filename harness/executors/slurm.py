@@ -34,7 +34,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import submitit
 from rich.console import Console
@@ -268,6 +268,23 @@ def _run(cmd: list[str]) -> str | None:
     return "" if "Invalid job id specified" in r.stderr else None
 
 
+def listed_files(paths: Iterable[Path]) -> set[str]:
+    """The files now in the folders holding ``paths``, as path strings: one directory listing
+    per folder, where a stat per job (milliseconds each on a shared filesystem) made every poll
+    of a large sweep cost as many file-system calls as it had jobs."""
+    found: set[str] = set()
+    for folder in {p.parent for p in paths}:
+        with contextlib.suppress(OSError):
+            with os.scandir(folder) as entries:
+                found.update(os.path.join(folder, e.name) for e in entries)
+    return found
+
+
+def _exists(path: Path, listed: set[str] | None) -> bool:
+    """Whether ``path`` exists: in ``listed`` (see :func:`listed_files`), or by asking the filesystem."""
+    return str(path) in listed if listed is not None else path.exists()
+
+
 def _sacct_records(job_ids: list[str], fields: str = "JobID,State") -> dict[str, list[str]]:
     """Accounting records by job id ('A' or array task 'A_i'). A record of never-started array
     tasks names a range ('A_[2-7%8]') that may still include tasks that started since: records
@@ -368,6 +385,10 @@ class _Tracked:
 
     def log_path(self, failed: bool = False) -> Path:
         return Path(self.job.paths.stderr if failed else self.job.paths.stdout)
+
+    def paths(self) -> tuple[Path, Path]:
+        """Its result file and its log: what the driver and the tables look for."""
+        return Path(self.job.paths.result_pickle), self.log_path()
 
 
 class SlurmExecutor:
@@ -610,10 +631,12 @@ class SlurmExecutor:
         states: dict[str, str] = {}
         poll = self.cfg.executor.poll_s
         last_update = float("-inf")
-        with self._live(tracked) as live:
+        listed = listed_files(p for t in remaining for p in t.paths())  # the table's first frame looks there too
+        with self._live(tracked, listed) as live:
             while remaining:
                 changed = False
                 if time.monotonic() - last_update >= poll:
+                    listed = live.listed = listed_files(p for t in remaining for p in t.paths())
                     reasons: dict[str, str] = {}
                     states = slurm_states([t.job_id for t in remaining], reasons)
                     last_update = time.monotonic()
@@ -628,7 +651,7 @@ class SlurmExecutor:
                         t.started = True
                         if on_start:
                             on_start(t.spec)
-                    result = self._poll(t)
+                    result = self._poll(t, listed)
                     if result is None:
                         continue
                     remaining.remove(t)
@@ -644,21 +667,36 @@ class SlurmExecutor:
                 if remaining:
                     time.sleep(min(1.0, poll))
 
-    def _poll(self, t: _Tracked) -> JobResult | None:
-        """The job's result if it has one now, a failed result if it ended without, else None."""
+    def _poll(self, t: _Tracked, listed: set[str] | None = None) -> JobResult | None:
+        """The job's result if it has one now, a failed result if it ended without, else None.
+        ``listed``, the folder's files at the last poll (None: ask the filesystem), is looked at
+        again before a job is called failed: its result may have come since."""
+        if _exists(t.job.paths.result_pickle, listed):
+            return self._result(t)
+        failed = self._ended_without_result(t)
+        if failed is not None and listed is not None and t.job.paths.result_pickle.exists():
+            t.show_tail = False
+            return self._result(t)
+        return failed
+
+    def _result(self, t: _Tracked) -> JobResult:
+        """The result the job wrote, or a failed one saying what it raised."""
         job, spec = t.job, t.spec
-        if job.paths.result_pickle.exists():
-            written_by_this_user(job)
-            try:
-                return JobResult.from_dict(job.result())
-            except (submitit.core.utils.FailedJobError, submitit.core.utils.UncompletedJobError) as exc:
-                t.show_tail = True
-                why = _last_line(str(exc))
-                if "timed-out too many times" in why:
-                    why += (f" ({self.cfg.executor.requeues} requeues of {self.cfg.executor.timeout_min} min: "
-                            "raise executor.requeues or executor.timeout_min)")
-                return _failed(spec, f"SLURM job {t.job_id} raised: {why}",
-                               f"{exc}\n--- stderr tail ({t.log_path(True)}) ---\n{_tail(t.log_path(True))}")
+        written_by_this_user(job)
+        try:
+            return JobResult.from_dict(job.result())
+        except (submitit.core.utils.FailedJobError, submitit.core.utils.UncompletedJobError) as exc:
+            t.show_tail = True
+            why = _last_line(str(exc))
+            if "timed-out too many times" in why:
+                why += (f" ({self.cfg.executor.requeues} requeues of {self.cfg.executor.timeout_min} min: "
+                        "raise executor.requeues or executor.timeout_min)")
+            return _failed(spec, f"SLURM job {t.job_id} raised: {why}",
+                           f"{exc}\n--- stderr tail ({t.log_path(True)}) ---\n{_tail(t.log_path(True))}")
+
+    def _ended_without_result(self, t: _Tracked) -> JobResult | None:
+        """A failed result for a job SLURM says ended (or lost) past the grace periods, else None."""
+        spec = t.spec
         now = time.monotonic()
         if t.state == "UNKNOWN":
             t.unknown_since = t.unknown_since or now
@@ -698,8 +736,8 @@ class SlurmExecutor:
             self.console.print(detail, highlight=False, markup=False)
 
     # -- display -------------------------------------------------------------------------
-    def _live(self, tracked: list[_Tracked]) -> "_LiveTable":
-        return _LiveTable(self.console if self.progress else None, tracked, self.kind)
+    def _live(self, tracked: list[_Tracked], listed: set[str] | None = None) -> "_LiveTable":
+        return _LiveTable(self.console if self.progress else None, tracked, self.kind, listed)
 
 
 class _LiveTable:
@@ -707,9 +745,10 @@ class _LiveTable:
 
     MAX_ROWS = 30
 
-    def __init__(self, console: Console | None, tracked: list[_Tracked], kind: str):
+    def __init__(self, console: Console | None, tracked: list[_Tracked], kind: str, listed: set[str] | None = None):
         self.console, self.tracked, self.kind = console, tracked, kind
         self.live: Live | None = None
+        self.listed = listed  # the jobs' files at the last poll (None: ask the filesystem)
 
     def __enter__(self) -> "_LiveTable":
         if self.console is not None:
@@ -722,7 +761,7 @@ class _LiveTable:
             self.live.update(self.render())
 
     def render(self) -> Table:
-        return job_table(self.tracked, self.kind)
+        return job_table(self.tracked, self.kind, listed=self.listed)
 
     def __exit__(self, *exc: Any) -> None:
         if self.live is not None:
@@ -746,14 +785,15 @@ def outcome(result: JobResult) -> str:
     return "done" if result.status in RECORDED and not result.study_error else "failed"
 
 
-def display_state(t: _Tracked) -> str:
+def display_state(t: _Tracked, listed: set[str] | None = None) -> str:
     """The job's state as the tables show it. A requeued job is PENDING again once SLURM has put
-    it back in the queue (reason BeginTime): having written its log, it shows as requeued."""
+    it back in the queue (reason BeginTime): having written its log (in ``listed``, see
+    :func:`listed_files`, or asking the filesystem when None), it shows as requeued."""
     if t.outcome:
         return t.outcome
     if t.state in RUNNING_STATES or t.state == "COMPLETED":
         return "running"
-    if t.state in {"REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"} or (t.state == "PENDING" and t.log_path().exists()):
+    if t.state in {"REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"} or (t.state == "PENDING" and _exists(t.log_path(), listed)):
         return "requeued"
     if t.state in ALIVE_STATES or t.state in ("UNKNOWN", NO_ANSWER):
         return "pending"
@@ -764,11 +804,12 @@ _STYLE = {"pending": "dim", "running": "cyan", "requeued": "yellow", "done": "gr
 _ORDER = ("running", "requeued", "failed", "lost", "pending", "done")
 
 
-def job_table(tracked: list[_Tracked], kind: str = "slurm", collected: set[str] | None = None) -> Table:
+def job_table(tracked: list[_Tracked], kind: str = "slurm", collected: set[str] | None = None,
+              listed: set[str] | None = None) -> Table:
     """One row per job: title, SLURM id, state, log path (stderr for failed jobs). Cells are Text,
     not markup: a line printed with ``markup=False`` while the live table shows renders the table
-    under that option too, and a title may hold brackets."""
-    states = [display_state(t) for t in tracked]
+    under that option too, and a title may hold brackets. ``listed``: as for :func:`display_state`."""
+    states = [display_state(t, listed) for t in tracked]
     counts = {s: states.count(s) for s in _ORDER if s in states}
     title = f"{kind} jobs: " + ", ".join(f"{n} {s}" for s, n in counts.items())
     table = Table(title=title, title_justify="left")
