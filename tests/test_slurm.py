@@ -890,6 +890,16 @@ def test_a_poll_costs_one_folder_listing_however_many_jobs_wait(tmp_path, monkey
     assert fs_calls[120] == fs_calls[10] == 1 + 2  # the listing, and the owner of each result that came
 
 
+def test_the_live_table_is_drawn_once_a_pass_not_once_a_job(tmp_path, monkeypatch):
+    """Each job that ended redrew the table, which goes over every job: O(N) per job ended,
+    O(N^2) per sweep (276500 job states worked out for 500 jobs). It is drawn once per pass now,
+    when something changed, however many jobs ended in it."""
+    got, polls, drawn = _sweep_of_fake_jobs(tmp_path, monkeypatch, 120, per_poll=30)
+    assert sorted(got) == sorted((f"k{i}", "done") for i in range(120))
+    passes = 2 * (len(polls) - 1)  # poll_s 2: a pass a second
+    assert drawn <= passes + 2  # and the first and last frames
+
+
 def _fake_slurm_on_path(tmp_path, monkeypatch, squeue: str) -> None:
     """``squeue`` runs the shell code ``squeue``; ``sacct`` answers with no record (accounting
     lagging or off) and ``scontrol ping`` says the controller is up."""

@@ -643,7 +643,8 @@ class SlurmExecutor:
                     for t in remaining:
                         changed |= t.reason != reasons.get(t.job_id, "")
                         t.reason = reasons.get(t.job_id, "")
-                for t in list(remaining):
+                ended = []
+                for t in remaining:
                     state = states.get(t.job_id, NO_ANSWER)  # none yet, or SLURM did not answer: as it was
                     if state != NO_ANSWER and state != t.state:
                         t.state, changed = state, True
@@ -652,18 +653,19 @@ class SlurmExecutor:
                         if on_start:
                             on_start(t.spec)
                     result = self._poll(t, listed)
-                    if result is None:
-                        continue
-                    remaining.remove(t)
-                    t.outcome = outcome(result)
+                    if result is not None:
+                        t.outcome = outcome(result)
+                        ended.append((t, result))
+                if changed or ended:  # one frame per pass: drawing it goes over every job
+                    live.refresh_table()
+                if ended:
+                    remaining[:] = [t for t in remaining if t.outcome is None]
+                for t, result in ended:
                     result.ran_on = {"slurm_job_id": t.job_id, "log": str(t.log_path()),
                                      "error_log": str(t.log_path(failed=True))}
-                    live.refresh_table()
                     if t.show_tail and result.error_detail:
                         self._print_tail(t, result.error_detail)
                     yield t.spec, result
-                if changed:
-                    live.refresh_table()
                 if remaining:
                     time.sleep(min(1.0, poll))
 
