@@ -900,6 +900,20 @@ def test_the_live_table_is_drawn_once_a_pass_not_once_a_job(tmp_path, monkeypatc
     assert drawn <= passes + 2  # and the first and last frames
 
 
+def test_accounting_is_asked_only_about_jobs_that_left_the_queue_without_a_result(tmp_path, monkeypatch):
+    """Every poll asked sacct (slurmdbd, the query cluster admins ration) about every waiting
+    job as well as squeue: 51 sacct calls for a 500-job sweep. squeue is asked once a poll;
+    sacct only about jobs it no longer lists whose result has not come, which is how a job that
+    ended without one is still reported."""
+    got, polls, _ = _sweep_of_fake_jobs(tmp_path / "ok", monkeypatch, 40, per_poll=10)
+    assert sorted(got) == sorted((f"k{i}", "done") for i in range(40))
+    assert max(p["squeue"] for p in polls) == 1 and sum(p["sacct"] for p in polls) == 0
+    got, polls, _ = _sweep_of_fake_jobs(tmp_path / "lost", monkeypatch, 40, per_poll=10, no_result=frozenset({13}))
+    assert sorted(got) == sorted((f"k{i}", "failed" if i == 13 else "done") for i in range(40))
+    waited = [p for p in polls if p["squeue"] + p["sacct"]]
+    assert max(p["squeue"] for p in polls) == 1 and 0 < sum(p["sacct"] for p in polls) <= len(waited)
+
+
 def _fake_slurm_on_path(tmp_path, monkeypatch, squeue: str) -> None:
     """``squeue`` runs the shell code ``squeue``; ``sacct`` answers with no record (accounting
     lagging or off) and ``scontrol ping`` says the controller is up."""

@@ -311,11 +311,13 @@ def _sacct_records(job_ids: list[str], fields: str = "JobID,State") -> dict[str,
 
 def slurm_states(job_ids: list[str], reasons: dict[str, str] | None = None) -> dict[str, str]:
     """The current SLURM state of each job: the controller's (squeue) while it holds the job,
-    else accounting's (sacct); "UNKNOWN" when neither knows it, NO_ANSWER when accounting does not
-    and the controller does not answer. ``reasons`` gets, per job the controller holds, why it is
-    pending (``PartitionTimeLimit``, ``Resources``), if it says."""
+    else accounting's (sacct, asked only about jobs the controller does not list: it is the
+    heavier query, which cluster admins ask drivers not to make every poll); "UNKNOWN" when
+    neither knows it, NO_ANSWER when accounting does not and the controller does not answer.
+    ``reasons`` gets, per job the controller holds, why it is pending (``PartitionTimeLimit``,
+    ``Resources``), if it says."""
     ids = sorted(set(job_ids))
-    states = {jid: rec[0].split()[0].upper() for jid, rec in _sacct_records(ids).items() if rec and rec[0]}
+    states: dict[str, str] = {}
     bases = sorted({i.split("_")[0] for i in ids})
     queue = _run(["squeue", "-h", "-r", "-o", "%i|%T|%r", "-j", ",".join(bases)]) if bases else ""
     if queue:
@@ -326,6 +328,9 @@ def slurm_states(job_ids: list[str], reasons: dict[str, str] | None = None) -> d
                 states[jid] = state.strip().upper()
                 if reasons is not None and reason.strip() not in ("", "None"):
                     reasons[jid] = reason.strip()
+    for jid, rec in _sacct_records([i for i in ids if i not in states]).items():
+        if rec and rec[0]:
+            states.setdefault(jid, rec[0].split()[0].upper())
     # squeue failing is no evidence a job is gone, however long it lasts and whatever ``scontrol ping`` says
     answered = queue is not None and (set(ids) <= set(states) or controller_answers())
     unknown = "UNKNOWN" if answered else NO_ANSWER
@@ -638,7 +643,8 @@ class SlurmExecutor:
                 if time.monotonic() - last_update >= poll:
                     listed = live.listed = listed_files(p for t in remaining for p in t.paths())
                     reasons: dict[str, str] = {}
-                    states = slurm_states([t.job_id for t in remaining], reasons)
+                    asked = [t.job_id for t in remaining if not _exists(t.job.paths.result_pickle, listed)]
+                    states = slurm_states(asked, reasons)  # a job whose result came needs no state
                     last_update = time.monotonic()
                     for t in remaining:
                         changed |= t.reason != reasons.get(t.job_id, "")
