@@ -473,17 +473,17 @@ class SlurmExecutor:
         records = self.log.load()
         found = {s.key: submitit.SlurmJob(folder=self.folder, job_id=records[s.key]["job_id"])
                  for s in specs if s.key in records}
-        states = slurm_states([str(j.job_id) for j in found.values()])
+        if self.collect_only:  # collect waits on every recorded job, whatever its state
+            return [_Tracked(s, found[s.key]) for s in specs if s.key in found], [s for s in specs if s.key not in found]
+        listed = listed_files(Path(j.paths.result_pickle) for j in found.values())
+        states = slurm_states([str(j.job_id) for j in found.values() if not _exists(j.paths.result_pickle, listed)])
         attach, submit = [], []
         for s in specs:
             job = found.get(s.key)
             if job is None:
                 submit.append(s)
                 continue
-            if self.collect_only:
-                attach.append(_Tracked(s, job))
-                continue
-            if job.paths.result_pickle.exists():
+            if _exists(job.paths.result_pickle, listed):
                 usable = _usable_result(job)
             else:
                 usable = states[str(job.job_id)] in ALIVE_STATES | {NO_ANSWER}  # no answer: not resubmitted twice
@@ -496,10 +496,11 @@ class SlurmExecutor:
         with, so they would end as the failed ones did; None when there are none."""
         records = self.log.load()
         now = job_settings(self.cfg)
+        listed = listed_files(p for t in attach for p in t.paths())
         ids, fields = [], {}
         for t in attach:
             then = records.get(t.spec.key, {}).get("settings")
-            if then is None or t.job.paths.result_pickle.exists():
+            if then is None or _exists(t.job.paths.result_pickle, listed):
                 continue
             diff = {k: (then.get(k), v) for k, v in now.items() if then.get(k) != v}
             if diff:
@@ -519,11 +520,12 @@ class SlurmExecutor:
         recorded before the code was recorded are not told apart."""
         records = self.log.load()
         here, now = harness_code_id()
+        listed = listed_files(p for t in attach for p in t.paths())
         ids, then = [], {}
         for t in attach:
             rec = records.get(t.spec.key, {})
             code = rec.get("harness_code")
-            if not code or code == now or t.job.paths.result_pickle.exists():
+            if not code or code == now or _exists(t.job.paths.result_pickle, listed):
                 continue
             ids.append(t.job_id)
             then.setdefault((rec.get("harness_dir", ""), code), None)
@@ -1134,18 +1136,20 @@ def status_table(cfg: SweepConfig) -> tuple[Table, dict[str, int]]:
     if not records:
         raise no_submissions(folder)
     results = cfg.resolved_output_dir() / "results"
+    cached_files = listed_files([results / "-"])  # one listing each, not a stat per job
     tracked, collected = [], set()
     for key, rec in records.items():
         spec = JobSpec("merge", rec.get("title", key), key=key)
         tracked.append(_Tracked(spec, submitit.SlurmJob(folder=folder, job_id=rec["job_id"])))
-        cached = read_result(results / f"{key}.json", key)
+        cached = read_result(results / f"{key}.json", key) if _exists(results / f"{key}.json", cached_files) else None
         if cached and outcome(cached) == "done":  # one whose robustness study failed is run again, not kept
             collected.add(key)
+    listed = listed_files(p for t in tracked for p in t.paths())
     reasons: dict[str, str] = {}
     states = slurm_states([t.job_id for t in tracked], reasons)
     for t in tracked:
         t.state, t.reason = states[t.job_id], reasons.get(t.job_id, "")
-        if t.job.paths.result_pickle.exists():
+        if _exists(t.job.paths.result_pickle, listed):
             t.outcome = "done" if _usable_result(t.job) else "failed"
         elif t.state == "UNKNOWN":
             if _seconds_since(records[t.spec.key].get("submitted_at")) > UNKNOWN_GRACE_S:
@@ -1154,7 +1158,7 @@ def status_table(cfg: SweepConfig) -> tuple[Table, dict[str, int]]:
             t.reason = "SLURM did not answer"
         elif t.state not in ALIVE_STATES:
             t.outcome = "failed"
-    states = [display_state(t) for t in tracked]
+    states = [display_state(t, listed) for t in tracked]
     counts = {s: states.count(s) for s in _ORDER}
     counts["collected"] = len(collected)
-    return job_table(tracked, collected=collected), counts
+    return job_table(tracked, collected=collected, listed=listed), counts
