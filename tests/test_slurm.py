@@ -483,7 +483,7 @@ def _ended_without_log(tmp_path, monkeypatch, details: dict[str, str]):
     import harness.executors.slurm as slurm
     from harness.plan import JobSpec
 
-    monkeypatch.setattr(slurm, "_sacct_details", lambda job_id: details)
+    monkeypatch.setattr(slurm, "sacct_details", lambda job_ids: {i: details for i in job_ids})
     d = make_sweep_dict(Path("/nonexistent"), tmp_path)
     d["executor"] = {"kind": "slurm"}
     ex = slurm.SlurmExecutor(validate_config(d))
@@ -805,7 +805,7 @@ def test_a_driver_waits_on_while_slurm_does_not_answer(tmp_path, monkeypatch):
 
 def _sweep_of_fake_jobs(tmp_path, monkeypatch, n: int, per_poll: int, no_result: frozenset[int] = frozenset()):
     """The driver's wait on ``n`` jobs of array 100, all pending, of which ``per_poll`` end at
-    each poll: they leave squeue, sacct records them COMPLETED, and each writes its result file
+    each poll: they leave squeue, sacct records them COMPLETED (exit code 0), and each writes its result file
     (but those in ``no_result``). Returns what it yielded, and per poll the file-system calls
     (stat, directory listings) and the SLURM commands it made, and how often it drew its table."""
     import collections
@@ -834,8 +834,8 @@ def _sweep_of_fake_jobs(tmp_path, monkeypatch, n: int, per_poll: int, no_result:
         if cmd[0] == "squeue":
             return "".join(f"{j}|PENDING|Priority\n" for j in queue)
         if cmd[0] == "sacct":
-            return "".join(f"{j}|COMPLETED\n" for j in ended) + (f"100_[{queue[0].split('_')[1]}-{n - 1}]|PENDING\n"
-                                                                 if queue else "")
+            return "".join(f"{j}|COMPLETED|0:0\n" for j in ended) + (f"100_[{queue[0].split('_')[1]}-{n - 1}]|PENDING|0:0\n"
+                                                                     if queue else "")
         return "Slurmctld(primary) at vm is UP\n"
 
     def counted(name: str):
@@ -862,7 +862,6 @@ def _sweep_of_fake_jobs(tmp_path, monkeypatch, n: int, per_poll: int, no_result:
     real_table = slurm.job_table
     monkeypatch.setattr(slurm, "job_table", lambda *a, **k: drawn.append(1) or real_table(*a, **k))
     monkeypatch.setattr(slurm, "_run", run)
-    monkeypatch.setattr(slurm, "_sacct_details", lambda job_id: {"State": "COMPLETED", "ExitCode": "0:0"})
     monkeypatch.setattr(slurm.time, "monotonic", lambda: clock[0])
     monkeypatch.setattr(slurm.time, "sleep", sleep)
     d = make_sweep_dict(Path("/nonexistent"), tmp_path)
@@ -1636,3 +1635,15 @@ def test_status_does_not_call_collected_a_job_a_rerun_submits_again(tmp_path, mi
     assert submit == [spec]
     _, counts = status_table(cfg)
     assert (counts["failed"], counts["collected"]) == (1, 0), counts
+
+
+def test_jobs_ending_without_results_cost_two_sacct_calls_a_pass_not_two_each(tmp_path, monkeypatch):
+    """A sweep whose every job fails at once (a setup line that fails) asked sacct twice per job,
+    each time about the whole array: 1000 calls in one burst for 500 jobs. The jobs a pass finds
+    ended are asked about together."""
+    sacct = {}
+    for n in (6, 48):
+        got, polls, _ = _sweep_of_fake_jobs(tmp_path / str(n), monkeypatch, n, per_poll=n, no_result=frozenset(range(n)))
+        assert sorted(got) == sorted((f"k{i}", "failed") for i in range(n))
+        sacct[n] = sum(p["sacct"] for p in polls)
+    assert sacct[48] == sacct[6]

@@ -353,18 +353,23 @@ def max_array_size() -> int:
     return 1001
 
 
-def _sacct_details(job_id: str) -> dict[str, str]:
-    """State, exit code and killing signal of one finished job from accounting."""
-    rec = _sacct_records([job_id], "JobID,State,ExitCode").get(job_id)
-    if not rec or len(rec) < 2:
-        return {}
-    details = {"State": rec[0].split()[0].upper() if rec[0] else "UNKNOWN", "ExitCode": rec[1]}
-    out = _run(["sacct", "-n", "-P", "-o", "JobID,ExitCode", "-j", job_id]) or ""  # its steps too
+def sacct_details(job_ids: list[str]) -> dict[str, dict[str, str]]:
+    """State, exit code and killing signal of finished jobs from accounting, by job id: two sacct
+    calls however many jobs (asked one by one, a sweep whose jobs all failed made two per job)."""
+    ids = sorted(set(job_ids))
+    details: dict[str, dict[str, str]] = {}
+    for jid, rec in _sacct_records(ids, "JobID,State,ExitCode").items():
+        if jid in ids and len(rec) >= 2:
+            details[jid] = {"State": rec[0].split()[0].upper() if rec[0] else "UNKNOWN", "ExitCode": rec[1]}
+    if not details:
+        return details
+    out = _run(["sacct", "-n", "-P", "-o", "JobID,ExitCode", "-j", ",".join(sorted(details))]) or ""  # their steps too
     for line in out.splitlines():
         jid, _, code = line.partition("|")
+        job, dot, _ = jid.partition(".")
         sig = code.partition(":")[2]
-        if jid.startswith(job_id + ".") and sig not in ("", "0"):
-            details.setdefault("Signal", sig)  # the job's process (a step) was killed by this signal
+        if dot and job in details and sig not in ("", "0"):
+            details[job].setdefault("Signal", sig)  # the job's process (a step) was killed by this signal
     return details
 
 
@@ -416,6 +421,8 @@ class SlurmExecutor:
         self.console = console or Console(stderr=True, emoji=False)
         self.collect_only = False
         self._executor: Any = None
+        self._ended: list[_Tracked] = []  # the jobs this pass found ended: accounting is asked about them together
+        self._details: dict[str, dict[str, str]] = {}
 
     # -- submission ----------------------------------------------------------------------
     def _submitit(self) -> Any:
@@ -651,7 +658,6 @@ class SlurmExecutor:
                     for t in remaining:
                         changed |= t.reason != reasons.get(t.job_id, "")
                         t.reason = reasons.get(t.job_id, "")
-                ended = []
                 for t in remaining:
                     state = states.get(t.job_id, NO_ANSWER)  # none yet, or SLURM did not answer: as it was
                     if state != NO_ANSWER and state != t.state:
@@ -660,6 +666,10 @@ class SlurmExecutor:
                         t.started = True
                         if on_start:
                             on_start(t.spec)
+                self._ended = [t for t in remaining if t.state not in ALIVE_STATES | {"UNKNOWN", NO_ANSWER}]
+                self._details = {}
+                ended = []
+                for t in remaining:
                     result = self._poll(t, listed)
                     if result is not None:
                         t.outcome = outcome(result)
@@ -726,7 +736,7 @@ class SlurmExecutor:
         grace = RESULT_GRACE_S if t.state == "COMPLETED" else min(3.0, RESULT_GRACE_S)
         if now - t.ended_at < grace:
             return None  # the result file may still be on its way (shared filesystems lag)
-        details = _sacct_details(t.job_id)
+        details = self._ended_details(t.job_id)
         stderr = t.log_path(True)
         tail = _tail(stderr)
         state, reason = ended_reason(details.get("State", t.state), details, tail, self.cfg.executor.timeout_min)
@@ -739,6 +749,14 @@ class SlurmExecutor:
         t.show_tail = True
         return _failed(spec, f"SLURM job {t.job_id} {state}: {reason}; log {stderr}",
                        f"--- stderr tail ({stderr}) ---\n{tail}")
+
+    def _ended_details(self, job_id: str) -> dict[str, str]:
+        """Accounting's details of a job that ended without a result, asked for together with
+        those of every other job this pass found ended: one query, not one per job."""
+        if job_id not in self._details:
+            ids = sorted({job_id} | {u.job_id for u in self._ended})
+            self._details.update({i: {} for i in ids} | sacct_details(ids))
+        return self._details[job_id]
 
     def _print_tail(self, t: _Tracked, detail: str) -> None:
         if self.progress:
