@@ -483,7 +483,7 @@ def _ended_without_log(tmp_path, monkeypatch, details: dict[str, str]):
     import harness.executors.slurm as slurm
     from harness.plan import JobSpec
 
-    monkeypatch.setattr(slurm, "_sacct_details", lambda job_id: details)
+    monkeypatch.setattr(slurm, "sacct_details", lambda job_ids: {i: details for i in job_ids})
     d = make_sweep_dict(Path("/nonexistent"), tmp_path)
     d["executor"] = {"kind": "slurm"}
     ex = slurm.SlurmExecutor(validate_config(d))
@@ -801,6 +801,161 @@ def test_a_driver_waits_on_while_slurm_does_not_answer(tmp_path, monkeypatch):
     console.print(table)
     assert counts["lost"] == 0 and counts["pending"] == 1
     assert "pending (SLURM did not answer)" in console.export_text()
+
+
+def _sweep_of_fake_jobs(tmp_path, monkeypatch, n: int, per_poll: int, no_result: frozenset[int] = frozenset()):
+    """The driver's wait on ``n`` jobs of array 100, all pending, of which ``per_poll`` end at
+    each poll: they leave squeue, sacct records them COMPLETED (exit code 0), and each writes its result file
+    (but those in ``no_result``). Returns what it yielded, and per poll the file-system calls
+    (stat, directory listings) and the SLURM commands it made, and how often it drew its table."""
+    import collections
+    import io
+
+    from rich.console import Console
+
+    import harness.executors.slurm as slurm
+    from harness.job import JobResult
+    from harness.plan import JobSpec
+
+    folder = tmp_path / "jobs"
+    folder.mkdir(parents=True)
+    specs = [JobSpec("merge", f"m{i}", key=f"k{i}") for i in range(n)]
+    tracked = []
+    for i, spec in enumerate(specs):
+        job = _fake_job(folder, f"100_{i}")
+        job.result = lambda spec=spec: JobResult.of(spec, "done").to_dict()
+        tracked.append(slurm._Tracked(spec, job))
+    queue = [t.job_id for t in tracked]
+    ended: list[str] = []
+    polls: list[collections.Counter] = [collections.Counter()]
+
+    def run(cmd: list[str]) -> str:
+        polls[-1][cmd[0]] += 1
+        if cmd[0] == "squeue":
+            return "".join(f"{j}|PENDING|Priority\n" for j in queue)
+        if cmd[0] == "sacct":
+            return "".join(f"{j}|COMPLETED|0:0\n" for j in ended) + (f"100_[{queue[0].split('_')[1]}-{n - 1}]|PENDING|0:0\n"
+                                                                     if queue else "")
+        return "Slurmctld(primary) at vm is UP\n"
+
+    def counted(name: str):
+        real = getattr(os, name)
+
+        def call(*args, **kwargs):
+            polls[-1][name] += 1
+            return real(*args, **kwargs)
+        return call
+
+    clock = [0.0]
+
+    def sleep(seconds: float) -> None:
+        clock[0] += seconds
+        if clock[0] % ex.cfg.executor.poll_s == 0:  # a poll is due: jobs end, a new count starts
+            for job_id in queue[:per_poll]:
+                if int(job_id.split("_")[1]) not in no_result:
+                    (folder / f"{job_id}_0_result.pkl").touch()
+                ended.append(job_id)
+            del queue[:per_poll]
+            polls.append(collections.Counter())
+
+    drawn = []
+    real_table = slurm.job_table
+    monkeypatch.setattr(slurm, "job_table", lambda *a, **k: drawn.append(1) or real_table(*a, **k))
+    monkeypatch.setattr(slurm, "_run", run)
+    monkeypatch.setattr(slurm.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(slurm.time, "sleep", sleep)
+    d = make_sweep_dict(Path("/nonexistent"), tmp_path)
+    d["executor"] = {"kind": "slurm", "poll_s": 2}
+    ex = slurm.SlurmExecutor(validate_config(d), progress=True, console=Console(file=io.StringIO(), width=200))
+    for name in ("stat", "scandir"):
+        monkeypatch.setattr(os, name, counted(name))
+    try:
+        got = [(spec.key, r.status) for spec, r in ex._wait(tracked, None)]
+    finally:
+        monkeypatch.undo()
+    return got, polls, len(drawn)
+
+
+def test_a_poll_costs_one_folder_listing_however_many_jobs_wait(tmp_path, monkeypatch):
+    """Every pass of the wait (each second) looked for each waiting job's result file, and the
+    table for each pending job's log: on a shared filesystem, where a stat takes milliseconds, a
+    poll of 500 jobs made 3360 file-system calls and the sweep 168000. One listing of the folder
+    per poll now tells what is there: a poll's count does not grow with the jobs waiting."""
+    fs_calls = {}
+    for n in (10, 120):
+        got, polls, _ = _sweep_of_fake_jobs(tmp_path / str(n), monkeypatch, n, per_poll=2)
+        assert sorted(got) == sorted((f"k{i}", "done") for i in range(n))
+        fs_calls[n] = max(p["stat"] + p["scandir"] for p in polls)
+    assert fs_calls[120] == fs_calls[10] == 1 + 2  # the listing, and the owner of each result that came
+
+
+def test_the_live_table_is_drawn_once_a_pass_not_once_a_job(tmp_path, monkeypatch):
+    """Each job that ended redrew the table, which goes over every job: O(N) per job ended,
+    O(N^2) per sweep (276500 job states worked out for 500 jobs). It is drawn once per pass now,
+    when something changed, however many jobs ended in it."""
+    got, polls, drawn = _sweep_of_fake_jobs(tmp_path, monkeypatch, 120, per_poll=30)
+    assert sorted(got) == sorted((f"k{i}", "done") for i in range(120))
+    passes = 2 * (len(polls) - 1)  # poll_s 2: a pass a second
+    assert drawn <= passes + 2  # and the first and last frames
+
+
+def test_accounting_is_asked_only_about_jobs_that_left_the_queue_without_a_result(tmp_path, monkeypatch):
+    """Every poll asked sacct (slurmdbd, the query cluster admins ration) about every waiting
+    job as well as squeue: 51 sacct calls for a 500-job sweep. squeue is asked once a poll;
+    sacct only about jobs it no longer lists whose result has not come, which is how a job that
+    ended without one is still reported."""
+    got, polls, _ = _sweep_of_fake_jobs(tmp_path / "ok", monkeypatch, 40, per_poll=10)
+    assert sorted(got) == sorted((f"k{i}", "done") for i in range(40))
+    assert max(p["squeue"] for p in polls) == 1 and sum(p["sacct"] for p in polls) == 0
+    got, polls, _ = _sweep_of_fake_jobs(tmp_path / "lost", monkeypatch, 40, per_poll=10, no_result=frozenset({13}))
+    assert sorted(got) == sorted((f"k{i}", "failed" if i == 13 else "done") for i in range(40))
+    waited = [p for p in polls if p["squeue"] + p["sacct"]]
+    assert max(p["squeue"] for p in polls) == 1 and 0 < sum(p["sacct"] for p in polls) <= len(waited)
+
+
+def test_status_and_a_rerun_list_the_folders_rather_than_stat_each_job(tmp_path, monkeypatch):
+    """``harness status`` looked for each job's cached result, result file and log, and a rerun
+    for each job's result file three times over: 3 file-system calls per job still queued, 1500
+    for 500 such jobs. They list the folders once; a queued job costs none."""
+    import collections
+
+    import harness.executors.slurm as slurm
+    from harness.plan import JobSpec
+
+    calls = collections.Counter()
+
+    def counted(name: str):
+        real = getattr(os, name)
+
+        def call(*args, **kwargs):
+            calls[name] += 1
+            return real(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(slurm, "UNKNOWN_GRACE_S", -1.0)
+    costs = {}
+    for n in (4, 60):
+        d = make_sweep_dict(Path("/nonexistent"), tmp_path / str(n))
+        d["executor"] = {"kind": "slurm"}
+        ex = slurm.SlurmExecutor(validate_config(d))
+        specs = [JobSpec("merge", f"m{i}", key=f"k{i}") for i in range(n)]
+        ex.log.record({s.key: {"job_id": f"100_{i}", "title": s.title, "settings": slurm.job_settings(ex.cfg)}
+                       for i, s in enumerate(specs)})
+        queued = "".join(f"100_{i}|PENDING|Priority\n" for i in range(n))
+        monkeypatch.setattr(slurm, "_run", lambda cmd: queued if cmd[0] == "squeue" else "")
+        with monkeypatch.context() as m:
+            for name in ("stat", "scandir"):
+                m.setattr(os, name, counted(name))
+            calls.clear()
+            _, counts = slurm.status_table(ex.cfg)
+            status = sum(calls.values())
+            calls.clear()
+            attach, submit = ex._reattach(specs)
+            ex.changed_settings(attach), ex.changed_harness(attach)
+            rerun = sum(calls.values())
+        assert counts["pending"] == n and len(attach) == n and submit == []
+        costs[n] = status, rerun
+    assert costs[60] == costs[4], costs
 
 
 def _fake_slurm_on_path(tmp_path, monkeypatch, squeue: str) -> None:
@@ -1480,3 +1635,15 @@ def test_status_does_not_call_collected_a_job_a_rerun_submits_again(tmp_path, mi
     assert submit == [spec]
     _, counts = status_table(cfg)
     assert (counts["failed"], counts["collected"]) == (1, 0), counts
+
+
+def test_jobs_ending_without_results_cost_two_sacct_calls_a_pass_not_two_each(tmp_path, monkeypatch):
+    """A sweep whose every job fails at once (a setup line that fails) asked sacct twice per job,
+    each time about the whole array: 1000 calls in one burst for 500 jobs. The jobs a pass finds
+    ended are asked about together."""
+    sacct = {}
+    for n in (6, 48):
+        got, polls, _ = _sweep_of_fake_jobs(tmp_path / str(n), monkeypatch, n, per_poll=n, no_result=frozenset(range(n)))
+        assert sorted(got) == sorted((f"k{i}", "failed") for i in range(n))
+        sacct[n] = sum(p["sacct"] for p in polls)
+    assert sacct[48] == sacct[6]

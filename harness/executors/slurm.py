@@ -34,7 +34,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import submitit
 from rich.console import Console
@@ -268,6 +268,23 @@ def _run(cmd: list[str]) -> str | None:
     return "" if "Invalid job id specified" in r.stderr else None
 
 
+def listed_files(paths: Iterable[Path]) -> set[str]:
+    """The files now in the folders holding ``paths``, as path strings: one directory listing
+    per folder, where a stat per job (milliseconds each on a shared filesystem) made every poll
+    of a large sweep cost as many file-system calls as it had jobs."""
+    found: set[str] = set()
+    for folder in {p.parent for p in paths}:
+        with contextlib.suppress(OSError):
+            with os.scandir(folder) as entries:
+                found.update(os.path.join(folder, e.name) for e in entries)
+    return found
+
+
+def _exists(path: Path, listed: set[str] | None) -> bool:
+    """Whether ``path`` exists: in ``listed`` (see :func:`listed_files`), or by asking the filesystem."""
+    return str(path) in listed if listed is not None else path.exists()
+
+
 def _sacct_records(job_ids: list[str], fields: str = "JobID,State") -> dict[str, list[str]]:
     """Accounting records by job id ('A' or array task 'A_i'). A record of never-started array
     tasks names a range ('A_[2-7%8]') that may still include tasks that started since: records
@@ -294,11 +311,13 @@ def _sacct_records(job_ids: list[str], fields: str = "JobID,State") -> dict[str,
 
 def slurm_states(job_ids: list[str], reasons: dict[str, str] | None = None) -> dict[str, str]:
     """The current SLURM state of each job: the controller's (squeue) while it holds the job,
-    else accounting's (sacct); "UNKNOWN" when neither knows it, NO_ANSWER when accounting does not
-    and the controller does not answer. ``reasons`` gets, per job the controller holds, why it is
-    pending (``PartitionTimeLimit``, ``Resources``), if it says."""
+    else accounting's (sacct, asked only about jobs the controller does not list: it is the
+    heavier query, which cluster admins ask drivers not to make every poll); "UNKNOWN" when
+    neither knows it, NO_ANSWER when accounting does not and the controller does not answer.
+    ``reasons`` gets, per job the controller holds, why it is pending (``PartitionTimeLimit``,
+    ``Resources``), if it says."""
     ids = sorted(set(job_ids))
-    states = {jid: rec[0].split()[0].upper() for jid, rec in _sacct_records(ids).items() if rec and rec[0]}
+    states: dict[str, str] = {}
     bases = sorted({i.split("_")[0] for i in ids})
     queue = _run(["squeue", "-h", "-r", "-o", "%i|%T|%r", "-j", ",".join(bases)]) if bases else ""
     if queue:
@@ -309,6 +328,9 @@ def slurm_states(job_ids: list[str], reasons: dict[str, str] | None = None) -> d
                 states[jid] = state.strip().upper()
                 if reasons is not None and reason.strip() not in ("", "None"):
                     reasons[jid] = reason.strip()
+    for jid, rec in _sacct_records([i for i in ids if i not in states]).items():
+        if rec and rec[0]:
+            states.setdefault(jid, rec[0].split()[0].upper())
     # squeue failing is no evidence a job is gone, however long it lasts and whatever ``scontrol ping`` says
     answered = queue is not None and (set(ids) <= set(states) or controller_answers())
     unknown = "UNKNOWN" if answered else NO_ANSWER
@@ -331,18 +353,23 @@ def max_array_size() -> int:
     return 1001
 
 
-def _sacct_details(job_id: str) -> dict[str, str]:
-    """State, exit code and killing signal of one finished job from accounting."""
-    rec = _sacct_records([job_id], "JobID,State,ExitCode").get(job_id)
-    if not rec or len(rec) < 2:
-        return {}
-    details = {"State": rec[0].split()[0].upper() if rec[0] else "UNKNOWN", "ExitCode": rec[1]}
-    out = _run(["sacct", "-n", "-P", "-o", "JobID,ExitCode", "-j", job_id]) or ""  # its steps too
+def sacct_details(job_ids: list[str]) -> dict[str, dict[str, str]]:
+    """State, exit code and killing signal of finished jobs from accounting, by job id: two sacct
+    calls however many jobs (asked one by one, a sweep whose jobs all failed made two per job)."""
+    ids = sorted(set(job_ids))
+    details: dict[str, dict[str, str]] = {}
+    for jid, rec in _sacct_records(ids, "JobID,State,ExitCode").items():
+        if jid in ids and len(rec) >= 2:
+            details[jid] = {"State": rec[0].split()[0].upper() if rec[0] else "UNKNOWN", "ExitCode": rec[1]}
+    if not details:
+        return details
+    out = _run(["sacct", "-n", "-P", "-o", "JobID,ExitCode", "-j", ",".join(sorted(details))]) or ""  # their steps too
     for line in out.splitlines():
         jid, _, code = line.partition("|")
+        job, dot, _ = jid.partition(".")
         sig = code.partition(":")[2]
-        if jid.startswith(job_id + ".") and sig not in ("", "0"):
-            details.setdefault("Signal", sig)  # the job's process (a step) was killed by this signal
+        if dot and job in details and sig not in ("", "0"):
+            details[job].setdefault("Signal", sig)  # the job's process (a step) was killed by this signal
     return details
 
 
@@ -369,6 +396,10 @@ class _Tracked:
     def log_path(self, failed: bool = False) -> Path:
         return Path(self.job.paths.stderr if failed else self.job.paths.stdout)
 
+    def paths(self) -> tuple[Path, Path]:
+        """Its result file and its log: what the driver and the tables look for."""
+        return Path(self.job.paths.result_pickle), self.log_path()
+
 
 class SlurmExecutor:
     """Runs JobSpecs as submitit job arrays (``kind: slurm``) or in-process (``kind: debug``).
@@ -390,6 +421,8 @@ class SlurmExecutor:
         self.console = console or Console(stderr=True, emoji=False)
         self.collect_only = False
         self._executor: Any = None
+        self._ended: list[_Tracked] = []  # the jobs this pass found ended: accounting is asked about them together
+        self._details: dict[str, dict[str, str]] = {}
 
     # -- submission ----------------------------------------------------------------------
     def _submitit(self) -> Any:
@@ -447,17 +480,17 @@ class SlurmExecutor:
         records = self.log.load()
         found = {s.key: submitit.SlurmJob(folder=self.folder, job_id=records[s.key]["job_id"])
                  for s in specs if s.key in records}
-        states = slurm_states([str(j.job_id) for j in found.values()])
+        if self.collect_only:  # collect waits on every recorded job, whatever its state
+            return [_Tracked(s, found[s.key]) for s in specs if s.key in found], [s for s in specs if s.key not in found]
+        listed = listed_files(Path(j.paths.result_pickle) for j in found.values())
+        states = slurm_states([str(j.job_id) for j in found.values() if not _exists(j.paths.result_pickle, listed)])
         attach, submit = [], []
         for s in specs:
             job = found.get(s.key)
             if job is None:
                 submit.append(s)
                 continue
-            if self.collect_only:
-                attach.append(_Tracked(s, job))
-                continue
-            if job.paths.result_pickle.exists():
+            if _exists(job.paths.result_pickle, listed):
                 usable = _usable_result(job)
             else:
                 usable = states[str(job.job_id)] in ALIVE_STATES | {NO_ANSWER}  # no answer: not resubmitted twice
@@ -470,10 +503,11 @@ class SlurmExecutor:
         with, so they would end as the failed ones did; None when there are none."""
         records = self.log.load()
         now = job_settings(self.cfg)
+        listed = listed_files(p for t in attach for p in t.paths())
         ids, fields = [], {}
         for t in attach:
             then = records.get(t.spec.key, {}).get("settings")
-            if then is None or t.job.paths.result_pickle.exists():
+            if then is None or _exists(t.job.paths.result_pickle, listed):
                 continue
             diff = {k: (then.get(k), v) for k, v in now.items() if then.get(k) != v}
             if diff:
@@ -493,11 +527,12 @@ class SlurmExecutor:
         recorded before the code was recorded are not told apart."""
         records = self.log.load()
         here, now = harness_code_id()
+        listed = listed_files(p for t in attach for p in t.paths())
         ids, then = [], {}
         for t in attach:
             rec = records.get(t.spec.key, {})
             code = rec.get("harness_code")
-            if not code or code == now or t.job.paths.result_pickle.exists():
+            if not code or code == now or _exists(t.job.paths.result_pickle, listed):
                 continue
             ids.append(t.job_id)
             then.setdefault((rec.get("harness_dir", ""), code), None)
@@ -610,17 +645,20 @@ class SlurmExecutor:
         states: dict[str, str] = {}
         poll = self.cfg.executor.poll_s
         last_update = float("-inf")
-        with self._live(tracked) as live:
+        listed = listed_files(p for t in remaining for p in t.paths())  # the table's first frame looks there too
+        with self._live(tracked, listed) as live:
             while remaining:
                 changed = False
                 if time.monotonic() - last_update >= poll:
+                    listed = live.listed = listed_files(p for t in remaining for p in t.paths())
                     reasons: dict[str, str] = {}
-                    states = slurm_states([t.job_id for t in remaining], reasons)
+                    asked = [t.job_id for t in remaining if not _exists(t.job.paths.result_pickle, listed)]
+                    states = slurm_states(asked, reasons)  # a job whose result came needs no state
                     last_update = time.monotonic()
                     for t in remaining:
                         changed |= t.reason != reasons.get(t.job_id, "")
                         t.reason = reasons.get(t.job_id, "")
-                for t in list(remaining):
+                for t in remaining:
                     state = states.get(t.job_id, NO_ANSWER)  # none yet, or SLURM did not answer: as it was
                     if state != NO_ANSWER and state != t.state:
                         t.state, changed = state, True
@@ -628,37 +666,57 @@ class SlurmExecutor:
                         t.started = True
                         if on_start:
                             on_start(t.spec)
-                    result = self._poll(t)
-                    if result is None:
-                        continue
-                    remaining.remove(t)
-                    t.outcome = outcome(result)
+                self._ended = [t for t in remaining if t.state not in ALIVE_STATES | {"UNKNOWN", NO_ANSWER}]
+                self._details = {}
+                ended = []
+                for t in remaining:
+                    result = self._poll(t, listed)
+                    if result is not None:
+                        t.outcome = outcome(result)
+                        ended.append((t, result))
+                if changed or ended:  # one frame per pass: drawing it goes over every job
+                    live.refresh_table()
+                if ended:
+                    remaining[:] = [t for t in remaining if t.outcome is None]
+                for t, result in ended:
                     result.ran_on = {"slurm_job_id": t.job_id, "log": str(t.log_path()),
                                      "error_log": str(t.log_path(failed=True))}
-                    live.refresh_table()
                     if t.show_tail and result.error_detail:
                         self._print_tail(t, result.error_detail)
                     yield t.spec, result
-                if changed:
-                    live.refresh_table()
                 if remaining:
                     time.sleep(min(1.0, poll))
 
-    def _poll(self, t: _Tracked) -> JobResult | None:
-        """The job's result if it has one now, a failed result if it ended without, else None."""
+    def _poll(self, t: _Tracked, listed: set[str] | None = None) -> JobResult | None:
+        """The job's result if it has one now, a failed result if it ended without, else None.
+        ``listed``, the folder's files at the last poll (None: ask the filesystem), is looked at
+        again before a job is called failed: its result may have come since."""
+        if _exists(t.job.paths.result_pickle, listed):
+            return self._result(t)
+        failed = self._ended_without_result(t)
+        if failed is not None and listed is not None and t.job.paths.result_pickle.exists():
+            t.show_tail = False
+            return self._result(t)
+        return failed
+
+    def _result(self, t: _Tracked) -> JobResult:
+        """The result the job wrote, or a failed one saying what it raised."""
         job, spec = t.job, t.spec
-        if job.paths.result_pickle.exists():
-            written_by_this_user(job)
-            try:
-                return JobResult.from_dict(job.result())
-            except (submitit.core.utils.FailedJobError, submitit.core.utils.UncompletedJobError) as exc:
-                t.show_tail = True
-                why = _last_line(str(exc))
-                if "timed-out too many times" in why:
-                    why += (f" ({self.cfg.executor.requeues} requeues of {self.cfg.executor.timeout_min} min: "
-                            "raise executor.requeues or executor.timeout_min)")
-                return _failed(spec, f"SLURM job {t.job_id} raised: {why}",
-                               f"{exc}\n--- stderr tail ({t.log_path(True)}) ---\n{_tail(t.log_path(True))}")
+        written_by_this_user(job)
+        try:
+            return JobResult.from_dict(job.result())
+        except (submitit.core.utils.FailedJobError, submitit.core.utils.UncompletedJobError) as exc:
+            t.show_tail = True
+            why = _last_line(str(exc))
+            if "timed-out too many times" in why:
+                why += (f" ({self.cfg.executor.requeues} requeues of {self.cfg.executor.timeout_min} min: "
+                        "raise executor.requeues or executor.timeout_min)")
+            return _failed(spec, f"SLURM job {t.job_id} raised: {why}",
+                           f"{exc}\n--- stderr tail ({t.log_path(True)}) ---\n{_tail(t.log_path(True))}")
+
+    def _ended_without_result(self, t: _Tracked) -> JobResult | None:
+        """A failed result for a job SLURM says ended (or lost) past the grace periods, else None."""
+        spec = t.spec
         now = time.monotonic()
         if t.state == "UNKNOWN":
             t.unknown_since = t.unknown_since or now
@@ -678,7 +736,7 @@ class SlurmExecutor:
         grace = RESULT_GRACE_S if t.state == "COMPLETED" else min(3.0, RESULT_GRACE_S)
         if now - t.ended_at < grace:
             return None  # the result file may still be on its way (shared filesystems lag)
-        details = _sacct_details(t.job_id)
+        details = self._ended_details(t.job_id)
         stderr = t.log_path(True)
         tail = _tail(stderr)
         state, reason = ended_reason(details.get("State", t.state), details, tail, self.cfg.executor.timeout_min)
@@ -692,14 +750,22 @@ class SlurmExecutor:
         return _failed(spec, f"SLURM job {t.job_id} {state}: {reason}; log {stderr}",
                        f"--- stderr tail ({stderr}) ---\n{tail}")
 
+    def _ended_details(self, job_id: str) -> dict[str, str]:
+        """Accounting's details of a job that ended without a result, asked for together with
+        those of every other job this pass found ended: one query, not one per job."""
+        if job_id not in self._details:
+            ids = sorted({job_id} | {u.job_id for u in self._ended})
+            self._details.update({i: {} for i in ids} | sacct_details(ids))
+        return self._details[job_id]
+
     def _print_tail(self, t: _Tracked, detail: str) -> None:
         if self.progress:
             self.console.print(f"[red]SLURM job {t.job_id}[/] ({escape(t.spec.title)}):", highlight=False)
             self.console.print(detail, highlight=False, markup=False)
 
     # -- display -------------------------------------------------------------------------
-    def _live(self, tracked: list[_Tracked]) -> "_LiveTable":
-        return _LiveTable(self.console if self.progress else None, tracked, self.kind)
+    def _live(self, tracked: list[_Tracked], listed: set[str] | None = None) -> "_LiveTable":
+        return _LiveTable(self.console if self.progress else None, tracked, self.kind, listed)
 
 
 class _LiveTable:
@@ -707,9 +773,10 @@ class _LiveTable:
 
     MAX_ROWS = 30
 
-    def __init__(self, console: Console | None, tracked: list[_Tracked], kind: str):
+    def __init__(self, console: Console | None, tracked: list[_Tracked], kind: str, listed: set[str] | None = None):
         self.console, self.tracked, self.kind = console, tracked, kind
         self.live: Live | None = None
+        self.listed = listed  # the jobs' files at the last poll (None: ask the filesystem)
 
     def __enter__(self) -> "_LiveTable":
         if self.console is not None:
@@ -722,7 +789,7 @@ class _LiveTable:
             self.live.update(self.render())
 
     def render(self) -> Table:
-        return job_table(self.tracked, self.kind)
+        return job_table(self.tracked, self.kind, listed=self.listed)
 
     def __exit__(self, *exc: Any) -> None:
         if self.live is not None:
@@ -746,14 +813,15 @@ def outcome(result: JobResult) -> str:
     return "done" if result.status in RECORDED and not result.study_error else "failed"
 
 
-def display_state(t: _Tracked) -> str:
+def display_state(t: _Tracked, listed: set[str] | None = None) -> str:
     """The job's state as the tables show it. A requeued job is PENDING again once SLURM has put
-    it back in the queue (reason BeginTime): having written its log, it shows as requeued."""
+    it back in the queue (reason BeginTime): having written its log (in ``listed``, see
+    :func:`listed_files`, or asking the filesystem when None), it shows as requeued."""
     if t.outcome:
         return t.outcome
     if t.state in RUNNING_STATES or t.state == "COMPLETED":
         return "running"
-    if t.state in {"REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"} or (t.state == "PENDING" and t.log_path().exists()):
+    if t.state in {"REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"} or (t.state == "PENDING" and _exists(t.log_path(), listed)):
         return "requeued"
     if t.state in ALIVE_STATES or t.state in ("UNKNOWN", NO_ANSWER):
         return "pending"
@@ -764,11 +832,12 @@ _STYLE = {"pending": "dim", "running": "cyan", "requeued": "yellow", "done": "gr
 _ORDER = ("running", "requeued", "failed", "lost", "pending", "done")
 
 
-def job_table(tracked: list[_Tracked], kind: str = "slurm", collected: set[str] | None = None) -> Table:
+def job_table(tracked: list[_Tracked], kind: str = "slurm", collected: set[str] | None = None,
+              listed: set[str] | None = None) -> Table:
     """One row per job: title, SLURM id, state, log path (stderr for failed jobs). Cells are Text,
     not markup: a line printed with ``markup=False`` while the live table shows renders the table
-    under that option too, and a title may hold brackets."""
-    states = [display_state(t) for t in tracked]
+    under that option too, and a title may hold brackets. ``listed``: as for :func:`display_state`."""
+    states = [display_state(t, listed) for t in tracked]
     counts = {s: states.count(s) for s in _ORDER if s in states}
     title = f"{kind} jobs: " + ", ".join(f"{n} {s}" for s, n in counts.items())
     table = Table(title=title, title_justify="left")
@@ -1085,18 +1154,20 @@ def status_table(cfg: SweepConfig) -> tuple[Table, dict[str, int]]:
     if not records:
         raise no_submissions(folder)
     results = cfg.resolved_output_dir() / "results"
+    cached_files = listed_files([results / "-"])  # one listing each, not a stat per job
     tracked, collected = [], set()
     for key, rec in records.items():
         spec = JobSpec("merge", rec.get("title", key), key=key)
         tracked.append(_Tracked(spec, submitit.SlurmJob(folder=folder, job_id=rec["job_id"])))
-        cached = read_result(results / f"{key}.json", key)
+        cached = read_result(results / f"{key}.json", key) if _exists(results / f"{key}.json", cached_files) else None
         if cached and outcome(cached) == "done":  # one whose robustness study failed is run again, not kept
             collected.add(key)
+    listed = listed_files(p for t in tracked for p in t.paths())
     reasons: dict[str, str] = {}
     states = slurm_states([t.job_id for t in tracked], reasons)
     for t in tracked:
         t.state, t.reason = states[t.job_id], reasons.get(t.job_id, "")
-        if t.job.paths.result_pickle.exists():
+        if _exists(t.job.paths.result_pickle, listed):
             t.outcome = "done" if _usable_result(t.job) else "failed"
         elif t.state == "UNKNOWN":
             if _seconds_since(records[t.spec.key].get("submitted_at")) > UNKNOWN_GRACE_S:
@@ -1105,7 +1176,7 @@ def status_table(cfg: SweepConfig) -> tuple[Table, dict[str, int]]:
             t.reason = "SLURM did not answer"
         elif t.state not in ALIVE_STATES:
             t.outcome = "failed"
-    states = [display_state(t) for t in tracked]
+    states = [display_state(t, listed) for t in tracked]
     counts = {s: states.count(s) for s in _ORDER}
     counts["collected"] = len(collected)
-    return job_table(tracked, collected=collected), counts
+    return job_table(tracked, collected=collected, listed=listed), counts
