@@ -132,3 +132,87 @@ def test_a_dead_worker_fails_only_the_jobs_in_flight(sweep_dict):
     assert dead.status == "failed" and "worker process failed" in dead.error
     probes = [r for r in results.values() if r.label != "dies"]
     assert sum(r.status == "ok" for r in probes) >= 12 - 3  # at most 2 * workers in flight, "dies" one of them
+
+
+
+class _FinishesWhenWaitedOn(list):
+    """A future's waiters: the job finishes once the driver waits for it, not before."""
+
+    def __init__(self, future):
+        super().__init__()
+        self.future = future
+
+    def append(self, waiter):
+        super().append(waiter)
+        if not self.future.done():
+            self.future.set_result(self.future.result_dict)
+
+
+class _FakePool:
+    """A process pool's failure semantics without processes: ``breaks()`` fails every job it
+    holds and refuses new ones (BrokenProcessPool); shutdown(cancel_futures) cancels the jobs
+    not done. ``done_at_once``: how many of the first jobs it finishes as they are handed over;
+    the others finish once the driver waits for them."""
+
+    def __init__(self, done_at_once):
+        self.futures, self.broken, self.done_at_once = [], False, done_at_once
+
+    def submit(self, fn, spec_dict):
+        import concurrent.futures as cf
+        import concurrent.futures.process  # noqa: F401  (cf.process)
+
+        from harness.job import JobResult
+        from harness.plan import JobSpec
+
+        if self.broken:
+            raise cf.process.BrokenProcessPool("broken")
+        future = cf.Future()
+        future.result_dict = JobResult.of(JobSpec.from_dict(spec_dict), "ok").to_dict()
+        future._waiters = _FinishesWhenWaitedOn(future)
+        if len(self.futures) < self.done_at_once:
+            future.set_result(future.result_dict)
+        self.futures.append(future)
+        return future
+
+    def breaks(self):
+        import concurrent.futures as cf
+        import concurrent.futures.process  # noqa: F401  (cf.process)
+
+        self.broken = True
+        for f in self.futures:
+            if not f.done():
+                f.set_exception(cf.process.BrokenProcessPool("a worker died"))
+
+    def shutdown(self, wait=True, cancel_futures=False):
+        for f in self.futures:
+            if cancel_futures and f.cancel():
+                f.set_running_or_notify_cancel()
+
+
+def test_a_failed_job_of_a_replaced_pool_leaves_its_replacement_running():
+    """A pool that broke while the driver handed out a result was replaced as the next job was
+    handed over, and each of its jobs in flight, failing after that, shut the replacement down:
+    the jobs just handed to it were cancelled (reported as dead workers; a real pool's cancelled
+    job is never done, so the wait could hang). Only the jobs in flight in the broken pool fail."""
+    from harness.executors.local import LocalExecutor
+    from harness.plan import JobSpec
+
+    specs = [JobSpec("merge", f"j{i}", key=f"k{i}") for i in range(6)]
+    ex = LocalExecutor(None, None, workers=1)
+    ex.workers, pools = 2, []
+
+    def ensure_pool(n):
+        if ex._pool is None:
+            pools.append(_FakePool(done_at_once=1 if not pools else 0))
+            ex._pool = pools[-1]
+        return ex._pool
+
+    ex._ensure_pool = ensure_pool
+    outcomes = {}
+    for spec, result in ex._run_in_pool(specs):
+        outcomes[spec.key] = result
+        if len(outcomes) == 1:  # a worker dies while the driver records the first result
+            pools[0].breaks()
+    assert set(outcomes) == {s.key for s in specs}
+    failed = {k: r.error for k, r in outcomes.items() if r.status != "ok"}
+    assert set(failed) == {"k1", "k2", "k3"}, failed  # the first pool's jobs in flight when it broke

@@ -154,10 +154,12 @@ class LocalExecutor:
         """Hand jobs out two per worker, not the whole batch at once: a worker's death (out of
         memory) fails the pool's jobs in flight, and the rest of the batch runs in a new pool."""
         todo, futures, retried = list(reversed(specs)), {}, False
+        pools: dict[cf.Future, cf.ProcessPoolExecutor] = {}  # each job's pool: a replaced one's failing jobs spare its successor
         while todo or futures:
             while todo and len(futures) < 2 * self.workers:
                 try:
-                    future = self._ensure_pool(len(todo) + len(futures)).submit(_work, todo[-1].to_dict())
+                    pool = self._ensure_pool(len(todo) + len(futures))
+                    future = pool.submit(_work, todo[-1].to_dict())
                 except cf.process.BrokenProcessPool as exc:  # broke while idle or starting: one new pool
                     self.close()
                     if retried:  # a new pool broke too: workers cannot even start
@@ -165,14 +167,14 @@ class LocalExecutor:
                         todo = []
                     retried = True
                     continue
-                futures[future], retried = todo.pop(), False
+                futures[future], pools[future], retried = todo.pop(), pool, False
             done, _ = cf.wait(futures, return_when=cf.FIRST_COMPLETED)
             for future in done:
-                spec = futures.pop(future)
+                spec, pool = futures.pop(future), pools.pop(future)
                 try:
                     result = JobResult.from_dict(future.result())
                 except Exception as exc:  # a worker that died (killed, out of memory)
-                    if isinstance(exc, cf.process.BrokenProcessPool):
+                    if isinstance(exc, cf.process.BrokenProcessPool) and pool is self._pool:
                         self.close()  # its jobs in flight fail with it; the next ones get a new pool
                     result = _worker_failed(spec, exc)
                 yield spec, result
