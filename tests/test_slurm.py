@@ -1647,3 +1647,35 @@ def test_jobs_ending_without_results_cost_two_sacct_calls_a_pass_not_two_each(tm
         assert sorted(got) == sorted((f"k{i}", "failed") for i in range(n))
         sacct[n] = sum(p["sacct"] for p in polls)
     assert sacct[48] == sacct[6]
+
+
+def test_a_slurm_folder_that_cannot_be_listed_does_not_resubmit_finished_jobs(tmp_path, monkeypatch):
+    """A rerun looked for results in one listing of the SLURM folder; a listing refused (no read
+    permission on a shared folder, a stale NFS handle) read as no result at all, so a job that
+    finished with its result was submitted again. Each result file is looked at instead."""
+    import pickle
+
+    import submitit
+
+    import harness.executors.slurm as slurm
+    from harness.plan import JobSpec
+
+    d = make_sweep_dict(Path("/nonexistent"), tmp_path)
+    d["executor"] = {"kind": "slurm"}
+    ex = slurm.SlurmExecutor(validate_config(d))
+    spec = JobSpec("merge", "ta", key="k0")
+    ex.log.record({"k0": {"job_id": "100_0", "title": spec.title, "settings": slurm.job_settings(ex.cfg)}})
+    job = submitit.SlurmJob(folder=ex.folder, job_id="100_0")
+    job.paths.result_pickle.parent.mkdir(parents=True, exist_ok=True)
+    job.paths.result_pickle.write_bytes(pickle.dumps(("success", {"status": "ok", "metrics": {}})))
+    monkeypatch.setattr(slurm, "_run", lambda cmd: "100_0|COMPLETED\n" if cmd[0] == "sacct" else "")
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if Path(path) == job.paths.result_pickle.parent:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    attach, submit = ex._reattach([spec])
+    assert submit == [] and [t.spec.key for t in attach] == ["k0"]

@@ -268,15 +268,21 @@ def _run(cmd: list[str]) -> str | None:
     return "" if "Invalid job id specified" in r.stderr else None
 
 
-def listed_files(paths: Iterable[Path]) -> set[str]:
+def listed_files(paths: Iterable[Path]) -> set[str] | None:
     """The files now in the folders holding ``paths``, as path strings: one directory listing
     per folder, where a stat per job (milliseconds each on a shared filesystem) made every poll
-    of a large sweep cost as many file-system calls as it had jobs."""
+    of a large sweep cost as many file-system calls as it had jobs. None when a folder there is
+    cannot be listed (no read permission, a stale NFS handle): each file is looked at instead,
+    as an empty listing would read a finished job's result as missing."""
     found: set[str] = set()
     for folder in {p.parent for p in paths}:
-        with contextlib.suppress(OSError):
+        try:
             with os.scandir(folder) as entries:
                 found.update(os.path.join(folder, e.name) for e in entries)
+        except (FileNotFoundError, NotADirectoryError):  # no folder yet: nothing in it
+            continue
+        except OSError:
+            return None
     return found
 
 
