@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import shutil
 import signal
@@ -17,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from harness.errors import HarnessError, WriteRefused, storage_problem
+from harness.progress import plain_warning_lines
 
 console = Console(emoji=False)  # a label such as "pkg:Fire:" is text, not an emoji code
 if not console.is_terminal and "COLUMNS" not in os.environ:
@@ -88,34 +88,7 @@ def run() -> None:
 @click.version_option(package_name="harness")
 def main() -> None:
     """Benchmark harness for merging multi-task CLIP models."""
-    _plain_warning_lines()
-
-
-def _plain_warning_lines() -> None:
-    """Warnings as the plain ``path: message`` lines the harness writes elsewhere, all command
-    long: Python prints them so until something calls ``logging.basicConfig``, and open_clip's
-    module-level ``logging.warning`` calls do, once a model is built, switching the rest of the
-    command to ``WARNING:name:message``. A root handler in place first makes theirs a no-op."""
-    root = logging.getLogger()
-    if not root.handlers:  # a program (or test runner) that configured logging keeps its own
-        root.addHandler(_StderrNow())
-
-
-class _StderrNow(logging.StreamHandler):
-    """Python's last-resort handler, kept: plain messages, WARNING and up, to whatever
-    ``sys.stderr`` is when a record comes (a test runner swaps it between commands)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.setLevel(logging.WARNING)
-
-    @property
-    def stream(self) -> Any:
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, value: Any) -> None:
-        """Always the current ``sys.stderr`` (the setter keeps ``StreamHandler.__init__`` working)."""
+    plain_warning_lines()
 
 
 def _load(file: str, overrides: tuple[str, ...], start_workers: bool = False,

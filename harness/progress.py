@@ -8,6 +8,8 @@ adaptation in a log file shows that it is alive and how fast it goes.
 
 from __future__ import annotations
 
+import logging
+import sys
 import time
 from typing import Any
 
@@ -84,3 +86,31 @@ def progress_bars(*columns: Any, console: Console | None = None, transient: bool
     if enabled and not shown.is_terminal:
         return LineProgress(shown)
     return Progress(*columns, console=shown, transient=transient, disable=not enabled)
+
+
+def plain_warning_lines() -> None:
+    """Warnings as the plain ``path: message`` lines the harness writes elsewhere, all command
+    long (the CLI's process and each job's: a pool worker, a SLURM job): Python prints them so
+    until something calls ``logging.basicConfig``, and open_clip's module-level
+    ``logging.warning`` calls do, once a model is built, switching the rest of the process to
+    ``WARNING:name:message``. A root handler in place first makes theirs a no-op."""
+    root = logging.getLogger()
+    if not root.handlers:  # a program (or test runner) that configured logging keeps its own
+        root.addHandler(_StderrNow())
+
+
+class _StderrNow(logging.StreamHandler):
+    """Python's last-resort handler, kept: plain messages, WARNING and up, to whatever
+    ``sys.stderr`` is when a record comes (a test runner swaps it between commands)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setLevel(logging.WARNING)
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        """Always the current ``sys.stderr`` (the setter keeps ``StreamHandler.__init__`` working)."""

@@ -7,6 +7,8 @@ import os
 import signal
 import time
 
+import pytest
+
 from harness.config import validate_config
 from harness.executors.local import LocalExecutor
 from harness.plan import plan_jobs
@@ -216,3 +218,35 @@ def test_a_failed_job_of_a_replaced_pool_leaves_its_replacement_running():
     assert set(outcomes) == {s.key for s in specs}
     failed = {k: r.error for k, r in outcomes.items() if r.status != "ok"}
     assert set(failed) == {"k1", "k2", "k3"}, failed  # the first pool's jobs in flight when it broke
+
+
+@pytest.mark.parametrize("process", ["pool worker", "slurm job"])
+def test_a_jobs_warnings_are_plain_lines_as_the_drivers(sweep_dict, tmp_path, process):
+    """A job's process builds its model, and open_clip's module-level ``logging.warning`` then
+    configures the root logger: a job's warning (an unreadable checkpoint, adapting from the
+    start) read ``WARNING:harness:...`` with ``workers: 2`` or in a SLURM job's log, and the plain
+    ``path: message`` line with one worker (the driver's command keeps them plain). Truth: the
+    line as the job wrote it."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    cfg = validate_config(dict(sweep_dict, methods=[{"name": "weight_averaging"}], references=False))
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg.model_dump(mode="json")))
+    start = {"pool worker": "from harness.executors.local import _init_worker\n"
+                            "_init_worker(cfg, 1, dict(os.environ))\n",
+             "slurm job": "from harness.executors.slurm import SweepJob\n"
+                          "from harness.plan import plan_jobs\n"
+                          "from harness.workspace import Workspace\n"
+                          "from harness.config import SweepConfig\n"
+                          "ws = Workspace(SweepConfig.model_validate(cfg))\n"
+                          "spec = plan_jobs(ws.cfg, ws.identity, ws.task_identity())[0]\n"
+                          "assert SweepJob(cfg, progress=False)(spec.to_dict())['status'] == 'ok'\n"}[process]
+    script = ("import json, logging, os, sys\n"
+              "cfg = json.loads(open(sys.argv[1]).read())\n" + start +
+              "logging.getLogger('harness').warning('work/k/ckpt.pt: unreadable; adapting from the start')\n")
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "cfg.json")], capture_output=True,
+                          text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.splitlines()[-1] == "work/k/ckpt.pt: unreadable; adapting from the start", done.stderr

@@ -19,6 +19,7 @@ from harness.config import SweepConfig
 from harness.executors.server import prestart, worker_context
 from harness.job import JobResult, run_job
 from harness.plan import JobSpec
+from harness.progress import plain_warning_lines
 from harness.runtime import available_cores, configure_threads, resolve_device
 from harness.workspace import Workspace
 
@@ -62,6 +63,7 @@ def _init_worker(cfg_json: dict, cores: int, environ: dict[str, str], alive: Con
     # the workers and says how to resume). A worker's own KeyboardInterrupt, raised wherever it
     # waits (the pool's queue, a model import), would add a traceback to that one line.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    plain_warning_lines()  # before the model is built: a job's warnings read as the driver's
     if alive is not None:
         _exit_with_driver(alive)  # first: the driver may die while this worker builds its model
     os.environ.clear()  # the driver's environment now, not the server's when it started

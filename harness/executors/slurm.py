@@ -48,6 +48,7 @@ from harness.config import SweepConfig
 from harness.errors import FieldError, HarnessError
 from harness.job import RECORDED, JobResult, read_result
 from harness.plan import JobSpec, check_harness_code, harness_code_id
+from harness.progress import plain_warning_lines
 
 #: SLURM states of a job that may still produce a result.
 ALIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "COMPLETING", "CONFIGURING", "RESIZING", "SUSPENDED",
@@ -99,6 +100,7 @@ class SweepJob(submitit.helpers.Checkpointable):
     def __call__(self, spec_dict: dict[str, Any]) -> dict[str, Any]:
         spec = JobSpec.from_dict(spec_dict)
         print(f"harness job {spec.title} (key {spec.key})", flush=True)
+        plain_warning_lines()  # before the model is built: its log's warnings read as the driver's
         try:
             check_harness_code(spec)  # before the config, which another harness may not read
             from harness.job import run_job
