@@ -242,6 +242,22 @@ def test_a_time_limit_warning_requeues_only_once_something_is_saved(tmp_path, fa
     assert signal.getsignal(signal.SIGUSR2) is signal.SIG_IGN  # done: nothing left to checkpoint
 
 
+def test_a_recorded_robustness_evaluation_is_progress_a_requeue_resumes(tmp_path, fake_submitit_handler):
+    """A robustness study records each evaluation as it ends in ``work/<key>.robustness/``, and a
+    rerun reads them back; a job at its time limit that had recorded some (a follow-up job's study
+    saves nothing in its workdir) was not requeued and ended in TIMEOUT, though a requeue would go
+    on from them."""
+    from harness.cache import atomic_write_json
+    from harness.job import study_records
+
+    workdir = tmp_path / "work" / "k"
+    with requeue_only_with_progress(workdir, timeout_min=1, poll_s=0.05):  # any warning is the limit's
+        atomic_write_json(study_records(workdir) / "gaussian_noise.json",
+                          {"severity": 2, "accuracy": {"cars": 50.0}})
+        _warn_and_wait()
+        assert len(fake_submitit_handler) == 1  # recorded since the start: requeued
+
+
 def test_a_warning_after_a_failure_is_ignored_too(tmp_path, fake_submitit_handler):
     with pytest.raises(RuntimeError):
         with requeue_only_with_progress(tmp_path, timeout_min=60):

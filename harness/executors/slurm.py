@@ -46,7 +46,7 @@ from rich.text import Text
 from harness.cache import atomic_write_json, read_json
 from harness.config import SweepConfig
 from harness.errors import FieldError, HarnessError
-from harness.job import RECORDED, JobResult, read_result
+from harness.job import RECORDED, JobResult, read_result, study_records
 from harness.plan import JobSpec, check_harness_code, harness_code_id
 from harness.progress import plain_warning_lines
 
@@ -150,13 +150,20 @@ def _saved_files(workdir: Path) -> dict[str, tuple[int, int]]:
     return found
 
 
+def _progress(workdir: Path) -> dict[str, tuple[int, int]]:
+    """What a requeued job resumes from: the files saved in its workdir and the robustness
+    evaluations it recorded (:func:`harness.job.study_records`, read back instead of run again)."""
+    records = study_records(workdir)
+    return {**_saved_files(workdir), **{f"{records.name}/{k}": v for k, v in _saved_files(records).items()}}
+
+
 @contextlib.contextmanager
 def requeue_only_with_progress(workdir: Path, timeout_min: int, poll_s: float = 1.0) -> Iterator[None]:
     """Wraps submitit's USR2 handler (checkpoint and requeue) for the job running inside.
 
     A warning near the time limit requeues the job only once it has saved something to resume
-    from in ``workdir`` since it started: a job that saved nothing would start over and be cut
-    at the same point, up to submitit's requeue limit. Until something is saved it keeps
+    from in ``workdir`` (or recorded a robustness evaluation) since it started: a job that saved
+    nothing would start over and be cut at the same point, up to submitit's requeue limit. Until something is saved it keeps
     running (a watcher requeues it as soon as a checkpoint appears); if nothing is, SLURM stops
     it at the limit and the driver reports TIMEOUT. A warning earlier than that is a preemption:
     the job is requeued at once, starting over if it saved nothing. Once the block has ended
@@ -168,13 +175,13 @@ def requeue_only_with_progress(workdir: Path, timeout_min: int, poll_s: float = 
         yield
         return
     started = time.monotonic()
-    before = _saved_files(workdir)
+    before = _progress(workdir)
     waiting = threading.Event()  # a time-limit warning came before anything was saved
     done = threading.Event()
 
     def on_warning(signum: int, frame: Any) -> None:
         near_limit = time.monotonic() - started >= timeout_min * 60 - signal_delay_s(timeout_min) - SIGNAL_EARLY_S
-        if not near_limit or _saved_files(workdir) != before:
+        if not near_limit or _progress(workdir) != before:
             waiting.clear()
             _count_as_timeout(handler, near_limit)
             handler(signum, frame)  # submitit: checkpoint, requeue, exit
@@ -186,7 +193,7 @@ def requeue_only_with_progress(workdir: Path, timeout_min: int, poll_s: float = 
 
     def watch() -> None:  # once warned, re-sends the warning to this process when something is saved
         while not done.wait(poll_s):
-            if waiting.is_set() and _saved_files(workdir) != before:
+            if waiting.is_set() and _progress(workdir) != before:
                 os.kill(os.getpid(), signal.SIGUSR2)
                 return
 
