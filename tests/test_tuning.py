@@ -1619,3 +1619,24 @@ def test_collect_keeps_a_finished_studys_row_whose_robustness_study_failed(sweep
     kept = finished_studies(cfg, ws.identity, ws.task_identity(), out.output_dir / "results")
     assert [(spec.key, r.label, r.metrics, r.study_error) for spec, r, _ in kept] == [
         (final.key, "tuned", final.metrics, final.study_error)]
+
+
+def test_the_best_trials_adaptation_is_copied_only_into_a_final_job_without_one(tmp_path):
+    """The best setting's job on test starts from a copy of the best trial's workdir, unless it has
+    its own already (a rerun after a kill in that job: its progress is kept, not replaced); the
+    copy holds the trial's saved files, not its hidden lock files, and leaves no half copy."""
+    from harness.runner import reuse_adaptation
+
+    work = tmp_path / "work"
+    (work / "trial").mkdir(parents=True)
+    (work / "trial" / "coefficients-tta.pt").write_bytes(b"the trial's adaptation")
+    (work / "trial" / ".coefficients-tta.pt.k1ll3d.tmp").write_bytes(b"a write in progress")
+    (work / "final").mkdir()
+    (work / "final" / "coefficients-tta.pt").write_bytes(b"the final job's own progress")
+    reuse_adaptation(work, "trial", "final")
+    assert [(p.name, p.read_bytes()) for p in (work / "final").iterdir()] == [
+        ("coefficients-tta.pt", b"the final job's own progress")]
+    reuse_adaptation(work, "trial", "fresh")
+    assert [(p.name, p.read_bytes()) for p in (work / "fresh").iterdir()] == [
+        ("coefficients-tta.pt", b"the trial's adaptation")]
+    assert sorted(p.name for p in work.iterdir()) == ["final", "fresh", "trial"]
