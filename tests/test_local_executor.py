@@ -132,3 +132,49 @@ def test_a_dead_worker_fails_only_the_jobs_in_flight(sweep_dict):
     assert dead.status == "failed" and "worker process failed" in dead.error
     probes = [r for r in results.values() if r.label != "dies"]
     assert sum(r.status == "ok" for r in probes) >= 12 - 3  # at most 2 * workers in flight, "dies" one of them
+
+
+def test_every_pool_that_breaks_after_running_jobs_is_replaced(sweep_dict, monkeypatch):
+    """A pool found broken when a job is handed to it is replaced by a new one; only a new pool
+    that breaks before taking any job (its workers cannot even start) fails the rest of the
+    batch. Here the first pool is broken before its first job and the second after three: a third
+    pool runs the rest, and every job gets its own (ok) result. Pools are fakes whose workers'
+    deaths are scripted (which hand-out finds the pool broken)."""
+    import concurrent.futures as cf
+    from concurrent.futures.process import BrokenProcessPool
+
+    from harness.job import JobResult
+    from harness.plan import JobSpec
+
+    cfg, ws, specs = _specs(sweep_dict, [{"name": "tests.worker_probe:WorkerPid", "grid": {"tag": list(range(8))}}])
+    ex = LocalExecutor(cfg, ws, workers=2)
+    breaks = {0: {0}, 1: {3}}  # pool number: the hand-outs (0-based) that find it broken
+    pools = []
+
+    class ScriptedPool:
+        def __init__(self):
+            self.number, self.handed = len(pools), 0
+            pools.append(self)
+
+        def submit(self, fn, spec_dict):
+            self.handed += 1
+            if self.handed - 1 in breaks.get(self.number, ()):
+                raise BrokenProcessPool("A child process terminated abruptly")
+            future = cf.Future()
+            future.set_result(JobResult.of(JobSpec.from_dict(spec_dict), "ok").to_dict())
+            return future
+
+        def shutdown(self, wait=True, cancel_futures=False):
+            pass
+
+    def ensure_pool(n_jobs):
+        if ex._pool is None:
+            ex._pool, ex._size = ScriptedPool(), min(ex.workers, n_jobs)
+        return ex._pool
+
+    monkeypatch.setattr(ex, "_ensure_pool", ensure_pool)
+    try:
+        results = [(s.key, r.status) for s, r in ex.run(specs)]
+    finally:
+        ex.close()
+    assert sorted(results) == sorted((s.key, "ok") for s in specs) and len(pools) == 3
