@@ -134,21 +134,17 @@ def test_a_dead_worker_fails_only_the_jobs_in_flight(sweep_dict):
     assert sum(r.status == "ok" for r in probes) >= 12 - 3  # at most 2 * workers in flight, "dies" one of them
 
 
-def test_every_pool_that_breaks_after_running_jobs_is_replaced(sweep_dict, monkeypatch):
-    """A pool found broken when a job is handed to it is replaced by a new one; only a new pool
-    that breaks before taking any job (its workers cannot even start) fails the rest of the
-    batch. Here the first pool is broken before its first job and the second after three: a third
-    pool runs the rest, and every job gets its own (ok) result. Pools are fakes whose workers'
-    deaths are scripted (which hand-out finds the pool broken)."""
+
+def _scripted_pools(ex, monkeypatch, breaks: dict[int, set[int]]) -> list:
+    """Has ``ex`` hand jobs to fake pools whose workers' deaths are scripted: ``breaks`` maps a
+    pool's number (0: the first) to the hand-outs (0-based) that find it broken; a job handed out
+    gets an ok result at once. Returns the pools made, in order."""
     import concurrent.futures as cf
     from concurrent.futures.process import BrokenProcessPool
 
     from harness.job import JobResult
     from harness.plan import JobSpec
 
-    cfg, ws, specs = _specs(sweep_dict, [{"name": "tests.worker_probe:WorkerPid", "grid": {"tag": list(range(8))}}])
-    ex = LocalExecutor(cfg, ws, workers=2)
-    breaks = {0: {0}, 1: {3}}  # pool number: the hand-outs (0-based) that find it broken
     pools = []
 
     class ScriptedPool:
@@ -173,8 +169,36 @@ def test_every_pool_that_breaks_after_running_jobs_is_replaced(sweep_dict, monke
         return ex._pool
 
     monkeypatch.setattr(ex, "_ensure_pool", ensure_pool)
+    return pools
+
+
+def test_every_pool_that_breaks_after_running_jobs_is_replaced(sweep_dict, monkeypatch):
+    """A pool found broken when a job is handed to it is replaced by a new one; only a new pool
+    that breaks before taking any job (its workers cannot even start) fails the rest of the
+    batch. Here the first pool is broken before its first job and the second after three: a third
+    pool runs the rest, and every job gets its own (ok) result."""
+    cfg, ws, specs = _specs(sweep_dict, [{"name": "tests.worker_probe:WorkerPid", "grid": {"tag": list(range(8))}}])
+    ex = LocalExecutor(cfg, ws, workers=2)
+    pools = _scripted_pools(ex, monkeypatch, {0: {0}, 1: {3}})
     try:
         results = [(s.key, r.status) for s, r in ex.run(specs)]
     finally:
         ex.close()
     assert sorted(results) == sorted((s.key, "ok") for s in specs) and len(pools) == 3
+
+
+def test_workers_that_cannot_start_fail_every_job_left_each_with_a_result(sweep_dict, monkeypatch):
+    """A new pool broken before its first job too (workers that cannot start): the jobs not yet
+    handed out are failed, each with its own result naming the worker's failure; none is dropped
+    (the sweep records what it gets: a job without a result would be neither cached nor reported)."""
+    cfg, ws, specs = _specs(sweep_dict, [{"name": "tests.worker_probe:WorkerPid", "grid": {"tag": list(range(6))}}])
+    ex = LocalExecutor(cfg, ws, workers=2)
+    pools = _scripted_pools(ex, monkeypatch, {0: {2}, 1: {0}})  # two jobs ran, then no pool takes one
+    try:
+        results = {s.key: r for s, r in ex.run(specs)}
+    finally:
+        ex.close()
+    assert sorted(results) == sorted(s.key for s in specs) and len(pools) == 2
+    assert sorted(r.status for r in results.values()) == ["failed"] * 4 + ["ok"] * 2
+    assert all(r.error == "worker process failed: BrokenProcessPool: A child process terminated abruptly"
+               for r in results.values() if r.status == "failed")
