@@ -1640,3 +1640,39 @@ def test_the_best_trials_adaptation_is_copied_only_into_a_final_job_without_one(
     assert [(p.name, p.read_bytes()) for p in (work / "fresh").iterdir()] == [
         ("coefficients-tta.pt", b"the trial's adaptation")]
     assert sorted(p.name for p in work.iterdir()) == ["final", "fresh", "trial"]
+
+
+def test_a_pruned_trial_a_stopped_driver_did_not_log_is_logged_by_the_rerun(sweep_dict, monkeypatch):
+    """A driver stopped after the study recorded a pruned trial but before its MLflow run was
+    written: the rerun logs that trial's run from its cached result (a pruned trial's result is
+    kept, as a completed one's), without running it again. Truth: the study's own trial states."""
+    import pytest
+
+    from harness.tracking import Tracker
+
+    d = quality_study(sweep_dict)
+    cfg = validate_config(d)
+    log_trial = Tracker.log_trial
+
+    def stopped_at_the_pruned(self, tune_run, study, number, params, result, state, *args):
+        if state == "PRUNED":
+            raise KeyboardInterrupt
+        return log_trial(self, tune_run, study, number, params, result, state, *args)
+
+    with monkeypatch.context() as m:
+        m.setattr(Tracker, "log_trial", stopped_at_the_pruned)
+        with pytest.raises(KeyboardInterrupt):
+            run_sweep(cfg, quiet=True)
+    (pruned,) = [t for t in stored_study(cfg).trials if t.state.name == "PRUNED"]
+    ran = []
+    import tests.tuning_methods as tm
+
+    merge = tm.StopsOrFailsByQuality.merge
+    monkeypatch.setattr(tm.StopsOrFailsByQuality, "merge", lambda self, *a: ran.append(self.quality) or merge(self, *a))
+    run_sweep(cfg, quiet=True)
+    assert pruned.params["quality"] not in ran
+    client = MlflowClient(cfg.resolved_tracking_uri())
+    exp = client.get_experiment_by_name(cfg.name).experiment_id
+    runs = {int(r.data.tags["harness.trial_number"]): r.data.tags["harness.trial_state"]
+            for r in client.search_runs([exp], "tags.`harness.kind` = 'trial'")}
+    assert runs == {t.number: t.state.name for t in stored_study(cfg).trials}
