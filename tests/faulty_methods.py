@@ -169,3 +169,12 @@ class FailsAdaptingWhile(MergeMethod):
                 raise FloatingPointError("adaptation loss is NaN at step 3")
             saved.write_text("adapted")
         return with_state(pretrained, task_arithmetic_state(pretrained, finetuned, 0.3))
+
+
+class NanRouting(MergeMethod):
+    """A fine merge whose reported router task identification (a job metric) is NaN: a router
+    whose statistics diverged."""
+
+    def merge(self, pretrained: nn.Module, finetuned: Mapping[str, nn.Module], ctx: MergeContext) -> nn.Module:
+        ctx.artifacts["router_task_id"] = {"mean_per_layer": [float("nan"), 0.5]}
+        return with_state(pretrained, task_arithmetic_state(pretrained, finetuned, 0.3))

@@ -441,3 +441,46 @@ def test_extending_an_adaptation_from_its_checkpoint_reads_the_batches_an_uninte
     losses, coef = run(tmp_path / "resumed", 5)
     assert losses == full_losses and len(losses) == 5
     assert torch.equal(coef, full_coef)
+
+
+def test_the_last_step_is_checkpointed_and_a_rerun_adapts_no_further(models, tmp_path, monkeypatch):
+    """``checkpoint_every`` steps and at the end (README: the best trial's copy is "AdaMerging's
+    checkpoint at its last step"): three steps checkpointed every two leave step 3 on disk, and
+    the job run again in that workdir (a kill while evaluating) takes no step, giving the same
+    losses and coefficients."""
+    import methods.tta as tta
+
+    pre, ft = models
+    steps_taken = []
+    monkeypatch.setattr(tta, "failpoint", lambda name: steps_taken.append(name) if name == "tta_step" else None)
+
+    def run():
+        enc = adamerging.AdaMergedEncoder(pre, ft, granularity="layer")
+        ctx = MergeContext(heads=heads(), unlabeled=fixed_unlabeled(), workdir=str(tmp_path))
+        losses = tta.run_tta(enc, ctx, lr=5e-2, steps=3, checkpoint_every=2, joint_forward=True, name="coefficients")
+        return losses, enc.coef.detach().clone()
+
+    losses, coef = run()
+    assert len(steps_taken) == 3
+    state = torch.load(tta.checkpoint_path(tmp_path, "coefficients"), weights_only=True)
+    assert state["step"] == 3
+    steps_taken.clear()
+    again, again_coef = run()
+    assert steps_taken == [] and again == losses and torch.equal(again_coef, coef)
+
+
+def test_a_checkpoint_write_a_kill_cut_short_is_deleted_and_never_read(models, tmp_path):
+    """A killed write leaves a hidden temporary beside the checkpoint (atomic_write_bytes): the
+    next run in that workdir deletes it, and adapts from the whole checkpoint alone."""
+    from methods.tta import checkpoint_path, run_tta
+
+    pre, ft = models
+    stale = [tmp_path / f".{checkpoint_path(tmp_path, 'tta').name}.k1ll3d.tmp",
+             tmp_path / f"{checkpoint_path(tmp_path, 'tta').name}.tmp4321"]
+    for f in stale:
+        f.write_bytes(b"a write a kill cut short")
+    enc = adamerging.AdaMergedEncoder(pre, ft, granularity="layer")
+    ctx = MergeContext(heads=heads(), unlabeled=fixed_unlabeled(), workdir=str(tmp_path))
+    assert len(run_tta(enc, ctx, lr=5e-2, steps=2, checkpoint_every=1, joint_forward=True)) == 2
+    assert not any(f.exists() for f in stale)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [checkpoint_path(tmp_path, "tta").name]

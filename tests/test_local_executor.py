@@ -250,3 +250,72 @@ def test_a_jobs_warnings_are_plain_lines_as_the_drivers(sweep_dict, tmp_path, pr
                           text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
     assert done.returncode == 0, done.stderr
     assert done.stderr.splitlines()[-1] == "work/k/ckpt.pt: unreadable; adapting from the start", done.stderr
+
+
+def _scripted_pools(ex, monkeypatch, breaks: dict[int, set[int]]) -> list:
+    """Has ``ex`` hand jobs to fake pools whose workers' deaths are scripted: ``breaks`` maps a
+    pool's number (0: the first) to the hand-outs (0-based) that find it broken; a job handed out
+    gets an ok result at once. Returns the pools made, in order."""
+    import concurrent.futures as cf
+    from concurrent.futures.process import BrokenProcessPool
+
+    from harness.job import JobResult
+    from harness.plan import JobSpec
+
+    pools = []
+
+    class ScriptedPool:
+        def __init__(self):
+            self.number, self.handed = len(pools), 0
+            pools.append(self)
+
+        def submit(self, fn, spec_dict):
+            self.handed += 1
+            if self.handed - 1 in breaks.get(self.number, ()):
+                raise BrokenProcessPool("A child process terminated abruptly")
+            future = cf.Future()
+            future.set_result(JobResult.of(JobSpec.from_dict(spec_dict), "ok").to_dict())
+            return future
+
+        def shutdown(self, wait=True, cancel_futures=False):
+            pass
+
+    def ensure_pool(n_jobs):
+        if ex._pool is None:
+            ex._pool, ex._size = ScriptedPool(), min(ex.workers, n_jobs)
+        return ex._pool
+
+    monkeypatch.setattr(ex, "_ensure_pool", ensure_pool)
+    return pools
+
+
+def test_every_pool_that_breaks_after_running_jobs_is_replaced(sweep_dict, monkeypatch):
+    """A pool found broken when a job is handed to it is replaced by a new one; only a new pool
+    that breaks before taking any job (its workers cannot even start) fails the rest of the
+    batch. Here the first pool is broken before its first job and the second after three: a third
+    pool runs the rest, and every job gets its own (ok) result."""
+    cfg, ws, specs = _specs(sweep_dict, [{"name": "tests.worker_probe:WorkerPid", "grid": {"tag": list(range(8))}}])
+    ex = LocalExecutor(cfg, ws, workers=2)
+    pools = _scripted_pools(ex, monkeypatch, {0: {0}, 1: {3}})
+    try:
+        results = [(s.key, r.status) for s, r in ex.run(specs)]
+    finally:
+        ex.close()
+    assert sorted(results) == sorted((s.key, "ok") for s in specs) and len(pools) == 3
+
+
+def test_workers_that_cannot_start_fail_every_job_left_each_with_a_result(sweep_dict, monkeypatch):
+    """A new pool broken before its first job too (workers that cannot start): the jobs not yet
+    handed out are failed, each with its own result naming the worker's failure; none is dropped
+    (the sweep records what it gets: a job without a result would be neither cached nor reported)."""
+    cfg, ws, specs = _specs(sweep_dict, [{"name": "tests.worker_probe:WorkerPid", "grid": {"tag": list(range(6))}}])
+    ex = LocalExecutor(cfg, ws, workers=2)
+    pools = _scripted_pools(ex, monkeypatch, {0: {2}, 1: {0}})  # two jobs ran, then no pool takes one
+    try:
+        results = {s.key: r for s, r in ex.run(specs)}
+    finally:
+        ex.close()
+    assert sorted(results) == sorted(s.key for s in specs) and len(pools) == 2
+    assert sorted(r.status for r in results.values()) == ["failed"] * 4 + ["ok"] * 2
+    assert all(r.error == "worker process failed: BrokenProcessPool: A child process terminated abruptly"
+               for r in results.values() if r.status == "failed")

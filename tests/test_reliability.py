@@ -292,3 +292,40 @@ def test_a_job_failing_again_for_another_reason_shows_the_latest_in_mlflow(sweep
     assert run.data.tags["harness.failure_reason"] == "RuntimeError: no head for toy_colours"
     local = client.download_artifacts(run.info.run_id, "traceback.txt", str(tmp_path))
     assert "RuntimeError: no head for toy_colours" in open(local).read()
+
+
+def test_a_job_that_succeeds_on_retry_keeps_no_traceback_of_its_failed_attempt(sweep_dict, tmp_path):
+    """``artifacts/<key>/traceback.txt`` is a failed job's (README): once a rerun finishes the job,
+    the first attempt's traceback must go, or the folder still says the job failed (``harness
+    export`` reads a row whose every setting has one as failed)."""
+    from harness.runner import traceback_file
+
+    d = dict(sweep_dict, references=False, methods=[{"name": "tests.faulty_methods:FailsOnce", "label": "flaky",
+                                                     "params": {"marker": str(tmp_path / "marker")}}])
+    cfg = validate_config(d)
+    (failed,) = run_sweep(cfg, quiet=True).failed
+    assert "transient failure" in traceback_file(cfg.resolved_output_dir(), failed.key).read_text()
+    second = run_sweep(cfg, quiet=True)
+    assert not second.failed and second.executed == [failed.key]
+    assert not traceback_file(cfg.resolved_output_dir(), failed.key).exists()
+
+
+def test_a_job_with_a_non_finite_metric_fails_and_is_not_cached(sweep_dict):
+    """A job whose metrics hold NaN (here a router statistic its method reports) is failed with the
+    metric named, its MLflow run FAILED, and no result cached: a rerun retries it (README:
+    isolation; failed jobs are not cached)."""
+    from harness.runner import cache_status
+
+    d = dict(sweep_dict, references=False, methods=[{"name": "tests.faulty_methods:NanRouting", "label": "nan-routing"},
+                                                   {"name": "weight_averaging"}])
+    cfg = validate_config(d)
+    out = run_sweep(cfg, quiet=True)
+    (job,) = out.failed
+    assert job.label == "nan-routing" and job.error == "FloatingPointError: non-finite metric router_task_id/layer0"
+    assert not (out.output_dir / "results" / f"{job.key}.json").exists()
+    _, cached, _ = cache_status(cfg)
+    assert job.key not in cached and len(cached) == 1
+    client = MlflowClient(cfg.resolved_tracking_uri())
+    (run,) = client.search_runs([client.get_experiment_by_name(cfg.name).experiment_id],
+                                "tags.`harness.label` = 'nan-routing'")
+    assert run.info.status == "FAILED" and "non-finite metric" in run.data.tags["harness.failure_reason"]

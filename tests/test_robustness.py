@@ -860,3 +860,36 @@ def test_a_retried_study_scores_only_the_corruptions_it_had_not_scored(method, s
     whole = run_sweep(validate_config(dict(d, output_dir=d["output_dir"] + "-whole")), quiet=True)
     robust = [{k: v for k, v in r.metrics.items() if k.startswith("robust/")} for r in (retried.rows[0], whole.rows[0])]
     assert robust[0] == robust[1] and len(robust[0]) == 2 * len(corruptions) + 1
+
+
+@pytest.mark.parametrize("damage", ["nan", "a task missing", "not a number"])
+def test_a_study_record_that_is_not_whole_is_scored_again(damage, sweep_dict, monkeypatch):
+    """A study's recorded evaluation in ``work/<key>.robustness/`` is read back only when whole
+    (every task, a finite number each, README): one a hand edit or an older writer left damaged is
+    scored again, and the job's metrics are the uninterrupted study's, not a NaN or a KeyError."""
+    import json
+
+    from harness.job import study_records
+
+    d = dict(sweep_dict, references={"pretrained": False, "individual": False},
+             robustness={"tasks": ["toy_stripes", "toy_colours"], "corruptions": ["contrast", "pixelate"],
+                         "severity": 2},
+             methods=[{"name": "weight_averaging"}])
+    cfg = validate_config(d)
+    (first,) = run_sweep(cfg, quiet=True).results
+    records = study_records(cfg.resolved_output_dir() / "work" / first.key)
+    record = json.loads((records / "pixelate.json").read_text())
+    if damage == "nan":
+        record["accuracy"]["toy_colours"] = float("nan")
+    elif damage == "a task missing":
+        del record["accuracy"]["toy_colours"]
+    else:
+        record["accuracy"]["toy_colours"] = "87.5"
+    (records / "pixelate.json").write_text(json.dumps(record))
+    (cfg.resolved_output_dir() / "results" / f"{first.key}.json").unlink()  # the job runs again, its study too
+    reads = counted_corrupted_reads(monkeypatch)
+    again = run_sweep(cfg, quiet=True)
+    assert not again.failed and not again.study_failed and again.executed == [first.key]
+    assert reads == ["pixelate", "pixelate"]  # scored again on both tasks; contrast read back
+    robust = [{k: v for k, v in r.metrics.items() if k.startswith("robust/")} for r in (first, again.results[0])]
+    assert robust[0] == robust[1] and len(robust[0]) == 3 * 2 + 1

@@ -1679,3 +1679,66 @@ def test_a_slurm_folder_that_cannot_be_listed_does_not_resubmit_finished_jobs(tm
     monkeypatch.setattr(os, "scandir", scandir)
     attach, submit = ex._reattach([spec])
     assert submit == [] and [t.spec.key for t in attach] == ["k0"]
+
+
+def _polled(tmp_path, monkeypatch, state: str):
+    """(the executor, job 9_2 in ``state``, the clock its polls read (seconds, settable)):
+    accounting says the job ended as ``state`` with exit code 0; its result, once the test
+    writes ``result_pickle``, is an ok merge."""
+    from types import SimpleNamespace
+
+    import harness.executors.slurm as slurm
+    from harness.job import JobResult
+    from harness.plan import JobSpec
+
+    clock = [1000.0]
+    monkeypatch.setattr(slurm, "time", SimpleNamespace(monotonic=lambda: clock[0], sleep=time.sleep))
+    monkeypatch.setattr(slurm, "sacct_details", lambda ids: {i: {"State": state, "ExitCode": "0:0"} for i in ids})
+    d = make_sweep_dict(Path("/nonexistent"), tmp_path)
+    d["executor"] = {"kind": "slurm"}
+    ex = slurm.SlurmExecutor(validate_config(d))
+    spec = JobSpec("merge", "ta", key="k")
+    job = _fake_job(tmp_path, "9_2")
+    job.result = lambda: JobResult.of(spec, "ok", metrics={"acc/avg": 50.0}).to_dict()
+    t = slurm._Tracked(spec, job, state=state)
+    ex._ended, ex._details = [t], {}
+    return ex, t, clock
+
+
+def slurm_listed(t) -> set[str]:
+    """The folder listing a poll makes of ``t``'s files, as the driver makes it."""
+    from harness.executors.slurm import listed_files
+
+    return listed_files(t.paths())
+
+
+def test_a_job_slurm_no_longer_knows_is_lost_only_after_the_grace_period(tmp_path, monkeypatch):
+    """README: a job squeue and sacct both answer nothing about counts as lost, and the running
+    driver reports it failed, after 60 s (accounting lags behind submission), not at the first poll."""
+    ex, t, clock = _polled(tmp_path, monkeypatch, "UNKNOWN")
+    assert ex._poll(t, set()) is None
+    clock[0] += 59
+    assert ex._poll(t, set()) is None
+    clock[0] += 2
+    result = ex._poll(t, set())
+    assert result.status == "failed" and "is unknown to sacct and squeue" in result.error
+
+
+def test_a_result_file_landing_after_slurm_says_completed_is_the_jobs_result(tmp_path, monkeypatch):
+    """SLURM may call a job COMPLETED before its result file shows on a shared filesystem: the
+    driver waits for it (a grace period) rather than failing a job that succeeded; and a result
+    that came after the poll listed the folder is read, not a failure."""
+    ex, t, clock = _polled(tmp_path, monkeypatch, "COMPLETED")
+    assert ex._poll(t, set()) is None  # just ended, no result yet: not failed
+    clock[0] += 5
+    t.job.paths.result_pickle.write_bytes(b"the job's result")
+    result = ex._poll(t, slurm_listed(t))
+    assert result.status == "ok" and result.metrics == {"acc/avg": 50.0}
+
+    ex, t, clock = _polled(tmp_path / "late", monkeypatch, "COMPLETED")
+    (tmp_path / "late").mkdir()
+    assert ex._poll(t, set()) is None
+    clock[0] += 3600  # past any grace; the listing this poll got was made before the file landed
+    t.job.paths.result_pickle.write_bytes(b"the job's result")
+    result = ex._poll(t, set())
+    assert result.status == "ok" and result.metrics == {"acc/avg": 50.0}

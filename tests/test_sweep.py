@@ -612,3 +612,17 @@ def test_editing_the_prompts_of_a_task_of_ones_own_reruns_its_jobs(sweep_dict, m
     assert {r.key: r.metrics for r in edited.results} == {r.key: r.metrics for r in fresh.results}
     assert {r.label: r.metrics["acc/prompted:make"] for r in edited.results} != {
         r.label: r.metrics["acc/prompted:make"] for r in first.results}
+
+
+def test_a_setting_two_labels_share_is_one_job_run_once(sweep_dict):
+    """README (--dry-run): a setting two labels share is one job. Two grids of task arithmetic
+    sharing scaling 0.3 run three merge jobs, not four, and each row shows its own settings."""
+    d = dict(sweep_dict, references=False, methods=[
+        {"name": "task_arithmetic", "label": "a", "grid": {"scaling": [0.3]}},
+        {"name": "task_arithmetic", "label": "b", "grid": {"scaling": [0.3, 0.5, 0.7]}}])
+    out = run_sweep(validate_config(d), quiet=True)
+    assert not out.failed
+    assert len(out.executed) == len(set(out.executed)) == 3
+    assert len(list((out.output_dir / "results").glob("*.json"))) == 3
+    assert sorted((r.label, r.params["scaling"]) for r in out.results) == [
+        ("a", 0.3), ("b", 0.3), ("b", 0.5), ("b", 0.7)]

@@ -1619,3 +1619,60 @@ def test_collect_keeps_a_finished_studys_row_whose_robustness_study_failed(sweep
     kept = finished_studies(cfg, ws.identity, ws.task_identity(), out.output_dir / "results")
     assert [(spec.key, r.label, r.metrics, r.study_error) for spec, r, _ in kept] == [
         (final.key, "tuned", final.metrics, final.study_error)]
+
+
+def test_the_best_trials_adaptation_is_copied_only_into_a_final_job_without_one(tmp_path):
+    """The best setting's job on test starts from a copy of the best trial's workdir, unless it has
+    its own already (a rerun after a kill in that job: its progress is kept, not replaced); the
+    copy holds the trial's saved files, not its hidden lock files, and leaves no half copy."""
+    from harness.runner import reuse_adaptation
+
+    work = tmp_path / "work"
+    (work / "trial").mkdir(parents=True)
+    (work / "trial" / "coefficients-tta.pt").write_bytes(b"the trial's adaptation")
+    (work / "trial" / ".coefficients-tta.pt.k1ll3d.tmp").write_bytes(b"a write in progress")
+    (work / "final").mkdir()
+    (work / "final" / "coefficients-tta.pt").write_bytes(b"the final job's own progress")
+    reuse_adaptation(work, "trial", "final")
+    assert [(p.name, p.read_bytes()) for p in (work / "final").iterdir()] == [
+        ("coefficients-tta.pt", b"the final job's own progress")]
+    reuse_adaptation(work, "trial", "fresh")
+    assert [(p.name, p.read_bytes()) for p in (work / "fresh").iterdir()] == [
+        ("coefficients-tta.pt", b"the trial's adaptation")]
+    assert sorted(p.name for p in work.iterdir()) == ["final", "fresh", "trial"]
+
+
+def test_a_pruned_trial_a_stopped_driver_did_not_log_is_logged_by_the_rerun(sweep_dict, monkeypatch):
+    """A driver stopped after the study recorded a pruned trial but before its MLflow run was
+    written: the rerun logs that trial's run from its cached result (a pruned trial's result is
+    kept, as a completed one's), without running it again. Truth: the study's own trial states."""
+    import pytest
+
+    from harness.tracking import Tracker
+
+    d = quality_study(sweep_dict)
+    cfg = validate_config(d)
+    log_trial = Tracker.log_trial
+
+    def stopped_at_the_pruned(self, tune_run, study, number, params, result, state, *args):
+        if state == "PRUNED":
+            raise KeyboardInterrupt
+        return log_trial(self, tune_run, study, number, params, result, state, *args)
+
+    with monkeypatch.context() as m:
+        m.setattr(Tracker, "log_trial", stopped_at_the_pruned)
+        with pytest.raises(KeyboardInterrupt):
+            run_sweep(cfg, quiet=True)
+    (pruned,) = [t for t in stored_study(cfg).trials if t.state.name == "PRUNED"]
+    ran = []
+    import tests.tuning_methods as tm
+
+    merge = tm.StopsOrFailsByQuality.merge
+    monkeypatch.setattr(tm.StopsOrFailsByQuality, "merge", lambda self, *a: ran.append(self.quality) or merge(self, *a))
+    run_sweep(cfg, quiet=True)
+    assert pruned.params["quality"] not in ran
+    client = MlflowClient(cfg.resolved_tracking_uri())
+    exp = client.get_experiment_by_name(cfg.name).experiment_id
+    runs = {int(r.data.tags["harness.trial_number"]): r.data.tags["harness.trial_state"]
+            for r in client.search_runs([exp], "tags.`harness.kind` = 'trial'")}
+    assert runs == {t.number: t.state.name for t in stored_study(cfg).trials}
