@@ -60,25 +60,15 @@ def timed_runs(sweep: str, overrides: list[str], root: Path, skip_cold: bool) ->
     return rows
 
 
-def check_sweep(ap: argparse.ArgumentParser, sweep: str, overrides: list[str]) -> None:
-    """A sweep file or override that does not validate stops with one usage line, as `harness
-    sweep` reports it, rather than with a traceback from inside the first timed run."""
-    from harness.config import load_config
-    from harness.errors import HarnessError
-
-    try:
-        load_config(sweep, overrides)
-    except HarnessError as exc:
-        ap.error(str(exc))
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sweep", default="sweeps/wemoe.yaml")
     ap.add_argument("--skip-cold", action="store_true", help="reuse the user cache instead of an empty one")
     ap.add_argument("overrides", nargs="*", help="key.path=value overrides for the sweep")
     args = ap.parse_args()
-    check_sweep(ap, args.sweep, args.overrides)
+    from harness.config import load_config_or_usage
+
+    load_config_or_usage(ap, args.sweep, args.overrides)  # a bad sweep stops here, not inside the first timed run
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     with tempfile.TemporaryDirectory(prefix="bench-sweep-") as tmp:  # the cold cache alone is hundreds of MB
         rows = timed_runs(args.sweep, args.overrides, Path(tmp), args.skip_cold)

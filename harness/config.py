@@ -920,6 +920,17 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
         raise exc.blamed_on_overrides(overrides or []) from None
 
 
+def load_config_or_usage(parser: Any, path: str | os.PathLike, overrides: list[str] | None = None) -> SweepConfig:
+    """:func:`load_config` for a script's command line (``parser``, an ``argparse`` parser): a
+    sweep file or override that does not validate stops with one usage line naming the file,
+    field and value, as ``harness sweep`` gives it, not with a traceback."""
+    try:
+        return load_config(path, overrides)
+    except HarnessError as exc:
+        parser.error(str(exc))
+        raise  # unreachable: parser.error exits
+
+
 def validate_config(raw: dict, file: str = "<config>") -> SweepConfig:
     try:
         cfg = SweepConfig.model_validate(raw)

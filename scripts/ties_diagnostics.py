@@ -20,8 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from harness.config import load_config  # noqa: E402
-from harness.errors import HarnessError  # noqa: E402
+from harness.config import load_config_or_usage  # noqa: E402
 from harness.job import task_accuracy  # noqa: E402
 from harness.workspace import Workspace  # noqa: E402
 from methods.ties import keep_count, ties_merge_dense, trim_thresholds  # noqa: E402
@@ -37,10 +36,7 @@ def main() -> None:
     ap.add_argument("--ta-lambdas", type=float, nargs="+", default=[0.3, 0.4, 0.5, 0.6, 0.7, 0.8],
                     help="task arithmetic's scalings (on the sum of the task vectors)")
     args = ap.parse_args()
-    try:
-        cfg = load_config(args.sweep, args.overrides)
-    except HarnessError as exc:  # one usage line naming the file, field and value, as `harness sweep` gives
-        ap.error(str(exc))
+    cfg = load_config_or_usage(ap, args.sweep, args.overrides)
     ws = Workspace(cfg, progress=True)
     tasks = cfg.merge_tasks
     pre = ws.pretrained_encoder

@@ -21,8 +21,7 @@ from statistics import fmean
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from harness.config import load_config  # noqa: E402
-from harness.errors import HarnessError  # noqa: E402
+from harness.config import load_config_or_usage  # noqa: E402
 from harness.routing_diagnostics import diagnose, expert_scores  # noqa: E402
 from harness.workspace import Workspace  # noqa: E402
 
@@ -40,10 +39,7 @@ def main() -> None:
     ap.add_argument("--diversity-weights", type=float, nargs="+", default=[0.0],
                     help="weights of the batch's marginal entropy in the batch-level choice (WeMoE's diversity_weight)")
     args = ap.parse_args()
-    try:
-        cfg = load_config(args.sweep, args.overrides)
-    except HarnessError as exc:  # one usage line naming the file, field and value, as `harness sweep` gives
-        ap.error(str(exc))
+    cfg = load_config_or_usage(ap, args.sweep, args.overrides)
     scaling = cfg.references.bound_lambdas[0] if args.scaling is None else args.scaling
     scores = expert_scores(Workspace(cfg, progress=True), args.split, scaling)
     print(f"{args.split} split, one-hot routing, task arithmetic {scaling:g} outside the MLPs\n")
