@@ -288,13 +288,10 @@ def _run_sweep(cfg: SweepConfig, ws: Workspace, executor: Any, console: Console,
     t0 = time.perf_counter()
     # locked first, a new folder too: a second driver into a folder in use stops now, not after
     # preparing models for minutes (or, into a new one, after the first driver's preparation)
-    made = _make_output_dir(out)
+    made, locked = _make_output_dir(out), False
     try:
         held.enter_context(_output_lock(out))
-    except BaseException:
-        _unmake_output_dir(made, locked=False)
-        raise
-    try:
+        locked = True
         identity = ws.identity  # builds/loads the model files (embedded suite: prepares them)
         task_identity = ws.task_identity()
         specs = plan_jobs(cfg, identity, task_identity)
@@ -311,7 +308,7 @@ def _run_sweep(cfg: SweepConfig, ws: Workspace, executor: Any, console: Console,
                                  if m.tune and (only is None or m.display == only.label)])
         failpoint("prepare")
     except BaseException:
-        _unmake_output_dir(made, locked=True)
+        _unmake_output_dir(made, locked)
         raise
     # writes a killed run never renamed (the driver's own: a job's workdir is cleaned by the job)
     for stale in [*results_dir.glob(".*.tmp"), *out.glob(".mlflow.db.*.tmp"), *out.glob(".resolved.yaml.*.tmp"),
