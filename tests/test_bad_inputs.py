@@ -392,22 +392,26 @@ def test_data_root_missing_for_real_dataset(sweep_dict, tmp_path):
 
 
 @contextlib.contextmanager
-def sweep_lock_held_elsewhere(out: Path) -> Iterator[None]:
-    """``out``'s sweep lock held by another process (a running sweep) until the block ends, when
-    that process is killed and the lock goes with it."""
+def python_running(code: str, ready: str) -> Iterator[None]:
+    """``code`` run by another Python process, which prints ``ready`` once it is where the test
+    needs it, until the block ends, when that process is killed (and its locks go with it)."""
     import subprocess
     import sys
 
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time\nfrom filelock import FileLock\n"
-        f"lock = FileLock({str(out / '.sweep.lock')!r})\nlock.acquire()\nprint('held', flush=True)\ntime.sleep(60)")],
-        stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
-        assert holder.stdout.readline().strip() == "held"
+        assert proc.stdout.readline().strip() == ready
         yield
     finally:
-        holder.kill()
-        holder.wait()
+        proc.kill()
+        proc.wait()
+
+
+def sweep_lock_held_elsewhere(out: Path) -> contextlib.AbstractContextManager[None]:
+    """``out``'s sweep lock held by another process (a running sweep) until the block ends."""
+    return python_running("import sys, time\nfrom filelock import FileLock\n"
+                          f"lock = FileLock({str(out / '.sweep.lock')!r})\nlock.acquire()\n"
+                          "print('held', flush=True)\ntime.sleep(60)", "held")
 
 
 def test_second_sweep_into_a_busy_output_folder_is_refused_before_preparing_models(sweep_dict, tmp_path,
@@ -426,24 +430,13 @@ def test_second_sweep_into_a_busy_output_folder_is_refused_before_preparing_mode
     assert code == 2 and f"{out}: another sweep is running into this output folder" in err, err
 
 
-@contextlib.contextmanager
-def sweep_preparing_elsewhere(sweep_file: Path) -> Iterator[None]:
+def sweep_preparing_elsewhere(sweep_file: Path) -> contextlib.AbstractContextManager[None]:
     """A first ``harness sweep sweep_file`` in another process, inside its model preparation
-    (held there) until the block ends, when that process is killed."""
-    import subprocess
-    import sys
-
-    first = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time\nfrom harness.cli import main\nfrom harness.workspace import Workspace\n"
-        "def preparing(self):\n    print('preparing', flush=True)\n    time.sleep(60)\n"
-        "Workspace.identity = property(preparing)\n"
-        f"main(['sweep', '-q', {str(sweep_file)!r}])")], stdout=subprocess.PIPE, text=True)
-    try:
-        assert first.stdout.readline().strip() == "preparing"
-        yield
-    finally:
-        first.kill()
-        first.wait()
+    (held there) until the block ends."""
+    return python_running("import sys, time\nfrom harness.cli import main\nfrom harness.workspace import Workspace\n"
+                          "def preparing(self):\n    print('preparing', flush=True)\n    time.sleep(60)\n"
+                          "Workspace.identity = property(preparing)\n"
+                          f"main(['sweep', '-q', {str(sweep_file)!r}])", "preparing")
 
 
 def test_second_sweep_into_a_new_output_folder_in_use_is_refused_at_once(sweep_dict, tmp_path, monkeypatch):
