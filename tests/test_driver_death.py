@@ -5,6 +5,7 @@ under init while holding gigabytes."""
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 import signal
@@ -113,12 +114,19 @@ def test_ctrl_c_or_kill_ends_with_one_line_on_how_to_resume(sweep_dict, tmp_path
                               preexec_fn=_sigint_by_default, start_new_session=True)
     results = Path(sweep_dict["output_dir"]) / "results"
     cfg = validate_config(sweep)
-    client = MlflowClient(cfg.resolved_tracking_uri())
+    store = Path(cfg.resolved_tracking_uri().removeprefix("sqlite:///"))
+
+    @functools.cache
+    def client() -> MlflowClient:
+        return MlflowClient(cfg.resolved_tracking_uri())
 
     def run_status() -> dict[str, str]:
-        store = Path(cfg.resolved_tracking_uri().removeprefix("sqlite:///"))
-        exp = client.get_experiment_by_name(cfg.name) if store.exists() else None  # not before the driver makes it
-        runs = client.search_runs([exp.experiment_id]) if exp else []
+        # no client before the driver puts its store in place: one made earlier creates the store
+        # itself, migrating it while the driver does too (MLflow's "table ... already exists")
+        if not store.exists():
+            return {}
+        exp = client().get_experiment_by_name(cfg.name)
+        runs = client().search_runs([exp.experiment_id]) if exp else []
         return {r.data.tags.get("harness.kind"): r.info.status for r in runs}
 
     try:
