@@ -129,6 +129,41 @@ def make_sampler(tune: TuneSpec, seed: int) -> "optuna.samplers.BaseSampler":
     return DriverGridSampler({k: p.grid_values() for k, p in tune.space.items()}, seed=seed)
 
 
+def trial_seeded_sampler(tune: TuneSpec, seed: int) -> "optuna.samplers.BaseSampler":
+    """The study's sampler, seeded afresh for each trial from ``seed`` and the number Optuna gave
+    the trial when it created it (:func:`trial_seed`): a study run in several goes draws what one
+    uninterrupted run draws, where one sampler kept across trials draws from where its process's
+    stream stands; and two drivers of a shared study asking at once draw each their own trial's
+    point, where a seed from the trial count read before asking gave both the same. A grid keeps
+    its seed: the seed orders the grid, and stored trials name points by index."""
+    import optuna
+
+    if tune.sampler == "grid":
+        return make_sampler(tune, seed)
+
+    class TrialSeededSampler(optuna.samplers.BaseSampler):
+        def __init__(self) -> None:
+            self.per_trial = make_sampler(tune, seed)
+
+        def before_trial(self, study: "optuna.Study", trial: Any) -> None:
+            self.per_trial = make_sampler(tune, trial_seed(seed, trial.number))
+            self.per_trial.before_trial(study, trial)
+
+        def infer_relative_search_space(self, study: "optuna.Study", trial: Any) -> dict[str, Any]:
+            return self.per_trial.infer_relative_search_space(study, trial)
+
+        def sample_relative(self, study: "optuna.Study", trial: Any, search_space: dict[str, Any]) -> dict[str, Any]:
+            return self.per_trial.sample_relative(study, trial, search_space)
+
+        def sample_independent(self, study: "optuna.Study", trial: Any, name: str, distribution: Any) -> Any:
+            return self.per_trial.sample_independent(study, trial, name, distribution)
+
+        def after_trial(self, study: "optuna.Study", trial: Any, state: Any, values: Any) -> None:
+            self.per_trial.after_trial(study, trial, state, values)
+
+    return TrialSeededSampler()
+
+
 class StudyFailed(HarnessError):
     """More trials failed than a study tolerates: a broken method or setting, not bad luck."""
 
@@ -484,7 +519,7 @@ class StudyRunner:
         self.notes: list[str] = []  # one line each, for the driver to print
         if create:
             self.study, note = open_study(open_storage(self.storage), *self.choice_args(),
-                                          make_sampler(self.tune, self.seed), make_pruner(self.tune.pruner),
+                                          trial_seeded_sampler(self.tune, self.seed), make_pruner(self.tune.pruner),
                                           self.measured_here, method=method_class_id(m.name),
                                           definition_for=lambda code: study_definition(m, cfg.seed, code))
             self.name = self.study.study_name
@@ -626,20 +661,10 @@ class StudyRunner:
     def ask(self, k: int) -> list[JobSpec]:
         specs = []
         for _ in range(k):
-            self.reseed()
             trial = self.study.ask(self.dists)
             trial.set_user_attr(OWNER_ATTR, self.owner)
             specs.append(self.spec(trial._trial_id, trial.number, trial.params))
         return specs
-
-    def reseed(self) -> None:
-        """Seed the sampler for the next trial from the study's seed and the trial's number (the
-        trials stored): it then draws what it drew in an uninterrupted run, however many runs the
-        study took, where one sampler kept across trials draws from where its process's stream
-        stands (a run killed after three trials resumed to other parameters, and another best). A
-        grid keeps its seed: the seed orders the grid, and stored trials name points by index."""
-        if self.tune.sampler != "grid":
-            self.study.sampler = make_sampler(self.tune, trial_seed(self.seed, len(self.study.get_trials(deepcopy=False))))
 
     def tell(self, spec: JobSpec, result: JobResult) -> str:
         from optuna.trial import TrialState

@@ -754,6 +754,35 @@ def test_a_shared_studys_trial_naming_no_folder_does_not_count_toward_n_trials(s
     assert [t.state.name for t in b.study.trials] == ["RUNNING", "COMPLETE", "COMPLETE"]
 
 
+def test_two_drivers_asking_at_once_draw_each_their_trials_own_point(sweep_dict, tmp_path):
+    """Drivers a and b ask together: b's trial is created after a read the study's trial count and
+    before a's trial is. Each trial draws the point a single driver draws for its number (seeded
+    from the study's seed and that number), so a's trial 1 does not repeat b's trial 0."""
+    import optuna
+
+    from harness.tuning import trial_seed
+
+    a, b = shared_runners(sweep_dict, tmp_path, 2)
+    storage, create = a.study._storage, a.study._storage.create_new_trial
+    b_asked = []
+
+    def b_asks_first(*args, **kw):
+        if not b_asked:
+            b_asked.extend(b.ask(1))
+        return create(*args, **kw)
+
+    storage.create_new_trial = b_asks_first
+    (a_asked,) = a.ask(1)
+    drawn = {s.trial["number"]: s.params["scaling"] for s in (a_asked, *b_asked)}
+
+    def single_driver_draw(number: int) -> float:
+        study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=trial_seed(a.seed, number)))
+        return study.ask().suggest_float("scaling", 0.0, 1.0)
+
+    assert drawn == {n: single_driver_draw(n) for n in (0, 1)}
+    assert drawn[0] != drawn[1]
+
+
 def test_a_journal_storage_under_home_is_the_one_file_wherever_the_sweep_runs(sweep_dict, tmp_path, monkeypatch):
     """``storage: journal:~/studies.log`` is the file in the home folder, not a folder named ``~``
     in the cwd: sweeps started from two folders share one study, as written."""
