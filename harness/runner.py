@@ -463,12 +463,16 @@ def _run_sweep(cfg: SweepConfig, ws: Workspace, executor: Any, console: Console,
                 todo = known
             bar.add(len(todo))
             execute(todo)
-        from harness.tuning import StudyFailed
+        from harness.tuning import StudyFailed, StudyUnfinished
 
         for m in tuned:  # each study runs its trials, then its best setting once on test
             try:
                 final, counts = run_study(cfg, m, identity, task_identity, results_dir, tracker, execute, bar, out,
                                           console if show else None, failed_trials)
+            except StudyUnfinished as exc:  # its row is left out, as a study not run yet: not a failure
+                if show:
+                    console.print(str(exc), highlight=False, markup=False)
+                continue
             except StudyFailed as exc:  # isolated as a failed job is: its row `failed`, other studies run
                 final = failed_study_spec(m)
                 results[final.key] = JobResult.of(final, "failed", error=str(exc))
@@ -628,7 +632,7 @@ def run_study(cfg: SweepConfig, m, identity: dict, task_identity: dict, results_
     error) and, when it failed, an entry in ``failed``. Returns the best setting's job on test and
     the study's trial counts, which its row states."""
     from harness.plan import with_key
-    from harness.tuning import StudyFailed, StudyRunner, save_study_plots
+    from harness.tuning import StudyFailed, StudyRunner, StudyUnfinished, save_study_plots
 
     runner = StudyRunner(cfg, m, identity, task_identity, cfg.executor.workers, results_dir)
     tune_run = tracker.tuning_run(runner.name, m.display, m.tune.model_dump(mode="json"))
@@ -666,6 +670,9 @@ def run_study(cfg: SweepConfig, m, identity: dict, task_identity: dict, results_
         best = runner.run(run_batch, record, say)
     except StudyFailed as exc:  # the sweep goes on: this study's run ends FAILED, with why
         tracker.fail_tuning_run(tune_run, str(exc))
+        raise
+    except StudyUnfinished:  # stopped before its study ended, as a stopped driver's; a rerun reopens it
+        tracker.stop_tuning_run(tune_run)
         raise
     files = save_study_plots(runner.study, out / "optuna" / m.display)
     final = with_key(cfg, JobSpec("merge", m.display, method=m.name, params=best), identity, task_identity)

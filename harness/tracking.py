@@ -626,6 +626,11 @@ class Tracker:
         self.client.set_tag(rid, FAILURE_TAG, reason[:5000])
         self.client.set_terminated(rid, status="FAILED")
 
+    def stop_tuning_run(self, rid: str) -> None:
+        """End a study's run KILLED: its driver stopped before the study ended (other folders still
+        run its trials), and a rerun reopens the run."""
+        self.client.set_terminated(rid, status="KILLED")
+
     def log_artifact(self, path: Path, run_id: str | None = None, subdir: str | None = None) -> None:
         self.client.log_artifact(run_id or self.parent_id, str(path), subdir)
 

@@ -501,6 +501,11 @@ def quiet_optuna() -> None:
     optuna.logging.set_verbosity(optuna.logging.ERROR)
 
 
+class StudyUnfinished(HarnessError):
+    """No trial of a shared study completed yet while other folders' drivers still run some: there
+    is no best to choose yet, and no failure either; the sweep run again once they end picks it."""
+
+
 class StudyRunner:
     """Drives one method's study to ``n_trials`` finished (complete or pruned) trials."""
 
@@ -722,13 +727,17 @@ class StudyRunner:
                 raise StudyFailed(f"study {self.name!r}: {failures} trials failed, the last with: "
                                   f"{last_error}; every trial's error is in its MLflow run")
         others = self.elsewhere()
+        completed = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if others and not completed:
+            raise StudyUnfinished(f"study {self.name!r}: no trial completed yet; {len(others)} trial(s) still running "
+                                  f"from other folders count toward n_trials {target}: its row waits for them "
+                                  "(run the sweep again once they end)")
         if others and say is not None:
             say(f"study {self.name!r}: {len(others)} trial(s) still running from other folders count toward "
                 f"n_trials {target}; the best is chosen among the {self.finished()} finished")
-        if not self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if not completed:
             raise StudyFailed(f"study {self.name!r}: no trial completed"
-                              + (f"; the last failure: {last_error}" if last_error else "")
-                              + (f"; {len(others)} still running from other folders" if others else ""))
+                              + (f"; the last failure: {last_error}" if last_error else ""))
         return self.best_params()
 
     def best_params(self) -> dict[str, Any]:

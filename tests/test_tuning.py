@@ -730,7 +730,7 @@ def test_a_grid_point_another_folder_runs_is_not_asked_again(sweep_dict, tmp_pat
     """A 2-point grid: point 0 failed, a runs point 1. Nothing is left for b to ask (asking would
     run point 1 twice); b's study has no completed trial yet, and says what still runs."""
     from harness.job import JobResult
-    from harness.tuning import StudyFailed
+    from harness.tuning import StudyUnfinished
 
     grid = {"scaling": {"type": "float", "low": 0.2, "high": 0.4, "step": 0.2}}
     a, b = shared_runners(sweep_dict, tmp_path, 2, space=grid, sampler="grid")
@@ -738,9 +738,44 @@ def test_a_grid_point_another_folder_runs_is_not_asked_again(sweep_dict, tmp_pat
     a.tell(failed, JobResult.of(failed, "failed", error="boom"))
     a.ask(1)
     asked = []
-    with pytest.raises(StudyFailed, match="no trial completed; 1 still running from other folders"):
+    with pytest.raises(StudyUnfinished, match="no trial completed yet; 1 trial.s. still running from other folders"):
         b.run(lambda batch: asked.extend(batch) or scored(batch), lambda *_: None)
     assert asked == [] and [t.state.name for t in b.study.trials] == ["FAIL", "RUNNING"]
+
+
+def test_a_shared_study_with_no_trial_completed_yet_waits_for_the_other_folders_trials(sweep_dict, tmp_path):
+    """A 2-point grid: a runs one point, b's trial of the other fails, and no point is left to ask.
+    b's study has no completed trial, but a's may still complete: b's sweep does not fail; its row
+    is left out with a line saying why, its tuning run ends KILLED. Once a's trial completes, b
+    run again picks a's setting."""
+    import io
+
+    from rich.console import Console
+
+    from harness.job import JobResult
+
+    marker = tmp_path / "fixed"
+    d = flaky_study(sweep_dict, marker)
+    d["methods"][0]["tune"].update(n_trials=2, sampler="grid", storage=f"journal:{tmp_path / 'shared' / 'journal.log'}",
+                                   space={"strength": {"type": "float", "low": 0.1, "high": 0.5, "step": 0.4}})
+    cfg_a, cfg_b = (validate_config(dict(d, output_dir=str(tmp_path / f))) for f in "ab")
+    a = study_runner(cfg_a)
+    (running,) = a.ask(1)
+    shown = io.StringIO()
+    out = run_sweep(cfg_b, console=Console(file=shown, width=300))
+    assert not out.failed and not [r for r in out.rows if r.method == "flaky"], [r.error for r in out.failed]
+    assert (f"study 'toy.flaky': no trial completed yet; 1 trial(s) still running from other folders count toward "
+            "n_trials 2: its row waits for them (run the sweep again once they end)") in shown.getvalue(), (
+        shown.getvalue())
+    client = MlflowClient(cfg_b.resolved_tracking_uri())
+    exp = client.get_experiment_by_name(cfg_b.name).experiment_id
+    (tune_run,) = client.search_runs([exp], "tags.`harness.kind` = 'tune'")
+    assert tune_run.info.status == "KILLED"
+    a.tell(running, JobResult.of(running, "ok", metrics={"val/acc/avg": 50.0}))
+    marker.touch()
+    out = run_sweep(cfg_b, quiet=True)
+    (row,) = [r for r in out.results if r.label == "flaky"]
+    assert row.status == "ok" and row.params["strength"] == running.params["strength"]
 
 
 def test_a_shared_studys_trial_naming_no_folder_does_not_count_toward_n_trials(sweep_dict, tmp_path):
