@@ -535,10 +535,9 @@ class StudyRunner:
         return (study_name(self.cfg, self.m), study_definition(self.m, self.cfg.seed),
                 study_measures(self.cfg, self.m, self.identity, self.task_identity))
 
-    def finished(self) -> int:
-        from optuna.trial import TrialState
-
-        return len(self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+    def finished(self, trials: list[Any]) -> int:
+        """How many of the study's ``trials`` (read once by the caller) are complete or pruned."""
+        return sum(t.state.name in ("COMPLETE", "PRUNED") for t in trials)
 
     def counts(self) -> TrialCounts:
         """The study's finished trials, failed and pruned ones among them (a trial another
@@ -639,28 +638,25 @@ class StudyRunner:
             if cached:
                 record(spec, cached, t.state.name)
 
-    def elsewhere(self) -> list[Any]:
-        """Trials other folders' drivers are running (a shared ``storage:``): they count toward
-        ``n_trials``, so two sweeps on one study run ``n_trials`` between them, not one each. One
-        naming no folder (its driver killed between asking it and naming itself) has no driver
-        to finish it, and is not counted."""
-        from optuna.trial import TrialState
+    def elsewhere(self, trials: list[Any]) -> list[Any]:
+        """The study's ``trials`` that other folders' drivers are running (a shared ``storage:``):
+        they count toward ``n_trials``, so two sweeps on one study run ``n_trials`` between them,
+        not one each. One naming no folder (its driver killed between asking it and naming itself)
+        has no driver to finish it, and is not counted."""
+        return [t for t in trials if t.state.name == "RUNNING" and not self.ours(t) and OWNER_ATTR in t.user_attrs]
 
-        return [t for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-                if not self.ours(t) and OWNER_ATTR in t.user_attrs]
+    def missing(self, target: int, trials: list[Any]) -> int:
+        """Trials still to ask for ``target``: finished ones and other folders' running ones count
+        (``trials``: the study's, read once by the caller for all it decides)."""
+        return target - self.finished(trials) - len(self.elsewhere(trials))
 
-    def missing(self, target: int) -> int:
-        """Trials still to ask for ``target``: finished ones and other folders' running ones count."""
-        return target - self.finished() - len(self.elsewhere())
-
-    def grid_left(self) -> int | None:
-        """Grid points no finished trial, nor one another folder runs, holds yet; None for the
-        other samplers."""
+    def grid_left(self, trials: list[Any]) -> int | None:
+        """Grid points no finished trial, nor one another folder runs, holds yet, among the
+        study's ``trials``; None for the other samplers."""
         if self.tune.sampler != "grid":
             return None
-        others = {t.number for t in self.elsewhere()}
-        taken = {t.system_attrs.get("grid_id") for t in self.study.get_trials(deepcopy=False)
-                 if t.state.is_finished() or t.number in others} - {None}
+        others = {t.number for t in self.elsewhere(trials)}
+        taken = {t.system_attrs.get("grid_id") for t in trials if t.state.is_finished() or t.number in others} - {None}
         return grid_size(self.tune) - len(taken)
 
     def ask(self, k: int) -> list[JobSpec]:
@@ -709,14 +705,15 @@ class StudyRunner:
             else:
                 redo.append(spec)
         failures, last_error = 0, ""
-        while redo or self.missing(target) > 0:
+        # the study's trials read once a batch (it and other drivers told some): what it asks, and how it ends
+        while redo or self.missing(target, trials := self.study.get_trials(deepcopy=False)) > 0:
             if redo:
                 batch, redo = redo[:self.n_parallel], redo[self.n_parallel:]
             else:
-                left = self.grid_left()
+                left = self.grid_left(trials)
                 if left == 0:  # every grid point was tried (failed ones included): nothing new to ask
                     break
-                batch = self.ask(min(self.n_parallel, self.missing(target), left if left is not None else target))
+                batch = self.ask(min(self.n_parallel, self.missing(target, trials), left if left is not None else target))
             for spec, result in execute(batch):
                 state = self.tell(spec, result)
                 failures += state == "FAIL"
@@ -726,15 +723,15 @@ class StudyRunner:
             if failures > max(3, target):
                 raise StudyFailed(f"study {self.name!r}: {failures} trials failed, the last with: "
                                   f"{last_error}; every trial's error is in its MLflow run")
-        others = self.elsewhere()
-        completed = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        others = self.elsewhere(trials)
+        completed = [t for t in trials if t.state == TrialState.COMPLETE]
         if others and not completed:
             raise StudyUnfinished(f"study {self.name!r}: no trial completed yet; {len(others)} trial(s) still running "
                                   f"from other folders count toward n_trials {target}: its row waits for them "
                                   "(run the sweep again once they end)")
         if others and say is not None:
             say(f"study {self.name!r}: {len(others)} trial(s) still running from other folders count toward "
-                f"n_trials {target}; the best is chosen among the {self.finished()} finished")
+                f"n_trials {target}; the best is chosen among the {self.finished(trials)} finished")
         if not completed:
             raise StudyFailed(f"study {self.name!r}: no trial completed"
                               + (f"; the last failure: {last_error}" if last_error else ""))
@@ -762,9 +759,10 @@ def stored_study(cfg: SweepConfig, m: MethodSpec, identity: dict, task_identity:
     if chosen not in optuna.get_all_study_names(storage):
         return None
     runner.study, runner.name = optuna.load_study(study_name=chosen, storage=storage), chosen
-    running = [t for t in runner.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) if runner.ours(t)]
-    done = runner.grid_left() == 0 or runner.missing(n_trials_possible(m.tune)) <= 0  # as the sweep's run() ends
-    completed = runner.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    trials = runner.study.get_trials(deepcopy=False)
+    running = [t for t in trials if t.state == TrialState.RUNNING and runner.ours(t)]
+    done = runner.grid_left(trials) == 0 or runner.missing(n_trials_possible(m.tune), trials) <= 0  # as run() ends
+    completed = [t for t in trials if t.state == TrialState.COMPLETE]
     return runner if done and completed and not running else None
 
 

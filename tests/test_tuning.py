@@ -726,6 +726,27 @@ def test_two_sweeps_sharing_a_study_run_n_trials_between_them(sweep_dict, tmp_pa
             "chosen among the 3 finished") in notes, notes
 
 
+def test_a_study_reads_its_trials_once_a_batch(sweep_dict, tmp_path, monkeypatch):
+    """6 trials, 2 at a time: 3 batches. The driver reads the study's trials once before each
+    batch and once more to end (what it asks and how it ends come from one read), beside its
+    resume checks (a relog, the trials left running); collect's check of a done study reads
+    them once beside choosing the study (each read replays a journal, or queries a database)."""
+    import optuna
+
+    from harness.tuning import stored_study as done_study
+
+    a, _ = shared_runners(sweep_dict, tmp_path, 6, n_parallel=2)
+    reads, read = [], optuna.Study.get_trials
+    monkeypatch.setattr(optuna.Study, "get_trials", lambda study, *x, **kw: reads.append(1) or read(study, *x, **kw))
+    asked = []
+    a.run(lambda batch: asked.append(batch) or scored(batch), lambda *_: None)
+    assert [len(b) for b in asked] == [2, 2, 2]
+    assert len(reads) == 2 + len(asked) + 1
+    reads.clear()
+    assert done_study(a.cfg, a.m, a.identity, a.task_identity, a.results_dir) is not None
+    assert len(reads) == 1 + 1
+
+
 def test_a_grid_point_another_folder_runs_is_not_asked_again(sweep_dict, tmp_path):
     """A 2-point grid: point 0 failed, a runs point 1. Nothing is left for b to ask (asking would
     run point 1 twice); b's study has no completed trial yet, and says what still runs."""
