@@ -21,7 +21,7 @@ import yaml
 
 from harness.cache import atomic_write_bytes
 from harness.config import GENERALIZATION, MAIN, SweepConfig, reference_row
-from harness.errors import HarnessError, did_you_mean
+from harness.errors import HarnessError, did_you_mean, last_line
 from harness.job import JobResult
 from harness.plan import base_label, harness_code_id
 from harness.results import (
@@ -623,7 +623,7 @@ def _download(tracking_uri: str, run: Any, path: str, dst: str) -> str:
         return run_artifacts(tracking_uri, run).download_artifacts(path, dst)
     except MlflowException as exc:
         raise HarnessError(f"{tracking_uri}: run {run.info.run_id} ({run.info.run_name}): cannot read its artifact "
-                           f"{path!r} at {run.info.artifact_uri} ({exc.message.strip().splitlines()[-1]})") from None
+                           f"{path!r} at {run.info.artifact_uri} ({last_line(exc.message, type(exc).__name__)})") from None
 
 
 def run_artifacts(tracking_uri: str, run: Any) -> Any:
