@@ -477,3 +477,18 @@ def test_an_artifact_error_with_no_message_names_the_exception_class(monkeypatch
         report._download("sqlite:///x.db", run, "resolved.yaml", "/tmp")
     assert str(err.value) == ("sqlite:///x.db: run r1 (sweep): cannot read its artifact 'resolved.yaml' "
                               "at /gone/artifacts (MlflowException)")
+
+
+def test_a_kept_plot_is_recorded_by_the_one_file_digest_of_its_bytes(tmp_path):
+    """The plot record holds the sha256 of the PNG's bytes as the harness's one file digest
+    (:func:`harness.models.file_digest`) computes it; a PNG not there yet is drawn, not an error."""
+    import hashlib
+
+    from harness import models, report
+
+    assert not hasattr(report, "file_digest") or report.file_digest is models.file_digest
+    path, drawn, record = tmp_path / "p.png", [], {}
+    for _ in range(2):
+        report.kept_plot(record, path, {"title": "t"}, lambda: drawn.append(1) or path.write_bytes(b"png") and path)
+    assert drawn == [1]
+    assert record == {str(path): [report.plot_inputs_digest({"title": "t"}), hashlib.sha256(b"png").hexdigest()]}
