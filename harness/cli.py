@@ -238,7 +238,7 @@ def sweep(file: str, overrides: tuple[str, ...], dry_run: bool, quiet: bool, det
     """Run a sweep: FILE is a YAML sweep, OVERRIDES are key.path=value."""
     cfg = _load(file, overrides, start_workers=not (dry_run or detach), does="submit")
     if dry_run:
-        _check_dataset_folders(cfg, file, overrides)
+        _check_data(cfg, file, overrides)
         _print_plan(cfg, cache=True)
         return
     from harness.runner import run_sweep
@@ -448,20 +448,28 @@ def _method_index(cfg, label: str, file: str) -> int:
 def validate(file: str, overrides: tuple[str, ...]) -> None:
     """Validate FILE and print the resolved config and job plan (runs nothing)."""
     cfg = _load(file, overrides, does="submit")
-    _check_dataset_folders(cfg, file, overrides)
+    _check_data(cfg, file, overrides)
     _print_plan(cfg)
     console.print("[green]valid[/]")
 
 
-def _check_dataset_folders(cfg: Any, file: str, overrides: tuple[str, ...]) -> None:
-    """The datasets found in their folders (:func:`harness.config.check_dataset_folders`): what
-    validate and a dry run check besides what every run's loading does (the run finds them itself)."""
+def _check_data(cfg: Any, file: str, overrides: tuple[str, ...]) -> None:
+    """What validate and a dry run check besides what every run's loading does (the run finds
+    these itself): the datasets found in their folders (:func:`harness.config.check_dataset_folders`)
+    and each test-time-adaptation ``batch_size`` within the split it adapts on
+    (:meth:`harness.workspace.Workspace.check_adaptation_batches`), where the split sizes are
+    known without building a model."""
     from harness.config import ConfigError, check_dataset_folders
+    from harness.errors import NotBuilt
+    from harness.workspace import Workspace
 
     try:
         check_dataset_folders(cfg, file)
     except ConfigError as exc:
         raise exc.blamed_on_overrides(list(overrides)) from None
+    # the tasks of real datasets need the encoder's input size first (NotBuilt): the run's preflight checks them
+    with _fields_of(file, overrides), contextlib.suppress(NotBuilt):
+        Workspace(cfg, build=False).check_adaptation_batches()
 
 
 @main.command(name="list")

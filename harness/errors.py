@@ -60,6 +60,13 @@ def _one_slip(a: str, b: str) -> bool:
     return any(long[:i] + long[i + 1:] == short for i in range(len(long)))
 
 
+def last_line(message: str | None, empty: str) -> str:
+    """The last non-blank line of ``message`` (where a traceback or a wrapped error puts its
+    reason), or ``empty`` when it has none: a one-line error never ends in an IndexError."""
+    lines = (message or "").strip().splitlines()
+    return lines[-1].strip() if lines else empty
+
+
 def storage_problem(exc: BaseException, store: str | None = None) -> str | None:
     """``"cannot write <file>: <why>"`` when ``exc`` (or an exception it was raised from) is a
     write the disk or the folder refused (full, over quota, read-only; ``cannot access`` for no

@@ -55,7 +55,7 @@ class JobResult:
     test_correct: dict[str, str] = field(default_factory=dict)  # task -> packed per-image correctness (test split)
     warnings: list[str] = field(default_factory=list)  # what the driver shows besides the result (artifacts JSON cannot hold)
     ran_on: dict[str, str] = field(default_factory=dict)  # where it ran, when not here: SLURM job id and log
-    # the robustness study run inside the job failed (its StudyFailed line; its traceback in
+    # the robustness study run inside the job failed (its RobustnessStudyFailed line; its traceback in
     # error_detail): the job's other metrics stand, and a rerun of the sweep runs the job again
     study_error: str | None = None
 
@@ -247,8 +247,10 @@ def study_records(workdir: Path) -> Path:
     return workdir.parent / f"{workdir.name}.robustness"
 
 
-class StudyFailed(RuntimeError):
-    """The robustness study failed on one corruption (adapting on its images, or scoring them)."""
+class RobustnessStudyFailed(RuntimeError):
+    """The robustness study failed on one corruption (adapting on its images, or scoring them).
+    Not :class:`harness.tuning.StudyFailed` (a tuning study's trials failed, bad input the driver
+    raises): this one is caught in the job's own process and recorded as its ``study_error``."""
 
 
 @contextlib.contextmanager
@@ -262,16 +264,17 @@ def naming_corruption(name: str, severity: int) -> Iterator[None]:
     except (MemoryError, torch.OutOfMemoryError, PruneTrial):
         raise
     except Exception as exc:
-        raise StudyFailed(f"robustness study, {name} (severity {severity}): {type(exc).__name__}: {exc}") from exc
+        raise RobustnessStudyFailed(f"robustness study, {name} (severity {severity}): "
+                                    f"{type(exc).__name__}: {exc}") from exc
 
 
 def run_robustness_study(result: JobResult, study: Callable[[], dict[str, float]]) -> None:
     """Add the robustness study's metrics to ``result``. A study failing on one corruption
-    (:class:`StudyFailed`) costs only the robustness row: it is recorded as ``study_error`` with
+    (:class:`RobustnessStudyFailed`) costs only the robustness row: it is recorded as ``study_error`` with
     its traceback, and the job's merge, adaptation and clean metrics stand."""
     try:
         metrics = study()
-    except StudyFailed as exc:
+    except RobustnessStudyFailed as exc:
         result.study_error = f"{type(exc).__name__}: {exc}"
         result.error_detail = traceback.format_exc(limit=-5)
         return

@@ -21,8 +21,9 @@ import yaml
 
 from harness.cache import atomic_write_bytes
 from harness.config import GENERALIZATION, MAIN, SweepConfig, reference_row
-from harness.errors import HarnessError, did_you_mean
+from harness.errors import HarnessError, did_you_mean, last_line
 from harness.job import JobResult
+from harness.models import file_digest
 from harness.plan import base_label, harness_code_id
 from harness.results import (
     FAILED,
@@ -287,12 +288,12 @@ def kept_plot(drawn: PlotRecord | None, path: Path, inputs: Mapping[str, Any], d
     if drawn is None:
         return draw()
     key = plot_inputs_digest(inputs)
-    png = file_digest(path) if key else ""
+    png = readable_digest(path) if key else ""
     if png and drawn.get(str(path)) == [key, png]:  # a file that cannot be read is drawn again
         return path
     draw()
     if key:
-        drawn[str(path)] = [key, file_digest(path)]
+        drawn[str(path)] = [key, readable_digest(path)]
     return path
 
 
@@ -308,7 +309,7 @@ def plot_inputs_digest(inputs: Mapping[str, Any]) -> str:
     for name in _RC_FILES:
         candidate = Path(os.path.expanduser(os.path.expandvars(name)))
         if "$" not in str(candidate) and candidate.is_file():
-            rc.append([str(candidate), file_digest(candidate)])
+            rc.append([str(candidate), readable_digest(candidate)])
     try:  # plain data only: anything else (whose text might not tell values apart) is drawn every time
         text = json.dumps([code, libs, rc, inputs], sort_keys=True)
     except (TypeError, ValueError):
@@ -326,10 +327,11 @@ def plot_library_versions() -> list[str] | None:
         return None
 
 
-def file_digest(path: Path) -> str:
-    """sha256 of a file's bytes; empty if it cannot be read."""
+def readable_digest(path: Path) -> str:
+    """:func:`harness.models.file_digest` of a file; empty if it cannot be read (a plot not drawn
+    yet or gone, an rc file we may not read), which keeps no plot."""
     try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
+        return file_digest(path)
     except OSError:
         return ""
 
@@ -623,7 +625,7 @@ def _download(tracking_uri: str, run: Any, path: str, dst: str) -> str:
         return run_artifacts(tracking_uri, run).download_artifacts(path, dst)
     except MlflowException as exc:
         raise HarnessError(f"{tracking_uri}: run {run.info.run_id} ({run.info.run_name}): cannot read its artifact "
-                           f"{path!r} at {run.info.artifact_uri} ({exc.message.strip().splitlines()[-1]})") from None
+                           f"{path!r} at {run.info.artifact_uri} ({last_line(exc.message, type(exc).__name__)})") from None
 
 
 def run_artifacts(tracking_uri: str, run: Any) -> Any:

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from harness.cache import content_key
 from harness.config import MethodSpec, SweepConfig, TuneSpec, held_value, space_probe
-from harness.errors import FieldError, HarnessError
+from harness.errors import FieldError, HarnessError, last_line
 from harness.job import JobResult, read_result
 from harness.plan import JobSpec, method_class_id, setting_text, with_key
 from harness.results import TrialCounts
@@ -718,7 +718,7 @@ class StudyRunner:
                 state = self.tell(spec, result)
                 failures += state == "FAIL"
                 if state == "FAIL":
-                    last_error = (result.error or "no error recorded").strip().splitlines()[-1]
+                    last_error = last_line(result.error, "no error recorded")
                 record(spec, result, state)
             if failures > max(3, target):
                 raise StudyFailed(f"study {self.name!r}: {failures} trials failed, the last with: "

@@ -352,9 +352,12 @@ def test_a_per_corruption_adaptation_names_its_corruption_on_its_progress_line(m
     ({"name": "adamerging", "tune": {"n_trials": 2, "space": {"batch_size": {"type": "int", "low": 4, "high": 81}}}},
      "methods.0.tune.space.batch_size"),
 ])
-def test_a_batch_larger_than_the_split_adapted_on_is_one_line_naming_the_field(sweep_dict, tmp_path, method, field):
+@pytest.mark.parametrize("command", [["sweep", "-q"], ["validate"], ["sweep", "--dry-run"]])
+def test_a_batch_larger_than_the_split_adapted_on_is_one_line_naming_the_field(sweep_dict, tmp_path, method, field,
+                                                                               command):
     """The toy tasks' test splits hold 80 images: 81 per step cannot be drawn, so the sweep stops
-    before anything runs, naming the file, the field and the value (80 runs)."""
+    before anything runs, naming the file, the field and the value (80 runs); validate and a dry
+    run, which build no model, say the same."""
     import yaml
     from click.testing import CliRunner
 
@@ -365,7 +368,7 @@ def test_a_batch_larger_than_the_split_adapted_on_is_one_line_naming_the_field(s
     d = dict(sweep_dict, methods=[method])
     f = tmp_path / "s.yaml"
     f.write_text(yaml.safe_dump(d))
-    r = CliRunner().invoke(main, ["sweep", "-q", str(f)])
+    r = CliRunner().invoke(main, [*command, str(f)])
     lines = r.stderr.strip().splitlines()
     assert r.exit_code == 2 and len(lines) == 1, r.stderr
     assert lines[0].startswith(f"error: {f}: {field}: larger than the test split of task ") and "(80 images)" in lines[0]
@@ -375,6 +378,8 @@ def test_a_batch_larger_than_the_split_adapted_on_is_one_line_naming_the_field(s
                                      {"name": "adamerging", "tune": {"n_trials": 2, "space": {
                                          "batch_size": {"type": "int", "low": 4, "high": 80}}}}])
     Workspace(validate_config(fits)).preflight()
+    f.write_text(yaml.safe_dump(fits))
+    assert CliRunner().invoke(main, ["validate", str(f)]).exit_code == 0
 
 
 def test_a_task_left_out_of_adaptation_does_not_bound_its_batch(sweep_dict, monkeypatch):

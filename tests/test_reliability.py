@@ -64,7 +64,7 @@ def test_a_failed_robustness_study_is_reported_with_its_traceback_and_exit_code(
     (key,) = [p.parent.name for p in (cfg.resolved_output_dir() / "artifacts").glob("*/traceback.txt")]
     path = cfg.resolved_output_dir() / "artifacts" / key / "traceback.txt"
     assert "1 robustness study run inside a job failed" in err and "jobs failed" not in err
-    assert ("tta(corruption=contrast): StudyFailed: robustness study, contrast (severity 3): FloatingPointError: "
+    assert ("tta(corruption=contrast): RobustnessStudyFailed: robustness study, contrast (severity 3): FloatingPointError: "
             f"adaptation loss is NaN at step 3 traceback: {path}") in err
     rows = [[c.strip() for c in line.split("│")[1:-1]] for line in r.stdout.splitlines() if line.startswith("│")]
     main_row = next(row for row in rows if row[:2] == ["tta", "corruption=contrast"])

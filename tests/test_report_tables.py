@@ -445,3 +445,50 @@ def test_a_kept_plot_is_drawn_again_under_other_code_libraries_or_matplotlibrc(t
     assert draws() == 1 and draws() == 0
     (tmp_path / "matplotlibrc").write_text("lines.linewidth: 4\n")
     assert draws() == 1 and draws() == 0
+
+
+@pytest.mark.parametrize("message, expected", [
+    ("", "fallback"), (None, "fallback"), ("  \n\t\n ", "fallback"),
+    ("one reason", "one reason"), ("Traceback:\n  at x\nValueError: bad\n\n  ", "ValueError: bad"),
+])
+def test_last_line_of_a_message_falls_back_on_an_empty_or_blank_one(message, expected):
+    """The reason a one-line error quotes: a blank message gives the fallback, not an IndexError."""
+    from harness.errors import last_line
+
+    assert last_line(message, "fallback") == expected
+
+
+@pytest.mark.parametrize("message", ["", "   \n  "])
+def test_an_artifact_error_with_no_message_names_the_exception_class(monkeypatch, message):
+    """MLflow's error without a message: the report's one line names the exception's class."""
+    from types import SimpleNamespace
+
+    from mlflow.exceptions import MlflowException
+
+    import harness.report as report
+
+    class Refusing:
+        def download_artifacts(self, path, dst):
+            raise MlflowException(message)
+
+    monkeypatch.setattr(report, "run_artifacts", lambda uri, run: Refusing())
+    run = SimpleNamespace(info=SimpleNamespace(run_id="r1", run_name="sweep", artifact_uri="/gone/artifacts"))
+    with pytest.raises(HarnessError) as err:
+        report._download("sqlite:///x.db", run, "resolved.yaml", "/tmp")
+    assert str(err.value) == ("sqlite:///x.db: run r1 (sweep): cannot read its artifact 'resolved.yaml' "
+                              "at /gone/artifacts (MlflowException)")
+
+
+def test_a_kept_plot_is_recorded_by_the_one_file_digest_of_its_bytes(tmp_path):
+    """The plot record holds the sha256 of the PNG's bytes as the harness's one file digest
+    (:func:`harness.models.file_digest`) computes it; a PNG not there yet is drawn, not an error."""
+    import hashlib
+
+    from harness import models, report
+
+    assert not hasattr(report, "file_digest") or report.file_digest is models.file_digest
+    path, drawn, record = tmp_path / "p.png", [], {}
+    for _ in range(2):
+        report.kept_plot(record, path, {"title": "t"}, lambda: drawn.append(1) or path.write_bytes(b"png") and path)
+    assert drawn == [1]
+    assert record == {str(path): [report.plot_inputs_digest({"title": "t"}), hashlib.sha256(b"png").hexdigest()]}

@@ -649,7 +649,7 @@ def test_a_failed_adaptation_on_one_corruption_is_named(sweep_dict):
     out = run_sweep(cfg, console=Console(file=printed, width=400))
     assert not out.failed
     (job,) = out.study_failed
-    assert job.study_error == ("StudyFailed: robustness study, gaussian_noise (severity 3): "
+    assert job.study_error == ("RobustnessStudyFailed: robustness study, gaussian_noise (severity 3): "
                                "FloatingPointError: adaptation loss is NaN at step 3")
     title = "tests.faulty_methods:FailsAdaptingOn(corruption=gaussian_noise)"
     assert f"failed robustness study of {title}: {job.study_error}" in printed.getvalue()
@@ -678,6 +678,28 @@ def test_a_failed_adaptation_on_one_corruption_is_named(sweep_dict):
     assert job.key not in cached  # the study is run again
 
 
+def test_the_harness_exception_classes_have_distinct_names():
+    """An error line names its exception's class alone: two classes of one name (a robustness
+    study's failure inside a job, a tuning study's in the driver) read as one failure."""
+    import importlib
+    import inspect
+    import pkgutil
+    from collections import defaultdict
+
+    import harness
+
+    where = defaultdict(list)
+    for info in pkgutil.walk_packages(harness.__path__, "harness."):
+        if info.name.endswith("__main__"):  # runs the command line when imported
+            continue
+        module = importlib.import_module(info.name)
+        for name, cls in inspect.getmembers(module, inspect.isclass):
+            if issubclass(cls, BaseException) and cls.__module__ == info.name:
+                where[name].append(info.name)
+    assert "StudyFailed" in where
+    assert {name: mods for name, mods in where.items() if len(mods) > 1} == {}
+
+
 def test_a_study_failing_to_score_one_corruption_keeps_the_main_rows(sweep_dict, monkeypatch):
     """The zero-shot model's and a one-setting merge's studies (scoring only, no adaptation)
     failing on one corruption's split keep their main rows as the jobs evaluated them; only
@@ -689,7 +711,7 @@ def test_a_study_failing_to_score_one_corruption_keeps_the_main_rows(sweep_dict,
     pixelate_split_unreadable(monkeypatch)
     out = run_sweep(validate_config(d), quiet=True)
     assert not out.failed and [r.study_error for r in out.study_failed] == [
-        "StudyFailed: robustness study, pixelate (severity 2): OSError: corrupted split unreadable"] * 2
+        "RobustnessStudyFailed: robustness study, pixelate (severity 2): OSError: corrupted split unreadable"] * 2
     monkeypatch.undo()
     truth = run_sweep(validate_config(dict(d, output_dir=d["output_dir"] + "-truth",
                                            robustness={**d["robustness"], "corruptions": ["contrast"]})), quiet=True)

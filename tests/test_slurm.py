@@ -459,7 +459,7 @@ def test_a_job_whose_robustness_study_failed_is_retried_and_its_log_says_why(mic
     err = capsys.readouterr().err
     assert result["status"] == "ok" and "acc/avg" in result["metrics"]
     said = ("harness job tests.faulty_methods:FailsAdaptingOn(corruption=contrast) finished, its robustness study "
-            "failed: StudyFailed: robustness study, contrast (severity 3): FloatingPointError: adaptation loss is NaN")
+            "failed: RobustnessStudyFailed: robustness study, contrast (severity 3): FloatingPointError: adaptation loss is NaN")
     assert said in err and "Traceback" in err
     pickle_file = tmp_path / "0_result.pkl"  # written by this user, as the job's own result is
     pickle_file.write_bytes(b"")
