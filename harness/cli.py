@@ -624,6 +624,7 @@ def _folder_store(target: str, cfg) -> str:
     from harness.tracking import is_own_store, relocate_copied_store
 
     folder = Path(target).resolve()
+    _refuse_unrun(target, folder)
     db = folder / "mlflow.db"
     if cfg is not None and cfg.tracking_uri and not is_own_store(cfg.tracking_uri, cfg.resolved_output_dir()):
         return cfg.tracking_uri
@@ -638,6 +639,21 @@ def _folder_store(target: str, cfg) -> str:
         return os.environ["MLFLOW_TRACKING_URI"]
     fail(f"{target}: no mlflow.db in this folder")
     raise AssertionError
+
+
+def _refuse_unrun(target: str, folder: Path) -> None:
+    """Stop where no job has run in output folder ``folder`` yet: a sweep killed while preparing
+    (or preparing now) leaves only its lock file there, which is no mlflow.db gone missing, nor,
+    with MLFLOW_TRACKING_URI set, a folder to report that store's latest sweep (another one) for."""
+    from harness.runner import LOCK_FILE
+
+    try:
+        ran = any(entry.name != LOCK_FILE for entry in os.scandir(folder))
+    except OSError:
+        return  # unreadable: opening its store says what is wrong
+    if not ran:
+        fail(f"{target}: no job has run in this output folder yet (a sweep stopped while preparing, or preparing "
+             "now, leaves only its lock file): run `harness sweep` with its sweep file")
 
 
 @main.command()

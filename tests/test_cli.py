@@ -679,6 +679,44 @@ def test_report_of_a_first_sweep_before_its_end_says_it_has_not_ended(sweep_dict
     assert CliRunner().invoke(main, ["report", sweep_dict["output_dir"], "--out", str(tmp_path / "rep")]).exit_code == 0
 
 
+def test_a_sweep_killed_while_preparing_reports_that_no_job_ran_and_its_rerun_runs_them_all(sweep_dict, tmp_path,
+                                                                                           monkeypatch):
+    """SIGKILL after the driver made and locked a new output folder, before any job: no handler
+    removes the folder, which holds only the lock file. ``report`` and ``ui`` say no job ran there
+    (not that its mlflow.db is missing, nor, MLFLOW_TRACKING_URI set, another store's latest
+    sweep); ``status`` that nothing was submitted; the rerun runs every job the dry run planned."""
+    import re
+
+    out = tmp_path / "new" / "out"
+    sweep_dict["output_dir"] = str(out)
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump(sweep_dict))
+    planned = CliRunner().invoke(main, ["sweep", "--dry-run", str(f)])
+    n = int(re.search(r"(\d+) jobs: 0 cached, \1 to run", planned.output).group(1))
+    root = Path(__file__).resolve().parents[1]
+    killed = subprocess.run([sys.executable, "-m", "harness", "sweep", "-q", str(f)], cwd=root, capture_output=True,
+                            env={**os.environ, "HARNESS_FAILPOINT": "prepare"}, timeout=300)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert sorted(p.name for p in out.iterdir()) == [".sweep.lock"]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'elsewhere.db'}")
+    monkeypatch.setattr(os, "execve", lambda *args: pytest.fail("the MLflow server was started"))
+    for command in (["report", str(f)], ["report", str(out)], ["ui", str(out)]):
+        r = CliRunner().invoke(main, command)
+        assert r.exit_code == 2 and (r.exception is None or isinstance(r.exception, SystemExit)), r.output
+        assert " ".join(r.stderr.split()) == (
+            f"error: {out}: no job has run in this output folder yet (a sweep stopped while preparing, or preparing "
+            "now, leaves only its lock file): run `harness sweep` with its sweep file"), command
+    r = CliRunner().invoke(main, ["status", str(f)])
+    assert r.exit_code == 2 and "no SLURM submissions recorded under" in r.stderr, r.output
+    assert not (tmp_path / "elsewhere.db").exists()
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    rerun = CliRunner().invoke(main, ["sweep", "-q", str(f)])
+    assert rerun.exit_code == 0, rerun.output
+    assert len(list((out / "results").glob("*.json"))) == n
+    assert f"{n} jobs: {n} cached, 0 to run" in CliRunner().invoke(main, ["sweep", "--dry-run", str(f)]).output
+    assert CliRunner().invoke(main, ["report", str(out), "--out", str(tmp_path / "rep")]).exit_code == 0
+
+
 def test_report_of_a_sweep_run_whose_jobs_artifact_is_damaged_names_it(sweep_dict, tmp_path):
     """``report/jobs.json`` as logged to the sweep run, cut short or edited: one line naming the
     store, the run and the artifact, as `harness export` names the folder's copy, not a JSON

@@ -791,7 +791,7 @@ def test_a_driver_waits_on_while_slurm_does_not_answer(tmp_path, monkeypatch):
     d["executor"] = {"kind": "slurm"}
     ex = slurm.SlurmExecutor(validate_config(d))
     ex.log.record({"k": {"job_id": "9_2"}})
-    attach, submit = ex._reattach([t.spec])  # a rerun meanwhile: not submitted a second time
+    attach, submit, _ = ex._reattach([t.spec])  # a rerun meanwhile: not submitted a second time
     assert [a.job_id for a in attach] == ["9_2"] and submit == []
     monkeypatch.setattr(slurm, "UNKNOWN_GRACE_S", -1.0)  # long past its submission
     table, counts = slurm.status_table(ex.cfg)
@@ -950,12 +950,50 @@ def test_status_and_a_rerun_list_the_folders_rather_than_stat_each_job(tmp_path,
             _, counts = slurm.status_table(ex.cfg)
             status = sum(calls.values())
             calls.clear()
-            attach, submit = ex._reattach(specs)
-            ex.changed_settings(attach), ex.changed_harness(attach)
+            attach, submit, listed = ex._reattach(specs)
+            ex.changed_settings(attach, listed), ex.changed_harness(attach, listed)
             rerun = sum(calls.values())
         assert counts["pending"] == n and len(attach) == n and submit == []
         costs[n] = status, rerun
     assert costs[60] == costs[4], costs
+
+
+@pytest.mark.parametrize("how", ["submit", "run"])
+def test_a_rerun_lists_the_slurm_folder_once_for_its_jobs_and_what_it_tells_of_them(tmp_path, monkeypatch, how):
+    """A rerun (``--detach`` or attached) listed the folder of its jobs found again three times:
+    to tell finished from queued ones, then again for the warnings on queued jobs of other
+    executor settings and of other harness code. One listing now serves all three, and the
+    warnings still name exactly the queued jobs of other settings and code, not the finished one."""
+    import io
+
+    from rich.console import Console
+
+    import harness.executors.slurm as slurm
+    from harness.plan import JobSpec
+
+    d = make_sweep_dict(Path("/nonexistent"), tmp_path)
+    d["executor"] = {"kind": "slurm", "mem_gb": 1}
+    before = slurm.job_settings(validate_config(d))
+    d["executor"] = {"kind": "slurm", "mem_gb": 2}
+    ex = slurm.SlurmExecutor(validate_config(d), progress=True, console=Console(file=io.StringIO(), width=400))
+    specs = [JobSpec("merge", f"m{i}", key=f"k{i}") for i in range(4)]
+    ex.log.record({"k0": {"job_id": "5_0", "settings": before}, "k1": {"job_id": "5_1", "harness_code": "0ld0ld0ld0ld0ld0"},
+                   "k2": {"job_id": "5_2", "settings": before, "harness_code": "0ld0ld0ld0ld0ld0"},
+                   "k3": {"job_id": "5_3", "settings": before}})
+    monkeypatch.setattr(slurm, "_usable_result", lambda job: True)
+    (ex.folder / "5_3_0_result.pkl").write_bytes(b"")  # finished: neither warning names it
+    queued = "".join(f"5_{i}|PENDING|Priority\n" for i in range(3))
+    monkeypatch.setattr(slurm, "_run", lambda cmd: queued if cmd[0] == "squeue" else "")
+    monkeypatch.setattr(ex, "_wait", lambda tracked, on_start: iter(()))
+    listings = []
+    real_scandir = os.scandir
+    monkeypatch.setattr(os, "scandir", lambda path: listings.append(path) or real_scandir(path))
+    told = ex.submit(specs) if how == "submit" else (list(ex.run(specs)), ex.console.file.getvalue())[1]
+    monkeypatch.undo()
+    assert len(listings) == 1, listings
+    told = " ".join(told.split())
+    assert "keep the executor settings of that submission (mem_gb 1.0, now 2.0): `scancel 5_0 5_2`" in told, told
+    assert "other harness code" in told and "`scancel 5_1 5_2` and rerun to submit with this code" in told, told
 
 
 def _fake_slurm_on_path(tmp_path, monkeypatch, squeue: str) -> None:
@@ -1631,7 +1669,7 @@ def test_status_does_not_call_collected_a_job_a_rerun_submits_again(tmp_path, mi
     results = cfg.resolved_output_dir() / "results"
     results.mkdir()
     (results / "k.json").write_text(json.dumps(result.to_dict()))
-    _, submit = SlurmExecutor(cfg)._reattach([spec])
+    _, submit, _ = SlurmExecutor(cfg)._reattach([spec])
     assert submit == [spec]
     _, counts = status_table(cfg)
     assert (counts["failed"], counts["collected"]) == (1, 0), counts
@@ -1677,7 +1715,7 @@ def test_a_slurm_folder_that_cannot_be_listed_does_not_resubmit_finished_jobs(tm
         return real_scandir(path)
 
     monkeypatch.setattr(os, "scandir", scandir)
-    attach, submit = ex._reattach([spec])
+    attach, submit, _ = ex._reattach([spec])
     assert submit == [] and [t.spec.key for t in attach] == ["k0"]
 
 

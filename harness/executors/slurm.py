@@ -487,17 +487,20 @@ class SlurmExecutor:
                              for s, j in zip(specs, jobs)})
         return [_Tracked(s, j) for s, j in zip(specs, jobs)]
 
-    def _reattach(self, specs: list[JobSpec]) -> tuple[list[_Tracked], list[JobSpec]]:
+    def _reattach(self, specs: list[JobSpec]) -> tuple[list[_Tracked], list[JobSpec], set[str] | None]:
         """Split specs into jobs found again (queued, running, or finished with a usable result)
-        and specs to submit (never submitted, or the last attempt died or failed)."""
+        and specs to submit (never submitted, or the last attempt died or failed), with the listing
+        of the found jobs' folders it looked at (:func:`listed_files`), which the warnings about
+        them reuse: one listing per submission, not one for each thing told of its jobs."""
         if self.kind != "slurm":
-            return [], list(specs)
+            return [], list(specs), None
         records = self.log.load()
         found = {s.key: submitit.SlurmJob(folder=self.folder, job_id=records[s.key]["job_id"])
                  for s in specs if s.key in records}
-        if self.collect_only:  # collect waits on every recorded job, whatever its state
-            return [_Tracked(s, found[s.key]) for s in specs if s.key in found], [s for s in specs if s.key not in found]
         listed = listed_files(Path(j.paths.result_pickle) for j in found.values())
+        if self.collect_only:  # collect waits on every recorded job, whatever its state
+            return ([_Tracked(s, found[s.key]) for s in specs if s.key in found],
+                    [s for s in specs if s.key not in found], listed)
         states = slurm_states([str(j.job_id) for j in found.values() if not _exists(j.paths.result_pickle, listed)])
         attach, submit = [], []
         for s in specs:
@@ -510,15 +513,16 @@ class SlurmExecutor:
             else:
                 usable = states[str(job.job_id)] in ALIVE_STATES | {NO_ANSWER}  # no answer: not resubmitted twice
             (attach if usable else submit).append(_Tracked(s, job) if usable else s)
-        return attach, submit
+        return attach, submit, listed
 
-    def changed_settings(self, attach: list[_Tracked]) -> str | None:
+    def changed_settings(self, attach: list[_Tracked], listed: set[str] | None = None) -> str | None:
         """What to tell of jobs found queued or running that were submitted with other executor
         settings (a rerun after raising ``mem_gb``): SLURM keeps the settings a job was submitted
-        with, so they would end as the failed ones did; None when there are none."""
+        with, so they would end as the failed ones did; None when there are none. ``listed``:
+        their folders' listing made already (None: made now)."""
         records = self.log.load()
         now = job_settings(self.cfg)
-        listed = listed_files(p for t in attach for p in t.paths())
+        listed = listed if listed is not None else listed_files(p for t in attach for p in t.paths())
         ids, fields = [], {}
         for t in attach:
             then = records.get(t.spec.key, {}).get("settings")
@@ -534,15 +538,15 @@ class SlurmExecutor:
         return (f"{len(ids)} queued or running job{'' if len(ids) == 1 else 's'} found from an earlier submission "
                 f"keep the executor settings of that submission ({said}): `scancel {' '.join(ids)}` and rerun to submit with these")
 
-    def changed_harness(self, attach: list[_Tracked]) -> str | None:
+    def changed_harness(self, attach: list[_Tracked], listed: set[str] | None = None) -> str | None:
         """What to tell of jobs found queued or running that were submitted with other harness code
         than this driver's (the harness was updated or edited since): their keys did not change, but
         each one that starts on a node importing other code than it was planned with fails with
         HarnessChanged (the nodes usually import what this driver does); None when there are none. Submissions
-        recorded before the code was recorded are not told apart."""
+        recorded before the code was recorded are not told apart. ``listed``: as for :meth:`changed_settings`."""
         records = self.log.load()
         here, now = harness_code_id()
-        listed = listed_files(p for t in attach for p in t.paths())
+        listed = listed if listed is not None else listed_files(p for t in attach for p in t.paths())
         ids, then = [], {}
         for t in attach:
             rec = records.get(t.spec.key, {})
@@ -591,9 +595,10 @@ class SlurmExecutor:
     def submit(self, specs: list[JobSpec]) -> str:
         """Submit without waiting (``--detach``); jobs already queued or running are not resubmitted."""
         self._require_cluster("--detach")
-        attach, todo = self._reattach(specs)
+        attach, todo, listed = self._reattach(specs)
         tracked = self._submit(todo)
-        changed = "".join(f"{line}\n" for line in (self.changed_settings(attach), self.changed_harness(attach)) if line)
+        changed = "".join(f"{line}\n" for line in (self.changed_settings(attach, listed),
+                                                   self.changed_harness(attach, listed)) if line)
         return (f"{_submitted_line(tracked, attach)}; record: {self.log.path}\n" + changed
                 + "check with `harness status`, gather results with `harness collect`")
 
@@ -612,13 +617,13 @@ class SlurmExecutor:
             ) -> Iterator[tuple[JobSpec, JobResult]]:
         if not specs:
             return
-        attach, todo = self._reattach(specs)
+        attach, todo, listed = self._reattach(specs)
         if self.collect_only:
             todo = []  # collect never submits; run() only sees recorded specs then
         submitted = self._submit(todo)
         if self.kind == "slurm" and self.progress:  # a rerun says it found its jobs again, not resubmitted
             self.console.print(_submitted_line(submitted, attach), highlight=False)
-            for changed in (self.changed_settings(attach), self.changed_harness(attach)):
+            for changed in (self.changed_settings(attach, listed), self.changed_harness(attach, listed)):
                 if changed:
                     self.console.print(f"[yellow]warning[/] {escape(changed)}", highlight=False)
         tracked = attach + submitted
