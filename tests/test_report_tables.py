@@ -12,6 +12,7 @@ from harness.config import MethodSpec, validate_config
 from harness.errors import HarnessError
 from harness.job import JobResult
 from harness.report import build_report
+from harness.results import TrialCounts, build_rows
 
 A, B = "toy_stripes", "toy_colours"
 
@@ -445,3 +446,29 @@ def test_a_kept_plot_is_drawn_again_under_other_code_libraries_or_matplotlibrc(t
     assert draws() == 1 and draws() == 0
     (tmp_path / "matplotlibrc").write_text("lines.linewidth: 4\n")
     assert draws() == 1 and draws() == 0
+
+
+def bound_job(task: str, scaling: float, acc: float) -> JobResult:
+    return JobResult(f"pr{scaling}{task}", "perfect_routing", "perfect routing", {"scaling": scaling}, task, "ok",
+                     {f"acc/{task}": acc})
+
+
+def test_bound_rows_follow_their_lambdas_whatever_order_the_jobs_were_read_in():
+    """MLflow returns runs newest first: the bound rows still come in ascending lambda order."""
+    jobs = [bound_job(A, 0.6, 70.0), bound_job(B, 0.6, 50.0), bound_job(A, 0.3, 60.0), bound_job(B, 0.3, 40.0)]
+    for read_in in (jobs, jobs[::-1]):
+        rows = build_rows(read_in, [A, B], [])
+        assert [(r.method, r.avg) for r in rows] == [("perfect routing (0.3)", 50.0), ("perfect routing (0.6)", 60.0)]
+
+
+def test_a_row_names_its_failed_tasks_in_the_sweeps_task_order():
+    """Task order A, B is not alphabetical order."""
+    lost = [JobResult(f"i{t}", "individual", "individual", {}, t, "failed", error="boom") for t in (B, A)]
+    assert [r.setting for r in build_rows(lost, [A, B], [])] == [f"failed: {A}, {B}"]
+
+
+def test_a_tuned_rows_note_counts_failed_and_pruned_trials():
+    assert TrialCounts(20, failed=2, pruned=3).note() == "2 of 20 trials failed, 3 pruned"
+    assert TrialCounts(20, failed=2).note() == "2 of 20 trials failed"
+    assert TrialCounts(20, pruned=3).note() == "3 of 20 trials pruned"
+    assert TrialCounts(20).note() == ""
