@@ -11,8 +11,9 @@ import pytest
 from harness.config import MethodSpec, validate_config
 from harness.errors import HarnessError
 from harness.job import JobResult
-from harness.report import build_report
-from harness.results import TrialCounts, build_rows
+from harness.report import build_report, default_reference, generalization_records, significance_records
+from harness.results import Row, TrialCounts, build_rows
+from harness.significance import pack_correct
 
 A, B = "toy_stripes", "toy_colours"
 
@@ -472,3 +473,48 @@ def test_a_tuned_rows_note_counts_failed_and_pruned_trials():
     assert TrialCounts(20, failed=2).note() == "2 of 20 trials failed"
     assert TrialCounts(20, pruned=3).note() == "3 of 20 trials pruned"
     assert TrialCounts(20).note() == ""
+
+
+def test_an_unseen_sweeps_generalization_table_averages_each_rows_unseen_tasks():
+    C, D = "toy_checks", "toy_bars"
+    rows = [Row("pretrained", "zero-shot", {A: 40.0, B: 30.0, C: 20.0, D: 11.0}, 35.0, None),
+            Row("individual", "per task", {A: 90.0, B: 80.0, C: 70.0, D: 60.0}, 85.0, 100.0),
+            Row("task_arithmetic", "scaling=0.3", {A: 60.0, B: 50.0, C: 25.0, D: 14.0}, 55.0, 70.0),
+            Row("ties", "failed", {}, None, None),
+            Row("partial", "", {A: 60.0, B: 50.0, C: 25.0}, 55.0, 70.0)]  # an unseen task not scored: left out
+    header, body = generalization_records(rows, [A, B], [C, D])
+    assert header == ["method", "seen avg", C, D, "unseen avg"]
+    assert body == [["pretrained", "35.0", "20.0", "11.0", "15.5"],  # (20 + 11) / 2
+                    ["task_arithmetic", "55.0", "25.0", "14.0", "19.5"],  # (25 + 14) / 2
+                    ["ties", "failed", "failed", "failed", "failed"]]
+
+
+def test_the_default_reference_is_task_arithmetic_else_the_first_method_that_did_not_fail():
+    """A failed method has no test predictions: as the reference it would leave no significance table."""
+    def row(method: str, failed: bool = False) -> Row:
+        return Row(method, "", {}, None if failed else 50.0, None)
+
+    assert default_reference([row("pretrained"), row("ties"), row("task_arithmetic")]) == ["task_arithmetic"]
+    assert default_reference([row("pretrained"), row("individual"), row("ties", failed=True), row("tsv")]) == ["tsv"]
+    assert default_reference([row("pretrained"), row("ties", failed=True)]) == []
+
+
+def test_each_row_is_compared_with_the_reference_signed_and_in_table_order():
+    """Per task, 100 test images: the reference gets the first 50 right, ``best`` all, ``worst``
+    none: +50.0 and -50.0 points, every resample on one side of 0 (p below 0.001)."""
+    half = pack_correct([True] * 50 + [False] * 50)
+
+    def row(method: str, correct: bool) -> Row:
+        packed = pack_correct([correct] * 100)
+        return Row(method, "", {}, 50.0, None, test_correct={A: packed, B: packed})
+
+    ref = Row("task_arithmetic", "", {}, 50.0, None, test_correct={A: half, B: half})
+    older = Row("cached_before_records", "", {}, 50.0, None)  # no per-image records: left out
+    header, body = significance_records([row("best", True), ref, older, row("worst", False)], [A, B],
+                                        ["task_arithmetic"])
+    assert header == ["method", "against", "difference", "95% interval", "p", "test images"]
+    assert [line[:3] + line[4:] for line in body] == [["best", "task_arithmetic", "+50.0", "<0.001", "200"],
+                                                     ["worst", "task_arithmetic", "-50.0", "<0.001", "200"]]
+    low, high = (float(x) for x in body[0][3].strip("[]").split(","))
+    assert 0 < low <= 50.0 <= high
+    assert body[1][3].startswith("[-")
