@@ -44,6 +44,17 @@ def test_the_generalization_blocks_seen_tasks_follow_the_sweeps_task_order(sweep
     assert cfg.generalization_seen == [A, C]
 
 
+def test_a_sweep_whose_every_task_is_unseen_is_refused(sweep_dict):
+    with pytest.raises(ConfigError, match="unseen: every task is unseen: nothing to merge"):
+        validate_config(dict(sweep_dict, unseen=list(sweep_dict["tasks"])))
+
+
+def test_a_tuned_range_must_be_wider_than_a_point(sweep_dict):
+    space = {"scaling": {"type": "float", "low": 0.5, "high": 0.5}}
+    with pytest.raises(ConfigError, match=r"low \(0.5\) must be below high \(0.5\)"):
+        validate_config(dict(sweep_dict, methods=[{"name": "task_arithmetic", "tune": {"space": space}}]))
+
+
 def write(d: dict, path) -> str:
     path.write_text(yaml.safe_dump(d))
     return str(path)
