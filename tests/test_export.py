@@ -186,6 +186,20 @@ def test_a_generalization_row_or_a_failed_row_is_refused_saying_why_not_rerun(sw
     assert not list(tmp_path.glob("*.safetensors"))
 
 
+def test_a_row_with_some_settings_failed_and_the_rest_not_run_says_rerun(sweep_dict, tmp_path):
+    """"Every setting failed" only where every one did: a setting not yet run may still finish."""
+    sweep_dict["references"] = False
+    sweep_dict["methods"] = [{"name": "tests.failing_method:AlwaysFailsWithParam", "label": "fails",
+                              "grid": {"strength": [0.1, 0.2]}}]
+    cfg = validate_config(sweep_dict)
+    run_sweep(cfg, quiet=True)
+    tracebacks = sorted((cfg.resolved_output_dir() / "artifacts").glob("*/traceback.txt"))
+    assert len(tracebacks) == 2
+    tracebacks[0].unlink()  # that setting's job as if it had not run
+    with pytest.raises(ExportError, match=r"row 'fails': no finished setting in .*: rerun the sweep"):
+        export_merged(cfg, "fails", tmp_path / "f.safetensors")
+
+
 def test_a_row_run_with_checkpoint_every_0_adapts_again_and_says_why(sweep_dict, tmp_path, adam_steps):
     import yaml
 
@@ -208,11 +222,13 @@ def test_the_metadata_names_the_checkpoints_merged_not_the_unseen_ones(trained_c
     d["references"] = False
     d["methods"] = [{"name": "task_arithmetic", "grid": {"scaling": [0.3]}}]
     cfg = validate_config(d)
-    run_sweep(cfg, quiet=True)
+    row = run_sweep(cfg, quiet=True).rows[0]
     export_merged(cfg, "task_arithmetic", tmp_path / "ta.safetensors")
     with safe_open(str(tmp_path / "ta.safetensors"), "pt") as f:
         meta = f.metadata()
     assert sorted(json.loads(meta["finetuned_digests"])) == sorted(TRAINED_TASKS[:-1])
+    assert row.val_avg != row.avg  # the two accuracies are told apart: each is its table row's
+    assert (meta["val_acc_avg"], meta["test_acc_avg"]) == (f"{row.val_avg:.4f}", f"{row.avg:.4f}")
     assert all(isinstance(json.loads(meta[k]), dict) for k in ("params", "finetuned_digests"))
 
 
@@ -298,6 +314,18 @@ def test_an_out_that_is_one_of_the_sweeps_inputs_is_refused(tmp_path):
         assert r.exit_code == 2 and r.output.startswith(f"error: {out}: {fragment}"), r.output
     assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in ckpt.iterdir()} == before
     assert not (tmp_path / "cache" / "merged.safetensors").exists()
+
+
+def test_an_out_inside_an_input_model_folder_is_refused(sweep_dict, tmp_path):
+    """A Hugging Face CLIP given as a folder: a file written into it would be read as part of it."""
+    from harness.export import _refuse_an_input
+
+    folder = tmp_path / "hf-clip"
+    folder.mkdir()
+    sources = {"pretrained": str(folder), "finetuned": {}, "heads": {}}
+    with pytest.raises(ExportError, match=f"is one of the sweep's input models \\({folder}\\)"):
+        _refuse_an_input(folder / "merged.safetensors", validate_config(sweep_dict), sources)
+    _refuse_an_input(tmp_path / "merged.safetensors", validate_config(sweep_dict), sources)  # beside it: fine
 
 
 def test_a_row_of_an_edited_method_of_ones_own_is_refused_naming_its_file(sweep_dict, tmp_path, monkeypatch):

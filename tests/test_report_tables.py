@@ -11,7 +11,9 @@ import pytest
 from harness.config import MethodSpec, validate_config
 from harness.errors import HarnessError
 from harness.job import JobResult
-from harness.report import build_report
+from harness.report import build_report, default_reference, generalization_records, significance_records
+from harness.results import Row, TrialCounts, build_rows
+from harness.significance import pack_correct
 
 A, B = "toy_stripes", "toy_colours"
 
@@ -492,3 +494,74 @@ def test_a_kept_plot_is_recorded_by_the_one_file_digest_of_its_bytes(tmp_path):
         report.kept_plot(record, path, {"title": "t"}, lambda: drawn.append(1) or path.write_bytes(b"png") and path)
     assert drawn == [1]
     assert record == {str(path): [report.plot_inputs_digest({"title": "t"}), hashlib.sha256(b"png").hexdigest()]}
+
+
+def bound_job(task: str, scaling: float, acc: float) -> JobResult:
+    return JobResult(f"pr{scaling}{task}", "perfect_routing", "perfect routing", {"scaling": scaling}, task, "ok",
+                     {f"acc/{task}": acc})
+
+
+def test_bound_rows_follow_their_lambdas_whatever_order_the_jobs_were_read_in():
+    """MLflow returns runs newest first: the bound rows still come in ascending lambda order."""
+    jobs = [bound_job(A, 0.6, 70.0), bound_job(B, 0.6, 50.0), bound_job(A, 0.3, 60.0), bound_job(B, 0.3, 40.0)]
+    for read_in in (jobs, jobs[::-1]):
+        rows = build_rows(read_in, [A, B], [])
+        assert [(r.method, r.avg) for r in rows] == [("perfect routing (0.3)", 50.0), ("perfect routing (0.6)", 60.0)]
+
+
+def test_a_row_names_its_failed_tasks_in_the_sweeps_task_order():
+    """Task order A, B is not alphabetical order."""
+    lost = [JobResult(f"i{t}", "individual", "individual", {}, t, "failed", error="boom") for t in (B, A)]
+    assert [r.setting for r in build_rows(lost, [A, B], [])] == [f"failed: {A}, {B}"]
+
+
+def test_a_tuned_rows_note_counts_failed_and_pruned_trials():
+    assert TrialCounts(20, failed=2, pruned=3).note() == "2 of 20 trials failed, 3 pruned"
+    assert TrialCounts(20, failed=2).note() == "2 of 20 trials failed"
+    assert TrialCounts(20, pruned=3).note() == "3 of 20 trials pruned"
+    assert TrialCounts(20).note() == ""
+
+
+def test_an_unseen_sweeps_generalization_table_averages_each_rows_unseen_tasks():
+    C, D = "toy_checks", "toy_bars"
+    rows = [Row("pretrained", "zero-shot", {A: 40.0, B: 30.0, C: 20.0, D: 11.0}, 35.0, None),
+            Row("individual", "per task", {A: 90.0, B: 80.0, C: 70.0, D: 60.0}, 85.0, 100.0),
+            Row("task_arithmetic", "scaling=0.3", {A: 60.0, B: 50.0, C: 25.0, D: 14.0}, 55.0, 70.0),
+            Row("ties", "failed", {}, None, None),
+            Row("partial", "", {A: 60.0, B: 50.0, C: 25.0}, 55.0, 70.0)]  # an unseen task not scored: left out
+    header, body = generalization_records(rows, [A, B], [C, D])
+    assert header == ["method", "seen avg", C, D, "unseen avg"]
+    assert body == [["pretrained", "35.0", "20.0", "11.0", "15.5"],  # (20 + 11) / 2
+                    ["task_arithmetic", "55.0", "25.0", "14.0", "19.5"],  # (25 + 14) / 2
+                    ["ties", "failed", "failed", "failed", "failed"]]
+
+
+def test_the_default_reference_is_task_arithmetic_else_the_first_method_that_did_not_fail():
+    """A failed method has no test predictions: as the reference it would leave no significance table."""
+    def row(method: str, failed: bool = False) -> Row:
+        return Row(method, "", {}, None if failed else 50.0, None)
+
+    assert default_reference([row("pretrained"), row("ties"), row("task_arithmetic")]) == ["task_arithmetic"]
+    assert default_reference([row("pretrained"), row("individual"), row("ties", failed=True), row("tsv")]) == ["tsv"]
+    assert default_reference([row("pretrained"), row("ties", failed=True)]) == []
+
+
+def test_each_row_is_compared_with_the_reference_signed_and_in_table_order():
+    """Per task, 100 test images: the reference gets the first 50 right, ``best`` all, ``worst``
+    none: +50.0 and -50.0 points, every resample on one side of 0 (p below 0.001)."""
+    half = pack_correct([True] * 50 + [False] * 50)
+
+    def row(method: str, correct: bool) -> Row:
+        packed = pack_correct([correct] * 100)
+        return Row(method, "", {}, 50.0, None, test_correct={A: packed, B: packed})
+
+    ref = Row("task_arithmetic", "", {}, 50.0, None, test_correct={A: half, B: half})
+    older = Row("cached_before_records", "", {}, 50.0, None)  # no per-image records: left out
+    header, body = significance_records([row("best", True), ref, older, row("worst", False)], [A, B],
+                                        ["task_arithmetic"])
+    assert header == ["method", "against", "difference", "95% interval", "p", "test images"]
+    assert [line[:3] + line[4:] for line in body] == [["best", "task_arithmetic", "+50.0", "<0.001", "200"],
+                                                     ["worst", "task_arithmetic", "-50.0", "<0.001", "200"]]
+    low, high = (float(x) for x in body[0][3].strip("[]").split(","))
+    assert 0 < low <= 50.0 <= high
+    assert body[1][3].startswith("[-")

@@ -1,0 +1,87 @@
+"""Schema bounds and command-line overrides of :mod:`harness.config` at their edges: the last
+value accepted and the first refused, and overrides of fields the file leaves empty."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from harness.config import ConfigError, apply_overrides, load_config, validate_config
+
+A, B, C = "toy_stripes", "toy_colours", "toy_checks"
+
+
+@pytest.mark.parametrize("lambdas,fragment", [
+    (10.5, "lambda 10.5 is outside [0, 10]"),
+    ([0.3, -0.1], "lambda -0.1 is outside [0, 10]"),
+    ([0.3, 0.6, 0.3], "a lambda is given twice"),  # two bound rows of one name, one job
+])
+def test_bound_lambdas_outside_the_range_or_repeated_are_refused(lambdas, fragment, sweep_dict):
+    d = dict(sweep_dict, references={"perfect_routing": True, "routing_bound_lambda": lambdas})
+    with pytest.raises(ConfigError, match=fragment.replace("[", r"\[").replace("]", r"\]")):
+        validate_config(d)
+
+
+def test_bound_lambdas_at_the_ends_of_the_range_are_kept_in_their_order(sweep_dict):
+    d = dict(sweep_dict, references={"perfect_routing": True, "routing_bound_lambda": [10.0, 0.0]})
+    assert validate_config(d).references.bound_lambdas == [10.0, 0.0]
+
+
+@pytest.mark.parametrize("severity,ok", [(1, True), (5, True), (0, False), (6, False)])
+def test_robustness_severity_is_one_of_the_five_levels(severity, ok, sweep_dict):
+    d = dict(sweep_dict, robustness={"tasks": [A], "corruptions": ["contrast"], "severity": severity})
+    if ok:
+        assert validate_config(d).robustness.severity == severity
+    else:
+        with pytest.raises(ConfigError, match="robustness.severity"):
+            validate_config(d)
+
+
+def test_the_generalization_blocks_seen_tasks_follow_the_sweeps_task_order(sweep_dict):
+    """Their columns and the order jobs see them in are the sweep's, however ``seen`` lists them."""
+    d = dict(sweep_dict, tasks=[A, B, C], generalization={"seen": [C, A]})
+    cfg = validate_config(d)
+    assert cfg.generalization_seen == [A, C]
+
+
+def test_a_sweep_whose_every_task_is_unseen_is_refused(sweep_dict):
+    with pytest.raises(ConfigError, match="unseen: every task is unseen: nothing to merge"):
+        validate_config(dict(sweep_dict, unseen=list(sweep_dict["tasks"])))
+
+
+def test_a_tuned_range_must_be_wider_than_a_point(sweep_dict):
+    space = {"scaling": {"type": "float", "low": 0.5, "high": 0.5}}
+    with pytest.raises(ConfigError, match=r"low \(0.5\) must be below high \(0.5\)"):
+        validate_config(dict(sweep_dict, methods=[{"name": "task_arithmetic", "tune": {"space": space}}]))
+
+
+def write(d: dict, path) -> str:
+    path.write_text(yaml.safe_dump(d))
+    return str(path)
+
+
+def test_an_override_one_past_the_last_list_item_is_one_line_naming_it(sweep_dict, tmp_path):
+    n = len(sweep_dict["methods"])
+    f = write(sweep_dict, tmp_path / "s.yaml")
+    with pytest.raises(ConfigError, match=f"methods.{n}: no list item {n} \\(list has {n}\\)"):
+        load_config(f, [f"methods.{n}.name=ties"])
+
+
+def test_an_override_fills_a_block_the_file_leaves_empty(sweep_dict, tmp_path):
+    """``generalization:`` with nothing after it reads as null: a field set in it makes the block."""
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump(dict(sweep_dict, tasks=[A, B])) + "generalization:\n")
+    cfg = load_config(f, [f"generalization.unseen=[{B}]"])
+    assert cfg.generalization_seen == [A]
+
+
+def test_an_empty_override_value_is_the_empty_string_not_null(sweep_dict, tmp_path):
+    f = write(dict(sweep_dict, description="from the file"), tmp_path / "s.yaml")
+    assert load_config(f, ["description="]).description == ""
+
+
+def test_overrides_leave_the_callers_config_unchanged(sweep_dict):
+    raw = {"seed": 1, "eval": {"batch_size": 8}}
+    assert apply_overrides(raw, ["seed=2", "eval.batch_size=4", "eval.max_samples=3"]) == {
+        "seed": 2, "eval": {"batch_size": 4, "max_samples": 3}}
+    assert raw == {"seed": 1, "eval": {"batch_size": 8}}

@@ -1,0 +1,22 @@
+"""How a job's setting and title read (table cells, progress lines, MLflow run names), against
+strings written out by hand."""
+
+from __future__ import annotations
+
+from harness.plan import job_title, setting_text
+
+
+def test_a_setting_reads_as_written_with_long_floats_cut_to_four_digits():
+    params = {"scaling": 0.5939321535345923, "k": 20, "lr": 0.001, "tol": 1e-05, "mix": 0.123456, "x": 1.0}
+    assert setting_text(params) == "scaling=0.5939, k=20, lr=0.001, tol=1e-05, mix=0.1235, x=1.0"
+
+
+def test_a_setting_keeps_the_order_its_params_were_given_in():
+    assert setting_text({"scaling": 0.3, "k": 20}) == "scaling=0.3, k=20"
+
+
+def test_job_titles_name_task_label_setting_and_a_robustness_job():
+    assert job_title("individual", "toy_stripes", "individual") == "individual/toy_stripes"
+    assert job_title("merge", None, "ta", {"scaling": 0.3}) == "ta(scaling=0.3)"
+    assert job_title("merge", None, "weight_averaging", {}) == "weight_averaging"
+    assert job_title("robustness", None, "ta", {"scaling": 0.3}) == "robustness/ta(scaling=0.3)"
