@@ -122,14 +122,42 @@ SETTING_WIDTH = "4cm"
 
 def latex_table(header: list[str], body: list[list[str]], caption: str, label: str | None = None) -> str:
     """A booktabs tabular, via pandas; every cell, header and the caption escaped here. ``label``
-    (``tab:<sweep>-<table>``, of a sweep name's safe characters) lets a paper ``\\ref`` the table."""
+    (``tab:<sweep>-<table>``, of a sweep name's safe characters) lets a paper ``\\ref`` the table.
+    Fitted to the page (:func:`fitted_table`): it needs booktabs, graphicx and calc."""
     import pandas as pd
 
     ragged = [h == "setting" and i < len(header) - 1 for i, h in enumerate(header)]
-    frame = pd.DataFrame([[_latex_cell(str(c), r) for c, r in zip(row, ragged)] for row in body],
-                         columns=[latex_escape(h) for h in header])
-    return frame.to_latex(index=False, caption=latex_escape(caption), label=label, escape=False,
-                          column_format="".join(_latex_column(h) for h in header))
+    columns = [_latex_header(h, [str(row[i]) for row in body]) for i, h in enumerate(header)]
+    frame = pd.DataFrame([[_latex_cell(str(c), r) for c, r in zip(row, ragged)] for row in body], columns=columns)
+    tabular = frame.to_latex(index=False, escape=False, column_format="".join(_latex_column(h) for h in header))
+    return fitted_table(tabular, latex_escape(caption), label)
+
+
+#: Space either side of a column (LaTeX's default: 6pt); the main table's dozen columns gained 48pt
+#: of width, a tenth of it, for no gain in reading.
+COLUMN_SEPARATION = "4pt"
+#: A tabular wider than the column (or the page, in a ``table*``) is scaled down to it; a narrower
+#: one keeps its size. ``\width`` is the tabular's natural width (graphicx's \resizebox); calc's
+#: ``\minof``, not ``\ifdim``: a bare > or < in a table file is what a caption must never hold.
+FIT_TO_LINE = r"\resizebox{\minof{\width}{\linewidth}}{!}{"
+
+
+def fitted_table(tabular: str, caption: str, label: str | None) -> str:
+    """``tabular`` in a centred ``table``, shrunk to the line width when wider: an 8-task main table
+    ran 2.5 times the width of an article page."""
+    lines = ["\\begin{table}", "\\centering", f"\\caption{{{caption}}}"]
+    lines += [f"\\label{{{label}}}"] if label else []
+    lines += [f"\\setlength{{\\tabcolsep}}{{{COLUMN_SEPARATION}}}"]
+    # the tabular joined to the box's braces: a line's end inside them is a space, widening the box
+    return "\n".join([*lines, FIT_TO_LINE + tabular.rstrip("\n") + "}", "\\end{table}", ""])
+
+
+def _latex_header(name: str, cells: list[str]) -> str:
+    """``name`` escaped; a number column's name longer than its every cell (a task's name over
+    figures like 81.3) set vertically, so that the column is as narrow as its figures."""
+    if name in TEXT_COLUMNS or all(len(name) <= len(c) for c in cells):
+        return latex_escape(name)
+    return f"\\rotatebox{{90}}{{{latex_escape(name)}}}"
 
 
 def _latex_column(name: str) -> str:

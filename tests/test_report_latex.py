@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
+
+import pytest
 
 from harness.report import latex_escape, latex_table
 
@@ -99,3 +103,87 @@ def test_a_setting_in_the_last_column_keeps_the_row_ending():
     tex = latex_table(["method", "setting"], [["ties", "k=20, scaling=1.4"]], "c")
     spec, rows = _tabular_rows(tex)
     assert spec == "lp{4cm}" and rows[1] == "ties & k=20, scaling=1.4"
+
+
+def _wide_table(n_tasks: int) -> tuple[list[str], list[list[str]]]:
+    """A main table as a report builds it (the job results of tests/test_report_tables.py), for
+    ``n_tasks`` tasks named like the embedded sweep's, one of them holding every LaTeX special."""
+    from harness.results import build_rows, table_records
+    from tests.test_report_tables import ok
+
+    tasks = [f"emb_landcover_{i:02d}" for i in range(n_tasks - 1)] + ["100% a_b & #1"]
+    acc = {t: 81.3 for t in tasks}
+    setting = {"init_lambda": 0.6, "router_depth": 2, "lr": 0.001, "steps": 300, "batch_size": 16,
+               "routing": "softmax", "batch_reduce": True, "diversity_weight": 2.0}
+    results = [ok("pretrained", "pretrained", {}, acc, 50.0),
+               *[ok("individual", "individual", {}, {t: 90.5}, 90.5, task=t) for t in tasks],
+               ok("merge", "wemoe_softmax_diversity", setting, acc, 60.0)]
+    rows = build_rows(results, tasks, ["wemoe_softmax_diversity"])
+    return table_records(rows, tasks)
+
+
+def test_a_table_is_shrunk_to_the_line_and_task_names_set_upright():
+    """An 8-task main table ran 859pt wide on a 345pt article page (501pt with its task names set
+    vertically and 4pt between columns): the tabular sits in a graphicx box scaled down to the line width when wider
+    (``\\minof`` from calc: a bare > would print as an inverted question mark in captions), with
+    4pt between columns; a number column's name longer than its figures is rotated, others not."""
+    from harness.report import COLUMN_SEPARATION
+
+    header, body = _wide_table(8)
+    tex = latex_table(header, body, "c", "tab:x")
+    lines = tex.splitlines()
+    assert lines[:5] == ["\\begin{table}", "\\centering", "\\caption{c}", "\\label{tab:x}",
+                         f"\\setlength{{\\tabcolsep}}{{{COLUMN_SEPARATION}}}"]
+    assert COLUMN_SEPARATION == "4pt"
+    box = "\\resizebox{\\minof{\\width}{\\linewidth}}{!}{"
+    assert lines[5].startswith(box + "\\begin{tabular}") and lines[-2:] == ["\\end{tabular}}", "\\end{table}"]
+    spec, rows = _tabular_rows(tex)
+    cells = rows[0].split(" & ")
+    assert cells[:2] == ["method", "setting"] and cells[-2:] == ["avg", "\\rotatebox{90}{norm avg}"]
+    assert cells[2] == "\\rotatebox{90}{emb\\_landcover\\_00}"
+    assert cells[-3] == "\\rotatebox{90}{100\\% a\\_b \\& \\#1}"
+    narrow = latex_table(["method", "against", "difference", "95% interval"],
+                         [["ties", "ta", "+1.0", "[-1.0, +2.0]"]], "s")
+    assert "method & against & \\rotatebox{90}{difference} & 95\\% interval \\\\" in narrow
+
+
+#: The preamble the README names for the report's tables.
+PREAMBLE = "\\usepackage{booktabs,graphicx,calc}"
+
+
+def _typeset(tex: str, two_column: bool, tmp_path) -> dict[str, float]:
+    """Compile ``tex`` (a ``table``; a ``table*`` on a two-column page) with pdflatex: the line width,
+    the tabular's natural width and the width it is typeset at (pt), and any Overfull hbox."""
+    star = tex.replace("{table}", "{table*}") if two_column else tex
+    setup = "".join(line for line in tex.splitlines() if line.startswith("\\setlength"))
+    tabular = tex[tex.index("\\begin{tabular}"):tex.index("\\end{tabular}") + len("\\end{tabular}")]
+    # the table's body; its line ends, spaces in the measuring box, not in the float's vertical list
+    fitted = re.search(r"\\label\{.*?\}\n(.*)\n\\end\{table\}", tex, re.S).group(1).replace("\n", "%\n")
+    env = "table*" if two_column else "table"
+    doc = (f"\\documentclass{'[twocolumn]' if two_column else ''}{{article}}{PREAMBLE}\\begin{{document}}\n{star}"
+           f"\\begin{{{env}}}{setup}\\setbox0\\hbox{{{tabular}}}\\setbox2\\hbox{{{fitted}}}"
+           "\\typeout{WIDTHS \\the\\linewidth\\space\\the\\wd0 \\space\\the\\wd2}"
+           f"\\end{{{env}}}\n\\end{{document}}\n")
+    (tmp_path / "doc.tex").write_text(doc)
+    done = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "doc.tex"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    log = (tmp_path / "doc.log").read_text(errors="replace")
+    assert done.returncode == 0, log[-2000:]
+    line, natural, typeset = re.search(r"WIDTHS ([\d.]+)pt ([\d.]+)pt ([\d.]+)pt", log).groups()
+    return {"line": float(line), "natural": float(natural), "typeset": float(typeset),
+            "overfull": len(re.findall(r"Overfull \\hbox", log))}
+
+
+@pytest.mark.skipif(shutil.which("pdflatex") is None, reason="pdflatex is not installed")
+@pytest.mark.parametrize("two_column", [False, True], ids=["article", "twocolumn-table*"])
+@pytest.mark.parametrize("n_tasks", [8, 20])
+def test_a_wide_table_compiles_within_the_page(n_tasks, two_column, tmp_path):
+    """The main table of 8 and of 20 tasks (a task name holding % _ & #), wider than the page as
+    set, compiles and is typeset at the line width, no Overfull hbox; a narrow one keeps its size."""
+    header, body = _wide_table(n_tasks)
+    wide = _typeset(latex_table(header, body, "my_sweep: 100% & #1", "tab:my_sweep-main"), two_column, tmp_path)
+    assert wide["natural"] > wide["line"] and wide["overfull"] == 0, wide
+    assert wide["typeset"] == pytest.approx(wide["line"], abs=0.1)
+    narrow = _typeset(latex_table(["method", "avg"], [["ties", "50.0"]], "n", "tab:n"), two_column, tmp_path)
+    assert narrow["natural"] < narrow["line"] and narrow["overfull"] == 0, narrow
+    assert narrow["typeset"] == pytest.approx(narrow["natural"], abs=0.1)
