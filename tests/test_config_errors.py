@@ -700,3 +700,32 @@ def test_a_folder_given_as_the_sweep_file_is_one_line_naming_its_sweeps(command,
     code, out, err = _run([*command, str(tmp_path)])
     assert code == 2, (out, err)
     assert err == f"error: {tmp_path}: is a folder, not a sweep file (it holds a.yml, b.yaml)\n"
+
+
+def test_only_fields_taking_numbers_and_no_booleans_refuse_a_boolean():
+    """A boolean is refused where only numbers are taken (int, float, optional ones, a Literal of
+    numbers, a number-or-string union) and kept where a boolean is a valid value (bool, a union
+    with bool, a Literal of booleans) or no number is taken (str)."""
+    from typing import Literal, Optional, Union
+
+    from pydantic import BaseModel, ValidationError, field_validator
+
+    from harness.fields import no_bool_for_number
+
+    refusing = {"i": int, "f": float, "opt": Optional[int], "pipe": float | None, "lit": Literal[1, 2],
+                "num_or_text": Union[float, str]}
+    keeping = {"b": bool, "int_or_bool": Union[int, bool], "lit_bool": Literal[False, True], "text": str,
+               "mixed_lit": Literal[0, True]}
+
+    for name, ann in {**refusing, **keeping}.items():
+        model = type("M", (BaseModel,), {"__annotations__": {name: ann},
+                                         "_check": field_validator("*", mode="before")(
+                                             classmethod(no_bool_for_number))})
+        if name in refusing:
+            with pytest.raises(ValidationError, match="expects a number, not the boolean true"):
+                model(**{name: True})
+        else:
+            try:
+                model(**{name: True})
+            except ValidationError as exc:  # str's own refusal, not this rule's
+                assert "expects a number" not in str(exc), name

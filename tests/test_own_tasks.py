@@ -4,6 +4,7 @@ so a mistake is one line naming the task (exit 2, nothing written), never a wron
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -125,3 +126,91 @@ def test_a_label_the_head_has_no_class_for_names_its_task():
     assert task_correct(ws, nn.Identity(), "mine", _Listed([0, 1, 2]), torch.device("cpu")).shape == (3,)
     with pytest.raises(ValueError, match=r"^task 'mine': label 3 is outside the head's 3 classes \(0..2\)$"):
         task_correct(ws, nn.Identity(), "mine", _Listed([0, 3, 1]), torch.device("cpu"))
+
+
+def test_grayscale_images_are_kept_as_three_equal_channels():
+    """The split a task keeps (corrupted, digested, scored) is RGB: a gray [N, H, W] or
+    [N, H, W, 1] split is its pixel repeated into each channel."""
+    gray = torch.tensor([[[0, 255], [51, 102]]], dtype=torch.uint8)
+    for images in (gray, gray[..., None]):
+        kept = InMemoryTask("mine", ["a"], ["{}"], _splits(images, torch.tensor([0]))).raw("test")[0]
+        assert kept.shape == (1, 2, 2, 3)
+        for c in range(3):
+            assert torch.equal(kept[..., c], gray)
+
+
+@pytest.mark.parametrize("images, labels, fragment", [
+    (torch.zeros(0, 8, 8, 3, dtype=torch.uint8), torch.zeros(0, dtype=torch.long), "split 'train' is empty"),
+    (torch.zeros(4, 8, 8, 3, dtype=torch.uint8), torch.tensor([0, 1, 0]), "split 'train': 4 images but labels of "
+                                                                        "shape [3]"),
+])
+def test_an_empty_split_or_one_label_short_is_refused(images, labels, fragment):
+    with pytest.raises(TaskDataError, match=re.escape(fragment)):
+        InMemoryTask("mine", ["a", "b"], ["{}"], _splits(images, labels))
+
+
+def test_a_task_name_registered_twice_by_another_factory_is_refused():
+    from tasks.base import _TASKS, available_tasks, register_task
+
+    available_tasks()  # the built-in tasks registered
+
+    def mine(**kw):
+        raise AssertionError("never built")
+
+    with pytest.raises(ValueError, match="task name 'toy_stripes' is already registered"):
+        register_task("toy_stripes")(mine)
+    assert _TASKS["toy_stripes"][0] is not mine
+
+
+def test_a_tasks_identity_follows_its_declared_version_or_its_data():
+    """Results are cached under a task's identity: another version, or (without one) other pixels,
+    labels, or the same bytes in another shape, is another task."""
+    from tasks.base import tensors_digest
+
+    images = torch.zeros(4, 8, 8, 3, dtype=torch.uint8)
+    labels = torch.tensor([0, 1, 0, 1])
+
+    def identity(images=images, labels=labels, version=""):
+        return InMemoryTask("mine", ["a", "b"], ["{}"], _splits(images, labels), version=version).identity()
+
+    assert identity(version="v1") != identity(version="v2")
+    assert identity(version="v1")["version"] == "v1"
+    assert identity() == identity()
+    assert identity() != identity(labels=torch.tensor([1, 1, 0, 1]))
+    assert identity() != identity(images=images + 1)
+    assert identity() != identity(images=torch.zeros(4, 8, 4, 6, dtype=torch.uint8).reshape(4, 16, 4, 3))
+    assert tensors_digest([images]) != tensors_digest([images.view(torch.int8)])
+
+
+@pytest.mark.parametrize("family, names", [
+    ("toy_stripes", ["stripes at 0 degrees", "stripes at 45 degrees", "stripes at 90 degrees",
+                     "stripes at 135 degrees"]),
+    ("toy_colours", ["hue 0 colour", "hue 1 colour", "hue 2 colour", "hue 3 colour"]),
+    ("toy_blobs", ["1 blobs", "2 blobs", "3 blobs", "4 blobs"]),
+    ("toy_checks", [f"checkerboard of size {c}" for c in (1, 2, 3, 4)]),
+])
+def test_toy_tasks_name_their_classes_by_what_label_draws(family, names):
+    """Label c draws stripes at 180 c / k degrees, c + 1 blobs, checker cells of c + 1 pixels: the
+    class names (the zero-shot heads' prompts) say so."""
+    from tasks.synthetic import make_toy_task
+
+    task = make_toy_task(family, n_classes=4, n_train=8, n_val=8, n_test=8)
+    assert task.classnames == names
+    assert task.prompts()[2] == [f"a photo of {names[2]}.", f"an image showing {names[2]}."]
+
+
+def test_toy_splits_have_their_sizes_balanced_shuffled_labels_and_a_seeded_identity():
+    from tasks.synthetic import make_toy_task
+
+    task = make_toy_task("toy_blobs", n_classes=4, n_train=40, n_val=12, n_test=20, seed=3)
+    for split, n in (("train", 40), ("val", 12), ("test", 20)):
+        images, labels = task.raw(split)
+        assert len(images) == n
+        assert torch.bincount(labels, minlength=4).tolist() == [n // 4] * 4
+    assert task.raw("train")[1].tolist() != (torch.arange(40) % 4).tolist()  # shuffled, not cycling
+    assert torch.equal(task.raw("test")[0], make_toy_task("toy_blobs", n_classes=4, n_train=40, n_val=12,
+                                                          n_test=20, seed=3).raw("test")[0])
+    other_seed = make_toy_task("toy_blobs", n_classes=4, n_train=40, n_val=12, n_test=20, seed=4)
+    assert other_seed.identity() != task.identity()
+    other_family = make_toy_task("toy_checks", n_classes=4, n_train=40, n_val=12, n_test=20, seed=3)
+    assert other_family.raw("train")[1].tolist() != task.raw("train")[1].tolist()  # each family its own draws

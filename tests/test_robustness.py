@@ -915,3 +915,95 @@ def test_a_study_record_that_is_not_whole_is_scored_again(damage, sweep_dict, mo
     assert reads == ["pixelate", "pixelate"]  # scored again on both tasks; contrast read back
     robust = [{k: v for k, v in r.metrics.items() if k.startswith("robust/")} for r in (first, again.results[0])]
     assert robust[0] == robust[1] and len(robust[0]) == 3 * 2 + 1
+
+
+@pytest.mark.parametrize("severity", [0, -1, 6])
+def test_a_severity_outside_1_to_5_is_refused(severity, image):
+    """ImageNet-C defines five severities; the package reads severity ``s`` as the ``s-1``-th level,
+    so 0 would silently pick its last (severity 5) level."""
+    with pytest.raises(ValueError, match="severity must be 1..5"):
+        corrupt_image(image, "contrast", severity, 0)
+
+
+@pytest.mark.parametrize("severity,factor", [(1, 0.4), (3, 0.2), (5, 0.05)])
+def test_contrast_of_a_checkerboard_is_the_imagenet_c_formula(severity, factor):
+    """Hand-computed: ImageNet-C's contrast maps x (in [0, 1]) to (x - mean) * c + mean with
+    c = .4, .3, .2, .1, .05 by severity, then truncates x * 255 to uint8; a black-and-white
+    checkerboard's mean is 0.5. A 16-px board goes through the upscaled copy and back."""
+    for size in (32, 16):
+        board = np.zeros((size, size, 3), np.uint8)
+        board[(np.add.outer(np.arange(size), np.arange(size)) % 2).astype(bool)] = 255
+        out = corrupt_image(board, "contrast", severity, seed=0)
+        dark, light = int((0.5 - 0.5 * factor) * 255), int((0.5 + 0.5 * factor) * 255)
+        assert np.array_equal(out, np.where(board == 255, light, dark).astype(np.uint8)), (size, np.unique(out))
+
+
+def test_corrupting_leaves_the_callers_random_state_alone(image):
+    """The caller's numpy stream continues as if nothing drew from it (a seed that is not the
+    corruption's own: under the same seed, the state after drawing is the same either way)."""
+    np.random.seed(123)
+    state = np.random.get_state()
+    corrupt_image(image, "gaussian_noise", 3, seed=11)
+    after = np.random.get_state()
+    assert np.array_equal(after[1], state[1]) and after[2] == state[2]
+
+
+def test_a_draw_giving_invalid_values_is_replaced_by_the_next_seeds(image, monkeypatch):
+    """Spatter can divide by zero for some draws (NaN pixels): such a draw is redone under the
+    image's seed + 1, deterministically (the same seed again would give the same NaNs)."""
+    import warnings
+
+    import imagecorruptions
+
+    calls = []
+
+    def corrupt(img, corruption_name, severity, **kw):
+        drawn = np.random.randint(2**31)
+        calls.append(drawn)
+        if len(calls) == 1:
+            warnings.warn("invalid value encountered in divide", RuntimeWarning)
+        return np.full_like(img, drawn % 256)
+
+    monkeypatch.setattr(imagecorruptions, "corrupt", corrupt)
+    out = corrupt_image(image, "spatter", 2, seed=40)
+    expected = [np.random.RandomState(s).randint(2**31) for s in (40, 41)]
+    assert calls == expected
+    assert np.array_equal(out, np.full_like(image, expected[1] % 256))
+
+
+def test_the_image_seed_formula_is_pinned():
+    """Cached corrupted splits are keyed by the split seed, not by how each image's seed derives
+    from it: a changed formula would read stale files as the new ones. Hand-computed: the first
+    4 bytes, little-endian, of sha256("seed/index/name/severity")."""
+    import hashlib
+
+    from tasks.corruptions import image_seed
+
+    for args in [(0, 0, "gaussian_noise", 3), (7, 12, "contrast", 1), (7, 12, "contrast", 5)]:
+        digest = hashlib.sha256("/".join(map(str, args)).encode()).digest()
+        assert image_seed(*args) == int.from_bytes(digest[:4], "little")
+    assert image_seed(7, 12, "contrast", 1) != image_seed(7, 12, "contrast", 5)
+
+
+def test_denormalizing_a_normalized_image_gives_its_pixels_back():
+    """A disk-backed split is corrupted from its preprocessed tensors: the uint8 pixels recovered
+    from CLIP normalisation must be the original ones, rounded (truncating float error would
+    darken 255 to 254)."""
+    from tasks.base import normalize_uint8
+    from tasks.corruptions import _denormalize
+
+    pixels = torch.arange(256, dtype=torch.uint8).repeat(3 * 16).reshape(1, 64, 64, 3)
+    back = _denormalize(normalize_uint8(pixels)[0])
+    assert np.array_equal(back, pixels[0].numpy())
+
+
+def test_a_small_image_is_corrupted_at_32_px_and_averaged_back(image):
+    """An image under 32 px is corrupted as an upscaled copy whose blocks are then averaged (a
+    box filter): each output pixel is the mean of its 2x2 block, up to rounding, not one noisy
+    pixel of it picked."""
+    small = image[::2, ::2].copy()  # 16 px: upscaled by 2
+    big = np.repeat(np.repeat(small, 2, axis=0), 2, axis=1)
+    corrupted_big = corrupt_image(big, "gaussian_noise", 3, seed=9).astype(float)
+    block_means = corrupted_big.reshape(16, 2, 16, 2, 3).mean(axis=(1, 3))
+    out = corrupt_image(small, "gaussian_noise", 3, seed=9)
+    assert np.abs(out - block_means).max() <= 1.0

@@ -1761,3 +1761,104 @@ def test_a_pruned_trial_a_stopped_driver_did_not_log_is_logged_by_the_rerun(swee
     runs = {int(r.data.tags["harness.trial_number"]): r.data.tags["harness.trial_state"]
             for r in client.search_runs([exp], "tags.`harness.kind` = 'trial'")}
     assert runs == {t.number: t.state.name for t in stored_study(cfg).trials}
+
+
+def test_each_space_type_becomes_the_optuna_distribution_it_names():
+    """Hand-written: log ranges stay log, an int range stays int (step 1 unless given), a float
+    step stays, choices stay in order: what the sampler draws from is the space as written."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    from harness.config import TuneSpec
+    from harness.tuning import distributions
+
+    tune = TuneSpec(space={"lr": {"type": "float", "low": 1e-4, "high": 1e-1, "log": True},
+                           "scaling": {"type": "float", "low": 0.1, "high": 0.9, "step": 0.2},
+                           "plain": {"type": "float", "low": 0.0, "high": 1.0},
+                           "depth": {"type": "int", "low": 1, "high": 64, "log": True},
+                           "steps": {"type": "int", "low": 2, "high": 10, "step": 4},
+                           "repeats": {"type": "int", "low": 1, "high": 4},
+                           "mode": {"type": "categorical", "choices": ["sum", "mean", None]}})
+    assert distributions(tune) == {
+        "lr": FloatDistribution(1e-4, 1e-1, log=True),
+        "scaling": FloatDistribution(0.1, 0.9, step=0.2),
+        "plain": FloatDistribution(0.0, 1.0),
+        "depth": IntDistribution(1, 64, log=True),
+        "steps": IntDistribution(2, 10, step=4),
+        "repeats": IntDistribution(1, 4),
+        "mode": CategoricalDistribution(["sum", "mean", None]),
+    }
+
+
+def test_a_grid_study_has_every_combination_of_its_points_and_no_more_trials():
+    """3 scalings (0.2, 0.4, 0.6) x 2 modes x 2 flips = 12 points: n_trials beyond them is cut to
+    12; other samplers run n_trials as given."""
+    from harness.config import TuneSpec
+    from harness.tuning import grid_size, n_trials_possible
+
+    space = {**GRID_SPACE, "flip": {"type": "categorical", "choices": [False, True]}}
+    grid = TuneSpec(n_trials=20, sampler="grid", space=space)
+    assert grid_size(grid) == 12 and n_trials_possible(grid) == 12
+    assert n_trials_possible(TuneSpec(n_trials=4, sampler="grid", space=space)) == 4
+    assert n_trials_possible(TuneSpec(n_trials=20, sampler="random", space=space)) == 20
+
+
+def test_each_trial_draws_under_its_own_seed():
+    """Trials of one study, and one trial of two studies' seeds, get distinct sampler seeds (one
+    seed for all would ask one point over and over); the same pair always the same seed."""
+    from harness.tuning import trial_seed
+
+    seeds = {trial_seed(0, n) for n in range(50)} | {trial_seed(1, n) for n in range(50)}
+    assert len(seeds) == 100
+    assert trial_seed(3, 7) == trial_seed(3, 7)
+
+
+def _study_of(tmp_path, values: list[tuple[float, float]]):
+    """A study as the driver opens it (journal storage), holding trials (scaling, objective)."""
+    import optuna
+    from optuna.distributions import FloatDistribution
+
+    from harness.tuning import make_pruner, open_storage, open_study
+
+    study, _ = open_study(open_storage(f"journal:{tmp_path / 'journal.log'}"), "s", "d", "m",
+                          optuna.samplers.RandomSampler(seed=0), make_pruner("none"))
+    for scaling, value in values:
+        study.add_trial(optuna.trial.create_trial(params={"scaling": scaling}, value=value,
+                                                  distributions={"scaling": FloatDistribution(0.0, 2.0)}))
+    return study
+
+
+def test_the_best_setting_is_the_highest_objective_the_earliest_of_ties(sweep_dict, tmp_path):
+    """The objective is maximised (an accuracy): of 60, 80, 80 and 70 the best is the first 80,
+    with the row's fixed params beside it."""
+    from harness.tuning import StudyRunner
+
+    d = typed_study(sweep_dict, space={"scaling": {"type": "float", "low": 0.0, "high": 2.0}})
+    d["methods"][0]["params"] = {"mode": "mean"}
+    runner = StudyRunner.__new__(StudyRunner)
+    runner.m = validate_config(d).methods[0]
+    runner.study = _study_of(tmp_path, [(0.1, 60.0), (0.5, 80.0), (0.9, 80.0), (1.3, 70.0)])
+    assert runner.best_params() == {"mode": "mean", "scaling": 0.5}
+
+
+def test_a_trial_is_told_its_objective_not_another_metric(tmp_path):
+    """A per-task objective scores the trial, not the average beside it; a job without the
+    objective among its metrics is a failed trial, and a pruned job a pruned one."""
+    from types import SimpleNamespace
+
+    import optuna
+
+    from harness.job import JobResult
+    from harness.tuning import StudyRunner
+
+    study = _study_of(tmp_path, [])
+    runner = StudyRunner.__new__(StudyRunner)
+    runner.study, runner.tune = study, SimpleNamespace(objective="val/acc/toy_colours")
+    outcomes = []
+    for status, metrics in [("ok", {"val/acc/avg": 50.0, "val/acc/toy_colours": 90.0}), ("ok", {"val/acc/avg": 50.0}),
+                            ("pruned", {})]:
+        trial = study.ask({"scaling": optuna.distributions.FloatDistribution(0.0, 2.0)})
+        spec = SimpleNamespace(trial={"number": trial.number})
+        result = JobResult("k", "trial", "typed", {}, None, status, metrics)
+        outcomes.append(runner.tell(spec, result))
+    assert outcomes == ["COMPLETE", "FAIL", "PRUNED"]
+    assert [(t.state.name, t.value) for t in study.trials] == [("COMPLETE", 90.0), ("FAIL", None), ("PRUNED", None)]

@@ -479,3 +479,24 @@ def test_identity_of_array_layouts_follows_the_pixels(tmp_path: Path) -> None:
     write_idx(raw_dir / "t10k-images-idx3-ubyte", images)
     second = v8.mnist(str(tmp_path)).identity()
     assert second["data"]["test"] != first["data"]["test"] and second["data"]["train"] == first["data"]["train"]
+
+
+def test_a_test_label_one_past_the_last_class_is_refused(tmp_path: Path) -> None:
+    """GTSRB has classes 0..42: a ClassId 43 in the test list matches no class name (it would be
+    scored as always wrong), so the task refuses it, naming the labels' range."""
+    base = tmp_path / "gtsrb"
+    for c in range(43):
+        for k in range(2):
+            write_image(base / "GTSRB" / "Training" / f"{c:05d}" / f"{c:05d}_{k:05d}.ppm", c, k)
+    write_image(base / "GTSRB" / "Final_Test" / "Images" / "00000.ppm", 0, 0)
+    (base / "GT-final_test.csv").write_text("Filename;ClassId\n00000.ppm;43\n")
+    with pytest.raises(TaskDataError, match=r"split 'test' has labels in \[43, 43\] but the task has 43 classes"):
+        v8.gtsrb(str(tmp_path))
+
+
+@pytest.mark.parametrize("fraction", [0.0, 1.0, -0.1])
+def test_a_val_fraction_outside_0_to_1_is_refused(fraction: float, tmp_path: Path) -> None:
+    """A whole train split as val (its cap keeping it short of empty train) is no fraction."""
+    write_imagefolder(tmp_path, "svhn")  # 30 train images
+    with pytest.raises(TaskDataError, match=r"val_fraction must be in \(0, 1\)"):
+        v8.svhn(str(tmp_path), val_fraction=fraction, val_cap=5)
