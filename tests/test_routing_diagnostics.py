@@ -46,6 +46,28 @@ def test_diagnose_matches_a_hand_computed_case():
     assert d.identified_batch == (100.0 if own_wins else 0.0)
 
 
+def test_diagnose_scores_the_own_expert_wherever_it_stands_among_the_experts():
+    """Task "b" is the second expert: the hand-computed case above, its experts' order reversed,
+    gives the same measures (its own expert is not the first one)."""
+    first = diagnose(ExpertScores("a", ["a", "b"], torch.tensor([OWN, OTHER]), torch.zeros(4, 2),
+                                  torch.tensor(LABELS)), batch_size=4)
+    second = diagnose(ExpertScores("b", ["a", "b"], torch.tensor([OTHER, OWN]), torch.zeros(4, 2),
+                                   torch.tensor(LABELS)), batch_size=4)
+    assert (second.own, second.identified, second.min_entropy) == (pytest.approx(75.0), pytest.approx(25.0),
+                                                                   pytest.approx(50.0))
+    assert second.auroc == pytest.approx(2 / 3)
+    assert {**vars(second), "task": "a"} == vars(first)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_batches_of_one_image_choose_and_score_as_each_image_does(seed):
+    """With one image per batch the shuffle only reorders images: the batch measures are the
+    per-image ones, whichever order the seed gives."""
+    scores = ExpertScores("b", ["a", "b"], torch.tensor([OTHER, OWN]), torch.zeros(4, 2), torch.tensor(LABELS))
+    d = diagnose(scores, batch_size=1, seed=seed)
+    assert d.identified_batch == pytest.approx(d.identified) and d.batch_accuracy == pytest.approx(d.min_entropy)
+
+
 def test_diagnose_temperature_changes_the_choice_not_the_predictions():
     """Image 0: own [1, 0, 0] against other [0, 1.6, 1.6]. Sharp heads make the other's tie at the
     top the more uncertain; flat ones compare the logits' spread, where the other's is larger."""
