@@ -132,3 +132,29 @@ def test_own_expert_is_the_perfect_routing_bound_and_the_start_is_task_arithmeti
         for s, f in zip(scores, full):
             assert not torch.equal(s.logits, f.logits) and not torch.equal(s.start, f.start)
             assert torch.allclose(s.logits, f.logits, atol=0.1, rtol=0.05)
+
+
+def test_start_and_one_hot_experts_are_built_at_the_scaling_asked_for(sweep_dict):
+    """Against the formulas written out on the state dicts: the start is pre + s x sum of task
+    vectors everywhere; expert e's is that with e's fine-tuned MLPs."""
+    from harness.models import ImageClassifier
+    from methods.base import with_state
+
+    ws = Workspace(validate_config(sweep_dict))
+    scaling = 0.7
+    scores = expert_scores(ws, "val", scaling)
+    pre = ws.pretrained_encoder.state_dict()
+    fts = {t: e.state_dict() for t, e in ws.finetuned_encoders().items()}
+    start = {k: v + scaling * sum(ft[k] - v for ft in fts.values()) for k, v in pre.items()}
+
+    def logits(state: dict, task: str) -> torch.Tensor:
+        clf = ImageClassifier(with_state(ws.pretrained_encoder, state), ws.head(task)).eval()
+        x = torch.stack([img for img, _ in ws.task(task).dataset("val")])
+        with torch.no_grad():
+            return clf(x[:ws.cfg.eval.max_samples] if ws.cfg.eval.max_samples else x)
+
+    for s in scores:
+        torch.testing.assert_close(s.start, logits(start, s.task), atol=1e-4, rtol=1e-4)
+        for e, expert in enumerate(s.experts):
+            own = {k: fts[expert][k] if ".mlp." in k else v for k, v in start.items()}
+            torch.testing.assert_close(s.logits[e], logits(own, s.task), atol=1e-4, rtol=1e-4)
