@@ -176,6 +176,9 @@ def test_vision_model_takes_the_pretrained_projection(tmp_path: Path, prefix: st
     out = convert_hf_checkpoint(tmp_path / "clip_sun397", tmp_path / "ft.safetensors", projection=tmp_path / "pretrained")
     side = json.loads(Path(f"{out}.json").read_text())
     assert side["projection_source"] == str((tmp_path / "pretrained").resolve())
+    # which projection it took, by content: the pretrained folder's files' sha256, by name, hashed
+    files = sorted((p.name, sha256(p)) for p in (tmp_path / "pretrained").iterdir() if p.is_file())
+    assert side["projection_sha256"] == hashlib.sha256("".join(f"{n}:{d}\n" for n, d in files).encode()).hexdigest()
     x = images()
     with torch.no_grad():
         ref = ft(pixel_values=x).pooler_output @ pre.visual_projection.weight.t()

@@ -139,6 +139,24 @@ def test_a_precision_the_device_cannot_run_fails_the_job_with_one_message(monkey
     precision.check_precision("fp32", "cpu")  # no autocast, nothing to check
 
 
+def test_an_autocast_that_silently_stays_float32_is_refused_and_checked_per_device(monkeypatch):
+    """An autocast that warns and disables itself (a dtype the backend lacks) computes in float32:
+    the job would run in float32 under a bf16 key. The probe reads the dtype actually computed;
+    its verdict is kept per device, so another device is probed on its own."""
+    import contextlib
+
+    import harness.precision as precision
+
+    monkeypatch.setattr(precision, "_CHECKED", {})
+    monkeypatch.setattr(torch, "autocast", lambda **kwargs: contextlib.nullcontext())
+    with pytest.raises(precision.PrecisionError, match=r"autocast computes in torch\.float32, not torch\.bfloat16"):
+        precision.check_precision("bf16", "cpu")
+    assert set(precision._CHECKED) == {("bf16", "cpu")}
+    monkeypatch.setattr(precision, "_probe", lambda dtype, device: None)
+    precision.check_precision("bf16", "meta")  # another device: its own probe's verdict
+    assert set(precision._CHECKED) == {("bf16", "cpu"), ("bf16", "meta")}
+
+
 # ---------------------------------------------------------------------------------------------
 # evaluation and adaptation run in reduced precision
 

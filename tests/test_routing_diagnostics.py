@@ -46,6 +46,28 @@ def test_diagnose_matches_a_hand_computed_case():
     assert d.identified_batch == (100.0 if own_wins else 0.0)
 
 
+def test_diagnose_scores_the_own_expert_wherever_it_stands_among_the_experts():
+    """Task "b" is the second expert: the hand-computed case above, its experts' order reversed,
+    gives the same measures (its own expert is not the first one)."""
+    first = diagnose(ExpertScores("a", ["a", "b"], torch.tensor([OWN, OTHER]), torch.zeros(4, 2),
+                                  torch.tensor(LABELS)), batch_size=4)
+    second = diagnose(ExpertScores("b", ["a", "b"], torch.tensor([OTHER, OWN]), torch.zeros(4, 2),
+                                   torch.tensor(LABELS)), batch_size=4)
+    assert (second.own, second.identified, second.min_entropy) == (pytest.approx(75.0), pytest.approx(25.0),
+                                                                   pytest.approx(50.0))
+    assert second.auroc == pytest.approx(2 / 3)
+    assert {**vars(second), "task": "a"} == vars(first)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_batches_of_one_image_choose_and_score_as_each_image_does(seed):
+    """With one image per batch the shuffle only reorders images: the batch measures are the
+    per-image ones, whichever order the seed gives."""
+    scores = ExpertScores("b", ["a", "b"], torch.tensor([OTHER, OWN]), torch.zeros(4, 2), torch.tensor(LABELS))
+    d = diagnose(scores, batch_size=1, seed=seed)
+    assert d.identified_batch == pytest.approx(d.identified) and d.batch_accuracy == pytest.approx(d.min_entropy)
+
+
 def test_diagnose_temperature_changes_the_choice_not_the_predictions():
     """Image 0: own [1, 0, 0] against other [0, 1.6, 1.6]. Sharp heads make the other's tie at the
     top the more uncertain; flat ones compare the logits' spread, where the other's is larger."""
@@ -110,3 +132,29 @@ def test_own_expert_is_the_perfect_routing_bound_and_the_start_is_task_arithmeti
         for s, f in zip(scores, full):
             assert not torch.equal(s.logits, f.logits) and not torch.equal(s.start, f.start)
             assert torch.allclose(s.logits, f.logits, atol=0.1, rtol=0.05)
+
+
+def test_start_and_one_hot_experts_are_built_at_the_scaling_asked_for(sweep_dict):
+    """Against the formulas written out on the state dicts: the start is pre + s x sum of task
+    vectors everywhere; expert e's is that with e's fine-tuned MLPs."""
+    from harness.models import ImageClassifier
+    from methods.base import with_state
+
+    ws = Workspace(validate_config(sweep_dict))
+    scaling = 0.7
+    scores = expert_scores(ws, "val", scaling)
+    pre = ws.pretrained_encoder.state_dict()
+    fts = {t: e.state_dict() for t, e in ws.finetuned_encoders().items()}
+    start = {k: v + scaling * sum(ft[k] - v for ft in fts.values()) for k, v in pre.items()}
+
+    def logits(state: dict, task: str) -> torch.Tensor:
+        clf = ImageClassifier(with_state(ws.pretrained_encoder, state), ws.head(task)).eval()
+        x = torch.stack([img for img, _ in ws.task(task).dataset("val")])
+        with torch.no_grad():
+            return clf(x[:ws.cfg.eval.max_samples] if ws.cfg.eval.max_samples else x)
+
+    for s in scores:
+        torch.testing.assert_close(s.start, logits(start, s.task), atol=1e-4, rtol=1e-4)
+        for e, expert in enumerate(s.experts):
+            own = {k: fts[expert][k] if ".mlp." in k else v for k, v in start.items()}
+            torch.testing.assert_close(s.logits[e], logits(own, s.task), atol=1e-4, rtol=1e-4)

@@ -316,6 +316,23 @@ def test_routing_statistics_known_routing(models):
     assert task_id["mean_per_layer"] == pytest.approx([1 / 3, 1 / 3])
 
 
+def test_routing_statistics_keep_each_layers_own_numbers(models):
+    """Layer 0's routers favour expert a, layer 1's expert c: a's images are identified at layer 0
+    only, c's at layer 1 only, b's nowhere, and each layer's mean weights are its own router's."""
+    pre, ft = models
+    moe = wemoe.build_wemoe(pre, ft, router_depth=0)
+    consts = [torch.tensor([0.7, 0.2, 0.1]), torch.tensor([0.1, 0.3, 0.6])]
+    with torch.no_grad():
+        for m, const in zip(wemoe.moe_layers(moe), consts):
+            m.router.const.copy_(const)
+    routing, task_id = wemoe.routing_statistics(moe, MergeContext(heads=heads(), unlabeled=fixed_unlabeled(2)), 2)
+    for t in TASKS:
+        torch.testing.assert_close(torch.tensor(routing["mean_weight"][t], dtype=torch.float64),
+                                   torch.stack(consts).double())
+    assert task_id["per_task"] == {"a": [1.0, 0.0], "b": [0.0, 0.0], "c": [0.0, 1.0]}
+    assert task_id["mean_per_layer"] == pytest.approx([1 / 3, 1 / 3])
+
+
 class Interrupt(Exception):
     pass
 

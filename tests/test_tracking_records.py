@@ -1,0 +1,105 @@
+"""What a job's, a trial's and a study's MLflow runs hold: names, values and steps as given."""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import pytest
+
+from harness.config import validate_config
+from harness.job import JobResult, artifact_metrics
+from harness.plots import job_artifact_files
+from harness.results import TrialCounts
+from harness.tracking import Tracker
+
+ROUTING = {"experts": ["a", "b"], "layers": 2,
+           "mean_weight": {"a": [[0.75, 0.25], [0.5, 0.5]], "b": [[0.125, 0.875], [0.0, 1.0]]}}
+
+
+def history(client, run_id: str, key: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+def children(tracker: Tracker, parent: str) -> list:
+    return tracker.client.search_runs([tracker.experiment_id], f"tags.`mlflow.parentRunId` = '{parent}'")
+
+
+def test_a_job_run_holds_its_metrics_timings_curves_tags_params_and_files(sweep_dict, tmp_path):
+    """Every name and step below is written out by hand: a curve's dense list is indexed from 0,
+    sparse [step, value] pairs keep their steps, a null step is NaN, a timing is ``time/<name>``."""
+    tracker = Tracker(validate_config(sweep_dict))
+    tracker.start_sweep("d1", {})
+    result = JobResult("k1", "merge", "wemoe", {"lr": 0.01}, "toy_a", "ok", metrics={"acc/avg": 61.5},
+                       timings={"merge": 2.5, "eval": 0.75}, protocol="generalization",
+                       warnings=["w1", "w2"], ran_on={"slurm_job": "42"},
+                       artifacts={"curves": {"tta/loss": [3.0, None, 1.0], "tta/val/acc/avg": [[0, 40.0], [5, 55.0]]}})
+    files = job_artifact_files({"routing": ROUTING}, tmp_path / "files")
+    params = {"job": {"params": {"lr": 0.01}}, "methods": [{"name": "wemoe"}, {"name": "ta"}]}
+    rid = tracker.log_job(result, params, "digest1", files)
+    run = tracker.client.get_run(rid)
+    assert run.data.metrics == {"acc/avg": 61.5, "time/merge": 2.5, "time/eval": 0.75, "tta/loss": 1.0,
+                                "tta/val/acc/avg": 55.0}
+    loss = history(tracker.client, rid, "tta/loss")
+    assert [s for s, _ in loss] == [0, 1, 2] and loss[0][1] == 3.0 and math.isnan(loss[1][1]) and loss[2][1] == 1.0
+    assert history(tracker.client, rid, "tta/val/acc/avg") == [(0, 40.0), (5, 55.0)]
+    tags = run.data.tags
+    assert {k: tags.get(k) for k in ("harness.job_key", "harness.kind", "harness.label", "harness.task",
+                                     "harness.protocol", "harness.config_digest", "harness.warnings",
+                                     "harness.slurm_job", "mlflow.parentRunId")} == {
+        "harness.job_key": "k1", "harness.kind": "merge", "harness.label": "wemoe", "harness.task": "toy_a",
+        "harness.protocol": "generalization", "harness.config_digest": "digest1", "harness.warnings": "w1\nw2",
+        "harness.slurm_job": "42", "mlflow.parentRunId": tracker.parent_id}
+    assert run.data.params == {"job.params.lr": "0.01", "methods.0.name": "wemoe", "methods.1.name": "ta"}
+    assert run.info.status == "FINISHED"
+    assert {a.path for a in tracker.client.list_artifacts(rid)} == {"routing.csv", "routing.png"}
+    local = tracker.client.download_artifacts(rid, "routing.csv", str(tmp_path / "back"))
+    with open(local) as fh:
+        rows = [(r["data_task"], int(r["layer"]), r["expert"], float(r["mean_weight"])) for r in csv.DictReader(fh)]
+    assert rows == [("a", 0, "a", 0.75), ("a", 0, "b", 0.25), ("a", 1, "a", 0.5), ("a", 1, "b", 0.5),
+                    ("b", 0, "a", 0.125), ("b", 0, "b", 0.875), ("b", 1, "a", 0.0), ("b", 1, "b", 1.0)]
+
+
+def test_trial_and_study_runs_hold_what_the_report_reads(sweep_dict, tmp_path):
+    """A pruned trial: its intermediate values at their steps, pruned at its last one; a complete
+    trial: its objective; the study's run: best setting, objective, trial counts, final job key."""
+    tracker = Tracker(validate_config(sweep_dict))
+    tracker.start_sweep("d1", {})
+    tune = tracker.tuning_run("study1", "wemoe", {"n_trials": 4, "n_parallel": 1, "pruner": "median",
+                                                    "objective": "val/acc/avg"})
+    pruned = JobResult("t0", "trial", "wemoe", {}, None, "pruned")
+    tracker.log_trial(tune, "study1", 0, {"lr": 0.1}, pruned, "PRUNED", "val/acc/avg", {2: 30.0, 4: 31.0, 6: 29.5})
+    done = JobResult("t1", "trial", "wemoe", {}, None, "ok", metrics={"val/acc/avg": 70.0, "acc/avg": 65.0})
+    tracker.log_trial(tune, "study1", 1, {"lr": 0.01}, done, "COMPLETE", "val/acc/avg", {2: 50.0})
+    (tmp_path / "study.csv").write_text("number,value\n1,70.0\n")
+    tracker.finish_tuning_run(tune, {"lr": 0.01}, 70.0, [tmp_path / "study.csv"],
+                              TrialCounts(total=4, failed=1, pruned=2), final_key="final1")
+    runs = {r.data.tags["harness.trial_number"]: r for r in children(tracker, tune)}
+    client = tracker.client
+    first, second = runs["0"], runs["1"]
+    assert history(client, first.info.run_id, "intermediate/val/acc/avg") == [(2, 30.0), (4, 31.0), (6, 29.5)]
+    assert first.data.tags["harness.pruned_at_step"] == "6" and first.data.tags["harness.trial_state"] == "PRUNED"
+    assert first.data.params == {"trial.lr": "0.1"} and "objective" not in first.data.metrics
+    assert second.data.metrics == {"val/acc/avg": 70.0, "acc/avg": 65.0, "objective": 70.0,
+                                   "intermediate/val/acc/avg": 50.0}
+    assert "harness.pruned_at_step" not in second.data.tags
+    study = client.get_run(tune)
+    assert study.data.metrics == {"best_objective": 70.0}
+    assert {k: v for k, v in study.data.tags.items() if k.startswith(("best.", "harness.trials", "harness.final"))} == {
+        "best.lr": "0.01", "harness.trials": "4", "harness.trials.failed": "1", "harness.trials.pruned": "2",
+        "harness.final_key": "final1"}
+    assert study.data.tags["tune.n_trials"] == "4" and study.data.params == {"tune.objective": "val/acc/avg"}
+    assert {a.path for a in client.list_artifacts(tune, "optuna")} == {"optuna/study.csv"}
+    assert study.info.status == "FINISHED"
+
+
+def test_router_task_identification_is_logged_per_layer_in_percent():
+    """Layers 0..2 identify the task on half, a quarter and all of the images: 50, 25 and 100 %,
+    averaging 175/3 %. The validation rows become sparse curves at their steps, without the
+    entropy and loss, which are dense curves already."""
+    artifacts = {"router_task_id": {"mean_per_layer": [0.5, 0.25, 1.0]}, "tta_loss": [2.0, 1.5],
+                 "tta_validation": [{"step": 0, "val/acc/avg": 40.0, "tta_entropy": 2.0, "tta_loss": 2.0},
+                                    {"step": 3, "val/acc/avg": 45.0, "tta_entropy": 1.0, "tta_loss": 1.0}]}
+    assert artifact_metrics(artifacts) == pytest.approx({"router_task_id/layer0": 50.0, "router_task_id/layer1": 25.0,
+                                                         "router_task_id/layer2": 100.0, "router_task_id/avg": 175 / 3})
+    assert artifacts["curves"] == {"tta/loss": [2.0, 1.5], "tta/val/acc/avg": [[0, 40.0], [3, 45.0]]}
