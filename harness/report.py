@@ -123,14 +123,27 @@ SETTING_WIDTH = "4cm"
 def latex_table(header: list[str], body: list[list[str]], caption: str, label: str | None = None) -> str:
     """A booktabs tabular, via pandas; every cell, header and the caption escaped here. ``label``
     (``tab:<sweep>-<table>``, of a sweep name's safe characters) lets a paper ``\\ref`` the table.
-    Fitted to the page (:func:`fitted_table`): it needs booktabs, graphicx and calc."""
+    Fitted to the page (:func:`fitted_table`): it needs booktabs, graphicx and calc. A table too
+    wide to read once fitted is set as stacked blocks of its columns (:func:`column_blocks`)."""
+    blocks = [_tabular(header, body, columns) for columns in column_blocks(header, body)]
+    if len(blocks) == 1:
+        return fitted_table(blocks[0], latex_escape(caption), label)
+    # one box holding the blocks, so that all are scaled alike; left-aligned, their method and
+    # setting columns one under another
+    stacked = BLOCK_GAP.join(b.rstrip("\n") for b in blocks)
+    return fitted_table(f"\\begin{{tabular}}{{@{{}}l@{{}}}}\n{stacked}\n\\end{{tabular}}", latex_escape(caption), label)
+
+
+def _tabular(header: list[str], body: list[list[str]], columns: list[int]) -> str:
+    """The tabular of ``header``'s ``columns`` (indices) of every row."""
     import pandas as pd
 
-    ragged = [h == "setting" and i < len(header) - 1 for i, h in enumerate(header)]
-    columns = [_latex_header(h, [str(row[i]) for row in body]) for i, h in enumerate(header)]
-    frame = pd.DataFrame([[_latex_cell(str(c), r) for c, r in zip(row, ragged)] for row in body], columns=columns)
-    tabular = frame.to_latex(index=False, escape=False, column_format="".join(_latex_column(h) for h in header))
-    return fitted_table(tabular, latex_escape(caption), label)
+    names = [header[i] for i in columns]
+    ragged = [h == "setting" and k < len(names) - 1 for k, h in enumerate(names)]
+    cells = [_latex_header(header[i], [str(row[i]) for row in body]) for i in columns]
+    frame = pd.DataFrame([[_latex_cell(str(row[i]), r) for i, r in zip(columns, ragged)] for row in body],
+                         columns=cells)
+    return frame.to_latex(index=False, escape=False, column_format="".join(_latex_column(h) for h in names))
 
 
 #: Space either side of a column (LaTeX's default: 6pt); the main table's dozen columns gained 48pt
@@ -150,6 +163,62 @@ def fitted_table(tabular: str, caption: str, label: str | None) -> str:
     lines += [f"\\setlength{{\\tabcolsep}}{{{COLUMN_SEPARATION}}}"]
     # the tabular joined to the box's braces: a line's end inside them is a space, widening the box
     return "\n".join([*lines, FIT_TO_LINE + tabular.rstrip("\n") + "}", "\\end{table}", ""])
+
+
+#: The line width a table is made readable for: an ``article`` page's (10pt, letter or A4), in pt.
+READABLE_LINE_PT = 345.0
+#: The least scale a fitted table is set at before its columns are split into blocks: an 8-task
+#: main table is set at 69% of its size on that line, readable; a 20-task one was set at 43%.
+READABLE_SCALE = 2 / 3
+#: Between two stacked blocks: a row end, then booktabs' space between rows, a big skip (a row
+#: end's own ``[space]`` adds to a strut's depth, which a block's centred tabular already exceeds).
+BLOCK_GAP = "\n\\\\\\addlinespace[\\bigskipamount]\n"
+
+# Computer Modern's widths at 10pt (LaTeX's default font; \_ as LaTeX draws it), in pt, checked with pdflatex:
+# what a column's width is estimated from. Other capitals about 7.2pt, other characters 5pt.
+_GLYPH_PT = {**dict(zip("abcdefghijklmnopqrstuvwxyz", (5.0, 5.56, 4.44, 5.56, 4.44, 3.06, 5.0, 5.56, 2.78, 3.06,
+                                                       5.28, 2.78, 8.33, 5.56, 5.0, 5.56, 5.28, 3.92, 3.94, 3.89,
+                                                       5.56, 5.28, 7.22, 5.28, 5.28, 4.44))),
+             **dict.fromkeys("0123456789", 5.0), **dict.fromkeys(".,:;!'[]", 2.78), **dict.fromkeys("()", 3.89),
+             **dict.fromkeys("-_ ", 3.33), **dict.fromkeys("+=<>&", 7.78), **dict.fromkeys("%#", 8.33)}
+#: A name set vertically is as wide as the font is tall (with descenders).
+_ROTATED_PT = 9.0
+
+
+def text_width_pt(text: str) -> float:
+    """``text``'s estimated width, typeset in LaTeX's default font."""
+    return sum(_GLYPH_PT.get(c, 7.2 if c.isupper() else 5.0) for c in text)
+
+
+def _column_width_pt(name: str, cells: list[str]) -> float:
+    """The estimated width of column ``name`` as :func:`_tabular` sets it, its separation included."""
+    if name == "setting":
+        inner = float(SETTING_WIDTH.removesuffix("cm")) * 72.27 / 2.54
+    else:
+        rotated = _latex_header(name, cells) != latex_escape(name)
+        inner = max([_ROTATED_PT if rotated else text_width_pt(name), *map(text_width_pt, cells)])
+    return inner + 2 * float(COLUMN_SEPARATION.removesuffix("pt"))
+
+
+def column_blocks(header: list[str], body: list[list[str]]) -> list[list[int]]:
+    """``header``'s column indices in blocks, each repeating the leading text columns (method,
+    setting) and holding the next run of the others, in order (so a table's averages fall in its
+    last block): the fewest blocks, of as even column counts as may be, each of which fits
+    :data:`READABLE_LINE_PT` at :data:`READABLE_SCALE` or more, by estimated width. One block
+    (the table as it is) when it fits, or when no split into blocks fits."""
+    lead = 0
+    while lead < len(header) and header[lead] in TEXT_COLUMNS:
+        lead += 1
+    widths = [_column_width_pt(h, [str(row[i]) for row in body]) for i, h in enumerate(header)]
+    fixed, rest = sum(widths[:lead]), list(range(lead, len(header)))
+    limit = READABLE_LINE_PT / READABLE_SCALE
+    for n in range(1, len(rest) + 1):
+        size, extra = divmod(len(rest), n)
+        starts = [k * size + min(k, extra) for k in range(n + 1)]
+        runs = [rest[a:b] for a, b in zip(starts, starts[1:])]
+        if all(fixed + sum(widths[i] for i in run) <= limit for run in runs):
+            return [[*range(lead), *run] for run in runs] if n > 1 else [list(range(len(header)))]
+    return [list(range(len(header)))]
 
 
 def _latex_header(name: str, cells: list[str]) -> str:

@@ -153,10 +153,13 @@ PREAMBLE = "\\usepackage{booktabs,graphicx,calc}"
 
 def _typeset(tex: str, two_column: bool, tmp_path) -> dict[str, float]:
     """Compile ``tex`` (a ``table``; a ``table*`` on a two-column page) with pdflatex: the line width,
-    the tabular's natural width and the width it is typeset at (pt), and any Overfull hbox."""
+    the natural width of what is fitted (the tabular, or the stacked blocks of one) and the width it
+    is typeset at (pt), and any Overfull hbox."""
+    from harness.report import FIT_TO_LINE
+
     star = tex.replace("{table}", "{table*}") if two_column else tex
     setup = "".join(line for line in tex.splitlines() if line.startswith("\\setlength"))
-    tabular = tex[tex.index("\\begin{tabular}"):tex.index("\\end{tabular}") + len("\\end{tabular}")]
+    tabular = tex[tex.index(FIT_TO_LINE) + len(FIT_TO_LINE):tex.rindex("}\n\\end{table}")]
     # the table's body; its line ends, spaces in the measuring box, not in the float's vertical list
     fitted = re.search(r"\\label\{.*?\}\n(.*)\n\\end\{table\}", tex, re.S).group(1).replace("\n", "%\n")
     env = "table*" if two_column else "table"
@@ -179,11 +182,83 @@ def _typeset(tex: str, two_column: bool, tmp_path) -> dict[str, float]:
 @pytest.mark.parametrize("n_tasks", [8, 20])
 def test_a_wide_table_compiles_within_the_page(n_tasks, two_column, tmp_path):
     """The main table of 8 and of 20 tasks (a task name holding % _ & #), wider than the page as
-    set, compiles and is typeset at the line width, no Overfull hbox; a narrow one keeps its size."""
+    set, compiles and is typeset at the line width, no Overfull hbox, at a readable scale; a narrow
+    one keeps its size. The 20 tasks' stacked blocks (:func:`harness.report.column_blocks`) are
+    narrower than a ``table*``'s line: they keep their size there."""
+    from harness.report import READABLE_SCALE
+
     header, body = _wide_table(n_tasks)
     wide = _typeset(latex_table(header, body, "my_sweep: 100% & #1", "tab:my_sweep-main"), two_column, tmp_path)
-    assert wide["natural"] > wide["line"] and wide["overfull"] == 0, wide
-    assert wide["typeset"] == pytest.approx(wide["line"], abs=0.1)
+    assert wide["overfull"] == 0, wide
+    if n_tasks == 20 and two_column:
+        assert wide["natural"] < wide["line"], wide
+        assert wide["typeset"] == pytest.approx(wide["natural"], abs=0.1)
+    else:
+        assert wide["natural"] > wide["line"], wide
+        assert wide["typeset"] == pytest.approx(wide["line"], abs=0.1)
+    assert wide["typeset"] / wide["natural"] >= READABLE_SCALE, wide
     narrow = _typeset(latex_table(["method", "avg"], [["ties", "50.0"]], "n", "tab:n"), two_column, tmp_path)
     assert narrow["natural"] < narrow["line"] and narrow["overfull"] == 0, narrow
     assert narrow["typeset"] == pytest.approx(narrow["natural"], abs=0.1)
+
+
+def _distinct_table(n_tasks: int) -> tuple[list[str], list[list[str]]]:
+    """A main table's header and rows with a different figure in every cell."""
+    tasks = [f"emb_landcover_{i:02d}" for i in range(n_tasks - 1)] + ["100% a_b & #1"]
+    header = ["method", "setting", *tasks, "avg", "norm avg"]
+    methods = [("pretrained", "zero-shot"), ("individual", "per task"),
+               ("wemoe_softmax_diversity", "init_lambda=0.6, router_depth=2, lr=0.001, steps=300, batch_size=16")]
+    body = [[m, s, *[f"{10 * r + 0.1 * c + 20:.1f}" for c in range(n_tasks + 2)]] for r, (m, s) in enumerate(methods)]
+    return header, body
+
+
+def _blocks(tex: str) -> list[tuple[list[str], list[list[str]]]]:
+    """Each tabular of the table (its column names, rotation undone, and its rows' cells)."""
+    found = []
+    for block in re.findall(r"\\begin\{tabular\}\{[^@].*?\\end\{tabular\}\n?", tex, re.S):
+        spec, rows = _tabular_rows(block if block.endswith("\n") else block + "\n")
+        cells = [re.split(r"(?<!\\)&", row) for row in rows]
+        names = [re.sub(r"^\\rotatebox\{90\}\{(.*)\}$", r"\1", c.strip()) for c in cells[0]]
+        assert len(spec) == len(names) + 5 * spec.count("p{"), spec  # a p{4cm} column spec is 6 characters
+        found.append((names, [[c.strip() for c in row] for row in cells[1:]]))
+    return found
+
+
+def test_a_20_task_table_is_stacked_blocks_holding_each_cell_once():
+    """A 20-task main table set in one tabular was scaled to 43% on an article page: it is set as
+    stacked tabulars, each repeating the method and setting columns, the others in order (the
+    averages in the last block), each row's every figure once, under its own column; an 8-task
+    table (69%) stays one tabular."""
+    header, body = _distinct_table(20)
+    tex = latex_table(header, body, "c", "tab:x")
+    blocks = _blocks(tex)
+    assert 1 < len(blocks) <= 3 and tex.count("\\begin{tabular}{@{}l@{}}") == 1
+    truth = {(row[0], name): value for row in body for name, value in zip(header[2:], row[2:])}
+    seen: list[tuple[str, str]] = []
+    order: list[str] = []
+    for names, rows in blocks:
+        assert names[:2] == ["method", "setting"]
+        assert [row[0] for row in rows] == [latex_escape(row[0]) for row in body]
+        order += names[2:]
+        for row, given in zip(rows, body):
+            assert row[1] == "\\raggedright " + latex_escape(given[1])
+            for name, value in zip(names[2:], row[2:]):
+                seen.append((given[0], name))
+                assert value == truth[(given[0], next(h for h in header if latex_escape(h) == name))]
+    assert order == [latex_escape(h) for h in header[2:]]
+    assert len(seen) == len(set(seen)) == len(truth)
+    assert blocks[-1][0][-2:] == ["avg", "norm avg"]
+    assert len(_blocks(latex_table(*_distinct_table(8), "c"))) == 1
+    assert latex_table(*_distinct_table(8), "c").count("\\begin{tabular}") == 1
+
+
+@pytest.mark.skipif(shutil.which("pdflatex") is None, reason="pdflatex is not installed")
+@pytest.mark.parametrize("two_column", [False, True], ids=["article", "twocolumn-table*"])
+def test_a_20_task_tables_blocks_are_set_at_a_readable_scale(two_column, tmp_path):
+    """Measured by pdflatex: the stacked blocks of a 20-task table are set at 70% or more of their
+    size (one scale for all), no Overfull hbox."""
+    header, body = _distinct_table(20)
+    typeset = _typeset(latex_table(header, body, "c", "tab:x"), two_column, tmp_path)
+    assert typeset["overfull"] == 0, typeset
+    assert typeset["typeset"] == pytest.approx(min(typeset["natural"], typeset["line"]), abs=0.1)
+    assert typeset["typeset"] / typeset["natural"] >= 0.7, typeset
