@@ -123,7 +123,7 @@ def _wide_table(n_tasks: int) -> tuple[list[str], list[list[str]]]:
 
 
 def test_a_table_is_shrunk_to_the_line_and_task_names_set_upright():
-    """An 8-task main table ran 859pt wide on a 345pt article page (501pt with its task names set
+    """An 8-task main table ran 856pt wide on a 345pt article page (501pt with its task names set
     vertically and 4pt between columns): the tabular sits in a graphicx box scaled down to the line width when wider
     (``\\minof`` from calc: a bare > would print as an inverted question mark in captions), with
     4pt between columns; a number column's name longer than its figures is rotated, others not."""
