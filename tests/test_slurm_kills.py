@@ -272,6 +272,33 @@ def test_an_early_warning_is_a_preemption_and_requeues_at_once(tmp_path, fake_su
     assert len(fake_submitit_handler) == 1
 
 
+@pytest.mark.parametrize("returncode, cmd, ends", [
+    (-signal.SIGTERM, ["scontrol", "requeue", "91"], SystemExit),  # stopped along with the job
+    (1, ["scontrol", "requeue", "91"], subprocess.CalledProcessError),  # refused: the job goes on failing
+    (-signal.SIGTERM, ["scontrol", "show", "job"], subprocess.CalledProcessError),  # not the requeue
+])
+def test_a_requeue_whose_scontrol_is_stopped_with_the_job_exits_as_requeued(tmp_path, capfd, returncode, cmd, ends):
+    """``scontrol requeue`` makes SLURM stop every process of the job; on a busy node it stopped
+    scontrol before it returned, submitit raised CalledProcessError, and the job wrote a failed
+    result ("Command '['scontrol', 'requeue', '91']' died with <Signals.SIGTERM: 15>") that
+    `collect` recorded instead of the requeued instance's. It now exits as submitit does after a
+    requeue (SystemExit(-1), which the job's ``except Exception`` lets through); any other
+    failure of the handler is still raised."""
+    def requeue(signum, frame):
+        raise subprocess.CalledProcessError(returncode, cmd)
+
+    previous = signal.signal(signal.SIGUSR2, requeue)
+    try:
+        with pytest.raises(ends) as raised:
+            with requeue_only_with_progress(tmp_path, timeout_min=60):  # an early warning requeues at once
+                _warn_and_wait()
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    if ends is SystemExit:
+        assert raised.value.code == -1 and not isinstance(raised.value, Exception)
+        assert "requeued: scontrol requeue 91 was stopped with this instance" in capfd.readouterr().err
+
+
 @pytest.mark.parametrize("timeout_min, counted", [(10, False), (1, True)])
 def test_only_a_time_limit_warning_counts_against_the_requeues(tmp_path, timeout_min, counted):
     """submitit's handler asks ``has_timed_out`` whether to count a requeue against

@@ -184,7 +184,15 @@ def requeue_only_with_progress(workdir: Path, timeout_min: int, poll_s: float = 
         if not near_limit or _progress(workdir) != before:
             waiting.clear()
             _count_as_timeout(handler, near_limit)
-            handler(signum, frame)  # submitit: checkpoint, requeue, exit
+            try:
+                handler(signum, frame)  # submitit: checkpoint, requeue, exit
+            except subprocess.CalledProcessError as exc:
+                if not _stopped_by_requeue(exc):
+                    raise
+                # SLURM ends this instance for the requeue, scontrol with it: exit as submitit would
+                # once scontrol returned, not as a failed job whose result would end the requeued one
+                os.write(2, f"requeued: {' '.join(map(str, exc.cmd))} was stopped with this instance\n".encode())
+                sys.exit(-1)
         elif not waiting.is_set():
             waiting.set()
             # os.write, not print: the signal may have interrupted a write to stderr
@@ -207,6 +215,12 @@ def requeue_only_with_progress(workdir: Path, timeout_min: int, poll_s: float = 
         # the job is over (done, failed, or being requeued): a warning now has nothing to save, and
         # once Python shuts down it would kill the process after its result is written (FAILED)
         signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+
+
+def _stopped_by_requeue(exc: subprocess.CalledProcessError) -> bool:
+    """Whether submitit's ``scontrol requeue`` died of SIGTERM: the requeue it asked for stops
+    every process of the job, and on a busy node scontrol itself is one of them before it returns."""
+    return exc.returncode == -signal.SIGTERM and [str(c) for c in exc.cmd[:2]] == ["scontrol", "requeue"]
 
 
 def _count_as_timeout(handler: Callable[..., Any], near_limit: bool) -> None:
