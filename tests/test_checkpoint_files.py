@@ -31,3 +31,42 @@ def test_a_module_prefix_on_some_keys_only_is_kept(tmp_path: Path) -> None:
     got = load_state_dict(path)
     assert set(got) == {"module.weight", "bias"}
     assert all(torch.equal(got[k], saved[k]) for k in saved)
+
+
+def test_a_checkpoint_in_the_pre_zip_torch_format_has_its_shapes_read(tmp_path: Path) -> None:
+    """torch.save before 1.6 wrote no zip archive, which torch cannot memory-map: its names and
+    shapes are read by loading it."""
+    from harness.models import tensor_shapes
+
+    path = tmp_path / "legacy.pt"
+    torch.save({"w": torch.zeros(2, 3), "b": torch.zeros(5)}, path, _use_new_zipfile_serialization=False)
+    assert tensor_shapes(path) == {"w": (2, 3), "b": (5,)}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_floating_point_weights_of_every_width_are_taken(tmp_path: Path, dtype: torch.dtype) -> None:
+    """bfloat16 is floating point as torch says (``dtype.is_floating_point``): an encoder saved in
+    it is no quantized checkpoint, whether read from the file's header or from its tensors."""
+    from harness.models import refuse_integer_weights, save_state_dict, state_dtypes, tensor_dtypes
+
+    assert dtype.is_floating_point
+    state = {"w": torch.zeros(2, 3, dtype=dtype)}
+    path = tmp_path / "enc.safetensors"
+    save_state_dict(state, path)
+    refuse_integer_weights(tensor_dtypes(path), path)
+    refuse_integer_weights(state_dtypes(state), path)
+    with pytest.raises(HarnessError, match="'q' has dtype int8, not floating point"):
+        refuse_integer_weights(state_dtypes({**state, "q": torch.zeros(2, dtype=torch.int8)}), path)
+
+
+def test_pretrained_weights_with_a_tensor_the_architecture_lacks_are_refused(tmp_path: Path) -> None:
+    """Every tensor of the file must land in the model: one the architecture has no place for
+    means another model's weights, named by its key."""
+    from harness.models import build_clip, save_state_dict
+
+    state = dict(build_clip("harness-micro-vit").state_dict())
+    state["visual.extra_token"] = torch.zeros(4)
+    path = tmp_path / "pretrained.safetensors"
+    save_state_dict(state, path)
+    with pytest.raises(HarnessError, match=r"unexpected \['visual.extra_token'\]"):
+        build_clip("harness-micro-vit", str(path))
