@@ -70,3 +70,14 @@ def test_pretrained_weights_with_a_tensor_the_architecture_lacks_are_refused(tmp
     save_state_dict(state, path)
     with pytest.raises(HarnessError, match=r"unexpected \['visual.extra_token'\]"):
         build_clip("harness-micro-vit", str(path))
+
+
+def test_a_folder_given_as_a_checkpoint_is_called_a_folder(tmp_path: Path) -> None:
+    """A folder stands where a file was meant (a Hugging Face folder, a wrong path): said as such,
+    not as a file that does not exist."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    with pytest.raises(HarnessError, match="is a folder, not a checkpoint file"):
+        load_state_dict(folder)
+    with pytest.raises(HarnessError, match="checkpoint file does not exist"):
+        load_state_dict(tmp_path / "absent.pt")
