@@ -273,6 +273,23 @@ def test_ctrl_c_in_a_command_that_keeps_nothing_does_not_promise_a_resume(tmp_pa
     assert r.exit_code == 130 and r.stderr == "interrupted\n", r.stderr
 
 
+@pytest.mark.parametrize("command", ["sweep", "collect"])
+def test_ctrl_c_in_a_command_a_rerun_resumes_says_what_it_kept(command, sweep_dict, tmp_path, monkeypatch):
+    """sweep and collect record each finished job as it ends, so a rerun goes on from there: the
+    interrupted line says so, exit code 130 as a shell reports SIGINT."""
+    import harness.runner
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(harness.runner, "run_sweep", interrupted)
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump(sweep_dict))
+    r = CliRunner().invoke(main, [command, "-q", str(f)])
+    assert r.exit_code == 130
+    assert r.stderr == "interrupted: finished jobs are saved; rerun the same command to resume\n", r.stderr
+
+
 def test_ui_refuses_a_port_out_of_range(tmp_path, monkeypatch):
     (tmp_path / "mlflow.db").write_bytes(b"")
 
