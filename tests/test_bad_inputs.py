@@ -338,6 +338,19 @@ def test_a_stored_head_is_checked_against_the_projected_features_not_the_width(s
                 ws.head("toy_colours")
 
 
+def test_a_stored_head_of_integers_is_refused(sweep_dict, tmp_path):
+    """A head is float weights over the features; an integer tensor of the right shape (a
+    quantized or label file) is refused naming its dtype, not cast to float and scored."""
+    head = tmp_path / "head.safetensors"
+    save_state_dict({"weight": torch.ones(4, 32, dtype=torch.int64)}, head)
+    d = copy.deepcopy(sweep_dict)
+    d["model"]["heads"] = {"toy_colours": str(head)}
+    code, err, _ = _run_sweep(tmp_path, d)
+    assert code == 2 and err == (f"error: model.heads.toy_colours: {head}: tensor 'weight' has dtype torch.int64, "
+                                 "not floating point"), err
+    assert not (tmp_path / "out").exists()
+
+
 def test_stored_head_with_a_nonzero_bias_is_refused(sweep_dict, tmp_path):
     """Logits are normalised features times the head, no bias: a linear probe's head file (weight
     and a non-zero bias, as a tensor-only .pt) would be scored without its bias, every prediction
