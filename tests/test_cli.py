@@ -364,6 +364,8 @@ def test_dry_run_counts_a_setting_two_labels_share_once_as_the_sweep_runs_it(swe
     assert summary == "7 jobs: 0 cached, 7 to run"  # pretrained, 2 individual, WA, TA 0.2 / 0.6, tb 1.0
     r = CliRunner().invoke(main, ["sweep", str(f)])
     assert r.exit_code == 0 and "7 jobs, 0 cached, 7 to run" in r.output  # the run agrees
+    summary, _ = _dry_run(f)
+    assert summary == "7 jobs: 7 cached, 0 to run"  # the shared job is one cached job, not two
 
 
 def test_dry_run_of_an_unprepared_embedded_suite_builds_nothing(tmp_path):
