@@ -17,7 +17,7 @@ import yaml
 from click.testing import CliRunner
 
 from harness.cli import main
-from tests.conftest import stop_process_group
+from tests.conftest import make_sweep_dict, stop_process_group
 
 
 def test_list_methods_shows_hyperparameters():
@@ -288,6 +288,29 @@ def test_ctrl_c_in_a_command_a_rerun_resumes_says_what_it_kept(command, sweep_di
     r = CliRunner().invoke(main, [command, "-q", str(f)])
     assert r.exit_code == 130
     assert r.stderr == "interrupted: finished jobs are saved; rerun the same command to resume\n", r.stderr
+
+
+def test_collect_names_a_missing_checkpoint_in_the_sweep_file_before_waiting(micro_checkpoints, tmp_path, monkeypatch):
+    """collect plans the sweep's jobs, whose keys hash the model files: a checkpoint gone since the
+    submission is one line naming the sweep file and field, before any job is waited on."""
+    import shutil
+
+    import harness.runner
+
+    def waits(*args, **kwargs):
+        raise AssertionError("collect waited on jobs")
+
+    monkeypatch.setattr(harness.runner, "run_sweep", waits)
+    for name in ("pretrained", "toy_stripes"):
+        shutil.copy(micro_checkpoints / f"{name}.safetensors", tmp_path / f"{name}.safetensors")
+    d = make_sweep_dict(tmp_path, tmp_path)
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump(d))
+    r = CliRunner().invoke(main, ["collect", str(f)])
+    missing = tmp_path / "toy_colours.safetensors"
+    assert r.exit_code == 2
+    assert " ".join(r.stderr.split()) == (f"error: {f}: model.finetuned_pattern: checkpoint of task 'toy_colours' "
+                                          f"does not exist (got '{missing}')"), r.stderr
 
 
 def test_ui_refuses_a_port_out_of_range(tmp_path, monkeypatch):
