@@ -542,6 +542,24 @@ def test_report_status_and_ui_of_a_sweep_file_whose_input_variables_are_unset(sw
         assert "is not set" in r.stderr, (command, r.stderr)
 
 
+def test_a_report_folder_that_is_a_file_is_one_line_before_any_work(tmp_path, monkeypatch):
+    """report writes into the output folder's report/, a folder: a file standing at that very
+    path is named, untouched, before the store is read."""
+    import harness.report
+
+    def reads(*args, **kwargs):
+        raise AssertionError("the store was read")
+
+    monkeypatch.setattr(harness.report, "load_sweep_from_mlflow", reads)
+    blocker = tmp_path / "report"
+    blocker.write_text("keep me")
+    (tmp_path / "mlflow.db").write_bytes(b"")
+    r = CliRunner().invoke(main, ["report", str(tmp_path)])
+    assert r.exit_code == 2, r.output
+    assert " ".join(r.stderr.split()) == f"error: report folder {blocker}: {blocker} is a file, not a folder"
+    assert blocker.read_text() == "keep me"
+
+
 @pytest.mark.parametrize("command", ["report", "export", "convert", "import"])
 def test_a_destination_under_a_file_is_one_line_before_any_work(command, sweep_dict, micro_checkpoints, tmp_path):
     """An --out (or DST) whose folder a file stands in: one line naming both, exit 2, the file untouched."""
