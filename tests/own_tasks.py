@@ -40,6 +40,11 @@ def uint8_pixels() -> Task:
     return PlainTask("mine", [f"c{i}" for i in range(4)], raw=True)
 
 
+def no_classes() -> Task:
+    """A task whose class names came out empty (a folder listing that found nothing)."""
+    return PlainTask("mine", [])
+
+
 def labels_above_classes() -> Task:
     return PlainTask("mine", ["c0", "c1", "c2"])
 
