@@ -560,6 +560,27 @@ def test_a_report_folder_that_is_a_file_is_one_line_before_any_work(tmp_path, mo
     assert blocker.read_text() == "keep me"
 
 
+def test_report_of_a_run_id_writes_beside_the_caller_under_its_first_eight_characters(tmp_path, monkeypatch):
+    """Without --out, a run id's report goes to ./report-<the id's first 8 characters>, as the
+    tables' titles shorten it."""
+    import harness.report
+
+    written = []
+
+    def build(cfg, results, out, *args, **kwargs):
+        written.append(out)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(harness.report, "load_sweep_from_mlflow", lambda *a: (None, [], None))
+    monkeypatch.setattr(harness.report, "row_routings", lambda *a: {})
+    monkeypatch.setattr(harness.report, "load_study_counts", lambda *a: {})
+    monkeypatch.setattr(harness.report, "build_report", build)
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(main, ["report", "0123456789abcdef", "--tracking-uri", "http://127.0.0.1:9"])
+    assert r.exit_code == 130, r.output
+    assert written == [Path("report-01234567")]
+
+
 @pytest.mark.parametrize("command", ["report", "export", "convert", "import"])
 def test_a_destination_under_a_file_is_one_line_before_any_work(command, sweep_dict, micro_checkpoints, tmp_path):
     """An --out (or DST) whose folder a file stands in: one line naming both, exit 2, the file untouched."""
