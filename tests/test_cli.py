@@ -581,6 +581,22 @@ def test_report_of_a_run_id_writes_beside_the_caller_under_its_first_eight_chara
     assert written == [Path("report-01234567")]
 
 
+def test_prepare_of_a_sweep_on_model_files_is_refused_building_nothing(sweep_dict, tmp_path, monkeypatch):
+    """prepare builds the embedded suite: a sweep whose models are files of one's own has nothing
+    for it to build, said in one line naming the source."""
+    import tasks.embedded.pipeline
+
+    def builds(*args, **kwargs):
+        raise AssertionError("prepare built a suite")
+
+    monkeypatch.setattr(tasks.embedded.pipeline, "prepare_suite", builds)
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump(sweep_dict))
+    r = CliRunner().invoke(main, ["prepare", str(f)])
+    assert r.exit_code == 2
+    assert r.stderr == f"error: {f}: model.source is 'files'; prepare builds the embedded suite only\n", r.stderr
+
+
 @pytest.mark.parametrize("command", ["report", "export", "convert", "import"])
 def test_a_destination_under_a_file_is_one_line_before_any_work(command, sweep_dict, micro_checkpoints, tmp_path):
     """An --out (or DST) whose folder a file stands in: one line naming both, exit 2, the file untouched."""
