@@ -597,6 +597,20 @@ def test_prepare_of_a_sweep_on_model_files_is_refused_building_nothing(sweep_dic
     assert r.stderr == f"error: {f}: model.source is 'files'; prepare builds the embedded suite only\n", r.stderr
 
 
+@pytest.mark.parametrize("uri", ["http://127.0.0.1:5000", "https://mlflow.example.org"])
+def test_ui_of_a_tracking_server_says_to_open_it_rather_than_serving_it(uri, monkeypatch):
+    """A tracking server (http or https) serves its own UI: ui says so instead of starting
+    another server on top of it."""
+    def serves(*args):
+        raise AssertionError("ui started a server")
+
+    monkeypatch.setattr(os, "execve", serves)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    r = CliRunner().invoke(main, ["ui"])
+    assert r.exit_code == 2
+    assert r.stderr == f"error: {uri} is a tracking server: open it in a browser\n", r.stderr
+
+
 @pytest.mark.parametrize("command", ["report", "export", "convert", "import"])
 def test_a_destination_under_a_file_is_one_line_before_any_work(command, sweep_dict, micro_checkpoints, tmp_path):
     """An --out (or DST) whose folder a file stands in: one line naming both, exit 2, the file untouched."""
