@@ -13,17 +13,18 @@ class PlainTask(Task):
     """A Task subclass (not InMemoryTask) serving the toy stripes data, labels shifted by ``shift``."""
 
     def __init__(self, name: str, classnames: list[str], image_size: int = 16, shift: int = 0,
-                 empty: str | None = None, templates: tuple[str, ...] = ("a photo of {}.",)):
+                 empty: str | None = None, templates: tuple[str, ...] = ("a photo of {}.",), raw: bool = False):
         toy = make_toy_task("toy_stripes", image_size=image_size)
         self.name, self.classnames, self.templates = name, classnames, list(templates)
         self._data = {s: toy.raw(s) for s in ("train", "val", "test")}
-        self._shift, self._empty = shift, empty
+        self._shift, self._empty, self._raw = shift, empty, raw
 
     def dataset(self, split: str) -> Dataset:
         images, labels = self._data[split]
         if split == self._empty:
             images, labels = images[:0], labels[:0]
-        return TensorDataset(normalize_uint8(images), labels.long() + self._shift)
+        pixels = images.permute(0, 3, 1, 2).contiguous() if self._raw else normalize_uint8(images)
+        return TensorDataset(pixels, labels.long() + self._shift)
 
 
 def returns_tuple():
@@ -32,6 +33,16 @@ def returns_tuple():
 
 def other_size() -> Task:
     return PlainTask("mine", [f"c{i}" for i in range(4)], image_size=32)
+
+
+def uint8_pixels() -> Task:
+    """Images of the right size as uint8 pixels, not normalised floats."""
+    return PlainTask("mine", [f"c{i}" for i in range(4)], raw=True)
+
+
+def no_classes() -> Task:
+    """A task whose class names came out empty (a folder listing that found nothing)."""
+    return PlainTask("mine", [])
 
 
 def labels_above_classes() -> Task:

@@ -402,6 +402,72 @@ def test_a_task_left_out_of_adaptation_does_not_bound_its_batch(sweep_dict, monk
         ws.check_adaptation_batches()
 
 
+def _with_small_split(monkeypatch, ws, name: str, n_test: int) -> None:
+    """``ws`` reads task ``name`` with ``n_test`` test images (the other toy tasks keep 80)."""
+    from tasks.synthetic import make_toy_task
+
+    small = make_toy_task(name, n_test=n_test)
+    real = ws.task
+    monkeypatch.setattr(ws, "task", lambda t: small if t == name else real(t))
+
+
+def test_the_smallest_split_adapted_on_bounds_the_batch(sweep_dict, monkeypatch):
+    """Of two adapted tasks (80 and 40 test images) the smaller bounds ``batch_size``: 60 fits the
+    one, not the other, and the error names the 40-image task."""
+    from harness.config import validate_config
+    from harness.errors import FieldError
+    from harness.workspace import Workspace
+
+    ws = Workspace(validate_config(dict(sweep_dict, methods=[{"name": "wemoe", "params": {"batch_size": 60}}])))
+    _with_small_split(monkeypatch, ws, "toy_colours", 40)
+    with pytest.raises(FieldError, match=r"task 'toy_colours' \(40 images\)") as err:
+        ws.check_adaptation_batches()
+    assert err.value.field == "methods.0.params.batch_size" and err.value.value == 60
+
+
+def test_a_categorical_batch_space_is_bounded_by_its_largest_choice(sweep_dict):
+    """A tuned ``batch_size`` drawn from choices [8, 81] may run with 81, one more than the
+    toy tasks' 80 test images: refused, naming the space; choices [8, 80] fit."""
+    from harness.config import validate_config
+    from harness.errors import FieldError
+    from harness.workspace import Workspace
+
+    def method(choices):
+        return {"name": "adamerging", "tune": {"n_trials": 2, "space": {
+            "batch_size": {"type": "categorical", "choices": choices}}}}
+
+    ws = Workspace(validate_config(dict(sweep_dict, methods=[method([8, 81])])))
+    with pytest.raises(FieldError, match=r"\(80 images\)") as err:
+        ws.check_adaptation_batches()
+    assert err.value.field == "methods.0.tune.space.batch_size" and err.value.value == 81
+    Workspace(validate_config(dict(sweep_dict, methods=[method([8, 80])]))).check_adaptation_batches()
+
+
+def test_a_batch_size_left_to_its_default_is_bounded_by_that_default(sweep_dict, monkeypatch):
+    """wemoe without ``batch_size`` runs with its documented default, 16 images per step: a
+    split of 10 cannot give that many."""
+    from harness.config import validate_config
+    from harness.errors import FieldError
+    from harness.workspace import Workspace
+
+    ws = Workspace(validate_config(dict(sweep_dict, methods=[{"name": "wemoe"}])))
+    _with_small_split(monkeypatch, ws, "toy_stripes", 10)
+    with pytest.raises(FieldError, match=r"task 'toy_stripes' \(10 images\)") as err:
+        ws.check_adaptation_batches()
+    assert err.value.field == "methods.0.params.batch_size" and err.value.value == 16
+
+
+def test_a_batch_size_of_a_method_that_reads_no_test_data_is_not_bounded(sweep_dict):
+    """Only test-time adaptation reads the splits: another method's ``batch_size`` (500 here,
+    over the toy tasks' 80 images) is its own business."""
+    from harness.config import validate_config
+    from harness.workspace import Workspace, adaptation_batch_sizes
+
+    cfg = validate_config(dict(sweep_dict, methods=[{"name": "tests.tuning_methods:BatchedTaskArithmetic"}]))
+    assert adaptation_batch_sizes(cfg) == []
+    Workspace(cfg).check_adaptation_batches()
+
+
 @pytest.mark.parametrize("cosine", [False, True])
 def test_learning_rate_of_every_step_follows_torchs_cosine_annealing(models, monkeypatch, cosine):
     """The lr Adam steps with, step by step: constant ``lr`` without ``cosine``; with it, what

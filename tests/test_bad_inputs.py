@@ -310,6 +310,47 @@ def test_stored_head_is_checked_before_any_job(shape, fragment, sweep_dict, tmp_
     assert not (tmp_path / "out").exists()
 
 
+def test_a_stored_head_is_checked_against_the_projected_features_not_the_width(sweep_dict, tmp_path):
+    """harness-small-vit is 256 wide and projects to 128 features, as its forward pass shows: a
+    head over 128 features is taken, one over the width (256) is refused naming both numbers."""
+    from harness.config import validate_config
+    from harness.errors import HarnessError
+    from harness.workspace import Workspace
+
+    clip = build_clip("harness-small-vit")
+    with torch.no_grad():
+        features = clip.visual(torch.zeros(1, 3, 32, 32)).shape[-1]
+    assert features == 128 and clip.visual.proj.shape == (256, 128)
+    save_state_dict(clip.state_dict(), tmp_path / "pretrained.safetensors")
+    for task in sweep_dict["tasks"]:
+        save_state_dict(clip.visual.state_dict(), tmp_path / f"{task}.safetensors")
+    d = copy.deepcopy(sweep_dict)
+    d["model"] = {"source": "files", "arch": "harness-small-vit", "pretrained": str(tmp_path / "pretrained.safetensors"),
+                  "finetuned_pattern": str(tmp_path / "{task}.safetensors")}
+    for width, ok in ((features, True), (256, False)):
+        head = tmp_path / f"head{width}.safetensors"
+        save_state_dict({"weight": torch.randn(4, width)}, head)
+        ws = Workspace(validate_config(dict(d, model={**d["model"], "heads": {"toy_colours": str(head)}})))
+        if ok:
+            assert ws.head("toy_colours").shape == (4, features)
+        else:
+            with pytest.raises(HarnessError, match="256 features, but the image encoder of harness-small-vit outputs 128"):
+                ws.head("toy_colours")
+
+
+def test_a_stored_head_of_integers_is_refused(sweep_dict, tmp_path):
+    """A head is float weights over the features; an integer tensor of the right shape (a
+    quantized or label file) is refused naming its dtype, not cast to float and scored."""
+    head = tmp_path / "head.safetensors"
+    save_state_dict({"weight": torch.ones(4, 32, dtype=torch.int64)}, head)
+    d = copy.deepcopy(sweep_dict)
+    d["model"]["heads"] = {"toy_colours": str(head)}
+    code, err, _ = _run_sweep(tmp_path, d)
+    assert code == 2 and err == (f"error: model.heads.toy_colours: {head}: tensor 'weight' has dtype torch.int64, "
+                                 "not floating point"), err
+    assert not (tmp_path / "out").exists()
+
+
 def test_stored_head_with_a_nonzero_bias_is_refused(sweep_dict, tmp_path):
     """Logits are normalised features times the head, no bias: a linear probe's head file (weight
     and a non-zero bias, as a tensor-only .pt) would be scored without its bias, every prediction

@@ -17,7 +17,7 @@ import yaml
 from click.testing import CliRunner
 
 from harness.cli import main
-from tests.conftest import stop_process_group
+from tests.conftest import make_sweep_dict, stop_process_group
 
 
 def test_list_methods_shows_hyperparameters():
@@ -273,6 +273,46 @@ def test_ctrl_c_in_a_command_that_keeps_nothing_does_not_promise_a_resume(tmp_pa
     assert r.exit_code == 130 and r.stderr == "interrupted\n", r.stderr
 
 
+@pytest.mark.parametrize("command", ["sweep", "collect"])
+def test_ctrl_c_in_a_command_a_rerun_resumes_says_what_it_kept(command, sweep_dict, tmp_path, monkeypatch):
+    """sweep and collect record each finished job as it ends, so a rerun goes on from there: the
+    interrupted line says so, exit code 130 as a shell reports SIGINT."""
+    import harness.runner
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(harness.runner, "run_sweep", interrupted)
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump(sweep_dict))
+    r = CliRunner().invoke(main, [command, "-q", str(f)])
+    assert r.exit_code == 130
+    assert r.stderr == "interrupted: finished jobs are saved; rerun the same command to resume\n", r.stderr
+
+
+def test_collect_names_a_missing_checkpoint_in_the_sweep_file_before_waiting(micro_checkpoints, tmp_path, monkeypatch):
+    """collect plans the sweep's jobs, whose keys hash the model files: a checkpoint gone since the
+    submission is one line naming the sweep file and field, before any job is waited on."""
+    import shutil
+
+    import harness.runner
+
+    def waits(*args, **kwargs):
+        raise AssertionError("collect waited on jobs")
+
+    monkeypatch.setattr(harness.runner, "run_sweep", waits)
+    for name in ("pretrained", "toy_stripes"):
+        shutil.copy(micro_checkpoints / f"{name}.safetensors", tmp_path / f"{name}.safetensors")
+    d = make_sweep_dict(tmp_path, tmp_path)
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump(d))
+    r = CliRunner().invoke(main, ["collect", str(f)])
+    missing = tmp_path / "toy_colours.safetensors"
+    assert r.exit_code == 2
+    assert " ".join(r.stderr.split()) == (f"error: {f}: model.finetuned_pattern: checkpoint of task 'toy_colours' "
+                                          f"does not exist (got '{missing}')"), r.stderr
+
+
 def test_ui_refuses_a_port_out_of_range(tmp_path, monkeypatch):
     (tmp_path / "mlflow.db").write_bytes(b"")
 
@@ -347,6 +387,8 @@ def test_dry_run_counts_a_setting_two_labels_share_once_as_the_sweep_runs_it(swe
     assert summary == "7 jobs: 0 cached, 7 to run"  # pretrained, 2 individual, WA, TA 0.2 / 0.6, tb 1.0
     r = CliRunner().invoke(main, ["sweep", str(f)])
     assert r.exit_code == 0 and "7 jobs, 0 cached, 7 to run" in r.output  # the run agrees
+    summary, _ = _dry_run(f)
+    assert summary == "7 jobs: 7 cached, 0 to run"  # the shared job is one cached job, not two
 
 
 def test_dry_run_of_an_unprepared_embedded_suite_builds_nothing(tmp_path):
@@ -498,6 +540,75 @@ def test_report_status_and_ui_of_a_sweep_file_whose_input_variables_are_unset(sw
         assert len(r.stderr.strip().splitlines()) == 1, (command, r.stderr)
         assert r.stderr.startswith(f"error: {f}: ") and "environment variable HARNESS_TEST_" in r.stderr, command
         assert "is not set" in r.stderr, (command, r.stderr)
+
+
+def test_a_report_folder_that_is_a_file_is_one_line_before_any_work(tmp_path, monkeypatch):
+    """report writes into the output folder's report/, a folder: a file standing at that very
+    path is named, untouched, before the store is read."""
+    import harness.report
+
+    def reads(*args, **kwargs):
+        raise AssertionError("the store was read")
+
+    monkeypatch.setattr(harness.report, "load_sweep_from_mlflow", reads)
+    blocker = tmp_path / "report"
+    blocker.write_text("keep me")
+    (tmp_path / "mlflow.db").write_bytes(b"")
+    r = CliRunner().invoke(main, ["report", str(tmp_path)])
+    assert r.exit_code == 2, r.output
+    assert " ".join(r.stderr.split()) == f"error: report folder {blocker}: {blocker} is a file, not a folder"
+    assert blocker.read_text() == "keep me"
+
+
+def test_report_of_a_run_id_writes_beside_the_caller_under_its_first_eight_characters(tmp_path, monkeypatch):
+    """Without --out, a run id's report goes to ./report-<the id's first 8 characters>, as the
+    tables' titles shorten it."""
+    import harness.report
+
+    written = []
+
+    def build(cfg, results, out, *args, **kwargs):
+        written.append(out)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(harness.report, "load_sweep_from_mlflow", lambda *a: (None, [], None))
+    monkeypatch.setattr(harness.report, "row_routings", lambda *a: {})
+    monkeypatch.setattr(harness.report, "load_study_counts", lambda *a: {})
+    monkeypatch.setattr(harness.report, "build_report", build)
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(main, ["report", "0123456789abcdef", "--tracking-uri", "http://127.0.0.1:9"])
+    assert r.exit_code == 130, r.output
+    assert written == [Path("report-01234567")]
+
+
+def test_prepare_of_a_sweep_on_model_files_is_refused_building_nothing(sweep_dict, tmp_path, monkeypatch):
+    """prepare builds the embedded suite: a sweep whose models are files of one's own has nothing
+    for it to build, said in one line naming the source."""
+    import tasks.embedded.pipeline
+
+    def builds(*args, **kwargs):
+        raise AssertionError("prepare built a suite")
+
+    monkeypatch.setattr(tasks.embedded.pipeline, "prepare_suite", builds)
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump(sweep_dict))
+    r = CliRunner().invoke(main, ["prepare", str(f)])
+    assert r.exit_code == 2
+    assert r.stderr == f"error: {f}: model.source is 'files'; prepare builds the embedded suite only\n", r.stderr
+
+
+@pytest.mark.parametrize("uri", ["http://127.0.0.1:5000", "https://mlflow.example.org"])
+def test_ui_of_a_tracking_server_says_to_open_it_rather_than_serving_it(uri, monkeypatch):
+    """A tracking server (http or https) serves its own UI: ui says so instead of starting
+    another server on top of it."""
+    def serves(*args):
+        raise AssertionError("ui started a server")
+
+    monkeypatch.setattr(os, "execve", serves)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    r = CliRunner().invoke(main, ["ui"])
+    assert r.exit_code == 2
+    assert r.stderr == f"error: {uri} is a tracking server: open it in a browser\n", r.stderr
 
 
 @pytest.mark.parametrize("command", ["report", "export", "convert", "import"])

@@ -99,3 +99,18 @@ def test_a_cached_head_recording_other_prompts_or_another_task_is_not_read(tmp_p
     assert cached_head(path, {"task": "t", "prompts": "b"}, 3) is None
     assert cached_head(path, {"task": "u", "prompts": "a"}, 3) is None
     assert cached_head(path, {"task": "t", "prompts": "a"}, 4) is None
+
+
+def test_a_head_cached_before_heads_recorded_their_task_is_read_as_it_is(tmp_path):
+    """A head file holding no record of its task and prompts (written before the record was kept)
+    is read as the tensor it holds; one recording another task is not."""
+    from harness.models import save_state_dict
+    from harness.workspace import cached_head
+
+    head = torch.arange(12.0).reshape(3, 4)
+    built_for = {"task": "toy_colours", "prompts": "abc"}
+    path = tmp_path / "old.safetensors"
+    save_state_dict({"weight": head}, path)
+    assert torch.equal(cached_head(path, built_for, 3), head)
+    save_state_dict({"weight": head}, path, metadata={"task": "toy_stripes", "prompts": "abc"})
+    assert cached_head(path, built_for, 3) is None

@@ -40,6 +40,9 @@ def test_a_factory_that_returns_no_task_names_the_field(sweep_dict, tmp_path):
 @pytest.mark.parametrize("factory, fragment", [
     ("other_size", "split 'val' gives images as a torch.float32 tensor of shape [3, 32, 32], but the image "
                    "encoder of harness-micro-vit takes float tensors of shape [3, 16, 16]"),
+    ("uint8_pixels", "split 'val' gives images as a torch.uint8 tensor of shape [3, 16, 16], but the image "
+                     "encoder of harness-micro-vit takes float tensors of shape [3, 16, 16]"),
+    ("no_classes", "no class names"),
     ("labels_above_classes", "split 'val': label 3 is outside the 3 class names (0..2)"),
     ("negative_labels", "split 'val': label -1 is outside the 4 class names (0..3)"),
     ("empty_test", "split 'test' is empty"),

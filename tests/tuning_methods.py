@@ -95,3 +95,12 @@ class OrderedRange(MergeMethod):
 
     def merge(self, pretrained: nn.Module, finetuned: Mapping[str, nn.Module], ctx: MergeContext) -> nn.Module:
         return TaskArithmetic(scaling=self.hi - self.lo).merge(pretrained, finetuned, ctx)
+
+
+class BatchedTaskArithmetic(MergeMethod):
+    """A ``batch_size`` that reads no test data (``uses_test_data`` stays False): no split bounds it."""
+
+    batch_size: int = Field(500, ge=1)
+
+    def merge(self, pretrained: nn.Module, finetuned: Mapping[str, nn.Module], ctx: MergeContext) -> nn.Module:
+        return TaskArithmetic(scaling=0.3).merge(pretrained, finetuned, ctx)

@@ -1,0 +1,83 @@
+"""Reading checkpoint files: what load_state_dict, tensor_shapes and file_digest return for files
+written here by hand, checked against what was written."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+
+from harness.errors import HarnessError
+from harness.models import load_state_dict
+
+
+def test_a_checkpoint_holding_a_non_tensor_beside_its_tensors_is_refused(tmp_path: Path) -> None:
+    """A dict of tensors with an epoch counter among them is no state dict: loading it into an
+    encoder would fail later, far from the file; it is refused naming the file."""
+    path = tmp_path / "mixed.pt"
+    torch.save({"weight": torch.ones(2, 3), "epoch": 3}, path)
+    with pytest.raises(HarnessError, match="expected a dict of tensors"):
+        load_state_dict(path)
+
+
+def test_a_module_prefix_on_some_keys_only_is_kept(tmp_path: Path) -> None:
+    """Only a prefix every key carries is DistributedDataParallel's: a state dict whose one key
+    happens to start with ``module.`` loads with its keys as saved."""
+    saved = {"module.weight": torch.arange(6.0).reshape(2, 3), "bias": torch.zeros(2)}
+    path = tmp_path / "partial.pt"
+    torch.save(saved, path)
+    got = load_state_dict(path)
+    assert set(got) == {"module.weight", "bias"}
+    assert all(torch.equal(got[k], saved[k]) for k in saved)
+
+
+def test_a_checkpoint_in_the_pre_zip_torch_format_has_its_shapes_read(tmp_path: Path) -> None:
+    """torch.save before 1.6 wrote no zip archive, which torch cannot memory-map: its names and
+    shapes are read by loading it."""
+    from harness.models import tensor_shapes
+
+    path = tmp_path / "legacy.pt"
+    torch.save({"w": torch.zeros(2, 3), "b": torch.zeros(5)}, path, _use_new_zipfile_serialization=False)
+    assert tensor_shapes(path) == {"w": (2, 3), "b": (5,)}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_floating_point_weights_of_every_width_are_taken(tmp_path: Path, dtype: torch.dtype) -> None:
+    """bfloat16 is floating point as torch says (``dtype.is_floating_point``): an encoder saved in
+    it is no quantized checkpoint, whether read from the file's header or from its tensors."""
+    from harness.models import refuse_integer_weights, save_state_dict, state_dtypes, tensor_dtypes
+
+    assert dtype.is_floating_point
+    state = {"w": torch.zeros(2, 3, dtype=dtype)}
+    path = tmp_path / "enc.safetensors"
+    save_state_dict(state, path)
+    refuse_integer_weights(tensor_dtypes(path), path)
+    refuse_integer_weights(state_dtypes(state), path)
+    with pytest.raises(HarnessError, match="'q' has dtype int8, not floating point"):
+        refuse_integer_weights(state_dtypes({**state, "q": torch.zeros(2, dtype=torch.int8)}), path)
+
+
+def test_pretrained_weights_with_a_tensor_the_architecture_lacks_are_refused(tmp_path: Path) -> None:
+    """Every tensor of the file must land in the model: one the architecture has no place for
+    means another model's weights, named by its key."""
+    from harness.models import build_clip, save_state_dict
+
+    state = dict(build_clip("harness-micro-vit").state_dict())
+    state["visual.extra_token"] = torch.zeros(4)
+    path = tmp_path / "pretrained.safetensors"
+    save_state_dict(state, path)
+    with pytest.raises(HarnessError, match=r"unexpected \['visual.extra_token'\]"):
+        build_clip("harness-micro-vit", str(path))
+
+
+def test_a_folder_given_as_a_checkpoint_is_called_a_folder(tmp_path: Path) -> None:
+    """A folder stands where a file was meant (a Hugging Face folder, a wrong path): said as such,
+    not as a file that does not exist."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    with pytest.raises(HarnessError, match="is a folder, not a checkpoint file"):
+        load_state_dict(folder)
+    with pytest.raises(HarnessError, match="checkpoint file does not exist"):
+        load_state_dict(tmp_path / "absent.pt")
