@@ -1066,6 +1066,22 @@ def test_tune_command_finds_a_method_by_name_and_stays_quiet(sweep_dict, tmp_pat
     assert len(stored_study(validate_config(d), validate_config(d).methods[1]).trials) == 2
 
 
+@pytest.mark.parametrize("tuned_first", [False, True])
+def test_a_name_shared_by_a_tuned_and_an_untuned_method_means_the_tuned_one(sweep_dict, tuned_first):
+    """`harness tune/export --method task_arithmetic` beside a labelled untuned task_arithmetic
+    row and a labelled tuned one: only the tuned one can be meant (tune needs a `tune:` block),
+    wherever it stands; a name only one method has means that method."""
+    from harness.cli import _method_index
+
+    fixed = {"name": "task_arithmetic", "label": "fixed", "params": {"scaling": 0.3}}
+    tuned = {"name": "task_arithmetic", "label": "tuned", "tune": tune_block()}
+    methods = [{"name": "weight_averaging"}, *([tuned, fixed] if tuned_first else [fixed, tuned])]
+    cfg = validate_config(dict(sweep_dict, methods=methods))
+    assert cfg.methods[_method_index(cfg, "task_arithmetic", "s.yaml")].display == "tuned"
+    assert _method_index(cfg, "weight_averaging", "s.yaml") == 0
+    assert cfg.methods[_method_index(cfg, "fixed", "s.yaml")].display == "fixed"
+
+
 def test_tune_command_refuses_an_ambiguous_name_and_a_bad_trial_count(sweep_dict, tmp_path):
     from click.testing import CliRunner
 
