@@ -243,12 +243,13 @@ def tensor_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
 
 #: safetensors' header dtypes by torch's names; those starting with "F" or "BF" are floats.
 _HEADER_DTYPES = {"BOOL": "bool", "U8": "uint8", "I8": "int8", "I16": "int16", "U16": "uint16", "I32": "int32",
-                  "U32": "uint32", "I64": "int64", "U64": "uint64"}
+                  "U32": "uint32", "I64": "int64", "U64": "uint64", "F16": "float16", "BF16": "bfloat16",
+                  "F32": "float32", "F64": "float64", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
 
 
 def tensor_dtypes(path: str | os.PathLike) -> dict[str, str]:
-    """Names and dtypes (torch's names for the integer ones, e.g. ``int8``) of a checkpoint's
-    tensors; for safetensors from the header alone, for a ``.pt`` from its mapped tensors."""
+    """Names and dtypes (torch's names, e.g. ``bfloat16``, ``int8``) of a checkpoint's tensors;
+    for safetensors from the header alone, for a ``.pt`` from its mapped tensors."""
     path = Path(path)
     if path.is_file() and is_safetensors(path):
         from safetensors import safe_open

@@ -59,6 +59,22 @@ def test_floating_point_weights_of_every_width_are_taken(tmp_path: Path, dtype: 
         refuse_integer_weights(state_dtypes({**state, "q": torch.zeros(2, dtype=torch.int8)}), path)
 
 
+def test_a_file_header_names_dtypes_as_the_tensors_do(tmp_path: Path) -> None:
+    """A safetensors header's dtype (``BF16``, ``F32``) is named as torch names the loaded tensor
+    (``bfloat16``, ``float32``), like the integer ones, so that a file read from its header and the
+    same weights read as tensors give one spelling."""
+    from harness.models import save_state_dict, state_dtypes, tensor_dtypes
+
+    state = {f"t{i}": torch.zeros(2, dtype=d) for i, d in enumerate(
+        (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.float8_e4m3fn, torch.float8_e5m2,
+         torch.int8, torch.uint8, torch.int64, torch.bool))}
+    path = tmp_path / "mixed.safetensors"
+    save_state_dict(state, path)
+    assert tensor_dtypes(path) == state_dtypes(state) == {
+        "t0": "float16", "t1": "bfloat16", "t2": "float32", "t3": "float64", "t4": "float8_e4m3fn",
+        "t5": "float8_e5m2", "t6": "int8", "t7": "uint8", "t8": "int64", "t9": "bool"}
+
+
 def test_pretrained_weights_with_a_tensor_the_architecture_lacks_are_refused(tmp_path: Path) -> None:
     """Every tensor of the file must land in the model: one the architecture has no place for
     means another model's weights, named by its key."""
