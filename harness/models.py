@@ -241,7 +241,7 @@ def tensor_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in load_state_dict(path, mmap=True).items()}
 
 
-#: safetensors' header dtypes by torch's names; those starting with "F" or "BF" are floats.
+#: safetensors' header dtypes by torch's names; another is lowercased (a float's then starts with "f" or "bf").
 _HEADER_DTYPES = {"BOOL": "bool", "U8": "uint8", "I8": "int8", "I16": "int16", "U16": "uint16", "I32": "int32",
                   "U32": "uint32", "I64": "int64", "U64": "uint64", "F16": "float16", "BF16": "bfloat16",
                   "F32": "float32", "F64": "float64", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
