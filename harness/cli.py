@@ -467,7 +467,7 @@ def _check_data(cfg: Any, file: str, overrides: tuple[str, ...]) -> None:
         check_dataset_folders(cfg, file)
     except ConfigError as exc:
         raise exc.blamed_on_overrides(list(overrides)) from None
-    # the tasks of real datasets need the encoder's input size first (NotBuilt): the run's preflight checks them
+    # a task of one's own taking the encoder's input size without a default is left to the run's preflight (NotBuilt)
     with _fields_of(file, overrides), contextlib.suppress(NotBuilt):
         Workspace(cfg, build=False).check_adaptation_batches()
 

@@ -286,7 +286,7 @@ class Workspace:
             return  # no split is read for adaptation: none is opened
         split = self.cfg.adapt.split
         adapted = dict.fromkeys(self.cfg.merge_tasks + self.cfg.generalization_seen)  # unseen tasks are not
-        sizes = {t: len(self.task(t).dataset(split)) for t in adapted}
+        sizes = {t: self.split_length(t, split) for t in adapted}
         smallest = min(sizes, key=sizes.get)
         for where, value in batches:
             if value > sizes[smallest]:
@@ -345,33 +345,56 @@ class Workspace:
     # -- tasks and heads -----------------------------------------------------------------
     def task(self, name: str) -> Task:
         if name not in self._tasks:
-            spec = next(t for t in self.cfg.tasks if t.name == name)
-            options = dict(spec.options)
-            from tasks.base import resolve_task
-
-            factory = resolve_task(name)
-            params = inspect.signature(factory).parameters
-            if self._sweep_data_root(name, options):
-                options["data_root"] = self.cfg.data_root
-            if self.cfg.model.source == "embedded" and "size" in params and "size" not in options:
-                options["size"] = self.cfg.model.suite.get("size", "full")
-            if "image_size" in params and "image_size" not in options:  # real datasets: the model's input size
-                size = self.encoder_summary["image_size"]
-                if size is not None:
-                    options["image_size"] = size[0] if isinstance(size, (tuple, list)) else int(size)
-            if "cache_dir" in params and "cache_dir" not in options:
-                options["cache_dir"] = str(self.cfg.resolved_cache_dir())
-            try:
-                task = factory(**options)
-            except TypeError as exc:
-                raise HarnessError(f"tasks: bad options for task {name!r}: {exc}") from None
-            if not isinstance(task, Task):
-                index = next(i for i, t in enumerate(self.cfg.tasks) if t.name == name)
-                kind = type(task)
-                raise FieldError(f"tasks.{index}.name", f"the factory returned a {kind.__module__}.{kind.__qualname__}, "
-                                 "not a tasks.base.Task", name)
-            self._tasks[name] = task
+            self._tasks[name] = self._new_task(name)
         return self._tasks[name]
+
+    def split_length(self, name: str, split: str) -> int:
+        """How many images task ``name``'s ``split`` holds. The encoder's input size only changes
+        how a real dataset's images are preprocessed, not how many there are: without a built
+        encoder they are counted by a task made at its factory's default size (kept nowhere), so
+        ``validate`` checks them before any model exists."""
+        try:
+            return len(self.task(name).dataset(split))
+        except NotBuilt:
+            if not self._image_size_has_default(name):
+                raise
+            return len(self._new_task(name, sized=False).dataset(split))
+
+    def _image_size_has_default(self, name: str) -> bool:
+        from tasks.base import resolve_task
+
+        param = inspect.signature(resolve_task(name)).parameters.get("image_size")
+        return param is not None and param.default is not inspect.Parameter.empty
+
+    def _new_task(self, name: str, sized: bool = True) -> Task:
+        """Task ``name`` made by its factory with the sweep's options; ``sized``: given the
+        encoder's input size where the factory takes one (else its own default)."""
+        spec = next(t for t in self.cfg.tasks if t.name == name)
+        options = dict(spec.options)
+        from tasks.base import resolve_task
+
+        factory = resolve_task(name)
+        params = inspect.signature(factory).parameters
+        if self._sweep_data_root(name, options):
+            options["data_root"] = self.cfg.data_root
+        if self.cfg.model.source == "embedded" and "size" in params and "size" not in options:
+            options["size"] = self.cfg.model.suite.get("size", "full")
+        if sized and "image_size" in params and "image_size" not in options:  # real datasets: the model's input size
+            size = self.encoder_summary["image_size"]
+            if size is not None:
+                options["image_size"] = size[0] if isinstance(size, (tuple, list)) else int(size)
+        if "cache_dir" in params and "cache_dir" not in options:
+            options["cache_dir"] = str(self.cfg.resolved_cache_dir())
+        try:
+            task = factory(**options)
+        except TypeError as exc:
+            raise HarnessError(f"tasks: bad options for task {name!r}: {exc}") from None
+        if not isinstance(task, Task):
+            index = next(i for i, t in enumerate(self.cfg.tasks) if t.name == name)
+            kind = type(task)
+            raise FieldError(f"tasks.{index}.name", f"the factory returned a {kind.__module__}.{kind.__qualname__}, "
+                             "not a tasks.base.Task", name)
+        return task
 
     def _sweep_data_root(self, name: str, options: dict[str, Any]) -> bool:
         """Whether task ``name``'s factory is given the sweep's ``data_root``: it takes one and its

@@ -148,3 +148,32 @@ def test_a_factory_of_ones_own_keeps_its_data_folder_in_the_keys(micro_checkpoin
     assert keys(top=str(a)) != keys(top=str(b))
     assert keys(options={"data_root": str(a)}) != keys(options={"data_root": str(b)})
     assert keys(top=str(a)) == keys(top=str(b), options={"data_root": str(a)})
+
+
+def test_validate_bounds_an_adaptation_batch_by_a_real_dataset_before_any_model_is_built(
+        micro_checkpoints, tmp_path, monkeypatch):
+    """The fake EuroSAT tree holds 10 test images (10 classes, one each): validate and a dry run
+    refuse an adaptation ``batch_size`` of 11 and take 10, with no encoder ever built (the split's
+    length does not depend on the input size its images are resized to)."""
+    import yaml
+    from click.testing import CliRunner
+
+    import harness.workspace
+    from harness.cli import main
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("validate built a model")
+
+    monkeypatch.setattr(harness.workspace, "build_clip", no_build)
+    for batch, refused in ((11, True), (10, False)):
+        f = tmp_path / f"s{batch}.yaml"
+        f.write_text(yaml.safe_dump(two_task_sweep(micro_checkpoints, tmp_path, "out", [
+            {"name": "adamerging", "params": {"steps": 1, "batch_size": batch}}])))
+        for command in (["validate", str(f)], ["sweep", "--dry-run", str(f)]):
+            r = CliRunner().invoke(main, command)
+            if refused:
+                assert r.exit_code == 2, r.output
+                assert "methods.0.params.batch_size" in r.stderr and "task 'eurosat' (10 images)" in r.stderr, r.stderr
+            else:
+                assert r.exit_code == 0, r.output + r.stderr
+    assert not (tmp_path / "out").exists()
