@@ -741,7 +741,7 @@ class SlurmExecutor:
             return JobResult.from_dict(job.result())
         except (submitit.core.utils.FailedJobError, submitit.core.utils.UncompletedJobError) as exc:
             t.show_tail = True
-            why = _last_line(str(exc))
+            why = _submitit_reason(str(exc))
             if "timed-out too many times" in why:
                 why += (f" ({self.cfg.executor.requeues} requeues of {self.cfg.executor.timeout_min} min: "
                         "raise executor.requeues or executor.timeout_min)")
@@ -975,7 +975,9 @@ def _failed(spec: JobSpec, error: str, detail: str) -> JobResult:
     return JobResult.of(spec, "failed", error=error, error_detail=detail)
 
 
-def _last_line(text: str) -> str:
+def _submitit_reason(text: str) -> str:
+    """The reason a submitit job error gives, in one line of at most 500 characters: its last
+    line that is neither a rule nor submitit's pointer to the log files."""
     lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not set(ln.strip()) <= {"-"}]
     useful = [ln for ln in lines if not ln.startswith(("You can check", "or at paths", "- /"))]
     return (useful or lines or [""])[-1][:500]
