@@ -540,6 +540,13 @@ def test_a_sweep_over_the_clusters_array_size_goes_out_as_several_arrays(tmp_pat
     assert slurm.max_array_size() == 1001  # scontrol does not answer: SLURM's default
 
 
+def _listing(tracked) -> set[str]:
+    """The tracked jobs' folders listed, as finding them again lists them."""
+    import harness.executors.slurm as slurm
+
+    return slurm.listed_files(p for t in tracked for p in t.paths())
+
+
 def test_jobs_found_queued_with_other_settings_are_told_how_to_resubmit(tmp_path):
     """After an OOM the user raises mem_gb and reruns: failed jobs go out again with it, but jobs
     still queued keep the memory they were submitted with, and would fail the same way."""
@@ -555,10 +562,10 @@ def test_jobs_found_queued_with_other_settings_are_told_how_to_resubmit(tmp_path
     ex.log.record({f"k{i}": {"job_id": f"8_{i}", "settings": slurm.job_settings(before)} for i in range(3)})
     ex.log.record({"k3": {"job_id": "8_3"}})  # recorded before settings were
     tracked[2].job.paths.result_pickle.write_bytes(b"")  # finished: its settings no longer matter
-    assert ex.changed_settings(tracked) == (
+    assert ex.changed_settings(tracked, _listing(tracked)) == (
         "2 queued or running jobs found from an earlier submission keep the executor settings of that submission "
         "(mem_gb 1.0, now 2.0): `scancel 8_0 8_1` and rerun to submit with these")
-    assert ex.changed_settings(tracked[2:]) is None
+    assert ex.changed_settings(tracked[2:], _listing(tracked[2:])) is None
 
 
 
@@ -579,11 +586,11 @@ def test_jobs_found_queued_with_other_harness_code_are_told_how_to_resubmit(tmp_
                    for i in range(3)})
     ex.log.record({"k3": {"job_id": "9_3"}, "k4": {"job_id": "9_4", "harness_dir": here, "harness_code": now}})
     tracked[2].job.paths.result_pickle.write_bytes(b"")  # finished: it ran with whatever code it found
-    assert ex.changed_harness(tracked) == (
+    assert ex.changed_harness(tracked, _listing(tracked)) == (
         "2 queued or running jobs found from an earlier submission were planned with other harness code "
         f"(/old/harness, code 0ld0ld0ld0ld0ld0; now {here}, code {now}): one that starts on a node importing "
         "other code than that fails with HarnessChanged; `scancel 9_0 9_1` and rerun to submit with this code")
-    assert ex.changed_harness(tracked[2:]) is None
+    assert ex.changed_harness(tracked[2:], _listing(tracked[2:])) is None
 
 
 def test_a_submission_records_the_harness_code_it_was_planned_with(tmp_path, monkeypatch):

@@ -529,14 +529,13 @@ class SlurmExecutor:
             (attach if usable else submit).append(_Tracked(s, job) if usable else s)
         return attach, submit, listed
 
-    def changed_settings(self, attach: list[_Tracked], listed: set[str] | None = None) -> str | None:
+    def changed_settings(self, attach: list[_Tracked], listed: set[str] | None) -> str | None:
         """What to tell of jobs found queued or running that were submitted with other executor
         settings (a rerun after raising ``mem_gb``): SLURM keeps the settings a job was submitted
         with, so they would end as the failed ones did; None when there are none. ``listed``:
-        their folders' listing made already (None: made now)."""
+        the listing of their folders that finding them made (:meth:`_reattach`)."""
         records = self.log.load()
         now = job_settings(self.cfg)
-        listed = listed if listed is not None else listed_files(p for t in attach for p in t.paths())
         ids, fields = [], {}
         for t in attach:
             then = records.get(t.spec.key, {}).get("settings")
@@ -552,7 +551,7 @@ class SlurmExecutor:
         return (f"{len(ids)} queued or running job{'' if len(ids) == 1 else 's'} found from an earlier submission "
                 f"keep the executor settings of that submission ({said}): `scancel {' '.join(ids)}` and rerun to submit with these")
 
-    def changed_harness(self, attach: list[_Tracked], listed: set[str] | None = None) -> str | None:
+    def changed_harness(self, attach: list[_Tracked], listed: set[str] | None) -> str | None:
         """What to tell of jobs found queued or running that were submitted with other harness code
         than this driver's (the harness was updated or edited since): their keys did not change, but
         each one that starts on a node importing other code than it was planned with fails with
@@ -560,7 +559,6 @@ class SlurmExecutor:
         recorded before the code was recorded are not told apart. ``listed``: as for :meth:`changed_settings`."""
         records = self.log.load()
         here, now = harness_code_id()
-        listed = listed if listed is not None else listed_files(p for t in attach for p in t.paths())
         ids, then = [], {}
         for t in attach:
             rec = records.get(t.spec.key, {})
