@@ -1003,3 +1003,17 @@ def test_a_saved_adaptation_of_another_architecture_is_adapted_again(models, tmp
     assert calls == []
     method.merge(pre, ft, ctx("harness-micro-vit-quickgelu"))
     assert calls == [1]
+
+
+@pytest.mark.parametrize("seed", [0, 5])
+def test_router_weights_are_drawn_from_the_sweeps_seed(models, seed):
+    """Every router's weights are the normal(0, 0.01) draws of one generator seeded with the job's
+    seed, in block order: a sweep's seeds give different starting routers, and one seed the same."""
+    pre, ft = models
+    merged = wemoe.WeMoE(steps=0, router_depth=2, routing_stats_batches=0).merge(
+        pre, ft, MergeContext(heads=heads(), unlabeled=fixed_unlabeled(), seed=seed))
+    g = torch.Generator().manual_seed(seed)
+    for m in wemoe.moe_layers(merged):
+        for lin in (m.router.net[0], m.router.net[2]):
+            expected = torch.empty(lin.weight.shape).normal_(0.0, 0.01, generator=g)
+            assert torch.equal(lin.weight.detach(), expected)
