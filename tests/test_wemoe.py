@@ -1017,3 +1017,17 @@ def test_router_weights_are_drawn_from_the_sweeps_seed(models, seed):
         for lin in (m.router.net[0], m.router.net[2]):
             expected = torch.empty(lin.weight.shape).normal_(0.0, 0.01, generator=g)
             assert torch.equal(lin.weight.detach(), expected)
+
+
+@pytest.mark.parametrize("batch_reduce", [False, True])
+def test_batch_dependent_says_whether_an_image_scores_differently_beside_others(models, batch_reduce):
+    """Measured: with ``batch_reduce`` an image's features change with the images beside it in its
+    batch (its job keys must then hold the evaluation batch size); without, they do not."""
+    pre, ft = models
+    method = wemoe.WeMoE(steps=0, router_depth=1, batch_reduce=batch_reduce, routing_stats_batches=0)
+    model = method.merge(pre, ft, MergeContext(heads=heads(), unlabeled=fixed_unlabeled()))
+    randomize_routers(model, seed=2)
+    x = images(4, 11)
+    with torch.no_grad():
+        alone, beside = model(x[:1]), model(x)[:1]
+    assert method.batch_dependent() == (rel_err(alone, beside) > 1e-4)
