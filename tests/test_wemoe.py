@@ -1031,3 +1031,29 @@ def test_batch_dependent_says_whether_an_image_scores_differently_beside_others(
     with torch.no_grad():
         alone, beside = model(x[:1]), model(x)[:1]
     assert method.batch_dependent() == (rel_err(alone, beside) > 1e-4)
+
+
+def test_a_validation_at_the_checkpointed_step_is_kept_on_resume(models, tmp_path):
+    """Checkpoint and validation at the same step (2): a run killed later resumes from step 2 and
+    its history still holds the validation of step 2, as the uninterrupted run's does."""
+    pre, ft = models
+    method = wemoe.WeMoE(steps=4, lr=1e-2, checkpoint_every=2, eval_every=2, router_depth=1, routing_stats_batches=0)
+    full_ctx = MergeContext(heads=heads(), unlabeled=fixed_unlabeled(2), workdir=str(tmp_path / "full"),
+                            validate=router_norm)
+    method.merge(pre, ft, full_ctx)
+    calls = []
+
+    def stop_at_third(model):  # validations at steps 0, 2, 4: killed at 4, checkpointed at 2
+        calls.append(1)
+        if len(calls) == 3:
+            raise Interrupt
+        return router_norm(model)
+
+    workdir = str(tmp_path / "resumed")
+    with pytest.raises(Interrupt):
+        method.merge(pre, ft, MergeContext(heads=heads(), unlabeled=fixed_unlabeled(2), workdir=workdir,
+                                           validate=stop_at_third))
+    resumed_ctx = MergeContext(heads=heads(), unlabeled=fixed_unlabeled(2), workdir=workdir, validate=router_norm)
+    method.merge(pre, ft, resumed_ctx)
+    assert [row["step"] for row in full_ctx.artifacts["tta_validation"]] == [0, 2, 4]
+    assert resumed_ctx.artifacts["tta_validation"] == full_ctx.artifacts["tta_validation"]
