@@ -1057,3 +1057,16 @@ def test_a_validation_at_the_checkpointed_step_is_kept_on_resume(models, tmp_pat
     method.merge(pre, ft, resumed_ctx)
     assert [row["step"] for row in full_ctx.artifacts["tta_validation"]] == [0, 2, 4]
     assert resumed_ctx.artifacts["tta_validation"] == full_ctx.artifacts["tta_validation"]
+
+
+def test_adaptation_runs_in_eval_mode_and_gives_the_model_back_in_its_mode(models):
+    """Adaptation forwards run in eval mode (no dropout, fixed statistics); a model handed over in
+    train mode is handed back in train mode, every submodule included."""
+    pre, ft = models
+    model = wemoe.build_wemoe(pre, ft, router_depth=1).train()
+    seen = []
+    layer = wemoe.moe_layers(model)[0]
+    layer.register_forward_hook(lambda m, args, out: seen.append(m.training))
+    run_tta(model, MergeContext(heads=heads(), unlabeled=fixed_unlabeled()), lr=1e-2, steps=1)
+    assert seen == [False] * len(TASKS)
+    assert all(m.training for m in model.modules())
