@@ -142,3 +142,26 @@ def test_integer_buffers_are_kept_from_the_pretrained_model_not_merged():
         assert out.count.dtype == torch.long
     # the float part is merged all the same: weight averaging by hand
     assert torch.equal(WeightAveraging().merge(pre, ft, MergeContext()).bias, torch.tensor([0.5, 0.0]))
+
+
+def test_hyperparameter_rows_show_open_and_closed_bounds_as_written():
+    """``harness list`` rows: ``[`` / ``]`` for ge / le, ``(`` / ``)`` for gt / lt, infinity where
+    a side is unbounded, and a Literal's choices as its type."""
+    from typing import Literal
+
+    from pydantic import Field
+
+    from methods import MergeMethod
+
+    class Bounds(MergeMethod):
+        closed: float = Field(0.5, ge=0.0, le=1.0)
+        open_: float = Field(0.5, gt=0.0, lt=1.0)
+        low: int = Field(3, gt=2)
+        high: float = Field(0.0, le=4.0)
+        free: float = 1.0
+        mode: Literal["a", "b"] = "a"
+
+    rows = {r["name"]: (r["type"], r["default"], r["range"]) for r in Bounds.hyperparameters()}
+    assert rows == {"closed": ("float", 0.5, "[0.0, 1.0]"), "open_": ("float", 0.5, "(0.0, 1.0)"),
+                    "low": ("int", 3, "(2, inf)"), "high": ("float", 0.0, "(-inf, 4.0]"),
+                    "free": ("float", 1.0, ""), "mode": ("a|b", "a", "")}
