@@ -165,3 +165,23 @@ def test_hyperparameter_rows_show_open_and_closed_bounds_as_written():
     assert rows == {"closed": ("float", 0.5, "[0.0, 1.0]"), "open_": ("float", 0.5, "(0.0, 1.0)"),
                     "low": ("int", 3, "(2, inf)"), "high": ("float", 0.0, "(-inf, 4.0]"),
                     "free": ("float", 1.0, ""), "mode": ("a|b", "a", "")}
+
+
+def test_a_default_outside_its_own_bounds_is_refused_like_a_given_value():
+    """Defaults are validated as given values are: a method whose default breaks its own bound
+    (or is a bool for a number) fails when built with it, not in a job with a silently wrong setting."""
+    from pydantic import Field, ValidationError
+
+    from methods import MergeMethod
+
+    class OutOfRange(MergeMethod):
+        strength: float = Field(2.0, ge=0.0, le=1.0)
+
+    class BoolForNumber(MergeMethod):
+        steps: int = True
+
+    with pytest.raises(ValidationError, match="less than or equal to 1"):
+        OutOfRange()
+    assert OutOfRange(strength=0.5).strength == 0.5
+    with pytest.raises(ValidationError):
+        BoolForNumber()
