@@ -185,3 +185,18 @@ def test_a_default_outside_its_own_bounds_is_refused_like_a_given_value():
     assert OutOfRange(strength=0.5).strength == 0.5
     with pytest.raises(ValidationError):
         BoolForNumber()
+
+
+def test_weight_averaging_of_half_models_sums_in_float32_and_casts_once():
+    """(2048 + 2050 + 2050) / 3 = 2049.33 in float32, which rounds to 2050 in half precision;
+    summing into a half tensor rounds 4098 to 4096 on the way and ends at 2048."""
+    def half(w: float) -> nn.Module:
+        m = nn.Linear(1, 1, bias=False).half()
+        with torch.no_grad():
+            m.weight.fill_(w)
+        return m
+
+    out = WeightAveraging().merge(half(0.0), {"a": half(2048.0), "b": half(2050.0), "c": half(2050.0)},
+                                  MergeContext())
+    assert out.weight.dtype == torch.float16
+    assert out.weight.item() == 2050.0
