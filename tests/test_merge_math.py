@@ -200,3 +200,20 @@ def test_weight_averaging_of_half_models_sums_in_float32_and_casts_once():
                                   MergeContext())
     assert out.weight.dtype == torch.float16
     assert out.weight.item() == 2050.0
+
+
+def test_a_checkpoint_with_tensors_the_pretrained_model_has_not_is_refused_by_every_merge(models):
+    """A fine-tuned model with an extra tensor (another architecture's) is named, with the tensor,
+    as a missing one is, by the check and by each merge, instead of merging its other tensors."""
+    pre, ft = models
+    base = float_state(pre)
+    with pytest.raises(ValueError, match=r"^checkpoint 'e' does not match the pretrained model: missing \[\], "
+                                         r"unexpected \['scale'\]$"):
+        check_same_keys(base, {**base, "scale": torch.ones(1)}, "e")
+    with pytest.raises(ValueError, match=r"missing \['bias'\], unexpected \[\]$"):
+        check_same_keys(base, {"weight": base["weight"]}, "d")
+    wider = tiny([[2.0, 2.0], [3.0, 0.0]], [1.0, 1.0])
+    wider.register_buffer("scale", torch.ones(1))
+    for merge in (WeightAveraging(), TaskArithmetic()):
+        with pytest.raises(ValueError, match=r"checkpoint 'b'.*unexpected \['scale'\]"):
+            merge.merge(pre, {"a": ft["a"], "b": wider}, MergeContext())
