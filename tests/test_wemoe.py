@@ -1082,3 +1082,21 @@ def test_loss_parts_logged_from_a_later_step_are_cut_at_the_steps_asked_for():
     assert parts.series() == {"entropy": [[2, 0.5], [3, 0.4]]}
     parts.truncate(2)
     assert parts.series() == {"entropy": []}
+
+
+def test_an_adaptation_checkpoint_whose_tensors_have_other_shapes_is_refused(models, tmp_path):
+    """A checkpoint with the same tensor names but other shapes (a broadcastable [1] for a router's
+    [3]) is refused, naming the file, rather than broadcast into the routers and resumed."""
+    from methods.tta import checkpoint_path
+
+    pre, ft = models
+    kwargs = dict(lr=1e-2, router_depth=0, checkpoint_every=1, routing_stats_batches=0)
+    wemoe.WeMoE(steps=2, **kwargs).merge(pre, ft, MergeContext(heads=heads(), unlabeled=fixed_unlabeled(),
+                                                              workdir=str(tmp_path)))
+    path = checkpoint_path(tmp_path, "wemoe")
+    state = torch.load(path, weights_only=True)
+    state["params"] = {k: v[:1].clone() for k, v in state["params"].items()}
+    torch.save(state, path)
+    with pytest.raises(ValueError, match=r"wemoe-tta\.pt: checkpoint does not match the model's trainable parameters"):
+        wemoe.WeMoE(steps=4, **kwargs).merge(pre, ft, MergeContext(heads=heads(), unlabeled=fixed_unlabeled(),
+                                                                  workdir=str(tmp_path)))
