@@ -142,3 +142,78 @@ def test_integer_buffers_are_kept_from_the_pretrained_model_not_merged():
         assert out.count.dtype == torch.long
     # the float part is merged all the same: weight averaging by hand
     assert torch.equal(WeightAveraging().merge(pre, ft, MergeContext()).bias, torch.tensor([0.5, 0.0]))
+
+
+def test_hyperparameter_rows_show_open_and_closed_bounds_as_written():
+    """``harness list`` rows: ``[`` / ``]`` for ge / le, ``(`` / ``)`` for gt / lt, infinity where
+    a side is unbounded, and a Literal's choices as its type."""
+    from typing import Literal
+
+    from pydantic import Field
+
+    from methods import MergeMethod
+
+    class Bounds(MergeMethod):
+        closed: float = Field(0.5, ge=0.0, le=1.0)
+        open_: float = Field(0.5, gt=0.0, lt=1.0)
+        low: int = Field(3, gt=2)
+        high: float = Field(0.0, le=4.0)
+        free: float = 1.0
+        mode: Literal["a", "b"] = "a"
+
+    rows = {r["name"]: (r["type"], r["default"], r["range"]) for r in Bounds.hyperparameters()}
+    assert rows == {"closed": ("float", 0.5, "[0.0, 1.0]"), "open_": ("float", 0.5, "(0.0, 1.0)"),
+                    "low": ("int", 3, "(2, inf)"), "high": ("float", 0.0, "(-inf, 4.0]"),
+                    "free": ("float", 1.0, ""), "mode": ("a|b", "a", "")}
+
+
+def test_a_default_outside_its_own_bounds_is_refused_like_a_given_value():
+    """Defaults are validated as given values are: a method whose default breaks its own bound
+    (or is a bool for a number) fails when built with it, not in a job with a silently wrong setting."""
+    from pydantic import Field, ValidationError
+
+    from methods import MergeMethod
+
+    class OutOfRange(MergeMethod):
+        strength: float = Field(2.0, ge=0.0, le=1.0)
+
+    class BoolForNumber(MergeMethod):
+        steps: int = True
+
+    with pytest.raises(ValidationError, match="less than or equal to 1"):
+        OutOfRange()
+    assert OutOfRange(strength=0.5).strength == 0.5
+    with pytest.raises(ValidationError):
+        BoolForNumber()
+
+
+def test_weight_averaging_of_half_models_sums_in_float32_and_casts_once():
+    """(2048 + 2050 + 2050) / 3 = 2049.33 in float32, which rounds to 2050 in half precision;
+    summing into a half tensor rounds 4098 to 4096 on the way and ends at 2048."""
+    def half(w: float) -> nn.Module:
+        m = nn.Linear(1, 1, bias=False).half()
+        with torch.no_grad():
+            m.weight.fill_(w)
+        return m
+
+    out = WeightAveraging().merge(half(0.0), {"a": half(2048.0), "b": half(2050.0), "c": half(2050.0)},
+                                  MergeContext())
+    assert out.weight.dtype == torch.float16
+    assert out.weight.item() == 2050.0
+
+
+def test_a_checkpoint_with_tensors_the_pretrained_model_has_not_is_refused_by_every_merge(models):
+    """A fine-tuned model with an extra tensor (another architecture's) is named, with the tensor,
+    as a missing one is, by the check and by each merge, instead of merging its other tensors."""
+    pre, ft = models
+    base = float_state(pre)
+    with pytest.raises(ValueError, match=r"^checkpoint 'e' does not match the pretrained model: missing \[\], "
+                                         r"unexpected \['scale'\]$"):
+        check_same_keys(base, {**base, "scale": torch.ones(1)}, "e")
+    with pytest.raises(ValueError, match=r"missing \['bias'\], unexpected \[\]$"):
+        check_same_keys(base, {"weight": base["weight"]}, "d")
+    wider = tiny([[2.0, 2.0], [3.0, 0.0]], [1.0, 1.0])
+    wider.register_buffer("scale", torch.ones(1))
+    for merge in (WeightAveraging(), TaskArithmetic()):
+        with pytest.raises(ValueError, match=r"checkpoint 'b'.*unexpected \['scale'\]"):
+            merge.merge(pre, {"a": ft["a"], "b": wider}, MergeContext())

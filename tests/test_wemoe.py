@@ -1003,3 +1003,100 @@ def test_a_saved_adaptation_of_another_architecture_is_adapted_again(models, tmp
     assert calls == []
     method.merge(pre, ft, ctx("harness-micro-vit-quickgelu"))
     assert calls == [1]
+
+
+@pytest.mark.parametrize("seed", [0, 5])
+def test_router_weights_are_drawn_from_the_sweeps_seed(models, seed):
+    """Every router's weights are the normal(0, 0.01) draws of one generator seeded with the job's
+    seed, in block order: a sweep's seeds give different starting routers, and one seed the same."""
+    pre, ft = models
+    merged = wemoe.WeMoE(steps=0, router_depth=2, routing_stats_batches=0).merge(
+        pre, ft, MergeContext(heads=heads(), unlabeled=fixed_unlabeled(), seed=seed))
+    g = torch.Generator().manual_seed(seed)
+    for m in wemoe.moe_layers(merged):
+        for lin in (m.router.net[0], m.router.net[2]):
+            expected = torch.empty(lin.weight.shape).normal_(0.0, 0.01, generator=g)
+            assert torch.equal(lin.weight.detach(), expected)
+
+
+@pytest.mark.parametrize("batch_reduce", [False, True])
+def test_batch_dependent_says_whether_an_image_scores_differently_beside_others(models, batch_reduce):
+    """Measured: with ``batch_reduce`` an image's features change with the images beside it in its
+    batch (its job keys must then hold the evaluation batch size); without, they do not."""
+    pre, ft = models
+    method = wemoe.WeMoE(steps=0, router_depth=1, batch_reduce=batch_reduce, routing_stats_batches=0)
+    model = method.merge(pre, ft, MergeContext(heads=heads(), unlabeled=fixed_unlabeled()))
+    randomize_routers(model, seed=2)
+    x = images(4, 11)
+    with torch.no_grad():
+        alone, beside = model(x[:1]), model(x)[:1]
+    assert method.batch_dependent() == (rel_err(alone, beside) > 1e-4)
+
+
+def test_a_validation_at_the_checkpointed_step_is_kept_on_resume(models, tmp_path):
+    """Checkpoint and validation at the same step (2): a run killed later resumes from step 2 and
+    its history still holds the validation of step 2, as the uninterrupted run's does."""
+    pre, ft = models
+    method = wemoe.WeMoE(steps=4, lr=1e-2, checkpoint_every=2, eval_every=2, router_depth=1, routing_stats_batches=0)
+    full_ctx = MergeContext(heads=heads(), unlabeled=fixed_unlabeled(2), workdir=str(tmp_path / "full"),
+                            validate=router_norm)
+    method.merge(pre, ft, full_ctx)
+    calls = []
+
+    def stop_at_third(model):  # validations at steps 0, 2, 4: killed at 4, checkpointed at 2
+        calls.append(1)
+        if len(calls) == 3:
+            raise Interrupt
+        return router_norm(model)
+
+    workdir = str(tmp_path / "resumed")
+    with pytest.raises(Interrupt):
+        method.merge(pre, ft, MergeContext(heads=heads(), unlabeled=fixed_unlabeled(2), workdir=workdir,
+                                           validate=stop_at_third))
+    resumed_ctx = MergeContext(heads=heads(), unlabeled=fixed_unlabeled(2), workdir=workdir, validate=router_norm)
+    method.merge(pre, ft, resumed_ctx)
+    assert [row["step"] for row in full_ctx.artifacts["tta_validation"]] == [0, 2, 4]
+    assert resumed_ctx.artifacts["tta_validation"] == full_ctx.artifacts["tta_validation"]
+
+
+def test_adaptation_runs_in_eval_mode_and_gives_the_model_back_in_its_mode(models):
+    """Adaptation forwards run in eval mode (no dropout, fixed statistics); a model handed over in
+    train mode is handed back in train mode, every submodule included."""
+    pre, ft = models
+    model = wemoe.build_wemoe(pre, ft, router_depth=1).train()
+    seen = []
+    layer = wemoe.moe_layers(model)[0]
+    layer.register_forward_hook(lambda m, args, out: seen.append(m.training))
+    run_tta(model, MergeContext(heads=heads(), unlabeled=fixed_unlabeled()), lr=1e-2, steps=1)
+    assert seen == [False] * len(TASKS)
+    assert all(m.training for m in model.modules())
+
+
+def test_loss_parts_logged_from_a_later_step_are_cut_at_the_steps_asked_for():
+    """Parts logged from step 2 on (a checkpoint of the previous format) for steps 2, 3 and 4:
+    a rerun with 4 steps keeps steps 2 and 3, one with 2 steps none."""
+    from methods.tta import _Parts
+
+    parts = _Parts(2, {"entropy": [0.5, 0.4, 0.3]})
+    parts.truncate(4)
+    assert parts.series() == {"entropy": [[2, 0.5], [3, 0.4]]}
+    parts.truncate(2)
+    assert parts.series() == {"entropy": []}
+
+
+def test_an_adaptation_checkpoint_whose_tensors_have_other_shapes_is_refused(models, tmp_path):
+    """A checkpoint with the same tensor names but other shapes (a broadcastable [1] for a router's
+    [3]) is refused, naming the file, rather than broadcast into the routers and resumed."""
+    from methods.tta import checkpoint_path
+
+    pre, ft = models
+    kwargs = dict(lr=1e-2, router_depth=0, checkpoint_every=1, routing_stats_batches=0)
+    wemoe.WeMoE(steps=2, **kwargs).merge(pre, ft, MergeContext(heads=heads(), unlabeled=fixed_unlabeled(),
+                                                              workdir=str(tmp_path)))
+    path = checkpoint_path(tmp_path, "wemoe")
+    state = torch.load(path, weights_only=True)
+    state["params"] = {k: v[:1].clone() for k, v in state["params"].items()}
+    torch.save(state, path)
+    with pytest.raises(ValueError, match=r"wemoe-tta\.pt: checkpoint does not match the model's trainable parameters"):
+        wemoe.WeMoE(steps=4, **kwargs).merge(pre, ft, MergeContext(heads=heads(), unlabeled=fixed_unlabeled(),
+                                                                  workdir=str(tmp_path)))
