@@ -24,7 +24,7 @@ def test_pack_round_trip(n):
     assert np.array_equal(unpack_correct(packed), bits)
 
 
-@pytest.mark.parametrize("bad", ["20:AA==", "x:AA==", "0:AAAA"])
+@pytest.mark.parametrize("bad", ["20:AA==", "x:AA==", "0:AAAA", "0:AA=="])
 def test_malformed_records_are_refused(bad):
     with pytest.raises(ValueError, match="malformed"):
         unpack_correct(bad)
@@ -72,6 +72,14 @@ def test_matches_scipy_and_the_variance_formula_on_one_task():
     wins, losses = (a & ~b).mean(), (~a & b).mean()
     sd = 100 * math.sqrt((wins + losses - (wins - losses) ** 2) / 1000)  # the mean of a {-1, 0, +1} variable
     assert (d.high - d.low) / 2 == pytest.approx(1.96 * sd, rel=0.05)
+
+
+def test_a_whole_byte_of_padding_is_refused_and_seven_bits_are_not():
+    """``n`` images pack into ceil(n / 8) bytes: eight spare bits mean the count and the bits disagree."""
+    assert pack_correct([]) == "0:" and unpack_correct("0:").size == 0
+    assert unpack_correct("1:gA==").tolist() == [True]  # 0x80: the first bit, seven bits of padding
+    with pytest.raises(ValueError, match="malformed"):
+        unpack_correct("0:gA==")
 
 
 def test_identical_models_differ_by_nothing():
