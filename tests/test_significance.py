@@ -82,6 +82,18 @@ def test_a_whole_byte_of_padding_is_refused_and_seven_bits_are_not():
         unpack_correct("0:gA==")
 
 
+@pytest.mark.parametrize("level,z", [(0.5, 0.6745), (0.99, 2.5758)])
+def test_the_interval_has_the_level_asked_for(level, z):
+    """The interval's half-width is z(level) standard errors of the mean of a {-1, 0, +1}
+    variable (the normal approximation), not the default 95% one's. 40,000 images, so that the
+    lattice of resampled differences (1 / 40,000) is far finer than the interval."""
+    a, b = correlated_pair(40_000, 0.7, 0.66, 3)
+    d = paired_bootstrap({"t": a}, {"t": b}, ["t"], resamples=20000, level=level, seed=4)
+    wins, losses = (a & ~b).mean(), (~a & b).mean()
+    sd = 100 * math.sqrt((wins + losses - (wins - losses) ** 2) / 40_000)
+    assert (d.high - d.low) / 2 == pytest.approx(z * sd, rel=0.05)
+
+
 def test_identical_models_differ_by_nothing():
     a, _ = correlated_pair(500, 0.5, 0.5, 6)
     d = paired_bootstrap({"t": a}, {"t": a.copy()}, ["t"])
