@@ -94,6 +94,14 @@ def test_the_interval_has_the_level_asked_for(level, z):
     assert (d.high - d.low) / 2 == pytest.approx(z * sd, rel=0.05)
 
 
+def test_the_same_seed_gives_the_same_result_and_another_seed_another():
+    """A report rebuilt from the same records prints the same intervals."""
+    a, b = correlated_pair(400, 0.6, 0.55, 8)
+    runs = [paired_bootstrap({"t": a}, {"t": b}, ["t"], resamples=2000, seed=s) for s in (5, 5, 6)]
+    assert runs[0] == runs[1]
+    assert (runs[0].low, runs[0].high, runs[0].p) != (runs[2].low, runs[2].high, runs[2].p)
+
+
 def test_identical_models_differ_by_nothing():
     a, _ = correlated_pair(500, 0.5, 0.5, 6)
     d = paired_bootstrap({"t": a}, {"t": a.copy()}, ["t"])
