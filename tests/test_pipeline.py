@@ -123,6 +123,27 @@ def test_sgd_finetuning_matches_two_momentum_steps_by_hand():
         finetune_encoder(encoder, head, ds, steps=1, optimizer="lbfgs")
 
 
+def test_adamw_finetuning_matches_one_decoupled_weight_decay_step_by_hand():
+    """The protocol's first AdamW step: bias-corrected moments are g and g^2, so
+    w1 = w0 (1 - lr wd) - lr g / (|g| + eps), with weight decay as given (not AdamW's default)."""
+    torch.manual_seed(0)
+    encoder = build_clip("harness-micro-vit").visual
+    head = F.normalize(torch.randn(3, 32), dim=-1) * 20
+    ds = _separable()
+    lr, wd = 0.01, 0.5
+    model = copy.deepcopy(encoder).train()
+    model.zero_grad()
+    F.cross_entropy(ImageClassifier(model, head)(ds.tensors[0]), ds.tensors[1]).backward()
+    tuned = finetune_encoder(encoder, head, ds, steps=1, lr=lr, weight_decay=wd, batch_size=len(ds), warmup=0,
+                             grad_clip=0.0)
+    for (name, p), q in zip(tuned.named_parameters(), model.parameters()):
+        want = q.detach() * (1 - lr * wd) - lr * q.grad / (q.grad.abs() + 1e-8)
+        # a gradient that is 0 but for rounding (the attention's key bias) has a step of any sign
+        clear = q.grad.abs() > 1e-5
+        torch.testing.assert_close(p[clear], want[clear], rtol=1e-4, atol=1e-6, msg=name)
+        assert torch.all((p - q.detach() * (1 - lr * wd)).abs() <= lr * (1 + 1e-4)), name
+
+
 def test_finetune_rejects_preservation_without_images():
     encoder = build_clip("harness-micro-vit").visual
     with pytest.raises(ValueError):
