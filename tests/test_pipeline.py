@@ -144,6 +144,37 @@ def test_adamw_finetuning_matches_one_decoupled_weight_decay_step_by_hand():
         assert torch.all((p - q.detach() * (1 - lr * wd)).abs() <= lr * (1 + 1e-4)), name
 
 
+def test_sgd_finetuning_follows_the_schedule_clipping_and_weight_decay_by_hand():
+    """Three SGD steps with no warmup: lr multipliers 1, (1 + cos(pi/3)) / 2 = 0.75 and
+    (1 + cos(2 pi/3)) / 2 = 0.25; each full-batch gradient clipped to norm 0.5 over all
+    parameters, then weight decay added and momentum 0.9 applied."""
+    torch.manual_seed(0)
+    encoder = build_clip("harness-micro-vit").visual
+    head = F.normalize(torch.randn(3, 32), dim=-1) * 20
+    ds = _separable()
+    lr, wd, clip = 0.05, 0.1, 0.5
+    model = copy.deepcopy(encoder).train()
+    buffers = None
+    clipped = 0
+    for mult in (1.0, 0.75, 0.25):
+        model.zero_grad()
+        F.cross_entropy(ImageClassifier(model, head)(ds.tensors[0]), ds.tensors[1]).backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        norm = math.sqrt(sum(float(g.pow(2).sum()) for g in grads))
+        clipped += norm > clip
+        grads = [g * min(1.0, clip / (norm + 1e-6)) for g in grads]
+        with torch.no_grad():
+            grads = [g + wd * p for g, p in zip(grads, model.parameters())]
+            buffers = grads if buffers is None else [0.9 * b + g for b, g in zip(buffers, grads)]
+            for p, b in zip(model.parameters(), buffers):
+                p -= lr * mult * b
+    assert clipped >= 2  # the clipping is exercised, not a no-op
+    tuned = finetune_encoder(encoder, head, ds, steps=3, lr=lr, weight_decay=wd, batch_size=len(ds), warmup=0,
+                             grad_clip=clip, optimizer="sgd")
+    for (name, p), q in zip(tuned.named_parameters(), model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_finetune_rejects_preservation_without_images():
     encoder = build_clip("harness-micro-vit").visual
     with pytest.raises(ValueError):
