@@ -175,6 +175,20 @@ def test_sgd_finetuning_follows_the_schedule_clipping_and_weight_decay_by_hand()
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_an_encoder_whose_parameters_are_frozen_is_fine_tuned_whole():
+    """Every encoder parameter trains, whatever requires_grad the given module carries (the
+    argument keeps its flags)."""
+    torch.manual_seed(0)
+    encoder = build_clip("harness-micro-vit").visual
+    for p in encoder.parameters():
+        p.requires_grad_(False)
+    head = F.normalize(torch.randn(3, 32), dim=-1) * 20
+    tuned = finetune_encoder(encoder, head, _separable(), steps=1, lr=1e-3, batch_size=32, warmup=0)
+    moved = {n for (n, p), q in zip(tuned.named_parameters(), encoder.parameters()) if not torch.equal(p, q)}
+    assert moved == {n for n, _ in encoder.named_parameters()}
+    assert not any(p.requires_grad for p in encoder.parameters())
+
+
 def test_finetune_rejects_preservation_without_images():
     encoder = build_clip("harness-micro-vit").visual
     with pytest.raises(ValueError):
