@@ -189,6 +189,15 @@ def test_an_encoder_whose_parameters_are_frozen_is_fine_tuned_whole():
     assert not any(p.requires_grad for p in encoder.parameters())
 
 
+def test_batches_cover_the_data_once_per_epoch_in_a_new_order_each_time():
+    """Full passes over the data (a last partial batch dropped), reshuffled every epoch."""
+    batches = finetune._batches(10, 3, torch.Generator().manual_seed(0))
+    epochs = [torch.cat([next(batches) for _ in range(3)]) for _ in range(4)]
+    for e in epochs:
+        assert len(e) == 9 and len(set(e.tolist())) == 9
+    assert len({tuple(e.tolist()) for e in epochs}) > 1
+
+
 def test_finetune_rejects_preservation_without_images():
     encoder = build_clip("harness-micro-vit").visual
     with pytest.raises(ValueError):
