@@ -487,6 +487,20 @@ def test_resolve_files_plain_and_pickled(tmp_path: Path) -> None:
     assert resolve_checkpoint(pickled, cache) == out  # cached: no trust needed to reuse the converted tensors
 
 
+def test_an_encoder_state_dict_with_a_visual_prefixed_tensor_is_not_taken_as_in_layout(tmp_path: Path) -> None:
+    """An image encoder's keys beside a ``visual.`` one is no encoder as a sweep loads it: it goes
+    to the converter, which names the stray tensor, instead of being used in place."""
+    from harness.models import save_state_dict
+
+    torch.manual_seed(0)
+    state = dict(build_clip("harness-micro-vit").visual.state_dict())
+    state["visual.extra"] = torch.zeros(2)
+    mixed = tmp_path / "mixed.safetensors"
+    save_state_dict(state, mixed)
+    with pytest.raises(HarnessError, match=r"unexpected \['visual.extra'\]"):
+        resolve_checkpoint(mixed, tmp_path / "cache")
+
+
 def test_a_fresh_process_builds_a_generated_arch_from_the_cache(tmp_path: Path, monkeypatch) -> None:
     import open_clip.factory
 
