@@ -487,6 +487,40 @@ def test_resolve_files_plain_and_pickled(tmp_path: Path) -> None:
     assert resolve_checkpoint(pickled, cache) == out  # cached: no trust needed to reuse the converted tensors
 
 
+def test_an_encoder_state_dict_with_a_visual_prefixed_tensor_is_not_taken_as_in_layout(tmp_path: Path) -> None:
+    """An image encoder's keys beside a ``visual.`` one is no encoder as a sweep loads it: it goes
+    to the converter, which names the stray tensor, instead of being used in place."""
+    from harness.models import save_state_dict
+
+    torch.manual_seed(0)
+    state = dict(build_clip("harness-micro-vit").visual.state_dict())
+    state["visual.extra"] = torch.zeros(2)
+    mixed = tmp_path / "mixed.safetensors"
+    save_state_dict(state, mixed)
+    with pytest.raises(HarnessError, match=r"unexpected \['visual.extra'\]"):
+        resolve_checkpoint(mixed, tmp_path / "cache")
+
+
+def test_a_lookup_without_converting_is_not_built_until_converted(tmp_path: Path) -> None:
+    """``convert=False`` (what validate and a dry run use) finds a conversion or raises NotBuilt,
+    writing nothing into the cache; once converted it finds the same file."""
+    from harness.errors import NotBuilt
+
+    torch.manual_seed(0)
+    enc = micro_visual()
+    folder = write_hf_folder(tmp_path / "hf", enc, "gelu")
+    plain = tmp_path / "finetuned.pt"
+    torch.save({f"model.visual.{k}": v for k, v in enc.state_dict().items()}, plain)
+    cache = tmp_path / "cache"
+    for source in (folder, plain):
+        with pytest.raises(NotBuilt, match="not converted into the cache yet"):
+            resolve_checkpoint(source, cache, arch="harness-micro-vit", convert=False)
+        assert not list((cache / "checkpoints").glob("*.safetensors"))
+    for source in (folder, plain):
+        out = resolve_checkpoint(source, cache, arch="harness-micro-vit")
+        assert resolve_checkpoint(source, cache, arch="harness-micro-vit", convert=False) == out
+
+
 def test_a_fresh_process_builds_a_generated_arch_from_the_cache(tmp_path: Path, monkeypatch) -> None:
     import open_clip.factory
 

@@ -123,6 +123,81 @@ def test_sgd_finetuning_matches_two_momentum_steps_by_hand():
         finetune_encoder(encoder, head, ds, steps=1, optimizer="lbfgs")
 
 
+def test_adamw_finetuning_matches_one_decoupled_weight_decay_step_by_hand():
+    """The protocol's first AdamW step: bias-corrected moments are g and g^2, so
+    w1 = w0 (1 - lr wd) - lr g / (|g| + eps), with weight decay as given (not AdamW's default)."""
+    torch.manual_seed(0)
+    encoder = build_clip("harness-micro-vit").visual
+    head = F.normalize(torch.randn(3, 32), dim=-1) * 20
+    ds = _separable()
+    lr, wd = 0.01, 0.5
+    model = copy.deepcopy(encoder).train()
+    model.zero_grad()
+    F.cross_entropy(ImageClassifier(model, head)(ds.tensors[0]), ds.tensors[1]).backward()
+    tuned = finetune_encoder(encoder, head, ds, steps=1, lr=lr, weight_decay=wd, batch_size=len(ds), warmup=0,
+                             grad_clip=0.0)
+    for (name, p), q in zip(tuned.named_parameters(), model.parameters()):
+        want = q.detach() * (1 - lr * wd) - lr * q.grad / (q.grad.abs() + 1e-8)
+        # a gradient that is 0 but for rounding (the attention's key bias) has a step of any sign
+        clear = q.grad.abs() > 1e-5
+        torch.testing.assert_close(p[clear], want[clear], rtol=1e-4, atol=1e-6, msg=name)
+        assert torch.all((p - q.detach() * (1 - lr * wd)).abs() <= lr * (1 + 1e-4)), name
+
+
+def test_sgd_finetuning_follows_the_schedule_clipping_and_weight_decay_by_hand():
+    """Three SGD steps with no warmup: lr multipliers 1, (1 + cos(pi/3)) / 2 = 0.75 and
+    (1 + cos(2 pi/3)) / 2 = 0.25; each full-batch gradient clipped to norm 0.5 over all
+    parameters, then weight decay added and momentum 0.9 applied."""
+    torch.manual_seed(0)
+    encoder = build_clip("harness-micro-vit").visual
+    head = F.normalize(torch.randn(3, 32), dim=-1) * 20
+    ds = _separable()
+    lr, wd, clip = 0.05, 0.1, 0.5
+    model = copy.deepcopy(encoder).train()
+    buffers = None
+    clipped = 0
+    for mult in (1.0, 0.75, 0.25):
+        model.zero_grad()
+        F.cross_entropy(ImageClassifier(model, head)(ds.tensors[0]), ds.tensors[1]).backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        norm = math.sqrt(sum(float(g.pow(2).sum()) for g in grads))
+        clipped += norm > clip
+        grads = [g * min(1.0, clip / (norm + 1e-6)) for g in grads]
+        with torch.no_grad():
+            grads = [g + wd * p for g, p in zip(grads, model.parameters())]
+            buffers = grads if buffers is None else [0.9 * b + g for b, g in zip(buffers, grads)]
+            for p, b in zip(model.parameters(), buffers):
+                p -= lr * mult * b
+    assert clipped >= 2  # the clipping is exercised, not a no-op
+    tuned = finetune_encoder(encoder, head, ds, steps=3, lr=lr, weight_decay=wd, batch_size=len(ds), warmup=0,
+                             grad_clip=clip, optimizer="sgd")
+    for (name, p), q in zip(tuned.named_parameters(), model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_an_encoder_whose_parameters_are_frozen_is_fine_tuned_whole():
+    """Every encoder parameter trains, whatever requires_grad the given module carries (the
+    argument keeps its flags)."""
+    torch.manual_seed(0)
+    encoder = build_clip("harness-micro-vit").visual
+    for p in encoder.parameters():
+        p.requires_grad_(False)
+    head = F.normalize(torch.randn(3, 32), dim=-1) * 20
+    tuned = finetune_encoder(encoder, head, _separable(), steps=1, lr=1e-3, batch_size=32, warmup=0)
+    moved = {n for (n, p), q in zip(tuned.named_parameters(), encoder.parameters()) if not torch.equal(p, q)}
+    assert moved == {n for n, _ in encoder.named_parameters()}
+    assert not any(p.requires_grad for p in encoder.parameters())
+
+
+def test_batches_cover_the_data_once_per_epoch_in_a_new_order_each_time():
+    """Full passes over the data (a last partial batch dropped), reshuffled every epoch."""
+    batches = finetune._batches(10, 3, torch.Generator().manual_seed(0))
+    epochs = [torch.cat([next(batches) for _ in range(3)]) for _ in range(4)]
+    for e in epochs:
+        assert len(e) == 9 and len(set(e.tolist())) == 9
+    assert len({tuple(e.tolist()) for e in epochs}) > 1
+
+
 def test_finetune_rejects_preservation_without_images():
     encoder = build_clip("harness-micro-vit").visual
     with pytest.raises(ValueError):

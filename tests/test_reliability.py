@@ -176,6 +176,30 @@ def test_atomic_writes_get_the_umasks_permissions(tmp_path, umask):
     assert mode == stat.S_IMODE((tmp_path / "plain").stat().st_mode) == 0o666 & ~umask
 
 
+def test_content_keys_are_the_sha256_of_the_key_sorted_json():
+    """One identity written with its items in another order is the same cache entry."""
+    import hashlib
+
+    from harness.cache import content_key
+
+    want = hashlib.sha256(b'{"a": [1, 2], "b": "x"}').hexdigest()
+    assert content_key({"b": "x", "a": [1, 2]}) == content_key({"a": [1, 2], "b": "x"}) == want[:20]
+    assert content_key({"z": {"d": 1, "c": 2}}, length=32) == hashlib.sha256(b'{"z": {"c": 2, "d": 1}}').hexdigest()[:32]
+
+
+def test_a_nan_in_a_tuple_is_written_as_null(tmp_path):
+    """Tuples are JSON arrays too: a NaN inside one is null, not a refused write."""
+    import json
+    import math
+
+    from harness.cache import atomic_write_json, finite_json
+
+    assert finite_json({"t": (1.0, math.nan), "l": [math.inf, {"x": -math.inf}]}) == {
+        "t": [1.0, None], "l": [None, {"x": None}]}
+    atomic_write_json(tmp_path / "r.json", {"accs": (0.5, math.nan)})
+    assert json.loads((tmp_path / "r.json").read_text()) == {"accs": [0.5, None]}
+
+
 @pytest.mark.parametrize("umask", [0o002, 0o022, 0o077])
 def test_saved_models_get_the_umasks_permissions(tmp_path, umask):
     """Models a cache folder shares (the embedded suite's, zero-shot heads, converted

@@ -24,7 +24,7 @@ def test_pack_round_trip(n):
     assert np.array_equal(unpack_correct(packed), bits)
 
 
-@pytest.mark.parametrize("bad", ["20:AA==", "x:AA==", "0:AAAA"])
+@pytest.mark.parametrize("bad", ["20:AA==", "x:AA==", "0:AAAA", "0:AA=="])
 def test_malformed_records_are_refused(bad):
     with pytest.raises(ValueError, match="malformed"):
         unpack_correct(bad)
@@ -72,6 +72,34 @@ def test_matches_scipy_and_the_variance_formula_on_one_task():
     wins, losses = (a & ~b).mean(), (~a & b).mean()
     sd = 100 * math.sqrt((wins + losses - (wins - losses) ** 2) / 1000)  # the mean of a {-1, 0, +1} variable
     assert (d.high - d.low) / 2 == pytest.approx(1.96 * sd, rel=0.05)
+
+
+def test_a_whole_byte_of_padding_is_refused_and_seven_bits_are_not():
+    """``n`` images pack into ceil(n / 8) bytes: eight spare bits mean the count and the bits disagree."""
+    assert pack_correct([]) == "0:" and unpack_correct("0:").size == 0
+    assert unpack_correct("1:gA==").tolist() == [True]  # 0x80: the first bit, seven bits of padding
+    with pytest.raises(ValueError, match="malformed"):
+        unpack_correct("0:gA==")
+
+
+@pytest.mark.parametrize("level,z", [(0.5, 0.6745), (0.99, 2.5758)])
+def test_the_interval_has_the_level_asked_for(level, z):
+    """The interval's half-width is z(level) standard errors of the mean of a {-1, 0, +1}
+    variable (the normal approximation), not the default 95% one's. 40,000 images, so that the
+    lattice of resampled differences (1 / 40,000) is far finer than the interval."""
+    a, b = correlated_pair(40_000, 0.7, 0.66, 3)
+    d = paired_bootstrap({"t": a}, {"t": b}, ["t"], resamples=20000, level=level, seed=4)
+    wins, losses = (a & ~b).mean(), (~a & b).mean()
+    sd = 100 * math.sqrt((wins + losses - (wins - losses) ** 2) / 40_000)
+    assert (d.high - d.low) / 2 == pytest.approx(z * sd, rel=0.05)
+
+
+def test_the_same_seed_gives_the_same_result_and_another_seed_another():
+    """A report rebuilt from the same records prints the same intervals."""
+    a, b = correlated_pair(400, 0.6, 0.55, 8)
+    runs = [paired_bootstrap({"t": a}, {"t": b}, ["t"], resamples=2000, seed=s) for s in (5, 5, 6)]
+    assert runs[0] == runs[1]
+    assert (runs[0].low, runs[0].high, runs[0].p) != (runs[2].low, runs[2].high, runs[2].p)
 
 
 def test_identical_models_differ_by_nothing():
