@@ -175,6 +175,13 @@ def test_pruning(trained_checkpoints, tmp_path):
         best = t if best is None or t.value > best.value else best
         assert lines[t.number].startswith(
             f"val/acc/avg {t.value:.1f} (best {best.value:.1f}, trial {best.number})"), lines[t.number]
+    # a pruned trial's job is cached as a finished one's: a driver killed before telling its study
+    # tells it on the rerun instead of running the trial again
+    import json
+    from collections import Counter
+
+    cached = [json.loads(p.read_text()) for p in (cfg.resolved_output_dir() / "results").glob("*.json")]
+    assert Counter(r["status"] for r in cached if r["kind"] == "trial") == {"pruned": len(pruned), "ok": len(complete)}
 
 
 def test_median_pruner_never_prunes_before_the_first_adaptation_step():
