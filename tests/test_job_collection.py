@@ -61,3 +61,16 @@ def test_a_failed_job_is_a_failure_and_not_also_a_failed_robustness_study():
     assert study_failures([ok, study, both]) == [study]
     outcome = SweepOutcome([ok, study, both], [], Path("out"), None)
     assert outcome.failed == [both] and outcome.study_failed == [study]
+
+
+def test_each_failed_studys_row_has_a_key_of_its_own_stable_for_its_label():
+    """Two tuned labels of one method whose studies both failed are two rows, not one."""
+    from types import SimpleNamespace
+
+    from harness.runner import FAILED_STUDY, failed_study_spec
+
+    a, b = (SimpleNamespace(name="task_arithmetic", display=label) for label in ("ta wide", "ta narrow"))
+    keys = [failed_study_spec(m).key for m in (a, b, a)]
+    assert keys[0] != keys[1] and keys[0] == keys[2] and all(k.startswith(FAILED_STUDY) for k in keys)
+    spec_b = failed_study_spec(b)
+    assert (spec_b.kind, spec_b.label, spec_b.method, spec_b.params) == ("merge", "ta narrow", "task_arithmetic", {})
