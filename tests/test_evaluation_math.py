@@ -89,3 +89,32 @@ def test_robustness_averages_by_hand():
     assert m["robust/clean/avg"] == pytest.approx((10 + 200 / 3) / 2)
     assert m["robust/noise/a"] == pytest.approx(0.0) and m["robust/noise/b"] == pytest.approx(25.0)
     assert m["robust/noise/avg"] == pytest.approx(12.5)
+
+
+def test_the_clean_column_averages_the_study_tasks_only():
+    """The job passes every task's clean accuracy; the study's clean average is over its own tasks."""
+    from harness.job import robustness_metrics
+
+    ws = stub_workspace(["a", "b"])
+    ws.cfg.robustness = SimpleNamespace(tasks=["a"], corruptions=["noise"], severity=1)
+    ws.corrupted = lambda t, c: TensorDataset(torch.tensor(CORRUPTED[t][0]), torch.tensor(CORRUPTED[t][1]))
+    m = robustness_metrics(ws, nn.Identity(), torch.device("cpu"), clean={"a": 10.0, "b": 90.0})
+    assert m == pytest.approx({"robust/clean/avg": 10.0, "robust/noise/a": 100.0, "robust/noise/avg": 100.0})
+
+
+def test_study_records_are_read_back_at_their_own_severity_only(tmp_path):
+    """A recorded corruption score is reused at the severity it was scored at, never at another."""
+    from harness.job import robustness_metrics
+
+    ws = stub_workspace(["a", "b"])
+    ws.cfg.robustness = SimpleNamespace(tasks=["a", "b"], corruptions=["noise"], severity=1)
+    ws.corrupted = lambda t, c: TensorDataset(torch.tensor(CORRUPTED[t][0]), torch.tensor(CORRUPTED[t][1]))
+    cpu = torch.device("cpu")
+    first = robustness_metrics(ws, nn.Identity(), cpu, records=tmp_path)
+    assert first["robust/noise/a"] == pytest.approx(100.0) and first["robust/noise/b"] == pytest.approx(75.0)
+    # the same severity: read back, so the swapped encoder's scores (a 0, b 25) are not evaluated
+    again = robustness_metrics(ws, nn.Identity(), cpu, adapted=lambda c: Swap(), records=tmp_path)
+    assert again == pytest.approx(first)
+    ws.cfg.robustness.severity = 2
+    other = robustness_metrics(ws, nn.Identity(), cpu, adapted=lambda c: Swap(), records=tmp_path)
+    assert other["robust/noise/a"] == pytest.approx(0.0) and other["robust/noise/b"] == pytest.approx(25.0)

@@ -265,3 +265,18 @@ def test_parent_summary_metrics_are_the_generalization_tables(swept):
         assert logged[f"generalization/{row.method}/seen/avg"] == pytest.approx(seen, abs=1e-9)
         assert logged[f"generalization/{row.method}/unseen/avg"] == pytest.approx(unseen, abs=1e-9)
     assert "pretrained" in [row.method for row in outcome.generalization_rows]
+
+
+def test_a_generalization_jobs_normalized_accuracy_is_over_the_seen_tasks(swept):
+    """Logged with each job: norm_acc/<task> = its test accuracy / the individual model's, for the
+    tasks it was merged on (a main job: every task), and their mean."""
+    cfg, outcome, _, _ = swept
+    indiv = {r.task: r.metrics[f"acc/{r.task}"] for r in outcome.results if r.kind == "individual"}
+    assert sorted(indiv) == sorted(TASKS)
+    merges = [r for r in outcome.results if r.kind == "merge"]
+    assert {r.protocol for r in merges} == {GENERALIZATION, "main"}
+    for r in merges:
+        tasks = SEEN if r.protocol == GENERALIZATION else TASKS
+        want = {f"norm_acc/{t}": r.metrics[f"acc/{t}"] / indiv[t] * 100 for t in tasks}
+        want["norm_acc/avg"] = sum(want.values()) / len(tasks)
+        assert {k: v for k, v in r.metrics.items() if k.startswith("norm_acc/")} == pytest.approx(want), r.label

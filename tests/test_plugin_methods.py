@@ -4,6 +4,7 @@ and when it returns an encoder the heads cannot take."""
 from __future__ import annotations
 
 import sys
+from typing import ClassVar
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from click.testing import CliRunner
 from harness.cli import main
 from harness.config import validate_config
 from harness.runner import run_sweep
+from methods import MergeMethod
 from tests.test_reliability import failing_sweep
 
 SCALED_SUM = '''
@@ -304,3 +306,40 @@ def test_a_study_changed_twice_names_each_change_its_first_study_was_run_without
     assert not out.failed, [r.error for r in out.failed]
     assert ("study 'toy.mine' was run with other code of its method (its file was edited since) and with another "
             "space, fixed params, objective or sampler: starting study") in shown.getvalue(), shown.getvalue()
+
+
+
+class FirstBatches(MergeMethod):
+    """A test-time-adaptation method that keeps the first unlabeled batch of each task it is given."""
+
+    uses_test_data: ClassVar[bool] = True
+    batch_size: int = 4
+
+    def merge(self, pretrained, finetuned, ctx):
+        for task in finetuned:
+            FIRST_BATCHES[task] = next(iter(ctx.unlabeled[task]()))
+        return pretrained
+
+
+FIRST_BATCHES: dict[str, torch.Tensor] = {}
+
+
+def test_each_tasks_unlabeled_batches_are_shuffled_under_the_shuffle_seed_plus_its_index(sweep_dict, tmp_path):
+    """Task i of the sweep streams its split in the order of a permutation drawn under
+    ``adapt.shuffle_seed + i``: the tasks' orders are independent, and the same as the results
+    cached under the same keys were adapted on."""
+    from harness.job import merge
+    from harness.plan import JobSpec
+    from harness.runtime import resolve_device
+    from harness.workspace import Workspace
+
+    cfg = validate_config(dict(sweep_dict, adapt={"shuffle_seed": 7}))
+    ws = Workspace(cfg, progress=False)
+    FIRST_BATCHES.clear()
+    merge(JobSpec("merge", "fb", method="tests.test_plugin_methods:FirstBatches"), ws, resolve_device("cpu"),
+          tmp_path / "work")
+    assert list(FIRST_BATCHES) == cfg.task_names
+    for i, task in enumerate(cfg.task_names):
+        images = torch.stack([image for image, _ in ws.task(task).dataset(cfg.adapt.split)])
+        order = torch.randperm(len(images), generator=torch.Generator().manual_seed(7 + i))
+        assert torch.equal(FIRST_BATCHES[task], images[order[:4]]), task

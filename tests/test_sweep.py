@@ -626,3 +626,24 @@ def test_a_setting_two_labels_share_is_one_job_run_once(sweep_dict):
     assert len(list((out.output_dir / "results").glob("*.json"))) == 3
     assert sorted((r.label, r.params["scaling"]) for r in out.results) == [
         ("a", 0.3), ("b", 0.3), ("b", 0.5), ("b", 0.7)]
+
+
+def test_normalized_accuracy_divides_by_the_individual_models_test_accuracy(trained_checkpoints, tmp_path):
+    """norm_acc/<task> logged with a merge job: its test accuracy over the individual model's
+    test accuracy (not its validation accuracy), and their mean."""
+    from tests.conftest import TRAINED_TASKS
+
+    d = dict(make_sweep_dict(trained_checkpoints, tmp_path), tasks=list(TRAINED_TASKS),
+             methods=[{"name": "weight_averaging"}])
+    cfg = validate_config(d)
+    outcome = run_sweep(cfg, quiet=True)
+    assert not outcome.failed
+    indiv = {r.task: r.metrics for r in outcome.results if r.kind == "individual"}
+    assert any(m[f"val/acc/{t}"] != m[f"acc/{t}"] for t, m in indiv.items())  # else val and test cannot be told apart
+    wa = next(r for r in outcome.results if r.kind == "merge")
+    norm = {f"norm_acc/{t}": wa.metrics[f"acc/{t}"] / indiv[t][f"acc/{t}"] * 100 for t in TRAINED_TASKS}
+    norm["norm_acc/avg"] = sum(norm.values()) / len(TRAINED_TASKS)
+    client = MlflowClient(cfg.resolved_tracking_uri())
+    exp = client.get_experiment_by_name(cfg.name).experiment_id
+    run = client.search_runs([exp], f"tags.`harness.job_key` = '{wa.key}'")[0]
+    assert {k: v for k, v in run.data.metrics.items() if k.startswith("norm_acc/")} == pytest.approx(norm)

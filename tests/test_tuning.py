@@ -175,6 +175,13 @@ def test_pruning(trained_checkpoints, tmp_path):
         best = t if best is None or t.value > best.value else best
         assert lines[t.number].startswith(
             f"val/acc/avg {t.value:.1f} (best {best.value:.1f}, trial {best.number})"), lines[t.number]
+    # a pruned trial's job is cached as a finished one's: a driver killed before telling its study
+    # tells it on the rerun instead of running the trial again
+    import json
+    from collections import Counter
+
+    cached = [json.loads(p.read_text()) for p in (cfg.resolved_output_dir() / "results").glob("*.json")]
+    assert Counter(r["status"] for r in cached if r["kind"] == "trial") == {"pruned": len(pruned), "ok": len(complete)}
 
 
 def test_median_pruner_never_prunes_before_the_first_adaptation_step():
@@ -1878,3 +1885,29 @@ def test_a_trial_is_told_its_objective_not_another_metric(tmp_path):
         outcomes.append(runner.tell(spec, result))
     assert outcomes == ["COMPLETE", "FAIL", "PRUNED"]
     assert [(t.state.name, t.value) for t in study.trials] == [("COMPLETE", 90.0), ("FAIL", None), ("PRUNED", None)]
+
+
+def test_a_trial_job_is_scored_on_val_only_and_a_merge_job_on_both_splits(sweep_dict, tmp_path):
+    """A trial's result holds validation accuracies alone (test labels stay unseen while tuning);
+    the same setting run as the sweep's job holds the same val accuracies and the test ones too."""
+    import dataclasses
+
+    from harness.job import run_job
+    from harness.plan import JobSpec as Spec
+    from harness.plan import with_key
+    from harness.runtime import resolve_device
+    from harness.workspace import Workspace
+
+    cfg = validate_config(sweep_dict)
+    ws = Workspace(cfg, progress=False)
+    identity, task_identity = ws.identity, ws.task_identity()
+    cpu = resolve_device("cpu")
+    job = with_key(cfg, Spec("merge", "ta", method="task_arithmetic", params={"scaling": 0.3}), identity,
+                   task_identity)
+    trial = run_job(dataclasses.replace(job, kind="trial"), ws, cpu, tmp_path / "trial")  # no pruner to report to
+    merge = run_job(job, ws, cpu, tmp_path / "merge")
+    assert trial.status == merge.status == "ok", (trial.error, merge.error)
+    val = {f"val/acc/{t}" for t in cfg.task_names} | {"val/acc/avg"}
+    assert set(trial.metrics) == val and trial.test_correct == {}
+    assert {k: merge.metrics[k] for k in val} == trial.metrics
+    assert {f"acc/{t}" for t in cfg.task_names} <= set(merge.metrics) and set(merge.test_correct) == set(cfg.task_names)
