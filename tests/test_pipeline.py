@@ -563,3 +563,56 @@ def test_a_cached_pool_is_never_another_seeds_or_sizes(tmp_path):
         images, captions = pipeline.cached_pool(n, seed, size, tmp_path)
         truth_images, truth_captions = pretraining_pool(n, seed=seed, size=size)
         assert torch.equal(images, truth_images) and captions == list(truth_captions), (n, seed, size)
+
+
+def test_pretraining_clamps_the_logit_scale_at_100(monkeypatch):
+    """open_clip's recipe: exp(logit_scale) never exceeds 100, whatever it starts at."""
+    def started_high(arch):
+        model = build_clip(arch)
+        with torch.no_grad():
+            model.logit_scale.fill_(math.log(1000.0))
+        return model
+
+    monkeypatch.setattr(pipeline, "build_clip", started_high)
+    images = torch.randint(0, 256, (8, 16, 16, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    model = pipeline.pretrain_clip("harness-micro-vit", images, [f"c{i % 4}" for i in range(8)], steps=1,
+                                   batch_size=8, lr=1e-6, warmup=0)
+    assert model.logit_scale.exp().item() == pytest.approx(100.0, rel=1e-4)
+
+
+def test_pretraining_decays_only_matrices(monkeypatch):
+    """No weight decay on gains, biases, embeddings' scale or the logit scale (open_clip's rule:
+    parameters of fewer than two dimensions, and the embeddings, are exempt)."""
+    groups = {}
+
+    class Recording(torch.optim.AdamW):
+        def __init__(self, params, **kw):
+            params = list(params)
+            groups["decay"] = {id(p) for g in params if g["weight_decay"] > 0 for p in g["params"]}
+            super().__init__(params, **kw)
+
+    monkeypatch.setattr(torch.optim, "AdamW", Recording)
+    images = torch.randint(0, 256, (4, 16, 16, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    model = pipeline.pretrain_clip("harness-micro-vit", images, ["a", "b", "a", "b"], steps=1, batch_size=4)
+    for name, p in model.named_parameters():
+        exempt = p.ndim < 2 or name.endswith(("positional_embedding", "class_embedding", "logit_scale"))
+        assert (id(p) in groups["decay"]) == (not exempt), name
+
+
+def test_pretraining_sees_every_image_once_per_epoch(monkeypatch):
+    """32 images in batches of 8: four steps are one epoch, each image in exactly one batch."""
+    import tasks.base
+
+    seen = []
+    real = tasks.base.normalize_uint8
+
+    def recording(images):
+        seen.extend(images[:, 0, 0, 0].tolist())
+        return real(images)
+
+    monkeypatch.setattr(tasks.base, "normalize_uint8", recording)
+    images = torch.randint(0, 256, (32, 16, 16, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    images[:, 0, 0, 0] = torch.arange(32, dtype=torch.uint8)
+    pipeline.pretrain_clip("harness-micro-vit", images, [f"c{i % 4}" for i in range(32)], steps=4, batch_size=8)
+    assert sorted(seen) == list(range(32))
+
