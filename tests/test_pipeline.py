@@ -565,6 +565,34 @@ def test_a_cached_pool_is_never_another_seeds_or_sizes(tmp_path):
         assert torch.equal(images, truth_images) and captions == list(truth_captions), (n, seed, size)
 
 
+def test_each_stage_trains_with_the_options_it_is_given(two_tasks, tmp_path, monkeypatch):
+    """Pretraining gets ``seed``; fine-tuning gets the task's train split, ``finetune_seed`` and
+    ``preserve_pool`` preservation images (the trainers are stand-ins recording their inputs)."""
+    from tasks.embedded import data
+
+    opts = {**TINY, "seed": 3, "finetune_seed": 5, "preserve_pool": 24}
+    calls = {}
+
+    def pretrain(arch, images, captions, **kw):
+        calls["pretrain"] = kw
+        return build_clip(arch).float().eval()
+
+    def tune(encoder, head, dataset, **kw):
+        calls["finetune"] = (dataset, kw)
+        return encoder
+
+    monkeypatch.setattr(pipeline, "pretrain_clip", pretrain)
+    monkeypatch.setattr(finetune, "finetune_encoder", tune)
+    pipeline.prepare_suite(two_tasks[:1], tmp_path, opts, progress=False)
+    assert calls["pretrain"]["seed"] == 3 and calls["pretrain"]["steps"] == TINY["pretrain_steps"]
+    dataset, kw = calls["finetune"]
+    truth = data.load_task(two_tasks[0], size="tiny", cache_dir=str(tmp_path)).dataset("train")
+    assert len(dataset) == len(truth)
+    assert all(torch.equal(dataset[i][0], truth[i][0]) and dataset[i][1] == truth[i][1] for i in range(len(truth)))
+    assert kw["seed"] == 5 and kw["steps"] == TINY["finetune_steps"]
+    assert kw["preserve_images"].shape[0] == 24
+
+
 def test_pretraining_clamps_the_logit_scale_at_100(monkeypatch):
     """open_clip's recipe: exp(logit_scale) never exceeds 100, whatever it starts at."""
     def started_high(arch):
@@ -616,3 +644,10 @@ def test_pretraining_sees_every_image_once_per_epoch(monkeypatch):
     pipeline.pretrain_clip("harness-micro-vit", images, [f"c{i % 4}" for i in range(32)], steps=4, batch_size=8)
     assert sorted(seen) == list(range(32))
 
+
+def test_suite_identity_changes_with_any_fine_tuned_encoder(suite, two_tasks):
+    """Two suites over one pretrained model but other encoders are other suites."""
+    cache, art = suite
+    other = pipeline.prepare_suite(two_tasks, cache, {**TINY, "finetune_lr": 3e-4}, progress=False)
+    assert other.pretrained == art.pretrained and other.finetuned != art.finetuned
+    assert other.identity != art.identity
