@@ -278,3 +278,16 @@ def test_pool_captions_speak_every_tasks_vocabulary():
         assert len(found) >= 0.7 * len(spec.classnames), (name, sorted(set(spec.classnames) - set(found)))
     families = {pool.pool_item(5, i)[2] for i in range(600)}
     assert families == set(pool.FAMILIES)
+
+
+def test_optdigits_stand_in_fills_the_pool_from_what_test_leaves():
+    """OptDigits' rarest class has 174 images: 30 per class go to test, the other 144 per class
+    to the pool (1,440 = 1,296 train + 144 val), none shared with test."""
+    from sklearn.datasets import load_digits
+
+    assert int(np.bincount(load_digits().target).min()) == 174
+    arrays = data.build_splits("emb_mnist", "full", variant="optdigits")
+    assert np.bincount(arrays["test_y"]).tolist() == [30] * 10
+    assert len(arrays["train_y"]) == 1296 and len(arrays["val_y"]) == 144
+    assert np.bincount(np.concatenate([arrays["train_y"], arrays["val_y"]])).tolist() == [144] * 10
+
