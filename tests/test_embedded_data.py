@@ -291,3 +291,13 @@ def test_optdigits_stand_in_fills_the_pool_from_what_test_leaves():
     assert len(arrays["train_y"]) == 1296 and len(arrays["val_y"]) == 144
     assert np.bincount(np.concatenate([arrays["train_y"], arrays["val_y"]])).tolist() == [144] * 10
 
+
+def test_test_images_come_from_the_test_seed_stream(suite):
+    """Test image i of a generated task is drawn from ``[task seed, 1, i]`` with label ``i % classes``."""
+    spec, gen = data.SPECS["emb_signs"], data._GENERATORS["emb_signs"]
+    n_test, c = data.SIZES["tiny"][1], len(spec.classnames)
+    expected = np.stack([gen(np.random.default_rng([spec.seed, 1, i]), i % c) for i in range(n_test)])
+    x, y = suite["emb_signs"].raw("test")
+    assert np.array_equal(x.numpy(), expected)
+    assert y.tolist() == [i % c for i in range(n_test)]
+
