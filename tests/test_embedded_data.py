@@ -301,3 +301,22 @@ def test_test_images_come_from_the_test_seed_stream(suite):
     assert np.array_equal(x.numpy(), expected)
     assert y.tolist() == [i % c for i in range(n_test)]
 
+
+def test_real_data_and_its_stand_in_are_cached_apart(tmp_path, monkeypatch):
+    """Forcing the stand-in after the real source was cached gives the stand-in's images."""
+    rng = np.random.default_rng(4)
+    labels = np.repeat(np.arange(10), 25)
+    for name, arr in [("train-images-idx3", rng.integers(0, 256, (250, 28, 28))), ("train-labels-idx1", labels),
+                      ("t10k-images-idx3", rng.integers(0, 256, (250, 28, 28))), ("t10k-labels-idx1", labels)]:
+        _write_idx(tmp_path / f"{name}-ubyte.gz", arr)
+    monkeypatch.setenv(data.FASHION_DIR_ENV, str(tmp_path))
+    monkeypatch.delenv(data.FALLBACK_ENV, raising=False)
+    real = emb.load_task("emb_fashion", size="tiny", cache_dir=str(tmp_path / "cache"))
+    monkeypatch.setenv(data.FALLBACK_ENV, "fashion")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", EmbeddedSourceWarning)
+        stand_in = emb.load_task("emb_fashion", size="tiny", cache_dir=str(tmp_path / "cache"))
+    truth = data.build_splits("emb_fashion", "tiny", variant="garments")
+    assert real.version.endswith("/fashion-mnist") and stand_in.version.endswith("/garments")
+    assert np.array_equal(stand_in.raw("test")[0].numpy(), truth["test_x"])
+    assert not np.array_equal(real.raw("test")[0].numpy()[:10], truth["test_x"][:10])
