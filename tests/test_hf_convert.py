@@ -860,3 +860,24 @@ def test_integer_weights_are_refused_and_position_id_buffers_skipped(tmp_path: P
     assert str(err.value).startswith(f"{folder}: tensor 'transformer.resblocks.0.mlp.c_fc.weight' has dtype int8, "
                                      "not floating point")
     assert not (tmp_path / "int8.safetensors").exists()
+
+
+@needs_transformers
+def test_text_heads_come_from_the_text_config(tmp_path: Path) -> None:
+    """Vision and text towers with different head counts: each tower attends with its own."""
+    from transformers import CLIPConfig, CLIPModel
+
+    cfg = CLIPConfig(vision_config=vision_config("gelu").to_dict(), projection_dim=16,
+                     text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=4, max_position_embeddings=16, hidden_act="gelu"))
+    torch.manual_seed(0)
+    hf = perturb(CLIPModel(cfg), 0)
+    hf.save_pretrained(tmp_path / "hf")
+    out = convert_hf_checkpoint(tmp_path / "hf", tmp_path / "full.safetensors", kind="clip")
+    side = json.loads(Path(f"{out}.json").read_text())
+    assert side["open_clip_config"]["text_cfg"]["heads"] == 4
+    assert side["open_clip_config"]["vision_cfg"]["head_width"] == 16  # 32 wide, 2 heads
+    clip = build_clip(side["arch"], str(out))
+    with torch.no_grad():
+        ref = features(hf.get_text_features(input_ids=tokens()))
+        assert (clip.encode_text(tokens()) - ref).abs().max() <= 1e-5
