@@ -881,3 +881,42 @@ def test_text_heads_come_from_the_text_config(tmp_path: Path) -> None:
     with torch.no_grad():
         ref = features(hf.get_text_features(input_ids=tokens()))
         assert (clip.encode_text(tokens()) - ref).abs().max() <= 1e-5
+
+
+def test_a_layer_norm_eps_open_clip_does_not_use_is_refused(tmp_path: Path) -> None:
+    """open_clip's LayerNorm uses eps=1e-5; a checkpoint trained with another computes otherwise."""
+    enc = micro_visual()
+    with pytest.raises(HarnessError, match="layer_norm_eps=0.001"):
+        convert_hf_checkpoint(write_hf_folder(tmp_path / "a", enc, "gelu", layer_norm_eps=1e-3), tmp_path / "a.st")
+    out = convert_hf_checkpoint(write_hf_folder(tmp_path / "b", enc, "gelu", layer_norm_eps=1e-5), tmp_path / "b.st")
+    assert checkpoint_arch(out) == "harness-micro-vit"
+
+
+def test_a_gap_in_the_layer_numbers_is_refused(tmp_path: Path) -> None:
+    """Layers 0 and 2 without 1: a layer is missing, not a two-layer model."""
+    torch.manual_seed(0)
+    enc = perturb(build_clip("harness-tiny-vit").visual)  # four layers, renamed below to 0, 2
+    folder = write_hf_folder(tmp_path / "hf", enc, "gelu", hidden_size=128, intermediate_size=512,
+                             num_hidden_layers=2, num_attention_heads=4, image_size=32, projection_dim=128)
+    state = load_file(str(folder / "model.safetensors"))
+    kept = {k.replace("layers.1.", "layers.2."): v for k, v in state.items()
+            if ".layers.2." not in k and ".layers.3." not in k}
+    save_file(kept, str(folder / "model.safetensors"))
+    with pytest.raises(HarnessError, match=r"not numbered 0..n-1 \(found \[0, 2\]\)"):
+        convert_hf_checkpoint(folder, tmp_path / "o.st")
+
+
+def test_a_vision_tower_that_is_not_a_square_rgb_vit_is_refused(tmp_path: Path) -> None:
+    """A grey-scale patch embedding or a position count that is no square grid plus one."""
+    enc = micro_visual()
+    folder = write_hf_folder(tmp_path / "grey", enc, "gelu")
+    state = load_file(str(folder / "model.safetensors"))
+    key = "vision_model.embeddings.patch_embedding.weight"
+    save_file({**state, key: state[key][:, :1].contiguous()}, str(folder / "model.safetensors"))
+    with pytest.raises(HarnessError, match=r"not a square RGB ViT \(patch \(32, 1, 8, 8\), 5 positions\)"):
+        convert_hf_checkpoint(folder, tmp_path / "grey.st")
+    folder = write_hf_folder(tmp_path / "oblong", enc, "gelu")
+    key = "vision_model.embeddings.position_embedding.weight"
+    save_file({**state, key: torch.cat([state[key], state[key][:1]])}, str(folder / "model.safetensors"))
+    with pytest.raises(HarnessError, match="not a square RGB ViT .* 6 positions"):
+        convert_hf_checkpoint(folder, tmp_path / "oblong.st")
