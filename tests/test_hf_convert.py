@@ -920,3 +920,18 @@ def test_a_vision_tower_that_is_not_a_square_rgb_vit_is_refused(tmp_path: Path) 
     save_file({**state, key: torch.cat([state[key], state[key][:1]])}, str(folder / "model.safetensors"))
     with pytest.raises(HarnessError, match="not a square RGB ViT .* 6 positions"):
         convert_hf_checkpoint(folder, tmp_path / "oblong.st")
+
+
+@needs_transformers
+def test_verify_refuses_features_that_differ_from_transformers(tmp_path: Path) -> None:
+    """The check itself: converted weights with one tensor off are named, not recorded."""
+    from harness.hf_convert import verify_against_transformers
+
+    clip_model("gelu").save_pretrained(tmp_path / "hf")
+    out = convert_hf_checkpoint(tmp_path / "hf", tmp_path / "v.safetensors")
+    state = load_state_dict(out)
+    arch = checkpoint_arch(out)
+    assert verify_against_transformers(tmp_path / "hf", arch, state, "image_encoder") <= 1e-5
+    state["ln_post.bias"] = state["ln_post.bias"] + 0.01
+    with pytest.raises(HarnessError, match="image features differ from transformers'"):
+        verify_against_transformers(tmp_path / "hf", arch, state, "image_encoder")
