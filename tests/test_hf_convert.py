@@ -935,3 +935,21 @@ def test_verify_refuses_features_that_differ_from_transformers(tmp_path: Path) -
     state["ln_post.bias"] = state["ln_post.bias"] + 0.01
     with pytest.raises(HarnessError, match="image features differ from transformers'"):
         verify_against_transformers(tmp_path / "hf", arch, state, "image_encoder")
+
+
+def test_match_prefers_a_vit_or_project_name_and_reads_square_sizes_given_as_pairs() -> None:
+    """An alias with a shorter name computes the same, but the project's name is the one recorded;
+    a config giving ``image_size`` as ``[16, 16]`` is the same model as one giving ``16``."""
+    import open_clip.factory
+
+    from harness.hf_convert import match_arch
+
+    micro = json.loads((Path(__file__).parents[1] / "harness" / "model_configs" / "harness-micro-vit.json").read_text())
+    configs = open_clip.factory._MODEL_CONFIGS  # a copy, restored after the test
+    configs["mv"] = copy.deepcopy(micro)
+    assert match_arch(micro, "image_encoder") == "harness-micro-vit"
+    pair = copy.deepcopy(micro)
+    pair["vision_cfg"]["image_size"] = [16, 16]
+    del configs["harness-micro-vit"], configs["mv"]
+    configs["harness-square"] = pair
+    assert match_arch(micro, "image_encoder") == "harness-square"
