@@ -651,3 +651,36 @@ def test_suite_identity_changes_with_any_fine_tuned_encoder(suite, two_tasks):
     other = pipeline.prepare_suite(two_tasks, cache, {**TINY, "finetune_lr": 3e-4}, progress=False)
     assert other.pretrained == art.pretrained and other.finetuned != art.finetuned
     assert other.identity != art.identity
+
+
+def test_quality_report_rows_by_their_definitions(suite, two_tasks, monkeypatch):
+    """Weight averaging is the mean of the fine-tuned encoders; perfect routing at lambda 0 is
+    the pretrained encoder with the task's own MLPs; relative norms are ||tau|| / ||theta_0||."""
+    from harness.evaluation import accuracy
+    from harness.models import get_tokenizer, zeroshot_head
+    from tasks.embedded import data
+
+    cache, art = suite
+    monkeypatch.setenv("HARNESS_CACHE", str(cache))
+    report = pipeline.quality_report(art, size="tiny", lambdas=(0.0, 0.5, 1.0), routing_lambda=0.0)
+    clip = build_clip(art.arch, pretrained=str(art.pretrained))
+    base = {k: v.clone() for k, v in clip.visual.state_dict().items()}
+    fts = {t: load_state_dict(art.finetuned[t]) for t in two_tasks}
+
+    def acc(state, task):
+        enc = build_clip(art.arch).visual
+        enc.load_state_dict(state)
+        loaded = data.load_task(task, size="tiny")
+        head = zeroshot_head(clip, get_tokenizer(art.arch), loaded.prompts())
+        return accuracy(ImageClassifier(enc.eval(), head), loaded.dataset("test"))
+
+    mean = {k: (fts[two_tasks[0]][k] + fts[two_tasks[1]][k]) / 2 if v.is_floating_point() else v
+            for k, v in base.items()}
+    for t in two_tasks:
+        assert report["weight_averaging"][t] == pytest.approx(acc(mean, t))
+        own_mlps = {k: fts[t][k] if ".mlp." in k else v for k, v in base.items()}
+        assert report["perfect_routing"][t] == pytest.approx(acc(own_mlps, t))
+        tau = torch.sqrt(sum(((fts[t][k] - v) ** 2).sum() for k, v in base.items()))
+        assert report["tau_relative_norm"][t] == pytest.approx((tau / torch.sqrt(sum((v ** 2).sum()
+                                                                for v in base.values()))).item(), rel=1e-5)
+    assert report["pretrained"] == pytest.approx({t: acc(base, t) for t in two_tasks})
