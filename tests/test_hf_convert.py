@@ -953,3 +953,15 @@ def test_match_prefers_a_vit_or_project_name_and_reads_square_sizes_given_as_pai
     del configs["harness-micro-vit"], configs["mv"]
     configs["harness-square"] = pair
     assert match_arch(micro, "image_encoder") == "harness-square"
+
+
+def test_a_folder_with_its_own_projection_records_no_other_projection_source(tmp_path: Path) -> None:
+    """A given projection only stands in for a missing one: a folder holding visual_projection
+    converts with its own, and the sidecar names no projection source it did not use."""
+    own, other = micro_visual(0), micro_visual(1)
+    folder = write_hf_folder(tmp_path / "hf", own, "gelu")
+    donor = write_hf_folder(tmp_path / "donor", other, "gelu")
+    out = convert_hf_checkpoint(folder, tmp_path / "o.safetensors", projection=donor)
+    side = json.loads(Path(f"{out}.json").read_text())
+    assert torch.equal(load_state_dict(out)["proj"], own.state_dict()["proj"])
+    assert "projection_source" not in side and "projection_sha256" not in side
