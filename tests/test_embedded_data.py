@@ -278,3 +278,45 @@ def test_pool_captions_speak_every_tasks_vocabulary():
         assert len(found) >= 0.7 * len(spec.classnames), (name, sorted(set(spec.classnames) - set(found)))
     families = {pool.pool_item(5, i)[2] for i in range(600)}
     assert families == set(pool.FAMILIES)
+
+
+def test_optdigits_stand_in_fills_the_pool_from_what_test_leaves():
+    """OptDigits' rarest class has 174 images: 30 per class go to test, the other 144 per class
+    to the pool (1,440 = 1,296 train + 144 val), none shared with test."""
+    from sklearn.datasets import load_digits
+
+    assert int(np.bincount(load_digits().target).min()) == 174
+    arrays = data.build_splits("emb_mnist", "full", variant="optdigits")
+    assert np.bincount(arrays["test_y"]).tolist() == [30] * 10
+    assert len(arrays["train_y"]) == 1296 and len(arrays["val_y"]) == 144
+    assert np.bincount(np.concatenate([arrays["train_y"], arrays["val_y"]])).tolist() == [144] * 10
+
+
+def test_test_images_come_from_the_test_seed_stream(suite):
+    """Test image i of a generated task is drawn from ``[task seed, 1, i]`` with label ``i % classes``."""
+    spec, gen = data.SPECS["emb_signs"], data._GENERATORS["emb_signs"]
+    n_test, c = data.SIZES["tiny"][1], len(spec.classnames)
+    expected = np.stack([gen(np.random.default_rng([spec.seed, 1, i]), i % c) for i in range(n_test)])
+    x, y = suite["emb_signs"].raw("test")
+    assert np.array_equal(x.numpy(), expected)
+    assert y.tolist() == [i % c for i in range(n_test)]
+
+
+def test_real_data_and_its_stand_in_are_cached_apart(tmp_path, monkeypatch):
+    """Forcing the stand-in after the real source was cached gives the stand-in's images."""
+    rng = np.random.default_rng(4)
+    labels = np.repeat(np.arange(10), 25)
+    for name, arr in [("train-images-idx3", rng.integers(0, 256, (250, 28, 28))), ("train-labels-idx1", labels),
+                      ("t10k-images-idx3", rng.integers(0, 256, (250, 28, 28))), ("t10k-labels-idx1", labels)]:
+        _write_idx(tmp_path / f"{name}-ubyte.gz", arr)
+    monkeypatch.setenv(data.FASHION_DIR_ENV, str(tmp_path))
+    monkeypatch.delenv(data.FALLBACK_ENV, raising=False)
+    real = emb.load_task("emb_fashion", size="tiny", cache_dir=str(tmp_path / "cache"))
+    monkeypatch.setenv(data.FALLBACK_ENV, "fashion")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", EmbeddedSourceWarning)
+        stand_in = emb.load_task("emb_fashion", size="tiny", cache_dir=str(tmp_path / "cache"))
+    truth = data.build_splits("emb_fashion", "tiny", variant="garments")
+    assert real.version.endswith("/fashion-mnist") and stand_in.version.endswith("/garments")
+    assert np.array_equal(stand_in.raw("test")[0].numpy(), truth["test_x"])
+    assert not np.array_equal(real.raw("test")[0].numpy()[:10], truth["test_x"][:10])

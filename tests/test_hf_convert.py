@@ -894,3 +894,108 @@ def test_integer_weights_are_refused_and_position_id_buffers_skipped(tmp_path: P
     assert str(err.value).startswith(f"{folder}: tensor 'transformer.resblocks.0.mlp.c_fc.weight' has dtype int8, "
                                      "not floating point")
     assert not (tmp_path / "int8.safetensors").exists()
+
+
+@needs_transformers
+def test_text_heads_come_from_the_text_config(tmp_path: Path) -> None:
+    """Vision and text towers with different head counts: each tower attends with its own."""
+    from transformers import CLIPConfig, CLIPModel
+
+    cfg = CLIPConfig(vision_config=vision_config("gelu").to_dict(), projection_dim=16,
+                     text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=4, max_position_embeddings=16, hidden_act="gelu"))
+    torch.manual_seed(0)
+    hf = perturb(CLIPModel(cfg), 0)
+    hf.save_pretrained(tmp_path / "hf")
+    out = convert_hf_checkpoint(tmp_path / "hf", tmp_path / "full.safetensors", kind="clip")
+    side = json.loads(Path(f"{out}.json").read_text())
+    assert side["open_clip_config"]["text_cfg"]["heads"] == 4
+    assert side["open_clip_config"]["vision_cfg"]["head_width"] == 16  # 32 wide, 2 heads
+    clip = build_clip(side["arch"], str(out))
+    with torch.no_grad():
+        ref = features(hf.get_text_features(input_ids=tokens()))
+        assert (clip.encode_text(tokens()) - ref).abs().max() <= 1e-5
+
+
+def test_a_layer_norm_eps_open_clip_does_not_use_is_refused(tmp_path: Path) -> None:
+    """open_clip's LayerNorm uses eps=1e-5; a checkpoint trained with another computes otherwise."""
+    enc = micro_visual()
+    with pytest.raises(HarnessError, match="layer_norm_eps=0.001"):
+        convert_hf_checkpoint(write_hf_folder(tmp_path / "a", enc, "gelu", layer_norm_eps=1e-3), tmp_path / "a.st")
+    out = convert_hf_checkpoint(write_hf_folder(tmp_path / "b", enc, "gelu", layer_norm_eps=1e-5), tmp_path / "b.st")
+    assert checkpoint_arch(out) == "harness-micro-vit"
+
+
+def test_a_gap_in_the_layer_numbers_is_refused(tmp_path: Path) -> None:
+    """Layers 0 and 2 without 1: a layer is missing, not a two-layer model."""
+    torch.manual_seed(0)
+    enc = perturb(build_clip("harness-tiny-vit").visual)  # four layers, renamed below to 0, 2
+    folder = write_hf_folder(tmp_path / "hf", enc, "gelu", hidden_size=128, intermediate_size=512,
+                             num_hidden_layers=2, num_attention_heads=4, image_size=32, projection_dim=128)
+    state = load_file(str(folder / "model.safetensors"))
+    kept = {k.replace("layers.1.", "layers.2."): v for k, v in state.items()
+            if ".layers.2." not in k and ".layers.3." not in k}
+    save_file(kept, str(folder / "model.safetensors"))
+    with pytest.raises(HarnessError, match=r"not numbered 0..n-1 \(found \[0, 2\]\)"):
+        convert_hf_checkpoint(folder, tmp_path / "o.st")
+
+
+def test_a_vision_tower_that_is_not_a_square_rgb_vit_is_refused(tmp_path: Path) -> None:
+    """A grey-scale patch embedding or a position count that is no square grid plus one."""
+    enc = micro_visual()
+    folder = write_hf_folder(tmp_path / "grey", enc, "gelu")
+    state = load_file(str(folder / "model.safetensors"))
+    key = "vision_model.embeddings.patch_embedding.weight"
+    save_file({**state, key: state[key][:, :1].contiguous()}, str(folder / "model.safetensors"))
+    with pytest.raises(HarnessError, match=r"not a square RGB ViT \(patch \(32, 1, 8, 8\), 5 positions\)"):
+        convert_hf_checkpoint(folder, tmp_path / "grey.st")
+    folder = write_hf_folder(tmp_path / "oblong", enc, "gelu")
+    key = "vision_model.embeddings.position_embedding.weight"
+    save_file({**state, key: torch.cat([state[key], state[key][:1]])}, str(folder / "model.safetensors"))
+    with pytest.raises(HarnessError, match="not a square RGB ViT .* 6 positions"):
+        convert_hf_checkpoint(folder, tmp_path / "oblong.st")
+
+
+@needs_transformers
+def test_verify_refuses_features_that_differ_from_transformers(tmp_path: Path) -> None:
+    """The check itself: converted weights with one tensor off are named, not recorded."""
+    from harness.hf_convert import verify_against_transformers
+
+    clip_model("gelu").save_pretrained(tmp_path / "hf")
+    out = convert_hf_checkpoint(tmp_path / "hf", tmp_path / "v.safetensors")
+    state = load_state_dict(out)
+    arch = checkpoint_arch(out)
+    assert verify_against_transformers(tmp_path / "hf", arch, state, "image_encoder") <= 1e-5
+    state["ln_post.bias"] = state["ln_post.bias"] + 0.01
+    with pytest.raises(HarnessError, match="image features differ from transformers'"):
+        verify_against_transformers(tmp_path / "hf", arch, state, "image_encoder")
+
+
+def test_match_prefers_a_vit_or_project_name_and_reads_square_sizes_given_as_pairs() -> None:
+    """An alias with a shorter name computes the same, but the project's name is the one recorded;
+    a config giving ``image_size`` as ``[16, 16]`` is the same model as one giving ``16``."""
+    import open_clip.factory
+
+    from harness.hf_convert import match_arch
+
+    micro = json.loads((Path(__file__).parents[1] / "harness" / "model_configs" / "harness-micro-vit.json").read_text())
+    configs = open_clip.factory._MODEL_CONFIGS  # a copy, restored after the test
+    configs["mv"] = copy.deepcopy(micro)
+    assert match_arch(micro, "image_encoder") == "harness-micro-vit"
+    pair = copy.deepcopy(micro)
+    pair["vision_cfg"]["image_size"] = [16, 16]
+    del configs["harness-micro-vit"], configs["mv"]
+    configs["harness-square"] = pair
+    assert match_arch(micro, "image_encoder") == "harness-square"
+
+
+def test_a_folder_with_its_own_projection_records_no_other_projection_source(tmp_path: Path) -> None:
+    """A given projection only stands in for a missing one: a folder holding visual_projection
+    converts with its own, and the sidecar names no projection source it did not use."""
+    own, other = micro_visual(0), micro_visual(1)
+    folder = write_hf_folder(tmp_path / "hf", own, "gelu")
+    donor = write_hf_folder(tmp_path / "donor", other, "gelu")
+    out = convert_hf_checkpoint(folder, tmp_path / "o.safetensors", projection=donor)
+    side = json.loads(Path(f"{out}.json").read_text())
+    assert torch.equal(load_state_dict(out)["proj"], own.state_dict()["proj"])
+    assert "projection_source" not in side and "projection_sha256" not in side

@@ -638,3 +638,124 @@ def test_a_cached_pool_is_never_another_seeds_or_sizes(tmp_path):
         images, captions = pipeline.cached_pool(n, seed, size, tmp_path)
         truth_images, truth_captions = pretraining_pool(n, seed=seed, size=size)
         assert torch.equal(images, truth_images) and captions == list(truth_captions), (n, seed, size)
+
+
+def test_each_stage_trains_with_the_options_it_is_given(two_tasks, tmp_path, monkeypatch):
+    """Pretraining gets ``seed``; fine-tuning gets the task's train split, ``finetune_seed`` and
+    ``preserve_pool`` preservation images (the trainers are stand-ins recording their inputs)."""
+    from tasks.embedded import data
+
+    opts = {**TINY, "seed": 3, "finetune_seed": 5, "preserve_pool": 24}
+    calls = {}
+
+    def pretrain(arch, images, captions, **kw):
+        calls["pretrain"] = kw
+        return build_clip(arch).float().eval()
+
+    def tune(encoder, head, dataset, **kw):
+        calls["finetune"] = (dataset, kw)
+        return encoder
+
+    monkeypatch.setattr(pipeline, "pretrain_clip", pretrain)
+    monkeypatch.setattr(finetune, "finetune_encoder", tune)
+    pipeline.prepare_suite(two_tasks[:1], tmp_path, opts, progress=False)
+    assert calls["pretrain"]["seed"] == 3 and calls["pretrain"]["steps"] == TINY["pretrain_steps"]
+    dataset, kw = calls["finetune"]
+    truth = data.load_task(two_tasks[0], size="tiny", cache_dir=str(tmp_path)).dataset("train")
+    assert len(dataset) == len(truth)
+    assert all(torch.equal(dataset[i][0], truth[i][0]) and dataset[i][1] == truth[i][1] for i in range(len(truth)))
+    assert kw["seed"] == 5 and kw["steps"] == TINY["finetune_steps"]
+    assert kw["preserve_images"].shape[0] == 24
+
+
+def test_pretraining_clamps_the_logit_scale_at_100(monkeypatch):
+    """open_clip's recipe: exp(logit_scale) never exceeds 100, whatever it starts at."""
+    def started_high(arch):
+        model = build_clip(arch)
+        with torch.no_grad():
+            model.logit_scale.fill_(math.log(1000.0))
+        return model
+
+    monkeypatch.setattr(pipeline, "build_clip", started_high)
+    images = torch.randint(0, 256, (8, 16, 16, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    model = pipeline.pretrain_clip("harness-micro-vit", images, [f"c{i % 4}" for i in range(8)], steps=1,
+                                   batch_size=8, lr=1e-6, warmup=0)
+    assert model.logit_scale.exp().item() == pytest.approx(100.0, rel=1e-4)
+
+
+def test_pretraining_decays_only_matrices(monkeypatch):
+    """No weight decay on gains, biases, embeddings' scale or the logit scale (open_clip's rule:
+    parameters of fewer than two dimensions, and the embeddings, are exempt)."""
+    groups = {}
+
+    class Recording(torch.optim.AdamW):
+        def __init__(self, params, **kw):
+            params = list(params)
+            groups["decay"] = {id(p) for g in params if g["weight_decay"] > 0 for p in g["params"]}
+            super().__init__(params, **kw)
+
+    monkeypatch.setattr(torch.optim, "AdamW", Recording)
+    images = torch.randint(0, 256, (4, 16, 16, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    model = pipeline.pretrain_clip("harness-micro-vit", images, ["a", "b", "a", "b"], steps=1, batch_size=4)
+    for name, p in model.named_parameters():
+        exempt = p.ndim < 2 or name.endswith(("positional_embedding", "class_embedding", "logit_scale"))
+        assert (id(p) in groups["decay"]) == (not exempt), name
+
+
+def test_pretraining_sees_every_image_once_per_epoch(monkeypatch):
+    """32 images in batches of 8: four steps are one epoch, each image in exactly one batch."""
+    import tasks.base
+
+    seen = []
+    real = tasks.base.normalize_uint8
+
+    def recording(images):
+        seen.extend(images[:, 0, 0, 0].tolist())
+        return real(images)
+
+    monkeypatch.setattr(tasks.base, "normalize_uint8", recording)
+    images = torch.randint(0, 256, (32, 16, 16, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    images[:, 0, 0, 0] = torch.arange(32, dtype=torch.uint8)
+    pipeline.pretrain_clip("harness-micro-vit", images, [f"c{i % 4}" for i in range(32)], steps=4, batch_size=8)
+    assert sorted(seen) == list(range(32))
+
+
+def test_suite_identity_changes_with_any_fine_tuned_encoder(suite, two_tasks):
+    """Two suites over one pretrained model but other encoders are other suites."""
+    cache, art = suite
+    other = pipeline.prepare_suite(two_tasks, cache, {**TINY, "finetune_lr": 3e-4}, progress=False)
+    assert other.pretrained == art.pretrained and other.finetuned != art.finetuned
+    assert other.identity != art.identity
+
+
+def test_quality_report_rows_by_their_definitions(suite, two_tasks, monkeypatch):
+    """Weight averaging is the mean of the fine-tuned encoders; perfect routing at lambda 0 is
+    the pretrained encoder with the task's own MLPs; relative norms are ||tau|| / ||theta_0||."""
+    from harness.evaluation import accuracy
+    from harness.models import get_tokenizer, zeroshot_head
+    from tasks.embedded import data
+
+    cache, art = suite
+    monkeypatch.setenv("HARNESS_CACHE", str(cache))
+    report = pipeline.quality_report(art, size="tiny", lambdas=(0.0, 0.5, 1.0), routing_lambda=0.0)
+    clip = build_clip(art.arch, pretrained=str(art.pretrained))
+    base = {k: v.clone() for k, v in clip.visual.state_dict().items()}
+    fts = {t: load_state_dict(art.finetuned[t]) for t in two_tasks}
+
+    def acc(state, task):
+        enc = build_clip(art.arch).visual
+        enc.load_state_dict(state)
+        loaded = data.load_task(task, size="tiny")
+        head = zeroshot_head(clip, get_tokenizer(art.arch), loaded.prompts())
+        return accuracy(ImageClassifier(enc.eval(), head), loaded.dataset("test"))
+
+    mean = {k: (fts[two_tasks[0]][k] + fts[two_tasks[1]][k]) / 2 if v.is_floating_point() else v
+            for k, v in base.items()}
+    for t in two_tasks:
+        assert report["weight_averaging"][t] == pytest.approx(acc(mean, t))
+        own_mlps = {k: fts[t][k] if ".mlp." in k else v for k, v in base.items()}
+        assert report["perfect_routing"][t] == pytest.approx(acc(own_mlps, t))
+        tau = torch.sqrt(sum(((fts[t][k] - v) ** 2).sum() for k, v in base.items()))
+        assert report["tau_relative_norm"][t] == pytest.approx((tau / torch.sqrt(sum((v ** 2).sum()
+                                                                for v in base.values()))).item(), rel=1e-5)
+    assert report["pretrained"] == pytest.approx({t: acc(base, t) for t in two_tasks})
