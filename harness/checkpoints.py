@@ -111,8 +111,7 @@ def import_checkpoints(
     if not items:
         raise HarnessError(f"{src}: no Hugging Face CLIP folders or checkpoint files ({', '.join(CHECKPOINT_SUFFIXES)}) inside")
     written = []
-    for item, out in _tree_outputs(src, dst, items).items():
-        out.parent.mkdir(parents=True, exist_ok=True)
+    for item, out in _tree_outputs(src, dst, items).items():  # each output's folder made as it is written
         if item.is_dir():
             written.append(_import_hf(item, out, arch, projection, full, verify))
         else:

@@ -170,7 +170,8 @@ def _load(src: Path, trust_pickle: bool) -> tuple[Any, str, set[str]]:
             f"{src}: not a plain tensor checkpoint ({reason}); it holds pickled Python objects "
             "(task_vectors checkpoints are whole pickled modules). Unpickling runs any code the "
             "file contains, so it was not loaded. If you trust where the file comes from, convert "
-            "it with trust_pickle=True (CLI: `harness convert SRC DST --trust-pickle`)"
+            "it with trust_pickle=True (CLI: `harness convert SRC DST --trust-pickle`, or `harness import SRC DST "
+            "--trust-pickle` for a folder of them)"
         )
     logger.warning(
         "%s: unpickling with torch.load(weights_only=False) because trust_pickle=True; this "

@@ -455,3 +455,23 @@ def test_an_encoder_with_integer_weights_is_refused_naming_file_and_tensor(tmp_p
         convert_pickled_checkpoint(src, tmp_path / "out.safetensors")
     assert str(err.value).startswith(f"{src}: tensor 'conv1.weight' has dtype int8, not floating point")
     assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_a_folder_of_pickles_imported_without_the_flag_names_the_import_flag_and_writes_nothing(
+        tmp_path: Path, pickled_encoder) -> None:
+    """``harness import`` of a task_vectors tree refuses its pickles, says how to import them
+    (not only how to convert one file), and leaves no empty output folders behind."""
+    import shutil
+
+    from click.testing import CliRunner
+
+    from harness.cli import main
+
+    src, _ = pickled_encoder
+    tree = tmp_path / "tree"
+    (tree / "SUN397").mkdir(parents=True)
+    shutil.copy(src, tree / "SUN397" / "finetuned.pt")
+    r = CliRunner().invoke(main, ["import", str(tree), str(tmp_path / "out")])
+    assert r.exit_code == 2, r.output
+    assert "`harness import SRC DST --trust-pickle`" in r.stderr, r.stderr
+    assert not (tmp_path / "out").exists()
