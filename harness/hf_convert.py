@@ -455,6 +455,8 @@ def convert_hf_checkpoint(
     on random images (needs ``transformers``). Returns the written path;
     the sidecar ``<path>.json`` records arch, open_clip config, sources and their sha256.
     """
+    if verify:
+        require_transformers()  # before a generated architecture is written under dst's folder
     folder = hf_folder_of(src)
     if folder is None:
         read_hf_config(Path(src) if Path(src).is_dir() else Path(src).parent)  # raises the precise reason

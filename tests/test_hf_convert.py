@@ -201,6 +201,16 @@ def test_verify_without_transformers_is_one_line(tmp_path: Path, monkeypatch) ->
     assert r.output.strip().count("\n") == 0 and "pip install -e '.[hf]'" in r.output
 
 
+def test_verify_without_transformers_writes_nothing(tmp_path: Path, monkeypatch) -> None:
+    """A folder needing a generated architecture (QuickGELU) refused for want of transformers
+    leaves no model_configs/ behind: nothing is written before the check that can refuse it."""
+    folder = write_hf_folder(tmp_path / "hf", micro_visual(), "quick_gelu")
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    with pytest.raises(HarnessError, match="transformers"):
+        convert_hf_checkpoint(folder, tmp_path / "out" / "o.safetensors", verify=True)
+    assert not (tmp_path / "out").exists()
+
+
 # ---------------------------------------------------------------------------------------------
 # Hand-written HF folders (the inverse renaming): exact round trips, no transformers needed
 # ---------------------------------------------------------------------------------------------
