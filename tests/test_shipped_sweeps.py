@@ -41,13 +41,15 @@ def _touch_model_files(path: Path, ckpt: Path) -> list[Path]:
 
 @pytest.fixture(scope="module")
 def eight_datasets(tmp_path_factory) -> Path:
-    """A data_root holding the eight datasets as tiny ImageFolder trees (validate finds each)."""
+    """A data_root holding the eight datasets as tiny ImageFolder trees (validate finds each and
+    counts their splits): two test images a class, so that the paper sweeps' adaptation batches of
+    16 fit the ten-class test splits, as they fit the real ones."""
     from tasks.vision8 import SPECS
     from tests.test_vision8 import write_imagefolder
 
     root = tmp_path_factory.mktemp("data")
     for name in SPECS:
-        write_imagefolder(root, name)
+        write_imagefolder(root, name, n_test=2)
     return root
 
 

@@ -60,13 +60,14 @@ DIRS = {"sun397": "sun397", "cars": "stanford_cars_folder_based", "resisc45": "r
         "eurosat": "EuroSAT_splits", "svhn": "svhn", "gtsrb": "GTSRB", "mnist": "mnist", "dtd": "dtd"}
 
 
-def write_imagefolder(root: Path, name: str, folders: list[str] | None = None, test_dir: str = "test") -> None:
+def write_imagefolder(root: Path, name: str, folders: list[str] | None = None, test_dir: str = "test",
+                      n_test: int = N_TEST) -> None:
     folders = folders if folders is not None else folder_names(name)
     base = root / DIRS[name]
     for label, folder in enumerate(folders):
         for k in range(N_TRAIN):
             write_image(base / "train" / folder / f"{k}.png", label, k)
-        for k in range(N_TEST):
+        for k in range(n_test):
             write_image(base / test_dir / folder / f"t{k}.png", label, 100 + k)
 
 
