@@ -346,17 +346,15 @@ def router_norm(model: nn.Module) -> dict[str, float]:
     return {"router_norm": float(sum(v.double().norm() for v in router_state(model).values()))}
 
 
-def test_checkpoint_resume_matches_uninterrupted(models, tmp_path):
-    pre, ft = models
-    method = wemoe.WeMoE(steps=6, lr=1e-2, cosine=True, checkpoint_every=2, eval_every=3,
-                         router_depth=1, routing_stats_batches=0)
+def run_killed_and_resumed(method: wemoe.WeMoE, pre, ft, tmp_path):
+    """``method`` run whole, and run again killed at its third validation then resumed: each
+    run's context and model, (full_ctx, full, resumed_ctx, resumed)."""
     full_ctx = MergeContext(heads=heads(), unlabeled=fixed_unlabeled(2), workdir=str(tmp_path / "full"),
                             validate=router_norm)
     full = method.merge(pre, ft, full_ctx)
-
     calls = []
 
-    def stop_at_third(model):  # validations at steps 0, 3, 6: killed at the last, checkpointed at 4
+    def stop_at_third(model):
         calls.append(1)
         if len(calls) == 3:
             raise Interrupt
@@ -367,7 +365,15 @@ def test_checkpoint_resume_matches_uninterrupted(models, tmp_path):
         method.merge(pre, ft, MergeContext(heads=heads(), unlabeled=fixed_unlabeled(2), workdir=workdir,
                                            validate=stop_at_third))
     resumed_ctx = MergeContext(heads=heads(), unlabeled=fixed_unlabeled(2), workdir=workdir, validate=router_norm)
-    resumed = method.merge(pre, ft, resumed_ctx)
+    return full_ctx, full, resumed_ctx, method.merge(pre, ft, resumed_ctx)
+
+
+def test_checkpoint_resume_matches_uninterrupted(models, tmp_path):
+    pre, ft = models
+    method = wemoe.WeMoE(steps=6, lr=1e-2, cosine=True, checkpoint_every=2, eval_every=3,
+                         router_depth=1, routing_stats_batches=0)
+    # validations at steps 0, 3, 6: killed at the last, checkpointed at 4
+    full_ctx, full, resumed_ctx, resumed = run_killed_and_resumed(method, pre, ft, tmp_path)
     a, b = router_state(full), router_state(resumed)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert resumed_ctx.artifacts["tta_loss"] == full_ctx.artifacts["tta_loss"]
@@ -1038,23 +1044,8 @@ def test_a_validation_at_the_checkpointed_step_is_kept_on_resume(models, tmp_pat
     its history still holds the validation of step 2, as the uninterrupted run's does."""
     pre, ft = models
     method = wemoe.WeMoE(steps=4, lr=1e-2, checkpoint_every=2, eval_every=2, router_depth=1, routing_stats_batches=0)
-    full_ctx = MergeContext(heads=heads(), unlabeled=fixed_unlabeled(2), workdir=str(tmp_path / "full"),
-                            validate=router_norm)
-    method.merge(pre, ft, full_ctx)
-    calls = []
-
-    def stop_at_third(model):  # validations at steps 0, 2, 4: killed at 4, checkpointed at 2
-        calls.append(1)
-        if len(calls) == 3:
-            raise Interrupt
-        return router_norm(model)
-
-    workdir = str(tmp_path / "resumed")
-    with pytest.raises(Interrupt):
-        method.merge(pre, ft, MergeContext(heads=heads(), unlabeled=fixed_unlabeled(2), workdir=workdir,
-                                           validate=stop_at_third))
-    resumed_ctx = MergeContext(heads=heads(), unlabeled=fixed_unlabeled(2), workdir=workdir, validate=router_norm)
-    method.merge(pre, ft, resumed_ctx)
+    # validations at steps 0, 2, 4: killed at 4, checkpointed at 2
+    full_ctx, _, resumed_ctx, _ = run_killed_and_resumed(method, pre, ft, tmp_path)
     assert [row["step"] for row in full_ctx.artifacts["tta_validation"]] == [0, 2, 4]
     assert resumed_ctx.artifacts["tta_validation"] == full_ctx.artifacts["tta_validation"]
 
