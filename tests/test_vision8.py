@@ -501,3 +501,47 @@ def test_a_val_fraction_outside_0_to_1_is_refused(fraction: float, tmp_path: Pat
     write_imagefolder(tmp_path, "svhn")  # 30 train images
     with pytest.raises(TaskDataError, match=r"val_fraction must be in \(0, 1\)"):
         v8.svhn(str(tmp_path), val_fraction=fraction, val_cap=5)
+
+
+# --- label order ------------------------------------------------------------------------------
+
+
+def _sha256_lines(names) -> str:
+    import hashlib
+
+    return hashlib.sha256("\n".join(names).encode()).hexdigest()
+
+
+def test_class_lists_are_in_the_published_heads_label_order() -> None:
+    """A head row is scored as the class at its position: two names swapped in a list would
+    swap those classes' labels (and their zero-shot heads) silently. task_vectors reads DTD,
+    EuroSAT, RESISC45 and SUN397 with sorted class folders, so their lists are sorted in folder
+    form; GTSRB and Cars follow the datasets' own class ids (CLIP's prompts.md, the Stanford
+    Cars devkit's cars_meta.mat), pinned here by a few ids and a digest of the whole list."""
+    assert list(v8._DTD) == sorted(v8._DTD)
+    resisc = [c.replace(" ", "_") for c in v8._RESISC45]
+    assert resisc == sorted(resisc)
+    assert list(v8._EUROSAT_FOLDERS) == sorted(v8._EUROSAT_FOLDERS)
+    sun = [f"{c[0]}_{c.replace(' ', '_')}" for c in v8._SUN397]
+    assert sun == sorted(sun)
+    assert v8._DIGITS == tuple("0123456789")
+    # task_vectors' EuroSAT names, by sorted folder
+    assert dict(zip(v8._EUROSAT_FOLDERS, v8._EUROSAT)) == {
+        "AnnualCrop": "annual crop land", "Forest": "forest", "HerbaceousVegetation": "brushland or shrubland",
+        "Highway": "highway or road", "Industrial": "industrial buildings or commercial buildings",
+        "Pasture": "pasture land", "PermanentCrop": "permanent crop land",
+        "Residential": "residential buildings or homes or apartments", "River": "river", "SeaLake": "lake or sea"}
+    cars = {0: "AM General Hummer SUV 2000", 1: "Acura RL Sedan 2012", 2: "Acura TL Sedan 2012",
+            5: "Acura Integra Type R 2001", 11: "Audi RS 4 Convertible 2008",
+            38: "Bentley Continental Supersports Conv. Convertible 2012", 97: "Eagle Talon Hatchback 1998",
+            122: "Geo Metro Convertible 1993", 173: "Ram C/V Cargo Van Minivan 2012",
+            195: "smart fortwo Convertible 2012"}
+    assert {i: v8._CARS[i] for i in cars} == cars
+    assert _sha256_lines(v8._CARS) == "93d089469409bbd00725ce041797cad929e156fba50c3e19a0f49ef65efcb990"
+    gtsrb = {0: "red and white circle 20 kph speed limit", 6: "end / de-restriction of 80 kph speed limit",
+             14: "stop", 17: "red circle with white horizonal stripe no entry",
+             32: "white circle with gray strike bar no speed limit",
+             42: "white circle with gray strike bar indicating no passing for trucks has ended"}
+    assert {i: v8._GTSRB[i] for i in gtsrb} == gtsrb
+    assert _sha256_lines(v8._GTSRB) == "953036bc5aedbe6ba1f4f38a3d09da17e8e062ca3e4bfed6a8074e9f03f884c6"
+
