@@ -545,3 +545,47 @@ def test_class_lists_are_in_the_published_heads_label_order() -> None:
     assert {i: v8._GTSRB[i] for i in gtsrb} == gtsrb
     assert _sha256_lines(v8._GTSRB) == "953036bc5aedbe6ba1f4f38a3d09da17e8e062ca3e4bfed6a8074e9f03f884c6"
 
+
+
+def test_a_test_folder_beside_val_is_the_test_split(tmp_path: Path) -> None:
+    """task_vectors' EuroSAT_splits holds train/, val/ and test/ (EuroSAT scores test/,
+    EuroSATVal val/): val/ stands for test/ only where there is no test/."""
+    write_imagefolder(tmp_path, "eurosat")
+    for label, folder in enumerate(v8._EUROSAT_FOLDERS):
+        for k in range(2):
+            write_image(tmp_path / "EuroSAT_splits" / "val" / folder / f"v{k}.png", label, 50 + k)
+    ds = v8.eurosat(str(tmp_path), preprocess=raw).dataset("test")
+    assert len(ds) == 10 * N_TEST
+    assert [int(ds[i][0][2, 0, 0]) for i in range(len(ds))] == [100] * len(ds)  # written to test/ only
+
+
+def test_gtsrb_training_annotation_files_are_not_images(tmp_path: Path) -> None:
+    """Each class folder of GTSRB's Training archive holds its GT-000NN.csv beside the .ppm
+    images: a train split with those in would fail when one is decoded."""
+    base = tmp_path / "gtsrb"
+    for c in range(43):
+        folder = base / "GTSRB" / "Training" / f"{c:05d}"
+        for k in range(2):
+            write_image(folder / f"{c:05d}_{k:05d}.ppm", c, k)
+        (folder / f"GT-{c:05d}.csv").write_text("Filename;ClassId\n")
+    write_image(base / "GTSRB" / "Final_Test" / "Images" / "00000.ppm", 3, 0)
+    (base / "GT-final_test.csv").write_text("Filename;ClassId\n00000.ppm;3\n")
+    task = v8.gtsrb(str(tmp_path), preprocess=raw)
+    assert len(task.dataset("train")) + len(task.dataset("val")) == 86
+    for split in ("train", "val"):
+        ds = task.dataset(split)
+        assert all(p.endswith(".ppm") for p in ds.source.paths)
+        assert [decode(ds[i][0]) for i in range(len(ds))] == ds.labels.tolist()
+
+
+def test_hidden_folders_are_not_classes(tmp_path: Path) -> None:
+    """A hidden folder beside the class folders (Jupyter's .ipynb_checkpoints, a sync tool's
+    cache) is neither a class nor a source of images."""
+    write_imagefolder(tmp_path, "eurosat")
+    for split in ("train", "test"):
+        write_image(tmp_path / "EuroSAT_splits" / split / ".ipynb_checkpoints" / "x.png", 0, 0)
+    task = v8.eurosat(str(tmp_path), preprocess=raw)
+    assert len(task.dataset("train")) + len(task.dataset("val")) == 10 * N_TRAIN
+    assert len(task.dataset("test")) == 10 * N_TEST
+    assert not any(".ipynb_checkpoints" in p for p in task.dataset("test").source.paths)
+
