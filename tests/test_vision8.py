@@ -589,3 +589,19 @@ def test_hidden_folders_are_not_classes(tmp_path: Path) -> None:
     assert len(task.dataset("test")) == 10 * N_TEST
     assert not any(".ipynb_checkpoints" in p for p in task.dataset("test").source.paths)
 
+
+
+def test_identity_follows_a_relabelled_gtsrb_test_list(tmp_path: Path) -> None:
+    """GT-final_test.csv gives each test image its label: a corrected ClassId keeps every path
+    but must change the identity, or results scored against the old labels would be reused."""
+    base = tmp_path / "gtsrb"
+    for c in range(43):
+        for k in range(2):
+            write_image(base / "GTSRB" / "Training" / f"{c:05d}" / f"{c:05d}_{k:05d}.ppm", c, k)
+    for i in range(2):
+        write_image(base / "GTSRB" / "Final_Test" / "Images" / f"{i:05d}.ppm", 0, i)
+    (base / "GT-final_test.csv").write_text("Filename;ClassId\n00000.ppm;7\n00001.ppm;8\n")
+    first = v8.gtsrb(str(tmp_path)).identity()
+    (base / "GT-final_test.csv").write_text("Filename;ClassId\n00000.ppm;7\n00001.ppm;9\n")
+    second = v8.gtsrb(str(tmp_path)).identity()
+    assert second["data"]["test"] != first["data"]["test"] and second["data"]["train"] == first["data"]["train"]
