@@ -62,6 +62,33 @@ def test_a_tuning_trial_is_scored_on_validation_only():
     assert m == pytest.approx({"val/acc/a": 50.0, "val/acc/b": 75.0, "val/acc/avg": 62.5})
 
 
+class _ScoredInTrainingMode(nn.Module):
+    """Logits are the image itself in eval mode and its negation in training mode (as dropout
+    or batch statistics would change them): only an eval-mode forward scores 100%."""
+
+    def forward(self, x):
+        return -x if self.training else x
+
+
+def test_a_classifier_left_in_training_mode_is_scored_in_eval_mode():
+    """A method may hand back an encoder still in training mode (after adaptation); evaluation
+    scores it with dropout and batch statistics off."""
+    from harness.evaluation import correct_predictions
+
+    clf = _ScoredInTrainingMode().train()
+    data = TensorDataset(torch.tensor([X, Y, Y, X]), torch.tensor([0, 1, 1, 0]))
+    assert correct_predictions(clf, data, batch_size=2).tolist() == [True] * 4
+
+
+def test_non_finite_logits_are_an_error_not_a_score():
+    """argmax takes a NaN for the largest logit: a diverged model would be scored, here 100%."""
+    from harness.evaluation import correct_predictions
+
+    data = TensorDataset(torch.tensor([[float("nan"), 0.0], X]), torch.tensor([0, 0]))
+    with pytest.raises(FloatingPointError, match="non-finite logits during evaluation"):
+        correct_predictions(nn.Identity(), data, batch_size=2)
+
+
 CORRUPTED = {"a": ([X, X], [0, 0]), "b": ([X, X, X, Y], [1, 1, 1, 1])}
 
 
