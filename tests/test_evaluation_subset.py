@@ -112,3 +112,13 @@ def test_a_small_split_is_read_in_process(tmp_path):
     images, labels = _sorted_split(per_class=2, classes=4)
     _labels(iterate_batches(_FileBackedDataset(images, labels, tmp_path), batch_size=8))
     assert {int(p.name.split("-")[0]) for p in tmp_path.iterdir()} == {os.getpid()}
+
+
+def test_the_capped_draw_is_the_one_earlier_results_were_scored_on():
+    """Paired tests compare per-image correctness recorded by earlier runs (the results cache)
+    with new ones: a capped split must stay the same images (torch's randperm seeded 0, its
+    first ``max_samples`` in split order), listed here."""
+    from harness.evaluation import evaluation_indices
+
+    assert evaluation_indices(10, 4).tolist() == [1, 4, 5, 7]
+    assert evaluation_indices(50, 6).tolist() == [6, 7, 17, 29, 39, 44]
