@@ -126,3 +126,14 @@ def test_a_broken_image_is_named_in_one_line(tmp_path, workers, monkeypatch):
             read()
         message = str(info.value)
         assert "\n" not in message and message.startswith(f"cannot read image {broken}: "), message
+
+
+def test_a_split_of_whole_batches_streams_every_image_each_pass():
+    """Nothing is left over when the split is a whole number of batches (one batch included):
+    each pass is every image once, none dropped."""
+    for size, batch in ((8, 4), (4, 4)):
+        g = torch.Generator().manual_seed(7)
+        got = _take(unlabeled_batches(TensorDataset(IMAGES[:size], LABELS[:size]), batch, seed=7), 2 * size // batch)
+        want = [torch.randperm(size, generator=g) for _ in range(2)]
+        assert [b.view(-1).long().tolist() for b in got] == [
+            w[i:i + batch].tolist() for w in want for i in range(0, size, batch)]
