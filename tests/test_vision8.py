@@ -605,3 +605,16 @@ def test_identity_follows_a_relabelled_gtsrb_test_list(tmp_path: Path) -> None:
     (base / "GT-final_test.csv").write_text("Filename;ClassId\n00000.ppm;7\n00001.ppm;9\n")
     second = v8.gtsrb(str(tmp_path)).identity()
     assert second["data"]["test"] != first["data"]["test"] and second["data"]["train"] == first["data"]["train"]
+
+
+def test_identity_follows_the_val_split_and_the_image_size(tmp_path: Path) -> None:
+    """Another val fraction or cap draws other val and train images, another image size feeds
+    the model other pixels: each must change the identity (job keys), or results scored under
+    the old settings would be reused."""
+    write_imagefolder(tmp_path, "eurosat")  # 30 train images
+    base = v8.eurosat(str(tmp_path)).identity()
+    assert v8.eurosat(str(tmp_path)).identity() == base
+    for options in ({"val_fraction": 0.2}, {"val_fraction": 0.2, "val_cap": 3}, {"image_size": 32}):
+        assert v8.eurosat(str(tmp_path), **options).identity() != base, options
+    assert v8.eurosat(str(tmp_path), val_fraction=0.2, val_cap=3).identity() != v8.eurosat(
+        str(tmp_path), val_fraction=0.2).identity()
