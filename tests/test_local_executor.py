@@ -319,3 +319,58 @@ def test_workers_that_cannot_start_fail_every_job_left_each_with_a_result(sweep_
     assert sorted(r.status for r in results.values()) == ["failed"] * 4 + ["ok"] * 2
     assert all(r.error == "worker process failed: BrokenProcessPool: A child process terminated abruptly"
                for r in results.values() if r.status == "failed")
+
+
+class _RecordedPool:
+    """A process pool that records how it was made and what it was handed, starting nothing."""
+
+    made: list["_RecordedPool"] = []
+
+    def __init__(self, max_workers, mp_context=None, initializer=None, initargs=()):
+        self.max_workers, self.cores, self.handed, self.shut = max_workers, initargs[1], 0, False
+        _RecordedPool.made.append(self)
+
+    def submit(self, fn, *args):
+        import concurrent.futures as cf
+
+        self.handed += 1
+        future = cf.Future()
+        future.set_result(None)
+        return future
+
+    def shutdown(self, wait=True, cancel_futures=False):
+        self.shut = True
+
+
+@pytest.fixture
+def recorded_pools(monkeypatch):
+    """Pools made by :class:`LocalExecutor` are :class:`_RecordedPool` s, on a machine of 8 cores."""
+    import harness.executors.local as local
+
+    _RecordedPool.made = []
+    monkeypatch.setattr(local.cf, "ProcessPoolExecutor", _RecordedPool)
+    monkeypatch.setattr(local, "available_cores", lambda: 8)
+    monkeypatch.setattr(local, "worker_context", lambda: None)
+    monkeypatch.setattr(local, "prestart", lambda: None)
+    return _RecordedPool.made
+
+
+def test_a_pool_has_no_more_workers_than_jobs_and_they_share_the_cores(recorded_pools):
+    """Up to ``workers`` workers, never more than the batch has jobs, each given its share of the
+    cores for its threads; a larger later batch gets a larger pool (the old one shut down), a smaller
+    one keeps it; a single job starts none (it runs in this process). Truth: 8 cores split by hand."""
+    from types import SimpleNamespace
+
+    ex = LocalExecutor(SimpleNamespace(model_dump=lambda mode: {}), None, workers=4)
+    ex.start(1)
+    assert recorded_pools == []
+    ex.start(2)
+    assert [(p.max_workers, p.cores, p.handed) for p in recorded_pools] == [(2, 4, 2)]
+    ex.start(3)
+    assert [(p.max_workers, p.cores, p.shut) for p in recorded_pools] == [(2, 4, True), (3, 2, False)]
+    ex.start(10)
+    assert [(p.max_workers, p.cores) for p in recorded_pools[2:]] == [(4, 2)] and recorded_pools[1].shut
+    ex.start(2)
+    assert len(recorded_pools) == 3 and not recorded_pools[2].shut
+    ex.close()
+    assert recorded_pools[2].shut
