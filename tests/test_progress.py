@@ -82,3 +82,17 @@ def test_a_terminal_bar_asked_to_vanish_does():
     console, _ = _console(True)
     assert progress_bars(console=console, transient=True).live.transient is True
     assert progress_bars(console=console).live.transient is False
+
+
+def test_a_bar_added_after_another_is_removed_gets_an_id_of_its_own():
+    """Ids were the count of bars held: removing the first of two gave the next bar the second's id,
+    and the second's updates then moved the new bar (as rich's own ids, each is new)."""
+    console, out = _console(False)
+    bars = progress_bars(console=console)
+    first, second = bars.add_task("finetune a", total=2), bars.add_task("finetune b", total=2)
+    bars.remove_task(first)
+    third = bars.add_task("adapt", total=2)
+    assert len({first, second, third}) == 3
+    bars.update(second, completed=2)
+    bars.update(third, completed=1)
+    assert [line.split(" [")[0] for line in out.getvalue().splitlines()] == ["finetune b: 2/2", "adapt: 1/2"]
