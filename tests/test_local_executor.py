@@ -374,3 +374,45 @@ def test_a_pool_has_no_more_workers_than_jobs_and_they_share_the_cores(recorded_
     assert len(recorded_pools) == 3 and not recorded_pools[2].shut
     ex.close()
     assert recorded_pools[2].shut
+
+
+def test_a_job_whose_result_cannot_be_read_fails_alone(sweep_dict, monkeypatch):
+    """A worker's job that ends in an error other than a dead worker (a result that cannot be
+    unpickled) fails that job, naming the error, and the batch goes on in the same pool: each other
+    job gets its own ok result."""
+    import concurrent.futures as cf
+    import concurrent.futures.process  # noqa: F401  (cf.process, imported by a real pool)
+
+    from harness.job import JobResult
+    from harness.plan import JobSpec
+
+    cfg, ws, specs = _specs(sweep_dict, [{"name": "tests.worker_probe:WorkerPid", "grid": {"tag": list(range(5))}}])
+    unreadable = specs[2].key
+    made = []
+
+    class Pool:
+        def submit(self, fn, spec_dict):
+            future = cf.Future()
+            if spec_dict["key"] == unreadable:
+                future.set_exception(RuntimeError("result could not be read"))
+            else:
+                future.set_result(JobResult.of(JobSpec.from_dict(spec_dict), "ok").to_dict())
+            return future
+
+        def shutdown(self, wait=True, cancel_futures=False):
+            pass
+
+    def ensure_pool(n_jobs):
+        if ex._pool is None:
+            ex._pool = Pool()
+            made.append(ex._pool)
+        return ex._pool
+
+    ex = LocalExecutor(cfg, ws, workers=2)
+    monkeypatch.setattr(ex, "_ensure_pool", ensure_pool)
+    results = {s.key: r for s, r in ex.run(specs)}
+    assert sorted(results) == sorted(s.key for s in specs) and len(made) == 1
+    assert all(r.key == k for k, r in results.items())
+    assert results[unreadable].status == "failed"
+    assert results[unreadable].error == "worker process failed: RuntimeError: result could not be read"
+    assert sorted(k for k, r in results.items() if r.status == "ok") == sorted(s.key for s in specs if s.key != unreadable)
