@@ -416,3 +416,14 @@ def test_a_job_whose_result_cannot_be_read_fails_alone(sweep_dict, monkeypatch):
     assert results[unreadable].status == "failed"
     assert results[unreadable].error == "worker process failed: RuntimeError: result could not be read"
     assert sorted(k for k, r in results.items() if r.status == "ok") == sorted(s.key for s in specs if s.key != unreadable)
+
+
+def test_a_batch_of_one_job_runs_in_this_process(sweep_dict, recorded_pools):
+    """One job gains nothing from a worker, which would first build its own model: it runs in the
+    driver, and no pool is started for it."""
+    cfg, ws, specs = _specs(sweep_dict, [{"name": "tests.worker_probe:WorkerPid"}])
+    ex = LocalExecutor(cfg, ws, workers=2)
+    ex.start(1)
+    results = [r for _, r in ex.run(specs[:1])]
+    ex.close()
+    assert [(r.status, r.artifacts["pid"]) for r in results] == [("ok", os.getpid())] and recorded_pools == []
