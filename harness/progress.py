@@ -25,6 +25,7 @@ class LineProgress:
         self.console = console or get_console()
         self.steps = steps
         self._tasks: dict[int, dict[str, Any]] = {}
+        self._next_id = 0  # never reused, as rich's: a removed bar's id must not name a later one
 
     def __enter__(self) -> "LineProgress":
         return self
@@ -33,7 +34,7 @@ class LineProgress:
         return None
 
     def add_task(self, description: str, total: float | None = 100.0, completed: float = 0, **fields: Any) -> int:
-        task_id = len(self._tasks)
+        task_id, self._next_id = self._next_id, self._next_id + 1
         self._tasks[task_id] = {"description": description, "total": total, "completed": completed,
                                 "fields": dict(fields), "start": time.monotonic(),
                                 "shown": self._tenth(completed, total)}

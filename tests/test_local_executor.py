@@ -319,3 +319,111 @@ def test_workers_that_cannot_start_fail_every_job_left_each_with_a_result(sweep_
     assert sorted(r.status for r in results.values()) == ["failed"] * 4 + ["ok"] * 2
     assert all(r.error == "worker process failed: BrokenProcessPool: A child process terminated abruptly"
                for r in results.values() if r.status == "failed")
+
+
+class _RecordedPool:
+    """A process pool that records how it was made and what it was handed, starting nothing."""
+
+    made: list["_RecordedPool"] = []
+
+    def __init__(self, max_workers, mp_context=None, initializer=None, initargs=()):
+        self.max_workers, self.cores, self.handed, self.shut = max_workers, initargs[1], 0, False
+        _RecordedPool.made.append(self)
+
+    def submit(self, fn, *args):
+        import concurrent.futures as cf
+
+        self.handed += 1
+        future = cf.Future()
+        future.set_result(None)
+        return future
+
+    def shutdown(self, wait=True, cancel_futures=False):
+        self.shut = True
+
+
+@pytest.fixture
+def recorded_pools(monkeypatch):
+    """Pools made by :class:`LocalExecutor` are :class:`_RecordedPool` s, on a machine of 8 cores."""
+    import harness.executors.local as local
+
+    _RecordedPool.made = []
+    monkeypatch.setattr(local.cf, "ProcessPoolExecutor", _RecordedPool)
+    monkeypatch.setattr(local, "available_cores", lambda: 8)
+    monkeypatch.setattr(local, "worker_context", lambda: None)
+    monkeypatch.setattr(local, "prestart", lambda: None)
+    return _RecordedPool.made
+
+
+def test_a_pool_has_no_more_workers_than_jobs_and_they_share_the_cores(recorded_pools):
+    """Up to ``workers`` workers, never more than the batch has jobs, each given its share of the
+    cores for its threads; a larger later batch gets a larger pool (the old one shut down), a smaller
+    one keeps it; a single job starts none (it runs in this process). Truth: 8 cores split by hand."""
+    from types import SimpleNamespace
+
+    ex = LocalExecutor(SimpleNamespace(model_dump=lambda mode: {}), None, workers=4)
+    ex.start(1)
+    assert recorded_pools == []
+    ex.start(2)
+    assert [(p.max_workers, p.cores, p.handed) for p in recorded_pools] == [(2, 4, 2)]
+    ex.start(3)
+    assert [(p.max_workers, p.cores, p.shut) for p in recorded_pools] == [(2, 4, True), (3, 2, False)]
+    ex.start(10)
+    assert [(p.max_workers, p.cores) for p in recorded_pools[2:]] == [(4, 2)] and recorded_pools[1].shut
+    ex.start(2)
+    assert len(recorded_pools) == 3 and not recorded_pools[2].shut
+    ex.close()
+    assert recorded_pools[2].shut
+
+
+def test_a_job_whose_result_cannot_be_read_fails_alone(sweep_dict, monkeypatch):
+    """A worker's job that ends in an error other than a dead worker (a result that cannot be
+    unpickled) fails that job, naming the error, and the batch goes on in the same pool: each other
+    job gets its own ok result."""
+    import concurrent.futures as cf
+    import concurrent.futures.process  # noqa: F401  (cf.process, imported by a real pool)
+
+    from harness.job import JobResult
+    from harness.plan import JobSpec
+
+    cfg, ws, specs = _specs(sweep_dict, [{"name": "tests.worker_probe:WorkerPid", "grid": {"tag": list(range(5))}}])
+    unreadable = specs[2].key
+    made = []
+
+    class Pool:
+        def submit(self, fn, spec_dict):
+            future = cf.Future()
+            if spec_dict["key"] == unreadable:
+                future.set_exception(RuntimeError("result could not be read"))
+            else:
+                future.set_result(JobResult.of(JobSpec.from_dict(spec_dict), "ok").to_dict())
+            return future
+
+        def shutdown(self, wait=True, cancel_futures=False):
+            pass
+
+    def ensure_pool(n_jobs):
+        if ex._pool is None:
+            ex._pool = Pool()
+            made.append(ex._pool)
+        return ex._pool
+
+    ex = LocalExecutor(cfg, ws, workers=2)
+    monkeypatch.setattr(ex, "_ensure_pool", ensure_pool)
+    results = {s.key: r for s, r in ex.run(specs)}
+    assert sorted(results) == sorted(s.key for s in specs) and len(made) == 1
+    assert all(r.key == k for k, r in results.items())
+    assert results[unreadable].status == "failed"
+    assert results[unreadable].error == "worker process failed: RuntimeError: result could not be read"
+    assert sorted(k for k, r in results.items() if r.status == "ok") == sorted(s.key for s in specs if s.key != unreadable)
+
+
+def test_a_batch_of_one_job_runs_in_this_process(sweep_dict, recorded_pools):
+    """One job gains nothing from a worker, which would first build its own model: it runs in the
+    driver, and no pool is started for it."""
+    cfg, ws, specs = _specs(sweep_dict, [{"name": "tests.worker_probe:WorkerPid"}])
+    ex = LocalExecutor(cfg, ws, workers=2)
+    ex.start(1)
+    results = [r for _, r in ex.run(specs[:1])]
+    ex.close()
+    assert [(r.status, r.artifacts["pid"]) for r in results] == [("ok", os.getpid())] and recorded_pools == []

@@ -196,3 +196,27 @@ def test_a_method_has_one_bar_style_in_both_plots_of_a_report(tmp_path, monkeypa
     assert "individual" in accuracy and "individual" not in robustness and "broken" not in accuracy
     assert len(robustness) == 23 and {m: accuracy[m] for m in robustness} == robustness
     assert len(set(accuracy.values())) == len(accuracy) == 24
+
+
+def test_heatmap_names_rows_by_task_columns_by_expert_and_scales_to_the_weights():
+    """Rows are the tasks whose images were routed, columns the experts, in the job's order (here
+    not the tasks' order, and one task no expert's); only the first panel names the rows; the colour
+    scale spans the smallest to the largest weight (none of them 0) and the title is the one given."""
+    routing = {"experts": ["svhn", "mnist"], "layers": 2,
+               "mean_weight": {"mnist": [[0.2, 0.6], [0.3, 0.5]], "svhn": [[0.7, 0.1], [0.4, 0.4]],
+                               "gtsrb": [[0.25, 0.35], [0.45, 0.15]]}}
+    fig = routing_figure(routing, "wemoe on 3 tasks")
+    try:
+        fig.canvas.draw()
+        panels = [ax for ax in fig.axes if ax.get_title().startswith("layer")]
+        bar = next(ax for ax in fig.axes if ax not in panels)
+        assert fig._suptitle.get_text() == "wemoe on 3 tasks"
+        for li, ax in enumerate(panels):
+            assert [t.get_text() for t in ax.get_xticklabels()] == ["svhn", "mnist"]
+            rows = [t.get_text() for t in ax.get_yticklabels()]
+            assert rows == (["mnist", "svhn", "gtsrb"] if li == 0 else ["", "", ""])
+            np.testing.assert_array_equal(ax.images[0].get_array(), [routing["mean_weight"][t][li]
+                                                                     for t in ("mnist", "svhn", "gtsrb")])
+        assert bar.get_ylim() == (0.1, 0.7)
+    finally:
+        plt.close(fig)

@@ -51,3 +51,48 @@ def test_a_terminal_gets_rich_bars_and_disabled_means_silent():
     with quiet:
         quiet.update(quiet.add_task("x", total=2), completed=2)
     assert out.getvalue() == ""
+
+
+def test_a_log_gets_no_line_past_the_total_and_empty_fields_are_left_out():
+    """A count that passes its total (a last partial batch counted whole) ends at the tenth line;
+    a field with no value yet reads as nothing, not as its bare name."""
+    console, out = _console(False)
+    bars = progress_bars(console=console)
+    task = bars.add_task("adapt", total=10, loss="")
+    for step in range(1, 14):
+        bars.update(task, completed=step)
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 10
+    assert lines[0].startswith("adapt: 1/10 [") and lines[-1].startswith("adapt: 10/10 [")
+
+
+def test_a_total_given_later_is_the_one_counted():
+    """The jobs bar grows its total as tuning asks for more trials: lines count against the new total."""
+    console, out = _console(False)
+    bars = progress_bars(console=console)
+    task = bars.add_task("jobs", total=None)
+    bars.update(task, completed=1)
+    assert out.getvalue() == ""
+    bars.update(task, total=4, completed=2)
+    assert out.getvalue().startswith("jobs: 2/4 [")
+
+
+def test_a_terminal_bar_asked_to_vanish_does():
+    """A test-time adaptation's bar is transient: it leaves the jobs bar's screen when it ends."""
+    console, _ = _console(True)
+    assert progress_bars(console=console, transient=True).live.transient is True
+    assert progress_bars(console=console).live.transient is False
+
+
+def test_a_bar_added_after_another_is_removed_gets_an_id_of_its_own():
+    """Ids were the count of bars held: removing the first of two gave the next bar the second's id,
+    and the second's updates then moved the new bar (as rich's own ids, each is new)."""
+    console, out = _console(False)
+    bars = progress_bars(console=console)
+    first, second = bars.add_task("finetune a", total=2), bars.add_task("finetune b", total=2)
+    bars.remove_task(first)
+    third = bars.add_task("adapt", total=2)
+    assert len({first, second, third}) == 3
+    bars.update(second, completed=2)
+    bars.update(third, completed=1)
+    assert [line.split(" [")[0] for line in out.getvalue().splitlines()] == ["finetune b: 2/2", "adapt: 1/2"]

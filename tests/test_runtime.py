@@ -71,3 +71,20 @@ def test_jobs_device_turns_tensorfloat32_off():
         assert torch.backends.cudnn.allow_tf32 is False and torch.backends.cuda.matmul.allow_tf32 is False
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+
+
+@pytest.mark.parametrize("cuda", [True, False])
+def test_auto_device_is_the_gpu_where_there_is_one(monkeypatch, cuda):
+    """``device: auto`` runs jobs on the GPU when one is visible, else on the CPU."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    assert runtime.resolve_device("auto") == torch.device("cuda" if cuda else "cpu")
+
+
+def test_a_gpu_asked_for_without_one_is_refused_by_name(monkeypatch):
+    """``device: cuda:1`` without CUDA would fail every job at its first tensor: it is refused."""
+    from harness.errors import HarnessError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(HarnessError, match=r"device 'cuda:1' requested but CUDA is not available"):
+        runtime.resolve_device("cuda:1")
+    assert runtime.resolve_device("cpu") == torch.device("cpu")
