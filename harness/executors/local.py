@@ -11,6 +11,7 @@ import multiprocessing as mp
 import os
 import signal
 import threading
+from concurrent.futures.process import BrokenProcessPool
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Callable, Iterator
@@ -162,7 +163,7 @@ class LocalExecutor:
                 try:
                     pool = self._ensure_pool(len(todo) + len(futures))
                     future = pool.submit(_work, todo[-1].to_dict())
-                except cf.process.BrokenProcessPool as exc:  # broke while idle or starting: one new pool
+                except BrokenProcessPool as exc:  # broke while idle or starting: one new pool
                     self.close()
                     if retried:  # a new pool broke too: workers cannot even start
                         yield from ((spec, _worker_failed(spec, exc)) for spec in reversed(todo))
@@ -176,7 +177,7 @@ class LocalExecutor:
                 try:
                     result = JobResult.from_dict(future.result())
                 except Exception as exc:  # a worker that died (killed, out of memory)
-                    if isinstance(exc, cf.process.BrokenProcessPool) and pool is self._pool:
+                    if isinstance(exc, BrokenProcessPool) and pool is self._pool:
                         self.close()  # its jobs in flight fail with it; the next ones get a new pool
                     result = _worker_failed(spec, exc)
                 yield spec, result
