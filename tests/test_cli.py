@@ -865,3 +865,38 @@ def test_warnings_stay_plain_lines_after_a_library_configures_logging(tmp_path):
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
                           cwd=Path(__file__).resolve().parents[1])
     assert done.stderr.splitlines()[-2:] == ["a library speaks", "model.pt: a message"], done.stderr
+
+
+def test_status_counts_each_state_and_what_the_driver_collected(sweep_dict, tmp_path, monkeypatch):
+    """Seven submitted jobs, one in each state ``harness status`` tells apart: a result pickle of a
+    success (done, and collected: its result file is written) or of an error (failed), SLURM's
+    RUNNING, FAILED and PENDING, a job SLURM has no record of long after its submission (lost), and
+    one SLURM calls COMPLETED that left no result (failed: it is run again)."""
+    import pickle
+
+    import submitit
+
+    from harness.executors import slurm
+    from harness.job import JobResult
+
+    states = {"1_0": "COMPLETED", "2_0": "COMPLETED", "3_0": "RUNNING", "4_0": "FAILED", "5_0": "PENDING",
+              "6_0": "UNKNOWN",
+              "7_0": "COMPLETED"}
+    monkeypatch.setattr(slurm, "_run", lambda cmd: "")
+    monkeypatch.setattr(slurm, "slurm_states", lambda ids, reasons=None: {i: states[i] for i in ids})
+    f = tmp_path / "sweep.yaml"
+    f.write_text(yaml.safe_dump({**sweep_dict, "executor": {"kind": "slurm"}}))
+    folder = tmp_path / "out" / "slurm"
+    folder.mkdir(parents=True)
+    jobs = {k: {"job_id": i, "title": k, "submitted_at": "2020-01-01T00:00:00+00:00"}
+            for k, i in zip("abcdefg", states)}
+    (folder / "submitted.json").write_text(json.dumps({"version": 1, "jobs": jobs}))
+    for job_id, result in (("1_0", ("success", {"status": "ok"})), ("2_0", ("error", "Traceback: boom"))):
+        submitit.SlurmJob(folder=folder, job_id=job_id).paths.result_pickle.write_bytes(pickle.dumps(result))
+    results = tmp_path / "out" / "results"
+    results.mkdir()
+    done = JobResult(key="a", kind="merge", label="x", params={}, task=None, status="ok", metrics={"acc/avg": 50.0})
+    (results / "a.json").write_text(json.dumps(done.to_dict()))
+    r = CliRunner().invoke(main, ["status", str(f)], env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    assert r.output.splitlines()[-1] == "1 running, 0 requeued, 3 failed, 1 lost, 1 pending, 1 done, 1 collected"
