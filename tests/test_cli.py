@@ -900,3 +900,39 @@ def test_status_counts_each_state_and_what_the_driver_collected(sweep_dict, tmp_
     r = CliRunner().invoke(main, ["status", str(f)], env={"COLUMNS": "200"})
     assert r.exit_code == 0, r.output
     assert r.output.splitlines()[-1] == "1 running, 0 requeued, 3 failed, 1 lost, 1 pending, 1 done, 1 collected"
+
+
+def test_list_models_says_which_architectures_the_harness_adds(tmp_path):
+    """Each architecture's origin: the harness's own configs (the micro and tiny test encoders)
+    and open_clip's, one row each; --sweep, like NAMES, is for methods only."""
+    r = CliRunner().invoke(main, ["list", "models"], env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    origins = {cells[0]: cells[1] for cells in (
+        [c.strip() for c in line.strip()[1:-1].split("│")] for line in r.output.splitlines() if line.startswith("│"))}
+    assert origins["harness-micro-vit"] == origins["harness-tiny-vit"] == "harness"
+    assert origins["ViT-B-32"] == origins["ViT-L-14"] == "open_clip"
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text(yaml.safe_dump({"name": "s", "methods": ["ties"]}))
+    r = CliRunner().invoke(main, ["list", "models", "--sweep", str(sweep)])
+    assert r.exit_code == 2 and "`harness list models` takes neither" in r.output
+
+
+def test_list_methods_of_a_sweep_and_names_shows_both(tmp_path):
+    """NAMES given with --sweep add to the sweep's methods, which come first."""
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text(yaml.safe_dump({"name": "s", "methods": ["ties"]}))
+    r = CliRunner().invoke(main, ["list", "methods", "--sweep", str(sweep), "weight_averaging"],
+                           env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    assert list(_rows(r.output)) == ["ties", "weight_averaging"]
+
+
+def test_list_methods_names_a_method_on_its_first_row_only(tmp_path, monkeypatch):
+    """A method's further hyperparameters sit under its name, their method cell blank."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "my_methods.py").write_text(MY_METHODS)
+    r = CliRunner().invoke(main, ["list", "methods", "my_methods:Blend"], env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    cells = [[c.strip() for c in line.strip()[1:-1].split("│")][:2]
+             for line in r.output.splitlines() if line.startswith("│")]
+    assert cells == [["my_methods:Blend", "alpha"], ["", "mode"]]
