@@ -545,3 +545,25 @@ def test_export_command_names_the_row_setting_and_scores_it_wrote(trained_checkp
         with safe_open(str(tmp_path / out), "pt") as f:
             text_tower = [k for k in f.keys() if k.startswith("token_embedding")]
         assert bool(text_tower) == bool(full)
+
+
+def test_a_row_whose_saved_adaptation_is_gone_adapts_again_and_names_the_folder(sweep_dict, tmp_path, adam_steps):
+    """The adaptation a job saved, deleted since: export adapts again, naming the job's work folder
+    it found empty."""
+    import shutil
+
+    sweep_dict["references"] = False
+    sweep_dict["methods"] = [{"name": "adamerging", "params": {"steps": 2, "batch_size": 4}}]
+    cfg = validate_config(sweep_dict)
+    run_sweep(cfg, quiet=True)
+    results = [json.loads(p.read_text()) for p in (cfg.resolved_output_dir() / "results").glob("*.json")]
+    (key,) = [r["key"] for r in results if r["label"] == "adamerging"]
+    shutil.rmtree(cfg.resolved_output_dir() / "work" / key)
+    adam_steps.clear()
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(sweep_dict))
+    out = CliRunner().invoke(main, ["export", str(path), "--method", "adamerging", "--out", str(tmp_path / "a.st")])
+    assert out.exit_code == 0, out.output
+    assert len(adam_steps) == 2
+    assert out.stdout.splitlines()[0] == (f"adamerging: adapted again, from the start (none saved in work/{key}/; "
+                                          "same data and seed)")
