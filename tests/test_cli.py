@@ -936,3 +936,17 @@ def test_list_methods_names_a_method_on_its_first_row_only(tmp_path, monkeypatch
     cells = [[c.strip() for c in line.strip()[1:-1].split("│")][:2]
              for line in r.output.splitlines() if line.startswith("│")]
     assert cells == [["my_methods:Blend", "alpha"], ["", "mode"]]
+
+
+def test_report_of_a_run_id_takes_the_given_store_before_the_environments(tmp_path, monkeypatch):
+    """--tracking-uri wins over MLFLOW_TRACKING_URI, and a store refused is named by where it came from."""
+    given, env = tmp_path / "given.db", tmp_path / "env.db"
+    given.write_bytes(b"")
+    env.write_bytes(b"")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", str(env))
+    for args, where, db in ((["--tracking-uri", str(given)], "--tracking-uri", given), ([], "MLFLOW_TRACKING_URI", env)):
+        r = CliRunner().invoke(main, ["report", "0123456789abcdef", *args])
+        assert r.exit_code == 2, r.output
+        assert " ".join(r.stderr.split()) == (f"error: {where} {db}: is a file, not an MLflow store; a SQLite "
+                                              f"database is given as sqlite:///{db}")
+
