@@ -950,3 +950,23 @@ def test_report_of_a_run_id_takes_the_given_store_before_the_environments(tmp_pa
         assert " ".join(r.stderr.split()) == (f"error: {where} {db}: is a file, not an MLflow store; a SQLite "
                                               f"database is given as sqlite:///{db}")
 
+
+
+def test_ui_serves_a_folders_store_and_artifacts_on_the_local_port_by_default(tmp_path, monkeypatch):
+    """Without --host and --port the server listens on 127.0.0.1:5000 only (not on every
+    interface); the folder's mlflow.db is its store and its mlartifacts/ the artifacts' home."""
+    started = []
+
+    def serves(exe, args, env):
+        started.append(args)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(os, "execve", serves)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    (tmp_path / "mlflow.db").write_bytes(b"")
+    r = CliRunner().invoke(main, ["ui", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    assert started[0][1:] == ["server", "--backend-store-uri", f"sqlite:///{tmp_path}/mlflow.db", "--host",
+                              "127.0.0.1", "--port", "5000", "--workers", "1",
+                              "--artifacts-destination", f"{tmp_path}/mlartifacts"]
+    assert r.stdout == f"MLflow UI for sqlite:///{tmp_path}/mlflow.db at http://127.0.0.1:5000  (Ctrl-C stops)\n"
