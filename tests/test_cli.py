@@ -970,3 +970,15 @@ def test_ui_serves_a_folders_store_and_artifacts_on_the_local_port_by_default(tm
                               "127.0.0.1", "--port", "5000", "--workers", "1",
                               "--artifacts-destination", f"{tmp_path}/mlartifacts"]
     assert r.stdout == f"MLflow UI for sqlite:///{tmp_path}/mlflow.db at http://127.0.0.1:5000  (Ctrl-C stops)\n"
+
+
+def test_report_says_how_many_files_it_wrote_and_where(sweep_dict, tmp_path):
+    f = tmp_path / "s.yaml"
+    sweep_dict["methods"] = [{"name": "task_arithmetic"}]
+    f.write_text(yaml.safe_dump(sweep_dict))
+    assert CliRunner().invoke(main, ["sweep", "-q", str(f)]).exit_code == 0
+    r = CliRunner().invoke(main, ["report", str(f), "--out", str(tmp_path / "rep")], env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    files = [p for p in (tmp_path / "rep").rglob("*") if p.is_file()]
+    assert len(files) > 3
+    assert r.stdout.splitlines()[-1] == f"wrote {len(files)} files to {tmp_path / 'rep'}"
