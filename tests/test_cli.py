@@ -982,3 +982,15 @@ def test_report_says_how_many_files_it_wrote_and_where(sweep_dict, tmp_path):
     files = [p for p in (tmp_path / "rep").rglob("*") if p.is_file()]
     assert len(files) > 3
     assert r.stdout.splitlines()[-1] == f"wrote {len(files)} files to {tmp_path / 'rep'}"
+
+
+def test_collect_of_a_sweep_nothing_was_submitted_from_runs_nothing(sweep_dict, tmp_path):
+    """collect only gathers submitted jobs: with none recorded it says so and runs none itself."""
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump({**sweep_dict, "executor": {"kind": "slurm"}}))
+    r = CliRunner().invoke(main, ["collect", "-q", str(f)])
+    assert r.exit_code == 2, r.output
+    folder = Path(sweep_dict["output_dir"]) / "slurm"
+    assert " ".join(r.stderr.split()) == (f"error: no SLURM submissions recorded under {folder} (run `harness sweep` "
+                                          "with executor.kind slurm, or `harness sweep --detach`)")
+    assert not (Path(sweep_dict["output_dir"]) / "results").exists()
