@@ -865,3 +865,132 @@ def test_warnings_stay_plain_lines_after_a_library_configures_logging(tmp_path):
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
                           cwd=Path(__file__).resolve().parents[1])
     assert done.stderr.splitlines()[-2:] == ["a library speaks", "model.pt: a message"], done.stderr
+
+
+def test_status_counts_each_state_and_what_the_driver_collected(sweep_dict, tmp_path, monkeypatch):
+    """Seven submitted jobs, one in each state ``harness status`` tells apart: a result pickle of a
+    success (done, and collected: its result file is written) or of an error (failed), SLURM's
+    RUNNING, FAILED and PENDING, a job SLURM has no record of long after its submission (lost), and
+    one SLURM calls COMPLETED that left no result (failed: it is run again)."""
+    import pickle
+
+    import submitit
+
+    from harness.executors import slurm
+    from harness.job import JobResult
+
+    states = {"1_0": "COMPLETED", "2_0": "COMPLETED", "3_0": "RUNNING", "4_0": "FAILED", "5_0": "PENDING",
+              "6_0": "UNKNOWN",
+              "7_0": "COMPLETED"}
+    monkeypatch.setattr(slurm, "_run", lambda cmd: "")
+    monkeypatch.setattr(slurm, "slurm_states", lambda ids, reasons=None: {i: states[i] for i in ids})
+    f = tmp_path / "sweep.yaml"
+    f.write_text(yaml.safe_dump({**sweep_dict, "executor": {"kind": "slurm"}}))
+    folder = tmp_path / "out" / "slurm"
+    folder.mkdir(parents=True)
+    jobs = {k: {"job_id": i, "title": k, "submitted_at": "2020-01-01T00:00:00+00:00"}
+            for k, i in zip("abcdefg", states)}
+    (folder / "submitted.json").write_text(json.dumps({"version": 1, "jobs": jobs}))
+    for job_id, result in (("1_0", ("success", {"status": "ok"})), ("2_0", ("error", "Traceback: boom"))):
+        submitit.SlurmJob(folder=folder, job_id=job_id).paths.result_pickle.write_bytes(pickle.dumps(result))
+    results = tmp_path / "out" / "results"
+    results.mkdir()
+    done = JobResult(key="a", kind="merge", label="x", params={}, task=None, status="ok", metrics={"acc/avg": 50.0})
+    (results / "a.json").write_text(json.dumps(done.to_dict()))
+    r = CliRunner().invoke(main, ["status", str(f)], env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    assert r.output.splitlines()[-1] == "1 running, 0 requeued, 3 failed, 1 lost, 1 pending, 1 done, 1 collected"
+
+
+def test_list_models_says_which_architectures_the_harness_adds(tmp_path):
+    """Each architecture's origin: the harness's own configs (the micro and tiny test encoders)
+    and open_clip's, one row each; --sweep, like NAMES, is for methods only."""
+    r = CliRunner().invoke(main, ["list", "models"], env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    origins = {cells[0]: cells[1] for cells in (
+        [c.strip() for c in line.strip()[1:-1].split("│")] for line in r.output.splitlines() if line.startswith("│"))}
+    assert origins["harness-micro-vit"] == origins["harness-tiny-vit"] == "harness"
+    assert origins["ViT-B-32"] == origins["ViT-L-14"] == "open_clip"
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text(yaml.safe_dump({"name": "s", "methods": ["ties"]}))
+    r = CliRunner().invoke(main, ["list", "models", "--sweep", str(sweep)])
+    assert r.exit_code == 2 and "`harness list models` takes neither" in r.output
+
+
+def test_list_methods_of_a_sweep_and_names_shows_both(tmp_path):
+    """NAMES given with --sweep add to the sweep's methods, which come first."""
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text(yaml.safe_dump({"name": "s", "methods": ["ties"]}))
+    r = CliRunner().invoke(main, ["list", "methods", "--sweep", str(sweep), "weight_averaging"],
+                           env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    assert list(_rows(r.output)) == ["ties", "weight_averaging"]
+
+
+def test_list_methods_names_a_method_on_its_first_row_only(tmp_path, monkeypatch):
+    """A method's further hyperparameters sit under its name, their method cell blank."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "my_methods.py").write_text(MY_METHODS)
+    r = CliRunner().invoke(main, ["list", "methods", "my_methods:Blend"], env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    cells = [[c.strip() for c in line.strip()[1:-1].split("│")][:2]
+             for line in r.output.splitlines() if line.startswith("│")]
+    assert cells == [["my_methods:Blend", "alpha"], ["", "mode"]]
+
+
+def test_report_of_a_run_id_takes_the_given_store_before_the_environments(tmp_path, monkeypatch):
+    """--tracking-uri wins over MLFLOW_TRACKING_URI, and a store refused is named by where it came from."""
+    given, env = tmp_path / "given.db", tmp_path / "env.db"
+    given.write_bytes(b"")
+    env.write_bytes(b"")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", str(env))
+    for args, where, db in ((["--tracking-uri", str(given)], "--tracking-uri", given), ([], "MLFLOW_TRACKING_URI", env)):
+        r = CliRunner().invoke(main, ["report", "0123456789abcdef", *args])
+        assert r.exit_code == 2, r.output
+        assert " ".join(r.stderr.split()) == (f"error: {where} {db}: is a file, not an MLflow store; a SQLite "
+                                              f"database is given as sqlite:///{db}")
+
+
+
+def test_ui_serves_a_folders_store_and_artifacts_on_the_local_port_by_default(tmp_path, monkeypatch):
+    """Without --host and --port the server listens on 127.0.0.1:5000 only (not on every
+    interface); the folder's mlflow.db is its store and its mlartifacts/ the artifacts' home."""
+    started = []
+
+    def serves(exe, args, env):
+        started.append(args)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(os, "execve", serves)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    (tmp_path / "mlflow.db").write_bytes(b"")
+    r = CliRunner().invoke(main, ["ui", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    assert started[0][1:] == ["server", "--backend-store-uri", f"sqlite:///{tmp_path}/mlflow.db", "--host",
+                              "127.0.0.1", "--port", "5000", "--workers", "1",
+                              "--artifacts-destination", f"{tmp_path}/mlartifacts"]
+    assert r.stdout == f"MLflow UI for sqlite:///{tmp_path}/mlflow.db at http://127.0.0.1:5000  (Ctrl-C stops)\n"
+
+
+def test_report_says_how_many_files_it_wrote_and_where(sweep_dict, tmp_path):
+    f = tmp_path / "s.yaml"
+    sweep_dict["methods"] = [{"name": "task_arithmetic"}]
+    f.write_text(yaml.safe_dump(sweep_dict))
+    assert CliRunner().invoke(main, ["sweep", "-q", str(f)]).exit_code == 0
+    r = CliRunner().invoke(main, ["report", str(f), "--out", str(tmp_path / "rep")], env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    files = [p for p in (tmp_path / "rep").rglob("*") if p.is_file()]
+    assert len(files) > 3
+    assert r.stdout.splitlines()[-1] == f"wrote {len(files)} files to {tmp_path / 'rep'}"
+
+
+def test_collect_of_a_sweep_nothing_was_submitted_from_runs_nothing(sweep_dict, tmp_path):
+    """collect only gathers submitted jobs: with none recorded it says so and runs none itself."""
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump({**sweep_dict, "executor": {"kind": "slurm"}}))
+    r = CliRunner().invoke(main, ["collect", "-q", str(f)])
+    assert r.exit_code == 2, r.output
+    folder = Path(sweep_dict["output_dir"]) / "slurm"
+    assert " ".join(r.stderr.split()) == (f"error: no SLURM submissions recorded under {folder} (run `harness sweep` "
+                                          "with executor.kind slurm, or `harness sweep --detach`)")
+    assert not (Path(sweep_dict["output_dir"]) / "results").exists()

@@ -517,3 +517,53 @@ def test_an_export_adapting_again_waits_for_another_process_adapting_that_job(fi
         assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
     if first == "sweep":
         assert json.loads(result.read_text())["status"] == "ok"
+
+
+def test_export_command_names_the_row_setting_and_scores_it_wrote(trained_checkpoints, tmp_path):
+    """The line `harness export` prints names the setting chosen on val and the row's val and test
+    averages, from the job's own result file; --full-clip writes the text tower too."""
+    d = make_sweep_dict(trained_checkpoints, tmp_path)
+    d["tasks"] = list(TRAINED_TASKS)
+    d["references"] = False
+    d["methods"] = [{"name": "task_arithmetic", "label": "ta", "grid": {"scaling": [0.2, 0.9]}}]
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(d))
+    outcome = run_sweep(validate_config(d), quiet=True)
+    row = next(r for r in outcome.rows if r.method == "ta")
+    results = [json.loads(p.read_text()) for p in (tmp_path / "out" / "results").glob("*.json")]
+    best_val = max(r["metrics"]["val/acc/avg"] for r in results if r["label"] == "ta")
+    for out, full in (("ta.safetensors", []), ("ta-clip.safetensors", ["--full-clip"])):
+        r = CliRunner().invoke(main, ["export", str(path), "--method", "ta", "--out", str(tmp_path / out), *full])
+        assert r.exit_code == 0, r.output
+        line = " ".join(r.stdout.split())
+        key = re.fullmatch(r".*\(job (\w+)\)", line).group(1)
+        saved = json.loads((tmp_path / "out" / "results" / f"{key}.json").read_text())
+        val, test = saved["metrics"]["val/acc/avg"], saved["metrics"]["acc/avg"]
+        assert val == best_val and test == pytest.approx(row.avg) and f"{val:.1f}" != f"{test:.1f}"
+        assert line == (f"wrote {tmp_path / out}: ta (scaling={saved['params']['scaling']}), val {val:.1f}, "
+                        f"test {test:.1f} (job {key})")
+        with safe_open(str(tmp_path / out), "pt") as f:
+            text_tower = [k for k in f.keys() if k.startswith("token_embedding")]
+        assert bool(text_tower) == bool(full)
+
+
+def test_a_row_whose_saved_adaptation_is_gone_adapts_again_and_names_the_folder(sweep_dict, tmp_path, adam_steps):
+    """The adaptation a job saved, deleted since: export adapts again, naming the job's work folder
+    it found empty."""
+    import shutil
+
+    sweep_dict["references"] = False
+    sweep_dict["methods"] = [{"name": "adamerging", "params": {"steps": 2, "batch_size": 4}}]
+    cfg = validate_config(sweep_dict)
+    run_sweep(cfg, quiet=True)
+    results = [json.loads(p.read_text()) for p in (cfg.resolved_output_dir() / "results").glob("*.json")]
+    (key,) = [r["key"] for r in results if r["label"] == "adamerging"]
+    shutil.rmtree(cfg.resolved_output_dir() / "work" / key)
+    adam_steps.clear()
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(sweep_dict))
+    out = CliRunner().invoke(main, ["export", str(path), "--method", "adamerging", "--out", str(tmp_path / "a.st")])
+    assert out.exit_code == 0, out.output
+    assert len(adam_steps) == 2
+    assert out.stdout.splitlines()[0] == (f"adamerging: adapted again, from the start (none saved in work/{key}/; "
+                                          "same data and seed)")

@@ -1911,3 +1911,21 @@ def test_a_trial_job_is_scored_on_val_only_and_a_merge_job_on_both_splits(sweep_
     assert set(trial.metrics) == val and trial.test_correct == {}
     assert {k: merge.metrics[k] for k in val} == trial.metrics
     assert {f"acc/{t}" for t in cfg.task_names} <= set(merge.metrics) and set(merge.test_correct) == set(cfg.task_names)
+
+
+def test_tune_command_on_an_untuned_row_names_only_the_tuned_rows_of_that_method(sweep_dict, tmp_path):
+    """The refusal's hint names the tuned rows of the row's own method, not every tuned row."""
+    from click.testing import CliRunner
+
+    from harness.cli import main
+
+    d = dict(sweep_dict, methods=[{"name": "task_arithmetic"},
+                                  {"name": "ties", "label": "ties_tuned", "tune": tune_block()},
+                                  {"name": "task_arithmetic", "label": "ta_tuned", "tune": tune_block()}])
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump(d))
+    r = CliRunner().invoke(main, ["tune", str(f), "--method", "task_arithmetic"], env={"COLUMNS": "300"})
+    assert r.exit_code == 2
+    assert r.stderr == (f"error: {f}: methods.0.tune: method 'task_arithmetic' has no tune block "
+                        "(tuned task_arithmetic rows: 'ta_tuned')\n"), r.stderr
+    assert not (tmp_path / "out").exists()
