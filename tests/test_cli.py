@@ -194,6 +194,22 @@ def test_report_takes_the_sweep_file(sweep_dict, tmp_path):
     assert (tmp_path / "again" / "main.md").read_text() == written
 
 
+def test_report_of_a_sweep_file_edited_since_reports_the_sweep_that_ran(sweep_dict, tmp_path):
+    """``harness report FILE`` reports the sweep its output folder's ``resolved.yaml`` records, not
+    the file as it reads now: a file renamed and given another method since still reports the
+    tables that sweep wrote."""
+    f = tmp_path / "s.yaml"
+    sweep_dict["methods"] = [{"name": "task_arithmetic"}]
+    f.write_text(yaml.safe_dump(sweep_dict))
+    assert CliRunner().invoke(main, ["sweep", "-q", str(f)]).exit_code == 0
+    written = (Path(sweep_dict["output_dir"]) / "report" / "main.md").read_text()
+    f.write_text(yaml.safe_dump(dict(sweep_dict, name="renamed", methods=[{"name": "weight_averaging"}])))
+    r = CliRunner().invoke(main, ["report", str(f), "--out", str(tmp_path / "again")])
+    assert r.exit_code == 0, r.output + r.stderr
+    assert (tmp_path / "again" / "main.md").read_text() == written
+    assert "task_arithmetic" in written and "weight_averaging" not in written
+
+
 def test_report_looks_each_run_up_once_however_many_jobs(sweep_dict, tmp_path, monkeypatch):
     """``harness report`` reads each job's files from the artifact location its run search
     returned: MLflow's client looked the run up again for every listing and download (a second
