@@ -200,18 +200,22 @@ def test_a_row_with_some_settings_failed_and_the_rest_not_run_says_rerun(sweep_d
         export_merged(cfg, "fails", tmp_path / "f.safetensors")
 
 
-def test_a_row_run_with_checkpoint_every_0_adapts_again_and_says_why(sweep_dict, tmp_path, adam_steps):
-    import yaml
-
-    sweep_dict["references"] = False
-    sweep_dict["methods"] = [{"name": "adamerging", "params": {"steps": 2, "batch_size": 4, "checkpoint_every": 0}}]
-    run_sweep(validate_config(sweep_dict), quiet=True)
+def export_adamerging_again(sweep_dict, tmp_path, adam_steps):
+    """``harness export`` of the sweep's AdaMerging row, checked to adapt again (both steps run)."""
     adam_steps.clear()
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(sweep_dict))
     out = CliRunner().invoke(main, ["export", str(path), "--method", "adamerging", "--out", str(tmp_path / "a.st")])
     assert out.exit_code == 0, out.output
     assert len(adam_steps) == 2
+    return out
+
+
+def test_a_row_run_with_checkpoint_every_0_adapts_again_and_says_why(sweep_dict, tmp_path, adam_steps):
+    sweep_dict["references"] = False
+    sweep_dict["methods"] = [{"name": "adamerging", "params": {"steps": 2, "batch_size": 4, "checkpoint_every": 0}}]
+    run_sweep(validate_config(sweep_dict), quiet=True)
+    out = export_adamerging_again(sweep_dict, tmp_path, adam_steps)
     assert "adapted again, from the start (its job ran with checkpoint_every: 0, which saves none" in out.output
 
 
@@ -559,11 +563,6 @@ def test_a_row_whose_saved_adaptation_is_gone_adapts_again_and_names_the_folder(
     results = [json.loads(p.read_text()) for p in (cfg.resolved_output_dir() / "results").glob("*.json")]
     (key,) = [r["key"] for r in results if r["label"] == "adamerging"]
     shutil.rmtree(cfg.resolved_output_dir() / "work" / key)
-    adam_steps.clear()
-    path = tmp_path / "sweep.yaml"
-    path.write_text(yaml.safe_dump(sweep_dict))
-    out = CliRunner().invoke(main, ["export", str(path), "--method", "adamerging", "--out", str(tmp_path / "a.st")])
-    assert out.exit_code == 0, out.output
-    assert len(adam_steps) == 2
+    out = export_adamerging_again(sweep_dict, tmp_path, adam_steps)
     assert out.stdout.splitlines()[0] == (f"adamerging: adapted again, from the start (none saved in work/{key}/; "
                                           "same data and seed)")

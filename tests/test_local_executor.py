@@ -252,10 +252,11 @@ def test_a_jobs_warnings_are_plain_lines_as_the_drivers(sweep_dict, tmp_path, pr
     assert done.stderr.splitlines()[-1] == "work/k/ckpt.pt: unreadable; adapting from the start", done.stderr
 
 
-def _scripted_pools(ex, monkeypatch, breaks: dict[int, set[int]]) -> list:
+def _scripted_pools(ex, monkeypatch, breaks: dict[int, set[int]], unreadable: str | None = None) -> list:
     """Has ``ex`` hand jobs to fake pools whose workers' deaths are scripted: ``breaks`` maps a
     pool's number (0: the first) to the hand-outs (0-based) that find it broken; a job handed out
-    gets an ok result at once. Returns the pools made, in order."""
+    gets an ok result at once, but for job ``unreadable``, whose result cannot be read. Returns the
+    pools made, in order."""
     import concurrent.futures as cf
     from concurrent.futures.process import BrokenProcessPool
 
@@ -274,7 +275,10 @@ def _scripted_pools(ex, monkeypatch, breaks: dict[int, set[int]]) -> list:
             if self.handed - 1 in breaks.get(self.number, ()):
                 raise BrokenProcessPool("A child process terminated abruptly")
             future = cf.Future()
-            future.set_result(JobResult.of(JobSpec.from_dict(spec_dict), "ok").to_dict())
+            if spec_dict["key"] == unreadable:
+                future.set_exception(RuntimeError("result could not be read"))
+            else:
+                future.set_result(JobResult.of(JobSpec.from_dict(spec_dict), "ok").to_dict())
             return future
 
         def shutdown(self, wait=True, cancel_futures=False):
@@ -380,36 +384,10 @@ def test_a_job_whose_result_cannot_be_read_fails_alone(sweep_dict, monkeypatch):
     """A worker's job that ends in an error other than a dead worker (a result that cannot be
     unpickled) fails that job, naming the error, and the batch goes on in the same pool: each other
     job gets its own ok result."""
-    import concurrent.futures as cf
-    import concurrent.futures.process  # noqa: F401  (cf.process, imported by a real pool)
-
-    from harness.job import JobResult
-    from harness.plan import JobSpec
-
     cfg, ws, specs = _specs(sweep_dict, [{"name": "tests.worker_probe:WorkerPid", "grid": {"tag": list(range(5))}}])
     unreadable = specs[2].key
-    made = []
-
-    class Pool:
-        def submit(self, fn, spec_dict):
-            future = cf.Future()
-            if spec_dict["key"] == unreadable:
-                future.set_exception(RuntimeError("result could not be read"))
-            else:
-                future.set_result(JobResult.of(JobSpec.from_dict(spec_dict), "ok").to_dict())
-            return future
-
-        def shutdown(self, wait=True, cancel_futures=False):
-            pass
-
-    def ensure_pool(n_jobs):
-        if ex._pool is None:
-            ex._pool = Pool()
-            made.append(ex._pool)
-        return ex._pool
-
     ex = LocalExecutor(cfg, ws, workers=2)
-    monkeypatch.setattr(ex, "_ensure_pool", ensure_pool)
+    made = _scripted_pools(ex, monkeypatch, {}, unreadable)
     results = {s.key: r for s, r in ex.run(specs)}
     assert sorted(results) == sorted(s.key for s in specs) and len(made) == 1
     assert all(r.key == k for k, r in results.items())
