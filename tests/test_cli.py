@@ -178,6 +178,15 @@ def test_labels_print_as_written_not_as_emoji(sweep_dict, tmp_path):
     assert "\N{FIRE}" not in r.output and "\N{COLLISION SYMBOL}" not in r.output
 
 
+def swept_file(sweep_dict, tmp_path) -> Path:
+    """``tmp_path/s.yaml``: the sweep with task arithmetic as its one method, run once."""
+    f = tmp_path / "s.yaml"
+    sweep_dict["methods"] = [{"name": "task_arithmetic"}]
+    f.write_text(yaml.safe_dump(sweep_dict))
+    assert CliRunner().invoke(main, ["sweep", "-q", str(f)]).exit_code == 0
+    return f
+
+
 def test_report_takes_the_sweep_file(sweep_dict, tmp_path):
     """``harness report FILE`` reports the file's output folder, as ``harness ui FILE`` serves it."""
     f = tmp_path / "s.yaml"
@@ -198,10 +207,7 @@ def test_report_of_a_sweep_file_edited_since_reports_the_sweep_that_ran(sweep_di
     """``harness report FILE`` reports the sweep its output folder's ``resolved.yaml`` records, not
     the file as it reads now: a file renamed and given another method since still reports the
     tables that sweep wrote."""
-    f = tmp_path / "s.yaml"
-    sweep_dict["methods"] = [{"name": "task_arithmetic"}]
-    f.write_text(yaml.safe_dump(sweep_dict))
-    assert CliRunner().invoke(main, ["sweep", "-q", str(f)]).exit_code == 0
+    f = swept_file(sweep_dict, tmp_path)
     written = (Path(sweep_dict["output_dir"]) / "report" / "main.md").read_text()
     f.write_text(yaml.safe_dump(dict(sweep_dict, name="renamed", methods=[{"name": "weight_averaging"}])))
     r = CliRunner().invoke(main, ["report", str(f), "--out", str(tmp_path / "again")])
@@ -486,10 +492,7 @@ def test_report_of_a_store_whose_artifacts_are_gone_is_one_line(sweep_dict, tmp_
     which run's artifact it could not read and where, as a one-line error, not a traceback."""
     import shutil
 
-    f = tmp_path / "s.yaml"
-    sweep_dict["methods"] = [{"name": "task_arithmetic"}]
-    f.write_text(yaml.safe_dump(sweep_dict))
-    assert CliRunner().invoke(main, ["sweep", "-q", str(f)]).exit_code == 0
+    swept_file(sweep_dict, tmp_path)
     shutil.rmtree(Path(sweep_dict["output_dir"]) / "mlartifacts")
     r = CliRunner().invoke(main, ["report", sweep_dict["output_dir"], "--out", str(tmp_path / "rep")])
     assert r.exit_code == 2, r.output
@@ -850,10 +853,7 @@ def test_report_of_a_sweep_run_whose_jobs_artifact_is_damaged_names_it(sweep_dic
     traceback; the rerun it names logs it whole again."""
     import re
 
-    f = tmp_path / "s.yaml"
-    sweep_dict["methods"] = [{"name": "task_arithmetic"}]
-    f.write_text(yaml.safe_dump(sweep_dict))
-    assert CliRunner().invoke(main, ["sweep", "-q", str(f)]).exit_code == 0
+    f = swept_file(sweep_dict, tmp_path)
     (logged,) = [p for p in Path(sweep_dict["output_dir"]).rglob("jobs.json") if "report" in p.parts
                  and p.parent.parent.name == "artifacts"]
     logged.write_text(logged.read_text()[:5])
@@ -896,8 +896,7 @@ def test_status_counts_each_state_and_what_the_driver_collected(sweep_dict, tmp_
     from harness.job import JobResult
 
     states = {"1_0": "COMPLETED", "2_0": "COMPLETED", "3_0": "RUNNING", "4_0": "FAILED", "5_0": "PENDING",
-              "6_0": "UNKNOWN",
-              "7_0": "COMPLETED"}
+              "6_0": "UNKNOWN", "7_0": "COMPLETED"}
     monkeypatch.setattr(slurm, "_run", lambda cmd: "")
     monkeypatch.setattr(slurm, "slurm_states", lambda ids, reasons=None: {i: states[i] for i in ids})
     f = tmp_path / "sweep.yaml"
@@ -967,7 +966,6 @@ def test_report_of_a_run_id_takes_the_given_store_before_the_environments(tmp_pa
                                               f"database is given as sqlite:///{db}")
 
 
-
 def test_ui_serves_a_folders_store_and_artifacts_on_the_local_port_by_default(tmp_path, monkeypatch):
     """Without --host and --port the server listens on 127.0.0.1:5000 only (not on every
     interface); the folder's mlflow.db is its store and its mlartifacts/ the artifacts' home."""
@@ -989,10 +987,7 @@ def test_ui_serves_a_folders_store_and_artifacts_on_the_local_port_by_default(tm
 
 
 def test_report_says_how_many_files_it_wrote_and_where(sweep_dict, tmp_path):
-    f = tmp_path / "s.yaml"
-    sweep_dict["methods"] = [{"name": "task_arithmetic"}]
-    f.write_text(yaml.safe_dump(sweep_dict))
-    assert CliRunner().invoke(main, ["sweep", "-q", str(f)]).exit_code == 0
+    f = swept_file(sweep_dict, tmp_path)
     r = CliRunner().invoke(main, ["report", str(f), "--out", str(tmp_path / "rep")], env={"COLUMNS": "200"})
     assert r.exit_code == 0, r.output
     files = [p for p in (tmp_path / "rep").rglob("*") if p.is_file()]

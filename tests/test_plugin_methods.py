@@ -308,7 +308,6 @@ def test_a_study_changed_twice_names_each_change_its_first_study_was_run_without
             "space, fixed params, objective or sampler: starting study") in shown.getvalue(), shown.getvalue()
 
 
-
 class FirstBatches(MergeMethod):
     """A test-time-adaptation method that keeps the first unlabeled batch of each task it is given."""
 
