@@ -136,7 +136,6 @@ def test_a_dead_worker_fails_only_the_jobs_in_flight(sweep_dict):
     assert sum(r.status == "ok" for r in probes) >= 12 - 3  # at most 2 * workers in flight, "dies" one of them
 
 
-
 class _FinishesWhenWaitedOn(list):
     """A future's waiters: the job finishes once the driver waits for it, not before."""
 

@@ -471,7 +471,6 @@ def test_shipped_pretrained_is_used_only_when_its_identity_matches(suite, two_ta
         assert lines and lines[-1].startswith(f"{bar}: {total}/{total} "), logged
 
 
-
 def test_finetuning_reads_task_data_from_the_given_cache(two_tasks, tmp_path, monkeypatch):
     """A sweep's ``cache_dir`` holds everything it builds: no task images land in $HARNESS_CACHE."""
     from tasks.embedded import data

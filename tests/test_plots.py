@@ -145,7 +145,6 @@ def test_heatmap_panels_of_equal_weights_share_one_colour():
         plt.close(fig)
 
 
-
 def test_heatmap_labels_do_not_overlap_at_30_and_60_tasks():
     """WeMoE merges one expert per task: a panel kept 2 in wide whatever the count, so at 30 tasks
     the 6 pt expert names below it (0.1 in a line) were drawn on top of each other. No task name

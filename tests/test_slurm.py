@@ -568,7 +568,6 @@ def test_jobs_found_queued_with_other_settings_are_told_how_to_resubmit(tmp_path
     assert ex.changed_settings(tracked[2:], _listing(tracked[2:])) is None
 
 
-
 def test_jobs_found_queued_with_other_harness_code_are_told_how_to_resubmit(tmp_path):
     """The harness was updated between ``--detach`` and a rerun: the jobs keep their keys, so they
     are found again, but each one that starts on a node importing other code fails with

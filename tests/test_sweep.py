@@ -329,7 +329,6 @@ def test_a_renamed_methods_run_an_earlier_harness_logged_loses_its_label_param(s
     assert "job.label" not in params and "wa_old" not in params.values(), params
 
 
-
 def test_the_parent_runs_summary_is_the_latest_table_when_a_row_falls(sweep_dict):
     """A row whose average falls on rerun (its grid changed): the parent's ``<label>/acc/avg`` is
     the new table's. It was the highest value ever logged: every rerun logged it at step 0 and

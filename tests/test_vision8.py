@@ -546,7 +546,6 @@ def test_class_lists_are_in_the_published_heads_label_order() -> None:
     assert _sha256_lines(v8._GTSRB) == "953036bc5aedbe6ba1f4f38a3d09da17e8e062ca3e4bfed6a8074e9f03f884c6"
 
 
-
 def test_a_test_folder_beside_val_is_the_test_split(tmp_path: Path) -> None:
     """task_vectors' EuroSAT_splits holds train/, val/ and test/ (EuroSAT scores test/,
     EuroSATVal val/): val/ stands for test/ only where there is no test/."""
@@ -588,7 +587,6 @@ def test_hidden_folders_are_not_classes(tmp_path: Path) -> None:
     assert len(task.dataset("train")) + len(task.dataset("val")) == 10 * N_TRAIN
     assert len(task.dataset("test")) == 10 * N_TEST
     assert not any(".ipynb_checkpoints" in p for p in task.dataset("test").source.paths)
-
 
 
 def test_identity_follows_a_relabelled_gtsrb_test_list(tmp_path: Path) -> None:
