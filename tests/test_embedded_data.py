@@ -320,3 +320,102 @@ def test_real_data_and_its_stand_in_are_cached_apart(tmp_path, monkeypatch):
     assert real.version.endswith("/fashion-mnist") and stand_in.version.endswith("/garments")
     assert np.array_equal(stand_in.raw("test")[0].numpy(), truth["test_x"])
     assert not np.array_equal(real.raw("test")[0].numpy()[:10], truth["test_x"][:10])
+
+
+def _rng(i: int) -> np.random.Generator:
+    return np.random.default_rng([42, i])
+
+
+def test_render_primitives_by_hand():
+    """Colours clamp to [0, 255], noise spans [0, 1], blends clip ``t``, gradients run top to
+    bottom, the pixel grid sits at pixel centres and ``pick`` reaches every element."""
+    from tasks.embedded import render
+
+    rng = _rng(0)
+    bright = np.array([render.jitter(rng, (250, 250, 250), 20) for _ in range(200)])
+    dark = np.array([render.jitter(rng, (5, 5, 5), 20) for _ in range(200)])
+    assert bright.min() >= 230 and bright.max() == 255 and dark.max() <= 25 and dark.min() == 0
+    for _ in range(20):
+        chosen = render.distinct_colours(rng, 3, exclude=("red", "blue"))
+        assert len(set(chosen)) == 3 and not {"red", "blue"} & set(chosen)
+    for noise in (render.smooth_noise(rng, 4), render.fractal_noise(rng)):
+        assert noise.shape == (64, 64) and float(noise.min()) == 0.0 and float(noise.max()) == 1.0
+    out = render.blend(np.array([[-1.0, 0.25, 2.0]]), (0, 100, 200), (100, 100, 0))
+    assert np.allclose(out[0], [[0, 100, 200], [25, 100, 150], [100, 100, 0]])
+    grad = render.vertical_gradient((0, 0, 0), (90, 90, 90), 10, size=4)
+    assert np.allclose(grad[0], 0) and np.allclose(grad[-1], 90) and np.allclose(grad[3, :, 0], 30)
+    y, x = render.coords(4)
+    assert np.allclose(x[0], [0.125, 0.375, 0.625, 0.875]) and np.allclose(y[:, 0], [0.125, 0.375, 0.625, 0.875])
+    assert {render.pick(rng, "abc") for _ in range(100)} == {"a", "b", "c"}
+
+
+def test_shapes_and_arrows_point_where_their_names_say():
+    """Vertices by hand (image y grows downwards): a triangle's apex is up, an inverted one's
+    down, a square's edges are axis-aligned, a diamond's corners are on the axes, a star
+    alternates outer and inner radius, and an arrow's tip is 0.75 r out in its direction."""
+    from tasks.embedded import render
+
+    tri = np.array(render.shape_points("triangle", 0, 0, 10))
+    inv = np.array(render.shape_points("inverted triangle", 0, 0, 10))
+    assert np.allclose(tri[np.argmin(tri[:, 1])], [0, -8.5]) and np.allclose(inv[np.argmax(inv[:, 1])], [0, 8.5])
+    square = np.array(render.shape_points("square", 0, 0, 10))
+    a = 11 / np.sqrt(2)
+    assert np.allclose(sorted(map(tuple, np.round(square, 6))), [(-a, -a), (-a, a), (a, -a), (a, a)])
+    diamond = np.array(render.shape_points("diamond", 0, 0, 10))
+    assert np.allclose(sorted(map(tuple, np.round(diamond, 6))), [(-10, 0), (0, -10), (0, 10), (10, 0)])
+    for n, kind in ((6, "hexagon"), (8, "octagon"), (48, "circle")):
+        pts = np.array(render.shape_points(kind, 3, 4, 10))
+        assert len(np.unique(np.round(pts, 6), axis=0)) == n
+        assert np.allclose(np.hypot(pts[:, 0] - 3, pts[:, 1] - 4), 10)
+        assert np.allclose(pts.mean(0), [3, 4], atol=1e-9)
+    star = np.array(render.shape_points("star", 0, 0, 10))
+    assert np.allclose(np.hypot(*star.T), [11, 11 * 0.45] * 5)
+    for direction, tip in (("right", (7.5, 0)), ("left", (-7.5, 0)), ("up", (0, -7.5)), ("down", (0, 7.5))):
+        pts = np.array(render.arrow(0, 0, 10, direction))
+        far = pts[np.argmax(pts @ np.array(tip))]
+        assert np.allclose(far, tip, atol=1e-9), direction
+
+
+def test_voronoi_matches_brute_force_distances_with_wrap():
+    from tasks.embedded import render
+
+    d1, d2, nearest = render.voronoi(_rng(1), 5, size=8)
+    sites = _rng(1).random((5, 2), dtype=np.float32)
+    y, x = render.coords(8)
+    dy = np.abs(y[..., None] - sites[:, 0])
+    dx = np.abs(x[..., None] - sites[:, 1])
+    dist = np.hypot(np.minimum(dx, 1 - dx), np.minimum(dy, 1 - dy))
+    assert np.allclose(d1, np.sort(dist, -1)[..., 0]) and np.allclose(d2, np.sort(dist, -1)[..., 1])
+    assert np.array_equal(nearest, np.argmin(dist, -1))
+
+
+def test_finish_downsamples_rounds_and_applies_each_augmentation():
+    """Without augmentations ``finish`` is a 2x2 box mean; Gaussian noise is rounded, not
+    truncated (a flat grey keeps its mean) at the asked strength; blur, zoom and hue act."""
+    from tasks.embedded import render
+
+    canvas = np.zeros((64, 64, 3), np.float32)
+    canvas[::2] = 200  # stripes one canvas row high: every 2x2 box averages to 100
+    canvas[:, :32, 1] = 41  # a flat left half: its box means are its own value
+    out = render.finish(canvas)
+    assert out.dtype == np.uint8 and out.shape == (32, 32, 3)
+    assert np.all(out[..., 0] == 100) and np.all(out[:, :16, 1] == 41) and np.all(out[:, 16:, 1] == 100)
+    grey = np.full((64, 64, 3), 128, np.float32)
+    noisy = render.finish(grey, _rng(2), noise=4.0).astype(np.float64)
+    assert abs(noisy.mean() - 128) < 0.25 and 3.5 < noisy.std() < 4.5
+    checker = np.kron((np.indices((16, 16)).sum(0) % 2) * 255.0, np.ones((4, 4)))[..., None].repeat(3, 2)
+    assert render.finish(checker, blur=1.0).std() < 0.8 * render.finish(checker).std()
+    ramp = np.broadcast_to(np.linspace(0, 255, 64, dtype=np.float32)[None, :, None], (64, 64, 3))
+    plain = render.finish(ramp)
+    assert any(not np.array_equal(render.finish(ramp, _rng(s), zoom=1.5), plain) for s in range(5))
+    red = np.broadcast_to(np.float32([200, 40, 40]), (64, 64, 3))
+    assert any(not np.array_equal(render.finish(red, _rng(s), hue=0.1), render.finish(red)) for s in range(5))
+
+
+def test_colour_jitter_scales_about_the_mean_and_tints_each_channel():
+    from tasks.embedded import render
+
+    flat = np.full((4, 4, 3), 100.0, np.float32)
+    assert np.allclose(render.colour_jitter(_rng(3), flat, (0.5, 0.5), 0.0, 0.0), 50)
+    tinted = render.colour_jitter(_rng(3), flat, (1.0, 1.0), 0.0, 10.0)
+    assert len(set(tinted[0, 0].tolist())) == 3 and np.all(np.abs(tinted - 100) <= 10)
