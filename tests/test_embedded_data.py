@@ -419,3 +419,132 @@ def test_colour_jitter_scales_about_the_mean_and_tints_each_channel():
     assert np.allclose(render.colour_jitter(_rng(3), flat, (0.5, 0.5), 0.0, 0.0), 50)
     tinted = render.colour_jitter(_rng(3), flat, (1.0, 1.0), 0.0, 10.0)
     assert len(set(tinted[0, 0].tolist())) == 3 and np.all(np.abs(tinted - 100) <= 10)
+
+
+def _blue(im: np.ndarray) -> float:
+    r, g, b = (im[..., k].astype(int) for k in range(3))
+    return float(((b > r + 60) & (b > g + 40)).mean())
+
+
+def _white_right_of_centre(im: np.ndarray, rows: slice) -> float:
+    """Mean column offset from the centre of the near-white pixels in ``rows``, inside the
+    sign's disc (radius 12 pixels about the centre) so that the light background is left out."""
+    ys, xs = np.nonzero(im[rows][:, 6:26].min(-1) > 200)
+    return float(xs.mean() - 9.5)
+
+
+def test_each_sign_class_draws_its_sign():
+    """Clean signs, checked by colour and arrow direction: only the three arrow signs are blue,
+    only the priority road is yellow; an arrow's head (the rows away from its shaft) lies on
+    the side it points to."""
+    from tasks.embedded import objects
+
+    names = objects.SIGN_CLASSES
+    for label, name in enumerate(names):
+        im = objects.sign(_rng(label), label, clean=True).astype(int)
+        r, g, b = im[..., 0], im[..., 1], im[..., 2]
+        assert (_blue(im) > 0.2) == (name in ("turn left ahead", "turn right ahead", "ahead only")), name
+        assert (((r > 180) & (g > 140) & (b < 100)).mean() > 0.05) == (name == "priority road"), name
+    head_rows = np.r_[10:13, 19:22]  # 0.3 r to 0.5 r above and below the centre (r = 12 pixels)
+    left = objects.sign(_rng(0), names.index("turn left ahead"), clean=True)
+    right = objects.sign(_rng(0), names.index("turn right ahead"), clean=True)
+    up = objects.sign(_rng(0), names.index("ahead only"), clean=True)
+    assert _white_right_of_centre(left, head_rows) < -1 < 1 < _white_right_of_centre(right, head_rows)
+    assert _white_right_of_centre(up.transpose(1, 0, 2), head_rows) < -1
+
+
+def test_vehicle_classes_have_their_profile_heights():
+    """A limousine is long and low (body 0.24 x 0.7 of its length), a van tall (0.52 x 0.92)."""
+    from tasks.embedded import objects
+
+    def aspect(label: int) -> float:
+        im = objects.vehicle(_rng(label), label, clean=True).astype(int)
+        ys, xs = np.nonzero(np.abs(im - im[0, 0]).sum(-1) > 40)
+        return (ys.max() - ys.min() + 1) / (xs.max() - xs.min() + 1)
+
+    assert aspect(objects.VEHICLE_CLASSES.index("limousine")) < 0.3
+    assert aspect(objects.VEHICLE_CLASSES.index("van")) > 0.45
+
+
+def test_house_number_centre_digit_is_the_label(monkeypatch):
+    """The glyph drawn nearest the crop's centre is the label (neighbours are random digits)."""
+    from PIL import ImageDraw
+
+    from tasks.embedded import objects
+
+    drawn = []
+    real_text = ImageDraw.ImageDraw.text
+
+    def spy(self, xy, text, *args, **kwargs):
+        drawn.append((xy[0] + kwargs["font"].getlength(text) / 2 - 64, text))
+        return real_text(self, xy, text, *args, **kwargs)
+
+    monkeypatch.setattr(ImageDraw.ImageDraw, "text", spy)
+    for seed in range(30):
+        drawn.clear()
+        label = seed % 10
+        objects.house_number(_rng(seed), label)
+        assert min(drawn, key=lambda d: abs(d[0]))[1] == str(label), drawn
+
+
+def test_garments_sit_in_the_padded_frame_and_trousers_have_two_legs():
+    from tasks.embedded import objects
+
+    for label, name in enumerate(objects.GARMENT_CLASSES):
+        im = objects.garment(_rng(label), label, clean=True)
+        assert np.array_equal(im[..., 0], im[..., 2]) and im.max() > 80, name
+        border = np.ones((32, 32), bool)
+        border[2:30, 2:30] = False
+        assert not im[..., 0][border].any(), name
+        legs = im[26, :, 0]  # 0.85 down the garment: trousers are two legs with a gap
+        if name == "trouser":
+            assert legs[15:17].max() == 0 and legs[10] > 0 and legs[21] > 0
+        elif name == "t-shirt":
+            assert legs[15:17].min() > 0
+
+
+def test_scene_and_landcover_classes_have_their_colours():
+    """Clean scenes: a night sky is dark, a snowy field bright; clean land cover: lake or sea is
+    blue, forest dark green."""
+    from tasks.embedded import scenes
+
+    for s in range(3):
+        assert scenes.scene(_rng(s), scenes.SCENE_CLASSES.index("night sky"), clean=True).mean() < 60
+        assert scenes.scene(_rng(s), scenes.SCENE_CLASSES.index("snowy field"), clean=True).mean() > 150
+        r, g, b = scenes.landcover(_rng(s), scenes.LANDCOVER_CLASSES.index("lake or sea"), clean=True) \
+            .reshape(-1, 3).mean(0)
+        assert b > r + 40 and b > g + 15
+        r, g, b = scenes.landcover(_rng(s), scenes.LANDCOVER_CLASSES.index("forest"), clean=True).reshape(-1, 3).mean(0)
+        assert g > r and g > b and g < 110
+
+
+def test_desert_scenes_keep_the_sky_on_top():
+    """Flips are left-right only: sand (red over blue) is at the bottom, sky at the top."""
+    from tasks.embedded import scenes
+
+    label = scenes.SCENE_CLASSES.index("desert")
+    for s in range(12):
+        im = scenes.scene(_rng(s), label).astype(int)
+        warm = im[..., 0] - im[..., 2]
+        assert warm[-6:].mean() > warm[:6].mean() + 20, s
+
+
+def test_procedural_texture_and_gimp_crop_draw_their_class():
+    """Rippled water is blue and cracked is not; a GIMP crop comes from its own class's tiles
+    and darkens only, so near-white tiles keep their pattern."""
+    from tasks.embedded import textures
+
+    names = textures.TEXTURE_CLASSES
+    for s in range(4):
+        water = textures.procedural_texture(_rng(s), names.index("rippled water"), clean=True).astype(int)
+        cracked = textures.procedural_texture(_rng(s), names.index("cracked"), clean=True).astype(int)
+        assert (water[..., 2] - water[..., 0]).mean() > 60 and (cracked[..., 2] - cracked[..., 0]).mean() < 40
+    stripes = np.zeros((6, 10, 3), np.uint8)
+    stripes[:] = 220
+    stripes[::2] = 250
+    for label in range(len(names)):
+        tiles = {n: [np.zeros((6, 10, 3), np.uint8)] for n in names}
+        tiles[names[label]] = [stripes]
+        for s in range(5):
+            crop = textures.gimp_crop(_rng(s), label, tiles)
+            assert crop.shape == (32, 32, 3) and crop.mean() > 100 and crop.std() > 2, (label, s)
