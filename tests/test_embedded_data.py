@@ -548,3 +548,70 @@ def test_procedural_texture_and_gimp_crop_draw_their_class():
         for s in range(5):
             crop = textures.gimp_crop(_rng(s), label, tiles)
             assert crop.shape == (32, 32, 3) and crop.mean() > 100 and crop.std() > 2, (label, s)
+
+
+class _DrawSpy:
+    """Records the text and polygon vertex counts drawn while it is installed."""
+
+    def __init__(self, monkeypatch):
+        from PIL import ImageDraw
+
+        self.texts: list[str] = []
+        self.polygons: list[int] = []
+        real_text, real_polygon = ImageDraw.ImageDraw.text, ImageDraw.ImageDraw.polygon
+
+        def text(draw, xy, text, *args, **kwargs):
+            self.texts.append(text)
+            return real_text(draw, xy, text, *args, **kwargs)
+
+        def polygon(draw, xy, *args, **kwargs):
+            self.polygons.append(len(xy))
+            return real_polygon(draw, xy, *args, **kwargs)
+
+        monkeypatch.setattr(ImageDraw.ImageDraw, "text", text)
+        monkeypatch.setattr(ImageDraw.ImageDraw, "polygon", polygon)
+
+    def clear(self) -> None:
+        self.texts.clear()
+        self.polygons.clear()
+
+
+def test_signs_carry_their_words_and_outlines(monkeypatch):
+    """A stop sign is an octagon reading STOP; a speed limit sign reads its number."""
+    from tasks.embedded import objects
+
+    spy = _DrawSpy(monkeypatch)
+    for label, name in enumerate(objects.SIGN_CLASSES):
+        spy.clear()
+        objects.sign(_rng(label), label)
+        if name == "stop":
+            assert spy.texts == ["STOP"] and spy.polygons[0] == 8
+        elif name.startswith("speed limit"):
+            assert spy.texts == [name[-2:]]
+
+
+def test_scene_sky_continues_below_the_horizon_and_land_cover_haze_lightens():
+    """Below the horizon the sky keeps its horizon colour (no seam where tilted ground dips);
+    land-cover haze blends towards a light grey, so hazy dark water is lighter on average."""
+    from tasks.embedded import scenes
+
+    sky, _ = scenes._sky(_rng(0), 20, "day")
+    assert np.array_equal(sky[20:], np.broadcast_to(sky[19], sky[20:].shape))
+    assert sky[0, 0, 2] < sky[19, 0, 2] and sky[0, 0, 0] < sky[19, 0, 0]  # dark blue above, pale at the horizon
+    label = scenes.LANDCOVER_CLASSES.index("lake or sea")
+    lift = [scenes.landcover(_rng(s), label).mean() - scenes.landcover(_rng(s), label, clean=True).mean()
+            for s in range(20)]
+    assert np.mean(lift) > 5
+
+
+def test_gimp_pattern_reader_grey_alpha_and_short_files(tmp_path):
+    """Grey+alpha tiles (2 bytes a pixel) become grey RGB; a file shorter than its header says
+    is refused as a pattern error, not reshaped into something else."""
+    grey = np.random.default_rng(1).integers(0, 256, (4, 3)).astype(np.uint8)
+    la = np.stack([grey, np.full_like(grey, 255)], -1)
+    header = struct.pack(">5I", 25, 1, 3, 4, 2) + b"GPAT" + b"\0"
+    (tmp_path / "la.pat").write_bytes(header + la.tobytes())
+    assert np.array_equal(textures.read_gimp_pattern(tmp_path / "la.pat"), np.repeat(grey[..., None], 3, 2))
+    (tmp_path / "short.pat").write_bytes(header + la.tobytes()[:-1])
+    with pytest.raises(textures.PatternFormatError, match="pixel bytes"):
+        textures.read_gimp_pattern(tmp_path / "short.pat")
