@@ -615,3 +615,47 @@ def test_gimp_pattern_reader_grey_alpha_and_short_files(tmp_path):
     (tmp_path / "short.pat").write_bytes(header + la.tobytes()[:-1])
     with pytest.raises(textures.PatternFormatError, match="pixel bytes"):
         textures.read_gimp_pattern(tmp_path / "short.pat")
+
+
+def test_pool_items_draw_what_their_captions_say(monkeypatch):
+    """Digit and number captions name the text drawn; shape captions the polygon drawn
+    (counted by vertices); sign captions a blue sign exactly for the arrow signs. Named
+    foreground and background colours differ, glyphs by at least 60 in luma; "a" before a
+    vowel reads "an"."""
+    import re
+
+    from tasks.embedded import render
+
+    spy = _DrawSpy(monkeypatch)
+    vertices = {"circle": 48, "square": 4, "diamond": 4, "triangle": 3, "inverted triangle": 3,
+                "hexagon": 6, "octagon": 8, "star": 10}
+    arrows = {"turn left ahead", "turn right ahead", "ahead only"}
+    seen = set()
+    for i in range(300):
+        spy.clear()
+        img, caption, family = pool.pool_item(9, i)
+        assert not re.search(r'\ba "?[aeiou]', caption), caption
+        if family in ("digit", "number"):
+            assert spy.texts and re.search(rf"\b{spy.texts[0]}\b", caption), (spy.texts, caption)
+            colours = re.search(r"(?:in|a) (\w+) (?:digit \d )?on an? (\w+) background", caption)
+            if colours and set(colours.groups()) <= set(render.COLOURS):
+                fg, bg = (render.COLOURS[c] for c in colours.groups())
+                assert abs(pool._luma(fg) - pool._luma(bg)) >= 60, caption
+                seen.add("glyph colours")
+        elif family == "shape":
+            (shape,) = [s for s in sorted(vertices, key=len, reverse=True) if s in caption][:1]
+            assert spy.polygons[-1] == vertices[shape], (spy.polygons, caption)
+            on = re.search(r"an? (\w+) [\w ]+ on an? (\w+) background", caption)
+            if on and set(on.groups()) <= set(render.COLOURS):
+                assert on.group(1) != on.group(2), caption
+                seen.add("shape colours")
+        elif family == "sign":
+            name = re.search(r'(?:"(.+)" traffic sign|photo of an? (.+) sign|the (.+) sign)', caption)
+            if name:
+                name = next(g for g in name.groups() if g)
+                assert (_blue(img) > 0.2) == (name in arrows), caption
+                seen.add("sign")
+    assert seen == {"glyph colours", "shape colours", "sign"}
+    for i in range(600):  # plain backgrounds named in a caption are rare: many shapes, drawn alone
+        on = re.search(r"an? (\w+) [\w ]+ on an? (\w+) background", pool._shape(_rng(i))[1])
+        assert not on or on.group(1) != on.group(2), on.group(0)
