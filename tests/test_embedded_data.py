@@ -468,7 +468,7 @@ def test_vehicle_classes_have_their_profile_heights():
 
 def test_house_number_centre_digit_is_the_label(monkeypatch):
     """The glyph drawn nearest the crop's centre is the label (neighbours are random digits)."""
-    from PIL import ImageDraw
+    from PIL import Image, ImageDraw
 
     from tasks.embedded import objects
 
@@ -480,11 +480,23 @@ def test_house_number_centre_digit_is_the_label(monkeypatch):
         return real_text(self, xy, text, *args, **kwargs)
 
     monkeypatch.setattr(ImageDraw.ImageDraw, "text", spy)
+    crops = []
+    real_crop = Image.Image.crop
+
+    def crop_spy(self, box=None):
+        crops.append(box)
+        return real_crop(self, box)
+
+    monkeypatch.setattr(Image.Image, "crop", crop_spy)
     for seed in range(30):
         drawn.clear()
+        crops.clear()
         label = seed % 10
         objects.house_number(_rng(seed), label)
-        assert min(drawn, key=lambda d: abs(d[0]))[1] == str(label), drawn
+        centre, text = min(drawn, key=lambda d: abs(d[0]))
+        assert text == str(label), drawn
+        (box,) = crops  # the 64-pixel window cut from the 128-pixel strip is centred on the label
+        assert abs(64 + centre - (box[0] + box[2]) / 2) <= 1, (drawn, box)
 
 
 def test_garments_sit_in_the_padded_frame_and_trousers_have_two_legs():
@@ -659,3 +671,15 @@ def test_pool_items_draw_what_their_captions_say(monkeypatch):
     for i in range(600):  # plain backgrounds named in a caption are rare: many shapes, drawn alone
         on = re.search(r"an? (\w+) [\w ]+ on an? (\w+) background", pool._shape(_rng(i))[1])
         assert not on or on.group(1) != on.group(2), on.group(0)
+
+
+def test_pool_items_come_from_the_pool_seed_stream():
+    """Pool item i of seed s is drawn from ``[POOL_STREAM, s, i]``, a first entry no task uses."""
+    assert pool.POOL_STREAM not in {spec.seed for spec in data.SPECS.values()}
+    for i in range(12):
+        rng = np.random.default_rng([pool.POOL_STREAM, 3, i])
+        family = list(pool.FAMILIES)[int(rng.choice(len(pool.FAMILIES), p=pool._PROBS))]
+        image, caption = pool.FAMILIES[family][0](rng)
+        got_image, got_caption, got_family = pool.pool_item(3, i)
+        assert got_family == family and np.array_equal(got_image, image)
+        assert got_caption.replace("an ", "a ") == caption.replace("an ", "a ")
