@@ -1786,3 +1786,83 @@ def test_a_result_file_landing_after_slurm_says_completed_is_the_jobs_result(tmp
     t.job.paths.result_pickle.write_bytes(b"the job's result")
     result = ex._poll(t, set())
     assert result.status == "ok" and result.metrics == {"acc/avg": 50.0}
+
+
+@pytest.mark.parametrize("timeout_min, delay", [(1, 15), (2, 30), (6, 90), (600, 90)])
+def test_the_time_limit_warning_comes_as_long_before_the_limit_as_the_readme_says(tmp_path, timeout_min, delay):
+    """README: SLURM sends USR2 ``min(90 s, timeout_min x 15 s)`` before the limit."""
+    d = make_sweep_dict(Path("/nonexistent"), tmp_path)
+    d["executor"] = {"kind": "slurm", "timeout_min": timeout_min}
+    assert submitit_parameters(validate_config(d))["slurm_signal_delay_s"] == delay == min(90, timeout_min * 15)
+
+
+def test_the_submission_record_keeps_each_jobs_history_and_only_its_latest_fields(tmp_path):
+    """README: submitted.json maps each job key to its SLURM id with the history of its
+    resubmissions; a resubmission's entry replaces the old one, whose fields (the code it was
+    planned with) no longer describe the job that runs."""
+    from harness.executors.slurm import SubmissionLog
+
+    log = SubmissionLog(tmp_path)
+    log.record({"k": {"job_id": "5_0", "harness_code": "0ld0ld0ld0ld0ld0"}, "j": {"job_id": "5_1"}})
+    log.record({"k": {"job_id": "6_0"}})
+    log.record({"k": {"job_id": "7_3", "title": "ta"}})
+    assert log.load() == {"k": {"job_id": "7_3", "title": "ta", "history": ["5_0", "6_0", "7_3"]},
+                          "j": {"job_id": "5_1", "history": ["5_1"]}}
+
+
+def test_accounting_records_of_array_ranges_and_single_tasks_give_each_tasks_state(monkeypatch):
+    """sacct lists array tasks that never started as one range record ('100_[2-4%8]': tasks 2, 3
+    and 4, at most 8 at a time), and a task that started since on its own line, which wins; a
+    state may carry words after it ('CANCELLED by 1000')."""
+    import harness.executors.slurm as slurm
+
+    answers = {"squeue": "", "scontrol": "Slurmctld(primary) at vm is UP\n",
+               "sacct": "100_[2-4%8]|PENDING\n100_0|COMPLETED\n100_1|CANCELLED by 1000\n100_3|RUNNING\n"
+                        "101_[0,2-3]|PENDING\n"}
+    monkeypatch.setattr(slurm, "_run", lambda cmd: answers[cmd[0]])
+    ids = [f"100_{i}" for i in range(6)] + [f"101_{i}" for i in range(5)]
+    assert slurm_states(ids) == {
+        "100_0": "COMPLETED", "100_1": "CANCELLED", "100_2": "PENDING", "100_3": "RUNNING", "100_4": "PENDING",
+        "100_5": "UNKNOWN", "101_0": "PENDING", "101_1": "UNKNOWN", "101_2": "PENDING", "101_3": "PENDING",
+        "101_4": "UNKNOWN"}
+
+
+def test_a_completed_job_gets_longer_for_its_result_file_than_a_failed_one(tmp_path, monkeypatch):
+    """A COMPLETED job most likely wrote a result that the shared filesystem has yet to show: the
+    driver waits RESULT_GRACE_S (15 s) for it. A job SLURM calls FAILED gets 3 s before it is
+    reported, with the reason accounting gives."""
+    import harness.executors.slurm as slurm
+
+    ex, t, clock = _polled(tmp_path, monkeypatch, "COMPLETED")
+    assert ex._poll(t, set()) is None
+    clock[0] += slurm.RESULT_GRACE_S - 1
+    assert ex._poll(t, set()) is None
+    clock[0] += 2
+    result = ex._poll(t, set())
+    assert result.status == "failed" and result.error.startswith(
+        "SLURM job 9_2 COMPLETED: the job ended without writing a result before it started")
+
+    ex, t, clock = _polled(tmp_path / "f", monkeypatch, "FAILED")
+    assert ex._poll(t, set()) is None
+    clock[0] += 2
+    assert ex._poll(t, set()) is None
+    clock[0] += 2
+    result = ex._poll(t, set())
+    assert result.status == "failed" and result.error.startswith("SLURM job 9_2 FAILED: the job process died")
+
+
+def test_a_setting_the_earlier_submission_did_not_record_counts_as_changed(tmp_path):
+    """A job submitted by a harness that had no such setting ran without it: a value set now is
+    not what that job keeps."""
+    import harness.executors.slurm as slurm
+    from harness.plan import JobSpec
+
+    d = make_sweep_dict(Path("/nonexistent"), tmp_path)
+    d["executor"] = {"kind": "slurm", "mem_gb": 2}
+    ex = slurm.SlurmExecutor(validate_config(d))
+    then = {k: v for k, v in slurm.job_settings(ex.cfg).items() if k != "mem_gb"}
+    ex.log.record({f"k{i}": {"job_id": f"8_{i}", "settings": then} for i in range(2)})
+    tracked = [slurm._Tracked(JobSpec("merge", f"m{i}", key=f"k{i}"), _fake_job(ex.folder, f"8_{i}")) for i in range(2)]
+    assert ex.changed_settings(tracked, _listing(tracked)) == (
+        "2 queued or running jobs found from an earlier submission keep the executor settings of that submission "
+        "(mem_gb None, now 2.0): `scancel 8_0 8_1` and rerun to submit with these")
