@@ -367,7 +367,8 @@ def test_sbatch_gets_odd_values_as_written(cluster, micro_checkpoints, tmp_path,
 
 @pytest.mark.parametrize("text, minutes", [
     ("infinite", float("inf")), ("30", 30), ("5:00", 5), ("2:30:00", 150), ("1-00:00:00", 1440),
-    ("2-12", 3600), ("1-01:30", 1530), ("0:30", 0.5),
+    ("2-12", 3600), ("1-01:30", 1530), ("0:30", 0.5), ("UNLIMITED", float("inf")), ("n/a", float("inf")),
+    ("", float("inf")),
 ])
 def test_sinfo_time_limits_in_minutes(text, minutes):
     assert partition_limit_min(text) == minutes
@@ -1866,3 +1867,104 @@ def test_a_setting_the_earlier_submission_did_not_record_counts_as_changed(tmp_p
     assert ex.changed_settings(tracked, _listing(tracked)) == (
         "2 queued or running jobs found from an earlier submission keep the executor settings of that submission "
         "(mem_gb None, now 2.0): `scancel 8_0 8_1` and rerun to submit with these")
+
+
+def test_a_submitit_job_error_is_reported_by_its_last_line_of_substance(tmp_path):
+    """submitit's FailedJobError wraps the job's traceback in rules and ends with the log paths:
+    the reason is the exception line above them, cut at 500 characters."""
+    from harness.executors.slurm import _submitit_reason
+
+    def failed(last: str) -> str:  # submitit's text (submitit/core/core.py, Job.exception)
+        return ("Job (task=0) failed during processing with trace:\n----------------------\n"
+                f"Traceback (most recent call last):\n  File \"x.py\", line 1, in <module>\n{last}\n\n"
+                "----------------------\nYou can check full logs with 'job.stderr(0)' and 'job.stdout(0)'"
+                f"or at paths:\n  - {tmp_path}/7_0_log.err\n  - {tmp_path}/7_0_log.out")
+
+    assert _submitit_reason(failed("RuntimeError: boom")) == "RuntimeError: boom"
+    assert _submitit_reason(failed("ValueError: " + "x" * 600)) == ("ValueError: " + "x" * 600)[:500]
+    assert _submitit_reason("----\n\n") == ""
+
+
+def test_a_memory_sample_equal_to_the_limit_reads_as_equal():
+    """Two decimals of GiB unless the sample and the limit would read alike while they differ."""
+    from harness.executors.slurm import _gib_over_limit
+
+    assert _gib_over_limit(2**30, 2**30) == ("1.00", "1.00")
+    assert _gib_over_limit(3 * 2**29, 2**30) == ("1.50", "1.00")
+    assert _gib_over_limit(2**30 + 2**20, 2**30) == ("1.001", "1.000")  # 1 MiB over: 1.0009765625 GiB
+
+
+def test_a_refused_generic_resource_blames_gpus_per_node_only_when_gpus_were_asked_for():
+    from harness.config import ExecutorSpec
+    from harness.executors.slurm import refused_field
+
+    assert refused_field(ExecutorSpec(kind="slurm"), REFUSED_GRES) == ("executor", None)
+    assert refused_field(ExecutorSpec(kind="slurm", gpus_per_node=2), REFUSED_GRES) == ("executor.gpus_per_node", 2)
+
+
+def test_sinfo_lines_of_a_partition_give_its_largest_node_and_limit(monkeypatch):
+    """sinfo prints a line per node configuration of a partition ('+': some nodes have more); the
+    default partition's name ends in '*'."""
+    from types import SimpleNamespace
+
+    import harness.executors.slurm as slurm
+
+    out = ("cpu*|2:00:00|16|64000\ncpu*|1:00:00|32+|128000+\ngpu|1-00:00:00|8|256000\nnot sinfo's\n")
+    monkeypatch.setattr(slurm.shutil, "which", lambda name: "/usr/bin/sinfo")
+    monkeypatch.setattr(slurm.subprocess, "run", lambda cmd, **kw: SimpleNamespace(returncode=0, stdout=out))
+    assert slurm.cluster_partitions() == {"cpu": {"limit_min": 120, "cpus": 32, "mem_mb": 128000, "default": True},
+                                          "gpu": {"limit_min": 1440, "cpus": 8, "mem_mb": 256000, "default": False}}
+
+
+def test_the_default_partitions_limits_apply_wherever_sinfo_lists_it(tmp_path):
+    d = make_sweep_dict(Path("/nonexistent"), tmp_path)
+    d["executor"] = {"kind": "slurm", "timeout_min": 600}
+    parts = {"short": {**PARTITIONS["cpu"], "limit_min": 30, "default": False},
+             "long": {**PARTITIONS["cpu"], "limit_min": 1440, "default": True}}
+    check_cluster(validate_config(d, "sweep.yaml"), "sweep.yaml", parts)  # long's 1440 min, not short's 30
+    d["executor"]["timeout_min"] = 1441
+    with pytest.raises(ConfigError, match="over the time limit of partition long .the cluster's default., 1440 min"):
+        check_cluster(validate_config(d, "sweep.yaml"), "sweep.yaml", parts)
+
+
+def test_gpus_and_backslashes_in_typed_fields_reach_sbatch_as_written(tmp_path):
+    d = make_sweep_dict(Path("/nonexistent"), tmp_path)
+    d["executor"] = {"kind": "slurm", "gpus_per_node": 4, "account": "dom\\proj"}
+    params = submitit_parameters(validate_config(d))
+    assert params["gpus_per_node"] == 4 and params["slurm_account"] == "dom\\\\proj"
+
+
+def test_a_job_slurm_calls_completed_shows_running_until_its_result_comes(tmp_path):
+    """Its result file may still be on its way (shared filesystems lag): not failed meanwhile."""
+    import harness.executors.slurm as slurm
+    from harness.plan import JobSpec
+
+    t = slurm._Tracked(JobSpec("merge", "m", key="k"), _fake_job(tmp_path, "9_0"), state="COMPLETED")
+    assert slurm.display_state(t) == "running"
+
+
+def test_a_job_slurm_says_ended_otherwise_shows_failed_before_its_reason_comes(tmp_path):
+    import harness.executors.slurm as slurm
+    from harness.plan import JobSpec
+
+    states = ["TIMEOUT", "OUT_OF_MEMORY", "FAILED", "NODE_FAIL"]
+    tracked = [slurm._Tracked(JobSpec("merge", s, key=s), _fake_job(tmp_path, f"9_{i}"), state=s)
+               for i, s in enumerate(states)]
+    assert [slurm.display_state(t) for t in tracked] == ["failed"] * 4
+
+
+def test_a_table_of_more_jobs_than_it_shows_puts_running_and_failed_ones_first(tmp_path):
+    from rich.console import Console
+
+    import harness.executors.slurm as slurm
+    from harness.plan import JobSpec
+
+    n = slurm._LiveTable.MAX_ROWS + 5
+    tracked = [slurm._Tracked(JobSpec("merge", f"m{i}", key=str(i)), _fake_job(tmp_path, f"9_{i}"),
+                              outcome="done" if i < n - 2 else None, state="RUNNING" if i == n - 2 else "FAILED")
+               for i in range(n)]
+    console = Console(width=200, record=True)
+    console.print(slurm.job_table(tracked))
+    rows = [line.split()[1] for line in console.export_text().splitlines() if line.split()[1:2]
+            and line.split()[1].startswith("m")]
+    assert rows[:2] == [f"m{n - 2}", f"m{n - 1}"] and len(rows) == slurm._LiveTable.MAX_ROWS
