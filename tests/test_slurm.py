@@ -1968,3 +1968,20 @@ def test_a_table_of_more_jobs_than_it_shows_puts_running_and_failed_ones_first(t
     rows = [line.split()[1] for line in console.export_text().splitlines() if line.split()[1:2]
             and line.split()[1].startswith("m")]
     assert rows[:2] == [f"m{n - 2}", f"m{n - 1}"] and len(rows) == slurm._LiveTable.MAX_ROWS
+
+
+def test_one_job_found_with_other_settings_is_told_in_the_singular(tmp_path):
+    """One job found keeps its settings ("1 ... job ... keeps"), as the warning about harness code says "was"."""
+    import harness.executors.slurm as slurm
+    from harness.plan import JobSpec
+
+    d = make_sweep_dict(Path("/nonexistent"), tmp_path)
+    d["executor"] = {"kind": "slurm", "mem_gb": 1}
+    before = slurm.job_settings(validate_config(d))
+    d["executor"] = {"kind": "slurm", "mem_gb": 2}
+    ex = slurm.SlurmExecutor(validate_config(d))
+    ex.log.record({"k": {"job_id": "8_0", "settings": before}})
+    tracked = [slurm._Tracked(JobSpec("merge", "m", key="k"), _fake_job(ex.folder, "8_0"))]
+    assert ex.changed_settings(tracked, _listing(tracked)) == (
+        "1 queued or running job found from an earlier submission keeps the executor settings of that submission "
+        "(mem_gb 1.0, now 2.0): `scancel 8_0` and rerun to submit with these")
