@@ -367,7 +367,8 @@ def test_sbatch_gets_odd_values_as_written(cluster, micro_checkpoints, tmp_path,
 
 @pytest.mark.parametrize("text, minutes", [
     ("infinite", float("inf")), ("30", 30), ("5:00", 5), ("2:30:00", 150), ("1-00:00:00", 1440),
-    ("2-12", 3600), ("1-01:30", 1530), ("0:30", 0.5),
+    ("2-12", 3600), ("1-01:30", 1530), ("0:30", 0.5), ("UNLIMITED", float("inf")), ("n/a", float("inf")),
+    ("", float("inf")),
 ])
 def test_sinfo_time_limits_in_minutes(text, minutes):
     assert partition_limit_min(text) == minutes
@@ -1786,3 +1787,201 @@ def test_a_result_file_landing_after_slurm_says_completed_is_the_jobs_result(tmp
     t.job.paths.result_pickle.write_bytes(b"the job's result")
     result = ex._poll(t, set())
     assert result.status == "ok" and result.metrics == {"acc/avg": 50.0}
+
+
+@pytest.mark.parametrize("timeout_min, delay", [(1, 15), (2, 30), (6, 90), (600, 90)])
+def test_the_time_limit_warning_comes_as_long_before_the_limit_as_the_readme_says(tmp_path, timeout_min, delay):
+    """README: SLURM sends USR2 ``min(90 s, timeout_min x 15 s)`` before the limit."""
+    d = make_sweep_dict(Path("/nonexistent"), tmp_path)
+    d["executor"] = {"kind": "slurm", "timeout_min": timeout_min}
+    assert submitit_parameters(validate_config(d))["slurm_signal_delay_s"] == delay == min(90, timeout_min * 15)
+
+
+def test_the_submission_record_keeps_each_jobs_history_and_only_its_latest_fields(tmp_path):
+    """README: submitted.json maps each job key to its SLURM id with the history of its
+    resubmissions; a resubmission's entry replaces the old one, whose fields (the code it was
+    planned with) no longer describe the job that runs."""
+    from harness.executors.slurm import SubmissionLog
+
+    log = SubmissionLog(tmp_path)
+    log.record({"k": {"job_id": "5_0", "harness_code": "0ld0ld0ld0ld0ld0"}, "j": {"job_id": "5_1"}})
+    log.record({"k": {"job_id": "6_0"}})
+    log.record({"k": {"job_id": "7_3", "title": "ta"}})
+    assert log.load() == {"k": {"job_id": "7_3", "title": "ta", "history": ["5_0", "6_0", "7_3"]},
+                          "j": {"job_id": "5_1", "history": ["5_1"]}}
+
+
+def test_accounting_records_of_array_ranges_and_single_tasks_give_each_tasks_state(monkeypatch):
+    """sacct lists array tasks that never started as one range record ('100_[2-4%8]': tasks 2, 3
+    and 4, at most 8 at a time), and a task that started since on its own line, which wins; a
+    state may carry words after it ('CANCELLED by 1000')."""
+    import harness.executors.slurm as slurm
+
+    answers = {"squeue": "", "scontrol": "Slurmctld(primary) at vm is UP\n",
+               "sacct": "100_[2-4%8]|PENDING\n100_0|COMPLETED\n100_1|CANCELLED by 1000\n100_3|RUNNING\n"
+                        "101_[0,2-3]|PENDING\n"}
+    monkeypatch.setattr(slurm, "_run", lambda cmd: answers[cmd[0]])
+    ids = [f"100_{i}" for i in range(6)] + [f"101_{i}" for i in range(5)]
+    assert slurm_states(ids) == {
+        "100_0": "COMPLETED", "100_1": "CANCELLED", "100_2": "PENDING", "100_3": "RUNNING", "100_4": "PENDING",
+        "100_5": "UNKNOWN", "101_0": "PENDING", "101_1": "UNKNOWN", "101_2": "PENDING", "101_3": "PENDING",
+        "101_4": "UNKNOWN"}
+
+
+def test_a_completed_job_gets_longer_for_its_result_file_than_a_failed_one(tmp_path, monkeypatch):
+    """A COMPLETED job most likely wrote a result that the shared filesystem has yet to show: the
+    driver waits RESULT_GRACE_S (15 s) for it. A job SLURM calls FAILED gets 3 s before it is
+    reported, with the reason accounting gives."""
+    import harness.executors.slurm as slurm
+
+    ex, t, clock = _polled(tmp_path, monkeypatch, "COMPLETED")
+    assert ex._poll(t, set()) is None
+    clock[0] += slurm.RESULT_GRACE_S - 1
+    assert ex._poll(t, set()) is None
+    clock[0] += 2
+    result = ex._poll(t, set())
+    assert result.status == "failed" and result.error.startswith(
+        "SLURM job 9_2 COMPLETED: the job ended without writing a result before it started")
+
+    ex, t, clock = _polled(tmp_path / "f", monkeypatch, "FAILED")
+    assert ex._poll(t, set()) is None
+    clock[0] += 2
+    assert ex._poll(t, set()) is None
+    clock[0] += 2
+    result = ex._poll(t, set())
+    assert result.status == "failed" and result.error.startswith("SLURM job 9_2 FAILED: the job process died")
+
+
+def test_a_setting_the_earlier_submission_did_not_record_counts_as_changed(tmp_path):
+    """A job submitted by a harness that had no such setting ran without it: a value set now is
+    not what that job keeps."""
+    import harness.executors.slurm as slurm
+    from harness.plan import JobSpec
+
+    d = make_sweep_dict(Path("/nonexistent"), tmp_path)
+    d["executor"] = {"kind": "slurm", "mem_gb": 2}
+    ex = slurm.SlurmExecutor(validate_config(d))
+    then = {k: v for k, v in slurm.job_settings(ex.cfg).items() if k != "mem_gb"}
+    ex.log.record({f"k{i}": {"job_id": f"8_{i}", "settings": then} for i in range(2)})
+    tracked = [slurm._Tracked(JobSpec("merge", f"m{i}", key=f"k{i}"), _fake_job(ex.folder, f"8_{i}")) for i in range(2)]
+    assert ex.changed_settings(tracked, _listing(tracked)) == (
+        "2 queued or running jobs found from an earlier submission keep the executor settings of that submission "
+        "(mem_gb None, now 2.0): `scancel 8_0 8_1` and rerun to submit with these")
+
+
+def test_a_submitit_job_error_is_reported_by_its_last_line_of_substance(tmp_path):
+    """submitit's FailedJobError wraps the job's traceback in rules and ends with the log paths:
+    the reason is the exception line above them, cut at 500 characters."""
+    from harness.executors.slurm import _submitit_reason
+
+    def failed(last: str) -> str:  # submitit's text (submitit/core/core.py, Job.exception)
+        return ("Job (task=0) failed during processing with trace:\n----------------------\n"
+                f"Traceback (most recent call last):\n  File \"x.py\", line 1, in <module>\n{last}\n\n"
+                "----------------------\nYou can check full logs with 'job.stderr(0)' and 'job.stdout(0)'"
+                f"or at paths:\n  - {tmp_path}/7_0_log.err\n  - {tmp_path}/7_0_log.out")
+
+    assert _submitit_reason(failed("RuntimeError: boom")) == "RuntimeError: boom"
+    assert _submitit_reason(failed("ValueError: " + "x" * 600)) == ("ValueError: " + "x" * 600)[:500]
+    assert _submitit_reason("----\n\n") == ""
+
+
+def test_a_memory_sample_equal_to_the_limit_reads_as_equal():
+    """Two decimals of GiB unless the sample and the limit would read alike while they differ."""
+    from harness.executors.slurm import _gib_over_limit
+
+    assert _gib_over_limit(2**30, 2**30) == ("1.00", "1.00")
+    assert _gib_over_limit(3 * 2**29, 2**30) == ("1.50", "1.00")
+    assert _gib_over_limit(2**30 + 2**20, 2**30) == ("1.001", "1.000")  # 1 MiB over: 1.0009765625 GiB
+
+
+def test_a_refused_generic_resource_blames_gpus_per_node_only_when_gpus_were_asked_for():
+    from harness.config import ExecutorSpec
+    from harness.executors.slurm import refused_field
+
+    assert refused_field(ExecutorSpec(kind="slurm"), REFUSED_GRES) == ("executor", None)
+    assert refused_field(ExecutorSpec(kind="slurm", gpus_per_node=2), REFUSED_GRES) == ("executor.gpus_per_node", 2)
+
+
+def test_sinfo_lines_of_a_partition_give_its_largest_node_and_limit(monkeypatch):
+    """sinfo prints a line per node configuration of a partition ('+': some nodes have more); the
+    default partition's name ends in '*'."""
+    from types import SimpleNamespace
+
+    import harness.executors.slurm as slurm
+
+    out = ("cpu*|2:00:00|16|64000\ncpu*|1:00:00|32+|128000+\ngpu|1-00:00:00|8|256000\nnot sinfo's\n")
+    monkeypatch.setattr(slurm.shutil, "which", lambda name: "/usr/bin/sinfo")
+    monkeypatch.setattr(slurm.subprocess, "run", lambda cmd, **kw: SimpleNamespace(returncode=0, stdout=out))
+    assert slurm.cluster_partitions() == {"cpu": {"limit_min": 120, "cpus": 32, "mem_mb": 128000, "default": True},
+                                          "gpu": {"limit_min": 1440, "cpus": 8, "mem_mb": 256000, "default": False}}
+
+
+def test_the_default_partitions_limits_apply_wherever_sinfo_lists_it(tmp_path):
+    d = make_sweep_dict(Path("/nonexistent"), tmp_path)
+    d["executor"] = {"kind": "slurm", "timeout_min": 600}
+    parts = {"short": {**PARTITIONS["cpu"], "limit_min": 30, "default": False},
+             "long": {**PARTITIONS["cpu"], "limit_min": 1440, "default": True}}
+    check_cluster(validate_config(d, "sweep.yaml"), "sweep.yaml", parts)  # long's 1440 min, not short's 30
+    d["executor"]["timeout_min"] = 1441
+    with pytest.raises(ConfigError, match="over the time limit of partition long .the cluster's default., 1440 min"):
+        check_cluster(validate_config(d, "sweep.yaml"), "sweep.yaml", parts)
+
+
+def test_gpus_and_backslashes_in_typed_fields_reach_sbatch_as_written(tmp_path):
+    d = make_sweep_dict(Path("/nonexistent"), tmp_path)
+    d["executor"] = {"kind": "slurm", "gpus_per_node": 4, "account": "dom\\proj"}
+    params = submitit_parameters(validate_config(d))
+    assert params["gpus_per_node"] == 4 and params["slurm_account"] == "dom\\\\proj"
+
+
+def test_a_job_slurm_calls_completed_shows_running_until_its_result_comes(tmp_path):
+    """Its result file may still be on its way (shared filesystems lag): not failed meanwhile."""
+    import harness.executors.slurm as slurm
+    from harness.plan import JobSpec
+
+    t = slurm._Tracked(JobSpec("merge", "m", key="k"), _fake_job(tmp_path, "9_0"), state="COMPLETED")
+    assert slurm.display_state(t) == "running"
+
+
+def test_a_job_slurm_says_ended_otherwise_shows_failed_before_its_reason_comes(tmp_path):
+    import harness.executors.slurm as slurm
+    from harness.plan import JobSpec
+
+    states = ["TIMEOUT", "OUT_OF_MEMORY", "FAILED", "NODE_FAIL"]
+    tracked = [slurm._Tracked(JobSpec("merge", s, key=s), _fake_job(tmp_path, f"9_{i}"), state=s)
+               for i, s in enumerate(states)]
+    assert [slurm.display_state(t) for t in tracked] == ["failed"] * 4
+
+
+def test_a_table_of_more_jobs_than_it_shows_puts_running_and_failed_ones_first(tmp_path):
+    from rich.console import Console
+
+    import harness.executors.slurm as slurm
+    from harness.plan import JobSpec
+
+    n = slurm._LiveTable.MAX_ROWS + 5
+    tracked = [slurm._Tracked(JobSpec("merge", f"m{i}", key=str(i)), _fake_job(tmp_path, f"9_{i}"),
+                              outcome="done" if i < n - 2 else None, state="RUNNING" if i == n - 2 else "FAILED")
+               for i in range(n)]
+    console = Console(width=200, record=True)
+    console.print(slurm.job_table(tracked))
+    rows = [line.split()[1] for line in console.export_text().splitlines() if line.split()[1:2]
+            and line.split()[1].startswith("m")]
+    assert rows[:2] == [f"m{n - 2}", f"m{n - 1}"] and len(rows) == slurm._LiveTable.MAX_ROWS
+
+
+def test_one_job_found_with_other_settings_is_told_in_the_singular(tmp_path):
+    """One job found keeps its settings ("1 ... job ... keeps"), as the warning about harness code says "was"."""
+    import harness.executors.slurm as slurm
+    from harness.plan import JobSpec
+
+    d = make_sweep_dict(Path("/nonexistent"), tmp_path)
+    d["executor"] = {"kind": "slurm", "mem_gb": 1}
+    before = slurm.job_settings(validate_config(d))
+    d["executor"] = {"kind": "slurm", "mem_gb": 2}
+    ex = slurm.SlurmExecutor(validate_config(d))
+    ex.log.record({"k": {"job_id": "8_0", "settings": before}})
+    tracked = [slurm._Tracked(JobSpec("merge", "m", key="k"), _fake_job(ex.folder, "8_0"))]
+    assert ex.changed_settings(tracked, _listing(tracked)) == (
+        "1 queued or running job found from an earlier submission keeps the executor settings of that submission "
+        "(mem_gb 1.0, now 2.0): `scancel 8_0` and rerun to submit with these")

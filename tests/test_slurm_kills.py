@@ -357,3 +357,15 @@ CGROUP_OOM = ("slurmstepd: error: Detected 1 oom-kill event(s) in StepId=88.batc
 ])
 def test_reasons_in_words(state, details, tail, expected):
     assert ended_reason(state, details, tail, timeout_min=5) == expected
+
+
+@pytest.mark.parametrize("state, details, tail, expected", [
+    ("CANCELLED", {"Signal": "9"}, OVER_MEMORY,  # the memory kill without cgroups, as some clusters record it
+     ("OUT_OF_MEMORY", "out of memory: used 1.31 GiB of its 1.00 GiB (raise executor.mem_gb)")),
+    ("COMPLETED", {}, "exceeded memory limit (1405992960 > 1073741824)",  # a step over memory, the job not
+     ("COMPLETED", "the job ended without writing a result")),
+    ("FAILED", {"ExitCode": "1:0"}, OVER_MEMORY + "\nharness: executor.setup.0 failed (exit 137): python prep.py",
+     ("OUT_OF_MEMORY", "out of memory: used 1.31 GiB of its 1.00 GiB (raise executor.mem_gb)")),  # memory first
+])
+def test_memory_words_make_a_failed_or_cancelled_job_out_of_memory_only(state, details, tail, expected):
+    assert ended_reason(state, details, tail, timeout_min=5) == expected

@@ -549,7 +549,7 @@ class SlurmExecutor:
             return None
         said = ", ".join(f"{k} {old!r}, now {new!r}" for k, (old, new) in fields.items())
         return (f"{len(ids)} queued or running job{'' if len(ids) == 1 else 's'} found from an earlier submission "
-                f"keep the executor settings of that submission ({said}): `scancel {' '.join(ids)}` and rerun to submit with these")
+                f"keep{'s' if len(ids) == 1 else ''} the executor settings of that submission ({said}): `scancel {' '.join(ids)}` and rerun to submit with these")
 
     def changed_harness(self, attach: list[_Tracked], listed: set[str] | None) -> str | None:
         """What to tell of jobs found queued or running that were submitted with other harness code
