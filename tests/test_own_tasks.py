@@ -237,3 +237,18 @@ def test_a_split_is_counted_before_any_model_only_where_the_factory_has_a_defaul
     assert ws.split_length(sized, "val") == 0
     with pytest.raises(NotBuilt):
         ws.split_length(unsized, "test")
+
+
+def test_an_image_size_the_sweep_gives_a_task_is_kept_not_replaced_by_the_encoders(sweep_dict):
+    """The encoder's input size fills in only an ``image_size`` the task's options leave out: one
+    given (here 32, the micro encoder takes 16) makes the images that size, so the data check names it."""
+    from harness.config import validate_config
+    from harness.workspace import Workspace
+
+    d = copy.deepcopy(sweep_dict)
+    name = "tests.own_tasks:sized_by_default"
+    d["tasks"] = [*d["tasks"], {"name": name, "options": {"image_size": 32}}]
+    d["model"]["finetuned"] = {name: d["model"]["finetuned_pattern"].format(task="toy_colours")}
+    ws = Workspace(validate_config(d))
+    assert tuple(ws.task(name).dataset("test")[0][0].shape) == (3, 32, 32)
+    assert tuple(ws.task("toy_stripes").dataset("test")[0][0].shape) == (3, 16, 16)
