@@ -72,3 +72,13 @@ def from_folder(data_root: str) -> Task:
     """A factory that reads its data from a folder (here: ignores it) and whose identity does not
     name it, as a researcher's first task class would."""
     return PlainTask("mine", [f"c{i}" for i in range(4)])
+
+
+def sized_by_default(image_size: int = 16) -> Task:
+    """A factory taking the encoder's input size, with a default it is made at before any model."""
+    return PlainTask("mine_sized", [f"c{i}" for i in range(4)], image_size=image_size, empty="val")
+
+
+def sized_without_default(image_size: int) -> Task:
+    """A factory that must be given the encoder's input size: no task before a model is built."""
+    return PlainTask("mine_unsized", [f"c{i}" for i in range(4)], image_size=image_size)

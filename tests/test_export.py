@@ -566,3 +566,72 @@ def test_a_row_whose_saved_adaptation_is_gone_adapts_again_and_names_the_folder(
     out = export_adamerging_again(sweep_dict, tmp_path, adam_steps)
     assert out.stdout.splitlines()[0] == (f"adamerging: adapted again, from the start (none saved in work/{key}/; "
                                           "same data and seed)")
+
+
+def test_the_metadata_holds_the_format_arch_and_the_sha256_of_each_checkpoint_merged(sweep_dict, tmp_path):
+    """Each digest is the first 16 hex digits of its file's sha256, computed here from the bytes;
+    the format names what the file holds: an image encoder, or with --full-clip a whole CLIP."""
+    import hashlib
+
+    sweep_dict["references"] = False
+    sweep_dict["methods"] = [{"name": "task_arithmetic", "grid": {"scaling": [0.3]}}]
+    cfg = validate_config(sweep_dict)
+    run_sweep(cfg, quiet=True)
+    files = {"pretrained": Path(sweep_dict["model"]["pretrained"]),
+             **{t: Path(sweep_dict["model"]["finetuned_pattern"].format(task=t)) for t in sweep_dict["tasks"]}}
+    sha = {k: hashlib.sha256(p.read_bytes()).hexdigest()[:16] for k, p in files.items()}
+    for name, full, fmt in (("enc", False, "harness.merged-image-encoder/1"), ("clip", True, "harness.merged-clip/1")):
+        export_merged(cfg, "task_arithmetic", tmp_path / f"{name}.safetensors", full_clip=full)
+        with safe_open(str(tmp_path / f"{name}.safetensors"), "pt") as f:
+            meta = f.metadata()
+        assert (meta["format"], meta["arch"], meta["method"]) == (fmt, "harness-micro-vit", "task_arithmetic")
+        assert meta["pretrained_digest"] == sha["pretrained"]
+        assert json.loads(meta["finetuned_digests"]) == {t: sha[t] for t in sweep_dict["tasks"]}
+
+
+def test_an_out_that_is_a_head_file_or_a_checkpoint_as_given_before_conversion_is_refused(sweep_dict, tmp_path):
+    """A fine-tuned checkpoint given as a whole CLIP is read through its converted copy in the
+    cache, and a head file is no model the merge reads: either named as --out would still be
+    replaced by the export."""
+    import hashlib
+
+    from harness.models import load_state_dict, save_state_dict
+    from harness.workspace import Workspace
+
+    task = sweep_dict["tasks"][0]
+    whole = tmp_path / "given" / f"{task}-clip.safetensors"
+    encoder = load_state_dict(sweep_dict["model"]["finetuned_pattern"].format(task=task))
+    pretrained = load_state_dict(sweep_dict["model"]["pretrained"])
+    save_state_dict({**pretrained, **{f"visual.{k}": v for k, v in encoder.items()}}, whole)
+    sweep_dict["model"]["finetuned"] = {task: str(whole)}
+    head = tmp_path / "given" / "head.safetensors"
+    save_state_dict({"weight": Workspace(validate_config(sweep_dict)).head(task)}, head)
+    sweep_dict["model"]["heads"] = {task: str(head)}
+    sweep_dict["references"] = False
+    sweep_dict["methods"] = [{"name": "task_arithmetic", "grid": {"scaling": [0.3]}}]
+    cfg = validate_config(sweep_dict)
+    run_sweep(cfg, quiet=True)
+    before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in (whole, head)}
+    for out in (whole, head):
+        with pytest.raises(ExportError, match="is one of the sweep's input models"):
+            export_merged(cfg, "task_arithmetic", out)
+    assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in (whole, head)} == before
+
+
+def test_a_merged_model_with_tensors_the_architecture_has_not_is_refused_naming_one(tmp_path):
+    """A plugin method's model of another structure than the pretrained encoder is no checkpoint
+    that loads back as a fine-tuned one; one of the same structure is written as it is."""
+    import copy
+
+    from harness.export import _plain_encoder_state
+    from harness.models import build_clip
+
+    pretrained = build_clip("harness-micro-vit").visual
+    same = copy.deepcopy(pretrained)
+    state = _plain_encoder_state(same, pretrained, "m", tmp_path)
+    assert set(state) == set(pretrained.state_dict())
+    assert all(torch.equal(state[k], v) for k, v in pretrained.state_dict().items())
+    routed = copy.deepcopy(pretrained)
+    routed.register_parameter("router", torch.nn.Parameter(torch.zeros(2)))
+    with pytest.raises(ExportError, match=r"not a plain image encoder \(1 tensors the architecture has not, e\.g\. router\)"):
+        _plain_encoder_state(routed, pretrained, "m", tmp_path)

@@ -114,3 +114,21 @@ def test_a_head_cached_before_heads_recorded_their_task_is_read_as_it_is(tmp_pat
     assert torch.equal(cached_head(path, built_for, 3), head)
     save_state_dict({"weight": head}, path, metadata={"task": "toy_stripes", "prompts": "abc"})
     assert cached_head(path, built_for, 3) is None
+
+
+def test_the_head_files_given_for_the_sweeps_tasks_are_in_its_identity_by_their_sha256(sweep_dict, tmp_path):
+    """A head file edited since a run must not reuse its results: the identity holds each given
+    head's sha256 (first 16 hex digits, computed here from the bytes), for the sweep's tasks only
+    (a head given for a task the sweep does not run changes none of its keys)."""
+    import hashlib
+
+    from harness.config import validate_config
+    from harness.models import save_state_dict
+    from harness.workspace import Workspace
+
+    task = sweep_dict["tasks"][0]
+    path = tmp_path / "head.safetensors"
+    save_state_dict({"weight": Workspace(validate_config(sweep_dict)).head(task)}, path)
+    sweep_dict["model"]["heads"] = {task: str(path), "toy_checks": str(path)}
+    identity = Workspace(validate_config(sweep_dict)).identity
+    assert identity["heads"] == {task: hashlib.sha256(path.read_bytes()).hexdigest()[:16]}

@@ -217,3 +217,38 @@ def test_toy_splits_have_their_sizes_balanced_shuffled_labels_and_a_seeded_ident
     assert other_seed.identity() != task.identity()
     other_family = make_toy_task("toy_checks", n_classes=4, n_train=40, n_val=12, n_test=20, seed=3)
     assert other_family.raw("train")[1].tolist() != task.raw("train")[1].tolist()  # each family its own draws
+
+
+def test_a_split_is_counted_before_any_model_only_where_the_factory_has_a_default_size(sweep_dict):
+    """Before the encoder is built, a split's length comes from the task made at its factory's
+    default input size (the toy stripes test split's, its val split emptied by the factory); a
+    factory whose ``image_size`` has no default is left to the run (NotBuilt), not called without it."""
+    from harness.config import validate_config
+    from harness.errors import NotBuilt
+    from harness.workspace import Workspace
+    from tasks.synthetic import make_toy_task
+
+    d = copy.deepcopy(sweep_dict)
+    sized, unsized = "tests.own_tasks:sized_by_default", "tests.own_tasks:sized_without_default"
+    d["tasks"] = [*d["tasks"], sized, unsized]
+    d["model"]["finetuned"] = {t: d["model"]["finetuned_pattern"].format(task="toy_colours") for t in (sized, unsized)}
+    ws = Workspace(validate_config(d), build=False)
+    assert ws.split_length(sized, "test") == len(make_toy_task("toy_stripes").dataset("test")) > 0
+    assert ws.split_length(sized, "val") == 0
+    with pytest.raises(NotBuilt):
+        ws.split_length(unsized, "test")
+
+
+def test_an_image_size_the_sweep_gives_a_task_is_kept_not_replaced_by_the_encoders(sweep_dict):
+    """The encoder's input size fills in only an ``image_size`` the task's options leave out: one
+    given (here 32, the micro encoder takes 16) makes the images that size, so the data check names it."""
+    from harness.config import validate_config
+    from harness.workspace import Workspace
+
+    d = copy.deepcopy(sweep_dict)
+    name = "tests.own_tasks:sized_by_default"
+    d["tasks"] = [*d["tasks"], {"name": name, "options": {"image_size": 32}}]
+    d["model"]["finetuned"] = {name: d["model"]["finetuned_pattern"].format(task="toy_colours")}
+    ws = Workspace(validate_config(d))
+    assert tuple(ws.task(name).dataset("test")[0][0].shape) == (3, 32, 32)
+    assert tuple(ws.task("toy_stripes").dataset("test")[0][0].shape) == (3, 16, 16)
