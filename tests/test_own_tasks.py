@@ -217,3 +217,65 @@ def test_toy_splits_have_their_sizes_balanced_shuffled_labels_and_a_seeded_ident
     assert other_seed.identity() != task.identity()
     other_family = make_toy_task("toy_checks", n_classes=4, n_train=40, n_val=12, n_test=20, seed=3)
     assert other_family.raw("train")[1].tolist() != task.raw("train")[1].tolist()  # each family its own draws
+
+
+def test_rgba_images_or_labels_not_one_per_image_are_refused():
+    """Four channels are not RGB (alpha would be scored as a colour); labels of shape [N, 1]
+    are not one class index per image."""
+    rgba = torch.zeros(4, 8, 8, 4, dtype=torch.uint8)
+    with pytest.raises(TaskDataError, match=re.escape("images have shape [4, 8, 8, 4]; give [N, H, W, 3]")):
+        InMemoryTask("mine", ["a", "b"], ["{}"], _splits(rgba, torch.tensor([0, 1, 0, 1])))
+    images = torch.zeros(4, 8, 8, 3, dtype=torch.uint8)
+    with pytest.raises(TaskDataError, match=re.escape("4 images but labels of shape [4, 1]")):
+        InMemoryTask("mine", ["a", "b"], ["{}"], _splits(images, torch.tensor([[0], [1], [0], [1]])))
+
+
+def test_in_memory_task_without_a_test_split_is_refused():
+    s = _splits(torch.zeros(2, 8, 8, 3, dtype=torch.uint8), torch.tensor([0, 1]))
+    del s["test"]
+    with pytest.raises(TaskDataError, match="task 'mine': no 'test' split"):
+        InMemoryTask("mine", ["a", "b"], ["{}"], s)
+
+
+def test_a_tasks_identity_holds_its_name_classes_and_every_split():
+    """One version of two tasks (other names or class names) is two identities; without a version,
+    other images in any one split, or other labels, are another identity."""
+    images = torch.zeros(4, 8, 8, 3, dtype=torch.uint8)
+    labels = torch.tensor([0, 1, 0, 1])
+
+    def task(name="mine", classes=("a", "b"), version="", **splits):
+        return InMemoryTask(name, list(classes), ["{}"], {**_splits(images, labels), **splits}, version=version)
+
+    assert task(version="v1").identity() != task(name="yours", version="v1").identity()
+    assert task(version="v1").identity() != task(classes=("a", "c"), version="v1").identity()
+    assert task().identity() != task(classes=("a", "c")).identity()
+    base = task().identity()
+    for split in ("train", "val", "test"):
+        assert task(**{split: (images + 1, labels)}).identity() != base, split
+        assert task(**{split: (images, labels.flip(0))}).identity() != base, split
+
+
+def test_normalisation_is_openai_clips():
+    """Black and white pixels normalised with OpenAI CLIP's published statistics (its
+    preprocessing's Normalize; open_clip's OPENAI_DATASET_MEAN and _STD): a model trained on them
+    scores images normalised otherwise as shifted ones."""
+    from tasks.base import normalize_uint8
+
+    mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+    pixels = torch.tensor([[[[0, 0, 0], [255, 255, 255]]]], dtype=torch.uint8)
+    x = normalize_uint8(pixels)
+    assert x.shape == (1, 3, 1, 2)
+    for c in range(3):
+        torch.testing.assert_close(x[0, c, 0], torch.tensor([-mean[c] / std[c], (1 - mean[c]) / std[c]]))
+
+
+def test_labels_are_class_indices_and_a_missing_split_is_named():
+    """Whole float or int32 labels are kept as int64 class indices (what cross-entropy and the
+    heads' comparisons take); asking for a split the task has not is its own error, naming it."""
+    images = torch.zeros(2, 8, 8, 3, dtype=torch.uint8)
+    for labels in (torch.tensor([1.0, 0.0]), torch.tensor([1, 0], dtype=torch.int32)):
+        task = InMemoryTask("mine", ["a", "b"], ["{}"], {s: (images, labels) for s in ("val", "test")})
+        got = task.dataset("val").tensors[1]
+        assert got.dtype == torch.int64 and got.tolist() == [1, 0]
+    with pytest.raises(TaskDataError, match="task 'mine' has no split 'train'"):
+        task.raw("train")
