@@ -252,3 +252,110 @@ def test_an_image_size_the_sweep_gives_a_task_is_kept_not_replaced_by_the_encode
     ws = Workspace(validate_config(d))
     assert tuple(ws.task(name).dataset("test")[0][0].shape) == (3, 32, 32)
     assert tuple(ws.task("toy_stripes").dataset("test")[0][0].shape) == (3, 16, 16)
+
+
+def test_rgba_images_or_labels_not_one_per_image_are_refused():
+    """Four channels are not RGB (alpha would be scored as a colour); labels of shape [N, 1]
+    are not one class index per image."""
+    rgba = torch.zeros(4, 8, 8, 4, dtype=torch.uint8)
+    with pytest.raises(TaskDataError, match=re.escape("images have shape [4, 8, 8, 4]; give [N, H, W, 3]")):
+        InMemoryTask("mine", ["a", "b"], ["{}"], _splits(rgba, torch.tensor([0, 1, 0, 1])))
+    images = torch.zeros(4, 8, 8, 3, dtype=torch.uint8)
+    with pytest.raises(TaskDataError, match=re.escape("4 images but labels of shape [4, 1]")):
+        InMemoryTask("mine", ["a", "b"], ["{}"], _splits(images, torch.tensor([[0], [1], [0], [1]])))
+
+
+def test_in_memory_task_without_a_test_split_is_refused():
+    s = _splits(torch.zeros(2, 8, 8, 3, dtype=torch.uint8), torch.tensor([0, 1]))
+    del s["test"]
+    with pytest.raises(TaskDataError, match="task 'mine': no 'test' split"):
+        InMemoryTask("mine", ["a", "b"], ["{}"], s)
+
+
+def test_a_tasks_identity_holds_its_name_classes_and_every_split():
+    """One version of two tasks (other names or class names) is two identities; without a version,
+    other images in any one split, or other labels, are another identity."""
+    images = torch.zeros(4, 8, 8, 3, dtype=torch.uint8)
+    labels = torch.tensor([0, 1, 0, 1])
+
+    def task(name="mine", classes=("a", "b"), version="", **splits):
+        return InMemoryTask(name, list(classes), ["{}"], {**_splits(images, labels), **splits}, version=version)
+
+    assert task(version="v1").identity() != task(name="yours", version="v1").identity()
+    assert task(version="v1").identity() != task(classes=("a", "c"), version="v1").identity()
+    assert task().identity() != task(classes=("a", "c")).identity()
+    base = task().identity()
+    for split in ("train", "val", "test"):
+        assert task(**{split: (images + 1, labels)}).identity() != base, split
+        assert task(**{split: (images, labels.flip(0))}).identity() != base, split
+
+
+def test_toy_identity_follows_every_option():
+    """A toy task's version names each option that changes its data: another size, split size or
+    seed is another identity (a cached result of one is never read for another)."""
+    from tasks.synthetic import make_toy_task
+
+    small = dict(n_classes=2, n_train=4, n_val=4, n_test=4, image_size=8, seed=0)
+    base = make_toy_task("toy_checks", **small).identity()
+    for option, value in (("n_train", 6), ("n_val", 6), ("n_test", 6), ("image_size", 10), ("seed", 1)):
+        assert make_toy_task("toy_checks", **{**small, option: value}).identity() != base, option
+
+
+def test_toy_images_draw_what_their_class_names_say():
+    """Hand-checkable draws (noise lies under 0.35 of full scale, each pattern above it):
+    checkerboard of size c + 1 repeats every 2 (c + 1) pixels and flips every c + 1; label 0 of
+    toy_blobs is one blob; with 3 colour classes, class c's dominant channel is red, green, blue;
+    stripes of class c run at 45 c degrees (the intensity gradient's dominant direction, by the
+    structure tensor; the draw jitters it by 8.6 degrees, so the median error per class is held
+    under 20, short of the 22.5 halfway to a neighbouring class)."""
+    from scipy import ndimage
+
+    from tasks.synthetic import make_toy_task
+
+    x, y = make_toy_task("toy_checks", n_classes=4, n_train=4, n_val=4, n_test=16, image_size=24).raw("test")
+    for img, c in zip(x, y.tolist()):
+        lit = img.max(-1).values > 110
+        cell = c + 1
+        assert torch.equal(lit[:, :-2 * cell], lit[:, 2 * cell:]) and torch.equal(lit[:, :-cell], ~lit[:, cell:]), c
+
+    x, y = make_toy_task("toy_blobs", n_classes=4, n_train=4, n_val=4, n_test=16, image_size=32).raw("test")
+    counts = [ndimage.label((img[..., 0] > 200).numpy())[1] for img in x]
+    pairs = list(zip(counts, y.tolist()))
+    assert all(n == 1 for n, c in pairs if c == 0) and all(n <= c + 1 for n, c in pairs)
+
+    x, y = make_toy_task("toy_colours", n_classes=3, n_train=3, n_val=3, n_test=12).raw("test")
+    assert x.float().mean((1, 2)).argmax(-1).tolist() == y.tolist()
+
+    x, y = make_toy_task("toy_stripes", n_classes=4, n_train=4, n_val=4, n_test=80).raw("test")
+    g = x.float().mean(-1)
+    gx, gy = g[:, :-1, 1:] - g[:, :-1, :-1], g[:, 1:, :-1] - g[:, :-1, :-1]
+    angle = (0.5 * torch.atan2(2 * (gx * gy).sum((1, 2)), (gx * gx - gy * gy).sum((1, 2)))).rad2deg()
+    for c in range(4):
+        error = ((angle[y == c] - 45 * c + 90) % 180 - 90).abs()
+        assert error.median() < 20, (c, error.median())
+
+
+def test_normalisation_is_openai_clips():
+    """Black and white pixels normalised with OpenAI CLIP's published statistics (its
+    preprocessing's Normalize; open_clip's OPENAI_DATASET_MEAN and _STD): a model trained on them
+    scores images normalised otherwise as shifted ones."""
+    from tasks.base import normalize_uint8
+
+    mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+    pixels = torch.tensor([[[[0, 0, 0], [255, 255, 255]]]], dtype=torch.uint8)
+    x = normalize_uint8(pixels)
+    assert x.shape == (1, 3, 1, 2)
+    for c in range(3):
+        torch.testing.assert_close(x[0, c, 0], torch.tensor([-mean[c] / std[c], (1 - mean[c]) / std[c]]))
+
+
+def test_labels_are_class_indices_and_a_missing_split_is_named():
+    """Whole float or int32 labels are kept as int64 class indices (what cross-entropy and the
+    heads' comparisons take); asking for a split the task has not is its own error, naming it."""
+    images = torch.zeros(2, 8, 8, 3, dtype=torch.uint8)
+    for labels in (torch.tensor([1.0, 0.0]), torch.tensor([1, 0], dtype=torch.int32)):
+        task = InMemoryTask("mine", ["a", "b"], ["{}"], {s: (images, labels) for s in ("val", "test")})
+        got = task.dataset("val").tensors[1]
+        assert got.dtype == torch.int64 and got.tolist() == [1, 0]
+    with pytest.raises(TaskDataError, match="task 'mine' has no split 'train'"):
+        task.raw("train")

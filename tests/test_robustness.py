@@ -1007,3 +1007,169 @@ def test_a_small_image_is_corrupted_at_32_px_and_averaged_back(image):
     block_means = corrupted_big.reshape(16, 2, 16, 2, 3).mean(axis=(1, 3))
     out = corrupt_image(small, "gaussian_noise", 3, seed=9)
     assert np.abs(out - block_means).max() <= 1.0
+
+
+def test_a_small_non_square_image_is_upscaled_by_the_least_factor_reaching_32_px(image):
+    """A 12 x 20 image is corrupted as its 3x nearest-neighbour copy (36 x 60: 2x would give 24 px,
+    still under 32) and each output pixel is the mean of its 3x3 block, up to rounding. Truth:
+    the upscaled copy built by hand (rows and columns repeated) and corrupted at full size."""
+    small = image[:12, :20].copy()
+    big = np.repeat(np.repeat(small, 3, axis=0), 3, axis=1)
+    corrupted_big = corrupt_image(big, "gaussian_noise", 3, seed=9).astype(float)
+    block_means = corrupted_big.reshape(12, 3, 20, 3, 3).mean(axis=(1, 3))
+    out = corrupt_image(small, "gaussian_noise", 3, seed=9)
+    assert out.shape == small.shape and out.dtype == np.uint8
+    assert np.abs(out - block_means).max() <= 1.0
+
+
+def test_a_float_or_resized_package_output_is_rounded_clipped_and_resized_back(monkeypatch):
+    """Where the package returns floats, or an array of another size, the image comes back as
+    uint8 of its own shape: values rounded to the nearest integer and clipped to 0..255, and a
+    resized array scaled back to the image's width and height (a non-square image tells them apart)."""
+    import imagecorruptions
+
+    image = np.zeros((32, 48, 3), np.uint8)
+    floats = np.tile(np.array([-5.0, 10.6, 10.4, 300.0]), 32 * 48 * 3 // 4).reshape(32, 48, 3)
+    monkeypatch.setattr(imagecorruptions, "corrupt", lambda img, corruption_name, severity, **kw: floats)
+    out = corrupt_image(image, "contrast", 2, seed=0)
+    assert out.dtype == np.uint8 and np.array_equal(out, np.tile(np.array([0, 11, 10, 255], np.uint8),
+                                                                   32 * 48 * 3 // 4).reshape(32, 48, 3))
+    monkeypatch.setattr(imagecorruptions, "corrupt",
+                        lambda img, corruption_name, severity, **kw: np.full((40, 60, 3), 77, np.uint8))
+    out = corrupt_image(image, "contrast", 2, seed=0)
+    assert out.shape == image.shape and out.dtype == np.uint8 and (out == 77).all()
+
+
+def test_a_retried_draw_of_a_corruption_seeded_by_argument_gets_the_next_seed_too(image, monkeypatch):
+    """Impulse noise and glass blur draw from the package's ``seed`` argument: a draw redone for
+    invalid values is redone under seed + 1 there as well (the same argument again gives the same draw)."""
+    import warnings
+
+    import imagecorruptions
+
+    seeds = []
+
+    def corrupt(img, corruption_name, severity, **kw):
+        seeds.append(kw["seed"])
+        if len(seeds) == 1:
+            warnings.warn("invalid value encountered in divide", RuntimeWarning)
+        return img
+
+    monkeypatch.setattr(imagecorruptions, "corrupt", corrupt)
+    for name in SEEDED_BY_ARGUMENT:
+        seeds.clear()
+        corrupt_image(image, name, 2, seed=40)
+        assert seeds == [40, 41], name
+
+
+def test_denormalizing_clips_values_outside_the_pixel_range():
+    """A preprocessed value beyond what uint8 pixels give (a resampling filter's overshoot) becomes
+    0 or 255, never a wrapped-around byte."""
+    from tasks.base import CLIP_MEAN, CLIP_STD
+    from tasks.corruptions import _denormalize
+
+    x = torch.zeros(3, 1, 3)
+    for c in range(3):
+        x[c, 0] = torch.tensor([(1.5 - CLIP_MEAN[c]) / CLIP_STD[c], (-0.5 - CLIP_MEAN[c]) / CLIP_STD[c],
+                                (1.0 - CLIP_MEAN[c]) / CLIP_STD[c]])
+    assert _denormalize(x).tolist() == [[[255] * 3, [0] * 3, [255] * 3]]
+
+
+@pytest.mark.parametrize("foreign", [np.zeros((11, 16, 16, 3), np.uint8), np.zeros((12, 16, 16, 3), np.int16),
+                                     np.zeros((12, 8, 8, 3), np.uint8)])
+def test_a_cache_file_of_another_shape_or_dtype_is_rebuilt(foreign, tmp_path):
+    """A file at a split's cache path holding another number of images, image size or dtype (one
+    with no digest recorded, as a split cached before digests is read) is rebuilt, never scored.
+    Truth: the split corrupted without a cache."""
+    import tasks.corruptions as tc
+
+    task = make_toy_task("toy_stripes", n_test=12)
+    truth = corrupted_split(task, "contrast", 2, None).tensors
+    path = tc._cache_path(tmp_path, task, None, "test", "contrast", 2, 0)
+    path.parent.mkdir(parents=True)
+    np.save(path, foreign)
+    got = corrupted_split(task, "contrast", 2, tmp_path).tensors
+    assert all(torch.equal(a, b) for a, b in zip(got, truth))
+    assert np.load(path).shape == (12, 16, 16, 3) and np.load(path).dtype == np.uint8
+
+
+@pytest.mark.parametrize("code", ["EACCES", "EPERM"])
+def test_a_cache_without_permission_corrupts_without_it(code, tmp_path, monkeypatch):
+    """No permission on the cache folder (a shared cache) is refused as a read-only one is: a
+    warning naming the file, the split corrupted without the cache (truth: no cache folder)."""
+    import errno
+
+    task = make_toy_task("toy_stripes", n_test=12)
+    truth = corrupted_split(task, "contrast", 2, None).tensors
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    real_open, err = os.open, getattr(errno, code)
+
+    def denied(path, *args, **kwargs):
+        if str(path).startswith(str(cache)):
+            raise OSError(err, os.strerror(err), str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", denied)
+    with pytest.warns(UserWarning, match=rf"could not cache {cache}/corrupted/toy_stripes-contrast-s2-\w+\.npy: "
+                                         + os.strerror(err)):
+        got = corrupted_split(task, "contrast", 2, cache).tensors
+    assert all(torch.equal(a, b) for a, b in zip(got, truth))
+
+
+def test_the_split_seed_reaches_every_uncached_path(tmp_path, monkeypatch):
+    """Seed 3 gives the same images with a cache, without one, and with a cache that refuses its
+    files, for an in-memory and a disk-backed task; seed 0 gives others (truth: the split cached
+    under seed 3, built image by image under ``image_seed(3, i, ...)``)."""
+    import tasks.vision8 as v8
+    from tests.conftest import read_only_under
+
+    memory = make_toy_task("toy_stripes", n_test=12)
+    write_noise_eurosat(tmp_path / "data")
+    disk = v8.eurosat(str(tmp_path / "data"), image_size=32)
+    want_memory = corrupted_split(memory, "gaussian_noise", 2, tmp_path / "cache", seed=3).tensors[0].clone()
+    want_disk = items(corrupted_split(disk, "gaussian_noise", 2, tmp_path / "cache", seed=3))
+    assert not torch.equal(corrupted_split(memory, "gaussian_noise", 2, None, seed=0).tensors[0], want_memory)
+    assert torch.equal(corrupted_split(memory, "gaussian_noise", 2, None, seed=3).tensors[0], want_memory)
+    assert_same_items(items(corrupted_split(disk, "gaussian_noise", 2, None, seed=3)), want_disk)
+    refusing = tmp_path / "refusing"
+    refusing.mkdir()
+    read_only_under(monkeypatch, refusing)
+    with pytest.warns(UserWarning, match="could not cache"):
+        assert torch.equal(corrupted_split(memory, "gaussian_noise", 2, refusing, seed=3).tensors[0], want_memory)
+    with pytest.warns(UserWarning, match="could not cache"):
+        assert_same_items(items(corrupted_split(disk, "gaussian_noise", 2, refusing, seed=3)), want_disk)
+
+
+def test_another_split_is_that_splits_images_corrupted_and_its_labels_untouched(tmp_path):
+    """``split="val"`` corrupts the val images and keeps their labels as they are, with a cache
+    and without. Truth: the raw val images corrupted image by image, CLIP-normalised by hand."""
+    from tasks.base import CLIP_MEAN, CLIP_STD
+    from tasks.corruptions import image_seed
+
+    task = make_toy_task("toy_stripes", n_val=8, n_test=12)
+    images, labels = task.raw("val")
+    want = np.stack([corrupt_image(images[i].numpy(), "contrast", 2, image_seed(0, i, "contrast", 2))
+                     for i in range(8)])
+    want = ((torch.from_numpy(want).permute(0, 3, 1, 2).float() / 255 - torch.tensor(CLIP_MEAN).view(1, 3, 1, 1))
+            / torch.tensor(CLIP_STD).view(1, 3, 1, 1))
+    for cache in (None, tmp_path):
+        x, y = corrupted_split(task, "contrast", 2, cache, split="val").tensors
+        torch.testing.assert_close(x, want)
+        assert y.tolist() == labels.tolist()
+
+
+def test_a_draw_still_invalid_after_eight_seeds_is_the_eighth(image, monkeypatch):
+    """Eight draws in a row giving invalid values: the eighth (seed + 7) is kept, as deterministic
+    as any other, rather than a ninth draw under no seed of the image's."""
+    import warnings
+
+    import imagecorruptions
+
+    def corrupt(img, corruption_name, severity, **kw):
+        warnings.warn("invalid value encountered in divide", RuntimeWarning)
+        return np.full_like(img, np.random.randint(256))
+
+    monkeypatch.setattr(imagecorruptions, "corrupt", corrupt)
+    out = corrupt_image(image, "spatter", 2, seed=40)
+    assert np.array_equal(out, np.full_like(image, np.random.RandomState(47).randint(256)))
