@@ -458,18 +458,25 @@ def _check_data(cfg: Any, file: str, overrides: tuple[str, ...]) -> None:
     these itself): the datasets found in their folders (:func:`harness.config.check_dataset_folders`)
     and each test-time-adaptation ``batch_size`` within the split it adapts on
     (:meth:`harness.workspace.Workspace.check_adaptation_batches`), where the split sizes are
-    known without building a model."""
+    known without building a model; a task of one's own is built and checked as the run's
+    preflight checks it, so ``valid`` is not followed by a sweep refusing its data."""
     from harness.config import ConfigError, check_dataset_folders
     from harness.errors import NotBuilt
-    from harness.workspace import Workspace
+    from harness.workspace import Workspace, check_templates
 
     try:
         check_dataset_folders(cfg, file)
     except ConfigError as exc:
         raise exc.blamed_on_overrides(list(overrides)) from None
+    ws = Workspace(cfg, build=False)
     # a task of one's own taking the encoder's input size without a default is left to the run's preflight (NotBuilt)
     with _fields_of(file, overrides), contextlib.suppress(NotBuilt):
-        Workspace(cfg, build=False).check_adaptation_batches()
+        ws.check_adaptation_batches()
+    for name in cfg.task_names:
+        if ":" in name:  # a task of one's own: its factory, splits, labels and templates, as the run checks them
+            with _fields_of(file, overrides), contextlib.suppress(NotBuilt):
+                check_templates(ws.task(name))
+                ws.check_task_data(name)
 
 
 @main.command(name="list")

@@ -302,7 +302,10 @@ class Workspace:
         task = self.task(name)
         if not task.classnames:
             raise TaskDataError(f"task {name!r}: no class names")
-        size = self.encoder_summary["image_size"]
+        try:
+            size = self.encoder_summary["image_size"]
+        except NotBuilt:  # validate before the model was ever built: every check but the image size
+            size = None
         side = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
         for split in ("val", "test"):
             data = task.dataset(split)
