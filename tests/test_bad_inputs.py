@@ -684,6 +684,27 @@ def test_a_fine_tuned_checkpoint_equal_to_the_pretrained_encoder_is_warned_about
     assert by_title["individual/toy_stripes"] == []
 
 
+def test_a_quiet_sweep_still_prints_the_zero_task_vector_warning(tmp_path):
+    """``-q`` silences progress, not a warning that the merge used a likely wrong checkpoint."""
+    import shutil
+
+    from tests.conftest import make_sweep_dict, write_micro_checkpoints
+
+    ckpt = write_micro_checkpoints(tmp_path / "ckpt", lambda p: 0.05)
+    same = write_micro_checkpoints(tmp_path / "same", lambda p: 0.0, tasks=["toy_colours"])
+    shutil.copy(same / "toy_colours.safetensors", ckpt / "toy_colours.safetensors")
+    d = make_sweep_dict(ckpt, tmp_path)
+    d["methods"] = [{"name": "task_arithmetic", "params": {"scaling": 0.5}}]
+    d["eval"] = {"max_samples": 16}
+    code, err, _ = _run_sweep(tmp_path, d)
+    assert code == 0, err
+    warning = (f"model.finetuned_pattern (task 'toy_colours'): {ckpt / 'toy_colours.safetensors'}: the fine-tuned "
+               "encoder of 'toy_colours' equals the pretrained one (a zero task vector): is it the pretrained weights?")
+    assert err.count(f"warning individual/toy_colours: {warning}") == 1, err
+    assert err.count(f"warning task_arithmetic(scaling=0.5): {warning}") == 1, err
+    assert "done " not in err, err
+
+
 def test_two_tasks_with_the_same_fine_tuned_checkpoint_are_warned_about(tmp_path):
     """A copy-pasted path (both tasks given one task's checkpoint) merged one task vector twice
     and scored it as the other task's, silently: each job using both says so once, naming both
