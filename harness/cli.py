@@ -582,7 +582,13 @@ def ui(target: str | None, port: int, host: str) -> None:
 
 def _ran_sweep(file: str) -> tuple[Any, Path]:
     """The sweep ``file`` (read as the commands that read only its results read it) and its output
-    folder, which must exist: MLflow would otherwise serve, or a report read, a new, empty store."""
+    folder, which must exist: MLflow would otherwise serve, or a report read, a new, empty store.
+    The store itself (``mlflow.db``, a natural thing to point at) is named as such, with the
+    folder to give instead, rather than read as a sweep file that is not UTF-8 text."""
+    with contextlib.suppress(OSError), open(file, "rb") as fh:
+        if fh.read(16) == b"SQLite format 3\0":
+            fail(f"{file}: an SQLite database (an MLflow store), not a sweep file: give the output folder it lies "
+                 f"in ({Path(file).parent}) or its sweep file")
     cfg = _load(file, (), results_only=True)
     out = cfg.resolved_output_dir()
     if not out.is_dir():
