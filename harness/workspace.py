@@ -388,12 +388,12 @@ class Workspace:
                 options["image_size"] = size[0] if isinstance(size, (tuple, list)) else int(size)
         if "cache_dir" in params and "cache_dir" not in options:
             options["cache_dir"] = str(self.cfg.resolved_cache_dir())
+        index = next(i for i, t in enumerate(self.cfg.tasks) if t.name == name)
         try:
             task = factory(**options)
         except TypeError as exc:
-            raise HarnessError(f"tasks: bad options for task {name!r}: {exc}") from None
+            raise FieldError(f"tasks.{index}.options", f"bad options for task {name!r}: {exc}", spec.options) from None
         if not isinstance(task, Task):
-            index = next(i for i, t in enumerate(self.cfg.tasks) if t.name == name)
             kind = type(task)
             raise FieldError(f"tasks.{index}.name", f"the factory returned a {kind.__module__}.{kind.__qualname__}, "
                              "not a tasks.base.Task", name)

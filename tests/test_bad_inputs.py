@@ -422,6 +422,16 @@ def test_bad_task_option(sweep_dict, tmp_path):
     assert code == 2 and "bad options for task 'toy_stripes'" in err
 
 
+def test_bad_task_option_names_the_file_the_field_and_the_options(sweep_dict, tmp_path):
+    """As every sweep-file error does: ``tasks: bad options ...`` named neither the file nor the entry."""
+    d = copy.deepcopy(sweep_dict)
+    d["tasks"] = ["toy_colours", {"name": "toy_stripes", "options": {"colour": 3}}]
+    code, err, _ = _run_sweep(tmp_path, d)
+    assert code == 2, err
+    assert err.startswith(f"error: {tmp_path / 's.yaml'}: tasks.1.options: bad options for task 'toy_stripes': "), err
+    assert err.endswith("unexpected keyword argument 'colour' (got {'colour': 3})"), err
+
+
 def test_data_root_missing_for_real_dataset(sweep_dict, tmp_path):
     d = copy.deepcopy(sweep_dict)
     d["tasks"] = ["eurosat", "toy_colours"]
