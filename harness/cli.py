@@ -458,18 +458,25 @@ def _check_data(cfg: Any, file: str, overrides: tuple[str, ...]) -> None:
     these itself): the datasets found in their folders (:func:`harness.config.check_dataset_folders`)
     and each test-time-adaptation ``batch_size`` within the split it adapts on
     (:meth:`harness.workspace.Workspace.check_adaptation_batches`), where the split sizes are
-    known without building a model."""
+    known without building a model; a task of one's own is built and checked as the run's
+    preflight checks it, so ``valid`` is not followed by a sweep refusing its data."""
     from harness.config import ConfigError, check_dataset_folders
     from harness.errors import NotBuilt
-    from harness.workspace import Workspace
+    from harness.workspace import Workspace, check_templates
 
     try:
         check_dataset_folders(cfg, file)
     except ConfigError as exc:
         raise exc.blamed_on_overrides(list(overrides)) from None
+    ws = Workspace(cfg, build=False)
     # a task of one's own taking the encoder's input size without a default is left to the run's preflight (NotBuilt)
     with _fields_of(file, overrides), contextlib.suppress(NotBuilt):
-        Workspace(cfg, build=False).check_adaptation_batches()
+        ws.check_adaptation_batches()
+    for name in cfg.task_names:
+        if ":" in name:  # a task of one's own: its factory, splits, labels and templates, as the run checks them
+            with _fields_of(file, overrides), contextlib.suppress(NotBuilt):
+                check_templates(ws.task(name))
+                ws.check_task_data(name)
 
 
 @main.command(name="list")
@@ -575,7 +582,13 @@ def ui(target: str | None, port: int, host: str) -> None:
 
 def _ran_sweep(file: str) -> tuple[Any, Path]:
     """The sweep ``file`` (read as the commands that read only its results read it) and its output
-    folder, which must exist: MLflow would otherwise serve, or a report read, a new, empty store."""
+    folder, which must exist: MLflow would otherwise serve, or a report read, a new, empty store.
+    The store itself (``mlflow.db``, a natural thing to point at) is named as such, with the
+    folder to give instead, rather than read as a sweep file that is not UTF-8 text."""
+    with contextlib.suppress(OSError), open(file, "rb") as fh:
+        if fh.read(16) == b"SQLite format 3\0":
+            fail(f"{file}: an SQLite database (an MLflow store), not a sweep file: give the output folder it lies "
+                 f"in ({Path(file).parent}) or its sweep file")
     cfg = _load(file, (), results_only=True)
     out = cfg.resolved_output_dir()
     if not out.is_dir():

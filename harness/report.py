@@ -610,6 +610,7 @@ def load_sweep_from_mlflow(tracking_uri: str, run_id: str | None = None,
             parent = next((r for r in runs if r.data.tags.get(SCOPE_TAG, "sweep") == "sweep"), runs[0])
         else:
             parent = client.get_run(full_run_id(client, run_id))
+            _refuse_job_run(client, tracking_uri, parent)
     except MlflowException as exc:
         raise HarnessError(f"{tracking_uri}: {exc.message}") from None
     unwritten = _no_tables_yet(client, tracking_uri, parent)
@@ -656,6 +657,17 @@ def load_sweep_from_mlflow(tracking_uri: str, run_id: str | None = None,
                 for label in shared.get(r.key, []) if label != r.label]
     results = [dataclasses.replace(r, params=settings.get((r.label, r.key), r.params)) for r in results]
     return cfg, plan_order(cfg, results), parent
+
+
+def _refuse_job_run(client: Any, tracking_uri: str, run: Any) -> None:
+    """A job's run id (copied from the MLflow UI, where jobs are listed beside their sweep) is
+    refused naming the sweep run to report instead of as a missing ``resolved.yaml``."""
+    parent_id = run.data.tags.get("mlflow.parentRunId")
+    if run.data.tags.get("harness.kind") == "sweep" or not parent_id:
+        return
+    parent = client.get_run(parent_id)
+    raise HarnessError(f"{tracking_uri}: run {run.info.run_id} ({run.info.run_name}) is a job of sweep run "
+                       f"{parent_id[:8]} ({parent.info.run_name}), not a sweep's run: report that one")
 
 
 def full_run_id(client: Any, run_id: str) -> str:

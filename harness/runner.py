@@ -219,6 +219,17 @@ def run_sweep(cfg: SweepConfig, console: Console | None = None, quiet: bool = Fa
     return outcome
 
 
+def print_warning(console: Console, text: str) -> None:
+    """Print a job's warning even when ``-q`` made ``console`` quiet: it names an input that is
+    likely wrong (a zero task vector, a copy-pasted checkpoint), which only the progress output
+    may silence."""
+    quiet, console.quiet = console.quiet, False
+    try:
+        console.print(f"[yellow]warning[/] {escape(text)}", highlight=False)
+    finally:
+        console.quiet = quiet
+
+
 #: The file in an output folder whose lock a running driver holds (:func:`_output_lock`).
 LOCK_FILE = ".sweep.lock"
 
@@ -407,7 +418,7 @@ def _run_sweep(cfg: SweepConfig, ws: Workspace, executor: Any, console: Console,
                 res.artifacts, late = plain_artifacts(res.artifacts, spec.method)  # a job of an older harness
                 res.warnings += late
                 for warning in res.warnings:
-                    console.print(f"[yellow]warning[/] {escape(spec.title)}: {escape(warning)}", highlight=False)
+                    print_warning(console, f"{spec.title}: {warning}")
                 failpoint("job_done")
                 if res.status in RECORDED:
                     if res.study_error and res.error_detail:  # the study's, as a failed job's is kept

@@ -302,7 +302,10 @@ class Workspace:
         task = self.task(name)
         if not task.classnames:
             raise TaskDataError(f"task {name!r}: no class names")
-        size = self.encoder_summary["image_size"]
+        try:
+            size = self.encoder_summary["image_size"]
+        except NotBuilt:  # validate before the model was ever built: every check but the image size
+            size = None
         side = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
         for split in ("val", "test"):
             data = task.dataset(split)
@@ -385,12 +388,12 @@ class Workspace:
                 options["image_size"] = size[0] if isinstance(size, (tuple, list)) else int(size)
         if "cache_dir" in params and "cache_dir" not in options:
             options["cache_dir"] = str(self.cfg.resolved_cache_dir())
+        index = next(i for i, t in enumerate(self.cfg.tasks) if t.name == name)
         try:
             task = factory(**options)
         except TypeError as exc:
-            raise HarnessError(f"tasks: bad options for task {name!r}: {exc}") from None
+            raise FieldError(f"tasks.{index}.options", f"bad options for task {name!r}: {exc}", spec.options) from None
         if not isinstance(task, Task):
-            index = next(i for i, t in enumerate(self.cfg.tasks) if t.name == name)
             kind = type(task)
             raise FieldError(f"tasks.{index}.name", f"the factory returned a {kind.__module__}.{kind.__qualname__}, "
                              "not a tasks.base.Task", name)

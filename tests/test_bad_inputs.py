@@ -422,6 +422,16 @@ def test_bad_task_option(sweep_dict, tmp_path):
     assert code == 2 and "bad options for task 'toy_stripes'" in err
 
 
+def test_bad_task_option_names_the_file_the_field_and_the_options(sweep_dict, tmp_path):
+    """As every sweep-file error does: ``tasks: bad options ...`` named neither the file nor the entry."""
+    d = copy.deepcopy(sweep_dict)
+    d["tasks"] = ["toy_colours", {"name": "toy_stripes", "options": {"colour": 3}}]
+    code, err, _ = _run_sweep(tmp_path, d)
+    assert code == 2, err
+    assert err.startswith(f"error: {tmp_path / 's.yaml'}: tasks.1.options: bad options for task 'toy_stripes': "), err
+    assert err.endswith("unexpected keyword argument 'colour' (got {'colour': 3})"), err
+
+
 def test_data_root_missing_for_real_dataset(sweep_dict, tmp_path):
     d = copy.deepcopy(sweep_dict)
     d["tasks"] = ["eurosat", "toy_colours"]
@@ -682,6 +692,27 @@ def test_a_fine_tuned_checkpoint_equal_to_the_pretrained_encoder_is_warned_about
     assert by_title["task_arithmetic"] == [want]
     assert by_title["individual/toy_colours"] == [want]
     assert by_title["individual/toy_stripes"] == []
+
+
+def test_a_quiet_sweep_still_prints_the_zero_task_vector_warning(tmp_path):
+    """``-q`` silences progress, not a warning that the merge used a likely wrong checkpoint."""
+    import shutil
+
+    from tests.conftest import make_sweep_dict, write_micro_checkpoints
+
+    ckpt = write_micro_checkpoints(tmp_path / "ckpt", lambda p: 0.05)
+    same = write_micro_checkpoints(tmp_path / "same", lambda p: 0.0, tasks=["toy_colours"])
+    shutil.copy(same / "toy_colours.safetensors", ckpt / "toy_colours.safetensors")
+    d = make_sweep_dict(ckpt, tmp_path)
+    d["methods"] = [{"name": "task_arithmetic", "params": {"scaling": 0.5}}]
+    d["eval"] = {"max_samples": 16}
+    code, err, _ = _run_sweep(tmp_path, d)
+    assert code == 0, err
+    warning = (f"model.finetuned_pattern (task 'toy_colours'): {ckpt / 'toy_colours.safetensors'}: the fine-tuned "
+               "encoder of 'toy_colours' equals the pretrained one (a zero task vector): is it the pretrained weights?")
+    assert err.count(f"warning individual/toy_colours: {warning}") == 1, err
+    assert err.count(f"warning task_arithmetic(scaling=0.5): {warning}") == 1, err
+    assert "done " not in err, err
 
 
 def test_two_tasks_with_the_same_fine_tuned_checkpoint_are_warned_about(tmp_path):

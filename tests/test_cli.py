@@ -1005,3 +1005,19 @@ def test_collect_of_a_sweep_nothing_was_submitted_from_runs_nothing(sweep_dict, 
     assert " ".join(r.stderr.split()) == (f"error: no SLURM submissions recorded under {folder} (run `harness sweep` "
                                           "with executor.kind slurm, or `harness sweep --detach`)")
     assert not (Path(sweep_dict["output_dir"]) / "results").exists()
+
+
+@pytest.mark.parametrize("command", ["report", "ui"])
+def test_an_mlflow_store_given_for_a_sweep_file_names_its_folder(command, tmp_path):
+    """``harness report outputs/x/mlflow.db`` said the file was not UTF-8 text: it is named as the
+    store it is, with the folder to give instead."""
+    import sqlite3
+
+    db = tmp_path / "out" / "mlflow.db"
+    db.parent.mkdir()
+    with sqlite3.connect(db) as conn:
+        conn.execute("create table t (x int)")
+    r = CliRunner().invoke(main, [command, str(db)])
+    assert r.exit_code == 2, r.output
+    assert " ".join(r.stderr.split()) == (f"error: {db}: an SQLite database (an MLflow store), not a sweep file: "
+                                          f"give the output folder it lies in ({db.parent}) or its sweep file")

@@ -198,6 +198,24 @@ def test_report_takes_the_run_id_its_tables_are_titled_with(swept, tmp_path):
     assert tables[short] == tables[outcome.parent_run_id]
 
 
+def test_report_of_a_job_run_id_names_its_sweep_run(swept, tmp_path):
+    """A job's run id, copied from the MLflow UI beside its sweep's, said its run had no
+    ``resolved.yaml`` artifact: it names the sweep run to report instead, writing nothing."""
+    from harness.cli import main
+
+    cfg, outcome, _, _ = swept
+    uri = cfg.resolved_tracking_uri()
+    client = MlflowClient(uri)
+    job = client.search_runs([client.get_experiment_by_name(cfg.name).experiment_id],
+                             f"tags.`mlflow.parentRunId` = '{outcome.parent_run_id}'")[0]
+    r = CliRunner().invoke(main, ["report", job.info.run_id, "--tracking-uri", uri, "--out", str(tmp_path / "rep")])
+    assert r.exit_code == 2, r.output
+    assert " ".join(r.stderr.split()) == (
+        f"error: {uri}: run {job.info.run_id} ({job.info.run_name}) is a job of sweep run "
+        f"{outcome.parent_run_id[:8]} ({cfg.name}), not a sweep's run: report that one")
+    assert not (tmp_path / "rep").exists()
+
+
 def test_a_run_id_beginning_two_sweep_runs_is_refused_naming_them():
     from types import SimpleNamespace
 

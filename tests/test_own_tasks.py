@@ -18,14 +18,14 @@ from harness.evaluation import correct_predictions
 from tasks.base import CLIP_MEAN, CLIP_STD, InMemoryTask, TaskDataError
 
 
-def _run(tmp_path, sweep_dict, factory: str):
+def _run(tmp_path, sweep_dict, factory: str, command: str = "sweep"):
     d = copy.deepcopy(sweep_dict)
     name = f"tests.own_tasks:{factory}"
     d["tasks"] = [*d["tasks"], name]
     d["model"]["finetuned"] = {name: d["model"]["finetuned_pattern"].format(task="toy_colours")}
     f = tmp_path / "s.yaml"
     f.write_text(yaml.safe_dump(d))
-    r = CliRunner().invoke(main, ["sweep", "-q", str(f)])
+    r = CliRunner().invoke(main, [command, str(f)] if command == "validate" else [command, "-q", str(f)])
     return r.exit_code, " ".join(r.stderr.split()), str(f)
 
 
@@ -53,6 +53,28 @@ def test_bad_data_of_a_task_is_one_error_before_any_job(factory, fragment, sweep
     assert code == 2, err
     assert "task 'tests.own_tasks:" + factory + "': " + fragment in err or f"task 'mine': {fragment}" in err, err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("factory, fragment", [
+    ("returns_tuple", "tasks.2.name: the factory returned a builtins.tuple, not a tasks.base.Task"),
+    ("no_classes", "task 'tests.own_tasks:no_classes': no class names"),
+    ("labels_above_classes", "task 'tests.own_tasks:labels_above_classes': split 'val': label 3 is outside the 3 class names (0..2)"),
+    ("empty_test", "task 'tests.own_tasks:empty_test': split 'test' is empty"),
+    ("template_without_class", "task 'mine': prompt template 'a photo.' has no {} for the class name"),
+])
+def test_validate_refuses_the_data_of_a_task_the_sweep_refuses(factory, fragment, sweep_dict, tmp_path):
+    """``validate`` saying ``valid`` for a task the sweep then refuses sends a researcher to the
+    cluster with a sweep that cannot start."""
+    code, err, file = _run(tmp_path, sweep_dict, factory, command="validate")
+    assert code == 2, err
+    assert fragment in err, err
+    assert "valid" not in err.split(fragment)[-1]
+    assert not (tmp_path / "out").exists()
+
+
+def test_validate_accepts_a_sound_task_of_ones_own(sweep_dict, tmp_path):
+    code, err, _ = _run(tmp_path, sweep_dict, "grayscale", command="validate")
+    assert code == 0, err
 
 
 def _splits(images: torch.Tensor, labels: torch.Tensor) -> dict:
