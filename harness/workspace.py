@@ -372,7 +372,7 @@ class Workspace:
     def _new_task(self, name: str, sized: bool = True) -> Task:
         """Task ``name`` made by its factory with the sweep's options; ``sized``: given the
         encoder's input size where the factory takes one (else its own default)."""
-        spec = next(t for t in self.cfg.tasks if t.name == name)
+        index, spec = next((i, t) for i, t in enumerate(self.cfg.tasks) if t.name == name)
         options = dict(spec.options)
         from tasks.base import resolve_task
 
@@ -388,7 +388,6 @@ class Workspace:
                 options["image_size"] = size[0] if isinstance(size, (tuple, list)) else int(size)
         if "cache_dir" in params and "cache_dir" not in options:
             options["cache_dir"] = str(self.cfg.resolved_cache_dir())
-        index = next(i for i, t in enumerate(self.cfg.tasks) if t.name == name)
         try:
             task = factory(**options)
         except TypeError as exc:
