@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pydantic
 import pytest
 import torch
 import torch.nn.functional as F
@@ -555,3 +556,111 @@ def test_a_checkpoint_write_a_kill_cut_short_is_deleted_and_never_read(models, t
     assert len(run_tta(enc, ctx, lr=5e-2, steps=2, checkpoint_every=1, joint_forward=True)) == 2
     assert not any(f.exists() for f in stale)
     assert sorted(p.name for p in tmp_path.iterdir()) == [checkpoint_path(tmp_path, "tta").name]
+
+
+def test_defaults_are_the_papers_and_bounds_refuse_outside_values():
+    """Yang et al. (ICLR 2024): coefficients start at 0.3, Adam lr 1e-3, 500 steps of 16
+    unlabeled images per task, clamped to [0, 1]; one coefficient per task by default."""
+    method = adamerging.AdaMerging()
+    assert (method.granularity, method.init_lambda, method.lr, method.steps, method.batch_size, method.clamp,
+            method.cosine, method.diversity_weight) == ("task", 0.3, 1e-3, 500, 16, True, False, 0.0)
+    assert adamerging.AdaMerging(lr=1.0).lr == 1.0
+    for bad in [dict(lr=0.0), dict(lr=1.5), dict(steps=-1), dict(batch_size=0), dict(granularity="block")]:
+        with pytest.raises(pydantic.ValidationError):
+            adamerging.AdaMerging(**bad)
+
+
+@pytest.mark.parametrize("granularity", ["task", "layer"])
+def test_reported_coefficients_name_their_tasks_and_tensors(models, granularity):
+    """Layer-wise coefficients are reported as [T, P] with the P tensor names in state-dict
+    order; task-wise ones as [T] without names."""
+    pre, ft = models
+    ctx = MergeContext(heads=heads())
+    adamerging.AdaMerging(granularity=granularity, steps=0).merge(pre, ft, ctx)
+    report = ctx.artifacts["adamerging_coefficients"]
+    names = list(float_state(pre))
+    assert report["tasks"] == TASKS
+    if granularity == "layer":
+        assert report["tensors"] == names
+        assert torch.equal(torch.tensor(report["values"]), torch.full((3, len(names)), 0.3))
+    else:
+        assert report["tensors"] is None and report["values"] == pytest.approx([0.3] * 3)
+
+
+def test_the_method_adapts_with_its_cosine_diversity_and_validation_options(models, monkeypatch):
+    """``cosine``, ``diversity_weight`` and ``eval_every`` given to the method reach its
+    adaptation: the lr of each step is torch's CosineAnnealingLR(T_max=steps), the loss has a
+    diversity part, and validation runs at steps 0, 2 and 4 on the merge of that moment."""
+    pre, ft = models
+    seen: list[float] = []
+    step = torch.optim.Adam.step
+    monkeypatch.setattr(torch.optim.Adam, "step",
+                        lambda self, *a, **k: (seen.append(self.param_groups[0]["lr"]), step(self, *a, **k))[1])
+    data = {t: [images(4, 10 * i + j) for j in range(4)] for i, t in enumerate(TASKS)}
+    x = images(2, 5)
+    outputs = []
+
+    def validate(model):
+        with torch.no_grad():
+            outputs.append(model(x))
+        return {"acc": 1.0}
+
+    ctx = MergeContext(heads=heads(), unlabeled={t: (lambda t=t: iter(data[t])) for t in TASKS}, validate=validate)
+    method = adamerging.AdaMerging(steps=4, lr=0.02, cosine=True, diversity_weight=2.0, eval_every=2,
+                                   checkpoint_every=0)
+    merged = method.merge(pre, ft, ctx)
+
+    reference = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.02)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(reference, T_max=4)
+    want = []
+    for _ in range(4):
+        want.append(reference.param_groups[0]["lr"])
+        reference.step()
+        schedule.step()
+    assert seen == pytest.approx(want, rel=1e-12, abs=1e-15)
+    parts = ctx.artifacts["tta_parts"]
+    assert set(parts) == {"entropy", "diversity"} and all(d < 0 for d in parts["diversity"])
+    assert [v["step"] for v in ctx.artifacts["tta_validation"]] == [0.0, 2.0, 4.0]
+    start = with_state(pre, task_arithmetic_state(pre, ft, 0.3))
+    with torch.no_grad():
+        assert float((outputs[0] - start(x)).abs().max()) < 1e-5
+        assert float((outputs[-1] - merged(x)).abs().max()) < 1e-5
+
+
+def test_the_start_is_the_given_init_lambda_reported_unclamped_when_clamp_is_off(models):
+    """steps = 0: the merge is task arithmetic at ``init_lambda`` and the report says so, also
+    outside [0, 1] when ``clamp`` is off (the coefficients the merge used)."""
+    pre, ft = models
+    x = images(3, 2)
+    for init, clamp in [(0.7, True), (1.5, False)]:
+        ctx = MergeContext(heads=heads())
+        merged = adamerging.AdaMerging(init_lambda=init, clamp=clamp, steps=0).merge(pre, ft, ctx)
+        reference = with_state(pre, task_arithmetic_state(pre, ft, init))
+        assert ctx.artifacts["adamerging_coefficients"]["values"] == pytest.approx([init] * 3)
+        with torch.no_grad():
+            assert float((merged(x) - reference(x)).abs().max()) < 1e-5
+
+
+def test_float_buffers_are_merged_like_parameters():
+    """Every float tensor of the state, buffers included, is theta_0 + sum_t lambda_t tau_t in
+    the forward and the export (by hand: w and scale below, lambda = 0.3 for both tasks)."""
+
+    class Scaled(torch.nn.Module):
+        def __init__(self, w, scale):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.tensor(w))
+            self.register_buffer("scale", torch.tensor(scale))
+
+        def forward(self, x):
+            return x * self.w * self.scale
+
+    pre = Scaled([1.0, 2.0], [1.0, 1.0])
+    ft = {"a": Scaled([2.0, 2.0], [3.0, 1.0]), "b": Scaled([1.0, 4.0], [1.0, -1.0])}
+    enc = adamerging.AdaMergedEncoder(pre, ft, init_lambda=0.3)
+    w, scale = torch.tensor([1.3, 2.6]), torch.tensor([1.6, 0.4])
+    x = torch.tensor([[1.0, -2.0]])
+    with torch.no_grad():
+        torch.testing.assert_close(enc(x), x * w * scale)
+    exported = enc.export()
+    torch.testing.assert_close(exported.w.detach(), w)
+    torch.testing.assert_close(exported.scale, scale)

@@ -214,6 +214,9 @@ def test_a_checkpoint_with_tensors_the_pretrained_model_has_not_is_refused_by_ev
         check_same_keys(base, {"weight": base["weight"]}, "d")
     wider = tiny([[2.0, 2.0], [3.0, 0.0]], [1.0, 1.0])
     wider.register_buffer("scale", torch.ones(1))
-    for merge in (WeightAveraging(), TaskArithmetic()):
+    from methods.adamerging import AdaMerging
+    from methods.ties import TiesMerging
+
+    for merge in (WeightAveraging(), TaskArithmetic(), TiesMerging(), AdaMerging(steps=0)):
         with pytest.raises(ValueError, match=r"checkpoint 'b'.*unexpected \['scale'\]"):
             merge.merge(pre, {"a": ft["a"], "b": wider}, MergeContext())

@@ -286,9 +286,34 @@ def test_thresholds_exact_when_the_bracket_edge_sits_at_the_threshold(monkeypatc
     assert trim_thresholds(tasks, 30) == [8.0, 8.0]
 
 
+def test_zero_mass_entries_of_finetuned_states_take_the_vote():
+    """With ``base``, the zero-mass entries patched after the vote are re-read from the
+    fine-tuned states: tau must again be state - base there. Taus (3, 1, -5, -2) and
+    (-3, 2, 0, -1), k = 100: masses (0, 3, -5, -3), vote -1, so entry 0 keeps -3 (by hand)."""
+    base = tv(w=[1.5, -2.0, 0.25, 4.0])
+    taus = [tv(w=[3, 1, -5, -2]), tv(w=[-3, 2, 0, -1])]
+    finetuned = [{"w": base["w"] + tau["w"]} for tau in taus]
+    for merge_function, expected in [("mean", tv(w=[-3, 1.5, -5, -1.5])), ("sum", tv(w=[-3, 3, -5, -3]))]:
+        for options in TINY:
+            result = ties_merge_streaming(finetuned, 100, merge_function, base=base, **options)
+            assert_close(result, expected)
+
+
 def test_input_validation():
     with pytest.raises(ValueError):
         ties_merge_streaming([], 20)
+    for bad_base in [tv(v=[1.0]), tv(w=[1.0], v=[1.0])]:
+        with pytest.raises(ValueError, match="base"):
+            ties_merge_streaming([tv(w=[1.0])], 20, base=bad_base)
+        with pytest.raises(ValueError, match="base"):
+            trim_thresholds([tv(w=[1.0])], 20, base=bad_base)
+    for merge in (ties_merge_dense, ties_merge_streaming):
+        with pytest.raises(ValueError, match="no entries"):
+            merge([{"w": torch.zeros(0)}, {"w": torch.zeros(0)}], 20)
+    with pytest.raises(ValueError, match="trim_scope"):
+        ties_merge_dense([tv(w=[1.0])], 20, trim_scope="layer")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="trim_scope"):
+        ties_merge_streaming([tv(w=[1.0])], 20, trim_scope="layer")  # type: ignore[arg-type]
     with pytest.raises(ValueError):
         ties_merge_dense([tv(w=[1.0]), tv(v=[1.0])], 20)
     with pytest.raises(ValueError):
@@ -343,3 +368,28 @@ def test_method_end_to_end(merge_function, trim_scope):
     with torch.no_grad():
         out = merged(torch.randn(2, 3, 16, 16))
     assert out.shape == pretrained(torch.randn(2, 3, 16, 16)).shape
+
+
+def test_method_merges_float_buffers_and_keeps_the_template_otherwise():
+    """One task at k = 100 is task arithmetic: theta_0 + lambda * tau for every float tensor,
+    buffers included (by hand below); integer buffers and ``requires_grad`` are the template's."""
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.tensor([1.0, -1.0]), requires_grad=False)
+            self.b = torch.nn.Parameter(torch.tensor([0.5]))
+            self.register_buffer("scale", torch.tensor([1.0, 2.0]))
+            self.register_buffer("count", torch.tensor(3))
+
+    pretrained, finetuned = Tiny(), Tiny()
+    with torch.no_grad():
+        finetuned.w.copy_(torch.tensor([3.0, -5.0]))
+        finetuned.b.copy_(torch.tensor([1.5]))
+        finetuned.scale.copy_(torch.tensor([3.0, 0.0]))
+        finetuned.count.fill_(7)
+    merged = TiesMerging(k=100, scaling=0.5).merge(pretrained, {"t": finetuned}, MergeContext())
+    assert torch.equal(merged.w, torch.tensor([2.0, -3.0])) and not merged.w.requires_grad
+    assert torch.equal(merged.b, torch.tensor([1.0])) and merged.b.requires_grad
+    assert torch.equal(merged.scale, torch.tensor([2.0, 1.0]))
+    assert int(merged.count) == 3
