@@ -1007,3 +1007,37 @@ def test_a_small_image_is_corrupted_at_32_px_and_averaged_back(image):
     block_means = corrupted_big.reshape(16, 2, 16, 2, 3).mean(axis=(1, 3))
     out = corrupt_image(small, "gaussian_noise", 3, seed=9)
     assert np.abs(out - block_means).max() <= 1.0
+
+
+def test_a_sweeps_corrupted_split_is_drawn_under_its_robustness_seed(sweep_dict):
+    """The workspace corrupts a task's test split under the sweep's ``robustness.seed`` and
+    severity: the split equals the one corrupted without a cache under that seed, not the
+    default seed's noise."""
+    from harness.workspace import Workspace
+
+    d = dict(sweep_dict, robustness={"tasks": ["toy_stripes"], "corruptions": ["gaussian_noise"], "severity": 3,
+                                     "seed": 5})
+    ws = Workspace(validate_config(d))
+    got = ws.corrupted("toy_stripes", "gaussian_noise").tensors[0]
+    task = ws.task("toy_stripes")
+    assert torch.equal(got, corrupted_split(task, "gaussian_noise", 3, None, seed=5).tensors[0])
+    assert not torch.equal(got, corrupted_split(task, "gaussian_noise", 3, None, seed=0).tensors[0])
+
+
+def test_a_split_corrupted_for_other_options_of_a_factory_of_ones_own_is_not_read_back(sweep_dict):
+    """The corrupted-split cache is keyed by the task's identity in the sweep, options included:
+    a factory of one's own whose ``identity()`` ignores an option (here a label shift) gets its
+    own split, its labels those of its own test split, not the split cached for the other value."""
+    import copy
+
+    from harness.workspace import Workspace
+
+    name = "tests.own_tasks:shifted_labels"
+    for shift in (0, 1):
+        d = copy.deepcopy(sweep_dict)
+        d["tasks"] = [*d["tasks"], {"name": name, "options": {"shift": shift}}]
+        d["robustness"] = {"tasks": [name], "corruptions": ["contrast"]}
+        ws = Workspace(validate_config(d))
+        got = [int(y) for _, y in items(ws.corrupted(name, "contrast"))]
+        assert got == [int(y) for y in ws.task(name).dataset("test").tensors[1]] and min(got) == shift
+    assert len(list((Path(sweep_dict["cache_dir"]) / "corrupted").glob("mine-*.labels.npy"))) == 2
