@@ -852,3 +852,45 @@ def test_a_head_that_is_another_tasks_is_warned_about(sweep_dict, tmp_path):
     assert Workspace(validate_config(d)).input_warnings(["toy_stripes"]) == [
         f"model.heads.toy_stripes: {plain}: the head given for 'toy_stripes' is named for the dataset of task "
         "'toy_colours': is it the head of 'toy_colours'?"]
+
+
+def test_a_fine_tuned_encoder_that_changed_only_some_tensors_is_not_warned_about(tmp_path):
+    """Fine-tuning with frozen norms and biases changes only the weight matrices: every tensor must
+    equal the pretrained one for the zero-task-vector warning, not one of them."""
+    from harness.config import validate_config
+    from harness.workspace import Workspace
+    from tests.conftest import make_sweep_dict, write_micro_checkpoints
+
+    ckpt = write_micro_checkpoints(tmp_path / "ckpt", lambda p: 0.05 if p.ndim == 2 else 0.0)
+    ws = Workspace(validate_config(make_sweep_dict(ckpt, tmp_path)))
+    assert ws.input_warnings(["toy_stripes", "toy_colours"]) == []
+
+
+def test_a_damaged_fine_tuned_file_is_named_by_a_workspace_that_builds_nothing(sweep_dict, micro_checkpoints,
+                                                                             tmp_path):
+    """A truncated safetensors file is read as it is, so its damage is named, also by a workspace
+    that converts nothing (a dry run's), never taken for a conversion not made yet."""
+    from harness.config import validate_config
+    from harness.errors import HarnessError
+    from harness.workspace import Workspace
+
+    path = tmp_path / "cut.safetensors"
+    path.write_bytes((micro_checkpoints / "toy_stripes.safetensors").read_bytes()[:200])
+    cfg = validate_config(_with_ckpt(sweep_dict, "toy_stripes", path))
+    for build in (True, False):
+        with pytest.raises(HarnessError, match=f"{path}: not a readable safetensors file") as err:
+            Workspace(cfg, build=build).preflight()
+        assert type(err.value) is HarnessError
+
+
+def test_an_image_encoder_as_pretrained_is_named_by_the_workspace(sweep_dict, micro_checkpoints):
+    """Used as a library (no CLI check first), safetensors without a ``visual.`` tower given as
+    the pretrained model are refused as no whole CLIP, not loaded into one as mismatched weights."""
+    from harness.config import validate_config
+    from harness.errors import HarnessError
+    from harness.workspace import Workspace
+
+    d = copy.deepcopy(sweep_dict)
+    d["model"]["pretrained"] = str(micro_checkpoints / "toy_colours.safetensors")
+    with pytest.raises(HarnessError, match="toy_colours.safetensors: not a whole CLIP state dict"):
+        Workspace(validate_config(d)).clip

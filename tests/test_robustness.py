@@ -1041,3 +1041,14 @@ def test_a_split_corrupted_for_other_options_of_a_factory_of_ones_own_is_not_rea
         got = [int(y) for _, y in items(ws.corrupted(name, "contrast"))]
         assert got == [int(y) for y in ws.task(name).dataset("test").tensors[1]] and min(got) == shift
     assert len(list((Path(sweep_dict["cache_dir"]) / "corrupted").glob("mine-*.labels.npy"))) == 2
+
+
+def test_an_unseen_task_without_a_checkpoint_file_is_checked_without_one(sweep_dict):
+    """An unseen task needs no fine-tuned checkpoint: its pattern path that does not exist is left
+    out of the inputs, so the sweep's checks pass and no key names the missing file."""
+    from harness.workspace import Workspace
+
+    d = dict(sweep_dict, tasks=["toy_stripes", "toy_colours", "toy_checks"], unseen=["toy_checks"])
+    ws = Workspace(validate_config(d))
+    ws.preflight()
+    assert sorted(ws.sources["finetuned"]) == sorted(ws.identity["finetuned"]) == ["toy_colours", "toy_stripes"]
