@@ -1052,3 +1052,20 @@ def test_an_unseen_task_without_a_checkpoint_file_is_checked_without_one(sweep_d
     ws = Workspace(validate_config(d))
     ws.preflight()
     assert sorted(ws.sources["finetuned"]) == sorted(ws.identity["finetuned"]) == ["toy_colours", "toy_stripes"]
+
+
+def test_a_perfect_routing_bound_merges_the_seen_tasks_only(sweep_dict):
+    """The perfect-routing bound of a sweep with an unseen task is task arithmetic over the seen
+    tasks' encoders with the task's own MLPs: the unseen task's checkpoint, present on disk, is
+    no part of it (hand-computed: pretrained + scaling * (fine-tuned - pretrained) outside MLPs)."""
+    from harness.job import perfect_routing_encoder
+    from harness.workspace import Workspace
+
+    d = dict(sweep_dict, unseen=["toy_colours"], references={"perfect_routing": True})
+    ws = Workspace(validate_config(d))
+    got = perfect_routing_encoder(ws, "toy_stripes", 0.5).state_dict()
+    pre, ft = ws.pretrained_encoder.state_dict(), ws.finetuned_encoder("toy_stripes").state_dict()
+    assert any(".mlp." in k for k in pre)
+    for k, v in pre.items():
+        want = ft[k] if ".mlp." in k else v + 0.5 * (ft[k] - v)
+        assert torch.allclose(got[k], want, atol=1e-6), k
