@@ -894,3 +894,23 @@ def test_an_image_encoder_as_pretrained_is_named_by_the_workspace(sweep_dict, mi
     d["model"]["pretrained"] = str(micro_checkpoints / "toy_colours.safetensors")
     with pytest.raises(HarnessError, match="toy_colours.safetensors: not a whole CLIP state dict"):
         Workspace(validate_config(d)).clip
+
+
+@pytest.mark.parametrize("name, key", [("bias-first.pt", "weight"), ("bias-first.safetensors", "head")])
+def test_a_stored_heads_tensor_is_found_by_its_name_not_its_place(name, key, sweep_dict, tmp_path):
+    """A head file listing its zero bias before the ``[classes, dim]`` tensor (a dict built in
+    that order, or safetensors, which lists names sorted) is read as its ``weight`` (or ``head``)."""
+    from harness.config import validate_config
+    from harness.workspace import Workspace
+
+    torch.manual_seed(0)
+    weight = torch.randn(4, 32)
+    path = tmp_path / name
+    state = {"bias": torch.zeros(4), key: weight}
+    if name.endswith(".pt"):
+        torch.save(state, path)
+    else:
+        save_state_dict(state, path)
+    d = copy.deepcopy(sweep_dict)
+    d["model"]["heads"] = {"toy_colours": str(path)}
+    assert torch.equal(Workspace(validate_config(d)).head("toy_colours"), weight)
