@@ -914,3 +914,21 @@ def test_a_stored_heads_tensor_is_found_by_its_name_not_its_place(name, key, swe
     d = copy.deepcopy(sweep_dict)
     d["model"]["heads"] = {"toy_colours": str(path)}
     assert torch.equal(Workspace(validate_config(d)).head("toy_colours"), weight)
+
+
+def test_a_converted_checkpoint_is_named_as_given_and_as_converted(sweep_dict, micro_checkpoints, tmp_path):
+    """A checkpoint read from a conversion in the cache (here a ``.pt`` whole-CLIP tower under
+    ``visual.``) is named by its field, the file given and the converted file read in its place."""
+    from harness.config import validate_config
+    from harness.models import load_state_dict
+    from harness.workspace import Workspace
+
+    pre = load_state_dict(micro_checkpoints / "pretrained.safetensors")
+    given = tmp_path / "tower.pt"
+    torch.save({k: v for k, v in pre.items() if k.startswith("visual.")}, given)
+    ws = Workspace(validate_config(_with_ckpt(sweep_dict, "toy_stripes", given)))
+    read = Path(ws.sources["finetuned"]["toy_stripes"])
+    assert read.parent == Path(sweep_dict["cache_dir"]) / "checkpoints"
+    assert ws.input_warnings(["toy_stripes"]) == [
+        f"model.finetuned.toy_stripes: {given} (converted to {read}): the fine-tuned encoder of 'toy_stripes' "
+        "equals the pretrained one (a zero task vector): is it the pretrained weights?"]
