@@ -82,3 +82,8 @@ def sized_by_default(image_size: int = 16) -> Task:
 def sized_without_default(image_size: int) -> Task:
     """A factory that must be given the encoder's input size: no task before a model is built."""
     return PlainTask("mine_unsized", [f"c{i}" for i in range(4)], image_size=image_size)
+
+
+def shifted_labels(shift: int = 0) -> Task:
+    """Labels shifted by an option the task's identity does not name (name and classes only)."""
+    return PlainTask("mine", [f"c{i}" for i in range(5)], shift=shift)

@@ -883,3 +883,83 @@ def test_a_head_that_is_another_tasks_is_warned_about(sweep_dict, tmp_path):
     assert Workspace(validate_config(d)).input_warnings(["toy_stripes"]) == [
         f"model.heads.toy_stripes: {plain}: the head given for 'toy_stripes' is named for the dataset of task "
         "'toy_colours': is it the head of 'toy_colours'?"]
+
+
+def test_a_fine_tuned_encoder_that_changed_only_some_tensors_is_not_warned_about(tmp_path):
+    """Fine-tuning with frozen norms and biases changes only the weight matrices: every tensor must
+    equal the pretrained one for the zero-task-vector warning, not one of them."""
+    from harness.config import validate_config
+    from harness.workspace import Workspace
+    from tests.conftest import make_sweep_dict, write_micro_checkpoints
+
+    ckpt = write_micro_checkpoints(tmp_path / "ckpt", lambda p: 0.05 if p.ndim == 2 else 0.0)
+    ws = Workspace(validate_config(make_sweep_dict(ckpt, tmp_path)))
+    assert ws.input_warnings(["toy_stripes", "toy_colours"]) == []
+
+
+def test_a_damaged_fine_tuned_file_is_named_by_a_workspace_that_builds_nothing(sweep_dict, micro_checkpoints,
+                                                                             tmp_path):
+    """A truncated safetensors file is read as it is, so its damage is named, also by a workspace
+    that converts nothing (a dry run's), never taken for a conversion not made yet."""
+    from harness.config import validate_config
+    from harness.errors import HarnessError
+    from harness.workspace import Workspace
+
+    path = tmp_path / "cut.safetensors"
+    path.write_bytes((micro_checkpoints / "toy_stripes.safetensors").read_bytes()[:200])
+    cfg = validate_config(_with_ckpt(sweep_dict, "toy_stripes", path))
+    for build in (True, False):
+        with pytest.raises(HarnessError, match=f"{path}: not a readable safetensors file") as err:
+            Workspace(cfg, build=build).preflight()
+        assert type(err.value) is HarnessError
+
+
+def test_an_image_encoder_as_pretrained_is_named_by_the_workspace(sweep_dict, micro_checkpoints):
+    """Used as a library (no CLI check first), safetensors without a ``visual.`` tower given as
+    the pretrained model are refused as no whole CLIP, not loaded into one as mismatched weights."""
+    from harness.config import validate_config
+    from harness.errors import HarnessError
+    from harness.workspace import Workspace
+
+    d = copy.deepcopy(sweep_dict)
+    d["model"]["pretrained"] = str(micro_checkpoints / "toy_colours.safetensors")
+    with pytest.raises(HarnessError, match="toy_colours.safetensors: not a whole CLIP state dict"):
+        Workspace(validate_config(d)).clip
+
+
+@pytest.mark.parametrize("name, key", [("bias-first.pt", "weight"), ("bias-first.safetensors", "head")])
+def test_a_stored_heads_tensor_is_found_by_its_name_not_its_place(name, key, sweep_dict, tmp_path):
+    """A head file listing its zero bias before the ``[classes, dim]`` tensor (a dict built in
+    that order, or safetensors, which lists names sorted) is read as its ``weight`` (or ``head``)."""
+    from harness.config import validate_config
+    from harness.workspace import Workspace
+
+    torch.manual_seed(0)
+    weight = torch.randn(4, 32)
+    path = tmp_path / name
+    state = {"bias": torch.zeros(4), key: weight}
+    if name.endswith(".pt"):
+        torch.save(state, path)
+    else:
+        save_state_dict(state, path)
+    d = copy.deepcopy(sweep_dict)
+    d["model"]["heads"] = {"toy_colours": str(path)}
+    assert torch.equal(Workspace(validate_config(d)).head("toy_colours"), weight)
+
+
+def test_a_converted_checkpoint_is_named_as_given_and_as_converted(sweep_dict, micro_checkpoints, tmp_path):
+    """A checkpoint read from a conversion in the cache (here a ``.pt`` whole-CLIP tower under
+    ``visual.``) is named by its field, the file given and the converted file read in its place."""
+    from harness.config import validate_config
+    from harness.models import load_state_dict
+    from harness.workspace import Workspace
+
+    pre = load_state_dict(micro_checkpoints / "pretrained.safetensors")
+    given = tmp_path / "tower.pt"
+    torch.save({k: v for k, v in pre.items() if k.startswith("visual.")}, given)
+    ws = Workspace(validate_config(_with_ckpt(sweep_dict, "toy_stripes", given)))
+    read = Path(ws.sources["finetuned"]["toy_stripes"])
+    assert read.parent == Path(sweep_dict["cache_dir"]) / "checkpoints"
+    assert ws.input_warnings(["toy_stripes"]) == [
+        f"model.finetuned.toy_stripes: {given} (converted to {read}): the fine-tuned encoder of 'toy_stripes' "
+        "equals the pretrained one (a zero task vector): is it the pretrained weights?"]

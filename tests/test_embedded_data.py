@@ -683,3 +683,19 @@ def test_pool_items_come_from_the_pool_seed_stream():
         got_image, got_caption, got_family = pool.pool_item(3, i)
         assert got_family == family and np.array_equal(got_image, image)
         assert got_caption.replace("an ", "a ") == caption.replace("an ", "a ")
+
+
+def test_a_sweeps_embedded_task_is_cached_in_the_sweeps_cache_folder(sweep_dict, tmp_path, monkeypatch):
+    """A sweep reads and writes an embedded task's data under its own ``cache_dir``, as every other
+    cached file, not under ``$HARNESS_CACHE`` (another folder, maybe another machine's disk)."""
+    from harness.config import validate_config
+    from harness.workspace import Workspace
+
+    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "elsewhere"))
+    d = dict(sweep_dict, tasks=[*sweep_dict["tasks"], {"name": "emb_signs", "options": {"size": "tiny"}}])
+    task = Workspace(validate_config(d)).task("emb_signs")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", EmbeddedSourceWarning)
+        assert torch.equal(task.raw("test")[0], emb.load_task("emb_signs", "tiny", sweep_dict["cache_dir"]).raw("test")[0])
+    assert data.cache_path("emb_signs", "tiny", sweep_dict["cache_dir"]).is_file()
+    assert not (tmp_path / "elsewhere").exists()

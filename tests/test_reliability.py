@@ -353,3 +353,26 @@ def test_a_job_with_a_non_finite_metric_fails_and_is_not_cached(sweep_dict):
     (run,) = client.search_runs([client.get_experiment_by_name(cfg.name).experiment_id],
                                 "tags.`harness.label` = 'nan-routing'")
     assert run.info.status == "FAILED" and "non-finite metric" in run.data.tags["harness.failure_reason"]
+
+
+def test_forgotten_models_and_heads_load_again_as_their_files_hold_them(sweep_dict):
+    """After a job changed the loaded models in place, ``forget_models`` makes the next job read
+    the pretrained model, the fine-tuned encoders and the heads again: equal to their files
+    (the micro models score at chance, so a later job's accuracy alone would not tell)."""
+    from harness.models import load_state_dict
+    from harness.workspace import Workspace
+
+    cfg = validate_config(sweep_dict)
+    ws = Workspace(cfg)
+    head = ws.head("toy_stripes").clone()
+    with torch.no_grad():
+        for module in (ws.pretrained_encoder, ws.finetuned_encoder("toy_stripes")):
+            for p in module.parameters():
+                p.zero_()
+        ws.head("toy_stripes").mul_(-1.0)
+    ws.forget_models()
+    pre = load_state_dict(cfg.model.pretrained)
+    ft = load_state_dict(cfg.model.finetuned_pattern.format(task="toy_stripes"))
+    assert all(torch.equal(v, pre[f"visual.{k}"]) for k, v in ws.pretrained_encoder.state_dict().items())
+    assert all(torch.equal(v, ft[k]) for k, v in ws.finetuned_encoder("toy_stripes").state_dict().items())
+    assert torch.equal(ws.head("toy_stripes"), head)

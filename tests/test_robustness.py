@@ -1173,3 +1173,65 @@ def test_a_draw_still_invalid_after_eight_seeds_is_the_eighth(image, monkeypatch
     monkeypatch.setattr(imagecorruptions, "corrupt", corrupt)
     out = corrupt_image(image, "spatter", 2, seed=40)
     assert np.array_equal(out, np.full_like(image, np.random.RandomState(47).randint(256)))
+
+
+def test_a_sweeps_corrupted_split_is_drawn_under_its_robustness_seed(sweep_dict):
+    """The workspace corrupts a task's test split under the sweep's ``robustness.seed`` and
+    severity: the split equals the one corrupted without a cache under that seed, not the
+    default seed's noise."""
+    from harness.workspace import Workspace
+
+    d = dict(sweep_dict, robustness={"tasks": ["toy_stripes"], "corruptions": ["gaussian_noise"], "severity": 3,
+                                     "seed": 5})
+    ws = Workspace(validate_config(d))
+    got = ws.corrupted("toy_stripes", "gaussian_noise").tensors[0]
+    task = ws.task("toy_stripes")
+    assert torch.equal(got, corrupted_split(task, "gaussian_noise", 3, None, seed=5).tensors[0])
+    assert not torch.equal(got, corrupted_split(task, "gaussian_noise", 3, None, seed=0).tensors[0])
+
+
+def test_a_split_corrupted_for_other_options_of_a_factory_of_ones_own_is_not_read_back(sweep_dict):
+    """The corrupted-split cache is keyed by the task's identity in the sweep, options included:
+    a factory of one's own whose ``identity()`` ignores an option (here a label shift) gets its
+    own split, its labels those of its own test split, not the split cached for the other value."""
+    import copy
+
+    from harness.workspace import Workspace
+
+    name = "tests.own_tasks:shifted_labels"
+    for shift in (0, 1):
+        d = copy.deepcopy(sweep_dict)
+        d["tasks"] = [*d["tasks"], {"name": name, "options": {"shift": shift}}]
+        d["robustness"] = {"tasks": [name], "corruptions": ["contrast"]}
+        ws = Workspace(validate_config(d))
+        got = [int(y) for _, y in items(ws.corrupted(name, "contrast"))]
+        assert got == [int(y) for y in ws.task(name).dataset("test").tensors[1]] and min(got) == shift
+    assert len(list((Path(sweep_dict["cache_dir"]) / "corrupted").glob("mine-*.labels.npy"))) == 2
+
+
+def test_an_unseen_task_without_a_checkpoint_file_is_checked_without_one(sweep_dict):
+    """An unseen task needs no fine-tuned checkpoint: its pattern path that does not exist is left
+    out of the inputs, so the sweep's checks pass and no key names the missing file."""
+    from harness.workspace import Workspace
+
+    d = dict(sweep_dict, tasks=["toy_stripes", "toy_colours", "toy_checks"], unseen=["toy_checks"])
+    ws = Workspace(validate_config(d))
+    ws.preflight()
+    assert sorted(ws.sources["finetuned"]) == sorted(ws.identity["finetuned"]) == ["toy_colours", "toy_stripes"]
+
+
+def test_a_perfect_routing_bound_merges_the_seen_tasks_only(sweep_dict):
+    """The perfect-routing bound of a sweep with an unseen task is task arithmetic over the seen
+    tasks' encoders with the task's own MLPs: the unseen task's checkpoint, present on disk, is
+    no part of it (hand-computed: pretrained + scaling * (fine-tuned - pretrained) outside MLPs)."""
+    from harness.job import perfect_routing_encoder
+    from harness.workspace import Workspace
+
+    d = dict(sweep_dict, unseen=["toy_colours"], references={"perfect_routing": True})
+    ws = Workspace(validate_config(d))
+    got = perfect_routing_encoder(ws, "toy_stripes", 0.5).state_dict()
+    pre, ft = ws.pretrained_encoder.state_dict(), ws.finetuned_encoder("toy_stripes").state_dict()
+    assert any(".mlp." in k for k in pre)
+    for k, v in pre.items():
+        want = ft[k] if ".mlp." in k else v + 0.5 * (ft[k] - v)
+        assert torch.allclose(got[k], want, atol=1e-6), k
