@@ -201,6 +201,12 @@ def _executor_error(tmp_path, **executor) -> str:
                                                       "harness validate or --dry-run"),
     ({"kind": "slurm", "sbatch": {"wait": True}}, "executor.sbatch: 'wait' is set by the harness; use nothing "
                                                  "(the driver waits for the jobs; --detach returns)"),
+    ({"kind": "slurm", "sbatch": {"parsab": True}}, "executor.sbatch: 'parsab' abbreviates 'parsable' (sbatch takes "
+                                                   "the start of an option's name for it), which is set by the "
+                                                   "harness; use nothing"),
+    ({"kind": "slurm", "sbatch": {"partit": "gpu"}}, "executor.sbatch: 'partit' abbreviates 'partition' (sbatch "
+                                                    "takes the start of an option's name for it), which is set by the "
+                                                    "harness; use executor.partition"),
     ({"kind": "slurm", "sbatch": {"--exclude": "n1"}}, "executor.sbatch: '--exclude' is not an sbatch option's long"),
     ({"kind": "slurm", "sbatch": {"comment": "a\n#SBATCH --time=9999"}}, "executor.sbatch: the value of 'comment' "
                                                                          "must be a single line"),
@@ -209,6 +215,15 @@ def _executor_error(tmp_path, **executor) -> str:
 ])
 def test_bad_executor_fields_are_one_line_errors(tmp_path, executor, expected):
     assert expected in _executor_error(tmp_path, **executor)
+
+
+def test_sbatch_options_that_start_no_harness_option_are_kept(tmp_path):
+    """--gpus is an option of its own (not an abbreviation of --gpus-per-node); --mail-typ
+    abbreviates --mail-type, which the harness leaves to the sweep."""
+    d = make_sweep_dict(Path("/nonexistent"), tmp_path)
+    d["executor"] = {"kind": "slurm", "sbatch": {"gpus": 1, "mail-typ": "END", "exclu": "n1"}}
+    cfg = validate_config(d, "sweep.yaml")
+    assert cfg.executor.sbatch == {"gpus": 1, "mail-typ": "END", "exclu": "n1"}
 
 
 def test_validate_accepts_the_slurm_executor_block(micro_checkpoints, tmp_path, monkeypatch):
