@@ -337,7 +337,7 @@ def _run_sweep(cfg: SweepConfig, ws: Workspace, executor: Any, console: Console,
                     f"({trials} trials in all, finished ones kept)")
         n_jobs = len({sp.key for sp in specs})
         console.print(f"[bold]{cfg.name}[/]: {n_jobs} jobs, {n_jobs - len(pending)} cached, "
-                      f"{len(pending)} to run{then} -> {out}", highlight=False)
+                      f"{len(pending)} to run{then} -> {escape(str(out))}", highlight=False)
     kept = finished_studies(cfg, identity, task_identity, results_dir) if mode == "collect" else []
     studies = [m.display for m in cfg.methods if m.tune and m.display not in {f.label for f, _, _ in kept}
                ] if mode != "run" else []
@@ -350,7 +350,7 @@ def _run_sweep(cfg: SweepConfig, ws: Workspace, executor: Any, console: Console,
                   and not finished_result(results_dir, f)]
         message = executor.submit(pending + one_per_key(follow))
         if show:
-            console.print(message, highlight=False)
+            console.print(message, highlight=False, markup=False)
         return SweepOutcome(list(results.values()), [], out, tracker.parent_id, [], timings)
     if mode == "collect":
         executor.collect_only = True

@@ -1414,6 +1414,22 @@ def test_a_rerun_says_it_found_its_submitted_jobs_again(cluster, varied_checkpoi
 
 
 @needs_slurm
+def test_detach_names_an_output_folder_with_brackets_as_it_is_named(cluster, varied_checkpoints, tmp_path):
+    """``exp[lr]`` is a folder name, not rich markup to drop from the record's path."""
+    d = _sweep(varied_checkpoints, tmp_path / "exp[lr]", "toy-brackets", kind="slurm", mem_gb=1, poll_s=1)
+    d["references"] = False
+    d["methods"] = [{"name": "weight_averaging"}]
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump(d))
+    r = CliRunner().invoke(main, ["sweep", str(f), "--detach"], env={"COLUMNS": "400"})
+    assert r.exit_code == 0, r.output
+    assert "[lr]" in d["output_dir"]
+    assert f"record: {Path(d['output_dir']) / 'slurm' / 'submitted.json'}\n" in r.output, r.output
+    r = CliRunner().invoke(main, ["collect", str(f)])
+    assert r.exit_code == 0, r.output
+
+
+@needs_slurm
 def test_a_job_whose_setup_line_fails_is_reported_naming_the_line(cluster, varied_checkpoints, tmp_path):
     d = _sweep(varied_checkpoints, tmp_path / "sweep", "toy-setup", kind="slurm", mem_gb=1, poll_s=1,
                setup=["export HARNESS_SETUP_TEST=1", "module-not-here load cuda"])
