@@ -225,7 +225,8 @@ def _print_plan(cfg, cache: bool = False) -> None:
     elif cache:
         console.print(f"{len(jobs)} jobs: which are cached is not known before the models are built ({why})",
                       highlight=False, markup=False, soft_wrap=True)
-    console.print(f"outputs: {cfg.resolved_output_dir()}\ntracking: {cfg.resolved_tracking_uri()}")
+    console.print(f"outputs: {cfg.resolved_output_dir()}\ntracking: {cfg.resolved_tracking_uri()}",
+                  highlight=False, markup=False)  # a path may hold "[...]", which is not markup
 
 
 @main.command()

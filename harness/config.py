@@ -511,6 +511,10 @@ SBATCH_OWN = {
     "wait": "nothing (the driver waits for the jobs; --detach returns)",
 }
 
+#: sbatch options whose whole name starts the name of one in ``SBATCH_OWN``: sbatch reads them as
+#: themselves, not as an abbreviation of the harness's own.
+SBATCH_OWN_PREFIXES = frozenset({"gpus"})
+
 
 class ExecutorSpec(Strict):
     """Where jobs run: in this process or a local pool, on SLURM through submitit job arrays, or in
@@ -560,6 +564,11 @@ class ExecutorSpec(Strict):
                 raise ValueError(f"{key!r} is not an sbatch option's long name (like 'exclude', 'mail-type')")
             if key in SBATCH_OWN:
                 raise ValueError(f"{key!r} is set by the harness; use {SBATCH_OWN[key]}")
+            # sbatch takes the start of a long option's name for the option: 'parsab' is --parsable
+            owned = [o for o in SBATCH_OWN if o.startswith(key)] if key not in SBATCH_OWN_PREFIXES else []
+            if owned:
+                raise ValueError(f"{key!r} abbreviates {owned[0]!r} (sbatch takes the start of an option's name "
+                                 f"for it), which is set by the harness; use {SBATCH_OWN[owned[0]]}")
             if not (value is True or isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool))):
                 raise ValueError(f"the value of {key!r} must be a string, an integer, or true for a flag "
                                  f"(got {value!r})")

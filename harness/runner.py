@@ -345,10 +345,10 @@ def _run_sweep(cfg: SweepConfig, ws: Workspace, executor: Any, console: Console,
 
             trials = sum(n_trials_possible(m.tune) for m in tuned)
             then = (f", then {len(tuned)} Optuna {'study' if len(tuned) == 1 else 'studies'} "
-                    f"({trials} trials in all, finished ones kept)")
+                    f"({trials} trial{'s' if trials != 1 else ''} in all, finished ones kept)")
         n_jobs = len({sp.key for sp in specs})
-        console.print(f"[bold]{cfg.name}[/]: {n_jobs} jobs, {n_jobs - len(pending)} cached, "
-                      f"{len(pending)} to run{then} -> {out}", highlight=False)
+        console.print(f"[bold]{cfg.name}[/]: {n_jobs} job{'s' if n_jobs != 1 else ''}, {n_jobs - len(pending)} cached, "
+                      f"{len(pending)} to run{then} -> {escape(str(out))}", highlight=False)
     kept = finished_studies(cfg, identity, task_identity, results_dir) if mode == "collect" else []
     studies = [m.display for m in cfg.methods if m.tune and m.display not in {f.label for f, _, _ in kept}
                ] if mode != "run" else []
@@ -361,7 +361,7 @@ def _run_sweep(cfg: SweepConfig, ws: Workspace, executor: Any, console: Console,
                   and not finished_result(results_dir, f)]
         message = executor.submit(pending + one_per_key(follow))
         if show:
-            console.print(message, highlight=False)
+            console.print(message, highlight=False, markup=False)
         return SweepOutcome(list(results.values()), [], out, tracker.parent_id, [], timings)
     if mode == "collect":
         executor.collect_only = True

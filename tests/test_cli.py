@@ -153,6 +153,19 @@ def test_validate_and_dry_run_print_plan_and_run_nothing(sweep_dict, tmp_path):
     assert len(follow) == 1 and "task_arithmetic" in follow[0]  # the grid method, not weight averaging
 
 
+def test_an_output_folder_with_brackets_is_printed_as_it_is_named(sweep_dict, tmp_path):
+    """``exp[lr]`` is a folder name, not rich markup to drop."""
+    out = tmp_path / "exp[lr]"
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump(dict(sweep_dict, output_dir=str(out), methods=[{"name": "task_arithmetic"}])))
+    r = CliRunner().invoke(main, ["validate", str(f)], env={"COLUMNS": "400"})
+    assert r.exit_code == 0, r.output
+    assert f"outputs: {out}\ntracking: sqlite:///{out}/mlflow.db" in r.output
+    r = CliRunner().invoke(main, ["sweep", str(f)], env={"COLUMNS": "400"})
+    assert r.exit_code == 0, r.output
+    assert f"-> {out}\n" in r.output
+
+
 def test_sweep_command_prints_table(sweep_dict, tmp_path):
     f = tmp_path / "s.yaml"
     sweep_dict["methods"] = [{"name": "task_arithmetic"}]

@@ -201,6 +201,12 @@ def _executor_error(tmp_path, **executor) -> str:
                                                       "harness validate or --dry-run"),
     ({"kind": "slurm", "sbatch": {"wait": True}}, "executor.sbatch: 'wait' is set by the harness; use nothing "
                                                  "(the driver waits for the jobs; --detach returns)"),
+    ({"kind": "slurm", "sbatch": {"parsab": True}}, "executor.sbatch: 'parsab' abbreviates 'parsable' (sbatch takes "
+                                                   "the start of an option's name for it), which is set by the "
+                                                   "harness; use nothing"),
+    ({"kind": "slurm", "sbatch": {"partit": "gpu"}}, "executor.sbatch: 'partit' abbreviates 'partition' (sbatch "
+                                                    "takes the start of an option's name for it), which is set by the "
+                                                    "harness; use executor.partition"),
     ({"kind": "slurm", "sbatch": {"--exclude": "n1"}}, "executor.sbatch: '--exclude' is not an sbatch option's long"),
     ({"kind": "slurm", "sbatch": {"comment": "a\n#SBATCH --time=9999"}}, "executor.sbatch: the value of 'comment' "
                                                                          "must be a single line"),
@@ -209,6 +215,15 @@ def _executor_error(tmp_path, **executor) -> str:
 ])
 def test_bad_executor_fields_are_one_line_errors(tmp_path, executor, expected):
     assert expected in _executor_error(tmp_path, **executor)
+
+
+def test_sbatch_options_that_start_no_harness_option_are_kept(tmp_path):
+    """--gpus is an option of its own (not an abbreviation of --gpus-per-node); --mail-typ
+    abbreviates --mail-type, which the harness leaves to the sweep."""
+    d = make_sweep_dict(Path("/nonexistent"), tmp_path)
+    d["executor"] = {"kind": "slurm", "sbatch": {"gpus": 1, "mail-typ": "END", "exclu": "n1"}}
+    cfg = validate_config(d, "sweep.yaml")
+    assert cfg.executor.sbatch == {"gpus": 1, "mail-typ": "END", "exclu": "n1"}
 
 
 def test_validate_accepts_the_slurm_executor_block(micro_checkpoints, tmp_path, monkeypatch):
@@ -1396,6 +1411,22 @@ def test_a_rerun_says_it_found_its_submitted_jobs_again(cluster, varied_checkpoi
     r = CliRunner().invoke(main, ["sweep", str(f)], env={"COLUMNS": "250"})
     assert r.exit_code == 0, r.output
     assert f"submitted 0 jobs (SLURM -), 2 already queued, running or finished (SLURM {base})" in r.output, r.output
+
+
+@needs_slurm
+def test_detach_names_an_output_folder_with_brackets_as_it_is_named(cluster, varied_checkpoints, tmp_path):
+    """``exp[lr]`` is a folder name, not rich markup to drop from the record's path."""
+    d = _sweep(varied_checkpoints, tmp_path / "exp[lr]", "toy-brackets", kind="slurm", mem_gb=1, poll_s=1)
+    d["references"] = False
+    d["methods"] = [{"name": "weight_averaging"}]
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump(d))
+    r = CliRunner().invoke(main, ["sweep", str(f), "--detach"], env={"COLUMNS": "400"})
+    assert r.exit_code == 0, r.output
+    assert "[lr]" in d["output_dir"]
+    assert f"record: {Path(d['output_dir']) / 'slurm' / 'submitted.json'}\n" in r.output, r.output
+    r = CliRunner().invoke(main, ["collect", str(f)])
+    assert r.exit_code == 0, r.output
 
 
 @needs_slurm

@@ -1089,6 +1089,21 @@ def test_a_name_shared_by_a_tuned_and_an_untuned_method_means_the_tuned_one(swee
     assert cfg.methods[_method_index(cfg, "fixed", "s.yaml")].display == "fixed"
 
 
+def test_the_sweep_header_counts_one_job_and_one_trial_in_the_singular(sweep_dict, tmp_path):
+    from click.testing import CliRunner
+
+    from harness.cli import main
+
+    d = dict(sweep_dict, references=False, methods=[{"name": "weight_averaging"},
+                                                    {"name": "task_arithmetic", "tune": tune_block(n_trials=1)}])
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump(d))
+    r = CliRunner().invoke(main, ["sweep", str(f)], env={"COLUMNS": "300"})
+    assert r.exit_code == 0, r.output
+    assert (f"{d['name']}: 1 job, 0 cached, 1 to run, then 1 Optuna study (1 trial in all, finished ones kept) -> "
+            f"{d['output_dir']}\n") in r.output, r.output
+
+
 def test_tune_command_refuses_an_ambiguous_name_and_a_bad_trial_count(sweep_dict, tmp_path):
     from click.testing import CliRunner
 
