@@ -669,14 +669,11 @@ def test_validate_names_pretrained_weights_every_checkpoint_differs_from(sweep_d
                                  "checkpoint has (32,)") in err, err
 
 
-def test_a_fine_tuned_checkpoint_equal_to_the_pretrained_encoder_is_warned_about(tmp_path):
-    """A fine-tuned file that holds the pretrained encoder (a copied file, a wrong path) merges as a
-    zero task vector: its individual and merge jobs say so, naming the field and file; the other
-    task's checkpoint, really changed, raises nothing."""
+def _sweep_with_a_copied_pretrained_checkpoint(tmp_path: Path) -> tuple[dict, str]:
+    """A task-arithmetic sweep whose toy_colours checkpoint holds the pretrained encoder (toy_stripes'
+    really changed), and the warning its jobs must give, naming the field and the file."""
     import shutil
 
-    from harness.config import validate_config
-    from harness.runner import run_sweep
     from tests.conftest import make_sweep_dict, write_micro_checkpoints
 
     ckpt = write_micro_checkpoints(tmp_path / "ckpt", lambda p: 0.05)
@@ -685,9 +682,20 @@ def test_a_fine_tuned_checkpoint_equal_to_the_pretrained_encoder_is_warned_about
     d = make_sweep_dict(ckpt, tmp_path)
     d["methods"] = [{"name": "task_arithmetic", "params": {"scaling": 0.5}}]
     d["eval"] = {"max_samples": 16}
+    warning = (f"model.finetuned_pattern (task 'toy_colours'): {ckpt / 'toy_colours.safetensors'}: the fine-tuned "
+               "encoder of 'toy_colours' equals the pretrained one (a zero task vector): is it the pretrained weights?")
+    return d, warning
+
+
+def test_a_fine_tuned_checkpoint_equal_to_the_pretrained_encoder_is_warned_about(tmp_path):
+    """A fine-tuned file that holds the pretrained encoder (a copied file, a wrong path) merges as a
+    zero task vector: its individual and merge jobs say so, naming the field and file; the other
+    task's checkpoint, really changed, raises nothing."""
+    from harness.config import validate_config
+    from harness.runner import run_sweep
+
+    d, want = _sweep_with_a_copied_pretrained_checkpoint(tmp_path)
     run = run_sweep(validate_config(d), console=None)
-    want = (f"model.finetuned_pattern (task 'toy_colours'): {ckpt / 'toy_colours.safetensors'}: the fine-tuned "
-            "encoder of 'toy_colours' equals the pretrained one (a zero task vector): is it the pretrained weights?")
     by_title = {r.title: r.warnings for r in run.results}
     assert by_title["task_arithmetic"] == [want]
     assert by_title["individual/toy_colours"] == [want]
@@ -696,20 +704,9 @@ def test_a_fine_tuned_checkpoint_equal_to_the_pretrained_encoder_is_warned_about
 
 def test_a_quiet_sweep_still_prints_the_zero_task_vector_warning(tmp_path):
     """``-q`` silences progress, not a warning that the merge used a likely wrong checkpoint."""
-    import shutil
-
-    from tests.conftest import make_sweep_dict, write_micro_checkpoints
-
-    ckpt = write_micro_checkpoints(tmp_path / "ckpt", lambda p: 0.05)
-    same = write_micro_checkpoints(tmp_path / "same", lambda p: 0.0, tasks=["toy_colours"])
-    shutil.copy(same / "toy_colours.safetensors", ckpt / "toy_colours.safetensors")
-    d = make_sweep_dict(ckpt, tmp_path)
-    d["methods"] = [{"name": "task_arithmetic", "params": {"scaling": 0.5}}]
-    d["eval"] = {"max_samples": 16}
+    d, warning = _sweep_with_a_copied_pretrained_checkpoint(tmp_path)
     code, err, _ = _run_sweep(tmp_path, d)
     assert code == 0, err
-    warning = (f"model.finetuned_pattern (task 'toy_colours'): {ckpt / 'toy_colours.safetensors'}: the fine-tuned "
-               "encoder of 'toy_colours' equals the pretrained one (a zero task vector): is it the pretrained weights?")
     assert err.count(f"warning individual/toy_colours: {warning}") == 1, err
     assert err.count(f"warning task_arithmetic(scaling=0.5): {warning}") == 1, err
     assert "done " not in err, err
