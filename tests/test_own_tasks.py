@@ -101,10 +101,11 @@ def test_in_memory_fractional_labels_are_refused_whole_float_labels_kept():
     assert task.dataset("test").tensors[1].tolist() == [0, 1, 0, 1]
 
 
-def test_in_memory_task_without_a_val_split_is_refused():
+@pytest.mark.parametrize("split", ["val", "test"])
+def test_in_memory_task_without_a_val_or_test_split_is_refused(split):
     s = _splits(torch.zeros(2, 8, 8, 3, dtype=torch.uint8), torch.tensor([0, 1]))
-    del s["val"]
-    with pytest.raises(TaskDataError, match="task 'mine': no 'val' split"):
+    del s[split]
+    with pytest.raises(TaskDataError, match=f"task 'mine': no '{split}' split"):
         InMemoryTask("mine", ["a", "b"], ["{}"], s)
 
 
@@ -285,13 +286,6 @@ def test_rgba_images_or_labels_not_one_per_image_are_refused():
     images = torch.zeros(4, 8, 8, 3, dtype=torch.uint8)
     with pytest.raises(TaskDataError, match=re.escape("4 images but labels of shape [4, 1]")):
         InMemoryTask("mine", ["a", "b"], ["{}"], _splits(images, torch.tensor([[0], [1], [0], [1]])))
-
-
-def test_in_memory_task_without_a_test_split_is_refused():
-    s = _splits(torch.zeros(2, 8, 8, 3, dtype=torch.uint8), torch.tensor([0, 1]))
-    del s["test"]
-    with pytest.raises(TaskDataError, match="task 'mine': no 'test' split"):
-        InMemoryTask("mine", ["a", "b"], ["{}"], s)
 
 
 def test_a_tasks_identity_holds_its_name_classes_and_every_split():
