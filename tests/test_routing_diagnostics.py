@@ -217,3 +217,19 @@ def test_an_own_expert_wrong_on_every_image_has_no_auroc_and_the_other_measures(
     scores = ExpertScores("a", ["a", "b"], torch.tensor([own, OTHER]), torch.zeros(4, 2), torch.tensor(labels))
     d = diagnose(scores, batch_size=4)
     assert math.isnan(d.auroc) and d.own == 0.0
+
+
+def test_expert_scores_keep_to_the_sweeps_max_samples(sweep_dict):
+    """With ``eval.max_samples`` the diagnosis scores the images the jobs score
+    (:func:`harness.evaluation.evaluation_indices`), no others."""
+    from harness.evaluation import evaluation_indices
+
+    full = expert_scores(Workspace(validate_config(sweep_dict)), "val", 0.3)
+    capped = dict(sweep_dict, eval=dict(sweep_dict.get("eval", {}), max_samples=5))
+    some = expert_scores(Workspace(validate_config(capped)), "val", 0.3)
+    for s, f in zip(some, full):
+        subset = evaluation_indices(len(f.labels), 5)
+        assert len(f.labels) > 5 and len(s.labels) == 5
+        assert torch.equal(s.labels, f.labels[subset])
+        torch.testing.assert_close(s.logits, f.logits[:, subset])
+        torch.testing.assert_close(s.start, f.start[subset])
