@@ -148,6 +148,16 @@ def test_pretrained_weights_lacking_a_tensor_of_the_architecture_are_refused(tmp
         build_clip("harness-micro-vit", str(path))
 
 
+def test_a_built_model_is_in_eval_mode_with_or_without_a_weights_file(tmp_path: Path) -> None:
+    """Dropout and other training-only behaviour stay off in every model the harness scores."""
+    from harness.models import build_clip, save_state_dict
+
+    path = tmp_path / "pretrained.safetensors"
+    save_state_dict(build_clip("harness-micro-vit").state_dict(), path)
+    for model in (build_clip("harness-micro-vit"), build_clip("harness-micro-vit", str(path))):
+        assert not any(m.training for m in model.modules())
+
+
 def test_a_file_rewritten_at_the_same_size_gets_the_digest_of_its_new_bytes(tmp_path: Path) -> None:
     import os
 
@@ -162,12 +172,14 @@ def test_a_file_rewritten_at_the_same_size_gets_the_digest_of_its_new_bytes(tmp_
     assert file_digest(path) == hashlib.sha256(b"other").hexdigest()
 
 
-def test_the_digest_of_a_state_tells_shapes_apart() -> None:
-    """The same bytes under another shape are another state."""
+def test_the_digest_of_a_state_follows_shapes_not_key_order() -> None:
+    """The same bytes under another shape are another state; the same tensors listed in another
+    order are the same state."""
     from harness.models import describe_state
 
     flat = torch.arange(6.0)
     assert describe_state({"w": flat}) == describe_state({"w": flat.clone()})
+    assert describe_state({"w": flat, "b": torch.ones(2)}) == describe_state({"b": torch.ones(2), "w": flat})
     assert describe_state({"w": flat}) != describe_state({"w": flat.reshape(2, 3)})
 
 
