@@ -1,5 +1,6 @@
 """Reading checkpoint files: what load_state_dict, tensor_shapes and file_digest return for files
-written here by hand, checked against what was written."""
+written here by hand, checked against what was written; the digests and stamps that tell states
+apart, and the architecture configs registered beside converted files."""
 
 from __future__ import annotations
 
@@ -97,3 +98,124 @@ def test_a_folder_given_as_a_checkpoint_is_called_a_folder(tmp_path: Path) -> No
         load_state_dict(folder)
     with pytest.raises(HarnessError, match="checkpoint file does not exist"):
         load_state_dict(tmp_path / "absent.pt")
+
+
+def test_safetensors_are_told_by_content_whatever_the_name(tmp_path: Path) -> None:
+    """A safetensors file is an 8-byte little-endian header length, then that many bytes of JSON
+    object, then the data: one holding no tensors ends where its header does. Eight bytes of a
+    plausible length followed by anything but ``{`` is not one."""
+    from safetensors.torch import save_file
+
+    from harness.models import is_safetensors
+
+    empty = tmp_path / "empty.bin"
+    save_file({}, str(empty))
+    assert int.from_bytes(empty.read_bytes()[:8], "little") == empty.stat().st_size - 8
+    assert is_safetensors(empty)
+    other = tmp_path / "other.bin"
+    other.write_bytes((4).to_bytes(8, "little") + b"[1] ")
+    assert not is_safetensors(other)
+    longer = tmp_path / "longer.bin"
+    longer.write_bytes((5).to_bytes(8, "little") + b"{}  ")
+    assert not is_safetensors(longer)
+
+
+def test_a_tar_archive_is_read_as_a_damaged_torch_file_not_as_a_foreign_one(tmp_path: Path) -> None:
+    """torch 0.1 saved checkpoints as tar archives (``ustar`` at byte 257 of a POSIX tar header):
+    one that does not load is called truncated or corrupt, not 'not a torch checkpoint'."""
+    import io
+    import tarfile
+
+    path = tmp_path / "old.pt"
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        info = tarfile.TarInfo("pickle")
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"abc"))
+    assert path.read_bytes()[257:262] == b"ustar"
+    with pytest.raises(HarnessError, match="truncated or corrupt"):
+        load_state_dict(path)
+
+
+def test_pretrained_weights_lacking_a_tensor_of_the_architecture_are_refused(tmp_path: Path) -> None:
+    """A tensor the file does not hold would keep open_clip's random initialisation: refused, named."""
+    from harness.models import build_clip, save_state_dict
+
+    state = dict(build_clip("harness-micro-vit").state_dict())
+    del state["visual.proj"]
+    path = tmp_path / "pretrained.safetensors"
+    save_state_dict(state, path)
+    with pytest.raises(HarnessError, match=r"missing \['visual.proj'\]"):
+        build_clip("harness-micro-vit", str(path))
+
+
+def test_a_built_model_is_in_eval_mode_with_or_without_a_weights_file(tmp_path: Path) -> None:
+    """Dropout and other training-only behaviour stay off in every model the harness scores."""
+    from harness.models import build_clip, save_state_dict
+
+    path = tmp_path / "pretrained.safetensors"
+    save_state_dict(build_clip("harness-micro-vit").state_dict(), path)
+    for model in (build_clip("harness-micro-vit"), build_clip("harness-micro-vit", str(path))):
+        assert not any(m.training for m in model.modules())
+
+
+def test_a_file_rewritten_at_the_same_size_gets_the_digest_of_its_new_bytes(tmp_path: Path) -> None:
+    import os
+
+    from harness.models import file_digest
+
+    path = tmp_path / "w.bin"
+    path.write_bytes(b"first")
+    assert file_digest(path) == hashlib.sha256(b"first").hexdigest()
+    path.write_bytes(b"other")
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    assert file_digest(path) == hashlib.sha256(b"other").hexdigest()
+
+
+def test_the_digest_of_a_state_follows_shapes_not_key_order() -> None:
+    """The same bytes under another shape are another state; the same tensors listed in another
+    order are the same state."""
+    from harness.models import describe_state
+
+    flat = torch.arange(6.0)
+    assert describe_state({"w": flat}) == describe_state({"w": flat.clone()})
+    assert describe_state({"w": flat, "b": torch.ones(2)}) == describe_state({"b": torch.ones(2), "w": flat})
+    assert describe_state({"w": flat}) != describe_state({"w": flat.reshape(2, 3)})
+
+
+def test_a_tensor_changed_without_its_sum_changing_is_told_changed() -> None:
+    """An in-place write keeping the sum (its version counter moves) and a ``.data`` replaced by a
+    same-sum tensor (its storage moves) change the stamp; an untouched tensor keeps it."""
+    from harness.models import tensor_stamp
+
+    p = torch.nn.Parameter(torch.arange(4.0))
+    before = tensor_stamp(p)
+    assert tensor_stamp(p) == before
+    with torch.no_grad():
+        p.copy_(p.flip(0))
+    assert tensor_stamp(p) != before
+    q = torch.nn.Parameter(torch.arange(4.0))
+    before = tensor_stamp(q)
+    q.data = q.data.flip(0).clone()
+    assert q._version == 0 and tensor_stamp(q) != before
+
+
+def test_registering_an_architecture_again_is_a_no_op_and_a_stale_kept_config_is_replaced(tmp_path: Path) -> None:
+    """The same config under the same name registers once (resolving a sweep's checkpoints twice);
+    another config under a taken name is refused; a ``<name>.json`` left in the folder with other
+    content is rewritten with the config registered, so the file and open_clip agree."""
+    import json
+
+    from harness.models import open_clip_module, register_model_config
+
+    cfg = json.loads((Path(__file__).parents[1] / "harness" / "model_configs" / "harness-micro-vit.json").read_text())
+    register_model_config("test-again-vit", cfg, "first")
+    register_model_config("test-again-vit", cfg, "second")
+    with pytest.raises(HarnessError, match="already exists with another config"):
+        register_model_config("test-again-vit", {**cfg, "embed_dim": cfg["embed_dim"] * 2}, "third")
+    folder = tmp_path / "model_configs"
+    folder.mkdir()
+    (folder / "test-kept-vit.json").write_text(json.dumps({**cfg, "embed_dim": cfg["embed_dim"] * 2}))
+    register_model_config("test-kept-vit", cfg, "origin", config_dir=folder)
+    assert json.loads((folder / "test-kept-vit.json").read_text()) == cfg
+    assert open_clip_module().get_model_config("test-kept-vit") == cfg

@@ -42,6 +42,20 @@ def test_classifier_logits_are_cosine_times_scale():
     assert torch.allclose(logits, expected, atol=1e-5)
 
 
+
+def test_a_half_precision_head_gives_float32_logits_of_its_values():
+    """A head saved in float16 (a given head file) is applied as float32: the logits are the
+    cosine with its values, not an error mixing dtypes."""
+    torch.manual_seed(2)
+    clip = build_clip("harness-micro-vit")
+    head = (F.normalize(torch.randn(3, clip.visual.output_dim), dim=-1) * 10).half()
+    x = torch.randn(2, 3, 16, 16)
+    logits = ImageClassifier(clip.visual, head)(x)
+    with torch.no_grad():
+        expected = F.normalize(clip.visual(x), dim=-1) @ head.float().t()
+    assert logits.dtype == torch.float32
+    assert torch.allclose(logits, expected, atol=1e-5)
+
 def test_a_damaged_or_foreign_cached_head_is_built_again(sweep_dict):
     """The heads cache records the task and prompts a head was built for: another task's head
     (as many classes) copied onto a head's file, or an empty file, is built again from the

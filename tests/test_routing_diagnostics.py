@@ -158,3 +158,78 @@ def test_start_and_one_hot_experts_are_built_at_the_scaling_asked_for(sweep_dict
         for e, expert in enumerate(s.experts):
             own = {k: fts[expert][k] if ".mlp." in k else v for k, v in start.items()}
             torch.testing.assert_close(s.logits[e], logits(own, s.task), atol=1e-4, rtol=1e-4)
+
+
+def _marginal_entropy(rows: list[list[float]]) -> float:
+    probs = [[math.exp(v) / sum(math.exp(u) for u in r) for v in r] for r in rows]
+    mean = [sum(col) / len(probs) for col in zip(*probs)]
+    return -sum(q * math.log(q) for q in mean)
+
+
+@pytest.mark.parametrize("temperature, weight", [(1.0, 0.5), (2.0, 0.5), (2.0, 1.0), (4.0, 0.25)])
+def test_the_diversity_objective_is_mean_entropy_minus_weighted_marginal_entropy_at_the_temperature(
+        temperature, weight):
+    """One batch of two images (labels 0, 1): the own expert is right on both, the other says 0 for
+    both. The chosen expert is the one with the lower mean per-image entropy minus ``weight`` x
+    the entropy of the batch's mean prediction, every logit divided by the temperature."""
+    own, other = [[2.0, 0.0], [0.0, 2.0]], [[4.0, 0.0], [3.0, 0.0]]
+
+    def objective(rows: list[list[float]]) -> float:
+        scaled = [[v / temperature for v in r] for r in rows]
+        return sum(map(_entropy, scaled)) / len(scaled) - weight * _marginal_entropy(scaled)
+
+    own_wins = objective(own) < objective(other)
+    scores = ExpertScores("a", ["a", "b"], torch.tensor([own, other]), torch.tensor(own), torch.tensor([0, 1]))
+    d = diagnose(scores, temperature=temperature, batch_size=2, diversity_weight=weight)
+    assert d.identified_batch == (100.0 if own_wins else 0.0)
+    assert d.batch_accuracy == pytest.approx(100.0 if own_wins else 50.0)
+
+
+def test_each_seed_shuffles_the_images_into_its_own_batches():
+    """Batches of two of four images, formed from the seed's permutation of the split. The own
+    expert is the more certain on images 0 and 1 by more than it is the less certain on 2 and 3:
+    batches {0, 1} and {2, 3} identify one of two, any other pairing both."""
+    own, other = [[3.0, 0.0], [3.0, 0.0], [0.0, 0.0], [0.0, 0.0]], [[1.5, 0.0]] * 4
+    scores = ExpertScores("a", ["a", "b"], torch.tensor([own, other]), torch.zeros(4, 2), torch.tensor(LABELS))
+    found = set()
+    for seed in range(6):
+        order = torch.randperm(4, generator=torch.Generator().manual_seed(seed)).tolist()
+        pairs = [order[:2], order[2:]]
+        own_wins = [sum(_entropy(own[i]) for i in p) < sum(_entropy(other[i]) for i in p) for p in pairs]
+        d = diagnose(scores, batch_size=2, seed=seed)
+        assert d.identified_batch == pytest.approx(100.0 * sum(own_wins) / 2), seed
+        found.add(d.identified_batch)
+    assert len(found) > 1  # the seeds' pairings differ in what they identify
+
+
+def test_the_starting_points_entropy_is_taken_at_the_head_temperature():
+    start = [[2.0, 0.0], [0.0, 1.0], [1.0, 1.0], [3.0, -1.0]]
+    scores = ExpertScores("a", ["a", "b"], torch.tensor([OWN, OTHER]), torch.tensor(start), torch.tensor(LABELS))
+    for t in (0.5, 2.0):
+        d = diagnose(scores, temperature=t, batch_size=4)
+        assert d.entropy_start == pytest.approx(sum(_entropy([v / t for v in r]) for r in start) / 4)
+
+
+def test_an_own_expert_wrong_on_every_image_has_no_auroc_and_the_other_measures():
+    """All of the own expert's predictions are wrong: entropy cannot separate right from wrong
+    (one class only), so the AUROC is undefined; the other measures stand."""
+    own, labels = [[3.0, 0.0], [1.0, 0.1], [2.0, 0.0], [0.0, 0.05]], [1, 1, 1, 0]  # predicts 0, 0, 0, 1
+    scores = ExpertScores("a", ["a", "b"], torch.tensor([own, OTHER]), torch.zeros(4, 2), torch.tensor(labels))
+    d = diagnose(scores, batch_size=4)
+    assert math.isnan(d.auroc) and d.own == 0.0
+
+
+def test_expert_scores_keep_to_the_sweeps_max_samples(sweep_dict):
+    """With ``eval.max_samples`` the diagnosis scores the images the jobs score
+    (:func:`harness.evaluation.evaluation_indices`), no others."""
+    from harness.evaluation import evaluation_indices
+
+    full = expert_scores(Workspace(validate_config(sweep_dict)), "val", 0.3)
+    capped = dict(sweep_dict, eval=dict(sweep_dict.get("eval", {}), max_samples=5))
+    some = expert_scores(Workspace(validate_config(capped)), "val", 0.3)
+    for s, f in zip(some, full):
+        subset = evaluation_indices(len(f.labels), 5)
+        assert len(f.labels) > 5 and len(s.labels) == 5
+        assert torch.equal(s.labels, f.labels[subset])
+        torch.testing.assert_close(s.logits, f.logits[:, subset])
+        torch.testing.assert_close(s.start, f.start[subset])

@@ -333,6 +333,25 @@ def test_routing_statistics_keep_each_layers_own_numbers(models):
     assert task_id["mean_per_layer"] == pytest.approx([1 / 3, 1 / 3])
 
 
+
+def test_routing_statistics_of_a_data_task_without_an_expert_give_weights_not_identification(models):
+    """Unlabeled images of a task no expert was fine-tuned on have mean routing weights but no
+    own expert to identify: identification is over the experts' own tasks only, and the layer
+    count is the encoder's MoE layers (two), not its experts (three)."""
+    pre, ft = models
+    moe = wemoe.build_wemoe(pre, ft, router_depth=0)
+    const = torch.tensor([0.1, 0.7, 0.2])
+    with torch.no_grad():
+        for m in wemoe.moe_layers(moe):
+            m.router.const.copy_(const)
+    unlabeled = {**fixed_unlabeled(2), "z": lambda: iter([images(4, 999)])}
+    routing, task_id = wemoe.routing_statistics(moe, MergeContext(heads=heads(), unlabeled=unlabeled), 2)
+    assert routing["layers"] == 2
+    torch.testing.assert_close(torch.tensor(routing["mean_weight"]["z"], dtype=torch.float64),
+                               const.double().expand(2, 3))
+    assert task_id["per_task"] == {"a": [0.0, 0.0], "b": [1.0, 1.0], "c": [0.0, 0.0]}
+    assert task_id["mean_per_layer"] == pytest.approx([1 / 3, 1 / 3])
+
 class Interrupt(Exception):
     pass
 
