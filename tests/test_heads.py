@@ -42,7 +42,6 @@ def test_classifier_logits_are_cosine_times_scale():
     assert torch.allclose(logits, expected, atol=1e-5)
 
 
-
 def test_a_half_precision_head_gives_float32_logits_of_its_values():
     """A head saved in float16 (a given head file) is applied as float32: the logits are the
     cosine with its values, not an error mixing dtypes."""
@@ -55,6 +54,7 @@ def test_a_half_precision_head_gives_float32_logits_of_its_values():
         expected = F.normalize(clip.visual(x), dim=-1) @ head.float().t()
     assert logits.dtype == torch.float32
     assert torch.allclose(logits, expected, atol=1e-5)
+
 
 def test_a_damaged_or_foreign_cached_head_is_built_again(sweep_dict):
     """The heads cache records the task and prompts a head was built for: another task's head

@@ -27,7 +27,6 @@ def test_building_a_model_does_not_import_transformers():
     assert out.split() == ["False", "False"]
 
 
-
 def test_architecture_names_are_read_from_the_config_folders_without_importing_open_clip():
     """A sweep's ``arch`` is checked against open_clip's configs and the project's own, read as
     files (no open_clip import), and the names are the ones open_clip lists once imported."""
@@ -39,6 +38,7 @@ def test_architecture_names_are_read_from_the_config_folders_without_importing_o
                           names == sorted(available_models())]))
     """)
     assert json.loads(out) == [False, True, True, True]
+
 
 @needs_transformers
 def test_transformers_stays_importable_after_open_clip():

@@ -610,7 +610,6 @@ def test_test_time_adaptation_adapts_on_each_corruption(trained_checkpoints, tmp
             sum(task_accuracy(ws, on_clean, t, ws.task(t).dataset("test"), cpu) for t in study["tasks"]) / 2)
 
 
-
 def ta_accuracy(cfg, split) -> dict[str, float]:
     """Per task, the accuracy of task arithmetic at 0.3 (what the faulty TTA methods merge) on
     ``split(ws, task)``, evaluated here: the truth a sweep's metrics are checked against."""

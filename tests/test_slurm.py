@@ -627,6 +627,7 @@ def test_a_submission_records_the_harness_code_it_was_planned_with(tmp_path, mon
     rec = ex.log.load()["k"]
     assert (rec["harness_dir"], rec["harness_code"]) == ("/b/harness", "3c4d")
 
+
 def test_a_job_out_of_requeues_names_the_fields_to_raise(micro_checkpoints, tmp_path):
     """submitit requeues a job at its time limit ``requeues`` times, then gives up with an error
     the driver reports with what to change."""

@@ -73,7 +73,6 @@ def test_tracker_opens_mlflow_on_first_use_and_reopens_the_sweep_run(sweep_dict)
     assert other.parent_id != parent
 
 
-
 def test_job_runs_carry_the_git_commit_they_were_logged_with(sweep_dict, monkeypatch):
     """As the README says of job runs: their tags hold the git commit when available, not only the
     parent's (which keeps the commit of the run that created it, while a resumed sweep logs its
@@ -102,6 +101,7 @@ def test_job_runs_carry_the_git_commit_they_were_logged_with(sweep_dict, monkeyp
     assert jobs["k1"]["mlflow.source.git.commit"] == "c0ffee"
     assert jobs["k2"]["mlflow.source.git.commit"] == "beef42"
     assert "mlflow.source.git.commit" not in jobs["k3"]
+
 
 def test_an_unreachable_tracking_server_fails_the_sweep_before_any_job(sweep_dict, monkeypatch):
     from harness.errors import HarnessError

@@ -302,13 +302,19 @@ def test_tta_reduces_entropy_and_records_routing(models):
     assert set(ctx.artifacts["router_task_id"]["per_task"]) == set(TASKS)
 
 
-def test_routing_statistics_known_routing(models):
+def constant_routers(models, consts: list[torch.Tensor]) -> nn.Module:
+    """A depth-0 WeMoE encoder whose MoE layer i routes every input by the weights ``consts[i]``."""
     pre, ft = models
     moe = wemoe.build_wemoe(pre, ft, router_depth=0)
-    const = torch.tensor([0.1, 0.7, 0.2])
     with torch.no_grad():
-        for m in wemoe.moe_layers(moe):
+        for m, const in zip(wemoe.moe_layers(moe), consts, strict=True):
             m.router.const.copy_(const)
+    return moe
+
+
+def test_routing_statistics_known_routing(models):
+    const = torch.tensor([0.1, 0.7, 0.2])
+    moe = constant_routers(models, [const, const])
     routing, task_id = wemoe.routing_statistics(moe, MergeContext(heads=heads(), unlabeled=fixed_unlabeled(2)), 3)
     for t in TASKS:
         torch.testing.assert_close(torch.tensor(routing["mean_weight"][t], dtype=torch.float64), const.double().expand(2, 3))
@@ -319,12 +325,8 @@ def test_routing_statistics_known_routing(models):
 def test_routing_statistics_keep_each_layers_own_numbers(models):
     """Layer 0's routers favour expert a, layer 1's expert c: a's images are identified at layer 0
     only, c's at layer 1 only, b's nowhere, and each layer's mean weights are its own router's."""
-    pre, ft = models
-    moe = wemoe.build_wemoe(pre, ft, router_depth=0)
     consts = [torch.tensor([0.7, 0.2, 0.1]), torch.tensor([0.1, 0.3, 0.6])]
-    with torch.no_grad():
-        for m, const in zip(wemoe.moe_layers(moe), consts):
-            m.router.const.copy_(const)
+    moe = constant_routers(models, consts)
     routing, task_id = wemoe.routing_statistics(moe, MergeContext(heads=heads(), unlabeled=fixed_unlabeled(2)), 2)
     for t in TASKS:
         torch.testing.assert_close(torch.tensor(routing["mean_weight"][t], dtype=torch.float64),
@@ -333,17 +335,12 @@ def test_routing_statistics_keep_each_layers_own_numbers(models):
     assert task_id["mean_per_layer"] == pytest.approx([1 / 3, 1 / 3])
 
 
-
 def test_routing_statistics_of_a_data_task_without_an_expert_give_weights_not_identification(models):
     """Unlabeled images of a task no expert was fine-tuned on have mean routing weights but no
     own expert to identify: identification is over the experts' own tasks only, and the layer
     count is the encoder's MoE layers (two), not its experts (three)."""
-    pre, ft = models
-    moe = wemoe.build_wemoe(pre, ft, router_depth=0)
     const = torch.tensor([0.1, 0.7, 0.2])
-    with torch.no_grad():
-        for m in wemoe.moe_layers(moe):
-            m.router.const.copy_(const)
+    moe = constant_routers(models, [const, const])
     unlabeled = {**fixed_unlabeled(2), "z": lambda: iter([images(4, 999)])}
     routing, task_id = wemoe.routing_statistics(moe, MergeContext(heads=heads(), unlabeled=unlabeled), 2)
     assert routing["layers"] == 2
@@ -351,6 +348,7 @@ def test_routing_statistics_of_a_data_task_without_an_expert_give_weights_not_id
                                const.double().expand(2, 3))
     assert task_id["per_task"] == {"a": [0.0, 0.0], "b": [1.0, 1.0], "c": [0.0, 0.0]}
     assert task_id["mean_per_layer"] == pytest.approx([1 / 3, 1 / 3])
+
 
 class Interrupt(Exception):
     pass
