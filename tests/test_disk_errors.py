@@ -50,6 +50,31 @@ def test_refused_writes_are_told_from_other_errors():
     assert storage_problem(HarnessError("output_dir: cannot create it (No space left on device)")) is None
 
 
+def test_a_refused_write_is_found_along_the_chain_python_keeps():
+    """A file over the size limit is a refused write; an OSError without a file says only why; one
+    raised while handling another (no ``from``) is found, and one hidden by ``from None`` is not; an
+    SQLite refusal without a store named names the MLflow store."""
+    big = OSError(errno.EFBIG, os.strerror(errno.EFBIG), "/out/model.safetensors")
+    assert storage_problem(big) == "cannot write /out/model.safetensors: File too large"
+    assert storage_problem(OSError(errno.ENOSPC, "No space left on device")) == "cannot write: No space left on device"
+
+    def wrapped(hide: bool) -> RuntimeError:
+        try:
+            try:
+                raise OSError(errno.EROFS, "Read-only file system", "/out/k.json")
+            except OSError:
+                if hide:
+                    raise RuntimeError("saving failed") from None
+                raise RuntimeError("saving failed")
+        except RuntimeError as exc:
+            return exc
+
+    assert storage_problem(wrapped(hide=False)) == "cannot write /out/k.json: Read-only file system"
+    assert storage_problem(wrapped(hide=True)) is None
+    assert storage_problem(sqlite3.OperationalError("database or disk is full")) == (
+        "cannot write the MLflow store: database or disk is full")
+
+
 def test_a_refused_atomic_write_names_the_file_it_was_writing(tmp_path):
     """A refused write() carries no file name; the error names the file being written, and no
     temporary file is left beside it."""
