@@ -649,6 +649,9 @@ def test_a_task_whose_data_folder_is_optional_validates_without_one(sweep_dict, 
     ("Wemeo", ["wemoe", "ties"], "wemoe"),  # case aside
     ("xyz", ["low", "high", "step"], None),
     ("hi", ["ho", "high"], None),  # too short to tell a slip from another word
+    ("wol", ["low"], None),  # two letters swapped, but not adjacent ones
+    ("abz", ["xaz"], None),  # two letters changed: 'a' moved, 'x' new
+    ("Tiess", ["Ties", "dare"], "Ties"),  # the name as the candidates spell it
 ])
 def test_a_slip_of_two_swapped_letters_gets_a_did_you_mean(typo, candidates, meant):
     from harness.errors import did_you_mean
@@ -729,3 +732,15 @@ def test_only_fields_taking_numbers_and_no_booleans_refuse_a_boolean():
                 model(**{name: True})
             except ValidationError as exc:  # str's own refusal, not this rule's
                 assert "expects a number" not in str(exc), name
+
+
+@pytest.mark.parametrize("value, expected", [
+    (None, "slurm.cpus_per_task: must be positive"),
+    (0, "slurm.cpus_per_task: must be positive (got 0)"),
+    ("", "slurm.cpus_per_task: must be positive (got '')"),
+])
+def test_a_field_error_quotes_any_value_given_even_a_falsy_one(value, expected):
+    """A value of 0 or "" is what was given and is quoted; only no value at all is left out."""
+    from harness.errors import FieldError
+
+    assert str(FieldError("slurm.cpus_per_task", "must be positive", value)) == expected

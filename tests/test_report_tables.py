@@ -452,6 +452,7 @@ def test_a_kept_plot_is_drawn_again_under_other_code_libraries_or_matplotlibrc(t
 @pytest.mark.parametrize("message, expected", [
     ("", "fallback"), (None, "fallback"), ("  \n\t\n ", "fallback"),
     ("one reason", "one reason"), ("Traceback:\n  at x\nValueError: bad\n\n  ", "ValueError: bad"),
+    ("Traceback:\n    raise ValueError('bad')", "raise ValueError('bad')"),  # an indented last line
 ])
 def test_last_line_of_a_message_falls_back_on_an_empty_or_blank_one(message, expected):
     """The reason a one-line error quotes: a blank message gives the fallback, not an IndexError."""
