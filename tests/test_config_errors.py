@@ -744,3 +744,63 @@ def test_a_field_error_quotes_any_value_given_even_a_falsy_one(value, expected):
     from harness.errors import FieldError
 
     assert str(FieldError("slurm.cpus_per_task", "must be positive", value)) == expected
+
+
+@pytest.mark.parametrize("given, stem, folder", [
+    (".my_methods", "my_methods", "."), ("my_methods.py", "my_methods", "."), ("sub\\my_methods", "my_methods", "sub"),
+])
+def test_a_module_named_as_a_file_says_the_module_name_and_folder_to_use(given, stem, folder):
+    """A relative import, a bare file name and a Windows path are file paths, each answered with the
+    module name and the folder to put on the import path."""
+    from harness.imports import import_module
+
+    with pytest.raises(KeyError) as caught:
+        import_module(given)
+    assert caught.value.args[0] == (f"{given!r} is a file path, not a module: name the module as Python imports "
+                                    f"it ({stem!r}, run with PYTHONPATH={folder})")
+
+
+def test_a_broken_module_is_told_from_a_missing_one_and_named_at_its_failing_line(tmp_path, monkeypatch):
+    """A module whose own import fails is broken, not missing, even when the missing name begins
+    its name; the line named is the one that raised, inside a function the module called."""
+    from harness.imports import import_module
+
+    (tmp_path / "zq_mod_extra.py").write_text("import zq_mod\n")
+    (tmp_path / "zq_raises_deep.py").write_text("def f():\n    raise ValueError('bad')\n\n\nf()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(KeyError) as caught:
+        import_module("zq_mod_extra")
+    assert caught.value.args[0] == (f"importing module 'zq_mod_extra' failed at {tmp_path / 'zq_mod_extra.py'}:1: "
+                                    "ModuleNotFoundError: No module named 'zq_mod'")
+    with pytest.raises(KeyError) as caught:
+        import_module("zq_raises_deep")
+    assert caught.value.args[0] == (f"importing module 'zq_raises_deep' failed at {tmp_path / 'zq_raises_deep.py'}:2: "
+                                    "ValueError: bad")
+
+
+def test_a_package_in_the_current_folder_gets_the_import_path_hint(tmp_path, monkeypatch):
+    """``pkg.methods`` where ``pkg/`` lies in the current folder: the hint names the package."""
+    import sys
+
+    from harness.imports import import_module
+
+    (tmp_path / "zq_beside_pkg").mkdir()
+    (tmp_path / "zq_beside_pkg" / "__init__.py").write_text("")
+    (tmp_path / "zq_beside_pkg" / "methods.py").write_text("")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".", str(tmp_path))])
+    with pytest.raises(KeyError) as caught:
+        import_module("zq_beside_pkg.methods")
+    assert caught.value.args[0].endswith("; zq_beside_pkg lies in the current folder, which harness does not "
+                                         "import from: run PYTHONPATH=. harness ...")
+
+
+def test_a_missing_name_is_never_answered_with_a_private_one(tmp_path, monkeypatch):
+    """``_Blend`` is the module's own; a slip for ``Blend`` is not pointed at it."""
+    from harness.imports import import_object
+
+    (tmp_path / "zq_private.py").write_text("_Blend = 1\nOther = 2\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(KeyError) as caught:
+        import_object("zq_private:Blend")
+    assert caught.value.args[0] == f"module 'zq_private' ({tmp_path / 'zq_private.py'}) has no 'Blend'"
