@@ -699,3 +699,55 @@ def test_a_sweeps_embedded_task_is_cached_in_the_sweeps_cache_folder(sweep_dict,
         assert torch.equal(task.raw("test")[0], emb.load_task("emb_signs", "tiny", sweep_dict["cache_dir"]).raw("test")[0])
     assert data.cache_path("emb_signs", "tiny", sweep_dict["cache_dir"]).is_file()
     assert not (tmp_path / "elsewhere").exists()
+
+
+def _colour_splits(n_train: int, n_val: int, n_test: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Three classes of 8x8 images told apart by their colour alone (red, green, blue, with noise)."""
+    rng = np.random.default_rng(seed)
+
+    def split(n: int) -> tuple[np.ndarray, np.ndarray]:
+        y = rng.permutation(np.arange(n) % 3)
+        x = rng.integers(0, 40, size=(n, 8, 8, 3))
+        x[np.arange(n), :, :, y] += 200
+        return x.astype(np.uint8), y.astype(np.int64)
+
+    out = {}
+    for name, n in (("train", n_train), ("val", n_val), ("test", n_test)):
+        out[f"{name}_x"], out[f"{name}_y"] = split(n)
+    return out
+
+
+@pytest.mark.parametrize("baseline", ["pixel", "cnn"])
+def test_the_baselines_score_the_test_split_against_its_labels(baseline):
+    """A colour-separable task is learnt exactly; with half the test labels made wrong the score is
+    exactly one half, so it is the test split that is scored, against its own labels."""
+    from tasks.embedded.report import cnn_baseline, pixel_baseline
+
+    def score(arrays: dict[str, np.ndarray]) -> float:
+        return pixel_baseline(arrays) if baseline == "pixel" else cnn_baseline(arrays, epochs=25)
+
+    arrays = _colour_splits(60, 6, 20)
+    assert score(arrays) == 1.0
+    wrong = arrays["test_y"].copy()
+    wrong[::2] = (wrong[::2] + 1) % 3
+    assert score({**arrays, "test_y": wrong}) == 0.5
+
+
+def test_the_report_table_gives_each_tasks_split_sizes_classes_and_chance(monkeypatch, capsys):
+    """One row per task: its class count, the lengths of its train, val and test splits, and
+    chance as one over the class count; ``--pool 0`` times no pool, any other count times that many."""
+    from tasks.embedded import report
+
+    arrays = _colour_splits(30, 7, 11)
+    monkeypatch.setattr(report, "EMBEDDED_TASKS", ["emb_signs"])
+    monkeypatch.setattr(report, "build_splits", lambda name, size, variant: arrays)
+    pools = []
+    monkeypatch.setattr(report, "pretraining_pool", lambda n, seed, size: pools.append((n, seed, size)))
+    report.main(["--size", "tiny", "--no-baseline", "--pool", "0"])
+    lines = capsys.readouterr().out.splitlines()
+    row = [c.strip() for c in lines[2].strip("|").split("|")]
+    classes = len(data.SPECS["emb_signs"].classnames)
+    assert (row[0], row[3:7], row[9:]) == ("emb_signs", [str(classes), "30", "7", "11"], ["-", "-", f"{1 / classes:.3f}"])
+    assert not any("pretraining pool" in line for line in lines) and pools == []
+    report.main(["--size", "tiny", "--no-baseline", "--pool", "3"])
+    assert pools == [(3, 1, "tiny")] and "pretraining pool: 3 images" in capsys.readouterr().out
