@@ -1089,35 +1089,35 @@ def test_a_name_shared_by_a_tuned_and_an_untuned_method_means_the_tuned_one(swee
     assert cfg.methods[_method_index(cfg, "fixed", "s.yaml")].display == "fixed"
 
 
-def test_the_sweep_header_counts_one_job_and_one_trial_in_the_singular(sweep_dict, tmp_path):
+def cli_on_sweep(tmp_path: Path, d: dict, command: str, *args: str):
+    """``harness COMMAND s.yaml ARGS`` on sweep ``d`` written to ``tmp_path/s.yaml``, in a wide
+    terminal so that no line the tests read is wrapped: the result and the file."""
     from click.testing import CliRunner
 
     from harness.cli import main
 
-    d = dict(sweep_dict, references=False, methods=[{"name": "weight_averaging"},
-                                                    {"name": "task_arithmetic", "tune": tune_block(n_trials=1)}])
     f = tmp_path / "s.yaml"
     f.write_text(yaml.safe_dump(d))
-    r = CliRunner().invoke(main, ["sweep", str(f)], env={"COLUMNS": "300"})
+    return CliRunner().invoke(main, [command, str(f), *args], env={"COLUMNS": "300"}), f
+
+
+def test_the_sweep_header_counts_one_job_and_one_trial_in_the_singular(sweep_dict, tmp_path):
+    d = dict(sweep_dict, references=False, methods=[{"name": "weight_averaging"},
+                                                    {"name": "task_arithmetic", "tune": tune_block(n_trials=1)}])
+    r, f = cli_on_sweep(tmp_path, d, "sweep")
     assert r.exit_code == 0, r.output
     assert (f"{d['name']}: 1 job, 0 cached, 1 to run, then 1 Optuna study (1 trial in all, finished ones kept) -> "
             f"{d['output_dir']}\n") in r.output, r.output
 
 
 def test_tune_command_refuses_an_ambiguous_name_and_a_bad_trial_count(sweep_dict, tmp_path):
-    from click.testing import CliRunner
-
-    from harness.cli import main
-
     d = dict(sweep_dict, methods=[{"name": "weight_averaging"},
                                   {"name": "task_arithmetic", "label": "a", "tune": tune_block()},
                                   {"name": "task_arithmetic", "label": "b", "tune": tune_block()}])
-    f = tmp_path / "s.yaml"
-    f.write_text(yaml.safe_dump(d))
-    r = CliRunner().invoke(main, ["tune", str(f), "--method", "task_arithmetic"], env={"COLUMNS": "300"})
+    r, f = cli_on_sweep(tmp_path, d, "tune", "--method", "task_arithmetic")
     assert r.exit_code == 2
     assert f"error: {f}: 2 methods are named 'task_arithmetic' (labels a, b): give the label" in r.stderr, r.stderr
-    r = CliRunner().invoke(main, ["tune", str(f), "--method", "b", "--trials", "0"], env={"COLUMNS": "300"})
+    r, _ = cli_on_sweep(tmp_path, d, "tune", "--method", "b", "--trials", "0")
     assert r.exit_code == 2
     assert (f"error: <command line> (--trials 0, over {f}): methods.2.tune.n_trials: Input should be greater "
             "than or equal to 1 (got 0)") in r.stderr, r.stderr
@@ -1127,15 +1127,9 @@ def test_tune_command_refuses_an_ambiguous_name_and_a_bad_trial_count(sweep_dict
 def test_tune_command_on_an_untuned_row_names_the_tuned_rows_of_its_method(sweep_dict, tmp_path):
     """``--method task_arithmetic`` is the untuned row labelled so (a label wins over a name, as the
     README says); the refusal names the tuned row of that method the user most likely meant."""
-    from click.testing import CliRunner
-
-    from harness.cli import main
-
     d = dict(sweep_dict, methods=[{"name": "task_arithmetic"},
                                   {"name": "task_arithmetic", "label": "ta_tuned", "tune": tune_block()}])
-    f = tmp_path / "s.yaml"
-    f.write_text(yaml.safe_dump(d))
-    r = CliRunner().invoke(main, ["tune", str(f), "--method", "task_arithmetic"], env={"COLUMNS": "300"})
+    r, f = cli_on_sweep(tmp_path, d, "tune", "--method", "task_arithmetic")
     assert r.exit_code == 2
     assert (f"error: {f}: methods.0.tune: method 'task_arithmetic' has no tune block "
             "(tuned task_arithmetic rows: 'ta_tuned')") in r.stderr, r.stderr
@@ -1930,16 +1924,10 @@ def test_a_trial_job_is_scored_on_val_only_and_a_merge_job_on_both_splits(sweep_
 
 def test_tune_command_on_an_untuned_row_names_only_the_tuned_rows_of_that_method(sweep_dict, tmp_path):
     """The refusal's hint names the tuned rows of the row's own method, not every tuned row."""
-    from click.testing import CliRunner
-
-    from harness.cli import main
-
     d = dict(sweep_dict, methods=[{"name": "task_arithmetic"},
                                   {"name": "ties", "label": "ties_tuned", "tune": tune_block()},
                                   {"name": "task_arithmetic", "label": "ta_tuned", "tune": tune_block()}])
-    f = tmp_path / "s.yaml"
-    f.write_text(yaml.safe_dump(d))
-    r = CliRunner().invoke(main, ["tune", str(f), "--method", "task_arithmetic"], env={"COLUMNS": "300"})
+    r, f = cli_on_sweep(tmp_path, d, "tune", "--method", "task_arithmetic")
     assert r.exit_code == 2
     assert r.stderr == (f"error: {f}: methods.0.tune: method 'task_arithmetic' has no tune block "
                         "(tuned task_arithmetic rows: 'ta_tuned')\n"), r.stderr
