@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
 
 class LineProgress:
@@ -87,6 +88,17 @@ def progress_bars(*columns: Any, console: Console | None = None, transient: bool
     if enabled and not shown.is_terminal:
         return LineProgress(shown)
     return Progress(*columns, console=shown, transient=transient, disable=not enabled)
+
+
+def print_warning(console: Console, text: str) -> None:
+    """Print a warning even when ``-q`` made ``console`` quiet: each names an input or a queued job
+    that is likely wrong (a zero task vector, a copy-pasted checkpoint, jobs queued under other
+    settings or code), which only the progress output may silence."""
+    quiet, console.quiet = console.quiet, False
+    try:
+        console.print(f"[yellow]warning[/] {escape(text)}", highlight=False)
+    finally:
+        console.quiet = quiet
 
 
 def plain_warning_lines() -> None:

@@ -30,6 +30,7 @@ from harness.failpoints import failpoint
 from harness.job import RECORDED, JobResult, plain_artifacts, read_result
 from harness.plan import JobSpec, full_params, plan_jobs, robustness_inline, robustness_spec
 from harness.plots import job_artifact_files
+from harness.progress import print_warning
 from harness.report import PLOT_RECORD, build_report, build_tune_table, row_routings
 from harness.results import (
     Row,
@@ -219,17 +220,6 @@ def run_sweep(cfg: SweepConfig, console: Console | None = None, quiet: bool = Fa
     return outcome
 
 
-def print_warning(console: Console, text: str) -> None:
-    """Print a job's warning even when ``-q`` made ``console`` quiet: it names an input that is
-    likely wrong (a zero task vector, a copy-pasted checkpoint), which only the progress output
-    may silence."""
-    quiet, console.quiet = console.quiet, False
-    try:
-        console.print(f"[yellow]warning[/] {escape(text)}", highlight=False)
-    finally:
-        console.quiet = quiet
-
-
 #: The file in an output folder whose lock a running driver holds (:func:`_output_lock`).
 LOCK_FILE = ".sweep.lock"
 
@@ -359,9 +349,13 @@ def _run_sweep(cfg: SweepConfig, ws: Workspace, executor: Any, console: Console,
     if mode == "detach":  # with the robustness jobs of grids already cached, as the sweep would run them
         follow = [f for f in ready_followups(cfg, specs, results, identity, task_identity) if only is None
                   and not finished_result(results_dir, f)]
-        message = executor.submit(pending + one_per_key(follow))
+        submission = executor.submit(pending + one_per_key(follow))
         if show:
-            console.print(message, highlight=False, markup=False)
+            console.print(submission.line, highlight=False, markup=False)
+        for warning in submission.warnings:
+            print_warning(console, warning)
+        if show:
+            console.print(submission.next_steps, highlight=False, markup=False)
         return SweepOutcome(list(results.values()), [], out, tracker.parent_id, [], timings)
     if mode == "collect":
         executor.collect_only = True

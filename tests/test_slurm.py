@@ -548,7 +548,7 @@ def test_a_sweep_over_the_clusters_array_size_goes_out_as_several_arrays(tmp_pat
     d["executor"] = {"kind": "slurm"}
     ex = slurm.SlurmExecutor(validate_config(d))
     said = ex.submit([JobSpec("merge", f"m{i}", key=f"k{i}") for i in range(7)])
-    assert arrays == [3, 3, 1] and said.startswith("submitted 7 jobs (SLURM 1, 2, 3), 0 already")
+    assert arrays == [3, 3, 1] and said.line.startswith("submitted 7 jobs (SLURM 1, 2, 3), 0 already")
     recorded = {k: rec["job_id"] for k, rec in ex.log.load().items()}
     assert recorded == {"k0": "1_0", "k1": "1_1", "k2": "1_2", "k3": "2_0", "k4": "2_1", "k5": "2_2", "k6": "3_0"}
     assert slurm.max_array_size() == 3
@@ -1011,12 +1011,56 @@ def test_a_rerun_lists_the_slurm_folder_once_for_its_jobs_and_what_it_tells_of_t
     listings = []
     real_scandir = os.scandir
     monkeypatch.setattr(os, "scandir", lambda path: listings.append(path) or real_scandir(path))
-    told = ex.submit(specs) if how == "submit" else (list(ex.run(specs)), ex.console.file.getvalue())[1]
+    told = " ".join(ex.submit(specs).warnings) if how == "submit" else (list(ex.run(specs)), ex.console.file.getvalue())[1]
     monkeypatch.undo()
     assert len(listings) == 1, listings
     told = " ".join(told.split())
     assert "keep the executor settings of that submission (mem_gb 1.0, now 2.0): `scancel 5_0 5_2`" in told, told
     assert "other harness code" in told and "`scancel 5_1 5_2` and rerun to submit with this code" in told, told
+
+
+def test_quiet_runs_still_warn_of_jobs_found_queued_under_other_settings(tmp_path, monkeypatch):
+    """``-q`` silences progress only: a rerun that finds its jobs queued under other executor
+    settings still says so (those jobs run with the settings they were submitted with), without
+    the found-again line that is progress."""
+    import io
+
+    from rich.console import Console
+
+    import harness.executors.slurm as slurm
+    from harness.plan import JobSpec
+
+    d = make_sweep_dict(Path("/nonexistent"), tmp_path)
+    d["executor"] = {"kind": "slurm", "mem_gb": 1}
+    before = slurm.job_settings(validate_config(d))
+    d["executor"] = {"kind": "slurm", "mem_gb": 2}
+    ex = slurm.SlurmExecutor(validate_config(d), progress=False,
+                             console=Console(file=io.StringIO(), quiet=True, width=400))
+    ex.log.record({"k0": {"job_id": "5_0", "settings": before}})
+    monkeypatch.setattr(slurm, "_run", lambda cmd: "5_0|PENDING|Priority\n" if cmd[0] == "squeue" else "")
+    monkeypatch.setattr(ex, "_wait", lambda tracked, on_start: iter(()))
+    list(ex.run([JobSpec("merge", "m0", key="k0")]))
+    told = " ".join(ex.console.file.getvalue().split())
+    assert "warning 1 queued or running job" in told and "(mem_gb 1.0, now 2.0): `scancel 5_0`" in told, told
+    assert "found again" not in told and "submitted" not in told, told
+
+
+def test_a_quiet_detach_prints_the_submission_warnings_and_nothing_else(micro_checkpoints, tmp_path, monkeypatch,
+                                                                        capsys):
+    """``--detach -q`` printed nothing at all, warnings on jobs found queued under other settings
+    or code included; the record line and next steps are progress, the warnings are not."""
+    import harness.executors.slurm as slurm
+    from harness.runner import run_sweep
+
+    d = make_sweep_dict(micro_checkpoints, tmp_path)
+    d["executor"] = {"kind": "slurm"}
+    monkeypatch.setattr(slurm.SlurmExecutor, "submit", lambda self, specs: slurm.Submission(
+        f"submitted {len(specs)} jobs (SLURM 7), 0 already queued; record: x", ["jobs 7_0 planned with other code"]))
+    for quiet in (True, False):
+        run_sweep(validate_config(d), quiet=quiet, mode="detach")
+        err = " ".join(capsys.readouterr().err.split())
+        assert "warning jobs 7_0 planned with other code" in err, (quiet, err)
+        assert ("record: x" in err and "harness collect" in err) is not quiet, (quiet, err)
 
 
 def _fake_slurm_on_path(tmp_path, monkeypatch, squeue: str) -> None:

@@ -48,7 +48,7 @@ from harness.config import SweepConfig
 from harness.errors import FieldError, HarnessError
 from harness.job import RECORDED, JobResult, read_result, study_records
 from harness.plan import JobSpec, check_harness_code, harness_code_id
-from harness.progress import plain_warning_lines
+from harness.progress import plain_warning_lines, print_warning
 
 #: SLURM states of a job that may still produce a result.
 ALIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "COMPLETING", "CONFIGURING", "RESIZING", "SUSPENDED",
@@ -430,6 +430,17 @@ class _Tracked:
         return Path(self.job.paths.result_pickle), self.log_path()
 
 
+@dataclass(frozen=True)
+class Submission:
+    """What ``--detach`` tells: the record line (progress output, silenced by ``-q``) and the
+    warnings on jobs found queued again (printed even with ``-q``: those jobs will fail or run
+    under settings not asked for)."""
+
+    line: str
+    warnings: list[str]
+    next_steps: str = "check with `harness status`, gather results with `harness collect`"
+
+
 class SlurmExecutor:
     """Runs JobSpecs as submitit job arrays (``kind: slurm``) or in-process (``kind: debug``).
 
@@ -604,15 +615,17 @@ class SlurmExecutor:
                 out[s.key] = " and ".join(what)
         return out
 
-    def submit(self, specs: list[JobSpec]) -> str:
+    def submit(self, specs: list[JobSpec]) -> Submission:
         """Submit without waiting (``--detach``); jobs already queued or running are not resubmitted."""
         self._require_cluster("--detach")
         attach, todo, listed = self._reattach(specs)
         tracked = self._submit(todo)
-        changed = "".join(f"{line}\n" for line in (self.changed_settings(attach, listed),
-                                                   self.changed_harness(attach, listed)) if line)
-        return (f"{_submitted_line(tracked, attach)}; record: {self.log.path}\n" + changed
-                + "check with `harness status`, gather results with `harness collect`")
+        return Submission(f"{_submitted_line(tracked, attach)}; record: {self.log.path}",
+                          self.queued_warnings(attach, listed))
+
+    def queued_warnings(self, attach: list[_Tracked], listed: set[str] | None = None) -> list[str]:
+        """What is wrong with the jobs found queued again: other executor settings, other harness code."""
+        return [w for w in (self.changed_settings(attach, listed), self.changed_harness(attach, listed)) if w]
 
     def start(self, n_jobs: int) -> None:
         """Nothing to start ahead: the cluster starts each job when it is submitted."""
@@ -633,11 +646,11 @@ class SlurmExecutor:
         if self.collect_only:
             todo = []  # collect never submits; run() only sees recorded specs then
         submitted = self._submit(todo)
-        if self.kind == "slurm" and self.progress:  # a rerun says it found its jobs again, not resubmitted
-            self.console.print(_submitted_line(submitted, attach), highlight=False)
-            for changed in (self.changed_settings(attach, listed), self.changed_harness(attach, listed)):
-                if changed:
-                    self.console.print(f"[yellow]warning[/] {escape(changed)}", highlight=False)
+        if self.kind == "slurm":
+            if self.progress:  # a rerun says it found its jobs again, not resubmitted
+                self.console.print(_submitted_line(submitted, attach), highlight=False)
+            for warning in self.queued_warnings(attach, listed):  # even with -q: jobs that will fail
+                print_warning(self.console, warning)
         tracked = attach + submitted
         if self.kind == "debug":
             yield from self._run_debug(tracked, on_start)
