@@ -648,7 +648,7 @@ class SlurmExecutor:
         submitted = self._submit(todo)
         if self.kind == "slurm":
             if self.progress:  # a rerun says it found its jobs again, not resubmitted
-                self.console.print(_submitted_line(submitted, attach), highlight=False)
+                self.console.print(_submitted_line(submitted, attach, self.collect_only), highlight=False)
             for warning in self.queued_warnings(attach, listed):  # even with -q: jobs that will fail
                 print_warning(self.console, warning)
         tracked = attach + submitted
@@ -844,12 +844,16 @@ class _LiveTable:
                 self.console.line()
 
 
-def _submitted_line(submitted: list[_Tracked], attach: list[_Tracked]) -> str:
-    """What a submission did: the jobs sent to SLURM now and those found from an earlier one."""
-    ids = ", ".join(sorted({t.job_id.split("_")[0] for t in submitted})) or "-"
+def _submitted_line(submitted: list[_Tracked], attach: list[_Tracked], collect: bool = False) -> str:
+    """What a submission did: the jobs sent to SLURM now and those found from an earlier one
+    (``collect`` sends none: it names only what it gathers)."""
     old = ", ".join(sorted({t.job_id.split("_")[0] for t in attach}))
-    return (f"submitted {len(submitted)} job{'' if len(submitted) == 1 else 's'} (SLURM {ids}), "
-            f"{len(attach)} already queued, running or finished" + (f" (SLURM {old})" if old else ""))
+    if collect:
+        return (f"collecting {len(attach)} submitted job{'' if len(attach) == 1 else 's'}"
+                + (f" (SLURM {old})" if old else ""))
+    ids = ", ".join(sorted({t.job_id.split("_")[0] for t in submitted}))
+    sent = f"submitted {len(submitted)} job{'' if len(submitted) == 1 else 's'} (SLURM {ids})" if ids else "submitted no jobs"
+    return f"{sent}, {len(attach)} already queued, running or finished" + (f" (SLURM {old})" if old else "")
 
 
 def outcome(result: JobResult) -> str:
