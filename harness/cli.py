@@ -462,7 +462,7 @@ def _check_data(cfg: Any, file: str, overrides: tuple[str, ...]) -> None:
     known without building a model; a task of one's own is built and checked as the run's
     preflight checks it, so ``valid`` is not followed by a sweep refusing its data."""
     from harness.config import ConfigError, check_dataset_folders
-    from harness.errors import NotBuilt
+    from harness.errors import FieldError, NotBuilt
     from harness.workspace import Workspace, check_templates
 
     try:
@@ -478,6 +478,15 @@ def _check_data(cfg: Any, file: str, overrides: tuple[str, ...]) -> None:
             with _fields_of(file, overrides), contextlib.suppress(NotBuilt):
                 check_templates(ws.task(name))
                 ws.check_task_data(name)
+    for name in cfg.task_names:
+        if name in cfg.model.heads:  # a head file: its shape, dtype, bias and class count, as the run checks it
+            with _fields_of(file, overrides), contextlib.suppress(NotBuilt):
+                try:
+                    ws.head(name)
+                except NotBuilt:
+                    raise
+                except HarnessError as exc:
+                    raise FieldError(f"model.heads.{name}", str(exc).removeprefix(f"model.heads.{name}: ")) from None
 
 
 @main.command(name="list")

@@ -468,7 +468,10 @@ class Workspace:
         head = state[key]
         if head.ndim != 2:
             raise HarnessError(f"{where}: tensor {key!r} has shape {tuple(head.shape)}; a head is [classes, dim]")
-        dim = self._feature_dim
+        try:
+            dim = self._feature_dim
+        except NotBuilt:  # validate before the encoder was ever built: the run checks the width
+            dim = None
         if dim is not None and head.shape[1] != dim:
             raise HarnessError(f"{where}: tensor {key!r} has shape {tuple(head.shape)}: {head.shape[1]} features, "
                                f"but the image encoder of {self.sources['arch']} outputs {dim}")

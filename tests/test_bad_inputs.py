@@ -408,6 +408,36 @@ def test_head_class_count_mismatch(sweep_dict, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("name,state,fragment", [
+    ("classes.safetensors", {"weight": torch.ones(7, 32)}, "task 'toy_colours': head has 7 classes but the dataset has 4"),
+    ("flat.safetensors", {"weight": torch.ones(4, 32, 1)}, "tensor 'weight' has shape (4, 32, 1); a head is [classes, dim]"),
+    ("ints.safetensors", {"weight": torch.ones(4, 32, dtype=torch.int64)},
+     "tensor 'weight' has dtype torch.int64, not floating point"),
+    ("probe.pt", {"weight": torch.ones(4, 32), "bias": torch.ones(4)}, "tensor 'bias' is not zero"),
+], ids=["classes", "3-d", "integers", "bias"])
+def test_validate_names_a_head_file_the_sweep_would_refuse(name, state, fragment, sweep_dict, tmp_path):
+    """``valid`` was said of a ``model.heads`` file the sweep then refuses before any job (another
+    class count, not [classes, dim], integers, a non-zero bias): validate and the dry run load
+    the head as the run does and name the sweep file, the field and the head file."""
+    head = tmp_path / name
+    if name.endswith(".pt"):
+        torch.save(state, head)
+    else:
+        save_state_dict(state, head)
+    d = copy.deepcopy(sweep_dict)
+    d["model"]["heads"] = {"toy_colours": str(head)}
+    f = _write(tmp_path, d)
+    for args in (["validate", f], ["sweep", f, "--dry-run"]):
+        r = CliRunner().invoke(main, args)
+        err = " ".join(r.stderr.split())
+        assert r.exit_code == 2 and err.startswith(f"error: {f}: model.heads.toy_colours: {head}: {fragment}"), err
+        assert "valid" not in r.stdout and not (tmp_path / "out").exists()
+    save_state_dict({"weight": torch.ones(4, 32)}, head.with_suffix(".safetensors"))
+    d["model"]["heads"] = {"toy_colours": str(head.with_suffix(".safetensors"))}
+    r = CliRunner().invoke(main, ["validate", _write(tmp_path, d)])
+    assert r.exit_code == 0 and "valid" in r.stdout, r.output
+
+
 def test_empty_split(sweep_dict, tmp_path):
     d = copy.deepcopy(sweep_dict)
     d["tasks"] = [{"name": "toy_stripes", "options": {"n_val": 0}}, "toy_colours"]
