@@ -613,6 +613,23 @@ def test_report_of_a_run_id_writes_beside_the_caller_under_its_first_eight_chara
     assert written == [Path("report-01234567")]
 
 
+def test_report_from_a_refused_tracking_server_is_one_line_at_once(monkeypatch):
+    """MLflow's client retries a refused connection with backoff (by default seven times, about
+    four minutes, a warning line each): the address is checked first, without retries."""
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # 4 s, then 8 s of backoff (the default: 7, ~4 min)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "4")
+    t0 = time.monotonic()
+    r = CliRunner().invoke(main, ["report", "0123456789abcdef", "--tracking-uri", f"http://127.0.0.1:{port}"])
+    assert time.monotonic() - t0 < 10
+    err = " ".join(r.stderr.split())
+    assert r.exit_code == 2, r.output
+    assert err.startswith(f"error: tracking_uri 'http://127.0.0.1:{port}': MLflow cannot be reached ("), err
+    assert "Connection refused" in err and "Retrying" not in err, err
+
+
 def test_prepare_of_a_sweep_on_model_files_is_refused_building_nothing(sweep_dict, tmp_path, monkeypatch):
     """prepare builds the embedded suite: a sweep whose models are files of one's own has nothing
     for it to build, said in one line naming the source."""
