@@ -818,6 +818,20 @@ def test_a_method_file_named_by_path_or_not_on_the_import_path_says_how_to_name_
                f"run with PYTHONPATH={folder})" in r.stderr, r.stderr
 
 
+def test_a_missing_module_of_an_importable_package_beside_gets_no_import_path_hint(tmp_path, monkeypatch):
+    """The package beside is on the import path (`python -m harness`, PYTHONPATH=.) and only its
+    submodule is missing: telling to set PYTHONPATH=. would send one after the wrong cause."""
+    (tmp_path / "beside_pkg").mkdir()
+    (tmp_path / "beside_pkg" / "__init__.py").write_text("")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "beside_pkg", raising=False)
+    r = CliRunner().invoke(main, ["list", "methods", "beside_pkg.nope"], env={"COLUMNS": "300"})
+    assert r.exit_code == 2, r.output
+    assert "cannot import module 'beside_pkg.nope' (No module named 'beside_pkg.nope')" in r.stderr, r.stderr
+    assert "PYTHONPATH" not in r.stderr, r.stderr
+
+
 def test_report_of_a_first_sweep_before_its_end_says_it_has_not_ended(sweep_dict, tmp_path):
     """``harness report`` on the folder of a first sweep still running (or killed before its end,
     here just before its tables): its run has logged its jobs but no tables yet. One line saying
