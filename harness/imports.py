@@ -37,7 +37,8 @@ def import_module(module_name: str) -> types.ModuleType:
         return importlib.import_module(module_name)
     except Exception as exc:
         if isinstance(exc, ModuleNotFoundError) and _names_the_module(exc.name, module_name):
-            raise KeyError(f"cannot import module {module_name!r} ({exc}){_beside_hint(module_name)}") from None
+            hint = _beside_hint(module_name) if exc.name == module_name.split(".")[0] else ""  # else the package was found
+            raise KeyError(f"cannot import module {module_name!r} ({exc}){hint}") from None
         # The module was found and is broken (a syntax error, an exception, an import of its own
         # that fails): say where, in one line, rather than that the module was not found.
         raise KeyError(f"importing module {module_name!r} failed{_where(exc, module_name)}: "

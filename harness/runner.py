@@ -320,7 +320,11 @@ def _run_sweep(cfg: SweepConfig, ws: Workspace, executor: Any, console: Console,
     digest = cfg.digest()
     tracker = Tracker(cfg)
     held.enter_context(_ended_if_stopped(tracker))  # first: a tracking server's parent run is created now
-    tracker.start_sweep(digest, cfg.model_dump(mode="json"), "sweep" if only is None else f"tune:{only.label}")
+    try:
+        tracker.start_sweep(digest, cfg.model_dump(mode="json"), "sweep" if only is None else f"tune:{only.label}")
+    except BaseException:  # a tracking server that cannot be reached: nothing ran
+        _unmake_output_dir(made, locked)
+        raise
     executed: list[str] = []
     failed_trials: list[tuple[JobSpec, JobResult]] = []
     trial_counts: dict[tuple[str, str], TrialCounts] = {}  # by tuned label and its best setting's job key

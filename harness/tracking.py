@@ -276,6 +276,21 @@ def _is_empty_store(path: Path) -> bool:
         return False
 
 
+def check_server(uri: str) -> None:
+    """Fail at once on a tracking server that cannot be connected to: MLflow's client retries a
+    refused connection or an unknown host with backoff (seven times by default, about four
+    minutes, a warning line each) before it says so. Any HTTP answer counts as reachable; what
+    the server then refuses MLflow reports itself."""
+    import requests
+
+    try:
+        requests.head(uri, timeout=(10, 60), allow_redirects=False).close()
+    except requests.RequestException as exc:
+        reason = getattr(exc.args[0], "reason", exc) if exc.args else exc
+        text = str(reason).split("): ", 1)[-1]  # urllib3 prefixes its connection object
+        raise HarnessError(f"tracking_uri {uri!r}: MLflow cannot be reached ({text})") from None
+
+
 def allow_folder_stores() -> None:
     """Let MLflow open a folder (file) store, which it refuses unless told: a sweep may log to one
     (``tracking_uri`` a folder), and ``harness report`` and ``ui`` read what the sweep wrote."""
@@ -333,6 +348,8 @@ class Tracker:
         out.mkdir(parents=True, exist_ok=True)
         seed_sqlite_store(self.uri, self.cfg.resolved_cache_dir())
         relocate_copied_store(self.uri, out)
+        if self.uri.startswith(("http://", "https://")):
+            check_server(self.uri)
         client = MlflowClient(tracking_uri=self.uri)
         name = self.cfg.experiment or self.cfg.name
         try:

@@ -495,6 +495,21 @@ def sweep_lock_held_elsewhere(out: Path) -> contextlib.AbstractContextManager[No
                           "print('held', flush=True)\ntime.sleep(60)", "held")
 
 
+def test_a_sweep_whose_tracking_server_is_unreachable_leaves_no_new_folder(sweep_dict, tmp_path):
+    """The server is contacted after the lock is taken: a wrong address stops the sweep before
+    any job, so the folder it made for the lock goes too."""
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "new" / "out"
+    d = dict(copy.deepcopy(sweep_dict), output_dir=str(out), tracking_uri=f"http://127.0.0.1:{port}")
+    r = CliRunner().invoke(main, ["sweep", "-q", _write(tmp_path, d)])
+    assert r.exit_code == 2 and f"tracking_uri 'http://127.0.0.1:{port}': MLflow cannot be reached" in r.stderr, r.output
+    assert not (tmp_path / "new").exists()
+
+
 def test_second_sweep_into_a_busy_output_folder_is_refused_before_preparing_models(sweep_dict, tmp_path,
                                                                                   monkeypatch):
     """The folder in use (its lock held by a running sweep): the second sweep stops at once, as the

@@ -613,6 +613,23 @@ def test_report_of_a_run_id_writes_beside_the_caller_under_its_first_eight_chara
     assert written == [Path("report-01234567")]
 
 
+def test_report_from_a_refused_tracking_server_is_one_line_at_once(monkeypatch):
+    """MLflow's client retries a refused connection with backoff (by default seven times, about
+    four minutes, a warning line each): the address is checked first, without retries."""
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # 4 s, then 8 s of backoff (the default: 7, ~4 min)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "4")
+    t0 = time.monotonic()
+    r = CliRunner().invoke(main, ["report", "0123456789abcdef", "--tracking-uri", f"http://127.0.0.1:{port}"])
+    assert time.monotonic() - t0 < 10
+    err = " ".join(r.stderr.split())
+    assert r.exit_code == 2, r.output
+    assert err.startswith(f"error: tracking_uri 'http://127.0.0.1:{port}': MLflow cannot be reached ("), err
+    assert "Connection refused" in err and "Retrying" not in err, err
+
+
 def test_prepare_of_a_sweep_on_model_files_is_refused_building_nothing(sweep_dict, tmp_path, monkeypatch):
     """prepare builds the embedded suite: a sweep whose models are files of one's own has nothing
     for it to build, said in one line naming the source."""
@@ -799,6 +816,20 @@ def test_a_method_file_named_by_path_or_not_on_the_import_path_says_how_to_name_
         assert r.exit_code == 2, r.output
         assert f"is a file path, not a module: name the module as Python imports it ('{module}', " \
                f"run with PYTHONPATH={folder})" in r.stderr, r.stderr
+
+
+def test_a_missing_module_of_an_importable_package_beside_gets_no_import_path_hint(tmp_path, monkeypatch):
+    """The package beside is on the import path (`python -m harness`, PYTHONPATH=.) and only its
+    submodule is missing: telling to set PYTHONPATH=. would send one after the wrong cause."""
+    (tmp_path / "beside_pkg").mkdir()
+    (tmp_path / "beside_pkg" / "__init__.py").write_text("")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "beside_pkg", raising=False)
+    r = CliRunner().invoke(main, ["list", "methods", "beside_pkg.nope"], env={"COLUMNS": "300"})
+    assert r.exit_code == 2, r.output
+    assert "cannot import module 'beside_pkg.nope' (No module named 'beside_pkg.nope')" in r.stderr, r.stderr
+    assert "PYTHONPATH" not in r.stderr, r.stderr
 
 
 def test_report_of_a_first_sweep_before_its_end_says_it_has_not_ended(sweep_dict, tmp_path):

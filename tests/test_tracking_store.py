@@ -123,6 +123,27 @@ def test_an_unreachable_tracking_server_fails_the_sweep_before_any_job(sweep_dic
     assert not (cfg.resolved_output_dir() / "results").exists()
 
 
+def test_a_refused_tracking_server_is_reported_at_once_in_one_line(sweep_dict, monkeypatch, capfd):
+    """MLflow's client retries a refused connection with backoff (by default seven times, about
+    four minutes, a warning line each): the address is checked first, without retries."""
+    from harness.errors import HarnessError
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    from harness.tracking import Tracker
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # 4 s, then 8 s of backoff (the default: 7, ~4 min)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "4")
+    tracker = Tracker(validate_config({**sweep_dict, "tracking_uri": f"http://127.0.0.1:{port}"}))
+    t0 = time.monotonic()
+    with pytest.raises(HarnessError, match=rf"tracking_uri 'http://127.0.0.1:{port}': MLflow cannot be reached "
+                                           r"\(.*Connection refused\)$"):
+        tracker.start_sweep("d", {})
+    assert time.monotonic() - t0 < 10
+    assert "Retrying" not in capfd.readouterr().err
+
+
 def test_a_copied_output_folder_keeps_its_artifacts_to_itself(sweep_dict, tmp_path):
     """MLflow stores absolute artifact paths: a copy extended by a rerun must write into the
     copy, and read the copied artifacts, so the original can be deleted."""
