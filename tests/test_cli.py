@@ -1051,6 +1051,20 @@ def test_collect_of_a_sweep_nothing_was_submitted_from_runs_nothing(sweep_dict, 
     assert not (Path(sweep_dict["output_dir"]) / "results").exists()
 
 
+@pytest.mark.parametrize("kind", ["local", "debug"])
+def test_status_of_a_sweep_run_in_process_says_its_jobs_never_go_to_slurm(kind, sweep_dict, tmp_path):
+    """``status`` of a local (or debug) sweep suggested ``harness sweep --detach``, which refuses
+    that sweep: it now says its jobs run in-process and where their results are."""
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump({**sweep_dict, "executor": {"kind": kind}}))
+    r = CliRunner().invoke(main, ["status", str(f)])
+    folder = Path(sweep_dict["output_dir"]) / "slurm"
+    assert r.exit_code == 2 and " ".join(r.stderr.split()) == (
+        f"error: no SLURM submissions recorded under {folder}: this sweep runs its jobs in-process (executor.kind "
+        f"{kind}); its results are in `harness report`, or set executor.kind slurm to submit them"), r.output
+    assert "--detach" not in r.stderr
+
+
 @pytest.mark.parametrize("command", ["report", "ui"])
 def test_an_mlflow_store_given_for_a_sweep_file_names_its_folder(command, tmp_path):
     """``harness report outputs/x/mlflow.db`` said the file was not UTF-8 text: it is named as the

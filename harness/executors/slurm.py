@@ -1192,8 +1192,13 @@ def check_cluster(cfg: SweepConfig, file: str, partitions: dict[str, dict[str, A
 # harness status
 
 
-def no_submissions(folder: Path) -> HarnessError:
-    """What ``status`` and ``collect`` say of a sweep folder nothing was submitted from."""
+def no_submissions(folder: Path, kind: str = "slurm") -> HarnessError:
+    """What ``status`` and ``collect`` say of a sweep folder nothing was submitted from; of a sweep
+    whose jobs run in-process, that they never go to SLURM (``--detach`` refuses it too)."""
+    if kind != "slurm":
+        return HarnessError(f"no SLURM submissions recorded under {folder}: this sweep runs its jobs in-process "
+                            f"(executor.kind {kind}); its results are in `harness report`, or set executor.kind "
+                            "slurm to submit them")
     return HarnessError(f"no SLURM submissions recorded under {folder} "
                         "(run `harness sweep` with executor.kind slurm, or `harness sweep --detach`)")
 
@@ -1203,7 +1208,7 @@ def status_table(cfg: SweepConfig) -> tuple[Table, dict[str, int]]:
     folder = cfg.resolved_output_dir() / "slurm"
     records = SubmissionLog(folder).load()
     if not records:
-        raise no_submissions(folder)
+        raise no_submissions(folder, cfg.executor.kind)
     results = cfg.resolved_output_dir() / "results"
     cached_files = listed_files([results / "-"])  # one listing each, not a stat per job
     tracked, collected = [], set()
