@@ -144,6 +144,51 @@ def test_a_refused_tracking_server_is_reported_at_once_in_one_line(sweep_dict, m
     assert "Retrying" not in capfd.readouterr().err
 
 
+def test_a_sweep_on_a_tracking_server_prints_its_table_without_mlflows_run_links(sweep_dict, tmp_path, monkeypatch,
+                                                                                 capfd):
+    """MLflow's client printed "View run ... at: URL" and "View experiment at: URL" to stdout as
+    each run on a server ended: two lines per job between the progress and the table (and with
+    -q). The runs are all on the server, and nothing of MLflow's is printed."""
+    import subprocess
+    import sys
+    import urllib.request
+
+    from mlflow.tracking import MlflowClient
+
+    from harness.runner import run_sweep
+    from tests.conftest import stop_process_group
+
+    monkeypatch.delenv("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", raising=False)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    uri = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
+                               f"sqlite:///{tmp_path / 'server.db'}", "--host", "127.0.0.1", "--port", str(port),
+                               "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{uri}/health", timeout=2).close()
+                break
+            except OSError:
+                assert time.time() < deadline and server.poll() is None, "the MLflow server did not start"
+                time.sleep(0.5)
+        d = {**sweep_dict, "tracking_uri": uri, "methods": [{"name": "weight_averaging"}]}
+        outcome = run_sweep(validate_config(d), quiet=False)
+        out, err = capfd.readouterr()
+        client = MlflowClient(uri)
+        (exp,) = [e for e in client.search_experiments() if e.name == "toy"]
+        runs = client.search_runs([exp.experiment_id])
+        assert len(runs) == len(outcome.results) + 1  # the jobs' and the sweep's runs are on the server
+        assert "View run" not in out and "View experiment" not in out and uri not in out, out
+        assert "weight_averaging" in err  # the table, on the driver's console
+    finally:
+        stop_process_group(server)
+
+
 def test_a_copied_output_folder_keeps_its_artifacts_to_itself(sweep_dict, tmp_path):
     """MLflow stores absolute artifact paths: a copy extended by a rerun must write into the
     copy, and read the copied artifacts, so the original can be deleted."""
