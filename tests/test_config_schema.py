@@ -85,3 +85,55 @@ def test_overrides_leave_the_callers_config_unchanged(sweep_dict):
     assert apply_overrides(raw, ["seed=2", "eval.batch_size=4", "eval.max_samples=3"]) == {
         "seed": 2, "eval": {"batch_size": 4, "max_samples": 3}}
     assert raw == {"seed": 1, "eval": {"batch_size": 8}}
+
+
+def test_a_minimal_sweep_takes_the_documented_defaults(sweep_dict):
+    """What a sweep file leaves out decides rows and studies: the README's defaults (pretrained and
+    individual rows on, the bound off at lambda 0.3, severity 2, adaptation on the corrupted images)."""
+    cfg = validate_config(dict(sweep_dict, robustness={"tasks": [A]}))
+    refs = cfg.references
+    assert (refs.pretrained, refs.individual, refs.perfect_routing, refs.bound_lambdas) == (True, True, False, [0.3])
+    assert (cfg.robustness.severity, cfg.robustness.adapt) == (2, "corrupted")
+    assert (cfg.executor.kind, cfg.executor.workers) == ("local", 1)
+
+
+def test_references_false_turns_every_reference_row_off(sweep_dict):
+    refs = validate_config(dict(sweep_dict, references=False)).references
+    assert (refs.pretrained, refs.individual, refs.perfect_routing) == (False, False, False)
+
+
+def test_robustness_adapting_on_clean_images_keeps_the_identity_the_block_had_before_the_field(sweep_dict):
+    """``adapt: clean`` is what jobs did before ``adapt`` existed: their keys must not change."""
+    block = {"tasks": [A], "corruptions": ["contrast"], "severity": 3, "seed": 1}
+    clean = validate_config(dict(sweep_dict, robustness={**block, "adapt": "clean"})).robustness.identity()
+    corrupted = validate_config(dict(sweep_dict, robustness=block)).robustness.identity()
+    assert clean == block
+    assert corrupted == {**block, "adapt": "corrupted"}
+
+
+def test_the_folders_and_store_default_to_the_documented_places(sweep_dict, tmp_path, monkeypatch):
+    """``cache_dir`` over ``$HARNESS_CACHE`` over ``~/.cache/harness``; ``tracking_uri`` over
+    ``MLFLOW_TRACKING_URI`` over ``sqlite:///<output_dir>/mlflow.db``; ``outputs/<name>``."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("HARNESS_CACHE", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    bare = {k: v for k, v in sweep_dict.items() if k not in ("output_dir", "cache_dir")}
+    cfg = validate_config(bare)
+    assert cfg.resolved_output_dir() == tmp_path / "outputs" / "toy"
+    assert cfg.resolved_cache_dir() == tmp_path / "home" / ".cache" / "harness"
+    assert cfg.resolved_tracking_uri() == f"sqlite:///{tmp_path / 'outputs' / 'toy' / 'mlflow.db'}"
+    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "env-cache"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///env.db")
+    assert cfg.resolved_cache_dir() == tmp_path / "env-cache"
+    assert cfg.resolved_tracking_uri() == "sqlite:///env.db"
+    given = validate_config(dict(bare, cache_dir=str(tmp_path / "given"), tracking_uri="sqlite:///given.db"))
+    assert given.resolved_cache_dir() == tmp_path / "given"
+    assert given.resolved_tracking_uri() == "sqlite:///given.db"
+
+
+def test_a_tuned_range_cannot_be_both_log_scaled_and_stepped(sweep_dict):
+    """Optuna has no log-scaled stepped range: the step would be dropped, or the first trial fail."""
+    space = {"scaling": {"type": "float", "low": 0.1, "high": 0.9, "log": True, "step": 0.2}}
+    with pytest.raises(ConfigError, match="methods.0.tune.space.scaling: 'step' and 'log' cannot be combined"):
+        validate_config(dict(sweep_dict, methods=[{"name": "task_arithmetic", "tune": {"space": space}}]))
