@@ -137,3 +137,18 @@ def test_a_tuned_range_cannot_be_both_log_scaled_and_stepped(sweep_dict):
     space = {"scaling": {"type": "float", "low": 0.1, "high": 0.9, "log": True, "step": 0.2}}
     with pytest.raises(ConfigError, match="methods.0.tune.space.scaling: 'step' and 'log' cannot be combined"):
         validate_config(dict(sweep_dict, methods=[{"name": "task_arithmetic", "tune": {"space": space}}]))
+
+
+@pytest.mark.parametrize("threads,ok", [(1, True), (256, True), ("auto", True), (0, False), (257, False)])
+def test_threads_are_1_to_256_or_auto(threads, ok, sweep_dict):
+    if ok:
+        assert validate_config(dict(sweep_dict, threads=threads)).threads == threads
+    else:
+        with pytest.raises(ConfigError, match="threads: must be between 1 and 256 or 'auto'"):
+            validate_config(dict(sweep_dict, threads=threads))
+
+
+def test_an_empty_seen_list_merges_nothing_and_is_refused(sweep_dict):
+    """``seen: []`` is no task seen, not every task: it is refused like a sweep whose every task is unseen."""
+    with pytest.raises(ConfigError, match="every task is unseen: nothing to merge"):
+        validate_config(dict(sweep_dict, seen=[]))
