@@ -152,3 +152,16 @@ def test_an_empty_seen_list_merges_nothing_and_is_refused(sweep_dict):
     """``seen: []`` is no task seen, not every task: it is refused like a sweep whose every task is unseen."""
     with pytest.raises(ConfigError, match="every task is unseen: nothing to merge"):
         validate_config(dict(sweep_dict, seen=[]))
+
+
+def test_of_two_overrides_of_one_field_the_later_wins(sweep_dict, tmp_path):
+    """As on any command line: ``seed=1 seed=2`` runs seed 2, and a whole list replaced then edited keeps the edit."""
+    assert apply_overrides({"seed": 0}, ["seed=1", "seed=2"]) == {"seed": 2}
+    f = write(sweep_dict, tmp_path / "s.yaml")
+    cfg = load_config(f, ["methods.1.grid.scaling=[0.1, 0.3]", "methods.1.grid.scaling.1=0.4"])
+    assert cfg.methods[1].grid["scaling"] == [0.1, 0.4]
+
+
+def test_a_task_both_seen_and_unseen_is_refused(sweep_dict):
+    with pytest.raises(ConfigError, match=r"unseen: tasks both seen and unseen: \['toy_colours'\]"):
+        validate_config(dict(sweep_dict, tasks=[A, B], seen=[A, B], unseen=[B]))
