@@ -165,3 +165,11 @@ def test_of_two_overrides_of_one_field_the_later_wins(sweep_dict, tmp_path):
 def test_a_task_both_seen_and_unseen_is_refused(sweep_dict):
     with pytest.raises(ConfigError, match=r"unseen: tasks both seen and unseen: \['toy_colours'\]"):
         validate_config(dict(sweep_dict, tasks=[A, B], seen=[A, B], unseen=[B]))
+
+
+def test_with_both_seen_and_unseen_given_a_task_in_neither_is_refused(sweep_dict):
+    """Given both, each task is one of them; either alone leaves the rest to the other."""
+    with pytest.raises(ConfigError, match=r"seen: tasks neither seen nor unseen: \['toy_checks'\]"):
+        validate_config(dict(sweep_dict, tasks=[A, B, C], seen=[A], unseen=[B]))
+    assert validate_config(dict(sweep_dict, tasks=[A, B, C], seen=[A])).merge_tasks == [A]
+    assert validate_config(dict(sweep_dict, tasks=[A, B, C], unseen=[B])).merge_tasks == [A, C]
