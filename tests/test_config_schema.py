@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from harness.config import ConfigError, apply_overrides, load_config, validate_config
+from harness.config import ConfigError, apply_overrides, dump_yaml, load_config, validate_config
 
 A, B, C = "toy_stripes", "toy_colours", "toy_checks"
 
@@ -173,3 +173,28 @@ def test_with_both_seen_and_unseen_given_a_task_in_neither_is_refused(sweep_dict
         validate_config(dict(sweep_dict, tasks=[A, B, C], seen=[A], unseen=[B]))
     assert validate_config(dict(sweep_dict, tasks=[A, B, C], seen=[A])).merge_tasks == [A]
     assert validate_config(dict(sweep_dict, tasks=[A, B, C], unseen=[B])).merge_tasks == [A, C]
+
+
+@pytest.mark.parametrize("change,same", [
+    ({"seed": 1}, False), ({"tasks": [B, A]}, False), ({"unseen": [B]}, False), ({"eval": {"max_samples": 8}}, False),
+    ({"eval": {"precision": "bf16"}}, False), ({"adapt": {"shuffle_seed": 1}}, False),
+    ({"executor": {"workers": 2}}, True), ({"eval": {"batch_size": 8}}, True), ({"description": "x"}, True),
+    ({"threads": 2}, True), ({"methods": [{"name": "weight_averaging"}]}, True), ({"references": False}, True),
+])
+def test_the_digest_changes_with_what_is_measured_and_with_nothing_else(change, same, sweep_dict):
+    """The digest finds a sweep's MLflow parent run: another experiment must not find it, and
+    another way of running (or more methods) the same experiment must."""
+    base = validate_config(dict(sweep_dict, tasks=[A, B]))
+    assert (validate_config({**sweep_dict, "tasks": [A, B], **change}).digest() == base.digest()) is same
+
+
+def test_the_resolved_config_written_out_reads_back_as_the_same_config(sweep_dict):
+    """``resolved.yaml`` is what ``report`` and ``ui`` read a finished sweep from."""
+    d = dict(sweep_dict, seed=3, threads=2, unseen=[B], references={"perfect_routing": True,
+             "routing_bound_lambda": [0.3, 0.6]}, robustness={"tasks": [A], "adapt": "clean"},
+             eval={"max_samples": 16, "precision": "bf16"}, executor={"kind": "slurm", "mem_gb": 2, "sbatch": {"gpus": 1}},
+             methods=[{"name": "ties", "label": "t", "params": {"k": 20}, "grid": {"scaling": [0.3, 0.5]}},
+                      {"name": "task_arithmetic", "tune": {"n_trials": 3, "sampler": "grid", "space": {
+                          "scaling": {"type": "float", "low": 0.1, "high": 0.5, "step": 0.2}}}}])
+    cfg = validate_config(d)
+    assert validate_config(yaml.safe_load(dump_yaml(cfg))) == cfg
