@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from harness.config import ConfigError, apply_overrides, dump_yaml, load_config, validate_config
+from harness.config import ConfigError, apply_overrides, dump_yaml, expand_env, load_config, validate_config
 
 A, B, C = "toy_stripes", "toy_colours", "toy_checks"
 
@@ -198,3 +198,18 @@ def test_the_resolved_config_written_out_reads_back_as_the_same_config(sweep_dic
                           "scaling": {"type": "float", "low": 0.1, "high": 0.5, "step": 0.2}}}}])
     cfg = validate_config(d)
     assert validate_config(yaml.safe_load(dump_yaml(cfg))) == cfg
+
+
+@pytest.mark.parametrize("field", ["seen", "unseen"])
+def test_a_task_listed_twice_in_seen_or_unseen_is_refused(field, sweep_dict):
+    """It would weigh twice in the seen average, or fill two unseen columns."""
+    with pytest.raises(ConfigError, match=rf"{field}: listed twice: \['toy_colours'\]"):
+        validate_config({**sweep_dict, "tasks": [A, B, C], field: [B, B]})
+
+
+def test_a_set_variable_wins_over_its_default_and_an_empty_default_is_the_empty_string(monkeypatch):
+    monkeypatch.setenv("HARNESS_TEST_SET", "/data")
+    monkeypatch.delenv("HARNESS_TEST_UNSET", raising=False)
+    assert expand_env("${HARNESS_TEST_SET:-/elsewhere}/x") == "/data/x"
+    assert expand_env("/a${HARNESS_TEST_UNSET:-}/b") == "/a/b"
+    assert expand_env("${HARNESS_TEST_UNSET:-/elsewhere}/x") == "/elsewhere/x"
