@@ -3,10 +3,14 @@ value accepted and the first refused, and overrides of fields the file leaves em
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 import pytest
 import yaml
 
-from harness.config import ConfigError, apply_overrides, dump_yaml, expand_env, load_config, validate_config
+from harness.config import (EXPERIMENT_FIELDS, ConfigError, apply_overrides, dump_yaml, expand_env, load_config,
+                            validate_config)
 
 A, B, C = "toy_stripes", "toy_colours", "toy_checks"
 
@@ -213,3 +217,21 @@ def test_a_set_variable_wins_over_its_default_and_an_empty_default_is_the_empty_
     assert expand_env("${HARNESS_TEST_SET:-/elsewhere}/x") == "/data/x"
     assert expand_env("/a${HARNESS_TEST_UNSET:-}/b") == "/a/b"
     assert expand_env("${HARNESS_TEST_UNSET:-/elsewhere}/x") == "/elsewhere/x"
+
+
+def test_an_fp32_sweep_keeps_the_digest_it_had_before_precision_was_a_field(sweep_dict):
+    """Sweeps run before ``eval.precision`` existed find their MLflow parent run again."""
+    cfg = validate_config({**sweep_dict, "eval": {"precision": "fp32"}})
+    before = json.dumps(cfg.model_dump(mode="json", include=EXPERIMENT_FIELDS), sort_keys=True)
+    assert cfg.digest() == hashlib.sha256(before.encode()).hexdigest()[:16]
+
+
+@pytest.mark.parametrize("mem_gb,ok", [(1 / 1024, True), (0.0009, False)])
+def test_slurm_memory_of_one_megabyte_is_the_least_accepted(mem_gb, ok, sweep_dict):
+    """submitit writes --mem=<int(mem_gb * 1024)>MB: 1 MB is a limit, 0 MB all of a node's memory."""
+    d = {**sweep_dict, "executor": {"kind": "slurm", "mem_gb": mem_gb}}
+    if ok:
+        assert validate_config(d).executor.mem_gb == mem_gb
+    else:
+        with pytest.raises(ConfigError, match="executor.mem_gb: under 1 MB"):
+            validate_config(d)
