@@ -235,3 +235,8 @@ def test_slurm_memory_of_one_megabyte_is_the_least_accepted(mem_gb, ok, sweep_di
     else:
         with pytest.raises(ConfigError, match="executor.mem_gb: under 1 MB"):
             validate_config(d)
+
+
+def test_a_generalization_block_giving_both_lists_must_place_every_task(sweep_dict):
+    with pytest.raises(ConfigError, match=r"generalization.seen: tasks neither seen nor unseen: \['toy_checks'\]"):
+        validate_config({**sweep_dict, "tasks": [A, B, C], "generalization": {"seen": [A], "unseen": [B]}})
