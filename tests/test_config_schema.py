@@ -240,3 +240,10 @@ def test_slurm_memory_of_one_megabyte_is_the_least_accepted(mem_gb, ok, sweep_di
 def test_a_generalization_block_giving_both_lists_must_place_every_task(sweep_dict):
     with pytest.raises(ConfigError, match=r"generalization.seen: tasks neither seen nor unseen: \['toy_checks'\]"):
         validate_config({**sweep_dict, "tasks": [A, B, C], "generalization": {"seen": [A], "unseen": [B]}})
+
+
+def test_a_hyperparameter_both_fixed_and_tuned_is_refused(sweep_dict):
+    """One of the two values would be silently dropped from every trial."""
+    tune = {"space": {"scaling": {"type": "float", "low": 0.1, "high": 0.9}}}
+    with pytest.raises(ConfigError, match=r"methods.0: \['scaling'\] given both in params and tune.space"):
+        validate_config({**sweep_dict, "methods": [{"name": "task_arithmetic", "params": {"scaling": 0.3}, "tune": tune}]})
