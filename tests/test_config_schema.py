@@ -3,10 +3,14 @@ value accepted and the first refused, and overrides of fields the file leaves em
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 import pytest
 import yaml
 
-from harness.config import ConfigError, apply_overrides, load_config, validate_config
+from harness.config import (EXPERIMENT_FIELDS, ConfigError, apply_overrides, dump_yaml, expand_env, load_config,
+                            validate_config)
 
 A, B, C = "toy_stripes", "toy_colours", "toy_checks"
 
@@ -85,3 +89,161 @@ def test_overrides_leave_the_callers_config_unchanged(sweep_dict):
     assert apply_overrides(raw, ["seed=2", "eval.batch_size=4", "eval.max_samples=3"]) == {
         "seed": 2, "eval": {"batch_size": 4, "max_samples": 3}}
     assert raw == {"seed": 1, "eval": {"batch_size": 8}}
+
+
+def test_a_minimal_sweep_takes_the_documented_defaults(sweep_dict):
+    """What a sweep file leaves out decides rows and studies: the README's defaults (pretrained and
+    individual rows on, the bound off at lambda 0.3, severity 2, adaptation on the corrupted images)."""
+    cfg = validate_config(dict(sweep_dict, robustness={"tasks": [A]}))
+    refs = cfg.references
+    assert (refs.pretrained, refs.individual, refs.perfect_routing, refs.bound_lambdas) == (True, True, False, [0.3])
+    assert (cfg.robustness.severity, cfg.robustness.adapt) == (2, "corrupted")
+    assert (cfg.executor.kind, cfg.executor.workers) == ("local", 1)
+
+
+def test_references_false_turns_every_reference_row_off(sweep_dict):
+    refs = validate_config(dict(sweep_dict, references=False)).references
+    assert (refs.pretrained, refs.individual, refs.perfect_routing) == (False, False, False)
+
+
+def test_robustness_adapting_on_clean_images_keeps_the_identity_the_block_had_before_the_field(sweep_dict):
+    """``adapt: clean`` is what jobs did before ``adapt`` existed: their keys must not change."""
+    block = {"tasks": [A], "corruptions": ["contrast"], "severity": 3, "seed": 1}
+    clean = validate_config(dict(sweep_dict, robustness={**block, "adapt": "clean"})).robustness.identity()
+    corrupted = validate_config(dict(sweep_dict, robustness=block)).robustness.identity()
+    assert clean == block
+    assert corrupted == {**block, "adapt": "corrupted"}
+
+
+def test_the_folders_and_store_default_to_the_documented_places(sweep_dict, tmp_path, monkeypatch):
+    """``cache_dir`` over ``$HARNESS_CACHE`` over ``~/.cache/harness``; ``tracking_uri`` over
+    ``MLFLOW_TRACKING_URI`` over ``sqlite:///<output_dir>/mlflow.db``; ``outputs/<name>``."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("HARNESS_CACHE", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    bare = {k: v for k, v in sweep_dict.items() if k not in ("output_dir", "cache_dir")}
+    cfg = validate_config(bare)
+    assert cfg.resolved_output_dir() == tmp_path / "outputs" / "toy"
+    assert cfg.resolved_cache_dir() == tmp_path / "home" / ".cache" / "harness"
+    assert cfg.resolved_tracking_uri() == f"sqlite:///{tmp_path / 'outputs' / 'toy' / 'mlflow.db'}"
+    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "env-cache"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///env.db")
+    assert cfg.resolved_cache_dir() == tmp_path / "env-cache"
+    assert cfg.resolved_tracking_uri() == "sqlite:///env.db"
+    given = validate_config(dict(bare, cache_dir=str(tmp_path / "given"), tracking_uri="sqlite:///given.db"))
+    assert given.resolved_cache_dir() == tmp_path / "given"
+    assert given.resolved_tracking_uri() == "sqlite:///given.db"
+
+
+def test_a_tuned_range_cannot_be_both_log_scaled_and_stepped(sweep_dict):
+    """Optuna has no log-scaled stepped range: the step would be dropped, or the first trial fail."""
+    space = {"scaling": {"type": "float", "low": 0.1, "high": 0.9, "log": True, "step": 0.2}}
+    with pytest.raises(ConfigError, match="methods.0.tune.space.scaling: 'step' and 'log' cannot be combined"):
+        validate_config(dict(sweep_dict, methods=[{"name": "task_arithmetic", "tune": {"space": space}}]))
+
+
+@pytest.mark.parametrize("threads,ok", [(1, True), (256, True), ("auto", True), (0, False), (257, False)])
+def test_threads_are_1_to_256_or_auto(threads, ok, sweep_dict):
+    if ok:
+        assert validate_config(dict(sweep_dict, threads=threads)).threads == threads
+    else:
+        with pytest.raises(ConfigError, match="threads: must be between 1 and 256 or 'auto'"):
+            validate_config(dict(sweep_dict, threads=threads))
+
+
+def test_an_empty_seen_list_merges_nothing_and_is_refused(sweep_dict):
+    """``seen: []`` is no task seen, not every task: it is refused like a sweep whose every task is unseen."""
+    with pytest.raises(ConfigError, match="every task is unseen: nothing to merge"):
+        validate_config(dict(sweep_dict, seen=[]))
+
+
+def test_of_two_overrides_of_one_field_the_later_wins(sweep_dict, tmp_path):
+    """As on any command line: ``seed=1 seed=2`` runs seed 2, and a whole list replaced then edited keeps the edit."""
+    assert apply_overrides({"seed": 0}, ["seed=1", "seed=2"]) == {"seed": 2}
+    f = write(sweep_dict, tmp_path / "s.yaml")
+    cfg = load_config(f, ["methods.1.grid.scaling=[0.1, 0.3]", "methods.1.grid.scaling.1=0.4"])
+    assert cfg.methods[1].grid["scaling"] == [0.1, 0.4]
+
+
+def test_a_task_both_seen_and_unseen_is_refused(sweep_dict):
+    with pytest.raises(ConfigError, match=r"unseen: tasks both seen and unseen: \['toy_colours'\]"):
+        validate_config(dict(sweep_dict, tasks=[A, B], seen=[A, B], unseen=[B]))
+
+
+def test_with_both_seen_and_unseen_given_a_task_in_neither_is_refused(sweep_dict):
+    """Given both, each task is one of them; either alone leaves the rest to the other."""
+    with pytest.raises(ConfigError, match=r"seen: tasks neither seen nor unseen: \['toy_checks'\]"):
+        validate_config(dict(sweep_dict, tasks=[A, B, C], seen=[A], unseen=[B]))
+    assert validate_config(dict(sweep_dict, tasks=[A, B, C], seen=[A])).merge_tasks == [A]
+    assert validate_config(dict(sweep_dict, tasks=[A, B, C], unseen=[B])).merge_tasks == [A, C]
+
+
+@pytest.mark.parametrize("change,same", [
+    ({"seed": 1}, False), ({"tasks": [B, A]}, False), ({"unseen": [B]}, False), ({"eval": {"max_samples": 8}}, False),
+    ({"eval": {"precision": "bf16"}}, False), ({"adapt": {"shuffle_seed": 1}}, False),
+    ({"executor": {"workers": 2}}, True), ({"eval": {"batch_size": 8}}, True), ({"description": "x"}, True),
+    ({"threads": 2}, True), ({"methods": [{"name": "weight_averaging"}]}, True), ({"references": False}, True),
+])
+def test_the_digest_changes_with_what_is_measured_and_with_nothing_else(change, same, sweep_dict):
+    """The digest finds a sweep's MLflow parent run: another experiment must not find it, and
+    another way of running (or more methods) the same experiment must."""
+    base = validate_config(dict(sweep_dict, tasks=[A, B]))
+    assert (validate_config({**sweep_dict, "tasks": [A, B], **change}).digest() == base.digest()) is same
+
+
+def test_the_resolved_config_written_out_reads_back_as_the_same_config(sweep_dict):
+    """``resolved.yaml`` is what ``report`` and ``ui`` read a finished sweep from."""
+    d = dict(sweep_dict, seed=3, threads=2, unseen=[B], references={"perfect_routing": True,
+             "routing_bound_lambda": [0.3, 0.6]}, robustness={"tasks": [A], "adapt": "clean"},
+             eval={"max_samples": 16, "precision": "bf16"}, executor={"kind": "slurm", "mem_gb": 2, "sbatch": {"gpus": 1}},
+             methods=[{"name": "ties", "label": "t", "params": {"k": 20}, "grid": {"scaling": [0.3, 0.5]}},
+                      {"name": "task_arithmetic", "tune": {"n_trials": 3, "sampler": "grid", "space": {
+                          "scaling": {"type": "float", "low": 0.1, "high": 0.5, "step": 0.2}}}}])
+    cfg = validate_config(d)
+    assert validate_config(yaml.safe_load(dump_yaml(cfg))) == cfg
+
+
+@pytest.mark.parametrize("field", ["seen", "unseen"])
+def test_a_task_listed_twice_in_seen_or_unseen_is_refused(field, sweep_dict):
+    """It would weigh twice in the seen average, or fill two unseen columns."""
+    with pytest.raises(ConfigError, match=rf"{field}: listed twice: \['toy_colours'\]"):
+        validate_config({**sweep_dict, "tasks": [A, B, C], field: [B, B]})
+
+
+def test_a_set_variable_wins_over_its_default_and_an_empty_default_is_the_empty_string(monkeypatch):
+    monkeypatch.setenv("HARNESS_TEST_SET", "/data")
+    monkeypatch.delenv("HARNESS_TEST_UNSET", raising=False)
+    assert expand_env("${HARNESS_TEST_SET:-/elsewhere}/x") == "/data/x"
+    assert expand_env("/a${HARNESS_TEST_UNSET:-}/b") == "/a/b"
+    assert expand_env("${HARNESS_TEST_UNSET:-/elsewhere}/x") == "/elsewhere/x"
+
+
+def test_an_fp32_sweep_keeps_the_digest_it_had_before_precision_was_a_field(sweep_dict):
+    """Sweeps run before ``eval.precision`` existed find their MLflow parent run again."""
+    cfg = validate_config({**sweep_dict, "eval": {"precision": "fp32"}})
+    before = json.dumps(cfg.model_dump(mode="json", include=EXPERIMENT_FIELDS), sort_keys=True)
+    assert cfg.digest() == hashlib.sha256(before.encode()).hexdigest()[:16]
+
+
+@pytest.mark.parametrize("mem_gb,ok", [(1 / 1024, True), (0.0009, False)])
+def test_slurm_memory_of_one_megabyte_is_the_least_accepted(mem_gb, ok, sweep_dict):
+    """submitit writes --mem=<int(mem_gb * 1024)>MB: 1 MB is a limit, 0 MB all of a node's memory."""
+    d = {**sweep_dict, "executor": {"kind": "slurm", "mem_gb": mem_gb}}
+    if ok:
+        assert validate_config(d).executor.mem_gb == mem_gb
+    else:
+        with pytest.raises(ConfigError, match="executor.mem_gb: under 1 MB"):
+            validate_config(d)
+
+
+def test_a_generalization_block_giving_both_lists_must_place_every_task(sweep_dict):
+    with pytest.raises(ConfigError, match=r"generalization.seen: tasks neither seen nor unseen: \['toy_checks'\]"):
+        validate_config({**sweep_dict, "tasks": [A, B, C], "generalization": {"seen": [A], "unseen": [B]}})
+
+
+def test_a_hyperparameter_both_fixed_and_tuned_is_refused(sweep_dict):
+    """One of the two values would be silently dropped from every trial."""
+    tune = {"space": {"scaling": {"type": "float", "low": 0.1, "high": 0.9}}}
+    with pytest.raises(ConfigError, match=r"methods.0: \['scaling'\] given both in params and tune.space"):
+        validate_config({**sweep_dict, "methods": [{"name": "task_arithmetic", "params": {"scaling": 0.3}, "tune": tune}]})
