@@ -78,16 +78,17 @@ UNSET_INPUTS_KEPT: contextvars.ContextVar[bool] = contextvars.ContextVar("unset_
 
 
 def expand_env(value: str, input_path: bool = False) -> str:
-    """Expand ``${VAR}`` and ``${VAR:-default}``; an unset variable without default is an error
-    (but in an ``input_path`` under :data:`UNSET_INPUTS_KEPT`, where it is left as ``$VAR``:
-    without braces, which a ``finetuned_pattern`` would read as a field)."""
+    """Expand ``${VAR}`` and ``${VAR:-default}`` as a shell does (the default also for a variable
+    set to the empty string); an unset variable without default is an error (but in an
+    ``input_path`` under :data:`UNSET_INPUTS_KEPT`, where it is left as ``$VAR``: without braces,
+    which a ``finetuned_pattern`` would read as a field)."""
 
     def sub(m: re.Match) -> str:
         name, default = m.group(1), m.group(2)
+        if default is not None and not os.environ.get(name):
+            return default
         if name in os.environ:
             return os.environ[name]
-        if default is not None:
-            return default
         if input_path and UNSET_INPUTS_KEPT.get():
             return f"${name}"
         raise ValueError(f"environment variable {name} is not set")

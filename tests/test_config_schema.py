@@ -219,6 +219,18 @@ def test_a_set_variable_wins_over_its_default_and_an_empty_default_is_the_empty_
     assert expand_env("${HARNESS_TEST_UNSET:-/elsewhere}/x") == "/elsewhere/x"
 
 
+def test_a_variable_set_to_the_empty_string_takes_its_default_as_in_a_shell(monkeypatch):
+    """``${VAR:-d}`` is ``d`` in bash for an unset and for an empty VAR (``export CKPT=`` in a job
+    script); ``${VAR}`` of an empty VAR is empty, as there."""
+    import subprocess
+
+    monkeypatch.setenv("HARNESS_TEST_EMPTY", "")
+    shell = subprocess.run(["bash", "-c", 'printf %s "${HARNESS_TEST_EMPTY:-/elsewhere}/x|/a${HARNESS_TEST_EMPTY}/b"'],
+                           capture_output=True, text=True, check=True).stdout
+    ours = expand_env("${HARNESS_TEST_EMPTY:-/elsewhere}/x") + "|" + expand_env("/a${HARNESS_TEST_EMPTY}/b")
+    assert ours == shell == "/elsewhere/x|/a/b"
+
+
 def test_an_fp32_sweep_keeps_the_digest_it_had_before_precision_was_a_field(sweep_dict):
     """Sweeps run before ``eval.precision`` existed find their MLflow parent run again."""
     cfg = validate_config({**sweep_dict, "eval": {"precision": "fp32"}})
