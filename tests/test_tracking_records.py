@@ -103,3 +103,23 @@ def test_router_task_identification_is_logged_per_layer_in_percent():
     assert artifact_metrics(artifacts) == pytest.approx({"router_task_id/layer0": 50.0, "router_task_id/layer1": 25.0,
                                                          "router_task_id/layer2": 100.0, "router_task_id/avg": 175 / 3})
     assert artifacts["curves"] == {"tta/loss": [2.0, 1.5], "tta/val/acc/avg": [[0, 40.0], [3, 45.0]]}
+
+
+def test_every_param_and_curve_point_of_a_large_job_is_logged_at_its_step(sweep_dict):
+    """MLflow takes a batch of at most 100 params and 1000 metrics: 250 params and a 1200-step
+    curve go in several batches, none lost. A long param value is kept up to MLflow's own
+    limit (its ``MAX_PARAM_VAL_LENGTH``), and a final metric is logged at step 0."""
+    from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
+
+    tracker = Tracker(validate_config(sweep_dict))
+    tracker.start_sweep("d1", {})
+    curve = [float(i % 7) for i in range(1200)]
+    result = JobResult("k1", "merge", "ta", {}, None, "ok", metrics={"acc/avg": 50.0},
+                       artifacts={"curves": {"tta/loss": curve}})
+    params = {"p": {f"x{i}": i for i in range(250)}, "long": "a" * 5000, "longer": "b" * (MAX_PARAM_VAL_LENGTH + 10)}
+    rid = tracker.log_job(result, params, "digest1")
+    run = tracker.client.get_run(rid)
+    assert run.data.params == {**{f"p.x{i}": str(i) for i in range(250)}, "long": "a" * 5000,
+                               "longer": "b" * MAX_PARAM_VAL_LENGTH}
+    assert history(tracker.client, rid, "tta/loss") == list(enumerate(curve))
+    assert history(tracker.client, rid, "acc/avg") == [(0, 50.0)]
