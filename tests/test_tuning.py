@@ -205,6 +205,33 @@ def test_median_pruner_never_prunes_before_the_first_adaptation_step():
     assert trial.should_prune()
 
 
+def test_median_pruner_waits_for_three_completed_trials():
+    """As the README says: the median pruner judges no trial before 3 trials completed, and
+    failed or pruned ones do not count toward them."""
+    import optuna
+
+    from harness.tuning import make_pruner
+
+    study = optuna.create_study(direction="maximize", pruner=make_pruner("median"))
+
+    def below_median_at_step_1() -> bool:
+        trial = study.ask()
+        trial.report(1.0, 1)
+        pruned = trial.should_prune()
+        study.tell(trial, state=optuna.trial.TrialState.PRUNED if pruned else optuna.trial.TrialState.FAIL)
+        return pruned
+
+    for adapted in (40.0, 42.0):
+        done = study.ask()
+        done.report(adapted, 1)
+        study.tell(done, adapted)
+    assert not below_median_at_step_1()  # 2 completed, 1 failed: still warming up
+    done = study.ask()
+    done.report(44.0, 1)
+    study.tell(done, 44.0)
+    assert below_median_at_step_1()
+
+
 def test_resume_after_kill(trained_checkpoints, tmp_path):
     d = trained_sweep(trained_checkpoints, tmp_path, [
         {"name": "task_arithmetic", "tune": tune_block(n_trials=8, n_parallel=1)}])
@@ -1819,6 +1846,24 @@ def test_each_space_type_becomes_the_optuna_distribution_it_names():
         "repeats": IntDistribution(1, 4),
         "mode": CategoricalDistribution(["sum", "mean", None]),
     }
+
+
+@pytest.mark.parametrize("name, cls", [("tpe", "TPESampler"), ("random", "RandomSampler"), ("cmaes", "CmaEsSampler"),
+                                       ("grid", "GridSampler")])
+def test_each_sampler_name_is_the_optuna_sampler_it_names(name, cls):
+    """TPE samples at random for its first 10 trials (Optuna's ``n_startup_trials``), so a short
+    study's points do not tell the two apart: each trial draws with Optuna's class of that name."""
+    import optuna
+
+    from harness.config import TuneSpec
+    from harness.tuning import trial_seeded_sampler
+
+    tune = TuneSpec(sampler=name, space=GRID_SPACE)
+    sampler = trial_seeded_sampler(tune, 0)
+    study = optuna.create_study(direction="maximize", sampler=sampler)
+    study.ask()  # the sampler a trial draws with is made as the trial starts
+    drawn_with = getattr(sampler, "per_trial", sampler)
+    assert isinstance(drawn_with, getattr(optuna.samplers, cls)), type(drawn_with).__mro__
 
 
 def test_a_grid_study_has_every_combination_of_its_points_and_no_more_trials():
