@@ -85,6 +85,8 @@ def test_trial_and_study_runs_hold_what_the_report_reads(sweep_dict, tmp_path):
     assert "harness.pruned_at_step" not in second.data.tags
     study = client.get_run(tune)
     assert study.data.metrics == {"best_objective": 70.0}
+    assert history(client, tune, "best_objective") == [(0, 70.0)]
+    assert history(client, second.info.run_id, "objective") == [(0, 70.0)]
     assert {k: v for k, v in study.data.tags.items() if k.startswith(("best.", "harness.trials", "harness.final"))} == {
         "best.lr": "0.01", "harness.trials": "4", "harness.trials.failed": "1", "harness.trials.pruned": "2",
         "harness.final_key": "final1"}
@@ -123,3 +125,21 @@ def test_every_param_and_curve_point_of_a_large_job_is_logged_at_its_step(sweep_
                                "longer": "b" * MAX_PARAM_VAL_LENGTH}
     assert history(tracker.client, rid, "tta/loss") == list(enumerate(curve))
     assert history(tracker.client, rid, "acc/avg") == [(0, 50.0)]
+
+
+def test_a_failed_trial_is_a_failed_run_with_its_reason_logged_once(sweep_dict):
+    """A trial that failed ends FAILED with its error and no objective; recorded again (a rerun
+    telling the same trial), it keeps its one run."""
+    tracker = Tracker(validate_config(sweep_dict))
+    tracker.start_sweep("d1", {})
+    tune = tracker.tuning_run("study1", "wemoe", {"n_trials": 2, "n_parallel": 1, "pruner": "none"})
+    failed = JobResult("t0", "trial", "wemoe", {}, None, "failed", metrics={"val/acc/avg": 12.0}, error="boom")
+    for _ in range(2):
+        tracker.log_trial(tune, "study1", 0, {"lr": 0.1}, failed, "FAIL", "val/acc/avg", {1: 10.0})
+    from mlflow.entities import ViewType
+
+    (run,) = tracker.client.search_runs([tracker.experiment_id], f"tags.`mlflow.parentRunId` = '{tune}'",
+                                        run_view_type=ViewType.ALL)  # none deleted and logged anew
+    assert run.info.status == "FAILED" and run.data.tags["harness.failure_reason"] == "boom"
+    assert run.data.metrics == {"val/acc/avg": 12.0, "intermediate/val/acc/avg": 10.0}
+    assert "harness.pruned_at_step" not in run.data.tags
