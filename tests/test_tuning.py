@@ -1904,6 +1904,26 @@ def _study_of(tmp_path, values: list[tuple[float, float]]):
     return study
 
 
+def test_pruned_trials_count_toward_n_trials_and_each_state_is_counted_as_itself(tmp_path):
+    """2 complete, 1 pruned, 2 failed and 1 running trial: 3 finished toward ``n_trials`` (a
+    pruned trial is done, a failed one is not), and the row's counts are 5 ended, 2 failed, 1 pruned."""
+    import optuna
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import TrialState
+
+    from harness.results import TrialCounts
+    from harness.tuning import StudyRunner
+
+    study = _study_of(tmp_path, [(0.1, 60.0), (0.5, 80.0)])
+    for state in (TrialState.PRUNED, TrialState.FAIL, TrialState.FAIL, TrialState.RUNNING):
+        study.add_trial(optuna.trial.create_trial(params={"scaling": 0.2}, state=state,
+                                                  distributions={"scaling": FloatDistribution(0.0, 2.0)}))
+    runner = StudyRunner.__new__(StudyRunner)
+    runner.study = study
+    assert runner.finished(study.get_trials()) == 3
+    assert runner.counts() == TrialCounts(total=5, failed=2, pruned=1)
+
+
 def test_the_best_setting_is_the_highest_objective_the_earliest_of_ties(sweep_dict, tmp_path):
     """The objective is maximised (an accuracy): of 60, 80, 80 and 70 the best is the first 80,
     with the row's fixed params beside it."""
