@@ -143,3 +143,18 @@ def test_a_failed_trial_is_a_failed_run_with_its_reason_logged_once(sweep_dict):
     assert run.info.status == "FAILED" and run.data.tags["harness.failure_reason"] == "boom"
     assert run.data.metrics == {"val/acc/avg": 12.0, "intermediate/val/acc/avg": 10.0}
     assert "harness.pruned_at_step" not in run.data.tags
+
+
+def test_ctrl_c_after_a_study_finished_leaves_its_run_finished(sweep_dict):
+    """Stopping the sweep ends what is still running (its run, a study in progress) KILLED; a
+    study that ended before keeps the status it ended with."""
+    tracker = Tracker(validate_config(sweep_dict))
+    tracker.start_sweep("d1", {})
+    done = tracker.tuning_run("study1", "wemoe", {"n_trials": 1, "n_parallel": 1, "pruner": "none"})
+    tracker.finish_tuning_run(done, {"lr": 0.1}, 50.0, [])
+    failed = tracker.tuning_run("study2", "ta", {"n_trials": 1, "n_parallel": 1, "pruner": "none"})
+    tracker.fail_tuning_run(failed, "no trial completed")
+    going = tracker.tuning_run("study3", "ada", {"n_trials": 1, "n_parallel": 1, "pruner": "none"})
+    tracker.abandon("KILLED")
+    status = {rid: tracker.client.get_run(rid).info.status for rid in (done, failed, going, tracker.parent_id)}
+    assert status == {done: "FINISHED", failed: "FAILED", going: "KILLED", tracker.parent_id: "KILLED"}
