@@ -85,6 +85,8 @@ def test_trial_and_study_runs_hold_what_the_report_reads(sweep_dict, tmp_path):
     assert "harness.pruned_at_step" not in second.data.tags
     study = client.get_run(tune)
     assert study.data.metrics == {"best_objective": 70.0}
+    assert history(client, tune, "best_objective") == [(0, 70.0)]
+    assert history(client, second.info.run_id, "objective") == [(0, 70.0)]
     assert {k: v for k, v in study.data.tags.items() if k.startswith(("best.", "harness.trials", "harness.final"))} == {
         "best.lr": "0.01", "harness.trials": "4", "harness.trials.failed": "1", "harness.trials.pruned": "2",
         "harness.final_key": "final1"}
@@ -103,3 +105,56 @@ def test_router_task_identification_is_logged_per_layer_in_percent():
     assert artifact_metrics(artifacts) == pytest.approx({"router_task_id/layer0": 50.0, "router_task_id/layer1": 25.0,
                                                          "router_task_id/layer2": 100.0, "router_task_id/avg": 175 / 3})
     assert artifacts["curves"] == {"tta/loss": [2.0, 1.5], "tta/val/acc/avg": [[0, 40.0], [3, 45.0]]}
+
+
+def test_every_param_and_curve_point_of_a_large_job_is_logged_at_its_step(sweep_dict):
+    """MLflow takes a batch of at most 100 params and 1000 metrics: 250 params and a 1200-step
+    curve go in several batches, none lost. A long param value is kept up to MLflow's own
+    limit (its ``MAX_PARAM_VAL_LENGTH``), and a final metric is logged at step 0."""
+    from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
+
+    tracker = Tracker(validate_config(sweep_dict))
+    tracker.start_sweep("d1", {})
+    curve = [float(i % 7) for i in range(1200)]
+    result = JobResult("k1", "merge", "ta", {}, None, "ok", metrics={"acc/avg": 50.0},
+                       artifacts={"curves": {"tta/loss": curve}})
+    params = {"p": {f"x{i}": i for i in range(250)}, "long": "a" * 5000, "longer": "b" * (MAX_PARAM_VAL_LENGTH + 10)}
+    rid = tracker.log_job(result, params, "digest1")
+    run = tracker.client.get_run(rid)
+    assert run.data.params == {**{f"p.x{i}": str(i) for i in range(250)}, "long": "a" * 5000,
+                               "longer": "b" * MAX_PARAM_VAL_LENGTH}
+    assert history(tracker.client, rid, "tta/loss") == list(enumerate(curve))
+    assert history(tracker.client, rid, "acc/avg") == [(0, 50.0)]
+
+
+def test_a_failed_trial_is_a_failed_run_with_its_reason_logged_once(sweep_dict):
+    """A trial that failed ends FAILED with its error and no objective; recorded again (a rerun
+    telling the same trial), it keeps its one run."""
+    tracker = Tracker(validate_config(sweep_dict))
+    tracker.start_sweep("d1", {})
+    tune = tracker.tuning_run("study1", "wemoe", {"n_trials": 2, "n_parallel": 1, "pruner": "none"})
+    failed = JobResult("t0", "trial", "wemoe", {}, None, "failed", metrics={"val/acc/avg": 12.0}, error="boom")
+    for _ in range(2):
+        tracker.log_trial(tune, "study1", 0, {"lr": 0.1}, failed, "FAIL", "val/acc/avg", {1: 10.0})
+    from mlflow.entities import ViewType
+
+    (run,) = tracker.client.search_runs([tracker.experiment_id], f"tags.`mlflow.parentRunId` = '{tune}'",
+                                        run_view_type=ViewType.ALL)  # none deleted and logged anew
+    assert run.info.status == "FAILED" and run.data.tags["harness.failure_reason"] == "boom"
+    assert run.data.metrics == {"val/acc/avg": 12.0, "intermediate/val/acc/avg": 10.0}
+    assert "harness.pruned_at_step" not in run.data.tags
+
+
+def test_ctrl_c_after_a_study_finished_leaves_its_run_finished(sweep_dict):
+    """Stopping the sweep ends what is still running (its run, a study in progress) KILLED; a
+    study that ended before keeps the status it ended with."""
+    tracker = Tracker(validate_config(sweep_dict))
+    tracker.start_sweep("d1", {})
+    done = tracker.tuning_run("study1", "wemoe", {"n_trials": 1, "n_parallel": 1, "pruner": "none"})
+    tracker.finish_tuning_run(done, {"lr": 0.1}, 50.0, [])
+    failed = tracker.tuning_run("study2", "ta", {"n_trials": 1, "n_parallel": 1, "pruner": "none"})
+    tracker.fail_tuning_run(failed, "no trial completed")
+    going = tracker.tuning_run("study3", "ada", {"n_trials": 1, "n_parallel": 1, "pruner": "none"})
+    tracker.abandon("KILLED")
+    status = {rid: tracker.client.get_run(rid).info.status for rid in (done, failed, going, tracker.parent_id)}
+    assert status == {done: "FINISHED", failed: "FAILED", going: "KILLED", tracker.parent_id: "KILLED"}

@@ -205,6 +205,33 @@ def test_median_pruner_never_prunes_before_the_first_adaptation_step():
     assert trial.should_prune()
 
 
+def test_median_pruner_waits_for_three_completed_trials():
+    """As the README says: the median pruner judges no trial before 3 trials completed, and
+    failed or pruned ones do not count toward them."""
+    import optuna
+
+    from harness.tuning import make_pruner
+
+    study = optuna.create_study(direction="maximize", pruner=make_pruner("median"))
+
+    def below_median_at_step_1() -> bool:
+        trial = study.ask()
+        trial.report(1.0, 1)
+        pruned = trial.should_prune()
+        study.tell(trial, state=optuna.trial.TrialState.PRUNED if pruned else optuna.trial.TrialState.FAIL)
+        return pruned
+
+    for adapted in (40.0, 42.0):
+        done = study.ask()
+        done.report(adapted, 1)
+        study.tell(done, adapted)
+    assert not below_median_at_step_1()  # 2 completed, 1 failed: still warming up
+    done = study.ask()
+    done.report(44.0, 1)
+    study.tell(done, 44.0)
+    assert below_median_at_step_1()
+
+
 def test_resume_after_kill(trained_checkpoints, tmp_path):
     d = trained_sweep(trained_checkpoints, tmp_path, [
         {"name": "task_arithmetic", "tune": tune_block(n_trials=8, n_parallel=1)}])
@@ -1821,6 +1848,24 @@ def test_each_space_type_becomes_the_optuna_distribution_it_names():
     }
 
 
+@pytest.mark.parametrize("name, cls", [("tpe", "TPESampler"), ("random", "RandomSampler"), ("cmaes", "CmaEsSampler"),
+                                       ("grid", "GridSampler")])
+def test_each_sampler_name_is_the_optuna_sampler_it_names(name, cls):
+    """TPE samples at random for its first 10 trials (Optuna's ``n_startup_trials``), so a short
+    study's points do not tell the two apart: each trial draws with Optuna's class of that name."""
+    import optuna
+
+    from harness.config import TuneSpec
+    from harness.tuning import trial_seeded_sampler
+
+    tune = TuneSpec(sampler=name, space=GRID_SPACE)
+    sampler = trial_seeded_sampler(tune, 0)
+    study = optuna.create_study(direction="maximize", sampler=sampler)
+    study.ask()  # the sampler a trial draws with is made as the trial starts
+    drawn_with = getattr(sampler, "per_trial", sampler)
+    assert isinstance(drawn_with, getattr(optuna.samplers, cls)), type(drawn_with).__mro__
+
+
 def test_a_grid_study_has_every_combination_of_its_points_and_no_more_trials():
     """3 scalings (0.2, 0.4, 0.6) x 2 modes x 2 flips = 12 points: n_trials beyond them is cut to
     12; other samplers run n_trials as given."""
@@ -1857,6 +1902,26 @@ def _study_of(tmp_path, values: list[tuple[float, float]]):
         study.add_trial(optuna.trial.create_trial(params={"scaling": scaling}, value=value,
                                                   distributions={"scaling": FloatDistribution(0.0, 2.0)}))
     return study
+
+
+def test_pruned_trials_count_toward_n_trials_and_each_state_is_counted_as_itself(tmp_path):
+    """2 complete, 1 pruned, 2 failed and 1 running trial: 3 finished toward ``n_trials`` (a
+    pruned trial is done, a failed one is not), and the row's counts are 5 ended, 2 failed, 1 pruned."""
+    import optuna
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import TrialState
+
+    from harness.results import TrialCounts
+    from harness.tuning import StudyRunner
+
+    study = _study_of(tmp_path, [(0.1, 60.0), (0.5, 80.0)])
+    for state in (TrialState.PRUNED, TrialState.FAIL, TrialState.FAIL, TrialState.RUNNING):
+        study.add_trial(optuna.trial.create_trial(params={"scaling": 0.2}, state=state,
+                                                  distributions={"scaling": FloatDistribution(0.0, 2.0)}))
+    runner = StudyRunner.__new__(StudyRunner)
+    runner.study = study
+    assert runner.finished(study.get_trials()) == 3
+    assert runner.counts() == TrialCounts(total=5, failed=2, pruned=1)
 
 
 def test_the_best_setting_is_the_highest_objective_the_earliest_of_ties(sweep_dict, tmp_path):

@@ -217,3 +217,23 @@ def test_a_refused_checkpoint_names_the_global_it_would_have_called(tmp_path, zi
         convert_pickled_checkpoint(ckpt, tmp_path / "out.safetensors")
     assert called in str(err.value) and "--trust-pickle" in str(err.value)
     assert not marker.exists()
+
+
+class _CallsCmaesFunction:
+    def __reduce__(self):
+        import cmaes
+
+        return cmaes.get_warm_start_mgd, ([],)
+
+
+def test_cmaes_state_naming_a_function_of_cmaes_is_refused_before_it_is_called():
+    """Only the ``cmaes`` package's classes belong in its optimizer's state: a function of it,
+    which the pickle would call, is refused by name, not called."""
+    import cmaes
+
+    from harness.tuning import UntrustedStudyState, restore_cma_state
+
+    with pytest.raises(UntrustedStudyState) as err:
+        restore_cma_state(pickle.dumps(_CallsCmaesFunction()).hex(), 3, "journal:x")
+    named = f"{cmaes.get_warm_start_mgd.__module__}.get_warm_start_mgd"
+    assert f"(UnpicklingError: {named} is no part of a CMA-ES optimizer's state)" in str(err.value)
