@@ -95,6 +95,20 @@ def test_trial_and_study_runs_hold_what_the_report_reads(sweep_dict, tmp_path):
     assert study.info.status == "FINISHED"
 
 
+def test_a_trial_run_logs_its_studys_objective_not_the_average(sweep_dict):
+    """With a per-task objective the trial run's ``objective`` is that task's accuracy (what the
+    study was told), not the average beside it."""
+    tracker = Tracker(validate_config(sweep_dict))
+    tracker.start_sweep("d1", {})
+    tune = tracker.tuning_run("study1", "ties", {"n_trials": 1, "n_parallel": 1, "pruner": "none",
+                                                   "objective": "val/acc/toy_colours"})
+    done = JobResult("t1", "trial", "ties", {}, None, "ok", metrics={"val/acc/avg": 55.0, "val/acc/toy_colours": 80.0})
+    tracker.log_trial(tune, "study1", 0, {"k": 20}, done, "COMPLETE", "val/acc/toy_colours", {})
+    (run,) = children(tracker, tune)
+    assert run.data.metrics["objective"] == 80.0
+    assert history(tracker.client, run.info.run_id, "objective") == [(0, 80.0)]
+
+
 def test_router_task_identification_is_logged_per_layer_in_percent():
     """Layers 0..2 identify the task on half, a quarter and all of the images: 50, 25 and 100 %,
     averaging 175/3 %. The validation rows become sparse curves at their steps, without the
