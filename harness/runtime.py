@@ -21,10 +21,12 @@ def resolve_device(name: str = "auto") -> torch.device:
     torch.backends.cudnn.allow_tf32 = False
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        from harness.errors import HarnessError
+    from harness.errors import HarnessError
 
+    if name.startswith("cuda") and not torch.cuda.is_available():
         raise HarnessError(f"device {name!r} requested but CUDA is not available")
+    if name == "mps" and not torch.backends.mps.is_available():  # else a merge is blamed for it
+        raise HarnessError(f"device {name!r} requested but MPS is not available")
     return torch.device(name)
 
 

@@ -287,7 +287,8 @@ class Workspace:
         try:
             resolve_device(self.cfg.device)
         except HarnessError as exc:
-            raise FieldError("device", "CUDA is not available on this machine, where the jobs run "
+            kind = "MPS" if self.cfg.device == "mps" else "CUDA"
+            raise FieldError("device", f"{kind} is not available on this machine, where the jobs run "
                              f"(executor: {self.cfg.executor.kind}); use auto or cpu", self.cfg.device) from exc
 
     def check_adaptation_batches(self) -> None:

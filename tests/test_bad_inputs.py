@@ -670,6 +670,15 @@ def test_a_cuda_device_without_cuda_is_one_error_naming_the_field_before_any_job
     assert "failed" not in out and not list(Path(d["output_dir"]).glob("results/*.json"))
 
 
+def test_an_mps_device_without_mps_is_one_error_naming_the_field(sweep_dict, tmp_path, monkeypatch):
+    """``device: mps`` on a machine without it failed each job, its merge blamed for the device."""
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    code, err, out = _run_sweep(tmp_path, {**sweep_dict, "device": "mps"})
+    assert code == 2, err + out
+    assert err.startswith(f"error: {tmp_path / 's.yaml'}: device: MPS is not available on this machine, where "
+                          "the jobs run (executor: local); use auto or cpu (got 'mps')"), err
+
+
 def test_validate_names_pretrained_weights_every_checkpoint_differs_from(sweep_dict, tmp_path):
     """Two fine-tuned micro encoders (width 32) against a tiny CLIP's weights (width 128): the
     pretrained weights are the odd ones out, not the first checkpoint."""
