@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from harness.precision import autocast
-from harness.runtime import available_cores
+from harness.runtime import available_cores, job_cores
 
 
 def evaluation_indices(size: int, max_samples: int | None) -> torch.Tensor | None:
@@ -84,13 +84,18 @@ def loader_workers(size: int, batch_size: int) -> int:
     preprocessed when read (10-20 ms a JPEG on one core, ~110k val and test images per job on the
     paper's eight datasets), which on one core would bound evaluation while the accelerator waits.
     None for a split of one batch (not worth starting them) or in a daemonic process (which may
-    not start children); else the cores this process may use, up to ``MAX_LOADER_WORKERS``. The
+    not start children); else the cores this job may use, up to ``MAX_LOADER_WORKERS``. The
     batches and their order are the same either way."""
     import multiprocessing
 
     if size <= batch_size or _FORK is None or multiprocessing.current_process().daemon:
         return 0
-    return max(0, min(available_cores(), MAX_LOADER_WORKERS))
+    return max(0, min(_cores(), MAX_LOADER_WORKERS))
+
+
+def _cores() -> int:
+    """The cores this job may use: its share where it was given one, else all this process may run on."""
+    return job_cores() or available_cores()
 
 
 def label_outside(labels: torch.Tensor, num_classes: int) -> int | None:
@@ -206,14 +211,14 @@ class _IndexLists:
 
 def stream_workers(streams: int) -> int:
     """Reader processes for each of ``streams`` streams read side by side: the cores this
-    process may use shared among them, at least one each (so that decoding overlaps the model's
+    job may use shared among them, at least one each (so that decoding overlaps the model's
     step) and at most ``MAX_LOADER_WORKERS``; none in a daemonic process (which may not start
     children)."""
     import multiprocessing
 
     if _FORK is None or multiprocessing.current_process().daemon:
         return 0
-    return min(MAX_LOADER_WORKERS, max(1, available_cores() // max(1, streams)))
+    return min(MAX_LOADER_WORKERS, max(1, _cores() // max(1, streams)))
 
 
 def unlabeled_batches(dataset: Dataset, batch_size: int, seed: int, workers: int = 0) -> UnlabeledStream:

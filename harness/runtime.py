@@ -21,14 +21,17 @@ def resolve_device(name: str = "auto") -> torch.device:
     torch.backends.cudnn.allow_tf32 = False
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        from harness.errors import HarnessError
+    from harness.errors import HarnessError
 
+    if name.startswith("cuda") and not torch.cuda.is_available():
         raise HarnessError(f"device {name!r} requested but CUDA is not available")
+    if name == "mps" and not torch.backends.mps.is_available():  # else a merge is blamed for it
+        raise HarnessError(f"device {name!r} requested but MPS is not available")
     return torch.device(name)
 
 
 _EVAL_THREADS: int | None = None
+_JOB_CORES: int | None = None
 
 
 def available_cores() -> int:
@@ -43,7 +46,8 @@ def configure_threads(threads: int | str = "auto", n_params: int | None = None, 
     """Set torch's intra-op threads: 1 for small models on CPU, else ``cores`` (default: all
     this process may use). Evaluation, in batches of hundreds, uses ``cores`` even for a small
     model (:func:`evaluation_threads`) unless ``threads`` or ``OMP_NUM_THREADS`` say otherwise."""
-    global _EVAL_THREADS
+    global _EVAL_THREADS, _JOB_CORES
+    _JOB_CORES = max(1, cores) if cores else None
     cores = max(1, cores or available_cores())
     _EVAL_THREADS = None
     if threads == "auto":
@@ -57,6 +61,14 @@ def configure_threads(threads: int | str = "auto", n_params: int | None = None, 
         n = int(threads)
     torch.set_num_threads(max(1, n))
     return n
+
+
+def job_cores() -> int | None:
+    """The cores the job was given (a local pool worker's share, SLURM's ``cpus_per_task``) by the
+    last :func:`configure_threads`, or None where it may use all this process may run on (the
+    driver): readers of a disk-backed split are counted from it, so a pool's workers do not each
+    start one per core of the machine."""
+    return _JOB_CORES
 
 
 def omp_threads() -> int | None:

@@ -267,7 +267,10 @@ class Workspace:
 
     def preflight(self) -> None:
         """Check every input before anything runs or is written: checkpoint headers against the
-        pretrained encoder, each task's data, each head's class count. Raises HarnessError."""
+        pretrained encoder, each task's data, each head's class count, and the device where the
+        jobs run on this machine (a SLURM job resolves it on its node). Raises HarnessError."""
+        if self.cfg.executor.kind != "slurm":
+            self.check_device()
         for task, path in self.sources["finetuned"].items():
             check_encoder_shapes(path, tensor_shapes(path), self._encoder_shapes, self.sources["arch"],
                                  self.checkpoint_name(task))
@@ -276,6 +279,17 @@ class Workspace:
             self.check_task_data(t)
             self.head(t)
         self.check_adaptation_batches()
+
+    def check_device(self) -> None:
+        """``device`` names one this machine has: else every job would fail with it, one line each."""
+        from harness.runtime import resolve_device
+
+        try:
+            resolve_device(self.cfg.device)
+        except HarnessError as exc:
+            kind = "MPS" if self.cfg.device == "mps" else "CUDA"
+            raise FieldError("device", f"{kind} is not available on this machine, where the jobs run "
+                             f"(executor: {self.cfg.executor.kind}); use auto or cpu", self.cfg.device) from exc
 
     def check_adaptation_batches(self) -> None:
         """Every ``batch_size`` a test-time-adaptation method may run with fits in each split it

@@ -701,6 +701,29 @@ def test_the_runs_preflight_names_the_field_of_a_pt_checkpoint(sweep_dict, micro
                           "pretrained has (32, 3, 8, 8)"), err
 
 
+def test_a_cuda_device_without_cuda_is_one_error_naming_the_field_before_any_job(sweep_dict, tmp_path, monkeypatch):
+    """``device: cuda`` on a machine without CUDA, jobs run here (local pool of two): one line
+    naming the field and value before any job, not one failed line per job."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    d = copy.deepcopy(sweep_dict)
+    d["device"] = "cuda"
+    d["executor"] = {"kind": "local", "workers": 2}
+    code, err, out = _run_sweep(tmp_path, d)
+    assert code == 2, err + out
+    assert err.startswith(f"error: {tmp_path / 's.yaml'}: device: CUDA is not available on this machine, where "
+                          "the jobs run (executor: local); use auto or cpu (got 'cuda')"), err
+    assert "failed" not in out and not list(Path(d["output_dir"]).glob("results/*.json"))
+
+
+def test_an_mps_device_without_mps_is_one_error_naming_the_field(sweep_dict, tmp_path, monkeypatch):
+    """``device: mps`` on a machine without it failed each job, its merge blamed for the device."""
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    code, err, out = _run_sweep(tmp_path, {**sweep_dict, "device": "mps"})
+    assert code == 2, err + out
+    assert err.startswith(f"error: {tmp_path / 's.yaml'}: device: MPS is not available on this machine, where "
+                          "the jobs run (executor: local); use auto or cpu (got 'mps')"), err
+
+
 def test_validate_names_pretrained_weights_every_checkpoint_differs_from(sweep_dict, tmp_path):
     """Two fine-tuned micro encoders (width 32) against a tiny CLIP's weights (width 128): the
     pretrained weights are the odd ones out, not the first checkpoint."""

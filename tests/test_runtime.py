@@ -88,3 +88,12 @@ def test_a_gpu_asked_for_without_one_is_refused_by_name(monkeypatch):
     with pytest.raises(HarnessError, match=r"device 'cuda:1' requested but CUDA is not available"):
         runtime.resolve_device("cuda:1")
     assert runtime.resolve_device("cpu") == torch.device("cpu")
+
+
+def test_mps_asked_for_without_it_is_refused_by_name(monkeypatch):
+    """``device: mps`` where torch has no MPS failed each merge's first forward, blamed on the method."""
+    from harness.errors import HarnessError
+
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(HarnessError, match=r"device 'mps' requested but MPS is not available"):
+        runtime.resolve_device("mps")

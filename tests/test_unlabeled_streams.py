@@ -101,6 +101,28 @@ def test_the_cores_are_shared_among_the_streams(monkeypatch):
         assert pool.submit(stream_workers, 8).result() == 1
 
 
+def test_a_pool_workers_readers_count_its_share_of_the_cores_not_the_machines(monkeypatch):
+    """A local pool worker is given ``cores / workers`` (SLURM: ``cpus_per_task``); its readers
+    count those, not every core of the machine. Truth: 16 cores, 4 workers -> 4 each, by hand."""
+    from harness import runtime
+
+    monkeypatch.setattr(runtime, "_JOB_CORES", None)
+    monkeypatch.setattr(runtime, "_EVAL_THREADS", runtime._EVAL_THREADS)
+    monkeypatch.setattr(ev, "available_cores", lambda: 16)
+    monkeypatch.setattr(runtime, "available_cores", lambda: 16)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    before = torch.get_num_threads()
+    try:
+        runtime.configure_threads("auto", n_params=1_000, cores=16 // 4)
+        assert ev.loader_workers(1000, 100) == 4
+        assert stream_workers(2) == 2 and stream_workers(8) == 1
+        runtime.configure_threads("auto", n_params=1_000)  # the driver: every core
+        assert ev.loader_workers(1000, 100) == ev.MAX_LOADER_WORKERS
+        assert stream_workers(2) == 8
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_an_empty_split_is_an_error():
     with pytest.raises(ValueError, match="no images"):
         next(BatchStream(lambda: unlabeled_batches(TensorDataset(IMAGES[:0], LABELS[:0]), 8, seed=0), "t"))
