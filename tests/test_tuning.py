@@ -781,6 +781,24 @@ def test_a_study_reads_its_trials_once_a_batch(sweep_dict, tmp_path, monkeypatch
     assert len(reads) == 1 + 1
 
 
+def test_collect_keeps_no_row_of_a_study_whose_every_trial_was_pruned(sweep_dict, tmp_path):
+    """n_trials 2, both pruned (pruned trials count toward n_trials): the study is over but chose
+    no setting, so collect finds no done study to keep a row from; once a third trial (n_trials
+    3) completes, it does, with that trial's value as the best."""
+    from harness.job import JobResult
+    from harness.tuning import stored_study as done_study
+
+    a, _ = shared_runners(sweep_dict, tmp_path, 2)
+    for spec in a.ask(2):
+        assert a.tell(spec, JobResult.of(spec, "pruned")) == "PRUNED"
+    assert done_study(a.cfg, a.m, a.identity, a.task_identity, a.results_dir) is None
+    a.tune.n_trials = 3
+    (spec,) = a.ask(1)
+    a.tell(spec, JobResult.of(spec, "ok", metrics={"val/acc/avg": 61.0}))
+    done = done_study(a.cfg, a.m, a.identity, a.task_identity, a.results_dir)
+    assert done is not None and done.study.best_value == 61.0
+
+
 def test_a_grid_point_another_folder_runs_is_not_asked_again(sweep_dict, tmp_path):
     """A 2-point grid: point 0 failed, a runs point 1. Nothing is left for b to ask (asking would
     run point 1 twice); b's study has no completed trial yet, and says what still runs."""
