@@ -470,6 +470,9 @@ def _check_data(cfg: Any, file: str, overrides: tuple[str, ...]) -> None:
     except ConfigError as exc:
         raise exc.blamed_on_overrides(list(overrides)) from None
     ws = Workspace(cfg, build=False)
+    if cfg.executor.kind != "slurm":  # the jobs run on this machine (a SLURM node resolves its own device)
+        with _fields_of(file, overrides):
+            ws.check_device()
     # a task of one's own taking the encoder's input size without a default is left to the run's preflight (NotBuilt)
     with _fields_of(file, overrides), contextlib.suppress(NotBuilt):
         ws.check_adaptation_batches()

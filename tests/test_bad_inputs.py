@@ -715,6 +715,20 @@ def test_a_cuda_device_without_cuda_is_one_error_naming_the_field_before_any_job
     assert "failed" not in out and not list(Path(d["output_dir"]).glob("results/*.json"))
 
 
+def test_validate_names_a_cuda_device_without_cuda_where_the_jobs_run_here(sweep_dict, tmp_path, monkeypatch):
+    """validate and the dry run said ``valid`` for ``device: cuda`` the sweep then refuses; a
+    SLURM sweep, whose jobs resolve the device on their node, is still valid here."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    f = _write(tmp_path, {**sweep_dict, "device": "cuda"})
+    for args in (["validate", f], ["sweep", f, "--dry-run"]):
+        r = CliRunner().invoke(main, args)
+        err = " ".join(r.stderr.split())
+        assert r.exit_code == 2 and err == (f"error: {f}: device: CUDA is not available on this machine, where the "
+                                            "jobs run (executor: local); use auto or cpu (got 'cuda')"), err
+    r = CliRunner().invoke(main, ["validate", f, "executor.kind=slurm"])
+    assert r.exit_code == 0 and "valid" in r.stdout, r.output
+
+
 def test_an_mps_device_without_mps_is_one_error_naming_the_field(sweep_dict, tmp_path, monkeypatch):
     """``device: mps`` on a machine without it failed each job, its merge blamed for the device."""
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
