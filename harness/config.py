@@ -637,6 +637,14 @@ class SweepConfig(Strict):
     _env = field_validator("output_dir", "cache_dir", "tracking_uri")(classmethod(_expand_optional))
     _env_inputs = field_validator("data_root")(classmethod(_expand_input))
 
+    @field_validator("threads", mode="before")
+    @classmethod
+    def _threads_word(cls, v: Any) -> Any:
+        """A word other than ``auto`` is named as one (pydantic would only say it is no integer)."""
+        if isinstance(v, str) and v != "auto" and not v.strip().isdigit():
+            raise ValueError("must be a number of threads between 1 and 256, or 'auto'")
+        return v
+
     @field_validator("threads")
     @classmethod
     def _threads(cls, v: int | str) -> int | str:
