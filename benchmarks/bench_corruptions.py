@@ -1,6 +1,7 @@
 """Benchmark: a disk-backed task's corrupted test split, corrupted on every read against cached.
 
-Writes a EuroSAT-style image-folder tree (``--images`` test images of 64 px noise, JPEG) in a
+Writes a EuroSAT-style image-folder tree (``--images`` test images of 64 px noise, JPEG, rounded
+up to a multiple of its 10 classes; the printed line gives the count read) in a
 temporary folder and reads it as the ``eurosat`` task at ``--size`` px (the model's input size,
 as a sweep does). For each corruption it times two passes over the split with the on-the-fly
 :class:`tasks.corruptions.CorruptedDataset` (every read corrupts the image again), then
