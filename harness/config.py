@@ -52,8 +52,9 @@ class ConfigError(HarnessError):
         super().__init__(f"{where}{message}{got}")
 
     def blamed_on_overrides(self, overrides: list[str]) -> "ConfigError":
-        """The same error, naming the command line when the bad field came from an override."""
-        for item in overrides:
+        """The same error, naming the command line when the bad field came from an override (the
+        last one of that field: it is the one in effect)."""
+        for item in reversed(overrides):
             key = item.partition("=")[0]
             if self.path and (self.path == key or self.path.startswith(key + ".") or key.startswith(self.path + ".")):
                 return ConfigError(f"<command line> ({item}, over {self.file})", self.path, self.message,

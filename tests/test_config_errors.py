@@ -213,6 +213,19 @@ def test_generalization_block_clashes(case_id, extra, fragments, sweep_dict, tmp
     assert "Traceback" not in err + out
 
 
+@pytest.mark.parametrize("overrides,blamed", [
+    (["threads=3", "threads=two"], "threads=two"),
+    (["eval.batch_size=4", "eval=3"], "eval=3"),
+])
+def test_a_field_given_twice_on_the_command_line_blames_the_override_in_effect(overrides, blamed, sweep_dict, tmp_path):
+    """The later of two overrides of a field is the one in effect: its error names it, not the
+    earlier, valid one."""
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump(sweep_dict))
+    r = CliRunner().invoke(main, ["validate", str(f), *overrides])
+    assert r.exit_code == 2 and f"error: <command line> ({blamed}, over {f}): " in " ".join(r.stderr.split()), r.output
+
+
 def test_malformed_yaml(tmp_path):
     f = tmp_path / "broken.yaml"
     f.write_text("name: toy\ntasks: [toy_stripes\nmethods: {}\n")
