@@ -12,7 +12,7 @@ from harness.config import MethodSpec, validate_config
 from harness.errors import HarnessError
 from harness.job import JobResult
 from harness.report import build_report, default_reference, generalization_records, significance_records
-from harness.results import Row, TrialCounts, build_rows
+from harness.results import Row, TrialCounts, build_rows, table_records
 from harness.significance import pack_correct
 
 A, B = "toy_stripes", "toy_colours"
@@ -566,3 +566,41 @@ def test_each_row_is_compared_with_the_reference_signed_and_in_table_order():
     low, high = (float(x) for x in body[0][3].strip("[]").split(","))
     assert 0 < low <= 50.0 <= high
     assert body[1][3].startswith("[-")
+
+
+def test_a_sweep_with_unseen_tasks_averages_and_normalizes_over_the_seen_ones():
+    """Merged on A and B, evaluated on C and D too: every row's avg and norm avg are over A and
+    B, its unseen avg over C and D; the pretrained job's own acc/avg (over all four) is not used."""
+    C, D = "toy_checks", "toy_bars"
+    tasks, seen = [A, B, C, D], [A, B]
+
+    def job(kind, label, params, acc, avg, val=0.0, task=None):
+        metrics = {f"acc/{t}": v for t, v in acc.items()} | {"acc/avg": avg, "val/acc/avg": val}
+        return JobResult(f"{kind}{label}{params}{task}", kind, label, params, task, "ok", metrics)
+
+    results = [job("pretrained", "pretrained", {}, {A: 40.0, B: 30.0, C: 20.0, D: 10.0}, 25.0),
+               *[job("individual", "individual", {}, {t: v}, v, task=t)
+                 for t, v in ((A, 80.0), (B, 60.0), (C, 50.0), (D, 40.0))],
+               *[job("perfect_routing", "perfect routing", {"scaling": 0.3}, {t: v}, v, task=t)
+                 for t, v in ((A, 64.0), (B, 54.0))],
+               job("merge", "task_arithmetic", {"scaling": 0.2}, {A: 60.0, B: 45.0, C: 25.0, D: 16.0}, 52.5, 50.0)]
+    header, body = table_records(build_rows(results, tasks, ["task_arithmetic"], seen), tasks, seen)
+    assert header == ["method", "setting", A, B, "avg", "norm avg", f"{C} (unseen)", f"{D} (unseen)", "unseen avg"]
+    assert body == [
+        # (40 + 30) / 2; (40/80 + 30/60) / 2 = 50%; (20 + 10) / 2
+        ["pretrained", "zero-shot", "40.0", "30.0", "35.0", "50.0", "20.0", "10.0", "15.0"],
+        ["individual", "per task", "80.0", "60.0", "70.0", "100.0", "50.0", "40.0", "45.0"],
+        # (64 + 54) / 2; (64/80 + 54/60) / 2 = (80 + 90) / 2
+        ["perfect routing", "scaling=0.3 (bound)", "64.0", "54.0", "59.0", "85.0", "-", "-", "-"],
+        # (60/80 + 45/60) / 2 = 75%, C and D not in it; (25 + 16) / 2
+        ["task_arithmetic", "scaling=0.2", "60.0", "45.0", "52.5", "75.0", "25.0", "16.0", "20.5"],
+    ]
+
+
+def test_a_bound_row_with_a_failed_task_names_it_and_keeps_the_others():
+    routed = [JobResult(f"pr{t}", "perfect_routing", "perfect routing", {"scaling": 0.3}, t, "ok", {f"acc/{t}": 70.0})
+              for t in (A,)]
+    routed.append(JobResult("prB", "perfect_routing", "perfect routing", {"scaling": 0.3}, B, "failed", error="boom"))
+    rows = build_rows(routed, [A, B], [])
+    assert [(r.method, r.setting, r.acc, r.avg, r.norm) for r in rows] == [
+        ("perfect routing", f"failed: {B}", {A: 70.0}, None, None)]
