@@ -604,3 +604,14 @@ def test_a_bound_row_with_a_failed_task_names_it_and_keeps_the_others():
     rows = build_rows(routed, [A, B], [])
     assert [(r.method, r.setting, r.acc, r.avg, r.norm) for r in rows] == [
         ("perfect routing", f"failed: {B}", {A: 70.0}, None, None)]
+
+
+def test_a_setting_without_a_validation_average_is_never_chosen_over_one_with_it():
+    """A result without val/acc/avg (cached by an older version, a metric MLflow lost) has no
+    claim to be the best setting, however high its test accuracy."""
+    from harness.results import select_best
+
+    unvalidated = JobResult("k1", "merge", "ta", {"scaling": 1.0}, None, "ok", {f"acc/{A}": 90.0, "acc/avg": 90.0})
+    validated = ok("merge", "ta", {"scaling": 0.3}, {A: 50.0}, 10.0)
+    for order in ([unvalidated, validated], [validated, unvalidated]):
+        assert select_best(order) is validated
