@@ -615,3 +615,20 @@ def test_a_setting_without_a_validation_average_is_never_chosen_over_one_with_it
     validated = ok("merge", "ta", {"scaling": 0.3}, {A: 50.0}, 10.0)
     for order in ([unvalidated, validated], [validated, unvalidated]):
         assert select_best(order) is validated
+
+
+def test_a_grid_rows_robustness_is_its_chosen_settings_study():
+    """Robustness jobs of two settings (one of an earlier sweep's best): the row shows the
+    study of the setting chosen on validation, whichever was read last."""
+    from harness.results import robustness_records
+
+    def study(scaling: float, clean: float, noise: float) -> JobResult:
+        return JobResult(f"r{scaling}", "robustness", "task_arithmetic", {"scaling": scaling}, None, "ok",
+                         {"robust/clean/avg": clean, "robust/gaussian_noise/avg": noise})
+
+    results = [ok("merge", "task_arithmetic", {"scaling": 0.2}, {A: 60.0, B: 40.0}, 52.0),
+               ok("merge", "task_arithmetic", {"scaling": 0.6}, {A: 70.0, B: 50.0}, 51.0)]
+    for studies in ([study(0.2, 48.0, 31.0), study(0.6, 55.0, 22.0)], [study(0.6, 55.0, 22.0), study(0.2, 48.0, 31.0)]):
+        rows = build_rows(results + studies, [A, B], ["task_arithmetic"])
+        assert robustness_records(rows, ["gaussian_noise"]) == (
+            ["method", "clean", "gaussian_noise"], [["task_arithmetic", "48.0", "31.0"]])
