@@ -632,3 +632,15 @@ def test_a_grid_rows_robustness_is_its_chosen_settings_study():
         rows = build_rows(results + studies, [A, B], ["task_arithmetic"])
         assert robustness_records(rows, ["gaussian_noise"]) == (
             ["method", "clean", "gaussian_noise"], [["task_arithmetic", "48.0", "31.0"]])
+
+
+@pytest.mark.parametrize("p, shown", [(0.0042, "0.004"), (0.001, "0.001"), (0.000999, "<0.001"), (0.5, "0.500")])
+def test_a_p_value_is_shown_to_three_places_and_below_that_as_under_a_thousandth(monkeypatch, p, shown):
+    import harness.report
+    from harness.significance import Difference
+
+    monkeypatch.setattr(harness.report, "paired_bootstrap", lambda *a, **k: Difference(2.04, -0.96, 5.04, p, 300))
+    packed = pack_correct([True, False, True])
+    rows = [Row(m, "", {}, 50.0, None, test_correct={A: packed}) for m in ("task_arithmetic", "ties")]
+    assert significance_records(rows, [A], ["task_arithmetic"])[1] == [
+        ["ties", "task_arithmetic", "+2.0", "[-1.0, +5.0]", shown, "300"]]
