@@ -644,3 +644,12 @@ def test_a_p_value_is_shown_to_three_places_and_below_that_as_under_a_thousandth
     rows = [Row(m, "", {}, 50.0, None, test_correct={A: packed}) for m in ("task_arithmetic", "ties")]
     assert significance_records(rows, [A], ["task_arithmetic"])[1] == [
         ["ties", "task_arithmetic", "+2.0", "[-1.0, +5.0]", shown, "300"]]
+
+
+def test_each_corruption_column_holds_its_own_average():
+    from harness.results import robustness_records
+
+    metrics = {"robust/clean/avg": 50.0, "robust/gaussian_noise/avg": 30.0, "robust/fog/avg": 40.0}
+    rows = [Row("ties", "", {}, 50.0, None, metrics=metrics), Row("individual", "per task", {}, 70.0, 100.0)]
+    assert robustness_records(rows, ["gaussian_noise", "fog"]) == (
+        ["method", "clean", "gaussian_noise", "fog"], [["ties", "50.0", "30.0", "40.0"]])
