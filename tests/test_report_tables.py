@@ -653,3 +653,17 @@ def test_each_corruption_column_holds_its_own_average():
     rows = [Row("ties", "", {}, 50.0, None, metrics=metrics), Row("individual", "per task", {}, 70.0, 100.0)]
     assert robustness_records(rows, ["gaussian_noise", "fog"]) == (
         ["method", "clean", "gaussian_noise", "fog"], [["ties", "50.0", "30.0", "40.0"]])
+
+
+def test_a_rows_routing_heatmap_is_of_the_setting_chosen_on_validation():
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from harness.report import row_routings
+
+    worse = replace(ok("merge", "task_arithmetic", {"scaling": 0.2}, {A: 70.0, B: 50.0}, 40.0),
+                    artifacts={"routing": {"of": 0.2}})
+    chosen = replace(ok("merge", "task_arithmetic", {"scaling": 0.6}, {A: 60.0, B: 45.0}, 52.0),
+                     artifacts={"routing": {"of": 0.6}})
+    cfg = SimpleNamespace(methods=[SimpleNamespace(display="task_arithmetic")])  # all row_routings reads
+    assert row_routings(cfg, [worse, chosen]) == {"task_arithmetic": {"of": 0.6}}
