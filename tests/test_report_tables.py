@@ -667,3 +667,26 @@ def test_a_rows_routing_heatmap_is_of_the_setting_chosen_on_validation():
                      artifacts={"routing": {"of": 0.6}})
     cfg = SimpleNamespace(methods=[SimpleNamespace(display="task_arithmetic")])  # all row_routings reads
     assert row_routings(cfg, [worse, chosen]) == {"task_arithmetic": {"of": 0.6}}
+
+
+def test_an_unseen_sweeps_report_files_average_the_merged_task_only(sweep_dict, tmp_path):
+    """Merged on A, B unseen: main.csv's avg and norm avg are A's alone, B has its own columns,
+    and generalization.csv gives the seen average beside B's."""
+    cfg = validate_config(dict(sweep_dict, unseen=[B], methods=[{"name": "weight_averaging"}]))
+    results = [ok("pretrained", "pretrained", {}, {A: 40.0, B: 30.0}, 35.0),
+               ok("individual", "individual", {}, {A: 80.0}, 80.0, task=A),
+               ok("individual", "individual", {}, {B: 50.0}, 50.0, task=B),
+               ok("merge", "weight_averaging", {}, {A: 50.0, B: 33.0}, 41.0)]
+    results[-1].metrics["acc/avg"] = 50.0  # a merge job averages its merged tasks' accuracy
+    build_report(cfg, results, tmp_path)
+    assert read(tmp_path / "main.csv") == [
+        ["method", "setting", A, "avg", "norm avg", f"{B} (unseen)", "unseen avg"],
+        ["pretrained", "zero-shot", "40.0", "40.0", "50.0", "30.0", "30.0"],  # 40 / 80
+        ["individual", "per task", "80.0", "80.0", "100.0", "50.0", "50.0"],
+        ["weight_averaging", "", "50.0", "50.0", "62.5", "33.0", "33.0"],  # 50 / 80
+    ]
+    assert read(tmp_path / "generalization.csv") == [
+        ["method", "seen avg", B, "unseen avg"],
+        ["pretrained", "40.0", "30.0", "30.0"],
+        ["weight_averaging", "50.0", "33.0", "33.0"],
+    ]
