@@ -690,3 +690,12 @@ def test_an_unseen_sweeps_report_files_average_the_merged_task_only(sweep_dict, 
         ["pretrained", "40.0", "30.0", "30.0"],
         ["weight_averaging", "50.0", "33.0", "33.0"],
     ]
+
+
+def test_a_tune_table_states_its_studys_trial_counts(cfg, tmp_path):
+    from harness.report import build_tune_table
+
+    best = ok("merge", "task_arithmetic", {"scaling": 0.6}, {A: 70.0, B: 50.0}, 51.0)
+    build_tune_table(cfg, [best], tmp_path, "task_arithmetic", {("task_arithmetic", best.key): TrialCounts(8, 1, 2)})
+    assert read(tmp_path / "tune-task_arithmetic.csv")[1] == [
+        "task_arithmetic", "scaling=0.6 (1 of 8 trials failed, 2 pruned)", "70.0", "50.0", "60.0", "-"]
