@@ -12,7 +12,7 @@ from harness.config import MethodSpec, validate_config
 from harness.errors import HarnessError
 from harness.job import JobResult
 from harness.report import build_report, default_reference, generalization_records, significance_records
-from harness.results import Row, TrialCounts, build_rows
+from harness.results import Row, TrialCounts, build_rows, table_records
 from harness.significance import pack_correct
 
 A, B = "toy_stripes", "toy_colours"
@@ -566,3 +566,136 @@ def test_each_row_is_compared_with_the_reference_signed_and_in_table_order():
     low, high = (float(x) for x in body[0][3].strip("[]").split(","))
     assert 0 < low <= 50.0 <= high
     assert body[1][3].startswith("[-")
+
+
+def test_a_sweep_with_unseen_tasks_averages_and_normalizes_over_the_seen_ones():
+    """Merged on A and B, evaluated on C and D too: every row's avg and norm avg are over A and
+    B, its unseen avg over C and D; the pretrained job's own acc/avg (over all four) is not used."""
+    C, D = "toy_checks", "toy_bars"
+    tasks, seen = [A, B, C, D], [A, B]
+
+    def job(kind, label, params, acc, avg, val=0.0, task=None):
+        metrics = {f"acc/{t}": v for t, v in acc.items()} | {"acc/avg": avg, "val/acc/avg": val}
+        return JobResult(f"{kind}{label}{params}{task}", kind, label, params, task, "ok", metrics)
+
+    results = [job("pretrained", "pretrained", {}, {A: 40.0, B: 30.0, C: 20.0, D: 10.0}, 25.0),
+               *[job("individual", "individual", {}, {t: v}, v, task=t)
+                 for t, v in ((A, 80.0), (B, 60.0), (C, 50.0), (D, 40.0))],
+               *[job("perfect_routing", "perfect routing", {"scaling": 0.3}, {t: v}, v, task=t)
+                 for t, v in ((A, 64.0), (B, 54.0))],
+               job("merge", "task_arithmetic", {"scaling": 0.2}, {A: 60.0, B: 45.0, C: 25.0, D: 16.0}, 52.5, 50.0)]
+    header, body = table_records(build_rows(results, tasks, ["task_arithmetic"], seen), tasks, seen)
+    assert header == ["method", "setting", A, B, "avg", "norm avg", f"{C} (unseen)", f"{D} (unseen)", "unseen avg"]
+    assert body == [
+        # (40 + 30) / 2; (40/80 + 30/60) / 2 = 50%; (20 + 10) / 2
+        ["pretrained", "zero-shot", "40.0", "30.0", "35.0", "50.0", "20.0", "10.0", "15.0"],
+        ["individual", "per task", "80.0", "60.0", "70.0", "100.0", "50.0", "40.0", "45.0"],
+        # (64 + 54) / 2; (64/80 + 54/60) / 2 = (80 + 90) / 2
+        ["perfect routing", "scaling=0.3 (bound)", "64.0", "54.0", "59.0", "85.0", "-", "-", "-"],
+        # (60/80 + 45/60) / 2 = 75%, C and D not in it; (25 + 16) / 2
+        ["task_arithmetic", "scaling=0.2", "60.0", "45.0", "52.5", "75.0", "25.0", "16.0", "20.5"],
+    ]
+
+
+def test_a_bound_row_with_a_failed_task_names_it_and_keeps_the_others():
+    routed = [JobResult(f"pr{t}", "perfect_routing", "perfect routing", {"scaling": 0.3}, t, "ok", {f"acc/{t}": 70.0})
+              for t in (A,)]
+    routed.append(JobResult("prB", "perfect_routing", "perfect routing", {"scaling": 0.3}, B, "failed", error="boom"))
+    rows = build_rows(routed, [A, B], [])
+    assert [(r.method, r.setting, r.acc, r.avg, r.norm) for r in rows] == [
+        ("perfect routing", f"failed: {B}", {A: 70.0}, None, None)]
+
+
+def test_a_setting_without_a_validation_average_is_never_chosen_over_one_with_it():
+    """A result without val/acc/avg (cached by an older version, a metric MLflow lost) has no
+    claim to be the best setting, however high its test accuracy."""
+    from harness.results import select_best
+
+    unvalidated = JobResult("k1", "merge", "ta", {"scaling": 1.0}, None, "ok", {f"acc/{A}": 90.0, "acc/avg": 90.0})
+    validated = ok("merge", "ta", {"scaling": 0.3}, {A: 50.0}, 10.0)
+    for order in ([unvalidated, validated], [validated, unvalidated]):
+        assert select_best(order) is validated
+
+
+def test_a_grid_rows_robustness_is_its_chosen_settings_study():
+    """Robustness jobs of two settings (one of an earlier sweep's best): the row shows the
+    study of the setting chosen on validation, whichever was read last."""
+    from harness.results import robustness_records
+
+    def study(scaling: float, clean: float, noise: float) -> JobResult:
+        return JobResult(f"r{scaling}", "robustness", "task_arithmetic", {"scaling": scaling}, None, "ok",
+                         {"robust/clean/avg": clean, "robust/gaussian_noise/avg": noise})
+
+    results = [ok("merge", "task_arithmetic", {"scaling": 0.2}, {A: 60.0, B: 40.0}, 52.0),
+               ok("merge", "task_arithmetic", {"scaling": 0.6}, {A: 70.0, B: 50.0}, 51.0)]
+    for studies in ([study(0.2, 48.0, 31.0), study(0.6, 55.0, 22.0)], [study(0.6, 55.0, 22.0), study(0.2, 48.0, 31.0)]):
+        rows = build_rows(results + studies, [A, B], ["task_arithmetic"])
+        assert robustness_records(rows, ["gaussian_noise"]) == (
+            ["method", "clean", "gaussian_noise"], [["task_arithmetic", "48.0", "31.0"]])
+
+
+@pytest.mark.parametrize("p, shown", [(0.0042, "0.004"), (0.001, "0.001"), (0.000999, "<0.001"), (0.5, "0.500")])
+def test_a_p_value_is_shown_to_three_places_and_below_that_as_under_a_thousandth(monkeypatch, p, shown):
+    import harness.report
+    from harness.significance import Difference
+
+    monkeypatch.setattr(harness.report, "paired_bootstrap", lambda *a, **k: Difference(2.04, -0.96, 5.04, p, 300))
+    packed = pack_correct([True, False, True])
+    rows = [Row(m, "", {}, 50.0, None, test_correct={A: packed}) for m in ("task_arithmetic", "ties")]
+    assert significance_records(rows, [A], ["task_arithmetic"])[1] == [
+        ["ties", "task_arithmetic", "+2.0", "[-1.0, +5.0]", shown, "300"]]
+
+
+def test_each_corruption_column_holds_its_own_average():
+    from harness.results import robustness_records
+
+    metrics = {"robust/clean/avg": 50.0, "robust/gaussian_noise/avg": 30.0, "robust/fog/avg": 40.0}
+    rows = [Row("ties", "", {}, 50.0, None, metrics=metrics), Row("individual", "per task", {}, 70.0, 100.0)]
+    assert robustness_records(rows, ["gaussian_noise", "fog"]) == (
+        ["method", "clean", "gaussian_noise", "fog"], [["ties", "50.0", "30.0", "40.0"]])
+
+
+def test_a_rows_routing_heatmap_is_of_the_setting_chosen_on_validation():
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from harness.report import row_routings
+
+    worse = replace(ok("merge", "task_arithmetic", {"scaling": 0.2}, {A: 70.0, B: 50.0}, 40.0),
+                    artifacts={"routing": {"of": 0.2}})
+    chosen = replace(ok("merge", "task_arithmetic", {"scaling": 0.6}, {A: 60.0, B: 45.0}, 52.0),
+                     artifacts={"routing": {"of": 0.6}})
+    cfg = SimpleNamespace(methods=[SimpleNamespace(display="task_arithmetic")])  # all row_routings reads
+    assert row_routings(cfg, [worse, chosen]) == {"task_arithmetic": {"of": 0.6}}
+
+
+def test_an_unseen_sweeps_report_files_average_the_merged_task_only(sweep_dict, tmp_path):
+    """Merged on A, B unseen: main.csv's avg and norm avg are A's alone, B has its own columns,
+    and generalization.csv gives the seen average beside B's."""
+    cfg = validate_config(dict(sweep_dict, unseen=[B], methods=[{"name": "weight_averaging"}]))
+    results = [ok("pretrained", "pretrained", {}, {A: 40.0, B: 30.0}, 35.0),
+               ok("individual", "individual", {}, {A: 80.0}, 80.0, task=A),
+               ok("individual", "individual", {}, {B: 50.0}, 50.0, task=B),
+               ok("merge", "weight_averaging", {}, {A: 50.0, B: 33.0}, 41.0)]
+    results[-1].metrics["acc/avg"] = 50.0  # a merge job averages its merged tasks' accuracy
+    build_report(cfg, results, tmp_path)
+    assert read(tmp_path / "main.csv") == [
+        ["method", "setting", A, "avg", "norm avg", f"{B} (unseen)", "unseen avg"],
+        ["pretrained", "zero-shot", "40.0", "40.0", "50.0", "30.0", "30.0"],  # 40 / 80
+        ["individual", "per task", "80.0", "80.0", "100.0", "50.0", "50.0"],
+        ["weight_averaging", "", "50.0", "50.0", "62.5", "33.0", "33.0"],  # 50 / 80
+    ]
+    assert read(tmp_path / "generalization.csv") == [
+        ["method", "seen avg", B, "unseen avg"],
+        ["pretrained", "40.0", "30.0", "30.0"],
+        ["weight_averaging", "50.0", "33.0", "33.0"],
+    ]
+
+
+def test_a_tune_table_states_its_studys_trial_counts(cfg, tmp_path):
+    from harness.report import build_tune_table
+
+    best = ok("merge", "task_arithmetic", {"scaling": 0.6}, {A: 70.0, B: 50.0}, 51.0)
+    build_tune_table(cfg, [best], tmp_path, "task_arithmetic", {("task_arithmetic", best.key): TrialCounts(8, 1, 2)})
+    assert read(tmp_path / "tune-task_arithmetic.csv")[1] == [
+        "task_arithmetic", "scaling=0.6 (1 of 8 trials failed, 2 pruned)", "70.0", "50.0", "60.0", "-"]
