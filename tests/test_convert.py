@@ -475,3 +475,170 @@ def test_a_folder_of_pickles_imported_without_the_flag_names_the_import_flag_and
     assert r.exit_code == 2, r.output
     assert "`harness import SRC DST --trust-pickle`" in r.stderr, r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_file_converted_onto_itself_is_refused_and_kept(tmp_path: Path, micro_clip: nn.Module) -> None:
+    """Writing over the source while reading it would lose the only copy; another existing
+    destination is simply replaced with the conversion."""
+    from harness.models import save_state_dict
+
+    want = micro_clip.visual.state_dict()
+    src = tmp_path / "enc.safetensors"
+    save_state_dict(want, src)
+    before = src.read_bytes()
+    with pytest.raises(HarnessError, match="destination is the source file itself"):
+        convert_pickled_checkpoint(src, src)
+    with pytest.raises(HarnessError, match="destination is the source file itself"):
+        convert_pickled_checkpoint(src, tmp_path)  # the folder: <stem>.safetensors is the source again
+    assert src.read_bytes() == before and not Path(f"{src}.json").exists()
+    dst = tmp_path / "out.safetensors"
+    dst.write_bytes(b"an older conversion")
+    convert_pickled_checkpoint(src, dst)
+    got = load_state_dict(dst)
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_a_head_bias_of_any_sign_is_kept_and_called_nonzero(tmp_path: Path) -> None:
+    """A linear probe's bias is part of its logits: one with only negative entries is kept as
+    'bias' (which a sweep then refuses), not dropped as if it were task_vectors' zero bias."""
+    weight = torch.randn(3, 8, generator=torch.Generator().manual_seed(4))
+    bias = torch.tensor([-0.5, -1.0, -0.25])
+    src = tmp_path / "probe.pt"
+    torch.save({"weight": weight, "bias": bias}, src)
+    out = convert_pickled_checkpoint(src, tmp_path / "h.safetensors")
+    state = load_state_dict(out)
+    assert set(state) == {"head", "bias"}
+    assert torch.equal(state["head"], weight) and torch.equal(state["bias"], bias)
+    assert json.loads(Path(f"{out}.json").read_text())["head"] == {"classes": 3, "dim": 8, "normalize": None,
+                                                                   "bias": "nonzero"}
+
+
+def test_another_networks_conv1_beside_the_encoder_is_not_taken_for_a_second_encoder(
+        tmp_path: Path, micro_clip: nn.Module) -> None:
+    """Only a 'conv1.weight' with a 'class_embedding' beside it starts a ViT; a CNN's stem in the
+    same file (here under 'aux.') is left out, and the ViT converts alone."""
+    want = micro_clip.visual.state_dict()
+    src = tmp_path / "two_nets.pt"
+    torch.save({**{f"visual.{k}": v for k, v in want.items()}, "aux.conv1.weight": torch.randn(4, 3, 3, 3)}, src)
+    out = convert_pickled_checkpoint(src, tmp_path / "enc.safetensors")
+    got = load_state_dict(out)
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    assert json.loads(Path(f"{out}.json").read_text())["prefix"] == "visual."
+
+
+@pytest.fixture
+def four_head_micro(monkeypatch) -> str:
+    """An architecture with harness-micro-vit's tensors, shapes and activation, split into 4
+    attention heads instead of 2: it computes other features from the same file."""
+    import open_clip.factory
+
+    from harness.models import open_clip_module, register_model_config
+
+    open_clip_module()
+    monkeypatch.setattr(open_clip.factory, "_MODEL_CONFIGS", dict(open_clip.factory._MODEL_CONFIGS))
+    monkeypatch.setattr(open_clip.factory, "_MODEL_CONFIG_PATHS", list(open_clip.factory._MODEL_CONFIG_PATHS))
+    cfg = json.loads((Path(__file__).parents[1] / "harness/model_configs/harness-micro-vit.json").read_text())
+    cfg["vision_cfg"] = {**cfg["vision_cfg"], "head_width": 8}
+    register_model_config("micro-four-heads", cfg, "test")
+    return "micro-four-heads"
+
+
+def test_the_head_count_picks_among_towers_of_one_shape(four_head_micro: str, micro_clip: nn.Module) -> None:
+    state = micro_clip.visual.state_dict()
+    four = build_clip(four_head_micro).visual.eval()
+    four.load_state_dict(state)
+    images = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert not torch.allclose(four(images), micro_clip.visual.eval()(images), atol=1e-4)
+    assert infer_arch(state, "gelu", 2) == "harness-micro-vit"
+    assert infer_arch(state, "gelu", 4) == four_head_micro
+
+
+def test_an_encoder_converted_for_an_architecture_with_other_heads_is_refused(
+        tmp_path: Path, pickled_encoder, four_head_micro: str) -> None:
+    src, _ = pickled_encoder
+    dst = tmp_path / "x.safetensors"
+    with pytest.raises(HarnessError, match=f"has 2 attention heads but '{four_head_micro}' has 4"):
+        convert_pickled_checkpoint(src, dst, trust_pickle=True, arch=four_head_micro)
+    assert not dst.exists()
+
+
+def test_an_encoder_state_with_a_non_tensor_entry_is_refused_naming_it(tmp_path: Path, micro_clip: nn.Module) -> None:
+    """An epoch counter among the tensors (not under 'state_dict') makes it no state dict."""
+    src = tmp_path / "mixed.pt"
+    torch.save({**{f"visual.{k}": v for k, v in micro_clip.visual.state_dict().items()}, "epoch": 3}, src)
+    dst = tmp_path / "enc.safetensors"
+    with pytest.raises(HarnessError) as err:
+        convert_pickled_checkpoint(src, dst)
+    assert str(err.value) == f"{src}: expected a dict of tensors, found int under 'epoch'"
+    assert not dst.exists()
+
+
+class _TwoTowers(nn.Module):
+    """A pickled module whose first tower (4 heads, QuickGELU) is not the image encoder under ``model``."""
+
+    def __init__(self, clip: nn.Module):
+        super().__init__()
+        from open_clip.transformer import QuickGELU, Transformer
+
+        self.text_model = Transformer(width=32, layers=1, heads=4, act_layer=QuickGELU)
+        self.model = clip
+
+
+def test_activation_and_heads_are_read_from_the_image_tower_only(tmp_path: Path, micro_clip: nn.Module) -> None:
+    src = tmp_path / "two_towers.pt"
+    torch.save(_TwoTowers(micro_clip), src)
+    out = convert_pickled_checkpoint(src, tmp_path / "enc.safetensors", trust_pickle=True)
+    side = json.loads(Path(f"{out}.json").read_text())
+    assert (side["arch"], side["activation"], side["heads"], side["prefix"]) == ("harness-micro-vit", "gelu", 2, "model.visual.")
+    got, want = load_state_dict(out), micro_clip.visual.state_dict()
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_a_state_that_is_neither_an_encoder_nor_a_linear_head_is_refused(tmp_path: Path) -> None:
+    """A convolution's 'weight' and zero 'bias' are no [classes, dim] head: refused, not written as one."""
+    src = tmp_path / "conv.pt"
+    torch.save({"weight": torch.randn(4, 3, 3, 3), "bias": torch.zeros(4)}, src)
+    dst = tmp_path / "h.safetensors"
+    with pytest.raises(HarnessError, match="neither a ViT image encoder .* nor a linear head"):
+        convert_pickled_checkpoint(src, dst)
+    assert not dst.exists()
+
+
+@pytest.mark.parametrize("change, named", [
+    ("extra", "unexpected ['extra_norm.weight']"),
+    ("reshaped", "shape mismatches ['proj (32, 16) vs (32, 32)']"),
+    ("missing", "missing ['ln_post.bias']"),
+])
+def test_an_encoder_one_tensor_off_its_architecture_is_refused_naming_it(
+        tmp_path: Path, micro_clip: nn.Module, change: str, named: str) -> None:
+    """A tensor too many, of another shape, or lacking would be written as it is and fail (or be
+    ignored) only when a sweep loads it."""
+    state = dict(micro_clip.visual.state_dict())
+    if change == "extra":
+        state["extra_norm.weight"] = torch.ones(32)
+    elif change == "reshaped":
+        state["proj"] = torch.randn(32, 16)
+    else:
+        del state["ln_post.bias"]
+    src = tmp_path / "enc.pt"
+    torch.save({f"visual.{k}": v for k, v in state.items()}, src)
+    dst = tmp_path / "enc.safetensors"
+    with pytest.raises(HarnessError, match="image encoder does not match 'harness-micro-vit'") as err:
+        convert_pickled_checkpoint(src, dst, arch="harness-micro-vit")
+    assert named in str(err.value)
+    assert not dst.exists()
+
+
+def test_a_converted_file_records_its_architecture_and_size(tmp_path: Path, pickled_encoder) -> None:
+    """The header keeps the architecture for a file copied without its sidecar; the sidecar
+    counts what was written."""
+    from harness.convert import recorded_arch
+
+    src, visual = pickled_encoder
+    out = convert_pickled_checkpoint(src, tmp_path / "enc.safetensors", trust_pickle=True)
+    want = visual.state_dict()
+    side = json.loads(Path(f"{out}.json").read_text())
+    assert (side["tensors"], side["parameters"]) == (len(want), sum(v.numel() for v in want.values()))
+    Path(f"{out}.json").unlink()
+    assert recorded_arch(out) == "harness-micro-vit"

@@ -1009,3 +1009,55 @@ def test_a_folder_with_its_own_projection_records_no_other_projection_source(tmp
     side = json.loads(Path(f"{out}.json").read_text())
     assert torch.equal(load_state_dict(out)["proj"], own.state_dict()["proj"])
     assert "projection_source" not in side and "projection_sha256" not in side
+
+
+def test_a_pretrained_file_is_a_whole_clip_only_with_both_towers(tmp_path: Path) -> None:
+    """An image encoder with the logit scale beside it, or with some of a CLIP's keys, has no
+    text tower to build zero-shot heads from."""
+    from harness.checkpoints import NOT_WHOLE_CLIP, whole_clip_problem
+
+    clip = build_clip("harness-micro-vit").state_dict()
+    encoder = {k: v for k, v in clip.items() if k.startswith("visual.")}
+    save_file({**{k: v.contiguous() for k, v in encoder.items()}, "logit_scale": clip["logit_scale"]},
+              str(tmp_path / "scaled.safetensors"))
+    torch.save({**encoder, "token_embedding.weight": clip["token_embedding.weight"]}, tmp_path / "part.pt")
+    torch.save(clip, tmp_path / "whole.pt")
+    assert whole_clip_problem(tmp_path / "scaled.safetensors") == NOT_WHOLE_CLIP
+    assert whole_clip_problem(tmp_path / "part.pt") == NOT_WHOLE_CLIP
+    assert whole_clip_problem(tmp_path / "whole.pt") is None
+
+
+def test_a_folder_with_a_config_that_is_not_clip_is_not_imported_as_a_tree(tmp_path: Path) -> None:
+    folder = tmp_path / "bert"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    torch.save(micro_visual().state_dict(), folder / "weights.pt")
+    assert detect_layout(folder) == "huggingface"
+    r = CliRunner().invoke(main, ["import", str(folder), str(tmp_path / "out"), "--arch", "harness-micro-vit"])
+    assert r.exit_code == 2 and not (tmp_path / "out").exists(), r.output
+
+
+def test_import_of_a_folder_onto_a_file_is_refused_and_keeps_the_file(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    torch.save(micro_visual().state_dict(), src / "a.pt")
+    dst = tmp_path / "out.safetensors"
+    dst.write_bytes(b"keep me")
+    r = CliRunner().invoke(main, ["import", str(src), str(dst), "--arch", "harness-micro-vit"])
+    assert r.exit_code == 2 and "a folder of checkpoints converts into a folder" in r.output, r.output
+    assert dst.read_bytes() == b"keep me"
+
+
+def test_import_keeps_nested_folders_and_skips_temporaries(tmp_path: Path) -> None:
+    """``src/group/clip_a/`` -> ``dst/group/clip_a.safetensors``; a ``.tmp`` left by a killed copy is no checkpoint."""
+    enc = micro_visual()
+    src = tmp_path / "src"
+    write_hf_folder(src / "group" / "clip_a", enc, "gelu")
+    (src / "group" / "b.tmp5678.safetensors").write_bytes(b"partial")
+    r = CliRunner().invoke(main, ["import", str(src), str(tmp_path / "all"), "--arch", "harness-micro-vit"])
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "all" / "group" / "clip_a.safetensors"
+    assert sorted(p.relative_to(tmp_path / "all") for p in (tmp_path / "all").rglob("*.safetensors")) == \
+        [out.relative_to(tmp_path / "all")]
+    got = load_state_dict(out)
+    assert all(torch.equal(got[k], v) for k, v in enc.state_dict().items())
