@@ -43,6 +43,25 @@ def stop_process_group(proc) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
+def free_port() -> int:
+    """A local TCP port nothing listens on (the OS's pick, released at once)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def refused_tracking_port(monkeypatch) -> int:
+    """A port nothing listens on, with MLflow's client retrying a refused connection only twice,
+    4 s then 8 s apart (by default seven times, about four minutes): a check made without its
+    retries answers well within them."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "4")
+    return free_port()
+
+
 def read_only_under(monkeypatch, folder) -> None:
     """``os.open`` of anything under ``folder`` fails as on a read-only filesystem (EROFS)."""
     import errno

@@ -296,6 +296,18 @@ def _head(tmp_path, shape):
     return head
 
 
+def _heads_sweep(sweep_dict, path, state) -> dict:
+    """The sweep with ``state`` saved at ``path`` (a tensor-only ``.pt`` or safetensors) as the
+    head of toy_colours."""
+    if str(path).endswith(".pt"):
+        torch.save(state, path)
+    else:
+        save_state_dict(state, path)
+    d = copy.deepcopy(sweep_dict)
+    d["model"]["heads"] = {"toy_colours": str(path)}
+    return d
+
+
 @pytest.mark.parametrize("shape,fragment", [
     ((4, 64), "tensor 'weight' has shape (4, 64): 64 features, but the image encoder of harness-micro-vit outputs 32"),
     ((4, 32, 1), "tensor 'weight' has shape (4, 32, 1); a head is [classes, dim]"),
@@ -420,12 +432,7 @@ def test_validate_names_a_head_file_the_sweep_would_refuse(name, state, fragment
     class count, not [classes, dim], integers, a non-zero bias): validate and the dry run load
     the head as the run does and name the sweep file, the field and the head file."""
     head = tmp_path / name
-    if name.endswith(".pt"):
-        torch.save(state, head)
-    else:
-        save_state_dict(state, head)
-    d = copy.deepcopy(sweep_dict)
-    d["model"]["heads"] = {"toy_colours": str(head)}
+    d = _heads_sweep(sweep_dict, head, state)
     f = _write(tmp_path, d)
     for args in (["validate", f], ["sweep", f, "--dry-run"]):
         r = CliRunner().invoke(main, args)
@@ -498,11 +505,9 @@ def sweep_lock_held_elsewhere(out: Path) -> contextlib.AbstractContextManager[No
 def test_a_sweep_whose_tracking_server_is_unreachable_leaves_no_new_folder(sweep_dict, tmp_path):
     """The server is contacted after the lock is taken: a wrong address stops the sweep before
     any job, so the folder it made for the lock goes too."""
-    import socket
+    from tests.conftest import free_port
 
-    with socket.socket() as s:  # a port nothing listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     out = tmp_path / "new" / "out"
     d = dict(copy.deepcopy(sweep_dict), output_dir=str(out), tracking_uri=f"http://127.0.0.1:{port}")
     r = CliRunner().invoke(main, ["sweep", "-q", _write(tmp_path, d)])
@@ -1015,14 +1020,7 @@ def test_a_stored_heads_tensor_is_found_by_its_name_not_its_place(name, key, swe
 
     torch.manual_seed(0)
     weight = torch.randn(4, 32)
-    path = tmp_path / name
-    state = {"bias": torch.zeros(4), key: weight}
-    if name.endswith(".pt"):
-        torch.save(state, path)
-    else:
-        save_state_dict(state, path)
-    d = copy.deepcopy(sweep_dict)
-    d["model"]["heads"] = {"toy_colours": str(path)}
+    d = _heads_sweep(sweep_dict, tmp_path / name, {"bias": torch.zeros(4), key: weight})
     assert torch.equal(Workspace(validate_config(d)).head("toy_colours"), weight)
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ import yaml
 from click.testing import CliRunner
 
 from harness.cli import main
-from tests.conftest import make_sweep_dict, stop_process_group
+from tests.conftest import free_port, make_sweep_dict, stop_process_group
 
 
 def test_list_methods_shows_hyperparameters():
@@ -259,16 +258,10 @@ def test_report_looks_each_run_up_once_however_many_jobs(sweep_dict, tmp_path, m
     assert lookups[6] == lookups[2], lookups
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ui_experiment(target: str, env: dict[str, str], name: str = "toy") -> dict:
     """``harness ui TARGET`` started as a user starts it: the experiment ``name`` its server
     returns (the server, with its own workers, stopped after)."""
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "harness.cli", "ui", target, "--port", str(port)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
@@ -613,14 +606,10 @@ def test_report_of_a_run_id_writes_beside_the_caller_under_its_first_eight_chara
     assert written == [Path("report-01234567")]
 
 
-def test_report_from_a_refused_tracking_server_is_one_line_at_once(monkeypatch):
+def test_report_from_a_refused_tracking_server_is_one_line_at_once(refused_tracking_port):
     """MLflow's client retries a refused connection with backoff (by default seven times, about
     four minutes, a warning line each): the address is checked first, without retries."""
-    with socket.socket() as s:  # a port nothing listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # 4 s, then 8 s of backoff (the default: 7, ~4 min)
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "4")
+    port = refused_tracking_port
     t0 = time.monotonic()
     r = CliRunner().invoke(main, ["report", "0123456789abcdef", "--tracking-uri", f"http://127.0.0.1:{port}"])
     assert time.monotonic() - t0 < 10

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import sqlite3
 import time
 import types
@@ -12,6 +11,7 @@ import pytest
 
 from harness.config import validate_config
 from harness.tracking import seed_sqlite_store
+from tests.conftest import free_port
 
 
 def _experiments(db):
@@ -107,9 +107,7 @@ def test_an_unreachable_tracking_server_fails_the_sweep_before_any_job(sweep_dic
     from harness.errors import HarnessError
     from harness.runner import run_sweep
 
-    with socket.socket() as s:  # a port nothing listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
 
@@ -123,18 +121,13 @@ def test_an_unreachable_tracking_server_fails_the_sweep_before_any_job(sweep_dic
     assert not (cfg.resolved_output_dir() / "results").exists()
 
 
-def test_a_refused_tracking_server_is_reported_at_once_in_one_line(sweep_dict, monkeypatch, capfd):
+def test_a_refused_tracking_server_is_reported_at_once_in_one_line(sweep_dict, refused_tracking_port, capfd):
     """MLflow's client retries a refused connection with backoff (by default seven times, about
     four minutes, a warning line each): the address is checked first, without retries."""
     from harness.errors import HarnessError
-
-    with socket.socket() as s:  # a port nothing listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     from harness.tracking import Tracker
 
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # 4 s, then 8 s of backoff (the default: 7, ~4 min)
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "4")
+    port = refused_tracking_port
     tracker = Tracker(validate_config({**sweep_dict, "tracking_uri": f"http://127.0.0.1:{port}"}))
     t0 = time.monotonic()
     with pytest.raises(HarnessError, match=rf"tracking_uri 'http://127.0.0.1:{port}': MLflow cannot be reached "
@@ -159,9 +152,7 @@ def test_a_sweep_on_a_tracking_server_prints_its_table_without_mlflows_run_links
     from tests.conftest import stop_process_group
 
     monkeypatch.delenv("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", raising=False)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     uri = f"http://127.0.0.1:{port}"
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
                                f"sqlite:///{tmp_path / 'server.db'}", "--host", "127.0.0.1", "--port", str(port),

@@ -15,8 +15,7 @@ import pytest
 
 from harness.config import validate_config
 from harness.runner import run_sweep
-from tests.conftest import stop_process_group
-from tests.test_cli import _free_port
+from tests.conftest import free_port, stop_process_group
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ARTIFACTS = Path(os.environ.get("HARNESS_TEST_ARTIFACTS", Path(__file__).resolve().parents[1] / "test-artifacts"))
@@ -35,7 +34,7 @@ def chromium(args: list[str], profile: Path) -> str:
 def test_mlflow_ui_shows_the_sweep(sweep_dict, tmp_path):
     cfg = validate_config(sweep_dict)
     out = run_sweep(cfg, quiet=True)
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "harness.cli", "ui", str(out.output_dir), "--port", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
