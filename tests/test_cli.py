@@ -453,6 +453,10 @@ def test_dry_run_shows_the_robustness_study_of_a_grids_chosen_setting(sweep_dict
     assert rob["params"] == chosen["params"]
     summary, rows = _dry_run(f)
     assert summary == "2 jobs: 2 cached, 0 to run; then 1 robustness job (settings chosen on val): 1 cached, 0 to run"
+    r = CliRunner().invoke(main, ["sweep", "--dry-run", str(f)], env={"COLUMNS": "250"})
+    shown = [[c.strip() for c in line.split("│")[1:-1]] for line in r.output.splitlines() if "│ robustness " in line]
+    assert shown == [["-", "robustness", "task_arithmetic", "toy_stripes", f"scaling={chosen['params']['scaling']}",
+                      "cached"]]  # its known setting's row, not also the row saying one will be chosen
     (results / f"{rob['key']}.json").unlink()
     summary, _ = _dry_run(f)
     assert summary == "2 jobs: 2 cached, 0 to run; then 1 robustness job (settings chosen on val): 0 cached, 1 to run"

@@ -182,3 +182,18 @@ def test_hidden_files_an_editor_leaves_are_not_code(tmp_path):
     (two / "harness" / ".ipynb_checkpoints").mkdir()
     (two / "harness" / ".ipynb_checkpoints" / "plan-checkpoint.py").write_text("x = 1\n")
     assert code_digest(two) == code_digest(one)
+
+
+def test_a_renamed_module_is_other_code(tmp_path):
+    """A module's name decides what imports it: the same bytes under another file name, or two
+    files' contents swapped, are other code; an identical tree elsewhere is the same code."""
+    def digest(folder: str, files: dict[str, str]) -> str:
+        for rel, text in files.items():
+            (tmp_path / folder / rel).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / folder / rel).write_text(text)
+        return code_digest(tmp_path / folder)
+
+    base = digest("a", {"harness/x.py": "A = 1\n", "methods/y.py": "B = 2\n"})
+    assert digest("b", {"harness/x.py": "A = 1\n", "methods/y.py": "B = 2\n"}) == base
+    assert digest("c", {"harness/z.py": "A = 1\n", "methods/y.py": "B = 2\n"}) != base
+    assert digest("d", {"harness/x.py": "B = 2\n", "methods/y.py": "A = 1\n"}) != base

@@ -374,3 +374,126 @@ def test_the_task_order_is_in_the_key_of_an_order_dependent_merge():
     reordered = _plan(tasks=list(reversed(make_sweep_dict(Path("/n"), Path("/o"))["tasks"])))
     assert before[("wemoe", None)] != reordered[("wemoe", None)]
     assert all(before[job] == reordered[job] for job in before if job[0] == "individual")
+
+
+def test_a_robustness_jobs_key_holds_its_setting_method_and_checkpoints():
+    """A grid's follow-up study scores the merged model of the setting chosen on val: another
+    chosen setting, another method or a replaced checkpoint is another study, never the cached
+    one; a label is no part of it (two labels choosing one setting share the job)."""
+    from harness.plan import robustness_spec
+
+    d = make_sweep_dict(Path("/nonexistent"), Path("/nonexistent-out"))
+    d["methods"] = [{"name": "task_arithmetic", "grid": {"scaling": [0.2, 0.6]}},
+                    {"name": "task_arithmetic", "label": "tb", "grid": {"scaling": [0.6, 1.0]}},
+                    {"name": "ties", "grid": {"k": [10, 20], "scaling": [0.6]}}]
+    d["robustness"] = {"tasks": d["tasks"][:1], "corruptions": ["contrast"], "severity": 2}
+    cfg = validate_config(d)
+    identity, task_identity = _identities(cfg)
+
+    def key(label: str, params: dict, ident: dict = identity) -> str:
+        return robustness_spec(cfg, label, params, ident, task_identity).key
+
+    base = key("task_arithmetic", {"scaling": 0.6})
+    replaced = {**identity, "finetuned": {**identity["finetuned"], cfg.task_names[0]: "f" * 16}}
+    others = [key("task_arithmetic", {"scaling": 0.2}), key("ties", {"k": 20, "scaling": 0.6}),
+              key("task_arithmetic", {"scaling": 0.6}, replaced)]
+    assert base not in others and len(set(others)) == len(others)
+    assert key("tb", {"scaling": 0.6}) == base
+
+
+def test_a_grid_of_a_test_time_adaptation_method_runs_the_study_in_each_job():
+    """Adapting again for a follow-up study would cost more than the study itself: each grid
+    point of WeMoE runs it, so the robustness block is in each point's key, and no follow-up job
+    is planned for it; a grid of task arithmetic leaves it to its follow-up job."""
+    from harness.plan import robustness_inline
+
+    def keys(severity: int) -> dict[tuple[str, float], str]:
+        d = make_sweep_dict(Path("/nonexistent"), Path("/nonexistent-out"))
+        d["methods"] = [{"name": "wemoe", "params": {"steps": 5}, "grid": {"lr": [1e-3, 1e-2]}},
+                        {"name": "task_arithmetic", "grid": {"scaling": [0.2, 0.6]}}]
+        d["robustness"] = {"tasks": d["tasks"][:1], "corruptions": ["contrast"], "severity": severity}
+        cfg = validate_config(d)
+        assert [robustness_inline(cfg, label) for label in ("wemoe", "task_arithmetic")] == [True, False]
+        return {(s.label, s.params.get("lr", s.params.get("scaling"))): s.key
+                for s in plan_jobs(cfg, *_identities(cfg)) if s.kind == "merge"}
+
+    before, after = keys(2), keys(3)
+    assert {job for job in before if after[job] != before[job]} == {("wemoe", 1e-3), ("wemoe", 1e-2)}
+
+
+def test_individual_rows_are_planned_for_the_tasks_with_a_checkpoint():
+    """A task without a fine-tuned checkpoint (an unseen task of the generalization block) has
+    no individual row once the models are known; before that, the plan lists every task's."""
+    d = make_sweep_dict(Path("/nonexistent"), Path("/nonexistent-out"))
+    d["references"] = {"pretrained": False, "individual": True}
+    d["methods"] = []
+    cfg = validate_config(d)
+    first, second = cfg.task_names
+    identity, task_identity = _identities(cfg)
+    identity["finetuned"] = {first: identity["finetuned"][first]}
+    assert [(s.kind, s.task) for s in plan_jobs(cfg, identity, task_identity)] == [("individual", first)]
+    assert [(s.kind, s.task) for s in plan_jobs(cfg)] == [("individual", first), ("individual", second)]
+
+
+def test_each_bound_lambda_is_its_own_row_and_job():
+    """Perfect-routing bounds at two lambdas are two rows, labelled by their lambda, whose
+    results differ: each (lambda, task) is its own job; one lambda is the plain row."""
+    d = make_sweep_dict(Path("/nonexistent"), Path("/nonexistent-out"))
+    d["methods"] = []
+    d["references"] = {"pretrained": False, "individual": False, "perfect_routing": True,
+                       "routing_bound_lambda": [0.3, 0.6]}
+    cfg = validate_config(d)
+    keys = _planned(cfg)
+    assert set(keys) == {(f"perfect routing ({x})", t) for x in ("0.3", "0.6") for t in cfg.task_names}
+    assert len(set(keys.values())) == 4
+    d["references"]["routing_bound_lambda"] = 0.3
+    assert set(_planned(validate_config(d))) == {("perfect routing", t) for t in cfg.task_names}
+
+
+def test_the_evaluation_subset_size_is_in_every_key():
+    """``eval.max_samples`` scores each job on another subset: another size is another result."""
+    d = make_sweep_dict(Path("/nonexistent"), Path("/nonexistent-out"))
+    keys = [_planned(validate_config({**d, "eval": {"max_samples": n}})) for n in (None, 8, 16)]
+    for job in keys[0]:
+        assert len({k[job] for k in keys}) == 3, job
+
+
+def test_generalization_jobs_leave_the_robustness_study_to_the_main_jobs():
+    """The study runs on the main protocol's jobs only: another severity reruns them and leaves
+    the generalization jobs (merged on the seen tasks, scored clean) cached."""
+    from harness.plan import generalization_label
+
+    def keys(severity: int) -> dict[tuple[str, str | None], str]:
+        d = make_sweep_dict(Path("/nonexistent"), Path("/nonexistent-out"))
+        d["references"] = {"pretrained": False, "individual": False}
+        d["methods"] = [{"name": "weight_averaging"}]
+        d["generalization"] = {"unseen": d["tasks"][1:]}
+        d["robustness"] = {"tasks": d["tasks"][:1], "corruptions": ["contrast"], "severity": severity}
+        return _planned(validate_config(d))
+
+    before, after = keys(2), keys(3)
+    assert set(before) == {("weight_averaging", None), (generalization_label("weight_averaging"), None)}
+    assert {job for job in before if after[job] != before[job]} == {("weight_averaging", None)}
+
+
+def test_bound_rows_are_planned_for_the_merged_tasks_only():
+    """A perfect-routing bound routes each merged task to its own fine-tuned MLPs: an unseen task
+    has none, so it gets no bound row (it is scored in each merge's row)."""
+    d = make_sweep_dict(Path("/nonexistent"), Path("/nonexistent-out"))
+    d["methods"] = []
+    d["references"] = {"pretrained": False, "individual": False, "perfect_routing": True}
+    d["unseen"] = d["tasks"][1:]
+    cfg = validate_config(d)
+    assert [(s.kind, s.task) for s in plan_jobs(cfg)] == [("perfect_routing", d["tasks"][0])]
+
+
+def test_a_tuned_method_gets_no_grid_job():
+    """A tuned method's jobs are its study's trials and final run (harness.tuning), planned
+    there: the plan holds none of its own, while a grid method beside it gets its job."""
+    d = make_sweep_dict(Path("/nonexistent"), Path("/nonexistent-out"))
+    d["references"] = {"pretrained": False, "individual": False}
+    d["methods"] = [{"name": "task_arithmetic", "label": "tuned", "tune": {
+                        "n_trials": 2, "objective": "val/acc/avg",
+                        "space": {"scaling": {"type": "float", "low": 0.1, "high": 1.0}}}},
+                    {"name": "weight_averaging"}]
+    assert [(s.kind, s.label) for s in plan_jobs(validate_config(d))] == [("merge", "weight_averaging")]

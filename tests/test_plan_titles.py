@@ -11,12 +11,18 @@ def test_a_setting_reads_as_written_with_long_floats_cut_to_four_digits():
     assert setting_text(params) == "scaling=0.5939, k=20, lr=0.001, tol=1e-05, mix=0.1235, x=1.0"
 
 
+def test_a_float_is_cut_from_seven_characters_on():
+    """``0.1234`` (six characters) reads as written; ``0.12345`` (seven) is cut to ``0.1235``."""
+    assert setting_text({"a": 0.1234, "b": 0.12345, "c": 12345.6}) == "a=0.1234, b=0.1235, c=1.235e+04"
+
+
 def test_a_setting_keeps_the_order_its_params_were_given_in():
     assert setting_text({"scaling": 0.3, "k": 20}) == "scaling=0.3, k=20"
 
 
 def test_job_titles_name_task_label_setting_and_a_robustness_job():
     assert job_title("individual", "toy_stripes", "individual") == "individual/toy_stripes"
+    assert job_title("perfect_routing", "toy_stripes", "perfect routing", {"scaling": 1.0}) == "perfect_routing/toy_stripes"
     assert job_title("merge", None, "ta", {"scaling": 0.3}) == "ta(scaling=0.3)"
     assert job_title("merge", None, "weight_averaging", {}) == "weight_averaging"
     assert job_title("robustness", None, "ta", {"scaling": 0.3}) == "robustness/ta(scaling=0.3)"
