@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any, Callable, Literal
 
 from harness.cache import content_key
-from harness.config import GENERALIZATION, GENERALIZATION_SUFFIX, MAIN, AdaptSpec, SweepConfig, bound_label, expand_grid
+from harness.config import (BOUND_LABEL, GENERALIZATION, GENERALIZATION_SUFFIX, MAIN, AdaptSpec, SweepConfig, bound_label,
+                            expand_grid)
 
 #: Bump when the meaning of a cached result changes.
 RESULT_VERSION = 1
@@ -64,10 +65,14 @@ class JobSpec:
 
 def job_title(kind: str, task: str | None, label: str, params: dict[str, Any] | None = None) -> str:
     """How a job is named on its progress line, in failure summaries and as its MLflow run:
-    ``individual/<task>`` for a per-task reference job (only those have a task), else its label
-    and setting, ``label(k=v, ...)``, with ``robustness/`` before a robustness job's."""
+    ``individual/<task>`` for a per-task reference job (individual, a perfect-routing bound: only
+    those have a task; a bound beside others by its lambda, ``perfect_routing/<task> (0.6)``, as
+    its row), else its label and setting, ``label(k=v, ...)``, with ``robustness/`` before a
+    robustness job's. Distinct jobs of a sweep have distinct titles (SLURM's records of a job of
+    edited code are found by them)."""
     if task:
-        return f"{kind}/{task}"
+        beside = label[len(BOUND_LABEL):].strip() if kind == "perfect_routing" and label != BOUND_LABEL else ""
+        return f"{kind}/{task}" + (f" {beside}" if beside else "")
     title = f"{label}({setting_text(params)})" if params else label
     return f"robustness/{title}" if kind == "robustness" else title
 

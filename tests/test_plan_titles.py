@@ -26,3 +26,20 @@ def test_job_titles_name_task_label_setting_and_a_robustness_job():
     assert job_title("merge", None, "ta", {"scaling": 0.3}) == "ta(scaling=0.3)"
     assert job_title("merge", None, "weight_averaging", {}) == "weight_averaging"
     assert job_title("robustness", None, "ta", {"scaling": 0.3}) == "robustness/ta(scaling=0.3)"
+
+
+def test_bound_jobs_beside_others_are_titled_by_their_lambda_and_every_job_of_a_sweep_by_its_own_title(sweep_dict):
+    """Two bound lambdas gave both bound jobs of a task the title ``perfect_routing/<task>``:
+    progress lines, failure summaries and MLflow run names could not tell them apart. Each is now
+    titled as its row is labelled, and no two jobs of such a sweep share a title."""
+    from harness.config import validate_config
+    from harness.plan import plan_jobs
+
+    assert job_title("perfect_routing", "toy_stripes", "perfect routing (0.6)", {"scaling": 0.6}) == \
+        "perfect_routing/toy_stripes (0.6)"
+    d = {**sweep_dict, "references": {"perfect_routing": True, "routing_bound_lambda": [0.3, 0.6]},
+         "methods": [{"name": "task_arithmetic", "grid": {"scaling": [0.3, 0.6]}}, {"name": "weight_averaging"}]}
+    titles = [s.title for s in plan_jobs(validate_config(d))]  # each a distinct job (kind, label, setting, task)
+    assert len(titles) == 1 + 2 + 2 * 2 + 2 + 1 and len(set(titles)) == len(titles), sorted(titles)
+    assert {t for t in titles if t.startswith("perfect_routing/toy_stripes")} == {
+        "perfect_routing/toy_stripes (0.3)", "perfect_routing/toy_stripes (0.6)"}
