@@ -549,6 +549,87 @@ def test_a_fresh_process_builds_a_generated_arch_from_the_cache(tmp_path: Path, 
     visual(arch, load_state_dict(out))
 
 
+def test_an_image_tower_with_a_visual_prefix_is_no_whole_clip_in_place(tmp_path: Path) -> None:
+    """A file holding ``visual.``-prefixed image weights alone has some of a CLIP's keys but no text
+    tower: asked for as the pretrained model it is refused, not used in place."""
+    from harness.models import save_state_dict
+
+    clip = build_clip("harness-micro-vit").state_dict()
+    tower = tmp_path / "tower.safetensors"
+    save_state_dict({k: v for k, v in clip.items() if k.startswith("visual.")}, tower)
+    with pytest.raises(HarnessError, match="not a whole CLIP"):
+        resolve_checkpoint(tower, tmp_path / "cache", kind="clip")
+
+
+def test_a_conversion_whose_sidecar_was_lost_is_converted_again(tmp_path: Path) -> None:
+    """The sidecar is written last: a converted file without one is a conversion cut short, and is
+    converted again, so the architecture it records (a generated one here) is there to build from."""
+    folder = write_hf_folder(tmp_path / "hf", micro_visual(), "quick_gelu")
+    cache = tmp_path / "cache"
+    out = resolve_checkpoint(folder, cache)
+    arch = checkpoint_arch(out)
+    assert arch == generated_arch_name(json.loads(Path(f"{out}.json").read_text())["open_clip_config"])
+    Path(f"{out}.json").unlink()
+    assert resolve_checkpoint(folder, cache) == out
+    assert checkpoint_arch(out) == arch
+
+
+def test_a_folder_with_its_own_projection_is_not_converted_again_for_another_projection(tmp_path: Path,
+                                                                                        monkeypatch) -> None:
+    """The projection source is part of the key only when the folder lacks one: a fine-tuned
+    folder holding its projection is reused whichever pretrained projection a sweep names."""
+    import harness.checkpoints as checkpoints
+    from harness.models import save_state_dict
+
+    enc = micro_visual()
+    folder = write_hf_folder(tmp_path / "hf", enc, "gelu")
+    cache = tmp_path / "cache"
+    for seed in (1, 2):
+        save_state_dict({"proj": torch.randn(32, 32, generator=torch.Generator().manual_seed(seed))},
+                        tmp_path / f"proj{seed}.safetensors")
+    out = resolve_checkpoint(folder, cache, projection=tmp_path / "proj1.safetensors")
+    assert torch.equal(load_state_dict(out)["proj"], enc.state_dict()["proj"])
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("converted again")
+
+    monkeypatch.setattr(checkpoints, "convert_hf_checkpoint", refuse)
+    assert resolve_checkpoint(folder, cache, projection=tmp_path / "proj2.safetensors") == out
+    assert resolve_checkpoint(folder, cache) == out
+
+
+
+def test_a_vision_model_folder_of_pytorch_weights_takes_the_given_projection(tmp_path: Path) -> None:
+    """A CLIPVisionModel folder saved as ``pytorch_model.bin`` (no safetensors to read by header)
+    still takes its projection from the given source."""
+    from harness.models import save_state_dict
+
+    enc = micro_visual()
+    folder = write_hf_folder(tmp_path / "hf", enc, "gelu")
+    state = {k: v for k, v in load_file(str(folder / "model.safetensors")).items() if k != "visual_projection.weight"}
+    (folder / "model.safetensors").unlink()
+    torch.save(state, folder / "pytorch_model.bin")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "architectures": ["CLIPVisionModel"]}))
+    proj = torch.randn(32, 32, generator=torch.Generator().manual_seed(1))
+    save_state_dict({"proj": proj}, tmp_path / "proj.safetensors")
+    out = resolve_checkpoint(folder, tmp_path / "cache", projection=tmp_path / "proj.safetensors")
+    got = load_state_dict(out)
+    assert torch.equal(got["proj"], proj)
+    assert all(torch.equal(got[k], v) for k, v in enc.state_dict().items() if k != "proj")
+
+
+def test_a_folder_of_checkpoints_named_as_one_checkpoint_is_refused(tmp_path: Path) -> None:
+    """A sweep names one checkpoint: a folder holding several (no config.json) is refused, saying
+    so, instead of failing on reading a folder as a file."""
+    folder = tmp_path / "finetuned"
+    folder.mkdir()
+    torch.save(micro_visual().state_dict(), folder / "Cars.pt")
+    with pytest.raises(HarnessError, match=r"not a Hugging Face CLIP folder \(no config.json\); name a checkpoint"):
+        resolve_checkpoint(folder, tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()
+
+
 # ---------------------------------------------------------------------------------------------
 # The import command
 # ---------------------------------------------------------------------------------------------
@@ -1061,3 +1142,24 @@ def test_import_keeps_nested_folders_and_skips_temporaries(tmp_path: Path) -> No
         [out.relative_to(tmp_path / "all")]
     got = load_state_dict(out)
     assert all(torch.equal(got[k], v) for k, v in enc.state_dict().items())
+
+
+def test_a_tree_converts_every_checkpoint_suffix_and_nothing_else(tmp_path: Path) -> None:
+    """Each of the checkpoint suffixes is converted, keeping its relative name; a README or a
+    notes file beside them is not a checkpoint and is left alone (not refused as a bad one)."""
+    enc = micro_visual()
+    src = tmp_path / "src"
+    src.mkdir()
+    names = ["a.pt", "b.pth", "c.bin", "d.ckpt"]
+    for name in names:
+        torch.save(enc.state_dict(), src / name)
+    save_file({k: v.contiguous() for k, v in enc.state_dict().items()}, str(src / "e.safetensors"))
+    (src / "README.md").write_text("fine-tuned on SUN397\n")
+    (src / "notes.txt").write_text("lr 1e-5\n")
+    r = CliRunner().invoke(main, ["import", str(src), str(tmp_path / "all"), "--arch", "harness-micro-vit"])
+    assert r.exit_code == 0, r.output
+    written = sorted(p.name for p in (tmp_path / "all").iterdir() if not p.name.endswith(".json"))
+    assert written == ["a.safetensors", "b.safetensors", "c.safetensors", "d.safetensors", "e.safetensors"]
+    for name in written:
+        got = load_state_dict(tmp_path / "all" / name)
+        assert got.keys() == enc.state_dict().keys() and all(torch.equal(got[k], v) for k, v in enc.state_dict().items())
