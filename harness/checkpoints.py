@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
@@ -147,6 +148,12 @@ def _has_text_tower(folder: Path) -> bool:
         return False  # the converter reports what is wrong with the file
 
 
+#: A partial file a killed copy or download left (``b.tmp5678.safetensors``): a ``.tmp`` part of its
+#: name, digits after it at most. A checkpoint merely named with ``.tmp`` in a word (``vit.tmpl.pt``)
+#: is one.
+_PARTIAL = re.compile(r"\.tmp\d*\.")
+
+
 def _tree_items(root: Path, skip: Path | None = None) -> list[Path]:
     """HF folders and checkpoint files below ``root`` (not the files inside an HF folder), but not
     those in the folder ``skip`` (the import's output folder inside its source: a rerun would
@@ -160,7 +167,7 @@ def _tree_items(root: Path, skip: Path | None = None) -> list[Path]:
             found.append(here)
             dirnames.clear()
             continue
-        found.extend(here / f for f in sorted(filenames) if f.endswith(CHECKPOINT_SUFFIXES) and ".tmp" not in f)
+        found.extend(here / f for f in sorted(filenames) if f.endswith(CHECKPOINT_SUFFIXES) and not _PARTIAL.search(f))
     return found
 
 

@@ -1150,7 +1150,7 @@ def test_a_tree_converts_every_checkpoint_suffix_and_nothing_else(tmp_path: Path
     enc = micro_visual()
     src = tmp_path / "src"
     src.mkdir()
-    names = ["a.pt", "b.pth", "c.bin", "d.ckpt"]
+    names = ["a.pt", "b.pth", "c.bin", "d.ckpt", "vit.tmpl.pt"]  # a ".tmp" inside a word: no partial file
     for name in names:
         torch.save(enc.state_dict(), src / name)
     save_file({k: v.contiguous() for k, v in enc.state_dict().items()}, str(src / "e.safetensors"))
@@ -1159,7 +1159,8 @@ def test_a_tree_converts_every_checkpoint_suffix_and_nothing_else(tmp_path: Path
     r = CliRunner().invoke(main, ["import", str(src), str(tmp_path / "all"), "--arch", "harness-micro-vit"])
     assert r.exit_code == 0, r.output
     written = sorted(p.name for p in (tmp_path / "all").iterdir() if not p.name.endswith(".json"))
-    assert written == ["a.safetensors", "b.safetensors", "c.safetensors", "d.safetensors", "e.safetensors"]
+    assert written == ["a.safetensors", "b.safetensors", "c.safetensors", "d.safetensors", "e.safetensors",
+                       "vit.tmpl.safetensors"]
     for name in written:
         got = load_state_dict(tmp_path / "all" / name)
         assert got.keys() == enc.state_dict().keys() and all(torch.equal(got[k], v) for k, v in enc.state_dict().items())
