@@ -1884,6 +1884,38 @@ def test_each_sampler_name_is_the_optuna_sampler_it_names(name, cls):
     assert isinstance(drawn_with, getattr(optuna.samplers, cls)), type(drawn_with).__mro__
 
 
+@pytest.mark.parametrize("name, cls", [("median", "MedianPruner"), ("hyperband", "HyperbandPruner"),
+                                       ("none", "NopPruner")])
+def test_each_pruner_name_is_the_optuna_pruner_it_names(name, cls):
+    """A study prunes as its ``pruner`` says: ``hyperband`` is Hyperband, not no pruning."""
+    import optuna
+
+    from harness.tuning import make_pruner
+
+    assert type(make_pruner(name)) is getattr(optuna.pruners, cls)
+
+
+def test_a_grid_study_asks_its_points_in_the_order_optunas_grid_sampler_of_its_seed_does():
+    """The seed orders a grid: the study of seed 5 asks the 6 points in the order Optuna's
+    GridSampler seeded 5 asks them (not in seed 0's order)."""
+    import optuna
+
+    from harness.config import TuneSpec
+    from harness.tuning import trial_seeded_sampler
+
+    tune = TuneSpec(sampler="grid", space=GRID_SPACE)
+    values = {k: p.grid_values() for k, p in tune.space.items()}
+
+    def order(sampler) -> list[tuple[float, str]]:
+        study = optuna.create_study(direction="maximize", sampler=sampler)
+        trials = [study.ask() for _ in range(6)]
+        return [(t.suggest_float("scaling", 0.2, 0.6, step=0.2), t.suggest_categorical("mode", ["sum", "mean"]))
+                for t in trials]
+
+    assert order(trial_seeded_sampler(tune, 5)) == order(optuna.samplers.GridSampler(values, seed=5))
+    assert order(optuna.samplers.GridSampler(values, seed=5)) != order(optuna.samplers.GridSampler(values, seed=0))
+
+
 def test_a_grid_study_has_every_combination_of_its_points_and_no_more_trials():
     """3 scalings (0.2, 0.4, 0.6) x 2 modes x 2 flips = 12 points: n_trials beyond them is cut to
     12; other samplers run n_trials as given."""
