@@ -1055,6 +1055,59 @@ def test_a_study_stored_without_its_measurement_is_resumed_only_by_its_sweep(swe
     assert again.name == "toy.typed" and len(again.study.trials) == 2
 
 
+def test_a_stored_study_of_this_search_is_named_as_a_twin_only_when_it_holds_trials():
+    """Study ``old`` has this definition and measurement: empty, there is nothing of it to resume
+    and ``new`` starts without a line; once it holds a trial, the line points at it."""
+    import optuna
+
+    from harness.tuning import DEFINITION_ATTR, MEASURES_ATTR, choose_study
+
+    storage = optuna.storages.InMemoryStorage()
+    old = optuna.create_study(study_name="old", storage=storage)
+    old.set_user_attr(DEFINITION_ATTR, "d")
+    old.set_user_attr(MEASURES_ATTR, "m")
+    assert choose_study(storage, "new", "d", "m") == ("new", None)
+    old.add_trial(optuna.trial.create_trial(value=1.0))
+    chosen, note = choose_study(storage, "new", "d", "m")
+    assert chosen == "new" and "set tune.study_name: old to resume it" in note
+
+
+def test_a_study_stored_without_a_definition_is_resumed_only_while_it_holds_no_trial():
+    """A study named as this one but stored without a definition: empty, it is this study; with a
+    trial of an unknown search in it, this one gets its own, ``<name>.<definition>``."""
+    import optuna
+
+    from harness.tuning import choose_study
+
+    storage = optuna.storages.InMemoryStorage()
+    bare = optuna.create_study(study_name="s", storage=storage)
+    assert choose_study(storage, "s", "d", "m")[0] == "s"
+    bare.add_trial(optuna.trial.create_trial(value=1.0))
+    assert choose_study(storage, "s", "d", "m")[0] == "s.d"
+
+
+def test_a_study_of_seed_0_keeps_the_digest_of_a_definition_without_a_seed(sweep_dict):
+    """Studies stored before the seed was recorded have a digest of no ``seed`` entry: seed 0
+    (the default) keeps that digest, and any other seed enters it."""
+    import hashlib
+    import json
+
+    from harness.plan import method_class_id
+    from harness.tuning import study_definition
+
+    space = {"scaling": {"type": "float", "low": 0.0, "high": 1.0}}
+    m = validate_config(dict(sweep_dict, methods=[{"name": "task_arithmetic", "tune": {
+        "n_trials": 2, "sampler": "random", "space": space}}])).methods[0]
+    body = {"method": method_class_id("task_arithmetic"), "params": {}, "objective": "val/acc/avg",
+            "sampler": "random", "space": {"scaling": m.tune.space["scaling"].model_dump(mode="json")}}
+
+    def digest(b: dict) -> str:
+        return hashlib.sha256(json.dumps(b, sort_keys=True).encode()).hexdigest()[:12]
+
+    assert study_definition(m, 0) == digest(body)
+    assert study_definition(m, 7) == digest({**body, "seed": 7})
+
+
 def test_tune_command_works_inside_its_sweep(sweep_dict, tmp_path):
     """`harness tune` into a sweep's folder: the sweep's parent run, no second copy of a job run,
     its own table beside the sweep's report, which stays whole for `harness report`."""
