@@ -816,6 +816,22 @@ def test_a_grid_point_another_folder_runs_is_not_asked_again(sweep_dict, tmp_pat
     assert asked == [] and [t.state.name for t in b.study.trials] == ["FAIL", "RUNNING"]
 
 
+def test_collect_keeps_a_grid_study_whose_every_point_was_tried_though_one_failed(sweep_dict, tmp_path):
+    """A 2-point grid, n_trials 2: one point failed, the other completed. No point is left to
+    ask, so the study is over as the sweep ends it (one trial short of n_trials), and collect
+    keeps its row with the completed point as the best."""
+    from harness.job import JobResult
+    from harness.tuning import stored_study as done_study
+
+    grid = {"scaling": {"type": "float", "low": 0.2, "high": 0.4, "step": 0.2}}
+    a, _ = shared_runners(sweep_dict, tmp_path, 2, space=grid, sampler="grid")
+    failed, ok = a.ask(2)
+    a.tell(failed, JobResult.of(failed, "failed", error="boom"))
+    a.tell(ok, JobResult.of(ok, "ok", metrics={"val/acc/avg": 61.0}))
+    done = done_study(a.cfg, a.m, a.identity, a.task_identity, a.results_dir)
+    assert done is not None and done.study.best_params == ok.params
+
+
 def test_a_shared_study_with_no_trial_completed_yet_waits_for_the_other_folders_trials(sweep_dict, tmp_path):
     """A 2-point grid: a runs one point, b's trial of the other fails, and no point is left to ask.
     b's study has no completed trial, but a's may still complete: b's sweep does not fail; its row
