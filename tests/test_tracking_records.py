@@ -172,3 +172,23 @@ def test_ctrl_c_after_a_study_finished_leaves_its_run_finished(sweep_dict):
     tracker.abandon("KILLED")
     status = {rid: tracker.client.get_run(rid).info.status for rid in (done, failed, going, tracker.parent_id)}
     assert status == {done: "FINISHED", failed: "FAILED", going: "KILLED", tracker.parent_id: "KILLED"}
+
+
+def test_of_two_studies_that_chose_one_job_the_counts_of_the_last_to_end_are_the_rows(sweep_dict):
+    """A sweep of an older harness (no jobs.json): studies 1 (3 trials, 1 failed) and 2 (5 trials,
+    2 pruned), of one label, both chose job ``final1``; study 2 ended last, so its counts are the row's."""
+    import time
+
+    from harness.report import load_study_counts
+
+    cfg = validate_config(sweep_dict)
+    tracker = Tracker(cfg)
+    tracker.start_sweep("d1", {})
+    for study, counts in (("study2", TrialCounts(5, 0, 2)), ("study1", TrialCounts(3, 1, 0))):
+        tracker.tuning_run(study, "wemoe", {"n_trials": counts.total, "n_parallel": 1, "pruner": "none"})
+    for study, counts in (("study1", TrialCounts(3, 1, 0)), ("study2", TrialCounts(5, 0, 2))):
+        rid = tracker.tuning_run(study, "wemoe", {"n_trials": counts.total, "n_parallel": 1, "pruner": "none"})
+        tracker.finish_tuning_run(rid, {"lr": 0.1}, 50.0, [], counts, final_key="final1")
+        time.sleep(0.01)  # distinct end times
+    parent = tracker.client.get_run(tracker.parent_id)
+    assert load_study_counts(cfg.resolved_tracking_uri(), parent) == {("wemoe", "final1"): TrialCounts(5, 0, 2)}
