@@ -192,3 +192,33 @@ def test_of_two_studies_that_chose_one_job_the_counts_of_the_last_to_end_are_the
         time.sleep(0.01)  # distinct end times
     parent = tracker.client.get_run(tracker.parent_id)
     assert load_study_counts(cfg.resolved_tracking_uri(), parent) == {("wemoe", "final1"): TrialCounts(5, 0, 2)}
+
+
+def test_a_trial_run_a_killed_driver_left_running_is_logged_anew(sweep_dict):
+    """A driver killed while it wrote trial 0's run left it RUNNING with no metrics: the rerun
+    telling that trial replaces it with one run that holds its objective and ends FINISHED."""
+    tracker = Tracker(validate_config(sweep_dict))
+    tracker.start_sweep("d1", {})
+    tune = tracker.tuning_run("study1", "wemoe", {"n_trials": 1, "n_parallel": 1, "pruner": "none"})
+    left = tracker.client.create_run(tracker.experiment_id, tags={
+        "harness.run_key": "trial:study1#0", "mlflow.parentRunId": tune, "harness.kind": "trial"}).info.run_id
+    done = JobResult("t0", "trial", "wemoe", {}, None, "ok", metrics={"val/acc/avg": 70.0})
+    tracker.log_trial(tune, "study1", 0, {"lr": 0.1}, done, "COMPLETE", "val/acc/avg")
+    (run,) = children(tracker, tune)
+    assert run.info.run_id != left and run.info.status == "FINISHED"
+    assert run.data.metrics == {"val/acc/avg": 70.0, "objective": 70.0}
+
+
+def test_a_study_run_reopened_by_a_rerun_is_running_until_it_ends(sweep_dict):
+    """A study that failed is run again: its run reads RUNNING while it runs, without the old
+    failure, and a stop then ends it KILLED, not FAILED with no reason."""
+    tracker = Tracker(validate_config(sweep_dict))
+    tracker.start_sweep("d1", {})
+    tune = {"n_trials": 1, "n_parallel": 1, "pruner": "none"}
+    rid = tracker.tuning_run("study1", "wemoe", tune)
+    tracker.fail_tuning_run(rid, "no trial completed")
+    assert tracker.tuning_run("study1", "wemoe", tune) == rid
+    run = tracker.client.get_run(rid)
+    assert run.info.status == "RUNNING" and "harness.failure_reason" not in run.data.tags
+    tracker.abandon("KILLED")
+    assert tracker.client.get_run(rid).info.status == "KILLED"
