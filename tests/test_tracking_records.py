@@ -172,3 +172,53 @@ def test_ctrl_c_after_a_study_finished_leaves_its_run_finished(sweep_dict):
     tracker.abandon("KILLED")
     status = {rid: tracker.client.get_run(rid).info.status for rid in (done, failed, going, tracker.parent_id)}
     assert status == {done: "FINISHED", failed: "FAILED", going: "KILLED", tracker.parent_id: "KILLED"}
+
+
+def test_of_two_studies_that_chose_one_job_the_counts_of_the_last_to_end_are_the_rows(sweep_dict):
+    """A sweep of an older harness (no jobs.json): studies 1 (3 trials, 1 failed) and 2 (5 trials,
+    2 pruned), of one label, both chose job ``final1``; study 2 ended last, so its counts are the row's."""
+    import time
+
+    from harness.report import load_study_counts
+
+    cfg = validate_config(sweep_dict)
+    tracker = Tracker(cfg)
+    tracker.start_sweep("d1", {})
+    for study, counts in (("study2", TrialCounts(5, 0, 2)), ("study1", TrialCounts(3, 1, 0))):
+        tracker.tuning_run(study, "wemoe", {"n_trials": counts.total, "n_parallel": 1, "pruner": "none"})
+    for study, counts in (("study1", TrialCounts(3, 1, 0)), ("study2", TrialCounts(5, 0, 2))):
+        rid = tracker.tuning_run(study, "wemoe", {"n_trials": counts.total, "n_parallel": 1, "pruner": "none"})
+        tracker.finish_tuning_run(rid, {"lr": 0.1}, 50.0, [], counts, final_key="final1")
+        time.sleep(0.01)  # distinct end times
+    parent = tracker.client.get_run(tracker.parent_id)
+    assert load_study_counts(cfg.resolved_tracking_uri(), parent) == {("wemoe", "final1"): TrialCounts(5, 0, 2)}
+
+
+def test_a_trial_run_a_killed_driver_left_running_is_logged_anew(sweep_dict):
+    """A driver killed while it wrote trial 0's run left it RUNNING with no metrics: the rerun
+    telling that trial replaces it with one run that holds its objective and ends FINISHED."""
+    tracker = Tracker(validate_config(sweep_dict))
+    tracker.start_sweep("d1", {})
+    tune = tracker.tuning_run("study1", "wemoe", {"n_trials": 1, "n_parallel": 1, "pruner": "none"})
+    left = tracker.client.create_run(tracker.experiment_id, tags={
+        "harness.run_key": "trial:study1#0", "mlflow.parentRunId": tune, "harness.kind": "trial"}).info.run_id
+    done = JobResult("t0", "trial", "wemoe", {}, None, "ok", metrics={"val/acc/avg": 70.0})
+    tracker.log_trial(tune, "study1", 0, {"lr": 0.1}, done, "COMPLETE", "val/acc/avg")
+    (run,) = children(tracker, tune)
+    assert run.info.run_id != left and run.info.status == "FINISHED"
+    assert run.data.metrics == {"val/acc/avg": 70.0, "objective": 70.0}
+
+
+def test_a_study_run_reopened_by_a_rerun_is_running_until_it_ends(sweep_dict):
+    """A study that failed is run again: its run reads RUNNING while it runs, without the old
+    failure, and a stop then ends it KILLED, not FAILED with no reason."""
+    tracker = Tracker(validate_config(sweep_dict))
+    tracker.start_sweep("d1", {})
+    tune = {"n_trials": 1, "n_parallel": 1, "pruner": "none"}
+    rid = tracker.tuning_run("study1", "wemoe", tune)
+    tracker.fail_tuning_run(rid, "no trial completed")
+    assert tracker.tuning_run("study1", "wemoe", tune) == rid
+    run = tracker.client.get_run(rid)
+    assert run.info.status == "RUNNING" and "harness.failure_reason" not in run.data.tags
+    tracker.abandon("KILLED")
+    assert tracker.client.get_run(rid).info.status == "KILLED"

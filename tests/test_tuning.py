@@ -816,6 +816,22 @@ def test_a_grid_point_another_folder_runs_is_not_asked_again(sweep_dict, tmp_pat
     assert asked == [] and [t.state.name for t in b.study.trials] == ["FAIL", "RUNNING"]
 
 
+def test_collect_keeps_a_grid_study_whose_every_point_was_tried_though_one_failed(sweep_dict, tmp_path):
+    """A 2-point grid, n_trials 2: one point failed, the other completed. No point is left to
+    ask, so the study is over as the sweep ends it (one trial short of n_trials), and collect
+    keeps its row with the completed point as the best."""
+    from harness.job import JobResult
+    from harness.tuning import stored_study as done_study
+
+    grid = {"scaling": {"type": "float", "low": 0.2, "high": 0.4, "step": 0.2}}
+    a, _ = shared_runners(sweep_dict, tmp_path, 2, space=grid, sampler="grid")
+    failed, ok = a.ask(2)
+    a.tell(failed, JobResult.of(failed, "failed", error="boom"))
+    a.tell(ok, JobResult.of(ok, "ok", metrics={"val/acc/avg": 61.0}))
+    done = done_study(a.cfg, a.m, a.identity, a.task_identity, a.results_dir)
+    assert done is not None and done.study.best_params == ok.params
+
+
 def test_a_shared_study_with_no_trial_completed_yet_waits_for_the_other_folders_trials(sweep_dict, tmp_path):
     """A 2-point grid: a runs one point, b's trial of the other fails, and no point is left to ask.
     b's study has no completed trial, but a's may still complete: b's sweep does not fail; its row
@@ -1053,6 +1069,59 @@ def test_a_study_stored_without_its_measurement_is_resumed_only_by_its_sweep(swe
     assert stored_study(validate_config(first)).user_attrs[MEASURES_ATTR] is None  # left as it was
     again = study_runner(validate_config(first))
     assert again.name == "toy.typed" and len(again.study.trials) == 2
+
+
+def test_a_stored_study_of_this_search_is_named_as_a_twin_only_when_it_holds_trials():
+    """Study ``old`` has this definition and measurement: empty, there is nothing of it to resume
+    and ``new`` starts without a line; once it holds a trial, the line points at it."""
+    import optuna
+
+    from harness.tuning import DEFINITION_ATTR, MEASURES_ATTR, choose_study
+
+    storage = optuna.storages.InMemoryStorage()
+    old = optuna.create_study(study_name="old", storage=storage)
+    old.set_user_attr(DEFINITION_ATTR, "d")
+    old.set_user_attr(MEASURES_ATTR, "m")
+    assert choose_study(storage, "new", "d", "m") == ("new", None)
+    old.add_trial(optuna.trial.create_trial(value=1.0))
+    chosen, note = choose_study(storage, "new", "d", "m")
+    assert chosen == "new" and "set tune.study_name: old to resume it" in note
+
+
+def test_a_study_stored_without_a_definition_is_resumed_only_while_it_holds_no_trial():
+    """A study named as this one but stored without a definition: empty, it is this study; with a
+    trial of an unknown search in it, this one gets its own, ``<name>.<definition>``."""
+    import optuna
+
+    from harness.tuning import choose_study
+
+    storage = optuna.storages.InMemoryStorage()
+    bare = optuna.create_study(study_name="s", storage=storage)
+    assert choose_study(storage, "s", "d", "m")[0] == "s"
+    bare.add_trial(optuna.trial.create_trial(value=1.0))
+    assert choose_study(storage, "s", "d", "m")[0] == "s.d"
+
+
+def test_a_study_of_seed_0_keeps_the_digest_of_a_definition_without_a_seed(sweep_dict):
+    """Studies stored before the seed was recorded have a digest of no ``seed`` entry: seed 0
+    (the default) keeps that digest, and any other seed enters it."""
+    import hashlib
+    import json
+
+    from harness.plan import method_class_id
+    from harness.tuning import study_definition
+
+    space = {"scaling": {"type": "float", "low": 0.0, "high": 1.0}}
+    m = validate_config(dict(sweep_dict, methods=[{"name": "task_arithmetic", "tune": {
+        "n_trials": 2, "sampler": "random", "space": space}}])).methods[0]
+    body = {"method": method_class_id("task_arithmetic"), "params": {}, "objective": "val/acc/avg",
+            "sampler": "random", "space": {"scaling": m.tune.space["scaling"].model_dump(mode="json")}}
+
+    def digest(b: dict) -> str:
+        return hashlib.sha256(json.dumps(b, sort_keys=True).encode()).hexdigest()[:12]
+
+    assert study_definition(m, 0) == digest(body)
+    assert study_definition(m, 7) == digest({**body, "seed": 7})
 
 
 def test_tune_command_works_inside_its_sweep(sweep_dict, tmp_path):
@@ -1882,6 +1951,38 @@ def test_each_sampler_name_is_the_optuna_sampler_it_names(name, cls):
     study.ask()  # the sampler a trial draws with is made as the trial starts
     drawn_with = getattr(sampler, "per_trial", sampler)
     assert isinstance(drawn_with, getattr(optuna.samplers, cls)), type(drawn_with).__mro__
+
+
+@pytest.mark.parametrize("name, cls", [("median", "MedianPruner"), ("hyperband", "HyperbandPruner"),
+                                       ("none", "NopPruner")])
+def test_each_pruner_name_is_the_optuna_pruner_it_names(name, cls):
+    """A study prunes as its ``pruner`` says: ``hyperband`` is Hyperband, not no pruning."""
+    import optuna
+
+    from harness.tuning import make_pruner
+
+    assert type(make_pruner(name)) is getattr(optuna.pruners, cls)
+
+
+def test_a_grid_study_asks_its_points_in_the_order_optunas_grid_sampler_of_its_seed_does():
+    """The seed orders a grid: the study of seed 5 asks the 6 points in the order Optuna's
+    GridSampler seeded 5 asks them (not in seed 0's order)."""
+    import optuna
+
+    from harness.config import TuneSpec
+    from harness.tuning import trial_seeded_sampler
+
+    tune = TuneSpec(sampler="grid", space=GRID_SPACE)
+    values = {k: p.grid_values() for k, p in tune.space.items()}
+
+    def order(sampler) -> list[tuple[float, str]]:
+        study = optuna.create_study(direction="maximize", sampler=sampler)
+        trials = [study.ask() for _ in range(6)]
+        return [(t.suggest_float("scaling", 0.2, 0.6, step=0.2), t.suggest_categorical("mode", ["sum", "mean"]))
+                for t in trials]
+
+    assert order(trial_seeded_sampler(tune, 5)) == order(optuna.samplers.GridSampler(values, seed=5))
+    assert order(optuna.samplers.GridSampler(values, seed=5)) != order(optuna.samplers.GridSampler(values, seed=0))
 
 
 def test_a_grid_study_has_every_combination_of_its_points_and_no_more_trials():
