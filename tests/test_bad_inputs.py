@@ -445,6 +445,23 @@ def test_validate_names_a_head_file_the_sweep_would_refuse(name, state, fragment
     assert r.exit_code == 0 and "valid" in r.stdout, r.output
 
 
+def test_validate_leaves_the_head_of_a_task_made_at_the_encoders_input_size_to_the_run(sweep_dict, tmp_path):
+    """A task whose factory must be given the encoder's input size cannot be made before the
+    encoder is built, so neither can its head's class count be checked: validate and the dry run
+    say ``valid`` for a sound head file (the run's preflight checks it) instead of refusing it."""
+    unsized = "tests.own_tasks:sized_without_default"
+    head = tmp_path / "head.safetensors"
+    d = _heads_sweep(sweep_dict, head, {"weight": torch.ones(4, 32)})
+    d["tasks"] = [*d["tasks"], unsized]
+    d["model"]["finetuned"] = {unsized: d["model"]["finetuned_pattern"].format(task="toy_colours")}
+    d["model"]["heads"] = {unsized: str(head)}
+    f = _write(tmp_path, d)
+    r = CliRunner().invoke(main, ["validate", f])
+    assert r.exit_code == 0 and r.stdout.rstrip().endswith("valid"), r.output
+    r = CliRunner().invoke(main, ["sweep", f, "--dry-run"])
+    assert r.exit_code == 0 and "job plan:" in r.stdout, r.output
+
+
 def test_empty_split(sweep_dict, tmp_path):
     d = copy.deepcopy(sweep_dict)
     d["tasks"] = [{"name": "toy_stripes", "options": {"n_val": 0}}, "toy_colours"]

@@ -1072,3 +1072,42 @@ def test_an_mlflow_store_given_for_a_sweep_file_names_its_folder(command, tmp_pa
     assert r.exit_code == 2, r.output
     assert " ".join(r.stderr.split()) == (f"error: {db}: an SQLite database (an MLflow store), not a sweep file: "
                                           f"give the output folder it lies in ({db.parent}) or its sweep file")
+
+
+def test_validate_shows_a_tuned_methods_study_as_one_row_of_the_plan(sweep_dict, tmp_path):
+    """A tuned method has no grid job: its plan row says what its study will run (the trial
+    count, sampler and searched hyperparameters of its tune block) before the final test run."""
+    d = dict(sweep_dict, references={"pretrained": False, "individual": False},
+             methods=[{"name": "task_arithmetic", "label": "tuned", "tune": {
+                 "n_trials": 3, "sampler": "random", "objective": "val/acc/avg",
+                 "space": {"scaling": {"type": "float", "low": 0.1, "high": 1.0}}}}])
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump(d))
+    r = CliRunner().invoke(main, ["validate", str(f)], env={"COLUMNS": "250"})
+    assert r.exit_code == 0, r.output
+    rows = [[c.strip() for c in line.split("│")[1:-1]] for line in r.output.splitlines() if line.count("│") >= 6]
+    assert rows == [["-", "tune", "tuned", "all", "3 trials (random) over scaling, then 1 test run"]], rows
+    assert "job plan: 0 jobs" in r.output
+
+
+def test_prepare_builds_where_the_overrides_say(tmp_path, monkeypatch):
+    """``prepare FILE key=value`` reads FILE as the sweep does with the same overrides: the suite
+    is built in the cache folder the override names, not in the file's."""
+    from types import SimpleNamespace
+
+    import tasks.embedded.pipeline
+
+    asked = []
+
+    def builds(names, cache_dir, **kwargs):
+        asked.append((list(names), Path(cache_dir)))
+        return SimpleNamespace(arch="a", pretrained="p", finetuned={n: str(cache_dir / f"{n}.pt") for n in names})
+
+    monkeypatch.setattr(tasks.embedded.pipeline, "prepare_suite", builds)
+    f = tmp_path / "e.yaml"
+    f.write_text(yaml.safe_dump({"name": "e", "output_dir": str(tmp_path / "out"), "cache_dir": str(tmp_path / "c1"),
+                                 "model": {"source": "embedded", "suite": {"size": "tiny"}},
+                                 "tasks": ["emb_mnist", "emb_fashion"], "methods": ["weight_averaging"]}))
+    r = CliRunner().invoke(main, ["prepare", "-q", str(f), f"cache_dir={tmp_path / 'c2'}", "tasks=[emb_mnist]"])
+    assert r.exit_code == 0, r.output
+    assert asked == [(["emb_mnist"], tmp_path / "c2")]

@@ -497,3 +497,29 @@ def test_a_tuned_method_gets_no_grid_job():
                         "space": {"scaling": {"type": "float", "low": 0.1, "high": 1.0}}}},
                     {"name": "weight_averaging"}]
     assert [(s.kind, s.label) for s in plan_jobs(validate_config(d))] == [("merge", "weight_averaging")]
+
+
+def test_a_generalization_jobs_key_holds_the_checkpoints_of_its_seen_tasks_only():
+    """A generalization job merges the seen tasks' encoders and scores the unseen task with the
+    merged model, never loading its checkpoint: replacing that checkpoint reruns the main merge
+    (which merges it) and leaves the generalization job cached; replacing a seen one reruns both."""
+    from harness.plan import generalization_label
+
+    d = make_sweep_dict(Path("/nonexistent"), Path("/nonexistent-out"))
+    d["references"] = {"pretrained": False, "individual": False}
+    d["methods"] = [{"name": "weight_averaging"}]
+    d["generalization"] = {"unseen": d["tasks"][1:]}
+    cfg = validate_config(d)
+    seen, unseen = cfg.task_names
+    identity, task_identity = _identities(cfg)
+    before = _planned_with(cfg, identity, task_identity)
+    main_job, gen_job = ("weight_averaging", None), (generalization_label("weight_averaging"), None)
+    assert set(before) == {main_job, gen_job}
+
+    def changed(task: str) -> set:
+        replaced = {**identity, "finetuned": {**identity["finetuned"], task: "f" * 16}}
+        after = _planned_with(cfg, replaced, task_identity)
+        return {job for job, key in before.items() if after[job] != key}
+
+    assert changed(unseen) == {main_job}
+    assert changed(seen) == {main_job, gen_job}

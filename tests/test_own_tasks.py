@@ -375,3 +375,19 @@ def test_labels_are_class_indices_and_a_missing_split_is_named():
         assert got.dtype == torch.int64 and got.tolist() == [1, 0]
     with pytest.raises(TaskDataError, match="task 'mine' has no split 'train'"):
         task.raw("train")
+
+
+def test_only_a_task_of_ones_own_holds_its_prompts_digest_in_its_identity(sweep_dict):
+    """The project's tasks' prompts are versioned with the harness (a task in a subpackage, such as
+    the synthetic toy tasks, included), so their identity, and every key, leaves them out; a
+    factory of one's own writes its own prompts, which build the heads, so its identity holds them."""
+    from harness.config import validate_config
+    from harness.plan import TASK_PROMPTS_KEY
+    from harness.workspace import Workspace
+
+    d = copy.deepcopy(sweep_dict)
+    mine = "tests.own_tasks:grayscale"
+    d["tasks"] = [*d["tasks"], mine]
+    d["model"]["finetuned"] = {mine: d["model"]["finetuned_pattern"].format(task="toy_colours")}
+    ws = Workspace(validate_config(d), build=False)
+    assert [TASK_PROMPTS_KEY in ws.task_identity(t) for t in d["tasks"]] == [False, False, True]
