@@ -598,7 +598,6 @@ def test_a_folder_with_its_own_projection_is_not_converted_again_for_another_pro
     assert resolve_checkpoint(folder, cache) == out
 
 
-
 def test_a_vision_model_folder_of_pytorch_weights_takes_the_given_projection(tmp_path: Path) -> None:
     """A CLIPVisionModel folder saved as ``pytorch_model.bin`` (no safetensors to read by header)
     still takes its projection from the given source."""

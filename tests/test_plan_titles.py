@@ -16,10 +16,10 @@ def test_a_float_is_cut_from_seven_characters_on():
     assert setting_text({"a": 0.1234, "b": 0.12345, "c": 12345.6}) == "a=0.1234, b=0.1235, c=1.235e+04"
 
 
-
 def test_a_long_integer_or_text_reads_as_written():
     """Only floats are cut: a seven-digit step count or a long name is exact in YAML and stays so."""
     assert setting_text({"steps": 1234567, "name": "abcdefgh", "on": True}) == "steps=1234567, name=abcdefgh, on=True"
+
 
 def test_a_setting_keeps_the_order_its_params_were_given_in():
     assert setting_text({"scaling": 0.3, "k": 20}) == "scaling=0.3, k=20"
