@@ -350,8 +350,8 @@ class Tracker:
         relocate_copied_store(self.uri, out)
         if self.uri.startswith(("http://", "https://")):
             check_server(self.uri)
-            # MLflow prints two links to stdout as each run of a server ends: dozens of lines in
-            # the output the results table is printed to (and redirected to a file), even with -q
+            # MLflow prints two links to stdout as each run of a server ends: two lines per job
+            # between the progress lines and the table, even with -q
             os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         client = MlflowClient(tracking_uri=self.uri)
         name = self.cfg.experiment or self.cfg.name
