@@ -470,9 +470,8 @@ def _check_data(cfg: Any, file: str, overrides: tuple[str, ...]) -> None:
     except ConfigError as exc:
         raise exc.blamed_on_overrides(list(overrides)) from None
     ws = Workspace(cfg, build=False)
-    if cfg.executor.kind != "slurm":  # the jobs run on this machine (a SLURM node resolves its own device)
-        with _fields_of(file, overrides):
-            ws.check_device()
+    with _fields_of(file, overrides):
+        ws.check_device()
     # a task of one's own taking the encoder's input size without a default is left to the run's preflight (NotBuilt)
     with _fields_of(file, overrides), contextlib.suppress(NotBuilt):
         ws.check_adaptation_batches()
@@ -481,7 +480,6 @@ def _check_data(cfg: Any, file: str, overrides: tuple[str, ...]) -> None:
             with _fields_of(file, overrides), contextlib.suppress(NotBuilt):
                 check_templates(ws.task(name))
                 ws.check_task_data(name)
-    for name in cfg.task_names:
         if name in cfg.model.heads:  # a head file: its shape, dtype, bias and class count, as the run checks it
             with _fields_of(file, overrides), contextlib.suppress(NotBuilt):
                 try:

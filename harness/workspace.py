@@ -269,8 +269,7 @@ class Workspace:
         """Check every input before anything runs or is written: checkpoint headers against the
         pretrained encoder, each task's data, each head's class count, and the device where the
         jobs run on this machine (a SLURM job resolves it on its node). Raises HarnessError."""
-        if self.cfg.executor.kind != "slurm":
-            self.check_device()
+        self.check_device()
         for task, path in self.sources["finetuned"].items():
             check_encoder_shapes(path, tensor_shapes(path), self._encoder_shapes, self.sources["arch"],
                                  self.checkpoint_name(task))
@@ -281,7 +280,10 @@ class Workspace:
         self.check_adaptation_batches()
 
     def check_device(self) -> None:
-        """``device`` names one this machine has: else every job would fail with it, one line each."""
+        """``device`` names one this machine has, where the jobs run here: else every job would fail
+        with it, one line each. A SLURM job resolves its device on its node."""
+        if self.cfg.executor.kind == "slurm":
+            return
         from harness.runtime import resolve_device
 
         try:
@@ -482,10 +484,7 @@ class Workspace:
         head = state[key]
         if head.ndim != 2:
             raise HarnessError(f"{where}: tensor {key!r} has shape {tuple(head.shape)}; a head is [classes, dim]")
-        try:
-            dim = self._feature_dim
-        except NotBuilt:  # validate before the encoder was ever built: the run checks the width
-            dim = None
+        dim = self._feature_dim
         if dim is not None and head.shape[1] != dim:
             raise HarnessError(f"{where}: tensor {key!r} has shape {tuple(head.shape)}: {head.shape[1]} features, "
                                f"but the image encoder of {self.sources['arch']} outputs {dim}")
@@ -500,8 +499,12 @@ class Workspace:
 
     @property
     def _feature_dim(self) -> int | None:
-        """The image encoder's output size: its projection's columns (the width without one)."""
-        shapes = self._encoder_shapes
+        """The image encoder's output size: its projection's columns (the width without one); None
+        where it is not known (validate, before the encoder was ever built: the run checks it)."""
+        try:
+            shapes = self._encoder_shapes
+        except NotBuilt:
+            return None
         if "proj" in shapes and len(shapes["proj"]) == 2:
             return int(shapes["proj"][1])
         if "ln_post.weight" in shapes:
