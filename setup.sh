@@ -21,7 +21,7 @@ fi
 
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
-if ! .venv/bin/python -c "import harness, torch, open_clip, mlflow, pytest, xdist, transformers, imagecorruptions, cmaes" >/dev/null 2>&1; then
+if ! .venv/bin/python -c "import harness, torch, open_clip, mlflow, pytest, xdist, pytest_timeout, transformers, imagecorruptions, cmaes" >/dev/null 2>&1; then
   .venv/bin/python -m pip install -q -e '.[dev]'
 fi
 echo "setup: ready (.venv/bin/harness)"
