@@ -55,7 +55,7 @@ def identical(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
 def main() -> None:
     from tasks.corruptions import ALL_CORRUPTIONS
 
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0])
     ap.add_argument("--corruptions", nargs="+", choices=ALL_CORRUPTIONS, default=["glass_blur", "zoom_blur"])
     ap.add_argument("--images", type=positive_int, default=200)
     ap.add_argument("--size", type=positive_int, default=224)

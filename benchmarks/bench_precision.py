@@ -49,7 +49,7 @@ def main() -> None:
     from harness.precision import PrecisionError, check_precision
     from harness.runtime import resolve_device
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     p.add_argument("--arch", type=arch_arg, default="ViT-B-32")
     p.add_argument("--images", type=positive_int, default=256)
     p.add_argument("--batch", type=positive_int, default=64)

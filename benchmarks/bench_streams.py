@@ -85,7 +85,7 @@ def resume(ds, args, skip: bool) -> tuple[float, torch.Tensor]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0])
     ap.add_argument("--images", type=positive_int, default=400)
     ap.add_argument("--source-px", type=positive_int, default=400)
     ap.add_argument("--streams", type=positive_int, default=8)

@@ -292,7 +292,7 @@ def tta_rows(t: Towers, arch: str, batch: int, repeats: int, clock: Callable[[],
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     parser.add_argument("--arch", nargs="+", type=arch_arg, default=["harness-tiny-vit", "ViT-B-32"])
     parser.add_argument("--batch", nargs="+", type=positive_int, default=[1, 16, 64])
     parser.add_argument("--tasks", type=positive_int, default=8)

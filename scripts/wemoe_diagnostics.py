@@ -27,7 +27,7 @@ from harness.workspace import Workspace  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     ap.add_argument("sweep")
     ap.add_argument("overrides", nargs="*", metavar="key.path=value",
                     help="overrides of the sweep file, as `harness sweep` takes them")

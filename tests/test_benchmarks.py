@@ -171,6 +171,38 @@ def test_sweep_benchmark_rejects_a_bad_sweep_or_override_in_one_line(rejected, a
     assert line.startswith("bench_sweep.py: error:") and fragment in line, line
 
 
+@pytest.mark.parametrize("script, args", [
+    ("bench_ties.py", ["--task", "4"]),
+    ("bench_wemoe.py", ["--tta-batc", "4"]),
+    ("bench_precision.py", ["--precision", "fp32"]),
+    ("bench_corruptions.py", ["--image", "4"]),
+    ("bench_streams.py", ["--stream", "4"]),
+    ("bench_sweep.py", ["--skip"]),
+    ("ties_diagnostics.py", [str(ROOT / "sweeps" / "quick.yaml"), "--k", "10"]),
+    ("wemoe_diagnostics.py", [str(ROOT / "sweeps" / "quick.yaml"), "--temperature", "1"]),
+])
+def test_benchmarks_refuse_an_abbreviated_option(rejected, monkeypatch, script, args):
+    # argparse's default reads "--task 4" as "--tasks 4": a typo would silently become another
+    # option, and the printed numbers would not be those of the command a reader sees.
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    prefix = next(a for a in args if a.startswith("--"))
+    assert rejected(script, *args).endswith(f"error: unrecognized arguments: {' '.join(args[args.index(prefix):])}")
+
+
+@pytest.mark.parametrize("module, prefix", [("tasks.embedded.pipeline", "--task"), ("tasks.embedded.report", "--pool-")])
+def test_embedded_pipeline_refuses_an_abbreviated_option(monkeypatch, capsys, module, prefix):
+    import torch
+
+    def started(_threads: int) -> None:  # both scripts set their threads once the command line is read
+        raise AssertionError(f"{module} read {prefix!r} as an option and started")
+
+    monkeypatch.setattr(torch, "set_num_threads", started)
+    with pytest.raises(SystemExit) as stopped:
+        importlib.import_module(module).main([prefix, "1"])
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err.strip().endswith(f"error: unrecognized arguments: {prefix} 1")
+
+
 @pytest.mark.parametrize("script", ["ties_diagnostics.py", "wemoe_diagnostics.py"])
 def test_diagnostic_scripts_reject_a_bad_sweep_or_override_in_one_line(rejected, monkeypatch, script):
     monkeypatch.syspath_prepend(str(ROOT / "scripts"))

@@ -646,7 +646,8 @@ def ship_pretrained(options: dict | None, cache_dir: Path, command: str) -> Path
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tasks.embedded.pipeline", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, prog="python -m tasks.embedded.pipeline",
+                                     description=__doc__.split("\n")[0])
     parser.add_argument("--tasks", nargs="*", default=None, help="task names (default: all embedded tasks)")
     parser.add_argument("--cache-dir", type=Path, default=Path(os.environ.get("HARNESS_CACHE", ".cache")))
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",

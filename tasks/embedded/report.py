@@ -64,7 +64,7 @@ def cnn_baseline(arrays: dict[str, np.ndarray], epochs: int = 8, seed: int = 0) 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__)
     parser.add_argument("--size", default="full", choices=["full", "tiny"])
     parser.add_argument("--no-baseline", action="store_true")
     parser.add_argument("--cnn", action="store_true", help="also train a small CNN per task")
