@@ -1289,19 +1289,28 @@ def first_shape_mismatch(expected: dict[str, tuple[int, ...]], found: dict[str, 
     return next((k for k, shape in expected.items() if k in found and tuple(found[k]) != tuple(shape)), None)
 
 
+def _read_as_is(path: Path) -> bool:
+    """Whether the run reads ``path``'s tensors under their own names (a safetensors or ``.pt``
+    file), so their shapes are checked before any job: not a Hugging Face folder or its weights
+    file, which the converter renames."""
+    from harness.hf_convert import hf_folder_of
+
+    return path.is_file() and hf_folder_of(path) is None
+
+
 def check_checkpoint_shapes(cfg: SweepConfig, file: str) -> None:
     """Every fine-tuned checkpoint's tensors have the pretrained image encoder's shapes, read from
-    safetensors headers alone (no tensor is loaded, whatever the checkpoints' size), so a
-    checkpoint of another architecture or width is named with its field before any job runs.
-    When every fine-tuned checkpoint (two or more) differs from the pretrained weights in the same
-    way, the pretrained weights are the odd ones out. Checkpoints that need converting first
-    (``.pt``, Hugging Face folders) and weights named by an open_clip tag are checked by the
-    run's preflight, against the built model."""
-    from harness.models import is_safetensors, tensor_shapes
+    safetensors headers or a ``.pt``'s mapped tensors (nothing unpickled, no tensor's data read,
+    whatever the checkpoints' size), so a checkpoint of another architecture or width is named
+    with its field before any job runs. When every fine-tuned checkpoint (two or more) differs
+    from the pretrained weights in the same way, the pretrained weights are the odd ones out.
+    Hugging Face folders and weights named by an open_clip tag are checked by the run's
+    preflight, against the built model."""
+    from harness.models import tensor_shapes
 
     m = cfg.model
     pre = Path(m.pretrained) if m.source == "files" and m.pretrained else None
-    if pre is None or not pre.is_file() or not is_safetensors(pre):
+    if pre is None or not _read_as_is(pre):
         return
     try:
         expected = encoder_shapes(tensor_shapes(pre))
@@ -1312,7 +1321,7 @@ def check_checkpoint_shapes(cfg: SweepConfig, file: str) -> None:
     checked, mismatches = 0, []
     for t in cfg.task_names:
         where, path = finetuned_field(cfg, t)
-        if path is None or not Path(path).is_file() or not is_safetensors(path):
+        if path is None or not _read_as_is(Path(path)):
             continue
         whose = f"checkpoint of task {t!r} ({path})" if where == "model.finetuned_pattern" else path
         try:
@@ -1337,19 +1346,19 @@ def check_checkpoint_shapes(cfg: SweepConfig, file: str) -> None:
 
 
 def check_pretrained_arch(cfg: SweepConfig, file: str) -> None:
-    """The pretrained weights fit ``model.arch``: a whole-CLIP safetensors file's tensor names and
-    shapes (its header) against open_clip's model of that name built on the meta device (no
-    memory, no weights), as the run loads it (every tensor, strictly). A ViT-B-16 named for
-    ViT-B-32 weights is one line naming ``model.arch`` here, not a failure once the sweep builds
-    the model. Files the run converts first (``.pt``, Hugging Face folders, an encoder without
-    its ``visual.`` tower) and weights named by an open_clip tag are checked when loaded. Weights
-    that were built with ``model.arch`` already (the encoder summary a driver reads instead of
-    building the model) fit it: open_clip is not imported for them."""
-    from harness.models import is_safetensors, meta_clip_shapes, tensor_shapes
+    """The pretrained weights fit ``model.arch``: a whole-CLIP file's tensor names and shapes (a
+    safetensors header, a ``.pt``'s mapped tensors) against open_clip's model of that name built
+    on the meta device (no memory, no weights), as the run loads it (every tensor, strictly). A
+    ViT-B-16 named for ViT-B-32 weights is one line naming ``model.arch`` here, not a failure
+    once the sweep builds the model. Hugging Face folders, an encoder without its ``visual.``
+    tower and weights named by an open_clip tag are checked when loaded. Weights that were built
+    with ``model.arch`` already (the encoder summary a driver reads instead of building the
+    model) fit it: open_clip is not imported for them."""
+    from harness.models import meta_clip_shapes, tensor_shapes
 
     m = cfg.model
     pre = Path(m.pretrained) if m.source == "files" and m.pretrained else None
-    if pre is None or not pre.is_file() or not is_safetensors(pre):
+    if pre is None or not _read_as_is(pre):
         return
     try:
         found = tensor_shapes(pre)
