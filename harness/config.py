@@ -1389,6 +1389,42 @@ def check_pretrained_arch(cfg: SweepConfig, file: str) -> None:
                           f"{'; '.join(parts)} (weights of another architecture or depth?)", m.arch)
 
 
+def check_folder_arch(cfg: SweepConfig, file: str) -> None:
+    """Each Hugging Face folder a ``files`` sweep names converts under ``model.arch`` as the run
+    converts it (:func:`harness.hf_convert.check_given_arch`), its sizes read from its config.json
+    and its tensors' shapes alone, nothing loaded: a folder of another size or activation is one
+    line here, not a failure once the sweep converts it. The pretrained folder's mismatch is
+    ``model.arch``'s, a fine-tuned folder's its own field's, as is what else converting a folder
+    refuses (a projection of another width, tensors the config does not describe)."""
+    m = cfg.model
+    if m.source != "files":
+        return
+    from harness.hf_convert import check_given_arch, folder_open_clip_config, hf_folder_of
+
+    pre = m.pretrained if m.pretrained and Path(m.pretrained).exists() else None
+    named: list[tuple[str, str, str, Any, str | None]] = [("model.pretrained", pre, pre, "clip", None)] if pre \
+        else []
+    for t in cfg.task_names:
+        where, path = finetuned_field(cfg, t)
+        if path is not None:
+            whose = f"checkpoint of task {t!r} ({path})" if where == "model.finetuned_pattern" else path
+            named.append((where, path, whose, "image_encoder", pre))
+    for where, path, whose, kind, projection in named:
+        folder = hf_folder_of(path)
+        if folder is None:
+            continue
+        read = False  # a refusal once the folder is read is the architecture's
+        try:
+            oc_cfg = folder_open_clip_config(folder, kind, projection)
+            read = True
+            check_given_arch(m.arch, oc_cfg, kind, folder, projection)
+        except HarnessError as exc:
+            if where == "model.pretrained" and read:
+                raise ConfigError(file, "model.arch", str(exc), m.arch) from None
+            raise ConfigError(file, where, f"{whose}: {str(exc).removeprefix(f'{folder}: ')}",
+                              show_value=False) from None
+
+
 def check_recorded_arch(cfg: SweepConfig, file: str) -> None:
     """Each converted checkpoint was converted for an architecture that computes as ``model.arch``
     does. GELU and QuickGELU towers (or towers with another head count) hold the same tensors, so
