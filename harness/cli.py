@@ -112,6 +112,7 @@ def _load(file: str, overrides: tuple[str, ...], start_workers: bool = False,
         check_checkpoint_shapes,
         check_cache_dir,
         check_data_roots,
+        check_folder_arch,
         check_model_contents,
         check_model_files,
         check_output_dir,
@@ -144,6 +145,7 @@ def _load(file: str, overrides: tuple[str, ...], start_workers: bool = False,
             check_model_contents(cfg, file)
             check_checkpoint_shapes(cfg, file)
             check_pretrained_arch(cfg, file)
+            check_folder_arch(cfg, file)
             check_recorded_arch(cfg, file)
             check_data_roots(cfg, file)
         check_output_dir(cfg, file)

@@ -1289,19 +1289,28 @@ def first_shape_mismatch(expected: dict[str, tuple[int, ...]], found: dict[str, 
     return next((k for k, shape in expected.items() if k in found and tuple(found[k]) != tuple(shape)), None)
 
 
+def _read_as_is(path: Path) -> bool:
+    """Whether the run reads ``path``'s tensors under their own names (a safetensors or ``.pt``
+    file), so their shapes are checked before any job: not a Hugging Face folder or its weights
+    file, which the converter renames."""
+    from harness.hf_convert import hf_folder_of
+
+    return path.is_file() and hf_folder_of(path) is None
+
+
 def check_checkpoint_shapes(cfg: SweepConfig, file: str) -> None:
     """Every fine-tuned checkpoint's tensors have the pretrained image encoder's shapes, read from
-    safetensors headers alone (no tensor is loaded, whatever the checkpoints' size), so a
-    checkpoint of another architecture or width is named with its field before any job runs.
-    When every fine-tuned checkpoint (two or more) differs from the pretrained weights in the same
-    way, the pretrained weights are the odd ones out. Checkpoints that need converting first
-    (``.pt``, Hugging Face folders) and weights named by an open_clip tag are checked by the
-    run's preflight, against the built model."""
-    from harness.models import is_safetensors, tensor_shapes
+    safetensors headers or a ``.pt``'s mapped tensors (nothing unpickled, no tensor's data read,
+    whatever the checkpoints' size), so a checkpoint of another architecture or width is named
+    with its field before any job runs. When every fine-tuned checkpoint (two or more) differs
+    from the pretrained weights in the same way, the pretrained weights are the odd ones out.
+    Hugging Face folders and weights named by an open_clip tag are checked by the run's
+    preflight, against the built model."""
+    from harness.models import tensor_shapes
 
     m = cfg.model
     pre = Path(m.pretrained) if m.source == "files" and m.pretrained else None
-    if pre is None or not pre.is_file() or not is_safetensors(pre):
+    if pre is None or not _read_as_is(pre):
         return
     try:
         expected = encoder_shapes(tensor_shapes(pre))
@@ -1312,7 +1321,7 @@ def check_checkpoint_shapes(cfg: SweepConfig, file: str) -> None:
     checked, mismatches = 0, []
     for t in cfg.task_names:
         where, path = finetuned_field(cfg, t)
-        if path is None or not Path(path).is_file() or not is_safetensors(path):
+        if path is None or not _read_as_is(Path(path)):
             continue
         whose = f"checkpoint of task {t!r} ({path})" if where == "model.finetuned_pattern" else path
         try:
@@ -1337,19 +1346,19 @@ def check_checkpoint_shapes(cfg: SweepConfig, file: str) -> None:
 
 
 def check_pretrained_arch(cfg: SweepConfig, file: str) -> None:
-    """The pretrained weights fit ``model.arch``: a whole-CLIP safetensors file's tensor names and
-    shapes (its header) against open_clip's model of that name built on the meta device (no
-    memory, no weights), as the run loads it (every tensor, strictly). A ViT-B-16 named for
-    ViT-B-32 weights is one line naming ``model.arch`` here, not a failure once the sweep builds
-    the model. Files the run converts first (``.pt``, Hugging Face folders, an encoder without
-    its ``visual.`` tower) and weights named by an open_clip tag are checked when loaded. Weights
-    that were built with ``model.arch`` already (the encoder summary a driver reads instead of
-    building the model) fit it: open_clip is not imported for them."""
-    from harness.models import is_safetensors, meta_clip_shapes, tensor_shapes
+    """The pretrained weights fit ``model.arch``: a whole-CLIP file's tensor names and shapes (a
+    safetensors header, a ``.pt``'s mapped tensors) against open_clip's model of that name built
+    on the meta device (no memory, no weights), as the run loads it (every tensor, strictly). A
+    ViT-B-16 named for ViT-B-32 weights is one line naming ``model.arch`` here, not a failure
+    once the sweep builds the model. Hugging Face folders, an encoder without its ``visual.``
+    tower and weights named by an open_clip tag are checked when loaded. Weights that were built
+    with ``model.arch`` already (the encoder summary a driver reads instead of building the
+    model) fit it: open_clip is not imported for them."""
+    from harness.models import meta_clip_shapes, tensor_shapes
 
     m = cfg.model
     pre = Path(m.pretrained) if m.source == "files" and m.pretrained else None
-    if pre is None or not pre.is_file() or not is_safetensors(pre):
+    if pre is None or not _read_as_is(pre):
         return
     try:
         found = tensor_shapes(pre)
@@ -1378,6 +1387,42 @@ def check_pretrained_arch(cfg: SweepConfig, file: str) -> None:
             [f"{where} has {len(unexpected)} it lacks (first {unexpected[0]!r})"] if unexpected else [])
         raise ConfigError(file, "model.arch", f"architecture {m.arch!r} does not fit the pretrained weights: "
                           f"{'; '.join(parts)} (weights of another architecture or depth?)", m.arch)
+
+
+def check_folder_arch(cfg: SweepConfig, file: str) -> None:
+    """Each Hugging Face folder a ``files`` sweep names converts under ``model.arch`` as the run
+    converts it (:func:`harness.hf_convert.check_given_arch`), its sizes read from its config.json
+    and its tensors' shapes alone, nothing loaded: a folder of another size or activation is one
+    line here, not a failure once the sweep converts it. The pretrained folder's mismatch is
+    ``model.arch``'s, a fine-tuned folder's its own field's, as is what else converting a folder
+    refuses (a projection of another width, tensors the config does not describe)."""
+    m = cfg.model
+    if m.source != "files":
+        return
+    from harness.hf_convert import check_given_arch, folder_open_clip_config, hf_folder_of
+
+    pre = m.pretrained if m.pretrained and Path(m.pretrained).exists() else None
+    named: list[tuple[str, str, str, Any, str | None]] = [("model.pretrained", pre, pre, "clip", None)] if pre \
+        else []
+    for t in cfg.task_names:
+        where, path = finetuned_field(cfg, t)
+        if path is not None:
+            whose = f"checkpoint of task {t!r} ({path})" if where == "model.finetuned_pattern" else path
+            named.append((where, path, whose, "image_encoder", pre))
+    for where, path, whose, kind, projection in named:
+        folder = hf_folder_of(path)
+        if folder is None:
+            continue
+        read = False  # a refusal once the folder is read is the architecture's
+        try:
+            oc_cfg = folder_open_clip_config(folder, kind, projection)
+            read = True
+            check_given_arch(m.arch, oc_cfg, kind, folder, projection)
+        except HarnessError as exc:
+            if where == "model.pretrained" and read:
+                raise ConfigError(file, "model.arch", str(exc), m.arch) from None
+            raise ConfigError(file, where, f"{whose}: {str(exc).removeprefix(f'{folder}: ')}",
+                              show_value=False) from None
 
 
 def check_recorded_arch(cfg: SweepConfig, file: str) -> None:

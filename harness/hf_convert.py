@@ -49,7 +49,8 @@ from harness.cache import atomic_write_json
 from harness.convert import FORMAT, output_path
 from harness.errors import HarnessError
 from harness.models import (file_digest, load_state_dict, open_clip_module, refuse_integer_weights,
-                            register_model_config, resolve_arch, save_state_dict, state_dtypes)
+                            register_model_config, resolve_arch, save_state_dict, state_dtypes,
+                            tensor_shapes)
 
 Kind = Literal["image_encoder", "clip"]
 
@@ -410,6 +411,41 @@ def check_arch(arch: str, oc_cfg: Mapping[str, Any], kind: Kind, src: Path | str
                            f"which architecture {arch!r} does not match{hint}")
 
 
+def check_given_arch(arch: str, oc_cfg: Mapping[str, Any], kind: Kind, folder: Path,
+                     projection: str | os.PathLike | None = None) -> bool:
+    """Refuse ``arch`` given for a folder of ``oc_cfg``'s sizes, as its conversion does; True when
+    it is the name ``harness import`` generates for these sizes (the caller registers it)."""
+    if arch == generated_arch_name(oc_cfg):
+        return True
+    if open_clip_module().get_model_config(arch) is None and projection is not None:
+        try:  # e.g. a converted pretrained file whose sidecar records the generated architecture
+            resolve_arch(arch, [projection])
+        except HarnessError:
+            pass  # check_arch says what the folder would need
+    check_arch(arch, oc_cfg, kind, folder)
+    return False
+
+
+def folder_open_clip_config(folder: Path, kind: Kind, projection: str | os.PathLike | None = None) -> dict[str, Any]:
+    """The open_clip config converting ``folder`` gives, from its config.json and its tensors' names
+    and shapes alone (safetensors headers, a ``.bin``'s mapped tensors, taken as meta tensors): no
+    tensor's data is read, so a sweep's architecture is checked against a folder before any job.
+    ``projection``: as for :func:`convert_hf_checkpoint`, for a folder without one."""
+    state = _meta_state(folder)
+    proj = None
+    if projection is not None and _prefix_of(state, "visual_projection.weight", folder) is None:
+        proj = _projection_of(_meta_state(Path(projection)), Path(projection))
+    return hf_to_open_clip(state, read_hf_config(folder), kind, proj, folder)[1]
+
+
+def _meta_state(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a Hugging Face folder (or its weights file) or of a state file, as meta
+    tensors of their shapes: nothing read but headers."""
+    folder = hf_folder_of(path)
+    files = [f for f in weight_files(folder) if not f.name.endswith(".index.json")] if folder else [path]
+    return {k: torch.empty(shape, device="meta") for f in files for k, shape in tensor_shapes(f).items()}
+
+
 # ---------------------------------------------------------------------------------------------
 # Projection and conversion
 # ---------------------------------------------------------------------------------------------
@@ -425,12 +461,17 @@ def load_projection(path: str | os.PathLike) -> tuple[torch.Tensor, str]:
         state, digest = load_state_dict(path), file_digest(path)
     else:
         raise HarnessError(f"{path}: projection source does not exist")
+    return _projection_of(state, path), digest
+
+
+def _projection_of(state: Mapping[str, torch.Tensor], path: Path) -> torch.Tensor:
+    """The visual projection ``[width, embed_dim]`` among ``state``, read from ``path``."""
     hf = _prefix_of(state, "visual_projection.weight", path)
     if hf is not None:
-        return state[hf + "visual_projection.weight"].t().contiguous(), digest
+        return state[hf + "visual_projection.weight"].t().contiguous()
     for key in ("proj", "visual.proj", "model.visual.proj"):
         if key in state:
-            return state[key], digest
+            return state[key]
     raise HarnessError(f"{path}: holds no visual projection ('visual_projection.weight', 'visual.proj' or 'proj')")
 
 
@@ -477,15 +518,8 @@ def convert_hf_checkpoint(
         if arch is None:
             arch = generated_arch_name(oc_cfg)
             ensure_arch(arch, oc_cfg, out.parent / "model_configs")
-    elif arch == generated_arch_name(oc_cfg):  # the name import gave these sizes: (re)generate it
+    elif check_given_arch(arch, oc_cfg, kind, folder, projection):  # the name import gave these sizes
         ensure_arch(arch, oc_cfg, out.parent / "model_configs")
-    else:
-        if open_clip_module().get_model_config(arch) is None and projection is not None:
-            try:  # e.g. a converted pretrained file whose sidecar records the generated architecture
-                resolve_arch(arch, [projection])
-            except HarnessError:
-                pass  # check_arch says what the folder would need
-        check_arch(arch, oc_cfg, kind, folder)
     sidecar: dict[str, Any] = {
         "format": FORMAT,
         "kind": kind,

@@ -711,16 +711,20 @@ def test_validate_names_the_field_of_a_checkpoint_given_per_task(sweep_dict, mic
 
 
 def test_the_runs_preflight_names_the_field_of_a_pt_checkpoint(sweep_dict, micro_checkpoints, tmp_path):
-    """A ``.pt`` checkpoint's shapes are known only once it is loaded (validate reads headers
-    alone): the run's preflight names its sweep field too."""
+    """A sweep run as a library (no sweep file, so no file checks before it) is checked by the
+    run's preflight against the built model: it names a ``.pt`` checkpoint's sweep field too."""
+    from harness.config import validate_config
+    from harness.errors import HarnessError
+    from harness.runner import run_sweep
+
     state = _encoder_state()
     state["conv1.weight"] = torch.zeros(1, 3, 8, 8)
     p = tmp_path / "shape.pt"
     torch.save(state, p)
-    code, err, out = _run_sweep(tmp_path, _with_ckpt(sweep_dict, "toy_stripes", p))
-    assert code == 2, err + out
-    assert err.startswith(f"error: model.finetuned.toy_stripes: {p}: tensor 'conv1.weight' has shape (1, 3, 8, 8), "
-                          "pretrained has (32, 3, 8, 8)"), err
+    with pytest.raises(HarnessError) as exc:
+        run_sweep(validate_config(_with_ckpt(sweep_dict, "toy_stripes", p)), console=None)
+    assert str(exc.value).startswith(f"model.finetuned.toy_stripes: {p}: tensor 'conv1.weight' has shape "
+                                     "(1, 3, 8, 8), pretrained has (32, 3, 8, 8)"), exc.value
 
 
 def test_a_cuda_device_without_cuda_is_one_error_naming_the_field_before_any_job(sweep_dict, tmp_path, monkeypatch):
@@ -883,6 +887,67 @@ def test_validate_names_an_architecture_of_another_depth_than_the_pretrained_wei
 
 def test_validate_accepts_the_architecture_of_its_weights(sweep_dict, tmp_path):
     r = CliRunner().invoke(main, ["validate", _write(tmp_path, sweep_dict)])
+    assert r.exit_code == 0, r.stderr + r.stdout
+
+
+def _as_pt(d, tmp_path, tasks=()):
+    """``d`` with its pretrained weights, and the fine-tuned checkpoints of ``tasks``, saved as
+    weights-only ``.pt`` files (the same tensors)."""
+    from harness.models import load_state_dict
+
+    d = copy.deepcopy(d)
+    (tmp_path / "pt").mkdir(exist_ok=True)
+    torch.save(load_state_dict(d["model"]["pretrained"]), tmp_path / "pt" / "pretrained.pt")
+    d["model"]["pretrained"] = str(tmp_path / "pt" / "pretrained.pt")
+    for t in tasks:
+        torch.save(load_state_dict(d["model"]["finetuned_pattern"].format(task=t)), tmp_path / "pt" / f"{t}.pt")
+        d["model"].setdefault("finetuned", {})[t] = str(tmp_path / "pt" / f"{t}.pt")
+    return d
+
+
+def test_validate_names_an_architecture_of_another_width_than_pt_pretrained_weights(sweep_dict, tmp_path):
+    """micro-ViT weights saved as a ``.pt`` under model.arch harness-tiny-vit: the sweep would fail
+    building the model; `validate` names model.arch as it does for safetensors weights."""
+    d = _as_pt(sweep_dict, tmp_path)
+    d["model"]["arch"] = "harness-tiny-vit"
+    r = CliRunner().invoke(main, ["validate", _write(tmp_path, d)])
+    err = " ".join(r.stderr.split())
+    assert r.exit_code == 2, err + r.stdout
+    assert (f"error: {tmp_path / 's.yaml'}: model.arch: architecture 'harness-tiny-vit' has tensor "
+            "'visual.class_embedding' of shape (128,), model.pretrained pretrained.pt has (32,) "
+            "(weights of another architecture or width?) (got 'harness-tiny-vit')") in err, err
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_validate_names_a_checkpoint_of_another_width_than_pt_pretrained_weights(sweep_dict, tmp_path, suffix):
+    """A tiny-ViT encoder (width 128) as one task's checkpoint beside micro-ViT (width 32) weights
+    saved as a ``.pt``: named with its field by `validate`, not by the sweep's preflight."""
+    d = _as_pt(sweep_dict, tmp_path)
+    enc = build_clip("harness-tiny-vit").visual.state_dict()
+    path = tmp_path / f"tiny{suffix}"
+    torch.save(enc, path) if suffix == ".pt" else save_state_dict(enc, path)
+    d["model"]["finetuned"] = {"toy_stripes": str(path)}
+    r = CliRunner().invoke(main, ["validate", _write(tmp_path, d)])
+    err = " ".join(r.stderr.split())
+    assert r.exit_code == 2, err + r.stdout
+    assert (f"model.finetuned.toy_stripes: {path}: tensor 'class_embedding' has shape (128,), pretrained has (32,) "
+            "(model.pretrained pretrained.pt: another architecture or width?)") in err, err
+
+
+def test_validate_names_a_pt_checkpoint_of_another_width_than_safetensors_weights(sweep_dict, tmp_path):
+    d = copy.deepcopy(sweep_dict)
+    torch.save(build_clip("harness-tiny-vit").visual.state_dict(), tmp_path / "tiny.pt")
+    d["model"]["finetuned"] = {"toy_colours": str(tmp_path / "tiny.pt")}
+    r = CliRunner().invoke(main, ["validate", _write(tmp_path, d)])
+    err = " ".join(r.stderr.split())
+    assert r.exit_code == 2, err + r.stdout
+    assert (f"model.finetuned.toy_colours: {tmp_path / 'tiny.pt'}: tensor 'class_embedding' has shape (128,), "
+            "pretrained has (32,) (model.pretrained pretrained.safetensors: another architecture or width?)") in err, err
+
+
+def test_validate_accepts_pt_weights_and_checkpoints_of_its_architecture(sweep_dict, tmp_path):
+    d = _as_pt(sweep_dict, tmp_path, tasks=["toy_stripes"])
+    r = CliRunner().invoke(main, ["validate", _write(tmp_path, d)])
     assert r.exit_code == 0, r.stderr + r.stdout
 
 

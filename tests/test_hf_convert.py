@@ -1163,3 +1163,105 @@ def test_a_tree_converts_every_checkpoint_suffix_and_nothing_else(tmp_path: Path
     for name in written:
         got = load_state_dict(tmp_path / "all" / name)
         assert got.keys() == enc.state_dict().keys() and all(torch.equal(got[k], v) for k, v in enc.state_dict().items())
+
+
+def micro_clip_folders(root: Path, vision_width: int = 32, projection: bool = False) -> tuple[Path, dict[str, Path]]:
+    """A CLIPModel folder of harness-micro-vit's sizes (GELU) and CLIPVisionModel folders per task,
+    of ``vision_width``; without ``projection`` (a sweep takes the pretrained one's), else with one
+    to the micro ViT's 32 dimensions."""
+    from transformers import (CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel,
+                              CLIPVisionModelWithProjection)
+
+    cfg = CLIPConfig(vision_config=vision_config("gelu").to_dict(), projection_dim=32,
+                     text_config=dict(hidden_size=32, intermediate_size=128, num_hidden_layers=1,
+                                      num_attention_heads=2, max_position_embeddings=16, hidden_act="gelu"))
+    torch.manual_seed(0)
+    perturb(CLIPModel(cfg)).save_pretrained(root / "clip")
+    vision = CLIPVisionConfig(hidden_size=vision_width, intermediate_size=2 * vision_width, num_hidden_layers=2,
+                              num_attention_heads=2, patch_size=8, image_size=16, hidden_act="gelu", projection_dim=32)
+    for i, task in enumerate(GEN_TASKS):
+        model = CLIPVisionModelWithProjection(vision) if projection else CLIPVisionModel(vision)
+        perturb(model, seed=30 + i).save_pretrained(root / task)
+    return root / "clip", {t: root / t for t in GEN_TASKS}
+
+
+def folder_sweep(root: Path, arch: str, pretrained: Path, finetuned: dict[str, Path]) -> dict:
+    return {"name": "folders", "output_dir": str(root / "out"), "cache_dir": str(root / "cache"),
+            "model": {"source": "files", "arch": arch, "pretrained": str(pretrained),
+                      "finetuned": {t: str(p) for t, p in finetuned.items()}},
+            "tasks": list(GEN_TASKS), "methods": [{"name": "weight_averaging"}]}
+
+
+def validate_reading_no_tensor(root: Path, d: dict, monkeypatch) -> tuple[int, str]:
+    """`harness validate` on ``d`` with reading a folder's tensors refused: exit code and error."""
+    import yaml
+
+    def no_read(*a, **k):
+        raise AssertionError("validate read a folder's tensors")
+
+    monkeypatch.setattr("harness.hf_convert.read_hf_state", no_read)
+    (root / "s.yaml").write_text(yaml.safe_dump(d))
+    r = CliRunner().invoke(main, ["validate", str(root / "s.yaml")])
+    monkeypatch.undo()
+    return r.exit_code, " ".join(r.stderr.split())
+
+
+def sweep_refusal(d: dict) -> str:
+    """What the sweep says converting ``d``'s folders, before any job."""
+    from harness.config import validate_config
+    from harness.workspace import Workspace
+
+    with pytest.raises(HarnessError) as exc:
+        Workspace(validate_config(d)).sources
+    return str(exc.value)
+
+
+@needs_transformers
+def test_validate_names_an_architecture_a_pretrained_folder_does_not_fit_as_the_sweep_does(tmp_path: Path,
+                                                                                          monkeypatch) -> None:
+    """A CLIPModel folder of the micro ViT's sizes under model.arch harness-tiny-vit: `validate`
+    names model.arch with the converter's words, from config.json and the tensors' shapes alone."""
+    pre, fts = micro_clip_folders(tmp_path / "hf")
+    d = folder_sweep(tmp_path, "harness-tiny-vit", pre, fts)
+    code, err = validate_reading_no_tensor(tmp_path, d, monkeypatch)
+    sweep = sweep_refusal(d)
+    assert sweep.startswith(f"{pre}: the checkpoint is ") and "'harness-tiny-vit' does not match" in sweep, sweep
+    assert code == 2, err
+    assert err == f"error: {tmp_path / 's.yaml'}: model.arch: {' '.join(sweep.split())} (got 'harness-tiny-vit')", err
+
+
+@needs_transformers
+def test_validate_names_a_fine_tuned_folder_of_another_width_as_the_sweep_does(tmp_path: Path, monkeypatch) -> None:
+    """A CLIPVisionModelWithProjection folder of vision width 64 beside a pretrained folder of
+    width 32: named with its field, in the converter's words."""
+    pre, fts = micro_clip_folders(tmp_path / "hf")
+    _, wide = micro_clip_folders(tmp_path / "wide", vision_width=64, projection=True)
+    d = folder_sweep(tmp_path, "harness-micro-vit", pre, dict(fts, toy_stripes=wide["toy_stripes"]))
+    code, err = validate_reading_no_tensor(tmp_path, d, monkeypatch)
+    sweep = sweep_refusal(d)
+    assert sweep.startswith(f"{wide['toy_stripes']}: the checkpoint is "), sweep
+    assert '"width": 64' in sweep and "'harness-micro-vit' does not match" in sweep, sweep
+    assert code == 2, err
+    assert err == f"error: {tmp_path / 's.yaml'}: model.finetuned.toy_stripes: {' '.join(sweep.split())}", err
+
+
+@needs_transformers
+def test_validate_names_a_fine_tuned_folder_the_pretrained_projection_does_not_fit_as_the_sweep_does(
+        tmp_path: Path, monkeypatch) -> None:
+    """A CLIPVisionModel folder (no projection) of vision width 64 takes the pretrained folder's
+    [32, 32] projection when converted, which it refuses: `validate` names the field."""
+    pre, fts = micro_clip_folders(tmp_path / "hf")
+    _, wide = micro_clip_folders(tmp_path / "wide", vision_width=64)
+    d = folder_sweep(tmp_path, "harness-micro-vit", pre, dict(fts, toy_colours=wide["toy_colours"]))
+    code, err = validate_reading_no_tensor(tmp_path, d, monkeypatch)
+    sweep = sweep_refusal(d)
+    assert sweep == f"{wide['toy_colours']}: the given projection has shape (32, 32), expected [64, embed_dim]", sweep
+    assert code == 2, err
+    assert err == f"error: {tmp_path / 's.yaml'}: model.finetuned.toy_colours: {sweep}", err
+
+
+@needs_transformers
+def test_validate_accepts_folders_of_the_architecture(tmp_path: Path, monkeypatch) -> None:
+    pre, fts = micro_clip_folders(tmp_path / "hf")
+    code, err = validate_reading_no_tensor(tmp_path, folder_sweep(tmp_path, "harness-micro-vit", pre, fts), monkeypatch)
+    assert code == 0, err
