@@ -730,7 +730,7 @@ def prepare(file: str | None, overrides: tuple[str, ...], from_scratch: bool, qu
     """Build the embedded suite's models (pretrained + fine-tuned), cached for reuse."""
     import time
 
-    from harness.config import check_cache_dir, validate_config
+    from harness.config import check_cache_dir, suite_tasks, validate_config
 
     if file:
         cfg = _load(file, overrides)
@@ -744,7 +744,7 @@ def prepare(file: str | None, overrides: tuple[str, ...], from_scratch: bool, qu
     from tasks.embedded.pipeline import prepare_suite
 
     t0 = time.perf_counter()
-    art = prepare_suite(cfg.task_names, cfg.resolved_cache_dir(), options=cfg.model.suite,
+    art = prepare_suite(suite_tasks(cfg), cfg.resolved_cache_dir(), options=cfg.model.suite,
                         progress=not quiet, from_scratch=from_scratch)
     folders = sorted({str(Path(p).parent) for p in art.finetuned.values()})
     console.print(f"embedded suite ready in {time.perf_counter() - t0:.1f}s: {art.arch} pretrained "
