@@ -16,7 +16,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Callable, Iterator, Literal
 
 from harness.cache import build_lock, remove_stale_temporaries
 from harness.convert import FORMAT, convert_pickled_checkpoint
@@ -92,20 +92,25 @@ def import_checkpoints(
     projection: str | os.PathLike | None = None,
     full: bool = False,
     verify: bool = False,
+    overwrite: bool = False,
+    kept: Callable[[Path], None] | None = None,
 ) -> list[Path]:
-    """Convert ``src`` (HF folder, checkpoint file, or a folder of them) under ``dst``; return the written files.
+    """Convert ``src`` (HF folder, checkpoint file, or a folder of them) under ``dst``; return the output files.
 
     A tree keeps its relative layout: ``src/SUN397/finetuned.pt`` -> ``dst/SUN397/finetuned.safetensors``,
     ``src/clip-vit-base-patch32_sun397/`` -> ``dst/clip-vit-base-patch32_sun397.safetensors``.
     ``full`` keeps the text tower of ``CLIPModel`` folders (the pretrained model: zero-shot
-    heads need it); vision-only folders stay image encoders.
+    heads need it); vision-only folders stay image encoders. An output that exists already is kept
+    as :func:`harness.convert.write_checkpoint` says (``overwrite``, ``kept``): the same import
+    run again writes nothing.
     """
     src, given, dst = Path(src), dst, Path(dst)
     layout = detect_layout(src)
     if layout == "huggingface":
-        return [_import_hf(src, given, arch, projection, full, verify)]
+        return [_import_hf(src, given, arch, projection, full, verify, overwrite, kept)]
     if layout == "file":
-        return [convert_pickled_checkpoint(src, given, trust_pickle=trust_pickle, arch=arch)]
+        return [convert_pickled_checkpoint(src, given, trust_pickle=trust_pickle, arch=arch, overwrite=overwrite,
+                                           kept=kept)]
     if dst.is_file():
         raise HarnessError(f"{dst}: is a file; a folder of checkpoints converts into a folder")
     items = _tree_items(src, skip=dst)
@@ -114,9 +119,10 @@ def import_checkpoints(
     written = []
     for item, out in _tree_outputs(src, dst, items).items():  # each output's folder made as it is written
         if item.is_dir():
-            written.append(_import_hf(item, out, arch, projection, full, verify))
+            written.append(_import_hf(item, out, arch, projection, full, verify, overwrite, kept))
         else:
-            written.append(convert_pickled_checkpoint(item, out, trust_pickle=trust_pickle, arch=arch))
+            written.append(convert_pickled_checkpoint(item, out, trust_pickle=trust_pickle, arch=arch,
+                                                      overwrite=overwrite, kept=kept))
     return written
 
 
@@ -136,9 +142,11 @@ def _tree_outputs(src: Path, dst: Path, items: list[Path]) -> dict[Path, Path]:
     return outputs
 
 
-def _import_hf(folder: Path, dst: str | os.PathLike, arch: str | None, projection, full: bool, verify: bool) -> Path:
+def _import_hf(folder: Path, dst: str | os.PathLike, arch: str | None, projection, full: bool, verify: bool,
+               overwrite: bool, kept: Callable[[Path], None] | None) -> Path:
     kind: Kind = "clip" if full and _has_text_tower(folder) else "image_encoder"
-    return convert_hf_checkpoint(folder, dst, kind=kind, arch=arch, projection=projection, verify=verify)
+    return convert_hf_checkpoint(folder, dst, kind=kind, arch=arch, projection=projection, verify=verify,
+                                 overwrite=overwrite, kept=kept)
 
 
 def _has_text_tower(folder: Path) -> bool:
@@ -220,8 +228,8 @@ def resolve_checkpoint(
             _must_convert(p, convert)
             with _converting(out) as todo:
                 if todo:
-                    convert_hf_checkpoint(folder, out, kind=kind, arch=arch,
-                                          projection=projection if proj_digest else None)
+                    convert_hf_checkpoint(folder, out, kind=kind, arch=arch,  # an unfinished one's file replaced
+                                          projection=projection if proj_digest else None, overwrite=True)
         checkpoint_arch(out)
         return out
     if _in_layout(p, kind):
@@ -237,7 +245,7 @@ def resolve_checkpoint(
             resolve_arch(arch, [p, projection])  # a generated name the state dict does not record
         with _converting(out) as todo:
             if todo:
-                convert_pickled_checkpoint(p, out, trust_pickle=trust_pickle, arch=arch)
+                convert_pickled_checkpoint(p, out, trust_pickle=trust_pickle, arch=arch, overwrite=True)
     return out
 
 

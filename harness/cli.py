@@ -732,7 +732,7 @@ def prepare(file: str | None, overrides: tuple[str, ...], from_scratch: bool, qu
     """Build the embedded suite's models (pretrained + fine-tuned), cached for reuse."""
     import time
 
-    from harness.config import check_cache_dir, validate_config
+    from harness.config import check_cache_dir, suite_tasks, validate_config
 
     if file:
         cfg = _load(file, overrides)
@@ -746,7 +746,7 @@ def prepare(file: str | None, overrides: tuple[str, ...], from_scratch: bool, qu
     from tasks.embedded.pipeline import prepare_suite
 
     t0 = time.perf_counter()
-    art = prepare_suite(cfg.task_names, cfg.resolved_cache_dir(), options=cfg.model.suite,
+    art = prepare_suite(suite_tasks(cfg), cfg.resolved_cache_dir(), options=cfg.model.suite,
                         progress=not quiet, from_scratch=from_scratch)
     folders = sorted({str(Path(p).parent) for p in art.finetuned.values()})
     console.print(f"embedded suite ready in {time.perf_counter() - t0:.1f}s: {art.arch} pretrained "
@@ -759,13 +759,23 @@ def prepare(file: str | None, overrides: tuple[str, ...], from_scratch: bool, qu
 @click.argument("dst", type=click.Path())
 @click.option("--trust-pickle", is_flag=True, help="Allow unpickling SRC (runs code from the file: trusted files only).")
 @click.option("--arch", default=None, help="open_clip architecture of the checkpoint (recorded in the sidecar).")
-def convert(src: str, dst: str, trust_pickle: bool, arch: str | None) -> None:
+@click.option("--overwrite", is_flag=True, help="Replace a DST file that holds another checkpoint.")
+def convert(src: str, dst: str, trust_pickle: bool, arch: str | None, overwrite: bool) -> None:
     """Convert a task_vectors-style checkpoint into a safetensors image-encoder state dict."""
     from harness.convert import convert_pickled_checkpoint
 
     _check_destination(dst, "DST")
-    path = convert_pickled_checkpoint(src, dst, trust_pickle=trust_pickle, arch=arch)
-    console.print(f"wrote {path}")
+    kept: list[Path] = []
+    path = convert_pickled_checkpoint(src, dst, trust_pickle=trust_pickle, arch=arch, overwrite=overwrite,
+                                      kept=kept.append)
+    _print_outputs([path], kept)
+
+
+def _print_outputs(paths: list[Path], kept: list[Path]) -> None:
+    """One line per output of convert or import: written, or already there with the same content."""
+    for path in paths:
+        said = f"{path}: already there with the same content, nothing written" if path in kept else f"wrote {path}"
+        console.print(said, highlight=False, markup=False)
 
 
 @main.command(name="import")
@@ -777,15 +787,17 @@ def convert(src: str, dst: str, trust_pickle: bool, arch: str | None) -> None:
               help="HF folder or file with the visual projection, for CLIPVisionModel folders (which have none).")
 @click.option("--full", is_flag=True, help="Keep the text tower of CLIPModel folders (the pretrained model: zero-shot heads need it).")
 @click.option("--verify", is_flag=True, help="Compare HF folders' image features with transformers on random images.")
-def import_(src: str, dst: str, trust_pickle: bool, arch: str | None, projection: str | None, full: bool, verify: bool) -> None:
+@click.option("--overwrite", is_flag=True, help="Replace output files that hold other checkpoints.")
+def import_(src: str, dst: str, trust_pickle: bool, arch: str | None, projection: str | None, full: bool, verify: bool,
+            overwrite: bool) -> None:
     """Import checkpoints: a Hugging Face CLIP folder, a task_vectors/state-dict file, or a folder of them."""
     from harness.checkpoints import import_checkpoints
 
     _check_destination(dst, "DST")
-    written = import_checkpoints(src, dst, trust_pickle=trust_pickle, arch=arch, projection=projection,
-                                 full=full, verify=verify)
-    for path in written:
-        console.print(f"wrote {path}", highlight=False, markup=False)
+    kept: list[Path] = []
+    outputs = import_checkpoints(src, dst, trust_pickle=trust_pickle, arch=arch, projection=projection,
+                                 full=full, verify=verify, overwrite=overwrite, kept=kept.append)
+    _print_outputs(outputs, kept)
 
 
 if __name__ == "__main__":

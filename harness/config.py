@@ -980,10 +980,25 @@ def check_suite(cfg: SweepConfig, file: str) -> None:
     if problem:
         raise ConfigError(file, "model.suite.arch", problem, arch)
     for i, t in enumerate(cfg.tasks):
-        if t.name not in EMBEDDED_TASKS:
-            raise ConfigError(file, f"tasks.{i}.name", f"model.source 'embedded' has no fine-tuned model for "
-                              f"task {t.name!r}{did_you_mean(t.name, EMBEDDED_TASKS)} (embedded tasks: "
-                              f"{', '.join(EMBEDDED_TASKS)})", show_value=False)
+        if t.name in EMBEDDED_TASKS or t.name not in cfg.merge_tasks:  # an unseen task needs data and a head only
+            continue
+        if cfg.generalization is not None and t.name not in cfg.generalization_seen:
+            instead = ("the main table merges every task, a generalization block's unseen ones too: list it in "
+                       "top-level 'unseen:' instead (a generalization study of its own) or give its checkpoint "
+                       "with source 'files'")
+        else:
+            instead = "list it in 'unseen:' to evaluate it without merging it (zero-shot head)"
+        raise ConfigError(file, f"tasks.{i}.name", f"model.source 'embedded' has no fine-tuned model for "
+                          f"task {t.name!r}{did_you_mean(t.name, EMBEDDED_TASKS)} (embedded tasks: "
+                          f"{', '.join(EMBEDDED_TASKS)}); {instead}", show_value=False)
+
+
+def suite_tasks(cfg: SweepConfig) -> list[str]:
+    """The tasks an embedded sweep's suite fine-tunes: the embedded ones (:func:`check_suite`
+    admits another task only unseen, evaluated through its zero-shot head)."""
+    from tasks.embedded import EMBEDDED_TASKS
+
+    return [t for t in cfg.task_names if t in EMBEDDED_TASKS]
 
 
 def check_methods(cfg: SweepConfig, file: str) -> None:

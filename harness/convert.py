@@ -29,7 +29,7 @@ import pickle
 import types
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -51,6 +51,7 @@ from harness.models import (
     torch_load_tensors,
     unreadable_reason,
     weights_only_reason,
+    whole_safetensors,
 )
 
 logger = logging.getLogger(__name__)
@@ -61,12 +62,15 @@ _ARCH_HINT = "--arch (in Python: pass arch=...)"
 _PLAIN_VISION_CFG = {"image_size", "layers", "width", "patch_size", "head_width", "mlp_ratio"}
 
 
-def convert_pickled_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, trust_pickle: bool = False, arch: str | None = None) -> Path:
+def convert_pickled_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, trust_pickle: bool = False,
+                               arch: str | None = None, overwrite: bool = False,
+                               kept: Callable[[Path], None] | None = None) -> Path:
     """Convert ``src`` into safetensors at ``dst`` (a file, or a folder to put ``<stem>.safetensors``).
 
     Without ``trust_pickle`` only plain tensor files are read (``torch.load(weights_only=True)``
     or safetensors); a pickled module raises :class:`HarnessError` before anything is unpickled.
-    Returns the path of the written safetensors file; the sidecar is that path plus ``.json``.
+    An existing destination is kept as :func:`write_checkpoint` says (``overwrite``, ``kept``).
+    Returns the path of the safetensors file; the sidecar is that path plus ``.json``.
     """
     src = Path(src)
     if src.is_dir():
@@ -97,9 +101,43 @@ def convert_pickled_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, t
         "dtypes": sorted(set(state_dtypes(state).values())),
         "state_digest": describe_state(state),
     }
-    save_state_dict(state, out, metadata={"format": FORMAT, "kind": kind, "arch": arch or "", "source_sha256": digest})
-    atomic_write_json(out.with_name(out.name + ".json"), sidecar)
+    write_checkpoint(state, out, {"format": FORMAT, "kind": kind, "arch": arch or "", "source_sha256": digest},
+                     sidecar, overwrite, kept)
     return out
+
+
+def write_checkpoint(state: dict[str, torch.Tensor], out: Path, metadata: dict[str, str], sidecar: dict[str, Any],
+                     overwrite: bool = False, kept: Callable[[Path], None] | None = None) -> None:
+    """Write a converted checkpoint to ``out``, then its sidecar (last: it marks a finished
+    conversion), each atomically. A file already at ``out`` is a checkpoint someone may need: one
+    with other content is refused unless ``overwrite``, naming it; one with the same tensors and
+    metadata is kept and nothing is written (its sidecar only where it has none), ``kept`` called
+    with ``out``, so rerunning a conversion succeeds."""
+    side = out.with_name(out.name + ".json")
+    if out.exists() and not overwrite:
+        if out.is_dir():
+            raise HarnessError(f"{out}: is a folder, not a checkpoint file to write")
+        if not _holds(out, state, {k: str(v) for k, v in metadata.items()}):
+            raise HarnessError(f"{out}: exists and holds another checkpoint; not replaced (pass --overwrite to "
+                               "replace it, in Python overwrite=True, or name another destination)")
+        if not side.is_file():
+            atomic_write_json(side, sidecar)
+        if kept is not None:
+            kept(out)
+        return
+    save_state_dict(state, out, metadata=metadata)
+    atomic_write_json(side, sidecar)
+
+
+def _holds(path: Path, state: dict[str, torch.Tensor], metadata: dict[str, str]) -> bool:
+    """Whether the file ``path`` holds ``state`` (names, dtypes, shapes, bytes) under ``metadata``.
+    Compared by content, not bytes: safetensors writes the metadata in no fixed order."""
+    if not whole_safetensors(path) or header_metadata(path) != metadata:
+        return False
+    from safetensors.torch import load_file
+
+    there = load_file(str(path))
+    return state_dtypes(there) == state_dtypes(state) and describe_state(there) == describe_state(state)
 
 
 def output_path(dst: str | os.PathLike, name: str) -> Path:

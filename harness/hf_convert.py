@@ -39,18 +39,16 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
-from harness.cache import atomic_write_json
-from harness.convert import FORMAT, output_path
+from harness.convert import FORMAT, output_path, write_checkpoint
 from harness.errors import HarnessError
 from harness.models import (file_digest, load_state_dict, open_clip_module, refuse_integer_weights,
-                            register_model_config, resolve_arch, save_state_dict, state_dtypes,
-                            tensor_shapes)
+                            register_model_config, resolve_arch, state_dtypes, tensor_shapes)
 
 Kind = Literal["image_encoder", "clip"]
 
@@ -485,6 +483,8 @@ def convert_hf_checkpoint(
     arch: str | None = None,
     projection: str | os.PathLike | None = None,
     verify: bool = False,
+    overwrite: bool = False,
+    kept: Callable[[Path], None] | None = None,
 ) -> Path:
     """Convert the HF CLIP folder ``src`` into safetensors at ``dst`` (a file, or a folder for ``<name>.safetensors``).
 
@@ -493,7 +493,8 @@ def convert_hf_checkpoint(
     is checked against the checkpoint (the generated name of its sizes is registered, as without
     one). ``projection`` (HF folder or state file) supplies the visual projection a
     ``CLIPVisionModel`` lacks. ``verify`` compares image features with the ``transformers`` model
-    on random images (needs ``transformers``). Returns the written path;
+    on random images (needs ``transformers``). An existing destination is kept as
+    :func:`harness.convert.write_checkpoint` says (``overwrite``, ``kept``). Returns the path;
     the sidecar ``<path>.json`` records arch, open_clip config, sources and their sha256.
     """
     if verify:
@@ -540,11 +541,10 @@ def convert_hf_checkpoint(
         sidecar["projection_sha256"] = proj_digest
     if verify:
         sidecar["verified_max_abs_diff"] = verify_against_transformers(folder, arch, out_state, kind)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_state_dict(out_state, out, metadata={"format": FORMAT, "kind": kind, "arch": arch,
-                                              "source_sha256": sidecar["source_sha256"],
-                                              "open_clip_config": json.dumps(oc_cfg, sort_keys=True)})
-    atomic_write_json(out.with_name(out.name + ".json"), sidecar)
+    write_checkpoint(out_state, out, {"format": FORMAT, "kind": kind, "arch": arch,
+                                      "source_sha256": sidecar["source_sha256"],
+                                      "open_clip_config": json.dumps(oc_cfg, sort_keys=True)},
+                     sidecar, overwrite, kept)
     return out
 
 

@@ -16,7 +16,7 @@ from typing import Any, Callable, Literal
 
 from harness.cache import content_key
 from harness.config import (BOUND_LABEL, GENERALIZATION, GENERALIZATION_SUFFIX, MAIN, AdaptSpec, SweepConfig, bound_label,
-                            expand_grid)
+                            expand_grid, suite_tasks)
 
 #: Bump when the meaning of a cached result changes.
 RESULT_VERSION = 1
@@ -331,7 +331,10 @@ def plan_jobs(cfg: SweepConfig, identity: dict[str, Any] | None = None,
     if refs.pretrained:
         specs.append(JobSpec("pretrained", "pretrained"))
     if refs.individual:
-        with_checkpoint = cfg.task_names if identity is None else list(identity["finetuned"])
+        if identity is not None:
+            with_checkpoint = list(identity["finetuned"])
+        else:  # not built yet: the embedded suite fine-tunes its own tasks only
+            with_checkpoint = suite_tasks(cfg) if cfg.model.source == "embedded" else cfg.task_names
         specs.extend(JobSpec("individual", "individual", task=t) for t in cfg.task_names if t in with_checkpoint)
     if refs.perfect_routing:
         several = len(refs.bound_lambdas) > 1

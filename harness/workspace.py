@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from harness.cache import atomic_write_json, content_key, read_json
-from harness.config import SweepConfig, check_model_files, finetuned_field
+from harness.config import SweepConfig, check_model_files, finetuned_field, suite_tasks
 from harness.errors import FieldError, HarnessError, NotBuilt
 from harness.models import (
     CONFIG_DIR,
@@ -87,8 +87,8 @@ class Workspace:
         if m.source == "embedded":
             from tasks.embedded.pipeline import prepare_suite
 
-            art = prepare_suite(names, self.cfg.resolved_cache_dir(), options=m.suite, progress=self.progress,
-                                train=self.build)
+            art = prepare_suite(suite_tasks(self.cfg), self.cfg.resolved_cache_dir(), options=m.suite,
+                                progress=self.progress, train=self.build)
             return {"arch": art.arch, "pretrained": str(art.pretrained),
                     "finetuned": {t: str(p) for t, p in art.finetuned.items()}, "heads": {}}
         check_model_files(self.cfg, "<config>")  # the CLI ran it already, naming the sweep file

@@ -689,6 +689,31 @@ def test_a_destination_ending_in_a_slash_is_a_folder_to_make(command, micro_chec
 
 
 @pytest.mark.parametrize("command", ["convert", "import"])
+def test_an_existing_destination_is_replaced_only_with_overwrite(command, micro_checkpoints, tmp_path):
+    """A DST that is an existing checkpoint was silently replaced. Now one holding another
+    checkpoint is refused naming it and kept byte for byte; ``--overwrite`` replaces it with the
+    conversion (the source's tensors); a DST holding the same conversion is left as it is."""
+    from safetensors.torch import load_file
+
+    src, other = micro_checkpoints / "toy_stripes.safetensors", micro_checkpoints / "toy_colours.safetensors"
+    dst = tmp_path / "enc.safetensors"
+    assert CliRunner().invoke(main, [command, str(other), str(dst)]).exit_code == 0
+    before = dst.read_bytes()
+    r = CliRunner().invoke(main, [command, str(src), str(dst)])
+    assert r.exit_code == 2, r.output
+    assert f"{dst}: exists and holds another checkpoint; not replaced (pass --overwrite" in " ".join(r.output.split())
+    assert dst.read_bytes() == before
+    r = CliRunner().invoke(main, [command, str(src), str(dst), "--overwrite"])
+    assert r.exit_code == 0 and r.output == f"wrote {dst}\n", r.output
+    written, source = load_file(str(dst)), load_file(str(src))
+    assert written.keys() == source.keys() and all(torch.equal(written[k], source[k]) for k in source)
+    converted = dst.read_bytes(), Path(f"{dst}.json").read_bytes()
+    r = CliRunner().invoke(main, [command, str(src), str(dst)])
+    assert r.exit_code == 0 and r.output == f"{dst}: already there with the same content, nothing written\n", r.output
+    assert (dst.read_bytes(), Path(f"{dst}.json").read_bytes()) == converted
+
+
+@pytest.mark.parametrize("command", ["convert", "import"])
 def test_an_empty_destination_is_refused_before_any_work(command, micro_checkpoints, tmp_path, monkeypatch):
     """`harness convert SRC ""` wrote into the current folder, as `export --out ''` is refused not to."""
     monkeypatch.chdir(tmp_path)
@@ -710,7 +735,9 @@ def test_an_import_into_a_folder_inside_its_source_skips_its_own_outputs_when_ru
     shutil.copy(micro_checkpoints / "toy_colours.safetensors", src / "b.safetensors")
     runs = [CliRunner().invoke(main, ["import", str(src), str(src / "conv")]) for _ in range(2)]
     assert all(r.exit_code == 0 for r in runs), [r.output for r in runs]
-    assert runs[0].output == runs[1].output
+    again = "".join(f"{line.removeprefix('wrote ')}: already there with the same content, nothing written\n"
+                    for line in runs[0].output.splitlines())
+    assert runs[1].output == again and runs[0].output.count("wrote ") == 2
     written = sorted(str(p.relative_to(src / "conv")) for p in (src / "conv").rglob("*.safetensors"))
     assert written == ["A/finetuned.safetensors", "b.safetensors"]
     for rel, source in zip(written, ("A/finetuned.safetensors", "b.safetensors")):

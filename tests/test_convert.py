@@ -479,7 +479,7 @@ def test_a_folder_of_pickles_imported_without_the_flag_names_the_import_flag_and
 
 def test_a_file_converted_onto_itself_is_refused_and_kept(tmp_path: Path, micro_clip: nn.Module) -> None:
     """Writing over the source while reading it would lose the only copy; another existing
-    destination is simply replaced with the conversion."""
+    destination is refused, kept byte for byte, and replaced with the conversion given overwrite."""
     from harness.models import save_state_dict
 
     want = micro_clip.visual.state_dict()
@@ -493,7 +493,10 @@ def test_a_file_converted_onto_itself_is_refused_and_kept(tmp_path: Path, micro_
     assert src.read_bytes() == before and not Path(f"{src}.json").exists()
     dst = tmp_path / "out.safetensors"
     dst.write_bytes(b"an older conversion")
-    convert_pickled_checkpoint(src, dst)
+    with pytest.raises(HarnessError, match=f"{dst}: exists and holds another checkpoint"):
+        convert_pickled_checkpoint(src, dst)
+    assert dst.read_bytes() == b"an older conversion"
+    convert_pickled_checkpoint(src, dst, overwrite=True)
     got = load_state_dict(dst)
     assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
 

@@ -657,6 +657,36 @@ def test_import_command_dispatches_on_layout(tmp_path: Path) -> None:
         assert all(torch.equal(got[k], v) for k, v in enc.state_dict().items())
 
 
+def test_an_import_over_other_checkpoints_is_refused_and_the_same_import_again_writes_nothing(tmp_path: Path) -> None:
+    """An HF folder imported into a folder holding another checkpoint under its output name is
+    refused naming that file, which is kept byte for byte; ``--overwrite`` replaces it; the same
+    import run again succeeds without the flag and leaves both outputs as they were."""
+    enc, old = micro_visual(), micro_visual(seed=1)
+    src = tmp_path / "src"
+    write_hf_folder(src / "clip_task_a", enc, "gelu")
+    torch.save({f"model.visual.{k}": v for k, v in enc.state_dict().items()}, src / "Cars.pt")
+    dst = tmp_path / "all"
+    dst.mkdir()
+    taken = dst / "clip_task_a.safetensors"
+    save_file({k: v.contiguous() for k, v in old.state_dict().items()}, str(taken))
+    before = taken.read_bytes()
+    args = ["import", str(src), str(dst), "--arch", "harness-micro-vit"]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 2 and f"{taken}: exists and holds another checkpoint" in " ".join(r.output.split()), r.output
+    assert taken.read_bytes() == before
+    r = CliRunner().invoke(main, [*args, "--overwrite"])
+    assert r.exit_code == 0 and r.output.count("wrote ") == 2, r.output
+    outputs = sorted(dst.rglob("*.safetensors"))
+    assert outputs == [dst / "Cars.safetensors", taken]
+    for p in outputs:
+        got = load_state_dict(p)
+        assert all(torch.equal(got[k], v) for k, v in enc.state_dict().items())
+    written = {p: (p.read_bytes(), Path(f"{p}.json").read_bytes()) for p in outputs}
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0 and r.output.count("already there with the same content, nothing written") == 2, r.output
+    assert {p: (p.read_bytes(), Path(f"{p}.json").read_bytes()) for p in outputs} == written
+
+
 @pytest.mark.parametrize("other", ["Cars/finetuned.pt", "clip_task_a.pt"])
 def test_import_refuses_two_sources_for_one_output_before_converting(tmp_path: Path, other: str) -> None:
     """``finetuned.pt`` beside ``finetuned.safetensors`` (or an HF folder beside ``<folder>.pt``)

@@ -391,3 +391,75 @@ def test_only_a_task_of_ones_own_holds_its_prompts_digest_in_its_identity(sweep_
     d["model"]["finetuned"] = {mine: d["model"]["finetuned_pattern"].format(task="toy_colours")}
     ws = Workspace(validate_config(d), build=False)
     assert [TASK_PROMPTS_KEY in ws.task_identity(t) for t in d["tasks"]] == [False, False, True]
+
+
+EMBEDDED_TINY = {"size": "tiny", "pretrain_pool": 64, "pretrain_steps": 3, "pretrain_batch_size": 16,
+                 "pretrain_warmup": 1, "finetune_steps": 3, "finetune_batch_size": 8, "finetune_warmup": 1,
+                 "preserve_weight": 1.0, "preserve_pool": 16, "workers": 1}
+MINE = "tests.own_tasks:sized_without_default"
+
+
+def _embedded_sweep(tmp_path, **extra) -> str:
+    f = tmp_path / "emb.yaml"
+    f.write_text(yaml.safe_dump({"name": "emb_own", "cache_dir": str(tmp_path / "cache"),
+                                 "output_dir": str(tmp_path / "out"), "model": {"source": "embedded",
+                                                                                "suite": EMBEDDED_TINY},
+                                 "tasks": ["emb_mnist", "emb_fashion", MINE], "methods": ["task_arithmetic"],
+                                 **extra}))
+    return str(f)
+
+
+def test_an_own_task_is_an_unseen_task_of_an_embedded_sweep(tmp_path):
+    """An unseen task needs its data and a head, no fine-tuned model: the embedded suite fine-tunes
+    its own tasks and the own task is scored through the zero-shot head of the suite's text tower.
+    Truth: that head and the test accuracy computed here from open_clip's encoders."""
+    import open_clip
+    from safetensors.torch import load_file
+
+    from harness.config import load_config
+    from harness.runner import run_sweep
+    from harness.workspace import Workspace
+    from tests.own_tasks import sized_without_default
+
+    f = _embedded_sweep(tmp_path, unseen=[MINE])
+    r = CliRunner().invoke(main, ["validate", f])
+    assert r.exit_code == 0, r.output
+    assert "job plan: 4 jobs" in r.output  # pretrained, the two embedded tasks' individual, task arithmetic
+    cfg = load_config(f)
+    outcome = run_sweep(cfg, quiet=True)
+    assert not outcome.failed
+    rows = {row.method: row for row in outcome.rows}
+    assert set(rows) == {"pretrained", "individual", "task_arithmetic"} and MINE not in rows["individual"].acc
+
+    clip = open_clip.create_model("harness-tiny-vit")
+    clip.load_state_dict(load_file(Workspace(cfg).sources["pretrained"]))
+    clip.eval()
+    task = sized_without_default(image_size=32)
+    tokenizer = open_clip.get_tokenizer("harness-tiny-vit")
+    with torch.no_grad():
+        classes = []
+        for prompts in task.prompts():
+            t = nn.functional.normalize(clip.encode_text(tokenizer(list(prompts))), dim=-1).mean(0)
+            classes.append(nn.functional.normalize(t, dim=-1))
+        images, labels = task.dataset("test").tensors
+        scores = nn.functional.normalize(clip.encode_image(images), dim=-1) @ torch.stack(classes).T
+    truth = 100 * (scores.argmax(1) == labels).sum().item() / len(labels)
+    assert rows["pretrained"].acc[MINE] == pytest.approx(truth, abs=1e-6)
+    assert rows["pretrained"].metrics[f"unseen/{MINE}"] == pytest.approx(truth, abs=1e-6)
+    assert f"unseen/{MINE}" in rows["task_arithmetic"].metrics
+    r = CliRunner().invoke(main, ["sweep", "--dry-run", f])
+    assert r.exit_code == 0 and "4 jobs: 4 cached, 0 to run" in r.output, r.output
+
+
+def test_an_own_task_unseen_in_a_generalization_block_of_an_embedded_sweep_says_why_not(tmp_path):
+    """The main table merges a generalization block's unseen tasks too, so an own task there needs a
+    fine-tuned model the embedded suite cannot train: one error saying so and what to do instead."""
+    f = _embedded_sweep(tmp_path, generalization={"unseen": [MINE]})
+    r = CliRunner().invoke(main, ["validate", f])
+    err = " ".join(r.stderr.split())
+    assert r.exit_code == 2, r.output
+    assert (f"{f}: tasks.2.name: model.source 'embedded' has no fine-tuned model for task '{MINE}'" in err
+            and "the main table merges every task, a generalization block's unseen ones too: list it in "
+                "top-level 'unseen:' instead" in err), err
+    r = CliRunner().invoke(main, ["validate", _embedded_sweep(tmp_path)])
+    assert "list it in 'unseen:' to evaluate it without merging it" in " ".join(r.stderr.split())
