@@ -558,7 +558,7 @@ def _methods_to_list(names: tuple[str, ...], sweep_file: str | None) -> dict[str
             name = m.get("name") if isinstance(m, dict) else m
             if not isinstance(name, str):
                 raise ConfigError(sweep_file, f"methods.{i}", "a method is a name or a mapping with 'name'", m)
-            wanted.append((sweep_file, f"methods.{i}.name", name))
+            wanted.append((sweep_file, f"methods.{i}" if m is name else f"methods.{i}.name", name))
     wanted += [("harness list methods", "NAMES", name) for name in names]
     shown: dict[str, type] = {}
     for file, field, name in wanted:

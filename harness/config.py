@@ -24,6 +24,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
     field_validator,
     model_validator,
@@ -163,8 +164,36 @@ class ModelSpec(Strict):
         return self
 
 
-class TaskSpec(Strict):
+class NamedEntry(Strict):
+    """A list entry that may be written as its name alone (``tasks: [a, b]``, ``methods:
+    [ties]``): an error about its name then names the entry (``tasks.1``), which is what the file
+    holds, not a ``name:`` key it lacks."""
+
     name: str
+    _name_alone: bool = PrivateAttr(False)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _short_form(cls, v: Any, handler: Any) -> Any:
+        if not isinstance(v, str):
+            return handler(v)
+        entry = handler({"name": v})
+        entry._name_alone = True
+        return entry
+
+    def __eq__(self, other: object) -> bool:
+        """Written as its name alone or with ``name:``, an entry is the same entry (a resolved
+        config read back equals the one written)."""
+        if not isinstance(other, NamedEntry):
+            return NotImplemented
+        return type(self) is type(other) and self.__dict__ == other.__dict__
+
+    def name_field(self, entry: str) -> str:
+        """The field of this entry's name, ``entry`` being where the entry is (``tasks.1``)."""
+        return entry if self._name_alone else f"{entry}.name"
+
+
+class TaskSpec(NamedEntry):
     options: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("options")
@@ -315,10 +344,9 @@ class TuneSpec(Strict):
 LABEL = re.compile(r"[^\W_][\w .:()+=,-]*")
 
 
-class MethodSpec(Strict):
+class MethodSpec(NamedEntry):
     """One method entry: fixed params plus an optional grid (cartesian product) or tuning."""
 
-    name: str
     label: str | None = None
     params: dict[str, Any] = Field(default_factory=dict)
     grid: dict[str, list[Any]] = Field(default_factory=dict)
@@ -618,15 +646,6 @@ class SweepConfig(Strict):
     eval: EvalSpec = Field(default_factory=EvalSpec)
     adapt: AdaptSpec = Field(default_factory=AdaptSpec)
     executor: ExecutorSpec = Field(default_factory=ExecutorSpec)
-
-    @field_validator("tasks", "methods", mode="before")
-    @classmethod
-    def _names(cls, v: Any) -> Any:
-        """``tasks: [a, b]`` and ``methods: [weight_averaging, ties]`` are the short form of
-        ``- name: ...`` entries."""
-        if isinstance(v, list):
-            return [{"name": e} if isinstance(e, str) else e for e in v]
-        return v
 
     @field_validator("references", mode="before")
     @classmethod
@@ -988,7 +1007,7 @@ def check_suite(cfg: SweepConfig, file: str) -> None:
                        "with source 'files'")
         else:
             instead = "list it in 'unseen:' to evaluate it without merging it (zero-shot head)"
-        raise ConfigError(file, f"tasks.{i}.name", f"model.source 'embedded' has no fine-tuned model for "
+        raise ConfigError(file, t.name_field(f"tasks.{i}"), f"model.source 'embedded' has no fine-tuned model for "
                           f"task {t.name!r}{did_you_mean(t.name, EMBEDDED_TASKS)} (embedded tasks: "
                           f"{', '.join(EMBEDDED_TASKS)}); {instead}", show_value=False)
 
@@ -1008,18 +1027,18 @@ def check_methods(cfg: SweepConfig, file: str) -> None:
         try:
             cls = resolve_method(m.name)
         except KeyError as exc:
-            raise ConfigError(file, f"methods.{i}.name", str(exc.args[0]), show_value=False) from None
+            raise ConfigError(file, m.name_field(f"methods.{i}"), str(exc.args[0]), show_value=False) from None
         who = f"{cls.__module__}:{cls.__qualname__} ({source_file(cls) or 'built in'})"
         if reference_row(m.display):  # its row would be taken for a reference row in reports and comparisons
             raise ConfigError(file, f"methods.{i}.label", f"{m.display!r} names a reference row (pretrained, "
                               "individual, perfect routing): give the method another label", m.display)
         if cls.merge is MergeMethod.merge:  # else every job of it fails with a bare NotImplementedError
-            raise ConfigError(file, f"methods.{i}.name", f"{who} does not define "
+            raise ConfigError(file, m.name_field(f"methods.{i}"), f"{who} does not define "
                               "merge(self, pretrained, finetuned, ctx)", show_value=False)
         fields = set(cls.model_fields)
         unknown = sorted(set(cls.runtime_only) - fields)
         if unknown:  # else every job key fails with a bare KeyError
-            raise ConfigError(file, f"methods.{i}.name", f"{who} declares runtime_only {unknown}, which are "
+            raise ConfigError(file, m.name_field(f"methods.{i}"), f"{who} declares runtime_only {unknown}, which are "
                               f"not its hyperparameters{did_you_mean(unknown[0], fields)}", show_value=False)
         if m.tune:
             check_space(cls, m, i, file)
@@ -1150,15 +1169,15 @@ def check_tasks(cfg: SweepConfig, file: str) -> None:
     known = available_tasks()
     for i, t in enumerate(cfg.tasks):
         if ":" not in t.name and t.name not in known:
-            raise ConfigError(file, f"tasks.{i}.name", f"unknown task {t.name!r}{did_you_mean(t.name, known)} "
+            raise ConfigError(file, t.name_field(f"tasks.{i}"), f"unknown task {t.name!r}{did_you_mean(t.name, known)} "
                               f"(registered: {', '.join(known)})", show_value=False)
         if ":" in t.name:
             try:
                 factory = resolve_task(t.name)
             except KeyError as exc:
-                raise ConfigError(file, f"tasks.{i}.name", str(exc.args[0]), show_value=False) from None
+                raise ConfigError(file, t.name_field(f"tasks.{i}"), str(exc.args[0]), show_value=False) from None
             if not callable(factory):
-                raise ConfigError(file, f"tasks.{i}.name", "not a task factory (a callable returning a Task)", t.name)
+                raise ConfigError(file, t.name_field(f"tasks.{i}"), "not a task factory (a callable returning a Task)", t.name)
     names = cfg.task_names
     subsets = [("seen", cfg.seen or []), ("unseen", cfg.unseen)]
     if cfg.robustness:

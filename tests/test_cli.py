@@ -120,6 +120,11 @@ def test_list_methods_names_what_it_cannot_find(tmp_path):
     assert r.exit_code == 2
     assert r.stderr.strip() == (f"error: {sweep}: methods.1.name: cannot import module 'nowhere' "
                                 "(No module named 'nowhere')")
+    sweep.write_text(yaml.safe_dump({"name": "s", "methods": ["ties", "nowhere:Gone"]}))  # the name alone is the entry
+    r = CliRunner().invoke(main, ["list", "methods", "--sweep", str(sweep)], env={"COLUMNS": "300"})
+    assert r.exit_code == 2
+    assert r.stderr.strip() == (f"error: {sweep}: methods.1: cannot import module 'nowhere' "
+                                "(No module named 'nowhere')")
     r = CliRunner().invoke(main, ["list", "methods", "tiess"], env={"COLUMNS": "300"})
     assert r.exit_code == 2
     assert r.stderr.strip().startswith("error: harness list methods: NAMES: 'tiess' is neither a method")

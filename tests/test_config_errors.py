@@ -52,7 +52,7 @@ CASES = [
     ("grid-range", ("methods.1.grid.scaling", [0.2, 50]), ["methods.1.grid.scaling:", "(got 50)"]),
     ("grid-type", ("methods.1.grid.scaling", [0.2, "big"]), ["methods.1.grid.scaling:", "'big'"]),
     ("grid-empty", ("methods.1.grid.scaling", []), ["methods.1.grid:", "grid for 'scaling' is empty"]),
-    ("unknown-task", ("tasks", ["toy_stripes", "nope_task"]), ["tasks.1.name: unknown task", "'nope_task'"]),
+    ("unknown-task", ("tasks", ["toy_stripes", "nope_task"]), ["tasks.1: unknown task", "'nope_task'"]),
     ("duplicate-task", ("tasks", ["toy_stripes", "toy_stripes"]), ["tasks:", "tasks listed twice"]),
     ("files-without-pretrained", ("model.pretrained", None), ["model:", "needs 'pretrained'"]),
     ("env-unset", ("model.pretrained", "${HARNESS_TEST_UNSET_VAR}/p.safetensors"),
@@ -101,11 +101,13 @@ CASES = [
     ("method-import-path", ("methods.0.name", "no_such_pkg.mod:Thing"),
      ["methods.0.name:", "cannot import module 'no_such_pkg.mod'"]),
     ("task-import-path", ("tasks", ["no_such_pkg.mod:make_task", "toy_colours"]),
+     ["tasks.0:", "cannot import module 'no_such_pkg.mod'"]),
+    ("task-entry-import-path", ("tasks", [{"name": "no_such_pkg.mod:make_task"}, "toy_colours"]),
      ["tasks.0.name:", "cannot import module 'no_such_pkg.mod'"]),
     ("task-import-attribute", ("tasks", ["tasks.synthetic:no_such_factory", "toy_colours"]),
-     ["tasks.0.name: module 'tasks.synthetic' (", "synthetic.py) has no 'no_such_factory'"]),
+     ["tasks.0: module 'tasks.synthetic' (", "synthetic.py) has no 'no_such_factory'"]),
     ("task-import-attribute-typo", ("tasks", ["tasks.synthetic:make_toy_tsk", "toy_colours"]),
-     ["tasks.0.name: module 'tasks.synthetic' (", "has no 'make_toy_tsk'; did you mean 'make_toy_task'?"]),
+     ["tasks.0: module 'tasks.synthetic' (", "has no 'make_toy_tsk'; did you mean 'make_toy_task'?"]),
     ("method-import-no-attribute", ("methods.0.name", "methods.task_arithmetic:"),
      ["methods.0.name: 'methods.task_arithmetic:' names no object: write module:Name"]),
     # a typo names the closest valid name (case aside); a name close to none gets no guess
@@ -117,7 +119,7 @@ CASES = [
     ("misspelt-method", ("methods.1.name", "task_arithmtic"),
      ["methods.1.name: unknown method 'task_arithmtic'; did you mean 'task_arithmetic'? (registered: adamerging,"]),
     ("misspelt-task", ("tasks", ["toy_stripes", "toy_colour"]),
-     ["tasks.1.name: unknown task 'toy_colour'; did you mean 'toy_colours'? (registered: "]),
+     ["tasks.1: unknown task 'toy_colour'; did you mean 'toy_colours'? (registered: "]),
     ("misspelt-hparam", ("methods.1.grid", {"scalng": [0.1]}),
      ["methods.1.grid.scalng: method 'task_arithmetic' has no hyperparameter 'scalng'; did you mean 'scaling'? "
       "(it has scaling)"]),
@@ -329,10 +331,10 @@ def test_env_expands_in_a_task_data_root(sweep_dict, tmp_path, monkeypatch):
     ({"finetune_stepz": 3}, ["emb_mnist"], ["model.suite.finetune_stepz: unknown key; did you mean 'finetune_steps'?"]),
     ({"arch": "harness-tiny-vt"}, ["emb_mnist"],
      ["model.suite.arch: unknown open_clip architecture; did you mean 'harness-tiny-vit'?"]),
-    ({}, ["emb_mnist", "emb_sign"], ["tasks.1.name: unknown task 'emb_sign'; did you mean 'emb_signs'?"]),
+    ({}, ["emb_mnist", "emb_sign"], ["tasks.1: unknown task 'emb_sign'; did you mean 'emb_signs'?"]),
     ({"finetune_lr": -1}, ["emb_mnist"], ["model.suite.finetune_lr:", "(got -1)"]),
     ({"size": "huge"}, ["emb_mnist"], ["model.suite.size:", "'huge'"]),
-    ({}, ["emb_mnist", "toy_stripes"], ["tasks.1.name:", "has no fine-tuned model", "'toy_stripes'"]),
+    ({}, ["emb_mnist", "toy_stripes"], ["tasks.1:", "has no fine-tuned model", "'toy_stripes'"]),
 ])
 def test_embedded_suite_errors(suite, tasks, fragments, tmp_path):
     f = tmp_path / "emb.yaml"
@@ -413,7 +415,7 @@ def test_booleans_are_never_numbers_but_other_lax_conversions_stay():
     ("raises_on_line_3", "import torch\n\nraise ValueError('bad default')\n",
      "importing module 'raises_on_line_3' failed at {dir}/raises_on_line_3.py:3: ValueError: bad default"),
 ])
-@pytest.mark.parametrize("field", ["methods.0.name", "tasks.0.name"])
+@pytest.mark.parametrize("field", ["methods.0.name", "tasks.0"])
 def test_a_broken_user_module_is_one_line(module, source, fragment, field, sweep_dict, tmp_path, monkeypatch):
     (tmp_path / f"{module}.py").write_text(source)
     monkeypatch.syspath_prepend(str(tmp_path))

@@ -32,7 +32,7 @@ def _run(tmp_path, sweep_dict, factory: str, command: str = "sweep"):
 def test_a_factory_that_returns_no_task_names_the_field(sweep_dict, tmp_path):
     code, err, file = _run(tmp_path, sweep_dict, "returns_tuple")
     assert code == 2, err
-    assert err == (f"error: {file}: tasks.2.name: the factory returned a builtins.tuple, not a tasks.base.Task "
+    assert err == (f"error: {file}: tasks.2: the factory returned a builtins.tuple, not a tasks.base.Task "
                    "(got 'tests.own_tasks:returns_tuple')")
     assert not (tmp_path / "out").exists()
 
@@ -56,7 +56,7 @@ def test_bad_data_of_a_task_is_one_error_before_any_job(factory, fragment, sweep
 
 
 @pytest.mark.parametrize("factory, fragment", [
-    ("returns_tuple", "tasks.2.name: the factory returned a builtins.tuple, not a tasks.base.Task"),
+    ("returns_tuple", "tasks.2: the factory returned a builtins.tuple, not a tasks.base.Task"),
     ("no_classes", "task 'tests.own_tasks:no_classes': no class names"),
     ("labels_above_classes", "task 'tests.own_tasks:labels_above_classes': split 'val': label 3 is outside the 3 class names (0..2)"),
     ("empty_test", "task 'tests.own_tasks:empty_test': split 'test' is empty"),
@@ -458,7 +458,7 @@ def test_an_own_task_unseen_in_a_generalization_block_of_an_embedded_sweep_says_
     r = CliRunner().invoke(main, ["validate", f])
     err = " ".join(r.stderr.split())
     assert r.exit_code == 2, r.output
-    assert (f"{f}: tasks.2.name: model.source 'embedded' has no fine-tuned model for task '{MINE}'" in err
+    assert (f"{f}: tasks.2: model.source 'embedded' has no fine-tuned model for task '{MINE}'" in err
             and "the main table merges every task, a generalization block's unseen ones too: list it in "
                 "top-level 'unseen:' instead" in err), err
     r = CliRunner().invoke(main, ["validate", _embedded_sweep(tmp_path)])

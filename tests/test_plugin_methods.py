@@ -112,7 +112,7 @@ def test_a_method_without_merge_is_a_config_error(sweep_dict, tmp_path, monkeypa
     f.write_text(yaml.safe_dump(dict(sweep_dict, methods=["weight_averaging", "no_merge:Idea"])))
     r = CliRunner().invoke(main, ["validate", str(f)], env={"COLUMNS": "300"})
     assert r.exit_code == 2
-    assert (f"error: {f}: methods.1.name: no_merge:Idea ({tmp_path / 'no_merge.py'}) does not define "
+    assert (f"error: {f}: methods.1: no_merge:Idea ({tmp_path / 'no_merge.py'}) does not define "
             "merge(self, pretrained, finetuned, ctx)") in " ".join(r.stderr.split())
 
 
@@ -231,7 +231,7 @@ def test_a_runtime_only_name_that_is_no_hyperparameter_is_a_config_error(sweep_d
     f.write_text(yaml.safe_dump(dict(sweep_dict, methods=["typo:Idea"])))
     r = CliRunner().invoke(main, ["validate", str(f)], env={"COLUMNS": "300"})
     assert r.exit_code == 2, r.stderr
-    assert (f"error: {f}: methods.0.name: typo:Idea ({tmp_path / 'typo.py'}) declares runtime_only "
+    assert (f"error: {f}: methods.0: typo:Idea ({tmp_path / 'typo.py'}) declares runtime_only "
             "['chekpoint_every'], which are not its hyperparameters; did you mean 'checkpoint_every'?"
             ) in " ".join(r.stderr.split())
 
