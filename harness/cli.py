@@ -118,6 +118,7 @@ def _load(file: str, overrides: tuple[str, ...], start_workers: bool = False,
         check_output_dir,
         check_pretrained_arch,
         check_recorded_arch,
+        check_storage_files,
         check_tracking_uri,
         read_config,
         validate_config,
@@ -150,10 +151,12 @@ def _load(file: str, overrides: tuple[str, ...], start_workers: bool = False,
             check_data_roots(cfg, file)
         check_output_dir(cfg, file)
         check_tracking_uri(cfg, file)
-        if does == "submit" and cfg.executor.kind == "slurm":
-            from harness.executors.slurm import check_cluster
+        if does == "submit":
+            check_storage_files(cfg, file)
+            if cfg.executor.kind == "slurm":
+                from harness.executors.slurm import check_cluster
 
-            check_cluster(cfg, file)
+                check_cluster(cfg, file)
     except ConfigError as exc:
         raise exc.blamed_on_overrides(list(overrides)) from None
     return cfg

@@ -1598,6 +1598,36 @@ def check_output_dir(cfg: SweepConfig, file: str) -> None:
         raise ConfigError(file, "output_dir", problem, str(out))
 
 
+def check_storage_files(cfg: SweepConfig, file: str) -> None:
+    """Each study's journal or SQLite file can be made where ``tune.storage`` puts it, found
+    without making it (``validate`` writes nothing) and before the sweep builds its models: a
+    file standing where its folder goes; for SQLite, which makes the database file but not its
+    folder, a missing folder. A database server is opened by the sweep, before any job."""
+    for i, m in enumerate(cfg.methods):
+        problem = storage_file_problem(m.tune.storage) if m.tune and m.tune.storage else None
+        if problem:
+            raise ConfigError(file, f"methods.{i}.tune.storage", f"cannot open it: {problem}", m.tune.storage)
+
+
+def storage_file_problem(spec: str) -> str | None:
+    """Why the file of storage ``spec`` (valid, :func:`optuna_storage_problem`) cannot be made, or None."""
+    if spec.startswith("journal:"):
+        path = Path(spec[len("journal:"):]).expanduser()
+    else:
+        from sqlalchemy.engine import make_url
+
+        url = make_url(spec)
+        if url.get_backend_name() != "sqlite":
+            return None
+        path = Path(url.database)
+        if not path.parent.exists():
+            return f"folder {path.parent} does not exist (SQLite makes the database file, not its folder)"
+    if path.is_dir():
+        return f"{path} is a folder, not a file"
+    problem = folder_problem(path.parent)
+    return f"its folder {path.parent}: {problem}" if problem else None
+
+
 def check_slurm_log_dir(cfg: SweepConfig, file: str) -> None:
     """On SLURM the output folder holds the jobs' logs, whose paths SLURM reads as patterns
     (``%j``, ``%x``; a backslash stops them): with such a character the logs would go elsewhere, or

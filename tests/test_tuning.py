@@ -460,9 +460,57 @@ def test_a_storage_that_cannot_be_opened_stops_the_sweep_before_any_job(sweep_di
     r = CliRunner().invoke(main, ["sweep", str(f), "-q"])
     assert r.exit_code == 2, r.output
     assert r.exception is None or isinstance(r.exception, SystemExit)  # no traceback
-    assert r.stderr.strip() == (f"error: {f}: methods.0.tune.storage: cannot open it: unable to open database "
-                                f"file (got {storage!r})"), r.stderr
+    assert r.stderr.strip() == (f"error: {f}: methods.0.tune.storage: cannot open it: folder {tmp_path / 'no' / 'such'} "
+                                f"does not exist (SQLite makes the database file, not its folder) (got {storage!r})"), r.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("where, storage, problem", [
+    ("missing", "sqlite:///{tmp}/no/such/studies.db", "folder {tmp}/no/such does not exist (SQLite makes the database "
+                                                      "file, not its folder)"),
+    ("file", "journal:{tmp}/a_file/studies/journal.log", "its folder {tmp}/a_file/studies: {tmp}/a_file is a file, not a "
+                                                         "folder"),
+    ("file", "sqlite:///{tmp}/a_file/studies.db", "its folder {tmp}/a_file: is a file, not a folder"),
+    ("folder", "journal:{tmp}/a_folder", "{tmp}/a_folder is a folder, not a file"),
+    ("folder", "sqlite:///{tmp}/a_folder", "{tmp}/a_folder is a folder, not a file"),
+])
+def test_validate_refuses_a_storage_file_the_study_cannot_be_made_in_and_makes_nothing(where, storage, problem,
+                                                                                      sweep_dict, tmp_path):
+    """As the sweep refuses it (before it builds any model), without making the journal's folders
+    or the database: validate writes nothing."""
+    from click.testing import CliRunner
+
+    from harness.cli import main
+
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "a_folder").mkdir()
+    storage = storage.format(tmp=tmp_path)
+    d = dict(sweep_dict, methods=[{"name": "task_arithmetic", "tune": tune_block(n_trials=1, storage=storage)}])
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump(d))
+    before = sorted(tmp_path.rglob("*"))
+    r = CliRunner().invoke(main, ["validate", str(f)])
+    assert r.exit_code == 2, r.output
+    assert r.stderr.strip() == (f"error: {f}: methods.0.tune.storage: cannot open it: {problem.format(tmp=tmp_path)} "
+                                f"(got {storage!r})"), r.stderr
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+@pytest.mark.parametrize("storage", ["journal:{tmp}/new/folders/journal.log", "sqlite:///{tmp}/studies.db",
+                                     "journal:~/studies/journal.log"])
+def test_validate_accepts_a_storage_whose_file_the_sweep_can_make(storage, sweep_dict, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from harness.cli import main
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    storage = storage.format(tmp=tmp_path)
+    d = dict(sweep_dict, methods=[{"name": "task_arithmetic", "tune": tune_block(n_trials=1, storage=storage)}])
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump(d))
+    r = CliRunner().invoke(main, ["validate", str(f)])
+    assert r.exit_code == 0, r.output
+    assert not (tmp_path / "new").exists() and not (tmp_path / "studies.db").exists() and not (tmp_path / "home").exists()
 
 
 def test_tune_command_runs_one_method(trained_checkpoints, tmp_path):
