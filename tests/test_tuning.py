@@ -70,6 +70,9 @@ def test_tuning_recovers_grid_best(trained_checkpoints, tmp_path):
     assert tune_run.data.metrics["best_objective"] == pytest.approx(max(t.data.metrics["objective"] for t in trials))
     arts = {a.path for a in client.list_artifacts(tune_run.info.run_id, "optuna")}
     assert "optuna/optimization_history.png" in arts
+    assert arts == {"optuna/optimization_history.png", "optuna/param_importances.png"}  # one tuned name: no contour
+    plots = cfg.resolved_output_dir() / "optuna" / "tuned"  # the method's own folder (README)
+    assert sorted(p.name for p in plots.iterdir()) == ["optimization_history.png", "param_importances.png"]
     # test/val separation: trials never saw test labels
     for t in trials:
         assert "val/acc/avg" in t.data.metrics
@@ -2116,3 +2119,76 @@ def test_tune_command_on_an_untuned_row_names_only_the_tuned_rows_of_that_method
     assert r.stderr == (f"error: {f}: methods.0.tune: method 'task_arithmetic' has no tune block "
                         "(tuned task_arithmetic rows: 'ta_tuned')\n"), r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def study_of(values: list[tuple[dict[str, float], float]]):
+    """An in-memory maximised study holding one completed trial per (params, objective)."""
+    import optuna
+    from optuna.distributions import FloatDistribution
+
+    study = optuna.create_study(direction="maximize")
+    for params, value in values:
+        dists = {name: FloatDistribution(0.0, 1.0) for name in params}
+        study.add_trial(optuna.trial.create_trial(params=params, distributions=dists, value=value))
+    return study
+
+
+@pytest.mark.parametrize("names", [["a"], ["a", "b"], ["a", "b", "c"]])
+def test_study_plots_are_the_history_importances_and_contour_of_its_trials(names, tmp_path, monkeypatch):
+    """Optuna's optimization-history, importance and contour plots (README), one PNG each in the
+    folder given (made when new): the history marks each trial's objective and draws the best so
+    far, the importances name the tuned parameters, the contour plots one parameter against
+    another; a study of one parameter has nothing to contour. No figure is left open."""
+    import matplotlib.figure
+    import matplotlib.pyplot as plt
+
+    from harness.tuning import save_study_plots
+
+    objectives = [10.0, 30.0, 20.0, 25.0, 15.0]
+    points = [0.1, 0.5, 0.9, 0.3, 0.7]
+    study = study_of([({n: (p + 0.17 * i) % 1.0 for i, n in enumerate(names)}, v)
+                      for p, v in zip(points, objectives)])
+    drawn: dict[str, list] = {}
+    real_savefig = matplotlib.figure.Figure.savefig
+
+    def seen(fig, path, *args, **kwargs):
+        drawn[Path(path).name] = fig.axes
+        return real_savefig(fig, path, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", seen)
+    plt.close("all")
+    folder = tmp_path / "optuna" / "tuned"
+    files = save_study_plots(study, folder)
+    want = ["optimization_history.png", "param_importances.png", *(["contour.png"] if len(names) >= 2 else [])]
+    assert [f.name for f in files] == want and all(f.parent == folder for f in files)
+    assert all(f.read_bytes().startswith(b"\x89PNG\r\n\x1a\n") for f in files)
+    assert plt.get_fignums() == []
+    history = drawn["optimization_history.png"][0]
+    assert history.get_title() == "Optimization History Plot" and history.get_xlabel() == "Trial"
+    marks = [xy for c in history.collections for xy in c.get_offsets().tolist()]
+    assert marks == [[float(i), v] for i, v in enumerate(objectives)]
+    assert [line.get_ydata().tolist() for line in history.lines] == [[10.0, 30.0, 30.0, 30.0, 30.0]]
+    importances = drawn["param_importances.png"][0]
+    assert sorted(t.get_text() for t in importances.get_yticklabels()) == names
+    if len(names) >= 2:
+        contour = drawn["contour.png"]
+        pairs = {(ax.get_xlabel(), ax.get_ylabel()) for ax in contour if ax.get_xlabel()}
+        assert ("a", "b") in pairs and pairs <= {(x, y) for x in names for y in names}
+        assert contour[-1].get_ylabel() == "Objective Value"  # the colour bar
+
+
+@pytest.mark.parametrize("error", [ValueError, RuntimeError, ZeroDivisionError])
+def test_a_study_plot_optuna_cannot_draw_is_left_out_and_the_next_ones_drawn(error, tmp_path, monkeypatch):
+    """A plot Optuna refuses (too few trials for its importance evaluator) costs that plot only:
+    the history before it and the contour after it are still drawn."""
+    from optuna.visualization import matplotlib as ovm
+
+    from harness.tuning import save_study_plots
+
+    def refuses(study):
+        raise error("too few trials")
+
+    monkeypatch.setattr(ovm, "plot_param_importances", refuses)
+    study = study_of([({"a": a, "b": 1.0 - a}, 10.0 * a) for a in (0.1, 0.4, 0.8)])
+    assert [f.name for f in save_study_plots(study, tmp_path)] == ["optimization_history.png", "contour.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["contour.png", "optimization_history.png"]
