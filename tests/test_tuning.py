@@ -927,6 +927,26 @@ def test_a_journal_storage_under_home_is_the_one_file_wherever_the_sweep_runs(sw
     assert (home / "studies.log").is_file()
 
 
+def test_a_study_storage_is_absolute_with_home_expanded(sweep_dict, tmp_path, monkeypatch):
+    """The storage a trial's job reopens from another process or node names the same file: a
+    journal's ``~`` is the home folder and a relative path is taken from where the sweep started;
+    the default journal lies in the output folder; a database URL is passed on as written."""
+    from harness.tuning import storage_spec
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+
+    def spec(storage: str | None) -> str:
+        cfg = validate_config(typed_study(sweep_dict, space={"scaling": {"type": "float", "low": 0.0, "high": 1.0}},
+                                          **({"storage": storage} if storage else {})))
+        return storage_spec(cfg, cfg.methods[0].tune)
+
+    assert spec("journal:~/studies.log") == f"journal:{tmp_path}/home/studies.log"
+    assert spec("journal:shared/studies.log") == f"journal:{tmp_path}/shared/studies.log"
+    assert spec(None) == f"journal:{tmp_path}/out/optuna/journal.log"
+    assert spec("sqlite:///studies.db") == "sqlite:///studies.db"
+
+
 def test_collect_finds_a_shared_study_done_as_the_sweep_that_ran_it_did(sweep_dict, tmp_path):
     """Sweep b ran the 1 trial n_trials 2 missing beside a's running one and showed its row:
     collect, which runs no study, finds that study done too and keeps the row."""
