@@ -1853,6 +1853,28 @@ def test_a_new_database_storage_another_sweep_creates_at_the_same_time_is_opened
     assert study.study_name == "toy.task_arithmetic" and study.n_trials == 2
 
 
+def test_a_database_storage_another_process_holds_locked_is_opened_once_it_is_released(tmp_path):
+    """Another sweep's driver writing to a shared ``sqlite:///`` storage holds the database locked
+    past SQLite's busy timeout (here 0.3 s): opening it failed with "database is locked", a storage
+    that "cannot be opened", instead of opening it once the other process let go."""
+    import optuna
+
+    from harness.tuning import open_storage
+
+    db = tmp_path / "studies.db"
+    holder = subprocess.Popen([sys.executable, "-c", "import sqlite3, sys, time\n"
+                               f"c = sqlite3.connect({str(db)!r}, isolation_level=None)\n"
+                               "c.execute('BEGIN EXCLUSIVE'); print('held', flush=True); time.sleep(1.2)\n"
+                               "c.execute('COMMIT')"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        storage = open_storage(f"sqlite:///{db}?timeout=0.3")
+    finally:
+        assert holder.wait(timeout=60) == 0
+    optuna.create_study(study_name="s", storage=storage)
+    assert optuna.get_all_study_names(f"sqlite:///{db}") == ["s"]
+
+
 def test_collect_keeps_a_finished_studys_row_whose_robustness_study_failed(sweep_dict, monkeypatch):
     """``collect`` keeps the row of a study an attached sweep finished, from its best setting's
     cached result; that job's in-job robustness study failing costs only the robustness row, yet
