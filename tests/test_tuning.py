@@ -1853,6 +1853,51 @@ def test_a_new_database_storage_another_sweep_creates_at_the_same_time_is_opened
     assert study.study_name == "toy.task_arithmetic" and study.n_trials == 2
 
 
+def test_a_new_database_storage_whose_tables_another_process_creates_meanwhile_is_opened(tmp_path, monkeypatch):
+    """Two drivers opening one new ``sqlite:///`` storage at once: the other process creates the
+    tables after this one found them missing, and this one's CREATE TABLE fails ("table ...
+    already exists"). The tables are there: the storage opens and holds studies."""
+    import optuna
+    from sqlalchemy.sql.ddl import SchemaGenerator
+
+    from harness.tuning import open_storage
+
+    storage = f"sqlite:///{tmp_path / 'studies.db'}"
+    real_check = SchemaGenerator._can_create_table
+
+    def other_driver_creates_them_now(self, table):
+        missing = real_check(self, table)
+        monkeypatch.setattr(SchemaGenerator, "_can_create_table", real_check)
+        subprocess.run([sys.executable, "-c", f"import optuna; optuna.storages.RDBStorage({storage!r})"], check=True,
+                       timeout=120)
+        return missing
+
+    monkeypatch.setattr(SchemaGenerator, "_can_create_table", other_driver_creates_them_now)
+    optuna.create_study(study_name="s", storage=open_storage(storage))
+    assert optuna.get_all_study_names(storage) == ["s"]
+
+
+def test_a_database_storage_that_cannot_be_opened_is_tried_once(tmp_path, monkeypatch):
+    """Only a race with another driver creating the database is tried again: a database in a
+    folder that does not exist fails at its first try, without waiting between tries."""
+    import optuna
+    from sqlalchemy.exc import OperationalError
+
+    from harness.tuning import open_storage
+
+    tries = []
+    real = optuna.storages.RDBStorage
+
+    def counted(*args, **kwargs):
+        tries.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(optuna.storages, "RDBStorage", counted)
+    with pytest.raises(OperationalError, match="unable to open database file"):
+        open_storage(f"sqlite:///{tmp_path / 'no' / 'such' / 'studies.db'}")
+    assert len(tries) == 1
+
+
 def test_a_database_storage_another_process_holds_locked_is_opened_once_it_is_released(tmp_path):
     """Another sweep's driver writing to a shared ``sqlite:///`` storage holds the database locked
     past SQLite's busy timeout (here 0.3 s): opening it failed with "database is locked", a storage
