@@ -1548,6 +1548,26 @@ def test_a_journal_lock_left_behind_is_waited_for_with_a_line_saying_so(tmp_path
     assert set(optuna.get_all_study_names(storage)) == {"first", "second"}
 
 
+def test_a_journal_lock_another_driver_holds_for_a_moment_is_waited_for_without_a_line(tmp_path, capsys):
+    """Another driver's write holds the journal's lock for milliseconds (here 0.1 s): waiting for
+    it is no news, and a line for each such wait would bury the trials' lines."""
+    import threading
+
+    import optuna
+
+    from harness.tuning import open_storage, quiet_optuna
+
+    quiet_optuna()
+    journal = tmp_path / "journal.log"
+    optuna.create_study(study_name="first", storage=open_storage(f"journal:{journal}"))
+    lock = Path(f"{journal}.lock")
+    os.symlink(journal, lock)
+    threading.Timer(0.1, lock.unlink).start()
+    optuna.create_study(study_name="second", storage=open_storage(f"journal:{journal}"))
+    assert not lock.exists() and capsys.readouterr().err == ""
+    assert set(optuna.get_all_study_names(open_storage(f"journal:{journal}"))) == {"first", "second"}
+
+
 @pytest.mark.parametrize("sampler", ["tpe", "random"])
 def test_a_study_run_in_two_goes_draws_what_one_run_draws(sampler, sweep_dict, tmp_path):
     """A study stopped after two trials (killed, or given fewer) and resumed asks the same
