@@ -881,6 +881,20 @@ def test_a_shared_studys_trial_naming_no_folder_does_not_count_toward_n_trials(s
     assert [t.state.name for t in b.study.trials] == ["RUNNING", "COMPLETE", "COMPLETE"]
 
 
+def test_a_trial_a_killed_driver_left_unnamed_in_its_folders_own_journal_runs_again(sweep_dict):
+    """A folder's own journal holds its drivers' trials only, and this driver holds the folder's
+    lock: a RUNNING trial there is stale, named or not (its driver killed between asking it and
+    naming its folder). It runs again, and the study ends with n_trials completed, none running."""
+    from optuna.distributions import FloatDistribution
+
+    d = typed_study(sweep_dict, n_trials=2, sampler="random", space={"scaling": {"type": "float", "low": 0.0,
+                                                                                  "high": 1.0}})
+    runner = study_runner(validate_config(d))
+    runner.study.ask({"scaling": FloatDistribution(0.0, 1.0)})
+    runner.run(scored, lambda *_: None)
+    assert [t.state.name for t in runner.study.trials] == ["COMPLETE", "COMPLETE"]
+
+
 def test_two_drivers_asking_at_once_draw_each_their_trials_own_point(sweep_dict, tmp_path):
     """Drivers a and b ask together: b's trial is created after a read the study's trial count and
     before a's trial is. Each trial draws the point a single driver draws for its number (seeded
