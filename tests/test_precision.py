@@ -157,6 +157,22 @@ def test_an_autocast_that_silently_stays_float32_is_refused_and_checked_per_devi
     assert set(precision._CHECKED) == {("bf16", "cpu"), ("bf16", "meta")}
 
 
+def test_autocast_runs_on_the_devices_kind_in_the_precisions_dtype_and_is_probed_once(monkeypatch):
+    """``cuda:1`` autocasts as device type ``cuda`` (a CPU autocast there would leave the GPU in
+    float32), each precision in its own dtype; a device is probed once per process, not per job."""
+    import harness.precision as precision
+
+    monkeypatch.setattr(torch, "autocast", lambda **kwargs: kwargs)
+    assert precision.autocast("bf16", "cuda:1") == {"device_type": "cuda", "dtype": torch.bfloat16}
+    assert precision.autocast("fp16", torch.device("cpu")) == {"device_type": "cpu", "dtype": torch.float16}
+    probed = []
+    monkeypatch.setattr(precision, "_CHECKED", {})
+    monkeypatch.setattr(precision, "_probe", lambda dtype, device: probed.append((dtype, device)))
+    for _ in range(3):
+        precision.check_precision("bf16", "cuda:1")
+    assert probed == [(torch.bfloat16, torch.device("cuda:1"))]
+
+
 # ---------------------------------------------------------------------------------------------
 # evaluation and adaptation run in reduced precision
 
