@@ -136,6 +136,27 @@ def test_the_folders_and_store_default_to_the_documented_places(sweep_dict, tmp_
     assert given.resolved_tracking_uri() == "sqlite:///given.db"
 
 
+def test_a_home_folder_in_a_path_field_is_expanded(sweep_dict, tmp_path, monkeypatch):
+    """``~`` in a path field is the home folder, as in a shell, not a folder named ``~`` in the
+    cwd: the sweep's folders and store, data folders (the sweep's and a task's own) and the model's
+    files."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("HOME", str(home))
+    model = {"source": "files", "arch": "harness-micro-vit", "pretrained": "~/ckpt/pre.safetensors",
+             "finetuned_pattern": "~/ckpt/{task}.safetensors", "finetuned": {A: "~/ckpt/a.safetensors"},
+             "heads": {A: "~/heads/a.safetensors"}}
+    tasks = [{"name": A, "options": {"data_root": "~/own"}}, B]
+    cfg = validate_config(dict(sweep_dict, output_dir="~/out", cache_dir="~/cache", tracking_uri="~/mlruns",
+                               data_root="~/data", model=model, tasks=tasks))
+    assert (cfg.output_dir, cfg.cache_dir, cfg.tracking_uri, cfg.data_root) == (
+        f"{home}/out", f"{home}/cache", f"{home}/mlruns", f"{home}/data")
+    assert cfg.resolved_output_dir() == home / "out" and cfg.resolved_cache_dir() == home / "cache"
+    assert cfg.tasks[0].options["data_root"] == f"{home}/own"
+    assert (cfg.model.pretrained, cfg.model.finetuned_pattern) == (f"{home}/ckpt/pre.safetensors",
+                                                                   f"{home}/ckpt/{{task}}.safetensors")
+    assert cfg.model.finetuned == {A: f"{home}/ckpt/a.safetensors"} and cfg.model.heads == {A: f"{home}/heads/a.safetensors"}
+
+
 def test_a_tuned_range_cannot_be_both_log_scaled_and_stepped(sweep_dict):
     """Optuna has no log-scaled stepped range: the step would be dropped, or the first trial fail."""
     space = {"scaling": {"type": "float", "low": 0.1, "high": 0.9, "log": True, "step": 0.2}}

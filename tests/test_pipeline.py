@@ -198,6 +198,56 @@ def test_batches_cover_the_data_once_per_epoch_in_a_new_order_each_time():
     assert len({tuple(e.tolist()) for e in epochs}) > 1
 
 
+def test_batches_of_data_the_batch_size_divides_cover_it_all_each_epoch():
+    """9 images in batches of 3 are 3 batches an epoch (none dropped); 4 images in batches of 8 are
+    one batch of all 4, not a wait for a batch that never fills."""
+    batches = finetune._batches(9, 3, torch.Generator().manual_seed(0))
+    for _ in range(3):
+        assert sorted(torch.cat([next(batches) for _ in range(3)]).tolist()) == list(range(9))
+    small = finetune._batches(4, 8, torch.Generator().manual_seed(0))
+    assert [sorted(next(small).tolist()) for _ in range(2)] == [[0, 1, 2, 3]] * 2
+
+
+def test_finetuning_preserves_on_half_batches_reports_each_step_and_returns_an_eval_model():
+    """With preservation each step draws ``batch_size // 2`` pool images, which the encoder being
+    tuned and the pretrained one both see; ``progress`` gets steps 1..steps; the tuned encoder
+    comes back in eval mode (dropout off), ready to evaluate."""
+    seen: list[int] = []
+
+    class Spy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(12, 4)
+
+        def forward(self, x):
+            seen.append(len(x))
+            return self.lin(x.flatten(1))
+
+    gen = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(20, 3, 2, 2, generator=gen), torch.arange(20) % 3)
+    steps = []
+    tuned = finetune_encoder(Spy(), torch.randn(3, 4, generator=gen), data, steps=2, batch_size=8, warmup=0,
+                             preserve_weight=1.0, preserve_images=torch.randn(30, 3, 2, 2, generator=gen),
+                             progress=lambda step, total, metrics: steps.append((step, total)))
+    assert seen == [8, 4, 4] * 2  # the task batch, then the pool batch through the reference and the tuned copy
+    assert steps == [(1, 2), (2, 2)] and not tuned.training
+
+
+def test_finetune_rejects_a_negative_preservation_weight():
+    """A negative weight would reward drifting from the pretrained features."""
+    encoder = build_clip("harness-micro-vit").visual
+    with pytest.raises(ValueError, match="preserve_weight must be >= 0"):
+        finetune_encoder(encoder, torch.randn(3, 32), _separable(), steps=1, preserve_weight=-0.5,
+                         preserve_images=_separable().tensors[0])
+
+
+def test_finetune_rejects_preservation_with_an_empty_pool():
+    encoder = build_clip("harness-micro-vit").visual
+    with pytest.raises(ValueError, match="preserve_weight > 0 needs preserve_images"):
+        finetune_encoder(encoder, torch.randn(3, 32), _separable(), steps=1, preserve_weight=1.0,
+                         preserve_images=torch.empty(0, 3, 16, 16))
+
+
 def test_finetune_rejects_preservation_without_images():
     encoder = build_clip("harness-micro-vit").visual
     with pytest.raises(ValueError):

@@ -157,6 +157,37 @@ def test_an_autocast_that_silently_stays_float32_is_refused_and_checked_per_devi
     assert set(precision._CHECKED) == {("bf16", "cpu"), ("bf16", "meta")}
 
 
+def test_an_autocast_the_backend_refuses_is_a_precision_error_with_its_reason(monkeypatch):
+    """A backend that raises on the dtype (no fp16 kernels) is not a device the precision runs on:
+    the job fails with that reason, not later mid-evaluation or silently in float32."""
+    import harness.precision as precision
+
+    def refuses(**kwargs):
+        raise RuntimeError("fp16 autocast is not supported here\nsecond line")
+
+    monkeypatch.setattr(precision, "_CHECKED", {})
+    monkeypatch.setattr(torch, "autocast", refuses)
+    with pytest.raises(precision.PrecisionError,
+                       match=r"fp16 does not run on cpu .*\(RuntimeError: fp16 autocast is not supported here\);"):
+        precision.check_precision("fp16", "cpu")
+
+
+def test_autocast_runs_on_the_devices_kind_in_the_precisions_dtype_and_is_probed_once(monkeypatch):
+    """``cuda:1`` autocasts as device type ``cuda`` (a CPU autocast there would leave the GPU in
+    float32), each precision in its own dtype; a device is probed once per process, not per job."""
+    import harness.precision as precision
+
+    monkeypatch.setattr(torch, "autocast", lambda **kwargs: kwargs)
+    assert precision.autocast("bf16", "cuda:1") == {"device_type": "cuda", "dtype": torch.bfloat16}
+    assert precision.autocast("fp16", torch.device("cpu")) == {"device_type": "cpu", "dtype": torch.float16}
+    probed = []
+    monkeypatch.setattr(precision, "_CHECKED", {})
+    monkeypatch.setattr(precision, "_probe", lambda dtype, device: probed.append((dtype, device)))
+    for _ in range(3):
+        precision.check_precision("bf16", "cuda:1")
+    assert probed == [(torch.bfloat16, torch.device("cuda:1"))]
+
+
 # ---------------------------------------------------------------------------------------------
 # evaluation and adaptation run in reduced precision
 

@@ -70,6 +70,9 @@ def test_tuning_recovers_grid_best(trained_checkpoints, tmp_path):
     assert tune_run.data.metrics["best_objective"] == pytest.approx(max(t.data.metrics["objective"] for t in trials))
     arts = {a.path for a in client.list_artifacts(tune_run.info.run_id, "optuna")}
     assert "optuna/optimization_history.png" in arts
+    assert arts == {"optuna/optimization_history.png", "optuna/param_importances.png"}  # one tuned name: no contour
+    plots = cfg.resolved_output_dir() / "optuna" / "tuned"  # the method's own folder (README)
+    assert sorted(p.name for p in plots.iterdir()) == ["optimization_history.png", "param_importances.png"]
     # test/val separation: trials never saw test labels
     for t in trials:
         assert "val/acc/avg" in t.data.metrics
@@ -926,6 +929,20 @@ def test_a_shared_studys_trial_naming_no_folder_does_not_count_toward_n_trials(s
     assert [t.state.name for t in b.study.trials] == ["RUNNING", "COMPLETE", "COMPLETE"]
 
 
+def test_a_trial_a_killed_driver_left_unnamed_in_its_folders_own_journal_runs_again(sweep_dict):
+    """A folder's own journal holds its drivers' trials only, and this driver holds the folder's
+    lock: a RUNNING trial there is stale, named or not (its driver killed between asking it and
+    naming its folder). It runs again, and the study ends with n_trials completed, none running."""
+    from optuna.distributions import FloatDistribution
+
+    d = typed_study(sweep_dict, n_trials=2, sampler="random", space={"scaling": {"type": "float", "low": 0.0,
+                                                                                  "high": 1.0}})
+    runner = study_runner(validate_config(d))
+    runner.study.ask({"scaling": FloatDistribution(0.0, 1.0)})
+    runner.run(scored, lambda *_: None)
+    assert [t.state.name for t in runner.study.trials] == ["COMPLETE", "COMPLETE"]
+
+
 def test_two_drivers_asking_at_once_draw_each_their_trials_own_point(sweep_dict, tmp_path):
     """Drivers a and b ask together: b's trial is created after a read the study's trial count and
     before a's trial is. Each trial draws the point a single driver draws for its number (seeded
@@ -970,6 +987,26 @@ def test_a_journal_storage_under_home_is_the_one_file_wherever_the_sweep_runs(sw
         assert not (tmp_path / cwd / "~").exists()
     assert [t.state.name for t in stored_study(validate_config(d)).trials] == ["COMPLETE"]
     assert (home / "studies.log").is_file()
+
+
+def test_a_study_storage_is_absolute_with_home_expanded(sweep_dict, tmp_path, monkeypatch):
+    """The storage a trial's job reopens from another process or node names the same file: a
+    journal's ``~`` is the home folder and a relative path is taken from where the sweep started;
+    the default journal lies in the output folder; a database URL is passed on as written."""
+    from harness.tuning import storage_spec
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+
+    def spec(storage: str | None) -> str:
+        cfg = validate_config(typed_study(sweep_dict, space={"scaling": {"type": "float", "low": 0.0, "high": 1.0}},
+                                          **({"storage": storage} if storage else {})))
+        return storage_spec(cfg, cfg.methods[0].tune)
+
+    assert spec("journal:~/studies.log") == f"journal:{tmp_path}/home/studies.log"
+    assert spec("journal:shared/studies.log") == f"journal:{tmp_path}/shared/studies.log"
+    assert spec(None) == f"journal:{tmp_path}/out/optuna/journal.log"
+    assert spec("sqlite:///studies.db") == "sqlite:///studies.db"
 
 
 def test_collect_finds_a_shared_study_done_as_the_sweep_that_ran_it_did(sweep_dict, tmp_path):
@@ -1573,6 +1610,26 @@ def test_a_journal_lock_left_behind_is_waited_for_with_a_line_saying_so(tmp_path
     assert set(optuna.get_all_study_names(storage)) == {"first", "second"}
 
 
+def test_a_journal_lock_another_driver_holds_for_a_moment_is_waited_for_without_a_line(tmp_path, capsys):
+    """Another driver's write holds the journal's lock for milliseconds (here 0.1 s): waiting for
+    it is no news, and a line for each such wait would bury the trials' lines."""
+    import threading
+
+    import optuna
+
+    from harness.tuning import open_storage, quiet_optuna
+
+    quiet_optuna()
+    journal = tmp_path / "journal.log"
+    optuna.create_study(study_name="first", storage=open_storage(f"journal:{journal}"))
+    lock = Path(f"{journal}.lock")
+    os.symlink(journal, lock)
+    threading.Timer(0.1, lock.unlink).start()
+    optuna.create_study(study_name="second", storage=open_storage(f"journal:{journal}"))
+    assert not lock.exists() and capsys.readouterr().err == ""
+    assert set(optuna.get_all_study_names(open_storage(f"journal:{journal}"))) == {"first", "second"}
+
+
 @pytest.mark.parametrize("sampler", ["tpe", "random"])
 def test_a_study_run_in_two_goes_draws_what_one_run_draws(sampler, sweep_dict, tmp_path):
     """A study stopped after two trials (killed, or given fewer) and resumed asks the same
@@ -1878,6 +1935,73 @@ def test_a_new_database_storage_another_sweep_creates_at_the_same_time_is_opened
     assert study.study_name == "toy.task_arithmetic" and study.n_trials == 2
 
 
+def test_a_new_database_storage_whose_tables_another_process_creates_meanwhile_is_opened(tmp_path, monkeypatch):
+    """Two drivers opening one new ``sqlite:///`` storage at once: the other process creates the
+    tables after this one found them missing, and this one's CREATE TABLE fails ("table ...
+    already exists"). The tables are there: the storage opens and holds studies."""
+    import optuna
+    from sqlalchemy.sql.ddl import SchemaGenerator
+
+    from harness.tuning import open_storage
+
+    storage = f"sqlite:///{tmp_path / 'studies.db'}"
+    real_check = SchemaGenerator._can_create_table
+
+    def other_driver_creates_them_now(self, table):
+        missing = real_check(self, table)
+        monkeypatch.setattr(SchemaGenerator, "_can_create_table", real_check)
+        subprocess.run([sys.executable, "-c", f"import optuna; optuna.storages.RDBStorage({storage!r})"], check=True,
+                       timeout=120)
+        return missing
+
+    monkeypatch.setattr(SchemaGenerator, "_can_create_table", other_driver_creates_them_now)
+    optuna.create_study(study_name="s", storage=open_storage(storage))
+    assert optuna.get_all_study_names(storage) == ["s"]
+
+
+def test_a_database_storage_that_cannot_be_opened_is_tried_once(tmp_path, monkeypatch):
+    """Only a race with another driver creating the database is tried again: a database in a
+    folder that does not exist fails at its first try, without waiting between tries."""
+    import optuna
+    from sqlalchemy.exc import OperationalError
+
+    from harness.tuning import open_storage
+
+    tries = []
+    real = optuna.storages.RDBStorage
+
+    def counted(*args, **kwargs):
+        tries.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(optuna.storages, "RDBStorage", counted)
+    with pytest.raises(OperationalError, match="unable to open database file"):
+        open_storage(f"sqlite:///{tmp_path / 'no' / 'such' / 'studies.db'}")
+    assert len(tries) == 1
+
+
+def test_a_database_storage_another_process_holds_locked_is_opened_once_it_is_released(tmp_path):
+    """Another sweep's driver writing to a shared ``sqlite:///`` storage holds the database locked
+    past SQLite's busy timeout (here 0.3 s): opening it failed with "database is locked", a storage
+    that "cannot be opened", instead of opening it once the other process let go."""
+    import optuna
+
+    from harness.tuning import open_storage
+
+    db = tmp_path / "studies.db"
+    holder = subprocess.Popen([sys.executable, "-c", "import sqlite3, sys, time\n"
+                               f"c = sqlite3.connect({str(db)!r}, isolation_level=None)\n"
+                               "c.execute('BEGIN EXCLUSIVE'); print('held', flush=True); time.sleep(1.2)\n"
+                               "c.execute('COMMIT')"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        storage = open_storage(f"sqlite:///{db}?timeout=0.3")
+    finally:
+        assert holder.wait(timeout=60) == 0
+    optuna.create_study(study_name="s", storage=storage)
+    assert optuna.get_all_study_names(f"sqlite:///{db}") == ["s"]
+
+
 def test_collect_keeps_a_finished_studys_row_whose_robustness_study_failed(sweep_dict, monkeypatch):
     """``collect`` keeps the row of a study an attached sweep finished, from its best setting's
     cached result; that job's in-job robustness study failing costs only the robustness row, yet
@@ -2164,3 +2288,76 @@ def test_tune_command_on_an_untuned_row_names_only_the_tuned_rows_of_that_method
     assert r.stderr == (f"error: {f}: methods.0.tune: method 'task_arithmetic' has no tune block "
                         "(tuned task_arithmetic rows: 'ta_tuned')\n"), r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def study_of(values: list[tuple[dict[str, float], float]]):
+    """An in-memory maximised study holding one completed trial per (params, objective)."""
+    import optuna
+    from optuna.distributions import FloatDistribution
+
+    study = optuna.create_study(direction="maximize")
+    for params, value in values:
+        dists = {name: FloatDistribution(0.0, 1.0) for name in params}
+        study.add_trial(optuna.trial.create_trial(params=params, distributions=dists, value=value))
+    return study
+
+
+@pytest.mark.parametrize("names", [["a"], ["a", "b"], ["a", "b", "c"]])
+def test_study_plots_are_the_history_importances_and_contour_of_its_trials(names, tmp_path, monkeypatch):
+    """Optuna's optimization-history, importance and contour plots (README), one PNG each in the
+    folder given (made when new): the history marks each trial's objective and draws the best so
+    far, the importances name the tuned parameters, the contour plots one parameter against
+    another; a study of one parameter has nothing to contour. No figure is left open."""
+    import matplotlib.figure
+    import matplotlib.pyplot as plt
+
+    from harness.tuning import save_study_plots
+
+    objectives = [10.0, 30.0, 20.0, 25.0, 15.0]
+    points = [0.1, 0.5, 0.9, 0.3, 0.7]
+    study = study_of([({n: (p + 0.17 * i) % 1.0 for i, n in enumerate(names)}, v)
+                      for p, v in zip(points, objectives)])
+    drawn: dict[str, list] = {}
+    real_savefig = matplotlib.figure.Figure.savefig
+
+    def seen(fig, path, *args, **kwargs):
+        drawn[Path(path).name] = fig.axes
+        return real_savefig(fig, path, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", seen)
+    plt.close("all")
+    folder = tmp_path / "optuna" / "tuned"
+    files = save_study_plots(study, folder)
+    want = ["optimization_history.png", "param_importances.png", *(["contour.png"] if len(names) >= 2 else [])]
+    assert [f.name for f in files] == want and all(f.parent == folder for f in files)
+    assert all(f.read_bytes().startswith(b"\x89PNG\r\n\x1a\n") for f in files)
+    assert plt.get_fignums() == []
+    history = drawn["optimization_history.png"][0]
+    assert history.get_title() == "Optimization History Plot" and history.get_xlabel() == "Trial"
+    marks = [xy for c in history.collections for xy in c.get_offsets().tolist()]
+    assert marks == [[float(i), v] for i, v in enumerate(objectives)]
+    assert [line.get_ydata().tolist() for line in history.lines] == [[10.0, 30.0, 30.0, 30.0, 30.0]]
+    importances = drawn["param_importances.png"][0]
+    assert sorted(t.get_text() for t in importances.get_yticklabels()) == names
+    if len(names) >= 2:
+        contour = drawn["contour.png"]
+        pairs = {(ax.get_xlabel(), ax.get_ylabel()) for ax in contour if ax.get_xlabel()}
+        assert ("a", "b") in pairs and pairs <= {(x, y) for x in names for y in names}
+        assert contour[-1].get_ylabel() == "Objective Value"  # the colour bar
+
+
+@pytest.mark.parametrize("error", [ValueError, RuntimeError, ZeroDivisionError])
+def test_a_study_plot_optuna_cannot_draw_is_left_out_and_the_next_ones_drawn(error, tmp_path, monkeypatch):
+    """A plot Optuna refuses (too few trials for its importance evaluator) costs that plot only:
+    the history before it and the contour after it are still drawn."""
+    from optuna.visualization import matplotlib as ovm
+
+    from harness.tuning import save_study_plots
+
+    def refuses(study):
+        raise error("too few trials")
+
+    monkeypatch.setattr(ovm, "plot_param_importances", refuses)
+    study = study_of([({"a": a, "b": 1.0 - a}, 10.0 * a) for a in (0.1, 0.4, 0.8)])
+    assert [f.name for f in save_study_plots(study, tmp_path)] == ["optimization_history.png", "contour.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["contour.png", "optimization_history.png"]
