@@ -473,9 +473,6 @@ def _projection_of(state: Mapping[str, torch.Tensor], path: Path) -> torch.Tenso
     raise HarnessError(f"{path}: holds no visual projection ('visual_projection.weight', 'visual.proj' or 'proj')")
 
 
-
-
-
 def convert_hf_checkpoint(
     src: str | os.PathLike,
     dst: str | os.PathLike,
