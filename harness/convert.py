@@ -114,9 +114,9 @@ def write_checkpoint(state: dict[str, torch.Tensor], out: Path, metadata: dict[s
     metadata is kept and nothing is written (its sidecar only where it has none), ``kept`` called
     with ``out``, so rerunning a conversion succeeds."""
     side = out.with_name(out.name + ".json")
+    if out.is_dir():  # never replaced, --overwrite or not: it may hold anything
+        raise HarnessError(f"{out}: is a folder, not a checkpoint file to write (move it, or name another destination)")
     if out.exists() and not overwrite:
-        if out.is_dir():
-            raise HarnessError(f"{out}: is a folder, not a checkpoint file to write")
         if not _holds(out, state, {k: str(v) for k, v in metadata.items()}):
             raise HarnessError(f"{out}: exists and holds another checkpoint; not replaced (pass --overwrite to "
                                "replace it, in Python overwrite=True, or name another destination)")

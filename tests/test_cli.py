@@ -718,6 +718,25 @@ def test_an_existing_destination_is_replaced_only_with_overwrite(command, micro_
     assert (dst.read_bytes(), Path(f"{dst}.json").read_bytes()) == converted
 
 
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
+@pytest.mark.parametrize("command", ["convert", "import"])
+def test_a_folder_where_the_output_file_goes_is_kept_even_with_overwrite(command, overwrite, micro_checkpoints,
+                                                                          tmp_path):
+    """DST a folder holding a folder named as the output (``out/toy_stripes.safetensors/``): with
+    ``--overwrite`` the write ended in a traceback (IsADirectoryError). Both refuse it naming the
+    folder, whose files stay as they were, and leave no partial file."""
+    src = micro_checkpoints / "toy_stripes.safetensors"
+    taken = tmp_path / "out" / "toy_stripes.safetensors"
+    taken.mkdir(parents=True)
+    (taken / "notes.txt").write_text("mine")
+    r = CliRunner().invoke(main, [command, str(src), str(tmp_path / "out"), *overwrite])
+    assert r.exit_code == 2, r.output
+    assert " ".join(r.output.split()) == (f"error: {taken}: is a folder, not a checkpoint file to write (move it, "
+                                          "or name another destination)"), r.output
+    assert sorted(p.name for p in (tmp_path / "out").rglob("*")) == ["notes.txt", "toy_stripes.safetensors"]
+    assert (taken / "notes.txt").read_text() == "mine"
+
+
 @pytest.mark.parametrize("command", ["convert", "import"])
 def test_an_empty_destination_is_refused_before_any_work(command, micro_checkpoints, tmp_path, monkeypatch):
     """`harness convert SRC ""` wrote into the current folder, as `export --out ''` is refused not to."""
