@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Literal
 
 from harness.cache import build_lock, remove_stale_temporaries
-from harness.convert import FORMAT, convert_pickled_checkpoint
+from harness.convert import FORMAT, convert_pickled_checkpoint, refuse_folder
 from harness.errors import HarnessError, NotBuilt
 from harness.hf_convert import (
     Kind,
@@ -129,12 +129,13 @@ def import_checkpoints(
 def _tree_outputs(src: Path, dst: Path, items: list[Path]) -> dict[Path, Path]:
     """Each item's output file under ``dst``, keeping its relative layout; two sources that would
     write one file (``finetuned.pt`` beside ``finetuned.safetensors``) are refused before any
-    conversion, or the second would silently replace the first."""
+    conversion, or the second would silently replace the first; so is a folder standing at an output."""
     outputs: dict[Path, Path] = {}
     claimed: dict[Path, Path] = {}
     for item in items:
         rel = item.relative_to(src)
         out = (dst / rel).with_suffix(".safetensors") if item.is_file() else dst / rel.parent / f"{rel.name}.safetensors"
+        refuse_folder(out)  # else converted into it, as into a folder named as the destination
         if out in claimed:
             raise HarnessError(f"{claimed[out]} and {item} would both be converted into {out}: move or rename one "
                                "of them, or import each on its own with `harness import SRC DST`")

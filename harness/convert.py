@@ -114,8 +114,7 @@ def write_checkpoint(state: dict[str, torch.Tensor], out: Path, metadata: dict[s
     metadata is kept and nothing is written (its sidecar only where it has none), ``kept`` called
     with ``out``, so rerunning a conversion succeeds."""
     side = out.with_name(out.name + ".json")
-    if out.is_dir():  # never replaced, --overwrite or not: it may hold anything
-        raise HarnessError(f"{out}: is a folder, not a checkpoint file to write (move it, or name another destination)")
+    refuse_folder(out)
     if out.exists() and not overwrite:
         if not _holds(out, state, {k: str(v) for k, v in metadata.items()}):
             raise HarnessError(f"{out}: exists and holds another checkpoint; not replaced (pass --overwrite to "
@@ -127,6 +126,13 @@ def write_checkpoint(state: dict[str, torch.Tensor], out: Path, metadata: dict[s
         return
     save_state_dict(state, out, metadata=metadata)
     atomic_write_json(side, sidecar)
+
+
+def refuse_folder(out: Path) -> None:
+    """A folder where an output file goes is never replaced, ``overwrite`` or not (it may hold
+    anything), nor written into as if it were the destination folder."""
+    if out.is_dir():
+        raise HarnessError(f"{out}: is a folder, not a checkpoint file to write (move it, or name another destination)")
 
 
 def _holds(path: Path, state: dict[str, torch.Tensor], metadata: dict[str, str]) -> bool:

@@ -706,6 +706,26 @@ def test_import_refuses_two_sources_for_one_output_before_converting(tmp_path: P
     assert not (tmp_path / "all").exists()
 
 
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
+def test_import_refuses_a_folder_at_an_output_before_converting(tmp_path: Path, overwrite: list[str]) -> None:
+    """A folder where a tree's output goes (``all/clip_task_a.safetensors/``) was taken as a folder
+    to write into: the import wrote ``all/clip_task_a.safetensors/clip_task_a.safetensors``, a path
+    no sweep names. It is refused naming it, before any conversion, its files kept."""
+    src = tmp_path / "src"
+    write_hf_folder(src / "clip_task_a", micro_visual(1), "gelu")
+    (src / "Cars").mkdir()
+    save_file({k: v.contiguous() for k, v in micro_visual(2).state_dict().items()}, str(src / "Cars" / "finetuned.safetensors"))
+    taken = tmp_path / "all" / "clip_task_a.safetensors"
+    taken.mkdir(parents=True)
+    (taken / "notes.txt").write_text("mine")
+    r = CliRunner().invoke(main, ["import", str(src), str(tmp_path / "all"), "--arch", "harness-micro-vit", *overwrite])
+    assert r.exit_code == 2, r.output
+    assert " ".join(r.output.split()) == f"error: {taken}: is a folder, not a checkpoint file to write (move it, " \
+                                         "or name another destination)", r.output
+    assert sorted(str(p.relative_to(tmp_path / "all")) for p in (tmp_path / "all").rglob("*")) == [
+        "clip_task_a.safetensors", "clip_task_a.safetensors/notes.txt"]
+
+
 @pytest.mark.parametrize("damage", ["missing", "corrupt"])
 def test_import_names_a_missing_or_corrupt_weights_file(tmp_path: Path, damage: str) -> None:
     folder = write_hf_folder(tmp_path / "hf", micro_visual(), "gelu")
