@@ -94,6 +94,7 @@ def import_checkpoints(
     verify: bool = False,
     overwrite: bool = False,
     kept: Callable[[Path], None] | None = None,
+    done: Callable[[Path], None] | None = None,
 ) -> list[Path]:
     """Convert ``src`` (HF folder, checkpoint file, or a folder of them) under ``dst``; return the output files.
 
@@ -102,15 +103,18 @@ def import_checkpoints(
     ``full`` keeps the text tower of ``CLIPModel`` folders (the pretrained model: zero-shot
     heads need it); vision-only folders stay image encoders. An output that exists already is kept
     as :func:`harness.convert.write_checkpoint` says (``overwrite``, ``kept``): the same import
-    run again writes nothing.
+    run again writes nothing. ``done`` is called with each output once it is written or kept, so
+    the outputs made before an error that stops a tree's import can be told.
     """
     src, given, dst = Path(src), dst, Path(dst)
     layout = detect_layout(src)
-    if layout == "huggingface":
-        return [_import_hf(src, given, arch, projection, full, verify, overwrite, kept)]
-    if layout == "file":
-        return [convert_pickled_checkpoint(src, given, trust_pickle=trust_pickle, arch=arch, overwrite=overwrite,
-                                           kept=kept)]
+    if layout in ("huggingface", "file"):
+        out = (_import_hf(src, given, arch, projection, full, verify, overwrite, kept) if layout == "huggingface"
+               else convert_pickled_checkpoint(src, given, trust_pickle=trust_pickle, arch=arch, overwrite=overwrite,
+                                               kept=kept))
+        if done is not None:
+            done(out)
+        return [out]
     if dst.is_file():
         raise HarnessError(f"{dst}: is a file; a folder of checkpoints converts into a folder")
     items = _tree_items(src, skip=dst)
@@ -123,6 +127,8 @@ def import_checkpoints(
         else:
             written.append(convert_pickled_checkpoint(item, out, trust_pickle=trust_pickle, arch=arch,
                                                       overwrite=overwrite, kept=kept))
+        if done is not None:
+            done(written[-1])
     return written
 
 

@@ -798,9 +798,9 @@ def import_(src: str, dst: str, trust_pickle: bool, arch: str | None, projection
 
     _check_destination(dst, "DST")
     kept: list[Path] = []
-    outputs = import_checkpoints(src, dst, trust_pickle=trust_pickle, arch=arch, projection=projection,
-                                 full=full, verify=verify, overwrite=overwrite, kept=kept.append)
-    _print_outputs(outputs, kept)
+    import_checkpoints(src, dst, trust_pickle=trust_pickle, arch=arch, projection=projection, full=full,
+                       verify=verify, overwrite=overwrite, kept=kept.append,
+                       done=lambda path: _print_outputs([path], kept))  # each as made: an error may stop the rest
 
 
 if __name__ == "__main__":

@@ -687,6 +687,25 @@ def test_an_import_over_other_checkpoints_is_refused_and_the_same_import_again_w
     assert {p: (p.read_bytes(), Path(f"{p}.json").read_bytes()) for p in outputs} == written
 
 
+def test_an_import_stopped_by_a_refused_output_names_the_outputs_it_wrote_before(tmp_path: Path) -> None:
+    """The outputs were printed only once all were done: an import stopped by another checkpoint
+    under one output name said nothing of the files it had written before, which were there."""
+    src, dst = tmp_path / "src", tmp_path / "all"
+    (src / "Cars").mkdir(parents=True)
+    torch.save({f"model.visual.{k}": v for k, v in micro_visual().state_dict().items()}, src / "Cars" / "finetuned.pt")
+    write_hf_folder(src / "clip_task_a", micro_visual(), "gelu")
+    dst.mkdir()
+    taken = dst / "clip_task_a.safetensors"
+    save_file({k: v.contiguous() for k, v in micro_visual(seed=1).state_dict().items()}, str(taken))
+    r = CliRunner().invoke(main, ["import", str(src), str(dst), "--arch", "harness-micro-vit"])
+    assert r.exit_code == 2, r.output
+    written = dst / "Cars" / "finetuned.safetensors"
+    lines = r.output.splitlines()
+    assert lines[0] == f"wrote {written}" and lines[1].startswith(f"error: {taken}: exists and holds another"), r.output
+    got = load_state_dict(written)
+    assert all(torch.equal(got[k], v) for k, v in micro_visual().state_dict().items())
+
+
 @pytest.mark.parametrize("other", ["Cars/finetuned.pt", "clip_task_a.pt"])
 def test_import_refuses_two_sources_for_one_output_before_converting(tmp_path: Path, other: str) -> None:
     """``finetuned.pt`` beside ``finetuned.safetensors`` (or an HF folder beside ``<folder>.pt``)
