@@ -111,8 +111,8 @@ def write_checkpoint(state: dict[str, torch.Tensor], out: Path, metadata: dict[s
     """Write a converted checkpoint to ``out``, then its sidecar (last: it marks a finished
     conversion), each atomically. A file already at ``out`` is a checkpoint someone may need: one
     with other content is refused unless ``overwrite``, naming it; one with the same tensors and
-    metadata is kept and nothing is written (its sidecar only where it has none), ``kept`` called
-    with ``out``, so rerunning a conversion succeeds."""
+    metadata is kept, so rerunning a conversion succeeds: only its sidecar is written where it has
+    none, else nothing, and ``kept`` is called with ``out``."""
     side = out.with_name(out.name + ".json")
     refuse_folder(out)
     if out.exists() and not overwrite:
@@ -120,8 +120,8 @@ def write_checkpoint(state: dict[str, torch.Tensor], out: Path, metadata: dict[s
             raise HarnessError(f"{out}: exists and holds another checkpoint; not replaced (pass --overwrite to "
                                "replace it, in Python overwrite=True, or name another destination)")
         if not side.is_file():
-            atomic_write_json(side, sidecar)
-        if kept is not None:
+            atomic_write_json(side, sidecar)  # written, so not reported as kept
+        elif kept is not None:
             kept(out)
         return
     save_state_dict(state, out, metadata=metadata)

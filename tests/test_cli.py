@@ -718,6 +718,20 @@ def test_an_existing_destination_is_replaced_only_with_overwrite(command, micro_
     assert (dst.read_bytes(), Path(f"{dst}.json").read_bytes()) == converted
 
 
+@pytest.mark.parametrize("command", ["convert", "import"])
+def test_a_conversion_whose_sidecar_was_lost_is_not_said_to_write_nothing(command, micro_checkpoints, tmp_path):
+    """Rerun over its own output whose ``.json`` sidecar was deleted, a conversion writes the
+    sidecar again (the same one) but said "already there with the same content, nothing written"."""
+    src, dst = micro_checkpoints / "toy_stripes.safetensors", tmp_path / "enc.safetensors"
+    assert CliRunner().invoke(main, [command, str(src), str(dst)]).exit_code == 0
+    side = Path(f"{dst}.json")
+    converted = dst.read_bytes(), json.loads(side.read_text())
+    side.unlink()
+    r = CliRunner().invoke(main, [command, str(src), str(dst)])
+    assert r.exit_code == 0 and r.output == f"wrote {dst}\n", r.output
+    assert (dst.read_bytes(), json.loads(side.read_text())) == converted
+
+
 @pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
 @pytest.mark.parametrize("command", ["convert", "import"])
 def test_a_folder_where_the_output_file_goes_is_kept_even_with_overwrite(command, overwrite, micro_checkpoints,
