@@ -34,7 +34,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from harness.cache import atomic_write_json
+from harness.cache import atomic_write_json, finite_json, read_json
 from harness.errors import HarnessError
 from harness.models import (
     build_clip,
@@ -112,14 +112,15 @@ def write_checkpoint(state: dict[str, torch.Tensor], out: Path, metadata: dict[s
     conversion), each atomically. A file already at ``out`` is a checkpoint someone may need: one
     with other content is refused unless ``overwrite``, naming it; one with the same tensors and
     metadata is kept, so rerunning a conversion succeeds: only its sidecar is written where it has
-    none, else nothing, and ``kept`` is called with ``out``."""
+    none or another (a replacing conversion killed between the two writes leaves the replaced
+    one's, naming its source and architecture), else nothing, and ``kept`` is called with ``out``."""
     side = out.with_name(out.name + ".json")
     refuse_folder(out)
     if out.exists() and not overwrite:
         if not _holds(out, state, {k: str(v) for k, v in metadata.items()}):
             raise HarnessError(f"{out}: exists and holds another checkpoint; not replaced (pass --overwrite to "
                                "replace it, in Python overwrite=True, or name another destination)")
-        if not side.is_file():
+        if read_json(side) != json.loads(json.dumps(finite_json(sidecar), default=str)):  # as written
             atomic_write_json(side, sidecar)  # written, so not reported as kept
         elif kept is not None:
             kept(out)

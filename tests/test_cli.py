@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -730,6 +731,28 @@ def test_a_conversion_whose_sidecar_was_lost_is_not_said_to_write_nothing(comman
     r = CliRunner().invoke(main, [command, str(src), str(dst)])
     assert r.exit_code == 0 and r.output == f"wrote {dst}\n", r.output
     assert (dst.read_bytes(), json.loads(side.read_text())) == converted
+
+
+@pytest.mark.parametrize("command", ["convert", "import"])
+def test_a_replacing_conversion_stopped_before_its_sidecar_gets_its_own_sidecar_when_rerun(command, micro_checkpoints,
+                                                                                            tmp_path, monkeypatch):
+    """``--overwrite`` stopped between writing the tensors and the sidecar left the replaced
+    conversion's sidecar beside the new tensors; a rerun kept it, so the output named the other
+    source (and its digest) as its own. The rerun writes the sidecar of what the file holds."""
+    import harness.convert
+
+    old, new = micro_checkpoints / "toy_colours.safetensors", micro_checkpoints / "toy_stripes.safetensors"
+    dst = tmp_path / "enc.safetensors"
+    assert CliRunner().invoke(main, [command, str(old), str(dst)]).exit_code == 0
+    with monkeypatch.context() as m:
+        m.setattr(harness.convert, "atomic_write_json", lambda *a, **k: (_ for _ in ()).throw(OSError("stopped")))
+        assert CliRunner().invoke(main, [command, str(new), str(dst), "--overwrite"]).exit_code != 0
+    assert json.loads(Path(f"{dst}.json").read_text())["source"] == str(old.resolve())
+    r = CliRunner().invoke(main, [command, str(new), str(dst)])
+    assert r.exit_code == 0 and r.output == f"wrote {dst}\n", r.output
+    side = json.loads(Path(f"{dst}.json").read_text())
+    assert side["source"] == str(new.resolve())
+    assert side["source_sha256"] == hashlib.sha256(new.read_bytes()).hexdigest()
 
 
 @pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
