@@ -1621,7 +1621,8 @@ def storage_file_problem(spec: str) -> str | None:
             return None
         path = Path(url.database)
         if not path.parent.exists():
-            return f"folder {path.parent} does not exist (SQLite makes the database file, not its folder)"
+            home = "; a database URL does not expand ~: write the full path" if str(path).startswith("~") else ""
+            return f"folder {path.parent} does not exist (SQLite makes the database file, not its folder{home})"
     if path.is_dir():
         return f"{path} is a folder, not a file"
     problem = folder_problem(path.parent)

@@ -499,6 +499,29 @@ def test_validate_refuses_a_storage_file_the_study_cannot_be_made_in_and_makes_n
     assert sorted(tmp_path.rglob("*")) == before
 
 
+def test_a_sqlite_storage_under_home_written_with_a_tilde_is_told_that_urls_do_not_expand_it(sweep_dict, tmp_path,
+                                                                                               monkeypatch):
+    """``journal:~/...`` is expanded, so ``sqlite:///~/studies.db`` was written too; SQLAlchemy reads
+    it as a folder named ``~`` in the current folder, and the error only said that it does not exist."""
+    from click.testing import CliRunner
+
+    from harness.cli import main
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    monkeypatch.chdir(tmp_path)
+    storage = "sqlite:///~/studies.db"
+    d = dict(sweep_dict, methods=[{"name": "task_arithmetic", "tune": tune_block(n_trials=1, storage=storage)}])
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump(d))
+    r = CliRunner().invoke(main, ["validate", str(f)])
+    assert r.exit_code == 2, r.output
+    assert r.stderr.strip() == (f"error: {f}: methods.0.tune.storage: cannot open it: folder ~ does not exist (SQLite "
+                                "makes the database file, not its folder; a database URL does not expand ~: write the "
+                                f"full path) (got {storage!r})"), r.stderr
+    assert not (tmp_path / "~").exists() and not any((tmp_path / "home").iterdir())
+
+
 @pytest.mark.parametrize("storage", ["journal:{tmp}/new/folders/journal.log", "sqlite:///{tmp}/studies.db",
                                      "journal:~/studies/journal.log"])
 def test_validate_accepts_a_storage_whose_file_the_sweep_can_make(storage, sweep_dict, tmp_path, monkeypatch):
