@@ -1295,3 +1295,29 @@ def test_validate_accepts_folders_of_the_architecture(tmp_path: Path, monkeypatc
     pre, fts = micro_clip_folders(tmp_path / "hf")
     code, err = validate_reading_no_tensor(tmp_path, folder_sweep(tmp_path, "harness-micro-vit", pre, fts), monkeypatch)
     assert code == 0, err
+
+
+@needs_transformers
+def test_validate_accepts_a_sharded_pretrained_folder(tmp_path: Path, monkeypatch) -> None:
+    """A folder saved in shards is checked from its shards' headers, not its index read as weights."""
+    from transformers import CLIPModel
+
+    pre, fts = micro_clip_folders(tmp_path / "hf")
+    CLIPModel.from_pretrained(pre).save_pretrained(tmp_path / "sharded", max_shard_size="50KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    d = folder_sweep(tmp_path, "harness-micro-vit", tmp_path / "sharded", fts)
+    code, err = validate_reading_no_tensor(tmp_path, d, monkeypatch)
+    assert code == 0, err
+
+
+@needs_transformers
+def test_validate_names_a_damaged_pretrained_folder_as_its_own_field(tmp_path: Path, monkeypatch) -> None:
+    """A pretrained folder whose weights cannot be read is model.pretrained's error: model.arch is
+    blamed only for a folder read and found of other sizes."""
+    pre, fts = micro_clip_folders(tmp_path / "hf")
+    (pre / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{broken}")
+    code, err = validate_reading_no_tensor(tmp_path, folder_sweep(tmp_path, "harness-micro-vit", pre, fts),
+                                           monkeypatch)
+    assert code == 2, err
+    assert err.startswith(f"error: {tmp_path / 's.yaml'}: model.pretrained: {pre}: "), err
+    assert "model.safetensors: not a readable safetensors file" in err, err
