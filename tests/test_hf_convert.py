@@ -687,6 +687,31 @@ def test_an_import_over_other_checkpoints_is_refused_and_the_same_import_again_w
     assert {p: (p.read_bytes(), Path(f"{p}.json").read_bytes()) for p in outputs} == written
 
 
+@pytest.mark.parametrize("layout", ["folder", "tree of files"])
+def test_overwrite_reaches_a_lone_folders_import_and_a_trees_files(tmp_path: Path, layout: str) -> None:
+    """An HF folder imported alone, and a ``.pt`` in a tree, replace another checkpoint at their
+    output only with ``--overwrite``, as a tree's folders do."""
+    enc, old = micro_visual(), micro_visual(seed=1)
+    if layout == "folder":
+        src = tmp_path / "clip_task_a"
+        write_hf_folder(src, enc, "gelu")
+        dst = out = tmp_path / "enc.safetensors"
+    else:
+        src, dst = tmp_path / "src", tmp_path / "all"
+        src.mkdir()
+        torch.save({f"model.visual.{k}": v for k, v in enc.state_dict().items()}, src / "Cars.pt")
+        dst.mkdir()
+        out = dst / "Cars.safetensors"
+    save_file({k: v.contiguous() for k, v in old.state_dict().items()}, str(out))
+    args = ["import", str(src), str(dst), "--arch", "harness-micro-vit"]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 2 and f"{out}: exists and holds another checkpoint" in " ".join(r.output.split()), r.output
+    r = CliRunner().invoke(main, [*args, "--overwrite"])
+    assert r.exit_code == 0 and r.output == f"wrote {out}\n", r.output
+    got = load_state_dict(out)
+    assert all(torch.equal(got[k], v) for k, v in enc.state_dict().items())
+
+
 @pytest.mark.parametrize("other", ["Cars/finetuned.pt", "clip_task_a.pt"])
 def test_import_refuses_two_sources_for_one_output_before_converting(tmp_path: Path, other: str) -> None:
     """``finetuned.pt`` beside ``finetuned.safetensors`` (or an HF folder beside ``<folder>.pt``)
