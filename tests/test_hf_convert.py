@@ -574,6 +574,22 @@ def test_a_conversion_whose_sidecar_was_lost_is_converted_again(tmp_path: Path) 
     assert checkpoint_arch(out) == arch
 
 
+def test_a_folder_converted_under_its_generated_name_writes_that_architecture(tmp_path: Path,
+                                                                             monkeypatch) -> None:
+    """Given the name import generated for its sizes, a process that has not registered it (open_clip
+    knows no such name) registers it and writes its config beside its output, as generating it does."""
+    from harness.models import open_clip_module
+
+    folder = write_hf_folder(tmp_path / "hf", micro_visual(), "quick_gelu")
+    arch = checkpoint_arch(convert_hf_checkpoint(folder, tmp_path / "a" / "enc.safetensors"))
+    generated = tmp_path / "a" / "model_configs" / f"{arch}.json"
+    assert arch == generated_arch_name(json.loads(generated.read_text()))
+    monkeypatch.delitem(open_clip_module().factory._MODEL_CONFIGS, arch)  # as in a fresh process
+    convert_hf_checkpoint(folder, tmp_path / "b" / "enc.safetensors", arch=arch)
+    given = tmp_path / "b" / "model_configs" / f"{arch}.json"
+    assert given.is_file() and json.loads(given.read_text()) == json.loads(generated.read_text())
+
+
 def test_a_folder_with_its_own_projection_is_not_converted_again_for_another_projection(tmp_path: Path,
                                                                                         monkeypatch) -> None:
     """The projection source is part of the key only when the folder lacks one: a fine-tuned
