@@ -387,6 +387,23 @@ def test_a_damaged_converted_checkpoint_is_converted_again(tmp_path: Path) -> No
         assert all(torch.equal(load_state_dict(out)[k], v) for k, v in enc.state_dict().items())
 
 
+def test_a_damaged_conversion_of_a_pt_file_is_converted_again(tmp_path: Path) -> None:
+    """As for a folder: a ``.pt`` checkpoint's conversion truncated or emptied in the cache is
+    replaced with the conversion of its source, not refused as another checkpoint."""
+    enc = micro_visual()
+    src = tmp_path / "ckpts" / "Cars.pt"
+    src.parent.mkdir()
+    torch.save({f"model.visual.{k}": v for k, v in enc.state_dict().items()}, src)  # converted, not used in place
+    cache = tmp_path / "cache"
+    out = resolve_checkpoint(src, cache, arch="harness-micro-vit")
+    assert out != src
+    whole = out.read_bytes()
+    for content in (whole[: len(whole) // 2], b""):
+        out.write_bytes(content)
+        assert resolve_checkpoint(src, cache, arch="harness-micro-vit") == out
+        assert all(torch.equal(load_state_dict(out)[k], v) for k, v in enc.state_dict().items())
+
+
 def test_a_conversion_deletes_a_killed_ones_temporaries_and_waits_for_a_running_one(tmp_path: Path, monkeypatch,
                                                                                     capsys) -> None:
     """A killed conversion leaves its hidden temporary file (as large as the model): the next
