@@ -347,6 +347,21 @@ def test_a_vision_model_converted_with_one_projection_is_not_reused_for_another(
         assert torch.equal(load_state_dict(out)["proj"], proj), seed
 
 
+@pytest.mark.parametrize("key", ["proj", "visual.proj", "model.visual.proj", "visual_projection.weight"])
+def test_a_projection_is_read_under_each_layouts_name(tmp_path: Path, key: str) -> None:
+    """A projection file in the harness's, a whole CLIP's, task_vectors' or Hugging Face's layout
+    (the latter ``[embed_dim, width]``, transposed) gives the ``[width, embed_dim]`` projection."""
+    from harness.hf_convert import load_projection
+    from harness.models import save_state_dict
+
+    proj = torch.randn(32, 16, generator=torch.Generator().manual_seed(0))
+    path = tmp_path / "proj.safetensors"
+    save_state_dict({key: proj.t().contiguous() if key == "visual_projection.weight" else proj,
+                     "logit_scale": torch.ones(())}, path)
+    got, digest = load_projection(path)
+    assert torch.equal(got, proj) and digest == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def test_a_pickle_converted_for_one_architecture_is_checked_against_another(tmp_path: Path) -> None:
     """The architecture asked for is part of the conversion's key: an encoder converted once (its
     architecture inferred) is not returned for an architecture its weights do not fit."""
