@@ -451,6 +451,14 @@ def test_an_own_task_is_an_unseen_task_of_an_embedded_sweep(tmp_path):
     assert r.exit_code == 0 and "4 jobs: 4 cached, 0 to run" in r.output, r.output
 
 
+def test_prepare_fine_tunes_an_embedded_sweeps_suite_tasks_beside_an_own_unseen_one(tmp_path):
+    """`harness prepare` builds the models the sweep will use: the two embedded tasks' fine-tuned
+    encoders, none for the own unseen task (the suite has no data to fine-tune it on)."""
+    r = CliRunner().invoke(main, ["prepare", _embedded_sweep(tmp_path, unseen=[MINE]), "-q"])
+    assert r.exit_code == 0, r.output
+    assert "2 fine-tuned encoders under" in " ".join(r.output.split()), r.output
+
+
 def test_an_own_task_unseen_in_a_generalization_block_of_an_embedded_sweep_says_why_not(tmp_path):
     """The main table merges a generalization block's unseen tasks too, so an own task there needs a
     fine-tuned model the embedded suite cannot train: one error saying so and what to do instead."""
