@@ -516,6 +516,10 @@ def test_validate_finds_a_journal_under_the_home_folder_that_cannot_be_made(swee
     assert r.exit_code == 2, r.output
     assert f"methods.0.tune.storage: cannot open it: its folder {tmp_path / 'a_file'}: is a file, not a folder" \
         in r.stderr, r.stderr
+    d["methods"].insert(0, {"name": "ties", "tune": tune_block(n_trials=1, storage=f"journal:{tmp_path}/ok.log")})
+    f.write_text(yaml.safe_dump(d))  # a method's storage is found after another's that can be made
+    r = CliRunner().invoke(main, ["validate", str(f)])
+    assert r.exit_code == 2 and "methods.1.tune.storage: cannot open it: its folder" in r.stderr, r.stderr
 
 
 @pytest.mark.parametrize("storage", ["journal:{tmp}/new/folders/journal.log", "sqlite:///{tmp}/studies.db",
