@@ -1001,7 +1001,7 @@ def check_suite(cfg: SweepConfig, file: str) -> None:
     for i, t in enumerate(cfg.tasks):
         if t.name in EMBEDDED_TASKS or t.name not in cfg.merge_tasks:  # an unseen task needs data and a head only
             continue
-        if cfg.generalization is not None and t.name not in cfg.generalization_seen:
+        if cfg.generalization is not None:  # top-level unseen: cannot go with the block
             instead = ("the main table merges every task, a generalization block's unseen ones too: list it in "
                        "top-level 'unseen:' instead (a generalization study of its own) or give its checkpoint "
                        "with source 'files'")

@@ -501,6 +501,36 @@ def test_a_file_converted_onto_itself_is_refused_and_kept(tmp_path: Path, micro_
     assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
 
 
+def test_an_existing_conversion_is_kept_only_when_it_holds_the_same_tensors_and_metadata(tmp_path: Path) -> None:
+    """Rerunning a conversion keeps its file (writing its sidecar only where it has none); a file
+    differing in one tensor's values, dtype (the same bytes) or names, or in its metadata, is
+    another checkpoint, refused and kept; a folder in the way is named as one."""
+    from harness.convert import FORMAT, write_checkpoint
+    from harness.models import header_metadata
+
+    state = {"w": torch.arange(6, dtype=torch.float32).reshape(2, 3)}
+    meta = {"format": FORMAT, "kind": "image_encoder", "arch": "a", "source_sha256": "0" * 64}
+    out, kept = tmp_path / "c.safetensors", []
+    side = Path(f"{out}.json")
+    write_checkpoint(state, out, meta, {"run": 1})
+    side.unlink()
+    write_checkpoint({"w": state["w"].clone()}, out, dict(meta), {"run": 2}, kept=kept.append)
+    assert kept == [out] and json.loads(side.read_text()) == {"run": 2}
+    write_checkpoint(state, out, meta, {"run": 3}, kept=kept.append)
+    assert kept == [out, out] and json.loads(side.read_text()) == {"run": 2}
+    before = out.read_bytes()
+    for other, other_meta in [({"w": state["w"] + 1}, meta), ({"w": state["w"].view(torch.int32)}, meta),
+                              ({"v": state["w"]}, meta), (state, dict(meta, arch="b"))]:
+        with pytest.raises(HarnessError, match=f"{out}: exists and holds another checkpoint"):
+            write_checkpoint(other, out, other_meta, {"run": 4}, kept=kept.append)
+    assert out.read_bytes() == before and kept == [out, out] and json.loads(side.read_text()) == {"run": 2}
+    write_checkpoint(state, out, dict(meta, arch="b"), {"run": 5}, overwrite=True)
+    assert header_metadata(out)["arch"] == "b" and json.loads(side.read_text()) == {"run": 5}
+    (tmp_path / "d.safetensors").mkdir()
+    with pytest.raises(HarnessError, match="d.safetensors: is a folder, not a checkpoint file to write"):
+        write_checkpoint(state, tmp_path / "d.safetensors", meta, {"run": 6})
+
+
 def test_a_head_bias_of_any_sign_is_kept_and_called_nonzero(tmp_path: Path) -> None:
     """A linear probe's bias is part of its logits: one with only negative entries is kept as
     'bias' (which a sweep then refuses), not dropped as if it were task_vectors' zero bias."""

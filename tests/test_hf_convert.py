@@ -347,6 +347,21 @@ def test_a_vision_model_converted_with_one_projection_is_not_reused_for_another(
         assert torch.equal(load_state_dict(out)["proj"], proj), seed
 
 
+@pytest.mark.parametrize("key", ["proj", "visual.proj", "model.visual.proj", "visual_projection.weight"])
+def test_a_projection_is_read_under_each_layouts_name(tmp_path: Path, key: str) -> None:
+    """A projection file in the harness's, a whole CLIP's, task_vectors' or Hugging Face's layout
+    (the latter ``[embed_dim, width]``, transposed) gives the ``[width, embed_dim]`` projection."""
+    from harness.hf_convert import load_projection
+    from harness.models import save_state_dict
+
+    proj = torch.randn(32, 16, generator=torch.Generator().manual_seed(0))
+    path = tmp_path / "proj.safetensors"
+    save_state_dict({key: proj.t().contiguous() if key == "visual_projection.weight" else proj,
+                     "logit_scale": torch.ones(())}, path)
+    got, digest = load_projection(path)
+    assert torch.equal(got, proj) and digest == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def test_a_pickle_converted_for_one_architecture_is_checked_against_another(tmp_path: Path) -> None:
     """The architecture asked for is part of the conversion's key: an encoder converted once (its
     architecture inferred) is not returned for an architecture its weights do not fit."""
@@ -384,6 +399,23 @@ def test_a_damaged_converted_checkpoint_is_converted_again(tmp_path: Path) -> No
     for content in (whole[: len(whole) // 2], b""):
         out.write_bytes(content)
         assert resolve_checkpoint(folder, cache) == out
+        assert all(torch.equal(load_state_dict(out)[k], v) for k, v in enc.state_dict().items())
+
+
+def test_a_damaged_conversion_of_a_pt_file_is_converted_again(tmp_path: Path) -> None:
+    """As for a folder: a ``.pt`` checkpoint's conversion truncated or emptied in the cache is
+    replaced with the conversion of its source, not refused as another checkpoint."""
+    enc = micro_visual()
+    src = tmp_path / "ckpts" / "Cars.pt"
+    src.parent.mkdir()
+    torch.save({f"model.visual.{k}": v for k, v in enc.state_dict().items()}, src)  # converted, not used in place
+    cache = tmp_path / "cache"
+    out = resolve_checkpoint(src, cache, arch="harness-micro-vit")
+    assert out != src
+    whole = out.read_bytes()
+    for content in (whole[: len(whole) // 2], b""):
+        out.write_bytes(content)
+        assert resolve_checkpoint(src, cache, arch="harness-micro-vit") == out
         assert all(torch.equal(load_state_dict(out)[k], v) for k, v in enc.state_dict().items())
 
 
@@ -574,6 +606,22 @@ def test_a_conversion_whose_sidecar_was_lost_is_converted_again(tmp_path: Path) 
     assert checkpoint_arch(out) == arch
 
 
+def test_a_folder_converted_under_its_generated_name_writes_that_architecture(tmp_path: Path,
+                                                                             monkeypatch) -> None:
+    """Given the name import generated for its sizes, a process that has not registered it (open_clip
+    knows no such name) registers it and writes its config beside its output, as generating it does."""
+    from harness.models import open_clip_module
+
+    folder = write_hf_folder(tmp_path / "hf", micro_visual(), "quick_gelu")
+    arch = checkpoint_arch(convert_hf_checkpoint(folder, tmp_path / "a" / "enc.safetensors"))
+    generated = tmp_path / "a" / "model_configs" / f"{arch}.json"
+    assert arch == generated_arch_name(json.loads(generated.read_text()))
+    monkeypatch.delitem(open_clip_module().factory._MODEL_CONFIGS, arch)  # as in a fresh process
+    convert_hf_checkpoint(folder, tmp_path / "b" / "enc.safetensors", arch=arch)
+    given = tmp_path / "b" / "model_configs" / f"{arch}.json"
+    assert given.is_file() and json.loads(given.read_text()) == json.loads(generated.read_text())
+
+
 def test_a_folder_with_its_own_projection_is_not_converted_again_for_another_projection(tmp_path: Path,
                                                                                         monkeypatch) -> None:
     """The projection source is part of the key only when the folder lacks one: a fine-tuned
@@ -704,6 +752,31 @@ def test_an_import_stopped_by_a_refused_output_names_the_outputs_it_wrote_before
     assert lines[0] == f"wrote {written}" and lines[1].startswith(f"error: {taken}: exists and holds another"), r.output
     got = load_state_dict(written)
     assert all(torch.equal(got[k], v) for k, v in micro_visual().state_dict().items())
+
+
+@pytest.mark.parametrize("layout", ["folder", "tree of files"])
+def test_overwrite_reaches_a_lone_folders_import_and_a_trees_files(tmp_path: Path, layout: str) -> None:
+    """An HF folder imported alone, and a ``.pt`` in a tree, replace another checkpoint at their
+    output only with ``--overwrite``, as a tree's folders do."""
+    enc, old = micro_visual(), micro_visual(seed=1)
+    if layout == "folder":
+        src = tmp_path / "clip_task_a"
+        write_hf_folder(src, enc, "gelu")
+        dst = out = tmp_path / "enc.safetensors"
+    else:
+        src, dst = tmp_path / "src", tmp_path / "all"
+        src.mkdir()
+        torch.save({f"model.visual.{k}": v for k, v in enc.state_dict().items()}, src / "Cars.pt")
+        dst.mkdir()
+        out = dst / "Cars.safetensors"
+    save_file({k: v.contiguous() for k, v in old.state_dict().items()}, str(out))
+    args = ["import", str(src), str(dst), "--arch", "harness-micro-vit"]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 2 and f"{out}: exists and holds another checkpoint" in " ".join(r.output.split()), r.output
+    r = CliRunner().invoke(main, [*args, "--overwrite"])
+    assert r.exit_code == 0 and r.output == f"wrote {out}\n", r.output
+    got = load_state_dict(out)
+    assert all(torch.equal(got[k], v) for k, v in enc.state_dict().items())
 
 
 @pytest.mark.parametrize("other", ["Cars/finetuned.pt", "clip_task_a.pt"])
@@ -1334,3 +1407,29 @@ def test_validate_accepts_folders_of_the_architecture(tmp_path: Path, monkeypatc
     pre, fts = micro_clip_folders(tmp_path / "hf")
     code, err = validate_reading_no_tensor(tmp_path, folder_sweep(tmp_path, "harness-micro-vit", pre, fts), monkeypatch)
     assert code == 0, err
+
+
+@needs_transformers
+def test_validate_accepts_a_sharded_pretrained_folder(tmp_path: Path, monkeypatch) -> None:
+    """A folder saved in shards is checked from its shards' headers, not its index read as weights."""
+    from transformers import CLIPModel
+
+    pre, fts = micro_clip_folders(tmp_path / "hf")
+    CLIPModel.from_pretrained(pre).save_pretrained(tmp_path / "sharded", max_shard_size="50KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    d = folder_sweep(tmp_path, "harness-micro-vit", tmp_path / "sharded", fts)
+    code, err = validate_reading_no_tensor(tmp_path, d, monkeypatch)
+    assert code == 0, err
+
+
+@needs_transformers
+def test_validate_names_a_damaged_pretrained_folder_as_its_own_field(tmp_path: Path, monkeypatch) -> None:
+    """A pretrained folder whose weights cannot be read is model.pretrained's error: model.arch is
+    blamed only for a folder read and found of other sizes."""
+    pre, fts = micro_clip_folders(tmp_path / "hf")
+    (pre / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{broken}")
+    code, err = validate_reading_no_tensor(tmp_path, folder_sweep(tmp_path, "harness-micro-vit", pre, fts),
+                                           monkeypatch)
+    assert code == 2, err
+    assert err.startswith(f"error: {tmp_path / 's.yaml'}: model.pretrained: {pre}: "), err
+    assert "model.safetensors: not a readable safetensors file" in err, err

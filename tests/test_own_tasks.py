@@ -451,6 +451,14 @@ def test_an_own_task_is_an_unseen_task_of_an_embedded_sweep(tmp_path):
     assert r.exit_code == 0 and "4 jobs: 4 cached, 0 to run" in r.output, r.output
 
 
+def test_prepare_fine_tunes_an_embedded_sweeps_suite_tasks_beside_an_own_unseen_one(tmp_path):
+    """`harness prepare` builds the models the sweep will use: the two embedded tasks' fine-tuned
+    encoders, none for the own unseen task (the suite has no data to fine-tune it on)."""
+    r = CliRunner().invoke(main, ["prepare", _embedded_sweep(tmp_path, unseen=[MINE]), "-q"])
+    assert r.exit_code == 0, r.output
+    assert "2 fine-tuned encoders under" in " ".join(r.output.split()), r.output
+
+
 def test_an_own_task_unseen_in_a_generalization_block_of_an_embedded_sweep_says_why_not(tmp_path):
     """The main table merges a generalization block's unseen tasks too, so an own task there needs a
     fine-tuned model the embedded suite cannot train: one error saying so and what to do instead."""
@@ -463,3 +471,18 @@ def test_an_own_task_unseen_in_a_generalization_block_of_an_embedded_sweep_says_
                 "top-level 'unseen:' instead" in err), err
     r = CliRunner().invoke(main, ["validate", _embedded_sweep(tmp_path)])
     assert "list it in 'unseen:' to evaluate it without merging it" in " ".join(r.stderr.split())
+
+
+def test_an_own_task_seen_in_a_generalization_block_of_an_embedded_sweep_is_not_told_to_be_unseen(tmp_path):
+    """Top-level 'unseen:' cannot go with a generalization block, so an own task the block merges
+    is told what can be done instead, not to list it there."""
+    f = _embedded_sweep(tmp_path, generalization={"unseen": ["emb_fashion"]})
+    r = CliRunner().invoke(main, ["validate", f])
+    err = " ".join(r.stderr.split())
+    assert r.exit_code == 2, r.output
+    assert (f"{f}: tasks.2: model.source 'embedded' has no fine-tuned model for task '{MINE}'" in err
+            and "list it in top-level 'unseen:' instead (a generalization study of its own)" in err
+            and "to evaluate it without merging it" not in err), err
+    r = CliRunner().invoke(main, ["validate", _embedded_sweep(tmp_path, generalization={"unseen": ["emb_fashion"]},
+                                                               unseen=[MINE])])
+    assert r.exit_code == 2 and "cannot be combined with top-level 'unseen'" in " ".join(r.stderr.split()), r.output

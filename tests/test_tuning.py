@@ -522,6 +522,29 @@ def test_a_sqlite_storage_under_home_written_with_a_tilde_is_told_that_urls_do_n
     assert not (tmp_path / "~").exists() and not any((tmp_path / "home").iterdir())
 
 
+def test_validate_finds_a_journal_under_the_home_folder_that_cannot_be_made(sweep_dict, tmp_path, monkeypatch):
+    """``~`` in a journal's path is the home folder, as the study opens it: a file standing where
+    its folder goes there is found, not looked for under a folder named ``~``."""
+    from click.testing import CliRunner
+
+    from harness.cli import main
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "a_file").write_text("x")
+    d = dict(sweep_dict, methods=[{"name": "task_arithmetic",
+                                   "tune": tune_block(n_trials=1, storage="journal:~/a_file/journal.log")}])
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump(d))
+    r = CliRunner().invoke(main, ["validate", str(f)])
+    assert r.exit_code == 2, r.output
+    assert f"methods.0.tune.storage: cannot open it: its folder {tmp_path / 'a_file'}: is a file, not a folder" \
+        in r.stderr, r.stderr
+    d["methods"].insert(0, {"name": "ties", "tune": tune_block(n_trials=1, storage=f"journal:{tmp_path}/ok.log")})
+    f.write_text(yaml.safe_dump(d))  # a method's storage is found after another's that can be made
+    r = CliRunner().invoke(main, ["validate", str(f)])
+    assert r.exit_code == 2 and "methods.1.tune.storage: cannot open it: its folder" in r.stderr, r.stderr
+
+
 @pytest.mark.parametrize("storage", ["journal:{tmp}/new/folders/journal.log", "sqlite:///{tmp}/studies.db",
                                      "journal:~/studies/journal.log"])
 def test_validate_accepts_a_storage_whose_file_the_sweep_can_make(storage, sweep_dict, tmp_path, monkeypatch):
