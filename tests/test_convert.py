@@ -502,9 +502,10 @@ def test_a_file_converted_onto_itself_is_refused_and_kept(tmp_path: Path, micro_
 
 
 def test_an_existing_conversion_is_kept_only_when_it_holds_the_same_tensors_and_metadata(tmp_path: Path) -> None:
-    """Rerunning a conversion keeps its file (writing its sidecar only where it has none); a file
-    differing in one tensor's values, dtype (the same bytes) or names, or in its metadata, is
-    another checkpoint, refused and kept; a folder in the way is named as one."""
+    """Rerunning a conversion keeps its file, reported kept only when nothing is written (its
+    sidecar is written where it has none or another); a file differing in one tensor's values,
+    dtype (the same bytes) or names, or in its metadata, is another checkpoint, refused and kept; a
+    folder in the way is named as one."""
     from harness.convert import FORMAT, write_checkpoint
     from harness.models import header_metadata
 
@@ -515,15 +516,17 @@ def test_an_existing_conversion_is_kept_only_when_it_holds_the_same_tensors_and_
     write_checkpoint(state, out, meta, {"run": 1})
     side.unlink()
     write_checkpoint({"w": state["w"].clone()}, out, dict(meta), {"run": 2}, kept=kept.append)
+    assert kept == [] and json.loads(side.read_text()) == {"run": 2}
+    write_checkpoint(state, out, meta, {"run": 2}, kept=kept.append)
     assert kept == [out] and json.loads(side.read_text()) == {"run": 2}
     write_checkpoint(state, out, meta, {"run": 3}, kept=kept.append)
-    assert kept == [out, out] and json.loads(side.read_text()) == {"run": 2}
+    assert kept == [out] and json.loads(side.read_text()) == {"run": 3}
     before = out.read_bytes()
     for other, other_meta in [({"w": state["w"] + 1}, meta), ({"w": state["w"].view(torch.int32)}, meta),
                               ({"v": state["w"]}, meta), (state, dict(meta, arch="b"))]:
         with pytest.raises(HarnessError, match=f"{out}: exists and holds another checkpoint"):
             write_checkpoint(other, out, other_meta, {"run": 4}, kept=kept.append)
-    assert out.read_bytes() == before and kept == [out, out] and json.loads(side.read_text()) == {"run": 2}
+    assert out.read_bytes() == before and kept == [out] and json.loads(side.read_text()) == {"run": 3}
     write_checkpoint(state, out, dict(meta, arch="b"), {"run": 5}, overwrite=True)
     assert header_metadata(out)["arch"] == "b" and json.loads(side.read_text()) == {"run": 5}
     (tmp_path / "d.safetensors").mkdir()
