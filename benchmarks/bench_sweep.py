@@ -61,7 +61,8 @@ def timed_runs(sweep: str, overrides: list[str], root: Path, skip_cold: bool) ->
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sweep", default="sweeps/wemoe.yaml")
     ap.add_argument("--skip-cold", action="store_true", help="reuse the user cache instead of an empty one")
     ap.add_argument("overrides", nargs="*", help="key.path=value overrides for the sweep")

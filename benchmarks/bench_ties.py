@@ -210,7 +210,8 @@ def _summary(runs: list[dict]) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=arch_arg, default=None, help="open_clip architecture (default ViT-B-32)")
     parser.add_argument("--tasks", type=positive_int, default=None, help="number of fine-tuned encoders (default 8)")
     parser.add_argument("--small", action="store_true", help="quick run: harness-tiny-vit, 4 tasks")

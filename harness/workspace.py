@@ -410,7 +410,8 @@ class Workspace:
             raise FieldError(f"tasks.{index}.options", f"bad options for task {name!r}: {exc}", spec.options) from None
         if not isinstance(task, Task):
             kind = type(task)
-            raise FieldError(spec.name_field(f"tasks.{index}"), f"the factory returned a {kind.__module__}.{kind.__qualname__}, "
+            raise FieldError(spec.name_field(f"tasks.{index}"),
+                             f"the factory returned a {kind.__module__}.{kind.__qualname__}, "
                              "not a tasks.base.Task", name)
         return task
 
