@@ -118,7 +118,8 @@ def write_checkpoint(state: dict[str, torch.Tensor], out: Path, metadata: dict[s
     refuse_folder(out)
     if out.exists() and not overwrite:
         if not _holds(out, state, {k: str(v) for k, v in metadata.items()}):
-            raise HarnessError(f"{out}: exists and holds another checkpoint; not replaced (pass --overwrite to "
+            held = "another checkpoint" if whole_safetensors(out) else "a file that is no safetensors checkpoint"
+            raise HarnessError(f"{out}: exists and holds {held}; not replaced (pass --overwrite to "
                                "replace it, in Python overwrite=True, or name another destination)")
         if read_json(side) != json.loads(json.dumps(finite_json(sidecar), default=str)):  # as written
             atomic_write_json(side, sidecar)  # written, so not reported as kept

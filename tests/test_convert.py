@@ -493,7 +493,8 @@ def test_a_file_converted_onto_itself_is_refused_and_kept(tmp_path: Path, micro_
     assert src.read_bytes() == before and not Path(f"{src}.json").exists()
     dst = tmp_path / "out.safetensors"
     dst.write_bytes(b"an older conversion")
-    with pytest.raises(HarnessError, match=f"{dst}: exists and holds another checkpoint"):
+    with pytest.raises(HarnessError, match=f"{dst}: exists and holds a file that is no safetensors checkpoint; "
+                                           "not replaced"):
         convert_pickled_checkpoint(src, dst)
     assert dst.read_bytes() == b"an older conversion"
     convert_pickled_checkpoint(src, dst, overwrite=True)
