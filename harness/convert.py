@@ -81,6 +81,7 @@ def convert_pickled_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, t
     if out.exists() and out.resolve() == src.resolve():
         raise HarnessError(f"{src}: destination is the source file itself")
     digest = file_digest(src)
+    refuse_other_source(out, digest, overwrite)  # before _load: a trusted pickle runs code as it is read
     obj, source_format, unresolved = _load(src, trust_pickle)
     kind, state, info = _extract(obj, src)
     if kind == "image_encoder":
@@ -118,9 +119,7 @@ def write_checkpoint(state: dict[str, torch.Tensor], out: Path, metadata: dict[s
     refuse_folder(out)
     if out.exists() and not overwrite:
         if not _holds(out, state, {k: str(v) for k, v in metadata.items()}):
-            held = "another checkpoint" if whole_safetensors(out) else "a file that is no safetensors checkpoint"
-            raise HarnessError(f"{out}: exists and holds {held}; not replaced (pass --overwrite to "
-                               "replace it, in Python overwrite=True, or name another destination)")
+            raise _not_replaced(out)
         if read_json(side) != json.loads(json.dumps(finite_json(sidecar), default=str)):  # as written
             atomic_write_json(side, sidecar)  # written, so not reported as kept
         elif kept is not None:
@@ -128,6 +127,25 @@ def write_checkpoint(state: dict[str, torch.Tensor], out: Path, metadata: dict[s
         return
     save_state_dict(state, out, metadata=metadata)
     atomic_write_json(side, sidecar)
+
+
+def refuse_other_source(out: Path, source_sha256: str, overwrite: bool = False) -> None:
+    """Refuse ``out`` as :func:`write_checkpoint` would, before the source is read: a file there that
+    is no conversion of the source with this sha256 is refused whatever the source holds, so
+    a trusted pickle is not unpickled (running its code) only to be refused. A conversion of
+    the same source is left to :func:`write_checkpoint`, which compares its content."""
+    refuse_folder(out)
+    if overwrite or not out.exists():
+        return
+    if not whole_safetensors(out) or header_metadata(out).get("source_sha256") != source_sha256:
+        raise _not_replaced(out)
+
+
+def _not_replaced(out: Path) -> HarnessError:
+    """The error for an existing ``out`` that holds something else than the conversion to write."""
+    held = "another checkpoint" if whole_safetensors(out) else "a file that is no safetensors checkpoint"
+    return HarnessError(f"{out}: exists and holds {held}; not replaced (pass --overwrite to "
+                        "replace it, in Python overwrite=True, or name another destination)")
 
 
 def refuse_folder(out: Path) -> None:

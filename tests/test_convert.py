@@ -679,3 +679,32 @@ def test_a_converted_file_records_its_architecture_and_size(tmp_path: Path, pick
     assert (side["tensors"], side["parameters"]) == (len(want), sum(v.numel() for v in want.values()))
     Path(f"{out}.json").unlink()
     assert recorded_arch(out) == "harness-micro-vit"
+
+
+@pytest.mark.parametrize("held", ["another source's conversion", "no conversion", "no safetensors"])
+def test_a_trusted_pickle_is_not_unpickled_when_the_destination_holds_something_else(tmp_path: Path, held: str) -> None:
+    """An existing destination that is no conversion of this source (its header's source_sha256)
+    is refused before the source is read: unpickling a trusted file runs its code, to no end here."""
+    from harness.convert import FORMAT
+    from harness.models import save_state_dict
+
+    marker = tmp_path / "pwned"
+    src = tmp_path / "evil.pt"
+    torch.save({"weight": torch.zeros(2, 2), "payload": _OpenPayload(marker)}, src)
+    dst = tmp_path / "out.safetensors"
+    if held == "no safetensors":
+        dst.write_bytes(b"an older conversion")
+    else:
+        meta = {"format": FORMAT, "kind": "head", "arch": ""}
+        if held == "another source's conversion":
+            meta["source_sha256"] = "0" * 64
+        save_state_dict({"head": torch.ones(2, 2)}, dst, metadata=meta)
+    before = dst.read_bytes()
+    what = "a file that is no safetensors checkpoint" if held == "no safetensors" else "another checkpoint"
+    with pytest.raises(HarnessError, match=f"{dst}: exists and holds {what}; not replaced"):
+        convert_pickled_checkpoint(src, dst, trust_pickle=True)
+    assert not marker.exists() and dst.read_bytes() == before
+    # the source is read, its payload run, once the destination may be replaced
+    with pytest.raises(HarnessError, match="expected a dict of tensors"):
+        convert_pickled_checkpoint(src, dst, trust_pickle=True, overwrite=True)
+    assert marker.exists()
