@@ -500,6 +500,8 @@ def convert_hf_checkpoint(
     if folder is None:
         read_hf_config(Path(src) if Path(src).is_dir() else Path(src).parent)  # raises the precise reason
         raise HarnessError(f"{src}: not a Hugging Face CLIP folder")
+    out = output_path(dst, folder.name)
+    _refuse_inside(out, folder)
     config = read_hf_config(folder)
     digests = source_digests(folder)
     state = read_hf_state(folder)
@@ -508,7 +510,6 @@ def convert_hf_checkpoint(
         proj_tensor, proj_digest = load_projection(projection)
     out_state, oc_cfg = hf_to_open_clip(state, config, kind, proj_tensor, folder)
     refuse_integer_weights(state_dtypes(out_state), folder)  # position-id buffers, ints, are not among them
-    out = output_path(dst, folder.name)
     if out.resolve() in {f.resolve() for f in weight_files(folder)}:
         raise HarnessError(f"{out}: the destination is one of the source files")
     if arch is None:
@@ -543,6 +544,15 @@ def convert_hf_checkpoint(
                                       "open_clip_config": json.dumps(oc_cfg, sort_keys=True)},
                      sidecar, overwrite, kept)
     return out
+
+
+def _refuse_inside(out: Path, folder: Path) -> None:
+    """Refuse an output inside the Hugging Face folder it is converted from: what is written there
+    changes the folder (its ``model_configs/`` too), and a ``model.safetensors`` beside a
+    ``pytorch_model.bin`` or a shard index becomes the folder's weights, which no longer convert."""
+    if folder.resolve() in out.resolve().parents:
+        raise HarnessError(f"{out}: is inside {folder}, the Hugging Face folder it is converted from; "
+                           "name a destination outside that folder")
 
 
 def require_transformers():

@@ -705,6 +705,25 @@ def test_import_command_dispatches_on_layout(tmp_path: Path) -> None:
         assert all(torch.equal(got[k], v) for k, v in enc.state_dict().items())
 
 
+@pytest.mark.parametrize("dst", ["model.safetensors", ".", "sub/out.safetensors"])
+def test_an_import_into_the_hugging_face_folder_it_converts_is_refused(tmp_path: Path, dst: str) -> None:
+    """A lone folder's output inside that folder is refused before converting, naming both: a
+    ``model.safetensors`` written beside ``pytorch_model.bin`` would be read as the folder's weights."""
+    enc = micro_visual()
+    folder = write_hf_folder(tmp_path / "hf", enc, "gelu")
+    state = load_file(str(folder / "model.safetensors"))
+    (folder / "model.safetensors").unlink()
+    torch.save(state, folder / "pytorch_model.bin")
+    before = sorted(p.relative_to(folder) for p in folder.rglob("*"))
+    out = folder / dst if dst != "." else folder / "hf.safetensors"
+    r = CliRunner().invoke(main, ["import", str(folder), str(folder / dst)])
+    assert r.exit_code == 2, r.output
+    assert f"{out}: is inside {folder}, the Hugging Face folder it is converted from" in " ".join(r.output.split())
+    assert sorted(p.relative_to(folder) for p in folder.rglob("*")) == before
+    got = load_state_dict(convert_hf_checkpoint(folder, tmp_path / "out.safetensors"))
+    assert all(torch.equal(got[k], v) for k, v in enc.state_dict().items())
+
+
 def test_an_import_over_other_checkpoints_is_refused_and_the_same_import_again_writes_nothing(tmp_path: Path) -> None:
     """An HF folder imported into a folder holding another checkpoint under its output name is
     refused naming that file, which is kept byte for byte; ``--overwrite`` replaces it; the same
