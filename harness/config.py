@@ -1273,13 +1273,7 @@ def check_model_contents(cfg: SweepConfig, file: str) -> None:
     from harness.hf_convert import hf_folder_of
     from harness.models import tensor_shapes
 
-    named: list[tuple[str, str, str]] = []  # field, path, how the message names the file
-    if m.pretrained and Path(m.pretrained).exists():
-        named.append(("model.pretrained", m.pretrained, m.pretrained))
-    for t in cfg.task_names:
-        where, path = finetuned_field(cfg, t)
-        if path is not None and Path(path).exists():
-            named.append((where, path, f"checkpoint of task {t!r} ({path})" if where == "model.finetuned_pattern" else path))
+    named = pretrained_file(cfg) + finetuned_files(cfg)
     named += [(f"model.heads.{t}", path, path) for t, path in m.heads.items() if t in cfg.task_names]
     for where, path, whose in named:
         p = Path(path)
@@ -1295,6 +1289,24 @@ def check_model_contents(cfg: SweepConfig, file: str) -> None:
             problem = str(exc).removeprefix(f"{p}: ")
         if problem:
             raise ConfigError(file, where, f"{whose}: {problem}", show_value=False)
+
+
+def pretrained_file(cfg: SweepConfig) -> list[tuple[str, str, str]]:
+    """The pretrained weights' file where the config names one that exists, as
+    :func:`finetuned_files` gives the checkpoints'."""
+    m = cfg.model
+    return [("model.pretrained", m.pretrained, m.pretrained)] if m.pretrained and Path(m.pretrained).exists() else []
+
+
+def finetuned_files(cfg: SweepConfig) -> list[tuple[str, str, str]]:
+    """Each task's fine-tuned checkpoint the config names and that exists: its field, its path
+    and how a message names it (by its task too where a pattern gave it)."""
+    named = []
+    for t in cfg.task_names:
+        where, path = finetuned_field(cfg, t)
+        if path is not None and Path(path).exists():
+            named.append((where, path, f"checkpoint of task {t!r} ({path})" if where == "model.finetuned_pattern" else path))
+    return named
 
 
 def finetuned_field(cfg: SweepConfig, task: str) -> tuple[str, str | None]:
@@ -1353,11 +1365,9 @@ def check_checkpoint_shapes(cfg: SweepConfig, file: str) -> None:
     if not expected:
         return
     checked, mismatches = 0, []
-    for t in cfg.task_names:
-        where, path = finetuned_field(cfg, t)
-        if path is None or not _read_as_is(Path(path)):
+    for where, path, whose in finetuned_files(cfg):
+        if not _read_as_is(Path(path)):
             continue
-        whose = f"checkpoint of task {t!r} ({path})" if where == "model.finetuned_pattern" else path
         try:
             found = encoder_shapes(tensor_shapes(path))
         except HarnessError as exc:
@@ -1435,25 +1445,21 @@ def check_folder_arch(cfg: SweepConfig, file: str) -> None:
         return
     from harness.hf_convert import check_given_arch, folder_open_clip_config, hf_folder_of
 
-    pre = m.pretrained if m.pretrained and Path(m.pretrained).exists() else None
-    named: list[tuple[str, str, str, Any, str | None]] = [("model.pretrained", pre, pre, "clip", None)] if pre \
-        else []
-    for t in cfg.task_names:
-        where, path = finetuned_field(cfg, t)
-        if path is not None:
-            whose = f"checkpoint of task {t!r} ({path})" if where == "model.finetuned_pattern" else path
-            named.append((where, path, whose, "image_encoder", pre))
-    for where, path, whose, kind, projection in named:
+    pre = pretrained_file(cfg)
+    for where, path, whose in pre + finetuned_files(cfg):
         folder = hf_folder_of(path)
         if folder is None:
             continue
+        pretrained = where == "model.pretrained"
+        kind = "clip" if pretrained else "image_encoder"
+        projection = None if pretrained or not pre else pre[0][1]  # a vision-only folder takes the pretrained one's
         read = False  # a refusal once the folder is read is the architecture's
         try:
             oc_cfg = folder_open_clip_config(folder, kind, projection)
             read = True
             check_given_arch(m.arch, oc_cfg, kind, folder, projection)
         except HarnessError as exc:
-            if where == "model.pretrained" and read:
+            if pretrained and read:
                 raise ConfigError(file, "model.arch", str(exc), m.arch) from None
             raise ConfigError(file, where, f"{whose}: {str(exc).removeprefix(f'{folder}: ')}",
                               show_value=False) from None
