@@ -121,12 +121,15 @@ def weight_files(folder: Path) -> list[Path]:
     raise HarnessError(f"{folder / WEIGHT_FILES[0]}: missing (no {' / '.join(WEIGHT_FILES)} in this Hugging Face folder)")
 
 
+def tensor_files(folder: Path) -> list[Path]:
+    """The folder's files that hold its tensors: its weight files but a shard index."""
+    return [p for p in weight_files(folder) if not p.name.endswith(".index.json")]
+
+
 def read_hf_state(folder: Path) -> dict[str, torch.Tensor]:
     """All tensors of the folder, read without unpickling (safetensors, or weights-only torch.load)."""
     state: dict[str, torch.Tensor] = {}
-    for path in weight_files(folder):
-        if path.name.endswith(".index.json"):
-            continue
+    for path in tensor_files(folder):
         try:
             part = load_state_dict(path)
         except HarnessError as exc:
@@ -440,7 +443,7 @@ def _meta_state(path: Path) -> dict[str, torch.Tensor]:
     """The tensors of a Hugging Face folder (or its weights file) or of a state file, as meta
     tensors of their shapes: nothing read but headers."""
     folder = hf_folder_of(path)
-    files = [f for f in weight_files(folder) if not f.name.endswith(".index.json")] if folder else [path]
+    files = tensor_files(folder) if folder else [path]
     return {k: torch.empty(shape, device="meta") for f in files for k, shape in tensor_shapes(f).items()}
 
 
