@@ -771,14 +771,13 @@ def convert(src: str, dst: str, trust_pickle: bool, arch: str | None, overwrite:
     kept: list[Path] = []
     path = convert_pickled_checkpoint(src, dst, trust_pickle=trust_pickle, arch=arch, overwrite=overwrite,
                                       kept=kept.append)
-    _print_outputs([path], kept)
+    _print_output(path, kept)
 
 
-def _print_outputs(paths: list[Path], kept: list[Path]) -> None:
-    """One line per output of convert or import: written, or already there with the same content."""
-    for path in paths:
-        said = f"{path}: already there with the same content, nothing written" if path in kept else f"wrote {path}"
-        console.print(said, highlight=False, markup=False)
+def _print_output(path: Path, kept: list[Path]) -> None:
+    """The line of one output of convert or import: written, or already there with the same content."""
+    said = f"{path}: already there with the same content, nothing written" if path in kept else f"wrote {path}"
+    console.print(said, highlight=False, markup=False)
 
 
 @main.command(name="import")
@@ -800,7 +799,7 @@ def import_(src: str, dst: str, trust_pickle: bool, arch: str | None, projection
     kept: list[Path] = []
     import_checkpoints(src, dst, trust_pickle=trust_pickle, arch=arch, projection=projection, full=full,
                        verify=verify, overwrite=overwrite, kept=kept.append,
-                       done=lambda path: _print_outputs([path], kept))  # each as made: an error may stop the rest
+                       done=lambda path: _print_output(path, kept))  # each as made: an error may stop the rest
 
 
 if __name__ == "__main__":
