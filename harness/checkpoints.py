@@ -19,16 +19,18 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Literal
 
 from harness.cache import build_lock, remove_stale_temporaries
-from harness.convert import FORMAT, convert_pickled_checkpoint, refuse_folder
+from harness.convert import FORMAT, convert_pickled_checkpoint, refuse_file_output
 from harness.errors import HarnessError, NotBuilt
 from harness.hf_convert import (
     Kind,
     combined_digest,
     convert_hf_checkpoint,
     ensure_arch,
+    has_projection,
     hf_folder_of,
-    load_projection,
+    projection_digest,
     read_hf_config,
+    refuse_hf_output,
     source_digests,
 )
 from harness.models import (
@@ -103,8 +105,10 @@ def import_checkpoints(
     ``full`` keeps the text tower of ``CLIPModel`` folders (the pretrained model: zero-shot
     heads need it); vision-only folders stay image encoders. An output that exists already is kept
     as :func:`harness.convert.write_checkpoint` says (``overwrite``, ``kept``): the same import
-    run again writes nothing. ``done`` is called with each output once it is written or kept, so
-    the outputs made before an error that stops a tree's import can be told.
+    run again writes nothing. A tree's outputs are all checked before any is converted
+    (:func:`_refuse_outputs`), so one refused there stops the import with nothing written.
+    ``done`` is called with each output once it is written or kept, so the outputs made before
+    an error that stops a tree's import while converting can be told.
     """
     src, given, dst = Path(src), dst, Path(dst)
     layout = detect_layout(src)
@@ -120,8 +124,10 @@ def import_checkpoints(
     items = _tree_items(src, skip=dst)
     if not items:
         raise HarnessError(f"{src}: no Hugging Face CLIP folders or checkpoint files ({', '.join(CHECKPOINT_SUFFIXES)}) inside")
+    outputs = _tree_outputs(src, dst, items)
+    _refuse_outputs(outputs, overwrite)
     written = []
-    for item, out in _tree_outputs(src, dst, items).items():  # each output's folder made as it is written
+    for item, out in outputs.items():  # each output's folder made as it is written
         if item.is_dir():
             written.append(_import_hf(item, out, arch, projection, full, verify, overwrite, kept))
         else:
@@ -135,18 +141,41 @@ def import_checkpoints(
 def _tree_outputs(src: Path, dst: Path, items: list[Path]) -> dict[Path, Path]:
     """Each item's output file under ``dst``, keeping its relative layout; two sources that would
     write one file (``finetuned.pt`` beside ``finetuned.safetensors``) are refused before any
-    conversion, or the second would silently replace the first; so is a folder standing at an output."""
+    conversion, or the second would silently replace the first."""
     outputs: dict[Path, Path] = {}
     claimed: dict[Path, Path] = {}
     for item in items:
         rel = item.relative_to(src)
         out = (dst / rel).with_suffix(".safetensors") if item.is_file() else dst / rel.parent / f"{rel.name}.safetensors"
-        refuse_folder(out)  # else converted into it, as into a folder named as the destination
         if out in claimed:
             raise HarnessError(f"{claimed[out]} and {item} would both be converted into {out}: move or rename one "
                                "of them, or import each on its own with `harness import SRC DST`")
         claimed[out], outputs[item] = item, out
     return outputs
+
+
+def _refuse_outputs(outputs: dict[Path, Path], overwrite: bool) -> None:
+    """Refuse a tree's import before any output is written when one is refused by what its
+    conversion would refuse before reading its source (:func:`harness.convert.refuse_file_output`,
+    :func:`harness.hf_convert.refuse_hf_output`, which each conversion calls again): a folder at
+    the output, an output inside its own Hugging Face folder, and without ``overwrite`` a file that
+    is no conversion of that source. Every one refused is named, not the first only: each is its
+    own fix, and one rerun per output would hash every source again. Whether an existing
+    conversion of the same source holds the same tensors is told only once converted."""
+    refused = []
+    for item, out in outputs.items():
+        try:
+            if item.is_dir():
+                refuse_hf_output(item, out, overwrite)
+            else:
+                refuse_file_output(item, out, overwrite)
+        except HarnessError as exc:
+            refused.append(str(exc))
+    if len(refused) == 1:
+        raise HarnessError(refused[0])
+    if refused:
+        raise HarnessError(f"{len(refused)} of the {len(outputs)} outputs refused, nothing written: "
+                           + " ".join(f"({i}) {why}" for i, why in enumerate(refused, 1)))
 
 
 def _import_hf(folder: Path, dst: str | os.PathLike, arch: str | None, projection, full: bool, verify: bool,
@@ -225,9 +254,9 @@ def resolve_checkpoint(
             read_hf_config(p)
             raise HarnessError(f"{p}: not a Hugging Face CLIP folder")
         parts = source_digests(folder)
-        proj_digest = None
-        if projection is not None and kind == "image_encoder" and _lacks_projection(folder):
-            proj_digest = load_projection(projection)[1]
+        proj_digest = None  # a projection the folder has no use for (it holds its own) keys nothing
+        if projection is not None and kind == "image_encoder" and not has_projection(folder):
+            proj_digest = projection_digest(projection)  # its bytes: a cached conversion reads no tensor
         key = _key({"format": FORMAT, "kind": kind, "arch": arch, "sources": combined_digest(parts),
                     "projection": proj_digest})
         out = store / f"{key}.safetensors"
@@ -299,24 +328,6 @@ def _complete(out: Path) -> bool:
     """A finished conversion: the sidecar is written last, so its presence marks one; a converted
     file truncated or emptied since is converted again (every sweep refused it, naming it)."""
     return Path(f"{out}.json").is_file() and whole_safetensors(out)
-
-
-def _lacks_projection(folder: Path) -> bool:
-    from safetensors import safe_open
-
-    from harness.hf_convert import weight_files
-
-    files = [f for f in weight_files(folder) if f.suffix == ".safetensors"]
-    if not files:
-        return True
-    for f in files:
-        try:
-            with safe_open(str(f), "pt") as fh:
-                if any(k.endswith("visual_projection.weight") for k in fh.keys()):
-                    return False
-        except Exception as exc:  # safetensors raises its own error types for corrupt files
-            raise HarnessError(f"{f}: not a readable safetensors file ({' '.join(str(exc).split())})") from None
-    return True
 
 
 def _in_layout(path: Path, kind: Kind) -> bool:

@@ -78,10 +78,7 @@ def convert_pickled_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, t
     if not src.is_file():
         raise HarnessError(f"{src}: checkpoint file does not exist")
     out = output_path(dst, src.stem)
-    if out.exists() and out.resolve() == src.resolve():
-        raise HarnessError(f"{src}: destination is the source file itself")
-    digest = file_digest(src)
-    refuse_other_source(out, digest, overwrite)  # before _load: a trusted pickle runs code as it is read
+    digest = refuse_file_output(src, out, overwrite)  # before _load: a trusted pickle runs code as it is read
     obj, source_format, unresolved = _load(src, trust_pickle)
     kind, state, info = _extract(obj, src)
     if kind == "image_encoder":
@@ -129,11 +126,24 @@ def write_checkpoint(state: dict[str, torch.Tensor], out: Path, metadata: dict[s
     atomic_write_json(side, sidecar)
 
 
+def refuse_file_output(src: Path, out: Path, overwrite: bool = False) -> str:
+    """Refuse ``out`` as the output of the checkpoint file ``src`` for all that is told before
+    ``src`` is read (the source file itself, overwrite or not; then :func:`refuse_other_source`);
+    returns ``src``'s sha256. :func:`convert_pickled_checkpoint` calls it first, and ``harness
+    import`` of a folder of checkpoints for each file in it before converting any."""
+    if out.exists() and out.resolve() == src.resolve():
+        raise HarnessError(f"{src}: destination is the source file itself")
+    digest = file_digest(src)
+    refuse_other_source(out, digest, overwrite)
+    return digest
+
+
 def refuse_other_source(out: Path, source_sha256: str, overwrite: bool = False) -> None:
-    """Refuse ``out`` as :func:`write_checkpoint` would, before the source is read: a file there that
-    is no conversion of the source with this sha256 is refused whatever the source holds, so
-    a trusted pickle is not unpickled (running its code) only to be refused. A conversion of
-    the same source is left to :func:`write_checkpoint`, which compares its content."""
+    """Refuse ``out`` as :func:`write_checkpoint` would, before the source is read: a folder there,
+    and (without ``overwrite``) a file that is no conversion of the source with this sha256, are
+    refused whatever the source holds, so a trusted pickle is not unpickled (running its code),
+    nor a large folder's weights read, only to be refused. A conversion of the same source is
+    left to :func:`write_checkpoint`, which compares its content."""
     refuse_folder(out)
     if overwrite or not out.exists():
         return

@@ -45,7 +45,7 @@ from typing import Any, Literal
 
 import torch
 
-from harness.convert import FORMAT, output_path, write_checkpoint
+from harness.convert import FORMAT, output_path, refuse_other_source, write_checkpoint
 from harness.errors import HarnessError
 from harness.models import (file_digest, load_state_dict, open_clip_module, refuse_integer_weights,
                             register_model_config, resolve_arch, state_dtypes, tensor_shapes)
@@ -138,9 +138,14 @@ def read_hf_state(folder: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def source_files(folder: Path) -> list[Path]:
+    """The files a conversion of the folder is made from: config.json and its weight files."""
+    return [folder / "config.json", *weight_files(folder)]
+
+
 def source_digests(folder: Path) -> dict[str, str]:
     """sha256 of config.json and of every weights file, by name."""
-    return {p.name: file_digest(p) for p in [folder / "config.json", *weight_files(folder)]}
+    return {p.name: file_digest(p) for p in source_files(folder)}
 
 
 def combined_digest(parts: Mapping[str, str]) -> str:
@@ -452,16 +457,30 @@ def _meta_state(path: Path) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------------------------------------
 
 
-def load_projection(path: str | os.PathLike) -> tuple[torch.Tensor, str]:
-    """(visual projection ``[width, embed_dim]``, sha256 of its source) from an HF folder or a state file."""
+def has_projection(folder: Path) -> bool:
+    """Whether the folder holds its own ``visual_projection`` (so a given projection goes unused),
+    told from its tensors' names alone (safetensors headers, a ``.bin``'s mapped tensors)."""
+    return _prefix_of(_meta_state(folder), "visual_projection.weight", folder) is not None
+
+
+def projection_digest(path: str | os.PathLike) -> str:
+    """sha256 of a projection source (an HF folder's sources together, or a state file), as
+    :func:`load_projection` gives it, from the files' bytes: no tensor read."""
     path = Path(path)
     folder = hf_folder_of(path)
     if folder is not None:
-        state, digest = read_hf_state(folder), combined_digest(source_digests(folder))
-    elif path.is_file():
-        state, digest = load_state_dict(path), file_digest(path)
-    else:
-        raise HarnessError(f"{path}: projection source does not exist")
+        return combined_digest(source_digests(folder))
+    if path.is_file():
+        return file_digest(path)
+    raise HarnessError(f"{path}: projection source does not exist")
+
+
+def load_projection(path: str | os.PathLike) -> tuple[torch.Tensor, str]:
+    """(visual projection ``[width, embed_dim]``, sha256 of its source) from an HF folder or a state file."""
+    path = Path(path)
+    digest = projection_digest(path)
+    folder = hf_folder_of(path)
+    state = read_hf_state(folder) if folder is not None else load_state_dict(path)
     return _projection_of(state, path), digest
 
 
@@ -504,17 +523,14 @@ def convert_hf_checkpoint(
         read_hf_config(Path(src) if Path(src).is_dir() else Path(src).parent)  # raises the precise reason
         raise HarnessError(f"{src}: not a Hugging Face CLIP folder")
     out = output_path(dst, folder.name)
-    _refuse_inside(out, folder)
+    digests = refuse_hf_output(folder, out, overwrite)  # before the weights are read (a large folder's)
     config = read_hf_config(folder)
-    digests = source_digests(folder)
     state = read_hf_state(folder)
     proj_tensor, proj_digest = (None, None)
     if projection is not None and _prefix_of(state, "visual_projection.weight", folder) is None:
         proj_tensor, proj_digest = load_projection(projection)
     out_state, oc_cfg = hf_to_open_clip(state, config, kind, proj_tensor, folder)
     refuse_integer_weights(state_dtypes(out_state), folder)  # position-id buffers, ints, are not among them
-    if out.resolve() in {f.resolve() for f in weight_files(folder)}:
-        raise HarnessError(f"{out}: the destination is one of the source files")
     if arch is None:
         arch = match_arch(oc_cfg, kind)
         if arch is None:
@@ -547,6 +563,21 @@ def convert_hf_checkpoint(
                                       "open_clip_config": json.dumps(oc_cfg, sort_keys=True)},
                      sidecar, overwrite, kept)
     return out
+
+
+def refuse_hf_output(folder: Path, out: Path, overwrite: bool = False) -> dict[str, str]:
+    """Refuse ``out`` as the output of the Hugging Face folder ``folder`` for all that is told before
+    its weights are read: an output inside the folder, or one of its files (a weights file may be a
+    link out of it, as in the hub's cache), overwrite or not; then
+    :func:`harness.convert.refuse_other_source`. Returns :func:`source_digests`.
+    :func:`convert_hf_checkpoint` calls it first, and ``harness import`` of a folder of
+    checkpoints for each Hugging Face folder in it before converting any."""
+    _refuse_inside(out, folder)
+    if out.resolve() in {f.resolve() for f in source_files(folder)}:
+        raise HarnessError(f"{out}: the destination is one of the source files")
+    digests = source_digests(folder)
+    refuse_other_source(out, combined_digest(digests), overwrite)
+    return digests
 
 
 def _refuse_inside(out: Path, folder: Path) -> None:

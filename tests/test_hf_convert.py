@@ -646,6 +646,53 @@ def test_a_folder_with_its_own_projection_is_not_converted_again_for_another_pro
     assert resolve_checkpoint(folder, cache) == out
 
 
+@pytest.mark.parametrize("weights", ["model.safetensors", "pytorch_model.bin"])
+def test_a_folder_holding_its_projection_is_keyed_by_no_other_whatever_its_weights_format(
+        tmp_path: Path, weights: str, monkeypatch) -> None:
+    """A folder's ``pytorch_model.bin`` was not read for a projection of its own, so the projection
+    source a sweep names (the pretrained folder) went into its key, though never used: each
+    other pretrained folder converted it again into the same tensors."""
+    import harness.checkpoints as checkpoints
+    from harness.models import save_state_dict
+
+    enc = micro_visual()
+    folder = write_hf_folder(tmp_path / "hf", enc, "gelu")
+    if weights == "pytorch_model.bin":
+        torch.save(load_file(str(folder / "model.safetensors")), folder / weights)
+        (folder / "model.safetensors").unlink()
+    for seed in (1, 2):
+        save_state_dict({"proj": torch.randn(32, 32, generator=torch.Generator().manual_seed(seed))},
+                        tmp_path / f"proj{seed}.safetensors")
+    cache = tmp_path / "cache"
+    out = resolve_checkpoint(folder, cache, projection=tmp_path / "proj1.safetensors")
+    assert torch.equal(load_state_dict(out)["proj"], enc.state_dict()["proj"])
+    monkeypatch.setattr(checkpoints, "convert_hf_checkpoint", lambda *a, **k: pytest.fail("converted again"))
+    assert resolve_checkpoint(folder, cache, projection=tmp_path / "proj2.safetensors") == out
+    assert resolve_checkpoint(folder, cache) == out
+
+
+def test_a_vision_model_converted_once_reads_no_tensor_of_its_projection_source_again(tmp_path: Path,
+                                                                                    monkeypatch) -> None:
+    """The key of a CLIPVisionModel folder holds its projection source's sha256, which was taken by
+    loading every tensor of that source (the whole pretrained folder) at each lookup, converted
+    already or not; the files' bytes give it."""
+    import harness.checkpoints as checkpoints
+    import harness.hf_convert as hf_convert
+
+    enc = micro_visual()
+    pretrained = write_hf_folder(tmp_path / "pretrained", micro_visual(seed=1), "gelu")
+    folder = write_hf_folder(tmp_path / "hf", enc, "gelu")
+    weights = folder / "model.safetensors"
+    save_file({k: v for k, v in load_file(str(weights)).items() if k != "visual_projection.weight"}, str(weights))
+    cache = tmp_path / "cache"
+    out = resolve_checkpoint(folder, cache, projection=pretrained)
+    assert torch.equal(load_state_dict(out)["proj"], micro_visual(seed=1).state_dict()["proj"])
+    monkeypatch.setattr(checkpoints, "convert_hf_checkpoint", lambda *a, **k: pytest.fail("converted again"))
+    monkeypatch.setattr(hf_convert, "read_hf_state", lambda *a, **k: pytest.fail("tensors read"))
+    assert resolve_checkpoint(folder, cache, projection=pretrained) == out
+    assert resolve_checkpoint(folder, cache, projection=pretrained, convert=False) == out
+
+
 def test_a_vision_model_folder_of_pytorch_weights_takes_the_given_projection(tmp_path: Path) -> None:
     """A CLIPVisionModel folder saved as ``pytorch_model.bin`` (no safetensors to read by header)
     still takes its projection from the given source."""
@@ -754,23 +801,143 @@ def test_an_import_over_other_checkpoints_is_refused_and_the_same_import_again_w
     assert {p: (p.read_bytes(), Path(f"{p}.json").read_bytes()) for p in outputs} == written
 
 
-def test_an_import_stopped_by_a_refused_output_names_the_outputs_it_wrote_before(tmp_path: Path) -> None:
-    """The outputs were printed only once all were done: an import stopped by another checkpoint
-    under one output name said nothing of the files it had written before, which were there."""
+def test_an_import_stopped_while_converting_names_the_outputs_it_wrote_before(tmp_path: Path) -> None:
+    """The outputs were printed only once all were done: an import stopped by an error found only
+    while converting (here a damaged weights file) said nothing of the files it had written
+    before, which were there."""
     src, dst = tmp_path / "src", tmp_path / "all"
     (src / "Cars").mkdir(parents=True)
     torch.save({f"model.visual.{k}": v for k, v in micro_visual().state_dict().items()}, src / "Cars" / "finetuned.pt")
-    write_hf_folder(src / "clip_task_a", micro_visual(), "gelu")
-    dst.mkdir()
-    taken = dst / "clip_task_a.safetensors"
-    save_file({k: v.contiguous() for k, v in micro_visual(seed=1).state_dict().items()}, str(taken))
+    weights = write_hf_folder(src / "clip_task_a", micro_visual(), "gelu") / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
     r = CliRunner().invoke(main, ["import", str(src), str(dst), "--arch", "harness-micro-vit"])
     assert r.exit_code == 2, r.output
     written = dst / "Cars" / "finetuned.safetensors"
     lines = r.output.splitlines()
-    assert lines[0] == f"wrote {written}" and lines[1].startswith(f"error: {taken}: exists and holds another"), r.output
+    assert lines[0] == f"wrote {written}" and lines[1].startswith(f"error: {weights}: not a readable"), r.output
     got = load_state_dict(written)
     assert all(torch.equal(got[k], v) for k, v in micro_visual().state_dict().items())
+
+
+def four_sources(src: Path) -> dict[str, int]:
+    """A tree of two ``.pt`` files and two HF folders: each output, in the order an import converts
+    them, with the seed of the encoder it holds."""
+    for seed, task in enumerate(("Cars", "DTD")):
+        (src / task).mkdir(parents=True)
+        torch.save({f"model.visual.{k}": v for k, v in micro_visual(seed).state_dict().items()},
+                   src / task / "finetuned.pt")
+    for seed, name in enumerate(("clip_task_a", "clip_task_b"), 2):
+        write_hf_folder(src / name, micro_visual(seed), "gelu")
+    return {"Cars/finetuned.safetensors": 0, "DTD/finetuned.safetensors": 1, "clip_task_a.safetensors": 2,
+            "clip_task_b.safetensors": 3}
+
+
+@pytest.fixture
+def weights_read(monkeypatch) -> list[Path]:
+    """The Hugging Face folders whose tensors are read, as they are read."""
+    import harness.hf_convert as hf_convert
+
+    calls: list[Path] = []
+    real = hf_convert.read_hf_state
+    monkeypatch.setattr(hf_convert, "read_hf_state", lambda folder: calls.append(folder) or real(folder))
+    return calls
+
+
+@pytest.mark.parametrize("refused", [["clip_task_a.safetensors"], ["DTD/finetuned.safetensors", "clip_task_a.safetensors",
+                                                                  "clip_task_b.safetensors"]])
+def test_a_tree_import_with_a_refused_output_writes_nothing_and_names_each_refused(
+        tmp_path: Path, refused: list[str], weights_read: list[Path]) -> None:
+    """Every output is checked before any is converted: the 3rd of 4 holding another checkpoint
+    used to stop the import with the first two written. Each one refused is named (another
+    checkpoint, a conversion of another source, a file that is no checkpoint), no folder's weights
+    read; ``--overwrite`` replaces them all."""
+    from harness.convert import FORMAT
+    from harness.models import save_state_dict
+
+    src, dst = tmp_path / "src", tmp_path / "all"
+    outputs = four_sources(src)
+    held = {"clip_task_a.safetensors": "another checkpoint", "DTD/finetuned.safetensors": "another checkpoint",
+            "clip_task_b.safetensors": "a file that is no safetensors checkpoint"}
+    for rel in refused:
+        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+        if rel == "clip_task_b.safetensors":
+            (dst / rel).write_bytes(b"notes")
+        elif rel == "DTD/finetuned.safetensors":  # a conversion, of another source
+            save_state_dict(micro_visual(seed=9).state_dict(), dst / rel,
+                            metadata={"format": FORMAT, "kind": "image_encoder", "arch": "harness-micro-vit",
+                                      "source_sha256": sha256(src / "Cars" / "finetuned.pt")})
+        else:
+            save_file({k: v.contiguous() for k, v in micro_visual(seed=9).state_dict().items()}, str(dst / rel))
+    before = {p: p.read_bytes() for p in dst.rglob("*") if p.is_file()}
+    args = ["import", str(src), str(dst), "--arch", "harness-micro-vit"]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 2, r.output
+    said = " ".join(r.output.split())
+    assert "wrote" not in said and said.count("exists and holds") == len(refused), r.output
+    for rel in refused:
+        assert f"{dst / rel}: exists and holds {held[rel]}; not replaced" in said, r.output
+    if len(refused) > 1:
+        assert said.startswith(f"error: {len(refused)} of the 4 outputs refused, nothing written: (1) {dst / refused[0]}:")
+    assert {p: p.read_bytes() for p in dst.rglob("*") if p.is_file()} == before  # the first two not written
+    assert weights_read == []
+    r = CliRunner().invoke(main, [*args, "--overwrite"])
+    assert r.exit_code == 0 and r.output.split() == [w for rel in outputs for w in ("wrote", str(dst / rel))], r.output
+    for rel, seed in outputs.items():
+        got = load_state_dict(dst / rel)
+        assert all(torch.equal(got[k], v) for k, v in micro_visual(seed).state_dict().items())
+
+
+def test_a_tree_import_refuses_an_output_inside_its_own_folder_before_writing_any(tmp_path: Path) -> None:
+    """An output inside the Hugging Face folder it is converted from, in a tree (the destination
+    inside one of its folders), is refused before the outputs ahead of it are written."""
+    src = tmp_path / "src"
+    four_sources(src)
+    dst = src / "clip_task_a" / "out"
+    r = CliRunner().invoke(main, ["import", str(src), str(dst), "--arch", "harness-micro-vit"])
+    assert r.exit_code == 2, r.output
+    out = dst / "clip_task_a.safetensors"
+    assert " ".join(r.output.split()).startswith(f"error: {out}: is inside {src / 'clip_task_a'}, the Hugging Face "
+                                                 "folder it is converted from"), r.output
+    assert not dst.exists()
+
+
+@pytest.mark.parametrize("linked", ["model.safetensors", "config.json"])
+def test_an_import_onto_a_file_a_folder_links_to_is_refused_with_overwrite_before_reading(
+        tmp_path: Path, linked: str, weights_read: list[Path]) -> None:
+    """A folder's files may be links out of it (the hub's cache links them to its blobs): an output
+    at the file one links to is the source itself, refused even with ``--overwrite``, before the
+    weights are read; config.json was not among the files compared."""
+    folder = write_hf_folder(tmp_path / "hf", micro_visual(), "gelu")
+    blob = tmp_path / "blobs" / "0123.safetensors"
+    blob.parent.mkdir()
+    (folder / linked).rename(blob)
+    (folder / linked).symlink_to(blob)
+    before = blob.read_bytes()
+    r = CliRunner().invoke(main, ["import", str(folder), str(blob), "--overwrite"])
+    assert r.exit_code == 2, r.output
+    assert " ".join(r.output.split()) == f"error: {blob}: the destination is one of the source files", r.output
+    assert blob.read_bytes() == before and weights_read == [] and not Path(f"{blob}.json").exists()
+
+
+@pytest.mark.parametrize("layout", ["lone folder", "tree"])
+def test_a_refused_output_of_a_hugging_face_folder_is_refused_before_its_weights_are_read(
+        tmp_path: Path, layout: str, weights_read: list[Path]) -> None:
+    """Another checkpoint at the output was refused only once the folder's tensors were read (all
+    of them: gigabytes for a large model) and converted; it is refused by its header first. A
+    conversion of the same folder is still read, to compare its tensors."""
+    folder = write_hf_folder(tmp_path / "src" / "clip_task_a", micro_visual(), "gelu")
+    out = tmp_path / "all" / "clip_task_a.safetensors"
+    out.parent.mkdir()
+    save_file({k: v.contiguous() for k, v in micro_visual(seed=1).state_dict().items()}, str(out))
+    args = ["import", str(folder if layout == "lone folder" else folder.parent),
+            str(out if layout == "lone folder" else out.parent)]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 2 and f"{out}: exists and holds another checkpoint" in " ".join(r.output.split()), r.output
+    assert weights_read == []
+    r = CliRunner().invoke(main, [*args, "--overwrite"])
+    assert r.exit_code == 0 and weights_read == [folder], r.output
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0 and "already there with the same content" in r.output and weights_read == [folder] * 2
 
 
 @pytest.mark.parametrize("layout", ["folder", "tree of files"])
