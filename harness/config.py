@@ -1,7 +1,8 @@
 """Sweep configuration: a pydantic schema, YAML loading, dotted overrides, env expansion.
 
 Every error a user can make in a sweep file surfaces as one :class:`ConfigError` line naming
-the file, the dotted field path and the offending value.
+the file, the dotted field path and the offending value; a file failing the schema in several
+places gets a line for each, in one error.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from pydantic import (
     model_validator,
 )
 
-from harness.errors import HarnessError, did_you_mean
+from harness.errors import HarnessError, closest_name, did_you_mean
 from harness.fields import no_bool_for_number
 from harness.imports import source_file
 
@@ -45,16 +46,31 @@ GENERALIZATION_SUFFIX = " (gen)"  # not "[gen]": rich would read that as markup 
 
 
 class ConfigError(HarnessError):
-    def __init__(self, file: str, path: str, message: str, value: Any = None, show_value: bool = True):
+    """A bad field: ``file: path: message (got value)``. ``further`` holds the sweep's other bad
+    fields, when validation found several (each one more line of the message), and ``more`` the
+    count of those left out past the last line."""
+
+    def __init__(self, file: str, path: str, message: str, value: Any = None, show_value: bool = True,
+                 further: Iterable["ConfigError"] = (), more: int = 0):
         self.file, self.path, self.value = file, path, value
         self.message, self.show_value = message, show_value
+        self.further, self.more = list(further), more
         where = f"{file}: {path}: " if path else f"{file}: "
         got = f" (got {value!r})" if show_value else ""
-        super().__init__(f"{where}{message}{got}")
+        self.line = f"{where}{message}{got}"
+        lines = [self.line, *(e.line for e in self.further)] + ([f"... and {more} more"] if more else [])
+        super().__init__("\n".join(lines))
 
     def blamed_on_overrides(self, overrides: list[str]) -> "ConfigError":
         """The same error, naming the command line when the bad field came from an override (the
-        last one of that field: it is the one in effect)."""
+        last one of that field: it is the one in effect); each further error likewise."""
+        first, further = self._blamed(overrides), [e._blamed(overrides) for e in self.further]
+        if first is self and all(a is b for a, b in zip(further, self.further)):
+            return self
+        return ConfigError(first.file, first.path, first.message, first.value, first.show_value, further, self.more)
+
+    def _blamed(self, overrides: list[str]) -> "ConfigError":
+        """This error's own line (not the further ones) blamed on the override that set its field."""
         for item in reversed(overrides):
             key = item.partition("=")[0]
             if self.path and (self.path == key or self.path.startswith(key + ".") or key.startswith(self.path + ".")):
@@ -781,38 +797,104 @@ def _value_at(raw: Any, loc: tuple) -> Any:
     return cur
 
 
+def _is_model(t: Any) -> bool:
+    return isinstance(t, type) and issubclass(t, BaseModel)
+
+
+def _members(t: Any) -> list[Any]:
+    """The types of a union but None (``Optional[X]``: ``[X]``); ``[t]`` for any other type."""
+    if get_origin(t) not in (Union, types.UnionType):
+        return [t]
+    return [a for a in get_args(t) if a is not type(None)] or [t]
+
+
+def _followed(t: Any) -> Any:
+    """The type a walk down the schema follows at ``t``: the model among a union's members, else the first."""
+    members = _members(t)
+    return next((a for a in members if _is_model(a)), members[0])
+
+
+def _annotations_along(schema: Any, loc: tuple) -> list[Any]:
+    """The annotation of each value on the way to ``loc`` under the pydantic model ``schema``:
+    ``schema``, then ``loc[:1]``'s, and so on; shorter where ``loc`` leaves the schema. Past a
+    union it follows the model among its members, else the first."""
+    found = [schema]
+    for part in loc:
+        current = _followed(found[-1])
+        if _is_model(current):
+            if part not in current.model_fields:
+                break
+            found.append(current.model_fields[part].annotation)
+        elif get_origin(current) in (list, dict):
+            found.append(get_args(current)[-1] if get_args(current) else Any)
+        else:
+            break
+    return found
+
+
 def _keys_at(schema: Any, loc: tuple) -> list[str]:
     """The keys the mapping at ``loc`` takes under the pydantic model ``schema`` (none when
     ``loc`` leads elsewhere), for the closest name to an unknown key."""
-    def is_model(t: Any) -> bool:
-        return isinstance(t, type) and issubclass(t, BaseModel)
+    found = _annotations_along(schema, loc)
+    if len(found) <= len(loc):
+        return []
+    current = _followed(found[-1])
+    return list(current.model_fields) if _is_model(current) else []
 
-    def unwrap(t: Any) -> Any:  # Optional[X] and X | Y: the model among them, else the first
-        if get_origin(t) not in (Union, types.UnionType):
-            return t
-        args = [a for a in get_args(t) if a is not type(None)]
-        return next((a for a in args if is_model(a)), args[0] if args else t)
 
-    current = unwrap(schema)
-    for part in loc:
-        if is_model(current):
-            if part not in current.model_fields:
-                return []
-            current = current.model_fields[part].annotation
-        elif get_origin(current) in (list, dict):
-            current = get_args(current)[-1] if get_args(current) else Any
-        else:
-            return []
-        current = unwrap(current)
-    return list(current.model_fields) if is_model(current) else []
+def _union_at(schema: Any, loc: tuple) -> tuple | None:
+    """The location of the first field on the way to ``loc`` whose type is a union (``float |
+    list[float]``), or None: pydantic reports a value that fits no member once per member."""
+    for depth, annotation in enumerate(_annotations_along(schema, loc)):
+        if len(_members(annotation)) > 1:
+            return loc[:depth]
+    return None
+
+
+def _meant_key(err: dict, schema: Any) -> str | None:
+    """For an unknown key, the valid key closest to it under ``schema`` (what the did-you-mean names)."""
+    loc = tuple(err["loc"])
+    return closest_name(str(loc[-1]), _keys_at(schema, loc[:-1])) if schema is not None and loc else None
+
+
+#: The most errors one validation reports, one line each; a last line counts the rest.
+MAX_ERRORS = 20
 
 
 def validation_error(file: str, exc: ValidationError, raw: Any, prefix: str = "", schema: Any = None) -> ConfigError:
-    """The first pydantic error as one line: file, dotted path, message, value. An unknown key
-    comes first (a misspelt required key also reads as missing) and, given ``schema``, names
-    the closest valid key."""
+    """Every pydantic error of ``exc`` as one error, a line each (:func:`validation_error_line`),
+    at most :data:`MAX_ERRORS` lines and then a count of the rest. An unknown key comes first (the
+    line a file with one mistake gets); the rest follow in pydantic's order, each mistake once: a
+    field once, a value that fits no member of a union once (pydantic reports it per member), and
+    a required field an unknown key misspells not as missing (``task:`` for ``tasks:`` is told
+    as the unknown key naming it: the typo is the news)."""
     errors = exc.errors()
-    err = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
+    first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
+    misspelt = {tuple(e["loc"][:-1]) + (meant,) for e in errors if e["type"] == "extra_forbidden"
+                and (meant := _meant_key(e, schema)) is not None}
+    lines: list[ConfigError] = []
+    seen: set[Any] = set()
+    for err in [first, *(e for e in errors if e is not first)]:
+        loc = tuple(err["loc"])
+        if err["type"] == "missing" and loc in misspelt:
+            continue
+        line = validation_error_line(file, err, raw, prefix, schema)
+        keys = {("path", line.path)}
+        if (union := _union_at(schema, loc)) is not None:
+            keys.add(("union", union))
+        if keys & seen:
+            continue
+        seen |= keys
+        lines.append(line)
+    shown = lines[:MAX_ERRORS]
+    head = shown[0]
+    return ConfigError(head.file, head.path, head.message, head.value, head.show_value, shown[1:],
+                       len(lines) - len(shown))
+
+
+def validation_error_line(file: str, err: dict, raw: Any, prefix: str = "", schema: Any = None) -> ConfigError:
+    """One pydantic error (an item of ``ValidationError.errors()``) as one line: file, dotted
+    path, message, value. An unknown key names, given ``schema``, the closest valid key."""
     loc = tuple(err["loc"])
     path = _format_loc(loc, raw)
     if prefix:

@@ -37,6 +37,12 @@ class FieldError(HarnessError):
 def did_you_mean(name: str, candidates: Iterable[str]) -> str:
     """``"; did you mean 'x'?"`` for the valid name closest to a misspelt ``name`` (case aside),
     or ``""`` when none is close: a typo's error then says what was meant."""
+    match = closest_name(name, candidates)
+    return f"; did you mean {match!r}?" if match is not None else ""
+
+
+def closest_name(name: str, candidates: Iterable[str]) -> str | None:
+    """The valid name :func:`did_you_mean` names for a misspelt ``name``, or None when none is close."""
     by_lower: dict[str, str] = {}
     for c in candidates:
         by_lower.setdefault(str(c).lower(), str(c))
@@ -44,7 +50,7 @@ def did_you_mean(name: str, candidates: Iterable[str]) -> str:
     match = difflib.get_close_matches(name, list(by_lower), n=1, cutoff=0.77)
     if not match and len(name) >= 3:  # short names: one slip is a large share of the letters
         match = [c for c in by_lower if _one_slip(name, c)][:1]
-    return f"; did you mean {by_lower[match[0]]!r}?" if match else ""
+    return by_lower[match[0]] if match else None
 
 
 def _one_slip(a: str, b: str) -> bool:

@@ -572,9 +572,12 @@ def test_report_status_and_ui_of_a_sweep_file_whose_input_variables_are_unset(sw
                     ["export", str(f), "--method", "task_arithmetic", "--out", str(tmp_path / "m.safetensors")]):
         r = CliRunner().invoke(main, command)
         assert r.exit_code == 2, (command, r.output)
-        assert len(r.stderr.strip().splitlines()) == 1, (command, r.stderr)
-        assert r.stderr.startswith(f"error: {f}: ") and "environment variable HARNESS_TEST_" in r.stderr, command
-        assert "is not set" in r.stderr, (command, r.stderr)
+        assert r.stderr.startswith(f"error: {f}: "), (command, r.stderr)
+        lines = [line.removeprefix("error: ").split(" (got ")[0] for line in r.stderr.strip().splitlines()]
+        assert lines == [f"{f}: {field}: environment variable {name} is not set" for field, name in (  # each at once
+            ("data_root", "HARNESS_TEST_DATA"), ("model.pretrained", "HARNESS_TEST_CKPT"),
+            ("model.finetuned_pattern", "HARNESS_TEST_CKPT"), ("executor.partition", "HARNESS_TEST_PARTITION"))], (
+            command, r.stderr)
 
 
 def test_a_report_folder_that_is_a_file_is_one_line_before_any_work(tmp_path, monkeypatch):

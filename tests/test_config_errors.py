@@ -1,4 +1,5 @@
-"""Bad sweep files: each refused with one line naming file, field and value; exit 2; no traceback."""
+"""Bad sweep files: each mistake refused with one line naming file, field and value (every schema
+mistake of a file at once, a line each); exit 2; no traceback."""
 
 from __future__ import annotations
 
@@ -827,3 +828,118 @@ def test_a_missing_name_is_never_answered_with_a_private_one(tmp_path, monkeypat
     with pytest.raises(KeyError) as caught:
         import_object("zq_private:Blend")
     assert caught.value.args[0] == f"module 'zq_private' ({tmp_path / 'zq_private.py'}) has no 'Blend'"
+
+
+# -- several schema mistakes at once: a line each, the first as it is alone ----------------------
+
+
+def _error_lines(raw: dict, file: str = "s.yaml") -> list[str]:
+    from harness.config import ConfigError, validate_config
+
+    with pytest.raises(ConfigError) as caught:
+        validate_config(raw, file)
+    return str(caught.value).splitlines()
+
+
+def test_mistakes_in_different_sections_are_all_reported_at_once(sweep_dict, tmp_path):
+    """A typo in ``tasks:`` and another in ``methods:`` are both told in one run, each with its
+    file, field and value, the first line the one a file with that mistake alone gets."""
+    bad = copy.deepcopy(sweep_dict)
+    bad["tasks"] = [{"name": "toy_stripes", "optons": {}}, 3]
+    bad["methods"][1]["label"] = 5
+    bad["eval"] = {"batch_size": 0}
+    f = tmp_path / "two.yaml"
+    f.write_text(yaml.safe_dump(bad))
+    code, out, err = _run(["validate", str(f)])
+    assert code == 2, (out, err)
+    assert err.splitlines() == [
+        f"error: {f}: tasks.0.optons: unknown key; did you mean 'options'?",
+        f"{f}: tasks.1: Input should be a name or a mapping (got 3)",
+        f"{f}: methods.1.label: Input should be a valid string (got 5)",
+        f"{f}: eval.batch_size: Input should be greater than or equal to 1 (got 0)",
+    ]
+    assert "Traceback" not in out + err
+    alone = copy.deepcopy(sweep_dict)
+    alone["tasks"] = [{"name": "toy_stripes", "optons": {}}, "toy_colours"]
+    f.write_text(yaml.safe_dump(alone))
+    assert _run(["validate", str(f)])[2].splitlines() == [err.splitlines()[0]]
+    f.write_text(yaml.safe_dump(bad))
+    for args in (["sweep", str(f)], ["sweep", "--dry-run", str(f)]):
+        code, out, again = _run(args)
+        assert code == 2 and again == err, (args, out, again)
+    assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_a_misspelt_required_key_is_not_reported_missing_beside_other_mistakes(sweep_dict):
+    """``task:`` for ``tasks:`` reads as an unknown key and a missing field: the typo's line
+    alone says it (whose did-you-mean names the missing field), the other mistakes follow."""
+    bad = dict(sweep_dict, seed=-1)
+    bad["task"] = bad.pop("tasks")
+    bad["methods"] = [{"nme": "weight_averaging"}]  # the same slip inside a list entry
+    assert _error_lines(bad) == [  # pydantic's order: a model's fields, then its unknown keys
+        "s.yaml: methods.0.nme: unknown key; did you mean 'name'?",
+        "s.yaml: seed: Input should be greater than or equal to 0 (got -1)",
+        "s.yaml: task: unknown key; did you mean 'tasks'?",
+    ]
+
+
+def test_an_unknown_key_close_to_no_field_leaves_the_missing_one_reported(sweep_dict):
+    """A key that misspells no field is no evidence of the missing one: both are told."""
+    bad = dict(sweep_dict, zzzz=1)
+    del bad["tasks"]
+    assert _error_lines(bad) == ["s.yaml: zzzz: unknown key", "s.yaml: tasks: required field is missing"]
+
+
+@pytest.mark.parametrize("lambdas,first", [
+    ("many", "references.routing_bound_lambda: Input should be a valid number, unable to parse string as a "
+             "number (got 'many')"),
+    (["x", 1, "y"], "references.routing_bound_lambda.float: Input should be a valid number (got ['x', 1, 'y'])"),
+])
+def test_a_mistake_pydantic_reports_once_per_union_member_is_one_line(lambdas, first, sweep_dict):
+    """``float | list[float]``: a value that fits neither is one mistake, reported by pydantic for
+    each member (and for each bad item of the list): one line, the first of them."""
+    lines = _error_lines(dict(sweep_dict, references={"routing_bound_lambda": lambdas}, threads=2.5))
+    assert lines == ["s.yaml: threads: Input should be a valid integer, got a number with a fractional part (got 2.5)",
+                     f"s.yaml: {first}"]  # threads: int | 'auto', a union too
+
+
+def test_many_mistakes_are_capped_with_a_count_of_the_rest(sweep_dict):
+    from harness.config import MAX_ERRORS
+
+    bad = dict(sweep_dict, **{f"extra_{i:02d}": i for i in range(MAX_ERRORS + 5)})
+    lines = _error_lines(bad)
+    assert lines[:MAX_ERRORS] == [f"s.yaml: extra_{i:02d}: unknown key" for i in range(MAX_ERRORS)]
+    assert lines[MAX_ERRORS:] == ["... and 5 more"]
+    exactly = dict(sweep_dict, **{f"extra_{i:02d}": i for i in range(MAX_ERRORS)})
+    assert len(_error_lines(exactly)) == MAX_ERRORS  # all shown: no count line
+
+
+def test_each_line_names_the_override_that_set_its_field(sweep_dict, tmp_path):
+    """An override's mistake is told with the command line (item, over the file), the file's
+    own mistakes with the file, whichever comes first."""
+    bad = dict(sweep_dict, seed="abc")
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump(bad))
+    code, _, err = _run(["validate", str(f), "evall.batch_size=4", "executor.workers=0", "threads=8"])
+    assert code == 2
+    assert err.splitlines() == [
+        f"error: <command line> (evall.batch_size=4, over {f}): evall: unknown key; did you mean 'eval'?",
+        f"{f}: seed: Input should be a valid integer, unable to parse string as an integer (got 'abc')",
+        f"<command line> (executor.workers=0, over {f}): executor.workers: Input should be greater than or equal "
+        "to 1 (got 0)",
+    ]
+
+
+def test_several_embedded_suite_mistakes_are_all_reported(tmp_path):
+    f = tmp_path / "emb.yaml"
+    f.write_text(yaml.safe_dump({"name": "e", "model": {"source": "embedded", "suite": {
+        "size": "huge", "finetune_stepz": 3, "finetune_lr": -1}}, "tasks": ["emb_mnist"]}))
+    code, _, err = _run(["validate", str(f), "model.suite.seed=-2"])
+    assert code == 2
+    assert err.splitlines() == [
+        f"error: {f}: model.suite.finetune_stepz: unknown key; did you mean 'finetune_steps'?",
+        f"{f}: model.suite.size: Input should be 'full' or 'tiny' (got 'huge')",
+        f"<command line> (model.suite.seed=-2, over {f}): model.suite.seed: Input should be greater than or equal "
+        "to 0 (got -2)",
+        f"{f}: model.suite.finetune_lr: Input should be greater than 0 (got -1)",
+    ]
