@@ -1108,3 +1108,27 @@ def test_an_adaptation_checkpoint_whose_tensors_have_other_shapes_is_refused(mod
     with pytest.raises(ValueError, match=r"wemoe-tta\.pt: checkpoint does not match the model's trainable parameters"):
         wemoe.WeMoE(steps=4, **kwargs).merge(pre, ft, MergeContext(heads=heads(), unlabeled=fixed_unlabeled(),
                                                                   workdir=str(tmp_path)))
+
+
+def test_routing_statistics_report_negative_raw_weights_as_they_are(models):
+    """Raw routing (the paper's) is unbounded: a router that gives an expert -0.4 is reported as
+    giving it -0.4, and identification picks the largest weight, not the largest magnitude."""
+    const = torch.tensor([-0.4, 0.3, 1.2])
+    moe = constant_routers(models, [const, const])
+    routing, task_id = wemoe.routing_statistics(moe, MergeContext(heads=heads(), unlabeled=fixed_unlabeled(2)), 2)
+    for t in TASKS:
+        torch.testing.assert_close(torch.tensor(routing["mean_weight"][t], dtype=torch.float64), const.double().expand(2, 3))
+    assert task_id["per_task"] == {"a": [0.0, 0.0], "b": [0.0, 0.0], "c": [1.0, 1.0]}
+
+
+@pytest.mark.parametrize("size", [2, 3])
+def test_an_image_scores_alike_alone_and_in_a_small_batch(models, size):
+    """Per-sample routing: each image of a batch of two or three gets the features it gets alone
+    (a batch of one takes the merged-weight path, larger ones the per-sample kernels)."""
+    pre, ft = models
+    moe = wemoe.build_wemoe(pre, ft, router_depth=2, routing="raw")
+    randomize_routers(moe, seed=4)
+    x = images(size, 12)
+    with torch.no_grad():
+        alone = torch.cat([moe(x[i : i + 1]) for i in range(size)])
+        assert rel_err(moe(x), alone) <= 1e-5
