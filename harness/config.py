@@ -18,7 +18,7 @@ import re
 import string
 import types
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Literal, NamedTuple, Union, get_args, get_origin
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Literal, NamedTuple, Union, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -775,8 +775,9 @@ def _format_loc(loc: tuple, raw: Any = None) -> str:
             cur = cur[p]
         elif isinstance(cur, list) and isinstance(p, int) and 0 <= p < len(cur):
             cur = cur[p]
-        elif cur is not absent and not isinstance(cur, (dict, list)) and raw is not None:
-            continue  # below a value the file gives: a union member's or a validator's name
+        elif cur is not absent and raw is not None and (not isinstance(cur, (dict, list)) or isinstance(cur, list)
+                                                        and not isinstance(p, int)):
+            continue  # below a value the file gives (a list's items by number): a union member's or a validator's name
         elif p in {"function-after", "function-before", "function-wrap"} or "[" in str(p):
             continue
         else:
@@ -874,22 +875,64 @@ def validation_error(file: str, exc: ValidationError, raw: Any, prefix: str = ""
                 and (meant := _meant_key(e, schema)) is not None}
     lines: list[ConfigError] = []
     seen: set[Any] = set()
+    unions: dict[tuple, int] = {}
     for err in [first, *(e for e in errors if e is not first)]:
         loc = tuple(err["loc"])
         if err["type"] == "missing" and loc in misspelt:
             continue
         line = validation_error_line(file, err, raw, prefix, schema)
-        keys = {("path", line.path)}
-        if (union := _union_at(schema, loc)) is not None:
-            keys.add(("union", union))
-        if keys & seen:
+        union = _union_at(schema, loc)
+        if union in unions:  # the member reaching deepest into what the file gives says where: a list's bad item
+            at = unions[union]
+            if line.path.count(".") > lines[at].path.count(".") and line.path not in seen:
+                seen.add(line.path)
+                lines[at] = line
             continue
-        seen |= keys
+        if line.path in seen:
+            continue
+        seen.add(line.path)
+        if union is not None:
+            unions[union] = len(lines)
         lines.append(line)
+    return gathered(lines)
+
+
+def gathered(errors: list[ConfigError]) -> ConfigError:
+    """``errors`` (each with its further lines) as one error, a line each in order, a field
+    named once (two checks can find one field at fault), at most :data:`MAX_ERRORS` lines and
+    then a count of the rest."""
+    lines: list[ConfigError] = []
+    paths: set[tuple[str, str]] = set()
+    more = 0
+    for error in errors:
+        more += error.more
+        for line in (error, *error.further):
+            if (line.file, line.path) not in paths:
+                paths.add((line.file, line.path))
+                lines.append(line)
     shown = lines[:MAX_ERRORS]
     head = shown[0]
     return ConfigError(head.file, head.path, head.message, head.value, head.show_value, shown[1:],
-                       len(lines) - len(shown))
+                       len(lines) - len(shown) + more)
+
+
+class Gathering:
+    """Runs checks that each raise at their first fault and raises their faults together
+    (:func:`gathered`): a typo in ``tasks:`` and another in ``methods:`` are told in one run."""
+
+    def __init__(self) -> None:
+        self.errors: list[ConfigError] = []
+
+    @contextlib.contextmanager
+    def check(self) -> Iterator[None]:
+        try:
+            yield
+        except ConfigError as exc:
+            self.errors.append(exc)
+
+    def raise_any(self) -> None:
+        if self.errors:
+            raise gathered(self.errors)
 
 
 def validation_error_line(file: str, err: dict, raw: Any, prefix: str = "", schema: Any = None) -> ConfigError:
@@ -1056,10 +1099,11 @@ def validate_config(raw: dict, file: str = "<config>") -> SweepConfig:
         cfg = SweepConfig.model_validate(raw)
     except ValidationError as exc:
         raise validation_error(file, exc, raw, schema=SweepConfig) from None
-    check_methods(cfg, file)
-    check_tasks(cfg, file)
-    check_suite(cfg, file)
-    check_slurm_log_dir(cfg, file)
+    found = Gathering()
+    for check in (check_methods, check_tasks, check_suite, check_slurm_log_dir):
+        with found.check():
+            check(cfg, file)
+    found.raise_any()
     return cfg
 
 
@@ -1103,52 +1147,63 @@ def suite_tasks(cfg: SweepConfig) -> list[str]:
 
 
 def check_methods(cfg: SweepConfig, file: str) -> None:
+    """Each method's entry (:func:`check_method`), the faults of every entry told together."""
+    found = Gathering()
+    for i, m in enumerate(cfg.methods):
+        with found.check():
+            check_method(m, i, file)
+    found.raise_any()
+
+
+def check_method(m: MethodSpec, i: int, file: str) -> None:
+    """Method entry ``i``: a method that resolves and can merge, a label no reference row has,
+    hyperparameters it has, every grid setting valid and distinct; its values then held as the
+    method holds them (:func:`hold_validated`)."""
     from methods.base import MergeMethod, resolve_method
 
-    for i, m in enumerate(cfg.methods):
+    try:
+        cls = resolve_method(m.name)
+    except KeyError as exc:
+        raise ConfigError(file, m.name_field(f"methods.{i}"), str(exc.args[0]), show_value=False) from None
+    who = f"{cls.__module__}:{cls.__qualname__} ({source_file(cls) or 'built in'})"
+    if reference_row(m.display):  # its row would be taken for a reference row in reports and comparisons
+        raise ConfigError(file, f"methods.{i}.label", f"{m.display!r} names a reference row (pretrained, "
+                          "individual, perfect routing): give the method another label", m.display)
+    if cls.merge is MergeMethod.merge:  # else every job of it fails with a bare NotImplementedError
+        raise ConfigError(file, m.name_field(f"methods.{i}"), f"{who} does not define "
+                          "merge(self, pretrained, finetuned, ctx)", show_value=False)
+    fields = set(cls.model_fields)
+    unknown = sorted(set(cls.runtime_only) - fields)
+    if unknown:  # else every job key fails with a bare KeyError
+        raise ConfigError(file, m.name_field(f"methods.{i}"), f"{who} declares runtime_only {unknown}, which are "
+                          f"not its hyperparameters{did_you_mean(unknown[0], fields)}", show_value=False)
+    if m.tune:
+        check_space(cls, m, i, file)
+    for where in ("params", "grid"):
+        for key in getattr(m, where):
+            if key not in fields:
+                raise unknown_hyperparameter(file, f"methods.{i}.{where}.{key}", m.name, key, fields)
+    seen: dict[str, dict[str, Any]] = {}
+    probe = space_probe(m)  # a tuned hyperparameter need not have a default: its trials give it
+    for setting in expand_grid(m):
         try:
-            cls = resolve_method(m.name)
-        except KeyError as exc:
-            raise ConfigError(file, m.name_field(f"methods.{i}"), str(exc.args[0]), show_value=False) from None
-        who = f"{cls.__module__}:{cls.__qualname__} ({source_file(cls) or 'built in'})"
-        if reference_row(m.display):  # its row would be taken for a reference row in reports and comparisons
-            raise ConfigError(file, f"methods.{i}.label", f"{m.display!r} names a reference row (pretrained, "
-                              "individual, perfect routing): give the method another label", m.display)
-        if cls.merge is MergeMethod.merge:  # else every job of it fails with a bare NotImplementedError
-            raise ConfigError(file, m.name_field(f"methods.{i}"), f"{who} does not define "
-                              "merge(self, pretrained, finetuned, ctx)", show_value=False)
-        fields = set(cls.model_fields)
-        unknown = sorted(set(cls.runtime_only) - fields)
-        if unknown:  # else every job key fails with a bare KeyError
-            raise ConfigError(file, m.name_field(f"methods.{i}"), f"{who} declares runtime_only {unknown}, which are "
-                              f"not its hyperparameters{did_you_mean(unknown[0], fields)}", show_value=False)
-        if m.tune:
-            check_space(cls, m, i, file)
-        for where in ("params", "grid"):
-            for key in getattr(m, where):
-                if key not in fields:
-                    raise unknown_hyperparameter(file, f"methods.{i}.{where}.{key}", m.name, key, fields)
-        seen: dict[str, dict[str, Any]] = {}
-        probe = space_probe(m)  # a tuned hyperparameter need not have a default: its trials give it
-        for setting in expand_grid(m):
-            try:
-                validated = cls(**{**probe, **setting}).key_params()
-            except ValidationError as exc:
-                err = exc.errors()[0]
-                key = str(err["loc"][0]) if err["loc"] else ""
-                where = ("grid" if key in m.grid else "params") + (f".{key}" if key else "")
-                msg = err["msg"].removeprefix("Value error, ")
-                if err["type"] == "missing":  # not "Field required (got {...})": the params hold no value of it
-                    raise ConfigError(file, f"methods.{i}.{where}", f"hyperparameter {key!r} of {m.name!r} has no "
-                                      "default: give it in params, grid or tune.space", show_value=False) from None
-                raise ConfigError(file, f"methods.{i}.{where}", msg, err.get("input") if key else setting) from None
-            same = seen.setdefault(json.dumps(validated, sort_keys=True), setting)
-            if same is not setting:  # one job would run twice under two titles
-                runtime = sorted(k for k in cls.runtime_only if k in m.grid)
-                why = f" ({', '.join(runtime)} never changes a result)" if runtime else ""
-                raise ConfigError(file, f"methods.{i}.grid", f"settings {same} and {setting} are the same "
-                                  f"setting once validated{why}", show_value=False)
-        hold_validated(cls, m)
+            validated = cls(**{**probe, **setting}).key_params()
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            key = str(err["loc"][0]) if err["loc"] else ""
+            where = ("grid" if key in m.grid else "params") + (f".{key}" if key else "")
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "missing":  # not "Field required (got {...})": the params hold no value of it
+                raise ConfigError(file, f"methods.{i}.{where}", f"hyperparameter {key!r} of {m.name!r} has no "
+                                  "default: give it in params, grid or tune.space", show_value=False) from None
+            raise ConfigError(file, f"methods.{i}.{where}", msg, err.get("input") if key else setting) from None
+        same = seen.setdefault(json.dumps(validated, sort_keys=True), setting)
+        if same is not setting:  # one job would run twice under two titles
+            runtime = sorted(k for k in cls.runtime_only if k in m.grid)
+            why = f" ({', '.join(runtime)} never changes a result)" if runtime else ""
+            raise ConfigError(file, f"methods.{i}.grid", f"settings {same} and {setting} are the same "
+                              f"setting once validated{why}", show_value=False)
+    hold_validated(cls, m)
 
 
 def held_value(cls: type[MergeMethod], m: MethodSpec, name: str, value: Any) -> Any:
@@ -1249,17 +1304,28 @@ def check_tasks(cfg: SweepConfig, file: str) -> None:
     from tasks.base import available_tasks, resolve_task
 
     known = available_tasks()
+    found = Gathering()
     for i, t in enumerate(cfg.tasks):
-        if ":" not in t.name and t.name not in known:
-            raise ConfigError(file, t.name_field(f"tasks.{i}"), f"unknown task {t.name!r}{did_you_mean(t.name, known)} "
-                              f"(registered: {', '.join(known)})", show_value=False)
-        if ":" in t.name:
-            try:
-                factory = resolve_task(t.name)
-            except KeyError as exc:
-                raise ConfigError(file, t.name_field(f"tasks.{i}"), str(exc.args[0]), show_value=False) from None
-            if not callable(factory):
-                raise ConfigError(file, t.name_field(f"tasks.{i}"), "not a task factory (a callable returning a Task)", t.name)
+        with found.check():
+            if ":" not in t.name and t.name not in known:
+                raise ConfigError(file, t.name_field(f"tasks.{i}"), f"unknown task {t.name!r}"
+                                  f"{did_you_mean(t.name, known)} (registered: {', '.join(known)})", show_value=False)
+            if ":" in t.name:
+                try:
+                    factory = resolve_task(t.name)
+                except KeyError as exc:
+                    raise ConfigError(file, t.name_field(f"tasks.{i}"), str(exc.args[0]), show_value=False) from None
+                if not callable(factory):
+                    raise ConfigError(file, t.name_field(f"tasks.{i}"), "not a task factory (a callable returning "
+                                      "a Task)", t.name)
+    with found.check():
+        check_task_lists(cfg, file, known)
+    found.raise_any()
+
+
+def check_task_lists(cfg: SweepConfig, file: str, known: dict[str, str]) -> None:
+    """The fields naming the sweep's tasks (seen, unseen, robustness, per-task model files),
+    tuning objectives and the generalization block."""
     names = cfg.task_names
     subsets = [("seen", cfg.seen or []), ("unseen", cfg.unseen)]
     if cfg.robustness:

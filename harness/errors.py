@@ -1,4 +1,4 @@
-"""Errors the CLI turns into one line and exit code 2 (bad input, never a traceback)."""
+"""Errors the CLI turns into a line each (bad input, exit code 2, never a traceback)."""
 
 from __future__ import annotations
 

@@ -893,11 +893,13 @@ def test_an_unknown_key_close_to_no_field_leaves_the_missing_one_reported(sweep_
 @pytest.mark.parametrize("lambdas,first", [
     ("many", "references.routing_bound_lambda: Input should be a valid number, unable to parse string as a "
              "number (got 'many')"),
-    (["x", 1, "y"], "references.routing_bound_lambda.float: Input should be a valid number (got ['x', 1, 'y'])"),
+    (["x", 1, "y"], "references.routing_bound_lambda.0: Input should be a valid number, unable to parse string as "
+                    "a number (got 'x')"),
 ])
 def test_a_mistake_pydantic_reports_once_per_union_member_is_one_line(lambdas, first, sweep_dict):
     """``float | list[float]``: a value that fits neither is one mistake, reported by pydantic for
-    each member (and for each bad item of the list): one line, the first of them."""
+    each member (and for each bad item of the list): one line, the member's reaching deepest into
+    the value (a list's first bad item, not the whole list as no number), no member's name in the path."""
     lines = _error_lines(dict(sweep_dict, references={"routing_bound_lambda": lambdas}, threads=2.5))
     assert lines == ["s.yaml: threads: Input should be a valid integer, got a number with a fractional part (got 2.5)",
                      f"s.yaml: {first}"]  # threads: int | 'auto', a union too
@@ -943,3 +945,55 @@ def test_several_embedded_suite_mistakes_are_all_reported(tmp_path):
         "to 0 (got -2)",
         f"{f}: model.suite.finetune_lr: Input should be greater than 0 (got -1)",
     ]
+
+
+# -- mistakes the checks after the schema find: each entry's first, all entries at once --------
+
+
+def test_unknown_names_and_bad_hyperparameters_of_several_entries_are_all_reported(sweep_dict, tmp_path):
+    """A misspelt method, a hyperparameter out of its bounds, a misspelt task and an unseen task
+    that is none of the sweep's are told in one run, in the checks' order (methods, then tasks),
+    the first line the one that mistake alone gets; nothing is built."""
+    bad = copy.deepcopy(sweep_dict)
+    bad["methods"] = ["task_arithmetc", {"name": "ties", "params": {"k": 500}}, "weight_averaging"]
+    bad["tasks"] = ["toy_stripes", "toy_colour", "toy_checks"]
+    bad["unseen"] = ["toy_blob"]
+    f = tmp_path / "names.yaml"
+    f.write_text(yaml.safe_dump(bad))
+    code, out, err = _run(["validate", str(f)])
+    assert code == 2 and "Traceback" not in out + err
+    lines = err.splitlines()
+    assert len(lines) == 4, lines
+    assert lines[0].startswith(f"error: {f}: methods.0: unknown method 'task_arithmetc'; did you mean "
+                               "'task_arithmetic'?")
+    assert lines[1] == f"{f}: methods.1.params.k: Input should be less than or equal to 100 (got 500)"
+    assert lines[2].startswith(f"{f}: tasks.1: unknown task 'toy_colour'; did you mean 'toy_colours'?")
+    assert lines[3] == f"{f}: unseen.0: not one of the sweep's tasks (got 'toy_blob')"
+    alone = copy.deepcopy(sweep_dict)
+    alone["methods"] = ["task_arithmetc"]
+    f.write_text(yaml.safe_dump(alone))
+    assert _run(["validate", str(f)])[2].splitlines() == [lines[0]]
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
+
+
+def test_a_field_two_checks_find_at_fault_is_one_line(tmp_path):
+    """An unknown task in an embedded sweep is at fault as a task (unknown) and as one the suite
+    has no model of: one line, the first check's."""
+    f = tmp_path / "emb.yaml"
+    f.write_text(yaml.safe_dump({"name": "e", "model": {"source": "embedded"}, "tasks": ["emb_mnist", "shapez"],
+                                 "methods": [{"name": "ties", "params": {"k": 0}}]}))
+    code, _, err = _run(["validate", str(f)])
+    assert code == 2
+    lines = err.splitlines()
+    assert [line.removeprefix("error: ").split(": ")[1] for line in lines] == ["methods.0.params.k", "tasks.1"], lines
+    assert "unknown task 'shapez'" in lines[1] and "no fine-tuned model" not in err
+
+
+def test_a_later_check_s_line_names_the_override_that_set_its_field(sweep_dict, tmp_path):
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump(dict(sweep_dict, methods=["task_arithmetc"])))
+    code, _, err = _run(["validate", str(f), "tasks.0=toy_stripez"])
+    assert code == 2
+    lines = err.splitlines()
+    assert len(lines) == 2 and lines[0].startswith(f"error: {f}: methods.0: unknown method"), lines
+    assert lines[1].startswith(f"<command line> (tasks.0=toy_stripez, over {f}): tasks.0: unknown task 'toy_stripez'")
