@@ -109,6 +109,7 @@ def _load(file: str, overrides: tuple[str, ...], start_workers: bool = False,
         UNSET_INPUTS_KEPT,
         ConfigError,
         ExecutorSpec,
+        Gathering,
         check_checkpoint_shapes,
         check_cache_dir,
         check_data_roots,
@@ -140,19 +141,25 @@ def _load(file: str, overrides: tuple[str, ...], start_workers: bool = False,
             cfg = validate_config(raw, file)
         finally:
             UNSET_INPUTS_KEPT.reset(kept)
-        check_cache_dir(cfg, file)  # before the checks that read the encoder summaries kept there
+        found = Gathering(one_per_field=True)  # what the fields point at, told together where one check needs no other
+        with found.check():
+            check_cache_dir(cfg, file)
         if does != "read":
-            check_model_files(cfg, file)
-            check_model_contents(cfg, file)
-            check_checkpoint_shapes(cfg, file)
-            check_pretrained_arch(cfg, file)
-            check_folder_arch(cfg, file)
-            check_recorded_arch(cfg, file)
-            check_data_roots(cfg, file)
-        check_output_dir(cfg, file)
-        check_tracking_uri(cfg, file)
+            if not found.errors:  # the model checks read the encoder summaries kept in the cache folder
+                with found.check():  # each of these reads what the one before found readable
+                    check_model_files(cfg, file)
+                    check_model_contents(cfg, file)
+                    check_checkpoint_shapes(cfg, file)
+                    check_pretrained_arch(cfg, file)
+                    check_folder_arch(cfg, file)
+                    check_recorded_arch(cfg, file)
+            with found.check():
+                check_data_roots(cfg, file)
+        for check in (check_output_dir, check_tracking_uri, *([check_storage_files] if does == "submit" else [])):
+            with found.check():
+                check(cfg, file)
+        found.raise_any()
         if does == "submit":
-            check_storage_files(cfg, file)
             if cfg.executor.kind == "slurm":
                 from harness.executors.slurm import check_cluster
 

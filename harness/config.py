@@ -897,19 +897,24 @@ def validation_error(file: str, exc: ValidationError, raw: Any, prefix: str = ""
     return gathered(lines)
 
 
-def gathered(errors: list[ConfigError]) -> ConfigError:
-    """``errors`` (each with its further lines) as one error, a line each in order, a field
-    named once (two checks can find one field at fault), at most :data:`MAX_ERRORS` lines and
-    then a count of the rest."""
+def gathered(errors: list[ConfigError], one_per_field: bool = False) -> ConfigError:
+    """``errors`` (each with its further lines) as one error, a line each in order, no line
+    twice, at most :data:`MAX_ERRORS` lines and then a count of the rest. With ``one_per_field``,
+    a field an earlier error names is not named again by a later one: two checks finding one
+    field at fault (an unknown task, which the embedded suite has no model of either), the
+    first says why."""
     lines: list[ConfigError] = []
-    paths: set[tuple[str, str]] = set()
+    told: set[str] = set()
+    fields: set[tuple[str, str]] = set()
     more = 0
     for error in errors:
         more += error.more
-        for line in (error, *error.further):
-            if (line.file, line.path) not in paths:
-                paths.add((line.file, line.path))
+        group = [line for line in (error, *error.further) if not (one_per_field and (line.file, line.path) in fields)]
+        for line in group:
+            if line.line not in told:
+                told.add(line.line)
                 lines.append(line)
+        fields |= {(line.file, line.path) for line in group}
     shown = lines[:MAX_ERRORS]
     head = shown[0]
     return ConfigError(head.file, head.path, head.message, head.value, head.show_value, shown[1:],
@@ -917,11 +922,14 @@ def gathered(errors: list[ConfigError]) -> ConfigError:
 
 
 class Gathering:
-    """Runs checks that each raise at their first fault and raises their faults together
-    (:func:`gathered`): a typo in ``tasks:`` and another in ``methods:`` are told in one run."""
+    """Runs checks that each raise at their first fault, or collects faults in ``errors``, and
+    raises them together (:func:`gathered`): a typo in ``tasks:`` and another in ``methods:``
+    are told in one run. ``one_per_field`` where the checks are distinct ones that may meet one
+    field."""
 
-    def __init__(self) -> None:
+    def __init__(self, one_per_field: bool = False) -> None:
         self.errors: list[ConfigError] = []
+        self.one_per_field = one_per_field
 
     @contextlib.contextmanager
     def check(self) -> Iterator[None]:
@@ -932,7 +940,7 @@ class Gathering:
 
     def raise_any(self) -> None:
         if self.errors:
-            raise gathered(self.errors)
+            raise gathered(self.errors, self.one_per_field)
 
 
 def validation_error_line(file: str, err: dict, raw: Any, prefix: str = "", schema: Any = None) -> ConfigError:
@@ -1099,7 +1107,7 @@ def validate_config(raw: dict, file: str = "<config>") -> SweepConfig:
         cfg = SweepConfig.model_validate(raw)
     except ValidationError as exc:
         raise validation_error(file, exc, raw, schema=SweepConfig) from None
-    found = Gathering()
+    found = Gathering(one_per_field=True)
     for check in (check_methods, check_tasks, check_suite, check_slurm_log_dir):
         with found.check():
             check(cfg, file)
@@ -1384,6 +1392,7 @@ def check_model_files(cfg: SweepConfig, file: str) -> None:
             problem += f"; nor recorded beside {Path(pre).name} (model_configs/{m.arch}.json, its .json sidecar)"
     if problem:
         raise ConfigError(file, "model.arch", problem, m.arch)
+    found = Gathering()  # every task's missing file, a line each (a pattern's too: it names the task)
     for t in cfg.task_names:  # required for merged tasks; optional for unseen ones
         required = t in cfg.merge_tasks or t in m.finetuned
         if t in m.finetuned:
@@ -1394,17 +1403,20 @@ def check_model_files(cfg: SweepConfig, file: str) -> None:
             what = f"checkpoint of task {t!r} does not exist{relative_note(path)}"
         else:
             if required:
-                raise ConfigError(file, "model.finetuned", f"no checkpoint for task {t!r}", show_value=False)
+                found.errors.append(ConfigError(file, "model.finetuned", f"no checkpoint for task {t!r}",
+                                                show_value=False))
             continue
         if required and not Path(path).exists():
-            raise ConfigError(file, where, what, path)
+            found.errors.append(ConfigError(file, where, what, path))
     for t, path in m.heads.items():
         if t not in cfg.task_names:  # kept for another selection of tasks (tasks=... on the command line)
             continue
         if not Path(path).exists():
-            raise ConfigError(file, f"model.heads.{t}", f"head file does not exist{relative_note(path)}", path)
-        if Path(path).is_dir():
-            raise ConfigError(file, f"model.heads.{t}", "is a folder, not a head file", path)
+            found.errors.append(ConfigError(file, f"model.heads.{t}", f"head file does not exist{relative_note(path)}",
+                                            path))
+        elif Path(path).is_dir():
+            found.errors.append(ConfigError(file, f"model.heads.{t}", "is a folder, not a head file", path))
+    found.raise_any()
 
 
 def check_model_contents(cfg: SweepConfig, file: str) -> None:
@@ -1686,6 +1698,7 @@ def check_data_roots(cfg: SweepConfig, file: str) -> None:
 
     from tasks.base import resolve_task
 
+    found = Gathering()  # every task's, a line each (a shared top-level data_root's too: it names the task)
     for i, t in enumerate(cfg.tasks):
         try:
             param = inspect.signature(resolve_task(t.name)).parameters.get("data_root")
@@ -1697,12 +1710,14 @@ def check_data_roots(cfg: SweepConfig, file: str) -> None:
         if root is None and param.default is not inspect.Parameter.empty:
             continue  # built without one, as the run builds it
         if root is None:
-            raise ConfigError(file, "data_root", f"task {t.name!r} reads its images from a data folder: set "
-                              f"data_root (or tasks.{i}.options.data_root)", show_value=False)
+            found.errors.append(ConfigError(file, "data_root", f"task {t.name!r} reads its images from a data "
+                                            f"folder: set data_root (or tasks.{i}.options.data_root)", show_value=False))
+            continue
         path = Path(str(root)).expanduser()
         if not path.is_dir():
             what = "is a file, not a folder" if path.exists() else f"does not exist{relative_note(str(root))}"
-            raise ConfigError(file, where, f"data folder of task {t.name!r} {what}", root)
+            found.errors.append(ConfigError(file, where, f"data folder of task {t.name!r} {what}", root))
+    found.raise_any()
 
 
 def _data_root_field(cfg: SweepConfig, i: int) -> tuple[str, Any]:
@@ -1721,6 +1736,7 @@ def check_dataset_folders(cfg: SweepConfig, file: str) -> None:
     from tasks.base import TaskDataError, resolve_task
     from tasks.vision8 import SPECS
 
+    found = Gathering()
     for i, t in enumerate(cfg.tasks):
         if t.name not in SPECS:
             continue
@@ -1728,10 +1744,11 @@ def check_dataset_folders(cfg: SweepConfig, file: str) -> None:
         try:
             resolve_task(t.name)(**{**t.options, "data_root": str(root)})
         except TaskDataError as exc:
-            raise ConfigError(file, where, str(exc), root) from None
+            found.errors.append(ConfigError(file, where, str(exc), root))
         except TypeError as exc:  # an option the factory does not take
-            raise ConfigError(file, f"tasks.{i}.options", f"bad options for task {t.name!r}: {exc}",
-                              t.options) from None
+            found.errors.append(ConfigError(file, f"tasks.{i}.options", f"bad options for task {t.name!r}: {exc}",
+                                            t.options))
+    found.raise_any()
 
 
 def folder_problem(folder: Path) -> str | None:

@@ -997,3 +997,49 @@ def test_a_later_check_s_line_names_the_override_that_set_its_field(sweep_dict, 
     lines = err.splitlines()
     assert len(lines) == 2 and lines[0].startswith(f"error: {f}: methods.0: unknown method"), lines
     assert lines[1].startswith(f"<command line> (tasks.0=toy_stripez, over {f}): tasks.0: unknown task 'toy_stripez'")
+
+
+# -- what the fields point at: every missing file and folder at once ------------------------------
+
+
+def test_every_missing_checkpoint_and_a_bad_output_folder_are_reported_together(sweep_dict, tmp_path):
+    """Two tasks' missing checkpoints (one named, one by the pattern) and an output folder that
+    is a file are three lines of one run, each naming its field, task and path."""
+    bad = dict(copy.deepcopy(sweep_dict), tasks=["toy_stripes", "toy_colours", "toy_checks", "toy_blobs"])
+    pattern = str(tmp_path / "nowhere" / "{task}.safetensors")
+    bad["model"]["finetuned_pattern"] = pattern
+    bad["model"]["finetuned"] = {"toy_stripes": sweep_dict["model"]["finetuned_pattern"].format(task="toy_stripes"),
+                                 "toy_colours": str(tmp_path / "gone.safetensors")}
+    (tmp_path / "taken").write_text("x")
+    bad["output_dir"] = str(tmp_path / "taken")
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump(bad))
+    code, out, err = _run(["validate", str(f)])
+    assert code == 2 and "Traceback" not in out + err
+    missing = ["toy_checks", "toy_blobs"]
+    assert err.splitlines() == [
+        f"error: {f}: model.finetuned.toy_colours: checkpoint does not exist (got {str(tmp_path / 'gone.safetensors')!r})",
+        *(f"{f}: model.finetuned_pattern: checkpoint of task {t!r} does not exist "
+          f"(got {pattern.format(task=t)!r})" for t in missing),
+        f"{f}: output_dir: is a file, not a folder (got {str(tmp_path / 'taken')!r})",
+    ]
+
+
+def test_every_task_s_missing_data_folder_is_reported(sweep_dict, tmp_path):
+    """Two datasets read from one missing top-level data_root and one from its own: a line
+    for each task, naming it."""
+    bad = dict(sweep_dict, tasks=["mnist", "svhn", {"name": "eurosat", "options": {"data_root": str(tmp_path / "e")}}],
+               data_root=str(tmp_path / "d"))
+    one = sweep_dict["model"]["finetuned_pattern"].format(task="toy_stripes")  # any existing checkpoint: not read
+    bad["model"] = {k: v for k, v in bad["model"].items() if k != "finetuned_pattern"}
+    bad["model"]["finetuned"] = {t: one for t in ("mnist", "svhn", "eurosat")}
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump(bad))
+    code, _, err = _run(["validate", str(f)])
+    assert code == 2
+    d, e = str(tmp_path / "d"), str(tmp_path / "e")
+    assert err.splitlines() == [
+        f"error: {f}: data_root: data folder of task 'mnist' does not exist (got {d!r})",
+        f"{f}: data_root: data folder of task 'svhn' does not exist (got {d!r})",
+        f"{f}: tasks.2.options.data_root: data folder of task 'eurosat' does not exist (got {e!r})",
+    ]
