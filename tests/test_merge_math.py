@@ -220,3 +220,34 @@ def test_a_checkpoint_with_tensors_the_pretrained_model_has_not_is_refused_by_ev
     for merge in (WeightAveraging(), TaskArithmetic(), TiesMerging(), AdaMerging(steps=0)):
         with pytest.raises(ValueError, match=r"checkpoint 'b'.*unexpected \['scale'\]"):
             merge.merge(pre, {"a": ft["a"], "b": wider}, MergeContext())
+
+
+def test_task_arithmetic_on_a_mixed_precision_model_accumulates_its_half_tensors_in_float32():
+    """One half tensor is enough to take the float32-accumulating path: 2048 + 0.375 * (2 + 2)
+    = 2049.5 rounds to 2050 in half precision, where adding 0.75 twice into the half tensor
+    rounds each time and stays at 2048. The float32 tensor is merged as usual (1 + 0.375 * 4)."""
+    def mixed(w: float, b: float) -> nn.Module:
+        m = nn.Module()
+        m.w = nn.Parameter(torch.tensor([w], dtype=torch.float16))
+        m.b = nn.Parameter(torch.tensor([b], dtype=torch.float32))
+        return m
+
+    out = TaskArithmetic(scaling=0.375).merge(mixed(2048.0, 1.0), {"a": mixed(2050.0, 3.0), "b": mixed(2050.0, 3.0)},
+                                              MergeContext())
+    assert (out.w.dtype, out.b.dtype) == (torch.float16, torch.float32)
+    assert out.w.item() == 2050.0 and out.b.item() == 2.5
+
+
+def test_a_transposed_checkpoint_is_refused_though_its_entry_count_matches(models):
+    """A (3, 2) tensor where the pretrained one is (2, 3) has the same number of entries: a
+    flattening merge (TIES) would pair entries of different weights, so the shape is refused."""
+    pre = nn.Linear(3, 2)
+    transposed = nn.Linear(2, 3, bias=False)
+    transposed.bias = nn.Parameter(torch.zeros(2))
+    with pytest.raises(ValueError, match=r"tensor 'weight' has shape \(3, 2\), pretrained has \(2, 3\)"):
+        check_same_keys(float_state(pre), float_state(transposed), "t")
+    from methods.ties import TiesMerging
+
+    for merge in (WeightAveraging(), TaskArithmetic(), TiesMerging()):
+        with pytest.raises(ValueError, match=r"shape \(3, 2\)"):
+            merge.merge(pre, {"t": transposed}, MergeContext())

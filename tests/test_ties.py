@@ -393,3 +393,38 @@ def test_method_merges_float_buffers_and_keeps_the_template_otherwise():
     assert torch.equal(merged.b, torch.tensor([1.0])) and merged.b.requires_grad
     assert torch.equal(merged.scale, torch.tensor([2.0, 1.0]))
     assert int(merged.count) == 3
+
+
+def test_zero_mass_entries_select_among_trimmed_values_only():
+    """The zero-mass entries patched after the vote are re-read from the inputs: the trim must
+    apply there too. P = 4, k = 50 -> keep 2 per task; thresholds 3, 3, 6 (by hand). Entry 0 is
+    (3, -3, -1): trimmed (3, -3, 0), mass 0; masses (0, -10, -12, 0) vote -2, so entry 0 keeps
+    -3 alone, not the trimmed-away -1 of task 3 (which would give a mean of -2, a sum of -4)."""
+    taus = [tv(w=[3, -1, -5, 0]), tv(w=[-3, -4, 2, 0]), tv(w=[-1, -6, -7, 0])]
+    assert trim_thresholds(taus, 50) == [3.0, 3.0, 6.0]
+    expected = {"mean": tv(w=[-3, -5, -6, 0]), "sum": tv(w=[-3, -10, -12, 0])}
+    for merge_function in ("mean", "sum"):
+        for name, result in both(taus, 50, merge_function):
+            assert_close(result, expected[merge_function])
+        base = tv(w=[0.5, -2.0, 1.0, 4.0])
+        finetuned = [{"w": base["w"] + tau["w"]} for tau in taus]
+        for options in TINY:
+            assert_close(ties_merge_streaming(finetuned, 50, merge_function, base=base, **options),
+                         expected[merge_function])
+
+
+def test_method_on_a_half_model_returns_half_tensors_rounded_once():
+    """The merge is computed in float32 and the result takes the template's dtypes: one task at
+    k = 100, lambda = 0.75, tau = (2, 2): 2048 + 1.5 = 2049.5 rounds to 2050 and 1 + 1.5 = 2.5
+    is exact in half precision; the parameter and the float buffer stay float16."""
+
+    class Half(torch.nn.Module):
+        def __init__(self, w, s):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.tensor(w, dtype=torch.float16))
+            self.register_buffer("s", torch.tensor(s, dtype=torch.float16))
+
+    merged = TiesMerging(k=100, scaling=0.75).merge(Half([2048.0, 1.0], [1.0]), {"t": Half([2050.0, 3.0], [3.0])},
+                                                   MergeContext())
+    assert merged.w.dtype == merged.s.dtype == torch.float16
+    assert merged.w.tolist() == [2050.0, 2.5] and merged.s.tolist() == [2.5]
