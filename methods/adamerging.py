@@ -59,7 +59,8 @@ class AdaMergedEncoder(nn.Module):
         out = {}
         for j, name in enumerate(self.names):
             tau = getattr(self, f"tau_{j}")
-            out[name] = base[name] + torch.tensordot(coef[:, j], tau, dims=1).to(base[name].dtype)
+            merged = base[name].float() + torch.tensordot(coef[:, j], tau, dims=1)  # one rounding for half weights
+            out[name] = merged.to(base[name].dtype)
         return out
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

@@ -253,13 +253,14 @@ def float_state(module: nn.Module) -> StateDict:
 
 
 def task_vectors(pretrained: nn.Module, finetuned: Mapping[str, nn.Module]) -> dict[str, StateDict]:
-    """tau_t = theta_t - theta_0 for every floating-point tensor, checked for matching shapes."""
+    """tau_t = theta_t - theta_0 (float32: a half model's difference is not rounded to half) for
+    every floating-point tensor, checked for matching shapes."""
     base = float_state(pretrained)
     out: dict[str, StateDict] = {}
     for task, model in finetuned.items():
         sd = float_state(model)
         check_same_keys(base, sd, task)
-        out[task] = {k: sd[k] - base[k] for k in base}
+        out[task] = {k: sd[k].float() - base[k].float() for k in base}
     return out
 
 

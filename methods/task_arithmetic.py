@@ -25,7 +25,10 @@ def add_task_vectors(merged: StateDict, base: StateDict, finetuned: Mapping[str,
         check_same_keys(base, sd, task)
         for k, out in merged.items():
             tau = scratch[: out.numel()].view(out.shape)
-            torch.sub(sd[k], base[k], out=tau)
+            if sd[k].dtype == torch.float32 and base[k].dtype == torch.float32:
+                torch.sub(sd[k], base[k], out=tau)
+            else:  # half weights: subtracted in float32 (into ``out=`` it would be rounded to half first)
+                tau.copy_(sd[k]).sub_(base[k])
             out.add_(tau, alpha=scaling)
 
 

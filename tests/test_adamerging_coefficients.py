@@ -91,3 +91,15 @@ def test_coefficients_start_at_init_lambda_for_every_task_and_tensor(granularity
     assert torch.equal(enc.coefficients(), torch.full((2, 2), 0.3))
     enc = adamerging.AdaMergedEncoder(pre, ft, granularity=granularity, init_lambda=0.55)
     assert torch.equal(enc.coefficients(), torch.full((2, 2), 0.55))
+
+
+def test_a_half_model_is_merged_with_one_rounding():
+    """Half weights: theta_0 = 3, theta_t = 2048, coefficient 0.7: 3 + 0.7 * 2045 = 1434.5 in
+    float32, 1434 in half (even). The update rounded to half first (1431.5 -> 1432) and then added
+    (1435) is a step off."""
+    pre, ft = Tiny([3.0], [0.0]).half(), {"a": Tiny([2048.0], [0.0]).half()}
+    enc = adamerging.AdaMergedEncoder(pre, ft, granularity="task", clamp=False)
+    with torch.no_grad():
+        enc.coef.copy_(torch.tensor([0.7]))
+    out = enc.export()
+    assert out.w.dtype == torch.float16 and out.w.tolist() == [1434.0]

@@ -251,3 +251,26 @@ def test_a_transposed_checkpoint_is_refused_though_its_entry_count_matches(model
     for merge in (WeightAveraging(), TaskArithmetic(), TiesMerging()):
         with pytest.raises(ValueError, match=r"shape \(3, 2\)"):
             merge.merge(pre, {"t": transposed}, MergeContext())
+
+
+def test_half_task_vectors_are_differences_in_float32():
+    """4096 - 1 = 4095 needs 12 significant bits: in half it rounds to 4096, so a task vector of
+    half weights is taken in float32 (as task arithmetic and TIES accumulate)."""
+    pre, ft = nn.Linear(1, 1, bias=False).half(), nn.Linear(1, 1, bias=False).half()
+    with torch.no_grad():
+        pre.weight.fill_(1.0)
+        ft.weight.fill_(4096.0)
+    tau = task_vectors(pre, {"a": ft})["a"]["weight"]
+    assert tau.dtype == torch.float32 and tau.item() == 4095.0
+
+
+def test_half_task_arithmetic_is_rounded_to_half_once():
+    """theta_0 = 1, theta_t = 4096 (half), lambda 0.001: 1 + 0.001 * 4095 = 5.095 in float32,
+    5.09375 in half; a task vector rounded to half first (4096) gives 5.096 -> 5.09766."""
+    pre, ft = nn.Linear(1, 1, bias=False).half(), nn.Linear(1, 1, bias=False).half()
+    with torch.no_grad():
+        pre.weight.fill_(1.0)
+        ft.weight.fill_(4096.0)
+    merged = TaskArithmetic(scaling=0.001).merge(pre, {"a": ft}, MergeContext())
+    assert merged.weight.dtype == torch.float16
+    assert merged.weight.item() == torch.tensor(1 + 0.001 * 4095, dtype=torch.float32).half().item() == 5.09375
