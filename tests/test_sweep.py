@@ -646,3 +646,16 @@ def test_normalized_accuracy_divides_by_the_individual_models_test_accuracy(trai
     exp = client.get_experiment_by_name(cfg.name).experiment_id
     run = client.search_runs([exp], f"tags.`harness.job_key` = '{wa.key}'")[0]
     assert {k: v for k, v in run.data.metrics.items() if k.startswith("norm_acc/")} == pytest.approx(norm)
+
+
+def test_an_unseen_tasks_individual_row_scores_its_own_task(sweep_dict):
+    """A top-level unseen task keeps its individual row (it has a checkpoint): that job scores
+    only its own task, which its average is, though the sweep merges none of its tasks with it."""
+    unseen = sweep_dict["tasks"][1]
+    d = dict(sweep_dict, references={"pretrained": False, "individual": True}, methods=[{"name": "weight_averaging"}],
+             unseen=[unseen])
+    outcome = run_sweep(validate_config(d), quiet=True)
+    assert not outcome.failed
+    row = next(r for r in outcome.results if r.kind == "individual" and r.task == unseen)
+    assert row.metrics["acc/avg"] == row.metrics[f"acc/{unseen}"]
+    assert row.metrics["val/acc/avg"] == row.metrics[f"val/acc/{unseen}"]
