@@ -376,3 +376,19 @@ def test_forgotten_models_and_heads_load_again_as_their_files_hold_them(sweep_di
     assert all(torch.equal(v, pre[f"visual.{k}"]) for k, v in ws.pretrained_encoder.state_dict().items())
     assert all(torch.equal(v, ft[k]) for k, v in ws.finetuned_encoder("toy_stripes").state_dict().items())
     assert torch.equal(ws.head("toy_stripes"), head)
+
+
+
+@pytest.mark.parametrize("name", ["model.pt", "model[1].pt", "m?*.pt"])
+def test_stale_temporaries_of_a_file_are_its_own_only(tmp_path, name):
+    """A builder holding a file's lock deletes that file's leftover temporaries; another file's
+    (a name it begins, or one its glob characters would match) may be a live writer's, and stays."""
+    from harness.cache import remove_stale_temporaries
+
+    own = [tmp_path / f".{name}.k1ll3d.tmp", tmp_path / f"{name}.tmp4242"]  # atomic_path's, and the older form
+    others = [tmp_path / f".{name}2.live.tmp", tmp_path / ".model1.pt.live.tmp", tmp_path / ".mxy.pt.live.tmp",
+              tmp_path / f"{name}.digests.tmp"]
+    for p in [tmp_path / name, *own, *others]:
+        p.write_bytes(b"x")
+    assert set(remove_stale_temporaries(tmp_path / name)) == set(own)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([name, *(p.name for p in others)])
