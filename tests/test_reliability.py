@@ -392,3 +392,30 @@ def test_stale_temporaries_of_a_file_are_its_own_only(tmp_path, name):
         p.write_bytes(b"x")
     assert set(remove_stale_temporaries(tmp_path / name)) == set(own)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([name, *(p.name for p in others)])
+
+
+def test_an_atomic_rewrite_leaves_a_reader_of_the_old_file_its_old_bytes(tmp_path):
+    """A rewrite moves a new file onto the path: a reader that opened the old one (a job reading a
+    cached file while another process rewrites it) reads it whole, never half old, half new."""
+    from harness.cache import atomic_write_bytes
+
+    path = tmp_path / "cached.bin"
+    atomic_write_bytes(path, b"old" * 1000)
+    with open(path, "rb") as reader:
+        atomic_write_bytes(path, b"new" * 1000)
+        assert reader.read() == b"old" * 1000
+    assert path.read_bytes() == b"new" * 1000
+
+
+def test_a_written_files_recorded_digest_is_of_the_bytes_written(tmp_path):
+    """The digest kept with a file is of what was moved onto its path, on the first write as on
+    a rewrite: a check then finds the file as written, and finds an edit made after."""
+    from harness.cache import atomic_write_bytes, check_digest
+
+    path = tmp_path / "cache" / "file.bin"
+    for data in (b"first", b"second"):
+        atomic_write_bytes(path, data, digest=True)
+        check_digest(path)
+    path.write_bytes(b"edited")
+    with pytest.raises(ValueError, match="differs from the sha256"):
+        check_digest(path)
