@@ -419,3 +419,17 @@ def test_a_written_files_recorded_digest_is_of_the_bytes_written(tmp_path):
     path.write_bytes(b"edited")
     with pytest.raises(ValueError, match="differs from the sha256"):
         check_digest(path)
+
+
+def test_a_digest_check_that_may_not_record_writes_nothing(tmp_path):
+    """A lookup (a dry run finding the embedded suite built) writes nothing into the cache: a file
+    cached before digests were kept gets one recorded only by a check allowed to."""
+    from harness.cache import check_digest, digest_path
+
+    path = tmp_path / "cache" / "file.bin"
+    path.parent.mkdir()
+    path.write_bytes(b"cached before digests")
+    check_digest(path, record=False)
+    assert not digest_path(path).exists()
+    check_digest(path)
+    assert digest_path(path).is_file()
