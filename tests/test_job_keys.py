@@ -570,3 +570,24 @@ def test_a_plan_shown_before_any_model_is_hashed_counts_an_unseen_tasks_individu
     keys = [setting_key(cfg, s) for s in specs]
     assert len(keys) == 5 and len(set(keys)) == 4  # two labels of one setting: one job
 
+
+
+def test_a_reseeded_sweep_finds_an_unseeded_grids_robustness_job_cached():
+    """The robustness job of a grid's selected setting merges again as its grid point did: a
+    method that draws nothing (task arithmetic) keeps the seed out of that key too; a seeded one
+    (a subclass not declaring ``seeded``) has it in both."""
+    from harness.plan import robustness_spec
+
+    d = make_sweep_dict(Path("/nonexistent"), Path("/nonexistent-out"))
+    d["methods"] = [{"name": "task_arithmetic", "grid": {"scaling": [0.2, 0.6]}},
+                    {"name": "tests.test_job_keys:NoisyTaskArithmetic", "label": "noisy",
+                     "grid": {"scaling": [0.2, 0.6]}}]
+    d["robustness"] = {"tasks": d["tasks"][:1], "corruptions": ["contrast"], "severity": 2}
+
+    def keys(seed: int) -> list[str]:
+        cfg = validate_config({**d, "seed": seed})
+        return [robustness_spec(cfg, label, {"scaling": 0.2}, *_identities(cfg)).key
+                for label in ("task_arithmetic", "noisy")]
+
+    (plain, noisy), (plain_reseeded, noisy_reseeded) = keys(0), keys(1)
+    assert plain == plain_reseeded and noisy != noisy_reseeded
