@@ -433,3 +433,33 @@ def test_a_digest_check_that_may_not_record_writes_nothing(tmp_path):
     assert not digest_path(path).exists()
     check_digest(path)
     assert digest_path(path).is_file()
+
+
+def test_a_job_with_an_infinite_metric_fails_and_is_not_cached(sweep_dict):
+    """Infinite is as non-finite as NaN: the job fails naming the metric, and nothing is cached
+    (JSON would store it as null, a result every later table misreads)."""
+    d = dict(sweep_dict, references=False, methods=[{"name": "tests.faulty_methods:InfRouting", "label": "inf"}])
+    out = run_sweep(validate_config(d), quiet=True)
+    (job,) = out.failed
+    assert job.error == "FloatingPointError: non-finite metric router_task_id/layer1"
+    assert not (out.output_dir / "results" / f"{job.key}.json").exists()
+
+
+@pytest.mark.parametrize("kind, task, metric", [("pretrained", None, "acc/avg"), ("individual", "toy_stripes",
+                                                  "acc/toy_stripes"), ("perfect_routing", "toy_stripes",
+                                                  "acc/toy_stripes"), ("robustness", None, "robust/clean/avg"),
+                                                 ("trial", None, "val/acc/avg")])
+def test_a_cached_result_without_the_metric_its_row_reads_is_not_a_result(tmp_path, kind, task, metric):
+    """Every kind's finished result carries the metric its table row reads; a file without it
+    (hand-edited, another program's) is run again rather than failing the tables later."""
+    import json
+
+    from harness.job import read_result
+
+    path = tmp_path / "k.json"
+    whole = {"key": "k", "kind": kind, "label": "x", "params": {}, "task": task, "status": "ok",
+             "metrics": {metric: 50.0}}
+    path.write_text(json.dumps(whole))
+    assert read_result(path, "k") is not None
+    path.write_text(json.dumps({**whole, "metrics": {"other": 50.0}}))
+    assert read_result(path, "k") is None
