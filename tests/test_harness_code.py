@@ -216,3 +216,16 @@ def test_the_digest_is_the_same_whatever_order_the_folders_list_their_files(tmp_
 
     monkeypatch.setattr(harness.plan.os, "walk", reversed_walk)
     assert code_digest(tree) == listed
+
+
+def test_a_task_planned_as_code_of_ones_own_and_now_the_projects_is_changed_code():
+    """A job planned with a task class of one's own (its digest in the key) whose process now
+    builds the task from the project's class (the file gone, the name registered by the project)
+    runs other data code than its key says: refused, as an edited file is."""
+    from harness.plan import TaskChanged, check_task_code
+    from tasks.synthetic import make_toy_task
+
+    spec = JobSpec("merge", "x", method="weight_averaging", task_code={"toy_stripes": "0123456789abcdef"})
+    with pytest.raises(TaskChanged, match="toy_stripes"):
+        check_task_code(spec, make_toy_task)
+    check_task_code(dataclasses.replace(spec, task_code={}), make_toy_task)
