@@ -14,6 +14,7 @@ import yaml
 from harness.cli import main
 from harness.config import validate_config
 from harness.runner import run_sweep
+from methods import MergeMethod
 
 
 def failing_sweep(d: dict, tmp_path) -> tuple:
@@ -463,3 +464,27 @@ def test_a_cached_result_without_the_metric_its_row_reads_is_not_a_result(tmp_pa
     assert read_result(path, "k") is not None
     path.write_text(json.dumps({**whole, "metrics": {"other": 50.0}}))
     assert read_result(path, "k") is None
+
+
+class GlobalDraw(MergeMethod):
+    """Weight averaging that draws from torch's global generator (as third-party code does)."""
+
+    def merge(self, pretrained, finetuned, ctx):
+        from methods.weight_averaging import WeightAveraging
+
+        ctx.artifacts["draw"] = torch.rand(3).tolist()
+        return WeightAveraging().merge(pretrained, finetuned, ctx)
+
+
+def test_a_merge_drawing_from_the_global_generator_draws_the_same_whatever_ran_before(sweep_dict):
+    """Its job's key holds the sweep's seed and nothing of what the process ran before: the
+    global generator is seeded with it before each merge, so the cached result is the one a
+    fresh process would compute."""
+    d = dict(sweep_dict, references=False, methods=[{"name": "tests.test_reliability:GlobalDraw"}])
+    draws = []
+    for i in range(2):
+        torch.manual_seed(100 + i)  # another job, another library, ran before
+        torch.rand(7)
+        (result,) = run_sweep(validate_config(dict(d, output_dir=f"{d['output_dir']}-{i}")), quiet=True).results
+        draws.append(result.artifacts["draw"])
+    assert draws[0] == draws[1]
