@@ -178,3 +178,11 @@ class NanRouting(MergeMethod):
     def merge(self, pretrained: nn.Module, finetuned: Mapping[str, nn.Module], ctx: MergeContext) -> nn.Module:
         ctx.artifacts["router_task_id"] = {"mean_per_layer": [float("nan"), 0.5]}
         return with_state(pretrained, task_arithmetic_state(pretrained, finetuned, 0.3))
+
+
+class InfRouting(MergeMethod):
+    """As :class:`NanRouting`, its statistic infinite: an overflow, not a NaN."""
+
+    def merge(self, pretrained: nn.Module, finetuned: Mapping[str, nn.Module], ctx: MergeContext) -> nn.Module:
+        ctx.artifacts["router_task_id"] = {"mean_per_layer": [0.5, float("inf")]}
+        return with_state(pretrained, task_arithmetic_state(pretrained, finetuned, 0.3))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import multiprocessing as mp
+import os
 import shutil
 from pathlib import Path
 
@@ -197,3 +198,34 @@ def test_a_renamed_module_is_other_code(tmp_path):
     assert digest("b", {"harness/x.py": "A = 1\n", "methods/y.py": "B = 2\n"}) == base
     assert digest("c", {"harness/z.py": "A = 1\n", "methods/y.py": "B = 2\n"}) != base
     assert digest("d", {"harness/x.py": "B = 2\n", "methods/y.py": "A = 1\n"}) != base
+
+
+def test_the_digest_is_the_same_whatever_order_the_folders_list_their_files(tmp_path, monkeypatch):
+    """Two file systems list one tree's files in different orders: a node must not find its
+    identical copy of the code changed (every job failing HarnessChanged)."""
+    import harness.plan
+
+    tree = _copy_packages(tmp_path / "tree")
+    listed = code_digest(tree)
+    real = os.walk
+
+    def reversed_walk(top, *args, **kwargs):
+        for folder, dirs, names in real(top, *args, **kwargs):
+            dirs.reverse()
+            yield folder, dirs, names[::-1]
+
+    monkeypatch.setattr(harness.plan.os, "walk", reversed_walk)
+    assert code_digest(tree) == listed
+
+
+def test_a_task_planned_as_code_of_ones_own_and_now_the_projects_is_changed_code():
+    """A job planned with a task class of one's own (its digest in the key) whose process now
+    builds the task from the project's class (the file gone, the name registered by the project)
+    runs other data code than its key says: refused, as an edited file is."""
+    from harness.plan import TaskChanged, check_task_code
+    from tasks.synthetic import make_toy_task
+
+    spec = JobSpec("merge", "x", method="weight_averaging", task_code={"toy_stripes": "0123456789abcdef"})
+    with pytest.raises(TaskChanged, match="toy_stripes"):
+        check_task_code(spec, make_toy_task)
+    check_task_code(dataclasses.replace(spec, task_code={}), make_toy_task)

@@ -523,3 +523,71 @@ def test_a_generalization_jobs_key_holds_the_checkpoints_of_its_seen_tasks_only(
 
     assert changed(unseen) == {main_job}
     assert changed(seen) == {main_job, gen_job}
+
+
+def test_keys_on_an_evaluation_subset_are_the_keys_cached_before():
+    """A sweep scored on ``eval.max_samples`` images keeps the keys its cached results were
+    stored under (computed then): any change to how the subset enters a key reruns every job."""
+    d = make_sweep_dict(Path("/nonexistent"), Path("/nonexistent-out"))
+    d["methods"] = [{"name": "weight_averaging"}]
+    d["eval"] = {"max_samples": 8}
+    assert _planned(validate_config(d)) == {
+        ("pretrained", None): "0941e5cb9dddedbd15ff", ("individual", "toy_stripes"): "27d9196020ca159ef5d8",
+        ("individual", "toy_colours"): "343193169edd88d11ee4", ("weight_averaging", None): "4aa70b170cb12fa638ea"}
+
+
+def test_a_bound_rows_key_holds_the_checkpoints_of_the_merged_tasks_only():
+    """A perfect-routing bound builds task arithmetic over the merged tasks' encoders, never
+    loading an unseen task's: replacing that checkpoint leaves the bound cached."""
+    d = make_sweep_dict(Path("/nonexistent"), Path("/nonexistent-out"))
+    d["methods"] = []
+    d["references"] = {"pretrained": False, "individual": False, "perfect_routing": True}
+    d["unseen"] = d["tasks"][1:]
+    cfg = validate_config(d)
+    seen, unseen = cfg.task_names
+    identity, task_identity = _identities(cfg)
+    before = _planned_with(cfg, identity, task_identity)
+    assert set(before) == {("perfect routing", seen)}
+
+    def after(task: str) -> dict:
+        return _planned_with(cfg, {**identity, "finetuned": {**identity["finetuned"], task: "f" * 16}}, task_identity)
+
+    assert after(unseen) == before
+    assert after(seen) != before
+
+
+def test_a_plan_shown_before_any_model_is_hashed_counts_an_unseen_tasks_individual_row():
+    """The dry run numbers jobs by keys computed without models: an unseen task with a checkpoint
+    still has its individual row, which must get a key of its own there too, not fail the plan."""
+    from harness.plan import setting_key
+
+    d = make_sweep_dict(Path("/nonexistent"), Path("/nonexistent-out"))
+    d["methods"] = [{"name": "weight_averaging"}, {"name": "weight_averaging", "label": "again"}]
+    d["unseen"] = d["tasks"][1:]
+    cfg = validate_config(d)
+    specs = plan_jobs(cfg)
+    assert [(s.kind, s.task) for s in specs if s.kind == "individual"] == [("individual", t) for t in d["tasks"]]
+    keys = [setting_key(cfg, s) for s in specs]
+    assert len(keys) == 5 and len(set(keys)) == 4  # two labels of one setting: one job
+
+
+
+def test_a_reseeded_sweep_finds_an_unseeded_grids_robustness_job_cached():
+    """The robustness job of a grid's selected setting merges again as its grid point did: a
+    method that draws nothing (task arithmetic) keeps the seed out of that key too; a seeded one
+    (a subclass not declaring ``seeded``) has it in both."""
+    from harness.plan import robustness_spec
+
+    d = make_sweep_dict(Path("/nonexistent"), Path("/nonexistent-out"))
+    d["methods"] = [{"name": "task_arithmetic", "grid": {"scaling": [0.2, 0.6]}},
+                    {"name": "tests.test_job_keys:NoisyTaskArithmetic", "label": "noisy",
+                     "grid": {"scaling": [0.2, 0.6]}}]
+    d["robustness"] = {"tasks": d["tasks"][:1], "corruptions": ["contrast"], "severity": 2}
+
+    def keys(seed: int) -> list[str]:
+        cfg = validate_config({**d, "seed": seed})
+        return [robustness_spec(cfg, label, {"scaling": 0.2}, *_identities(cfg)).key
+                for label in ("task_arithmetic", "noisy")]
+
+    (plain, noisy), (plain_reseeded, noisy_reseeded) = keys(0), keys(1)
+    assert plain == plain_reseeded and noisy != noisy_reseeded

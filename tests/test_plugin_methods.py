@@ -342,3 +342,13 @@ def test_each_tasks_unlabeled_batches_are_shuffled_under_the_shuffle_seed_plus_i
         images = torch.stack([image for image, _ in ws.task(task).dataset(cfg.adapt.split)])
         order = torch.randperm(len(images), generator=torch.Generator().manual_seed(7 + i))
         assert torch.equal(FIRST_BATCHES[task], images[order[:4]]), task
+
+
+def test_a_methods_code_identity_is_the_one_its_cached_keys_hold(tmp_path, monkeypatch):
+    """The identity of a method of one's own enters every key of its jobs: computed another way
+    from the same file, it would rerun every job of sweeps cached under it (pinned when written)."""
+    from harness.plan import method_class_id
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    _write_module(tmp_path, 0.0)
+    assert method_class_id("scaled_sum:ScaledSum") == "scaled_sum:ScaledSum@92f5884b1897e67e"

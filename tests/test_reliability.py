@@ -14,6 +14,7 @@ import yaml
 from harness.cli import main
 from harness.config import validate_config
 from harness.runner import run_sweep
+from methods import MergeMethod
 
 
 def failing_sweep(d: dict, tmp_path) -> tuple:
@@ -376,3 +377,114 @@ def test_forgotten_models_and_heads_load_again_as_their_files_hold_them(sweep_di
     assert all(torch.equal(v, pre[f"visual.{k}"]) for k, v in ws.pretrained_encoder.state_dict().items())
     assert all(torch.equal(v, ft[k]) for k, v in ws.finetuned_encoder("toy_stripes").state_dict().items())
     assert torch.equal(ws.head("toy_stripes"), head)
+
+
+
+@pytest.mark.parametrize("name", ["model.pt", "model[1].pt", "m?*.pt"])
+def test_stale_temporaries_of_a_file_are_its_own_only(tmp_path, name):
+    """A builder holding a file's lock deletes that file's leftover temporaries; another file's
+    (a name it begins, or one its glob characters would match) may be a live writer's, and stays."""
+    from harness.cache import remove_stale_temporaries
+
+    own = [tmp_path / f".{name}.k1ll3d.tmp", tmp_path / f"{name}.tmp4242"]  # atomic_path's, and the older form
+    others = [tmp_path / f".{name}2.live.tmp", tmp_path / ".model1.pt.live.tmp", tmp_path / ".mxy.pt.live.tmp",
+              tmp_path / f"{name}.digests.tmp"]
+    for p in [tmp_path / name, *own, *others]:
+        p.write_bytes(b"x")
+    assert set(remove_stale_temporaries(tmp_path / name)) == set(own)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([name, *(p.name for p in others)])
+
+
+def test_an_atomic_rewrite_leaves_a_reader_of_the_old_file_its_old_bytes(tmp_path):
+    """A rewrite moves a new file onto the path: a reader that opened the old one (a job reading a
+    cached file while another process rewrites it) reads it whole, never half old, half new."""
+    from harness.cache import atomic_write_bytes
+
+    path = tmp_path / "cached.bin"
+    atomic_write_bytes(path, b"old" * 1000)
+    with open(path, "rb") as reader:
+        atomic_write_bytes(path, b"new" * 1000)
+        assert reader.read() == b"old" * 1000
+    assert path.read_bytes() == b"new" * 1000
+
+
+def test_a_written_files_recorded_digest_is_of_the_bytes_written(tmp_path):
+    """The digest kept with a file is of what was moved onto its path, on the first write as on
+    a rewrite: a check then finds the file as written, and finds an edit made after."""
+    from harness.cache import atomic_write_bytes, check_digest
+
+    path = tmp_path / "cache" / "file.bin"
+    for data in (b"first", b"second"):
+        atomic_write_bytes(path, data, digest=True)
+        check_digest(path)
+    path.write_bytes(b"edited")
+    with pytest.raises(ValueError, match="differs from the sha256"):
+        check_digest(path)
+
+
+def test_a_digest_check_that_may_not_record_writes_nothing(tmp_path):
+    """A lookup (a dry run finding the embedded suite built) writes nothing into the cache: a file
+    cached before digests were kept gets one recorded only by a check allowed to."""
+    from harness.cache import check_digest, digest_path
+
+    path = tmp_path / "cache" / "file.bin"
+    path.parent.mkdir()
+    path.write_bytes(b"cached before digests")
+    check_digest(path, record=False)
+    assert not digest_path(path).exists()
+    check_digest(path)
+    assert digest_path(path).is_file()
+
+
+def test_a_job_with_an_infinite_metric_fails_and_is_not_cached(sweep_dict):
+    """Infinite is as non-finite as NaN: the job fails naming the metric, and nothing is cached
+    (JSON would store it as null, a result every later table misreads)."""
+    d = dict(sweep_dict, references=False, methods=[{"name": "tests.faulty_methods:InfRouting", "label": "inf"}])
+    out = run_sweep(validate_config(d), quiet=True)
+    (job,) = out.failed
+    assert job.error == "FloatingPointError: non-finite metric router_task_id/layer1"
+    assert not (out.output_dir / "results" / f"{job.key}.json").exists()
+
+
+@pytest.mark.parametrize("kind, task, metric", [("pretrained", None, "acc/avg"), ("individual", "toy_stripes",
+                                                  "acc/toy_stripes"), ("perfect_routing", "toy_stripes",
+                                                  "acc/toy_stripes"), ("robustness", None, "robust/clean/avg"),
+                                                 ("trial", None, "val/acc/avg")])
+def test_a_cached_result_without_the_metric_its_row_reads_is_not_a_result(tmp_path, kind, task, metric):
+    """Every kind's finished result carries the metric its table row reads; a file without it
+    (hand-edited, another program's) is run again rather than failing the tables later."""
+    import json
+
+    from harness.job import read_result
+
+    path = tmp_path / "k.json"
+    whole = {"key": "k", "kind": kind, "label": "x", "params": {}, "task": task, "status": "ok",
+             "metrics": {metric: 50.0}}
+    path.write_text(json.dumps(whole))
+    assert read_result(path, "k") is not None
+    path.write_text(json.dumps({**whole, "metrics": {"other": 50.0}}))
+    assert read_result(path, "k") is None
+
+
+class GlobalDraw(MergeMethod):
+    """Weight averaging that draws from torch's global generator (as third-party code does)."""
+
+    def merge(self, pretrained, finetuned, ctx):
+        from methods.weight_averaging import WeightAveraging
+
+        ctx.artifacts["draw"] = torch.rand(3).tolist()
+        return WeightAveraging().merge(pretrained, finetuned, ctx)
+
+
+def test_a_merge_drawing_from_the_global_generator_draws_the_same_whatever_ran_before(sweep_dict):
+    """Its job's key holds the sweep's seed and nothing of what the process ran before: the
+    global generator is seeded with it before each merge, so the cached result is the one a
+    fresh process would compute."""
+    d = dict(sweep_dict, references=False, methods=[{"name": "tests.test_reliability:GlobalDraw"}])
+    draws = []
+    for i in range(2):
+        torch.manual_seed(100 + i)  # another job, another library, ran before
+        torch.rand(7)
+        (result,) = run_sweep(validate_config(dict(d, output_dir=f"{d['output_dir']}-{i}")), quiet=True).results
+        draws.append(result.artifacts["draw"])
+    assert draws[0] == draws[1]

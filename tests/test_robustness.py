@@ -1234,3 +1234,17 @@ def test_a_perfect_routing_bound_merges_the_seen_tasks_only(sweep_dict):
     for k, v in pre.items():
         want = ft[k] if ".mlp." in k else v + 0.5 * (ft[k] - v)
         assert torch.allclose(got[k], want, atol=1e-6), k
+
+
+def test_a_study_records_beside_the_jobs_work_folder_never_in_it(sweep_dict):
+    """``work/<key>/`` holds only what a method saved (``harness export`` reads a non-empty one
+    as a saved adaptation): a merge that saves nothing gets none, its study's records lying in
+    ``work/<key>.robustness/`` (README)."""
+    d = dict(sweep_dict, references={"pretrained": False, "individual": False},
+             robustness={"tasks": ["toy_stripes"], "corruptions": ["contrast"], "severity": 2},
+             methods=[{"name": "weight_averaging"}])
+    cfg = validate_config(d)
+    (result,) = run_sweep(cfg, quiet=True).results
+    work = cfg.resolved_output_dir() / "work"
+    assert not (work / result.key).exists()
+    assert (work / f"{result.key}.robustness" / "contrast.json").is_file()

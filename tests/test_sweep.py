@@ -646,3 +646,33 @@ def test_normalized_accuracy_divides_by_the_individual_models_test_accuracy(trai
     exp = client.get_experiment_by_name(cfg.name).experiment_id
     run = client.search_runs([exp], f"tags.`harness.job_key` = '{wa.key}'")[0]
     assert {k: v for k, v in run.data.metrics.items() if k.startswith("norm_acc/")} == pytest.approx(norm)
+
+
+def test_an_unseen_tasks_individual_row_scores_its_own_task(sweep_dict):
+    """A top-level unseen task keeps its individual row (it has a checkpoint): that job scores
+    only its own task, which its average is, though the sweep merges none of its tasks with it."""
+    unseen = sweep_dict["tasks"][1]
+    d = dict(sweep_dict, references={"pretrained": False, "individual": True}, methods=[{"name": "weight_averaging"}],
+             unseen=[unseen])
+    outcome = run_sweep(validate_config(d), quiet=True)
+    assert not outcome.failed
+    row = next(r for r in outcome.results if r.kind == "individual" and r.task == unseen)
+    assert row.metrics["acc/avg"] == row.metrics[f"acc/{unseen}"]
+    assert row.metrics["val/acc/avg"] == row.metrics[f"val/acc/{unseen}"]
+
+
+def test_the_pretrained_rows_run_carries_its_normalized_accuracy(sweep_dict):
+    """The zero-shot row is a row like a merge's: its run holds its test accuracy over each
+    individual model's, which the tables read from MLflow."""
+    d = dict(sweep_dict, methods=[])
+    cfg = validate_config(d)
+    outcome = run_sweep(cfg, quiet=True)
+    indiv = {r.task: r.metrics[f"acc/{r.task}"] for r in outcome.results if r.kind == "individual"}
+    assert all(v > 0 for v in indiv.values())
+    pre = next(r for r in outcome.results if r.kind == "pretrained")
+    norm = {f"norm_acc/{t}": pre.metrics[f"acc/{t}"] / indiv[t] * 100 for t in TOY_TASKS}
+    norm["norm_acc/avg"] = sum(norm.values()) / len(TOY_TASKS)
+    client = MlflowClient(cfg.resolved_tracking_uri())
+    exp = client.get_experiment_by_name(cfg.name).experiment_id
+    (run,) = client.search_runs([exp], f"tags.`harness.job_key` = '{pre.key}'")
+    assert {k: v for k, v in run.data.metrics.items() if k.startswith("norm_acc/")} == pytest.approx(norm)
