@@ -89,7 +89,6 @@ def test_non_finite_logits_are_an_error_not_a_score():
         correct_predictions(nn.Identity(), data, batch_size=2)
 
 
-
 @pytest.mark.parametrize("label", [-1, 2])
 def test_a_label_just_outside_the_heads_classes_is_refused_not_scored_wrong(label):
     """A 2-class head has classes 0 and 1: a label of -1 or 2 matches no prediction, so it would
@@ -99,6 +98,7 @@ def test_a_label_just_outside_the_heads_classes_is_refused_not_scored_wrong(labe
     data = TensorDataset(torch.tensor([X, Y]), torch.tensor([0, label]))
     with pytest.raises(EvaluationDataError, match=rf"label {label} is outside the head's 2 classes \(0..1\)"):
         correct_predictions(nn.Identity(), data, batch_size=2)
+
 
 CORRUPTED = {"a": ([X, X], [0, 0]), "b": ([X, X, X, Y], [1, 1, 1, 1])}
 

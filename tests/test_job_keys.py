@@ -571,7 +571,6 @@ def test_a_plan_shown_before_any_model_is_hashed_counts_an_unseen_tasks_individu
     assert len(keys) == 5 and len(set(keys)) == 4  # two labels of one setting: one job
 
 
-
 def test_a_reseeded_sweep_finds_an_unseeded_grids_robustness_job_cached():
     """The robustness job of a grid's selected setting merges again as its grid point did: a
     method that draws nothing (task arithmetic) keeps the seed out of that key too; a seeded one

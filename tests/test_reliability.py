@@ -379,7 +379,6 @@ def test_forgotten_models_and_heads_load_again_as_their_files_hold_them(sweep_di
     assert torch.equal(ws.head("toy_stripes"), head)
 
 
-
 @pytest.mark.parametrize("name", ["model.pt", "model[1].pt", "m?*.pt"])
 def test_stale_temporaries_of_a_file_are_its_own_only(tmp_path, name):
     """A builder holding a file's lock deletes that file's leftover temporaries; another file's
