@@ -1232,7 +1232,8 @@ def test_collect_keeps_the_row_of_a_finished_study(cluster, varied_checkpoints, 
 @needs_slurm
 def test_detached_sweeps_submit_and_collect_the_robustness_follow_up(cluster, varied_checkpoints, tmp_path):
     """``--detach`` submits a grid method's robustness job once its grid is cached, ``collect``
-    gathers it (and says when it still has to be submitted), and it equals the local one."""
+    gathers it (and says when it still has to be submitted), it equals the local one, and a
+    later ``--detach`` submits it no more."""
     import io
 
     from rich.console import Console
@@ -1264,6 +1265,10 @@ def test_detached_sweeps_submit_and_collect_the_robustness_follow_up(cluster, va
     (got,) = [r for r in outcome.results if r.kind == "robustness"]
     assert got.status == "ok" and got.key == truth.key and got.metrics == truth.metrics
     assert "not submitted yet" not in text
+    _, text = said("detach")  # everything collected: nothing is sent again, the follow-up neither
+    assert "submitted no jobs" in text, text
+    kinds = [job["kind"] for job in json.loads(submitted.read_text())["jobs"].values()]
+    assert kinds.count("robustness") == 1
 
 
 @needs_slurm
