@@ -1380,9 +1380,11 @@ def check_model_files(cfg: SweepConfig, file: str) -> None:
         return
     from harness.models import resolve_arch, unknown_arch_problem
 
+    found = Gathering()  # every missing file, a line each (a pattern's too: it names the task)
     pre = m.pretrained
     if pre and ("/" in pre or Path(pre).suffix) and not Path(pre).exists():
-        raise ConfigError(file, "model.pretrained", f"weights file does not exist{relative_note(pre)}", pre)
+        found.errors.append(ConfigError(file, "model.pretrained", f"weights file does not exist{relative_note(pre)}",
+                                        pre))
     problem = unknown_arch_problem(m.arch)
     if problem and pre and Path(pre).is_file():  # an architecture recorded beside the weights, as the run reads it
         try:
@@ -1391,8 +1393,7 @@ def check_model_files(cfg: SweepConfig, file: str) -> None:
         except HarnessError:
             problem += f"; nor recorded beside {Path(pre).name} (model_configs/{m.arch}.json, its .json sidecar)"
     if problem:
-        raise ConfigError(file, "model.arch", problem, m.arch)
-    found = Gathering()  # every task's missing file, a line each (a pattern's too: it names the task)
+        found.errors.append(ConfigError(file, "model.arch", problem, m.arch))
     for t in cfg.task_names:  # required for merged tasks; optional for unseen ones
         required = t in cfg.merge_tasks or t in m.finetuned
         if t in m.finetuned:

@@ -1043,3 +1043,24 @@ def test_every_task_s_missing_data_folder_is_reported(sweep_dict, tmp_path):
         f"{f}: data_root: data folder of task 'svhn' does not exist (got {d!r})",
         f"{f}: tasks.2.options.data_root: data folder of task 'eurosat' does not exist (got {e!r})",
     ]
+
+
+def test_a_missing_pretrained_file_leaves_the_other_missing_files_reported(tmp_path):
+    """The pretrained weights, an unknown architecture, two tasks' checkpoints and their data
+    folder, all missing or wrong: a line each, in one run."""
+    f = tmp_path / "s.yaml"
+    nope = tmp_path / "nope"
+    f.write_text(yaml.safe_dump({
+        "name": "t", "tasks": ["mnist", "svhn"], "methods": ["task_arithmetic"], "data_root": str(nope / "data"),
+        "output_dir": str(tmp_path / "out"),
+        "model": {"source": "files", "arch": "ViT-Q-99", "pretrained": str(nope / "pre.safetensors"),
+                  "finetuned_pattern": str(nope / "{task}.safetensors")}}))
+    code, _, err = _run(["validate", str(f)])
+    assert code == 2
+    lines = [line.removeprefix("error: ").removeprefix(f"{f}: ") for line in err.splitlines()]
+    assert [line.split(": ")[0] for line in lines] == [
+        "model.pretrained", "model.arch", "model.finetuned_pattern", "model.finetuned_pattern", "data_root",
+        "data_root"], lines
+    assert lines[0] == f"model.pretrained: weights file does not exist (got {str(nope / 'pre.safetensors')!r})"
+    assert "'ViT-Q-99'" in lines[1]
+    assert [("'mnist'" in line, "'svhn'" in line) for line in lines[2:]] == [(True, False), (False, True)] * 2
