@@ -486,3 +486,31 @@ def test_an_own_task_seen_in_a_generalization_block_of_an_embedded_sweep_is_not_
     r = CliRunner().invoke(main, ["validate", _embedded_sweep(tmp_path, generalization={"unseen": ["emb_fashion"]},
                                                                unseen=[MINE])])
     assert r.exit_code == 2 and "cannot be combined with top-level 'unseen'" in " ".join(r.stderr.split()), r.output
+
+
+def test_a_tasks_identity_follows_the_order_of_its_class_names():
+    """Label i is class name i: the same images and labels under the class names in another
+    order are another task (its zero-shot head and every score differ), so never its cached results."""
+    images = torch.zeros(4, 8, 8, 3, dtype=torch.uint8)
+    labels = torch.tensor([0, 1, 0, 1])
+
+    def identity(classes, version=""):
+        return InMemoryTask("mine", classes, ["{}"], _splits(images, labels), version=version).identity()
+
+    assert identity(["a", "b"]) != identity(["b", "a"])
+    assert identity(["a", "b"], "v1") != identity(["b", "a"], "v1")
+
+
+def test_a_tasks_identity_follows_its_last_pixel():
+    """Every byte of every split is in the identity, not a prefix: a split differing only in its
+    last image's last pixel is other data."""
+    images = torch.zeros(4, 32, 32, 3, dtype=torch.uint8)
+    labels = torch.tensor([0, 1, 0, 1])
+    edited = images.clone()
+    edited[-1, -1, -1, -1] = 1
+
+    def identity(test_images):
+        return InMemoryTask("mine", ["a", "b"], ["{}"], {**_splits(images, labels), "test": (test_images, labels)}
+                            ).identity()
+
+    assert identity(edited) != identity(images)

@@ -1248,3 +1248,59 @@ def test_a_study_records_beside_the_jobs_work_folder_never_in_it(sweep_dict):
     work = cfg.resolved_output_dir() / "work"
     assert not (work / result.key).exists()
     assert (work / f"{result.key}.robustness" / "contrast.json").is_file()
+
+
+@pytest.mark.parametrize("name", ["gaussian_noise", "impulse_noise"])
+def test_an_image_seed_of_2_to_the_31_or_more_is_used_with_all_its_bits(name):
+    """Half of the image seeds are 2**31 or more (four sha256 bytes): each seeds numpy's global
+    state, and the package's ``seed`` argument where that is what draws, as it is, not folded onto
+    a smaller range (which would give such an image another seed's noise). Truth: the package
+    under that very seed."""
+    import warnings
+
+    from imagecorruptions import corrupt
+
+    image = np.full((32, 32, 3), 128, np.uint8)
+    seed = 2**31 + 5
+    np.random.seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = corrupt(image, corruption_name=name, severity=3,
+                           **({"seed": seed} if name in SEEDED_BY_ARGUMENT else {}))
+    assert np.array_equal(corrupt_image(image, name, 3, seed=seed), expected)
+    assert not np.array_equal(corrupt_image(image, name, 3, seed=5), expected)
+
+
+def test_an_image_under_32_px_on_one_side_only_is_corrupted_upscaled(image):
+    """The package needs 32 px on both sides: a 16 x 40 image is corrupted as its 2x
+    nearest-neighbour copy (32 x 80) and each output pixel is the mean of its 2x2 block, up to
+    rounding. Truth: the copy built by hand and corrupted at full size."""
+    small = np.concatenate([image[::2], image[::2, :8]], axis=1)  # 16 x 40
+    big = np.repeat(np.repeat(small, 2, axis=0), 2, axis=1)
+    corrupted_big = corrupt_image(big, "gaussian_noise", 3, seed=9).astype(float)
+    block_means = corrupted_big.reshape(16, 2, 40, 2, 3).mean(axis=(1, 3))
+    out = corrupt_image(small, "gaussian_noise", 3, seed=9)
+    assert out.shape == small.shape and np.abs(out - block_means).max() <= 1.0
+
+
+@pytest.mark.parametrize("value,pixel", [(300.0, 255), (-5.0, 0)])
+def test_a_resized_float_package_output_is_clipped_before_it_is_scaled_back(value, pixel, monkeypatch):
+    """A float array of another size is clipped to 0..255 before it becomes uint8 and is resized
+    back: 300 is white and -5 black, not a byte wrapped around (300 would read as 44)."""
+    import imagecorruptions
+
+    image = np.zeros((32, 48, 3), np.uint8)
+    monkeypatch.setattr(imagecorruptions, "corrupt",
+                        lambda img, corruption_name, severity, **kw: np.full((40, 60, 3), value))
+    out = corrupt_image(image, "contrast", 2, seed=0)
+    assert out.shape == image.shape and (out == pixel).all()
+
+
+def test_the_default_corruptions_are_the_papers_seven():
+    """A robustness block without ``corruptions`` scores the seven of AdaMerging's and WeMoE's
+    robustness tables (their Table 5 / 6 columns), each a name the package knows."""
+    from harness.config import RobustnessSpec
+
+    paper = ["motion_blur", "impulse_noise", "gaussian_noise", "pixelate", "spatter", "contrast", "jpeg_compression"]
+    assert RobustnessSpec(tasks=["toy_stripes"]).corruptions == paper
+    assert set(paper) <= set(ALL_CORRUPTIONS)

@@ -616,3 +616,93 @@ def test_identity_follows_the_val_split_and_the_image_size(tmp_path: Path) -> No
         assert v8.eurosat(str(tmp_path), **options).identity() != base, options
     assert v8.eurosat(str(tmp_path), val_fraction=0.2, val_cap=3).identity() != v8.eurosat(
         str(tmp_path), val_fraction=0.2).identity()
+
+
+def test_identity_of_array_layouts_follows_the_labels(tmp_path: Path) -> None:
+    """MNIST's and SVHN's labels are arrays read with the pixels: one test label changed (the same
+    images) is another identity, so results cached for the old labels are not read back."""
+    raw_dir = tmp_path / "MNIST" / "raw"
+    images = np.random.default_rng(0).integers(0, 256, (30, 28, 28), dtype=np.uint8)
+    labels = np.arange(30, dtype=np.uint8) % 10
+    for prefix in ("train", "t10k"):
+        write_idx(raw_dir / f"{prefix}-images-idx3-ubyte", images)
+        write_idx(raw_dir / f"{prefix}-labels-idx1-ubyte", labels)
+    first = v8.mnist(str(tmp_path)).identity()
+    labels[3] = 4
+    write_idx(raw_dir / "t10k-labels-idx1-ubyte", labels)
+    second = v8.mnist(str(tmp_path)).identity()
+    assert second["data"]["test"] != first["data"]["test"] and second["data"]["train"] == first["data"]["train"]
+
+
+def test_identity_follows_a_preprocess_of_ones_own(tmp_path: Path) -> None:
+    """Images fed through another preprocess give other scores: a task read with one of its own
+    is not the default-preprocessed task at the same image size."""
+    write_imagefolder(tmp_path, "eurosat")
+    default = v8.eurosat(str(tmp_path), image_size=32).identity()
+    own = v8.eurosat(str(tmp_path), preprocess=v8.clip_preprocess(16), image_size=32).identity()
+    assert own["preprocess"] != default["preprocess"] and own != default
+
+
+def test_a_negative_test_label_is_refused(tmp_path: Path) -> None:
+    """A ClassId of -1 matches no class name either (indexing would read it as the last class),
+    so the task refuses it, naming the labels' range."""
+    base = tmp_path / "gtsrb"
+    for c in range(43):
+        for k in range(2):
+            write_image(base / "GTSRB" / "Training" / f"{c:05d}" / f"{c:05d}_{k:05d}.ppm", c, k)
+    write_image(base / "GTSRB" / "Final_Test" / "Images" / "00000.ppm", 0, 0)
+    (base / "GT-final_test.csv").write_text("Filename;ClassId\n00000.ppm;-1\n")
+    with pytest.raises(TaskDataError, match=r"split 'test' has labels in \[-1, -1\] but the task has 43 classes"):
+        v8.gtsrb(str(tmp_path))
+
+
+def test_every_task_has_task_vectors_templates(folder_root: Path) -> None:
+    """The zero-shot heads average task_vectors' templates (src/datasets/templates.py): 2 for
+    SUN397, 8 for Cars and DTD, 3 for EuroSAT and GTSRB, 18 for RESISC45, 1 for the digits."""
+    counts = {"sun397": 2, "cars": 8, "dtd": 8, "eurosat": 3, "gtsrb": 3, "resisc45": 18, "svhn": 1, "mnist": 1}
+    assert {name: len(spec.templates) for name, spec in v8.SPECS.items()} == counts
+    assert v8.sun397(str(folder_root)).prompts()[0] == ["a photo of a abbey.", "a photo of the abbey."]
+
+
+def test_positional_fallback_sorts_case_sensitively_as_imagefolder(tmp_path: Path) -> None:
+    """Folders named after no class map in torchvision ImageFolder's order (task_vectors reads
+    them with it), where upper case sorts before lower case."""
+    from torchvision.datasets.folder import find_classes
+
+    folders = ["a", "b", "c", "d", "e", "Q", "R", "S", "T", "U"]
+    write_imagefolder(tmp_path, "eurosat", folders=folders)
+    _, truth = find_classes(str(tmp_path / DIRS["eurosat"] / "train"))
+    assert truth["Q"] == 0 and truth["a"] == 5
+    task = v8.Vision8Task(v8.SPECS["eurosat"], tmp_path, preprocess=raw)
+    ds = task.dataset("test")
+    assert {Path(p).parent.name: int(y) for p, y in zip(ds.source.paths, ds.labels)} == truth
+
+
+def test_a_gtsrb_test_list_out_of_file_order_keeps_each_images_label(tmp_path: Path) -> None:
+    """GT-final_test.csv's rows are read as listed: a list not in file-name order still gives
+    each image the ClassId of its own row (truth: the class its writer painted into it)."""
+    base = tmp_path / "gtsrb"
+    for c in range(43):
+        for k in range(2):
+            write_image(base / "GTSRB" / "Training" / f"{c:05d}" / f"{c:05d}_{k:05d}.ppm", c, k)
+    rows = [(f"{i:05d}.ppm", (i * 5 + 1) % 43) for i in (3, 0, 5, 1, 4, 2)]
+    for fname, c in rows:
+        write_image(base / "GTSRB" / "Final_Test" / "Images" / fname, c, 200)
+    (base / "GT-final_test.csv").write_text("Filename;ClassId\n" + "".join(f"{f};{c}\n" for f, c in rows))
+    ds = v8.gtsrb(str(tmp_path), preprocess=raw).dataset("test")
+    assert [ds[i][1] for i in range(len(ds))] == [c for _, c in rows]
+    assert all(decode(ds[i][0]) == ds[i][1] for i in range(len(ds)))
+
+
+def test_identity_of_array_layouts_follows_the_image_shape(tmp_path: Path) -> None:
+    """The same bytes under other dimensions are other images: a test file of 30 images of
+    28 x 28 pixels and one of 30 images of 14 x 56 are two identities."""
+    raw_dir = tmp_path / "MNIST" / "raw"
+    images = np.random.default_rng(0).integers(0, 256, (30, 28, 28), dtype=np.uint8)
+    labels = np.arange(30, dtype=np.uint8) % 10
+    for prefix in ("train", "t10k"):
+        write_idx(raw_dir / f"{prefix}-images-idx3-ubyte", images)
+        write_idx(raw_dir / f"{prefix}-labels-idx1-ubyte", labels)
+    first = v8.mnist(str(tmp_path)).identity()
+    write_idx(raw_dir / "t10k-images-idx3-ubyte", images.reshape(30, 14, 56))
+    assert v8.mnist(str(tmp_path)).identity()["data"]["test"] != first["data"]["test"]
