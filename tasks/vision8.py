@@ -46,6 +46,7 @@ from __future__ import annotations
 import csv
 import gzip
 import hashlib
+import inspect
 import os
 import re
 from dataclasses import dataclass
@@ -861,8 +862,34 @@ class Vision8Task(Task):
             "sizes": {s: len(self.dataset(s)) for s in SPLITS},
             "data": self._data_digest,
             "val": {"fraction": self.val_fraction, "cap": self.val_cap, "seed": VAL_SEED},
-            "preprocess": repr(self.preprocess) if self._custom_preprocess else f"clip:{self.image_size}",
+            "preprocess": preprocess_identity(self.preprocess) if self._custom_preprocess else f"clip:{self.image_size}",
         }
+
+
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
+def preprocess_identity(preprocess: Callable[[Image.Image], torch.Tensor]) -> str:
+    """A preprocess of one's own as a task's identity holds it: its ``repr`` (a torchvision
+    ``Compose`` lists its steps), where that names no memory address; else (a function, a lambda,
+    an object without a ``repr`` of its own) its qualified name and the sha256 of its source and
+    of the values it holds (closure, defaults; an object's attributes), so the same code in a
+    later process reuses the cached results, which an address never would."""
+    text = repr(preprocess)
+    if not _ADDRESS.search(text):
+        return text
+    if inspect.isfunction(preprocess) or inspect.ismethod(preprocess):  # its code and the values it closes over
+        fn = getattr(preprocess, "__func__", preprocess)
+        cells = [c.cell_contents for c in fn.__closure__ or ()]
+        code, state = preprocess, _ADDRESS.sub("", repr((cells, fn.__defaults__, fn.__kwdefaults__)))
+    else:  # an object: its class's code and its attributes
+        code, state = type(preprocess), _ADDRESS.sub("", repr(sorted(getattr(preprocess, "__dict__", {}).items())))
+    try:
+        source = inspect.getsource(code)
+    except (OSError, TypeError):  # defined where no source is kept (an interactive session)
+        source = _ADDRESS.sub("", text)
+    digest = hashlib.sha256((source + state).encode()).hexdigest()[:16]
+    return f"{code.__module__}.{code.__qualname__} sha256:{digest}"
 
 
 def _build(name: str, data_root: str, preprocess, image_size: int, val_fraction: float, val_cap: int) -> Vision8Task:

@@ -467,6 +467,40 @@ def test_identity_does_not_follow_the_data_root(tmp_path: Path) -> None:
     assert v8.eurosat(str(tmp_path / "b")).identity() != first
 
 
+def _scaled(k: float):
+    """A new function object each call, the same code: as a preprocess built in each process."""
+    return lambda image: raw(image) * k
+
+
+class _Resize:
+    """A preprocess object without a ``repr`` of its own (the default names its address)."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        return raw(image.resize((self.size, self.size)))
+
+
+class _Named(_Resize):
+    def __repr__(self) -> str:
+        return f"Named(size={self.size})"
+
+
+def test_a_preprocess_of_one_s_own_is_identified_by_its_code_not_its_address(tmp_path: Path) -> None:
+    """Two function objects of the same code (as two processes build them) are one identity,
+    which a repr naming the address never is; other code, or an object's other attributes, is
+    another; a repr of its own is kept as it is."""
+    write_imagefolder(tmp_path, "eurosat")
+    ident = lambda pre: v8.eurosat(str(tmp_path), preprocess=pre).identity()["preprocess"]  # noqa: E731
+    first, again = _scaled(2), _scaled(2)
+    assert first is not again and " at 0x" in repr(first) and repr(first) != repr(again)
+    assert ident(first) == ident(again) and " at 0x" not in ident(first)
+    assert ident(first) != ident(raw) and ident(first) != ident(_scaled(3))
+    assert ident(_Resize(8)) == ident(_Resize(8)) != ident(_Resize(9))
+    assert ident(_Named(8)) == "Named(size=8)"
+
+
 def test_identity_of_array_layouts_follows_the_pixels(tmp_path: Path) -> None:
     raw_dir = tmp_path / "MNIST" / "raw"
     rng = np.random.default_rng(0)
