@@ -1654,7 +1654,7 @@ def test_a_config_listing_only_values_off_the_transformers_defaults_computes_lik
 
 
 @needs_transformers
-@pytest.mark.parametrize("layout", ["dict only"])
+@pytest.mark.parametrize("layout", ["dict only", "both"])
 def test_a_config_in_the_older_config_dict_layout_computes_like_transformers(tmp_path: Path, layout: str) -> None:
     """Older config.json files hold a tower's values under ``<tower>_config_dict``; where both
     keys are there, transformers builds the tower from ``_config_dict`` alone (its unlisted keys
