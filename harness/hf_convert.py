@@ -199,7 +199,8 @@ def _ln(state: Mapping[str, torch.Tensor], hf: str, oc: str, used: set[str], src
 def _sub_config(cfg: Mapping[str, Any], tower: str) -> dict[str, Any] | None:
     if cfg.get("model_type") == "clip_vision_model":
         return dict(cfg) if tower == "vision" else None
-    sub = cfg.get(f"{tower}_config") or cfg.get(f"{tower}_config_dict")
+    # transformers builds a tower from its _config_dict where there is one, its _config aside
+    sub = cfg.get(f"{tower}_config_dict") or cfg.get(f"{tower}_config")
     return dict(sub) if isinstance(sub, dict) else {}
 
 

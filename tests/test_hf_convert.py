@@ -1619,3 +1619,125 @@ def test_validate_names_a_damaged_pretrained_folder_as_its_own_field(tmp_path: P
     assert code == 2, err
     assert err.startswith(f"error: {tmp_path / 's.yaml'}: model.pretrained: {pre}: "), err
     assert "model.safetensors: not a readable safetensors file" in err, err
+
+
+@needs_transformers
+def test_a_config_listing_only_values_off_the_transformers_defaults_computes_like_transformers(tmp_path: Path) -> None:
+    """config.json files may omit what equals transformers' defaults (QuickGELU, 12 vision and 8
+    text heads); the conversion fills in the same values transformers does, so both towers
+    (of different MLP widths) compute as transformers' model read from that very folder."""
+    from transformers import CLIPConfig, CLIPModel
+
+    cfg = CLIPConfig(vision_config=dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, patch_size=8,
+                                        image_size=16, num_attention_heads=12, hidden_act="quick_gelu"),
+                     text_config=dict(hidden_size=32, intermediate_size=96, num_hidden_layers=1,
+                                      max_position_embeddings=16, num_attention_heads=8, hidden_act="quick_gelu"),
+                     projection_dim=16)
+    torch.manual_seed(0)
+    perturb(CLIPModel(cfg), 0).save_pretrained(tmp_path / "hf")
+    written = json.loads((tmp_path / "hf" / "config.json").read_text())
+    for tower in ("vision_config", "text_config"):
+        for key in ("num_attention_heads", "hidden_act"):
+            del written[tower][key]
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(written))
+    hf = CLIPModel.from_pretrained(str(tmp_path / "hf")).eval()
+    assert (hf.config.vision_config.num_attention_heads, hf.config.text_config.num_attention_heads) == (12, 8)
+
+    out = convert_hf_checkpoint(tmp_path / "hf", tmp_path / "full.safetensors", kind="clip")
+    clip = build_clip(checkpoint_arch(out), str(out)).eval()
+    with torch.no_grad():
+        ref_img = features(hf.get_image_features(pixel_values=images()))
+        ref_txt = features(hf.get_text_features(input_ids=tokens()))
+        assert (clip.encode_image(images()) - ref_img).abs().max() <= 1e-5
+        assert (clip.encode_text(tokens()) - ref_txt).abs().max() <= 1e-5
+    assert ref_img.std() > 0.1 and ref_txt.std() > 0.1
+
+
+@needs_transformers
+@pytest.mark.parametrize("layout", ["dict only", "both"])
+def test_a_config_in_the_older_config_dict_layout_computes_like_transformers(tmp_path: Path, layout: str) -> None:
+    """Older config.json files hold a tower's values under ``<tower>_config_dict``; where both
+    keys are there, transformers builds the tower from ``_config_dict`` alone (its unlisted keys
+    at their defaults), so a stale ``<tower>_config`` saying GELU does not count."""
+    from transformers import CLIPModel
+
+    clip_model("quick_gelu").save_pretrained(tmp_path / "hf")
+    written = json.loads((tmp_path / "hf" / "config.json").read_text())
+    for tower in ("vision", "text"):
+        full = written.pop(f"{tower}_config")
+        written[f"{tower}_config_dict"] = {k: v for k, v in full.items() if k != "hidden_act"}
+        if layout == "both":
+            written[f"{tower}_config"] = {**full, "hidden_act": "gelu"}
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(written))
+    hf = CLIPModel.from_pretrained(str(tmp_path / "hf")).eval()
+    assert hf.config.vision_config.hidden_act == hf.config.text_config.hidden_act == "quick_gelu"
+
+    out = convert_hf_checkpoint(tmp_path / "hf", tmp_path / "full.safetensors", kind="clip")
+    clip = build_clip(checkpoint_arch(out), str(out)).eval()
+    with torch.no_grad():
+        assert (clip.encode_image(images()) - features(hf.get_image_features(pixel_values=images()))).abs().max() <= 1e-5
+        assert (clip.encode_text(tokens()) - features(hf.get_text_features(input_ids=tokens()))).abs().max() <= 1e-5
+
+
+@needs_transformers
+def test_a_given_architecture_whose_text_tower_attends_otherwise_is_refused_for_a_whole_clip(tmp_path: Path) -> None:
+    """Text heads leave every tensor's shape alone: an architecture differing from the folder only
+    there loads the converted weights and computes other text features, so it is refused."""
+    hf = clip_model("gelu")
+    hf.save_pretrained(tmp_path / "hf")
+    out = convert_hf_checkpoint(tmp_path / "hf", tmp_path / "full.safetensors", kind="clip")
+    cfg = json.loads(Path(f"{out}.json").read_text())["open_clip_config"]
+    other = {**cfg, "text_cfg": {**cfg["text_cfg"], "heads": 4}}
+    ensure_arch("harness-test-text-heads-4", other, tmp_path / "cfg")
+    wrong = build_clip("harness-test-text-heads-4", str(out)).eval()
+    with torch.no_grad():
+        assert (wrong.encode_text(tokens()) - features(hf.get_text_features(input_ids=tokens()))).abs().max() > 1e-3
+    with pytest.raises(HarnessError, match="does not match"):
+        convert_hf_checkpoint(tmp_path / "hf", tmp_path / "other.safetensors", kind="clip",
+                              arch="harness-test-text-heads-4")
+    assert not (tmp_path / "other.safetensors").exists()
+
+
+@needs_transformers
+@pytest.mark.parametrize("act", ACTS)
+def test_the_sidecar_describes_the_converted_tower_not_the_folder(tmp_path: Path, act: str) -> None:
+    """The sidecar of a CLIPModel folder converted as an image encoder counts the open_clip image
+    tower's tensors (not the text tower left behind) and names the folder's activation and class."""
+    clip_model(act).save_pretrained(tmp_path / "hf")
+    out = convert_hf_checkpoint(tmp_path / "hf", tmp_path / "enc.safetensors")
+    side = json.loads(Path(f"{out}.json").read_text())
+    want = build_clip(side["arch"]).visual.state_dict()
+    assert (side["tensors"], side["parameters"]) == (len(want), sum(v.numel() for v in want.values()))
+    assert side["hidden_act"] == act and side["dtypes"] == ["float32"]
+    assert side["source_architectures"] == ["CLIPModel"]
+
+
+@needs_transformers
+def test_towers_of_different_activations_are_refused(tmp_path: Path) -> None:
+    """open_clip has one activation switch for both towers: a CLIPModel whose towers differ would
+    compute one of them otherwise than transformers, so it is refused rather than converted."""
+    from transformers import CLIPConfig, CLIPModel
+
+    cfg = CLIPConfig(vision_config=vision_config("gelu").to_dict(), projection_dim=16,
+                     text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=2, max_position_embeddings=16, hidden_act="quick_gelu"))
+    CLIPModel(cfg).save_pretrained(tmp_path / "hf")
+    with pytest.raises(HarnessError, match="different activations"):
+        convert_hf_checkpoint(tmp_path / "hf", tmp_path / "full.safetensors", kind="clip")
+    assert not (tmp_path / "full.safetensors").exists()
+
+
+@needs_transformers
+def test_verify_compares_a_vision_model_through_the_given_projection(tmp_path: Path) -> None:
+    """A CLIPVisionModel has no projection of its own: its transformers features are projected by
+    the given one before they are compared with the converted encoder's."""
+    from transformers import CLIPVisionModel
+
+    pre = clip_model("gelu")
+    pre.save_pretrained(tmp_path / "pretrained")
+    ft = CLIPVisionModel(pre.config.vision_config)
+    ft.load_state_dict(pre.vision_model.state_dict())
+    perturb(ft, seed=5, scale=0.05).save_pretrained(tmp_path / "ft")
+    out = convert_hf_checkpoint(tmp_path / "ft", tmp_path / "ft.safetensors", projection=tmp_path / "pretrained",
+                                verify=True)
+    assert 0 <= json.loads(Path(f"{out}.json").read_text())["verified_max_abs_diff"] <= 1e-5
