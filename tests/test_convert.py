@@ -81,6 +81,10 @@ def test_pickled_encoder_round_trip(tmp_path: Path, pickled_encoder, caplog) -> 
     assert sidecar["kind"] == "image_encoder" and sidecar["arch"] == "harness-micro-vit"
     assert sidecar["prefix"] == "model.visual." and sidecar["activation"] == "gelu"
     assert sidecar["source_format"] == "pickle"
+    assert sidecar["source_bytes"] == src.stat().st_size
+    expected = visual.state_dict()  # the recorded counts, from the encoder itself
+    assert sidecar["tensors"] == len(expected) and sidecar["parameters"] == sum(v.numel() for v in expected.values())
+    assert sidecar["dtypes"] == ["float32"]
 
     state = load_state_dict(out)
     assert set(state) == set(visual.state_dict())
