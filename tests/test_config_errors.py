@@ -1018,7 +1018,8 @@ def test_every_missing_checkpoint_and_a_bad_output_folder_are_reported_together(
     assert code == 2 and "Traceback" not in out + err
     missing = ["toy_checks", "toy_blobs"]
     assert err.splitlines() == [
-        f"error: {f}: model.finetuned.toy_colours: checkpoint does not exist (got {str(tmp_path / 'gone.safetensors')!r})",
+        f"error: {f}: model.finetuned.toy_colours: checkpoint does not exist "
+        f"(got {str(tmp_path / 'gone.safetensors')!r})",
         *(f"{f}: model.finetuned_pattern: checkpoint of task {t!r} does not exist "
           f"(got {pattern.format(task=t)!r})" for t in missing),
         f"{f}: output_dir: is a file, not a folder (got {str(tmp_path / 'taken')!r})",

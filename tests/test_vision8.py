@@ -516,16 +516,19 @@ def test_identity_of_array_layouts_follows_the_pixels(tmp_path: Path) -> None:
     assert second["data"]["test"] != first["data"]["test"] and second["data"]["train"] == first["data"]["train"]
 
 
-def test_a_test_label_one_past_the_last_class_is_refused(tmp_path: Path) -> None:
+@pytest.mark.parametrize("label", [43, -1])
+def test_a_test_label_outside_the_classes_is_refused(tmp_path: Path, label: int) -> None:
     """GTSRB has classes 0..42: a ClassId 43 in the test list matches no class name (it would be
-    scored as always wrong), so the task refuses it, naming the labels' range."""
+    scored as always wrong), nor does -1 (indexing would read it as the last class), so the task
+    refuses it, naming the labels' range."""
     base = tmp_path / "gtsrb"
     for c in range(43):
         for k in range(2):
             write_image(base / "GTSRB" / "Training" / f"{c:05d}" / f"{c:05d}_{k:05d}.ppm", c, k)
     write_image(base / "GTSRB" / "Final_Test" / "Images" / "00000.ppm", 0, 0)
-    (base / "GT-final_test.csv").write_text("Filename;ClassId\n00000.ppm;43\n")
-    with pytest.raises(TaskDataError, match=r"split 'test' has labels in \[43, 43\] but the task has 43 classes"):
+    (base / "GT-final_test.csv").write_text(f"Filename;ClassId\n00000.ppm;{label}\n")
+    with pytest.raises(TaskDataError, match=rf"split 'test' has labels in \[{label}, {label}\] but the task has 43 "
+                                            "classes"):
         v8.gtsrb(str(tmp_path))
 
 
@@ -675,19 +678,6 @@ def test_identity_follows_a_preprocess_of_ones_own(tmp_path: Path) -> None:
     default = v8.eurosat(str(tmp_path), image_size=32).identity()
     own = v8.eurosat(str(tmp_path), preprocess=v8.clip_preprocess(16), image_size=32).identity()
     assert own["preprocess"] != default["preprocess"] and own != default
-
-
-def test_a_negative_test_label_is_refused(tmp_path: Path) -> None:
-    """A ClassId of -1 matches no class name either (indexing would read it as the last class),
-    so the task refuses it, naming the labels' range."""
-    base = tmp_path / "gtsrb"
-    for c in range(43):
-        for k in range(2):
-            write_image(base / "GTSRB" / "Training" / f"{c:05d}" / f"{c:05d}_{k:05d}.ppm", c, k)
-    write_image(base / "GTSRB" / "Final_Test" / "Images" / "00000.ppm", 0, 0)
-    (base / "GT-final_test.csv").write_text("Filename;ClassId\n00000.ppm;-1\n")
-    with pytest.raises(TaskDataError, match=r"split 'test' has labels in \[-1, -1\] but the task has 43 classes"):
-        v8.gtsrb(str(tmp_path))
 
 
 def test_every_task_has_task_vectors_templates(folder_root: Path) -> None:
