@@ -655,15 +655,22 @@ def test_identity_follows_the_val_split_and_the_image_size(tmp_path: Path) -> No
         str(tmp_path), val_fraction=0.2).identity()
 
 
-def test_identity_of_array_layouts_follows_the_labels(tmp_path: Path) -> None:
-    """MNIST's and SVHN's labels are arrays read with the pixels: one test label changed (the same
-    images) is another identity, so results cached for the old labels are not read back."""
+def _write_mnist(tmp_path: Path) -> tuple[Path, np.ndarray, np.ndarray]:
+    """MNIST's raw files, 30 random 28 x 28 images labelled 0..9 in turn, as train and test:
+    (their folder, images, labels)."""
     raw_dir = tmp_path / "MNIST" / "raw"
     images = np.random.default_rng(0).integers(0, 256, (30, 28, 28), dtype=np.uint8)
     labels = np.arange(30, dtype=np.uint8) % 10
     for prefix in ("train", "t10k"):
         write_idx(raw_dir / f"{prefix}-images-idx3-ubyte", images)
         write_idx(raw_dir / f"{prefix}-labels-idx1-ubyte", labels)
+    return raw_dir, images, labels
+
+
+def test_identity_of_array_layouts_follows_the_labels(tmp_path: Path) -> None:
+    """MNIST's and SVHN's labels are arrays read with the pixels: one test label changed (the same
+    images) is another identity, so results cached for the old labels are not read back."""
+    raw_dir, images, labels = _write_mnist(tmp_path)
     first = v8.mnist(str(tmp_path)).identity()
     labels[3] = 4
     write_idx(raw_dir / "t10k-labels-idx1-ubyte", labels)
@@ -721,12 +728,7 @@ def test_a_gtsrb_test_list_out_of_file_order_keeps_each_images_label(tmp_path: P
 def test_identity_of_array_layouts_follows_the_image_shape(tmp_path: Path) -> None:
     """The same bytes under other dimensions are other images: a test file of 30 images of
     28 x 28 pixels and one of 30 images of 14 x 56 are two identities."""
-    raw_dir = tmp_path / "MNIST" / "raw"
-    images = np.random.default_rng(0).integers(0, 256, (30, 28, 28), dtype=np.uint8)
-    labels = np.arange(30, dtype=np.uint8) % 10
-    for prefix in ("train", "t10k"):
-        write_idx(raw_dir / f"{prefix}-images-idx3-ubyte", images)
-        write_idx(raw_dir / f"{prefix}-labels-idx1-ubyte", labels)
+    raw_dir, images, labels = _write_mnist(tmp_path)
     first = v8.mnist(str(tmp_path)).identity()
     write_idx(raw_dir / "t10k-images-idx3-ubyte", images.reshape(30, 14, 56))
     assert v8.mnist(str(tmp_path)).identity()["data"]["test"] != first["data"]["test"]
