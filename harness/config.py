@@ -1396,19 +1396,15 @@ def check_model_files(cfg: SweepConfig, file: str) -> None:
         found.errors.append(ConfigError(file, "model.arch", problem, m.arch))
     for t in cfg.task_names:  # required for merged tasks; optional for unseen ones
         required = t in cfg.merge_tasks or t in m.finetuned
-        if t in m.finetuned:
-            where, path = f"model.finetuned.{t}", m.finetuned[t]
-            what = f"checkpoint does not exist{relative_note(path)}"
-        elif m.finetuned_pattern:
-            where, path = "model.finetuned_pattern", m.finetuned_pattern.format(task=t)
-            what = f"checkpoint of task {t!r} does not exist{relative_note(path)}"
-        else:
+        where, path = finetuned_field(cfg, t)
+        if path is None:
             if required:
                 found.errors.append(ConfigError(file, "model.finetuned", f"no checkpoint for task {t!r}",
                                                 show_value=False))
             continue
         if required and not Path(path).exists():
-            found.errors.append(ConfigError(file, where, what, path))
+            whose = f"checkpoint of task {t!r}" if where == "model.finetuned_pattern" else "checkpoint"
+            found.errors.append(ConfigError(file, where, f"{whose} does not exist{relative_note(path)}", path))
     for t, path in m.heads.items():
         if t not in cfg.task_names:  # kept for another selection of tasks (tasks=... on the command line)
             continue
