@@ -110,15 +110,11 @@ def _load(file: str, overrides: tuple[str, ...], start_workers: bool = False,
         ConfigError,
         ExecutorSpec,
         Gathering,
-        check_checkpoint_shapes,
         check_cache_dir,
         check_data_roots,
-        check_folder_arch,
-        check_model_contents,
         check_model_files,
+        check_model_reading,
         check_output_dir,
-        check_pretrained_arch,
-        check_recorded_arch,
         check_storage_files,
         check_tracking_uri,
         read_config,
@@ -146,13 +142,9 @@ def _load(file: str, overrides: tuple[str, ...], start_workers: bool = False,
             check_cache_dir(cfg, file)
         if does != "read":
             if not found.errors:  # the model checks read the encoder summaries kept in the cache folder
-                with found.check():  # each of these reads what the one before found readable
+                with found.check():  # files are read once they all exist
                     check_model_files(cfg, file)
-                    check_model_contents(cfg, file)
-                    check_checkpoint_shapes(cfg, file)
-                    check_pretrained_arch(cfg, file)
-                    check_folder_arch(cfg, file)
-                    check_recorded_arch(cfg, file)
+                    check_model_reading(cfg, file)
             with found.check():
                 check_data_roots(cfg, file)
         for check in (check_output_dir, check_tracking_uri, *([check_storage_files] if does == "submit" else [])):

@@ -1432,20 +1432,23 @@ def check_model_contents(cfg: SweepConfig, file: str) -> None:
 
     named = pretrained_file(cfg) + finetuned_files(cfg)
     named += [(f"model.heads.{t}", path, path) for t, path in m.heads.items() if t in cfg.task_names]
+    found = Gathering()  # every file's, a line each
     for where, path, whose in named:
         p = Path(path)
         if hf_folder_of(p) is not None or (p.is_dir() and (p / "config.json").is_file()):
             continue  # a Hugging Face folder: its converter reads it (and names what is wrong)
         if p.is_dir():
-            raise ConfigError(file, where, f"{whose}: a folder that is not a Hugging Face CLIP folder (no "
-                              "config.json); name a checkpoint file", show_value=False)
+            found.errors.append(ConfigError(file, where, f"{whose}: a folder that is not a Hugging Face CLIP folder "
+                                            "(no config.json); name a checkpoint file", show_value=False))
+            continue
         try:
             tensor_shapes(p)
             problem = whole_clip_problem(p) if where == "model.pretrained" else None
         except HarnessError as exc:
             problem = str(exc).removeprefix(f"{p}: ")
         if problem:
-            raise ConfigError(file, where, f"{whose}: {problem}", show_value=False)
+            found.errors.append(ConfigError(file, where, f"{whose}: {problem}", show_value=False))
+    found.raise_any()
 
 
 def pretrained_file(cfg: SweepConfig) -> list[tuple[str, str, str]]:
@@ -1527,8 +1530,8 @@ def check_checkpoint_shapes(cfg: SweepConfig, file: str) -> None:
             continue
         try:
             found = encoder_shapes(tensor_shapes(path))
-        except HarnessError as exc:
-            raise ConfigError(file, where, f"{whose}: {str(exc).removeprefix(f'{path}: ')}", show_value=False) from None
+        except HarnessError:
+            continue  # check_model_contents names the unreadable file
         if found is None:
             continue  # not one image encoder: the run says what it holds
         checked += 1
@@ -1542,8 +1545,9 @@ def check_checkpoint_shapes(cfg: SweepConfig, file: str) -> None:
         raise ConfigError(file, "model.pretrained", f"{pre}: tensor {k!r} of its image encoder has shape "
                           f"{tuple(expected[k])}, every fine-tuned checkpoint has {shape} (weights of another "
                           "architecture or width?)", show_value=False)
-    raise ConfigError(file, where, f"{whose}: tensor {k!r} has shape {shape}, pretrained has {tuple(expected[k])} "
-                      f"(model.pretrained {pre.name}: another architecture or width?)", show_value=False)
+    raise gathered([ConfigError(file, where, f"{whose}: tensor {k!r} has shape {shape}, pretrained has "
+                                f"{tuple(expected[k])} (model.pretrained {pre.name}: another architecture or width?)",
+                                show_value=False) for where, whose, k, shape in mismatches])
 
 
 def check_pretrained_arch(cfg: SweepConfig, file: str) -> None:
@@ -1603,6 +1607,8 @@ def check_folder_arch(cfg: SweepConfig, file: str) -> None:
     from harness.hf_convert import check_given_arch, folder_open_clip_config, hf_folder_of
 
     pre = pretrained_file(cfg)
+    found = Gathering()  # every folder's, a line each
+    arch_blamed = False  # the pretrained folder does not fit model.arch: the others' misfit says no more
     for where, path, whose in pre + finetuned_files(cfg):
         folder = hf_folder_of(path)
         if folder is None:
@@ -1617,9 +1623,12 @@ def check_folder_arch(cfg: SweepConfig, file: str) -> None:
             check_given_arch(m.arch, oc_cfg, kind, folder, projection)
         except HarnessError as exc:
             if pretrained and read:
-                raise ConfigError(file, "model.arch", str(exc), m.arch) from None
-            raise ConfigError(file, where, f"{whose}: {str(exc).removeprefix(f'{folder}: ')}",
-                              show_value=False) from None
+                found.errors.append(ConfigError(file, "model.arch", str(exc), m.arch))
+                arch_blamed = True
+            elif not (arch_blamed and read):
+                found.errors.append(ConfigError(file, where, f"{whose}: {str(exc).removeprefix(f'{folder}: ')}",
+                                                show_value=False))
+    found.raise_any()
 
 
 def check_recorded_arch(cfg: SweepConfig, file: str) -> None:
@@ -1633,10 +1642,14 @@ def check_recorded_arch(cfg: SweepConfig, file: str) -> None:
     from harness.convert import recorded_arch
 
     want: _Tower | None = None
+    found = Gathering()  # every file's, a line each
     for where, path in [("model.pretrained", m.pretrained)] + [finetuned_field(cfg, t) for t in cfg.task_names]:
         if not path or not Path(path).is_file():
             continue
-        got = recorded_arch(Path(path))
+        try:
+            got = recorded_arch(Path(path))
+        except HarnessError:
+            continue  # check_model_contents names the unreadable file
         if got is None or got == m.arch:
             continue
         want = want or _image_tower(m.arch, [m.pretrained] if m.pretrained else [])
@@ -1644,14 +1657,32 @@ def check_recorded_arch(cfg: SweepConfig, file: str) -> None:
         if want is None or have is None or have == want:
             continue
         if have.size != want.size:  # other tensors, not the same ones computing differently
-            raise ConfigError(file, where, f"{path} was converted for architecture {got!r} (image tower "
-                              f"{have.size_text()}), but model.arch {m.arch!r} is {want.size_text()}: "
-                              f"a checkpoint of another architecture; set model.arch: {got}, or give checkpoints "
-                              f"of {m.arch}", show_value=False)
-        raise ConfigError(file, where, f"{path} was converted for architecture {got!r} ({have.computation_text()}), "
-                          f"but model.arch {m.arch!r} is {want.computation_text()}: the same tensors compute "
-                          f"differently; set model.arch: {got}, or convert the source again with --arch {m.arch}",
-                          show_value=False)
+            found.errors.append(ConfigError(
+                file, where, f"{path} was converted for architecture {got!r} (image tower {have.size_text()}), but "
+                f"model.arch {m.arch!r} is {want.size_text()}: a checkpoint of another architecture; set model.arch: "
+                f"{got}, or give checkpoints of {m.arch}", show_value=False))
+        else:
+            found.errors.append(ConfigError(
+                file, where, f"{path} was converted for architecture {got!r} ({have.computation_text()}), but "
+                f"model.arch {m.arch!r} is {want.computation_text()}: the same tensors compute differently; set "
+                f"model.arch: {got}, or convert the source again with --arch {m.arch}", show_value=False))
+    found.raise_any()
+
+
+def check_model_reading(cfg: SweepConfig, file: str) -> None:
+    """What the model files hold (contents, tensor shapes, architecture), every file's fault a
+    line, told together. Pretrained weights already found at fault (unreadable, without a text
+    tower, the odd ones out of every checkpoint) are not then compared with ``model.arch``: that
+    line would blame the architecture for the weights' own fault."""
+    found = Gathering()
+    for check in (check_model_contents, check_checkpoint_shapes, check_pretrained_arch, check_folder_arch,
+                  check_recorded_arch):
+        if check is check_pretrained_arch and any(line.path == "model.pretrained" for error in found.errors
+                                                  for line in (error, *error.further)):
+            continue
+        with found.check():
+            check(cfg, file)
+    found.raise_any()
 
 
 class _Tower(NamedTuple):

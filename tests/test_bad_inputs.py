@@ -277,6 +277,63 @@ def test_validate_names_the_model_files_a_sweep_refuses(field, name, make, fragm
         assert "valid" not in r.stdout and not (tmp_path / "out").exists()
 
 
+def test_validate_names_every_model_file_at_fault_together(sweep_dict, micro_checkpoints, tmp_path):
+    """A truncated checkpoint, a checkpoint of another width and a pickled head, each with its own
+    field: one run names the three, a line each, in the order the checks read them (contents,
+    then shapes)."""
+    d = copy.deepcopy(sweep_dict)
+    trunc = tmp_path / "trunc.safetensors"
+    trunc.write_bytes((micro_checkpoints / "toy_stripes.safetensors").read_bytes()[:200])
+    wide = tmp_path / "wide.safetensors"
+    save_state_dict(build_clip("harness-tiny-vit").visual.state_dict(), wide)
+    head = tmp_path / "head.pt"
+    torch.save(torch.nn.Linear(32, 3), head)
+    d["model"]["finetuned"] = {"toy_stripes": str(trunc), "toy_colours": str(wide)}
+    d["model"]["heads"] = {"toy_stripes": str(head)}
+    f = _write(tmp_path, d)
+    r = CliRunner().invoke(main, ["validate", f])
+    lines = r.stderr.strip().splitlines()
+    assert r.exit_code == 2 and len(lines) == 3, r.stderr
+    assert lines[0].startswith(f"error: {f}: model.finetuned.toy_stripes: {trunc}: not a readable safetensors file"), lines
+    assert lines[1].startswith(f"{f}: model.heads.toy_stripes: {head}: refused to load"), lines
+    assert lines[2] == (f"{f}: model.finetuned.toy_colours: {wide}: tensor 'class_embedding' has shape (128,), "
+                        "pretrained has (32,) (model.pretrained pretrained.safetensors: another architecture or width?)")
+
+
+def test_pretrained_weights_without_a_text_tower_are_not_also_blamed_on_the_architecture(sweep_dict, tmp_path):
+    """Pretrained weights holding the image tower alone lack every text tensor model.arch has:
+    the one fault is the weights', told once, not again as an architecture that does not fit."""
+    path = tmp_path / "visual.safetensors"
+    save_state_dict({f"visual.{k}": v for k, v in build_clip("harness-micro-vit").visual.state_dict().items()}, path)
+    d = copy.deepcopy(sweep_dict)
+    d["model"]["pretrained"] = str(path)
+    r = CliRunner().invoke(main, ["validate", _write(tmp_path, d)])
+    lines = r.stderr.strip().splitlines()
+    assert r.exit_code == 2 and len(lines) == 1, r.stderr
+    assert lines[0].startswith(f"error: {tmp_path / 's.yaml'}: model.pretrained: {path}: not a whole CLIP"), lines
+
+
+def test_two_checkpoints_of_other_widths_are_each_named(sweep_dict, tmp_path):
+    """Two fine-tuned checkpoints off the pretrained shapes in different tensors (so the pretrained
+    weights are not the odd ones out): a line each, not the first alone."""
+    wide = tmp_path / "wide.safetensors"
+    save_state_dict(build_clip("harness-tiny-vit").visual.state_dict(), wide)
+    patch = tmp_path / "patch.safetensors"
+    state = _encoder_state()
+    state["conv1.weight"] = torch.zeros(32, 3, 4, 4)
+    save_state_dict(state, patch)
+    d = copy.deepcopy(sweep_dict)
+    d["model"]["finetuned"] = {"toy_stripes": str(wide), "toy_colours": str(patch)}
+    f = _write(tmp_path, d)
+    r = CliRunner().invoke(main, ["validate", f])
+    assert r.exit_code == 2, r.output
+    assert r.stderr.strip().splitlines() == [
+        f"error: {f}: model.finetuned.toy_stripes: {wide}: tensor 'class_embedding' has shape (128,), pretrained "
+        "has (32,) (model.pretrained pretrained.safetensors: another architecture or width?)",
+        f"{f}: model.finetuned.toy_colours: {patch}: tensor 'conv1.weight' has shape (32, 3, 4, 4), "
+        "pretrained has (32, 3, 8, 8) (model.pretrained pretrained.safetensors: another architecture or width?)"]
+
+
 def test_missing_pretrained_tag_is_reported_once(caplog, tmp_path):
     """open_clip logs a missing tag through the root logger; the harness's own error says it once."""
     import logging
