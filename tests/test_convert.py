@@ -388,6 +388,9 @@ def test_a_sweep_refuses_encoders_converted_for_another_activation(tmp_path: Pat
         f"error: {sweep}: model.finetuned_pattern: {tmp_path / TOY_TASKS[0]}.safetensors was converted for "
         "architecture 'micro-quick' (QuickGELU, 2 attention heads), but model.arch 'harness-micro-vit' is GELU, "
         "2 attention heads"), r.output
+    lines = r.stderr.strip().splitlines()  # every task's file, a line each
+    assert len(lines) == len(TOY_TASKS) and all(f"{tmp_path / t}.safetensors was converted for architecture "
+                                                  "'micro-quick'" in line for t, line in zip(TOY_TASKS, lines)), lines
     r = CliRunner().invoke(main, ["validate", str(sweep), "model.arch=micro-quick"])
     assert r.exit_code == 0 and r.output.rstrip().endswith("valid"), r.output
 
