@@ -199,6 +199,13 @@ def cmaes_sampler(seed: int, storage: str) -> "optuna.samplers.CmaEsSampler":
     in the driver; such a trial fails the study, naming the storage and the trial."""
     import optuna
 
+    hooks = ("_restore_optimizer", "_concat_optimizer_attrs", "_attr_key_optimizer")
+    missing = [name for name in hooks if not hasattr(optuna.samplers.CmaEsSampler, name)]
+    if missing:  # the override below would never run, and Optuna would unpickle the state itself
+        raise HarnessError(f"tune.sampler: cmaes: Optuna {optuna.__version__}'s CMA-ES sampler has no "
+                           f"{', '.join(missing)}, through which the harness checks the optimizer state it resumes "
+                           "from before unpickling it; use another sampler, or an Optuna that has them (5.1 does)")
+
     class CheckedStateCmaEsSampler(optuna.samplers.CmaEsSampler):
         def _restore_optimizer(self, completed_trials: list[Any]) -> Any:
             for trial in reversed(completed_trials):

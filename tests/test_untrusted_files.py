@@ -58,6 +58,19 @@ def test_cmaes_state_from_a_shared_storage_is_not_unpickled_when_it_names_code(t
                               "could run code from the storage")
 
 
+def test_an_optuna_without_the_cmaes_restore_hook_is_refused_not_trusted(monkeypatch):
+    """The state check overrides the method Optuna's CMA-ES sampler unpickles its optimizer in;
+    an Optuna without it would never call the check and unpickle the state itself: refused."""
+    import optuna
+
+    from harness.errors import HarnessError
+    from harness.tuning import cmaes_sampler
+
+    monkeypatch.delattr(optuna.samplers.CmaEsSampler, "_restore_optimizer")
+    with pytest.raises(HarnessError, match=r"tune.sampler: cmaes: Optuna .*'s CMA-ES sampler has no _restore_optimizer"):
+        cmaes_sampler(0, "journal:x")
+
+
 def test_cmaes_state_a_study_stored_resumes_as_optuna_would(tmp_path):
     """The optimizer a real generation stored reads back as plain unpickling reads it."""
     from harness.tuning import restore_cma_state
