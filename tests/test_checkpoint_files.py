@@ -60,6 +60,19 @@ def test_floating_point_weights_of_every_width_are_taken(tmp_path: Path, dtype: 
         refuse_integer_weights(state_dtypes({**state, "q": torch.zeros(2, dtype=torch.int8)}), path)
 
 
+def test_a_bool_tensor_is_refused_like_an_integer_one(tmp_path: Path) -> None:
+    """A bool tensor is no float either: loaded into a float parameter it would be cast to 0/1
+    silently, so it is refused from the file's header and from its tensors alike."""
+    from harness.models import refuse_integer_weights, save_state_dict, state_dtypes, tensor_dtypes
+
+    state = {"w": torch.zeros(2, 3), "mask": torch.ones(3, dtype=torch.bool)}
+    path = tmp_path / "enc.safetensors"
+    save_state_dict(state, path)
+    for dtypes in (tensor_dtypes(path), state_dtypes(state)):
+        with pytest.raises(HarnessError, match="'mask' has dtype bool, not floating point"):
+            refuse_integer_weights(dtypes, path)
+
+
 def test_a_file_header_names_dtypes_as_the_tensors_do(tmp_path: Path) -> None:
     """A safetensors header's dtype (``BF16``, ``F32``) is named as torch names the loaded tensor
     (``bfloat16``, ``float32``), like the integer ones, so that a file read from its header and the
