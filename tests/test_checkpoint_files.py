@@ -171,6 +171,20 @@ def test_a_built_model_is_in_eval_mode_with_or_without_a_weights_file(tmp_path: 
         assert not any(m.training for m in model.modules())
 
 
+def test_pretrained_weights_in_a_file_of_any_name_are_loaded_from_it(tmp_path: Path) -> None:
+    """A weights file whose suffix names no weights format (``.ckpt``, none at all) is still a
+    file: its own tensors are loaded, not looked up as an open_clip tag."""
+    from harness.models import build_clip, save_state_dict
+
+    state = {k: torch.full_like(v, 0.5) if v.is_floating_point() else v
+             for k, v in build_clip("harness-micro-vit").state_dict().items()}
+    for name in ("pretrained.ckpt", "pretrained"):
+        path = tmp_path / name
+        save_state_dict(state, path)
+        loaded = build_clip("harness-micro-vit", str(path)).state_dict()
+        assert all(torch.equal(loaded[k], v) for k, v in state.items())
+
+
 def test_a_file_rewritten_at_the_same_size_gets_the_digest_of_its_new_bytes(tmp_path: Path) -> None:
     import os
 
