@@ -246,3 +246,15 @@ def test_registering_an_architecture_again_is_a_no_op_and_a_stale_kept_config_is
     register_model_config("test-kept-vit", cfg, "origin", config_dir=folder)
     assert json.loads((folder / "test-kept-vit.json").read_text()) == cfg
     assert open_clip_module().get_model_config("test-kept-vit") == cfg
+
+
+def test_an_unseen_task_without_a_checkpoint_has_no_fine_tuned_source(sweep_dict) -> None:
+    """An unseen task's checkpoint is optional (it gets no individual row): when the pattern names
+    no file for it, the sweep's sources and identities hold the merged tasks' checkpoints only."""
+    from harness.config import validate_config
+    from harness.workspace import Workspace
+
+    d = {**sweep_dict, "tasks": [*sweep_dict["tasks"], "toy_checks"], "unseen": ["toy_checks"]}
+    ws = Workspace(validate_config(d))
+    assert sorted(ws.sources["finetuned"]) == ["toy_colours", "toy_stripes"]
+    assert sorted(ws.identity["finetuned"]) == ["toy_colours", "toy_stripes"]
