@@ -60,6 +60,19 @@ def test_floating_point_weights_of_every_width_are_taken(tmp_path: Path, dtype: 
         refuse_integer_weights(state_dtypes({**state, "q": torch.zeros(2, dtype=torch.int8)}), path)
 
 
+def test_a_bool_tensor_is_refused_like_an_integer_one(tmp_path: Path) -> None:
+    """A bool tensor is no float either: loaded into a float parameter it would be cast to 0/1
+    silently, so it is refused from the file's header and from its tensors alike."""
+    from harness.models import refuse_integer_weights, save_state_dict, state_dtypes, tensor_dtypes
+
+    state = {"w": torch.zeros(2, 3), "mask": torch.ones(3, dtype=torch.bool)}
+    path = tmp_path / "enc.safetensors"
+    save_state_dict(state, path)
+    for dtypes in (tensor_dtypes(path), state_dtypes(state)):
+        with pytest.raises(HarnessError, match="'mask' has dtype bool, not floating point"):
+            refuse_integer_weights(dtypes, path)
+
+
 def test_a_file_header_names_dtypes_as_the_tensors_do(tmp_path: Path) -> None:
     """A safetensors header's dtype (``BF16``, ``F32``) is named as torch names the loaded tensor
     (``bfloat16``, ``float32``), like the integer ones, so that a file read from its header and the
@@ -158,6 +171,20 @@ def test_a_built_model_is_in_eval_mode_with_or_without_a_weights_file(tmp_path: 
         assert not any(m.training for m in model.modules())
 
 
+def test_pretrained_weights_in_a_file_of_any_name_are_loaded_from_it(tmp_path: Path) -> None:
+    """A weights file whose suffix names no weights format (``.ckpt``, none at all) is still a
+    file: its own tensors are loaded, not looked up as an open_clip tag."""
+    from harness.models import build_clip, save_state_dict
+
+    state = {k: torch.full_like(v, 0.5) if v.is_floating_point() else v
+             for k, v in build_clip("harness-micro-vit").state_dict().items()}
+    for name in ("pretrained.ckpt", "pretrained"):
+        path = tmp_path / name
+        save_state_dict(state, path)
+        loaded = build_clip("harness-micro-vit", str(path)).state_dict()
+        assert all(torch.equal(loaded[k], v) for k, v in state.items())
+
+
 def test_a_file_rewritten_at_the_same_size_gets_the_digest_of_its_new_bytes(tmp_path: Path) -> None:
     import os
 
@@ -219,3 +246,15 @@ def test_registering_an_architecture_again_is_a_no_op_and_a_stale_kept_config_is
     register_model_config("test-kept-vit", cfg, "origin", config_dir=folder)
     assert json.loads((folder / "test-kept-vit.json").read_text()) == cfg
     assert open_clip_module().get_model_config("test-kept-vit") == cfg
+
+
+def test_an_unseen_task_without_a_checkpoint_has_no_fine_tuned_source(sweep_dict) -> None:
+    """An unseen task's checkpoint is optional (it gets no individual row): when the pattern names
+    no file for it, the sweep's sources and identities hold the merged tasks' checkpoints only."""
+    from harness.config import validate_config
+    from harness.workspace import Workspace
+
+    d = {**sweep_dict, "tasks": [*sweep_dict["tasks"], "toy_checks"], "unseen": ["toy_checks"]}
+    ws = Workspace(validate_config(d))
+    assert sorted(ws.sources["finetuned"]) == ["toy_colours", "toy_stripes"]
+    assert sorted(ws.identity["finetuned"]) == ["toy_colours", "toy_stripes"]

@@ -126,3 +126,16 @@ def test_the_sweep_commands_checks_leave_open_clip_alone_once_the_weights_were_b
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(d))
     with pytest.raises(AssertionError, match="model.arch: architecture 'harness-tiny-vit' has tensor"):
         run_fresh(code)
+
+
+def test_a_summary_kept_for_other_weights_does_not_pass_weights_that_never_loaded(micro_checkpoints, tmp_path):
+    """The summary is kept per weights file: one built with the sweep's weights does not stand for
+    another file of the same architecture's name, whose weights must load before any summary
+    (the heads may all be files, so nothing else would build the model before the jobs)."""
+    cfg = validate_config(make_sweep_dict(micro_checkpoints, tmp_path))
+    assert Workspace(cfg).encoder_params > 0
+    save_state_dict(build_clip("harness-tiny-vit").state_dict(), tmp_path / "other.safetensors")
+    d = make_sweep_dict(micro_checkpoints, tmp_path)
+    d["model"]["pretrained"] = str(tmp_path / "other.safetensors")
+    with pytest.raises(HarnessError, match="weights do not match architecture 'harness-micro-vit'"):
+        Workspace(validate_config(d)).encoder_summary
