@@ -218,3 +218,10 @@ def test_the_eight_paper_test_split_sizes_do_not_overflow_the_exact_sign():
     d = paired_bootstrap(a, b, tasks, resamples=2000)
     assert d.diff == pytest.approx(np.mean([100 * (6 * n // 100 - (7 * n // 100 - 6 * n // 100)) / n for n in sizes]))
     assert d.low > 0 and d.p == 0.0
+
+
+@pytest.mark.parametrize("a,b,tasks", [({}, {}, []), ({"t": np.zeros(0, bool)}, {"t": np.zeros(0, bool)}, ["t"])])
+def test_no_tasks_or_an_empty_split_is_refused(a, b, tasks):
+    """A division by zero would be the error otherwise, naming neither the task nor the cause."""
+    with pytest.raises(ValueError, match="no tasks|t: per-image records"):
+        paired_bootstrap(a, b, tasks)
