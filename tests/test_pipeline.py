@@ -233,6 +233,22 @@ def test_finetuning_preserves_on_half_batches_reports_each_step_and_returns_an_e
     assert steps == [(1, 2), (2, 2)] and not tuned.training
 
 
+def test_a_dataset_that_is_not_a_tensor_dataset_gives_every_item_in_order():
+    """Any map-style dataset fine-tunes on all of its items, not only in-memory tasks' TensorDatasets."""
+
+    class Items(torch.utils.data.Dataset):
+        def __len__(self):
+            return 5
+
+        def __getitem__(self, i):
+            return torch.full((3, 2, 2), float(i)), i % 2
+
+    images, labels = finetune._dataset_tensors(Items())
+    assert images[:, 0, 0, 0].tolist() == [0.0, 1.0, 2.0, 3.0, 4.0]
+    assert labels.tolist() == [0, 1, 0, 1, 0] and labels.dtype == torch.long
+
+
+
 def test_finetune_rejects_a_negative_preservation_weight():
     """A negative weight would reward drifting from the pretrained features."""
     encoder = build_clip("harness-micro-vit").visual
