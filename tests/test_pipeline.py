@@ -248,6 +248,20 @@ def test_a_dataset_that_is_not_a_tensor_dataset_gives_every_item_in_order():
     assert labels.tolist() == [0, 1, 0, 1, 0] and labels.dtype == torch.long
 
 
+def test_the_loss_adds_the_drift_times_the_preservation_weight():
+    """loss = cross-entropy + preserve_weight * drift, as each step reports them."""
+    gen = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(12, 3, 2, 2, generator=gen), torch.arange(12) % 3)
+    reports: list[dict[str, float]] = []
+    finetune_encoder(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 4)), torch.randn(3, 4, generator=gen),
+                     data, steps=3, lr=0.1, batch_size=6, warmup=0, preserve_weight=7.0,
+                     preserve_images=torch.randn(10, 3, 2, 2, generator=gen),
+                     progress=lambda step, total, metrics: reports.append(dict(metrics)))
+    assert reports[-1]["drift"] > 0  # the encoder has moved by the last step
+    for m in reports:
+        assert m["loss"] == pytest.approx(m["ce"] + 7.0 * m["drift"], rel=1e-6)
+
+
 
 def test_finetune_rejects_a_negative_preservation_weight():
     """A negative weight would reward drifting from the pretrained features."""
