@@ -262,6 +262,24 @@ def test_the_loss_adds_the_drift_times_the_preservation_weight():
         assert m["loss"] == pytest.approx(m["ce"] + 7.0 * m["drift"], rel=1e-6)
 
 
+def test_an_encoder_given_in_eval_mode_trains_in_train_mode():
+    """Dropout and the like are on while fine-tuning, whatever mode the given encoder is in."""
+    modes: list[bool] = []
+
+    class Spy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(12, 4)
+
+        def forward(self, x):
+            modes.append(self.training)
+            return self.lin(x.flatten(1))
+
+    gen = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(8, 3, 2, 2, generator=gen), torch.arange(8) % 3)
+    finetune_encoder(Spy().eval(), torch.randn(3, 4, generator=gen), data, steps=2, batch_size=4, warmup=0)
+    assert modes == [True, True]
+
 
 def test_finetune_rejects_a_negative_preservation_weight():
     """A negative weight would reward drifting from the pretrained features."""
