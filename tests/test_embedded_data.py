@@ -751,3 +751,15 @@ def test_the_report_table_gives_each_tasks_split_sizes_classes_and_chance(monkey
     assert not any("pretraining pool" in line for line in lines) and pools == []
     report.main(["--size", "tiny", "--no-baseline", "--pool", "3"])
     assert pools == [(3, 1, "tiny")] and "pretraining pool: 3 images" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("value,forced", [
+    ("1", {"fashion", "gimp", "mnist"}), ("TRUE", {"fashion", "gimp", "mnist"}), (" yes ", {"fashion", "gimp", "mnist"}),
+    ("all", {"fashion", "gimp", "mnist"}), ("", set()), ("0", set()), ("no", set()),
+    ("fashion, gimp", {"fashion", "gimp"}), ("mnist", {"mnist"}),
+])
+def test_the_fallback_variable_forces_the_sources_it_names(value, forced, monkeypatch):
+    """A value written "fashion, gimp" (with a space) or "all" forces what it says; a source it
+    does not name keeps its real data."""
+    monkeypatch.setenv(data.FALLBACK_ENV, value)
+    assert {s for s in data.SOURCES if data._forced(s)} == forced
