@@ -763,3 +763,22 @@ def test_the_fallback_variable_forces_the_sources_it_names(value, forced, monkey
     does not name keeps its real data."""
     monkeypatch.setenv(data.FALLBACK_ENV, value)
     assert {s for s in data.SOURCES if data._forced(s)} == forced
+
+
+def test_a_partly_installed_source_falls_back_to_its_stand_in(tmp_path, monkeypatch):
+    """One GIMP tile or one Fashion-MNIST file out of several is not the source: building the
+    task from it would fail on the first missing file, so the stand-in is used."""
+    gimp, fashion = tmp_path / "gimp", tmp_path / "fashion"
+    first_tile = next(iter(textures.GIMP_TILES.values()))[0]
+    (gimp / first_tile).parent.mkdir(parents=True)
+    (gimp / first_tile).write_bytes(b"")
+    fashion.mkdir()
+    (fashion / "train-images-idx3-ubyte.gz").write_bytes(b"")
+    monkeypatch.setenv(data.GIMP_DIR_ENV, str(gimp))
+    monkeypatch.setenv(data.FASHION_DIR_ENV, str(fashion))
+    monkeypatch.delenv(data.FALLBACK_ENV, raising=False)
+    monkeypatch.setattr(data, "_WARNED", set())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", EmbeddedSourceWarning)
+        assert data.source_variant("emb_textures") == "procedural"
+        assert data.source_variant("emb_fashion") == "garments"
