@@ -856,3 +856,33 @@ def test_quality_report_rows_by_their_definitions(suite, two_tasks, monkeypatch)
         assert report["tau_relative_norm"][t] == pytest.approx((tau / torch.sqrt(sum((v ** 2).sum()
                                                                 for v in base.values()))).item(), rel=1e-5)
     assert report["pretrained"] == pytest.approx({t: acc(base, t) for t in two_tasks})
+
+
+def test_quality_report_chooses_the_task_arithmetic_lambda_on_val(suite, two_tasks, monkeypatch):
+    """A stand-in accuracy reads lambda back from the merged encoder: on val it peaks at 0.5,
+    on test it grows with lambda. The best lambda is val's peak, task arithmetic is scored on
+    test at it, and the grid bar holds only for a best lambda strictly inside the grid."""
+    import harness.evaluation
+    from tasks.embedded import data
+
+    cache, art = suite
+    monkeypatch.setenv("HARNESS_CACHE", str(cache))
+    base = build_clip(art.arch, pretrained=str(art.pretrained)).visual.state_dict()
+    key = next(k for k, v in base.items() if v.is_floating_point() and v.ndim == 2)
+    direction = sum(load_state_dict(art.finetuned[t])[key] - base[key] for t in two_tasks)
+    assert direction.abs().sum() > 0
+    n_val = round(data.VAL_FRACTION * data.SIZES["tiny"][0])
+
+    def accuracy(classifier, dataset):
+        lam = float(((classifier.encoder.state_dict()[key] - base[key]) * direction).sum() / direction.pow(2).sum())
+        lam = round(lam, 3)
+        return -100 * (lam - 0.5) ** 2 if len(dataset) == n_val else 100 * lam
+
+    monkeypatch.setattr(harness.evaluation, "accuracy", accuracy)
+    report = pipeline.quality_report(art, size="tiny", lambdas=(0.0, 0.5, 1.0))
+    assert report["ta_grid_val"] == pytest.approx({0.0: -25.0, 0.5: 0.0, 1.0: -25.0})
+    assert report["ta_best_lambda"] == 0.5
+    assert report["task_arithmetic"] == pytest.approx({t: 50.0 for t in two_tasks})
+    assert report["bars"]["TA best lambda strictly inside grid"]
+    edge = pipeline.quality_report(art, size="tiny", lambdas=(0.5, 1.0))
+    assert edge["ta_best_lambda"] == 0.5 and not edge["bars"]["TA best lambda strictly inside grid"]
