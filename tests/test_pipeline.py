@@ -886,3 +886,31 @@ def test_quality_report_chooses_the_task_arithmetic_lambda_on_val(suite, two_tas
     assert report["bars"]["TA best lambda strictly inside grid"]
     edge = pipeline.quality_report(art, size="tiny", lambdas=(0.5, 1.0))
     assert edge["ta_best_lambda"] == 0.5 and not edge["bars"]["TA best lambda strictly inside grid"]
+
+
+def test_each_stage_gets_every_option_it_reads(suite, two_tasks, monkeypatch):
+    """Every option in a stage's identity reaches its trainer (one keyed but not passed on would
+    name a model trained under other settings); each is set off its default. The suite's cache
+    holds the data and pools already; these options key other model files."""
+    opts = {**TINY, "pretrain_batch_size": 12, "pretrain_lr": 2e-3, "pretrain_weight_decay": 0.3,
+            "pretrain_warmup": 2, "grad_clip": 0.7, "finetune_optimizer": "sgd", "finetune_lr": 3e-2,
+            "finetune_batch_size": 6, "finetune_weight_decay": 0.05, "finetune_warmup": 4, "preserve_weight": 2.5}
+    calls = {}
+
+    def pretrain(arch, images, captions, **kw):
+        calls["pretrain"] = kw
+        return build_clip(arch).float().eval()
+
+    def tune(encoder, head, dataset, **kw):
+        calls["finetune"] = kw
+        return encoder
+
+    monkeypatch.setattr(pipeline, "pretrain_clip", pretrain)
+    monkeypatch.setattr(finetune, "finetune_encoder", tune)
+    pipeline.prepare_suite(two_tasks[:1], suite[0], opts, progress=False)
+    assert {k: calls["pretrain"][k] for k in ("batch_size", "lr", "weight_decay", "warmup", "grad_clip")} == {
+        "batch_size": 12, "lr": 2e-3, "weight_decay": 0.3, "warmup": 2, "grad_clip": 0.7}
+    assert {k: calls["finetune"][k] for k in ("optimizer", "lr", "batch_size", "weight_decay", "warmup", "grad_clip",
+                                                "preserve_weight")} == {
+        "optimizer": "sgd", "lr": 3e-2, "batch_size": 6, "weight_decay": 0.05, "warmup": 4, "grad_clip": 0.7,
+        "preserve_weight": 2.5}
