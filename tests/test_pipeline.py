@@ -914,3 +914,22 @@ def test_each_stage_gets_every_option_it_reads(suite, two_tasks, monkeypatch):
                                                 "preserve_weight")} == {
         "optimizer": "sgd", "lr": 3e-2, "batch_size": 6, "weight_decay": 0.05, "warmup": 4, "grad_clip": 0.7,
         "preserve_weight": 2.5}
+
+
+def test_pretraining_follows_the_warmup_cosine_schedule_and_clips_gradients(monkeypatch):
+    """Four steps with two of warmup: lr multipliers 1/2, 1, 1 and (1 + cos(pi/2)) / 2 = 1/2; every
+    step's gradient norm over all parameters is at most the clip."""
+    seen = []
+
+    class Recording(torch.optim.AdamW):
+        def step(self, *args, **kwargs):
+            grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+            seen.append((self.param_groups[0]["lr"], math.sqrt(sum(float(g.pow(2).sum()) for g in grads))))
+            return super().step(*args, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "AdamW", Recording)
+    images = torch.randint(0, 256, (8, 16, 16, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    pipeline.pretrain_clip("harness-micro-vit", images, [f"c{i % 4}" for i in range(8)], steps=4, batch_size=8,
+                           lr=1e-3, warmup=2, grad_clip=1e-3)
+    assert [lr for lr, _ in seen] == pytest.approx([5e-4, 1e-3, 1e-3, 5e-4])
+    assert all(norm <= 1e-3 * (1 + 1e-4) for _, norm in seen)
