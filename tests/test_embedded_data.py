@@ -782,3 +782,36 @@ def test_a_partly_installed_source_falls_back_to_its_stand_in(tmp_path, monkeypa
         warnings.simplefilter("ignore", EmbeddedSourceWarning)
         assert data.source_variant("emb_textures") == "procedural"
         assert data.source_variant("emb_fashion") == "garments"
+
+
+def test_pool_items_of_every_class_family_draw_the_class_their_captions_name(monkeypatch):
+    """Scene, land-cover, vehicle, garment, sign and texture items: the class the renderer is asked
+    for is the one the caption names, or for a sign describes (a caption naming another class
+    teaches a wrong word)."""
+    from tasks.embedded import objects, scenes
+
+    renderers = {"scene": (scenes, "scene", scenes.SCENE_CLASSES),
+                 "aerial": (scenes, "landcover", scenes.LANDCOVER_CLASSES),
+                 "vehicle": (objects, "vehicle", objects.VEHICLE_CLASSES),
+                 "garment": (objects, "garment", objects.GARMENT_CLASSES),
+                 "sign": (objects, "sign", objects.SIGN_CLASSES),
+                 "texture": (textures, "procedural_texture", textures.TEXTURE_CLASSES)}
+    drawn: list[int] = []
+    for module, name, _ in renderers.values():
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda rng, label, *a, _real=real, **k: drawn.append(label) or _real(
+            rng, label, *a, **k))
+    checked = set()
+    for i in range(150):
+        drawn.clear()
+        _, caption, family = pool.pool_item(11, i)
+        if family not in renderers:
+            continue
+        classes = renderers[family][2]
+        named = [c for c in classes if c in caption]
+        if family == "sign" and not named:  # described instead: "a red ring around the number 30"
+            assert pool._SIGN_WORDS[classes[drawn[-1]]] in caption, caption
+            continue
+        assert classes[drawn[-1]] in named and all(c in classes[drawn[-1]] for c in named), (family, caption)
+        checked.add(family)
+    assert checked == set(renderers)
