@@ -815,3 +815,10 @@ def test_pool_items_of_every_class_family_draw_the_class_their_captions_name(mon
         assert classes[drawn[-1]] in named and all(c in classes[drawn[-1]] for c in named), (family, caption)
         checked.add(family)
     assert checked == set(renderers)
+
+
+def test_the_pretraining_pool_is_its_items_in_index_order():
+    images, captions = emb.pretraining_pool(5, seed=4, size="tiny")
+    for i in range(5):
+        image, caption, _ = pool.pool_item(4, i)
+        assert np.array_equal(images[i].numpy(), image) and captions[i] == caption
