@@ -12,7 +12,7 @@ import pytest
 
 from harness.config import validate_config
 from harness.runner import run_sweep
-from harness.significance import pack_correct, paired_bootstrap, unpack_correct
+from harness.significance import pack_correct, paired_bootstrap, read_correct, unpack_correct, write_correct
 from tests.conftest import TRAINED_TASKS, make_sweep_dict
 
 
@@ -225,3 +225,15 @@ def test_no_tasks_or_an_empty_split_is_refused(a, b, tasks):
     """A division by zero would be the error otherwise, naming neither the task nor the cause."""
     with pytest.raises(ValueError, match="no tasks|t: per-image records"):
         paired_bootstrap(a, b, tasks)
+
+
+def test_per_image_records_round_trip_through_their_file_and_a_wrong_one_is_refused(tmp_path):
+    """A run's file is read back as written; one holding anything but packed records (a number,
+    a list) is a ValueError naming the file, not a failure deep inside the report."""
+    records = {"t1": pack_correct([True, False, True]), "t2": pack_correct([])}
+    path = write_correct(records, tmp_path / "run")
+    assert read_correct(path) == records
+    for bad in ('{"t1": 3}', '["t1"]', '{"t1": ["1:gA=="]}'):
+        path.write_text(bad)
+        with pytest.raises(ValueError, match="test_correct.json"):
+            read_correct(path)
