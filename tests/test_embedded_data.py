@@ -822,3 +822,10 @@ def test_the_pretraining_pool_is_its_items_in_index_order():
     for i in range(5):
         image, caption, _ = pool.pool_item(4, i)
         assert np.array_equal(images[i].numpy(), image) and captions[i] == caption
+
+
+def test_shrink_scales_points_towards_the_centre_given():
+    """A sign's inner outline: each point halfway to (2, 1) moves each coordinate halfway."""
+    from tasks.embedded import render
+
+    assert render.shrink([(4.0, 0.0), (0.0, 6.0)], 2.0, 1.0, 0.5) == [(3.0, 0.5), (1.0, 3.5)]
