@@ -829,3 +829,17 @@ def test_shrink_scales_points_towards_the_centre_given():
     from tasks.embedded import render
 
     assert render.shrink([(4.0, 0.0), (0.0, 6.0)], 2.0, 1.0, 0.5) == [(3.0, 0.5), (1.0, 3.5)]
+
+
+def test_per_class_picks_are_sorted_counted_per_class_and_skip_what_comes_before():
+    """Two of each class's three items, then the third after skipping two: sorted indices, as
+    many per class as asked, and together every item exactly once (a real source's test and
+    pool are drawn this way and must not share an item)."""
+    labels = np.array([0, 1, 0, 1, 0, 1, 2, 2, 2])
+    first = data._per_class(labels, 2, seed=5)
+    rest = data._per_class(labels, 1, seed=5, skip=2)
+    assert first.tolist() == sorted(first.tolist()) and rest.tolist() == sorted(rest.tolist())
+    assert np.bincount(labels[first]).tolist() == [2, 2, 2] and np.bincount(labels[rest]).tolist() == [1, 1, 1]
+    assert sorted(first.tolist() + rest.tolist()) == list(range(9))
+    with pytest.raises(ValueError, match="class 0: only 1 items for 2 requested"):
+        data._per_class(labels, 2, seed=5, skip=2)
