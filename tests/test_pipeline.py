@@ -933,3 +933,10 @@ def test_pretraining_follows_the_warmup_cosine_schedule_and_clips_gradients(monk
                            lr=1e-3, warmup=2, grad_clip=1e-3)
     assert [lr for lr, _ in seen] == pytest.approx([5e-4, 1e-3, 1e-3, 5e-4])
     assert all(norm <= 1e-3 * (1 + 1e-4) for _, norm in seen)
+
+
+def test_a_finetune_seed_of_0_is_its_own_identity():
+    """finetune_seed=0 with seed=3 trains with seed 0: it must not share a key with seed 3's encoders."""
+    plain, zero = pipeline.SuiteOptions(seed=3), pipeline.SuiteOptions(seed=3, finetune_seed=0)
+    assert zero.effective_finetune_seed == 0
+    assert plain.finetune_identity("v", "t", "d", "s") != zero.finetune_identity("v", "t", "d", "s")
