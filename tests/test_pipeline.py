@@ -940,3 +940,12 @@ def test_a_finetune_seed_of_0_is_its_own_identity():
     plain, zero = pipeline.SuiteOptions(seed=3), pipeline.SuiteOptions(seed=3, finetune_seed=0)
     assert zero.effective_finetune_seed == 0
     assert plain.finetune_identity("v", "t", "d", "s") != zero.finetune_identity("v", "t", "d", "s")
+
+
+def test_the_pretrained_identity_follows_the_architectures_config_file(tmp_path, monkeypatch):
+    """Resizing a model in its JSON config (same name) is another pretrained model."""
+    monkeypatch.setattr(pipeline, "CONFIG_DIR", tmp_path)
+    (tmp_path / "arch-x.json").write_text('{"embed_dim": 32}')
+    before = pipeline.SuiteOptions(arch="arch-x").pretrain_identity("v")
+    (tmp_path / "arch-x.json").write_text('{"embed_dim": 64}')
+    assert pipeline.SuiteOptions(arch="arch-x").pretrain_identity("v") != before
