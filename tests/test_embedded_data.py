@@ -751,3 +751,95 @@ def test_the_report_table_gives_each_tasks_split_sizes_classes_and_chance(monkey
     assert not any("pretraining pool" in line for line in lines) and pools == []
     report.main(["--size", "tiny", "--no-baseline", "--pool", "3"])
     assert pools == [(3, 1, "tiny")] and "pretraining pool: 3 images" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("value,forced", [
+    ("1", {"fashion", "gimp", "mnist"}), ("TRUE", {"fashion", "gimp", "mnist"}), (" yes ", {"fashion", "gimp", "mnist"}),
+    ("all", {"fashion", "gimp", "mnist"}), ("", set()), ("0", set()), ("no", set()),
+    ("fashion, gimp", {"fashion", "gimp"}), ("mnist", {"mnist"}),
+])
+def test_the_fallback_variable_forces_the_sources_it_names(value, forced, monkeypatch):
+    """A value written "fashion, gimp" (with a space) or "all" forces what it says; a source it
+    does not name keeps its real data."""
+    monkeypatch.setenv(data.FALLBACK_ENV, value)
+    assert {s for s in data.SOURCES if data._forced(s)} == forced
+
+
+def test_a_partly_installed_source_falls_back_to_its_stand_in(tmp_path, monkeypatch):
+    """One GIMP tile or one Fashion-MNIST file out of several is not the source: building the
+    task from it would fail on the first missing file, so the stand-in is used."""
+    gimp, fashion = tmp_path / "gimp", tmp_path / "fashion"
+    first_tile = next(iter(textures.GIMP_TILES.values()))[0]
+    (gimp / first_tile).parent.mkdir(parents=True)
+    (gimp / first_tile).write_bytes(b"")
+    fashion.mkdir()
+    (fashion / "train-images-idx3-ubyte.gz").write_bytes(b"")
+    monkeypatch.setenv(data.GIMP_DIR_ENV, str(gimp))
+    monkeypatch.setenv(data.FASHION_DIR_ENV, str(fashion))
+    monkeypatch.delenv(data.FALLBACK_ENV, raising=False)
+    monkeypatch.setattr(data, "_WARNED", set())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", EmbeddedSourceWarning)
+        assert data.source_variant("emb_textures") == "procedural"
+        assert data.source_variant("emb_fashion") == "garments"
+
+
+def test_pool_items_of_every_class_family_draw_the_class_their_captions_name(monkeypatch):
+    """Scene, land-cover, vehicle, garment, sign and texture items: the class the renderer is asked
+    for is the one the caption names, or for a sign describes (a caption naming another class
+    teaches a wrong word)."""
+    from tasks.embedded import objects, scenes
+
+    renderers = {"scene": (scenes, "scene", scenes.SCENE_CLASSES),
+                 "aerial": (scenes, "landcover", scenes.LANDCOVER_CLASSES),
+                 "vehicle": (objects, "vehicle", objects.VEHICLE_CLASSES),
+                 "garment": (objects, "garment", objects.GARMENT_CLASSES),
+                 "sign": (objects, "sign", objects.SIGN_CLASSES),
+                 "texture": (textures, "procedural_texture", textures.TEXTURE_CLASSES)}
+    drawn: list[int] = []
+    for module, name, _ in renderers.values():
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda rng, label, *a, _real=real, **k: drawn.append(label) or _real(
+            rng, label, *a, **k))
+    checked = set()
+    for i in range(150):
+        drawn.clear()
+        _, caption, family = pool.pool_item(11, i)
+        if family not in renderers:
+            continue
+        classes = renderers[family][2]
+        named = [c for c in classes if c in caption]
+        if family == "sign" and not named:  # described instead: "a red ring around the number 30"
+            assert pool._SIGN_WORDS[classes[drawn[-1]]] in caption, caption
+            continue
+        assert classes[drawn[-1]] in named and all(c in classes[drawn[-1]] for c in named), (family, caption)
+        checked.add(family)
+    assert checked == set(renderers)
+
+
+def test_the_pretraining_pool_is_its_items_in_index_order():
+    images, captions = emb.pretraining_pool(5, seed=4, size="tiny")
+    for i in range(5):
+        image, caption, _ = pool.pool_item(4, i)
+        assert np.array_equal(images[i].numpy(), image) and captions[i] == caption
+
+
+def test_shrink_scales_points_towards_the_centre_given():
+    """A sign's inner outline: each point halfway to (2, 1) moves each coordinate halfway."""
+    from tasks.embedded import render
+
+    assert render.shrink([(4.0, 0.0), (0.0, 6.0)], 2.0, 1.0, 0.5) == [(3.0, 0.5), (1.0, 3.5)]
+
+
+def test_per_class_picks_are_sorted_counted_per_class_and_skip_what_comes_before():
+    """Two of each class's three items, then the third after skipping two: sorted indices, as
+    many per class as asked, and together every item exactly once (a real source's test and
+    pool are drawn this way and must not share an item)."""
+    labels = np.array([0, 1, 0, 1, 0, 1, 2, 2, 2])
+    first = data._per_class(labels, 2, seed=5)
+    rest = data._per_class(labels, 1, seed=5, skip=2)
+    assert first.tolist() == sorted(first.tolist()) and rest.tolist() == sorted(rest.tolist())
+    assert np.bincount(labels[first]).tolist() == [2, 2, 2] and np.bincount(labels[rest]).tolist() == [1, 1, 1]
+    assert sorted(first.tolist() + rest.tolist()) == list(range(9))
+    with pytest.raises(ValueError, match="class 0: only 1 items for 2 requested"):
+        data._per_class(labels, 2, seed=5, skip=2)

@@ -233,6 +233,54 @@ def test_finetuning_preserves_on_half_batches_reports_each_step_and_returns_an_e
     assert steps == [(1, 2), (2, 2)] and not tuned.training
 
 
+def test_a_dataset_that_is_not_a_tensor_dataset_gives_every_item_in_order():
+    """Any map-style dataset fine-tunes on all of its items, not only in-memory tasks' TensorDatasets."""
+
+    class Items(torch.utils.data.Dataset):
+        def __len__(self):
+            return 5
+
+        def __getitem__(self, i):
+            return torch.full((3, 2, 2), float(i)), i % 2
+
+    images, labels = finetune._dataset_tensors(Items())
+    assert images[:, 0, 0, 0].tolist() == [0.0, 1.0, 2.0, 3.0, 4.0]
+    assert labels.tolist() == [0, 1, 0, 1, 0] and labels.dtype == torch.long
+
+
+def test_the_loss_adds_the_drift_times_the_preservation_weight():
+    """loss = cross-entropy + preserve_weight * drift, as each step reports them."""
+    gen = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(12, 3, 2, 2, generator=gen), torch.arange(12) % 3)
+    reports: list[dict[str, float]] = []
+    finetune_encoder(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 4)), torch.randn(3, 4, generator=gen),
+                     data, steps=3, lr=0.1, batch_size=6, warmup=0, preserve_weight=7.0,
+                     preserve_images=torch.randn(10, 3, 2, 2, generator=gen),
+                     progress=lambda step, total, metrics: reports.append(dict(metrics)))
+    assert reports[-1]["drift"] > 0  # the encoder has moved by the last step
+    for m in reports:
+        assert m["loss"] == pytest.approx(m["ce"] + 7.0 * m["drift"], rel=1e-6)
+
+
+def test_an_encoder_given_in_eval_mode_trains_in_train_mode():
+    """Dropout and the like are on while fine-tuning, whatever mode the given encoder is in."""
+    modes: list[bool] = []
+
+    class Spy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(12, 4)
+
+        def forward(self, x):
+            modes.append(self.training)
+            return self.lin(x.flatten(1))
+
+    gen = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(8, 3, 2, 2, generator=gen), torch.arange(8) % 3)
+    finetune_encoder(Spy().eval(), torch.randn(3, 4, generator=gen), data, steps=2, batch_size=4, warmup=0)
+    assert modes == [True, True]
+
+
 def test_finetune_rejects_a_negative_preservation_weight():
     """A negative weight would reward drifting from the pretrained features."""
     encoder = build_clip("harness-micro-vit").visual
@@ -808,3 +856,96 @@ def test_quality_report_rows_by_their_definitions(suite, two_tasks, monkeypatch)
         assert report["tau_relative_norm"][t] == pytest.approx((tau / torch.sqrt(sum((v ** 2).sum()
                                                                 for v in base.values()))).item(), rel=1e-5)
     assert report["pretrained"] == pytest.approx({t: acc(base, t) for t in two_tasks})
+
+
+def test_quality_report_chooses_the_task_arithmetic_lambda_on_val(suite, two_tasks, monkeypatch):
+    """A stand-in accuracy reads lambda back from the merged encoder: on val it peaks at 0.5,
+    on test it grows with lambda. The best lambda is val's peak, task arithmetic is scored on
+    test at it, and the grid bar holds only for a best lambda strictly inside the grid."""
+    import harness.evaluation
+    from tasks.embedded import data
+
+    cache, art = suite
+    monkeypatch.setenv("HARNESS_CACHE", str(cache))
+    base = build_clip(art.arch, pretrained=str(art.pretrained)).visual.state_dict()
+    key = next(k for k, v in base.items() if v.is_floating_point() and v.ndim == 2)
+    direction = sum(load_state_dict(art.finetuned[t])[key] - base[key] for t in two_tasks)
+    assert direction.abs().sum() > 0
+    n_val = round(data.VAL_FRACTION * data.SIZES["tiny"][0])
+
+    def accuracy(classifier, dataset):
+        lam = float(((classifier.encoder.state_dict()[key] - base[key]) * direction).sum() / direction.pow(2).sum())
+        lam = round(lam, 3)
+        return -100 * (lam - 0.5) ** 2 if len(dataset) == n_val else 100 * lam
+
+    monkeypatch.setattr(harness.evaluation, "accuracy", accuracy)
+    report = pipeline.quality_report(art, size="tiny", lambdas=(0.0, 0.5, 1.0))
+    assert report["ta_grid_val"] == pytest.approx({0.0: -25.0, 0.5: 0.0, 1.0: -25.0})
+    assert report["ta_best_lambda"] == 0.5
+    assert report["task_arithmetic"] == pytest.approx({t: 50.0 for t in two_tasks})
+    assert report["bars"]["TA best lambda strictly inside grid"]
+    edge = pipeline.quality_report(art, size="tiny", lambdas=(0.5, 1.0))
+    assert edge["ta_best_lambda"] == 0.5 and not edge["bars"]["TA best lambda strictly inside grid"]
+
+
+def test_each_stage_gets_every_option_it_reads(suite, two_tasks, monkeypatch):
+    """Every option in a stage's identity reaches its trainer (one keyed but not passed on would
+    name a model trained under other settings); each is set off its default. The suite's cache
+    holds the data and pools already; these options key other model files."""
+    opts = {**TINY, "pretrain_batch_size": 12, "pretrain_lr": 2e-3, "pretrain_weight_decay": 0.3,
+            "pretrain_warmup": 2, "grad_clip": 0.7, "finetune_optimizer": "sgd", "finetune_lr": 3e-2,
+            "finetune_batch_size": 6, "finetune_weight_decay": 0.05, "finetune_warmup": 4, "preserve_weight": 2.5}
+    calls = {}
+
+    def pretrain(arch, images, captions, **kw):
+        calls["pretrain"] = kw
+        return build_clip(arch).float().eval()
+
+    def tune(encoder, head, dataset, **kw):
+        calls["finetune"] = kw
+        return encoder
+
+    monkeypatch.setattr(pipeline, "pretrain_clip", pretrain)
+    monkeypatch.setattr(finetune, "finetune_encoder", tune)
+    pipeline.prepare_suite(two_tasks[:1], suite[0], opts, progress=False)
+    assert {k: calls["pretrain"][k] for k in ("batch_size", "lr", "weight_decay", "warmup", "grad_clip")} == {
+        "batch_size": 12, "lr": 2e-3, "weight_decay": 0.3, "warmup": 2, "grad_clip": 0.7}
+    assert {k: calls["finetune"][k] for k in ("optimizer", "lr", "batch_size", "weight_decay", "warmup", "grad_clip",
+                                                "preserve_weight")} == {
+        "optimizer": "sgd", "lr": 3e-2, "batch_size": 6, "weight_decay": 0.05, "warmup": 4, "grad_clip": 0.7,
+        "preserve_weight": 2.5}
+
+
+def test_pretraining_follows_the_warmup_cosine_schedule_and_clips_gradients(monkeypatch):
+    """Four steps with two of warmup: lr multipliers 1/2, 1, 1 and (1 + cos(pi/2)) / 2 = 1/2; every
+    step's gradient norm over all parameters is at most the clip."""
+    seen = []
+
+    class Recording(torch.optim.AdamW):
+        def step(self, *args, **kwargs):
+            grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+            seen.append((self.param_groups[0]["lr"], math.sqrt(sum(float(g.pow(2).sum()) for g in grads))))
+            return super().step(*args, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "AdamW", Recording)
+    images = torch.randint(0, 256, (8, 16, 16, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    pipeline.pretrain_clip("harness-micro-vit", images, [f"c{i % 4}" for i in range(8)], steps=4, batch_size=8,
+                           lr=1e-3, warmup=2, grad_clip=1e-3)
+    assert [lr for lr, _ in seen] == pytest.approx([5e-4, 1e-3, 1e-3, 5e-4])
+    assert all(norm <= 1e-3 * (1 + 1e-4) for _, norm in seen)
+
+
+def test_a_finetune_seed_of_0_is_its_own_identity():
+    """finetune_seed=0 with seed=3 trains with seed 0: it must not share a key with seed 3's encoders."""
+    plain, zero = pipeline.SuiteOptions(seed=3), pipeline.SuiteOptions(seed=3, finetune_seed=0)
+    assert zero.effective_finetune_seed == 0
+    assert plain.finetune_identity("v", "t", "d", "s") != zero.finetune_identity("v", "t", "d", "s")
+
+
+def test_the_pretrained_identity_follows_the_architectures_config_file(tmp_path, monkeypatch):
+    """Resizing a model in its JSON config (same name) is another pretrained model."""
+    monkeypatch.setattr(pipeline, "CONFIG_DIR", tmp_path)
+    (tmp_path / "arch-x.json").write_text('{"embed_dim": 32}')
+    before = pipeline.SuiteOptions(arch="arch-x").pretrain_identity("v")
+    (tmp_path / "arch-x.json").write_text('{"embed_dim": 64}')
+    assert pipeline.SuiteOptions(arch="arch-x").pretrain_identity("v") != before

@@ -12,7 +12,7 @@ import pytest
 
 from harness.config import validate_config
 from harness.runner import run_sweep
-from harness.significance import pack_correct, paired_bootstrap, unpack_correct
+from harness.significance import pack_correct, paired_bootstrap, read_correct, unpack_correct, write_correct
 from tests.conftest import TRAINED_TASKS, make_sweep_dict
 
 
@@ -201,3 +201,39 @@ def test_p_value_counts_exact_ties_on_both_sides(specs):
         b[t][wins:wins + losses] = True
     d = paired_bootstrap(a, b, tasks, resamples=200_000, seed=0)
     assert d.p == pytest.approx(exact_bootstrap_p(specs), abs=0.005)  # standard error about 0.0015
+
+
+def test_the_eight_paper_test_split_sizes_do_not_overflow_the_exact_sign():
+    """The vision-8 test splits' sizes have a common multiple near 2e20: a five-point gap on each
+    task in its units is far beyond int64, and a wrapped sum takes a random sign. Every resampled
+    difference is then still positive (the gap is many standard errors wide), so p is 0."""
+    sizes = [19850, 8041, 6300, 2700, 26032, 12630, 10000, 1880]
+    a, b, tasks = {}, {}, []
+    for i, n in enumerate(sizes):
+        t = f"t{i}"
+        tasks.append(t)
+        a[t], b[t] = np.zeros(n, bool), np.zeros(n, bool)
+        a[t][: 6 * n // 100] = True  # a right alone on 6% of the images
+        b[t][6 * n // 100: 7 * n // 100] = True  # b right alone on 1%
+    d = paired_bootstrap(a, b, tasks, resamples=2000)
+    assert d.diff == pytest.approx(np.mean([100 * (6 * n // 100 - (7 * n // 100 - 6 * n // 100)) / n for n in sizes]))
+    assert d.low > 0 and d.p == 0.0
+
+
+@pytest.mark.parametrize("a,b,tasks", [({}, {}, []), ({"t": np.zeros(0, bool)}, {"t": np.zeros(0, bool)}, ["t"])])
+def test_no_tasks_or_an_empty_split_is_refused(a, b, tasks):
+    """A division by zero would be the error otherwise, naming neither the task nor the cause."""
+    with pytest.raises(ValueError, match="no tasks|t: per-image records"):
+        paired_bootstrap(a, b, tasks)
+
+
+def test_per_image_records_round_trip_through_their_file_and_a_wrong_one_is_refused(tmp_path):
+    """A run's file is read back as written; one holding anything but packed records (a number,
+    a list) is a ValueError naming the file, not a failure deep inside the report."""
+    records = {"t1": pack_correct([True, False, True]), "t2": pack_correct([])}
+    path = write_correct(records, tmp_path / "run")
+    assert read_correct(path) == records
+    for bad in ('{"t1": 3}', '["t1"]', '{"t1": ["1:gA=="]}'):
+        path.write_text(bad)
+        with pytest.raises(ValueError, match="test_correct.json"):
+            read_correct(path)
