@@ -499,3 +499,19 @@ def test_a_copied_folders_experiment_without_runs_moves_to_the_copy(tmp_path):
         assert con.execute("SELECT artifact_location FROM experiments").fetchall() == [
             ((new / "mlartifacts").resolve().as_uri(),)]
     con.close()
+
+
+@pytest.mark.parametrize("experiments, empty", [([0], True), ([0, 1], False)])
+def test_a_template_holding_another_experiment_is_not_taken_for_an_empty_store(tmp_path, experiments, empty):
+    """A template that gained an experiment (written to by mistake) would hand it to every new
+    store seeded from it: only the Default experiment alone makes a template fit to copy."""
+    from harness.tracking import _is_empty_store
+
+    db = tmp_path / "template.db"
+    with sqlite3.connect(db) as con:
+        con.execute("CREATE TABLE alembic_version (version_num TEXT)")
+        con.execute("INSERT INTO alembic_version VALUES ('head')")
+        con.execute("CREATE TABLE experiments (experiment_id INTEGER)")
+        con.executemany("INSERT INTO experiments VALUES (?)", [(e,) for e in experiments])
+    con.close()
+    assert _is_empty_store(db) is empty
