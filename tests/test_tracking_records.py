@@ -222,3 +222,22 @@ def test_a_study_run_reopened_by_a_rerun_is_running_until_it_ends(sweep_dict):
     assert run.info.status == "RUNNING" and "harness.failure_reason" not in run.data.tags
     tracker.abandon("KILLED")
     assert tracker.client.get_run(rid).info.status == "KILLED"
+
+
+def test_a_job_failing_again_in_a_rerun_keeps_its_one_run_with_the_latest_reason(sweep_dict):
+    """A rerun (a new driver reopening the sweep's run) finds the failed job's run; the job failing
+    again updates that run's reason: no run is deleted and logged anew."""
+    from mlflow.entities import ViewType
+
+    cfg = validate_config(sweep_dict)
+    first = Tracker(cfg)
+    first.start_sweep("d1", {})
+    rid = first.log_job(JobResult("k1", "merge", "ta", {}, None, "failed", error="boom1"), {}, "digest1")
+    rerun = Tracker(cfg)
+    rerun.start_sweep("d1", {})
+    assert not rerun.is_logged("k1")  # as the sweep asks before it logs a job: a failed job is run again
+    assert rerun.log_job(JobResult("k1", "merge", "ta", {}, None, "failed", error="boom2"), {}, "digest1") is None
+    (run,) = rerun.client.search_runs([rerun.experiment_id], f"tags.`mlflow.parentRunId` = '{rerun.parent_id}'",
+                                      run_view_type=ViewType.ALL)
+    assert run.info.run_id == rid and run.info.status == "FAILED"
+    assert run.data.tags["harness.failure_reason"] == "boom2"
