@@ -241,3 +241,19 @@ def test_a_job_failing_again_in_a_rerun_keeps_its_one_run_with_the_latest_reason
                                       run_view_type=ViewType.ALL)
     assert run.info.run_id == rid and run.info.status == "FAILED"
     assert run.data.tags["harness.failure_reason"] == "boom2"
+
+
+def test_the_sweeps_run_reads_running_while_its_driver_runs_and_when_a_rerun_reopens_it(sweep_dict):
+    """Ending the runs a killed driver left RUNNING must spare the sweep's own run, just created
+    or reopened: the UI would show a running sweep as killed, and a crash could not end it FAILED."""
+    cfg = validate_config(sweep_dict)
+    first = Tracker(cfg)
+    first.start_sweep("d1", {})
+    assert first.client.get_run(first.parent_id).info.status == "RUNNING"
+    first.finish(True)
+    rerun = Tracker(cfg)
+    rerun.start_sweep("d1", {})
+    assert rerun.parent_id == first.parent_id
+    assert rerun.client.get_run(rerun.parent_id).info.status == "RUNNING"
+    rerun.abandon("FAILED")
+    assert rerun.client.get_run(rerun.parent_id).info.status == "FAILED"
