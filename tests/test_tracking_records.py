@@ -273,3 +273,17 @@ def test_a_trial_run_a_stopped_driver_ended_killed_is_logged_anew(sweep_dict):
     (run,) = children(tracker, tune)
     assert run.info.run_id != left and run.info.status == "FINISHED"
     assert run.data.metrics == {"val/acc/avg": 70.0, "objective": 70.0}
+
+
+def test_a_job_logged_by_an_earlier_driver_is_not_logged_twice_by_a_first_log_job(sweep_dict):
+    """``log_job`` skips a job already logged even as a new driver's first MLflow call: what is
+    logged is known only once the sweep's run is found, which must come before the check."""
+    cfg = validate_config(sweep_dict)
+    first = Tracker(cfg)
+    first.start_sweep("d1", {})
+    done = JobResult("k1", "merge", "ta", {}, None, "ok", metrics={"acc/avg": 50.0})
+    rid = first.log_job(done, {}, "digest1")
+    rerun = Tracker(cfg)
+    rerun.start_sweep("d1", {})
+    assert rerun.log_job(done, {}, "digest1") is None
+    assert [r.info.run_id for r in children(rerun, rerun.parent_id)] == [rid]
