@@ -287,3 +287,18 @@ def test_a_job_logged_by_an_earlier_driver_is_not_logged_twice_by_a_first_log_jo
     rerun.start_sweep("d1", {})
     assert rerun.log_job(done, {}, "digest1") is None
     assert [r.info.run_id for r in children(rerun, rerun.parent_id)] == [rid]
+
+
+def test_a_robustness_study_failing_again_in_a_rerun_updates_its_runs_reason(sweep_dict):
+    """A finished job whose robustness study failed keeps its run through a rerun whose study fails
+    again; the run's study failure reason becomes the latest one, as the command's summary says."""
+    cfg = validate_config(sweep_dict)
+    first = Tracker(cfg)
+    first.start_sweep("d1", {})
+    rid = first.log_job(JobResult("k1", "merge", "ta", {}, None, "ok", study_error="corrupt1"), {}, "digest1")
+    rerun = Tracker(cfg)
+    rerun.start_sweep("d1", {})
+    assert not rerun.is_logged("k1")
+    assert rerun.log_job(JobResult("k1", "merge", "ta", {}, None, "ok", study_error="corrupt2"), {}, "digest1") is None
+    (run,) = children(rerun, rerun.parent_id)
+    assert run.info.run_id == rid and run.data.tags["harness.study_failure_reason"] == "corrupt2"
