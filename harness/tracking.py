@@ -509,6 +509,7 @@ class Tracker:
         so that the points of a grid can be told apart in the UI."""
         from mlflow.entities import Metric
 
+        self._open()  # what is logged is known once the sweep's run is found
         previous = self._logged.get(result.key)
         if previous and previous[1] == "FAILED" and result.status != "ok":
             self._refail(previous[0], result, files or [])

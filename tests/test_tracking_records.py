@@ -222,3 +222,83 @@ def test_a_study_run_reopened_by_a_rerun_is_running_until_it_ends(sweep_dict):
     assert run.info.status == "RUNNING" and "harness.failure_reason" not in run.data.tags
     tracker.abandon("KILLED")
     assert tracker.client.get_run(rid).info.status == "KILLED"
+
+
+def test_a_job_failing_again_in_a_rerun_keeps_its_one_run_with_the_latest_reason(sweep_dict):
+    """A rerun (a new driver reopening the sweep's run) finds the failed job's run; the job failing
+    again updates that run's reason: no run is deleted and logged anew."""
+    from mlflow.entities import ViewType
+
+    cfg = validate_config(sweep_dict)
+    first = Tracker(cfg)
+    first.start_sweep("d1", {})
+    rid = first.log_job(JobResult("k1", "merge", "ta", {}, None, "failed", error="boom1"), {}, "digest1")
+    rerun = Tracker(cfg)
+    rerun.start_sweep("d1", {})
+    assert not rerun.is_logged("k1")  # as the sweep asks before it logs a job: a failed job is run again
+    assert rerun.log_job(JobResult("k1", "merge", "ta", {}, None, "failed", error="boom2"), {}, "digest1") is None
+    (run,) = rerun.client.search_runs([rerun.experiment_id], f"tags.`mlflow.parentRunId` = '{rerun.parent_id}'",
+                                      run_view_type=ViewType.ALL)
+    assert run.info.run_id == rid and run.info.status == "FAILED"
+    assert run.data.tags["harness.failure_reason"] == "boom2"
+
+
+def test_the_sweeps_run_reads_running_while_its_driver_runs_and_when_a_rerun_reopens_it(sweep_dict):
+    """Ending the runs a killed driver left RUNNING must spare the sweep's own run, just created
+    or reopened: the UI would show a running sweep as killed, and a crash could not end it FAILED."""
+    cfg = validate_config(sweep_dict)
+    first = Tracker(cfg)
+    first.start_sweep("d1", {})
+    assert first.client.get_run(first.parent_id).info.status == "RUNNING"
+    first.finish(True)
+    rerun = Tracker(cfg)
+    rerun.start_sweep("d1", {})
+    assert rerun.parent_id == first.parent_id
+    assert rerun.client.get_run(rerun.parent_id).info.status == "RUNNING"
+    rerun.abandon("FAILED")
+    assert rerun.client.get_run(rerun.parent_id).info.status == "FAILED"
+
+
+def test_a_trial_run_a_stopped_driver_ended_killed_is_logged_anew(sweep_dict):
+    """Ctrl-C ends a half-logged trial's run KILLED (see ``abandon``): the rerun telling that
+    trial replaces it too, or the trial would stay a run without its objective."""
+    tracker = Tracker(validate_config(sweep_dict))
+    tracker.start_sweep("d1", {})
+    tune = tracker.tuning_run("study1", "wemoe", {"n_trials": 1, "n_parallel": 1, "pruner": "none"})
+    left = tracker.client.create_run(tracker.experiment_id, tags={
+        "harness.run_key": "trial:study1#0", "mlflow.parentRunId": tune, "harness.kind": "trial"}).info.run_id
+    tracker.client.set_terminated(left, status="KILLED")
+    done = JobResult("t0", "trial", "wemoe", {}, None, "ok", metrics={"val/acc/avg": 70.0})
+    tracker.log_trial(tune, "study1", 0, {"lr": 0.1}, done, "COMPLETE", "val/acc/avg")
+    (run,) = children(tracker, tune)
+    assert run.info.run_id != left and run.info.status == "FINISHED"
+    assert run.data.metrics == {"val/acc/avg": 70.0, "objective": 70.0}
+
+
+def test_a_job_logged_by_an_earlier_driver_is_not_logged_twice_by_a_first_log_job(sweep_dict):
+    """``log_job`` skips a job already logged even as a new driver's first MLflow call: what is
+    logged is known only once the sweep's run is found, which must come before the check."""
+    cfg = validate_config(sweep_dict)
+    first = Tracker(cfg)
+    first.start_sweep("d1", {})
+    done = JobResult("k1", "merge", "ta", {}, None, "ok", metrics={"acc/avg": 50.0})
+    rid = first.log_job(done, {}, "digest1")
+    rerun = Tracker(cfg)
+    rerun.start_sweep("d1", {})
+    assert rerun.log_job(done, {}, "digest1") is None
+    assert [r.info.run_id for r in children(rerun, rerun.parent_id)] == [rid]
+
+
+def test_a_robustness_study_failing_again_in_a_rerun_updates_its_runs_reason(sweep_dict):
+    """A finished job whose robustness study failed keeps its run through a rerun whose study fails
+    again; the run's study failure reason becomes the latest one, as the command's summary says."""
+    cfg = validate_config(sweep_dict)
+    first = Tracker(cfg)
+    first.start_sweep("d1", {})
+    rid = first.log_job(JobResult("k1", "merge", "ta", {}, None, "ok", study_error="corrupt1"), {}, "digest1")
+    rerun = Tracker(cfg)
+    rerun.start_sweep("d1", {})
+    assert not rerun.is_logged("k1")
+    assert rerun.log_job(JobResult("k1", "merge", "ta", {}, None, "ok", study_error="corrupt2"), {}, "digest1") is None
+    (run,) = children(rerun, rerun.parent_id)
+    assert run.info.run_id == rid and run.data.tags["harness.study_failure_reason"] == "corrupt2"

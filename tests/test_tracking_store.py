@@ -478,3 +478,40 @@ def test_a_live_sweep_of_another_folder_in_this_experiment_keeps_its_runs_runnin
         assert (status(tracker.parent_id), status(job)) == ("RUNNING", "RUNNING")
     run_sweep(a, quiet=True)  # B's driver gone, its runs left RUNNING
     assert (status(tracker.parent_id), status(job)) == ("KILLED", "KILLED")
+
+
+def test_a_copied_folders_experiment_without_runs_moves_to_the_copy(tmp_path):
+    """An experiment of the copied folder that has no run yet tells nothing by its artifacts, yet
+    its location names the original folder (which still exists): it moves to the copy, or the
+    copy's first runs would write their artifacts into the original."""
+    from harness.tracking import relocate_copied_store
+
+    old, new = tmp_path / "a", tmp_path / "c"
+    (old / "mlartifacts").mkdir(parents=True)
+    new.mkdir()
+    with sqlite3.connect(new / "mlflow.db") as con:
+        con.execute("CREATE TABLE experiments (experiment_id INTEGER, artifact_location TEXT)")
+        con.execute("CREATE TABLE runs (experiment_id INTEGER, artifact_uri TEXT)")
+        con.execute("INSERT INTO experiments VALUES (1, ?)", ((old / "mlartifacts").as_uri(),))
+    con.close()
+    assert relocate_copied_store(f"sqlite:///{new / 'mlflow.db'}", new) == str(old.resolve())
+    with sqlite3.connect(new / "mlflow.db") as con:
+        assert con.execute("SELECT artifact_location FROM experiments").fetchall() == [
+            ((new / "mlartifacts").resolve().as_uri(),)]
+    con.close()
+
+
+@pytest.mark.parametrize("experiments, empty", [([0], True), ([0, 1], False)])
+def test_a_template_holding_another_experiment_is_not_taken_for_an_empty_store(tmp_path, experiments, empty):
+    """A template that gained an experiment (written to by mistake) would hand it to every new
+    store seeded from it: only the Default experiment alone makes a template fit to copy."""
+    from harness.tracking import _is_empty_store
+
+    db = tmp_path / "template.db"
+    with sqlite3.connect(db) as con:
+        con.execute("CREATE TABLE alembic_version (version_num TEXT)")
+        con.execute("INSERT INTO alembic_version VALUES ('head')")
+        con.execute("CREATE TABLE experiments (experiment_id INTEGER)")
+        con.executemany("INSERT INTO experiments VALUES (?)", [(e,) for e in experiments])
+    con.close()
+    assert _is_empty_store(db) is empty
