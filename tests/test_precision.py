@@ -3,6 +3,7 @@ job keys that change only when the precision is not fp32."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from pathlib import Path
 
@@ -186,6 +187,15 @@ def test_autocast_runs_on_the_devices_kind_in_the_precisions_dtype_and_is_probed
     for _ in range(3):
         precision.check_precision("bf16", "cuda:1")
     assert probed == [(torch.bfloat16, torch.device("cuda:1"))]
+
+
+def test_fp32_runs_with_no_autocast_at_all():
+    """fp32 is float32 as before the field: no autocast, not a float32 one that warns and disables
+    itself on every forward pass."""
+    import harness.precision as precision
+
+    assert isinstance(precision.autocast("fp32", "cpu"), contextlib.nullcontext)
+    assert isinstance(precision.autocast("fp32", "cuda:0"), contextlib.nullcontext)
 
 
 # ---------------------------------------------------------------------------------------------
