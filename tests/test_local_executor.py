@@ -404,3 +404,32 @@ def test_a_batch_of_one_job_runs_in_this_process(sweep_dict, recorded_pools):
     results = [r for _, r in ex.run(specs[:1])]
     ex.close()
     assert [(r.status, r.artifacts["pid"]) for r in results] == [("ok", os.getpid())] and recorded_pools == []
+
+
+def test_a_worker_runs_a_job_in_its_workdir_on_the_sweeps_device_with_its_share_of_cores(sweep_dict, monkeypatch):
+    """A pool worker runs a job where a job run in the driver would: ``work/<key>`` (its checkpoints,
+    read back by a rerun), on the device the sweep names (``cpu`` on a machine with a GPU), and
+    with its share of the cores for threads. Run in this process, the pool's plumbing left out.
+    Truth: the config's fields by hand."""
+    import torch
+
+    import harness.executors.local as local
+    from harness.job import JobResult
+
+    cfg, _, specs = _specs(sweep_dict, [{"name": "tests.worker_probe:WorkerPid"}])
+    cfg_json = dict(cfg.model_dump(mode="json"), device="cpu")
+    seen = {}
+    monkeypatch.setattr(local, "_WORKER_WS", None)
+    monkeypatch.setattr(local.signal, "signal", lambda *args: None)
+    monkeypatch.setattr(local, "configure_threads", lambda threads, n_params=None, cores=None: seen.update(cores=cores))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+
+    def run_job(spec, ws, device, workdir):
+        seen.update(device=device, workdir=workdir)
+        return JobResult.of(spec, "ok")
+
+    monkeypatch.setattr(local, "run_job", run_job)
+    local._init_worker(cfg_json, 3, dict(os.environ))
+    assert local._work(specs[0].to_dict())["status"] == "ok"
+    assert seen == {"cores": 3, "device": torch.device("cpu"),
+                    "workdir": cfg.resolved_output_dir() / "work" / specs[0].key}

@@ -3,6 +3,7 @@ job keys that change only when the precision is not fp32."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from pathlib import Path
 
@@ -186,6 +187,27 @@ def test_autocast_runs_on_the_devices_kind_in_the_precisions_dtype_and_is_probed
     for _ in range(3):
         precision.check_precision("bf16", "cuda:1")
     assert probed == [(torch.bfloat16, torch.device("cuda:1"))]
+
+
+def test_a_device_whose_autocast_keeps_layer_norm_in_float32_runs_bf16(monkeypatch):
+    """CUDA's autocast runs layer_norm in float32 (torch's autocast op reference) while its matmuls
+    run in bf16: such a device runs bf16, judged by the Linear after it, not refused for the norm.
+    Here CPU layer_norm is made to return float32 as CUDA's does."""
+    import harness.precision as precision
+
+    layer_norm = torch.nn.functional.layer_norm
+    monkeypatch.setattr(torch.nn.functional, "layer_norm", lambda x, *a, **k: layer_norm(x.float(), *a, **k))
+    monkeypatch.setattr(precision, "_CHECKED", {})
+    precision.check_precision("bf16", "cpu")
+
+
+def test_fp32_runs_with_no_autocast_at_all():
+    """fp32 is float32 as before the field: no autocast, not a float32 one that warns and disables
+    itself on every forward pass."""
+    import harness.precision as precision
+
+    assert isinstance(precision.autocast("fp32", "cpu"), contextlib.nullcontext)
+    assert isinstance(precision.autocast("fp32", "cuda:0"), contextlib.nullcontext)
 
 
 # ---------------------------------------------------------------------------------------------

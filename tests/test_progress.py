@@ -7,7 +7,7 @@ import io
 from rich.console import Console
 from rich.progress import Progress
 
-from harness.progress import LineProgress, progress_bars
+from harness.progress import LineProgress, print_warning, progress_bars
 
 
 def _console(terminal: bool) -> tuple[Console, io.StringIO]:
@@ -96,3 +96,37 @@ def test_a_bar_added_after_another_is_removed_gets_an_id_of_its_own():
     bars.update(second, completed=2)
     bars.update(third, completed=1)
     assert [line.split(" [")[0] for line in out.getvalue().splitlines()] == ["finetune b: 2/2", "adapt: 1/2"]
+
+
+def test_a_warning_is_printed_under_quiet_as_written_and_quiet_holds_after_it():
+    """``-q`` silences progress, never a warning; the warning's text is printed as written (a
+    ``[bold]`` in a file name is no markup); the console is quiet again afterwards."""
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=False, width=200, quiet=True)
+    print_warning(console, "runs/[bold]a[/bold].pt: a zero task vector")
+    console.print("progress")
+    assert out.getvalue() == "warning runs/[bold]a[/bold].pt: a zero task vector\n"
+    assert console.quiet is True
+
+
+def test_plain_warning_lines_keep_a_configured_logger_and_print_warnings_only(monkeypatch, capsys):
+    """A program's own root handler is kept (no second copy of each warning); without one, a
+    single handler prints ``message`` lines for warnings and up, as Python's last resort does,
+    even from a logger set to INFO. Truth: Python's last-resort handler."""
+    import logging
+
+    from harness.progress import plain_warning_lines
+
+    root, own = logging.getLogger(), logging.NullHandler()
+    monkeypatch.setattr(root, "handlers", [own])
+    plain_warning_lines()
+    assert root.handlers == [own]
+    monkeypatch.setattr(root, "handlers", [])
+    plain_warning_lines()
+    plain_warning_lines()
+    assert len(root.handlers) == 1
+    chatty = logging.getLogger("tests.progress.chatty")
+    monkeypatch.setattr(chatty, "level", logging.INFO)
+    chatty.info("step 3 of 10")
+    chatty.warning("work/k/ckpt.pt: unreadable")
+    assert capsys.readouterr().err == "work/k/ckpt.pt: unreadable\n"

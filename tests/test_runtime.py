@@ -97,3 +97,13 @@ def test_mps_asked_for_without_it_is_refused_by_name(monkeypatch):
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
     with pytest.raises(HarnessError, match=r"device 'mps' requested but MPS is not available"):
         runtime.resolve_device("mps")
+
+
+def test_job_cores_are_the_share_given_and_none_without_one(monkeypatch):
+    """A pool worker's share of the cores (3 here) bounds its disk readers; the driver, given no
+    share, may use every core it runs on (None)."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    runtime.configure_threads("auto", n_params=1_000, cores=3)
+    assert runtime.job_cores() == 3
+    runtime.configure_threads("auto", n_params=1_000)
+    assert runtime.job_cores() is None
