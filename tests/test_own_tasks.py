@@ -242,6 +242,19 @@ def test_toy_splits_have_their_sizes_balanced_shuffled_labels_and_a_seeded_ident
     assert other_family.raw("train")[1].tolist() != task.raw("train")[1].tolist()  # each family its own draws
 
 
+@pytest.mark.parametrize("family", ["toy_blobs", "toy_checks", "toy_colours", "toy_stripes"])
+def test_each_registered_toy_task_draws_its_own_family(family):
+    """A sweep naming a toy task gets that family's images: the factory registered under each name
+    draws its own family, not the last one the registering loop saw."""
+    from tasks.base import build_task
+    from tasks.synthetic import make_toy_task
+
+    task = build_task(family, n_train=8, n_val=4, n_test=4)
+    want = make_toy_task(family, n_train=8, n_val=4, n_test=4)
+    assert task.name == family and task.classnames == want.classnames
+    assert torch.equal(task.raw("test")[0], want.raw("test")[0])
+
+
 def test_a_split_is_counted_before_any_model_only_where_the_factory_has_a_default_size(sweep_dict):
     """Before the encoder is built, a split's length comes from the task made at its factory's
     default input size (the toy stripes test split's, its val split emptied by the factory); a
