@@ -1202,3 +1202,28 @@ def test_prepare_builds_where_the_overrides_say(tmp_path, monkeypatch):
     r = CliRunner().invoke(main, ["prepare", "-q", str(f), f"cache_dir={tmp_path / 'c2'}", "tasks=[emb_mnist]"])
     assert r.exit_code == 0, r.output
     assert asked == [(["emb_mnist"], tmp_path / "c2")]
+
+
+@pytest.mark.parametrize("flags, from_scratch, progress", [([], False, True), (["--from-scratch", "-q"], True, False)])
+def test_prepare_passes_from_scratch_and_quiet_on(flags, from_scratch, progress, tmp_path, monkeypatch):
+    """``--from-scratch`` retrains the pretrained model and ``-q`` hides the progress bars: each
+    reaches the suite's build as given, and neither is on without its flag."""
+    from types import SimpleNamespace
+
+    import tasks.embedded.pipeline
+
+    asked = []
+
+    def builds(names, cache_dir, **kwargs):
+        asked.append(kwargs)
+        return SimpleNamespace(arch="a", pretrained="p", finetuned={n: str(cache_dir / f"{n}.pt") for n in names})
+
+    monkeypatch.setattr(tasks.embedded.pipeline, "prepare_suite", builds)
+    f = tmp_path / "e.yaml"
+    f.write_text(yaml.safe_dump({"name": "e", "output_dir": str(tmp_path / "out"), "cache_dir": str(tmp_path / "c"),
+                                 "model": {"source": "embedded", "suite": {"size": "tiny"}},
+                                 "tasks": ["emb_mnist"], "methods": ["weight_averaging"]}))
+    r = CliRunner().invoke(main, ["prepare", *flags, str(f)])
+    assert r.exit_code == 0, r.output
+    assert len(asked) == 1
+    assert asked[0]["from_scratch"] is from_scratch and asked[0]["progress"] is progress
