@@ -1227,3 +1227,29 @@ def test_prepare_passes_from_scratch_and_quiet_on(flags, from_scratch, progress,
     assert r.exit_code == 0, r.output
     assert len(asked) == 1
     assert asked[0]["from_scratch"] is from_scratch and asked[0]["progress"] is progress
+
+
+def test_ui_of_a_sweep_file_edited_since_serves_the_store_its_sweep_logged_to(sweep_dict, tmp_path, monkeypatch):
+    """``harness ui FILE`` serves the store the sweep that ran logged to (its ``resolved.yaml``),
+    as ``report FILE`` reports it: a file whose ``tracking_uri`` was removed since still leads to
+    the other store, not to the folder's own ``mlflow.db``."""
+    from harness.config import dump_yaml, validate_config
+
+    started = []
+
+    def serves(exe, args, env):
+        started.append(args)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(os, "execve", serves)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    out = Path(sweep_dict["output_dir"])
+    out.mkdir(parents=True)
+    (out / "mlflow.db").write_bytes(b"")
+    other = f"sqlite:///{tmp_path / 'other.db'}"
+    (out / "resolved.yaml").write_text(dump_yaml(validate_config(dict(sweep_dict, tracking_uri=other), "s.yaml")))
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump(sweep_dict))
+    r = CliRunner().invoke(main, ["ui", str(f)])
+    assert r.exit_code == 0, r.output
+    assert started[0][2:4] == ["--backend-store-uri", other]
