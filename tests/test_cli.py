@@ -1253,3 +1253,25 @@ def test_ui_of_a_sweep_file_edited_since_serves_the_store_its_sweep_logged_to(sw
     r = CliRunner().invoke(main, ["ui", str(f)])
     assert r.exit_code == 0, r.output
     assert started[0][2:4] == ["--backend-store-uri", other]
+
+
+def test_a_disk_refusing_a_write_outside_the_harness_errors_exits_1_saying_what_was_kept(tmp_path, monkeypatch):
+    """A full disk met where no harness error wraps it (an OSError from deep in ``prepare``) is
+    not bad input: one line naming the file and what a rerun keeps, exit code 1, not 2."""
+    import errno
+
+    import tasks.embedded.pipeline
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "c" / "x.pt"))
+
+    monkeypatch.setattr(tasks.embedded.pipeline, "prepare_suite", full)
+    f = tmp_path / "e.yaml"
+    f.write_text(yaml.safe_dump({"name": "e", "output_dir": str(tmp_path / "out"), "cache_dir": str(tmp_path / "c"),
+                                 "model": {"source": "embedded", "suite": {"size": "tiny"}},
+                                 "tasks": ["emb_mnist"], "methods": ["weight_averaging"]}))
+    r = CliRunner().invoke(main, ["prepare", "-q", str(f)])
+    assert r.exit_code == 1, r.output
+    assert " ".join(r.stderr.split()) == (f"error: cannot write {tmp_path / 'c' / 'x.pt'}: No space left on device; "
+                                          "models built so far are cached: free space (or fix the folder's "
+                                          "permissions) and rerun the same command")
