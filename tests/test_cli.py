@@ -1202,3 +1202,76 @@ def test_prepare_builds_where_the_overrides_say(tmp_path, monkeypatch):
     r = CliRunner().invoke(main, ["prepare", "-q", str(f), f"cache_dir={tmp_path / 'c2'}", "tasks=[emb_mnist]"])
     assert r.exit_code == 0, r.output
     assert asked == [(["emb_mnist"], tmp_path / "c2")]
+
+
+@pytest.mark.parametrize("flags, from_scratch, progress", [([], False, True), (["--from-scratch", "-q"], True, False)])
+def test_prepare_passes_from_scratch_and_quiet_on(flags, from_scratch, progress, tmp_path, monkeypatch):
+    """``--from-scratch`` retrains the pretrained model and ``-q`` hides the progress bars: each
+    reaches the suite's build as given, and neither is on without its flag."""
+    from types import SimpleNamespace
+
+    import tasks.embedded.pipeline
+
+    asked = []
+
+    def builds(names, cache_dir, **kwargs):
+        asked.append(kwargs)
+        return SimpleNamespace(arch="a", pretrained="p", finetuned={n: str(cache_dir / f"{n}.pt") for n in names})
+
+    monkeypatch.setattr(tasks.embedded.pipeline, "prepare_suite", builds)
+    f = tmp_path / "e.yaml"
+    f.write_text(yaml.safe_dump({"name": "e", "output_dir": str(tmp_path / "out"), "cache_dir": str(tmp_path / "c"),
+                                 "model": {"source": "embedded", "suite": {"size": "tiny"}},
+                                 "tasks": ["emb_mnist"], "methods": ["weight_averaging"]}))
+    r = CliRunner().invoke(main, ["prepare", *flags, str(f)])
+    assert r.exit_code == 0, r.output
+    assert len(asked) == 1
+    assert asked[0]["from_scratch"] is from_scratch and asked[0]["progress"] is progress
+
+
+def test_ui_of_a_sweep_file_edited_since_serves_the_store_its_sweep_logged_to(sweep_dict, tmp_path, monkeypatch):
+    """``harness ui FILE`` serves the store the sweep that ran logged to (its ``resolved.yaml``),
+    as ``report FILE`` reports it: a file whose ``tracking_uri`` was removed since still leads to
+    the other store, not to the folder's own ``mlflow.db``."""
+    from harness.config import dump_yaml, validate_config
+
+    started = []
+
+    def serves(exe, args, env):
+        started.append(args)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(os, "execve", serves)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    out = Path(sweep_dict["output_dir"])
+    out.mkdir(parents=True)
+    (out / "mlflow.db").write_bytes(b"")
+    other = f"sqlite:///{tmp_path / 'other.db'}"
+    (out / "resolved.yaml").write_text(dump_yaml(validate_config(dict(sweep_dict, tracking_uri=other), "s.yaml")))
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump(sweep_dict))
+    r = CliRunner().invoke(main, ["ui", str(f)])
+    assert r.exit_code == 0, r.output
+    assert started[0][2:4] == ["--backend-store-uri", other]
+
+
+def test_a_disk_refusing_a_write_outside_the_harness_errors_exits_1_saying_what_was_kept(tmp_path, monkeypatch):
+    """A full disk met where no harness error wraps it (an OSError from deep in ``prepare``) is
+    not bad input: one line naming the file and what a rerun keeps, exit code 1, not 2."""
+    import errno
+
+    import tasks.embedded.pipeline
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "c" / "x.pt"))
+
+    monkeypatch.setattr(tasks.embedded.pipeline, "prepare_suite", full)
+    f = tmp_path / "e.yaml"
+    f.write_text(yaml.safe_dump({"name": "e", "output_dir": str(tmp_path / "out"), "cache_dir": str(tmp_path / "c"),
+                                 "model": {"source": "embedded", "suite": {"size": "tiny"}},
+                                 "tasks": ["emb_mnist"], "methods": ["weight_averaging"]}))
+    r = CliRunner().invoke(main, ["prepare", "-q", str(f)])
+    assert r.exit_code == 1, r.output
+    assert " ".join(r.stderr.split()) == (f"error: cannot write {tmp_path / 'c' / 'x.pt'}: No space left on device; "
+                                          "models built so far are cached: free space (or fix the folder's "
+                                          "permissions) and rerun the same command")

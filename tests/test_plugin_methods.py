@@ -352,3 +352,17 @@ def test_a_methods_code_identity_is_the_one_its_cached_keys_hold(tmp_path, monke
     monkeypatch.syspath_prepend(str(tmp_path))
     _write_module(tmp_path, 0.0)
     assert method_class_id("scaled_sum:ScaledSum") == "scaled_sum:ScaledSum@92f5884b1897e67e"
+
+
+def test_a_class_of_a_main_module_without_a_file_has_no_source_file(monkeypatch):
+    """A method class defined in a notebook or ``python -c`` (a ``__main__`` without a file) has no
+    source to digest or name: None, as for a built-in, rather than Python's OSError; a class of a
+    module has that module's file."""
+    import types
+
+    from harness.imports import source_file
+
+    monkeypatch.setitem(sys.modules, "__main__", types.ModuleType("__main__"))
+    assert source_file(type("Blend", (), {"__module__": "__main__"})) is None
+    assert source_file(int) is None
+    assert source_file(MergeMethod) == sys.modules[MergeMethod.__module__].__file__
