@@ -537,6 +537,14 @@ def test_an_unseen_sweeps_generalization_table_averages_each_rows_unseen_tasks()
                     ["ties", "failed", "failed", "failed", "failed"]]
 
 
+def test_an_unseen_avg_is_over_the_unseen_tasks_however_many_tasks_were_seen():
+    """Merged on one task, three unseen: the unseen avg divides by three, not by the seen count."""
+    C, D = "toy_checks", "toy_bars"
+    rows = [Row("task_arithmetic", "", {A: 70.0, B: 30.0, C: 20.0, D: 10.0}, 70.0, None)]
+    _, body = generalization_records(rows, [A], [B, C, D])
+    assert body == [["task_arithmetic", "70.0", "30.0", "20.0", "10.0", "20.0"]]  # (30 + 20 + 10) / 3
+
+
 def test_the_default_reference_is_task_arithmetic_else_the_first_method_that_did_not_fail():
     """A failed method has no test predictions: as the reference it would leave no significance table."""
     def row(method: str, failed: bool = False) -> Row:
