@@ -576,6 +576,17 @@ def test_each_row_is_compared_with_the_reference_signed_and_in_table_order():
     assert body[1][3].startswith("[-")
 
 
+def test_a_row_with_per_image_records_of_only_some_seen_tasks_is_left_out_of_the_comparison():
+    """A row (or a reference) holding records of task A alone has no average over A and B to
+    compare: it is left out, the complete rows compared as usual."""
+    right, half = pack_correct([True] * 10), pack_correct([True] * 5 + [False] * 5)
+    ref = Row("task_arithmetic", "", {}, 50.0, None, test_correct={A: half, B: half})
+    partial = Row("partial", "", {}, 50.0, None, test_correct={A: right})
+    best = Row("best", "", {}, 100.0, None, test_correct={A: right, B: right})
+    _, body = significance_records([ref, partial, best], [A, B], ["task_arithmetic", "partial"])
+    assert [line[:3] for line in body] == [["best", "task_arithmetic", "+50.0"]]
+
+
 def test_a_sweep_with_unseen_tasks_averages_and_normalizes_over_the_seen_ones():
     """Merged on A and B, evaluated on C and D too: every row's avg and norm avg are over A and
     B, its unseen avg over C and D; the pretrained job's own acc/avg (over all four) is not used."""
