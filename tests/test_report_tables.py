@@ -587,6 +587,17 @@ def test_a_row_with_per_image_records_of_only_some_seen_tasks_is_left_out_of_the
     assert [line[:3] for line in body] == [["best", "task_arithmetic", "+50.0"]]
 
 
+def test_a_jobs_entry_holds_the_trial_counts_of_its_label_and_key():
+    """jobs.json records a tuned row's counts under its (label, key); another row's job holds null."""
+    from harness.report import job_entry
+
+    counts = {("wemoe", "k1"): TrialCounts(5, 1, 2)}
+    tuned = JobResult("k1", "merge", "wemoe", {"lr": 0.1}, None, "ok", {})
+    other = JobResult("k2", "merge", "ties", {}, None, "ok", {})
+    assert job_entry(tuned, counts) == ["wemoe", "k1", {"total": 5, "failed": 1, "pruned": 2}, {"lr": 0.1}]
+    assert job_entry(other, counts) == ["ties", "k2", None, {}]
+
+
 def test_a_sweep_with_unseen_tasks_averages_and_normalizes_over_the_seen_ones():
     """Merged on A and B, evaluated on C and D too: every row's avg and norm avg are over A and
     B, its unseen avg over C and D; the pretrained job's own acc/avg (over all four) is not used."""
