@@ -598,6 +598,19 @@ def test_a_jobs_entry_holds_the_trial_counts_of_its_label_and_key():
     assert job_entry(other, counts) == ["ties", "k2", None, {}]
 
 
+@pytest.mark.parametrize("data, entries", [
+    (b'[["wemoe", "k1", null, {"lr": 0.1}], ["ties", "k2"]]', [["wemoe", "k1", None, {"lr": 0.1}], ["ties", "k2"]]),
+    (b'[["wemoe"]]', None),  # no job key: not an entry a sweep writes
+    (b'[["wemoe", 3]]', None),
+    (b'{"wemoe": "k1"}', None),
+    (b'[["wemoe", "k1"', None),  # cut short
+])
+def test_a_jobs_file_is_read_only_when_every_entry_names_a_label_and_a_key(data, entries):
+    from harness.report import job_entries
+
+    assert job_entries(data) == entries
+
+
 def test_a_sweep_with_unseen_tasks_averages_and_normalizes_over_the_seen_ones():
     """Merged on A and B, evaluated on C and D too: every row's avg and norm avg are over A and
     B, its unseen avg over C and D; the pretrained job's own acc/avg (over all four) is not used."""
