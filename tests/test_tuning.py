@@ -896,6 +896,22 @@ def test_collect_keeps_no_row_of_a_study_whose_every_trial_was_pruned(sweep_dict
     assert done is not None and done.study.best_value == 61.0
 
 
+def test_collect_keeps_no_row_of_a_study_with_a_trial_its_own_killed_driver_left_running(sweep_dict, tmp_path):
+    """n_trials 1: one trial completed, another this folder's driver asked was left running (the
+    driver killed). The sweep would run that trial again and may pick it as the best, so collect
+    finds no done study to keep a row from until it has finished."""
+    from harness.job import JobResult
+    from harness.tuning import stored_study as done_study
+
+    a, _ = shared_runners(sweep_dict, tmp_path, 1)
+    done, left = a.ask(2)
+    a.tell(done, JobResult.of(done, "ok", metrics={"val/acc/avg": 61.0}))
+    assert done_study(a.cfg, a.m, a.identity, a.task_identity, a.results_dir) is None
+    a.tell(left, JobResult.of(left, "ok", metrics={"val/acc/avg": 70.0}))
+    kept = done_study(a.cfg, a.m, a.identity, a.task_identity, a.results_dir)
+    assert kept is not None and kept.study.best_value == 70.0
+
+
 def test_a_grid_point_another_folder_runs_is_not_asked_again(sweep_dict, tmp_path):
     """A 2-point grid: point 0 failed, a runs point 1. Nothing is left for b to ask (asking would
     run point 1 twice); b's study has no completed trial yet, and says what still runs."""
