@@ -165,6 +165,25 @@ def test_two_labels_sharing_a_setting_share_its_job_and_each_row_chooses_among_i
     assert rows_of(stored) == rows_of(run.results)
 
 
+def test_a_job_that_failed_is_read_back_from_mlflow_as_failed(sweep_dict):
+    """`harness report` rebuilds each job's status from its run: a failed merge stays failed, with
+    its error, and its row a failed row, beside a job that finished."""
+    from harness.config import validate_config as validate
+    from harness.report import load_sweep_from_mlflow
+    from harness.runner import run_sweep
+
+    d = dict(sweep_dict, references={"pretrained": False, "individual": False}, eval={"max_samples": 16})
+    d["methods"] = [{"name": "task_arithmetic", "params": {"scaling": 0.3}},
+                    {"name": "tests.failing_method:AlwaysFails", "label": "fails"}]
+    cfg = validate(d)
+    run_sweep(cfg, console=None)
+    _, stored, _ = load_sweep_from_mlflow(cfg.resolved_tracking_uri())
+    assert {r.label: r.status for r in stored} == {"task_arithmetic": "ok", "fails": "failed"}
+    assert "deliberate failure" in next(r.error for r in stored if r.label == "fails")
+    rows = build_rows(stored, cfg.task_names, ["task_arithmetic", "fails"], cfg.merge_tasks)
+    assert [(row.method, row.failed) for row in rows] == [("task_arithmetic", False), ("fails", True)]
+
+
 def test_a_report_rebuilt_without_a_table_leaves_none_of_the_old_one(cfg, tmp_path):
     """A sweep rerun into its folder without its robustness block (or WeMoE's routing) writes a
     report without those tables and plots: the folder must not keep the earlier run's files
