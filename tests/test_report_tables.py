@@ -761,3 +761,16 @@ def test_a_tune_table_states_its_studys_trial_counts(cfg, tmp_path):
     build_tune_table(cfg, [best], tmp_path, "task_arithmetic", {("task_arithmetic", best.key): TrialCounts(8, 1, 2)})
     assert read(tmp_path / "tune-task_arithmetic.csv")[1] == [
         "task_arithmetic", "scaling=0.6 (1 of 8 trials failed, 2 pruned)", "70.0", "50.0", "60.0", "-"]
+
+
+def test_a_tune_table_holds_the_reference_rows_and_the_tuned_methods_row_only(cfg, tmp_path):
+    """`harness tune task_arithmetic` writes its own method's row beside the references, not the
+    rows of the sweep's other methods, whose results the folder also holds."""
+    from harness.report import build_tune_table
+
+    pre = {A: 40.0, B: 30.0}
+    results = [ok("pretrained", "pretrained", {}, pre, 35.0),
+               ok("merge", "weight_averaging", {}, {A: 55.0, B: 45.0}, 50.0),
+               ok("merge", "task_arithmetic", {"scaling": 0.6}, {A: 70.0, B: 50.0}, 51.0)]
+    build_tune_table(cfg, results, tmp_path, "task_arithmetic")
+    assert [row[0] for row in read(tmp_path / "tune-task_arithmetic.csv")[1:]] == ["pretrained", "task_arithmetic"]
