@@ -774,3 +774,18 @@ def test_a_tune_table_holds_the_reference_rows_and_the_tuned_methods_row_only(cf
                ok("merge", "task_arithmetic", {"scaling": 0.6}, {A: 70.0, B: 50.0}, 51.0)]
     build_tune_table(cfg, results, tmp_path, "task_arithmetic")
     assert [row[0] for row in read(tmp_path / "tune-task_arithmetic.csv")[1:]] == ["pretrained", "task_arithmetic"]
+
+
+def test_a_failed_jobs_routing_is_not_the_rows_heatmap(cfg):
+    """A job read back failed (its run killed after logging) may hold routing and a higher
+    validation average: the row reports the best finished setting, and so does its heatmap."""
+    from harness.report import row_routings
+
+    def wemoe(status: str, lr: int, val: float, w: float) -> JobResult:
+        r = ok("merge", "wemoe", {"lr": lr}, {A: 50.0, B: 40.0}, val)
+        r.status, r.artifacts["routing"] = status, {"experts": [A, B], "layers": 1, "mean_weight": {A: [[w, 1 - w]]}}
+        return r
+
+    one = cfg.model_copy(update={"methods": [MethodSpec(name="wemoe", label="wemoe")]})
+    routings = row_routings(one, [wemoe("failed", 1, 90.0, 0.1), wemoe("ok", 2, 40.0, 0.7)])
+    assert routings["wemoe"]["mean_weight"] == {A: [[0.7, 1 - 0.7]]}
