@@ -273,3 +273,14 @@ def test_cmaes_resumes_from_the_latest_generation_a_study_stored():
     assert generation(stored[0]) < generation(stored[-1]), "one generation in 20 trials"
     restored = sampler._restore_optimizer(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)))
     assert restored.generation == generation(stored[-1])
+
+
+def test_cmaes_state_that_is_only_a_numpy_array_is_refused_as_no_optimizer():
+    """An array unpickles without running code, but it is no CMA-ES optimizer: the study fails
+    naming the trial, not later inside Optuna on an attribute the array lacks."""
+    import numpy as np
+
+    from harness.tuning import UntrustedStudyState, restore_cma_state
+
+    with pytest.raises(UntrustedStudyState, match=r"trial 3 holds a CMA-ES state that is not one \(it holds a ndarray\)"):
+        restore_cma_state(pickle.dumps(np.arange(3)).hex(), 3, "journal:x")
