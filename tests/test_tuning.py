@@ -2314,6 +2314,25 @@ def test_a_trial_is_told_its_objective_not_another_metric(tmp_path):
     assert [(t.state.name, t.value) for t in study.trials] == [("COMPLETE", 90.0), ("FAIL", None), ("PRUNED", None)]
 
 
+def test_a_finished_job_without_the_objective_is_recorded_as_a_failed_trial_saying_why(tmp_path):
+    """The job ran, but its metrics lack the objective: its result, which the trial's run is
+    logged from, is failed with the reason, as the study's trial is."""
+    from types import SimpleNamespace
+
+    import optuna
+
+    from harness.job import JobResult
+    from harness.tuning import StudyRunner
+
+    study = _study_of(tmp_path, [])
+    runner = StudyRunner.__new__(StudyRunner)
+    runner.study, runner.tune = study, SimpleNamespace(objective="val/acc/toy_colours")
+    trial = study.ask({"scaling": optuna.distributions.FloatDistribution(0.0, 2.0)})
+    result = JobResult("k", "trial", "typed", {}, None, "ok", {"val/acc/avg": 50.0})
+    assert runner.tell(SimpleNamespace(trial={"number": trial.number}), result) == "FAIL"
+    assert (result.status, result.error) == ("failed", "objective 'val/acc/toy_colours' not among the job's metrics")
+
+
 def test_a_trial_job_is_scored_on_val_only_and_a_merge_job_on_both_splits(sweep_dict, tmp_path):
     """A trial's result holds validation accuracies alone (test labels stay unseen while tuning);
     the same setting run as the sweep's job holds the same val accuracies and the test ones too."""
