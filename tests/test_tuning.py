@@ -839,6 +839,25 @@ def test_a_resumed_study_runs_only_the_trials_missing_for_n_trials(sweep_dict, t
     assert [t.state.name for t in a.study.trials] == ["COMPLETE"] * 4
 
 
+def test_a_random_study_whose_every_trial_fails_stops_after_four_failures(sweep_dict, tmp_path):
+    """Failed trials do not count toward n_trials 2, so a broken method would be asked for new
+    points for ever: the study fails once more than max(3, n_trials) = 3 trials failed, naming
+    the last error."""
+    from harness.job import JobResult
+    from harness.tuning import StudyFailed
+
+    a, _ = shared_runners(sweep_dict, tmp_path, 2)
+    asked = []
+
+    def fails(batch):
+        asked.extend(batch)
+        return [(s, JobResult.of(s, "failed", error="RuntimeError: boom")) for s in batch]
+
+    with pytest.raises(StudyFailed, match="4 trials failed, the last with: RuntimeError: boom"):
+        a.run(fails, lambda *_: None)
+    assert len(asked) == 4
+
+
 def test_two_sweeps_sharing_a_study_run_n_trials_between_them(sweep_dict, tmp_path):
     """Sweep b starts while a runs its first trial: b counts it toward n_trials 4 and runs the 3
     missing; a then tells its trial, and the study holds 4 finished trials, not 5."""
