@@ -262,3 +262,14 @@ def test_a_20_task_tables_blocks_are_set_at_a_readable_scale(two_column, tmp_pat
     assert typeset["overfull"] == 0, typeset
     assert typeset["typeset"] == pytest.approx(min(typeset["natural"], typeset["line"]), abs=0.1)
     assert typeset["typeset"] / typeset["natural"] >= 0.7, typeset
+
+
+def test_columns_too_wide_for_two_blocks_are_split_into_three_of_near_equal_counts():
+    """A method column and 8 number columns of 25 digits (133pt each, separation included): 4 of
+    them beside the method overrun the readable line (345pt / (2/3) = 517.5pt), 3 fit. So three
+    blocks, of 3, 3 and 2 number columns (not 2, 2 and 4, which would not fit), each led by the method."""
+    from harness.report import column_blocks
+
+    header = ["method", *[f"t{i}" for i in range(8)]]
+    body = [["x", *["1" * 25] * 8]]
+    assert column_blocks(header, body) == [[0, 1, 2, 3], [0, 4, 5, 6], [0, 7, 8]]

@@ -165,6 +165,25 @@ def test_two_labels_sharing_a_setting_share_its_job_and_each_row_chooses_among_i
     assert rows_of(stored) == rows_of(run.results)
 
 
+def test_a_job_that_failed_is_read_back_from_mlflow_as_failed(sweep_dict):
+    """`harness report` rebuilds each job's status from its run: a failed merge stays failed, with
+    its error, and its row a failed row, beside a job that finished."""
+    from harness.config import validate_config as validate
+    from harness.report import load_sweep_from_mlflow
+    from harness.runner import run_sweep
+
+    d = dict(sweep_dict, references={"pretrained": False, "individual": False}, eval={"max_samples": 16})
+    d["methods"] = [{"name": "task_arithmetic", "params": {"scaling": 0.3}},
+                    {"name": "tests.failing_method:AlwaysFails", "label": "fails"}]
+    cfg = validate(d)
+    run_sweep(cfg, console=None)
+    _, stored, _ = load_sweep_from_mlflow(cfg.resolved_tracking_uri())
+    assert {r.label: r.status for r in stored} == {"task_arithmetic": "ok", "fails": "failed"}
+    assert "deliberate failure" in next(r.error for r in stored if r.label == "fails")
+    rows = build_rows(stored, cfg.task_names, ["task_arithmetic", "fails"], cfg.merge_tasks)
+    assert [(row.method, row.failed) for row in rows] == [("task_arithmetic", False), ("fails", True)]
+
+
 def test_a_report_rebuilt_without_a_table_leaves_none_of_the_old_one(cfg, tmp_path):
     """A sweep rerun into its folder without its robustness block (or WeMoE's routing) writes a
     report without those tables and plots: the folder must not keep the earlier run's files
@@ -537,6 +556,14 @@ def test_an_unseen_sweeps_generalization_table_averages_each_rows_unseen_tasks()
                     ["ties", "failed", "failed", "failed", "failed"]]
 
 
+def test_an_unseen_avg_is_over_the_unseen_tasks_however_many_tasks_were_seen():
+    """Merged on one task, three unseen: the unseen avg divides by three, not by the seen count."""
+    C, D = "toy_checks", "toy_bars"
+    rows = [Row("task_arithmetic", "", {A: 70.0, B: 30.0, C: 20.0, D: 10.0}, 70.0, None)]
+    _, body = generalization_records(rows, [A], [B, C, D])
+    assert body == [["task_arithmetic", "70.0", "30.0", "20.0", "10.0", "20.0"]]  # (30 + 20 + 10) / 3
+
+
 def test_the_default_reference_is_task_arithmetic_else_the_first_method_that_did_not_fail():
     """A failed method has no test predictions: as the reference it would leave no significance table."""
     def row(method: str, failed: bool = False) -> Row:
@@ -566,6 +593,41 @@ def test_each_row_is_compared_with_the_reference_signed_and_in_table_order():
     low, high = (float(x) for x in body[0][3].strip("[]").split(","))
     assert 0 < low <= 50.0 <= high
     assert body[1][3].startswith("[-")
+
+
+def test_a_row_with_per_image_records_of_only_some_seen_tasks_is_left_out_of_the_comparison():
+    """A row (or a reference) holding records of task A alone has no average over A and B to
+    compare: it is left out, the complete rows compared as usual."""
+    right, half = pack_correct([True] * 10), pack_correct([True] * 5 + [False] * 5)
+    ref = Row("task_arithmetic", "", {}, 50.0, None, test_correct={A: half, B: half})
+    partial = Row("partial", "", {}, 50.0, None, test_correct={A: right})
+    best = Row("best", "", {}, 100.0, None, test_correct={A: right, B: right})
+    _, body = significance_records([ref, partial, best], [A, B], ["task_arithmetic", "partial"])
+    assert [line[:3] for line in body] == [["best", "task_arithmetic", "+50.0"]]
+
+
+def test_a_jobs_entry_holds_the_trial_counts_of_its_label_and_key():
+    """jobs.json records a tuned row's counts under its (label, key); another row's job holds null."""
+    from harness.report import job_entry
+
+    counts = {("wemoe", "k1"): TrialCounts(5, 1, 2)}
+    tuned = JobResult("k1", "merge", "wemoe", {"lr": 0.1}, None, "ok", {})
+    other = JobResult("k2", "merge", "ties", {}, None, "ok", {})
+    assert job_entry(tuned, counts) == ["wemoe", "k1", {"total": 5, "failed": 1, "pruned": 2}, {"lr": 0.1}]
+    assert job_entry(other, counts) == ["ties", "k2", None, {}]
+
+
+@pytest.mark.parametrize("data, entries", [
+    (b'[["wemoe", "k1", null, {"lr": 0.1}], ["ties", "k2"]]', [["wemoe", "k1", None, {"lr": 0.1}], ["ties", "k2"]]),
+    (b'[["wemoe"]]', None),  # no job key: not an entry a sweep writes
+    (b'[["wemoe", 3]]', None),
+    (b'{"wemoe": "k1"}', None),
+    (b'[["wemoe", "k1"', None),  # cut short
+])
+def test_a_jobs_file_is_read_only_when_every_entry_names_a_label_and_a_key(data, entries):
+    from harness.report import job_entries
+
+    assert job_entries(data) == entries
 
 
 def test_a_sweep_with_unseen_tasks_averages_and_normalizes_over_the_seen_ones():
@@ -699,3 +761,31 @@ def test_a_tune_table_states_its_studys_trial_counts(cfg, tmp_path):
     build_tune_table(cfg, [best], tmp_path, "task_arithmetic", {("task_arithmetic", best.key): TrialCounts(8, 1, 2)})
     assert read(tmp_path / "tune-task_arithmetic.csv")[1] == [
         "task_arithmetic", "scaling=0.6 (1 of 8 trials failed, 2 pruned)", "70.0", "50.0", "60.0", "-"]
+
+
+def test_a_tune_table_holds_the_reference_rows_and_the_tuned_methods_row_only(cfg, tmp_path):
+    """`harness tune task_arithmetic` writes its own method's row beside the references, not the
+    rows of the sweep's other methods, whose results the folder also holds."""
+    from harness.report import build_tune_table
+
+    pre = {A: 40.0, B: 30.0}
+    results = [ok("pretrained", "pretrained", {}, pre, 35.0),
+               ok("merge", "weight_averaging", {}, {A: 55.0, B: 45.0}, 50.0),
+               ok("merge", "task_arithmetic", {"scaling": 0.6}, {A: 70.0, B: 50.0}, 51.0)]
+    build_tune_table(cfg, results, tmp_path, "task_arithmetic")
+    assert [row[0] for row in read(tmp_path / "tune-task_arithmetic.csv")[1:]] == ["pretrained", "task_arithmetic"]
+
+
+def test_a_failed_jobs_routing_is_not_the_rows_heatmap(cfg):
+    """A job read back failed (its run killed after logging) may hold routing and a higher
+    validation average: the row reports the best finished setting, and so does its heatmap."""
+    from harness.report import row_routings
+
+    def wemoe(status: str, lr: int, val: float, w: float) -> JobResult:
+        r = ok("merge", "wemoe", {"lr": lr}, {A: 50.0, B: 40.0}, val)
+        r.status, r.artifacts["routing"] = status, {"experts": [A, B], "layers": 1, "mean_weight": {A: [[w, 1 - w]]}}
+        return r
+
+    one = cfg.model_copy(update={"methods": [MethodSpec(name="wemoe", label="wemoe")]})
+    routings = row_routings(one, [wemoe("failed", 1, 90.0, 0.1), wemoe("ok", 2, 40.0, 0.7)])
+    assert routings["wemoe"]["mean_weight"] == {A: [[0.7, 1 - 0.7]]}

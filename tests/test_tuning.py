@@ -839,6 +839,25 @@ def test_a_resumed_study_runs_only_the_trials_missing_for_n_trials(sweep_dict, t
     assert [t.state.name for t in a.study.trials] == ["COMPLETE"] * 4
 
 
+def test_a_random_study_whose_every_trial_fails_stops_after_four_failures(sweep_dict, tmp_path):
+    """Failed trials do not count toward n_trials 2, so a broken method would be asked for new
+    points for ever: the study fails once more than max(3, n_trials) = 3 trials failed, naming
+    the last error."""
+    from harness.job import JobResult
+    from harness.tuning import StudyFailed
+
+    a, _ = shared_runners(sweep_dict, tmp_path, 2)
+    asked = []
+
+    def fails(batch):
+        asked.extend(batch)
+        return [(s, JobResult.of(s, "failed", error="RuntimeError: boom")) for s in batch]
+
+    with pytest.raises(StudyFailed, match="4 trials failed, the last with: RuntimeError: boom"):
+        a.run(fails, lambda *_: None)
+    assert len(asked) == 4
+
+
 def test_two_sweeps_sharing_a_study_run_n_trials_between_them(sweep_dict, tmp_path):
     """Sweep b starts while a runs its first trial: b counts it toward n_trials 4 and runs the 3
     missing; a then tells its trial, and the study holds 4 finished trials, not 5."""
@@ -894,6 +913,22 @@ def test_collect_keeps_no_row_of_a_study_whose_every_trial_was_pruned(sweep_dict
     a.tell(spec, JobResult.of(spec, "ok", metrics={"val/acc/avg": 61.0}))
     done = done_study(a.cfg, a.m, a.identity, a.task_identity, a.results_dir)
     assert done is not None and done.study.best_value == 61.0
+
+
+def test_collect_keeps_no_row_of_a_study_with_a_trial_its_own_killed_driver_left_running(sweep_dict, tmp_path):
+    """n_trials 1: one trial completed, another this folder's driver asked was left running (the
+    driver killed). The sweep would run that trial again and may pick it as the best, so collect
+    finds no done study to keep a row from until it has finished."""
+    from harness.job import JobResult
+    from harness.tuning import stored_study as done_study
+
+    a, _ = shared_runners(sweep_dict, tmp_path, 1)
+    done, left = a.ask(2)
+    a.tell(done, JobResult.of(done, "ok", metrics={"val/acc/avg": 61.0}))
+    assert done_study(a.cfg, a.m, a.identity, a.task_identity, a.results_dir) is None
+    a.tell(left, JobResult.of(left, "ok", metrics={"val/acc/avg": 70.0}))
+    kept = done_study(a.cfg, a.m, a.identity, a.task_identity, a.results_dir)
+    assert kept is not None and kept.study.best_value == 70.0
 
 
 def test_a_grid_point_another_folder_runs_is_not_asked_again(sweep_dict, tmp_path):
@@ -2296,6 +2331,25 @@ def test_a_trial_is_told_its_objective_not_another_metric(tmp_path):
         outcomes.append(runner.tell(spec, result))
     assert outcomes == ["COMPLETE", "FAIL", "PRUNED"]
     assert [(t.state.name, t.value) for t in study.trials] == [("COMPLETE", 90.0), ("FAIL", None), ("PRUNED", None)]
+
+
+def test_a_finished_job_without_the_objective_is_recorded_as_a_failed_trial_saying_why(tmp_path):
+    """The job ran, but its metrics lack the objective: its result, which the trial's run is
+    logged from, is failed with the reason, as the study's trial is."""
+    from types import SimpleNamespace
+
+    import optuna
+
+    from harness.job import JobResult
+    from harness.tuning import StudyRunner
+
+    study = _study_of(tmp_path, [])
+    runner = StudyRunner.__new__(StudyRunner)
+    runner.study, runner.tune = study, SimpleNamespace(objective="val/acc/toy_colours")
+    trial = study.ask({"scaling": optuna.distributions.FloatDistribution(0.0, 2.0)})
+    result = JobResult("k", "trial", "typed", {}, None, "ok", {"val/acc/avg": 50.0})
+    assert runner.tell(SimpleNamespace(trial={"number": trial.number}), result) == "FAIL"
+    assert (result.status, result.error) == ("failed", "objective 'val/acc/toy_colours' not among the job's metrics")
 
 
 def test_a_trial_job_is_scored_on_val_only_and_a_merge_job_on_both_splits(sweep_dict, tmp_path):

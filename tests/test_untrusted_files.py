@@ -250,3 +250,37 @@ def test_cmaes_state_naming_a_function_of_cmaes_is_refused_before_it_is_called()
         restore_cma_state(pickle.dumps(_CallsCmaesFunction()).hex(), 3, "journal:x")
     named = f"{cmaes.get_warm_start_mgd.__module__}.get_warm_start_mgd"
     assert f"(UnpicklingError: {named} is no part of a CMA-ES optimizer's state)" in str(err.value)
+
+
+def test_cmaes_resumes_from_the_latest_generation_a_study_stored():
+    """Each CMA-ES generation stores its optimizer in a trial: a resumed study goes on from the
+    newest one (its latest generation), not the first, which would repeat the search from there."""
+    import optuna
+
+    from harness.tuning import cmaes_sampler, quiet_optuna
+
+    quiet_optuna()
+    sampler = cmaes_sampler(0, "journal:x")
+    study = optuna.create_study(sampler=sampler)
+    study.optimize(lambda t: t.suggest_float("x", -1, 1) ** 2 + t.suggest_float("y", -1, 1) ** 2, n_trials=20)
+
+    def generation(trial) -> int:
+        attrs = trial.system_attrs
+        n = sum(k.startswith("cma:optimizer") for k in attrs)
+        return pickle.loads(bytes.fromhex("".join(attrs[f"cma:optimizer:{i}"] for i in range(n)))).generation
+
+    stored = [t for t in study.trials if any(k.startswith("cma:optimizer") for k in t.system_attrs)]
+    assert generation(stored[0]) < generation(stored[-1]), "one generation in 20 trials"
+    restored = sampler._restore_optimizer(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)))
+    assert restored.generation == generation(stored[-1])
+
+
+def test_cmaes_state_that_is_only_a_numpy_array_is_refused_as_no_optimizer():
+    """An array unpickles without running code, but it is no CMA-ES optimizer: the study fails
+    naming the trial, not later inside Optuna on an attribute the array lacks."""
+    import numpy as np
+
+    from harness.tuning import UntrustedStudyState, restore_cma_state
+
+    with pytest.raises(UntrustedStudyState, match=r"trial 3 holds a CMA-ES state that is not one \(it holds a ndarray\)"):
+        restore_cma_state(pickle.dumps(np.arange(3)).hex(), 3, "journal:x")
