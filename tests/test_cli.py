@@ -1094,10 +1094,10 @@ def test_report_of_a_run_id_takes_the_given_store_before_the_environments(tmp_pa
                                               f"database is given as sqlite:///{db}")
 
 
-def test_ui_serves_a_folders_store_and_artifacts_on_the_local_port_by_default(tmp_path, monkeypatch):
-    """Without --host and --port the server listens on 127.0.0.1:5000 only (not on every
-    interface); the folder's mlflow.db is its store and its mlartifacts/ the artifacts' home."""
-    started = []
+def _ui_server_args(monkeypatch) -> list[list[str]]:
+    """The argument lists ``harness ui`` would start the MLflow server with, filled as it starts
+    (none is started), with no tracking URI from the environment."""
+    started: list[list[str]] = []
 
     def serves(exe, args, env):
         started.append(args)
@@ -1105,6 +1105,13 @@ def test_ui_serves_a_folders_store_and_artifacts_on_the_local_port_by_default(tm
 
     monkeypatch.setattr(os, "execve", serves)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return started
+
+
+def test_ui_serves_a_folders_store_and_artifacts_on_the_local_port_by_default(tmp_path, monkeypatch):
+    """Without --host and --port the server listens on 127.0.0.1:5000 only (not on every
+    interface); the folder's mlflow.db is its store and its mlartifacts/ the artifacts' home."""
+    started = _ui_server_args(monkeypatch)
     (tmp_path / "mlflow.db").write_bytes(b"")
     r = CliRunner().invoke(main, ["ui", str(tmp_path)])
     assert r.exit_code == 0, r.output
@@ -1235,14 +1242,7 @@ def test_ui_of_a_sweep_file_edited_since_serves_the_store_its_sweep_logged_to(sw
     the other store, not to the folder's own ``mlflow.db``."""
     from harness.config import dump_yaml, validate_config
 
-    started = []
-
-    def serves(exe, args, env):
-        started.append(args)
-        raise SystemExit(0)
-
-    monkeypatch.setattr(os, "execve", serves)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    started = _ui_server_args(monkeypatch)
     out = Path(sweep_dict["output_dir"])
     out.mkdir(parents=True)
     (out / "mlflow.db").write_bytes(b"")

@@ -194,14 +194,18 @@ def test_of_two_studies_that_chose_one_job_the_counts_of_the_last_to_end_are_the
     assert load_study_counts(cfg.resolved_tracking_uri(), parent) == {("wemoe", "final1"): TrialCounts(5, 0, 2)}
 
 
-def test_a_trial_run_a_killed_driver_left_running_is_logged_anew(sweep_dict):
-    """A driver killed while it wrote trial 0's run left it RUNNING with no metrics: the rerun
-    telling that trial replaces it with one run that holds its objective and ends FINISHED."""
+@pytest.mark.parametrize("ended", [None, "KILLED"], ids=["left-running", "ended-killed"])
+def test_a_trial_run_a_killed_or_stopped_driver_left_is_logged_anew(sweep_dict, ended):
+    """A driver killed while it wrote trial 0's run left it RUNNING with no metrics; Ctrl-C ends
+    such a run KILLED (see ``abandon``). Either way the rerun telling that trial replaces it with
+    one run that holds its objective and ends FINISHED, or the trial would stay a run without it."""
     tracker = Tracker(validate_config(sweep_dict))
     tracker.start_sweep("d1", {})
     tune = tracker.tuning_run("study1", "wemoe", {"n_trials": 1, "n_parallel": 1, "pruner": "none"})
     left = tracker.client.create_run(tracker.experiment_id, tags={
         "harness.run_key": "trial:study1#0", "mlflow.parentRunId": tune, "harness.kind": "trial"}).info.run_id
+    if ended:
+        tracker.client.set_terminated(left, status=ended)
     done = JobResult("t0", "trial", "wemoe", {}, None, "ok", metrics={"val/acc/avg": 70.0})
     tracker.log_trial(tune, "study1", 0, {"lr": 0.1}, done, "COMPLETE", "val/acc/avg")
     (run,) = children(tracker, tune)
@@ -257,22 +261,6 @@ def test_the_sweeps_run_reads_running_while_its_driver_runs_and_when_a_rerun_reo
     assert rerun.client.get_run(rerun.parent_id).info.status == "RUNNING"
     rerun.abandon("FAILED")
     assert rerun.client.get_run(rerun.parent_id).info.status == "FAILED"
-
-
-def test_a_trial_run_a_stopped_driver_ended_killed_is_logged_anew(sweep_dict):
-    """Ctrl-C ends a half-logged trial's run KILLED (see ``abandon``): the rerun telling that
-    trial replaces it too, or the trial would stay a run without its objective."""
-    tracker = Tracker(validate_config(sweep_dict))
-    tracker.start_sweep("d1", {})
-    tune = tracker.tuning_run("study1", "wemoe", {"n_trials": 1, "n_parallel": 1, "pruner": "none"})
-    left = tracker.client.create_run(tracker.experiment_id, tags={
-        "harness.run_key": "trial:study1#0", "mlflow.parentRunId": tune, "harness.kind": "trial"}).info.run_id
-    tracker.client.set_terminated(left, status="KILLED")
-    done = JobResult("t0", "trial", "wemoe", {}, None, "ok", metrics={"val/acc/avg": 70.0})
-    tracker.log_trial(tune, "study1", 0, {"lr": 0.1}, done, "COMPLETE", "val/acc/avg")
-    (run,) = children(tracker, tune)
-    assert run.info.run_id != left and run.info.status == "FINISHED"
-    assert run.data.metrics == {"val/acc/avg": 70.0, "objective": 70.0}
 
 
 def test_a_job_logged_by_an_earlier_driver_is_not_logged_twice_by_a_first_log_job(sweep_dict):
