@@ -202,7 +202,8 @@ def test_with_both_seen_and_unseen_given_a_task_in_neither_is_refused(sweep_dict
 
 @pytest.mark.parametrize("change,same", [
     ({"seed": 1}, False), ({"tasks": [B, A]}, False), ({"unseen": [B]}, False), ({"eval": {"max_samples": 8}}, False),
-    ({"eval": {"precision": "bf16"}}, False), ({"adapt": {"shuffle_seed": 1}}, False),
+    ({"eval": {"precision": "bf16"}}, False), ({"eval": {"precision": "fp16"}}, False),
+    ({"adapt": {"shuffle_seed": 1}}, False),
     ({"executor": {"workers": 2}}, True), ({"eval": {"batch_size": 8}}, True), ({"description": "x"}, True),
     ({"threads": 2}, True), ({"methods": [{"name": "weight_averaging"}]}, True), ({"references": False}, True),
 ])
