@@ -281,3 +281,11 @@ def test_a_hyperparameter_both_fixed_and_tuned_is_refused(sweep_dict):
     tune = {"space": {"scaling": {"type": "float", "low": 0.1, "high": 0.9}}}
     with pytest.raises(ConfigError, match=r"methods.0: \['scaling'\] given both in params and tune.space"):
         validate_config({**sweep_dict, "methods": [{"name": "task_arithmetic", "params": {"scaling": 0.3}, "tune": tune}]})
+
+
+def test_an_override_of_a_field_of_a_task_given_by_name_alone_sets_it_on_that_task():
+    """``tasks: [a, b]`` and ``tasks.0.options.data_root=/d``: the first task gets the folder, as a
+    method given by name alone gets its params."""
+    raw = {"tasks": [A, B], "methods": ["ties"]}
+    assert apply_overrides(raw, ["tasks.0.options.data_root=/d", "methods.0.params.k=20"]) == {
+        "tasks": [{"name": A, "options": {"data_root": "/d"}}, B], "methods": [{"name": "ties", "params": {"k": 20}}]}
