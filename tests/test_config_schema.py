@@ -9,8 +9,8 @@ import json
 import pytest
 import yaml
 
-from harness.config import (EXPERIMENT_FIELDS, ConfigError, apply_overrides, dump_yaml, expand_env, load_config,
-                            validate_config)
+from harness.config import (EXPERIMENT_FIELDS, ConfigError, apply_overrides, dump_yaml, expand_env, expand_grid,
+                            load_config, validate_config)
 
 A, B, C = "toy_stripes", "toy_colours", "toy_checks"
 
@@ -289,3 +289,13 @@ def test_an_override_of_a_field_of_a_task_given_by_name_alone_sets_it_on_that_ta
     raw = {"tasks": [A, B], "methods": ["ties"]}
     assert apply_overrides(raw, ["tasks.0.options.data_root=/d", "methods.0.params.k=20"]) == {
         "tasks": [{"name": A, "options": {"data_root": "/d"}}, B], "methods": [{"name": "ties", "params": {"k": 20}}]}
+
+
+def test_a_grid_expands_to_its_cartesian_product_in_yaml_order_over_the_fixed_params(sweep_dict):
+    """Settings run and are listed as ``itertools.product`` of the grid's lists, the later key varying fastest."""
+    grid = {"scaling": [0.3, 0.5], "merge_function": ["sum", "mean"]}
+    m = validate_config(dict(sweep_dict, methods=[{"name": "ties", "params": {"k": 20}, "grid": grid}]))
+    assert expand_grid(m.methods[0]) == [{"k": 20, "scaling": 0.3, "merge_function": "sum"},
+                                         {"k": 20, "scaling": 0.3, "merge_function": "mean"},
+                                         {"k": 20, "scaling": 0.5, "merge_function": "sum"},
+                                         {"k": 20, "scaling": 0.5, "merge_function": "mean"}]
