@@ -299,3 +299,12 @@ def test_a_grid_expands_to_its_cartesian_product_in_yaml_order_over_the_fixed_pa
                                          {"k": 20, "scaling": 0.3, "merge_function": "mean"},
                                          {"k": 20, "scaling": 0.5, "merge_function": "sum"},
                                          {"k": 20, "scaling": 0.5, "merge_function": "mean"}]
+
+
+def test_the_resolved_config_written_out_states_the_values_the_file_left_to_defaults(sweep_dict):
+    """A finished sweep is read back from it: what ran must not depend on a later version's defaults."""
+    cfg = validate_config(sweep_dict)
+    written = yaml.safe_load(dump_yaml(cfg))
+    assert written == cfg.model_dump(mode="json")
+    assert written["references"]["pretrained"] is True and written["eval"]["precision"] == "fp32"
+    assert written["seed"] == cfg.seed and written["adapt"] == {"split": "test", "shuffle_seed": 0}
