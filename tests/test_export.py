@@ -661,5 +661,11 @@ def test_a_merged_model_with_a_tensor_of_another_shape_is_refused(tmp_path):
     wider = copy.deepcopy(pretrained)
     wider.class_embedding = torch.nn.Parameter(torch.zeros(wider.class_embedding.numel() + 1))
     assert set(wider.state_dict()) == set(pretrained.state_dict())
-    with pytest.raises(ExportError, match="not a plain image encoder"):
+    n = pretrained.class_embedding.numel()
+    with pytest.raises(ExportError, match=rf"not a plain image encoder \(class_embedding of shape \[{n + 1}\], "
+                                          rf"the architecture's \[{n}\]\)"):
         _plain_encoder_state(wider, pretrained, "m", tmp_path)
+    fewer = copy.deepcopy(pretrained)
+    del fewer.class_embedding
+    with pytest.raises(ExportError, match=r"\(1 of the architecture's tensors missing, e\.g\. class_embedding\)"):
+        _plain_encoder_state(fewer, pretrained, "m", tmp_path)
