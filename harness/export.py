@@ -206,9 +206,15 @@ def _plain_encoder_state(merged: torch.nn.Module, pretrained: torch.nn.Module, l
     want = {k: tuple(v.shape) for k, v in pretrained.state_dict().items()}
     got = {k: tuple(v.shape) for k, v in state.items()}
     if got != want:
-        extra = sorted(set(got) - set(want))
-        raise ExportError(_not_plain(label, f"{len(extra)} tensors the architecture has not, e.g. "
-                                            f"{extra[0] if extra else 'none'}", workdir))
+        extra, missing = sorted(set(got) - set(want)), sorted(set(want) - set(got))
+        if extra:
+            why = f"{len(extra)} tensors the architecture has not, e.g. {extra[0]}"
+        elif missing:
+            why = f"{len(missing)} of the architecture's tensors missing, e.g. {missing[0]}"
+        else:
+            name = min(k for k in got if got[k] != want[k])
+            why = f"{name} of shape {list(got[name])}, the architecture's {list(want[name])}"
+        raise ExportError(_not_plain(label, why, workdir))
     return {k: v.detach().cpu() for k, v in state.items()}
 
 

@@ -332,6 +332,19 @@ def test_an_out_inside_an_input_model_folder_is_refused(sweep_dict, tmp_path):
     _refuse_an_input(tmp_path / "merged.safetensors", validate_config(sweep_dict), sources)  # beside it: fine
 
 
+def test_an_out_that_is_a_hard_link_to_an_input_is_refused(sweep_dict, tmp_path):
+    """A hard link is the input file under another name (no symlink to resolve): refused too."""
+    import os
+
+    from harness.export import _refuse_an_input
+
+    given = tmp_path / "given.safetensors"
+    given.write_bytes(b"model")
+    os.link(given, tmp_path / "linked.safetensors")
+    sources = {"pretrained": str(given), "finetuned": {}, "heads": {}}
+    with pytest.raises(ExportError, match=f"is one of the sweep's input models \\({given}\\)"):
+        _refuse_an_input(tmp_path / "linked.safetensors", validate_config(sweep_dict), sources)
+
 def test_a_row_of_an_edited_method_of_ones_own_is_refused_naming_its_file(sweep_dict, tmp_path, monkeypatch):
     """Editing one's method file after the sweep makes its row stale: the refusal names the file
     as a possible cause, beside checkpoints, data and settings, none of which changed."""
@@ -635,3 +648,24 @@ def test_a_merged_model_with_tensors_the_architecture_has_not_is_refused_naming_
     routed.register_parameter("router", torch.nn.Parameter(torch.zeros(2)))
     with pytest.raises(ExportError, match=r"not a plain image encoder \(1 tensors the architecture has not, e\.g\. router\)"):
         _plain_encoder_state(routed, pretrained, "m", tmp_path)
+
+
+def test_a_merged_model_with_a_tensor_of_another_shape_is_refused(tmp_path):
+    """Every tensor name the architecture has, one of another shape: no checkpoint that loads back."""
+    import copy
+
+    from harness.export import _plain_encoder_state
+    from harness.models import build_clip
+
+    pretrained = build_clip("harness-micro-vit").visual
+    wider = copy.deepcopy(pretrained)
+    wider.class_embedding = torch.nn.Parameter(torch.zeros(wider.class_embedding.numel() + 1))
+    assert set(wider.state_dict()) == set(pretrained.state_dict())
+    n = pretrained.class_embedding.numel()
+    with pytest.raises(ExportError, match=rf"not a plain image encoder \(class_embedding of shape \[{n + 1}\], "
+                                          rf"the architecture's \[{n}\]\)"):
+        _plain_encoder_state(wider, pretrained, "m", tmp_path)
+    fewer = copy.deepcopy(pretrained)
+    del fewer.class_embedding
+    with pytest.raises(ExportError, match=r"\(1 of the architecture's tensors missing, e\.g\. class_embedding\)"):
+        _plain_encoder_state(fewer, pretrained, "m", tmp_path)

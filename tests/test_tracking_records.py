@@ -228,6 +228,40 @@ def test_a_study_run_reopened_by_a_rerun_is_running_until_it_ends(sweep_dict):
     assert tracker.client.get_run(rid).info.status == "KILLED"
 
 
+def test_a_study_run_a_rerun_reopened_ends_killed_when_that_rerun_is_stopped(sweep_dict):
+    """The rerun's driver did not create the study's run, it reopened it: stopping that driver
+    still ends the run KILLED, not RUNNING for ever."""
+    cfg = validate_config(sweep_dict)
+    tune = {"n_trials": 1, "n_parallel": 1, "pruner": "none"}
+    first = Tracker(cfg)
+    first.start_sweep("d1", {})
+    rid = first.tuning_run("study1", "wemoe", tune)
+    first.stop_tuning_run(rid)
+    first.finish(False)
+    rerun = Tracker(cfg)
+    rerun.start_sweep("d1", {})
+    assert rerun.tuning_run("study1", "wemoe", tune) == rid
+    rerun.abandon("KILLED")
+    assert rerun.client.get_run(rid).info.status == "KILLED"
+
+
+def test_a_job_run_stopped_while_it_was_logged_ends_killed(sweep_dict, monkeypatch):
+    """Ctrl-C while a job's metrics are logged, after its run was created: the run ends KILLED."""
+    tracker = Tracker(validate_config(sweep_dict))
+    tracker.start_sweep("d1", {})
+    tracker.is_logged("k1")  # MLflow opened, as the sweep does before it logs a job
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tracker.client, "log_batch", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        tracker.log_job(JobResult("k1", "merge", "ta", {}, None, "ok", metrics={"acc/avg": 50.0}), {"a": 1}, "digest1")
+    monkeypatch.undo()
+    tracker.abandon("KILLED")
+    (run,) = children(tracker, tracker.parent_id)
+    assert run.data.tags["harness.job_key"] == "k1" and run.info.status == "KILLED"
+
 def test_a_job_failing_again_in_a_rerun_keeps_its_one_run_with_the_latest_reason(sweep_dict):
     """A rerun (a new driver reopening the sweep's run) finds the failed job's run; the job failing
     again updates that run's reason: no run is deleted and logged anew."""

@@ -73,6 +73,23 @@ def test_tracker_opens_mlflow_on_first_use_and_reopens_the_sweep_run(sweep_dict)
     assert other.parent_id != parent
 
 
+def test_of_two_runs_of_one_sweep_the_rerun_reopens_the_newest(sweep_dict):
+    """Two parent runs of one sweep (two drivers raced to create it): a rerun continues the one
+    started last, the run ``harness report`` reads, not the older one its jobs would be lost in."""
+    from harness.tracking import SWEEP_TAG, Tracker
+
+    cfg = validate_config(sweep_dict)
+    first = Tracker(cfg)
+    first.start_sweep("d1", {})
+    first.finish(True)
+    start = first.client.get_run(first.parent_id).info.start_time
+    newer = first.client.create_run(first.experiment_id, start_time=start + 60_000,
+                                    tags={SWEEP_TAG: "d1", "harness.kind": "sweep"}).info.run_id
+    first.client.set_terminated(newer, status="FINISHED")
+    rerun = Tracker(cfg)
+    rerun.start_sweep("d1", {})
+    assert rerun.parent_id == newer
+
 def test_job_runs_carry_the_git_commit_they_were_logged_with(sweep_dict, monkeypatch):
     """As the README says of job runs: their tags hold the git commit when available, not only the
     parent's (which keeps the commit of the run that created it, while a resumed sweep logs its
