@@ -345,6 +345,7 @@ def test_an_out_that_is_a_hard_link_to_an_input_is_refused(sweep_dict, tmp_path)
     with pytest.raises(ExportError, match=f"is one of the sweep's input models \\({given}\\)"):
         _refuse_an_input(tmp_path / "linked.safetensors", validate_config(sweep_dict), sources)
 
+
 def test_a_row_of_an_edited_method_of_ones_own_is_refused_naming_its_file(sweep_dict, tmp_path, monkeypatch):
     """Editing one's method file after the sweep makes its row stale: the refusal names the file
     as a possible cause, beside checkpoints, data and settings, none of which changed."""

@@ -262,6 +262,7 @@ def test_a_job_run_stopped_while_it_was_logged_ends_killed(sweep_dict, monkeypat
     (run,) = children(tracker, tracker.parent_id)
     assert run.data.tags["harness.job_key"] == "k1" and run.info.status == "KILLED"
 
+
 def test_a_job_failing_again_in_a_rerun_keeps_its_one_run_with_the_latest_reason(sweep_dict):
     """A rerun (a new driver reopening the sweep's run) finds the failed job's run; the job failing
     again updates that run's reason: no run is deleted and logged anew."""

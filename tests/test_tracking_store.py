@@ -90,6 +90,7 @@ def test_of_two_runs_of_one_sweep_the_rerun_reopens_the_newest(sweep_dict):
     rerun.start_sweep("d1", {})
     assert rerun.parent_id == newer
 
+
 def test_job_runs_carry_the_git_commit_they_were_logged_with(sweep_dict, monkeypatch):
     """As the README says of job runs: their tags hold the git commit when available, not only the
     parent's (which keeps the commit of the run that created it, while a resumed sweep logs its
