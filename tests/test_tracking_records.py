@@ -263,17 +263,24 @@ def test_a_job_run_stopped_while_it_was_logged_ends_killed(sweep_dict, monkeypat
     assert run.data.tags["harness.job_key"] == "k1" and run.info.status == "KILLED"
 
 
+def _reopened_after_logging(sweep_dict, result: JobResult) -> tuple[Tracker, str]:
+    """A first driver logs ``result`` (job key ``k1``); a second one reopens the sweep's run, as a
+    rerun does: that second tracker, and the run's id the first logged."""
+    cfg = validate_config(sweep_dict)
+    first = Tracker(cfg)
+    first.start_sweep("d1", {})
+    rid = first.log_job(result, {}, "digest1")
+    rerun = Tracker(cfg)
+    rerun.start_sweep("d1", {})
+    return rerun, rid
+
+
 def test_a_job_failing_again_in_a_rerun_keeps_its_one_run_with_the_latest_reason(sweep_dict):
     """A rerun (a new driver reopening the sweep's run) finds the failed job's run; the job failing
     again updates that run's reason: no run is deleted and logged anew."""
     from mlflow.entities import ViewType
 
-    cfg = validate_config(sweep_dict)
-    first = Tracker(cfg)
-    first.start_sweep("d1", {})
-    rid = first.log_job(JobResult("k1", "merge", "ta", {}, None, "failed", error="boom1"), {}, "digest1")
-    rerun = Tracker(cfg)
-    rerun.start_sweep("d1", {})
+    rerun, rid = _reopened_after_logging(sweep_dict, JobResult("k1", "merge", "ta", {}, None, "failed", error="boom1"))
     assert not rerun.is_logged("k1")  # as the sweep asks before it logs a job: a failed job is run again
     assert rerun.log_job(JobResult("k1", "merge", "ta", {}, None, "failed", error="boom2"), {}, "digest1") is None
     (run,) = rerun.client.search_runs([rerun.experiment_id], f"tags.`mlflow.parentRunId` = '{rerun.parent_id}'",
@@ -301,13 +308,8 @@ def test_the_sweeps_run_reads_running_while_its_driver_runs_and_when_a_rerun_reo
 def test_a_job_logged_by_an_earlier_driver_is_not_logged_twice_by_a_first_log_job(sweep_dict):
     """``log_job`` skips a job already logged even as a new driver's first MLflow call: what is
     logged is known only once the sweep's run is found, which must come before the check."""
-    cfg = validate_config(sweep_dict)
-    first = Tracker(cfg)
-    first.start_sweep("d1", {})
     done = JobResult("k1", "merge", "ta", {}, None, "ok", metrics={"acc/avg": 50.0})
-    rid = first.log_job(done, {}, "digest1")
-    rerun = Tracker(cfg)
-    rerun.start_sweep("d1", {})
+    rerun, rid = _reopened_after_logging(sweep_dict, done)
     assert rerun.log_job(done, {}, "digest1") is None
     assert [r.info.run_id for r in children(rerun, rerun.parent_id)] == [rid]
 
@@ -315,12 +317,8 @@ def test_a_job_logged_by_an_earlier_driver_is_not_logged_twice_by_a_first_log_jo
 def test_a_robustness_study_failing_again_in_a_rerun_updates_its_runs_reason(sweep_dict):
     """A finished job whose robustness study failed keeps its run through a rerun whose study fails
     again; the run's study failure reason becomes the latest one, as the command's summary says."""
-    cfg = validate_config(sweep_dict)
-    first = Tracker(cfg)
-    first.start_sweep("d1", {})
-    rid = first.log_job(JobResult("k1", "merge", "ta", {}, None, "ok", study_error="corrupt1"), {}, "digest1")
-    rerun = Tracker(cfg)
-    rerun.start_sweep("d1", {})
+    rerun, rid = _reopened_after_logging(sweep_dict, JobResult("k1", "merge", "ta", {}, None, "ok",
+                                                               study_error="corrupt1"))
     assert not rerun.is_logged("k1")
     assert rerun.log_job(JobResult("k1", "merge", "ta", {}, None, "ok", study_error="corrupt2"), {}, "digest1") is None
     (run,) = children(rerun, rerun.parent_id)
