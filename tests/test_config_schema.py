@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
+from pathlib import Path
 
 import pytest
 import yaml
@@ -13,6 +15,7 @@ from harness.config import (EXPERIMENT_FIELDS, ConfigError, apply_overrides, dum
                             load_config, validate_config)
 
 A, B, C = "toy_stripes", "toy_colours", "toy_checks"
+README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 @pytest.mark.parametrize("lambdas,fragment", [
@@ -99,6 +102,41 @@ def test_a_minimal_sweep_takes_the_documented_defaults(sweep_dict):
     assert (refs.pretrained, refs.individual, refs.perfect_routing, refs.bound_lambdas) == (True, True, False, [0.3])
     assert (cfg.robustness.severity, cfg.robustness.adapt) == (2, "corrupted")
     assert (cfg.executor.kind, cfg.executor.workers) == ("local", 1)
+
+
+def _readme_defaults() -> dict[str, str]:
+    """The defaults the README's example blocks state in their comments: ``key: v  # ... (default d)``,
+    ``# d (the default) | ...``, or ``# the defaults`` for the line's own values."""
+    found = {}
+    for line in README.read_text().splitlines():
+        m = re.match(r"\s*(\w+): (.+?)\s+#(.*)$", line)
+        if not m or "default" not in m.group(3):
+            continue
+        key, value, comment = m.groups()
+        if comment.strip().startswith("the defaults"):
+            found.update({f"{key}.{k}": str(v) for k, v in yaml.safe_load(value).items()})
+        elif given := re.search(r"\(default (\w+)\)|; default (\w+)\)|^ default (\w+)$", comment):
+            found[key] = next(g for g in given.groups() if g)
+        elif given := re.search(r"(\w+) \(the default\)", comment):
+            found[key] = given.group(1)
+        elif "(the default;" in comment:
+            found[key] = value
+    return found
+
+
+def test_a_minimal_sweep_takes_the_defaults_the_readme_states(sweep_dict):
+    """Evaluation, tuning and SLURM fields a sweep file leaves out take the values the README's
+    examples call the defaults."""
+    documented = _readme_defaults()
+    tuned = dict(sweep_dict, methods=[{"name": "task_arithmetic", "tune": {"space": {
+        "scaling": {"type": "float", "low": 0.1, "high": 0.5}}}}], executor={"kind": "slurm"})
+    cfg = validate_config(tuned)
+    tune = cfg.methods[0].tune
+    taken = {"eval.batch_size": cfg.eval.batch_size, "eval.precision": cfg.eval.precision,
+             "n_trials": tune.n_trials, "sampler": tune.sampler, "pruner": tune.pruner,
+             "timeout_min": cfg.executor.timeout_min, "requeues": cfg.executor.requeues,
+             "array_parallelism": cfg.executor.array_parallelism}
+    assert {k: documented.get(k) for k in taken} == {k: str(v) for k, v in taken.items()}
 
 
 def test_references_false_turns_every_reference_row_off(sweep_dict):
