@@ -25,7 +25,7 @@ def run_benchmark(*args: str) -> str:
 
 
 def test_ties_benchmark_matches_the_dense_reference():
-    out = run_benchmark("benchmarks/bench_ties.py", "--small")
+    out = run_benchmark("benchmarks/bench_ties.py", "--small", "--only", "streaming", "dense", "--repeats", "1")
     row = next(line for line in out.splitlines() if line.startswith("TIES literal dense"))
     *_, max_diff, differing = row.split()
     assert float(max_diff) == 0.0 and int(differing) == 0, row
@@ -301,7 +301,8 @@ def test_ties_benchmark_prints_the_others_when_one_implementation_dies(monkeypat
 
     monkeypatch.setattr(bench_ties.subprocess, "run", dense_killed)
     monkeypatch.setenv("PYTHONPATH", str(ROOT))
-    monkeypatch.setattr(sys, "argv", ["bench_ties.py", "--small", "--only", "streaming", "dense", "ta"])
+    monkeypatch.setattr(sys, "argv", ["bench_ties.py", "--small", "--only", "streaming", "dense", "ta",
+                                      "--repeats", "1"])
     with pytest.raises(SystemExit) as stopped:
         bench_ties.main()
     out = capsys.readouterr().out
