@@ -1143,15 +1143,19 @@ def test_slurm_results_equal_the_local_executors(interrupted_sweep, local_outcom
         (m["label"], None) for m in FAILING]
 
 
+def _grid_alone(d: dict) -> dict:
+    """The sweep's grid method alone, no reference rows, with a robustness study of one corruption."""
+    methods = [m for m in d["methods"] if "grid" in m]
+    return dict(d, methods=methods, references=False, robustness={"tasks": ["toy_stripes"], "corruptions": ["contrast"]})
+
+
 @needs_slurm
 def test_robustness_follow_up_runs_on_the_cluster(cluster, varied_checkpoints, tmp_path):
     """A grid method's robustness job is submitted after its grid, and equals the local one."""
-    robustness = {"tasks": ["toy_stripes"], "corruptions": ["contrast"]}
     runs = {}
     for kind, executor in (("local", {"kind": "local"}),
                            ("slurm", {"kind": "slurm", "mem_gb": 1, "timeout_min": 5, "setup": SETUP, "poll_s": 1})):
-        d = dict(_sweep(varied_checkpoints, tmp_path / kind / "sweep", f"toy-rob-{kind}", **executor),
-                 robustness=robustness)
+        d = _grid_alone(_sweep(varied_checkpoints, tmp_path / kind / "sweep", f"toy-rob-{kind}", **executor))
         runs[kind] = run_sweep(validate_config(d), quiet=True)
     (local,) = [r for r in runs["local"].results if r.kind == "robustness"]
     (remote,) = [r for r in runs["slurm"].results if r.kind == "robustness"]
@@ -1199,8 +1203,8 @@ def test_collect_keeps_the_row_of_a_finished_study(cluster, varied_checkpoints, 
 
     from rich.console import Console
 
-    d = _sweep(varied_checkpoints, tmp_path / "sweep", "toy-collect-tuned", kind="slurm", mem_gb=1, timeout_min=5,
-               setup=SETUP, poll_s=1)
+    d = dict(_sweep(varied_checkpoints, tmp_path / "sweep", "toy-collect-tuned", kind="slurm", mem_gb=1,
+                    timeout_min=5, setup=SETUP, poll_s=1), references=False)
     d["methods"] = [{"name": "task_arithmetic", "label": "tuned", "tune": {
         "n_trials": 2, "n_parallel": 2, "sampler": "random",
         "space": {"scaling": {"type": "float", "low": 0.3, "high": 0.8}}}}]
@@ -1238,12 +1242,11 @@ def test_detached_sweeps_submit_and_collect_the_robustness_follow_up(cluster, va
 
     from rich.console import Console
 
-    robustness = {"tasks": ["toy_stripes"], "corruptions": ["contrast"]}
-    local = run_sweep(validate_config(dict(_sweep(varied_checkpoints, tmp_path / "local" / "sweep", "toy-drob-local",
-                                                  kind="local"), robustness=robustness)), quiet=True)
+    local = run_sweep(validate_config(_grid_alone(_sweep(varied_checkpoints, tmp_path / "local" / "sweep",
+                                                        "toy-drob-local", kind="local"))), quiet=True)
     (truth,) = [r for r in local.results if r.kind == "robustness"]
-    cfg = validate_config(dict(_sweep(varied_checkpoints, tmp_path / "slurm" / "sweep", "toy-drob-slurm", kind="slurm",
-                                      mem_gb=1, timeout_min=5, setup=SETUP, poll_s=1), robustness=robustness))
+    cfg = validate_config(_grid_alone(_sweep(varied_checkpoints, tmp_path / "slurm" / "sweep", "toy-drob-slurm",
+                                            kind="slurm", mem_gb=1, timeout_min=5, setup=SETUP, poll_s=1)))
 
     def said(mode: str):
         text = io.StringIO()
@@ -1251,7 +1254,7 @@ def test_detached_sweeps_submit_and_collect_the_robustness_follow_up(cluster, va
         return outcome, " ".join(text.getvalue().split())
 
     submitted = Path(cfg.resolved_output_dir()) / "slurm" / "submitted.json"
-    said("detach")  # the grid (and the references)
+    said("detach")  # the grid
     n = len(json.loads(submitted.read_text())["jobs"])
     outcome, text = said("collect")
     assert f"collecting {n} submitted jobs (SLURM " in text and "submitted 0" not in text, text  # collect sends none
