@@ -208,25 +208,28 @@ def test_batches_of_data_the_batch_size_divides_cover_it_all_each_epoch():
     assert [sorted(next(small).tolist()) for _ in range(2)] == [[0, 1, 2, 3]] * 2
 
 
+class _Spy(torch.nn.Module):
+    """A linear encoder of 2x2 RGB images that tells ``record`` of each forward pass."""
+
+    def __init__(self, record):
+        super().__init__()
+        self.lin = torch.nn.Linear(12, 4)
+        self.record = record
+
+    def forward(self, x):
+        self.record(self, x)
+        return self.lin(x.flatten(1))
+
+
 def test_finetuning_preserves_on_half_batches_reports_each_step_and_returns_an_eval_model():
     """With preservation each step draws ``batch_size // 2`` pool images, which the encoder being
     tuned and the pretrained one both see; ``progress`` gets steps 1..steps; the tuned encoder
     comes back in eval mode (dropout off), ready to evaluate."""
     seen: list[int] = []
-
-    class Spy(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lin = torch.nn.Linear(12, 4)
-
-        def forward(self, x):
-            seen.append(len(x))
-            return self.lin(x.flatten(1))
-
     gen = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(20, 3, 2, 2, generator=gen), torch.arange(20) % 3)
     steps = []
-    tuned = finetune_encoder(Spy(), torch.randn(3, 4, generator=gen), data, steps=2, batch_size=8, warmup=0,
+    tuned = finetune_encoder(_Spy(lambda spy, x: seen.append(len(x))), torch.randn(3, 4, generator=gen), data, steps=2, batch_size=8, warmup=0,
                              preserve_weight=1.0, preserve_images=torch.randn(30, 3, 2, 2, generator=gen),
                              progress=lambda step, total, metrics: steps.append((step, total)))
     assert seen == [8, 4, 4] * 2  # the task batch, then the pool batch through the reference and the tuned copy
@@ -265,19 +268,9 @@ def test_the_loss_adds_the_drift_times_the_preservation_weight():
 def test_an_encoder_given_in_eval_mode_trains_in_train_mode():
     """Dropout and the like are on while fine-tuning, whatever mode the given encoder is in."""
     modes: list[bool] = []
-
-    class Spy(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lin = torch.nn.Linear(12, 4)
-
-        def forward(self, x):
-            modes.append(self.training)
-            return self.lin(x.flatten(1))
-
     gen = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(8, 3, 2, 2, generator=gen), torch.arange(8) % 3)
-    finetune_encoder(Spy().eval(), torch.randn(3, 4, generator=gen), data, steps=2, batch_size=4, warmup=0)
+    finetune_encoder(_Spy(lambda spy, x: modes.append(spy.training)).eval(), torch.randn(3, 4, generator=gen), data, steps=2, batch_size=4, warmup=0)
     assert modes == [True, True]
 
 
