@@ -664,3 +664,20 @@ def test_float_buffers_are_merged_like_parameters():
     exported = enc.export()
     torch.testing.assert_close(exported.w.detach(), w)
     torch.testing.assert_close(exported.scale, scale)
+
+
+def test_a_checkpoint_ahead_of_the_steps_asked_for_gives_the_losses_of_those_steps(models, tmp_path):
+    """A workdir checkpointed at step 4, then asked for 2 steps: the run takes no step and
+    returns the first two losses of the four-step run, not the four the checkpoint holds."""
+    from methods.tta import run_tta
+
+    pre, ft = models
+
+    def run(steps: int) -> list[float]:
+        enc = adamerging.AdaMergedEncoder(pre, ft, granularity="layer")
+        ctx = MergeContext(heads=heads(), unlabeled=fixed_unlabeled(), workdir=str(tmp_path))
+        return run_tta(enc, ctx, lr=5e-2, steps=steps, checkpoint_every=2, joint_forward=True)
+
+    four = run(4)
+    assert len(four) == 4
+    assert run(2) == four[:2]
