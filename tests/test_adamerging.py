@@ -681,3 +681,18 @@ def test_a_checkpoint_ahead_of_the_steps_asked_for_gives_the_losses_of_those_ste
     four = run(4)
     assert len(four) == 4
     assert run(2) == four[:2]
+
+
+def test_a_non_finite_adaptation_loss_fails_the_run_naming_its_step(models):
+    """A head with a NaN weight makes every logit NaN: the first step's loss is NaN, and the run
+    stops there rather than stepping Adam on NaN gradients and returning a NaN-filled merge."""
+    from methods.tta import run_tta
+
+    pre, ft = models
+    hd = heads()
+    hd["b"] = hd["b"].clone()
+    hd["b"][0, 0] = float("nan")
+    enc = adamerging.AdaMergedEncoder(pre, ft)
+    with pytest.raises(FloatingPointError, match="not finite at step 1"):
+        run_tta(enc, MergeContext(heads=hd, unlabeled=fixed_unlabeled()), lr=5e-2, steps=3, joint_forward=True)
+    assert torch.equal(enc.coef.detach(), torch.full((3,), 0.3))
