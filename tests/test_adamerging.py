@@ -696,3 +696,18 @@ def test_a_non_finite_adaptation_loss_fails_the_run_naming_its_step(models):
     with pytest.raises(FloatingPointError, match="not finite at step 1"):
         run_tta(enc, MergeContext(heads=hd, unlabeled=fixed_unlabeled()), lr=5e-2, steps=3, joint_forward=True)
     assert torch.equal(enc.coef.detach(), torch.full((3,), 0.3))
+
+
+def test_joint_forward_gives_each_task_its_own_rows_when_batch_sizes_differ(models):
+    """Tasks' batches of 2, 5 and 3 images: the joint forward splits its features back by those
+    sizes, so each head scores its own task's images, as the per-task forwards do."""
+    from methods.tta import run_tta
+
+    pre, ft = models
+    data = {t: images(n, 40 + i) for i, (t, n) in enumerate(zip(TASKS, (2, 5, 3)))}
+    results = []
+    for joint in (True, False):
+        enc = adamerging.AdaMergedEncoder(pre, ft)
+        ctx = MergeContext(heads=heads(), unlabeled={t: (lambda t=t: iter([data[t]])) for t in TASKS})
+        results.append(run_tta(enc, ctx, lr=1e-2, steps=2, joint_forward=joint))
+    assert results[0] == pytest.approx(results[1], rel=1e-5)
