@@ -1152,3 +1152,19 @@ def test_routing_statistics_report_the_weights_after_the_routing_transform(model
         torch.testing.assert_close(torch.tensor(routing_stats["mean_weight"][t], dtype=torch.float64),
                                    torch.tensor(weights, dtype=torch.float64).expand(2, 3), rtol=1e-6, atol=1e-7)
     assert task_id["per_task"] == {"a": [0.0, 0.0], "b": [0.0, 0.0], "c": [1.0, 1.0]}
+
+
+def test_a_saved_router_file_without_an_adaptation_record_is_adapted_again(models, tmp_path):
+    """A router file in the workdir whose meta matches the job but records no adaptation (its
+    loss history) is not a finished adaptation: the job adapts again instead of failing on it."""
+    pre, ft = models
+    method = wemoe.WeMoE(steps=3, lr=1e-2, checkpoint_every=0, router_depth=1, routing_stats_batches=0)
+    model = method.merge(pre, ft, MergeContext(heads=heads(), unlabeled=fixed_unlabeled(), workdir=str(tmp_path)))
+    path = tmp_path / wemoe.MODEL_FILE
+    _, meta = wemoe.read_wemoe_meta(path)
+    del meta["adaptation"]
+    wemoe.save_wemoe(model, path, meta)
+    again = MergeContext(heads=heads(), unlabeled=fixed_unlabeled(), workdir=str(tmp_path))
+    method.merge(pre, ft, again)
+    assert len(again.artifacts["tta_loss"]) == 3
+    assert "adaptation" in wemoe.read_wemoe_meta(path)[1]
