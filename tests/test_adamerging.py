@@ -664,3 +664,50 @@ def test_float_buffers_are_merged_like_parameters():
     exported = enc.export()
     torch.testing.assert_close(exported.w.detach(), w)
     torch.testing.assert_close(exported.scale, scale)
+
+
+def test_a_checkpoint_ahead_of_the_steps_asked_for_gives_the_losses_of_those_steps(models, tmp_path):
+    """A workdir checkpointed at step 4, then asked for 2 steps: the run takes no step and
+    returns the first two losses of the four-step run, not the four the checkpoint holds."""
+    from methods.tta import run_tta
+
+    pre, ft = models
+
+    def run(steps: int) -> list[float]:
+        enc = adamerging.AdaMergedEncoder(pre, ft, granularity="layer")
+        ctx = MergeContext(heads=heads(), unlabeled=fixed_unlabeled(), workdir=str(tmp_path))
+        return run_tta(enc, ctx, lr=5e-2, steps=steps, checkpoint_every=2, joint_forward=True)
+
+    four = run(4)
+    assert len(four) == 4
+    assert run(2) == four[:2]
+
+
+def test_a_non_finite_adaptation_loss_fails_the_run_naming_its_step(models):
+    """A head with a NaN weight makes every logit NaN: the first step's loss is NaN, and the run
+    stops there rather than stepping Adam on NaN gradients and returning a NaN-filled merge."""
+    from methods.tta import run_tta
+
+    pre, ft = models
+    hd = heads()
+    hd["b"] = hd["b"].clone()
+    hd["b"][0, 0] = float("nan")
+    enc = adamerging.AdaMergedEncoder(pre, ft)
+    with pytest.raises(FloatingPointError, match="not finite at step 1"):
+        run_tta(enc, MergeContext(heads=hd, unlabeled=fixed_unlabeled()), lr=5e-2, steps=3, joint_forward=True)
+    assert torch.equal(enc.coef.detach(), torch.full((3,), 0.3))
+
+
+def test_joint_forward_gives_each_task_its_own_rows_when_batch_sizes_differ(models):
+    """Tasks' batches of 2, 5 and 3 images: the joint forward splits its features back by those
+    sizes, so each head scores its own task's images, as the per-task forwards do."""
+    from methods.tta import run_tta
+
+    pre, ft = models
+    data = {t: images(n, 40 + i) for i, (t, n) in enumerate(zip(TASKS, (2, 5, 3)))}
+    results = []
+    for joint in (True, False):
+        enc = adamerging.AdaMergedEncoder(pre, ft)
+        ctx = MergeContext(heads=heads(), unlabeled={t: (lambda t=t: iter([data[t]])) for t in TASKS})
+        results.append(run_tta(enc, ctx, lr=1e-2, steps=2, joint_forward=joint))
+    assert results[0] == pytest.approx(results[1], rel=1e-5)

@@ -1132,3 +1132,39 @@ def test_an_image_scores_alike_alone_and_in_a_small_batch(models, size):
     with torch.no_grad():
         alone = torch.cat([moe(x[i : i + 1]) for i in range(size)])
         assert rel_err(moe(x), alone) <= 1e-5
+
+
+@pytest.mark.parametrize(("routing", "const", "weights"), [
+    ("softmax", [0.0, math.log(2.0), math.log(5.0)], [0.9 / 8, 0.9 * 2 / 8, 0.9 * 5 / 8]),
+    ("clamp", [-0.4, 0.3, 1.2], [0.0, 0.3, 1.0]),
+])
+def test_routing_statistics_report_the_weights_after_the_routing_transform(models, routing, const, weights):
+    """The statistics are of the weights the MLPs mix with, not of the router logits: softmax
+    routing (scale init_lambda x 3 = 0.9) gives 0.9 x softmax(logits), clamped routing the
+    logits cut to [0, 1]."""
+    pre, ft = models
+    moe = wemoe.build_wemoe(pre, ft, router_depth=0, routing=routing, init_lambda=0.3)
+    with torch.no_grad():
+        for m in wemoe.moe_layers(moe):
+            m.router.const.copy_(torch.tensor(const))
+    routing_stats, task_id = wemoe.routing_statistics(moe, MergeContext(heads=heads(), unlabeled=fixed_unlabeled(2)), 2)
+    for t in TASKS:
+        torch.testing.assert_close(torch.tensor(routing_stats["mean_weight"][t], dtype=torch.float64),
+                                   torch.tensor(weights, dtype=torch.float64).expand(2, 3), rtol=1e-6, atol=1e-7)
+    assert task_id["per_task"] == {"a": [0.0, 0.0], "b": [0.0, 0.0], "c": [1.0, 1.0]}
+
+
+def test_a_saved_router_file_without_an_adaptation_record_is_adapted_again(models, tmp_path):
+    """A router file in the workdir whose meta matches the job but records no adaptation (its
+    loss history) is not a finished adaptation: the job adapts again instead of failing on it."""
+    pre, ft = models
+    method = wemoe.WeMoE(steps=3, lr=1e-2, checkpoint_every=0, router_depth=1, routing_stats_batches=0)
+    model = method.merge(pre, ft, MergeContext(heads=heads(), unlabeled=fixed_unlabeled(), workdir=str(tmp_path)))
+    path = tmp_path / wemoe.MODEL_FILE
+    _, meta = wemoe.read_wemoe_meta(path)
+    del meta["adaptation"]
+    wemoe.save_wemoe(model, path, meta)
+    again = MergeContext(heads=heads(), unlabeled=fixed_unlabeled(), workdir=str(tmp_path))
+    method.merge(pre, ft, again)
+    assert len(again.artifacts["tta_loss"]) == 3
+    assert "adaptation" in wemoe.read_wemoe_meta(path)[1]
