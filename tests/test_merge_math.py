@@ -288,3 +288,14 @@ def test_a_method_instance_is_one_setting_its_hyperparameters_cannot_be_reassign
         with pytest.raises(ValidationError, match="frozen"):
             setattr(method, name, value)
         assert method.key_params() == before
+
+
+def test_an_import_path_to_something_not_a_merge_method_is_refused_by_name():
+    """``module:Object`` naming a function or a class that is no MergeMethod is refused when
+    resolved, with the name, instead of being taken for a method class a job would build."""
+    from methods.base import resolve_method
+
+    assert resolve_method("methods.task_arithmetic:TaskArithmetic") is TaskArithmetic
+    for name in ("methods.base:float_state", "methods.base:MergeContext"):
+        with pytest.raises(KeyError, match=f"'{name}' is not a MergeMethod subclass"):
+            resolve_method(name)
