@@ -274,3 +274,28 @@ def test_half_task_arithmetic_is_rounded_to_half_once():
     merged = TaskArithmetic(scaling=0.001).merge(pre, {"a": ft}, MergeContext())
     assert merged.weight.dtype == torch.float16
     assert merged.weight.item() == torch.tensor(1 + 0.001 * 4095, dtype=torch.float32).half().item() == 5.09375
+
+
+def test_a_method_instance_is_one_setting_its_hyperparameters_cannot_be_reassigned():
+    """A job key is taken from the instance's hyperparameters: reassigning one afterwards would merge
+    with a setting its key does not name, so an instance refuses assignment and keeps its value."""
+    from pydantic import ValidationError
+
+    from methods.ties import TiesMerging
+
+    for method, name, value in ((TaskArithmetic(scaling=0.5), "scaling", 0.9), (TiesMerging(k=30.0), "k", 50.0)):
+        before = method.key_params()
+        with pytest.raises(ValidationError, match="frozen"):
+            setattr(method, name, value)
+        assert method.key_params() == before
+
+
+def test_an_import_path_to_something_not_a_merge_method_is_refused_by_name():
+    """``module:Object`` naming a function or a class that is no MergeMethod is refused when
+    resolved, with the name, instead of being taken for a method class a job would build."""
+    from methods.base import resolve_method
+
+    assert resolve_method("methods.task_arithmetic:TaskArithmetic") is TaskArithmetic
+    for name in ("methods.base:float_state", "methods.base:MergeContext"):
+        with pytest.raises(KeyError, match=f"'{name}' is not a MergeMethod subclass"):
+            resolve_method(name)

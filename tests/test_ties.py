@@ -428,3 +428,12 @@ def test_method_on_a_half_model_returns_half_tensors_rounded_once():
                                                    MergeContext())
     assert merged.w.dtype == merged.s.dtype == torch.float16
     assert merged.w.tolist() == [2050.0, 2.5] and merged.s.tolist() == [2.5]
+
+
+def test_hyperparameter_ranges_hold_k_100_and_both_edges_of_lambda():
+    """k is a percentage in (0, 100] (k = 100 keeps everything); lambda, as task arithmetic's,
+    is any scale in [0, 10]: both edges of lambda and k = 100 are settings a sweep may give."""
+    rows = {r["name"]: r["range"] for r in TiesMerging.hyperparameters()}
+    assert (rows["k"], rows["scaling"]) == ("(0.0, 100.0]", "[0.0, 10.0]")
+    for scaling in (0.0, 2.5, 10.0):
+        assert TiesMerging(k=100.0, scaling=scaling).scaling == scaling
