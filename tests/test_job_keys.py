@@ -525,6 +525,26 @@ def test_a_generalization_jobs_key_holds_the_checkpoints_of_its_seen_tasks_only(
     assert changed(seen) == {main_job, gen_job}
 
 
+def test_moving_an_unseen_task_in_the_task_list_leaves_the_generalization_job_cached():
+    """The generalization job merges the seen tasks in their order, which moving the unseen task
+    leaves as it is: its key stays, while the main merge (all three tasks, in a new order) changes."""
+    from harness.plan import generalization_label
+
+    def keys(tasks: list[str]) -> dict[tuple[str, str | None], str]:
+        d = make_sweep_dict(Path("/nonexistent"), Path("/nonexistent-out"))
+        d["tasks"] = tasks
+        d["references"] = {"pretrained": False, "individual": False}
+        d["methods"] = [{"name": "weight_averaging"}]
+        d["generalization"] = {"unseen": ["toy_checks"]}
+        return _planned(validate_config(d))
+
+    before = keys(["toy_stripes", "toy_colours", "toy_checks"])
+    after = keys(["toy_stripes", "toy_checks", "toy_colours"])
+    gen = (generalization_label("weight_averaging"), None)
+    assert after[gen] == before[gen]
+    assert after[("weight_averaging", None)] != before[("weight_averaging", None)]
+
+
 def test_keys_on_an_evaluation_subset_are_the_keys_cached_before():
     """A sweep scored on ``eval.max_samples`` images keeps the keys its cached results were
     stored under (computed then): any change to how the subset enters a key reruns every job."""
