@@ -346,6 +346,24 @@ def test_a_trials_key_holds_its_study_and_its_number():
     assert len({key("s", 0), key("s", 1), key("t", 0)}) == 3
 
 
+def test_a_trials_key_holds_the_seed_of_a_seeded_merge_only():
+    """A trial's key also measures its study (``harness.tuning.study_measures``): reseeded, a
+    seeded merge's trial merges otherwise, so it neither resumes the old study (its sampler seed
+    fixed by ``tune.seed``) nor finds the old trial's result cached. An unseeded merge's trial does."""
+    from harness.plan import JobSpec, with_key
+
+    d = make_sweep_dict(Path("/nonexistent"), Path("/nonexistent-out"))
+
+    def key(method: str, seed: int) -> str:
+        cfg = validate_config({**d, "seed": seed})
+        spec = JobSpec("trial", method, method=method, params={"steps": 5} if method == "wemoe" else {},
+                       trial={"study_name": "s", "number": 0})
+        return with_key(cfg, spec, *_identities(cfg)).key
+
+    assert key("wemoe", 0) != key("wemoe", 1)
+    assert key("weight_averaging", 0) == key("weight_averaging", 1)
+
+
 def test_each_part_of_a_search_is_in_its_study_definition():
     """Another space, objective, sampler, sampler seed or method code is another search: its
     study is not resumed (its best would be picked by the old search), each changed alone."""
