@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
-from harness.config import GENERALIZATION, validate_config
+from harness.config import GENERALIZATION, MAIN, validate_config
 from harness.runner import run_sweep
 from tests.conftest import write_micro_checkpoints
 
@@ -298,3 +298,14 @@ def test_a_generalization_jobs_normalized_accuracy_is_over_the_seen_tasks(swept)
         want = {f"norm_acc/{t}": r.metrics[f"acc/{t}"] / indiv[t] * 100 for t in tasks}
         want["norm_acc/avg"] = sum(want.values()) / len(tasks)
         assert {k: v for k, v in r.metrics.items() if k.startswith("norm_acc/")} == pytest.approx(want), r.label
+
+
+def test_the_robustness_study_runs_in_the_main_job_only(checkpoints, tmp_path):
+    """The robustness table reads the main rows: a generalization job, merged on the seen tasks,
+    runs no study (a failed one would fail the sweep for a row no table shows)."""
+    d = dict(sweep_dict(checkpoints, tmp_path), references={"pretrained": False, "individual": False},
+             methods=[{"name": "weight_averaging"}],
+             robustness={"tasks": ["toy_stripes"], "corruptions": ["contrast"]})
+    out = run_sweep(validate_config(d), quiet=True)
+    studied = {r.protocol: any(k.startswith("robust/") for k in r.metrics) for r in out.results}
+    assert studied == {MAIN: True, GENERALIZATION: False}

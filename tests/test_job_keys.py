@@ -346,6 +346,24 @@ def test_a_trials_key_holds_its_study_and_its_number():
     assert len({key("s", 0), key("s", 1), key("t", 0)}) == 3
 
 
+def test_a_trials_key_holds_the_seed_of_a_seeded_merge_only():
+    """A trial's key also measures its study (``harness.tuning.study_measures``): reseeded, a
+    seeded merge's trial merges otherwise, so it neither resumes the old study (its sampler seed
+    fixed by ``tune.seed``) nor finds the old trial's result cached. An unseeded merge's trial does."""
+    from harness.plan import JobSpec, with_key
+
+    d = make_sweep_dict(Path("/nonexistent"), Path("/nonexistent-out"))
+
+    def key(method: str, seed: int) -> str:
+        cfg = validate_config({**d, "seed": seed})
+        spec = JobSpec("trial", method, method=method, params={"steps": 5} if method == "wemoe" else {},
+                       trial={"study_name": "s", "number": 0})
+        return with_key(cfg, spec, *_identities(cfg)).key
+
+    assert key("wemoe", 0) != key("wemoe", 1)
+    assert key("weight_averaging", 0) == key("weight_averaging", 1)
+
+
 def test_each_part_of_a_search_is_in_its_study_definition():
     """Another space, objective, sampler, sampler seed or method code is another search: its
     study is not resumed (its best would be picked by the old search), each changed alone."""
@@ -523,6 +541,26 @@ def test_a_generalization_jobs_key_holds_the_checkpoints_of_its_seen_tasks_only(
 
     assert changed(unseen) == {main_job}
     assert changed(seen) == {main_job, gen_job}
+
+
+def test_moving_an_unseen_task_in_the_task_list_leaves_the_generalization_job_cached():
+    """The generalization job merges the seen tasks in their order, which moving the unseen task
+    leaves as it is: its key stays, while the main merge (all three tasks, in a new order) changes."""
+    from harness.plan import generalization_label
+
+    def keys(tasks: list[str]) -> dict[tuple[str, str | None], str]:
+        d = make_sweep_dict(Path("/nonexistent"), Path("/nonexistent-out"))
+        d["tasks"] = tasks
+        d["references"] = {"pretrained": False, "individual": False}
+        d["methods"] = [{"name": "weight_averaging"}]
+        d["generalization"] = {"unseen": ["toy_checks"]}
+        return _planned(validate_config(d))
+
+    before = keys(["toy_stripes", "toy_colours", "toy_checks"])
+    after = keys(["toy_stripes", "toy_checks", "toy_colours"])
+    gen = (generalization_label("weight_averaging"), None)
+    assert after[gen] == before[gen]
+    assert after[("weight_averaging", None)] != before[("weight_averaging", None)]
 
 
 def test_keys_on_an_evaluation_subset_are_the_keys_cached_before():

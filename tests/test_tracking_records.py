@@ -121,6 +121,13 @@ def test_router_task_identification_is_logged_per_layer_in_percent():
     assert artifacts["curves"] == {"tta/loss": [2.0, 1.5], "tta/val/acc/avg": [[0, 40.0], [3, 45.0]]}
 
 
+def test_a_single_router_layers_identification_is_its_own_average():
+    """Routing in one layer only (a WeMoE upscaling the last block): the average is that layer's
+    40 %, whatever the count of layers a divisor might assume."""
+    assert artifact_metrics({"router_task_id": {"mean_per_layer": [0.4]}}) == pytest.approx(
+        {"router_task_id/layer0": 40.0, "router_task_id/avg": 40.0})
+
+
 def test_every_param_and_curve_point_of_a_large_job_is_logged_at_its_step(sweep_dict):
     """MLflow takes a batch of at most 100 params and 1000 metrics: 250 params and a 1200-step
     curve go in several batches, none lost. A long param value is kept up to MLflow's own
