@@ -715,3 +715,14 @@ def test_a_trusted_pickle_is_not_unpickled_when_the_destination_holds_something_
     with pytest.raises(HarnessError, match="expected a dict of tensors"):
         convert_pickled_checkpoint(src, dst, trust_pickle=True, overwrite=True)
     assert marker.exists()
+
+
+def test_a_state_holding_two_encoders_is_refused_naming_both(tmp_path: Path, micro_clip: nn.Module) -> None:
+    """Two ViTs in one file (here under 'a.' and 'b.') leave no way to tell which one was
+    fine-tuned: the conversion is refused, not made silently from whichever sorts first."""
+    want = micro_clip.visual.state_dict()
+    src = tmp_path / "two_encoders.pt"
+    torch.save({**{f"a.{k}": v for k, v in want.items()}, **{f"b.{k}": v + 1 for k, v in want.items()}}, src)
+    with pytest.raises(HarnessError, match=r"several ViT image encoders \(under 'a\.', 'b\.'\)"):
+        convert_pickled_checkpoint(src, tmp_path / "enc.safetensors")
+    assert not (tmp_path / "enc.safetensors").exists()

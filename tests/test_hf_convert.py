@@ -1741,3 +1741,65 @@ def test_verify_compares_a_vision_model_through_the_given_projection(tmp_path: P
     out = convert_hf_checkpoint(tmp_path / "ft", tmp_path / "ft.safetensors", projection=tmp_path / "pretrained",
                                 verify=True)
     assert 0 <= json.loads(Path(f"{out}.json").read_text())["verified_max_abs_diff"] <= 1e-5
+
+
+@needs_transformers
+def test_a_whole_clip_whose_image_tower_is_shipped_gets_an_arch_of_its_own_text_tower(tmp_path: Path) -> None:
+    """The image tower has harness-micro-vit's sizes but the text tower attends with 4 heads, not
+    2 (same tensor shapes): the whole CLIP's architecture must be picked on both towers, or its
+    text features would silently be another function."""
+    from transformers import CLIPConfig, CLIPModel
+
+    cfg = CLIPConfig(vision_config=vision_config("gelu").to_dict(), projection_dim=32,
+                     text_config=dict(hidden_size=32, intermediate_size=128, num_hidden_layers=1,
+                                      num_attention_heads=4, max_position_embeddings=16, hidden_act="gelu"))
+    torch.manual_seed(0)
+    hf = perturb(CLIPModel(cfg), 0)
+    hf.save_pretrained(tmp_path / "hf")
+    out = convert_hf_checkpoint(tmp_path / "hf", tmp_path / "full.safetensors", kind="clip")
+    clip = build_clip(checkpoint_arch(out), str(out))
+    with torch.no_grad():
+        ref = features(hf.get_text_features(input_ids=tokens()))
+        assert (clip.encode_text(tokens()) - ref).abs().max() <= 1e-5
+        assert (clip.encode_image(images()) - features(hf.get_image_features(pixel_values=images()))).abs().max() <= 1e-5
+    shipped, _ = micro_clip_folders(tmp_path / "shipped")  # both towers of harness-micro-vit's sizes
+    assert checkpoint_arch(convert_hf_checkpoint(shipped, tmp_path / "s.safetensors", kind="clip")) == "harness-micro-vit"
+
+
+def test_a_sharded_folder_converts_every_shard(tmp_path: Path) -> None:
+    """A folder whose weights are split over shards by an index converts to the same tensors as
+    the one-file folder: each shard's tensors are read, not only the first's."""
+    enc = micro_visual()
+    folder = write_hf_folder(tmp_path / "hf", enc, "gelu")
+    state = load_file(str(folder / "model.safetensors"))
+    (folder / "model.safetensors").unlink()
+    names = sorted(state)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for shard, keys in shards.items():
+        save_file({k: state[k] for k in keys}, str(folder / shard))
+    (folder / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: shard for shard, keys in shards.items() for k in keys}}))
+    got = load_state_dict(convert_hf_checkpoint(folder, tmp_path / "s.safetensors"))
+    assert set(got) == set(enc.state_dict())
+    assert all(torch.equal(got[k], v) for k, v in enc.state_dict().items())
+
+
+@needs_transformers
+def test_verify_refuses_a_vision_model_converted_with_one_tensor_off(tmp_path: Path) -> None:
+    """For a CLIPVisionModel the reference is transformers' pooled output through the given
+    projection, computed apart from the converted encoder: a tensor off in the conversion is named."""
+    from transformers import CLIPVisionModel
+
+    from harness.hf_convert import verify_against_transformers
+
+    pre = clip_model("gelu")
+    pre.save_pretrained(tmp_path / "pretrained")
+    ft = CLIPVisionModel(pre.config.vision_config)
+    ft.load_state_dict(pre.vision_model.state_dict())
+    ft.save_pretrained(tmp_path / "ft")
+    out = convert_hf_checkpoint(tmp_path / "ft", tmp_path / "ft.safetensors", projection=tmp_path / "pretrained")
+    state = load_state_dict(out)
+    assert verify_against_transformers(tmp_path / "ft", checkpoint_arch(out), state, "image_encoder") <= 1e-5
+    state["ln_post.bias"] = state["ln_post.bias"] + 0.01
+    with pytest.raises(HarnessError, match="image features differ from transformers'"):
+        verify_against_transformers(tmp_path / "ft", checkpoint_arch(out), state, "image_encoder")
