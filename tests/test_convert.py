@@ -726,3 +726,16 @@ def test_a_state_holding_two_encoders_is_refused_naming_both(tmp_path: Path, mic
     with pytest.raises(HarnessError, match=r"several ViT image encoders \(under 'a\.', 'b\.'\)"):
         convert_pickled_checkpoint(src, tmp_path / "enc.safetensors")
     assert not (tmp_path / "enc.safetensors").exists()
+
+
+def test_a_destination_ending_in_a_slash_is_a_folder_for_the_converted_file(tmp_path: Path,
+                                                                            micro_clip: nn.Module) -> None:
+    """``out/`` names a folder even before it exists: the file goes in it under the source's
+    stem, not to a file called ``out``."""
+    want = micro_clip.visual.state_dict()
+    src = tmp_path / "finetuned.pt"
+    torch.save(want, src)
+    out = convert_pickled_checkpoint(src, f"{tmp_path / 'new'}/")
+    assert out == tmp_path / "new" / "finetuned.safetensors" and out.is_file()
+    got = load_state_dict(out)
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
