@@ -1764,3 +1764,21 @@ def test_a_whole_clip_whose_image_tower_is_shipped_gets_an_arch_of_its_own_text_
         assert (clip.encode_image(images()) - features(hf.get_image_features(pixel_values=images()))).abs().max() <= 1e-5
     shipped, _ = micro_clip_folders(tmp_path / "shipped")  # both towers of harness-micro-vit's sizes
     assert checkpoint_arch(convert_hf_checkpoint(shipped, tmp_path / "s.safetensors", kind="clip")) == "harness-micro-vit"
+
+
+def test_a_sharded_folder_converts_every_shard(tmp_path: Path) -> None:
+    """A folder whose weights are split over shards by an index converts to the same tensors as
+    the one-file folder: each shard's tensors are read, not only the first's."""
+    enc = micro_visual()
+    folder = write_hf_folder(tmp_path / "hf", enc, "gelu")
+    state = load_file(str(folder / "model.safetensors"))
+    (folder / "model.safetensors").unlink()
+    names = sorted(state)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for shard, keys in shards.items():
+        save_file({k: state[k] for k in keys}, str(folder / shard))
+    (folder / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: shard for shard, keys in shards.items() for k in keys}}))
+    got = load_state_dict(convert_hf_checkpoint(folder, tmp_path / "s.safetensors"))
+    assert set(got) == set(enc.state_dict())
+    assert all(torch.equal(got[k], v) for k, v in enc.state_dict().items())
