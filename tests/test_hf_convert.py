@@ -1782,3 +1782,24 @@ def test_a_sharded_folder_converts_every_shard(tmp_path: Path) -> None:
     got = load_state_dict(convert_hf_checkpoint(folder, tmp_path / "s.safetensors"))
     assert set(got) == set(enc.state_dict())
     assert all(torch.equal(got[k], v) for k, v in enc.state_dict().items())
+
+
+@needs_transformers
+def test_verify_refuses_a_vision_model_converted_with_one_tensor_off(tmp_path: Path) -> None:
+    """For a CLIPVisionModel the reference is transformers' pooled output through the given
+    projection, computed apart from the converted encoder: a tensor off in the conversion is named."""
+    from transformers import CLIPVisionModel
+
+    from harness.hf_convert import verify_against_transformers
+
+    pre = clip_model("gelu")
+    pre.save_pretrained(tmp_path / "pretrained")
+    ft = CLIPVisionModel(pre.config.vision_config)
+    ft.load_state_dict(pre.vision_model.state_dict())
+    ft.save_pretrained(tmp_path / "ft")
+    out = convert_hf_checkpoint(tmp_path / "ft", tmp_path / "ft.safetensors", projection=tmp_path / "pretrained")
+    state = load_state_dict(out)
+    assert verify_against_transformers(tmp_path / "ft", checkpoint_arch(out), state, "image_encoder") <= 1e-5
+    state["ln_post.bias"] = state["ln_post.bias"] + 0.01
+    with pytest.raises(HarnessError, match="image features differ from transformers'"):
+        verify_against_transformers(tmp_path / "ft", checkpoint_arch(out), state, "image_encoder")
