@@ -1805,3 +1805,16 @@ def test_verify_refuses_a_vision_model_converted_with_one_tensor_off(tmp_path: P
     state["ln_post.bias"] = state["ln_post.bias"] + 0.01
     with pytest.raises(HarnessError, match="image features differ from transformers'"):
         verify_against_transformers(tmp_path / "ft", checkpoint_arch(out), state, "image_encoder")
+
+
+def test_a_pre_layer_norm_under_its_plain_spelling_converts(tmp_path: Path) -> None:
+    """transformers' CLIP spells it 'pre_layrnorm'; a folder that spells it 'pre_layernorm' holds
+    the same tensor, which becomes ln_pre: the exact round trip holds under either name."""
+    enc = micro_visual()
+    folder = write_hf_folder(tmp_path / "hf", enc, "gelu")
+    state = load_file(str(folder / "model.safetensors"))
+    renamed = {k.replace("pre_layrnorm", "pre_layernorm"): v for k, v in state.items()}
+    save_file(renamed, str(folder / "model.safetensors"))
+    got = load_state_dict(convert_hf_checkpoint(folder, tmp_path / "p.safetensors"))
+    assert set(got) == set(enc.state_dict())
+    assert all(torch.equal(got[k], v) for k, v in enc.state_dict().items())
