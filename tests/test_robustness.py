@@ -1304,3 +1304,24 @@ def test_the_default_corruptions_are_the_papers_seven():
     paper = ["motion_blur", "impulse_noise", "gaussian_noise", "pixelate", "spatter", "contrast", "jpeg_compression"]
     assert RobustnessSpec(tasks=["toy_stripes"]).corruptions == paper
     assert set(paper) <= set(ALL_CORRUPTIONS)
+
+
+def test_every_corruption_the_package_knows_is_accepted():
+    """The accepted names are exactly imagecorruptions' own list (its 15 ImageNet-C ones and 4 extra):
+    a name dropped from ours would refuse a corruption the package implements."""
+    from imagecorruptions import get_corruption_names
+
+    assert list(ALL_CORRUPTIONS) == get_corruption_names("all")
+
+
+def test_a_corrupted_dataset_s_default_seed_is_the_splits_default_seed():
+    """Without a seed, :class:`CorruptedDataset` draws each image under ``image_seed(0, i, ...)``,
+    as :func:`corrupted_split` does by default (truth: the images corrupted one by one by hand)."""
+    from tasks.corruptions import CorruptedDataset, _denormalize, image_seed
+
+    task = make_toy_task("toy_stripes", n_test=3)
+    base = task.dataset("test")
+    dataset = CorruptedDataset(base, "gaussian_noise", 3)
+    for i in range(3):
+        want = corrupt_image(_denormalize(base[i][0]), "gaussian_noise", 3, image_seed(0, i, "gaussian_noise", 3))
+        assert np.array_equal(_denormalize(dataset[i][0]), want)

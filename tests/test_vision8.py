@@ -732,3 +732,24 @@ def test_identity_of_array_layouts_follows_the_image_shape(tmp_path: Path) -> No
     first = v8.mnist(str(tmp_path)).identity()
     write_idx(raw_dir / "t10k-images-idx3-ubyte", images.reshape(30, 14, 56))
     assert v8.mnist(str(tmp_path)).identity()["data"]["test"] != first["data"]["test"]
+
+
+def test_defaults_are_task_vectors_val_cap_and_open_clip_image_size(tmp_path: Path) -> None:
+    """Without options a task carves at most 5000 val images (task_vectors' max_val_samples) and
+    preprocesses at 224 px (CLIP ViT-B/32's input), through the registry and the class alike."""
+    write_imagefolder(tmp_path, "eurosat")
+    for task in (build_task("eurosat", data_root=str(tmp_path)), v8.Vision8Task(v8.SPECS["eurosat"], tmp_path)):
+        assert (task.val_cap, task.val_fraction, task.image_size) == (5000, 0.1, 224)
+        assert task.dataset("test")[0][0].shape == (3, 224, 224)
+
+
+def test_a_preprocess_of_one_s_own_gets_rgb_images_from_grey_and_rgba_files(tmp_path: Path) -> None:
+    """Files in other modes reach a preprocess as RGB (a grey or RGBA file would else give it one
+    or four channels), the grey value in every channel."""
+    write_imagefolder(tmp_path, "eurosat")
+    folder = tmp_path / DIRS["eurosat"] / "test" / v8._EUROSAT_FOLDERS[0]
+    Image.new("L", (6, 6), 77).save(folder / "t0.png")
+    Image.new("RGBA", (6, 6), (1, 2, 3, 4)).save(folder / "t1.png")
+    task = v8.eurosat(str(tmp_path), preprocess=lambda im: (im.mode, im.getpixel((0, 0))))
+    got = {Path(task.dataset("test").source.paths[i]).name: task.dataset("test")[i][0] for i in range(2)}
+    assert got == {"t0.png": ("RGB", (77, 77, 77)), "t1.png": ("RGB", (1, 2, 3))}
