@@ -1914,6 +1914,96 @@ def test_accounting_records_of_array_ranges_and_single_tasks_give_each_tasks_sta
         "101_4": "UNKNOWN"}
 
 
+def test_the_controllers_state_of_a_task_wins_over_accountings(monkeypatch):
+    """sacct, asked about an array once one of its tasks left the queue, answers for every task of
+    it: its record of a task the controller still holds (a range it saw pending) is older than
+    what squeue says of that task now."""
+    import harness.executors.slurm as slurm
+
+    answers = {"squeue": "7_0|RUNNING|None\n", "scontrol": "Slurmctld(primary) at vm is UP\n",
+               "sacct": "7_[0-1]|PENDING\n7_1|FAILED\n"}
+    monkeypatch.setattr(slurm, "_run", lambda cmd: answers[cmd[0]])
+    assert slurm_states(["7_0", "7_1"]) == {"7_0": "RUNNING", "7_1": "FAILED"}
+
+
+def test_accounting_details_give_each_asked_jobs_state_exit_code_and_its_batch_steps_signal(monkeypatch):
+    """What a failed job's reason quotes: its state and exit code from its own record, and the
+    signal that killed its batch step (the job's process), not the job record's or the extern
+    step's; tasks of the array that were not asked about get no details."""
+    import harness.executors.slurm as slurm
+
+    def run(cmd: list[str]) -> str:
+        if "-X" in cmd:
+            return "12_0|CANCELLED by 1000|0:15\n12_1|FAILED|1:0\n12_[2-3]|PENDING|0:0\n"
+        return "12_0|0:15\n12_0.batch|0:9\n12_0.extern|0:15\n12_1|1:0\n12_1.batch|1:0\n12_1.extern|0:0\n"
+
+    monkeypatch.setattr(slurm, "_run", run)
+    assert slurm.sacct_details(["12_1", "12_0"]) == {
+        "12_0": {"State": "CANCELLED", "ExitCode": "0:15", "Signal": "9"},
+        "12_1": {"State": "FAILED", "ExitCode": "1:0"}}
+
+
+def _recorded_executor(tmp_path, jobs: dict[str, str], submitted_at: dict[str, str] | None = None):
+    """A slurm executor whose record holds job ``jobs[key]`` for each key, none with a result."""
+    import harness.executors.slurm as slurm
+
+    d = make_sweep_dict(Path("/nonexistent"), tmp_path)
+    d["executor"] = {"kind": "slurm"}
+    ex = slurm.SlurmExecutor(validate_config(d))
+    ex.log.record({k: {"job_id": j, "title": k, "submitted_at": (submitted_at or {}).get(k, slurm._now()),
+                       "settings": slurm.job_settings(ex.cfg)} for k, j in jobs.items()})
+    return ex
+
+
+def test_a_rerun_finds_queued_and_running_jobs_and_resubmits_ended_lost_and_new_ones(tmp_path, monkeypatch):
+    """Without results: a job SLURM still holds is waited on, one that ended (failed, out of
+    memory) or that neither squeue nor sacct knows while the controller answers is submitted
+    again, as is one never submitted."""
+    import harness.executors.slurm as slurm
+    from harness.plan import JobSpec
+
+    answers = {"squeue": "20_0|RUNNING|None\n20_1|PENDING|Resources\n", "scontrol": "Slurmctld(primary) at vm is UP\n",
+               "sacct": "20_2|FAILED\n20_3|OUT_OF_MEMORY\n"}
+    monkeypatch.setattr(slurm, "_run", lambda cmd: answers[cmd[0]])
+    ex = _recorded_executor(tmp_path, {f"k{i}": f"20_{i}" for i in range(5)})
+    specs = [JobSpec("merge", f"k{i}", key=f"k{i}") for i in range(6)]
+    attach, submit, _ = ex._reattach(specs)
+    assert [t.spec.key for t in attach] == ["k0", "k1"]
+    assert [s.key for s in submit] == ["k2", "k3", "k4", "k5"]
+
+
+def test_status_calls_a_job_lost_only_past_the_grace_and_an_ended_one_without_result_failed(tmp_path, monkeypatch):
+    """``harness status``: a job SLURM does not know is lost once submitted longer ago than
+    UNKNOWN_GRACE_S (accounting lags behind submission), pending before; one that COMPLETED
+    without a result failed (a rerun submits it again)."""
+    import harness.executors.slurm as slurm
+
+    answers = {"squeue": "30_0|RUNNING|None\n", "scontrol": "Slurmctld(primary) at vm is UP\n",
+               "sacct": "30_1|COMPLETED\n"}
+    monkeypatch.setattr(slurm, "_run", lambda cmd: answers[cmd[0]])
+    long_ago = "2020-01-01T00:00:00+00:00"
+    ex = _recorded_executor(tmp_path, {f"k{i}": f"30_{i}" for i in range(5)}, {"k3": long_ago, "k4": long_ago})
+    _, counts = slurm.status_table(ex.cfg)
+    assert counts == {"running": 1, "requeued": 0, "failed": 1, "lost": 2, "pending": 1, "done": 0, "collected": 0}
+
+
+def test_jobs_found_queued_with_other_setup_lines_are_told_how_to_resubmit(tmp_path):
+    """A job's setup lines are in the batch script it was submitted with: a rerun after fixing one
+    leaves queued jobs running the old lines."""
+    import harness.executors.slurm as slurm
+    from harness.plan import JobSpec
+
+    d = make_sweep_dict(Path("/nonexistent"), tmp_path)
+    d["executor"] = {"kind": "slurm", "setup": ["module load a"]}
+    before = validate_config(d)
+    d["executor"] = {"kind": "slurm", "setup": ["module load b"]}
+    ex = slurm.SlurmExecutor(validate_config(d))
+    tracked = [slurm._Tracked(JobSpec("merge", "m", key="k"), _fake_job(ex.folder, "8_0"))]
+    ex.log.record({"k": {"job_id": "8_0", "settings": slurm.job_settings(before)}})
+    said = ex.changed_settings(tracked, _listing(tracked))
+    assert said is not None and "(setup ['module load a'], now ['module load b'])" in said and "scancel 8_0" in said
+
+
 def test_a_completed_job_gets_longer_for_its_result_file_than_a_failed_one(tmp_path, monkeypatch):
     """A COMPLETED job most likely wrote a result that the shared filesystem has yet to show: the
     driver waits RESULT_GRACE_S (15 s) for it. A job SLURM calls FAILED gets 3 s before it is

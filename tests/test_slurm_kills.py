@@ -366,6 +366,8 @@ def test_reasons_in_words(state, details, tail, expected):
      ("COMPLETED", "the job ended without writing a result")),
     ("FAILED", {"ExitCode": "1:0"}, OVER_MEMORY + "\nharness: executor.setup.0 failed (exit 137): python prep.py",
      ("OUT_OF_MEMORY", "out of memory: used 1.31 GiB of its 1.00 GiB (raise executor.mem_gb)")),  # memory first
+    ("FAILED", {"Signal": "9"}, "slurmstepd: error: Exceeded job memory limit",  # the job's total, no step's line
+     ("OUT_OF_MEMORY", "out of memory (raise executor.mem_gb)")),
 ])
 def test_memory_words_make_a_failed_or_cancelled_job_out_of_memory_only(state, details, tail, expected):
     assert ended_reason(state, details, tail, timeout_min=5) == expected
