@@ -1314,18 +1314,24 @@ def test_integer_weights_are_refused_and_position_id_buffers_skipped(tmp_path: P
     assert not (tmp_path / "int8.safetensors").exists()
 
 
-@needs_transformers
-def test_text_heads_come_from_the_text_config(tmp_path: Path) -> None:
-    """Vision and text towers with different head counts: each tower attends with its own."""
+def _converted_clip_of_four_text_heads(tmp_path: Path, projection_dim: int, text_mlp: int):
+    """A Hugging Face CLIP of harness-micro-vit's image tower and a text tower of width 32 attending
+    with 4 heads, saved and converted: the model and the converted file."""
     from transformers import CLIPConfig, CLIPModel
 
-    cfg = CLIPConfig(vision_config=vision_config("gelu").to_dict(), projection_dim=16,
-                     text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+    cfg = CLIPConfig(vision_config=vision_config("gelu").to_dict(), projection_dim=projection_dim,
+                     text_config=dict(hidden_size=32, intermediate_size=text_mlp, num_hidden_layers=1,
                                       num_attention_heads=4, max_position_embeddings=16, hidden_act="gelu"))
     torch.manual_seed(0)
     hf = perturb(CLIPModel(cfg), 0)
     hf.save_pretrained(tmp_path / "hf")
-    out = convert_hf_checkpoint(tmp_path / "hf", tmp_path / "full.safetensors", kind="clip")
+    return hf, convert_hf_checkpoint(tmp_path / "hf", tmp_path / "full.safetensors", kind="clip")
+
+
+@needs_transformers
+def test_text_heads_come_from_the_text_config(tmp_path: Path) -> None:
+    """Vision and text towers with different head counts: each tower attends with its own."""
+    hf, out = _converted_clip_of_four_text_heads(tmp_path, projection_dim=16, text_mlp=64)
     side = json.loads(Path(f"{out}.json").read_text())
     assert side["open_clip_config"]["text_cfg"]["heads"] == 4
     assert side["open_clip_config"]["vision_cfg"]["head_width"] == 16  # 32 wide, 2 heads
@@ -1748,15 +1754,7 @@ def test_a_whole_clip_whose_image_tower_is_shipped_gets_an_arch_of_its_own_text_
     """The image tower has harness-micro-vit's sizes but the text tower attends with 4 heads, not
     2 (same tensor shapes): the whole CLIP's architecture must be picked on both towers, or its
     text features would silently be another function."""
-    from transformers import CLIPConfig, CLIPModel
-
-    cfg = CLIPConfig(vision_config=vision_config("gelu").to_dict(), projection_dim=32,
-                     text_config=dict(hidden_size=32, intermediate_size=128, num_hidden_layers=1,
-                                      num_attention_heads=4, max_position_embeddings=16, hidden_act="gelu"))
-    torch.manual_seed(0)
-    hf = perturb(CLIPModel(cfg), 0)
-    hf.save_pretrained(tmp_path / "hf")
-    out = convert_hf_checkpoint(tmp_path / "hf", tmp_path / "full.safetensors", kind="clip")
+    hf, out = _converted_clip_of_four_text_heads(tmp_path, projection_dim=32, text_mlp=128)
     clip = build_clip(checkpoint_arch(out), str(out))
     with torch.no_grad():
         ref = features(hf.get_text_features(input_ids=tokens()))

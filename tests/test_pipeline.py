@@ -229,7 +229,8 @@ def test_finetuning_preserves_on_half_batches_reports_each_step_and_returns_an_e
     gen = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(20, 3, 2, 2, generator=gen), torch.arange(20) % 3)
     steps = []
-    tuned = finetune_encoder(_Spy(lambda spy, x: seen.append(len(x))), torch.randn(3, 4, generator=gen), data, steps=2, batch_size=8, warmup=0,
+    tuned = finetune_encoder(_Spy(lambda spy, x: seen.append(len(x))), torch.randn(3, 4, generator=gen), data,
+                             steps=2, batch_size=8, warmup=0,
                              preserve_weight=1.0, preserve_images=torch.randn(30, 3, 2, 2, generator=gen),
                              progress=lambda step, total, metrics: steps.append((step, total)))
     assert seen == [8, 4, 4] * 2  # the task batch, then the pool batch through the reference and the tuned copy
@@ -270,7 +271,8 @@ def test_an_encoder_given_in_eval_mode_trains_in_train_mode():
     modes: list[bool] = []
     gen = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(8, 3, 2, 2, generator=gen), torch.arange(8) % 3)
-    finetune_encoder(_Spy(lambda spy, x: modes.append(spy.training)).eval(), torch.randn(3, 4, generator=gen), data, steps=2, batch_size=4, warmup=0)
+    finetune_encoder(_Spy(lambda spy, x: modes.append(spy.training)).eval(), torch.randn(3, 4, generator=gen), data,
+                     steps=2, batch_size=4, warmup=0)
     assert modes == [True, True]
 
 

@@ -1146,7 +1146,8 @@ def test_slurm_results_equal_the_local_executors(interrupted_sweep, local_outcom
 def _grid_alone(d: dict) -> dict:
     """The sweep's grid method alone, no reference rows, with a robustness study of one corruption."""
     methods = [m for m in d["methods"] if "grid" in m]
-    return dict(d, methods=methods, references=False, robustness={"tasks": ["toy_stripes"], "corruptions": ["contrast"]})
+    robustness = {"tasks": ["toy_stripes"], "corruptions": ["contrast"]}
+    return dict(d, methods=methods, references=False, robustness=robustness)
 
 
 @needs_slurm
