@@ -80,7 +80,7 @@ def corrupt_image(image: np.ndarray, name: str, severity: int, seed: int) -> np.
         factor = -(-32 // min(h, w))
         big = np.asarray(PIL.Image.fromarray(image).resize((w * factor, h * factor), PIL.Image.NEAREST))
         small = corrupt_image(big, name, severity, seed)
-        return np.asarray(PIL.Image.fromarray(small).resize((w, h), PIL.Image.BOX))
+        return np.array(PIL.Image.fromarray(small).resize((w, h), PIL.Image.BOX))  # PIL's buffer is read-only
     out = np.asarray(_package_corrupt(image, name, severity, seed))
     if out.shape != image.shape:  # a few corruptions return float or resized arrays on odd sizes
         import PIL.Image

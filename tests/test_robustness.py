@@ -1325,3 +1325,13 @@ def test_a_corrupted_dataset_s_default_seed_is_the_splits_default_seed():
     for i in range(3):
         want = corrupt_image(_denormalize(base[i][0]), "gaussian_noise", 3, image_seed(0, i, "gaussian_noise", 3))
         assert np.array_equal(_denormalize(dataset[i][0]), want)
+
+
+@pytest.mark.parametrize("size", [16, 40])
+def test_a_corrupted_image_is_a_writable_array_of_its_own_at_any_size(size):
+    """An image under 32 px goes through PIL, whose arrays are read-only views: handed to
+    ``torch.from_numpy`` as it was, it warned of undefined behaviour and shared PIL's buffer. Small
+    or not, the result is a writable uint8 array of the input's shape."""
+    image = np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    out = corrupt_image(image, "contrast", 2, 0)
+    assert out.flags.writeable and out.flags.owndata and out.dtype == np.uint8 and out.shape == image.shape
