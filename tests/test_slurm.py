@@ -563,24 +563,29 @@ def _listing(tracked) -> set[str]:
     return slurm.listed_files(p for t in tracked for p in t.paths())
 
 
-def test_jobs_found_queued_with_other_settings_are_told_how_to_resubmit(tmp_path):
+@pytest.mark.parametrize("before, after, change", [
+    ({"mem_gb": 1}, {"mem_gb": 2, "poll_s": 5}, "mem_gb 1.0, now 2.0"),
+    ({"setup": ["module load a"]}, {"setup": ["module load b"]}, "setup ['module load a'], now ['module load b']"),
+], ids=["mem_gb", "setup"])
+def test_jobs_found_queued_with_other_settings_are_told_how_to_resubmit(tmp_path, before, after, change):
     """After an OOM the user raises mem_gb and reruns: failed jobs go out again with it, but jobs
-    still queued keep the memory they were submitted with, and would fail the same way."""
+    still queued keep the memory they were submitted with, and would fail the same way. So with
+    setup lines fixed since: they are in the batch script a queued job was submitted with."""
     import harness.executors.slurm as slurm
     from harness.plan import JobSpec
 
     d = make_sweep_dict(Path("/nonexistent"), tmp_path)
-    d["executor"] = {"kind": "slurm", "mem_gb": 1}
-    before = validate_config(d)
-    d["executor"] = {"kind": "slurm", "mem_gb": 2, "poll_s": 5}
+    d["executor"] = {"kind": "slurm", **before}
+    submitted = validate_config(d)
+    d["executor"] = {"kind": "slurm", **after}
     ex = slurm.SlurmExecutor(validate_config(d))
     tracked = [slurm._Tracked(JobSpec("merge", f"m{i}", key=f"k{i}"), _fake_job(ex.folder, f"8_{i}")) for i in range(4)]
-    ex.log.record({f"k{i}": {"job_id": f"8_{i}", "settings": slurm.job_settings(before)} for i in range(3)})
+    ex.log.record({f"k{i}": {"job_id": f"8_{i}", "settings": slurm.job_settings(submitted)} for i in range(3)})
     ex.log.record({"k3": {"job_id": "8_3"}})  # recorded before settings were
     tracked[2].job.paths.result_pickle.write_bytes(b"")  # finished: its settings no longer matter
     assert ex.changed_settings(tracked, _listing(tracked)) == (
         "2 queued or running jobs found from an earlier submission keep the executor settings of that submission "
-        "(mem_gb 1.0, now 2.0): `scancel 8_0 8_1` and rerun to submit with these")
+        f"({change}): `scancel 8_0 8_1` and rerun to submit with these")
     assert ex.changed_settings(tracked[2:], _listing(tracked[2:])) is None
 
 
@@ -1986,23 +1991,6 @@ def test_status_calls_a_job_lost_only_past_the_grace_and_an_ended_one_without_re
     ex = _recorded_executor(tmp_path, {f"k{i}": f"30_{i}" for i in range(5)}, {"k3": long_ago, "k4": long_ago})
     _, counts = slurm.status_table(ex.cfg)
     assert counts == {"running": 1, "requeued": 0, "failed": 1, "lost": 2, "pending": 1, "done": 0, "collected": 0}
-
-
-def test_jobs_found_queued_with_other_setup_lines_are_told_how_to_resubmit(tmp_path):
-    """A job's setup lines are in the batch script it was submitted with: a rerun after fixing one
-    leaves queued jobs running the old lines."""
-    import harness.executors.slurm as slurm
-    from harness.plan import JobSpec
-
-    d = make_sweep_dict(Path("/nonexistent"), tmp_path)
-    d["executor"] = {"kind": "slurm", "setup": ["module load a"]}
-    before = validate_config(d)
-    d["executor"] = {"kind": "slurm", "setup": ["module load b"]}
-    ex = slurm.SlurmExecutor(validate_config(d))
-    tracked = [slurm._Tracked(JobSpec("merge", "m", key="k"), _fake_job(ex.folder, "8_0"))]
-    ex.log.record({"k": {"job_id": "8_0", "settings": slurm.job_settings(before)}})
-    said = ex.changed_settings(tracked, _listing(tracked))
-    assert said is not None and "(setup ['module load a'], now ['module load b'])" in said and "scancel 8_0" in said
 
 
 def test_a_completed_job_gets_longer_for_its_result_file_than_a_failed_one(tmp_path, monkeypatch):
