@@ -425,16 +425,40 @@ def test_dry_run_counts_a_setting_two_labels_share_once_as_the_sweep_runs_it(swe
     assert summary == "7 jobs: 7 cached, 0 to run"  # the shared job is one cached job, not two
 
 
+def _embedded_sweep_file(tmp_path: Path, cache_dir: Path, tasks: list[str]) -> Path:
+    """``tmp_path/e.yaml``: weight averaging over ``tasks`` of the tiny embedded suite, its models
+    cached in ``cache_dir`` and its outputs in ``tmp_path/out``."""
+    f = tmp_path / "e.yaml"
+    f.write_text(yaml.safe_dump({"name": "e", "output_dir": str(tmp_path / "out"), "cache_dir": str(cache_dir),
+                                 "model": {"source": "embedded", "suite": {"size": "tiny"}},
+                                 "tasks": tasks, "methods": ["weight_averaging"]}))
+    return f
+
+
+def _recorded_suite_builds(monkeypatch) -> list[dict]:
+    """Each call the embedded suite's build gets, as ``{"names", "cache_dir", **options}`` (nothing
+    is built: it answers with the paths it would have written)."""
+    from types import SimpleNamespace
+
+    import tasks.embedded.pipeline
+
+    asked: list[dict] = []
+
+    def builds(names, cache_dir, **kwargs):
+        asked.append({"names": list(names), "cache_dir": Path(cache_dir), **kwargs})
+        return SimpleNamespace(arch="a", pretrained="p", finetuned={n: str(cache_dir / f"{n}.pt") for n in names})
+
+    monkeypatch.setattr(tasks.embedded.pipeline, "prepare_suite", builds)
+    return asked
+
+
 def test_dry_run_of_an_unprepared_embedded_suite_builds_nothing(tmp_path):
     """Job keys name the embedded suite's models: before they are built, the dry run says the
     cached jobs are not known rather than training them."""
     out, cache = tmp_path / "out", tmp_path / "cache"
     (out / "results").mkdir(parents=True)
     (out / "results" / "0123.json").write_text("{}")
-    f = tmp_path / "e.yaml"
-    f.write_text(yaml.safe_dump({"name": "e", "output_dir": str(out), "cache_dir": str(cache),
-                                 "model": {"source": "embedded", "suite": {"size": "tiny"}},
-                                 "tasks": ["emb_mnist", "emb_fashion"], "methods": ["weight_averaging"]}))
+    f = _embedded_sweep_file(tmp_path, cache, ["emb_mnist", "emb_fashion"])
     r = CliRunner().invoke(main, ["sweep", "--dry-run", str(f)], env={"COLUMNS": "250"})
     assert r.exit_code == 0, r.output
     assert "4 jobs: which are cached is not known before the models are built (the embedded suite's" in r.output
@@ -1191,45 +1215,19 @@ def test_validate_shows_a_tuned_methods_study_as_one_row_of_the_plan(sweep_dict,
 def test_prepare_builds_where_the_overrides_say(tmp_path, monkeypatch):
     """``prepare FILE key=value`` reads FILE as the sweep does with the same overrides: the suite
     is built in the cache folder the override names, not in the file's."""
-    from types import SimpleNamespace
-
-    import tasks.embedded.pipeline
-
-    asked = []
-
-    def builds(names, cache_dir, **kwargs):
-        asked.append((list(names), Path(cache_dir)))
-        return SimpleNamespace(arch="a", pretrained="p", finetuned={n: str(cache_dir / f"{n}.pt") for n in names})
-
-    monkeypatch.setattr(tasks.embedded.pipeline, "prepare_suite", builds)
-    f = tmp_path / "e.yaml"
-    f.write_text(yaml.safe_dump({"name": "e", "output_dir": str(tmp_path / "out"), "cache_dir": str(tmp_path / "c1"),
-                                 "model": {"source": "embedded", "suite": {"size": "tiny"}},
-                                 "tasks": ["emb_mnist", "emb_fashion"], "methods": ["weight_averaging"]}))
+    asked = _recorded_suite_builds(monkeypatch)
+    f = _embedded_sweep_file(tmp_path, tmp_path / "c1", ["emb_mnist", "emb_fashion"])
     r = CliRunner().invoke(main, ["prepare", "-q", str(f), f"cache_dir={tmp_path / 'c2'}", "tasks=[emb_mnist]"])
     assert r.exit_code == 0, r.output
-    assert asked == [(["emb_mnist"], tmp_path / "c2")]
+    assert [(a["names"], a["cache_dir"]) for a in asked] == [(["emb_mnist"], tmp_path / "c2")]
 
 
 @pytest.mark.parametrize("flags, from_scratch, progress", [([], False, True), (["--from-scratch", "-q"], True, False)])
 def test_prepare_passes_from_scratch_and_quiet_on(flags, from_scratch, progress, tmp_path, monkeypatch):
     """``--from-scratch`` retrains the pretrained model and ``-q`` hides the progress bars: each
     reaches the suite's build as given, and neither is on without its flag."""
-    from types import SimpleNamespace
-
-    import tasks.embedded.pipeline
-
-    asked = []
-
-    def builds(names, cache_dir, **kwargs):
-        asked.append(kwargs)
-        return SimpleNamespace(arch="a", pretrained="p", finetuned={n: str(cache_dir / f"{n}.pt") for n in names})
-
-    monkeypatch.setattr(tasks.embedded.pipeline, "prepare_suite", builds)
-    f = tmp_path / "e.yaml"
-    f.write_text(yaml.safe_dump({"name": "e", "output_dir": str(tmp_path / "out"), "cache_dir": str(tmp_path / "c"),
-                                 "model": {"source": "embedded", "suite": {"size": "tiny"}},
-                                 "tasks": ["emb_mnist"], "methods": ["weight_averaging"]}))
+    asked = _recorded_suite_builds(monkeypatch)
+    f = _embedded_sweep_file(tmp_path, tmp_path / "c", ["emb_mnist"])
     r = CliRunner().invoke(main, ["prepare", *flags, str(f)])
     assert r.exit_code == 0, r.output
     assert len(asked) == 1
@@ -1266,10 +1264,7 @@ def test_a_disk_refusing_a_write_outside_the_harness_errors_exits_1_saying_what_
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "c" / "x.pt"))
 
     monkeypatch.setattr(tasks.embedded.pipeline, "prepare_suite", full)
-    f = tmp_path / "e.yaml"
-    f.write_text(yaml.safe_dump({"name": "e", "output_dir": str(tmp_path / "out"), "cache_dir": str(tmp_path / "c"),
-                                 "model": {"source": "embedded", "suite": {"size": "tiny"}},
-                                 "tasks": ["emb_mnist"], "methods": ["weight_averaging"]}))
+    f = _embedded_sweep_file(tmp_path, tmp_path / "c", ["emb_mnist"])
     r = CliRunner().invoke(main, ["prepare", "-q", str(f)])
     assert r.exit_code == 1, r.output
     assert " ".join(r.stderr.split()) == (f"error: cannot write {tmp_path / 'c' / 'x.pt'}: No space left on device; "
