@@ -751,5 +751,6 @@ def test_a_preprocess_of_one_s_own_gets_rgb_images_from_grey_and_rgba_files(tmp_
     Image.new("L", (6, 6), 77).save(folder / "t0.png")
     Image.new("RGBA", (6, 6), (1, 2, 3, 4)).save(folder / "t1.png")
     task = v8.eurosat(str(tmp_path), preprocess=lambda im: (im.mode, im.getpixel((0, 0))))
-    got = {Path(task.dataset("test").source.paths[i]).name: task.dataset("test")[i][0] for i in range(2)}
+    test = task.dataset("test")
+    got = {Path(test.source.paths[i]).name: test[i][0] for i in range(2)}
     assert got == {"t0.png": ("RGB", (77, 77, 77)), "t1.png": ("RGB", (1, 2, 3))}
