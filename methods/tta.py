@@ -19,7 +19,9 @@ Conventions the callers rely on:
   read back with ``weights_only=True``). A run that finds that file resumes from it and
   fast-forwards every task's iterator past the batches already consumed, so resuming
   reproduces an uninterrupted run exactly when the iterator factories are deterministic; a
-  file adapted on other data (another corruption or severity) is refused, not resumed.
+  file adapted on other data (another corruption or severity) is refused, not resumed; one of
+  more steps than asked for holds a later step's weights and is not resumed either (the run
+  adapts from the start and replaces it at its first checkpoint).
 * Loss parts: ``ctx.artifacts["tta_parts"]`` holds, per step, the summed entropy
   (``"entropy"``), with ``diversity_weight`` > 0 the summed ``-diversity_weight`` x marginal
   entropy of each task's batch (``"diversity"``), and the ``aux_loss`` term (under
@@ -157,9 +159,13 @@ class UnreadableCheckpoint(Exception):
     """A checkpoint file that is not a whole adaptation checkpoint (cut short, hand-damaged)."""
 
 
+class CheckpointAhead(Exception):
+    """A checkpoint of more steps than the run asks for: its weights are a later step's."""
+
+
 def _load_checkpoint(path: Path, params: Mapping[str, nn.Parameter], optimizer: torch.optim.Optimizer,
-                     adapted_on: Mapping[str, Any] | None = None, scaler: "torch.amp.GradScaler | None" = None
-                     ) -> tuple[int, list[float], list[dict[str, float]], "_Parts"]:
+                     adapted_on: Mapping[str, Any] | None = None, scaler: "torch.amp.GradScaler | None" = None,
+                     max_step: int | None = None) -> tuple[int, list[float], list[dict[str, float]], "_Parts"]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(state, dict) or not {"step", "params", "optimizer", "losses"} <= set(state):
@@ -176,6 +182,9 @@ def _load_checkpoint(path: Path, params: Mapping[str, nn.Parameter], optimizer: 
     saved = state["params"]
     if set(saved) != set(params) or any(saved[k].shape != p.shape for k, p in params.items()):
         raise ValueError(f"{path}: checkpoint does not match the model's trainable parameters")
+    if max_step is not None and int(state["step"]) > max_step:  # checked before anything is loaded into the model
+        raise CheckpointAhead(f"{path}: checkpoint at step {int(state['step'])}, ahead of the {max_step} steps "
+                              "asked for")
     with torch.no_grad():
         for k, p in params.items():
             p.copy_(saved[k])
@@ -196,11 +205,6 @@ class _Parts:
 
     def __init__(self, start: int = 0, values: dict[str, list[float]] | None = None):
         self.start, self.values = start, values or {}
-
-    def truncate(self, steps: int) -> None:
-        """Keep the parts of the first ``steps`` steps (a checkpoint may be ahead of ``steps``)."""
-        self.start = min(self.start, steps)
-        self.values = {k: v[: steps - self.start] for k, v in self.values.items()}
 
     def append(self, parts: Mapping[str, float]) -> None:
         for k, v in parts.items():
@@ -314,14 +318,13 @@ def run_tta(
         remove_stale_temporaries(ckpt)  # a killed run's half-written checkpoint: never renamed, never read
     if ckpt is not None and ckpt.is_file():
         try:
-            start, losses, validation, parts = _load_checkpoint(ckpt, params, optimizer, ctx.adapted_on, scaler)
+            start, losses, validation, parts = _load_checkpoint(ckpt, params, optimizer, ctx.adapted_on, scaler,
+                                                                max_step=steps)
         except UnreadableCheckpoint as exc:  # adapting from the start gives the uninterrupted run's result
             logging.getLogger("harness").warning(f"{exc}; adapting from the start")
             ckpt.unlink(missing_ok=True)
-        start = min(start, steps)
-        losses = losses[:start]
-        parts.truncate(start)
-        validation = [v for v in validation if v["step"] <= start]
+        except CheckpointAhead as exc:  # kept until this run's first checkpoint replaces it
+            logging.getLogger("harness").warning(f"{exc}; adapting from the start")
         for s in streams.values():
             s.skip(start)
     ctx.artifacts["tta_validation"] = validation

@@ -666,21 +666,34 @@ def test_float_buffers_are_merged_like_parameters():
     torch.testing.assert_close(exported.scale, scale)
 
 
-def test_a_checkpoint_ahead_of_the_steps_asked_for_gives_the_losses_of_those_steps(models, tmp_path):
-    """A workdir checkpointed at step 4, then asked for 2 steps: the run takes no step and
-    returns the first two losses of the four-step run, not the four the checkpoint holds."""
+def test_a_checkpoint_ahead_of_the_steps_asked_for_gives_the_result_of_those_steps(models, tmp_path, caplog):
+    """A workdir checkpointed at step 4, then asked for 2 steps: the run returns the losses, loss
+    parts, validation and coefficients of an uninterrupted two-step run (no workdir), not the
+    fourth step's, and says so."""
     from methods.tta import run_tta
 
     pre, ft = models
 
-    def run(steps: int) -> list[float]:
+    def run(steps: int, workdir: str | None) -> tuple[list[float], torch.Tensor, dict]:
         enc = adamerging.AdaMergedEncoder(pre, ft, granularity="layer")
-        ctx = MergeContext(heads=heads(), unlabeled=fixed_unlabeled(), workdir=str(tmp_path))
-        return run_tta(enc, ctx, lr=5e-2, steps=steps, checkpoint_every=2, joint_forward=True)
+        ctx = MergeContext(heads=heads(), unlabeled=fixed_unlabeled(), workdir=workdir,
+                           validate=lambda model: {"coef_sum": float(model.coef.sum())})
+        losses = run_tta(enc, ctx, lr=5e-2, steps=steps, checkpoint_every=2, eval_every=1, joint_forward=True)
+        return losses, enc.coef.detach().clone(), ctx.artifacts
 
-    four = run(4)
-    assert len(four) == 4
-    assert run(2) == four[:2]
+    four, four_coef, _ = run(4, str(tmp_path))
+    two, two_coef, two_artifacts = run(2, None)
+    assert len(four) == 4 and two == four[:2]
+    assert not torch.equal(two_coef, four_coef)
+    with caplog.at_level("WARNING", logger="harness"):
+        got, got_coef, got_artifacts = run(2, str(tmp_path))
+    assert got == two
+    assert torch.equal(got_coef, two_coef)
+    assert len(two_artifacts["tta_parts"]["entropy"]) == 2 and len(two_artifacts["tta_validation"]) == 3
+    assert {k: got_artifacts[k] for k in ("tta_parts", "tta_validation")} == {
+        k: two_artifacts[k] for k in ("tta_parts", "tta_validation")}
+    assert any("checkpoint at step 4, ahead of the 2 steps asked for; adapting from the start" in r.getMessage()
+               for r in caplog.records)
 
 
 def test_a_non_finite_adaptation_loss_fails_the_run_naming_its_step(models):

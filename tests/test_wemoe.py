@@ -1080,18 +1080,6 @@ def test_adaptation_runs_in_eval_mode_and_gives_the_model_back_in_its_mode(model
     assert all(m.training for m in model.modules())
 
 
-def test_loss_parts_logged_from_a_later_step_are_cut_at_the_steps_asked_for():
-    """Parts logged from step 2 on (a checkpoint of the previous format) for steps 2, 3 and 4:
-    a rerun with 4 steps keeps steps 2 and 3, one with 2 steps none."""
-    from methods.tta import _Parts
-
-    parts = _Parts(2, {"entropy": [0.5, 0.4, 0.3]})
-    parts.truncate(4)
-    assert parts.series() == {"entropy": [[2, 0.5], [3, 0.4]]}
-    parts.truncate(2)
-    assert parts.series() == {"entropy": []}
-
-
 def test_an_adaptation_checkpoint_whose_tensors_have_other_shapes_is_refused(models, tmp_path):
     """A checkpoint with the same tensor names but other shapes (a broadcastable [1] for a router's
     [3]) is refused, naming the file, rather than broadcast into the routers and resumed."""
