@@ -2105,6 +2105,25 @@ def test_collect_keeps_a_finished_studys_row_whose_robustness_study_failed(sweep
         (final.key, "tuned", final.metrics, final.study_error)]
 
 
+def test_a_studys_final_job_whose_robustness_study_failed_runs_again_on_a_rerun(sweep_dict, monkeypatch):
+    """The best setting's job on test whose robustness study failed is run again by the next sweep
+    (once the split reads, the row gains its robustness numbers), not reused from the cache as
+    it stands; the trials are not run again. Truth: the same best setting's main metrics, and
+    the pixelate split scored by the rerun."""
+    d = dict(sweep_dict, references={"pretrained": False, "individual": False},
+             robustness={"tasks": ["toy_stripes"], "corruptions": ["contrast", "pixelate"], "severity": 2},
+             methods=[{"name": "task_arithmetic", "label": "tuned", "tune": tune_block(n_trials=2)}])
+    pixelate_split_unreadable(monkeypatch)
+    out = run_sweep(validate_config(d), quiet=True)
+    (final,) = out.study_failed
+    monkeypatch.undo()
+    again = run_sweep(validate_config(d), quiet=True)
+    assert again.executed == [final.key] and not again.failed and not again.study_failed
+    (row,) = again.rows
+    assert row.metrics["acc/avg"] == pytest.approx(final.metrics["acc/avg"])
+    assert 0.0 <= row.metrics["robust/pixelate/avg"] <= 100.0
+
+
 def test_the_best_trials_adaptation_is_copied_only_into_a_final_job_without_one(tmp_path):
     """The best setting's job on test starts from a copy of the best trial's workdir, unless it has
     its own already (a rerun after a kill in that job: its progress is kept, not replaced); the
