@@ -283,6 +283,37 @@ def test_quick_gelu_gets_a_generated_arch(tmp_path: Path) -> None:
         convert_hf_checkpoint(folder, tmp_path / "w.safetensors", arch="harness-micro-vit")
 
 
+@needs_transformers
+def test_a_clip_whose_text_projection_has_another_size_is_refused(tmp_path: Path) -> None:
+    """Image and text features of different sizes cannot be compared: a whole CLIP whose text
+    projection maps to 8 dimensions and visual one to 16 is refused, naming both."""
+    clip_model("gelu").save_pretrained(tmp_path / "hf")
+    weights = tmp_path / "hf" / "model.safetensors"
+    state = load_file(str(weights))
+    assert tuple(state["text_projection.weight"].shape) == (16, 32)
+    save_file({**state, "text_projection.weight": torch.randn(8, 32)}, str(weights))
+    with pytest.raises(HarnessError, match="text projection dim 8 != visual projection dim 16"):
+        convert_hf_checkpoint(tmp_path / "hf", tmp_path / "full.safetensors", kind="clip")
+
+
+@needs_transformers
+def test_an_mlp_width_open_clip_cannot_build_is_refused(tmp_path: Path) -> None:
+    """open_clip builds an MLP of ``int(width * mlp_ratio)`` units: at width 28 the ratio 61/28
+    gives 60, so a tower whose MLP has 61 units is refused at conversion (it could not be
+    loaded); one of 60 converts."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    for inter in (61, 60):
+        cfg = CLIPVisionConfig(hidden_size=28, intermediate_size=inter, num_hidden_layers=1, num_attention_heads=2,
+                               patch_size=8, image_size=16, projection_dim=16)
+        CLIPVisionModelWithProjection(cfg).save_pretrained(tmp_path / f"hf{inter}")
+    with pytest.raises(HarnessError, match="MLP width 61 is not expressible as an open_clip mlp_ratio of 28"):
+        convert_hf_checkpoint(tmp_path / "hf61", tmp_path / "w61.safetensors")
+    out = convert_hf_checkpoint(tmp_path / "hf60", tmp_path / "w60.safetensors")
+    enc = visual(checkpoint_arch(out), load_state_dict(out))
+    assert enc.transformer.resblocks[0].mlp.c_fc.weight.shape == (60, 28)
+
+
 def test_inconsistent_folders_are_refused(tmp_path: Path) -> None:
     enc = micro_visual()
     with pytest.raises(HarnessError, match="num_hidden_layers=3 but the tensors have 2"):
