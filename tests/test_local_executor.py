@@ -433,3 +433,18 @@ def test_a_worker_runs_a_job_in_its_workdir_on_the_sweeps_device_with_its_share_
     assert local._work(specs[0].to_dict())["status"] == "ok"
     assert seen == {"cores": 3, "device": torch.device("cpu"),
                     "workdir": cfg.resolved_output_dir() / "work" / specs[0].key}
+
+
+def test_a_later_pool_leaves_the_pipe_an_earlier_pools_workers_watch_open():
+    """Workers exit at EOF on the pipe ``_driver_alive`` hands them. A later pool asking for it gets
+    the same pipe: a new one in its place would drop the old write end, and the earlier pool's
+    workers, watching the old read end, would see EOF and exit while the driver lives."""
+    import gc
+
+    from harness.executors.local import _driver_alive
+
+    first = _driver_alive()
+    later = _driver_alive()
+    gc.collect()
+    assert not first.poll(0)  # EOF would make it readable
+    assert later is first
