@@ -194,7 +194,8 @@ class _Unresolved(nn.Module):
 
     task_vectors pickles reference ``src.modeling.ImageEncoder`` (their repository's own
     module); the tensors inside are all that is needed, so such classes become empty modules
-    that accept the pickled attributes.
+    that accept the pickled attributes (a plain object's become the module's attributes, its
+    modules submodules).
     """
 
     def __init__(self, *args: Any, **kwargs: Any):
@@ -203,12 +204,16 @@ class _Unresolved(nn.Module):
     def __setstate__(self, state: Any) -> None:
         if isinstance(state, tuple) and len(state) == 2 and all(s is None or isinstance(s, dict) for s in state):
             state = {**(state[0] or {}), **(state[1] or {})}  # (__dict__, __slots__) form
-        if isinstance(state, dict) and "_parameters" in state:
+        if isinstance(state, dict) and "_parameters" in state:  # a pickled nn.Module
             super().__setstate__(state)
-        elif isinstance(state, dict):
-            self.__dict__.update(state)
+            return
+        # a plain object: a module holding its attributes, so that an encoder inside is a submodule
+        nn.Module.__init__(self)
+        if isinstance(state, dict):
+            for key, value in state.items():
+                setattr(self, key, value)
         else:
-            self.__dict__["_pickled_state"] = state
+            self._pickled_state = state
 
 
 def _lenient_pickle_module(unresolved: set[str]) -> types.SimpleNamespace:

@@ -216,6 +216,43 @@ class _OpenPayload:
         return (builtins.open, (str(self.marker), "w"))
 
 
+class _Holder:
+    """A plain object (no nn.Module) holding an encoder, as some training scripts pickle one."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+
+class _SlottedHolder:
+    __slots__ = ("model",)
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+
+@pytest.mark.parametrize("holder", [_Holder, _SlottedHolder])
+def test_an_encoder_inside_a_plain_object_of_a_missing_class_converts(tmp_path: Path, micro_clip: nn.Module,
+                                                                       monkeypatch, holder: type) -> None:
+    """A pickled plain object (its attributes a dict, or with ``__slots__`` a (dict, slots) pair)
+    whose class is not importable here: its stand-in holds those attributes as a module holds its
+    submodules, so the encoder inside is found and converted, not an AttributeError raised."""
+    fake = types.ModuleType("src.holders")
+    cls = type(holder.__name__, (holder,), {"__module__": "src.holders", "__qualname__": holder.__name__,
+                                            "__slots__": ()})
+    setattr(fake, holder.__name__, cls)
+    src = tmp_path / "holder.pt"
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "src", types.ModuleType("src"))
+        m.setitem(sys.modules, "src.holders", fake)
+        torch.save(cls(micro_clip.visual), src)
+    out = convert_pickled_checkpoint(src, tmp_path / "enc.safetensors", trust_pickle=True)
+    sidecar = json.loads(Path(f"{out}.json").read_text())
+    assert sidecar["unresolved_classes"] == [f"src.holders.{holder.__name__}"]
+    assert sidecar["prefix"] == "model." and sidecar["arch"] == "harness-micro-vit"
+    state, want = load_state_dict(out), micro_clip.visual.state_dict()
+    assert set(state) == set(want) and all(torch.equal(state[k], v) for k, v in want.items())
+
+
 @pytest.mark.parametrize("payload", [_ShellPayload, _OpenPayload])
 def test_malicious_pickle_never_runs(tmp_path: Path, payload) -> None:
     marker = tmp_path / "pwned"
