@@ -636,6 +636,26 @@ def test_second_sweep_into_a_new_output_folder_in_use_is_refused_at_once(sweep_d
     assert took < 10, took
 
 
+def test_a_sweep_losing_the_race_for_a_new_folder_leaves_the_winners_lock(sweep_dict, tmp_path, monkeypatch):
+    """Two sweeps into a folder that did not exist both make it, and the other one locks it first:
+    this one stops, and removes neither the other's lock file nor the folder (deleting the file
+    would let a third sweep lock a new file in the folder in use)."""
+    import harness.runner as runner
+
+    out = tmp_path / "new" / "out"
+    make = runner._make_output_dir
+    with contextlib.ExitStack() as elsewhere:
+        def made_then_locked_elsewhere(path: Path) -> list[Path]:
+            made = make(path)
+            elsewhere.enter_context(sweep_lock_held_elsewhere(path))
+            return made
+
+        monkeypatch.setattr(runner, "_make_output_dir", made_then_locked_elsewhere)
+        code, err, _ = _run_sweep(tmp_path, dict(copy.deepcopy(sweep_dict), output_dir=str(out)))
+        assert code == 2 and f"{out}: another sweep is running into this output folder" in err, err
+        assert [p.name for p in out.iterdir()] == [".sweep.lock"]
+
+
 def test_a_sweep_stopped_before_running_leaves_no_new_folder(sweep_dict, tmp_path, monkeypatch):
     """The folder is made before preparing, to hold the lock: a sweep stopped in preparation (a bad
     checkpoint, Ctrl-C) removes it, and the parents it made, as it wrote nothing there."""
