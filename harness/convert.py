@@ -194,8 +194,7 @@ class _Unresolved(nn.Module):
 
     task_vectors pickles reference ``src.modeling.ImageEncoder`` (their repository's own
     module); the tensors inside are all that is needed, so such classes become empty modules
-    that accept the pickled attributes (a plain object's become the module's attributes, its
-    modules submodules).
+    that accept the pickled attributes (of a plain object, its modules become submodules).
     """
 
     def __init__(self, *args: Any, **kwargs: Any):
@@ -207,13 +206,13 @@ class _Unresolved(nn.Module):
         if isinstance(state, dict) and "_parameters" in state:  # a pickled nn.Module
             super().__setstate__(state)
             return
-        # a plain object: a module holding its attributes, so that an encoder inside is a submodule
+        # a plain object: its modules become submodules (an encoder inside is found as in a
+        # module); its other attributes are kept aside, where none can hide a module's method
         nn.Module.__init__(self)
-        if isinstance(state, dict):
-            for key, value in state.items():
-                setattr(self, key, value)
-        else:
-            self._pickled_state = state
+        for key, value in (state.items() if isinstance(state, dict) else ()):
+            if isinstance(value, nn.Module) and isinstance(key, str) and key.isidentifier() and not hasattr(self, key):
+                self.add_module(key, value)
+        self.__dict__["_pickled_state"] = state
 
 
 def _lenient_pickle_module(unresolved: set[str]) -> types.SimpleNamespace:

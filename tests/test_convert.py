@@ -217,25 +217,29 @@ class _OpenPayload:
 
 
 class _Holder:
-    """A plain object (no nn.Module) holding an encoder, as some training scripts pickle one."""
+    """A plain object (no nn.Module) holding an encoder, as some training scripts pickle one, and
+    an attribute named like a module's method."""
 
     def __init__(self, model: nn.Module):
         self.model = model
+        self.state_dict = {"step": 3}
 
 
 class _SlottedHolder:
-    __slots__ = ("model",)
+    __slots__ = ("model", "state_dict")
 
     def __init__(self, model: nn.Module):
         self.model = model
+        self.state_dict = {"step": 3}
 
 
 @pytest.mark.parametrize("holder", [_Holder, _SlottedHolder])
 def test_an_encoder_inside_a_plain_object_of_a_missing_class_converts(tmp_path: Path, micro_clip: nn.Module,
                                                                        monkeypatch, holder: type) -> None:
     """A pickled plain object (its attributes a dict, or with ``__slots__`` a (dict, slots) pair)
-    whose class is not importable here: its stand-in holds those attributes as a module holds its
-    submodules, so the encoder inside is found and converted, not an AttributeError raised."""
+    whose class is not importable here: its stand-in holds the modules among those attributes as
+    submodules, so the encoder inside is found and converted (not an AttributeError raised), and
+    no other attribute stands in for a module's method."""
     fake = types.ModuleType("src.holders")
     cls = type(holder.__name__, (holder,), {"__module__": "src.holders", "__qualname__": holder.__name__,
                                             "__slots__": ()})
