@@ -4,7 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-DEBIAN_PACKAGES=(dataset-fashion-mnist gimp-data fonts-freefont-ttf chromium)  # chromium: the MLflow UI browser test
+# chromium: the MLflow UI browser test; texlive: the tests that compile the LaTeX tables with pdflatex
+DEBIAN_PACKAGES=(dataset-fashion-mnist gimp-data fonts-freefont-ttf chromium texlive-latex-base texlive-latex-recommended)
 if command -v apt-get >/dev/null 2>&1; then
   missing=()
   for p in "${DEBIAN_PACKAGES[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
