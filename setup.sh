@@ -8,7 +8,9 @@ cd "$(dirname "$0")"
 DEBIAN_PACKAGES=(dataset-fashion-mnist gimp-data fonts-freefont-ttf chromium texlive-latex-base texlive-latex-recommended)
 if command -v apt-get >/dev/null 2>&1; then
   missing=()
-  for p in "${DEBIAN_PACKAGES[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+  for p in "${DEBIAN_PACKAGES[@]}"; do  # a package removed but not purged is known to dpkg, not installed
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  done
   if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ]; then
       echo "setup: installing Debian data packages: ${missing[*]}"
