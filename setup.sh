@@ -9,7 +9,7 @@ DEBIAN_PACKAGES=(dataset-fashion-mnist gimp-data fonts-freefont-ttf chromium tex
 if command -v apt-get >/dev/null 2>&1; then
   missing=()
   for p in "${DEBIAN_PACKAGES[@]}"; do  # a package removed but not purged is known to dpkg, not installed
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+    [ "$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null)" = "install ok installed" ] || missing+=("$p")
   done
   if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ]; then
