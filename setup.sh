@@ -13,11 +13,11 @@ if command -v apt-get >/dev/null 2>&1; then
   done
   if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ]; then
-      echo "setup: installing Debian data packages: ${missing[*]}"
+      echo "setup: installing Debian packages: ${missing[*]}"
       (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null) \
-        || echo "setup: could not install ${missing[*]}; the embedded suite will use its documented fallbacks"
+        || echo "setup: could not install ${missing[*]} (embedded suite: fallbacks; tests needing them skip)"
     else
-      echo "setup: not root; skipping Debian packages ${missing[*]} (the embedded suite uses fallbacks)"
+      echo "setup: not root; skipping Debian packages ${missing[*]} (embedded suite: fallbacks; tests needing them skip)"
     fi
   fi
 fi
