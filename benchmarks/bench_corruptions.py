@@ -6,9 +6,11 @@ temporary folder and reads it as the ``eurosat`` task at ``--size`` px (the mode
 as a sweep does). For each corruption it times two passes over the split with the on-the-fly
 :class:`tasks.corruptions.CorruptedDataset` (every read corrupts the image again), then
 ``corrupted_split`` with a cache folder (builds the file once) and two passes over it, and two
-passes of a second ``corrupted_split`` call (a later job: reads the file only). The
-corruption's first call (imports, numba compilation) is made before timing. Checks that the
-cached reads, the later job's included, give the on-the-fly tensors.
+passes of a second ``corrupted_split`` call (a later job: reads the file only). The build runs
+in as many processes as this process may use cores (``build_processes``); it is timed again in
+one process, into another cache folder. The corruption's first call (imports, numba
+compilation) is made before timing. Checks that the cached reads, the later job's and the
+one-process build's included, give the on-the-fly tensors.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_corruptions.py                      # glass and zoom blur
     OMP_NUM_THREADS=1 python benchmarks/bench_corruptions.py --corruptions motion_blur --images 1000
@@ -63,7 +65,7 @@ def main() -> None:
     args = ap.parse_args()
 
     import tasks.vision8 as v8
-    from tasks.corruptions import CorruptedDataset, corrupt_image, corrupted_split
+    from tasks.corruptions import CorruptedDataset, build_processes, corrupt_image, corrupted_split
 
     with tempfile.TemporaryDirectory() as tmp:
         write_tree(Path(tmp) / "data", args.images)
@@ -78,10 +80,14 @@ def main() -> None:
             build = time.perf_counter() - t
             reads, got = passes(ds)
             later, again = passes(corrupted_split(task, name, args.severity, cache))
-            same = identical(got, want) and identical(again, want)
+            t = time.perf_counter()
+            alone = corrupted_split(task, name, args.severity, Path(tmp) / f"cache-{name}-1", processes=1)
+            serial = time.perf_counter() - t
+            same = identical(got, want) and identical(again, want) and identical(passes(alone, 1)[1], want)
             print(f"{name}, {n} images at {args.size} px: on the fly 2 passes {fly:.1f} s; cached: build {build:.1f} s "
                   f"+ 2 passes {reads:.2f} s = {build + reads:.1f} s ({fly / (build + reads):.1f}x); a later job's "
-                  f"2 passes {later:.2f} s ({fly / later:.0f}x); identical: {same}")
+                  f"2 passes {later:.2f} s ({fly / later:.0f}x); the build in {build_processes(n)} processes "
+                  f"{build:.1f} s against {serial:.1f} s in one ({serial / build:.2f}x); identical: {same}")
 
 
 if __name__ == "__main__":

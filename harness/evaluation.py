@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from harness.precision import autocast
-from harness.runtime import available_cores, job_cores
+from harness.runtime import available_cores, job_cores, start_forked_helper
 
 
 def evaluation_indices(size: int, max_samples: int | None) -> torch.Tensor | None:
@@ -40,7 +40,8 @@ def iterate_batches(dataset: Dataset, batch_size: int, max_samples: int | None =
         dataset = torch.utils.data.Subset(dataset, subset.tolist())
     workers = loader_workers(len(dataset), batch_size)
     yield from raised_here(DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                                      multiprocessing_context=_FORK if workers else None))
+                                      multiprocessing_context=_FORK if workers else None,
+                                      worker_init_fn=start_forked_helper))
 
 
 def raised_here(batches: Iterable[Any]) -> Iterator[Any]:
@@ -79,6 +80,12 @@ MAX_LOADER_WORKERS = 8
 _FORK = "fork" if "fork" in __import__("multiprocessing").get_all_start_methods() else None
 
 
+def fork_context() -> str | None:
+    """The start method of the processes a job starts to read or build its data ("fork"), or
+    None where this platform cannot fork."""
+    return _FORK
+
+
 def loader_workers(size: int, batch_size: int) -> int:
     """Worker processes that read a map-style (disk-backed) split: its images are decoded and
     preprocessed when read (10-20 ms a JPEG on one core, ~110k val and test images per job on the
@@ -90,10 +97,10 @@ def loader_workers(size: int, batch_size: int) -> int:
 
     if size <= batch_size or _FORK is None or multiprocessing.current_process().daemon:
         return 0
-    return max(0, min(_cores(), MAX_LOADER_WORKERS))
+    return max(0, min(usable_cores(), MAX_LOADER_WORKERS))
 
 
-def _cores() -> int:
+def usable_cores() -> int:
     """The cores this job may use: its share where it was given one, else all this process may run on."""
     return job_cores() or available_cores()
 
@@ -195,7 +202,8 @@ class UnlabeledStream:
             images = self.dataset.tensors[0]
             return (images[idx] for idx in self._order)
         loader = DataLoader(self.dataset, batch_sampler=_IndexLists(self._order), num_workers=self.workers,
-                            multiprocessing_context=_FORK if self.workers else None)
+                            multiprocessing_context=_FORK if self.workers else None,
+                            worker_init_fn=start_forked_helper)
         return (images for images, _ in raised_here(loader))
 
 
@@ -218,7 +226,7 @@ def stream_workers(streams: int) -> int:
 
     if _FORK is None or multiprocessing.current_process().daemon:
         return 0
-    return min(MAX_LOADER_WORKERS, max(1, _cores() // max(1, streams)))
+    return min(MAX_LOADER_WORKERS, max(1, usable_cores() // max(1, streams)))
 
 
 def unlabeled_batches(dataset: Dataset, batch_size: int, seed: int, workers: int = 0) -> UnlabeledStream:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -91,3 +92,13 @@ def evaluation_threads() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def start_forked_helper(worker_id: int | None = None) -> None:
+    """Run first in a process a job forks to read or build its data (a DataLoader's
+    ``worker_init_fn``, a pool's initializer): one thread (one such process per core), and SLURM's
+    time-limit warning ignored. SLURM sends that warning (SIGUSR2) to every process of the job, and
+    a forked process has inherited the job's handler, which would checkpoint and requeue the job
+    once more from each helper; the default action would kill the helper. The job itself handles it."""
+    torch.set_num_threads(1)
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)

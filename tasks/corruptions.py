@@ -90,17 +90,94 @@ def corrupt_image(image: np.ndarray, name: str, severity: int, seed: int) -> np.
 
 
 def corrupt_images(images: np.ndarray | Sequence[np.ndarray], name: str, severity: int, seed: int = 0,
-                   advance: Callable[[int], None] | None = None, out: np.ndarray | None = None) -> np.ndarray:
+                   advance: Callable[[int], None] | None = None, out: np.ndarray | None = None,
+                   rows: range | None = None) -> np.ndarray:
     """uint8 images [N, H, W, 3] (or a sequence of HxWx3 ones), image ``i`` under
     ``image_seed(seed, i, ...)``; written into ``out`` when given (a memory-mapped file: a large
-    split is never held whole). ``advance(1)`` after each image."""
+    split is never held whole). ``rows``: only these images (default all; the others of ``out``
+    are left as they are). ``advance(1)`` after each image."""
     if out is None:
         out = np.empty_like(images)
-    for i in range(len(images)):
+    for i in range(len(images)) if rows is None else rows:
         out[i] = corrupt_image(images[i], name, severity, image_seed(seed, i, name, severity))
         if advance:
             advance(1)
     return out
+
+
+#: Fewest images each build process is given: for fewer, starting processes costs more than they save.
+MIN_IMAGES_PER_PROCESS = 64
+#: Images a build process corrupts per request: small enough that the progress bar moves and
+#: that an interrupted build stops within seconds, large enough that requests cost nothing.
+BUILD_BLOCK = 16
+
+
+def build_processes(n: int) -> int:
+    """Processes corrupting a split of ``n`` images side by side: the cores this job may use
+    (every image is corrupted under its own seed, so the images are the same however many), at
+    least :data:`MIN_IMAGES_PER_PROCESS` each; one (this process) where processes cannot be forked
+    or this one is daemonic (which may not start children)."""
+    import multiprocessing
+
+    from harness.evaluation import fork_context, usable_cores
+
+    if fork_context() is None or multiprocessing.current_process().daemon:
+        return 1
+    return max(1, min(usable_cores(), n // MIN_IMAGES_PER_PROCESS))
+
+
+#: What the build processes inherit when forked (never pickled: a disk-backed task's dataset may
+#: not be, and an in-memory one would be copied): the images, the corruption, the file to fill.
+_BUILD: dict[str, Any] = {}
+
+
+def _build_rows(start: int, stop: int) -> np.ndarray | None:
+    """Corrupts images ``start:stop`` into the file being built (in a forked build process);
+    returns their labels where the source reads them (a disk-backed task's)."""
+    b = _BUILD
+    out = np.load(b["file"], mmap_mode="r+")
+    corrupt_images(b["images"], b["name"], b["severity"], b["seed"], out=out, rows=range(start, stop))
+    out.flush()
+    labels = getattr(b["images"], "labels", None)
+    return None if labels is None else np.array(labels[start:stop])
+
+
+def _corrupt_in_processes(file: Path, images: np.ndarray | Sequence[np.ndarray], name: str, severity: int,
+                          seed: int, processes: int, advance: Callable[[int], None] | None) -> None:
+    """Fills ``file`` (a ``.npy`` of the split's shape) with the corrupted images, ``processes``
+    forked processes corrupting blocks of :data:`BUILD_BLOCK` images side by side; a source that
+    reads labels (:class:`_PreprocessedImages`) gets each block's labels back. On an error the
+    blocks not started are dropped and the error is raised once the running ones end."""
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from concurrent.futures.process import BrokenProcessPool
+
+    from harness.evaluation import fork_context
+    from harness.runtime import start_forked_helper
+
+    n = len(images)
+    _BUILD.update(file=str(file), images=images, name=name, severity=severity, seed=seed)
+    pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context(fork_context()),
+                               initializer=start_forked_helper)
+    try:
+        pending = {pool.submit(_build_rows, start, min(start + BUILD_BLOCK, n)): start
+                   for start in range(0, n, BUILD_BLOCK)}
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                start = pending.pop(future)
+                try:
+                    labels = future.result()
+                except BrokenProcessPool:
+                    raise RuntimeError(f"corrupting {file.name}: a build process ended abruptly (killed, or "
+                                       "out of memory)") from None
+                if labels is not None:
+                    images.labels[start:start + len(labels)] = labels  # type: ignore[union-attr]
+                if advance:
+                    advance(min(BUILD_BLOCK, n - start))
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        _BUILD.clear()
 
 
 def _denormalize(x: torch.Tensor) -> np.ndarray:
@@ -214,19 +291,27 @@ def _progress(enabled: bool, description: str, total: int) -> Iterator[Callable[
 
 
 def _corrupt_to_file(path: Path, images: np.ndarray | Sequence[np.ndarray], name: str, severity: int, seed: int,
-                     description: str, progress: bool, before_commit: Callable[[], None] | None = None) -> None:
+                     description: str, progress: bool, before_commit: Callable[[], None] | None = None,
+                     processes: int | None = None) -> None:
     """Corrupts ``images`` into a temporary file beside ``path`` (memory-mapped, filled image by
-    image) and moves it onto ``path`` when whole (:func:`harness.cache.atomic_path`): a killed
-    job leaves no file that is read back. ``before_commit`` runs before the move (the labels
-    file, written first, so an images file always has its labels)."""
+    image, by ``processes`` processes: default :func:`build_processes`) and moves it onto ``path``
+    when whole (:func:`harness.cache.atomic_path`): a killed job leaves no file that is read back.
+    ``before_commit`` runs before the move (the labels file, written first, so an images file
+    always has its labels)."""
     from harness.cache import atomic_path
 
     shape = (len(images), *np.asarray(images[0]).shape)
+    if processes is None:
+        processes = build_processes(len(images))
     with _progress(progress, description, len(images)) as advance, atomic_path(path) as tmp:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
-        corrupt_images(images, name, severity, seed, advance, out=out)
-        out.flush()
-        del out
+        if processes > 1:
+            del out  # the header is written; the build processes fill the rows
+            _corrupt_in_processes(tmp, images, name, severity, seed, processes, advance)
+        else:
+            corrupt_images(images, name, severity, seed, advance, out=out)
+            out.flush()
+            del out
         if before_commit is not None:
             before_commit()
         record_digest(path, tmp)
@@ -292,12 +377,13 @@ def _unless_refused(path: Path, cached: Callable[[], _T], uncached: Callable[[],
 
 def corrupted_split(task: Task, name: str, severity: int, cache_dir: str | Path | None = None,
                     seed: int = 0, split: str = "test", progress: bool = False,
-                    identity: dict[str, Any] | None = None) -> Dataset:
+                    identity: dict[str, Any] | None = None, processes: int | None = None) -> Dataset:
     """A task's split under one corruption, every image corrupted once: with ``cache_dir`` the
     split is written to ``<cache_dir>/corrupted/`` and read back (memory-mapped) by later calls
     and jobs; an in-memory task is returned as tensors. Without ``cache_dir`` an in-memory task is
     corrupted in memory and a disk-backed one on every read (:class:`CorruptedDataset`). The file
-    key holds ``identity`` (default ``task.identity()``): other data, another file."""
+    key holds ``identity`` (default ``task.identity()``): other data, another file. ``processes``
+    build the file side by side (default :func:`build_processes`: the job's cores)."""
     description = f"corrupting {task.name} {split} ({name}, severity {severity})"
     path = None if cache_dir is None else _cache_path(cache_dir, task, identity, split, name, severity, seed)
     if not isinstance(task, InMemoryTask):
@@ -318,7 +404,8 @@ def corrupted_split(task: Task, name: str, severity: int, cache_dir: str | Path 
                         np.save(fh, source.labels, allow_pickle=False)
                     record_digest(_labels_path(cached_path), tmp)
 
-            _corrupt_to_file(cached_path, source, name, severity, seed, description, progress, save_labels)
+            _corrupt_to_file(cached_path, source, name, severity, seed, description, progress, save_labels,
+                             processes)
 
         def read_disk() -> CachedCorruptedDataset:
             dataset = CachedCorruptedDataset(cached_path, n)
@@ -336,7 +423,8 @@ def corrupted_split(task: Task, name: str, severity: int, cache_dir: str | Path 
         out = _unless_refused(
             path, lambda: _built_once(path, lambda: _checked_array(cached_path, tuple(images.shape)),
                                       lambda: _corrupt_to_file(cached_path, images.numpy(), name, severity, seed,
-                                                               description, progress), progress),
+                                                               description, progress, processes=processes),
+                                      progress),
             lambda: corrupt_images(images.numpy(), name, severity, seed))
         out = np.array(out)  # into memory (the split is normalised whole below); torch wants it writable
     return TensorDataset(normalize_uint8(torch.from_numpy(out)), labels.long())

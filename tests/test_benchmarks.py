@@ -234,8 +234,10 @@ def test_precision_benchmark_alternates_the_precisions_in_every_round(monkeypatc
     assert re.search(r"^fp32: .*top-1 agreeing with fp32: 100\.0%$", capsys.readouterr().out, re.MULTILINE)
 
 
-def test_corruption_benchmark_checks_the_later_jobs_reads_too(monkeypatch, capsys):
-    # A later job whose cached split lost its last image must not be reported identical.
+@pytest.mark.parametrize("short", [2, 3])
+def test_corruption_benchmark_checks_the_later_jobs_reads_too(short, monkeypatch, capsys):
+    # A later job's split (the second call) or the one-process build (the third) that lost its
+    # last image must not be reported identical.
     import tasks.corruptions
     from torch.utils.data import Subset
 
@@ -248,14 +250,14 @@ def test_corruption_benchmark_checks_the_later_jobs_reads_too(monkeypatch, capsy
     def second_call_short(task, *args, **kwargs):
         calls.append(task)
         ds = real(task, *args, **kwargs)
-        return Subset(ds, range(len(ds) - 1)) if len(calls) == 2 else ds
+        return Subset(ds, range(len(ds) - 1)) if len(calls) == short else ds
 
     monkeypatch.setattr(tasks.corruptions, "corrupted_split", second_call_short)
     monkeypatch.setattr(sys, "argv", ["bench_corruptions.py", "--corruptions", "contrast", "--images", "4",
                                       "--size", "32"])
     bench_corruptions.main()
     out = capsys.readouterr().out
-    assert len(calls) == 2 and re.search(r"^contrast, .* identical: False$", out, re.MULTILINE), out
+    assert len(calls) == 3 and re.search(r"^contrast, .* identical: False$", out, re.MULTILINE), out
 
 
 def test_sweep_benchmark_removes_its_cold_cache_and_outputs(monkeypatch, tmp_path, capsys):
