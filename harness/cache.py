@@ -63,12 +63,17 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+class LockBusy(Exception):
+    """Another process holds a :func:`build_lock` asked for with ``wait=False``."""
+
+
 @contextlib.contextmanager
-def build_lock(lock_path: str | os.PathLike, waiting: str | None = None) -> Iterator[bool]:
+def build_lock(lock_path: str | os.PathLike, waiting: str | None = None, wait: bool = True) -> Iterator[bool]:
     """Held while one process builds what several jobs sharing a cache folder need at once (SLURM
     jobs of one sweep start together): the others wait, then read what it built instead of
     building it too. An advisory lock the OS drops with its process, so a killed builder never
-    blocks the next. ``waiting`` is printed (with the lock file) when another process holds it.
+    blocks the next. ``waiting`` is printed (with the lock file) when another process holds it;
+    with ``wait=False`` :class:`LockBusy` is raised then instead of waiting.
     A folder the lock file cannot be written to is used unlocked. Yields whether the lock is held
     (what a builder deleting a killed builder's leftovers must know: unlocked, another's may be live)."""
     from filelock import FileLock, Timeout
@@ -79,6 +84,8 @@ def build_lock(lock_path: str | os.PathLike, waiting: str | None = None) -> Iter
         try:
             lock.acquire(timeout=0)
         except Timeout:
+            if not wait:
+                raise LockBusy(str(lock_path)) from None
             if waiting:
                 print(f"{waiting} (lock file {lock.lock_file})", file=sys.stderr, flush=True)
             lock.acquire()

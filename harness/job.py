@@ -219,6 +219,8 @@ def robustness_metrics(ws: Workspace, encoder: torch.nn.Module, device: torch.de
         clean = {**clean, **scored("clean", missing, lambda: {t: acc(encoder, t, ws.task(t).dataset("test"))
                                                               for t in missing})}
     metrics = {"robust/clean/avg": _mean(clean[t] for t in rob.tasks)}
+    ws.build_free_corrupted_splits([c for c in rob.corruptions if recorded_scores(records, c, rob.tasks, rob.severity)
+                                    is None], adapting=adapted is not None)
     for c in rob.corruptions:
         with naming_corruption(c, rob.severity):
             def score() -> dict[str, float]:

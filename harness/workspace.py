@@ -11,13 +11,13 @@ import inspect
 import re
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 from torch import nn
 
 from harness.cache import atomic_write_json, content_key, read_json
-from harness.config import SweepConfig, check_model_files, finetuned_field, suite_tasks
+from harness.config import MAIN, SweepConfig, check_model_files, finetuned_field, suite_tasks
 from harness.errors import FieldError, HarnessError, NotBuilt
 from harness.models import (
     CONFIG_DIR,
@@ -425,14 +425,37 @@ class Workspace:
 
     def corrupted(self, task: str, corruption: str):
         """The task's test split under ``corruption`` at the sweep's severity (cached on disk)."""
+        if (task, corruption) not in self._corrupted:
+            self._corrupted[(task, corruption)] = self._corrupted_split(task, corruption, wait=True)
+        return self._corrupted[(task, corruption)]
+
+    def _corrupted_split(self, task: str, corruption: str, wait: bool):
         from tasks.corruptions import corrupted_split
 
         rob = self.cfg.robustness
-        if (task, corruption) not in self._corrupted:
-            self._corrupted[(task, corruption)] = corrupted_split(
-                self.task(task), corruption, rob.severity, self.cfg.resolved_cache_dir(), rob.seed,
-                progress=self.progress, identity=self.task_identity(task))
-        return self._corrupted[(task, corruption)]
+        return corrupted_split(self.task(task), corruption, rob.severity, self.cfg.resolved_cache_dir(), rob.seed,
+                               progress=self.progress, identity=self.task_identity(task), wait=wait)
+
+    def build_free_corrupted_splits(self, corruptions: Iterable[str], adapting: bool) -> None:
+        """Builds (or reads) the robustness study's splits under ``corruptions`` (its tasks' and,
+        ``adapting`` on each corruption, every merged task's), passing over those another process
+        is building: jobs that start together (a SLURM sweep's robustness jobs) then build
+        different splits side by side, instead of all waiting for the one the first is building,
+        then the next. :meth:`corrupted` returns the splits read here and waits for the others.
+        An error is left to its split's turn in the study, where it is raised again (naming the
+        corruption) once the corruptions before it are scored and recorded."""
+        rob = self.cfg.robustness
+        tasks = list(dict.fromkeys([*(self.cfg.seen_tasks(MAIN) if adapting else []), *rob.tasks]))
+        for corruption in corruptions:
+            for task in tasks:
+                if (task, corruption) in self._corrupted:
+                    continue
+                try:
+                    split = self._corrupted_split(task, corruption, wait=False)
+                except Exception:  # the study meets it again at its turn
+                    return
+                if split is not None:
+                    self._corrupted[(task, corruption)] = split
 
     def task_identity(self, name: str | None = None) -> dict[str, Any]:
         """Each task's own identity (or task ``name``'s), plus the options the sweep gave its

@@ -332,28 +332,32 @@ def _lock_path(path: Path) -> Path:
 _T = TypeVar("_T")
 
 
-def _built_once(path: Path, read: Callable[[], _T], build: Callable[[], None], progress: bool) -> _T:
+def _built_once(path: Path, read: Callable[[], _T], build: Callable[[], None], progress: bool,
+                wait: bool = True) -> _T | None:
     """The split read from ``path``, built first where missing or damaged, by one job at a time
     (:func:`harness.cache.build_lock`): the robustness jobs of a sweep start together on SLURM,
     and each would otherwise corrupt every split itself. The builder first deletes the split's
     temporary files a killed build left (as large as the split): with the lock held, no other
-    process is writing them."""
-    from harness.cache import build_lock, remove_stale_temporaries
+    process is writing them. ``wait=False``: None when another process is building it."""
+    from harness.cache import LockBusy, build_lock, remove_stale_temporaries
 
     try:
         return read()
     except _DAMAGED:
         pass
-    with build_lock(_lock_path(path), f"{path.name}: waiting for another process that is corrupting images"
-                    if progress else None) as held:
-        try:
-            return read()
-        except _DAMAGED:
-            pass
-        if held:  # unlocked (a lock file this process cannot open), a temporary may be a live builder's
-            remove_stale_temporaries(path)
-            remove_stale_temporaries(_labels_path(path))
-        build()
+    try:  # LockBusy comes only from taking the lock: the block raises nothing of the kind
+        with build_lock(_lock_path(path), f"{path.name}: waiting for another process that is corrupting images"
+                        if progress else None, wait) as held:
+            try:
+                return read()
+            except _DAMAGED:
+                pass
+            if held:  # unlocked (a lock file this process cannot open), a temporary may be a live builder's
+                remove_stale_temporaries(path)
+                remove_stale_temporaries(_labels_path(path))
+            build()
+    except LockBusy:
+        return None
     return read()
 
 
@@ -377,13 +381,15 @@ def _unless_refused(path: Path, cached: Callable[[], _T], uncached: Callable[[],
 
 def corrupted_split(task: Task, name: str, severity: int, cache_dir: str | Path | None = None,
                     seed: int = 0, split: str = "test", progress: bool = False,
-                    identity: dict[str, Any] | None = None, processes: int | None = None) -> Dataset:
+                    identity: dict[str, Any] | None = None, processes: int | None = None,
+                    wait: bool = True) -> Dataset | None:
     """A task's split under one corruption, every image corrupted once: with ``cache_dir`` the
     split is written to ``<cache_dir>/corrupted/`` and read back (memory-mapped) by later calls
     and jobs; an in-memory task is returned as tensors. Without ``cache_dir`` an in-memory task is
     corrupted in memory and a disk-backed one on every read (:class:`CorruptedDataset`). The file
     key holds ``identity`` (default ``task.identity()``): other data, another file. ``processes``
-    build the file side by side (default :func:`build_processes`: the job's cores)."""
+    build the file side by side (default :func:`build_processes`: the job's cores). ``wait=False``:
+    None, instead of waiting, while another process is building the file."""
     description = f"corrupting {task.name} {split} ({name}, severity {severity})"
     path = None if cache_dir is None else _cache_path(cache_dir, task, identity, split, name, severity, seed)
     if not isinstance(task, InMemoryTask):
@@ -413,7 +419,7 @@ def corrupted_split(task: Task, name: str, severity: int, cache_dir: str | Path 
             check_digest(_labels_path(cached_path))
             return dataset
 
-        return _unless_refused(path, lambda: _built_once(path, read_disk, build_disk, progress),
+        return _unless_refused(path, lambda: _built_once(path, read_disk, build_disk, progress, wait),
                                lambda: CorruptedDataset(base, name, severity, seed))
     images, labels = task.raw(split)
     if path is None:
@@ -424,7 +430,9 @@ def corrupted_split(task: Task, name: str, severity: int, cache_dir: str | Path 
             path, lambda: _built_once(path, lambda: _checked_array(cached_path, tuple(images.shape)),
                                       lambda: _corrupt_to_file(cached_path, images.numpy(), name, severity, seed,
                                                                description, progress, processes=processes),
-                                      progress),
+                                      progress, wait),
             lambda: corrupt_images(images.numpy(), name, severity, seed))
+        if out is None:
+            return None
         out = np.array(out)  # into memory (the split is normalised whole below); torch wants it writable
     return TensorDataset(normalize_uint8(torch.from_numpy(out)), labels.long())

@@ -113,3 +113,97 @@ def test_the_progress_bar_reaches_the_splits_size(monkeypatch, tmp_path):
     monkeypatch.setattr(tc, "_progress", progress)
     corrupted_split(make_toy_task("toy_stripes", n_test=50), "contrast", 2, tmp_path, processes=2)
     assert sorted(advanced) == [2, 16, 16, 16]
+
+
+def _hold_lock(path, held, release) -> None:
+    from filelock import FileLock
+
+    with FileLock(tc._lock_path(path)):
+        held.set()
+        release.wait(60)
+
+
+def test_a_split_another_process_is_building_is_passed_over_without_waiting(tmp_path):
+    task = make_toy_task("toy_stripes", n_test=20)
+    path = tc._cache_path(tmp_path, task, None, "test", "contrast", 2, 0)
+    ctx = multiprocessing.get_context("fork")
+    held, release = ctx.Event(), ctx.Event()
+    holder = ctx.Process(target=_hold_lock, args=(path, held, release))
+    holder.start()
+    try:
+        assert held.wait(60)
+        assert corrupted_split(task, "contrast", 2, tmp_path, wait=False) is None
+        assert not path.exists()  # nothing built
+    finally:
+        release.set()
+        holder.join(60)
+    built = corrupted_split(task, "contrast", 2, tmp_path, wait=False)
+    assert path.exists() and torch.equal(built.tensors[0], corrupted_split(task, "contrast", 2, None).tensors[0])
+
+
+def test_jobs_starting_together_build_different_splits_side_by_side(sweep_dict, tmp_path):
+    """Two jobs of a sweep preparing the same study's two splits: the first builds one, the second,
+    finding it being built, builds the other instead of waiting; each split is built once."""
+    import time
+
+    from harness.config import validate_config
+    from harness.workspace import Workspace
+
+    cfg = validate_config(dict(sweep_dict, robustness={"tasks": ["toy_stripes"],
+                                                       "corruptions": ["contrast", "gaussian_noise"]}))
+    log = tmp_path / "built"
+    log.mkdir()
+    ctx = multiprocessing.get_context("fork")
+    first_started = ctx.Event()
+
+    def job(first: bool) -> None:
+        original = tc.corrupt_images
+
+        def slow(images, name, *a, **k):
+            (log / f"{name}-{os.getpid()}").touch()
+            first_started.set()
+            time.sleep(1.0)  # still building when the other job asks
+            return original(images, name, *a, **k)
+
+        tc.corrupt_images = slow
+        if not first:
+            first_started.wait(60)
+        ws = Workspace(cfg)
+        ws.build_free_corrupted_splits(["contrast", "gaussian_noise"], adapting=False)
+        for c in ("contrast", "gaussian_noise"):  # the study's reads: the other job's split, waited for
+            assert len(ws.corrupted("toy_stripes", c)) == len(ws.task("toy_stripes").dataset("test"))
+
+    jobs = [ctx.Process(target=job, args=(first,)) for first in (True, False)]
+    for p in jobs:
+        p.start()
+    for p in jobs:
+        p.join(120)
+        assert p.exitcode == 0
+    built = sorted(p.name.split("-") for p in log.iterdir())
+    assert [name for name, _ in built] == ["contrast", "gaussian_noise"]  # each once
+    assert built[0][1] != built[1][1]  # by the two jobs, one each
+
+
+def test_a_split_failing_to_build_fails_the_study_at_its_turn(sweep_dict, tmp_path, monkeypatch):
+    """Building the study's splits ahead meets the error first; it is raised at that corruption's
+    turn, naming it, after the corruptions before it were scored and recorded."""
+    from harness.config import validate_config
+    from harness.job import RobustnessStudyFailed, robustness_metrics
+    from harness.workspace import Workspace
+
+    cfg = validate_config(dict(sweep_dict, robustness={"tasks": ["toy_stripes"],
+                                                       "corruptions": ["contrast", "pixelate", "gaussian_noise"]}))
+    original = tc.corrupt_image
+
+    def no_pixelate(image, name, severity, seed):
+        if name == "pixelate":
+            raise ValueError("cannot pixelate")
+        return original(image, name, severity, seed)
+
+    monkeypatch.setattr(tc, "corrupt_image", no_pixelate)
+    ws = Workspace(cfg)
+    records = tmp_path / "records"
+    records.mkdir()
+    with pytest.raises(RobustnessStudyFailed, match=r"pixelate \(severity 2\): ValueError: cannot pixelate"):
+        robustness_metrics(ws, ws.pretrained_encoder, torch.device("cpu"), records=records)
+    assert sorted(p.name for p in records.iterdir()) == ["clean.json", "contrast.json"]

@@ -33,7 +33,8 @@ def stub_workspace(merge_tasks: list[str]) -> SimpleNamespace:
     cfg = SimpleNamespace(merge_tasks=merge_tasks, robustness=None,
                           eval=SimpleNamespace(batch_size=2, max_samples=None, precision="fp32"))
     return SimpleNamespace(cfg=cfg, head=lambda t: HEADS[t],
-                           task=lambda t: SimpleNamespace(dataset=lambda split: dataset(t, split)))
+                           task=lambda t: SimpleNamespace(dataset=lambda split: dataset(t, split)),
+                           build_free_corrupted_splits=lambda corruptions, adapting: None)  # nothing to build
 
 
 def test_each_task_is_scored_with_its_own_head_and_the_average_is_per_task():
