@@ -581,12 +581,14 @@ def merge(spec: JobSpec, ws: Workspace, device: torch.device, workdir: Path,
 
 def adaptation_data(cfg: SweepConfig, corruption: str | None = None) -> dict[str, Any]:
     """What a test-time-adaptation method adapts on: the clean split, or one corruption of the
-    test splits at the robustness study's severity and seed. Recorded with what the method saves
+    test splits at the robustness study's severity and seed (with ``eval.max_samples``, of the
+    images a capped evaluation scores alone: :meth:`Workspace.corrupted`). Recorded with what the method saves
     (``MergeContext.adapted_on``): the per-corruption adaptations of a job lie side by side."""
     if corruption is None:
         return {"split": cfg.adapt.split, "corruption": None}
     rob = cfg.robustness
-    return {"split": "test", "corruption": corruption, "severity": rob.severity, "corruption_seed": rob.seed}
+    capped = {} if cfg.eval.max_samples is None else {"max_samples": cfg.eval.max_samples, "subset": "seeded"}
+    return {"split": "test", "corruption": corruption, "severity": rob.severity, "corruption_seed": rob.seed, **capped}
 
 
 class WithoutTestData(dict):

@@ -389,6 +389,8 @@ def with_key(cfg: SweepConfig, s: JobSpec, identity: dict[str, Any],
             body["robustness"] = cfg.robustness.identity()
             if not (s.kind == "merge" and adapts_on_corruptions(cfg, s.method)):
                 body["robustness"].pop("adapt", None)  # only re-adapting jobs read it
+            elif cfg.eval.max_samples is not None:  # they adapt on the capped images alone
+                body["robustness"]["adapts_on"] = "scored images"
     if s.protocol != MAIN:  # main-protocol keys stay as they were before protocols existed
         body["protocol"] = s.protocol
     if s.kind in MERGE_KINDS:

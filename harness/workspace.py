@@ -424,17 +424,22 @@ class Workspace:
                 and "data_root" in inspect.signature(resolve_task(name)).parameters)
 
     def corrupted(self, task: str, corruption: str):
-        """The task's test split under ``corruption`` at the sweep's severity (cached on disk)."""
+        """The task's test split under ``corruption`` at the sweep's severity (cached on disk):
+        with ``eval.max_samples``, only the images a capped evaluation scores (the same ones, each
+        corrupted as in the whole split), which the study's adaptations then adapt on too."""
         if (task, corruption) not in self._corrupted:
             self._corrupted[(task, corruption)] = self._corrupted_split(task, corruption, wait=True)
         return self._corrupted[(task, corruption)]
 
     def _corrupted_split(self, task: str, corruption: str, wait: bool):
+        from harness.evaluation import evaluation_indices
         from tasks.corruptions import corrupted_split
 
         rob = self.cfg.robustness
+        scored = evaluation_indices(len(self.task(task).dataset("test")), self.cfg.eval.max_samples)
         return corrupted_split(self.task(task), corruption, rob.severity, self.cfg.resolved_cache_dir(), rob.seed,
-                               progress=self.progress, identity=self.task_identity(task), wait=wait)
+                               progress=self.progress, identity=self.task_identity(task), wait=wait,
+                               indices=None if scored is None else scored.tolist())
 
     def build_free_corrupted_splits(self, corruptions: Iterable[str], adapting: bool) -> None:
         """Builds (or reads) the robustness study's splits under ``corruptions`` (its tasks' and,

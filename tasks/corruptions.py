@@ -91,15 +91,17 @@ def corrupt_image(image: np.ndarray, name: str, severity: int, seed: int) -> np.
 
 def corrupt_images(images: np.ndarray | Sequence[np.ndarray], name: str, severity: int, seed: int = 0,
                    advance: Callable[[int], None] | None = None, out: np.ndarray | None = None,
-                   rows: range | None = None) -> np.ndarray:
+                   rows: range | None = None, indices: Sequence[int] | None = None) -> np.ndarray:
     """uint8 images [N, H, W, 3] (or a sequence of HxWx3 ones), image ``i`` under
-    ``image_seed(seed, i, ...)``; written into ``out`` when given (a memory-mapped file: a large
+    ``image_seed(seed, i, ...)`` (``indices[i]`` in place of ``i`` where the images are those of
+    a split at ``indices``); written into ``out`` when given (a memory-mapped file: a large
     split is never held whole). ``rows``: only these images (default all; the others of ``out``
     are left as they are). ``advance(1)`` after each image."""
     if out is None:
         out = np.empty_like(images)
     for i in range(len(images)) if rows is None else rows:
-        out[i] = corrupt_image(images[i], name, severity, image_seed(seed, i, name, severity))
+        at = i if indices is None else int(indices[i])
+        out[i] = corrupt_image(images[i], name, severity, image_seed(seed, at, name, severity))
         if advance:
             advance(1)
     return out
@@ -136,14 +138,16 @@ def _build_rows(start: int, stop: int) -> np.ndarray | None:
     returns their labels where the source reads them (a disk-backed task's)."""
     b = _BUILD
     out = np.load(b["file"], mmap_mode="r+")
-    corrupt_images(b["images"], b["name"], b["severity"], b["seed"], out=out, rows=range(start, stop))
+    corrupt_images(b["images"], b["name"], b["severity"], b["seed"], out=out, rows=range(start, stop),
+                   indices=b["indices"])
     out.flush()
     labels = getattr(b["images"], "labels", None)
     return None if labels is None else np.array(labels[start:stop])
 
 
 def _corrupt_in_processes(file: Path, images: np.ndarray | Sequence[np.ndarray], name: str, severity: int,
-                          seed: int, processes: int, advance: Callable[[int], None] | None) -> None:
+                          seed: int, processes: int, advance: Callable[[int], None] | None,
+                          indices: Sequence[int] | None) -> None:
     """Fills ``file`` (a ``.npy`` of the split's shape) with the corrupted images, ``processes``
     forked processes corrupting blocks of :data:`BUILD_BLOCK` images side by side; a source that
     reads labels (:class:`_PreprocessedImages`) gets each block's labels back. On an error the
@@ -156,7 +160,7 @@ def _corrupt_in_processes(file: Path, images: np.ndarray | Sequence[np.ndarray],
     from harness.runtime import start_forked_helper
 
     n = len(images)
-    _BUILD.update(file=str(file), images=images, name=name, severity=severity, seed=seed)
+    _BUILD.update(file=str(file), images=images, name=name, severity=severity, seed=seed, indices=indices)
     pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context(fork_context()),
                                initializer=start_forked_helper)
     try:
@@ -189,34 +193,37 @@ def _denormalize(x: torch.Tensor) -> np.ndarray:
 
 class CorruptedDataset(Dataset):
     """Corrupts a preprocessed dataset's images on the fly, on every read (a task not held in
-    memory, when there is no cache folder)."""
+    memory, when there is no cache folder); ``indices``: only the images at these positions,
+    each under its own position's seed."""
 
-    def __init__(self, base: Dataset, name: str, severity: int, seed: int = 0):
+    def __init__(self, base: Dataset, name: str, severity: int, seed: int = 0, indices: Sequence[int] | None = None):
         self.base, self.name, self.severity, self.seed = base, name, severity, seed
+        self.indices = None if indices is None else [int(i) for i in indices]
 
     def __len__(self) -> int:
-        return len(self.base)  # type: ignore[arg-type]
+        return len(self.base) if self.indices is None else len(self.indices)  # type: ignore[arg-type]
 
     def __getitem__(self, i: int):
-        image, label = self.base[i]
+        at = i if self.indices is None else self.indices[i]
+        image, label = self.base[at]
         raw = corrupt_image(_denormalize(image), self.name, self.severity,
-                            image_seed(self.seed, i, self.name, self.severity))
+                            image_seed(self.seed, at, self.name, self.severity))
         return normalize_uint8(torch.from_numpy(raw)[None])[0], label
 
 
 class _PreprocessedImages:
-    """A dataset's images as the uint8 HxWx3 arrays :class:`CorruptedDataset` corrupts; keeps
-    the labels it reads, so one pass over the dataset gives both."""
+    """A dataset's images (``indices``: those at these positions) as the uint8 HxWx3 arrays
+    :class:`CorruptedDataset` corrupts; keeps the labels it reads, so one pass gives both."""
 
-    def __init__(self, base: Dataset):
-        self.base = base
-        self.labels = np.zeros(len(base), np.int64)  # type: ignore[arg-type]
+    def __init__(self, base: Dataset, indices: Sequence[int] | None = None):
+        self.base, self.indices = base, indices
+        self.labels = np.zeros(len(base) if indices is None else len(indices), np.int64)  # type: ignore[arg-type]
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, i: int) -> np.ndarray:
-        image, label = self.base[i]
+        image, label = self.base[i if self.indices is None else int(self.indices[i])]
         self.labels[i] = int(label)
         return _denormalize(image)
 
@@ -269,8 +276,11 @@ class CachedCorruptedDataset(Dataset):
 
 
 def _cache_path(cache_dir: str | Path, task: Task, identity: dict[str, Any] | None, split: str, name: str,
-                severity: int, seed: int) -> Path:
-    ident = (task.identity() if identity is None else identity, split, name, severity, seed, _REVISION.get(name, 1))
+                severity: int, seed: int, indices: Sequence[int] | None = None) -> Path:
+    ident: tuple = (task.identity() if identity is None else identity, split, name, severity, seed,
+                    _REVISION.get(name, 1))
+    if indices is not None:  # a part of the split: its own file (a whole split's key stays as it was)
+        ident += (hashlib.sha256(np.asarray(indices, np.int64).tobytes()).hexdigest(),)
     key = hashlib.sha256(repr(ident).encode()).hexdigest()[:20]
     return Path(cache_dir) / "corrupted" / f"{task.name}-{name}-s{severity}-{key}.npy"
 
@@ -292,12 +302,12 @@ def _progress(enabled: bool, description: str, total: int) -> Iterator[Callable[
 
 def _corrupt_to_file(path: Path, images: np.ndarray | Sequence[np.ndarray], name: str, severity: int, seed: int,
                      description: str, progress: bool, before_commit: Callable[[], None] | None = None,
-                     processes: int | None = None) -> None:
+                     processes: int | None = None, indices: Sequence[int] | None = None) -> None:
     """Corrupts ``images`` into a temporary file beside ``path`` (memory-mapped, filled image by
     image, by ``processes`` processes: default :func:`build_processes`) and moves it onto ``path``
     when whole (:func:`harness.cache.atomic_path`): a killed job leaves no file that is read back.
     ``before_commit`` runs before the move (the labels file, written first, so an images file
-    always has its labels)."""
+    always has its labels). ``indices``: the images are a split's at these positions (their seeds)."""
     from harness.cache import atomic_path
 
     shape = (len(images), *np.asarray(images[0]).shape)
@@ -307,9 +317,9 @@ def _corrupt_to_file(path: Path, images: np.ndarray | Sequence[np.ndarray], name
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
         if processes > 1:
             del out  # the header is written; the build processes fill the rows
-            _corrupt_in_processes(tmp, images, name, severity, seed, processes, advance)
+            _corrupt_in_processes(tmp, images, name, severity, seed, processes, advance, indices)
         else:
-            corrupt_images(images, name, severity, seed, advance, out=out)
+            corrupt_images(images, name, severity, seed, advance, out=out, indices=indices)
             out.flush()
             del out
         if before_commit is not None:
@@ -382,25 +392,29 @@ def _unless_refused(path: Path, cached: Callable[[], _T], uncached: Callable[[],
 def corrupted_split(task: Task, name: str, severity: int, cache_dir: str | Path | None = None,
                     seed: int = 0, split: str = "test", progress: bool = False,
                     identity: dict[str, Any] | None = None, processes: int | None = None,
-                    wait: bool = True) -> Dataset | None:
+                    wait: bool = True, indices: Sequence[int] | None = None) -> Dataset | None:
     """A task's split under one corruption, every image corrupted once: with ``cache_dir`` the
     split is written to ``<cache_dir>/corrupted/`` and read back (memory-mapped) by later calls
     and jobs; an in-memory task is returned as tensors. Without ``cache_dir`` an in-memory task is
     corrupted in memory and a disk-backed one on every read (:class:`CorruptedDataset`). The file
     key holds ``identity`` (default ``task.identity()``): other data, another file. ``processes``
     build the file side by side (default :func:`build_processes`: the job's cores). ``wait=False``:
-    None, instead of waiting, while another process is building the file."""
+    None, instead of waiting, while another process is building the file. ``indices``: only the
+    split's images at these positions, in this order, each as the whole split has it (its own
+    position's seed), in a file of their own: a capped evaluation corrupts only what it scores."""
     description = f"corrupting {task.name} {split} ({name}, severity {severity})"
-    path = None if cache_dir is None else _cache_path(cache_dir, task, identity, split, name, severity, seed)
+    path = None if cache_dir is None else _cache_path(cache_dir, task, identity, split, name, severity, seed, indices)
+    if indices is not None:
+        indices = [int(i) for i in indices]
     if not isinstance(task, InMemoryTask):
         base = task.dataset(split)
         if path is None or len(base) == 0:  # type: ignore[arg-type]
-            return CorruptedDataset(base, name, severity, seed)
-        n = len(base)  # type: ignore[arg-type]
+            return CorruptedDataset(base, name, severity, seed, indices)
+        n = len(base) if indices is None else len(indices)  # type: ignore[arg-type]
         cached_path = path
 
         def build_disk() -> None:
-            source = _PreprocessedImages(base)
+            source = _PreprocessedImages(base, indices)
 
             def save_labels() -> None:
                 from harness.cache import atomic_path
@@ -411,7 +425,7 @@ def corrupted_split(task: Task, name: str, severity: int, cache_dir: str | Path 
                     record_digest(_labels_path(cached_path), tmp)
 
             _corrupt_to_file(cached_path, source, name, severity, seed, description, progress, save_labels,
-                             processes)
+                             processes, indices)
 
         def read_disk() -> CachedCorruptedDataset:
             dataset = CachedCorruptedDataset(cached_path, n)
@@ -420,18 +434,21 @@ def corrupted_split(task: Task, name: str, severity: int, cache_dir: str | Path 
             return dataset
 
         return _unless_refused(path, lambda: _built_once(path, read_disk, build_disk, progress, wait),
-                               lambda: CorruptedDataset(base, name, severity, seed))
+                               lambda: CorruptedDataset(base, name, severity, seed, indices))
     images, labels = task.raw(split)
+    if indices is not None:
+        images, labels = images[indices], labels[indices]
     if path is None:
-        out = corrupt_images(images.numpy(), name, severity, seed)
+        out = corrupt_images(images.numpy(), name, severity, seed, indices=indices)
     else:
         cached_path = path
         out = _unless_refused(
             path, lambda: _built_once(path, lambda: _checked_array(cached_path, tuple(images.shape)),
                                       lambda: _corrupt_to_file(cached_path, images.numpy(), name, severity, seed,
-                                                               description, progress, processes=processes),
+                                                               description, progress, processes=processes,
+                                                               indices=indices),
                                       progress, wait),
-            lambda: corrupt_images(images.numpy(), name, severity, seed))
+            lambda: corrupt_images(images.numpy(), name, severity, seed, indices=indices))
         if out is None:
             return None
         out = np.array(out)  # into memory (the split is normalised whole below); torch wants it writable
