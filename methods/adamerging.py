@@ -19,7 +19,7 @@ from pydantic import Field, model_validator
 from torch import nn
 from torch.func import functional_call
 
-from methods.base import MergeContext, MergeMethod, float_state, register_method, task_vectors, with_state
+from methods.base import MergeContext, MergeMethod, check_same_keys, float_state, register_method, with_state
 from methods.tta import run_tta
 
 Granularity = Literal["task", "layer"]
@@ -39,11 +39,15 @@ class AdaMergedEncoder(nn.Module):
         self.tasks = list(finetuned)
         self.clamp = clamp
         self.encoder = copy.deepcopy(pretrained).requires_grad_(False)
-        base = float_state(self.encoder)
-        taus = task_vectors(pretrained, finetuned)
+        base = float_state(pretrained)
+        states = {t: float_state(m) for t, m in finetuned.items()}
+        for t, sd in states.items():
+            check_same_keys(base, sd, t)
         self.names = list(base)
-        for j, name in enumerate(self.names):
-            stacked = torch.stack([taus[t][name].float() for t in self.tasks])
+        for j, name in enumerate(self.names):  # tensor by tensor: never every task vector beside the stacks
+            stacked = torch.empty((len(self.tasks), *base[name].shape), dtype=torch.float32, device=base[name].device)
+            for i, t in enumerate(self.tasks):  # float32: a half model's difference is not rounded to half
+                torch.sub(states[t][name].float(), base[name].float(), out=stacked[i])
             self.register_buffer(f"tau_{j}", stacked, persistent=False)
         shape = (len(self.tasks),) if granularity == "task" else (len(self.tasks), len(self.names))
         self.coef = nn.Parameter(torch.full(shape, float(init_lambda)))

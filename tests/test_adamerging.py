@@ -724,3 +724,32 @@ def test_joint_forward_gives_each_task_its_own_rows_when_batch_sizes_differ(mode
         ctx = MergeContext(heads=heads(), unlabeled={t: (lambda t=t: iter([data[t]])) for t in TASKS})
         results.append(run_tta(enc, ctx, lr=1e-2, steps=2, joint_forward=joint))
     assert results[0] == pytest.approx(results[1], rel=1e-5)
+
+
+def test_the_task_vectors_are_float32_differences_of_the_given_weights(models):
+    """Each stacked task vector is theta_t - theta_0 in float32, also for bfloat16 weights (a
+    difference rounded to bfloat16 would lose the small fine-tuning steps)."""
+    import copy
+
+    pre, ft = models
+    half_pre = copy.deepcopy(pre).to(torch.bfloat16)
+    half_ft = {t: copy.deepcopy(m).to(torch.bfloat16) for t, m in ft.items()}
+    enc = adamerging.AdaMergedEncoder(half_pre, half_ft, granularity="layer")
+    base = float_state(half_pre)
+    for j, name in enumerate(enc.names):
+        tau = getattr(enc, f"tau_{j}")
+        assert tau.dtype == torch.float32
+        want = torch.stack([float_state(half_ft[t])[name].double() - base[name].double() for t in TASKS])
+        assert torch.equal(tau.double(), want), name  # bfloat16 - bfloat16 is exact in float32
+
+
+def test_a_fine_tuned_model_of_another_shape_is_named(models):
+    import copy
+
+    pre, ft = models
+    odd = copy.deepcopy(ft["b"])
+    name, param = next(iter(odd.named_parameters()))
+    with torch.no_grad():
+        param.data = torch.zeros(param.shape[0] + 1, *param.shape[1:])
+    with pytest.raises(ValueError, match=rf"checkpoint 'b': tensor '{name}' has shape"):
+        adamerging.AdaMergedEncoder(pre, {**ft, "b": odd})
