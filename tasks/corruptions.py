@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence, TypeVar
 
@@ -145,6 +146,31 @@ def _build_rows(start: int, stop: int) -> np.ndarray | None:
     return None if labels is None else np.array(labels[start:stop])
 
 
+#: Seconds between a build process's checks that the job that forked it is alive.
+PARENT_POLL_S = 0.2
+
+
+def _start_build_process(parent: int) -> None:
+    """A build process's initializer: a forked helper (:func:`harness.runtime.start_forked_helper`)
+    that exits as soon as ``parent`` (the job) is gone. A job killed while it builds (out of memory,
+    SIGKILL, a local pool's worker ended with its driver) would otherwise leave its build processes
+    waiting forever for blocks on the pool's pipes, whose ends they hold, each still mapping the
+    split's temporary file, whose disk space stays taken after the next builder deletes it."""
+    import threading
+    import time
+
+    from harness.runtime import start_forked_helper
+
+    start_forked_helper()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_POLL_S)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-job", daemon=True).start()
+
+
 def _corrupt_in_processes(file: Path, images: np.ndarray | Sequence[np.ndarray], name: str, severity: int,
                           seed: int, processes: int, advance: Callable[[int], None] | None,
                           indices: Sequence[int] | None) -> None:
@@ -157,12 +183,11 @@ def _corrupt_in_processes(file: Path, images: np.ndarray | Sequence[np.ndarray],
     from concurrent.futures.process import BrokenProcessPool
 
     from harness.evaluation import fork_context
-    from harness.runtime import start_forked_helper
 
     n = len(images)
     _BUILD.update(file=str(file), images=images, name=name, severity=severity, seed=seed, indices=indices)
     pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context(fork_context()),
-                               initializer=start_forked_helper)
+                               initializer=_start_build_process, initargs=(os.getpid(),))
     try:
         pending = {pool.submit(_build_rows, start, min(start + BUILD_BLOCK, n)): start
                    for start in range(0, n, BUILD_BLOCK)}

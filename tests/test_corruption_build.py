@@ -207,3 +207,52 @@ def test_a_split_failing_to_build_fails_the_study_at_its_turn(sweep_dict, tmp_pa
     with pytest.raises(RobustnessStudyFailed, match=r"pixelate \(severity 2\): ValueError: cannot pixelate"):
         robustness_metrics(ws, ws.pretrained_encoder, torch.device("cpu"), records=records)
     assert sorted(p.name for p in records.iterdir()) == ["clean.json", "contrast.json"]
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` runs (an exited process not yet reaped by its new parent is not running)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="reads process states from /proc")
+def test_build_processes_end_with_a_killed_job(tmp_path):
+    """A job killed while it builds (out of memory, SIGKILL) leaves no build process behind: each
+    would wait forever on the pool's pipes, mapping the split's temporary file."""
+    import time
+
+    task = make_toy_task("toy_stripes", n_test=200)
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    ctx = multiprocessing.get_context("fork")
+
+    def job() -> None:
+        original = tc.corrupt_image
+
+        def slow(image, name, severity, seed):
+            (pids / str(os.getpid())).touch()
+            time.sleep(0.05)
+            return original(image, name, severity, seed)
+
+        tc.corrupt_image = slow
+        tc.corrupted_split(task, "contrast", 2, tmp_path / "cache", processes=2)
+
+    killed = ctx.Process(target=job)
+    killed.start()
+    deadline = time.monotonic() + 60
+    while len(list(pids.iterdir())) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    builders = [int(p.name) for p in pids.iterdir()]
+    assert len(builders) == 2 and killed.pid not in builders
+    os.kill(killed.pid, signal.SIGKILL)
+    killed.join(10)  # its build processes hold its sentinel pipe too: quick only once they are gone
+    deadline = time.monotonic() + 20  # without the job, the blocks queued for them take about 3 s
+    while any(map(_running, builders)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = [pid for pid in builders if _running(pid)]
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left
