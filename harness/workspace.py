@@ -431,7 +431,7 @@ class Workspace:
             self._corrupted[(task, corruption)] = self._corrupted_split(task, corruption, wait=True)
         return self._corrupted[(task, corruption)]
 
-    def _corrupted_split(self, task: str, corruption: str, wait: bool):
+    def _corrupted_split(self, task: str, corruption: str, wait: bool) -> Any:
         from harness.evaluation import evaluation_indices
         from tasks.corruptions import corrupted_split
 
