@@ -8,7 +8,9 @@ the missing folder or file and the layout it expected.
 Class names and text templates are those of the task_vectors code (mlfoundations/task_vectors,
 ``src/datasets``), so zero-shot heads built here match the published ``head_<Dataset>.pt``.
 
-Layouts, tried in this order (folder names under ``data_root`` match case-insensitively):
+Layouts, tried in this order (folder names under ``data_root`` match case-insensitively: the
+exact spelling first, else the first of the variants in code-point order, ``EUROSAT`` before
+``EuroSAT``):
 
 1. ImageFolder, any task: ``<root>/<dir>/train/<class>/<image>`` and ``<root>/<dir>/test/...``,
    where ``<dir>`` is one of the names in ``_Spec.dirs`` (e.g. ``dtd``, ``EuroSAT_splits``,

@@ -754,3 +754,21 @@ def test_a_preprocess_of_one_s_own_gets_rgb_images_from_grey_and_rgba_files(tmp_
     test = task.dataset("test")
     got = {Path(test.source.paths[i]).name: test[i][0] for i in range(2)}
     assert got == {"t0.png": ("RGB", (77, 77, 77)), "t1.png": ("RGB", (1, 2, 3))}
+
+
+def test_of_folders_differing_in_case_only_the_exact_name_else_the_first_in_code_point_order_is_read(
+        tmp_path: Path) -> None:
+    """``EUROSAT`` and ``EuroSAT`` both match the task's ``eurosat``: with no ``eurosat`` the first
+    in code-point order (capitals first) is read, and ``eurosat`` itself wins once it is there."""
+    def tree(folder: str, n_test: int) -> None:
+        for label, name in enumerate(folder_names("eurosat")):
+            for k in range(N_TRAIN):
+                write_image(tmp_path / folder / "train" / name / f"{k}.png", label, k)
+            for k in range(n_test):
+                write_image(tmp_path / folder / "test" / name / f"t{k}.png", label, 100 + k)
+
+    tree("EuroSAT", 1)
+    tree("EUROSAT", 2)
+    assert len(build_task("eurosat", data_root=str(tmp_path), image_size=32).dataset("test")) == 20
+    tree("eurosat", 3)
+    assert len(build_task("eurosat", data_root=str(tmp_path), image_size=32).dataset("test")) == 30
