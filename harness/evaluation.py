@@ -39,9 +39,7 @@ def iterate_batches(dataset: Dataset, batch_size: int, max_samples: int | None =
     if subset is not None:
         dataset = torch.utils.data.Subset(dataset, subset.tolist())
     workers = loader_workers(len(dataset), batch_size)
-    yield from raised_here(DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                                      multiprocessing_context=_FORK if workers else None,
-                                      worker_init_fn=start_forked_helper))
+    yield from raised_here(forked_loader(dataset, workers, batch_size=batch_size, shuffle=False))
 
 
 def raised_here(batches: Iterable[Any]) -> Iterator[Any]:
@@ -84,6 +82,13 @@ def fork_context() -> str | None:
     """The start method of the processes a job starts to read or build its data ("fork"), or
     None where this platform cannot fork."""
     return _FORK
+
+
+def forked_loader(dataset: Dataset, workers: int, **batching: Any) -> DataLoader:
+    """A DataLoader reading ``dataset`` in ``workers`` forked processes (none: in this one), each
+    started as :func:`harness.runtime.start_forked_helper` says."""
+    return DataLoader(dataset, num_workers=workers, multiprocessing_context=_FORK if workers else None,
+                      worker_init_fn=start_forked_helper, **batching)
 
 
 def loader_workers(size: int, batch_size: int) -> int:
@@ -201,9 +206,7 @@ class UnlabeledStream:
         if isinstance(self.dataset, TensorDataset):
             images = self.dataset.tensors[0]
             return (images[idx] for idx in self._order)
-        loader = DataLoader(self.dataset, batch_sampler=_IndexLists(self._order), num_workers=self.workers,
-                            multiprocessing_context=_FORK if self.workers else None,
-                            worker_init_fn=start_forked_helper)
+        loader = forked_loader(self.dataset, self.workers, batch_sampler=_IndexLists(self._order))
         return (images for images, _ in raised_here(loader))
 
 
