@@ -19,7 +19,7 @@ from pydantic import Field, model_validator
 from torch import nn
 from torch.func import functional_call
 
-from methods.base import MergeContext, MergeMethod, check_same_keys, float_state, register_method, with_state
+from methods.base import MergeContext, MergeMethod, checked_float_states, float_state, register_method, with_state
 from methods.tta import run_tta
 
 Granularity = Literal["task", "layer"]
@@ -40,9 +40,7 @@ class AdaMergedEncoder(nn.Module):
         self.clamp = clamp
         self.encoder = copy.deepcopy(pretrained).requires_grad_(False)
         base = float_state(pretrained)
-        states = {t: float_state(m) for t, m in finetuned.items()}
-        for t, sd in states.items():
-            check_same_keys(base, sd, t)
+        states = checked_float_states(base, finetuned)
         self.names = list(base)
         for j, name in enumerate(self.names):  # tensor by tensor: never every task vector beside the stacks
             stacked = torch.empty((len(self.tasks), *base[name].shape), dtype=torch.float32, device=base[name].device)

@@ -252,16 +252,21 @@ def float_state(module: nn.Module) -> StateDict:
     return {k: v.detach() for k, v in module.state_dict().items() if v.is_floating_point()}
 
 
+def checked_float_states(base: StateDict, finetuned: Mapping[str, nn.Module]) -> dict[str, StateDict]:
+    """Each fine-tuned model's :func:`float_state` (views, no copies), checked against ``base``'s
+    keys and shapes."""
+    states = {task: float_state(model) for task, model in finetuned.items()}
+    for task, sd in states.items():
+        check_same_keys(base, sd, task)
+    return states
+
+
 def task_vectors(pretrained: nn.Module, finetuned: Mapping[str, nn.Module]) -> dict[str, StateDict]:
     """tau_t = theta_t - theta_0 (float32: a half model's difference is not rounded to half) for
     every floating-point tensor, checked for matching shapes."""
     base = float_state(pretrained)
-    out: dict[str, StateDict] = {}
-    for task, model in finetuned.items():
-        sd = float_state(model)
-        check_same_keys(base, sd, task)
-        out[task] = {k: sd[k].float() - base[k].float() for k in base}
-    return out
+    return {task: {k: sd[k].float() - base[k].float() for k in base}
+            for task, sd in checked_float_states(base, finetuned).items()}
 
 
 def check_same_keys(base: StateDict, other: StateDict, name: str) -> None:
