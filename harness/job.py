@@ -22,8 +22,8 @@ from harness.config import MAIN, SweepConfig
 from harness.evaluation import EvaluationDataError, correct_predictions, percent, stream_workers, unlabeled_batches
 from harness.failpoints import failpoint
 from harness.models import ImageClassifier, tensor_stamp
-from harness.plan import (JobSpec, adapts_on_corruptions, check_harness_code, check_method_code, check_task_code,
-                          job_title, robustness_inline)
+from harness.plan import (JobSpec, adapts_on_corruptions, capped_subset, check_harness_code, check_method_code,
+                          check_task_code, job_title, robustness_inline)
 from harness.precision import autocast, check_precision
 from harness.runtime import evaluation_threads
 from harness.significance import pack_correct
@@ -587,8 +587,8 @@ def adaptation_data(cfg: SweepConfig, corruption: str | None = None) -> dict[str
     if corruption is None:
         return {"split": cfg.adapt.split, "corruption": None}
     rob = cfg.robustness
-    capped = {} if cfg.eval.max_samples is None else {"max_samples": cfg.eval.max_samples, "subset": "seeded"}
-    return {"split": "test", "corruption": corruption, "severity": rob.severity, "corruption_seed": rob.seed, **capped}
+    return {"split": "test", "corruption": corruption, "severity": rob.severity, "corruption_seed": rob.seed,
+            **capped_subset(cfg)}
 
 
 class WithoutTestData(dict):

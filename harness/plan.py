@@ -355,6 +355,12 @@ def plan_jobs(cfg: SweepConfig, identity: dict[str, Any] | None = None,
     return [with_key(cfg, s, identity, task_identity) for s in specs]
 
 
+def capped_subset(cfg: SweepConfig) -> dict[str, Any]:
+    """Which images a capped evaluation scores (``eval.max_samples`` and how they are drawn), as
+    job keys and adaptation records hold it; empty when nothing is capped."""
+    return {} if cfg.eval.max_samples is None else {"max_samples": cfg.eval.max_samples, "subset": "seeded"}
+
+
 def with_key(cfg: SweepConfig, s: JobSpec, identity: dict[str, Any],
              task_identity: dict[str, Any] | None) -> JobSpec:
     """The spec with its content key: everything that determines its result, nothing else."""
@@ -364,8 +370,7 @@ def with_key(cfg: SweepConfig, s: JobSpec, identity: dict[str, Any],
         "task": s.task,
         "model": {"arch": identity["arch"], "pretrained": identity["pretrained"],
                   "heads": identity["heads"]},
-        "eval": ({"max_samples": None} if cfg.eval.max_samples is None
-                 else {"max_samples": cfg.eval.max_samples, "subset": "seeded"}),
+        "eval": {"max_samples": None, **capped_subset(cfg)},
         "seed": REFERENCE_SEED,
     }
     if cfg.eval.precision != "fp32":  # every job evaluates; fp32 keys stay as before the field

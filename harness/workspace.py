@@ -435,9 +435,9 @@ class Workspace:
         from harness.evaluation import evaluation_indices
         from tasks.corruptions import corrupted_split
 
-        rob = self.cfg.robustness
-        scored = evaluation_indices(len(self.task(task).dataset("test")), self.cfg.eval.max_samples)
-        return corrupted_split(self.task(task), corruption, rob.severity, self.cfg.resolved_cache_dir(), rob.seed,
+        rob, data = self.cfg.robustness, self.task(task)
+        scored = evaluation_indices(len(data.dataset("test")), self.cfg.eval.max_samples)
+        return corrupted_split(data, corruption, rob.severity, self.cfg.resolved_cache_dir(), rob.seed,
                                progress=self.progress, identity=self.task_identity(task), wait=wait,
                                indices=None if scored is None else scored.tolist())
 
