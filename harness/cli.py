@@ -229,8 +229,27 @@ def _print_plan(cfg, cache: bool = False) -> None:
     elif cache:
         console.print(f"{len(jobs)} jobs: which are cached is not known before the models are built ({why})",
                       highlight=False, markup=False, soft_wrap=True)
+    if cache and cfg.robustness:
+        _print_corrupted_splits(cfg)
     console.print(f"outputs: {cfg.resolved_output_dir()}\ntracking: {cfg.resolved_tracking_uri()}",
                   highlight=False, markup=False)  # a path may hold "[...]", which is not markup
+
+
+def _print_corrupted_splits(cfg) -> None:
+    """The dry run's count of the robustness study's corrupted splits already built."""
+    from harness.runner import corrupted_split_status
+
+    rob = cfg.robustness
+    status = corrupted_split_status(cfg)
+    line = f"robustness study: corrupted test splits at severity {rob.severity}: "
+    if isinstance(status, str):
+        line += f"which are cached is not known before the models are built ({status})"
+    else:
+        cached, needed = status
+        tasks, corruptions = needed // len(rob.corruptions), len(rob.corruptions)
+        line += (f"{needed} ({tasks} task{'s' if tasks != 1 else ''} x {corruptions} "
+                 f"corruption{'s' if corruptions != 1 else ''}), {cached} cached, {needed - cached} to build")
+    console.print(line, highlight=False, markup=False, soft_wrap=True)
 
 
 @main.command()

@@ -1571,10 +1571,9 @@ def check_pretrained_arch(cfg: SweepConfig, file: str) -> None:
         return  # check_model_contents names the unreadable file
     if not any(k.startswith("visual.") for k in found):
         return
-    from harness.models import file_digest
-    from harness.workspace import cached_encoder_summary, encoder_summary_file
+    from harness.workspace import cached_encoder_summary, encoder_summary_file, file_identity
 
-    if cached_encoder_summary(encoder_summary_file(cfg.resolved_cache_dir(), m.arch, file_digest(pre)[:16])):
+    if cached_encoder_summary(encoder_summary_file(cfg.resolved_cache_dir(), m.arch, file_identity(str(pre)))):
         return  # built with these weights before (the summary a driver reads): open_clip stays unimported
     try:
         built = meta_clip_shapes(m.arch, [str(pre)])

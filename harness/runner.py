@@ -169,6 +169,21 @@ def cache_status(cfg: SweepConfig) -> tuple[list[JobSpec], set[str] | None, str 
     return specs + follow, set(results) | set(split), None
 
 
+def corrupted_split_status(cfg: SweepConfig) -> tuple[int, int] | str:
+    """How many of the robustness study's corrupted test splits the cache holds, of how many it
+    reads (the study builds the rest: minutes each at SUN397's size), or why that is not known
+    before the models are built. Reads and corrupts no image and loads no model; hashes only the
+    pretrained weights (a real dataset's input size is the encoder's)."""
+    from harness.plan import adapts_on_corruptions
+
+    ws = Workspace(cfg, build=False)
+    try:
+        ws.sources  # an embedded suite's data too is made when it is prepared, not by a dry run
+        return ws.corrupted_splits_cached(any(adapts_on_corruptions(cfg, m.name) for m in cfg.methods))
+    except NotBuilt as exc:
+        return str(exc)
+
+
 def traceback_file(out: Path, key: str) -> Path:
     """Where a failed job's traceback is kept: the error line alone rarely names the file and line."""
     return out / "artifacts" / key / "traceback.txt"

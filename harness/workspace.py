@@ -44,9 +44,15 @@ def same_weights(a: nn.Module, b: nn.Module) -> bool:
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+def file_identity(path: str | None) -> str | None:
+    """A model file's part of job keys: its content digest; a name that is no file (an open_clip
+    tag) as it is."""
+    return file_digest(path)[:16] if path and Path(path).is_file() else path
+
+
 def encoder_summary_file(cache_dir: Path, arch: str, pretrained_identity: str | None) -> Path:
     """Where :attr:`Workspace.encoder_summary` keeps the summary of ``arch`` built with the weights
-    file whose identity (``file_digest(path)[:16]``, None for none) is given."""
+    file whose identity (:func:`file_identity`, None for none) is given."""
     from importlib.metadata import version
 
     ours = CONFIG_DIR / f"{arch}.json"
@@ -137,15 +143,11 @@ class Workspace:
     def identity(self) -> dict[str, Any]:
         """Content identities of every model file: part of every job's cache key."""
         src = self.sources
-
-        def ident(p: str | None) -> str | None:
-            return file_digest(p)[:16] if p and Path(p).is_file() else p
-
         return {
             "arch": src["arch"],
-            "pretrained": ident(src["pretrained"]),
-            "finetuned": {t: ident(p) for t, p in src["finetuned"].items()},
-            "heads": {t: ident(p) for t, p in src["heads"].items()},
+            "pretrained": file_identity(src["pretrained"]),
+            "finetuned": {t: file_identity(p) for t, p in src["finetuned"].items()},
+            "heads": {t: file_identity(p) for t, p in src["heads"].items()},
         }
 
     @cached_property
@@ -169,7 +171,7 @@ class Workspace:
         arch, pretrained = self.sources["arch"], self.sources["pretrained"]
         path = None
         if not pretrained or Path(pretrained).is_file():
-            path = encoder_summary_file(self.cfg.resolved_cache_dir(), arch, self.identity["pretrained"])
+            path = encoder_summary_file(self.cfg.resolved_cache_dir(), arch, file_identity(pretrained))
             summary = cached_encoder_summary(path)
             if summary is not None:
                 return summary
@@ -432,14 +434,34 @@ class Workspace:
         return self._corrupted[(task, corruption)]
 
     def _corrupted_split(self, task: str, corruption: str, wait: bool) -> Any:
-        from harness.evaluation import evaluation_indices
         from tasks.corruptions import corrupted_split
 
-        rob, data = self.cfg.robustness, self.task(task)
-        scored = evaluation_indices(len(data.dataset("test")), self.cfg.eval.max_samples)
-        return corrupted_split(data, corruption, rob.severity, self.cfg.resolved_cache_dir(), rob.seed,
-                               progress=self.progress, identity=self.task_identity(task), wait=wait,
-                               indices=None if scored is None else scored.tolist())
+        return corrupted_split(self.task(task), corruption, **self._corrupted_split_args(task),
+                               progress=self.progress, wait=wait)
+
+    def _corrupted_split_args(self, task: str) -> dict[str, Any]:
+        """What names the study's corrupted copy of ``task``'s test split, but the corruption."""
+        from harness.evaluation import evaluation_indices
+
+        rob = self.cfg.robustness
+        scored = evaluation_indices(len(self.task(task).dataset("test")), self.cfg.eval.max_samples)
+        return {"severity": rob.severity, "cache_dir": self.cfg.resolved_cache_dir(), "seed": rob.seed,
+                "identity": self.task_identity(task), "indices": None if scored is None else scored.tolist()}
+
+    def study_tasks(self, adapting: bool) -> list[str]:
+        """The tasks whose corrupted test splits the robustness study reads: its own and, where a
+        method adapts again on each corruption (``adapting``), every merged task's."""
+        rob = self.cfg.robustness
+        return list(dict.fromkeys([*(self.cfg.seen_tasks(MAIN) if adapting else []), *rob.tasks]))
+
+    def corrupted_splits_cached(self, adapting: bool) -> tuple[int, int]:
+        """How many of the robustness study's corrupted splits are cached, of how many: the study
+        builds the others (a dry run's count; no image is read or corrupted)."""
+        from tasks.corruptions import corrupted_split_cached
+
+        needed = [(t, c) for c in self.cfg.robustness.corruptions for t in self.study_tasks(adapting)]
+        cached = sum(corrupted_split_cached(self.task(t), c, **self._corrupted_split_args(t)) for t, c in needed)
+        return cached, len(needed)
 
     def build_free_corrupted_splits(self, corruptions: Iterable[str], adapting: bool) -> None:
         """Builds (or reads) the robustness study's splits under ``corruptions`` (its tasks' and,
@@ -449,10 +471,8 @@ class Workspace:
         then the next. :meth:`corrupted` returns the splits read here and waits for the others.
         An error is left to its split's turn in the study, where it is raised again (naming the
         corruption) once the corruptions before it are scored and recorded."""
-        rob = self.cfg.robustness
-        tasks = list(dict.fromkeys([*(self.cfg.seen_tasks(MAIN) if adapting else []), *rob.tasks]))
         for corruption in corruptions:
-            for task in tasks:
+            for task in self.study_tasks(adapting):
                 if (task, corruption) in self._corrupted:
                     continue
                 try:

@@ -478,3 +478,12 @@ def corrupted_split(task: Task, name: str, severity: int, cache_dir: str | Path 
             return None
         out = np.array(out)  # into memory (the split is normalised whole below); torch wants it writable
     return TensorDataset(normalize_uint8(torch.from_numpy(out)), labels.long())
+
+
+def corrupted_split_cached(task: Task, name: str, severity: int, cache_dir: str | Path, seed: int = 0,
+                           split: str = "test", identity: dict[str, Any] | None = None,
+                           indices: Sequence[int] | None = None) -> bool:
+    """Whether :func:`corrupted_split` with these arguments reads its cache files instead of
+    building them: a dry run counts the splits a robustness study will corrupt, without reading
+    or corrupting any image."""
+    return _cache_path(cache_dir, task, identity, split, name, severity, seed, indices).is_file()

@@ -1270,3 +1270,59 @@ def test_a_disk_refusing_a_write_outside_the_harness_errors_exits_1_saying_what_
     assert " ".join(r.stderr.split()) == (f"error: cannot write {tmp_path / 'c' / 'x.pt'}: No space left on device; "
                                           "models built so far are cached: free space (or fix the folder's "
                                           "permissions) and rerun the same command")
+
+
+def _corrupted_splits_line(f: Path, *overrides: str) -> str:
+    r = CliRunner().invoke(main, ["sweep", "--dry-run", str(f), *overrides], env={"COLUMNS": "250"})
+    assert r.exit_code == 0, r.output
+    return next(line for line in r.output.splitlines() if line.startswith("robustness study: "))
+
+
+def test_dry_run_counts_the_corrupted_splits_the_robustness_study_reads_and_builds(sweep_dict, tmp_path, monkeypatch):
+    """Checked against the study itself: the splits a run builds are those the dry run counted
+    to build; a capped evaluation's are files of their own; a method that adapts again on each
+    corruption adds every merged task's splits. No model is loaded and no image corrupted."""
+    import harness.workspace
+    import tasks.corruptions
+
+    rob = {"tasks": ["toy_stripes"], "corruptions": ["contrast", "gaussian_noise"], "severity": 2}
+    adamerging = {"name": "adamerging", "params": {"steps": 2, "batch_size": 8}}
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump(dict(sweep_dict, methods=["weight_averaging", adamerging], robustness=rob)))
+    prefix = "robustness study: corrupted test splits at severity 2: "
+    assert _corrupted_splits_line(f) == prefix + "4 (2 tasks x 2 corruptions), 0 cached, 4 to build"
+    assert CliRunner().invoke(main, ["sweep", "-q", str(f), "methods=[weight_averaging]"]).exit_code == 0
+    built = sorted(p.name for p in (tmp_path / "cache" / "corrupted").glob("*.npy"))
+    assert len(built) == 2
+
+    def refused(*args, **kwargs):
+        raise AssertionError("a dry run loads no model and corrupts no image")
+
+    for module, name in ((harness.workspace, "build_clip"), (harness.workspace, "load_state_dict"),
+                         (tasks.corruptions, "corrupt_images")):
+        monkeypatch.setattr(module, name, refused)
+    assert _corrupted_splits_line(f, "methods=[weight_averaging]") == prefix + (
+        "2 (1 task x 2 corruptions), 2 cached, 0 to build")
+    assert _corrupted_splits_line(f, "methods=[weight_averaging]", "eval.max_samples=5") == prefix + (
+        "2 (1 task x 2 corruptions), 0 cached, 2 to build")
+    assert _corrupted_splits_line(f) == prefix + "4 (2 tasks x 2 corruptions), 2 cached, 2 to build"
+    assert _corrupted_splits_line(f, "robustness.adapt=clean") == prefix + (
+        "2 (1 task x 2 corruptions), 2 cached, 0 to build")
+    monkeypatch.undo()
+    assert CliRunner().invoke(main, ["sweep", "-q", str(f)]).exit_code == 0
+    now = sorted(p.name for p in (tmp_path / "cache" / "corrupted").glob("*.npy"))
+    assert set(built) < set(now) and len(now) == 4 and all(n.startswith("toy_") for n in now)
+    assert _corrupted_splits_line(f) == prefix + "4 (2 tasks x 2 corruptions), 4 cached, 0 to build"
+
+
+def test_dry_run_of_an_unprepared_embedded_suite_counts_no_corrupted_splits(tmp_path):
+    """The embedded tasks' data is made when the suite is prepared: before that, the count of
+    corrupted splits is not known, and nothing is made to find it."""
+    cache = tmp_path / "cache"
+    f = _embedded_sweep_file(tmp_path, cache, ["emb_mnist", "emb_fashion"])
+    f.write_text(yaml.safe_dump({**yaml.safe_load(f.read_text()),
+                                 "robustness": {"tasks": ["emb_mnist"], "corruptions": ["contrast"]}}))
+    assert _corrupted_splits_line(f).startswith(
+        "robustness study: corrupted test splits at severity 2: which are cached is not known before the models "
+        "are built (the embedded suite's")
+    assert not cache.exists()
