@@ -23,7 +23,7 @@ from harness.evaluation import EvaluationDataError, correct_predictions, percent
 from harness.failpoints import failpoint
 from harness.models import ImageClassifier, tensor_stamp
 from harness.plan import (JobSpec, adapts_on_corruptions, capped_subset, check_harness_code, check_method_code,
-                          check_task_code, job_title, robustness_inline)
+                          check_task_code, import_sweep_methods, job_title, robustness_inline)
 from harness.precision import autocast, check_precision
 from harness.runtime import evaluation_threads
 from harness.significance import pack_correct
@@ -314,6 +314,7 @@ def run_job(spec: JobSpec, ws: Workspace, device: torch.device, workdir: Path) -
     held = contextlib.ExitStack()
     try:
         check_harness_code(spec)
+        import_sweep_methods(spec, ws.cfg)
         check_method_code(spec)
         check_task_code(spec, ws.task)
         check_precision(ws.cfg.eval.precision, device)  # never float32 silently under a reduced-precision key
