@@ -367,7 +367,13 @@ def run_job(spec: JobSpec, ws: Workspace, device: torch.device, workdir: Path) -
         if bad:
             raise FloatingPointError(f"non-finite metric {bad[0]}")
     except PruneTrial as exc:
-        result.status, result.error = "pruned", str(exc) or "pruned"
+        if spec.kind == "trial":
+            result.status, result.error = "pruned", str(exc) or "pruned"
+        else:  # no pruner asked (ctx.report is None): the method's mistake, told and retried as a failure
+            result.status = "failed"
+            result.error = (f"PruneTrial: {str(exc) or 'pruned'} (raised outside an Optuna trial: only a study's "
+                            "trial may stop early, when ctx.report returns True)")
+            result.error_detail = traceback.format_exc(limit=-5)
     except MemoryError:
         result.status, result.error = "failed", "out of memory"
         result.error_detail = traceback.format_exc(limit=-3)
