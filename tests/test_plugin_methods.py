@@ -406,3 +406,30 @@ def test_a_registered_name_runs_in_a_process_that_has_not_imported_its_module(sw
     del sys.modules["registered_identity"]
     result = SweepJob(cfg.model_dump(mode="json"), progress=False)(spec.to_dict())
     assert result["status"] == "ok", result["error"]
+
+
+def test_reloading_a_module_registers_its_new_class_and_another_class_is_still_refused(tmp_path, monkeypatch):
+    """A notebook's ``importlib.reload`` of an edited module defines its class again, under the
+    name it registered: the new class replaces the old (its code is the one to run) instead of
+    being refused as a second method; a class defined elsewhere under that name is refused."""
+    import importlib
+
+    import methods.base
+    from methods.base import register_method, resolve_method
+
+    monkeypatch.setattr(methods.base, "_METHODS", dict(methods.base._METHODS))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "registered_identity.py").write_text(REGISTERED)
+    monkeypatch.delitem(sys.modules, "registered_identity", raising=False)
+    module = importlib.import_module("registered_identity")
+    first = resolve_method("registered_identity")
+    importlib.reload(module)
+    assert resolve_method("registered_identity") is module.RegisteredIdentity is not first
+
+    class RegisteredIdentity(MergeMethod):
+        def merge(self, pretrained, finetuned, ctx):
+            return pretrained
+
+    with pytest.raises(ValueError, match="method name 'registered_identity' is already registered by "
+                                         "<class 'registered_identity.RegisteredIdentity'>"):
+        register_method("registered_identity")(RegisteredIdentity)
