@@ -114,7 +114,8 @@ def test_a_merge_raising_prune_trial_outside_a_study_fails_with_its_row(sweep_di
     assert ("pruner: PruneTrial: pruned at step 1 (raised outside an Optuna trial: only a study's trial "
             "may stop early, when ctx.report returns True)") in err
     assert "traceback: " in err
-    assert any(line.split()[:3] == ["│", "pruner", "│"] and "failed" in line for line in r.stdout.splitlines()), r.stdout
+    rows = [line.split() for line in r.stdout.splitlines()]
+    assert any(row[:3] == ["│", "pruner", "│"] and "failed" in row for row in rows), r.stdout
     assert "1 of 2 jobs failed: pruner: PruneTrial: pruned at step 1" in failing_sweep(d, tmp_path)[1]  # not cached
 
 
