@@ -110,6 +110,7 @@ def _load(file: str, overrides: tuple[str, ...], start_workers: bool = False,
         ConfigError,
         ExecutorSpec,
         Gathering,
+        apply_overrides,
         check_cache_dir,
         check_data_roots,
         check_model_files,
@@ -117,11 +118,12 @@ def _load(file: str, overrides: tuple[str, ...], start_workers: bool = False,
         check_output_dir,
         check_storage_files,
         check_tracking_uri,
-        read_config,
+        read_yaml,
         validate_config,
     )
 
-    raw = read_config(file, list(overrides))
+    as_read = read_yaml(file)
+    raw = apply_overrides(as_read, list(overrides), file)
     if start_workers:
         try:
             executor = ExecutorSpec.model_validate(raw.get("executor") or {})
@@ -157,7 +159,7 @@ def _load(file: str, overrides: tuple[str, ...], start_workers: bool = False,
 
                 check_cluster(cfg, file)
     except ConfigError as exc:
-        raise exc.blamed_on_overrides(list(overrides)) from None
+        raise exc.blamed_on_overrides(list(overrides), as_read) from None
     return cfg
 
 

@@ -61,19 +61,23 @@ class ConfigError(HarnessError):
         lines = [self.line, *(e.line for e in self.further)] + ([f"... and {more} more"] if more else [])
         super().__init__("\n".join(lines))
 
-    def blamed_on_overrides(self, overrides: list[str]) -> "ConfigError":
+    def blamed_on_overrides(self, overrides: list[str], raw: Any = None) -> "ConfigError":
         """The same error, naming the command line when the bad field came from an override (the
-        last one of that field: it is the one in effect); each further error likewise."""
-        first, further = self._blamed(overrides), [e._blamed(overrides) for e in self.further]
+        last one of that field: it is the one in effect); each further error likewise. Given
+        ``raw``, the file as read, a field missing from a mapping an override made (``tune`` for
+        ``methods.0.tune.n_trials=3`` over a file without it) is the override's too."""
+        first, further = self._blamed(overrides, raw), [e._blamed(overrides, raw) for e in self.further]
         if first is self and all(a is b for a, b in zip(further, self.further)):
             return self
         return ConfigError(first.file, first.path, first.message, first.value, first.show_value, further, self.more)
 
-    def _blamed(self, overrides: list[str]) -> "ConfigError":
+    def _blamed(self, overrides: list[str], raw: Any = None) -> "ConfigError":
         """This error's own line (not the further ones) blamed on the override that set its field."""
         for item in reversed(overrides):
-            key = item.partition("=")[0]
-            if self.path and (self.path == key or self.path.startswith(key + ".") or key.startswith(self.path + ".")):
+            key = item.partition("=")[0].strip()
+            made = made_by_override(raw, key)
+            if self.path and (self.path == key or self.path.startswith(key + ".") or key.startswith(self.path + ".")
+                              or (made and self.path.startswith(made + "."))):
                 return ConfigError(f"<command line> ({item}, over {self.file})", self.path, self.message,
                                    self.value, self.show_value)
         return self
@@ -989,6 +993,23 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
+def made_by_override(raw: Any, key: str) -> str | None:
+    """The dotted path of the first mapping that override ``key`` creates in ``raw`` (the file as
+    read), None when every mapping above its field is already there or ``raw`` is not given."""
+    if raw is None:
+        return None
+    parts = key.split(".")
+    cur = raw
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(cur, list) and part.isdigit() and int(part) < len(cur):
+            cur = cur[int(part)]
+        elif isinstance(cur, dict) and cur.get(part) is not None:
+            cur = cur[part]
+        else:  # absent, null, or below a method or task given by name alone (``- ties``)
+            return ".".join(parts[: i + 1])
+    return None
+
+
 def apply_overrides(raw: dict, overrides: list[str], file: str | None = None) -> dict:
     """Apply ``a.b.0.c=value`` overrides (values parsed as YAML) to a raw config dict. An override
     that does not fit is an error naming it and ``file``, the sweep it was given over."""
@@ -1085,10 +1106,12 @@ def read_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
 
 def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> SweepConfig:
     """Read, override, validate, and check method hyperparameters against their classes."""
+    raw = None
     try:
-        return validate_config(read_config(path, overrides), str(path))
+        raw = read_yaml(path)
+        return validate_config(apply_overrides(raw, overrides or [], str(path)), str(path))
     except ConfigError as exc:
-        raise exc.blamed_on_overrides(overrides or []) from None
+        raise exc.blamed_on_overrides(overrides or [], raw) from None
 
 
 def load_config_or_usage(parser: Any, path: str | os.PathLike, overrides: list[str] | None = None) -> SweepConfig:

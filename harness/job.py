@@ -23,7 +23,7 @@ from harness.evaluation import EvaluationDataError, correct_predictions, percent
 from harness.failpoints import failpoint
 from harness.models import ImageClassifier, tensor_stamp
 from harness.plan import (JobSpec, adapts_on_corruptions, capped_subset, check_harness_code, check_method_code,
-                          check_task_code, job_title, robustness_inline)
+                          check_task_code, import_sweep_methods, job_title, robustness_inline)
 from harness.precision import autocast, check_precision
 from harness.runtime import evaluation_threads
 from harness.significance import pack_correct
@@ -314,6 +314,7 @@ def run_job(spec: JobSpec, ws: Workspace, device: torch.device, workdir: Path) -
     held = contextlib.ExitStack()
     try:
         check_harness_code(spec)
+        import_sweep_methods(spec, ws.cfg)
         check_method_code(spec)
         check_task_code(spec, ws.task)
         check_precision(ws.cfg.eval.precision, device)  # never float32 silently under a reduced-precision key
@@ -366,7 +367,13 @@ def run_job(spec: JobSpec, ws: Workspace, device: torch.device, workdir: Path) -
         if bad:
             raise FloatingPointError(f"non-finite metric {bad[0]}")
     except PruneTrial as exc:
-        result.status, result.error = "pruned", str(exc) or "pruned"
+        if spec.kind == "trial":
+            result.status, result.error = "pruned", str(exc) or "pruned"
+        else:  # no pruner asked (ctx.report is None): the method's mistake, told and retried as a failure
+            result.status = "failed"
+            result.error = (f"PruneTrial: {str(exc) or 'pruned'} (raised outside an Optuna trial: only a study's "
+                            "trial may stop early, when ctx.report returns True)")
+            result.error_detail = traceback.format_exc(limit=-5)
     except MemoryError:
         result.status, result.error = "failed", "out of memory"
         result.error_detail = traceback.format_exc(limit=-3)

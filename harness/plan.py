@@ -219,6 +219,22 @@ def method_source_digest(cls: type) -> str | None:
     return class_source_digest(cls, MergeMethod)
 
 
+def import_sweep_methods(spec: JobSpec, cfg: SweepConfig) -> None:
+    """Import the modules of the sweep's ``module:Class`` entries, in order, until the job's
+    method is known, when it is a registered name this process does not know: the driver resolved
+    it after importing them (an entry below one naming its module), a worker process (a local
+    pool's, a SLURM node) starts without those imports and would fail the job as 'unknown method'."""
+    from methods.base import available_methods, resolve_method
+
+    if spec.method is None or ":" in spec.method or spec.method in available_methods():
+        return
+    for m in cfg.methods:
+        if ":" in m.name:
+            resolve_method(m.name)
+            if spec.method in available_methods():
+                return
+
+
 class MethodChanged(RuntimeError):
     """The method's code in this process is not the code its job's key was computed from."""
 

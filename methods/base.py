@@ -184,12 +184,16 @@ _METHODS: dict[str, type[MergeMethod]] = {}
 
 
 def register_method(name: str) -> Callable[[type[MergeMethod]], type[MergeMethod]]:
-    """Class decorator: make a method available in YAML under ``name``."""
+    """Class decorator: make a method available in YAML under ``name``. Another class under a
+    taken name is refused; the same class defined again (its module reloaded after an edit)
+    replaces the old one, whose code is not the one to run any more."""
 
     def deco(cls: type[MergeMethod]) -> type[MergeMethod]:
         if not (isinstance(cls, type) and issubclass(cls, MergeMethod)):
             raise TypeError(f"{cls!r} is not a MergeMethod subclass")
-        if name in _METHODS and _METHODS[name] is not cls:
+        old = _METHODS.get(name)
+        reloaded = old is not None and (old.__module__, old.__qualname__) == (cls.__module__, cls.__qualname__)
+        if old is not None and old is not cls and not reloaded:
             raise ValueError(f"method name {name!r} is already registered by {_METHODS[name]!r}")
         _METHODS[name] = cls
         cls.registered_name = name  # type: ignore[attr-defined]

@@ -6,7 +6,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from methods.base import MergeContext, MergeMethod, with_state
+from methods.base import MergeContext, MergeMethod, PruneTrial, with_state
 from methods.task_arithmetic import task_arithmetic_state
 
 
@@ -186,3 +186,11 @@ class InfRouting(MergeMethod):
     def merge(self, pretrained: nn.Module, finetuned: Mapping[str, nn.Module], ctx: MergeContext) -> nn.Module:
         ctx.artifacts["router_task_id"] = {"mean_per_layer": [0.5, float("inf")]}
         return with_state(pretrained, task_arithmetic_state(pretrained, finetuned, 0.3))
+
+
+class PrunesOutsideAStudy(MergeMethod):
+    """Raises PruneTrial in a job no study runs (ctx.report is None): a method's own bug, as a
+    failure of its job, not a trial stopped early."""
+
+    def merge(self, pretrained: nn.Module, finetuned: Mapping[str, nn.Module], ctx: MergeContext) -> nn.Module:
+        raise PruneTrial("pruned at step 1")

@@ -282,6 +282,27 @@ def test_bad_override(override, fragment, sweep_dict, tmp_path):
     assert message.startswith(f"error: <command line> ({override}, over {f}): "), message  # the file itself is fine
 
 
+@pytest.mark.parametrize("overrides,blamed,field", [
+    (["methods.0.tune.n_trials=3"], "methods.0.tune.n_trials=3", "methods.0.tune.space"),
+    (["methods.1.tune.space.scaling.low=0.1", "methods.1.tune.space.scaling.high=0.5"],
+     "methods.1.tune.space.scaling.high=0.5", "methods.1.tune.space.scaling.type"),
+])
+def test_a_field_missing_from_a_mapping_an_override_made_names_the_override(overrides, blamed, field, sweep_dict,
+                                                                             tmp_path):
+    """An override into a block the file lacks (a ``tune`` of its own) makes that block; what it
+    then lacks is the command line's mistake, not the file's, which has no such block."""
+    f = tmp_path / "ok.yaml"
+    f.write_text(yaml.safe_dump(sweep_dict))
+    code, _, err = _run(["validate", str(f), *overrides])
+    assert code == 2
+    assert " ".join(err.split()) == f"error: <command line> ({blamed}, over {f}): {field}: required field is missing"
+    from harness.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError) as exc:
+        load_config(f, overrides)
+    assert exc.value.file == f"<command line> ({blamed}, over {f})"
+
+
 def test_override_of_an_unknown_key_names_the_override(sweep_dict, tmp_path):
     f = tmp_path / "ok.yaml"
     f.write_text(yaml.safe_dump(sweep_dict))

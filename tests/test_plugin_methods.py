@@ -366,3 +366,70 @@ def test_a_class_of_a_main_module_without_a_file_has_no_source_file(monkeypatch)
     assert source_file(type("Blend", (), {"__module__": "__main__"})) is None
     assert source_file(int) is None
     assert source_file(MergeMethod) == sys.modules[MergeMethod.__module__].__file__
+
+
+REGISTERED = '''
+from methods import MergeMethod, register_method
+
+
+@register_method("registered_identity")
+class RegisteredIdentity(MergeMethod):
+    """The pretrained encoder, named in a sweep by its registered name."""
+
+    seeded = False
+
+    def merge(self, pretrained, finetuned, ctx):
+        return pretrained
+'''
+
+
+def test_a_registered_name_runs_in_a_process_that_has_not_imported_its_module(sweep_dict, tmp_path, monkeypatch):
+    """The driver resolves a registered name below the entry that imports its module; a worker
+    (a local pool's process, a SLURM node) starts without that import, and makes it as the driver
+    did instead of failing the job with 'unknown method'."""
+    import methods.base
+    from harness.executors.slurm import SweepJob
+    from harness.plan import plan_jobs
+    from harness.workspace import Workspace
+
+    monkeypatch.setattr(methods.base, "_METHODS", dict(methods.base._METHODS))  # the test's name, then gone
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "registered_identity.py").write_text(REGISTERED)
+    monkeypatch.delitem(sys.modules, "registered_identity", raising=False)
+    cfg = validate_config(dict(sweep_dict, references=False, methods=[
+        {"name": "registered_identity:RegisteredIdentity", "label": "by path"},
+        {"name": "registered_identity", "label": "by name"}]))
+    ws = Workspace(cfg)
+    (spec,) = [s for s in plan_jobs(cfg, ws.identity, ws.task_identity()) if s.label == "by name"]
+
+    del methods.base._METHODS["registered_identity"]  # as in a fresh process
+    del sys.modules["registered_identity"]
+    result = SweepJob(cfg.model_dump(mode="json"), progress=False)(spec.to_dict())
+    assert result["status"] == "ok", result["error"]
+
+
+def test_reloading_a_module_registers_its_new_class_and_another_class_is_still_refused(tmp_path, monkeypatch):
+    """A notebook's ``importlib.reload`` of an edited module defines its class again, under the
+    name it registered: the new class replaces the old (its code is the one to run) instead of
+    being refused as a second method; a class defined elsewhere under that name is refused."""
+    import importlib
+
+    import methods.base
+    from methods.base import register_method, resolve_method
+
+    monkeypatch.setattr(methods.base, "_METHODS", dict(methods.base._METHODS))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "registered_identity.py").write_text(REGISTERED)
+    monkeypatch.delitem(sys.modules, "registered_identity", raising=False)
+    module = importlib.import_module("registered_identity")
+    first = resolve_method("registered_identity")
+    importlib.reload(module)
+    assert resolve_method("registered_identity") is module.RegisteredIdentity is not first
+
+    class RegisteredIdentity(MergeMethod):
+        def merge(self, pretrained, finetuned, ctx):
+            return pretrained
+
+    with pytest.raises(ValueError, match="method name 'registered_identity' is already registered by "
+                                         "<class 'registered_identity.RegisteredIdentity'>"):
+        register_method("registered_identity")(RegisteredIdentity)

@@ -102,6 +102,23 @@ def test_a_failed_jobs_traceback_is_kept_and_a_merge_returning_none_is_named(swe
     assert open(logged).read() == text
 
 
+def test_a_merge_raising_prune_trial_outside_a_study_fails_with_its_row(sweep_dict, tmp_path):
+    """Only a study's pruner asks a trial to stop; a sweep job that raises PruneTrial anyway fails
+    as any error does (its line, its row, its traceback, run again by a rerun), rather than
+    vanishing from the table as 'pruned'."""
+    d = dict(sweep_dict, references=False, methods=[
+        {"name": "tests.faulty_methods:PrunesOutsideAStudy", "label": "pruner"},
+        {"name": "weight_averaging"},
+    ])
+    r, err = failing_sweep(d, tmp_path)
+    assert ("pruner: PruneTrial: pruned at step 1 (raised outside an Optuna trial: only a study's trial "
+            "may stop early, when ctx.report returns True)") in err
+    assert "traceback: " in err
+    rows = [line.split() for line in r.stdout.splitlines()]
+    assert any(row[:3] == ["│", "pruner", "│"] and "failed" in row for row in rows), r.stdout
+    assert "1 of 2 jobs failed: pruner: PruneTrial: pruned at step 1" in failing_sweep(d, tmp_path)[1]  # not cached
+
+
 def test_same_seed_same_metrics(sweep_dict, tmp_path):
     a = run_sweep(validate_config(dict(sweep_dict, output_dir=str(tmp_path / "a"))), quiet=True)
     b = run_sweep(validate_config(dict(sweep_dict, output_dir=str(tmp_path / "b"))), quiet=True)
