@@ -158,15 +158,23 @@ _TASKS: dict[str, tuple[TaskFactory, str]] = {}
 
 
 def register_task(name: str, description: str = "") -> Callable[[TaskFactory], TaskFactory]:
-    """Decorator for a factory ``f(**options) -> Task`` (options come from the YAML)."""
+    """Decorator for a factory ``f(**options) -> Task`` (options come from the YAML). Another
+    factory under a taken name is refused; the same factory defined again (its module reloaded
+    after an edit) replaces the old one, whose code is not the one to run any more."""
 
     def deco(factory: TaskFactory) -> TaskFactory:
-        if name in _TASKS and _TASKS[name][0] is not factory:
-            raise ValueError(f"task name {name!r} is already registered")
+        old = _TASKS[name][0] if name in _TASKS else None
+        if old is not None and old is not factory and _where_defined(old) != _where_defined(factory):
+            raise ValueError(f"task name {name!r} is already registered by {'.'.join(_where_defined(old))}")
         _TASKS[name] = (factory, description or (factory.__doc__ or "").strip().split("\n")[0])
         return factory
 
     return deco
+
+
+def _where_defined(factory: TaskFactory) -> tuple[str, str]:
+    """A factory's module and qualified name: what a reloaded module's new factory shares with the old."""
+    return getattr(factory, "__module__", "?"), getattr(factory, "__qualname__", repr(factory))
 
 
 def available_tasks() -> dict[str, str]:

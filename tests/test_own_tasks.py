@@ -188,6 +188,40 @@ def test_a_task_name_registered_twice_by_another_factory_is_refused():
     assert _TASKS["toy_stripes"][0] is not mine
 
 
+def test_reloading_a_module_registers_its_new_task_factory_and_another_is_still_refused(tmp_path, monkeypatch):
+    """A notebook's ``importlib.reload`` of an edited module defines its factory again under the
+    name it registered: the new one replaces the old (its code is the one to run) instead of
+    being refused; a factory defined elsewhere under that name is refused."""
+    import importlib
+    import sys
+
+    import tasks.base
+    from tasks.base import register_task, resolve_task
+
+    monkeypatch.setattr(tasks.base, "_TASKS", dict(tasks.base._TASKS))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "reloaded_task.py").write_text(
+        "from tasks.base import register_task\n"
+        "from tasks.synthetic import make_toy_task\n\n\n"
+        "@register_task('reloaded_toy')\n"
+        "def reloaded_toy():\n"
+        "    return make_toy_task('toy_stripes', n_test=VERSION)\n\n\n"
+        "VERSION = 20\n")
+    monkeypatch.delitem(sys.modules, "reloaded_task", raising=False)
+    module = importlib.import_module("reloaded_task")
+    first = resolve_task("reloaded_toy")
+    (tmp_path / "reloaded_task.py").write_text((tmp_path / "reloaded_task.py").read_text().replace("= 20", "= 30"))
+    importlib.reload(module)
+    assert resolve_task("reloaded_toy") is module.reloaded_toy is not first
+    assert len(resolve_task("reloaded_toy")().dataset("test")) == 30
+
+    def reloaded_toy():
+        raise AssertionError("never built")
+
+    with pytest.raises(ValueError, match="task name 'reloaded_toy' is already registered by reloaded_task.reloaded_toy"):
+        register_task("reloaded_toy")(reloaded_toy)
+
+
 def test_a_tasks_identity_follows_its_declared_version_or_its_data():
     """Results are cached under a task's identity: another version, or (without one) other pixels,
     labels, or the same bytes in another shape, is another task."""
