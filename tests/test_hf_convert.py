@@ -1209,6 +1209,38 @@ def test_a_sweep_builds_the_generated_arch_from_folders_and_converted_files(tmp_
         Workspace(wrong).sources
 
 
+@needs_transformers
+def test_validate_takes_folders_under_the_pretrained_folder_s_generated_arch(tmp_path: Path, monkeypatch) -> None:
+    """The README's way to run folders of sizes no shipped config has: ``model.arch`` is the name
+    ``harness import --full`` generates for the pretrained CLIPModel folder. Nothing has registered
+    it before the checks of a sweep's command, so its CLIPVisionModel folders are checked against
+    the pretrained folder's config: validate passes them, and still refuses one with another
+    activation (the same tensors computing differently)."""
+    import yaml
+    from transformers import CLIPVisionModel
+
+    from harness.hf_convert import folder_open_clip_config
+
+    hf = tmp_path / "hf"
+    pre, _ = generated_pair(hf)
+    arch = generated_arch_name(folder_open_clip_config(hf / "clip-gen", "clip"))
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump(generated_sweep(tmp_path, arch, hf / "clip-gen", str(hf / "clip-gen_{task}"), "v")))
+    forget_generated(monkeypatch, tmp_path)
+    r = CliRunner().invoke(main, ["validate", str(f)])
+    assert r.exit_code == 0 and r.output.rstrip().endswith("valid"), r.output
+
+    gelu = copy.deepcopy(pre.config.vision_config)
+    gelu.hidden_act = "gelu"
+    other = CLIPVisionModel(gelu)
+    other.load_state_dict(pre.vision_model.state_dict())
+    other.save_pretrained(hf / f"clip-gen_{GEN_TASKS[1]}")
+    forget_generated(monkeypatch, tmp_path)
+    r = CliRunner().invoke(main, ["validate", str(f)])
+    assert r.exit_code == 2 and f"checkpoint of task {GEN_TASKS[1]!r}" in r.stderr, r.output
+    assert f"which architecture {arch!r} does not match" in " ".join(r.stderr.split())
+
+
 def test_a_generated_arch_resolves_beside_its_file_and_unknown_names_are_named(tmp_path: Path, monkeypatch) -> None:
     folder = write_hf_folder(tmp_path / "hf", micro_visual(), "quick_gelu")
     out = convert_hf_checkpoint(folder, tmp_path / "ckpt" / "q.safetensors")
