@@ -832,6 +832,23 @@ def test_an_import_over_other_checkpoints_is_refused_and_the_same_import_again_w
     assert {p: (p.read_bytes(), Path(f"{p}.json").read_bytes()) for p in outputs} == written
 
 
+@needs_transformers
+def test_a_whole_clip_import_run_again_writes_nothing(tmp_path: Path) -> None:
+    """``--full`` keeps the text tower and the scalar ``logit_scale``: an import run again compares
+    the output there with the conversion (a 0-dim tensor among them), writes nothing and says so,
+    instead of failing with a traceback."""
+    clip_model("quick_gelu").save_pretrained(tmp_path / "hf" / "clip")
+    args = ["import", str(tmp_path / "hf" / "clip"), str(tmp_path / "ckpt" / "clip.safetensors"), "--full"]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0 and "wrote " in r.output, r.output
+    out = tmp_path / "ckpt" / "clip.safetensors"
+    assert load_state_dict(out)["logit_scale"].dim() == 0
+    before = out.read_bytes()
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0 and "already there with the same content, nothing written" in r.output, r.output
+    assert out.read_bytes() == before
+
+
 def test_an_import_stopped_while_converting_names_the_outputs_it_wrote_before(tmp_path: Path) -> None:
     """The outputs were printed only once all were done: an import stopped by an error found only
     while converting (here a damaged weights file) said nothing of the files it had written
