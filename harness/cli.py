@@ -143,9 +143,10 @@ def _load(file: str, overrides: tuple[str, ...], start_workers: bool = False,
         with found.check():
             check_cache_dir(cfg, file)
         if does != "read":
-            if not found.errors:  # the model checks read the encoder summaries kept in the cache folder
-                with found.check():  # files are read once they all exist
-                    check_model_files(cfg, file)
+            cache_usable = not found.errors  # reading the models takes the encoder summaries kept in the cache folder
+            with found.check():  # files are read once they all exist
+                check_model_files(cfg, file)
+                if cache_usable:
                     check_model_reading(cfg, file)
             with found.check():
                 check_data_roots(cfg, file)

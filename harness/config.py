@@ -1631,6 +1631,7 @@ def check_folder_arch(cfg: SweepConfig, file: str) -> None:
     pre = pretrained_file(cfg)
     found = Gathering()  # every folder's, a line each
     arch_blamed = False  # the pretrained folder does not fit model.arch: the others' misfit says no more
+    generated = None  # the pretrained folder's config, where model.arch is the name import generates for it
     for where, path, whose in pre + finetuned_files(cfg):
         folder = hf_folder_of(path)
         if folder is None:
@@ -1642,7 +1643,8 @@ def check_folder_arch(cfg: SweepConfig, file: str) -> None:
         try:
             oc_cfg = folder_open_clip_config(folder, kind, projection)
             read = True
-            check_given_arch(m.arch, oc_cfg, kind, folder, projection)
+            if check_given_arch(m.arch, oc_cfg, kind, folder, projection, generated) and pretrained:
+                generated = oc_cfg  # registered once the run converts it: fine-tuned folders are checked against it
         except HarnessError as exc:
             if pretrained and read:
                 found.errors.append(ConfigError(file, "model.arch", str(exc), m.arch))

@@ -389,10 +389,12 @@ def _sizes(oc_cfg: Mapping[str, Any], kind: Kind) -> str:
     return out
 
 
-def check_arch(arch: str, oc_cfg: Mapping[str, Any], kind: Kind, src: Path | str) -> None:
-    """Refuse an architecture name that would compute differently from the checkpoint."""
+def check_arch(arch: str, oc_cfg: Mapping[str, Any], kind: Kind, src: Path | str,
+               known: Mapping[str, Any] | None = None) -> None:
+    """Refuse an architecture name that would compute differently from the checkpoint. ``known``:
+    ``arch``'s config where open_clip has not registered it yet (a pretrained folder's generated one)."""
     open_clip = open_clip_module()
-    cfg = open_clip.get_model_config(arch)
+    cfg = known if known is not None else open_clip.get_model_config(arch)
     if cfg is None:
         shipped, gen = match_arch(oc_cfg, kind), generated_arch_name(oc_cfg)
         sizes = f"{Path(src) / 'config.json'}: architecture {arch!r} is unknown to open_clip; this " \
@@ -419,17 +421,18 @@ def check_arch(arch: str, oc_cfg: Mapping[str, Any], kind: Kind, src: Path | str
 
 
 def check_given_arch(arch: str, oc_cfg: Mapping[str, Any], kind: Kind, folder: Path,
-                     projection: str | os.PathLike | None = None) -> bool:
+                     projection: str | os.PathLike | None = None, known: Mapping[str, Any] | None = None) -> bool:
     """Refuse ``arch`` given for a folder of ``oc_cfg``'s sizes, as its conversion does; True when
-    it is the name ``harness import`` generates for these sizes (the caller registers it)."""
+    it is the name ``harness import`` generates for these sizes (the caller registers it). ``known``:
+    as for :func:`check_arch`."""
     if arch == generated_arch_name(oc_cfg):
         return True
-    if open_clip_module().get_model_config(arch) is None and projection is not None:
+    if known is None and open_clip_module().get_model_config(arch) is None and projection is not None:
         try:  # e.g. a converted pretrained file whose sidecar records the generated architecture
             resolve_arch(arch, [projection])
         except HarnessError:
             pass  # check_arch says what the folder would need
-    check_arch(arch, oc_cfg, kind, folder)
+    check_arch(arch, oc_cfg, kind, folder, known)
     return False
 
 

@@ -603,5 +603,5 @@ def describe_state(state: dict[str, torch.Tensor]) -> str:
         v = state[k].detach().cpu().contiguous()
         h.update(k.encode())
         h.update(json.dumps(list(v.shape)).encode())
-        h.update(v.view(torch.uint8).numpy().tobytes() if v.numel() else b"")
+        h.update(v.reshape(-1).view(torch.uint8).numpy().tobytes() if v.numel() else b"")  # 0-dim: logit_scale
     return h.hexdigest()[:16]

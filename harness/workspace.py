@@ -306,11 +306,18 @@ class Workspace:
         adapted = dict.fromkeys(self.cfg.merge_tasks + self.cfg.generalization_seen)  # unseen tasks are not
         sizes = {t: self.split_length(t, split) for t in adapted}
         smallest = min(sizes, key=sizes.get)
+        rob, cap = self.cfg.robustness, self.cfg.eval.max_samples
+        # a capped study's per-corruption adaptations adapt on the max_samples images it scores per task
+        capped = rob is not None and rob.adapt == "corrupted" and cap is not None and cap < sizes[smallest]
         for where, value in batches:
             if value > sizes[smallest]:
                 raise FieldError(where, f"larger than the {split} split of task {smallest!r} ({sizes[smallest]} "
                                  "images) that test-time adaptation reads: every step would adapt on the whole "
                                  "split instead; lower it", value)
+            if capped and value > cap:
+                raise FieldError(where, f"larger than the {cap} images per task (eval.max_samples) that the "
+                                 "robustness study's per-corruption adaptations (robustness.adapt: corrupted) "
+                                 "read: every step would adapt on all of them instead; lower it", value)
 
     def check_task_data(self, name: str) -> None:
         """Task ``name``'s evaluated splits hold images the model takes and labels its classes

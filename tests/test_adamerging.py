@@ -426,6 +426,27 @@ def test_the_smallest_split_adapted_on_bounds_the_batch(sweep_dict, monkeypatch)
     assert err.value.field == "methods.0.params.batch_size" and err.value.value == 60
 
 
+def test_a_capped_study_adapting_on_corruptions_bounds_the_batch_by_max_samples(sweep_dict):
+    """With ``eval.max_samples: 30`` the per-corruption adaptations (``adapt: corrupted``) read the
+    30 images per task the study scores, not the 80 of the test split: a batch of 40 would adapt
+    on all 30 at every step, so it is refused naming the cap; 30 fits, and so does 40 when the
+    study adapts on clean images (the whole split)."""
+    from harness.config import validate_config
+    from harness.errors import FieldError
+    from harness.workspace import Workspace
+
+    def workspace(batch_size: int, adapt: str = "corrupted") -> Workspace:
+        robustness = {"tasks": ["toy_stripes"], "corruptions": ["contrast"], "adapt": adapt}
+        return Workspace(validate_config(dict(sweep_dict, eval={"max_samples": 30}, robustness=robustness,
+                                              methods=[{"name": "wemoe", "params": {"batch_size": batch_size}}])))
+
+    with pytest.raises(FieldError, match=r"larger than the 30 images per task \(eval.max_samples\)") as err:
+        workspace(40).check_adaptation_batches()
+    assert err.value.field == "methods.0.params.batch_size" and err.value.value == 40
+    workspace(30).check_adaptation_batches()
+    workspace(40, adapt="clean").check_adaptation_batches()
+
+
 def test_a_categorical_batch_space_is_bounded_by_its_largest_choice(sweep_dict):
     """A tuned ``batch_size`` drawn from choices [8, 81] may run with 81, one more than the
     toy tasks' 80 test images: refused, naming the space; choices [8, 80] fit."""

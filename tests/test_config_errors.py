@@ -1047,6 +1047,23 @@ def test_every_missing_checkpoint_and_a_bad_output_folder_are_reported_together(
     ]
 
 
+def test_a_missing_checkpoint_and_a_cache_folder_that_is_a_file_are_reported_together(sweep_dict, tmp_path):
+    """A bad cache folder stops only the reading of the model files (which takes the encoder
+    summaries kept there), not the check that they exist: one run names both."""
+    bad = copy.deepcopy(sweep_dict)
+    bad["model"]["finetuned"] = {"toy_colours": str(tmp_path / "gone.safetensors")}
+    (tmp_path / "taken").write_text("x")
+    bad["cache_dir"] = str(tmp_path / "taken")
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump(bad))
+    code, out, err = _run(["validate", str(f)])
+    assert code == 2 and "Traceback" not in out + err
+    assert err.splitlines() == [
+        f"error: {f}: cache_dir: is a file, not a folder (got {str(tmp_path / 'taken')!r})",
+        f"{f}: model.finetuned.toy_colours: checkpoint does not exist (got {str(tmp_path / 'gone.safetensors')!r})",
+    ]
+
+
 def test_every_task_s_missing_data_folder_is_reported(sweep_dict, tmp_path):
     """Two datasets read from one missing top-level data_root and one from its own: a line
     for each task, naming it."""

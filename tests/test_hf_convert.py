@@ -832,6 +832,23 @@ def test_an_import_over_other_checkpoints_is_refused_and_the_same_import_again_w
     assert {p: (p.read_bytes(), Path(f"{p}.json").read_bytes()) for p in outputs} == written
 
 
+@needs_transformers
+def test_a_whole_clip_import_run_again_writes_nothing(tmp_path: Path) -> None:
+    """``--full`` keeps the text tower and the scalar ``logit_scale``: an import run again compares
+    the output there with the conversion (a 0-dim tensor among them), writes nothing and says so,
+    instead of failing with a traceback."""
+    clip_model("quick_gelu").save_pretrained(tmp_path / "hf" / "clip")
+    args = ["import", str(tmp_path / "hf" / "clip"), str(tmp_path / "ckpt" / "clip.safetensors"), "--full"]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0 and "wrote " in r.output, r.output
+    out = tmp_path / "ckpt" / "clip.safetensors"
+    assert load_state_dict(out)["logit_scale"].dim() == 0
+    before = out.read_bytes()
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0 and "already there with the same content, nothing written" in r.output, r.output
+    assert out.read_bytes() == before
+
+
 def test_an_import_stopped_while_converting_names_the_outputs_it_wrote_before(tmp_path: Path) -> None:
     """The outputs were printed only once all were done: an import stopped by an error found only
     while converting (here a damaged weights file) said nothing of the files it had written
@@ -1207,6 +1224,38 @@ def test_a_sweep_builds_the_generated_arch_from_folders_and_converted_files(tmp_
     wrong = validate_config(generated_sweep(tmp_path, "harness-tiny-vit", *sweeps["folders"], "wrong"))
     with pytest.raises(HarnessError, match=f"'harness-tiny-vit' does not match; it is architecture {arch!r}"):
         Workspace(wrong).sources
+
+
+@needs_transformers
+def test_validate_takes_folders_under_the_pretrained_folder_s_generated_arch(tmp_path: Path, monkeypatch) -> None:
+    """The README's way to run folders of sizes no shipped config has: ``model.arch`` is the name
+    ``harness import --full`` generates for the pretrained CLIPModel folder. Nothing has registered
+    it before the checks of a sweep's command, so its CLIPVisionModel folders are checked against
+    the pretrained folder's config: validate passes them, and still refuses one with another
+    activation (the same tensors computing differently)."""
+    import yaml
+    from transformers import CLIPVisionModel
+
+    from harness.hf_convert import folder_open_clip_config
+
+    hf = tmp_path / "hf"
+    pre, _ = generated_pair(hf)
+    arch = generated_arch_name(folder_open_clip_config(hf / "clip-gen", "clip"))
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump(generated_sweep(tmp_path, arch, hf / "clip-gen", str(hf / "clip-gen_{task}"), "v")))
+    forget_generated(monkeypatch, tmp_path)
+    r = CliRunner().invoke(main, ["validate", str(f)])
+    assert r.exit_code == 0 and r.output.rstrip().endswith("valid"), r.output
+
+    gelu = copy.deepcopy(pre.config.vision_config)
+    gelu.hidden_act = "gelu"
+    other = CLIPVisionModel(gelu)
+    other.load_state_dict(pre.vision_model.state_dict())
+    other.save_pretrained(hf / f"clip-gen_{GEN_TASKS[1]}")
+    forget_generated(monkeypatch, tmp_path)
+    r = CliRunner().invoke(main, ["validate", str(f)])
+    assert r.exit_code == 2 and f"checkpoint of task {GEN_TASKS[1]!r}" in r.stderr, r.output
+    assert f"which architecture {arch!r} does not match" in " ".join(r.stderr.split())
 
 
 def test_a_generated_arch_resolves_beside_its_file_and_unknown_names_are_named(tmp_path: Path, monkeypatch) -> None:
