@@ -1531,11 +1531,12 @@ def check_checkpoint_shapes(cfg: SweepConfig, file: str) -> None:
     """Every fine-tuned checkpoint's tensors have the pretrained image encoder's shapes, read from
     safetensors headers or a ``.pt``'s mapped tensors (nothing unpickled, no tensor's data read,
     whatever the checkpoints' size), so a checkpoint of another architecture or width is named
-    with its field before any job runs. When every fine-tuned checkpoint (two or more) differs
-    from the pretrained weights in the same way, the pretrained weights are the odd ones out.
-    Hugging Face folders and weights named by an open_clip tag are checked by the run's
+    with its field before any job runs; so is one missing a tensor, holding one more, or holding
+    integer (quantized) tensors, as the run's preflight refuses them. When every fine-tuned
+    checkpoint (two or more) differs in shape from the pretrained weights in the same way, the
+    pretrained weights are the odd ones out. Hugging Face folders and weights named by an open_clip tag are checked by the run's
     preflight, against the built model."""
-    from harness.models import tensor_shapes
+    from harness.models import check_encoder_shapes, refuse_integer_weights, tensor_dtypes, tensor_shapes
 
     m = cfg.model
     pre = Path(m.pretrained) if m.source == "files" and m.pretrained else None
@@ -1547,7 +1548,7 @@ def check_checkpoint_shapes(cfg: SweepConfig, file: str) -> None:
         return  # the run names the unreadable file
     if not expected:
         return
-    checked, mismatches = 0, []
+    checked, mismatches, faults = 0, [], []
     for where, path, whose in finetuned_files(cfg):
         if not _read_as_is(Path(path)):
             continue
@@ -1561,16 +1562,23 @@ def check_checkpoint_shapes(cfg: SweepConfig, file: str) -> None:
         k = first_shape_mismatch(expected, found)
         if k is not None:
             mismatches.append((where, whose, k, tuple(found[k])))
-    if not mismatches:
-        return
-    where, whose, k, shape = mismatches[0]
-    if checked > 1 and len(mismatches) == checked and all((x[2], x[3]) == (k, shape) for x in mismatches):
-        raise ConfigError(file, "model.pretrained", f"{pre}: tensor {k!r} of its image encoder has shape "
-                          f"{tuple(expected[k])}, every fine-tuned checkpoint has {shape} (weights of another "
-                          "architecture or width?)", show_value=False)
-    raise gathered([ConfigError(file, where, f"{whose}: tensor {k!r} has shape {shape}, pretrained has "
-                                f"{tuple(expected[k])} (model.pretrained {pre.name}: another architecture or width?)",
-                                show_value=False) for where, whose, k, shape in mismatches])
+            continue
+        try:  # what the run's preflight refuses too, told here from the same header
+            check_encoder_shapes(path, found, expected, m.arch, whose)
+            refuse_integer_weights(encoder_shapes(tensor_dtypes(path)) or {}, whose)
+        except HarnessError as exc:
+            faults.append(ConfigError(file, where, str(exc), show_value=False))
+    if mismatches:
+        where, whose, k, shape = mismatches[0]
+        if checked > 1 and len(mismatches) == checked and all((x[2], x[3]) == (k, shape) for x in mismatches):
+            raise ConfigError(file, "model.pretrained", f"{pre}: tensor {k!r} of its image encoder has shape "
+                              f"{tuple(expected[k])}, every fine-tuned checkpoint has {shape} (weights of another "
+                              "architecture or width?)", show_value=False)
+        faults = [ConfigError(file, where, f"{whose}: tensor {k!r} has shape {shape}, pretrained has "
+                              f"{tuple(expected[k])} (model.pretrained {pre.name}: another architecture or width?)",
+                              show_value=False) for where, whose, k, shape in mismatches] + faults
+    if faults:
+        raise gathered(faults)
 
 
 def check_pretrained_arch(cfg: SweepConfig, file: str) -> None:

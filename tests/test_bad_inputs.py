@@ -277,6 +277,45 @@ def test_validate_names_the_model_files_a_sweep_refuses(field, name, make, fragm
         assert "valid" not in r.stdout and not (tmp_path / "out").exists()
 
 
+def _missing_tensor(state):
+    return {k: v for k, v in state.items() if k != "ln_post.bias"}
+
+
+def _extra_tensor(state):
+    return {**state, "head.weight": torch.zeros(3, 32)}
+
+
+def _int8_tensor(state):
+    return {**state, "ln_post.weight": state["ln_post.weight"].to(torch.int8)}
+
+
+@pytest.mark.parametrize("layout", ["encoder.safetensors", "clip.safetensors", "encoder.pt"])
+@pytest.mark.parametrize("edit,fragment", [
+    (_missing_tensor, "tensor 'ln_post.bias' of the pretrained image encoder is missing"),
+    (_extra_tensor, "unexpected tensor 'head.weight' (not an image encoder of harness-micro-vit)"),
+    (_int8_tensor, "tensor 'ln_post.weight' has dtype int8, not floating point"),
+], ids=["missing", "extra", "int8"])
+def test_validate_names_a_fine_tuned_checkpoint_the_preflight_refuses(edit, fragment, layout, sweep_dict, tmp_path):
+    """A fine-tuned checkpoint missing a tensor of the encoder, holding one more, or holding an
+    integer tensor passed validate and the dry run, and was refused only by the run's preflight:
+    read from the same header (a whole CLIP's image tower too), it is named with its field."""
+    state = edit(_encoder_state())
+    path = tmp_path / layout
+    if layout.startswith("clip"):
+        state = {**{f"visual.{k}": v for k, v in state.items()}, "logit_scale": torch.tensor(1.0)}
+    if layout.endswith(".pt"):
+        torch.save(state, path)
+    else:
+        save_state_dict(state, path)
+    f = _write(tmp_path, _with_ckpt(sweep_dict, "toy_stripes", path))
+    for args in (["validate", f], ["sweep", f, "--dry-run"]):
+        r = CliRunner().invoke(main, args)
+        err = " ".join(r.stderr.split())
+        assert r.exit_code == 2 and err.startswith(f"error: {f}: model.finetuned.toy_stripes: {path}: ") \
+            and fragment in err, err
+        assert not (tmp_path / "out").exists()
+
+
 def test_validate_names_every_model_file_at_fault_together(sweep_dict, micro_checkpoints, tmp_path):
     """A truncated checkpoint, a checkpoint of another width and a pickled head, each with its own
     field: one run names the three, a line each, in the order the checks read them (contents,
