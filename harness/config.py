@@ -1354,6 +1354,12 @@ def check_tasks(cfg: SweepConfig, file: str) -> None:
     found.raise_any()
 
 
+def valid_task_names(names: list[str], known: dict[str, str]) -> list[str]:
+    """The sweep's task names a field naming one of them may suggest: registered ones and import
+    paths, not a misspelt entry (its own error suggests the registered name)."""
+    return [n for n in names if ":" in n or n in known]
+
+
 def check_task_lists(cfg: SweepConfig, file: str, known: dict[str, str]) -> None:
     """The fields naming the sweep's tasks (seen, unseen, robustness, per-task model files),
     tuning objectives and the generalization block."""
@@ -1364,8 +1370,8 @@ def check_task_lists(cfg: SweepConfig, file: str, known: dict[str, str]) -> None
     for field_name, values in subsets:
         for i, name in enumerate(values):
             if name not in names:
-                raise ConfigError(file, f"{field_name}.{i}", f"not one of the sweep's tasks{did_you_mean(name, names)}",
-                                  name)
+                raise ConfigError(file, f"{field_name}.{i}", f"not one of the sweep's tasks"
+                                  f"{did_you_mean(name, valid_task_names(names, known))}", name)
     for field_name, given in (("model.finetuned", cfg.model.finetuned), ("model.heads", cfg.model.heads)):
         for name in given:  # a typo would otherwise leave the task on the pattern, or on zero-shot heads
             if name not in names and name not in known:  # a registered task's entry waits for a sweep with it
@@ -1949,8 +1955,10 @@ def check_generalization(cfg: SweepConfig, file: str) -> None:
     for field_name in ("unseen", "seen"):
         for i, name in enumerate(getattr(g, field_name) or []):
             if name not in names:
-                raise ConfigError(file, f"generalization.{field_name}.{i}",
-                                  f"not one of the sweep's tasks{did_you_mean(name, names)}", name)
+                from tasks.base import available_tasks
+
+                raise ConfigError(file, f"generalization.{field_name}.{i}", "not one of the sweep's tasks"
+                                  f"{did_you_mean(name, valid_task_names(names, available_tasks()))}", name)
     unseen = set(g.unseen or [])
     if g.seen is not None:
         both = set(g.seen) & unseen

@@ -997,6 +997,29 @@ def test_unknown_names_and_bad_hyperparameters_of_several_entries_are_all_report
     assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
 
 
+@pytest.mark.parametrize("block", ["unseen", "generalization", "robustness"])
+def test_a_task_list_suggests_no_misspelt_task_of_the_sweep(block, sweep_dict, tmp_path):
+    """A task misspelt in ``tasks`` and written right in a list naming the sweep's tasks: the
+    list's line suggested the misspelling itself ("did you mean 'toy_colour'?" for 'toy_colours');
+    it suggests only the sweep's valid tasks, so here none."""
+    d = copy.deepcopy(sweep_dict)
+    d["tasks"] = ["toy_stripes", "toy_colour"]
+    field = {"unseen": "unseen.0", "generalization": "generalization.unseen.0", "robustness": "robustness.tasks.0"}
+    if block == "unseen":
+        d["unseen"] = ["toy_colours"]
+    elif block == "generalization":
+        d["generalization"] = {"unseen": ["toy_colours"]}
+    else:
+        d["robustness"] = {"tasks": ["toy_colours"], "corruptions": ["contrast"]}
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump(d))
+    code, out, err = _run(["validate", str(f)])
+    lines = err.splitlines()
+    assert code == 2 and lines[0].startswith(f"error: {f}: tasks.1: unknown task 'toy_colour'; did you mean "
+                                             "'toy_colours'?"), err
+    assert lines[1:] == [f"{f}: {field[block]}: not one of the sweep's tasks (got 'toy_colours')"], err
+
+
 def test_a_field_two_checks_find_at_fault_is_one_line(tmp_path):
     """An unknown task in an embedded sweep is at fault as a task (unknown) and as one the suite
     has no model of: one line, the first check's."""
