@@ -789,3 +789,18 @@ def test_a_failed_jobs_routing_is_not_the_rows_heatmap(cfg):
     one = cfg.model_copy(update={"methods": [MethodSpec(name="wemoe", label="wemoe")]})
     routings = row_routings(one, [wemoe("failed", 1, 90.0, 0.1), wemoe("ok", 2, 40.0, 0.7)])
     assert routings["wemoe"]["mean_weight"] == {A: [[0.7, 1 - 0.7]]}
+
+
+def test_settings_whose_validation_averages_tie_but_for_float_rounding_choose_the_first():
+    """Averages of per-task percentages that are equal as numbers can differ in their last bit
+    (summed from other task accuracies): the first setting of the tie is still the one reported."""
+    def val_avg(hits: list[int]) -> float:  # as a job averages its per-task validation accuracy
+        return sum(100.0 * k / 700 for k in hits) / len(hits)
+
+    first = val_avg([168, 391, 533, 510, 491, 132, 230, 160])
+    second = val_avg([168, 391, 533, 510, 491, 132, 201, 189])
+    assert first < second  # the same average but for rounding: 46.69642857142856 against ...57
+    jobs = [ok("merge", "task_arithmetic", {"scaling": s}, {A: 50.0, B: acc}, val)
+            for s, acc, val in ((0.2, 40.0, 30.0), (0.6, 60.0, first), (1.0, 70.0, second))]
+    (row,) = build_rows(jobs, [A, B], ["task_arithmetic"])
+    assert (row.setting, row.avg) == ("scaling=0.6", 55.0)
