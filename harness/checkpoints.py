@@ -126,6 +126,8 @@ def import_checkpoints(
         raise HarnessError(f"{src}: no Hugging Face CLIP folders or checkpoint files ({', '.join(CHECKPOINT_SUFFIXES)}) inside")
     outputs = _tree_outputs(src, dst, items)
     _refuse_outputs(outputs, overwrite)
+    if projection is None:
+        _refuse_missing_projections([item for item in outputs if item.is_dir()])
     written = []
     for item, out in outputs.items():  # each output's folder made as it is written
         if item.is_dir():
@@ -136,6 +138,24 @@ def import_checkpoints(
         if done is not None:
             done(written[-1])
     return written
+
+
+def _refuse_missing_projections(folders: list[Path]) -> None:
+    """Refuse a tree's import before any output is written when a vision-only folder in it lacks
+    the visual projection and none is given: its conversion would stop the import midway, the
+    outputs before it written. Read from the folders' headers, no tensor; every such folder named
+    (one whose weights cannot be read is left to its conversion, which names the damage)."""
+    lacking = []
+    for folder in folders:
+        try:
+            if not has_projection(folder):
+                lacking.append(folder)
+        except HarnessError:
+            continue
+    if lacking:
+        raise HarnessError(f"{', '.join(map(str, lacking))}: a CLIPVisionModel has no visual_projection; give the "
+                           "projection of the model they were fine-tuned from (--projection <pretrained CLIPModel "
+                           "folder>); nothing was written")
 
 
 def _tree_outputs(src: Path, dst: Path, items: list[Path]) -> dict[Path, Path]:

@@ -867,6 +867,33 @@ def test_an_import_stopped_while_converting_names_the_outputs_it_wrote_before(tm
     assert all(torch.equal(got[k], v) for k, v in micro_visual().state_dict().items())
 
 
+def test_a_tree_import_of_vision_folders_without_a_projection_writes_nothing(tmp_path: Path) -> None:
+    """A tree holding a checkpoint file, a folder with its projection and two vision-only folders
+    without one, imported without ``--projection``: the import stopped at the first such folder,
+    the outputs before it written; now it names both before writing any."""
+    src, dst = tmp_path / "src", tmp_path / "all"
+    (src / "Cars").mkdir(parents=True)
+    torch.save({f"model.visual.{k}": v for k, v in micro_visual().state_dict().items()}, src / "Cars" / "finetuned.pt")
+    write_hf_folder(src / "clip_a", micro_visual(1), "gelu")
+    lacking = []
+    for name in ("clip_b", "clip_c"):
+        folder = write_hf_folder(src / name, micro_visual(2), "gelu")
+        state = load_file(str(folder / "model.safetensors"))
+        del state["visual_projection.weight"]
+        save_file(state, str(folder / "model.safetensors"))
+        lacking.append(folder)
+    r = CliRunner().invoke(main, ["import", str(src), str(dst), "--arch", "harness-micro-vit"])
+    assert r.exit_code == 2, r.output
+    assert r.output.startswith(f"error: {lacking[0]}, {lacking[1]}: a CLIPVisionModel has no visual_projection"), \
+        r.output
+    assert "nothing was written" in r.output and not dst.exists()
+    r = CliRunner().invoke(main, ["import", str(src), str(dst), "--arch", "harness-micro-vit",
+                                  "--projection", str(src / "clip_a")])
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in dst.rglob("*.safetensors")) == [
+        "clip_a.safetensors", "clip_b.safetensors", "clip_c.safetensors", "finetuned.safetensors"]
+
+
 def four_sources(src: Path) -> dict[str, int]:
     """A tree of two ``.pt`` files and two HF folders: each output, in the order an import converts
     them, with the seed of the encoder it holds."""
