@@ -226,6 +226,38 @@ def test_sbatch_options_that_start_no_harness_option_are_kept(tmp_path):
     assert cfg.executor.sbatch == {"gpus": 1, "mail-typ": "END", "exclu": "n1"}
 
 
+def _sweep_file(tmp_path: Path, executor_lines: str, name: str = "sweep.yaml") -> Path:
+    """A sweep file whose executor block is written as given (YAML as a user types it)."""
+    f = tmp_path / name
+    f.write_text(yaml.safe_dump(make_sweep_dict(Path("/nonexistent"), tmp_path)) + "executor:\n  kind: slurm\n"
+                 + executor_lines)
+    return f
+
+
+@pytest.mark.parametrize("written, minutes", [("2:30:00", 150), ("90:00", 90), ("1:00", 1), ("1-12", 2160),
+                                             ("0-1:30", 90), ("1:00:30", 61)])
+def test_a_slurm_time_as_timeout_min_is_refused_naming_its_minutes(tmp_path, written, minutes):
+    """YAML 1.1 reads an unquoted 2:30:00 as the base-60 number 9000: the job would have run under
+    a limit of 9000 minutes (6 days) where SLURM's 2:30:00 means 150."""
+    from harness.config import load_config
+
+    expected = f"executor.timeout_min: a number of minutes, not a SLURM time: {written} is timeout_min: {minutes}"
+    for path, args in ((_sweep_file(tmp_path, f"  timeout_min: {written}\n"), []),
+                       (_sweep_file(tmp_path, "", "plain.yaml"), [f"executor.timeout_min={written}"])):
+        with pytest.raises(ConfigError) as exc:
+            load_config(path, args)
+        assert f"{expected} (got '{written}')" in str(exc.value)
+
+
+def test_sbatch_values_with_colons_reach_sbatch_as_written(tmp_path):
+    """An unquoted `begin: 16:00` is the time SLURM reads, not YAML 1.1's base-60 number 960."""
+    from harness.config import load_config
+
+    f = _sweep_file(tmp_path, "  sbatch: {begin: 16:00, time-min: 1:30:00}\n")
+    assert load_config(f).executor.sbatch == {"begin": "16:00", "time-min": "1:30:00"}
+    assert load_config(f, ["executor.sbatch.begin=17:45"]).executor.sbatch["begin"] == "17:45"
+
+
 def test_validate_accepts_the_slurm_executor_block(micro_checkpoints, tmp_path, monkeypatch):
     import harness.executors.slurm as slurm
 
