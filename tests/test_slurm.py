@@ -338,6 +338,21 @@ def test_sbatch_file_carries_the_executor_settings_and_setup_lines(micro_checkpo
     assert (r.returncode, r.stdout, r.stderr) == (0, "/|/shared/data sets\n", "")
 
 
+def test_the_job_step_gets_the_batch_shells_environment(micro_checkpoints, tmp_path, monkeypatch):
+    """srun passes the batch shell's environment on even where sbatch --export=NONE told it not to."""
+    import submitit
+    from submitit.slurm.slurm import SlurmExecutor, _make_sbatch_string
+
+    d = make_sweep_dict(micro_checkpoints, tmp_path)
+    d["executor"] = {"kind": "slurm", "sbatch": {"export": "NONE"}}
+    monkeypatch.setattr(SlurmExecutor, "affinity", classmethod(lambda cls: 2))
+    ex = submitit.AutoExecutor(folder=tmp_path / "slurm", cluster="slurm")
+    ex.update_parameters(**submitit_parameters(validate_config(d)))
+    text = _make_sbatch_string(command="python -m x", folder=tmp_path, **ex._executor.parameters)
+    (srun,) = [line for line in text.splitlines() if line.startswith("srun ")]
+    assert " --export=ALL " in srun and "#SBATCH --export=NONE" in text.splitlines()
+
+
 def test_a_failing_setup_line_ends_the_job_naming_it(micro_checkpoints, tmp_path, monkeypatch):
     """`module load` of a module the node lacks must not leave the job running without it: the
     batch script stops at the failing line and says which, and the driver's reason quotes it."""
@@ -1534,6 +1549,20 @@ def test_a_job_whose_setup_line_fails_is_reported_naming_the_line(cluster, varie
     log = Path(d["output_dir"]) / "slurm" / f"{job_id}_0_log.err"
     assert failed.error == (f"SLURM job {job_id} FAILED: executor.setup.1 failed (exit 127): module-not-here load "
                             f"cuda; log {log}")
+
+
+@needs_slurm
+def test_a_clean_job_environment_is_the_one_the_setup_lines_make(cluster, varied_checkpoints, tmp_path):
+    """Under `sbatch --export=NONE` srun inherits SLURM_EXPORT_ENV=NONE and would start the job
+    with no environment at all (no PATH, no submitit variable, nothing a setup line exported):
+    the job died in submitit before it could run. It runs with the setup lines' environment."""
+    d = _sweep(varied_checkpoints, tmp_path / "sweep", "toy-export-none", kind="slurm", mem_gb=1, poll_s=1,
+               setup=SETUP, sbatch={"export": "NONE"})
+    d["references"] = False
+    d["methods"] = [{"name": "weight_averaging"}]
+    outcome = run_sweep(validate_config(d), quiet=True)
+    assert [r.error for r in outcome.failed] == []
+    assert [(r.status, r.ran_on["slurm_job_id"] is not None) for r in outcome.results] == [("ok", True)]
 
 
 def _steps_log(out: Path) -> list[tuple[int, str, int]]:

@@ -1075,6 +1075,9 @@ def submitit_parameters(cfg: SweepConfig) -> dict[str, Any]:
         "slurm_array_parallelism": e.array_parallelism,
         # SLURM signals USR2 this long before the time limit: submitit then checkpoints and requeues
         "slurm_signal_delay_s": signal_delay_s(e.timeout_min),
+        # the job step gets the batch shell's environment (what setup lines set, submitit's own
+        # variable) even under ``sbatch --export=NONE``, which srun would otherwise inherit
+        "slurm_srun_args": ["--export=ALL"],
     }
     if e.gpus_per_node:
         params["gpus_per_node"] = e.gpus_per_node
