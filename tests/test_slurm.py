@@ -1773,6 +1773,25 @@ def test_a_refused_node_name_blames_the_sbatch_option_naming_nodes():
     assert blamed(partition="gpu", gpus_per_node=1, sbatch={"mail-type": "END"}) == ("executor", None)
 
 
+@pytest.mark.parametrize("sbatch, words, blamed", [
+    ({"mail-type": "END", "time-min": "2:00:00"}, "Invalid time-min specification (exceeds job's time or other "
+     "limits)", "time-min"),
+    ({"dependency": "afterok:99999"}, "Job dependency problem", "dependency"),
+    ({"reservation": "maint"}, "Requested reservation is invalid", "reservation"),
+    ({"licenses": "matlab"}, "Invalid license specification", "licenses"),
+    ({"batch": "haswell"}, "Requested node configuration is not available", None),
+])
+def test_the_controllers_words_naming_an_option_without_its_dashes_blame_it(sbatch, words, blamed):
+    """The controller names an option in words, not as ``--option``: that option is the one to
+    fix, not the whole ``executor`` block; "Batch job" is no word of an option ``batch``."""
+    from harness.config import ExecutorSpec
+    from harness.executors.slurm import refused_field
+
+    reason = f"sbatch: error: Batch job submission failed: {words}"
+    expected = (f"executor.sbatch.{blamed}", sbatch[blamed]) if blamed else ("executor", None)
+    assert refused_field(ExecutorSpec(kind="slurm", sbatch=sbatch), reason) == expected
+
+
 @needs_slurm
 @pytest.mark.parametrize("executor, expected", [
     ({"constraint": "nosuch"}, "executor.constraint: SLURM refused the jobs: sbatch: error: Batch job submission "
@@ -1784,6 +1803,9 @@ def test_a_refused_node_name_blames_the_sbatch_option_naming_nodes():
     ({"sbatch": {"nosuch-option": 1}}, "executor.sbatch.nosuch-option: SLURM refused the jobs: sbatch: "
                                        "unrecognized option '--nosuch-option=1' Try \"sbatch --help\" for more "
                                        "information (got 1)"),
+    ({"timeout_min": 5, "sbatch": {"time-min": "2:00:00"}},
+     "executor.sbatch.time-min: SLURM refused the jobs: sbatch: error: Batch job submission failed: Invalid "
+     "time-min specification (exceeds job's time or other limits) (got '2:00:00')"),
 ])
 def test_the_cluster_refusing_an_option_names_its_field(cluster, micro_checkpoints, tmp_path, executor, expected):
     """The single-node cluster has no node features and no GPUs: sbatch refuses both."""

@@ -1029,9 +1029,15 @@ def refused_field(e: Any, reason: str) -> tuple[str, Any]:
     asked for names no field, nor does a refused node name (``Invalid node name specified``)
     without an ``exclude``, ``nodelist`` or ``nodefile`` option under ``sbatch:`` (no typed field
     sets nodes). Words naming an ``sbatch:`` option itself (``unrecognized option '--mail-typ=END'``,
-    ``Invalid --mail-type specification``) blame that option first."""
+    ``Invalid --mail-type specification``) blame that option first, as do the controller's words
+    naming one without its dashes (``Invalid time-min specification``, ``Job dependency problem``,
+    ``Requested reservation is invalid``, ``Invalid license specification`` for ``licenses``)."""
     for key in e.sbatch:
         if re.search(rf"--{re.escape(key)}(?![\w-])", reason):
+            return f"executor.sbatch.{key}", e.sbatch[key]
+    for key in e.sbatch:
+        word = re.escape(key[:-1]) + "s?" if key.endswith("s") else re.escape(key)
+        if re.search(rf"(?<![\w-]){word}(?![\w-])", reason):  # case kept: no --batch in "Batch job"
             return f"executor.sbatch.{key}", e.sbatch[key]
     for pattern, name, options in REFUSALS:
         if not pattern.search(reason):
