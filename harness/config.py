@@ -536,6 +536,22 @@ class GeneralizationSpec(Strict):
         return self
 
 
+def slurm_time_minutes(text: str) -> int | None:
+    """Whole minutes (rounded up, as SLURM rounds) of a SLURM time such as ``90``, ``90:00``,
+    ``2:30:00``, ``1-12`` or ``1-12:30:00``; None for text in no such format."""
+    m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text.strip())
+    if not m:
+        return None
+    days, a, b, c = (int(x) if x is not None else None for x in m.groups())
+    if days is not None:  # days-hours[:minutes[:seconds]]
+        seconds = ((days * 24 + a) * 60 + (b or 0)) * 60 + (c or 0)
+    elif c is not None:  # hours:minutes:seconds
+        seconds = (a * 60 + b) * 60 + c
+    else:  # minutes[:seconds]
+        seconds = a * 60 + (b or 0)
+    return -(-seconds // 60)
+
+
 def _paper_corruptions() -> tuple[str, ...]:
     from tasks.corruptions import PAPER_CORRUPTIONS
 
@@ -587,6 +603,16 @@ class ExecutorSpec(Strict):
     sbatch: dict[str, Any] = Field(
         default_factory=dict, description="further sbatch options by long name: {exclude: node3, exclusive: true}")
     poll_s: float = Field(2.0, gt=0, le=600, description="seconds between SLURM state checks while waiting")
+
+    @field_validator("timeout_min", mode="before")
+    @classmethod
+    def _minutes_not_slurm_time(cls, v: Any) -> Any:
+        """A SLURM time (``2:30:00``, ``1-12:00``) is refused naming the minutes it means: read as
+        minutes it would be another limit (SLURM reads ``90:00`` as 90 minutes, not 90 hours)."""
+        minutes = slurm_time_minutes(v) if isinstance(v, str) and re.search(r"[:-]", v.strip()) else None
+        if minutes is not None:
+            raise ValueError(f"a number of minutes, not a SLURM time: {v.strip()} is timeout_min: {minutes}")
+        return v
 
     # ``${SLURM_PARTITION:-gpu}`` expands here: sbatch never expands its ``#SBATCH`` lines.
     @field_validator("partition", "account", "qos", "constraint")
@@ -987,7 +1013,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         raise ConfigError("<command line>", key, f"list items are dotted indices: write {dotted}={text}",
                           show_value=False)
     try:
-        value = yaml.safe_load(text) if text != "" else ""
+        value = yaml.load(text, Loader=_SlurmTimeLoader) if text != "" else ""
     except yaml.YAMLError:
         value = text
     return key.split("."), value
@@ -1052,7 +1078,23 @@ def _apply_override(raw: dict, item: str) -> None:
             raise ConfigError("<command line>", ".".join(parts[:i]), "is not a mapping or list", cur)
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
+class _SlurmTimeLoader(yaml.SafeLoader):
+    """YAML that keeps ``2:30:00`` a string: YAML 1.1 reads it as the base-60 number 9000, so a
+    SLURM time (``timeout_min: 2:30:00``, an unquoted ``sbatch: {begin: 16:00}``) would pass as
+    another number instead of being refused or handed to sbatch as written."""
+
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> Any:
+        return self.construct_scalar(node) if ":" in node.value else super().construct_yaml_int(node)
+
+    def construct_yaml_float(self, node: yaml.ScalarNode) -> Any:
+        return self.construct_scalar(node) if ":" in node.value else super().construct_yaml_float(node)
+
+
+_SlurmTimeLoader.add_constructor("tag:yaml.org,2002:int", _SlurmTimeLoader.construct_yaml_int)
+_SlurmTimeLoader.add_constructor("tag:yaml.org,2002:float", _SlurmTimeLoader.construct_yaml_float)
+
+
+class _UniqueKeyLoader(_SlurmTimeLoader):
     """YAML that refuses a key given twice in one mapping (plain YAML keeps the last silently)."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:

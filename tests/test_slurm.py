@@ -226,6 +226,38 @@ def test_sbatch_options_that_start_no_harness_option_are_kept(tmp_path):
     assert cfg.executor.sbatch == {"gpus": 1, "mail-typ": "END", "exclu": "n1"}
 
 
+def _sweep_file(tmp_path: Path, executor_lines: str, name: str = "sweep.yaml") -> Path:
+    """A sweep file whose executor block is written as given (YAML as a user types it)."""
+    f = tmp_path / name
+    f.write_text(yaml.safe_dump(make_sweep_dict(Path("/nonexistent"), tmp_path)) + "executor:\n  kind: slurm\n"
+                 + executor_lines)
+    return f
+
+
+@pytest.mark.parametrize("written, minutes", [("2:30:00", 150), ("90:00", 90), ("1:00", 1), ("1-12", 2160),
+                                             ("0-1:30", 90), ("1:00:30", 61)])
+def test_a_slurm_time_as_timeout_min_is_refused_naming_its_minutes(tmp_path, written, minutes):
+    """YAML 1.1 reads an unquoted 2:30:00 as the base-60 number 9000: the job would have run under
+    a limit of 9000 minutes (6 days) where SLURM's 2:30:00 means 150."""
+    from harness.config import load_config
+
+    expected = f"executor.timeout_min: a number of minutes, not a SLURM time: {written} is timeout_min: {minutes}"
+    for path, args in ((_sweep_file(tmp_path, f"  timeout_min: {written}\n"), []),
+                       (_sweep_file(tmp_path, "", "plain.yaml"), [f"executor.timeout_min={written}"])):
+        with pytest.raises(ConfigError) as exc:
+            load_config(path, args)
+        assert f"{expected} (got '{written}')" in str(exc.value)
+
+
+def test_sbatch_values_with_colons_reach_sbatch_as_written(tmp_path):
+    """An unquoted `begin: 16:00` is the time SLURM reads, not YAML 1.1's base-60 number 960."""
+    from harness.config import load_config
+
+    f = _sweep_file(tmp_path, "  sbatch: {begin: 16:00, time-min: 1:30:00}\n")
+    assert load_config(f).executor.sbatch == {"begin": "16:00", "time-min": "1:30:00"}
+    assert load_config(f, ["executor.sbatch.begin=17:45"]).executor.sbatch["begin"] == "17:45"
+
+
 def test_validate_accepts_the_slurm_executor_block(micro_checkpoints, tmp_path, monkeypatch):
     import harness.executors.slurm as slurm
 
@@ -304,6 +336,21 @@ def test_sbatch_file_carries_the_executor_settings_and_setup_lines(micro_checkpo
     r = subprocess.run(["bash", "-c", _setup_section(text) + '\necho "$PWD|$DATA"'], capture_output=True, text=True,
                        cwd=tmp_path, timeout=30)
     assert (r.returncode, r.stdout, r.stderr) == (0, "/|/shared/data sets\n", "")
+
+
+def test_the_job_step_gets_the_batch_shells_environment(micro_checkpoints, tmp_path, monkeypatch):
+    """srun passes the batch shell's environment on even where sbatch --export=NONE told it not to."""
+    import submitit
+    from submitit.slurm.slurm import SlurmExecutor, _make_sbatch_string
+
+    d = make_sweep_dict(micro_checkpoints, tmp_path)
+    d["executor"] = {"kind": "slurm", "sbatch": {"export": "NONE"}}
+    monkeypatch.setattr(SlurmExecutor, "affinity", classmethod(lambda cls: 2))
+    ex = submitit.AutoExecutor(folder=tmp_path / "slurm", cluster="slurm")
+    ex.update_parameters(**submitit_parameters(validate_config(d)))
+    text = _make_sbatch_string(command="python -m x", folder=tmp_path, **ex._executor.parameters)
+    (srun,) = [line for line in text.splitlines() if line.startswith("srun ")]
+    assert " --export=ALL " in srun and "#SBATCH --export=NONE" in text.splitlines()
 
 
 def test_a_failing_setup_line_ends_the_job_naming_it(micro_checkpoints, tmp_path, monkeypatch):
@@ -1504,6 +1551,20 @@ def test_a_job_whose_setup_line_fails_is_reported_naming_the_line(cluster, varie
                             f"cuda; log {log}")
 
 
+@needs_slurm
+def test_a_clean_job_environment_is_the_one_the_setup_lines_make(cluster, varied_checkpoints, tmp_path):
+    """Under `sbatch --export=NONE` srun inherits SLURM_EXPORT_ENV=NONE and would start the job
+    with no environment at all (no PATH, no submitit variable, nothing a setup line exported):
+    the job died in submitit before it could run. It runs with the setup lines' environment."""
+    d = _sweep(varied_checkpoints, tmp_path / "sweep", "toy-export-none", kind="slurm", mem_gb=1, poll_s=1,
+               setup=SETUP, sbatch={"export": "NONE"})
+    d["references"] = False
+    d["methods"] = [{"name": "weight_averaging"}]
+    outcome = run_sweep(validate_config(d), quiet=True)
+    assert [r.error for r in outcome.failed] == []
+    assert [(r.status, r.ran_on["slurm_job_id"] is not None) for r in outcome.results] == [("ok", True)]
+
+
 def _steps_log(out: Path) -> list[tuple[int, str, int]]:
     logs = list((out / "work").glob("*/steps.log"))
     if not logs:
@@ -1712,6 +1773,25 @@ def test_a_refused_node_name_blames_the_sbatch_option_naming_nodes():
     assert blamed(partition="gpu", gpus_per_node=1, sbatch={"mail-type": "END"}) == ("executor", None)
 
 
+@pytest.mark.parametrize("sbatch, words, blamed", [
+    ({"mail-type": "END", "time-min": "2:00:00"}, "Invalid time-min specification (exceeds job's time or other "
+     "limits)", "time-min"),
+    ({"dependency": "afterok:99999"}, "Job dependency problem", "dependency"),
+    ({"reservation": "maint"}, "Requested reservation is invalid", "reservation"),
+    ({"licenses": "matlab"}, "Invalid license specification", "licenses"),
+    ({"batch": "haswell"}, "Requested node configuration is not available", None),
+])
+def test_the_controllers_words_naming_an_option_without_its_dashes_blame_it(sbatch, words, blamed):
+    """The controller names an option in words, not as ``--option``: that option is the one to
+    fix, not the whole ``executor`` block; "Batch job" is no word of an option ``batch``."""
+    from harness.config import ExecutorSpec
+    from harness.executors.slurm import refused_field
+
+    reason = f"sbatch: error: Batch job submission failed: {words}"
+    expected = (f"executor.sbatch.{blamed}", sbatch[blamed]) if blamed else ("executor", None)
+    assert refused_field(ExecutorSpec(kind="slurm", sbatch=sbatch), reason) == expected
+
+
 @needs_slurm
 @pytest.mark.parametrize("executor, expected", [
     ({"constraint": "nosuch"}, "executor.constraint: SLURM refused the jobs: sbatch: error: Batch job submission "
@@ -1723,6 +1803,9 @@ def test_a_refused_node_name_blames_the_sbatch_option_naming_nodes():
     ({"sbatch": {"nosuch-option": 1}}, "executor.sbatch.nosuch-option: SLURM refused the jobs: sbatch: "
                                        "unrecognized option '--nosuch-option=1' Try \"sbatch --help\" for more "
                                        "information (got 1)"),
+    ({"timeout_min": 5, "sbatch": {"time-min": "2:00:00"}},
+     "executor.sbatch.time-min: SLURM refused the jobs: sbatch: error: Batch job submission failed: Invalid "
+     "time-min specification (exceeds job's time or other limits) (got '2:00:00')"),
 ])
 def test_the_cluster_refusing_an_option_names_its_field(cluster, micro_checkpoints, tmp_path, executor, expected):
     """The single-node cluster has no node features and no GPUs: sbatch refuses both."""

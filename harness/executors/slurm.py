@@ -1029,9 +1029,15 @@ def refused_field(e: Any, reason: str) -> tuple[str, Any]:
     asked for names no field, nor does a refused node name (``Invalid node name specified``)
     without an ``exclude``, ``nodelist`` or ``nodefile`` option under ``sbatch:`` (no typed field
     sets nodes). Words naming an ``sbatch:`` option itself (``unrecognized option '--mail-typ=END'``,
-    ``Invalid --mail-type specification``) blame that option first."""
+    ``Invalid --mail-type specification``) blame that option first, as do the controller's words
+    naming one without its dashes (``Invalid time-min specification``, ``Job dependency problem``,
+    ``Requested reservation is invalid``, ``Invalid license specification`` for ``licenses``)."""
     for key in e.sbatch:
         if re.search(rf"--{re.escape(key)}(?![\w-])", reason):
+            return f"executor.sbatch.{key}", e.sbatch[key]
+    for key in e.sbatch:
+        word = re.escape(key[:-1]) + "s?" if key.endswith("s") else re.escape(key)
+        if re.search(rf"(?<![\w-]){word}(?![\w-])", reason):  # case kept: no --batch in "Batch job"
             return f"executor.sbatch.{key}", e.sbatch[key]
     for pattern, name, options in REFUSALS:
         if not pattern.search(reason):
@@ -1075,6 +1081,9 @@ def submitit_parameters(cfg: SweepConfig) -> dict[str, Any]:
         "slurm_array_parallelism": e.array_parallelism,
         # SLURM signals USR2 this long before the time limit: submitit then checkpoints and requeues
         "slurm_signal_delay_s": signal_delay_s(e.timeout_min),
+        # the job step gets the batch shell's environment (what setup lines set, submitit's own
+        # variable) even under ``sbatch --export=NONE``, which srun would otherwise inherit
+        "slurm_srun_args": ["--export=ALL"],
     }
     if e.gpus_per_node:
         params["gpus_per_node"] = e.gpus_per_node
