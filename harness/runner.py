@@ -356,8 +356,9 @@ def _run_sweep(cfg: SweepConfig, ws: Workspace, executor: Any, console: Console,
             then = (f", then {len(tuned)} Optuna {'study' if len(tuned) == 1 else 'studies'} "
                     f"({trials} trial{'s' if trials != 1 else ''} in all, finished ones kept)")
         n_jobs = len({sp.key for sp in specs})
+        waiting = "not recorded yet" if mode == "collect" else "to run"  # collect runs none itself
         console.print(f"[bold]{cfg.name}[/]: {n_jobs} job{'s' if n_jobs != 1 else ''}, {n_jobs - len(pending)} cached, "
-                      f"{len(pending)} to run{then} -> {escape(str(out))}", highlight=False)
+                      f"{len(pending)} {waiting}{then} -> {escape(str(out))}", highlight=False)
     kept = finished_studies(cfg, identity, task_identity, results_dir) if mode == "collect" else []
     studies = [m.display for m in cfg.methods if m.tune and m.display not in {f.label for f, _, _ in kept}
                ] if mode != "run" else []

@@ -1311,6 +1311,7 @@ def test_detached_sweeps_submit_and_collect_the_robustness_follow_up(cluster, va
     n = len(json.loads(submitted.read_text())["jobs"])
     outcome, text = said("collect")
     assert f"collecting {n} submitted jobs (SLURM " in text and "submitted 0" not in text, text  # collect sends none
+    assert f"0 cached, {n} not recorded yet -> " in text and " to run" not in text, text  # nor says it runs any
     assert not [r for r in outcome.results if r.kind == "robustness"]
     assert "1 robustness job (settings chosen on val) not submitted yet" in text
     _, text = said("detach")
