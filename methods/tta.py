@@ -27,7 +27,8 @@ Conventions the callers rely on:
   entropy of each task's batch (``"diversity"``), and the ``aux_loss`` term (under
   ``aux_name``); they add up to the returned loss. Steps of a checkpoint written before parts were recorded have none: the parts are
   then ``[step, value]`` pairs from the first step run here.
-* Validation: before the first step and every ``eval_every`` steps, if ``ctx.validate`` is
+* Validation: before the first step, every ``eval_every`` steps and after the last step (so
+  the adapted model is scored when ``eval_every`` does not divide ``steps``), if ``ctx.validate`` is
   set, it is called on ``export()`` (default: the model itself) under ``torch.no_grad``; the
   metrics, plus (after a step) the last step's summed entropy as ``tta_entropy`` and its whole
   loss as ``tta_loss`` (the same without ``aux_loss``; with it, its term added), go to
