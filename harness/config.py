@@ -1582,8 +1582,8 @@ def check_checkpoint_shapes(cfg: SweepConfig, file: str) -> None:
     with its field before any job runs; so is one missing a tensor, holding one more, or holding
     integer (quantized) tensors, as the run's preflight refuses them. When every fine-tuned
     checkpoint (two or more) differs in shape from the pretrained weights in the same way, the
-    pretrained weights are the odd ones out. Hugging Face folders and weights named by an open_clip tag are checked by the run's
-    preflight, against the built model."""
+    pretrained weights are the odd ones out. Hugging Face folders and weights named by an
+    open_clip tag are checked by the run's preflight, against the built model."""
     from harness.models import check_encoder_shapes, refuse_integer_weights, tensor_dtypes, tensor_shapes
 
     m = cfg.model

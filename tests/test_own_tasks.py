@@ -218,7 +218,8 @@ def test_reloading_a_module_registers_its_new_task_factory_and_another_is_still_
     def reloaded_toy():
         raise AssertionError("never built")
 
-    with pytest.raises(ValueError, match="task name 'reloaded_toy' is already registered by reloaded_task.reloaded_toy"):
+    with pytest.raises(ValueError, match="task name 'reloaded_toy' is already registered by "
+                                         "reloaded_task.reloaded_toy"):
         register_task("reloaded_toy")(reloaded_toy)
 
 
