@@ -2077,6 +2077,29 @@ def test_status_calls_a_job_lost_only_past_the_grace_and_an_ended_one_without_re
     assert counts == {"running": 1, "requeued": 0, "failed": 1, "lost": 2, "pending": 1, "done": 0, "collected": 0}
 
 
+def test_status_says_why_a_job_that_ended_without_a_result_failed(tmp_path, monkeypatch):
+    """``harness status`` showed ``failed`` alone for a job cancelled, timed out or killed for its
+    memory; the reason was told only by the driver and ``collect``. It now shows the one they give."""
+    import io
+
+    from rich.console import Console
+
+    import harness.executors.slurm as slurm
+
+    answers = {"squeue": "", "scontrol": "Slurmctld(primary) at vm is UP\n",
+               "sacct": "40_0|CANCELLED\n40_1|TIMEOUT\n40_2|OUT_OF_MEMORY\n40_3|COMPLETED\n"}
+    monkeypatch.setattr(slurm, "_run", lambda cmd: answers[cmd[0]])
+    ex = _recorded_executor(tmp_path, {f"k{i}": f"40_{i}" for i in range(4)}, {})
+    table, counts = slurm.status_table(ex.cfg)
+    assert counts["failed"] == 4
+    text = io.StringIO()
+    Console(file=text, width=300).print(table)
+    states = {line.split("│")[2].strip(): line.split("│")[3].strip() for line in text.getvalue().splitlines()
+              if line.count("│") >= 5 and "40_" in line}
+    assert states == {"40_0": "failed (cancelled)", "40_1": "failed (time limit reached)",
+                      "40_2": "failed (out of memory)", "40_3": "failed (the job ended without writing a result)"}
+
+
 def test_a_completed_job_gets_longer_for_its_result_file_than_a_failed_one(tmp_path, monkeypatch):
     """A COMPLETED job most likely wrote a result that the shared filesystem has yet to show: the
     driver waits RESULT_GRACE_S (15 s) for it. A job SLURM calls FAILED gets 3 s before it is

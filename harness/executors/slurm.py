@@ -897,7 +897,7 @@ def job_table(tracked: list[_Tracked], kind: str = "slurm", collected: set[str] 
         order.sort(key=lambda i: _ORDER.index(states[i]))
     for i in order[: _LiveTable.MAX_ROWS]:
         t, s = tracked[i], states[i]
-        shown = f"{s} ({t.reason})" if t.reason and s in ("pending", "requeued") else s
+        shown = f"{s} ({t.reason})" if t.reason and s in ("pending", "requeued", "failed") else s
         row = [Text(t.spec.title), Text(t.job_id), Text(shown, style=_STYLE[s]),
                Text(str(t.log_path(failed=s == "failed")))]
         if collected is not None:
@@ -1239,8 +1239,8 @@ def status_table(cfg: SweepConfig) -> tuple[Table, dict[str, int]]:
                 t.outcome = "lost"  # not just submitted, yet SLURM has no record: a rerun resubmits it
         elif t.state == NO_ANSWER:
             t.reason = "SLURM did not answer"
-        elif t.state not in ALIVE_STATES:
-            t.outcome = "failed"
+        elif t.state not in ALIVE_STATES:  # ended without a result: why, as the driver's failure line says
+            t.outcome, t.reason = "failed", STATE_REASONS.get(t.state, t.state.lower())
     states = [display_state(t, listed) for t in tracked]
     counts = {s: states.count(s) for s in _ORDER}
     counts["collected"] = len(collected)
