@@ -116,6 +116,7 @@ def _load(file: str, overrides: tuple[str, ...], start_workers: bool = False,
         check_model_files,
         check_model_reading,
         check_output_dir,
+        check_pretrained_tag,
         check_storage_files,
         check_tracking_uri,
         read_yaml,
@@ -148,6 +149,8 @@ def _load(file: str, overrides: tuple[str, ...], start_workers: bool = False,
                 check_model_files(cfg, file)
                 if cache_usable:
                     check_model_reading(cfg, file)
+            with found.check():
+                check_pretrained_tag(cfg, file)
             with found.check():
                 check_data_roots(cfg, file)
         for check in (check_output_dir, check_tracking_uri, *([check_storage_files] if does == "submit" else [])):

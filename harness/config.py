@@ -1487,6 +1487,23 @@ def check_model_files(cfg: SweepConfig, file: str) -> None:
     found.raise_any()
 
 
+def check_pretrained_tag(cfg: SweepConfig, file: str) -> None:
+    """Weights named by an open_clip tag are a tag of ``model.arch`` and in the local cache: the
+    run's offline lookup (no weights read, no model built), so a tag of another architecture or
+    one never downloaded is named before the sweep starts. An unknown architecture is
+    :func:`check_model_files`' error."""
+    from harness.models import open_clip_tag_problem, unknown_arch_problem
+
+    m = cfg.model
+    pre = m.pretrained
+    if m.source != "files" or not pre or "/" in pre or Path(pre).suffix or Path(pre).exists():
+        return
+    if unknown_arch_problem(m.arch) is None:
+        problem = open_clip_tag_problem(m.arch, pre, str(cfg.resolved_cache_dir() / "open_clip"))
+        if problem:
+            raise ConfigError(file, "model.pretrained", problem, pre)
+
+
 def check_model_contents(cfg: SweepConfig, file: str) -> None:
     """What each model file of a ``files`` sweep holds, read as the run reads it but with nothing
     unpickled, converted or built (safetensors headers, a ``.pt``'s mapped tensors): a pickled

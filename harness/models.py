@@ -495,15 +495,39 @@ def build_clip(arch: str, pretrained: str | None = None, cache_dir: str | None =
             with hub_offline(), _quiet_root_logger():  # open_clip logs a missing tag itself; the error says it once
                 model = open_clip.create_model(arch, pretrained=pretrained, cache_dir=cache_dir)
         except Exception as exc:
-            raise HarnessError(
-                f"pretrained weights {pretrained!r} for {arch!r} are not in the local cache "
-                f"({cache_dir or 'default open_clip/HF cache'}): copy them there or give a file path "
-                f"({type(exc).__name__})"
-            ) from None
+            raise HarnessError(_uncached_tag(arch, pretrained, cache_dir, exc)) from None
     else:
         model = _create_random(arch)
     model.eval()
     return model
+
+
+def _uncached_tag(arch: str, tag: str, cache_dir: str | None, exc: BaseException) -> str:
+    where = cache_dir or "default open_clip/HF cache"
+    return (f"pretrained weights {tag!r} for {arch!r} are not in the local cache ({where}): copy them there "
+            f"or give a file path ({type(exc).__name__})")
+
+
+def open_clip_tag_problem(arch: str, tag: str, cache_dir: str | None = None) -> str | None:
+    """Why :func:`build_clip` could not load open_clip's weights ``tag`` for ``arch`` (not a tag
+    of that architecture, or its file not in the local cache), or None: the lookup a run makes,
+    offline, without reading the weights or building the model, so ``validate`` can tell."""
+    open_clip_module()  # registers the harness's architectures first
+    from open_clip.pretrained import download_pretrained, get_pretrained_cfg, list_pretrained_tags_by_model
+
+    cfg = get_pretrained_cfg(arch, tag)
+    if not cfg:
+        tags = list_pretrained_tags_by_model(arch)
+        known = f"{did_you_mean(tag, tags)} (its tags: {', '.join(tags)})" if tags else " (it has none)"
+        return f"not an open_clip tag of architecture {arch!r}{known}, nor a weights file"
+    try:
+        with hub_offline(), _quiet_root_logger():
+            target = download_pretrained(cfg, cache_dir=cache_dir)
+        if not Path(target).is_file():  # a tag registered with a file path is returned unchecked
+            raise FileNotFoundError(target)
+    except Exception as exc:
+        return _uncached_tag(arch, tag, cache_dir, exc)
+    return None
 
 
 @contextlib.contextmanager

@@ -139,3 +139,44 @@ def test_a_summary_kept_for_other_weights_does_not_pass_weights_that_never_loade
     d["model"]["pretrained"] = str(tmp_path / "other.safetensors")
     with pytest.raises(HarnessError, match="weights do not match architecture 'harness-micro-vit'"):
         Workspace(validate_config(d)).encoder_summary
+
+
+def test_validate_looks_up_an_open_clip_tag_offline_as_the_run_does(micro_checkpoints, tmp_path, monkeypatch):
+    """``validate`` called weights named by an open_clip tag valid without looking for them: a tag
+    of another architecture, or one not in the local cache, was found only when the sweep ran. It
+    now makes the run's offline lookup (no weights read, no model built)."""
+    import open_clip.pretrained
+    import yaml
+    from click.testing import CliRunner
+
+    from harness.cli import main
+
+    weights = tmp_path / "tagged.safetensors"
+    weights.write_bytes((micro_checkpoints / "pretrained.safetensors").read_bytes())
+    monkeypatch.setitem(open_clip.pretrained._PRETRAINED, "harness-micro-vit",
+                        {"local": {"file": str(weights)}, "hub": {"hf_hub": "org/micro/"}})
+    d = make_sweep_dict(micro_checkpoints, tmp_path)
+    f = tmp_path / "s.yaml"
+
+    def validate(tag: str) -> tuple[int, str]:
+        f.write_text(yaml.safe_dump({**d, "model": {**d["model"], "pretrained": tag}}))
+        r = CliRunner().invoke(main, ["validate", str(f)])
+        return r.exit_code, " ".join(r.output.split())
+
+    assert validate("local")[0] == 0
+    code, out = validate("lcoal")
+    assert code == 2 and out.startswith(f"error: {f}: model.pretrained: not an open_clip tag of architecture "
+                                        "'harness-micro-vit'; did you mean 'local'? (its tags: local, hub)"), out
+    cache = tmp_path / "cache" / "open_clip"
+    code, out = validate("hub")
+    assert code == 2 and out.startswith(f"error: {f}: model.pretrained: pretrained weights 'hub' for "
+                                        f"'harness-micro-vit' are not in the local cache ({cache})"), out
+    snapshot = cache / "models--org--micro" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "open_clip_model.safetensors").write_bytes(weights.read_bytes())
+    (cache / "models--org--micro" / "refs").mkdir()
+    (cache / "models--org--micro" / "refs" / "main").write_text("0" * 40)
+    assert validate("hub")[0] == 0  # found in the Hugging Face cache layout, offline
+    weights.unlink()
+    code, out = validate("local")
+    assert code == 2 and "pretrained weights 'local' for 'harness-micro-vit' are not in the local cache" in out, out
