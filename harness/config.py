@@ -1265,6 +1265,9 @@ def check_method(m: MethodSpec, i: int, file: str) -> None:
             err = exc.errors()[0]
             key = str(err["loc"][0]) if err["loc"] else ""
             where = ("grid" if key in m.grid else "params") + (f".{key}" if key else "")
+            if len(err["loc"]) > 1:  # an item inside a list or mapping value: its place, a grid value's first
+                place = [m.grid[key].index(setting[key])] if key in m.grid else []
+                where += "".join(f".{part}" for part in [*place, *err["loc"][1:]])
             msg = err["msg"].removeprefix("Value error, ")
             if err["type"] == "missing":  # not "Field required (got {...})": the params hold no value of it
                 raise ConfigError(file, f"methods.{i}.{where}", f"hyperparameter {key!r} of {m.name!r} has no "

@@ -432,6 +432,29 @@ def test_booleans_are_never_numbers_but_other_lax_conversions_stay():
     assert yaml.safe_load("lr: 1e-3") == {"lr": "1e-3"}  # why the string conversion must stay
 
 
+def test_a_bad_item_of_a_list_hyperparameter_is_named_by_its_place(sweep_dict, tmp_path, monkeypatch):
+    """A list hyperparameter with one bad item was named at the list (``methods.0.params.weights``);
+    the item's place is named now, a grid value's position first, then the item's."""
+    (tmp_path / "list_method.py").write_text(
+        "from methods import MergeMethod\n\n\n"
+        "class Weighted(MergeMethod):\n"
+        "    weights: list[float] = [0.5, 0.5]\n\n"
+        "    def merge(self, pretrained, finetuned, ctx):\n"
+        "        return pretrained\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    bad = _set(sweep_dict, "methods", [{"name": "list_method:Weighted", "params": {"weights": [0.5, "x"]}},
+                                       {"name": "list_method:Weighted", "label": "grid",
+                                        "grid": {"weights": [[0.5, 0.5], [0.2, "y"]]}}])
+    f = tmp_path / "bad.yaml"
+    f.write_text(yaml.safe_dump(bad))
+    code, out, err = _run(["validate", str(f)])
+    assert code == 2 and err.splitlines() == [
+        f"error: {f}: methods.0.params.weights.1: Input should be a valid number, unable to parse string as a "
+        "number (got 'x')",
+        f"{f}: methods.1.grid.weights.1.1: Input should be a valid number, unable to parse string as a number "
+        "(got 'y')"], err
+
+
 @pytest.mark.parametrize("module,source,fragment", [
     ("bad_syntax", "def f(:\n", "importing module 'bad_syntax' failed at"),
     ("raises_on_import", "raise RuntimeError('no GPU here')\n", "RuntimeError: no GPU here"),
