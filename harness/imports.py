@@ -80,3 +80,9 @@ def source_file(obj: Any) -> str | None:
         return inspect.getsourcefile(obj)
     except (TypeError, OSError):
         return None
+
+
+def defined_as(obj: Any) -> tuple[str, str]:
+    """An object's module and qualified name: what a reloaded module's new definition shares
+    with the old one, so a registry takes it in place of the old instead of refusing the name."""
+    return getattr(obj, "__module__", "?"), getattr(obj, "__qualname__", repr(obj))

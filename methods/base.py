@@ -19,7 +19,7 @@ from torch import nn
 
 from harness.errors import did_you_mean
 from harness.fields import no_bool_for_number
-from harness.imports import import_module, import_object
+from harness.imports import defined_as, import_module, import_object
 
 StateDict = dict[str, torch.Tensor]
 
@@ -192,9 +192,8 @@ def register_method(name: str) -> Callable[[type[MergeMethod]], type[MergeMethod
         if not (isinstance(cls, type) and issubclass(cls, MergeMethod)):
             raise TypeError(f"{cls!r} is not a MergeMethod subclass")
         old = _METHODS.get(name)
-        reloaded = old is not None and (old.__module__, old.__qualname__) == (cls.__module__, cls.__qualname__)
-        if old is not None and old is not cls and not reloaded:
-            raise ValueError(f"method name {name!r} is already registered by {_METHODS[name]!r}")
+        if old is not None and old is not cls and defined_as(old) != defined_as(cls):
+            raise ValueError(f"method name {name!r} is already registered by {old!r}")
         _METHODS[name] = cls
         cls.registered_name = name  # type: ignore[attr-defined]
         return cls

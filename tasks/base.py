@@ -11,7 +11,7 @@ from torch.utils.data import Dataset, TensorDataset
 
 from harness.errors import HarnessError, did_you_mean
 from harness.evaluation import label_outside
-from harness.imports import import_object
+from harness.imports import defined_as, import_object
 
 SPLITS = ("train", "val", "test")
 
@@ -164,17 +164,12 @@ def register_task(name: str, description: str = "") -> Callable[[TaskFactory], T
 
     def deco(factory: TaskFactory) -> TaskFactory:
         old = _TASKS[name][0] if name in _TASKS else None
-        if old is not None and old is not factory and _where_defined(old) != _where_defined(factory):
-            raise ValueError(f"task name {name!r} is already registered by {'.'.join(_where_defined(old))}")
+        if old is not None and old is not factory and defined_as(old) != defined_as(factory):
+            raise ValueError(f"task name {name!r} is already registered by {'.'.join(defined_as(old))}")
         _TASKS[name] = (factory, description or (factory.__doc__ or "").strip().split("\n")[0])
         return factory
 
     return deco
-
-
-def _where_defined(factory: TaskFactory) -> tuple[str, str]:
-    """A factory's module and qualified name: what a reloaded module's new factory shares with the old."""
-    return getattr(factory, "__module__", "?"), getattr(factory, "__qualname__", repr(factory))
 
 
 def available_tasks() -> dict[str, str]:
