@@ -936,6 +936,11 @@ def _usable_result(job: Any) -> bool:
             and not result.get("study_error"))
 
 
+def state_reason(state: str) -> str:
+    """Why a job SLURM left in ``state`` ended without a result, in words."""
+    return STATE_REASONS.get(state, f"ended in state {state}")
+
+
 def ended_reason(state: str, details: dict[str, str], stderr_tail: str, timeout_min: int) -> tuple[str, str]:
     """The state and the reason, in words, of a job that ended without a result.
 
@@ -949,7 +954,7 @@ def ended_reason(state: str, details: dict[str, str], stderr_tail: str, timeout_
     if state == "FAILED" and setup:
         line, code, text = setup.groups()
         return state, f"executor.setup.{line} failed (exit {code}): {text}"
-    reason = STATE_REASONS.get(state, f"ended in state {state}")
+    reason = state_reason(state)
     if state == "OUT_OF_MEMORY":
         numbers = _MEMORY_NUMBERS.search(stderr_tail)
         if numbers:
@@ -1240,7 +1245,7 @@ def status_table(cfg: SweepConfig) -> tuple[Table, dict[str, int]]:
         elif t.state == NO_ANSWER:
             t.reason = "SLURM did not answer"
         elif t.state not in ALIVE_STATES:  # ended without a result: why, as the driver's failure line says
-            t.outcome, t.reason = "failed", STATE_REASONS.get(t.state, t.state.lower())
+            t.outcome, t.reason = "failed", state_reason(t.state)
     states = [display_state(t, listed) for t in tracked]
     counts = {s: states.count(s) for s in _ORDER}
     counts["collected"] = len(collected)
