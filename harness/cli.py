@@ -193,8 +193,10 @@ def _print_plan(cfg, cache: bool = False) -> None:
     why = None
     if cache:
         from harness.runner import cache_status
+        from harness.workspace import Workspace
 
-        specs, done, why = cache_status(cfg)
+        ws = Workspace(cfg, build=False)  # one for both counts: task identities are computed once
+        specs, done, why = cache_status(cfg, ws)
     else:
         specs = plan_jobs(cfg)
     follow = [s for s in specs if s.kind == "robustness"]  # a dry run's follow-ups whose setting is known
@@ -236,17 +238,17 @@ def _print_plan(cfg, cache: bool = False) -> None:
         console.print(f"{len(jobs)} jobs: which are cached is not known before the models are built ({why})",
                       highlight=False, markup=False, soft_wrap=True)
     if cache and cfg.robustness:
-        _print_corrupted_splits(cfg)
+        _print_corrupted_splits(cfg, ws)
     console.print(f"outputs: {cfg.resolved_output_dir()}\ntracking: {cfg.resolved_tracking_uri()}",
                   highlight=False, markup=False)  # a path may hold "[...]", which is not markup
 
 
-def _print_corrupted_splits(cfg) -> None:
+def _print_corrupted_splits(cfg, ws) -> None:
     """The dry run's count of the robustness study's corrupted splits already built."""
     from harness.runner import corrupted_split_status
 
     rob = cfg.robustness
-    status = corrupted_split_status(cfg)
+    status = corrupted_split_status(cfg, ws)
     line = f"robustness study: corrupted test splits at severity {rob.severity}: "
     if isinstance(status, str):
         line += f"which are cached is not known before the models are built ({status})"

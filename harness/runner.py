@@ -145,17 +145,18 @@ def labelled_results(specs: list[JobSpec], results: Mapping[str, JobResult]) -> 
     return out
 
 
-def cache_status(cfg: SweepConfig) -> tuple[list[JobSpec], set[str] | None, str | None]:
+def cache_status(cfg: SweepConfig, ws: Workspace | None = None) -> tuple[list[JobSpec], set[str] | None, str | None]:
     """The sweep's planned jobs and the keys of those already cached, as a run would find them,
     building, converting and loading no model (a dry run). An output folder without results
     needs no keys (every job runs; nothing is hashed); where keys would need a model built first
     (the embedded suite not prepared, a checkpoint not converted yet), the cached keys are None
     with the reason. After the planned jobs come the robustness follow-ups (kind ``robustness``)
-    of grid methods whose every job is cached: the setting the run will choose on val is known."""
+    of grid methods whose every job is cached: the setting the run will choose on val is known.
+    ``ws``: a workspace made with ``build=False`` whose identities other dry-run counts share."""
     results_dir = cfg.resolved_output_dir() / "results"
     if not results_dir.is_dir() or not any(results_dir.glob("*.json")):
         return plan_jobs(cfg), set(), None
-    ws = Workspace(cfg, build=False)
+    ws = ws or Workspace(cfg, build=False)
     try:
         identity, task_identity = ws.identity, ws.task_identity()
     except NotBuilt as exc:
@@ -169,14 +170,15 @@ def cache_status(cfg: SweepConfig) -> tuple[list[JobSpec], set[str] | None, str 
     return specs + follow, set(results) | set(split), None
 
 
-def corrupted_split_status(cfg: SweepConfig) -> tuple[int, int] | str:
+def corrupted_split_status(cfg: SweepConfig, ws: Workspace | None = None) -> tuple[int, int] | str:
     """How many of the robustness study's corrupted test splits the cache holds, of how many it
     reads (the study builds the rest: minutes each at SUN397's size), or why that is not known
     before the models are built. Reads and corrupts no image and loads no model; hashes only the
-    pretrained weights (a real dataset's input size is the encoder's)."""
+    pretrained weights (a real dataset's input size is the encoder's). ``ws``: as for
+    :func:`cache_status`, whose task identities it then reuses."""
     from harness.plan import adapts_on_corruptions
 
-    ws = Workspace(cfg, build=False)
+    ws = ws or Workspace(cfg, build=False)
     try:
         ws.sources  # an embedded suite's data too is made when it is prepared, not by a dry run
         return ws.corrupted_splits_cached(any(adapts_on_corruptions(cfg, m.name) for m in cfg.methods))
