@@ -1456,7 +1456,7 @@ def check_model_files(cfg: SweepConfig, file: str) -> None:
 
     found = Gathering()  # every missing file, a line each (a pattern's too: it names the task)
     pre = m.pretrained
-    if pre and ("/" in pre or Path(pre).suffix) and not Path(pre).exists():
+    if pre and written_as_path(pre) and not Path(pre).exists():
         found.errors.append(ConfigError(file, "model.pretrained", f"weights file does not exist{relative_note(pre)}",
                                         pre))
     problem = unknown_arch_problem(m.arch)
@@ -1490,6 +1490,12 @@ def check_model_files(cfg: SweepConfig, file: str) -> None:
     found.raise_any()
 
 
+def written_as_path(pretrained: str) -> bool:
+    """Whether ``model.pretrained`` is written as a file's path (a folder in it, a suffix), not
+    as an open_clip tag: a missing one is a missing file, not an unknown tag."""
+    return "/" in pretrained or bool(Path(pretrained).suffix)
+
+
 def check_pretrained_tag(cfg: SweepConfig, file: str) -> None:
     """Weights named by an open_clip tag are a tag of ``model.arch`` and in the local cache: the
     run's offline lookup (no weights read, no model built), so a tag of another architecture or
@@ -1499,7 +1505,7 @@ def check_pretrained_tag(cfg: SweepConfig, file: str) -> None:
 
     m = cfg.model
     pre = m.pretrained
-    if m.source != "files" or not pre or "/" in pre or Path(pre).suffix or Path(pre).exists():
+    if m.source != "files" or not pre or written_as_path(pre) or Path(pre).exists():
         return
     if unknown_arch_problem(m.arch) is None:
         problem = open_clip_tag_problem(m.arch, pre, str(cfg.resolved_cache_dir() / "open_clip"))
