@@ -8,10 +8,11 @@ adaptation in a log file shows that it is alive and how fast it goes.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import time
-from typing import Any
+from typing import Any, Callable, Iterator
 
 from rich.console import Console
 from rich.markup import escape
@@ -88,6 +89,21 @@ def progress_bars(*columns: Any, console: Console | None = None, transient: bool
     if enabled and not shown.is_terminal:
         return LineProgress(shown)
     return Progress(*columns, console=shown, transient=transient, disable=not enabled)
+
+
+@contextlib.contextmanager
+def counting_bar(enabled: bool, description: str, total: int) -> Iterator[Callable[[int], None] | None]:
+    """Yields ``advance(k)`` of one transient bar counting to ``total`` (None when not ``enabled``),
+    for work whose count is known up front: images corrupted, classes of a zero-shot head."""
+    if not enabled:
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    with progress_bars(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                       TimeRemainingColumn(), transient=True) as bars:
+        bar = bars.add_task(description, total=total)
+        yield lambda k: bars.advance(bar, k)
 
 
 def print_warning(console: Console, text: str) -> None:

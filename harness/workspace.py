@@ -19,6 +19,7 @@ from torch import nn
 from harness.cache import atomic_write_json, content_key, read_json
 from harness.config import MAIN, SweepConfig, check_model_files, finetuned_field, suite_tasks
 from harness.errors import FieldError, HarnessError, NotBuilt
+from harness.progress import counting_bar
 from harness.models import (
     CONFIG_DIR,
     build_clip,
@@ -575,7 +576,10 @@ class Workspace:
         built_for = {"task": task.name, "prompts": content_key(task.prompts())}
         head = cached_head(path, built_for, task.num_classes)
         if head is None:
-            head = zeroshot_head(self.clip, get_tokenizer(self.sources["arch"]), task.prompts())
+            prompts = task.prompts()
+            with counting_bar(self.progress, f"zero-shot head {task.name}", len(prompts)) as advance:
+                head = zeroshot_head(self.clip, get_tokenizer(self.sources["arch"]), prompts,
+                                     advance=None if advance is None else lambda: advance(1))
             save_state_dict({"weight": head}, path, metadata=built_for)
         return head
 

@@ -10,17 +10,17 @@ numba's own); the package takes a ``seed`` argument for those, and gets the imag
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence, TypeVar
+from typing import Any, Callable, Sequence, TypeVar
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
 from harness.cache import check_digest, record_digest
+from harness.progress import counting_bar
 from tasks.base import CLIP_MEAN, CLIP_STD, InMemoryTask, Task, normalize_uint8
 
 #: The paper's seven corruptions (robustness experiments of AdaMerging and WeMoE).
@@ -310,21 +310,6 @@ def _cache_path(cache_dir: str | Path, task: Task, identity: dict[str, Any] | No
     return Path(cache_dir) / "corrupted" / f"{task.name}-{name}-s{severity}-{key}.npy"
 
 
-@contextlib.contextmanager
-def _progress(enabled: bool, description: str, total: int) -> Iterator[Callable[[int], None] | None]:
-    if not enabled:
-        yield None
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    from harness.progress import progress_bars
-
-    with progress_bars(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                       TimeRemainingColumn(), transient=True) as bars:
-        bar = bars.add_task(description, total=total)
-        yield lambda k: bars.advance(bar, k)
-
-
 def _corrupt_to_file(path: Path, images: np.ndarray | Sequence[np.ndarray], name: str, severity: int, seed: int,
                      description: str, progress: bool, before_commit: Callable[[], None] | None = None,
                      processes: int | None = None, indices: Sequence[int] | None = None) -> None:
@@ -338,7 +323,7 @@ def _corrupt_to_file(path: Path, images: np.ndarray | Sequence[np.ndarray], name
     shape = (len(images), *np.asarray(images[0]).shape)
     if processes is None:
         processes = build_processes(len(images))
-    with _progress(progress, description, len(images)) as advance, atomic_path(path) as tmp:
+    with counting_bar(progress, description, len(images)) as advance, atomic_path(path) as tmp:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
         if processes > 1:
             del out  # the header is written; the build processes fill the rows

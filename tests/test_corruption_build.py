@@ -110,7 +110,7 @@ def test_the_progress_bar_reaches_the_splits_size(monkeypatch, tmp_path):
     def progress(enabled, description, total):
         yield advanced.append
 
-    monkeypatch.setattr(tc, "_progress", progress)
+    monkeypatch.setattr(tc, "counting_bar", progress)
     corrupted_split(make_toy_task("toy_stripes", n_test=50), "contrast", 2, tmp_path, processes=2)
     assert sorted(advanced) == [2, 16, 16, 16]
 

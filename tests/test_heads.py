@@ -146,3 +146,22 @@ def test_the_head_files_given_for_the_sweeps_tasks_are_in_its_identity_by_their_
     sweep_dict["model"]["heads"] = {task: str(path), "toy_checks": str(path)}
     identity = Workspace(validate_config(sweep_dict)).identity
     assert identity["heads"] == {task: hashlib.sha256(path.read_bytes()).hexdigest()[:16]}
+
+
+def test_building_a_zero_shot_head_shows_its_classes_progress_unless_quiet(sweep_dict, capsys):
+    """A ViT-B/32 text tower on a CPU encodes SUN397's 794 prompts for minutes: the driver shows
+    a bar over the head's classes (lines in a log), the last at all of them; a quiet workspace
+    (a worker's) prints nothing. The head is the formula's either way."""
+    from harness.config import validate_config
+    from harness.workspace import Workspace
+
+    ws = Workspace(validate_config(sweep_dict), progress=True)
+    classes = len(ws.task("toy_stripes").prompts())
+    head = ws.head("toy_stripes")
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("zero-shot head toy_stripes:")]
+    assert lines and lines[-1].startswith(f"zero-shot head toy_stripes: {classes}/{classes} ")
+    truth = zeroshot_head(ws.clip, get_tokenizer("harness-micro-vit"), ws.task("toy_stripes").prompts())
+    assert torch.allclose(head, truth, atol=1e-5)
+
+    Workspace(validate_config(sweep_dict)).head("toy_colours")  # not cached yet: built here
+    assert "zero-shot head" not in capsys.readouterr().out
