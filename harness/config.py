@@ -1963,13 +1963,19 @@ def check_cache_dir(cfg: SweepConfig, file: str) -> None:
 
 def tracking_file_problem(uri: str) -> str | None:
     """Why ``uri`` cannot be an MLflow store because of the file it names: the SQLite database's
-    path given without ``sqlite:///``, which MLflow takes for a folder store, or a ``sqlite:///``
-    file that is no database (damaged, overwritten); MLflow fails on either at its first use,
-    mid-sweep, with a traceback. None otherwise."""
+    path given without ``sqlite:///``, which MLflow takes for a folder store, a ``sqlite:///``
+    file that is no database (damaged, overwritten), or one whose folder cannot be made (a file
+    stands at it or above it); MLflow fails on each at its first use, mid-sweep, with a
+    traceback. None otherwise."""
     from urllib.parse import urlparse
 
     if uri.startswith("sqlite:///"):
-        return _sqlite_problem(Path(uri.removeprefix("sqlite:///")))
+        db = Path(uri.removeprefix("sqlite:///"))
+        # its folder is made at the first log, after the first jobs: a file standing there failed the sweep then
+        blocked = next((f for f in (db.parent, *db.parent.parents) if f.exists()), None)
+        if blocked is not None and not blocked.is_dir():
+            return f"{blocked} is a file, not a folder"
+        return _sqlite_problem(db)
     parsed = urlparse(uri)
     if parsed.scheme not in ("", "file"):
         return None
@@ -2005,7 +2011,7 @@ def check_tracking_uri(cfg: SweepConfig, file: str) -> None:
     if cfg.tracking_uri:
         raise ConfigError(file, "tracking_uri", problem, uri)
     if os.environ.get("MLFLOW_TRACKING_URI"):
-        raise ConfigError(file, "tracking_uri", f"unset, and MLFLOW_TRACKING_URI {uri!r} {problem}", show_value=False)
+        raise ConfigError(file, "tracking_uri", f"unset, and MLFLOW_TRACKING_URI {uri!r}: {problem}", show_value=False)
     raise ConfigError(file, "output_dir", f"its MLflow store {problem}", show_value=False)
 
 

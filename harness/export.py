@@ -56,7 +56,10 @@ def chosen_result(cfg: SweepConfig, label: str) -> JobResult:
     labels = sorted({row for row, _ in pairs if not reference_row(row)})
     keys = [key for row, key in pairs if row == label]
     if not keys:
-        raise ExportError(f"{out}: no row {label!r} in the last results table (rows: {', '.join(labels) or 'none'})")
+        # a method added or renamed since the sweep last ran: its run builds the row (cached jobs are not run again)
+        raise ExportError(f"{out}: no row {label!r} in the last results table (rows: {', '.join(labels) or 'none'}): "
+                          "run `harness sweep` (its finished jobs are not run again) to build the table with it, "
+                          "then export")
     # A result file holds the label and setting its job first ran under (a method renamed since, or
     # a job two labels share: a tuned best on another label's grid point, a default not in the
     # space then); the table counts it under this row, with the row's setting.

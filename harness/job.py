@@ -561,7 +561,6 @@ def merge(spec: JobSpec, ws: Workspace, device: torch.device, workdir: Path,
         encoder.train(was_training)
         return out
 
-    workdir.mkdir(parents=True, exist_ok=True)
     report = trial_reporter(spec.trial) if spec.trial else None
     sources = {"arch": ws.sources["arch"], "pretrained": ws.sources["pretrained"],
                "finetuned": {t: ws.sources["finetuned"].get(t) for t in tasks}}
@@ -570,9 +569,12 @@ def merge(spec: JobSpec, ws: Workspace, device: torch.device, workdir: Path,
                        sources=sources, adapted_on=adapted_on, precision=ws.cfg.eval.precision)
     torch.manual_seed(ws.cfg.seed)
     before = input_state(pretrained, finetuned, heads)
-    merged = method.merge(pretrained, finetuned, ctx)
-    with contextlib.suppress(OSError):  # not empty: the method saved something there
-        workdir.rmdir()  # a method that saves nothing leaves no empty folder in work/
+    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        merged = method.merge(pretrained, finetuned, ctx)
+    finally:  # a merge that failed too: its traceback is in artifacts/<key>/, what it saved stays
+        with contextlib.suppress(OSError):  # not empty: the method saved something there
+            workdir.rmdir()  # a method that saves nothing leaves no empty folder in work/
     after = input_state(pretrained, finetuned, heads)
     changed = [name for name in {**before, **after} if before.get(name) != after.get(name)]
     if changed:

@@ -291,6 +291,16 @@ def check_server(uri: str) -> None:
         raise HarnessError(f"tracking_uri {uri!r}: MLflow cannot be reached ({text})") from None
 
 
+def local_store(uri: str) -> bool:
+    """Whether ``uri`` is a store in local files (an SQLite file, a folder store), which opening
+    checks nothing :func:`harness.config.check_tracking_uri` has not: MLflow is then opened when
+    the sweep first logs, after its first jobs. Any other (a server, a database, a scheme MLflow has
+    no store for) is opened at the start, so that a wrong one fails the sweep before any job."""
+    from urllib.parse import urlparse
+
+    return uri.startswith("sqlite:///") or urlparse(uri).scheme in ("", "file")
+
+
 def allow_folder_stores() -> None:
     """Let MLflow open a folder (file) store, which it refuses unless told: a sweep may log to one
     (``tracking_uri`` a folder), and ``harness report`` and ``ui`` read what the sweep wrote."""
@@ -353,7 +363,11 @@ class Tracker:
             # MLflow prints two links to stdout as each run of a server ends: two lines per job
             # between the progress lines and the table, even with -q
             os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
-        client = MlflowClient(tracking_uri=self.uri)
+        try:  # a URI MLflow has no store for (a misspelt scheme): one line naming it, not its traceback
+            client = MlflowClient(tracking_uri=self.uri)
+        except (MlflowException, ImportError) as exc:  # ImportError: a database driver not installed
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise HarnessError(f"tracking_uri {self.uri!r}: MLflow cannot open it ({first[:300]})") from None
         name = self.cfg.experiment or self.cfg.name
         try:
             exp = client.get_experiment_by_name(name)
@@ -386,7 +400,7 @@ class Tracker:
         self._sweep = (digest, params, scope)
         if self._client is not None:
             self._start_sweep(digest, params, scope)
-        elif self.uri.startswith(("http://", "https://", "databricks")):
+        elif not local_store(self.uri):  # a server, a database, a URI MLflow cannot open: before any job
             self._open()
 
     def _start_sweep(self, digest: str, params: dict[str, Any], scope: str = "sweep") -> None:

@@ -744,6 +744,22 @@ def test_a_tracking_uri_that_is_a_files_path_is_bad_input(sweep_dict, tmp_path):
     assert _run(["validate", str(f)])[0] == 0
 
 
+def test_a_sqlite_tracking_uri_under_a_file_is_bad_input_before_any_job(sweep_dict, tmp_path):
+    """``tracking_uri: sqlite:///<file>/mlflow.db``: its folder cannot be made, as a file stands at
+    it. ``validate`` passed it, and a sweep ran its first jobs, then crashed in MLflow's store
+    seeding with a FileExistsError traceback; both now refuse it in one line naming the field."""
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("")
+    uri = f"sqlite:///{blocker}/runs/mlflow.db"
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump(dict(sweep_dict, tracking_uri=uri)))
+    for args in (["validate", str(f)], ["sweep", str(f)]):
+        code, out, err = _run(args)
+        assert code == 2, (out, err)
+        assert " ".join(err.split()) == f"error: {f}: tracking_uri: {blocker} is a file, not a folder (got '{uri}')"
+    assert not (tmp_path / "out").exists()  # no job ran
+
+
 def test_a_damaged_mlflow_store_in_the_output_folder_is_named_before_any_job(sweep_dict, tmp_path):
     """``<output_dir>/mlflow.db`` that is no database (overwritten, damaged): the sweep ran its first
     jobs and then crashed in MLflow with a traceback; it now stops first, naming the file."""

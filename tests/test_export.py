@@ -141,12 +141,17 @@ def test_an_out_that_names_a_folder_is_refused_before_any_work(sweep_dict, tmp_p
 
 def test_a_renamed_row_is_exported_from_the_jobs_its_old_label_ran(sweep_dict, tmp_path):
     """A result file keeps the label its job first ran under; the table (and its jobs.json) counts
-    it under the sweep's label now, and so does export (it said "no finished setting")."""
+    it under the sweep's label now, and so does export (it said "no finished setting"). Renamed
+    and not run since, the refusal says to run the sweep, which runs none of its jobs again."""
     sweep_dict["references"] = False
     sweep_dict["methods"] = [{"name": "task_arithmetic", "label": "before", "grid": {"scaling": [0.3, 0.6]}}]
     run_sweep(validate_config(sweep_dict), quiet=True)
     sweep_dict["methods"][0]["label"] = "after"
     cfg = validate_config(sweep_dict)
+    # renamed and not run since: the last table has no row "after" yet; the refusal says what gives one
+    with pytest.raises(ExportError, match=r"no row 'after' in the last results table \(rows: before\): run "
+                                          r"`harness sweep` .*finished jobs are not run again.*then export"):
+        export_merged(cfg, "after", tmp_path / "after.safetensors")
     again = run_sweep(cfg, quiet=True)
     assert again.executed == [] and [r.method for r in again.rows] == ["after"]
     done = export_merged(cfg, "after", tmp_path / "after.safetensors")

@@ -555,22 +555,30 @@ def test_job_runs_carry_every_hyperparameter_and_grid_points_their_setting(sweep
                   if k.startswith("job.hyperparameters.")}
         fields = resolve_method(method).model_fields
         assert logged == {k: given.get(k, f.default) for k, f in fields.items()}, method
+        # the resolved config, flattened under config.*, less its methods (the job's own params stand for them)
+        assert run.data.params["config.name"] == cfg.name and run.data.params["config.eval.batch_size"] == "256"
+        assert not [k for k in run.data.params if k.startswith(("config.methods", "methods."))]
+        assert {run.data.params[f"job.{k}"] for k in ("kind", "protocol", "task")} == {"merge", "main", "None"}
     ties = next(r for r in runs if r.data.params["job.method"] == "ties").data.params
     assert ties["job.hyperparameters.merge_function"] == "mean" and ties["job.hyperparameters.k"] == "50.0"
 
 
 def test_only_jobs_that_save_something_have_a_work_folder(sweep_dict):
     """``work/<key>/`` holds what a job keeps to resume from (WeMoE's adapted routers): a
-    method that saves nothing there leaves no empty folder per job."""
+    method that saves nothing there leaves no empty folder per job, nor does one whose merge
+    fails (its traceback is in ``artifacts/<key>/``)."""
     d = dict(sweep_dict, references={"pretrained": False, "individual": False},
              methods=[{"name": "weight_averaging"},
-                      {"name": "wemoe", "params": {"steps": 2, "lr": 1e-2, "router_depth": 0, "routing_stats_batches": 0}}])
+                      {"name": "wemoe", "params": {"steps": 2, "lr": 1e-2, "router_depth": 0, "routing_stats_batches": 0}},
+                      {"name": "tests.failing_method:AlwaysFails", "label": "broken"}])
     cfg = validate_config(d)
     outcome = run_sweep(cfg, quiet=True)
     keys = {r.label: r.key for r in outcome.results}
     work = cfg.resolved_output_dir() / "work"
     assert not (work / keys["weight_averaging"]).exists()
     assert (work / keys["wemoe"] / "wemoe.safetensors").is_file()
+    assert (cfg.resolved_output_dir() / "artifacts" / keys["broken"] / "traceback.txt").is_file()
+    assert not (work / keys["broken"]).exists()
 
 
 PROMPTED_TASK = '''

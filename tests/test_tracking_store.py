@@ -139,6 +139,22 @@ def test_an_unreachable_tracking_server_fails_the_sweep_before_any_job(sweep_dic
     assert not (cfg.resolved_output_dir() / "results").exists()
 
 
+def test_a_tracking_uri_mlflow_cannot_open_fails_the_sweep_before_any_job_in_one_line(sweep_dict, monkeypatch):
+    """A store MLflow has no backend for (a misspelt scheme): the sweep ran its first jobs, then
+    crashed with MLflow's traceback when it first logged; like a server address, it is opened at
+    the start, and refused naming the field and the URI."""
+    from harness.errors import HarnessError
+    from harness.runner import run_sweep
+
+    monkeypatch.setattr("harness.executors.local.run_job",
+                        lambda *a, **k: pytest.fail("a job ran before the tracking store was opened"))
+    cfg = validate_config({**sweep_dict, "tracking_uri": "sqlit:///mlflow.db"})
+    with pytest.raises(HarnessError, match=r"^tracking_uri 'sqlit:///mlflow.db': MLflow cannot open it \(.*"
+                                           r"unsupported URI 'sqlit:///mlflow.db'"):
+        run_sweep(cfg, quiet=True)
+    assert not (cfg.resolved_output_dir() / "results").exists()
+
+
 def test_a_refused_tracking_server_is_reported_at_once_in_one_line(sweep_dict, refused_tracking_port, capfd):
     """MLflow's client retries a refused connection with backoff (by default seven times, about
     four minutes, a warning line each): the address is checked first, without retries."""
