@@ -871,6 +871,26 @@ def test_validate_names_a_cuda_device_without_cuda_where_the_jobs_run_here(sweep
     assert r.exit_code == 0 and "valid" in r.stdout, r.output
 
 
+def test_a_gpu_index_the_machine_lacks_is_one_error_naming_the_field_before_any_job(sweep_dict, tmp_path, monkeypatch):
+    """``device: cuda:1`` on a one-GPU machine was valid for validate, the dry run and the sweep,
+    whose every job then failed at its first tensor; it is refused before any job, naming the GPU
+    there is. A SLURM sweep resolves it on its node (other GPUs): still valid here."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    f = _write(tmp_path, {**sweep_dict, "device": "cuda:1"})
+    want = (f"error: {f}: device: this machine has 1 CUDA GPU (cuda:0), where the jobs run (executor: local); "
+            "use auto, cpu or cuda (got 'cuda:1')")
+    for args in (["validate", f], ["sweep", f, "--dry-run"], ["sweep", "-q", f]):
+        r = CliRunner().invoke(main, args)
+        err = " ".join(r.stderr.split())
+        assert r.exit_code == 2 and err == want, (args, err)
+    assert not list(Path(sweep_dict["output_dir"]).glob("results/*.json"))
+    r = CliRunner().invoke(main, ["validate", f, "executor.kind=slurm"])
+    assert r.exit_code == 0 and "valid" in r.stdout, r.output
+    r = CliRunner().invoke(main, ["validate", f, "device=cuda:0"])
+    assert r.exit_code == 0 and "valid" in r.stdout, r.output
+
+
 def test_an_mps_device_without_mps_is_one_error_naming_the_field(sweep_dict, tmp_path, monkeypatch):
     """``device: mps`` on a machine without it failed each job, its merge blamed for the device."""
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
