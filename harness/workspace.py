@@ -296,6 +296,21 @@ class Workspace:
             raise FieldError("device", f"{problem}, where the jobs run (executor: {self.cfg.executor.kind}); "
                              f"use {use}", self.cfg.device)
 
+    def check_device_before_building(self) -> None:
+        """:meth:`check_device` before the model files are built (the embedded suite trained, a
+        checkpoint converted: minutes) only for every job to be refused. Models already built
+        are left to the preflight: a sweep whose jobs are all cached needs no device (a finished
+        GPU sweep reports on a machine without one)."""
+        try:
+            self.check_device()
+        except FieldError as missing:
+            try:
+                Workspace(self.cfg, build=False).identity
+            except NotBuilt:
+                raise missing from None
+            except Exception:  # noqa: BLE001  (the run's own loading names it)
+                pass
+
     def check_adaptation_batches(self) -> None:
         """Every ``batch_size`` a test-time-adaptation method may run with fits in each split it
         adapts on: a larger one would adapt on the whole split at every step, silently fewer
