@@ -67,12 +67,18 @@ def main() -> None:
     ap.add_argument("--skip-cold", action="store_true", help="reuse the user cache instead of an empty one")
     ap.add_argument("overrides", nargs="*", help="key.path=value overrides for the sweep")
     args = ap.parse_args()
-    from harness.config import load_config_or_usage
+    from harness.config import ConfigError, load_config_or_usage
+    from harness.errors import FieldError, HarnessError
 
     load_config_or_usage(ap, args.sweep, args.overrides)  # a bad sweep stops here, not inside the first timed run
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     with tempfile.TemporaryDirectory(prefix="bench-sweep-") as tmp:  # the cold cache alone is hundreds of MB
-        rows = timed_runs(args.sweep, args.overrides, Path(tmp), args.skip_cold)
+        try:
+            rows = timed_runs(args.sweep, args.overrides, Path(tmp), args.skip_cold)
+        except HarnessError as exc:  # found once the sweep runs (a device this machine lacks): one line, as harness sweep
+            ap.error(str(exc if not isinstance(exc, FieldError) else ConfigError(
+                args.sweep, exc.field, exc.message, exc.value, show_value=exc.value is not None
+            ).blamed_on_overrides(args.overrides)))
     stages = ["prepare", "merge", "adapt", "evaluate", "logging", "other", "total", "jobs run"]
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch threads {os.environ['OMP_NUM_THREADS']}, "
           f"python {platform.python_version()}; sweep {args.sweep}")

@@ -703,6 +703,15 @@ class SweepConfig(Strict):
     _env = field_validator("output_dir", "cache_dir", "tracking_uri")(classmethod(_expand_optional))
     _env_inputs = field_validator("data_root")(classmethod(_expand_input))
 
+    @field_validator("device", mode="before")
+    @classmethod
+    def _device_word(cls, v: Any) -> Any:
+        """A device other than those the jobs can run on is named with the choices (pydantic
+        would print the field's regular expression)."""
+        if isinstance(v, str) and not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", v):
+            raise ValueError("must be auto, cpu, cuda, cuda:N (the GPU of index N) or mps")
+        return v
+
     @field_validator("threads", mode="before")
     @classmethod
     def _threads_word(cls, v: Any) -> Any:

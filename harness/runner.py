@@ -310,6 +310,7 @@ def _run_sweep(cfg: SweepConfig, ws: Workspace, executor: Any, console: Console,
     try:
         held.enter_context(_output_lock(out))
         locked = True
+        ws.check_device_before_building()  # not minutes of preparation for jobs that cannot run here
         identity = ws.identity  # builds/loads the model files (embedded suite: prepares them)
         task_identity = ws.task_identity()
         specs = plan_jobs(cfg, identity, task_identity)

@@ -24,11 +24,25 @@ def resolve_device(name: str = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     from harness.errors import HarnessError
 
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise HarnessError(f"device {name!r} requested but CUDA is not available")
-    if name == "mps" and not torch.backends.mps.is_available():  # else a merge is blamed for it
-        raise HarnessError(f"device {name!r} requested but MPS is not available")
+    problem = missing_device(name)
+    if problem is not None:
+        raise HarnessError(f"device {name!r} requested but {problem}")
     return torch.device(name)
+
+
+def missing_device(name: str) -> str | None:
+    """Why this machine lacks ``device`` ``name`` (``cuda``, ``cuda:N``, ``mps``), or None: no
+    CUDA or MPS, or a GPU index past its last GPU (``cuda:1`` on a one-GPU machine, which would
+    fail every job at its first tensor)."""
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            return "CUDA is not available"
+        index, count = torch.device(name).index, torch.cuda.device_count()
+        if index is not None and index >= count:
+            return f"this machine has {count} CUDA GPU{'s' if count != 1 else ''} (cuda:0{f'..cuda:{count - 1}' if count > 1 else ''})"
+    if name == "mps" and not torch.backends.mps.is_available():  # else a merge is blamed for it
+        return "MPS is not available"
+    return None
 
 
 _EVAL_THREADS: int | None = None

@@ -287,14 +287,30 @@ class Workspace:
         with it, one line each. A SLURM job resolves its device on its node."""
         if self.cfg.executor.kind == "slurm":
             return
-        from harness.runtime import resolve_device
+        from harness.runtime import missing_device
 
+        problem = None if self.cfg.device == "auto" else missing_device(self.cfg.device)
+        if problem is not None:
+            use = "auto, cpu or cuda" if problem.startswith("this machine has") else "auto or cpu"
+            if problem.endswith(" is not available"):
+                problem += " on this machine"
+            raise FieldError("device", f"{problem}, where the jobs run (executor: {self.cfg.executor.kind}); "
+                             f"use {use}", self.cfg.device)
+
+    def check_device_before_building(self) -> None:
+        """:meth:`check_device` before the model files are built (the embedded suite trained, a
+        checkpoint converted: minutes) only for every job to be refused. Models already built
+        are left to the preflight: a sweep whose jobs are all cached needs no device (a finished
+        GPU sweep reports on a machine without one)."""
         try:
-            resolve_device(self.cfg.device)
-        except HarnessError as exc:
-            kind = "MPS" if self.cfg.device == "mps" else "CUDA"
-            raise FieldError("device", f"{kind} is not available on this machine, where the jobs run "
-                             f"(executor: {self.cfg.executor.kind}); use auto or cpu", self.cfg.device) from exc
+            self.check_device()
+        except FieldError as missing:
+            try:
+                Workspace(self.cfg, build=False).identity
+            except NotBuilt:
+                raise missing from None
+            except Exception:  # noqa: BLE001  (the run's own loading names it)
+                pass
 
     def check_adaptation_batches(self) -> None:
         """Every ``batch_size`` a test-time-adaptation method may run with fits in each split it

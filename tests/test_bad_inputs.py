@@ -871,6 +871,60 @@ def test_validate_names_a_cuda_device_without_cuda_where_the_jobs_run_here(sweep
     assert r.exit_code == 0 and "valid" in r.stdout, r.output
 
 
+def test_a_cuda_device_without_cuda_is_refused_before_the_embedded_suite_is_built(tmp_path, monkeypatch):
+    """``device: cuda`` on a machine without CUDA, the embedded suite not built yet: the sweep
+    trained the whole suite (minutes: 3.5 for sweeps/quick.yaml on 2 cores) and only then refused
+    the device, which validate refuses at once."""
+    from tasks.embedded import pipeline
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    real = pipeline.prepare_suite
+
+    def no_training(*args, train=True, **kwargs):
+        assert not train, "the embedded suite was built for a sweep whose device is missing"
+        return real(*args, train=train, **kwargs)
+
+    monkeypatch.setattr(pipeline, "prepare_suite", no_training)
+    d = {"name": "e", "device": "cuda", "cache_dir": str(tmp_path / "cache"), "output_dir": str(tmp_path / "out"),
+         "model": {"source": "embedded", "suite": {"size": "tiny"}}, "tasks": ["emb_mnist", "emb_fashion"],
+         "methods": [{"name": "task_arithmetic"}]}
+    code, err, out = _run_sweep(tmp_path, d)
+    assert code == 2 and err == (f"error: {tmp_path / 's.yaml'}: device: CUDA is not available on this machine, where "
+                                 "the jobs run (executor: local); use auto or cpu (got 'cuda')"), err + out
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_finished_sweep_reruns_from_its_cache_on_a_machine_without_its_device(sweep_dict, tmp_path, monkeypatch):
+    """A sweep run on a GPU machine, rerun where there is none: every job is cached, none needs
+    the device, so its table is printed as before (the device is checked before models are built,
+    and these are built)."""
+    code, err, out = _run_sweep(tmp_path, sweep_dict)
+    assert code == 0, err + out
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code, err, out = _run_sweep(tmp_path, {**sweep_dict, "device": "cuda"})
+    assert code == 0 and "task_arithmetic" in out, err + out
+
+
+def test_a_gpu_index_the_machine_lacks_is_one_error_naming_the_field_before_any_job(sweep_dict, tmp_path, monkeypatch):
+    """``device: cuda:1`` on a one-GPU machine was valid for validate, the dry run and the sweep,
+    whose every job then failed at its first tensor; it is refused before any job, naming the GPU
+    there is. A SLURM sweep resolves it on its node (other GPUs): still valid here."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    f = _write(tmp_path, {**sweep_dict, "device": "cuda:1"})
+    want = (f"error: {f}: device: this machine has 1 CUDA GPU (cuda:0), where the jobs run (executor: local); "
+            "use auto, cpu or cuda (got 'cuda:1')")
+    for args in (["validate", f], ["sweep", f, "--dry-run"], ["sweep", "-q", f]):
+        r = CliRunner().invoke(main, args)
+        err = " ".join(r.stderr.split())
+        assert r.exit_code == 2 and err == want, (args, err)
+    assert not list(Path(sweep_dict["output_dir"]).glob("results/*.json"))
+    r = CliRunner().invoke(main, ["validate", f, "executor.kind=slurm"])
+    assert r.exit_code == 0 and "valid" in r.stdout, r.output
+    r = CliRunner().invoke(main, ["validate", f, "device=cuda:0"])
+    assert r.exit_code == 0 and "valid" in r.stdout, r.output
+
+
 def test_an_mps_device_without_mps_is_one_error_naming_the_field(sweep_dict, tmp_path, monkeypatch):
     """``device: mps`` on a machine without it failed each job, its merge blamed for the device."""
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)

@@ -43,6 +43,7 @@ def test_wemoe_benchmark_matches_the_per_sample_loop():
 def test_corruption_benchmark_reads_back_what_it_corrupted():
     out = run_benchmark("benchmarks/bench_corruptions.py", "--corruptions", "contrast", "--images", "4", "--size", "32")
     assert re.search(r"^contrast, \d+ images at 32 px: .* identical: True$", out, re.MULTILINE), out
+    assert "the build in 1 process " in out, out  # 10 images: too few to share among processes
 
 
 def test_stream_benchmark_reads_the_same_batches_in_workers():
@@ -169,6 +170,18 @@ def test_corruption_benchmark_rejects_an_unknown_corruption_or_severity_in_one_l
 def test_sweep_benchmark_rejects_a_bad_sweep_or_override_in_one_line(rejected, args, fragment):
     line = rejected("bench_sweep.py", *args)
     assert line.startswith("bench_sweep.py: error:") and fragment in line, line
+
+
+def test_sweep_benchmark_names_a_device_this_machine_lacks_in_one_line(rejected, monkeypatch):
+    """``device=cuda`` without CUDA passes the sweep's validation and is refused when it starts
+    (its preflight): the benchmark printed that as a traceback, not as harness sweep's line."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    line = rejected("bench_sweep.py", "--sweep", str(ROOT / "sweeps" / "quick.yaml"), "device=cuda")
+    assert line == ("bench_sweep.py: error: <command line> (device=cuda, over " + str(ROOT / "sweeps" / "quick.yaml")
+                    + "): device: CUDA is not available on this machine, where the jobs run (executor: local); "
+                    "use auto or cpu (got 'cuda')"), line
 
 
 @pytest.mark.parametrize("script, args", [

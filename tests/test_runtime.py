@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -88,6 +90,21 @@ def test_a_gpu_asked_for_without_one_is_refused_by_name(monkeypatch):
     with pytest.raises(HarnessError, match=r"device 'cuda:1' requested but CUDA is not available"):
         runtime.resolve_device("cuda:1")
     assert runtime.resolve_device("cpu") == torch.device("cpu")
+
+
+@pytest.mark.parametrize("count, name, listed", [(1, "cuda:1", "1 CUDA GPU (cuda:0)"),
+                                                   (2, "cuda:2", "2 CUDA GPUs (cuda:0..cuda:1)")])
+def test_a_gpu_index_past_the_machines_gpus_is_refused_by_name(monkeypatch, count, name, listed):
+    """``device: cuda:1`` on a one-GPU machine passed, and every job then failed at its first
+    tensor (``CUDA error: invalid device ordinal``): it is refused, naming the GPUs there are."""
+    from harness.errors import HarnessError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    with pytest.raises(HarnessError, match=rf"^device '{name}' requested but this machine has {re.escape(listed)}$"):
+        runtime.resolve_device(name)
+    assert runtime.resolve_device(f"cuda:{count - 1}") == torch.device(f"cuda:{count - 1}")
+    assert runtime.resolve_device("cuda") == torch.device("cuda")
 
 
 def test_mps_asked_for_without_it_is_refused_by_name(monkeypatch):

@@ -494,6 +494,24 @@ def test_a_jobs_log_shows_its_adaptation_progress(micro_checkpoints, tmp_path, c
         assert ("wemoe: 10/10" in out) is progress, out
 
 
+@pytest.mark.parametrize("threads, want", [("auto", {"merge": 1, "evaluation": 3, "job_cores": 3}),
+                                           (2, {"merge": 2, "evaluation": 2, "job_cores": 3})])
+def test_a_jobs_threads_come_from_its_cpus_per_task(micro_checkpoints, tmp_path, monkeypatch, threads, want):
+    """On its node a job of a small model trains on one thread and evaluates on the CPUs SLURM gave
+    it (``SLURM_CPUS_PER_TASK``, not the node's cores), which also bound its readers; ``threads:``
+    sets both."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "3")
+    cfg, spec = _job(micro_checkpoints, tmp_path, {"name": "tests.worker_probe:ThreadProbe"})
+    before = torch.get_num_threads()
+    try:
+        result = SweepJob(dict(cfg.model_dump(mode="json"), threads=threads), False)(spec.to_dict())
+    finally:
+        torch.set_num_threads(before)
+    assert result["status"] == "ok", result["error"]
+    assert result["artifacts"]["threads"] == want
+
+
 def test_a_failed_jobs_stderr_log_holds_its_traceback(micro_checkpoints, tmp_path, capsys):
     cfg, spec = _job(micro_checkpoints, tmp_path, {"name": "tests.failing_method:AlwaysFails", "label": "raises"})
     result = SweepJob(cfg.model_dump(mode="json"))(spec.to_dict())

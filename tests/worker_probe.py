@@ -25,3 +25,18 @@ class EnvProbe(MergeMethod):
     def merge(self, pretrained, finetuned, ctx):
         ctx.artifacts["env"] = {k: v for k, v in os.environ.items() if k.startswith("HARNESS_PROBE_")}
         return copy.deepcopy(pretrained)
+
+
+class ThreadProbe(MergeMethod):
+    """Reports the threads its merge ran with, those evaluation gets and the job's cores."""
+
+    def merge(self, pretrained, finetuned, ctx):
+        import torch
+
+        from harness import runtime
+
+        with runtime.evaluation_threads():
+            evaluation = torch.get_num_threads()
+        ctx.artifacts["threads"] = {"merge": torch.get_num_threads(), "evaluation": evaluation,
+                                    "job_cores": runtime.job_cores()}
+        return copy.deepcopy(pretrained)

@@ -143,9 +143,10 @@ class LocalExecutor:
 
     def run(self, specs: list[JobSpec], on_start: Callable[[JobSpec], None] | None = None) -> Iterator[tuple[JobSpec, JobResult]]:
         if self.workers <= 1 or len(specs) <= 1:
+            if not specs:  # a phase whose jobs are all cached needs no device (none here: a finished GPU sweep)
+                return
             device = resolve_device(self.cfg.device)
-            if specs:
-                self.ws.clip  # built once, as in a worker: not part of the first job's time
+            self.ws.clip  # built once, as in a worker: not part of the first job's time
             for spec in specs:
                 if on_start:
                     on_start(spec)
