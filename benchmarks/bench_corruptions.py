@@ -85,9 +85,10 @@ def main() -> None:
             serial = time.perf_counter() - t
             same = identical(got, want) and identical(again, want) and identical(passes(alone, 1)[1], want)
             procs = build_processes(n)
+            in_procs = f"{procs} process{'es' if procs != 1 else ''}"
             print(f"{name}, {n} images at {args.size} px: on the fly 2 passes {fly:.1f} s; cached: build {build:.1f} s "
                   f"+ 2 passes {reads:.2f} s = {build + reads:.1f} s ({fly / (build + reads):.1f}x); a later job's "
-                  f"2 passes {later:.2f} s ({fly / later:.0f}x); the build in {procs} process{'es' if procs != 1 else ''} "
+                  f"2 passes {later:.2f} s ({fly / later:.0f}x); the build in {in_procs} "
                   f"{build:.1f} s against {serial:.1f} s in one ({serial / build:.2f}x); identical: {same}")
 
 

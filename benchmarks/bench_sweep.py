@@ -75,7 +75,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-sweep-") as tmp:  # the cold cache alone is hundreds of MB
         try:
             rows = timed_runs(args.sweep, args.overrides, Path(tmp), args.skip_cold)
-        except HarnessError as exc:  # found once the sweep runs (a device this machine lacks): one line, as harness sweep
+        except HarnessError as exc:  # found once the sweep runs (a device this machine lacks): one line
             ap.error(str(exc if not isinstance(exc, FieldError) else ConfigError(
                 args.sweep, exc.field, exc.message, exc.value, show_value=exc.value is not None
             ).blamed_on_overrides(args.overrides)))

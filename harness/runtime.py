@@ -39,7 +39,8 @@ def missing_device(name: str) -> str | None:
             return "CUDA is not available"
         index, count = torch.device(name).index, torch.cuda.device_count()
         if index is not None and index >= count:
-            return f"this machine has {count} CUDA GPU{'s' if count != 1 else ''} (cuda:0{f'..cuda:{count - 1}' if count > 1 else ''})"
+            gpus = "cuda:0" + (f"..cuda:{count - 1}" if count > 1 else "")
+            return f"this machine has {count} CUDA GPU{'s' if count != 1 else ''} ({gpus})"
     if name == "mps" and not torch.backends.mps.is_available():  # else a merge is blamed for it
         return "MPS is not available"
     return None

@@ -569,7 +569,8 @@ def test_only_jobs_that_save_something_have_a_work_folder(sweep_dict):
     fails (its traceback is in ``artifacts/<key>/``)."""
     d = dict(sweep_dict, references={"pretrained": False, "individual": False},
              methods=[{"name": "weight_averaging"},
-                      {"name": "wemoe", "params": {"steps": 2, "lr": 1e-2, "router_depth": 0, "routing_stats_batches": 0}},
+                      {"name": "wemoe",
+                       "params": {"steps": 2, "lr": 1e-2, "router_depth": 0, "routing_stats_batches": 0}},
                       {"name": "tests.failing_method:AlwaysFails", "label": "broken"}])
     cfg = validate_config(d)
     outcome = run_sweep(cfg, quiet=True)
