@@ -860,12 +860,21 @@ class Vision8Task(Task):
         to node-local scratch or another mount reuses the results cached for it."""
         return {
             **super().identity(),
-            "layout": self.layout,
+            "layout": relative_layout(self.layout, self.root),
             "sizes": {s: len(self.dataset(s)) for s in SPLITS},
             "data": self._data_digest,
             "val": {"fraction": self.val_fraction, "cap": self.val_cap, "seed": VAL_SEED},
             "preprocess": preprocess_identity(self.preprocess) if self._custom_preprocess else f"clip:{self.image_size}",
         }
+
+
+def relative_layout(layout: str, root: Path) -> str:
+    """``layout`` with the folder it names relative to ``root``: the native layouts name where they
+    found their files (``mnist-idx:/data/MNIST/raw``, in error messages), which a key must not hold,
+    or the same data copied to node-local scratch would run every job again."""
+    kind, sep, where = layout.partition(":")
+    folder = Path(where)
+    return f"{kind}{sep}{folder.relative_to(root)}" if sep and folder.is_relative_to(root) else layout
 
 
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")

@@ -467,6 +467,24 @@ def test_identity_does_not_follow_the_data_root(tmp_path: Path) -> None:
     assert v8.eurosat(str(tmp_path / "b")).identity() != first
 
 
+def test_identity_of_native_layouts_does_not_follow_the_data_root(tmp_path: Path) -> None:
+    """MNIST's raw files and GTSRB's native tree copied under another root (node-local scratch)
+    keep the identity, as ImageFolder trees do: the folder they were found in is named relative
+    to the root, not as the absolute path error messages show."""
+    _write_mnist(tmp_path / "a")
+    base = tmp_path / "a" / "gtsrb"
+    for c in range(43):
+        write_image(base / "GTSRB" / "Training" / f"{c:05d}" / "0.ppm", c, 0)
+        write_image(base / "GTSRB" / "Training" / f"{c:05d}" / "1.ppm", c, 1)
+    write_image(base / "GTSRB" / "Final_Test" / "Images" / "00000.ppm", 3, 200)
+    (base / "GT-final_test.csv").write_text("Filename;ClassId\n00000.ppm;3\n")
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    for name in ("mnist", "gtsrb"):
+        first = build_task(name, data_root=str(tmp_path / "a")).identity()
+        assert str(tmp_path) not in str(first), first["layout"]
+        assert build_task(name, data_root=str(tmp_path / "b")).identity() == first, name
+
+
 def _scaled(k: float):
     """A new function object each call, the same code: as a preprocess built in each process."""
     return lambda image: raw(image) * k
