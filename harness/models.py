@@ -213,8 +213,11 @@ def load_state_dict(path: str | os.PathLike, mmap: bool = False) -> dict[str, to
         ) from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise HarnessError(f"{path}: expected a dict of tensors")
+    if not isinstance(obj, dict):
+        raise HarnessError(f"{path}: expected a dict of tensors, found a {type(obj).__name__}")
+    bad = next((k for k, v in obj.items() if not isinstance(v, torch.Tensor)), None)
+    if bad is not None:  # named, as the converter names it: an 'epoch' counter, a nested 'optimizer' state
+        raise HarnessError(f"{path}: expected a dict of tensors, found {type(obj[bad]).__name__} under {bad!r}")
     return _without_ddp_prefix(obj)
 
 

@@ -23,6 +23,19 @@ def test_a_checkpoint_holding_a_non_tensor_beside_its_tensors_is_refused(tmp_pat
         load_state_dict(path)
 
 
+@pytest.mark.parametrize("held, found", [({"weight": torch.ones(2), "steps": [1, 2]}, "found list under 'steps'"),
+                                         ([torch.ones(2)], "found a list")])
+def test_a_checkpoint_that_is_no_dict_of_tensors_is_refused_naming_what_it_holds(tmp_path: Path, held,
+                                                                                  found: str) -> None:
+    """The refusal names the entry that is no tensor (or what the file holds instead of a dict),
+    as ``harness convert`` does: the file alone leaves its owner searching a checkpoint's keys."""
+    path = tmp_path / "odd.pt"
+    torch.save(held, path)
+    with pytest.raises(HarnessError) as err:
+        load_state_dict(path)
+    assert str(err.value) == f"{path}: expected a dict of tensors, {found}"
+
+
 def test_a_module_prefix_on_some_keys_only_is_kept(tmp_path: Path) -> None:
     """Only a prefix every key carries is DistributedDataParallel's: a state dict whose one key
     happens to start with ``module.`` loads with its keys as saved."""
