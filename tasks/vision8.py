@@ -764,8 +764,9 @@ def _locate(spec: _Spec, root: Path):
         if found is None:
             found = _NATIVE[key][0](spec, root)
     if found is None:
-        expected = [f"<root>/{spec.dirs[0]}/{{train,test}}/<class>/<image> (ImageFolder; folder also "
-                    f"accepted as {', '.join(spec.dirs[1:]) or 'any case'})"]
+        others = f", or named {' or '.join(spec.dirs[1:])}" if spec.dirs[1:] else ""
+        expected = [f"<root>/{spec.dirs[0]}/{{train,test}}/<class>/<image> (ImageFolder; the folder in any "
+                    f"case{others})"]
         expected += [_NATIVE[k][1] for k in spec.native]
         raise TaskDataError(
             f"task {spec.name!r}: no data under {root}; expected " + " or ".join(expected)

@@ -403,6 +403,17 @@ def test_missing_dataset_folder_names_layout(tmp_path: Path) -> None:
     assert str(tmp_path) in msg and "mnist/{train,test}/<class>" in msg and "MNIST/raw" in msg
 
 
+def test_missing_dataset_folder_says_every_name_is_read_in_any_case(tmp_path: Path) -> None:
+    """The expected layout says what is read: any case of the folder's name (``EuroSAT``), for a
+    task with other folder names too, not "accepted as any case" for a task with one name only."""
+    for task, expected in (("mnist", "(ImageFolder; the folder in any case)"),
+                           ("eurosat", "(ImageFolder; the folder in any case, or named eurosat_splits)"),
+                           ("cars", "in any case, or named stanford_cars or stanford_cars_folder_based)")):
+        with pytest.raises(TaskDataError) as err:
+            build_task(task, data_root=str(tmp_path))
+        assert expected in str(err.value), str(err.value)
+
+
 def test_missing_test_folder(tmp_path: Path) -> None:
     write_image(tmp_path / "dtd" / "train" / "banded" / "0.png", 0, 0)
     with pytest.raises(TaskDataError, match=r"neither .*dtd/test nor .*dtd/val"):
