@@ -509,7 +509,7 @@ def _check_data(cfg: Any, file: str, overrides: tuple[str, ...]) -> None:
     for name in cfg.task_names:
         if ":" in name:  # a task of one's own: its factory, splits, labels and templates, as the run checks them
             with _fields_of(file, overrides), contextlib.suppress(NotBuilt):
-                check_templates(ws.task(name))
+                check_templates(ws.task(name), name)
                 ws.check_task_data(name)
         if name in cfg.model.heads:  # a head file: its shape, dtype, bias and class count, as the run checks it
             with _fields_of(file, overrides), contextlib.suppress(NotBuilt):

@@ -535,7 +535,7 @@ class Workspace:
                 head = self._stored_head(task, stored)
                 where = f"model.heads.{task}: {stored}: "
             else:
-                head, where = self._zeroshot_head(t), ""
+                head, where = self._zeroshot_head(t, task), ""
             if head.shape[0] != t.num_classes:
                 raise TaskDataError(
                     f"{where}task {task!r}: head has {head.shape[0]} classes but the dataset has {t.num_classes}"
@@ -584,8 +584,8 @@ class Workspace:
             return int(shapes["ln_post.weight"][0])
         return None
 
-    def _zeroshot_head(self, task: Task) -> torch.Tensor:
-        check_templates(task)
+    def _zeroshot_head(self, task: Task, name: str | None = None) -> torch.Tensor:
+        check_templates(task, name)
         key = content_key({"model": self.identity["arch"], "pretrained": self.identity["pretrained"],
                            "prompts": task.prompts()})
         path = self.cfg.resolved_cache_dir() / "heads" / f"{task.name}-{key}.safetensors"
@@ -654,16 +654,19 @@ def adaptation_batch_sizes(cfg: SweepConfig) -> list[tuple[str, int]]:
     return out
 
 
-def check_templates(task: Task) -> None:
+def check_templates(task: Task, name: str | None = None) -> None:
     """Each prompt template takes the class name in one ``{}``: a template without it gives every
-    class the same text (a head that cannot tell them apart), a named field fails to format."""
+    class the same text (a head that cannot tell them apart), a named field fails to format.
+    ``name``: the task as the sweep names it (a factory's import path), which the error names as
+    the other checks of a task do, not the name the factory gave its task."""
+    name = name or task.name
     if not task.templates:
-        raise TaskDataError(f"task {task.name!r}: no prompt templates")
+        raise TaskDataError(f"task {name!r}: no prompt templates")
     for template in task.templates:
         try:
             filled = [template.format(c) for c in ("\0a", "\0b")]
         except (IndexError, KeyError, ValueError) as exc:
-            raise TaskDataError(f"task {task.name!r}: prompt template {template!r} does not format with the class "
+            raise TaskDataError(f"task {name!r}: prompt template {template!r} does not format with the class "
                                 f"name ({type(exc).__name__}: {exc}); write the class name as {{}}") from None
         if filled[0] == filled[1]:
-            raise TaskDataError(f"task {task.name!r}: prompt template {template!r} has no {{}} for the class name")
+            raise TaskDataError(f"task {name!r}: prompt template {template!r} has no {{}} for the class name")

@@ -55,12 +55,23 @@ def test_bad_data_of_a_task_is_one_error_before_any_job(factory, fragment, sweep
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("command", ["sweep", "validate"])
+def test_a_bad_template_names_the_task_as_the_sweep_names_it(command, sweep_dict, tmp_path):
+    """The sweep file names the task by its factory's import path; the factory named its task
+    'mine'. The template's error names the entry to fix, as the other checks of a task do."""
+    code, err, _ = _run(tmp_path, sweep_dict, "template_without_class", command=command)
+    assert code == 2, err
+    assert ("task 'tests.own_tasks:template_without_class': prompt template 'a photo.' has no {} for the class "
+            "name") in err, err
+
+
 @pytest.mark.parametrize("factory, fragment", [
     ("returns_tuple", "tasks.2: the factory returned a builtins.tuple, not a tasks.base.Task"),
     ("no_classes", "task 'tests.own_tasks:no_classes': no class names"),
     ("labels_above_classes", "task 'tests.own_tasks:labels_above_classes': split 'val': label 3 is outside the 3 class names (0..2)"),
     ("empty_test", "task 'tests.own_tasks:empty_test': split 'test' is empty"),
-    ("template_without_class", "task 'mine': prompt template 'a photo.' has no {} for the class name"),
+    ("template_without_class", "task 'tests.own_tasks:template_without_class': prompt template 'a photo.' has no {} "
+                               "for the class name"),
 ])
 def test_validate_refuses_the_data_of_a_task_the_sweep_refuses(factory, fragment, sweep_dict, tmp_path):
     """``validate`` saying ``valid`` for a task the sweep then refuses sends a researcher to the
