@@ -84,10 +84,12 @@ def convert_pickled_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, t
     if kind == "image_encoder":
         arch = _check_arch(state, arch, info, src)
         refuse_integer_weights(state_dtypes(state), src)  # written as it is, every sweep would cast it
+    generated = generated_config(arch)
     sidecar = {
         "format": FORMAT,
         "kind": kind,
         "arch": arch,
+        **({"open_clip_config": generated} if generated else {}),
         **info,
         "source": str(src.resolve()),
         "source_sha256": digest,
@@ -99,9 +101,20 @@ def convert_pickled_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, t
         "dtypes": sorted(set(state_dtypes(state).values())),
         "state_digest": describe_state(state),
     }
-    write_checkpoint(state, out, {"format": FORMAT, "kind": kind, "arch": arch or "", "source_sha256": digest},
-                     sidecar, overwrite, kept)
+    metadata = {"format": FORMAT, "kind": kind, "arch": arch or "", "source_sha256": digest}
+    if generated:
+        metadata["open_clip_config"] = json.dumps(generated, sort_keys=True)
+    write_checkpoint(state, out, metadata, sidecar, overwrite, kept)
     return out
+
+
+def generated_config(arch: str | None) -> dict[str, Any] | None:
+    """The open_clip config of a generated ``hf-vit-...`` architecture (registered by then), which
+    a conversion records in its header and sidecar as ``harness import`` does: no shipped config
+    has it, so without it the output could not be built, nor converted again, on its own."""
+    if not arch or not arch.startswith("hf-vit-"):
+        return None
+    return open_clip_module().get_model_config(arch)
 
 
 def write_checkpoint(state: dict[str, torch.Tensor], out: Path, metadata: dict[str, str], sidecar: dict[str, Any],

@@ -283,6 +283,31 @@ def test_quick_gelu_gets_a_generated_arch(tmp_path: Path) -> None:
         convert_hf_checkpoint(folder, tmp_path / "w.safetensors", arch="harness-micro-vit")
 
 
+def test_a_conversion_of_an_imported_file_with_a_generated_arch_carries_its_config(tmp_path: Path) -> None:
+    """`harness convert` of an imported file whose architecture is generated wrote the name alone:
+    its output, taken on its own (no sidecar, no model_configs/ beside it), could neither be built
+    nor converted again. It records the config in its header and sidecar, as an import does."""
+    import shutil
+
+    import open_clip.factory
+
+    from harness.convert import convert_pickled_checkpoint
+
+    enc = micro_visual()
+    folder = write_hf_folder(tmp_path / "hf", enc, "quick_gelu")
+    imported = convert_hf_checkpoint(folder, tmp_path / "a" / "q.safetensors")
+    arch = checkpoint_arch(imported)
+    out = convert_pickled_checkpoint(imported, tmp_path / "b" / "enc.safetensors")
+    assert json.loads(Path(f"{out}.json").read_text())["open_clip_config"] == open_clip.factory._MODEL_CONFIGS[arch]
+    alone = tmp_path / "c" / "enc.safetensors"
+    alone.parent.mkdir()
+    shutil.copy(out, alone)
+    del open_clip.factory._MODEL_CONFIGS[arch]  # as in a fresh process
+    assert resolve_arch(arch, [alone]) == arch
+    again = load_state_dict(convert_pickled_checkpoint(alone, tmp_path / "d" / "enc.safetensors"))
+    assert all(torch.equal(again[k], v) for k, v in enc.state_dict().items())
+
+
 @needs_transformers
 def test_a_clip_whose_text_projection_has_another_size_is_refused(tmp_path: Path) -> None:
     """Image and text features of different sizes cannot be compared: a whole CLIP whose text
