@@ -625,6 +625,8 @@ def test_a_report_folder_that_is_a_file_is_one_line_before_any_work(tmp_path, mo
 def test_report_of_a_run_id_writes_beside_the_caller_under_its_first_eight_characters(tmp_path, monkeypatch):
     """Without --out, a run id's report goes to ./report-<the id's first 8 characters>, as the
     tables' titles shorten it."""
+    from types import SimpleNamespace
+
     import harness.report
 
     written = []
@@ -633,7 +635,8 @@ def test_report_of_a_run_id_writes_beside_the_caller_under_its_first_eight_chara
         written.append(out)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(harness.report, "load_sweep_from_mlflow", lambda *a: (None, [], None))
+    parent = SimpleNamespace(info=SimpleNamespace(run_id="0123456789abcdef0123456789abcdef"))
+    monkeypatch.setattr(harness.report, "load_sweep_from_mlflow", lambda *a: (None, [], parent))
     monkeypatch.setattr(harness.report, "row_routings", lambda *a: {})
     monkeypatch.setattr(harness.report, "load_study_counts", lambda *a: {})
     monkeypatch.setattr(harness.report, "build_report", build)

@@ -198,6 +198,21 @@ def test_report_takes_the_run_id_its_tables_are_titled_with(swept, tmp_path):
     assert tables[short] == tables[outcome.parent_run_id]
 
 
+def test_a_run_ids_report_folder_is_named_by_its_first_8_characters_however_few_are_given(
+        swept, tmp_path, monkeypatch):
+    """``report-<first 8 characters>/``: a prefix of 4 wrote ``report-<those 4>/``, a second
+    folder for the run a whole id reports into ``report-<8>/``."""
+    from harness.cli import main
+
+    cfg, outcome, _, _ = swept
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(main, ["report", outcome.parent_run_id[:4], "--tracking-uri", cfg.resolved_tracking_uri()],
+                           env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    assert [p.name for p in tmp_path.iterdir()] == [f"report-{outcome.parent_run_id[:8]}"]
+    assert (tmp_path / f"report-{outcome.parent_run_id[:8]}" / "main.csv").is_file()
+
+
 def test_report_of_a_job_run_id_names_its_sweep_run(swept, tmp_path):
     """A job's run id, copied from the MLflow UI beside its sweep's, said its run had no
     ``resolved.yaml`` artifact: it names the sweep run to report instead, writing nothing."""
