@@ -295,6 +295,7 @@ def build_report(cfg: SweepConfig, results: list[JobResult], out: Path,
         captions["generalization"] = (f"{cfg.name}: merged and adapted on {', '.join(gen_seen)}; unseen "
                                       f"{', '.join(t for t in tasks if t not in gen_seen)}; settings chosen on "
                                       "the seen tasks' validation")
+    against = list(dict.fromkeys(against)) if against else None  # a row named twice is compared with once
     unknown = [a for a in against or [] if a not in {r.method for r in rows}]
     if unknown:
         names = [r.method for r in rows]

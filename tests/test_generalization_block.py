@@ -213,6 +213,18 @@ def test_a_run_ids_report_folder_is_named_by_its_first_8_characters_however_few_
     assert (tmp_path / f"report-{outcome.parent_run_id[:8]}" / "main.csv").is_file()
 
 
+def test_a_row_given_twice_to_against_is_compared_with_once(swept, tmp_path):
+    """``--against ROW --against ROW`` listed every comparison twice in the significance table."""
+    from harness.cli import main
+
+    cfg, outcome, _, _ = swept
+    r = CliRunner().invoke(main, ["report", str(outcome.output_dir), "--out", str(tmp_path / "rep"),
+                                  "--against", "task_arithmetic", "--against", "task_arithmetic"])
+    assert r.exit_code == 0, r.output
+    _, *body = csv.reader((tmp_path / "rep" / "significance.csv").read_text().splitlines())
+    assert sorted(row[0] for row in body) == ["individual", "pretrained", "weight_averaging"]
+
+
 def test_report_of_a_job_run_id_names_its_sweep_run(swept, tmp_path):
     """A job's run id, copied from the MLflow UI beside its sweep's, said its run had no
     ``resolved.yaml`` artifact: it names the sweep run to report instead, writing nothing."""
