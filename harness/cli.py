@@ -745,7 +745,8 @@ def report(target: str, tracking_uri: str | None, out_dir: str | None, against: 
         _check_store(f"{'--tracking-uri' if tracking_uri else 'MLFLOW_TRACKING_URI'} {uri}", uri)
     if not out_dir and default_out is not None:
         _check_destination(default_out, "report folder", folder=True)
-    cfg, results, parent = load_sweep_from_mlflow(uri, run_id, sweep_cfg if run_id is None else None)
+    cfg, results, parent = load_sweep_from_mlflow(uri, run_id, sweep_cfg if run_id is None else None,
+                                                  Path(target) if run_id is None else None)
     if default_out is None:  # a prefix under 8 characters names the folder the whole id does
         default_out = Path(f"report-{parent.info.run_id[:8]}")
         if not out_dir:
