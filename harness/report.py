@@ -305,6 +305,11 @@ def build_report(cfg: SweepConfig, results: list[JobResult], out: Path,
     if failed:
         raise HarnessError(f"--against {failed[0]!r} failed in this sweep: it has no test "
                            "predictions to compare with")
+    unrecorded = [a for a in against or [] if not any(r.method == a and all(t in r.test_correct for t in seen)
+                                                      for r in rows)]
+    if unrecorded:  # else its comparisons were left out without a word, and with them the whole table
+        raise HarnessError(f"--against {unrecorded[0]!r}: its results hold no per-image test records (cached by a "
+                           "version that kept none): it has no test predictions to compare with")
     significance = significance_records(rows, seen, against or default_reference(rows))
     if significance[1]:
         tables["significance"] = significance

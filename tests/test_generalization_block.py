@@ -225,6 +225,22 @@ def test_a_row_given_twice_to_against_is_compared_with_once(swept, tmp_path):
     assert sorted(row[0] for row in body) == ["individual", "pretrained", "weight_averaging"]
 
 
+def test_against_a_row_without_per_image_records_is_refused_naming_it(swept, tmp_path):
+    """Results cached by a version without per-image records are left out of the significance
+    table: a row named by --against that has none left the table out, without a word."""
+    import dataclasses
+
+    from harness.errors import HarnessError
+    from harness.report import build_report
+
+    cfg, outcome, _, _ = swept
+    results = [dataclasses.replace(r, test_correct={}) if r.kind == "pretrained" else r for r in outcome.results]
+    with pytest.raises(HarnessError, match="--against 'pretrained': its results hold no per-image test records"):
+        build_report(cfg, results, tmp_path / "rep", against=["pretrained"])
+    rep = build_report(cfg, results, tmp_path / "rep", against=["weight_averaging"])
+    assert [row[0] for row in rep.tables["significance"][1]] == ["individual", "task_arithmetic"]
+
+
 def test_report_of_a_job_run_id_names_its_sweep_run(swept, tmp_path):
     """A job's run id, copied from the MLflow UI beside its sweep's, said its run had no
     ``resolved.yaml`` artifact: it names the sweep run to report instead, writing nothing."""
