@@ -727,6 +727,9 @@ def report(target: str, tracking_uri: str | None, out_dir: str | None, against: 
 
     if out_dir:
         _check_destination(out_dir, "--out", folder=True)
+    if tracking_uri and (Path(target).is_file() or Path(target).is_dir()):  # else read another store than given
+        fail(f"--tracking-uri {tracking_uri}: for a run id only; {target} is a sweep "
+             f"{'file' if Path(target).is_file() else 'output folder'}, reported from the store its sweep logged to")
     sweep_cfg = None  # the sweep whose parent run to report (a store may hold other sweeps' runs)
     default_out: Path | None = None  # a run id's: report-<its first 8 characters>, known once it is found
     if Path(target).is_file():  # the sweep file: its output folder, as `harness ui FILE` takes it
