@@ -727,7 +727,11 @@ def report(target: str, tracking_uri: str | None, out_dir: str | None, against: 
 
     if out_dir:
         _check_destination(out_dir, "--out", folder=True)
+    if tracking_uri and (Path(target).is_file() or Path(target).is_dir()):  # else read another store than given
+        fail(f"--tracking-uri {tracking_uri}: for a run id only; {target} is a sweep "
+             f"{'file' if Path(target).is_file() else 'output folder'}, reported from the store its sweep logged to")
     sweep_cfg = None  # the sweep whose parent run to report (a store may hold other sweeps' runs)
+    default_out: Path | None = None  # a run id's: report-<its first 8 characters>, known once it is found
     if Path(target).is_file():  # the sweep file: its output folder, as `harness ui FILE` takes it
         sweep_cfg, out = _ran_sweep(target)
         target = str(out)
@@ -740,11 +744,16 @@ def report(target: str, tracking_uri: str | None, out_dir: str | None, against: 
         if not uri:
             fail(f"{target}: not a sweep file or output folder; for a run id give --tracking-uri or set "
                  "MLFLOW_TRACKING_URI")
-        run_id, default_out = target, Path(f"report-{target[:8]}")
+        run_id = target
         _check_store(f"{'--tracking-uri' if tracking_uri else 'MLFLOW_TRACKING_URI'} {uri}", uri)
-    if not out_dir:
+    if not out_dir and default_out is not None:
         _check_destination(default_out, "report folder", folder=True)
-    cfg, results, parent = load_sweep_from_mlflow(uri, run_id, sweep_cfg if run_id is None else None)
+    cfg, results, parent = load_sweep_from_mlflow(uri, run_id, sweep_cfg if run_id is None else None,
+                                                  Path(target) if run_id is None else None)
+    if default_out is None:  # a prefix under 8 characters names the folder the whole id does
+        default_out = Path(f"report-{parent.info.run_id[:8]}")
+        if not out_dir:
+            _check_destination(default_out, "report folder", folder=True)
     rep = build_report(cfg, results, Path(out_dir) if out_dir else default_out, row_routings(cfg, results),
                        list(against) or None, load_study_counts(uri, parent))
     for name, (header, body) in rep.tables.items():

@@ -295,6 +295,7 @@ def build_report(cfg: SweepConfig, results: list[JobResult], out: Path,
         captions["generalization"] = (f"{cfg.name}: merged and adapted on {', '.join(gen_seen)}; unseen "
                                       f"{', '.join(t for t in tasks if t not in gen_seen)}; settings chosen on "
                                       "the seen tasks' validation")
+    against = list(dict.fromkeys(against)) if against else None  # a row named twice is compared with once
     unknown = [a for a in against or [] if a not in {r.method for r in rows}]
     if unknown:
         names = [r.method for r in rows]
@@ -304,6 +305,11 @@ def build_report(cfg: SweepConfig, results: list[JobResult], out: Path,
     if failed:
         raise HarnessError(f"--against {failed[0]!r} failed in this sweep: it has no test "
                            "predictions to compare with")
+    unrecorded = [a for a in against or [] if not any(r.method == a and all(t in r.test_correct for t in seen)
+                                                      for r in rows)]
+    if unrecorded:  # else its comparisons were left out without a word, and with them the whole table
+        raise HarnessError(f"--against {unrecorded[0]!r}: its results hold no per-image test records (cached by a "
+                           "version that kept none): it has no test predictions to compare with")
     significance = significance_records(rows, seen, against or default_reference(rows))
     if significance[1]:
         tables["significance"] = significance
@@ -575,14 +581,17 @@ def _parse(value: str) -> Any:
         return value
 
 
-def load_sweep_from_mlflow(tracking_uri: str, run_id: str | None = None,
-                          sweep: SweepConfig | None = None) -> tuple[SweepConfig, list[JobResult], Any]:
+def load_sweep_from_mlflow(tracking_uri: str, run_id: str | None = None, sweep: SweepConfig | None = None,
+                          folder: Path | None = None) -> tuple[SweepConfig, list[JobResult], Any]:
     """The sweep's resolved config and its jobs' results, from its parent run and nested runs.
 
     Without ``run_id`` the most recent sweep parent run in the store is used, one that
     ``harness sweep`` ran in before one only ``harness tune`` did (a single method's rows);
     with ``sweep``, only among that sweep's parent runs (its experiment and digest, as
-    ``harness sweep`` finds its parent again): a store that other sweeps log to too holds theirs."""
+    ``harness sweep`` finds its parent again): a store that other sweeps log to too holds theirs.
+    ``folder``: ``sweep``'s output folder. A sweep of the same experiment in another folder logging
+    to the same store shares its parent run and logs its own config and job list there last: the
+    folder's own (``resolved.yaml``, ``report/jobs.json``) then say which jobs are this sweep's."""
     import tempfile
 
     from mlflow.exceptions import MlflowException
@@ -624,7 +633,10 @@ def load_sweep_from_mlflow(tracking_uri: str, run_id: str | None = None,
     current: set[str] | None = None
     shared: dict[str, list[str]] = {}  # job key -> the labels whose rows hold it
     settings: dict[tuple[str, str], dict[str, Any]] = {}  # (label, key) -> the row's params
-    entries = _recorded_jobs(client, tracking_uri, parent)
+    if sweep is not None and folder is not None and cfg.output_dir != sweep.output_dir:
+        cfg, entries = sweep, _folder_jobs(folder, parent, cfg.output_dir)
+    else:
+        entries = _recorded_jobs(client, tracking_uri, parent)
     if entries is not None:
         current = {e[1] if isinstance(e, list) else e for e in entries}  # [label, key]; older files: keys
         for e in entries:
@@ -698,6 +710,22 @@ def _recorded_jobs(client: Any, tracking_uri: str, parent: Any) -> list[Any] | N
         raise HarnessError(f"{tracking_uri}: sweep run {parent.info.run_id} ({parent.info.run_name}): its artifact "
                            f"report/{JOBS_FILE} is damaged (not the list of jobs a sweep writes): rerun the sweep "
                            "(its finished jobs are cached) to log it again")
+    return entries
+
+
+def _folder_jobs(folder: Path, parent: Any, other: str | None) -> list[list[Any]]:
+    """The job entries output folder ``folder``'s sweep wrote (``report/jobs.json``), where sweep
+    run ``parent`` was last logged to by the sweep of output folder ``other``."""
+    path = folder / "report" / JOBS_FILE
+    try:
+        entries = job_entries(path.read_bytes())
+    except OSError:
+        entries = None
+    if entries is None:
+        other = other or f"outputs/{parent.info.run_name}"
+        raise HarnessError(f"{path}: missing or damaged, and sweep run {parent.info.run_id} ({parent.info.run_name}) "
+                           f"was last logged to by the sweep of output folder {other} (the same experiment): "
+                           "rerun this folder's sweep (its finished jobs are cached)")
     return entries
 
 

@@ -622,9 +622,30 @@ def test_a_report_folder_that_is_a_file_is_one_line_before_any_work(tmp_path, mo
     assert blocker.read_text() == "keep me"
 
 
+def test_tracking_uri_with_a_folder_or_sweep_file_is_refused_before_any_work(tmp_path, monkeypatch):
+    """--tracking-uri names the store of a run id: given with an output folder (or sweep file) it
+    was ignored without a word, the folder's own store read instead of the one given."""
+    import harness.report
+
+    def reads(*args, **kwargs):
+        raise AssertionError("the store was read")
+
+    monkeypatch.setattr(harness.report, "load_sweep_from_mlflow", reads)
+    (tmp_path / "mlflow.db").write_bytes(b"")
+    (tmp_path / "s.yaml").write_text("name: s\n")
+    for target, kind in ((tmp_path, "output folder"), (tmp_path / "s.yaml", "file")):
+        r = CliRunner().invoke(main, ["report", str(target), "--tracking-uri", "sqlite:///elsewhere.db"])
+        assert r.exit_code == 2, r.output
+        assert " ".join(r.stderr.split()) == (f"error: --tracking-uri sqlite:///elsewhere.db: for a run id only; "
+                                              f"{target} is a sweep {kind}, reported from the store its sweep "
+                                              "logged to")
+
+
 def test_report_of_a_run_id_writes_beside_the_caller_under_its_first_eight_characters(tmp_path, monkeypatch):
     """Without --out, a run id's report goes to ./report-<the id's first 8 characters>, as the
     tables' titles shorten it."""
+    from types import SimpleNamespace
+
     import harness.report
 
     written = []
@@ -633,7 +654,8 @@ def test_report_of_a_run_id_writes_beside_the_caller_under_its_first_eight_chara
         written.append(out)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(harness.report, "load_sweep_from_mlflow", lambda *a: (None, [], None))
+    parent = SimpleNamespace(info=SimpleNamespace(run_id="0123456789abcdef0123456789abcdef"))
+    monkeypatch.setattr(harness.report, "load_sweep_from_mlflow", lambda *a: (None, [], parent))
     monkeypatch.setattr(harness.report, "row_routings", lambda *a: {})
     monkeypatch.setattr(harness.report, "load_study_counts", lambda *a: {})
     monkeypatch.setattr(harness.report, "build_report", build)

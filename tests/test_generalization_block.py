@@ -198,6 +198,49 @@ def test_report_takes_the_run_id_its_tables_are_titled_with(swept, tmp_path):
     assert tables[short] == tables[outcome.parent_run_id]
 
 
+def test_a_run_ids_report_folder_is_named_by_its_first_8_characters_however_few_are_given(
+        swept, tmp_path, monkeypatch):
+    """``report-<first 8 characters>/``: a prefix of 4 wrote ``report-<those 4>/``, a second
+    folder for the run a whole id reports into ``report-<8>/``."""
+    from harness.cli import main
+
+    cfg, outcome, _, _ = swept
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(main, ["report", outcome.parent_run_id[:4], "--tracking-uri", cfg.resolved_tracking_uri()],
+                           env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    assert [p.name for p in tmp_path.iterdir()] == [f"report-{outcome.parent_run_id[:8]}"]
+    assert (tmp_path / f"report-{outcome.parent_run_id[:8]}" / "main.csv").is_file()
+
+
+def test_a_row_given_twice_to_against_is_compared_with_once(swept, tmp_path):
+    """``--against ROW --against ROW`` listed every comparison twice in the significance table."""
+    from harness.cli import main
+
+    cfg, outcome, _, _ = swept
+    r = CliRunner().invoke(main, ["report", str(outcome.output_dir), "--out", str(tmp_path / "rep"),
+                                  "--against", "task_arithmetic", "--against", "task_arithmetic"])
+    assert r.exit_code == 0, r.output
+    _, *body = csv.reader((tmp_path / "rep" / "significance.csv").read_text().splitlines())
+    assert sorted(row[0] for row in body) == ["individual", "pretrained", "weight_averaging"]
+
+
+def test_against_a_row_without_per_image_records_is_refused_naming_it(swept, tmp_path):
+    """Results cached by a version without per-image records are left out of the significance
+    table: a row named by --against that has none left the table out, without a word."""
+    import dataclasses
+
+    from harness.errors import HarnessError
+    from harness.report import build_report
+
+    cfg, outcome, _, _ = swept
+    results = [dataclasses.replace(r, test_correct={}) if r.kind == "pretrained" else r for r in outcome.results]
+    with pytest.raises(HarnessError, match="--against 'pretrained': its results hold no per-image test records"):
+        build_report(cfg, results, tmp_path / "rep", against=["pretrained"])
+    rep = build_report(cfg, results, tmp_path / "rep", against=["weight_averaging"])
+    assert [row[0] for row in rep.tables["significance"][1]] == ["individual", "task_arithmetic"]
+
+
 def test_report_of_a_job_run_id_names_its_sweep_run(swept, tmp_path):
     """A job's run id, copied from the MLflow UI beside its sweep's, said its run had no
     ``resolved.yaml`` artifact: it names the sweep run to report instead, writing nothing."""

@@ -389,6 +389,37 @@ def test_another_sweep_logging_to_this_folders_store_keeps_its_artifacts(sweep_d
     assert all(r.test_correct for r in results)  # per-image records read from B's artifacts
 
 
+def test_two_folders_of_one_experiment_in_one_store_each_report_their_own_tables(sweep_dict, tmp_path):
+    """Sweep B, the same experiment as A in another folder with fewer methods, logging to A's
+    store, shares A's parent run and logs its config and job list there last: ``harness report A``
+    gave B's table (task arithmetic's row gone); each folder reports its own, as its sweep wrote it."""
+    from click.testing import CliRunner
+
+    from harness.cli import main
+    from harness.runner import run_sweep
+
+    store = f"sqlite:///{tmp_path / 'a' / 'mlflow.db'}"
+    a = validate_config(dict(sweep_dict, output_dir=str(tmp_path / "a")))
+    b = validate_config(dict(sweep_dict, output_dir=str(tmp_path / "b"), tracking_uri=store,
+                             methods=[{"name": "weight_averaging"}]))
+    run_sweep(a, quiet=True)
+    run_sweep(b, quiet=True)
+    for folder in ("a", "b"):
+        r = CliRunner().invoke(main, ["report", str(tmp_path / folder), "--out", str(tmp_path / f"rep-{folder}")])
+        assert r.exit_code == 0, r.output
+        for name in ("main.csv", "significance.csv", "jobs.json"):
+            assert (tmp_path / f"rep-{folder}" / name).read_text() == (tmp_path / folder / "report" / name).read_text()
+    assert "task_arithmetic" in (tmp_path / "rep-a" / "main.csv").read_text()
+    assert "task_arithmetic" not in (tmp_path / "rep-b" / "main.csv").read_text()
+    (tmp_path / "a" / "report" / "jobs.json").unlink()
+    r = CliRunner().invoke(main, ["report", str(tmp_path / "a"), "--out", str(tmp_path / "rep")])
+    assert r.exit_code == 2
+    assert " ".join(r.stderr.split()).startswith(f"error: {tmp_path / 'a' / 'report' / 'jobs.json'}: missing or "
+                                                 "damaged, and sweep run ")
+    assert f"last logged to by the sweep of output folder {tmp_path / 'b'} (the same experiment)" in " ".join(
+        r.stderr.split())
+
+
 @pytest.mark.parametrize("kind,call", [("sweep", "create_run"), ("merge", "create_run"), ("tune", "create_run"),
                                        ("trial", "create_run"), ("tune", "log_batch")])
 def test_ctrl_c_just_after_a_run_is_created_leaves_no_run_running(kind, call, sweep_dict, monkeypatch):
