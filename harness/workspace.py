@@ -19,7 +19,6 @@ from torch import nn
 from harness.cache import atomic_write_json, content_key, read_json
 from harness.config import MAIN, SweepConfig, check_model_files, finetuned_field, suite_tasks
 from harness.errors import FieldError, HarnessError, NotBuilt
-from harness.progress import counting_bar
 from harness.models import (
     CONFIG_DIR,
     build_clip,
@@ -36,6 +35,7 @@ from harness.models import (
     tensor_dtypes,
     zeroshot_head,
 )
+from harness.progress import counting_bar
 from tasks.base import Task, TaskDataError, check_labels
 
 
