@@ -944,3 +944,23 @@ def test_the_pretrained_identity_follows_the_architectures_config_file(tmp_path,
     before = pipeline.SuiteOptions(arch="arch-x").pretrain_identity("v")
     (tmp_path / "arch-x.json").write_text('{"embed_dim": 64}')
     assert pipeline.SuiteOptions(arch="arch-x").pretrain_identity("v") != before
+
+
+def test_pretraining_gives_the_same_weights_whatever_the_thread_count():
+    """The shipped weights were trained on one thread, and a cached model is keyed by its options,
+    not by the cores of the machine that trained it: `harness prepare --from-scratch` reproduces
+    them bit for bit on any machine, and the caller's thread count is left as it was."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (64, 32, 32, 3), dtype=torch.uint8, generator=g)
+    captions = [f"a photo of the digit {i % 5}." for i in range(64)]
+    before = torch.get_num_threads()
+    states = []
+    try:
+        for threads in (1, 4):
+            torch.set_num_threads(threads)
+            model = pipeline.pretrain_clip("harness-tiny-vit", images, captions, steps=3, batch_size=64, warmup=0)
+            assert torch.get_num_threads() == threads
+            states.append(model.state_dict())
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
