@@ -964,3 +964,26 @@ def test_pretraining_gives_the_same_weights_whatever_the_thread_count():
     finally:
         torch.set_num_threads(before)
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_preservation_draws_on_generated_images_the_pretraining_never_saw(two_tasks, tmp_path, monkeypatch):
+    """The preservation term's images are a pool of ``preserve_pool`` generated with the pretraining
+    pool's seed + 1000: images of the pretraining kind, none of them a pretraining image."""
+    import tasks.embedded as emb
+    from tasks.base import normalize_uint8
+    from tasks.embedded.data import image_hashes
+
+    opts = {**TINY, "preserve_pool": 24}
+    seen = {}
+
+    def tune(encoder, head, dataset, **kw):
+        seen["preserve"] = kw["preserve_images"]
+        return encoder
+
+    monkeypatch.setattr(finetune, "finetune_encoder", tune)
+    pipeline.prepare_suite(two_tasks[:1], tmp_path, opts, progress=False)
+    options = pipeline.SuiteOptions.model_validate(opts)
+    expected, _ = emb.pretraining_pool(24, seed=options.pretrain_pool_seed + 1000, size="tiny")
+    assert torch.equal(seen["preserve"], normalize_uint8(expected))
+    pretraining, _ = emb.pretraining_pool(options.pretrain_pool, seed=options.pretrain_pool_seed, size="tiny")
+    assert not set(image_hashes(expected.numpy())) & set(image_hashes(pretraining.numpy()))
