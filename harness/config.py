@@ -1203,7 +1203,7 @@ def check_suite(cfg: SweepConfig, file: str) -> None:
     from harness.models import unknown_arch_problem
 
     arch = cfg.model.suite.get("arch")
-    problem = unknown_arch_problem(arch) if isinstance(arch, str) else None
+    problem = (unknown_arch_problem(arch) or suite_arch_problem(arch)) if isinstance(arch, str) else None
     if problem:
         raise ConfigError(file, "model.suite.arch", problem, arch)
     for i, t in enumerate(cfg.tasks):
@@ -1218,6 +1218,24 @@ def check_suite(cfg: SweepConfig, file: str) -> None:
         raise ConfigError(file, t.name_field(f"tasks.{i}"), f"model.source 'embedded' has no fine-tuned model for "
                           f"task {t.name!r}{did_you_mean(t.name, EMBEDDED_TASKS)} (embedded tasks: "
                           f"{', '.join(EMBEDDED_TASKS)}); {instead}", show_value=False)
+
+
+def suite_arch_problem(arch: str) -> str | None:
+    """Why the embedded suite cannot pretrain ``arch`` on its 32x32 images, or None: found only
+    once pretraining fed it the first batch, minutes of pool generation in, as a traceback."""
+    from harness.models import arch_config
+    from tasks.embedded.render import SIZE
+
+    config = arch_config(arch)
+    if config is None:
+        return ("no config to pretrain from (a generated hf-vit architecture is read from beside a converted "
+                "checkpoint; the embedded suite trains its own model)")
+    size = config.get("vision_cfg", {}).get("image_size")
+    sides = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+    if sides != (SIZE, SIZE):
+        return (f"takes {sides[0]}x{sides[1]} images; the embedded tasks' are {SIZE}x{SIZE} "
+                "(the suite's default, harness-tiny-vit, is built for them)")
+    return None
 
 
 def suite_tasks(cfg: SweepConfig) -> list[str]:

@@ -89,6 +89,20 @@ def config_arch_names() -> list[str]:
     return sorted({p.stem for folder in folders for p in folder.glob("*.json")})
 
 
+def arch_config(arch: str) -> dict[str, Any] | None:
+    """The open_clip config of ``arch`` (None when none is found), read from the config folders
+    without importing open_clip, as :func:`config_arch_names` lists them."""
+    if "open_clip" in sys.modules:
+        return open_clip_module().get_model_config(arch)
+    spec = importlib.util.find_spec("open_clip")
+    folders = [CONFIG_DIR] + ([Path(spec.origin).parent / "model_configs"] if spec and spec.origin else [])
+    for folder in folders:
+        path = folder / f"{arch}.json"
+        if path.is_file():
+            return json.loads(path.read_text())
+    return None
+
+
 def unknown_arch_problem(arch: str) -> str | None:
     """Why ``arch`` names no architecture (with the closest name), or None. Generated
     ``hf-vit-...`` names pass: they are read from beside the checkpoints when the sweep runs."""

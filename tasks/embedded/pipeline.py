@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import functools
 import json
 import multiprocessing as mp
 import os
@@ -178,6 +179,23 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, caption
     return 0.5 * (loss_i + loss_t)
 
 
+def _on_one_thread(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Run ``fn`` on one torch thread, the caller's count restored after: reductions split over
+    threads round differently, so trained weights would otherwise depend on the machine's cores,
+    which no cache key names (the shipped weights were trained on one thread)."""
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        before = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.set_num_threads(before)
+
+    return wrapper
+
+
+@_on_one_thread
 def pretrain_clip(
     arch: str,
     images: torch.Tensor,
@@ -195,7 +213,8 @@ def pretrain_clip(
     """A CLIP of architecture ``arch`` trained from scratch on uint8 ``images`` [N,H,W,3].
 
     AdamW with warmup + cosine; no weight decay on gains, biases, embeddings' scale or the
-    logit scale (the open_clip training recipe), logit scale clamped at 100.
+    logit scale (the open_clip training recipe), logit scale clamped at 100. One thread, so the
+    weights are the same on any machine.
     """
     from harness.finetune import warmup_cosine
     from tasks.base import normalize_uint8
