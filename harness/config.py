@@ -1416,36 +1416,51 @@ def valid_task_names(names: list[str], known: dict[str, str]) -> list[str]:
 
 def check_task_lists(cfg: SweepConfig, file: str, known: dict[str, str]) -> None:
     """The fields naming the sweep's tasks (seen, unseen, robustness, per-task model files),
-    tuning objectives and the generalization block."""
+    tuning objectives and the generalization block: every entry naming no task of the sweep, a
+    line each, so one run lists them all. The split itself (a task both seen and unseen, or
+    neither) is judged once every name in it is one of the sweep's: a misspelt one would also be
+    told as a task left out."""
     names = cfg.task_names
+    found = Gathering()
     subsets = [("seen", cfg.seen or []), ("unseen", cfg.unseen)]
     if cfg.robustness:
         subsets.append(("robustness.tasks", cfg.robustness.tasks))
     for field_name, values in subsets:
         for i, name in enumerate(values):
             if name not in names:
-                raise ConfigError(file, f"{field_name}.{i}", f"not one of the sweep's tasks"
-                                  f"{did_you_mean(name, valid_task_names(names, known))}", name)
+                found.errors.append(ConfigError(file, f"{field_name}.{i}", f"not one of the sweep's tasks"
+                                                f"{did_you_mean(name, valid_task_names(names, known))}", name))
     for field_name, given in (("model.finetuned", cfg.model.finetuned), ("model.heads", cfg.model.heads)):
         for name in given:  # a typo would otherwise leave the task on the pattern, or on zero-shot heads
             if name not in names and name not in known:  # a registered task's entry waits for a sweep with it
-                raise ConfigError(file, f"{field_name}.{name}", f"neither one of the sweep's tasks "
-                                  f"({', '.join(names)}) nor a registered task{did_you_mean(name, [*names, *known])}",
-                                  show_value=False)
+                found.errors.append(ConfigError(
+                    file, f"{field_name}.{name}", f"neither one of the sweep's tasks ({', '.join(names)}) nor a "
+                    f"registered task{did_you_mean(name, [*names, *known])}", show_value=False))
+    if not any(e.path.startswith(("seen.", "unseen.")) for e in found.errors):
+        with found.check():
+            _check_split(cfg, file)
+    objectives = ["val/acc/avg", *(f"val/acc/{t}" for t in names)]
+    for i, m in enumerate(cfg.methods):
+        if m.tune and m.tune.objective not in objectives:  # else every trial would run, then fail
+            found.errors.append(ConfigError(file, f"methods.{i}.tune.objective",
+                                            f"not a metric a trial reports; one of: {', '.join(objectives)}",
+                                            m.tune.objective))
+    with found.check():
+        check_generalization(cfg, file)
+    found.raise_any()
+
+
+def _check_split(cfg: SweepConfig, file: str) -> None:
+    """The top-level ``seen``/``unseen`` split: no task in both, each in one when both are given,
+    and a task left to merge."""
     both = set(cfg.seen or []) & set(cfg.unseen)
     if both:
         raise ConfigError(file, "unseen", f"tasks both seen and unseen: {sorted(both)}", show_value=False)
-    rest = [t for t in names if t not in (cfg.seen or []) and t not in cfg.unseen]
+    rest = [t for t in cfg.task_names if t not in (cfg.seen or []) and t not in cfg.unseen]
     if cfg.seen is not None and cfg.unseen and rest:  # as the generalization block: each task one of them
         raise ConfigError(file, "seen", f"tasks neither seen nor unseen: {rest}", show_value=False)
     if not cfg.merge_tasks:
         raise ConfigError(file, "unseen", "every task is unseen: nothing to merge", show_value=False)
-    objectives = ["val/acc/avg", *(f"val/acc/{t}" for t in names)]
-    for i, m in enumerate(cfg.methods):
-        if m.tune and m.tune.objective not in objectives:  # else every trial would run, then fail
-            raise ConfigError(file, f"methods.{i}.tune.objective",
-                              f"not a metric a trial reports; one of: {', '.join(objectives)}", m.tune.objective)
-    check_generalization(cfg, file)
 
 
 def relative_note(path: str) -> str:
@@ -2035,13 +2050,16 @@ def check_generalization(cfg: SweepConfig, file: str) -> None:
         raise ConfigError(file, "generalization", f"cannot be combined with top-level {which!r}, which already "
                           "makes the whole sweep a generalization study; keep one of them", show_value=False)
     names = cfg.task_names
+    found = Gathering()  # every misnamed entry, a line each
     for field_name in ("unseen", "seen"):
         for i, name in enumerate(getattr(g, field_name) or []):
             if name not in names:
                 from tasks.base import available_tasks
 
-                raise ConfigError(file, f"generalization.{field_name}.{i}", "not one of the sweep's tasks"
-                                  f"{did_you_mean(name, valid_task_names(names, available_tasks()))}", name)
+                found.errors.append(ConfigError(
+                    file, f"generalization.{field_name}.{i}", "not one of the sweep's tasks"
+                    f"{did_you_mean(name, valid_task_names(names, available_tasks()))}", name))
+    found.raise_any()
     unseen = set(g.unseen or [])
     if g.seen is not None:
         both = set(g.seen) & unseen

@@ -1038,6 +1038,34 @@ def test_unknown_names_and_bad_hyperparameters_of_several_entries_are_all_report
     assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
 
 
+def test_every_misnamed_entry_of_the_task_lists_is_reported_at_once(sweep_dict, tmp_path):
+    """Misnamed entries in ``seen``, ``unseen``, ``model.heads`` and the generalization block were
+    told one per run (the first only); each is a line of one error, and the split's own checks
+    (a task neither seen nor unseen) do not add a line for what a misspelling left out."""
+    d = copy.deepcopy(sweep_dict)
+    d["seen"] = ["toy_stripe", "toy_colour"]
+    d["unseen"] = ["toy_x"]
+    d["model"]["heads"] = {"toy_strpes": "a.pt"}
+    f = tmp_path / "lists.yaml"
+    f.write_text(yaml.safe_dump(d))
+    code, out, err = _run(["validate", str(f)])
+    assert code == 2 and "Traceback" not in out + err
+    assert err.splitlines() == [
+        f"error: {f}: seen.0: not one of the sweep's tasks; did you mean 'toy_stripes'? (got 'toy_stripe')",
+        f"{f}: seen.1: not one of the sweep's tasks; did you mean 'toy_colours'? (got 'toy_colour')",
+        f"{f}: unseen.0: not one of the sweep's tasks (got 'toy_x')",
+        f"{f}: model.heads.toy_strpes: neither one of the sweep's tasks (toy_stripes, toy_colours) nor a "
+        "registered task; did you mean 'toy_stripes'?",
+    ]
+    g = copy.deepcopy(sweep_dict)
+    g["generalization"] = {"unseen": ["toy_colour", "toy_strip"]}
+    f.write_text(yaml.safe_dump(g))
+    code, _, err = _run(["validate", str(f)])
+    assert code == 2
+    assert [line.removeprefix("error: ").split(": ")[1] for line in err.splitlines()] == [
+        "generalization.unseen.0", "generalization.unseen.1"], err
+
+
 @pytest.mark.parametrize("block", ["unseen", "generalization", "robustness"])
 def test_a_task_list_suggests_no_misspelt_task_of_the_sweep(block, sweep_dict, tmp_path):
     """A task misspelt in ``tasks`` and written right in a list naming the sweep's tasks: the
