@@ -1206,6 +1206,7 @@ def check_suite(cfg: SweepConfig, file: str) -> None:
     problem = unknown_arch_problem(arch) if isinstance(arch, str) else None
     if problem:
         raise ConfigError(file, "model.suite.arch", problem, arch)
+    found = Gathering()  # every task without a model, a line each
     for i, t in enumerate(cfg.tasks):
         if t.name in EMBEDDED_TASKS or t.name not in cfg.merge_tasks:  # an unseen task needs data and a head only
             continue
@@ -1215,9 +1216,11 @@ def check_suite(cfg: SweepConfig, file: str) -> None:
                        "with source 'files'")
         else:
             instead = "list it in 'unseen:' to evaluate it without merging it (zero-shot head)"
-        raise ConfigError(file, t.name_field(f"tasks.{i}"), f"model.source 'embedded' has no fine-tuned model for "
-                          f"task {t.name!r}{did_you_mean(t.name, EMBEDDED_TASKS)} (embedded tasks: "
-                          f"{', '.join(EMBEDDED_TASKS)}); {instead}", show_value=False)
+        found.errors.append(ConfigError(
+            file, t.name_field(f"tasks.{i}"), f"model.source 'embedded' has no fine-tuned model for task "
+            f"{t.name!r}{did_you_mean(t.name, EMBEDDED_TASKS)} (embedded tasks: {', '.join(EMBEDDED_TASKS)}); "
+            f"{instead}", show_value=False))
+    found.raise_any()
 
 
 def suite_tasks(cfg: SweepConfig) -> list[str]:

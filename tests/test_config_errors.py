@@ -1089,6 +1089,20 @@ def test_a_task_list_suggests_no_misspelt_task_of_the_sweep(block, sweep_dict, t
     assert lines[1:] == [f"{f}: {field[block]}: not one of the sweep's tasks (got 'toy_colours')"], err
 
 
+def test_every_task_the_embedded_suite_has_no_model_of_is_reported_at_once(tmp_path):
+    """Two tasks the embedded suite has no fine-tuned model of: the second was told only once
+    the first was fixed; each is a line, after a misspelt task's own line."""
+    f = tmp_path / "emb.yaml"
+    f.write_text(yaml.safe_dump({"name": "e", "model": {"source": "embedded"},
+                                 "tasks": ["emb_mnist", "emb_fashon", "toy_stripes", "toy_colours"]}))
+    code, _, err = _run(["validate", str(f)])
+    assert code == 2
+    lines = err.splitlines()
+    assert [line.removeprefix("error: ").split(": ")[1] for line in lines] == ["tasks.1", "tasks.2", "tasks.3"], err
+    assert "unknown task 'emb_fashon'" in lines[0]
+    assert all("has no fine-tuned model" in line for line in lines[1:]), err
+
+
 def test_a_field_two_checks_find_at_fault_is_one_line(tmp_path):
     """An unknown task in an embedded sweep is at fault as a task (unknown) and as one the suite
     has no model of: one line, the first check's."""
