@@ -1022,7 +1022,9 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         raise ConfigError("<command line>", key, f"list items are dotted indices: write {dotted}={text}",
                           show_value=False)
     try:
-        value = yaml.load(text, Loader=_SlurmTimeLoader) if text != "" else ""
+        value = yaml.load(text, Loader=_UniqueKeyLoader) if text != "" else ""
+    except DuplicateKeyError as exc:  # as in a file: plain YAML would keep the last silently
+        raise ConfigError("<command line>", key, f"malformed YAML: {exc.problem}", text) from None
     except yaml.YAMLError:
         value = text
     return key.split("."), value
@@ -1103,6 +1105,10 @@ _SlurmTimeLoader.add_constructor("tag:yaml.org,2002:int", _SlurmTimeLoader.const
 _SlurmTimeLoader.add_constructor("tag:yaml.org,2002:float", _SlurmTimeLoader.construct_yaml_float)
 
 
+class DuplicateKeyError(yaml.constructor.ConstructorError):
+    """A key given twice in one YAML mapping."""
+
+
 class _UniqueKeyLoader(_SlurmTimeLoader):
     """YAML that refuses a key given twice in one mapping (plain YAML keeps the last silently)."""
 
@@ -1111,8 +1117,7 @@ class _UniqueKeyLoader(_SlurmTimeLoader):
         for key_node, _ in node.value:
             if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
                 if key_node.value in seen:
-                    raise yaml.constructor.ConstructorError(None, None, f"key {key_node.value!r} given twice",
-                                                            key_node.start_mark)
+                    raise DuplicateKeyError(None, None, f"key {key_node.value!r} given twice", key_node.start_mark)
                 seen.add(key_node.value)
         return super().construct_mapping(node, deep)
 

@@ -410,6 +410,18 @@ def test_key_given_twice_is_refused_with_its_line(tmp_path):
     assert " ".join(err.split()) == f"error: {f}: malformed YAML: line 5, column 28: key 'scaling' given twice"
 
 
+def test_key_given_twice_in_an_override_value_is_refused(sweep_dict, tmp_path):
+    """An override's value is YAML as the file is: a key given twice in its mapping was kept the
+    last silently (a grid of 0.9 alone ran); it is refused naming the override."""
+    f = tmp_path / "ok.yaml"
+    f.write_text(yaml.safe_dump(sweep_dict))
+    override = "methods.1.grid={scaling: [0.1], scaling: [0.9]}"
+    code, _, err = _run(["validate", str(f), override])
+    assert code == 2
+    assert " ".join(err.split()) == (f"error: <command line> ({override}, over {f}): methods.1.grid: malformed "
+                                     "YAML: key 'scaling' given twice (got '{scaling: [0.1], scaling: [0.9]}')")
+
+
 def test_merge_keys_may_be_overridden(tmp_path):
     from harness.config import read_yaml
 
