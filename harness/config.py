@@ -344,7 +344,10 @@ class TuneSpec(Strict):
     @classmethod
     def _storage_url(cls, v: str | None) -> str | None:
         """A storage the study can open, checked before any job runs (it is opened only after the
-        sweep's other jobs, where a bad one was a traceback)."""
+        sweep's other jobs, where a bad one was a traceback). ``${VAR}`` expands, as in the other
+        paths and the tracking URI (a journal was made under a folder named ``${VAR}``); left as
+        ``$VAR`` where a command that never opens the study loads the file (report, ui, status)."""
+        v = _expand_input(cls, v)
         if v is not None:
             problem = optuna_storage_problem(v)
             if problem:

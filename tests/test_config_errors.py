@@ -357,6 +357,28 @@ def test_env_expands_in_a_task_data_root(sweep_dict, tmp_path, monkeypatch):
             "set") in " ".join(err.split())
 
 
+def test_env_expands_in_a_study_storage(sweep_dict, tmp_path, monkeypatch):
+    """``tune.storage`` is a path (a journal's) or a URL as ``tracking_uri`` is: ``${VAR}`` expands
+    in it (a journal was made under a folder named ``${VAR}`` in the working folder), and an unset
+    variable is an error naming that field."""
+    from harness.config import load_config
+
+    monkeypatch.setenv("HARNESS_TEST_ROOT", str(tmp_path))
+    d = _set(sweep_dict, "methods.1", {"name": "task_arithmetic", "tune": {
+        "n_trials": 2, "space": {"scaling": {"type": "float", "low": 0.1, "high": 0.9}},
+        "storage": "journal:${HARNESS_TEST_ROOT}/studies/journal.log"}})
+    f = tmp_path / "ok.yaml"
+    f.write_text(yaml.safe_dump(d))
+    assert load_config(f).methods[1].tune.storage == f"journal:{tmp_path}/studies/journal.log"
+    d["methods"][1]["tune"]["storage"] = "sqlite:///${HARNESS_TEST_UNSET_VAR}/studies.db"
+    f.write_text(yaml.safe_dump(d))
+    code, _, err = _run(["validate", str(f)])
+    assert code == 2, err
+    assert " ".join(err.split()) == (f"error: {f}: methods.1.tune.storage: environment variable "
+                                     "HARNESS_TEST_UNSET_VAR is not set (got 'sqlite:///${HARNESS_TEST_UNSET_VAR}"
+                                     "/studies.db')")
+
+
 @pytest.mark.parametrize("suite,tasks,fragments", [
     ({"finetune_stepz": 3}, ["emb_mnist"], ["model.suite.finetune_stepz: unknown key; did you mean 'finetune_steps'?"]),
     ({"arch": "harness-tiny-vt"}, ["emb_mnist"],
