@@ -1028,8 +1028,11 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         value = yaml.load(text, Loader=_UniqueKeyLoader) if text != "" else ""
     except DuplicateKeyError as exc:  # as in a file: plain YAML would keep the last silently
         raise ConfigError("<command line>", key, f"malformed YAML: {exc.problem}", text) from None
-    except yaml.YAMLError:
-        value = text
+    except yaml.YAMLError as exc:
+        if text.lstrip().startswith("["):  # a list left unclosed, not a string: told so, not taken as text
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise ConfigError("<command line>", key, f"malformed YAML list: {problem}", text) from None
+        value = text  # a string YAML cannot read alone, such as a pattern '{task}/x.pt'
     return key.split("."), value
 
 

@@ -444,6 +444,23 @@ def test_key_given_twice_in_an_override_value_is_refused(sweep_dict, tmp_path):
                                      "YAML: key 'scaling' given twice (got '{scaling: [0.1], scaling: [0.9]}')")
 
 
+def test_an_unclosed_list_in_an_override_is_malformed_yaml_not_a_string(sweep_dict, tmp_path):
+    """``[0.1, 0.5`` was taken as the string '[0.1, 0.5', and the grid's line then advised writing
+    ``['[0.1, 0.5']``; the override is refused as malformed YAML, while a value YAML cannot read
+    that is no list (a pattern starting with '{task}') is still the string written."""
+    f = tmp_path / "ok.yaml"
+    f.write_text(yaml.safe_dump(sweep_dict))
+    override = "methods.1.grid.scaling=[0.1, 0.5"
+    code, _, err = _run(["validate", str(f), override])
+    assert code == 2
+    assert " ".join(err.split()) == (f"error: <command line> ({override}, over {f}): methods.1.grid.scaling: "
+                                     "malformed YAML list: expected ',' or ']', but got '<stream end>' "
+                                     "(got '[0.1, 0.5')")
+    from harness.config import parse_override
+
+    assert parse_override("model.finetuned_pattern={task}/encoder.pt")[1] == "{task}/encoder.pt"
+
+
 def test_merge_keys_may_be_overridden(tmp_path):
     from harness.config import read_yaml
 
