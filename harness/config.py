@@ -514,10 +514,10 @@ class RobustnessSpec(Strict):
     def _known(cls, v: list[str]) -> list[str]:
         from tasks.corruptions import ALL_CORRUPTIONS
 
-        for name in v:
-            if name not in ALL_CORRUPTIONS:
-                raise ValueError(f"unknown corruption {name!r}{did_you_mean(name, ALL_CORRUPTIONS)} "
-                                 f"(known: {', '.join(ALL_CORRUPTIONS)})")
+        unknown = [f"unknown corruption {name!r}{did_you_mean(name, ALL_CORRUPTIONS)}"
+                   for name in v if name not in ALL_CORRUPTIONS]  # every one, so one run lists them all
+        if unknown:
+            raise ValueError(f"{'; '.join(unknown)} (known: {', '.join(ALL_CORRUPTIONS)})")
         return v
 
 

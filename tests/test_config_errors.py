@@ -461,6 +461,19 @@ def test_an_unclosed_list_in_an_override_is_malformed_yaml_not_a_string(sweep_di
     assert parse_override("model.finetuned_pattern={task}/encoder.pt")[1] == "{task}/encoder.pt"
 
 
+def test_every_unknown_corruption_is_named_at_once(sweep_dict, tmp_path):
+    """Two misspelt corruptions: the second was told only once the first was fixed."""
+    d = copy.deepcopy(sweep_dict)
+    d["robustness"] = {"tasks": ["toy_stripes"], "corruptions": ["contrast", "gausian_noise", "fgo"]}
+    f = tmp_path / "r.yaml"
+    f.write_text(yaml.safe_dump(d))
+    code, _, err = _run(["validate", str(f)])
+    assert code == 2
+    assert " ".join(err.split()).startswith(
+        f"error: {f}: robustness.corruptions: unknown corruption 'gausian_noise'; did you mean 'gaussian_noise'?; "
+        "unknown corruption 'fgo'; did you mean 'fog'? (known: "), err
+
+
 def test_merge_keys_may_be_overridden(tmp_path):
     from harness.config import read_yaml
 
