@@ -18,10 +18,11 @@ import re
 import string
 import types
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Literal, NamedTuple, Union, get_args, get_origin
+from typing import TYPE_CHECKING, Annotated, Any, Iterable, Iterator, Literal, NamedTuple, Union, get_args, get_origin
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -128,23 +129,23 @@ def _expand_input(cls: type, v: str | None) -> str | None:
     return expand_env(v, input_path=True) if v else v
 
 
+#: A path of the sweep's inputs in a mapping (``model.finetuned``'s, ``model.heads``'s): ``${VAR}``
+#: expands in each value, and an unset variable is told at its key (``model.finetuned.cars``).
+InputPath = Annotated[str, AfterValidator(lambda v: expand_env(v, input_path=True))]
+
+
 class ModelSpec(Strict):
     """Where the pretrained model and the fine-tuned image encoders come from."""
 
     source: Literal["embedded", "files"] = "embedded"
     arch: str = Field("harness-tiny-vit", description="open_clip architecture name")
     pretrained: str | None = Field(None, description="weights file or cached open_clip tag")
-    finetuned: dict[str, str] = Field(default_factory=dict, description="task -> image-encoder checkpoint")
+    finetuned: dict[str, InputPath] = Field(default_factory=dict, description="task -> image-encoder checkpoint")
     finetuned_pattern: str | None = Field(None, description="checkpoint path with {task}")
-    heads: dict[str, str] = Field(default_factory=dict, description="task -> stored head [classes, dim]")
+    heads: dict[str, InputPath] = Field(default_factory=dict, description="task -> stored head [classes, dim]")
     suite: dict[str, Any] = Field(default_factory=dict, description="options of the embedded suite")
 
     _env = field_validator("pretrained", "finetuned_pattern")(classmethod(_expand_input))
-
-    @field_validator("finetuned", "heads")
-    @classmethod
-    def _env_map(cls, v: dict[str, str]) -> dict[str, str]:
-        return {k: expand_env(p, input_path=True) for k, p in v.items()}
 
     @field_validator("finetuned_pattern")
     @classmethod

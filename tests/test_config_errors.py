@@ -379,6 +379,24 @@ def test_env_expands_in_a_study_storage(sweep_dict, tmp_path, monkeypatch):
                                      "/studies.db')")
 
 
+def test_an_unset_variable_in_a_per_task_model_file_names_its_task_and_value(sweep_dict, tmp_path):
+    """``model.finetuned`` and ``model.heads`` values: an unset ``${VAR}`` was told at the whole
+    mapping, without the value and for the first alone; each is told at its task's key."""
+    d = copy.deepcopy(sweep_dict)
+    d["model"]["finetuned"] = {"toy_stripes": "${HARNESS_TEST_UNSET_VAR}/a.safetensors"}
+    d["model"]["heads"] = {"toy_colours": "${HARNESS_TEST_UNSET_VAR2}/b.pt"}
+    f = tmp_path / "env.yaml"
+    f.write_text(yaml.safe_dump(d))
+    code, _, err = _run(["validate", str(f)])
+    assert code == 2
+    assert err.splitlines() == [
+        f"error: {f}: model.finetuned.toy_stripes: environment variable HARNESS_TEST_UNSET_VAR is not set "
+        "(got '${HARNESS_TEST_UNSET_VAR}/a.safetensors')",
+        f"{f}: model.heads.toy_colours: environment variable HARNESS_TEST_UNSET_VAR2 is not set "
+        "(got '${HARNESS_TEST_UNSET_VAR2}/b.pt')",
+    ]
+
+
 @pytest.mark.parametrize("suite,tasks,fragments", [
     ({"finetune_stepz": 3}, ["emb_mnist"], ["model.suite.finetune_stepz: unknown key; did you mean 'finetune_steps'?"]),
     ({"arch": "harness-tiny-vt"}, ["emb_mnist"],
