@@ -623,11 +623,13 @@ class ExecutorSpec(Strict):
     @classmethod
     def _env_one_word(cls, v: str | None) -> str | None:
         """``${VAR}`` expanded, and the value still one word: a line break from the environment
-        would end the ``#SBATCH`` line, and the rest would run as a command in the job's shell."""
+        would end the ``#SBATCH`` line, and the rest would run as a command in the job's shell.
+        One expanding to nothing (``${SLURM_PARTITION:-}``) is unset, the cluster's default, as
+        a shell's ``sbatch ${P:+-p $P}`` leaves it: not an option of the empty name."""
         expanded = _expand_input(cls, v)
         if expanded and not re.fullmatch(r"\S+", expanded):
             raise ValueError(f"expands to {expanded!r}, which is not one word (it holds whitespace)")
-        return expanded
+        return expanded or None
 
     @field_validator("mem_gb")
     @classmethod
