@@ -575,7 +575,7 @@ def _methods_to_list(names: tuple[str, ...], sweep_file: str | None) -> dict[str
     """The methods ``harness list methods`` was asked for: those ``sweep_file`` names (read as
     written: a hyperparameter it gets wrong does not hide the list that shows the right ones),
     then ``names``."""
-    from harness.config import ConfigError, read_yaml
+    from harness.config import ConfigError, gathered, read_yaml
     from methods.base import methods_named
 
     wanted: list[tuple[str, str, str]] = []  # (file, field, name)
@@ -590,11 +590,14 @@ def _methods_to_list(names: tuple[str, ...], sweep_file: str | None) -> dict[str
             wanted.append((sweep_file, f"methods.{i}" if m is name else f"methods.{i}.name", name))
     wanted += [("harness list methods", "NAMES", name) for name in names]
     shown: dict[str, type] = {}
+    faults: list[ConfigError] = []  # every name at fault, a line each, as validate tells a sweep's
     for file, field, name in wanted:
         try:
             shown.update(methods_named(name))
         except KeyError as exc:
-            raise ConfigError(file, field, str(exc.args[0]), show_value=False) from None
+            faults.append(ConfigError(file, field, str(exc.args[0]), show_value=False))
+    if faults:
+        raise gathered(faults)
     return shown
 
 

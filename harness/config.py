@@ -18,10 +18,11 @@ import re
 import string
 import types
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Literal, NamedTuple, Union, get_args, get_origin
+from typing import TYPE_CHECKING, Annotated, Any, Iterable, Iterator, Literal, NamedTuple, Union, get_args, get_origin
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -128,23 +129,23 @@ def _expand_input(cls: type, v: str | None) -> str | None:
     return expand_env(v, input_path=True) if v else v
 
 
+#: A path of the sweep's inputs in a mapping (``model.finetuned``'s, ``model.heads``'s): ``${VAR}``
+#: expands in each value, and an unset variable is told at its key (``model.finetuned.cars``).
+InputPath = Annotated[str, AfterValidator(lambda v: expand_env(v, input_path=True))]
+
+
 class ModelSpec(Strict):
     """Where the pretrained model and the fine-tuned image encoders come from."""
 
     source: Literal["embedded", "files"] = "embedded"
     arch: str = Field("harness-tiny-vit", description="open_clip architecture name")
     pretrained: str | None = Field(None, description="weights file or cached open_clip tag")
-    finetuned: dict[str, str] = Field(default_factory=dict, description="task -> image-encoder checkpoint")
+    finetuned: dict[str, InputPath] = Field(default_factory=dict, description="task -> image-encoder checkpoint")
     finetuned_pattern: str | None = Field(None, description="checkpoint path with {task}")
-    heads: dict[str, str] = Field(default_factory=dict, description="task -> stored head [classes, dim]")
+    heads: dict[str, InputPath] = Field(default_factory=dict, description="task -> stored head [classes, dim]")
     suite: dict[str, Any] = Field(default_factory=dict, description="options of the embedded suite")
 
     _env = field_validator("pretrained", "finetuned_pattern")(classmethod(_expand_input))
-
-    @field_validator("finetuned", "heads")
-    @classmethod
-    def _env_map(cls, v: dict[str, str]) -> dict[str, str]:
-        return {k: expand_env(p, input_path=True) for k, p in v.items()}
 
     @field_validator("finetuned_pattern")
     @classmethod
@@ -344,7 +345,10 @@ class TuneSpec(Strict):
     @classmethod
     def _storage_url(cls, v: str | None) -> str | None:
         """A storage the study can open, checked before any job runs (it is opened only after the
-        sweep's other jobs, where a bad one was a traceback)."""
+        sweep's other jobs, where a bad one was a traceback). ``${VAR}`` expands, as in the other
+        paths and the tracking URI (a journal was made under a folder named ``${VAR}``); left as
+        ``$VAR`` where a command that never opens the study loads the file (report, ui, status)."""
+        v = _expand_input(cls, v)
         if v is not None:
             problem = optuna_storage_problem(v)
             if problem:
@@ -511,10 +515,10 @@ class RobustnessSpec(Strict):
     def _known(cls, v: list[str]) -> list[str]:
         from tasks.corruptions import ALL_CORRUPTIONS
 
-        for name in v:
-            if name not in ALL_CORRUPTIONS:
-                raise ValueError(f"unknown corruption {name!r}{did_you_mean(name, ALL_CORRUPTIONS)} "
-                                 f"(known: {', '.join(ALL_CORRUPTIONS)})")
+        unknown = [f"unknown corruption {name!r}{did_you_mean(name, ALL_CORRUPTIONS)}"
+                   for name in v if name not in ALL_CORRUPTIONS]  # every one, so one run lists them all
+        if unknown:
+            raise ValueError(f"{'; '.join(unknown)} (known: {', '.join(ALL_CORRUPTIONS)})")
         return v
 
 
@@ -619,11 +623,13 @@ class ExecutorSpec(Strict):
     @classmethod
     def _env_one_word(cls, v: str | None) -> str | None:
         """``${VAR}`` expanded, and the value still one word: a line break from the environment
-        would end the ``#SBATCH`` line, and the rest would run as a command in the job's shell."""
+        would end the ``#SBATCH`` line, and the rest would run as a command in the job's shell.
+        One expanding to nothing (``${SLURM_PARTITION:-}``) is unset, the cluster's default, as
+        a shell's ``sbatch ${P:+-p $P}`` leaves it: not an option of the empty name."""
         expanded = _expand_input(cls, v)
         if expanded and not re.fullmatch(r"\S+", expanded):
             raise ValueError(f"expands to {expanded!r}, which is not one word (it holds whitespace)")
-        return expanded
+        return expanded or None
 
     @field_validator("mem_gb")
     @classmethod
@@ -1022,9 +1028,14 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         raise ConfigError("<command line>", key, f"list items are dotted indices: write {dotted}={text}",
                           show_value=False)
     try:
-        value = yaml.load(text, Loader=_SlurmTimeLoader) if text != "" else ""
-    except yaml.YAMLError:
-        value = text
+        value = yaml.load(text, Loader=_UniqueKeyLoader) if text != "" else ""
+    except DuplicateKeyError as exc:  # as in a file: plain YAML would keep the last silently
+        raise ConfigError("<command line>", key, f"malformed YAML: {exc.problem}", text) from None
+    except yaml.YAMLError as exc:
+        if text.lstrip().startswith("["):  # a list left unclosed, not a string: told so, not taken as text
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise ConfigError("<command line>", key, f"malformed YAML list: {problem}", text) from None
+        value = text  # a string YAML cannot read alone, such as a pattern '{task}/x.pt'
     return key.split("."), value
 
 
@@ -1103,6 +1114,10 @@ _SlurmTimeLoader.add_constructor("tag:yaml.org,2002:int", _SlurmTimeLoader.const
 _SlurmTimeLoader.add_constructor("tag:yaml.org,2002:float", _SlurmTimeLoader.construct_yaml_float)
 
 
+class DuplicateKeyError(yaml.constructor.ConstructorError):
+    """A key given twice in one YAML mapping."""
+
+
 class _UniqueKeyLoader(_SlurmTimeLoader):
     """YAML that refuses a key given twice in one mapping (plain YAML keeps the last silently)."""
 
@@ -1111,8 +1126,7 @@ class _UniqueKeyLoader(_SlurmTimeLoader):
         for key_node, _ in node.value:
             if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
                 if key_node.value in seen:
-                    raise yaml.constructor.ConstructorError(None, None, f"key {key_node.value!r} given twice",
-                                                            key_node.start_mark)
+                    raise DuplicateKeyError(None, None, f"key {key_node.value!r} given twice", key_node.start_mark)
                 seen.add(key_node.value)
         return super().construct_mapping(node, deep)
 
@@ -1206,6 +1220,7 @@ def check_suite(cfg: SweepConfig, file: str) -> None:
     problem = (unknown_arch_problem(arch) or suite_arch_problem(arch)) if isinstance(arch, str) else None
     if problem:
         raise ConfigError(file, "model.suite.arch", problem, arch)
+    found = Gathering()  # every task without a model, a line each
     for i, t in enumerate(cfg.tasks):
         if t.name in EMBEDDED_TASKS or t.name not in cfg.merge_tasks:  # an unseen task needs data and a head only
             continue
@@ -1215,9 +1230,11 @@ def check_suite(cfg: SweepConfig, file: str) -> None:
                        "with source 'files'")
         else:
             instead = "list it in 'unseen:' to evaluate it without merging it (zero-shot head)"
-        raise ConfigError(file, t.name_field(f"tasks.{i}"), f"model.source 'embedded' has no fine-tuned model for "
-                          f"task {t.name!r}{did_you_mean(t.name, EMBEDDED_TASKS)} (embedded tasks: "
-                          f"{', '.join(EMBEDDED_TASKS)}); {instead}", show_value=False)
+        found.errors.append(ConfigError(
+            file, t.name_field(f"tasks.{i}"), f"model.source 'embedded' has no fine-tuned model for task "
+            f"{t.name!r}{did_you_mean(t.name, EMBEDDED_TASKS)} (embedded tasks: {', '.join(EMBEDDED_TASKS)}); "
+            f"{instead}", show_value=False))
+    found.raise_any()
 
 
 def suite_arch_problem(arch: str) -> str | None:
@@ -1434,36 +1451,51 @@ def valid_task_names(names: list[str], known: dict[str, str]) -> list[str]:
 
 def check_task_lists(cfg: SweepConfig, file: str, known: dict[str, str]) -> None:
     """The fields naming the sweep's tasks (seen, unseen, robustness, per-task model files),
-    tuning objectives and the generalization block."""
+    tuning objectives and the generalization block: every entry naming no task of the sweep, a
+    line each, so one run lists them all. The split itself (a task both seen and unseen, or
+    neither) is judged once every name in it is one of the sweep's: a misspelt one would also be
+    told as a task left out."""
     names = cfg.task_names
+    found = Gathering()
     subsets = [("seen", cfg.seen or []), ("unseen", cfg.unseen)]
     if cfg.robustness:
         subsets.append(("robustness.tasks", cfg.robustness.tasks))
     for field_name, values in subsets:
         for i, name in enumerate(values):
             if name not in names:
-                raise ConfigError(file, f"{field_name}.{i}", f"not one of the sweep's tasks"
-                                  f"{did_you_mean(name, valid_task_names(names, known))}", name)
+                found.errors.append(ConfigError(file, f"{field_name}.{i}", f"not one of the sweep's tasks"
+                                                f"{did_you_mean(name, valid_task_names(names, known))}", name))
     for field_name, given in (("model.finetuned", cfg.model.finetuned), ("model.heads", cfg.model.heads)):
         for name in given:  # a typo would otherwise leave the task on the pattern, or on zero-shot heads
             if name not in names and name not in known:  # a registered task's entry waits for a sweep with it
-                raise ConfigError(file, f"{field_name}.{name}", f"neither one of the sweep's tasks "
-                                  f"({', '.join(names)}) nor a registered task{did_you_mean(name, [*names, *known])}",
-                                  show_value=False)
+                found.errors.append(ConfigError(
+                    file, f"{field_name}.{name}", f"neither one of the sweep's tasks ({', '.join(names)}) nor a "
+                    f"registered task{did_you_mean(name, [*names, *known])}", show_value=False))
+    if not any(e.path.startswith(("seen.", "unseen.")) for e in found.errors):
+        with found.check():
+            _check_split(cfg, file)
+    objectives = ["val/acc/avg", *(f"val/acc/{t}" for t in names)]
+    for i, m in enumerate(cfg.methods):
+        if m.tune and m.tune.objective not in objectives:  # else every trial would run, then fail
+            found.errors.append(ConfigError(file, f"methods.{i}.tune.objective",
+                                            f"not a metric a trial reports; one of: {', '.join(objectives)}",
+                                            m.tune.objective))
+    with found.check():
+        check_generalization(cfg, file)
+    found.raise_any()
+
+
+def _check_split(cfg: SweepConfig, file: str) -> None:
+    """The top-level ``seen``/``unseen`` split: no task in both, each in one when both are given,
+    and a task left to merge."""
     both = set(cfg.seen or []) & set(cfg.unseen)
     if both:
         raise ConfigError(file, "unseen", f"tasks both seen and unseen: {sorted(both)}", show_value=False)
-    rest = [t for t in names if t not in (cfg.seen or []) and t not in cfg.unseen]
+    rest = [t for t in cfg.task_names if t not in (cfg.seen or []) and t not in cfg.unseen]
     if cfg.seen is not None and cfg.unseen and rest:  # as the generalization block: each task one of them
         raise ConfigError(file, "seen", f"tasks neither seen nor unseen: {rest}", show_value=False)
     if not cfg.merge_tasks:
         raise ConfigError(file, "unseen", "every task is unseen: nothing to merge", show_value=False)
-    objectives = ["val/acc/avg", *(f"val/acc/{t}" for t in names)]
-    for i, m in enumerate(cfg.methods):
-        if m.tune and m.tune.objective not in objectives:  # else every trial would run, then fail
-            raise ConfigError(file, f"methods.{i}.tune.objective",
-                              f"not a metric a trial reports; one of: {', '.join(objectives)}", m.tune.objective)
-    check_generalization(cfg, file)
 
 
 def relative_note(path: str) -> str:
@@ -1654,11 +1686,14 @@ def check_checkpoint_shapes(cfg: SweepConfig, file: str) -> None:
         if not _read_as_is(Path(path)):
             continue
         try:
-            found = encoder_shapes(tensor_shapes(path))
+            held = tensor_shapes(path)
         except HarnessError:
             continue  # check_model_contents names the unreadable file
+        found = encoder_shapes(held)
+        if found is None and not any(k.endswith("class_embedding") for k in held):
+            found = held  # no encoder under a prefix: read as the run reads it, in the harness's layout
         if found is None:
-            continue  # not one image encoder: the run says what it holds
+            continue  # several image encoders: the run says what it holds
         checked += 1
         k = first_shape_mismatch(expected, found)
         if k is not None:
@@ -2053,13 +2088,16 @@ def check_generalization(cfg: SweepConfig, file: str) -> None:
         raise ConfigError(file, "generalization", f"cannot be combined with top-level {which!r}, which already "
                           "makes the whole sweep a generalization study; keep one of them", show_value=False)
     names = cfg.task_names
+    found = Gathering()  # every misnamed entry, a line each
     for field_name in ("unseen", "seen"):
         for i, name in enumerate(getattr(g, field_name) or []):
             if name not in names:
                 from tasks.base import available_tasks
 
-                raise ConfigError(file, f"generalization.{field_name}.{i}", "not one of the sweep's tasks"
-                                  f"{did_you_mean(name, valid_task_names(names, available_tasks()))}", name)
+                found.errors.append(ConfigError(
+                    file, f"generalization.{field_name}.{i}", "not one of the sweep's tasks"
+                    f"{did_you_mean(name, valid_task_names(names, available_tasks()))}", name))
+    found.raise_any()
     unseen = set(g.unseen or [])
     if g.seen is not None:
         both = set(g.seen) & unseen

@@ -281,6 +281,12 @@ def _missing_tensor(state):
     return {k: v for k, v in state.items() if k != "ln_post.bias"}
 
 
+def _missing_class_embedding(state):
+    """The tensor that marks where an image encoder lies in a file: without it, validate took the
+    file for no encoder and left it to the run."""
+    return {k: v for k, v in state.items() if k != "class_embedding"}
+
+
 def _extra_tensor(state):
     return {**state, "head.weight": torch.zeros(3, 32)}
 
@@ -292,9 +298,10 @@ def _int8_tensor(state):
 @pytest.mark.parametrize("layout", ["encoder.safetensors", "clip.safetensors", "encoder.pt"])
 @pytest.mark.parametrize("edit,fragment", [
     (_missing_tensor, "tensor 'ln_post.bias' of the pretrained image encoder is missing"),
+    (_missing_class_embedding, "tensor 'class_embedding' of the pretrained image encoder is missing"),
     (_extra_tensor, "unexpected tensor 'head.weight' (not an image encoder of harness-micro-vit)"),
     (_int8_tensor, "tensor 'ln_post.weight' has dtype int8, not floating point"),
-], ids=["missing", "extra", "int8"])
+], ids=["missing", "missing-class-embedding", "extra", "int8"])
 def test_validate_names_a_fine_tuned_checkpoint_the_preflight_refuses(edit, fragment, layout, sweep_dict, tmp_path):
     """A fine-tuned checkpoint missing a tensor of the encoder, holding one more, or holding an
     integer tensor passed validate and the dry run, and was refused only by the run's preflight:

@@ -134,6 +134,19 @@ def test_list_methods_names_what_it_cannot_find(tmp_path):
     assert r.exit_code == 2 and "`harness list tasks` takes neither" in r.output
 
 
+def test_list_methods_names_every_method_it_cannot_find_at_once(tmp_path):
+    """Two unknown methods in the sweep and one among NAMES: the first alone was told, one fix
+    per run; each is a line of one error, as ``validate`` tells a sweep's."""
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text(yaml.safe_dump({"name": "s", "methods": ["tie", "ties", {"name": "nowhere:Gone"}]}))
+    r = CliRunner().invoke(main, ["list", "methods", "--sweep", str(sweep), "tiess"], env={"COLUMNS": "300"})
+    assert r.exit_code == 2
+    lines = r.stderr.strip().splitlines()
+    assert [line.removeprefix("error: ").split(": ")[:2] for line in lines] == [
+        [str(sweep), "methods.0"], [str(sweep), "methods.2.name"], ["harness list methods", "NAMES"]], lines
+    assert lines[0].endswith("; did you mean 'ties'?") and lines[2].endswith("; did you mean 'ties'?")
+
+
 def test_list_tasks_and_models():
     r = CliRunner().invoke(main, ["list", "tasks"], env={"COLUMNS": "200"})
     assert r.exit_code == 0 and "toy_stripes" in r.output

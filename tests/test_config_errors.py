@@ -357,6 +357,46 @@ def test_env_expands_in_a_task_data_root(sweep_dict, tmp_path, monkeypatch):
             "set") in " ".join(err.split())
 
 
+def test_env_expands_in_a_study_storage(sweep_dict, tmp_path, monkeypatch):
+    """``tune.storage`` is a path (a journal's) or a URL as ``tracking_uri`` is: ``${VAR}`` expands
+    in it (a journal was made under a folder named ``${VAR}`` in the working folder), and an unset
+    variable is an error naming that field."""
+    from harness.config import load_config
+
+    monkeypatch.setenv("HARNESS_TEST_ROOT", str(tmp_path))
+    d = _set(sweep_dict, "methods.1", {"name": "task_arithmetic", "tune": {
+        "n_trials": 2, "space": {"scaling": {"type": "float", "low": 0.1, "high": 0.9}},
+        "storage": "journal:${HARNESS_TEST_ROOT}/studies/journal.log"}})
+    f = tmp_path / "ok.yaml"
+    f.write_text(yaml.safe_dump(d))
+    assert load_config(f).methods[1].tune.storage == f"journal:{tmp_path}/studies/journal.log"
+    d["methods"][1]["tune"]["storage"] = "sqlite:///${HARNESS_TEST_UNSET_VAR}/studies.db"
+    f.write_text(yaml.safe_dump(d))
+    code, _, err = _run(["validate", str(f)])
+    assert code == 2, err
+    assert " ".join(err.split()) == (f"error: {f}: methods.1.tune.storage: environment variable "
+                                     "HARNESS_TEST_UNSET_VAR is not set (got 'sqlite:///${HARNESS_TEST_UNSET_VAR}"
+                                     "/studies.db')")
+
+
+def test_an_unset_variable_in_a_per_task_model_file_names_its_task_and_value(sweep_dict, tmp_path):
+    """``model.finetuned`` and ``model.heads`` values: an unset ``${VAR}`` was told at the whole
+    mapping, without the value and for the first alone; each is told at its task's key."""
+    d = copy.deepcopy(sweep_dict)
+    d["model"]["finetuned"] = {"toy_stripes": "${HARNESS_TEST_UNSET_VAR}/a.safetensors"}
+    d["model"]["heads"] = {"toy_colours": "${HARNESS_TEST_UNSET_VAR2}/b.pt"}
+    f = tmp_path / "env.yaml"
+    f.write_text(yaml.safe_dump(d))
+    code, _, err = _run(["validate", str(f)])
+    assert code == 2
+    assert err.splitlines() == [
+        f"error: {f}: model.finetuned.toy_stripes: environment variable HARNESS_TEST_UNSET_VAR is not set "
+        "(got '${HARNESS_TEST_UNSET_VAR}/a.safetensors')",
+        f"{f}: model.heads.toy_colours: environment variable HARNESS_TEST_UNSET_VAR2 is not set "
+        "(got '${HARNESS_TEST_UNSET_VAR2}/b.pt')",
+    ]
+
+
 @pytest.mark.parametrize("suite,tasks,fragments", [
     ({"finetune_stepz": 3}, ["emb_mnist"], ["model.suite.finetune_stepz: unknown key; did you mean 'finetune_steps'?"]),
     ({"arch": "harness-tiny-vt"}, ["emb_mnist"],
@@ -414,6 +454,48 @@ def test_key_given_twice_is_refused_with_its_line(tmp_path):
     code, _, err = _run(["validate", str(f)])
     assert code == 2
     assert " ".join(err.split()) == f"error: {f}: malformed YAML: line 5, column 28: key 'scaling' given twice"
+
+
+def test_key_given_twice_in_an_override_value_is_refused(sweep_dict, tmp_path):
+    """An override's value is YAML as the file is: a key given twice in its mapping was kept the
+    last silently (a grid of 0.9 alone ran); it is refused naming the override."""
+    f = tmp_path / "ok.yaml"
+    f.write_text(yaml.safe_dump(sweep_dict))
+    override = "methods.1.grid={scaling: [0.1], scaling: [0.9]}"
+    code, _, err = _run(["validate", str(f), override])
+    assert code == 2
+    assert " ".join(err.split()) == (f"error: <command line> ({override}, over {f}): methods.1.grid: malformed "
+                                     "YAML: key 'scaling' given twice (got '{scaling: [0.1], scaling: [0.9]}')")
+
+
+def test_an_unclosed_list_in_an_override_is_malformed_yaml_not_a_string(sweep_dict, tmp_path):
+    """``[0.1, 0.5`` was taken as the string '[0.1, 0.5', and the grid's line then advised writing
+    ``['[0.1, 0.5']``; the override is refused as malformed YAML, while a value YAML cannot read
+    that is no list (a pattern starting with '{task}') is still the string written."""
+    f = tmp_path / "ok.yaml"
+    f.write_text(yaml.safe_dump(sweep_dict))
+    override = "methods.1.grid.scaling=[0.1, 0.5"
+    code, _, err = _run(["validate", str(f), override])
+    assert code == 2
+    assert " ".join(err.split()) == (f"error: <command line> ({override}, over {f}): methods.1.grid.scaling: "
+                                     "malformed YAML list: expected ',' or ']', but got '<stream end>' "
+                                     "(got '[0.1, 0.5')")
+    from harness.config import parse_override
+
+    assert parse_override("model.finetuned_pattern={task}/encoder.pt")[1] == "{task}/encoder.pt"
+
+
+def test_every_unknown_corruption_is_named_at_once(sweep_dict, tmp_path):
+    """Two misspelt corruptions: the second was told only once the first was fixed."""
+    d = copy.deepcopy(sweep_dict)
+    d["robustness"] = {"tasks": ["toy_stripes"], "corruptions": ["contrast", "gausian_noise", "fgo"]}
+    f = tmp_path / "r.yaml"
+    f.write_text(yaml.safe_dump(d))
+    code, _, err = _run(["validate", str(f)])
+    assert code == 2
+    assert " ".join(err.split()).startswith(
+        f"error: {f}: robustness.corruptions: unknown corruption 'gausian_noise'; did you mean 'gaussian_noise'?; "
+        "unknown corruption 'fgo'; did you mean 'fog'? (known: "), err
 
 
 def test_merge_keys_may_be_overridden(tmp_path):
@@ -1044,6 +1126,34 @@ def test_unknown_names_and_bad_hyperparameters_of_several_entries_are_all_report
     assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
 
 
+def test_every_misnamed_entry_of_the_task_lists_is_reported_at_once(sweep_dict, tmp_path):
+    """Misnamed entries in ``seen``, ``unseen``, ``model.heads`` and the generalization block were
+    told one per run (the first only); each is a line of one error, and the split's own checks
+    (a task neither seen nor unseen) do not add a line for what a misspelling left out."""
+    d = copy.deepcopy(sweep_dict)
+    d["seen"] = ["toy_stripe", "toy_colour"]
+    d["unseen"] = ["toy_x"]
+    d["model"]["heads"] = {"toy_strpes": "a.pt"}
+    f = tmp_path / "lists.yaml"
+    f.write_text(yaml.safe_dump(d))
+    code, out, err = _run(["validate", str(f)])
+    assert code == 2 and "Traceback" not in out + err
+    assert err.splitlines() == [
+        f"error: {f}: seen.0: not one of the sweep's tasks; did you mean 'toy_stripes'? (got 'toy_stripe')",
+        f"{f}: seen.1: not one of the sweep's tasks; did you mean 'toy_colours'? (got 'toy_colour')",
+        f"{f}: unseen.0: not one of the sweep's tasks (got 'toy_x')",
+        f"{f}: model.heads.toy_strpes: neither one of the sweep's tasks (toy_stripes, toy_colours) nor a "
+        "registered task; did you mean 'toy_stripes'?",
+    ]
+    g = copy.deepcopy(sweep_dict)
+    g["generalization"] = {"unseen": ["toy_colour", "toy_strip"]}
+    f.write_text(yaml.safe_dump(g))
+    code, _, err = _run(["validate", str(f)])
+    assert code == 2
+    assert [line.removeprefix("error: ").split(": ")[1] for line in err.splitlines()] == [
+        "generalization.unseen.0", "generalization.unseen.1"], err
+
+
 @pytest.mark.parametrize("block", ["unseen", "generalization", "robustness"])
 def test_a_task_list_suggests_no_misspelt_task_of_the_sweep(block, sweep_dict, tmp_path):
     """A task misspelt in ``tasks`` and written right in a list naming the sweep's tasks: the
@@ -1065,6 +1175,20 @@ def test_a_task_list_suggests_no_misspelt_task_of_the_sweep(block, sweep_dict, t
     assert code == 2 and lines[0].startswith(f"error: {f}: tasks.1: unknown task 'toy_colour'; did you mean "
                                              "'toy_colours'?"), err
     assert lines[1:] == [f"{f}: {field[block]}: not one of the sweep's tasks (got 'toy_colours')"], err
+
+
+def test_every_task_the_embedded_suite_has_no_model_of_is_reported_at_once(tmp_path):
+    """Two tasks the embedded suite has no fine-tuned model of: the second was told only once
+    the first was fixed; each is a line, after a misspelt task's own line."""
+    f = tmp_path / "emb.yaml"
+    f.write_text(yaml.safe_dump({"name": "e", "model": {"source": "embedded"},
+                                 "tasks": ["emb_mnist", "emb_fashon", "toy_stripes", "toy_colours"]}))
+    code, _, err = _run(["validate", str(f)])
+    assert code == 2
+    lines = err.splitlines()
+    assert [line.removeprefix("error: ").split(": ")[1] for line in lines] == ["tasks.1", "tasks.2", "tasks.3"], err
+    assert "unknown task 'emb_fashon'" in lines[0]
+    assert all("has no fine-tuned model" in line for line in lines[1:]), err
 
 
 def test_a_field_two_checks_find_at_fault_is_one_line(tmp_path):

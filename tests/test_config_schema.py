@@ -346,3 +346,19 @@ def test_the_resolved_config_written_out_states_the_values_the_file_left_to_defa
     assert written == cfg.model_dump(mode="json")
     assert written["references"]["pretrained"] is True and written["eval"]["precision"] == "fp32"
     assert written["seed"] == cfg.seed and written["adapt"] == {"split": "test", "shuffle_seed": 0}
+
+
+@pytest.mark.parametrize("field", ["partition", "account", "qos", "constraint"])
+def test_a_slurm_option_expanding_to_nothing_is_the_cluster_default(field, monkeypatch):
+    """``${VAR:-}`` (or a variable set to the empty string) expanded to '', which went to sbatch as
+    an option of the empty name (``--partition=''``, a partition the cluster lacks); it is unset."""
+    from harness.config import ExecutorSpec, SweepConfig
+    from harness.executors.slurm import submitit_parameters
+
+    monkeypatch.setenv("SLURM_OPT_EMPTY", "")
+    for given in ("${SLURM_OPT_UNSET_HERE:-}", "${SLURM_OPT_EMPTY}"):
+        spec = ExecutorSpec(kind="slurm", **{field: given})
+        assert getattr(spec, field) is None
+    cfg = SweepConfig.model_validate({"name": "s", "tasks": ["emb_mnist"],
+                                      "executor": {"kind": "slurm", field: "${SLURM_OPT_EMPTY}"}})
+    assert f"slurm_{field}" not in submitit_parameters(cfg)
