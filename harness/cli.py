@@ -264,7 +264,8 @@ def _print_corrupted_splits(cfg, ws) -> None:
 @click.argument("file", type=click.Path())
 @click.argument("overrides", nargs=-1)
 @click.option("--dry-run", is_flag=True, help="Print the resolved config and job plan; run nothing.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+@click.option("-q", "--quiet", is_flag=True,
+              help="No progress bars or per-job lines (warnings and errors still print).")
 @click.option("--detach", is_flag=True, help="SLURM: submit the jobs and return; see `status`, `collect`.")
 def sweep(file: str, overrides: tuple[str, ...], dry_run: bool, quiet: bool, detach: bool) -> None:
     """Run a sweep: FILE is a YAML sweep, OVERRIDES are key.path=value."""
@@ -351,7 +352,8 @@ def _report(cfg, outcome, quiet: bool) -> None:
 @click.option("--method", "label", required=True,
               help="The method's label in the sweep, or its name when one tuned method has it.")
 @click.option("--trials", type=int, default=None, help="Override tune.n_trials.")
-@click.option("-q", "--quiet", is_flag=True)
+@click.option("-q", "--quiet", is_flag=True,
+              help="No progress bars or per-trial lines (warnings and errors still print).")
 def tune(file: str, overrides: tuple[str, ...], label: str, trials: int | None, quiet: bool) -> None:
     """Tune one method of FILE (its `tune:` block) without the rest of the sweep.
 
@@ -768,7 +770,7 @@ def report(target: str, tracking_uri: str | None, out_dir: str | None, against: 
 @click.argument("file", required=False, type=click.Path())
 @click.argument("overrides", nargs=-1)
 @click.option("--from-scratch", is_flag=True, help="Retrain the pretrained model instead of using the shipped one.")
-@click.option("-q", "--quiet", is_flag=True)
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars (errors still print).")
 def prepare(file: str | None, overrides: tuple[str, ...], from_scratch: bool, quiet: bool) -> None:
     """Build the embedded suite's models (pretrained + fine-tuned), cached for reuse."""
     import time
