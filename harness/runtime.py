@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Iterator
 
 import torch
@@ -95,18 +95,24 @@ def omp_threads() -> int | None:
 
 
 @contextmanager
-def evaluation_threads() -> Iterator[None]:
-    """Large-batch evaluation with the cores a small model's single training thread leaves idle
-    (measured: 8 tasks' val and test splits of the embedded suite, 8.1 s on 1 thread, 4.0 s on 2)."""
+def torch_threads(n: int | None) -> Iterator[None]:
+    """torch's intra-op threads set to ``n`` for the block (left as they are for None), the
+    caller's count restored after."""
     before = torch.get_num_threads()
-    if _EVAL_THREADS is None or _EVAL_THREADS == before:
+    if n is None or n == before:
         yield
         return
-    torch.set_num_threads(_EVAL_THREADS)
+    torch.set_num_threads(n)
     try:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def evaluation_threads() -> AbstractContextManager[None]:
+    """Large-batch evaluation with the cores a small model's single training thread leaves idle
+    (measured: 8 tasks' val and test splits of the embedded suite, 8.1 s on 1 thread, 4.0 s on 2)."""
+    return torch_threads(_EVAL_THREADS)
 
 
 def start_forked_helper(worker_id: int | None = None) -> None:

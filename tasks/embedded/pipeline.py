@@ -62,6 +62,7 @@ from harness.models import (
     whole_safetensors,
     zeroshot_head,
 )
+from harness.runtime import torch_threads
 
 ASSETS_DIR = Path(__file__).parent / "assets"
 
@@ -185,12 +186,8 @@ def _on_one_thread(fn: Callable[..., Any]) -> Callable[..., Any]:
     which no cache key names (the shipped weights were trained on one thread)."""
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        before = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
+        with torch_threads(1):
             return fn(*args, **kwargs)
-        finally:
-            torch.set_num_threads(before)
 
     return wrapper
 
