@@ -84,9 +84,13 @@ def config_arch_names() -> list[str]:
     (seconds); in a process that imported it, also the ones registered since."""
     if "open_clip" in sys.modules:
         return available_models()
+    return sorted({p.stem for folder in _config_folders() for p in folder.glob("*.json")})
+
+
+def _config_folders() -> list[Path]:
+    """The harness's architecture configs and open_clip's, found without importing open_clip."""
     spec = importlib.util.find_spec("open_clip")
-    folders = [CONFIG_DIR] + ([Path(spec.origin).parent / "model_configs"] if spec and spec.origin else [])
-    return sorted({p.stem for folder in folders for p in folder.glob("*.json")})
+    return [CONFIG_DIR] + ([Path(spec.origin).parent / "model_configs"] if spec and spec.origin else [])
 
 
 def arch_config(arch: str) -> dict[str, Any] | None:
@@ -94,9 +98,7 @@ def arch_config(arch: str) -> dict[str, Any] | None:
     without importing open_clip, as :func:`config_arch_names` lists them."""
     if "open_clip" in sys.modules:
         return open_clip_module().get_model_config(arch)
-    spec = importlib.util.find_spec("open_clip")
-    folders = [CONFIG_DIR] + ([Path(spec.origin).parent / "model_configs"] if spec and spec.origin else [])
-    for folder in folders:
+    for folder in _config_folders():
         path = folder / f"{arch}.json"
         if path.is_file():
             return json.loads(path.read_text())
@@ -603,12 +605,12 @@ def get_tokenizer(arch: str):
 
 @torch.no_grad()
 def zeroshot_head(clip: nn.Module, tokenizer, prompts: Sequence[Sequence[str]], device: torch.device | str = "cpu",
-                  advance: Callable[[], None] | None = None) -> torch.Tensor:
+                  advance: Callable[[int], None] | None = None) -> torch.Tensor:
     """The zero-shot head of the task-vectors protocol.
 
     For each class: encode every filled template, L2-normalise each, average, normalise
     again; stack the classes and scale by ``logit_scale.exp()``. Returns ``[classes, dim]``.
-    ``advance`` is called after each class (a progress bar: a ViT-B/32 text tower on a CPU takes
+    ``advance(1)`` is called after each class (a progress bar: a ViT-B/32 text tower on a CPU takes
     minutes for SUN397's 794 prompts).
     """
     clip = clip.to(device).eval()
@@ -618,7 +620,7 @@ def zeroshot_head(clip: nn.Module, tokenizer, prompts: Sequence[Sequence[str]], 
         emb = F.normalize(clip.encode_text(tokens).float(), dim=-1)
         rows.append(F.normalize(emb.mean(0), dim=-1))
         if advance is not None:
-            advance()
+            advance(1)
     head = torch.stack(rows)
     return (head * clip.logit_scale.exp().float()).cpu()
 

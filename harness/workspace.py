@@ -594,8 +594,7 @@ class Workspace:
         if head is None:
             prompts = task.prompts()
             with counting_bar(self.progress, f"zero-shot head {task.name}", len(prompts)) as advance:
-                head = zeroshot_head(self.clip, get_tokenizer(self.sources["arch"]), prompts,
-                                     advance=None if advance is None else lambda: advance(1))
+                head = zeroshot_head(self.clip, get_tokenizer(self.sources["arch"]), prompts, advance=advance)
             save_state_dict({"weight": head}, path, metadata=built_for)
         return head
 
