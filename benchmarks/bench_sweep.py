@@ -76,9 +76,7 @@ def main() -> None:
         try:
             rows = timed_runs(args.sweep, args.overrides, Path(tmp), args.skip_cold)
         except HarnessError as exc:  # found once the sweep runs (a device this machine lacks): one line
-            ap.error(str(exc if not isinstance(exc, FieldError) else ConfigError(
-                args.sweep, exc.field, exc.message, exc.value, show_value=exc.value is not None
-            ).blamed_on_overrides(args.overrides)))
+            ap.error(str(ConfigError.of_field(args.sweep, exc, args.overrides) if isinstance(exc, FieldError) else exc))
     stages = ["prepare", "merge", "adapt", "evaluate", "logging", "other", "total", "jobs run"]
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch threads {os.environ['OMP_NUM_THREADS']}, "
           f"python {platform.python_version()}; sweep {args.sweep}")

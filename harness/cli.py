@@ -177,8 +177,7 @@ def _fields_of(file: str, overrides: tuple[str, ...]) -> Iterator[None]:
     try:
         yield
     except FieldError as exc:
-        raise ConfigError(file, exc.field, exc.message, exc.value, show_value=exc.value is not None
-                          ).blamed_on_overrides(list(overrides)) from None
+        raise ConfigError.of_field(file, exc, overrides) from None
 
 
 def _print_plan(cfg, cache: bool = False) -> None:

@@ -32,7 +32,7 @@ from pydantic import (
     model_validator,
 )
 
-from harness.errors import HarnessError, closest_name, did_you_mean
+from harness.errors import FieldError, HarnessError, closest_name, did_you_mean
 from harness.fields import no_bool_for_number
 from harness.imports import source_file
 
@@ -61,6 +61,14 @@ class ConfigError(HarnessError):
         self.line = f"{where}{message}{got}"
         lines = [self.line, *(e.line for e in self.further)] + ([f"... and {more} more"] if more else [])
         super().__init__("\n".join(lines))
+
+    @classmethod
+    def of_field(cls, file: str, exc: FieldError, overrides: Iterable[str] = ()) -> "ConfigError":
+        """A sweep field found at fault once the sweep runs (a device this machine lacks, a SLURM
+        option sbatch refuses), named with the sweep file, or the override that set it, as
+        validation names a field."""
+        return cls(file, exc.field, exc.message, exc.value, show_value=exc.value is not None
+                   ).blamed_on_overrides(list(overrides))
 
     def blamed_on_overrides(self, overrides: list[str], raw: Any = None) -> "ConfigError":
         """The same error, naming the command line when the bad field came from an override (the
@@ -1449,6 +1457,15 @@ def valid_task_names(names: list[str], known: dict[str, str]) -> list[str]:
     return [n for n in names if ":" in n or n in known]
 
 
+def not_sweep_tasks(file: str, field_name: str, values: list[str], names: list[str],
+                    known: dict[str, str]) -> list[ConfigError]:
+    """An error for each entry of the task list ``field_name`` that is none of the sweep's tasks
+    ``names``, suggesting the closest valid one (``known``: the registered tasks)."""
+    return [ConfigError(file, f"{field_name}.{i}", "not one of the sweep's tasks"
+                        f"{did_you_mean(name, valid_task_names(names, known))}", name)
+            for i, name in enumerate(values) if name not in names]
+
+
 def check_task_lists(cfg: SweepConfig, file: str, known: dict[str, str]) -> None:
     """The fields naming the sweep's tasks (seen, unseen, robustness, per-task model files),
     tuning objectives and the generalization block: every entry naming no task of the sweep, a
@@ -1461,10 +1478,7 @@ def check_task_lists(cfg: SweepConfig, file: str, known: dict[str, str]) -> None
     if cfg.robustness:
         subsets.append(("robustness.tasks", cfg.robustness.tasks))
     for field_name, values in subsets:
-        for i, name in enumerate(values):
-            if name not in names:
-                found.errors.append(ConfigError(file, f"{field_name}.{i}", f"not one of the sweep's tasks"
-                                                f"{did_you_mean(name, valid_task_names(names, known))}", name))
+        found.errors += not_sweep_tasks(file, field_name, values, names, known)
     for field_name, given in (("model.finetuned", cfg.model.finetuned), ("model.heads", cfg.model.heads)):
         for name in given:  # a typo would otherwise leave the task on the pattern, or on zero-shot heads
             if name not in names and name not in known:  # a registered task's entry waits for a sweep with it
@@ -2090,13 +2104,11 @@ def check_generalization(cfg: SweepConfig, file: str) -> None:
     names = cfg.task_names
     found = Gathering()  # every misnamed entry, a line each
     for field_name in ("unseen", "seen"):
-        for i, name in enumerate(getattr(g, field_name) or []):
-            if name not in names:
-                from tasks.base import available_tasks
+        values = getattr(g, field_name) or []
+        if any(name not in names for name in values):
+            from tasks.base import available_tasks
 
-                found.errors.append(ConfigError(
-                    file, f"generalization.{field_name}.{i}", "not one of the sweep's tasks"
-                    f"{did_you_mean(name, valid_task_names(names, available_tasks()))}", name))
+            found.errors += not_sweep_tasks(file, f"generalization.{field_name}", values, names, available_tasks())
     found.raise_any()
     unseen = set(g.unseen or [])
     if g.seen is not None:
