@@ -394,10 +394,11 @@ def export(file: str, overrides: tuple[str, ...], label: str, dst: str, full_cli
     """Write the merged image encoder a row of FILE's results table reports (its setting chosen on
     val) as a safetensors checkpoint, loadable wherever a fine-tuned one is (`model.finetuned`);
     with --full-clip the whole CLIP, loadable wherever a pretrained one is."""
-    from harness.export import export_merged
+    from harness.export import export_merged, refuse_another_format
     from harness.plan import setting_text
 
     _check_destination(dst, "--out", must_be_file=True)
+    refuse_another_format(dst)
     cfg = _load(file, overrides)
     label = _export_label(cfg, label, file)
     with _fields_of(file, overrides):

@@ -100,6 +100,17 @@ def _nothing_to_export(label: str, keys: list[str], out: Path) -> str:
     return f"row {label!r}: no finished setting in {out / 'results'}: rerun the sweep"
 
 
+def refuse_another_format(dst: str | Path) -> None:
+    """Refuse an ``--out`` named as a torch pickle checkpoint (``.pt``, ``.bin``, ...): the file is
+    safetensors, which torch.load, and open_clip for any name not ending in ``.safetensors``, cannot read."""
+    from harness.checkpoints import CHECKPOINT_SUFFIXES
+
+    suffix = Path(dst).suffix
+    if suffix.lower() in CHECKPOINT_SUFFIXES and suffix.lower() != ".safetensors":
+        raise ExportError(f"--out {str(dst)!r}: a {suffix} name says a torch pickle checkpoint, but export writes "
+                          "safetensors: name it *.safetensors (e.g. --out merged.safetensors)")
+
+
 def export_merged(cfg: SweepConfig, label: str, dst: str | Path, device: torch.device | None = None,
                   full_clip: bool = False) -> Exported:
     """Write row ``label``'s merged image encoder to ``dst`` (safetensors, with the method, its
@@ -111,6 +122,7 @@ def export_merged(cfg: SweepConfig, label: str, dst: str | Path, device: torch.d
     from harness.workspace import Workspace
     from methods.base import resolve_method
 
+    refuse_another_format(dst)
     result = chosen_result(cfg, label)
     method = next((m for m in cfg.methods if m.display == label), None)
     if method is None:

@@ -675,3 +675,27 @@ def test_a_merged_model_with_a_tensor_of_another_shape_is_refused(tmp_path):
     del fewer.class_embedding
     with pytest.raises(ExportError, match=r"\(1 of the architecture's tensors missing, e\.g\. class_embedding\)"):
         _plain_encoder_state(fewer, pretrained, "m", tmp_path)
+
+
+def test_an_out_named_as_a_torch_pickle_checkpoint_is_refused_before_any_work(sweep_dict, tmp_path):
+    """`--out merged.pt` wrote safetensors bytes under a name that torch.load (and open_clip, which
+    reads a non-.safetensors file with torch.load) cannot read back."""
+    sweep_dict["references"] = False
+    sweep_dict["methods"] = [{"name": "task_arithmetic", "grid": {"scaling": [0.3]}}]
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(sweep_dict))
+    run_sweep(validate_config(sweep_dict), quiet=True)
+    for name in ("merged.pt", "merged.PTH", "merged.bin", "merged.ckpt"):
+        dst = tmp_path / name
+        r = CliRunner().invoke(main, ["export", str(path), "--method", "task_arithmetic", "--out", str(dst)])
+        assert r.exit_code == 2 and r.output.startswith(f"error: --out {str(dst)!r}: "), r.output
+        assert "safetensors" in r.output and len(r.output.strip().splitlines()) == 1, r.output
+        assert not dst.exists()
+        with pytest.raises(ExportError, match=re.escape(name)):
+            export_merged(validate_config(sweep_dict), "task_arithmetic", dst)
+        assert not dst.exists()
+    ok = CliRunner().invoke(main, ["export", str(path), "--method", "task_arithmetic",
+                                   "--out", str(tmp_path / "merged.safetensors")])
+    assert ok.exit_code == 0, ok.output
+    with safe_open(str(tmp_path / "merged.safetensors"), "pt") as f:
+        assert f.metadata()["label"] == "task_arithmetic"
