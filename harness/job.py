@@ -569,12 +569,11 @@ def merge(spec: JobSpec, ws: Workspace, device: torch.device, workdir: Path,
                        sources=sources, adapted_on=adapted_on, precision=ws.cfg.eval.precision)
     torch.manual_seed(ws.cfg.seed)
     before = input_state(pretrained, finetuned, heads)
-    workdir.mkdir(parents=True, exist_ok=True)
+    made = _folders_made(workdir)
     try:
         merged = method.merge(pretrained, finetuned, ctx)
     finally:  # a merge that failed too: its traceback is in artifacts/<key>/, what it saved stays
-        with contextlib.suppress(OSError):  # not empty: the method saved something there
-            workdir.rmdir()  # a method that saves nothing leaves no empty folder in work/
+        _remove_empty(made)  # a method that saves nothing leaves no empty folder in work/
     after = input_state(pretrained, finetuned, heads)
     changed = [name for name in {**before, **after} if before.get(name) != after.get(name)]
     if changed:
@@ -586,6 +585,26 @@ def merge(spec: JobSpec, ws: Workspace, device: torch.device, workdir: Path,
             "methods.base.with_state)")
     check_encoder(spec, merged, ws, heads, device)
     return merged, ctx.artifacts
+
+
+def _folders_made(workdir: Path) -> list[Path]:
+    """Make ``workdir``; returns it and the folders above it made for it, deepest first: an
+    adaptation on a corruption (``work/<key>/corrupted-<name>/``) makes ``work/<key>/`` too."""
+    made = [workdir]
+    while not made[-1].parent.exists():
+        made.append(made[-1].parent)
+    workdir.mkdir(parents=True, exist_ok=True)
+    return made
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove ``folders`` (deepest first) while empty; the first holding anything (what the method
+    saved) stops it, keeping the folders above."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 def adaptation_data(cfg: SweepConfig, corruption: str | None = None) -> dict[str, Any]:

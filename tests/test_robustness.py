@@ -1335,3 +1335,23 @@ def test_a_corrupted_image_is_a_writable_array_of_its_own_at_any_size(size):
     image = np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)
     out = corrupt_image(image, "contrast", 2, 0)
     assert out.flags.writeable and out.flags.owndata and out.dtype == np.uint8 and out.shape == image.shape
+
+
+def test_a_test_time_adaptation_saving_nothing_leaves_no_work_folder_adapting_on_corruptions(sweep_dict):
+    """A method of one's own that adapts on test data and saves nothing, its study adapting on each
+    corruption (``adapt: corrupted``, in ``work/<key>/corrupted-<name>/``): its job left an empty
+    ``work/<key>/``, which ``harness export`` would not read as a saved adaptation but a reader of
+    the folder counts as one. Truth: the folder listing."""
+    d = dict(sweep_dict, references={"pretrained": False, "individual": False},
+             robustness={"tasks": ["toy_stripes"], "corruptions": ["contrast", "gaussian_noise"], "severity": 2,
+                         "adapt": "corrupted"},
+             methods=[{"name": "tests.faulty_methods:FailsAdaptingOn", "params": {"corruption": "fog"}}])
+    cfg = validate_config(d)
+    out = run_sweep(cfg, quiet=True)
+    (result,) = out.results
+    assert not out.failed and not out.study_failed
+    assert any(k.startswith("robust/") for k in result.metrics)
+    work = cfg.resolved_output_dir() / "work"
+    assert not (work / result.key).exists(), sorted((work / result.key).rglob("*"))
+    assert sorted(p.name for p in (work / f"{result.key}.robustness").iterdir()) == ["contrast.json",
+                                                                                   "gaussian_noise.json"]
