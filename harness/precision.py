@@ -32,18 +32,23 @@ class PrecisionError(RuntimeError):
     """``eval.precision`` asks for a dtype autocast cannot run on the job's device."""
 
 
-def check_precision(precision: str, device: torch.device | str) -> None:
-    """Raise :class:`PrecisionError` when autocast at ``precision`` does not run on ``device``
-    (a Linear, a GELU and a LayerNorm under it must compute in that dtype), so a job never runs
-    in float32 silently while its key says otherwise. Checked once per process and device."""
+def precision_problem(precision: str, device: torch.device | str) -> str | None:
+    """Why autocast at ``precision`` does not run on ``device`` (a Linear, a GELU and a LayerNorm
+    under it must compute in that dtype), or None where it does. Probed once per process and device."""
     dtype = DTYPES[precision]
     if dtype is None:
-        return
+        return None
     device = torch.device(device)
     key = (precision, str(device))
     if key not in _CHECKED:
         _CHECKED[key] = _probe(dtype, device)
-    problem = _CHECKED[key]
+    return _CHECKED[key]
+
+
+def check_precision(precision: str, device: torch.device | str) -> None:
+    """Raise :class:`PrecisionError` when autocast at ``precision`` does not run on ``device``,
+    so a job never runs in float32 silently while its key says otherwise."""
+    problem = precision_problem(precision, device)
     if problem is not None:
         raise PrecisionError(f"eval.precision: {precision} does not run on {device} with torch {torch.__version__} "
                              f"({problem}); use eval.precision: fp32 (or bf16) on this device")

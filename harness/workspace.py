@@ -283,8 +283,8 @@ class Workspace:
         self.check_adaptation_batches()
 
     def check_device(self) -> None:
-        """``device`` names one this machine has, where the jobs run here: else every job would fail
-        with it, one line each. A SLURM job resolves its device on its node."""
+        """``device`` names one this machine has, and ``eval.precision`` runs on it, where the jobs
+        run here: else every job would fail with it, one line each. A SLURM job resolves its device on its node."""
         if self.cfg.executor.kind == "slurm":
             return
         from harness.runtime import missing_device
@@ -296,6 +296,21 @@ class Workspace:
                 problem += " on this machine"
             raise FieldError("device", f"{problem}, where the jobs run (executor: {self.cfg.executor.kind}); "
                              f"use {use}", self.cfg.device)
+        self._check_precision()
+
+    def _check_precision(self) -> None:
+        """``eval.precision`` runs on the device the jobs run on here: else every job would fail
+        with it, one line each (each job checks it too, a SLURM job on its node)."""
+        from harness.precision import DTYPES, precision_problem
+        from harness.runtime import resolve_device
+
+        precision, device = self.cfg.eval.precision, resolve_device(self.cfg.device)
+        problem = precision_problem(precision, device)
+        if problem is not None:
+            runs = " or ".join(p for p in DTYPES if precision_problem(p, device) is None)
+            raise FieldError("eval.precision", f"{precision} does not run on {device} with torch {torch.__version__} "
+                             f"({problem}), where the jobs run (executor: {self.cfg.executor.kind}); use {runs}",
+                             precision)
 
     def check_device_before_building(self) -> None:
         """:meth:`check_device` before the model files are built (the embedded suite trained, a

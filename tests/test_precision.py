@@ -140,6 +140,33 @@ def test_a_precision_the_device_cannot_run_fails_the_job_with_one_message(monkey
     precision.check_precision("fp32", "cpu")  # no autocast, nothing to check
 
 
+def test_a_precision_the_device_cannot_run_is_refused_before_any_job_naming_the_field(sweep_dict, tmp_path,
+                                                                                      monkeypatch):
+    """``eval.precision: fp16`` on a device whose autocast refuses it: validate and the dry run
+    said ``valid`` and every job then failed with the same error; now one line names the file,
+    field and value before any job, as a missing device is. A SLURM sweep's jobs check on their node."""
+    from harness.cli import main
+
+    import harness.precision as precision
+
+    monkeypatch.setattr(precision, "_CHECKED", {})
+    monkeypatch.setattr(precision, "_probe",
+                        lambda dtype, device: "autocast computes in torch.float32" if dtype == torch.float16 else None)
+    d = {**sweep_dict, "device": "cpu", "eval": {**sweep_dict.get("eval", {}), "precision": "fp16"}}
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump(d))
+    want = (f"error: {f}: eval.precision: fp16 does not run on cpu with torch {torch.__version__} (autocast computes "
+            "in torch.float32), where the jobs run (executor: local); use fp32 or bf16 (got 'fp16')")
+    for args in (["validate", str(f)], ["sweep", str(f), "--dry-run"], ["sweep", "-q", str(f)]):
+        r = CliRunner().invoke(main, args)
+        err = " ".join(r.stderr.split())
+        assert r.exit_code == 2 and err == want, (args, err, r.stdout)
+    assert "failed" not in r.stdout and not list(Path(d["output_dir"]).glob("results/*.json"))
+    for override in ("eval.precision=bf16", "executor.kind=slurm"):
+        r = CliRunner().invoke(main, ["validate", str(f), override])
+        assert r.exit_code == 0 and "valid" in r.stdout, r.output
+
+
 def test_an_autocast_that_silently_stays_float32_is_refused_and_checked_per_device(monkeypatch):
     """An autocast that warns and disables itself (a dtype the backend lacks) computes in float32:
     the job would run in float32 under a bf16 key. The probe reads the dtype actually computed;
