@@ -338,6 +338,26 @@ def test_options_are_validated():
     assert pipeline.SuiteOptions(preserve_weight=0).preserve_weight == 0
 
 
+@pytest.mark.parametrize("env", [None, "given"])
+def test_the_pipeline_command_caches_where_the_harness_does(env, sweep_dict, tmp_path, monkeypatch):
+    """``python -m tasks.embedded.pipeline`` built the suite in ``./.cache`` by default, where no
+    sweep (``$HARNESS_CACHE`` or ``~/.cache/harness``) would read it. Truth: the folder the
+    harness resolves for a sweep without ``cache_dir``, and the documented paths."""
+    from harness.config import validate_config
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    if env is None:
+        monkeypatch.delenv("HARNESS_CACHE", raising=False)
+        expected = tmp_path / "home" / ".cache" / "harness"
+    else:
+        monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "given"))
+        expected = tmp_path / "given"
+    default = pipeline.parser().parse_args([]).cache_dir
+    sweep_dict.pop("cache_dir")
+    assert default.resolve() == expected.resolve() == validate_config(sweep_dict).resolved_cache_dir()
+
+
 TINY = {"size": "tiny", "pretrain_pool": 64, "pretrain_steps": 3, "pretrain_batch_size": 16,
         "pretrain_warmup": 1, "finetune_steps": 3, "finetune_batch_size": 8, "finetune_warmup": 1,
         "preserve_weight": 1.0, "preserve_pool": 16, "workers": 1}

@@ -28,7 +28,6 @@ import concurrent.futures as cf
 import functools
 import json
 import multiprocessing as mp
-import os
 import shlex
 import sys
 import time
@@ -661,18 +660,27 @@ def ship_pretrained(options: dict | None, cache_dir: Path, command: str) -> Path
     return target
 
 
+def parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m tasks.embedded.pipeline``; its cache folder is the one a
+    sweep without ``cache_dir`` uses, so the suite it builds is the one sweeps read."""
+    from tasks.embedded.data import default_cache_dir
+
+    cli = argparse.ArgumentParser(allow_abbrev=False, prog="python -m tasks.embedded.pipeline",
+                                  description=__doc__.split("\n")[0])
+    cli.add_argument("--tasks", nargs="*", default=None, help="task names (default: all embedded tasks)")
+    cli.add_argument("--cache-dir", type=Path, default=default_cache_dir(),
+                     help="default: $HARNESS_CACHE, else ~/.cache/harness, where sweeps look")
+    cli.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                     help="a SuiteOptions field (repeatable)")
+    cli.add_argument("--from-scratch", action="store_true", help="ignore the shipped pretrained weights")
+    cli.add_argument("--ship", action="store_true", help="train and ship the full-size pretrained model")
+    cli.add_argument("--report", action="store_true", help="print the quality report")
+    cli.add_argument("--json", type=Path, default=None, help="also write the report as JSON here")
+    return cli
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(allow_abbrev=False, prog="python -m tasks.embedded.pipeline",
-                                     description=__doc__.split("\n")[0])
-    parser.add_argument("--tasks", nargs="*", default=None, help="task names (default: all embedded tasks)")
-    parser.add_argument("--cache-dir", type=Path, default=Path(os.environ.get("HARNESS_CACHE", ".cache")))
-    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                        help="a SuiteOptions field (repeatable)")
-    parser.add_argument("--from-scratch", action="store_true", help="ignore the shipped pretrained weights")
-    parser.add_argument("--ship", action="store_true", help="train and ship the full-size pretrained model")
-    parser.add_argument("--report", action="store_true", help="print the quality report")
-    parser.add_argument("--json", type=Path, default=None, help="also write the report as JSON here")
-    args = parser.parse_args(argv)
+    args = parser().parse_args(argv)
     torch.set_num_threads(1)
     options = _parse_sets(args.sets)
     command = "python -m tasks.embedded.pipeline " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
