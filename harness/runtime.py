@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import signal
 from contextlib import AbstractContextManager, contextmanager
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import torch
 
@@ -26,23 +26,32 @@ def resolve_device(name: str = "auto") -> torch.device:
 
     problem = missing_device(name)
     if problem is not None:
-        raise HarnessError(f"device {name!r} requested but {problem}")
+        raise HarnessError(f"device {name!r} requested but {problem.why}")
     return torch.device(name)
 
 
-def missing_device(name: str) -> str | None:
+class MissingDevice(NamedTuple):
+    """Why this machine lacks a device, and the ``device`` values that do run on it (a refusal
+    suggests them without reading its own wording back)."""
+
+    why: str
+    use: str
+
+
+def missing_device(name: str) -> MissingDevice | None:
     """Why this machine lacks ``device`` ``name`` (``cuda``, ``cuda:N``, ``mps``), or None: no
     CUDA or MPS, or a GPU index past its last GPU (``cuda:1`` on a one-GPU machine, which would
     fail every job at its first tensor)."""
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
-            return "CUDA is not available"
+            return MissingDevice("CUDA is not available on this machine", "auto or cpu")
         index, count = torch.device(name).index, torch.cuda.device_count()
         if index is not None and index >= count:
             gpus = "cuda:0" + (f"..cuda:{count - 1}" if count > 1 else "")
-            return f"this machine has {count} CUDA GPU{'s' if count != 1 else ''} ({gpus})"
+            return MissingDevice(f"this machine has {count} CUDA GPU{'s' if count != 1 else ''} ({gpus})",
+                                 "auto, cpu or cuda")
     if name == "mps" and not torch.backends.mps.is_available():  # else a merge is blamed for it
-        return "MPS is not available"
+        return MissingDevice("MPS is not available on this machine", "auto or cpu")
     return None
 
 

@@ -291,11 +291,8 @@ class Workspace:
 
         problem = None if self.cfg.device == "auto" else missing_device(self.cfg.device)
         if problem is not None:
-            use = "auto, cpu or cuda" if problem.startswith("this machine has") else "auto or cpu"
-            if problem.endswith(" is not available"):
-                problem += " on this machine"
-            raise FieldError("device", f"{problem}, where the jobs run (executor: {self.cfg.executor.kind}); "
-                             f"use {use}", self.cfg.device)
+            raise FieldError("device", f"{problem.why}, where the jobs run (executor: {self.cfg.executor.kind}); "
+                             f"use {problem.use}", self.cfg.device)
         self._check_precision()
 
     def _check_precision(self) -> None:
