@@ -600,16 +600,16 @@ class ExecutorSpec(Strict):
 
     kind: Literal["local", "slurm", "debug"] = "local"
     workers: int = Field(1, ge=1, le=64, description="local: processes; 1 runs jobs in-process")
-    partition: str | None = Field(None, pattern=r"^\S+$", description="SLURM partition (cluster default if unset)")
+    partition: str | None = Field(None, description="SLURM partition (cluster default if unset)")
     gpus_per_node: int = Field(0, ge=0, le=64)
     cpus_per_task: int = Field(1, ge=1, le=1024)
     mem_gb: float | None = Field(None, gt=0, le=65536, description="memory per job (cluster default if unset)")
     timeout_min: int = Field(60, ge=1, le=60 * 24 * 30, description="time limit per job; long jobs checkpoint and requeue")
     requeues: int = Field(3, ge=0, le=1000, description="times a job is requeued at its time limit (preemptions not counted)")
     array_parallelism: int = Field(256, ge=1, le=100_000, description="array tasks running at once, per array")
-    account: str | None = Field(None, pattern=r"^\S+$")
-    qos: str | None = Field(None, pattern=r"^\S+$")
-    constraint: str | None = Field(None, pattern=r"^\S+$")
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
     setup: list[str] = Field(default_factory=list,
                              description="shell lines run before each job (module load ...); one that fails fails it")
     sbatch: dict[str, Any] = Field(
@@ -633,10 +633,16 @@ class ExecutorSpec(Strict):
         """``${VAR}`` expanded, and the value still one word: a line break from the environment
         would end the ``#SBATCH`` line, and the rest would run as a command in the job's shell.
         One expanding to nothing (``${SLURM_PARTITION:-}``) is unset, the cluster's default, as
-        a shell's ``sbatch ${P:+-p $P}`` leaves it: not an option of the empty name."""
+        a shell's ``sbatch ${P:+-p $P}`` leaves it: not an option of the empty name. Checked
+        here, after expansion, so the refusal names the expanded value (a ``pattern`` on the field
+        would see ``${P:-a b}`` as written, and print its regular expression)."""
+        if v == "":
+            raise ValueError("is empty; the field takes one SLURM name (leave it out for the cluster's default)")
         expanded = _expand_input(cls, v)
         if expanded and not re.fullmatch(r"\S+", expanded):
-            raise ValueError(f"expands to {expanded!r}, which is not one word (it holds whitespace)")
+            said = f"expands to {expanded!r}, which is" if expanded != v else "is"
+            raise ValueError(f"{said} not one word (it holds whitespace); the field takes one SLURM name, "
+                             "without spaces or line breaks")
         return expanded or None
 
     @field_validator("mem_gb")

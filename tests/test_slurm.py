@@ -184,7 +184,11 @@ def _executor_error(tmp_path, **executor) -> str:
     ({"kind": "slurm", "cpus_per_task": 0}, "executor.cpus_per_task: Input should be greater than or equal to 1"),
     ({"kind": "slurm", "timeout_min": 0}, "executor.timeout_min: Input should be greater than or equal to 1"),
     ({"kind": "pbs"}, "executor.kind: Input should be 'local', 'slurm' or 'debug' (got 'pbs')"),
-    ({"kind": "slurm", "partition": "gpu --qos=high"}, "executor.partition: String should match pattern"),
+    ({"kind": "slurm", "partition": "gpu --qos=high"}, "sweep.yaml: executor.partition: is not one word (it holds "
+                                                       "whitespace); the field takes one SLURM name, without spaces "
+                                                       "or line breaks (got 'gpu --qos=high')"),
+    ({"kind": "slurm", "qos": ""}, "sweep.yaml: executor.qos: is empty; the field takes one SLURM name (leave it "
+                                   "out for the cluster's default) (got '')"),
     ({"kind": "slurm", "setup": ["module load cuda\nrm -rf /"]}, "executor.setup: each setup entry must be a single"),
     ({"kind": "slurm", "mem_gb": 0.0005}, "sweep.yaml: executor.mem_gb: under 1 MB, which sbatch would get as "
                                           "--mem=0MB: all of a node's memory (got 0.0005)"),
@@ -215,6 +219,27 @@ def _executor_error(tmp_path, **executor) -> str:
 ])
 def test_bad_executor_fields_are_one_line_errors(tmp_path, executor, expected):
     assert expected in _executor_error(tmp_path, **executor)
+
+
+@pytest.mark.parametrize("field", ["partition", "account", "qos", "constraint"])
+def test_a_slurm_name_whose_default_holds_a_space_is_refused_naming_the_expanded_value(tmp_path, monkeypatch, field):
+    """The check sees the value sbatch would get, after expansion, and says what the field takes
+    (not the regular expression of a pattern, nor the value as written only)."""
+    from harness.config import load_config
+
+    monkeypatch.delenv("P", raising=False)
+    key = f"executor.{field}"
+    expected = (f"{key}: expands to 'a b', which is not one word (it holds whitespace); the field "
+                "takes one SLURM name, without spaces or line breaks (got '${P:-a b}')")
+    for path, args, where in ((_sweep_file(tmp_path, f"  {field}: ${{P:-a b}}\n"), [], "sweep.yaml: "),
+                              (_sweep_file(tmp_path, "", "plain.yaml"), [f"{key}=${{P:-a b}}"],
+                               f"<command line> ({key}=${{P:-a b}}, over ")):
+        with pytest.raises(ConfigError) as exc:
+            load_config(path, args)
+        assert str(exc.value).count("\n") == 0 and "pattern" not in str(exc.value)
+        assert where in str(exc.value) and str(exc.value).endswith(expected)
+    monkeypatch.setenv("P", "gpu")
+    assert getattr(load_config(_sweep_file(tmp_path, f"  {field}: ${{P:-a b}}\n")).executor, field) == "gpu"
 
 
 def test_sbatch_options_that_start_no_harness_option_are_kept(tmp_path):
