@@ -49,11 +49,12 @@ GENERALIZATION_SUFFIX = " (gen)"  # not "[gen]": rich would read that as markup 
 class ConfigError(HarnessError):
     """A bad field: ``file: path: message (got value)``. ``further`` holds the sweep's other bad
     fields, when validation found several (each one more line of the message), and ``more`` the
-    count of those left out past the last line."""
+    count of those left out past the last line. ``also`` names other fields the fault lies in as
+    much as in ``path`` (a task both ``seen`` and ``unseen``): an override of one of them is blamed."""
 
     def __init__(self, file: str, path: str, message: str, value: Any = None, show_value: bool = True,
-                 further: Iterable["ConfigError"] = (), more: int = 0):
-        self.file, self.path, self.value = file, path, value
+                 further: Iterable["ConfigError"] = (), more: int = 0, also: tuple[str, ...] = ()):
+        self.file, self.path, self.value, self.also = file, path, value, also
         self.message, self.show_value = message, show_value
         self.further, self.more = list(further), more
         where = f"{file}: {path}: " if path else f"{file}: "
@@ -78,17 +79,20 @@ class ConfigError(HarnessError):
         first, further = self._blamed(overrides, raw), [e._blamed(overrides, raw) for e in self.further]
         if first is self and all(a is b for a, b in zip(further, self.further)):
             return self
-        return ConfigError(first.file, first.path, first.message, first.value, first.show_value, further, self.more)
+        return ConfigError(first.file, first.path, first.message, first.value, first.show_value, further, self.more,
+                           first.also)
 
     def _blamed(self, overrides: list[str], raw: Any = None) -> "ConfigError":
-        """This error's own line (not the further ones) blamed on the override that set its field."""
+        """This error's own line (not the further ones) blamed on the override that set its field,
+        or one of the fields it names ``also``, then named as the field at fault."""
         for item in reversed(overrides):
             key = item.partition("=")[0].strip()
             made = made_by_override(raw, key)
-            if self.path and (self.path == key or self.path.startswith(key + ".") or key.startswith(self.path + ".")
-                              or (made and self.path.startswith(made + "."))):
-                return ConfigError(f"<command line> ({item}, over {self.file})", self.path, self.message,
-                                   self.value, self.show_value)
+            for path in (self.path, *self.also):
+                if path and (path == key or path.startswith(key + ".") or key.startswith(path + ".")
+                             or (made and path.startswith(made + "."))):
+                    return ConfigError(f"<command line> ({item}, over {self.file})", path, self.message,
+                                       self.value, self.show_value)
         return self
 
 
@@ -977,7 +981,7 @@ def gathered(errors: list[ConfigError], one_per_field: bool = False) -> ConfigEr
     shown = lines[:MAX_ERRORS]
     head = shown[0]
     return ConfigError(head.file, head.path, head.message, head.value, head.show_value, shown[1:],
-                       len(lines) - len(shown) + more)
+                       len(lines) - len(shown) + more, head.also)
 
 
 class Gathering:
@@ -1510,10 +1514,11 @@ def _check_split(cfg: SweepConfig, file: str) -> None:
     and a task left to merge."""
     both = set(cfg.seen or []) & set(cfg.unseen)
     if both:
-        raise ConfigError(file, "unseen", f"tasks both seen and unseen: {sorted(both)}", show_value=False)
+        raise ConfigError(file, "unseen", f"tasks both seen and unseen: {sorted(both)}", show_value=False,
+                          also=("seen",))
     rest = [t for t in cfg.task_names if t not in (cfg.seen or []) and t not in cfg.unseen]
     if cfg.seen is not None and cfg.unseen and rest:  # as the generalization block: each task one of them
-        raise ConfigError(file, "seen", f"tasks neither seen nor unseen: {rest}", show_value=False)
+        raise ConfigError(file, "seen", f"tasks neither seen nor unseen: {rest}", show_value=False, also=("unseen",))
     if not cfg.merge_tasks:
         raise ConfigError(file, "unseen", "every task is unseen: nothing to merge", show_value=False)
 
@@ -2121,10 +2126,11 @@ def check_generalization(cfg: SweepConfig, file: str) -> None:
         both = set(g.seen) & unseen
         if both:
             raise ConfigError(file, "generalization.unseen", f"tasks both seen and unseen: {sorted(both)}",
-                              show_value=False)
+                              show_value=False, also=("generalization.seen",))
         rest = [t for t in names if t not in g.seen and t not in unseen]
         if g.unseen is not None and rest:
-            raise ConfigError(file, "generalization.seen", f"tasks neither seen nor unseen: {rest}", show_value=False)
+            raise ConfigError(file, "generalization.seen", f"tasks neither seen nor unseen: {rest}", show_value=False,
+                              also=("generalization.unseen",))
     if not cfg.generalization_seen:
         raise ConfigError(file, "generalization.unseen", "every task is unseen: nothing to merge", show_value=False)
     if len(cfg.generalization_seen) == len(names):
