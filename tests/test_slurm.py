@@ -1817,6 +1817,22 @@ def test_a_refused_node_name_blames_the_sbatch_option_naming_nodes():
     assert blamed(partition="gpu", gpus_per_node=1, sbatch={"mail-type": "END"}) == ("executor", None)
 
 
+@pytest.mark.parametrize("sbatch, refusal, blamed", [
+    ({"mail-type": "END", "exclud": "nosuchnode"}, REFUSED_NODE, "exclud"),
+    ({"nodel": "gpu9"}, REFUSED_NODE, "nodel"),
+    ({"nodefi": "/tmp/nodes"}, REFUSED_NODE, "nodefi"),
+    ({"mem-per-c": "4G"}, REFUSED_MEMORY, "mem-per-c"),
+])
+def test_a_refused_option_written_as_the_start_of_its_name_is_blamed(sbatch, refusal, blamed):
+    """sbatch reads the start of an option's name as the option (``--exclud`` is ``--exclude``),
+    so the key written that way is the one to fix, not the whole ``executor`` block."""
+    from harness.config import ExecutorSpec
+    from harness.executors.slurm import refused_field
+
+    e = ExecutorSpec(kind="slurm", mem_gb=4, sbatch=sbatch)
+    assert refused_field(e, refusal) == (f"executor.sbatch.{blamed}", sbatch[blamed])
+
+
 @pytest.mark.parametrize("sbatch, words, blamed", [
     ({"mail-type": "END", "time-min": "2:00:00"}, "Invalid time-min specification (exceeds job's time or other "
      "limits)", "time-min"),

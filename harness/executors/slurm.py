@@ -1036,7 +1036,9 @@ def refused_field(e: Any, reason: str) -> tuple[str, Any]:
     sets nodes). Words naming an ``sbatch:`` option itself (``unrecognized option '--mail-typ=END'``,
     ``Invalid --mail-type specification``) blame that option first, as do the controller's words
     naming one without its dashes (``Invalid time-min specification``, ``Job dependency problem``,
-    ``Requested reservation is invalid``, ``Invalid license specification`` for ``licenses``)."""
+    ``Requested reservation is invalid``, ``Invalid license specification`` for ``licenses``).
+    A key that starts the name of an option of a refusal is that option, as sbatch reads it
+    (``exclud`` is ``--exclude``; one starting several names sbatch refuses, naming it as written)."""
     for key in e.sbatch:
         if re.search(rf"--{re.escape(key)}(?![\w-])", reason):
             return f"executor.sbatch.{key}", e.sbatch[key]
@@ -1048,7 +1050,7 @@ def refused_field(e: Any, reason: str) -> tuple[str, Any]:
         if not pattern.search(reason):
             continue
         for key in e.sbatch:  # long option names (checked by the config)
-            if any(key == o or key.startswith(o + "-") for o in options):
+            if any(o.startswith(key) or key.startswith(o + "-") for o in options):
                 return f"executor.sbatch.{key}", e.sbatch[key]
         if name is not None and (name != "gpus_per_node" or e.gpus_per_node):
             return f"executor.{name}", getattr(e, name)
