@@ -300,6 +300,45 @@ def test_validate_accepts_the_slurm_executor_block(micro_checkpoints, tmp_path, 
     assert r.exit_code == 2 and "executor.mem_gb" in r.output
 
 
+GPU_WARNING = ("the jobs run on device {device} but ask SLURM for no GPU (gpus_per_node 0, no gres or gpus option "
+               "under executor.sbatch): where the cluster allocates GPUs they land without one and fail; set "
+               "executor.gpus_per_node: 1, or pass a GPU option (executor.sbatch: {{gres: 'gpu:1'}} or {{gpus: 1}})")
+
+
+@pytest.mark.parametrize("device, executor, overrides, blamed", [
+    ("cuda", {}, [], "{f}: executor.gpus_per_node"),
+    ("cpu", {}, ["device=cuda:0"], "<command line> (device=cuda:0, over {f}): device"),
+    ("cuda", {"gpus_per_node": 1}, ["executor.gpus_per_node=0"],
+     "<command line> (executor.gpus_per_node=0, over {f}): executor.gpus_per_node"),
+    ("cuda", {"gpus_per_node": 1}, [], None),
+    ("cuda", {"sbatch": {"gres": "gpu:a100:1"}}, [], None),
+    ("cuda", {"sbatch": {"gpus-per-task": 1}}, [], None),
+    ("cuda", {"sbatch": {"gpus": 2}}, [], None),
+    ("cuda", {"sbatch": {"tres-per-t": "gres/gpu:1"}}, [], None),  # the start of --tres-per-task, as sbatch reads it
+    ("auto", {}, [], None),
+])
+def test_cuda_jobs_asking_slurm_for_no_gpu_are_warned_of(micro_checkpoints, tmp_path, monkeypatch, device, executor,
+                                                         overrides, blamed):
+    """A cluster that allocates GPUs would place such jobs without one; one that gives GPUs
+    unasked runs them, so it is a warning (even with -q), not a refusal, in validate and a sweep."""
+    import harness.executors.slurm as slurm
+
+    monkeypatch.setattr(slurm, "cluster_partitions", lambda: None)
+    d = make_sweep_dict(micro_checkpoints, tmp_path)
+    d["device"], d["executor"] = device, {"kind": "slurm", **executor}
+    f = tmp_path / "sweep.yaml"
+    f.write_text(yaml.safe_dump(d))
+    for command in (["validate"], ["sweep", "--dry-run", "-q"]):
+        r = CliRunner().invoke(main, [*command, str(f), *overrides])
+        assert r.exit_code == 0, r.output
+        out = " ".join(r.output.split())
+        if blamed is None:
+            assert "warning" not in out and "no GPU" not in out, out
+        else:
+            expected = GPU_WARNING.format(device="cuda:0" if "device=cuda:0" in overrides else device)
+            assert f"warning {blamed.format(f=f)}: {expected}" in out, out
+
+
 @pytest.mark.parametrize("name, bad", [("lr_100%x", "'%'"), ("a\\b", "'\\\\'")])
 def test_an_output_dir_slurm_would_read_as_a_pattern_is_refused(micro_checkpoints, tmp_path, monkeypatch, name, bad):
     """SLURM expands %x (the job's name) in the log paths under output_dir: the logs' folder then

@@ -1165,6 +1165,30 @@ def cluster_partitions() -> dict[str, dict[str, Any]] | None:
     return parts or None
 
 
+#: ``sbatch:`` options that ask for GPUs (a key may be the start of one's name, as sbatch reads it).
+GPU_OPTIONS = ("gres", "gpus", "gpus-per-task", "gpus-per-socket", "tres-per-task")
+
+
+def asks_for_gpus(e: Any) -> bool:
+    """Whether the ``executor`` block asks SLURM for GPUs: ``gpus_per_node``, or a GPU option under
+    ``sbatch:``."""
+    return bool(e.gpus_per_node) or any(o.startswith(key) or key.startswith("gpus-per-")
+                                        for key in e.sbatch for o in GPU_OPTIONS)
+
+
+def gpu_request_warning(cfg: SweepConfig) -> str | None:
+    """Why a SLURM sweep on ``device: cuda`` that asks for no GPU is likely wrong, or None: a
+    cluster that accounts GPUs places its jobs on nodes (or shares of them) without one, where
+    they fail. Not refused: some clusters give a node's GPUs unasked."""
+    e = cfg.executor
+    if e.kind != "slurm" or not cfg.device.startswith("cuda") or asks_for_gpus(e):
+        return None
+    return (f"the jobs run on device {cfg.device} but ask SLURM for no GPU (gpus_per_node {e.gpus_per_node}, no "
+            "gres or gpus option under executor.sbatch): where the cluster allocates GPUs they land without one "
+            "and fail; set executor.gpus_per_node: 1, or pass a GPU option (executor.sbatch: {gres: 'gpu:1'} or "
+            "{gpus: 1})")
+
+
 def check_cluster(cfg: SweepConfig, file: str, partitions: dict[str, dict[str, Any]] | None = None) -> None:
     """The executor's partition exists and its time limit, CPUs and memory fit the partition,
     where ``sinfo`` answers: SLURM accepts a job over a partition's time limit or CPU count and
