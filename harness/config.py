@@ -1994,11 +1994,48 @@ def check_storage_files(cfg: SweepConfig, file: str) -> None:
     """Each study's journal or SQLite file can be made where ``tune.storage`` puts it, found
     without making it (``validate`` writes nothing) and before the sweep builds its models: a
     file standing where its folder goes; for SQLite, which makes the database file but not its
-    folder, a missing folder. A database server is opened by the sweep, before any job."""
+    folder, a missing folder; a database server, one that does not take a connection (down,
+    refused, a wrong password), connected to and closed, making no table."""
     for i, m in enumerate(cfg.methods):
-        problem = storage_file_problem(m.tune.storage) if m.tune and m.tune.storage else None
+        if not (m.tune and m.tune.storage):
+            continue
+        problem = storage_file_problem(m.tune.storage)
         if problem:
             raise ConfigError(file, f"methods.{i}.tune.storage", f"cannot open it: {problem}", m.tune.storage)
+        problem = None if m.tune.storage.startswith("journal:") else database_problem(m.tune.storage)
+        if problem:
+            raise ConfigError(file, f"methods.{i}.tune.storage", problem, m.tune.storage)
+
+
+#: Seconds a database server storage has to answer a connection (:func:`database_problem`).
+CONNECT_TIMEOUT_S = 10
+#: Each driver's keyword for its connection timeout (an unknown driver waits as it does).
+_TIMEOUT_KEYWORDS = {"psycopg2": "connect_timeout", "psycopg": "connect_timeout", "pymysql": "connect_timeout",
+                     "mysqldb": "connect_timeout", "mariadbconnector": "connect_timeout", "pg8000": "timeout",
+                     "mysqlconnector": "connection_timeout"}
+
+
+def database_problem(spec: str) -> str | None:
+    """Why the database server of storage ``spec`` (a URL whose driver is installed) takes no
+    connection, in the driver's words, or None; SQLite is a file (:func:`storage_file_problem`).
+    Without it a server that is down or refuses the login passed ``validate`` and failed the sweep."""
+    from sqlalchemy import create_engine
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.pool import NullPool
+
+    url = make_url(spec)
+    if url.get_backend_name() == "sqlite":
+        return None
+    keyword = _TIMEOUT_KEYWORDS.get(url.get_driver_name())
+    engine = create_engine(url, poolclass=NullPool, connect_args={keyword: CONNECT_TIMEOUT_S} if keyword else {})
+    try:
+        with engine.connect():
+            return None
+    except Exception as exc:  # noqa: BLE001  (each driver raises its own errors; SQLAlchemy wraps most)
+        words = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+        return f"cannot connect: {words[0] if words else type(exc).__name__}"
+    finally:
+        engine.dispose()
 
 
 def storage_file_problem(spec: str) -> str | None:
