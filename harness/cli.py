@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from harness.errors import HarnessError, WriteRefused, storage_problem
-from harness.progress import plain_warning_lines
+from harness.progress import plain_warning_lines, print_warning
 
 console = Console(emoji=False)  # a label such as "pkg:Fire:" is text, not an emoji code
 if not console.is_terminal and "COLUMNS" not in os.environ:
@@ -162,9 +162,22 @@ def _load(file: str, overrides: tuple[str, ...], start_workers: bool = False,
                 from harness.executors.slurm import check_cluster
 
                 check_cluster(cfg, file)
+                _warn_of_gpus(cfg, file, overrides, as_read)
     except ConfigError as exc:
         raise exc.blamed_on_overrides(list(overrides), as_read) from None
     return cfg
+
+
+def _warn_of_gpus(cfg: Any, file: str, overrides: tuple[str, ...], as_read: Any) -> None:
+    """Warn (even with ``-q``) of SLURM jobs on ``device: cuda`` that ask for no GPU, naming the
+    file, or the override that set the device or the GPU count, as a config error would."""
+    from harness.config import ConfigError
+    from harness.executors.slurm import gpu_request_warning
+
+    text = gpu_request_warning(cfg)
+    if text is not None:
+        line = ConfigError(file, "executor.gpus_per_node", text, show_value=False, also=("device",))
+        print_warning(console, line.blamed_on_overrides(list(overrides), as_read).line)
 
 
 @contextlib.contextmanager

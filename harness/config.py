@@ -49,11 +49,12 @@ GENERALIZATION_SUFFIX = " (gen)"  # not "[gen]": rich would read that as markup 
 class ConfigError(HarnessError):
     """A bad field: ``file: path: message (got value)``. ``further`` holds the sweep's other bad
     fields, when validation found several (each one more line of the message), and ``more`` the
-    count of those left out past the last line."""
+    count of those left out past the last line. ``also`` names other fields the fault lies in as
+    much as in ``path`` (a task both ``seen`` and ``unseen``): an override of one of them is blamed."""
 
     def __init__(self, file: str, path: str, message: str, value: Any = None, show_value: bool = True,
-                 further: Iterable["ConfigError"] = (), more: int = 0):
-        self.file, self.path, self.value = file, path, value
+                 further: Iterable["ConfigError"] = (), more: int = 0, also: tuple[str, ...] = ()):
+        self.file, self.path, self.value, self.also = file, path, value, also
         self.message, self.show_value = message, show_value
         self.further, self.more = list(further), more
         where = f"{file}: {path}: " if path else f"{file}: "
@@ -78,17 +79,20 @@ class ConfigError(HarnessError):
         first, further = self._blamed(overrides, raw), [e._blamed(overrides, raw) for e in self.further]
         if first is self and all(a is b for a, b in zip(further, self.further)):
             return self
-        return ConfigError(first.file, first.path, first.message, first.value, first.show_value, further, self.more)
+        return ConfigError(first.file, first.path, first.message, first.value, first.show_value, further, self.more,
+                           first.also)
 
     def _blamed(self, overrides: list[str], raw: Any = None) -> "ConfigError":
-        """This error's own line (not the further ones) blamed on the override that set its field."""
+        """This error's own line (not the further ones) blamed on the override that set its field,
+        or one of the fields it names ``also``, then named as the field at fault."""
         for item in reversed(overrides):
             key = item.partition("=")[0].strip()
             made = made_by_override(raw, key)
-            if self.path and (self.path == key or self.path.startswith(key + ".") or key.startswith(self.path + ".")
-                              or (made and self.path.startswith(made + "."))):
-                return ConfigError(f"<command line> ({item}, over {self.file})", self.path, self.message,
-                                   self.value, self.show_value)
+            for path in (self.path, *self.also):
+                if path and (path == key or path.startswith(key + ".") or key.startswith(path + ".")
+                             or (made and path.startswith(made + "."))):
+                    return ConfigError(f"<command line> ({item}, over {self.file})", path, self.message,
+                                       self.value, self.show_value)
         return self
 
 
@@ -600,16 +604,16 @@ class ExecutorSpec(Strict):
 
     kind: Literal["local", "slurm", "debug"] = "local"
     workers: int = Field(1, ge=1, le=64, description="local: processes; 1 runs jobs in-process")
-    partition: str | None = Field(None, pattern=r"^\S+$", description="SLURM partition (cluster default if unset)")
+    partition: str | None = Field(None, description="SLURM partition (cluster default if unset)")
     gpus_per_node: int = Field(0, ge=0, le=64)
     cpus_per_task: int = Field(1, ge=1, le=1024)
     mem_gb: float | None = Field(None, gt=0, le=65536, description="memory per job (cluster default if unset)")
     timeout_min: int = Field(60, ge=1, le=60 * 24 * 30, description="time limit per job; long jobs checkpoint and requeue")
     requeues: int = Field(3, ge=0, le=1000, description="times a job is requeued at its time limit (preemptions not counted)")
     array_parallelism: int = Field(256, ge=1, le=100_000, description="array tasks running at once, per array")
-    account: str | None = Field(None, pattern=r"^\S+$")
-    qos: str | None = Field(None, pattern=r"^\S+$")
-    constraint: str | None = Field(None, pattern=r"^\S+$")
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
     setup: list[str] = Field(default_factory=list,
                              description="shell lines run before each job (module load ...); one that fails fails it")
     sbatch: dict[str, Any] = Field(
@@ -633,10 +637,16 @@ class ExecutorSpec(Strict):
         """``${VAR}`` expanded, and the value still one word: a line break from the environment
         would end the ``#SBATCH`` line, and the rest would run as a command in the job's shell.
         One expanding to nothing (``${SLURM_PARTITION:-}``) is unset, the cluster's default, as
-        a shell's ``sbatch ${P:+-p $P}`` leaves it: not an option of the empty name."""
+        a shell's ``sbatch ${P:+-p $P}`` leaves it: not an option of the empty name. Checked
+        here, after expansion, so the refusal names the expanded value (a ``pattern`` on the field
+        would see ``${P:-a b}`` as written, and print its regular expression)."""
+        if v == "":
+            raise ValueError("is empty; the field takes one SLURM name (leave it out for the cluster's default)")
         expanded = _expand_input(cls, v)
         if expanded and not re.fullmatch(r"\S+", expanded):
-            raise ValueError(f"expands to {expanded!r}, which is not one word (it holds whitespace)")
+            said = f"expands to {expanded!r}, which is" if expanded != v else "is"
+            raise ValueError(f"{said} not one word (it holds whitespace); the field takes one SLURM name, "
+                             "without spaces or line breaks")
         return expanded or None
 
     @field_validator("mem_gb")
@@ -971,7 +981,7 @@ def gathered(errors: list[ConfigError], one_per_field: bool = False) -> ConfigEr
     shown = lines[:MAX_ERRORS]
     head = shown[0]
     return ConfigError(head.file, head.path, head.message, head.value, head.show_value, shown[1:],
-                       len(lines) - len(shown) + more)
+                       len(lines) - len(shown) + more, head.also)
 
 
 class Gathering:
@@ -1504,10 +1514,11 @@ def _check_split(cfg: SweepConfig, file: str) -> None:
     and a task left to merge."""
     both = set(cfg.seen or []) & set(cfg.unseen)
     if both:
-        raise ConfigError(file, "unseen", f"tasks both seen and unseen: {sorted(both)}", show_value=False)
+        raise ConfigError(file, "unseen", f"tasks both seen and unseen: {sorted(both)}", show_value=False,
+                          also=("seen",))
     rest = [t for t in cfg.task_names if t not in (cfg.seen or []) and t not in cfg.unseen]
     if cfg.seen is not None and cfg.unseen and rest:  # as the generalization block: each task one of them
-        raise ConfigError(file, "seen", f"tasks neither seen nor unseen: {rest}", show_value=False)
+        raise ConfigError(file, "seen", f"tasks neither seen nor unseen: {rest}", show_value=False, also=("unseen",))
     if not cfg.merge_tasks:
         raise ConfigError(file, "unseen", "every task is unseen: nothing to merge", show_value=False)
 
@@ -1983,11 +1994,48 @@ def check_storage_files(cfg: SweepConfig, file: str) -> None:
     """Each study's journal or SQLite file can be made where ``tune.storage`` puts it, found
     without making it (``validate`` writes nothing) and before the sweep builds its models: a
     file standing where its folder goes; for SQLite, which makes the database file but not its
-    folder, a missing folder. A database server is opened by the sweep, before any job."""
+    folder, a missing folder; a database server, one that does not take a connection (down,
+    refused, a wrong password), connected to and closed, making no table."""
     for i, m in enumerate(cfg.methods):
-        problem = storage_file_problem(m.tune.storage) if m.tune and m.tune.storage else None
+        if not (m.tune and m.tune.storage):
+            continue
+        problem = storage_file_problem(m.tune.storage)
         if problem:
             raise ConfigError(file, f"methods.{i}.tune.storage", f"cannot open it: {problem}", m.tune.storage)
+        problem = None if m.tune.storage.startswith("journal:") else database_problem(m.tune.storage)
+        if problem:
+            raise ConfigError(file, f"methods.{i}.tune.storage", problem, m.tune.storage)
+
+
+#: Seconds a database server storage has to answer a connection (:func:`database_problem`).
+CONNECT_TIMEOUT_S = 10
+#: Each driver's keyword for its connection timeout (an unknown driver waits as it does).
+_TIMEOUT_KEYWORDS = {"psycopg2": "connect_timeout", "psycopg": "connect_timeout", "pymysql": "connect_timeout",
+                     "mysqldb": "connect_timeout", "mariadbconnector": "connect_timeout", "pg8000": "timeout",
+                     "mysqlconnector": "connection_timeout"}
+
+
+def database_problem(spec: str) -> str | None:
+    """Why the database server of storage ``spec`` (a URL whose driver is installed) takes no
+    connection, in the driver's words, or None; SQLite is a file (:func:`storage_file_problem`).
+    Without it a server that is down or refuses the login passed ``validate`` and failed the sweep."""
+    from sqlalchemy import create_engine
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.pool import NullPool
+
+    url = make_url(spec)
+    if url.get_backend_name() == "sqlite":
+        return None
+    keyword = _TIMEOUT_KEYWORDS.get(url.get_driver_name())
+    engine = create_engine(url, poolclass=NullPool, connect_args={keyword: CONNECT_TIMEOUT_S} if keyword else {})
+    try:
+        with engine.connect():
+            return None
+    except Exception as exc:  # noqa: BLE001  (each driver raises its own errors; SQLAlchemy wraps most)
+        words = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+        return f"cannot connect: {words[0] if words else type(exc).__name__}"
+    finally:
+        engine.dispose()
 
 
 def storage_file_problem(spec: str) -> str | None:
@@ -2115,10 +2163,11 @@ def check_generalization(cfg: SweepConfig, file: str) -> None:
         both = set(g.seen) & unseen
         if both:
             raise ConfigError(file, "generalization.unseen", f"tasks both seen and unseen: {sorted(both)}",
-                              show_value=False)
+                              show_value=False, also=("generalization.seen",))
         rest = [t for t in names if t not in g.seen and t not in unseen]
         if g.unseen is not None and rest:
-            raise ConfigError(file, "generalization.seen", f"tasks neither seen nor unseen: {rest}", show_value=False)
+            raise ConfigError(file, "generalization.seen", f"tasks neither seen nor unseen: {rest}", show_value=False,
+                              also=("generalization.unseen",))
     if not cfg.generalization_seen:
         raise ConfigError(file, "generalization.unseen", "every task is unseen: nothing to merge", show_value=False)
     if len(cfg.generalization_seen) == len(names):

@@ -305,6 +305,30 @@ def test_a_field_missing_from_a_mapping_an_override_made_names_the_override(over
     assert exc.value.file == f"<command line> ({blamed}, over {f})"
 
 
+@pytest.mark.parametrize("in_file,overrides,blamed,line", [
+    ({"unseen": ["toy_colours"]}, ["seen=[toy_stripes, toy_colours]"], "seen=[toy_stripes, toy_colours]",
+     "seen: tasks both seen and unseen: ['toy_colours']"),
+    ({"seen": ["toy_stripes", "toy_colours"]}, ["unseen=[toy_colours]"], "unseen=[toy_colours]",
+     "unseen: tasks both seen and unseen: ['toy_colours']"),
+    ({"generalization": {"unseen": ["toy_colours"]}}, ["generalization.seen=[toy_stripes, toy_colours]"],
+     "generalization.seen=[toy_stripes, toy_colours]", "generalization.seen: tasks both seen and unseen: "
+                                                       "['toy_colours']"),
+    ({"tasks": ["toy_stripes", "toy_colours", "toy_checks"], "seen": ["toy_stripes"]}, ["unseen=[toy_colours]"],
+     "unseen=[toy_colours]", "unseen: tasks neither seen nor unseen: ['toy_checks']"),
+    ({"seen": ["toy_stripes", "toy_colours"], "unseen": ["toy_colours"]}, ["eval.max_samples=5"], None,
+     "unseen: tasks both seen and unseen: ['toy_colours']"),
+])
+def test_a_split_an_override_made_wrong_names_the_override(in_file, overrides, blamed, line, sweep_dict, tmp_path):
+    """A task both seen and unseen (or neither) is as much the fault of the one field as of the
+    other: where either came from the command line, the error says so and names that field; the
+    file is blamed only when it gives both."""
+    f = tmp_path / "split.yaml"
+    f.write_text(yaml.safe_dump({**sweep_dict, **in_file}))
+    where = f"<command line> ({blamed}, over {f})" if blamed else str(f)
+    code, _, err = _run(["validate", str(f), *overrides])
+    assert code == 2 and " ".join(err.split()) == f"error: {where}: {line}", err
+
+
 def test_override_of_an_unknown_key_names_the_override(sweep_dict, tmp_path):
     f = tmp_path / "ok.yaml"
     f.write_text(yaml.safe_dump(sweep_dict))

@@ -184,7 +184,11 @@ def _executor_error(tmp_path, **executor) -> str:
     ({"kind": "slurm", "cpus_per_task": 0}, "executor.cpus_per_task: Input should be greater than or equal to 1"),
     ({"kind": "slurm", "timeout_min": 0}, "executor.timeout_min: Input should be greater than or equal to 1"),
     ({"kind": "pbs"}, "executor.kind: Input should be 'local', 'slurm' or 'debug' (got 'pbs')"),
-    ({"kind": "slurm", "partition": "gpu --qos=high"}, "executor.partition: String should match pattern"),
+    ({"kind": "slurm", "partition": "gpu --qos=high"}, "sweep.yaml: executor.partition: is not one word (it holds "
+                                                       "whitespace); the field takes one SLURM name, without spaces "
+                                                       "or line breaks (got 'gpu --qos=high')"),
+    ({"kind": "slurm", "qos": ""}, "sweep.yaml: executor.qos: is empty; the field takes one SLURM name (leave it "
+                                   "out for the cluster's default) (got '')"),
     ({"kind": "slurm", "setup": ["module load cuda\nrm -rf /"]}, "executor.setup: each setup entry must be a single"),
     ({"kind": "slurm", "mem_gb": 0.0005}, "sweep.yaml: executor.mem_gb: under 1 MB, which sbatch would get as "
                                           "--mem=0MB: all of a node's memory (got 0.0005)"),
@@ -215,6 +219,27 @@ def _executor_error(tmp_path, **executor) -> str:
 ])
 def test_bad_executor_fields_are_one_line_errors(tmp_path, executor, expected):
     assert expected in _executor_error(tmp_path, **executor)
+
+
+@pytest.mark.parametrize("field", ["partition", "account", "qos", "constraint"])
+def test_a_slurm_name_whose_default_holds_a_space_is_refused_naming_the_expanded_value(tmp_path, monkeypatch, field):
+    """The check sees the value sbatch would get, after expansion, and says what the field takes
+    (not the regular expression of a pattern, nor the value as written only)."""
+    from harness.config import load_config
+
+    monkeypatch.delenv("P", raising=False)
+    key = f"executor.{field}"
+    expected = (f"{key}: expands to 'a b', which is not one word (it holds whitespace); the field "
+                "takes one SLURM name, without spaces or line breaks (got '${P:-a b}')")
+    for path, args, where in ((_sweep_file(tmp_path, f"  {field}: ${{P:-a b}}\n"), [], "sweep.yaml: "),
+                              (_sweep_file(tmp_path, "", "plain.yaml"), [f"{key}=${{P:-a b}}"],
+                               f"<command line> ({key}=${{P:-a b}}, over ")):
+        with pytest.raises(ConfigError) as exc:
+            load_config(path, args)
+        assert str(exc.value).count("\n") == 0 and "pattern" not in str(exc.value)
+        assert where in str(exc.value) and str(exc.value).endswith(expected)
+    monkeypatch.setenv("P", "gpu")
+    assert getattr(load_config(_sweep_file(tmp_path, f"  {field}: ${{P:-a b}}\n")).executor, field) == "gpu"
 
 
 def test_sbatch_options_that_start_no_harness_option_are_kept(tmp_path):
@@ -273,6 +298,45 @@ def test_validate_accepts_the_slurm_executor_block(micro_checkpoints, tmp_path, 
     assert "valid" in r.output and "partition: gpu" in r.output
     r = CliRunner().invoke(main, ["validate", str(f), "executor.kind=local", "executor.mem_gb=-1"])
     assert r.exit_code == 2 and "executor.mem_gb" in r.output
+
+
+GPU_WARNING = ("the jobs run on device {device} but ask SLURM for no GPU (gpus_per_node 0, no gres or gpus option "
+               "under executor.sbatch): where the cluster allocates GPUs they land without one and fail; set "
+               "executor.gpus_per_node: 1, or pass a GPU option (executor.sbatch: {{gres: 'gpu:1'}} or {{gpus: 1}})")
+
+
+@pytest.mark.parametrize("device, executor, overrides, blamed", [
+    ("cuda", {}, [], "{f}: executor.gpus_per_node"),
+    ("cpu", {}, ["device=cuda:0"], "<command line> (device=cuda:0, over {f}): device"),
+    ("cuda", {"gpus_per_node": 1}, ["executor.gpus_per_node=0"],
+     "<command line> (executor.gpus_per_node=0, over {f}): executor.gpus_per_node"),
+    ("cuda", {"gpus_per_node": 1}, [], None),
+    ("cuda", {"sbatch": {"gres": "gpu:a100:1"}}, [], None),
+    ("cuda", {"sbatch": {"gpus-per-task": 1}}, [], None),
+    ("cuda", {"sbatch": {"gpus": 2}}, [], None),
+    ("cuda", {"sbatch": {"tres-per-t": "gres/gpu:1"}}, [], None),  # the start of --tres-per-task, as sbatch reads it
+    ("auto", {}, [], None),
+])
+def test_cuda_jobs_asking_slurm_for_no_gpu_are_warned_of(micro_checkpoints, tmp_path, monkeypatch, device, executor,
+                                                         overrides, blamed):
+    """A cluster that allocates GPUs would place such jobs without one; one that gives GPUs
+    unasked runs them, so it is a warning (even with -q), not a refusal, in validate and a sweep."""
+    import harness.executors.slurm as slurm
+
+    monkeypatch.setattr(slurm, "cluster_partitions", lambda: None)
+    d = make_sweep_dict(micro_checkpoints, tmp_path)
+    d["device"], d["executor"] = device, {"kind": "slurm", **executor}
+    f = tmp_path / "sweep.yaml"
+    f.write_text(yaml.safe_dump(d))
+    for command in (["validate"], ["sweep", "--dry-run", "-q"]):
+        r = CliRunner().invoke(main, [*command, str(f), *overrides])
+        assert r.exit_code == 0, r.output
+        out = " ".join(r.output.split())
+        if blamed is None:
+            assert "warning" not in out and "no GPU" not in out, out
+        else:
+            expected = GPU_WARNING.format(device="cuda:0" if "device=cuda:0" in overrides else device)
+            assert f"warning {blamed.format(f=f)}: {expected}" in out, out
 
 
 @pytest.mark.parametrize("name, bad", [("lr_100%x", "'%'"), ("a\\b", "'\\\\'")])
@@ -1790,6 +1854,22 @@ def test_a_refused_node_name_blames_the_sbatch_option_naming_nodes():
     assert blamed(sbatch={"mail-type": "END", "nodelist": "gpu9"}) == ("executor.sbatch.nodelist", "gpu9")
     assert blamed(sbatch={"nodefile": "/tmp/nodes"}) == ("executor.sbatch.nodefile", "/tmp/nodes")
     assert blamed(partition="gpu", gpus_per_node=1, sbatch={"mail-type": "END"}) == ("executor", None)
+
+
+@pytest.mark.parametrize("sbatch, refusal, blamed", [
+    ({"mail-type": "END", "exclud": "nosuchnode"}, REFUSED_NODE, "exclud"),
+    ({"nodel": "gpu9"}, REFUSED_NODE, "nodel"),
+    ({"nodefi": "/tmp/nodes"}, REFUSED_NODE, "nodefi"),
+    ({"mem-per-c": "4G"}, REFUSED_MEMORY, "mem-per-c"),
+])
+def test_a_refused_option_written_as_the_start_of_its_name_is_blamed(sbatch, refusal, blamed):
+    """sbatch reads the start of an option's name as the option (``--exclud`` is ``--exclude``),
+    so the key written that way is the one to fix, not the whole ``executor`` block."""
+    from harness.config import ExecutorSpec
+    from harness.executors.slurm import refused_field
+
+    e = ExecutorSpec(kind="slurm", mem_gb=4, sbatch=sbatch)
+    assert refused_field(e, refusal) == (f"executor.sbatch.{blamed}", sbatch[blamed])
 
 
 @pytest.mark.parametrize("sbatch, words, blamed", [

@@ -449,6 +449,69 @@ def test_a_storage_driver_missing_under_sqlalchemy_1_4_is_named(monkeypatch):
         "its database driver is not installed (No module named 'psycopg2')")
 
 
+REFUSED = ('connection to server at "127.0.0.1", port 1 failed: Connection refused\n'
+           '\tIs the server running on that host and accepting TCP/IP connections?')
+
+
+def _refusing_driver(monkeypatch) -> list[dict]:
+    """psycopg2 stood in for by a driver whose server refuses every connection with libpq's words;
+    returns the keyword arguments each connection was asked with."""
+    import types
+
+    from sqlalchemy.dialects import registry
+    from sqlalchemy.engine.default import DefaultDialect
+
+    asked: list[dict] = []
+
+    class Error(Exception):
+        pass
+
+    class OperationalError(Error):
+        pass
+
+    def connect(*args, **kwargs):
+        asked.append(kwargs)
+        raise OperationalError(REFUSED)
+
+    driver = types.SimpleNamespace(paramstyle="pyformat", Error=Error, OperationalError=OperationalError,
+                                   InterfaceError=Error, DatabaseError=Error, connect=connect)
+
+    class RefusingDialect(DefaultDialect):
+        name, driver = "postgresql", "psycopg2"
+        supports_statement_cache = True
+
+        @classmethod
+        def import_dbapi(cls):
+            return driver
+
+    monkeypatch.setitem(registry.impls, "postgresql.psycopg2", lambda: RefusingDialect)
+    return asked
+
+
+@pytest.mark.parametrize("command", [["validate"], ["sweep", "--dry-run"]])
+def test_a_database_server_that_refuses_the_connection_is_refused_by_validate(command, sweep_dict, tmp_path,
+                                                                              monkeypatch):
+    """Only SQLite's folder was checked before the sweep: a server that is down passed validate.
+    One line naming the field, with the driver's first line of words, asked with a connection
+    timeout (an unreachable host would otherwise hold the check for minutes), making nothing."""
+    from click.testing import CliRunner
+
+    from harness.cli import main
+
+    asked = _refusing_driver(monkeypatch)
+    storage = "postgresql+psycopg2://user@127.0.0.1:1/studies"
+    d = dict(sweep_dict, methods=[{"name": "task_arithmetic", "tune": tune_block(n_trials=1, storage=storage)}])
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump(d))
+    before = sorted(tmp_path.rglob("*"))
+    r = CliRunner().invoke(main, [*command, str(f)])
+    assert r.exit_code == 2, r.output
+    assert r.stderr.strip() == (f"error: {f}: methods.0.tune.storage: cannot connect: connection to server at "
+                                f"\"127.0.0.1\", port 1 failed: Connection refused (got {storage!r})"), r.stderr
+    assert [a.get("connect_timeout") for a in asked] == [10] and asked[0]["host"] == "127.0.0.1"
+    assert sorted(tmp_path.rglob("*")) == before
+
+
 def test_a_storage_that_cannot_be_opened_stops_the_sweep_before_any_job(sweep_dict, tmp_path):
     """A database in a folder that does not exist: one line naming the field and the storage, exit
     code 2, before any job ran or the output folder was written (it was a traceback after them)."""

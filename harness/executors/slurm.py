@@ -1036,7 +1036,9 @@ def refused_field(e: Any, reason: str) -> tuple[str, Any]:
     sets nodes). Words naming an ``sbatch:`` option itself (``unrecognized option '--mail-typ=END'``,
     ``Invalid --mail-type specification``) blame that option first, as do the controller's words
     naming one without its dashes (``Invalid time-min specification``, ``Job dependency problem``,
-    ``Requested reservation is invalid``, ``Invalid license specification`` for ``licenses``)."""
+    ``Requested reservation is invalid``, ``Invalid license specification`` for ``licenses``).
+    A key that starts the name of an option of a refusal is that option, as sbatch reads it
+    (``exclud`` is ``--exclude``; one starting several names sbatch refuses, naming it as written)."""
     for key in e.sbatch:
         if re.search(rf"--{re.escape(key)}(?![\w-])", reason):
             return f"executor.sbatch.{key}", e.sbatch[key]
@@ -1048,7 +1050,7 @@ def refused_field(e: Any, reason: str) -> tuple[str, Any]:
         if not pattern.search(reason):
             continue
         for key in e.sbatch:  # long option names (checked by the config)
-            if any(key == o or key.startswith(o + "-") for o in options):
+            if any(o.startswith(key) or key.startswith(o + "-") for o in options):
                 return f"executor.sbatch.{key}", e.sbatch[key]
         if name is not None and (name != "gpus_per_node" or e.gpus_per_node):
             return f"executor.{name}", getattr(e, name)
@@ -1161,6 +1163,30 @@ def cluster_partitions() -> dict[str, dict[str, Any]] | None:
         with contextlib.suppress(ValueError):
             p["mem_mb"] = max(p["mem_mb"], int(mem.rstrip("+")))
     return parts or None
+
+
+#: ``sbatch:`` options that ask for GPUs (a key may be the start of one's name, as sbatch reads it).
+GPU_OPTIONS = ("gres", "gpus", "gpus-per-task", "gpus-per-socket", "tres-per-task")
+
+
+def asks_for_gpus(e: Any) -> bool:
+    """Whether the ``executor`` block asks SLURM for GPUs: ``gpus_per_node``, or a GPU option under
+    ``sbatch:``."""
+    return bool(e.gpus_per_node) or any(o.startswith(key) or key.startswith("gpus-per-")
+                                        for key in e.sbatch for o in GPU_OPTIONS)
+
+
+def gpu_request_warning(cfg: SweepConfig) -> str | None:
+    """Why a SLURM sweep on ``device: cuda`` that asks for no GPU is likely wrong, or None: a
+    cluster that accounts GPUs places its jobs on nodes (or shares of them) without one, where
+    they fail. Not refused: some clusters give a node's GPUs unasked."""
+    e = cfg.executor
+    if e.kind != "slurm" or not cfg.device.startswith("cuda") or asks_for_gpus(e):
+        return None
+    return (f"the jobs run on device {cfg.device} but ask SLURM for no GPU (gpus_per_node {e.gpus_per_node}, no "
+            "gres or gpus option under executor.sbatch): where the cluster allocates GPUs they land without one "
+            "and fail; set executor.gpus_per_node: 1, or pass a GPU option (executor.sbatch: {gres: 'gpu:1'} or "
+            "{gpus: 1})")
 
 
 def check_cluster(cfg: SweepConfig, file: str, partitions: dict[str, dict[str, Any]] | None = None) -> None:
