@@ -67,7 +67,8 @@ def main() -> None:
     ap.add_argument("--skip-cold", action="store_true", help="reuse the user cache instead of an empty one")
     ap.add_argument("overrides", nargs="*", help="key.path=value overrides for the sweep")
     args = ap.parse_args()
-    from harness.config import ConfigError, load_config_or_usage
+    from harness.config import load_config_or_usage
+    from harness.config_errors import ConfigError
     from harness.errors import FieldError, HarnessError
 
     load_config_or_usage(ap, args.sweep, args.overrides)  # a bad sweep stops here, not inside the first timed run

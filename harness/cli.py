@@ -105,23 +105,17 @@ def _load(file: str, overrides: tuple[str, ...], start_workers: bool = False,
     cluster's partitions, which commands that only read or collect must not depend on.
     ``results_only`` (status, report, ui: they read recorded jobs and results alone): an unset
     ``${VAR}`` in the paths of models and data, or in a SLURM option, is left unexpanded."""
-    from harness.config import (
-        UNSET_INPUTS_KEPT,
-        ConfigError,
-        ExecutorSpec,
-        Gathering,
-        apply_overrides,
+    from harness.config import UNSET_INPUTS_KEPT, ExecutorSpec, validate_config
+    from harness.config_errors import ConfigError, Gathering
+    from harness.model_checks import check_model_files, check_model_reading, check_pretrained_tag
+    from harness.path_checks import (
         check_cache_dir,
         check_data_roots,
-        check_model_files,
-        check_model_reading,
         check_output_dir,
-        check_pretrained_tag,
         check_storage_files,
         check_tracking_uri,
-        read_yaml,
-        validate_config,
     )
+    from harness.sweep_file import apply_overrides, read_yaml
 
     as_read = read_yaml(file)
     raw = apply_overrides(as_read, list(overrides), file)
@@ -171,7 +165,7 @@ def _load(file: str, overrides: tuple[str, ...], start_workers: bool = False,
 def _warn_of_gpus(cfg: Any, file: str, overrides: tuple[str, ...], as_read: Any) -> None:
     """Warn (even with ``-q``) of SLURM jobs on ``device: cuda`` that ask for no GPU, naming the
     file, or the override that set the device or the GPU count, as a config error would."""
-    from harness.config import ConfigError
+    from harness.config_errors import ConfigError
     from harness.executors.slurm import gpu_request_warning
 
     text = gpu_request_warning(cfg)
@@ -184,7 +178,7 @@ def _warn_of_gpus(cfg: Any, file: str, overrides: tuple[str, ...], as_read: Any)
 def _fields_of(file: str, overrides: tuple[str, ...]) -> Iterator[None]:
     """A sweep field found at fault while the sweep runs (a SLURM option sbatch refuses) is named
     with the sweep file, or the override that set it, as validation names a field."""
-    from harness.config import ConfigError
+    from harness.config_errors import ConfigError
     from harness.errors import FieldError
 
     try:
@@ -373,7 +367,8 @@ def tune(file: str, overrides: tuple[str, ...], label: str, trials: int | None, 
     report/tune-<label>.md, leaving the sweep's own report as the sweep wrote it."""
     from pydantic import ValidationError
 
-    from harness.config import TuneSpec, validation_error
+    from harness.config import TuneSpec
+    from harness.config_errors import validation_error
 
     cfg = _load(file, overrides, start_workers=True, does="submit")
     index = _method_index(cfg, label, file)
@@ -462,7 +457,7 @@ def _check_destination(dst: str | Path, option: str, folder: bool = False, must_
 def _check_store(where: str, uri: str) -> None:
     """A tracking URI MLflow cannot open for the file it names (``mlflow.db`` without ``sqlite:///``,
     a damaged database) in one line, ``where`` naming what gave it."""
-    from harness.config import tracking_file_problem
+    from harness.path_checks import tracking_file_problem
 
     problem = tracking_file_problem(uri)
     if problem:
@@ -502,12 +497,13 @@ def validate(file: str, overrides: tuple[str, ...]) -> None:
 
 def _check_data(cfg: Any, file: str, overrides: tuple[str, ...]) -> None:
     """What validate and a dry run check besides what every run's loading does (the run finds
-    these itself): the datasets found in their folders (:func:`harness.config.check_dataset_folders`)
+    these itself): the datasets found in their folders (:func:`harness.path_checks.check_dataset_folders`)
     and each test-time-adaptation ``batch_size`` within the split it adapts on
     (:meth:`harness.workspace.Workspace.check_adaptation_batches`), where the split sizes are
     known without building a model; a task of one's own is built and checked as the run's
     preflight checks it, so ``valid`` is not followed by a sweep refusing its data."""
-    from harness.config import ConfigError, check_dataset_folders
+    from harness.config_errors import ConfigError
+    from harness.path_checks import check_dataset_folders
     from harness.errors import FieldError, NotBuilt
     from harness.workspace import Workspace, check_templates
 
@@ -590,7 +586,8 @@ def _methods_to_list(names: tuple[str, ...], sweep_file: str | None) -> dict[str
     """The methods ``harness list methods`` was asked for: those ``sweep_file`` names (read as
     written: a hyperparameter it gets wrong does not hide the list that shows the right ones),
     then ``names``."""
-    from harness.config import ConfigError, gathered, read_yaml
+    from harness.config_errors import ConfigError, gathered
+    from harness.sweep_file import read_yaml
     from methods.base import methods_named
 
     wanted: list[tuple[str, str, str]] = []  # (file, field, name)
@@ -788,7 +785,8 @@ def prepare(file: str | None, overrides: tuple[str, ...], from_scratch: bool, qu
     """Build the embedded suite's models (pretrained + fine-tuned), cached for reuse."""
     import time
 
-    from harness.config import check_cache_dir, suite_tasks, validate_config
+    from harness.config import suite_tasks, validate_config
+    from harness.path_checks import check_cache_dir
 
     if file:
         cfg = _load(file, overrides)

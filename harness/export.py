@@ -177,7 +177,7 @@ def _what_may_differ(method: str) -> str:
 def _refuse_an_input(dst: str | Path, cfg: SweepConfig, sources: dict[str, Any]) -> None:
     """Refuse a ``dst`` that is one of the sweep's model files (as given, or converted), lies in a
     model folder it names, or in its cache folder: the export would replace what it merges."""
-    from harness.config import finetuned_field
+    from harness.model_checks import finetuned_field
 
     out = Path(dst).resolve()
     given = [cfg.model.pretrained, *(finetuned_field(cfg, t)[1] for t in cfg.task_names)]

@@ -23,7 +23,8 @@ from rich.console import Console
 from rich.markup import escape
 
 from harness.cache import atomic_write_bytes, atomic_write_json
-from harness.config import MAIN, SweepConfig, dump_yaml, folder_problem
+from harness.config import MAIN, SweepConfig, dump_yaml
+from harness.path_checks import folder_problem
 from harness.errors import HarnessError, NotBuilt, WriteRefused, storage_problem
 from harness.executors import make_executor
 from harness.failpoints import failpoint

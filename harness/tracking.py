@@ -293,7 +293,7 @@ def check_server(uri: str) -> None:
 
 def local_store(uri: str) -> bool:
     """Whether ``uri`` is a store in local files (an SQLite file, a folder store), which opening
-    checks nothing :func:`harness.config.check_tracking_uri` has not: MLflow is then opened when
+    checks nothing :func:`harness.path_checks.check_tracking_uri` has not: MLflow is then opened when
     the sweep first logs, after its first jobs. Any other (a server, a database, a scheme MLflow has
     no store for) is opened at the start, so that a wrong one fails the sweep before any job."""
     from urllib.parse import urlparse

@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from harness.cache import atomic_write_json, content_key, read_json
-from harness.config import MAIN, SweepConfig, check_model_files, finetuned_field, suite_tasks
+from harness.config import MAIN, SweepConfig, suite_tasks
+from harness.model_checks import check_model_files, finetuned_field
 from harness.errors import FieldError, HarnessError, NotBuilt
 from harness.models import (
     CONFIG_DIR,

@@ -298,7 +298,8 @@ def test_a_field_missing_from_a_mapping_an_override_made_names_the_override(over
     code, _, err = _run(["validate", str(f), *overrides])
     assert code == 2
     assert " ".join(err.split()) == f"error: <command line> ({blamed}, over {f}): {field}: required field is missing"
-    from harness.config import ConfigError, load_config
+    from harness.config import load_config
+    from harness.config_errors import ConfigError
 
     with pytest.raises(ConfigError) as exc:
         load_config(f, overrides)
@@ -504,7 +505,7 @@ def test_an_unclosed_list_in_an_override_is_malformed_yaml_not_a_string(sweep_di
     assert " ".join(err.split()) == (f"error: <command line> ({override}, over {f}): methods.1.grid.scaling: "
                                      "malformed YAML list: expected ',' or ']', but got '<stream end>' "
                                      "(got '[0.1, 0.5')")
-    from harness.config import parse_override
+    from harness.sweep_file import parse_override
 
     assert parse_override("model.finetuned_pattern={task}/encoder.pt")[1] == "{task}/encoder.pt"
 
@@ -523,7 +524,7 @@ def test_every_unknown_corruption_is_named_at_once(sweep_dict, tmp_path):
 
 
 def test_merge_keys_may_be_overridden(tmp_path):
-    from harness.config import read_yaml
+    from harness.sweep_file import read_yaml
 
     f = tmp_path / "merge.yaml"
     f.write_text("base: &b {x: 1, y: 2}\nother:\n  <<: *b\n  x: 3\n")
@@ -601,7 +602,8 @@ def test_pattern_with_escaped_braces_and_checkpoints_of_unseen_tasks_are_accepte
                                                                                   tmp_path):
     """Literal braces written as '{{' '}}' stay in the path; a fine-tuned checkpoint or head named for a
     task that is only evaluated (unseen, generalization, robustness) is a key of the sweep's tasks."""
-    from harness.config import check_model_files, validate_config
+    from harness.config import validate_config
+    from harness.model_checks import check_model_files
     from harness.models import save_state_dict
 
     folder = tmp_path / "ckpt{v2}"
@@ -656,7 +658,7 @@ def test_methods_by_name_alone(sweep_dict):
     """``methods: [weight_averaging, task_arithmetic]`` is the short form of ``- name:`` entries."""
     from harness.config import validate_config
 
-    from harness.config import apply_overrides
+    from harness.sweep_file import apply_overrides
 
     short = validate_config(dict(sweep_dict, methods=["weight_averaging", "task_arithmetic"]))
     long = validate_config(dict(sweep_dict, methods=[{"name": "weight_averaging"}, {"name": "task_arithmetic"}]))
@@ -1008,7 +1010,8 @@ def test_a_missing_name_is_never_answered_with_a_private_one(tmp_path, monkeypat
 
 
 def _error_lines(raw: dict, file: str = "s.yaml") -> list[str]:
-    from harness.config import ConfigError, validate_config
+    from harness.config import validate_config
+    from harness.config_errors import ConfigError
 
     with pytest.raises(ConfigError) as caught:
         validate_config(raw, file)
@@ -1080,7 +1083,7 @@ def test_a_mistake_pydantic_reports_once_per_union_member_is_one_line(lambdas, f
 
 
 def test_many_mistakes_are_capped_with_a_count_of_the_rest(sweep_dict):
-    from harness.config import MAX_ERRORS
+    from harness.config_errors import MAX_ERRORS
 
     bad = dict(sweep_dict, **{f"extra_{i:02d}": i for i in range(MAX_ERRORS + 5)})
     lines = _error_lines(bad)

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from harness.config import (EXPERIMENT_FIELDS, ConfigError, apply_overrides, dump_yaml, expand_env, expand_grid,
-                            load_config, validate_config)
+from harness.config import EXPERIMENT_FIELDS, dump_yaml, expand_env, expand_grid, load_config, validate_config
+from harness.config_errors import ConfigError
+from harness.sweep_file import apply_overrides
 
 A, B, C = "toy_stripes", "toy_colours", "toy_checks"
 README = Path(__file__).resolve().parents[1] / "README.md"

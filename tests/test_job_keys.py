@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness.config import ConfigError, validate_config
+from harness.config import validate_config
+from harness.config_errors import ConfigError
 from harness.plan import plan_jobs
 from harness.runner import run_sweep
 from methods.task_arithmetic import TaskArithmetic

@@ -488,7 +488,7 @@ def test_two_grids_sharing_their_chosen_setting_both_get_its_robustness(trained_
      "robustness.corruptions: listed twice: ['contrast']"),
 ])
 def test_generalization_and_robustness_config_errors(edit, fragment, sweep_dict):
-    from harness.config import ConfigError
+    from harness.config_errors import ConfigError
 
     with pytest.raises(ConfigError) as e:
         validate_config(dict(sweep_dict, **edit), "s.yaml")

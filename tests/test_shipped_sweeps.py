@@ -19,7 +19,7 @@ def _touch_model_files(path: Path, ckpt: Path) -> list[Path]:
     headers; loading real weights is other tests' business)."""
     import torch
 
-    from harness.config import read_yaml
+    from harness.sweep_file import read_yaml
     from harness.models import save_state_dict
 
     d = read_yaml(path)
@@ -83,7 +83,7 @@ def test_sweep_validates(path, tmp_path, monkeypatch, eight_datasets):
 
 
 def test_paper_sweeps_cover_the_setting():
-    from harness.config import read_yaml
+    from harness.sweep_file import read_yaml
 
     for name, arch in (("paper-vitb32", "ViT-B-32-quickgelu"), ("paper-vitl14", "ViT-L-14-quickgelu")):
         raw = read_yaml(SWEEP_DIR / f"{name}.yaml")
@@ -100,7 +100,7 @@ def test_small_sweep_is_the_main_sweep_on_a_wider_image_tower():
     method of the main sweep stay as they are)."""
     import json
 
-    from harness.config import read_yaml
+    from harness.sweep_file import read_yaml
     from harness.models import CONFIG_DIR, build_clip
 
     tiny = json.loads((CONFIG_DIR / "harness-tiny-vit.json").read_text())
@@ -122,7 +122,7 @@ def test_small_sweep_is_the_main_sweep_on_a_wider_image_tower():
 def test_regime_sweep_is_the_main_sweep_with_one_suite_option_changed(file, suite):
     """The regime studies (more feature preservation, longer pretraining) change one suite option
     and only widen the scaling grids, so every setting the main sweep could select stays selectable."""
-    from harness.config import read_yaml
+    from harness.sweep_file import read_yaml
     from tasks.embedded.pipeline import SuiteOptions
 
     main_sweep, regime = read_yaml(SWEEP_DIR / "wemoe.yaml"), read_yaml(SWEEP_DIR / file)
@@ -145,7 +145,7 @@ def test_regime_sweep_is_the_main_sweep_with_one_suite_option_changed(file, suit
 def test_confident_sweep_is_the_main_sweep_on_five_of_its_tasks():
     """Same model and encoders on a subset of the main tasks; the adaptive methods start, and the
     bound is built, at one task-arithmetic lambda from the grid; the paper's 0.3 kept beside."""
-    from harness.config import read_yaml
+    from harness.sweep_file import read_yaml
 
     main_sweep, conf = read_yaml(SWEEP_DIR / "wemoe.yaml"), read_yaml(SWEEP_DIR / "embedded-confident.yaml")
     assert conf["model"] == main_sweep["model"]
@@ -166,7 +166,7 @@ def test_wide_sweep_is_the_grid_part_of_the_small_sweep_at_width_384():
     the width-256 study's reference rows and grid methods, grids only widened."""
     import json
 
-    from harness.config import read_yaml
+    from harness.sweep_file import read_yaml
     from harness.models import CONFIG_DIR, build_clip
 
     tiny = json.loads((CONFIG_DIR / "harness-tiny-vit.json").read_text())

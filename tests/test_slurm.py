@@ -26,7 +26,8 @@ from mlflow import MlflowClient
 from click.testing import CliRunner
 
 from harness.cli import main
-from harness.config import ConfigError, validate_config
+from harness.config import validate_config
+from harness.config_errors import ConfigError
 from harness.executors.slurm import (
     SweepJob,
     check_cluster,

@@ -8,7 +8,8 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from harness.config import ConfigError, validate_config
+from harness.config import validate_config
+from harness.config_errors import ConfigError
 from harness.plan import TASK_SOURCE_KEY
 from harness.runner import run_sweep
 from tests.conftest import TOY_TASKS, make_sweep_dict

@@ -16,7 +16,8 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from harness.config import ConfigError, validate_config
+from harness.config import validate_config
+from harness.config_errors import ConfigError
 from harness.errors import HarnessError
 from harness.runner import run_sweep
 from tests.conftest import TRAINED_TASKS, make_sweep_dict, pixelate_split_unreadable, tuned_ties_then_k_joins

@@ -164,7 +164,8 @@ def test_a_line_break_in_a_slurm_output_dir_is_refused(tmp_path, micro_checkpoin
 def test_validate_config_itself_refuses_a_line_break_in_a_slurm_output_dir(tmp_path, micro_checkpoints):
     """Code that runs ``run_sweep(validate_config(d))`` (a notebook, the tests) skipped the CLI's
     checks: the line break reached the batch script's ``#SBATCH --output`` line."""
-    from harness.config import ConfigError, validate_config
+    from harness.config import validate_config
+    from harness.config_errors import ConfigError
     from tests.conftest import make_sweep_dict
 
     out = f"{tmp_path / 'out'}\ntouch {tmp_path / 'pwned'} #"

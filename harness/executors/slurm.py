@@ -1194,7 +1194,7 @@ def check_cluster(cfg: SweepConfig, file: str, partitions: dict[str, dict[str, A
     where ``sinfo`` answers: SLURM accepts a job over a partition's time limit or CPU count and
     leaves it pending forever (PartitionTimeLimit, PartitionConfig), so the sweep would wait
     on jobs that never start. Off a cluster (no ``sinfo``) nothing is checked."""
-    from harness.config import ConfigError
+    from harness.config_errors import ConfigError
 
     e = cfg.executor
     if e.kind != "slurm":
