@@ -153,7 +153,7 @@ def _load(file: str, overrides: tuple[str, ...], start_workers: bool = False,
         found.raise_any()
         if does == "submit":
             if cfg.executor.kind == "slurm":
-                from harness.executors.slurm import check_cluster
+                from harness.executors.slurm_settings import check_cluster
 
                 check_cluster(cfg, file)
                 _warn_of_gpus(cfg, file, overrides, as_read)
@@ -166,7 +166,7 @@ def _warn_of_gpus(cfg: Any, file: str, overrides: tuple[str, ...], as_read: Any)
     """Warn (even with ``-q``) of SLURM jobs on ``device: cuda`` that ask for no GPU, naming the
     file, or the override that set the device or the GPU count, as a config error would."""
     from harness.config_errors import ConfigError
-    from harness.executors.slurm import gpu_request_warning
+    from harness.executors.slurm_settings import gpu_request_warning
 
     text = gpu_request_warning(cfg)
     if text is not None:

@@ -1084,7 +1084,7 @@ def test_status_counts_each_state_and_what_the_driver_collected(sweep_dict, tmp_
 
     states = {"1_0": "COMPLETED", "2_0": "COMPLETED", "3_0": "RUNNING", "4_0": "FAILED", "5_0": "PENDING",
               "6_0": "UNKNOWN", "7_0": "COMPLETED"}
-    monkeypatch.setattr(slurm, "_run", lambda cmd: "")
+    monkeypatch.setattr("harness.executors.slurm_cluster._run", lambda cmd: "")
     monkeypatch.setattr(slurm, "slurm_states", lambda ids, reasons=None: {i: states[i] for i in ids})
     f = tmp_path / "sweep.yaml"
     f.write_text(yaml.safe_dump({**sweep_dict, "executor": {"kind": "slurm"}}))

@@ -354,7 +354,7 @@ def test_a_slurm_option_expanding_to_nothing_is_the_cluster_default(field, monke
     """``${VAR:-}`` (or a variable set to the empty string) expanded to '', which went to sbatch as
     an option of the empty name (``--partition=''``, a partition the cluster lacks); it is unset."""
     from harness.config import ExecutorSpec, SweepConfig
-    from harness.executors.slurm import submitit_parameters
+    from harness.executors.slurm_settings import submitit_parameters
 
     monkeypatch.setenv("SLURM_OPT_EMPTY", "")
     for given in ("${SLURM_OPT_UNSET_HERE:-}", "${SLURM_OPT_EMPTY}"):

@@ -57,7 +57,7 @@ def eight_datasets(tmp_path_factory) -> Path:
 def test_sweep_validates(path, tmp_path, monkeypatch, eight_datasets):
     # The paper sweeps ask for a GPU cluster's partition and nodes: validated as off a cluster,
     # not against whatever SLURM this machine may run (tests/test_slurm.py checks that part).
-    monkeypatch.setattr("harness.executors.slurm.cluster_partitions", lambda: None)
+    monkeypatch.setattr("harness.executors.slurm_settings.cluster_partitions", lambda: None)
     # The stand-ins hold one tensor, not the architecture's: its fit is tests/test_bad_inputs.py's part.
     monkeypatch.setattr("harness.models.meta_clip_shapes",
                         lambda arch, near=(): {"visual.class_embedding": (4,), "text_projection": (4, 4)})

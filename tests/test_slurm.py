@@ -28,13 +28,9 @@ from click.testing import CliRunner
 from harness.cli import main
 from harness.config import validate_config
 from harness.config_errors import ConfigError
-from harness.executors.slurm import (
-    SweepJob,
-    check_cluster,
-    partition_limit_min,
-    slurm_states,
-    submitit_parameters,
-)
+from harness.executors.slurm import SweepJob
+from harness.executors.slurm_cluster import partition_limit_min, slurm_states
+from harness.executors.slurm_settings import check_cluster, submitit_parameters
 from harness.runner import run_sweep
 from tests.conftest import make_sweep_dict, write_micro_checkpoints
 
@@ -285,9 +281,8 @@ def test_sbatch_values_with_colons_reach_sbatch_as_written(tmp_path):
 
 
 def test_validate_accepts_the_slurm_executor_block(micro_checkpoints, tmp_path, monkeypatch):
-    import harness.executors.slurm as slurm
-
-    monkeypatch.setattr(slurm, "cluster_partitions", lambda: None)  # off a cluster: partition gpu is not checked
+    # off a cluster: partition gpu is not checked
+    monkeypatch.setattr("harness.executors.slurm_settings.cluster_partitions", lambda: None)
     d = make_sweep_dict(micro_checkpoints, tmp_path)
     d["executor"] = {"kind": "slurm", "partition": "gpu", "gpus_per_node": 1, "cpus_per_task": 8, "mem_gb": 64,
                      "timeout_min": 120, "array_parallelism": 32, "account": None, "qos": None,
@@ -322,9 +317,7 @@ def test_cuda_jobs_asking_slurm_for_no_gpu_are_warned_of(micro_checkpoints, tmp_
                                                          overrides, blamed):
     """A cluster that allocates GPUs would place such jobs without one; one that gives GPUs
     unasked runs them, so it is a warning (even with -q), not a refusal, in validate and a sweep."""
-    import harness.executors.slurm as slurm
-
-    monkeypatch.setattr(slurm, "cluster_partitions", lambda: None)
+    monkeypatch.setattr("harness.executors.slurm_settings.cluster_partitions", lambda: None)
     d = make_sweep_dict(micro_checkpoints, tmp_path)
     d["device"], d["executor"] = device, {"kind": "slurm", **executor}
     f = tmp_path / "sweep.yaml"
@@ -344,9 +337,7 @@ def test_cuda_jobs_asking_slurm_for_no_gpu_are_warned_of(micro_checkpoints, tmp_
 def test_an_output_dir_slurm_would_read_as_a_pattern_is_refused(micro_checkpoints, tmp_path, monkeypatch, name, bad):
     """SLURM expands %x (the job's name) in the log paths under output_dir: the logs' folder then
     does not exist and every job fails before it starts (sacct: FAILED 0:53)."""
-    import harness.executors.slurm as slurm
-
-    monkeypatch.setattr(slurm, "cluster_partitions", lambda: None)
+    monkeypatch.setattr("harness.executors.slurm_settings.cluster_partitions", lambda: None)
     d = make_sweep_dict(micro_checkpoints, tmp_path)
     d["output_dir"] = str(tmp_path / name)
     d["executor"] = {"kind": "slurm"}
@@ -424,7 +415,7 @@ def test_a_failing_setup_line_ends_the_job_naming_it(micro_checkpoints, tmp_path
     import submitit
     from submitit.slurm.slurm import SlurmExecutor, _make_sbatch_string
 
-    from harness.executors.slurm import ended_reason
+    from harness.executors.slurm_reasons import ended_reason
 
     setup = ["# comments and quotes pass: '$(touch pwned)'", "export A=1", "false", "touch ran-on"]
     d = make_sweep_dict(micro_checkpoints, tmp_path)
@@ -664,7 +655,7 @@ def test_a_sweep_over_the_clusters_array_size_goes_out_as_several_arrays(tmp_pat
     from harness.plan import JobSpec
 
     answers = {"scontrol": "MaxArrayCount = 7\nMaxArraySize            = 3\nMaxJobCount = 10000\n"}
-    monkeypatch.setattr(slurm, "_run", lambda cmd: answers.get(cmd[0], ""))
+    monkeypatch.setattr("harness.executors.slurm_cluster._run", lambda cmd: answers.get(cmd[0], ""))
     arrays = []
 
     class Arrays:
@@ -813,7 +804,7 @@ def test_why_a_job_pends_is_shown_in_its_state(tmp_path, monkeypatch):
     from harness.plan import JobSpec
 
     answers = {"sacct": "", "squeue": "9_0|RUNNING|None\n9_1|PENDING|PartitionTimeLimit\n"}
-    monkeypatch.setattr(slurm, "_run", lambda cmd: answers[cmd[0]])
+    monkeypatch.setattr("harness.executors.slurm_cluster._run", lambda cmd: answers[cmd[0]])
     reasons: dict[str, str] = {}
     assert slurm_states(["9_0", "9_1"], reasons) == {"9_0": "RUNNING", "9_1": "PENDING"}
     assert reasons == {"9_1": "PartitionTimeLimit"}
@@ -831,7 +822,7 @@ def test_why_a_job_pends_is_shown_in_its_state(tmp_path, monkeypatch):
 def test_a_signal_is_named_when_it_has_a_name(sig, said):
     """sacct's 0:53 (a job whose log folder was missing) is no signal Python names: reported by number,
     not a crash of the driver."""
-    from harness.executors.slurm import ended_reason
+    from harness.executors.slurm_reasons import ended_reason
 
     assert ended_reason("FAILED", {"Signal": sig, "ExitCode": f"0:{sig}"}, "", 5) == (
         "FAILED", "the job process died" + said)
@@ -887,7 +878,7 @@ def _wait_on_one_job(tmp_path, monkeypatch, answers: dict[str, str] | None, poll
     from harness.plan import JobSpec
 
     if answers is not None:
-        monkeypatch.setattr(slurm, "_run", lambda cmd: answers.get(cmd[0], ""))
+        monkeypatch.setattr("harness.executors.slurm_cluster._run", lambda cmd: answers.get(cmd[0], ""))
     monkeypatch.setattr(slurm, "UNKNOWN_GRACE_S", 0.0)
     slept = []
     real_sleep = slurm.time.sleep
@@ -1019,7 +1010,7 @@ def _sweep_of_fake_jobs(tmp_path, monkeypatch, n: int, per_poll: int, no_result:
     drawn = []
     real_table = slurm.job_table
     monkeypatch.setattr(slurm, "job_table", lambda *a, **k: drawn.append(1) or real_table(*a, **k))
-    monkeypatch.setattr(slurm, "_run", run)
+    monkeypatch.setattr("harness.executors.slurm_cluster._run", run)
     monkeypatch.setattr(slurm.time, "monotonic", lambda: clock[0])
     monkeypatch.setattr(slurm.time, "sleep", sleep)
     d = make_sweep_dict(Path("/nonexistent"), tmp_path)
@@ -1100,7 +1091,7 @@ def test_status_and_a_rerun_list_the_folders_rather_than_stat_each_job(tmp_path,
         ex.log.record({s.key: {"job_id": f"100_{i}", "title": s.title, "settings": slurm.job_settings(ex.cfg)}
                        for i, s in enumerate(specs)})
         queued = "".join(f"100_{i}|PENDING|Priority\n" for i in range(n))
-        monkeypatch.setattr(slurm, "_run", lambda cmd: queued if cmd[0] == "squeue" else "")
+        monkeypatch.setattr("harness.executors.slurm_cluster._run", lambda cmd: queued if cmd[0] == "squeue" else "")
         with monkeypatch.context() as m:
             for name in ("stat", "scandir"):
                 m.setattr(os, name, counted(name))
@@ -1141,7 +1132,7 @@ def test_a_rerun_lists_the_slurm_folder_once_for_its_jobs_and_what_it_tells_of_t
     monkeypatch.setattr(slurm, "_usable_result", lambda job: True)
     (ex.folder / "5_3_0_result.pkl").write_bytes(b"")  # finished: neither warning names it
     queued = "".join(f"5_{i}|PENDING|Priority\n" for i in range(3))
-    monkeypatch.setattr(slurm, "_run", lambda cmd: queued if cmd[0] == "squeue" else "")
+    monkeypatch.setattr("harness.executors.slurm_cluster._run", lambda cmd: queued if cmd[0] == "squeue" else "")
     monkeypatch.setattr(ex, "_wait", lambda tracked, on_start: iter(()))
     listings = []
     real_scandir = os.scandir
@@ -1172,7 +1163,8 @@ def test_quiet_runs_still_warn_of_jobs_found_queued_under_other_settings(tmp_pat
     ex = slurm.SlurmExecutor(validate_config(d), progress=False,
                              console=Console(file=io.StringIO(), quiet=True, width=400))
     ex.log.record({"k0": {"job_id": "5_0", "settings": before}})
-    monkeypatch.setattr(slurm, "_run", lambda cmd: "5_0|PENDING|Priority\n" if cmd[0] == "squeue" else "")
+    monkeypatch.setattr("harness.executors.slurm_cluster._run",
+                        lambda cmd: "5_0|PENDING|Priority\n" if cmd[0] == "squeue" else "")
     monkeypatch.setattr(ex, "_wait", lambda tracked, on_start: iter(()))
     list(ex.run([JobSpec("merge", "m0", key="k0")]))
     told = " ".join(ex.console.file.getvalue().split())
@@ -1221,7 +1213,7 @@ def test_a_failing_squeue_is_no_evidence_that_a_job_is_gone(tmp_path, monkeypatc
     import harness.executors.slurm as slurm
 
     _fake_slurm_on_path(tmp_path, monkeypatch, squeue)
-    monkeypatch.setattr(slurm, "COMMAND_TIMEOUT_S", 0.5)
+    monkeypatch.setattr("harness.executors.slurm_cluster.COMMAND_TIMEOUT_S", 0.5)
     assert slurm_states(["9_2"]) == {"9_2": slurm.NO_ANSWER}
     got, waiting = _wait_on_one_job(tmp_path, monkeypatch, None, polls=3)
     assert waiting and got == []
@@ -1237,8 +1229,6 @@ def test_a_failing_squeue_is_no_evidence_that_a_job_is_gone(tmp_path, monkeypatc
 def test_squeue_saying_it_does_not_know_the_job_is_an_answer(tmp_path, monkeypatch):
     """Asked about one job id the controller no longer holds, squeue exits 1 with 'Invalid job id
     specified': the controller answered, so a job sacct does not know either is reported lost."""
-    import harness.executors.slurm as slurm
-
     _fake_slurm_on_path(tmp_path, monkeypatch,
                         'echo "slurm_load_jobs error: Invalid job id specified" >&2; exit 1')
     assert slurm_states(["9_2"]) == {"9_2": "UNKNOWN"}
@@ -1733,9 +1723,7 @@ def test_debug_executor_matches_local(varied_checkpoints, tmp_path, local_outcom
 def test_only_commands_that_submit_check_the_cluster(tmp_path, monkeypatch):
     """status, collect, report and ui read jobs already submitted: a partition whose limits
     changed since (or a sweep file copied off the cluster) must not lock them out."""
-    import harness.executors.slurm as slurm
-
-    monkeypatch.setattr(slurm, "cluster_partitions", lambda: PARTITIONS)
+    monkeypatch.setattr("harness.executors.slurm_settings.cluster_partitions", lambda: PARTITIONS)
     d = make_sweep_dict(Path("/nonexistent"), tmp_path)
     d["model"] = {"source": "embedded"}
     d["tasks"] = ["emb_mnist"]
@@ -1769,7 +1757,7 @@ def _refusing_sbatch(monkeypatch, message: str) -> None:
             raise submitit.core.utils.FailedJobError(message)
 
     monkeypatch.setattr(slurm.SlurmExecutor, "_submitit", lambda self: Refusing())
-    monkeypatch.setattr(slurm, "cluster_partitions", lambda: None)
+    monkeypatch.setattr("harness.executors.slurm_settings.cluster_partitions", lambda: None)
 
 
 @pytest.mark.parametrize("executor, overrides, message, expected", [
@@ -1846,7 +1834,7 @@ def test_a_refused_node_name_blames_the_sbatch_option_naming_nodes():
     """No typed field names nodes: ``exclude``, ``nodelist`` or ``nodefile`` under ``sbatch:`` is
     blamed, else the whole ``executor`` block (never a typed field sbatch did not complain of)."""
     from harness.config import ExecutorSpec
-    from harness.executors.slurm import refused_field
+    from harness.executors.slurm_reasons import refused_field
 
     def blamed(**fields):
         return refused_field(ExecutorSpec(kind="slurm", **fields), REFUSED_NODE)
@@ -1867,7 +1855,7 @@ def test_a_refused_option_written_as_the_start_of_its_name_is_blamed(sbatch, ref
     """sbatch reads the start of an option's name as the option (``--exclud`` is ``--exclude``),
     so the key written that way is the one to fix, not the whole ``executor`` block."""
     from harness.config import ExecutorSpec
-    from harness.executors.slurm import refused_field
+    from harness.executors.slurm_reasons import refused_field
 
     e = ExecutorSpec(kind="slurm", mem_gb=4, sbatch=sbatch)
     assert refused_field(e, refusal) == (f"executor.sbatch.{blamed}", sbatch[blamed])
@@ -1885,7 +1873,7 @@ def test_the_controllers_words_naming_an_option_without_its_dashes_blame_it(sbat
     """The controller names an option in words, not as ``--option``: that option is the one to
     fix, not the whole ``executor`` block; "Batch job" is no word of an option ``batch``."""
     from harness.config import ExecutorSpec
-    from harness.executors.slurm import refused_field
+    from harness.executors.slurm_reasons import refused_field
 
     reason = f"sbatch: error: Batch job submission failed: {words}"
     expected = (f"executor.sbatch.{blamed}", sbatch[blamed]) if blamed else ("executor", None)
@@ -1922,9 +1910,7 @@ def test_the_cluster_refusing_an_option_names_its_field(cluster, micro_checkpoin
 def test_collect_with_nothing_submitted_is_an_error(micro_checkpoints, tmp_path, monkeypatch):
     """``collect`` on a folder nothing was submitted from (a mistyped output_dir, a sweep never
     run with kind slurm) says so and exits 2, not 0 with an empty table."""
-    import harness.executors.slurm as slurm
-
-    monkeypatch.setattr(slurm, "cluster_partitions", lambda: PARTITIONS)
+    monkeypatch.setattr("harness.executors.slurm_settings.cluster_partitions", lambda: PARTITIONS)
     d = make_sweep_dict(micro_checkpoints, tmp_path)
     d["executor"] = {"kind": "slurm"}
     f = tmp_path / "sweep.yaml"
@@ -1988,7 +1974,8 @@ def test_a_slurm_folder_that_cannot_be_listed_does_not_resubmit_finished_jobs(tm
     job = submitit.SlurmJob(folder=ex.folder, job_id="100_0")
     job.paths.result_pickle.parent.mkdir(parents=True, exist_ok=True)
     job.paths.result_pickle.write_bytes(pickle.dumps(("success", {"status": "ok", "metrics": {}})))
-    monkeypatch.setattr(slurm, "_run", lambda cmd: "100_0|COMPLETED\n" if cmd[0] == "sacct" else "")
+    monkeypatch.setattr("harness.executors.slurm_cluster._run",
+                        lambda cmd: "100_0|COMPLETED\n" if cmd[0] == "sacct" else "")
     real_scandir = os.scandir
 
     def scandir(path="."):
@@ -2027,7 +2014,7 @@ def _polled(tmp_path, monkeypatch, state: str):
 
 def slurm_listed(t) -> set[str]:
     """The folder listing a poll makes of ``t``'s files, as the driver makes it."""
-    from harness.executors.slurm import listed_files
+    from harness.executors.slurm_cluster import listed_files
 
     return listed_files(t.paths())
 
@@ -2090,12 +2077,10 @@ def test_accounting_records_of_array_ranges_and_single_tasks_give_each_tasks_sta
     """sacct lists array tasks that never started as one range record ('100_[2-4%8]': tasks 2, 3
     and 4, at most 8 at a time), and a task that started since on its own line, which wins; a
     state may carry words after it ('CANCELLED by 1000')."""
-    import harness.executors.slurm as slurm
-
     answers = {"squeue": "", "scontrol": "Slurmctld(primary) at vm is UP\n",
                "sacct": "100_[2-4%8]|PENDING\n100_0|COMPLETED\n100_1|CANCELLED by 1000\n100_3|RUNNING\n"
                         "101_[0,2-3]|PENDING\n"}
-    monkeypatch.setattr(slurm, "_run", lambda cmd: answers[cmd[0]])
+    monkeypatch.setattr("harness.executors.slurm_cluster._run", lambda cmd: answers[cmd[0]])
     ids = [f"100_{i}" for i in range(6)] + [f"101_{i}" for i in range(5)]
     assert slurm_states(ids) == {
         "100_0": "COMPLETED", "100_1": "CANCELLED", "100_2": "PENDING", "100_3": "RUNNING", "100_4": "PENDING",
@@ -2107,11 +2092,9 @@ def test_the_controllers_state_of_a_task_wins_over_accountings(monkeypatch):
     """sacct, asked about an array once one of its tasks left the queue, answers for every task of
     it: its record of a task the controller still holds (a range it saw pending) is older than
     what squeue says of that task now."""
-    import harness.executors.slurm as slurm
-
     answers = {"squeue": "7_0|RUNNING|None\n", "scontrol": "Slurmctld(primary) at vm is UP\n",
                "sacct": "7_[0-1]|PENDING\n7_1|FAILED\n"}
-    monkeypatch.setattr(slurm, "_run", lambda cmd: answers[cmd[0]])
+    monkeypatch.setattr("harness.executors.slurm_cluster._run", lambda cmd: answers[cmd[0]])
     assert slurm_states(["7_0", "7_1"]) == {"7_0": "RUNNING", "7_1": "FAILED"}
 
 
@@ -2126,7 +2109,7 @@ def test_accounting_details_give_each_asked_jobs_state_exit_code_and_its_batch_s
             return "12_0|CANCELLED by 1000|0:15\n12_1|FAILED|1:0\n12_[2-3]|PENDING|0:0\n"
         return "12_0|0:15\n12_0.batch|0:9\n12_0.extern|0:15\n12_1|1:0\n12_1.batch|1:0\n12_1.extern|0:0\n"
 
-    monkeypatch.setattr(slurm, "_run", run)
+    monkeypatch.setattr("harness.executors.slurm_cluster._run", run)
     assert slurm.sacct_details(["12_1", "12_0"]) == {
         "12_0": {"State": "CANCELLED", "ExitCode": "0:15", "Signal": "9"},
         "12_1": {"State": "FAILED", "ExitCode": "1:0"}}
@@ -2148,12 +2131,11 @@ def test_a_rerun_finds_queued_and_running_jobs_and_resubmits_ended_lost_and_new_
     """Without results: a job SLURM still holds is waited on, one that ended (failed, out of
     memory) or that neither squeue nor sacct knows while the controller answers is submitted
     again, as is one never submitted."""
-    import harness.executors.slurm as slurm
     from harness.plan import JobSpec
 
     answers = {"squeue": "20_0|RUNNING|None\n20_1|PENDING|Resources\n", "scontrol": "Slurmctld(primary) at vm is UP\n",
                "sacct": "20_2|FAILED\n20_3|OUT_OF_MEMORY\n"}
-    monkeypatch.setattr(slurm, "_run", lambda cmd: answers[cmd[0]])
+    monkeypatch.setattr("harness.executors.slurm_cluster._run", lambda cmd: answers[cmd[0]])
     ex = _recorded_executor(tmp_path, {f"k{i}": f"20_{i}" for i in range(5)})
     specs = [JobSpec("merge", f"k{i}", key=f"k{i}") for i in range(6)]
     attach, submit, _ = ex._reattach(specs)
@@ -2169,7 +2151,7 @@ def test_status_calls_a_job_lost_only_past_the_grace_and_an_ended_one_without_re
 
     answers = {"squeue": "30_0|RUNNING|None\n", "scontrol": "Slurmctld(primary) at vm is UP\n",
                "sacct": "30_1|COMPLETED\n"}
-    monkeypatch.setattr(slurm, "_run", lambda cmd: answers[cmd[0]])
+    monkeypatch.setattr("harness.executors.slurm_cluster._run", lambda cmd: answers[cmd[0]])
     long_ago = "2020-01-01T00:00:00+00:00"
     ex = _recorded_executor(tmp_path, {f"k{i}": f"30_{i}" for i in range(5)}, {"k3": long_ago, "k4": long_ago})
     _, counts = slurm.status_table(ex.cfg)
@@ -2187,7 +2169,7 @@ def test_status_says_why_a_job_that_ended_without_a_result_failed(tmp_path, monk
 
     answers = {"squeue": "", "scontrol": "Slurmctld(primary) at vm is UP\n",
                "sacct": "40_0|CANCELLED\n40_1|TIMEOUT\n40_2|OUT_OF_MEMORY\n40_3|COMPLETED\n"}
-    monkeypatch.setattr(slurm, "_run", lambda cmd: answers[cmd[0]])
+    monkeypatch.setattr("harness.executors.slurm_cluster._run", lambda cmd: answers[cmd[0]])
     ex = _recorded_executor(tmp_path, {f"k{i}": f"40_{i}" for i in range(4)}, {})
     table, counts = slurm.status_table(ex.cfg)
     assert counts["failed"] == 4
@@ -2243,7 +2225,7 @@ def test_a_setting_the_earlier_submission_did_not_record_counts_as_changed(tmp_p
 def test_a_submitit_job_error_is_reported_by_its_last_line_of_substance(tmp_path):
     """submitit's FailedJobError wraps the job's traceback in rules and ends with the log paths:
     the reason is the exception line above them, cut at 500 characters."""
-    from harness.executors.slurm import _submitit_reason
+    from harness.executors.slurm_reasons import submitit_reason
 
     def failed(last: str) -> str:  # submitit's text (submitit/core/core.py, Job.exception)
         return ("Job (task=0) failed during processing with trace:\n----------------------\n"
@@ -2251,14 +2233,14 @@ def test_a_submitit_job_error_is_reported_by_its_last_line_of_substance(tmp_path
                 "----------------------\nYou can check full logs with 'job.stderr(0)' and 'job.stdout(0)'"
                 f"or at paths:\n  - {tmp_path}/7_0_log.err\n  - {tmp_path}/7_0_log.out")
 
-    assert _submitit_reason(failed("RuntimeError: boom")) == "RuntimeError: boom"
-    assert _submitit_reason(failed("ValueError: " + "x" * 600)) == ("ValueError: " + "x" * 600)[:500]
-    assert _submitit_reason("----\n\n") == ""
+    assert submitit_reason(failed("RuntimeError: boom")) == "RuntimeError: boom"
+    assert submitit_reason(failed("ValueError: " + "x" * 600)) == ("ValueError: " + "x" * 600)[:500]
+    assert submitit_reason("----\n\n") == ""
 
 
 def test_a_memory_sample_equal_to_the_limit_reads_as_equal():
     """Two decimals of GiB unless the sample and the limit would read alike while they differ."""
-    from harness.executors.slurm import _gib_over_limit
+    from harness.executors.slurm_reasons import _gib_over_limit
 
     assert _gib_over_limit(2**30, 2**30) == ("1.00", "1.00")
     assert _gib_over_limit(3 * 2**29, 2**30) == ("1.50", "1.00")
@@ -2267,7 +2249,7 @@ def test_a_memory_sample_equal_to_the_limit_reads_as_equal():
 
 def test_a_refused_generic_resource_blames_gpus_per_node_only_when_gpus_were_asked_for():
     from harness.config import ExecutorSpec
-    from harness.executors.slurm import refused_field
+    from harness.executors.slurm_reasons import refused_field
 
     assert refused_field(ExecutorSpec(kind="slurm"), REFUSED_GRES) == ("executor", None)
     assert refused_field(ExecutorSpec(kind="slurm", gpus_per_node=2), REFUSED_GRES) == ("executor.gpus_per_node", 2)
@@ -2278,7 +2260,7 @@ def test_sinfo_lines_of_a_partition_give_its_largest_node_and_limit(monkeypatch)
     default partition's name ends in '*'."""
     from types import SimpleNamespace
 
-    import harness.executors.slurm as slurm
+    import harness.executors.slurm_cluster as slurm
 
     out = ("cpu*|2:00:00|16|64000\ncpu*|1:00:00|32+|128000+\ngpu|1-00:00:00|8|256000\nnot sinfo's\n")
     monkeypatch.setattr(slurm.shutil, "which", lambda name: "/usr/bin/sinfo")

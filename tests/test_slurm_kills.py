@@ -26,7 +26,8 @@ from click.testing import CliRunner
 
 from harness.cli import main
 from harness.config import validate_config
-from harness.executors.slurm import ended_reason, requeue_only_with_progress
+from harness.executors.slurm import requeue_only_with_progress
+from harness.executors.slurm_reasons import ended_reason
 from harness.runner import run_sweep
 from tests.test_slurm import SETUP, _sweep, cluster, needs_slurm, varied_checkpoints  # noqa: F401 (fixtures)
 

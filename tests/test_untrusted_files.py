@@ -95,9 +95,8 @@ def _submitted_result(tmp_path, micro_checkpoints, monkeypatch, payload):
     import submitit
 
     from harness.config import validate_config
-    from harness.executors import slurm
 
-    monkeypatch.setattr(slurm, "_run", lambda cmd: "")
+    monkeypatch.setattr("harness.executors.slurm_cluster._run", lambda cmd: "")
     from tests.conftest import make_sweep_dict
 
     cfg = validate_config({**make_sweep_dict(micro_checkpoints, tmp_path), "executor": {"kind": "slurm"}})
@@ -143,11 +142,10 @@ def test_a_line_break_in_a_slurm_output_dir_is_refused(tmp_path, micro_checkpoin
     import yaml
     from click.testing import CliRunner
 
-    import harness.executors.slurm as slurm
     from harness.cli import main
     from tests.conftest import make_sweep_dict
 
-    monkeypatch.setattr(slurm, "cluster_partitions", lambda: None)
+    monkeypatch.setattr("harness.executors.slurm_settings.cluster_partitions", lambda: None)
     out = f"{tmp_path / 'out'}\ntouch {tmp_path / 'pwned'} #"
     f = tmp_path / "sweep.yaml"
     f.write_text(yaml.safe_dump({**make_sweep_dict(micro_checkpoints, tmp_path), "output_dir": out,

@@ -24,8 +24,6 @@ import datetime as _dt
 import io
 import logging
 import os
-import re
-import shlex
 import shutil
 import signal
 import subprocess
@@ -34,7 +32,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterator
 
 import submitit
 from rich.console import Console
@@ -46,6 +44,11 @@ from rich.text import Text
 from harness.cache import atomic_write_json, read_json
 from harness.config import SweepConfig
 from harness.errors import FieldError, HarnessError
+from harness.executors.slurm_cluster import (NO_ANSWER, exists, listed_files, max_array_size, sacct_details,
+                                             slurm_states)
+from harness.executors.slurm_reasons import (CONTROLLER_DOWN, ended_reason, refused_field, state_reason,
+                                             submitit_reason)
+from harness.executors.slurm_settings import job_settings, signal_delay_s, submitit_executor
 from harness.job import RECORDED, JobResult, read_result, study_records
 from harness.plan import JobSpec, check_harness_code, harness_code_id
 from harness.progress import plain_warning_lines, print_warning
@@ -54,35 +57,13 @@ from harness.progress import plain_warning_lines, print_warning
 ALIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "COMPLETING", "CONFIGURING", "RESIZING", "SUSPENDED",
                 "PREEMPTED", "REQUEUE_HOLD", "REQUEUE_FED", "SIGNALING", "STAGE_OUT", "RESV_DEL_HOLD"}
 RUNNING_STATES = {"RUNNING", "COMPLETING", "SIGNALING", "STAGE_OUT"}
-#: Why a job that left no result ended, by its SLURM state.
-STATE_REASONS = {
-    "OUT_OF_MEMORY": "out of memory",
-    "TIMEOUT": "time limit reached",
-    "CANCELLED": "cancelled",
-    "NODE_FAIL": "node failure",
-    "BOOT_FAIL": "node failed to boot",
-    "DEADLINE": "deadline reached",
-    "PREEMPTED": "preempted and not requeued",
-    "FAILED": "the job process died",
-    "COMPLETED": "the job ended without writing a result",
-}
 #: Seconds to wait for a result file after SLURM says the job ended (shared filesystems lag).
 RESULT_GRACE_S = 15.0
-#: slurmstepd's words in a job's stderr when it killed the job for its memory: over-limit kill by
-#: accounting (``JobAcctGatherParams=OverMemoryKill``), or the cgroup OOM killer.
-MEMORY_KILL = re.compile(r"exceeded (?:job )?memory limit|oom[-_ ]kill event", re.IGNORECASE)
-_MEMORY_NUMBERS = re.compile(r"exceeded memory limit \((\d+) > (\d+)\)")
-#: What a failed setup line writes to the job's stderr log (the driver's reason quotes it).
-SETUP_FAILED = re.compile(r"^harness: executor\.setup\.(\d+) failed \(exit (\d+)\): (.*)$", re.MULTILINE)
 #: A warning this much earlier than ``signal_delay_s`` before the limit is still the limit's: SLURM
 #: sends it up to one scheduler pass (30 s) early, and a job's clock starts after its start-up.
 SIGNAL_EARLY_S = 60
 #: Seconds a job may be unknown to SLURM (accounting lags behind submission) before it counts as lost.
 UNKNOWN_GRACE_S = 60.0
-#: The state of a job accounting has no record of while the controller does not answer: not lost.
-NO_ANSWER = "NO_ANSWER"
-#: Seconds a SLURM command may take before it counts as not answering.
-COMMAND_TIMEOUT_S = 60.0
 STDERR_TAIL_LINES = 20
 
 
@@ -127,11 +108,6 @@ class SweepJob(submitit.helpers.Checkpointable):
         else:
             print(f"harness job {spec.title}: {result.status}", flush=True)
         return result.to_dict()
-
-
-def signal_delay_s(timeout_min: int) -> int:
-    """Seconds before the time limit at which SLURM sends USR2 (submitit then checkpoints)."""
-    return min(90, timeout_min * 15)
 
 
 def _saved_files(workdir: Path) -> dict[str, tuple[int, int]]:
@@ -278,130 +254,6 @@ def _tail(path: Path, lines: int = STDERR_TAIL_LINES) -> str:
     return "\n".join(text.rstrip().splitlines()[-lines:])
 
 
-def _run(cmd: list[str]) -> str | None:
-    """A SLURM command's output; None when it did not answer (not found, timed out, failed), which
-    says nothing of any job. Asked about one job id it no longer holds, SLURM exits 1 with
-    'Invalid job id specified': that is an answer, and an empty one."""
-    try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if r.returncode == 0:
-        return r.stdout
-    return "" if "Invalid job id specified" in r.stderr else None
-
-
-def listed_files(paths: Iterable[Path]) -> set[str] | None:
-    """The files now in the folders holding ``paths``, as path strings: one directory listing
-    per folder, where a stat per job (milliseconds each on a shared filesystem) made every poll
-    of a large sweep cost as many file-system calls as it had jobs. None when a folder there is
-    cannot be listed (no read permission, a stale NFS handle): each file is looked at instead,
-    as an empty listing would read a finished job's result as missing."""
-    found: set[str] = set()
-    for folder in {p.parent for p in paths}:
-        try:
-            with os.scandir(folder) as entries:
-                found.update(os.path.join(folder, e.name) for e in entries)
-        except (FileNotFoundError, NotADirectoryError):  # no folder yet: nothing in it
-            continue
-        except OSError:
-            return None
-    return found
-
-
-def _exists(path: Path, listed: set[str] | None) -> bool:
-    """Whether ``path`` exists: in ``listed`` (see :func:`listed_files`), or by asking the filesystem."""
-    return str(path) in listed if listed is not None else path.exists()
-
-
-def _sacct_records(job_ids: list[str], fields: str = "JobID,State") -> dict[str, list[str]]:
-    """Accounting records by job id ('A' or array task 'A_i'). A record of never-started array
-    tasks names a range ('A_[2-7%8]') that may still include tasks that started since: records
-    of single tasks win over ranges."""
-    bases = sorted({i.split("_")[0] for i in job_ids})
-    if not bases:
-        return {}
-    out = _run(["sacct", "-X", "-n", "-P", "-o", fields, "-j", ",".join(bases)]) or ""
-    ranged: dict[str, list[str]] = {}
-    single: dict[str, list[str]] = {}
-    for line in out.splitlines():
-        jid, *rest = line.split("|")
-        if "[" in jid:
-            base, _, spec = jid.partition("_[")
-            for part in spec.rstrip("]").split("%")[0].split(","):
-                lo, _, hi = part.partition("-")
-                if lo.isdigit():
-                    for i in range(int(lo), int(hi or lo) + 1):
-                        ranged[f"{base}_{i}"] = rest
-        elif jid:
-            single[jid] = rest
-    return {**ranged, **single}
-
-
-def slurm_states(job_ids: list[str], reasons: dict[str, str] | None = None) -> dict[str, str]:
-    """The current SLURM state of each job: the controller's (squeue) while it holds the job,
-    else accounting's (sacct, asked only about jobs the controller does not list: it is the
-    heavier query, which cluster admins ask drivers not to make every poll); "UNKNOWN" when
-    neither knows it, NO_ANSWER when accounting does not and the controller does not answer.
-    ``reasons`` gets, per job the controller holds, why it is pending (``PartitionTimeLimit``,
-    ``Resources``), if it says."""
-    ids = sorted(set(job_ids))
-    states: dict[str, str] = {}
-    bases = sorted({i.split("_")[0] for i in ids})
-    queue = _run(["squeue", "-h", "-r", "-o", "%i|%T|%r", "-j", ",".join(bases)]) if bases else ""
-    if queue:
-        for line in queue.splitlines():
-            jid, _, rest = line.partition("|")
-            state, _, reason = rest.partition("|")
-            if jid and state:
-                states[jid] = state.strip().upper()
-                if reasons is not None and reason.strip() not in ("", "None"):
-                    reasons[jid] = reason.strip()
-    for jid, rec in _sacct_records([i for i in ids if i not in states]).items():
-        if rec and rec[0]:
-            states.setdefault(jid, rec[0].split()[0].upper())
-    # squeue failing is no evidence a job is gone, however long it lasts and whatever ``scontrol ping`` says
-    answered = queue is not None and (set(ids) <= set(states) or controller_answers())
-    unknown = "UNKNOWN" if answered else NO_ANSWER
-    return {i: states.get(i, unknown) for i in ids}
-
-
-def controller_answers() -> bool:
-    """Whether SLURM's controller answers (``scontrol ping``): while it does not (down,
-    restarting, unreachable), squeue's silence about a job says nothing of it."""
-    return " is UP" in (_run(["scontrol", "ping"]) or "")
-
-
-def max_array_size() -> int:
-    """SLURM's ``MaxArraySize``: an array's task indices must stay below it (``scontrol show
-    config``; SLURM's default, 1001, when it does not answer)."""
-    for line in (_run(["scontrol", "show", "config"]) or "").splitlines():
-        key, _, value = line.partition("=")
-        if key.strip() == "MaxArraySize" and value.strip().isdigit():
-            return max(1, int(value.strip()))
-    return 1001
-
-
-def sacct_details(job_ids: list[str]) -> dict[str, dict[str, str]]:
-    """State, exit code and killing signal of finished jobs from accounting, by job id: two sacct
-    calls however many jobs (asked one by one, a sweep whose jobs all failed made two per job)."""
-    ids = sorted(set(job_ids))
-    details: dict[str, dict[str, str]] = {}
-    for jid, rec in _sacct_records(ids, "JobID,State,ExitCode").items():
-        if jid in ids and len(rec) >= 2:
-            details[jid] = {"State": rec[0].split()[0].upper() if rec[0] else "UNKNOWN", "ExitCode": rec[1]}
-    if not details:
-        return details
-    out = _run(["sacct", "-n", "-P", "-o", "JobID,ExitCode", "-j", ",".join(sorted(details))]) or ""  # their steps too
-    for line in out.splitlines():
-        jid, _, code = line.partition("|")
-        job, dot, _ = jid.partition(".")
-        sig = code.partition(":")[2]
-        if dot and job in details and sig not in ("", "0"):
-            details[job].setdefault("Signal", sig)  # the job's process (a step) was killed by this signal
-    return details
-
-
 # ---------------------------------------------------------------------------------------
 # The executor
 
@@ -526,14 +378,14 @@ class SlurmExecutor:
         if self.collect_only:  # collect waits on every recorded job, whatever its state
             return ([_Tracked(s, found[s.key]) for s in specs if s.key in found],
                     [s for s in specs if s.key not in found], listed)
-        states = slurm_states([str(j.job_id) for j in found.values() if not _exists(j.paths.result_pickle, listed)])
+        states = slurm_states([str(j.job_id) for j in found.values() if not exists(j.paths.result_pickle, listed)])
         attach, submit = [], []
         for s in specs:
             job = found.get(s.key)
             if job is None:
                 submit.append(s)
                 continue
-            if _exists(job.paths.result_pickle, listed):
+            if exists(job.paths.result_pickle, listed):
                 usable = _usable_result(job)
             else:
                 usable = states[str(job.job_id)] in ALIVE_STATES | {NO_ANSWER}  # no answer: not resubmitted twice
@@ -550,7 +402,7 @@ class SlurmExecutor:
         ids, fields = [], {}
         for t in attach:
             then = records.get(t.spec.key, {}).get("settings")
-            if then is None or _exists(t.job.paths.result_pickle, listed):
+            if then is None or exists(t.job.paths.result_pickle, listed):
                 continue
             diff = {k: (then.get(k), v) for k, v in now.items() if then.get(k) != v}
             if diff:
@@ -574,7 +426,7 @@ class SlurmExecutor:
         for t in attach:
             rec = records.get(t.spec.key, {})
             code = rec.get("harness_code")
-            if not code or code == now or _exists(t.job.paths.result_pickle, listed):
+            if not code or code == now or exists(t.job.paths.result_pickle, listed):
                 continue
             ids.append(t.job_id)
             then.setdefault((rec.get("harness_dir", ""), code), None)
@@ -697,7 +549,7 @@ class SlurmExecutor:
                 if time.monotonic() - last_update >= poll:
                     listed = live.listed = listed_files(p for t in remaining for p in t.paths())
                     reasons: dict[str, str] = {}
-                    asked = [t.job_id for t in remaining if not _exists(t.job.paths.result_pickle, listed)]
+                    asked = [t.job_id for t in remaining if not exists(t.job.paths.result_pickle, listed)]
                     states = slurm_states(asked, reasons)  # a job whose result came needs no state
                     last_update = time.monotonic()
                     for t in remaining:
@@ -736,7 +588,7 @@ class SlurmExecutor:
         """The job's result if it has one now, a failed result if it ended without, else None.
         ``listed``, the folder's files at the last poll (None: ask the filesystem), is looked at
         again before a job is called failed: its result may have come since."""
-        if _exists(t.job.paths.result_pickle, listed):
+        if exists(t.job.paths.result_pickle, listed):
             return self._result(t)
         failed = self._ended_without_result(t)
         if failed is not None and listed is not None and t.job.paths.result_pickle.exists():
@@ -752,7 +604,7 @@ class SlurmExecutor:
             return JobResult.from_dict(job.result())
         except (submitit.core.utils.FailedJobError, submitit.core.utils.UncompletedJobError) as exc:
             t.show_tail = True
-            why = _submitit_reason(str(exc))
+            why = submitit_reason(str(exc))
             if "timed-out too many times" in why:
                 why += (f" ({self.cfg.executor.requeues} requeues of {self.cfg.executor.timeout_min} min: "
                         "raise executor.requeues or executor.timeout_min)")
@@ -870,7 +722,7 @@ def display_state(t: _Tracked, listed: set[str] | None = None) -> str:
         return t.outcome
     if t.state in RUNNING_STATES or t.state == "COMPLETED":
         return "running"
-    if t.state in {"REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"} or (t.state == "PENDING" and _exists(t.log_path(), listed)):
+    if t.state in {"REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"} or (t.state == "PENDING" and exists(t.log_path(), listed)):
         return "requeued"
     if t.state in ALIVE_STATES or t.state in ("UNKNOWN", NO_ANSWER):
         return "pending"
@@ -936,296 +788,12 @@ def _usable_result(job: Any) -> bool:
             and not result.get("study_error"))
 
 
-def state_reason(state: str) -> str:
-    """Why a job SLURM left in ``state`` ended without a result, in words."""
-    return STATE_REASONS.get(state, f"ended in state {state}")
-
-
-def ended_reason(state: str, details: dict[str, str], stderr_tail: str, timeout_min: int) -> tuple[str, str]:
-    """The state and the reason, in words, of a job that ended without a result.
-
-    ``details`` are accounting's (``Signal``, ``ExitCode``). Without cgroups SLURM's memory kill
-    leaves the job FAILED or CANCELLED, so slurmstepd's words in the stderr tail make it
-    OUT_OF_MEMORY, as a cgroup OOM kill is recorded.
-    """
-    if state in ("FAILED", "CANCELLED") and MEMORY_KILL.search(stderr_tail):
-        state = "OUT_OF_MEMORY"
-    setup = SETUP_FAILED.search(stderr_tail)
-    if state == "FAILED" and setup:
-        line, code, text = setup.groups()
-        return state, f"executor.setup.{line} failed (exit {code}): {text}"
-    reason = state_reason(state)
-    if state == "OUT_OF_MEMORY":
-        numbers = _MEMORY_NUMBERS.search(stderr_tail)
-        if numbers:
-            used, limit = _gib_over_limit(*(int(x) for x in numbers.groups()))
-            reason += f": used {used} GiB of its {limit} GiB"
-        return state, reason + " (raise executor.mem_gb)"
-    if state == "TIMEOUT":
-        return state, (f"{reason} ({timeout_min} min) and not requeued: raise executor.timeout_min, "
-                       "or have the method checkpoint in its workdir")
-    sig = details.get("Signal")
-    if sig:
-        reason += f" (killed by signal {sig}{_signal_name(sig)})"
-    elif state == "FAILED" and details.get("ExitCode"):
-        reason += f" (exit code {details['ExitCode'].partition(':')[0]})"
-    return state, reason
-
-
-def _signal_name(sig: str) -> str:
-    """``", SIGKILL"`` for a signal number that has a name here; ``""`` for one without (SLURM's
-    ``0:53`` of a job that could not open its log, a real-time signal)."""
-    try:
-        return f", {signal.Signals(int(sig)).name}"
-    except ValueError:
-        return ""
-
-
-def _gib_over_limit(used: int, limit: int) -> tuple[str, str]:
-    """Bytes as GiB with two decimals, or as many more as it takes for a sample just over the
-    limit (SLURM kills at the first sample past it) not to read as equal to the limit."""
-    for decimals in range(2, 10):
-        pair = f"{used / 2**30:.{decimals}f}", f"{limit / 2**30:.{decimals}f}"
-        if pair[0] != pair[1] or used == limit:
-            break
-    return pair
-
-
 def _failed(spec: JobSpec, error: str, detail: str) -> JobResult:
     return JobResult.of(spec, "failed", error=error, error_detail=detail)
 
 
-def _submitit_reason(text: str) -> str:
-    """The reason a submitit job error gives, in one line of at most 500 characters: its last
-    line that is neither a rule nor submitit's pointer to the log files."""
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not set(ln.strip()) <= {"-"}]
-    useful = [ln for ln in lines if not ln.startswith(("You can check", "or at paths", "- /"))]
-    return (useful or lines or [""])[-1][:500]
-
-
-#: sbatch's words for a refused option, and the ``executor`` field that sets it ("gres": see
-#: :func:`refused_field`; None: only ``sbatch:`` options set it). Checked in order: a refused
-#: memory request also says "Requested node configuration is not available", which names no
-#: option and is left to the fallback.
-REFUSALS = (  # sbatch's words, the typed field they are about, and the ``sbatch:`` options setting the same
-    (re.compile(r"invalid account", re.IGNORECASE), "account", ("account",)),
-    (re.compile(r"invalid qos", re.IGNORECASE), "qos", ("qos",)),
-    (re.compile(r"invalid partition", re.IGNORECASE), "partition", ("partition",)),
-    (re.compile(r"invalid feature specification", re.IGNORECASE), "constraint", ("constraint",)),
-    (re.compile(r"generic resource|\bgres\b", re.IGNORECASE), "gpus_per_node",
-     ("gres", "gpus", "gpu", "cpus-per-gpu", "mem-per-gpu")),
-    (re.compile(r"memory specification", re.IGNORECASE), "mem_gb", ("mem",)),
-    (re.compile(r"time limit", re.IGNORECASE), "timeout_min", ("time",)),
-    (re.compile(r"invalid node name", re.IGNORECASE), None, ("exclude", "nodelist", "nodefile")),  # only under sbatch:
-)
-
-
-#: sbatch's words when the controller cannot be reached (down, restarting, network): no option's fault.
-CONTROLLER_DOWN = re.compile(r"unable to contact slurm controller|socket timed out on send/recv|"
-                             r"slurm_persist_conn_open|connection refused", re.IGNORECASE)
-
-
-def refused_field(e: Any, reason: str) -> tuple[str, Any]:
-    """The ``executor`` field (dotted, under ``executor.``) sbatch's refusal ``reason`` is about,
-    and its value; ``("executor", None)`` when the words name no option. An option given under
-    ``sbatch:`` that sets the same thing (``mem-per-cpu`` for memory, ``time-min`` for the time
-    limit, ``gres``, ``gpus-per-task`` or ``cpus-per-gpu`` for GPUs) is blamed before the typed
-    field: it is the one the user wrote for this cluster. A refused generic resource with no GPUs
-    asked for names no field, nor does a refused node name (``Invalid node name specified``)
-    without an ``exclude``, ``nodelist`` or ``nodefile`` option under ``sbatch:`` (no typed field
-    sets nodes). Words naming an ``sbatch:`` option itself (``unrecognized option '--mail-typ=END'``,
-    ``Invalid --mail-type specification``) blame that option first, as do the controller's words
-    naming one without its dashes (``Invalid time-min specification``, ``Job dependency problem``,
-    ``Requested reservation is invalid``, ``Invalid license specification`` for ``licenses``).
-    A key that starts the name of an option of a refusal is that option, as sbatch reads it
-    (``exclud`` is ``--exclude``; one starting several names sbatch refuses, naming it as written)."""
-    for key in e.sbatch:
-        if re.search(rf"--{re.escape(key)}(?![\w-])", reason):
-            return f"executor.sbatch.{key}", e.sbatch[key]
-    for key in e.sbatch:
-        word = re.escape(key[:-1]) + "s?" if key.endswith("s") else re.escape(key)
-        if re.search(rf"(?<![\w-]){word}(?![\w-])", reason):  # case kept: no --batch in "Batch job"
-            return f"executor.sbatch.{key}", e.sbatch[key]
-    for pattern, name, options in REFUSALS:
-        if not pattern.search(reason):
-            continue
-        for key in e.sbatch:  # long option names (checked by the config)
-            if any(o.startswith(key) or key.startswith(o + "-") for o in options):
-                return f"executor.sbatch.{key}", e.sbatch[key]
-        if name is not None and (name != "gpus_per_node" or e.gpus_per_node):
-            return f"executor.{name}", getattr(e, name)
-    return "executor", None
-
-
-def job_settings(cfg: SweepConfig) -> dict[str, Any]:
-    """The executor fields a submitted job keeps (its resources, limits, setup, sbatch options)."""
-    return cfg.executor.model_dump(mode="json", exclude={"kind", "workers", "poll_s", "array_parallelism"})
-
-
-def submitit_executor(cfg: SweepConfig, folder: Path, kind: str = "slurm") -> Any:
-    """submitit's executor for the sweep: its parameters, and how often a job may be requeued at
-    its time limit (a constructor argument, not a parameter)."""
-    ex = submitit.AutoExecutor(folder=folder, cluster=kind, slurm_max_num_timeout=cfg.executor.requeues)
-    ex.update_parameters(**submitit_parameters(cfg))
-    return ex
-
-
-def setup_script(lines: list[str]) -> list[str]:
-    """The batch script's lines for ``executor.setup``: each line, shell-quoted, is ``eval``ed in the
-    job's shell (so ``export``, ``source`` and ``module load`` last) and one that fails ends the job
-    saying which, rather than the job running without the environment it asked for."""
-    return [f"eval {shlex.quote(line)} || {{ echo \"harness: executor.setup.{i} failed (exit $?):\" "
-            f"{shlex.quote(line)} >&2; exit 1; }}" for i, line in enumerate(lines)]
-
-
-def submitit_parameters(cfg: SweepConfig) -> dict[str, Any]:
-    """AutoExecutor parameters from ``executor:``; setup lines go as a list, never as one shell string."""
-    e = cfg.executor
-    params: dict[str, Any] = {
-        "name": f"harness-{cfg.name}",
-        "timeout_min": e.timeout_min,
-        "cpus_per_task": e.cpus_per_task,
-        "slurm_array_parallelism": e.array_parallelism,
-        # SLURM signals USR2 this long before the time limit: submitit then checkpoints and requeues
-        "slurm_signal_delay_s": signal_delay_s(e.timeout_min),
-        # the job step gets the batch shell's environment (what setup lines set, submitit's own
-        # variable) even under ``sbatch --export=NONE``, which srun would otherwise inherit
-        "slurm_srun_args": ["--export=ALL"],
-    }
-    if e.gpus_per_node:
-        params["gpus_per_node"] = e.gpus_per_node
-    if e.mem_gb is not None:
-        params["mem_gb"] = e.mem_gb
-    for key in ("partition", "account", "qos", "constraint"):
-        value = getattr(e, key)
-        if value is not None:
-            params[f"slurm_{key}"] = sbatch_value(value)
-    if e.setup:
-        params["slurm_setup"] = setup_script(e.setup)
-    if e.sbatch:  # each one '#SBATCH --key=value' line, the value shell-quoted by submitit
-        params["slurm_additional_parameters"] = {k: sbatch_value(v) for k, v in e.sbatch.items()}
-    return params
-
-
-def sbatch_value(value: Any) -> Any:
-    """A value for an ``#SBATCH`` line, which submitit shell-quotes: sbatch undoes the quotes but
-    reads a backslash as an escape even inside single quotes (``'a\\b'`` gives ``ab``), so each
-    backslash is doubled to reach the job as written."""
-    return value.replace("\\", "\\\\") if isinstance(value, str) else value
-
-
 # ---------------------------------------------------------------------------------------
 # the cluster's limits
-
-
-def partition_limit_min(text: str) -> float:
-    """sinfo's time limit (``infinite``, ``M``, ``M:S``, ``H:M:S``, ``D-H``, ``D-H:M``, ``D-H:M:S``)
-    in minutes; infinite when SLURM sets none."""
-    text = text.strip()
-    if text in ("infinite", "n/a", "UNLIMITED", ""):
-        return float("inf")
-    days, _, clock = text.rpartition("-")
-    parts = [int(x) for x in clock.split(":")]
-    if days:  # D-H, D-H:M, D-H:M:S
-        h, m, sec = (parts + [0, 0])[:3]
-    elif len(parts) == 3:
-        h, m, sec = parts
-    elif len(parts) == 2:
-        h, m, sec = 0, *parts
-    else:
-        h, m, sec = 0, parts[0], 0
-    return int(days or 0) * 1440 + h * 60 + m + sec / 60
-
-
-def cluster_partitions() -> dict[str, dict[str, Any]] | None:
-    """Per partition (``sinfo``): its time limit in minutes, the most CPUs and memory (MB) of one
-    of its nodes, and whether it is the default; None when ``sinfo`` is missing or fails."""
-    if shutil.which("sinfo") is None:
-        return None
-    try:
-        r = subprocess.run(["sinfo", "-a", "-h", "-o", "%P|%l|%c|%m"], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if r.returncode != 0:
-        return None
-    parts: dict[str, dict[str, Any]] = {}
-    for line in r.stdout.splitlines():
-        fields = line.strip().split("|")
-        if len(fields) != 4 or not fields[0]:
-            continue
-        name, limit, cpus, mem = fields
-        default = name.endswith("*")
-        p = parts.setdefault(name.rstrip("*"), {"limit_min": 0.0, "cpus": 0, "mem_mb": 0, "default": default})
-        with contextlib.suppress(ValueError):
-            p["limit_min"] = max(p["limit_min"], partition_limit_min(limit))
-        with contextlib.suppress(ValueError):
-            p["cpus"] = max(p["cpus"], int(cpus.rstrip("+")))
-        with contextlib.suppress(ValueError):
-            p["mem_mb"] = max(p["mem_mb"], int(mem.rstrip("+")))
-    return parts or None
-
-
-#: ``sbatch:`` options that ask for GPUs (a key may be the start of one's name, as sbatch reads it).
-GPU_OPTIONS = ("gres", "gpus", "gpus-per-task", "gpus-per-socket", "tres-per-task")
-
-
-def asks_for_gpus(e: Any) -> bool:
-    """Whether the ``executor`` block asks SLURM for GPUs: ``gpus_per_node``, or a GPU option under
-    ``sbatch:``."""
-    return bool(e.gpus_per_node) or any(o.startswith(key) or key.startswith("gpus-per-")
-                                        for key in e.sbatch for o in GPU_OPTIONS)
-
-
-def gpu_request_warning(cfg: SweepConfig) -> str | None:
-    """Why a SLURM sweep on ``device: cuda`` that asks for no GPU is likely wrong, or None: a
-    cluster that accounts GPUs places its jobs on nodes (or shares of them) without one, where
-    they fail. Not refused: some clusters give a node's GPUs unasked."""
-    e = cfg.executor
-    if e.kind != "slurm" or not cfg.device.startswith("cuda") or asks_for_gpus(e):
-        return None
-    return (f"the jobs run on device {cfg.device} but ask SLURM for no GPU (gpus_per_node {e.gpus_per_node}, no "
-            "gres or gpus option under executor.sbatch): where the cluster allocates GPUs they land without one "
-            "and fail; set executor.gpus_per_node: 1, or pass a GPU option (executor.sbatch: {gres: 'gpu:1'} or "
-            "{gpus: 1})")
-
-
-def check_cluster(cfg: SweepConfig, file: str, partitions: dict[str, dict[str, Any]] | None = None) -> None:
-    """The executor's partition exists and its time limit, CPUs and memory fit the partition,
-    where ``sinfo`` answers: SLURM accepts a job over a partition's time limit or CPU count and
-    leaves it pending forever (PartitionTimeLimit, PartitionConfig), so the sweep would wait
-    on jobs that never start. Off a cluster (no ``sinfo``) nothing is checked."""
-    from harness.config_errors import ConfigError
-
-    e = cfg.executor
-    if e.kind != "slurm":
-        return
-    parts = cluster_partitions() if partitions is None else partitions
-    if not parts:
-        return
-    if e.partition is None:
-        names = [n for n, p in parts.items() if p["default"]][:1]
-        if not names:
-            return
-    else:
-        names = e.partition.split(",")
-        for name in names:
-            if name not in parts:
-                raise ConfigError(file, "executor.partition", f"the cluster has no partition {name!r}; "
-                                  f"it has {', '.join(sorted(parts))}", e.partition)
-    chosen = [parts[n] for n in names]
-    where = f"partition {', '.join(names)}" + (" (the cluster's default)" if e.partition is None else "")
-    limit = max(p["limit_min"] for p in chosen)
-    if e.timeout_min > limit:
-        raise ConfigError(file, "executor.timeout_min", f"over the time limit of {where}, {limit:g} min "
-                          "(SLURM would keep the jobs pending)", e.timeout_min)
-    cpus = max(p["cpus"] for p in chosen)
-    if cpus and e.cpus_per_task > cpus:
-        raise ConfigError(file, "executor.cpus_per_task", f"more CPUs than a node of {where} has ({cpus}) "
-                          "(SLURM would keep the jobs pending)", e.cpus_per_task)
-    mem_mb = max(p["mem_mb"] for p in chosen)
-    if mem_mb and e.mem_gb is not None and e.mem_gb * 1024 > mem_mb:
-        raise ConfigError(file, "executor.mem_gb", f"more memory than a node of {where} has ({mem_mb / 1024:.1f} GB)",
-                          e.mem_gb)
 
 
 # ---------------------------------------------------------------------------------------
@@ -1255,7 +823,7 @@ def status_table(cfg: SweepConfig) -> tuple[Table, dict[str, int]]:
     for key, rec in records.items():
         spec = JobSpec("merge", rec.get("title", key), key=key)
         tracked.append(_Tracked(spec, submitit.SlurmJob(folder=folder, job_id=rec["job_id"])))
-        cached = read_result(results / f"{key}.json", key) if _exists(results / f"{key}.json", cached_files) else None
+        cached = read_result(results / f"{key}.json", key) if exists(results / f"{key}.json", cached_files) else None
         if cached and outcome(cached) == "done":  # one whose robustness study failed is run again, not kept
             collected.add(key)
     listed = listed_files(p for t in tracked for p in t.paths())
@@ -1263,7 +831,7 @@ def status_table(cfg: SweepConfig) -> tuple[Table, dict[str, int]]:
     states = slurm_states([t.job_id for t in tracked], reasons)
     for t in tracked:
         t.state, t.reason = states[t.job_id], reasons.get(t.job_id, "")
-        if _exists(t.job.paths.result_pickle, listed):
+        if exists(t.job.paths.result_pickle, listed):
             t.outcome = "done" if _usable_result(t.job) else "failed"
         elif t.state == "UNKNOWN":
             if _seconds_since(records[t.spec.key].get("submitted_at")) > UNKNOWN_GRACE_S:
