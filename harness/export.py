@@ -100,15 +100,21 @@ def _nothing_to_export(label: str, keys: list[str], out: Path) -> str:
     return f"row {label!r}: no finished setting in {out / 'results'}: rerun the sweep"
 
 
-def refuse_another_format(dst: str | Path) -> None:
+def refuse_another_format(dst: str | Path, full_clip: bool = False) -> None:
     """Refuse an ``--out`` named as a torch pickle checkpoint (``.pt``, ``.bin``, ...): the file is
-    safetensors, which torch.load, and open_clip for any name not ending in ``.safetensors``, cannot read."""
+    safetensors, which torch.load, and open_clip for any name not ending in ``.safetensors``, cannot read.
+    A whole CLIP (``full_clip``) is for open_clip, whose loader tells safetensors by that suffix alone
+    (case-sensitive), so its name must end in it."""
     from harness.checkpoints import CHECKPOINT_SUFFIXES
 
     suffix = Path(dst).suffix
     if suffix.lower() in CHECKPOINT_SUFFIXES and suffix.lower() != ".safetensors":
         raise ExportError(f"--out {str(dst)!r}: a {suffix} name says a torch pickle checkpoint, but export writes "
                           "safetensors: name it *.safetensors (e.g. --out merged.safetensors)")
+    if full_clip and not str(dst).endswith(".safetensors"):
+        raise ExportError(f"--out {str(dst)!r}: --full-clip writes safetensors, which open_clip reads only from a "
+                          "name ending in .safetensors (any other it opens with torch.load): name it *.safetensors "
+                          "(e.g. --out merged.safetensors)")
 
 
 def export_merged(cfg: SweepConfig, label: str, dst: str | Path, device: torch.device | None = None,
@@ -122,7 +128,7 @@ def export_merged(cfg: SweepConfig, label: str, dst: str | Path, device: torch.d
     from harness.workspace import Workspace
     from methods.base import resolve_method
 
-    refuse_another_format(dst)
+    refuse_another_format(dst, full_clip)
     result = chosen_result(cfg, label)
     method = next((m for m in cfg.methods if m.display == label), None)
     if method is None:

@@ -699,3 +699,38 @@ def test_an_out_named_as_a_torch_pickle_checkpoint_is_refused_before_any_work(sw
     assert ok.exit_code == 0, ok.output
     with safe_open(str(tmp_path / "merged.safetensors"), "pt") as f:
         assert f.metadata()["label"] == "task_arithmetic"
+
+
+def test_a_full_clip_out_not_ending_in_safetensors_is_refused_and_one_that_does_loads_in_open_clip(sweep_dict,
+                                                                                                   tmp_path):
+    """open_clip's loader reads a checkpoint as safetensors only when its name ends in `.safetensors`
+    (case-sensitive) and opens any other with torch.load: a whole CLIP written as `clip.st` did not load."""
+    from safetensors.torch import load_file
+
+    from harness.models import open_clip_module
+
+    sweep_dict["references"] = False
+    sweep_dict["methods"] = [{"name": "task_arithmetic", "grid": {"scaling": [0.3]}}]
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(sweep_dict))
+    run_sweep(validate_config(sweep_dict), quiet=True)
+    for name in ("clip.st", "clip", "clip.SAFETENSORS"):
+        dst = tmp_path / name
+        r = CliRunner().invoke(main, ["export", str(path), "--method", "task_arithmetic", "--out", str(dst),
+                                      "--full-clip"])
+        assert r.exit_code == 2 and r.output.startswith(f"error: --out {str(dst)!r}: "), r.output
+        assert "open_clip" in r.output and len(r.output.strip().splitlines()) == 1, r.output
+        assert not dst.exists()
+        with pytest.raises(ExportError, match=re.escape(repr(str(dst)))):
+            export_merged(validate_config(sweep_dict), "task_arithmetic", dst, full_clip=True)
+        assert not dst.exists()
+    encoder = CliRunner().invoke(main, ["export", str(path), "--method", "task_arithmetic",
+                                        "--out", str(tmp_path / "encoder.st")])
+    assert encoder.exit_code == 0, encoder.output  # an image encoder is read by content, as model.finetuned
+    whole = tmp_path / "clip.safetensors"
+    ok = CliRunner().invoke(main, ["export", str(path), "--method", "task_arithmetic", "--out", str(whole),
+                                   "--full-clip"])
+    assert ok.exit_code == 0, ok.output
+    model = open_clip_module().create_model("harness-micro-vit", pretrained=str(whole))
+    saved, built = load_file(str(whole)), model.state_dict()
+    assert set(saved) == set(built) and all(torch.equal(saved[k], built[k]) for k in saved)
