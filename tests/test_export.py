@@ -353,7 +353,7 @@ def test_an_out_that_is_a_hard_link_to_an_input_is_refused(sweep_dict, tmp_path)
 
 def test_a_row_of_an_edited_method_of_ones_own_is_refused_naming_its_file(sweep_dict, tmp_path, monkeypatch):
     """Editing one's method file after the sweep makes its row stale: the refusal names the file
-    as a possible cause, beside checkpoints, data and settings, none of which changed."""
+    as what changed, and not checkpoints, data or settings, none of which did."""
     import sys
 
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -366,8 +366,10 @@ def test_a_row_of_an_edited_method_of_ones_own_is_refused_naming_its_file(sweep_
     run_sweep(validate_config(sweep_dict), quiet=True)
     source.write_text(source.read_text() + "# edited\n")
     sys.modules.pop("edited_method", None)  # as the next `harness export` process imports it
-    with pytest.raises(ExportError, match=f"other code of its method \\({source}, if edited since\\)"):
+    changed = f"run before the code of its method \\({source}\\) changed \\(key now "
+    with pytest.raises(ExportError, match=changed) as refused:
         export_merged(validate_config(sweep_dict), "mine", tmp_path / "mine.safetensors")
+    assert "checkpoint" not in str(refused.value) and "settings" not in str(refused.value)
     assert not (tmp_path / "mine.safetensors").exists()
 
 
@@ -734,3 +736,55 @@ def test_a_full_clip_out_not_ending_in_safetensors_is_refused_and_one_that_does_
     model = open_clip_module().create_model("harness-micro-vit", pretrained=str(whole))
     saved, built = load_file(str(whole)), model.state_dict()
     assert set(saved) == set(built) and all(torch.equal(saved[k], built[k]) for k in saved)
+
+
+def _stale_sweep(tmp_path) -> tuple[dict, Path]:
+    """A task arithmetic row run on checkpoints of its own (rewritten by the tests), and its sweep file."""
+    from tests.conftest import write_micro_checkpoints
+
+    (tmp_path / "ckpt").mkdir()
+    d = make_sweep_dict(write_micro_checkpoints(tmp_path / "ckpt", lambda p: 0.05), tmp_path)
+    d["references"] = False
+    d["methods"] = [{"name": "task_arithmetic", "grid": {"scaling": [0.3]}}]
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(d))
+    run_sweep(validate_config(d), quiet=True)
+    return d, path
+
+
+def _export_line(path: Path, *args: str) -> str:
+    r = CliRunner().invoke(main, ["export", str(path), *args, "--method", "task_arithmetic",
+                                  "--out", str(path.parent / "ta.safetensors")])
+    assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output
+    return " ".join(r.output.split())
+
+
+def test_a_stale_rows_refusal_names_the_input_that_changed(tmp_path):
+    """A result records a digest of each part of its key: the refusal names the one that differs
+    now (the eval settings given; a task's fine-tuned checkpoint rewritten), not a list of what may."""
+    from tests.conftest import write_micro_checkpoints
+
+    _, path = _stale_sweep(tmp_path)
+    line = _export_line(path, "eval.max_samples=5")
+    assert "was run before the evaluation settings (eval) changed (key now " in line, line
+    assert "fine-tuned" not in line and "other checkpoints" not in line
+    write_micro_checkpoints(tmp_path / "ckpt", lambda p: 0.07, tasks=["toy_colours"])  # toy_colours' file only
+    line = _export_line(path)
+    assert "was run before the fine-tuned checkpoint of toy_colours changed (key now " in line, line
+    assert "toy_stripes" not in line and "eval" not in line
+    assert not (tmp_path / "ta.safetensors").exists()
+
+
+def test_a_stale_row_whose_result_recorded_no_inputs_is_refused_saying_what_may_differ(tmp_path):
+    """A result written before its key's inputs were recorded still exports while current, and
+    when stale is refused as before, naming what may differ."""
+    _, path = _stale_sweep(tmp_path)
+    for f in (tmp_path / "out" / "results").glob("*.json"):
+        data = json.loads(f.read_text())
+        assert data.pop("inputs")
+        f.write_text(json.dumps(data))
+    ok = CliRunner().invoke(main, ["export", str(path), "--method", "task_arithmetic",
+                                   "--out", str(tmp_path / "old.safetensors")])
+    assert ok.exit_code == 0 and (tmp_path / "old.safetensors").is_file(), ok.output
+    line = _export_line(path, "eval.max_samples=5")
+    assert "was run with other checkpoints, data or settings than the sweep's now" in line, line
