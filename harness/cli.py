@@ -406,7 +406,7 @@ def export(file: str, overrides: tuple[str, ...], label: str, dst: str, full_cli
     from harness.plan import setting_text
 
     _check_destination(dst, "--out", must_be_file=True)
-    refuse_another_format(dst)
+    refuse_another_format(dst, full_clip)
     cfg = _load(file, overrides)
     label = _export_label(cfg, label, file)
     with _fields_of(file, overrides):

@@ -100,15 +100,21 @@ def _nothing_to_export(label: str, keys: list[str], out: Path) -> str:
     return f"row {label!r}: no finished setting in {out / 'results'}: rerun the sweep"
 
 
-def refuse_another_format(dst: str | Path) -> None:
+def refuse_another_format(dst: str | Path, full_clip: bool = False) -> None:
     """Refuse an ``--out`` named as a torch pickle checkpoint (``.pt``, ``.bin``, ...): the file is
-    safetensors, which torch.load, and open_clip for any name not ending in ``.safetensors``, cannot read."""
+    safetensors, which torch.load, and open_clip for any name not ending in ``.safetensors``, cannot read.
+    A whole CLIP (``full_clip``) is for open_clip, whose loader tells safetensors by that suffix alone
+    (case-sensitive), so its name must end in it."""
     from harness.checkpoints import CHECKPOINT_SUFFIXES
 
     suffix = Path(dst).suffix
     if suffix.lower() in CHECKPOINT_SUFFIXES and suffix.lower() != ".safetensors":
         raise ExportError(f"--out {str(dst)!r}: a {suffix} name says a torch pickle checkpoint, but export writes "
                           "safetensors: name it *.safetensors (e.g. --out merged.safetensors)")
+    if full_clip and not str(dst).endswith(".safetensors"):
+        raise ExportError(f"--out {str(dst)!r}: --full-clip writes safetensors, which open_clip reads only from a "
+                          "name ending in .safetensors (any other it opens with torch.load): name it *.safetensors "
+                          "(e.g. --out merged.safetensors)")
 
 
 def export_merged(cfg: SweepConfig, label: str, dst: str | Path, device: torch.device | None = None,
@@ -122,7 +128,7 @@ def export_merged(cfg: SweepConfig, label: str, dst: str | Path, device: torch.d
     from harness.workspace import Workspace
     from methods.base import resolve_method
 
-    refuse_another_format(dst)
+    refuse_another_format(dst, full_clip)
     result = chosen_result(cfg, label)
     method = next((m for m in cfg.methods if m.display == label), None)
     if method is None:
@@ -135,8 +141,7 @@ def export_merged(cfg: SweepConfig, label: str, dst: str | Path, device: torch.d
     spec = with_key(cfg, JobSpec("merge", label, method=method.name, params=result.params),
                     ws.identity, ws.task_identity())
     if spec.key != result.key:
-        raise ExportError(f"row {label!r}: its reported job {result.key} was run with {_what_may_differ(method.name)} "
-                          f"than the sweep's now (key {spec.key}): rerun the sweep, then export")
+        raise ExportError(_stale(label, result, spec, method.name))
     workdir = cfg.resolved_output_dir() / "work" / spec.key
     cls = resolve_method(method.name)
     if not cls.plain_encoder:  # refused before merging: a lost adaptation would be run again first
@@ -160,6 +165,49 @@ def export_merged(cfg: SweepConfig, label: str, dst: str | Path, device: torch.d
     save_state_dict(state, dst, metadata=meta)
     saves_none = getattr(cls(**result.params), "checkpoint_every", None) == 0
     return Exported(Path(dst), result, adapted_again=cls.uses_test_data and not saved, saves_none=saves_none)
+
+
+def _stale(label: str, result: JobResult, spec: JobSpec, method: str) -> str:
+    """Why row ``label``'s job is not the one the sweep would run now: the inputs its result
+    recorded that differ from the job's now, or for a result that recorded none, what may."""
+    changed = [_input_name(part, method) for part in _changed_inputs(result.inputs, spec.inputs)]
+    if not changed:
+        return (f"row {label!r}: its reported job {result.key} was run with {_what_may_differ(method)} "
+                f"than the sweep's now (key {spec.key}): rerun the sweep, then export")
+    return (f"row {label!r}: its reported job {result.key} was run before {', '.join(changed)} changed "
+            f"(key now {spec.key}): rerun the sweep, then export")
+
+
+def _changed_inputs(then: dict[str, str], now: dict[str, str]) -> list[str]:
+    """The key parts (:func:`harness.plan.key_inputs`) ``then`` and ``now`` differ in; none when
+    ``then`` is empty (a result written before they were recorded). A task's checkpoint or identity
+    only one side has is counted as the tasks merged (``merge_tasks``) changing."""
+    if not then:
+        return []
+    return [k for k in sorted(then.keys() | now.keys()) if then.get(k) != now.get(k)
+            and (not k.startswith(("finetuned.", "tasks.")) or (k in then and k in now))]
+
+
+#: How a key part (:func:`harness.plan.key_inputs`) is named in a stale row's refusal.
+_INPUT_NAMES = {"model.arch": "the architecture (model.arch)", "model.pretrained": "the pretrained checkpoint",
+                "model.heads": "the classification heads", "params": "the method's params",
+                "eval": "the evaluation settings (eval)", "adapt": "the adaptation settings (adapt)",
+                "seed": "the seed", "merge_tasks": "the tasks merged", "robustness": "the robustness study's settings",
+                "v": "the harness's result version", "tasks": "the tasks"}
+
+
+def _input_name(part: str, method: str) -> str:
+    """``part`` as the refusal names it: ``finetuned.emb_mnist`` is the fine-tuned checkpoint of emb_mnist."""
+    from harness.imports import source_file
+    from methods.base import resolve_method
+
+    if part.startswith("finetuned."):
+        return f"the fine-tuned checkpoint of {part.removeprefix('finetuned.')}"
+    if part.startswith("tasks."):
+        return f"task {part.removeprefix('tasks.')} (its data, prompts or code)"
+    if part == "method":
+        return f"the code of its method ({source_file(resolve_method(method))})"
+    return _INPUT_NAMES.get(part, part)
 
 
 def _what_may_differ(method: str) -> str:

@@ -58,6 +58,9 @@ class JobResult:
     # the robustness study run inside the job failed (its RobustnessStudyFailed line; its traceback in
     # error_detail): the job's other metrics stand, and a rerun of the sweep runs the job again
     study_error: str | None = None
+    # digests of the parts of the job's key (plan.key_inputs), for export to name what changed when the
+    # row is stale; empty in results written before they were recorded
+    inputs: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -75,7 +78,7 @@ class JobResult:
     def of(cls, spec: JobSpec, status: str, **fields: Any) -> "JobResult":
         """A result for ``spec``, carrying its identity (key, label, params, task, protocol)."""
         return cls(spec.key, spec.kind, spec.label, spec.params, spec.task, status=status,
-                   protocol=spec.protocol, **fields)
+                   protocol=spec.protocol, inputs=dict(spec.inputs), **fields)
 
 
 #: The metric every successful result of a kind carries (what the tables read).
@@ -115,7 +118,7 @@ def _result_problem(data: Any, key: str) -> str | None:
     if not isinstance(metrics, dict) or not all(
             isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in metrics.values()):
         return "metrics are not finite numbers"
-    for name in ("params", "timings", "artifacts", "test_correct", "ran_on"):
+    for name in ("params", "timings", "artifacts", "test_correct", "ran_on", "inputs"):
         if not isinstance(data.get(name, {}), dict):
             return f"{name} is not a mapping"
     if not isinstance(data.get("warnings", []), list):

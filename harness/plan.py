@@ -47,6 +47,9 @@ class JobSpec:
     # (harness_code_id); the job checks it (check_harness_code). Empty: planned before it was recorded.
     harness_dir: str = ""
     harness_code: str = ""
+    # Not in the key: a digest of each part of what the key was computed from (key_inputs), which its
+    # result records, so that a row found stale later names the input that changed.
+    inputs: dict[str, str] = field(default_factory=dict)
 
     @property
     def title(self) -> str:
@@ -433,7 +436,24 @@ def with_key(cfg: SweepConfig, s: JobSpec, identity: dict[str, Any],
     harness_dir, harness_code = harness_code_id()
     return JobSpec(s.kind, s.label, s.method, s.params, s.task, key=content_key(body), trial=s.trial,
                    protocol=s.protocol, method_id=body.get("method"), task_code=task_code,
-                   harness_dir=harness_dir, harness_code=harness_code)
+                   harness_dir=harness_dir, harness_code=harness_code, inputs=key_inputs(body))
+
+
+#: Parts of a key's body recorded per model file or task (``finetuned.<task>``), not as one digest.
+_PER_ENTRY = ("model", "finetuned", "tasks")
+
+
+def key_inputs(body: dict[str, Any]) -> dict[str, str]:
+    """A short digest of each part of a job key's ``body`` (the checkpoint of each task, each task's
+    identity, the method's code and params, the eval settings, ...): two keys differ exactly where
+    these do, so comparing a result's with the job's now names what changed."""
+    parts: dict[str, str] = {}
+    for name, value in body.items():
+        if name in _PER_ENTRY and isinstance(value, dict):
+            parts.update({f"{name}.{k}": content_key(v, 12) for k, v in value.items()})
+        else:
+            parts[name] = content_key(value, 12)
+    return parts
 
 
 def setting_key(cfg: SweepConfig, s: JobSpec) -> str:

@@ -353,7 +353,7 @@ def test_an_out_that_is_a_hard_link_to_an_input_is_refused(sweep_dict, tmp_path)
 
 def test_a_row_of_an_edited_method_of_ones_own_is_refused_naming_its_file(sweep_dict, tmp_path, monkeypatch):
     """Editing one's method file after the sweep makes its row stale: the refusal names the file
-    as a possible cause, beside checkpoints, data and settings, none of which changed."""
+    as what changed, and not checkpoints, data or settings, none of which did."""
     import sys
 
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -366,8 +366,10 @@ def test_a_row_of_an_edited_method_of_ones_own_is_refused_naming_its_file(sweep_
     run_sweep(validate_config(sweep_dict), quiet=True)
     source.write_text(source.read_text() + "# edited\n")
     sys.modules.pop("edited_method", None)  # as the next `harness export` process imports it
-    with pytest.raises(ExportError, match=f"other code of its method \\({source}, if edited since\\)"):
+    changed = f"run before the code of its method \\({source}\\) changed \\(key now "
+    with pytest.raises(ExportError, match=changed) as refused:
         export_merged(validate_config(sweep_dict), "mine", tmp_path / "mine.safetensors")
+    assert "checkpoint" not in str(refused.value) and "settings" not in str(refused.value)
     assert not (tmp_path / "mine.safetensors").exists()
 
 
@@ -699,3 +701,90 @@ def test_an_out_named_as_a_torch_pickle_checkpoint_is_refused_before_any_work(sw
     assert ok.exit_code == 0, ok.output
     with safe_open(str(tmp_path / "merged.safetensors"), "pt") as f:
         assert f.metadata()["label"] == "task_arithmetic"
+
+
+def test_a_full_clip_out_not_ending_in_safetensors_is_refused_and_one_that_does_loads_in_open_clip(sweep_dict,
+                                                                                                   tmp_path):
+    """open_clip's loader reads a checkpoint as safetensors only when its name ends in `.safetensors`
+    (case-sensitive) and opens any other with torch.load: a whole CLIP written as `clip.st` did not load."""
+    from safetensors.torch import load_file
+
+    from harness.models import open_clip_module
+
+    sweep_dict["references"] = False
+    sweep_dict["methods"] = [{"name": "task_arithmetic", "grid": {"scaling": [0.3]}}]
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(sweep_dict))
+    run_sweep(validate_config(sweep_dict), quiet=True)
+    for name in ("clip.st", "clip", "clip.SAFETENSORS"):
+        dst = tmp_path / name
+        r = CliRunner().invoke(main, ["export", str(path), "--method", "task_arithmetic", "--out", str(dst),
+                                      "--full-clip"])
+        assert r.exit_code == 2 and r.output.startswith(f"error: --out {str(dst)!r}: "), r.output
+        assert "open_clip" in r.output and len(r.output.strip().splitlines()) == 1, r.output
+        assert not dst.exists()
+        with pytest.raises(ExportError, match=re.escape(repr(str(dst)))):
+            export_merged(validate_config(sweep_dict), "task_arithmetic", dst, full_clip=True)
+        assert not dst.exists()
+    encoder = CliRunner().invoke(main, ["export", str(path), "--method", "task_arithmetic",
+                                        "--out", str(tmp_path / "encoder.st")])
+    assert encoder.exit_code == 0, encoder.output  # an image encoder is read by content, as model.finetuned
+    whole = tmp_path / "clip.safetensors"
+    ok = CliRunner().invoke(main, ["export", str(path), "--method", "task_arithmetic", "--out", str(whole),
+                                   "--full-clip"])
+    assert ok.exit_code == 0, ok.output
+    model = open_clip_module().create_model("harness-micro-vit", pretrained=str(whole))
+    saved, built = load_file(str(whole)), model.state_dict()
+    assert set(saved) == set(built) and all(torch.equal(saved[k], built[k]) for k in saved)
+
+
+def _stale_sweep(tmp_path) -> tuple[dict, Path]:
+    """A task arithmetic row run on checkpoints of its own (rewritten by the tests), and its sweep file."""
+    from tests.conftest import write_micro_checkpoints
+
+    (tmp_path / "ckpt").mkdir()
+    d = make_sweep_dict(write_micro_checkpoints(tmp_path / "ckpt", lambda p: 0.05), tmp_path)
+    d["references"] = False
+    d["methods"] = [{"name": "task_arithmetic", "grid": {"scaling": [0.3]}}]
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(d))
+    run_sweep(validate_config(d), quiet=True)
+    return d, path
+
+
+def _export_line(path: Path, *args: str) -> str:
+    r = CliRunner().invoke(main, ["export", str(path), *args, "--method", "task_arithmetic",
+                                  "--out", str(path.parent / "ta.safetensors")])
+    assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output
+    return " ".join(r.output.split())
+
+
+def test_a_stale_rows_refusal_names_the_input_that_changed(tmp_path):
+    """A result records a digest of each part of its key: the refusal names the one that differs
+    now (the eval settings given; a task's fine-tuned checkpoint rewritten), not a list of what may."""
+    from tests.conftest import write_micro_checkpoints
+
+    _, path = _stale_sweep(tmp_path)
+    line = _export_line(path, "eval.max_samples=5")
+    assert "was run before the evaluation settings (eval) changed (key now " in line, line
+    assert "fine-tuned" not in line and "other checkpoints" not in line
+    write_micro_checkpoints(tmp_path / "ckpt", lambda p: 0.07, tasks=["toy_colours"])  # toy_colours' file only
+    line = _export_line(path)
+    assert "was run before the fine-tuned checkpoint of toy_colours changed (key now " in line, line
+    assert "toy_stripes" not in line and "eval" not in line
+    assert not (tmp_path / "ta.safetensors").exists()
+
+
+def test_a_stale_row_whose_result_recorded_no_inputs_is_refused_saying_what_may_differ(tmp_path):
+    """A result written before its key's inputs were recorded still exports while current, and
+    when stale is refused as before, naming what may differ."""
+    _, path = _stale_sweep(tmp_path)
+    for f in (tmp_path / "out" / "results").glob("*.json"):
+        data = json.loads(f.read_text())
+        assert data.pop("inputs")
+        f.write_text(json.dumps(data))
+    ok = CliRunner().invoke(main, ["export", str(path), "--method", "task_arithmetic",
+                                   "--out", str(tmp_path / "old.safetensors")])
+    assert ok.exit_code == 0 and (tmp_path / "old.safetensors").is_file(), ok.output
+    line = _export_line(path, "eval.max_samples=5")
+    assert "was run with other checkpoints, data or settings than the sweep's now" in line, line
