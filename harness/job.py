@@ -11,7 +11,7 @@ import logging
 import math
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Iterator
 
@@ -72,7 +72,11 @@ class JobResult:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "JobResult":
-        return cls(**d)
+        """The result of ``to_dict``; fields this code does not know (written by a newer harness,
+        which records more of a job) are dropped: the key names the same computation, so the
+        result is reused rather than the job run again."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
 
     @classmethod
     def of(cls, spec: JobSpec, status: str, **fields: Any) -> "JobResult":

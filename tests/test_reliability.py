@@ -482,6 +482,20 @@ def test_a_cached_result_without_the_metric_its_row_reads_is_not_a_result(tmp_pa
     assert read_result(path, "k") is None
 
 
+def test_a_result_written_by_a_newer_harness_is_reused_without_the_fields_it_adds(tmp_path):
+    """A results file holding a field this code does not know (a newer harness records more of a
+    job) is still this job's result, read back whole but for that field, not run again."""
+    import json
+
+    from harness.job import JobResult, read_result
+
+    path = tmp_path / "k.json"
+    whole = JobResult("k", "merge", "x", {"scaling": 0.3}, None, status="ok", metrics={"acc/avg": 50.0},
+                      inputs={"eval": "0123456789ab"})
+    path.write_text(json.dumps({**whole.to_dict(), "energy_kwh": 0.2}))
+    assert read_result(path, "k") == whole
+
+
 class GlobalDraw(MergeMethod):
     """Weight averaging that draws from torch's global generator (as third-party code does)."""
 
