@@ -170,7 +170,7 @@ def test_batch_stream_recreates_exhausted_iterators():
     stream = BatchStream(factory, "t")
     got = [float(next(stream)[0]) for _ in range(5)]
     assert got == [0.0, 1.0, 0.0, 1.0, 0.0] and len(calls) == 3
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="^unlabeled data of task 'empty' yields no batches$"):
         next(BatchStream(lambda: iter([]), "empty"))
 
 
@@ -585,9 +585,16 @@ def test_defaults_are_the_papers_and_bounds_refuse_outside_values():
     method = adamerging.AdaMerging()
     assert (method.granularity, method.init_lambda, method.lr, method.steps, method.batch_size, method.clamp,
             method.cosine, method.diversity_weight) == ("task", 0.3, 1e-3, 500, 16, True, False, 0.0)
-    assert adamerging.AdaMerging(lr=1.0).lr == 1.0
-    for bad in [dict(lr=0.0), dict(lr=1.5), dict(steps=-1), dict(batch_size=0), dict(granularity="block")]:
-        with pytest.raises(pydantic.ValidationError):
+    for edge in [dict(lr=1.0), dict(steps=0), dict(steps=1_000_000), dict(batch_size=1), dict(batch_size=4096),
+                 dict(init_lambda=0.0), dict(init_lambda=1.0), dict(init_lambda=10.0, clamp=False),
+                 dict(granularity="layer")]:
+        method = adamerging.AdaMerging(**edge)
+        assert {k: getattr(method, k) for k in edge} == edge
+    for bad in [dict(lr=0.0), dict(lr=1.5), dict(steps=-1), dict(steps=1_000_001), dict(batch_size=0),
+                dict(batch_size=4097), dict(init_lambda=-0.1, clamp=False), dict(init_lambda=10.5, clamp=False),
+                dict(granularity="block")]:
+        field = next(iter(bad))
+        with pytest.raises(pydantic.ValidationError, match=rf"(?m)^1 validation error for AdaMerging\n{field}\n"):
             adamerging.AdaMerging(**bad)
 
 

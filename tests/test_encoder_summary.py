@@ -60,12 +60,15 @@ def test_cached_summary_still_rejects_a_wrong_checkpoint(micro_checkpoints, tmp_
         Workspace(validate_config(d)).preflight()
 
 
-def test_an_unreadable_summary_is_rebuilt(micro_checkpoints, tmp_path):
+def test_an_unreadable_summary_is_rebuilt(micro_checkpoints, tmp_path, monkeypatch):
     cfg = validate_config(make_sweep_dict(micro_checkpoints, tmp_path))
     ws = Workspace(cfg)
     params = ws.encoder_params
     (path,) = (cfg.resolved_cache_dir() / "encoders").glob("*.json")
     path.write_text('{"shapes": {}}')
+    assert Workspace(cfg).encoder_params == params
+    # rebuilt whole on disk too: the next driver reads it without building the model
+    monkeypatch.setattr("harness.workspace.build_clip", no_model)
     assert Workspace(cfg).encoder_params == params
 
 

@@ -73,8 +73,13 @@ def test_task_vectors_and_shape_checks(models):
     other = nn.Linear(3, 2)
     with pytest.raises(ValueError, match=r"tensor 'weight' has shape \(2, 3\), pretrained has \(2, 2\)"):
         check_same_keys(float_state(pre), float_state(other), "c")
-    with pytest.raises(ValueError, match="missing"):
+    # which tensors the checkpoint lacks and which it has too many, each under its own word
+    with pytest.raises(ValueError, match=r"^checkpoint 'd' does not match the pretrained model: "
+                                         r"missing \['bias'\], unexpected \[\]$"):
         check_same_keys(float_state(pre), {"weight": pre.weight.detach()}, "d")
+    with pytest.raises(ValueError, match=r"^checkpoint 'e' does not match the pretrained model: "
+                                         r"missing \[\], unexpected \['extra'\]$"):
+        check_same_keys(float_state(pre), {**float_state(pre), "extra": torch.zeros(1)}, "e")
 
 
 def test_hyperparameters_are_validated():
@@ -183,7 +188,7 @@ def test_a_default_outside_its_own_bounds_is_refused_like_a_given_value():
     with pytest.raises(ValidationError, match="less than or equal to 1"):
         OutOfRange()
     assert OutOfRange(strength=0.5).strength == 0.5
-    with pytest.raises(ValidationError):
+    with pytest.raises(ValidationError, match=r"(?m)^steps\n  Value error, expects a number, not the boolean true"):
         BoolForNumber()
 
 

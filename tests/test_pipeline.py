@@ -293,7 +293,7 @@ def test_finetune_rejects_preservation_with_an_empty_pool():
 
 def test_finetune_rejects_preservation_without_images():
     encoder = build_clip("harness-micro-vit").visual
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="^preserve_weight > 0 needs preserve_images$"):
         finetune_encoder(encoder, torch.randn(3, 32), _separable(), steps=1, preserve_weight=1.0)
 
 
@@ -330,11 +330,15 @@ def test_clip_loss_shares_a_repeated_caption_between_its_images():
 
 
 def test_options_are_validated():
-    with pytest.raises(Exception):
+    """A misspelt key is refused by its name (not ignored, leaving the default in effect), and a
+    size outside the suite's sizes is refused listing them; both sizes are taken."""
+    with pytest.raises(pydantic.ValidationError, match=r"(?m)^pretrain_stpes\n  Extra inputs are not permitted"):
         pipeline.SuiteOptions.model_validate({"pretrain_stpes": 3})
-    with pytest.raises(Exception):
+    with pytest.raises(pydantic.ValidationError, match=r"(?m)^size\n  Input should be 'full' or 'tiny'"):
         pipeline.SuiteOptions.model_validate({"size": "huge"})
-    assert pipeline.SuiteOptions().preserve_weight > 0  # the default regime is documented as a deviation
+    assert [pipeline.SuiteOptions(size=size).size for size in ("full", "tiny")] == ["full", "tiny"]
+    assert pipeline.SuiteOptions.model_validate({"pretrain_steps": 3}).pretrain_steps == 3
+    assert pipeline.SuiteOptions().preserve_weight == 5.0  # the default regime (README), a documented deviation
     assert pipeline.SuiteOptions(preserve_weight=0).preserve_weight == 0
 
 

@@ -223,9 +223,18 @@ def test_a_device_whose_autocast_keeps_layer_norm_in_float32_runs_bf16(monkeypat
     import harness.precision as precision
 
     layer_norm = torch.nn.functional.layer_norm
-    monkeypatch.setattr(torch.nn.functional, "layer_norm", lambda x, *a, **k: layer_norm(x.float(), *a, **k))
+    normed = []
+
+    def float32_layer_norm(x, *a, **k):
+        normed.append((x.dtype, torch.is_autocast_enabled("cpu")))
+        return layer_norm(x.float(), *a, **k)
+
+    monkeypatch.setattr(torch.nn.functional, "layer_norm", float32_layer_norm)
     monkeypatch.setattr(precision, "_CHECKED", {})
     precision.check_precision("bf16", "cpu")
+    # the probe put a bf16 activation through the float32 norm under autocast, and found the device runs bf16
+    assert normed == [(torch.bfloat16, True)]
+    assert precision._CHECKED == {("bf16", "cpu"): None}
 
 
 def test_fp32_runs_with_no_autocast_at_all():

@@ -4,6 +4,7 @@ reference, exact thresholds, and the method end to end on a micro ViT."""
 from __future__ import annotations
 
 import copy
+import re
 
 import pydantic
 import pytest
@@ -74,8 +75,9 @@ def test_keep_count():
     assert keep_count(10, 20) == 2
     assert keep_count(10, 100) == 10
     assert keep_count(10, 0.01) == 1  # at least one entry
-    with pytest.raises(ValueError):
-        keep_count(10, 0)
+    for k in (0, -5, 100.5, 101):  # k is a percentage in (0, 100]
+        with pytest.raises(ValueError, match=re.escape(f"k must be in (0, 100], got {k}")):
+            keep_count(10, k)
 
 
 def test_hand_thresholds():
@@ -300,7 +302,7 @@ def test_zero_mass_entries_of_finetuned_states_take_the_vote():
 
 
 def test_input_validation():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="^TIES needs at least one task vector$"):
         ties_merge_streaming([], 20)
     for bad_base in [tv(v=[1.0]), tv(w=[1.0], v=[1.0])]:
         with pytest.raises(ValueError, match="base"):
@@ -314,12 +316,15 @@ def test_input_validation():
         ties_merge_dense([tv(w=[1.0])], 20, trim_scope="layer")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="trim_scope"):
         ties_merge_streaming([tv(w=[1.0])], 20, trim_scope="layer")  # type: ignore[arg-type]
-    with pytest.raises(ValueError):
-        ties_merge_dense([tv(w=[1.0]), tv(v=[1.0])], 20)
-    with pytest.raises(ValueError):
-        ties_merge_streaming([tv(w=[1.0, 2.0]), tv(w=[1.0])], 20)
-    with pytest.raises(ValueError):
-        ties_merge_streaming([tv(w=[1.0])], 20, "max")  # type: ignore[arg-type]
+    for merge in (ties_merge_dense, ties_merge_streaming):
+        with pytest.raises(ValueError, match=re.escape("'task vector 1' does not match the pretrained model: "
+                                                       "missing ['w'], unexpected ['v']")):
+            merge([tv(w=[1.0]), tv(v=[1.0])], 20)
+        with pytest.raises(ValueError, match=re.escape("'task vector 1': tensor 'w' has shape (1,), "
+                                                       "pretrained has (2,)")):
+            merge([tv(w=[1.0, 2.0]), tv(w=[1.0])], 20)
+        with pytest.raises(ValueError, match="merge_function must be 'mean' or 'sum', got 'max'"):
+            merge([tv(w=[1.0])], 20, "max")  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------------------------------
@@ -332,7 +337,8 @@ def test_hyperparameters():
     assert TiesMerging.registered_name == "ties"  # type: ignore[attr-defined]
     for bad in [dict(k=0), dict(k=101), dict(scaling=-0.1), dict(scaling=10.5), dict(merge_function="max"),
                 dict(trim_scope="layer")]:
-        with pytest.raises(pydantic.ValidationError):
+        (field,) = bad
+        with pytest.raises(pydantic.ValidationError, match=rf"(?m)^1 validation error for TiesMerging\n{field}\n"):
             TiesMerging(**bad)
     assert TiesMerging(k=100, merge_function="sum").k == 100
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import errno
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -441,7 +442,8 @@ def test_save_load_round_trip(models, tmp_path):
     x = images(4, 9)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), moe(x), rtol=0, atol=0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=re.escape(f"{path}: built from tasks ['a', 'b', 'c']; "
+                                                   "no fine-tuned model given for ['c']")):
         wemoe.load_wemoe(path, pre, {"a": ft["a"], "b": ft["b"]})
 
 
@@ -765,9 +767,16 @@ def test_progress_shows_the_loss_parts(models):
 
 
 def test_hyperparameter_bounds():
-    with pytest.raises(ValueError):
-        wemoe.WeMoE(router_depth=3)
-    with pytest.raises(ValueError):
+    """Router depth is 0 (a constant vector), 1 (linear) or 2 (two-layer MLP), both ends taken;
+    routing is one of the three transforms. A refusal names the field it refuses."""
+    for depth in (0, 1, 2):
+        assert wemoe.WeMoE(router_depth=depth).router_depth == depth
+    for depth in (-1, 3):
+        with pytest.raises(ValueError, match=r"(?m)^router_depth\n"):
+            wemoe.WeMoE(router_depth=depth)
+    for routing in ("raw", "clamp", "softmax"):
+        assert wemoe.WeMoE(routing=routing).routing == routing
+    with pytest.raises(ValueError, match=r"(?m)^routing\n.*'raw', 'clamp' or 'softmax'"):
         wemoe.WeMoE(routing="topk")
     assert wemoe.WeMoE.uses_test_data
 
