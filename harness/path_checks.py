@@ -122,7 +122,6 @@ def check_storage_files(cfg: SweepConfig, file: str) -> None:
 #: Seconds a database server storage has to answer a connection (:func:`database_problem`).
 CONNECT_TIMEOUT_S = 10
 
-
 #: Each driver's keyword for its connection timeout (an unknown driver waits as it does).
 _TIMEOUT_KEYWORDS = {"psycopg2": "connect_timeout", "psycopg": "connect_timeout", "pymysql": "connect_timeout",
                      "mysqldb": "connect_timeout", "mariadbconnector": "connect_timeout", "pg8000": "timeout",

@@ -15,10 +15,8 @@ from typing import Any, Iterable
 #: The state of a job accounting has no record of while the controller does not answer: not lost.
 NO_ANSWER = "NO_ANSWER"
 
-
 #: Seconds a SLURM command may take before it counts as not answering.
 COMMAND_TIMEOUT_S = 60.0
-
 
 
 def _run(cmd: list[str]) -> str | None:
@@ -32,7 +30,6 @@ def _run(cmd: list[str]) -> str | None:
     if r.returncode == 0:
         return r.stdout
     return "" if "Invalid job id specified" in r.stderr else None
-
 
 
 def listed_files(paths: Iterable[Path]) -> set[str] | None:
@@ -53,11 +50,9 @@ def listed_files(paths: Iterable[Path]) -> set[str] | None:
     return found
 
 
-
 def exists(path: Path, listed: set[str] | None) -> bool:
     """Whether ``path`` exists: in ``listed`` (see :func:`listed_files`), or by asking the filesystem."""
     return str(path) in listed if listed is not None else path.exists()
-
 
 
 def _sacct_records(job_ids: list[str], fields: str = "JobID,State") -> dict[str, list[str]]:
@@ -82,7 +77,6 @@ def _sacct_records(job_ids: list[str], fields: str = "JobID,State") -> dict[str,
         elif jid:
             single[jid] = rest
     return {**ranged, **single}
-
 
 
 def slurm_states(job_ids: list[str], reasons: dict[str, str] | None = None) -> dict[str, str]:
@@ -113,12 +107,10 @@ def slurm_states(job_ids: list[str], reasons: dict[str, str] | None = None) -> d
     return {i: states.get(i, unknown) for i in ids}
 
 
-
 def controller_answers() -> bool:
     """Whether SLURM's controller answers (``scontrol ping``): while it does not (down,
     restarting, unreachable), squeue's silence about a job says nothing of it."""
     return " is UP" in (_run(["scontrol", "ping"]) or "")
-
 
 
 def max_array_size() -> int:
@@ -129,7 +121,6 @@ def max_array_size() -> int:
         if key.strip() == "MaxArraySize" and value.strip().isdigit():
             return max(1, int(value.strip()))
     return 1001
-
 
 
 def sacct_details(job_ids: list[str]) -> dict[str, dict[str, str]]:
@@ -152,7 +143,6 @@ def sacct_details(job_ids: list[str]) -> dict[str, dict[str, str]]:
     return details
 
 
-
 def partition_limit_min(text: str) -> float:
     """sinfo's time limit (``infinite``, ``M``, ``M:S``, ``H:M:S``, ``D-H``, ``D-H:M``, ``D-H:M:S``)
     in minutes; infinite when SLURM sets none."""
@@ -170,7 +160,6 @@ def partition_limit_min(text: str) -> float:
     else:
         h, m, sec = 0, parts[0], 0
     return int(days or 0) * 1440 + h * 60 + m + sec / 60
-
 
 
 def cluster_partitions() -> dict[str, dict[str, Any]] | None:

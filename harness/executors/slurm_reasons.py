@@ -22,24 +22,19 @@ STATE_REASONS = {
     "COMPLETED": "the job ended without writing a result",
 }
 
-
 #: slurmstepd's words in a job's stderr when it killed the job for its memory: over-limit kill by
 #: accounting (``JobAcctGatherParams=OverMemoryKill``), or the cgroup OOM killer.
 MEMORY_KILL = re.compile(r"exceeded (?:job )?memory limit|oom[-_ ]kill event", re.IGNORECASE)
 
-
 _MEMORY_NUMBERS = re.compile(r"exceeded memory limit \((\d+) > (\d+)\)")
-
 
 #: What a failed setup line writes to the job's stderr log (the driver's reason quotes it).
 SETUP_FAILED = re.compile(r"^harness: executor\.setup\.(\d+) failed \(exit (\d+)\): (.*)$", re.MULTILINE)
 
 
-
 def state_reason(state: str) -> str:
     """Why a job SLURM left in ``state`` ended without a result, in words."""
     return STATE_REASONS.get(state, f"ended in state {state}")
-
 
 
 def ended_reason(state: str, details: dict[str, str], stderr_tail: str, timeout_min: int) -> tuple[str, str]:
@@ -73,7 +68,6 @@ def ended_reason(state: str, details: dict[str, str], stderr_tail: str, timeout_
     return state, reason
 
 
-
 def _signal_name(sig: str) -> str:
     """``", SIGKILL"`` for a signal number that has a name here; ``""`` for one without (SLURM's
     ``0:53`` of a job that could not open its log, a real-time signal)."""
@@ -81,7 +75,6 @@ def _signal_name(sig: str) -> str:
         return f", {signal.Signals(int(sig)).name}"
     except ValueError:
         return ""
-
 
 
 def _gib_over_limit(used: int, limit: int) -> tuple[str, str]:
@@ -92,7 +85,6 @@ def _gib_over_limit(used: int, limit: int) -> tuple[str, str]:
         if pair[0] != pair[1] or used == limit:
             break
     return pair
-
 
 
 def submitit_reason(text: str) -> str:
@@ -119,11 +111,9 @@ REFUSALS = (  # sbatch's words, the typed field they are about, and the ``sbatch
     (re.compile(r"invalid node name", re.IGNORECASE), None, ("exclude", "nodelist", "nodefile")),  # only under sbatch:
 )
 
-
 #: sbatch's words when the controller cannot be reached (down, restarting, network): no option's fault.
 CONTROLLER_DOWN = re.compile(r"unable to contact slurm controller|socket timed out on send/recv|"
                              r"slurm_persist_conn_open|connection refused", re.IGNORECASE)
-
 
 
 def refused_field(e: Any, reason: str) -> tuple[str, Any]:
