@@ -133,14 +133,35 @@ def _annotations_along(schema: Any, loc: tuple) -> list[Any]:
     return found
 
 
+def _model_at(schema: Any, loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model the mapping at ``loc`` is read as under ``schema`` (None when ``loc``
+    leads elsewhere)."""
+    found = _annotations_along(schema, loc)
+    if len(found) <= len(loc):
+        return None
+    current = _followed(found[-1])
+    return current if _is_model(current) else None
+
+
 def _keys_at(schema: Any, loc: tuple) -> list[str]:
     """The keys the mapping at ``loc`` takes under the pydantic model ``schema`` (none when
     ``loc`` leads elsewhere), for the closest name to an unknown key."""
-    found = _annotations_along(schema, loc)
-    if len(found) <= len(loc):
-        return []
-    current = _followed(found[-1])
-    return list(current.model_fields) if _is_model(current) else []
+    model = _model_at(schema, loc)
+    return list(model.model_fields) if model is not None else []
+
+
+def _sbatch_hint(schema: Any, loc: tuple, path: str, raw: Any) -> str:
+    """Where an unknown key of a mapping with an ``sbatch`` field belongs, most likely: an sbatch
+    option (``exclude: node1``) written beside the executor's fields instead of under ``sbatch``."""
+    model = _model_at(schema, loc[:-1]) if schema is not None and loc else None
+    if model is None or "sbatch" not in model.model_fields:
+        return ""
+    parent, _, key = path.rpartition(".")
+    section = f"{parent}.sbatch" if parent else "sbatch"
+    value = _value_at(raw, loc)
+    shown = yaml.safe_dump(value, default_flow_style=True).splitlines()[0] if value is not None else ""
+    example = f"{section}.{key}: {shown}" if 0 < len(shown) <= 60 else f"{section}.{key}"
+    return f"; an sbatch option goes under {section} ({example})"
 
 
 def _union_at(schema: Any, loc: tuple) -> tuple | None:
@@ -253,6 +274,7 @@ def validation_error_line(file: str, err: dict, raw: Any, prefix: str = "", sche
     msg = err["msg"]
     if err["type"] == "extra_forbidden":
         hint = did_you_mean(str(loc[-1]), _keys_at(schema, loc[:-1])) if schema is not None and loc else ""
+        hint = hint or _sbatch_hint(schema, loc, path, raw)
         return ConfigError(file, path, f"unknown key{hint}", show_value=False)
     if err["type"] == "missing":
         return ConfigError(file, path, "required field is missing", show_value=False)

@@ -218,6 +218,25 @@ def test_bad_executor_fields_are_one_line_errors(tmp_path, executor, expected):
     assert expected in _executor_error(tmp_path, **executor)
 
 
+@pytest.mark.parametrize("executor_lines, expected", [
+    ("  exclude: node1\n", "executor.exclude: unknown key; an sbatch option goes under executor.sbatch "
+                           "(executor.sbatch.exclude: node1)"),
+    ("  exclusive: true\n", "executor.exclusive: unknown key; an sbatch option goes under executor.sbatch "
+                            "(executor.sbatch.exclusive: true)"),
+    ("  mail-type: [END, FAIL]\n", "executor.mail-type: unknown key; an sbatch option goes under executor.sbatch "
+                                   "(executor.sbatch.mail-type: [END, FAIL])"),
+    ("  partiton: gpu\n", "executor.partiton: unknown key; did you mean 'partition'?"),  # a near-miss: the typo first
+])
+def test_an_sbatch_option_beside_the_executor_fields_is_told_where_it_goes(tmp_path, executor_lines, expected):
+    """``exclude: node1`` directly under ``executor`` was refused as an unknown key alone, not
+    saying that sbatch's own options go under ``executor.sbatch``."""
+    from harness.config import load_config
+
+    with pytest.raises(ConfigError) as exc:
+        load_config(_sweep_file(tmp_path, executor_lines))
+    assert str(exc.value) == f"{tmp_path / 'sweep.yaml'}: {expected}"
+
+
 @pytest.mark.parametrize("field", ["partition", "account", "qos", "constraint"])
 def test_a_slurm_name_whose_default_holds_a_space_is_refused_naming_the_expanded_value(tmp_path, monkeypatch, field):
     """The check sees the value sbatch would get, after expansion, and says what the field takes
