@@ -338,8 +338,8 @@ def _report(cfg, outcome, quiet: bool) -> None:
             show(job_title(r.kind, r.task, r.label, r.params), r)
     if outcome.failed_trials:
         n = len(outcome.failed_trials)
-        err_console.print(f"[red]{n} Optuna trial{'s' if n != 1 else ''} failed (each study chose among the "
-                          "others):[/]")
+        err_console.print(f"[red]{n} Optuna trial{'s' if n != 1 else ''} failed "
+                          f"({_failed_trials_cost(outcome)}):[/]")
         for spec, r in outcome.failed_trials:
             show(f"trial {spec.trial['number']} {spec.title}", r)
     if outcome.study_failed:
@@ -350,6 +350,20 @@ def _report(cfg, outcome, quiet: bool) -> None:
         for r in outcome.study_failed:
             show(job_title(r.kind, r.task, r.label, r.params), r)
     sys.exit(1)
+
+
+def _failed_trials_cost(outcome) -> str:
+    """What the failed trials cost their studies: one that completed other trials chose among them;
+    one that completed none chose no setting, and its row is among the failed jobs."""
+    from harness.runner import FAILED_STUDY
+
+    studies = {spec.label for spec, _ in outcome.failed_trials}
+    chose_none = studies & {r.label for r in outcome.failed if r.key.startswith(FAILED_STUDY)}
+    chose = studies - chose_none
+    parts = [f"{', '.join(sorted(chose)) if chose_none else 'each study'} chose among the others"] if chose else []
+    if chose_none:
+        parts.append(f"no trial of {', '.join(sorted(chose_none))} completed: no setting chosen, its row failed")
+    return "; ".join(parts)
 
 
 @main.command()

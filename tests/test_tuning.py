@@ -329,6 +329,9 @@ def test_a_study_whose_trials_all_fail_is_a_failed_row_and_the_sweep_goes_on(tra
     assert r.exception is None or isinstance(r.exception, SystemExit)  # no traceback
     err = " ".join(r.stderr.split())
     assert "broken: study " in err and "trials failed, the last with: RuntimeError: deliberate failure at strength" in err
+    # the study chose nothing: its failed trials are not said to have been chosen among
+    assert "Optuna trials failed (no trial of broken completed: no setting chosen, its row failed):" in err, err
+    assert "chose among the others" not in err, err
     cfg = validate_config(d)
     table = (cfg.resolved_output_dir() / "report" / "main.csv").read_text().splitlines()
     rows = {line.split(",")[0]: line for line in table[1:]}
