@@ -11,6 +11,7 @@ import io
 import json
 import os
 import re
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -267,6 +268,24 @@ def file_stems(labels: Iterable[str]) -> dict[str, str]:
             else f"{stem}-{hashlib.sha1(label.encode()).hexdigest()[:8]}" for label, stem in safe.items()}
 
 
+#: Seconds after which a report's temporary file is a killed writer's: writing a table or a plot
+#: takes well under one, and a report being written beside (``harness report`` into a sweep's
+#: folder, which it does not lock) keeps its own files fresh.
+STALE_WRITE_S = 600.0
+
+
+def remove_stale_writes(out: Path) -> None:
+    """Remove the temporary files (``.<name>.<x>.tmp``) a writer killed while writing ``out`` left,
+    those untouched for :data:`STALE_WRITE_S`: a rerun renames its own, never these."""
+    now = time.time()
+    for tmp in out.glob(".*.tmp"):
+        try:
+            if now - tmp.stat().st_mtime > STALE_WRITE_S:
+                tmp.unlink()
+        except FileNotFoundError:  # renamed or removed by the writer it belongs to meanwhile
+            pass
+
+
 def build_report(cfg: SweepConfig, results: list[JobResult], out: Path,
                  routing: Mapping[str, dict[str, Any]] | None = None, against: list[str] | None = None,
                  studies: Mapping[tuple[str, str], TrialCounts] | None = None,
@@ -279,6 +298,7 @@ def build_report(cfg: SweepConfig, results: list[JobResult], out: Path,
     ``plot_record``: where :func:`kept_plot` records the plots, so that a plot drawn from the same
     inputs by the same code is kept instead of drawn again (None: every plot is drawn)."""
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale_writes(out)
     seen, tasks = cfg.merge_tasks, cfg.task_names
     unseen = [t for t in tasks if t not in seen]
     rows = build_rows(results, tasks, [m.display for m in cfg.methods], seen, studies)

@@ -93,6 +93,26 @@ def test_failed_methods_and_settings_are_shown_as_failed(cfg, tmp_path):
         build_report(cfg, results, tmp_path / "again", against=["broken"])
 
 
+def test_a_killed_writers_temporary_files_are_removed_and_a_fresh_one_is_kept(cfg, tmp_path):
+    """A kill while a report was written leaves ``.<table>.<x>.tmp`` in it; the next report removes
+    those untouched for ten minutes, and keeps a fresh one (another report being written there)."""
+    import os
+    import time
+
+    out = tmp_path / "report"
+    out.mkdir()
+    old, fresh = out / ".significance.csv.k1ll3d.tmp", out / ".main.md.wr1t1ng.tmp"
+    for f in (old, fresh):
+        f.write_text("half a table")
+    an_hour_ago = time.time() - 3600
+    os.utime(old, (an_hour_ago, an_hour_ago))
+    results = [ok("pretrained", "pretrained", {}, {A: 40.0, B: 30.0}, 35.0),
+               ok("merge", "weight_averaging", {}, {A: 50.0, B: 30.0}, 40.0)]
+    build_report(cfg, results, out)
+    assert not old.exists() and fresh.read_text() == "half a table"
+    assert read(out / "main.csv")[2] == ["weight_averaging", "", "50.0", "30.0", "40.0", "-"]
+
+
 def test_a_failed_reference_job_is_shown(cfg, tmp_path):
     results = [
         failed("pretrained", "pretrained", {}),
