@@ -98,6 +98,24 @@ def build_lock(lock_path: str | os.PathLike, waiting: str | None = None, wait: b
         lock.release()
 
 
+def make_folder(path: Path) -> list[Path]:
+    """Create folder ``path`` and its missing parents; the folders made, innermost first, for a
+    caller that leaves nothing there to take away again (:func:`remove_empty`)."""
+    made = [p for p in (path, *path.parents) if not p.exists()]
+    path.mkdir(parents=True, exist_ok=True)
+    return made
+
+
+def remove_empty(folders: list[Path]) -> None:
+    """Remove ``folders`` in order (innermost first) while each is empty; the first holding
+    anything (another writer's file, what a method saved) stops it, keeping the folders above."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
 def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
     """Deletes the temporary files :func:`atomic_path` left for ``path`` (a killed writer's,
     possibly as large as the file); only safe while :func:`build_lock` guards every writer of

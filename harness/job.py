@@ -17,7 +17,7 @@ from typing import Any, Callable, ContextManager, Iterator
 
 import torch
 
-from harness.cache import atomic_write_json, build_lock, read_json
+from harness.cache import atomic_write_json, build_lock, make_folder, read_json, remove_empty
 from harness.config import MAIN, SweepConfig
 from harness.evaluation import EvaluationDataError, correct_predictions, percent, stream_workers, unlabeled_batches
 from harness.failpoints import failpoint
@@ -576,11 +576,11 @@ def merge(spec: JobSpec, ws: Workspace, device: torch.device, workdir: Path,
                        sources=sources, adapted_on=adapted_on, precision=ws.cfg.eval.precision)
     torch.manual_seed(ws.cfg.seed)
     before = input_state(pretrained, finetuned, heads)
-    made = _folders_made(workdir)
+    made = make_folder(workdir) or [workdir]  # one made by an earlier attempt too, if left empty
     try:
         merged = method.merge(pretrained, finetuned, ctx)
     finally:  # a merge that failed too: its traceback is in artifacts/<key>/, what it saved stays
-        _remove_empty(made)  # a method that saves nothing leaves no empty folder in work/
+        remove_empty(made)  # a method that saves nothing leaves no empty folder in work/ (nor work/<key>/)
     after = input_state(pretrained, finetuned, heads)
     changed = [name for name in {**before, **after} if before.get(name) != after.get(name)]
     if changed:
@@ -592,26 +592,6 @@ def merge(spec: JobSpec, ws: Workspace, device: torch.device, workdir: Path,
             "methods.base.with_state)")
     check_encoder(spec, merged, ws, heads, device)
     return merged, ctx.artifacts
-
-
-def _folders_made(workdir: Path) -> list[Path]:
-    """Make ``workdir``; returns it and the folders above it made for it, deepest first: an
-    adaptation on a corruption (``work/<key>/corrupted-<name>/``) makes ``work/<key>/`` too."""
-    made = [workdir]
-    while not made[-1].parent.exists():
-        made.append(made[-1].parent)
-    workdir.mkdir(parents=True, exist_ok=True)
-    return made
-
-
-def _remove_empty(folders: list[Path]) -> None:
-    """Remove ``folders`` (deepest first) while empty; the first holding anything (what the method
-    saved) stops it, keeping the folders above."""
-    for folder in folders:
-        try:
-            folder.rmdir()
-        except OSError:
-            return
 
 
 def adaptation_data(cfg: SweepConfig, corruption: str | None = None) -> dict[str, Any]:

@@ -22,13 +22,13 @@ from typing import Any, Iterable, Iterator, Literal, Mapping
 from rich.console import Console
 from rich.markup import escape
 
-from harness.cache import atomic_write_bytes, atomic_write_json
+from harness.cache import atomic_write_bytes, atomic_write_json, make_folder, remove_empty
 from harness.config import MAIN, SweepConfig, dump_yaml
-from harness.path_checks import folder_problem
 from harness.errors import HarnessError, NotBuilt, WriteRefused, storage_problem
 from harness.executors import make_executor
 from harness.failpoints import failpoint
 from harness.job import RECORDED, JobResult, plain_artifacts, read_result
+from harness.path_checks import folder_problem
 from harness.plan import JobSpec, full_params, plan_jobs, robustness_inline, robustness_spec
 from harness.plots import job_artifact_files
 from harness.progress import print_warning
@@ -244,12 +244,10 @@ LOCK_FILE = ".sweep.lock"
 
 def _make_output_dir(out: Path) -> list[Path]:
     """Create ``out`` (and its missing parents), to hold its lock; the folders made, innermost first."""
-    made = [p for p in (out, *out.parents) if not p.exists()]
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        return make_folder(out)
     except OSError as exc:
         raise HarnessError(f"output_dir: cannot create it ({exc.strerror or exc}) (got {str(out)!r})") from None
-    return made
 
 
 def _unmake_output_dir(made: list[Path], locked: bool) -> None:
@@ -258,11 +256,10 @@ def _unmake_output_dir(made: list[Path], locked: bool) -> None:
     leaves nothing behind, and a second driver never finds the lock of a folder in use gone."""
     if not made:
         return
-    with contextlib.suppress(OSError):  # anything else written there: kept
-        if locked:
+    if locked:
+        with contextlib.suppress(OSError):
             (made[0] / LOCK_FILE).unlink(missing_ok=True)
-        for folder in made:
-            folder.rmdir()
+    remove_empty(made)  # anything else written there: kept
 
 
 @contextlib.contextmanager
