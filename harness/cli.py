@@ -517,8 +517,8 @@ def _check_data(cfg: Any, file: str, overrides: tuple[str, ...]) -> None:
     known without building a model; a task of one's own is built and checked as the run's
     preflight checks it, so ``valid`` is not followed by a sweep refusing its data."""
     from harness.config_errors import ConfigError
-    from harness.path_checks import check_dataset_folders
     from harness.errors import FieldError, NotBuilt
+    from harness.path_checks import check_dataset_folders
     from harness.workspace import Workspace, check_templates
 
     try:

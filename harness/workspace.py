@@ -18,8 +18,8 @@ from torch import nn
 
 from harness.cache import atomic_write_json, content_key, read_json
 from harness.config import MAIN, SweepConfig, suite_tasks
-from harness.model_checks import check_model_files, finetuned_field
 from harness.errors import FieldError, HarnessError, NotBuilt
+from harness.model_checks import check_model_files, finetuned_field
 from harness.models import (
     CONFIG_DIR,
     build_clip,

@@ -19,8 +19,8 @@ def _touch_model_files(path: Path, ckpt: Path) -> list[Path]:
     headers; loading real weights is other tests' business)."""
     import torch
 
-    from harness.sweep_file import read_yaml
     from harness.models import save_state_dict
+    from harness.sweep_file import read_yaml
 
     d = read_yaml(path)
     model, tasks = d.get("model", {}), [t if isinstance(t, str) else t["name"] for t in d["tasks"]]
@@ -100,8 +100,8 @@ def test_small_sweep_is_the_main_sweep_on_a_wider_image_tower():
     method of the main sweep stay as they are)."""
     import json
 
-    from harness.sweep_file import read_yaml
     from harness.models import CONFIG_DIR, build_clip
+    from harness.sweep_file import read_yaml
 
     tiny = json.loads((CONFIG_DIR / "harness-tiny-vit.json").read_text())
     small = json.loads((CONFIG_DIR / "harness-small-vit.json").read_text())
@@ -166,8 +166,8 @@ def test_wide_sweep_is_the_grid_part_of_the_small_sweep_at_width_384():
     the width-256 study's reference rows and grid methods, grids only widened."""
     import json
 
-    from harness.sweep_file import read_yaml
     from harness.models import CONFIG_DIR, build_clip
+    from harness.sweep_file import read_yaml
 
     tiny = json.loads((CONFIG_DIR / "harness-tiny-vit.json").read_text())
     wide_cfg = json.loads((CONFIG_DIR / "harness-wide-vit.json").read_text())
