@@ -122,10 +122,13 @@ def check_storage_files(cfg: SweepConfig, file: str) -> None:
 #: Seconds a database server storage has to answer a connection (:func:`database_problem`).
 CONNECT_TIMEOUT_S = 10
 
-#: Each driver's keyword for its connection timeout (an unknown driver waits as it does).
-_TIMEOUT_KEYWORDS = {"psycopg2": "connect_timeout", "psycopg": "connect_timeout", "pymysql": "connect_timeout",
-                     "mysqldb": "connect_timeout", "mariadbconnector": "connect_timeout", "pg8000": "timeout",
-                     "mysqlconnector": "connection_timeout"}
+#: Each driver's keywords for how long it waits on a server (an unknown driver waits as it does): the
+#: MySQL drivers' ``connect_timeout`` covers the TCP connection only, so a server that accepts it and
+#: never answers the handshake held ``validate`` forever without ``read_timeout``.
+_TIMEOUT_KEYWORDS = {"psycopg2": ("connect_timeout",), "psycopg": ("connect_timeout",), "pg8000": ("timeout",),
+                     "pymysql": ("connect_timeout", "read_timeout"), "mysqldb": ("connect_timeout", "read_timeout"),
+                     "mariadbconnector": ("connect_timeout", "read_timeout"),
+                     "mysqlconnector": ("connection_timeout",)}
 
 
 def database_problem(spec: str) -> str | None:
@@ -139,16 +142,28 @@ def database_problem(spec: str) -> str | None:
     url = make_url(spec)
     if url.get_backend_name() == "sqlite":
         return None
-    keyword = _TIMEOUT_KEYWORDS.get(url.get_driver_name())
-    engine = create_engine(url, poolclass=NullPool, connect_args={keyword: CONNECT_TIMEOUT_S} if keyword else {})
+    keywords = _TIMEOUT_KEYWORDS.get(url.get_driver_name(), ())
+    engine = create_engine(url, poolclass=NullPool, connect_args={k: CONNECT_TIMEOUT_S for k in keywords})
     try:
         with engine.connect():
             return None
     except Exception as exc:  # noqa: BLE001  (each driver raises its own errors; SQLAlchemy wraps most)
-        words = str(getattr(exc, "orig", None) or exc).strip().splitlines()
-        return f"cannot connect: {words[0] if words else type(exc).__name__}"
+        return f"cannot connect: {driver_words(str(getattr(exc, 'orig', None) or exc)) or type(exc).__name__}"
     finally:
         engine.dispose()
+
+
+def driver_words(message: str) -> str:
+    """The first line of a driver's error, for a one-line refusal; a line holding only an error
+    code (mysql-connector's ``3024:``) is joined to the next one, cut after its first sentence,
+    as the driver wraps it mid-sentence."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    if not lines:
+        return ""
+    if not any(c.isalpha() for c in lines[0]) and len(lines) > 1:
+        rest = lines[1]
+        return f"{lines[0]} {rest[:rest.index('. ') + 1] if '. ' in rest else rest}"
+    return lines[0]
 
 
 def storage_file_problem(spec: str) -> str | None:

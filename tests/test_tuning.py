@@ -516,6 +516,44 @@ def test_a_database_server_that_refuses_the_connection_is_refused_by_validate(co
     assert sorted(tmp_path.rglob("*")) == before
 
 
+@pytest.mark.parametrize("scheme", ["postgresql+psycopg2", "postgresql+pg8000", "mysql+pymysql"])
+def test_a_database_server_that_never_answers_is_refused_within_the_timeout(scheme, monkeypatch):
+    """A server that takes the TCP connection and never answers (a hung host, a firewall's proxy)
+    held the check forever with PyMySQL, whose connect timeout ends at the TCP connection: each
+    real driver now gives up after the timeout with its words."""
+    import socket
+    import time
+
+    from harness import path_checks
+
+    monkeypatch.setattr(path_checks, "CONNECT_TIMEOUT_S", 1)
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)  # the kernel completes the connection; nothing ever reads or writes
+        start = time.monotonic()
+        problem = path_checks.database_problem(f"{scheme}://user:pw@127.0.0.1:{silent.getsockname()[1]}/studies")
+        waited = time.monotonic() - start
+    assert problem is not None and problem.startswith("cannot connect: "), problem
+    assert "time" in problem.lower(), problem
+    assert waited < 30, waited
+
+
+@pytest.mark.parametrize("message, words", [
+    (REFUSED, 'connection to server at "127.0.0.1", port 1 failed: Connection refused'),
+    ("3024: \n    The Read Operation timed out. As a consequence the current connection has been closed to avoid"
+     "\n    any unstable behaviour, consider using the reconnect() option and continue with the current\n    ",
+     "3024: The Read Operation timed out."),
+    ("\n  2003: no words after the code\n", "2003: no words after the code"),
+    ("  \n ", ""),
+])
+def test_a_drivers_error_is_told_in_its_first_line_of_words(message, words):
+    """mysql-connector puts its error code alone on the first line (its words as printed by
+    ``str``): the refusal read ``cannot connect: 3024:`` and nothing else."""
+    from harness.path_checks import driver_words
+
+    assert driver_words(message) == words
+
+
 def test_a_storage_that_cannot_be_opened_stops_the_sweep_before_any_job(sweep_dict, tmp_path):
     """A database in a folder that does not exist: one line naming the field and the storage, exit
     code 2, before any job ran or the output folder was written (it was a traceback after them)."""
