@@ -116,7 +116,7 @@ def check_storage_files(cfg: SweepConfig, file: str) -> None:
             raise ConfigError(file, f"methods.{i}.tune.storage", f"cannot open it: {problem}", m.tune.storage)
         problem = None if m.tune.storage.startswith("journal:") else database_problem(m.tune.storage)
         if problem:
-            raise ConfigError(file, f"methods.{i}.tune.storage", problem, m.tune.storage)
+            raise ConfigError(file, f"methods.{i}.tune.storage", f"cannot connect: {problem}", m.tune.storage)
 
 
 #: Seconds a database server storage has to answer a connection (:func:`database_problem`).
@@ -132,9 +132,10 @@ _TIMEOUT_KEYWORDS = {"psycopg2": ("connect_timeout",), "psycopg": ("connect_time
 
 
 def database_problem(spec: str) -> str | None:
-    """Why the database server of storage ``spec`` (a URL whose driver is installed) takes no
-    connection, in the driver's words, or None; SQLite is a file (:func:`storage_file_problem`).
-    Without it a server that is down or refuses the login passed ``validate`` and failed the sweep."""
+    """Why the database server of ``spec`` (an Optuna storage or MLflow store URL whose driver is
+    installed) takes no connection, in the driver's words, or None; SQLite is a file
+    (:func:`storage_file_problem`). Without it a server that is down or refuses the login passed
+    ``validate`` and failed the sweep; MLflow retried it for minutes, or waited on a silent one forever."""
     from sqlalchemy import create_engine
     from sqlalchemy.engine import make_url
     from sqlalchemy.pool import NullPool
@@ -148,7 +149,7 @@ def database_problem(spec: str) -> str | None:
         with engine.connect():
             return None
     except Exception as exc:  # noqa: BLE001  (each driver raises its own errors; SQLAlchemy wraps most)
-        return f"cannot connect: {driver_words(str(getattr(exc, 'orig', None) or exc)) or type(exc).__name__}"
+        return driver_words(str(getattr(exc, "orig", None) or exc)) or type(exc).__name__
     finally:
         engine.dispose()
 

@@ -291,6 +291,30 @@ def check_server(uri: str) -> None:
         raise HarnessError(f"tracking_uri {uri!r}: MLflow cannot be reached ({text})") from None
 
 
+#: The database servers MLflow keeps a store in (SQLite, a file, is :func:`local_store`).
+_DATABASE_SCHEMES = ("postgresql", "mysql", "mssql")
+
+
+def check_database(uri: str) -> None:
+    """Fail at once on a database store that takes no connection: MLflow retries a server that is
+    down for about 100 s before saying so, and waits on one that never answers without end. A
+    driver MLflow cannot load is left to MLflow's own message."""
+    from urllib.parse import urlparse
+
+    from sqlalchemy.exc import ArgumentError
+
+    from harness.path_checks import database_problem
+
+    if urlparse(uri).scheme.split("+")[0] not in _DATABASE_SCHEMES:
+        return
+    try:
+        problem = database_problem(uri)
+    except (ImportError, ArgumentError):
+        return
+    if problem:
+        raise HarnessError(f"tracking_uri {uri!r}: MLflow cannot be reached ({problem})")
+
+
 def local_store(uri: str) -> bool:
     """Whether ``uri`` is a store in local files (an SQLite file, a folder store), which opening
     checks nothing :func:`harness.path_checks.check_tracking_uri` has not: MLflow is then opened when
@@ -363,6 +387,7 @@ class Tracker:
             # MLflow prints two links to stdout as each run of a server ends: two lines per job
             # between the progress lines and the table, even with -q
             os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+        check_database(self.uri)
         try:  # a URI MLflow has no store for (a misspelt scheme): one line naming it, not its traceback
             client = MlflowClient(tracking_uri=self.uri)
         except (MlflowException, ImportError) as exc:  # ImportError: a database driver not installed

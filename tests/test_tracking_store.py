@@ -171,6 +171,35 @@ def test_a_refused_tracking_server_is_reported_at_once_in_one_line(sweep_dict, r
     assert "Retrying" not in capfd.readouterr().err
 
 
+@pytest.mark.parametrize("server", ["down", "silent"])
+def test_a_database_store_that_takes_no_connection_is_reported_at_once_in_one_line(sweep_dict, server, monkeypatch):
+    """A PostgreSQL store that is down made MLflow retry for about 100 s before saying so, and one
+    that takes the connection and never answers held the sweep, and ``harness report``, forever:
+    both are refused with the driver's words before MLflow opens the store."""
+    import re
+    import socket
+
+    from harness import path_checks
+    from harness.errors import HarnessError
+    from harness.report import load_sweep_from_mlflow
+    from harness.tracking import Tracker
+
+    monkeypatch.setattr(path_checks, "CONNECT_TIMEOUT_S", 1)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        if server == "silent":
+            sock.listen(8)  # the kernel completes the connection; nothing ever answers
+        uri = f"postgresql+psycopg2://user:pw@127.0.0.1:{sock.getsockname()[1]}/mlflow"
+        words = "timeout expired" if server == "silent" else "Connection refused"
+        for open_store in (lambda: Tracker(validate_config({**sweep_dict, "tracking_uri": uri})).start_sweep("d", {}),
+                           lambda: load_sweep_from_mlflow(uri)):
+            t0 = time.monotonic()
+            with pytest.raises(HarnessError, match=rf"^tracking_uri '{re.escape(uri)}': MLflow cannot be reached \(connection "
+                                                   rf"to server at \"127.0.0.1\", port \d+ failed: {words}\)$"):
+                open_store()
+            assert time.monotonic() - t0 < 30
+
+
 def test_a_sweep_on_a_tracking_server_prints_its_table_without_mlflows_run_links(sweep_dict, tmp_path, monkeypatch,
                                                                                  capfd):
     """MLflow's client printed "View run ... at: URL" and "View experiment at: URL" to stdout as

@@ -533,8 +533,7 @@ def test_a_database_server_that_never_answers_is_refused_within_the_timeout(sche
         start = time.monotonic()
         problem = path_checks.database_problem(f"{scheme}://user:pw@127.0.0.1:{silent.getsockname()[1]}/studies")
         waited = time.monotonic() - start
-    assert problem is not None and problem.startswith("cannot connect: "), problem
-    assert "time" in problem.lower(), problem
+    assert problem is not None and ("timed out" in problem or "timeout expired" in problem), problem
     assert waited < 30, waited
 
 
