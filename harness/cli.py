@@ -639,11 +639,12 @@ def ui(target: str | None, port: int, host: str) -> None:
         fail("the mlflow command is not installed")
     if uri.startswith("http"):
         fail(f"{uri} is a tracking server: open it in a browser")
+    from harness.tracking import allow_folder_stores, check_database
+
+    check_database(uri)  # the server would retry one that is down for minutes before it says so
     args = [exe, "server", "--backend-store-uri", uri, "--host", host, "--port", str(port), "--workers", "1"]
     if artifacts:
         args += ["--artifacts-destination", artifacts]
-    from harness.tracking import allow_folder_stores
-
     allow_folder_stores()  # the server inherits it
     env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
     console.print(f"MLflow UI for {uri} at http://{host}:{port}  (Ctrl-C stops)")

@@ -721,6 +721,22 @@ def test_ui_of_a_tracking_server_says_to_open_it_rather_than_serving_it(uri, mon
     assert r.stderr == f"error: {uri} is a tracking server: open it in a browser\n", r.stderr
 
 
+def test_ui_of_a_database_store_that_is_down_says_so_rather_than_serving_it(monkeypatch):
+    """MLflow's server retried a PostgreSQL store that is down for about 100 s before it failed:
+    ui says so in one line at once."""
+    def serves(*args):
+        raise AssertionError("ui started a server")
+
+    port = free_port()
+    uri = f"postgresql+psycopg2://user:pw@127.0.0.1:{port}/mlflow"
+    monkeypatch.setattr(os, "execve", serves)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    r = CliRunner().invoke(main, ["ui"])
+    assert r.exit_code == 2
+    assert r.stderr == (f"error: tracking_uri {uri!r}: MLflow cannot be reached (connection to server at "
+                        f"\"127.0.0.1\", port {port} failed: Connection refused)\n"), r.stderr
+
+
 @pytest.mark.parametrize("command", ["report", "export", "convert", "import"])
 def test_a_destination_under_a_file_is_one_line_before_any_work(command, sweep_dict, micro_checkpoints, tmp_path):
     """An --out (or DST) whose folder a file stands in: one line naming both, exit 2, the file untouched."""
