@@ -68,7 +68,19 @@ def chosen_result(cfg: SweepConfig, label: str) -> JobResult:
     finished = [r for r in finished_settings(results, label) if r.protocol == MAIN]
     if not finished:
         raise ExportError(_nothing_to_export(label, keys, out))
+    gone = [k for k in dict.fromkeys(keys) if k not in {r.key for r in results} and not _failed(out, k)]
+    if gone:  # the best of the others may not be the setting the row reports
+        raise ExportError(f"{out / 'results' / f'{gone[0]}.json'}: missing or unusable, the result of a job of row "
+                          f"{label!r} in the last results table: the setting the row reports cannot be told; "
+                          "rerun the sweep (it runs that job again), then export")
     return select_best(finished)
+
+
+def _failed(out: Path, key: str) -> bool:
+    """Whether job ``key`` failed: a failed job keeps no result file, only its traceback."""
+    from harness.runner import traceback_file
+
+    return traceback_file(out, key).is_file()
 
 
 def _job_entries(jobs_file: Path) -> list[list[Any]]:

@@ -540,6 +540,7 @@ def _run_sweep(cfg: SweepConfig, ws: Workspace, executor: Any, console: Console,
     tracker.log_artifact(out / "resolved.yaml")
     for path in report.files:
         tracker.log_artifact(path, subdir="report")
+    tracker.drop_report_artifacts(out / "report")
     names = summary_labels(row.method for row in [*rows, *gen_rows])
     summary = {f"{names[row.method]}/acc/avg": row.avg for row in rows if not row.failed} if only is None else {}
     unseen = [t for t in cfg.task_names if t not in cfg.generalization_seen] if cfg.generalization else []

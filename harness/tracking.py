@@ -694,6 +694,21 @@ class Tracker:
     def log_artifact(self, path: Path, run_id: str | None = None, subdir: str | None = None) -> None:
         self.client.log_artifact(run_id or self.parent_id, str(path), subdir)
 
+    def drop_report_artifacts(self, folder: Path) -> None:
+        """The parent run's ``report/`` artifacts that ``folder`` (the output folder's report/) no
+        longer holds are deleted: a renamed or removed WeMoE row's ``routing-<row>.png`` would
+        otherwise stay beside the new one. Done in the folder's own store alone, as for metrics:
+        its lock keeps other writers out, and its artifacts lie in the folder."""
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+        if not is_own_store(self.uri, self.cfg.resolved_output_dir()):
+            return
+        run = self.client.get_run(self.parent_id)
+        repo = get_artifact_repository(run.info.artifact_uri, tracking_uri=self.uri)
+        for artifact in self.client.list_artifacts(self.parent_id, "report"):
+            if not artifact.is_dir and not (folder / Path(artifact.path).name).is_file():
+                repo.delete_artifacts(artifact.path)
+
     def log_summary_metrics(self, metrics: dict[str, float]) -> None:
         """The parent run's metrics become the sweep's summary as it stands (``<label>/acc/avg``
         per row): one an earlier run logged that it lacks (a renamed or removed label's) is

@@ -205,6 +205,34 @@ def test_a_row_with_some_settings_failed_and_the_rest_not_run_says_rerun(sweep_d
         export_merged(cfg, "fails", tmp_path / "f.safetensors")
 
 
+def test_a_row_whose_chosen_settings_result_is_gone_is_refused_not_exported_at_another(sweep_dict, tmp_path):
+    """The row reports its best setting on val; with that setting's result file gone, the best of
+    the others is not the model the row reports: refused naming the file, not written at another."""
+    sweep_dict["references"] = False
+    sweep_dict["methods"] = [{"name": "task_arithmetic", "grid": {"scaling": [0.1, 0.9]}}]
+    cfg = validate_config(sweep_dict)
+    outcome = run_sweep(cfg, quiet=True)
+    chosen = next(r for r in outcome.results if r.params == {"scaling": float(outcome.rows[0].setting[8:])})
+    gone = cfg.resolved_output_dir() / "results" / f"{chosen.key}.json"
+    gone.unlink()
+    with pytest.raises(ExportError) as refused:
+        export_merged(cfg, "task_arithmetic", tmp_path / "t.safetensors")
+    assert str(gone) in str(refused.value) and "rerun the sweep" in str(refused.value)
+    assert not (tmp_path / "t.safetensors").exists()
+
+
+def test_a_row_with_a_failed_setting_exports_its_finished_one(sweep_dict, tmp_path):
+    """A failed setting keeps no result file (its traceback says why it failed): the row's
+    finished setting is still the one it reports, and is exported."""
+    sweep_dict["references"] = False
+    sweep_dict["methods"] = [{"name": "tests.failing_method:FailsWithBrackets", "label": "half",
+                              "grid": {"strength": [0.3, 0.9]}}]
+    cfg = validate_config(sweep_dict)
+    run_sweep(cfg, quiet=True)
+    done = export_merged(cfg, "half", tmp_path / "h.safetensors")
+    assert done.result.params == {"strength": 0.3} and (tmp_path / "h.safetensors").is_file()
+
+
 def export_adamerging_again(sweep_dict, tmp_path, adam_steps):
     """``harness export`` of the sweep's AdaMerging row, checked to adapt again (both steps run)."""
     adam_steps.clear()

@@ -291,6 +291,21 @@ def test_a_renamed_label_leaves_no_summary_metric_on_the_parent_run(sweep_dict, 
     assert client.get_metric_history(again.parent_run_id, "wa_old/acc/avg") == []
 
 
+def test_the_parent_runs_report_drops_a_renamed_rows_routing_plot(sweep_dict):
+    """The parent run holds the report/ folder as it stands: a rerun after renaming a WeMoE row
+    removes the old row's ``routing-<row>.png`` there as it does from the folder's report/."""
+    params = {"steps": 1, "router_depth": 1, "routing_stats_batches": 1}
+    d = dict(sweep_dict, references=False, methods=[{"name": "wemoe", "label": "moe_old", "params": params}])
+    run_sweep(validate_config(d), quiet=True)
+    d["methods"][0]["label"] = "moe_new"
+    cfg = validate_config(d)
+    again = run_sweep(cfg, quiet=True)
+    client = MlflowClient(cfg.resolved_tracking_uri())
+    logged = {a.path.removeprefix("report/") for a in client.list_artifacts(again.parent_run_id, "report")}
+    assert "routing-moe_new.png" in logged and "routing-moe_old.png" not in logged
+    assert logged == {p.name for p in (cfg.resolved_output_dir() / "report").iterdir()}
+
+
 def _renamed_merge_run(d: dict, monkeypatch) -> tuple[dict, object]:
     """``d``'s one method run as ``wa_old``, then renamed ``wa_new``: (the params, the run)."""
     d["methods"] = [{"name": "weight_averaging", "label": "wa_old"}]
