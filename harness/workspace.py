@@ -18,7 +18,8 @@ from torch import nn
 
 from harness.cache import atomic_write_json, content_key, read_json
 from harness.config import MAIN, SweepConfig, suite_tasks
-from harness.errors import FieldError, HarnessError, NotBuilt
+from harness.errors import FieldError, HarnessError, NotBuilt, storage_problem
+from harness.imports import source_file
 from harness.model_checks import check_model_files, finetuned_field
 from harness.models import (
     CONFIG_DIR,
@@ -444,14 +445,32 @@ class Workspace:
         if "cache_dir" in params and "cache_dir" not in options:
             options["cache_dir"] = str(self.cfg.resolved_cache_dir())
         try:
+            inspect.signature(factory).bind(**options)
+        except TypeError as exc:  # the options do not fit the factory's parameters
+            who = getattr(factory, "__qualname__", repr(factory))
+            raise FieldError(f"tasks.{index}.options", f"bad options for task {name!r}: {who}() {exc}",
+                             spec.options) from None
+        except ValueError:  # no signature to check them against (a built-in): the call tells
+            pass
+        try:
             task = factory(**options)
-        except TypeError as exc:
-            raise FieldError(f"tasks.{index}.options", f"bad options for task {name!r}: {exc}", spec.options) from None
+        except HarnessError:
+            raise
+        except Exception as exc:  # a factory of one's own failing (a missing file, a bug): one line naming the task
+            if storage_problem(exc) is not None:
+                raise
+            if isinstance(exc, TypeError) and any(f"argument {k!r}" in str(exc) for k in spec.options):
+                # an option a factory taking **options passes on to a call that has no such parameter
+                raise FieldError(f"tasks.{index}.options", f"bad options for task {name!r}: {exc}",
+                                 spec.options) from None
+            raise FieldError(f"tasks.{index}", factory_failed(name, factory, exc),
+                             spec.options or None) from exc
         if not isinstance(task, Task):
             kind = type(task)
             raise FieldError(spec.name_field(f"tasks.{index}"),
                              f"the factory returned a {kind.__module__}.{kind.__qualname__}, "
                              "not a tasks.base.Task", name)
+        check_task_attributes(task, name)
         return task
 
     def _sweep_data_root(self, name: str, options: dict[str, Any]) -> bool:
@@ -610,6 +629,34 @@ class Workspace:
                 head = zeroshot_head(self.clip, get_tokenizer(self.sources["arch"]), prompts, advance=advance)
             save_state_dict({"weight": head}, path, metadata=built_for)
         return head
+
+
+def factory_failed(name: str, factory: Any, exc: Exception) -> str:
+    """Task ``name``'s factory raised ``exc``: one line naming the task, the exception and the
+    line of the factory's file it came from (else the innermost line)."""
+    import traceback
+
+    frames = traceback.extract_tb(exc.__traceback__)[1:]  # past this module's call
+    home = source_file(factory)
+    at = next((f for f in reversed(frames) if f.filename == home), frames[-1] if frames else None)
+    where = f" at {at.filename}:{at.lineno}" if at is not None else ""
+    who = f"{getattr(factory, '__module__', '?')}.{getattr(factory, '__qualname__', repr(factory))}"
+    return f"task {name!r}: its factory {who} failed{where}: {type(exc).__name__}: {exc}"
+
+
+def check_task_attributes(task: Task, name: str) -> None:
+    """A task has the ``name``, ``classnames`` and ``templates`` every check and job reads, the
+    last two as lists (a string would be taken letter by letter): a subclass that forgot one is
+    one error naming the task, not an AttributeError in the first check that reads it."""
+    kind = f"{type(task).__module__}.{type(task).__qualname__}"
+    missing = [a for a in ("name", "classnames", "templates") if not hasattr(task, a)]
+    if missing:
+        raise TaskDataError(f"task {name!r}: the {kind} its factory returned has no {', '.join(missing)} "
+                            "(a Task sets name, classnames and templates)")
+    for attr in ("classnames", "templates"):
+        if isinstance(getattr(task, attr), str):
+            raise TaskDataError(f"task {name!r}: {attr} of the {kind} is the string {getattr(task, attr)!r}, "
+                                "not a list of them")
 
 
 def _dataset_key(name: str) -> str:
