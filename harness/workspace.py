@@ -585,7 +585,11 @@ class Workspace:
             raise HarnessError(f"model.heads.{task}: {exc}") from None
         if not state:
             raise HarnessError(f"{where}: holds no tensors")
-        key = next((k for k in ("weight", "head") if k in state), next(iter(state)))
+        key = stored_head_key(state)
+        if key is None:  # a guess could score the wrong tensor, or drop a prefixed probe's bias
+            shown = ", ".join(repr(k) for k in list(state)[:6]) + (", ..." if len(state) > 6 else "")
+            raise HarnessError(f"{where}: holds {shown}, none of them the head: give its [classes, dim] tensor "
+                               "as 'weight' (or 'head', or as the one '<prefix>.weight')")
         head = state[key]
         if head.ndim != 2:
             raise HarnessError(f"{where}: tensor {key!r} has shape {tuple(head.shape)}; a head is [classes, dim]")
@@ -595,9 +599,10 @@ class Workspace:
                                f"but the image encoder of {self.sources['arch']} outputs {dim}")
         if not head.is_floating_point():
             raise HarnessError(f"{where}: tensor {key!r} has dtype {head.dtype}, not floating point")
-        bias = state.get("bias")
+        bias_key = key.removesuffix("weight") + "bias" if key.endswith("weight") else "bias"
+        bias = state.get(bias_key)
         if bias is not None and bias.is_floating_point() and bool((bias != 0).any()):
-            raise HarnessError(f"{where}: tensor 'bias' is not zero: logits are normalised image features "
+            raise HarnessError(f"{where}: tensor {bias_key!r} is not zero: logits are normalised image features "
                                f"times the head {key!r}, with no bias, so this head would score another "
                                "model's predictions; give a head without one (task_vectors' heads have a zero bias)")
         return head.float()  # a half-precision file: adaptation losses multiply float32 features by it
@@ -671,6 +676,19 @@ def _recorded_source(path: str) -> str | None:
 
     source = (harness_sidecar(path) or {}).get("source")
     return source if isinstance(source, str) else None
+
+
+def stored_head_key(state: dict[str, torch.Tensor]) -> str | None:
+    """The name of a ``model.heads`` file's head tensor: ``weight`` or ``head``, else the one
+    ``<prefix>.weight`` (a linear layer saved under its module's name, its bias ``<prefix>.bias``),
+    else the file's only tensor; None when the file holds several and none of these."""
+    for key in ("weight", "head"):
+        if key in state:
+            return key
+    weights = [k for k in state if k.endswith(".weight")]
+    if len(weights) == 1:
+        return weights[0]
+    return next(iter(state)) if len(state) == 1 else None
 
 
 def cached_head(path: Path, built_for: dict[str, str], classes: int) -> torch.Tensor | None:
