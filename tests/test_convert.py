@@ -525,6 +525,41 @@ def test_a_folder_of_pickles_imported_without_the_flag_names_the_import_flag_and
     assert not (tmp_path / "out").exists()
 
 
+def test_a_mixed_folder_with_pickles_or_a_damaged_file_is_refused_before_anything_is_written(
+        tmp_path: Path, pickled_encoder, micro_clip: nn.Module) -> None:
+    """A tree of a plain tensor file, task_vectors pickles and a damaged file: the plain file was
+    converted and written, then the import stopped at the first pickle (or the damaged file),
+    the rest unconverted. Every file its conversion would refuse is now named first, nothing
+    written; with --trust-pickle and the damaged file gone, every file converts."""
+    import shutil
+
+    from click.testing import CliRunner
+
+    from harness.cli import main
+
+    src, _ = pickled_encoder
+    tree, out = tmp_path / "tree", tmp_path / "out"
+    for task in ("SUN397", "Cars"):
+        (tree / task).mkdir(parents=True)
+        shutil.copy(src, tree / task / "finetuned.pt")
+    torch.save({f"visual.{k}": v for k, v in micro_clip.visual.state_dict().items()}, tree / "a_plain.pt")
+    (tree / "b_broken.pt").write_bytes(b"")
+    r = CliRunner().invoke(main, ["import", str(tree), str(out)])
+    assert r.exit_code == 2, r.output
+    err = " ".join(r.stderr.split())
+    assert err == (f"error: {tree / 'b_broken.pt'}: not a readable checkpoint: the file is empty; "
+                   f"{tree / 'Cars' / 'finetuned.pt'}, {tree / 'SUN397' / 'finetuned.pt'}: pickled Python objects "
+                   "(task_vectors checkpoints are whole pickled modules), not loaded: unpickling runs any code a file "
+                   "contains; if you trust where they come from, import with `harness import SRC DST --trust-pickle`; "
+                   "nothing was written"), err
+    assert not out.exists()
+    (tree / "b_broken.pt").unlink()
+    r = CliRunner().invoke(main, ["import", str(tree), str(out), "--trust-pickle"])
+    assert r.exit_code == 0, r.output
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.safetensors")) == [
+        "Cars/finetuned.safetensors", "SUN397/finetuned.safetensors", "a_plain.safetensors"]
+
+
 def test_a_file_converted_onto_itself_is_refused_and_kept(tmp_path: Path, micro_clip: nn.Module) -> None:
     """Writing over the source while reading it would lose the only copy; another existing
     destination is refused, kept byte for byte, and replaced with the conversion given overwrite."""
