@@ -1332,3 +1332,28 @@ def test_a_converted_checkpoint_is_named_as_given_and_as_converted(sweep_dict, m
     assert ws.input_warnings(["toy_stripes"]) == [
         f"model.finetuned.toy_stripes: {given} (converted to {read}): the fine-tuned encoder of 'toy_stripes' "
         "equals the pretrained one (a zero task vector): is it the pretrained weights?"]
+
+
+@pytest.mark.parametrize("name, prefix", [("model.safetensors", "vision_model."), ("encoder.pt", "")])
+def test_a_hugging_face_weights_file_without_its_folder_says_to_name_the_folder(name, prefix, sweep_dict,
+                                                                                micro_checkpoints, tmp_path):
+    """A transformers vision tower's weights file, copied out of its folder (no config.json beside
+    it): the error said only that conv1.weight is missing; it now says what the file holds and
+    what to name instead."""
+    from harness.models import load_state_dict
+    from tests.test_hf_convert import to_hf
+
+    enc = load_state_dict(micro_checkpoints / "toy_colours.safetensors")
+    path = tmp_path / name
+    state = to_hf(enc, prefix)
+    if name.endswith(".pt"):
+        torch.save(state, path)
+    else:
+        save_state_dict(state, path)
+    for command in ("validate", "sweep"):
+        r = CliRunner().invoke(main, [command, _write(tmp_path, _with_ckpt(sweep_dict, "toy_colours", path))])
+        err = " ".join(r.stderr.split())
+        assert r.exit_code == 2 and (f"model.finetuned.toy_colours: {path}: tensor 'conv1.weight' of the pretrained "
+                                     "image encoder is missing (keys do not match harness-micro-vit's image encoder); "
+                                     "it holds Hugging Face transformers tensors (patch_embedding.weight): name the "
+                                     "folder that holds it with its config.json, which is converted") in err, err

@@ -815,3 +815,26 @@ def test_a_destination_ending_in_a_slash_is_a_folder_for_the_converted_file(tmp_
     assert out == tmp_path / "new" / "finetuned.safetensors" and out.is_file()
     got = load_state_dict(out)
     assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_a_pickle_named_as_the_pretrained_model_says_converting_it_is_not_enough(tmp_path: Path, pickled_encoder,
+                                                                                   sweep_dict) -> None:
+    """task_vectors' zeroshot.pt named as ``model.pretrained`` was told to be converted with
+    --trust-pickle, whose output (an image encoder) the next run refuses in turn: the first error
+    now says what the pretrained model must be."""
+    import yaml
+    from click.testing import CliRunner
+
+    from harness.cli import main
+
+    src, _ = pickled_encoder
+    d = dict(sweep_dict, model={**sweep_dict["model"], "pretrained": str(src)})
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump(d))
+    r = CliRunner().invoke(main, ["validate", str(f)])
+    err = " ".join(r.stderr.split())
+    assert r.exit_code == 2 and err.startswith(f"error: {f}: model.pretrained: {src}: refused to load: not a plain "
+                                               "tensor checkpoint"), err
+    assert err.endswith("(and serve as the pretrained model only if they hold a whole CLIP, whose text tower builds "
+                        "the zero-shot heads: a task_vectors zeroshot.pt holds the image encoder alone; give open_clip's "
+                        "weights, a tag such as openai, or a Hugging Face CLIPModel folder)"), err
