@@ -41,6 +41,8 @@ from harness.models import (
     load_state_dict,
     resolve_arch,
     tensor_shapes,
+    torch_load_tensors,
+    unreadable_reason,
     whole_safetensors,
 )
 
@@ -128,6 +130,7 @@ def import_checkpoints(
     _refuse_outputs(outputs, overwrite)
     if projection is None:
         _refuse_missing_projections([item for item in outputs if item.is_dir()])
+    _refuse_unloadable_files([item for item in outputs if item.is_file()], trust_pickle)
     written = []
     for item, out in outputs.items():  # each output's folder made as it is written
         if item.is_dir():
@@ -156,6 +159,35 @@ def _refuse_missing_projections(folders: list[Path]) -> None:
         raise HarnessError(f"{', '.join(map(str, lacking))}: a CLIPVisionModel has no visual_projection; give the "
                            "projection of the model they were fine-tuned from (--projection <pretrained CLIPModel "
                            "folder>); nothing was written")
+
+
+def _refuse_unloadable_files(files: list[Path], trust_pickle: bool) -> None:
+    """Refuse a tree's import before any output is written when a file in it cannot be converted:
+    damaged (empty, truncated, not a checkpoint) or, without ``trust_pickle``, pickled Python
+    objects (task_vectors' layout). Its conversion would stop the import midway, the outputs
+    before it written; every such file is named. Read from safetensors headers and mapped tensors,
+    nothing unpickled."""
+    damaged, pickled = [], []
+    for f in files:
+        if is_safetensors(f):
+            try:
+                tensor_shapes(f)
+            except HarnessError as exc:
+                damaged.append(str(exc))
+            continue
+        try:
+            torch_load_tensors(f, mmap=True)
+        except Exception as exc:  # noqa: BLE001  (torch's errors for damaged files vary)
+            damage = unreadable_reason(f, exc)
+            if damage is not None:
+                damaged.append(f"{f}: not a readable checkpoint: {damage}")
+            elif not trust_pickle:
+                pickled.append(str(f))
+    problems = damaged + ([f"{', '.join(pickled)}: pickled Python objects (task_vectors checkpoints are whole "
+                           "pickled modules), not loaded: unpickling runs any code a file contains; if you trust "
+                           "where they come from, import with `harness import SRC DST --trust-pickle`"] if pickled else [])
+    if problems:
+        raise HarnessError("; ".join(problems) + "; nothing was written")
 
 
 def _tree_outputs(src: Path, dst: Path, items: list[Path]) -> dict[Path, Path]:

@@ -906,6 +906,13 @@ def check_method(m: MethodSpec, i: int, file: str) -> None:
         raise ConfigError(file, m.name_field(f"methods.{i}"), f"{who} does not define "
                           "merge(self, pretrained, finetuned, ctx)", show_value=False)
     fields = set(cls.model_fields)
+    declared = sorted(fields & MergeMethod.__class_vars__)
+    if declared:  # annotated, it is a hyperparameter, and the class-level declaration it meant is not made
+        name, info = declared[0], cls.model_fields[declared[0]]
+        write = f" ({name} = {info.default!r})" if not info.is_required() else ""
+        raise ConfigError(file, m.name_field(f"methods.{i}"), f"{who} annotates {name!r}, which makes it a "
+                          f"hyperparameter instead of setting MergeMethod.{name}: write it without an "
+                          f"annotation{write}", show_value=False)
     unknown = sorted(set(cls.runtime_only) - fields)
     if unknown:  # else every job key fails with a bare KeyError
         raise ConfigError(file, m.name_field(f"methods.{i}"), f"{who} declares runtime_only {unknown}, which are "

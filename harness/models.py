@@ -306,8 +306,11 @@ def check_encoder_shapes(path: str | os.PathLike, found: dict[str, tuple[int, ..
     name = name or str(path)
     for k, shape in expected.items():
         if k not in found:
+            hf = next((f for f in found if f.endswith("patch_embedding.weight")), None)
+            hint = (f"; it holds Hugging Face transformers tensors ({hf}): name the folder that holds it with its "
+                    "config.json, which is converted" if hf is not None else "")
             raise HarnessError(f"{name}: tensor {k!r} of the pretrained image encoder is missing "
-                               f"(keys do not match {arch}'s image encoder)")
+                               f"(keys do not match {arch}'s image encoder){hint}")
         if tuple(found[k]) != tuple(shape):
             raise HarnessError(f"{name}: tensor {k!r} has shape {tuple(found[k])}, pretrained has "
                                f"{tuple(shape)} (different architecture?)")

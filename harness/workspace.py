@@ -18,7 +18,8 @@ from torch import nn
 
 from harness.cache import atomic_write_json, content_key, read_json
 from harness.config import MAIN, SweepConfig, suite_tasks
-from harness.errors import FieldError, HarnessError, NotBuilt
+from harness.errors import FieldError, HarnessError, NotBuilt, storage_problem
+from harness.imports import source_file
 from harness.model_checks import check_model_files, finetuned_field
 from harness.models import (
     CONFIG_DIR,
@@ -444,14 +445,32 @@ class Workspace:
         if "cache_dir" in params and "cache_dir" not in options:
             options["cache_dir"] = str(self.cfg.resolved_cache_dir())
         try:
+            inspect.signature(factory).bind(**options)
+        except TypeError as exc:  # the options do not fit the factory's parameters
+            who = getattr(factory, "__qualname__", repr(factory))
+            raise FieldError(f"tasks.{index}.options", f"bad options for task {name!r}: {who}() {exc}",
+                             spec.options) from None
+        except ValueError:  # no signature to check them against (a built-in): the call tells
+            pass
+        try:
             task = factory(**options)
-        except TypeError as exc:
-            raise FieldError(f"tasks.{index}.options", f"bad options for task {name!r}: {exc}", spec.options) from None
+        except HarnessError:
+            raise
+        except Exception as exc:  # a factory of one's own failing (a missing file, a bug): one line naming the task
+            if storage_problem(exc) is not None:
+                raise
+            if isinstance(exc, TypeError) and any(f"argument {k!r}" in str(exc) for k in spec.options):
+                # an option a factory taking **options passes on to a call that has no such parameter
+                raise FieldError(f"tasks.{index}.options", f"bad options for task {name!r}: {exc}",
+                                 spec.options) from None
+            raise FieldError(f"tasks.{index}", factory_failed(name, factory, exc),
+                             spec.options or None) from exc
         if not isinstance(task, Task):
             kind = type(task)
             raise FieldError(spec.name_field(f"tasks.{index}"),
                              f"the factory returned a {kind.__module__}.{kind.__qualname__}, "
                              "not a tasks.base.Task", name)
+        check_task_attributes(task, name)
         return task
 
     def _sweep_data_root(self, name: str, options: dict[str, Any]) -> bool:
@@ -566,7 +585,11 @@ class Workspace:
             raise HarnessError(f"model.heads.{task}: {exc}") from None
         if not state:
             raise HarnessError(f"{where}: holds no tensors")
-        key = next((k for k in ("weight", "head") if k in state), next(iter(state)))
+        key = stored_head_key(state)
+        if key is None:  # a guess could score the wrong tensor, or drop a prefixed probe's bias
+            shown = ", ".join(repr(k) for k in list(state)[:6]) + (", ..." if len(state) > 6 else "")
+            raise HarnessError(f"{where}: holds {shown}, none of them the head: give its [classes, dim] tensor "
+                               "as 'weight' (or 'head', or as the one '<prefix>.weight')")
         head = state[key]
         if head.ndim != 2:
             raise HarnessError(f"{where}: tensor {key!r} has shape {tuple(head.shape)}; a head is [classes, dim]")
@@ -576,9 +599,10 @@ class Workspace:
                                f"but the image encoder of {self.sources['arch']} outputs {dim}")
         if not head.is_floating_point():
             raise HarnessError(f"{where}: tensor {key!r} has dtype {head.dtype}, not floating point")
-        bias = state.get("bias")
+        bias_key = key.removesuffix("weight") + "bias" if key.endswith("weight") else "bias"
+        bias = state.get(bias_key)
         if bias is not None and bias.is_floating_point() and bool((bias != 0).any()):
-            raise HarnessError(f"{where}: tensor 'bias' is not zero: logits are normalised image features "
+            raise HarnessError(f"{where}: tensor {bias_key!r} is not zero: logits are normalised image features "
                                f"times the head {key!r}, with no bias, so this head would score another "
                                "model's predictions; give a head without one (task_vectors' heads have a zero bias)")
         return head.float()  # a half-precision file: adaptation losses multiply float32 features by it
@@ -612,6 +636,34 @@ class Workspace:
         return head
 
 
+def factory_failed(name: str, factory: Any, exc: Exception) -> str:
+    """Task ``name``'s factory raised ``exc``: one line naming the task, the exception and the
+    line of the factory's file it came from (else the innermost line)."""
+    import traceback
+
+    frames = traceback.extract_tb(exc.__traceback__)[1:]  # past this module's call
+    home = source_file(factory)
+    at = next((f for f in reversed(frames) if f.filename == home), frames[-1] if frames else None)
+    where = f" at {at.filename}:{at.lineno}" if at is not None else ""
+    who = f"{getattr(factory, '__module__', '?')}.{getattr(factory, '__qualname__', repr(factory))}"
+    return f"task {name!r}: its factory {who} failed{where}: {type(exc).__name__}: {exc}"
+
+
+def check_task_attributes(task: Task, name: str) -> None:
+    """A task has the ``name``, ``classnames`` and ``templates`` every check and job reads, the
+    last two as lists (a string would be taken letter by letter): a subclass that forgot one is
+    one error naming the task, not an AttributeError in the first check that reads it."""
+    kind = f"{type(task).__module__}.{type(task).__qualname__}"
+    missing = [a for a in ("name", "classnames", "templates") if not hasattr(task, a)]
+    if missing:
+        raise TaskDataError(f"task {name!r}: the {kind} its factory returned has no {', '.join(missing)} "
+                            "(a Task sets name, classnames and templates)")
+    for attr in ("classnames", "templates"):
+        if isinstance(getattr(task, attr), str):
+            raise TaskDataError(f"task {name!r}: {attr} of the {kind} is the string {getattr(task, attr)!r}, "
+                                "not a list of them")
+
+
 def _dataset_key(name: str) -> str:
     """A dataset's name as task_vectors' file names and the sweep's task names both spell it
     (``head_EuroSAT``, ``eurosat``; ``head_SUN397``, ``sun397``)."""
@@ -624,6 +676,19 @@ def _recorded_source(path: str) -> str | None:
 
     source = (harness_sidecar(path) or {}).get("source")
     return source if isinstance(source, str) else None
+
+
+def stored_head_key(state: dict[str, torch.Tensor]) -> str | None:
+    """The name of a ``model.heads`` file's head tensor: ``weight`` or ``head``, else the one
+    ``<prefix>.weight`` (a linear layer saved under its module's name, its bias ``<prefix>.bias``),
+    else the file's only tensor; None when the file holds several and none of these."""
+    for key in ("weight", "head"):
+        if key in state:
+            return key
+    weights = [k for k in state if k.endswith(".weight")]
+    if len(weights) == 1:
+        return weights[0]
+    return next(iter(state)) if len(state) == 1 else None
 
 
 def cached_head(path: Path, built_for: dict[str, str], classes: int) -> torch.Tensor | None:

@@ -62,6 +62,9 @@ class InMemoryTask(Task):
         splits: dict[str, tuple[torch.Tensor, torch.Tensor]],
         version: str = "",
     ):
+        for what, value in (("classnames", classnames), ("templates", templates)):
+            if isinstance(value, str):  # list() would take it letter by letter
+                raise TaskDataError(f"task {name!r}: {what} is the string {value!r}, not a list of them")
         self.name = name
         self.classnames = list(classnames)
         self.templates = list(templates)

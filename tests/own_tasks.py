@@ -87,3 +87,33 @@ def sized_without_default(image_size: int) -> Task:
 def shifted_labels(shift: int = 0) -> Task:
     """Labels shifted by an option the task's identity does not name (name and classes only)."""
     return PlainTask("mine", [f"c{i}" for i in range(5)], shift=shift)
+
+
+def reads_a_missing_file(path: str = "/nonexistent/harness-own-task/data.npz") -> Task:
+    """A factory whose data file is not there: the error is its own, raised on its line."""
+    with open(path, "rb"):
+        pass
+    return PlainTask("mine", ["c0"])  # pragma: no cover
+
+
+def slips_a_keyword() -> Task:
+    """A factory whose own code calls InMemoryTask with a misspelt keyword (no option is wrong)."""
+    toy = make_toy_task("toy_stripes")
+    return InMemoryTask("mine", toy.classnames, toy.templates, {s: toy.raw(s) for s in ("val", "test")}, vrsion="1")
+
+
+class ForgetsItsTemplates(Task):
+    """A Task subclass that sets its name and class names but forgot its templates."""
+
+    def __init__(self):
+        self.name, self.classnames = "mine", [f"c{i}" for i in range(4)]
+
+    def dataset(self, split: str) -> Dataset:
+        return PlainTask("mine", self.classnames).dataset(split)
+
+
+def one_template_as_a_string() -> Task:
+    """A task whose templates are one string, which list() would take letter by letter."""
+    task = PlainTask("mine", [f"c{i}" for i in range(4)])
+    task.templates = "a photo of a {}."
+    return task

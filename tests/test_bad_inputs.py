@@ -1283,6 +1283,39 @@ def test_a_stored_heads_tensor_is_found_by_its_name_not_its_place(name, key, swe
     assert torch.equal(Workspace(validate_config(d)).head("toy_colours"), weight)
 
 
+@pytest.mark.parametrize("order", ["weight-first", "bias-first"])
+def test_a_linear_probe_saved_under_its_modules_name_is_refused_for_its_bias(order, sweep_dict, tmp_path):
+    """A head saved as a module's state dict (``classification_head.weight`` and ``.bias``) was
+    read as its first tensor: weight first, its non-zero bias was dropped without a word and every
+    prediction scored as another model's; bias first, the error blamed a 1-d 'head'. Its bias is
+    now found beside its weight and refused as a plain ``bias`` is; a zero one runs."""
+    from harness.config import validate_config
+    from harness.workspace import Workspace
+
+    torch.manual_seed(0)
+    weight, bias = torch.randn(4, 32), torch.tensor([0.0, 0.5, 0.0, -1.0])
+    state = {"classification_head.weight": weight, "classification_head.bias": bias}
+    if order == "bias-first":
+        state = dict(reversed(state.items()))
+    d = _heads_sweep(sweep_dict, tmp_path / "probe.pt", state)
+    code, err, _ = _run_sweep(tmp_path, d)
+    assert code == 2 and err.startswith(f"error: model.heads.toy_colours: {tmp_path / 'probe.pt'}: tensor "
+                                        "'classification_head.bias' is not zero"), err
+    assert not (tmp_path / "out").exists()
+    d = _heads_sweep(sweep_dict, tmp_path / "zero.pt", {**state, "classification_head.bias": torch.zeros(4)})
+    assert torch.equal(Workspace(validate_config(d)).head("toy_colours"), weight)
+
+
+def test_a_head_file_of_several_tensors_none_named_as_a_head_is_refused_naming_them(sweep_dict, tmp_path):
+    """Two [classes, dim] tensors and neither named ``weight``, ``head`` or one ``<prefix>.weight``:
+    reading the first would score with whichever the file lists first."""
+    d = _heads_sweep(sweep_dict, tmp_path / "two.pt", {"a.weight": torch.randn(4, 32), "b.weight": torch.randn(4, 32)})
+    code, err, _ = _run_sweep(tmp_path, d)
+    assert code == 2 and err == (f"error: model.heads.toy_colours: {tmp_path / 'two.pt'}: holds 'a.weight', "
+                                 "'b.weight', none of them the head: give its [classes, dim] tensor as 'weight' (or "
+                                 "'head', or as the one '<prefix>.weight')"), err
+
+
 def test_a_converted_checkpoint_is_named_as_given_and_as_converted(sweep_dict, micro_checkpoints, tmp_path):
     """A checkpoint read from a conversion in the cache (here a ``.pt`` whole-CLIP tower under
     ``visual.``) is named by its field, the file given and the converted file read in its place."""
@@ -1299,3 +1332,28 @@ def test_a_converted_checkpoint_is_named_as_given_and_as_converted(sweep_dict, m
     assert ws.input_warnings(["toy_stripes"]) == [
         f"model.finetuned.toy_stripes: {given} (converted to {read}): the fine-tuned encoder of 'toy_stripes' "
         "equals the pretrained one (a zero task vector): is it the pretrained weights?"]
+
+
+@pytest.mark.parametrize("name, prefix", [("model.safetensors", "vision_model."), ("encoder.pt", "")])
+def test_a_hugging_face_weights_file_without_its_folder_says_to_name_the_folder(name, prefix, sweep_dict,
+                                                                                micro_checkpoints, tmp_path):
+    """A transformers vision tower's weights file, copied out of its folder (no config.json beside
+    it): the error said only that conv1.weight is missing; it now says what the file holds and
+    what to name instead."""
+    from harness.models import load_state_dict
+    from tests.test_hf_convert import to_hf
+
+    enc = load_state_dict(micro_checkpoints / "toy_colours.safetensors")
+    path = tmp_path / name
+    state = to_hf(enc, prefix)
+    if name.endswith(".pt"):
+        torch.save(state, path)
+    else:
+        save_state_dict(state, path)
+    for command in ("validate", "sweep"):
+        r = CliRunner().invoke(main, [command, _write(tmp_path, _with_ckpt(sweep_dict, "toy_colours", path))])
+        err = " ".join(r.stderr.split())
+        assert r.exit_code == 2 and (f"model.finetuned.toy_colours: {path}: tensor 'conv1.weight' of the pretrained "
+                                     "image encoder is missing (keys do not match harness-micro-vit's image encoder); "
+                                     "it holds Hugging Face transformers tensors (patch_embedding.weight): name the "
+                                     "folder that holds it with its config.json, which is converted") in err, err

@@ -525,6 +525,41 @@ def test_a_folder_of_pickles_imported_without_the_flag_names_the_import_flag_and
     assert not (tmp_path / "out").exists()
 
 
+def test_a_mixed_folder_with_pickles_or_a_damaged_file_is_refused_before_anything_is_written(
+        tmp_path: Path, pickled_encoder, micro_clip: nn.Module) -> None:
+    """A tree of a plain tensor file, task_vectors pickles and a damaged file: the plain file was
+    converted and written, then the import stopped at the first pickle (or the damaged file),
+    the rest unconverted. Every file its conversion would refuse is now named first, nothing
+    written; with --trust-pickle and the damaged file gone, every file converts."""
+    import shutil
+
+    from click.testing import CliRunner
+
+    from harness.cli import main
+
+    src, _ = pickled_encoder
+    tree, out = tmp_path / "tree", tmp_path / "out"
+    for task in ("SUN397", "Cars"):
+        (tree / task).mkdir(parents=True)
+        shutil.copy(src, tree / task / "finetuned.pt")
+    torch.save({f"visual.{k}": v for k, v in micro_clip.visual.state_dict().items()}, tree / "a_plain.pt")
+    (tree / "b_broken.pt").write_bytes(b"")
+    r = CliRunner().invoke(main, ["import", str(tree), str(out)])
+    assert r.exit_code == 2, r.output
+    err = " ".join(r.stderr.split())
+    assert err == (f"error: {tree / 'b_broken.pt'}: not a readable checkpoint: the file is empty; "
+                   f"{tree / 'Cars' / 'finetuned.pt'}, {tree / 'SUN397' / 'finetuned.pt'}: pickled Python objects "
+                   "(task_vectors checkpoints are whole pickled modules), not loaded: unpickling runs any code a file "
+                   "contains; if you trust where they come from, import with `harness import SRC DST --trust-pickle`; "
+                   "nothing was written"), err
+    assert not out.exists()
+    (tree / "b_broken.pt").unlink()
+    r = CliRunner().invoke(main, ["import", str(tree), str(out), "--trust-pickle"])
+    assert r.exit_code == 0, r.output
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.safetensors")) == [
+        "Cars/finetuned.safetensors", "SUN397/finetuned.safetensors", "a_plain.safetensors"]
+
+
 def test_a_file_converted_onto_itself_is_refused_and_kept(tmp_path: Path, micro_clip: nn.Module) -> None:
     """Writing over the source while reading it would lose the only copy; another existing
     destination is refused, kept byte for byte, and replaced with the conversion given overwrite."""
@@ -780,3 +815,26 @@ def test_a_destination_ending_in_a_slash_is_a_folder_for_the_converted_file(tmp_
     assert out == tmp_path / "new" / "finetuned.safetensors" and out.is_file()
     got = load_state_dict(out)
     assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_a_pickle_named_as_the_pretrained_model_says_converting_it_is_not_enough(tmp_path: Path, pickled_encoder,
+                                                                                   sweep_dict) -> None:
+    """task_vectors' zeroshot.pt named as ``model.pretrained`` was told to be converted with
+    --trust-pickle, whose output (an image encoder) the next run refuses in turn: the first error
+    now says what the pretrained model must be."""
+    import yaml
+    from click.testing import CliRunner
+
+    from harness.cli import main
+
+    src, _ = pickled_encoder
+    d = dict(sweep_dict, model={**sweep_dict["model"], "pretrained": str(src)})
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump(d))
+    r = CliRunner().invoke(main, ["validate", str(f)])
+    err = " ".join(r.stderr.split())
+    assert r.exit_code == 2 and err.startswith(f"error: {f}: model.pretrained: {src}: refused to load: not a plain "
+                                               "tensor checkpoint"), err
+    assert err.endswith("(and serve as the pretrained model only if they hold a whole CLIP, whose text tower builds "
+                        "the zero-shot heads: a task_vectors zeroshot.pt holds the image encoder alone; give open_clip's "
+                        "weights, a tag such as openai, or a Hugging Face CLIPModel folder)"), err

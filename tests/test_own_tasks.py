@@ -593,3 +593,58 @@ def test_a_tasks_identity_follows_its_last_pixel():
                             ).identity()
 
     assert identity(edited) != identity(images)
+
+
+@pytest.mark.parametrize("command", ["sweep", "validate"])
+@pytest.mark.parametrize("factory, fragment", [
+    ("reads_a_missing_file", "its factory tests.own_tasks.reads_a_missing_file failed at {own}:{line}: FileNotFoundError: "
+                             "[Errno 2] No such file or directory: '/nonexistent/harness-own-task/data.npz'"),
+    ("slips_a_keyword", "its factory tests.own_tasks.slips_a_keyword failed at {own}:{line}: TypeError: "
+                        "InMemoryTask.__init__() got an unexpected keyword argument 'vrsion'"),
+    ("ForgetsItsTemplates", "the tests.own_tasks.ForgetsItsTemplates its factory returned has no templates (a Task "
+                            "sets name, classnames and templates)"),
+    ("one_template_as_a_string", "templates of the tests.own_tasks.PlainTask is the string 'a photo of a {{}}.', not a "
+                                 "list of them"),
+], ids=["missing-file", "slip-in-its-code", "no-templates", "templates-as-a-string"])
+def test_a_factory_that_fails_or_forgets_an_attribute_is_one_line_naming_the_task(command, factory, fragment,
+                                                                                  sweep_dict, tmp_path):
+    """A factory's own error (a missing data file, a slip in its code) was a traceback, or, for a
+    TypeError, blamed on the entry's options though it has none; a Task without templates was an
+    AttributeError, and templates given as one string were read letter by letter. Each is now one
+    line naming the entry and the task (and where the factory failed), nothing written."""
+    import inspect
+
+    import tests.own_tasks as own
+
+    fn = getattr(own, factory)
+    lines, start = inspect.getsourcelines(fn)
+    line = start + next((i for i, text in enumerate(lines) if "open(" in text or "vrsion" in text), 0)
+    code, err, file = _run(tmp_path, sweep_dict, factory, command=command)
+    assert code == 2, err
+    expected = f"task 'tests.own_tasks:{factory}': " + fragment.format(own=inspect.getsourcefile(own), line=line)
+    assert expected in err, err
+    assert "bad options" not in err and "Traceback" not in err
+    if factory in ("reads_a_missing_file", "slips_a_keyword"):
+        assert err.startswith(f"error: {file}: tasks.2: "), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_wrong_option_of_a_factory_taking_options_through_kwargs_is_still_blamed_on_the_options(sweep_dict, tmp_path):
+    """The toy tasks' factories take ``**options`` and pass them on: a misspelt one fails inside,
+    and is an error of the entry's options, as before."""
+    d = copy.deepcopy(sweep_dict)
+    d["tasks"] = ["toy_colours", {"name": "toy_stripes", "options": {"n_vall": 3}}]
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump(d))
+    r = CliRunner().invoke(main, ["sweep", "-q", str(f)])
+    err = " ".join(r.stderr.split())
+    assert r.exit_code == 2 and err.startswith(f"error: {f}: tasks.1.options: bad options for task 'toy_stripes': "), err
+    assert "'n_vall'" in err
+
+
+@pytest.mark.parametrize("what", ["classnames", "templates"])
+def test_in_memory_classnames_or_templates_given_as_one_string_are_refused(what):
+    toy_images, toy_labels = torch.zeros(4, 8, 8, 3, dtype=torch.uint8), torch.tensor([0, 1, 0, 1])
+    args = {"classnames": ["a", "b"], "templates": ["a photo of {}."], what: "ab" if what == "classnames" else "{}"}
+    with pytest.raises(TaskDataError, match=f"task 'x': {what} is the string"):
+        InMemoryTask("x", args["classnames"], args["templates"], _splits(toy_images, toy_labels))

@@ -236,6 +236,33 @@ def test_a_runtime_only_name_that_is_no_hyperparameter_is_a_config_error(sweep_d
             ) in " ".join(r.stderr.split())
 
 
+@pytest.mark.filterwarnings("ignore:Field name .* shadows an attribute in parent")
+@pytest.mark.parametrize("line, name, write", [
+    ("seeded: bool = False", "seeded", "seeded = False"),
+    ("uses_test_data: bool = True", "uses_test_data", "uses_test_data = True"),
+])
+def test_a_class_level_declaration_written_with_an_annotation_is_a_config_error(line, name, write, sweep_dict,
+                                                                                tmp_path, monkeypatch):
+    """Annotated, ``seeded`` or ``uses_test_data`` is a hyperparameter (pydantic only warns that it
+    shadows the base class's attribute) and the declaration it meant is not made: the seed stayed in
+    the job keys, or reading test batches failed saying to set what the class had set."""
+    (tmp_path / "annotated.py").write_text(
+        "from methods import MergeMethod\n\n\nclass Idea(MergeMethod):\n"
+        f"    {line}\n\n    def merge(self, pretrained, finetuned, ctx):\n        return pretrained\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("annotated", None)
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump(dict(sweep_dict, methods=["annotated:Idea"])))
+    for command in ("validate", "sweep"):
+        r = CliRunner().invoke(main, [command, str(f)], env={"COLUMNS": "300"})
+        assert r.exit_code == 2, r.stderr
+        assert (f"error: {f}: methods.0: annotated:Idea ({tmp_path / 'annotated.py'}) annotates {name!r}, which makes "
+                f"it a hyperparameter instead of setting MergeMethod.{name}: write it without an annotation ({write})"
+                ) in " ".join(r.stderr.split()), r.stderr
+    assert not (tmp_path / "out").exists()
+    sys.modules.pop("annotated", None)
+
+
 def test_checking_the_encoder_leaves_the_rng_and_train_mode_alone():
     """The check reads one image of a disk-backed split (not a TensorDataset) without a DataLoader,
     whose iterator draws a seed from torch's global generator, and restores the encoder's mode."""
