@@ -315,8 +315,8 @@ def test_validate_accepts_the_slurm_executor_block(micro_checkpoints, tmp_path, 
     assert r.exit_code == 2 and "executor.mem_gb" in r.output
 
 
-GPU_WARNING = ("the jobs run on device {device} but ask SLURM for no GPU (gpus_per_node 0, no gres or gpus option "
-               "under executor.sbatch): where the cluster allocates GPUs they land without one and fail; set "
+GPU_WARNING = ("the jobs run on device {device} but ask SLURM for no GPU (gpus_per_node 0, no GPU gres, "
+               "tres-per-task or gpus option under executor.sbatch): where the cluster allocates GPUs they land without one and fail; set "
                "executor.gpus_per_node: 1, or pass a GPU option (executor.sbatch: {{gres: 'gpu:1'}} or {{gpus: 1}})")
 
 
@@ -330,6 +330,9 @@ GPU_WARNING = ("the jobs run on device {device} but ask SLURM for no GPU (gpus_p
     ("cuda", {"sbatch": {"gpus-per-task": 1}}, [], None),
     ("cuda", {"sbatch": {"gpus": 2}}, [], None),
     ("cuda", {"sbatch": {"tres-per-t": "gres/gpu:1"}}, [], None),  # the start of --tres-per-task, as sbatch reads it
+    ("cuda", {"sbatch": {"tres-per-task": "cpu:4"}}, [], "{f}: executor.gpus_per_node"),
+    ("cuda", {"sbatch": {"gres": "tmpdisk:100"}}, [], "{f}: executor.gpus_per_node"),
+    ("cuda", {"sbatch": {"gres": "tmpdisk:100,gpu:1"}}, [], None),
     ("auto", {}, [], None),
 ])
 def test_cuda_jobs_asking_slurm_for_no_gpu_are_warned_of(micro_checkpoints, tmp_path, monkeypatch, device, executor,

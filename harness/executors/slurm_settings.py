@@ -81,9 +81,17 @@ GPU_OPTIONS = ("gres", "gpus", "gpus-per-task", "gpus-per-socket", "tres-per-tas
 
 def asks_for_gpus(e: Any) -> bool:
     """Whether the ``executor`` block asks SLURM for GPUs: ``gpus_per_node``, or a GPU option under
-    ``sbatch:``."""
-    return bool(e.gpus_per_node) or any(o.startswith(key) or key.startswith("gpus-per-")
-                                        for key in e.sbatch for o in GPU_OPTIONS)
+    ``sbatch:`` (a ``gres`` or ``tres-per-task`` one only if it names a GPU: ``tmpdisk:100`` or
+    ``cpu:4`` asks for none)."""
+    return bool(e.gpus_per_node) or any(_asks_for_gpus(key, value) for key, value in e.sbatch.items())
+
+
+def _asks_for_gpus(key: str, value: Any) -> bool:
+    """Whether sbatch option ``key`` (or the start of one, as sbatch reads it) set to ``value`` asks for GPUs."""
+    option = next((o for o in GPU_OPTIONS if o.startswith(key)), key if key.startswith("gpus-per-") else None)
+    if option is None:
+        return False
+    return option not in ("gres", "tres-per-task") or "gpu" in str(value).lower()
 
 
 def gpu_request_warning(cfg: SweepConfig) -> str | None:
@@ -94,9 +102,9 @@ def gpu_request_warning(cfg: SweepConfig) -> str | None:
     if e.kind != "slurm" or not cfg.device.startswith("cuda") or asks_for_gpus(e):
         return None
     return (f"the jobs run on device {cfg.device} but ask SLURM for no GPU (gpus_per_node {e.gpus_per_node}, no "
-            "gres or gpus option under executor.sbatch): where the cluster allocates GPUs they land without one "
-            "and fail; set executor.gpus_per_node: 1, or pass a GPU option (executor.sbatch: {gres: 'gpu:1'} or "
-            "{gpus: 1})")
+            "GPU gres, tres-per-task or gpus option under executor.sbatch): where the cluster allocates GPUs they "
+            "land without one and fail; set executor.gpus_per_node: 1, or pass a GPU option (executor.sbatch: "
+            "{gres: 'gpu:1'} or {gpus: 1})")
 
 
 def check_cluster(cfg: SweepConfig, file: str, partitions: dict[str, dict[str, Any]] | None = None) -> None:
