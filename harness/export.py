@@ -141,6 +141,7 @@ def export_merged(cfg: SweepConfig, label: str, dst: str | Path, device: torch.d
     from methods.base import resolve_method
 
     refuse_another_format(dst, full_clip)
+    refuse_a_record(dst, cfg)
     result = chosen_result(cfg, label)
     method = next((m for m in cfg.methods if m.display == label), None)
     if method is None:
@@ -250,6 +251,33 @@ def _refuse_an_input(dst: str | Path, cfg: SweepConfig, sources: dict[str, Any])
     cache = cfg.resolved_cache_dir().resolve()
     if out.is_relative_to(cache):
         raise ExportError(f"{dst}: lies in the sweep's cache folder ({cache}), whose models it reads; write it elsewhere")
+
+
+#: What a sweep keeps in its output folder: files, and folders whose every file is the sweep's own.
+RECORD_FILES = ("mlflow.db", "resolved.yaml")
+RECORD_FOLDERS = ("results", "report", "artifacts", "work", "mlartifacts", "optuna", "slurm")
+
+
+def refuse_a_record(dst: str | Path, cfg: SweepConfig) -> None:
+    """Refuse a ``dst`` that is one of the records of the sweep's output folder (``mlflow.db``,
+    ``resolved.yaml``, the lock file, or a path in one of its folders of results, tables, artifacts,
+    adaptations, studies and submissions): the export would replace what the sweep, ``harness
+    report`` and export itself read, or leave a file the sweep would take for its own. A new file
+    elsewhere in the folder (``OUTPUT_DIR/exports/x.safetensors``) is no record and is written."""
+    from harness.runner import LOCK_FILE
+
+    folder = cfg.resolved_output_dir().resolve()
+    out = Path(dst).resolve()
+    files = [folder / name for name in (*RECORD_FILES, LOCK_FILE)]
+    file = next((f for f in files if out == f or (out.exists() and f.exists() and out.samefile(f))), None)
+    within = next((folder / d for d in RECORD_FOLDERS if out.is_relative_to(folder / d)), None)
+    if file is None and within is None:
+        return
+    what = f"is the sweep's {file.name} ({file})" if file else f"lies in the sweep's records folder {within}"
+    name = Path(dst).name if Path(dst).name.endswith(".safetensors") else "merged.safetensors"
+    raise ExportError(f"{dst}: {what}, which the sweep, `harness report` and export read: writing "
+                      f"there would replace or mix with the sweep's own files; write it elsewhere "
+                      f"(e.g. {folder / 'exports' / name})")
 
 
 def _sweep_device(cfg: SweepConfig) -> torch.device:

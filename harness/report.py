@@ -688,10 +688,26 @@ def load_sweep_from_mlflow(tracking_uri: str, run_id: str | None = None, sweep: 
             status="ok" if run.info.status == "FINISHED" else "failed", metrics=dict(run.data.metrics),
             error=tags.get("harness.failure_reason"), artifacts=artifacts, protocol=protocol,
             test_correct=test_correct, study_error=tags.get(STUDY_FAILURE_TAG)))
+    _refuse_unlogged(entries or [], {r.key for r in results}, tracking_uri, parent)
     results += [dataclasses.replace(r, label=label) for r in list(results)  # a job two labels share: one run
                 for label in shared.get(r.key, []) if label != r.label]
     results = [dataclasses.replace(r, params=settings.get((r.label, r.key), r.params)) for r in results]
     return cfg, plan_order(cfg, results), parent
+
+
+def _refuse_unlogged(entries: list[Any], logged: set[str], tracking_uri: str, parent: Any) -> None:
+    """Refuse tables a job of which has no run under sweep run ``parent`` (deleted in MLflow): its
+    row would be rebuilt from its other settings, whose best may not be the setting the row
+    reports, as ``harness export`` refuses a row one of whose result files is gone."""
+    gone = [(e[0], e[1]) for e in entries if isinstance(e, list) and e[1] not in logged]
+    if not gone:
+        return
+    label, key = gone[0]
+    more = f" (and {len(gone) - 1} more)" if len(gone) > 1 else ""
+    raise HarnessError(f"{tracking_uri}: sweep run {parent.info.run_id} ({parent.info.run_name}): no run of job {key} "
+                       f"(row {label!r}){more}, which its tables were built from (report/{JOBS_FILE}): deleted in "
+                       "MLflow? The row cannot be rebuilt as the sweep reported it: rerun the sweep (its finished "
+                       "jobs are cached, and it logs the job again), then report")
 
 
 def _refuse_job_run(client: Any, tracking_uri: str, run: Any) -> None:

@@ -543,13 +543,7 @@ def _run_sweep(cfg: SweepConfig, ws: Workspace, executor: Any, console: Console,
     tracker.drop_report_artifacts(out / "report")
     names = summary_labels(row.method for row in [*rows, *gen_rows])
     summary = {f"{names[row.method]}/acc/avg": row.avg for row in rows if not row.failed} if only is None else {}
-    unseen = [t for t in cfg.task_names if t not in cfg.generalization_seen] if cfg.generalization else []
-    for row in gen_rows:
-        if row.failed:
-            continue
-        summary[f"generalization/{names[row.method]}/seen/avg"] = row.avg
-        if unseen and all(t in row.acc for t in unseen):  # as the table has it, the zero-shot row's too
-            summary[f"generalization/{names[row.method]}/unseen/avg"] = sum(row.acc[t] for t in unseen) / len(unseen)
+    summary.update(generalization_summary(cfg, rows, gen_rows, names) if only is None else {})
     if only is None:  # one study's run (harness tune) leaves the sweep's summary as it is
         tracker.log_summary_metrics(summary)
     failed = [r for r in ordered if r.status != "ok"]
@@ -735,6 +729,28 @@ def finished_studies(cfg: SweepConfig, identity: dict, task_identity: dict,
         if cached:
             kept.append((final, cached, runner.counts()))
     return kept
+
+
+def generalization_summary(cfg: SweepConfig, rows: list[Row], gen_rows: list[Row],
+                           names: Mapping[str, str]) -> dict[str, float]:
+    """The parent run's ``generalization/<label>/seen/avg`` and ``unseen/avg``: each row's of the
+    generalization table, the ``generalization`` block's (its zero-shot row's too), or, in a sweep
+    merged on its seen tasks only (top-level ``seen``/``unseen``), the main rows' it shows (not
+    the individual row's, nor one missing an unseen task's accuracy). ``names``: the labels as
+    metric names (:func:`summary_labels`)."""
+    if cfg.generalization:
+        table, unseen = gen_rows, [t for t in cfg.task_names if t not in cfg.generalization_seen]
+    else:
+        unseen = [t for t in cfg.task_names if t not in cfg.merge_tasks]
+        table = [r for r in rows if r.method != "individual" and unseen and all(t in r.acc for t in unseen)]
+    summary: dict[str, float] = {}
+    for row in table:
+        if row.failed:
+            continue
+        summary[f"generalization/{names[row.method]}/seen/avg"] = row.avg
+        if unseen and all(t in row.acc for t in unseen):  # as the table has it, the zero-shot row's too
+            summary[f"generalization/{names[row.method]}/unseen/avg"] = sum(row.acc[t] for t in unseen) / len(unseen)
+    return summary
 
 
 #: The key prefix of a failed study's row (:func:`failed_study_spec`).

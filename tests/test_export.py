@@ -353,6 +353,33 @@ def test_an_out_that_is_one_of_the_sweeps_inputs_is_refused(tmp_path):
     assert not (tmp_path / "cache" / "merged.safetensors").exists()
 
 
+def test_an_out_that_is_a_record_of_the_output_folder_is_refused_and_a_new_file_beside_them_written(sweep_dict,
+                                                                                                    tmp_path):
+    """`--out OUTPUT_DIR/mlflow.db` (or a result file, the resolved config, a file in work/)
+    replaced the sweep's own records with the merge, without a word; a file of its own in the
+    folder (``exports/``) is no record and is written."""
+    import hashlib
+
+    sweep_dict["references"] = False
+    sweep_dict["methods"] = [{"name": "task_arithmetic", "grid": {"scaling": [0.3]}}]
+    outcome = run_sweep(validate_config(sweep_dict), quiet=True)
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(sweep_dict))
+    out = Path(sweep_dict["output_dir"])
+    records = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.rglob("*") if p.is_file()}
+    key = outcome.results[0].key
+    for dst, fragment in ((out / "mlflow.db", f"is the sweep's mlflow.db \\({out / 'mlflow.db'}\\)"),
+                          (out / "resolved.yaml", "is the sweep's resolved.yaml"),
+                          (out / "results" / f"{key}.json", f"lies in the sweep's records folder {out / 'results'},"),
+                          (out / "work" / key / "merged.safetensors", "lies in the sweep's records folder")):
+        r = CliRunner().invoke(main, ["export", str(path), "--method", "task_arithmetic", "--out", str(dst)])
+        assert r.exit_code == 2 and re.match(f"error: {dst}: {fragment}", r.output), r.output
+    assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.rglob("*") if p.is_file()} == records
+    r = CliRunner().invoke(main, ["export", str(path), "--method", "task_arithmetic",
+                                  "--out", str(out / "exports" / "t.safetensors")])
+    assert r.exit_code == 0 and (out / "exports" / "t.safetensors").is_file(), r.output
+
+
 def test_an_out_inside_an_input_model_folder_is_refused(sweep_dict, tmp_path):
     """A Hugging Face CLIP given as a folder: a file written into it would be read as part of it."""
     from harness.export import _refuse_an_input

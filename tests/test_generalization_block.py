@@ -328,6 +328,24 @@ def test_parent_summary_metrics_are_the_generalization_tables(swept):
     assert "pretrained" in [row.method for row in outcome.generalization_rows]
 
 
+def test_a_top_level_unseen_sweeps_parent_holds_its_generalization_tables_averages(checkpoints, tmp_path):
+    """A sweep merged on its seen tasks only (top-level ``unseen``) writes a generalization table
+    too: its rows' seen and unseen averages are on the parent run, as the block's are, and those
+    of rows the table leaves out (the individual one) are not."""
+    d = dict(sweep_dict(checkpoints, tmp_path, generalization=False), unseen=list(UNSEEN), eval={"max_samples": 16})
+    cfg = validate_config(d)
+    outcome = run_sweep(cfg, quiet=True)
+    logged = MlflowClient(cfg.resolved_tracking_uri()).get_run(outcome.parent_run_id).data.metrics
+    with open(cfg.resolved_output_dir() / "report" / "generalization.csv") as fh:
+        table = {line[0]: line for line in list(csv.reader(fh))[1:]}
+    assert sorted(table) == ["pretrained", "task_arithmetic", "weight_averaging"]
+    gen = {k for k in logged if k.startswith("generalization/")}
+    assert gen == {f"generalization/{m}/{part}/avg" for m in table for part in ("seen", "unseen")}
+    for m, cells in table.items():
+        assert f"{logged[f'generalization/{m}/seen/avg']:.1f}" == cells[1]
+        assert f"{logged[f'generalization/{m}/unseen/avg']:.1f}" == cells[-1]
+
+
 def test_a_generalization_jobs_normalized_accuracy_is_over_the_seen_tasks(swept):
     """Logged with each job: norm_acc/<task> = its test accuracy / the individual model's, for the
     tasks it was merged on (a main job: every task), and their mean."""

@@ -204,6 +204,44 @@ def test_a_job_that_failed_is_read_back_from_mlflow_as_failed(sweep_dict):
     assert [(row.method, row.failed) for row in rows] == [("task_arithmetic", False), ("fails", True)]
 
 
+def test_a_row_whose_jobs_run_was_deleted_in_mlflow_is_refused_not_rebuilt_at_another_setting(sweep_dict):
+    """A job's run deleted in MLflow leaves its row only its other settings, the best of which may
+    not be the setting the sweep reported: `harness report` refuses naming the job and its row (a
+    tuned row, whose trials sit under its study's run, is whole), and reports again once a rerun
+    of the sweep has logged the job again."""
+    from mlflow.tracking import MlflowClient
+
+    from harness.config import validate_config as validate
+    from harness.report import load_sweep_from_mlflow
+    from harness.runner import run_sweep
+
+    tune = {"n_trials": 1, "n_parallel": 1, "sampler": "grid",
+            "space": {"scaling": {"type": "categorical", "choices": [0.6]}}}
+    d = dict(sweep_dict, references={"pretrained": False, "individual": False}, eval={"max_samples": 16})
+    d["methods"] = [{"name": "task_arithmetic", "grid": {"scaling": [0.2, 0.6]}},
+                    {"name": "ties", "label": "tt", "tune": tune}]
+    cfg = validate(d)
+    run = run_sweep(cfg, console=None)
+    uri = cfg.resolved_tracking_uri()
+
+    def rows_of(results):
+        return {row.method: row.setting for row in build_rows(results, cfg.task_names, ["task_arithmetic", "tt"],
+                                                              cfg.merge_tasks)}
+
+    reported = {row.method: row.setting for row in run.rows}
+    assert rows_of(load_sweep_from_mlflow(uri)[1]) == reported
+    chosen = next(r for r in run.results if r.label == "task_arithmetic"
+                  and f"scaling={r.params['scaling']}" == reported["task_arithmetic"])
+    client = MlflowClient(uri)
+    (job_run,) = client.search_runs([client.get_experiment_by_name("toy").experiment_id],
+                                    f"tags.`harness.job_key` = '{chosen.key}'")
+    client.delete_run(job_run.info.run_id)
+    with pytest.raises(HarnessError, match=rf"no run of job {chosen.key} \(row 'task_arithmetic'\).*rerun the sweep"):
+        load_sweep_from_mlflow(uri)
+    run_sweep(cfg, console=None)
+    assert rows_of(load_sweep_from_mlflow(uri)[1]) == reported
+
+
 def test_a_report_rebuilt_without_a_table_leaves_none_of_the_old_one(cfg, tmp_path):
     """A sweep rerun into its folder without its robustness block (or WeMoE's routing) writes a
     report without those tables and plots: the folder must not keep the earlier run's files
