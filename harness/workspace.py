@@ -454,6 +454,8 @@ class Workspace:
             pass
         try:
             task = factory(**options)
+        except TaskDataError as exc:  # its data refused (an empty split): the entry's error, as the entry names it
+            raise FieldError(f"tasks.{index}", entry_named(name, str(exc)), spec.options or None) from None
         except HarnessError:
             raise
         except Exception as exc:  # a factory of one's own failing (a missing file, a bug): one line naming the task
@@ -647,6 +649,14 @@ def factory_failed(name: str, factory: Any, exc: Exception) -> str:
     where = f" at {at.filename}:{at.lineno}" if at is not None else ""
     who = f"{getattr(factory, '__module__', '?')}.{getattr(factory, '__qualname__', repr(factory))}"
     return f"task {name!r}: its factory {who} failed{where}: {type(exc).__name__}: {exc}"
+
+
+def entry_named(name: str, message: str) -> str:
+    """A factory's refusal of its data, led by the task as the sweep's entry names it: an
+    ``InMemoryTask`` names the task its factory made (``task 'x'``), which a sweep listing
+    ``my_tasks:make`` never names."""
+    lead = f"task {name!r}"
+    return message if message.startswith(lead) else f"{lead}: {message}"
 
 
 def check_task_attributes(task: Task, name: str) -> None:
