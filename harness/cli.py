@@ -516,23 +516,28 @@ def _check_data(cfg: Any, file: str, overrides: tuple[str, ...]) -> None:
     (:meth:`harness.workspace.Workspace.check_adaptation_batches`), where the split sizes are
     known without building a model; a task of one's own is built and checked as the run's
     preflight checks it, so ``valid`` is not followed by a sweep refusing its data."""
-    from harness.config_errors import ConfigError
+    from harness.config_errors import ConfigError, Gathering
     from harness.errors import FieldError, NotBuilt
     from harness.path_checks import check_dataset_folders
     from harness.workspace import Workspace, check_templates
 
+    ws = Workspace(cfg, build=False)
+    found = Gathering()  # every task's options, a line each, before a dataset is made of them
+    for name in cfg.task_names:
+        with found.check(), _fields_of(file, overrides), contextlib.suppress(NotBuilt):
+            ws.check_task_options(name)
+    found.raise_any()
     try:
         check_dataset_folders(cfg, file)
     except ConfigError as exc:
         raise exc.blamed_on_overrides(list(overrides)) from None
-    ws = Workspace(cfg, build=False)
     with _fields_of(file, overrides):
         ws.check_device()
     # a task of one's own taking the encoder's input size without a default is left to the run's preflight (NotBuilt)
     with _fields_of(file, overrides), contextlib.suppress(NotBuilt):
         ws.check_adaptation_batches()
     for name in cfg.task_names:
-        if ":" in name:  # a task of one's own: its factory, splits, labels and templates, as the run checks them
+        if _made_by_validate(cfg, name):  # its factory, splits, labels and templates, as the run checks them
             with _fields_of(file, overrides), contextlib.suppress(NotBuilt):
                 check_templates(ws.task(name), name)
                 ws.check_task_data(name)
@@ -544,6 +549,22 @@ def _check_data(cfg: Any, file: str, overrides: tuple[str, ...]) -> None:
                     raise
                 except HarnessError as exc:
                     raise FieldError(f"model.heads.{name}", str(exc).removeprefix(f"model.heads.{name}: ")) from None
+
+
+def _made_by_validate(cfg: Any, name: str) -> bool:
+    """Whether validate makes task ``name`` to check it as the run does: a task of one's own; a
+    project task made in code (a toy one) when its entry gives options (with its defaults it is
+    known good, and making it costs a quarter of a second); not the embedded suite's (its data
+    takes minutes to generate the first time) nor the eight datasets
+    (:func:`harness.path_checks.check_dataset_folders` lists their files)."""
+    from harness.plan import own_task
+    from tasks.embedded import EMBEDDED_TASKS
+    from tasks.vision8 import SPECS
+
+    if not own_task(name):
+        return True
+    options = next(t.options for t in cfg.tasks if t.name == name)
+    return bool(options) and name not in EMBEDDED_TASKS and name not in SPECS
 
 
 @main.command(name="list")

@@ -881,11 +881,33 @@ def suite_tasks(cfg: SweepConfig) -> list[str]:
 
 def check_methods(cfg: SweepConfig, file: str) -> None:
     """Each method's entry (:func:`check_method`), the faults of every entry told together."""
+    from methods.base import available_methods
+
     found = Gathering()
+    registered_at: dict[str, int] = {}  # a name first registered as entry j was checked (its module imported) -> j
     for i, m in enumerate(cfg.methods):
+        known = set(available_methods())
         with found.check():
             check_method(m, i, file)
+        registered_at.update(dict.fromkeys(set(available_methods()) - known, i))
+    found.errors = [registered_below(cfg, file, e, registered_at) for e in found.errors]
     found.raise_any()
+
+
+def registered_below(cfg: SweepConfig, file: str, error: ConfigError, registered_at: dict[str, int]) -> ConfigError:
+    """``error``, or, for an entry whose name was unknown because a later entry imports the module
+    registering it, that: a registered name is found only below the entry that imports its module,
+    and "unknown method" alone sends one looking for a typo."""
+    from methods.base import available_methods
+
+    for i, m in enumerate(cfg.methods):
+        j = registered_at.get(m.name, -1)
+        if error.path == m.name_field(f"methods.{i}") and j > i:
+            module = available_methods()[m.name].__module__
+            return ConfigError(file, error.path, f"unknown method {m.name!r} here: it is registered by {module}, "
+                               f"imported by methods.{j} ({cfg.methods[j].name}): put this entry below it",
+                               show_value=False)
+    return error
 
 
 def check_method(m: MethodSpec, i: int, file: str) -> None:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from harness.cache import atomic_write_json, content_key, read_json
-from harness.config import MAIN, SweepConfig, suite_tasks
+from harness.config import MAIN, SweepConfig, TaskSpec, suite_tasks
 from harness.errors import FieldError, HarnessError, NotBuilt, storage_problem
 from harness.imports import source_file
 from harness.model_checks import check_model_files, finetuned_field
@@ -428,32 +428,11 @@ class Workspace:
     def _new_task(self, name: str, sized: bool = True) -> Task:
         """Task ``name`` made by its factory with the sweep's options; ``sized``: given the
         encoder's input size where the factory takes one (else its own default)."""
-        index, spec = next((i, t) for i, t in enumerate(self.cfg.tasks) if t.name == name)
-        options = dict(spec.options)
-        from tasks.base import resolve_task
-
-        factory = resolve_task(name)
-        params = inspect.signature(factory).parameters
-        if self._sweep_data_root(name, options):
-            options["data_root"] = self.cfg.data_root
-        if self.cfg.model.source == "embedded" and "size" in params and "size" not in options:
-            options["size"] = self.cfg.model.suite.get("size", "full")
-        if sized and "image_size" in params and "image_size" not in options:  # real datasets: the model's input size
-            size = self.encoder_summary["image_size"]
-            if size is not None:
-                options["image_size"] = size[0] if isinstance(size, (tuple, list)) else int(size)
-        if "cache_dir" in params and "cache_dir" not in options:
-            options["cache_dir"] = str(self.cfg.resolved_cache_dir())
-        try:
-            inspect.signature(factory).bind(**options)
-        except TypeError as exc:  # the options do not fit the factory's parameters
-            who = getattr(factory, "__qualname__", repr(factory))
-            raise FieldError(f"tasks.{index}.options", f"bad options for task {name!r}: {who}() {exc}",
-                             spec.options) from None
-        except ValueError:  # no signature to check them against (a built-in): the call tells
-            pass
+        index, spec, factory, options = self._task_options(name, sized)
         try:
             task = factory(**options)
+        except TaskDataError as exc:  # its data refused (an empty split): the entry's error, as the entry names it
+            raise FieldError(f"tasks.{index}", entry_named(name, str(exc)), spec.options or None) from None
         except HarnessError:
             raise
         except Exception as exc:  # a factory of one's own failing (a missing file, a bug): one line naming the task
@@ -472,6 +451,37 @@ class Workspace:
                              "not a tasks.base.Task", name)
         check_task_attributes(task, name)
         return task
+
+    def check_task_options(self, name: str) -> None:
+        """Task ``name``'s options fit its factory (:meth:`_task_options`), without making the
+        task: ``validate`` checks every task's, the embedded suite's too, whose data takes minutes
+        to generate the first time. A factory taking the encoder's input size without a default is
+        given it: checked once the model is built (:class:`harness.errors.NotBuilt` before)."""
+        self._task_options(name, sized=not self._image_size_has_default(name))
+
+    def _task_options(self, name: str, sized: bool) -> tuple[int, TaskSpec, Any, dict[str, Any]]:
+        """Task ``name``'s entry index, entry, factory and the options it is called with: the
+        entry's, with what the sweep fills in (its ``data_root``, the suite's ``size``, the
+        encoder's input size where ``sized``, the cache folder); each refused here as the entry's
+        field (:func:`check_options`) rather than by the factory, or the task's data, later."""
+        from tasks.base import resolve_task
+
+        index, spec = next((i, t) for i, t in enumerate(self.cfg.tasks) if t.name == name)
+        options = dict(spec.options)
+        factory = resolve_task(name)
+        params = inspect.signature(factory).parameters
+        if self._sweep_data_root(name, options):
+            options["data_root"] = self.cfg.data_root
+        if self.cfg.model.source == "embedded" and "size" in params and "size" not in options:
+            options["size"] = self.cfg.model.suite.get("size", "full")
+        if sized and "image_size" in params and "image_size" not in options:  # real datasets: the model's input size
+            size = self.encoder_summary["image_size"]
+            if size is not None:
+                options["image_size"] = size[0] if isinstance(size, (tuple, list)) else int(size)
+        if "cache_dir" in params and "cache_dir" not in options:
+            options["cache_dir"] = str(self.cfg.resolved_cache_dir())
+        check_options(index, spec, factory, options)
+        return index, spec, factory, options
 
     def _sweep_data_root(self, name: str, options: dict[str, Any]) -> bool:
         """Whether task ``name``'s factory is given the sweep's ``data_root``: it takes one and its
@@ -636,6 +646,30 @@ class Workspace:
         return head
 
 
+def check_options(index: int, spec: TaskSpec, factory: Any, options: dict[str, Any]) -> None:
+    """The options of task entry ``index`` fit ``factory``'s parameters, and each the entry gives
+    a project task's factory fits its annotated type and bounds: one error naming the entry's
+    options (the option), not a failure inside the factory or a task made of a nonsense value."""
+    from harness.plan import own_task
+    from tasks.base import option_signature, option_type_problem
+
+    target = getattr(factory, "takes_options_of", factory)
+    try:
+        option_signature(factory).bind(**options)
+    except TypeError as exc:  # the options do not fit the factory's parameters
+        who = getattr(getattr(target, "func", target), "__qualname__", repr(factory))
+        raise FieldError(f"tasks.{index}.options", f"bad options for task {spec.name!r}: {who}() {exc}",
+                         spec.options) from None
+    except ValueError:  # no signature to check them against (a built-in): the call tells
+        pass
+    if not own_task(spec.name):  # a factory of one's own may annotate loosely and convert what it is given
+        return
+    for key, value in spec.options.items():
+        problem = option_type_problem(factory, key, value)
+        if problem is not None:
+            raise FieldError(f"tasks.{index}.options.{key}", f"bad option for task {spec.name!r}: {problem}", value)
+
+
 def factory_failed(name: str, factory: Any, exc: Exception) -> str:
     """Task ``name``'s factory raised ``exc``: one line naming the task, the exception and the
     line of the factory's file it came from (else the innermost line)."""
@@ -647,6 +681,14 @@ def factory_failed(name: str, factory: Any, exc: Exception) -> str:
     where = f" at {at.filename}:{at.lineno}" if at is not None else ""
     who = f"{getattr(factory, '__module__', '?')}.{getattr(factory, '__qualname__', repr(factory))}"
     return f"task {name!r}: its factory {who} failed{where}: {type(exc).__name__}: {exc}"
+
+
+def entry_named(name: str, message: str) -> str:
+    """A factory's refusal of its data, led by the task as the sweep's entry names it: an
+    ``InMemoryTask`` names the task its factory made (``task 'x'``), which a sweep listing
+    ``my_tasks:make`` never names."""
+    lead = f"task {name!r}"
+    return message if message.startswith(lead) else f"{lead}: {message}"
 
 
 def check_task_attributes(task: Task, name: str) -> None:

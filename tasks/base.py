@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
+import typing
 from abc import ABC, abstractmethod
 from typing import Any, Callable, Iterable, Sequence
 
@@ -189,6 +192,34 @@ def resolve_task(name: str) -> TaskFactory:
     if name not in _TASKS:
         raise KeyError(f"unknown task {name!r}{did_you_mean(name, _TASKS)}; registered: {', '.join(sorted(_TASKS))}")
     return _TASKS[name][0]
+
+
+def option_signature(factory: TaskFactory) -> inspect.Signature:
+    """The options ``factory`` takes: its signature, or, for a factory taking ``**options`` to pass
+    them on (the toy tasks'), the signature of what it passes them to, named ``takes_options_of``:
+    so an option it does not take is refused before the task is made, as ``validate`` must."""
+    return inspect.signature(getattr(factory, "takes_options_of", factory))
+
+
+def option_type_problem(factory: TaskFactory, key: str, value: Any) -> str | None:
+    """Why ``value`` does not fit the annotation (type and bounds) of ``factory``'s option ``key``,
+    None when it does or there is none. Strict (``'40'`` is no count): the factory gets the value
+    as the sweep gives it, so a value it would have to convert is its failure, not validate's."""
+    from pydantic import TypeAdapter, ValidationError
+
+    target = getattr(factory, "takes_options_of", factory)
+    target = target.func if isinstance(target, functools.partial) else target
+    try:
+        hint = typing.get_type_hints(target, include_extras=True).get(key)
+    except Exception:  # noqa: BLE001  (an annotation that does not resolve checks nothing)
+        return None
+    if hint is None:
+        return None
+    try:
+        TypeAdapter(hint).validate_python(value, strict=True)
+    except ValidationError as exc:
+        return exc.errors()[0]["msg"]
+    return None
 
 
 def build_task(name: str, **options: Any) -> Task:

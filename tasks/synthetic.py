@@ -8,10 +8,16 @@ trivially. Deterministic from ``seed``.
 from __future__ import annotations
 
 import math
+from functools import partial
+from typing import Annotated
 
 import torch
+from pydantic import Field
 
 from tasks.base import InMemoryTask, register_task
+
+Count = Annotated[int, Field(ge=0)]  # an empty split is refused by InMemoryTask, naming the split
+Positive = Annotated[int, Field(ge=1)]
 
 TEMPLATES = ["a photo of {}.", "an image showing {}."]
 
@@ -72,8 +78,8 @@ FAMILIES = {
 }
 
 
-def make_toy_task(name: str, n_classes: int = 4, n_train: int = 160, n_val: int = 40,
-                  n_test: int = 80, image_size: int = 16, seed: int = 0) -> InMemoryTask:
+def make_toy_task(name: str, n_classes: Positive = 4, n_train: Count = 160, n_val: Count = 40,
+                  n_test: Count = 80, image_size: Positive = 16, seed: int = 0) -> InMemoryTask:
     draw, pattern, label_name = FAMILIES[name]
     g = torch.Generator().manual_seed(seed * 1000 + sorted(FAMILIES).index(name))
     splits = {}
@@ -87,7 +93,17 @@ def make_toy_task(name: str, n_classes: int = 4, n_train: int = 160, n_val: int 
     return InMemoryTask(name, classes, TEMPLATES, splits, version=version)
 
 
+def _factory(name: str):
+    """The registered factory of one family: it takes ``**options`` (so the sweep gives it no
+    ``image_size`` of the model's: a toy task is drawn at its own size), and names
+    :func:`make_toy_task` as what checks them."""
+
+    def factory(**options) -> InMemoryTask:
+        return make_toy_task(name, **options)
+
+    factory.takes_options_of = partial(make_toy_task, name)
+    return factory
+
+
 for _name in FAMILIES:
-    register_task(_name, f"generated {_name[4:]} task (tiny, for smoke runs and tests)")(
-        lambda _n=_name, **kw: make_toy_task(_n, **kw)
-    )
+    register_task(_name, f"generated {_name[4:]} task (tiny, for smoke runs and tests)")(_factory(_name))

@@ -54,11 +54,12 @@ import re
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Annotated, Any, Callable, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
+from pydantic import Field
 from torch.utils.data import Dataset
 
 from harness.errors import did_you_mean
@@ -920,8 +921,9 @@ def _factory(name: str):
     """The registered factory of one task (an explicit signature: the Workspace fills data_root
     and image_size from the sweep)."""
 
-    def factory(data_root: str, preprocess=None, image_size: int = 224, val_fraction: float = 0.1,
-                val_cap: int = 5000) -> Vision8Task:
+    def factory(data_root: str, preprocess=None, image_size: Annotated[int, Field(ge=1)] = 224,
+                val_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.1,
+                val_cap: Annotated[int, Field(ge=1)] = 5000) -> Vision8Task:
         return _build(name, data_root, preprocess, image_size, val_fraction, val_cap)
 
     factory.__name__ = factory.__qualname__ = name

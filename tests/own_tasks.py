@@ -61,6 +61,12 @@ def template_without_class() -> Task:
     return PlainTask("mine", [f"c{i}" for i in range(4)], templates=("a photo of {}.", "a photo."))
 
 
+def no_val_in_memory() -> InMemoryTask:
+    """The toy stripes task without a val split, made under a name of its own."""
+    toy = make_toy_task("toy_stripes")
+    return InMemoryTask("mine", toy.classnames, toy.templates, {s: toy.raw(s) for s in ("train", "test")})
+
+
 def grayscale() -> InMemoryTask:
     """The toy stripes task's images as one channel ``[N, H, W]``."""
     toy = make_toy_task("toy_stripes")

@@ -589,6 +589,61 @@ def test_bad_task_option_names_the_file_the_field_and_the_options(sweep_dict, tm
     assert err.endswith("unexpected keyword argument 'colour' (got {'colour': 3})"), err
 
 
+BUILT_IN_TASK_OPTIONS = [  # (task, option, value, the line's field and message)
+    ("toy_colours", "n_val", "abc", ".options.n_val: bad option for task 'toy_colours': Input should be a valid "
+                                    "integer"),
+    ("toy_colours", "n_val", -3, ".options.n_val: bad option for task 'toy_colours': Input should be greater than or "
+                                 "equal to 0"),
+    ("toy_colours", "n_val", 0, ": task 'toy_colours': split 'val' is empty"),
+    ("toy_colours", "n_classes", 0, ".options.n_classes: bad option for task 'toy_colours': Input should be greater "
+                                    "than or equal to 1"),
+    ("toy_colours", "colour", 3, ".options: bad options for task 'toy_colours': make_toy_task() got an unexpected "
+                                 "keyword argument 'colour'"),
+    ("emb_signs", "size", 3, ".options.size: bad option for task 'emb_signs': Input should be 'full' or 'tiny'"),
+    ("emb_signs", "size", "huge", ".options.size: bad option for task 'emb_signs': Input should be 'full' or 'tiny'"),
+    ("emb_signs", "sise", "tiny", ".options: bad options for task 'emb_signs': emb_signs() got an unexpected keyword "
+                                  "argument 'sise'"),
+    ("dtd", "val_fraction", "abc", ".options.val_fraction: bad option for task 'dtd': Input should be a valid number"),
+    ("dtd", "val_fraction", 2, ".options.val_fraction: bad option for task 'dtd': Input should be less than 1"),
+    ("dtd", "val_cap", 0, ".options.val_cap: bad option for task 'dtd': Input should be greater than or equal to 1"),
+    ("dtd", "val_fracton", 0.5, ".options: bad options for task 'dtd': dtd() got an unexpected keyword argument "
+                                "'val_fracton'"),
+]
+
+
+@pytest.mark.parametrize("command", [["validate"], ["sweep", "--dry-run"]])
+@pytest.mark.parametrize("task, option, value, fragment", BUILT_IN_TASK_OPTIONS,
+                         ids=[f"{t}-{o}-{v}" for t, o, v, _ in BUILT_IN_TASK_OPTIONS])
+def test_validate_refuses_a_bad_option_of_a_built_in_task_as_the_sweep_does(command, task, option, value, fragment,
+                                                                            sweep_dict, tmp_path):
+    """``validate`` made only the tasks of one's own: a toy task with ``n_val: abc``, an embedded
+    one of ``size: huge`` or a dataset's ``val_fraction: 2`` (blamed on its data folder) was
+    ``valid``, then refused by the sweep. Each option is now checked against its factory's
+    annotated type and bounds (the toy tasks made, as in moments they are), one line naming the
+    file, the entry's option and the value."""
+    from tests.test_vision8 import write_imagefolder
+
+    d = copy.deepcopy(sweep_dict)
+    options = {option: value}
+    if task == "dtd":
+        write_imagefolder(tmp_path / "data", "dtd")
+        options = {"data_root": str(tmp_path / "data"), **options}  # as the file holds them: keys sorted
+    if task != "toy_colours":  # a files sweep has no fine-tuned model of it: evaluated unseen
+        d["unseen"] = [task]
+    d["tasks"] = [t if t != "toy_colours" or task != "toy_colours" else {"name": t, "options": options}
+                  for t in d["tasks"]] + ([{"name": task, "options": options}] if task != "toy_colours" else [])
+    index = next(i for i, t in enumerate(d["tasks"]) if isinstance(t, dict))
+    f = _write(tmp_path, d)
+    for args in (command, ["sweep", "-q"]):  # validate (or the dry run) and the sweep: the same line
+        r = CliRunner().invoke(main, [*args, f])
+        err = " ".join(r.stderr.split())
+        assert r.exit_code == 2, (args, r.output)
+        assert err.startswith(f"error: {f}: tasks.{index}{fragment}"), (args, err)
+        assert err.endswith(f"(got {value!r})" if "bad option for" in fragment else f"(got {options!r})"), (args, err)
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_data_root_missing_for_real_dataset(sweep_dict, tmp_path):
     d = copy.deepcopy(sweep_dict)
     d["tasks"] = ["eurosat", "toy_colours"]

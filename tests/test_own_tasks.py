@@ -629,6 +629,18 @@ def test_a_factory_that_fails_or_forgets_an_attribute_is_one_line_naming_the_tas
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("command", ["validate", "sweep"])
+def test_an_in_memory_task_refused_inside_a_factory_names_the_file_the_entry_and_its_name(command, sweep_dict,
+                                                                                        tmp_path):
+    """``InMemoryTask`` names the task its factory made (``task 'mine'``), no name of the sweep: its
+    refusal was that line alone, without the file or the entry; it now leads with both."""
+    code, err, file = _run(tmp_path, sweep_dict, "no_val_in_memory", command=command)
+    assert code == 2, err
+    assert err == (f"error: {file}: tasks.2: task 'tests.own_tasks:no_val_in_memory': task 'mine': no 'val' split "
+                   "(it has ['test', 'train']); every task is evaluated on 'val' and 'test'"), err
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_wrong_option_of_a_factory_taking_options_through_kwargs_is_still_blamed_on_the_options(sweep_dict, tmp_path):
     """The toy tasks' factories take ``**options`` and pass them on: a misspelt one fails inside,
     and is an error of the entry's options, as before."""

@@ -435,6 +435,28 @@ def test_a_registered_name_runs_in_a_process_that_has_not_imported_its_module(sw
     assert result["status"] == "ok", result["error"]
 
 
+def test_a_registered_name_above_the_entry_importing_its_module_says_to_put_it_below(sweep_dict, tmp_path,
+                                                                                      monkeypatch):
+    """A registered name is found below the entry that imports its module: above it, it was only
+    an "unknown method", as for a typo. The line now names the module registering it and the entry
+    importing it, and says where the entry goes."""
+    import methods.base
+
+    monkeypatch.setattr(methods.base, "_METHODS", dict(methods.base._METHODS))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "registered_identity.py").write_text(REGISTERED)
+    monkeypatch.delitem(sys.modules, "registered_identity", raising=False)
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump(dict(sweep_dict, methods=[
+        {"name": "registered_identity"}, {"name": "weight_averaging"},
+        {"name": "registered_identity:RegisteredIdentity", "label": "by path"}])))
+    r = CliRunner().invoke(main, ["validate", str(f)])
+    assert r.exit_code == 2, r.output
+    assert r.stderr.strip() == (f"error: {f}: methods.0.name: unknown method 'registered_identity' here: it is "
+                                "registered by registered_identity, imported by methods.2 "
+                                "(registered_identity:RegisteredIdentity): put this entry below it"), r.stderr
+
+
 def test_reloading_a_module_registers_its_new_class_and_another_class_is_still_refused(tmp_path, monkeypatch):
     """A notebook's ``importlib.reload`` of an edited module defines its class again, under the
     name it registered: the new class replaces the old (its code is the one to run) instead of

@@ -26,7 +26,7 @@ import zipfile
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal
 
 import numpy as np
 import torch
@@ -37,6 +37,7 @@ from tasks.embedded import objects, scenes, textures
 
 DATA_VERSION = "emb-v2"
 SIZES: dict[str, tuple[int, int]] = {"full": (3500, 1000), "tiny": (200, 100)}  # (train pool, test)
+Size = Literal[tuple(SIZES)]  # a task's ``size`` option, checked before the task is made
 VAL_FRACTION = 0.1
 VAL_SEED = 0
 
@@ -354,11 +355,11 @@ def load_task(name: str, size: str = "full", cache_dir: str | None = None) -> In
 
 
 def _factory(name: str):
-    def factory(size: str = "full", cache_dir: str | None = None) -> InMemoryTask:
+    def factory(size: Size = "full", cache_dir: str | None = None) -> InMemoryTask:
         return load_task(name, size=size, cache_dir=cache_dir)
 
     spec = SPECS[name]
-    factory.__name__ = name
+    factory.__name__ = factory.__qualname__ = name  # as an error about its options names it
     factory.__doc__ = f"Embedded {spec.analog} analog: {len(spec.classnames)} classes, 32x32 RGB, offline."
     return factory
 
