@@ -183,11 +183,12 @@ def _refuse_unloadable_files(files: list[Path], trust_pickle: bool) -> None:
                 damaged.append(f"{f}: not a readable checkpoint: {damage}")
             elif not trust_pickle:
                 pickled.append(str(f))
-    problems = damaged + ([f"{', '.join(pickled)}: pickled Python objects (task_vectors checkpoints are whole "
-                           "pickled modules), not loaded: unpickling runs any code a file contains; if you trust "
-                           "where they come from, import with `harness import SRC DST --trust-pickle`"] if pickled else [])
-    if problems:
-        raise HarnessError("; ".join(problems) + "; nothing was written")
+    if pickled:
+        damaged.append(f"{', '.join(pickled)}: pickled Python objects (task_vectors checkpoints are whole "
+                       "pickled modules), not loaded: unpickling runs any code a file contains; if you trust "
+                       "where they come from, import with `harness import SRC DST --trust-pickle`")
+    if damaged:
+        raise HarnessError("; ".join(damaged) + "; nothing was written")
 
 
 def _tree_outputs(src: Path, dst: Path, items: list[Path]) -> dict[Path, Path]:

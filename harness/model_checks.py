@@ -111,9 +111,9 @@ def check_model_contents(cfg: SweepConfig, file: str) -> None:
         except HarnessError as exc:
             problem = str(exc).removeprefix(f"{p}: ")
             if where == "model.pretrained" and problem.startswith("refused to load"):  # converting is not all it needs
-                problem += (" (and serve as the pretrained model only if they hold a whole CLIP, whose text tower builds "
-                            "the zero-shot heads: a task_vectors zeroshot.pt holds the image encoder alone; give "
-                            "open_clip's weights, a tag such as openai, or a Hugging Face CLIPModel folder)")
+                problem += (" (and serve as the pretrained model only if they hold a whole CLIP, whose text tower "
+                            "builds the zero-shot heads: a task_vectors zeroshot.pt holds the image encoder alone; "
+                            "give open_clip's weights, a tag such as openai, or a Hugging Face CLIPModel folder)")
         if problem:
             found.errors.append(ConfigError(file, where, f"{whose}: {problem}", show_value=False))
     found.raise_any()

@@ -316,8 +316,9 @@ def test_validate_accepts_the_slurm_executor_block(micro_checkpoints, tmp_path, 
 
 
 GPU_WARNING = ("the jobs run on device {device} but ask SLURM for no GPU (gpus_per_node 0, no GPU gres, "
-               "tres-per-task or gpus option under executor.sbatch): where the cluster allocates GPUs they land without one and fail; set "
-               "executor.gpus_per_node: 1, or pass a GPU option (executor.sbatch: {{gres: 'gpu:1'}} or {{gpus: 1}})")
+               "tres-per-task or gpus option under executor.sbatch): where the cluster allocates GPUs they land "
+               "without one and fail; set executor.gpus_per_node: 1, or pass a GPU option (executor.sbatch: "
+               "{{gres: 'gpu:1'}} or {{gpus: 1}})")
 
 
 @pytest.mark.parametrize("device, executor, overrides, blamed", [

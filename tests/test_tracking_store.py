@@ -194,8 +194,8 @@ def test_a_database_store_that_takes_no_connection_is_reported_at_once_in_one_li
         for open_store in (lambda: Tracker(validate_config({**sweep_dict, "tracking_uri": uri})).start_sweep("d", {}),
                            lambda: load_sweep_from_mlflow(uri)):
             t0 = time.monotonic()
-            with pytest.raises(HarnessError, match=rf"^tracking_uri '{re.escape(uri)}': MLflow cannot be reached \(connection "
-                                                   rf"to server at \"127.0.0.1\", port \d+ failed: {words}\)$"):
+            reached = rf"MLflow cannot be reached \(connection to server at \"127.0.0.1\", port \d+ failed: {words}\)$"
+            with pytest.raises(HarnessError, match=rf"^tracking_uri '{re.escape(uri)}': {reached}"):
                 open_store()
             assert time.monotonic() - t0 < 30
 

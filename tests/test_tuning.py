@@ -823,8 +823,6 @@ def test_resumed_study_drops_an_unfinished_trial_the_method_refuses(sweep_dict, 
     from optuna.distributions import FloatDistribution
     from rich.console import Console
 
-    from harness.tuning import StudyRunner
-
     space = {"scaling": {"type": "float", "low": 0.0, "high": 1.0}}
     cfg = validate_config(typed_study(sweep_dict, n_trials=2, sampler="random", space=space))
     left = study_runner(cfg).study
@@ -1089,7 +1087,7 @@ def test_a_shared_study_with_no_trial_completed_yet_waits_for_the_other_folders_
     shown = io.StringIO()
     out = run_sweep(cfg_b, console=Console(file=shown, width=300))
     assert not out.failed and not [r for r in out.rows if r.method == "flaky"], [r.error for r in out.failed]
-    assert (f"study 'toy.flaky': no trial completed yet; 1 trial(s) still running from other folders count toward "
+    assert ("study 'toy.flaky': no trial completed yet; 1 trial(s) still running from other folders count toward "
             "n_trials 2: its row waits for them (run the sweep again once they end)") in shown.getvalue(), (
         shown.getvalue())
     client = MlflowClient(cfg_b.resolved_tracking_uri())
