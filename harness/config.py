@@ -1124,7 +1124,9 @@ def _check_split(cfg: SweepConfig, file: str) -> None:
     rest = [t for t in cfg.task_names if t not in (cfg.seen or []) and t not in cfg.unseen]
     if cfg.seen is not None and cfg.unseen and rest:  # as the generalization block: each task one of them
         raise ConfigError(file, "seen", f"tasks neither seen nor unseen: {rest}", show_value=False, also=("unseen",))
-    if not cfg.merge_tasks:
+    if not cfg.merge_tasks:  # ``seen: []`` is the field at fault where it is given, else ``unseen``
+        if cfg.seen is not None:
+            raise ConfigError(file, "seen", "every task is unseen: nothing to merge", cfg.seen)
         raise ConfigError(file, "unseen", "every task is unseen: nothing to merge", show_value=False)
 
 

@@ -318,6 +318,7 @@ def test_a_field_missing_from_a_mapping_an_override_made_names_the_override(over
      "unseen=[toy_colours]", "unseen: tasks neither seen nor unseen: ['toy_checks']"),
     ({"seen": ["toy_stripes", "toy_colours"], "unseen": ["toy_colours"]}, ["eval.max_samples=5"], None,
      "unseen: tasks both seen and unseen: ['toy_colours']"),
+    ({}, ["seen=[]"], "seen=[]", "seen: every task is unseen: nothing to merge (got [])"),
 ])
 def test_a_split_an_override_made_wrong_names_the_override(in_file, overrides, blamed, line, sweep_dict, tmp_path):
     """A task both seen and unseen (or neither) is as much the fault of the one field as of the
