@@ -82,6 +82,9 @@ def expand_env(value: str, input_path: bool = False) -> str:
             return f"${name}"
         raise ValueError(f"environment variable {name} is not set")
 
+    left = re.search(r"\$\{[^}]*\}?", _ENV.sub(lambda m: m.group(2) or "", value))
+    if left:  # a shell's other forms (``${VAR-d}``, a nested default) would be kept as text: a folder named so
+        raise ValueError(f"{left.group()!r} does not expand: write ${{VAR}} or ${{VAR:-default}}")
     return os.path.expanduser(_ENV.sub(sub, value))
 
 

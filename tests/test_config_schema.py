@@ -292,6 +292,20 @@ def test_a_variable_set_to_the_empty_string_takes_its_default_as_in_a_shell(monk
     assert ours == shell == "/elsewhere/x|/a/b"
 
 
+@pytest.mark.parametrize("form", ["${HARNESS_TEST_UNSET-/x}", "${HARNESS_TEST_UNSET:=/x}", "${HARNESS_TEST_UNSET:?no}",
+                                  "${1X}", "${HARNESS_TEST_UNSET", "${HARNESS_TEST_UNSET:-${HOME}}"])
+def test_a_brace_form_that_does_not_expand_is_refused_not_kept_as_text(form, sweep_dict, monkeypatch, tmp_path):
+    """Only ``${VAR}`` and ``${VAR:-default}`` expand: another shell form (``${VAR-d}``) was kept
+    as written, an output folder named ``${VAR-d}`` made in the current folder."""
+    monkeypatch.delenv("HARNESS_TEST_UNSET", raising=False)
+    with pytest.raises(ConfigError) as exc:
+        validate_config({**sweep_dict, "output_dir": f"{tmp_path}/{form}/out"})
+    assert exc.value.path == "output_dir" and "does not expand" in exc.value.message, exc.value.line
+    assert exc.value.value == f"{tmp_path}/{form}/out"
+    monkeypatch.setenv("HARNESS_TEST_SET", "${kept}")  # a variable's own value is not read again
+    assert expand_env("/a/${HARNESS_TEST_SET}") == "/a/${kept}"
+
+
 def test_an_fp32_sweep_keeps_the_digest_it_had_before_precision_was_a_field(sweep_dict):
     """Sweeps run before ``eval.precision`` existed find their MLflow parent run again."""
     cfg = validate_config({**sweep_dict, "eval": {"precision": "fp32"}})
