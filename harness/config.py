@@ -790,10 +790,10 @@ def read_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
 
 def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> SweepConfig:
     """Read, override, validate, and check method hyperparameters against their classes."""
-    raw = None
+    raw = read_yaml(path)
+    overridden = apply_overrides(raw, overrides or [], str(path))  # its errors name their override already
     try:
-        raw = read_yaml(path)
-        return validate_config(apply_overrides(raw, overrides or [], str(path)), str(path))
+        return validate_config(overridden, str(path))
     except ConfigError as exc:
         raise exc.blamed_on_overrides(overrides or [], raw) from None
 

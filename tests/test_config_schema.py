@@ -75,6 +75,16 @@ def test_an_override_one_past_the_last_list_item_is_one_line_naming_it(sweep_dic
         load_config(f, [f"methods.{n}.name=ties"])
 
 
+@pytest.mark.parametrize("override", ["methods.7.name=ties", "name.x=3"])
+def test_an_override_that_does_not_apply_names_the_command_line_once(override, sweep_dict, tmp_path):
+    """As ``harness validate`` names it: loading a sweep (the diagnostics scripts) named it
+    ``<command line> (..., over <command line> (..., over FILE))``."""
+    f = write(sweep_dict, tmp_path / "s.yaml")
+    with pytest.raises(ConfigError) as exc:
+        load_config(f, [override])
+    assert exc.value.file == f"<command line> ({override}, over {f})"
+
+
 def test_an_override_fills_a_block_the_file_leaves_empty(sweep_dict, tmp_path):
     """``generalization:`` with nothing after it reads as null: a field set in it makes the block."""
     f = tmp_path / "s.yaml"
