@@ -74,10 +74,22 @@ def _apply_override(raw: dict, item: str) -> None:
                 cur[part] = value
             else:
                 if cur.get(part) is None:
+                    _no_list_to_index(parts, i)
                     cur[part] = {}
                 cur = cur[part]
         else:
             raise ConfigError("<command line>", ".".join(parts[:i]), "is not a mapping or list", cur)
+
+
+def _no_list_to_index(parts: list[str], i: int) -> None:
+    """Refuse an override that indexes (``methods.0.name``) a field ``parts[: i + 1]`` the file does
+    not give: a mapping keyed '0' made in its place would be refused as no list, naming no index."""
+    index = parts[i + 1]
+    if index.isdigit():
+        field = ".".join(parts[: i + 1])
+        raise ConfigError("<command line>", f"{field}.{index}",
+                          f"no list item {index} ({field} is not given: set the whole list, {field}=[...])",
+                          show_value=False)
 
 
 class _SlurmTimeLoader(yaml.SafeLoader):

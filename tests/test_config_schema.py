@@ -85,6 +85,18 @@ def test_an_override_that_does_not_apply_names_the_command_line_once(override, s
     assert exc.value.file == f"<command line> ({override}, over {f})"
 
 
+@pytest.mark.parametrize("override,field", [("methods.0.name=ties", "methods"), ("methods.0=ties", "methods"),
+                                            ("robustness.tasks.0=toy_colours", "robustness.tasks")])
+def test_an_override_of_an_item_of_a_list_the_file_lacks_names_the_list(override, field, sweep_dict, tmp_path):
+    """A list item of a list not given is no item to set: it was made a mapping keyed '0', and the
+    sweep refused as 'Input should be a valid list (got {'0': ...})'."""
+    f = write({k: v for k, v in sweep_dict.items() if k != "methods"}, tmp_path / "s.yaml")
+    with pytest.raises(ConfigError) as exc:
+        load_config(f, [override])
+    assert exc.value.path == f"{field}.0" and exc.value.file == f"<command line> ({override}, over {f})"
+    assert exc.value.message == f"no list item 0 ({field} is not given: set the whole list, {field}=[...])"
+
+
 def test_an_override_fills_a_block_the_file_leaves_empty(sweep_dict, tmp_path):
     """``generalization:`` with nothing after it reads as null: a field set in it makes the block."""
     f = tmp_path / "s.yaml"
