@@ -153,6 +153,8 @@ def read_yaml(path: str | os.PathLike) -> dict:
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(str(path), "", f"malformed YAML: {where}{problem}", show_value=False) from None
+    if raw is None:  # no value at all: 'got None' would name one the file does not hold
+        raise ConfigError(str(path), "", "the file holds no fields (it is empty or only comments)", show_value=False)
     if not isinstance(raw, dict):
         raise ConfigError(str(path), "", "top level must be a mapping", raw)
     return raw

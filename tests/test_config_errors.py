@@ -262,6 +262,15 @@ def test_top_level_not_mapping(tmp_path):
     assert code == 2 and "top level must be a mapping" in err
 
 
+@pytest.mark.parametrize("text", ["", "# a comment\n", "---\n"])
+def test_an_empty_sweep_file_is_told_as_empty(text, tmp_path):
+    """Not as 'top level must be a mapping (got None)': the file holds no value, None or other."""
+    f = tmp_path / "empty.yaml"
+    f.write_text(text)
+    code, _, err = _run(["validate", str(f)])
+    assert code == 2 and " ".join(err.split()) == f"error: {f}: the file holds no fields (it is empty or only comments)"
+
+
 def test_missing_file(tmp_path):
     code, _, err = _run(["sweep", str(tmp_path / "nope.yaml")])
     assert code == 2 and "file does not exist" in err
