@@ -118,9 +118,11 @@ class _UniqueKeyLoader(_SlurmTimeLoader):
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         seen: set[str] = set()
         for key_node, _ in node.value:
-            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+            if isinstance(key_node, yaml.ScalarNode):
                 if key_node.value in seen:
-                    raise DuplicateKeyError(None, None, f"key {key_node.value!r} given twice", key_node.start_mark)
+                    several = " (merge several mappings with <<: [*a, *b])" if key_node.value == "<<" else ""
+                    raise DuplicateKeyError(None, None, f"key {key_node.value!r} given twice{several}",
+                                            key_node.start_mark)
                 seen.add(key_node.value)
         return super().construct_mapping(node, deep)
 

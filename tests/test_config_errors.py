@@ -491,6 +491,18 @@ def test_key_given_twice_is_refused_with_its_line(tmp_path):
     assert " ".join(err.split()) == f"error: {f}: malformed YAML: line 5, column 28: key 'scaling' given twice"
 
 
+def test_a_merge_key_given_twice_is_refused_with_its_line(tmp_path):
+    """Two ``<<`` keys merged both, the later one first (a weight_averaging entry with task
+    arithmetic's params), unlike ``<<: [*a, *b]``; plain YAML would not say which wins."""
+    f = tmp_path / "dup.yaml"
+    f.write_text("name: dup\ntasks: [emb_mnist]\nmethods:\n  - &a {name: task_arithmetic}\n"
+                 "  - &b {name: ties}\n  - <<: *a\n    <<: *b\n    label: both\n")
+    code, _, err = _run(["validate", str(f)])
+    assert code == 2
+    assert " ".join(err.split()) == (f"error: {f}: malformed YAML: line 7, column 5: key '<<' given twice "
+                                     "(merge several mappings with <<: [*a, *b])")
+
+
 def test_key_given_twice_in_an_override_value_is_refused(sweep_dict, tmp_path):
     """An override's value is YAML as the file is: a key given twice in its mapping was kept the
     last silently (a grid of 0.9 alone ran); it is refused naming the override."""
