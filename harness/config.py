@@ -82,6 +82,9 @@ def expand_env(value: str, input_path: bool = False) -> str:
             return f"${name}"
         raise ValueError(f"environment variable {name} is not set")
 
+    left = re.search(r"\$\{[^}]*\}?", _ENV.sub(lambda m: m.group(2) or "", value))
+    if left:  # a shell's other forms (``${VAR-d}``, a nested default) would be kept as text: a folder named so
+        raise ValueError(f"{left.group()!r} does not expand: write ${{VAR}} or ${{VAR:-default}}")
     return os.path.expanduser(_ENV.sub(sub, value))
 
 
@@ -787,10 +790,10 @@ def read_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
 
 def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> SweepConfig:
     """Read, override, validate, and check method hyperparameters against their classes."""
-    raw = None
+    raw = read_yaml(path)
+    overridden = apply_overrides(raw, overrides or [], str(path))  # its errors name their override already
     try:
-        raw = read_yaml(path)
-        return validate_config(apply_overrides(raw, overrides or [], str(path)), str(path))
+        return validate_config(overridden, str(path))
     except ConfigError as exc:
         raise exc.blamed_on_overrides(overrides or [], raw) from None
 
@@ -1146,7 +1149,9 @@ def _check_split(cfg: SweepConfig, file: str) -> None:
     rest = [t for t in cfg.task_names if t not in (cfg.seen or []) and t not in cfg.unseen]
     if cfg.seen is not None and cfg.unseen and rest:  # as the generalization block: each task one of them
         raise ConfigError(file, "seen", f"tasks neither seen nor unseen: {rest}", show_value=False, also=("unseen",))
-    if not cfg.merge_tasks:
+    if not cfg.merge_tasks:  # ``seen: []`` is the field at fault where it is given, else ``unseen``
+        if cfg.seen is not None:
+            raise ConfigError(file, "seen", "every task is unseen: nothing to merge", cfg.seen)
         raise ConfigError(file, "unseen", "every task is unseen: nothing to merge", show_value=False)
 
 

@@ -74,10 +74,22 @@ def _apply_override(raw: dict, item: str) -> None:
                 cur[part] = value
             else:
                 if cur.get(part) is None:
+                    _no_list_to_index(parts, i)
                     cur[part] = {}
                 cur = cur[part]
         else:
             raise ConfigError("<command line>", ".".join(parts[:i]), "is not a mapping or list", cur)
+
+
+def _no_list_to_index(parts: list[str], i: int) -> None:
+    """Refuse an override that indexes (``methods.0.name``) a field ``parts[: i + 1]`` the file does
+    not give: a mapping keyed '0' made in its place would be refused as no list, naming no index."""
+    index = parts[i + 1]
+    if index.isdigit():
+        field = ".".join(parts[: i + 1])
+        raise ConfigError("<command line>", f"{field}.{index}",
+                          f"no list item {index} ({field} is not given: set the whole list, {field}=[...])",
+                          show_value=False)
 
 
 class _SlurmTimeLoader(yaml.SafeLoader):
@@ -106,9 +118,11 @@ class _UniqueKeyLoader(_SlurmTimeLoader):
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         seen: set[str] = set()
         for key_node, _ in node.value:
-            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+            if isinstance(key_node, yaml.ScalarNode):
                 if key_node.value in seen:
-                    raise DuplicateKeyError(None, None, f"key {key_node.value!r} given twice", key_node.start_mark)
+                    several = " (merge several mappings with <<: [*a, *b])" if key_node.value == "<<" else ""
+                    raise DuplicateKeyError(None, None, f"key {key_node.value!r} given twice{several}",
+                                            key_node.start_mark)
                 seen.add(key_node.value)
         return super().construct_mapping(node, deep)
 
@@ -141,6 +155,8 @@ def read_yaml(path: str | os.PathLike) -> dict:
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(str(path), "", f"malformed YAML: {where}{problem}", show_value=False) from None
+    if raw is None:  # no value at all: 'got None' would name one the file does not hold
+        raise ConfigError(str(path), "", "the file holds no fields (it is empty or only comments)", show_value=False)
     if not isinstance(raw, dict):
         raise ConfigError(str(path), "", "top level must be a mapping", raw)
     return raw

@@ -262,6 +262,15 @@ def test_top_level_not_mapping(tmp_path):
     assert code == 2 and "top level must be a mapping" in err
 
 
+@pytest.mark.parametrize("text", ["", "# a comment\n", "---\n"])
+def test_an_empty_sweep_file_is_told_as_empty(text, tmp_path):
+    """Not as 'top level must be a mapping (got None)': the file holds no value, None or other."""
+    f = tmp_path / "empty.yaml"
+    f.write_text(text)
+    code, _, err = _run(["validate", str(f)])
+    assert code == 2 and " ".join(err.split()) == f"error: {f}: the file holds no fields (it is empty or only comments)"
+
+
 def test_missing_file(tmp_path):
     code, _, err = _run(["sweep", str(tmp_path / "nope.yaml")])
     assert code == 2 and "file does not exist" in err
@@ -318,6 +327,7 @@ def test_a_field_missing_from_a_mapping_an_override_made_names_the_override(over
      "unseen=[toy_colours]", "unseen: tasks neither seen nor unseen: ['toy_checks']"),
     ({"seen": ["toy_stripes", "toy_colours"], "unseen": ["toy_colours"]}, ["eval.max_samples=5"], None,
      "unseen: tasks both seen and unseen: ['toy_colours']"),
+    ({}, ["seen=[]"], "seen=[]", "seen: every task is unseen: nothing to merge (got [])"),
 ])
 def test_a_split_an_override_made_wrong_names_the_override(in_file, overrides, blamed, line, sweep_dict, tmp_path):
     """A task both seen and unseen (or neither) is as much the fault of the one field as of the
@@ -479,6 +489,18 @@ def test_key_given_twice_is_refused_with_its_line(tmp_path):
     code, _, err = _run(["validate", str(f)])
     assert code == 2
     assert " ".join(err.split()) == f"error: {f}: malformed YAML: line 5, column 28: key 'scaling' given twice"
+
+
+def test_a_merge_key_given_twice_is_refused_with_its_line(tmp_path):
+    """Two ``<<`` keys merged both, the later one first (a weight_averaging entry with task
+    arithmetic's params), unlike ``<<: [*a, *b]``; plain YAML would not say which wins."""
+    f = tmp_path / "dup.yaml"
+    f.write_text("name: dup\ntasks: [emb_mnist]\nmethods:\n  - &a {name: task_arithmetic}\n"
+                 "  - &b {name: ties}\n  - <<: *a\n    <<: *b\n    label: both\n")
+    code, _, err = _run(["validate", str(f)])
+    assert code == 2
+    assert " ".join(err.split()) == (f"error: {f}: malformed YAML: line 7, column 5: key '<<' given twice "
+                                     "(merge several mappings with <<: [*a, *b])")
 
 
 def test_key_given_twice_in_an_override_value_is_refused(sweep_dict, tmp_path):

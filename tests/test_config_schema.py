@@ -75,6 +75,28 @@ def test_an_override_one_past_the_last_list_item_is_one_line_naming_it(sweep_dic
         load_config(f, [f"methods.{n}.name=ties"])
 
 
+@pytest.mark.parametrize("override", ["methods.7.name=ties", "name.x=3"])
+def test_an_override_that_does_not_apply_names_the_command_line_once(override, sweep_dict, tmp_path):
+    """As ``harness validate`` names it: loading a sweep (the diagnostics scripts) named it
+    ``<command line> (..., over <command line> (..., over FILE))``."""
+    f = write(sweep_dict, tmp_path / "s.yaml")
+    with pytest.raises(ConfigError) as exc:
+        load_config(f, [override])
+    assert exc.value.file == f"<command line> ({override}, over {f})"
+
+
+@pytest.mark.parametrize("override,field", [("methods.0.name=ties", "methods"), ("methods.0=ties", "methods"),
+                                            ("robustness.tasks.0=toy_colours", "robustness.tasks")])
+def test_an_override_of_an_item_of_a_list_the_file_lacks_names_the_list(override, field, sweep_dict, tmp_path):
+    """A list item of a list not given is no item to set: it was made a mapping keyed '0', and the
+    sweep refused as 'Input should be a valid list (got {'0': ...})'."""
+    f = write({k: v for k, v in sweep_dict.items() if k != "methods"}, tmp_path / "s.yaml")
+    with pytest.raises(ConfigError) as exc:
+        load_config(f, [override])
+    assert exc.value.path == f"{field}.0" and exc.value.file == f"<command line> ({override}, over {f})"
+    assert exc.value.message == f"no list item 0 ({field} is not given: set the whole list, {field}=[...])"
+
+
 def test_an_override_fills_a_block_the_file_leaves_empty(sweep_dict, tmp_path):
     """``generalization:`` with nothing after it reads as null: a field set in it makes the block."""
     f = tmp_path / "s.yaml"
@@ -290,6 +312,20 @@ def test_a_variable_set_to_the_empty_string_takes_its_default_as_in_a_shell(monk
                            capture_output=True, text=True, check=True).stdout
     ours = expand_env("${HARNESS_TEST_EMPTY:-/elsewhere}/x") + "|" + expand_env("/a${HARNESS_TEST_EMPTY}/b")
     assert ours == shell == "/elsewhere/x|/a/b"
+
+
+@pytest.mark.parametrize("form", ["${HARNESS_TEST_UNSET-/x}", "${HARNESS_TEST_UNSET:=/x}", "${HARNESS_TEST_UNSET:?no}",
+                                  "${1X}", "${HARNESS_TEST_UNSET", "${HARNESS_TEST_UNSET:-${HOME}}"])
+def test_a_brace_form_that_does_not_expand_is_refused_not_kept_as_text(form, sweep_dict, monkeypatch, tmp_path):
+    """Only ``${VAR}`` and ``${VAR:-default}`` expand: another shell form (``${VAR-d}``) was kept
+    as written, an output folder named ``${VAR-d}`` made in the current folder."""
+    monkeypatch.delenv("HARNESS_TEST_UNSET", raising=False)
+    with pytest.raises(ConfigError) as exc:
+        validate_config({**sweep_dict, "output_dir": f"{tmp_path}/{form}/out"})
+    assert exc.value.path == "output_dir" and "does not expand" in exc.value.message, exc.value.line
+    assert exc.value.value == f"{tmp_path}/{form}/out"
+    monkeypatch.setenv("HARNESS_TEST_SET", "${kept}")  # a variable's own value is not read again
+    assert expand_env("/a/${HARNESS_TEST_SET}") == "/a/${kept}"
 
 
 def test_an_fp32_sweep_keeps_the_digest_it_had_before_precision_was_a_field(sweep_dict):
