@@ -333,8 +333,9 @@ class TuneSpec(Strict):
         return self
 
 
-#: What a method's label may hold.
-LABEL = re.compile(r"[^\W_][\w .:()+=,-]*")
+#: What a method's label may hold: no space at its end, where ``ta`` and ``ta `` would be two rows
+#: that read the same in every table.
+LABEL = re.compile(r"[^\W_](?:[\w .:()+=,-]*[\w.:()+=,-])?")
 
 
 class MethodSpec(NamedEntry):
@@ -351,8 +352,8 @@ class MethodSpec(NamedEntry):
         """A label names MLflow metrics, runs and folders and fills table cells: characters such
         as ``|``, ``/``, ``%`` or quotes would break one of them at the end of a sweep."""
         if v is not None and not LABEL.fullmatch(v):
-            raise ValueError("must start with a letter or digit and hold only letters, digits, spaces "
-                             "and _ . : ( ) + = , -")
+            raise ValueError("must start with a letter or digit, end with no space and hold only letters, "
+                             "digits, spaces and _ . : ( ) + = , -")
         return v
 
     @field_validator("grid")

@@ -666,14 +666,23 @@ def test_checkpoints_of_registered_tasks_outside_the_sweep_wait_for_a_sweep_with
     assert Workspace(validate_config(d)).identity == Workspace(validate_config(plain)).identity
 
 
-@pytest.mark.parametrize("label", ["TA | 50% & #1", "unl_$x$", "../up", "it's", "a/b", "_x", ""])
+@pytest.mark.parametrize("label", ["TA | 50% & #1", "unl_$x$", "../up", "it's", "a/b", "_x", "", "ta ", "x y "])
 def test_a_label_that_would_break_metrics_files_or_tables_is_refused(label, sweep_dict, tmp_path):
+    """A space at the end too: ``ta`` and ``ta `` would be two rows that read the same."""
     f = tmp_path / "bad.yaml"
     f.write_text(yaml.safe_dump(_set(sweep_dict, "methods.0.label", label)))
     code, out, err = _run(["validate", str(f)])
     assert code == 2, (out, err)
-    assert " ".join(err.split()) == (f"error: {f}: methods.0.label: must start with a letter or digit and hold only "
-                                     f"letters, digits, spaces and _ . : ( ) + = , - (got {label!r})")
+    assert " ".join(err.split()) == (f"error: {f}: methods.0.label: must start with a letter or digit, end with no "
+                                     f"space and hold only letters, digits, spaces and _ . : ( ) + = , - "
+                                     f"(got {label!r})")
+
+
+@pytest.mark.parametrize("label", ["t", "7", "TA (0.3)", "ties k=20, lam=1.5", "a b-c.d:e+f"])
+def test_a_label_of_the_characters_it_may_hold_is_taken(label, sweep_dict):
+    from harness.config import validate_config
+
+    assert validate_config(_set(sweep_dict, "methods.0.label", label)).methods[0].display == label
 
 
 def test_methods_by_name_alone(sweep_dict):

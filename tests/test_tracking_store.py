@@ -251,7 +251,7 @@ def test_a_copied_output_folder_keeps_its_artifacts_to_itself(sweep_dict, tmp_pa
     from harness.report import load_sweep_from_mlflow
     from harness.runner import run_sweep
 
-    first = run_sweep(validate_config(dict(sweep_dict, output_dir=str(tmp_path / "a"))), quiet=True)
+    run_sweep(validate_config(dict(sweep_dict, output_dir=str(tmp_path / "a"))), quiet=True)
     before = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a" / "mlartifacts").rglob("*"))
     shutil.copytree(tmp_path / "a", tmp_path / "c")
     methods = [{"name": "weight_averaging"}, {"name": "task_arithmetic", "grid": {"scaling": [0.2, 0.6, 0.9]}}]
