@@ -113,12 +113,16 @@ class DuplicateKeyError(yaml.constructor.ConstructorError):
 
 
 class _UniqueKeyLoader(_SlurmTimeLoader):
-    """YAML that refuses a key given twice in one mapping (plain YAML keeps the last silently)."""
+    """YAML that refuses a key given twice in one mapping (plain YAML keeps the last silently), and
+    keeps a key YAML 1.1 reads as a boolean (``on:``, ``no:``) the word written: every key names a
+    field, a task or an option, and ``Keys should be strings (got True)`` named none of them."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         seen: set[str] = set()
         for key_node, _ in node.value:
             if isinstance(key_node, yaml.ScalarNode):
+                if key_node.tag == "tag:yaml.org,2002:bool" and key_node.style is None:
+                    key_node.tag = "tag:yaml.org,2002:str"
                 if key_node.value in seen:
                     several = " (merge several mappings with <<: [*a, *b])" if key_node.value == "<<" else ""
                     raise DuplicateKeyError(None, None, f"key {key_node.value!r} given twice{several}",

@@ -271,6 +271,16 @@ def test_an_empty_sweep_file_is_told_as_empty(text, tmp_path):
     assert code == 2 and " ".join(err.split()) == f"error: {f}: the file holds no fields (it is empty or only comments)"
 
 
+@pytest.mark.parametrize("key", ["on", "No", "off"])
+def test_a_key_yaml_reads_as_a_boolean_is_named_as_written(key, sweep_dict, tmp_path):
+    """YAML 1.1 reads ``on:`` as true: the line said ``eval.1: Keys should be strings (got True)``,
+    naming neither the key nor anything in the file; it is the unknown key it is, as written."""
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump({k: v for k, v in sweep_dict.items() if k != "eval"}) + f"eval:\n  {key}: 3\n")
+    code, _, err = _run(["validate", str(f)])
+    assert code == 2 and " ".join(err.split()).startswith(f"error: {f}: eval.{key}: unknown key"), err
+
+
 def test_missing_file(tmp_path):
     code, _, err = _run(["sweep", str(tmp_path / "nope.yaml")])
     assert code == 2 and "file does not exist" in err
