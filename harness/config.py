@@ -724,7 +724,7 @@ class SweepConfig(Strict):
     def _unique_labels(cls, v: list[MethodSpec]) -> list[MethodSpec]:
         dup = given_twice([m.display for m in v])
         if dup:
-            raise ValueError(f"method labels not unique: {dup} (give each a 'label')")
+            raise ValueError(f"method labels not unique: {dup} (give each entry a label of its own)")
         return v
 
     # -- derived -------------------------------------------------------------------------
