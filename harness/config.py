@@ -34,7 +34,7 @@ from pydantic import (
 )
 
 from harness.config_errors import ConfigError, Gathering, validation_error
-from harness.errors import HarnessError, did_you_mean
+from harness.errors import HarnessError, KeyRefused, did_you_mean
 from harness.fields import no_bool_for_number
 from harness.imports import source_file
 from harness.path_checks import check_slurm_log_dir
@@ -195,7 +195,7 @@ class TaskSpec(NamedEntry):
             try:
                 return {**v, "data_root": expand_env(root, input_path=True)}
             except ValueError as exc:
-                raise ValueError(f"data_root: {exc}") from None
+                raise KeyRefused("data_root", str(exc)) from None
         return v
 
 

@@ -10,7 +10,7 @@ from typing import Any, Iterable, Iterator, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from harness.errors import FieldError, HarnessError, closest_name, did_you_mean
+from harness.errors import FieldError, HarnessError, KeyRefused, closest_name, did_you_mean
 
 
 class ConfigError(HarnessError):
@@ -279,6 +279,9 @@ def validation_error_line(file: str, err: dict, raw: Any, prefix: str = "", sche
     if err["type"] == "missing":
         return ConfigError(file, path, "required field is missing", show_value=False)
     value = err.get("input", _value_at(raw, loc))
+    refused = (err.get("ctx") or {}).get("error")
+    if isinstance(refused, KeyRefused) and isinstance(value, dict):  # the mapping's key at fault, not the mapping
+        path, value = f"{path}.{refused.key}", value.get(refused.key)
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, "):]
     if err["type"] == "model_type":  # not "... or instance of MethodSpec": the class is no YAML name

@@ -34,6 +34,15 @@ class FieldError(HarnessError):
         super().__init__(f"{field}: {message}{got}")
 
 
+class KeyRefused(ValueError):
+    """A validator of a mapping refusing the value of one of its keys: pydantic names the mapping
+    (``tasks.0.options``); the line names the key's field and its value, as for any other field."""
+
+    def __init__(self, key: str, message: str):
+        self.key = key
+        super().__init__(message)
+
+
 def did_you_mean(name: str, candidates: Iterable[str]) -> str:
     """``"; did you mean 'x'?"`` for the valid name closest to a misspelt ``name`` (case aside),
     or ``""`` when none is close: a typo's error then says what was meant."""

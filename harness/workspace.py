@@ -358,10 +358,7 @@ class Workspace:
         task = self.task(name)
         if not task.classnames:
             raise TaskDataError(f"task {name!r}: no class names")
-        try:
-            size = self.encoder_summary["image_size"]
-        except NotBuilt:  # validate before the model was ever built: every check but the image size
-            size = None
+        size = self._input_size()
         side = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
         for split in ("val", "test"):
             data = task.dataset(split)
@@ -373,12 +370,39 @@ class Workspace:
                     want is not None and tuple(image.shape) != want):
                 got = (f"a {type(image).__name__}" if not isinstance(image, torch.Tensor)
                        else f"a {image.dtype} tensor of shape {list(image.shape)}")
-                raise TaskDataError(f"task {name!r}: split {split!r} gives images as {got}, but the image "
-                                    f"encoder of {self.sources['arch']} takes float tensors of shape "
-                                    f"{list(want) if want else '[3, H, W]'} (resize them in the task)")
+                raise self._image_error(name, isinstance(image, torch.Tensor) and image.is_floating_point(),
+                                        f"split {split!r} gives images as {got}, but the image encoder of "
+                                        f"{self.sources['arch']} takes float tensors of shape "
+                                        f"{list(want) if want else '[3, H, W]'}")
             labels = getattr(data, "tensors", (None, None))[1]
             if labels is not None:
                 check_labels(labels, task.num_classes, f"task {name!r}: split {split!r}")
+
+    def _input_size(self) -> Any:
+        """The image encoder's input size: the built encoder's, else (``validate`` before the model
+        was ever built) its architecture's config's, so a task's images of another size are refused
+        there as the run refuses them; None when neither is known without building."""
+        from harness.models import arch_config
+
+        try:
+            return self.encoder_summary["image_size"]
+        except NotBuilt:
+            pass
+        try:
+            config = arch_config(self.sources["arch"]) or {}
+        except NotBuilt:  # the embedded suite's model, not trained yet
+            return None
+        return (config.get("vision_cfg") or {}).get("image_size")
+
+    def _image_error(self, name: str, sized: bool, problem: str) -> FieldError:
+        """Task ``name``'s images refused as its entry's field: ``options.image_size`` when that
+        option drew float images at another size (``sized``), else the entry, with its value."""
+        index, spec = self._entry(name)
+        if sized and "image_size" in spec.options:
+            return FieldError(f"tasks.{index}.options.image_size", entry_named(name, problem + " (give the "
+                              "encoder's size, or leave image_size out)"), spec.options["image_size"])
+        return FieldError(spec.name_field(f"tasks.{index}") if not spec.options else f"tasks.{index}",
+                          entry_named(name, problem + " (resize them in the task)"), spec.options or name)
 
     def checkpoint_name(self, task: str) -> str:
         """``task``'s fine-tuned checkpoint as errors name it: the sweep field and the file it
@@ -466,7 +490,7 @@ class Workspace:
         field (:func:`check_options`) rather than by the factory, or the task's data, later."""
         from tasks.base import resolve_task
 
-        index, spec = next((i, t) for i, t in enumerate(self.cfg.tasks) if t.name == name)
+        index, spec = self._entry(name)
         options = dict(spec.options)
         factory = resolve_task(name)
         params = inspect.signature(factory).parameters
@@ -482,6 +506,10 @@ class Workspace:
             options["cache_dir"] = str(self.cfg.resolved_cache_dir())
         check_options(index, spec, factory, options)
         return index, spec, factory, options
+
+    def _entry(self, name: str) -> tuple[int, TaskSpec]:
+        """Task ``name``'s index in ``tasks`` and its entry: where its errors are named."""
+        return next((i, t) for i, t in enumerate(self.cfg.tasks) if t.name == name)
 
     def _sweep_data_root(self, name: str, options: dict[str, Any]) -> bool:
         """Whether task ``name``'s factory is given the sweep's ``data_root``: it takes one and its

@@ -388,7 +388,8 @@ def test_overrides_apply_and_env_expands(sweep_dict, tmp_path, monkeypatch):
 
 def test_env_expands_in_a_task_data_root(sweep_dict, tmp_path, monkeypatch):
     """A task's own data folder (``options.data_root``) is a path like the top-level one: ``${VAR}``
-    expands in it, and an unset variable is an error naming that field."""
+    expands in it, and an unset variable is an error naming that field and its value, as for any other
+    field (not the options, without the value)."""
     monkeypatch.setenv("HARNESS_TEST_ROOT", str(tmp_path))
     (tmp_path / "dtd").mkdir()
     d = _set(sweep_dict, "tasks", [*sweep_dict["tasks"], {"name": "dtd", "options": {"data_root": "${HARNESS_TEST_ROOT}/dtd"}}])
@@ -401,8 +402,9 @@ def test_env_expands_in_a_task_data_root(sweep_dict, tmp_path, monkeypatch):
     f.write_text(yaml.safe_dump(d))
     code, _, err = _run(["validate", str(f)])
     assert code == 2, err
-    assert (f"tasks.{len(d['tasks']) - 1}.options: data_root: environment variable HARNESS_TEST_UNSET_VAR is not "
-            "set") in " ".join(err.split())
+    field = f"tasks.{len(d['tasks']) - 1}.options.data_root"
+    assert " ".join(err.split()) == (f"error: {f}: {field}: environment variable HARNESS_TEST_UNSET_VAR is not set "
+                                     "(got '${HARNESS_TEST_UNSET_VAR}/dtd')")
 
 
 def test_env_expands_in_a_study_storage(sweep_dict, tmp_path, monkeypatch):

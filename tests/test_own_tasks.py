@@ -83,6 +83,35 @@ def test_validate_refuses_the_data_of_a_task_the_sweep_refuses(factory, fragment
     assert not (tmp_path / "out").exists()
 
 
+_MICRO_SIZE = "but the image encoder of harness-micro-vit takes float tensors of shape [3, 16, 16]"
+
+
+@pytest.mark.parametrize("command", ["sweep", "validate"])
+def test_images_of_another_size_name_the_file_and_the_entry(command, sweep_dict, tmp_path):
+    """A task's images of another size than the model's were one line naming neither the file
+    nor the entry, and validate, before the model was ever built, said ``valid`` for them."""
+    code, err, file = _run(tmp_path, sweep_dict, "other_size", command=command)
+    assert code == 2, err
+    assert err == (f"error: {file}: tasks.2: task 'tests.own_tasks:other_size': split 'val' gives images as a "
+                   f"torch.float32 tensor of shape [3, 32, 32], {_MICRO_SIZE} (resize them in the task) "
+                   "(got 'tests.own_tasks:other_size')"), err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", [["sweep", "-q"], ["sweep", "--dry-run"], ["validate"]])
+def test_an_image_size_option_of_another_size_is_named_as_the_option(command, sweep_dict, tmp_path):
+    d = copy.deepcopy(sweep_dict)
+    d["tasks"] = [d["tasks"][0], {"name": "toy_colours", "options": {"image_size": 20}}]
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump(d))
+    r = CliRunner().invoke(main, [*command, str(f)])
+    err = " ".join(r.stderr.split())
+    assert r.exit_code == 2, r.output
+    assert err == (f"error: {f}: tasks.1.options.image_size: task 'toy_colours': split 'val' gives images as a "
+                   f"torch.float32 tensor of shape [3, 20, 20], {_MICRO_SIZE} (give the encoder's size, or leave "
+                   "image_size out) (got 20)"), err
+
+
 def test_validate_accepts_a_sound_task_of_ones_own(sweep_dict, tmp_path):
     code, err, _ = _run(tmp_path, sweep_dict, "grayscale", command="validate")
     assert code == 0, err
