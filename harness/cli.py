@@ -538,7 +538,7 @@ def _check_data(cfg: Any, file: str, overrides: tuple[str, ...]) -> None:
         ws.check_adaptation_batches()
     for name in cfg.task_names:
         if _made_by_validate(cfg, name):  # its factory, splits, labels and templates, as the run checks them
-            with _fields_of(file, overrides), contextlib.suppress(NotBuilt):
+            with _fields_of(file, overrides), contextlib.suppress(NotBuilt), ws.entry_errors(name):
                 check_templates(ws.task(name), name)
                 ws.check_task_data(name)
         if name in cfg.model.heads:  # a head file: its shape, dtype, bias and class count, as the run checks it

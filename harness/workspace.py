@@ -6,12 +6,13 @@ rebuild the same resources from the resolved config alone.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import re
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -280,7 +281,9 @@ class Workspace:
                                  self.checkpoint_name(task))
             refuse_integer_weights(tensor_dtypes(path), self.checkpoint_name(task))
         for t in self.cfg.task_names:
-            self.check_task_data(t)
+            with self.entry_errors(t):  # the task's own data and templates (a head file's errors name the file)
+                self.check_task_data(t)
+                check_templates(self.task(t), t)
             self.head(t)
         self.check_adaptation_batches()
 
@@ -401,8 +404,24 @@ class Workspace:
         if sized and "image_size" in spec.options:
             return FieldError(f"tasks.{index}.options.image_size", entry_named(name, problem + " (give the "
                               "encoder's size, or leave image_size out)"), spec.options["image_size"])
+        return self._entry_error(name, problem + " (resize them in the task)")
+
+    def _entry_error(self, name: str, problem: str) -> FieldError:
+        """Task ``name``'s data refused as its entry's error: the file and ``tasks.N`` beside the
+        task's words, with the entry's options (or name), as its other errors are named."""
+        index, spec = self._entry(name)
         return FieldError(spec.name_field(f"tasks.{index}") if not spec.options else f"tasks.{index}",
-                          entry_named(name, problem + " (resize them in the task)"), spec.options or name)
+                          entry_named(name, problem), spec.options or name)
+
+    @contextlib.contextmanager
+    def entry_errors(self, name: str) -> Iterator[None]:
+        """Task ``name``'s data refused in the block (:class:`TaskDataError`: an empty split, labels
+        outside its classes, a template without ``{}``) as its entry's error (:meth:`_entry_error`):
+        alone, such a line named neither the sweep file nor the entry to fix."""
+        try:
+            yield
+        except TaskDataError as exc:
+            raise self._entry_error(name, str(exc)) from None
 
     def checkpoint_name(self, task: str) -> str:
         """``task``'s fine-tuned checkpoint as errors name it: the sweep field and the file it

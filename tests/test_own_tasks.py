@@ -83,6 +83,23 @@ def test_validate_refuses_the_data_of_a_task_the_sweep_refuses(factory, fragment
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("command", ["sweep", "validate"])
+@pytest.mark.parametrize("factory, words", [
+    ("no_classes", "no class names"),
+    ("labels_above_classes", "split 'val': label 3 is outside the 3 class names (0..2)"),
+    ("empty_test", "split 'test' is empty"),
+    ("template_without_class", "prompt template 'a photo.' has no {} for the class name"),
+])
+def test_bad_data_of_a_task_names_the_file_and_the_entry(command, factory, words, sweep_dict, tmp_path):
+    """These lines named the task alone, neither the sweep file nor the entry to fix, unlike the
+    task's other errors (its factory's, its images')."""
+    code, err, file = _run(tmp_path, sweep_dict, factory, command=command)
+    assert code == 2, err
+    assert err == (f"error: {file}: tasks.2: task 'tests.own_tasks:{factory}': {words} "
+                   f"(got 'tests.own_tasks:{factory}')"), err
+    assert not (tmp_path / "out").exists()
+
+
 _MICRO_SIZE = "but the image encoder of harness-micro-vit takes float tensors of shape [3, 16, 16]"
 
 
