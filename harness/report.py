@@ -40,7 +40,7 @@ from harness.results import (
 )
 from harness.significance import CORRECT_FILE, LEVEL, paired_bootstrap, read_correct, unpack_correct
 from harness.tracking import (FINAL_KEY_TAG, JOB_TAG, PROTOCOL_TAG, SCOPE_TAG, STUDY_FAILURE_TAG, SWEEP_TAG,
-                              TRIALS_TAG, allow_folder_stores, check_database, check_server)
+                              TRIALS_TAG, allow_folder_stores, check_reachable)
 
 # The job keys a report was built from. A sweep's parent run outlives its inputs (it is found
 # again by config digest, so replaced checkpoints or data add new job runs beside the old ones):
@@ -619,9 +619,7 @@ def load_sweep_from_mlflow(tracking_uri: str, run_id: str | None = None, sweep: 
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     allow_folder_stores()
-    if tracking_uri.startswith(("http://", "https://")):
-        check_server(tracking_uri)
-    check_database(tracking_uri)
+    check_reachable(tracking_uri)
     try:
         client = MlflowClient(tracking_uri)
         if run_id is None:

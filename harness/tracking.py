@@ -315,6 +315,15 @@ def check_database(uri: str) -> None:
         raise HarnessError(f"tracking_uri {uri!r}: MLflow cannot be reached ({problem})")
 
 
+def check_reachable(uri: str) -> None:
+    """Fail at once on a tracking server (:func:`check_server`) or database store
+    (:func:`check_database`) that takes no connection, before MLflow's client retries it."""
+    if uri.startswith(("http://", "https://")):
+        check_server(uri)
+    else:
+        check_database(uri)
+
+
 def local_store(uri: str) -> bool:
     """Whether ``uri`` is a store in local files (an SQLite file, a folder store), which opening
     checks nothing :func:`harness.path_checks.check_tracking_uri` has not: MLflow is then opened when
@@ -382,12 +391,11 @@ class Tracker:
         out.mkdir(parents=True, exist_ok=True)
         seed_sqlite_store(self.uri, self.cfg.resolved_cache_dir())
         relocate_copied_store(self.uri, out)
+        check_reachable(self.uri)
         if self.uri.startswith(("http://", "https://")):
-            check_server(self.uri)
             # MLflow prints two links to stdout as each run of a server ends: two lines per job
             # between the progress lines and the table, even with -q
             os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
-        check_database(self.uri)
         try:  # a URI MLflow has no store for (a misspelt scheme): one line naming it, not its traceback
             client = MlflowClient(tracking_uri=self.uri)
         except (MlflowException, ImportError) as exc:  # ImportError: a database driver not installed

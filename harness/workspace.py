@@ -698,9 +698,9 @@ def check_options(index: int, spec: TaskSpec, factory: Any, options: dict[str, A
     a project task's factory fits its annotated type and bounds: one error naming the entry's
     options (the option), not a failure inside the factory or a task made of a nonsense value."""
     from harness.plan import own_task
-    from tasks.base import option_signature, option_type_problem
+    from tasks.base import option_signature, option_type_problem, options_taker
 
-    target = getattr(factory, "takes_options_of", factory)
+    target = options_taker(factory)
     try:
         option_signature(factory).bind(**options)
     except TypeError as exc:  # the options do not fit the factory's parameters

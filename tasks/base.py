@@ -194,11 +194,16 @@ def resolve_task(name: str) -> TaskFactory:
     return _TASKS[name][0]
 
 
+def options_taker(factory: TaskFactory) -> Callable[..., Any]:
+    """What takes ``factory``'s options: the factory itself, or, for one taking ``**options`` to pass
+    them on (the toy tasks'), what it passes them to, named ``takes_options_of``."""
+    return getattr(factory, "takes_options_of", factory)
+
+
 def option_signature(factory: TaskFactory) -> inspect.Signature:
-    """The options ``factory`` takes: its signature, or, for a factory taking ``**options`` to pass
-    them on (the toy tasks'), the signature of what it passes them to, named ``takes_options_of``:
-    so an option it does not take is refused before the task is made, as ``validate`` must."""
-    return inspect.signature(getattr(factory, "takes_options_of", factory))
+    """The options ``factory`` takes (:func:`options_taker`'s signature): so an option it does not
+    take is refused before the task is made, as ``validate`` must."""
+    return inspect.signature(options_taker(factory))
 
 
 def option_type_problem(factory: TaskFactory, key: str, value: Any) -> str | None:
@@ -207,7 +212,7 @@ def option_type_problem(factory: TaskFactory, key: str, value: Any) -> str | Non
     as the sweep gives it, so a value it would have to convert is its failure, not validate's."""
     from pydantic import TypeAdapter, ValidationError
 
-    target = getattr(factory, "takes_options_of", factory)
+    target = options_taker(factory)
     target = target.func if isinstance(target, functools.partial) else target
     try:
         hint = typing.get_type_hints(target, include_extras=True).get(key)
